@@ -1,11 +1,13 @@
 // MXFP4 (OCP microscaling: E2M1 codes, one E8M0 scale per 32 values along K) kernels.
 //
-// Weight layout = the gpt-oss checkpoint layout, stacked experts:
-//   blocks [E, N, K/32, 16] u8 — byte j of a block: element 2j low nibble, element 2j+1 high nibble
-//   scales [E, N, K/32]     u8 — value 2^(s-127); 0xFF = NaN
+// Weights: stacked experts repacked at upload from the gpt-oss checkpoint layout
+//   (blocks [E, N, K/32, 16], byte j: element 2j low nibble, 2j+1 high; scales [E, N, K/32],
+//   value 2^(s-127), 0xFF = NaN) into the tiled layout of crates/fp4/src/tiled.rs: 16-row x
+//   4-block tiles, each 1 KiB of codes in the GEMV's lane order plus 64 scale bytes.
 //
 // Kernels (all extern "C", launched from crates/fp4/src/cuda.rs):
-//   mxfp4_dequant_f32 / _bf16   one thread per 8 values; exact (overflow past f32 range -> inf)
+//   mxfp4_dequant_f32 / _bf16   tiled -> natural [E, N, K]; one thread per 8 values; exact
+//                               (values past the f32 range -> inf)
 //   mxfp4_prep_act_f32 / _bf16  activations -> per-32-block power-of-two-scaled fp16, permuted for
 //                               the GEMV's mma fragments (exact for bf16 inputs)
 //   mxfp4_gemv                  y[s, n] = sum_k W[expert[s]][n][k] * x[s][k], batch 1, tensor cores
@@ -44,29 +46,58 @@ __device__ __forceinline__ float dequant_one(uint32_t n, uint32_t s) {
     return (raw * 0x1p126f) * sc;  // raw * 2^126 is the exact E2M1 value
 }
 
-extern "C" __global__ void mxfp4_dequant_f32(const uint8_t* __restrict__ blocks,
-                                             const uint8_t* __restrict__ scales,
-                                             uint64_t n_words, float* __restrict__ out) {
-    for (uint64_t word = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; word < n_words;
-         word += (uint64_t)gridDim.x * blockDim.x) {
-        const uint32_t w = reinterpret_cast<const uint32_t*>(blocks)[word];
-        const uint32_t s = scales[word >> 2];
-        float v[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = dequant_one(w >> (4 * i), s);
-        float4* o = reinterpret_cast<float4*>(out + word * 8);
-        o[0] = make_float4(v[0], v[1], v[2], v[3]);
-        o[1] = make_float4(v[4], v[5], v[6], v[7]);
+// Tiled weight layout (crates/fp4/src/tiled.rs): tiles of 16 rows x 4 blocks, [expert][row group]
+// [K tile]; a tile is 1 KiB of codes in lane order (rows 0..7 then 8..15, each [g][t]) and 64 scale
+// bytes [row][t]. Returns the u32-word index of word q (0..3) of block b of `row`, and the scale
+// byte index.
+struct TiledIndex {
+    uint64_t word, scale;
+};
+__device__ __forceinline__ TiledIndex tiled_index(uint32_t e, uint32_t row, uint32_t b, uint32_t q,
+                                                  uint32_t groups, uint32_t k_tiles) {
+    const uint64_t tile = ((uint64_t)e * groups + row / 16) * k_tiles + b / 4;
+    const uint32_t r16 = row % 16, t = b % 4;
+    const uint32_t slot = (r16 / 8) * 32 + (r16 % 8) * 4 + t;
+    return {tile * 256 + slot * 4 + q, tile * 64 + r16 * 4 + t};
+}
+
+// One thread per 8 output values (one u32 of codes); out is [E, N, K] in natural order.
+template <typename Store>
+__device__ __forceinline__ void dequant_tiled(const uint8_t* __restrict__ blocks,
+                                              const uint8_t* __restrict__ scales, uint32_t E,
+                                              uint32_t N, uint32_t K, Store store) {
+    const uint32_t words_per_row = K / 8, nb = K / 32;
+    const uint32_t groups = (N + 15) / 16, k_tiles = (nb + 3) / 4;
+    const uint64_t n_words = (uint64_t)E * N * words_per_row;
+    for (uint64_t w = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; w < n_words;
+         w += (uint64_t)gridDim.x * blockDim.x) {
+        const uint64_t row_all = w / words_per_row;
+        const uint32_t in_row = (uint32_t)(w % words_per_row);
+        const uint32_t e = (uint32_t)(row_all / N), row = (uint32_t)(row_all % N);
+        const TiledIndex ix = tiled_index(e, row, in_row / 4, in_row % 4, groups, k_tiles);
+        const uint32_t code = reinterpret_cast<const uint32_t*>(blocks)[ix.word];
+        store(w * 8, code, (uint32_t)scales[ix.scale]);
     }
 }
 
+extern "C" __global__ void mxfp4_dequant_f32(const uint8_t* __restrict__ blocks,
+                                             const uint8_t* __restrict__ scales, uint32_t E,
+                                             uint32_t N, uint32_t K, float* __restrict__ out) {
+    dequant_tiled(blocks, scales, E, N, K, [&](uint64_t o, uint32_t w, uint32_t s) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = dequant_one(w >> (4 * i), s);
+        float4* p = reinterpret_cast<float4*>(out + o);
+        p[0] = make_float4(v[0], v[1], v[2], v[3]);
+        p[1] = make_float4(v[4], v[5], v[6], v[7]);
+    });
+}
+
 extern "C" __global__ void mxfp4_dequant_bf16(const uint8_t* __restrict__ blocks,
-                                              const uint8_t* __restrict__ scales,
-                                              uint64_t n_words, __nv_bfloat16* __restrict__ out) {
-    for (uint64_t word = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; word < n_words;
-         word += (uint64_t)gridDim.x * blockDim.x) {
-        const uint32_t w = reinterpret_cast<const uint32_t*>(blocks)[word];
-        const uint32_t s = scales[word >> 2];
+                                              const uint8_t* __restrict__ scales, uint32_t E,
+                                              uint32_t N, uint32_t K,
+                                              __nv_bfloat16* __restrict__ out) {
+    dequant_tiled(blocks, scales, E, N, K, [&](uint64_t o, uint32_t w, uint32_t s) {
         uint32_t packed[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -75,9 +106,8 @@ extern "C" __global__ void mxfp4_dequant_bf16(const uint8_t* __restrict__ blocks
                                                      dequant_one(w >> (8 * i + 4), s));
             packed[i] = *reinterpret_cast<uint32_t*>(&p);
         }
-        *reinterpret_cast<uint4*>(out + word * 8) =
-            make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    }
+        *reinterpret_cast<uint4*>(out + o) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,48 +230,72 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS)
     const uint32_t lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const bool expert_ok = expert >= 0 && (uint32_t)expert < n_experts;
 
-    const uint32_t r_lo = row0 + g, r_hi = row0 + g + 8;
-    const bool lo_ok = expert_ok && r_lo < N, hi_ok = expert_ok && r_hi < N;
-    const uint64_t base_lo = ((uint64_t)expert * N + r_lo) * nb;  // in blocks
-    const uint64_t base_hi = ((uint64_t)expert * N + r_hi) * nb;
+    const uint32_t n_tiles = (nb + 3) / 4;
+    // First tile of this CTA's 16-row group in the tiled layout (padding rows/blocks are zero).
+    const uint64_t tile0 = ((uint64_t)(expert_ok ? expert : 0) * groups + row0 / 16) * n_tiles;
     const __half* xs = xh + (uint64_t)slot * x_stride;
     const float* xfs = xf + (uint64_t)(x_stride ? slot : 0) * nb;
 
-    float acc_lo = 0.f, acc_hi = 0.f;
-    const uint32_t n_tiles = (nb + 3) / 4;
-    for (uint32_t tile = warp; tile < n_tiles; tile += n_warps) {
-        const uint32_t b = tile * 4 + t;  // this lane's block
+    // Everything one K tile needs, loaded one tile ahead of its use (software pipelining), so
+    // the code bytes, scale bytes and activations of the next tile are in flight while the
+    // tensor cores work on this one.
+    struct Tile {
+        uint4 wl, wh;     // codes of this lane's block, rows g and g+8
+        uint4 xv[4];      // activations of this lane's block (lanes with g == t only)
+        uint32_t s[4];    // scale bytes: rows g/g+8 x blocks 2t, 2t+1 (lanes t < 2)
+        float xf[2];      // activation block factors of blocks 2t, 2t+1
+    };
+    const uint4* codes = reinterpret_cast<const uint4*>(blocks);
+    auto load = [&](uint32_t tile, Tile& T) {
+        const uint32_t b = tile * 4 + t;
         const bool b_ok = b < nb;
-        uint4 wl = make_uint4(0, 0, 0, 0), wh = make_uint4(0, 0, 0, 0), xv[4];
-        if (b_ok && lo_ok) wl = __ldcs(reinterpret_cast<const uint4*>(blocks) + base_lo + b);
-        if (b_ok && hi_ok) wh = __ldcs(reinterpret_cast<const uint4*>(blocks) + base_hi + b);
+        const uint64_t tc = (tile0 + tile) * 64;  // in 16-byte units: 1 KiB per tile
+        T.wl = __ldcs(codes + tc + g * 4 + t);       // rows 0..7: 512 contiguous bytes per warp
+        T.wh = __ldcs(codes + tc + 32 + g * 4 + t);  // rows 8..15
         const bool feeds_b = (g == t) && b_ok;
 #pragma unroll
         for (int q = 0; q < 4; ++q)
-            xv[q] = feeds_b ? reinterpret_cast<const uint4*>(xs + (uint64_t)b * 32)[q]
-                            : make_uint4(0, 0, 0, 0);
+            T.xv[q] = feeds_b ? reinterpret_cast<const uint4*>(xs + (uint64_t)b * 32)[q]
+                              : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const uint32_t bj = tile * 4 + 2 * t + j;
+            const bool ok = t < 2 && bj < nb;
+            const uint64_t ts = (tile0 + tile) * 64 + 2 * t + j;
+            T.s[j] = ok ? scales[ts + g * 4] : 0u;
+            T.s[2 + j] = ok ? scales[ts + (g + 8) * 4] : 0u;
+            T.xf[j] = ok ? xfs[bj] : 0.f;
+        }
+    };
+
+    float acc_lo = 0.f, acc_hi = 0.f;
+    Tile cur, nxt;
+    if (warp < n_tiles && expert_ok) load(warp, cur);
+    for (uint32_t tile = warp; expert_ok && tile < n_tiles; tile += n_warps) {
+        if (tile + n_warps < n_tiles) load(tile + n_warps, nxt);
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        const uint32_t wlo[4] = {wl.x, wl.y, wl.z, wl.w}, whi[4] = {wh.x, wh.y, wh.z, wh.w};
+        const uint32_t wlo[4] = {cur.wl.x, cur.wl.y, cur.wl.z, cur.wl.w};
+        const uint32_t whi[4] = {cur.wh.x, cur.wh.y, cur.wh.z, cur.wh.w};
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             uint32_t pl[4], ph[4];
             decode_word(wlo[q], pl);
             decode_word(whi[q], ph);
-            mma_16816(d, pl[0], ph[0], pl[1], ph[1], xv[q].x, xv[q].y);
-            mma_16816(d, pl[2], ph[2], pl[3], ph[3], xv[q].z, xv[q].w);
+            mma_16816(d, pl[0], ph[0], pl[1], ph[1], cur.xv[q].x, cur.xv[q].y);
+            mma_16816(d, pl[2], ph[2], pl[3], ph[3], cur.xv[q].z, cur.xv[q].w);
         }
-        // d[0], d[1]: row g, blocks tile*4 + 2t, +1; d[2], d[3]: row g+8. Lanes t >= 2 hold zeros.
+        // d[0], d[1]: row g, blocks tile*4 + 2t, +1; d[2], d[3]: row g+8. Lanes t >= 2 hold
+        // zeros and have zero factors.
         if (t < 2) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const uint32_t bj = tile * 4 + 2 * t + j;
-                if (bj < nb) {
-                    const float xfj = xfs[bj];
-                    if (lo_ok) acc_lo += d[j] * (e8m0_to_f32(scales[base_lo + bj]) * xfj);
-                    if (hi_ok) acc_hi += d[2 + j] * (e8m0_to_f32(scales[base_hi + bj]) * xfj);
+                if (cur.xf[j] != 0.f) {
+                    acc_lo += d[j] * (e8m0_to_f32(cur.s[j]) * cur.xf[j]);
+                    acc_hi += d[2 + j] * (e8m0_to_f32(cur.s[2 + j]) * cur.xf[j]);
                 }
             }
         }
+        cur = nxt;
     }
     acc_lo += __shfl_xor_sync(0xffffffffu, acc_lo, 1);
     acc_hi += __shfl_xor_sync(0xffffffffu, acc_hi, 1);

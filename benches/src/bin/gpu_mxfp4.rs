@@ -12,7 +12,6 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cudarc::driver::{CudaSlice, CudaStream};
 use fp4::cuda::{Activations, DeviceMxExperts, Mxfp4Gpu};
-use fp4::MxMatrixRef;
 use half::bf16;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -79,20 +78,12 @@ fn upload_random_layer(
     shape: &Shape,
     seed: u64,
 ) -> Result<DeviceMxExperts> {
-    let n_blocks = EXPERTS * shape.rows * shape.k / 2;
-    let n_scales = EXPERTS * shape.rows * shape.k / 32;
-    let mut blocks = stream.alloc_zeros::<u8>(n_blocks)?;
-    let mut scales = stream.alloc_zeros::<u8>(n_scales)?;
-    kern.fill(&mut blocks, seed, 0, 256)?;
-    // Scales 2^-9 .. 2^3: the range of real expert weights, far from f32 overflow.
-    kern.fill(&mut scales, seed ^ 0x5CA1E, 118, 13)?;
-    Ok(DeviceMxExperts {
-        blocks,
-        scales,
-        experts: EXPERTS,
-        rows: shape.rows,
-        k: shape.k,
-    })
+    let mut w = DeviceMxExperts::alloc(stream, EXPERTS, shape.rows, shape.k)?;
+    // Random codes everywhere (padding included: the kernel must ignore it); scales 2^-9 .. 2^3,
+    // the range of real expert weights, far from f32 overflow.
+    kern.fill(&mut w.blocks, seed, 0, 256)?;
+    kern.fill(&mut w.scales, seed ^ 0x5CA1E, 118, 13)?;
+    Ok(w)
 }
 
 /// Runs one GEMV and compares each output with the f64 reference; returns the worst error as a
@@ -132,20 +123,10 @@ fn check_gemv(
         gpu.gemv(w, &d_ids, Activations::F32(&d_x), &mut scratch, &mut y)?;
     }
     let y = stream.clone_dtoh(&y)?;
-    let per_expert_blocks = shape.rows * shape.k / 2;
-    let per_expert_scales = shape.rows * shape.k / 32;
     let mut worst = 0f64;
     for (s, &e) in ids.iter().enumerate() {
-        let e = e as usize;
-        let blocks = stream.clone_dtoh(
-            &w.blocks
-                .slice(e * per_expert_blocks..(e + 1) * per_expert_blocks),
-        )?;
-        let scales = stream.clone_dtoh(
-            &w.scales
-                .slice(e * per_expert_scales..(e + 1) * per_expert_scales),
-        )?;
-        let m = MxMatrixRef::new(shape.rows, shape.k, &blocks, &scales)?;
+        let owned = w.download_expert(stream, e as usize)?;
+        let m = owned.view()?;
         let xs = &x[if shape.per_slot_x { s * shape.k } else { 0 }..][..shape.k];
         let x64: Vec<f64> = xs.iter().map(|&v| v as f64).collect();
         let want = fp4::cpu::gemv_f64_reference(m, &x64);
@@ -274,6 +255,18 @@ fn main() -> Result<()> {
                 Some(ceiling_med),
             ));
         }
+        // The GEMV kernel alone, on activations prepared once (what a fused producer would hand it).
+        gpu.prepare(Activations::F32(&x_f32), &mut scratch)?;
+        let t = time_us(&stream, args.samples, args.iters, |i| {
+            gpu.gemv_prepared(&layers[i % layers.len()], &id_sets[i], &scratch, &mut y)?;
+            Ok(())
+        })?;
+        rows.push(row(
+            format!("GEMV kernel only {} x {} experts", shape.name, TOP_K),
+            bytes,
+            &t,
+            Some(ceiling_med),
+        ));
         if si == 0 {
             // Dequantize a whole layer (32 experts) to bf16.
             let one = layers[0].expert_bytes();

@@ -537,10 +537,9 @@ fn portable_rows<const B: usize>(
 #[cfg(target_arch = "x86_64")]
 const LUT2_I8: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
-/// AVX2+FMA kernel. Per block: 16 code bytes → low/high nibbles → `pshufb` into `2·E2M1`
-/// int8 → 4 × 8 f32 (even elements 0..15, 16..31, odd elements ...), matching the
-/// deinterleaved `xs`. Per batch row: 1 mul + 3 FMA into an 8-lane partial, then one FMA with
-/// the broadcast half-scale into the lane accumulator.
+/// AVX2+FMA kernel driver: rows in groups of `R` (2 for batch ≤ 2, else 1) so that small
+/// batches have independent accumulation chains to overlap; the arithmetic of each output is the
+/// same for every grouping and batch size.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
@@ -553,55 +552,99 @@ unsafe fn avx2_rows<const B: usize>(
     xs: &[f32],
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let k = nb * BLOCK;
     let nrows = out.len() / B;
     assert!(codes.len() == nrows * nb * BLOCK_BYTES && scales.len() == nrows * nb);
-    assert!(xs.len() == B * k);
+    assert!(xs.len() == B * nb * BLOCK);
+    let mut r = 0;
+    if B <= 2 {
+        while r + 2 <= nrows {
+            avx2_group::<B, 2>(codes, scales, nb, xs, &mut out[r * B..(r + 2) * B], r);
+            r += 2;
+        }
+    }
+    while r < nrows {
+        avx2_group::<B, 1>(codes, scales, nb, xs, &mut out[r * B..(r + 1) * B], r);
+        r += 1;
+    }
+}
+
+/// AVX2 kernel body for rows `r0 .. r0 + R`. Per block: 16 code bytes → low/high nibbles →
+/// `pshufb` into `2·E2M1` int8 → 4 × 8 f32 (even elements 0..15, 16..31, odd elements 1..15,
+/// 17..31), matching the deinterleaved `xs`. Per batch row: 1 mul + 3 FMA into an 8-lane
+/// partial, then one FMA with the broadcast half-scale into the lane accumulator; 8 lanes are
+/// reduced by [`reduce8`].
+///
+/// # Safety
+/// AVX2 and FMA; `codes`/`scales` hold whole rows including `r0 .. r0 + R`, `xs` holds `B·K`
+/// values and `out` `R·B` (checked by [`avx2_rows`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // t indexes both xs and acc[g]
+unsafe fn avx2_group<const B: usize, const R: usize>(
+    codes: &[u8],
+    scales: &[u8],
+    nb: usize,
+    xs: &[f32],
+    out: &mut [f32],
+    r0: usize,
+) {
+    use std::arch::x86_64::*;
+    let k = nb * BLOCK;
+    debug_assert!((r0 + R) * nb <= scales.len() && out.len() == R * B);
     let lut = _mm_loadu_si128(LUT2_I8.as_ptr().cast());
     let m0f = _mm_set1_epi8(0x0F);
-    for (i, o) in out.chunks_exact_mut(B).enumerate() {
-        let row_codes = codes.as_ptr().add(i * nb * BLOCK_BYTES);
-        let row_scales = &scales[i * nb..(i + 1) * nb];
-        let mut acc = [_mm256_setzero_ps(); B];
-        for (b, &s) in row_scales.iter().enumerate() {
-            // In bounds: b < nb, i < nrows, codes.len() == nrows·nb·16 (asserted).
-            let raw = _mm_loadu_si128(row_codes.add(b * BLOCK_BYTES).cast());
+    let mut acc = [[_mm256_setzero_ps(); B]; R];
+    for b in 0..nb {
+        let mut w = [[_mm256_setzero_ps(); 4]; R];
+        let mut sv = [_mm256_setzero_ps(); R];
+        for g in 0..R {
+            let i = (r0 + g) * nb + b;
+            // In bounds: i < nrows·nb and codes.len() == nrows·nb·16 (asserted by the driver).
+            let raw = _mm_loadu_si128(codes.as_ptr().add(i * BLOCK_BYTES).cast());
             let lo = _mm_shuffle_epi8(lut, _mm_and_si128(raw, m0f));
             let hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16::<4>(raw), m0f));
-            let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-            let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
-            let w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-            let w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
-            let sv = _mm256_set1_ps(HALF_SCALES[s as usize]);
-            for (t, acc_t) in acc.iter_mut().enumerate() {
-                // In bounds: t·k + b·32 + 32 ≤ B·k == xs.len() (asserted).
-                let xb = xs.as_ptr().add(t * k + b * BLOCK);
-                let mut p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-                p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb.add(8)), p);
-                p = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), p);
-                p = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), p);
-                *acc_t = _mm256_fmadd_ps(p, sv, *acc_t);
+            w[g][0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+            w[g][1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+            w[g][2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            w[g][3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+            sv[g] = _mm256_set1_ps(HALF_SCALES[*scales.get_unchecked(i) as usize]);
+        }
+        for t in 0..B {
+            // In bounds: t·k + b·32 + 32 ≤ B·k == xs.len() (asserted by the driver).
+            let xb = xs.as_ptr().add(t * k + b * BLOCK);
+            let x = [
+                _mm256_loadu_ps(xb),
+                _mm256_loadu_ps(xb.add(8)),
+                _mm256_loadu_ps(xb.add(16)),
+                _mm256_loadu_ps(xb.add(24)),
+            ];
+            for g in 0..R {
+                let mut p = _mm256_mul_ps(w[g][0], x[0]);
+                p = _mm256_fmadd_ps(w[g][1], x[1], p);
+                p = _mm256_fmadd_ps(w[g][2], x[2], p);
+                p = _mm256_fmadd_ps(w[g][3], x[3], p);
+                acc[g][t] = _mm256_fmadd_ps(p, sv[g], acc[g][t]);
             }
         }
-        for (y, acc_t) in o.iter_mut().zip(&acc) {
+    }
+    for g in 0..R {
+        for t in 0..B {
             let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc_t);
-            *y = reduce8(&lanes);
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[g][t]);
+            out[g * B + t] = reduce8(&lanes);
         }
     }
 }
 
-/// AVX-512 kernel. Per block: 16 code bytes widened to 16 × i32, low nibbles → `vpermps` over
-/// the 16-entry `2·E2M1` f32 table gives the 16 even elements, high nibbles the 16 odd ones,
-/// matching the deinterleaved `xs`. Per batch row: 1 mul + 1 FMA into a 16-lane partial, one
-/// FMA with the half-scale into the lane accumulator; the 16 lanes are folded to 8 (one add)
-/// and then reduced like the other kernels (depth 4 in all).
+/// AVX-512 kernel driver: rows in groups of `R` (4 for batch ≤ 4, 2 for batch ≤ 8, else 1), as
+/// in [`avx2_rows`].
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[clippy::msrv = "1.89"] // see avx512_group
 unsafe fn avx512_rows<const B: usize>(
     codes: &[u8],
     scales: &[u8],
@@ -609,46 +652,95 @@ unsafe fn avx512_rows<const B: usize>(
     xs: &[f32],
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let k = nb * BLOCK;
     let nrows = out.len() / B;
     assert!(codes.len() == nrows * nb * BLOCK_BYTES && scales.len() == nrows * nb);
-    assert!(xs.len() == B * k);
-    let mut table = [0f32; 16];
-    for (t, &v) in table.iter_mut().zip(&LUT2_I8) {
-        *t = v as f32;
+    assert!(xs.len() == B * nb * BLOCK);
+    let mut r = 0;
+    if B <= 4 {
+        while r + 4 <= nrows {
+            avx512_group::<B, 4>(codes, scales, nb, xs, &mut out[r * B..(r + 4) * B], r);
+            r += 4;
+        }
     }
-    let lut = _mm512_loadu_ps(table.as_ptr());
-    for (i, o) in out.chunks_exact_mut(B).enumerate() {
-        let row_codes = codes.as_ptr().add(i * nb * BLOCK_BYTES);
-        let row_scales = &scales[i * nb..(i + 1) * nb];
-        let mut acc = [_mm512_setzero_ps(); B];
-        for (b, &s) in row_scales.iter().enumerate() {
-            // In bounds: see avx2_rows.
-            let raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(row_codes.add(b * BLOCK_BYTES).cast()));
+    if B <= 8 {
+        while r + 2 <= nrows {
+            avx512_group::<B, 2>(codes, scales, nb, xs, &mut out[r * B..(r + 2) * B], r);
+            r += 2;
+        }
+    }
+    while r < nrows {
+        avx512_group::<B, 1>(codes, scales, nb, xs, &mut out[r * B..(r + 1) * B], r);
+        r += 1;
+    }
+}
+
+/// AVX-512 kernel body for rows `r0 .. r0 + R`. Per block: 16 code bytes widened to 16 × i32;
+/// `vpermps` over the 16-entry `2·E2M1` f32 table with the low nibbles gives the 16 even
+/// elements, with the high nibbles the 16 odd ones (matching the deinterleaved `xs`). Per batch
+/// row: 1 mul + 1 FMA into a 16-lane partial, one FMA with the half-scale into the lane
+/// accumulator; the 16 lanes are folded to 8 (one add) and reduced by [`reduce8`] (depth 4).
+///
+/// # Safety
+/// AVX-512F; bounds as for [`avx2_group`] (checked by [`avx512_rows`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // t indexes both xs and acc[g]
+#[clippy::msrv = "1.89"] // AVX-512 intrinsics and target features are stable since Rust 1.89
+unsafe fn avx512_group<const B: usize, const R: usize>(
+    codes: &[u8],
+    scales: &[u8],
+    nb: usize,
+    xs: &[f32],
+    out: &mut [f32],
+    r0: usize,
+) {
+    use std::arch::x86_64::*;
+    let k = nb * BLOCK;
+    debug_assert!((r0 + R) * nb <= scales.len() && out.len() == R * B);
+    let lut = _mm512_loadu_ps(LUT2_F32.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
+    for b in 0..nb {
+        let mut we = [_mm512_setzero_ps(); R];
+        let mut wo = [_mm512_setzero_ps(); R];
+        let mut sv = [_mm512_setzero_ps(); R];
+        for g in 0..R {
+            let i = (r0 + g) * nb + b;
+            // In bounds: see avx2_group.
+            let raw =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(i * BLOCK_BYTES).cast()));
             // vpermps reads only the low 4 bits of each index: the low nibble as is.
-            let hi = _mm512_srli_epi32::<4>(raw);
-            let w_even = _mm512_permutexvar_ps(raw, lut);
-            let w_odd = _mm512_permutexvar_ps(hi, lut);
-            let sv = _mm512_set1_ps(HALF_SCALES[s as usize]);
-            for (t, acc_t) in acc.iter_mut().enumerate() {
-                let xb = xs.as_ptr().add(t * k + b * BLOCK);
-                let mut p = _mm512_mul_ps(w_even, _mm512_loadu_ps(xb));
-                p = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xb.add(16)), p);
-                *acc_t = _mm512_fmadd_ps(p, sv, *acc_t);
+            we[g] = _mm512_permutexvar_ps(raw, lut);
+            wo[g] = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(raw), lut);
+            sv[g] = _mm512_set1_ps(HALF_SCALES[*scales.get_unchecked(i) as usize]);
+        }
+        for t in 0..B {
+            let xb = xs.as_ptr().add(t * k + b * BLOCK);
+            let (x0, x1) = (_mm512_loadu_ps(xb), _mm512_loadu_ps(xb.add(16)));
+            for g in 0..R {
+                let p = _mm512_fmadd_ps(wo[g], x1, _mm512_mul_ps(we[g], x0));
+                acc[g][t] = _mm512_fmadd_ps(p, sv[g], acc[g][t]);
             }
         }
-        for (y, acc_t) in o.iter_mut().zip(&acc) {
+    }
+    for g in 0..R {
+        for t in 0..B {
             let mut lanes = [0f32; 16];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc_t);
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[g][t]);
             let mut folded = [0f32; 8];
             for (l, f) in folded.iter_mut().enumerate() {
                 *f = lanes[l] + lanes[l + 8];
             }
-            *y = reduce8(&folded);
+            out[g * B + t] = reduce8(&folded);
         }
     }
 }
+
+/// [`LUT2_I8`] as f32 (the AVX-512 `vpermps` table).
+#[cfg(target_arch = "x86_64")]
+static LUT2_F32: [f32; 16] = [
+    0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 0.0, -1.0, -2.0, -3.0, -4.0, -6.0, -8.0, -12.0,
+];
 
 // ---------------------------------------------------------------------------------------------
 // Oracle and error bound
@@ -711,8 +803,8 @@ fn for_each_weight(w: MxMatrixRef<'_>, r: usize, mut f: impl FnMut(usize, f64)) 
 /// block's partial sum of its 32 products in *any* order (one product + ≤ 31 additions; FMA only
 /// removes roundings), 0 for the power-of-two scale multiply (exact barring underflow, covered
 /// separately), ≤ K/32 additions to accumulate the block results into a lane accumulator, and
-/// ≤ 5 levels of a reduction tree over ≤ 32 lanes (e.g. a warp). The CPU kernels here use
-/// 4 + K/32 + 4.
+/// ≤ 5 levels of a reduction tree over ≤ 32 lanes (e.g. a warp). The CPU kernels here use at
+/// most 4 + K/32 + 4.
 pub fn gemv_roundings(k: usize) -> usize {
     BLOCK + k / BLOCK + 5
 }
@@ -720,15 +812,25 @@ pub fn gemv_roundings(k: usize) -> usize {
 /// Per-row error tolerance of an f32 GEMV `ŷ = W·x` against the exact value, for the kernels of
 /// this crate (and any kernel whose rounding chains are at most [`gemv_roundings`]`(K)` long):
 ///
-/// `tol[r] = (γ_n + 2^-50) · Σ_k |W[r,k] · x[k]| · (1 + 2^-40) + (2K + 32·K/32 + 64) · 2^-149`
+/// `tol[r] = (γ_n + 2^-50) · Σ_k |W[r,k] · x[k]| · (1 + 2^-40) + η_r`, with
+/// `η_r = (32 · Σ_b X_b + 32 · K/32 + 64) · 2^-149`,
 ///
-/// with `n = gemv_roundings(K)`, `γ_n = n·u / (1 − n·u)`, `u = 2^-24` (Higham, *Accuracy and
-/// Stability of Numerical Algorithms*, §3.1: every term's relative perturbation is at most γ_n
-/// when it passes through ≤ n roundings). The `2^-50·Σ` term covers the error of
-/// [`gemv_f64_reference`], the `(1 + 2^-40)` factor the f64 rounding of Σ|w x| itself, and the
-/// last term the absolute error (≤ 2^-150 per operation) of results that underflow into the f32
-/// subnormal range (tiny scales or subnormal activations). Valid while no intermediate overflows
-/// (Σ|w x| well below f32::MAX); bf16 activations are exact in f32, so pass them widened.
+/// `n = gemv_roundings(K)`, `γ_n = n·u / (1 − n·u)`, `u = 2^-24`, `X_b` the scale of block `b`
+/// of row `r` (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1: every term's
+/// relative perturbation is at most γ_n when it passes through ≤ n roundings).
+///
+/// * `2^-50 · Σ` covers the error of [`gemv_f64_reference`]; `(1 + 2^-40)` the f64 rounding of
+///   `Σ|w x|` itself.
+/// * `η_r` covers underflow (tiny scales or subnormal activations), where the relative model
+///   fails: a rounding whose result is an f32 subnormal has an absolute error ≤ 2^-150 (sums of
+///   subnormals are exact, so only products/FMAs count). Inside a block the ≤ 32 product roundings
+///   happen *before* the scale is applied, so their error is multiplied by `X_b`
+///   (`32 · X_b · 2^-150` per block); after scaling, ≤ 32 lanes × K/32 blocks of scale
+///   multiplies/FMAs add ≤ 2^-150 each; the factor 2 of 2^-149 absorbs the (1 + γ_n)
+///   propagation and the reduction.
+///
+/// Valid while nothing overflows (`Σ|w x|` and every `|partial| · X_b` well below f32::MAX);
+/// bf16 activations are exact in f32, so pass them widened.
 ///
 /// # Panics
 /// If `x.len() != w.k()`.
@@ -748,12 +850,14 @@ pub fn dot_error_bound(w: MxMatrixRef<'_>, x: &[f32], roundings: usize) -> Vec<f
     let nu = roundings as f64 * u;
     assert!(nu < 0.5, "too many roundings for a meaningful bound");
     let gamma = nu / (1.0 - nu);
-    let underflow = (2 * k + 32 * (k / BLOCK) + 64) as f64 * 2f64.powi(-149);
+    let tiny = 2f64.powi(-149);
     (0..w.rows())
         .into_par_iter()
         .map(|r| {
             let mut sum_abs = 0f64;
             for_each_weight(w, r, |kk, wv| sum_abs += (wv * x[kk] as f64).abs());
+            let sum_scales: f64 = w.row_scales(r).iter().map(|&s| e8m0_to_f64(s)).sum();
+            let underflow = (32.0 * sum_scales + (32 * (k / BLOCK) + 64) as f64) * tiny;
             (gamma + 2f64.powi(-50)) * sum_abs * (1.0 + 2f64.powi(-40)) + underflow
         })
         .collect()

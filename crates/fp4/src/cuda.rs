@@ -1,8 +1,8 @@
 //! MXFP4 on NVIDIA GPUs (feature `cuda`): dequantize and batch-1 GEMV over stacked experts.
 //!
 //! The kernels live in `kernels/mxfp4.cu` and are embedded prebuilt (sm_90a cubin, compute_90 PTX
-//! fallback) by `ultra-kernels`; nothing here needs a CUDA compiler. Weights stay in the checkpoint
-//! layout (`[E, N, K/32, 16]` codes + `[E, N, K/32]` scales).
+//! fallback) by `ultra-kernels`; nothing here needs a CUDA compiler. Weights are repacked once at
+//! upload from the checkpoint layout into the GEMV's tiled layout ([`crate::tiled`]).
 //!
 //! Numerics of [`Mxfp4Gpu::gemv`]: weights are exact; each 32-value block of the activation is
 //! scaled by a power of two and rounded to fp16 (11 significant bits — exact for bf16
@@ -18,7 +18,8 @@ use cudarc::driver::{
 use half::{bf16, f16};
 use ultra_kernels::GpuUnavailable;
 
-use crate::format::{Fp4Error, MxExpertsRef, MxMatrixRef, BLOCK};
+use crate::format::{Fp4Error, MxExpertsRef, MxMatrix, MxMatrixRef, BLOCK};
+use crate::tiled::{self, TiledShape};
 
 /// Errors of the GPU path.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,7 @@ pub enum GpuError {
     Shape(String),
 }
 
-/// Stacked MXFP4 experts resident on the device.
+/// Stacked MXFP4 experts resident on the device, in the tiled layout of [`crate::tiled`].
 pub struct DeviceMxExperts {
     pub blocks: CudaSlice<u8>,
     pub scales: CudaSlice<u8>,
@@ -43,6 +44,46 @@ pub struct DeviceMxExperts {
 }
 
 impl DeviceMxExperts {
+    /// The tiled shape (padding included) of these experts.
+    pub fn shape(&self) -> TiledShape {
+        TiledShape {
+            experts: self.experts,
+            rows: self.rows,
+            k: self.k,
+        }
+    }
+
+    /// Allocates experts of the given shape (contents zero; fill them on the device).
+    pub fn alloc(
+        stream: &Arc<CudaStream>,
+        experts: usize,
+        rows: usize,
+        k: usize,
+    ) -> Result<Self, GpuError> {
+        if k % BLOCK != 0 {
+            return Err(Fp4Error::KNotMultipleOfBlock { k }.into());
+        }
+        let shape = TiledShape { experts, rows, k };
+        Ok(Self {
+            blocks: stream.alloc_zeros::<u8>(shape.code_bytes())?,
+            scales: stream.alloc_zeros::<u8>(shape.scale_bytes())?,
+            experts,
+            rows,
+            k,
+        })
+    }
+
+    /// Copies expert `e` back to the host in the checkpoint layout.
+    pub fn download_expert(
+        &self,
+        stream: &Arc<CudaStream>,
+        e: usize,
+    ) -> Result<MxMatrix, GpuError> {
+        let codes = stream.clone_dtoh(&self.blocks)?;
+        let scales = stream.clone_dtoh(&self.scales)?;
+        Ok(tiled::untile_expert(self.shape(), &codes, &scales, e)?)
+    }
+
     /// Bytes of one expert's weights (codes + scales).
     pub fn expert_bytes(&self) -> usize {
         self.rows * self.k / 2 + self.rows * self.k / BLOCK
@@ -61,6 +102,7 @@ pub struct GemvScratch {
     xf: CudaSlice<f32>,
     rows: usize,
     k: usize,
+    prepared_rows: usize,
 }
 
 /// The loaded MXFP4 kernels bound to one stream.
@@ -107,11 +149,12 @@ impl Mxfp4Gpu {
         &self.stream
     }
 
-    /// Copies validated experts to the device.
+    /// Repacks validated experts into the tiled layout and copies them to the device.
     pub fn upload(&self, w: MxExpertsRef<'_>) -> Result<DeviceMxExperts, GpuError> {
+        let (_, codes, scales) = tiled::tile(w);
         Ok(DeviceMxExperts {
-            blocks: self.stream.clone_htod(w.blocks())?,
-            scales: self.stream.clone_htod(w.scales())?,
+            blocks: self.stream.clone_htod(&codes)?,
+            scales: self.stream.clone_htod(&scales)?,
             experts: w.experts(),
             rows: w.rows(),
             k: w.k(),
@@ -129,14 +172,14 @@ impl Mxfp4Gpu {
         )?)
     }
 
-    fn check_dequant_out(w: &DeviceMxExperts, len: usize) -> Result<u64, GpuError> {
+    fn check_dequant_out(w: &DeviceMxExperts, len: usize) -> Result<usize, GpuError> {
         let want = w.experts * w.rows * w.k;
         if len != want {
             return Err(GpuError::Shape(format!(
                 "dequantize output holds {len} values, the experts have {want}"
             )));
         }
-        Ok((want / 8) as u64)
+        Ok(want / 8)
     }
 
     /// Decodes every expert to f32, `[E, N, K]`. Exact (values beyond the f32 range become ±inf).
@@ -147,12 +190,18 @@ impl Mxfp4Gpu {
     ) -> Result<(), GpuError> {
         let n_words = Self::check_dequant_out(w, out.len())?;
         let cfg = LaunchConfig {
-            grid_dim: (grid_for(n_words as usize, self.sm_count), 1, 1),
+            grid_dim: (grid_for(n_words, self.sm_count), 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&self.dequant_f32);
-        b.arg(&w.blocks).arg(&w.scales).arg(&n_words).arg(out);
+        let (e, n, k) = (w.experts as u32, w.rows as u32, w.k as u32);
+        b.arg(&w.blocks)
+            .arg(&w.scales)
+            .arg(&e)
+            .arg(&n)
+            .arg(&k)
+            .arg(out);
         // SAFETY: argument types match `mxfp4_dequant_f32`; lengths checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -166,12 +215,18 @@ impl Mxfp4Gpu {
     ) -> Result<(), GpuError> {
         let n_words = Self::check_dequant_out(w, out.len())?;
         let cfg = LaunchConfig {
-            grid_dim: (grid_for(n_words as usize, self.sm_count), 1, 1),
+            grid_dim: (grid_for(n_words, self.sm_count), 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&self.dequant_bf16);
-        b.arg(&w.blocks).arg(&w.scales).arg(&n_words).arg(out);
+        let (e, n, k) = (w.experts as u32, w.rows as u32, w.k as u32);
+        b.arg(&w.blocks)
+            .arg(&w.scales)
+            .arg(&e)
+            .arg(&n)
+            .arg(&k)
+            .arg(out);
         // SAFETY: argument types match `mxfp4_dequant_bf16`; lengths checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -188,39 +243,65 @@ impl Mxfp4Gpu {
             xf: self.stream.alloc_zeros::<f32>(rows * k / BLOCK)?,
             rows,
             k,
+            prepared_rows: 0,
         })
     }
 
-    /// `y[s, n] = Σ_k W[expert_ids[s]][n][k] · x_s[k]` for every slot s (batch 1 per slot).
-    ///
-    /// `x` holds either one activation of K values shared by all slots (the gate/up projection of
-    /// one token) or one per slot, `[slots, K]` (the down projection). `y` is `[slots, N]`.
-    /// Expert ids are read on the device; an id outside `0..E` yields NaN rows.
-    pub fn gemv(
-        &self,
-        w: &DeviceMxExperts,
-        expert_ids: &CudaSlice<i32>,
-        x: Activations<'_>,
-        scratch: &mut GemvScratch,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<(), GpuError> {
-        let slots = expert_ids.len();
+    /// Prepares activations for [`Self::gemv_prepared`]: each 32-value block scaled by a power of
+    /// two and rounded to fp16, in the kernel's pair order. `x` holds `rows × K` values (rows = 1
+    /// for an activation shared by every slot, or one row per slot).
+    pub fn prepare(&self, x: Activations<'_>, scratch: &mut GemvScratch) -> Result<(), GpuError> {
         let x_len = match &x {
             Activations::F32(s) => s.len(),
             Activations::Bf16(s) => s.len(),
         };
-        let x_rows = x_len / w.k.max(1);
-        if x_len % w.k != 0 || !(x_rows == 1 || x_rows == slots) {
+        if x_len == 0 || x_len % scratch.k != 0 || x_len / scratch.k > scratch.rows {
             return Err(GpuError::Shape(format!(
-                "activations hold {x_len} values: need K = {} (shared) or slots × K = {}",
-                w.k,
-                slots * w.k
+                "activations hold {x_len} values: need a whole number (1..={}) of rows of K = {}",
+                scratch.rows, scratch.k
             )));
         }
-        if scratch.k != w.k || scratch.rows < x_rows {
+        let n_values = x_len as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_for(x_len / 8, self.sm_count), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = match x {
+            Activations::F32(xs) => {
+                let mut b = self.stream.launch_builder(&self.prep_f32);
+                b.arg(xs);
+                b
+            }
+            Activations::Bf16(xs) => {
+                let mut b = self.stream.launch_builder(&self.prep_bf16);
+                b.arg(xs);
+                b
+            }
+        };
+        b.arg(&n_values).arg(&mut scratch.xh).arg(&mut scratch.xf);
+        // SAFETY: argument types match `mxfp4_prep_act_{f32,bf16}`; scratch size checked above.
+        unsafe { b.launch(cfg) }?;
+        scratch.prepared_rows = x_len / scratch.k;
+        Ok(())
+    }
+
+    /// `y[s, n] = Σ_k W[expert_ids[s]][n][k] · x_s[k]` over activations already prepared in
+    /// `scratch` by [`Self::prepare`]: one shared row, or one row per slot. `y` is `[slots, N]`.
+    /// Expert ids are read on the device; an id outside `0..E` yields NaN rows.
+    pub fn gemv_prepared(
+        &self,
+        w: &DeviceMxExperts,
+        expert_ids: &CudaSlice<i32>,
+        scratch: &GemvScratch,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let slots = expert_ids.len();
+        let x_rows = scratch.prepared_rows;
+        if scratch.k != w.k || !(x_rows == 1 || x_rows == slots) {
             return Err(GpuError::Shape(format!(
-                "scratch is for {} × {}, activations are {x_rows} × {}",
-                scratch.rows, scratch.k, w.k
+                "prepared activations are {x_rows} × {}; the experts need K = {} and 1 or {slots} rows",
+                scratch.k, w.k
             )));
         }
         if y.len() != slots * w.rows {
@@ -232,32 +313,6 @@ impl Mxfp4Gpu {
         }
         if slots == 0 {
             return Ok(());
-        }
-        let n_values = x_len as u64;
-        let prep_cfg = LaunchConfig {
-            grid_dim: (grid_for(x_len / 8, self.sm_count), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        match x {
-            Activations::F32(xs) => {
-                let mut b = self.stream.launch_builder(&self.prep_f32);
-                b.arg(xs)
-                    .arg(&n_values)
-                    .arg(&mut scratch.xh)
-                    .arg(&mut scratch.xf);
-                // SAFETY: argument types match `mxfp4_prep_act_f32`; scratch size checked.
-                unsafe { b.launch(prep_cfg) }?;
-            }
-            Activations::Bf16(xs) => {
-                let mut b = self.stream.launch_builder(&self.prep_bf16);
-                b.arg(xs)
-                    .arg(&n_values)
-                    .arg(&mut scratch.xh)
-                    .arg(&mut scratch.xf);
-                // SAFETY: argument types match `mxfp4_prep_act_bf16`; scratch size checked.
-                unsafe { b.launch(prep_cfg) }?;
-            }
         }
         let groups = w.rows.div_ceil(16);
         let ctas = slots * groups;
@@ -288,6 +343,27 @@ impl Mxfp4Gpu {
         // SAFETY: argument types match `mxfp4_gemv`; every length checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
+    }
+
+    /// [`Self::prepare`] then [`Self::gemv_prepared`]: `x` is one activation of K values shared by
+    /// all slots (the gate/up projection of one token) or one per slot, `[slots, K]` (the down
+    /// projection).
+    pub fn gemv(
+        &self,
+        w: &DeviceMxExperts,
+        expert_ids: &CudaSlice<i32>,
+        x: Activations<'_>,
+        scratch: &mut GemvScratch,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        if scratch.k != w.k {
+            return Err(GpuError::Shape(format!(
+                "scratch is for K = {}, the experts have K = {}",
+                scratch.k, w.k
+            )));
+        }
+        self.prepare(x, scratch)?;
+        self.gemv_prepared(w, expert_ids, scratch, y)
     }
 }
 

@@ -95,7 +95,7 @@ pub(crate) fn check_shape(
     blocks_len: usize,
     scales_len: usize,
 ) -> Result<usize, Fp4Error> {
-    if k % BLOCK != 0 {
+    if !k.is_multiple_of(BLOCK) {
         return Err(Fp4Error::KNotMultipleOfBlock { k });
     }
     let nb = k / BLOCK;
@@ -196,7 +196,11 @@ impl<'a> MxMatrixRef<'a> {
     /// Decodes element (r, c) exactly in f64.
     pub fn get_f64(&self, r: usize, c: usize) -> f64 {
         let byte = self.blocks[r * self.k / 2 + c / 2];
-        let code = if c % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+        let code = if c.is_multiple_of(2) {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        };
         e2m1_to_f32(code) as f64 * e8m0_to_f64(self.scales[r * self.blocks_per_row() + c / BLOCK])
     }
 }

@@ -91,12 +91,12 @@ pub fn to_gguf(m: MxMatrixRef<'_>) -> Vec<u8> {
 /// → [`Fp4Error::LengthMismatch`]; a block with `e == 0xFF` → [`Fp4Error::NanScale`] (the first
 /// one, row-major).
 pub fn from_gguf(bytes: &[u8], rows: usize, k: usize) -> Result<MxMatrix, Fp4Error> {
-    if k % BLOCK != 0 {
+    if !k.is_multiple_of(BLOCK) {
         return Err(Fp4Error::KNotMultipleOfBlock { k });
     }
     let nb = k / BLOCK;
-    let nblocks = rows.checked_mul(nb).unwrap_or(usize::MAX);
-    let expected = nblocks.checked_mul(GGUF_BLOCK_BYTES).unwrap_or(usize::MAX);
+    let nblocks = rows.saturating_mul(nb);
+    let expected = nblocks.saturating_mul(GGUF_BLOCK_BYTES);
     if bytes.len() != expected {
         return Err(Fp4Error::LengthMismatch {
             what: "GGUF block_mxfp4 bytes",

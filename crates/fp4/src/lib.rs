@@ -23,14 +23,15 @@ pub mod cpu;
 pub mod format;
 pub mod layout;
 pub mod quant;
+pub mod tiled;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 pub use cpu::{
-    dequantize, dequantize_bf16, dequantize_bf16_into, dequantize_into, gemm, gemm_bf16,
-    gemm_bf16_with, gemm_with, gemv, gemv_bf16, gemv_error_bound, gemv_f64_reference, CpuKernel,
-    MAX_BATCH,
+    dequantize, dequantize_bf16, dequantize_bf16_into, dequantize_into, dot_error_bound, gemm,
+    gemm_bf16, gemm_bf16_with, gemm_with, gemv, gemv_bf16, gemv_error_bound, gemv_f64_reference,
+    CpuKernel, MAX_BATCH,
 };
 pub use format::{
     e2m1_to_f32, e8m0_to_f32, e8m0_to_f64, Fp4Error, MxExpertsRef, MxMatrix, MxMatrixRef, BLOCK,

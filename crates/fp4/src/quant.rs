@@ -169,10 +169,10 @@ fn quantize_rows<T: Copy + Sync>(
     what: &'static str,
     widen: impl Fn(T) -> f32 + Sync,
 ) -> Result<MxMatrix, Fp4Error> {
-    if k % BLOCK != 0 {
+    if !k.is_multiple_of(BLOCK) {
         return Err(Fp4Error::KNotMultipleOfBlock { k });
     }
-    let expected = rows.checked_mul(k).unwrap_or(usize::MAX);
+    let expected = rows.saturating_mul(k);
     if data.len() != expected {
         return Err(Fp4Error::LengthMismatch {
             what,
