@@ -26,11 +26,15 @@ __device__ __forceinline__ float e2m1_raw_f32(uint32_t n) {
     return __uint_as_float(((n & 0x7u) << 22) | ((n & 0x8u) << 28));
 }
 
-// E8M0 byte -> f32 scale. s = 0 is 2^-127 (an f32 subnormal); 0xFF is NaN.
+// E8M0 byte -> f32 scale. s = 0 is 2^-127 (an f32 subnormal); 0xFF is NaN (the dequantize
+// kernels keep that; the GEMV never sees 0xFF because uploads reject NaN scales).
 __device__ __forceinline__ float e8m0_to_f32(uint32_t s) {
     if (s == 0xFFu) return __uint_as_float(0x7FC00000u);
     if (s == 0u) return __uint_as_float(0x00400000u);
     return __uint_as_float(s << 23);
+}
+__device__ __forceinline__ float e8m0_finite_to_f32(uint32_t s) {
+    return s ? __uint_as_float(s << 23) : __uint_as_float(0x00400000u);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,8 +125,10 @@ extern "C" __global__ void mxfp4_dequant_bf16(const uint8_t* __restrict__ blocks
 // One thread per 8 values; the 4 threads of a block are adjacent lanes.
 // ---------------------------------------------------------------------------------------------
 
+// Group `group` (8 values) of a [rows, K] activation; rows are written K_pad apart (K_pad = K
+// rounded up to the GEMV's 128-value tile; the padding stays zero).
 template <typename Load>
-__device__ __forceinline__ void prep_group(uint64_t group, Load load,
+__device__ __forceinline__ void prep_group(uint64_t group, uint32_t K, uint32_t K_pad, Load load,
                                            __half* __restrict__ xh, float* __restrict__ xf,
                                            bool active) {
     float v[8];
@@ -148,30 +154,34 @@ __device__ __forceinline__ void prep_group(uint64_t group, Load load,
         const uint32_t hi = __half_as_ushort(__float2half_rn(ldexpf(v[i + 4], -e)));
         u[i] = lo | (hi << 16);
     }
-    *reinterpret_cast<uint4*>(xh + group * 8) = make_uint4(u[0], u[1], u[2], u[3]);
-    if ((group & 3) == 0) xf[group >> 2] = ldexpf(1.0f, e + 14);
+    const uint64_t row = group / (K / 8), in_row = group % (K / 8);
+    const uint64_t out = row * K_pad + in_row * 8;
+    *reinterpret_cast<uint4*>(xh + out) = make_uint4(u[0], u[1], u[2], u[3]);
+    if ((in_row & 3) == 0) xf[out / 32] = ldexpf(1.0f, e + 14);
 }
 
-extern "C" __global__ void mxfp4_prep_act_f32(const float* __restrict__ x, uint64_t n_values,
-                                              __half* __restrict__ xh,
+// x is [rows, K]; xh is [rows, K_pad] halves, xf [rows, K_pad/32] (zero-initialised padding).
+extern "C" __global__ void mxfp4_prep_act_f32(const float* __restrict__ x, uint32_t rows,
+                                              uint32_t K, uint32_t K_pad, __half* __restrict__ xh,
                                               float* __restrict__ xf) {
-    const uint64_t n_groups = n_values / 8;
+    const uint64_t n_groups = (uint64_t)rows * K / 8;
     // Round the loop bound up to whole warps so the shuffles see every lane.
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t g = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; g < ((n_groups + 31) & ~31ull);
          g += stride) {
-        prep_group(g, [&](uint64_t i) { return x[i]; }, xh, xf, g < n_groups);
+        prep_group(g, K, K_pad, [&](uint64_t i) { return x[i]; }, xh, xf, g < n_groups);
     }
 }
 
-extern "C" __global__ void mxfp4_prep_act_bf16(const __nv_bfloat16* __restrict__ x,
-                                               uint64_t n_values,
+extern "C" __global__ void mxfp4_prep_act_bf16(const __nv_bfloat16* __restrict__ x, uint32_t rows,
+                                               uint32_t K, uint32_t K_pad,
                                                __half* __restrict__ xh, float* __restrict__ xf) {
-    const uint64_t n_groups = n_values / 8;
+    const uint64_t n_groups = (uint64_t)rows * K / 8;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t g = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; g < ((n_groups + 31) & ~31ull);
          g += stride) {
-        prep_group(g, [&](uint64_t i) { return __bfloat162float(x[i]); }, xh, xf, g < n_groups);
+        prep_group(g, K, K_pad, [&](uint64_t i) { return __bfloat162float(x[i]); }, xh, xf,
+                   g < n_groups);
     }
 }
 
@@ -213,8 +223,9 @@ __device__ __forceinline__ void decode_word(uint32_t w, uint32_t (&p)[4]) {
 constexpr int GEMV_MAX_WARPS = 16;
 
 // grid.x = n_slots * ceil(N / 16); blockDim.x = 32 * W (W <= 16).
-// expert_ids[s] selects the expert of slot s; the activation of slot s is xh + s*x_stride (x_stride
-// = 0: one activation shared by all slots). y is [n_slots, N].
+// expert_ids[s] selects the expert of slot s; the prepared activation of slot s is xh + s*x_stride
+// and its factors xf + s*x_stride/32 (x_stride = K_pad per slot, or 0: one activation shared by all
+// slots). y is [n_slots, N].
 extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS)
     mxfp4_gemv(const uint8_t* __restrict__ blocks, const uint8_t* __restrict__ scales,
                const int32_t* __restrict__ expert_ids, uint32_t n_experts, uint32_t N, uint32_t K,
@@ -233,43 +244,46 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS)
     const uint32_t n_tiles = (nb + 3) / 4;
     // First tile of this CTA's 16-row group in the tiled layout (padding rows/blocks are zero).
     const uint64_t tile0 = ((uint64_t)(expert_ok ? expert : 0) * groups + row0 / 16) * n_tiles;
+    // Prepared activations are padded to whole tiles (zeros), so no K bound checks below.
     const __half* xs = xh + (uint64_t)slot * x_stride;
-    const float* xfs = xf + (uint64_t)(x_stride ? slot : 0) * nb;
+    const float* xfs = xf + (uint64_t)slot * (x_stride / 32);
 
     // Everything one K tile needs, loaded one tile ahead of its use (software pipelining), so
     // the code bytes, scale bytes and activations of the next tile are in flight while the
     // tensor cores work on this one.
     struct Tile {
-        uint4 wl, wh;     // codes of this lane's block, rows g and g+8
-        uint4 xv[4];      // activations of this lane's block (lanes with g == t only)
-        uint32_t s[4];    // scale bytes: rows g/g+8 x blocks 2t, 2t+1 (lanes t < 2)
-        float xf[2];      // activation block factors of blocks 2t, 2t+1
+        uint4 wl, wh;   // codes of this lane's block, rows g and g+8
+        uint4 xv[4];    // activations of this lane's block (lanes with g == t; others stay 0)
+        uint32_t s[2];  // scale bytes (2t, 2t+1) of rows g and g+8, as u16 (lanes t < 2)
+        float xf[2];    // activation block factors of blocks 2t, 2t+1 (lanes t < 2)
     };
-    const uint4* codes = reinterpret_cast<const uint4*>(blocks);
+    const uint4* code_lane = reinterpret_cast<const uint4*>(blocks) + tile0 * 64 + g * 4 + t;
+    const uint16_t* scale_lane =
+        reinterpret_cast<const uint16_t*>(scales + tile0 * 64 + 2 * t) + g * 2;
     auto load = [&](uint32_t tile, Tile& T) {
-        const uint32_t b = tile * 4 + t;
-        const bool b_ok = b < nb;
-        const uint64_t tc = (tile0 + tile) * 64;  // in 16-byte units: 1 KiB per tile
-        T.wl = __ldcs(codes + tc + g * 4 + t);       // rows 0..7: 512 contiguous bytes per warp
-        T.wh = __ldcs(codes + tc + 32 + g * 4 + t);  // rows 8..15
-        const bool feeds_b = (g == t) && b_ok;
+        const uint4* c = code_lane + (uint64_t)tile * 64;  // 1 KiB per tile
+        T.wl = __ldcs(c);       // rows 0..7: 512 contiguous bytes per warp
+        T.wh = __ldcs(c + 32);  // rows 8..15
+        if (g == t) {
+            const uint4* xp = reinterpret_cast<const uint4*>(xs + (uint64_t)(tile * 4 + t) * 32);
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-            T.xv[q] = feeds_b ? reinterpret_cast<const uint4*>(xs + (uint64_t)b * 32)[q]
-                              : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const uint32_t bj = tile * 4 + 2 * t + j;
-            const bool ok = t < 2 && bj < nb;
-            const uint64_t ts = (tile0 + tile) * 64 + 2 * t + j;
-            T.s[j] = ok ? scales[ts + g * 4] : 0u;
-            T.s[2 + j] = ok ? scales[ts + (g + 8) * 4] : 0u;
-            T.xf[j] = ok ? xfs[bj] : 0.f;
+            for (int q = 0; q < 4; ++q) T.xv[q] = xp[q];
+        }
+        if (t < 2) {
+            const uint16_t* sp = scale_lane + (uint64_t)tile * 32;
+            T.s[0] = sp[0];       // row g
+            T.s[1] = sp[8 * 2];   // row g + 8
+            T.xf[0] = xfs[tile * 4 + 2 * t];
+            T.xf[1] = xfs[tile * 4 + 2 * t + 1];
         }
     };
 
     float acc_lo = 0.f, acc_hi = 0.f;
     Tile cur, nxt;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) cur.xv[q] = nxt.xv[q] = make_uint4(0, 0, 0, 0);
+    cur.s[0] = cur.s[1] = nxt.s[0] = nxt.s[1] = 0;
+    cur.xf[0] = cur.xf[1] = nxt.xf[0] = nxt.xf[1] = 0.f;
     if (warp < n_tiles && expert_ok) load(warp, cur);
     for (uint32_t tile = warp; expert_ok && tile < n_tiles; tile += n_warps) {
         if (tile + n_warps < n_tiles) load(tile + n_warps, nxt);
@@ -285,14 +299,12 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS)
             mma_16816(d, pl[2], ph[2], pl[3], ph[3], cur.xv[q].z, cur.xv[q].w);
         }
         // d[0], d[1]: row g, blocks tile*4 + 2t, +1; d[2], d[3]: row g+8. Lanes t >= 2 hold
-        // zeros and have zero factors.
+        // zeros. Padding blocks have zero codes and zero activation factors.
         if (t < 2) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                if (cur.xf[j] != 0.f) {
-                    acc_lo += d[j] * (e8m0_to_f32(cur.s[j]) * cur.xf[j]);
-                    acc_hi += d[2 + j] * (e8m0_to_f32(cur.s[2 + j]) * cur.xf[j]);
-                }
+                acc_lo += d[j] * (e8m0_finite_to_f32((cur.s[0] >> (8 * j)) & 0xFF) * cur.xf[j]);
+                acc_hi += d[2 + j] * (e8m0_finite_to_f32((cur.s[1] >> (8 * j)) & 0xFF) * cur.xf[j]);
             }
         }
         cur = nxt;

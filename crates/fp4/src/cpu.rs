@@ -140,11 +140,33 @@ impl CpuKernel {
 // Dequantization
 // ---------------------------------------------------------------------------------------------
 
-/// Rows per rayon task so that a task covers ~`target` bytes of weights.
-fn rows_per_task(rows: usize, row_bytes: usize, target: usize) -> usize {
-    let by_bytes = (target / row_bytes.max(1)).max(1);
-    let by_threads = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+/// Below this much work (≈ bytes streamed) a call runs inline on the calling thread: waking the
+/// rayon pool costs ~10–20 µs, more than such a call takes.
+const INLINE_WORK: usize = 256 << 10;
+
+/// Rows per rayon task: tasks of about `target` bytes of work and at least 4 per thread; all
+/// rows (i.e. run inline) when the total work is under [`INLINE_WORK`] or the pool has one
+/// thread.
+fn rows_per_task(rows: usize, row_work: usize, target: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if threads == 1 || rows.saturating_mul(row_work) < INLINE_WORK {
+        return rows.max(1);
+    }
+    let by_bytes = (target / row_work.max(1)).max(1);
+    let by_threads = rows.div_ceil(4 * threads).max(1);
     by_bytes.min(by_threads)
+}
+
+/// Calls `f(chunk_index, chunk)` over `out` split into chunks of `chunk` elements: inline if one
+/// chunk covers everything, else in parallel with rayon.
+fn for_chunks<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    if chunk >= out.len() {
+        f(0, out);
+    } else {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(ci, c)| f(ci, c));
+    }
 }
 
 /// Decodes one row of codes/scales into f32 (exact; values ≥ 2^128 become ±inf).
@@ -189,15 +211,14 @@ pub fn dequantize_into(m: MxMatrixRef<'_>, out: &mut [f32]) -> Result<(), Fp4Err
     if n == 0 || k == 0 {
         return Ok(());
     }
-    let rpt = rows_per_task(n, k / 2, 64 << 10);
-    out.par_chunks_mut(rpt * k)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            for (i, row) in chunk.chunks_exact_mut(k).enumerate() {
-                let r = ci * rpt + i;
-                dequantize_row(m.row_blocks(r), m.row_scales(r), row);
-            }
-        });
+    // Work ≈ bytes written.
+    let rpt = rows_per_task(n, 4 * k, 256 << 10);
+    for_chunks(out, rpt * k, |ci, chunk| {
+        for (i, row) in chunk.chunks_exact_mut(k).enumerate() {
+            let r = ci * rpt + i;
+            dequantize_row(m.row_blocks(r), m.row_scales(r), row);
+        }
+    });
     Ok(())
 }
 
@@ -223,19 +244,17 @@ pub fn dequantize_bf16_into(m: MxMatrixRef<'_>, out: &mut [bf16]) -> Result<(), 
     if n == 0 || k == 0 {
         return Ok(());
     }
-    let rpt = rows_per_task(n, k / 2, 64 << 10);
-    out.par_chunks_mut(rpt * k)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let mut tmp = vec![0f32; k];
-            for (i, row) in chunk.chunks_exact_mut(k).enumerate() {
-                let r = ci * rpt + i;
-                dequantize_row(m.row_blocks(r), m.row_scales(r), &mut tmp);
-                for (o, &v) in row.iter_mut().zip(&tmp) {
-                    *o = bf16::from_f32(v);
-                }
+    let rpt = rows_per_task(n, 4 * k, 256 << 10);
+    for_chunks(out, rpt * k, |ci, chunk| {
+        let mut tmp = vec![0f32; k];
+        for (i, row) in chunk.chunks_exact_mut(k).enumerate() {
+            let r = ci * rpt + i;
+            dequantize_row(m.row_blocks(r), m.row_scales(r), &mut tmp);
+            for (o, &v) in row.iter_mut().zip(&tmp) {
+                *o = bf16::from_f32(v);
             }
-        });
+        }
+    });
     Ok(())
 }
 
@@ -283,7 +302,8 @@ pub fn gemv_bf16(w: MxMatrixRef<'_>, x: &[bf16], y: &mut [f32]) -> Result<(), Fp
 
 /// Small-batch GEMM: `x` is `[batch, K]` row-major, `y` is `[batch, N]` row-major,
 /// `y[t, r] = Σ_k W[r, k] · x[t, k]`, for `batch` in `1..=16`. Each weight block is decoded once
-/// and used for all batch rows.
+/// and used for all batch rows. Row `t` of the result is bit-identical to [`gemv`] of `x[t]`
+/// (same kernel): the batch size never changes the order of operations.
 ///
 /// Errors: [`Fp4Error::BatchOutOfRange`] for batch 0 or > 16; [`Fp4Error::LengthMismatch`] if
 /// `x.len() != batch · K` or `y.len() != batch · N`.
@@ -365,7 +385,8 @@ fn gemm_impl<A: Act>(
         return Ok(());
     }
     let xs = prepare_x(kernel, x, k);
-    let rpt = rows_per_task(n, k / 2 + k / BLOCK, 32 << 10);
+    // Work per row ≈ weight bytes, times a batch factor (batch 16 costs ~10× batch 1).
+    let rpt = rows_per_task(n, (k / 2 + k / BLOCK) * (batch + 1) / 2, 64 << 10);
     if batch == 1 {
         run_chunks(kernel, w, &xs, 1, y, rpt);
     } else {
@@ -411,13 +432,9 @@ fn run_chunks(
     out: &mut [f32],
     rpt: usize,
 ) {
-    if rpt >= w.rows() {
-        run_rows(kernel, w, 0, xs, batch, out);
-    } else {
-        out.par_chunks_mut(rpt * batch)
-            .enumerate()
-            .for_each(|(ci, chunk)| run_rows(kernel, w, ci * rpt, xs, batch, chunk));
-    }
+    for_chunks(out, rpt * batch, |ci, chunk| {
+        run_rows(kernel, w, ci * rpt, xs, batch, chunk)
+    });
 }
 
 macro_rules! with_batch {

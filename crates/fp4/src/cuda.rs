@@ -96,7 +96,8 @@ pub enum Activations<'a> {
     Bf16(&'a CudaSlice<bf16>),
 }
 
-/// Device scratch for the GEMV's prepared activations (fp16 values + per-block factors).
+/// Device scratch for the GEMV's prepared activations (fp16 values + per-block factors), rows
+/// padded with zeros to whole 128-value tiles.
 pub struct GemvScratch {
     xh: CudaSlice<f16>,
     xf: CudaSlice<f32>,
@@ -120,6 +121,11 @@ const THREADS: u32 = 256;
 /// Warps the GEMV aims to keep resident per SM (bytes in flight hide DRAM latency).
 const GEMV_TARGET_WARPS_PER_SM: usize = 48;
 const GEMV_MAX_WARPS: usize = 16;
+
+/// K rounded up to the GEMV's 128-value tiles (the prepared activations' row length).
+fn padded_k(k: usize) -> usize {
+    k.div_ceil(tiled::TILE_BLOCKS * BLOCK) * tiled::TILE_BLOCKS * BLOCK
+}
 
 fn grid_for(items: usize, sm_count: u32) -> u32 {
     let blocks = items.div_ceil(THREADS as usize).max(1);
@@ -238,9 +244,10 @@ impl Mxfp4Gpu {
         if k % BLOCK != 0 {
             return Err(Fp4Error::KNotMultipleOfBlock { k }.into());
         }
+        let k_pad = padded_k(k);
         Ok(GemvScratch {
-            xh: self.stream.alloc_zeros::<f16>(rows * k)?,
-            xf: self.stream.alloc_zeros::<f32>(rows * k / BLOCK)?,
+            xh: self.stream.alloc_zeros::<f16>(rows * k_pad)?,
+            xf: self.stream.alloc_zeros::<f32>(rows * k_pad / BLOCK)?,
             rows,
             k,
             prepared_rows: 0,
@@ -261,7 +268,11 @@ impl Mxfp4Gpu {
                 scratch.rows, scratch.k
             )));
         }
-        let n_values = x_len as u64;
+        let (rows, k, k_pad) = (
+            (x_len / scratch.k) as u32,
+            scratch.k as u32,
+            padded_k(scratch.k) as u32,
+        );
         let cfg = LaunchConfig {
             grid_dim: (grid_for(x_len / 8, self.sm_count), 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -279,7 +290,11 @@ impl Mxfp4Gpu {
                 b
             }
         };
-        b.arg(&n_values).arg(&mut scratch.xh).arg(&mut scratch.xf);
+        b.arg(&rows)
+            .arg(&k)
+            .arg(&k_pad)
+            .arg(&mut scratch.xh)
+            .arg(&mut scratch.xf);
         // SAFETY: argument types match `mxfp4_prep_act_{f32,bf16}`; scratch size checked above.
         unsafe { b.launch(cfg) }?;
         scratch.prepared_rows = x_len / scratch.k;
@@ -328,7 +343,7 @@ impl Mxfp4Gpu {
             shared_mem_bytes: 0,
         };
         let (n_experts, n, k) = (w.experts as u32, w.rows as u32, w.k as u32);
-        let x_stride: u32 = if x_rows == 1 { 0 } else { k };
+        let x_stride: u32 = if x_rows == 1 { 0 } else { padded_k(w.k) as u32 };
         let mut b = self.stream.launch_builder(&self.gemv);
         b.arg(&w.blocks)
             .arg(&w.scales)
