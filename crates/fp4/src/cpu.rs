@@ -661,7 +661,6 @@ unsafe fn avx2_group<const B: usize, const R: usize>(
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[clippy::msrv = "1.89"] // see avx512_group
 unsafe fn avx512_rows<const B: usize>(
     codes: &[u8],
     scales: &[u8],
@@ -703,7 +702,6 @@ unsafe fn avx512_rows<const B: usize>(
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // t indexes both xs and acc[g]
-#[clippy::msrv = "1.89"] // AVX-512 intrinsics and target features are stable since Rust 1.89
 unsafe fn avx512_group<const B: usize, const R: usize>(
     codes: &[u8],
     scales: &[u8],

@@ -60,7 +60,7 @@ impl DeviceMxExperts {
         rows: usize,
         k: usize,
     ) -> Result<Self, GpuError> {
-        if k % BLOCK != 0 {
+        if !k.is_multiple_of(BLOCK) {
             return Err(Fp4Error::KNotMultipleOfBlock { k }.into());
         }
         let shape = TiledShape { experts, rows, k };
@@ -241,7 +241,7 @@ impl Mxfp4Gpu {
     /// Scratch for activations of `rows` × `k` (rows = 1 for a shared activation, or the number of
     /// slots for per-slot activations).
     pub fn scratch(&self, rows: usize, k: usize) -> Result<GemvScratch, GpuError> {
-        if k % BLOCK != 0 {
+        if !k.is_multiple_of(BLOCK) {
             return Err(Fp4Error::KNotMultipleOfBlock { k }.into());
         }
         let k_pad = padded_k(k);
@@ -382,24 +382,34 @@ impl Mxfp4Gpu {
     }
 }
 
+/// f32 roundings on the longest path through [`Mxfp4Gpu::gemv`], in units of u = 2^-24, for the
+/// error model of [`crate::cpu::dot_error_bound`]: rounding an f32 activation to fp16 (relative
+/// 2^-11 = 8192 u; none for bf16 activations, which fp16 holds exactly after the power-of-two
+/// block scaling); then, doubled because tensor-core accumulation need not round to nearest, 32
+/// additions inside a block (8 chained mma of 4 products per column), the scale multiply-add into
+/// the lane sum for each of the K/32 blocks, one shuffle and ≤ 16 warp partials.
+pub fn gemv_roundings(k: usize, bf16_activations: bool) -> usize {
+    let activation = if bf16_activations { 0 } else { 8192 };
+    activation + 2 * (BLOCK + k / BLOCK + 1 + 16)
+}
+
 /// The per-row error bound of [`Mxfp4Gpu::gemv`] against the exact result:
-/// `(a + K·2^-23)·Σ_k |w_k·x_k|`, with `a = 2^-11` for f32 activations (rounded to 11
-/// significant bits) and `a = 0` when the activations are bf16 values (converted exactly).
+/// [`crate::cpu::dot_error_bound`] with [`gemv_roundings`], plus the fp16 subnormal rounding of
+/// activations far below their block's maximum (absolute error ≤ amax_b · 2^-39 each, since the
+/// block is scaled so that amax_b lands in [2^14, 2^15)).
 pub fn gemv_error_bound(w: MxMatrixRef<'_>, x: &[f32], bf16_activations: bool) -> Vec<f64> {
-    let rounding = if bf16_activations {
-        0.0
-    } else {
-        2f64.powi(-11)
-    };
-    let accumulation = w.k() as f64 * 2f64.powi(-23);
-    (0..w.rows())
-        .map(|r| {
-            let abs: f64 = x
-                .iter()
-                .enumerate()
-                .map(|(c, &xv)| (w.get_f64(r, c) * xv as f64).abs())
-                .sum();
-            (rounding + accumulation) * abs
+    let relative = crate::cpu::dot_error_bound(w, x, gemv_roundings(w.k(), bf16_activations));
+    relative
+        .into_iter()
+        .enumerate()
+        .map(|(r, bound)| {
+            let mut subnormal = 0f64;
+            for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                let wsum: f64 = (0..BLOCK).map(|i| w.get_f64(r, b * BLOCK + i).abs()).sum();
+                subnormal += amax * wsum;
+            }
+            bound + subnormal * 2f64.powi(-39)
         })
         .collect()
 }

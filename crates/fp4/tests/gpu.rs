@@ -77,17 +77,25 @@ fn dequantize_is_exact_for_every_scale_byte() {
     }
 }
 
-/// GEMV of `slots` random experts of a stack against the f64 reference, with the documented bound.
-fn check_gemv(
-    stream: &Arc<CudaStream>,
-    gpu: &Mxfp4Gpu,
-    rng: &mut ChaCha8Rng,
+/// A GEMV case: `slots` random experts of a stack of `experts` matrices of `rows × k`, with one
+/// shared activation or one per slot.
+struct Case {
     experts: usize,
     rows: usize,
     k: usize,
     slots: usize,
     per_slot_x: bool,
-) {
+}
+
+/// Runs `case` against the f64 reference, with the documented bound.
+fn check_gemv(stream: &Arc<CudaStream>, gpu: &Mxfp4Gpu, rng: &mut ChaCha8Rng, case: Case) {
+    let Case {
+        experts,
+        rows,
+        k,
+        slots,
+        per_slot_x,
+    } = case;
     let (blocks, scales) = random_experts(rng, experts, rows, k, 110..=140);
     let stack = MxExpertsRef::new(experts, rows, k, &blocks, &scales).unwrap();
     let w = gpu.upload(stack).unwrap();
@@ -147,7 +155,18 @@ fn gemv_gpt_oss_20b_gate_up_4_of_32_experts() {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
-    check_gemv(&stream, &gpu, &mut rng, 32, 5760, 2880, 4, false);
+    check_gemv(
+        &stream,
+        &gpu,
+        &mut rng,
+        Case {
+            experts: 32,
+            rows: 5760,
+            k: 2880,
+            slots: 4,
+            per_slot_x: false,
+        },
+    );
 }
 
 #[test]
@@ -156,7 +175,18 @@ fn gemv_gpt_oss_20b_down_4_of_32_experts_per_slot_activations() {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
-    check_gemv(&stream, &gpu, &mut rng, 32, 2880, 2880, 4, true);
+    check_gemv(
+        &stream,
+        &gpu,
+        &mut rng,
+        Case {
+            experts: 32,
+            rows: 2880,
+            k: 2880,
+            slots: 4,
+            per_slot_x: true,
+        },
+    );
 }
 
 #[test]
@@ -167,8 +197,16 @@ fn gemv_ragged_shapes() {
     let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
     // Rows not a multiple of 16, K not a multiple of the 128-value tile, tiny K.
     for (rows, k) in [(100, 96), (17, 32), (33, 160), (1, 2880), (300, 4128)] {
-        check_gemv(&stream, &gpu, &mut rng, 3, rows, k, 2, true);
-        check_gemv(&stream, &gpu, &mut rng, 3, rows, k, 3, false);
+        for (slots, per_slot_x) in [(2, true), (3, false)] {
+            let case = Case {
+                experts: 3,
+                rows,
+                k,
+                slots,
+                per_slot_x,
+            };
+            check_gemv(&stream, &gpu, &mut rng, case);
+        }
     }
 }
 
