@@ -188,11 +188,12 @@ impl Mxfp4Gpu {
         Ok(want / 8)
     }
 
-    /// Decodes every expert to f32, `[E, N, K]`. Exact (values beyond the f32 range become ±inf).
-    pub fn dequantize_f32(
+    /// Launches one of the dequantize kernels (`[E, N, K]` of `T` out, tiled weights in).
+    fn dequantize_with<T>(
         &self,
+        kernel: &CudaFunction,
         w: &DeviceMxExperts,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let n_words = Self::check_dequant_out(w, out.len())?;
         let cfg = LaunchConfig {
@@ -200,17 +201,27 @@ impl Mxfp4Gpu {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.dequant_f32);
         let (e, n, k) = (w.experts as u32, w.rows as u32, w.k as u32);
+        let mut b = self.stream.launch_builder(kernel);
         b.arg(&w.blocks)
             .arg(&w.scales)
             .arg(&e)
             .arg(&n)
             .arg(&k)
             .arg(out);
-        // SAFETY: argument types match `mxfp4_dequant_f32`; lengths checked above.
+        // SAFETY: both dequantize kernels take (blocks, scales, E, N, K, out) with `out` of the
+        // callers' element type; the output length was checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
+    }
+
+    /// Decodes every expert to f32, `[E, N, K]`. Exact (values beyond the f32 range become ±inf).
+    pub fn dequantize_f32(
+        &self,
+        w: &DeviceMxExperts,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        self.dequantize_with(&self.dequant_f32, w, out)
     }
 
     /// Decodes every expert to bf16, `[E, N, K]` (exact: E2M1 × 2^k fits bf16).
@@ -219,23 +230,7 @@ impl Mxfp4Gpu {
         w: &DeviceMxExperts,
         out: &mut CudaSlice<bf16>,
     ) -> Result<(), GpuError> {
-        let n_words = Self::check_dequant_out(w, out.len())?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid_for(n_words, self.sm_count), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&self.dequant_bf16);
-        let (e, n, k) = (w.experts as u32, w.rows as u32, w.k as u32);
-        b.arg(&w.blocks)
-            .arg(&w.scales)
-            .arg(&e)
-            .arg(&n)
-            .arg(&k)
-            .arg(out);
-        // SAFETY: argument types match `mxfp4_dequant_bf16`; lengths checked above.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        self.dequantize_with(&self.dequant_bf16, w, out)
     }
 
     /// Scratch for activations of `rows` × `k` (rows = 1 for a shared activation, or the number of

@@ -149,44 +149,32 @@ fn check_gemv(stream: &Arc<CudaStream>, gpu: &Mxfp4Gpu, rng: &mut ChaCha8Rng, ca
     }
 }
 
-#[test]
-fn gemv_gpt_oss_20b_gate_up_4_of_32_experts() {
-    let Some((stream, gpu)) = setup("gemv_gpt_oss_20b_gate_up_4_of_32_experts") else {
+/// One gpt-oss-20b expert GEMV case on a fresh random seed (printed, for reproduction).
+fn gpt_oss_case(test: &str, rows: usize, per_slot_x: bool) {
+    let Some((stream, gpu)) = setup(test) else {
         return;
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
-    check_gemv(
-        &stream,
-        &gpu,
-        &mut rng,
-        Case {
-            experts: 32,
-            rows: 5760,
-            k: 2880,
-            slots: 4,
-            per_slot_x: false,
-        },
-    );
+    let seed: u64 = rand::random();
+    eprintln!("{test}: seed {seed}");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let case = Case {
+        experts: 32,
+        rows,
+        k: 2880,
+        slots: 4,
+        per_slot_x,
+    };
+    check_gemv(&stream, &gpu, &mut rng, case);
+}
+
+#[test]
+fn gemv_gpt_oss_20b_gate_up_4_of_32_experts() {
+    gpt_oss_case("gemv_gpt_oss_20b_gate_up_4_of_32_experts", 5760, false);
 }
 
 #[test]
 fn gemv_gpt_oss_20b_down_4_of_32_experts_per_slot_activations() {
-    let Some((stream, gpu)) = setup("gemv_gpt_oss_20b_down_4_of_32_experts") else {
-        return;
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
-    check_gemv(
-        &stream,
-        &gpu,
-        &mut rng,
-        Case {
-            experts: 32,
-            rows: 2880,
-            k: 2880,
-            slots: 4,
-            per_slot_x: true,
-        },
-    );
+    gpt_oss_case("gemv_gpt_oss_20b_down_4_of_32_experts", 2880, true);
 }
 
 #[test]

@@ -58,7 +58,7 @@ pub const ALL: &[KernelImage] = &[MXFP4, BENCH];
 /// Why no GPU can be used.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuUnavailable {
-    #[error("no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver, or use --device cpu)")]
+    #[error("no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver; the CPU paths need none)")]
     NoDriver,
     #[error("CUDA driver present but device {ordinal} cannot be opened: {source}")]
     NoDevice {
@@ -127,7 +127,10 @@ pub fn gpu_for_test(test: &str) -> Option<Arc<CudaContext>> {
             if std::env::var("ULTRA_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("{test}: GPU required (ULTRA_REQUIRE_GPU=1) but unavailable: {why}");
             }
-            eprintln!("SKIPPED {test}: {why}");
+            // Straight to the process's stderr, past the test harness's output capture, so the
+            // skip is visible in a plain `cargo test` run.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
             None
         }
     }
