@@ -20,6 +20,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod footprint;
+pub mod quantize;
 pub mod sampling;
 pub mod spec;
 pub mod tokenizer;

@@ -1,0 +1,157 @@
+//! `model::quantize` on a synthetic gpt-oss-shaped checkpoint: the MXFP4 tensors equal `fp4`'s
+//! quantization of the transposed experts, everything else is copied byte for byte, and bad
+//! inputs are refused with errors naming the file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fp4::ScaleRounding;
+use model::quantize::{quantize_checkpoint, QuantizeError};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "ultra-quantize-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+        .collect()
+}
+
+/// A 1-layer checkpoint: experts [E=3, H=64, 2I=64] and [E, I=32, H], a router, a norm.
+fn write_checkpoint(dir: &Path, model_type: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut tensors = HashMap::new();
+    for (name, shape) in [
+        ("model.layers.0.mlp.experts.gate_up_proj", vec![3, 64, 64]),
+        ("model.layers.0.mlp.experts.down_proj", vec![3, 32, 64]),
+        ("model.layers.0.mlp.router.weight", vec![3, 64]),
+        ("model.norm.weight", vec![64]),
+    ] {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| half::bf16::from_f32(rng.random_range(-0.5..0.5)).to_f32())
+            .collect();
+        tensors.insert(name.to_string(), (shape, v));
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, (s, v))| (k.clone(), s.clone(), bf16_bytes(v)))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::BF16, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        format!(r#"{{"model_type": "{model_type}", "hidden_size": 64}}"#),
+    )
+    .unwrap();
+    std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+    tensors
+}
+
+#[test]
+fn experts_become_mxfp4_and_the_rest_is_copied() {
+    let input = temp_dir("in");
+    let output = temp_dir("out").join("q");
+    let tensors = write_checkpoint(&input, "gpt_oss");
+    let report = quantize_checkpoint(&input, &output, ScaleRounding::Up).unwrap();
+    assert_eq!(report.tensors_quantized, 2);
+    assert_eq!(report.tensors_copied, 2);
+    assert!(report.max_relative_error > 0.0 && report.max_relative_error < 0.25);
+
+    let bytes = std::fs::read(output.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for (name, (e, k, n)) in [
+        ("model.layers.0.mlp.experts.gate_up_proj", (3, 64, 64)),
+        ("model.layers.0.mlp.experts.down_proj", (3, 32, 64)),
+    ] {
+        let blocks = st.tensor(&format!("{name}_blocks")).unwrap();
+        let scales = st.tensor(&format!("{name}_scales")).unwrap();
+        assert_eq!(blocks.shape(), &[e, n, k / 32, 16]);
+        assert_eq!(scales.shape(), &[e, n, k / 32]);
+        assert_eq!(blocks.dtype(), Dtype::U8);
+        let src = &tensors[name].1;
+        for x in 0..e {
+            let mut rows = vec![0f32; n * k];
+            for i in 0..k {
+                for o in 0..n {
+                    rows[o * k + i] = src[x * k * n + i * n + o];
+                }
+            }
+            let q = fp4::quantize_matrix(&rows, n, k, ScaleRounding::Up).unwrap();
+            let per_b = n * k / 2;
+            let per_s = n * k / 32;
+            assert_eq!(&blocks.data()[x * per_b..(x + 1) * per_b], &q.blocks[..]);
+            assert_eq!(&scales.data()[x * per_s..(x + 1) * per_s], &q.scales[..]);
+        }
+        assert!(st.tensor(name).is_err(), "{name} must be replaced");
+    }
+    for name in ["model.layers.0.mlp.router.weight", "model.norm.weight"] {
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.data(), &bf16_bytes(&tensors[name].1)[..]);
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(output.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["quantization_config"]["quant_method"], "mxfp4");
+    assert!(output.join("tokenizer.json").exists());
+    // Quantizing the output again is refused.
+    let again = quantize_checkpoint(&output, &temp_dir("again").join("q"), ScaleRounding::Up);
+    assert!(matches!(again, Err(QuantizeError::Invalid { .. })));
+}
+
+#[test]
+fn bad_inputs_are_refused_with_the_path() {
+    let qwen = temp_dir("qwen");
+    write_checkpoint(&qwen, "qwen3_moe");
+    let err = quantize_checkpoint(&qwen, &temp_dir("o1").join("q"), ScaleRounding::Floor)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("qwen3_moe"),
+        "{err}"
+    );
+
+    let empty = temp_dir("empty");
+    let err = quantize_checkpoint(&empty, &temp_dir("o2").join("q"), ScaleRounding::Floor)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+
+    let ok = temp_dir("ok");
+    write_checkpoint(&ok, "gpt_oss");
+    let busy = temp_dir("busy");
+    std::fs::write(busy.join("x"), "x").unwrap();
+    let err = quantize_checkpoint(&ok, &busy, ScaleRounding::Floor)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not empty"), "{err}");
+
+    let truncated = temp_dir("trunc");
+    write_checkpoint(&truncated, "gpt_oss");
+    let p = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let err = quantize_checkpoint(&truncated, &temp_dir("o3").join("q"), ScaleRounding::Floor)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+}
