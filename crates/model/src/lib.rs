@@ -8,6 +8,8 @@
 //!   the file and tensor;
 //! * [`spec`]: the per-layer model spec and the expected tensor list (name, shape, dtypes) that
 //!   every tensor is checked against before use;
+//! * [`load`]: checkpoint directory → `(ModelConfig, Weights)` ([`load::load`],
+//!   [`load::load_config`]), converting to the [`weights`] conventions;
 //! * [`weights`]: the typed in-memory weights the executors consume;
 //! * [`cpu`]: the CPU reference executor (prefill, decode, verify, truncate) — the embedded default
 //!   and the oracle for every GPU path;
@@ -21,6 +23,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod footprint;
+pub mod load;
 pub mod quantize;
 pub mod sampling;
 pub mod spec;

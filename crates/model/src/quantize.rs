@@ -233,7 +233,7 @@ pub fn quantize_checkpoint(
                     format!("tensor {name}: expected [E, in, out], got {:?}", t.shape()),
                 ));
             };
-            if k % BLOCK != 0 {
+            if !k.is_multiple_of(BLOCK) {
                 return Err(invalid(
                     path,
                     format!("tensor {name}: input dimension {k} is not a multiple of 32"),
@@ -345,7 +345,7 @@ fn write_safetensors(path: &Path, tensors: &[OutTensor<'_>]) -> Result<u64, Quan
     obj.insert("__metadata__".into(), json!({"format": "pt"}));
     obj.extend(header);
     let mut head = serde_json::to_string(&Value::Object(obj)).expect("JSON serializes");
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(' ');
     }
     let file = File::create(path).map_err(io(path))?;

@@ -1,1 +1,983 @@
-//! (in progress)
+//! Token sampling and stop handling.
+//!
+//! * [`SamplingParams`]: the per-request knobs a vLLM / llama.cpp user expects (temperature,
+//!   top-k, top-p, min-p, repetition penalty, seed, max tokens, stop token ids, stop strings,
+//!   `ignore_eos`), with [`SamplingParams::validate`].
+//! * [`Sampler`]: turns one row of logits into a token id. Processors run in the HF / vLLM order
+//!   **repetition penalty → temperature → top-k → top-p → min-p → sample**. All arithmetic after
+//!   reading the `f32` logits is done in `f64`. A seeded sampler is deterministic: the same seed,
+//!   parameters, logits and history always give the same tokens.
+//! * [`log_softmax`], [`logprob_of`], [`logsumexp`], [`top_logprobs`]: `f64`-accumulated helpers
+//!   used for scoring (`ultra score`) and for OpenAI-style `logprobs`.
+//! * [`StopChecker`]: fed one token and its decoded text delta at a time, decides whether
+//!   generation stops (EOS / stop token / stop string / length) and which text is safe to stream.
+//!   Text that could be the beginning of a stop string is held back until it is known not to be.
+//!
+//! Non-finite logits never panic: `NaN` is treated as `-inf`, `+inf` as `f32::MAX`. When no logit
+//! is finite, [`Sampler::try_sample`] returns [`SamplingError::NoFiniteLogits`] and
+//! [`Sampler::sample`] falls back to token 0 (documented there).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
+/// Default for [`SamplingParams::max_tokens`].
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// Temperatures below this are treated as greedy (vLLM's `_SAMPLING_EPS`).
+pub const GREEDY_TEMPERATURE_EPS: f32 = 1e-5;
+
+/// Relative tolerance used by top-p: a nucleus whose mass is within this factor of `top_p` counts
+/// as having reached it (so `top_p = 0.8` over probabilities `[0.5, 0.3, 0.2]` keeps two tokens
+/// even though `0.8f32` is slightly above `0.8`).
+const TOP_P_REL_TOL: f64 = 1e-6;
+
+/// Errors from [`SamplingParams::validate`] and [`Sampler::try_sample`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    InvalidTemperature(f32),
+    #[error("top_k must be >= 1 (leave it unset to disable it), got 0")]
+    InvalidTopK,
+    #[error("top_p must be in (0, 1], got {0}")]
+    InvalidTopP(f32),
+    #[error("min_p must be in [0, 1], got {0}")]
+    InvalidMinP(f32),
+    #[error("repetition_penalty must be a finite number > 0, got {0}")]
+    InvalidRepetitionPenalty(f32),
+    #[error("max_tokens must be >= 1")]
+    InvalidMaxTokens,
+    #[error("stop strings must not be empty")]
+    EmptyStopString,
+    #[error("cannot sample from an empty logits row")]
+    EmptyLogits,
+    #[error("no finite logit to sample from (all logits are -inf or NaN)")]
+    NoFiniteLogits,
+}
+
+/// Per-request sampling parameters. [`Default`] is greedy decoding of up to
+/// [`DEFAULT_MAX_TOKENS`] tokens with no stops besides the model's EOS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0` (or anything below [`GREEDY_TEMPERATURE_EPS`]) means greedy.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (all tokens tied with the k-th are kept, as in HF).
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set of most likely tokens whose probability mass
+    /// reaches `top_p`. `1.0` disables it.
+    pub top_p: Option<f32>,
+    /// Keep only tokens whose probability is at least `min_p` times the top probability.
+    pub min_p: Option<f32>,
+    /// HF repetition penalty: the logit of every token in the history is divided by the penalty
+    /// when positive and multiplied by it when negative (each distinct token once).
+    pub repetition_penalty: Option<f32>,
+    /// RNG seed; `None` seeds from the OS.
+    pub seed: Option<u64>,
+    /// Maximum number of generated tokens.
+    pub max_tokens: usize,
+    /// Extra token ids that stop generation (in addition to EOS). Their text is not emitted.
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that stop generation. The stop string itself is not emitted.
+    pub stop_strings: Vec<String>,
+    /// Do not stop at the model's EOS token(s) (`stop_token_ids` still apply).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: None,
+            seed: None,
+            max_tokens: DEFAULT_MAX_TOKENS,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding (the default).
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+
+    /// Whether these parameters select greedy (argmax) decoding.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE_EPS
+    }
+
+    /// Checks every field; NaN is rejected everywhere.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let t = self.temperature;
+        if !t.is_finite() || t < 0.0 {
+            return Err(SamplingError::InvalidTemperature(t));
+        }
+        if self.top_k == Some(0) {
+            return Err(SamplingError::InvalidTopK);
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(SamplingError::InvalidTopP(p));
+            }
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(SamplingError::InvalidMinP(p));
+            }
+        }
+        if let Some(p) = self.repetition_penalty {
+            if !(p.is_finite() && p > 0.0) {
+                return Err(SamplingError::InvalidRepetitionPenalty(p));
+            }
+        }
+        if self.max_tokens == 0 {
+            return Err(SamplingError::InvalidMaxTokens);
+        }
+        if self.stop_strings.iter().any(|s| s.is_empty()) {
+            return Err(SamplingError::EmptyStopString);
+        }
+        Ok(())
+    }
+}
+
+/// Reads one logit as `f64`: `NaN → -inf`, `+inf → f32::MAX`.
+#[inline]
+fn sanitize(x: f32) -> f64 {
+    if x.is_nan() {
+        f64::NEG_INFINITY
+    } else if x == f32::INFINITY {
+        f32::MAX as f64
+    } else {
+        x as f64
+    }
+}
+
+/// Descending by value, ties by ascending id (a total order: values are never NaN here).
+#[inline]
+fn desc(a: &(f64, u32), b: &(f64, u32)) -> Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// A sampling candidate: scaled logit `y = (x − max) / T ≤ 0`, weight `w = exp(y)`, token id.
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    y: f32,
+    w: f32,
+    id: u32,
+}
+
+/// Number of histogram bins top-p uses over `y ∈ [−TOP_P_RANGE, 0]` (plus one overflow bin).
+const TOP_P_BINS: usize = 1024;
+const TOP_P_RANGE: f32 = 32.0;
+
+/// Turns logits into token ids according to a [`SamplingParams`].
+///
+/// One sampler per sequence: it owns the sequence's RNG stream. Buffers are reused between
+/// calls, so steady-state sampling does not allocate. Cost is linear in the vocabulary (no full
+/// sort, also for top-p): one pass to read the logits, one `exp` per candidate (a vectorised
+/// `f32` exp with ≤ 2 ulp error, as precise as HF's `f32` softmax), sums in `f64`.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha20Rng,
+    work: Vec<f32>,
+    weights: Vec<f32>,
+    cand: Vec<Cand>,
+    mark: Vec<u32>,
+    stamp: u32,
+    bins: Vec<u16>,
+    bin_mass: Vec<f64>,
+}
+
+impl Sampler {
+    /// Validates `params` and builds a sampler whose ChaCha20 RNG is seeded from `params.seed`
+    /// (from the OS when `None`).
+    pub fn new(params: &SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(s) => ChaCha20Rng::seed_from_u64(s),
+            None => ChaCha20Rng::from_os_rng(),
+        };
+        Ok(Sampler {
+            params: params.clone(),
+            rng,
+            work: Vec::new(),
+            weights: Vec::new(),
+            cand: Vec::new(),
+            mark: Vec::new(),
+            stamp: 0,
+            bins: Vec::new(),
+            bin_mass: Vec::new(),
+        })
+    }
+
+    /// The parameters this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Samples one token id. `history` is every token the repetition penalty looks at (prompt and
+    /// generated so far, as in HF / vLLM); ids outside the vocabulary are ignored.
+    ///
+    /// **Fallback:** when `logits` is empty or holds no finite value (all `-inf` / `NaN`) this
+    /// returns token `0`; use [`Sampler::try_sample`] to get an error instead.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.try_sample(logits, history).unwrap_or(0)
+    }
+
+    /// Like [`Sampler::sample`] but reports [`SamplingError::EmptyLogits`] /
+    /// [`SamplingError::NoFiniteLogits`] instead of falling back.
+    pub fn try_sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32, SamplingError> {
+        if logits.is_empty() {
+            return Err(SamplingError::EmptyLogits);
+        }
+        let n = logits.len();
+        // Read the logits: NaN → -inf, +inf → f32::MAX.
+        self.work.clear();
+        self.work.extend(logits.iter().map(|&x| {
+            if x.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                x.min(f32::MAX)
+            }
+        }));
+
+        // 1. Repetition penalty (each distinct token once; `mark` stamps the tokens done).
+        if let Some(p) = self.params.repetition_penalty {
+            if p != 1.0 && !history.is_empty() {
+                if self.mark.len() != n {
+                    self.mark.clear();
+                    self.mark.resize(n, 0);
+                    self.stamp = 0;
+                }
+                self.stamp = self.stamp.wrapping_add(1);
+                if self.stamp == 0 {
+                    self.mark.fill(0);
+                    self.stamp = 1;
+                }
+                for &t in history {
+                    let t = t as usize;
+                    if t < n && self.mark[t] != self.stamp {
+                        self.mark[t] = self.stamp;
+                        let v = &mut self.work[t];
+                        *v = if *v < 0.0 { *v * p } else { *v / p };
+                    }
+                }
+            }
+        }
+
+        let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return Err(SamplingError::NoFiniteLogits);
+        }
+
+        // Greedy: argmax, ties → lowest id.
+        if self.params.is_greedy() {
+            let id = self.work.iter().position(|&v| v == max).unwrap_or(0);
+            return Ok(id as u32);
+        }
+
+        // 2. Temperature (applied to x − max, so nothing overflows), weights w = exp(y).
+        let inv_t = 1.0 / self.params.temperature;
+        let min_p = self.params.min_p.filter(|&m| m > 0.0);
+        let top_p = self.params.top_p.filter(|&p| p < 1.0);
+        match self.params.top_k {
+            // 3. Top-k: keep every token whose logit is >= the k-th largest (HF keeps ties).
+            // The survivors are few: materialise them and filter the list.
+            Some(k) if k < n => {
+                let thr = kth_largest(&self.work, k, &mut self.weights);
+                self.cand.clear();
+                for (i, &x) in self.work.iter().enumerate() {
+                    if x >= thr {
+                        let y = (x - max) * inv_t;
+                        let w = exp_f32(y);
+                        if w > 0.0 {
+                            self.cand.push(Cand { y, w, id: i as u32 });
+                        }
+                    }
+                }
+                // 4. Top-p.
+                if let Some(p) = top_p {
+                    top_p_filter(&mut self.cand, p as f64, &mut self.bin_mass);
+                }
+                // 5. Min-p: p_i >= min_p · p_max  ⇔  w_i >= min_p · w_max (w_max = 1: the
+                // argmax survives every filter and has y = 0).
+                if let Some(mp) = min_p {
+                    self.cand.retain(|c| c.w >= mp);
+                }
+                // 6. Draw.
+                let total: f64 = self.cand.iter().map(|c| c.w as f64).sum();
+                let u = self.rng.random::<f64>() * total;
+                let mut acc = 0.0f64;
+                for c in &self.cand {
+                    acc += c.w as f64;
+                    if u < acc {
+                        return Ok(c.id);
+                    }
+                }
+                // Rounding left `u` at the very top of the mass: the last candidate.
+                Ok(self.cand.last().map_or(0, |c| c.id))
+            }
+            // Full vocabulary: work on dense arrays, no per-token list.
+            _ => {
+                self.weights.clear();
+                self.weights
+                    .extend(self.work.iter().map(|&x| exp_f32((x - max) * inv_t)));
+                // 4. Top-p: dense histogram; `crossing` bins and above are cut, except the
+                // sorted survivors of the crossing bin in `cand`.
+                let mut crossing = u16::MAX;
+                self.cand.clear();
+                if let Some(p) = top_p {
+                    crossing = top_p_dense(
+                        &self.work,
+                        &self.weights,
+                        max,
+                        inv_t,
+                        p as f64,
+                        &mut self.bins,
+                        &mut self.bin_mass,
+                        &mut self.cand,
+                    );
+                }
+                // 5. Min-p (w_max = 1, see above). Excluded tokens get weight 0, which the draw
+                // can never land on.
+                let wmin = min_p.unwrap_or(0.0);
+                if top_p.is_some() {
+                    for (w, &b) in self.weights.iter_mut().zip(&self.bins) {
+                        *w = if b < crossing && *w >= wmin { *w } else { 0.0 };
+                    }
+                } else if wmin > 0.0 {
+                    for w in self.weights.iter_mut() {
+                        *w = if *w >= wmin { *w } else { 0.0 };
+                    }
+                }
+                self.cand.retain(|c| c.w >= wmin);
+                // 6. Draw: dense part in id order, then the crossing-bin survivors.
+                let dense_total = sum_f64(&self.weights);
+                let total = dense_total + self.cand.iter().map(|c| c.w as f64).sum::<f64>();
+                let u = self.rng.random::<f64>() * total;
+                if u < dense_total {
+                    // (`None` only when rounding puts `u` past the running sum: the last
+                    // positive weight then.)
+                    let i = find_cumulative(&self.weights, u)
+                        .or_else(|| self.weights.iter().rposition(|&w| w > 0.0));
+                    if let Some(i) = i {
+                        return Ok(i as u32);
+                    }
+                }
+                let mut acc = dense_total;
+                let mut last = None;
+                for c in &self.cand {
+                    acc += c.w as f64;
+                    last = Some(c.id);
+                    if u < acc {
+                        return Ok(c.id);
+                    }
+                }
+                if last.is_none() {
+                    last = self
+                        .weights
+                        .iter()
+                        .rposition(|&w| w > 0.0)
+                        .map(|i| i as u32);
+                }
+                // Rounding left `u` at the very top of the mass: the last kept token.
+                last.ok_or(SamplingError::NoFiniteLogits)
+            }
+        }
+    }
+}
+
+/// Lane / block width of [`sum_f64`] and [`find_cumulative`].
+const BLOCK: usize = 8;
+
+/// Sum of `ws` in `f64` with `BLOCK` independent lane accumulators (so that it vectorises).
+fn sum_f64(ws: &[f32]) -> f64 {
+    let mut acc = [0.0f64; BLOCK];
+    let chunks = ws.chunks_exact(BLOCK);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for j in 0..BLOCK {
+            acc[j] += ch[j] as f64;
+        }
+    }
+    let mut total: f64 = acc.iter().sum();
+    for &w in rest {
+        total += w as f64;
+    }
+    total
+}
+
+/// First index whose cumulative weight exceeds `u` (block sums first, then inside the block);
+/// `None` when rounding puts `u` beyond the last positive weight.
+fn find_cumulative(ws: &[f32], u: f64) -> Option<usize> {
+    let mut acc = 0.0f64;
+    let mut last_positive = None;
+    for (bi, ch) in ws.chunks(BLOCK).enumerate() {
+        let s: f64 = ch.iter().map(|&w| w as f64).sum();
+        if acc + s > u {
+            for (j, &w) in ch.iter().enumerate() {
+                acc += w as f64;
+                if w > 0.0 {
+                    last_positive = Some(bi * BLOCK + j);
+                    if u < acc {
+                        return last_positive;
+                    }
+                }
+            }
+            // Rounding inside the block: the block's last positive weight.
+            return last_positive;
+        }
+        if s > 0.0 {
+            last_positive = ch.iter().rposition(|&w| w > 0.0).map(|j| bi * BLOCK + j);
+        }
+        acc += s;
+    }
+    None
+}
+
+/// Dense top-p over the whole vocabulary: fills `bins` (per token) and returns the crossing bin;
+/// tokens in lower bins are kept, the kept part of the crossing bin is pushed to `tail`, sorted by
+/// descending probability then id.
+#[allow(clippy::too_many_arguments)]
+fn top_p_dense(
+    work: &[f32],
+    weights: &[f32],
+    max: f32,
+    inv_t: f32,
+    p: f64,
+    bins: &mut Vec<u16>,
+    bin_mass: &mut Vec<f64>,
+    tail: &mut Vec<Cand>,
+) -> u16 {
+    let scale = TOP_P_BINS as f32 / TOP_P_RANGE;
+    bins.clear();
+    bins.extend(work.iter().map(|&x| {
+        // Bin of y = (x − max)/T: round(−y·scale) clamped to TOP_P_BINS, computed with the
+        // 2^23 trick (no float→int conversion, so the loop vectorises).
+        let v = (-(x - max) * inv_t * scale).min(TOP_P_BINS as f32);
+        ((v + 8_388_608.0).to_bits() & 0x7ff) as u16
+    }));
+    bin_mass.clear();
+    bin_mass.resize(TOP_P_BINS + 1, 0.0);
+    let mut total = 0.0f64;
+    for (&b, &w) in bins.iter().zip(weights) {
+        bin_mass[b as usize] += w as f64;
+        total += w as f64;
+    }
+    let target = p * total * (1.0 - TOP_P_REL_TOL);
+    let mut before = 0.0f64;
+    let mut crossing = TOP_P_BINS;
+    for (b, &m) in bin_mass.iter().enumerate() {
+        if before + m >= target {
+            crossing = b;
+            break;
+        }
+        before += m;
+    }
+    let crossing = crossing as u16;
+    tail.clear();
+    for (i, (&b, &w)) in bins.iter().zip(weights).enumerate() {
+        if b == crossing && w > 0.0 {
+            tail.push(Cand {
+                y: (work[i] - max) * inv_t,
+                w,
+                id: i as u32,
+            });
+        }
+    }
+    keep_crossing_prefix(tail, before, target);
+    crossing
+}
+
+/// Sorts the crossing bin's candidates (descending probability, then id) and keeps those whose
+/// cumulative mass before them (starting at `before`) is below `target` (at least one).
+fn keep_crossing_prefix(tail: &mut Vec<Cand>, before: f64, target: f64) {
+    tail.sort_unstable_by(|a, b| b.y.total_cmp(&a.y).then(a.id.cmp(&b.id)));
+    let mut acc = before;
+    let mut keep = 0;
+    for c in tail.iter() {
+        if acc >= target && keep > 0 {
+            break;
+        }
+        acc += c.w as f64;
+        keep += 1;
+    }
+    tail.truncate(keep);
+}
+
+/// `f32` ordered by `total_cmp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TotalF32(f32);
+impl Eq for TotalF32 {}
+impl PartialOrd for TotalF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TotalF32 {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// The k-th largest value of `xs` (1-based `k`, `1 <= k < xs.len()`); `scratch` is reused.
+fn kth_largest(xs: &[f32], k: usize, scratch: &mut Vec<f32>) -> f32 {
+    if k <= 1024 {
+        // Min-heap of the k largest so far; most values are rejected by one comparison.
+        let mut heap: BinaryHeap<Reverse<TotalF32>> = BinaryHeap::with_capacity(k + 1);
+        for &x in xs {
+            if heap.len() < k {
+                heap.push(Reverse(TotalF32(x)));
+            } else if heap.peek().is_some_and(|m| x > m.0 .0) {
+                heap.pop();
+                heap.push(Reverse(TotalF32(x)));
+            }
+        }
+        heap.peek().map_or(f32::NEG_INFINITY, |m| m.0 .0)
+    } else {
+        scratch.clear();
+        scratch.extend_from_slice(xs);
+        let (_, v, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        *v
+    }
+}
+
+/// Keeps the smallest set of most likely candidates whose mass reaches `p` of the total (the
+/// token that crosses `p` is kept; ties in probability are broken by lower id). Linear time: a
+/// histogram of `y` finds the bin where the cumulative mass crosses `p`, and only that bin is
+/// sorted. Candidates keep their id order, the crossing bin's survivors come last.
+fn top_p_filter(cand: &mut Vec<Cand>, p: f64, bin_mass: &mut Vec<f64>) {
+    let scale = TOP_P_BINS as f32 / TOP_P_RANGE;
+    let bin = |y: f32| -> usize { ((-y * scale) as usize).min(TOP_P_BINS) };
+    bin_mass.clear();
+    bin_mass.resize(TOP_P_BINS + 1, 0.0);
+    let mut total = 0.0f64;
+    for c in cand.iter() {
+        bin_mass[bin(c.y)] += c.w as f64;
+        total += c.w as f64;
+    }
+    let target = p * total * (1.0 - TOP_P_REL_TOL);
+    let mut before = 0.0f64;
+    let mut crossing = TOP_P_BINS;
+    for (b, &m) in bin_mass.iter().enumerate() {
+        if before + m >= target {
+            crossing = b;
+            break;
+        }
+        before += m;
+    }
+    let mut tail: Vec<Cand> = cand
+        .iter()
+        .copied()
+        .filter(|c| bin(c.y) == crossing)
+        .collect();
+    keep_crossing_prefix(&mut tail, before, target);
+    cand.retain(|c| bin(c.y) < crossing);
+    cand.extend_from_slice(&tail);
+}
+
+/// `exp(x)` in `f32` for the sampler: Cephes' `expf` polynomial, branch-free so that loops over
+/// it vectorise; relative error ≤ 2 ulp, `0` below `−87.3` (and for `−inf`).
+#[inline]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.3, 88.3);
+    // Round to nearest with the 1.5·2^23 trick (no libm call).
+    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = xc - n * C1 - n * C2;
+    let z = r * r;
+    let poly = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = poly * z + r + 1.0;
+    // 2^n from the bits of n + 127 + 2^23 (an integer in 1..=254 in the low mantissa bits).
+    let pow2 = f32::from_bits((n + 127.0 + 8_388_608.0).to_bits() << 23);
+    let v = e * pow2;
+    if x < -87.3 {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// `log Σ exp(x)` accumulated in `f64` (`NaN → -inf`, `+inf → f32::MAX`). `-inf` when the row is
+/// empty or holds no finite value.
+pub fn logsumexp(logits: &[f32]) -> f64 {
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(sanitize(x)));
+    if max == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    let s: f64 = logits.iter().map(|&x| (sanitize(x) - max).exp()).sum();
+    max + s.ln()
+}
+
+/// Log-probabilities of a logits row (`f64`). Entries that are `-inf` / `NaN` get `-inf`; a row
+/// with no finite value gives all `-inf`.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let lse = logsumexp(logits);
+    if lse == f64::NEG_INFINITY {
+        return vec![f64::NEG_INFINITY; logits.len()];
+    }
+    logits.iter().map(|&x| sanitize(x) - lse).collect()
+}
+
+/// Log-probability of `token` under `logits` (`f64`, no allocation). `-inf` when `token` is out of
+/// range, its logit is `-inf` / `NaN`, or the row has no finite value.
+pub fn logprob_of(logits: &[f32], token: u32) -> f64 {
+    let Some(&x) = logits.get(token as usize) else {
+        return f64::NEG_INFINITY;
+    };
+    let lse = logsumexp(logits);
+    let x = sanitize(x);
+    if lse == f64::NEG_INFINITY || x == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    x - lse
+}
+
+/// The `n` most likely tokens with their log-probabilities, most likely first (ties → lower id).
+/// Tokens whose logit is `-inf` / `NaN` are never returned.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f64)> {
+    let lse = logsumexp(logits);
+    if n == 0 || lse == f64::NEG_INFINITY {
+        return Vec::new();
+    }
+    let mut cand: Vec<(f64, u32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (sanitize(x), i as u32))
+        .filter(|c| c.0 > f64::NEG_INFINITY)
+        .collect();
+    if n < cand.len() {
+        cand.select_nth_unstable_by(n - 1, desc);
+        cand.truncate(n);
+    }
+    cand.sort_unstable_by(desc);
+    cand.into_iter().map(|(v, i)| (i, v - lse)).collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Stop handling
+// ------------------------------------------------------------------------------------------------
+
+/// Why a sequence finished, in OpenAI / vLLM vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` (or the context length) reached.
+    Length,
+    /// The client went away or the request was cancelled.
+    Abort,
+    /// The engine failed while generating.
+    Error,
+}
+
+impl FinishReason {
+    /// `"stop"`, `"length"`, `"abort"` or `"error"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What exactly stopped a sequence (vLLM's `stop_reason`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StopCause {
+    /// One of the model's EOS tokens.
+    Eos(u32),
+    /// One of the request's `stop_token_ids`.
+    StopToken(u32),
+    /// One of the request's stop strings.
+    StopString(String),
+    /// `max_tokens` reached.
+    MaxTokens,
+}
+
+impl StopCause {
+    /// The OpenAI-level finish reason for this cause.
+    pub fn finish_reason(&self) -> FinishReason {
+        match self {
+            StopCause::MaxTokens => FinishReason::Length,
+            _ => FinishReason::Stop,
+        }
+    }
+}
+
+/// Result of [`StopChecker::push`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopStatus {
+    /// Keep generating. `emit` is the text that is now safe to stream (possibly empty while text
+    /// that could start a stop string is held back).
+    Continue { emit: String },
+    /// Stop. `trim` is the last text to stream: everything still held back up to, but excluding,
+    /// the stop string (or the stop token's text). After it, the streamed text equals
+    /// [`StopChecker::text`].
+    Stop {
+        reason: FinishReason,
+        cause: StopCause,
+        trim: String,
+    },
+}
+
+/// Incremental stop detection for one sequence.
+///
+/// Feed every generated token with the text delta its detokenization produced (possibly empty)
+/// through [`StopChecker::push`]. Checks, in order: EOS token (unless `ignore_eos`), stop token
+/// ids, stop strings (the earliest match in the text wins; at equal positions, the first listed),
+/// then `max_tokens`. The text of a stopping token and the stop string are never emitted. Text
+/// that could be the start of a stop string is held back, so a streamed response never contains
+/// text that later turns out to be part of a stop string.
+#[derive(Debug, Clone)]
+pub struct StopChecker {
+    eos_ids: Vec<u32>,
+    stop_ids: Vec<u32>,
+    stop_strings: Vec<String>,
+    max_stop_len: usize,
+    max_tokens: Option<usize>,
+    pending: String,
+    emitted: String,
+    n_tokens: usize,
+    finished: bool,
+    cause: Option<StopCause>,
+}
+
+impl StopChecker {
+    /// A checker for the given stop token ids and stop strings (no EOS, no length limit).
+    /// Empty stop strings are ignored.
+    pub fn new(stop_token_ids: Vec<u32>, stop_strings: Vec<String>) -> Self {
+        let stop_strings: Vec<String> =
+            stop_strings.into_iter().filter(|s| !s.is_empty()).collect();
+        let max_stop_len = stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
+        StopChecker {
+            eos_ids: Vec::new(),
+            stop_ids: stop_token_ids,
+            stop_strings,
+            max_stop_len,
+            max_tokens: None,
+            pending: String::new(),
+            emitted: String::new(),
+            n_tokens: 0,
+            finished: false,
+            cause: None,
+        }
+    }
+
+    /// A checker for a request: the model's `eos_token_ids` (ignored when `params.ignore_eos`),
+    /// `params.stop_token_ids`, `params.stop_strings` and `params.max_tokens`.
+    pub fn from_params(params: &SamplingParams, eos_token_ids: &[u32]) -> Self {
+        let mut c = StopChecker::new(params.stop_token_ids.clone(), params.stop_strings.clone());
+        if !params.ignore_eos {
+            c.eos_ids = eos_token_ids.to_vec();
+        }
+        c.max_tokens = Some(params.max_tokens);
+        c
+    }
+
+    /// Sets the EOS token ids (reported as [`StopCause::Eos`]).
+    pub fn with_eos(mut self, eos_token_ids: &[u32]) -> Self {
+        self.eos_ids = eos_token_ids.to_vec();
+        self
+    }
+
+    /// Sets a token limit (reported as [`StopCause::MaxTokens`] / [`FinishReason::Length`]).
+    pub fn with_max_tokens(mut self, max_tokens: usize) -> Self {
+        self.max_tokens = Some(max_tokens);
+        self
+    }
+
+    /// Feeds one generated token and the text delta it decoded to.
+    ///
+    /// After a `Stop` was returned, further calls return the same `Stop` again with an empty
+    /// `trim` and do not count tokens. Calling it after [`StopChecker::finish`] keeps working
+    /// (the checker does not refuse text it was not told to stop on).
+    pub fn push(&mut self, token: u32, text_delta: &str) -> StopStatus {
+        if let Some(cause) = &self.cause {
+            return StopStatus::Stop {
+                reason: cause.finish_reason(),
+                cause: cause.clone(),
+                trim: String::new(),
+            };
+        }
+        self.n_tokens += 1;
+        if self.eos_ids.contains(&token) {
+            return self.stop_releasing_all(StopCause::Eos(token));
+        }
+        if self.stop_ids.contains(&token) {
+            return self.stop_releasing_all(StopCause::StopToken(token));
+        }
+        self.pending.push_str(text_delta);
+
+        if let Some((pos, idx)) = self.find_stop_string() {
+            let trim = self.pending[..pos].to_string();
+            self.emitted.push_str(&trim);
+            self.pending.clear();
+            let cause = StopCause::StopString(self.stop_strings[idx].clone());
+            self.cause = Some(cause.clone());
+            self.finished = true;
+            return StopStatus::Stop {
+                reason: FinishReason::Stop,
+                cause,
+                trim,
+            };
+        }
+        if self.max_tokens.is_some_and(|m| self.n_tokens >= m) {
+            return self.stop_releasing_all(StopCause::MaxTokens);
+        }
+
+        let hold = self.held_back_len();
+        let cut = self.pending.len() - hold;
+        let emit: String = self.pending.drain(..cut).collect();
+        self.emitted.push_str(&emit);
+        StopStatus::Continue { emit }
+    }
+
+    /// Ends the sequence for a reason the checker does not see (abort, context length, …) and
+    /// returns the held-back text, which is now known not to be a stop string.
+    pub fn finish(&mut self) -> String {
+        self.finished = true;
+        let rest = std::mem::take(&mut self.pending);
+        self.emitted.push_str(&rest);
+        rest
+    }
+
+    /// All text emitted so far (the concatenation of every `emit` / `trim` / [`finish`] result).
+    ///
+    /// [`finish`]: StopChecker::finish
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+
+    /// Text currently held back because it could be the start of a stop string.
+    pub fn held_back(&self) -> &str {
+        &self.pending
+    }
+
+    /// Number of tokens pushed so far (including a stopping token).
+    pub fn num_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Whether a `Stop` was returned or [`StopChecker::finish`] was called.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The cause of the `Stop` that was returned, if any.
+    pub fn stop_cause(&self) -> Option<&StopCause> {
+        self.cause.as_ref()
+    }
+
+    fn stop_releasing_all(&mut self, cause: StopCause) -> StopStatus {
+        let trim = std::mem::take(&mut self.pending);
+        self.emitted.push_str(&trim);
+        self.finished = true;
+        self.cause = Some(cause.clone());
+        StopStatus::Stop {
+            reason: cause.finish_reason(),
+            cause,
+            trim,
+        }
+    }
+
+    /// Earliest (position, stop-string index) in the pending text.
+    fn find_stop_string(&self) -> Option<(usize, usize)> {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, s) in self.stop_strings.iter().enumerate() {
+            if let Some(pos) = self.pending.find(s.as_str()) {
+                if best.is_none_or(|(bp, _)| pos < bp) {
+                    best = Some((pos, i));
+                }
+            }
+        }
+        best
+    }
+
+    /// Length of the longest suffix of the pending text that is a proper prefix of a stop string.
+    fn held_back_len(&self) -> usize {
+        if self.max_stop_len == 0 || self.pending.is_empty() {
+            return 0;
+        }
+        let len = self.pending.len();
+        let lo = len.saturating_sub(self.max_stop_len - 1);
+        for (b, _) in self.pending.char_indices() {
+            if b < lo {
+                continue;
+            }
+            let suffix = &self.pending[b..];
+            if self
+                .stop_strings
+                .iter()
+                .any(|s| s.len() > suffix.len() && s.starts_with(suffix))
+            {
+                return len - b;
+            }
+        }
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 10.0 {
+            let got = exp_f32(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_37;
+        }
+        assert!(worst < 3.0e-7, "max relative error {worst:e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-88.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn kth_largest_matches_sort() {
+        let xs: Vec<f32> = (0..3000)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.5)
+            .collect();
+        let mut sorted = xs.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let mut scratch = Vec::new();
+        for k in [1, 2, 7, 100, 1024, 1025, 2999] {
+            assert_eq!(kth_largest(&xs, k, &mut scratch), sorted[k - 1], "k = {k}");
+        }
+        // Ascending input (every value enters the heap) and -inf values.
+        let asc: Vec<f32> = (0..5000).map(|i| i as f32).collect();
+        assert_eq!(kth_largest(&asc, 10, &mut scratch), 4990.0);
+        let few = [f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY];
+        assert_eq!(kth_largest(&few, 2, &mut scratch), f32::NEG_INFINITY);
+    }
+}

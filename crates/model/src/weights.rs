@@ -98,7 +98,10 @@ pub struct Moe {
 pub enum Mlp {
     /// A dense SwiGLU MLP (MiMo layer 0): `gate_up` `[2I, H]` in [`GateUpLayout::Halves`] order,
     /// `down` `[H, I]`.
-    Dense { gate_up: Linear, down: Linear },
+    Dense {
+        gate_up: Linear,
+        down: Linear,
+    },
     Moe(Moe),
 }
 

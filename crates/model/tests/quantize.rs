@@ -155,3 +155,51 @@ fn bad_inputs_are_refused_with_the_path() {
         .to_string();
     assert!(err.contains("model.safetensors"), "{err}");
 }
+
+/// Dequantized expert values of every `*_blocks`/`*_scales` pair in a checkpoint file.
+fn dequantized_experts(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| n.ends_with("_blocks"))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|b| {
+            let s = b.replace("_blocks", "_scales");
+            let (bt, stt) = (st.tensor(&b).unwrap(), st.tensor(&s).unwrap());
+            let w = fp4::MxExpertsRef::from_shapes(bt.shape(), bt.data(), stt.shape(), stt.data())
+                .unwrap();
+            let vals = (0..w.experts())
+                .flat_map(|e| fp4::dequantize(w.expert(e).unwrap()))
+                .collect();
+            (b, vals)
+        })
+        .collect()
+}
+
+/// The bf16 gpt-oss fixture's experts lie on the MXFP4 grid (the generator snapped them), so
+/// quantizing it must reproduce the released-layout fixture's values exactly. (transformers,
+/// loading this output with `Mxfp4Config(dequantize=True)`, reproduces the golden logits with
+/// max |Δ| = 0.0 — checked with the fixtures' venv, see fixtures/README.md.)
+#[test]
+fn quantizing_the_bf16_fixture_reproduces_the_mxfp4_fixture() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gpt-oss");
+    let out = temp_dir("fixture").join("q");
+    quantize_checkpoint(&root.join("bf16"), &out, ScaleRounding::Up).unwrap();
+    let ours = dequantized_experts(&out.join("model.safetensors"));
+    let theirs = dequantized_experts(&root.join("mxfp4/model.safetensors"));
+    assert_eq!(ours.len(), 8);
+    assert_eq!(ours.len(), theirs.len());
+    for ((na, va), (nb, vb)) in ours.iter().zip(&theirs) {
+        assert_eq!(na, nb);
+        assert_eq!(va.len(), vb.len());
+        for (x, y) in va.iter().zip(vb) {
+            assert_eq!(x, y, "{na}"); // -0.0 == 0.0: the encodings of zero may differ in sign
+        }
+    }
+}

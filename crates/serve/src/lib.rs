@@ -5,4 +5,5 @@
 //! and the metrics. Today the CLI runs the MXFP4 expert benchmark ([`fp4_bench`]) — the job that
 //! exists before the model executors land — and lists the GPUs (`ultra devices`).
 
+pub mod commands;
 pub mod fp4_bench;

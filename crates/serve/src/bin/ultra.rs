@@ -1,7 +1,10 @@
 //! The `ultra` command-line tool.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serve::commands;
 
 #[derive(Parser)]
 #[command(name = "ultra", version, about = "Ultra: low-latency MoE inference")]
@@ -10,8 +13,73 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where to run.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// Model and prompt arguments shared by `generate` and `score`.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// `cpu` (the reference executor); `cuda` comes with the GPU executor.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Comma-separated token ids instead of a text prompt.
+    #[arg(long, value_delimiter = ',')]
+    token_ids: Option<Vec<u32>>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Generate text from a prompt (stream to stdout; token counts and tokens/s on stderr).
+    Generate {
+        /// The prompt text.
+        prompt: Option<String>,
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Wrap the prompt as a user message in the checkpoint's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 = greedy (the default).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long)]
+        min_p: Option<f32>,
+        #[arg(long)]
+        repetition_penalty: Option<f32>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Keep going past the model's EOS token.
+        #[arg(long)]
+        ignore_eos: bool,
+    },
+    /// Per-token log-probabilities of a text or of --token-ids (entry i: log p(token i | before)).
+    Score {
+        /// The text to score.
+        text: Option<String>,
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Print {"tokens":[...],"logprobs":[...]} (logprobs[0] is null).
+        #[arg(long)]
+        json: bool,
+    },
     /// CPU MXFP4 expert GEMV/GEMM at gpt-oss-20b expert shapes: checked, then timed (weight GB/s).
     BenchFp4 {
         /// Timed repetitions per case (median reported).
@@ -26,8 +94,68 @@ enum Cmd {
         #[arg(long, default_value_t = 0x0FF4)]
         seed: u64,
     },
+    /// CPU decode tokens/s of checkpoints and of a synthetic ~100M-parameter MoE.
+    BenchDecode {
+        /// Checkpoint directories to include (default: the golden fixtures).
+        #[arg(long)]
+        model: Vec<PathBuf>,
+        /// Decode steps per run.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// Runs per case (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// List the GPUs Ultra can use and the NCCL library found.
     Devices,
+    /// What a checkpoint (or a bare config.json) holds and costs: parameters total/active, weight
+    /// bytes per decoded token, KV cache, batch-1 roofline tokens/s at a bandwidth.
+    Inspect {
+        /// Checkpoint directory.
+        #[arg(long, conflicts_with = "config")]
+        model: Option<PathBuf>,
+        /// A config.json alone (no weights needed).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Memory bandwidth for the roofline: 3e12, 3TB/s, 3350GB/s.
+        #[arg(long, default_value = "3.0TB/s")]
+        bandwidth: String,
+        /// Context length for the KV-cache line.
+        #[arg(long, default_value_t = 8192)]
+        context: usize,
+    },
+    /// Quantize a gpt-oss checkpoint's bf16 experts to MXFP4 in the released gpt-oss layout
+    /// (loadable by transformers and by Ultra).
+    Quantize {
+        #[arg(long = "in")]
+        input: PathBuf,
+        #[arg(long = "out")]
+        output: PathBuf,
+        /// Scale rule: `up` (2^ceil(log2(amax/6)), never clips) or `floor` (OCP: floor(log2 amax) − 2).
+        #[arg(long, value_enum, default_value_t = Rounding::Up)]
+        scale_rounding: Rounding,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Rounding {
+    Up,
+    Floor,
+}
+
+/// Loads the model of `m` on its device.
+fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
+    if m.device == Device::Cuda {
+        bail!("--device cuda: the GPU executor is not built yet (issue #4); use --device cpu");
+    }
+    if let Some(t) = m.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()?;
+    }
+    commands::generate::load(&m.model)
 }
 
 fn main() -> Result<()> {
@@ -57,6 +185,159 @@ fn main() -> Result<()> {
                     r.weight_bytes as f64 / 1e6,
                     r.median_ms,
                     r.gb_per_s
+                );
+            }
+        }
+        Cmd::Generate {
+            prompt,
+            m,
+            chat,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            ignore_eos,
+        } => {
+            let loaded = open(&m)?;
+            let ids = commands::generate::prompt_ids(
+                &loaded,
+                prompt.as_deref(),
+                m.token_ids.as_deref(),
+                chat,
+            )?;
+            let params = model::sampling::SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                seed,
+                max_tokens,
+                stop_token_ids: Vec::new(),
+                stop_strings: stop,
+                ignore_eos,
+            };
+            let mut stdout = std::io::stdout();
+            let g = commands::generate::generate(&loaded, &ids, &params, &mut stdout)?;
+            println!();
+            if loaded.tokenizer.is_none() {
+                println!("tokens: {:?}", g.tokens);
+            }
+            eprintln!(
+                "prompt {} tokens, generated {} tokens (finish: {}), time to first token {:.1} ms, decode {:.1} tok/s",
+                g.prompt_tokens,
+                g.tokens.len(),
+                g.finish_reason,
+                g.time_to_first_token_s * 1e3,
+                g.decode_tokens_per_s
+            );
+        }
+        Cmd::Score { text, m, json } => {
+            let loaded = open(&m)?;
+            let ids = commands::generate::prompt_ids(
+                &loaded,
+                text.as_deref(),
+                m.token_ids.as_deref(),
+                false,
+            )?;
+            let lp = commands::generate::score(&loaded, &ids)?;
+            if json {
+                println!("{}", serde_json::json!({"tokens": ids, "logprobs": lp}));
+            } else {
+                let mut total = 0.0;
+                for (i, (&t, l)) in ids.iter().zip(&lp).enumerate() {
+                    let piece = loaded
+                        .tokenizer
+                        .as_ref()
+                        .and_then(|tk| tk.decode(&[t], false).ok())
+                        .unwrap_or_default();
+                    match l {
+                        Some(l) => {
+                            total += l;
+                            println!("{i:>5} {t:>8} {piece:?} {l:.6}");
+                        }
+                        None => println!("{i:>5} {t:>8} {piece:?} -"),
+                    }
+                }
+                let n = (ids.len() - 1).max(1) as f64;
+                println!(
+                    "sum {:.6}, mean {:.6} nats/token, perplexity {:.4}",
+                    total,
+                    total / n,
+                    (-total / n).exp()
+                );
+            }
+        }
+        Cmd::Inspect {
+            model,
+            config,
+            bandwidth,
+            context,
+        } => {
+            let Some(path) = model.or(config) else {
+                bail!("give --model DIR or --config FILE");
+            };
+            let bw = commands::inspect::parse_bandwidth(&bandwidth)?;
+            let report = commands::inspect::inspect(&path)?;
+            commands::inspect::print(&report, bw, context);
+        }
+        Cmd::Quantize {
+            input,
+            output,
+            scale_rounding,
+        } => {
+            let rounding = match scale_rounding {
+                Rounding::Up => fp4::ScaleRounding::Up,
+                Rounding::Floor => fp4::ScaleRounding::Floor,
+            };
+            commands::quantize::run(&input, &output, rounding)?;
+        }
+        Cmd::BenchDecode {
+            model,
+            tokens,
+            repeats,
+            threads,
+        } => {
+            if let Some(t) = threads {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build_global()?;
+            }
+            let dirs: Vec<PathBuf> = if model.is_empty() {
+                [
+                    "gpt-oss/bf16",
+                    "gpt-oss/mxfp4",
+                    "qwen3-moe/native",
+                    "mimo-v2-flash/native",
+                ]
+                .iter()
+                .map(|d| PathBuf::from("fixtures").join(d))
+                .filter(|d| d.exists())
+                .collect()
+            } else {
+                model
+            };
+            let refs: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
+            println!(
+                "CPU decode, {} threads, {tokens} tokens after a 16-token prompt, median of {repeats}",
+                rayon::current_num_threads()
+            );
+            let rows = commands::bench_decode::run(&refs, tokens, repeats)?;
+            println!("| model | params total | active | tok/s | weight MB/token | GB/s |");
+            println!("|---|---:|---:|---:|---:|---:|");
+            for r in rows {
+                println!(
+                    "| {} | {:.1} M | {:.1} M | {:.1} | {:.2} | {:.2} |",
+                    r.case,
+                    r.total_params as f64 / 1e6,
+                    r.active_params as f64 / 1e6,
+                    r.tokens_per_s,
+                    r.bytes_per_token / 1e6,
+                    r.tokens_per_s * r.bytes_per_token / 1e9
                 );
             }
         }

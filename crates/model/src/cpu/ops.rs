@@ -1,0 +1,594 @@
+//! The ops of one decoder step as small pure functions, f32 in, f32 out, f32 accumulation.
+//!
+//! Each op has exactly one definition here; the CPU executor calls these and every GPU kernel is
+//! tested against them. None of them allocates except [`matmul`] for batches of more than one
+//! row (a transposed temporary) and [`attention_head`] growing its caller-owned score buffer.
+//!
+//! Determinism: every output element is produced by the same sequence of f32 operations whatever
+//! the batch size or the rayon split, so a token's results are bit-identical whether it runs
+//! alone (decode) or inside a block (prefill / verify). The executor's tests rely on this.
+
+use rayon::prelude::*;
+
+use crate::config::{Activation, AttnKind, LayerSpec};
+use crate::weights::{GateUpLayout, Linear, Mat};
+
+/// Below this many multiply-adds a matrix op (or a layer's attention) runs on the calling thread:
+/// waking the rayon pool costs more than such a call takes.
+pub const PAR_MIN_WORK: usize = 1 << 17;
+
+/// Tokens per tile in [`matmul`]: each weight row is used for this many activation rows while it
+/// is in L1.
+const MATMUL_TOKEN_TILE: usize = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Reductions and matrix products
+// ---------------------------------------------------------------------------------------------
+
+/// `Σ a_i · b_i` in f32 with 32 interleaved partial sums (lane `i mod 32`), combined by a fixed
+/// tree (lanes `i` and `i + 16`, then `i` and `i + 8`, then `i` and `i + 4`, then
+/// `(l0 + l2) + (l1 + l3)`), then the `len mod 32` tail added sequentially. Multiply and add
+/// are separate roundings (no FMA), so the order — and the result — depends only on the
+/// length: the AVX2 kernel used on CPUs that have it is bit-identical to [`dot_portable`].
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked just above); lengths are equal.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+const DOT_LANES: usize = 32;
+
+/// The portable definition of [`dot`] (same result on every CPU).
+pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    let (ca, ta) = a.as_chunks::<DOT_LANES>();
+    let (cb, tb) = b.as_chunks::<DOT_LANES>();
+    let mut acc = [0f32; DOT_LANES];
+    for (x, y) in ca.iter().zip(cb) {
+        for i in 0..DOT_LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut h16 = [0f32; 16];
+    for i in 0..16 {
+        h16[i] = acc[i] + acc[i + 16];
+    }
+    let mut h8 = [0f32; 8];
+    for i in 0..8 {
+        h8[i] = h16[i] + h16[i + 8];
+    }
+    let q = [h8[0] + h8[4], h8[1] + h8[5], h8[2] + h8[6], h8[3] + h8[7]];
+    let mut s = (q[0] + q[2]) + (q[1] + q[3]);
+    for (x, y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    s
+}
+
+/// [`dot_portable`] with AVX2: four 8-lane accumulators hold lanes 0–7, 8–15, 16–23, 24–31.
+///
+/// # Safety
+/// The CPU must support AVX2 and `a.len() == b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let chunks = n / DOT_LANES;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for c in 0..chunks {
+        let o = c * DOT_LANES;
+        for (j, r) in acc.iter_mut().enumerate() {
+            // SAFETY: o + 8j + 8 ≤ chunks · 32 ≤ n for both slices.
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_ps(pa.add(o + 8 * j)),
+                    _mm256_loadu_ps(pb.add(o + 8 * j)),
+                )
+            };
+            *r = _mm256_add_ps(*r, _mm256_mul_ps(x, y));
+        }
+    }
+    let h16 = [_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3])];
+    let h8 = _mm256_add_ps(h16[0], h16[1]);
+    let q = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    let r = _mm_add_ps(q, _mm_movehl_ps(q, q)); // [q0 + q2, q1 + q3, ..]
+    let mut s = _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps(r, r, 1)));
+    for i in chunks * DOT_LANES..n {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// `y += a · x`.
+#[inline]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    debug_assert_eq!(y.len(), x.len());
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// `y += x` elementwise.
+#[inline]
+pub fn add_assign(y: &mut [f32], x: &[f32]) {
+    debug_assert_eq!(y.len(), x.len());
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += v;
+    }
+}
+
+/// Rows per rayon task: about 64 KiB of weights per task, at least 4 tasks per thread.
+fn rows_per_task(rows: usize, cols: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_bytes = ((64 << 10) / (4 * cols.max(1))).max(1);
+    let by_threads = rows.div_ceil(4 * threads).max(1);
+    by_bytes.min(by_threads)
+}
+
+/// `y = W · x` for one activation vector (`W` is `[out, in]`, `x` has `in` values, `y` has
+/// `out`). Rows are split over rayon tasks when the matrix has at least [`PAR_MIN_WORK`] entries.
+///
+/// Panics if the lengths disagree with the matrix (shapes are validated once when the model is
+/// built, so a mismatch here is a bug).
+pub fn matvec(w: &Mat, x: &[f32], y: &mut [f32]) {
+    assert_eq!(
+        x.len(),
+        w.cols,
+        "matvec: x has {} values, W is {}x{}",
+        x.len(),
+        w.rows,
+        w.cols
+    );
+    assert_eq!(
+        y.len(),
+        w.rows,
+        "matvec: y has {} values, W is {}x{}",
+        y.len(),
+        w.rows,
+        w.cols
+    );
+    if w.rows * w.cols < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
+        for (r, o) in y.iter_mut().enumerate() {
+            *o = dot(w.row(r), x);
+        }
+    } else {
+        let chunk = rows_per_task(w.rows, w.cols);
+        y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+            for (i, o) in ys.iter_mut().enumerate() {
+                *o = dot(w.row(ci * chunk + i), x);
+            }
+        });
+    }
+}
+
+/// `Y = X · Wᵀ` for `t` activation rows: `x` is `[t, in]`, `y` is `[t, out]`, both row-major.
+/// Row `j` of `y` is bit-identical to [`matvec`] of row `j` of `x`. Each weight row is read once
+/// per tile of 32 tokens; rows are split over rayon tasks for large products.
+pub fn matmul(w: &Mat, x: &[f32], t: usize, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(
+        x.len(),
+        t * k,
+        "matmul: x has {} values, want {t}x{k}",
+        x.len()
+    );
+    assert_eq!(
+        y.len(),
+        t * n,
+        "matmul: y has {} values, want {t}x{n}",
+        y.len()
+    );
+    if t == 1 {
+        return matvec(w, x, y);
+    }
+    if t == 0 || n == 0 {
+        return;
+    }
+    let mut tmp = vec![0f32; n * MATMUL_TOKEN_TILE.min(t)];
+    for t0 in (0..t).step_by(MATMUL_TOKEN_TILE) {
+        let tt = MATMUL_TOKEN_TILE.min(t - t0);
+        let xs = &x[t0 * k..(t0 + tt) * k];
+        let tmp = &mut tmp[..n * tt];
+        // tmp is [n, tt]: one output row of W per chunk of tt values.
+        let fill = |r0: usize, chunk: &mut [f32]| {
+            for (i, outs) in chunk.chunks_exact_mut(tt).enumerate() {
+                let wr = w.row(r0 + i);
+                for (j, o) in outs.iter_mut().enumerate() {
+                    *o = dot(wr, &xs[j * k..(j + 1) * k]);
+                }
+            }
+        };
+        if n * k * tt < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
+            fill(0, tmp);
+        } else {
+            let rpt = rows_per_task(n, k);
+            tmp.par_chunks_mut(rpt * tt)
+                .enumerate()
+                .for_each(|(ci, chunk)| fill(ci * rpt, chunk));
+        }
+        for (r, vals) in tmp.chunks_exact(tt).enumerate() {
+            for (j, &v) in vals.iter().enumerate() {
+                y[(t0 + j) * n + r] = v;
+            }
+        }
+    }
+}
+
+/// Adds `bias` (length `out`) to each of the rows of `y` (`[t, out]`).
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        add_assign(row, bias);
+    }
+}
+
+/// `nn.Linear` over `t` rows: `y = x · Wᵀ (+ b)`, `x` `[t, in]`, `y` `[t, out]`.
+pub fn linear(l: &Linear, x: &[f32], t: usize, y: &mut [f32]) {
+    matmul(&l.w, x, t, y);
+    if let Some(b) = &l.bias {
+        add_bias(y, b);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalization
+// ---------------------------------------------------------------------------------------------
+
+/// RMSNorm in place: `x ← w ⊙ (x · 1/sqrt(mean(x²) + eps))` (transformers' order: normalize,
+/// then multiply by the weight; in f32 the gpt-oss vs Qwen3/MiMo cast order makes no difference).
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    debug_assert_eq!(x.len(), w.len());
+    let mean = dot(x, x) / x.len() as f32;
+    let r = 1.0 / (mean + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = g * (*v * r);
+    }
+}
+
+/// RMSNorm of `x` into `out` (same math as [`rms_norm_in_place`]).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    out.copy_from_slice(x);
+    rms_norm_in_place(out, w, eps);
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x` in place (one token's heads for q/k norm, or
+/// several tokens' hidden states).
+pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(w.len()) {
+        rms_norm_in_place(row, w, eps);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE application (the tables live in `rope`)
+// ---------------------------------------------------------------------------------------------
+
+/// NeoX "half split" rotation of the first `2·cos.len()` dims of one head, in place:
+/// with `h = cos.len()`, `x1 = x[i]`, `x2 = x[i + h]` (`i < h`):
+/// `x[i] = x1·cos_i − x2·sin_i`, `x[i + h] = x2·cos_i + x1·sin_i`. Dims from `2h` on (partial
+/// RoPE) are left alone. `cos`/`sin` already include the attention factor.
+pub fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let h = cos.len();
+    debug_assert_eq!(sin.len(), h);
+    debug_assert!(2 * h <= x.len());
+    let (a, b) = x[..2 * h].split_at_mut(h);
+    for i in 0..h {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/// [`apply_rope`] on each `head_dim`-wide head of `x` (one token's q or k).
+pub fn apply_rope_heads(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        apply_rope(head, cos, sin);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+/// Attention of one query head over `n` consecutive keys/values.
+///
+/// Key `j` is `k[j·k_stride ..][..q.len()]`, value `j` is `v[j·v_stride ..][..out.len()]`.
+/// `s_j = (q·k_j) · scale`; with `m = max(max_j s_j, sink)`,
+/// `p_j = exp(s_j − m) / (Σ_i exp(s_i − m) + exp(sink − m))` — the sink logit (unscaled) joins
+/// the denominator only (gpt-oss / MiMo attention sinks; no term without a sink) — and
+/// `out = Σ_j p_j · v_j` (accumulated in ascending j). `scores` is scratch (resized to `n`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_head(
+    q: &[f32],
+    k: &[f32],
+    k_stride: usize,
+    v: &[f32],
+    v_stride: usize,
+    n: usize,
+    scale: f32,
+    sink: Option<f32>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let dv = out.len();
+    scores.clear();
+    let mut m = sink.unwrap_or(f32::NEG_INFINITY);
+    for j in 0..n {
+        let s = dot(q, &k[j * k_stride..j * k_stride + d]) * scale;
+        m = m.max(s);
+        scores.push(s);
+    }
+    let mut denom = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        denom += *s;
+    }
+    if let Some(sk) = sink {
+        denom += (sk - m).exp();
+    }
+    out.fill(0.0);
+    for (j, &e) in scores.iter().enumerate() {
+        axpy(out, e / denom, &v[j * v_stride..j * v_stride + dv]);
+    }
+}
+
+/// The attention geometry of one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+    /// Keys visible from the query at position p: `(p − window, p]`; `None` = all of `[0, p]`.
+    pub window: Option<usize>,
+    /// `1/sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+impl AttnShape {
+    pub fn from_spec(s: &LayerSpec) -> Self {
+        AttnShape {
+            n_heads: s.n_heads,
+            n_kv_heads: s.n_kv_heads,
+            head_dim: s.head_dim,
+            v_head_dim: s.v_head_dim,
+            window: match s.attn {
+                AttnKind::Full => None,
+                AttnKind::Sliding { window } => Some(window),
+            },
+            scale: (1.0 / (s.head_dim as f64).sqrt()) as f32,
+        }
+    }
+
+    /// First visible key position for the query at `pos` (the last one is `pos` itself).
+    #[inline]
+    pub fn first_visible(&self, pos: usize) -> usize {
+        match self.window {
+            None => 0,
+            Some(w) => (pos + 1).saturating_sub(w),
+        }
+    }
+
+    /// The KV head serving query head `h` (transformers' `repeat_kv`: kv head g serves query
+    /// heads `g·G .. (g+1)·G`, `G = n_heads / n_kv_heads`).
+    #[inline]
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / (self.n_heads / self.n_kv_heads)
+    }
+}
+
+/// Attention of query head `head` at absolute position `pos` (causal, windowed, GQA).
+///
+/// `q` is the query's `[n_heads · head_dim]`; `k_rows` / `v_rows` hold consecutive positions
+/// starting at absolute position `first_pos`, one row of `[n_kv_heads · head_dim]` (resp.
+/// `v_head_dim`) per position, and must cover `first_visible(pos) ..= pos` (rows after `pos` are
+/// ignored). `sinks` has one logit per query head. Writes `v_head_dim` values to `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_query_head(
+    shape: &AttnShape,
+    q: &[f32],
+    k_rows: &[f32],
+    v_rows: &[f32],
+    first_pos: usize,
+    pos: usize,
+    head: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (d, dv) = (shape.head_dim, shape.v_head_dim);
+    let (kr, vr) = (shape.n_kv_heads * d, shape.n_kv_heads * dv);
+    let lo = shape.first_visible(pos);
+    assert!(
+        lo >= first_pos,
+        "attention: position {lo} is no longer cached (first {first_pos})"
+    );
+    let n = pos + 1 - lo;
+    let row = lo - first_pos;
+    assert!(
+        (row + n) * kr <= k_rows.len() && (row + n) * vr <= v_rows.len(),
+        "attention: position {pos} not cached"
+    );
+    let g = shape.kv_head(head);
+    attention_head(
+        &q[head * d..(head + 1) * d],
+        &k_rows[row * kr + g * d..],
+        kr,
+        &v_rows[row * vr + g * dv..],
+        vr,
+        n,
+        shape.scale,
+        sinks.map(|s| s[head]),
+        scores,
+        out,
+    );
+}
+
+/// [`attention_query_head`] for every head of one query: `out` is `[n_heads · v_head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_query(
+    shape: &AttnShape,
+    q: &[f32],
+    k_rows: &[f32],
+    v_rows: &[f32],
+    first_pos: usize,
+    pos: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    for (h, o) in out.chunks_exact_mut(shape.v_head_dim).enumerate() {
+        attention_query_head(
+            shape, q, k_rows, v_rows, first_pos, pos, h, sinks, scores, o,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations
+// ---------------------------------------------------------------------------------------------
+
+/// `1 / (1 + e^(−x))`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `x · sigmoid(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// SwiGLU: `silu(gate) · up`.
+#[inline]
+pub fn swiglu(gate: f32, up: f32) -> f32 {
+    silu(gate) * up
+}
+
+/// gpt-oss clamped SwiGLU: `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`,
+/// `(u + 1) · g · sigmoid(alpha · g)`.
+#[inline]
+pub fn clamped_swiglu(gate: f32, up: f32, alpha: f32, limit: f32) -> f32 {
+    let g = gate.min(limit);
+    let u = up.clamp(-limit, limit);
+    let glu = g * sigmoid(g * alpha);
+    (u + 1.0) * glu
+}
+
+/// The gated activation of one token: `gate_up` has `2I` values in `layout` order, `out` gets
+/// `I` values.
+pub fn glu(act: Activation, layout: GateUpLayout, gate_up: &[f32], out: &mut [f32]) {
+    let i_size = out.len();
+    debug_assert_eq!(gate_up.len(), 2 * i_size);
+    let f = |g: f32, u: f32| match act {
+        Activation::ClampedSwiglu { alpha, limit } => clamped_swiglu(g, u, alpha, limit),
+        Activation::Swiglu => swiglu(g, u),
+    };
+    match layout {
+        GateUpLayout::Interleaved => {
+            for (o, gu) in out.iter_mut().zip(gate_up.chunks_exact(2)) {
+                *o = f(gu[0], gu[1]);
+            }
+        }
+        GateUpLayout::Halves => {
+            let (g, u) = gate_up.split_at(i_size);
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = f(g, u);
+            }
+        }
+    }
+}
+
+/// [`glu`] over `t` rows: `gate_up` `[t, 2I]` → `out` `[t, I]`.
+pub fn glu_rows(
+    act: Activation,
+    layout: GateUpLayout,
+    gate_up: &[f32],
+    out: &mut [f32],
+    i_size: usize,
+) {
+    for (gu, o) in gate_up
+        .chunks_exact(2 * i_size)
+        .zip(out.chunks_exact_mut(i_size))
+    {
+        glu(act, layout, gu, o);
+    }
+}
+
+/// Attention of `t` consecutive queries (absolute positions `start .. start + t`) over one
+/// layer's cached rows: `q` is `[t, n_heads · head_dim]`, `out` `[t, n_heads · v_head_dim]`,
+/// `k_rows`/`v_rows` start at absolute position `first_pos` and already include the `t` new
+/// rows. Runs [`attention_query_head`] for every (query, head), in parallel over them when the
+/// work is large; each output is computed the same way either way.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    shape: &AttnShape,
+    q: &[f32],
+    k_rows: &[f32],
+    v_rows: &[f32],
+    first_pos: usize,
+    start: usize,
+    t: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (nh, d, dv) = (shape.n_heads, shape.head_dim, shape.v_head_dim);
+    let (qr, or) = (nh * d, nh * dv);
+    assert_eq!(
+        q.len(),
+        t * qr,
+        "attention: q has {} values, want {t}x{qr}",
+        q.len()
+    );
+    assert_eq!(
+        out.len(),
+        t * or,
+        "attention: out has {} values, want {t}x{or}",
+        out.len()
+    );
+    let visible = shape.window.map_or(start + t, |w| w.min(start + t));
+    if t * nh * visible * (d + dv) < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
+        for ti in 0..t {
+            attention_query(
+                shape,
+                &q[ti * qr..(ti + 1) * qr],
+                k_rows,
+                v_rows,
+                first_pos,
+                start + ti,
+                sinks,
+                scores,
+                &mut out[ti * or..(ti + 1) * or],
+            );
+        }
+    } else {
+        out.par_chunks_mut(dv)
+            .enumerate()
+            .for_each_init(Vec::new, |sc, (idx, o)| {
+                let (ti, h) = (idx / nh, idx % nh);
+                attention_query_head(
+                    shape,
+                    &q[ti * qr..(ti + 1) * qr],
+                    k_rows,
+                    v_rows,
+                    first_pos,
+                    start + ti,
+                    h,
+                    sinks,
+                    sc,
+                    o,
+                );
+            });
+    }
+}

@@ -1,0 +1,165 @@
+//! `ultra generate` and `ultra score` on the CPU executor.
+//!
+//! `generate`: prompt (plain, or through the checkpoint's chat template with `--chat`) → streamed
+//! text, then prompt/generated token counts, time to first token and decode tokens/s on stderr.
+//! `score`: per-token log-probabilities of a text or of `--token-ids`; entry i of `logprobs` is
+//! log p(token i | tokens before it) for i ≥ 1 (entry 0 has no context and is `null`).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use model::cpu::CpuModel;
+use model::sampling::{logprob_of, FinishReason, Sampler, SamplingParams, StopChecker, StopStatus};
+use model::tokenizer::{ChatMessage, Tokenizer};
+
+/// A loaded model ready to run on the CPU.
+pub struct Loaded {
+    pub model: CpuModel,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// Loads weights (checked against the spec) and, when present, the tokenizer.
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let t0 = Instant::now();
+    let (config, weights) =
+        model::load::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = CpuModel::new(Arc::new(config), Arc::new(weights))?;
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_dir(dir)?)
+    } else {
+        None
+    };
+    eprintln!(
+        "loaded {} ({} layers) in {:.2} s",
+        dir.display(),
+        model.config().layers.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(Loaded { model, tokenizer })
+}
+
+/// What one generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish_reason: String,
+    pub time_to_first_token_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// Prompt token ids: `token_ids` if given, else the prompt text (through the chat template with
+/// `chat`).
+pub fn prompt_ids(
+    loaded: &Loaded,
+    prompt: Option<&str>,
+    token_ids: Option<&[u32]>,
+    chat: bool,
+) -> Result<Vec<u32>> {
+    if let Some(ids) = token_ids {
+        if ids.is_empty() {
+            bail!("--token-ids is empty");
+        }
+        return Ok(ids.to_vec());
+    }
+    let Some(prompt) = prompt else {
+        bail!("give a prompt or --token-ids");
+    };
+    let Some(tok) = &loaded.tokenizer else {
+        bail!("the checkpoint has no tokenizer.json: pass --token-ids");
+    };
+    let ids = if chat {
+        let text = tok.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(prompt, true)?
+    };
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    Ok(ids)
+}
+
+/// Generates from `ids`, streaming text to `out` as it becomes final.
+pub fn generate(
+    loaded: &Loaded,
+    ids: &[u32],
+    params: &SamplingParams,
+    out: &mut dyn Write,
+) -> Result<Generation> {
+    params.validate()?;
+    let cfg = loaded.model.config();
+    let eos: Vec<u32> = match &loaded.tokenizer {
+        Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
+        _ => cfg.eos_token_ids.clone(),
+    };
+    let mut sampler = Sampler::new(params)?;
+    let mut stop = StopChecker::from_params(params, &eos);
+    let mut decoder = loaded.tokenizer.as_ref().map(|t| t.decode_stream(true));
+    let mut session = loaded.model.session();
+    let mut history = ids.to_vec();
+    let t0 = Instant::now();
+    let mut logits = session.prefill(ids)?.to_vec();
+    let mut ttft = 0.0;
+    let mut tokens = Vec::new();
+    let mut tail = String::new();
+    let t_decode = Instant::now();
+    let finish_reason = loop {
+        let token = sampler.try_sample(&logits, &history)?;
+        if tokens.is_empty() {
+            ttft = t0.elapsed().as_secs_f64();
+        }
+        tokens.push(token);
+        history.push(token);
+        let delta = match decoder.as_mut() {
+            Some(d) => d.step(token)?.unwrap_or_default(),
+            None => String::new(),
+        };
+        match stop.push(token, &delta) {
+            StopStatus::Continue { emit } => {
+                out.write_all(emit.as_bytes())?;
+                out.flush()?;
+            }
+            StopStatus::Stop { reason, trim, .. } => {
+                out.write_all(trim.as_bytes())?;
+                // Stopped by length: bytes of an unfinished UTF-8 character still sit in the
+                // detokenizer; release them (lossily) so the text matches a full decode.
+                if reason == FinishReason::Length {
+                    if let Some(rest) = decoder.as_mut().map(|d| d.flush()).transpose()? {
+                        let rest = rest.unwrap_or_default();
+                        out.write_all(rest.as_bytes())?;
+                        tail = rest;
+                    }
+                }
+                out.flush()?;
+                break reason.as_str().to_string();
+            }
+        }
+        logits = session.decode(token)?.to_vec();
+    };
+    let decode_s = t_decode.elapsed().as_secs_f64();
+    let decode_steps = tokens.len().saturating_sub(1).max(1);
+    Ok(Generation {
+        prompt_tokens: ids.len(),
+        text: format!("{}{tail}", stop.text()),
+        tokens,
+        finish_reason,
+        time_to_first_token_s: ttft,
+        decode_tokens_per_s: decode_steps as f64 / decode_s.max(1e-9),
+    })
+}
+
+/// log p(token i | tokens before it) for every i ≥ 1, from one full pass.
+pub fn score(loaded: &Loaded, ids: &[u32]) -> Result<Vec<Option<f64>>> {
+    let mut session = loaded.model.session();
+    let logits = session.prefill_all(ids)?;
+    let mut out = vec![None];
+    for i in 1..ids.len() {
+        out.push(Some(logprob_of(&logits[i - 1], ids[i])));
+    }
+    Ok(out)
+}

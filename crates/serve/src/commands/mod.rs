@@ -1,0 +1,6 @@
+//! The `ultra` subcommands, one module each; `src/bin/ultra.rs` only parses arguments.
+
+pub mod bench_decode;
+pub mod generate;
+pub mod inspect;
+pub mod quantize;
