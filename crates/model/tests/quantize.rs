@@ -203,3 +203,20 @@ fn quantizing_the_bf16_fixture_reproduces_the_mxfp4_fixture() {
         }
     }
 }
+
+/// Ultra loads its own quantizer's output and computes the same logits as from the released-
+/// layout fixture (both are exactly the golden model, whose experts lie on the MXFP4 grid).
+#[test]
+fn the_quantized_fixture_loads_and_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gpt-oss");
+    let out = temp_dir("load").join("q");
+    quantize_checkpoint(&root.join("bf16"), &out, ScaleRounding::Up).unwrap();
+    let ids: Vec<u32> = (2..14).collect();
+    let logits = |dir: &Path| {
+        let (cfg, w) = model::load::load(dir).unwrap();
+        let m =
+            model::cpu::CpuModel::new(std::sync::Arc::new(cfg), std::sync::Arc::new(w)).unwrap();
+        m.forward_full(&ids).unwrap().0
+    };
+    assert_eq!(logits(&out), logits(&root.join("mxfp4")));
+}
