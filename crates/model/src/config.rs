@@ -36,6 +36,22 @@ pub struct Yarn {
     pub attention_factor: f64,
 }
 
+impl Yarn {
+    /// The YaRN of the released gpt-oss checkpoints (and transformers' `GptOssConfig` default):
+    /// factor 32, β_fast 32, β_slow 1, original context 4096, no truncation, attention factor
+    /// 0.1·ln(32) + 1.
+    pub fn gpt_oss() -> Yarn {
+        Yarn {
+            factor: 32.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            original_max_position_embeddings: 4096,
+            truncate: false,
+            attention_factor: 0.1 * 32f64.ln() + 1.0,
+        }
+    }
+}
+
 /// Rotary embedding of one layer: NeoX "half split" rotation of the first `rotary_dim` dims of
 /// each q/k head (partial RoPE when `rotary_dim < head_dim`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -935,14 +951,7 @@ impl RopeCtx<'_, '_> {
             None => {
                 // gpt-oss without any RoPE fields: the transformers class default (YaRN).
                 if self.arch == Arch::GptOss && !root.has("rope_scaling") {
-                    Some(Yarn {
-                        factor: 32.0,
-                        beta_fast: 32.0,
-                        beta_slow: 1.0,
-                        original_max_position_embeddings: 4096,
-                        truncate: false,
-                        attention_factor: 0.1 * 32f64.ln() + 1.0,
-                    })
+                    Some(Yarn::gpt_oss())
                 } else {
                     None
                 }

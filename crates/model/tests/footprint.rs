@@ -8,14 +8,7 @@ fn gpt_oss_20b() -> ModelConfig {
     let rope = Rope {
         theta: 150000.0,
         rotary_dim: 64,
-        yarn: Some(Yarn {
-            factor: 32.0,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            original_max_position_embeddings: 4096,
-            truncate: false,
-            attention_factor: 0.1 * 32f64.ln() + 1.0,
-        }),
+        yarn: Some(Yarn::gpt_oss()),
     };
     let layers = (0..24)
         .map(|l| LayerSpec {

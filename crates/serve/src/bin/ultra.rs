@@ -145,16 +145,22 @@ enum Rounding {
     Floor,
 }
 
+/// Sizes the global worker pool (default: all cores).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()?;
+    }
+    Ok(())
+}
+
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
     if m.device == Device::Cuda {
         bail!("--device cuda: the GPU executor is not built yet (issue #4); use --device cpu");
     }
-    if let Some(t) = m.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()?;
-    }
+    set_threads(m.threads)?;
     commands::generate::load(&m.model)
 }
 
@@ -166,11 +172,7 @@ fn main() -> Result<()> {
             threads,
             seed,
         } => {
-            if let Some(t) = threads {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .build_global()?;
-            }
+            set_threads(threads)?;
             println!(
                 "CPU MXFP4 GEMV at gpt-oss-20b expert shapes, {} threads (each case checked against the f64 reference first)",
                 rayon::current_num_threads()
@@ -302,11 +304,7 @@ fn main() -> Result<()> {
             repeats,
             threads,
         } => {
-            if let Some(t) = threads {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .build_global()?;
-            }
+            set_threads(threads)?;
             let dirs: Vec<PathBuf> = if model.is_empty() {
                 [
                     "gpt-oss/bf16",

@@ -32,14 +32,7 @@ pub fn synthetic_config() -> ModelConfig {
     let rope = Rope {
         theta: 150000.0,
         rotary_dim: 64,
-        yarn: Some(Yarn {
-            factor: 32.0,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            original_max_position_embeddings: 4096,
-            truncate: false,
-            attention_factor: 0.1 * 32f64.ln() + 1.0,
-        }),
+        yarn: Some(Yarn::gpt_oss()),
     };
     ModelConfig {
         arch: Arch::GptOss,
