@@ -253,7 +253,7 @@ fn row_sum(row: &[f32], dist: Dist, index_row: usize, tolerance: f64) -> Result<
 /// running sum exceeds `target`. If rounding leaves `target` at or beyond the total, the last
 /// index with positive weight is returned; `None` only if every weight is zero. Never returns
 /// an index of weight zero.
-fn sample_index(len: usize, w: impl Fn(usize) -> f64, target: f64) -> Option<usize> {
+pub(crate) fn sample_index(len: usize, w: impl Fn(usize) -> f64, target: f64) -> Option<usize> {
     let mut cum = 0.0f64;
     let mut last = None;
     for j in 0..len {

@@ -1,16 +1,56 @@
-//! DFlash block speculative decoding.
+//! DFlash block speculative decoding (research/dflash.md).
 //!
-//! This crate will own the whole DFlash path (drafter spec and loading, block drafting, the
-//! speculative loop over a target abstraction). For now it holds the parts everything else
-//! builds on, as pure functions:
+//! This crate owns the whole DFlash path on the CPU: drafter configuration and loading (z-lab
+//! DFlash-1 checkpoints and Xiaomi's MiMo variant), the block draft forward, the speculative
+//! loop over a [`Target`] abstraction, the acceptance rules and the acceptance statistics.
 //!
-//! * [`accept_greedy`] — greedy acceptance: longest prefix of drafts that match the target's
-//!   argmax, plus the bonus token;
-//! * [`accept_sampled`] — exact rejection sampling (Leviathan et al. 2023, as in z-lab DFlash's
-//!   `_rejection_sample`): the emitted tokens are distributed exactly as sampling from the target
-//!   one token at a time;
-//! * [`AcceptanceStats`] — acceptance length τ, per-position acceptance rates, histogram;
-//!   mergeable across sequences and workers.
+//! # Entry point
+//!
+//! ```no_run
+//! # use std::{ops::ControlFlow, path::Path, sync::Arc};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use dflash::{Drafter, SpecDecoder};
+//! use model::{cpu::CpuModel, sampling::SamplingParams};
+//!
+//! let (cfg, weights) = model::load::load(Path::new("target/"))?;
+//! let target = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
+//! // config.json + model.safetensors (+ mask_embedding.safetensors for MiMo); checked against
+//! // the target: hidden size, fc width, vocabulary, mask id, target layer ids.
+//! let drafter = Drafter::load(Path::new("drafter/"), target.config())?;
+//! let spec = SpecDecoder::new(&target, drafter, None)?; // None: the drafter's block size
+//! let out = spec.generate(&[1, 2, 3], &SamplingParams::greedy(), |tok| {
+//!     print!("{tok} ");
+//!     ControlFlow::Continue(()) // Break(()) stops (e.g. on a stop string)
+//! })?;
+//! eprintln!("τ = {:?}, finish = {}", out.stats.tau(), out.finish_reason());
+//! # Ok(()) }
+//! ```
+//!
+//! Greedy output is token-for-token identical to plain greedy decoding; sampled output has
+//! exactly the target's sampling distribution (temperature / top-k / top-p / min-p /
+//! repetition penalty as `model::sampling`).
+//!
+//! # Parts
+//!
+//! * [`DrafterConfig`] ([`config`]) — `config.json` → normalized config: dims, RoPE (incl. YaRN,
+//!   partial rotary, MiMo's `backbone_rotary_base`), per-layer attention (window, causal) by the
+//!   resolution rules of research/dflash.md §2.4, mask id, target layer ids, block size; refuses
+//!   keys that would change the math and are not implemented.
+//! * [`Drafter`] ([`drafter`]) — weights + loading + target checks + the draft forward:
+//!   [`Drafter::append_context`] (target features → `fc` → `hidden_norm` → each layer's K/V at
+//!   the true positions, into a [`DraftCache`] of committed context) and [`Drafter::draft`] (the
+//!   block `[x_last, MASK×(B−1)]` → logits of rows `1..B` through the target's LM head).
+//! * [`Target`] ([`target`]) — run tokens at the current position (logits + the outputs of
+//!   selected layers), truncate, length; implemented for `model::cpu::Session`.
+//! * [`speculative_generate`] / [`SpecDecoder`] ([`decode`]) — the loop: prefill, draft,
+//!   verify, accept, truncate, append context, emit (stop tokens and `max_tokens` inside the
+//!   emitted run).
+//! * [`SamplingDist`] ([`probs`]) — the sampling transform as a dense distribution (for `p`
+//!   and `q` of rejection sampling).
+//! * [`accept_greedy`], [`accept_sampled`] — the acceptance rules (greedy prefix match; exact
+//!   rejection sampling, Leviathan et al. 2023, as z-lab's `_rejection_sample`);
+//!   [`AcceptanceStats`] — τ (counting the bonus), per-position acceptance, histogram.
+//! * [`toy`] — tiny random drafters for tests.
 //!
 //! # Indexing convention
 //!
@@ -19,15 +59,33 @@
 //! tokens, so draft `d[i]` is checked against target row `i`. With `a` drafts accepted the round
 //! emits `d[0..a]` followed by one bonus token taken from target row `a`; `a + 1` tokens in all
 //! (`1 ≤ a + 1 ≤ B`). Draft probability row `i` (for sampled decoding) is the distribution `d[i]`
-//! was drawn from.
+//! was drawn from; draft logits row `i` is the drafter's block row `i + 1`.
+//!
+//! Target layer `L` (`dflash_config.target_layer_ids`) means the residual stream right after
+//! decoder layer `L`: HF `output_hidden_states[L + 1]` for every layer but the last, and for the
+//! last layer the state **before** the final norm (as vLLM captures it and as the PyTorch
+//! reference `scripts/fixtures/dflash_reference.py` does; HF's last `hidden_states` entry is
+//! normed). On the CPU executor: hidden index `L + 1`, and `model::cpu::LAST_LAYER_PRE_NORM`
+//! for the last layer.
 
 mod accept;
+pub mod config;
+pub mod decode;
+pub mod drafter;
+pub mod probs;
 mod stats;
+pub mod target;
+pub mod toy;
 
 pub use accept::{
     accept_greedy, accept_sampled, Acceptance, Dist, UniformSource, DEFAULT_PROB_TOLERANCE,
 };
+pub use config::{DraftAttn, DrafterConfig, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use decode::{speculative_generate, Round, SpecDecoder, SpecError, SpecOptions, SpecOutput};
+pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
+pub use probs::SamplingDist;
 pub use stats::AcceptanceStats;
+pub use target::Target;
 
 /// Errors of the acceptance rules and statistics. Nothing in this crate panics on bad input.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

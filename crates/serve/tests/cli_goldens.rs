@@ -94,3 +94,46 @@ fn scores_match_transformers_log_softmax() {
         }
     }
 }
+
+/// `ultra generate --draft`: greedy speculative output (and streamed text) equals plain greedy
+/// generation, for each fixture drafter and several block sizes.
+#[test]
+fn speculative_generation_equals_plain_generation() {
+    use serve::commands::generate::generate_speculative;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    for (target, drafter) in [
+        ("qwen3-moe/native", "qwen3-moe-dflash"),
+        ("gpt-oss/bf16", "gpt-oss-dflash"),
+        ("mimo-v2-flash/native", "mimo-dflash"),
+    ] {
+        let dir = root.join(target);
+        let loaded = load(&dir).unwrap();
+        let prompt = ids(&golden(&dir)["input_ids"]);
+        let params = SamplingParams {
+            max_tokens: 24,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        let mut plain_text = Vec::new();
+        let plain = generate(&loaded, &prompt, &params, &mut plain_text).unwrap();
+        for block in [None, Some(2), Some(8)] {
+            let mut text = Vec::new();
+            let spec = generate_speculative(
+                &loaded,
+                &root.join("drafters").join(drafter),
+                block,
+                &prompt,
+                &params,
+                &mut text,
+            )
+            .unwrap();
+            assert_eq!(
+                spec.generation.tokens, plain.tokens,
+                "{target} block {block:?}"
+            );
+            assert_eq!(text, plain_text, "{target} block {block:?}");
+            let tau = spec.stats.tau().unwrap();
+            assert!((1.0..=spec.block_size as f64).contains(&tau));
+        }
+    }
+}

@@ -21,7 +21,9 @@
 //! For a model of L layers, hidden index `0` is the embedding output, index `i` in `1..L` is the
 //! output (residual stream) of layer `i − 1`, and index `L` is the output of the last layer
 //! **after the final RMSNorm** — exactly HF's `hidden_states[i]` (whose last entry is normed).
-//! The logits are `lm_head · hidden[L]`.
+//! The logits are `lm_head · hidden[L]`. One more index, [`LAST_LAYER_PRE_NORM`], is the output
+//! of the last layer **before** the final RMSNorm (no HF entry; the residual stream speculative
+//! drafters read as "the output of the last layer").
 
 pub mod check;
 pub mod ffn;
@@ -57,7 +59,7 @@ pub enum CpuError {
     #[error("empty token list")]
     EmptyInput,
     /// A requested hidden-state index exceeds the number of layers.
-    #[error("hidden-state index {index} is out of range (0..={layers})")]
+    #[error("hidden-state index {index} is out of range (0..={layers}, or LAST_LAYER_PRE_NORM)")]
     HiddenIndex { index: usize, layers: usize },
     /// `truncate` to more positions than the session holds.
     #[error("cannot truncate to {len}: the session holds {have} positions")]
@@ -78,6 +80,10 @@ pub enum CpuError {
     #[error(transparent)]
     Fp4(#[from] fp4::Fp4Error),
 }
+
+/// Hidden index of the last layer's output before the final RMSNorm (see the module docs), accepted
+/// by [`Session::verify`] besides `0..=L`.
+pub const LAST_LAYER_PRE_NORM: usize = usize::MAX;
 
 /// Default truncation depth that a [`Session`] keeps exact (sliding layers keep
 /// `window − 1 + max_rollback` positions of history).
@@ -315,7 +321,8 @@ impl Session {
     }
 
     /// Appends a block of tokens in ONE pass (causal inside the block) and returns the logits of
-    /// every token plus the requested hidden states (indices per the module docs, `0..=L`).
+    /// every token plus the requested hidden states (indices per the module docs, `0..=L` and
+    /// [`LAST_LAYER_PRE_NORM`]).
     /// Follow with [`Session::truncate`] to drop rejected tokens.
     pub fn verify(
         &mut self,
@@ -323,7 +330,10 @@ impl Session {
         hidden_layers: &[usize],
     ) -> Result<VerifyOutput, CpuError> {
         let nl = self.model.config.layers.len();
-        if let Some(&index) = hidden_layers.iter().find(|&&i| i > nl) {
+        if let Some(&index) = hidden_layers
+            .iter()
+            .find(|&&i| i > nl && i != LAST_LAYER_PRE_NORM)
+        {
             return Err(CpuError::HiddenIndex { index, layers: nl });
         }
         self.check_tokens(tokens)?;
@@ -574,9 +584,12 @@ fn run_pass(
         ffn::mlp_forward(cfg, &lw.mlp, &s.h, t, &mut s.o, &mut s.ffn)?;
         ops::add_assign(&mut s.x, &s.o);
 
-        if l + 1 < nl {
-            capture(hidden_layers, hidden, l + 1, &s.x, hs);
-        }
+        let idx = if l + 1 < nl {
+            l + 1
+        } else {
+            LAST_LAYER_PRE_NORM
+        };
+        capture(hidden_layers, hidden, idx, &s.x, hs);
     }
 
     if want != Want::Skip || hidden_layers.contains(&nl) {

@@ -405,18 +405,46 @@ pub fn attention_query_head(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let keys = shape.first_visible(pos)..pos + 1;
+    attention_span(
+        shape, q, k_rows, v_rows, first_pos, keys, head, sinks, scores, out,
+    );
+}
+
+/// Attention of query head `head` over the keys at the absolute positions `keys` (an explicit
+/// range: `shape.window` is not consulted). This is the one definition behind
+/// [`attention_query_head`] (causal: `first_visible(pos) ..= pos`) and the non-causal block
+/// attention of speculative drafters (keys after the query).
+///
+/// `q` is the query's `[n_heads · head_dim]`; `k_rows` / `v_rows` hold consecutive positions
+/// starting at absolute position `first_pos` and must cover `keys`. `sinks` has one logit per
+/// query head. Writes `v_head_dim` values to `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_span(
+    shape: &AttnShape,
+    q: &[f32],
+    k_rows: &[f32],
+    v_rows: &[f32],
+    first_pos: usize,
+    keys: std::ops::Range<usize>,
+    head: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let (d, dv) = (shape.head_dim, shape.v_head_dim);
     let (kr, vr) = (shape.n_kv_heads * d, shape.n_kv_heads * dv);
-    let lo = shape.first_visible(pos);
+    let (lo, hi) = (keys.start, keys.end);
     assert!(
         lo >= first_pos,
         "attention: position {lo} is no longer cached (first {first_pos})"
     );
-    let n = pos + 1 - lo;
+    let n = hi.saturating_sub(lo);
     let row = lo - first_pos;
     assert!(
         (row + n) * kr <= k_rows.len() && (row + n) * vr <= v_rows.len(),
-        "attention: position {pos} not cached"
+        "attention: position {} not cached",
+        hi.saturating_sub(1)
     );
     let g = shape.kv_head(head);
     attention_head(

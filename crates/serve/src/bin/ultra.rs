@@ -69,6 +69,12 @@ enum Cmd {
         /// Keep going past the model's EOS token.
         #[arg(long)]
         ignore_eos: bool,
+        /// A DFlash drafter directory: speculative decoding (same output for greedy decoding).
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// Speculation block size 2..=16 (default: the drafter's).
+        #[arg(long, requires = "draft")]
+        block_size: Option<usize>,
     },
     /// Per-token log-probabilities of a text or of --token-ids (entry i: log p(token i | before)).
     Score {
@@ -203,6 +209,8 @@ fn main() -> Result<()> {
             seed,
             stop,
             ignore_eos,
+            draft,
+            block_size,
         } => {
             let loaded = open(&m)?;
             let ids = commands::generate::prompt_ids(
@@ -224,7 +232,23 @@ fn main() -> Result<()> {
                 ignore_eos,
             };
             let mut stdout = std::io::stdout();
-            let g = commands::generate::generate(&loaded, &ids, &params, &mut stdout)?;
+            let (g, spec) = match &draft {
+                Some(dir) => {
+                    let r = commands::generate::generate_speculative(
+                        &loaded,
+                        dir,
+                        block_size,
+                        &ids,
+                        &params,
+                        &mut stdout,
+                    )?;
+                    (r.generation, Some((r.stats, r.block_size)))
+                }
+                None => (
+                    commands::generate::generate(&loaded, &ids, &params, &mut stdout)?,
+                    None,
+                ),
+            };
             println!();
             if loaded.tokenizer.is_none() {
                 println!("tokens: {:?}", g.tokens);
@@ -237,6 +261,22 @@ fn main() -> Result<()> {
                 g.time_to_first_token_s * 1e3,
                 g.decode_tokens_per_s
             );
+            if let Some((stats, b)) = spec {
+                let pos: Vec<String> = (0..b - 1)
+                    .map(|i| {
+                        stats
+                            .position_acceptance_rate(i)
+                            .map_or("-".into(), |r| format!("{r:.2}"))
+                    })
+                    .collect();
+                eprintln!(
+                    "speculative: block {b}, {} rounds, acceptance length tau {:.2} (counting the bonus), per-position acceptance [{}], accepted-drafts histogram {:?}",
+                    stats.rounds(),
+                    stats.tau().unwrap_or(0.0),
+                    pos.join(", "),
+                    stats.histogram()
+                );
+            }
         }
         Cmd::Score { text, m, json } => {
             let loaded = open(&m)?;

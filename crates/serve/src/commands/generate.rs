@@ -6,6 +6,7 @@
 //! log p(token i | tokens before it) for i ≥ 1 (entry 0 has no context and is `null`).
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -150,6 +151,92 @@ pub fn generate(
         finish_reason,
         time_to_first_token_s: ttft,
         decode_tokens_per_s: decode_steps as f64 / decode_s.max(1e-9),
+    })
+}
+
+/// What a speculative generation produced, beyond [`Generation`].
+pub struct SpecReport {
+    pub generation: Generation,
+    pub stats: dflash::AcceptanceStats,
+    pub block_size: usize,
+}
+
+/// Generates from `ids` with DFlash block speculation (`draft` = a drafter directory), streaming
+/// text to `out`; the output is the same as [`generate`]'s for greedy decoding.
+pub fn generate_speculative(
+    loaded: &Loaded,
+    draft: &Path,
+    block_size: Option<usize>,
+    ids: &[u32],
+    params: &SamplingParams,
+    out: &mut dyn Write,
+) -> Result<SpecReport> {
+    params.validate()?;
+    let drafter = dflash::Drafter::load(draft, loaded.model.config())
+        .with_context(|| format!("loading drafter {}", draft.display()))?;
+    let eos: Vec<u32> = match &loaded.tokenizer {
+        Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
+        _ => loaded.model.config().eos_token_ids.clone(),
+    };
+    let decoder = dflash::SpecDecoder::new(&loaded.model, drafter, block_size)?
+        .with_eos_token_ids(eos.clone());
+    // Stops (EOS, stop strings, length) are applied to the streamed text by the same checker as
+    // plain generation; the speculative loop also knows EOS and max tokens.
+    let mut stop = StopChecker::from_params(params, &eos);
+    let mut detok = loaded.tokenizer.as_ref().map(|t| t.decode_stream(true));
+    let mut tail = String::new();
+    let mut reason = String::from("length");
+    let mut io_error = None;
+    let t0 = Instant::now();
+    let mut first = None;
+    let out_spec = decoder.generate(ids, params, |token| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        let delta = match detok.as_mut().map(|d| d.step(token)) {
+            Some(Ok(d)) => d.unwrap_or_default(),
+            _ => String::new(),
+        };
+        let (text, done) = match stop.push(token, &delta) {
+            StopStatus::Continue { emit } => (emit, None),
+            StopStatus::Stop { reason, trim, .. } => (trim, Some(reason)),
+        };
+        if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+            io_error = Some(e);
+            return ControlFlow::Break(());
+        }
+        match done {
+            Some(r) => {
+                if r == FinishReason::Length {
+                    if let Some(Ok(Some(rest))) = detok.as_mut().map(|d| d.flush()) {
+                        let _ = out.write_all(rest.as_bytes());
+                        tail = rest;
+                    }
+                }
+                reason = r.as_str().to_string();
+                ControlFlow::Break(())
+            }
+            None => ControlFlow::Continue(()),
+        }
+    })?;
+    if let Some(e) = io_error {
+        return Err(e.into());
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let ttft = first.unwrap_or(elapsed);
+    let n = out_spec.tokens.len();
+    if out_spec.stop_cause.is_some() {
+        reason = out_spec.finish_reason().as_str().to_string();
+    }
+    Ok(SpecReport {
+        generation: Generation {
+            prompt_tokens: ids.len(),
+            text: format!("{}{tail}", stop.text()),
+            tokens: out_spec.tokens,
+            finish_reason: reason,
+            time_to_first_token_s: ttft,
+            decode_tokens_per_s: n.saturating_sub(1).max(1) as f64 / (elapsed - ttft).max(1e-9),
+        },
+        stats: out_spec.stats,
+        block_size: decoder.block_size(),
     })
 }
 

@@ -1,0 +1,464 @@
+//! The speculative decoding loop (research/dflash.md §3.1) over a [`Target`], and
+//! [`SpecDecoder`], its entry point over the CPU executor.
+
+use std::ops::ControlFlow;
+
+use model::cpu::{CpuModel, VerifyOutput};
+use model::sampling::{FinishReason, Sampler, SamplingError, SamplingParams, StopCause};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::accept::sample_index;
+use crate::config::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use crate::drafter::{Drafter, DrafterError};
+use crate::probs::SamplingDist;
+use crate::target::Target;
+use crate::{
+    accept_greedy, accept_sampled, AcceptError, Acceptance, AcceptanceStats, DEFAULT_PROB_TOLERANCE,
+};
+
+/// Everything that can stop a speculative generation with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The block size is outside `2..=16`.
+    #[error("block size {0} is outside {MIN_BLOCK_SIZE}..={MAX_BLOCK_SIZE}")]
+    BlockSize(usize),
+    /// The prompt has no tokens.
+    #[error("empty prompt")]
+    EmptyPrompt,
+    /// The target already holds positions (the drafter has no context for them).
+    #[error("the target already holds {0} positions; speculative generation starts from an empty sequence")]
+    TargetNotEmpty(usize),
+    /// The target failed.
+    #[error("target: {0}")]
+    Target(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The target returned output of the wrong shape.
+    #[error("target output: {0}")]
+    TargetOutput(String),
+    #[error(transparent)]
+    Drafter(#[from] DrafterError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Accept(#[from] AcceptError),
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecOutput {
+    /// Generated tokens (a stop token, when one ended generation, is the last).
+    pub tokens: Vec<u32>,
+    /// Acceptance statistics over the verify rounds (τ counts the bonus token).
+    pub stats: AcceptanceStats,
+    /// What ended generation; `None` when the `on_token` callback asked to stop.
+    pub stop_cause: Option<StopCause>,
+}
+
+impl SpecOutput {
+    /// The OpenAI-level finish reason (`stop` for a callback-requested stop).
+    pub fn finish_reason(&self) -> FinishReason {
+        self.stop_cause
+            .as_ref()
+            .map_or(FinishReason::Stop, StopCause::finish_reason)
+    }
+}
+
+/// One verify round, as reported to an observer.
+#[derive(Debug, Clone, Copy)]
+pub struct Round<'a> {
+    /// 0 for the first round.
+    pub index: usize,
+    /// Position of `x_last` (= committed context length).
+    pub start: usize,
+    /// The block's first token: the last emitted token, not yet in the target's KV cache.
+    pub x_last: u32,
+    /// The draft logits: `(B − 1) · V` values, row `i` for position `start + 1 + i` (empty when
+    /// the round verified no drafts).
+    pub draft_logits: &'a [f32],
+    /// The drafts verified (`B' − 1` of them, `B' = min(B, tokens still allowed)`).
+    pub drafts: &'a [u32],
+    /// Drafts accepted and the bonus token.
+    pub acceptance: Acceptance,
+}
+
+/// Loop settings besides the sampling parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecOptions {
+    /// Block size B (`2..=16`): one draft forward proposes `B − 1` tokens.
+    pub block_size: usize,
+    /// The model's EOS ids (stop generation unless `SamplingParams::ignore_eos`).
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn target_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> SpecError {
+    SpecError::Target(Box::new(e))
+}
+
+/// Checks a target output for `t` tokens and `k` hidden indices of width `h`.
+fn check_output(o: &VerifyOutput, t: usize, v: usize, k: usize, h: usize) -> Result<(), SpecError> {
+    let bad = |m: String| Err(SpecError::TargetOutput(m));
+    if o.logits.len() != t || o.logits.iter().any(|r| r.len() != v) {
+        return bad(format!("expected {t} logit rows of {v}"));
+    }
+    if o.hidden.len() != k
+        || o.hidden
+            .iter()
+            .any(|x| x.len() != t || x.iter().any(|r| r.len() != h))
+    {
+        return bad(format!("expected {k} hidden states of {t} rows of {h}"));
+    }
+    Ok(())
+}
+
+/// Rows `0..rows` of the concatenated features `[rows, K·H]` (row j = hidden[0][j] ‖ … ‖
+/// hidden[K−1][j]).
+fn features(o: &VerifyOutput, rows: usize, h: usize) -> Vec<f32> {
+    let k = o.hidden.len();
+    let mut f = Vec::with_capacity(rows * k * h);
+    for j in 0..rows {
+        for hs in &o.hidden {
+            f.extend_from_slice(&hs[j]);
+        }
+    }
+    f
+}
+
+/// Draws from a probability row with one uniform.
+fn draw(p: &[f32], u: f64) -> u32 {
+    let total: f64 = p.iter().map(|&x| x as f64).sum();
+    sample_index(p.len(), |j| p[j] as f64, u * total).unwrap_or(0) as u32
+}
+
+/// Token selection for one mode: greedy (the Sampler's argmax, repetition penalty included) or
+/// sampled (dense distributions + one RNG stream for drafts, acceptance and bonus tokens).
+struct Picker {
+    greedy: bool,
+    sampler: Sampler,
+    dist: SamplingDist,
+    rng: ChaCha20Rng,
+}
+
+impl Picker {
+    fn new(params: &SamplingParams) -> Result<Picker, SamplingError> {
+        let rng = match params.seed {
+            Some(s) => ChaCha20Rng::seed_from_u64(s),
+            None => ChaCha20Rng::from_os_rng(),
+        };
+        Ok(Picker {
+            greedy: params.is_greedy(),
+            sampler: Sampler::new(params)?,
+            dist: SamplingDist::new(params)?,
+            rng,
+        })
+    }
+
+    /// One token from `logits` given `history`; `probs` (V values) receives the distribution
+    /// in sampled mode.
+    fn pick(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        probs: &mut [f32],
+    ) -> Result<u32, SamplingError> {
+        if self.greedy {
+            self.sampler.try_sample(logits, history)
+        } else {
+            self.dist.probs(logits, history, probs)?;
+            Ok(draw(probs, self.rng.random::<f64>()))
+        }
+    }
+}
+
+/// Runs speculative generation on `target` (which must be empty) with `drafter`.
+///
+/// Prefill: the prompt runs through the target once (logits + the drafter's target layers),
+/// its features become the drafter's context, and the first token is chosen from the last
+/// logits. Then each round: one draft forward of `[x_last, MASK × (B−1)]`, drafts chosen from
+/// the draft logits (greedy: the same argmax as the target's, repetition penalty included;
+/// sampled: `d_i ~ q_i`, `q_i` = the draft row under the request's sampling transform), one
+/// target forward of `[x_last, d…]`, acceptance ([`accept_greedy`] / [`accept_sampled`] with
+/// the target rows `p_i` under the same transform), target KV truncated to
+/// `start + a + 1`, the `a + 1` committed tokens' features appended to the drafter context, and
+/// `d[..a]` + bonus emitted. Near `max_tokens` the verify block shrinks to the tokens still
+/// allowed (the draft forward keeps the full block size). Stop tokens (EOS unless
+/// `ignore_eos`, `stop_token_ids`) and `max_tokens` end generation inside an emitted run (the run
+/// is cut after the stop token); `on_token` sees every emitted token in order and may stop
+/// generation (e.g. on a stop string). `on_round` observes each round.
+///
+/// Greedy output is token-for-token identical to plain greedy decoding with the same
+/// `SamplingParams` (the CPU executor's verify rows are bit-identical to decode steps);
+/// sampled output has exactly the target's sampling distribution.
+pub fn speculative_generate<T: Target>(
+    target: &mut T,
+    drafter: &Drafter,
+    opts: &SpecOptions,
+    prompt: &[u32],
+    params: &SamplingParams,
+    on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+    on_round: &mut dyn FnMut(&Round<'_>),
+) -> Result<SpecOutput, SpecError> {
+    let block = opts.block_size;
+    if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block) {
+        return Err(SpecError::BlockSize(block));
+    }
+    if prompt.is_empty() {
+        return Err(SpecError::EmptyPrompt);
+    }
+    if !target.is_empty() {
+        return Err(SpecError::TargetNotEmpty(target.len()));
+    }
+    let (v, h) = (target.vocab_size(), target.hidden_size());
+    drafter.check_dims(v, h, target.num_layers())?;
+    let mut picker = Picker::new(params)?;
+    let layers = &drafter.config().target_layer_ids;
+    let k = layers.len();
+
+    let mut stops = Emitter {
+        eos: if params.ignore_eos {
+            Vec::new()
+        } else {
+            opts.eos_token_ids.clone()
+        },
+        stop_ids: params.stop_token_ids.clone(),
+        max_tokens: params.max_tokens,
+        history: prompt.to_vec(),
+        tokens: Vec::new(),
+    };
+    let mut stats = AcceptanceStats::new();
+    let mut cache = drafter.new_cache();
+    let mut probs = vec![0f32; v];
+
+    // Prefill.
+    let out = target.forward(prompt, layers).map_err(target_err)?;
+    check_output(&out, prompt.len(), v, k, h)?;
+    drafter.append_context(&mut cache, &features(&out, prompt.len(), h))?;
+    let first = picker.pick(&out.logits[prompt.len() - 1], &stops.history, &mut probs)?;
+    if let Some(cause) = stops.emit(first, on_token) {
+        return Ok(stops.finish(stats, cause));
+    }
+
+    let mut q = Vec::new();
+    let mut p = Vec::new();
+    let mut drafts = Vec::with_capacity(block);
+    let mut targets = Vec::with_capacity(block);
+    let mut index = 0;
+    loop {
+        let x_last = *stops.tokens.last().expect("a token was emitted");
+        let start = target.len();
+        if start != cache.len() {
+            return Err(SpecError::TargetOutput(format!(
+                "the target holds {start} positions, {} were committed",
+                cache.len()
+            )));
+        }
+        let width = block.min(params.max_tokens - stops.tokens.len());
+        let n = width - 1;
+
+        // Draft.
+        let draft_logits = if n > 0 {
+            drafter.draft(
+                &mut cache,
+                target.embedding(),
+                target.lm_head(),
+                x_last,
+                block,
+            )?
+        } else {
+            Vec::new()
+        };
+        let committed = stops.history.len();
+        drafts.clear();
+        q.resize(n * v, 0.0);
+        for i in 0..n {
+            let d = picker.pick(
+                &draft_logits[i * v..(i + 1) * v],
+                &stops.history,
+                &mut q[i * v..(i + 1) * v],
+            )?;
+            drafts.push(d);
+            stops.history.push(d);
+        }
+        stops.history.truncate(committed);
+
+        // Verify.
+        let mut verify = Vec::with_capacity(width);
+        verify.push(x_last);
+        verify.extend_from_slice(&drafts);
+        let out = target.forward(&verify, layers).map_err(target_err)?;
+        check_output(&out, width, v, k, h)?;
+        // Target rows under the same transform; row i's history includes the drafts before it.
+        targets.clear();
+        p.resize(width * v, 0.0);
+        for (i, row) in out.logits.iter().enumerate() {
+            if picker.greedy {
+                targets.push(picker.sampler.try_sample(row, &stops.history)?);
+            } else {
+                picker
+                    .dist
+                    .probs(row, &stops.history, &mut p[i * v..(i + 1) * v])?;
+            }
+            if i < n {
+                stops.history.push(drafts[i]);
+            }
+        }
+        stops.history.truncate(committed);
+        let acceptance = if picker.greedy {
+            accept_greedy(&drafts, &targets)?
+        } else {
+            let rng = &mut picker.rng;
+            let mut uniform = || rng.random::<f64>();
+            accept_sampled(&p, &q, &drafts, v, DEFAULT_PROB_TOLERANCE, &mut uniform)?
+        };
+        let a = acceptance.accepted;
+        stats.record(a, n)?;
+        on_round(&Round {
+            index,
+            start,
+            x_last,
+            draft_logits: &draft_logits,
+            drafts: &drafts,
+            acceptance,
+        });
+
+        // Commit x_last and the accepted drafts; the bonus rides in the next block.
+        target.truncate(start + a + 1).map_err(target_err)?;
+        drafter.append_context(&mut cache, &features(&out, a + 1, h))?;
+        for &t in drafts[..a].iter().chain([&acceptance.bonus]) {
+            if let Some(cause) = stops.emit(t, on_token) {
+                return Ok(stops.finish(stats, cause));
+            }
+        }
+        index += 1;
+    }
+}
+
+/// Emitted tokens, history and the stop rules.
+struct Emitter {
+    eos: Vec<u32>,
+    stop_ids: Vec<u32>,
+    max_tokens: usize,
+    /// Prompt + emitted tokens (what the repetition penalty sees).
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+}
+
+impl Emitter {
+    /// Emits one token; `Some(cause)` when generation ends with it (`Some(None)`: the callback
+    /// asked to stop). Order of the checks as `StopChecker`: EOS, stop token, callback (stop
+    /// strings), `max_tokens`.
+    fn emit(
+        &mut self,
+        t: u32,
+        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+    ) -> Option<Option<StopCause>> {
+        self.tokens.push(t);
+        self.history.push(t);
+        let flow = on_token(t);
+        if self.eos.contains(&t) {
+            Some(Some(StopCause::Eos(t)))
+        } else if self.stop_ids.contains(&t) {
+            Some(Some(StopCause::StopToken(t)))
+        } else if flow.is_break() {
+            Some(None)
+        } else if self.tokens.len() >= self.max_tokens {
+            Some(Some(StopCause::MaxTokens))
+        } else {
+            None
+        }
+    }
+
+    fn finish(self, stats: AcceptanceStats, stop_cause: Option<StopCause>) -> SpecOutput {
+        SpecOutput {
+            tokens: self.tokens,
+            stats,
+            stop_cause,
+        }
+    }
+}
+
+/// DFlash speculative decoding on the CPU executor: a target [`CpuModel`], a [`Drafter`]
+/// checked against it, a block size.
+#[derive(Debug, Clone)]
+pub struct SpecDecoder {
+    model: CpuModel,
+    drafter: Drafter,
+    opts: SpecOptions,
+}
+
+impl SpecDecoder {
+    /// Checks `drafter` against `model` ([`Drafter::check_target`]) and the block size
+    /// (`None`: the drafter's trained block size; else `2..=16`). EOS ids default to the
+    /// model config's.
+    pub fn new(
+        model: &CpuModel,
+        drafter: Drafter,
+        block_size: Option<usize>,
+    ) -> Result<SpecDecoder, SpecError> {
+        drafter.check_target(model.config())?;
+        let block_size = block_size.unwrap_or(drafter.config().block_size);
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+            return Err(SpecError::BlockSize(block_size));
+        }
+        Ok(SpecDecoder {
+            opts: SpecOptions {
+                block_size,
+                eos_token_ids: model.config().eos_token_ids.clone(),
+            },
+            model: model.clone(),
+            drafter,
+        })
+    }
+
+    /// Replaces the EOS ids (e.g. with the tokenizer's).
+    pub fn with_eos_token_ids(mut self, ids: Vec<u32>) -> SpecDecoder {
+        self.opts.eos_token_ids = ids;
+        self
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.opts.block_size
+    }
+
+    pub fn drafter(&self) -> &Drafter {
+        &self.drafter
+    }
+
+    pub fn model(&self) -> &CpuModel {
+        &self.model
+    }
+
+    pub fn options(&self) -> &SpecOptions {
+        &self.opts
+    }
+
+    /// Generates from `prompt` in a fresh session; `on_token` sees every generated token as soon
+    /// as its round is verified and may stop generation ([`ControlFlow::Break`]).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<SpecOutput, SpecError> {
+        self.generate_observed(prompt, params, &mut on_token, &mut |_| {})
+    }
+
+    /// [`SpecDecoder::generate`] with an observer of every verify round.
+    pub fn generate_observed(
+        &self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+        on_round: &mut dyn FnMut(&Round<'_>),
+    ) -> Result<SpecOutput, SpecError> {
+        let mut session = self.model.session();
+        speculative_generate(
+            &mut session,
+            &self.drafter,
+            &self.opts,
+            prompt,
+            params,
+            on_token,
+            on_round,
+        )
+    }
+}

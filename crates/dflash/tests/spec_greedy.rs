@@ -1,0 +1,211 @@
+//! Speculative GREEDY decoding is token-for-token identical to plain greedy decoding.
+//!
+//! Every target fixture (gpt-oss bf16 and MXFP4, Qwen3-MoE, MiMo-V2-Flash), block sizes 2, 4, 8
+//! and 16, 24 generated tokens, with a random in-memory drafter (the shapes rotate over the
+//! targets: z-lab full attention, z-lab mixed sliding/full with YaRN, MiMo all-SWA with sinks
+//! and a mask embedding) and with the fixture drafters under `fixtures/drafters/` that fit. An untrained drafter
+//! is rejected almost every round; the tiny-vocabulary targets below accept often, so runs of
+//! several accepted drafts, full-block acceptance and the shrinking last block are exercised
+//! too. Exact equality is the requirement (the verify rows are bit-identical to decode steps).
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use common::{
+    copycat, fixture_prompt, fixtures_root, load_target, most_frequent, plain_decode, tiny_targets,
+    tokens,
+};
+use dflash::toy::{self, ToyKind};
+use dflash::{Drafter, SpecDecoder};
+use model::sampling::{SamplingParams, StopCause};
+
+const BLOCKS: [usize; 4] = [2, 4, 8, 16];
+const KINDS: [ToyKind; 3] = [ToyKind::ZLab, ToyKind::ZLabMixed, ToyKind::MiMo];
+
+fn greedy(max_tokens: usize, ignore_eos: bool) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ignore_eos,
+        ..SamplingParams::greedy()
+    }
+}
+
+/// The fixture drafters that fit `target` (by dims), with their names.
+fn fixture_drafters(target: &model::cpu::CpuModel) -> Vec<(String, Drafter)> {
+    let root = fixtures_root().join("drafters");
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut paths: Vec<_> = dirs.filter_map(|d| d.ok().map(|d| d.path())).collect();
+    paths.sort();
+    for p in paths {
+        if !p.join("config.json").is_file() {
+            continue;
+        }
+        let d = Drafter::load_unchecked(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        if d.check_target(target.config()).is_ok() {
+            out.push((p.file_name().unwrap().to_string_lossy().into_owned(), d));
+        }
+    }
+    out
+}
+
+/// Plain greedy vs speculative greedy on one fixture target: a random drafter of `kind` and every
+/// fixture drafter that fits the target, block sizes 2, 4, 8, 16, 24 tokens.
+fn check_fixture(rel: &str, kind: ToyKind) {
+    let m = load_target(rel);
+    let prompt = fixture_prompt(rel);
+    let params = greedy(24, true);
+    let want = plain_decode(&m, &prompt, &params);
+    assert_eq!(want.len(), 24);
+    let mut drafters = vec![(
+        format!("toy {kind:?}"),
+        toy::drafter(m.config(), kind, 8, 21),
+    )];
+    drafters.extend(fixture_drafters(&m));
+    for (name, d) in &drafters {
+        for b in BLOCKS {
+            let spec = SpecDecoder::new(&m, d.clone(), Some(b)).unwrap();
+            let mut streamed = Vec::new();
+            let out = spec
+                .generate(&prompt, &params, |t| {
+                    streamed.push(t);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            assert_eq!(out.tokens, want, "{rel}, drafter {name}, block {b}");
+            assert_eq!(streamed, want, "{rel}, {name}, block {b}: streamed tokens");
+            assert_eq!(out.stop_cause, Some(StopCause::MaxTokens));
+            // The first token comes from the prefill; every other one from a round.
+            assert_eq!(out.stats.emitted_tokens(), 23, "{rel}, {name}, block {b}");
+            assert!(out.stats.tau().unwrap() <= b as f64);
+        }
+    }
+    eprintln!(
+        "{rel}: drafters {:?}",
+        drafters.iter().map(|d| &d.0).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn greedy_identity_gpt_oss_bf16() {
+    check_fixture("gpt-oss/bf16", ToyKind::ZLabMixed);
+}
+
+#[test]
+fn greedy_identity_gpt_oss_mxfp4() {
+    check_fixture("gpt-oss/mxfp4", ToyKind::MiMo);
+}
+
+#[test]
+fn greedy_identity_qwen3_moe() {
+    check_fixture("qwen3-moe/native", ToyKind::ZLab);
+}
+
+#[test]
+fn greedy_identity_mimo_v2_flash() {
+    check_fixture("mimo-v2-flash/native", ToyKind::MiMo);
+}
+
+#[test]
+fn eos_and_stop_tokens_end_inside_an_emitted_run() {
+    let (_, m) = tiny_targets(6).swap_remove(1);
+    let prompt = tokens(3, 10, 0, 6);
+    let long = plain_decode(&m, &prompt, &greedy(40, true));
+    let d = toy::drafter(m.config(), ToyKind::ZLab, 8, 4);
+    let spec = SpecDecoder::new(&m, d, Some(8)).unwrap();
+    // Stop at the 1st, 2nd, … occurrence of a token that appears mid-stream.
+    let stop = long[long.len() / 2];
+    let params = SamplingParams {
+        stop_token_ids: vec![stop],
+        ..greedy(40, true)
+    };
+    let want = plain_decode(&m, &prompt, &params);
+    assert_eq!(*want.last().unwrap(), stop);
+    let out = spec
+        .generate(&prompt, &params, |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.stop_cause, Some(StopCause::StopToken(stop)));
+    // Same token as EOS (the decoder's EOS ids) → reported as EOS; ignore_eos → runs on.
+    let spec = spec.with_eos_token_ids(vec![stop]);
+    let out = spec
+        .generate(&prompt, &greedy(40, false), |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.stop_cause, Some(StopCause::Eos(stop)));
+    let out = spec
+        .generate(&prompt, &greedy(40, true), |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(out.tokens, long);
+    // The callback can stop at any token (a stop string); the token that stopped is the last.
+    for cut in [1, 2, 7, 13] {
+        let mut n = 0;
+        let out = spec
+            .generate(&prompt, &greedy(40, true), |_| {
+                n += 1;
+                if n == cut {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+        assert_eq!(out.tokens, long[..cut], "callback stop at {cut}");
+        assert_eq!(out.stop_cause, None);
+    }
+    // max_tokens of every size, also inside a run of accepted drafts.
+    for max in 1..=12 {
+        let out = spec
+            .generate(&prompt, &greedy(max, true), |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(out.tokens, long[..max], "max_tokens {max}");
+    }
+}
+
+/// Frequent acceptance: a drafter that always proposes the target's most frequent token (see
+/// `common::copycat`) on small-vocabulary targets that repeat it, so runs of several accepted
+/// drafts, all-accepted blocks and the repetition penalty (which makes row i's argmax depend on
+/// the drafts before it) are exercised; a random drafter alongside for the rejection side.
+#[test]
+fn greedy_identity_with_frequent_acceptance() {
+    let mut hist = vec![0u64; 17];
+    let mut full_blocks = 0;
+    for ((name, m), kind) in tiny_targets(6).into_iter().zip(KINDS) {
+        let prompt = tokens(9, 12, 0, 6);
+        // The penalty alternates over the block sizes.
+        for (b, penalty) in BLOCKS.into_iter().zip([None, Some(1.2), None, Some(1.2)]) {
+            let params = SamplingParams {
+                repetition_penalty: penalty,
+                ..greedy(24, true)
+            };
+            let want = plain_decode(&m, &prompt, &params);
+            let drafters = [
+                copycat(&m, kind, most_frequent(&want)),
+                toy::drafter(m.config(), kind, 8, 5),
+            ];
+            for d in drafters {
+                let spec = SpecDecoder::new(&m, d, Some(b)).unwrap();
+                let out = spec
+                    .generate(&prompt, &params, |_| ControlFlow::Continue(()))
+                    .unwrap();
+                assert_eq!(
+                    out.tokens, want,
+                    "{name} {kind:?} block {b} penalty {penalty:?}"
+                );
+                for (a, &c) in out.stats.histogram().iter().enumerate() {
+                    hist[a] += c;
+                }
+                full_blocks += out.stats.histogram().get(b - 1).copied().unwrap_or(0);
+            }
+        }
+    }
+    // Acceptance of 0, 1 and 3 or more drafts, and whole blocks, all occurred.
+    assert!(
+        hist[0] > 0 && hist[1] > 0 && hist[3..].iter().sum::<u64>() > 0 && full_blocks > 0,
+        "{hist:?}, {full_blocks} full blocks"
+    );
+    eprintln!("acceptance histogram {hist:?}, {full_blocks} full blocks");
+}
