@@ -266,3 +266,52 @@ pub fn mimo_v2_flash(seed: u64, experts: ToyExperts) -> (ModelConfig, Weights) {
     let w = build(&cfg, seed, experts, GateUpLayout::Halves);
     (cfg, w)
 }
+
+/// The synthetic ~100M-parameter benchmark model (`ultra bench-decode`, DFlash round costs): gpt-oss architecture, vocab 32000, hidden 512, 5 layers
+/// (sliding 128 / full), 8 heads × 64 (2 KV heads), 16 experts top-4 of intermediate 704.
+pub fn synthetic_gpt_oss_100m() -> ModelConfig {
+    let rope = Rope {
+        theta: 150000.0,
+        rotary_dim: 64,
+        yarn: Some(Yarn::gpt_oss()),
+    };
+    ModelConfig {
+        arch: Arch::GptOss,
+        vocab_size: 32000,
+        hidden_size: 512,
+        layers: (0..5)
+            .map(|l| LayerSpec {
+                attn: if l % 2 == 0 {
+                    AttnKind::Sliding { window: 128 }
+                } else {
+                    AttnKind::Full
+                },
+                n_heads: 8,
+                n_kv_heads: 2,
+                head_dim: 64,
+                v_head_dim: 64,
+                rope,
+                sinks: true,
+                qk_norm: false,
+                attn_bias: true,
+                moe: true,
+            })
+            .collect(),
+        rms_norm_eps: 1e-5,
+        n_experts: 16,
+        top_k: 4,
+        moe_intermediate_size: 704,
+        dense_intermediate_size: None,
+        router: RouterSpec::GptOss,
+        activation: Activation::ClampedSwiglu {
+            alpha: 1.702,
+            limit: 7.0,
+        },
+        value_scale: 1.0,
+        tie_word_embeddings: false,
+        max_position_embeddings: 131072,
+        bos_token_id: None,
+        eos_token_ids: vec![1],
+        pad_token_id: None,
+    }
+}

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use model::config::{Activation, Arch, AttnKind, LayerSpec, ModelConfig, Rope, RouterSpec, Yarn};
-use model::cpu::toy::{random_weights, ToyExperts};
+use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
 use model::cpu::CpuModel;
 use model::footprint::{Footprint, StoragePlan};
 
@@ -24,55 +23,6 @@ pub struct DecodeRow {
     pub tokens_per_s: f64,
     /// Weight bytes per decode step as this executor holds them (dense f32, experts as stored).
     pub bytes_per_token: f64,
-}
-
-/// The synthetic benchmark model: gpt-oss architecture, vocab 32000, hidden 512, 5 layers
-/// (sliding 128 / full), 8 heads × 64 (2 KV heads), 16 experts top-4 of intermediate 704.
-pub fn synthetic_config() -> ModelConfig {
-    let rope = Rope {
-        theta: 150000.0,
-        rotary_dim: 64,
-        yarn: Some(Yarn::gpt_oss()),
-    };
-    ModelConfig {
-        arch: Arch::GptOss,
-        vocab_size: 32000,
-        hidden_size: 512,
-        layers: (0..5)
-            .map(|l| LayerSpec {
-                attn: if l % 2 == 0 {
-                    AttnKind::Sliding { window: 128 }
-                } else {
-                    AttnKind::Full
-                },
-                n_heads: 8,
-                n_kv_heads: 2,
-                head_dim: 64,
-                v_head_dim: 64,
-                rope,
-                sinks: true,
-                qk_norm: false,
-                attn_bias: true,
-                moe: true,
-            })
-            .collect(),
-        rms_norm_eps: 1e-5,
-        n_experts: 16,
-        top_k: 4,
-        moe_intermediate_size: 704,
-        dense_intermediate_size: None,
-        router: RouterSpec::GptOss,
-        activation: Activation::ClampedSwiglu {
-            alpha: 1.702,
-            limit: 7.0,
-        },
-        value_scale: 1.0,
-        tie_word_embeddings: false,
-        max_position_embeddings: 131072,
-        bos_token_id: None,
-        eos_token_ids: vec![1],
-        pad_token_id: None,
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -140,7 +90,7 @@ pub fn run(fixtures: &[&Path], tokens: usize, repeats: usize) -> Result<Vec<Deco
         let rate = time_decode(&m, &prompt, tokens, repeats)?;
         rows.push(row(dir.display().to_string(), &m, plan, rate));
     }
-    let cfg = synthetic_config();
+    let cfg = synthetic_gpt_oss_100m();
     let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
     let m = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
     let rate = time_decode(&m, &prompt, tokens, repeats)?;
@@ -159,7 +109,7 @@ mod tests {
 
     #[test]
     fn synthetic_model_is_about_100m_parameters() {
-        let f = Footprint::new(&synthetic_config(), StoragePlan::MXFP4_EXPERTS);
+        let f = Footprint::new(&synthetic_gpt_oss_100m(), StoragePlan::MXFP4_EXPERTS);
         assert!(
             (100_000_000..130_000_000).contains(&f.total_params),
             "{}",
