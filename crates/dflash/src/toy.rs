@@ -7,9 +7,8 @@
 //! proposes near-random tokens; speculative output must not depend on that.
 
 use model::config::ModelConfig;
-use model::weights::{Attention, Layer, Linear, Mat, Mlp};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use model::cpu::toy::ToyGen;
+use model::weights::{Attention, Layer, Mlp};
 use serde_json::{json, Value};
 
 use crate::config::DrafterConfig;
@@ -126,31 +125,6 @@ pub fn config_json(target: &ModelConfig, kind: ToyKind, block_size: usize) -> Va
     v
 }
 
-struct Gen(ChaCha8Rng);
-
-impl Gen {
-    fn vec(&mut self, n: usize, std: f32) -> Vec<f32> {
-        let a = std * 3f32.sqrt();
-        (0..n).map(|_| self.0.random_range(-a..a)).collect()
-    }
-    fn norm(&mut self, n: usize) -> Vec<f32> {
-        self.vec(n, 0.1).into_iter().map(|v| 1.0 + v).collect()
-    }
-    fn mat(&mut self, rows: usize, cols: usize) -> Mat {
-        Mat {
-            rows,
-            cols,
-            data: self.vec(rows * cols, 0.1),
-        }
-    }
-    fn linear(&mut self, rows: usize, cols: usize, bias: bool) -> Linear {
-        Linear {
-            w: self.mat(rows, cols),
-            bias: bias.then(|| self.vec(rows, 0.1)),
-        }
-    }
-}
-
 /// Random weights for a drafter config reading targets of hidden size `target_hidden`. A mask
 /// embedding is drawn when `mask_embedding` is set.
 pub fn random_weights(
@@ -159,7 +133,7 @@ pub fn random_weights(
     mask_embedding: bool,
     seed: u64,
 ) -> DrafterWeights {
-    let mut g = Gen(ChaCha8Rng::seed_from_u64(seed));
+    let mut g = ToyGen::new(seed);
     let (h, nh, nkv, d, i) = (
         cfg.hidden_size,
         cfg.n_heads,
@@ -174,18 +148,18 @@ pub fn random_weights(
         .map(|_| Layer {
             input_norm: g.norm(h),
             attn: Attention {
-                q: g.linear(nh * d, h, b),
-                k: g.linear(nkv * d, h, b),
-                v: g.linear(nkv * d, h, b),
-                o: g.linear(h, nh * d, b),
+                q: g.linear(nh * d, h, b.then_some(0.1)),
+                k: g.linear(nkv * d, h, b.then_some(0.1)),
+                v: g.linear(nkv * d, h, b.then_some(0.1)),
+                o: g.linear(h, nh * d, b.then_some(0.1)),
                 q_norm: Some(g.norm(d)),
                 k_norm: Some(g.norm(d)),
                 sinks: cfg.sinks.then(|| g.vec(nh, 0.5)),
             },
             post_attn_norm: g.norm(h),
             mlp: Mlp::Dense {
-                gate_up: g.linear(2 * i, h, false),
-                down: g.linear(h, i, false),
+                gate_up: g.linear(2 * i, h, None),
+                down: g.linear(h, i, None),
             },
         })
         .collect();

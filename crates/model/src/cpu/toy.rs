@@ -23,28 +23,34 @@ pub enum ToyExperts {
     Mxfp4,
 }
 
-struct Gen(ChaCha8Rng);
+/// The toys' deterministic weight generator (shared with `dflash`'s toy drafters): uniform
+/// values of a given standard deviation, norm weights `1 + 0.1·u`, matrices of std 0.1.
+pub struct ToyGen(pub ChaCha8Rng);
 
-impl Gen {
+impl ToyGen {
+    pub fn new(seed: u64) -> ToyGen {
+        ToyGen(ChaCha8Rng::seed_from_u64(seed))
+    }
     /// Uniform with standard deviation `std`.
-    fn vec(&mut self, n: usize, std: f32) -> Vec<f32> {
+    pub fn vec(&mut self, n: usize, std: f32) -> Vec<f32> {
         let a = std * 3f32.sqrt();
         (0..n).map(|_| self.0.random_range(-a..a)).collect()
     }
-    fn norm(&mut self, n: usize) -> Vec<f32> {
+    pub fn norm(&mut self, n: usize) -> Vec<f32> {
         self.vec(n, 0.1).into_iter().map(|v| 1.0 + v).collect()
     }
-    fn mat(&mut self, rows: usize, cols: usize) -> Mat {
+    pub fn mat(&mut self, rows: usize, cols: usize) -> Mat {
         Mat {
             rows,
             cols,
             data: self.vec(rows * cols, 0.1),
         }
     }
-    fn linear(&mut self, rows: usize, cols: usize, bias: bool) -> Linear {
+    /// A linear layer with std-0.1 weights and, if `bias_std` is given, a bias of that std.
+    pub fn linear(&mut self, rows: usize, cols: usize, bias_std: Option<f32>) -> Linear {
         Linear {
             w: self.mat(rows, cols),
-            bias: bias.then(|| self.vec(rows, 0.5)),
+            bias: bias_std.map(|s| self.vec(rows, s)),
         }
     }
     fn expert_mat(&mut self, rows: usize, cols: usize, kind: ToyExperts) -> ExpertMat {
@@ -75,7 +81,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, experts: ToyExperts) -> Weig
 }
 
 fn build(cfg: &ModelConfig, seed: u64, experts: ToyExperts, layout: GateUpLayout) -> Weights {
-    let mut g = Gen(ChaCha8Rng::seed_from_u64(seed));
+    let mut g = ToyGen::new(seed);
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let embed = g.mat(v, h);
     let layers = cfg
@@ -84,10 +90,10 @@ fn build(cfg: &ModelConfig, seed: u64, experts: ToyExperts, layout: GateUpLayout
         .map(|s| {
             let (nh, nkv, d, dv) = (s.n_heads, s.n_kv_heads, s.head_dim, s.v_head_dim);
             let attn = Attention {
-                q: g.linear(nh * d, h, s.attn_bias),
-                k: g.linear(nkv * d, h, s.attn_bias),
-                v: g.linear(nkv * dv, h, s.attn_bias),
-                o: g.linear(h, nh * dv, s.attn_bias),
+                q: g.linear(nh * d, h, s.attn_bias.then_some(0.5)),
+                k: g.linear(nkv * d, h, s.attn_bias.then_some(0.5)),
+                v: g.linear(nkv * dv, h, s.attn_bias.then_some(0.5)),
+                o: g.linear(h, nh * dv, s.attn_bias.then_some(0.5)),
                 q_norm: s.qk_norm.then(|| g.norm(d)),
                 k_norm: s.qk_norm.then(|| g.norm(d)),
                 sinks: s.sinks.then(|| g.vec(nh, 0.5)),
@@ -96,7 +102,7 @@ fn build(cfg: &ModelConfig, seed: u64, experts: ToyExperts, layout: GateUpLayout
                 let (e, i) = (cfg.n_experts, cfg.moe_intermediate_size);
                 let biases = matches!(cfg.arch, Arch::GptOss);
                 Mlp::Moe(Moe {
-                    router: g.linear(e, h, biases),
+                    router: g.linear(e, h, biases.then_some(0.5)),
                     correction_bias: matches!(cfg.router, RouterSpec::Sigmoid { .. })
                         .then(|| g.vec(e, 0.1)),
                     experts: (0..e)
@@ -112,8 +118,8 @@ fn build(cfg: &ModelConfig, seed: u64, experts: ToyExperts, layout: GateUpLayout
             } else {
                 let i = cfg.dense_intermediate_size.expect("dense size");
                 Mlp::Dense {
-                    gate_up: g.linear(2 * i, h, false),
-                    down: g.linear(h, i, false),
+                    gate_up: g.linear(2 * i, h, None),
+                    down: g.linear(h, i, None),
                 }
             };
             Layer {
