@@ -30,8 +30,8 @@
 //! (research/dflash.md §2.5 lists its meaning as open; [`DrafterConfig::rope`] is public, so a
 //! caller can override the RoPE).
 
-use model::config::{ConfigError, Rope, Yarn};
-use serde_json::{Map, Value};
+use model::config::{as_usize, parse_yarn, ConfigError, Obj, Rope};
+use serde_json::Value;
 
 /// Smallest supported block size (one draft token).
 pub const MIN_BLOCK_SIZE: usize = 2;
@@ -116,10 +116,7 @@ impl DrafterConfig {
                 message: "top level is not a JSON object".into(),
             });
         };
-        let top = Obj {
-            map,
-            path: String::new(),
-        };
+        let top = Obj::root(map);
         let dcfg = top.obj("dflash_config")?;
         parse(&top, dcfg.as_ref())
     }
@@ -170,20 +167,22 @@ fn parse(top: &Obj<'_>, dcfg: Option<&Obj<'_>>) -> Result<DrafterConfig, ConfigE
         }
     }
 
-    let hidden_size = top.dim("hidden_size")?;
-    let n_layers = top.dim("num_hidden_layers")?;
+    let hidden_size = top.dim("hidden_size", MAX_DIM)?;
+    let n_layers = top.dim("num_hidden_layers", MAX_DIM)?;
     if n_layers > model::config::MAX_LAYERS {
         return Err(top.invalid("num_hidden_layers", "exceeds the layer limit"));
     }
-    let n_heads = top.dim("num_attention_heads")?;
-    let n_kv_heads = top.dim_opt("num_key_value_heads")?.unwrap_or(n_heads);
+    let n_heads = top.dim("num_attention_heads", MAX_DIM)?;
+    let n_kv_heads = top
+        .dim_opt("num_key_value_heads", MAX_DIM)?
+        .unwrap_or(n_heads);
     if !n_heads.is_multiple_of(n_kv_heads) {
         return Err(top.invalid(
             "num_key_value_heads",
             format!("{n_heads} attention heads are not divisible by {n_kv_heads} KV heads"),
         ));
     }
-    let head_dim = match top.dim_opt("head_dim")? {
+    let head_dim = match top.dim_opt("head_dim", MAX_DIM)? {
         Some(d) => d,
         None if hidden_size.is_multiple_of(n_heads) => hidden_size / n_heads,
         None => {
@@ -199,35 +198,41 @@ fn parse(top: &Obj<'_>, dcfg: Option<&Obj<'_>>) -> Result<DrafterConfig, ConfigE
     if n_heads.checked_mul(head_dim).is_none_or(|d| d > MAX_DIM) {
         return Err(top.invalid("head_dim", "heads × head_dim is too large"));
     }
-    if let Some(vd) = top.dim_opt("v_head_dim")? {
+    if let Some(vd) = top.dim_opt("v_head_dim", MAX_DIM)? {
         if vd != head_dim {
             return Err(top.unsupported("v_head_dim", format!("{vd} ≠ head_dim {head_dim}")));
         }
     }
-    let intermediate_size = top.dim("intermediate_size")?;
+    let intermediate_size = top.dim("intermediate_size", MAX_DIM)?;
     let eps = top.f64("rms_norm_eps")?.unwrap_or(1e-6);
     if !(eps > 0.0 && eps < 1.0) {
         return Err(top.invalid("rms_norm_eps", format!("must be in (0, 1), got {eps}")));
     }
     let attention_bias = top.bool("attention_bias")?.unwrap_or(false);
-    let max_pos = top.dim_opt("max_position_embeddings")?.unwrap_or(40960);
+    let max_pos = top
+        .dim_opt("max_position_embeddings", MAX_DIM)?
+        .unwrap_or(40960);
 
     // --- DFlash fields -------------------------------------------------------------------
     let (o, _) = lookup("mask_token_id");
-    let mask_token_id = o.token_id("mask_token_id")?;
+    let mask_token_id = o
+        .token_id("mask_token_id")?
+        .ok_or_else(|| o.missing("mask_token_id"))?;
     let (o, _) = lookup("block_size");
-    let block_size = o.dim("block_size")?;
+    let block_size = o.dim("block_size", MAX_DIM)?;
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(o.invalid(
             "block_size",
             format!("{block_size} is outside {MIN_BLOCK_SIZE}..={MAX_BLOCK_SIZE}"),
         ));
     }
-    let num_target_layers = lookup("num_target_layers").0.dim_opt("num_target_layers")?;
+    let num_target_layers = lookup("num_target_layers")
+        .0
+        .dim_opt("num_target_layers", MAX_DIM)?;
     let target_hidden_size = lookup("target_hidden_size")
         .0
-        .dim_opt("target_hidden_size")?;
-    let vocab_size = top.dim_opt("vocab_size")?;
+        .dim_opt("target_hidden_size", MAX_DIM)?;
+    let vocab_size = top.dim_opt("vocab_size", MAX_DIM)?;
 
     let (o, present) = lookup("target_layer_ids");
     let target_layer_ids = if present {
@@ -264,9 +269,9 @@ fn parse(top: &Obj<'_>, dcfg: Option<&Obj<'_>>) -> Result<DrafterConfig, ConfigE
     let window = if all_swa || sliding.contains(&true) {
         let (o, present) = lookup("swa_window_size");
         Some(if present {
-            o.dim("swa_window_size")?
+            o.dim("swa_window_size", MAX_DIM)?
         } else {
-            top.dim_opt("sliding_window")?
+            top.dim_opt("sliding_window", MAX_DIM)?
                 .ok_or_else(|| ConfigError::Missing {
                     field: if all_swa {
                         "dflash_config.swa_window_size".into()
@@ -362,7 +367,7 @@ fn layer_types(top: &Obj<'_>, n_layers: usize) -> Result<Vec<bool>, ConfigError>
             .collect();
     }
     if top.bool("use_sliding_window")? == Some(true) && top.has("sliding_window") {
-        let first = top.usize_opt("max_window_layers")?.unwrap_or(n_layers);
+        let first = top.usize("max_window_layers")?.unwrap_or(n_layers);
         return Ok((0..n_layers).map(|i| i >= first).collect());
     }
     Ok(vec![false; n_layers])
@@ -437,165 +442,4 @@ fn parse_rope(top: &Obj<'_>, head_dim: usize, max_pos: usize) -> Result<Rope, Co
         rotary_dim,
         yarn,
     })
-}
-
-/// YaRN from a `rope_parameters` / `rope_scaling` object, with transformers' defaults (the same
-/// reading as the target config normalizer).
-fn parse_yarn(p: &Obj<'_>, top: &Obj<'_>, max_pos: usize) -> Result<Yarn, ConfigError> {
-    let orig = match p.dim_opt("original_max_position_embeddings")? {
-        Some(v) => v,
-        None => top
-            .dim_opt("original_max_position_embeddings")?
-            .unwrap_or(max_pos),
-    };
-    let factor = p.f64("factor")?.unwrap_or(max_pos as f64 / orig as f64);
-    if factor.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-        return Err(p.invalid("factor", format!("must be positive, got {factor}")));
-    }
-    let beta_fast = p.f64("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
-    let beta_slow = p.f64("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
-    if beta_fast <= 0.0 || beta_slow <= 0.0 {
-        return Err(p.invalid("beta_fast", "beta_fast and beta_slow must be positive"));
-    }
-    let mscale = |s: f64, m: f64| {
-        if s <= 1.0 {
-            1.0
-        } else {
-            0.1 * m * s.ln() + 1.0
-        }
-    };
-    let attention_factor = match p.f64("attention_factor")? {
-        Some(a) => a,
-        None => match (p.f64("mscale")?, p.f64("mscale_all_dim")?) {
-            (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => mscale(factor, m) / mscale(factor, ma),
-            _ => mscale(factor, 1.0),
-        },
-    };
-    Ok(Yarn {
-        factor,
-        beta_fast,
-        beta_slow,
-        original_max_position_embeddings: orig,
-        truncate: p.bool("truncate")?.unwrap_or(true),
-        attention_factor,
-    })
-}
-
-fn as_usize(v: &Value) -> Option<usize> {
-    if let Some(u) = v.as_u64() {
-        return usize::try_from(u).ok();
-    }
-    let f = v.as_f64()?;
-    (f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < 9.0e15).then_some(f as usize)
-}
-
-/// A JSON object with the dotted path it was reached by (for error messages).
-#[derive(Clone)]
-struct Obj<'a> {
-    map: &'a Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    fn name(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            field: self.name(key),
-            reason: reason.into(),
-        }
-    }
-    fn unsupported(&self, key: &str, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Unsupported {
-            field: self.name(key),
-            reason: reason.into(),
-        }
-    }
-    /// The value, treating JSON `null` as absent.
-    fn raw(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-    fn has(&self, key: &str) -> bool {
-        self.raw(key).is_some()
-    }
-    fn dim_opt(&self, key: &str) -> Result<Option<usize>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(v) => match as_usize(v) {
-                Some(0) => Err(self.invalid(key, "must be positive")),
-                Some(d) if d > MAX_DIM => {
-                    Err(self.invalid(key, format!("{d} exceeds the limit {MAX_DIM}")))
-                }
-                Some(d) => Ok(Some(d)),
-                None => Err(self.invalid(key, format!("expected a positive integer, got {v}"))),
-            },
-        }
-    }
-    /// A non-negative integer (0 allowed).
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(v) => as_usize(v).map(Some).ok_or_else(|| {
-                self.invalid(key, format!("expected a non-negative integer, got {v}"))
-            }),
-        }
-    }
-    fn dim(&self, key: &str) -> Result<usize, ConfigError> {
-        self.dim_opt(key)?.ok_or_else(|| ConfigError::Missing {
-            field: self.name(key),
-        })
-    }
-    fn token_id(&self, key: &str) -> Result<u32, ConfigError> {
-        let v = self.raw(key).ok_or_else(|| ConfigError::Missing {
-            field: self.name(key),
-        })?;
-        as_usize(v)
-            .and_then(|u| u32::try_from(u).ok())
-            .ok_or_else(|| self.invalid(key, format!("expected a token id, got {v}")))
-    }
-    fn f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(f) if f.is_finite() => Ok(Some(f)),
-                _ => Err(self.invalid(key, format!("expected a finite number, got {v}"))),
-            },
-        }
-    }
-    fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.invalid(key, format!("expected true or false, got {v}"))),
-        }
-    }
-    fn str(&self, key: &str) -> Result<Option<&'a str>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(self.invalid(key, format!("expected a string, got {v}"))),
-        }
-    }
-    fn arr(&self, key: &str) -> Result<Option<&'a Vec<Value>>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::Array(a)) => Ok(Some(a)),
-            Some(v) => Err(self.invalid(key, format!("expected a list, got {v}"))),
-        }
-    }
-    fn obj(&self, key: &str) -> Result<Option<Obj<'a>>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(Obj {
-                map,
-                path: self.name(key),
-            })),
-            Some(v) => Err(self.invalid(key, format!("expected an object, got {v}"))),
-        }
-    }
 }

@@ -196,7 +196,8 @@ impl ConfigError {
     }
 }
 
-type CResult<T> = Result<T, ConfigError>;
+/// A config parsing result.
+pub type CResult<T> = Result<T, ConfigError>;
 
 /// How the checkpoint's weights are quantized (`quantization_config`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -422,7 +423,8 @@ fn short(v: &Value) -> String {
     }
 }
 
-fn as_usize(v: &Value) -> Option<usize> {
+/// A JSON number as a non-negative integer (integral floats such as `4096.0` included).
+pub fn as_usize(v: &Value) -> Option<usize> {
     if let Some(u) = v.as_u64() {
         return usize::try_from(u).ok();
     }
@@ -435,45 +437,55 @@ fn as_usize(v: &Value) -> Option<usize> {
     }
 }
 
-/// A JSON object with the dotted path it was reached by (for error messages).
-struct Obj<'a> {
+/// A JSON object with the dotted path it was reached by, and typed readers whose errors name
+/// the field. Shared by every config parser of the workspace (model configs here, drafter
+/// configs in `dflash`).
+#[derive(Clone)]
+pub struct Obj<'a> {
     map: &'a Map<String, Value>,
     path: String,
 }
 
 impl<'a> Obj<'a> {
-    fn name(&self, key: &str) -> String {
+    /// The top-level object of a config file.
+    pub fn root(map: &'a Map<String, Value>) -> Obj<'a> {
+        Obj {
+            map,
+            path: String::new(),
+        }
+    }
+    pub fn name(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_string()
         } else {
             format!("{}.{key}", self.path)
         }
     }
-    fn missing(&self, key: &str) -> ConfigError {
+    pub fn missing(&self, key: &str) -> ConfigError {
         ConfigError::Missing {
             field: self.name(key),
         }
     }
-    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+    pub fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             field: self.name(key),
             reason: reason.into(),
         }
     }
-    fn unsupported(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+    pub fn unsupported(&self, key: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError::Unsupported {
             field: self.name(key),
             reason: reason.into(),
         }
     }
     /// The value, treating JSON `null` as absent.
-    fn raw(&self, key: &str) -> Option<&'a Value> {
+    pub fn raw(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
-    fn has(&self, key: &str) -> bool {
+    pub fn has(&self, key: &str) -> bool {
         self.raw(key).is_some()
     }
-    fn usize(&self, key: &str) -> CResult<Option<usize>> {
+    pub fn usize(&self, key: &str) -> CResult<Option<usize>> {
         match self.raw(key) {
             None => Ok(None),
             Some(v) => as_usize(v).map(Some).ok_or_else(|| {
@@ -485,7 +497,7 @@ impl<'a> Obj<'a> {
         }
     }
     /// A dimension: positive and at most `max`.
-    fn dim_opt(&self, key: &str, max: usize) -> CResult<Option<usize>> {
+    pub fn dim_opt(&self, key: &str, max: usize) -> CResult<Option<usize>> {
         match self.usize(key)? {
             None => Ok(None),
             Some(0) => Err(self.invalid(key, "must be positive")),
@@ -493,10 +505,10 @@ impl<'a> Obj<'a> {
             Some(d) => Ok(Some(d)),
         }
     }
-    fn dim(&self, key: &str, max: usize) -> CResult<usize> {
+    pub fn dim(&self, key: &str, max: usize) -> CResult<usize> {
         self.dim_opt(key, max)?.ok_or_else(|| self.missing(key))
     }
-    fn f64(&self, key: &str) -> CResult<Option<f64>> {
+    pub fn f64(&self, key: &str) -> CResult<Option<f64>> {
         match self.raw(key) {
             None => Ok(None),
             Some(v) => match v.as_f64() {
@@ -505,28 +517,28 @@ impl<'a> Obj<'a> {
             },
         }
     }
-    fn bool(&self, key: &str) -> CResult<Option<bool>> {
+    pub fn bool(&self, key: &str) -> CResult<Option<bool>> {
         match self.raw(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
             Some(v) => Err(self.invalid(key, format!("expected true or false, got {}", short(v)))),
         }
     }
-    fn str(&self, key: &str) -> CResult<Option<&'a str>> {
+    pub fn str(&self, key: &str) -> CResult<Option<&'a str>> {
         match self.raw(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => Err(self.invalid(key, format!("expected a string, got {}", short(v)))),
         }
     }
-    fn arr(&self, key: &str) -> CResult<Option<&'a Vec<Value>>> {
+    pub fn arr(&self, key: &str) -> CResult<Option<&'a Vec<Value>>> {
         match self.raw(key) {
             None => Ok(None),
             Some(Value::Array(a)) => Ok(Some(a)),
             Some(v) => Err(self.invalid(key, format!("expected a list, got {}", short(v)))),
         }
     }
-    fn obj(&self, key: &str) -> CResult<Option<Obj<'a>>> {
+    pub fn obj(&self, key: &str) -> CResult<Option<Obj<'a>>> {
         match self.raw(key) {
             None => Ok(None),
             Some(Value::Object(map)) => Ok(Some(Obj {
@@ -537,7 +549,7 @@ impl<'a> Obj<'a> {
         }
     }
     /// The first present of several alias keys; all present ones must agree.
-    fn alias<T: PartialEq + Copy + std::fmt::Debug>(
+    pub fn alias<T: PartialEq + Copy + std::fmt::Debug>(
         &self,
         keys: &[&str],
         get: impl Fn(&Self, &str) -> CResult<Option<T>>,
@@ -559,7 +571,7 @@ impl<'a> Obj<'a> {
         }
         Ok(found.map(|(v, _)| v))
     }
-    fn token_id(&self, key: &str) -> CResult<Option<u32>> {
+    pub fn token_id(&self, key: &str) -> CResult<Option<u32>> {
         match self.raw(key) {
             None => Ok(None),
             Some(v) => as_usize(v)
@@ -569,7 +581,7 @@ impl<'a> Obj<'a> {
         }
     }
     /// An id or a list of ids.
-    fn token_ids(&self, key: &str) -> CResult<Vec<u32>> {
+    pub fn token_ids(&self, key: &str) -> CResult<Vec<u32>> {
         match self.raw(key) {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => {
@@ -816,8 +828,9 @@ fn mlp_pattern(o: &Obj<'_>, arch: Arch, n: usize) -> CResult<Vec<bool>> {
     })
 }
 
-/// YaRN from a rope parameter object (`rope_parameters` or legacy `rope_scaling`).
-fn parse_yarn(p: &Obj<'_>, root: &Obj<'_>, max_pos: usize) -> CResult<Yarn> {
+/// YaRN from a rope parameter object (`rope_parameters` or legacy `rope_scaling`), with
+/// transformers' defaults; `root` supplies a top-level `original_max_position_embeddings`.
+pub fn parse_yarn(p: &Obj<'_>, root: &Obj<'_>, max_pos: usize) -> CResult<Yarn> {
     let orig = match p.dim_opt("original_max_position_embeddings", MAX_DIM)? {
         Some(v) => v,
         None => root
