@@ -641,56 +641,61 @@ fn detect_arch(o: &Obj<'_>) -> CResult<Arch> {
 }
 
 /// Per-layer attention pattern: `true` = sliding.
+/// A per-layer list under `key` (one entry per decoder layer), each entry decoded to a flag by
+/// `decode`; `expected` describes the accepted entries for the error message.
+fn layer_flags(
+    o: &Obj<'_>,
+    key: &str,
+    n: usize,
+    expected: &str,
+    decode: impl Fn(&Value) -> Option<bool>,
+) -> CResult<Option<Vec<bool>>> {
+    let Some(list) = o.arr(key)? else {
+        return Ok(None);
+    };
+    if list.len() != n {
+        return Err(o.invalid(
+            key,
+            format!("has {} entries but num_hidden_layers = {n}", list.len()),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            decode(t).ok_or_else(|| {
+                o.invalid(
+                    &format!("{key}[{i}]"),
+                    format!("expected {expected}, got {}", short(t)),
+                )
+            })
+        })
+        .collect::<CResult<Vec<bool>>>()
+        .map(Some)
+}
+
 fn attention_pattern(o: &Obj<'_>, arch: Arch, n: usize) -> CResult<Vec<bool>> {
-    let mut from_types: Option<Vec<bool>> = None;
-    if let Some(list) = o.arr("layer_types")? {
-        if list.len() != n {
-            return Err(o.invalid(
-                "layer_types",
-                format!("has {} entries but num_hidden_layers = {n}", list.len()),
-            ));
-        }
-        let mut v = Vec::with_capacity(n);
-        for (i, t) in list.iter().enumerate() {
-            v.push(match t.as_str() {
-                Some("full_attention") => false,
-                Some("sliding_attention") => true,
-                _ => {
-                    return Err(o.invalid(
-                        &format!("layer_types[{i}]"),
-                        format!(
-                            "expected \"full_attention\" or \"sliding_attention\", got {}",
-                            short(t)
-                        ),
-                    ))
-                }
-            });
-        }
-        from_types = Some(v);
-    }
-    let mut from_pattern: Option<Vec<bool>> = None;
-    if let Some(list) = o.arr("hybrid_layer_pattern")? {
-        if list.len() != n {
-            return Err(o.invalid(
-                "hybrid_layer_pattern",
-                format!("has {} entries but num_hidden_layers = {n}", list.len()),
-            ));
-        }
-        let mut v = Vec::with_capacity(n);
-        for (i, t) in list.iter().enumerate() {
-            v.push(match as_usize(t) {
-                Some(0) => false,
-                Some(1) => true,
-                _ => {
-                    return Err(o.invalid(
-                        &format!("hybrid_layer_pattern[{i}]"),
-                        format!("expected 0 (full) or 1 (sliding), got {}", short(t)),
-                    ))
-                }
-            });
-        }
-        from_pattern = Some(v);
-    }
+    let from_types = layer_flags(
+        o,
+        "layer_types",
+        n,
+        "\"full_attention\" or \"sliding_attention\"",
+        |t| match t.as_str() {
+            Some("full_attention") => Some(false),
+            Some("sliding_attention") => Some(true),
+            _ => None,
+        },
+    )?;
+    let from_pattern = layer_flags(
+        o,
+        "hybrid_layer_pattern",
+        n,
+        "0 (full) or 1 (sliding)",
+        |t| match as_usize(t) {
+            Some(0) => Some(false),
+            Some(1) => Some(true),
+            _ => None,
+        },
+    )?;
     match (from_types, from_pattern) {
         (Some(a), Some(b)) if a != b => Err(o.invalid(
             "hybrid_layer_pattern",
@@ -720,26 +725,17 @@ fn attention_pattern(o: &Obj<'_>, arch: Arch, n: usize) -> CResult<Vec<bool>> {
 /// Per-layer MLP kind: `true` = MoE. Every spelling present is evaluated and they must agree.
 fn mlp_pattern(o: &Obj<'_>, arch: Arch, n: usize) -> CResult<Vec<bool>> {
     let mut candidates: Vec<(String, Vec<bool>)> = Vec::new();
-    if let Some(list) = o.arr("mlp_layer_types")? {
-        if list.len() != n {
-            return Err(o.invalid(
-                "mlp_layer_types",
-                format!("has {} entries but num_hidden_layers = {n}", list.len()),
-            ));
-        }
-        let mut v = Vec::with_capacity(n);
-        for (i, t) in list.iter().enumerate() {
-            v.push(match t.as_str() {
-                Some("sparse") | Some("moe") => true,
-                Some("dense") => false,
-                _ => {
-                    return Err(o.invalid(
-                        &format!("mlp_layer_types[{i}]"),
-                        format!("expected \"dense\" or \"sparse\", got {}", short(t)),
-                    ))
-                }
-            });
-        }
+    if let Some(v) = layer_flags(
+        o,
+        "mlp_layer_types",
+        n,
+        "\"dense\" or \"sparse\"",
+        |t| match t.as_str() {
+            Some("sparse") | Some("moe") => Some(true),
+            Some("dense") => Some(false),
+            _ => None,
+        },
+    )? {
         candidates.push(("mlp_layer_types".into(), v));
     }
     let first_k = o.usize("first_k_dense_replace")?;
@@ -752,27 +748,22 @@ fn mlp_pattern(o: &Obj<'_>, arch: Arch, n: usize) -> CResult<Vec<bool>> {
                 ));
             }
         }
-        Some(Value::Array(list)) => {
-            if list.len() != n {
-                return Err(o.invalid(
+        Some(Value::Array(_)) => {
+            if let Some(v) =
+                layer_flags(
+                    o,
                     "moe_layer_freq",
-                    format!("has {} entries but num_hidden_layers = {n}", list.len()),
-                ));
+                    n,
+                    "0 (dense) or 1 (MoE)",
+                    |t| match as_usize(t) {
+                        Some(0) => Some(false),
+                        Some(1) => Some(true),
+                        _ => None,
+                    },
+                )?
+            {
+                candidates.push(("moe_layer_freq".into(), v));
             }
-            let mut v = Vec::with_capacity(n);
-            for (i, t) in list.iter().enumerate() {
-                v.push(match as_usize(t) {
-                    Some(0) => false,
-                    Some(1) => true,
-                    _ => {
-                        return Err(o.invalid(
-                            &format!("moe_layer_freq[{i}]"),
-                            format!("expected 0 (dense) or 1 (MoE), got {}", short(t)),
-                        ))
-                    }
-                });
-            }
-            candidates.push(("moe_layer_freq".into(), v));
             if let Some(k) = first_k {
                 candidates.push((
                     "first_k_dense_replace".into(),
