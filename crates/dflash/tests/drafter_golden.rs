@@ -21,11 +21,10 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use common::{fixtures_root, load_target, max_abs_diff};
-use dflash::{Drafter, SpecDecoder, Target};
-use model::cpu::{CpuError, Session, VerifyOutput};
+use common::{fixtures_root, load_target, max_abs_diff, Watch, Watched};
+use dflash::{Drafter, SpecDecoder};
+use model::cpu::{Session, VerifyOutput};
 use model::sampling::SamplingParams;
-use model::weights::Mat;
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
@@ -46,39 +45,14 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// A session that records the outputs of every forward.
+/// Keeps every target output of the loop.
 struct Recording {
-    s: Session,
     outputs: Vec<VerifyOutput>,
 }
 
-impl Target for Recording {
-    type Error = CpuError;
-    fn vocab_size(&self) -> usize {
-        self.s.vocab_size()
-    }
-    fn hidden_size(&self) -> usize {
-        Target::hidden_size(&self.s)
-    }
-    fn num_layers(&self) -> usize {
-        Target::num_layers(&self.s)
-    }
-    fn embedding(&self) -> &Mat {
-        self.s.embedding()
-    }
-    fn lm_head(&self) -> &Mat {
-        self.s.lm_head()
-    }
-    fn len(&self) -> usize {
-        self.s.len()
-    }
-    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
-        let o = self.s.forward(tokens, layers)?;
-        self.outputs.push(o.clone());
-        Ok(o)
-    }
-    fn truncate(&mut self, len: usize) -> Result<(), CpuError> {
-        Target::truncate(&mut self.s, len)
+impl Watch for Recording {
+    fn forwarded(&mut self, _s: &Session, _tokens: &[u32], out: &VerifyOutput) {
+        self.outputs.push(out.clone());
     }
 }
 
@@ -120,9 +94,11 @@ fn drafter_matches_the_pytorch_reference() {
         let rounds = g["rounds"].as_array().expect("rounds");
 
         // The loop, recording the target's outputs and every round.
-        let mut t = Recording {
+        let mut t = Watched {
             s: m.session(),
-            outputs: Vec::new(),
+            watch: Recording {
+                outputs: Vec::new(),
+            },
         };
         let spec = SpecDecoder::new(&m, d.clone(), Some(b)).unwrap();
         let params = SamplingParams {
@@ -180,9 +156,9 @@ fn drafter_matches_the_pytorch_reference() {
             // This round's new context rows: the prompt, or the committed rows of the previous
             // verify.
             let ours = if ri == 0 {
-                features(&t.outputs[0], prompt.len())
+                features(&t.watch.outputs[0], prompt.len())
             } else {
-                features(&t.outputs[ri], seen[ri - 1].3 + 1)
+                features(&t.watch.outputs[ri], seen[ri - 1].3 + 1)
             };
             let gf = flat(&gr["context_features"]);
             d_feat = d_feat.max(max_abs_diff(&ours, &gf));
@@ -214,7 +190,9 @@ fn drafter_matches_the_pytorch_reference() {
             );
         }
         if let Some(r1) = g.get("round1").and_then(|r| r.get("fused_context")) {
-            let ours = d.fuse(&features(&t.outputs[0], prompt.len())).unwrap();
+            let ours = d
+                .fuse(&features(&t.watch.outputs[0], prompt.len()))
+                .unwrap();
             d_fused = d_fused.max(max_abs_diff(&ours, &flat(r1)));
         }
         eprintln!(

@@ -9,17 +9,17 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use common::{assert_bits, copycat, most_frequent, plain_decode, tiny_targets, tokens};
+use common::{
+    assert_bits, copycat, most_frequent, plain_decode, tiny_targets, tokens, Watch, Watched,
+};
 use dflash::toy::{self, ToyKind};
-use dflash::{speculative_generate, SpecOptions, Target};
+use dflash::{speculative_generate, SpecOptions};
 use model::cpu::{CpuError, CpuModel, Session, VerifyOutput};
 use model::sampling::SamplingParams;
-use model::weights::Mat;
 
-/// A session that, after every truncation, compares itself with a fresh prefill.
+/// After every truncation, compares the session with a fresh prefill of the tokens it holds.
 struct Checked {
     model: CpuModel,
-    s: Session,
     /// Every token the session holds.
     held: Vec<u32>,
     checks: usize,
@@ -30,43 +30,22 @@ struct Checked {
     before: usize,
 }
 
-impl Target for Checked {
-    type Error = CpuError;
-    fn vocab_size(&self) -> usize {
-        self.s.vocab_size()
-    }
-    fn hidden_size(&self) -> usize {
-        Target::hidden_size(&self.s)
-    }
-    fn num_layers(&self) -> usize {
-        Target::num_layers(&self.s)
-    }
-    fn embedding(&self) -> &Mat {
-        self.s.embedding()
-    }
-    fn lm_head(&self) -> &Mat {
-        self.s.lm_head()
-    }
-    fn len(&self) -> usize {
-        self.s.len()
-    }
-    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
-        self.before = self.s.len();
+impl Watch for Checked {
+    fn forwarded(&mut self, s: &Session, tokens: &[u32], _out: &VerifyOutput) {
+        self.before = s.len() - tokens.len();
         self.held.extend_from_slice(tokens);
-        self.s.forward(tokens, layers)
     }
-    fn truncate(&mut self, len: usize) -> Result<(), CpuError> {
-        if len < self.s.len() {
+    fn truncated(&mut self, s: &Session, from: usize, len: usize) -> Result<(), CpuError> {
+        if len < from {
             self.rejections += 1;
             if len > self.before + 1 {
                 self.partial += 1;
             }
         }
-        Target::truncate(&mut self.s, len)?;
         self.held.truncate(len);
         let mut fresh = self.model.session();
         fresh.prefill(&self.held)?;
-        let mut cont = self.s.clone();
+        let mut cont = s.clone();
         assert_eq!(cont.len(), fresh.len());
         for probe in [0, 1] {
             let (mut a, mut b) = (cont.clone(), fresh.clone());
@@ -104,14 +83,16 @@ fn check(arch: usize, kind: ToyKind, block: usize) {
         } else {
             toy::drafter(m.config(), kind, 8, 3)
         };
-        let mut t = Checked {
-            model: m.clone(),
+        let mut t = Watched {
             s: m.session(),
-            held: Vec::new(),
-            checks: 0,
-            rejections: 0,
-            partial: 0,
-            before: 0,
+            watch: Checked {
+                model: m.clone(),
+                held: Vec::new(),
+                checks: 0,
+                rejections: 0,
+                partial: 0,
+                before: 0,
+            },
         };
         let params = SamplingParams {
             temperature,
@@ -137,7 +118,7 @@ fn check(arch: usize, kind: ToyKind, block: usize) {
         let what = format!("{name} {kind:?} block {block} T={temperature}");
         assert_eq!(out.tokens.len(), 20);
         assert_eq!(
-            t.checks as u64,
+            t.watch.checks as u64,
             out.stats.rounds(),
             "{what}: one check per round"
         );
@@ -145,9 +126,9 @@ fn check(arch: usize, kind: ToyKind, block: usize) {
         // block).
         let mut committed = prompt.clone();
         committed.extend_from_slice(&out.tokens[..19]);
-        assert_eq!(t.held, committed, "{what}");
-        partial += t.partial;
-        rejections += t.rejections;
+        assert_eq!(t.watch.held, committed, "{what}");
+        partial += t.watch.partial;
+        rejections += t.watch.rejections;
     }
     assert!(rejections > 0, "{name}: no rejection happened");
     assert!(partial > 0, "{name}: no rejection after an accepted draft");

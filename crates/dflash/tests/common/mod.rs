@@ -4,10 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use dflash::Target;
 use model::config::ModelConfig;
 use model::cpu::toy::{self, ToyExperts};
-use model::cpu::CpuModel;
+use model::cpu::{CpuError, CpuModel, Session, VerifyOutput};
 use model::sampling::{Sampler, SamplingParams, StopChecker, StopStatus};
+use model::weights::Mat;
 use model::weights::Weights;
 
 /// The repository's `fixtures/` directory.
@@ -287,4 +289,52 @@ pub fn most_frequent(tokens: &[u32]) -> u32 {
         }
     }
     best.1
+}
+
+/// What a test observes of a target session inside the speculative loop.
+pub trait Watch {
+    /// After `tokens` ran (the session now holds them), with their output.
+    fn forwarded(&mut self, _s: &Session, _tokens: &[u32], _out: &VerifyOutput) {}
+    /// After the session was truncated from `from` to `len` positions.
+    fn truncated(&mut self, _s: &Session, _from: usize, _len: usize) -> Result<(), CpuError> {
+        Ok(())
+    }
+}
+
+/// A CPU session as a [`Target`] that reports every forward and truncation to `watch`.
+pub struct Watched<W> {
+    pub s: Session,
+    pub watch: W,
+}
+
+impl<W: Watch> Target for Watched<W> {
+    type Error = CpuError;
+    fn vocab_size(&self) -> usize {
+        self.s.vocab_size()
+    }
+    fn hidden_size(&self) -> usize {
+        Target::hidden_size(&self.s)
+    }
+    fn num_layers(&self) -> usize {
+        Target::num_layers(&self.s)
+    }
+    fn embedding(&self) -> &Mat {
+        self.s.embedding()
+    }
+    fn lm_head(&self) -> &Mat {
+        self.s.lm_head()
+    }
+    fn len(&self) -> usize {
+        self.s.len()
+    }
+    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
+        let out = self.s.forward(tokens, layers)?;
+        self.watch.forwarded(&self.s, tokens, &out);
+        Ok(out)
+    }
+    fn truncate(&mut self, len: usize) -> Result<(), CpuError> {
+        let from = self.s.len();
+        Target::truncate(&mut self.s, len)?;
+        self.watch.truncated(&self.s, from, len)
+    }
 }
