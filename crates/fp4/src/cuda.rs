@@ -79,9 +79,24 @@ impl DeviceMxExperts {
         stream: &Arc<CudaStream>,
         e: usize,
     ) -> Result<MxMatrix, GpuError> {
-        let codes = stream.clone_dtoh(&self.blocks)?;
-        let scales = stream.clone_dtoh(&self.scales)?;
-        Ok(tiled::untile_expert(self.shape(), &codes, &scales, e)?)
+        if e >= self.experts {
+            return Err(Fp4Error::OutOfRange {
+                what: "expert",
+                index: e,
+                len: self.experts,
+            }
+            .into());
+        }
+        // Experts are contiguous in the tiled layout: copy only this one's tiles.
+        let one = TiledShape {
+            experts: 1,
+            rows: self.rows,
+            k: self.k,
+        };
+        let (cb, sb) = (one.code_bytes(), one.scale_bytes());
+        let codes = stream.clone_dtoh(&self.blocks.slice(e * cb..(e + 1) * cb))?;
+        let scales = stream.clone_dtoh(&self.scales.slice(e * sb..(e + 1) * sb))?;
+        Ok(tiled::untile_expert(one, &codes, &scales, 0)?)
     }
 
     /// Bytes of one expert's weights (codes + scales).

@@ -160,6 +160,28 @@ mod tests {
     }
 
     #[test]
+    fn experts_are_contiguous() {
+        // `DeviceMxExperts::download_expert` copies one expert's tiles as one range.
+        let shape = TiledShape {
+            experts: 3,
+            rows: 37,
+            k: 160,
+        };
+        let one = TiledShape {
+            experts: 1,
+            ..shape
+        };
+        for e in 0..3 {
+            for (r, b) in [(0, 0), (17, 3), (36, 4)] {
+                let (c, s) = shape.offsets(e, r, b);
+                let (c1, s1) = one.offsets(0, r, b);
+                assert_eq!(c, e * one.code_bytes() + c1);
+                assert_eq!(s, e * one.scale_bytes() + s1);
+            }
+        }
+    }
+
+    #[test]
     fn a_warp_load_is_contiguous() {
         let shape = TiledShape {
             experts: 1,
