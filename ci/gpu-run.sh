@@ -3,7 +3,12 @@
 # every GPU test binary (a missing GPU is a failure here: ULTRA_REQUIRE_GPU=1), then every
 # benchmark binary. Full logs and JSON results go to $OUT (or ./gpu-results); a pass/fail + numbers
 # table is printed last.
+#   bash run.sh                 every test binary, then every benchmark
+#   bash run.sh --tests-only    tests only
+#   ONLY=regex bash run.sh ...  only the test binaries whose name matches regex
 set -u
+tests_only=0
+[ "${1:-}" = "--tests-only" ] && tests_only=1
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/../gpu-results}
 mkdir -p "$out"
@@ -13,6 +18,7 @@ summary=()
 fail=0
 for t in "$here"/tests/*; do
   name=$(basename "$t")
+  if [ -n "${ONLY:-}" ] && ! grep -Eq "$ONLY" <<<"$name"; then continue; fi
   log="$out/test-$name.log"
   "$t" --test-threads=1 >"$log" 2>&1
   rc=$?
@@ -23,6 +29,7 @@ for t in "$here"/tests/*; do
   summary+=("$(printf '| test  | %-28s | %-4s | %s passed, %s failed |' "$name" "$status" "${passed:-?}" "${failed:-?}")")
 done
 for b in "$here"/bin/*; do
+  [ $tests_only = 1 ] && break
   name=$(basename "$b")
   log="$out/bench-$name.log"
   "$b" --json "$out/bench-$name.json" 2>&1 | tee "$log"

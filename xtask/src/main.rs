@@ -63,8 +63,12 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
-    /// Build the GPU test + bench binaries and stage them in gpu-bundle/ with run.sh.
-    GpuBundle,
+    /// Build the GPU test + bench binaries and stage them in gpu-bundle/ (or --out DIR) with run.sh.
+    GpuBundle {
+        /// Where to stage the bundle (default: gpu-bundle/ in the repository root).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -76,7 +80,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Kernels { check } => kernels(check),
-        Cmd::GpuBundle => gpu_bundle(),
+        Cmd::GpuBundle { out } => gpu_bundle(out),
     }
 }
 
@@ -312,8 +316,8 @@ fn cargo_executables(args: &[&str]) -> Result<Vec<PathBuf>> {
     Ok(exes)
 }
 
-fn gpu_bundle() -> Result<()> {
-    let bundle = root().join("gpu-bundle");
+fn gpu_bundle(out: Option<PathBuf>) -> Result<()> {
+    let bundle = out.unwrap_or_else(|| root().join("gpu-bundle"));
     let _ = fs::remove_dir_all(&bundle);
     fs::create_dir_all(bundle.join("tests"))?;
     fs::create_dir_all(bundle.join("bin"))?;
@@ -330,6 +334,9 @@ fn gpu_bundle() -> Result<()> {
         "-p",
         "ultra-kernels",
         "--lib",
+        "-p",
+        "tilert",
+        "--tests",
     ])?;
     let bins = cargo_executables(&["build", "--release", "-p", "ultra-benches", "--bins"])?;
     let mut total = 0u64;
@@ -355,7 +362,8 @@ fn gpu_bundle() -> Result<()> {
     }
     fs::copy(root().join("ci/gpu-run.sh"), bundle.join("run.sh"))?;
     println!(
-        "gpu-bundle/: {} test binaries, {} bench binaries, {:.1} MiB; run there with `bash gpu-bundle/run.sh`",
+        "{}: {} test binaries, {} bench binaries, {:.1} MiB; run there with `bash gpu-bundle/run.sh`",
+        bundle.display(),
         tests.len(),
         bins.len(),
         total as f64 / (1 << 20) as f64

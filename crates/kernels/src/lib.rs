@@ -48,12 +48,15 @@ macro_rules! image {
 
 /// MXFP4 dequantize, activation prep and GEMV (`kernels/mxfp4.cu`).
 pub const MXFP4: KernelImage = image!("mxfp4");
+/// The dense ops of a decoder step: embedding, RMSNorm, linear, RoPE + KV write, attention,
+/// routing, combine, GLU, argmax / sampling, random fills (`kernels/ops.cu`).
+pub const OPS: KernelImage = image!("ops");
 /// Measurement kernels: streaming read (the bandwidth ceiling) and on-device random fill
 /// (`kernels/bench.cu`).
 pub const BENCH: KernelImage = image!("bench");
 
 /// Every embedded image (what `cargo xtask kernels --check` and the loaders agree on).
-pub const ALL: &[KernelImage] = &[MXFP4, BENCH];
+pub const ALL: &[KernelImage] = &[MXFP4, OPS, BENCH];
 
 /// Why no GPU can be used.
 #[derive(Debug, thiserror::Error)]

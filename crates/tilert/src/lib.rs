@@ -4,8 +4,19 @@
 //! registry of the embedded kernel images, the op-by-op executor captured as CUDA graphs, and later
 //! the persistent warp-specialized engine and its timeline profiler (see `DESIGN.md`).
 //!
-//! Today it owns device discovery: [`Device::open`] probes for the driver (a missing `libcuda`
-//! becomes an error, not a panic) and reports what the kernels and the roofline need to know.
+//! * [`Device::open`] probes for the driver (a missing `libcuda` becomes an error, not a panic)
+//!   and reports what the kernels and the roofline need to know;
+//! * [`arena`]: device memory ownership and the raw typed pointers kernels take;
+//! * [`tensor`]: device weight matrices (bf16 when lossless, else f32);
+//! * [`ops`]: the dense ops of a step (`kernels/ops.cu`); [`moe`]: routed experts
+//!   (`kernels/mxfp4.cu`);
+//! * [`exec`]: the op-by-op executor (`GpuModel`, `GpuSession`) with decode / verify steps
+//!   captured as CUDA graphs.
+
+pub mod arena;
+pub mod moe;
+pub mod ops;
+pub mod tensor;
 
 use std::sync::Arc;
 
@@ -20,6 +31,16 @@ pub enum RuntimeError {
     Unavailable(#[from] GpuUnavailable),
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),
+    #[error("out of GPU memory allocating {what}: {bytes} bytes requested, {free} bytes free")]
+    OutOfMemory {
+        what: String,
+        bytes: usize,
+        free: usize,
+    },
+    #[error("unsupported on the GPU: {0}")]
+    Unsupported(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
 }
 
 /// What Ultra needs to know about a GPU.
