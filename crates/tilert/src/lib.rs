@@ -14,6 +14,7 @@
 //!   captured as CUDA graphs.
 
 pub mod arena;
+pub mod exec;
 pub mod moe;
 pub mod ops;
 pub mod tensor;
