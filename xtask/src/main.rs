@@ -63,6 +63,13 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Build the GPU bundle and run its benchmarks (gpu-decode: gpt-oss-20b-size decode, roofline,
+    /// per-op breakdown, verify steps, fixtures; gpu-mxfp4) here when a GPU is present; else say
+    /// how to run the bundle on a GPU machine.
+    Bench {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Build the GPU test + bench binaries and stage them in gpu-bundle/ (or --out DIR) with run.sh.
     GpuBundle {
         /// Where to stage the bundle (default: gpu-bundle/ in the repository root).
@@ -80,7 +87,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Kernels { check } => kernels(check),
-        Cmd::GpuBundle { out } => gpu_bundle(out),
+        Cmd::GpuBundle { out } => gpu_bundle(out).map(|_| ()),
+        Cmd::Bench { out } => bench(out),
     }
 }
 
@@ -316,7 +324,35 @@ fn cargo_executables(args: &[&str]) -> Result<Vec<PathBuf>> {
     Ok(exes)
 }
 
-fn gpu_bundle(out: Option<PathBuf>) -> Result<()> {
+fn bench(out: Option<PathBuf>) -> Result<()> {
+    let bundle = gpu_bundle(out)?;
+    let has_gpu = Command::new("nvidia-smi")
+        .arg("-L")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_gpu {
+        println!(
+            "no GPU on this machine: carry {} to a GPU machine and run `bash {}/run.sh --bench-only` \
+             from the repository root (the table is printed last; results go to $OUT or gpu-results/)",
+            bundle.display(),
+            bundle.file_name().unwrap().to_string_lossy()
+        );
+        return Ok(());
+    }
+    let status = Command::new("bash")
+        .arg(bundle.join("run.sh"))
+        .arg("--bench-only")
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("benchmarks failed");
+    }
+    Ok(())
+}
+
+fn gpu_bundle(out: Option<PathBuf>) -> Result<PathBuf> {
     let bundle = out.unwrap_or_else(|| root().join("gpu-bundle"));
     let _ = fs::remove_dir_all(&bundle);
     fs::create_dir_all(bundle.join("tests"))?;
@@ -371,5 +407,5 @@ fn gpu_bundle(out: Option<PathBuf>) -> Result<()> {
     if total > 60 << 20 {
         bail!("bundle is {total} bytes: over the 64 MiB carry limit");
     }
-    Ok(())
+    Ok(bundle)
 }

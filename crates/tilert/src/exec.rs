@@ -216,9 +216,13 @@ impl GpuModel {
                     }
                 }
                 Mlp::Moe(m) => {
-                    let (router, router_bias) = upload_linear(&mut arena, &m.router, &at("router"))?;
-                    let correction =
-                        upload_opt(&mut arena, m.correction_bias.as_ref(), &at("correction bias"))?;
+                    let (router, router_bias) =
+                        upload_linear(&mut arena, &m.router, &at("router"))?;
+                    let correction = upload_opt(
+                        &mut arena,
+                        m.correction_bias.as_ref(),
+                        &at("correction bias"),
+                    )?;
                     GpuMlp::Moe {
                         router,
                         router_bias,
@@ -290,9 +294,9 @@ impl GpuModel {
             s
         };
         let dense = |arena: &mut Arena,
-                         rows: usize,
-                         cols: usize,
-                         what: &str|
+                     rows: usize,
+                     cols: usize,
+                     what: &str|
          -> Result<DeviceMatrix, RuntimeError> {
             let p = arena.alloc::<half::bf16>(rows * cols, what)?;
             // Uniform in ±a has std a/√3: std 1/√cols keeps outputs O(1) for O(1) inputs.
@@ -318,7 +322,12 @@ impl GpuModel {
                 )));
             }
             let at = |what: &str| format!("layer {l} {what}");
-            let (nh, nkv, d, dv) = (spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.v_head_dim);
+            let (nh, nkv, d, dv) = (
+                spec.n_heads,
+                spec.n_kv_heads,
+                spec.head_dim,
+                spec.v_head_dim,
+            );
             let rows = nh * d + nkv * d + nkv * dv;
             let qkv = dense(&mut arena, rows, h, &at("qkv"))?;
             let qkv_bias = if spec.attn_bias {
@@ -335,7 +344,13 @@ impl GpuModel {
             let router = dense(&mut arena, config.n_experts, h, &at("router"))?;
             let gpt_oss = matches!(config.router, RouterSpec::GptOss);
             let router_bias = if gpt_oss {
-                Some(small(&mut arena, config.n_experts, 0.0, 0.1, &at("router bias"))?)
+                Some(small(
+                    &mut arena,
+                    config.n_experts,
+                    0.0,
+                    0.1,
+                    &at("router bias"),
+                )?)
             } else {
                 None
             };
@@ -702,9 +717,9 @@ impl GpuSession {
         }
         if indices.len() > self.capture.len() {
             let h = self.model.inner.config.hidden_size;
-            self.b.hidden =
-                self.arena
-                    .alloc(indices.len() * MAX_TOKENS * h, "captured hidden states")?;
+            self.b.hidden = self
+                .arena
+                .alloc(indices.len() * MAX_TOKENS * h, "captured hidden states")?;
         }
         self.capture = indices.to_vec();
         self.graphs.clear();
@@ -716,7 +731,11 @@ impl GpuSession {
             return Err(RuntimeError::Invalid("empty token list".into()));
         }
         let vocab = self.model.inner.config.vocab_size;
-        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        if let Some((i, t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
             return Err(RuntimeError::Invalid(format!(
                 "token {t} at index {i} is outside the vocabulary (size {vocab})"
             )));
@@ -793,7 +812,8 @@ impl GpuSession {
         let k = cfg.top_k;
         for (l, (spec, layer)) in cfg.layers.iter().zip(&m.layers).enumerate() {
             let args = attn_args(m, spec, layer, &self.kv[l]);
-            m.ops.linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
+            m.ops
+                .linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
             mark("qkv")?;
             m.ops.rope_kv_write(s, &args, b.qkv, t, step, b.q)?;
             mark("rope_kv")?;
@@ -804,10 +824,10 @@ impl GpuSession {
             m.ops
                 .attention(s, &args, b.q, t, step, true, keys, b.attn_scratch, b.attn)?;
             mark("attention")?;
-            m.ops.linear(s, &layer.o, layer.o_bias, b.attn, t, x, true)?;
-            mark("o_proj")?;
             m.ops
-                .rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
+                .linear(s, &layer.o, layer.o_bias, b.attn, t, x, true)?;
+            mark("o_proj")?;
+            m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
             mark("norm")?;
             match &layer.mlp {
                 GpuMlp::Moe {
@@ -823,17 +843,8 @@ impl GpuSession {
                     m.ops
                         .route(s, route, b.router_logits, t, ne, k, b.ids, b.weights)?;
                     mark("route")?;
-                    m.moe.gate_up(
-                        s,
-                        experts,
-                        m.glu,
-                        b.h,
-                        t,
-                        k,
-                        b.ids,
-                        b.moe_scratch,
-                        b.act,
-                    )?;
+                    m.moe
+                        .gate_up(s, experts, m.glu, b.h, t, k, b.ids, b.moe_scratch, b.act)?;
                     mark("experts_gate_up")?;
                     m.moe.down(
                         s,
@@ -867,7 +878,11 @@ impl GpuSession {
                     mark("mlp_down")?;
                 }
             }
-            let idx = if l + 1 < nl { l + 1 } else { LAST_LAYER_PRE_NORM };
+            let idx = if l + 1 < nl {
+                l + 1
+            } else {
+                LAST_LAYER_PRE_NORM
+            };
             self.capture_hidden(idx, x, t)?;
             let next_norm = if l + 1 < nl {
                 m.layers[l + 1].input_norm
@@ -914,7 +929,11 @@ impl GpuSession {
         let start = self.len;
         let n = tokens.chunks(MAX_TOKENS).len();
         for (i, c) in tokens.chunks(MAX_TOKENS).enumerate() {
-            let logits = if i + 1 == n { Logits::All } else { Logits::None };
+            let logits = if i + 1 == n {
+                Logits::All
+            } else {
+                Logits::None
+            };
             if let Err(e) = self.pass(c, logits) {
                 self.len = start;
                 return Err(e);
@@ -1027,9 +1046,22 @@ impl GpuSession {
                 self.len = start;
                 return Err(e);
             }
-            out.extend(dtoh(&self.model.inner.stream, self.b.argmax.slice(0..c.len()))?);
+            out.extend(dtoh(
+                &self.model.inner.stream,
+                self.b.argmax.slice(0..c.len()),
+            )?);
         }
         Ok(out)
+    }
+
+    /// The routing (`[T, top_k]` expert ids) of the last MoE layer in the latest pass (for
+    /// benchmarks that count distinct experts).
+    pub fn last_routing(&self, t: usize) -> Result<Vec<i32>, RuntimeError> {
+        let k = self.model.inner.config.top_k;
+        dtoh(
+            &self.model.inner.stream,
+            self.b.ids.slice(0..t.min(MAX_TOKENS) * k),
+        )
     }
 
     /// Drops every position ≥ `len`. Exact whenever it succeeds. Full-attention layers never
@@ -1073,8 +1105,10 @@ impl GpuSession {
         self.high_water = 0;
     }
 
-    /// Runs one pass of `tokens` op by op with an event after each op and returns the time of
-    /// each op (milliseconds, in launch order). The session advances as by a normal pass.
+    /// Runs one pass of `tokens` with a timing event after each op and returns the time of each
+    /// op (milliseconds, in launch order). With graphs on (the default) the pass and its events
+    /// are captured into a one-off graph and replayed — the timing of a graph replay; otherwise
+    /// ops are launched one by one. The session advances as by a normal pass.
     pub fn profile_pass(&mut self, tokens: &[u32]) -> Result<OpTimes, RuntimeError> {
         self.check_tokens(tokens)?;
         if tokens.len() > MAX_TOKENS {
@@ -1086,14 +1120,33 @@ impl GpuSession {
         let mut io = vec![self.len as u32];
         io.extend_from_slice(tokens);
         htod(&stream, &io, self.b.io.slice(0..io.len()))?;
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let first = stream.record_event(timing)?;
-        let mut events: Vec<(&'static str, CudaEvent)> = Vec::new();
-        self.encode(tokens.len(), Logits::All, &mut |label| {
-            events.push((label, stream.record_event(timing)?));
-            Ok(())
-        })?;
         stream.synchronize()?;
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events: Vec<(&'static str, CudaEvent)> = Vec::new();
+        if self.use_graphs {
+            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        }
+        let first = stream.record_event(timing).map_err(RuntimeError::from);
+        let r = first.and_then(|first| {
+            let r = self.encode(tokens.len(), Logits::All, &mut |label| {
+                events.push((label, stream.record_event(timing)?));
+                Ok(())
+            });
+            r.map(|()| first)
+        });
+        let first = if self.use_graphs {
+            let g = stream.end_capture(CUgraphInstantiate_flags(0));
+            let first = r?;
+            let g =
+                g?.ok_or_else(|| RuntimeError::Invalid("graph capture produced nothing".into()))?;
+            g.launch()?;
+            stream.synchronize()?;
+            first
+        } else {
+            let first = r?;
+            stream.synchronize()?;
+            first
+        };
         self.len += tokens.len();
         self.high_water = self.high_water.max(self.len);
         let mut out = Vec::with_capacity(events.len());

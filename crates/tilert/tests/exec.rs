@@ -133,7 +133,10 @@ fn check_model(name: &str, config: ModelConfig, weights: Weights, prompt: &[u32]
         gs.prefill(prompt).unwrap();
         let g = gs.verify(&block, &[]).unwrap();
         let (err, mag) = max_err(&g.logits, &c.logits);
-        assert!(err <= tol * (1.0 + mag), "{name}: verify({bsize}) differs by {err}");
+        assert!(
+            err <= tol * (1.0 + mag),
+            "{name}: verify({bsize}) differs by {err}"
+        );
         // Reject all but one token, then continue.
         gs.truncate(prompt.len() + 1).unwrap();
         let after = gs.decode(block[1 % bsize]).unwrap();

@@ -1,0 +1,390 @@
+//! `gpu-decode`: the GPU executor (tilert v1: kernel per op + CUDA graphs) at real gpt-oss-20b
+//! dimensions, with random weights generated on the device (MXFP4 experts, bf16 dense weights).
+//!
+//! Reports, in one run: the streaming-read ceiling; batch-1 decode tokens/s and its share of the
+//! roofline (weight bytes per token ÷ that ceiling); a per-op time breakdown from a profiled
+//! graph replay; verify-step time for B = 2, 4, 8, 16 against the decode step and against the
+//! distinct-expert byte ratio; per-token latency of the tiny fixture checkpoints. Writes a
+//! markdown table (stdout and `<json stem>.md`), JSON (`--json`) and an SVG bar chart of time per
+//! op (`<json stem>.svg`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde::Serialize;
+use tilert::exec::{GpuModel, GpuSession};
+use ultra_benches::{median, time_us, BenchKernels};
+
+const GPT_OSS_20B: &str = include_str!("../../../fixtures/configs/gpt-oss-20b.json");
+
+#[derive(Parser)]
+struct Args {
+    /// Write the full results here (JSON); the markdown table and the SVG go beside it.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Decode steps per timed window.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Timed windows (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Session capacity (full-attention layers' KV cache).
+    #[arg(long, default_value_t = 4096)]
+    max_seq: usize,
+    /// Prompt length before decoding.
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    /// Folder with the tiny fixture checkpoints (skipped when absent).
+    #[arg(long, default_value = "fixtures")]
+    fixtures: PathBuf,
+}
+
+#[derive(Serialize)]
+struct OpRow {
+    op: String,
+    launches_per_step: usize,
+    us_per_step: f64,
+    share: f64,
+}
+
+#[derive(Serialize)]
+struct VerifyRow {
+    block: usize,
+    ms: f64,
+    vs_decode: f64,
+    distinct_experts_last_layer: f64,
+    byte_ratio: f64,
+}
+
+#[derive(Serialize)]
+struct FixtureRow {
+    fixture: String,
+    us_per_token: f64,
+    tokens_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    device: String,
+    date: String,
+    stream_read_gbps: f64,
+    weight_bytes_resident: usize,
+    decode_bytes_per_token: usize,
+    decode_ms_per_token: f64,
+    decode_tokens_per_s: f64,
+    decode_tokens_per_s_no_graphs: f64,
+    roofline_tokens_per_s: f64,
+    roofline_share: f64,
+    context_positions: (usize, usize),
+    ops: Vec<OpRow>,
+    profiled_step_us: f64,
+    verify: Vec<VerifyRow>,
+    fixtures: Vec<FixtureRow>,
+}
+
+fn lcg(state: &mut u64) -> u32 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*state >> 33) as u32
+}
+
+/// Wall-clock ms per greedy decode step over `n` steps (each step waits for its token: the real
+/// autoregressive latency).
+fn decode_ms(s: &mut GpuSession, first: u32, n: usize) -> Result<(f64, u32)> {
+    let mut tok = first;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        tok = s.decode_greedy(tok)?;
+    }
+    Ok((t0.elapsed().as_secs_f64() * 1e3 / n as f64, tok))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut config = model::config::ModelConfig::from_json_str(GPT_OSS_20B)?;
+    config.eos_token_ids.clear();
+    let config = Arc::new(config);
+    let t_build = Instant::now();
+    let gpu = GpuModel::synthetic(0, config.clone(), 20261121)?;
+    let info = gpu.device().info.clone();
+    eprintln!(
+        "{info}\nsynthetic gpt-oss-20b: {:.2} GB on the device in {:.1} s",
+        gpu.weight_bytes() as f64 / 1e9,
+        t_build.elapsed().as_secs_f64()
+    );
+    let stream = gpu.stream().clone();
+    let resident = gpu.weight_bytes();
+
+    // The ceiling, in the same run: a streaming read of 2 GiB.
+    let read_gbps = {
+        let bytes = 2usize << 30;
+        let mut kern = BenchKernels::new(stream.clone(), info.multiprocessors)?;
+        let mut pool = stream.alloc_zeros::<u8>(bytes)?;
+        kern.fill(&mut pool, 7, 0, 256)?;
+        let us = median(&time_us(&stream, 11, 5, |_| {
+            kern.stream_read(&pool, 0, bytes)
+        })?);
+        bytes as f64 / (us * 1e-6) / 1e9
+    };
+    eprintln!("streaming read: {read_gbps:.0} GB/s");
+
+    let v = config.vocab_size as u32;
+    let mut rng = 12345u64;
+    let prompt: Vec<u32> = (0..args.prompt).map(|_| lcg(&mut rng) % v).collect();
+
+    // Decode with graphs.
+    let mut s = gpu.session(args.max_seq)?;
+    let mut tok = s.prefill_greedy(&prompt)?;
+    let ctx_start = s.len();
+    (_, tok) = decode_ms(&mut s, tok, 16)?; // warm-up (graph capture)
+    let mut windows = Vec::new();
+    for _ in 0..args.repeats {
+        let (ms, t) = decode_ms(&mut s, tok, args.tokens)?;
+        tok = t;
+        windows.push(ms);
+    }
+    let ctx_end = s.len();
+    let decode_ms_med = median(&windows);
+    // Without graphs (op-by-op launches), for comparison.
+    let mut s2 = gpu.session(args.max_seq)?;
+    s2.set_use_graphs(false);
+    let t2 = s2.prefill_greedy(&prompt)?;
+    let (ms_nog, _) = decode_ms(&mut s2, t2, args.tokens.min(32))?;
+    drop(s2);
+
+    let bytes = gpu.decode_bytes_per_token();
+    let roofline_tps = read_gbps * 1e9 / bytes as f64;
+    let tps = 1e3 / decode_ms_med;
+
+    // Per-op breakdown: profiled graph replays of one decode step, median per op over 7.
+    let mut per_op: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let mut launches: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut steps = Vec::new();
+    for rep in 0..7 {
+        let times = s.profile_pass(&[tok])?;
+        let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
+        for (label, ms) in &times {
+            *sums.entry(label).or_default() += *ms as f64 * 1e3;
+            if rep == 0 {
+                *launches.entry(label).or_default() += 1;
+            }
+        }
+        steps.push(sums.values().sum::<f64>());
+        for (k, us) in sums {
+            per_op.entry(k).or_default().push(us);
+        }
+    }
+    let profiled_step = median(&steps);
+    let mut ops: Vec<OpRow> = per_op
+        .iter()
+        .map(|(k, v)| OpRow {
+            op: k.to_string(),
+            launches_per_step: launches[k],
+            us_per_step: median(v),
+            share: median(v) / profiled_step,
+        })
+        .collect();
+    ops.sort_by(|a, b| b.us_per_step.total_cmp(&a.us_per_step));
+
+    // Verify blocks.
+    let mut verify = Vec::new();
+    let k = config.top_k;
+    for &block in &[2usize, 4, 8, 16] {
+        let base = s.len();
+        let mut times = Vec::new();
+        let mut distinct = Vec::new();
+        for rep in 0..11 {
+            let toks: Vec<u32> = (0..block).map(|_| lcg(&mut rng) % v).collect();
+            let t0 = Instant::now();
+            let _ = s.verify_greedy(&toks)?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if rep > 0 {
+                times.push(ms);
+            }
+            let ids = s.last_routing(block)?;
+            let mut set: Vec<i32> = ids;
+            set.sort_unstable();
+            set.dedup();
+            distinct.push(set.len() as f64);
+            s.truncate(base)?;
+        }
+        let ms = median(&times);
+        let d = distinct.iter().sum::<f64>() / distinct.len() as f64;
+        let byte_ratio =
+            gpu.step_weight_bytes(d.round() as usize) as f64 / gpu.step_weight_bytes(k) as f64;
+        verify.push(VerifyRow {
+            block,
+            ms,
+            vs_decode: ms / decode_ms_med,
+            distinct_experts_last_layer: d,
+            byte_ratio,
+        });
+    }
+    drop(s);
+    drop(gpu);
+
+    // Tiny fixtures: per-token latency (graphs, greedy).
+    let mut fixtures = Vec::new();
+    for rel in [
+        "gpt-oss/bf16",
+        "gpt-oss/mxfp4",
+        "qwen3-moe/native",
+        "mimo-v2-flash/native",
+    ] {
+        let dir = args.fixtures.join(rel);
+        if !dir.exists() {
+            eprintln!("{} absent: fixture latency skipped", dir.display());
+            continue;
+        }
+        let (c, w) = model::load::load(&dir).with_context(|| format!("{}", dir.display()))?;
+        let fm = GpuModel::new(0, Arc::new(c), &w)?;
+        let mut fs = fm.session(512)?;
+        let t = fs.prefill_greedy(&[1, 2, 3, 4, 5, 6, 7, 8])?;
+        let (_, t) = decode_ms(&mut fs, t, 16)?;
+        let mut w = Vec::new();
+        let mut t = t;
+        for _ in 0..5 {
+            let (ms, nt) = decode_ms(&mut fs, t, 64)?;
+            t = nt;
+            w.push(ms);
+        }
+        let ms = median(&w);
+        fixtures.push(FixtureRow {
+            fixture: rel.to_string(),
+            us_per_token: ms * 1e3,
+            tokens_per_s: 1e3 / ms,
+        });
+    }
+
+    let report = Report {
+        device: info.to_string(),
+        date: "2026-11-21".into(),
+        stream_read_gbps: read_gbps,
+        weight_bytes_resident: resident,
+        decode_bytes_per_token: bytes,
+        decode_ms_per_token: decode_ms_med,
+        decode_tokens_per_s: tps,
+        decode_tokens_per_s_no_graphs: 1e3 / ms_nog,
+        roofline_tokens_per_s: roofline_tps,
+        roofline_share: tps / roofline_tps,
+        context_positions: (ctx_start, ctx_end),
+        ops,
+        profiled_step_us: profiled_step,
+        verify,
+        fixtures,
+    };
+    let md = markdown(&report);
+    println!("{md}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(path.with_extension("md"), &md)?;
+        std::fs::write(path.with_extension("svg"), svg(&report))?;
+    }
+    Ok(())
+}
+
+fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "gpt-oss-20b dimensions, synthetic weights — {}\n\n",
+        r.device
+    );
+    s += "| metric | value |\n|---|---|\n";
+    s += &format!(
+        "| streaming read (ceiling) | {:.0} GB/s |\n",
+        r.stream_read_gbps
+    );
+    s += &format!(
+        "| weight bytes per decode token | {:.3} GB |\n",
+        r.decode_bytes_per_token as f64 / 1e9
+    );
+    s += &format!(
+        "| batch-1 decode (graphs) | **{:.1} tok/s** ({:.3} ms/token, context {}..{}) |\n",
+        r.decode_tokens_per_s, r.decode_ms_per_token, r.context_positions.0, r.context_positions.1
+    );
+    s += &format!(
+        "| roofline at the ceiling | {:.1} tok/s → **{:.1} %** |\n",
+        r.roofline_tokens_per_s,
+        100.0 * r.roofline_share
+    );
+    s += &format!(
+        "| decode without graphs | {:.1} tok/s |\n\n",
+        r.decode_tokens_per_s_no_graphs
+    );
+    s += &format!(
+        "Per-op time of one decode step (profiled graph replay, {:.1} µs total):\n\n",
+        r.profiled_step_us
+    );
+    s += "| op | launches/step | µs/step | share |\n|---|---|---|---|\n";
+    for o in &r.ops {
+        s += &format!(
+            "| {} | {} | {:.1} | {:.1} % |\n",
+            o.op,
+            o.launches_per_step,
+            o.us_per_step,
+            100.0 * o.share
+        );
+    }
+    s += "\nVerify step (greedy, graphs):\n\n| B | ms | × decode step | distinct experts (last layer) | distinct-expert byte ratio |\n|---|---|---|---|---|\n";
+    for v in &r.verify {
+        s += &format!(
+            "| {} | {:.3} | {:.2} | {:.1} | {:.2} |\n",
+            v.block, v.ms, v.vs_decode, v.distinct_experts_last_layer, v.byte_ratio
+        );
+    }
+    if !r.fixtures.is_empty() {
+        s += "\nTiny fixtures (graphs, greedy decode):\n\n| fixture | µs/token | tok/s |\n|---|---|---|\n";
+        for f in &r.fixtures {
+            s += &format!(
+                "| {} | {:.1} | {:.0} |\n",
+                f.fixture, f.us_per_token, f.tokens_per_s
+            );
+        }
+    }
+    s
+}
+
+/// A horizontal bar chart of µs per op per decode step.
+fn svg(r: &Report) -> String {
+    let bar_h = 22.0;
+    let left = 150.0;
+    let width = 520.0;
+    let max = r.ops.iter().map(|o| o.us_per_step).fold(1e-9, f64::max);
+    let h = 60.0 + bar_h * r.ops.len() as f64;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n",
+        left + width + 120.0
+    );
+    s += &format!(
+        "<text x=\"10\" y=\"20\" font-size=\"14\">Time per op, one gpt-oss-20b decode step ({:.0} µs; {:.0} tok/s)</text>\n",
+        r.profiled_step_us, r.decode_tokens_per_s
+    );
+    for (i, o) in r.ops.iter().enumerate() {
+        let y = 40.0 + bar_h * i as f64;
+        let w = width * o.us_per_step / max;
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
+            left - 8.0,
+            y + 15.0,
+            o.op
+        );
+        s += &format!(
+            "<rect x=\"{left}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"#4a7ab5\"/>\n",
+            bar_h - 4.0
+        );
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\">{:.1} µs ({:.1} %)</text>\n",
+            left + w + 6.0,
+            y + 15.0,
+            o.us_per_step,
+            100.0 * o.share
+        );
+    }
+    s += "</svg>\n";
+    s
+}
