@@ -455,6 +455,21 @@ impl GpuModel {
         &self.inner.ops
     }
 
+    /// The loaded expert kernels.
+    pub fn moe_kernels(&self) -> &MoeKernels {
+        &self.inner.moe
+    }
+
+    /// The token embedding `[V, H]` on the device (drafters borrow it).
+    pub fn embed_matrix(&self) -> &DeviceMatrix {
+        &self.inner.embed
+    }
+
+    /// The LM head `[V, H]` on the device (drafters borrow it).
+    pub fn lm_head_matrix(&self) -> &DeviceMatrix {
+        &self.inner.lm_head
+    }
+
     /// Bytes of weights resident on the device.
     pub fn weight_bytes(&self) -> usize {
         self.inner.weight_bytes
@@ -1052,6 +1067,43 @@ impl GpuSession {
             )?);
         }
         Ok(out)
+    }
+
+    /// The hidden states captured by the latest pass (see [`GpuSession::set_capture`]): slot `i`
+    /// (the `i`-th requested index) holds `[t, H]` rows on the device, valid until the next pass.
+    pub fn captured_hidden(&self, slot: usize, t: usize) -> DPtr<f32> {
+        let h = self.model.inner.config.hidden_size;
+        assert!(
+            slot < self.capture.len() && t <= MAX_TOKENS,
+            "captured_hidden({slot}, {t})"
+        );
+        self.b
+            .hidden
+            .slice(slot * MAX_TOKENS * h..slot * MAX_TOKENS * h + t * h)
+    }
+
+    /// Runs a block like [`GpuSession::verify_greedy`] but leaves the logits and the captured
+    /// hidden states on the device (no copy back): [`GpuSession::logits_device`] and
+    /// [`GpuSession::captured_hidden`] read them. `tokens.len() ≤ MAX_TOKENS`.
+    pub fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        self.check_tokens(tokens)?;
+        if tokens.len() > MAX_TOKENS {
+            return Err(RuntimeError::Invalid(format!(
+                "forward_device takes at most {MAX_TOKENS} tokens"
+            )));
+        }
+        self.pass(tokens, Logits::All)
+    }
+
+    /// The `[t, V]` logits of the latest pass, on the device.
+    pub fn logits_device(&self, t: usize) -> DPtr<f32> {
+        let v = self.model.inner.config.vocab_size;
+        self.b.logits.slice(0..t.min(MAX_TOKENS) * v)
+    }
+
+    /// The greedy choices (`[t]` argmax of the logits) of the latest pass, on the device.
+    pub fn argmax_device(&self, t: usize) -> DPtr<u32> {
+        self.b.argmax.slice(0..t.min(MAX_TOKENS))
     }
 
     /// The routing (`[T, top_k]` expert ids) of the last MoE layer in the latest pass (for
