@@ -16,7 +16,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 
 use crate::arena::DPtr;
 use crate::tensor::{DenseData, DeviceMatrix};
@@ -201,7 +203,7 @@ fn check_tokens(op: &str, t: usize) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// The kernels' `(address, is bf16, elements)` of a dense matrix after checking its shape.
+/// `(address, is bf16)` of a dense matrix after checking its shape.
 fn matrix_data(what: &str, w: &DeviceMatrix) -> Result<(u64, bool), RuntimeError> {
     let (addr, len, bf16) = match w.data {
         DenseData::Bf16(p) => (p.addr(), p.len(), true),
@@ -285,20 +287,22 @@ impl Ops {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, RuntimeError> {
         let module = ultra_kernels::load(ctx, &ultra_kernels::OPS)?;
         let f = |name: &str| module.load_function(name);
-        let table = |ty: &str| -> Result<LinearTable, RuntimeError> {
-            let mut rows = Vec::new();
-            for tt in LINEAR_TOKENS {
-                let mut fs = Vec::new();
-                for r in LINEAR_ROWS {
-                    fs.push(f(&format!("linear_{ty}_t{tt}_r{r}"))?);
+        let table =
+            |ty: &str| -> Result<LinearTable, RuntimeError> {
+                let mut rows = Vec::new();
+                for tt in LINEAR_TOKENS {
+                    let mut fs = Vec::new();
+                    for r in LINEAR_ROWS {
+                        fs.push(f(&format!("linear_{ty}_t{tt}_r{r}"))?);
+                    }
+                    rows.push(
+                        <[CudaFunction; LINEAR_ROWS.len()]>::try_from(fs)
+                            .unwrap_or_else(|_| unreachable!("one kernel per row count")),
+                    );
                 }
-                rows.push(
-                    <[CudaFunction; LINEAR_ROWS.len()]>::try_from(fs)
-                        .unwrap_or_else(|_| unreachable!("one kernel per row count")),
-                );
-            }
-            Ok(<LinearTable>::try_from(rows).unwrap_or_else(|_| unreachable!("one row per bucket")))
-        };
+                Ok(<LinearTable>::try_from(rows)
+                    .unwrap_or_else(|_| unreachable!("one row per bucket")))
+            };
         Ok(Self {
             fill_bf16: f("fill_uniform_bf16")?,
             fill_f32: f("fill_uniform_f32")?,
@@ -338,7 +342,11 @@ impl Ops {
         check_len("embed: tokens", tokens, t)?;
         check_len("embed: x", x, t * table.cols)?;
         let h = u32_arg("hidden size", table.cols)?;
-        let f = if bf16 { &self.embed_bf16 } else { &self.embed_f32 };
+        let f = if bf16 {
+            &self.embed_bf16
+        } else {
+            &self.embed_f32
+        };
         launch(
             s,
             f,
@@ -410,9 +418,13 @@ impl Ops {
         if let Some(b) = bias {
             check_len("linear: bias", b, w.rows)?;
         }
-        let (n, k) = (u32_arg("linear rows", w.rows)?, u32_arg("linear cols", w.cols)?);
+        let (n, k) = (
+            u32_arg("linear rows", w.rows)?,
+            u32_arg("linear cols", w.cols)?,
+        );
         let per16 = if bf16 { 8 } else { 4 };
-        let vectorised = w.cols.is_multiple_of(per16) && addr % 16 == 0 && x.addr() % 16 == 0;
+        let vectorised =
+            w.cols.is_multiple_of(per16) && addr.is_multiple_of(16) && x.addr().is_multiple_of(16);
         let common = [
             crate::arena::addr_or_null(bias).into(),
             x.addr().into(),
@@ -456,7 +468,10 @@ impl Ops {
             &self.linear_f32[bucket][r]
         };
         let warps = w.rows.div_ceil(LINEAR_ROWS[r]);
-        let blocks = u32_arg("linear blocks", warps.div_ceil(LINEAR_THREADS as usize / 32))?;
+        let blocks = u32_arg(
+            "linear blocks",
+            warps.div_ceil(LINEAR_THREADS as usize / 32),
+        )?;
         let mut args = vec![addr.into()];
         args.extend_from_slice(&common);
         launch(s, f, (blocks, 1, 1), LINEAR_THREADS, &args)
