@@ -106,12 +106,22 @@ pub const MAX_EXPERTS: usize = 2048;
 /// Most experts per token.
 pub const MAX_TOP_K: usize = 16;
 const MAX_WARPS: usize = 16;
-/// Warps per CTA of the MXFP4 kernels (see `kernels/NOTES.md`).
-const DEFAULT_MX_WARPS: usize = 4;
-/// Register caps of the MXFP4 kernels by token pairs 1, 2, 4 (`__maxnreg__` in the kernels).
-const MX_REGS: [usize; 3] = [64, 80, 96];
-/// The static `MoeSlot` table of the MXFP4 kernels plus the per-CTA reserve, bytes.
-const MX_STATIC_SMEM: usize = 2320 + 1024;
+
+/// The MXFP4 launch shape `(warps per CTA, row groups per CTA, token pairs)` for `t` tokens and
+/// `group_ctas` = slots × 16-row groups, as measured best at gpt-oss-20b shapes on an H100
+/// (`kernels/NOTES.md`, MoE entry): decode with many groups per SM (gate_up) runs one CTA of 16
+/// warps per SM, streaming all of its row groups; smaller grids (down) and 2–4 tokens use
+/// 8-warp CTAs of 2 groups; 8–16 tokens (≈ 2–3 entries per expert) take 2 token pairs per pass
+/// and 4 groups per CTA.
+fn mx_launch_shape(t: usize, group_ctas: usize, sm_count: usize) -> (usize, usize, usize) {
+    if t == 1 && group_ctas >= 8 * sm_count {
+        (16, group_ctas.div_ceil(sm_count), 1)
+    } else if t <= 4 {
+        (8, 2, 1)
+    } else {
+        (8, 4, 2)
+    }
+}
 const DENSE_WARPS: usize = 8;
 
 /// f32 roundings on the longest path of one term through the dense expert kernels (for
@@ -493,7 +503,6 @@ pub struct MoeKernels {
     down: ProjKernels,
     sm_count: usize,
     max_smem: usize,
-    smem_per_sm: usize,
     tuning: MoeTuning,
 }
 
@@ -517,9 +526,7 @@ impl MoeKernels {
             as usize;
         // The static MoeSlot table (≈ 2.3 KB) shares the opt-in limit with the dynamic part.
         let max_dynamic = max_smem.saturating_sub(4096);
-        let smem_per_sm = ctx.attribute(
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-        )? as usize;
+
         for f in gate_up.mx.iter().chain(&down.mx) {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -531,7 +538,6 @@ impl MoeKernels {
             down,
             sm_count,
             max_smem: max_dynamic,
-            smem_per_sm,
             tuning: MoeTuning::default(),
         })
     }
@@ -596,26 +602,17 @@ impl MoeKernels {
             DeviceExperts::Mxfp4 { codes, scales, .. } => {
                 p.w = codes.addr();
                 p.scales = scales.addr();
-                let pairs = self
-                    .tuning
-                    .token_pairs
-                    .unwrap_or(if t <= 2 { 1 } else { 2 });
                 let groups = rows.div_ceil(16);
-                let warps = self.tuning.warps.unwrap_or(DEFAULT_MX_WARPS);
-                let rg = match self.tuning.row_groups {
-                    Some(rg) => rg,
-                    None => {
-                        // CTAs resident per SM (registers, shared memory), then enough row
-                        // groups per CTA that the grid is about two waves of resident CTAs.
-                        let regs = MX_REGS[pairs.trailing_zeros() as usize];
-                        let by_regs = 65536 / (regs * 32) / warps;
-                        let by_smem = self.smem_per_sm
-                            / (mx_smem_bytes(w.k(), pairs, warps, 1) + MX_STATIC_SMEM);
-                        let resident = by_regs.min(by_smem).clamp(1, 32) * self.sm_count;
-                        (slots * groups / (2 * resident)).max(1)
-                    }
+                let (warps, rg, pairs) = mx_launch_shape(t, slots * groups, self.sm_count);
+                let pairs = self.tuning.token_pairs.unwrap_or(pairs);
+                let warps = self.tuning.warps.unwrap_or(warps);
+                let mut rg = self.tuning.row_groups.unwrap_or(rg).min(groups);
+                while self.tuning.row_groups.is_none()
+                    && rg > 1
+                    && mx_smem_bytes(w.k(), pairs, warps, rg) > self.max_smem
+                {
+                    rg /= 2; // fewer groups' partial sums when K is very large
                 }
-                .min(groups);
                 let smem = mx_smem_bytes(w.k(), pairs, warps, rg);
                 if smem > self.max_smem {
                     return Err(RuntimeError::Unsupported(format!(
