@@ -119,6 +119,8 @@ const SAMPLE_THREADS: u32 = 1024;
 /// Attention partial blocks aimed for per launch (a few waves over an H100's 132 SMs).
 const ATT_TARGET_BLOCKS: usize = 1024;
 const ATT_MAX_SPLITS: usize = 64;
+/// Keys per split aimed for at `max_keys` (two tiles of the partial kernel).
+const ATT_SPLIT_KEYS: usize = 256;
 /// Fewest keys worth a split of their own.
 const ATT_MIN_SPLIT_KEYS: usize = 64;
 /// Blocks of the grid-stride fill kernels.
@@ -218,10 +220,17 @@ fn matrix_data(what: &str, w: &DeviceMatrix) -> Result<(u64, bool), RuntimeError
     Ok((addr, bf16))
 }
 
-/// Key splits of one attention launch (shared by [`Ops::attention`] and its scratch size).
+/// Key splits of one attention launch (shared by [`Ops::attention`] and its scratch size):
+/// about [`ATT_SPLIT_KEYS`] keys per split at `max_keys`, at least enough splits for
+/// [`ATT_TARGET_BLOCKS`] blocks, at most [`ATT_MAX_SPLITS`], never below
+/// [`ATT_MIN_SPLIT_KEYS`] keys per split.
 fn attention_splits(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
     let blocks = (a.n_heads * t).max(1);
-    let want = ATT_TARGET_BLOCKS.div_ceil(blocks).clamp(1, ATT_MAX_SPLITS);
+    let by_keys = max_keys.div_ceil(ATT_SPLIT_KEYS);
+    let want = ATT_TARGET_BLOCKS
+        .div_ceil(blocks)
+        .max(by_keys)
+        .clamp(1, ATT_MAX_SPLITS);
     want.min(max_keys.div_ceil(ATT_MIN_SPLIT_KEYS).max(1))
 }
 
