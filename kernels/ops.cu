@@ -192,11 +192,22 @@ extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t
     const float* row = logits + (size_t)blockIdx.x * v;
     float best = -INFINITY;
     uint32_t besti = 0xffffffffu;
-    for (uint32_t i = threadIdx.x; i < v; i += blockDim.x) {
-        const float x = sane_logit(row[i]);
-        if (x > best || besti == 0xffffffffu) {
-            best = x;
-            besti = i;
+    // Eight independent loads in flight per thread; each thread still visits its indices in
+    // increasing order, so `>` keeps the lowest index of equal values.
+    for (uint32_t i0 = threadIdx.x; i0 < v; i0 += 8 * blockDim.x) {
+        float xs[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const uint32_t i = i0 + u * blockDim.x;
+            xs[u] = i < v ? sane_logit(row[i]) : -INFINITY;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const uint32_t i = i0 + u * blockDim.x;
+            if (i < v && (xs[u] > best || besti == 0xffffffffu)) {
+                best = xs[u];
+                besti = i;
+            }
         }
     }
 #pragma unroll
@@ -793,6 +804,12 @@ __device__ __forceinline__ bool in_topk(const SampleState& st, float x, float w)
     return x >= st.thr && w > 0.f;
 }
 
+// exp_f32(y) > 0 exactly when y ≥ −87.3 (its cut-off; 2^-126 at the cut-off is normal), so
+// the top-k test needs no exp.
+__device__ __forceinline__ bool in_topk_y(const SampleState& st, float x) {
+    return x >= st.thr && __fmul_rn(__fsub_rn(x, st.mx), st.inv_t) >= -87.3f;
+}
+
 // Exclusive block scan of doubles (SAMPLE_THREADS values), in place in `buf`.
 __device__ double block_exclusive_scan(double v, double* buf) {
     const uint32_t tid = threadIdx.x;
@@ -858,9 +875,9 @@ __device__ void crossing_select(const float* logits, uint32_t v, const SampleSta
     __syncthreads();
     for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
         const float x = sane_logit(logits[i]);
-        const float w = sample_weight(st, x);
-        if (in_k && !in_topk(st, x, w)) continue;
-        const uint64_t add = by_mass ? (uint64_t)((double)w * fx_scale) : 1ull;
+        if (in_k && !in_topk_y(st, x)) continue;
+        const uint64_t add =
+            by_mass ? (uint64_t)((double)sample_weight(st, x) * fx_scale) : 1ull;
         if (add) atomicAdd((unsigned long long*)&sh.met[sample_bin(st, x)], (unsigned long long)add);
     }
     __syncthreads();
@@ -890,15 +907,14 @@ __device__ void crossing_select(const float* logits, uint32_t v, const SampleSta
         const uint32_t prefix = sh.prefix;
         for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
             const float x = sane_logit(logits[i]);
-            const float w = sample_weight(st, x);
-            if (in_k && !in_topk(st, x, w)) continue;
             if (sample_bin(st, x) != bin) continue;
+            if (in_k && !in_topk_y(st, x)) continue;
             const uint32_t key = order_key(x);
             if ((key & hi_mask) != prefix) continue;
             const uint32_t dg = (key >> shift) & 0xff;
             atomicAdd(&sh.hist[dg], 1u);
             if (by_mass) {
-                const uint64_t add = (uint64_t)((double)w * fx_scale);
+                const uint64_t add = (uint64_t)((double)sample_weight(st, x) * fx_scale);
                 if (add) atomicAdd((unsigned long long*)&sh.hmass[dg], (unsigned long long)add);
             }
         }
@@ -1010,7 +1026,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         uint32_t c = 0;
         for (uint32_t i = i0; i < i1; ++i) {
             const float x = sane_logit(logits[i]);
-            if (in_topk(st, x, sample_weight(st, x)) && order_key(x) == st.tau) ++c;
+            if (in_topk_y(st, x) && order_key(x) == st.tau) ++c;
         }
         tie_before = (uint32_t)block_exclusive_scan((double)c, scan);
     }
