@@ -10,4 +10,5 @@ pub mod engine;
 pub mod fp4_bench;
 pub mod metrics;
 pub mod proto;
+pub mod server;
 pub mod stream;
