@@ -41,8 +41,12 @@ struct ModelArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "synthetic")]
+    model: Option<PathBuf>,
+    /// Instead of --model: the synthetic ~100M-parameter gpt-oss-style MoE of `bench-decode`
+    /// (random MXFP4 experts, no tokenizer: token ids only).
+    #[arg(long, conflicts_with_all = ["model", "draft"])]
+    synthetic: bool,
     /// A DFlash drafter directory: every request decodes speculatively.
     #[arg(long)]
     draft: Option<PathBuf>,
@@ -80,7 +84,7 @@ impl ServeArgs {
         set_threads(self.threads)?;
         Ok(commands::serve::ServeSetup {
             engine: serve::engine::EngineConfig {
-                model_id: commands::serve::model_id(&self.model, self.served_model_name),
+                model_id: commands::serve::model_id(self.model.as_deref(), self.served_model_name),
                 max_running: self.max_running,
                 max_waiting: self.max_waiting,
                 kv_budget_bytes: self.kv_cache_mib << 20,

@@ -9,14 +9,18 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
-use crate::engine::EngineConfig;
+use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
+use model::cpu::CpuModel;
+
+use crate::engine::{CpuBackend, EngineConfig, EngineHandle};
 use crate::proto::v1 as pb;
 use crate::server::{self, ServeOptions, Server};
 
 /// What `ultra serve` and `ultra bench-serve` load and how they schedule.
 #[derive(Debug, Clone)]
 pub struct ServeSetup {
-    pub model: PathBuf,
+    /// Checkpoint directory; `None`: the synthetic ~100M-parameter MoE of `bench-decode`.
+    pub model: Option<PathBuf>,
     pub draft: Option<PathBuf>,
     pub block_size: Option<usize>,
     pub engine: EngineConfig,
@@ -31,13 +35,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
     let model_id = setup.engine.model_id.clone();
-    Server::start(opts, model_id, move || {
-        server::load_cpu_engine(
-            &setup.model,
-            setup.draft.as_deref(),
-            setup.block_size,
-            setup.engine,
-        )
+    Server::start(opts, model_id, move || match &setup.model {
+        Some(dir) => {
+            server::load_cpu_engine(dir, setup.draft.as_deref(), setup.block_size, setup.engine)
+        }
+        None => {
+            let cfg = synthetic_gpt_oss_100m();
+            let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
+            let eos = cfg.eos_token_ids.clone();
+            let model = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
+            EngineHandle::start(CpuBackend { model }, None, eos, setup.engine, None)
+        }
     })
     .await
 }
@@ -50,11 +58,13 @@ pub fn serve(setup: ServeSetup, opts: ServeOptions) -> Result<()> {
             "ultra serve: gRPC on {}, HTTP on {} (loading the model; /health answers 503 until ready)",
             server.grpc_addr, server.http_addr
         );
-        tokio::select! {
-            r = server.ready() => { r?; eprintln!("ultra serve: ready"); }
-            _ = server::shutdown_signal() => {}
+        let signalled = tokio::select! {
+            r = server.ready() => { r?; eprintln!("ultra serve: ready"); false }
+            _ = server::shutdown_signal() => true,
+        };
+        if !signalled {
+            server::shutdown_signal().await;
         }
-        server::shutdown_signal().await;
         eprintln!("ultra serve: shutting down (draining running requests)");
         server.shutdown().await
     })
@@ -217,7 +227,8 @@ pub fn bench(setup: ServeSetup, load: BenchLoad) -> Result<BenchReport> {
     })
 }
 
-/// The model id `ultra serve` uses for `dir` unless `--served-model-name` is given.
-pub fn model_id(dir: &Path, name: Option<String>) -> String {
-    name.unwrap_or_else(|| server::default_model_id(dir))
+/// The model id `ultra serve` uses for `dir` (`synthetic-moe-100m` without one) unless
+/// `--served-model-name` is given.
+pub fn model_id(dir: Option<&Path>, name: Option<String>) -> String {
+    name.unwrap_or_else(|| dir.map_or("synthetic-moe-100m".into(), server::default_model_id))
 }

@@ -278,7 +278,7 @@ impl<B: Backend + Sync> Sched<B> {
             };
             let mut seq = self.backend.new_sequence();
             let logits = self.backend.prefill(&mut seq, &p.prompt);
-            let mut r = Running {
+            let r = Running {
                 p,
                 seq,
                 out,
@@ -294,7 +294,6 @@ impl<B: Backend + Sync> Sched<B> {
                     }
                 }
                 Err(e) => {
-                    r.p.kv_reserve = r.p.kv_reserve.min(self.kv_used);
                     self.end_running(r, FinishReason::Error, "error", None, Some(e.to_string()));
                 }
             }
