@@ -124,16 +124,17 @@ impl<B: Backend + Sync> Sched<B> {
 
     /// A request ends: its id becomes free and the success counter counts it.
     pub(super) fn forget(&self, id: &str, reason: FinishReason) {
-        self.shared
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        // Counted before the id is freed, so whoever sees the request gone sees it counted.
         self.shared
             .metrics
             .request_success
             .with_label_values(&[reason.as_str()])
             .inc();
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     fn abort(&mut self, id: &str) {
