@@ -26,7 +26,7 @@ struct ModelArgs {
     /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// `cpu` (the reference executor); `cuda` comes with the GPU executor.
+    /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// Worker threads (default: all cores).
@@ -79,7 +79,7 @@ struct ServeArgs {
 impl ServeArgs {
     fn setup(self) -> Result<commands::serve::ServeSetup> {
         if self.device == Device::Cuda {
-            bail!("--device cuda: the GPU executor is not built yet (issue #4); use --device cpu");
+            bail!("--device cuda: the server runs on the CPU executor so far (the GPU executor serves `ultra generate` / `ultra score --device cuda`); use --device cpu");
         }
         set_threads(self.threads)?;
         Ok(commands::serve::ServeSetup {
@@ -253,11 +253,12 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
-    if m.device == Device::Cuda {
-        bail!("--device cuda: the GPU executor is not built yet (issue #4); use --device cpu");
-    }
     set_threads(m.threads)?;
-    commands::generate::load(&m.model)
+    let mut loaded = commands::generate::load(&m.model)?;
+    if m.device == Device::Cuda {
+        loaded.to_gpu(0)?;
+    }
+    Ok(loaded)
 }
 
 fn main() -> Result<()> {
@@ -324,6 +325,9 @@ fn main() -> Result<()> {
             let mut stdout = std::io::stdout();
             let (g, spec) = match &draft {
                 Some(dir) => {
+                    if loaded.gpu.is_some() {
+                        bail!("--draft with --device cuda: DFlash on the GPU executor is not wired into `ultra generate` yet; use --device cpu");
+                    }
                     let r = commands::generate::generate_speculative(
                         &loaded,
                         dir,

@@ -1,4 +1,5 @@
-//! `ultra generate` and `ultra score` on the CPU executor.
+//! `ultra generate` and `ultra score` on the CPU executor or, with `--device cuda`, on the GPU
+//! executor (`tilert::exec`; the CPU model stays loaded beside it as the drafter's host tables).
 //!
 //! `generate`: prompt (plain, or through the checkpoint's chat template with `--chat`) → streamed
 //! text, then prompt/generated token counts, time to first token and decode tokens/s on stderr.
@@ -18,10 +19,70 @@ use model::tokenizer::{ChatMessage, Tokenizer};
 
 use crate::stream::TokenOutput;
 
-/// A loaded model ready to run on the CPU.
+/// A loaded model ready to run on the CPU (and on a GPU when `gpu` is set).
 pub struct Loaded {
     pub model: CpuModel,
     pub tokenizer: Option<Tokenizer>,
+    /// The same weights resident on a GPU (`--device cuda`): `generate` and `score` run there.
+    pub gpu: Option<tilert::exec::GpuModel>,
+}
+
+/// Positions a GPU sequence of `ultra generate` / `ultra score` can hold (its KV cache size):
+/// the model's context, at most this many.
+pub const GPU_MAX_SEQ: usize = 8192;
+
+/// One sequence on whichever executor `Loaded` runs.
+enum Sequence {
+    Cpu(Box<model::cpu::Session>),
+    Gpu(Box<tilert::exec::GpuSession>),
+}
+
+impl Loaded {
+    /// Uploads the weights to GPU `ordinal`; later `generate` / `score` calls run there.
+    pub fn to_gpu(&mut self, ordinal: usize) -> Result<()> {
+        let t0 = Instant::now();
+        let cfg = Arc::new(self.model.config().clone());
+        let gpu = tilert::exec::GpuModel::new(ordinal, cfg, self.model.weights())?;
+        eprintln!(
+            "{}; weights uploaded ({:.2} GB) in {:.2} s",
+            gpu.device().info,
+            gpu.weight_bytes() as f64 / 1e9,
+            t0.elapsed().as_secs_f64()
+        );
+        self.gpu = Some(gpu);
+        Ok(())
+    }
+
+    fn sequence(&self) -> Result<Sequence> {
+        Ok(match &self.gpu {
+            Some(g) => {
+                let max_seq = g.config().max_position_embeddings.clamp(1, GPU_MAX_SEQ);
+                Sequence::Gpu(Box::new(g.session(max_seq)?))
+            }
+            None => Sequence::Cpu(Box::new(self.model.session())),
+        })
+    }
+}
+
+impl Sequence {
+    fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(match self {
+            Sequence::Cpu(s) => s.prefill(ids)?.to_vec(),
+            Sequence::Gpu(s) => s.prefill(ids)?,
+        })
+    }
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
+        Ok(match self {
+            Sequence::Cpu(s) => s.decode(token)?.to_vec(),
+            Sequence::Gpu(s) => s.decode(token)?,
+        })
+    }
+    fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(match self {
+            Sequence::Cpu(s) => s.prefill_all(ids)?,
+            Sequence::Gpu(s) => s.verify(ids, &[])?.logits,
+        })
+    }
 }
 
 /// Loads weights (checked against the spec) and, when present, the tokenizer.
@@ -41,7 +102,11 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         model.config().layers.len(),
         t0.elapsed().as_secs_f64()
     );
-    Ok(Loaded { model, tokenizer })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        gpu: None,
+    })
 }
 
 /// What one generation produced.
@@ -104,9 +169,9 @@ pub fn generate(
 ) -> Result<Generation> {
     let tok = loaded.tokenizer.as_ref();
     let mut output = TokenOutput::new(params, &eos_ids(loaded), ids, tok.is_some())?;
-    let mut session = loaded.model.session();
+    let mut session = loaded.sequence()?;
     let t0 = Instant::now();
-    let mut logits = session.prefill(ids)?.to_vec();
+    let mut logits = session.prefill(ids)?;
     let mut ttft = 0.0;
     let t_decode = Instant::now();
     let finish_reason = loop {
@@ -119,7 +184,7 @@ pub fn generate(
         if let Some((reason, _)) = e.finish {
             break reason.as_str().to_string();
         }
-        logits = session.decode(e.token)?.to_vec();
+        logits = session.decode(e.token)?;
     };
     let decode_s = t_decode.elapsed().as_secs_f64();
     let tokens = output.tokens().to_vec();
@@ -219,8 +284,8 @@ pub fn generate_speculative(
 
 /// log p(token i | tokens before it) for every i ≥ 1, from one full pass.
 pub fn score(loaded: &Loaded, ids: &[u32]) -> Result<Vec<Option<f64>>> {
-    let mut session = loaded.model.session();
-    let logits = session.prefill_all(ids)?;
+    let mut session = loaded.sequence()?;
+    let logits = session.logits_all(ids)?;
     let mut out = vec![None];
     for i in 1..ids.len() {
         out.push(Some(logprob_of(&logits[i - 1], ids[i])));
