@@ -125,22 +125,16 @@ extern "C" __global__ void mxfp4_dequant_bf16(const uint8_t* __restrict__ blocks
 // One thread per 8 values; the 4 threads of a block are adjacent lanes.
 // ---------------------------------------------------------------------------------------------
 
-// Group `group` (8 values) of a [rows, K] activation; rows are written K_pad apart (K_pad = K
-// rounded up to the GEMV's 128-value tile; the padding stays zero).
-template <typename Load>
-__device__ __forceinline__ void prep_group(uint64_t group, uint32_t K, uint32_t K_pad, Load load,
-                                           __half* __restrict__ xh, float* __restrict__ xf,
-                                           bool active) {
-    float v[8];
+// Scales 8 consecutive values (one quarter of a 32-value block; the block's 4 quarters are held by
+// 4 adjacent lanes, 4-aligned) as described above. Every lane of the warp must call it (the block
+// maximum is reduced with shuffles). Returns the fp16 pairs [x0,x4],[x1,x5],[x2,x6],[x3,x7] of
+// x·2^-e and sets `factor` = 2^(e+14).
+__device__ __forceinline__ uint4 prep_eight(const float (&v)[8], float& factor) {
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        v[i] = active ? load(group * 8 + i) : 0.f;
-        amax = fmaxf(amax, fabsf(v[i]));
-    }
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    if (!active) return;
     int e = 0;
     if (amax > 0.f && amax <= 3.0e38f) {
         int ex;
@@ -154,10 +148,26 @@ __device__ __forceinline__ void prep_group(uint64_t group, uint32_t K, uint32_t 
         const uint32_t hi = __half_as_ushort(__float2half_rn(ldexpf(v[i + 4], -e)));
         u[i] = lo | (hi << 16);
     }
+    factor = ldexpf(1.0f, e + 14);
+    return make_uint4(u[0], u[1], u[2], u[3]);
+}
+
+// Group `group` (8 values) of a [rows, K] activation; rows are written K_pad apart (K_pad = K
+// rounded up to the GEMV's 128-value tile; the padding stays zero).
+template <typename Load>
+__device__ __forceinline__ void prep_group(uint64_t group, uint32_t K, uint32_t K_pad, Load load,
+                                           __half* __restrict__ xh, float* __restrict__ xf,
+                                           bool active) {
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = active ? load(group * 8 + i) : 0.f;
+    float factor;
+    const uint4 packed = prep_eight(v, factor);
+    if (!active) return;
     const uint64_t row = group / (K / 8), in_row = group % (K / 8);
     const uint64_t out = row * K_pad + in_row * 8;
-    *reinterpret_cast<uint4*>(xh + out) = make_uint4(u[0], u[1], u[2], u[3]);
-    if ((in_row & 3) == 0) xf[out / 32] = ldexpf(1.0f, e + 14);
+    *reinterpret_cast<uint4*>(xh + out) = packed;
+    if ((in_row & 3) == 0) xf[out / 32] = factor;
 }
 
 // x is [rows, K]; xh is [rows, K_pad] halves, xf [rows, K_pad/32] (zero-initialised padding).
@@ -321,5 +331,452 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS)
         for (uint32_t w = 0; w < n_warps; ++w) s += partial[w][threadIdx.x];
         const uint32_t r = row0 + threadIdx.x;
         if (r < N) y[(uint64_t)slot * N + r] = expert_ok ? s : __uint_as_float(0x7FC00000u);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routed experts (crates/tilert/src/moe.rs): one launch per projection of a MoE block over T <= 16
+// tokens with top-k routing. ids[T*k] (entry e = t*k + j: slot j of token t) names the expert of
+// every entry. The grid is (distinct-expert slot, row block): slot a is the a-th distinct valid
+// expert id in ascending order, found by each CTA from the ids table (no host involvement, so
+// the launch is graph-capturable); CTAs whose slot has no expert exit at once. A CTA runs ALL
+// the entries routed to its expert, so each distinct expert's weights are read once.
+//
+//   gate_up (GLU): out[e][j] = glu(W[ids[e]] row 2j . x[e / x_div] + b[2j],
+//                                  W[ids[e]] row 2j+1 . x[e / x_div] + b[2j+1])   out [n_ids, rows/2]
+//   down:          out[e][r] = route_w[e] * (W[ids[e]] row r . x[e / x_div] + b[r]) out [n_ids, rows]
+//
+// Entries whose id is outside 0..n_experts get NaN outputs (written by the slot-0 CTAs).
+// ---------------------------------------------------------------------------------------------
+
+constexpr uint32_t MOE_MAX_IDS = 256;           // T * k
+constexpr uint32_t MOE_MAX_EXPERT_WORDS = 64;   // bitmap words: n_experts <= 2048
+constexpr uint32_t MOE_MAX_WARPS = 16;
+
+// Shared with crates/tilert/src/moe.rs (MoeParams, #[repr(C)]).
+struct MoeParams {
+    const uint8_t* w;        // MXFP4: tiled codes; dense: [E * rows, K] bf16 or f32
+    const uint8_t* scales;   // MXFP4: tiled scale bytes
+    const int32_t* ids;      // [n_ids]
+    const float* x;          // input of entry e: row e / x_div, K values
+    const float* bias;       // [E, rows] or null
+    const float* route_w;    // [n_ids] (down) or null
+    float* out;
+    uint32_t n_experts, rows, k, n_ids;
+    uint32_t x_div;          // gate_up: k (tokens' hidden states shared by their k entries); down: 1
+    uint32_t row_groups;     // MXFP4: 16-row groups per CTA
+    uint32_t glu;            // 0: clamped SwiGLU (alpha, limit); 1: SwiGLU
+    uint32_t pad_;
+    float alpha, limit;
+};
+
+// model::cpu::ops::{clamped_swiglu, swiglu}, same operation order.
+__device__ __forceinline__ float moe_glu(const MoeParams& p, float gate, float up) {
+    if (p.glu == 0) {
+        const float g = fminf(gate, p.limit);
+        const float u = fminf(fmaxf(up, -p.limit), p.limit);
+        return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * p.alpha)))));
+    }
+    return (gate * (1.0f / (1.0f + expf(-gate)))) * up;
+}
+
+struct MoeSlot {
+    uint32_t bitmap[MOE_MAX_EXPERT_WORDS];
+    int32_t ids[MOE_MAX_IDS];
+    int32_t entries[MOE_MAX_IDS];  // the entries routed to `expert`, ascending
+    int32_t expert;                // -1: this slot has no expert
+    uint32_t n_entries;
+};
+
+// Every thread calls; ends with __syncthreads.
+__device__ void moe_find_slot(const MoeParams& p, uint32_t slot, MoeSlot& s) {
+    const uint32_t words = (p.n_experts + 31) / 32;
+    for (uint32_t i = threadIdx.x; i < words; i += blockDim.x) s.bitmap[i] = 0;
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < p.n_ids; i += blockDim.x) {
+        const int32_t e = p.ids[i];
+        s.ids[i] = e;
+        if (e >= 0 && (uint32_t)e < p.n_experts) atomicOr(&s.bitmap[e / 32], 1u << (e % 32));
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const uint32_t lane = threadIdx.x;
+        if (lane == 0) {
+            int32_t expert = -1;
+            uint32_t left = slot;
+            for (uint32_t w = 0; w < words; ++w) {
+                uint32_t b = s.bitmap[w];
+                const uint32_t c = __popc(b);
+                if (left < c) {
+                    for (uint32_t j = 0; j < left; ++j) b &= b - 1;  // drop the lowest `left` bits
+                    expert = (int32_t)(w * 32 + __ffs(b) - 1);
+                    break;
+                }
+                left -= c;
+            }
+            s.expert = expert;
+        }
+        __syncwarp();
+        const int32_t expert = s.expert;
+        uint32_t n = 0;
+        for (uint32_t base = 0; base < p.n_ids; base += 32) {
+            const uint32_t i = base + lane;
+            const bool m = expert >= 0 && i < p.n_ids && s.ids[i] == expert;
+            const uint32_t bal = __ballot_sync(0xffffffffu, m);
+            if (m) s.entries[n + __popc(bal & ((1u << lane) - 1))] = (int32_t)i;
+            n += __popc(bal);
+        }
+        if (lane == 0) s.n_entries = n;
+    }
+    __syncthreads();
+}
+
+// Slot-0 CTAs: NaN outputs of rows [r0, r1) for entries with an invalid expert id.
+template <bool GLU>
+__device__ void moe_nan_invalid(const MoeParams& p, const MoeSlot& s, uint32_t r0, uint32_t r1) {
+    const float nan = __uint_as_float(0x7FC00000u);
+    const uint32_t per = GLU ? (r1 - r0) / 2 : r1 - r0;
+    const uint32_t width = GLU ? p.rows / 2 : p.rows;
+    const uint32_t first = GLU ? r0 / 2 : r0;
+    for (uint32_t i = threadIdx.x; i < p.n_ids * per; i += blockDim.x) {
+        const uint32_t e = i / per;
+        const int32_t id = s.ids[e];
+        if (id < 0 || (uint32_t)id >= p.n_experts) p.out[(uint64_t)e * width + first + i % per] = nan;
+    }
+}
+
+// The epilogue of one output row pair / row: bias, GLU or routing weight, store.
+template <bool GLU>
+__device__ __forceinline__ void moe_store(const MoeParams& p, int32_t expert, uint32_t entry,
+                                          uint32_t row, float v0, float v1) {
+    const float* b = p.bias ? p.bias + (uint64_t)expert * p.rows : nullptr;
+    if (GLU) {  // row even: (gate, up) = rows (row, row + 1)
+        const float gate = v0 + (b ? b[row] : 0.f), up = v1 + (b ? b[row + 1] : 0.f);
+        p.out[(uint64_t)entry * (p.rows / 2) + row / 2] = moe_glu(p, gate, up);
+    } else {
+        p.out[(uint64_t)entry * p.rows + row] = p.route_w[entry] * (v0 + (b ? b[row] : 0.f));
+    }
+}
+
+// ---- MXFP4 experts on the tensor cores ----------------------------------------------------------
+//
+// The tile loop of mxfp4_gemv extended to token pairs: B of an mma holds two tokens' activations,
+// block-diagonally (column c < 4: token 2p, block c; column 4 + c: token 2p+1, block c), so D
+// columns 0..3 (lanes t < 2) are token 2p's per-block partial sums and columns 4..7 (lanes t >= 2)
+// token 2p+1's. A tile's weights are decoded once for all token pairs.
+//
+// A CTA covers `row_groups` consecutive 16-row groups of one expert (warp w: group w % row_groups,
+// K tiles w / row_groups, + warps/row_groups, ...). Its entries run in chunks of 2*NP; each
+// chunk's activations are prepared (prep_eight: per-32-block power-of-two scaling to fp16, pair
+// order) into shared memory by the whole CTA, so no separate prep launch is needed.
+// Dynamic shared memory: [2NP][K_pad + 8] halves, [2NP][K_pad/32] factors, [warps][2NP][16] sums.
+
+__host__ __device__ constexpr uint32_t moe_xs_stride(uint32_t k_pad) { return k_pad + 8; }
+
+template <int NP, bool GLU>
+__device__ void moe_mx_body(const MoeParams& p) {
+    extern __shared__ __align__(16) uint8_t moe_smem[];
+    __shared__ MoeSlot s;
+    constexpr uint32_t CH = 2 * NP;
+    const uint32_t groups = (p.rows + 15) / 16;
+    const uint32_t ctas_per_slot = (groups + p.row_groups - 1) / p.row_groups;
+    const uint32_t slot = blockIdx.x / ctas_per_slot;
+    const uint32_t g0 = (blockIdx.x % ctas_per_slot) * p.row_groups;
+    const uint32_t r0 = g0 * 16, r1 = min(p.rows, (g0 + p.row_groups) * 16);
+    moe_find_slot(p, slot, s);
+    if (slot == 0) moe_nan_invalid<GLU>(p, s, r0, r1);
+    const int32_t expert = s.expert;
+    if (expert < 0) return;
+
+    const uint32_t warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, tb = t & 1;
+    const uint32_t my_rg = warp % p.row_groups, wpg = n_warps / p.row_groups,
+                   wk = warp / p.row_groups;
+    const bool rg_ok = g0 + my_rg < groups;
+    const uint32_t nb = p.k / 32, n_tiles = (nb + 3) / 4, k_pad = n_tiles * 128;
+    const uint32_t xs_stride = moe_xs_stride(k_pad), xf_stride = k_pad / 32;
+    __half* xs = reinterpret_cast<__half*>(moe_smem);
+    float* xfs = reinterpret_cast<float*>(moe_smem + (size_t)CH * xs_stride * 2);
+    float* partial = xfs + CH * xf_stride;
+
+    const uint64_t tile0 = ((uint64_t)expert * groups + g0 + (rg_ok ? my_rg : 0)) * n_tiles;
+    const uint4* code_lane = reinterpret_cast<const uint4*>(p.w) + tile0 * 64 + g * 4 + t;
+    const uint16_t* scale_lane =
+        reinterpret_cast<const uint16_t*>(p.scales + tile0 * 64 + 2 * tb) + g * 2;
+    struct Tile {
+        uint4 wl, wh;   // codes of this lane's block, rows g and g+8
+        uint32_t s[2];  // scale bytes of blocks 2tb, 2tb+1 of rows g and g+8
+    };
+    auto load = [&](uint32_t tile, Tile& T) {
+        const uint4* c = code_lane + (uint64_t)tile * 64;
+        T.wl = __ldcs(c);
+        T.wh = __ldcs(c + 32);
+        const uint16_t* sp = scale_lane + (uint64_t)tile * 32;
+        T.s[0] = sp[0];
+        T.s[1] = sp[16];
+    };
+
+    for (uint32_t c0 = 0; c0 < s.n_entries; c0 += CH) {
+        const uint32_t nt = min(CH, s.n_entries - c0);
+        Tile cur, nxt;
+        cur.s[0] = cur.s[1] = nxt.s[0] = nxt.s[1] = 0;
+        if (rg_ok && wk < n_tiles) load(wk, cur);  // in flight during the activation prep
+
+        // Activations of entries c0 .. c0+nt -> shared memory (K padding -> zeros).
+        const uint32_t gpr = k_pad / 8, total = nt * gpr;  // gpr is a multiple of 16
+        for (uint32_t i = threadIdx.x; i < ((total + 31) & ~31u); i += blockDim.x) {
+            const bool active = i < total;
+            const uint32_t tok = active ? i / gpr : 0, gi = i % gpr;
+            float v[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = 0.f;
+            if (active && gi * 8 < p.k) {
+                const uint32_t row = (uint32_t)s.entries[c0 + tok] / p.x_div;
+                const float4* xp =
+                    reinterpret_cast<const float4*>(p.x + (uint64_t)row * p.k + gi * 8);
+                const float4 a = __ldg(xp), b = __ldg(xp + 1);
+                v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+                v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+            }
+            float factor;
+            const uint4 packed = prep_eight(v, factor);
+            if (active) {
+                *reinterpret_cast<uint4*>(xs + tok * xs_stride + gi * 8) = packed;
+                if ((gi & 3) == 0) xfs[tok * xf_stride + gi / 4] = factor;
+            }
+        }
+        __syncthreads();
+
+        float acc[NP][2];
+#pragma unroll
+        for (int pp = 0; pp < NP; ++pp) acc[pp][0] = acc[pp][1] = 0.f;
+        for (uint32_t tile = wk; rg_ok && tile < n_tiles; tile += wpg) {
+            if (tile + wpg < n_tiles) load(tile + wpg, nxt);
+            uint32_t pl[4][4], ph[4][4];
+            const uint32_t wlo[4] = {cur.wl.x, cur.wl.y, cur.wl.z, cur.wl.w};
+            const uint32_t whi[4] = {cur.wh.x, cur.wh.y, cur.wh.z, cur.wh.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                decode_word(wlo[q], pl[q]);
+                decode_word(whi[q], ph[q]);
+            }
+            float sc[2][2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                sc[0][j] = e8m0_finite_to_f32((cur.s[0] >> (8 * j)) & 0xFF);
+                sc[1][j] = e8m0_finite_to_f32((cur.s[1] >> (8 * j)) & 0xFF);
+            }
+#pragma unroll
+            for (int pp = 0; pp < NP; ++pp) {
+                if (2 * pp >= nt) break;  // CTA-uniform
+                // This lane feeds B column g: token 2pp (g == t) or 2pp+1 (g == t+4), block t.
+                const uint32_t tok = g == t ? 2 * pp : (g == t + 4 ? 2 * pp + 1 : CH);
+                uint4 xv[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) xv[q] = make_uint4(0, 0, 0, 0);
+                if (tok < nt) {
+                    const uint4* xp =
+                        reinterpret_cast<const uint4*>(xs + tok * xs_stride + (tile * 4 + t) * 32);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) xv[q] = xp[q];
+                }
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    mma_16816(d, pl[q][0], ph[q][0], pl[q][1], ph[q][1], xv[q].x, xv[q].y);
+                    mma_16816(d, pl[q][2], ph[q][2], pl[q][3], ph[q][3], xv[q].z, xv[q].w);
+                }
+                // d[0], d[1]: row g, blocks 2tb, 2tb+1 of token mt; d[2], d[3]: row g+8.
+                const uint32_t mt = 2 * pp + (t >> 1);
+                if (mt < nt) {
+                    const float2 f =
+                        *reinterpret_cast<const float2*>(xfs + mt * xf_stride + tile * 4 + 2 * tb);
+                    acc[pp][0] += d[0] * (sc[0][0] * f.x);
+                    acc[pp][0] += d[1] * (sc[0][1] * f.y);
+                    acc[pp][1] += d[2] * (sc[1][0] * f.x);
+                    acc[pp][1] += d[3] * (sc[1][1] * f.y);
+                }
+            }
+            cur = nxt;
+        }
+#pragma unroll
+        for (int pp = 0; pp < NP; ++pp) {
+            acc[pp][0] += __shfl_xor_sync(0xffffffffu, acc[pp][0], 1);
+            acc[pp][1] += __shfl_xor_sync(0xffffffffu, acc[pp][1], 1);
+            const uint32_t mt = 2 * pp + (t >> 1);
+            if (tb == 0 && mt < nt) {
+                partial[(warp * CH + mt) * 16 + g] = acc[pp][0];
+                partial[(warp * CH + mt) * 16 + g + 8] = acc[pp][1];
+            }
+        }
+        __syncthreads();
+
+        // Epilogue: sum the warps of each row group (in warp order), bias, GLU / weight, store.
+        constexpr uint32_t PER = GLU ? 8 : 16;  // outputs per (row group, entry)
+        const uint32_t items = (r1 - r0 + 15) / 16 * PER * nt;
+        for (uint32_t i = threadIdx.x; i < items; i += blockDim.x) {
+            const uint32_t rg = i / (PER * nt), rem = i % (PER * nt);
+            const uint32_t tok = rem / PER, o = rem % PER;
+            const uint32_t lr = GLU ? 2 * o : o;  // row within the group
+            const uint32_t row = (g0 + rg) * 16 + lr;
+            if (row >= p.rows) continue;
+            float v0 = 0.f, v1 = 0.f;
+            for (uint32_t w = rg; w < n_warps; w += p.row_groups) {
+                v0 += partial[(w * CH + tok) * 16 + lr];
+                if (GLU) v1 += partial[(w * CH + tok) * 16 + lr + 1];
+            }
+            moe_store<GLU>(p, expert, (uint32_t)s.entries[c0 + tok], row, v0, v1);
+        }
+        __syncthreads();  // the next chunk reuses the shared buffers
+    }
+}
+
+#define MOE_MX_KERNEL(NP)                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * MOE_MAX_WARPS)                            \
+        moe_mx_gate_up_np##NP(MoeParams p) {                                                    \
+        moe_mx_body<NP, true>(p);                                                               \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * MOE_MAX_WARPS)                            \
+        moe_mx_down_np##NP(MoeParams p) {                                                       \
+        moe_mx_body<NP, false>(p);                                                              \
+    }
+MOE_MX_KERNEL(1)
+MOE_MX_KERNEL(2)
+MOE_MX_KERNEL(4)
+
+// ---- Dense experts (bf16 or f32 weights) on the CUDA cores ----------------------------------------
+//
+// Warp w of a CTA computes rows (2w', 2w'+1) of its expert (w' = CTA row block * warps + w) for C
+// entries at a time: lane l multiplies elements l*8 .. l*8+7 of every 256-element chunk of K with
+// f32 FMAs (weights and activations exact in f32), then a 5-level butterfly sums the lanes. K must
+// be a multiple of 8. For gate_up the two rows are a (gate, up) pair.
+
+__device__ __forceinline__ void moe_load8(const __nv_bfloat16* p, float (&v)[8]) {
+    const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+__device__ __forceinline__ void moe_load8(const float* p, float (&v)[8]) {
+    const float4 a = __ldcs(reinterpret_cast<const float4*>(p)),
+                 b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+template <typename W, int C, bool GLU>
+__device__ void moe_dense_body(const MoeParams& p) {
+    __shared__ MoeSlot s;
+    const uint32_t n_warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t rows_per_cta = 2 * n_warps;
+    const uint32_t ctas_per_slot = (p.rows + rows_per_cta - 1) / rows_per_cta;
+    const uint32_t slot = blockIdx.x / ctas_per_slot;
+    const uint32_t r0 = (blockIdx.x % ctas_per_slot) * rows_per_cta;
+    moe_find_slot(p, slot, s);
+    if (slot == 0) moe_nan_invalid<GLU>(p, s, r0, min(p.rows, r0 + rows_per_cta));
+    const int32_t expert = s.expert;
+    const uint32_t row = r0 + 2 * warp;
+    if (expert < 0 || row >= p.rows) return;
+    const bool two = row + 1 < p.rows;
+    const W* w0 = reinterpret_cast<const W*>(p.w) + ((uint64_t)expert * p.rows + row) * p.k;
+    const W* w1 = two ? w0 + p.k : w0;
+    for (uint32_t c0 = 0; c0 < s.n_entries; c0 += C) {
+        const uint32_t nt = min((uint32_t)C, s.n_entries - c0);
+        const float* xr[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+            xr[c] = p.x + (uint64_t)((uint32_t)s.entries[c0 + min((uint32_t)c, nt - 1)] / p.x_div) * p.k;
+        float acc[2][C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[0][c] = acc[1][c] = 0.f;
+        for (uint32_t kk = lane * 8; kk < p.k; kk += 256) {
+            float a[8], b[8];
+            moe_load8(w0 + kk, a);
+            moe_load8(w1 + kk, b);
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                if ((uint32_t)c >= nt) break;
+                const float4 x0 = __ldg(reinterpret_cast<const float4*>(xr[c] + kk)),
+                             x1 = __ldg(reinterpret_cast<const float4*>(xr[c] + kk) + 1);
+                const float x[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    acc[0][c] = fmaf(a[i], x[i], acc[0][c]);
+                    acc[1][c] = fmaf(b[i], x[i], acc[1][c]);
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+#pragma unroll
+            for (int m = 16; m >= 1; m /= 2) {
+                acc[0][c] += __shfl_xor_sync(0xffffffffu, acc[0][c], m);
+                acc[1][c] += __shfl_xor_sync(0xffffffffu, acc[1][c], m);
+            }
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                if ((uint32_t)c >= nt) break;
+                const uint32_t entry = (uint32_t)s.entries[c0 + c];
+                if (GLU) {
+                    moe_store<true>(p, expert, entry, row, acc[0][c], acc[1][c]);
+                } else {
+                    moe_store<false>(p, expert, entry, row, acc[0][c], 0.f);
+                    if (two) moe_store<false>(p, expert, entry, row + 1, acc[1][c], 0.f);
+                }
+            }
+        }
+    }
+}
+
+#define MOE_DENSE_KERNEL(NAME, W, C)                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * MOE_MAX_WARPS)                            \
+        moe_dense_gate_up_##NAME##_c##C(MoeParams p) {                                          \
+        moe_dense_body<W, C, true>(p);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * MOE_MAX_WARPS)                            \
+        moe_dense_down_##NAME##_c##C(MoeParams p) {                                             \
+        moe_dense_body<W, C, false>(p);                                                         \
+    }
+MOE_DENSE_KERNEL(bf16, __nv_bfloat16, 1)
+MOE_DENSE_KERNEL(bf16, __nv_bfloat16, 4)
+MOE_DENSE_KERNEL(f32, float, 1)
+MOE_DENSE_KERNEL(f32, float, 4)
+
+// ---- Synthetic weights ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint64_t moe_splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// p[i] = lo + hash(seed, i) % span (bytes), grid-stride, 8 bytes per hash.
+extern "C" __global__ void moe_fill_bytes(uint8_t* __restrict__ p, uint64_t n, uint64_t seed,
+                                          uint32_t lo, uint32_t span) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i * 8 < n; i += stride) {
+        const uint64_t r = moe_splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const uint64_t k = i * 8 + j;
+            if (k < n) p[k] = (uint8_t)(lo + ((r >> (8 * j)) & 0xFF) % span);
+        }
+    }
+}
+
+// p[i] uniform in [-scale, scale), grid-stride.
+extern "C" __global__ void moe_fill_f32(float* __restrict__ p, uint64_t n, uint64_t seed,
+                                        float scale) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint64_t r = moe_splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
+        const float u = (float)(r >> 40) * 0x1p-24f;  // [0, 1)
+        p[i] = (2.0f * u - 1.0f) * scale;
     }
 }

@@ -1,7 +1,1010 @@
-// The dense ops of a decoder step (see crates/tilert/src/ops.rs for the contract of each kernel).
+// The dense ops of a decoder step (see crates/tilert/src/ops.rs for the contract of each kernel;
+// the one definition of each op is the CPU code named there).
+//
+// Everything is f32 except dense weights (bf16 or f32). No fast math: the kernels use IEEE
+// division / sqrt and expf; where the CPU definition is a short chain of roundings (RoPE, the
+// sampler's exp) the kernels use explicit _rn intrinsics so that the compiler cannot fuse
+// multiply-adds and the results are bit-identical to the CPU.
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <float.h>
 
-extern "C" __global__ void ops_placeholder(float* x) {
-    if (x) x[threadIdx.x] = 0.f;
+#define MAX_TOKENS 16
+
+// ------------------------------------------------------------------------------------------
+// Reductions
+// ------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum (every thread gets the result). `red` holds >= 32 floats. blockDim.x % 32 == 0.
+__device__ float block_sum(float v, float* red) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    float r = lane < nw ? red[lane] : 0.f;
+    return warp_sum(r);
+}
+
+__device__ float block_max(float v, float* red) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    float r = lane < nw ? red[lane] : -INFINITY;
+    return warp_max(r);
+}
+
+__device__ double block_sum_f64(double v, double* red) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    double r = lane < nw ? red[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+    return r;
+}
+
+// ------------------------------------------------------------------------------------------
+// Deterministic fills (splitmix64 of seed and index)
+// ------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Uniform in [-scale, scale): 24 random bits, rounded toward zero when narrowed to bf16.
+__device__ __forceinline__ float hash_uniform(uint64_t seed, uint64_t i, float scale) {
+    const uint64_t r = splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
+    const float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+    return (2.0f * u - 1.0f) * scale;
+}
+
+extern "C" __global__ void fill_uniform_bf16(__nv_bfloat16* out, uint64_t n, float scale,
+                                             uint64_t seed) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride)
+        out[i] = __float2bfloat16_rz(hash_uniform(seed, i, scale));
+}
+
+extern "C" __global__ void fill_uniform_f32(float* out, uint64_t n, float scale, uint64_t seed) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+        float v = hash_uniform(seed, i, scale);
+        out[i] = fabsf(v) < scale ? v : 0.f;  // guards [-scale, scale) against rounding up
+    }
+}
+
+extern "C" __global__ void fill_bytes(uint8_t* out, uint64_t n, uint32_t lo, uint32_t span,
+                                      uint64_t seed) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint64_t r = splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
+        out[i] = (uint8_t)(lo + (uint32_t)((r >> 32) % span));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Embedding, RMSNorm, GLU, combine, argmax
+// ------------------------------------------------------------------------------------------
+
+// x[t] = table[tokens[t]]; grid (T, ceil(H / blockDim)). An id outside the table yields NaNs
+// (the host validates ids before they reach the device; NaN makes a miss visible).
+extern "C" __global__ void embed_bf16(const __nv_bfloat16* table, const uint32_t* tokens,
+                                      uint32_t vocab, uint32_t h, float* x) {
+    const uint32_t t = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= h) return;
+    const uint32_t id = tokens[t];
+    x[(size_t)t * h + i] = id < vocab ? __bfloat162float(table[(size_t)id * h + i]) : NAN;
+}
+
+extern "C" __global__ void embed_f32(const float* table, const uint32_t* tokens, uint32_t vocab,
+                                     uint32_t h, float* x) {
+    const uint32_t t = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= h) return;
+    const uint32_t id = tokens[t];
+    x[(size_t)t * h + i] = id < vocab ? table[(size_t)id * h + i] : NAN;
+}
+
+// out[r] = w ⊙ (x[r] · 1/sqrt(mean(x[r]²) + eps)); one block per row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, uint32_t n, float eps,
+                                   float* out) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float* orow = out + (size_t)blockIdx.x * n;
+    float ss = 0.f;
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x)
+        orow[i] = __fmul_rn(w[i], __fmul_rn(xr[i], r));
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Halves layout: gate = gate_up[t][i], up = gate_up[t][I + i]. kind 0 = clamped SwiGLU
+// (gpt-oss), 1 = SwiGLU.
+extern "C" __global__ void glu_halves(const float* gate_up, uint32_t t_count, uint32_t inter,
+                                      uint32_t kind, float alpha, float limit, float* out) {
+    const uint64_t n = (uint64_t)t_count * inter;
+    for (uint64_t idx = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; idx < n;
+         idx += (uint64_t)gridDim.x * blockDim.x) {
+        const uint64_t t = idx / inter, i = idx % inter;
+        const float g = gate_up[t * 2 * inter + i], u = gate_up[t * 2 * inter + inter + i];
+        float r;
+        if (kind == 0) {
+            const float gc = fminf(g, limit);
+            const float uc = fminf(fmaxf(u, -limit), limit);
+            const float glu = __fmul_rn(gc, sigmoidf_(__fmul_rn(gc, alpha)));
+            r = __fmul_rn(__fadd_rn(uc, 1.0f), glu);
+        } else {
+            r = __fmul_rn(__fmul_rn(g, sigmoidf_(g)), u);
+        }
+        out[idx] = r;
+    }
+}
+
+// x[t] += Σ_j y[t][j] with the k terms summed from 0 in ascending expert id. grid (T, ...).
+extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* ids, uint32_t k,
+                                       uint32_t h) {
+    const uint32_t t = blockIdx.x;
+    __shared__ int order[MAX_TOKENS];
+    if (threadIdx.x == 0) {
+        int id[MAX_TOKENS];
+        for (uint32_t j = 0; j < k; ++j) {
+            id[j] = ids[t * k + j];
+            order[j] = j;
+        }
+        // Insertion sort by expert id (stable: equal ids keep slot order).
+        for (uint32_t a = 1; a < k; ++a) {
+            int o = order[a], v = id[o];
+            int b = a;
+            while (b > 0 && id[order[b - 1]] > v) {
+                order[b] = order[b - 1];
+                --b;
+            }
+            order[b] = o;
+        }
+    }
+    __syncthreads();
+    for (uint32_t i = blockIdx.y * blockDim.x + threadIdx.x; i < h; i += gridDim.y * blockDim.x) {
+        float acc = 0.f;
+        for (uint32_t j = 0; j < k; ++j) acc += y[((size_t)t * k + order[j]) * h + i];
+        x[(size_t)t * h + i] += acc;
+    }
+}
+
+// NaN reads as -inf (as model::sampling does).
+__device__ __forceinline__ float sane_logit(float x) {
+    return isnan(x) ? -INFINITY : fminf(x, FLT_MAX);
+}
+
+// out[t] = argmax(logits[t]); lowest index on ties; one block per token.
+extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t* out) {
+    __shared__ float bv[32];
+    __shared__ uint32_t bi[32];
+    const float* row = logits + (size_t)blockIdx.x * v;
+    float best = -INFINITY;
+    uint32_t besti = 0xffffffffu;
+    for (uint32_t i = threadIdx.x; i < v; i += blockDim.x) {
+        const float x = sane_logit(row[i]);
+        if (x > best || besti == 0xffffffffu) {
+            best = x;
+            besti = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const uint32_t oi = __shfl_xor_sync(0xffffffffu, besti, o);
+        if (ov > best || (ov == best && oi < besti)) {
+            best = ov;
+            besti = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) {
+        bv[wid] = best;
+        bi[wid] = besti;
+    }
+    __syncthreads();
+    if (wid == 0) {
+        best = lane < nw ? bv[lane] : -INFINITY;
+        besti = lane < nw ? bi[lane] : 0xffffffffu;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const uint32_t oi = __shfl_xor_sync(0xffffffffu, besti, o);
+            if (ov > best || (ov == best && oi < besti)) {
+                best = ov;
+                besti = oi;
+            }
+        }
+        if (lane == 0) out[blockIdx.x] = besti == 0xffffffffu ? 0u : besti;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Linear: y[t] = W · x[t] (+ bias) (+ y[t] when accumulate)
+// ------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+// Dot of one 16-byte weight vector with the matching activations (8 bf16 or 4 f32) of one token.
+template <bool BF16>
+__device__ __forceinline__ float dot16(const uint4& w, const float* xp, float acc) {
+    if (BF16) {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(xp));
+        const float4 b = __ldg(reinterpret_cast<const float4*>(xp) + 1);
+        acc = fmaf(bf_lo(w.x), a.x, acc);
+        acc = fmaf(bf_hi(w.x), a.y, acc);
+        acc = fmaf(bf_lo(w.y), a.z, acc);
+        acc = fmaf(bf_hi(w.y), a.w, acc);
+        acc = fmaf(bf_lo(w.z), b.x, acc);
+        acc = fmaf(bf_hi(w.z), b.y, acc);
+        acc = fmaf(bf_lo(w.w), b.z, acc);
+        acc = fmaf(bf_hi(w.w), b.w, acc);
+    } else {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(xp));
+        acc = fmaf(__uint_as_float(w.x), a.x, acc);
+        acc = fmaf(__uint_as_float(w.y), a.y, acc);
+        acc = fmaf(__uint_as_float(w.z), a.z, acc);
+        acc = fmaf(__uint_as_float(w.w), a.w, acc);
+    }
+    return acc;
+}
+
+// One warp computes R consecutive rows for TT tokens (t ≤ TT of them are real; the others
+// re-read token t−1 and are not stored). Lane l handles the 16-byte vectors l, l+32, ... of
+// each row, U·R weight loads in flight. Requires K % (16 / sizeof(weight)) == 0 and 16-byte
+// aligned W and x.
+template <bool BF16, int TT, int R, int U>
+__device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const float* __restrict__ bias,
+                                           const float* __restrict__ x, float* __restrict__ y,
+                                           uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate) {
+    constexpr int E = BF16 ? 8 : 4;
+    const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const uint32_t row0 = warp * R;
+    if (row0 >= n) return;
+    const uint32_t nvec = k / E;
+    const uint4* wrow[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const uint32_t row = min(row0 + r, n - 1);
+        wrow[r] = reinterpret_cast<const uint4*>(wv) + (size_t)row * nvec;
+    }
+    const float* xt[TT];
+#pragma unroll
+    for (int j = 0; j < TT; ++j) xt[j] = x + (size_t)min((uint32_t)j, t - 1) * k;
+    float acc[R][TT];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < TT; ++j) acc[r][j] = 0.f;
+
+    uint32_t v = lane;
+    for (; v + 32 * (U - 1) < nvec; v += 32 * U) {
+        uint4 w[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) w[u][r] = ld_stream(wrow[r] + v + 32 * u);
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int j = 0; j < TT; ++j) {
+                const float* xp = xt[j] + (size_t)(v + 32 * u) * E;
+#pragma unroll
+                for (int r = 0; r < R; ++r) acc[r][j] = dot16<BF16>(w[u][r], xp, acc[r][j]);
+            }
+    }
+    for (; v < nvec; v += 32) {
+        uint4 w[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) w[r] = ld_stream(wrow[r] + v);
+#pragma unroll
+        for (int j = 0; j < TT; ++j) {
+            const float* xp = xt[j] + (size_t)v * E;
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r][j] = dot16<BF16>(w[r], xp, acc[r][j]);
+        }
+    }
+    // Butterfly: every lane ends with every sum; lane (r·TT + j) stores value (r, j).
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < TT; ++j) acc[r][j] = warp_sum(acc[r][j]);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < TT; ++j) {
+            if (lane == ((r * TT + j) & 31)) {
+                const uint32_t row = row0 + r;
+                if (row < n && (uint32_t)j < t) {
+                    float val = acc[r][j];
+                    if (bias) val += bias[row];
+                    float* yp = y + (size_t)j * n + row;
+                    if (accumulate) val = *yp + val;
+                    *yp = val;
+                }
+            }
+        }
+}
+
+#define LINEAR_VEC(NAME, BF, TT, R, U)                                                          \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+        const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
+        float* __restrict__ y, uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate) {        \
+        linear_vec<BF, TT, R, U>(w, bias, x, y, n, k, t, accumulate);                            \
+    }
+
+#define LINEAR_VEC_R(BFNAME, BF, TT, U1, U2, U4)        \
+    LINEAR_VEC(linear_##BFNAME##_t##TT##_r1, BF, TT, 1, U1) \
+    LINEAR_VEC(linear_##BFNAME##_t##TT##_r2, BF, TT, 2, U2) \
+    LINEAR_VEC(linear_##BFNAME##_t##TT##_r4, BF, TT, 4, U4)
+
+LINEAR_VEC_R(bf16, true, 1, 8, 4, 2)
+LINEAR_VEC_R(bf16, true, 2, 4, 2, 2)
+LINEAR_VEC_R(bf16, true, 4, 4, 2, 1)
+LINEAR_VEC_R(bf16, true, 8, 2, 1, 1)
+LINEAR_VEC_R(bf16, true, 16, 2, 1, 1)
+LINEAR_VEC_R(f32, false, 1, 8, 4, 2)
+LINEAR_VEC_R(f32, false, 2, 4, 2, 2)
+LINEAR_VEC_R(f32, false, 4, 4, 2, 1)
+LINEAR_VEC_R(f32, false, 8, 2, 1, 1)
+LINEAR_VEC_R(f32, false, 16, 2, 1, 1)
+
+// Any K and alignment: one warp per row, lanes strided over single elements.
+extern "C" __global__ void linear_generic(const void* __restrict__ wv, uint32_t is_bf16,
+                                          const float* __restrict__ bias,
+                                          const float* __restrict__ x, float* __restrict__ y,
+                                          uint32_t n, uint32_t k, uint32_t t,
+                                          uint32_t accumulate) {
+    const uint32_t row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= n) return;
+    float acc[MAX_TOKENS];
+#pragma unroll
+    for (int j = 0; j < MAX_TOKENS; ++j) acc[j] = 0.f;
+    for (uint32_t c = lane; c < k; c += 32) {
+        const float wval =
+            is_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(wv)[(size_t)row * k + c])
+                    : reinterpret_cast<const float*>(wv)[(size_t)row * k + c];
+#pragma unroll
+        for (int j = 0; j < MAX_TOKENS; ++j)
+            if ((uint32_t)j < t) acc[j] = fmaf(wval, x[(size_t)j * k + c], acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_TOKENS; ++j) {
+        if ((uint32_t)j >= t) break;
+        const float s = warp_sum(acc[j]);
+        if (lane == 0) {
+            float val = s;
+            if (bias) val += bias[row];
+            float* yp = y + (size_t)j * n + row;
+            if (accumulate) val = *yp + val;
+            *yp = val;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// RoPE + KV cache write
+// ------------------------------------------------------------------------------------------
+
+#define MAX_HEAD_DIM 256
+
+// grid (n_heads + 2·n_kv, T), block 128. Block (h, t): q head h, k head h − n_heads, or v head
+// h − n_heads − n_kv of token t.
+extern "C" __global__ void rope_kv_write(const float* qkv, const uint32_t* step, uint32_t nh,
+                                         uint32_t nkv, uint32_t d, uint32_t dv, uint32_t rot,
+                                         const float* inv_freq, float attn_factor,
+                                         const float* q_norm, const float* k_norm, float eps,
+                                         float value_scale, float* q_out, float* k_cache,
+                                         float* v_cache, uint32_t capacity) {
+    __shared__ float xs[MAX_HEAD_DIM];
+    __shared__ float red[32];
+    const uint32_t hh = blockIdx.x, t = blockIdx.y;
+    const uint64_t pos = (uint64_t)step[0] + t;
+    const uint64_t slot = pos % capacity;
+    const size_t row_w = (size_t)nh * d + (size_t)nkv * d + (size_t)nkv * dv;
+    const float* row = qkv + t * row_w;
+    if (hh >= nh + nkv) {  // value head
+        const uint32_t g = hh - nh - nkv;
+        const float* src = row + (size_t)nh * d + (size_t)nkv * d + (size_t)g * dv;
+        float* dst = v_cache + (slot * nkv + g) * dv;
+        for (uint32_t i = threadIdx.x; i < dv; i += blockDim.x) dst[i] = __fmul_rn(src[i], value_scale);
+        return;
+    }
+    const bool is_q = hh < nh;
+    const uint32_t head = is_q ? hh : hh - nh;
+    const float* src = row + (is_q ? (size_t)head * d : (size_t)nh * d + (size_t)head * d);
+    const float* nw = is_q ? q_norm : k_norm;
+    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) xs[i] = src[i];
+    __syncthreads();
+    if (nw) {
+        float ss = 0.f;
+        for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) ss = fmaf(xs[i], xs[i], ss);
+        ss = block_sum(ss, red);
+        const float r = 1.0f / sqrtf(ss / (float)d + eps);
+        for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) xs[i] = __fmul_rn(nw[i], __fmul_rn(xs[i], r));
+        __syncthreads();
+    }
+    float* dst = is_q ? q_out + (size_t)t * nh * d + (size_t)head * d
+                      : k_cache + (slot * nkv + head) * d;
+    const uint32_t half = rot / 2;
+    const float p = (float)pos;
+    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) {
+        float v;
+        if (i < 2 * half) {
+            const uint32_t f = i < half ? i : i - half;
+            const double a = (double)__fmul_rn(inv_freq[f], p);
+            const float c = __fmul_rn((float)cos(a), attn_factor);
+            const float s = __fmul_rn((float)sin(a), attn_factor);
+            const float x1 = xs[f], x2 = xs[f + half];
+            v = i < half ? __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s))
+                         : __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+        } else {
+            v = xs[i];
+        }
+        dst[i] = v;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Attention (flash-decoding: partials per key split, then a combine)
+// ------------------------------------------------------------------------------------------
+
+#define ATT_THREADS 128
+
+// The visible key positions [first, last] of query t.
+__device__ __forceinline__ void visible_keys(uint64_t step0, uint32_t t, uint32_t t_count,
+                                             uint32_t causal, uint32_t window, uint64_t* first,
+                                             uint64_t* last) {
+    const uint64_t pos = step0 + t;
+    *last = causal ? pos : step0 + t_count - 1;
+    *first = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+}
+
+// grid (S, n_heads, T), block ATT_THREADS. Split s of query (t, h) handles a contiguous run of
+// the visible keys and writes (m, l, acc[dv]) to scratch[((t·nh + h)·S + s)·(dv + 2)].
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+    attention_partial(const float* q, const float* k_cache, const float* v_cache,
+                      const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv,
+                      uint32_t d, uint32_t dv, uint32_t capacity, uint32_t window,
+                      uint32_t causal, float scale, float* scratch) {
+    __shared__ float qs[MAX_HEAD_DIM];
+    __shared__ float ps[ATT_THREADS];
+    __shared__ float red[32];
+    const uint32_t s = blockIdx.x, h = blockIdx.y, t = blockIdx.z, S = gridDim.x;
+    const uint32_t g = h / (nh / nkv);
+    uint64_t first, last;
+    visible_keys(step[0], t, t_count, causal, window, &first, &last);
+    const uint64_t n = last + 1 - first;
+    uint64_t chunk = (n + S - 1) / S;
+    if (chunk < 32) chunk = 32;
+    const uint64_t k0 = first + (uint64_t)s * chunk;
+    const uint64_t k1 = min(last + 1, k0 + chunk);
+    float* part = scratch + (((size_t)t * nh + h) * S + s) * (dv + 2);
+    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) qs[i] = q[((size_t)t * nh + h) * d + i];
+    float acc0 = 0.f, acc1 = 0.f;  // dims threadIdx.x and threadIdx.x + 128
+    float m = -INFINITY, l = 0.f;
+    __syncthreads();
+    for (uint64_t kb = k0; kb < k1; kb += ATT_THREADS) {
+        const uint64_t j = kb + threadIdx.x;
+        float sc = -INFINITY;
+        if (j < k1) {
+            const float* kr = k_cache + ((j % capacity) * nkv + g) * d;
+            float dotv = 0.f;
+            for (uint32_t i = 0; i < d; ++i) dotv = fmaf(qs[i], kr[i], dotv);
+            sc = dotv * scale;
+        }
+        const float tm = block_max(sc, red);
+        const float m_new = fmaxf(m, tm);
+        const float alpha = m == -INFINITY ? 0.f : expf(m - m_new);
+        const float p = j < k1 ? expf(sc - m_new) : 0.f;
+        ps[threadIdx.x] = p;
+        const float psum = block_sum(p, red);  // (syncs, so ps is visible)
+        l = l * alpha + psum;
+        acc0 *= alpha;
+        acc1 *= alpha;
+        const uint32_t nk = (uint32_t)min((uint64_t)ATT_THREADS, k1 - kb);
+        for (uint32_t jj = 0; jj < nk; ++jj) {
+            const float* vr = v_cache + (((kb + jj) % capacity) * nkv + g) * dv;
+            const float pj = ps[jj];
+            if (threadIdx.x < dv) acc0 = fmaf(pj, vr[threadIdx.x], acc0);
+            if (threadIdx.x + ATT_THREADS < dv) acc1 = fmaf(pj, vr[threadIdx.x + ATT_THREADS], acc1);
+        }
+        m = m_new;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        part[0] = m;
+        part[1] = l;
+    }
+    if (threadIdx.x < dv) part[2 + threadIdx.x] = acc0;
+    if (threadIdx.x + ATT_THREADS < dv) part[2 + threadIdx.x + ATT_THREADS] = acc1;
+}
+
+// grid (n_heads, T), block ATT_THREADS: merges the S partials and the sink.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+    attention_combine(const float* scratch, const float* sinks, uint32_t nh, uint32_t dv,
+                      uint32_t S, float* out) {
+    const uint32_t h = blockIdx.x, t = blockIdx.y;
+    const float* part = scratch + ((size_t)t * nh + h) * S * (dv + 2);
+    float mx = sinks ? sinks[h] : -INFINITY;
+    for (uint32_t s = 0; s < S; ++s) mx = fmaxf(mx, part[s * (dv + 2)]);
+    float den = sinks ? expf(sinks[h] - mx) : 0.f;
+    for (uint32_t s = 0; s < S; ++s) {
+        const float ms = part[s * (dv + 2)];
+        if (ms != -INFINITY) den += part[s * (dv + 2) + 1] * expf(ms - mx);
+    }
+    for (uint32_t i = threadIdx.x; i < dv; i += blockDim.x) {
+        float a = 0.f;
+        for (uint32_t s = 0; s < S; ++s) {
+            const float ms = part[s * (dv + 2)];
+            if (ms != -INFINITY) a += part[s * (dv + 2) + 2 + i] * expf(ms - mx);
+        }
+        out[((size_t)t * nh + h) * dv + i] = den > 0.f ? a / den : 0.f;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Routing (moe::route_into); one warp per token
+// ------------------------------------------------------------------------------------------
+
+#define MAX_EXPERTS 384
+#define MAX_TOPK 16
+
+// Selects the k best of vals[0..n) (descending value, ties by lower index) among those with
+// keep[i] (keep = nullptr: all); writes ids / values in selection order. One warp.
+__device__ void warp_topk(const float* vals, const uint8_t* keep, uint32_t n, uint32_t k,
+                          int* ids, float* out_vals, uint8_t* taken) {
+    const int lane = threadIdx.x & 31;
+    for (uint32_t i = lane; i < n; i += 32) taken[i] = keep ? !keep[i] : 0;
+    __syncwarp();
+    for (uint32_t r = 0; r < k; ++r) {
+        float best = -INFINITY;
+        uint32_t bi = 0xffffffffu;
+        for (uint32_t i = lane; i < n; i += 32) {
+            if (!taken[i] && (bi == 0xffffffffu || vals[i] > best)) {
+                best = vals[i];
+                bi = i;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oi != 0xffffffffu &&
+                (bi == 0xffffffffu || ov > best || (ov == best && oi < bi))) {
+                best = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            ids[r] = (int)bi;
+            out_vals[r] = best;
+            taken[bi] = 1;
+        }
+        __syncwarp();
+    }
+}
+
+// kind 0 = gpt-oss, 1 = Qwen3-MoE, 2 = sigmoid. grid T, block 32.
+extern "C" __global__ void route(const float* logits, uint32_t n_exp, uint32_t k, uint32_t kind,
+                                 uint32_t norm_topk, const float* corr_bias, uint32_t n_group,
+                                 uint32_t topk_group, float scaling, int32_t* ids_out,
+                                 float* w_out) {
+    __shared__ float vals[MAX_EXPERTS];
+    __shared__ uint8_t taken[MAX_EXPERTS];
+    __shared__ uint8_t keep[MAX_EXPERTS];
+    __shared__ float gscore[MAX_EXPERTS];
+    __shared__ uint8_t gtaken[MAX_EXPERTS];
+    __shared__ int gids[MAX_EXPERTS];
+    __shared__ float gsel[MAX_EXPERTS];
+    __shared__ int sel[MAX_TOPK];
+    __shared__ float selv[MAX_TOPK];
+    const uint32_t t = blockIdx.x;
+    const int lane = threadIdx.x;
+    const float* z = logits + (size_t)t * n_exp;
+    const uint8_t* keep_ptr = nullptr;
+    if (kind == 0) {
+        for (uint32_t i = lane; i < n_exp; i += 32) vals[i] = z[i];
+    } else if (kind == 1) {
+        float mx = -INFINITY;
+        for (uint32_t i = lane; i < n_exp; i += 32) mx = fmaxf(mx, z[i]);
+        mx = warp_max(mx);
+        __syncwarp();
+        if (lane == 0) {  // the CPU's sequential sum, so the probabilities compare the same
+            float sum = 0.f;
+            for (uint32_t i = 0; i < n_exp; ++i) sum += expf(z[i] - mx);
+            gscore[0] = sum;
+        }
+        __syncwarp();
+        const float sum = gscore[0];
+        for (uint32_t i = lane; i < n_exp; i += 32) vals[i] = expf(z[i] - mx) / sum;
+    } else {
+        for (uint32_t i = lane; i < n_exp; i += 32) {
+            const float sg = sigmoidf_(z[i]);
+            vals[i] = corr_bias ? sg + corr_bias[i] : sg;
+        }
+        if (topk_group < n_group) {
+            __syncwarp();
+            const uint32_t gs = n_exp / n_group;
+            for (uint32_t g = lane; g < n_group; g += 32) {
+                float score;
+                if (corr_bias) {
+                    float f = -INFINITY, s2 = -INFINITY;
+                    for (uint32_t e = g * gs; e < (g + 1) * gs; ++e) {
+                        const float c = vals[e];
+                        if (c > f) {
+                            s2 = f;
+                            f = c;
+                        } else if (c > s2) {
+                            s2 = c;
+                        }
+                    }
+                    score = gs >= 2 ? f + s2 : f;
+                } else {
+                    score = -INFINITY;
+                    for (uint32_t e = g * gs; e < (g + 1) * gs; ++e) score = fmaxf(score, vals[e]);
+                }
+                gscore[g] = score;
+            }
+            __syncwarp();
+            warp_topk(gscore, nullptr, n_group, topk_group, gids, gsel, gtaken);
+            __syncwarp();
+            for (uint32_t e = lane; e < n_exp; e += 32) keep[e] = gtaken[e / gs];
+            keep_ptr = keep;
+        }
+    }
+    __syncwarp();
+    warp_topk(vals, keep_ptr, n_exp, k, sel, selv, taken);
+    __syncwarp();
+    if (lane == 0) {
+        float w[MAX_TOPK];
+        if (kind == 0) {
+            const float mx = selv[0];
+            float sum = 0.f;
+            for (uint32_t j = 0; j < k; ++j) {
+                w[j] = expf(selv[j] - mx);
+                sum += w[j];
+            }
+            for (uint32_t j = 0; j < k; ++j) w[j] /= sum;
+        } else if (kind == 1) {
+            for (uint32_t j = 0; j < k; ++j) w[j] = selv[j];
+            if (norm_topk) {
+                float s = 0.f;
+                for (uint32_t j = 0; j < k; ++j) s += w[j];
+                for (uint32_t j = 0; j < k; ++j) w[j] /= s;
+            }
+        } else {
+            for (uint32_t j = 0; j < k; ++j) w[j] = sigmoidf_(z[sel[j]]);
+            if (norm_topk) {
+                float s = 0.f;
+                for (uint32_t j = 0; j < k; ++j) s += w[j];
+                s += 1e-20f;
+                for (uint32_t j = 0; j < k; ++j) w[j] /= s;
+            }
+            for (uint32_t j = 0; j < k; ++j) w[j] *= scaling;
+        }
+        for (uint32_t j = 0; j < k; ++j) {
+            ids_out[t * k + j] = sel[j];
+            w_out[t * k + j] = w[j];
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Sampling (model::sampling): temperature, top-k (ties kept), top-p (smallest most-likely set
+// reaching p, ties by lower id, 1e-6 relative tolerance), min-p, then inverse CDF in id order.
+// One block of SAMPLE_THREADS.
+// ------------------------------------------------------------------------------------------
+
+#define SAMPLE_THREADS 1024
+
+// model::sampling's exp_f32 (Cephes expf), every rounding explicit so it is bit-identical.
+__device__ __forceinline__ float exp_f32(float x) {
+    const float LOG2E = 1.44269504088896341f;
+    const float C1 = 0.693359375f;
+    const float C2 = -2.12194440e-4f;
+    const float xc = fminf(fmaxf(x, -87.3f), 88.3f);
+    const float n = __fsub_rn(__fadd_rn(__fmul_rn(xc, LOG2E), 12582912.0f), 12582912.0f);
+    const float r = __fsub_rn(__fsub_rn(xc, __fmul_rn(n, C1)), __fmul_rn(n, C2));
+    const float z = __fmul_rn(r, r);
+    float poly = __fadd_rn(__fmul_rn(1.9875691e-4f, r), 1.3981999e-3f);
+    poly = __fadd_rn(__fmul_rn(poly, r), 8.333452e-3f);
+    poly = __fadd_rn(__fmul_rn(poly, r), 4.1665796e-2f);
+    poly = __fadd_rn(__fmul_rn(poly, r), 1.6666665e-1f);
+    poly = __fadd_rn(__fmul_rn(poly, r), 0.5f);
+    const float e = __fadd_rn(__fadd_rn(__fmul_rn(poly, z), r), 1.0f);
+    const float pow2 =
+        __uint_as_float(__float_as_uint(__fadd_rn(__fadd_rn(n, 127.0f), 8388608.0f)) << 23);
+    const float v = __fmul_rn(e, pow2);
+    return x < -87.3f ? 0.f : v;
+}
+
+__device__ __forceinline__ uint32_t order_key(float x) {
+    const uint32_t b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+struct SampleState {
+    float mx, inv_t, thr, minp;
+    uint32_t tau;       // top-p crossing key (0 = no top-p cut)
+    uint32_t tie_keep;  // how many of the tau-valued tokens (lowest ids first) are kept
+    uint32_t tie_all;   // 1 when every tau-valued token is kept
+};
+
+__device__ __forceinline__ float sample_weight(const SampleState& st, float x) {
+    return exp_f32(__fmul_rn(__fsub_rn(x, st.mx), st.inv_t));
+}
+
+// In the top-k set with a positive weight (before top-p / min-p).
+__device__ __forceinline__ bool in_topk(const SampleState& st, float x, float w) {
+    return x >= st.thr && w > 0.f;
+}
+
+// Exclusive block scan of doubles (SAMPLE_THREADS values), in place in `buf`.
+__device__ double block_exclusive_scan(double v, double* buf) {
+    const uint32_t tid = threadIdx.x;
+    buf[tid] = v;
+    __syncthreads();
+    for (uint32_t off = 1; off < SAMPLE_THREADS; off <<= 1) {
+        const double add = tid >= off ? buf[tid - off] : 0.0;
+        __syncthreads();
+        buf[tid] += add;
+        __syncthreads();
+    }
+    const double incl = buf[tid];
+    __syncthreads();
+    return incl - v;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample(const float* logits, uint32_t v, float temperature, uint32_t top_k, float top_p,
+           float min_p, const float* uniform, uint32_t* out) {
+    __shared__ float redf[32];
+    __shared__ double redd[32];
+    __shared__ uint32_t hist[256];
+    __shared__ double hmass[256];
+    __shared__ double scan[SAMPLE_THREADS];
+    __shared__ SampleState st;
+    __shared__ uint32_t sh_prefix, sh_rem, sh_found;
+    __shared__ double sh_before, sh_target;
+    const uint32_t tid = threadIdx.x;
+
+    // 1. Max.
+    float mx = -INFINITY;
+    for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) mx = fmaxf(mx, sane_logit(logits[i]));
+    mx = block_max(mx, redf);
+    if (mx == -INFINITY) {
+        if (tid == 0) out[0] = 0;
+        return;
+    }
+    if (tid == 0) {
+        st.mx = mx;
+        st.inv_t = 1.0f / temperature;
+        st.thr = -INFINITY;
+        st.minp = min_p > 0.f ? min_p : 0.f;
+        st.tau = 0;
+        st.tie_keep = 0;
+        st.tie_all = 1;
+    }
+    __syncthreads();
+
+    // 2. Top-k threshold: the k-th largest logit (radix select, 8 bits a pass).
+    if (top_k > 0 && top_k < v) {
+        if (tid == 0) {
+            sh_prefix = 0;
+            sh_rem = top_k;
+        }
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (uint32_t i = tid; i < 256; i += SAMPLE_THREADS) hist[i] = 0;
+            __syncthreads();
+            const uint32_t hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+            const uint32_t prefix = sh_prefix;
+            for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
+                const uint32_t key = order_key(sane_logit(logits[i]));
+                if ((key & hi_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                uint32_t rem = sh_rem, cum = 0;
+                int d = 255;
+                for (; d > 0; --d) {
+                    if (cum + hist[d] >= rem) break;
+                    cum += hist[d];
+                }
+                sh_rem = rem - cum;
+                sh_prefix = prefix | ((uint32_t)d << shift);
+            }
+            __syncthreads();
+        }
+        if (tid == 0) st.thr = key_value(sh_prefix);
+        __syncthreads();
+    }
+
+    // 3. Top-p: the crossing value tau of the descending order by mass (radix select on the
+    // logit keys weighted by w), then how many of the tau-valued tokens are kept.
+    if (top_p < 1.0f) {
+        double tot = 0.0;
+        for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
+            const float x = sane_logit(logits[i]);
+            const float w = sample_weight(st, x);
+            if (in_topk(st, x, w)) tot += (double)w;
+        }
+        tot = block_sum_f64(tot, redd);
+        if (tid == 0) {
+            sh_target = (double)top_p * tot * (1.0 - 1e-6);
+            sh_before = 0.0;
+            sh_prefix = 0;
+        }
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (uint32_t i = tid; i < 256; i += SAMPLE_THREADS) {
+                hist[i] = 0;
+                hmass[i] = 0.0;
+            }
+            __syncthreads();
+            const uint32_t hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+            const uint32_t prefix = sh_prefix;
+            for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
+                const float x = sane_logit(logits[i]);
+                const float w = sample_weight(st, x);
+                const uint32_t key = order_key(x);
+                if (in_topk(st, x, w) && (key & hi_mask) == prefix) {
+                    atomicAdd(&hist[(key >> shift) & 0xff], 1u);
+                    atomicAdd(&hmass[(key >> shift) & 0xff], (double)w);
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                const double target = sh_target;
+                double before = sh_before;
+                int d = 255, lowest = -1;
+                bool found = false;
+                for (; d >= 0; --d) {
+                    if (hist[d] == 0) continue;
+                    lowest = d;
+                    if (before + hmass[d] >= target) {
+                        found = true;
+                        break;
+                    }
+                    before += hmass[d];
+                }
+                if (!found) {  // rounding: the whole mass is below target — keep everything
+                    d = lowest < 0 ? 0 : lowest;
+                    before -= lowest < 0 ? 0.0 : hmass[lowest];
+                }
+                sh_before = before;
+                sh_prefix = prefix | ((uint32_t)d << shift);
+                if (shift == 0) {
+                    // hist[d] tokens share the value tau and the weight w_tau; the first is
+                    // kept, the j-th (j ≥ 1) while before + j·w_tau < target.
+                    const uint32_t cnt = hist[d];
+                    const float x = key_value(sh_prefix);
+                    const double w = (double)sample_weight(st, x);
+                    uint32_t keep = 1;
+                    if (w > 0.0) {
+                        double j = ceil((target - before) / w);
+                        if (j < 1.0) j = 1.0;
+                        if (j > (double)cnt) j = (double)cnt;
+                        uint32_t jj = (uint32_t)j;
+                        while (jj > 1 && before + (double)(jj - 1) * w >= target) --jj;
+                        while (jj < cnt && before + (double)jj * w < target) ++jj;
+                        keep = jj;
+                    }
+                    st.tau = sh_prefix;
+                    st.tie_keep = keep;
+                    st.tie_all = keep >= cnt;
+                }
+            }
+            __syncthreads();
+        }
+    }
+
+    // 4. Draw: contiguous chunks per thread, block scan of the kept mass, inverse CDF.
+    const uint32_t chunk = (v + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const uint32_t i0 = min(v, tid * chunk), i1 = min(v, i0 + chunk);
+    const bool topp = top_p < 1.0f;
+    // Ranks of the tau-valued tokens (needed only when some of them are cut).
+    uint32_t tie_before = 0;
+    if (topp && !st.tie_all) {
+        uint32_t c = 0;
+        for (uint32_t i = i0; i < i1; ++i) {
+            const float x = sane_logit(logits[i]);
+            if (in_topk(st, x, sample_weight(st, x)) && order_key(x) == st.tau) ++c;
+        }
+        tie_before = (uint32_t)block_exclusive_scan((double)c, scan);
+    }
+    double mass = 0.0;
+    int last_kept = -1;
+    {
+        uint32_t tie = tie_before;
+        for (uint32_t i = i0; i < i1; ++i) {
+            const float x = sane_logit(logits[i]);
+            const float w = sample_weight(st, x);
+            bool kept = in_topk(st, x, w) && w >= st.minp;
+            if (kept && topp) {
+                const uint32_t key = order_key(x);
+                if (key < st.tau) kept = false;
+                else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
+            }
+            if (kept) {
+                mass += (double)w;
+                last_kept = (int)i;
+            }
+        }
+    }
+    const double before = block_exclusive_scan(mass, scan);
+    __shared__ double sh_total;
+    __shared__ int sh_last;
+    if (tid == SAMPLE_THREADS - 1) sh_total = before + mass;
+    if (tid == 0) {
+        sh_found = 0;
+        sh_last = -1;
+    }
+    __syncthreads();
+    if (last_kept >= 0) atomicMax(&sh_last, last_kept);
+    const double u = (double)uniform[0] * sh_total;
+    if (mass > 0.0 && u >= before && u < before + mass) {
+        double acc = before;
+        uint32_t tie = tie_before;
+        for (uint32_t i = i0; i < i1; ++i) {
+            const float x = sane_logit(logits[i]);
+            const float w = sample_weight(st, x);
+            bool kept = in_topk(st, x, w) && w >= st.minp;
+            if (kept && topp) {
+                const uint32_t key = order_key(x);
+                if (key < st.tau) kept = false;
+                else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
+            }
+            if (!kept) continue;
+            acc += (double)w;
+            if (u < acc) {
+                out[0] = i;
+                sh_found = 1;
+                break;
+            }
+        }
+        if (!sh_found) {  // rounding inside the chunk: its last kept token
+            out[0] = (uint32_t)last_kept;
+            sh_found = 1;
+        }
+    }
+    __syncthreads();
+    if (tid == 0 && !sh_found) out[0] = sh_last >= 0 ? (uint32_t)sh_last : 0u;
 }

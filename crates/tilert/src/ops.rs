@@ -16,10 +16,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 
 use crate::arena::DPtr;
-use crate::tensor::DeviceMatrix;
+use crate::tensor::{DenseData, DeviceMatrix};
 use crate::RuntimeError;
 
 /// Most tokens one pass handles (verify blocks are 2..=16; prefill runs in chunks of this).
@@ -96,42 +98,301 @@ pub struct SampleArgs {
     pub min_p: f32,
 }
 
+/// The kernels of one weight type of [`Ops::linear`]: `[token bucket][rows per warp]`.
+type LinearTable = [[CudaFunction; LINEAR_ROWS.len()]; LINEAR_TOKENS.len()];
+
+/// Token-count buckets of the vectorised linear kernels (a pass of `t` tokens uses the
+/// smallest bucket ≥ t).
+const LINEAR_TOKENS: [usize; 5] = [1, 2, 4, 8, 16];
+/// Rows per warp of the vectorised linear kernels.
+const LINEAR_ROWS: [usize; 3] = [1, 2, 4];
+/// Threads per block of the linear kernels (4 warps).
+const LINEAR_THREADS: u32 = 128;
+/// Largest head dim (and v head dim) the attention kernels take (`MAX_HEAD_DIM` in ops.cu).
+const MAX_HEAD_DIM: usize = 256;
+/// Most experts / selected experts the routing kernel takes (`MAX_EXPERTS`, `MAX_TOPK`).
+const MAX_EXPERTS: usize = 384;
+const MAX_TOPK: usize = 16;
+/// Threads of one attention block (`ATT_THREADS`) and of the sampler (`SAMPLE_THREADS`).
+const ATT_THREADS: u32 = 128;
+const SAMPLE_THREADS: u32 = 1024;
+/// Attention partial blocks aimed for per launch (a few waves over an H100's 132 SMs).
+const ATT_TARGET_BLOCKS: usize = 1024;
+const ATT_MAX_SPLITS: usize = 64;
+/// Fewest keys worth a split of their own.
+const ATT_MIN_SPLIT_KEYS: usize = 64;
+/// Blocks of the grid-stride fill kernels.
+const FILL_BLOCKS: usize = 1056;
+
+/// One kernel argument (device addresses are `U64`).
+#[derive(Clone, Copy)]
+enum Arg {
+    U64(u64),
+    U32(u32),
+    F32(f32),
+}
+impl From<u64> for Arg {
+    fn from(v: u64) -> Self {
+        Arg::U64(v)
+    }
+}
+impl From<u32> for Arg {
+    fn from(v: u32) -> Self {
+        Arg::U32(v)
+    }
+}
+impl From<f32> for Arg {
+    fn from(v: f32) -> Self {
+        Arg::F32(v)
+    }
+}
+
+/// Enqueues `f` with `args` (which must match the kernel's parameter list in ops.cu).
+fn launch(
+    s: &CudaStream,
+    f: &CudaFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &[Arg],
+) -> Result<(), RuntimeError> {
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = s.launch_builder(f);
+    for a in args {
+        match a {
+            Arg::U64(v) => b.arg(v),
+            Arg::U32(v) => b.arg(v),
+            Arg::F32(v) => b.arg(v),
+        };
+    }
+    // SAFETY: every caller passes the arguments of the kernel's C signature in order, with
+    // device addresses of live arena buffers whose sizes the caller validated.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+fn invalid(msg: String) -> RuntimeError {
+    RuntimeError::Invalid(msg)
+}
+
+/// `value` as a kernel's u32 argument, or an error naming it.
+fn u32_arg(what: &str, value: usize) -> Result<u32, RuntimeError> {
+    u32::try_from(value).map_err(|_| invalid(format!("{what} = {value} exceeds u32")))
+}
+
+/// Checks that `p` holds at least `need` elements.
+fn check_len<T>(what: &str, p: DPtr<T>, need: usize) -> Result<(), RuntimeError> {
+    if p.len() < need {
+        return Err(invalid(format!(
+            "{what}: buffer of {} elements, {need} needed",
+            p.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_tokens(op: &str, t: usize) -> Result<(), RuntimeError> {
+    if t == 0 || t > MAX_TOKENS {
+        return Err(invalid(format!(
+            "{op}: {t} tokens (1..={MAX_TOKENS} per pass)"
+        )));
+    }
+    Ok(())
+}
+
+/// `(address, is bf16)` of a dense matrix after checking its shape.
+fn matrix_data(what: &str, w: &DeviceMatrix) -> Result<(u64, bool), RuntimeError> {
+    let (addr, len, bf16) = match w.data {
+        DenseData::Bf16(p) => (p.addr(), p.len(), true),
+        DenseData::F32(p) => (p.addr(), p.len(), false),
+    };
+    if len != w.rows * w.cols {
+        return Err(invalid(format!(
+            "{what}: {len} elements for a {}x{} matrix",
+            w.rows, w.cols
+        )));
+    }
+    Ok((addr, bf16))
+}
+
+/// Key splits of one attention launch (shared by [`Ops::attention`] and its scratch size).
+fn attention_splits(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
+    let blocks = (a.n_heads * t).max(1);
+    let want = ATT_TARGET_BLOCKS.div_ceil(blocks).clamp(1, ATT_MAX_SPLITS);
+    want.min(max_keys.div_ceil(ATT_MIN_SPLIT_KEYS).max(1))
+}
+
+fn check_attn(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
+    let bad = |m: String| Err(invalid(format!("{op}: {m}")));
+    if a.n_heads == 0 || a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
+        return bad(format!(
+            "{} query heads over {} kv heads",
+            a.n_heads, a.n_kv_heads
+        ));
+    }
+    if a.head_dim == 0 || a.head_dim > MAX_HEAD_DIM || a.v_head_dim == 0 {
+        return bad(format!("head_dim {} (1..={MAX_HEAD_DIM})", a.head_dim));
+    }
+    if a.v_head_dim > MAX_HEAD_DIM {
+        return bad(format!("v_head_dim {} (1..={MAX_HEAD_DIM})", a.v_head_dim));
+    }
+    if a.capacity == 0 {
+        return bad("KV cache capacity 0".into());
+    }
+    if a.window == Some(0) {
+        return bad("sliding window of 0 keys".into());
+    }
+    check_len(
+        &format!("{op}: k_cache"),
+        a.k_cache,
+        a.capacity * a.n_kv_heads * a.head_dim,
+    )?;
+    check_len(
+        &format!("{op}: v_cache"),
+        a.v_cache,
+        a.capacity * a.n_kv_heads * a.v_head_dim,
+    )?;
+    u32_arg("KV cache capacity", a.capacity)?;
+    u32_arg("window", a.window.unwrap_or(0))?;
+    Ok(())
+}
+
 /// The loaded `ops` kernels.
 pub struct Ops {
-    _private: (),
+    _module: Arc<CudaModule>,
+    fill_bf16: CudaFunction,
+    fill_f32: CudaFunction,
+    fill_u8: CudaFunction,
+    embed_bf16: CudaFunction,
+    embed_f32: CudaFunction,
+    rms_norm: CudaFunction,
+    glu: CudaFunction,
+    combine: CudaFunction,
+    argmax: CudaFunction,
+    linear_bf16: LinearTable,
+    linear_f32: LinearTable,
+    linear_generic: CudaFunction,
+    rope_kv_write: CudaFunction,
+    attention_partial: CudaFunction,
+    attention_combine: CudaFunction,
+    route: CudaFunction,
+    sample: CudaFunction,
 }
 
 impl Ops {
     /// Loads `kernels/ops.cu`'s image into `ctx`.
-    pub fn load(_ctx: &Arc<CudaContext>) -> Result<Self, RuntimeError> {
-        unimplemented!("ops kernels")
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, RuntimeError> {
+        let module = ultra_kernels::load(ctx, &ultra_kernels::OPS)?;
+        let f = |name: &str| module.load_function(name);
+        let table =
+            |ty: &str| -> Result<LinearTable, RuntimeError> {
+                let mut rows = Vec::new();
+                for tt in LINEAR_TOKENS {
+                    let mut fs = Vec::new();
+                    for r in LINEAR_ROWS {
+                        fs.push(f(&format!("linear_{ty}_t{tt}_r{r}"))?);
+                    }
+                    rows.push(
+                        <[CudaFunction; LINEAR_ROWS.len()]>::try_from(fs)
+                            .unwrap_or_else(|_| unreachable!("one kernel per row count")),
+                    );
+                }
+                Ok(<LinearTable>::try_from(rows)
+                    .unwrap_or_else(|_| unreachable!("one row per bucket")))
+            };
+        Ok(Self {
+            fill_bf16: f("fill_uniform_bf16")?,
+            fill_f32: f("fill_uniform_f32")?,
+            fill_u8: f("fill_bytes")?,
+            embed_bf16: f("embed_bf16")?,
+            embed_f32: f("embed_f32")?,
+            rms_norm: f("rms_norm")?,
+            glu: f("glu_halves")?,
+            combine: f("moe_combine")?,
+            argmax: f("argmax_rows")?,
+            linear_bf16: table("bf16")?,
+            linear_f32: table("f32")?,
+            linear_generic: f("linear_generic")?,
+            rope_kv_write: f("rope_kv_write")?,
+            attention_partial: f("attention_partial")?,
+            attention_combine: f("attention_combine")?,
+            route: f("route")?,
+            sample: f("sample")?,
+            _module: module,
+        })
     }
 
     /// `x[t] = table[tokens[t]]` for `t < T` (`table` `[V, H]`, `x` `[T, H]`).
+    ///
+    /// Token ids are device data, so they cannot be checked here: an id `≥ V` yields a row of
+    /// NaN (callers validate ids on the host before uploading them).
     pub fn embed(
         &self,
-        _s: &CudaStream,
-        _table: &DeviceMatrix,
-        _tokens: DPtr<u32>,
-        _t: usize,
-        _x: DPtr<f32>,
+        s: &CudaStream,
+        table: &DeviceMatrix,
+        tokens: DPtr<u32>,
+        t: usize,
+        x: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("embed", t)?;
+        let (addr, bf16) = matrix_data("embed table", table)?;
+        check_len("embed: tokens", tokens, t)?;
+        check_len("embed: x", x, t * table.cols)?;
+        let h = u32_arg("hidden size", table.cols)?;
+        let f = if bf16 {
+            &self.embed_bf16
+        } else {
+            &self.embed_f32
+        };
+        launch(
+            s,
+            f,
+            (t as u32, h.div_ceil(256), 1),
+            256,
+            &[
+                addr.into(),
+                tokens.addr().into(),
+                u32_arg("vocab", table.rows)?.into(),
+                h.into(),
+                x.addr().into(),
+            ],
+        )
     }
 
     /// `out[r] = rms_norm(x[r]) ⊙ w` for `rows` rows of width `n` (`model::cpu::ops::rms_norm`).
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm(
         &self,
-        _s: &CudaStream,
-        _x: DPtr<f32>,
-        _w: DPtr<f32>,
-        _rows: usize,
-        _n: usize,
-        _eps: f32,
-        _out: DPtr<f32>,
+        s: &CudaStream,
+        x: DPtr<f32>,
+        w: DPtr<f32>,
+        rows: usize,
+        n: usize,
+        eps: f32,
+        out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        if rows == 0 || n == 0 {
+            return Err(invalid(format!("rms_norm: {rows} rows of width {n}")));
+        }
+        check_len("rms_norm: x", x, rows * n)?;
+        check_len("rms_norm: w", w, n)?;
+        check_len("rms_norm: out", out, rows * n)?;
+        launch(
+            s,
+            &self.rms_norm,
+            (u32_arg("rms_norm rows", rows)?, 1, 1),
+            if n >= 2048 { 512 } else { 256 },
+            &[
+                x.addr().into(),
+                w.addr().into(),
+                u32_arg("rms_norm width", n)?.into(),
+                eps.into(),
+                out.addr().into(),
+            ],
+        )
     }
 
     /// `y[t] = W · x[t] (+ bias)` for `t < T ≤ MAX_TOKENS`; with `accumulate`, `y[t] += ...`
@@ -139,15 +400,81 @@ impl Ops {
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
-        _s: &CudaStream,
-        _w: &DeviceMatrix,
-        _bias: Option<DPtr<f32>>,
-        _x: DPtr<f32>,
-        _t: usize,
-        _y: DPtr<f32>,
-        _accumulate: bool,
+        s: &CudaStream,
+        w: &DeviceMatrix,
+        bias: Option<DPtr<f32>>,
+        x: DPtr<f32>,
+        t: usize,
+        y: DPtr<f32>,
+        accumulate: bool,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("linear", t)?;
+        let (addr, bf16) = matrix_data("linear weight", w)?;
+        if w.rows == 0 || w.cols == 0 {
+            return Err(invalid(format!("linear: {}x{} weight", w.rows, w.cols)));
+        }
+        check_len("linear: x", x, t * w.cols)?;
+        check_len("linear: y", y, t * w.rows)?;
+        if let Some(b) = bias {
+            check_len("linear: bias", b, w.rows)?;
+        }
+        let (n, k) = (
+            u32_arg("linear rows", w.rows)?,
+            u32_arg("linear cols", w.cols)?,
+        );
+        let per16 = if bf16 { 8 } else { 4 };
+        let vectorised =
+            w.cols.is_multiple_of(per16) && addr.is_multiple_of(16) && x.addr().is_multiple_of(16);
+        let common = [
+            crate::arena::addr_or_null(bias).into(),
+            x.addr().into(),
+            y.addr().into(),
+            n.into(),
+            k.into(),
+            (t as u32).into(),
+            u32::from(accumulate).into(),
+        ];
+        if !vectorised {
+            let mut args = vec![addr.into(), u32::from(bf16).into()];
+            args.extend_from_slice(&common);
+            let warps_per_block = LINEAR_THREADS / 32;
+            return launch(
+                s,
+                &self.linear_generic,
+                (n.div_ceil(warps_per_block), 1, 1),
+                LINEAR_THREADS,
+                &args,
+            );
+        }
+        let bucket = LINEAR_TOKENS
+            .iter()
+            .position(|&b| b >= t)
+            .unwrap_or(LINEAR_TOKENS.len() - 1);
+        // Rows per warp: as many as keep ≥ 32 warps per SM busy, at most 2 for big buckets
+        // (registers).
+        let mut r = if w.rows >= 16_896 {
+            2
+        } else if w.rows >= 8_448 {
+            1
+        } else {
+            0
+        };
+        if LINEAR_TOKENS[bucket] >= 8 {
+            r = r.min(1);
+        }
+        let f = if bf16 {
+            &self.linear_bf16[bucket][r]
+        } else {
+            &self.linear_f32[bucket][r]
+        };
+        let warps = w.rows.div_ceil(LINEAR_ROWS[r]);
+        let blocks = u32_arg(
+            "linear blocks",
+            warps.div_ceil(LINEAR_THREADS as usize / 32),
+        )?;
+        let mut args = vec![addr.into()];
+        args.extend_from_slice(&common);
+        launch(s, f, (blocks, 1, 1), LINEAR_THREADS, &args)
     }
 
     /// From the fused projection `qkv` `[T, n_heads·d + n_kv·d + n_kv·dv]` (q | k | v): q/k
@@ -155,19 +482,61 @@ impl Ops {
     /// `[T, n_heads·d]` and k, v into the cache slots of those positions.
     pub fn rope_kv_write(
         &self,
-        _s: &CudaStream,
-        _a: &AttnArgs,
-        _qkv: DPtr<f32>,
-        _t: usize,
-        _step: DPtr<u32>,
-        _q_out: DPtr<f32>,
+        s: &CudaStream,
+        a: &AttnArgs,
+        qkv: DPtr<f32>,
+        t: usize,
+        step: DPtr<u32>,
+        q_out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("rope_kv_write", t)?;
+        check_attn("rope_kv_write", a)?;
+        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
+        if a.rotary_dim > d || !a.rotary_dim.is_multiple_of(2) {
+            return Err(invalid(format!(
+                "rope_kv_write: rotary_dim {} with head_dim {d}",
+                a.rotary_dim
+            )));
+        }
+        check_len("rope_kv_write: inv_freq", a.inv_freq, a.rotary_dim / 2)?;
+        check_len("rope_kv_write: qkv", qkv, t * (nh * d + nkv * d + nkv * dv))?;
+        check_len("rope_kv_write: step", step, 1)?;
+        check_len("rope_kv_write: q_out", q_out, t * nh * d)?;
+        for (what, p) in [("q_norm", a.q_norm), ("k_norm", a.k_norm)] {
+            if let Some(p) = p {
+                check_len(&format!("rope_kv_write: {what}"), p, d)?;
+            }
+        }
+        launch(
+            s,
+            &self.rope_kv_write,
+            (u32_arg("heads", nh + 2 * nkv)?, t as u32, 1),
+            128,
+            &[
+                qkv.addr().into(),
+                step.addr().into(),
+                (nh as u32).into(),
+                (nkv as u32).into(),
+                (d as u32).into(),
+                (dv as u32).into(),
+                (a.rotary_dim as u32).into(),
+                a.inv_freq.addr().into(),
+                a.attention_factor.into(),
+                crate::arena::addr_or_null(a.q_norm).into(),
+                crate::arena::addr_or_null(a.k_norm).into(),
+                a.eps.into(),
+                a.value_scale.into(),
+                q_out.addr().into(),
+                a.k_cache.addr().into(),
+                a.v_cache.addr().into(),
+                (a.capacity as u32).into(),
+            ],
+        )
     }
 
     /// Scratch elements [`Ops::attention`] needs for `t` queries over at most `max_keys` keys.
-    pub fn attention_scratch_len(_a: &AttnArgs, _t: usize, _max_keys: usize) -> usize {
-        unimplemented!()
+    pub fn attention_scratch_len(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
+        t * a.n_heads * attention_splits(a, t, max_keys) * (a.v_head_dim + 2)
     }
 
     /// Attention of the `t` queries `q` `[T, n_heads·d]` (positions `step[0] + t`) over the
@@ -175,20 +544,74 @@ impl Ops {
     /// up to its own position; otherwise every query sees keys up to position `step[0] + T − 1`
     /// (a drafter's bidirectional block) — the window still counts back from the query's own
     /// position. `out` `[T, n_heads·dv]`.
+    ///
+    /// `max_keys` only sizes the key splits (flash-decoding); any number of visible keys is
+    /// handled, the splits just grow longer.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        _s: &CudaStream,
-        _a: &AttnArgs,
-        _q: DPtr<f32>,
-        _t: usize,
-        _step: DPtr<u32>,
-        _causal: bool,
-        _max_keys: usize,
-        _scratch: DPtr<f32>,
-        _out: DPtr<f32>,
+        s: &CudaStream,
+        a: &AttnArgs,
+        q: DPtr<f32>,
+        t: usize,
+        step: DPtr<u32>,
+        causal: bool,
+        max_keys: usize,
+        scratch: DPtr<f32>,
+        out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("attention", t)?;
+        check_attn("attention", a)?;
+        let (nh, d, dv) = (a.n_heads, a.head_dim, a.v_head_dim);
+        check_len("attention: q", q, t * nh * d)?;
+        check_len("attention: step", step, 1)?;
+        check_len("attention: out", out, t * nh * dv)?;
+        check_len(
+            "attention: scratch",
+            scratch,
+            Self::attention_scratch_len(a, t, max_keys),
+        )?;
+        if let Some(sk) = a.sinks {
+            check_len("attention: sinks", sk, nh)?;
+        }
+        let splits = attention_splits(a, t, max_keys) as u32;
+        let heads = u32_arg("heads", nh)?;
+        launch(
+            s,
+            &self.attention_partial,
+            (splits, heads, t as u32),
+            ATT_THREADS,
+            &[
+                q.addr().into(),
+                a.k_cache.addr().into(),
+                a.v_cache.addr().into(),
+                step.addr().into(),
+                (t as u32).into(),
+                heads.into(),
+                (a.n_kv_heads as u32).into(),
+                (d as u32).into(),
+                (dv as u32).into(),
+                (a.capacity as u32).into(),
+                (a.window.unwrap_or(0) as u32).into(),
+                u32::from(causal).into(),
+                a.scale.into(),
+                scratch.addr().into(),
+            ],
+        )?;
+        launch(
+            s,
+            &self.attention_combine,
+            (heads, t as u32, 1),
+            ATT_THREADS,
+            &[
+                scratch.addr().into(),
+                crate::arena::addr_or_null(a.sinks).into(),
+                heads.into(),
+                (dv as u32).into(),
+                splits.into(),
+                out.addr().into(),
+            ],
+        )
     }
 
     /// Routing of `t` tokens from router logits `[T, E]`: `ids` `[T, k]` (i32) and `weights`
@@ -196,16 +619,93 @@ impl Ops {
     #[allow(clippy::too_many_arguments)]
     pub fn route(
         &self,
-        _s: &CudaStream,
-        _kind: &RouteArgs,
-        _logits: DPtr<f32>,
-        _t: usize,
-        _n_experts: usize,
-        _k: usize,
-        _ids: DPtr<i32>,
-        _weights: DPtr<f32>,
+        s: &CudaStream,
+        kind: &RouteArgs,
+        logits: DPtr<f32>,
+        t: usize,
+        n_experts: usize,
+        k: usize,
+        ids: DPtr<i32>,
+        weights: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("route", t)?;
+        if n_experts == 0 || n_experts > MAX_EXPERTS {
+            return Err(invalid(format!(
+                "route: {n_experts} experts (1..={MAX_EXPERTS})"
+            )));
+        }
+        if k == 0 || k > MAX_TOPK || k > n_experts {
+            return Err(invalid(format!(
+                "route: top-{k} of {n_experts} experts (k in 1..={MAX_TOPK})"
+            )));
+        }
+        check_len("route: logits", logits, t * n_experts)?;
+        check_len("route: ids", ids, t * k)?;
+        check_len("route: weights", weights, t * k)?;
+        // (kind, norm, bias, n_group, topk_group, scaling)
+        let (code, norm, bias, n_group, topk_group, scaling) = match *kind {
+            RouteArgs::GptOss => (0u32, false, 0u64, 1, 1, 1.0f32),
+            RouteArgs::Qwen3 { norm_topk_prob } => (1, norm_topk_prob, 0, 1, 1, 1.0),
+            RouteArgs::Sigmoid {
+                correction_bias,
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            } => {
+                if n_group == 0 || !n_experts.is_multiple_of(n_group) {
+                    return Err(invalid(format!(
+                        "route: {n_group} groups do not divide {n_experts} experts"
+                    )));
+                }
+                if topk_group == 0 || topk_group > n_group {
+                    return Err(invalid(format!(
+                        "route: topk_group {topk_group} of {n_group} groups"
+                    )));
+                }
+                if k > topk_group * (n_experts / n_group) {
+                    return Err(invalid(format!(
+                        "route: top-{k} exceeds the {} experts of the kept groups",
+                        topk_group * (n_experts / n_group)
+                    )));
+                }
+                if !routed_scaling_factor.is_finite() {
+                    return Err(invalid(format!(
+                        "route: routed_scaling_factor {routed_scaling_factor}"
+                    )));
+                }
+                if let Some(b) = correction_bias {
+                    check_len("route: correction bias", b, n_experts)?;
+                }
+                (
+                    2,
+                    norm_topk_prob,
+                    crate::arena::addr_or_null(correction_bias),
+                    n_group,
+                    topk_group,
+                    routed_scaling_factor,
+                )
+            }
+        };
+        launch(
+            s,
+            &self.route,
+            (t as u32, 1, 1),
+            32,
+            &[
+                logits.addr().into(),
+                (n_experts as u32).into(),
+                (k as u32).into(),
+                code.into(),
+                u32::from(norm).into(),
+                bias.into(),
+                (n_group as u32).into(),
+                (topk_group as u32).into(),
+                scaling.into(),
+                ids.addr().into(),
+                weights.addr().into(),
+            ],
+        )
     }
 
     /// The MoE combine and residual add: `x[t] += Σ_j y[t][j]`, `y` `[T, k, H]` (already
@@ -214,15 +714,37 @@ impl Ops {
     #[allow(clippy::too_many_arguments)]
     pub fn combine(
         &self,
-        _s: &CudaStream,
-        _x: DPtr<f32>,
-        _y: DPtr<f32>,
-        _ids: DPtr<i32>,
-        _t: usize,
-        _k: usize,
-        _h: usize,
+        s: &CudaStream,
+        x: DPtr<f32>,
+        y: DPtr<f32>,
+        ids: DPtr<i32>,
+        t: usize,
+        k: usize,
+        h: usize,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("combine", t)?;
+        if k == 0 || k > MAX_TOPK || h == 0 {
+            return Err(invalid(format!(
+                "combine: top-{k} (1..={MAX_TOPK}), hidden {h}"
+            )));
+        }
+        check_len("combine: x", x, t * h)?;
+        check_len("combine: y", y, t * k * h)?;
+        check_len("combine: ids", ids, t * k)?;
+        let h32 = u32_arg("hidden size", h)?;
+        launch(
+            s,
+            &self.combine,
+            (t as u32, h32.div_ceil(256).min(64), 1),
+            256,
+            &[
+                x.addr().into(),
+                y.addr().into(),
+                ids.addr().into(),
+                (k as u32).into(),
+                h32.into(),
+            ],
+        )
     }
 
     /// `out[t] = glu(gate_up[t])` for a dense MLP: `gate_up` `[T, 2I]` in halves order (rows
@@ -230,77 +752,198 @@ impl Ops {
     #[allow(clippy::too_many_arguments)]
     pub fn glu(
         &self,
-        _s: &CudaStream,
-        _act: GluArgs,
-        _gate_up: DPtr<f32>,
-        _t: usize,
-        _i: usize,
-        _out: DPtr<f32>,
+        s: &CudaStream,
+        act: GluArgs,
+        gate_up: DPtr<f32>,
+        t: usize,
+        i: usize,
+        out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("glu", t)?;
+        if i == 0 {
+            return Err(invalid("glu: intermediate size 0".into()));
+        }
+        check_len("glu: gate_up", gate_up, t * 2 * i)?;
+        check_len("glu: out", out, t * i)?;
+        let (kind, alpha, limit) = match act {
+            GluArgs::ClampedSwiglu { alpha, limit } => (0u32, alpha, limit),
+            GluArgs::Swiglu => (1, 0.0, 0.0),
+        };
+        let blocks = (t * i).div_ceil(256).min(FILL_BLOCKS) as u32;
+        launch(
+            s,
+            &self.glu,
+            (blocks, 1, 1),
+            256,
+            &[
+                gate_up.addr().into(),
+                (t as u32).into(),
+                u32_arg("intermediate size", i)?.into(),
+                kind.into(),
+                alpha.into(),
+                limit.into(),
+                out.addr().into(),
+            ],
+        )
     }
 
     /// `out[t] = argmax(logits[t])` over `v` values (lowest index on ties), `t < T`.
     pub fn argmax(
         &self,
-        _s: &CudaStream,
-        _logits: DPtr<f32>,
-        _t: usize,
-        _v: usize,
-        _out: DPtr<u32>,
+        s: &CudaStream,
+        logits: DPtr<f32>,
+        t: usize,
+        v: usize,
+        out: DPtr<u32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        check_tokens("argmax", t)?;
+        if v == 0 {
+            return Err(invalid("argmax: empty vocabulary".into()));
+        }
+        check_len("argmax: logits", logits, t * v)?;
+        check_len("argmax: out", out, t)?;
+        launch(
+            s,
+            &self.argmax,
+            (t as u32, 1, 1),
+            1024,
+            &[
+                logits.addr().into(),
+                u32_arg("vocabulary", v)?.into(),
+                out.addr().into(),
+            ],
+        )
     }
 
     /// Samples one token from `logits` `[v]` with temperature / top-k / top-p / min-p, driven by
     /// the uniform number `uniform[0]` in [0, 1) (device memory, so a graph can replay it);
     /// writes the token to `out[0]`.
+    ///
+    /// The token is drawn exactly from the distribution `model::sampling::Sampler` defines (the
+    /// kept set, then inverse CDF over it in id order); when every logit is `-inf`/NaN it writes
+    /// 0, as `Sampler::sample` does.
     #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
-        _s: &CudaStream,
-        _logits: DPtr<f32>,
-        _v: usize,
-        _p: &SampleArgs,
-        _uniform: DPtr<f32>,
-        _out: DPtr<u32>,
+        s: &CudaStream,
+        logits: DPtr<f32>,
+        v: usize,
+        p: &SampleArgs,
+        uniform: DPtr<f32>,
+        out: DPtr<u32>,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        if v == 0 {
+            return Err(invalid("sample: empty vocabulary".into()));
+        }
+        if !(p.temperature.is_finite() && p.temperature > 0.0) {
+            return Err(invalid(format!(
+                "sample: temperature {} (> 0; greedy decoding uses argmax)",
+                p.temperature
+            )));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(invalid(format!("sample: top_p {} not in (0, 1]", p.top_p)));
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return Err(invalid(format!("sample: min_p {} not in [0, 1]", p.min_p)));
+        }
+        check_len("sample: logits", logits, v)?;
+        check_len("sample: uniform", uniform, 1)?;
+        check_len("sample: out", out, 1)?;
+        launch(
+            s,
+            &self.sample,
+            (1, 1, 1),
+            SAMPLE_THREADS,
+            &[
+                logits.addr().into(),
+                u32_arg("vocabulary", v)?.into(),
+                p.temperature.into(),
+                u32_arg("top_k", p.top_k.min(v))?.into(),
+                p.top_p.into(),
+                p.min_p.into(),
+                uniform.addr().into(),
+                out.addr().into(),
+            ],
+        )
     }
 
     /// Fills `out` with uniform values in `[-scale, scale)` from `seed` (synthetic weights,
     /// benchmark inputs). Deterministic for a given seed and length.
     pub fn fill_uniform_bf16(
         &self,
-        _s: &CudaStream,
-        _out: DPtr<half::bf16>,
-        _scale: f32,
-        _seed: u64,
+        s: &CudaStream,
+        out: DPtr<half::bf16>,
+        scale: f32,
+        seed: u64,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        self.fill(s, &self.fill_bf16, out.addr(), out.len(), scale, seed)
     }
 
     /// [`Ops::fill_uniform_bf16`] for f32.
     pub fn fill_uniform_f32(
         &self,
-        _s: &CudaStream,
-        _out: DPtr<f32>,
-        _scale: f32,
-        _seed: u64,
+        s: &CudaStream,
+        out: DPtr<f32>,
+        scale: f32,
+        seed: u64,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        self.fill(s, &self.fill_f32, out.addr(), out.len(), scale, seed)
+    }
+
+    fn fill(
+        &self,
+        s: &CudaStream,
+        f: &CudaFunction,
+        addr: u64,
+        n: usize,
+        scale: f32,
+        seed: u64,
+    ) -> Result<(), RuntimeError> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(invalid(format!("fill: scale {scale} (finite, > 0)")));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        launch(
+            s,
+            f,
+            (n.div_ceil(256).min(FILL_BLOCKS) as u32, 1, 1),
+            256,
+            &[addr.into(), (n as u64).into(), scale.into(), seed.into()],
+        )
     }
 
     /// Fills `out` with bytes uniform in `lo..=hi` (random MXFP4 codes: 0..=255; scales: a
     /// narrow exponent range).
     pub fn fill_bytes(
         &self,
-        _s: &CudaStream,
-        _out: DPtr<u8>,
-        _lo: u8,
-        _hi: u8,
-        _seed: u64,
+        s: &CudaStream,
+        out: DPtr<u8>,
+        lo: u8,
+        hi: u8,
+        seed: u64,
     ) -> Result<(), RuntimeError> {
-        unimplemented!()
+        if lo > hi {
+            return Err(invalid(format!("fill_bytes: empty range {lo}..={hi}")));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let n = out.len();
+        launch(
+            s,
+            &self.fill_u8,
+            (n.div_ceil(256).min(FILL_BLOCKS) as u32, 1, 1),
+            256,
+            &[
+                out.addr().into(),
+                (n as u64).into(),
+                u32::from(lo).into(),
+                (u32::from(hi) - u32::from(lo) + 1).into(),
+                seed.into(),
+            ],
+        )
     }
 }
