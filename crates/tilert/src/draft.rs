@@ -517,6 +517,13 @@ impl GpuDraftSession {
                 self.max_seq
             )));
         }
+        if target.capture() != self.drafter.hidden_indices() {
+            return Err(invalid(format!(
+                "the target session captures hidden states {:?}; the drafter reads {:?}",
+                target.capture(),
+                self.drafter.hidden_indices()
+            )));
+        }
         let k = self.drafter.inner.fc.len();
         let hidden: Vec<DPtr<f32>> = (0..k).map(|s| target.captured_hidden(s, n)).collect();
         htod(

@@ -754,6 +754,11 @@ impl GpuSession {
         Ok(())
     }
 
+    /// The hidden indices every pass copies out (see [`GpuSession::set_capture`]).
+    pub fn capture(&self) -> &[usize] {
+        &self.capture
+    }
+
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Invalid("empty token list".into()));
