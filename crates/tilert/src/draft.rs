@@ -761,18 +761,39 @@ pub struct GpuSpec<'a> {
 impl<'a> GpuSpec<'a> {
     /// Pairs `target` (its model must be the drafter's target) with a fresh draft state.
     pub fn new(target: &'a mut GpuSession, drafter: &GpuDrafter) -> Result<Self, RuntimeError> {
-        let (a, b) = (target.model(), drafter.target());
+        let draft = drafter.session(target.max_seq())?;
+        Self::with_draft_session(target, draft)
+    }
+
+    /// Pairs `target` with an existing draft state (reset by the prefill; its captured graphs
+    /// are kept, so repeated generations do not capture again).
+    pub fn with_draft_session(
+        target: &'a mut GpuSession,
+        draft: GpuDraftSession,
+    ) -> Result<Self, RuntimeError> {
+        let (a, b) = (target.model(), draft.drafter.target());
         if device_addr(a.embed_matrix()) != device_addr(b.embed_matrix()) {
             return Err(invalid(
                 "the session's model is not the drafter's target model",
             ));
         }
-        let draft = drafter.session(target.max_seq())?;
+        if draft.max_seq < target.max_seq() {
+            return Err(invalid(format!(
+                "the draft state holds {} positions, the target session {}",
+                draft.max_seq,
+                target.max_seq()
+            )));
+        }
         Ok(Self {
             target,
             draft,
             verified: None,
         })
+    }
+
+    /// The draft state back (to pair with the next sequence).
+    pub fn into_draft_session(self) -> GpuDraftSession {
+        self.draft
     }
 
     /// The draft state (for inspection).

@@ -141,10 +141,10 @@ fn draft_logits_match_cpu() {
         let stream = m.gpu.stream().clone();
         let w = m.cpu.weights();
         let check = |ds: &mut tilert::draft::GpuDraftSession,
-                         cache: &mut dflash::DraftCache,
-                         x_last: u32,
-                         b: usize,
-                         when: &str| {
+                     cache: &mut dflash::DraftCache,
+                     x_last: u32,
+                     b: usize,
+                     when: &str| {
             let want = d.draft(cache, &w.embed, &w.lm_head, x_last, b).unwrap();
             ds.draft(x_last, b).unwrap();
             let got = dtoh(&stream, ds.logits_device(b - 1)).unwrap();
