@@ -10,7 +10,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::accept::sample_index;
 use crate::config::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use crate::drafter::{Drafter, DrafterError};
+use crate::drafter::{DraftCache, Drafter, DrafterError};
 use crate::probs::SamplingDist;
 use crate::target::Target;
 use crate::{
@@ -73,7 +73,7 @@ pub struct Round<'a> {
     /// The block's first token: the last emitted token, not yet in the target's KV cache.
     pub x_last: u32,
     /// The draft logits: `(B − 1) · V` values, row `i` for position `start + 1 + i` (empty when
-    /// the round verified no drafts).
+    /// the round verified no drafts, or when the backend returned argmax ids only).
     pub draft_logits: &'a [f32],
     /// The drafts verified (`B' − 1` of them, `B' = min(B, tokens still allowed)`).
     pub drafts: &'a [u32],
@@ -133,6 +133,8 @@ fn draw(p: &[f32], u: f64) -> u32 {
 /// sampled (dense distributions + one RNG stream for drafts, acceptance and bonus tokens).
 struct Picker {
     greedy: bool,
+    /// Greedy without a repetition penalty: a pick is the plain argmax.
+    plain_argmax: bool,
     sampler: Sampler,
     dist: SamplingDist,
     rng: ChaCha20Rng,
@@ -146,10 +148,31 @@ impl Picker {
         };
         Ok(Picker {
             greedy: params.is_greedy(),
+            plain_argmax: argmax_suffices(params),
             sampler: Sampler::new(params)?,
             dist: SamplingDist::new(params)?,
             rng,
         })
+    }
+
+    /// One token from row `i` of `rows` (`V = v` wide); `probs` receives the distribution in
+    /// sampled mode. Argmax rows are taken as they are (the loop asks for them only when a
+    /// greedy pick is a plain argmax).
+    fn pick_row(
+        &mut self,
+        rows: &Rows,
+        i: usize,
+        v: usize,
+        history: &[u32],
+        probs: &mut [f32],
+    ) -> Result<u32, SpecError> {
+        match rows {
+            Rows::Logits(l) => Ok(self.pick(&l[i * v..(i + 1) * v], history, probs)?),
+            Rows::Argmax(ids) if self.plain_argmax => Ok(ids[i]),
+            Rows::Argmax(_) => Err(SpecError::TargetOutput(
+                "these sampling parameters need logits, the backend returned argmax ids".into(),
+            )),
+        }
     }
 
     /// One token from `logits` given `history`; `probs` (V values) receives the distribution
@@ -169,21 +192,159 @@ impl Picker {
     }
 }
 
-/// Runs speculative generation on `target` (which must be empty) with `drafter`.
+/// What a forward returns for each of its rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rows {
+    /// `rows · V` logits, row-major (usable by every sampling mode).
+    Logits(Vec<f32>),
+    /// The argmax of each row (lowest id on ties): all greedy decoding without a repetition
+    /// penalty needs, and one id per row instead of `V` logits to bring back from a device.
+    Argmax(Vec<u32>),
+}
+
+/// What the loop needs from a forward's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Full logits ([`Rows::Logits`]).
+    Logits,
+    /// Either kind: [`Rows::Argmax`] suffices (greedy, no repetition penalty).
+    Argmax,
+}
+
+/// The target and the drafter of one sequence, as the speculative loop drives them
+/// ([`run_speculative`]). [`CpuBackend`] implements it over any [`Target`] and the CPU
+/// [`Drafter`]; the GPU executor implements it with its device drafter (`tilert::draft`).
 ///
-/// Prefill: the prompt runs through the target once (logits + the drafter's target layers),
-/// its features become the drafter's context, and the first token is chosen from the last
-/// logits. Then each round: one draft forward of `[x_last, MASK × (B−1)]`, drafts chosen from
-/// the draft logits (greedy: the same argmax as the target's, repetition penalty included;
-/// sampled: `d_i ~ q_i`, `q_i` = the draft row under the request's sampling transform), one
-/// target forward of `[x_last, d…]`, acceptance ([`accept_greedy`] / [`accept_sampled`] with
-/// the target rows `p_i` under the same transform), target KV truncated to
-/// `start + a + 1`, the `a + 1` committed tokens' features appended to the drafter context, and
-/// `d[..a]` + bonus emitted. Near `max_tokens` the verify block shrinks to the tokens still
-/// allowed (the draft forward keeps the full block size). Stop tokens (EOS unless
-/// `ignore_eos`, `stop_token_ids`) and `max_tokens` end generation inside an emitted run (the run
-/// is cut after the stop token); `on_token` sees every emitted token in order and may stop
-/// generation (e.g. on a stop string). `on_round` observes each round.
+/// Call order: [`SpecBackend::prefill`] once, then rounds of [`SpecBackend::draft`] (skipped
+/// when no draft can be verified), [`SpecBackend::verify`], [`SpecBackend::commit`]. With
+/// [`Want::Logits`] a backend must return [`Rows::Logits`]; with [`Want::Argmax`] it may return
+/// either kind.
+pub trait SpecBackend {
+    /// Vocabulary size V.
+    fn vocab_size(&self) -> usize;
+    /// Committed positions: the target's KV length, equal to the drafter's context length
+    /// between rounds (the next block's `x_last` sits at this position).
+    fn len(&self) -> usize;
+    /// Whether nothing is committed.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Runs the prompt through the (empty) target, gives the drafter the prompt's context
+    /// features, and returns the row of the prompt's last token (one row).
+    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError>;
+    /// One draft forward of `[x_last, MASK × (block_size − 1)]` at position `len()`: rows
+    /// `0 .. block_size − 1`, row `i` for position `len() + 1 + i`. Changes no committed state.
+    fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError>;
+    /// Runs `tokens` (`[x_last, drafts…]`) through the target at positions `len() ..`: one row
+    /// per token, row `j` predicting the token after token `j`.
+    fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError>;
+    /// Keeps the first `keep` tokens of the latest [`SpecBackend::verify`]: the target is
+    /// truncated to `len() + keep` and their features become drafter context.
+    fn commit(&mut self, keep: usize) -> Result<(), SpecError>;
+}
+
+/// [`SpecBackend`] over a [`Target`] and the CPU [`Drafter`] (always returns logits).
+pub struct CpuBackend<'a, T: Target> {
+    target: &'a mut T,
+    drafter: &'a Drafter,
+    cache: DraftCache,
+    /// Position and output of the latest verify (its hidden states feed [`SpecBackend::commit`]).
+    verified: Option<(usize, VerifyOutput)>,
+}
+
+impl<'a, T: Target> CpuBackend<'a, T> {
+    /// Checks `drafter` against the target's dimensions ([`Drafter::check_dims`]).
+    pub fn new(target: &'a mut T, drafter: &'a Drafter) -> Result<Self, SpecError> {
+        drafter.check_dims(
+            target.vocab_size(),
+            target.hidden_size(),
+            target.num_layers(),
+        )?;
+        Ok(CpuBackend {
+            target,
+            drafter,
+            cache: drafter.new_cache(),
+            verified: None,
+        })
+    }
+
+    /// Runs `tokens` and checks the output's shape.
+    fn forward(&mut self, tokens: &[u32]) -> Result<VerifyOutput, SpecError> {
+        let layers = &self.drafter.config().target_layer_ids;
+        let out = self.target.forward(tokens, layers).map_err(target_err)?;
+        let (v, h) = (self.target.vocab_size(), self.target.hidden_size());
+        check_output(&out, tokens.len(), v, layers.len(), h)?;
+        Ok(out)
+    }
+}
+
+impl<T: Target> SpecBackend for CpuBackend<'_, T> {
+    fn vocab_size(&self) -> usize {
+        self.target.vocab_size()
+    }
+
+    fn len(&self) -> usize {
+        self.target.len()
+    }
+
+    fn prefill(&mut self, prompt: &[u32], _want: Want) -> Result<Rows, SpecError> {
+        if !self.target.is_empty() {
+            return Err(SpecError::TargetNotEmpty(self.target.len()));
+        }
+        let mut out = self.forward(prompt)?;
+        let h = self.target.hidden_size();
+        self.drafter
+            .append_context(&mut self.cache, &features(&out, prompt.len(), h))?;
+        Ok(Rows::Logits(
+            out.logits.pop().expect("checked: one row per token"),
+        ))
+    }
+
+    fn draft(&mut self, x_last: u32, block_size: usize, _want: Want) -> Result<Rows, SpecError> {
+        if self.target.len() != self.cache.len() {
+            return Err(SpecError::TargetOutput(format!(
+                "the target holds {} positions, {} were committed",
+                self.target.len(),
+                self.cache.len()
+            )));
+        }
+        Ok(Rows::Logits(self.drafter.draft(
+            &mut self.cache,
+            self.target.embedding(),
+            self.target.lm_head(),
+            x_last,
+            block_size,
+        )?))
+    }
+
+    fn verify(&mut self, tokens: &[u32], _want: Want) -> Result<Rows, SpecError> {
+        let start = self.target.len();
+        let mut out = self.forward(tokens)?;
+        let logits = std::mem::take(&mut out.logits).concat();
+        self.verified = Some((start, out));
+        Ok(Rows::Logits(logits))
+    }
+
+    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
+        let Some((start, out)) = self.verified.take() else {
+            return Err(SpecError::TargetOutput("commit without a verify".into()));
+        };
+        if keep == 0 || keep > out.hidden.first().map_or(0, Vec::len) {
+            return Err(SpecError::TargetOutput(format!(
+                "cannot keep {keep} tokens of the verified block"
+            )));
+        }
+        self.target.truncate(start + keep).map_err(target_err)?;
+        let h = self.target.hidden_size();
+        self.drafter
+            .append_context(&mut self.cache, &features(&out, keep, h))?;
+        Ok(())
+    }
+}
+
+/// Runs speculative generation on `target` (which must be empty) with `drafter`: checks the
+/// drafter against the target ([`Drafter::check_dims`]) and runs [`run_speculative`] on a
+/// [`CpuBackend`].
 ///
 /// Greedy output is token-for-token identical to plain greedy decoding with the same
 /// `SamplingParams` (the CPU executor's verify rows are bit-identical to decode steps);
@@ -197,21 +358,83 @@ pub fn speculative_generate<T: Target>(
     on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
     on_round: &mut dyn FnMut(&Round<'_>),
 ) -> Result<SpecOutput, SpecError> {
-    let block = opts.block_size;
-    if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block) {
-        return Err(SpecError::BlockSize(block));
+    check_request(opts, prompt)?;
+    if !target.is_empty() {
+        return Err(SpecError::TargetNotEmpty(target.len()));
+    }
+    let mut backend = CpuBackend::new(target, drafter)?;
+    run_speculative(&mut backend, opts, prompt, params, on_token, on_round)
+}
+
+fn check_request(opts: &SpecOptions, prompt: &[u32]) -> Result<(), SpecError> {
+    if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&opts.block_size) {
+        return Err(SpecError::BlockSize(opts.block_size));
     }
     if prompt.is_empty() {
         return Err(SpecError::EmptyPrompt);
     }
-    if !target.is_empty() {
-        return Err(SpecError::TargetNotEmpty(target.len()));
+    Ok(())
+}
+
+/// Whether greedy picks are plain argmaxes (no repetition penalty to apply to the logits).
+fn argmax_suffices(params: &SamplingParams) -> bool {
+    params.is_greedy() && params.repetition_penalty.is_none_or(|p| p == 1.0)
+}
+
+/// Checks `rows` holds `n` rows of a vocabulary of `v` (ids in range).
+fn check_rows(rows: &Rows, n: usize, v: usize, what: &str) -> Result<(), SpecError> {
+    let ok = match rows {
+        Rows::Logits(l) => l.len() == n * v,
+        Rows::Argmax(ids) => ids.len() == n && ids.iter().all(|&t| (t as usize) < v),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::TargetOutput(format!(
+            "{what}: expected {n} rows over a vocabulary of {v}"
+        )))
     }
-    let (v, h) = (target.vocab_size(), target.hidden_size());
-    drafter.check_dims(v, h, target.num_layers())?;
+}
+
+/// The speculative loop (research/dflash.md §3.1) on any [`SpecBackend`] (which must hold no
+/// positions).
+///
+/// Prefill: the prompt runs through the target once (logits + the drafter's target layers),
+/// its features become the drafter's context, and the first token is chosen from the last
+/// row. Then each round: one draft forward of `[x_last, MASK × (B−1)]`, drafts chosen from
+/// the draft rows (greedy: the same argmax as the target's, repetition penalty included;
+/// sampled: `d_i ~ q_i`, `q_i` = the draft row under the request's sampling transform), one
+/// target forward of `[x_last, d…]`, acceptance ([`accept_greedy`] / [`accept_sampled`] with
+/// the target rows `p_i` under the same transform), the target truncated to `start + a + 1`
+/// and the `a + 1` committed tokens' features appended to the drafter context
+/// ([`SpecBackend::commit`]), and `d[..a]` + bonus emitted. Near `max_tokens` the verify block
+/// shrinks to the tokens still allowed (the draft forward keeps the full block size). Stop
+/// tokens (EOS unless `ignore_eos`, `stop_token_ids`) and `max_tokens` end generation inside an
+/// emitted run (the run is cut after the stop token); `on_token` sees every emitted token in
+/// order and may stop generation (e.g. on a stop string). `on_round` observes each round.
+///
+/// Greedy decoding without a repetition penalty asks the backend for argmax rows only
+/// ([`Want::Argmax`]); everything else needs logits.
+pub fn run_speculative<B: SpecBackend + ?Sized>(
+    backend: &mut B,
+    opts: &SpecOptions,
+    prompt: &[u32],
+    params: &SamplingParams,
+    on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+    on_round: &mut dyn FnMut(&Round<'_>),
+) -> Result<SpecOutput, SpecError> {
+    check_request(opts, prompt)?;
+    let block = opts.block_size;
+    if !backend.is_empty() {
+        return Err(SpecError::TargetNotEmpty(backend.len()));
+    }
+    let v = backend.vocab_size();
     let mut picker = Picker::new(params)?;
-    let layers = &drafter.config().target_layer_ids;
-    let k = layers.len();
+    let want = if argmax_suffices(params) {
+        Want::Argmax
+    } else {
+        Want::Logits
+    };
 
     let mut stops = Emitter {
         eos: if params.ignore_eos {
@@ -225,14 +448,12 @@ pub fn speculative_generate<T: Target>(
         tokens: Vec::new(),
     };
     let mut stats = AcceptanceStats::new();
-    let mut cache = drafter.new_cache();
     let mut probs = vec![0f32; v];
 
     // Prefill.
-    let out = target.forward(prompt, layers).map_err(target_err)?;
-    check_output(&out, prompt.len(), v, k, h)?;
-    drafter.append_context(&mut cache, &features(&out, prompt.len(), h))?;
-    let first = picker.pick(&out.logits[prompt.len() - 1], &stops.history, &mut probs)?;
+    let rows = backend.prefill(prompt, want)?;
+    check_rows(&rows, 1, v, "prefill")?;
+    let first = picker.pick_row(&rows, 0, v, &stops.history, &mut probs)?;
     if let Some(cause) = stops.emit(first, on_token) {
         return Ok(stops.finish(stats, cause));
     }
@@ -244,34 +465,26 @@ pub fn speculative_generate<T: Target>(
     let mut index = 0;
     loop {
         let x_last = *stops.tokens.last().expect("a token was emitted");
-        let start = target.len();
-        if start != cache.len() {
-            return Err(SpecError::TargetOutput(format!(
-                "the target holds {start} positions, {} were committed",
-                cache.len()
-            )));
-        }
+        let start = backend.len();
         let width = block.min(params.max_tokens - stops.tokens.len());
         let n = width - 1;
 
         // Draft.
-        let draft_logits = if n > 0 {
-            drafter.draft(
-                &mut cache,
-                target.embedding(),
-                target.lm_head(),
-                x_last,
-                block,
-            )?
+        let draft_rows = if n > 0 {
+            let r = backend.draft(x_last, block, want)?;
+            check_rows(&r, block - 1, v, "draft")?;
+            r
         } else {
-            Vec::new()
+            Rows::Logits(Vec::new())
         };
         let committed = stops.history.len();
         drafts.clear();
         q.resize(n * v, 0.0);
         for i in 0..n {
-            let d = picker.pick(
-                &draft_logits[i * v..(i + 1) * v],
+            let d = picker.pick_row(
+                &draft_rows,
+                i,
+                v,
                 &stops.history,
                 &mut q[i * v..(i + 1) * v],
             )?;
@@ -284,18 +497,25 @@ pub fn speculative_generate<T: Target>(
         let mut verify = Vec::with_capacity(width);
         verify.push(x_last);
         verify.extend_from_slice(&drafts);
-        let out = target.forward(&verify, layers).map_err(target_err)?;
-        check_output(&out, width, v, k, h)?;
+        let rows = backend.verify(&verify, want)?;
+        check_rows(&rows, width, v, "verify")?;
         // Target rows under the same transform; row i's history includes the drafts before it.
         targets.clear();
         p.resize(width * v, 0.0);
-        for (i, row) in out.logits.iter().enumerate() {
+        for i in 0..width {
             if picker.greedy {
-                targets.push(picker.sampler.try_sample(row, &stops.history)?);
+                targets.push(picker.pick_row(&rows, i, v, &stops.history, &mut [])?);
             } else {
-                picker
-                    .dist
-                    .probs(row, &stops.history, &mut p[i * v..(i + 1) * v])?;
+                let Rows::Logits(l) = &rows else {
+                    return Err(SpecError::TargetOutput(
+                        "sampled decoding needs logits, the backend returned argmax ids".into(),
+                    ));
+                };
+                picker.dist.probs(
+                    &l[i * v..(i + 1) * v],
+                    &stops.history,
+                    &mut p[i * v..(i + 1) * v],
+                )?;
             }
             if i < n {
                 stops.history.push(drafts[i]);
@@ -315,14 +535,16 @@ pub fn speculative_generate<T: Target>(
             index,
             start,
             x_last,
-            draft_logits: &draft_logits,
+            draft_logits: match &draft_rows {
+                Rows::Logits(l) => l,
+                Rows::Argmax(_) => &[],
+            },
             drafts: &drafts,
             acceptance,
         });
 
         // Commit x_last and the accepted drafts; the bonus rides in the next block.
-        target.truncate(start + a + 1).map_err(target_err)?;
-        drafter.append_context(&mut cache, &features(&out, a + 1, h))?;
+        backend.commit(a + 1)?;
         for &t in drafts[..a].iter().chain([&acceptance.bonus]) {
             if let Some(cause) = stops.emit(t, on_token) {
                 return Ok(stops.finish(stats, cause));

@@ -338,75 +338,8 @@ impl Drafter {
         hidden: usize,
         layers: usize,
     ) -> Result<(), DrafterError> {
-        let c = &self.config;
-        let mismatch = |field: &str, reason: String| {
-            Err(DrafterError::TargetMismatch {
-                field: field.to_string(),
-                reason,
-            })
-        };
-        if c.hidden_size != hidden {
-            return mismatch(
-                "hidden_size",
-                format!(
-                    "drafter hidden size {} ≠ target hidden size {hidden} (the drafter runs on the \
-                     target's embedding and LM head)",
-                    c.hidden_size
-                ),
-            );
-        }
-        if let Some(th) = c.target_hidden_size {
-            if th != hidden {
-                return mismatch(
-                    "target_hidden_size",
-                    format!("{th} ≠ target hidden size {hidden}"),
-                );
-            }
-        }
-        let k = c.num_features();
-        if self.weights.fc.cols != k * hidden {
-            return mismatch(
-                "fc.weight",
-                format!(
-                    "input width {} ≠ {k} target layers × target hidden size {hidden}",
-                    self.weights.fc.cols
-                ),
-            );
-        }
-        if let Some(v) = c.vocab_size {
-            if v != vocab {
-                return mismatch("vocab_size", format!("{v} ≠ target vocabulary {vocab}"));
-            }
-        }
-        if c.mask_token_id as usize >= vocab {
-            return mismatch(
-                "mask_token_id",
-                format!(
-                    "{} is outside the target vocabulary (size {vocab})",
-                    c.mask_token_id
-                ),
-            );
-        }
-        if let Some((i, &l)) = c
-            .target_layer_ids
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l >= layers)
-        {
-            return mismatch(
-                &format!("target_layer_ids[{i}]"),
-                format!("layer {l} ≥ the target's {layers} layers"),
-            );
-        }
-        if let Some(n) = c.num_target_layers {
-            if n != layers {
-                return mismatch(
-                    "num_target_layers",
-                    format!("{n} ≠ the target's {layers} layers"),
-                );
-            }
-        }
-        Ok(())
+        self.config
+            .check_target_dims(self.feature_width(), vocab, hidden, layers)
     }
 
     /// An empty per-sequence context cache.

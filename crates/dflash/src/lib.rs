@@ -42,9 +42,12 @@
 //!   block `[x_last, MASK×(B−1)]` → logits of rows `1..B` through the target's LM head).
 //! * [`Target`] ([`target`]) — run tokens at the current position (logits + the outputs of
 //!   selected layers), truncate, length; implemented for `model::cpu::Session`.
-//! * [`speculative_generate`] / [`SpecDecoder`] ([`decode`]) — the loop: prefill, draft,
-//!   verify, accept, truncate, append context, emit (stop tokens and `max_tokens` inside the
-//!   emitted run).
+//! * [`run_speculative`] ([`decode`]) — the loop: prefill, draft, verify, accept, truncate,
+//!   append context, emit (stop tokens and `max_tokens` inside the emitted run), over a
+//!   [`SpecBackend`] (a target + drafter pair of one sequence; rows as logits or, for plain
+//!   greedy decoding, argmax ids). [`CpuBackend`] pairs any [`Target`] with the CPU
+//!   [`Drafter`]; the GPU executor has its own backend (`tilert::draft`).
+//!   [`speculative_generate`] / [`SpecDecoder`] run it on the CPU.
 //! * [`SamplingDist`] ([`probs`]) — the sampling transform as a dense distribution (for `p`
 //!   and `q` of rejection sampling).
 //! * [`accept_greedy`], [`accept_sampled`] — the acceptance rules (greedy prefix match; exact
@@ -81,7 +84,10 @@ pub use accept::{
     accept_greedy, accept_sampled, Acceptance, Dist, UniformSource, DEFAULT_PROB_TOLERANCE,
 };
 pub use config::{DraftAttn, DrafterConfig, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-pub use decode::{speculative_generate, Round, SpecDecoder, SpecError, SpecOptions, SpecOutput};
+pub use decode::{
+    run_speculative, speculative_generate, CpuBackend, Round, Rows, SpecBackend, SpecDecoder,
+    SpecError, SpecOptions, SpecOutput, Want,
+};
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;
 pub use stats::AcceptanceStats;

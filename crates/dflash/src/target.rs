@@ -39,6 +39,17 @@ pub trait Target {
     fn truncate(&mut self, len: usize) -> Result<(), Self::Error>;
 }
 
+/// The executors' hidden-state index (as `model::cpu::Session::verify`) of target layer
+/// `layer`'s output in a model of `num_layers` layers: `layer + 1`, and [`LAST_LAYER_PRE_NORM`]
+/// for the last layer (index `num_layers` is after the final norm). `None` beyond the model.
+pub fn hidden_index(layer: usize, num_layers: usize) -> Option<usize> {
+    match layer + 1 {
+        i if i < num_layers => Some(i),
+        i if i == num_layers => Some(LAST_LAYER_PRE_NORM),
+        _ => None,
+    }
+}
+
 /// Tokens per [`Session::verify`] call when a long input (the prompt) is run: bounds the
 /// `t · V` logits buffer; results do not depend on it (the executor is bit-identical across
 /// splits).
@@ -78,11 +89,10 @@ impl Target for Session {
         let nl = Target::num_layers(self);
         let mut hidden_indices = Vec::with_capacity(layers.len());
         for &l in layers {
-            hidden_indices.push(match l + 1 {
-                i if i < nl => i,
-                i if i == nl => LAST_LAYER_PRE_NORM,
-                index => return Err(CpuError::HiddenIndex { index, layers: nl }),
-            });
+            hidden_indices.push(hidden_index(l, nl).ok_or(CpuError::HiddenIndex {
+                index: l + 1,
+                layers: nl,
+            })?);
         }
         let hidden_indices = &hidden_indices[..];
         if tokens.len() <= FORWARD_CHUNK {

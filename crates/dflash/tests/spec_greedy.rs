@@ -17,7 +17,9 @@ use common::{
     tokens,
 };
 use dflash::toy::{self, ToyKind};
-use dflash::{Drafter, SpecDecoder};
+use dflash::{
+    run_speculative, Drafter, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, Want,
+};
 use model::sampling::{SamplingParams, StopCause};
 
 const BLOCKS: [usize; 4] = [2, 4, 8, 16];
@@ -208,4 +210,88 @@ fn greedy_identity_with_frequent_acceptance() {
         "{hist:?}, {full_blocks} full blocks"
     );
     eprintln!("acceptance histogram {hist:?}, {full_blocks} full blocks");
+}
+
+/// A backend that answers [`Want::Argmax`] with argmax ids only (as a GPU backend does): the
+/// CPU backend's rows reduced to their argmax (lowest id on ties) when the loop allows it.
+struct ArgmaxOnly<'a, T: dflash::Target>(dflash::CpuBackend<'a, T>);
+
+fn reduce(rows: Rows, want: Want, v: usize) -> Rows {
+    match (rows, want) {
+        (Rows::Logits(l), Want::Argmax) => Rows::Argmax(
+            l.chunks_exact(v)
+                .map(|r| {
+                    let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    r.iter().position(|&x| x == max).unwrap() as u32
+                })
+                .collect(),
+        ),
+        (rows, _) => rows,
+    }
+}
+
+impl<T: dflash::Target> SpecBackend for ArgmaxOnly<'_, T> {
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
+        let v = self.vocab_size();
+        Ok(reduce(self.0.prefill(prompt, want)?, want, v))
+    }
+    fn draft(&mut self, x_last: u32, block: usize, want: Want) -> Result<Rows, SpecError> {
+        let v = self.vocab_size();
+        Ok(reduce(self.0.draft(x_last, block, want)?, want, v))
+    }
+    fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
+        let v = self.vocab_size();
+        Ok(reduce(self.0.verify(tokens, want)?, want, v))
+    }
+    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
+        self.0.commit(keep)
+    }
+}
+
+/// The loop on argmax-only rows (plain greedy) produces the same tokens and rounds as on logits;
+/// with a repetition penalty it asks for logits and still matches plain decoding.
+#[test]
+fn argmax_rows_match_logit_rows() {
+    let ((name, m), kind) = (tiny_targets(6).swap_remove(0), ToyKind::ZLab);
+    let prompt = tokens(11, 12, 0, 6);
+    for (b, penalty) in BLOCKS.into_iter().zip([None, None, Some(1.3), None]) {
+        let params = SamplingParams {
+            repetition_penalty: penalty,
+            ..greedy(20, true)
+        };
+        let want = plain_decode(&m, &prompt, &params);
+        let d = copycat(&m, kind, most_frequent(&want));
+        let opts = SpecOptions {
+            block_size: b,
+            eos_token_ids: Vec::new(),
+        };
+        let mut s = m.session();
+        let mut backend = ArgmaxOnly(dflash::CpuBackend::new(&mut s, &d).unwrap());
+        let mut argmax_rounds = 0;
+        let out = run_speculative(
+            &mut backend,
+            &opts,
+            &prompt,
+            &params,
+            &mut |_| ControlFlow::Continue(()),
+            &mut |r| argmax_rounds += usize::from(r.draft_logits.is_empty()),
+        )
+        .unwrap();
+        assert_eq!(out.tokens, want, "{name} block {b} penalty {penalty:?}");
+        let reference = SpecDecoder::new(&m, d, Some(b))
+            .unwrap()
+            .generate(&prompt, &params, |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(out.stats, reference.stats, "{name} block {b}");
+        // Without a penalty every round saw argmax ids only; with one, logits.
+        let rounds = out.stats.rounds() as usize;
+        assert!(rounds > 0);
+        assert_eq!(argmax_rounds, if penalty.is_none() { rounds } else { 0 });
+    }
 }

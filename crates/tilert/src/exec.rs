@@ -41,10 +41,12 @@ use crate::{Device, RuntimeError};
 /// Default truncation depth a [`GpuSession`] keeps exact (as the CPU executor's).
 pub const DEFAULT_MAX_ROLLBACK: usize = model::cpu::DEFAULT_MAX_ROLLBACK;
 
-struct Rope {
-    inv_freq: DPtr<f32>,
-    attention_factor: f32,
-    rotary_dim: usize,
+/// One RoPE table on the device (`model::cpu::rope::RopeTable`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rope {
+    pub(crate) inv_freq: DPtr<f32>,
+    pub(crate) attention_factor: f32,
+    pub(crate) rotary_dim: usize,
 }
 
 enum GpuMlp {
@@ -127,7 +129,7 @@ fn route_args(spec: RouterSpec, correction_bias: Option<DPtr<f32>>) -> RouteArgs
     }
 }
 
-fn upload_opt(
+pub(crate) fn upload_opt(
     arena: &mut Arena,
     v: Option<&Vec<f32>>,
     what: &str,
@@ -135,7 +137,7 @@ fn upload_opt(
     v.map(|v| arena.upload(v, what)).transpose()
 }
 
-fn upload_linear(
+pub(crate) fn upload_linear(
     arena: &mut Arena,
     l: &Linear,
     what: &str,
@@ -144,6 +146,50 @@ fn upload_linear(
         DeviceMatrix::upload(arena, &l.w.data, l.w.rows, l.w.cols, what)?,
         upload_opt(arena, l.bias.as_ref(), what)?,
     ))
+}
+
+/// The `[q; k; v]` rows of an attention block fused into one matrix, with a bias for all three
+/// when any has one (zeros for the others).
+pub(crate) fn upload_qkv(
+    arena: &mut Arena,
+    a: &model::weights::Attention,
+    what: &str,
+) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
+    let rows = a.q.w.rows + a.k.w.rows + a.v.w.rows;
+    let mut w = Vec::with_capacity(rows * a.q.w.cols);
+    for m in [&a.q, &a.k, &a.v] {
+        w.extend_from_slice(&m.w.data);
+    }
+    let qkv = DeviceMatrix::upload(arena, &w, rows, a.q.w.cols, what)?;
+    drop(w);
+    let bias = if [&a.q, &a.k, &a.v].iter().any(|m| m.bias.is_some()) {
+        let mut b = Vec::with_capacity(rows);
+        for m in [&a.q, &a.k, &a.v] {
+            match &m.bias {
+                Some(v) => b.extend_from_slice(v),
+                None => b.extend(std::iter::repeat_n(0.0, m.w.rows)),
+            }
+        }
+        Some(arena.upload(&b, &format!("{what} bias"))?)
+    } else {
+        None
+    };
+    Ok((qkv, bias))
+}
+
+/// Captures what `encode` enqueues on `stream` into an instantiated, uploaded CUDA graph.
+pub(crate) fn capture_graph(
+    stream: &Arc<CudaStream>,
+    encode: impl FnOnce() -> Result<(), RuntimeError>,
+) -> Result<CudaGraph, RuntimeError> {
+    stream.synchronize()?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let r = encode();
+    let g = stream.end_capture(CUgraphInstantiate_flags(0));
+    r?;
+    let g = g?.ok_or_else(|| RuntimeError::Invalid("graph capture produced nothing".into()))?;
+    g.upload()?;
+    Ok(g)
 }
 
 /// Distinct RoPE tables and the table index of each layer.
@@ -182,26 +228,7 @@ impl GpuModel {
         for (l, (spec, lw)) in config.layers.iter().zip(&weights.layers).enumerate() {
             let at = |what: &str| format!("layer {l} {what}");
             let a = &lw.attn;
-            // Fused [q; k; v] with a bias for all three when any has one.
-            let rows = a.q.w.rows + a.k.w.rows + a.v.w.rows;
-            let mut w = Vec::with_capacity(rows * a.q.w.cols);
-            for m in [&a.q, &a.k, &a.v] {
-                w.extend_from_slice(&m.w.data);
-            }
-            let qkv = DeviceMatrix::upload(&mut arena, &w, rows, a.q.w.cols, &at("qkv"))?;
-            drop(w);
-            let qkv_bias = if [&a.q, &a.k, &a.v].iter().any(|m| m.bias.is_some()) {
-                let mut b = Vec::with_capacity(rows);
-                for m in [&a.q, &a.k, &a.v] {
-                    match &m.bias {
-                        Some(v) => b.extend_from_slice(v),
-                        None => b.extend(std::iter::repeat_n(0.0, m.w.rows)),
-                    }
-                }
-                Some(arena.upload(&b, &at("qkv bias"))?)
-            } else {
-                None
-            };
+            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, &at("qkv"))?;
             let (o, o_bias) = upload_linear(&mut arena, &a.o, &at("o_proj"))?;
             let mlp = match &lw.mlp {
                 Mlp::Dense { gate_up, down } => {
@@ -293,27 +320,10 @@ impl GpuModel {
             seed_state.set(s);
             s
         };
-        let dense = |arena: &mut Arena,
-                     rows: usize,
-                     cols: usize,
-                     what: &str|
-         -> Result<DeviceMatrix, RuntimeError> {
-            let p = arena.alloc::<half::bf16>(rows * cols, what)?;
-            // Uniform in ±a has std a/√3: std 1/√cols keeps outputs O(1) for O(1) inputs.
-            let a = (3.0 / cols as f32).sqrt();
-            ops.fill_uniform_bf16(&stream, p, a, next_seed())?;
-            Ok(DeviceMatrix {
-                data: crate::tensor::DenseData::Bf16(p),
-                rows,
-                cols,
-            })
+        let dense = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
+            DeviceMatrix::synthetic(arena, &ops, rows, cols, next_seed(), what)
         };
-        let small = |arena: &mut Arena, n: usize, center: f32, spread: f32, what: &str| {
-            let v: Vec<f32> = (0..n)
-                .map(|i| center + spread * (((i * 7919) % 1000) as f32 / 500.0 - 1.0))
-                .collect();
-            arena.upload(&v, what)
-        };
+        let small = crate::tensor::patterned_vector;
         let mut layers = Vec::with_capacity(config.layers.len());
         for (l, spec) in config.layers.iter().enumerate() {
             if !spec.moe {
@@ -520,7 +530,10 @@ fn open(ordinal: usize) -> Result<(Device, Arc<CudaStream>, Ops, MoeKernels), Ru
     Ok((device, stream, ops, moe))
 }
 
-fn upload_ropes(arena: &mut Arena, tables: &[RopeTable]) -> Result<Vec<Rope>, RuntimeError> {
+pub(crate) fn upload_ropes(
+    arena: &mut Arena,
+    tables: &[RopeTable],
+) -> Result<Vec<Rope>, RuntimeError> {
     tables
         .iter()
         .map(|t| {
@@ -743,6 +756,11 @@ impl GpuSession {
         Ok(())
     }
 
+    /// The hidden indices every pass copies out (see [`GpuSession::set_capture`]).
+    pub fn capture(&self) -> &[usize] {
+        &self.capture
+    }
+
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Invalid("empty token list".into()));
@@ -793,15 +811,9 @@ impl GpuSession {
     }
 
     fn capture_graph(&self, t: usize, logits: Logits) -> Result<CudaGraph, RuntimeError> {
-        let stream = &self.model.inner.stream;
-        stream.synchronize()?;
-        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let r = self.encode(t, logits, &mut |_| Ok(()));
-        let g = stream.end_capture(CUgraphInstantiate_flags(0));
-        r?;
-        let g = g?.ok_or_else(|| RuntimeError::Invalid("graph capture produced nothing".into()))?;
-        g.upload()?;
-        Ok(g)
+        capture_graph(&self.model.inner.stream, || {
+            self.encode(t, logits, &mut |_| Ok(()))
+        })
     }
 
     /// Enqueues one pass of `t` tokens (io buffer already written); `mark(label)` is called after

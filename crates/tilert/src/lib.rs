@@ -11,9 +11,12 @@
 //! * [`ops`]: the dense ops of a step (`kernels/ops.cu`); [`moe`]: routed experts
 //!   (`kernels/mxfp4.cu`);
 //! * [`exec`]: the op-by-op executor (`GpuModel`, `GpuSession`) with decode / verify steps
-//!   captured as CUDA graphs.
+//!   captured as CUDA graphs;
+//! * [`draft`]: DFlash drafters on the GPU (`GpuDrafter`) and the speculative loop's GPU backend
+//!   (`GpuSpec`, running `dflash::run_speculative`).
 
 pub mod arena;
+pub mod draft;
 pub mod exec;
 pub mod moe;
 pub mod ops;

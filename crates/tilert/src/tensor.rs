@@ -3,6 +3,7 @@
 use half::bf16;
 
 use crate::arena::{Arena, DPtr};
+use crate::ops::Ops;
 use crate::RuntimeError;
 
 /// The element type of a dense device matrix.
@@ -53,6 +54,27 @@ impl DeviceMatrix {
         Ok(Self { data, rows, cols })
     }
 
+    /// A `[rows, cols]` bf16 matrix of random values generated on the device (synthetic models):
+    /// uniform with standard deviation 1/√cols, which keeps outputs O(1) for O(1) inputs.
+    pub fn synthetic(
+        arena: &mut Arena,
+        ops: &Ops,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+        what: &str,
+    ) -> Result<Self, RuntimeError> {
+        let p = arena.alloc::<bf16>(rows * cols, what)?;
+        // Uniform in ±a has std a/√3.
+        let a = (3.0 / cols as f32).sqrt();
+        ops.fill_uniform_bf16(arena.stream(), p, a, seed)?;
+        Ok(Self {
+            data: DenseData::Bf16(p),
+            rows,
+            cols,
+        })
+    }
+
     /// Bytes of the weights.
     pub fn bytes(&self) -> usize {
         match self.data {
@@ -73,4 +95,19 @@ impl DeviceMatrix {
             cols: self.cols,
         }
     }
+}
+
+/// `n` values spread deterministically over `center ± spread` (norm weights, biases and sinks of
+/// synthetic models), uploaded.
+pub fn patterned_vector(
+    arena: &mut Arena,
+    n: usize,
+    center: f32,
+    spread: f32,
+    what: &str,
+) -> Result<DPtr<f32>, RuntimeError> {
+    let v: Vec<f32> = (0..n)
+        .map(|i| center + spread * (((i * 7919) % 1000) as f32 / 500.0 - 1.0))
+        .collect();
+    arena.upload(&v, what)
 }

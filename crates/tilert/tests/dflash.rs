@@ -1,0 +1,362 @@
+//! DFlash on the GPU (`tilert::draft`) against the CPU drafter (`dflash::Drafter`) and plain GPU
+//! decoding, on the fixture drafters `fixtures/drafters/*` with their targets (z-lab full
+//! attention on Qwen3-MoE, z-lab causal sliding window 6 on gpt-oss, MiMo all-SWA window 3
+//! non-causal with sinks / value scale / partial RoPE / mask embedding on MiMo-V2-Flash) and
+//! `dflash::toy` drafters of every shape.
+//!
+//! Tolerances: the target's hidden states already differ from the CPU's by the executor's
+//! dense-path error (≤ 1e-3·(1 + max), observed ~1e-5, see tests/exec.rs); the drafter adds the
+//! same kind of f32 summation-order differences, so draft logits must agree within
+//! 2e-3·(1 + max|logit|). Greedy speculative output must equal plain GPU greedy decoding token
+//! for token (the verify rows and the decode steps are the same GPU math; the drafter only
+//! changes which rows are computed together).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dflash::toy::{self, ToyKind};
+use dflash::{Drafter, SpecOptions, Target};
+use model::cpu::CpuModel;
+use model::sampling::SamplingParams;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use tilert::arena::dtoh;
+use tilert::draft::{GpuDrafter, GpuSpec};
+use tilert::exec::{GpuModel, GpuSession};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// The fixture drafters and their targets (`golden_draft.json`'s `target`).
+fn pairs() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for name in ["qwen3-moe-dflash", "gpt-oss-dflash", "mimo-dflash"] {
+        let golden = fixtures()
+            .join("drafters")
+            .join(name)
+            .join("golden_draft.json");
+        let g: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&golden).unwrap()).unwrap();
+        out.push((name.to_string(), g["target"].as_str().unwrap().to_string()));
+    }
+    out
+}
+
+struct Loaded {
+    cpu: CpuModel,
+    gpu: GpuModel,
+}
+
+fn load(rel: &str) -> Loaded {
+    let (c, w) = model::load::load(&fixtures().join(rel)).unwrap();
+    let (c, w) = (Arc::new(c), Arc::new(w));
+    Loaded {
+        gpu: GpuModel::new(0, c.clone(), &w).unwrap(),
+        cpu: CpuModel::new(c, w).unwrap(),
+    }
+}
+
+fn rng(test: &str) -> ChaCha20Rng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("{test}: seed {seed}");
+    ChaCha20Rng::seed_from_u64(seed)
+}
+
+fn features(o: &model::cpu::VerifyOutput, rows: usize) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|j| o.hidden.iter().flat_map(move |h| h[j].iter().copied()))
+        .collect()
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let mut err = 0f32;
+    let mut mag = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        assert!(x.is_finite(), "non-finite GPU value {x}");
+        err = err.max((x - y).abs());
+        mag = mag.max(y.abs());
+    }
+    (err, mag)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    v.iter().position(|&x| x == max).unwrap() as u32
+}
+
+/// Plain greedy decoding on the GPU: `n` tokens after `prompt`.
+fn plain_greedy(gpu: &GpuModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut s = gpu.session(256).unwrap();
+    let mut out = vec![s.prefill_greedy(prompt).unwrap()];
+    while out.len() < n {
+        out.push(s.decode_greedy(*out.last().unwrap()).unwrap());
+    }
+    out
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    }
+}
+
+/// Draft logits of the GPU drafter against the CPU drafter on the same committed context: after
+/// a 20-token prompt (two context appends), for B = 2, 4, 8, 16 (rows beyond the MiMo fixture's
+/// window 3 take the short-window path), then again after a verify block of which 3 tokens are
+/// committed (context at positions after a truncation).
+#[test]
+fn draft_logits_match_cpu() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("draft_logits_match_cpu") else {
+        return;
+    };
+    let mut r = rng("draft_logits_match_cpu");
+    for (name, rel) in pairs() {
+        let m = load(&rel);
+        let v = m.cpu.config().vocab_size;
+        let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let layers = d.config().target_layer_ids.clone();
+        let prompt: Vec<u32> = (0..20).map(|_| r.random_range(0..v as u32)).collect();
+
+        let mut cs = m.cpu.session();
+        let out = Target::forward(&mut cs, &prompt, &layers).unwrap();
+        let mut cache = d.new_cache();
+        d.append_context(&mut cache, &features(&out, prompt.len()))
+            .unwrap();
+        let mut gs = m.gpu.session(256).unwrap();
+        gs.set_capture(gd.hidden_indices()).unwrap();
+        let mut ds = gd.session(256).unwrap();
+        for chunk in prompt.chunks(16) {
+            gs.forward_device(chunk).unwrap();
+            ds.append_context(&gs, chunk.len()).unwrap();
+        }
+        let stream = m.gpu.stream().clone();
+        let w = m.cpu.weights();
+        let check = |ds: &mut tilert::draft::GpuDraftSession,
+                     cache: &mut dflash::DraftCache,
+                     x_last: u32,
+                     b: usize,
+                     when: &str| {
+            let want = d.draft(cache, &w.embed, &w.lm_head, x_last, b).unwrap();
+            ds.draft(x_last, b).unwrap();
+            let got = dtoh(&stream, ds.logits_device(b - 1)).unwrap();
+            let (err, mag) = max_err(&got, &want);
+            eprintln!("{name} {when} B={b}: draft logits max |Δ| {err:.2e} (max {mag:.2})");
+            assert!(err <= 2e-3 * (1.0 + mag), "{name} {when} B={b}: {err}");
+            let ids = dtoh(&stream, ds.argmax_device(b - 1)).unwrap();
+            let host: Vec<u32> = got.chunks_exact(v).map(argmax).collect();
+            assert_eq!(ids, host, "{name} {when} B={b}: device argmax");
+        };
+        let x_last = r.random_range(0..v as u32);
+        for b in [2, 4, 8, 16] {
+            check(&mut ds, &mut cache, x_last, b, "after prompt");
+        }
+        // A verified block of 5, 3 committed.
+        let block: Vec<u32> = (0..5).map(|_| r.random_range(0..v as u32)).collect();
+        let out = Target::forward(&mut cs, &block, &layers).unwrap();
+        Target::truncate(&mut cs, prompt.len() + 3).unwrap();
+        d.append_context(&mut cache, &features(&out, 3)).unwrap();
+        gs.forward_device(&block).unwrap();
+        gs.truncate(prompt.len() + 3).unwrap();
+        ds.append_context(&gs, 3).unwrap();
+        assert_eq!(ds.len(), cache.len());
+        for b in [3, 8, 16] {
+            check(&mut ds, &mut cache, block[3], b, "after a commit");
+        }
+        // Op-by-op launches give the graphs' result.
+        let graphs = dtoh(&stream, ds.logits_device(15)).unwrap();
+        ds.set_use_graphs(false);
+        ds.draft(block[3], 16).unwrap();
+        let eager = dtoh(&stream, ds.logits_device(15)).unwrap();
+        assert_eq!(graphs, eager, "{name}: graphs vs op-by-op");
+    }
+}
+
+/// Speculative greedy on the GPU = plain greedy on the GPU, token for token: every fixture
+/// drafter at B = 2, 4, 8, 16, and a random drafter of each shape (z-lab full, z-lab mixed
+/// sliding/full with YaRN, MiMo) at B = 8; 40 tokens after a 21-token prompt (two prefill
+/// chunks).
+#[test]
+fn greedy_identity_with_plain_gpu_decoding() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("greedy_identity_with_plain_gpu_decoding") else {
+        return;
+    };
+    let mut r = rng("greedy_identity_with_plain_gpu_decoding");
+    for (name, rel) in pairs() {
+        let m = load(&rel);
+        let v = m.cpu.config().vocab_size;
+        let prompt: Vec<u32> = (0..21).map(|_| r.random_range(0..v as u32)).collect();
+        let want = plain_greedy(&m.gpu, &prompt, 40);
+        let fixture =
+            Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let mut runs: Vec<(String, Drafter, usize)> = [2, 4, 8, 16]
+            .into_iter()
+            .map(|b| (name.clone(), fixture.clone(), b))
+            .collect();
+        for kind in [ToyKind::ZLab, ToyKind::ZLabMixed, ToyKind::MiMo] {
+            let d = toy::drafter(m.cpu.config(), kind, 8, r.random());
+            runs.push((format!("toy {kind:?}"), d, 8));
+        }
+        for (dname, d, b) in runs {
+            let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+            let mut s: GpuSession = m.gpu.session(256).unwrap();
+            let mut spec = GpuSpec::new(&mut s, &gd).unwrap();
+            let opts = SpecOptions {
+                block_size: b,
+                eos_token_ids: Vec::new(),
+            };
+            let mut argmax_rounds = 0;
+            let out = spec
+                .generate(
+                    &opts,
+                    &prompt,
+                    &greedy(40),
+                    &mut |_| ControlFlow::Continue(()),
+                    &mut |round| argmax_rounds += usize::from(round.draft_logits.is_empty()),
+                )
+                .unwrap();
+            assert_eq!(out.tokens, want, "{rel}, drafter {dname}, B={b}");
+            let rounds = out.stats.rounds() as usize;
+            assert_eq!(argmax_rounds, rounds, "greedy rounds bring back ids only");
+            eprintln!(
+                "{rel} {dname} B={b}: {rounds} rounds, tau {:.2}",
+                out.stats.tau().unwrap()
+            );
+        }
+    }
+}
+
+/// Sampled decoding (temperature 0.9, top-k 4) runs the exact rejection-sampling path on GPU
+/// logits: the first round's draft logits equal the CPU drafter's on the same context, drafts
+/// get rejected (the residual distribution is sampled), and every emitted token lies in the
+/// CPU target's top-4 at its position (the target's filtered support; a ±1e-3 margin for the
+/// GPU/CPU logit difference).
+#[test]
+fn rejection_sampling_on_gpu_logits() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("rejection_sampling_on_gpu_logits") else {
+        return;
+    };
+    let mut r = rng("rejection_sampling_on_gpu_logits");
+    for (name, rel) in pairs() {
+        let m = load(&rel);
+        let v = m.cpu.config().vocab_size;
+        let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let prompt: Vec<u32> = (0..12).map(|_| r.random_range(0..v as u32)).collect();
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: Some(4),
+            max_tokens: 48,
+            ignore_eos: true,
+            seed: Some(r.random()),
+            ..SamplingParams::default()
+        };
+        let mut s = m.gpu.session(256).unwrap();
+        let mut spec = GpuSpec::new(&mut s, &gd).unwrap();
+        let opts = SpecOptions {
+            block_size: 4,
+            eos_token_ids: Vec::new(),
+        };
+        let mut first: Option<(u32, Vec<f32>)> = None;
+        let out = spec
+            .generate(
+                &opts,
+                &prompt,
+                &params,
+                &mut |_| ControlFlow::Continue(()),
+                &mut |round| {
+                    if first.is_none() {
+                        first = Some((round.x_last, round.draft_logits.to_vec()));
+                    }
+                },
+            )
+            .unwrap();
+        assert_eq!(out.tokens.len(), 48, "{name}");
+        let st = &out.stats;
+        assert!(st.rounds() > 0);
+        assert!(
+            st.accepted_tokens() < st.drafted_tokens(),
+            "{name}: no draft was ever rejected"
+        );
+        // Round 0's draft logits against the CPU drafter after the same prompt.
+        let (x_last, got) = first.unwrap();
+        let layers = d.config().target_layer_ids.clone();
+        let mut cs = m.cpu.session();
+        let o = Target::forward(&mut cs, &prompt, &layers).unwrap();
+        let mut cache = d.new_cache();
+        d.append_context(&mut cache, &features(&o, prompt.len()))
+            .unwrap();
+        let w = m.cpu.weights();
+        let want = d
+            .draft(&mut cache, &w.embed, &w.lm_head, x_last, 4)
+            .unwrap();
+        let (err, mag) = max_err(&got, &want);
+        assert!(
+            err <= 2e-3 * (1.0 + mag),
+            "{name}: round 0 draft logits {err}"
+        );
+        // Support: each token within the CPU target's top-4 at its position.
+        let mut all = prompt.clone();
+        all.extend_from_slice(&out.tokens);
+        let mut cs = m.cpu.session();
+        let o = Target::forward(&mut cs, &all[..all.len() - 1], &[]).unwrap();
+        for (i, &t) in out.tokens.iter().enumerate() {
+            let row = &o.logits[prompt.len() - 1 + i];
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            assert!(
+                row[t as usize] >= sorted[3] - 1e-3,
+                "{name}: token {i} ({t}) is outside the target's top-4"
+            );
+        }
+        eprintln!(
+            "{name}: sampled, {} rounds, tau {:.2}",
+            st.rounds(),
+            st.tau().unwrap()
+        );
+    }
+}
+
+/// Mismatches are typed errors: a drafter for another target, bad block sizes, appending
+/// without features.
+#[test]
+fn errors_are_typed() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("dflash_errors_are_typed") else {
+        return;
+    };
+    let ps = pairs();
+    let (name, rel) = &ps[0];
+    let m = load(rel);
+    let d = Drafter::load(&fixtures().join("drafters").join(name), m.cpu.config()).unwrap();
+    // The other fixture drafters do not fit this target.
+    for (other, _) in &ps[1..] {
+        let od = Drafter::load_unchecked(&fixtures().join("drafters").join(other)).unwrap();
+        if od.check_target(m.cpu.config()).is_err() {
+            assert!(GpuDrafter::new(&m.gpu, &od).is_err(), "{other} on {rel}");
+        }
+    }
+    let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+    let mut ds = gd.session(64).unwrap();
+    let mut gs = m.gpu.session(64).unwrap();
+    // Features must come from a session that captures the drafter's layers.
+    gs.forward_device(&[1, 2, 3]).unwrap();
+    assert!(ds.append_context(&gs, 3).is_err());
+    gs.set_capture(gd.hidden_indices()).unwrap();
+    assert!(ds.draft(1, 1).is_err());
+    assert!(ds.draft(1, 17).is_err());
+    assert!(ds.draft(m.cpu.config().vocab_size as u32, 4).is_err());
+    assert!(ds.append_context(&gs, 0).is_err());
+    assert!(ds.append_context(&gs, 17).is_err());
+    // A session of another model.
+    let other = load(&ps[1].1);
+    let mut os = other.gpu.session(64).unwrap();
+    assert!(GpuSpec::new(&mut os, &gd).is_err());
+}
