@@ -335,12 +335,6 @@ fn check_supported(c: &DrafterConfig) -> Result<(), RuntimeError> {
             c.input_embedding_scale
         )));
     }
-    if c.head_dim > 256 {
-        return Err(RuntimeError::Unsupported(format!(
-            "drafter head_dim {}",
-            c.head_dim
-        )));
-    }
     Ok(())
 }
 
