@@ -465,11 +465,15 @@ __device__ __forceinline__ void moe_store(const MoeParams& p, int32_t expert, ui
 // columns 0..3 (lanes t < 2) are token 2p's per-block partial sums and columns 4..7 (lanes t >= 2)
 // token 2p+1's. A tile's weights are decoded once for all token pairs.
 //
-// A CTA covers `row_groups` consecutive 16-row groups of one expert (warp w: group w % row_groups,
-// K tiles w / row_groups, + warps/row_groups, ...). Its entries run in chunks of 2*NP; each
-// chunk's activations are prepared (prep_eight: per-32-block power-of-two scaling to fp16, pair
-// order) into shared memory by the whole CTA, so no separate prep launch is needed.
-// Dynamic shared memory: [2NP][K_pad + 8] halves, [2NP][K_pad/32] factors, [warps][2NP][16] sums.
+// A CTA covers `row_groups` consecutive 16-row groups of one expert. Their tiles are contiguous in
+// the tiled layout (item i = group i / n_tiles, K tile i % n_tiles), and warp w streams items
+// w, w + W, w + 2W, ... with the next item's codes and scales in flight while it computes one;
+// when its next item is in another group it writes its partial sums of the finished group to
+// shared memory. Entries run in chunks of 2*NP; each chunk's activations are prepared (prep_eight:
+// per-32-block power-of-two scaling to fp16, pair order) into shared memory by the whole CTA, so
+// no separate prep launch is needed, and serve all of the CTA's row groups.
+// Dynamic shared memory: [2NP][K_pad + 8] halves, [2NP][K_pad/32] factors,
+// [row_groups][warps][2NP][16] partial sums.
 
 __host__ __device__ constexpr uint32_t moe_xs_stride(uint32_t k_pad) { return k_pad + 8; }
 
@@ -482,7 +486,8 @@ __device__ void moe_mx_body(const MoeParams& p) {
     const uint32_t ctas_per_slot = (groups + p.row_groups - 1) / p.row_groups;
     const uint32_t slot = blockIdx.x / ctas_per_slot;
     const uint32_t g0 = (blockIdx.x % ctas_per_slot) * p.row_groups;
-    const uint32_t r0 = g0 * 16, r1 = min(p.rows, (g0 + p.row_groups) * 16);
+    const uint32_t n_groups = min(p.row_groups, groups - g0);
+    const uint32_t r0 = g0 * 16, r1 = min(p.rows, (g0 + n_groups) * 16);
     moe_find_slot(p, slot, s);
     if (slot == 0) moe_nan_invalid<GLU>(p, s, r0, r1);
     const int32_t expert = s.expert;
@@ -490,16 +495,14 @@ __device__ void moe_mx_body(const MoeParams& p) {
 
     const uint32_t warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
     const uint32_t lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, tb = t & 1;
-    const uint32_t my_rg = warp % p.row_groups, wpg = n_warps / p.row_groups,
-                   wk = warp / p.row_groups;
-    const bool rg_ok = g0 + my_rg < groups;
     const uint32_t nb = p.k / 32, n_tiles = (nb + 3) / 4, k_pad = n_tiles * 128;
+    const uint32_t n_items = n_groups * n_tiles;
     const uint32_t xs_stride = moe_xs_stride(k_pad), xf_stride = k_pad / 32;
     __half* xs = reinterpret_cast<__half*>(moe_smem);
     float* xfs = reinterpret_cast<float*>(moe_smem + (size_t)CH * xs_stride * 2);
-    float* partial = xfs + CH * xf_stride;
+    float* partial = xfs + CH * xf_stride;  // [n_groups][n_warps][CH][16]
 
-    const uint64_t tile0 = ((uint64_t)expert * groups + g0 + (rg_ok ? my_rg : 0)) * n_tiles;
+    const uint64_t tile0 = ((uint64_t)expert * groups + g0) * n_tiles;
     const uint4* code_lane = reinterpret_cast<const uint4*>(p.w) + tile0 * 64 + g * 4 + t;
     const uint16_t* scale_lane =
         reinterpret_cast<const uint16_t*>(p.scales + tile0 * 64 + 2 * tb) + g * 2;
@@ -507,11 +510,11 @@ __device__ void moe_mx_body(const MoeParams& p) {
         uint4 wl, wh;   // codes of this lane's block, rows g and g+8
         uint32_t s[2];  // scale bytes of blocks 2tb, 2tb+1 of rows g and g+8
     };
-    auto load = [&](uint32_t tile, Tile& T) {
-        const uint4* c = code_lane + (uint64_t)tile * 64;
+    auto load = [&](uint32_t item, Tile& T) {
+        const uint4* c = code_lane + (uint64_t)item * 64;
         T.wl = __ldcs(c);
         T.wh = __ldcs(c + 32);
-        const uint16_t* sp = scale_lane + (uint64_t)tile * 32;
+        const uint16_t* sp = scale_lane + (uint64_t)item * 32;
         T.s[0] = sp[0];
         T.s[1] = sp[16];
     };
@@ -520,38 +523,52 @@ __device__ void moe_mx_body(const MoeParams& p) {
         const uint32_t nt = min(CH, s.n_entries - c0);
         Tile cur, nxt;
         cur.s[0] = cur.s[1] = nxt.s[0] = nxt.s[1] = 0;
-        if (rg_ok && wk < n_tiles) load(wk, cur);  // in flight during the activation prep
+        if (warp < n_items) load(warp, cur);  // in flight during the activation prep
 
-        // Activations of entries c0 .. c0+nt -> shared memory (K padding -> zeros).
+        // Activations of entries c0 .. c0+nt -> shared memory (K padding -> zeros). Each thread
+        // issues the loads of up to 2 groups before converting them.
         const uint32_t gpr = k_pad / 8, total = nt * gpr;  // gpr is a multiple of 16
-        for (uint32_t i = threadIdx.x; i < ((total + 31) & ~31u); i += blockDim.x) {
-            const bool active = i < total;
-            const uint32_t tok = active ? i / gpr : 0, gi = i % gpr;
-            float v[8];
+        const uint32_t total_up = (total + 31) & ~31u, bd = blockDim.x;
+        for (uint32_t base = threadIdx.x; base < total_up; base += 2 * bd) {
+            float v[2][8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = 0.f;
-            if (active && gi * 8 < p.k) {
-                const uint32_t row = (uint32_t)s.entries[c0 + tok] / p.x_div;
-                const float4* xp =
-                    reinterpret_cast<const float4*>(p.x + (uint64_t)row * p.k + gi * 8);
-                const float4 a = __ldg(xp), b = __ldg(xp + 1);
-                v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-                v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+            for (int u = 0; u < 2; ++u) {
+                const uint32_t i = base + u * bd;
+                const uint32_t tok = i / gpr, gi = i % gpr;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[u][j] = 0.f;
+                if (i < total && gi * 8 < p.k) {
+                    const uint32_t row = (uint32_t)s.entries[c0 + tok] / p.x_div;
+                    const float4* xp =
+                        reinterpret_cast<const float4*>(p.x + (uint64_t)row * p.k + gi * 8);
+                    const float4 a = __ldg(xp), b = __ldg(xp + 1);
+                    v[u][0] = a.x; v[u][1] = a.y; v[u][2] = a.z; v[u][3] = a.w;
+                    v[u][4] = b.x; v[u][5] = b.y; v[u][6] = b.z; v[u][7] = b.w;
+                }
             }
-            float factor;
-            const uint4 packed = prep_eight(v, factor);
-            if (active) {
-                *reinterpret_cast<uint4*>(xs + tok * xs_stride + gi * 8) = packed;
-                if ((gi & 3) == 0) xfs[tok * xf_stride + gi / 4] = factor;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const uint32_t i = base + u * bd;
+                if (i >= total_up) break;  // warp-uniform
+                float factor;
+                const uint4 packed = prep_eight(v[u], factor);
+                if (i < total) {
+                    const uint32_t tok = i / gpr, gi = i % gpr;
+                    *reinterpret_cast<uint4*>(xs + tok * xs_stride + gi * 8) = packed;
+                    if ((gi & 3) == 0) xfs[tok * xf_stride + gi / 4] = factor;
+                }
             }
         }
+        for (uint32_t i = threadIdx.x; i < n_groups * n_warps * CH * 16; i += bd) partial[i] = 0.f;
         __syncthreads();
 
         float acc[NP][2];
 #pragma unroll
         for (int pp = 0; pp < NP; ++pp) acc[pp][0] = acc[pp][1] = 0.f;
-        for (uint32_t tile = wk; rg_ok && tile < n_tiles; tile += wpg) {
-            if (tile + wpg < n_tiles) load(tile + wpg, nxt);
+        for (uint32_t item = warp; item < n_items; item += n_warps) {
+            const uint32_t next = item + n_warps;
+            if (next < n_items) load(next, nxt);
+            const uint32_t gl = item / n_tiles, tile = item - gl * n_tiles;
             uint32_t pl[4][4], ph[4][4];
             const uint32_t wlo[4] = {cur.wl.x, cur.wl.y, cur.wl.z, cur.wl.w};
             const uint32_t whi[4] = {cur.wh.x, cur.wh.y, cur.wh.z, cur.wh.w};
@@ -597,33 +614,38 @@ __device__ void moe_mx_body(const MoeParams& p) {
                     acc[pp][1] += d[3] * (sc[1][1] * f.y);
                 }
             }
-            cur = nxt;
-        }
+            if (next >= n_items || next / n_tiles != gl) {  // warp-uniform: flush group gl
 #pragma unroll
-        for (int pp = 0; pp < NP; ++pp) {
-            acc[pp][0] += __shfl_xor_sync(0xffffffffu, acc[pp][0], 1);
-            acc[pp][1] += __shfl_xor_sync(0xffffffffu, acc[pp][1], 1);
-            const uint32_t mt = 2 * pp + (t >> 1);
-            if (tb == 0 && mt < nt) {
-                partial[(warp * CH + mt) * 16 + g] = acc[pp][0];
-                partial[(warp * CH + mt) * 16 + g + 8] = acc[pp][1];
+                for (int pp = 0; pp < NP; ++pp) {
+                    acc[pp][0] += __shfl_xor_sync(0xffffffffu, acc[pp][0], 1);
+                    acc[pp][1] += __shfl_xor_sync(0xffffffffu, acc[pp][1], 1);
+                    const uint32_t mt = 2 * pp + (t >> 1);
+                    if (tb == 0 && mt < nt) {
+                        float* dst = partial + ((gl * n_warps + warp) * CH + mt) * 16;
+                        dst[g] = acc[pp][0];
+                        dst[g + 8] = acc[pp][1];
+                    }
+                    acc[pp][0] = acc[pp][1] = 0.f;
+                }
             }
+            cur = nxt;
         }
         __syncthreads();
 
         // Epilogue: sum the warps of each row group (in warp order), bias, GLU / weight, store.
         constexpr uint32_t PER = GLU ? 8 : 16;  // outputs per (row group, entry)
-        const uint32_t items = (r1 - r0 + 15) / 16 * PER * nt;
-        for (uint32_t i = threadIdx.x; i < items; i += blockDim.x) {
-            const uint32_t rg = i / (PER * nt), rem = i % (PER * nt);
+        const uint32_t items = n_groups * PER * nt;
+        for (uint32_t i = threadIdx.x; i < items; i += bd) {
+            const uint32_t gl = i / (PER * nt), rem = i % (PER * nt);
             const uint32_t tok = rem / PER, o = rem % PER;
             const uint32_t lr = GLU ? 2 * o : o;  // row within the group
-            const uint32_t row = (g0 + rg) * 16 + lr;
+            const uint32_t row = (g0 + gl) * 16 + lr;
             if (row >= p.rows) continue;
             float v0 = 0.f, v1 = 0.f;
-            for (uint32_t w = rg; w < n_warps; w += p.row_groups) {
-                v0 += partial[(w * CH + tok) * 16 + lr];
-                if (GLU) v1 += partial[(w * CH + tok) * 16 + lr + 1];
+            for (uint32_t w = 0; w < n_warps; ++w) {
+                const float* src = partial + ((gl * n_warps + w) * CH + tok) * 16;
+                v0 += src[lr];
+                if (GLU) v1 += src[lr + 1];
             }
             moe_store<GLU>(p, expert, (uint32_t)s.entries[c0 + tok], row, v0, v1);
         }
@@ -631,18 +653,19 @@ __device__ void moe_mx_body(const MoeParams& p) {
     }
 }
 
-#define MOE_MX_KERNEL(NP)                                                                       \
-    extern "C" __global__ void __launch_bounds__(32 * MOE_MAX_WARPS)                            \
+// Register caps (64 K per SM): 1 token pair keeps 32 warps resident, 2 pairs 25, 4 pairs 21.
+#define MOE_MX_KERNEL(NP, REGS)                                                                 \
+    extern "C" __global__ void __maxnreg__(REGS)                                                \
         moe_mx_gate_up_np##NP(MoeParams p) {                                                    \
         moe_mx_body<NP, true>(p);                                                               \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(32 * MOE_MAX_WARPS)                            \
+    extern "C" __global__ void __maxnreg__(REGS)                                                \
         moe_mx_down_np##NP(MoeParams p) {                                                       \
         moe_mx_body<NP, false>(p);                                                              \
     }
-MOE_MX_KERNEL(1)
-MOE_MX_KERNEL(2)
-MOE_MX_KERNEL(4)
+MOE_MX_KERNEL(1, 64)
+MOE_MX_KERNEL(2, 80)
+MOE_MX_KERNEL(4, 96)
 
 // ---- Dense experts (bf16 or f32 weights) on the CUDA cores ----------------------------------------
 //

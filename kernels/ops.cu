@@ -48,19 +48,6 @@ __device__ float block_max(float v, float* red) {
     return warp_max(r);
 }
 
-__device__ double block_sum_f64(double v, double* red) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if (lane == 0) red[wid] = v;
-    __syncthreads();
-    double r = lane < nw ? red[lane] : 0.0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
-    return r;
-}
-
 // ------------------------------------------------------------------------------------------
 // Deterministic fills (splitmix64 of seed and index)
 // ------------------------------------------------------------------------------------------
@@ -205,11 +192,22 @@ extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t
     const float* row = logits + (size_t)blockIdx.x * v;
     float best = -INFINITY;
     uint32_t besti = 0xffffffffu;
-    for (uint32_t i = threadIdx.x; i < v; i += blockDim.x) {
-        const float x = sane_logit(row[i]);
-        if (x > best || besti == 0xffffffffu) {
-            best = x;
-            besti = i;
+    // Eight independent loads in flight per thread; each thread still visits its indices in
+    // increasing order, so `>` keeps the lowest index of equal values.
+    for (uint32_t i0 = threadIdx.x; i0 < v; i0 += 8 * blockDim.x) {
+        float xs[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const uint32_t i = i0 + u * blockDim.x;
+            xs[u] = i < v ? sane_logit(row[i]) : -INFINITY;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const uint32_t i = i0 + u * blockDim.x;
+            if (i < v && (xs[u] > best || besti == 0xffffffffu)) {
+                best = xs[u];
+                besti = i;
+            }
         }
     }
 #pragma unroll
@@ -516,17 +514,36 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     const uint64_t k1 = min(last + 1, k0 + chunk);
     float* part = scratch + (((size_t)t * nh + h) * S + s) * (dv + 2);
     for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) qs[i] = q[((size_t)t * nh + h) * d + i];
-    float acc0 = 0.f, acc1 = 0.f;  // dims threadIdx.x and threadIdx.x + 128
+    float acc0 = 0.f, acc1 = 0.f;
     float m = -INFINITY, l = 0.f;
     __syncthreads();
+    // Value accumulation: with dv ≤ 64 two groups of 64 threads take alternate keys (merged at
+    // the end); otherwise thread i owns dims i and i + 128.
+    const uint32_t groups = dv <= ATT_THREADS / 2 ? 2 : 1;
+    const uint32_t width = ATT_THREADS / groups;
+    const uint32_t grp = threadIdx.x / width, dim = threadIdx.x % width;
+    const bool vec4 = (d & 3) == 0;
     for (uint64_t kb = k0; kb < k1; kb += ATT_THREADS) {
         const uint64_t j = kb + threadIdx.x;
         float sc = -INFINITY;
         if (j < k1) {
             const float* kr = k_cache + ((j % capacity) * nkv + g) * d;
-            float dotv = 0.f;
-            for (uint32_t i = 0; i < d; ++i) dotv = fmaf(qs[i], kr[i], dotv);
-            sc = dotv * scale;
+            float d0 = 0.f, d1 = 0.f;
+            if (vec4) {
+                const float4* k4 = reinterpret_cast<const float4*>(kr);
+                const float4* q4 = reinterpret_cast<const float4*>(qs);
+#pragma unroll 8
+                for (uint32_t i = 0; i < d / 4; ++i) {
+                    const float4 a = __ldg(k4 + i), b = q4[i];
+                    d0 = fmaf(a.x, b.x, d0);
+                    d1 = fmaf(a.y, b.y, d1);
+                    d0 = fmaf(a.z, b.z, d0);
+                    d1 = fmaf(a.w, b.w, d1);
+                }
+            } else {
+                for (uint32_t i = 0; i < d; ++i) d0 = fmaf(qs[i], __ldg(kr + i), d0);
+            }
+            sc = (d0 + d1) * scale;
         }
         const float tm = block_max(sc, red);
         const float m_new = fmaxf(m, tm);
@@ -538,21 +555,30 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
         acc0 *= alpha;
         acc1 *= alpha;
         const uint32_t nk = (uint32_t)min((uint64_t)ATT_THREADS, k1 - kb);
-        for (uint32_t jj = 0; jj < nk; ++jj) {
+        const bool own0 = dim < dv, own1 = dim + width < dv;
+#pragma unroll 4
+        for (uint32_t jj = grp; jj < nk; jj += groups) {
             const float* vr = v_cache + (((kb + jj) % capacity) * nkv + g) * dv;
             const float pj = ps[jj];
-            if (threadIdx.x < dv) acc0 = fmaf(pj, vr[threadIdx.x], acc0);
-            if (threadIdx.x + ATT_THREADS < dv) acc1 = fmaf(pj, vr[threadIdx.x + ATT_THREADS], acc1);
+            if (own0) acc0 = fmaf(pj, __ldg(vr + dim), acc0);
+            if (own1) acc1 = fmaf(pj, __ldg(vr + dim + width), acc1);
         }
         m = m_new;
         __syncthreads();
+    }
+    if (groups == 2) {  // merge the second group's sums into the first
+        if (grp == 1) ps[dim] = acc0;
+        __syncthreads();
+        if (grp == 0) acc0 += ps[dim];
     }
     if (threadIdx.x == 0) {
         part[0] = m;
         part[1] = l;
     }
-    if (threadIdx.x < dv) part[2 + threadIdx.x] = acc0;
-    if (threadIdx.x + ATT_THREADS < dv) part[2 + threadIdx.x + ATT_THREADS] = acc1;
+    if (grp == 0) {
+        if (dim < dv) part[2 + dim] = acc0;
+        if (dim + width < dv) part[2 + dim + width] = acc1;
+    }
 }
 
 // grid (n_heads, T), block ATT_THREADS: merges the S partials and the sink.
@@ -778,6 +804,12 @@ __device__ __forceinline__ bool in_topk(const SampleState& st, float x, float w)
     return x >= st.thr && w > 0.f;
 }
 
+// exp_f32(y) > 0 exactly when y ≥ −87.3 (its cut-off; 2^-126 at the cut-off is normal), so
+// the top-k test needs no exp.
+__device__ __forceinline__ bool in_topk_y(const SampleState& st, float x) {
+    return x >= st.thr && __fmul_rn(__fsub_rn(x, st.mx), st.inv_t) >= -87.3f;
+}
+
 // Exclusive block scan of doubles (SAMPLE_THREADS values), in place in `buf`.
 __device__ double block_exclusive_scan(double v, double* buf) {
     const uint32_t tid = threadIdx.x;
@@ -794,17 +826,128 @@ __device__ double block_exclusive_scan(double v, double* buf) {
     return incl - v;
 }
 
+// Same for unsigned 64-bit integers (exact).
+__device__ uint64_t block_exclusive_scan_u64(uint64_t v, uint64_t* buf) {
+    const uint32_t tid = threadIdx.x;
+    buf[tid] = v;
+    __syncthreads();
+    for (uint32_t off = 1; off < SAMPLE_THREADS; off <<= 1) {
+        const uint64_t add = tid >= off ? buf[tid - off] : 0ull;
+        __syncthreads();
+        buf[tid] += add;
+        __syncthreads();
+    }
+    const uint64_t incl = buf[tid];
+    __syncthreads();
+    return incl - v;
+}
+
+// Coarse bins of the scaled logit y = (x − max)/T ≤ 0 (as model::sampling's top-p histogram):
+// round(−32·y), the last bin also taking everything below. Monotone: a lower bin holds only
+// larger logits, so the coarse pass spreads the histogram atomics over many addresses and the
+// exact radix select only runs over the few tokens of the crossing bin.
+#define SAMPLE_BINS 1024
+__device__ __forceinline__ uint32_t sample_bin(const SampleState& st, float x) {
+    const float y = __fmul_rn(__fsub_rn(x, st.mx), st.inv_t);
+    return (uint32_t)rintf(fminf(-y * 32.0f, (float)(SAMPLE_BINS - 1)));
+}
+
+struct Shared {
+    uint64_t met[SAMPLE_BINS];   // per coarse bin: count (by count) or fixed-point mass (by mass)
+    uint64_t scanbuf[SAMPLE_THREADS];
+    uint32_t hist[256];
+    uint64_t hmass[256];
+    uint32_t bin, prefix, found;
+    uint64_t before;
+};
+
+// Among the candidates (top-k set when `in_k`, else every token), in descending logit order,
+// finds the crossing value: by count (`by_mass` false) the need-th largest logit; by mass the
+// first value at which the fixed-point mass of everything larger plus its own reaches `target`.
+// Leaves in sh: prefix = key of that value, before = count / mass strictly above it, and
+// hist[prefix & 0xff] = how many tokens have that value. found = 0 when the whole mass is below
+// target (rounding): then every candidate is kept.
+__device__ void crossing_select(const float* logits, uint32_t v, const SampleState& st,
+                                bool in_k, bool by_mass, double target, uint64_t need,
+                                double fx_scale, Shared& sh) {
+    const uint32_t tid = threadIdx.x;
+    for (uint32_t i = tid; i < SAMPLE_BINS; i += SAMPLE_THREADS) sh.met[i] = 0;
+    __syncthreads();
+    for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
+        const float x = sane_logit(logits[i]);
+        if (in_k && !in_topk_y(st, x)) continue;
+        const uint64_t add =
+            by_mass ? (uint64_t)((double)sample_weight(st, x) * fx_scale) : 1ull;
+        if (add) atomicAdd((unsigned long long*)&sh.met[sample_bin(st, x)], (unsigned long long)add);
+    }
+    __syncthreads();
+    // One bin per thread (SAMPLE_BINS == SAMPLE_THREADS).
+    const uint64_t m = sh.met[tid];
+    const uint64_t ex = block_exclusive_scan_u64(m, sh.scanbuf);
+    if (tid == 0) sh.found = 0;
+    __syncthreads();
+    const bool cross = by_mass ? ((double)ex < target && (double)(ex + m) >= target)
+                               : (ex < need && ex + m >= need);
+    if (cross) {
+        sh.bin = tid;
+        sh.before = ex;
+        sh.found = 1;
+    }
+    __syncthreads();
+    if (!sh.found) return;
+    const uint32_t bin = sh.bin;
+    if (tid == 0) sh.prefix = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (uint32_t i = tid; i < 256; i += SAMPLE_THREADS) {
+            sh.hist[i] = 0;
+            sh.hmass[i] = 0;
+        }
+        __syncthreads();
+        const uint32_t hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+        const uint32_t prefix = sh.prefix;
+        for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
+            const float x = sane_logit(logits[i]);
+            if (sample_bin(st, x) != bin) continue;
+            if (in_k && !in_topk_y(st, x)) continue;
+            const uint32_t key = order_key(x);
+            if ((key & hi_mask) != prefix) continue;
+            const uint32_t dg = (key >> shift) & 0xff;
+            atomicAdd(&sh.hist[dg], 1u);
+            if (by_mass) {
+                const uint64_t add = (uint64_t)((double)sample_weight(st, x) * fx_scale);
+                if (add) atomicAdd((unsigned long long*)&sh.hmass[dg], (unsigned long long)add);
+            }
+        }
+        __syncthreads();
+        if (tid == 0) {
+            uint64_t before = sh.before;
+            int d = 255, lowest = 0;
+            for (; d >= 0; --d) {
+                if (sh.hist[d] == 0) continue;
+                lowest = d;
+                const uint64_t mm = by_mass ? sh.hmass[d] : sh.hist[d];
+                if (by_mass ? (double)(before + mm) >= target : before + mm >= need) break;
+                before += mm;
+            }
+            if (d < 0) {  // rounding between the coarse and fine sums: the last non-empty digit
+                d = lowest;
+                before -= by_mass ? sh.hmass[d] : sh.hist[d];
+            }
+            sh.before = before;
+            sh.prefix = prefix | ((uint32_t)d << shift);
+        }
+        __syncthreads();
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample(const float* logits, uint32_t v, float temperature, uint32_t top_k, float top_p,
            float min_p, const float* uniform, uint32_t* out) {
     __shared__ float redf[32];
-    __shared__ double redd[32];
-    __shared__ uint32_t hist[256];
-    __shared__ double hmass[256];
     __shared__ double scan[SAMPLE_THREADS];
     __shared__ SampleState st;
-    __shared__ uint32_t sh_prefix, sh_rem, sh_found;
-    __shared__ double sh_before, sh_target;
+    __shared__ Shared sh;
+    __shared__ uint32_t sh_found;
     const uint32_t tid = threadIdx.x;
 
     // 1. Max.
@@ -825,128 +968,65 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         st.tie_all = 1;
     }
     __syncthreads();
+    // Fixed-point scale of the masses: v terms of at most 1 stay below 2^62.
+    const double fx_scale = ldexp(1.0, 62 - (32 - __clz(v)));
 
-    // 2. Top-k threshold: the k-th largest logit (radix select, 8 bits a pass).
+    // 2. Top-k threshold: the k-th largest logit; every logit ≥ it is kept (ties kept).
     if (top_k > 0 && top_k < v) {
-        if (tid == 0) {
-            sh_prefix = 0;
-            sh_rem = top_k;
-        }
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (uint32_t i = tid; i < 256; i += SAMPLE_THREADS) hist[i] = 0;
-            __syncthreads();
-            const uint32_t hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-            const uint32_t prefix = sh_prefix;
-            for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
-                const uint32_t key = order_key(sane_logit(logits[i]));
-                if ((key & hi_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1u);
-            }
-            __syncthreads();
-            if (tid == 0) {
-                uint32_t rem = sh_rem, cum = 0;
-                int d = 255;
-                for (; d > 0; --d) {
-                    if (cum + hist[d] >= rem) break;
-                    cum += hist[d];
-                }
-                sh_rem = rem - cum;
-                sh_prefix = prefix | ((uint32_t)d << shift);
-            }
-            __syncthreads();
-        }
-        if (tid == 0) st.thr = key_value(sh_prefix);
+        crossing_select(logits, v, st, false, false, 0.0, top_k, fx_scale, sh);
+        if (tid == 0) st.thr = key_value(sh.prefix);
         __syncthreads();
     }
 
-    // 3. Top-p: the crossing value tau of the descending order by mass (radix select on the
-    // logit keys weighted by w), then how many of the tau-valued tokens are kept.
+    // 3. Top-p: the crossing value tau in descending order by mass, then how many of the
+    // tau-valued tokens (lowest ids first) are kept.
     if (top_p < 1.0f) {
-        double tot = 0.0;
+        uint64_t tot = 0;  // (per thread, then reduced exactly through the scan)
         for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
             const float x = sane_logit(logits[i]);
             const float w = sample_weight(st, x);
-            if (in_topk(st, x, w)) tot += (double)w;
+            if (in_topk(st, x, w)) tot += (uint64_t)((double)w * fx_scale);
         }
-        tot = block_sum_f64(tot, redd);
-        if (tid == 0) {
-            sh_target = (double)top_p * tot * (1.0 - 1e-6);
-            sh_before = 0.0;
-            sh_prefix = 0;
+        const uint64_t ex = block_exclusive_scan_u64(tot, sh.scanbuf);
+        if (tid == SAMPLE_THREADS - 1) sh.before = ex + tot;
+        __syncthreads();
+        const double target = (double)top_p * (double)sh.before * (1.0 - 1e-6);
+        __syncthreads();
+        crossing_select(logits, v, st, true, true, target, 0, fx_scale, sh);
+        if (tid == 0 && sh.found) {
+            // hist[d] tokens share the value tau and the weight w_tau; the first is kept, the
+            // j-th (j ≥ 1) while before + j·w_tau < target.
+            const uint32_t cnt = sh.hist[sh.prefix & 0xff];
+            const double before = (double)sh.before;
+            const double w = (double)(uint64_t)((double)sample_weight(st, key_value(sh.prefix)) * fx_scale);
+            uint32_t keep = cnt;
+            if (w > 0.0) {
+                double j = ceil((target - before) / w);
+                if (j < 1.0) j = 1.0;
+                if (j > (double)cnt) j = (double)cnt;
+                uint32_t jj = (uint32_t)j;
+                while (jj > 1 && before + (double)(jj - 1) * w >= target) --jj;
+                while (jj < cnt && before + (double)jj * w < target) ++jj;
+                keep = jj;
+            }
+            st.tau = sh.prefix;
+            st.tie_keep = keep;
+            st.tie_all = keep >= cnt;
         }
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (uint32_t i = tid; i < 256; i += SAMPLE_THREADS) {
-                hist[i] = 0;
-                hmass[i] = 0.0;
-            }
-            __syncthreads();
-            const uint32_t hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-            const uint32_t prefix = sh_prefix;
-            for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
-                const float x = sane_logit(logits[i]);
-                const float w = sample_weight(st, x);
-                const uint32_t key = order_key(x);
-                if (in_topk(st, x, w) && (key & hi_mask) == prefix) {
-                    atomicAdd(&hist[(key >> shift) & 0xff], 1u);
-                    atomicAdd(&hmass[(key >> shift) & 0xff], (double)w);
-                }
-            }
-            __syncthreads();
-            if (tid == 0) {
-                const double target = sh_target;
-                double before = sh_before;
-                int d = 255, lowest = -1;
-                bool found = false;
-                for (; d >= 0; --d) {
-                    if (hist[d] == 0) continue;
-                    lowest = d;
-                    if (before + hmass[d] >= target) {
-                        found = true;
-                        break;
-                    }
-                    before += hmass[d];
-                }
-                if (!found) {  // rounding: the whole mass is below target — keep everything
-                    d = lowest < 0 ? 0 : lowest;
-                    before -= lowest < 0 ? 0.0 : hmass[lowest];
-                }
-                sh_before = before;
-                sh_prefix = prefix | ((uint32_t)d << shift);
-                if (shift == 0) {
-                    // hist[d] tokens share the value tau and the weight w_tau; the first is
-                    // kept, the j-th (j ≥ 1) while before + j·w_tau < target.
-                    const uint32_t cnt = hist[d];
-                    const float x = key_value(sh_prefix);
-                    const double w = (double)sample_weight(st, x);
-                    uint32_t keep = 1;
-                    if (w > 0.0) {
-                        double j = ceil((target - before) / w);
-                        if (j < 1.0) j = 1.0;
-                        if (j > (double)cnt) j = (double)cnt;
-                        uint32_t jj = (uint32_t)j;
-                        while (jj > 1 && before + (double)(jj - 1) * w >= target) --jj;
-                        while (jj < cnt && before + (double)jj * w < target) ++jj;
-                        keep = jj;
-                    }
-                    st.tau = sh_prefix;
-                    st.tie_keep = keep;
-                    st.tie_all = keep >= cnt;
-                }
-            }
-            __syncthreads();
-        }
+        __syncthreads();
     }
 
     // 4. Draw: contiguous chunks per thread, block scan of the kept mass, inverse CDF.
     const uint32_t chunk = (v + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
     const uint32_t i0 = min(v, tid * chunk), i1 = min(v, i0 + chunk);
-    const bool topp = top_p < 1.0f;
+    const bool topp = top_p < 1.0f && st.tau != 0;
     // Ranks of the tau-valued tokens (needed only when some of them are cut).
     uint32_t tie_before = 0;
     if (topp && !st.tie_all) {
         uint32_t c = 0;
         for (uint32_t i = i0; i < i1; ++i) {
             const float x = sane_logit(logits[i]);
-            if (in_topk(st, x, sample_weight(st, x)) && order_key(x) == st.tau) ++c;
+            if (in_topk_y(st, x) && order_key(x) == st.tau) ++c;
         }
         tie_before = (uint32_t)block_exclusive_scan((double)c, scan);
     }

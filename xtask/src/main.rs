@@ -373,6 +373,10 @@ fn gpu_bundle(out: Option<PathBuf>) -> Result<PathBuf> {
         "-p",
         "tilert",
         "--tests",
+        "-p",
+        "serve",
+        "--test",
+        "gpu_generate",
     ])?;
     let bins = cargo_executables(&["build", "--release", "-p", "ultra-benches", "--bins"])?;
     let mut total = 0u64;

@@ -138,10 +138,10 @@ fn main() -> Result<()> {
     let prompt: Vec<u32> = (0..args.prompt).map(|_| lcg(&mut rng) % v).collect();
 
     // Decode with graphs.
-    let mut s = gpu.session(args.max_seq)?;
-    let mut tok = s.prefill_greedy(&prompt)?;
+    let mut s = gpu.session(args.max_seq).context("session")?;
+    let mut tok = s.prefill_greedy(&prompt).context("prefill")?;
     let ctx_start = s.len();
-    (_, tok) = decode_ms(&mut s, tok, 16)?; // warm-up (graph capture)
+    (_, tok) = decode_ms(&mut s, tok, 16).context("decode warm-up")?; // graph capture
     let mut windows = Vec::new();
     for _ in 0..args.repeats {
         let (ms, t) = decode_ms(&mut s, tok, args.tokens)?;

@@ -428,3 +428,70 @@ fn model_and_session_are_shareable() {
     send_sync::<CpuModel>();
     send_sync::<Session>();
 }
+
+/// Sequences of different lengths (some past the sliding window, one fresh) decoded together in
+/// one batched pass give bit-identical logits to decoding each alone, step after step; a
+/// failing batch (a token outside the vocabulary) leaves every session untouched.
+#[test]
+fn decode_batch_equals_per_session_decode() {
+    for (name, m) in toys() {
+        let vocab = m.config().vocab_size;
+        let prompts: Vec<Vec<u32>> = [(21, 9), (22, 1), (23, 5), (24, 0)]
+            .iter()
+            .map(|&(seed, n)| tokens(seed, n, vocab))
+            .collect();
+        let mut batched: Vec<Session> = Vec::new();
+        let mut alone: Vec<Session> = Vec::new();
+        for p in &prompts {
+            let mut s = m.session();
+            if !p.is_empty() {
+                s.prefill(p).unwrap();
+            }
+            batched.push(s.clone());
+            alone.push(s);
+        }
+        let steps = tokens(25, 6 * prompts.len(), vocab);
+        for (step, toks) in steps.chunks(prompts.len()).enumerate() {
+            let mut refs: Vec<&mut Session> = batched.iter_mut().collect();
+            let got = m.decode_batch(&mut refs, toks).unwrap();
+            for (i, (s, &t)) in alone.iter_mut().zip(toks).enumerate() {
+                let want = s.decode(t).unwrap();
+                assert_bits(&got[i], want, &format!("{name}: step {step} sequence {i}"));
+                assert_eq!(batched[i].len(), s.len());
+            }
+        }
+        let lens: Vec<usize> = batched.iter().map(Session::len).collect();
+        let mut refs: Vec<&mut Session> = batched.iter_mut().collect();
+        let bad = [1, vocab as u32, 2, 3];
+        assert!(matches!(
+            m.decode_batch(&mut refs, &bad),
+            Err(CpuError::TokenOutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.decode_batch(&mut refs, &bad[..2]),
+            Err(CpuError::Mismatch(_))
+        ));
+        assert_eq!(batched.iter().map(Session::len).collect::<Vec<_>>(), lens);
+        // After the failed calls the batch still matches decoding alone.
+        let toks = [4, 5, 6, 7];
+        let mut refs: Vec<&mut Session> = batched.iter_mut().collect();
+        let got = m.decode_batch(&mut refs, &toks).unwrap();
+        for (i, s) in alone.iter_mut().enumerate() {
+            assert_bits(
+                &got[i],
+                s.decode(toks[i]).unwrap(),
+                &format!("{name}: after error {i}"),
+            );
+        }
+        // Sessions of another model are refused.
+        let other = CpuModel::new(Arc::new(m.config().clone()), Arc::new(m.weights().clone()));
+        if let Ok(other) = other {
+            let mut foreign = other.session();
+            let mut refs: Vec<&mut Session> = vec![&mut foreign];
+            assert!(matches!(
+                m.decode_batch(&mut refs, &[1]),
+                Err(CpuError::Mismatch(_))
+            ));
+        }
+    }
+}

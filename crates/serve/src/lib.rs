@@ -6,4 +6,9 @@
 //! exists before the model executors land — and lists the GPUs (`ultra devices`).
 
 pub mod commands;
+pub mod engine;
 pub mod fp4_bench;
+pub mod metrics;
+pub mod proto;
+pub mod server;
+pub mod stream;

@@ -699,7 +699,9 @@ impl GpuSession {
             max_keys,
             capture: Vec::new(),
             graphs: HashMap::new(),
-            use_graphs: true,
+            // ULTRA_NO_GRAPHS=1: launch op by op (debugging; with ULTRA_TRACE_OPS=1 each op is
+            // synchronized so a fault names its op).
+            use_graphs: std::env::var("ULTRA_NO_GRAPHS").map_or(true, |v| v != "1"),
         })
     }
 
@@ -818,8 +820,37 @@ impl GpuSession {
     }
 
     /// Enqueues one pass of `t` tokens (io buffer already written); `mark(label)` is called after
-    /// each op's launch (profiling records an event there).
+    /// each op's launch (profiling records an event there). An error names the op and layer it
+    /// came from. With `ULTRA_TRACE_OPS=1` in the environment (and graphs off) every op is
+    /// followed by a synchronization, so asynchronous faults are pinned to their op too.
     fn encode(
+        &self,
+        t: usize,
+        logits: Logits,
+        mark: &mut dyn FnMut(&'static str) -> Result<(), RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        let trace = !self.use_graphs && std::env::var("ULTRA_TRACE_OPS").is_ok_and(|v| v == "1");
+        let stream = self.model.inner.stream.clone();
+        let mut done = 0usize;
+        let mut last = "start";
+        let r = self.encode_ops(t, logits, &mut |label| {
+            done += 1;
+            last = label;
+            if trace {
+                stream.synchronize()?;
+            }
+            mark(label)
+        });
+        r.map_err(|e| {
+            let nl = self.model.inner.config.layers.len().max(1);
+            RuntimeError::Op {
+                pass: format!("pass of {t} tokens, op #{done} after `{last}` (~{nl} layers)"),
+                source: Box::new(e),
+            }
+        })
+    }
+
+    fn encode_ops(
         &self,
         t: usize,
         logits: Logits,
@@ -1188,15 +1219,14 @@ impl GpuSession {
         io.extend_from_slice(tokens);
         htod(&stream, &io, self.b.io.slice(0..io.len()))?;
         stream.synchronize()?;
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let mut events: Vec<(&'static str, CudaEvent)> = Vec::new();
         if self.use_graphs {
             stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         }
-        let first = stream.record_event(timing).map_err(RuntimeError::from);
+        let first = timing_event(&stream);
         let r = first.and_then(|first| {
             let r = self.encode(tokens.len(), Logits::All, &mut |label| {
-                events.push((label, stream.record_event(timing)?));
+                events.push((label, timing_event(&stream)?));
                 Ok(())
             });
             r.map(|()| first)
@@ -1224,6 +1254,25 @@ impl GpuSession {
         }
         Ok(out)
     }
+}
+
+/// A timing event recorded on `stream`; inside a graph capture it becomes an event-record node
+/// (`CU_EVENT_RECORD_EXTERNAL`: a plain record during capture only orders work and is never
+/// timestamped).
+fn timing_event(stream: &CudaStream) -> Result<CudaEvent, RuntimeError> {
+    let event = stream
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    // SAFETY: both handles are live; the flag is a valid CUevent_record_flags value.
+    unsafe {
+        cudarc::driver::sys::cuEventRecordWithFlags(
+            event.cu_event(),
+            stream.cu_stream(),
+            cudarc::driver::sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
+        )
+    }
+    .result()?;
+    Ok(event)
 }
 
 fn attn_args(

@@ -45,6 +45,12 @@ pub enum RuntimeError {
     Unsupported(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    #[error("{pass}: {source}")]
+    Op {
+        pass: String,
+        #[source]
+        source: Box<RuntimeError>,
+    },
 }
 
 /// What Ultra needs to know about a GPU.

@@ -106,8 +106,22 @@ pub const MAX_EXPERTS: usize = 2048;
 /// Most experts per token.
 pub const MAX_TOP_K: usize = 16;
 const MAX_WARPS: usize = 16;
-/// Warps the MXFP4 kernels aim to keep resident per SM (as `fp4::cuda`'s GEMV).
-const TARGET_WARPS_PER_SM: usize = 48;
+
+/// The MXFP4 launch shape `(warps per CTA, row groups per CTA, token pairs)` for `t` tokens and
+/// `group_ctas` = slots × 16-row groups, as measured best at gpt-oss-20b shapes on an H100
+/// (`kernels/NOTES.md`, MoE entry): decode with many groups per SM (gate_up) runs one CTA of 16
+/// warps per SM, streaming all of its row groups; smaller grids (down) and 2–4 tokens use
+/// 8-warp CTAs of 2 groups; 8–16 tokens (≈ 2–3 entries per expert) take 2 token pairs per pass
+/// and 4 groups per CTA.
+fn mx_launch_shape(t: usize, group_ctas: usize, sm_count: usize) -> (usize, usize, usize) {
+    if t == 1 && group_ctas >= 8 * sm_count {
+        (16, group_ctas.div_ceil(sm_count), 1)
+    } else if t <= 4 {
+        (8, 2, 1)
+    } else {
+        (8, 4, 2)
+    }
+}
 const DENSE_WARPS: usize = 8;
 
 /// f32 roundings on the longest path of one term through the dense expert kernels (for
@@ -418,9 +432,10 @@ impl DeviceMoe {
 /// choice).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MoeTuning {
-    /// Warps per CTA, 1..=16 (a multiple of `row_groups`).
+    /// Warps per CTA, 1..=16.
     pub warps: Option<usize>,
-    /// 16-row groups per CTA, 1..=warps.
+    /// Consecutive 16-row groups per CTA (≥ 1): the CTA's prologue (expert lookup, activation
+    /// prep) is shared by them and its warps stream their tiles as one sequence.
     pub row_groups: Option<usize>,
     /// Token pairs per pass over the weights: 1, 2 or 4 (entries of one expert beyond
     /// `2·token_pairs` take another pass, mostly from L2).
@@ -492,11 +507,11 @@ pub struct MoeKernels {
 }
 
 /// Dynamic shared memory of the MXFP4 kernels: prepared activations of `2·pairs` entries
-/// (`K_pad + 8` halves each), their block factors and the warps' partial sums.
-fn mx_smem_bytes(k: usize, pairs: usize, warps: usize) -> usize {
+/// (`K_pad + 8` halves each), their block factors and the warps' partial sums of each row group.
+fn mx_smem_bytes(k: usize, pairs: usize, warps: usize, row_groups: usize) -> usize {
     let k_pad = k.div_ceil(128) * 128;
     let ch = 2 * pairs;
-    ch * (k_pad + 8) * 2 + ch * (k_pad / 32) * 4 + warps * ch * 16 * 4
+    ch * (k_pad + 8) * 2 + ch * (k_pad / 32) * 4 + row_groups * warps * ch * 16 * 4
 }
 
 impl MoeKernels {
@@ -511,6 +526,7 @@ impl MoeKernels {
             as usize;
         // The static MoeSlot table (≈ 2.3 KB) shares the opt-in limit with the dynamic part.
         let max_dynamic = max_smem.saturating_sub(4096);
+
         for f in gate_up.mx.iter().chain(&down.mx) {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -528,11 +544,8 @@ impl MoeKernels {
 
     /// Overrides the launch shapes (benchmarks); checked for validity.
     pub fn set_tuning(&mut self, t: MoeTuning) -> Result<(), RuntimeError> {
-        let w = t.warps.unwrap_or(1);
-        let rg = t.row_groups.unwrap_or(1);
-        if !(1..=MAX_WARPS).contains(&w)
-            || rg == 0
-            || (t.warps.is_some() && !w.is_multiple_of(rg))
+        if !(1..=MAX_WARPS).contains(&t.warps.unwrap_or(1))
+            || t.row_groups == Some(0)
             || !matches!(t.token_pairs, None | Some(1 | 2 | 4))
         {
             return Err(invalid(format!("MoE tuning {t:?}")));
@@ -590,27 +603,17 @@ impl MoeKernels {
                 p.w = codes.addr();
                 p.scales = scales.addr();
                 let groups = rows.div_ceil(16);
-                let rg = self.tuning.row_groups.unwrap_or(1).min(groups);
-                let ctas = slots * groups.div_ceil(rg);
-                let tiles = w.k().div_ceil(128);
-                let warps = match self.tuning.warps {
-                    Some(n) => n,
-                    None => {
-                        let per_group = (self.sm_count * TARGET_WARPS_PER_SM)
-                            .div_ceil(ctas)
-                            .div_ceil(rg)
-                            .clamp(1, tiles);
-                        (per_group * rg).min(MAX_WARPS / rg * rg)
-                    }
-                };
-                if !warps.is_multiple_of(rg) {
-                    return Err(invalid(format!("{warps} warps for {rg} row groups")));
+                let (warps, rg, pairs) = mx_launch_shape(t, slots * groups, self.sm_count);
+                let pairs = self.tuning.token_pairs.unwrap_or(pairs);
+                let warps = self.tuning.warps.unwrap_or(warps);
+                let mut rg = self.tuning.row_groups.unwrap_or(rg).min(groups);
+                while self.tuning.row_groups.is_none()
+                    && rg > 1
+                    && mx_smem_bytes(w.k(), pairs, warps, rg) > self.max_smem
+                {
+                    rg /= 2; // fewer groups' partial sums when K is very large
                 }
-                let pairs = self
-                    .tuning
-                    .token_pairs
-                    .unwrap_or(if t <= 2 { 1 } else { 2 });
-                let smem = mx_smem_bytes(w.k(), pairs, warps);
+                let smem = mx_smem_bytes(w.k(), pairs, warps, rg);
                 if smem > self.max_smem {
                     return Err(RuntimeError::Unsupported(format!(
                         "MXFP4 experts with K = {}: {smem} bytes of shared memory needed, {} available",
@@ -619,13 +622,9 @@ impl MoeKernels {
                     )));
                 }
                 p.row_groups = rg as u32;
-                let f = &kernels.mx[match pairs {
-                    1 => 0,
-                    2 => 1,
-                    _ => 2,
-                }];
+                let f = &kernels.mx[pairs.trailing_zeros() as usize];
                 let cfg = LaunchConfig {
-                    grid_dim: (ctas as u32, 1, 1),
+                    grid_dim: ((slots * groups.div_ceil(rg)) as u32, 1, 1),
                     block_dim: (32 * warps as u32, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };

@@ -119,6 +119,8 @@ const SAMPLE_THREADS: u32 = 1024;
 /// Attention partial blocks aimed for per launch (a few waves over an H100's 132 SMs).
 const ATT_TARGET_BLOCKS: usize = 1024;
 const ATT_MAX_SPLITS: usize = 64;
+/// Keys per split aimed for at `max_keys` (two tiles of the partial kernel).
+const ATT_SPLIT_KEYS: usize = 256;
 /// Fewest keys worth a split of their own.
 const ATT_MIN_SPLIT_KEYS: usize = 64;
 /// Blocks of the grid-stride fill kernels.
@@ -218,10 +220,17 @@ fn matrix_data(what: &str, w: &DeviceMatrix) -> Result<(u64, bool), RuntimeError
     Ok((addr, bf16))
 }
 
-/// Key splits of one attention launch (shared by [`Ops::attention`] and its scratch size).
+/// Key splits of one attention launch (shared by [`Ops::attention`] and its scratch size):
+/// about [`ATT_SPLIT_KEYS`] keys per split at `max_keys`, at least enough splits for
+/// [`ATT_TARGET_BLOCKS`] blocks, at most [`ATT_MAX_SPLITS`], never below
+/// [`ATT_MIN_SPLIT_KEYS`] keys per split.
 fn attention_splits(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
     let blocks = (a.n_heads * t).max(1);
-    let want = ATT_TARGET_BLOCKS.div_ceil(blocks).clamp(1, ATT_MAX_SPLITS);
+    let by_keys = max_keys.div_ceil(ATT_SPLIT_KEYS);
+    let want = ATT_TARGET_BLOCKS
+        .div_ceil(blocks)
+        .max(by_keys)
+        .clamp(1, ATT_MAX_SPLITS);
     want.min(max_keys.div_ceil(ATT_MIN_SPLIT_KEYS).max(1))
 }
 
@@ -450,18 +459,23 @@ impl Ops {
             .iter()
             .position(|&b| b >= t)
             .unwrap_or(LINEAR_TOKENS.len() - 1);
-        // Rows per warp: as many as keep ≥ 32 warps per SM busy, at most 2 for big buckets
-        // (registers).
-        let mut r = if w.rows >= 16_896 {
-            2
-        } else if w.rows >= 8_448 {
-            1
+        // Rows per warp (index into LINEAR_ROWS). One or two tokens are bound by the weight
+        // stream: as many rows as keep ≥ 32 warps per SM busy. From four tokens on, the
+        // activation loads dominate (2·T loads per weight load and row group): four rows share
+        // each activation load as soon as there are ≥ 4 warps per SM.
+        let r = if LINEAR_TOKENS[bucket] <= 2 {
+            match w.rows {
+                16_896.. => 2,
+                8_448.. => 1,
+                _ => 0,
+            }
         } else {
-            0
+            match w.rows {
+                2_112.. => 2,
+                1_056.. => 1,
+                _ => 0,
+            }
         };
-        if LINEAR_TOKENS[bucket] >= 8 {
-            r = r.min(1);
-        }
         let f = if bf16 {
             &self.linear_bf16[bucket][r]
         } else {
@@ -479,7 +493,8 @@ impl Ops {
 
     /// From the fused projection `qkv` `[T, n_heads·d + n_kv·d + n_kv·dv]` (q | k | v): q/k
     /// norm, RoPE of q and k at positions `step[0] + t`, v·value_scale; writes q to `q_out`
-    /// `[T, n_heads·d]` and k, v into the cache slots of those positions.
+    /// `[T, n_heads·d]` and k, v into the cache slots of those positions (`t` must not exceed
+    /// the cache capacity: two tokens of one pass never share a slot).
     pub fn rope_kv_write(
         &self,
         s: &CudaStream,
@@ -496,6 +511,12 @@ impl Ops {
             return Err(invalid(format!(
                 "rope_kv_write: rotary_dim {} with head_dim {d}",
                 a.rotary_dim
+            )));
+        }
+        if t > a.capacity {
+            return Err(invalid(format!(
+                "rope_kv_write: {t} tokens into a KV ring of {} slots",
+                a.capacity
             )));
         }
         check_len("rope_kv_write: inv_freq", a.inv_freq, a.rotary_dim / 2)?;

@@ -194,13 +194,14 @@ fn toy_models_match_cpu() {
     let Some(_ctx) = ultra_kernels::gpu_for_test("toy_models_match_cpu") else {
         return;
     };
-    let prompt: Vec<u32> = (0..21).map(|i| (i * 13 + 5) % 97).collect();
     for experts in [ToyExperts::Dense, ToyExperts::Mxfp4] {
         for (name, (c, w)) in [
             ("toy gpt-oss", toy::gpt_oss(7, experts)),
             ("toy qwen3-moe", toy::qwen3_moe(8, experts)),
             ("toy mimo", toy::mimo_v2_flash(9, experts)),
         ] {
+            let v = c.vocab_size as u32;
+            let prompt: Vec<u32> = (0..21).map(|i| (i * 13 + 5) % v).collect();
             check_model(&format!("{name} {experts:?}"), c, w, &prompt);
         }
     }

@@ -380,13 +380,18 @@ fn mxfp4_experts_match_cpu() {
         },
         MoeTuning {
             warps: Some(4),
-            row_groups: Some(2),
+            row_groups: Some(3),
             token_pairs: Some(4),
         },
         MoeTuning {
             warps: Some(16),
             row_groups: Some(4),
             token_pairs: Some(2),
+        },
+        MoeTuning {
+            warps: Some(3),
+            row_groups: Some(64),
+            token_pairs: Some(1),
         },
     ];
     run_cases(
@@ -639,27 +644,43 @@ fn timing_gpt_oss_20b() {
     println!("| T | proj | tuning | µs | distinct experts | MB | GB/s | stream read µs | ratio |");
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
     let default = MoeTuning::default();
-    let sweep = [
-        default,
-        MoeTuning {
-            warps: Some(4),
-            ..default
-        },
-        MoeTuning {
-            warps: Some(8),
-            ..default
-        },
-        MoeTuning {
-            warps: Some(4),
-            row_groups: Some(2),
-            ..default
-        },
-        MoeTuning {
-            warps: Some(8),
-            row_groups: Some(2),
-            ..default
-        },
-    ];
+    let tune = |w: usize, g: usize, p: Option<usize>| MoeTuning {
+        warps: Some(w),
+        row_groups: Some(g),
+        token_pairs: p,
+    };
+    let sweep_t1: Vec<MoeTuning> = std::iter::once(default)
+        .chain(
+            [
+                (2, 1),
+                (2, 2),
+                (4, 1),
+                (4, 2),
+                (4, 3),
+                (8, 1),
+                (8, 2),
+                (8, 4),
+                (8, 6),
+                (16, 8),
+                (16, 11),
+            ]
+            .map(|(w, g)| tune(w, g, None)),
+        )
+        .collect();
+    let sweep_tn: Vec<MoeTuning> = std::iter::once(default)
+        .chain(
+            [
+                (4, 1, 1),
+                (8, 2, 1),
+                (4, 1, 2),
+                (8, 2, 2),
+                (8, 4, 2),
+                (4, 2, 4),
+                (8, 4, 4),
+            ]
+            .map(|(w, g, p)| tune(w, g, Some(p))),
+        )
+        .collect();
     for t in [1usize, 2, 4, 8, 16] {
         // Random routing per launch: k distinct experts per token.
         let mut ids = Vec::with_capacity(n_launch * t * k);
@@ -689,7 +710,7 @@ fn timing_gpt_oss_20b() {
             .unwrap();
         let d_y = arena.alloc::<f32>(t * k * h, "y").unwrap();
         let glu = glu_args(GPT_OSS_GLU);
-        let tunings: &[MoeTuning] = if t == 1 { &sweep } else { &sweep[..1] };
+        let tunings: &[MoeTuning] = if t == 1 { &sweep_t1 } else { &sweep_tn };
         for (proj, bytes1) in [("gate_up+GLU", gu_bytes), ("down", dn_bytes)] {
             let bytes = (mean_distinct * bytes1 as f64) as usize;
             let ceiling = median(&read(bytes));

@@ -197,7 +197,8 @@ fn linear_matches_cpu() {
     check_linear(&mut g, &mut rng, 2880, 4096, true, true, true, 8);
     check_linear(&mut g, &mut rng, 32, 2880, true, true, false, 1);
     check_linear(&mut g, &mut rng, 32, 2880, true, true, false, 16);
-    check_linear(&mut g, &mut rng, 1024, 2880, false, false, false, 5);
+    check_linear(&mut g, &mut rng, 1100, 2880, false, false, false, 5);
+    check_linear(&mut g, &mut rng, 1500, 512, true, true, true, 3);
 }
 
 /// The LM head (201088 × 2880 bf16, generated on the device) at T = 1 and T = 16 against the
@@ -543,6 +544,15 @@ fn check_rope_kv_write(g: &mut Gpu, rng: &mut ChaCha20Rng, geo: Geo, t: usize, s
     let l = layer(g, rng, geo);
     let a = l.args;
     let (nh, nkv, d, dv) = (geo.nh, geo.nkv, geo.d, geo.dv);
+    if t > geo.capacity {
+        let (qkv, st, q) = (
+            g.zeros::<f32>(1 << 16),
+            g.zeros::<u32>(1),
+            g.zeros::<f32>(1 << 16),
+        );
+        assert!(g.ops.rope_kv_write(&g.stream, &a, qkv, t, st, q).is_err());
+        return;
+    }
     let roww = nh * d + nkv * d + nkv * dv;
     let qkv = uniform(rng, t * roww, 2.0);
     let (dqkv, dstep, dq) = (g.up(&qkv), g.up(&[step]), g.zeros::<f32>(t * nh * d));
@@ -651,7 +661,7 @@ fn rope_kv_write_matches_cpu() {
         d: 16,
         dv: 8,
         rot: 12,
-        capacity: 8,
+        capacity: 16,
         window: Some(4),
         sinks: false,
         qk_norm: true,
@@ -665,7 +675,19 @@ fn rope_kv_write_matches_cpu() {
     check_rope_kv_write(&mut g, &mut rng, qwen, 8, 77);
     check_rope_kv_write(&mut g, &mut rng, mimo, 3, 100_000);
     check_rope_kv_write(&mut g, &mut rng, tiny, 16, 3);
+    check_rope_kv_write(&mut g, &mut rng, tiny, 5, 14); // ring wrap inside the pass
     check_rope_kv_write(&mut g, &mut rng, no_rope, 2, 9);
+    // More tokens than ring slots: an error, not a race.
+    check_rope_kv_write(
+        &mut g,
+        &mut rng,
+        Geo {
+            capacity: 8,
+            ..tiny
+        },
+        9,
+        0,
+    );
 }
 
 /// Attention of `t` queries at positions `step..step+t` over the (random) cache of `geo`
@@ -1267,4 +1289,123 @@ fn invalid_arguments_are_errors() {
         min_p: 0.0,
     };
     assert!(g.ops.sample(&g.stream, logits, 400, &bad, u, o).is_err());
+}
+
+/// Timings of the other ops at gpt-oss-20b sizes (printed, not asserted).
+#[test]
+fn op_timings_at_gpt_oss_sizes() {
+    let Some((mut g, mut rng)) = gpu("op_timings_at_gpt_oss_sizes") else {
+        return;
+    };
+    let time_us = |g: &Gpu, f: &mut dyn FnMut()| -> f64 {
+        f();
+        let iters = 20;
+        let start = g
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
+        for _ in 0..iters {
+            f();
+        }
+        let end = g
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
+        start.elapsed_ms(&end).unwrap() as f64 * 1e3 / iters as f64
+    };
+    for (capacity, window, step) in [
+        (128usize, Some(128usize), 5000u32),
+        (4096, None, 4095),
+        (32_768, None, 32_767),
+    ] {
+        let geo = Geo {
+            capacity,
+            window,
+            ..GPT_OSS_SLIDING
+        };
+        let l = layer(&mut g, &mut rng, geo);
+        for t in [1usize, 16] {
+            let step = step + 1 - t as u32;
+            let q = g.up(&uniform(&mut rng, t * 64 * 64, 1.0));
+            let dstep = g.up(&[step]);
+            let scratch = g.zeros::<f32>(Ops::attention_scratch_len(&l.args, t, capacity));
+            let out = g.zeros::<f32>(t * 64 * 64);
+            let us = time_us(&g, &mut || {
+                g.ops
+                    .attention(
+                        &g.stream, &l.args, q, t, dstep, true, capacity, scratch, out,
+                    )
+                    .unwrap()
+            });
+            let qkv = g.zeros::<f32>(t * (64 * 64 + 2 * 8 * 64));
+            let us_rope = time_us(&g, &mut || {
+                g.ops
+                    .rope_kv_write(&g.stream, &l.args, qkv, t, dstep, q)
+                    .unwrap()
+            });
+            println!(
+                "TIMING attention gpt-oss (64 q / 8 kv heads, d 64) window {window:?} keys up to \
+                 {} t={t}: {us:.1} us; rope_kv_write {us_rope:.1} us",
+                step as usize + t
+            );
+        }
+    }
+    let v = 201_088usize;
+    let logits = g.up(&uniform(&mut rng, 16 * v, 8.0));
+    let out = g.zeros::<u32>(16);
+    let u = g.up(&[0.37f32]);
+    for t in [1usize, 16] {
+        let us = time_us(&g, &mut || {
+            g.ops.argmax(&g.stream, logits, t, v, out).unwrap()
+        });
+        println!("TIMING argmax v={v} t={t}: {us:.1} us");
+    }
+    for p in [
+        SampleArgs {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+        },
+        SampleArgs {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 0.95,
+            min_p: 0.0,
+        },
+        SampleArgs {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.05,
+        },
+    ] {
+        let us = time_us(&g, &mut || {
+            g.ops.sample(&g.stream, logits, v, &p, u, out).unwrap()
+        });
+        println!("TIMING sample v={v} {p:?}: {us:.1} us");
+    }
+    let rl = g.up(&uniform(&mut rng, 16 * 32, 3.0));
+    let (ids, w) = (g.zeros::<i32>(16 * 4), g.zeros::<f32>(16 * 4));
+    for t in [1usize, 16] {
+        let us = time_us(&g, &mut || {
+            g.ops
+                .route(&g.stream, &RouteArgs::GptOss, rl, t, 32, 4, ids, w)
+                .unwrap()
+        });
+        let x = g.zeros::<f32>(t * 2880);
+        let nw = g.up(&vec![1.0f32; 2880]);
+        let h = g.zeros::<f32>(t * 2880);
+        let us_norm = time_us(&g, &mut || {
+            g.ops.rms_norm(&g.stream, x, nw, t, 2880, 1e-5, h).unwrap()
+        });
+        let y = g.zeros::<f32>(t * 4 * 2880);
+        let us_comb = time_us(&g, &mut || {
+            g.ops.combine(&g.stream, x, y, ids, t, 4, 2880).unwrap()
+        });
+        println!(
+            "TIMING t={t}: route gpt-oss (32 experts, top-4) {us:.1} us; rms_norm 2880 \
+             {us_norm:.1} us; combine (k 4, H 2880) {us_comb:.1} us"
+        );
+    }
 }

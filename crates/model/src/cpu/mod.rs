@@ -166,6 +166,85 @@ impl CpuModel {
         Session::new(self, DEFAULT_MAX_ROLLBACK)
     }
 
+    /// Appends `tokens[i]` to `sessions[i]` for every `i` in ONE pass (each weight matrix is read
+    /// once for all sequences; attention runs per sequence over its own cache) and returns the
+    /// logits of each. Every row is bit-identical to `sessions[i].decode(tokens[i])` (the ops
+    /// compute a row the same way whatever else is in the pass). All-or-nothing: on error every
+    /// session is left as it was. The sessions must belong to this model.
+    pub fn decode_batch(
+        &self,
+        sessions: &mut [&mut Session],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>, CpuError> {
+        if sessions.len() != tokens.len() {
+            return Err(CpuError::Mismatch(format!(
+                "decode_batch: {} sessions but {} tokens",
+                sessions.len(),
+                tokens.len()
+            )));
+        }
+        if sessions.is_empty() {
+            return Err(CpuError::EmptyInput);
+        }
+        if let Some(i) = sessions
+            .iter()
+            .position(|x| !Arc::ptr_eq(&x.model.weights, &self.weights))
+        {
+            return Err(CpuError::Mismatch(format!(
+                "decode_batch: session {i} belongs to another model"
+            )));
+        }
+        for (x, &t) in sessions.iter().zip(tokens) {
+            x.check_tokens(&[t])?;
+        }
+        for x in sessions.iter_mut() {
+            x.begin_call();
+        }
+        // The first session lends its buffers to the pass.
+        let mut scratch = std::mem::take(&mut sessions[0].s);
+        let mut segs: Vec<Segment<'_>> = sessions
+            .iter_mut()
+            .map(|x| Segment {
+                start: x.len,
+                len: 1,
+                kv: &mut x.kv,
+            })
+            .collect();
+        let r = run_pass(
+            self,
+            &mut segs,
+            &mut scratch,
+            tokens,
+            Want::All,
+            &[],
+            &mut [],
+        );
+        drop(segs);
+        let v = self.config.vocab_size;
+        let out = r.map(|()| {
+            scratch
+                .logits
+                .chunks_exact(v)
+                .map(<[f32]>::to_vec)
+                .collect()
+        });
+        sessions[0].s = scratch;
+        match out {
+            Ok(logits) => {
+                for x in sessions.iter_mut() {
+                    x.len += 1;
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                for x in sessions.iter_mut() {
+                    x.undo_call();
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// One pass over all of `tokens` from position 0 (no cache reuse): the logits of every
     /// position and every hidden state (`hidden[i][j]`, `i` in `0..=L`, see the module docs).
     #[allow(clippy::type_complexity)]
@@ -445,11 +524,15 @@ impl Session {
     ) -> Result<(), CpuError> {
         self.check_tokens(tokens)?;
         let start = self.len;
+        let mut segs = [Segment {
+            kv: &mut self.kv,
+            start,
+            len: tokens.len(),
+        }];
         let r = run_pass(
             &self.model,
-            &mut self.kv,
+            &mut segs,
             &mut self.s,
-            start,
             tokens,
             want,
             hidden_layers,
@@ -476,12 +559,20 @@ fn capture(layers: &[usize], hidden: &mut [Vec<Vec<f32>>], idx: usize, rows: &[f
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One sequence's part of a pass: its cache, the position of its first token, its token count.
+struct Segment<'a> {
+    kv: &'a mut KvCache,
+    start: usize,
+    len: usize,
+}
+
+/// One pass over the concatenated `tokens` of `segs` (each segment a different sequence at its
+/// own positions): the matrix ops read each weight once for all rows, attention runs per segment
+/// over its own cache. `Want::Last` gives the logits of the last row of the pass.
 fn run_pass(
     m: &CpuModel,
-    kv: &mut KvCache,
+    segs: &mut [Segment<'_>],
     s: &mut Scratch,
-    start: usize,
     tokens: &[u32],
     want: Want,
     hidden_layers: &[usize],
@@ -506,9 +597,10 @@ fn run_pass(
         let half = table.half();
         s.cos[r].resize(t * half, 0.0);
         s.sin[r].resize(t * half, 0.0);
-        for ti in 0..t {
+        let positions = segs.iter().flat_map(|g| g.start..g.start + g.len);
+        for (ti, pos) in positions.enumerate() {
             table.cos_sin(
-                start + ti,
+                pos,
                 &mut s.cos[r][ti * half..(ti + 1) * half],
                 &mut s.sin[r][ti * half..(ti + 1) * half],
             );
@@ -559,21 +651,29 @@ fn run_pass(
                 *v *= cfg.value_scale;
             }
         }
-        let cache = &mut kv.layers[l];
-        cache.append(&s.k, &s.v);
         s.attn.resize(t * nh * dv, 0.0);
-        ops::attention_rows(
-            shape,
-            &s.q,
-            cache.keys(),
-            cache.values(),
-            cache.first_pos(),
-            start,
-            t,
-            lw.attn.sinks.as_deref(),
-            &mut s.scores,
-            &mut s.attn,
-        );
+        let mut r0 = 0;
+        for seg in segs.iter_mut() {
+            let r1 = r0 + seg.len;
+            let cache = &mut seg.kv.layers[l];
+            cache.append(
+                &s.k[r0 * nkv * d..r1 * nkv * d],
+                &s.v[r0 * nkv * dv..r1 * nkv * dv],
+            );
+            ops::attention_rows(
+                shape,
+                &s.q[r0 * nh * d..r1 * nh * d],
+                cache.keys(),
+                cache.values(),
+                cache.first_pos(),
+                seg.start,
+                seg.len,
+                lw.attn.sinks.as_deref(),
+                &mut s.scores,
+                &mut s.attn[r0 * nh * dv..r1 * nh * dv],
+            );
+            r0 = r1;
+        }
         ops::linear(&lw.attn.o, &s.attn, t, &mut s.o);
         ops::add_assign(&mut s.x, &s.o);
 

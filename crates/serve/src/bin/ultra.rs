@@ -26,7 +26,7 @@ struct ModelArgs {
     /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// `cpu` (the reference executor); `cuda` comes with the GPU executor.
+    /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// Worker threads (default: all cores).
@@ -35,6 +35,66 @@ struct ModelArgs {
     /// Comma-separated token ids instead of a text prompt.
     #[arg(long, value_delimiter = ',')]
     token_ids: Option<Vec<u32>>,
+}
+
+/// What `serve` and `bench-serve` load and how they schedule.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, required_unless_present = "synthetic")]
+    model: Option<PathBuf>,
+    /// Instead of --model: the synthetic ~100M-parameter gpt-oss-style MoE of `bench-decode`
+    /// (random MXFP4 experts, no tokenizer: token ids only).
+    #[arg(long, conflicts_with_all = ["model", "draft"])]
+    synthetic: bool,
+    /// A DFlash drafter directory: every request decodes speculatively.
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// Speculation block size 2..=16 (default: the drafter's).
+    #[arg(long, requires = "draft")]
+    block_size: Option<usize>,
+    /// `cpu` (the reference executor); `cuda` comes with the GPU executor.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The model's name in the APIs (default: the last two path components of --model).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 16)]
+    max_running: usize,
+    /// Most requests waiting for admission (more get RESOURCE_EXHAUSTED / HTTP 429).
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// KV-cache budget in MiB (a request is admitted when prompt + max_tokens fit).
+    #[arg(long, default_value_t = 4096)]
+    kv_cache_mib: u64,
+    /// Context limit per request (default: the model's).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+}
+
+impl ServeArgs {
+    fn setup(self) -> Result<commands::serve::ServeSetup> {
+        if self.device == Device::Cuda {
+            bail!("--device cuda: the server runs on the CPU executor so far (the GPU executor serves `ultra generate` / `ultra score --device cuda`); use --device cpu");
+        }
+        set_threads(self.threads)?;
+        Ok(commands::serve::ServeSetup {
+            engine: serve::engine::EngineConfig {
+                model_id: commands::serve::model_id(self.model.as_deref(), self.served_model_name),
+                max_running: self.max_running,
+                max_waiting: self.max_waiting,
+                kv_budget_bytes: self.kv_cache_mib << 20,
+                max_context: self.max_model_len,
+            },
+            model: self.model,
+            draft: self.draft,
+            block_size: self.block_size,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -114,6 +174,36 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Serve a model over gRPC (ultra.v1.Engine, health, reflection) and an OpenAI-compatible
+    /// HTTP API, with continuous batching; SIGINT / SIGTERM drain and stop.
+    Serve {
+        #[command(flatten)]
+        s: ServeArgs,
+        /// gRPC listen address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc_addr: std::net::SocketAddr,
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        http_addr: std::net::SocketAddr,
+    },
+    /// Throughput and p50/p99 TTFT / inter-token latency of `ultra serve` on loopback: an
+    /// in-process server driven by concurrent gRPC streams (random prompts, ignore_eos).
+    BenchServe {
+        #[command(flatten)]
+        s: ServeArgs,
+        #[arg(long, default_value_t = 256)]
+        requests: usize,
+        /// Streams in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt_tokens: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// List the GPUs Ultra can use and the NCCL library found.
     Devices,
     /// What a checkpoint (or a bare config.json) holds and costs: parameters total/active, weight
@@ -163,11 +253,12 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
-    if m.device == Device::Cuda {
-        bail!("--device cuda: the GPU executor is not built yet (issue #4); use --device cpu");
-    }
     set_threads(m.threads)?;
-    commands::generate::load(&m.model)
+    let mut loaded = commands::generate::load(&m.model)?;
+    if m.device == Device::Cuda {
+        loaded.to_gpu(0)?;
+    }
+    Ok(loaded)
 }
 
 fn main() -> Result<()> {
@@ -234,6 +325,9 @@ fn main() -> Result<()> {
             let mut stdout = std::io::stdout();
             let (g, spec) = match &draft {
                 Some(dir) => {
+                    if loaded.gpu.is_some() {
+                        bail!("--draft with --device cuda: DFlash on the GPU executor is not wired into `ultra generate` yet; use --device cpu");
+                    }
                     let r = commands::generate::generate_speculative(
                         &loaded,
                         dir,
@@ -378,6 +472,43 @@ fn main() -> Result<()> {
                     r.tokens_per_s * r.bytes_per_token / 1e9
                 );
             }
+        }
+        Cmd::Serve {
+            s,
+            grpc_addr,
+            http_addr,
+        } => commands::serve::serve(
+            s.setup()?,
+            serve::server::ServeOptions {
+                grpc_addr,
+                http_addr,
+            },
+        )?,
+        Cmd::BenchServe {
+            s,
+            requests,
+            concurrency,
+            prompt_tokens,
+            max_tokens,
+            seed,
+        } => {
+            let setup = s.setup()?;
+            println!(
+                "ultra serve on loopback, CPU {} threads, max_running {}: {requests} requests, {concurrency} concurrent gRPC streams, {prompt_tokens}-token prompts, {max_tokens} tokens each",
+                rayon::current_num_threads(),
+                setup.engine.max_running
+            );
+            let report = commands::serve::bench(
+                setup,
+                commands::serve::BenchLoad {
+                    requests,
+                    concurrency,
+                    prompt_tokens,
+                    max_tokens,
+                    seed,
+                },
+            )?;
+            report.print();
         }
         Cmd::Devices => {
             let n = tilert::Device::count();

@@ -1,4 +1,5 @@
-//! `ultra generate` and `ultra score` on the CPU executor.
+//! `ultra generate` and `ultra score` on the CPU executor or, with `--device cuda`, on the GPU
+//! executor (`tilert::exec`; the CPU model stays loaded beside it as the drafter's host tables).
 //!
 //! `generate`: prompt (plain, or through the checkpoint's chat template with `--chat`) → streamed
 //! text, then prompt/generated token counts, time to first token and decode tokens/s on stderr.
@@ -13,13 +14,75 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use model::cpu::CpuModel;
-use model::sampling::{logprob_of, FinishReason, Sampler, SamplingParams, StopChecker, StopStatus};
+use model::sampling::{logprob_of, SamplingParams};
 use model::tokenizer::{ChatMessage, Tokenizer};
 
-/// A loaded model ready to run on the CPU.
+use crate::stream::TokenOutput;
+
+/// A loaded model ready to run on the CPU (and on a GPU when `gpu` is set).
 pub struct Loaded {
     pub model: CpuModel,
     pub tokenizer: Option<Tokenizer>,
+    /// The same weights resident on a GPU (`--device cuda`): `generate` and `score` run there.
+    pub gpu: Option<tilert::exec::GpuModel>,
+}
+
+/// Positions a GPU sequence of `ultra generate` / `ultra score` can hold (its KV cache size):
+/// the model's context, at most this many.
+pub const GPU_MAX_SEQ: usize = 8192;
+
+/// One sequence on whichever executor `Loaded` runs.
+enum Sequence {
+    Cpu(Box<model::cpu::Session>),
+    Gpu(Box<tilert::exec::GpuSession>),
+}
+
+impl Loaded {
+    /// Uploads the weights to GPU `ordinal`; later `generate` / `score` calls run there.
+    pub fn to_gpu(&mut self, ordinal: usize) -> Result<()> {
+        let t0 = Instant::now();
+        let cfg = Arc::new(self.model.config().clone());
+        let gpu = tilert::exec::GpuModel::new(ordinal, cfg, self.model.weights())?;
+        eprintln!(
+            "{}; weights uploaded ({:.2} GB) in {:.2} s",
+            gpu.device().info,
+            gpu.weight_bytes() as f64 / 1e9,
+            t0.elapsed().as_secs_f64()
+        );
+        self.gpu = Some(gpu);
+        Ok(())
+    }
+
+    fn sequence(&self) -> Result<Sequence> {
+        Ok(match &self.gpu {
+            Some(g) => {
+                let max_seq = g.config().max_position_embeddings.clamp(1, GPU_MAX_SEQ);
+                Sequence::Gpu(Box::new(g.session(max_seq)?))
+            }
+            None => Sequence::Cpu(Box::new(self.model.session())),
+        })
+    }
+}
+
+impl Sequence {
+    fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(match self {
+            Sequence::Cpu(s) => s.prefill(ids)?.to_vec(),
+            Sequence::Gpu(s) => s.prefill(ids)?,
+        })
+    }
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
+        Ok(match self {
+            Sequence::Cpu(s) => s.decode(token)?.to_vec(),
+            Sequence::Gpu(s) => s.decode(token)?,
+        })
+    }
+    fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(match self {
+            Sequence::Cpu(s) => s.prefill_all(ids)?,
+            Sequence::Gpu(s) => s.verify(ids, &[])?.logits,
+        })
+    }
 }
 
 /// Loads weights (checked against the spec) and, when present, the tokenizer.
@@ -39,7 +102,11 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         model.config().layers.len(),
         t0.elapsed().as_secs_f64()
     );
-    Ok(Loaded { model, tokenizer })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        gpu: None,
+    })
 }
 
 /// What one generation produced.
@@ -85,6 +152,14 @@ pub fn prompt_ids(
     Ok(ids)
 }
 
+/// The ids that end generation: the tokenizer's EOS ids when it names any, else the config's.
+pub fn eos_ids(loaded: &Loaded) -> Vec<u32> {
+    match &loaded.tokenizer {
+        Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
+        _ => loaded.model.config().eos_token_ids.clone(),
+    }
+}
+
 /// Generates from `ids`, streaming text to `out` as it becomes final.
 pub fn generate(
     loaded: &Loaded,
@@ -92,61 +167,31 @@ pub fn generate(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<Generation> {
-    params.validate()?;
-    let cfg = loaded.model.config();
-    let eos: Vec<u32> = match &loaded.tokenizer {
-        Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
-        _ => cfg.eos_token_ids.clone(),
-    };
-    let mut sampler = Sampler::new(params)?;
-    let mut stop = StopChecker::from_params(params, &eos);
-    let mut decoder = loaded.tokenizer.as_ref().map(|t| t.decode_stream(true));
-    let mut session = loaded.model.session();
-    let mut history = ids.to_vec();
+    let tok = loaded.tokenizer.as_ref();
+    let mut output = TokenOutput::new(params, &eos_ids(loaded), ids, tok.is_some())?;
+    let mut session = loaded.sequence()?;
     let t0 = Instant::now();
-    let mut logits = session.prefill(ids)?.to_vec();
+    let mut logits = session.prefill(ids)?;
     let mut ttft = 0.0;
-    let mut tokens = Vec::new();
-    let mut tail = String::new();
     let t_decode = Instant::now();
     let finish_reason = loop {
-        let token = sampler.try_sample(&logits, &history)?;
-        if tokens.is_empty() {
+        let e = output.sample(&logits, tok)?;
+        if ttft == 0.0 {
             ttft = t0.elapsed().as_secs_f64();
         }
-        tokens.push(token);
-        history.push(token);
-        let delta = match decoder.as_mut() {
-            Some(d) => d.step(token)?.unwrap_or_default(),
-            None => String::new(),
-        };
-        match stop.push(token, &delta) {
-            StopStatus::Continue { emit } => {
-                out.write_all(emit.as_bytes())?;
-                out.flush()?;
-            }
-            StopStatus::Stop { reason, trim, .. } => {
-                out.write_all(trim.as_bytes())?;
-                // Stopped by length: bytes of an unfinished UTF-8 character still sit in the
-                // detokenizer; release them (lossily) so the text matches a full decode.
-                if reason == FinishReason::Length {
-                    if let Some(rest) = decoder.as_mut().map(|d| d.flush()).transpose()? {
-                        let rest = rest.unwrap_or_default();
-                        out.write_all(rest.as_bytes())?;
-                        tail = rest;
-                    }
-                }
-                out.flush()?;
-                break reason.as_str().to_string();
-            }
+        out.write_all(e.text.as_bytes())?;
+        out.flush()?;
+        if let Some((reason, _)) = e.finish {
+            break reason.as_str().to_string();
         }
-        logits = session.decode(token)?.to_vec();
+        logits = session.decode(e.token)?;
     };
     let decode_s = t_decode.elapsed().as_secs_f64();
+    let tokens = output.tokens().to_vec();
     let decode_steps = tokens.len().saturating_sub(1).max(1);
     Ok(Generation {
         prompt_tokens: ids.len(),
-        text: format!("{}{tail}", stop.text()),
+        text: output.text(),
         tokens,
         finish_reason,
         time_to_first_token_s: ttft,
@@ -161,6 +206,21 @@ pub struct SpecReport {
     pub block_size: usize,
 }
 
+/// Loads a DFlash drafter for `loaded` and builds the speculative decoder (EOS ids as
+/// [`eos_ids`]).
+pub fn spec_decoder(
+    loaded: &Loaded,
+    draft: &Path,
+    block_size: Option<usize>,
+) -> Result<dflash::SpecDecoder> {
+    let drafter = dflash::Drafter::load(draft, loaded.model.config())
+        .with_context(|| format!("loading drafter {}", draft.display()))?;
+    Ok(
+        dflash::SpecDecoder::new(&loaded.model, drafter, block_size)?
+            .with_eos_token_ids(eos_ids(loaded)),
+    )
+}
+
 /// Generates from `ids` with DFlash block speculation (`draft` = a drafter directory), streaming
 /// text to `out`; the output is the same as [`generate`]'s for greedy decoding.
 pub fn generate_speculative(
@@ -171,54 +231,36 @@ pub fn generate_speculative(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<SpecReport> {
-    params.validate()?;
-    let drafter = dflash::Drafter::load(draft, loaded.model.config())
-        .with_context(|| format!("loading drafter {}", draft.display()))?;
-    let eos: Vec<u32> = match &loaded.tokenizer {
-        Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
-        _ => loaded.model.config().eos_token_ids.clone(),
-    };
-    let decoder = dflash::SpecDecoder::new(&loaded.model, drafter, block_size)?
-        .with_eos_token_ids(eos.clone());
-    // Stops (EOS, stop strings, length) are applied to the streamed text by the same checker as
-    // plain generation; the speculative loop also knows EOS and max tokens.
-    let mut stop = StopChecker::from_params(params, &eos);
-    let mut detok = loaded.tokenizer.as_ref().map(|t| t.decode_stream(true));
-    let mut tail = String::new();
+    let decoder = spec_decoder(loaded, draft, block_size)?;
+    // Stops (EOS, stop strings, length) are applied to the streamed text by the same
+    // TokenOutput as plain generation; the speculative loop also knows EOS and max tokens.
+    let tok = loaded.tokenizer.as_ref();
+    let mut output = TokenOutput::new(params, &eos_ids(loaded), ids, tok.is_some())?;
     let mut reason = String::from("length");
-    let mut io_error = None;
+    let mut failure = None;
     let t0 = Instant::now();
     let mut first = None;
     let out_spec = decoder.generate(ids, params, |token| {
         first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-        let delta = match detok.as_mut().map(|d| d.step(token)) {
-            Some(Ok(d)) => d.unwrap_or_default(),
-            _ => String::new(),
-        };
-        let (text, done) = match stop.push(token, &delta) {
-            StopStatus::Continue { emit } => (emit, None),
-            StopStatus::Stop { reason, trim, .. } => (trim, Some(reason)),
-        };
-        if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-            io_error = Some(e);
-            return ControlFlow::Break(());
-        }
-        match done {
-            Some(r) => {
-                if r == FinishReason::Length {
-                    if let Some(Ok(Some(rest))) = detok.as_mut().map(|d| d.flush()) {
-                        let _ = out.write_all(rest.as_bytes());
-                        tail = rest;
-                    }
-                }
+        let step = output.push(token, tok).and_then(|e| {
+            out.write_all(e.text.as_bytes())?;
+            out.flush()?;
+            Ok(e.finish)
+        });
+        match step {
+            Ok(None) => ControlFlow::Continue(()),
+            Ok(Some((r, _))) => {
                 reason = r.as_str().to_string();
                 ControlFlow::Break(())
             }
-            None => ControlFlow::Continue(()),
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
         }
     })?;
-    if let Some(e) = io_error {
-        return Err(e.into());
+    if let Some(e) = failure {
+        return Err(e);
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let ttft = first.unwrap_or(elapsed);
@@ -229,7 +271,7 @@ pub fn generate_speculative(
     Ok(SpecReport {
         generation: Generation {
             prompt_tokens: ids.len(),
-            text: format!("{}{tail}", stop.text()),
+            text: output.text(),
             tokens: out_spec.tokens,
             finish_reason: reason,
             time_to_first_token_s: ttft,
@@ -242,8 +284,8 @@ pub fn generate_speculative(
 
 /// log p(token i | tokens before it) for every i ≥ 1, from one full pass.
 pub fn score(loaded: &Loaded, ids: &[u32]) -> Result<Vec<Option<f64>>> {
-    let mut session = loaded.model.session();
-    let logits = session.prefill_all(ids)?;
+    let mut session = loaded.sequence()?;
+    let logits = session.logits_all(ids)?;
     let mut out = vec![None];
     for i in 1..ids.len() {
         out.push(Some(logprob_of(&logits[i - 1], ids[i])));

@@ -4,3 +4,4 @@ pub mod bench_decode;
 pub mod generate;
 pub mod inspect;
 pub mod quantize;
+pub mod serve;

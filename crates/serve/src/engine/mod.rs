@@ -1,0 +1,474 @@
+//! The engine: one scheduler thread owns the executor ([`Backend`]) and runs continuous
+//! batching; front ends (gRPC, HTTP) talk to it through an [`EngineHandle`].
+//!
+//! # Scheduling
+//! Each step the scheduler
+//! 1. takes new commands (submissions, aborts) — requests join between steps;
+//! 2. ends requests whose client went away (its event receiver was dropped) or that were
+//!    aborted, freeing their sequence and KV reservation — within one step;
+//! 3. admits waiting requests in arrival order while fewer than `max_running` run and the
+//!    request's KV reservation (`kv_bytes(prompt + max_tokens)`) fits the remaining budget:
+//!    prefill, first token;
+//! 4. runs ONE batched decode step for every running sequence and samples each with its own
+//!    parameters and seed ([`TokenOutput`], the code path of `ultra generate`, so the output is
+//!    the same as `ultra generate` for the same seed).
+//!
+//! Back-pressure: [`EngineHandle::submit`] refuses with [`SubmitError::QueueFull`] when
+//! `max_waiting` requests already wait. Shutdown ([`EngineHandle::shutdown`]) refuses new
+//! requests and lets the scheduler drain what was admitted or queued.
+
+pub mod backend;
+mod scheduler;
+mod spec;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use model::sampling::{FinishReason, SamplingParams};
+use model::tokenizer::Tokenizer;
+use tokio::sync::mpsc;
+
+pub use backend::{Backend, CpuBackend};
+pub use spec::SpecConfig;
+
+use crate::metrics::Metrics;
+
+/// Scheduler limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The model's name in APIs (`model` fields, `/v1/models`).
+    pub model_id: String,
+    /// Most sequences decoded together.
+    pub max_running: usize,
+    /// Most requests waiting for admission; more are refused (RESOURCE_EXHAUSTED / 429).
+    pub max_waiting: usize,
+    /// KV-cache bytes that admitted requests may reserve together.
+    pub kv_budget_bytes: u64,
+    /// Prompt plus generated tokens of one request (default: the model's context length).
+    pub max_context: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            model_id: "ultra".into(),
+            max_running: 16,
+            max_waiting: 256,
+            kv_budget_bytes: 4 << 30,
+            max_context: None,
+        }
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Unique among live requests; empty: one is assigned.
+    pub id: String,
+    pub prompt: Vec<u32>,
+    /// `max_tokens` `None`: `min(256, context − prompt)`.
+    pub params: SamplingParams,
+    pub max_tokens: Option<usize>,
+    /// `Some(n)`: each token's log-probability and the `n` most likely (n ≤ 20).
+    pub logprobs: Option<usize>,
+}
+
+/// Most top log-probabilities per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Log-probabilities of one generated token (natural log, under the model's raw distribution).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f64,
+    pub top: Vec<(u32, f64)>,
+}
+
+/// Tokens one step produced for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub tokens: Vec<u32>,
+    /// Text that became final (see `TokenOutput`).
+    pub text: String,
+    /// One per token when log-probabilities were asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Speculative decoding: drafts verified and accepted in this step.
+    pub draft_tokens: u32,
+    pub accepted_draft_tokens: u32,
+}
+
+/// Speculative-decoding totals of a request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SpecSummary {
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    pub accepted_per_position: Vec<u64>,
+}
+
+impl SpecSummary {
+    /// `1 + accepted / drafts` (counts the bonus token); 0 without drafts.
+    pub fn mean_acceptance_length(&self) -> f64 {
+        if self.drafts == 0 {
+            0.0
+        } else {
+            1.0 + self.accepted_tokens as f64 / self.drafts as f64
+        }
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub reason: FinishReason,
+    /// `eos`, `stop_token`, `stop_string`, `max_tokens`, `abort`, `error`.
+    pub cause: String,
+    /// The matched stop string or stop token (vLLM's `stop_reason`).
+    pub stop_reason: Option<String>,
+    /// Text released at the end (held back while it could start a stop string; on abort).
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub queue: Duration,
+    pub time_to_first_token: Option<Duration>,
+    pub e2e: Duration,
+    pub spec: Option<SpecSummary>,
+    pub error: Option<String>,
+}
+
+/// What the engine sends back for a request, in order: token events, then one `Finished`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Tokens(TokenEvent),
+    Finished(Finished),
+}
+
+/// A submitted request's id and its event stream. Dropping the receiver cancels the request.
+pub struct Submitted {
+    pub id: String,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+}
+
+/// Why a request was refused before it ran.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    /// Malformed (empty prompt, token outside the vocabulary, bad sampling parameters,
+    /// duplicate id).
+    #[error("{0}")]
+    Invalid(String),
+    /// Prompt plus `max_tokens` exceeds the context, or one request alone exceeds the KV
+    /// budget.
+    #[error("{0}")]
+    TooLong(String),
+    /// `max_waiting` requests already wait.
+    #[error("the queue is full ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    /// The engine is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// What the model is, for info endpoints.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model_id: String,
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub max_context: usize,
+    pub num_layers: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub device: String,
+    pub max_running: usize,
+    /// Speculative decoding block size, when a drafter runs.
+    pub spec_block_size: Option<usize>,
+    pub created_unix: u64,
+}
+
+pub(crate) enum Command {
+    Submit(Box<Pending>),
+    Abort(String),
+    Spec(spec::SpecOp),
+    Shutdown,
+}
+
+/// A request on its way into the scheduler.
+pub(crate) struct Pending {
+    pub id: String,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub logprobs: Option<usize>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub arrival: Instant,
+    pub kv_reserve: u64,
+}
+
+/// State shared by the handle and the scheduler.
+pub(crate) struct Shared {
+    pub waiting: std::sync::atomic::AtomicUsize,
+    pub draining: AtomicBool,
+    pub live: Mutex<HashSet<String>>,
+    pub next_id: AtomicU64,
+    pub metrics: Metrics,
+}
+
+/// A cheap, cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std_mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    info: Arc<ModelInfo>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    cfg: Arc<EngineConfig>,
+    kv_bytes: Arc<dyn Fn(usize) -> u64 + Send + Sync>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl EngineHandle {
+    /// Starts the scheduler thread over `backend`. `eos` are the ids that end generation;
+    /// `spec` enables DFlash speculative decoding.
+    pub fn start<B: Backend + Sync>(
+        backend: B,
+        tokenizer: Option<Tokenizer>,
+        eos: Vec<u32>,
+        cfg: EngineConfig,
+        spec: Option<SpecConfig>,
+    ) -> anyhow::Result<EngineHandle> {
+        if cfg.max_running == 0 {
+            anyhow::bail!("max_running must be at least 1");
+        }
+        let mc = backend.config();
+        let max_context = cfg
+            .max_context
+            .unwrap_or(mc.max_position_embeddings)
+            .min(mc.max_position_embeddings);
+        let info = ModelInfo {
+            model_id: cfg.model_id.clone(),
+            architecture: format!("{:?}", mc.arch),
+            vocab_size: mc.vocab_size,
+            max_context,
+            num_layers: mc.layers.len(),
+            eos_token_ids: eos.clone(),
+            device: backend.device(),
+            max_running: cfg.max_running,
+            spec_block_size: spec.as_ref().map(|s| s.decoder.block_size()),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let shared = Arc::new(Shared {
+            waiting: Default::default(),
+            draining: AtomicBool::new(false),
+            live: Mutex::new(HashSet::new()),
+            next_id: AtomicU64::new(0),
+            metrics: Metrics::new(&cfg.model_id)?,
+        });
+        let backend = Arc::new(backend);
+        let kv_backend = backend.clone();
+        let kv_bytes: Arc<dyn Fn(usize) -> u64 + Send + Sync> =
+            Arc::new(move |n| kv_backend.kv_bytes(n));
+        let tokenizer = tokenizer.map(Arc::new);
+        let (tx, rx) = std_mpsc::channel();
+        let thread = {
+            let shared = shared.clone();
+            let tokenizer = tokenizer.clone();
+            let cfg = cfg.clone();
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name("ultra-scheduler".into())
+                .spawn(move || {
+                    scheduler::run(backend, tokenizer, eos, cfg, spec, shared, rx, tx);
+                })?
+        };
+        Ok(EngineHandle {
+            tx,
+            shared,
+            info: Arc::new(info),
+            tokenizer,
+            cfg: Arc::new(cfg),
+            kv_bytes,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Checks and queues a request. Its events arrive on the returned receiver; dropping the
+    /// receiver cancels it.
+    pub fn submit(&self, req: GenerateRequest) -> Result<Submitted, SubmitError> {
+        if self.is_draining() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt has no tokens".into()));
+        }
+        let vocab = self.info.vocab_size;
+        if let Some((i, t)) = req
+            .prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            return Err(SubmitError::Invalid(format!(
+                "prompt token {i} is {t}, outside the vocabulary (size {vocab})"
+            )));
+        }
+        if let Some(n) = req.logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return Err(SubmitError::Invalid(format!(
+                    "top logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+                )));
+            }
+        }
+        let ctx = self.info.max_context;
+        let plen = req.prompt.len();
+        if plen >= ctx {
+            return Err(SubmitError::TooLong(format!(
+                "the prompt has {plen} tokens; this model's maximum context length is {ctx} tokens"
+            )));
+        }
+        let max_tokens = match req.max_tokens {
+            Some(0) => return Err(SubmitError::Invalid("max_tokens must be at least 1".into())),
+            Some(m) if plen + m > ctx => {
+                return Err(SubmitError::TooLong(format!(
+                    "this model's maximum context length is {ctx} tokens; the request asks for {} \
+                     ({plen} in the prompt, {m} to generate)",
+                    plen + m
+                )))
+            }
+            Some(m) => m,
+            None => model::sampling::DEFAULT_MAX_TOKENS.min(ctx - plen),
+        };
+        let mut params = req.params;
+        params.max_tokens = max_tokens;
+        params
+            .validate()
+            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        if params.stop_token_ids.iter().any(|&t| t as usize >= vocab) {
+            return Err(SubmitError::Invalid(format!(
+                "stop_token_ids must be below the vocabulary size {vocab}"
+            )));
+        }
+        let kv_reserve = (self.kv_bytes)(plen + max_tokens);
+        if kv_reserve > self.cfg.kv_budget_bytes {
+            return Err(SubmitError::TooLong(format!(
+                "the request needs {kv_reserve} bytes of KV cache ({} tokens); the budget is {} bytes",
+                plen + max_tokens,
+                self.cfg.kv_budget_bytes
+            )));
+        }
+        let id = if req.id.is_empty() {
+            format!(
+                "req-{}",
+                self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+            )
+        } else {
+            req.id
+        };
+        {
+            let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+            if live.contains(&id) {
+                return Err(SubmitError::Invalid(format!(
+                    "request id {id:?} is already in use"
+                )));
+            }
+            // Reserve a queue slot (the scheduler gives it back at admission or when it ends).
+            let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+            if waiting >= self.cfg.max_waiting {
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(SubmitError::QueueFull(waiting));
+            }
+            live.insert(id.clone());
+        }
+        self.shared.metrics.num_requests_waiting.inc();
+        let (etx, erx) = mpsc::unbounded_channel();
+        let pending = Pending {
+            id: id.clone(),
+            prompt: req.prompt,
+            params,
+            logprobs: req.logprobs,
+            events: etx,
+            arrival: Instant::now(),
+            kv_reserve,
+        };
+        if self.tx.send(Command::Submit(Box::new(pending))).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.shared.metrics.num_requests_waiting.dec();
+            self.forget(&id);
+            return Err(SubmitError::ShuttingDown);
+        }
+        Ok(Submitted {
+            id,
+            events: erx,
+            prompt_tokens: plen,
+            max_tokens,
+        })
+    }
+
+    fn forget(&self, id: &str) {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Cancels a live request; `false` when no live request has that id. Its stream ends with
+    /// finish reason `abort` within one step.
+    pub fn abort(&self, id: &str) -> bool {
+        let found = self
+            .shared
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id);
+        if found {
+            let _ = self.tx.send(Command::Abort(id.to_string()));
+        }
+        found
+    }
+
+    /// Requests waiting for admission and live requests (waiting + running).
+    pub fn load(&self) -> (usize, usize) {
+        let live = self
+            .shared
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        (self.shared.waiting.load(Ordering::SeqCst), live)
+    }
+
+    /// Refuses new requests, lets the scheduler finish every admitted and queued one, and waits
+    /// for it to exit (blocking: call from a blocking context).
+    pub fn shutdown(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(Command::Shutdown);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}

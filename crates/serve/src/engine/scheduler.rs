@@ -1,0 +1,394 @@
+//! The scheduler thread (see the module docs of `engine`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use model::sampling::{logprob_of, top_logprobs, FinishReason, StopCause};
+use model::tokenizer::Tokenizer;
+
+use super::spec::{SpecConfig, SpecRunning};
+use super::{
+    Backend, Command, EngineConfig, Event, Finished, Pending, Shared, TokenEvent, TokenLogprob,
+};
+use crate::stream::{Emitted, TokenOutput};
+
+/// How long an idle scheduler sleeps between checks for commands.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// A request in the running batch.
+struct Running<S> {
+    p: Pending,
+    seq: S,
+    out: TokenOutput,
+    /// The last sampled token (decoded by the next step).
+    next: u32,
+    admitted: Instant,
+    first: Option<Instant>,
+    last: Instant,
+}
+
+/// `(cause, stop_reason)` in vLLM's words.
+pub(super) fn describe(cause: &StopCause) -> (&'static str, Option<String>) {
+    match cause {
+        StopCause::Eos(t) => ("eos", Some(t.to_string())),
+        StopCause::StopToken(t) => ("stop_token", Some(t.to_string())),
+        StopCause::StopString(s) => ("stop_string", Some(s.clone())),
+        StopCause::MaxTokens => ("max_tokens", None),
+    }
+}
+
+pub(super) struct Sched<B: Backend> {
+    pub backend: Arc<B>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub eos: Vec<u32>,
+    pub cfg: EngineConfig,
+    pub shared: Arc<Shared>,
+    pub kv_used: u64,
+    pub waiting: VecDeque<Pending>,
+    running: Vec<Running<B::Sequence>>,
+    pub spec: Option<SpecConfig>,
+    pub spec_running: Vec<SpecRunning<B::Sequence>>,
+    pub tx: std_mpsc::Sender<Command>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run<B: Backend + Sync>(
+    backend: Arc<B>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    eos: Vec<u32>,
+    cfg: EngineConfig,
+    spec: Option<SpecConfig>,
+    shared: Arc<Shared>,
+    rx: std_mpsc::Receiver<Command>,
+    tx: std_mpsc::Sender<Command>,
+) {
+    let mut s = Sched {
+        backend,
+        tokenizer,
+        eos,
+        cfg,
+        shared,
+        kv_used: 0,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        spec,
+        spec_running: Vec::new(),
+        tx,
+    };
+    let mut shutdown = false;
+    loop {
+        let idle = s.running.is_empty() && s.waiting.is_empty();
+        if idle && shutdown && s.spec_running.is_empty() {
+            break;
+        }
+        if idle {
+            match rx.recv_timeout(IDLE_WAIT) {
+                Ok(c) => shutdown |= s.command(c),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => shutdown = true,
+            }
+        }
+        while let Ok(c) = rx.try_recv() {
+            shutdown |= s.command(c);
+        }
+        s.drop_disconnected();
+        s.admit();
+        s.decode_step();
+        s.update_gauges();
+    }
+}
+
+impl<B: Backend + Sync> Sched<B> {
+    /// Handles one command; `true` for shutdown.
+    fn command(&mut self, c: Command) -> bool {
+        match c {
+            Command::Submit(p) => self.waiting.push_back(*p),
+            Command::Abort(id) => self.abort(&id),
+            Command::Spec(op) => self.spec_op(op),
+            Command::Shutdown => return true,
+        }
+        false
+    }
+
+    fn tok(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref()
+    }
+
+    /// A waiting request leaves the queue.
+    pub(super) fn unqueue(&self) {
+        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.shared.metrics.num_requests_waiting.dec();
+    }
+
+    /// A request ends: its id becomes free and the success counter counts it.
+    pub(super) fn forget(&self, id: &str, reason: FinishReason) {
+        // Counted before the id is freed, so whoever sees the request gone sees it counted.
+        self.shared
+            .metrics
+            .request_success
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    fn abort(&mut self, id: &str) {
+        if let Some(i) = self.waiting.iter().position(|p| p.id == id) {
+            if let Some(p) = self.waiting.remove(i) {
+                self.unqueue();
+                self.end_waiting(p, FinishReason::Abort, None);
+            }
+        } else if let Some(i) = self.running.iter().position(|r| r.p.id == id) {
+            let r = self.running.swap_remove(i);
+            self.end_running(r, FinishReason::Abort, "abort", None, None);
+        } else {
+            self.abort_spec(id);
+        }
+    }
+
+    /// Ends a request that never ran (abort, disconnect, error).
+    pub(super) fn end_waiting(&self, p: Pending, reason: FinishReason, error: Option<String>) {
+        let e2e = p.arrival.elapsed();
+        let _ = p.events.send(Event::Finished(Finished {
+            reason,
+            cause: reason.as_str().to_string(),
+            stop_reason: None,
+            text: String::new(),
+            prompt_tokens: p.prompt.len(),
+            completion_tokens: 0,
+            queue: e2e,
+            time_to_first_token: None,
+            e2e,
+            spec: None,
+            error,
+        }));
+        self.shared
+            .metrics
+            .e2e_request_latency
+            .observe(e2e.as_secs_f64());
+        self.forget(&p.id, reason);
+    }
+
+    /// Ends a running request: final event, metrics, sequence and KV reservation released.
+    fn end_running(
+        &mut self,
+        mut r: Running<B::Sequence>,
+        reason: FinishReason,
+        cause: &str,
+        stop_reason: Option<String>,
+        error: Option<String>,
+    ) {
+        let text = match reason {
+            FinishReason::Abort | FinishReason::Error => r.out.finish(),
+            _ => String::new(),
+        };
+        let now = Instant::now();
+        let e2e = now - r.p.arrival;
+        let n = r.out.tokens().len();
+        let m = &self.shared.metrics;
+        m.e2e_request_latency.observe(e2e.as_secs_f64());
+        if let Some(first) = r.first {
+            if n > 1 {
+                m.request_time_per_output_token
+                    .observe((r.last - first).as_secs_f64() / (n - 1) as f64);
+            }
+        }
+        let _ = r.p.events.send(Event::Finished(Finished {
+            reason,
+            cause: cause.to_string(),
+            stop_reason,
+            text,
+            prompt_tokens: r.p.prompt.len(),
+            completion_tokens: n,
+            queue: r.admitted - r.p.arrival,
+            time_to_first_token: r.first.map(|f| f - r.p.arrival),
+            e2e,
+            spec: None,
+            error,
+        }));
+        self.kv_used -= r.p.kv_reserve;
+        self.forget(&r.p.id, reason);
+        self.backend.release(r.seq);
+    }
+
+    /// Ends requests whose client went away (their event receiver was dropped).
+    fn drop_disconnected(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].events.is_closed() {
+                if let Some(p) = self.waiting.remove(i) {
+                    self.unqueue();
+                    self.end_waiting(p, FinishReason::Abort, None);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].p.events.is_closed() {
+                let r = self.running.swap_remove(i);
+                self.end_running(r, FinishReason::Abort, "abort", None, None);
+            } else {
+                i += 1;
+            }
+        }
+        self.drop_disconnected_spec();
+    }
+
+    fn active(&self) -> usize {
+        self.running.len() + self.spec_running.len()
+    }
+
+    /// Admits waiting requests in order while the batch and the KV budget have room.
+    fn admit(&mut self) {
+        while self.active() < self.cfg.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            if self.kv_used + front.kv_reserve > self.cfg.kv_budget_bytes {
+                break;
+            }
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            self.unqueue();
+            self.kv_used += p.kv_reserve;
+            let m = &self.shared.metrics;
+            m.request_queue_time
+                .observe(p.arrival.elapsed().as_secs_f64());
+            m.prompt_tokens.inc_by(p.prompt.len() as u64);
+            if self.spec.is_some() {
+                self.start_spec(p);
+                continue;
+            }
+            let admitted = Instant::now();
+            let out = match TokenOutput::new(&p.params, &self.eos, &p.prompt, self.tok().is_some())
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    self.kv_used -= p.kv_reserve;
+                    self.end_waiting(p, FinishReason::Error, Some(e.to_string()));
+                    continue;
+                }
+            };
+            let mut seq = self.backend.new_sequence();
+            let logits = self.backend.prefill(&mut seq, &p.prompt);
+            let r = Running {
+                p,
+                seq,
+                out,
+                next: 0,
+                admitted,
+                first: None,
+                last: admitted,
+            };
+            match logits {
+                Ok(l) => {
+                    if let Some(r) = self.sample_and_emit(r, &l) {
+                        self.running.push(r);
+                    }
+                }
+                Err(e) => {
+                    self.end_running(r, FinishReason::Error, "error", None, Some(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Samples the next token of `r` from `logits` and sends it; `None` when the request ended.
+    fn sample_and_emit(
+        &mut self,
+        mut r: Running<B::Sequence>,
+        logits: &[f32],
+    ) -> Option<Running<B::Sequence>> {
+        let tok = self.tokenizer.clone();
+        let e: Emitted = match r.out.sample(logits, tok.as_deref()) {
+            Ok(e) => e,
+            Err(err) => {
+                self.end_running(r, FinishReason::Error, "error", None, Some(err.to_string()));
+                return None;
+            }
+        };
+        let now = Instant::now();
+        let m = &self.shared.metrics;
+        match r.first {
+            None => {
+                r.first = Some(now);
+                m.time_to_first_token
+                    .observe((now - r.p.arrival).as_secs_f64());
+            }
+            Some(_) => m.inter_token_latency.observe((now - r.last).as_secs_f64()),
+        }
+        r.last = now;
+        m.generation_tokens.inc();
+        let logprobs = match r.p.logprobs {
+            Some(n) => vec![TokenLogprob {
+                token: e.token,
+                logprob: logprob_of(logits, e.token),
+                top: top_logprobs(logits, n),
+            }],
+            None => Vec::new(),
+        };
+        let sent = r.p.events.send(Event::Tokens(TokenEvent {
+            tokens: vec![e.token],
+            text: e.text,
+            logprobs,
+            draft_tokens: 0,
+            accepted_draft_tokens: 0,
+        }));
+        if sent.is_err() {
+            self.end_running(r, FinishReason::Abort, "abort", None, None);
+            return None;
+        }
+        if let Some((reason, cause)) = e.finish {
+            let (cause, stop_reason) = describe(&cause);
+            self.end_running(r, reason, cause, stop_reason, None);
+            return None;
+        }
+        r.next = e.token;
+        Some(r)
+    }
+
+    /// One batched decode step over the running batch.
+    fn decode_step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let tokens: Vec<u32> = self.running.iter().map(|r| r.next).collect();
+        let result = {
+            let mut seqs: Vec<&mut B::Sequence> =
+                self.running.iter_mut().map(|r| &mut r.seq).collect();
+            self.backend.decode_batch(&mut seqs, &tokens)
+        };
+        let batch = std::mem::take(&mut self.running);
+        match result {
+            Ok(logits) => {
+                for (r, l) in batch.into_iter().zip(logits) {
+                    if let Some(r) = self.sample_and_emit(r, &l) {
+                        self.running.push(r);
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = format!("decode step failed: {e}");
+                for r in batch {
+                    self.end_running(r, FinishReason::Error, "error", None, Some(msg.clone()));
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.shared.metrics;
+        m.num_requests_running.set(self.active() as i64);
+        let budget = self.cfg.kv_budget_bytes.max(1);
+        m.kv_cache_usage_perc
+            .set(self.kv_used as f64 / budget as f64);
+    }
+}

@@ -1,0 +1,325 @@
+//! The gRPC service `ultra.v1.Engine` (tonic), with `grpc.health.v1` and server reflection.
+
+use std::pin::Pin;
+
+use anyhow::Result;
+use futures_util::{Stream, StreamExt};
+use model::sampling::SamplingParams;
+use model::tokenizer::ChatMessage;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{tokenize, AppState, Input, Unavailable};
+use crate::engine::{
+    EngineHandle, Event, Finished, GenerateRequest as EngineRequest, SubmitError, TokenEvent,
+};
+use crate::proto::v1 as pb;
+use crate::proto::v1::engine_server::{Engine, EngineServer};
+
+/// The `ultra.v1.Engine` implementation.
+#[derive(Clone)]
+pub struct GrpcService {
+    state: AppState,
+}
+
+impl GrpcService {
+    pub fn new(state: AppState) -> Self {
+        GrpcService { state }
+    }
+
+    fn engine(&self) -> Result<&EngineHandle, Status> {
+        self.state.engine().map_err(unavailable)
+    }
+}
+
+fn unavailable(u: Unavailable) -> Status {
+    Status::unavailable(u.to_string())
+}
+
+/// The status a refused submission maps to.
+pub fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::Invalid(m) | SubmitError::TooLong(m) => Status::invalid_argument(m),
+        e @ SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+        e @ SubmitError::ShuttingDown => Status::unavailable(e.to_string()),
+    }
+}
+
+/// Checks the request and turns it into the engine's.
+fn engine_request(
+    state: &AppState,
+    engine: &EngineHandle,
+    r: pb::GenerateRequest,
+) -> Result<EngineRequest, Status> {
+    if !r.model.is_empty() && r.model != state.model_id() {
+        return Err(Status::not_found(format!(
+            "the model `{}` does not exist (this server serves `{}`)",
+            r.model,
+            state.model_id()
+        )));
+    }
+    let input = match r.input {
+        Some(pb::generate_request::Input::Text(t)) => Input::Text(t),
+        Some(pb::generate_request::Input::TokenIds(t)) => Input::Tokens(t.ids),
+        Some(pb::generate_request::Input::Chat(c)) => Input::Chat(chat(c)),
+        None => return Err(Status::invalid_argument("give text, token_ids or chat")),
+    };
+    let prompt = tokenize(engine, &input).map_err(submit_status)?;
+    let s = r.sampling.unwrap_or_default();
+    let defaults = SamplingParams::default();
+    let params = SamplingParams {
+        temperature: s.temperature.unwrap_or(defaults.temperature),
+        top_k: s.top_k.map(|k| k as usize),
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+        max_tokens: defaults.max_tokens,
+        stop_token_ids: s.stop_token_ids,
+        stop_strings: s.stop,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+    };
+    Ok(EngineRequest {
+        id: r.request_id,
+        prompt,
+        params,
+        max_tokens: s.max_tokens.map(|m| m as usize),
+        logprobs: r.logprobs.map(|n| n as usize),
+    })
+}
+
+fn chat(c: pb::Chat) -> Vec<ChatMessage> {
+    c.messages
+        .into_iter()
+        .map(|m| ChatMessage::new(m.role, m.content))
+        .collect()
+}
+
+fn logprobs(ev: &TokenEvent) -> Vec<pb::TokenLogprob> {
+    ev.logprobs
+        .iter()
+        .map(|l| pb::TokenLogprob {
+            token_id: l.token,
+            logprob: l.logprob,
+            top: l
+                .top
+                .iter()
+                .map(|&(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+                .collect(),
+        })
+        .collect()
+}
+
+fn complete(f: &Finished) -> pb::Complete {
+    pb::Complete {
+        finish_reason: f.reason.as_str().to_string(),
+        stop_cause: f.cause.clone(),
+        usage: Some(pb::Usage {
+            prompt_tokens: f.prompt_tokens as u32,
+            completion_tokens: f.completion_tokens as u32,
+            total_tokens: (f.prompt_tokens + f.completion_tokens) as u32,
+        }),
+        timing: Some(pb::Timing {
+            queue_ns: f.queue.as_nanos() as u64,
+            time_to_first_token_ns: f.time_to_first_token.map_or(0, |d| d.as_nanos() as u64),
+            e2e_ns: f.e2e.as_nanos() as u64,
+        }),
+        spec: f.spec.as_ref().map(|s| pb::SpecStats {
+            drafts: s.drafts,
+            draft_tokens: s.draft_tokens,
+            accepted_tokens: s.accepted_tokens,
+            mean_acceptance_length: s.mean_acceptance_length(),
+            accepted_per_position: s.accepted_per_position.clone(),
+        }),
+        error: f.error.clone().unwrap_or_default(),
+    }
+}
+
+/// One engine event as a stream message.
+fn response(id: &str, ev: Event) -> pb::GenerateResponse {
+    let event = match ev {
+        Event::Tokens(t) => pb::generate_response::Event::Chunk(pb::Chunk {
+            logprobs: logprobs(&t),
+            token_ids: t.tokens,
+            text: t.text,
+            draft_tokens: t.draft_tokens,
+            accepted_draft_tokens: t.accepted_draft_tokens,
+        }),
+        Event::Finished(f) => {
+            // Text released at the end (held back, or flushed on abort) rides in a last chunk
+            // only when there is some; the Complete itself carries no text.
+            pb::generate_response::Event::Complete(complete(&f))
+        }
+    };
+    pb::GenerateResponse {
+        request_id: id.to_string(),
+        event: Some(event),
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Engine for GrpcService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let engine = self.engine()?;
+        let r = engine_request(&self.state, engine, req.into_inner())?;
+        let sub = engine.submit(r).map_err(submit_status)?;
+        let id = sub.id;
+        // Dropping this stream (client gone) drops the receiver: the engine aborts the request.
+        let stream = UnboundedReceiverStream::new(sub.events).flat_map(move |ev| {
+            let mut out = Vec::with_capacity(2);
+            if let Event::Finished(f) = &ev {
+                if !f.text.is_empty() {
+                    out.push(Ok(response(
+                        &id,
+                        Event::Tokens(TokenEvent {
+                            tokens: Vec::new(),
+                            text: f.text.clone(),
+                            logprobs: Vec::new(),
+                            draft_tokens: 0,
+                            accepted_draft_tokens: 0,
+                        }),
+                    )));
+                }
+            }
+            out.push(Ok(response(&id, ev)));
+            futures_util::stream::iter(out)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn complete(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let engine = self.engine()?;
+        let r = engine_request(&self.state, engine, req.into_inner())?;
+        let mut sub = engine.submit(r).map_err(submit_status)?;
+        let mut out = pb::CompleteResponse {
+            request_id: sub.id.clone(),
+            ..Default::default()
+        };
+        while let Some(ev) = sub.events.recv().await {
+            match ev {
+                Event::Tokens(t) => {
+                    out.logprobs.extend(logprobs(&t));
+                    out.token_ids.extend(t.tokens);
+                    out.text.push_str(&t.text);
+                }
+                Event::Finished(f) => {
+                    out.text.push_str(&f.text);
+                    out.complete = Some(complete(&f));
+                    return Ok(Response::new(out));
+                }
+            }
+        }
+        Err(Status::internal(
+            "the engine stopped before the request finished",
+        ))
+    }
+
+    async fn abort(
+        &self,
+        req: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        let found = self.engine()?.abort(&req.into_inner().request_id);
+        Ok(Response::new(pb::AbortResponse { found }))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let engine = self.engine()?;
+        let r = req.into_inner();
+        let Some(tok) = engine.tokenizer() else {
+            return Err(Status::failed_precondition("the model has no tokenizer"));
+        };
+        let token_ids = match r.input {
+            Some(pb::tokenize_request::Input::Text(t)) => tok
+                .encode(&t, r.add_special_tokens.unwrap_or(true))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            Some(pb::tokenize_request::Input::Chat(c)) => {
+                tokenize(engine, &Input::Chat(chat(c))).map_err(submit_status)?
+            }
+            None => return Err(Status::invalid_argument("give text or chat")),
+        };
+        Ok(Response::new(pb::TokenizeResponse { token_ids }))
+    }
+
+    async fn detokenize(
+        &self,
+        req: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let engine = self.engine()?;
+        let r = req.into_inner();
+        let Some(tok) = engine.tokenizer() else {
+            return Err(Status::failed_precondition("the model has no tokenizer"));
+        };
+        let vocab = engine.info().vocab_size;
+        if let Some(t) = r.token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Status::invalid_argument(format!(
+                "token {t} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let text = tok
+            .decode(&r.token_ids, r.skip_special_tokens.unwrap_or(true))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::DetokenizeResponse { text }))
+    }
+
+    async fn get_model_info(
+        &self,
+        _req: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let engine = self.engine()?;
+        let i = engine.info();
+        let tok = engine.tokenizer();
+        Ok(Response::new(pb::ModelInfo {
+            model_id: i.model_id.clone(),
+            architecture: i.architecture.clone(),
+            vocab_size: i.vocab_size as u32,
+            max_context_length: i.max_context as u32,
+            num_layers: i.num_layers as u32,
+            eos_token_ids: i.eos_token_ids.clone(),
+            has_tokenizer: tok.is_some(),
+            has_chat_template: tok.is_some_and(|t| t.has_chat_template()),
+            speculative: i.spec_block_size.is_some(),
+            block_size: i.spec_block_size.unwrap_or(0) as u32,
+            device: i.device.clone(),
+            max_running_requests: i.max_running as u32,
+        }))
+    }
+}
+
+/// Serves `ultra.v1.Engine`, health and reflection on `listener` until `shutdown` completes,
+/// then waits for in-flight calls.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(EngineServer::new(GrpcService::new(state)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,954 @@
+//! `ultra serve` over real loopback sockets (gRPC through tonic's client, HTTP through a raw
+//! TCP client so that malformed bytes can be sent): stream order and completeness, the same
+//! output as `ultra generate` for the same seed, cancellation (Abort and disconnect) freeing
+//! the slot, malformed requests answered with the right status while the server keeps serving,
+//! back-pressure, loading / draining, speculative decoding, and a bounded load test.
+//! Model: the tiny `qwen3-moe/native` fixture (tokenizer and chat template included).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use model::sampling::SamplingParams;
+use serde_json::{json, Value};
+use serve::commands::generate::{generate, load, prompt_ids, Generation, Loaded};
+use serve::engine::EngineConfig;
+use serve::proto::v1 as pb;
+use serve::proto::v1::engine_client::EngineClient;
+use serve::server::{load_cpu_engine, ServeOptions, Server};
+use tonic::transport::Channel;
+
+const MODEL_ID: &str = "qwen3-moe/native";
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(rel)
+}
+
+fn loopback() -> ServeOptions {
+    ServeOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+    }
+}
+
+fn engine_cfg(max_running: usize, max_waiting: usize) -> EngineConfig {
+    EngineConfig {
+        model_id: MODEL_ID.into(),
+        max_running,
+        max_waiting,
+        ..EngineConfig::default()
+    }
+}
+
+async fn start_with(cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
+    let server = Server::start(loopback(), cfg.model_id.clone(), move || {
+        load_cpu_engine(&fixture("qwen3-moe/native"), draft.as_deref(), None, cfg)
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), server.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    server
+}
+
+async fn start(max_running: usize, max_waiting: usize) -> Server {
+    start_with(engine_cfg(max_running, max_waiting), None).await
+}
+
+async fn client(s: &Server) -> EngineClient<Channel> {
+    EngineClient::connect(format!("http://{}", s.grpc_addr))
+        .await
+        .unwrap()
+}
+
+async fn health_client(s: &Server) -> tonic_health::pb::health_client::HealthClient<Channel> {
+    let ch = Channel::from_shared(format!("http://{}", s.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(ch)
+}
+
+fn reference(prompt: &str, params: &SamplingParams) -> (Loaded, Vec<u32>, Generation) {
+    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    let ids = prompt_ids(&loaded, Some(prompt), None, false).unwrap();
+    let g = generate(&loaded, &ids, params, &mut Vec::new()).unwrap();
+    (loaded, ids, g)
+}
+
+fn text_request(prompt: &str, s: pb::SamplingParams) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Text(prompt.into())),
+        sampling: Some(s),
+        ..Default::default()
+    }
+}
+
+/// Everything a Generate stream sent, checked for order: chunks, then exactly one Complete,
+/// then the end.
+struct Streamed {
+    tokens: Vec<u32>,
+    text: String,
+    chunks: usize,
+    complete: pb::Complete,
+}
+
+async fn collect(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Streamed {
+    let (mut tokens, mut text, mut chunks, mut complete) = (Vec::new(), String::new(), 0, None);
+    while let Some(m) = stream.message().await.unwrap() {
+        assert!(complete.is_none(), "a message after Complete");
+        match m.event.unwrap() {
+            pb::generate_response::Event::Chunk(c) => {
+                tokens.extend(c.token_ids);
+                text.push_str(&c.text);
+                chunks += 1;
+            }
+            pb::generate_response::Event::Complete(c) => complete = Some(c),
+        }
+    }
+    Streamed {
+        tokens,
+        text,
+        chunks,
+        complete: complete.expect("the stream ended without Complete"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small HTTP/1.1 client over a raw socket.
+// ---------------------------------------------------------------------------------------------
+
+struct HttpResponse {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl HttpResponse {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `data:` payloads of an SSE body.
+    fn sse(&self) -> Vec<String> {
+        String::from_utf8(self.body.clone())
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+}
+
+fn send_request(addr: SocketAddr, method: &str, path: &str, body: &[u8], extra: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    s
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+    http_with(addr, method, path, body, "")
+}
+
+fn http_with(addr: SocketAddr, method: &str, path: &str, body: &[u8], extra: &str) -> HttpResponse {
+    let s = send_request(addr, method, path, body, extra);
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+    }
+    let mut body = Vec::new();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t == "chunked")
+    {
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let n = usize::from_str_radix(line.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Runs a blocking HTTP call off the async runtime.
+async fn http_async(addr: SocketAddr, path: &'static str, body: Value) -> HttpResponse {
+    tokio::task::spawn_blocking(move || http(addr, "POST", path, body.to_string().as_bytes()))
+        .await
+        .unwrap()
+}
+
+async fn get(addr: SocketAddr, path: &'static str) -> HttpResponse {
+    tokio::task::spawn_blocking(move || http(addr, "GET", path, b""))
+        .await
+        .unwrap()
+}
+
+/// Waits until the engine holds no live request (the slot of a cancelled one is free).
+async fn wait_idle(s: &Server) {
+    let engine = s.state().engine().unwrap().clone();
+    let t0 = Instant::now();
+    while engine.load().1 != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "requests still live: {:?}",
+            engine.load()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_matches_ultra_generate_greedy_and_seeded() {
+    let server = start(4, 16).await;
+    let mut c = client(&server).await;
+    let prompt = "The quick brown fox";
+    for (temperature, seed) in [(0.0f32, None), (0.9, Some(1234u64))] {
+        let params = SamplingParams {
+            temperature,
+            seed,
+            top_k: Some(40),
+            max_tokens: 24,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        let (_, ids, want) = reference(prompt, &params);
+        let s = pb::SamplingParams {
+            temperature: Some(temperature),
+            seed,
+            top_k: Some(40),
+            max_tokens: Some(24),
+            ignore_eos: Some(true),
+            ..Default::default()
+        };
+        let got = collect(
+            c.generate(text_request(prompt, s.clone()))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await;
+        assert_eq!(got.tokens, want.tokens, "temperature {temperature}");
+        assert_eq!(got.text, want.text);
+        assert_eq!(got.chunks, 24, "one chunk per decode step");
+        assert_eq!(got.complete.finish_reason, "length");
+        assert_eq!(got.complete.stop_cause, "max_tokens");
+        let u = got.complete.usage.unwrap();
+        assert_eq!(
+            (u.prompt_tokens as usize, u.completion_tokens),
+            (ids.len(), 24)
+        );
+        assert!(got.complete.timing.unwrap().time_to_first_token_ns > 0);
+        // The unary Complete gives the same, as do token ids in.
+        let req = pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+                ids: ids.clone(),
+            })),
+            sampling: Some(s),
+            logprobs: Some(2),
+            ..Default::default()
+        };
+        let one = c.complete(req).await.unwrap().into_inner();
+        assert_eq!(one.token_ids, want.tokens);
+        assert_eq!(one.text, want.text);
+        assert_eq!(one.logprobs.len(), 24);
+        assert!(one
+            .logprobs
+            .iter()
+            .all(|l| l.top.len() == 2 && l.logprob <= 0.0));
+    }
+    // Tokenize / Detokenize / GetModelInfo / health.
+    let t = c
+        .tokenize(pb::TokenizeRequest {
+            input: Some(pb::tokenize_request::Input::Text(prompt.into())),
+            add_special_tokens: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = c
+        .detokenize(pb::DetokenizeRequest {
+            token_ids: t.token_ids.clone(),
+            skip_special_tokens: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.text, prompt);
+    let info = c
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.model_id, MODEL_ID);
+    assert!(info.has_chat_template && !info.speculative);
+    let mut h = health_client(&server).await;
+    let st = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ultra.v1.Engine".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_openai_api() {
+    let server = start(4, 16).await;
+    let addr = server.http_addr;
+    let prompt = "Once upon a time";
+    let params = SamplingParams {
+        temperature: 0.7,
+        seed: Some(99),
+        max_tokens: 12,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let (_, ids, want) = reference(prompt, &params);
+    let body = json!({"model": MODEL_ID, "prompt": prompt, "max_tokens": 12, "temperature": 0.7,
+        "seed": 99, "ignore_eos": true, "logprobs": 3});
+    let r = http_async(addr, "/v1/completions", body.clone()).await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], want.text.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(
+        v["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        12
+    );
+    // Keyed by token text (OpenAI's format), so byte tokens decoding alike may share a key.
+    let top = v["choices"][0]["logprobs"]["top_logprobs"][0]
+        .as_object()
+        .unwrap()
+        .len();
+    assert!((1..=3).contains(&top), "{top} top logprobs");
+
+    // Streaming with usage: content chunks, the finishing chunk, the usage chunk, [DONE].
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let r = tokio::task::spawn_blocking(move || {
+        http_with(
+            addr,
+            "POST",
+            "/v1/completions",
+            sb.to_string().as_bytes(),
+            "x-request-id: my-req-1\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"].starts_with("text/event-stream"));
+    assert_eq!(r.headers["x-request-id"], "my-req-1");
+    let frames = r.sse();
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    let (usage_chunk, content) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 12);
+    let text: String = content
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want.text);
+    assert!(content
+        .iter()
+        .all(|c| c["id"] == content[0]["id"] && c["usage"].is_null()));
+    assert_eq!(content[0]["id"], "cmpl-my-req-1");
+    let (last, rest) = content.split_last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert!(rest
+        .iter()
+        .all(|c| c["choices"][0]["finish_reason"].is_null()));
+
+    // Chat: the template is applied, as `ultra generate --chat`.
+    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    let chat_ids = prompt_ids(&loaded, Some("Hi there"), None, true).unwrap();
+    let greedy = SamplingParams {
+        max_tokens: 10,
+        ..SamplingParams::greedy()
+    };
+    let want_chat = generate(&loaded, &chat_ids, &greedy, &mut Vec::new()).unwrap();
+    let chat = json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 10,
+        "temperature": 0, "stream": true, "logprobs": true, "top_logprobs": 1});
+    let r = http_async(addr, "/v1/chat/completions", chat).await;
+    assert_eq!(r.status, 200);
+    let frames = r.sse();
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want_chat.text);
+    let n_lp: usize = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map(Vec::len)
+        })
+        .sum();
+    assert_eq!(n_lp, want_chat.tokens.len());
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        want_chat.finish_reason.as_str()
+    );
+
+    // Models, health, metrics.
+    let m = get(addr, "/v1/models").await.json();
+    assert_eq!(m["data"][0]["id"], MODEL_ID);
+    assert_eq!(get(addr, "/health").await.status, 200);
+    let metrics = String::from_utf8(get(addr, "/metrics").await.body).unwrap();
+    for name in [
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:spec_decode_num_drafts_total",
+        "vllm:spec_decode_num_draft_tokens_total",
+        "vllm:spec_decode_num_accepted_tokens_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    assert_eq!(
+        metric(&metrics, "vllm:e2e_request_latency_seconds_count"),
+        3.0
+    );
+    assert_eq!(
+        metric(&metrics, "vllm:generation_tokens_total"),
+        (12 + 12 + want_chat.tokens.len()) as f64
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_status_codes_and_the_server_keeps_serving() {
+    let server = start(2, 8).await;
+    let addr = server.http_addr;
+    let cases: Vec<(&[u8], u16, &str)> = vec![
+        (b"{not json", 400, "invalid JSON"),
+        (
+            b"{\"prompt\": \"a\xff\xfe\", \"max_tokens\": 2}",
+            400,
+            "UTF-8",
+        ),
+        (
+            br#"{"model": "nope", "prompt": "a"}"#,
+            404,
+            "does not exist",
+        ),
+        (br#"{"prompt": "a", "max_tokens": -1}"#, 400, "at least 1"),
+        (br#"{"prompt": "a", "max_tokens": 0}"#, 400, "at least 1"),
+        (
+            br#"{"prompt": "a", "max_tokens": 1000000000000}"#,
+            400,
+            "maximum context length",
+        ),
+        (
+            br#"{"prompt": "a", "max_tokens": 1e400}"#,
+            400,
+            "invalid JSON",
+        ),
+        (br#"{"prompt": "a", "temperature": -1}"#, 400, "temperature"),
+        (br#"{"prompt": [1, 2, 999999]}"#, 400, "vocabulary"),
+        (br#"{"prompt": []}"#, 400, "no tokens"),
+        (br#"{"max_tokens": 3}"#, 400, "invalid JSON"),
+        (br#"{"prompt": "a", "n": 2}"#, 400, "n = 1"),
+    ];
+    for (body, status, needle) in cases {
+        let r = tokio::task::spawn_blocking(move || http(addr, "POST", "/v1/completions", body))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        assert_eq!(
+            r.status,
+            status,
+            "{}: {text}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(text.contains(needle), "{text} lacks {needle}");
+        assert_eq!(r.json()["error"]["code"], status);
+    }
+    // A prompt longer than the context.
+    let long = "word ".repeat(5000);
+    let r = http_async(
+        addr,
+        "/v1/completions",
+        json!({"prompt": long, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("maximum context length"));
+    let r = http_async(addr, "/v1/chat/completions", json!({"messages": "hi"})).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(get(addr, "/nope").await.status, 404);
+
+    // gRPC: the same classes of error.
+    let mut c = client(&server).await;
+    let bad = |s: pb::SamplingParams, model: &str| pb::GenerateRequest {
+        model: model.into(),
+        ..text_request("hello", s)
+    };
+    let e = c
+        .generate(bad(Default::default(), "nope"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = c
+        .generate(bad(
+            pb::SamplingParams {
+                top_p: Some(2.0),
+                ..Default::default()
+            },
+            "",
+        ))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c
+        .generate(bad(
+            pb::SamplingParams {
+                max_tokens: Some(u32::MAX),
+                ..Default::default()
+            },
+            "",
+        ))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c
+        .generate(pb::GenerateRequest::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Still serving.
+    let r = http_async(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "hello", "max_tokens": 3, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    server.shutdown().await.unwrap();
+}
+
+fn long_request(id: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: id.into(),
+        ..text_request(
+            "count",
+            pb::SamplingParams {
+                max_tokens: Some(3000),
+                ignore_eos: Some(true),
+                ..Default::default()
+            },
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_and_disconnect_free_the_slot() {
+    // One slot: the next request can only run once the cancelled one is gone.
+    let server = start(1, 8).await;
+    let mut c = client(&server).await;
+
+    // Abort by id.
+    let mut stream = c
+        .generate(long_request("long-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.request_id, "long-1");
+    // The id is taken while it runs.
+    let e = c.generate(long_request("long-1")).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        c.abort(pb::AbortRequest {
+            request_id: "long-1".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .found
+    );
+    let rest = collect(stream).await;
+    assert_eq!(rest.complete.finish_reason, "abort");
+    assert!(rest.tokens.len() < 2999);
+    assert!(
+        !c.abort(pb::AbortRequest {
+            request_id: "long-1".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .found
+    );
+    wait_idle(&server).await;
+
+    // gRPC client disconnect.
+    let mut stream = c
+        .generate(long_request("long-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    drop(stream);
+    wait_idle(&server).await;
+
+    // HTTP client disconnect mid-stream.
+    let addr = server.http_addr;
+    tokio::task::spawn_blocking(move || {
+        let body =
+            json!({"prompt": "count", "max_tokens": 3000, "ignore_eos": true, "stream": true});
+        let s = send_request(
+            addr,
+            "POST",
+            "/v1/completions",
+            body.to_string().as_bytes(),
+            "",
+        );
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while !line.starts_with("data: ") {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    wait_idle(&server).await;
+
+    // The slot is free: a short request completes.
+    let got = collect(
+        c.generate(text_request(
+            "hi",
+            pb::SamplingParams {
+                max_tokens: Some(4),
+                ignore_eos: Some(true),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert_eq!(got.complete.finish_reason, "length");
+    assert_eq!(got.tokens.len(), 4);
+    let metrics = server.state().engine().unwrap().metrics().render();
+    assert_eq!(
+        metric(
+            &metrics,
+            "vllm:request_success_total{finished_reason=\"abort\""
+        ),
+        3.0
+    );
+    assert_eq!(metric(&metrics, "vllm:num_requests_running"), 0.0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_refused_with_429_and_resource_exhausted() {
+    let server = start(1, 1).await;
+    let mut c = client(&server).await;
+    let mut running = c.generate(long_request("a")).await.unwrap().into_inner();
+    running.message().await.unwrap().unwrap();
+    // `a` runs; `b` waits in the only queue slot.
+    let waiting = c.generate(long_request("b")).await.unwrap().into_inner();
+    let e = c.generate(long_request("c")).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    let r = http_async(
+        server.http_addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], 429);
+    // Abort of a waiting request ends its stream too.
+    assert!(
+        c.abort(pb::AbortRequest {
+            request_id: "b".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .found
+    );
+    assert_eq!(collect(waiting).await.complete.finish_reason, "abort");
+    assert!(
+        c.abort(pb::AbortRequest {
+            request_id: "a".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .found
+    );
+    assert_eq!(collect(running).await.complete.finish_reason, "abort");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_while_loading_and_shutdown_drains() {
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let cfg = engine_cfg(4, 8);
+    let server = Server::start(loopback(), MODEL_ID.into(), move || {
+        release_rx.recv()?;
+        load_cpu_engine(&fixture("qwen3-moe/native"), None, None, cfg)
+    })
+    .await
+    .unwrap();
+    let r = get(server.http_addr, "/health").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["message"], "Loading model");
+    let r = http_async(server.http_addr, "/v1/completions", json!({"prompt": "x"})).await;
+    assert_eq!(r.status, 503);
+    let mut c = client(&server).await;
+    assert_eq!(
+        c.generate(long_request("x")).await.err().unwrap().code(),
+        tonic::Code::Unavailable
+    );
+    let mut h = health_client(&server).await;
+    let check = tonic_health::pb::HealthCheckRequest {
+        service: "ultra.v1.Engine".into(),
+    };
+    let st = h.check(check.clone()).await.unwrap().into_inner().status;
+    assert_eq!(
+        st,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    release_tx.send(()).unwrap();
+    server.ready().await.unwrap();
+    assert_eq!(get(server.http_addr, "/health").await.status, 200);
+    let st = h.check(check).await.unwrap().into_inner().status;
+    assert_eq!(
+        st,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // Shutdown while two requests run: both finish normally (drained, not aborted).
+    let req = |id: &str| pb::GenerateRequest {
+        request_id: id.into(),
+        ..text_request(
+            "drain",
+            pb::SamplingParams {
+                max_tokens: Some(40),
+                ignore_eos: Some(true),
+                ..Default::default()
+            },
+        )
+    };
+    let mut s1 = c.generate(req("d1")).await.unwrap().into_inner();
+    let s2 = c.generate(req("d2")).await.unwrap().into_inner();
+    s1.message().await.unwrap().unwrap();
+    let engine = server.state().engine().unwrap().clone();
+    let stopping = tokio::spawn(server.shutdown());
+    let t0 = Instant::now();
+    while !engine.is_draining() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(matches!(
+        engine.submit(serve::engine::GenerateRequest {
+            id: String::new(),
+            prompt: vec![1, 2],
+            params: SamplingParams::greedy(),
+            max_tokens: Some(2),
+            logprobs: None,
+        }),
+        Err(serve::engine::SubmitError::ShuttingDown)
+    ));
+    let (a, b) = (collect(s1).await, collect(s2).await);
+    for s in [&a, &b] {
+        assert_eq!(s.complete.finish_reason, "length");
+    }
+    assert_eq!(
+        a.tokens.len(),
+        39,
+        "the first chunk was read before collecting"
+    );
+    assert_eq!(b.tokens.len(), 40);
+    stopping.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_server_matches_ultra_generate_and_counts_drafts() {
+    let draft = fixture("drafters/qwen3-moe-dflash");
+    let server = start_with(engine_cfg(4, 8), Some(draft)).await;
+    let mut c = client(&server).await;
+    let params = SamplingParams {
+        max_tokens: 20,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let (_, _, want) = reference("The quick brown fox", &params);
+    let s = pb::SamplingParams {
+        max_tokens: Some(20),
+        ignore_eos: Some(true),
+        ..Default::default()
+    };
+    // Two at once: the scheduler serves both workers' verify calls.
+    let mut c2 = c.clone();
+    let (a, b) = tokio::join!(
+        c2.generate(text_request("The quick brown fox", s.clone())),
+        c.generate(text_request("The quick brown fox", s))
+    );
+    for stream in [a.unwrap().into_inner(), b.unwrap().into_inner()] {
+        let got = collect(stream).await;
+        assert_eq!(got.tokens, want.tokens);
+        assert_eq!(got.text, want.text);
+        assert_eq!(got.complete.finish_reason, "length");
+        let spec = got.complete.spec.unwrap();
+        assert!(spec.drafts > 0 && spec.draft_tokens >= spec.drafts);
+        assert!(spec.mean_acceptance_length >= 1.0);
+    }
+    let m = server.state().engine().unwrap().metrics().render();
+    assert!(metric(&m, "vllm:spec_decode_num_drafts_total") > 0.0);
+    assert!(metric(&m, "vllm:spec_decode_num_draft_tokens_total") > 0.0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_test_nothing_lost_or_corrupted() {
+    const REQUESTS: usize = 256;
+    const CONCURRENCY: usize = 64;
+    const PROMPTS: usize = 8;
+    let server = start(16, 256).await;
+    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    // Distinct prompts and seeds; references from `ultra generate`'s code path.
+    let cases: Vec<(Vec<u32>, u64, Vec<u32>)> = (0..PROMPTS)
+        .map(|i| {
+            let ids: Vec<u32> = (0..(4 + i as u32))
+                .map(|j| (10 + 37 * (i as u32) + j) % 256)
+                .collect();
+            let seed = 1000 + i as u64;
+            let params = SamplingParams {
+                temperature: 0.8,
+                seed: Some(seed),
+                max_tokens: 6,
+                ignore_eos: true,
+                ..SamplingParams::greedy()
+            };
+            let g = generate(&loaded, &ids, &params, &mut Vec::new()).unwrap();
+            (ids, seed, g.tokens)
+        })
+        .collect();
+    let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut tasks = Vec::new();
+    for r in 0..REQUESTS {
+        let (ids, seed, want) = cases[r % PROMPTS].clone();
+        let mut c = EngineClient::new(channel.clone());
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _p = permit;
+            let req = pb::GenerateRequest {
+                request_id: format!("load-{r}"),
+                input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds { ids })),
+                sampling: Some(pb::SamplingParams {
+                    temperature: Some(0.8),
+                    seed: Some(seed),
+                    max_tokens: Some(6),
+                    ignore_eos: Some(true),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let got = collect(c.generate(req).await.unwrap().into_inner()).await;
+            assert_eq!(got.tokens, want, "request {r}");
+            assert_eq!(got.complete.finish_reason, "length");
+            assert_eq!(got.complete.usage.unwrap().completion_tokens, 6);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let m = server.state().engine().unwrap().metrics().render();
+    assert_eq!(
+        metric(&m, "vllm:request_success_total{finished_reason=\"length\""),
+        REQUESTS as f64
+    );
+    assert_eq!(
+        metric(&m, "vllm:generation_tokens_total"),
+        (REQUESTS * 6) as f64
+    );
+    server.shutdown().await.unwrap();
+}
