@@ -335,12 +335,6 @@ fn check_supported(c: &DrafterConfig) -> Result<(), RuntimeError> {
             c.input_embedding_scale
         )));
     }
-    if c.head_dim > 256 {
-        return Err(RuntimeError::Unsupported(format!(
-            "drafter head_dim {}",
-            c.head_dim
-        )));
-    }
     Ok(())
 }
 
@@ -424,6 +418,7 @@ impl GpuDraftSession {
         let mut scratch = 1;
         for (l, kv) in kv.iter().enumerate() {
             let a = attn_args(m, l, kv);
+            // Fewer queries get more key splits: the largest need is not always at T = 16.
             for rows in 1..=t {
                 scratch = scratch.max(crate::ops::Ops::attention_scratch_len(
                     &a,

@@ -644,7 +644,10 @@ impl GpuSession {
                 capacity,
             };
             let args = attn_args(m, spec, layer, &lk);
-            attn_scratch = attn_scratch.max(Ops::attention_scratch_len(&args, t, keys));
+            // Fewer queries get more key splits: the largest need is not always at T = 16.
+            for rows in 1..=t {
+                attn_scratch = attn_scratch.max(Ops::attention_scratch_len(&args, rows, keys));
+            }
             kv.push(lk);
             qkv_w = qkv_w.max(layer.qkv.rows);
             q_w = q_w.max(spec.n_heads * d);
