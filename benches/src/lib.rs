@@ -14,6 +14,25 @@ use anyhow::Result;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
+/// gpt-oss-20b's configuration (`fixtures/configs/gpt-oss-20b.json`), embedded.
+pub const GPT_OSS_20B_CONFIG: &str = include_str!("../../fixtures/configs/gpt-oss-20b.json");
+
+/// gpt-oss-20b at its true dimensions with random weights generated on GPU 0 (no EOS ids, so
+/// benchmarks decode as long as they ask); prints the device and the build time.
+pub fn synthetic_gpt_oss_20b() -> Result<tilert::exec::GpuModel> {
+    let mut config = model::config::ModelConfig::from_json_str(GPT_OSS_20B_CONFIG)?;
+    config.eos_token_ids.clear();
+    let t_build = std::time::Instant::now();
+    let gpu = tilert::exec::GpuModel::synthetic(0, Arc::new(config), 20261121)?;
+    eprintln!(
+        "{}\nsynthetic gpt-oss-20b: {:.2} GB on the device in {:.1} s",
+        gpu.device().info,
+        gpu.weight_bytes() as f64 / 1e9,
+        t_build.elapsed().as_secs_f64()
+    );
+    Ok(gpu)
+}
+
 /// Median of a sample (sorts a copy).
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();

@@ -19,8 +19,6 @@ use serde::Serialize;
 use tilert::exec::{GpuModel, GpuSession};
 use ultra_benches::{median, time_us, BenchKernels};
 
-const GPT_OSS_20B: &str = include_str!("../../../fixtures/configs/gpt-oss-20b.json");
-
 #[derive(Parser)]
 struct Args {
     /// Write the full results here (JSON); the markdown table and the SVG go beside it.
@@ -106,17 +104,9 @@ fn decode_ms(s: &mut GpuSession, first: u32, n: usize) -> Result<(f64, u32)> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut config = model::config::ModelConfig::from_json_str(GPT_OSS_20B)?;
-    config.eos_token_ids.clear();
-    let config = Arc::new(config);
-    let t_build = Instant::now();
-    let gpu = GpuModel::synthetic(0, config.clone(), 20261121)?;
+    let gpu = ultra_benches::synthetic_gpt_oss_20b()?;
+    let config = Arc::new(gpu.config().clone());
     let info = gpu.device().info.clone();
-    eprintln!(
-        "{info}\nsynthetic gpt-oss-20b: {:.2} GB on the device in {:.1} s",
-        gpu.weight_bytes() as f64 / 1e9,
-        t_build.elapsed().as_secs_f64()
-    );
     let stream = gpu.stream().clone();
     let resident = gpu.weight_bytes();
 

@@ -33,10 +33,8 @@ use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use tilert::arena::dtoh;
 use tilert::draft::{GpuDraftSession, GpuDrafter, GpuSpec};
-use tilert::exec::{GpuModel, GpuSession};
+use tilert::exec::GpuSession;
 use ultra_benches::median;
-
-const GPT_OSS_20B: &str = include_str!("../../../fixtures/configs/gpt-oss-20b.json");
 
 #[derive(Parser)]
 struct Args {
@@ -239,17 +237,9 @@ fn plain(s: &mut GpuSession, prompt: &[u32], n: usize) -> Result<(Vec<u32>, f64)
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut config = model::config::ModelConfig::from_json_str(GPT_OSS_20B)?;
-    config.eos_token_ids.clear();
-    let config = Arc::new(config);
-    let t_build = Instant::now();
-    let gpu = GpuModel::synthetic(0, config.clone(), 20261121)?;
+    let gpu = ultra_benches::synthetic_gpt_oss_20b()?;
+    let config = Arc::new(gpu.config().clone());
     let info = gpu.device().info.clone();
-    eprintln!(
-        "{info}\nsynthetic gpt-oss-20b: {:.2} GB in {:.1} s",
-        gpu.weight_bytes() as f64 / 1e9,
-        t_build.elapsed().as_secs_f64()
-    );
     let stream = gpu.stream().clone();
     let v = config.vocab_size;
     let nl = config.layers.len();
