@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Train a DFlash drafter against an exported target, and export it in the z-lab format Ultra loads.
+
+    python train/drafter.py --target crates/default-model/assets/target --out runs/drafter --time-budget 150 \
+        --export runs/export/drafter
+
+Recipe (shared/research/dflash.md §4, SpecForge's DFlash trainer):
+1. self-distillation data: prompts = random windows of the training stream (lengths 16..256 tokens, each
+   after an <|endoftext|>), continued greedily by the target (the MXFP4 checkpoint, dequantized exactly) to
+   512 tokens; the generated part is what the drafter learns (it is the target's own greedy output, which is
+   what speculative decoding must predict);
+2. target context features: the residual stream after target layers `target_layer_ids` (pre-final-norm for
+   the last layer), concatenated per position, computed once for the whole set;
+3. random anchors (64 per sequence) in the generated part; each anchor a gives a block
+   [token_a, MASK x (B-1)] at positions a .. a+B-1 that sees the context features of positions < a
+   (sliding window W: q_pos - k_pos < W) and, causally, its own block; blocks do not see each other;
+4. loss: cross-entropy of block row k (k = 1..B-1) against the token at a+k, weighted w_k = exp(-(k-1)/gamma)
+   (gamma = 4 for B = 8), normalized by the sum of weights; AdamW, warmup 4 %, cosine, clip 1.0.
+
+Drafter (z-lab DFlash-1, Qwen3 layers): fc [H, K*H] -> hidden_norm -> every layer's k_proj / v_proj (+k_norm,
++RoPE at the context positions) prepended to the block's K/V; no embedding / LM head of its own (the target's).
+All layers sliding-window (`layer_types: sliding_attention`, causal), no attention bias.
+
+Resume: OUT/selfdistill.pt (data + features are recomputed from it), OUT/state.pt (model, optimizer, step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import log  # noqa: E402
+from gptoss import GptOss, apply_rope, load_hf, rope_cos_sin  # noqa: E402
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 768
+    sliding_window: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    block_size: int = 8
+    mask_token_id: int = 1
+    target_layer_ids: list = field(default_factory=lambda: [1, 3, 5])
+    num_target_layers: int = 6
+    vocab_size: int = 8192
+    max_position_embeddings: int = 2048
+    eos_token_id: int = 0
+    num_anchors: int = 64
+    loss_decay_gamma: float = 4.0
+
+    def zlab_config(self) -> dict:
+        n = self.num_hidden_layers
+        return {
+            "architectures": ["DFlashDraftModel"],
+            "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+            "model_type": "qwen3",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "block_size": self.block_size,
+            "bos_token_id": None,
+            "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids,
+                              "block_size": self.block_size, "num_anchors": self.num_anchors,
+                              "loss_decay_gamma": self.loss_decay_gamma},
+            "eos_token_id": self.eos_token_id,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate_size,
+            "layer_types": ["sliding_attention"] * n,
+            "max_position_embeddings": self.max_position_embeddings,
+            "max_window_layers": 0,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": n,
+            "num_key_value_heads": self.num_key_value_heads,
+            "num_target_layers": self.num_target_layers,
+            "pad_token_id": self.eos_token_id,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "sliding_window": self.sliding_window,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "use_cache": True,
+            "use_sliding_window": True,
+            "vocab_size": self.vocab_size,
+        }
+
+
+def rms(x, w, eps):
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+
+
+class DLayer(nn.Module):
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        H, nh, nkv, hd, I = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+        self.input_layernorm = nn.Parameter(torch.ones(H))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(H))
+        self.q_proj = nn.Linear(H, nh * hd, bias=False)
+        self.k_proj = nn.Linear(H, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(H, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, H, bias=False)
+        self.q_norm = nn.Parameter(torch.ones(hd))
+        self.k_norm = nn.Parameter(torch.ones(hd))
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+
+class Drafter(nn.Module):
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        self.c = c
+        K = len(c.target_layer_ids)
+        self.fc = nn.Linear(K * c.hidden_size, c.hidden_size, bias=False)
+        self.hidden_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.layers = nn.ModuleList(DLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(c.hidden_size))
+
+    def init_weights(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in self.named_parameters():
+                if p.dim() == 2:
+                    std = 0.02 / math.sqrt(2 * self.c.num_hidden_layers) if n.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, feats, ids, anchors, embed_w):
+        """feats [B, S, K*H], ids [B, S], anchors [B, A] (sorted positions) -> normed block states [B, A, Bk, H]."""
+        c = self.c
+        B, S, _ = feats.shape
+        A, Bk = anchors.shape[1], c.block_size
+        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        dev = feats.device
+        dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+        ctx = rms(self.fc(feats.to(dt)), self.hidden_norm, c.rms_norm_eps).to(dt)  # [B, S, H]
+        blk = torch.full((B, A, Bk), c.mask_token_id, dtype=torch.long, device=dev)
+        blk[:, :, 0] = ids.gather(1, anchors)
+        h = embed_w[blk].float().view(B, A * Bk, -1)
+        off = torch.arange(Bk, device=dev)
+        qpos = (anchors[:, :, None] + off).view(B, A * Bk)
+        qanc = anchors[:, :, None].expand(B, A, Bk).reshape(B, A * Bk)
+        kpos = torch.arange(S, device=dev)
+        W = c.sliding_window
+        m_ctx = (kpos[None, None, :] < qanc[:, :, None]) & (qpos[:, :, None] - kpos[None, None, :] < W)
+        bid = torch.arange(A, device=dev).repeat_interleave(Bk)
+        boff = off.repeat(A)
+        m_blk = (bid[:, None] == bid[None, :]) & (boff[None, :] <= boff[:, None])
+        mask = torch.cat([m_ctx, m_blk.expand(B, -1, -1)], -1)[:, None]  # [B, 1, Q, S + Q]
+        cq, sq = rope_cos_sin(qpos.reshape(-1), hd, c.rope_theta)
+        cq, sq = cq.view(B, 1, A * Bk, -1), sq.view(B, 1, A * Bk, -1)
+        cc, sc = rope_cos_sin(kpos, hd, c.rope_theta)
+        rep = nh // nkv
+        Q = A * Bk
+        for L in self.layers:
+            x = rms(h, L.input_layernorm, c.rms_norm_eps).to(dt)
+            q = rms(L.q_proj(x).view(B, Q, nh, hd), L.q_norm, c.rms_norm_eps).to(dt).transpose(1, 2)
+            kb = rms(L.k_proj(x).view(B, Q, nkv, hd), L.k_norm, c.rms_norm_eps).to(dt).transpose(1, 2)
+            vb = L.v_proj(x).view(B, Q, nkv, hd).transpose(1, 2)
+            kc = rms(L.k_proj(ctx).view(B, S, nkv, hd), L.k_norm, c.rms_norm_eps).to(dt).transpose(1, 2)
+            vc = L.v_proj(ctx).view(B, S, nkv, hd).transpose(1, 2)
+            q = apply_rope(q, cq, sq)
+            kb = apply_rope(kb, cq, sq)
+            kc = apply_rope(kc, cc, sc)
+            Kt = torch.cat([kc, kb], 2).repeat_interleave(rep, 1)
+            Vt = torch.cat([vc, vb], 2).repeat_interleave(rep, 1)
+            o = F.scaled_dot_product_attention(q, Kt, Vt, attn_mask=mask, scale=hd ** -0.5)
+            h = h + L.o_proj(o.transpose(1, 2).reshape(B, Q, nh * hd)).float()
+            x = rms(h, L.post_attention_layernorm, c.rms_norm_eps).to(dt)
+            h = h + L.down_proj(F.silu(L.gate_proj(x)) * L.up_proj(x)).float()
+        return rms(h, self.norm, c.rms_norm_eps).to(dt).view(B, A, Bk, -1)
+
+
+def zlab_tensors(d: Drafter) -> dict[str, torch.Tensor]:
+    bf = torch.bfloat16
+    t = {"fc.weight": d.fc.weight, "hidden_norm.weight": d.hidden_norm, "norm.weight": d.norm}
+    for i, L in enumerate(d.layers):
+        p = f"layers.{i}."
+        t[p + "input_layernorm.weight"] = L.input_layernorm
+        t[p + "post_attention_layernorm.weight"] = L.post_attention_layernorm
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{n}.weight"] = getattr(L, n).weight
+        t[p + "self_attn.q_norm.weight"] = L.q_norm
+        t[p + "self_attn.k_norm.weight"] = L.k_norm
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            t[p + f"mlp.{n}.weight"] = getattr(L, n).weight
+    return {k: v.detach().to(bf).cpu().contiguous() for k, v in sorted(t.items())}
+
+
+def export_zlab(d: Drafter, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(zlab_tensors(d), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(d.c.zlab_config(), indent=2) + "\n")
+
+
+# ---- target side -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_generate(t: GptOss, prompts: torch.Tensor, total: int, dev) -> torch.Tensor:
+    """prompts [N, P] -> [N, total] (prompt + greedy continuation), KV-cached, bf16 on the GPU."""
+    N, P = prompts.shape
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    caches = t.new_cache(N, total, dtype, dev)
+    out = torch.zeros(N, total, dtype=torch.long, device=dev)
+    out[:, :P] = prompts
+    with common.autocast(dev):
+        logits = t(prompts, caches=caches, pos0=0, last_only=True)["logits"]
+        for pos in range(P, total):
+            nxt = logits[:, -1].float().argmax(-1)
+            out[:, pos] = nxt
+            if pos + 1 == total:
+                break
+            logits = t(nxt[:, None], caches=caches, pos0=pos, last_only=True)["logits"]
+    return out
+
+
+@torch.no_grad()
+def target_features(t: GptOss, seqs: torch.Tensor, layer_ids: list[int], dev, batch: int = 64) -> torch.Tensor:
+    """[N, S] -> [N, S, K*H] bf16 (the residual stream after each target layer, concatenated)."""
+    outs = []
+    for i in range(0, seqs.shape[0], batch):
+        x = seqs[i: i + batch].to(dev)
+        with common.autocast(dev):
+            hs = t(x, capture=tuple(layer_ids))["hidden"]
+        outs.append(torch.cat([hs[j] for j in layer_ids], -1).to(torch.bfloat16))
+    return torch.cat(outs)
+
+
+def make_prompts(tokens, n: int, plen: int, seed: int):
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    starts = g.integers(0, tokens.size - plen, n)
+    idx = starts[:, None] + np.arange(plen - 1)[None, :]
+    body = torch.from_numpy(tokens[idx].astype(np.int64))
+    return torch.cat([torch.zeros(n, 1, dtype=torch.long), body], 1)  # <|endoftext|> first, as the tokenizer adds
+
+
+def eval_prompt_sets(tok_dir: Path, eval_dir: Path) -> dict[str, list[list[int]]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    return {n: [tok.encode(it["prompt"]).ids for it in common.read_jsonl(eval_dir / f"{n}.jsonl")]
+            for n in ("code", "math", "prose")}
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+
+def sample_anchors(plen: torch.Tensor, S: int, Bk: int, A: int, g: torch.Generator, dev,
+                   end: torch.Tensor | None = None) -> torch.Tensor:
+    """A sorted anchors per sequence, uniform without replacement in [plen, end - Bk] (end: S by default)."""
+    N = plen.shape[0]
+    pos = torch.arange(S, device=dev)[None, :]
+    last = (S - Bk) if end is None else (end - Bk)[:, None]
+    ok = (pos >= plen[:, None]) & (pos <= last)
+    r = torch.rand(N, S, generator=g, device="cpu").to(dev)
+    r = torch.where(ok, r, torch.full_like(r, -1.0))
+    return r.topk(A, -1).indices.sort(-1).values
+
+
+def block_loss(d: Drafter, feats, ids, anchors, embed_w, gamma: float):
+    c = d.c
+    Bk = c.block_size
+    hs = d(feats, ids, anchors, embed_w)[:, :, 1:]  # rows 1..B-1
+    logits = F.linear(hs, embed_w.to(hs.dtype))  # the target's (tied) LM head
+    lab_pos = anchors[:, :, None] + torch.arange(1, Bk, device=ids.device)
+    labels = ids.gather(1, lab_pos.view(ids.shape[0], -1)).view(lab_pos.shape)
+    w = torch.exp(-(torch.arange(1, Bk, device=ids.device, dtype=torch.float32) - 1) / gamma)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    ce = ce.view(labels.shape)
+    loss = (ce * w).sum() / (w.sum() * labels.shape[0] * labels.shape[1])
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == labels)
+        acc = hit.float().mean((0, 1))
+        # acceptance length of each block if it were verified: 1 + leading matches
+        tau = 1 + hit.long().cumprod(-1).sum(-1).float().mean()
+    return loss, acc, tau
+
+
+@torch.no_grad()
+def estimate_tau(d, feats, seqs, plen, embed_w, dev, A: int = 64, seed: int = 99, end=None) -> dict:
+    """Mean acceptance length over random blocks of held-out greedy continuations (the sequences are the
+    target's own greedy output, so a draft token is accepted iff it equals the next sequence token)."""
+    d.eval()
+    g = torch.Generator().manual_seed(seed)
+    taus, accs = [], []
+    S = seqs.shape[1]
+    room = (S if end is None else end) - d.c.block_size + 1 - plen
+    A = max(1, min(A, int(room.min())))
+    for i in range(0, seqs.shape[0], 32):
+        s = seqs[i: i + 32].to(dev)
+        f = feats[i: i + 32].to(dev)
+        anc = sample_anchors(plen[i: i + 32].to(dev), s.shape[1], d.c.block_size, A, g, dev,
+                             None if end is None else end[i: i + 32].to(dev))
+        with common.autocast(dev):
+            _, acc, tau = block_loss(d, f, s, anc, embed_w, d.c.loss_decay_gamma)
+        taus.append(float(tau) * s.shape[0])
+        accs.append(acc * s.shape[0])
+    d.train()
+    n = seqs.shape[0]
+    return {"tau": sum(taus) / n, "acc_per_position": [round(float(x), 3) for x in sum(accs) / n]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, help="exported target dir (config.json + model.safetensors)")
+    ap.add_argument("--data", default=str(common.HERE / "build/tokens/train.u16"))
+    ap.add_argument("--eval-dir", default=str(common.HERE / "eval"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--export", help="write the z-lab drafter dir here at the end")
+    ap.add_argument("--config", help="JSON overrides of DraftConfig")
+    ap.add_argument("--sequences", type=int, default=8192, help="self-distillation sequences")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--prompt-lens", default="16,48,128,256")
+    ap.add_argument("--gen-batch", type=int, default=2048)
+    ap.add_argument("--eval-new-tokens", type=int, default=96)
+    ap.add_argument("--eval-prompts", type=int, default=16, help="eval prompts per set for the tau estimate")
+    ap.add_argument("--holdout", type=int, default=256, help="self-distillation sequences kept out of training")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--time-budget", type=float)
+    ap.add_argument("--seed", type=int, default=4321)
+    ap.add_argument("--save-every", type=float, default=60.0)
+    ap.add_argument("--log-every", type=int, default=50)
+    args = ap.parse_args()
+    if not args.steps and not args.time_budget:
+        ap.error("give --steps or --time-budget")
+    dev = common.device()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tgt_dir = Path(args.target)
+    t = load_hf(tgt_dir, dev).eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    over = json.loads(args.config) if args.config else {}
+    tc = t.c
+    c = DraftConfig(**{"hidden_size": tc.hidden_size, "num_target_layers": tc.num_hidden_layers,
+                       "vocab_size": tc.vocab_size, "max_position_embeddings": tc.max_position_embeddings,
+                       "target_layer_ids": [1, 3, 5] if tc.num_hidden_layers == 6 else
+                       sorted({1, tc.num_hidden_layers // 2, tc.num_hidden_layers - 1}), **over})
+    log("drafter config", json.dumps(asdict(c)))
+    embed_w = t.embed.weight.detach()
+
+    # ---- 1. self-distillation data (+ held-out continuations of the eval prompts)
+    sd_path = out / "selfdistill.pt"
+    if sd_path.exists():
+        sd = torch.load(sd_path, map_location="cpu", weights_only=False)
+        log(f"self-distillation data: {sd['seqs'].shape} (cached)")
+    else:
+        tokens = common.load_tokens(Path(args.data))
+        plens = [int(x) for x in args.prompt_lens.split(",")]
+        seqs, plen = [], []
+        per = args.sequences // len(plens)
+        t0 = time.time()
+        for j, P in enumerate(plens):
+            pr = make_prompts(tokens, per, P, args.seed + j)
+            for i in range(0, per, args.gen_batch):
+                seqs.append(greedy_generate(t, pr[i: i + args.gen_batch].to(dev), args.seq, dev).cpu())
+                plen.append(torch.full((seqs[-1].shape[0],), P))
+        seqs, plen = torch.cat(seqs), torch.cat(plen)
+        log(f"generated {seqs.shape[0]} x {args.seq} ({(seqs.shape[0] * args.seq - int(plen.sum())):,} new tokens) "
+            f"in {time.time() - t0:.0f}s")
+        ev = {}
+        for name, prompts in eval_prompt_sets(tgt_dir, Path(args.eval_dir)).items():
+            ss, pl, ln = [], [], []
+            for p in prompts[: args.eval_prompts]:
+                p = p[-(args.seq - args.eval_new_tokens):]
+                s = greedy_generate(t, torch.tensor([p], device=dev), len(p) + args.eval_new_tokens, dev).cpu()[0]
+                ss.append(torch.cat([s, torch.zeros(args.seq - s.numel(), dtype=torch.long)]))
+                pl.append(len(p))
+                ln.append(s.numel())
+            ev[name] = {"seqs": torch.stack(ss), "plen": torch.tensor(pl), "len": torch.tensor(ln)}
+        sd = {"seqs": seqs, "plen": plen, "eval": ev}
+        common.save_atomic(sd, sd_path)
+    seqs, plen = sd["seqs"], sd["plen"]
+    t0 = time.time()
+    feats = target_features(t, seqs, c.target_layer_ids, dev)
+    ev_feats = {n: target_features(t, e["seqs"], c.target_layer_ids, dev) for n, e in sd["eval"].items()}
+    log(f"target features {tuple(feats.shape)} in {time.time() - t0:.0f}s")
+    seqs = seqs.to(dev)
+    plen = plen.to(dev)
+    H = max(1, min(args.holdout, seqs.shape[0] // 4))
+    hold = (torch.arange(seqs.shape[0], device=dev) % (seqs.shape[0] // H)) == 0  # every k-th: all prompt lengths
+    hold_seqs, hold_feats, hold_plen = seqs[hold], feats[hold], plen[hold]
+    seqs, feats, plen = seqs[~hold], feats[~hold], plen[~hold]
+
+    # ---- 2. training
+    d = Drafter(c)
+    d.init_weights(args.seed)
+    d = d.to(dev)
+    opt = torch.optim.AdamW(d.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
+    step, total, train_time = 0, args.steps, 0.0
+    st_path = out / "state.pt"
+    if st_path.exists():
+        st = torch.load(st_path, map_location=dev, weights_only=False)
+        d.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, total, train_time = st["step"], st["total"], st["train_time"]
+        log(f"resumed at step {step}/{total}")
+
+    def save():
+        common.save_atomic({"model": d.state_dict(), "opt": opt.state_dict(), "step": step, "total": total,
+                            "train_time": train_time, "config": asdict(c)}, st_path)
+
+    last_save = time.time()
+    t_mark = None
+    N = seqs.shape[0]
+    while total is None or step < total:
+        if total is None and step == 5:
+            torch.cuda.synchronize() if dev.type == "cuda" else None
+            t_mark = time.time()
+        if total is None and step == 25:
+            torch.cuda.synchronize() if dev.type == "cuda" else None
+            per = (time.time() - t_mark) / 20
+            total = max(step + 1, int(args.time_budget / per))
+            log(f"{per * 1e3:.1f} ms/step -> {total} steps (reproduce with --steps {total})")
+        t1 = time.time()
+        warm = max(1, int(0.04 * (total or 1000)))
+        lr = common.lr_at(step, total or 10**9, args.lr, warm, 0.05)
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        g = torch.Generator().manual_seed(args.seed * 7919 + step)
+        idx = torch.randint(0, N, (args.batch,), generator=g).to(dev)
+        anc = sample_anchors(plen[idx], args.seq, c.block_size, c.num_anchors, g, dev)
+        with common.autocast(dev):
+            loss, acc, tau = block_loss(d, feats[idx].to(dev), seqs[idx], anc, embed_w, c.loss_decay_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % args.log_every == 0 or step == 1 or step == total:
+            log(f"step {step}/{total} loss {float(loss.detach()):.4f} tau(train blocks) {float(tau):.2f} "
+                f"acc {[round(float(a), 2) for a in acc]} gnorm {float(gn):.2f} lr {lr:.2e}")
+        train_time += time.time() - t1
+        if time.time() - last_save > args.save_every:
+            save()
+            last_save = time.time()
+    save()
+    metrics = {"steps": step, "train_time_s": train_time, "config": asdict(c)}
+    metrics["tau_estimate_selfdistill_holdout"] = estimate_tau(d, hold_feats, hold_seqs, hold_plen, embed_w, dev)
+    log("held-out self-distillation blocks", json.dumps(metrics["tau_estimate_selfdistill_holdout"]))
+    for n, e in sd["eval"].items():
+        # anchors inside each continuation only (sequences are zero-padded after `len`)
+        metrics[f"tau_estimate_{n}"] = estimate_tau(d, ev_feats[n], e["seqs"], e["plen"], embed_w, dev,
+                                                    A=16, end=e["len"])
+        log(f"eval set {n}", json.dumps(metrics[f"tau_estimate_{n}"]))
+    common.write_json(out / "metrics.json", metrics)
+    if args.export:
+        export_zlab(d, Path(args.export))
+        log("exported", args.export)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
