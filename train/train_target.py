@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--qat", choices=["floor", "up"], help="fake-quantize the experts to MXFP4 with this scale rule")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-frac", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--wd", type=float, default=0.1)
