@@ -221,17 +221,22 @@ def greedy_generate(t: GptOss, prompts: torch.Tensor, total: int, dev) -> torch.
     """prompts [N, P] -> [N, total] (prompt + greedy continuation), KV-cached, bf16 on the GPU."""
     N, P = prompts.shape
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    caches = t.new_cache(N, total, dtype, dev)
+    caches = t.new_cache(N, total, dtype, dev, padded=True)
     out = torch.zeros(N, total, dtype=torch.long, device=dev)
     out[:, :P] = prompts
-    with common.autocast(dev):
-        logits = t(prompts, caches=caches, pos0=0, last_only=True)["logits"]
-        for pos in range(P, total):
-            nxt = logits[:, -1].float().argmax(-1)
-            out[:, pos] = nxt
-            if pos + 1 == total:
-                break
-            logits = t(nxt[:, None], caches=caches, pos0=pos, last_only=True)["logits"]
+    was = t.dense_moe_max
+    try:
+        with common.autocast(dev):
+            logits = t(prompts, caches=caches, pos0=0, last_only=True)["logits"]
+            t.dense_moe_max = 8192  # one token per sequence per step: dense experts, no host sync
+            for pos in range(P, total):
+                nxt = logits[:, -1].float().argmax(-1)
+                out[:, pos] = nxt
+                if pos + 1 == total:
+                    break
+                logits = t(nxt[:, None], caches=caches, pos0=pos, last_only=True)["logits"]
+    finally:
+        t.dense_moe_max = was
     return out
 
 
@@ -335,6 +340,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--prompt-lens", default="16,48,128,256")
     ap.add_argument("--gen-batch", type=int, default=2048)
+    ap.add_argument("--gen-budget", type=float, default=90.0, help="seconds: start no new prompt group after this")
     ap.add_argument("--eval-new-tokens", type=int, default=96)
     ap.add_argument("--eval-prompts", type=int, default=16, help="eval prompts per set for the tau estimate")
     ap.add_argument("--holdout", type=int, default=256, help="self-distillation sequences kept out of training")
@@ -377,6 +383,9 @@ def main() -> int:
         per = args.sequences // len(plens)
         t0 = time.time()
         for j, P in enumerate(plens):
+            if seqs and time.time() - t0 > args.gen_budget:
+                log(f"generation budget reached: {len(seqs)} groups")
+                break
             pr = make_prompts(tokens, per, P, args.seed + j)
             for i in range(0, per, args.gen_batch):
                 seqs.append(greedy_generate(t, pr[i: i + args.gen_batch].to(dev), args.seq, dev).cpu())

@@ -37,7 +37,7 @@ def load_ck(p: str, dev) -> tuple[GptOss, str | None]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bf16", required=True)
+    ap.add_argument("--bf16")
     ap.add_argument("--qat")
     ap.add_argument("--exported")
     ap.add_argument("--tokens", default=str(common.HERE / "build/tokens"))
@@ -65,12 +65,13 @@ def main() -> int:
         return r
 
     res = {}
-    m, _ = load_ck(args.bf16, dev)
-    res["bf16"] = run("bf16", m)
-    for rule in ("floor", "up"):
+    if args.bf16:
         m, _ = load_ck(args.bf16, dev)
-        m.quantize_experts_(rule)
-        res[f"ptq_{rule}"] = run(f"ptq_{rule}", m)
+        res["bf16"] = run("bf16", m)
+        for rule in ("floor", "up"):
+            m, _ = load_ck(args.bf16, dev)
+            m.quantize_experts_(rule)
+            res[f"ptq_{rule}"] = run(f"ptq_{rule}", m)
     if args.qat:
         m, rule = load_ck(args.qat, dev)
         m.quantize_experts_(rule or "floor")

@@ -201,6 +201,7 @@ class GptOss(nn.Module):
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
         self.lm_head = None if c.tie_word_embeddings else nn.Parameter(torch.empty(c.vocab_size, c.hidden_size))
         self.qat: str | None = None  # MXFP4 scale rule for fake-quantized experts
+        self.dense_moe_max = 0  # eval only: up to this many tokens, run every expert densely (decode speed)
         self.init_weights()
 
     def init_weights(self, seed: int = 0) -> None:
@@ -242,13 +243,39 @@ class GptOss(nn.Module):
         v = L.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if cache is not None:
-            cache["k"][:, :, pos0: pos0 + T] = k
-            cache["v"][:, :, pos0: pos0 + T] = v
-            k = cache["k"][:, :, : pos0 + T]
-            v = cache["v"][:, :, : pos0 + T]
-        o = attention_with_sinks(q, k, v, L.sinks, mask, c.head_dim ** -0.5)
+        if cache is not None and "K" in cache:
+            o = self._attn_padded_cache(L, q, k, v, cache, pos0)
+        else:
+            if cache is not None:
+                cache["k"][:, :, pos0: pos0 + T] = k
+                cache["v"][:, :, pos0: pos0 + T] = v
+                k = cache["k"][:, :, : pos0 + T]
+                v = cache["v"][:, :, : pos0 + T]
+            o = attention_with_sinks(q, k, v, L.sinks, mask, c.head_dim ** -0.5)
         return L.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _attn_padded_cache(self, L: Layer, q, k, v, cache, pos0: int):
+        """Decode-speed variant of `attention_with_sinks` over a cache kept in its final SDPA form:
+        K/V [B, nh, maxlen + PAD, d + PAD] (GQA already expanded, sink key at slot maxlen), so a step
+        copies only the new rows.  Same math."""
+        c = self.c
+        B, nh, T, d = q.shape
+        scale = d ** -0.5
+        K, V, maxlen = cache["K"], cache["V"], cache["maxlen"]
+        if not cache["sink_set"]:
+            K[:, :, maxlen, d] = (L.sinks.to(K.dtype) / scale)[None, :]
+            cache["sink_set"] = True
+        rep = nh // k.shape[1]
+        K[:, :, pos0: pos0 + T, :d] = k.repeat_interleave(rep, 1)
+        V[:, :, pos0: pos0 + T, :d] = v.repeat_interleave(rep, 1)
+        pos = torch.arange(pos0, pos0 + T, device=q.device)
+        m = causal_mask(pos, torch.arange(maxlen, device=q.device), L.window)
+        extra = torch.zeros(T, PAD, dtype=torch.bool, device=q.device)
+        extra[:, 0] = True
+        m = torch.cat([m, extra], -1)
+        q2 = torch.cat([q, torch.ones(B, nh, T, 1, dtype=q.dtype, device=q.device),
+                        torch.zeros(B, nh, T, PAD - 1, dtype=q.dtype, device=q.device)], -1)
+        return F.scaled_dot_product_attention(q2, K, V, attn_mask=m, scale=scale)[..., :d]
 
     def moe(self, L: Layer, x: torch.Tensor):
         """x [N, H] (normed) -> ([N, H], aux load-balancing loss)."""
@@ -264,6 +291,16 @@ class GptOss(nn.Module):
         tok = order // k
         xs = x[tok]
         gu_w, dn_w = self.expert_weights(L)
+        if not self.training and x.shape[0] <= self.dense_moe_max:
+            # decode: every expert on every token (a few batched matmuls, no host sync), top-k weights
+            gu = torch.einsum("nh,eoh->neo", x, gu_w.to(x.dtype)) + L.gate_up_bias.to(x.dtype)
+            gate, up = gu[..., ::2].float(), gu[..., 1::2].float()
+            gate = gate.clamp(max=c.swiglu_limit)
+            up = up.clamp(-c.swiglu_limit, c.swiglu_limit)
+            h = ((up + 1) * gate * torch.sigmoid(gate * c.swiglu_alpha)).to(x.dtype)
+            ya = torch.einsum("nei,ehi->neh", h, dn_w.to(x.dtype)) + L.down_bias.to(x.dtype)
+            wd = torch.zeros(x.shape[0], E, dtype=torch.float32, device=x.device).scatter_(1, topi, w)
+            return (ya.float() * wd[..., None]).sum(1), None
         outs = []
         for e, (chunk, n) in enumerate(zip(xs.split(sizes), sizes)):
             if n == 0:
@@ -315,8 +352,13 @@ class GptOss(nn.Module):
         logits = F.linear(x, self.head_weight().to(dt))
         return {"logits": logits, "aux": aux_total / len(self.layers), "hidden": hidden}
 
-    def new_cache(self, B: int, maxlen: int, dtype, device):
+    def new_cache(self, B: int, maxlen: int, dtype, device, padded: bool = False):
+        """Per-layer KV caches; `padded`: the decode-speed layout of `_attn_padded_cache`."""
         c = self.c
+        if padded:
+            shape = (B, c.num_attention_heads, maxlen + PAD, c.head_dim + PAD)
+            return [{"K": torch.zeros(shape, dtype=dtype, device=device), "V": torch.zeros(shape, dtype=dtype, device=device),
+                     "maxlen": maxlen, "sink_set": False} for _ in self.layers]
         return [{"k": torch.zeros(B, c.num_key_value_heads, maxlen, c.head_dim, dtype=dtype, device=device),
                  "v": torch.zeros(B, c.num_key_value_heads, maxlen, c.head_dim, dtype=dtype, device=device)}
                 for _ in self.layers]

@@ -46,16 +46,25 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c 'import torch, tokenizers, safetensors; print("torch", torch.__version__, "tokenizers", tokenizers.__version__, "safetensors", safetensors.__version__)'
 
-echo "== target: bf16 pretraining (${TARGET_S}s)"
-"$PY" "$HERE/train_target.py" --out "$RUN/target" --time-budget "$TARGET_S" ${EXTRA_TARGET:-}
-echo "== target: MXFP4 QAT (${QAT_S}s, scales: $ROUNDING)"
-"$PY" "$HERE/train_target.py" --out "$RUN/qat" --init "$RUN/target/final.pt" --qat "$ROUNDING" \
-  --time-budget "$QAT_S" --lr 5e-4 --warmup 10 --min-lr-frac 0.1 --seed 4242 ${EXTRA_QAT:-}
+if [ -z "${INIT_HF:-}" ]; then
+  echo "== target: bf16 pretraining (${TARGET_S}s)"
+  "$PY" "$HERE/train_target.py" --out "$RUN/target" --time-budget "$TARGET_S" ${EXTRA_TARGET:-}
+  echo "== target: MXFP4 QAT (${QAT_S}s, scales: $ROUNDING)"
+  "$PY" "$HERE/train_target.py" --out "$RUN/qat" --init "$RUN/target/final.pt" --qat "$ROUNDING" \
+    --time-budget "$QAT_S" --lr 5e-4 --warmup 10 --min-lr-frac 0.1 --seed 4242 ${EXTRA_QAT:-}
+  EVAL_BF16=(--bf16 "$RUN/target/final.pt")
+else
+  # continue QAT from an exported MXFP4 checkpoint (e.g. the shipped one): no pretraining, no PTQ rows
+  echo "== target: more MXFP4 QAT from $INIT_HF (${QAT_S}s, scales: $ROUNDING)"
+  "$PY" "$HERE/train_target.py" --out "$RUN/qat" --init-hf "$INIT_HF" --qat "$ROUNDING" \
+    --time-budget "$QAT_S" --lr "${QAT_LR:-1e-3}" --warmup 20 --min-lr-frac 0.05 --seed 4343 ${EXTRA_QAT:-}
+  EVAL_BF16=()
+fi
 echo "== export"
 "$PY" "$HERE/export.py" --ckpt "$RUN/qat/final.pt" --out "$RUN/export/target"
 pack target "$RUN/export/target"
-echo "== perplexity: bf16 / PTQ / QAT / exported"
-"$PY" "$HERE/evaluate.py" --bf16 "$RUN/target/final.pt" --qat "$RUN/qat/final.pt" \
+echo "== perplexity"
+"$PY" "$HERE/evaluate.py" "${EVAL_BF16[@]}" --qat "$RUN/qat/final.pt" \
   --exported "$RUN/export/target" --out "$RUN/eval.json" ${EXTRA_EVAL:-}
 merge_metrics
 echo "== drafter (${DRAFT_S}s)"

@@ -5,6 +5,8 @@
     python train/train_target.py --out runs/target --time-budget 270
     # QAT of the experts to MXFP4 (fake-quant forward, straight-through gradient), from the bf16 weights
     python train/train_target.py --out runs/qat --init runs/target/final.pt --qat floor --time-budget 60 --lr 5e-4 --warmup 10
+    # more QAT, starting from an exported MXFP4 checkpoint (the experts start at their MXFP4 values)
+    python train/train_target.py --out runs/qat2 --init-hf crates/default-model/assets/target --qat floor --time-budget 200 --lr 1e-3
 
 Resume: re-running the same command continues from OUT/state.pt (saved every --save-every seconds and at the
 end).  With --time-budget the number of steps is fixed after the first timed steps (recorded in the state and
@@ -26,11 +28,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import log  # noqa: E402
-from gptoss import Config, GptOss, param_report  # noqa: E402
+from gptoss import Config, GptOss, load_hf, param_report  # noqa: E402
 
 
 def build_model(args, dev) -> GptOss:
-    if args.init:
+    if args.init_hf:
+        m = load_hf(Path(args.init_hf))  # e.g. the shipped MXFP4 checkpoint: experts start at their MXFP4 values
+    elif args.init:
         ck = torch.load(args.init, map_location="cpu", weights_only=False)
         c = Config(**ck["config"])
         m = GptOss(c)
@@ -58,6 +62,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", help="JSON overrides of gptoss.Config (e.g. tiny CPU tests)")
     ap.add_argument("--init", help="final.pt of an earlier run (QAT starts from the bf16 weights)")
+    ap.add_argument("--init-hf", help="an exported checkpoint dir to continue from (e.g. more QAT of the shipped model)")
     ap.add_argument("--qat", choices=["floor", "up"], help="fake-quantize the experts to MXFP4 with this scale rule")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=128)
