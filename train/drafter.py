@@ -394,7 +394,8 @@ def main() -> int:
         log(f"generated {seqs.shape[0]} x {args.seq} ({(seqs.shape[0] * args.seq - int(plen.sum())):,} new tokens) "
             f"in {time.time() - t0:.0f}s")
         ev = {}
-        for name, prompts in eval_prompt_sets(tgt_dir, Path(args.eval_dir)).items():
+        sets = eval_prompt_sets(tgt_dir, Path(args.eval_dir)) if args.eval_prompts > 0 else {}
+        for name, prompts in sets.items():
             ss, pl, ln = [], [], []
             for p in prompts[: args.eval_prompts]:
                 p = p[-(args.seq - args.eval_new_tokens):]
