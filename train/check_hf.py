@@ -66,7 +66,10 @@ def main() -> int:
         with torch.no_grad():
             lh = hf(x).logits[0]
             lm = mine(x)["logits"][0]
-            gen = hf.generate(x, max_new_tokens=args.new_tokens, do_sample=False, output_scores=True,
+            # explicit all-ones mask: the prompt starts with <|endoftext|> = pad id 0, which generate() would
+            # otherwise take for padding
+            gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
+                              do_sample=False, output_scores=True,
                               return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
         new = gen.sequences[0, len(ids):].tolist()
         gaps = []
