@@ -26,7 +26,11 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
     let mut hasher = Sha256::new();
     let mut code = String::new();
-    writeln!(code, "/// (directory, file name, bytes) of every embedded file.").unwrap();
+    writeln!(
+        code,
+        "/// (directory, file name, bytes) of every embedded file."
+    )
+    .unwrap();
     writeln!(code, "pub(crate) static FILES: &[(&str, &str, &[u8])] = &[").unwrap();
     for (dir, names) in FILES {
         for name in *names {
@@ -51,7 +55,11 @@ fn main() {
     writeln!(code, "];").unwrap();
     let digest = hasher.finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    writeln!(code, "/// SHA-256 over every embedded file (names, lengths, bytes).").unwrap();
+    writeln!(
+        code,
+        "/// SHA-256 over every embedded file (names, lengths, bytes)."
+    )
+    .unwrap();
     writeln!(code, "pub const FINGERPRINT: &str = {hex:?};").unwrap();
     let out = Path::new(&std::env::var("OUT_DIR").unwrap()).join("assets.rs");
     std::fs::write(out, code).unwrap();

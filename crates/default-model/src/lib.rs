@@ -87,7 +87,11 @@ pub fn files() -> impl Iterator<Item = (&'static str, &'static str, &'static [u8
 
 /// The cache directory (see the crate docs).
 pub fn cache_root() -> Result<PathBuf, DefaultModelError> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(p) = var(CACHE_ENV) {
         return Ok(p);
     }

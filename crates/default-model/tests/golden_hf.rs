@@ -97,7 +97,10 @@ fn matches_transformers_and_drafter_is_lossless() {
         let out = spec
             .generate(&ids, &params, |_| ControlFlow::Continue(()))
             .unwrap();
-        assert_eq!(out.tokens, cont, "{text:?}: speculative != transformers greedy");
+        assert_eq!(
+            out.tokens, cont,
+            "{text:?}: speculative != transformers greedy"
+        );
         assert!(out.stats.tau().unwrap() >= 1.0);
     }
     let _ = std::fs::remove_dir_all(&base);

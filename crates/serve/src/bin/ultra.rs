@@ -23,9 +23,10 @@ enum Device {
 /// Model and prompt arguments shared by `generate` and `score`.
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json). Default: the embedded
+    /// ultra-tiny-code model (and, for `generate`, its DFlash drafter).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
@@ -40,8 +41,9 @@ struct ModelArgs {
 /// What `serve` and `bench-serve` load and how they schedule.
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, required_unless_present = "synthetic")]
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json). Default: the embedded
+    /// ultra-tiny-code model with its DFlash drafter.
+    #[arg(long)]
     model: Option<PathBuf>,
     /// Instead of --model: the synthetic ~100M-parameter gpt-oss-style MoE of `bench-decode`
     /// (random MXFP4 experts, no tokenizer: token ids only).
@@ -50,8 +52,11 @@ struct ServeArgs {
     /// A DFlash drafter directory: every request decodes speculatively.
     #[arg(long)]
     draft: Option<PathBuf>,
+    /// With the default model: no speculative decoding (its drafter is used otherwise).
+    #[arg(long, conflicts_with_all = ["draft", "synthetic"])]
+    no_draft: bool,
     /// Speculation block size 2..=16 (default: the drafter's).
-    #[arg(long, requires = "draft")]
+    #[arg(long)]
     block_size: Option<usize>,
     /// `cpu` (the reference executor); `cuda` comes with the GPU executor.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -82,19 +87,49 @@ impl ServeArgs {
             bail!("--device cuda: the server runs on the CPU executor so far (the GPU executor serves `ultra generate` / `ultra score --device cuda`); use --device cpu");
         }
         set_threads(self.threads)?;
+        // No --model (and not --synthetic): the embedded default model and its drafter.
+        let (model, draft, name) = if self.synthetic || self.model.is_some() {
+            (self.model, self.draft, self.served_model_name)
+        } else {
+            let d = default_model_paths()?;
+            let draft = match (self.draft, self.no_draft) {
+                (Some(x), _) => Some(x),
+                (None, false) => Some(d.drafter),
+                (None, true) => None,
+            };
+            let name = self
+                .served_model_name
+                .or_else(|| Some(default_model::MODEL_NAME.to_string()));
+            (Some(d.target), draft, name)
+        };
+        if self.block_size.is_some() && draft.is_none() {
+            bail!("--block-size needs a drafter (--draft DIR, or the default model without --no-draft)");
+        }
         Ok(commands::serve::ServeSetup {
             engine: serve::engine::EngineConfig {
-                model_id: commands::serve::model_id(self.model.as_deref(), self.served_model_name),
+                model_id: commands::serve::model_id(model.as_deref(), name),
                 max_running: self.max_running,
                 max_waiting: self.max_waiting,
                 kv_budget_bytes: self.kv_cache_mib << 20,
                 max_context: self.max_model_len,
             },
-            model: self.model,
-            draft: self.draft,
+            model,
+            draft,
             block_size: self.block_size,
         })
     }
+}
+
+/// Writes the embedded default model into its cache directory (once) and says so.
+fn default_model_paths() -> Result<default_model::Paths> {
+    let p = default_model::materialize()?;
+    eprintln!(
+        "no --model: the embedded default model {} ({:.1} MB; files in {}; --model DIR for another checkpoint)",
+        default_model::MODEL_NAME,
+        default_model::total_bytes() as f64 / 1e6,
+        p.root.display()
+    );
+    Ok(p)
 }
 
 #[derive(Subcommand)]
@@ -130,10 +165,14 @@ enum Cmd {
         #[arg(long)]
         ignore_eos: bool,
         /// A DFlash drafter directory: speculative decoding (same output for greedy decoding).
+        /// The default model uses its own drafter unless --no-draft.
         #[arg(long)]
         draft: Option<PathBuf>,
+        /// With the default model: plain decoding, no drafter.
+        #[arg(long, conflicts_with = "draft")]
+        no_draft: bool,
         /// Speculation block size 2..=16 (default: the drafter's).
-        #[arg(long, requires = "draft")]
+        #[arg(long)]
         block_size: Option<usize>,
     },
     /// Per-token log-probabilities of a text or of --token-ids (entry i: log p(token i | before)).
@@ -204,6 +243,31 @@ enum Cmd {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
+    /// one {"prompt": ...} per line), greedy, CPU executor.
+    BenchSpec {
+        /// Eval sets (default: train/eval/{code,math,prose}.jsonl of the repository).
+        #[arg(long = "eval")]
+        sets: Vec<PathBuf>,
+        /// Checkpoint directory (default: the embedded model and its drafter).
+        #[arg(long, requires = "draft")]
+        model: Option<PathBuf>,
+        /// DFlash drafter directory (default: the embedded model's).
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// Speculation block size 2..=16 (default: the drafter's).
+        #[arg(long)]
+        block_size: Option<usize>,
+        /// Tokens generated per prompt (EOS ignored, so every prompt gives this many).
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// Only the first N prompts of each set.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// List the GPUs Ultra can use and the NCCL library found.
     Devices,
     /// What a checkpoint (or a bare config.json) holds and costs: parameters total/active, weight
@@ -251,10 +315,22 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// The checkpoint of `m`: `--model`, else the embedded default model (its paths returned too).
+fn model_dir(m: &ModelArgs) -> Result<(PathBuf, Option<default_model::Paths>)> {
+    match &m.model {
+        Some(d) => Ok((d.clone(), None)),
+        None => {
+            let p = default_model_paths()?;
+            Ok((p.target.clone(), Some(p)))
+        }
+    }
+}
+
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
     set_threads(m.threads)?;
-    let mut loaded = commands::generate::load(&m.model)?;
+    let (dir, _) = model_dir(m)?;
+    let mut loaded = commands::generate::load(&dir)?;
     if m.device == Device::Cuda {
         loaded.to_gpu(0)?;
     }
@@ -301,9 +377,24 @@ fn main() -> Result<()> {
             stop,
             ignore_eos,
             draft,
+            no_draft,
             block_size,
         } => {
-            let loaded = open(&m)?;
+            set_threads(m.threads)?;
+            let (dir, default) = model_dir(&m)?;
+            let mut loaded = commands::generate::load(&dir)?;
+            if m.device == Device::Cuda {
+                loaded.to_gpu(0)?;
+            }
+            // The default model speculates with its own drafter (on the CPU executor).
+            let draft = match (draft, default) {
+                (Some(d), _) => Some(d),
+                (None, Some(p)) if !no_draft && m.device == Device::Cpu => Some(p.drafter),
+                _ => None,
+            };
+            if block_size.is_some() && draft.is_none() {
+                bail!("--block-size needs a drafter (--draft DIR, or the default model without --no-draft)");
+            }
             let ids = commands::generate::prompt_ids(
                 &loaded,
                 prompt.as_deref(),
@@ -509,6 +600,50 @@ fn main() -> Result<()> {
                 },
             )?;
             report.print();
+        }
+        Cmd::BenchSpec {
+            sets,
+            model,
+            draft,
+            block_size,
+            max_tokens,
+            limit,
+            threads,
+        } => {
+            set_threads(threads)?;
+            let (dir, draft) = match (model, draft) {
+                (Some(m), Some(d)) => (m, d),
+                (None, d) => {
+                    let p = default_model_paths()?;
+                    (p.target, d.unwrap_or(p.drafter))
+                }
+                (Some(_), None) => bail!("--model needs --draft"),
+            };
+            let sets = if sets.is_empty() {
+                let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../train/eval");
+                let s: Vec<PathBuf> = ["code", "math", "prose"]
+                    .iter()
+                    .map(|n| root.join(format!("{n}.jsonl")))
+                    .collect();
+                if !s.iter().all(|p| p.is_file()) {
+                    bail!(
+                        "no --eval given and the repository's train/eval/*.jsonl are not at {}",
+                        root.display()
+                    );
+                }
+                s
+            } else {
+                sets
+            };
+            let loaded = commands::generate::load(&dir)?;
+            println!(
+                "DFlash on the CPU executor, {} threads, greedy, {max_tokens} tokens per prompt (EOS ignored)",
+                rayon::current_num_threads()
+            );
+            let reports =
+                commands::bench_spec::run(&loaded, &draft, block_size, &sets, max_tokens, limit)?;
+            let b = commands::generate::spec_decoder(&loaded, &draft, block_size)?.block_size();
+            commands::bench_spec::print(&reports, b);
         }
         Cmd::Devices => {
             let n = tilert::Device::count();
