@@ -360,6 +360,7 @@ struct Buffers {
     act: DPtr<f32>,
     logits: DPtr<f32>,
     argmax: DPtr<u32>,
+    argmax_scratch: DPtr<u32>,
 }
 
 /// io slots.
@@ -442,6 +443,7 @@ impl GpuDraftSession {
             act: arena.alloc(t * inter, "draft activations")?,
             logits: arena.alloc((t - 1) * v, "draft logits")?,
             argmax: arena.alloc(t - 1, "draft argmax")?,
+            argmax_scratch: arena.alloc(crate::ops::ARGMAX_SCRATCH, "draft argmax scratch")?,
         };
         m.target.stream().synchronize()?;
         Ok(Self {
@@ -705,7 +707,7 @@ impl GpuDraftSession {
             b.logits.slice(0..rows * v),
             false,
         )?;
-        ops.argmax(s, b.logits, rows, v, b.argmax)?;
+        ops.argmax(s, b.logits, rows, v, b.argmax_scratch, b.argmax)?;
         Ok(())
     }
 }

@@ -34,7 +34,7 @@ use model::weights::{Linear, Mlp, Weights};
 
 use crate::arena::{dtoh, htod, Arena, DPtr};
 use crate::moe::{DeviceMoe, MoeKernels};
-use crate::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, MAX_TOKENS};
+use crate::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
 use crate::tensor::DeviceMatrix;
 use crate::{Device, RuntimeError};
 
@@ -581,6 +581,10 @@ struct Buffers {
     gu: DPtr<f32>,
     logits: DPtr<f32>,
     argmax: DPtr<u32>,
+    /// [`ARGMAX_SCRATCH`] words for the multi-block argmax (its counters start at zero).
+    argmax_scratch: DPtr<u32>,
+    /// The fused router's last-block counter (zero between launches).
+    route_counter: DPtr<u32>,
     /// Captured hidden states, one `[MAX_TOKENS, H]` slot per requested index.
     hidden: DPtr<f32>,
     sample_uniform: DPtr<f32>,
@@ -683,6 +687,8 @@ impl GpuSession {
             gu: arena.alloc(t * 3 * inter.max(1), "dense mlp activations")?,
             logits: arena.alloc(t * v, "logits")?,
             argmax: arena.alloc(t, "argmax")?,
+            argmax_scratch: arena.alloc(ARGMAX_SCRATCH, "argmax scratch")?,
+            route_counter: arena.alloc(1, "router counter")?,
             hidden: DPtr::null(),
             sample_uniform: arena.alloc(1, "sampling uniform")?,
             sample_out: arena.alloc(1, "sampled token")?,
@@ -888,8 +894,12 @@ impl GpuSession {
             m.ops
                 .linear(s, &layer.o, layer.o_bias, b.attn, t, x, true)?;
             mark("o_proj")?;
-            m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
-            mark("norm")?;
+            // The layer's last op applies the next RMSNorm (fused into the MoE combine).
+            let next_norm = if l + 1 < nl {
+                m.layers[l + 1].input_norm
+            } else {
+                m.final_norm
+            };
             match &layer.mlp {
                 GpuMlp::Moe {
                     router,
@@ -898,12 +908,34 @@ impl GpuSession {
                     experts,
                 } => {
                     let ne = experts.n_experts;
-                    m.ops
-                        .linear(s, router, *router_bias, b.h, t, b.router_logits, false)?;
-                    mark("router")?;
-                    m.ops
-                        .route(s, route, b.router_logits, t, ne, k, b.ids, b.weights)?;
-                    mark("route")?;
+                    let fused = m.ops.router_route(
+                        s,
+                        router,
+                        *router_bias,
+                        x,
+                        layer.post_attn_norm,
+                        eps,
+                        t,
+                        route,
+                        k,
+                        b.h,
+                        b.router_logits,
+                        b.route_counter,
+                        b.ids,
+                        b.weights,
+                    )?;
+                    if fused {
+                        mark("norm_router_route")?;
+                    } else {
+                        m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
+                        mark("norm")?;
+                        m.ops
+                            .linear(s, router, *router_bias, b.h, t, b.router_logits, false)?;
+                        mark("router")?;
+                        m.ops
+                            .route(s, route, b.router_logits, t, ne, k, b.ids, b.weights)?;
+                        mark("route")?;
+                    }
                     m.moe
                         .gate_up(s, experts, m.glu, b.h, t, k, b.ids, b.moe_scratch, b.act)?;
                     mark("experts_gate_up")?;
@@ -919,8 +951,10 @@ impl GpuSession {
                         b.y,
                     )?;
                     mark("experts_down")?;
-                    m.ops.combine(s, x, b.y, b.ids, t, k, h)?;
-                    mark("combine")?;
+                    m.ops
+                        .combine(s, x, b.y, b.ids, t, k, h, Some((next_norm, eps, b.h)))?;
+                    mark("combine_norm")?;
+                    self.capture_hidden(next_capture(l, nl), x, t)?;
                 }
                 GpuMlp::Dense {
                     gate_up,
@@ -931,27 +965,19 @@ impl GpuSession {
                     let i = down.cols;
                     let gu = b.gu.slice(0..t * 2 * i);
                     let act = b.gu.slice(t * 2 * i..t * 3 * i);
+                    m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
+                    mark("norm")?;
                     m.ops.linear(s, gate_up, *gate_up_bias, b.h, t, gu, false)?;
                     mark("mlp_gate_up")?;
                     m.ops.glu(s, m.glu, gu, t, i, act)?;
                     mark("glu")?;
                     m.ops.linear(s, down, *down_bias, act, t, x, true)?;
                     mark("mlp_down")?;
+                    self.capture_hidden(next_capture(l, nl), x, t)?;
+                    m.ops.rms_norm(s, x, next_norm, t, h, eps, b.h)?;
+                    mark("norm")?;
                 }
             }
-            let idx = if l + 1 < nl {
-                l + 1
-            } else {
-                LAST_LAYER_PRE_NORM
-            };
-            self.capture_hidden(idx, x, t)?;
-            let next_norm = if l + 1 < nl {
-                m.layers[l + 1].input_norm
-            } else {
-                m.final_norm
-            };
-            m.ops.rms_norm(s, x, next_norm, t, h, eps, b.h)?;
-            mark("norm")?;
         }
         self.capture_hidden(nl, b.h.slice(0..t * h), t)?;
         if logits == Logits::All {
@@ -959,7 +985,8 @@ impl GpuSession {
             m.ops
                 .linear(s, &m.lm_head, None, b.h, t, b.logits.slice(0..t * v), false)?;
             mark("lm_head")?;
-            m.ops.argmax(s, b.logits, t, v, b.argmax)?;
+            m.ops
+                .argmax(s, b.logits, t, v, b.argmax_scratch, b.argmax)?;
             mark("argmax")?;
         }
         Ok(())
@@ -1273,6 +1300,15 @@ fn timing_event(stream: &CudaStream) -> Result<CudaEvent, RuntimeError> {
     }
     .result()?;
     Ok(event)
+}
+
+/// The hidden-state index of the residual after layer `l` of `nl` (as `model::cpu::Session`).
+fn next_capture(l: usize, nl: usize) -> usize {
+    if l + 1 < nl {
+        l + 1
+    } else {
+        LAST_LAYER_PRE_NORM
+    }
 }
 
 fn attn_args(
