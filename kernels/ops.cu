@@ -359,15 +359,65 @@ __device__ __forceinline__ float dot16(const uint4& w, const float* xp, float ac
     return acc;
 }
 
+// Where a fused QKV projection's rows go (linear_qkv_rope): q to q_out [T][nh][d], k and v into
+// the cache slots of positions step[0] + t, RoPE applied on the way as rope_kv_write does (no
+// q/k norm). The weight rows are uploaded in "rope pair order": within each q and k head, rows
+// (2i, 2i + 1) for 2i < rot are dims (i, i + rot/2), then dims rot.. d in order; v rows as is.
+struct RopeOut {
+    const uint32_t* step;
+    const float* inv_freq;
+    float* q_out;
+    float* k_cache;
+    float* v_cache;
+    uint32_t nh, nkv, d, dv, rot, capacity;
+    float attn_factor, value_scale;
+};
+
+// Stores rows (row0, row0 + 1) of token t of a rope-pair-ordered QKV projection (row0 even).
+__device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uint32_t n,
+                                           uint32_t t, float v0, float v1) {
+    const uint64_t pos = (uint64_t)ro.step[0] + t;
+    const uint64_t slot = pos % ro.capacity;
+    const uint32_t qrows = ro.nh * ro.d, krows = ro.nkv * ro.d;
+    if (row0 < qrows + krows) {
+        const bool is_q = row0 < qrows;
+        const uint32_t base = is_q ? row0 : row0 - qrows;
+        const uint32_t head = base / ro.d, l = base % ro.d;
+        float* dst = is_q ? ro.q_out + ((size_t)t * ro.nh + head) * ro.d
+                          : ro.k_cache + (slot * ro.nkv + head) * ro.d;
+        if (l < ro.rot) {
+            const uint32_t half = ro.rot / 2, f = l / 2;
+            const double a = (double)__fmul_rn(ro.inv_freq[f], (float)pos);
+            const float c = __fmul_rn((float)cos(a), ro.attn_factor);
+            const float s = __fmul_rn((float)sin(a), ro.attn_factor);
+            dst[f] = __fsub_rn(__fmul_rn(v0, c), __fmul_rn(v1, s));
+            dst[f + half] = __fadd_rn(__fmul_rn(v1, c), __fmul_rn(v0, s));
+        } else {
+            dst[l] = v0;
+            dst[l + 1] = v1;
+        }
+        return;
+    }
+    const float vals[2] = {v0, v1};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const uint32_t row = row0 + r;
+        if (row >= n) break;
+        const uint32_t idx = row - qrows - krows, g = idx / ro.dv, i = idx % ro.dv;
+        ro.v_cache[(slot * ro.nkv + g) * ro.dv + i] = __fmul_rn(vals[r], ro.value_scale);
+    }
+}
+
 // One warp computes R consecutive rows for TT tokens (t ≤ TT of them are real; the others
 // re-read token t−1 and are not stored). Lane l handles the 16-byte vectors l, l+32, ... of
 // each row, U·R weight loads in flight. Requires K % (16 / sizeof(weight)) == 0 and 16-byte
 // aligned W and x.
-template <bool BF16, int TT, int R, int U>
+// With ROPE (R = 2), the rows go through rope_store instead of into y.
+template <bool BF16, int TT, int R, int U, bool ROPE = false>
 __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const float* __restrict__ bias,
                                            const float* __restrict__ x, float* __restrict__ y,
                                            uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate,
-                                           uint32_t prefetch) {
+                                           uint32_t prefetch, const RopeOut* ro = nullptr) {
     constexpr int E = BF16 ? 8 : 4;
     const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -429,6 +479,17 @@ __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const fl
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int j = 0; j < TT; ++j) acc[r][j] = warp_sum(acc[r][j]);
+    if constexpr (ROPE) {
+        static_assert(R == 2, "rope pairs are two rows");
+#pragma unroll
+        for (int j = 0; j < TT; ++j)
+            if (lane == j && (uint32_t)j < t) {
+                const float b0 = bias ? bias[row0] : 0.f;
+                const float b1 = bias && row0 + 1 < n ? bias[row0 + 1] : 0.f;
+                rope_store(*ro, row0, n, j, acc[0][j] + b0, acc[1][j] + b1);
+            }
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -469,6 +530,25 @@ LINEAR_VEC_R(f32, false, 2, 4, 2, 2)
 LINEAR_VEC_R(f32, false, 4, 4, 2, 1)
 LINEAR_VEC_R(f32, false, 8, 2, 1, 1)
 LINEAR_VEC_R(f32, false, 16, 2, 1, 1)
+
+// The QKV projection of rope-pair-ordered weights with RoPE and the KV write fused in
+// (replaces linear + rope_kv_write for layers without q/k norm). Two rows per warp.
+#define LINEAR_QKV_ROPE(NAME, BF, TT, U)                                                        \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+        const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
+        uint32_t n, uint32_t k, uint32_t t, RopeOut ro) {                                        \
+        linear_vec<BF, TT, 2, U, true>(w, bias, x, nullptr, n, k, t, 0, 0, &ro);                 \
+    }
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t1, true, 1, 4)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t2, true, 2, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t4, true, 4, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t8, true, 8, 1)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t16, true, 16, 1)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t1, false, 1, 4)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t2, false, 2, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t4, false, 4, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t8, false, 8, 1)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t16, false, 16, 1)
 
 // Any K and alignment: one warp per row, lanes strided over single elements.
 extern "C" __global__ void linear_generic(const void* __restrict__ wv, uint32_t is_bf16,
@@ -587,6 +667,8 @@ __device__ __forceinline__ void visible_keys(uint64_t step0, uint32_t t, uint32_
 // Keys per shared-memory tile of attention_gqa and most value dims one lane accumulates.
 #define ATT_TILE 32
 #define ATT_MAX_VC (MAX_HEAD_DIM / 32)
+#define ATT_MAX_WARPS 8
+#define ATT_MAX_SPLITS 64
 
 // Row stride (floats) of the key tile in shared memory: padded so that lanes reading their own
 // key's row with float4 loads hit distinct banks.
@@ -728,25 +810,39 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
     if (S == 1 || !last_block_done(reinterpret_cast<uint32_t*>(scratch) + t * nkv + g, S)) return;
-    // Merge: warp w takes the group's heads w, w + W, ...; lane i dims i, i + 32, ...
+    // Merge over the splits that hold keys (the others are empty by construction): warp w takes
+    // the group's heads w, w + W, ...; lane s < A holds split s's and s + 32's (m, l), and the
+    // per-split factors go through shared memory to the value loop (lane i: dims i, i + 32, ...).
+    __shared__ float factor[ATT_MAX_WARPS][ATT_MAX_SPLITS];
+    const uint32_t A = (uint32_t)min((uint64_t)S, (n + chunk - 1) / chunk);
     for (uint32_t hl = w; hl < G; hl += W) {
         const uint32_t h = g * G + hl;
         const float* part = parts + ((size_t)t * nh + h) * S * (dv + 2);
-        float mx = sinks ? sinks[h] : -INFINITY;
-        for (uint32_t i = 0; i < S; ++i) mx = fmaxf(mx, __ldcg(part + i * (dv + 2)));
-        float den = sinks ? expf(sinks[h] - mx) : 0.f;
-        for (uint32_t i = 0; i < S; ++i) {
-            const float ms = __ldcg(part + i * (dv + 2));
-            if (ms != -INFINITY) den += __ldcg(part + i * (dv + 2) + 1) * expf(ms - mx);
+        const float sink = sinks ? sinks[h] : -INFINITY;
+        float ms[2], ls[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const uint32_t sp = lane + 32 * u;
+            ms[u] = sp < A ? __ldcg(part + sp * (dv + 2)) : -INFINITY;
+            ls[u] = sp < A ? __ldcg(part + sp * (dv + 2) + 1) : 0.f;
         }
+        const float mx = fmaxf(warp_max(fmaxf(ms[0], ms[1])), sink);
+        float den_part = 0.f;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const float f = ms[u] == -INFINITY ? 0.f : expf(ms[u] - mx);
+            if (lane + 32 * u < A) factor[w][lane + 32 * u] = f;
+            den_part += ls[u] * f;
+        }
+        const float den = warp_sum(den_part) + (sink == -INFINITY ? 0.f : expf(sink - mx));
+        __syncwarp();
         for (uint32_t c = lane; c < dv; c += 32) {
             float a = 0.f;
-            for (uint32_t i = 0; i < S; ++i) {
-                const float ms = __ldcg(part + i * (dv + 2));
-                if (ms != -INFINITY) a += __ldcg(part + i * (dv + 2) + 2 + c) * expf(ms - mx);
-            }
+#pragma unroll 8
+            for (uint32_t i = 0; i < A; ++i) a = fmaf(__ldcg(part + i * (dv + 2) + 2 + c), factor[w][i], a);
             out[((size_t)t * nh + h) * dv + c] = den > 0.f ? a / den : 0.f;
         }
+        __syncwarp();
     }
 }
 
@@ -928,11 +1024,14 @@ extern "C" __global__ void route(const float* logits, RouteSpec rs, int32_t* ids
 
 // Router + routing with the post-attention norm fused in, for T ≤ TT tokens:
 //   h[t] = rms_norm(x[t]) ⊙ nw          (written to `hout`, each block a slice)
-//   logits[t][e] = W[e] · h[t] (+ bias)  (warp per expert, h normalised on the fly)
+//   logits[t][e] = W[e] · h[t] (+ bias)  (h normalised on the fly)
 //   ids / weights = route_token(logits[t])  (by the last block to finish; ROUTE_WARPS at a time)
-// W is [n_exp, K] bf16 or f32 (16-byte rows: K % 8 or K % 4 == 0); `counter` is zero before
-// the first launch. grid ceil(n_exp / 8), block 256.
+// Block b takes rows [b·rpb, (b+1)·rpb) with rpb = ceil(n_exp / gridDim.x); for each row its
+// ROUTER_THREADS threads stride over the row's 16-byte vectors and reduce through shared memory.
+// W is [n_exp, K] bf16 or f32 (16-byte rows: K % 8 or K % 4 == 0, 16-byte aligned x);
+// `counter` is zero before the first launch. grid ≤ n_exp, block ROUTER_THREADS.
 #define ROUTE_WARPS 4
+#define ROUTER_THREADS 256
 template <bool BF16, int TT>
 __device__ void router_route_body(const void* __restrict__ wv, const float* __restrict__ bias,
                                   const float* __restrict__ x, const float* __restrict__ nw,
@@ -941,15 +1040,22 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
                                   float* w_out) {
     __shared__ float red[32];
     __shared__ float rinv[TT];
+    __shared__ float wsum[ROUTER_THREADS / 32][TT];
     __shared__ RouteSmem rsm[ROUTE_WARPS];
     __shared__ float zs[ROUTE_WARPS][MAX_EXPERTS];
     constexpr int E = BF16 ? 8 : 4;
     pdl_begin();
     const uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (uint32_t t = 0; t < t_count; ++t) {
-        const float* xr = x + (size_t)t * kdim;
+        const float4* xr = reinterpret_cast<const float4*>(x + (size_t)t * kdim);
         float ss = 0.f;
-        for (uint32_t i = threadIdx.x; i < kdim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+        for (uint32_t i = threadIdx.x; i < kdim / 4; i += blockDim.x) {
+            const float4 a = __ldg(xr + i);
+            ss = fmaf(a.x, a.x, ss);
+            ss = fmaf(a.y, a.y, ss);
+            ss = fmaf(a.z, a.z, ss);
+            ss = fmaf(a.w, a.w, ss);
+        }
         ss = block_sum(ss, red);
         if (threadIdx.x == 0) rinv[t] = 1.0f / sqrtf(ss / (float)kdim + eps);
     }
@@ -961,13 +1067,15 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
             for (uint32_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
                 hout[(size_t)t * kdim + i] = __fmul_rn(nw[i], __fmul_rn(x[(size_t)t * kdim + i], rinv[t]));
     }
-    const uint32_t row = blockIdx.x * nwarps + w;
-    if (row < rs.n_exp) {
-        const uint4* wr = reinterpret_cast<const uint4*>(wv) + (size_t)row * (kdim / E);
+    const uint32_t rpb = (rs.n_exp + gridDim.x - 1) / gridDim.x;
+    const uint32_t r0 = blockIdx.x * rpb, r1 = min(rs.n_exp, r0 + rpb);
+    const uint32_t nvec = kdim / E;
+    for (uint32_t row = r0; row < r1; ++row) {
+        const uint4* wr = reinterpret_cast<const uint4*>(wv) + (size_t)row * nvec;
         float acc[TT];
 #pragma unroll
         for (int j = 0; j < TT; ++j) acc[j] = 0.f;
-        for (uint32_t v = lane; v < kdim / E; v += 32) {
+        for (uint32_t v = threadIdx.x; v < nvec; v += blockDim.x) {
             const uint4 wq = __ldg(wr + v);
             float wf[8];
             if (BF16) {
@@ -979,22 +1087,37 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
             }
             float nwv[E];
 #pragma unroll
-            for (int e = 0; e < E; ++e) nwv[e] = __ldg(nw + v * E + e);
+            for (int q = 0; q < E / 4; ++q) {
+                const float4 a = __ldg(reinterpret_cast<const float4*>(nw + v * E) + q);
+                nwv[4 * q] = a.x; nwv[4 * q + 1] = a.y; nwv[4 * q + 2] = a.z; nwv[4 * q + 3] = a.w;
+            }
 #pragma unroll
             for (int j = 0; j < TT; ++j) {
                 if ((uint32_t)j >= t_count) break;
-                const float* xp = x + (size_t)j * kdim + v * E;
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)j * kdim + v * E);
 #pragma unroll
-                for (int e = 0; e < E; ++e)
-                    acc[j] = fmaf(wf[e], __fmul_rn(nwv[e], __fmul_rn(xp[e], rinv[j])), acc[j]);
+                for (int q = 0; q < E / 4; ++q) {
+                    const float4 a = __ldg(xp + q);
+                    const float xs[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[j] = fmaf(wf[4 * q + e],
+                                      __fmul_rn(nwv[4 * q + e], __fmul_rn(xs[e], rinv[j])), acc[j]);
+                }
             }
         }
 #pragma unroll
         for (int j = 0; j < TT; ++j) {
-            if ((uint32_t)j >= t_count) break;
             const float sum = warp_sum(acc[j]);
-            if (lane == 0) logits[(size_t)j * rs.n_exp + row] = sum + (bias ? bias[row] : 0.f);
+            if (lane == 0) wsum[w][j] = sum;
         }
+        __syncthreads();
+        if (threadIdx.x < t_count) {
+            float sum = 0.f;
+            for (uint32_t q = 0; q < nwarps; ++q) sum += wsum[q][threadIdx.x];
+            logits[(size_t)threadIdx.x * rs.n_exp + row] = sum + (bias ? bias[row] : 0.f);
+        }
+        __syncthreads();
     }
     if (!last_block_done(counter, gridDim.x)) return;
     for (uint32_t t = w; t < t_count; t += ROUTE_WARPS) {
@@ -1007,7 +1130,7 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
 }
 
 #define ROUTER_ROUTE(NAME, BF, TT)                                                               \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                      \
+    extern "C" __global__ void __launch_bounds__(ROUTER_THREADS) NAME(                           \
         const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
         const float* __restrict__ nw, float eps, uint32_t kdim, uint32_t t_count, float* hout,   \
         float* logits, RouteSpec rs, uint32_t* counter, int32_t* ids_out, float* w_out) {        \

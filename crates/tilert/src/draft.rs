@@ -147,7 +147,7 @@ impl GpuDrafter {
         for (l, lw) in w.layers.iter().enumerate() {
             let at = |what: &str| format!("draft layer {l} {what}");
             let a = &lw.attn;
-            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, &at("qkv"))?;
+            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, None, &at("qkv"))?;
             let (o, o_bias) = upload_linear(&mut arena, &a.o, &at("o_proj"))?;
             let Mlp::Dense { gate_up, down } = &lw.mlp else {
                 return Err(invalid(format!("draft layer {l}: not a dense MLP")));

@@ -5,11 +5,11 @@
 //! launched with the programmatic-stream-serialization attribute: the next kernel's blocks start
 //! as soon as the current kernel's blocks are all running, do what needs no earlier result (the
 //! linear kernels prefetch their weights into L2), then wait for the predecessor to complete.
-//! On a decode step of ~200 small kernels this hides most of the launch gap of each. Captured
-//! into a CUDA graph the attribute becomes a programmatic edge.
+//! Captured into a CUDA graph the attribute becomes a programmatic edge.
 //!
-//! `ULTRA_NO_PDL=1` launches without the attribute (plain stream order), for comparison and
-//! debugging.
+//! Measured on an H100 (BENCHMARKS.md, 2026-11-21) the gpt-oss-20b decode step was *slower* with
+//! PDL (3.34 ms) than without (2.95 ms), so it is off by default: `ULTRA_PDL=1` turns it on (and
+//! with it the linear kernels' L2 prefetch), for comparison.
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -18,10 +18,10 @@ use cudarc::driver::{sys, CudaFunction, CudaStream};
 
 use crate::RuntimeError;
 
-/// Whether launches carry the PDL attribute (`ULTRA_NO_PDL=1` turns it off; read once).
+/// Whether launches carry the PDL attribute (`ULTRA_PDL=1`; read once).
 pub fn pdl_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("ULTRA_NO_PDL").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("ULTRA_PDL").is_ok_and(|v| v == "1"))
 }
 
 /// Enqueues `f` on `s`.

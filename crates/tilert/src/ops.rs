@@ -128,6 +128,8 @@ const ATT_TARGET_BLOCKS: usize = 264;
 const ATT_MAX_SPLITS: usize = 64;
 /// Keys per split aimed for at `max_keys`.
 const ATT_SPLIT_KEYS: usize = 256;
+/// Most blocks of the fused router (each takes `ceil(E / blocks)` expert rows).
+const ROUTER_MAX_BLOCKS: usize = 64;
 /// Blocks of the argmax (each scans a chunk of the vocabulary; the last merges) and its
 /// scratch: `MAX_TOKENS` counters, then `[T][blocks]` (value, index) pairs.
 const ARGMAX_BLOCKS: usize = 128;
@@ -143,6 +145,31 @@ enum Arg {
     U32(u32),
     F32(f32),
     Route(RouteSpec),
+    Rope(RopeOut),
+}
+
+/// `struct RopeOut` of ops.cu (where the fused QKV projection's rows go), passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RopeOut {
+    step: u64,
+    inv_freq: u64,
+    q_out: u64,
+    k_cache: u64,
+    v_cache: u64,
+    nh: u32,
+    nkv: u32,
+    d: u32,
+    dv: u32,
+    rot: u32,
+    capacity: u32,
+    attn_factor: f32,
+    value_scale: f32,
+}
+impl From<RopeOut> for Arg {
+    fn from(v: RopeOut) -> Self {
+        Arg::Rope(v)
+    }
 }
 
 /// `struct RouteSpec` of ops.cu (the routing parameters of one MoE layer), passed by value.
@@ -208,6 +235,7 @@ fn launch_with_smem(
             Arg::U32(v) => v as *mut u32 as *mut c_void,
             Arg::F32(v) => v as *mut f32 as *mut c_void,
             Arg::Route(v) => v as *mut RouteSpec as *mut c_void,
+            Arg::Rope(v) => v as *mut RopeOut as *mut c_void,
         })
         .collect();
     // SAFETY: every caller passes the arguments of the kernel's C signature in order, with
@@ -344,17 +372,60 @@ fn route_spec(kind: &RouteArgs, n_experts: usize, k: usize) -> Result<RouteSpec,
     })
 }
 
-/// Largest weight matrix (bytes) a linear kernel prefetches into L2 while its predecessor runs
-/// (`ULTRA_PREFETCH_MB`, default 32 — within an H100's 50 MB L2; 0 turns prefetching off).
+/// Largest weight matrix (bytes) a linear kernel prefetches into L2 while its predecessor runs,
+/// with PDL on (`ULTRA_PREFETCH_MB`, default 32 — within an H100's 50 MB L2; 0 turns
+/// prefetching off). Without PDL a kernel starts after its predecessor: nothing to overlap.
 fn prefetch_limit() -> usize {
     static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| {
+        if !crate::launch::pdl_enabled() {
+            return 0;
+        }
         std::env::var("ULTRA_PREFETCH_MB")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(32)
             << 20
     })
+}
+
+/// Whether a head of `d` dims with `rot` rotary dims can be laid out in [`rope_pair_order`].
+fn rope_pairs_fit(d: usize, rot: usize) -> bool {
+    d.is_multiple_of(2) && rot.is_multiple_of(2) && rot <= d
+}
+
+/// The row order [`Ops::linear_qkv_rope`] reads a fused `[q; k; v]` weight in: entry `p` is the
+/// original row of row `p`. Within each q and k head (`d` rows), rows `(2i, 2i + 1)` for
+/// `2i < rot` are dims `(i, i + rot/2)` — a RoPE pair, so one warp holds both — then dims
+/// `rot..d` in order; v rows keep their order. `None` when `d` or `rot` is odd.
+pub fn rope_pair_order(
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    dv: usize,
+    rot: usize,
+) -> Option<Vec<usize>> {
+    if !rope_pairs_fit(d, rot) {
+        return None;
+    }
+    let half = rot / 2;
+    let mut order = Vec::with_capacity((nh + nkv) * d + nkv * dv);
+    for head in 0..nh + nkv {
+        for l in 0..d {
+            let dim = if l < rot {
+                if l % 2 == 0 {
+                    l / 2
+                } else {
+                    l / 2 + half
+                }
+            } else {
+                l
+            };
+            order.push(head * d + dim);
+        }
+    }
+    order.extend((nh + nkv) * d..(nh + nkv) * d + nkv * dv);
+    Some(order)
 }
 
 /// Warps of one attention block: one per query head of a KV group, at most [`ATT_MAX_WARPS`].
@@ -429,6 +500,8 @@ pub struct Ops {
     attention: CudaFunction,
     route: CudaFunction,
     router_route_bf16: [CudaFunction; LINEAR_TOKENS.len()],
+    qkv_rope_bf16: [CudaFunction; LINEAR_TOKENS.len()],
+    qkv_rope_f32: [CudaFunction; LINEAR_TOKENS.len()],
     router_route_f32: [CudaFunction; LINEAR_TOKENS.len()],
     sample: CudaFunction,
 }
@@ -454,10 +527,10 @@ impl Ops {
                 Ok(<LinearTable>::try_from(rows)
                     .unwrap_or_else(|_| unreachable!("one row per bucket")))
             };
-        let router = |ty: &str| -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
+        let bucketed = |name: &str| -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
             let fs = LINEAR_TOKENS
                 .iter()
-                .map(|tt| f(&format!("router_route_{ty}_t{tt}")))
+                .map(|tt| f(&format!("{name}_t{tt}")))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(<[CudaFunction; LINEAR_TOKENS.len()]>::try_from(fs)
                 .unwrap_or_else(|_| unreachable!("one kernel per bucket")))
@@ -483,8 +556,10 @@ impl Ops {
             rope_kv_write: f("rope_kv_write")?,
             attention,
             route: f("route")?,
-            router_route_bf16: router("bf16")?,
-            router_route_f32: router("f32")?,
+            router_route_bf16: bucketed("router_route_bf16")?,
+            router_route_f32: bucketed("router_route_f32")?,
+            qkv_rope_bf16: bucketed("linear_qkv_rope_bf16")?,
+            qkv_rope_f32: bucketed("linear_qkv_rope_f32")?,
             sample: f("sample")?,
             _module: module,
         })
@@ -714,6 +789,105 @@ impl Ops {
         )
     }
 
+    /// The QKV projection with RoPE and the KV write fused in: `W · x[t] (+ bias)` of a weight
+    /// uploaded in [`rope_pair_order`] (see there), then exactly what [`Ops::rope_kv_write`]
+    /// does with the projected rows — q to `q_out`, k and v into the cache. Layers with q/k
+    /// norm cannot use it (the norm needs a whole head). Needs 16-byte weight rows (`cols` a
+    /// multiple of 8) and 16-byte aligned `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_qkv_rope(
+        &self,
+        s: &CudaStream,
+        w: &DeviceMatrix,
+        bias: Option<DPtr<f32>>,
+        x: DPtr<f32>,
+        t: usize,
+        a: &AttnArgs,
+        step: DPtr<u32>,
+        q_out: DPtr<f32>,
+    ) -> Result<(), RuntimeError> {
+        check_tokens("linear_qkv_rope", t)?;
+        check_attn("linear_qkv_rope", a)?;
+        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
+        if a.q_norm.is_some() || a.k_norm.is_some() {
+            return Err(invalid(
+                "linear_qkv_rope: layers with q/k norm take linear + rope_kv_write".into(),
+            ));
+        }
+        if !rope_pairs_fit(d, a.rotary_dim) {
+            return Err(invalid(format!(
+                "linear_qkv_rope: rotary_dim {} with head_dim {d}",
+                a.rotary_dim
+            )));
+        }
+        if t > a.capacity {
+            return Err(invalid(format!(
+                "linear_qkv_rope: {t} tokens into a KV ring of {} slots",
+                a.capacity
+            )));
+        }
+        let (addr, bf16) = matrix_data("qkv weight", w)?;
+        let rows = nh * d + nkv * d + nkv * dv;
+        if w.rows != rows || !w.cols.is_multiple_of(8) || !x.addr().is_multiple_of(16) {
+            return Err(invalid(format!(
+                "linear_qkv_rope: {}x{} weight for {rows} q/k/v rows (cols a multiple of 8, x \
+                 16-byte aligned)",
+                w.rows, w.cols
+            )));
+        }
+        check_len("linear_qkv_rope: x", x, t * w.cols)?;
+        if let Some(b) = bias {
+            check_len("linear_qkv_rope: bias", b, rows)?;
+        }
+        check_len("linear_qkv_rope: inv_freq", a.inv_freq, a.rotary_dim / 2)?;
+        check_len("linear_qkv_rope: step", step, 1)?;
+        check_len("linear_qkv_rope: q_out", q_out, t * nh * d)?;
+        let bucket = LINEAR_TOKENS
+            .iter()
+            .position(|&b| b >= t)
+            .unwrap_or(LINEAR_TOKENS.len() - 1);
+        let f = if bf16 {
+            &self.qkv_rope_bf16[bucket]
+        } else {
+            &self.qkv_rope_f32[bucket]
+        };
+        let ro = RopeOut {
+            step: step.addr(),
+            inv_freq: a.inv_freq.addr(),
+            q_out: q_out.addr(),
+            k_cache: a.k_cache.addr(),
+            v_cache: a.v_cache.addr(),
+            nh: nh as u32,
+            nkv: nkv as u32,
+            d: d as u32,
+            dv: dv as u32,
+            rot: a.rotary_dim as u32,
+            capacity: a.capacity as u32,
+            attn_factor: a.attention_factor,
+            value_scale: a.value_scale,
+        };
+        let warps = rows.div_ceil(2);
+        let blocks = u32_arg(
+            "linear blocks",
+            warps.div_ceil(LINEAR_THREADS as usize / 32),
+        )?;
+        launch(
+            s,
+            f,
+            (blocks, 1, 1),
+            LINEAR_THREADS,
+            &[
+                addr.into(),
+                crate::arena::addr_or_null(bias).into(),
+                x.addr().into(),
+                u32_arg("qkv rows", rows)?.into(),
+                u32_arg("qkv cols", w.cols)?.into(),
+                (t as u32).into(),
+                ro.into(),
+            ],
+        )
+    }
+
     /// Scratch elements [`Ops::attention`] needs for `t` queries over at most `max_keys` keys.
     pub fn attention_scratch_len(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
         ATT_COUNTERS + t * a.n_heads * attention_splits(a, t, max_keys) * (a.v_head_dim + 2)
@@ -819,7 +993,8 @@ impl Ops {
     /// The router of a MoE layer with the post-attention norm fused in, then its routing, in
     /// one launch: `h[t] = rms_norm(x[t]) ⊙ norm_w` (written to `h`, which the experts read),
     /// `logits[t] = router · h[t] (+ bias)`, and `ids` / `weights` of `logits[t]` as
-    /// [`Ops::route`]. Needs 16-byte weight rows (`cols` a multiple of 8 for bf16, 4 for f32);
+    /// [`Ops::route`]. Needs 16-byte weight rows (`cols` a multiple of 8 for bf16, 4 for f32)
+    /// and 16-byte aligned `x` and `norm_w`;
     /// returns `Ok(false)` (nothing enqueued) when they are not, so the caller runs
     /// [`Ops::rms_norm`], [`Ops::linear`] and [`Ops::route`] instead. `counter` is one `u32`
     /// that is zero before the first launch (each launch leaves it zero).
@@ -845,7 +1020,10 @@ impl Ops {
         let (addr, bf16) = matrix_data("router weight", router)?;
         let (n_experts, cols) = (router.rows, router.cols);
         let per16 = if bf16 { 8 } else { 4 };
-        if cols == 0 || !cols.is_multiple_of(per16) || !addr.is_multiple_of(16) {
+        let aligned = [addr, x.addr(), norm_w.addr()]
+            .iter()
+            .all(|a| a.is_multiple_of(16));
+        if cols == 0 || !cols.is_multiple_of(per16) || !aligned {
             return Ok(false);
         }
         let spec = route_spec(kind, n_experts, k)?;
@@ -871,7 +1049,7 @@ impl Ops {
         launch(
             s,
             f,
-            (n_experts.div_ceil(8) as u32, 1, 1),
+            (n_experts.min(ROUTER_MAX_BLOCKS) as u32, 1, 1),
             256,
             &[
                 addr.into(),

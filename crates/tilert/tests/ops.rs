@@ -646,6 +646,104 @@ fn check_rope_kv_write(g: &mut Gpu, rng: &mut ChaCha20Rng, geo: Geo, t: usize, s
     assert_eq!(gv2, wv, "{what} v");
 }
 
+/// The fused QKV projection (`linear_qkv_rope`, weights in `rope_pair_order`) against its two
+/// parts (`linear` on the natural order, then `rope_kv_write`): q and the written KV slots.
+fn check_qkv_rope(g: &mut Gpu, rng: &mut ChaCha20Rng, geo: Geo, cols: usize, t: usize, step: u32) {
+    let l = layer(g, rng, geo);
+    let (nh, nkv, d, dv) = (geo.nh, geo.nkv, geo.d, geo.dv);
+    let rows = nh * d + nkv * d + nkv * dv;
+    let wv = bf16_exact(uniform(rng, rows * cols, 0.5));
+    let bias = uniform(rng, rows, 1.0);
+    let x = uniform(rng, t * cols, 1.0);
+    let order = tilert::ops::rope_pair_order(nh, nkv, d, dv, geo.rot).expect("even dims");
+    let permuted: Vec<f32> = order
+        .iter()
+        .flat_map(|&r| wv[r * cols..(r + 1) * cols].to_vec())
+        .collect();
+    let pbias: Vec<f32> = order.iter().map(|&r| bias[r]).collect();
+    let w = DeviceMatrix::upload(&mut g.arena, &wv, rows, cols, "qkv").unwrap();
+    let wp = DeviceMatrix::upload(&mut g.arena, &permuted, rows, cols, "qkv permuted").unwrap();
+    let (dx, db, dpb, dstep) = (g.up(&x), g.up(&bias), g.up(&pbias), g.up(&[step]));
+    // Two paths, two caches.
+    let a1 = l.args;
+    let mut a2 = l.args;
+    a2.k_cache = g.zeros::<f32>(geo.capacity * nkv * d);
+    a2.v_cache = g.zeros::<f32>(geo.capacity * nkv * dv);
+    let (qkv, q1, q2) = (
+        g.zeros::<f32>(t * rows),
+        g.zeros::<f32>(t * nh * d),
+        g.zeros::<f32>(t * nh * d),
+    );
+    g.ops
+        .linear(&g.stream, &w, Some(db), dx, t, qkv, false)
+        .unwrap();
+    g.ops
+        .rope_kv_write(&g.stream, &a1, qkv, t, dstep, q1)
+        .unwrap();
+    g.ops
+        .linear_qkv_rope(&g.stream, &wp, Some(dpb), dx, t, &a2, dstep, q2)
+        .unwrap();
+    let what = format!("linear_qkv_rope {geo:?} cols={cols} t={t} step={step}");
+    // The dot products may round differently (two rows per warp instead of one): relative
+    // 1e-5 of the row's Σ|w·x| bounds both; RoPE then mixes two such values.
+    let scale: f64 = wv.iter().map(|w| w.abs() as f64).sum::<f64>() / rows as f64 + 1.0;
+    let tol = |_: usize| 1e-5 * scale;
+    assert_close(&format!("{what} q"), &g.down(q2), &g.down(q1), tol);
+    let slots: Vec<usize> = (0..t).map(|i| (step as usize + i) % geo.capacity).collect();
+    for (cache1, cache2, width, name) in [
+        (a1.k_cache, a2.k_cache, nkv * d, "k"),
+        (a1.v_cache, a2.v_cache, nkv * dv, "v"),
+    ] {
+        let (c1, c2) = (g.down(cache1), g.down(cache2));
+        let pick = |c: &[f32]| -> Vec<f32> {
+            slots
+                .iter()
+                .flat_map(|&sl| c[sl * width..(sl + 1) * width].to_vec())
+                .collect()
+        };
+        assert_close(&format!("{what} {name}"), &pick(&c2), &pick(&c1), tol);
+    }
+}
+
+#[test]
+fn linear_qkv_rope_matches_linear_then_rope_kv_write() {
+    let Some((mut g, mut rng)) = gpu("linear_qkv_rope_matches_linear_then_rope_kv_write") else {
+        return;
+    };
+    let mimo = Geo {
+        nh: 16,
+        nkv: 4,
+        d: 192,
+        dv: 128,
+        rot: 64,
+        capacity: 512,
+        window: None,
+        sinks: true,
+        qk_norm: false,
+        value_scale: 0.707,
+        attention_factor: 1.0,
+    };
+    let tiny = Geo {
+        nh: 4,
+        nkv: 2,
+        d: 16,
+        dv: 8,
+        rot: 12,
+        capacity: 16,
+        window: Some(4),
+        sinks: false,
+        qk_norm: false,
+        value_scale: 1.0,
+        attention_factor: 1.0,
+    };
+    check_qkv_rope(&mut g, &mut rng, GPT_OSS_SLIDING, 2880, 1, 77);
+    check_qkv_rope(&mut g, &mut rng, GPT_OSS_SLIDING, 2880, 16, 5000); // ring wrap
+    check_qkv_rope(&mut g, &mut rng, mimo, 256, 3, 100_000);
+    check_qkv_rope(&mut g, &mut rng, tiny, 64, 5, 14); // ring wrap inside the pass
+    check_qkv_rope(&mut g, &mut rng, Geo { rot: 0, ..tiny }, 64, 2, 9);
+    check_qkv_rope(&mut g, &mut rng, Geo { dv: 7, ..tiny }, 64, 8, 3); // odd row count
+}
+
 const GPT_OSS_SLIDING: Geo = Geo {
     nh: 64,
     nkv: 8,
