@@ -325,9 +325,6 @@ fn main() -> Result<()> {
             let mut stdout = std::io::stdout();
             let (g, spec) = match &draft {
                 Some(dir) => {
-                    if loaded.gpu.is_some() {
-                        bail!("--draft with --device cuda: DFlash on the GPU executor is not wired into `ultra generate` yet; use --device cpu");
-                    }
                     let r = commands::generate::generate_speculative(
                         &loaded,
                         dir,
