@@ -824,6 +824,11 @@ impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
         self.target.borrow()
     }
 
+    /// Device bytes of the target session and the draft state.
+    pub fn device_bytes(&self) -> usize {
+        self.target().device_bytes() + self.draft.device_bytes()
+    }
+
     /// Empties the target and the draft state, so the next [`GpuSpecOn::generate`] (or
     /// `SpecBackend::prefill`) starts a new sequence on the same device memory and graphs.
     pub fn reset(&mut self) {
