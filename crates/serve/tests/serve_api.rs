@@ -1041,7 +1041,12 @@ async fn http_tokenize_and_detokenize() {
     let tok = loaded.tokenizer.as_ref().unwrap();
     let prompt = "The quick brown fox";
     let want = tok.encode(prompt, true).unwrap();
-    let r = http_async(addr, "/tokenize", json!({"model": MODEL_ID, "prompt": prompt})).await;
+    let r = http_async(
+        addr,
+        "/tokenize",
+        json!({"model": MODEL_ID, "prompt": prompt}),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let v = r.json();
     let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
@@ -1059,10 +1064,7 @@ async fn http_tokenize_and_detokenize() {
     let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
     assert_eq!(ids, tok.encode(prompt, false).unwrap());
     let strs: Vec<String> = serde_json::from_value(v["token_strs"].clone()).unwrap();
-    let expect: Vec<String> = ids
-        .iter()
-        .map(|&t| tok.id_to_token(t).unwrap())
-        .collect();
+    let expect: Vec<String> = ids.iter().map(|&t| tok.id_to_token(t).unwrap()).collect();
     assert_eq!(strs, expect);
     // Chat messages: the same ids as a chat completion's prompt.
     let msgs = [model::tokenizer::ChatMessage::user("Hi there")];
@@ -1089,9 +1091,17 @@ async fn http_tokenize_and_detokenize() {
     let ids: Vec<u32> = serde_json::from_value(r.json()["tokens"].clone()).unwrap();
     assert_eq!(ids, no_gen);
     // Detokenize round trip.
-    let r = http_async(addr, "/detokenize", json!({"model": MODEL_ID, "tokens": want})).await;
+    let r = http_async(
+        addr,
+        "/detokenize",
+        json!({"model": MODEL_ID, "tokens": want}),
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["prompt"], tok.decode(&want, false).unwrap().as_str());
+    assert_eq!(
+        r.json()["prompt"],
+        tok.decode(&want, false).unwrap().as_str()
+    );
     // Errors: unknown model 404; out-of-vocabulary ids, neither/both inputs, bad JSON 400.
     for (path, body, status) in [
         ("/tokenize", json!({"model": "nope", "prompt": "x"}), 404),
