@@ -240,7 +240,7 @@ impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], PtError> {
         let s = self
             .b
-            .get(self.at..self.at.checked_add(n).unwrap_or(usize::MAX))
+            .get(self.at..self.at.saturating_add(n))
             .ok_or_else(|| PtError(format!("pickle truncated at byte {}", self.at)))?;
         self.at += n;
         Ok(s)
@@ -336,7 +336,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), PtError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return err("pickle: SETITEMS with an odd number of values");
         }
         let Value::Dict(d) = self.top()? else {

@@ -384,7 +384,7 @@ impl ProxyTarget<'_> {
         make: impl FnOnce(std_mpsc::Sender<Result<T>>) -> SpecOp,
     ) -> Result<T, ProxyError> {
         self.link
-            .call(make, |e| anyhow::Error::new(e))
+            .call(make, anyhow::Error::new)
             .map_err(|e| match e.downcast::<ProxyError>() {
                 Ok(p) => p,
                 Err(e) => ProxyError::Engine(e.to_string()),
