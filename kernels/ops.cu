@@ -1026,12 +1026,12 @@ extern "C" __global__ void route(const float* logits, RouteSpec rs, int32_t* ids
 //   h[t] = rms_norm(x[t]) ⊙ nw          (written to `hout`, each block a slice)
 //   logits[t][e] = W[e] · h[t] (+ bias)  (h normalised on the fly)
 //   ids / weights = route_token(logits[t])  (by the last block to finish; ROUTE_WARPS at a time)
-// One warp per expert row (gpt-oss's 32 experts: a single block, no inter-block handoff).
+// Block b takes rows [b·rpb, (b+1)·rpb) with rpb = ceil(n_exp / gridDim.x); for each row its
+// ROUTER_THREADS threads stride over the row's 16-byte vectors and reduce through shared memory.
 // W is [n_exp, K] bf16 or f32 (16-byte rows: K % 8 or K % 4 == 0, 16-byte aligned x);
-// `counter` is zero before the first launch. grid ceil(n_exp / 32), block ROUTER_THREADS.
+// `counter` is zero before the first launch. grid ≤ n_exp, block ROUTER_THREADS.
 #define ROUTE_WARPS 4
-#define ROUTER_THREADS 1024
-#define ROUTER_UNROLL 4
+#define ROUTER_THREADS 256
 template <bool BF16, int TT>
 __device__ void router_route_body(const void* __restrict__ wv, const float* __restrict__ bias,
                                   const float* __restrict__ x, const float* __restrict__ nw,
@@ -1040,6 +1040,7 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
                                   float* w_out) {
     __shared__ float red[32];
     __shared__ float rinv[TT];
+    __shared__ float wsum[ROUTER_THREADS / 32][TT];
     __shared__ RouteSmem rsm[ROUTE_WARPS];
     __shared__ float zs[ROUTE_WARPS][MAX_EXPERTS];
     constexpr int E = BF16 ? 8 : 4;
@@ -1066,69 +1067,59 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
             for (uint32_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
                 hout[(size_t)t * kdim + i] = __fmul_rn(nw[i], __fmul_rn(x[(size_t)t * kdim + i], rinv[t]));
     }
-    // Warp w of block b: expert row b·nwarps + w, lanes strided over its 16-byte vectors with
-    // ROUTER_UNROLL loads in flight.
+    const uint32_t rpb = (rs.n_exp + gridDim.x - 1) / gridDim.x;
+    const uint32_t r0 = blockIdx.x * rpb, r1 = min(rs.n_exp, r0 + rpb);
     const uint32_t nvec = kdim / E;
-    const uint32_t row = blockIdx.x * nwarps + w;
-    if (row < rs.n_exp) {
+    for (uint32_t row = r0; row < r1; ++row) {
         const uint4* wr = reinterpret_cast<const uint4*>(wv) + (size_t)row * nvec;
         float acc[TT];
 #pragma unroll
         for (int j = 0; j < TT; ++j) acc[j] = 0.f;
-        for (uint32_t v0 = lane; v0 < nvec; v0 += 32 * ROUTER_UNROLL) {
-            uint4 wq[ROUTER_UNROLL];
+        for (uint32_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+            const uint4 wq = __ldg(wr + v);
+            float wf[8];
+            if (BF16) {
+                wf[0] = bf_lo(wq.x); wf[1] = bf_hi(wq.x); wf[2] = bf_lo(wq.y); wf[3] = bf_hi(wq.y);
+                wf[4] = bf_lo(wq.z); wf[5] = bf_hi(wq.z); wf[6] = bf_lo(wq.w); wf[7] = bf_hi(wq.w);
+            } else {
+                wf[0] = __uint_as_float(wq.x); wf[1] = __uint_as_float(wq.y);
+                wf[2] = __uint_as_float(wq.z); wf[3] = __uint_as_float(wq.w);
+            }
+            float nwv[E];
 #pragma unroll
-            for (int u = 0; u < ROUTER_UNROLL; ++u) {
-                const uint32_t v = v0 + 32 * u;
-                wq[u] = v < nvec ? __ldg(wr + v) : make_uint4(0, 0, 0, 0);
+            for (int q = 0; q < E / 4; ++q) {
+                const float4 a = __ldg(reinterpret_cast<const float4*>(nw + v * E) + q);
+                nwv[4 * q] = a.x; nwv[4 * q + 1] = a.y; nwv[4 * q + 2] = a.z; nwv[4 * q + 3] = a.w;
             }
 #pragma unroll
-            for (int u = 0; u < ROUTER_UNROLL; ++u) {
-                const uint32_t v = v0 + 32 * u;
-                if (v >= nvec) break;
-                float wf[8];
-                if (BF16) {
-                    wf[0] = bf_lo(wq[u].x); wf[1] = bf_hi(wq[u].x); wf[2] = bf_lo(wq[u].y); wf[3] = bf_hi(wq[u].y);
-                    wf[4] = bf_lo(wq[u].z); wf[5] = bf_hi(wq[u].z); wf[6] = bf_lo(wq[u].w); wf[7] = bf_hi(wq[u].w);
-                } else {
-                    wf[0] = __uint_as_float(wq[u].x); wf[1] = __uint_as_float(wq[u].y);
-                    wf[2] = __uint_as_float(wq[u].z); wf[3] = __uint_as_float(wq[u].w);
-                }
-                float nwv[E];
+            for (int j = 0; j < TT; ++j) {
+                if ((uint32_t)j >= t_count) break;
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)j * kdim + v * E);
 #pragma unroll
                 for (int q = 0; q < E / 4; ++q) {
-                    const float4 a = __ldg(reinterpret_cast<const float4*>(nw + v * E) + q);
-                    nwv[4 * q] = a.x; nwv[4 * q + 1] = a.y; nwv[4 * q + 2] = a.z; nwv[4 * q + 3] = a.w;
-                }
+                    const float4 a = __ldg(xp + q);
+                    const float xs[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-                for (int j = 0; j < TT; ++j) {
-                    if ((uint32_t)j >= t_count) break;
-                    const float4* xp = reinterpret_cast<const float4*>(x + (size_t)j * kdim + v * E);
-#pragma unroll
-                    for (int q = 0; q < E / 4; ++q) {
-                        const float4 a = __ldg(xp + q);
-                        const float xs[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            acc[j] = fmaf(wf[4 * q + e],
-                                          __fmul_rn(nwv[4 * q + e], __fmul_rn(xs[e], rinv[j])), acc[j]);
-                    }
+                    for (int e = 0; e < 4; ++e)
+                        acc[j] = fmaf(wf[4 * q + e],
+                                      __fmul_rn(nwv[4 * q + e], __fmul_rn(xs[e], rinv[j])), acc[j]);
                 }
             }
         }
 #pragma unroll
         for (int j = 0; j < TT; ++j) {
-            if ((uint32_t)j >= t_count) break;
             const float sum = warp_sum(acc[j]);
-            if (lane == 0) logits[(size_t)j * rs.n_exp + row] = sum + (bias ? bias[row] : 0.f);
+            if (lane == 0) wsum[w][j] = sum;
         }
-    }
-    // One block: its own writes are visible after a barrier; more: the last block routes.
-    if (gridDim.x == 1) {
         __syncthreads();
-    } else if (!last_block_done(counter, gridDim.x)) {
-        return;
+        if (threadIdx.x < t_count) {
+            float sum = 0.f;
+            for (uint32_t q = 0; q < nwarps; ++q) sum += wsum[q][threadIdx.x];
+            logits[(size_t)threadIdx.x * rs.n_exp + row] = sum + (bias ? bias[row] : 0.f);
+        }
+        __syncthreads();
     }
+    if (!last_block_done(counter, gridDim.x)) return;
     for (uint32_t t = w; t < t_count; t += ROUTE_WARPS) {
         if (w >= ROUTE_WARPS) break;
         for (uint32_t i = lane; i < rs.n_exp; i += 32) zs[w][i] = __ldcg(logits + (size_t)t * rs.n_exp + i);

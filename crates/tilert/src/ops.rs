@@ -128,6 +128,8 @@ const ATT_TARGET_BLOCKS: usize = 264;
 const ATT_MAX_SPLITS: usize = 64;
 /// Keys per split aimed for at `max_keys`.
 const ATT_SPLIT_KEYS: usize = 256;
+/// Most blocks of the fused router (each takes `ceil(E / blocks)` expert rows).
+const ROUTER_MAX_BLOCKS: usize = 64;
 /// Blocks of the argmax (each scans a chunk of the vocabulary; the last merges) and its
 /// scratch: `MAX_TOKENS` counters, then `[T][blocks]` (value, index) pairs.
 const ARGMAX_BLOCKS: usize = 128;
@@ -1047,8 +1049,8 @@ impl Ops {
         launch(
             s,
             f,
-            (n_experts.div_ceil(32) as u32, 1, 1),
-            1024,
+            (n_experts.min(ROUTER_MAX_BLOCKS) as u32, 1, 1),
+            256,
             &[
                 addr.into(),
                 crate::arena::addr_or_null(bias).into(),
