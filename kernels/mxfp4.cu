@@ -15,6 +15,14 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// Programmatic dependent launch (tilert launches the MoE kernels with it; see ops.cu and
+// crates/tilert/src/launch.rs): wait for the predecessor kernel, then let the successor start.
+// No-ops when launched without PDL.
+__device__ __forceinline__ void pdl_begin() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 
 // ---------------------------------------------------------------------------------------------
 // Decode helpers
@@ -481,6 +489,7 @@ template <int NP, bool GLU>
 __device__ void moe_mx_body(const MoeParams& p) {
     extern __shared__ __align__(16) uint8_t moe_smem[];
     __shared__ MoeSlot s;
+    pdl_begin();
     constexpr uint32_t CH = 2 * NP;
     const uint32_t groups = (p.rows + 15) / 16;
     const uint32_t ctas_per_slot = (groups + p.row_groups - 1) / p.row_groups;
@@ -693,6 +702,7 @@ __device__ __forceinline__ void moe_load8(const float* p, float (&v)[8]) {
 template <typename W, int C, bool GLU>
 __device__ void moe_dense_body(const MoeParams& p) {
     __shared__ MoeSlot s;
+    pdl_begin();
     const uint32_t n_warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t rows_per_cta = 2 * n_warps;
     const uint32_t ctas_per_slot = (p.rows + rows_per_cta - 1) / rows_per_cta;

@@ -48,6 +48,34 @@ __device__ float block_max(float v, float* red) {
     return warp_max(r);
 }
 
+// Programmatic dependent launch: tilert launches the kernels of this file with PDL (see
+// crates/tilert/src/launch.rs), so a kernel's blocks may start while its predecessor in the
+// stream still runs. Every kernel calls pdl_begin() before its first access to memory that an
+// earlier kernel writes or reads (only weights may be touched before, e.g. prefetched); it waits
+// for the predecessor to complete and flush, then lets the successor's blocks start (they wait
+// in their own pdl_begin()). Launched without PDL, both instructions are no-ops.
+__device__ __forceinline__ void pdl_begin() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// Block-wide "am I the last block of this group to finish?" after the caller's global writes:
+// fences them, counts the block in `*counter`, and in the last block (which returns true) resets
+// the counter for the next launch and fences so the other blocks' writes are visible. Every
+// thread of the block must call it.
+__device__ bool last_block_done(uint32_t* counter, uint32_t n_blocks) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1u) == n_blocks - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 // ------------------------------------------------------------------------------------------
 // Deterministic fills (splitmix64 of seed and index)
 // ------------------------------------------------------------------------------------------
@@ -68,12 +96,14 @@ __device__ __forceinline__ float hash_uniform(uint64_t seed, uint64_t i, float s
 
 extern "C" __global__ void fill_uniform_bf16(__nv_bfloat16* out, uint64_t n, float scale,
                                              uint64_t seed) {
+    pdl_begin();
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride)
         out[i] = __float2bfloat16_rz(hash_uniform(seed, i, scale));
 }
 
 extern "C" __global__ void fill_uniform_f32(float* out, uint64_t n, float scale, uint64_t seed) {
+    pdl_begin();
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
         float v = hash_uniform(seed, i, scale);
@@ -83,6 +113,7 @@ extern "C" __global__ void fill_uniform_f32(float* out, uint64_t n, float scale,
 
 extern "C" __global__ void fill_bytes(uint8_t* out, uint64_t n, uint32_t lo, uint32_t span,
                                       uint64_t seed) {
+    pdl_begin();
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
         const uint64_t r = splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
@@ -98,6 +129,7 @@ extern "C" __global__ void fill_bytes(uint8_t* out, uint64_t n, uint32_t lo, uin
 // (the host validates ids before they reach the device; NaN makes a miss visible).
 extern "C" __global__ void embed_bf16(const __nv_bfloat16* table, const uint32_t* tokens,
                                       uint32_t vocab, uint32_t h, float* x) {
+    pdl_begin();
     const uint32_t t = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= h) return;
     const uint32_t id = tokens[t];
@@ -106,6 +138,7 @@ extern "C" __global__ void embed_bf16(const __nv_bfloat16* table, const uint32_t
 
 extern "C" __global__ void embed_f32(const float* table, const uint32_t* tokens, uint32_t vocab,
                                      uint32_t h, float* x) {
+    pdl_begin();
     const uint32_t t = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= h) return;
     const uint32_t id = tokens[t];
@@ -115,6 +148,7 @@ extern "C" __global__ void embed_f32(const float* table, const uint32_t* tokens,
 // out[r] = w ⊙ (x[r] · 1/sqrt(mean(x[r]²) + eps)); one block per row.
 extern "C" __global__ void rms_norm(const float* x, const float* w, uint32_t n, float eps,
                                    float* out) {
+    pdl_begin();
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * n;
     float* orow = out + (size_t)blockIdx.x * n;
@@ -132,6 +166,7 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf
 // (gpt-oss), 1 = SwiGLU.
 extern "C" __global__ void glu_halves(const float* gate_up, uint32_t t_count, uint32_t inter,
                                       uint32_t kind, float alpha, float limit, float* out) {
+    pdl_begin();
     const uint64_t n = (uint64_t)t_count * inter;
     for (uint64_t idx = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; idx < n;
          idx += (uint64_t)gridDim.x * blockDim.x) {
@@ -150,11 +185,15 @@ extern "C" __global__ void glu_halves(const float* gate_up, uint32_t t_count, ui
     }
 }
 
-// x[t] += Σ_j y[t][j] with the k terms summed from 0 in ascending expert id. grid (T, ...).
+// x[t] += Σ_j y[t][j] with the k terms summed from 0 in ascending expert id; then, when `nw` is
+// given, h[t] = rms_norm(x[t]) ⊙ nw (the next layer's input norm fused in: as `rms_norm`, but
+// grid (T, 1) is required). grid (T, ...).
 extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* ids, uint32_t k,
-                                       uint32_t h) {
+                                       uint32_t h, const float* nw, float eps, float* hout) {
+    pdl_begin();
     const uint32_t t = blockIdx.x;
     __shared__ int order[MAX_TOKENS];
+    __shared__ float red[32];
     if (threadIdx.x == 0) {
         int id[MAX_TOKENS];
         for (uint32_t j = 0; j < k; ++j) {
@@ -173,11 +212,20 @@ extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* 
         }
     }
     __syncthreads();
+    float* xr = x + (size_t)t * h;
+    float ss = 0.f;
     for (uint32_t i = blockIdx.y * blockDim.x + threadIdx.x; i < h; i += gridDim.y * blockDim.x) {
         float acc = 0.f;
         for (uint32_t j = 0; j < k; ++j) acc += y[((size_t)t * k + order[j]) * h + i];
-        x[(size_t)t * h + i] += acc;
+        const float v = xr[i] + acc;
+        xr[i] = v;
+        ss = fmaf(v, v, ss);
     }
+    if (!nw) return;
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)h + eps);
+    float* orow = hout + (size_t)t * h;
+    for (uint32_t i = threadIdx.x; i < h; i += blockDim.x) orow[i] = __fmul_rn(nw[i], __fmul_rn(xr[i], r));
 }
 
 // NaN reads as -inf (as model::sampling does).
@@ -185,41 +233,27 @@ __device__ __forceinline__ float sane_logit(float x) {
     return isnan(x) ? -INFINITY : fminf(x, FLT_MAX);
 }
 
-// out[t] = argmax(logits[t]); lowest index on ties; one block per token.
-extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t* out) {
+// Folds (ov, oi) into (best, besti): larger value wins, the lower index on ties; index
+// 0xffffffff = nothing yet.
+__device__ __forceinline__ void argmax_fold(float& best, uint32_t& besti, float ov, uint32_t oi) {
+    if (oi != 0xffffffffu && (besti == 0xffffffffu || ov > best || (ov == best && oi < besti))) {
+        best = ov;
+        besti = oi;
+    }
+}
+
+// Block-wide argmax fold; thread 0 gets the result.
+__device__ void block_argmax(float& best, uint32_t& besti) {
     __shared__ float bv[32];
     __shared__ uint32_t bi[32];
-    const float* row = logits + (size_t)blockIdx.x * v;
-    float best = -INFINITY;
-    uint32_t besti = 0xffffffffu;
-    // Eight independent loads in flight per thread; each thread still visits its indices in
-    // increasing order, so `>` keeps the lowest index of equal values.
-    for (uint32_t i0 = threadIdx.x; i0 < v; i0 += 8 * blockDim.x) {
-        float xs[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const uint32_t i = i0 + u * blockDim.x;
-            xs[u] = i < v ? sane_logit(row[i]) : -INFINITY;
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const uint32_t i = i0 + u * blockDim.x;
-            if (i < v && (xs[u] > best || besti == 0xffffffffu)) {
-                best = xs[u];
-                besti = i;
-            }
-        }
-    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
         const uint32_t oi = __shfl_xor_sync(0xffffffffu, besti, o);
-        if (ov > best || (ov == best && oi < besti)) {
-            best = ov;
-            besti = oi;
-        }
+        argmax_fold(best, besti, ov, oi);
     }
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    __syncthreads();
     if (lane == 0) {
         bv[wid] = best;
         bi[wid] = besti;
@@ -232,13 +266,58 @@ extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t
         for (int o = 16; o > 0; o >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, best, o);
             const uint32_t oi = __shfl_xor_sync(0xffffffffu, besti, o);
-            if (ov > best || (ov == best && oi < besti)) {
-                best = ov;
-                besti = oi;
+            argmax_fold(best, besti, ov, oi);
+        }
+    }
+}
+
+// out[t] = argmax(logits[t]); lowest index on ties. grid (B, T): block b scans chunk b of the
+// row; with B > 1 each writes its (value, index) to scratch ([MAX_TOKENS] counters, then
+// [T][B] pairs; counters zero before the first launch) and the last block of each row merges.
+extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t* out,
+                                       uint32_t* scratch) {
+    pdl_begin();
+    const uint32_t t = blockIdx.y, B = gridDim.x;
+    const float* row = logits + (size_t)t * v;
+    const uint32_t chunk = (v + B - 1) / B;
+    const uint32_t lo = blockIdx.x * chunk, hi = min(v, lo + chunk);
+    float best = -INFINITY;
+    uint32_t besti = 0xffffffffu;
+    // Eight independent loads in flight per thread; each thread still visits its indices in
+    // increasing order, so `>` keeps the lowest index of equal values.
+    for (uint32_t i0 = lo + threadIdx.x; i0 < hi; i0 += 8 * blockDim.x) {
+        float xs[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const uint32_t i = i0 + u * blockDim.x;
+            xs[u] = i < hi ? sane_logit(__ldcs(row + i)) : -INFINITY;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const uint32_t i = i0 + u * blockDim.x;
+            if (i < hi && (xs[u] > best || besti == 0xffffffffu)) {
+                best = xs[u];
+                besti = i;
             }
         }
-        if (lane == 0) out[blockIdx.x] = besti == 0xffffffffu ? 0u : besti;
     }
+    block_argmax(best, besti);
+    if (B == 1) {
+        if (threadIdx.x == 0) out[t] = besti == 0xffffffffu ? 0u : besti;
+        return;
+    }
+    uint32_t* pairs = scratch + MAX_TOKENS + (size_t)t * B * 2;
+    if (threadIdx.x == 0) {
+        pairs[2 * blockIdx.x] = __float_as_uint(best);
+        pairs[2 * blockIdx.x + 1] = besti;
+    }
+    if (!last_block_done(scratch + t, B)) return;
+    best = -INFINITY;
+    besti = 0xffffffffu;
+    for (uint32_t b = threadIdx.x; b < B; b += blockDim.x)
+        argmax_fold(best, besti, __uint_as_float(__ldcg(pairs + 2 * b)), __ldcg(pairs + 2 * b + 1));
+    block_argmax(best, besti);
+    if (threadIdx.x == 0) out[t] = besti == 0xffffffffu ? 0u : besti;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -280,14 +359,65 @@ __device__ __forceinline__ float dot16(const uint4& w, const float* xp, float ac
     return acc;
 }
 
+// Where a fused QKV projection's rows go (linear_qkv_rope): q to q_out [T][nh][d], k and v into
+// the cache slots of positions step[0] + t, RoPE applied on the way as rope_kv_write does (no
+// q/k norm). The weight rows are uploaded in "rope pair order": within each q and k head, rows
+// (2i, 2i + 1) for 2i < rot are dims (i, i + rot/2), then dims rot.. d in order; v rows as is.
+struct RopeOut {
+    const uint32_t* step;
+    const float* inv_freq;
+    float* q_out;
+    float* k_cache;
+    float* v_cache;
+    uint32_t nh, nkv, d, dv, rot, capacity;
+    float attn_factor, value_scale;
+};
+
+// Stores rows (row0, row0 + 1) of token t of a rope-pair-ordered QKV projection (row0 even).
+__device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uint32_t n,
+                                           uint32_t t, float v0, float v1) {
+    const uint64_t pos = (uint64_t)ro.step[0] + t;
+    const uint64_t slot = pos % ro.capacity;
+    const uint32_t qrows = ro.nh * ro.d, krows = ro.nkv * ro.d;
+    if (row0 < qrows + krows) {
+        const bool is_q = row0 < qrows;
+        const uint32_t base = is_q ? row0 : row0 - qrows;
+        const uint32_t head = base / ro.d, l = base % ro.d;
+        float* dst = is_q ? ro.q_out + ((size_t)t * ro.nh + head) * ro.d
+                          : ro.k_cache + (slot * ro.nkv + head) * ro.d;
+        if (l < ro.rot) {
+            const uint32_t half = ro.rot / 2, f = l / 2;
+            const double a = (double)__fmul_rn(ro.inv_freq[f], (float)pos);
+            const float c = __fmul_rn((float)cos(a), ro.attn_factor);
+            const float s = __fmul_rn((float)sin(a), ro.attn_factor);
+            dst[f] = __fsub_rn(__fmul_rn(v0, c), __fmul_rn(v1, s));
+            dst[f + half] = __fadd_rn(__fmul_rn(v1, c), __fmul_rn(v0, s));
+        } else {
+            dst[l] = v0;
+            dst[l + 1] = v1;
+        }
+        return;
+    }
+    const float vals[2] = {v0, v1};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const uint32_t row = row0 + r;
+        if (row >= n) break;
+        const uint32_t idx = row - qrows - krows, g = idx / ro.dv, i = idx % ro.dv;
+        ro.v_cache[(slot * ro.nkv + g) * ro.dv + i] = __fmul_rn(vals[r], ro.value_scale);
+    }
+}
+
 // One warp computes R consecutive rows for TT tokens (t ≤ TT of them are real; the others
 // re-read token t−1 and are not stored). Lane l handles the 16-byte vectors l, l+32, ... of
 // each row, U·R weight loads in flight. Requires K % (16 / sizeof(weight)) == 0 and 16-byte
 // aligned W and x.
-template <bool BF16, int TT, int R, int U>
+// With ROPE (R = 2), the rows go through rope_store instead of into y.
+template <bool BF16, int TT, int R, int U, bool ROPE = false>
 __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const float* __restrict__ bias,
                                            const float* __restrict__ x, float* __restrict__ y,
-                                           uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate) {
+                                           uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate,
+                                           uint32_t prefetch, const RopeOut* ro = nullptr) {
     constexpr int E = BF16 ? 8 : 4;
     const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -300,6 +430,14 @@ __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const fl
         const uint32_t row = min(row0 + r, n - 1);
         wrow[r] = reinterpret_cast<const uint4*>(wv) + (size_t)row * nvec;
     }
+    // The weights do not depend on earlier kernels: with `prefetch`, pull this warp's rows into
+    // L2 while the predecessor still runs.
+    if (prefetch && lane < R && row0 + lane < n)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
+                         reinterpret_cast<const uint4*>(wv) + (size_t)(row0 + lane) * nvec),
+                     "r"(nvec * 16u)
+                     : "memory");
+    pdl_begin();
     const float* xt[TT];
 #pragma unroll
     for (int j = 0; j < TT; ++j) xt[j] = x + (size_t)min((uint32_t)j, t - 1) * k;
@@ -341,6 +479,17 @@ __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const fl
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int j = 0; j < TT; ++j) acc[r][j] = warp_sum(acc[r][j]);
+    if constexpr (ROPE) {
+        static_assert(R == 2, "rope pairs are two rows");
+#pragma unroll
+        for (int j = 0; j < TT; ++j)
+            if (lane == j && (uint32_t)j < t) {
+                const float b0 = bias ? bias[row0] : 0.f;
+                const float b1 = bias && row0 + 1 < n ? bias[row0 + 1] : 0.f;
+                rope_store(*ro, row0, n, j, acc[0][j] + b0, acc[1][j] + b1);
+            }
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -361,8 +510,9 @@ __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const fl
 #define LINEAR_VEC(NAME, BF, TT, R, U)                                                          \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
         const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
-        float* __restrict__ y, uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate) {        \
-        linear_vec<BF, TT, R, U>(w, bias, x, y, n, k, t, accumulate);                            \
+        float* __restrict__ y, uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate,          \
+        uint32_t prefetch) {                                                                     \
+        linear_vec<BF, TT, R, U>(w, bias, x, y, n, k, t, accumulate, prefetch);                  \
     }
 
 #define LINEAR_VEC_R(BFNAME, BF, TT, U1, U2, U4)        \
@@ -381,12 +531,32 @@ LINEAR_VEC_R(f32, false, 4, 4, 2, 1)
 LINEAR_VEC_R(f32, false, 8, 2, 1, 1)
 LINEAR_VEC_R(f32, false, 16, 2, 1, 1)
 
+// The QKV projection of rope-pair-ordered weights with RoPE and the KV write fused in
+// (replaces linear + rope_kv_write for layers without q/k norm). Two rows per warp.
+#define LINEAR_QKV_ROPE(NAME, BF, TT, U)                                                        \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+        const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
+        uint32_t n, uint32_t k, uint32_t t, RopeOut ro) {                                        \
+        linear_vec<BF, TT, 2, U, true>(w, bias, x, nullptr, n, k, t, 0, 0, &ro);                 \
+    }
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t1, true, 1, 4)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t2, true, 2, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t4, true, 4, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t8, true, 8, 1)
+LINEAR_QKV_ROPE(linear_qkv_rope_bf16_t16, true, 16, 1)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t1, false, 1, 4)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t2, false, 2, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t4, false, 4, 2)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t8, false, 8, 1)
+LINEAR_QKV_ROPE(linear_qkv_rope_f32_t16, false, 16, 1)
+
 // Any K and alignment: one warp per row, lanes strided over single elements.
 extern "C" __global__ void linear_generic(const void* __restrict__ wv, uint32_t is_bf16,
                                           const float* __restrict__ bias,
                                           const float* __restrict__ x, float* __restrict__ y,
                                           uint32_t n, uint32_t k, uint32_t t,
                                           uint32_t accumulate) {
+    pdl_begin();
     const uint32_t row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (row >= n) return;
@@ -429,6 +599,7 @@ extern "C" __global__ void rope_kv_write(const float* qkv, const uint32_t* step,
                                          const float* q_norm, const float* k_norm, float eps,
                                          float value_scale, float* q_out, float* k_cache,
                                          float* v_cache, uint32_t capacity) {
+    pdl_begin();
     __shared__ float xs[MAX_HEAD_DIM];
     __shared__ float red[32];
     const uint32_t hh = blockIdx.x, t = blockIdx.y;
@@ -493,114 +664,185 @@ __device__ __forceinline__ void visible_keys(uint64_t step0, uint32_t t, uint32_
     *first = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
 }
 
-// grid (S, n_heads, T), block ATT_THREADS. Split s of query (t, h) handles a contiguous run of
-// the visible keys and writes (m, l, acc[dv]) to scratch[((t·nh + h)·S + s)·(dv + 2)].
-extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-    attention_partial(const float* q, const float* k_cache, const float* v_cache,
-                      const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv,
-                      uint32_t d, uint32_t dv, uint32_t capacity, uint32_t window,
-                      uint32_t causal, float scale, float* scratch) {
-    __shared__ float qs[MAX_HEAD_DIM];
-    __shared__ float ps[ATT_THREADS];
-    __shared__ float red[32];
-    const uint32_t s = blockIdx.x, h = blockIdx.y, t = blockIdx.z, S = gridDim.x;
-    const uint32_t g = h / (nh / nkv);
+// Keys per shared-memory tile of attention_gqa and most value dims one lane accumulates.
+#define ATT_TILE 32
+#define ATT_MAX_VC (MAX_HEAD_DIM / 32)
+#define ATT_MAX_WARPS 8
+#define ATT_MAX_SPLITS 64
+
+// Row stride (floats) of the key tile in shared memory: padded so that lanes reading their own
+// key's row with float4 loads hit distinct banks.
+__host__ __device__ __forceinline__ uint32_t att_k_stride(uint32_t d) {
+    return (d & 3) == 0 ? d + 4 : d + 1;
+}
+
+// Merges a head's softmax state with its sink: out = acc / (l + e^(sink)) in the shifted form
+// of the CPU definition (`sink` = -inf: none). Returns the factor acc is multiplied with.
+__device__ __forceinline__ float att_finish(float m, float l, float sink) {
+    const float mx = fmaxf(m, sink);
+    const float den = (sink == -INFINITY ? 0.f : expf(sink - mx)) + (m == -INFINITY ? 0.f : l * expf(m - mx));
+    return den > 0.f ? (m == -INFINITY ? 0.f : expf(m - mx)) / den : 0.f;
+}
+
+// Decode / verify attention, one block per (key split s, KV group g, query t): the group's keys
+// and values of split s stream once through shared memory in tiles of ATT_TILE and serve all
+// G = nh / nkv query heads of the group (warp w takes heads w, w + W, ...). Lane j scores key j
+// of a tile; lane i accumulates value dims i, i + 32, ....
+//
+// With S = 1 the block writes the output. Otherwise it writes each head's (m, l, acc[dv]) to
+// scratch[MAX_TOKENS · nkv + ((t·nh + h)·S + s)·(dv + 2)] and the last block of (t, g) to finish
+// merges the S partials and the sink (counters: the first MAX_TOKENS · nkv words of scratch,
+// zero before the first launch, reset by each merge).
+// grid (S, nkv, T), block 32 · W, dynamic shared memory att_smem_floats(d, dv, W) floats.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_gqa(const float* q, const float* k_cache, const float* v_cache,
+                  const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv, uint32_t d,
+                  uint32_t dv, uint32_t capacity, uint32_t window, uint32_t causal, float scale,
+                  const float* sinks, float* scratch, float* out) {
+    extern __shared__ float att_smem[];
+    pdl_begin();
+    const uint32_t s = blockIdx.x, g = blockIdx.y, t = blockIdx.z, S = gridDim.x;
+    const uint32_t G = nh / nkv, W = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const uint32_t kst = att_k_stride(d);
+    float* ks = att_smem;               // [ATT_TILE][kst]
+    float* vs = ks + ATT_TILE * kst;    // [ATT_TILE][dv]
+    float* qs = vs + ATT_TILE * dv;     // [W][d]
     uint64_t first, last;
     visible_keys(step[0], t, t_count, causal, window, &first, &last);
     const uint64_t n = last + 1 - first;
     uint64_t chunk = (n + S - 1) / S;
-    if (chunk < 32) chunk = 32;
-    const uint64_t k0 = first + (uint64_t)s * chunk;
+    if (chunk < ATT_TILE) chunk = ATT_TILE;
+    const uint64_t k0 = min(last + 1, first + (uint64_t)s * chunk);
     const uint64_t k1 = min(last + 1, k0 + chunk);
-    float* part = scratch + (((size_t)t * nh + h) * S + s) * (dv + 2);
-    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) qs[i] = q[((size_t)t * nh + h) * d + i];
-    float acc0 = 0.f, acc1 = 0.f;
-    float m = -INFINITY, l = 0.f;
-    __syncthreads();
-    // Value accumulation: with dv ≤ 64 two groups of 64 threads take alternate keys (merged at
-    // the end); otherwise thread i owns dims i and i + 128.
-    const uint32_t groups = dv <= ATT_THREADS / 2 ? 2 : 1;
-    const uint32_t width = ATT_THREADS / groups;
-    const uint32_t grp = threadIdx.x / width, dim = threadIdx.x % width;
-    const bool vec4 = (d & 3) == 0;
-    for (uint64_t kb = k0; kb < k1; kb += ATT_THREADS) {
-        const uint64_t j = kb + threadIdx.x;
-        float sc = -INFINITY;
-        if (j < k1) {
-            const float* kr = k_cache + ((j % capacity) * nkv + g) * d;
-            float d0 = 0.f, d1 = 0.f;
-            if (vec4) {
-                const float4* k4 = reinterpret_cast<const float4*>(kr);
-                const float4* q4 = reinterpret_cast<const float4*>(qs);
-#pragma unroll 8
-                for (uint32_t i = 0; i < d / 4; ++i) {
-                    const float4 a = __ldg(k4 + i), b = q4[i];
-                    d0 = fmaf(a.x, b.x, d0);
-                    d1 = fmaf(a.y, b.y, d1);
-                    d0 = fmaf(a.z, b.z, d0);
-                    d1 = fmaf(a.w, b.w, d1);
+    const bool vec = (d & 3) == 0 && (dv & 3) == 0;
+    const size_t kv_row = (size_t)nkv * d, vv_row = (size_t)nkv * dv;
+    float* parts = scratch + (size_t)MAX_TOKENS * nkv;
+
+    for (uint32_t hb = 0; hb < G; hb += W) {
+        const uint32_t hl = hb + w;  // head of this warp within the group
+        const bool active = hl < G;
+        const uint32_t h = g * G + hl;
+        __syncthreads();  // the previous pass is done with qs / the tiles
+        if (active)
+            for (uint32_t i = lane; i < d; i += 32) qs[w * d + i] = q[((size_t)t * nh + h) * d + i];
+        float m = -INFINITY, l = 0.f, acc[ATT_MAX_VC];
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_VC; ++c) acc[c] = 0.f;
+        for (uint64_t kb = k0; kb < k1; kb += ATT_TILE) {
+            const uint32_t nk = (uint32_t)min((uint64_t)ATT_TILE, k1 - kb);
+            __syncthreads();  // the previous tile is consumed (and qs written)
+            if (vec) {
+                const uint32_t d4 = d / 4, v4 = dv / 4;
+                for (uint32_t idx = threadIdx.x; idx < nk * d4; idx += blockDim.x) {
+                    const uint32_t j = idx / d4, i = idx % d4;
+                    const float4 val = __ldg(reinterpret_cast<const float4*>(
+                                                 k_cache + ((kb + j) % capacity) * kv_row + (size_t)g * d) + i);
+                    *reinterpret_cast<float4*>(ks + j * kst + 4 * i) = val;
+                }
+                for (uint32_t idx = threadIdx.x; idx < nk * v4; idx += blockDim.x) {
+                    const uint32_t j = idx / v4, i = idx % v4;
+                    const float4 val = __ldg(reinterpret_cast<const float4*>(
+                                                 v_cache + ((kb + j) % capacity) * vv_row + (size_t)g * dv) + i);
+                    *reinterpret_cast<float4*>(vs + j * dv + 4 * i) = val;
                 }
             } else {
-                for (uint32_t i = 0; i < d; ++i) d0 = fmaf(qs[i], __ldg(kr + i), d0);
+                for (uint32_t idx = threadIdx.x; idx < nk * d; idx += blockDim.x) {
+                    const uint32_t j = idx / d, i = idx % d;
+                    ks[j * kst + i] = __ldg(k_cache + ((kb + j) % capacity) * kv_row + (size_t)g * d + i);
+                }
+                for (uint32_t idx = threadIdx.x; idx < nk * dv; idx += blockDim.x) {
+                    const uint32_t j = idx / dv, i = idx % dv;
+                    vs[j * dv + i] = __ldg(v_cache + ((kb + j) % capacity) * vv_row + (size_t)g * dv + i);
+                }
             }
-            sc = (d0 + d1) * scale;
+            __syncthreads();
+            if (!active) continue;
+            float sc = -INFINITY;
+            if (lane < nk) {
+                const float* kr = ks + lane * kst;
+                const float* qr = qs + w * d;
+                float d0 = 0.f, d1 = 0.f;
+                if (vec) {
+                    for (uint32_t i = 0; i < d; i += 4) {
+                        const float4 a = *reinterpret_cast<const float4*>(kr + i);
+                        const float4 b = *reinterpret_cast<const float4*>(qr + i);
+                        d0 = fmaf(a.x, b.x, d0);
+                        d1 = fmaf(a.y, b.y, d1);
+                        d0 = fmaf(a.z, b.z, d0);
+                        d1 = fmaf(a.w, b.w, d1);
+                    }
+                } else {
+                    for (uint32_t i = 0; i < d; ++i) d0 = fmaf(kr[i], qr[i], d0);
+                }
+                sc = (d0 + d1) * scale;
+            }
+            const float m_new = fmaxf(m, warp_max(sc));
+            const float alpha = m == -INFINITY ? 0.f : expf(m - m_new);
+            const float p = lane < nk ? expf(sc - m_new) : 0.f;
+            l = l * alpha + warp_sum(p);
+#pragma unroll
+            for (int c = 0; c < ATT_MAX_VC; ++c) acc[c] *= alpha;
+            for (uint32_t jj = 0; jj < nk; ++jj) {
+                const float pj = __shfl_sync(0xffffffffu, p, jj);
+                const float* vr = vs + jj * dv;
+#pragma unroll
+                for (int c = 0; c < ATT_MAX_VC; ++c)
+                    if (lane + 32 * c < dv) acc[c] = fmaf(pj, vr[lane + 32 * c], acc[c]);
+            }
+            m = m_new;
         }
-        const float tm = block_max(sc, red);
-        const float m_new = fmaxf(m, tm);
-        const float alpha = m == -INFINITY ? 0.f : expf(m - m_new);
-        const float p = j < k1 ? expf(sc - m_new) : 0.f;
-        ps[threadIdx.x] = p;
-        const float psum = block_sum(p, red);  // (syncs, so ps is visible)
-        l = l * alpha + psum;
-        acc0 *= alpha;
-        acc1 *= alpha;
-        const uint32_t nk = (uint32_t)min((uint64_t)ATT_THREADS, k1 - kb);
-        const bool own0 = dim < dv, own1 = dim + width < dv;
-#pragma unroll 4
-        for (uint32_t jj = grp; jj < nk; jj += groups) {
-            const float* vr = v_cache + (((kb + jj) % capacity) * nkv + g) * dv;
-            const float pj = ps[jj];
-            if (own0) acc0 = fmaf(pj, __ldg(vr + dim), acc0);
-            if (own1) acc1 = fmaf(pj, __ldg(vr + dim + width), acc1);
+        if (!active) continue;
+        if (S == 1) {
+            const float f = att_finish(m, l, sinks ? sinks[h] : -INFINITY);
+            float* o = out + ((size_t)t * nh + h) * dv;
+#pragma unroll
+            for (int c = 0; c < ATT_MAX_VC; ++c)
+                if (lane + 32 * c < dv) o[lane + 32 * c] = acc[c] * f;
+        } else {
+            float* part = parts + (((size_t)t * nh + h) * S + s) * (dv + 2);
+            if (lane == 0) {
+                part[0] = m;
+                part[1] = l;
+            }
+#pragma unroll
+            for (int c = 0; c < ATT_MAX_VC; ++c)
+                if (lane + 32 * c < dv) part[2 + lane + 32 * c] = acc[c];
         }
-        m = m_new;
-        __syncthreads();
     }
-    if (groups == 2) {  // merge the second group's sums into the first
-        if (grp == 1) ps[dim] = acc0;
-        __syncthreads();
-        if (grp == 0) acc0 += ps[dim];
-    }
-    if (threadIdx.x == 0) {
-        part[0] = m;
-        part[1] = l;
-    }
-    if (grp == 0) {
-        if (dim < dv) part[2 + dim] = acc0;
-        if (dim + width < dv) part[2 + dim + width] = acc1;
-    }
-}
-
-// grid (n_heads, T), block ATT_THREADS: merges the S partials and the sink.
-extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-    attention_combine(const float* scratch, const float* sinks, uint32_t nh, uint32_t dv,
-                      uint32_t S, float* out) {
-    const uint32_t h = blockIdx.x, t = blockIdx.y;
-    const float* part = scratch + ((size_t)t * nh + h) * S * (dv + 2);
-    float mx = sinks ? sinks[h] : -INFINITY;
-    for (uint32_t s = 0; s < S; ++s) mx = fmaxf(mx, part[s * (dv + 2)]);
-    float den = sinks ? expf(sinks[h] - mx) : 0.f;
-    for (uint32_t s = 0; s < S; ++s) {
-        const float ms = part[s * (dv + 2)];
-        if (ms != -INFINITY) den += part[s * (dv + 2) + 1] * expf(ms - mx);
-    }
-    for (uint32_t i = threadIdx.x; i < dv; i += blockDim.x) {
-        float a = 0.f;
-        for (uint32_t s = 0; s < S; ++s) {
-            const float ms = part[s * (dv + 2)];
-            if (ms != -INFINITY) a += part[s * (dv + 2) + 2 + i] * expf(ms - mx);
+    if (S == 1 || !last_block_done(reinterpret_cast<uint32_t*>(scratch) + t * nkv + g, S)) return;
+    // Merge over the splits that hold keys (the others are empty by construction): warp w takes
+    // the group's heads w, w + W, ...; lane s < A holds split s's and s + 32's (m, l), and the
+    // per-split factors go through shared memory to the value loop (lane i: dims i, i + 32, ...).
+    __shared__ float factor[ATT_MAX_WARPS][ATT_MAX_SPLITS];
+    const uint32_t A = (uint32_t)min((uint64_t)S, (n + chunk - 1) / chunk);
+    for (uint32_t hl = w; hl < G; hl += W) {
+        const uint32_t h = g * G + hl;
+        const float* part = parts + ((size_t)t * nh + h) * S * (dv + 2);
+        const float sink = sinks ? sinks[h] : -INFINITY;
+        float ms[2], ls[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const uint32_t sp = lane + 32 * u;
+            ms[u] = sp < A ? __ldcg(part + sp * (dv + 2)) : -INFINITY;
+            ls[u] = sp < A ? __ldcg(part + sp * (dv + 2) + 1) : 0.f;
         }
-        out[((size_t)t * nh + h) * dv + i] = den > 0.f ? a / den : 0.f;
+        const float mx = fmaxf(warp_max(fmaxf(ms[0], ms[1])), sink);
+        float den_part = 0.f;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const float f = ms[u] == -INFINITY ? 0.f : expf(ms[u] - mx);
+            if (lane + 32 * u < A) factor[w][lane + 32 * u] = f;
+            den_part += ls[u] * f;
+        }
+        const float den = warp_sum(den_part) + (sink == -INFINITY ? 0.f : expf(sink - mx));
+        __syncwarp();
+        for (uint32_t c = lane; c < dv; c += 32) {
+            float a = 0.f;
+#pragma unroll 8
+            for (uint32_t i = 0; i < A; ++i) a = fmaf(__ldcg(part + i * (dv + 2) + 2 + c), factor[w][i], a);
+            out[((size_t)t * nh + h) * dv + c] = den > 0.f ? a / den : 0.f;
+        }
+        __syncwarp();
     }
 }
 
@@ -646,23 +888,45 @@ __device__ void warp_topk(const float* vals, const uint8_t* keep, uint32_t n, ui
     }
 }
 
-// kind 0 = gpt-oss, 1 = Qwen3-MoE, 2 = sigmoid. grid T, block 32.
-extern "C" __global__ void route(const float* logits, uint32_t n_exp, uint32_t k, uint32_t kind,
-                                 uint32_t norm_topk, const float* corr_bias, uint32_t n_group,
-                                 uint32_t topk_group, float scaling, int32_t* ids_out,
-                                 float* w_out) {
-    __shared__ float vals[MAX_EXPERTS];
-    __shared__ uint8_t taken[MAX_EXPERTS];
-    __shared__ uint8_t keep[MAX_EXPERTS];
-    __shared__ float gscore[MAX_EXPERTS];
-    __shared__ uint8_t gtaken[MAX_EXPERTS];
-    __shared__ int gids[MAX_EXPERTS];
-    __shared__ float gsel[MAX_EXPERTS];
-    __shared__ int sel[MAX_TOPK];
-    __shared__ float selv[MAX_TOPK];
-    const uint32_t t = blockIdx.x;
-    const int lane = threadIdx.x;
-    const float* z = logits + (size_t)t * n_exp;
+// The routing parameters of one MoE layer (`RouteArgs` on the host).
+struct RouteSpec {
+    uint32_t n_exp, k, kind, norm_topk;  // kind 0 = gpt-oss, 1 = Qwen3-MoE, 2 = sigmoid
+    const float* corr_bias;
+    uint32_t n_group, topk_group;
+    float scaling;
+};
+
+// One warp's shared memory for routing one token.
+struct RouteSmem {
+    float vals[MAX_EXPERTS];
+    uint8_t taken[MAX_EXPERTS];
+    uint8_t keep[MAX_EXPERTS];
+    float gscore[MAX_EXPERTS];
+    uint8_t gtaken[MAX_EXPERTS];
+    int gids[MAX_EXPERTS];
+    float gsel[MAX_EXPERTS];
+    int sel[MAX_TOPK];
+    float selv[MAX_TOPK];
+};
+
+// Routes token t from its router logits z[n_exp] (one warp; z may be shared memory): ids and
+// weights of its k experts to ids_out / w_out [t·k ..].
+__device__ void route_token(const RouteSpec& rs, const float* z, uint32_t t, RouteSmem& sm,
+                            int32_t* ids_out, float* w_out) {
+    const uint32_t n_exp = rs.n_exp, k = rs.k, kind = rs.kind, norm_topk = rs.norm_topk;
+    const uint32_t n_group = rs.n_group, topk_group = rs.topk_group;
+    const float* corr_bias = rs.corr_bias;
+    const float scaling = rs.scaling;
+    float* vals = sm.vals;
+    uint8_t* taken = sm.taken;
+    uint8_t* keep = sm.keep;
+    float* gscore = sm.gscore;
+    uint8_t* gtaken = sm.gtaken;
+    int* gids = sm.gids;
+    float* gsel = sm.gsel;
+    int* sel = sm.sel;
+    float* selv = sm.selv;
+    const int lane = threadIdx.x & 31;
     const uint8_t* keep_ptr = nullptr;
     if (kind == 0) {
         for (uint32_t i = lane; i < n_exp; i += 32) vals[i] = z[i];
@@ -750,6 +1014,139 @@ extern "C" __global__ void route(const float* logits, uint32_t n_exp, uint32_t k
         }
     }
 }
+
+// grid T, block 32: route_token of each token's logits [T][n_exp].
+extern "C" __global__ void route(const float* logits, RouteSpec rs, int32_t* ids_out, float* w_out) {
+    pdl_begin();
+    __shared__ RouteSmem sm;
+    route_token(rs, logits + (size_t)blockIdx.x * rs.n_exp, blockIdx.x, sm, ids_out, w_out);
+}
+
+// Router + routing with the post-attention norm fused in, for T ≤ TT tokens:
+//   h[t] = rms_norm(x[t]) ⊙ nw          (written to `hout`, each block a slice)
+//   logits[t][e] = W[e] · h[t] (+ bias)  (h normalised on the fly)
+//   ids / weights = route_token(logits[t])  (by the last block to finish; ROUTE_WARPS at a time)
+// Block b takes rows [b·rpb, (b+1)·rpb) with rpb = ceil(n_exp / gridDim.x); for each row its
+// ROUTER_THREADS threads stride over the row's 16-byte vectors and reduce through shared memory.
+// W is [n_exp, K] bf16 or f32 (16-byte rows: K % 8 or K % 4 == 0, 16-byte aligned x);
+// `counter` is zero before the first launch. grid ≤ n_exp, block ROUTER_THREADS.
+#define ROUTE_WARPS 4
+#define ROUTER_THREADS 256
+template <bool BF16, int TT>
+__device__ void router_route_body(const void* __restrict__ wv, const float* __restrict__ bias,
+                                  const float* __restrict__ x, const float* __restrict__ nw,
+                                  float eps, uint32_t kdim, uint32_t t_count, float* hout,
+                                  float* logits, RouteSpec rs, uint32_t* counter, int32_t* ids_out,
+                                  float* w_out) {
+    __shared__ float red[32];
+    __shared__ float rinv[TT];
+    __shared__ float wsum[ROUTER_THREADS / 32][TT];
+    __shared__ RouteSmem rsm[ROUTE_WARPS];
+    __shared__ float zs[ROUTE_WARPS][MAX_EXPERTS];
+    constexpr int E = BF16 ? 8 : 4;
+    pdl_begin();
+    const uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (uint32_t t = 0; t < t_count; ++t) {
+        const float4* xr = reinterpret_cast<const float4*>(x + (size_t)t * kdim);
+        float ss = 0.f;
+        for (uint32_t i = threadIdx.x; i < kdim / 4; i += blockDim.x) {
+            const float4 a = __ldg(xr + i);
+            ss = fmaf(a.x, a.x, ss);
+            ss = fmaf(a.y, a.y, ss);
+            ss = fmaf(a.z, a.z, ss);
+            ss = fmaf(a.w, a.w, ss);
+        }
+        ss = block_sum(ss, red);
+        if (threadIdx.x == 0) rinv[t] = 1.0f / sqrtf(ss / (float)kdim + eps);
+    }
+    __syncthreads();
+    {  // this block's slice of h
+        const uint32_t per = (kdim + gridDim.x - 1) / gridDim.x, lo = blockIdx.x * per;
+        const uint32_t hi = min(kdim, lo + per);
+        for (uint32_t t = 0; t < t_count; ++t)
+            for (uint32_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+                hout[(size_t)t * kdim + i] = __fmul_rn(nw[i], __fmul_rn(x[(size_t)t * kdim + i], rinv[t]));
+    }
+    const uint32_t rpb = (rs.n_exp + gridDim.x - 1) / gridDim.x;
+    const uint32_t r0 = blockIdx.x * rpb, r1 = min(rs.n_exp, r0 + rpb);
+    const uint32_t nvec = kdim / E;
+    for (uint32_t row = r0; row < r1; ++row) {
+        const uint4* wr = reinterpret_cast<const uint4*>(wv) + (size_t)row * nvec;
+        float acc[TT];
+#pragma unroll
+        for (int j = 0; j < TT; ++j) acc[j] = 0.f;
+        for (uint32_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+            const uint4 wq = __ldg(wr + v);
+            float wf[8];
+            if (BF16) {
+                wf[0] = bf_lo(wq.x); wf[1] = bf_hi(wq.x); wf[2] = bf_lo(wq.y); wf[3] = bf_hi(wq.y);
+                wf[4] = bf_lo(wq.z); wf[5] = bf_hi(wq.z); wf[6] = bf_lo(wq.w); wf[7] = bf_hi(wq.w);
+            } else {
+                wf[0] = __uint_as_float(wq.x); wf[1] = __uint_as_float(wq.y);
+                wf[2] = __uint_as_float(wq.z); wf[3] = __uint_as_float(wq.w);
+            }
+            float nwv[E];
+#pragma unroll
+            for (int q = 0; q < E / 4; ++q) {
+                const float4 a = __ldg(reinterpret_cast<const float4*>(nw + v * E) + q);
+                nwv[4 * q] = a.x; nwv[4 * q + 1] = a.y; nwv[4 * q + 2] = a.z; nwv[4 * q + 3] = a.w;
+            }
+#pragma unroll
+            for (int j = 0; j < TT; ++j) {
+                if ((uint32_t)j >= t_count) break;
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)j * kdim + v * E);
+#pragma unroll
+                for (int q = 0; q < E / 4; ++q) {
+                    const float4 a = __ldg(xp + q);
+                    const float xs[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[j] = fmaf(wf[4 * q + e],
+                                      __fmul_rn(nwv[4 * q + e], __fmul_rn(xs[e], rinv[j])), acc[j]);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < TT; ++j) {
+            const float sum = warp_sum(acc[j]);
+            if (lane == 0) wsum[w][j] = sum;
+        }
+        __syncthreads();
+        if (threadIdx.x < t_count) {
+            float sum = 0.f;
+            for (uint32_t q = 0; q < nwarps; ++q) sum += wsum[q][threadIdx.x];
+            logits[(size_t)threadIdx.x * rs.n_exp + row] = sum + (bias ? bias[row] : 0.f);
+        }
+        __syncthreads();
+    }
+    if (!last_block_done(counter, gridDim.x)) return;
+    for (uint32_t t = w; t < t_count; t += ROUTE_WARPS) {
+        if (w >= ROUTE_WARPS) break;
+        for (uint32_t i = lane; i < rs.n_exp; i += 32) zs[w][i] = __ldcg(logits + (size_t)t * rs.n_exp + i);
+        __syncwarp();
+        route_token(rs, zs[w], t, rsm[w], ids_out, w_out);
+        __syncwarp();
+    }
+}
+
+#define ROUTER_ROUTE(NAME, BF, TT)                                                               \
+    extern "C" __global__ void __launch_bounds__(ROUTER_THREADS) NAME(                           \
+        const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
+        const float* __restrict__ nw, float eps, uint32_t kdim, uint32_t t_count, float* hout,   \
+        float* logits, RouteSpec rs, uint32_t* counter, int32_t* ids_out, float* w_out) {        \
+        router_route_body<BF, TT>(w, bias, x, nw, eps, kdim, t_count, hout, logits, rs, counter, \
+                                  ids_out, w_out);                                               \
+    }
+ROUTER_ROUTE(router_route_bf16_t1, true, 1)
+ROUTER_ROUTE(router_route_bf16_t2, true, 2)
+ROUTER_ROUTE(router_route_bf16_t4, true, 4)
+ROUTER_ROUTE(router_route_bf16_t8, true, 8)
+ROUTER_ROUTE(router_route_bf16_t16, true, 16)
+ROUTER_ROUTE(router_route_f32_t1, false, 1)
+ROUTER_ROUTE(router_route_f32_t2, false, 2)
+ROUTER_ROUTE(router_route_f32_t4, false, 4)
+ROUTER_ROUTE(router_route_f32_t8, false, 8)
+ROUTER_ROUTE(router_route_f32_t16, false, 16)
 
 // ------------------------------------------------------------------------------------------
 // Sampling (model::sampling): temperature, top-k (ties kept), top-p (smallest most-likely set
@@ -943,6 +1340,7 @@ __device__ void crossing_select(const float* logits, uint32_t v, const SampleSta
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample(const float* logits, uint32_t v, float temperature, uint32_t top_k, float top_p,
            float min_p, const float* uniform, uint32_t* out) {
+    pdl_begin();
     __shared__ float redf[32];
     __shared__ double scan[SAMPLE_THREADS];
     __shared__ SampleState st;

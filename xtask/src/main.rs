@@ -377,6 +377,8 @@ fn gpu_bundle(out: Option<PathBuf>) -> Result<PathBuf> {
         "serve",
         "--test",
         "gpu_generate",
+        "--test",
+        "gpu_serve",
     ])?;
     let bins = cargo_executables(&["build", "--release", "-p", "ultra-benches", "--bins"])?;
     let mut total = 0u64;

@@ -34,7 +34,8 @@ use crate::config::{DraftAttn, DrafterConfig, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 /// The mask-embedding file of MiMo drafters, converted to safetensors (tensor `embedding`
 /// `[hidden_size]`).
 pub const MASK_EMBEDDING_FILE: &str = "mask_embedding.safetensors";
-/// The mask-embedding file as MiMo ships it (a torch pickle this crate does not read).
+/// The mask-embedding file as MiMo ships it (`torch.save` of `{mask_token_id, embedding}`,
+/// read by [`crate::torch_pt`]).
 pub const MASK_EMBEDDING_PT: &str = "mask_embedding.pt";
 
 /// Everything that can be wrong with a drafter or its use.
@@ -60,21 +61,21 @@ pub enum DrafterError {
     /// drafter-owned LM head / embedding, a reduced-vocabulary `d2t` map).
     #[error("tensor `{tensor}`: unsupported: {reason}")]
     UnsupportedTensor { tensor: String, reason: String },
-    /// Only the torch pickle `mask_embedding.pt` is present.
+    /// `mask_embedding.pt` (read when no `mask_embedding.safetensors` is present) could not be
+    /// read.
     #[error(
-        "{}: the mask embedding is only in mask_embedding.pt (a torch pickle, not read here); \
-         convert mask_embedding.pt to safetensors: python -c \"import torch, safetensors.torch as st; \
+        "{}: {reason}; or convert it to safetensors: python -c \"import torch, safetensors.torch as st; \
          d = torch.load('mask_embedding.pt'); st.save_file({{'embedding': \
          d['embedding'].reshape(-1).contiguous()}}, 'mask_embedding.safetensors', \
          metadata={{'mask_token_id': str(d['mask_token_id'])}})\"",
         path.display()
     )]
-    MaskEmbeddingPt { path: PathBuf },
+    MaskEmbeddingPt { path: PathBuf, reason: String },
     /// The drafter does not fit the target (the drafter field is named).
     #[error("drafter `{field}` does not match the target: {reason}")]
     TargetMismatch { field: String, reason: String },
-    /// `mask_embedding.safetensors` names another mask token (metadata `mask_token_id`) than the
-    /// config.
+    /// The mask embedding file names another mask token (`mask_embedding.safetensors` metadata
+    /// `mask_token_id`, or the `.pt` dict's) than the config.
     #[error("{}: metadata mask_token_id {found} ≠ the config's mask_token_id {config}", path.display())]
     MaskTokenMismatch {
         path: PathBuf,
@@ -275,8 +276,9 @@ impl Drafter {
     /// Files: `config.json`; weights from `model.safetensors`, else
     /// `model.safetensors.index.json`, else the directory's only other `*.safetensors` file
     /// (MiMo's `dflash_draft_model.safetensors`); optional `mask_embedding.safetensors` (tensor
-    /// `embedding`). A directory with only `mask_embedding.pt` is an error
-    /// ([`DrafterError::MaskEmbeddingPt`]). Tensor names as z-lab's (`fc.weight`, `layers.{i}…`),
+    /// `embedding`), else `mask_embedding.pt` as MiMo ships it (a `torch.save` dict
+    /// `{mask_token_id, embedding}`, read without Python by [`crate::torch_pt`]; an unreadable
+    /// one is [`DrafterError::MaskEmbeddingPt`]). Tensor names as z-lab's (`fc.weight`, `layers.{i}…`),
     /// optionally under a `model.` prefix.
     pub fn load(dir: &Path, target: &ModelConfig) -> Result<Drafter, DrafterError> {
         let d = Drafter::load_unchecked(dir)?;
@@ -771,15 +773,31 @@ fn open_checkpoint(dir: &Path) -> Result<Checkpoint, CheckpointError> {
 }
 
 /// `mask_embedding.safetensors` (tensor `embedding` `[H]`, optional metadata `mask_token_id`
-/// that must equal the config's), if present.
+/// that must equal the config's), else `mask_embedding.pt` (dict `{mask_token_id, embedding}`),
+/// if present.
 fn load_mask_embedding(dir: &Path, mask_token_id: u32) -> Result<Option<Vec<f32>>, DrafterError> {
     let st = dir.join(MASK_EMBEDDING_FILE);
     if !st.is_file() {
         let pt = dir.join(MASK_EMBEDDING_PT);
-        if pt.is_file() {
-            return Err(DrafterError::MaskEmbeddingPt { path: pt });
+        if !pt.is_file() {
+            return Ok(None);
         }
-        return Ok(None);
+        let (id, embedding) = crate::torch_pt::read_mask_embedding(&pt).map_err(|e| {
+            DrafterError::MaskEmbeddingPt {
+                path: pt.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        if let Some(id) = id {
+            if id != i64::from(mask_token_id) {
+                return Err(DrafterError::MaskTokenMismatch {
+                    path: pt,
+                    found: id.to_string(),
+                    config: mask_token_id,
+                });
+            }
+        }
+        return Ok(Some(embedding));
     }
     if let Some(found) = header_metadata(&st, "mask_token_id") {
         if found.trim().parse::<u32>() != Ok(mask_token_id) {

@@ -78,6 +78,7 @@ pub mod drafter;
 pub mod probs;
 mod stats;
 pub mod target;
+pub mod torch_pt;
 pub mod toy;
 
 pub use accept::{

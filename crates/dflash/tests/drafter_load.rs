@@ -304,16 +304,15 @@ fn files_round_trip_in_both_formats() {
             let e = Drafter::load(&dir, m.config()).unwrap_err();
             assert!(matches!(e, DrafterError::MaskTokenMismatch { .. }), "{e}");
 
-            // Only the torch pickle: a clear error asking for the conversion.
+            // Only a torch file that is not a zip archive: a clear error (what is wrong, and
+            // how to convert the file instead).
             std::fs::remove_file(dir.join("mask_embedding.safetensors")).unwrap();
             std::fs::write(dir.join("mask_embedding.pt"), b"PK\x03\x04").unwrap();
             let e = Drafter::load(&dir, m.config()).unwrap_err();
             assert!(matches!(e, DrafterError::MaskEmbeddingPt { .. }), "{e}");
-            assert!(
-                e.to_string()
-                    .contains("convert mask_embedding.pt to safetensors"),
-                "{e}"
-            );
+            let msg = e.to_string();
+            assert!(msg.contains("not a zip archive"), "{msg}");
+            assert!(msg.contains("convert it to safetensors"), "{msg}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -499,4 +498,53 @@ fn draft_does_not_depend_on_how_context_arrived() {
             assert_eq!(one.len(), n);
         }
     }
+}
+
+/// MiMo drafters ship the mask embedding as `mask_embedding.pt` (`torch.save` of
+/// `{mask_token_id, embedding: bf16[H]}`): read without Python, it gives the very drafter the
+/// safetensors copy gives (fixtures written by torch: `scripts/fixtures/make_mask_embedding_pt.py`);
+/// a view at a storage offset saved with pickle protocol 4 reads the same values; a file naming
+/// another mask id, or a non-tensor embedding, is a typed error.
+#[test]
+fn mask_embedding_pt_is_read() {
+    let m = load_target("mimo-v2-flash/native");
+    let src = fixtures_root().join("drafters/mimo-dflash");
+    let want = Drafter::load(&src, m.config()).unwrap();
+    assert!(want.weights().mask_embedding.is_some());
+    let dir = scratch_dir("mask-embedding-pt");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let pts = fixtures_root().join("drafters/torch-pt");
+    for file in ["mask_embedding.pt", "f32_view_protocol4.pt"] {
+        std::fs::copy(pts.join(file), dir.join("mask_embedding.pt")).unwrap();
+        let got = Drafter::load(&dir, m.config()).unwrap();
+        assert_eq!(got.weights(), want.weights(), "{file}");
+    }
+    std::fs::copy(pts.join("wrong_id.pt"), dir.join("mask_embedding.pt")).unwrap();
+    let e = Drafter::load(&dir, m.config()).unwrap_err();
+    assert!(
+        matches!(&e, DrafterError::MaskTokenMismatch { found, config: 0, .. } if found == "7"),
+        "{e}"
+    );
+    // A truncated archive: an error naming the file, never a panic.
+    let bytes = std::fs::read(pts.join("mask_embedding.pt")).unwrap();
+    for cut in [10, bytes.len() / 2, bytes.len() - 30] {
+        std::fs::write(dir.join("mask_embedding.pt"), &bytes[..cut]).unwrap();
+        let e = Drafter::load(&dir, m.config()).unwrap_err();
+        assert!(matches!(e, DrafterError::MaskEmbeddingPt { .. }), "{e}");
+        assert!(e.to_string().contains("mask_embedding.pt"), "{e}");
+    }
+    // The safetensors copy wins when both are present.
+    std::fs::write(dir.join("mask_embedding.pt"), b"not read").unwrap();
+    std::fs::copy(
+        src.join("mask_embedding.safetensors"),
+        dir.join("mask_embedding.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        Drafter::load(&dir, m.config()).unwrap().weights(),
+        want.weights()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

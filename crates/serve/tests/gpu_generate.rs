@@ -1,15 +1,18 @@
 //! `ultra generate` / `ultra score` with `--device cuda` against the CPU executor on a fixture:
 //! the same greedy tokens and text, log-probabilities within the GPU executor's tolerance
-//! (|Δ| ≤ 1e-3·(1 + |logprob|): same f32 math, different summation order). Skips without a GPU.
+//! (|Δ| ≤ 1e-3·(1 + |logprob|): same f32 math, different summation order); `ultra generate
+//! --draft --device cuda` (the drafter on the GPU) against plain GPU decoding. Skips without a
+//! GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else the repository's.
 
 use std::path::PathBuf;
 
 use model::sampling::SamplingParams;
-use serve::commands::generate::{generate, load, score};
+use serve::commands::generate::{generate, generate_speculative, load, score};
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
+    std::env::var_os("ULTRA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
         .join(rel)
 }
 
@@ -46,4 +49,79 @@ fn gpu_generate_and_score_match_cpu() {
             }
         }
     }
+}
+
+/// `ultra generate --draft DIR --device cuda`: every fixture drafter on its target, greedy, at
+/// B = 2, 4 and the drafter's own block size — the same tokens and text as plain GPU decoding,
+/// with acceptance statistics over the rounds; a seeded sampled run gives the same tokens twice.
+#[test]
+fn gpu_generate_speculative_matches_plain() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("gpu_generate_speculative_matches_plain") else {
+        return;
+    };
+    for (drafter, target) in [
+        ("drafters/qwen3-moe-dflash", "qwen3-moe/native"),
+        ("drafters/gpt-oss-dflash", "gpt-oss/bf16"),
+        ("drafters/mimo-dflash", "mimo-v2-flash/native"),
+    ] {
+        let mut gpu = load(&fixture(target)).unwrap();
+        gpu.to_gpu(0).unwrap();
+        let ids: Vec<u32> = (0..21).map(|i| (i * 11 + 5) % 200).collect();
+        let params = SamplingParams {
+            max_tokens: 32,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let plain = generate(&gpu, &ids, &params, &mut std::io::sink()).unwrap();
+        for b in [Some(2), Some(4), None] {
+            let mut text = Vec::new();
+            let r =
+                generate_speculative(&gpu, &fixture(drafter), b, &ids, &params, &mut text).unwrap();
+            assert_eq!(r.generation.tokens, plain.tokens, "{drafter} B={b:?}");
+            assert_eq!(r.generation.text, plain.text, "{drafter} B={b:?}");
+            assert_eq!(String::from_utf8(text).unwrap(), plain.text);
+            assert!(r.stats.rounds() > 0, "{drafter}");
+            eprintln!(
+                "{drafter} B={}: tau {:.2}",
+                r.block_size,
+                r.stats.tau().unwrap_or(0.0)
+            );
+        }
+        let sampled = SamplingParams {
+            temperature: 0.8,
+            top_k: Some(8),
+            seed: Some(42),
+            ..params.clone()
+        };
+        let run = || {
+            generate_speculative(
+                &gpu,
+                &fixture(drafter),
+                Some(4),
+                &ids,
+                &sampled,
+                &mut std::io::sink(),
+            )
+            .unwrap()
+            .generation
+            .tokens
+        };
+        let first = run();
+        assert_eq!(first.len(), 32);
+        assert_eq!(first, run(), "{drafter}: seeded sampling repeats");
+    }
+    // A bad block size is an error, not a panic.
+    let mut gpu = load(&fixture("qwen3-moe/native")).unwrap();
+    gpu.to_gpu(0).unwrap();
+    let Err(e) = generate_speculative(
+        &gpu,
+        &fixture("drafters/qwen3-moe-dflash"),
+        Some(17),
+        &[1, 2, 3],
+        &SamplingParams::default(),
+        &mut std::io::sink(),
+    ) else {
+        panic!("block size 17 was accepted");
+    };
+    assert!(e.to_string().contains("block size 17"), "{e}");
 }

@@ -964,3 +964,161 @@ async fn load_test_nothing_lost_or_corrupted() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// Chunked prefill (`max_batched_tokens` 5 with a prompt of several dozen tokens: the prompt is
+/// prefilled over many steps) gives exactly `ultra generate`'s output, greedy and seeded, while
+/// another stream decodes beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_prefill_matches_ultra_generate() {
+    let mut cfg = engine_cfg(4, 16);
+    cfg.max_batched_tokens = 5;
+    let server = start_with(cfg, None).await;
+    let mut c = client(&server).await;
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(4);
+    // A stream that is decoding while the long prompt is prefilled.
+    let mut c2 = client(&server).await;
+    let side = tokio::spawn(async move {
+        let s = pb::SamplingParams {
+            max_tokens: Some(40),
+            ignore_eos: Some(true),
+            ..Default::default()
+        };
+        collect(
+            c2.generate(text_request("Hello", s))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await
+    });
+    for (temperature, seed) in [(0.0f32, None), (0.9, Some(4321u64))] {
+        let params = SamplingParams {
+            temperature,
+            seed,
+            max_tokens: 16,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        let (_, ids, want) = reference(&prompt, &params);
+        assert!(ids.len() > 20, "the prompt is long: {} tokens", ids.len());
+        let s = pb::SamplingParams {
+            temperature: Some(temperature),
+            seed,
+            max_tokens: Some(16),
+            ignore_eos: Some(true),
+            ..Default::default()
+        };
+        let got = collect(
+            c.generate(text_request(&prompt, s))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await;
+        assert_eq!(got.tokens, want.tokens, "temperature {temperature}");
+        assert_eq!(got.text, want.text);
+    }
+    let side = side.await.unwrap();
+    let (_, _, want) = reference(
+        "Hello",
+        &SamplingParams {
+            max_tokens: 40,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        },
+    );
+    assert_eq!(side.tokens, want.tokens);
+    server.shutdown().await.unwrap();
+}
+
+/// vLLM's `/tokenize` (a prompt, or chat messages through the template; `return_token_strs`) and
+/// `/detokenize`, with their errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_tokenize_and_detokenize() {
+    let server = start(2, 8).await;
+    let addr = server.http_addr;
+    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    let tok = loaded.tokenizer.as_ref().unwrap();
+    let prompt = "The quick brown fox";
+    let want = tok.encode(prompt, true).unwrap();
+    let r = http_async(
+        addr,
+        "/tokenize",
+        json!({"model": MODEL_ID, "prompt": prompt}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(ids, want);
+    assert_eq!(v["count"], want.len());
+    assert_eq!(v["max_model_len"], 4096);
+    assert!(v["token_strs"].is_null());
+    let r = http_async(
+        addr,
+        "/tokenize",
+        json!({"prompt": prompt, "add_special_tokens": false, "return_token_strs": true}),
+    )
+    .await;
+    let v = r.json();
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(ids, tok.encode(prompt, false).unwrap());
+    let strs: Vec<String> = serde_json::from_value(v["token_strs"].clone()).unwrap();
+    let expect: Vec<String> = ids.iter().map(|&t| tok.id_to_token(t).unwrap()).collect();
+    assert_eq!(strs, expect);
+    // Chat messages: the same ids as a chat completion's prompt.
+    let msgs = [model::tokenizer::ChatMessage::user("Hi there")];
+    let text = tok.apply_chat_template(&msgs, true).unwrap();
+    let want_chat = tok.encode(&text, false).unwrap();
+    let r = http_async(
+        addr,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "Hi there"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let ids: Vec<u32> = serde_json::from_value(r.json()["tokens"].clone()).unwrap();
+    assert_eq!(ids, want_chat);
+    let no_gen = tok
+        .encode(&tok.apply_chat_template(&msgs, false).unwrap(), false)
+        .unwrap();
+    let r = http_async(
+        addr,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "Hi there"}], "add_generation_prompt": false}),
+    )
+    .await;
+    let ids: Vec<u32> = serde_json::from_value(r.json()["tokens"].clone()).unwrap();
+    assert_eq!(ids, no_gen);
+    // Detokenize round trip.
+    let r = http_async(
+        addr,
+        "/detokenize",
+        json!({"model": MODEL_ID, "tokens": want}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["prompt"],
+        tok.decode(&want, false).unwrap().as_str()
+    );
+    // Errors: unknown model 404; out-of-vocabulary ids, neither/both inputs, bad JSON 400.
+    for (path, body, status) in [
+        ("/tokenize", json!({"model": "nope", "prompt": "x"}), 404),
+        ("/detokenize", json!({"model": "nope", "tokens": [1]}), 404),
+        ("/detokenize", json!({"tokens": [1, 100000]}), 400),
+        ("/detokenize", json!({"tokens": [-1]}), 400),
+        ("/tokenize", json!({}), 400),
+        ("/tokenize", json!({"prompt": "a", "messages": []}), 400),
+        ("/tokenize", json!({"messages": []}), 400),
+    ] {
+        let r = http_async(addr, path, body.clone()).await;
+        assert_eq!(r.status, status, "{path} {body}");
+        assert!(r.json()["error"]["message"].is_string());
+    }
+    let r = tokio::task::spawn_blocking(move || http(addr, "POST", "/tokenize", b"{nope"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    server.shutdown().await.unwrap();
+}

@@ -24,9 +24,13 @@
 //! `p + W − 1`, not the block's end; only tiny test drafters have that) is handled exactly: the
 //! rows whose upper bound falls inside the block are recomputed one by one.
 //!
-//! `input_embedding_scale ≠ 1` (for targets that scale their embeddings, none of Ultra's) is
-//! refused: the ops have no elementwise scale.
+//! `input_embedding_scale ≠ 1` (for targets that scale their embeddings, z-lab's
+//! `_raw_input_embeddings`) multiplies the block's input rows as the CPU drafter does: the mask
+//! rows are scaled once on the host at upload; `x_last`'s row is scaled on the device by the
+//! `linear` op with the gathered row as a `[H, 1]` weight and the scale as the one-element input
+//! (`y[r] = row[r] · scale`, one rounded f32 product per element: the CPU's `v *= scale`).
 
+use std::borrow::BorrowMut;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -76,6 +80,9 @@ struct Inner {
     mask_rows: DPtr<f32>,
     /// The target's hidden-state indices of `target_layer_ids` (as `GpuSession::set_capture`).
     hidden_indices: Vec<usize>,
+    /// `[1]`: `input_embedding_scale` when it is not 1 (the draft pass then scales `x_last`'s
+    /// embedding row on the device; the mask rows are uploaded scaled).
+    embed_scale: Option<DPtr<f32>>,
     weight_bytes: usize,
     _arena: Arena,
 }
@@ -132,7 +139,6 @@ impl GpuDrafter {
     pub fn new(target: &GpuModel, drafter: &dflash::Drafter) -> Result<Self, RuntimeError> {
         drafter.check_target(target.config()).map_err(invalid)?;
         let c = drafter.config();
-        check_supported(c)?;
         let w = drafter.weights();
         let mut arena = Arena::new(target.stream().clone());
         let k = c.num_features();
@@ -147,7 +153,7 @@ impl GpuDrafter {
         for (l, lw) in w.layers.iter().enumerate() {
             let at = |what: &str| format!("draft layer {l} {what}");
             let a = &lw.attn;
-            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, &at("qkv"))?;
+            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, None, &at("qkv"))?;
             let (o, o_bias) = upload_linear(&mut arena, &a.o, &at("o_proj"))?;
             let Mlp::Dense { gate_up, down } = &lw.mlp else {
                 return Err(invalid(format!("draft layer {l}: not a dense MLP")));
@@ -197,7 +203,6 @@ impl GpuDrafter {
                 tc.layers.len(),
             )
             .map_err(invalid)?;
-        check_supported(&config)?;
         let ops = target.ops();
         let mut arena = Arena::new(target.stream().clone());
         let (h, nh, nkv, d, inter) = (
@@ -274,7 +279,23 @@ impl GpuDrafter {
                 dtoh(stream, row)?
             }
         };
+        let scale = config.input_embedding_scale;
+        if !scale.is_finite() {
+            return Err(invalid(format!("input_embedding_scale {scale}")));
+        }
+        // The CPU drafter multiplies the copied rows in place (`v *= scale`): the same f32
+        // products here.
+        let mask_row: Vec<f32> = if scale == 1.0 {
+            mask_row
+        } else {
+            mask_row.iter().map(|&v| v * scale).collect()
+        };
         let mask_rows = arena.upload(&mask_row.repeat(MAX_TOKENS - 1), "mask rows")?;
+        let embed_scale = if scale == 1.0 {
+            None
+        } else {
+            Some(arena.upload(&[scale], "input embedding scale")?)
+        };
         let rope = upload_ropes(&mut arena, &[RopeTable::new(&config.rope)])?[0];
         let nl = target.config().layers.len();
         let hidden_indices = config
@@ -297,6 +318,7 @@ impl GpuDrafter {
                 rope,
                 mask_rows,
                 hidden_indices,
+                embed_scale,
                 weight_bytes: arena.used_bytes(),
                 _arena: arena,
             }),
@@ -328,16 +350,6 @@ impl GpuDrafter {
     }
 }
 
-fn check_supported(c: &DrafterConfig) -> Result<(), RuntimeError> {
-    if c.input_embedding_scale != 1.0 {
-        return Err(RuntimeError::Unsupported(format!(
-            "drafter input_embedding_scale {} (only 1 on the GPU)",
-            c.input_embedding_scale
-        )));
-    }
-    Ok(())
-}
-
 struct LayerKv {
     k: DPtr<f32>,
     v: DPtr<f32>,
@@ -360,6 +372,7 @@ struct Buffers {
     act: DPtr<f32>,
     logits: DPtr<f32>,
     argmax: DPtr<u32>,
+    argmax_scratch: DPtr<u32>,
 }
 
 /// io slots.
@@ -442,6 +455,7 @@ impl GpuDraftSession {
             act: arena.alloc(t * inter, "draft activations")?,
             logits: arena.alloc((t - 1) * v, "draft logits")?,
             argmax: arena.alloc(t - 1, "draft argmax")?,
+            argmax_scratch: arena.alloc(crate::ops::ARGMAX_SCRATCH, "draft argmax scratch")?,
         };
         m.target.stream().synchronize()?;
         Ok(Self {
@@ -630,13 +644,22 @@ impl GpuDraftSession {
         let b = &self.b;
         let (h, nh, d, eps) = (c.hidden_size, c.n_heads, c.head_dim, c.rms_norm_eps);
         let x = b.x.slice(0..block * h);
-        ops.embed(
-            s,
-            m.target.embed_matrix(),
-            b.io.slice(IO_X_LAST..IO_X_LAST + 1),
-            1,
-            x,
-        )?;
+        let x_last = b.io.slice(IO_X_LAST..IO_X_LAST + 1);
+        match m.embed_scale {
+            None => ops.embed(s, m.target.embed_matrix(), x_last, 1, x)?,
+            Some(scale) => {
+                // Gather into scratch, then x[0] = row · scale: `linear` with the row as a
+                // `[H, 1]` weight and the scale as the single input value.
+                let row = b.h.slice(0..h);
+                ops.embed(s, m.target.embed_matrix(), x_last, 1, row)?;
+                let w = DeviceMatrix {
+                    data: DenseData::F32(row),
+                    rows: h,
+                    cols: 1,
+                };
+                ops.linear(s, &w, None, scale, 1, x.slice(0..h), false)?;
+            }
+        }
         dtod(
             s,
             m.mask_rows.slice(0..(block - 1) * h),
@@ -705,7 +728,7 @@ impl GpuDraftSession {
             b.logits.slice(0..rows * v),
             false,
         )?;
-        ops.argmax(s, b.logits, rows, v, b.argmax)?;
+        ops.argmax(s, b.logits, rows, v, b.argmax_scratch, b.argmax)?;
         Ok(())
     }
 }
@@ -743,40 +766,42 @@ fn target_err(e: RuntimeError) -> SpecError {
     SpecError::Target(Box::new(e))
 }
 
-/// The speculative loop's backend on the GPU: a target [`GpuSession`] and a drafter state.
-/// Greedy rounds bring back one id per row (draft and verify argmax on the device); sampled
-/// rounds bring back the logits.
-pub struct GpuSpec<'a> {
-    target: &'a mut GpuSession,
+/// The speculative loop's backend on the GPU: a target [`GpuSession`] (borrowed, [`GpuSpec`], or
+/// owned, `GpuSpecOn<GpuSession>`: a whole speculative sequence to keep between calls, as the
+/// server does) and a drafter state. Greedy rounds bring back one id per row (draft and verify
+/// argmax on the device); sampled rounds bring back the logits.
+pub struct GpuSpecOn<T> {
+    target: T,
     draft: GpuDraftSession,
     /// Position and size of the latest verified block.
     verified: Option<(usize, usize)>,
 }
 
-impl<'a> GpuSpec<'a> {
+/// [`GpuSpecOn`] over a borrowed target session.
+pub type GpuSpec<'a> = GpuSpecOn<&'a mut GpuSession>;
+
+impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
     /// Pairs `target` (its model must be the drafter's target) with a fresh draft state.
-    pub fn new(target: &'a mut GpuSession, drafter: &GpuDrafter) -> Result<Self, RuntimeError> {
-        let draft = drafter.session(target.max_seq())?;
+    pub fn new(target: T, drafter: &GpuDrafter) -> Result<Self, RuntimeError> {
+        let draft = drafter.session(target.borrow().max_seq())?;
         Self::with_draft_session(target, draft)
     }
 
     /// Pairs `target` with an existing draft state (reset by the prefill; its captured graphs
     /// are kept, so repeated generations do not capture again).
-    pub fn with_draft_session(
-        target: &'a mut GpuSession,
-        draft: GpuDraftSession,
-    ) -> Result<Self, RuntimeError> {
-        let (a, b) = (target.model(), draft.drafter.target());
+    pub fn with_draft_session(target: T, draft: GpuDraftSession) -> Result<Self, RuntimeError> {
+        let t = target.borrow();
+        let (a, b) = (t.model(), draft.drafter.target());
         if device_addr(a.embed_matrix()) != device_addr(b.embed_matrix()) {
             return Err(invalid(
                 "the session's model is not the drafter's target model",
             ));
         }
-        if draft.max_seq < target.max_seq() {
+        if draft.max_seq < t.max_seq() {
             return Err(invalid(format!(
                 "the draft state holds {} positions, the target session {}",
                 draft.max_seq,
-                target.max_seq()
+                t.max_seq()
             )));
         }
         Ok(Self {
@@ -791,13 +816,36 @@ impl<'a> GpuSpec<'a> {
         self.draft
     }
 
+    /// The target session and the draft state back.
+    pub fn into_parts(self) -> (T, GpuDraftSession) {
+        (self.target, self.draft)
+    }
+
+    /// The target session.
+    pub fn target(&self) -> &GpuSession {
+        self.target.borrow()
+    }
+
+    /// Device bytes of the target session and the draft state.
+    pub fn device_bytes(&self) -> usize {
+        self.target().device_bytes() + self.draft.device_bytes()
+    }
+
+    /// Empties the target and the draft state, so the next [`GpuSpecOn::generate`] (or
+    /// `SpecBackend::prefill`) starts a new sequence on the same device memory and graphs.
+    pub fn reset(&mut self) {
+        self.target.borrow_mut().reset();
+        self.draft.reset();
+        self.verified = None;
+    }
+
     /// The draft state (for inspection).
     pub fn draft_session(&mut self) -> &mut GpuDraftSession {
         &mut self.draft
     }
 
     fn rows(&self, logits: DPtr<f32>, argmax: DPtr<u32>, want: Want) -> Result<Rows, SpecError> {
-        let s = self.target.model().stream();
+        let s = self.target().model().stream();
         Ok(match want {
             Want::Argmax => Rows::Argmax(dtoh(s, argmax).map_err(target_err)?),
             Want::Logits => Rows::Logits(dtoh(s, logits).map_err(target_err)?),
@@ -818,34 +866,35 @@ impl<'a> GpuSpec<'a> {
     }
 }
 
-impl SpecBackend for GpuSpec<'_> {
+impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
     fn vocab_size(&self) -> usize {
-        self.target.model().config().vocab_size
+        self.target().model().config().vocab_size
     }
 
     fn len(&self) -> usize {
-        self.target.len()
+        self.target().len()
     }
 
     fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
-        if !self.target.is_empty() {
-            return Err(SpecError::TargetNotEmpty(self.target.len()));
+        if !self.target().is_empty() {
+            return Err(SpecError::TargetNotEmpty(self.target().len()));
         }
-        self.target
+        let target = self.target.borrow_mut();
+        target
             .set_capture(self.draft.drafter.hidden_indices())
             .map_err(target_err)?;
         self.draft.reset();
         let mut last = 0;
         for chunk in prompt.chunks(MAX_TOKENS) {
-            self.target.forward_device(chunk).map_err(target_err)?;
+            target.forward_device(chunk).map_err(target_err)?;
             self.draft
-                .append_context(self.target, chunk.len())
+                .append_context(target, chunk.len())
                 .map_err(target_err)?;
             last = chunk.len();
         }
         let v = self.vocab_size();
-        let logits = self.target.logits_device(last);
-        let argmax = self.target.argmax_device(last);
+        let logits = self.target().logits_device(last);
+        let argmax = self.target().argmax_device(last);
         self.rows(
             logits.slice((last - 1) * v..last * v),
             argmax.slice(last - 1..last),
@@ -854,10 +903,10 @@ impl SpecBackend for GpuSpec<'_> {
     }
 
     fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError> {
-        if self.target.len() != self.draft.len() {
+        if self.target().len() != self.draft.len() {
             return Err(SpecError::TargetOutput(format!(
                 "the target holds {} positions, {} were committed",
-                self.target.len(),
+                self.target().len(),
                 self.draft.len()
             )));
         }
@@ -871,15 +920,16 @@ impl SpecBackend for GpuSpec<'_> {
     }
 
     fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
-        let start = self.target.len();
-        self.target
+        let target = self.target.borrow_mut();
+        let start = target.len();
+        target
             .set_capture(self.draft.drafter.hidden_indices())
             .map_err(target_err)?;
-        self.target.forward_device(tokens).map_err(target_err)?;
+        target.forward_device(tokens).map_err(target_err)?;
         self.verified = Some((start, tokens.len()));
         self.rows(
-            self.target.logits_device(tokens.len()),
-            self.target.argmax_device(tokens.len()),
+            self.target().logits_device(tokens.len()),
+            self.target().argmax_device(tokens.len()),
             want,
         )
     }
@@ -893,10 +943,9 @@ impl SpecBackend for GpuSpec<'_> {
                 "cannot keep {keep} of {n} verified tokens"
             )));
         }
-        self.target.truncate(start + keep).map_err(target_err)?;
-        self.draft
-            .append_context(self.target, keep)
-            .map_err(target_err)
+        let target = self.target.borrow_mut();
+        target.truncate(start + keep).map_err(target_err)?;
+        self.draft.append_context(target, keep).map_err(target_err)
     }
 }
 

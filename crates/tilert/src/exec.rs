@@ -34,7 +34,7 @@ use model::weights::{Linear, Mlp, Weights};
 
 use crate::arena::{dtoh, htod, Arena, DPtr};
 use crate::moe::{DeviceMoe, MoeKernels};
-use crate::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, MAX_TOKENS};
+use crate::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
 use crate::tensor::DeviceMatrix;
 use crate::{Device, RuntimeError};
 
@@ -70,6 +70,9 @@ struct GpuLayer {
     /// `[q; k; v]` rows fused into one matrix.
     qkv: DeviceMatrix,
     qkv_bias: Option<DPtr<f32>>,
+    /// `qkv` is in `ops::rope_pair_order` and the step runs `Ops::linear_qkv_rope` (RoPE and
+    /// the KV write fused into the projection) instead of `linear` + `rope_kv_write`.
+    qkv_rope_fused: bool,
     o: DeviceMatrix,
     o_bias: Option<DPtr<f32>>,
     q_norm: Option<DPtr<f32>>,
@@ -149,32 +152,72 @@ pub(crate) fn upload_linear(
 }
 
 /// The `[q; k; v]` rows of an attention block fused into one matrix, with a bias for all three
-/// when any has one (zeros for the others).
+/// when any has one (zeros for the others); with `order`, row `p` of the upload is row
+/// `order[p]` of `[q; k; v]` (`ops::rope_pair_order`).
 pub(crate) fn upload_qkv(
     arena: &mut Arena,
     a: &model::weights::Attention,
+    order: Option<&[usize]>,
     what: &str,
 ) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
     let rows = a.q.w.rows + a.k.w.rows + a.v.w.rows;
-    let mut w = Vec::with_capacity(rows * a.q.w.cols);
+    let cols = a.q.w.cols;
+    let mut w = Vec::with_capacity(rows * cols);
     for m in [&a.q, &a.k, &a.v] {
         w.extend_from_slice(&m.w.data);
     }
-    let qkv = DeviceMatrix::upload(arena, &w, rows, a.q.w.cols, what)?;
-    drop(w);
-    let bias = if [&a.q, &a.k, &a.v].iter().any(|m| m.bias.is_some()) {
-        let mut b = Vec::with_capacity(rows);
-        for m in [&a.q, &a.k, &a.v] {
-            match &m.bias {
-                Some(v) => b.extend_from_slice(v),
-                None => b.extend(std::iter::repeat_n(0.0, m.w.rows)),
+    let mut b = [&a.q, &a.k, &a.v]
+        .iter()
+        .any(|m| m.bias.is_some())
+        .then(|| {
+            let mut b = Vec::with_capacity(rows);
+            for m in [&a.q, &a.k, &a.v] {
+                match &m.bias {
+                    Some(v) => b.extend_from_slice(v),
+                    None => b.extend(std::iter::repeat_n(0.0, m.w.rows)),
+                }
             }
+            b
+        });
+    if let Some(order) = order {
+        if order.len() != rows {
+            return Err(RuntimeError::Invalid(format!(
+                "{what}: row order of {} for {rows} rows",
+                order.len()
+            )));
         }
-        Some(arena.upload(&b, &format!("{what} bias"))?)
-    } else {
-        None
-    };
+        w = order
+            .iter()
+            .flat_map(|&r| w[r * cols..(r + 1) * cols].iter().copied())
+            .collect();
+        b = b.map(|b| order.iter().map(|&r| b[r]).collect());
+    }
+    let qkv = DeviceMatrix::upload(arena, &w, rows, cols, what)?;
+    drop(w);
+    let bias = b
+        .map(|b| arena.upload(&b, &format!("{what} bias")))
+        .transpose()?;
     Ok((qkv, bias))
+}
+
+/// The rope pair order of a layer's QKV rows when the fused projection can serve it (no q/k
+/// norm, even head and rotary dims, 16-byte weight rows), else `None`.
+fn fused_qkv_order(
+    spec: &model::config::LayerSpec,
+    rotary_dim: usize,
+    qk_norm: bool,
+    cols: usize,
+) -> Option<Vec<usize>> {
+    if qk_norm || !cols.is_multiple_of(8) {
+        return None;
+    }
+    crate::ops::rope_pair_order(
+        spec.n_heads,
+        spec.n_kv_heads,
+        spec.head_dim,
+        spec.v_head_dim,
+        rotary_dim,
+    )
 }
 
 /// Captures what `encode` enqueues on `stream` into an instantiated, uploaded CUDA graph.
@@ -228,7 +271,13 @@ impl GpuModel {
         for (l, (spec, lw)) in config.layers.iter().zip(&weights.layers).enumerate() {
             let at = |what: &str| format!("layer {l} {what}");
             let a = &lw.attn;
-            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, &at("qkv"))?;
+            let order = fused_qkv_order(
+                spec,
+                ropes[per_layer[l]].rotary_dim,
+                a.q_norm.is_some() || a.k_norm.is_some(),
+                a.q.w.cols,
+            );
+            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, order.as_deref(), &at("qkv"))?;
             let (o, o_bias) = upload_linear(&mut arena, &a.o, &at("o_proj"))?;
             let mlp = match &lw.mlp {
                 Mlp::Dense { gate_up, down } => {
@@ -263,6 +312,7 @@ impl GpuModel {
                 post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
                 qkv,
                 qkv_bias,
+                qkv_rope_fused: order.is_some(),
                 o,
                 o_bias,
                 q_norm: upload_opt(&mut arena, a.q_norm.as_ref(), &at("q norm"))?,
@@ -373,11 +423,15 @@ impl GpuModel {
                 gpt_oss,
                 next_seed(),
             )?;
+            // Random rows: any order is as good as the rope pair order.
+            let qkv_rope_fused =
+                fused_qkv_order(spec, ropes[per_layer[l]].rotary_dim, spec.qk_norm, h).is_some();
             layers.push(GpuLayer {
                 input_norm: small(&mut arena, h, 1.0, 0.1, &at("input norm"))?,
                 post_attn_norm: small(&mut arena, h, 1.0, 0.1, &at("post-attention norm"))?,
                 qkv,
                 qkv_bias,
+                qkv_rope_fused,
                 o,
                 o_bias,
                 q_norm: if spec.qk_norm {
@@ -581,6 +635,10 @@ struct Buffers {
     gu: DPtr<f32>,
     logits: DPtr<f32>,
     argmax: DPtr<u32>,
+    /// [`ARGMAX_SCRATCH`] words for the multi-block argmax (its counters start at zero).
+    argmax_scratch: DPtr<u32>,
+    /// The fused router's last-block counter (zero between launches).
+    route_counter: DPtr<u32>,
     /// Captured hidden states, one `[MAX_TOKENS, H]` slot per requested index.
     hidden: DPtr<f32>,
     sample_uniform: DPtr<f32>,
@@ -683,6 +741,8 @@ impl GpuSession {
             gu: arena.alloc(t * 3 * inter.max(1), "dense mlp activations")?,
             logits: arena.alloc(t * v, "logits")?,
             argmax: arena.alloc(t, "argmax")?,
+            argmax_scratch: arena.alloc(ARGMAX_SCRATCH, "argmax scratch")?,
+            route_counter: arena.alloc(1, "router counter")?,
             hidden: DPtr::null(),
             sample_uniform: arena.alloc(1, "sampling uniform")?,
             sample_out: arena.alloc(1, "sampled token")?,
@@ -873,11 +933,17 @@ impl GpuSession {
         let k = cfg.top_k;
         for (l, (spec, layer)) in cfg.layers.iter().zip(&m.layers).enumerate() {
             let args = attn_args(m, spec, layer, &self.kv[l]);
-            m.ops
-                .linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
-            mark("qkv")?;
-            m.ops.rope_kv_write(s, &args, b.qkv, t, step, b.q)?;
-            mark("rope_kv")?;
+            if layer.qkv_rope_fused {
+                m.ops
+                    .linear_qkv_rope(s, &layer.qkv, layer.qkv_bias, b.h, t, &args, step, b.q)?;
+                mark("qkv_rope_kv")?;
+            } else {
+                m.ops
+                    .linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
+                mark("qkv")?;
+                m.ops.rope_kv_write(s, &args, b.qkv, t, step, b.q)?;
+                mark("rope_kv")?;
+            }
             let keys = match spec.attn {
                 AttnKind::Full => self.max_keys.min(self.kv[l].capacity),
                 AttnKind::Sliding { window } => (window + MAX_TOKENS).min(self.kv[l].capacity),
@@ -888,8 +954,12 @@ impl GpuSession {
             m.ops
                 .linear(s, &layer.o, layer.o_bias, b.attn, t, x, true)?;
             mark("o_proj")?;
-            m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
-            mark("norm")?;
+            // The layer's last op applies the next RMSNorm (fused into the MoE combine).
+            let next_norm = if l + 1 < nl {
+                m.layers[l + 1].input_norm
+            } else {
+                m.final_norm
+            };
             match &layer.mlp {
                 GpuMlp::Moe {
                     router,
@@ -898,12 +968,34 @@ impl GpuSession {
                     experts,
                 } => {
                     let ne = experts.n_experts;
-                    m.ops
-                        .linear(s, router, *router_bias, b.h, t, b.router_logits, false)?;
-                    mark("router")?;
-                    m.ops
-                        .route(s, route, b.router_logits, t, ne, k, b.ids, b.weights)?;
-                    mark("route")?;
+                    let fused = m.ops.router_route(
+                        s,
+                        router,
+                        *router_bias,
+                        x,
+                        layer.post_attn_norm,
+                        eps,
+                        t,
+                        route,
+                        k,
+                        b.h,
+                        b.router_logits,
+                        b.route_counter,
+                        b.ids,
+                        b.weights,
+                    )?;
+                    if fused {
+                        mark("norm_router_route")?;
+                    } else {
+                        m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
+                        mark("norm")?;
+                        m.ops
+                            .linear(s, router, *router_bias, b.h, t, b.router_logits, false)?;
+                        mark("router")?;
+                        m.ops
+                            .route(s, route, b.router_logits, t, ne, k, b.ids, b.weights)?;
+                        mark("route")?;
+                    }
                     m.moe
                         .gate_up(s, experts, m.glu, b.h, t, k, b.ids, b.moe_scratch, b.act)?;
                     mark("experts_gate_up")?;
@@ -919,8 +1011,10 @@ impl GpuSession {
                         b.y,
                     )?;
                     mark("experts_down")?;
-                    m.ops.combine(s, x, b.y, b.ids, t, k, h)?;
-                    mark("combine")?;
+                    m.ops
+                        .combine(s, x, b.y, b.ids, t, k, h, Some((next_norm, eps, b.h)))?;
+                    mark("combine_norm")?;
+                    self.capture_hidden(next_capture(l, nl), x, t)?;
                 }
                 GpuMlp::Dense {
                     gate_up,
@@ -931,27 +1025,19 @@ impl GpuSession {
                     let i = down.cols;
                     let gu = b.gu.slice(0..t * 2 * i);
                     let act = b.gu.slice(t * 2 * i..t * 3 * i);
+                    m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
+                    mark("norm")?;
                     m.ops.linear(s, gate_up, *gate_up_bias, b.h, t, gu, false)?;
                     mark("mlp_gate_up")?;
                     m.ops.glu(s, m.glu, gu, t, i, act)?;
                     mark("glu")?;
                     m.ops.linear(s, down, *down_bias, act, t, x, true)?;
                     mark("mlp_down")?;
+                    self.capture_hidden(next_capture(l, nl), x, t)?;
+                    m.ops.rms_norm(s, x, next_norm, t, h, eps, b.h)?;
+                    mark("norm")?;
                 }
             }
-            let idx = if l + 1 < nl {
-                l + 1
-            } else {
-                LAST_LAYER_PRE_NORM
-            };
-            self.capture_hidden(idx, x, t)?;
-            let next_norm = if l + 1 < nl {
-                m.layers[l + 1].input_norm
-            } else {
-                m.final_norm
-            };
-            m.ops.rms_norm(s, x, next_norm, t, h, eps, b.h)?;
-            mark("norm")?;
         }
         self.capture_hidden(nl, b.h.slice(0..t * h), t)?;
         if logits == Logits::All {
@@ -959,7 +1045,8 @@ impl GpuSession {
             m.ops
                 .linear(s, &m.lm_head, None, b.h, t, b.logits.slice(0..t * v), false)?;
             mark("lm_head")?;
-            m.ops.argmax(s, b.logits, t, v, b.argmax)?;
+            m.ops
+                .argmax(s, b.logits, t, v, b.argmax_scratch, b.argmax)?;
             mark("argmax")?;
         }
         Ok(())
@@ -1273,6 +1360,15 @@ fn timing_event(stream: &CudaStream) -> Result<CudaEvent, RuntimeError> {
     }
     .result()?;
     Ok(event)
+}
+
+/// The hidden-state index of the residual after layer `l` of `nl` (as `model::cpu::Session`).
+fn next_capture(l: usize, nl: usize) -> usize {
+    if l + 1 < nl {
+        l + 1
+    } else {
+        LAST_LAYER_PRE_NORM
+    }
 }
 
 fn attn_args(

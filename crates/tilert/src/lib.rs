@@ -18,6 +18,7 @@
 pub mod arena;
 pub mod draft;
 pub mod exec;
+pub mod launch;
 pub mod moe;
 pub mod ops;
 pub mod tensor;

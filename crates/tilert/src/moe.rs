@@ -651,12 +651,20 @@ impl MoeKernels {
                 (f, cfg)
             }
         };
-        let mut b = s.launch_builder(func);
-        b.arg(&p);
-        // SAFETY: every kernel of this family takes one `MoeParams` by value; the buffer lengths
-        // were checked by the callers and the shapes come from the uploaded experts.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        let mut params = [&mut p as *mut MoeParams as *mut std::ffi::c_void];
+        // SAFETY: every kernel of this family takes one `MoeParams` by value and begins with
+        // pdl_begin(); the buffer lengths were checked by the callers and the shapes come from
+        // the uploaded experts.
+        unsafe {
+            crate::launch::launch_raw(
+                s,
+                func,
+                cfg.grid_dim,
+                cfg.block_dim.0,
+                cfg.shared_mem_bytes,
+                &mut params,
+            )
+        }
     }
 
     /// `act[t][j] = glu(W_gu[ids[t][j]] · h[t] + b_gu)` for every `(t, j)`, `h` `[T, H]`,

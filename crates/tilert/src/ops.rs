@@ -16,9 +16,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
-};
+use std::ffi::c_void;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::arena::DPtr;
 use crate::tensor::{DenseData, DeviceMatrix};
@@ -113,16 +114,27 @@ const MAX_HEAD_DIM: usize = 256;
 /// Most experts / selected experts the routing kernel takes (`MAX_EXPERTS`, `MAX_TOPK`).
 const MAX_EXPERTS: usize = 384;
 const MAX_TOPK: usize = 16;
-/// Threads of one attention block (`ATT_THREADS`) and of the sampler (`SAMPLE_THREADS`).
-const ATT_THREADS: u32 = 128;
+/// Threads of the sampler (`SAMPLE_THREADS`).
 const SAMPLE_THREADS: u32 = 1024;
-/// Attention partial blocks aimed for per launch (a few waves over an H100's 132 SMs).
-const ATT_TARGET_BLOCKS: usize = 1024;
+/// Keys per shared-memory tile of the attention kernel (`ATT_TILE`) and most warps (query
+/// heads served at once) per attention block.
+const ATT_TILE: usize = 32;
+const ATT_MAX_WARPS: usize = 8;
+/// Attention split counters at the start of the scratch: `[MAX_TOKENS][n_kv_heads ≤ 64]`.
+const ATT_COUNTERS: usize = MAX_TOKENS * ATT_MAX_KV_HEADS;
+const ATT_MAX_KV_HEADS: usize = 64;
+/// Attention blocks aimed for per launch (two per SM of an H100's 132).
+const ATT_TARGET_BLOCKS: usize = 264;
 const ATT_MAX_SPLITS: usize = 64;
-/// Keys per split aimed for at `max_keys` (two tiles of the partial kernel).
+/// Keys per split aimed for at `max_keys`.
 const ATT_SPLIT_KEYS: usize = 256;
-/// Fewest keys worth a split of their own.
-const ATT_MIN_SPLIT_KEYS: usize = 64;
+/// Most blocks of the fused router (each takes `ceil(E / blocks)` expert rows).
+const ROUTER_MAX_BLOCKS: usize = 64;
+/// Blocks of the argmax (each scans a chunk of the vocabulary; the last merges) and its
+/// scratch: `MAX_TOKENS` counters, then `[T][blocks]` (value, index) pairs.
+const ARGMAX_BLOCKS: usize = 128;
+/// Elements of the scratch [`Ops::argmax`] needs.
+pub const ARGMAX_SCRATCH: usize = MAX_TOKENS + MAX_TOKENS * ARGMAX_BLOCKS * 2;
 /// Blocks of the grid-stride fill kernels.
 const FILL_BLOCKS: usize = 1056;
 
@@ -132,6 +144,52 @@ enum Arg {
     U64(u64),
     U32(u32),
     F32(f32),
+    Route(RouteSpec),
+    Rope(RopeOut),
+}
+
+/// `struct RopeOut` of ops.cu (where the fused QKV projection's rows go), passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RopeOut {
+    step: u64,
+    inv_freq: u64,
+    q_out: u64,
+    k_cache: u64,
+    v_cache: u64,
+    nh: u32,
+    nkv: u32,
+    d: u32,
+    dv: u32,
+    rot: u32,
+    capacity: u32,
+    attn_factor: f32,
+    value_scale: f32,
+}
+impl From<RopeOut> for Arg {
+    fn from(v: RopeOut) -> Self {
+        Arg::Rope(v)
+    }
+}
+
+/// `struct RouteSpec` of ops.cu (the routing parameters of one MoE layer), passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RouteSpec {
+    n_exp: u32,
+    k: u32,
+    kind: u32,
+    norm_topk: u32,
+    corr_bias: u64,
+    n_group: u32,
+    topk_group: u32,
+    scaling: f32,
+    _pad: u32,
+}
+impl From<RouteSpec> for Arg {
+    fn from(v: RouteSpec) -> Self {
+        Arg::Route(v)
+    }
 }
 impl From<u64> for Arg {
     fn from(v: u64) -> Self {
@@ -157,23 +215,33 @@ fn launch(
     block: u32,
     args: &[Arg],
 ) -> Result<(), RuntimeError> {
-    let cfg = LaunchConfig {
-        grid_dim: grid,
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = s.launch_builder(f);
-    for a in args {
-        match a {
-            Arg::U64(v) => b.arg(v),
-            Arg::U32(v) => b.arg(v),
-            Arg::F32(v) => b.arg(v),
-        };
-    }
+    launch_with_smem(s, f, grid, block, 0, args)
+}
+
+/// [`launch`] with `smem` bytes of dynamic shared memory.
+fn launch_with_smem(
+    s: &CudaStream,
+    f: &CudaFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &[Arg],
+) -> Result<(), RuntimeError> {
+    let mut args = args.to_vec();
+    let mut params: Vec<*mut c_void> = args
+        .iter_mut()
+        .map(|a| match a {
+            Arg::U64(v) => v as *mut u64 as *mut c_void,
+            Arg::U32(v) => v as *mut u32 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+            Arg::Route(v) => v as *mut RouteSpec as *mut c_void,
+            Arg::Rope(v) => v as *mut RopeOut as *mut c_void,
+        })
+        .collect();
     // SAFETY: every caller passes the arguments of the kernel's C signature in order, with
-    // device addresses of live arena buffers whose sizes the caller validated.
-    unsafe { b.launch(cfg) }?;
-    Ok(())
+    // device addresses of live arena buffers whose sizes the caller validated; every kernel of
+    // ops.cu begins with pdl_begin().
+    unsafe { crate::launch::launch_raw(s, f, grid, block, smem, &mut params) }
 }
 
 fn invalid(msg: String) -> RuntimeError {
@@ -225,13 +293,151 @@ fn matrix_data(what: &str, w: &DeviceMatrix) -> Result<(u64, bool), RuntimeError
 /// [`ATT_TARGET_BLOCKS`] blocks, at most [`ATT_MAX_SPLITS`], never below
 /// [`ATT_MIN_SPLIT_KEYS`] keys per split.
 fn attention_splits(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
-    let blocks = (a.n_heads * t).max(1);
+    let blocks = (a.n_kv_heads * t).max(1);
     let by_keys = max_keys.div_ceil(ATT_SPLIT_KEYS);
     let want = ATT_TARGET_BLOCKS
         .div_ceil(blocks)
         .max(by_keys)
         .clamp(1, ATT_MAX_SPLITS);
-    want.min(max_keys.div_ceil(ATT_MIN_SPLIT_KEYS).max(1))
+    want.min(max_keys.div_ceil(ATT_TILE).max(1))
+}
+
+/// The kernels' `RouteSpec` of `kind` for `n_experts` experts, top-`k`, validated.
+fn route_spec(kind: &RouteArgs, n_experts: usize, k: usize) -> Result<RouteSpec, RuntimeError> {
+    if n_experts == 0 || n_experts > MAX_EXPERTS {
+        return Err(invalid(format!(
+            "route: {n_experts} experts (1..={MAX_EXPERTS})"
+        )));
+    }
+    if k == 0 || k > MAX_TOPK || k > n_experts {
+        return Err(invalid(format!(
+            "route: top-{k} of {n_experts} experts (k in 1..={MAX_TOPK})"
+        )));
+    }
+    // (kind, norm, bias, n_group, topk_group, scaling)
+    let (code, norm, bias, n_group, topk_group, scaling) = match *kind {
+        RouteArgs::GptOss => (0u32, false, 0u64, 1, 1, 1.0f32),
+        RouteArgs::Qwen3 { norm_topk_prob } => (1, norm_topk_prob, 0, 1, 1, 1.0),
+        RouteArgs::Sigmoid {
+            correction_bias,
+            n_group,
+            topk_group,
+            norm_topk_prob,
+            routed_scaling_factor,
+        } => {
+            if n_group == 0 || !n_experts.is_multiple_of(n_group) {
+                return Err(invalid(format!(
+                    "route: {n_group} groups do not divide {n_experts} experts"
+                )));
+            }
+            if topk_group == 0 || topk_group > n_group {
+                return Err(invalid(format!(
+                    "route: topk_group {topk_group} of {n_group} groups"
+                )));
+            }
+            if k > topk_group * (n_experts / n_group) {
+                return Err(invalid(format!(
+                    "route: top-{k} exceeds the {} experts of the kept groups",
+                    topk_group * (n_experts / n_group)
+                )));
+            }
+            if !routed_scaling_factor.is_finite() {
+                return Err(invalid(format!(
+                    "route: routed_scaling_factor {routed_scaling_factor}"
+                )));
+            }
+            if let Some(b) = correction_bias {
+                check_len("route: correction bias", b, n_experts)?;
+            }
+            (
+                2,
+                norm_topk_prob,
+                crate::arena::addr_or_null(correction_bias),
+                n_group,
+                topk_group,
+                routed_scaling_factor,
+            )
+        }
+    };
+    Ok(RouteSpec {
+        n_exp: n_experts as u32,
+        k: k as u32,
+        kind: code,
+        norm_topk: u32::from(norm),
+        corr_bias: bias,
+        n_group: n_group as u32,
+        topk_group: topk_group as u32,
+        scaling,
+        _pad: 0,
+    })
+}
+
+/// Largest weight matrix (bytes) a linear kernel prefetches into L2 while its predecessor runs,
+/// with PDL on (`ULTRA_PREFETCH_MB`, default 32 — within an H100's 50 MB L2; 0 turns
+/// prefetching off). Without PDL a kernel starts after its predecessor: nothing to overlap.
+fn prefetch_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        if !crate::launch::pdl_enabled() {
+            return 0;
+        }
+        std::env::var("ULTRA_PREFETCH_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(32)
+            << 20
+    })
+}
+
+/// Whether a head of `d` dims with `rot` rotary dims can be laid out in [`rope_pair_order`].
+fn rope_pairs_fit(d: usize, rot: usize) -> bool {
+    d.is_multiple_of(2) && rot.is_multiple_of(2) && rot <= d
+}
+
+/// The row order [`Ops::linear_qkv_rope`] reads a fused `[q; k; v]` weight in: entry `p` is the
+/// original row of row `p`. Within each q and k head (`d` rows), rows `(2i, 2i + 1)` for
+/// `2i < rot` are dims `(i, i + rot/2)` — a RoPE pair, so one warp holds both — then dims
+/// `rot..d` in order; v rows keep their order. `None` when `d` or `rot` is odd.
+pub fn rope_pair_order(
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    dv: usize,
+    rot: usize,
+) -> Option<Vec<usize>> {
+    if !rope_pairs_fit(d, rot) {
+        return None;
+    }
+    let half = rot / 2;
+    let mut order = Vec::with_capacity((nh + nkv) * d + nkv * dv);
+    for head in 0..nh + nkv {
+        for l in 0..d {
+            let dim = if l < rot {
+                if l % 2 == 0 {
+                    l / 2
+                } else {
+                    l / 2 + half
+                }
+            } else {
+                l
+            };
+            order.push(head * d + dim);
+        }
+    }
+    order.extend((nh + nkv) * d..(nh + nkv) * d + nkv * dv);
+    Some(order)
+}
+
+/// Warps of one attention block: one per query head of a KV group, at most [`ATT_MAX_WARPS`].
+fn attention_warps(a: &AttnArgs) -> usize {
+    (a.n_heads / a.n_kv_heads).clamp(1, ATT_MAX_WARPS)
+}
+
+/// Dynamic shared memory of one attention block (`attention_gqa`'s key and value tiles and its
+/// warps' queries).
+fn att_smem_bytes(d: usize, dv: usize, warps: usize) -> usize {
+    let k_stride = if d.is_multiple_of(4) { d + 4 } else { d + 1 };
+    4 * (ATT_TILE * k_stride + ATT_TILE * dv + warps * d)
 }
 
 fn check_attn(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
@@ -240,6 +446,12 @@ fn check_attn(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
         return bad(format!(
             "{} query heads over {} kv heads",
             a.n_heads, a.n_kv_heads
+        ));
+    }
+    if a.n_kv_heads > ATT_MAX_KV_HEADS {
+        return bad(format!(
+            "{} kv heads (at most {ATT_MAX_KV_HEADS})",
+            a.n_kv_heads
         ));
     }
     if a.head_dim == 0 || a.head_dim > MAX_HEAD_DIM || a.v_head_dim == 0 {
@@ -285,9 +497,12 @@ pub struct Ops {
     linear_f32: LinearTable,
     linear_generic: CudaFunction,
     rope_kv_write: CudaFunction,
-    attention_partial: CudaFunction,
-    attention_combine: CudaFunction,
+    attention: CudaFunction,
     route: CudaFunction,
+    router_route_bf16: [CudaFunction; LINEAR_TOKENS.len()],
+    qkv_rope_bf16: [CudaFunction; LINEAR_TOKENS.len()],
+    qkv_rope_f32: [CudaFunction; LINEAR_TOKENS.len()],
+    router_route_f32: [CudaFunction; LINEAR_TOKENS.len()],
     sample: CudaFunction,
 }
 
@@ -312,6 +527,19 @@ impl Ops {
                 Ok(<LinearTable>::try_from(rows)
                     .unwrap_or_else(|_| unreachable!("one row per bucket")))
             };
+        let bucketed = |name: &str| -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
+            let fs = LINEAR_TOKENS
+                .iter()
+                .map(|tt| f(&format!("{name}_t{tt}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(<[CudaFunction; LINEAR_TOKENS.len()]>::try_from(fs)
+                .unwrap_or_else(|_| unreachable!("one kernel per bucket")))
+        };
+        let attention = f("attention_gqa")?;
+        attention.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            att_smem_bytes(MAX_HEAD_DIM, MAX_HEAD_DIM, ATT_MAX_WARPS) as i32,
+        )?;
         Ok(Self {
             fill_bf16: f("fill_uniform_bf16")?,
             fill_f32: f("fill_uniform_f32")?,
@@ -326,9 +554,12 @@ impl Ops {
             linear_f32: table("f32")?,
             linear_generic: f("linear_generic")?,
             rope_kv_write: f("rope_kv_write")?,
-            attention_partial: f("attention_partial")?,
-            attention_combine: f("attention_combine")?,
+            attention,
             route: f("route")?,
+            router_route_bf16: bucketed("router_route_bf16")?,
+            router_route_f32: bucketed("router_route_f32")?,
+            qkv_rope_bf16: bucketed("linear_qkv_rope_bf16")?,
+            qkv_rope_f32: bucketed("linear_qkv_rope_f32")?,
             sample: f("sample")?,
             _module: module,
         })
@@ -486,8 +717,11 @@ impl Ops {
             "linear blocks",
             warps.div_ceil(LINEAR_THREADS as usize / 32),
         )?;
+        let bytes = w.rows * w.cols * if bf16 { 2 } else { 4 };
+        let prefetch = u32::from(bytes <= prefetch_limit());
         let mut args = vec![addr.into()];
         args.extend_from_slice(&common);
+        args.push(prefetch.into());
         launch(s, f, (blocks, 1, 1), LINEAR_THREADS, &args)
     }
 
@@ -555,9 +789,108 @@ impl Ops {
         )
     }
 
+    /// The QKV projection with RoPE and the KV write fused in: `W · x[t] (+ bias)` of a weight
+    /// uploaded in [`rope_pair_order`] (see there), then exactly what [`Ops::rope_kv_write`]
+    /// does with the projected rows — q to `q_out`, k and v into the cache. Layers with q/k
+    /// norm cannot use it (the norm needs a whole head). Needs 16-byte weight rows (`cols` a
+    /// multiple of 8) and 16-byte aligned `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_qkv_rope(
+        &self,
+        s: &CudaStream,
+        w: &DeviceMatrix,
+        bias: Option<DPtr<f32>>,
+        x: DPtr<f32>,
+        t: usize,
+        a: &AttnArgs,
+        step: DPtr<u32>,
+        q_out: DPtr<f32>,
+    ) -> Result<(), RuntimeError> {
+        check_tokens("linear_qkv_rope", t)?;
+        check_attn("linear_qkv_rope", a)?;
+        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
+        if a.q_norm.is_some() || a.k_norm.is_some() {
+            return Err(invalid(
+                "linear_qkv_rope: layers with q/k norm take linear + rope_kv_write".into(),
+            ));
+        }
+        if !rope_pairs_fit(d, a.rotary_dim) {
+            return Err(invalid(format!(
+                "linear_qkv_rope: rotary_dim {} with head_dim {d}",
+                a.rotary_dim
+            )));
+        }
+        if t > a.capacity {
+            return Err(invalid(format!(
+                "linear_qkv_rope: {t} tokens into a KV ring of {} slots",
+                a.capacity
+            )));
+        }
+        let (addr, bf16) = matrix_data("qkv weight", w)?;
+        let rows = nh * d + nkv * d + nkv * dv;
+        if w.rows != rows || !w.cols.is_multiple_of(8) || !x.addr().is_multiple_of(16) {
+            return Err(invalid(format!(
+                "linear_qkv_rope: {}x{} weight for {rows} q/k/v rows (cols a multiple of 8, x \
+                 16-byte aligned)",
+                w.rows, w.cols
+            )));
+        }
+        check_len("linear_qkv_rope: x", x, t * w.cols)?;
+        if let Some(b) = bias {
+            check_len("linear_qkv_rope: bias", b, rows)?;
+        }
+        check_len("linear_qkv_rope: inv_freq", a.inv_freq, a.rotary_dim / 2)?;
+        check_len("linear_qkv_rope: step", step, 1)?;
+        check_len("linear_qkv_rope: q_out", q_out, t * nh * d)?;
+        let bucket = LINEAR_TOKENS
+            .iter()
+            .position(|&b| b >= t)
+            .unwrap_or(LINEAR_TOKENS.len() - 1);
+        let f = if bf16 {
+            &self.qkv_rope_bf16[bucket]
+        } else {
+            &self.qkv_rope_f32[bucket]
+        };
+        let ro = RopeOut {
+            step: step.addr(),
+            inv_freq: a.inv_freq.addr(),
+            q_out: q_out.addr(),
+            k_cache: a.k_cache.addr(),
+            v_cache: a.v_cache.addr(),
+            nh: nh as u32,
+            nkv: nkv as u32,
+            d: d as u32,
+            dv: dv as u32,
+            rot: a.rotary_dim as u32,
+            capacity: a.capacity as u32,
+            attn_factor: a.attention_factor,
+            value_scale: a.value_scale,
+        };
+        let warps = rows.div_ceil(2);
+        let blocks = u32_arg(
+            "linear blocks",
+            warps.div_ceil(LINEAR_THREADS as usize / 32),
+        )?;
+        launch(
+            s,
+            f,
+            (blocks, 1, 1),
+            LINEAR_THREADS,
+            &[
+                addr.into(),
+                crate::arena::addr_or_null(bias).into(),
+                x.addr().into(),
+                u32_arg("qkv rows", rows)?.into(),
+                u32_arg("qkv cols", w.cols)?.into(),
+                (t as u32).into(),
+                ro.into(),
+            ],
+        )
+    }
+
     /// Scratch elements [`Ops::attention`] needs for `t` queries over at most `max_keys` keys.
     pub fn attention_scratch_len(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
-        t * a.n_heads * attention_splits(a, t, max_keys) * (a.v_head_dim + 2)
+        ATT_COUNTERS + t * a.n_heads * attention_splits(a, t, max_keys) * (a.v_head_dim + 2)
     }
 
     /// Attention of the `t` queries `q` `[T, n_heads·d]` (positions `step[0] + t`) over the
@@ -596,19 +929,20 @@ impl Ops {
             check_len("attention: sinks", sk, nh)?;
         }
         let splits = attention_splits(a, t, max_keys) as u32;
-        let heads = u32_arg("heads", nh)?;
-        launch(
+        let warps = attention_warps(a);
+        launch_with_smem(
             s,
-            &self.attention_partial,
-            (splits, heads, t as u32),
-            ATT_THREADS,
+            &self.attention,
+            (splits, a.n_kv_heads as u32, t as u32),
+            32 * warps as u32,
+            att_smem_bytes(d, dv, warps) as u32,
             &[
                 q.addr().into(),
                 a.k_cache.addr().into(),
                 a.v_cache.addr().into(),
                 step.addr().into(),
                 (t as u32).into(),
-                heads.into(),
+                u32_arg("heads", nh)?.into(),
                 (a.n_kv_heads as u32).into(),
                 (d as u32).into(),
                 (dv as u32).into(),
@@ -616,20 +950,8 @@ impl Ops {
                 (a.window.unwrap_or(0) as u32).into(),
                 u32::from(causal).into(),
                 a.scale.into(),
-                scratch.addr().into(),
-            ],
-        )?;
-        launch(
-            s,
-            &self.attention_combine,
-            (heads, t as u32, 1),
-            ATT_THREADS,
-            &[
-                scratch.addr().into(),
                 crate::arena::addr_or_null(a.sinks).into(),
-                heads.into(),
-                (dv as u32).into(),
-                splits.into(),
+                scratch.addr().into(),
                 out.addr().into(),
             ],
         )
@@ -650,64 +972,10 @@ impl Ops {
         weights: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
         check_tokens("route", t)?;
-        if n_experts == 0 || n_experts > MAX_EXPERTS {
-            return Err(invalid(format!(
-                "route: {n_experts} experts (1..={MAX_EXPERTS})"
-            )));
-        }
-        if k == 0 || k > MAX_TOPK || k > n_experts {
-            return Err(invalid(format!(
-                "route: top-{k} of {n_experts} experts (k in 1..={MAX_TOPK})"
-            )));
-        }
+        let spec = route_spec(kind, n_experts, k)?;
         check_len("route: logits", logits, t * n_experts)?;
         check_len("route: ids", ids, t * k)?;
         check_len("route: weights", weights, t * k)?;
-        // (kind, norm, bias, n_group, topk_group, scaling)
-        let (code, norm, bias, n_group, topk_group, scaling) = match *kind {
-            RouteArgs::GptOss => (0u32, false, 0u64, 1, 1, 1.0f32),
-            RouteArgs::Qwen3 { norm_topk_prob } => (1, norm_topk_prob, 0, 1, 1, 1.0),
-            RouteArgs::Sigmoid {
-                correction_bias,
-                n_group,
-                topk_group,
-                norm_topk_prob,
-                routed_scaling_factor,
-            } => {
-                if n_group == 0 || !n_experts.is_multiple_of(n_group) {
-                    return Err(invalid(format!(
-                        "route: {n_group} groups do not divide {n_experts} experts"
-                    )));
-                }
-                if topk_group == 0 || topk_group > n_group {
-                    return Err(invalid(format!(
-                        "route: topk_group {topk_group} of {n_group} groups"
-                    )));
-                }
-                if k > topk_group * (n_experts / n_group) {
-                    return Err(invalid(format!(
-                        "route: top-{k} exceeds the {} experts of the kept groups",
-                        topk_group * (n_experts / n_group)
-                    )));
-                }
-                if !routed_scaling_factor.is_finite() {
-                    return Err(invalid(format!(
-                        "route: routed_scaling_factor {routed_scaling_factor}"
-                    )));
-                }
-                if let Some(b) = correction_bias {
-                    check_len("route: correction bias", b, n_experts)?;
-                }
-                (
-                    2,
-                    norm_topk_prob,
-                    crate::arena::addr_or_null(correction_bias),
-                    n_group,
-                    topk_group,
-                    routed_scaling_factor,
-                )
-            }
-        };
         launch(
             s,
             &self.route,
@@ -715,23 +983,97 @@ impl Ops {
             32,
             &[
                 logits.addr().into(),
-                (n_experts as u32).into(),
-                (k as u32).into(),
-                code.into(),
-                u32::from(norm).into(),
-                bias.into(),
-                (n_group as u32).into(),
-                (topk_group as u32).into(),
-                scaling.into(),
+                spec.into(),
                 ids.addr().into(),
                 weights.addr().into(),
             ],
         )
     }
 
+    /// The router of a MoE layer with the post-attention norm fused in, then its routing, in
+    /// one launch: `h[t] = rms_norm(x[t]) ⊙ norm_w` (written to `h`, which the experts read),
+    /// `logits[t] = router · h[t] (+ bias)`, and `ids` / `weights` of `logits[t]` as
+    /// [`Ops::route`]. Needs 16-byte weight rows (`cols` a multiple of 8 for bf16, 4 for f32)
+    /// and 16-byte aligned `x` and `norm_w`;
+    /// returns `Ok(false)` (nothing enqueued) when they are not, so the caller runs
+    /// [`Ops::rms_norm`], [`Ops::linear`] and [`Ops::route`] instead. `counter` is one `u32`
+    /// that is zero before the first launch (each launch leaves it zero).
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_route(
+        &self,
+        s: &CudaStream,
+        router: &DeviceMatrix,
+        bias: Option<DPtr<f32>>,
+        x: DPtr<f32>,
+        norm_w: DPtr<f32>,
+        eps: f32,
+        t: usize,
+        kind: &RouteArgs,
+        k: usize,
+        h: DPtr<f32>,
+        logits: DPtr<f32>,
+        counter: DPtr<u32>,
+        ids: DPtr<i32>,
+        weights: DPtr<f32>,
+    ) -> Result<bool, RuntimeError> {
+        check_tokens("router_route", t)?;
+        let (addr, bf16) = matrix_data("router weight", router)?;
+        let (n_experts, cols) = (router.rows, router.cols);
+        let per16 = if bf16 { 8 } else { 4 };
+        let aligned = [addr, x.addr(), norm_w.addr()]
+            .iter()
+            .all(|a| a.is_multiple_of(16));
+        if cols == 0 || !cols.is_multiple_of(per16) || !aligned {
+            return Ok(false);
+        }
+        let spec = route_spec(kind, n_experts, k)?;
+        check_len("router_route: x", x, t * cols)?;
+        check_len("router_route: norm weight", norm_w, cols)?;
+        check_len("router_route: h", h, t * cols)?;
+        check_len("router_route: logits", logits, t * n_experts)?;
+        check_len("router_route: counter", counter, 1)?;
+        check_len("router_route: ids", ids, t * k)?;
+        check_len("router_route: weights", weights, t * k)?;
+        if let Some(b) = bias {
+            check_len("router_route: bias", b, n_experts)?;
+        }
+        let bucket = LINEAR_TOKENS
+            .iter()
+            .position(|&b| b >= t)
+            .unwrap_or(LINEAR_TOKENS.len() - 1);
+        let f = if bf16 {
+            &self.router_route_bf16[bucket]
+        } else {
+            &self.router_route_f32[bucket]
+        };
+        launch(
+            s,
+            f,
+            (n_experts.min(ROUTER_MAX_BLOCKS) as u32, 1, 1),
+            256,
+            &[
+                addr.into(),
+                crate::arena::addr_or_null(bias).into(),
+                x.addr().into(),
+                norm_w.addr().into(),
+                eps.into(),
+                u32_arg("router cols", cols)?.into(),
+                (t as u32).into(),
+                h.addr().into(),
+                logits.addr().into(),
+                spec.into(),
+                counter.addr().into(),
+                ids.addr().into(),
+                weights.addr().into(),
+            ],
+        )?;
+        Ok(true)
+    }
+
     /// The MoE combine and residual add: `x[t] += Σ_j y[t][j]`, `y` `[T, k, H]` (already
     /// weighted), the k terms summed from 0 in ascending expert id (`ids` `[T, k]`), as
-    /// `model::cpu::ffn::moe_block`.
+    /// `model::cpu::ffn::moe_block`. With `norm = Some((w, eps, out))` the next RMSNorm is
+    /// fused in: `out[t] = rms_norm(x[t]) ⊙ w` as [`Ops::rms_norm`].
     #[allow(clippy::too_many_arguments)]
     pub fn combine(
         &self,
@@ -742,6 +1084,7 @@ impl Ops {
         t: usize,
         k: usize,
         h: usize,
+        norm: Option<(DPtr<f32>, f32, DPtr<f32>)>,
     ) -> Result<(), RuntimeError> {
         check_tokens("combine", t)?;
         if k == 0 || k > MAX_TOPK || h == 0 {
@@ -752,18 +1095,35 @@ impl Ops {
         check_len("combine: x", x, t * h)?;
         check_len("combine: y", y, t * k * h)?;
         check_len("combine: ids", ids, t * k)?;
+        let (nw, eps, out) = match norm {
+            Some((w, eps, out)) => {
+                check_len("combine: norm weight", w, h)?;
+                check_len("combine: norm out", out, t * h)?;
+                (w.addr(), eps, out.addr())
+            }
+            None => (0, 0.0, 0),
+        };
         let h32 = u32_arg("hidden size", h)?;
+        // The fused norm needs a token's whole row in one block.
+        let blocks_per_token = if norm.is_some() {
+            1
+        } else {
+            h32.div_ceil(256).min(64)
+        };
         launch(
             s,
             &self.combine,
-            (t as u32, h32.div_ceil(256).min(64), 1),
-            256,
+            (t as u32, blocks_per_token, 1),
+            if norm.is_some() { 1024 } else { 256 },
             &[
                 x.addr().into(),
                 y.addr().into(),
                 ids.addr().into(),
                 (k as u32).into(),
                 h32.into(),
+                nw.into(),
+                eps.into(),
+                out.into(),
             ],
         )
     }
@@ -808,13 +1168,16 @@ impl Ops {
         )
     }
 
-    /// `out[t] = argmax(logits[t])` over `v` values (lowest index on ties), `t < T`.
+    /// `out[t] = argmax(logits[t])` over `v` values (lowest index on ties), `t < T`. `scratch`
+    /// holds [`ARGMAX_SCRATCH`] words, zero before the first launch (each launch leaves its
+    /// counters zero).
     pub fn argmax(
         &self,
         s: &CudaStream,
         logits: DPtr<f32>,
         t: usize,
         v: usize,
+        scratch: DPtr<u32>,
         out: DPtr<u32>,
     ) -> Result<(), RuntimeError> {
         check_tokens("argmax", t)?;
@@ -822,16 +1185,20 @@ impl Ops {
             return Err(invalid("argmax: empty vocabulary".into()));
         }
         check_len("argmax: logits", logits, t * v)?;
+        check_len("argmax: scratch", scratch, ARGMAX_SCRATCH)?;
         check_len("argmax: out", out, t)?;
+        // Chunks of at least two loads per thread.
+        let blocks = v.div_ceil(2 * 1024).clamp(1, ARGMAX_BLOCKS) as u32;
         launch(
             s,
             &self.argmax,
-            (t as u32, 1, 1),
+            (blocks, t as u32, 1),
             1024,
             &[
                 logits.addr().into(),
                 u32_arg("vocabulary", v)?.into(),
                 out.addr().into(),
+                scratch.addr().into(),
             ],
         )
     }

@@ -360,3 +360,88 @@ fn errors_are_typed() {
     let mut os = other.gpu.session(64).unwrap();
     assert!(GpuSpec::new(&mut os, &gd).is_err());
 }
+
+/// `input_embedding_scale ≠ 1` (z-lab's `_raw_input_embeddings` for targets that scale their
+/// embeddings): the GPU drafter scales the block's input rows as the CPU drafter does (the
+/// `x_last` row on the device, the mask rows at upload). Toy drafters of each shape with scale
+/// 1.7 (MiMo: with a mask embedding; z-lab: the target's mask-token row): draft logits within
+/// the tolerance of the CPU drafter's at B = 4 and 8 (which differ from the unscaled drafter's,
+/// so the scale is really applied), and speculative greedy output equal to plain GPU greedy.
+#[test]
+fn input_embedding_scale_matches_cpu() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("input_embedding_scale_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("input_embedding_scale_matches_cpu");
+    for (rel, kind) in [
+        ("qwen3-moe/native", ToyKind::ZLab),
+        ("gpt-oss/bf16", ToyKind::ZLabMixed),
+        ("mimo-v2-flash/native", ToyKind::MiMo),
+    ] {
+        let m = load(rel);
+        let tc = m.cpu.config();
+        let v = tc.vocab_size;
+        let mut json = toy::config_json(tc, kind, 8);
+        json["dflash_config"]["input_embedding_scale"] = serde_json::json!(1.7);
+        let cfg = dflash::DrafterConfig::from_json_str(&json.to_string()).unwrap();
+        assert_eq!(cfg.input_embedding_scale, 1.7);
+        let weights = toy::random_weights(&cfg, tc.hidden_size, kind == ToyKind::MiMo, r.random());
+        let d = Drafter::new(cfg.clone(), weights.clone()).unwrap();
+        let mut plain_cfg = cfg;
+        plain_cfg.input_embedding_scale = 1.0;
+        let unscaled = Drafter::new(plain_cfg, weights).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let layers = d.config().target_layer_ids.clone();
+        let prompt: Vec<u32> = (0..20).map(|_| r.random_range(0..v as u32)).collect();
+        let mut cs = m.cpu.session();
+        let out = Target::forward(&mut cs, &prompt, &layers).unwrap();
+        let feats = features(&out, prompt.len());
+        let mut gs = m.gpu.session(256).unwrap();
+        gs.set_capture(gd.hidden_indices()).unwrap();
+        let mut ds = gd.session(256).unwrap();
+        for chunk in prompt.chunks(16) {
+            gs.forward_device(chunk).unwrap();
+            ds.append_context(&gs, chunk.len()).unwrap();
+        }
+        let w = m.cpu.weights();
+        let x_last = r.random_range(0..v as u32);
+        for b in [4, 8] {
+            let run = |d: &Drafter| {
+                let mut cache = d.new_cache();
+                d.append_context(&mut cache, &feats).unwrap();
+                d.draft(&mut cache, &w.embed, &w.lm_head, x_last, b)
+                    .unwrap()
+            };
+            let want = run(&d);
+            assert_ne!(
+                want,
+                run(&unscaled),
+                "{rel} {kind:?}: the scale changes nothing"
+            );
+            ds.draft(x_last, b).unwrap();
+            let got = dtoh(m.gpu.stream(), ds.logits_device(b - 1)).unwrap();
+            let (err, mag) = max_err(&got, &want);
+            eprintln!(
+                "{rel} {kind:?} scale 1.7 B={b}: draft logits max |Δ| {err:.2e} (max {mag:.2})"
+            );
+            assert!(err <= 2e-3 * (1.0 + mag), "{rel} {kind:?} B={b}: {err}");
+        }
+        let want = plain_greedy(&m.gpu, &prompt, 24);
+        let mut s = m.gpu.session(256).unwrap();
+        let opts = SpecOptions {
+            block_size: 8,
+            eos_token_ids: Vec::new(),
+        };
+        let got = GpuSpec::new(&mut s, &gd)
+            .unwrap()
+            .generate(
+                &opts,
+                &prompt,
+                &greedy(24),
+                &mut |_| ControlFlow::Continue(()),
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(got.tokens, want, "{rel} {kind:?}: speculative greedy");
+    }
+}

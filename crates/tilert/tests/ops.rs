@@ -22,7 +22,7 @@ use model::weights::{GateUpLayout, Linear, Mat};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tilert::arena::{dtoh, htod, Arena, DPtr};
-use tilert::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, MAX_TOKENS};
+use tilert::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
 use tilert::tensor::{DenseData, DeviceMatrix};
 
 struct Gpu {
@@ -421,12 +421,16 @@ fn glu_combine_argmax_match_cpu() {
         }
     }
 
-    // combine: bit-identical (the same f32 additions in the same order).
-    for (t, k, h) in [
-        (1usize, 4usize, 2880usize),
-        (16, 4, 2880),
-        (3, 8, 7),
-        (2, 16, 300),
+    // combine: bit-identical (the same f32 additions in the same order); with the next
+    // RMSNorm fused in, the normed rows as `rms_norm`'s tolerance.
+    for (t, k, h, fused_norm) in [
+        (1usize, 4usize, 2880usize, false),
+        (16, 4, 2880, false),
+        (3, 8, 7, false),
+        (2, 16, 300, false),
+        (1, 4, 2880, true),
+        (16, 4, 2880, true),
+        (3, 8, 7, true),
     ] {
         let x = uniform(&mut rng, t * h, 1.0);
         let y = uniform(&mut rng, t * k * h, 1.0);
@@ -440,7 +444,11 @@ fn glu_combine_argmax_match_cpu() {
             ids.extend_from_slice(&e[..k]);
         }
         let (dx, dy, di) = (g.up(&x), g.up(&y), g.up(&ids));
-        g.ops.combine(&g.stream, dx, dy, di, t, k, h).unwrap();
+        let nw = uniform(&mut rng, h, 2.0);
+        let (dnw, dh) = (g.up(&nw), g.zeros::<f32>(t * h));
+        let eps = 1e-5f32;
+        let norm = fused_norm.then_some((dnw, eps, dh));
+        g.ops.combine(&g.stream, dx, dy, di, t, k, h, norm).unwrap();
         let got = g.down(dx);
         let mut want = x.clone();
         for ti in 0..t {
@@ -452,11 +460,37 @@ fn glu_combine_argmax_match_cpu() {
             }
             cpu::add_assign(&mut want[ti * h..(ti + 1) * h], &o);
         }
-        assert_eq!(got, want, "combine t={t} k={k} h={h}");
+        assert_eq!(got, want, "combine t={t} k={k} h={h} norm={fused_norm}");
+        if fused_norm {
+            let mut want_h = vec![0f32; t * h];
+            for r in 0..t {
+                cpu::rms_norm(
+                    &want[r * h..(r + 1) * h],
+                    &nw,
+                    eps,
+                    &mut want_h[r * h..(r + 1) * h],
+                );
+            }
+            assert_close(
+                &format!("combine + rms_norm t={t} h={h}"),
+                &g.down(dh),
+                &want_h,
+                |i| 1e-5 * want_h[i].abs() as f64 + 1e-37,
+            );
+        }
     }
 
-    // argmax: ties go to the lowest index, NaN reads as -inf.
-    for (t, v) in [(1usize, 10usize), (3, 201_088), (16, 1000)] {
+    // argmax: ties go to the lowest index, NaN reads as -inf; one scratch serves every launch
+    // (the multi-block merge leaves its counters zero).
+    let scratch = g.zeros::<u32>(ARGMAX_SCRATCH);
+    for (t, v) in [
+        (1usize, 10usize),
+        (3, 201_088),
+        (16, 1000),
+        (16, 151_936),
+        (1, 201_088),
+        (2, 5000),
+    ] {
         let mut l = uniform(&mut rng, t * v, 5.0);
         let mut want = Vec::new();
         for ti in 0..t {
@@ -469,8 +503,10 @@ fn glu_combine_argmax_match_cpu() {
             want.push(row.iter().position(|&x| x == 9.0).unwrap() as u32);
         }
         let (dl, dout) = (g.up(&l), g.zeros::<u32>(t));
-        g.ops.argmax(&g.stream, dl, t, v, dout).unwrap();
-        assert_eq!(g.down(dout), want, "argmax t={t} v={v}");
+        for run in 0..2 {
+            g.ops.argmax(&g.stream, dl, t, v, scratch, dout).unwrap();
+            assert_eq!(g.down(dout), want, "argmax t={t} v={v} run {run}");
+        }
     }
 }
 
@@ -608,6 +644,104 @@ fn check_rope_kv_write(g: &mut Gpu, rng: &mut ChaCha20Rng, geo: Geo, t: usize, s
     assert_close(&format!("{what} q"), &gq2, &wq, |i| tol(&wq, i));
     assert_close(&format!("{what} k"), &gk2, &wk, |i| tol(&wk, i));
     assert_eq!(gv2, wv, "{what} v");
+}
+
+/// The fused QKV projection (`linear_qkv_rope`, weights in `rope_pair_order`) against its two
+/// parts (`linear` on the natural order, then `rope_kv_write`): q and the written KV slots.
+fn check_qkv_rope(g: &mut Gpu, rng: &mut ChaCha20Rng, geo: Geo, cols: usize, t: usize, step: u32) {
+    let l = layer(g, rng, geo);
+    let (nh, nkv, d, dv) = (geo.nh, geo.nkv, geo.d, geo.dv);
+    let rows = nh * d + nkv * d + nkv * dv;
+    let wv = bf16_exact(uniform(rng, rows * cols, 0.5));
+    let bias = uniform(rng, rows, 1.0);
+    let x = uniform(rng, t * cols, 1.0);
+    let order = tilert::ops::rope_pair_order(nh, nkv, d, dv, geo.rot).expect("even dims");
+    let permuted: Vec<f32> = order
+        .iter()
+        .flat_map(|&r| wv[r * cols..(r + 1) * cols].to_vec())
+        .collect();
+    let pbias: Vec<f32> = order.iter().map(|&r| bias[r]).collect();
+    let w = DeviceMatrix::upload(&mut g.arena, &wv, rows, cols, "qkv").unwrap();
+    let wp = DeviceMatrix::upload(&mut g.arena, &permuted, rows, cols, "qkv permuted").unwrap();
+    let (dx, db, dpb, dstep) = (g.up(&x), g.up(&bias), g.up(&pbias), g.up(&[step]));
+    // Two paths, two caches.
+    let a1 = l.args;
+    let mut a2 = l.args;
+    a2.k_cache = g.zeros::<f32>(geo.capacity * nkv * d);
+    a2.v_cache = g.zeros::<f32>(geo.capacity * nkv * dv);
+    let (qkv, q1, q2) = (
+        g.zeros::<f32>(t * rows),
+        g.zeros::<f32>(t * nh * d),
+        g.zeros::<f32>(t * nh * d),
+    );
+    g.ops
+        .linear(&g.stream, &w, Some(db), dx, t, qkv, false)
+        .unwrap();
+    g.ops
+        .rope_kv_write(&g.stream, &a1, qkv, t, dstep, q1)
+        .unwrap();
+    g.ops
+        .linear_qkv_rope(&g.stream, &wp, Some(dpb), dx, t, &a2, dstep, q2)
+        .unwrap();
+    let what = format!("linear_qkv_rope {geo:?} cols={cols} t={t} step={step}");
+    // The dot products may round differently (two rows per warp instead of one): relative
+    // 1e-5 of the row's Σ|w·x| bounds both; RoPE then mixes two such values.
+    let scale: f64 = wv.iter().map(|w| w.abs() as f64).sum::<f64>() / rows as f64 + 1.0;
+    let tol = |_: usize| 1e-5 * scale;
+    assert_close(&format!("{what} q"), &g.down(q2), &g.down(q1), tol);
+    let slots: Vec<usize> = (0..t).map(|i| (step as usize + i) % geo.capacity).collect();
+    for (cache1, cache2, width, name) in [
+        (a1.k_cache, a2.k_cache, nkv * d, "k"),
+        (a1.v_cache, a2.v_cache, nkv * dv, "v"),
+    ] {
+        let (c1, c2) = (g.down(cache1), g.down(cache2));
+        let pick = |c: &[f32]| -> Vec<f32> {
+            slots
+                .iter()
+                .flat_map(|&sl| c[sl * width..(sl + 1) * width].to_vec())
+                .collect()
+        };
+        assert_close(&format!("{what} {name}"), &pick(&c2), &pick(&c1), tol);
+    }
+}
+
+#[test]
+fn linear_qkv_rope_matches_linear_then_rope_kv_write() {
+    let Some((mut g, mut rng)) = gpu("linear_qkv_rope_matches_linear_then_rope_kv_write") else {
+        return;
+    };
+    let mimo = Geo {
+        nh: 16,
+        nkv: 4,
+        d: 192,
+        dv: 128,
+        rot: 64,
+        capacity: 512,
+        window: None,
+        sinks: true,
+        qk_norm: false,
+        value_scale: 0.707,
+        attention_factor: 1.0,
+    };
+    let tiny = Geo {
+        nh: 4,
+        nkv: 2,
+        d: 16,
+        dv: 8,
+        rot: 12,
+        capacity: 16,
+        window: Some(4),
+        sinks: false,
+        qk_norm: false,
+        value_scale: 1.0,
+        attention_factor: 1.0,
+    };
+    check_qkv_rope(&mut g, &mut rng, GPT_OSS_SLIDING, 2880, 1, 77);
+    check_qkv_rope(&mut g, &mut rng, GPT_OSS_SLIDING, 2880, 16, 5000); // ring wrap
+    check_qkv_rope(&mut g, &mut rng, mimo, 256, 3, 100_000);
+    check_qkv_rope(&mut g, &mut rng, tiny, 64, 5, 14); // ring wrap inside the pass
+    check_qkv_rope(&mut g, &mut rng, Geo { rot: 0, ..tiny }, 64, 2, 9);
+    check_qkv_rope(&mut g, &mut rng, Geo { dv: 7, ..tiny }, 64, 8, 3); // odd row count
 }
 
 const GPT_OSS_SLIDING: Geo = Geo {
@@ -997,6 +1131,150 @@ fn route_matches_cpu() {
     }
 }
 
+/// The fused norm + router + routing against its three parts on the CPU: the normed rows as
+/// `rms_norm`, the logits as `linear`, and ids / weights exactly those `moe::route` picks from
+/// the GPU's own logits (so a near-tie that the summation order flips cannot make it flaky).
+#[test]
+fn router_route_matches_cpu() {
+    let Some((mut g, mut rng)) = gpu("router_route_matches_cpu") else {
+        return;
+    };
+    let counter = g.zeros::<u32>(1);
+    for (e, k, cols, t, bf16_weights, with_bias, kind) in [
+        (
+            32usize,
+            4usize,
+            2880usize,
+            1usize,
+            true,
+            true,
+            RouteArgs::GptOss,
+        ),
+        (32, 4, 2880, 16, true, true, RouteArgs::GptOss),
+        (32, 4, 64, 5, false, true, RouteArgs::GptOss),
+        (
+            128,
+            8,
+            256,
+            3,
+            true,
+            false,
+            RouteArgs::Qwen3 {
+                norm_topk_prob: true,
+            },
+        ),
+        (
+            256,
+            8,
+            128,
+            16,
+            true,
+            false,
+            RouteArgs::Sigmoid {
+                correction_bias: None,
+                n_group: 8,
+                topk_group: 4,
+                norm_topk_prob: true,
+                routed_scaling_factor: 2.5,
+            },
+        ),
+    ] {
+        let mut wv = uniform(&mut rng, e * cols, 0.5);
+        if bf16_weights {
+            wv = bf16_exact(wv);
+        } else {
+            wv[0] = 0.1;
+        }
+        let router = DeviceMatrix::upload(&mut g.arena, &wv, e, cols, "router").unwrap();
+        let bias = with_bias.then(|| uniform(&mut rng, e, 1.0));
+        let x = uniform(&mut rng, t * cols, 3.0);
+        let nw = uniform(&mut rng, cols, 2.0);
+        let eps = 1e-5f32;
+        let (dx, dnw, dh) = (g.up(&x), g.up(&nw), g.zeros::<f32>(t * cols));
+        let db = bias.as_ref().map(|b| g.up(b));
+        let (dlogits, dids, dw) = (
+            g.zeros::<f32>(t * e),
+            g.zeros::<i32>(t * k),
+            g.zeros::<f32>(t * k),
+        );
+        // Twice on the same counter: the first launch must leave it ready for the second.
+        for run in 0..2 {
+            let fused = g
+                .ops
+                .router_route(
+                    &g.stream, &router, db, dx, dnw, eps, t, &kind, k, dh, dlogits, counter, dids,
+                    dw,
+                )
+                .unwrap();
+            assert!(fused, "16-byte rows take the fused kernel");
+            let what = format!("router_route e={e} k={k} cols={cols} t={t} {kind:?} run {run}");
+            let mut want_h = vec![0f32; t * cols];
+            for r in 0..t {
+                cpu::rms_norm(
+                    &x[r * cols..(r + 1) * cols],
+                    &nw,
+                    eps,
+                    &mut want_h[r * cols..(r + 1) * cols],
+                );
+            }
+            let got_h = g.down(dh);
+            assert_close(&format!("{what}: h"), &got_h, &want_h, |i| {
+                1e-5 * want_h[i].abs() as f64 + 1e-37
+            });
+            let lin = Linear {
+                w: Mat {
+                    rows: e,
+                    cols,
+                    data: wv.clone(),
+                },
+                bias: bias.clone(),
+            };
+            let mut want_logits = vec![0f32; t * e];
+            cpu::linear(&lin, &want_h, t, &mut want_logits);
+            let got_logits = g.down(dlogits);
+            assert_close(&format!("{what}: logits"), &got_logits, &want_logits, |i| {
+                let (ti, r) = (i / e, i % e);
+                let s: f64 = (0..cols)
+                    .map(|c| (wv[r * cols + c] as f64 * want_h[ti * cols + c] as f64).abs())
+                    .sum();
+                2e-5 * s + bias.as_ref().map_or(0.0, |b| 1e-6 * b[r].abs() as f64) + 1e-30
+            });
+            let ck = match kind {
+                RouteArgs::GptOss => moe::RouterKind::GptOss { bias: None },
+                RouteArgs::Qwen3 { norm_topk_prob } => moe::RouterKind::Qwen3Moe { norm_topk_prob },
+                RouteArgs::Sigmoid {
+                    n_group,
+                    topk_group,
+                    norm_topk_prob,
+                    routed_scaling_factor,
+                    ..
+                } => moe::RouterKind::Sigmoid(moe::SigmoidRouter {
+                    correction_bias: None,
+                    n_group,
+                    topk_group,
+                    norm_topk_prob,
+                    routed_scaling_factor,
+                }),
+            };
+            let (gids, gw) = (g.down(dids), g.down(dw));
+            for ti in 0..t {
+                let r = moe::route(&ck, &got_logits[ti * e..(ti + 1) * e], k).unwrap();
+                let ids: Vec<usize> = gids[ti * k..(ti + 1) * k]
+                    .iter()
+                    .map(|&i| i as usize)
+                    .collect();
+                assert_eq!(ids, r.experts, "{what}: token {ti} ids");
+                assert_close(
+                    &format!("{what}: token {ti} weights"),
+                    &gw[ti * k..(ti + 1) * k],
+                    &r.weights,
+                    |j| 2e-6 * r.weights[j].abs() as f64 + 1e-30,
+                );
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sampling
 // ---------------------------------------------------------------------------------------------
@@ -1353,10 +1631,13 @@ fn op_timings_at_gpt_oss_sizes() {
     let v = 201_088usize;
     let logits = g.up(&uniform(&mut rng, 16 * v, 8.0));
     let out = g.zeros::<u32>(16);
+    let argmax_scratch = g.zeros::<u32>(ARGMAX_SCRATCH);
     let u = g.up(&[0.37f32]);
     for t in [1usize, 16] {
         let us = time_us(&g, &mut || {
-            g.ops.argmax(&g.stream, logits, t, v, out).unwrap()
+            g.ops
+                .argmax(&g.stream, logits, t, v, argmax_scratch, out)
+                .unwrap()
         });
         println!("TIMING argmax v={v} t={t}: {us:.1} us");
     }
@@ -1401,11 +1682,45 @@ fn op_timings_at_gpt_oss_sizes() {
         });
         let y = g.zeros::<f32>(t * 4 * 2880);
         let us_comb = time_us(&g, &mut || {
-            g.ops.combine(&g.stream, x, y, ids, t, 4, 2880).unwrap()
+            g.ops
+                .combine(&g.stream, x, y, ids, t, 4, 2880, Some((nw, 1e-5, h)))
+                .unwrap()
+        });
+        let router = DeviceMatrix::upload(
+            &mut g.arena,
+            &bf16_exact(uniform(&mut rng, 32 * 2880, 0.05)),
+            32,
+            2880,
+            "router",
+        )
+        .unwrap();
+        let (logits32, counter) = (g.zeros::<f32>(t * 32), g.zeros::<u32>(1));
+        let us_rr = time_us(&g, &mut || {
+            let fused = g
+                .ops
+                .router_route(
+                    &g.stream,
+                    &router,
+                    None,
+                    x,
+                    nw,
+                    1e-5,
+                    t,
+                    &RouteArgs::GptOss,
+                    4,
+                    h,
+                    logits32,
+                    counter,
+                    ids,
+                    w,
+                )
+                .unwrap();
+            assert!(fused);
         });
         println!(
             "TIMING t={t}: route gpt-oss (32 experts, top-4) {us:.1} us; rms_norm 2880 \
-             {us_norm:.1} us; combine (k 4, H 2880) {us_comb:.1} us"
+             {us_norm:.1} us; combine + rms_norm (k 4, H 2880) {us_comb:.1} us; \
+             rms_norm + router + route (fused) {us_rr:.1} us"
         );
     }
 }

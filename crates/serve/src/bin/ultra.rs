@@ -58,7 +58,9 @@ struct ServeArgs {
     /// Speculation block size 2..=16 (default: the drafter's).
     #[arg(long)]
     block_size: Option<usize>,
-    /// `cpu` (the reference executor); `cuda` comes with the GPU executor.
+    /// `cpu` (the reference executor, batched decode) or `cuda` (the GPU executor on GPU 0:
+    /// the sequences decode one after another each step; with --draft the drafter runs on the
+    /// GPU too).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// Worker threads (default: all cores).
@@ -73,19 +75,22 @@ struct ServeArgs {
     /// Most requests waiting for admission (more get RESOURCE_EXHAUSTED / HTTP 429).
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// KV-cache budget in MiB (a request is admitted when prompt + max_tokens fit).
+    /// KV-cache budget in MiB (a request is admitted when prompt + max_tokens fit; on the GPU
+    /// each request reserves one whole sequence's device memory).
     #[arg(long, default_value_t = 4096)]
     kv_cache_mib: u64,
-    /// Context limit per request (default: the model's).
+    /// Context limit per request (default: the model's; on the GPU at most 8192 unless given:
+    /// every GPU sequence holds this many positions).
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// Tokens one scheduler step may run: the running sequences' decode tokens first, the rest
+    /// prefills waiting prompts in chunks (chunked prefill; at least one chunk per step).
+    #[arg(long, default_value_t = serve::engine::DEFAULT_MAX_BATCHED_TOKENS)]
+    max_num_batched_tokens: usize,
 }
 
 impl ServeArgs {
     fn setup(self) -> Result<commands::serve::ServeSetup> {
-        if self.device == Device::Cuda {
-            bail!("--device cuda: the server runs on the CPU executor so far (the GPU executor serves `ultra generate` / `ultra score --device cuda`); use --device cpu");
-        }
         set_threads(self.threads)?;
         // No --model (and not --synthetic): the embedded default model and its drafter.
         let (model, draft, name) = if self.synthetic || self.model.is_some() {
@@ -112,6 +117,11 @@ impl ServeArgs {
                 max_waiting: self.max_waiting,
                 kv_budget_bytes: self.kv_cache_mib << 20,
                 max_context: self.max_model_len,
+                max_batched_tokens: self.max_num_batched_tokens,
+            },
+            device: match self.device {
+                Device::Cpu => commands::serve::ServeDevice::Cpu,
+                Device::Cuda => commands::serve::ServeDevice::Cuda(0),
             },
             model,
             draft,
@@ -386,10 +396,10 @@ fn main() -> Result<()> {
             if m.device == Device::Cuda {
                 loaded.to_gpu(0)?;
             }
-            // The default model speculates with its own drafter (on the CPU executor).
+            // The default model speculates with its own drafter.
             let draft = match (draft, default) {
                 (Some(d), _) => Some(d),
-                (None, Some(p)) if !no_draft && m.device == Device::Cpu => Some(p.drafter),
+                (None, Some(p)) if !no_draft => Some(p.drafter),
                 _ => None,
             };
             if block_size.is_some() && draft.is_none() {
@@ -416,9 +426,6 @@ fn main() -> Result<()> {
             let mut stdout = std::io::stdout();
             let (g, spec) = match &draft {
                 Some(dir) => {
-                    if loaded.gpu.is_some() {
-                        bail!("--draft with --device cuda: DFlash on the GPU executor is not wired into `ultra generate` yet; use --device cpu");
-                    }
                     let r = commands::generate::generate_speculative(
                         &loaded,
                         dir,
@@ -584,9 +591,14 @@ fn main() -> Result<()> {
             seed,
         } => {
             let setup = s.setup()?;
+            let device = match setup.device {
+                commands::serve::ServeDevice::Cpu => {
+                    format!("CPU {} threads", rayon::current_num_threads())
+                }
+                commands::serve::ServeDevice::Cuda(i) => format!("GPU {i}"),
+            };
             println!(
-                "ultra serve on loopback, CPU {} threads, max_running {}: {requests} requests, {concurrency} concurrent gRPC streams, {prompt_tokens}-token prompts, {max_tokens} tokens each",
-                rayon::current_num_threads(),
+                "ultra serve on loopback, {device}, max_running {}: {requests} requests, {concurrency} concurrent gRPC streams, {prompt_tokens}-token prompts, {max_tokens} tokens each",
                 setup.engine.max_running
             );
             let report = commands::serve::bench(

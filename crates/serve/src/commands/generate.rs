@@ -55,10 +55,7 @@ impl Loaded {
 
     fn sequence(&self) -> Result<Sequence> {
         Ok(match &self.gpu {
-            Some(g) => {
-                let max_seq = g.config().max_position_embeddings.clamp(1, GPU_MAX_SEQ);
-                Sequence::Gpu(Box::new(g.session(max_seq)?))
-            }
+            Some(g) => Sequence::Gpu(Box::new(g.session(gpu_max_seq(g))?)),
             None => Sequence::Cpu(Box::new(self.model.session())),
         })
     }
@@ -221,8 +218,41 @@ pub fn spec_decoder(
     )
 }
 
+/// Loads a DFlash drafter for `loaded` onto its GPU (`--device cuda`): the device drafter and
+/// the loop options (block size: `block_size` or the drafter's; EOS ids as [`eos_ids`]).
+pub fn gpu_spec_setup(
+    loaded: &Loaded,
+    draft: &Path,
+    block_size: Option<usize>,
+) -> Result<(tilert::draft::GpuDrafter, dflash::SpecOptions)> {
+    let Some(gpu) = &loaded.gpu else {
+        bail!("the model is not on a GPU");
+    };
+    let drafter = dflash::Drafter::load(draft, loaded.model.config())
+        .with_context(|| format!("loading drafter {}", draft.display()))?;
+    let block_size = block_size.unwrap_or(drafter.config().block_size);
+    if !(dflash::MIN_BLOCK_SIZE..=dflash::MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(dflash::SpecError::BlockSize(block_size).into());
+    }
+    let gd = tilert::draft::GpuDrafter::new(gpu, &drafter)
+        .with_context(|| format!("uploading drafter {}", draft.display()))?;
+    let opts = dflash::SpecOptions {
+        block_size,
+        eos_token_ids: eos_ids(loaded),
+    };
+    Ok((gd, opts))
+}
+
+/// The KV-cache size (positions) of a GPU sequence of `ultra generate` / `ultra score` and of the
+/// server's GPU sequences: the model's context, at most [`GPU_MAX_SEQ`]. (The attention kernels
+/// split keys by this size, so sequences of the same size compute bit-identical logits.)
+pub fn gpu_max_seq(gpu: &tilert::exec::GpuModel) -> usize {
+    gpu.config().max_position_embeddings.clamp(1, GPU_MAX_SEQ)
+}
+
 /// Generates from `ids` with DFlash block speculation (`draft` = a drafter directory), streaming
-/// text to `out`; the output is the same as [`generate`]'s for greedy decoding.
+/// text to `out`; the output is the same as [`generate`]'s for greedy decoding. On the GPU
+/// (`loaded.gpu`) the drafter runs on the device ([`tilert::draft::GpuSpec`]); else on the CPU.
 pub fn generate_speculative(
     loaded: &Loaded,
     draft: &Path,
@@ -231,7 +261,25 @@ pub fn generate_speculative(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<SpecReport> {
-    let decoder = spec_decoder(loaded, draft, block_size)?;
+    enum Runner {
+        Cpu(dflash::SpecDecoder),
+        Gpu {
+            drafter: tilert::draft::GpuDrafter,
+            opts: dflash::SpecOptions,
+            session: Box<tilert::exec::GpuSession>,
+        },
+    }
+    let mut runner = match &loaded.gpu {
+        None => Runner::Cpu(spec_decoder(loaded, draft, block_size)?),
+        Some(gpu) => {
+            let (drafter, opts) = gpu_spec_setup(loaded, draft, block_size)?;
+            Runner::Gpu {
+                drafter,
+                opts,
+                session: Box::new(gpu.session(gpu_max_seq(gpu))?),
+            }
+        }
+    };
     // Stops (EOS, stop strings, length) are applied to the streamed text by the same
     // TokenOutput as plain generation; the speculative loop also knows EOS and max tokens.
     let tok = loaded.tokenizer.as_ref();
@@ -240,7 +288,7 @@ pub fn generate_speculative(
     let mut failure = None;
     let t0 = Instant::now();
     let mut first = None;
-    let out_spec = decoder.generate(ids, params, |token| {
+    let mut on_token = |token| {
         first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         let step = output.push(token, tok).and_then(|e| {
             out.write_all(e.text.as_bytes())?;
@@ -258,7 +306,27 @@ pub fn generate_speculative(
                 ControlFlow::Break(())
             }
         }
-    })?;
+    };
+    let (out_spec, block_size) = match &mut runner {
+        Runner::Cpu(decoder) => (
+            decoder.generate(ids, params, &mut on_token)?,
+            decoder.block_size(),
+        ),
+        Runner::Gpu {
+            drafter,
+            opts,
+            session,
+        } => (
+            tilert::draft::GpuSpec::new(session, drafter)?.generate(
+                opts,
+                ids,
+                params,
+                &mut on_token,
+                &mut |_| {},
+            )?,
+            opts.block_size,
+        ),
+    };
     if let Some(e) = failure {
         return Err(e);
     }
@@ -278,7 +346,7 @@ pub fn generate_speculative(
             decode_tokens_per_s: n.saturating_sub(1).max(1) as f64 / (elapsed - ttft).max(1e-9),
         },
         stats: out_spec.stats,
-        block_size: decoder.block_size(),
+        block_size,
     })
 }
 

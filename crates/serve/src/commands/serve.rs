@@ -12,9 +12,19 @@ use rand::{Rng, SeedableRng};
 use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
 use model::cpu::CpuModel;
 
-use crate::engine::{CpuBackend, EngineConfig, EngineHandle};
+use crate::commands::generate::gpu_max_seq;
+use crate::engine::{CpuBackend, EngineConfig, EngineHandle, GpuBackend};
 use crate::proto::v1 as pb;
 use crate::server::{self, ServeOptions, Server};
+
+/// Where the server's executor runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeDevice {
+    /// The CPU reference executor.
+    Cpu,
+    /// The GPU executor on this GPU.
+    Cuda(usize),
+}
 
 /// What `ultra serve` and `ultra bench-serve` load and how they schedule.
 #[derive(Debug, Clone)]
@@ -24,6 +34,7 @@ pub struct ServeSetup {
     pub draft: Option<PathBuf>,
     pub block_size: Option<usize>,
     pub engine: EngineConfig,
+    pub device: ServeDevice,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -35,16 +46,45 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
     let model_id = setup.engine.model_id.clone();
-    Server::start(opts, model_id, move || match &setup.model {
-        Some(dir) => {
+    Server::start(opts, model_id, move || match (&setup.model, setup.device) {
+        (Some(dir), ServeDevice::Cpu) => {
             server::load_cpu_engine(dir, setup.draft.as_deref(), setup.block_size, setup.engine)
         }
-        None => {
+        (Some(dir), ServeDevice::Cuda(ordinal)) => server::load_gpu_engine(
+            dir,
+            setup.draft.as_deref(),
+            setup.block_size,
+            setup.engine,
+            ordinal,
+        ),
+        (None, device) => {
             let cfg = synthetic_gpt_oss_100m();
             let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
             let eos = cfg.eos_token_ids.clone();
-            let model = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
-            EngineHandle::start(CpuBackend { model }, None, eos, setup.engine, None)
+            let (max_context, pool) = (setup.engine.max_context, setup.engine.max_running);
+            match device {
+                ServeDevice::Cpu => {
+                    let model = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
+                    EngineHandle::start(
+                        move || Ok(CpuBackend { model }),
+                        None,
+                        eos,
+                        setup.engine,
+                        None,
+                    )
+                }
+                ServeDevice::Cuda(ordinal) => EngineHandle::start(
+                    move || {
+                        let gpu = tilert::exec::GpuModel::new(ordinal, Arc::new(cfg), &weights)?;
+                        let max_seq = max_context.unwrap_or(gpu_max_seq(&gpu));
+                        GpuBackend::new(gpu, max_seq, None, pool)
+                    },
+                    None,
+                    eos,
+                    setup.engine,
+                    None,
+                ),
+            }
         }
     })
     .await

@@ -1,37 +1,70 @@
-//! What the scheduler needs from an executor: sequences with a KV cache, prefill, one batched
-//! decode step, truncation, release and KV-memory estimates. [`CpuBackend`] implements it over
-//! the CPU reference executor; a GPU executor plugs in by implementing the same trait.
+//! What the scheduler needs from an executor: sequences with a KV cache, prefill, one decode
+//! step over the running batch, truncation, release, KV-memory estimates and, optionally,
+//! speculative decoding on the executor's own device. [`CpuBackend`] implements it over the CPU
+//! reference executor; `GpuBackend` (`engine::gpu`) over the GPU executor.
+//!
+//! A backend is built by a factory run on the scheduler thread ([`super::EngineHandle::start`])
+//! and never leaves it, so neither it nor its sequences need be `Send` (the GPU executor's
+//! sessions hold CUDA graphs, which are not).
 
-use anyhow::Result;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use dflash::{Rows, SpecBackend, SpecError, SpecOptions, Want};
 use model::config::{AttnKind, ModelConfig};
 use model::cpu::{CpuModel, Session, VerifyOutput, DEFAULT_MAX_ROLLBACK};
 
+/// KV-cache bytes a sequence of `n` positions reserves (callable from any thread: requests are
+/// checked against the budget when they are submitted).
+pub type KvBytes = Arc<dyn Fn(usize) -> u64 + Send + Sync>;
+
 /// An executor the scheduler drives. One scheduler thread owns it; sequences never leave that
 /// thread.
-pub trait Backend: Send + 'static {
+pub trait Backend: 'static {
     /// One sequence's state (its KV cache).
-    type Sequence: Send;
+    type Sequence;
+    /// One request's speculative state when the executor drafts on its own device (target
+    /// sequence + drafter state; see [`Backend::device_spec`]).
+    type Spec: SpecBackend;
 
     fn config(&self) -> &ModelConfig;
 
-    /// Where it runs, in words (`"cpu"`, `"cuda:0"`).
+    /// Where it runs, in words (`"cpu"`, `"GPU 0: …"`).
     fn device(&self) -> String;
 
-    /// A new empty sequence.
-    fn new_sequence(&self) -> Self::Sequence;
+    /// The most positions (prompt + generated) one sequence can hold.
+    fn max_context(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+
+    /// The KV-cache bytes of a sequence of `n` positions, as a function for the submitting
+    /// threads.
+    fn kv_bytes_fn(&self) -> KvBytes;
+
+    /// Chunked prefill splits a prompt at multiples of this many tokens (the last chunk takes
+    /// the rest), so that the chunks compute exactly what one prefill of the whole prompt does.
+    fn prefill_granularity(&self) -> usize {
+        1
+    }
+
+    /// A new empty sequence that will hold at most `positions` positions. An error (say, no
+    /// device memory left) fails only the request that asked for it.
+    fn new_sequence(&self, positions: usize) -> Result<Self::Sequence>;
 
     /// Appends `tokens` to `seq`; returns the logits after the last one.
     fn prefill(&self, seq: &mut Self::Sequence, tokens: &[u32]) -> Result<Vec<f32>>;
 
-    /// Appends `tokens[i]` to `seqs[i]` for all `i` in one step; returns each one's logits.
+    /// Appends `tokens[i]` to `seqs[i]` for all `i` in one step; returns each one's logits, or
+    /// the error of that sequence.
     fn decode_batch(
         &self,
         seqs: &mut [&mut Self::Sequence],
         tokens: &[u32],
-    ) -> Result<Vec<Vec<f32>>>;
+    ) -> Vec<Result<Vec<f32>>>;
 
     /// Appends a block (causal inside it) and returns every token's logits plus the outputs of
-    /// decoder layers `layers` (as `dflash::Target::forward`) — what a speculative drafter reads.
+    /// decoder layers `layers` (as `dflash::Target::forward`) — what a speculative drafter on
+    /// the host reads.
     fn forward(
         &self,
         seq: &mut Self::Sequence,
@@ -50,8 +83,46 @@ pub trait Backend: Send + 'static {
         drop(seq);
     }
 
-    /// The most KV-cache bytes a sequence of `positions` positions holds.
-    fn kv_bytes(&self, positions: usize) -> u64;
+    /// The speculative loop's options when this executor has a drafter on its own device: every
+    /// request then runs `dflash::run_speculative` over a [`Backend::Spec`].
+    fn device_spec(&self) -> Option<&SpecOptions> {
+        None
+    }
+
+    /// A new empty speculative state for a request of at most `positions` positions.
+    fn new_spec(&self, positions: usize) -> Result<Self::Spec> {
+        let _ = positions;
+        bail!("this executor has no drafter on its device")
+    }
+
+    /// Gives a finished speculative state's memory back.
+    fn release_spec(&self, spec: Self::Spec) {
+        drop(spec);
+    }
+}
+
+/// [`Backend::Spec`] of a backend without a device drafter: no value exists.
+pub enum NoDeviceSpec {}
+
+impl SpecBackend for NoDeviceSpec {
+    fn vocab_size(&self) -> usize {
+        match *self {}
+    }
+    fn len(&self) -> usize {
+        match *self {}
+    }
+    fn prefill(&mut self, _: &[u32], _: Want) -> Result<Rows, SpecError> {
+        match *self {}
+    }
+    fn draft(&mut self, _: u32, _: usize, _: Want) -> Result<Rows, SpecError> {
+        match *self {}
+    }
+    fn verify(&mut self, _: &[u32], _: Want) -> Result<Rows, SpecError> {
+        match *self {}
+    }
+    fn commit(&mut self, _: usize) -> Result<(), SpecError> {
+        match *self {}
+    }
 }
 
 /// The CPU reference executor as a [`Backend`].
@@ -60,8 +131,26 @@ pub struct CpuBackend {
     pub model: CpuModel,
 }
 
+/// f32 keys and values; a sliding layer holds at most `2·max(W − 1 + R, 32)` rows plus the rows
+/// of the current call (see `model::cpu::kv`).
+fn cpu_kv_bytes(config: &ModelConfig, positions: usize) -> u64 {
+    config
+        .layers
+        .iter()
+        .map(|l| {
+            let rows = match l.attn {
+                AttnKind::Full => positions,
+                AttnKind::Sliding { window } => positions
+                    .min(2 * (window.saturating_sub(1) + DEFAULT_MAX_ROLLBACK).max(32) + 16),
+            };
+            (rows * l.n_kv_heads * (l.head_dim + l.v_head_dim) * 4) as u64
+        })
+        .sum()
+}
+
 impl Backend for CpuBackend {
     type Sequence = Session;
+    type Spec = NoDeviceSpec;
 
     fn config(&self) -> &ModelConfig {
         self.model.config()
@@ -71,16 +160,27 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn new_sequence(&self) -> Session {
-        self.model.session()
+    fn kv_bytes_fn(&self) -> KvBytes {
+        let config = Arc::new(self.model.config().clone());
+        Arc::new(move |n| cpu_kv_bytes(&config, n))
+    }
+
+    fn new_sequence(&self, _positions: usize) -> Result<Session> {
+        Ok(self.model.session())
     }
 
     fn prefill(&self, seq: &mut Session, tokens: &[u32]) -> Result<Vec<f32>> {
         Ok(seq.prefill(tokens)?.to_vec())
     }
 
-    fn decode_batch(&self, seqs: &mut [&mut Session], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.model.decode_batch(seqs, tokens)?)
+    fn decode_batch(&self, seqs: &mut [&mut Session], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
+        match self.model.decode_batch(seqs, tokens) {
+            Ok(logits) => logits.into_iter().map(Ok).collect(),
+            Err(e) => {
+                let msg = e.to_string();
+                seqs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
+            }
+        }
     }
 
     fn forward(&self, seq: &mut Session, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput> {
@@ -93,23 +193,5 @@ impl Backend for CpuBackend {
 
     fn len(&self, seq: &Session) -> usize {
         seq.len()
-    }
-
-    /// f32 keys and values; a sliding layer holds at most `2·max(W − 1 + R, 32)` rows plus the
-    /// rows of the current call (see `model::cpu::kv`).
-    fn kv_bytes(&self, positions: usize) -> u64 {
-        self.model
-            .config()
-            .layers
-            .iter()
-            .map(|l| {
-                let rows = match l.attn {
-                    AttnKind::Full => positions,
-                    AttnKind::Sliding { window } => positions
-                        .min(2 * (window.saturating_sub(1) + DEFAULT_MAX_ROLLBACK).max(32) + 16),
-                };
-                (rows * l.n_kv_heads * (l.head_dim + l.v_head_dim) * 4) as u64
-            })
-            .sum()
     }
 }

@@ -7,17 +7,29 @@
 //! 2. ends requests whose client went away (its event receiver was dropped) or that were
 //!    aborted, freeing their sequence and KV reservation — within one step;
 //! 3. admits waiting requests in arrival order while fewer than `max_running` run and the
-//!    request's KV reservation (`kv_bytes(prompt + max_tokens)`) fits the remaining budget:
-//!    prefill, first token;
-//! 4. runs ONE batched decode step for every running sequence and samples each with its own
-//!    parameters and seed ([`TokenOutput`], the code path of `ultra generate`, so the output is
-//!    the same as `ultra generate` for the same seed).
+//!    request's KV reservation (`kv_bytes(prompt + max_tokens)`) fits the remaining budget: a
+//!    sequence is allocated (a failure — say, no device memory — ends that request with an
+//!    error and nothing else) and joins the prefill queue;
+//! 4. runs ONE decode step for every running sequence (batched on the CPU; one sequence after
+//!    another on the GPU) and samples each with its own parameters and seed ([`TokenOutput`],
+//!    the code path of `ultra generate`, so the output is the same as `ultra generate` for the
+//!    same seed);
+//! 5. prefills the queued prompts in arrival order with the step's remaining token budget
+//!    (chunked prefill: `max_batched_tokens` minus the tokens just decoded, at least one chunk;
+//!    chunks cut at the backend's granularity so the result equals one whole prefill): a long
+//!    prompt is prefilled over several steps while the running streams keep decoding; when a
+//!    prompt is complete its first token is sampled and the sequence joins the running batch.
+//!
+//! With a drafter, each request runs DFlash's loop on a worker thread whose device calls the
+//! scheduler executes between steps (see `spec`): the drafter on the host with the target's
+//! `forward` / `truncate` (CPU), or the whole speculative state on the device (GPU).
 //!
 //! Back-pressure: [`EngineHandle::submit`] refuses with [`SubmitError::QueueFull`] when
 //! `max_waiting` requests already wait. Shutdown ([`EngineHandle::shutdown`]) refuses new
 //! requests and lets the scheduler drain what was admitted or queued.
 
 pub mod backend;
+pub mod gpu;
 mod scheduler;
 mod spec;
 
@@ -30,7 +42,8 @@ use model::sampling::{FinishReason, SamplingParams};
 use model::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 
-pub use backend::{Backend, CpuBackend};
+pub use backend::{Backend, CpuBackend, KvBytes, NoDeviceSpec};
+pub use gpu::GpuBackend;
 pub use spec::SpecConfig;
 
 use crate::metrics::Metrics;
@@ -46,9 +59,16 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// KV-cache bytes that admitted requests may reserve together.
     pub kv_budget_bytes: u64,
-    /// Prompt plus generated tokens of one request (default: the model's context length).
+    /// Prompt plus generated tokens of one request (default: the model's context length, or
+    /// on the GPU the sequence size).
     pub max_context: Option<usize>,
+    /// Tokens one step may run (decode tokens first, the rest prefills queued prompts in
+    /// chunks; vLLM's `max_num_batched_tokens`).
+    pub max_batched_tokens: usize,
 }
+
+/// Default of [`EngineConfig::max_batched_tokens`] (vLLM's for chunked prefill).
+pub const DEFAULT_MAX_BATCHED_TOKENS: usize = 2048;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -58,6 +78,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             kv_budget_bytes: 4 << 30,
             max_context: None,
+            max_batched_tokens: DEFAULT_MAX_BATCHED_TOKENS,
         }
     }
 }
@@ -223,42 +244,33 @@ pub struct EngineHandle {
     info: Arc<ModelInfo>,
     tokenizer: Option<Arc<Tokenizer>>,
     cfg: Arc<EngineConfig>,
-    kv_bytes: Arc<dyn Fn(usize) -> u64 + Send + Sync>,
+    kv_bytes: KvBytes,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl EngineHandle {
-    /// Starts the scheduler thread over `backend`. `eos` are the ids that end generation;
-    /// `spec` enables DFlash speculative decoding.
-    pub fn start<B: Backend + Sync>(
-        backend: B,
+    /// Starts the scheduler thread; it builds its backend with `make` (so the executor's
+    /// objects are created on, and never leave, the thread that drives them) and this returns
+    /// once that succeeded (or with its error). `eos` are the ids that end generation; `spec`
+    /// enables DFlash with a drafter on the host (a backend with a drafter on its own device —
+    /// [`Backend::device_spec`] — needs none).
+    pub fn start<B, F>(
+        make: F,
         tokenizer: Option<Tokenizer>,
         eos: Vec<u32>,
         cfg: EngineConfig,
         spec: Option<SpecConfig>,
-    ) -> anyhow::Result<EngineHandle> {
+    ) -> anyhow::Result<EngineHandle>
+    where
+        B: Backend,
+        F: FnOnce() -> anyhow::Result<B> + Send + 'static,
+    {
         if cfg.max_running == 0 {
             anyhow::bail!("max_running must be at least 1");
         }
-        let mc = backend.config();
-        let max_context = cfg
-            .max_context
-            .unwrap_or(mc.max_position_embeddings)
-            .min(mc.max_position_embeddings);
-        let info = ModelInfo {
-            model_id: cfg.model_id.clone(),
-            architecture: format!("{:?}", mc.arch),
-            vocab_size: mc.vocab_size,
-            max_context,
-            num_layers: mc.layers.len(),
-            eos_token_ids: eos.clone(),
-            device: backend.device(),
-            max_running: cfg.max_running,
-            spec_block_size: spec.as_ref().map(|s| s.decoder.block_size()),
-            created_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
+        if cfg.max_batched_tokens == 0 {
+            anyhow::bail!("max_batched_tokens must be at least 1");
+        }
         let shared = Arc::new(Shared {
             waiting: Default::default(),
             draining: AtomicBool::new(false),
@@ -266,22 +278,73 @@ impl EngineHandle {
             next_id: AtomicU64::new(0),
             metrics: Metrics::new(&cfg.model_id)?,
         });
-        let backend = Arc::new(backend);
-        let kv_backend = backend.clone();
-        let kv_bytes: Arc<dyn Fn(usize) -> u64 + Send + Sync> =
-            Arc::new(move |n| kv_backend.kv_bytes(n));
         let tokenizer = tokenizer.map(Arc::new);
         let (tx, rx) = std_mpsc::channel();
+        let (ready_tx, ready_rx) = std_mpsc::channel::<anyhow::Result<(ModelInfo, KvBytes)>>();
         let thread = {
             let shared = shared.clone();
             let tokenizer = tokenizer.clone();
             let cfg = cfg.clone();
             let tx = tx.clone();
+            let eos = eos.clone();
             std::thread::Builder::new()
                 .name("ultra-scheduler".into())
                 .spawn(move || {
+                    let backend = match make() {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    if spec.is_some() && backend.device_spec().is_some() {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!(
+                            "a drafter on the host and one on the device: give one"
+                        )));
+                        return;
+                    }
+                    let mc = backend.config();
+                    let limit = backend.max_context().min(mc.max_position_embeddings);
+                    let info = ModelInfo {
+                        model_id: cfg.model_id.clone(),
+                        architecture: format!("{:?}", mc.arch),
+                        vocab_size: mc.vocab_size,
+                        max_context: cfg.max_context.unwrap_or(limit).min(limit),
+                        num_layers: mc.layers.len(),
+                        eos_token_ids: eos.clone(),
+                        device: backend.device(),
+                        max_running: cfg.max_running,
+                        spec_block_size: spec
+                            .as_ref()
+                            .map(|s| s.decoder.block_size())
+                            .or(backend.device_spec().map(|o| o.block_size)),
+                        created_unix: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                    };
+                    if ready_tx.send(Ok((info, backend.kv_bytes_fn()))).is_err() {
+                        return;
+                    }
                     scheduler::run(backend, tokenizer, eos, cfg, spec, shared, rx, tx);
                 })?
+        };
+        let (info, kv_bytes) = match ready_rx.recv() {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let why = match thread.join() {
+                    Err(p) => p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default(),
+                    Ok(()) => String::new(),
+                };
+                anyhow::bail!("the scheduler thread failed while loading the model: {why}");
+            }
         };
         Ok(EngineHandle {
             tx,

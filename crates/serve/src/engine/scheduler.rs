@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
+
 use std::time::{Duration, Instant};
 
 use model::sampling::{logprob_of, top_logprobs, FinishReason, StopCause};
@@ -17,11 +18,13 @@ use crate::stream::{Emitted, TokenOutput};
 /// How long an idle scheduler sleeps between checks for commands.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 
-/// A request in the running batch.
+/// A request being prefilled or in the running batch.
 struct Running<S> {
     p: Pending,
     seq: S,
     out: TokenOutput,
+    /// Prompt tokens already in `seq` (chunked prefill).
+    prefilled: usize,
     /// The last sampled token (decoded by the next step).
     next: u32,
     admitted: Instant,
@@ -40,22 +43,24 @@ pub(super) fn describe(cause: &StopCause) -> (&'static str, Option<String>) {
 }
 
 pub(super) struct Sched<B: Backend> {
-    pub backend: Arc<B>,
+    pub backend: B,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub eos: Vec<u32>,
     pub cfg: EngineConfig,
     pub shared: Arc<Shared>,
     pub kv_used: u64,
     pub waiting: VecDeque<Pending>,
+    /// Admitted requests whose prompt is not fully prefilled yet, in arrival order.
+    prefilling: VecDeque<Running<B::Sequence>>,
     running: Vec<Running<B::Sequence>>,
     pub spec: Option<SpecConfig>,
-    pub spec_running: Vec<SpecRunning<B::Sequence>>,
+    pub spec_running: Vec<SpecRunning<B::Sequence, B::Spec>>,
     pub tx: std_mpsc::Sender<Command>,
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn run<B: Backend + Sync>(
-    backend: Arc<B>,
+pub(super) fn run<B: Backend>(
+    backend: B,
     tokenizer: Option<Arc<Tokenizer>>,
     eos: Vec<u32>,
     cfg: EngineConfig,
@@ -72,6 +77,7 @@ pub(super) fn run<B: Backend + Sync>(
         shared,
         kv_used: 0,
         waiting: VecDeque::new(),
+        prefilling: VecDeque::new(),
         running: Vec::new(),
         spec,
         spec_running: Vec::new(),
@@ -79,7 +85,7 @@ pub(super) fn run<B: Backend + Sync>(
     };
     let mut shutdown = false;
     loop {
-        let idle = s.running.is_empty() && s.waiting.is_empty();
+        let idle = s.running.is_empty() && s.waiting.is_empty() && s.prefilling.is_empty();
         if idle && shutdown && s.spec_running.is_empty() {
             break;
         }
@@ -95,12 +101,13 @@ pub(super) fn run<B: Backend + Sync>(
         }
         s.drop_disconnected();
         s.admit();
-        s.decode_step();
+        let decoded = s.decode_step();
+        s.prefill_step(decoded);
         s.update_gauges();
     }
 }
 
-impl<B: Backend + Sync> Sched<B> {
+impl<B: Backend> Sched<B> {
     /// Handles one command; `true` for shutdown.
     fn command(&mut self, c: Command) -> bool {
         match c {
@@ -146,6 +153,10 @@ impl<B: Backend + Sync> Sched<B> {
         } else if let Some(i) = self.running.iter().position(|r| r.p.id == id) {
             let r = self.running.swap_remove(i);
             self.end_running(r, FinishReason::Abort, "abort", None, None);
+        } else if let Some(i) = self.prefilling.iter().position(|r| r.p.id == id) {
+            if let Some(r) = self.prefilling.remove(i) {
+                self.end_running(r, FinishReason::Abort, "abort", None, None);
+            }
         } else {
             self.abort_spec(id);
         }
@@ -238,11 +249,21 @@ impl<B: Backend + Sync> Sched<B> {
                 i += 1;
             }
         }
+        let mut i = 0;
+        while i < self.prefilling.len() {
+            if self.prefilling[i].p.events.is_closed() {
+                if let Some(r) = self.prefilling.remove(i) {
+                    self.end_running(r, FinishReason::Abort, "abort", None, None);
+                }
+            } else {
+                i += 1;
+            }
+        }
         self.drop_disconnected_spec();
     }
 
     fn active(&self) -> usize {
-        self.running.len() + self.spec_running.len()
+        self.running.len() + self.prefilling.len() + self.spec_running.len()
     }
 
     /// Admits waiting requests in order while the batch and the KV budget have room.
@@ -263,7 +284,7 @@ impl<B: Backend + Sync> Sched<B> {
             m.request_queue_time
                 .observe(p.arrival.elapsed().as_secs_f64());
             m.prompt_tokens.inc_by(p.prompt.len() as u64);
-            if self.spec.is_some() {
+            if self.spec.is_some() || self.backend.device_spec().is_some() {
                 self.start_spec(p);
                 continue;
             }
@@ -277,26 +298,66 @@ impl<B: Backend + Sync> Sched<B> {
                     continue;
                 }
             };
-            let mut seq = self.backend.new_sequence();
-            let logits = self.backend.prefill(&mut seq, &p.prompt);
-            let r = Running {
+            let seq = match self
+                .backend
+                .new_sequence(p.prompt.len() + p.params.max_tokens)
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    self.kv_used -= p.kv_reserve;
+                    let msg = format!("cannot allocate the sequence: {e:#}");
+                    self.end_waiting(p, FinishReason::Error, Some(msg));
+                    continue;
+                }
+            };
+            self.prefilling.push_back(Running {
                 p,
                 seq,
                 out,
+                prefilled: 0,
                 next: 0,
                 admitted,
                 first: None,
                 last: admitted,
+            });
+        }
+    }
+
+    /// Prefills queued prompts with `max_batched_tokens − decoded` tokens (at least one chunk),
+    /// in arrival order, each cut at the backend's granularity; a complete prompt samples its
+    /// first token and joins the running batch.
+    fn prefill_step(&mut self, decoded: usize) {
+        let g = self.backend.prefill_granularity().max(1);
+        let mut budget = self.cfg.max_batched_tokens.saturating_sub(decoded).max(g);
+        while budget > 0 {
+            let Some(r) = self.prefilling.front_mut() else {
+                break;
             };
+            let rest = r.p.prompt.len() - r.prefilled;
+            let n = if rest <= budget { rest } else { budget / g * g };
+            if n == 0 {
+                break;
+            }
+            let chunk = &r.p.prompt[r.prefilled..r.prefilled + n];
+            let logits = self.backend.prefill(&mut r.seq, chunk);
+            r.prefilled += n;
+            budget -= n;
+            let done = r.prefilled == r.p.prompt.len();
             match logits {
-                Ok(l) => {
-                    if let Some(r) = self.sample_and_emit(r, &l) {
-                        self.running.push(r);
+                Err(e) => {
+                    if let Some(r) = self.prefilling.pop_front() {
+                        let msg = format!("prefill failed: {e:#}");
+                        self.end_running(r, FinishReason::Error, "error", None, Some(msg));
                     }
                 }
-                Err(e) => {
-                    self.end_running(r, FinishReason::Error, "error", None, Some(e.to_string()));
+                Ok(l) if done => {
+                    if let Some(r) = self.prefilling.pop_front() {
+                        if let Some(r) = self.sample_and_emit(r, &l) {
+                            self.running.push(r);
+                        }
+                    }
                 }
+                Ok(_) => {}
             }
         }
     }
@@ -355,33 +416,43 @@ impl<B: Backend + Sync> Sched<B> {
         Some(r)
     }
 
-    /// One batched decode step over the running batch.
-    fn decode_step(&mut self) {
+    /// One decode step over the running batch; returns the number of tokens decoded.
+    fn decode_step(&mut self) -> usize {
         if self.running.is_empty() {
-            return;
+            return 0;
         }
         let tokens: Vec<u32> = self.running.iter().map(|r| r.next).collect();
-        let result = {
+        let mut results = {
             let mut seqs: Vec<&mut B::Sequence> =
                 self.running.iter_mut().map(|r| &mut r.seq).collect();
             self.backend.decode_batch(&mut seqs, &tokens)
         };
         let batch = std::mem::take(&mut self.running);
-        match result {
-            Ok(logits) => {
-                for (r, l) in batch.into_iter().zip(logits) {
+        if results.len() != batch.len() {
+            let msg = format!(
+                "the executor returned {} results for {} sequences",
+                results.len(),
+                batch.len()
+            );
+            results = batch
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("{msg}")))
+                .collect();
+        }
+        for (r, l) in batch.into_iter().zip(results) {
+            match l {
+                Ok(l) => {
                     if let Some(r) = self.sample_and_emit(r, &l) {
                         self.running.push(r);
                     }
                 }
-            }
-            Err(e) => {
-                let msg = format!("decode step failed: {e}");
-                for r in batch {
-                    self.end_running(r, FinishReason::Error, "error", None, Some(msg.clone()));
+                Err(e) => {
+                    let msg = format!("decode step failed: {e:#}");
+                    self.end_running(r, FinishReason::Error, "error", None, Some(msg));
                 }
             }
         }
+        tokens.len()
     }
 
     fn update_gauges(&self) {

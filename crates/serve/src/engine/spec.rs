@@ -1,13 +1,22 @@
 //! DFlash speculative decoding in the engine.
 //!
-//! Each speculative request runs `dflash::speculative_generate` (the loop `ultra generate
-//! --draft` runs) on a worker thread of its own, against a proxy [`dflash::Target`] whose
-//! `forward` / `truncate` are executed by the scheduler thread on the sequence it owns — so the
-//! scheduler still owns the target model and every KV cache, while the drafter's forward and
-//! the acceptance run beside it. Tokens are emitted through the same [`TokenOutput`] as plain
-//! decoding, one event per verify round (the round's tokens and its draft/accept counts).
-//! Cancellation: the scheduler drops the sequence at once and refuses the worker's next call;
-//! the worker's token callback also stops on the cancel flag.
+//! Each speculative request runs DFlash's loop (`dflash::run_speculative`, what `ultra generate
+//! --draft` runs) on a worker thread of its own; every call that touches the executor is sent
+//! to the scheduler thread, which executes it on the state it owns between steps:
+//!
+//! * **host drafter** (the CPU executor, [`SpecConfig`]): the worker runs the drafter's forward
+//!   and the acceptance itself, against a proxy [`dflash::Target`] whose `forward` /
+//!   `truncate` the scheduler runs on the request's sequence;
+//! * **device drafter** (the GPU executor, [`Backend::device_spec`]): the worker runs the
+//!   acceptance against a proxy [`dflash::SpecBackend`] whose `prefill` / `draft` / `verify` /
+//!   `commit` the scheduler runs on the request's device state (target session + drafter
+//!   state), so only ids or logits rows cross threads.
+//!
+//! Either way the scheduler owns the executor and every KV cache. Tokens are emitted through
+//! the same [`TokenOutput`] as plain decoding, one event per verify round (the round's tokens
+//! and its draft/accept counts). A speculative prompt is prefilled in one call (not chunked).
+//! Cancellation: the scheduler drops the state at once and refuses the worker's next call; the
+//! worker's token callback also stops on the cancel flag.
 
 use std::cell::RefCell;
 use std::ops::ControlFlow;
@@ -16,7 +25,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use dflash::{Round, SpecDecoder, Target};
+use dflash::{Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, Target, Want};
 use model::cpu::{CpuError, VerifyOutput};
 use model::sampling::FinishReason;
 use model::tokenizer::Tokenizer;
@@ -46,35 +55,115 @@ pub(crate) enum SpecOp {
         len: usize,
         reply: std_mpsc::Sender<Result<()>>,
     },
+    /// Device drafter: `SpecBackend::prefill` on the request's state.
+    Prefill {
+        id: String,
+        prompt: Vec<u32>,
+        want: Want,
+        reply: std_mpsc::Sender<Result<Rows, SpecError>>,
+    },
+    /// Device drafter: `SpecBackend::draft`.
+    Draft {
+        id: String,
+        x_last: u32,
+        block_size: usize,
+        want: Want,
+        reply: std_mpsc::Sender<Result<Rows, SpecError>>,
+    },
+    /// Device drafter: `SpecBackend::verify`.
+    Verify {
+        id: String,
+        tokens: Vec<u32>,
+        want: Want,
+        reply: std_mpsc::Sender<Result<Rows, SpecError>>,
+    },
+    /// Device drafter: `SpecBackend::commit`.
+    Commit {
+        id: String,
+        keep: usize,
+        reply: std_mpsc::Sender<Result<(), SpecError>>,
+    },
     /// The worker finished (its final event is sent).
     Done { id: String, reason: FinishReason },
 }
 
-/// A speculative request the scheduler holds the sequence of.
-pub(super) struct SpecRunning<S> {
+/// What the scheduler holds for a speculative request.
+enum SpecSeq<S, D> {
+    /// The target sequence (the drafter runs on the worker).
+    Host(S),
+    /// The target sequence and the drafter state on the device.
+    Device(D),
+}
+
+/// A speculative request the scheduler holds the state of.
+pub(super) struct SpecRunning<S, D> {
     id: String,
-    seq: S,
+    seq: SpecSeq<S, D>,
     events: mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
     kv_reserve: u64,
 }
 
-impl<B: Backend + Sync> Sched<B> {
-    /// Admits `p` as a speculative request: a fresh sequence here, a worker thread for the loop.
+/// How a worker runs the loop.
+#[derive(Clone)]
+enum LoopKind {
+    Host(Arc<SpecDecoder>),
+    Device { opts: SpecOptions, vocab: usize },
+}
+
+fn find_seq<'a, S, D>(
+    running: &'a mut [SpecRunning<S, D>],
+    id: &str,
+) -> Option<&'a mut SpecSeq<S, D>> {
+    running.iter_mut().find(|s| s.id == id).map(|s| &mut s.seq)
+}
+
+fn cancelled(id: &str) -> SpecError {
+    SpecError::Target(Box::new(ProxyError::Engine(format!(
+        "request {id} was cancelled"
+    ))))
+}
+
+impl<B: Backend> Sched<B> {
+    /// Admits `p` as a speculative request: a fresh sequence (or device state) here, a worker
+    /// thread for the loop. A state that cannot be allocated fails this request only.
     pub(super) fn start_spec(&mut self, p: Pending) {
-        let Some(spec) = self.spec.clone() else {
-            return;
+        let positions = p.prompt.len() + p.params.max_tokens;
+        let made = match (&self.spec, self.backend.device_spec()) {
+            (Some(spec), _) => self
+                .backend
+                .new_sequence(positions)
+                .map(|s| (SpecSeq::Host(s), LoopKind::Host(spec.decoder.clone()))),
+            (None, Some(opts)) => {
+                let kind = LoopKind::Device {
+                    opts: opts.clone(),
+                    vocab: self.backend.config().vocab_size,
+                };
+                self.backend
+                    .new_spec(positions)
+                    .map(|d| (SpecSeq::Device(d), kind))
+            }
+            (None, None) => Err(anyhow!("no drafter is loaded")),
+        };
+        let (seq, kind) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                self.kv_used -= p.kv_reserve;
+                let msg = format!("cannot allocate the sequence: {e:#}");
+                self.end_waiting(p, FinishReason::Error, Some(msg));
+                return;
+            }
         };
         let cancel = Arc::new(AtomicBool::new(false));
         self.spec_running.push(SpecRunning {
             id: p.id.clone(),
-            seq: self.backend.new_sequence(),
+            seq,
             events: p.events.clone(),
             cancel: cancel.clone(),
             kv_reserve: p.kv_reserve,
         });
         let worker = Worker {
-            spec,
+            kind,
             tokenizer: self.tokenizer.clone(),
             eos: self.eos.clone(),
             shared: self.shared.clone(),
@@ -97,10 +186,13 @@ impl<B: Backend + Sync> Sched<B> {
         }
     }
 
-    fn release_spec(&mut self, s: SpecRunning<B::Sequence>, reason: FinishReason) {
+    fn release_spec(&mut self, s: SpecRunning<B::Sequence, B::Spec>, reason: FinishReason) {
         self.kv_used -= s.kv_reserve;
         self.forget(&s.id, reason);
-        self.backend.release(s.seq);
+        match s.seq {
+            SpecSeq::Host(seq) => self.backend.release(seq),
+            SpecSeq::Device(d) => self.backend.release_spec(d),
+        }
     }
 
     /// Cancels a speculative request: its sequence is freed now; the worker sends the final
@@ -126,8 +218,9 @@ impl<B: Backend + Sync> Sched<B> {
     }
 
     pub(super) fn spec_op(&mut self, op: SpecOp) {
-        let backend = self.backend.clone();
-        let find = |this: &mut Self, id: &str| this.spec_running.iter().position(|s| s.id == id);
+        let backend = &self.backend;
+        let running = &mut self.spec_running;
+        let not_host = |id: &str| anyhow!("request {id} has no host sequence");
         match op {
             SpecOp::Forward {
                 id,
@@ -135,21 +228,79 @@ impl<B: Backend + Sync> Sched<B> {
                 layers,
                 reply,
             } => {
-                let r = match find(self, &id) {
-                    Some(i) => backend.forward(&mut self.spec_running[i].seq, &tokens, &layers),
+                let r = match find_seq(running, &id) {
+                    Some(SpecSeq::Host(seq)) => backend.forward(seq, &tokens, &layers),
+                    Some(SpecSeq::Device(_)) => Err(not_host(&id)),
                     None => Err(anyhow!("request {id} was cancelled")),
                 };
                 let _ = reply.send(r);
             }
             SpecOp::Truncate { id, len, reply } => {
-                let r = match find(self, &id) {
-                    Some(i) => backend.truncate(&mut self.spec_running[i].seq, len),
+                let r = match find_seq(running, &id) {
+                    Some(SpecSeq::Host(seq)) => backend.truncate(seq, len),
+                    Some(SpecSeq::Device(_)) => Err(not_host(&id)),
                     None => Err(anyhow!("request {id} was cancelled")),
                 };
                 let _ = reply.send(r);
             }
+            SpecOp::Prefill {
+                id,
+                prompt,
+                want,
+                reply,
+            } => {
+                let r = match find_seq(running, &id) {
+                    Some(SpecSeq::Device(d)) => d.prefill(&prompt, want),
+                    Some(SpecSeq::Host(_)) => {
+                        Err(SpecError::TargetOutput("not a device state".into()))
+                    }
+                    None => Err(cancelled(&id)),
+                };
+                let _ = reply.send(r);
+            }
+            SpecOp::Draft {
+                id,
+                x_last,
+                block_size,
+                want,
+                reply,
+            } => {
+                let r = match find_seq(running, &id) {
+                    Some(SpecSeq::Device(d)) => d.draft(x_last, block_size, want),
+                    Some(SpecSeq::Host(_)) => {
+                        Err(SpecError::TargetOutput("not a device state".into()))
+                    }
+                    None => Err(cancelled(&id)),
+                };
+                let _ = reply.send(r);
+            }
+            SpecOp::Verify {
+                id,
+                tokens,
+                want,
+                reply,
+            } => {
+                let r = match find_seq(running, &id) {
+                    Some(SpecSeq::Device(d)) => d.verify(&tokens, want),
+                    Some(SpecSeq::Host(_)) => {
+                        Err(SpecError::TargetOutput("not a device state".into()))
+                    }
+                    None => Err(cancelled(&id)),
+                };
+                let _ = reply.send(r);
+            }
+            SpecOp::Commit { id, keep, reply } => {
+                let r = match find_seq(running, &id) {
+                    Some(SpecSeq::Device(d)) => d.commit(keep),
+                    Some(SpecSeq::Host(_)) => {
+                        Err(SpecError::TargetOutput("not a device state".into()))
+                    }
+                    None => Err(cancelled(&id)),
+                };
+                let _ = reply.send(r);
+            }
             SpecOp::Done { id, reason } => {
-                if let Some(i) = find(self, &id) {
+                if let Some(i) = self.spec_running.iter().position(|s| s.id == id) {
                     let s = self.spec_running.swap_remove(i);
                     self.release_spec(s, reason);
                 }
@@ -174,16 +325,46 @@ fn error_event(msg: String) -> Event {
     })
 }
 
-/// The target as the worker sees it: every call runs on the scheduler thread.
-struct ProxyTarget<'a> {
+/// How a proxy reaches the scheduler.
+struct Link<'a> {
     id: String,
     tx: std_mpsc::Sender<Command>,
-    model: &'a model::cpu::CpuModel,
-    len: usize,
     cancel: Arc<AtomicBool>,
-    /// Tokens of the previous round, sent when the next verify starts.
+    /// Tokens of the previous round, sent when the next round starts.
     pending: &'a RefCell<Batch>,
     flush: &'a dyn Fn(&mut Batch),
+}
+
+impl Link<'_> {
+    /// Sends the previous round's tokens (one event per round).
+    fn flush(&self) {
+        (self.flush)(&mut self.pending.borrow_mut());
+    }
+
+    fn call<T, E>(
+        &self,
+        make: impl FnOnce(std_mpsc::Sender<Result<T, E>>) -> SpecOp,
+        err: impl Fn(ProxyError) -> E,
+    ) -> Result<T, E> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(err(ProxyError::Cancelled));
+        }
+        let (tx, rx) = std_mpsc::channel();
+        self.tx
+            .send(Command::Spec(make(tx)))
+            .map_err(|_| err(ProxyError::Engine("the scheduler stopped".into())))?;
+        match rx.recv() {
+            Ok(r) => r,
+            Err(_) => Err(err(ProxyError::Engine("the scheduler stopped".into()))),
+        }
+    }
+}
+
+/// The target as a host-drafter worker sees it: every call runs on the scheduler thread.
+struct ProxyTarget<'a> {
+    link: Link<'a>,
+    model: &'a model::cpu::CpuModel,
+    len: usize,
 }
 
 /// Errors of the proxy target.
@@ -202,18 +383,12 @@ impl ProxyTarget<'_> {
         &self,
         make: impl FnOnce(std_mpsc::Sender<Result<T>>) -> SpecOp,
     ) -> Result<T, ProxyError> {
-        if self.cancel.load(Ordering::SeqCst) {
-            return Err(ProxyError::Cancelled);
-        }
-        let (tx, rx) = std_mpsc::channel();
-        self.tx
-            .send(Command::Spec(make(tx)))
-            .map_err(|_| ProxyError::Engine("the scheduler stopped".into()))?;
-        match rx.recv() {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(ProxyError::Engine(e.to_string())),
-            Err(_) => Err(ProxyError::Engine("the scheduler stopped".into())),
-        }
+        self.link
+            .call(make, anyhow::Error::new)
+            .map_err(|e| match e.downcast::<ProxyError>() {
+                Ok(p) => p,
+                Err(e) => ProxyError::Engine(e.to_string()),
+            })
     }
 }
 
@@ -245,9 +420,9 @@ impl Target for ProxyTarget<'_> {
     }
 
     fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, ProxyError> {
-        (self.flush)(&mut self.pending.borrow_mut());
+        self.link.flush();
         let out = self.call(|reply| SpecOp::Forward {
-            id: self.id.clone(),
+            id: self.link.id.clone(),
             tokens: tokens.to_vec(),
             layers: layers.to_vec(),
             reply,
@@ -258,11 +433,94 @@ impl Target for ProxyTarget<'_> {
 
     fn truncate(&mut self, len: usize) -> Result<(), ProxyError> {
         self.call(|reply| SpecOp::Truncate {
-            id: self.id.clone(),
+            id: self.link.id.clone(),
             len,
             reply,
         })?;
         self.len = len;
+        Ok(())
+    }
+}
+
+/// The device state as a device-drafter worker sees it: every call runs on the scheduler
+/// thread; the committed length is tracked here (`SpecBackend::len` is synchronous).
+struct ProxySpec<'a> {
+    link: Link<'a>,
+    vocab: usize,
+    len: usize,
+    /// Start of the latest verified block.
+    verified: Option<usize>,
+}
+
+fn spec_proxy_err(e: ProxyError) -> SpecError {
+    SpecError::Target(Box::new(e))
+}
+
+impl SpecBackend for ProxySpec<'_> {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
+        let rows = self.link.call(
+            |reply| SpecOp::Prefill {
+                id: self.link.id.clone(),
+                prompt: prompt.to_vec(),
+                want,
+                reply,
+            },
+            spec_proxy_err,
+        )?;
+        self.len = prompt.len();
+        Ok(rows)
+    }
+
+    fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError> {
+        self.link.flush();
+        self.link.call(
+            |reply| SpecOp::Draft {
+                id: self.link.id.clone(),
+                x_last,
+                block_size,
+                want,
+                reply,
+            },
+            spec_proxy_err,
+        )
+    }
+
+    fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
+        self.link.flush();
+        let rows = self.link.call(
+            |reply| SpecOp::Verify {
+                id: self.link.id.clone(),
+                tokens: tokens.to_vec(),
+                want,
+                reply,
+            },
+            spec_proxy_err,
+        )?;
+        self.verified = Some(self.len);
+        self.len += tokens.len();
+        Ok(rows)
+    }
+
+    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
+        self.link.call(
+            |reply| SpecOp::Commit {
+                id: self.link.id.clone(),
+                keep,
+                reply,
+            },
+            spec_proxy_err,
+        )?;
+        if let Some(start) = self.verified.take() {
+            self.len = start + keep;
+        }
         Ok(())
     }
 }
@@ -281,7 +539,7 @@ struct Batch {
 
 /// One speculative request's loop.
 struct Worker {
-    spec: SpecConfig,
+    kind: LoopKind,
     tokenizer: Option<Arc<Tokenizer>>,
     eos: Vec<u32>,
     shared: Arc<Shared>,
@@ -336,11 +594,9 @@ impl Worker {
                 b.client_gone = true;
             }
         };
-        let mut target = ProxyTarget {
+        let link = Link {
             id: p.id.clone(),
             tx: self.tx.clone(),
-            model: self.spec.decoder.model(),
-            len: 0,
             cancel: self.cancel.clone(),
             pending: &batch,
             flush: &flush,
@@ -400,15 +656,40 @@ impl Worker {
             b.draft_tokens += n as u32;
             b.accepted += a as u32;
         };
-        let result = dflash::speculative_generate(
-            &mut target,
-            self.spec.decoder.drafter(),
-            self.spec.decoder.options(),
-            &p.prompt,
-            &p.params,
-            &mut on_token,
-            &mut on_round,
-        );
+        let result = match &self.kind {
+            LoopKind::Host(decoder) => {
+                let mut target = ProxyTarget {
+                    link,
+                    model: decoder.model(),
+                    len: 0,
+                };
+                dflash::speculative_generate(
+                    &mut target,
+                    decoder.drafter(),
+                    decoder.options(),
+                    &p.prompt,
+                    &p.params,
+                    &mut on_token,
+                    &mut on_round,
+                )
+            }
+            LoopKind::Device { opts, vocab } => {
+                let mut backend = ProxySpec {
+                    link,
+                    vocab: *vocab,
+                    len: 0,
+                    verified: None,
+                };
+                dflash::run_speculative(
+                    &mut backend,
+                    opts,
+                    &p.prompt,
+                    &p.params,
+                    &mut on_token,
+                    &mut on_round,
+                )
+            }
+        };
         flush(&mut batch.borrow_mut());
         let cancelled = self.cancel.load(Ordering::SeqCst) || batch.borrow().client_gone;
         let (reason, cause, stop_reason, error) = match (&result, finish, failure) {

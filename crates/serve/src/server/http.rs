@@ -1,6 +1,8 @@
 //! The OpenAI-compatible HTTP API (axum): `POST /v1/completions`, `POST /v1/chat/completions`
 //! (SSE streaming ending in `data: [DONE]`, `stream_options.include_usage`, logprobs),
-//! `GET /v1/models`, `GET /health` (503 while loading), `GET /metrics` (Prometheus text).
+//! `GET /v1/models`, `GET /health` (503 while loading), `GET /metrics` (Prometheus text), and
+//! vLLM's `POST /tokenize` (`prompt` or chat `messages` → `{count, max_model_len, tokens,
+//! token_strs}`) and `POST /detokenize` (`tokens` → `{prompt}`).
 //!
 //! Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for
 //! malformed JSON or parameters (negative or too large `max_tokens`, prompt too long, invalid
@@ -249,14 +251,7 @@ fn sampling(c: &Common) -> Result<(SamplingParams, Option<usize>), ApiError> {
 }
 
 fn check_model(state: &AppState, c: &Common) -> Result<(), ApiError> {
-    match &c.model {
-        Some(m) if m != state.model_id() => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("The model `{m}` does not exist."),
-        )
-        .param("model")),
-        _ => Ok(()),
-    }
+    check_model_name(state, c.model.as_deref())
 }
 
 fn unix_now() -> u64 {
@@ -542,8 +537,30 @@ async fn chat_completions(
     let r: ChatRequest = parse(&body)?;
     check_model(&state, &r.common)?;
     let engine = engine(&state)?;
-    let mut msgs = Vec::with_capacity(r.messages.len());
-    for m in r.messages {
+    let msgs = chat_messages(r.messages)?;
+    let logprobs = match (r.logprobs, r.top_logprobs) {
+        (Some(true), n) => Some(n.unwrap_or(0) as usize),
+        (_, Some(n)) if n > 0 => {
+            return Err(ApiError::bad("top_logprobs needs logprobs: true").param("top_logprobs"))
+        }
+        _ => None,
+    };
+    submit(
+        state.clone(),
+        engine,
+        Api::Chat,
+        &headers,
+        Input::Chat(msgs),
+        &r.common,
+        logprobs,
+    )
+    .await
+}
+
+/// OpenAI chat messages as the chat template takes them (text content parts are joined).
+fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+    let mut msgs = Vec::with_capacity(messages.len());
+    for m in messages {
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,
@@ -564,23 +581,110 @@ async fn chat_completions(
         };
         msgs.push(ChatMessage::new(m.role, content));
     }
-    let logprobs = match (r.logprobs, r.top_logprobs) {
-        (Some(true), n) => Some(n.unwrap_or(0) as usize),
-        (_, Some(n)) if n > 0 => {
-            return Err(ApiError::bad("top_logprobs needs logprobs: true").param("top_logprobs"))
+    Ok(msgs)
+}
+
+/// vLLM's `/tokenize` body: a completion `prompt` or chat `messages`.
+#[derive(Debug, Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<Message>>,
+    /// Default: true for a prompt, false for messages (the template adds them), as vLLM.
+    add_special_tokens: Option<bool>,
+    /// Messages only (default true).
+    add_generation_prompt: Option<bool>,
+    /// Also return each id's token string.
+    return_token_strs: Option<bool>,
+}
+
+/// vLLM's `/detokenize` body.
+#[derive(Debug, Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+fn check_model_name(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.model_id() => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("The model `{m}` does not exist."),
+        )
+        .param("model")),
+        _ => Ok(()),
+    }
+}
+
+fn tokenizer_of(engine: &EngineHandle) -> Result<&Tokenizer, ApiError> {
+    engine
+        .tokenizer()
+        .ok_or_else(|| ApiError::bad("the model has no tokenizer (tokenizer.json)"))
+}
+
+async fn tokenize_route(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let r: TokenizeRequest = parse(&body)?;
+    check_model_name(&state, r.model.as_deref())?;
+    let engine = engine(&state)?;
+    let tok = tokenizer_of(engine)?;
+    let tokens = match (r.prompt, r.messages) {
+        (Some(p), None) => tok
+            .encode(&p, r.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")).param("prompt"))?,
+        (None, Some(m)) => {
+            let msgs = chat_messages(m)?;
+            if msgs.is_empty() {
+                return Err(ApiError::bad("messages is empty").param("messages"));
+            }
+            let text = tok
+                .apply_chat_template(&msgs, r.add_generation_prompt.unwrap_or(true))
+                .map_err(|e| {
+                    ApiError::bad(format!("applying the chat template: {e}")).param("messages")
+                })?;
+            tok.encode(&text, r.add_special_tokens.unwrap_or(false))
+                .map_err(|e| ApiError::bad(format!("tokenizing the chat: {e}")).param("messages"))?
         }
-        _ => None,
+        _ => return Err(ApiError::bad("give either `prompt` or `messages`")),
     };
-    submit(
-        state.clone(),
-        engine,
-        Api::Chat,
-        &headers,
-        Input::Chat(msgs),
-        &r.common,
-        logprobs,
-    )
-    .await
+    let token_strs = match r.return_token_strs {
+        Some(true) => Value::from(
+            tokens
+                .iter()
+                .map(|&t| tok.id_to_token(t).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        ),
+        _ => Value::Null,
+    };
+    Ok(Json(json!({
+        "count": tokens.len(),
+        "max_model_len": engine.info().max_context,
+        "tokens": tokens,
+        "token_strs": token_strs,
+    })))
+}
+
+async fn detokenize_route(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let r: DetokenizeRequest = parse(&body)?;
+    check_model_name(&state, r.model.as_deref())?;
+    let engine = engine(&state)?;
+    let tok = tokenizer_of(engine)?;
+    let vocab = engine.info().vocab_size;
+    if let Some(t) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad(format!(
+            "token {t} is outside the vocabulary (size {vocab})"
+        ))
+        .param("tokens"));
+    }
+    let text = tok
+        .decode(&r.tokens, false)
+        .map_err(|e| ApiError::bad(format!("detokenizing: {e}")).param("tokens"))?;
+    Ok(Json(json!({ "prompt": text })))
 }
 
 async fn submit(
@@ -683,6 +787,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize_route))
+        .route("/detokenize", post(detokenize_route))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -19,7 +19,7 @@ use model::tokenizer::ChatMessage;
 use tokio::sync::watch;
 
 use crate::commands::generate;
-use crate::engine::{CpuBackend, EngineConfig, EngineHandle, SpecConfig, SubmitError};
+use crate::engine::{CpuBackend, EngineConfig, EngineHandle, GpuBackend, SpecConfig, SubmitError};
 
 /// Where to listen.
 #[derive(Debug, Clone)]
@@ -117,14 +117,55 @@ pub fn load_cpu_engine(
         None => None,
     };
     let eos = generate::eos_ids(&loaded);
+    let model = loaded.model;
     EngineHandle::start(
-        CpuBackend {
-            model: loaded.model,
-        },
+        move || Ok(CpuBackend { model }),
         loaded.tokenizer,
         eos,
         cfg,
         spec,
+    )
+}
+
+/// Loads a checkpoint (and a drafter) and starts the engine on GPU `ordinal`: the weights and
+/// the drafter are uploaded by the scheduler thread, which owns the GPU objects. Sequences hold
+/// `cfg.max_context` positions (default: the model's context, at most
+/// [`generate::GPU_MAX_SEQ`], as `ultra generate --device cuda`); `max_running` finished
+/// sequences are kept for reuse.
+pub fn load_gpu_engine(
+    model_dir: &Path,
+    draft: Option<&Path>,
+    block_size: Option<usize>,
+    cfg: EngineConfig,
+    ordinal: usize,
+) -> Result<EngineHandle> {
+    let mut loaded = generate::load(model_dir)?;
+    let eos = generate::eos_ids(&loaded);
+    let tokenizer = loaded.tokenizer.take();
+    let draft = draft.map(Path::to_path_buf);
+    let (max_context, pool) = (cfg.max_context, cfg.max_running);
+    EngineHandle::start(
+        move || {
+            loaded.to_gpu(ordinal)?;
+            let drafter = match &draft {
+                Some(d) => Some(generate::gpu_spec_setup(&loaded, d, block_size)?),
+                None => None,
+            };
+            let Some(gpu) = loaded.gpu.take() else {
+                bail!("the model is not on the GPU");
+            };
+            // The host copy of the weights is not needed any more.
+            drop(loaded);
+            let default = generate::gpu_max_seq(&gpu);
+            let max_seq = max_context
+                .unwrap_or(default)
+                .min(gpu.config().max_position_embeddings);
+            GpuBackend::new(gpu, max_seq, drafter, pool)
+        },
+        tokenizer,
+        eos,
+        cfg,
+        None,
     )
 }
 

@@ -1,0 +1,233 @@
+//! The GPU executor (`tilert::exec`) as a [`Backend`], with DFlash drafting on the device when
+//! a drafter is loaded (`tilert::draft`).
+//!
+//! * Sequences are [`GpuSession`]s of one fixed size (`max_seq` positions: the server's
+//!   context): the attention kernels split keys by the session size, so every sequence of the
+//!   server computes bit-identical logits to `ultra generate --device cuda` (whose sessions have
+//!   the same default size) and a request's output for a seed is the same.
+//! * A session's device memory (KV cache, activation buffers) and its captured CUDA graphs are
+//!   reused: a finished sequence is emptied and kept for the next request (at most `pool`
+//!   sessions are kept). When a new session cannot get device memory, the kept ones are freed
+//!   and the allocation retried once; if it still fails, that request fails with the
+//!   out-of-memory error and nothing else is touched.
+//! * Decode: **one sequence after another** — `tilert` has no multi-sequence decode pass yet, so
+//!   a step over `n` running sequences is `n` single-token graph replays (each reads every
+//!   weight once); continuous batching still admits, streams and frees requests between steps.
+//!   Logits come back to the host and are sampled there by the same code as `ultra generate`.
+//! * Prefill runs in passes of `tilert::ops::MAX_TOKENS` tokens, so chunked prefill cuts prompts
+//!   at multiples of that ([`Backend::prefill_granularity`]).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use dflash::SpecOptions;
+use model::config::ModelConfig;
+use model::cpu::VerifyOutput;
+use tilert::draft::{GpuDrafter, GpuSpecOn};
+use tilert::exec::{GpuModel, GpuSession};
+use tilert::RuntimeError;
+
+use super::backend::{Backend, KvBytes};
+
+/// A speculative request's state on the device: its target session and drafter state.
+pub type GpuSpecState = GpuSpecOn<GpuSession>;
+
+/// The GPU executor as a [`Backend`] (see the module docs).
+pub struct GpuBackend {
+    model: GpuModel,
+    drafter: Option<(GpuDrafter, SpecOptions)>,
+    max_seq: usize,
+    /// Device bytes of one request's sequence (and drafter state, with a drafter).
+    seq_bytes: u64,
+    pool_cap: usize,
+    pool: RefCell<Vec<GpuSession>>,
+    spec_pool: RefCell<Vec<GpuSpecState>>,
+}
+
+fn is_oom(e: &RuntimeError) -> bool {
+    match e {
+        RuntimeError::OutOfMemory { .. } => true,
+        RuntimeError::Op { source, .. } => is_oom(source),
+        _ => false,
+    }
+}
+
+impl GpuBackend {
+    /// Serves `model` with sequences of `max_seq` positions, keeping up to `pool` finished
+    /// sequences for reuse; with `drafter`, every request decodes speculatively on the device.
+    /// Call on the thread that will drive it (the scheduler's): the model's CUDA context is
+    /// bound to it.
+    pub fn new(
+        model: GpuModel,
+        max_seq: usize,
+        drafter: Option<(GpuDrafter, SpecOptions)>,
+        pool: usize,
+    ) -> Result<GpuBackend> {
+        if max_seq == 0 || max_seq > model.config().max_position_embeddings {
+            bail!(
+                "GPU sequences of {max_seq} positions: the model holds 1..={}",
+                model.config().max_position_embeddings
+            );
+        }
+        model.device().ctx.bind_to_thread()?;
+        let mut b = GpuBackend {
+            model,
+            drafter,
+            max_seq,
+            seq_bytes: 0,
+            pool_cap: pool.max(1),
+            pool: RefCell::new(Vec::new()),
+            spec_pool: RefCell::new(Vec::new()),
+        };
+        // One sequence up front: its size is the reservation of every request, and it is the
+        // first one reused.
+        if b.drafter.is_some() {
+            let s = b
+                .new_spec(max_seq)
+                .context("allocating the first GPU sequence")?;
+            b.seq_bytes = s.device_bytes() as u64;
+            b.spec_pool.borrow_mut().push(s);
+        } else {
+            let s = b
+                .new_sequence(max_seq)
+                .context("allocating the first GPU sequence")?;
+            b.seq_bytes = s.device_bytes() as u64;
+            b.pool.borrow_mut().push(s);
+        }
+        Ok(b)
+    }
+
+    /// The model on the device.
+    pub fn model(&self) -> &GpuModel {
+        &self.model
+    }
+
+    /// Sequences kept for reuse now (tests, metrics).
+    pub fn pooled(&self) -> usize {
+        self.pool.borrow().len() + self.spec_pool.borrow().len()
+    }
+
+    fn check_positions(&self, positions: usize) -> Result<()> {
+        if positions > self.max_seq {
+            bail!(
+                "a sequence of {positions} positions exceeds the GPU sequences' {} positions",
+                self.max_seq
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `make`; on out-of-memory frees the kept sequences and tries once more.
+    fn alloc<T>(&self, make: impl Fn() -> Result<T, RuntimeError>) -> Result<T> {
+        self.model.device().ctx.bind_to_thread()?;
+        match make() {
+            Err(e) if is_oom(&e) && self.pooled() > 0 => {
+                self.pool.borrow_mut().clear();
+                self.spec_pool.borrow_mut().clear();
+                Ok(make()?)
+            }
+            r => Ok(r?),
+        }
+    }
+}
+
+impl Backend for GpuBackend {
+    type Sequence = GpuSession;
+    type Spec = GpuSpecState;
+
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn device(&self) -> String {
+        self.model.device().info.to_string()
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_seq
+    }
+
+    /// Every sequence has the same size: a request reserves one sequence's device bytes.
+    fn kv_bytes_fn(&self) -> KvBytes {
+        let bytes = self.seq_bytes;
+        Arc::new(move |_| bytes)
+    }
+
+    fn prefill_granularity(&self) -> usize {
+        tilert::ops::MAX_TOKENS
+    }
+
+    fn new_sequence(&self, positions: usize) -> Result<GpuSession> {
+        self.check_positions(positions)?;
+        if let Some(s) = self.pool.borrow_mut().pop() {
+            return Ok(s);
+        }
+        self.alloc(|| self.model.session(self.max_seq))
+    }
+
+    fn prefill(&self, seq: &mut GpuSession, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.model.device().ctx.bind_to_thread()?;
+        Ok(seq.prefill(tokens)?)
+    }
+
+    fn decode_batch(&self, seqs: &mut [&mut GpuSession], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
+        if let Err(e) = self.model.device().ctx.bind_to_thread() {
+            let msg = e.to_string();
+            return seqs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect();
+        }
+        seqs.iter_mut()
+            .zip(tokens)
+            .map(|(s, &t)| Ok(s.decode(t)?))
+            .collect()
+    }
+
+    fn forward(
+        &self,
+        seq: &mut GpuSession,
+        tokens: &[u32],
+        layers: &[usize],
+    ) -> Result<VerifyOutput> {
+        self.model.device().ctx.bind_to_thread()?;
+        Ok(seq.verify(tokens, layers)?)
+    }
+
+    fn truncate(&self, seq: &mut GpuSession, len: usize) -> Result<()> {
+        Ok(seq.truncate(len)?)
+    }
+
+    fn len(&self, seq: &GpuSession) -> usize {
+        seq.len()
+    }
+
+    fn release(&self, mut seq: GpuSession) {
+        let mut pool = self.pool.borrow_mut();
+        if pool.len() < self.pool_cap {
+            seq.reset();
+            pool.push(seq);
+        }
+    }
+
+    fn device_spec(&self) -> Option<&SpecOptions> {
+        self.drafter.as_ref().map(|(_, o)| o)
+    }
+
+    fn new_spec(&self, positions: usize) -> Result<GpuSpecState> {
+        let Some((drafter, _)) = &self.drafter else {
+            bail!("no drafter is loaded on the GPU");
+        };
+        self.check_positions(positions)?;
+        if let Some(s) = self.spec_pool.borrow_mut().pop() {
+            return Ok(s);
+        }
+        self.alloc(|| GpuSpecOn::new(self.model.session(self.max_seq)?, drafter))
+    }
+
+    fn release_spec(&self, mut spec: GpuSpecState) {
+        let mut pool = self.spec_pool.borrow_mut();
+        if pool.len() < self.pool_cap {
+            spec.reset();
+            pool.push(spec);
+        }
+    }
+}

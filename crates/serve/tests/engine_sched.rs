@@ -1,0 +1,311 @@
+//! The scheduler over a scripted [`Backend`] that records every executor call: chunked prefill
+//! (a long prompt is prefilled in chunks of at most `max_batched_tokens` minus the running
+//! sequences' decode tokens, between decode steps that keep the running stream flowing, and the
+//! output does not depend on the chunking), a sequence that cannot be allocated (an error for
+//! that request only; everything already accepted finishes), a decode error of one sequence
+//! (the others go on), and a backend that fails to build (an error from `EngineHandle::start`).
+//!
+//! The scripted model: the logits after token `t` are one-hot at `(t + 1) mod V`, so greedy
+//! decoding counts up from the prompt's last token; a sequence is the list of its tokens.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use model::config::ModelConfig;
+use model::cpu::VerifyOutput;
+use model::sampling::{FinishReason, SamplingParams};
+use serve::engine::{
+    Backend, EngineConfig, EngineHandle, Event, Finished, GenerateRequest, KvBytes, NoDeviceSpec,
+};
+
+const VOCAB: usize = 512;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Call {
+    /// A prefill chunk of `n` tokens into the sequence whose prompt starts with `first`.
+    Prefill { first: u32, n: usize },
+    /// One decode step over the sequences with these first tokens.
+    Decode(Vec<u32>),
+}
+
+struct Scripted {
+    config: ModelConfig,
+    log: Arc<Mutex<Vec<Call>>>,
+    /// `new_sequence` fails for more positions than this.
+    max_positions: usize,
+    /// Decoding the sequence starting with this token fails once it holds this many tokens.
+    fail_decode: Option<(u32, usize)>,
+}
+
+fn one_hot(t: u32) -> Vec<f32> {
+    let mut l = vec![0.0; VOCAB];
+    l[(t as usize + 1) % VOCAB] = 10.0;
+    l
+}
+
+impl Backend for Scripted {
+    type Sequence = Vec<u32>;
+    type Spec = NoDeviceSpec;
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> String {
+        "scripted".into()
+    }
+
+    fn kv_bytes_fn(&self) -> KvBytes {
+        Arc::new(|n| n as u64)
+    }
+
+    fn new_sequence(&self, positions: usize) -> Result<Vec<u32>> {
+        if positions > self.max_positions {
+            bail!("out of device memory (scripted: {positions} positions)");
+        }
+        Ok(Vec::new())
+    }
+
+    fn prefill(&self, seq: &mut Vec<u32>, tokens: &[u32]) -> Result<Vec<f32>> {
+        seq.extend_from_slice(tokens);
+        self.log.lock().unwrap().push(Call::Prefill {
+            first: seq[0],
+            n: tokens.len(),
+        });
+        Ok(one_hot(*seq.last().unwrap()))
+    }
+
+    fn decode_batch(&self, seqs: &mut [&mut Vec<u32>], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
+        // A decode step takes time, as on a real device (the running streams overlap arrivals).
+        std::thread::sleep(Duration::from_millis(2));
+        self.log
+            .lock()
+            .unwrap()
+            .push(Call::Decode(seqs.iter().map(|s| s[0]).collect()));
+        seqs.iter_mut()
+            .zip(tokens)
+            .map(|(s, &t)| {
+                if self
+                    .fail_decode
+                    .is_some_and(|(first, len)| s[0] == first && s.len() >= len)
+                {
+                    bail!("device fault (scripted)");
+                }
+                s.push(t);
+                Ok(one_hot(t))
+            })
+            .collect()
+    }
+
+    fn forward(&self, _: &mut Vec<u32>, _: &[u32], _: &[usize]) -> Result<VerifyOutput> {
+        bail!("not used")
+    }
+
+    fn truncate(&self, seq: &mut Vec<u32>, len: usize) -> Result<()> {
+        seq.truncate(len);
+        Ok(())
+    }
+
+    fn len(&self, seq: &Vec<u32>) -> usize {
+        seq.len()
+    }
+}
+
+fn config() -> ModelConfig {
+    let (mut c, _) = model::cpu::toy::qwen3_moe(1, model::cpu::toy::ToyExperts::Dense);
+    c.vocab_size = VOCAB;
+    c.max_position_embeddings = 4096;
+    c
+}
+
+fn start(
+    max_batched_tokens: usize,
+    max_positions: usize,
+    fail_decode: Option<(u32, usize)>,
+) -> (EngineHandle, Arc<Mutex<Vec<Call>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let engine = EngineHandle::start(
+        move || {
+            Ok(Scripted {
+                config: config(),
+                log: l,
+                max_positions,
+                fail_decode,
+            })
+        },
+        None,
+        Vec::new(),
+        EngineConfig {
+            max_running: 4,
+            max_batched_tokens,
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    (engine, log)
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        id: String::new(),
+        prompt,
+        params: SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        },
+        max_tokens: Some(max_tokens),
+        logprobs: None,
+    }
+}
+
+/// Every token and the final event of a request (blocking).
+fn drain(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Finished) {
+    let mut tokens = Vec::new();
+    while let Some(e) = events.blocking_recv() {
+        match e {
+            Event::Tokens(t) => tokens.extend(t.tokens),
+            Event::Finished(f) => return (tokens, f),
+        }
+    }
+    panic!("the stream ended without Finished");
+}
+
+fn counting(from: u32, n: usize) -> Vec<u32> {
+    (1..=n as u32).map(|i| (from + i) % VOCAB as u32).collect()
+}
+
+#[test]
+fn long_prompts_are_prefilled_in_chunks_between_decode_steps() {
+    let (engine, log) = start(8, usize::MAX, None);
+    // A runs (decoding) when B's 40-token prompt arrives.
+    let a = engine
+        .submit(request(vec![100, 101, 102, 103], 40))
+        .unwrap();
+    let mut a_events = a.events;
+    let mut a_tokens = Vec::new();
+    while a_tokens.len() < 2 {
+        match a_events.blocking_recv().unwrap() {
+            Event::Tokens(t) => a_tokens.extend(t.tokens),
+            Event::Finished(f) => panic!("A finished early: {f:?}"),
+        }
+    }
+    let b_prompt: Vec<u32> = (200..240).collect();
+    let b = engine.submit(request(b_prompt.clone(), 5)).unwrap();
+    let (b_tokens, b_fin) = drain(b.events);
+    let (rest, a_fin) = drain(a_events);
+    a_tokens.extend(rest);
+    assert_eq!(a_tokens, counting(103, 40));
+    assert_eq!(b_tokens, counting(239, 5), "chunking changed B's output");
+    assert_eq!(a_fin.reason, FinishReason::Length);
+    assert_eq!(b_fin.reason, FinishReason::Length);
+
+    let log = log.lock().unwrap().clone();
+    let b_chunks: Vec<(usize, usize)> = log
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            Call::Prefill { first: 200, n } => Some((i, *n)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(b_chunks.iter().map(|c| c.1).sum::<usize>(), 40);
+    assert!(b_chunks.len() >= 6, "40 tokens at ≤ 7 a step: {b_chunks:?}");
+    for w in b_chunks.windows(2) {
+        // Each chunk fits the step's budget (8 minus A's decode token), and A decoded between
+        // two chunks: the running stream kept flowing.
+        assert!(w[0].1 <= 7, "{b_chunks:?}");
+        assert!(
+            log[w[0].0..w[1].0]
+                .iter()
+                .any(|c| matches!(c, Call::Decode(d) if d.contains(&100))),
+            "no decode of A between B's chunks: {log:?}"
+        );
+    }
+    engine.shutdown();
+}
+
+#[test]
+fn failed_allocation_fails_only_that_request() {
+    // Sequences of more than 50 positions cannot be allocated.
+    let (engine, _log) = start(2048, 50, None);
+    let a = engine.submit(request(vec![10, 11], 30)).unwrap();
+    let b = engine.submit(request(vec![20; 10], 60)).unwrap();
+    let c = engine.submit(request(vec![30, 31, 32], 20)).unwrap();
+    let (b_tokens, b_fin) = drain(b.events);
+    assert!(b_tokens.is_empty());
+    assert_eq!(b_fin.reason, FinishReason::Error);
+    let msg = b_fin.error.unwrap();
+    assert!(msg.contains("out of device memory"), "{msg}");
+    let (a_tokens, a_fin) = drain(a.events);
+    let (c_tokens, c_fin) = drain(c.events);
+    assert_eq!(
+        (a_tokens, a_fin.reason),
+        (counting(11, 30), FinishReason::Length)
+    );
+    assert_eq!(
+        (c_tokens, c_fin.reason),
+        (counting(32, 20), FinishReason::Length)
+    );
+    // The engine keeps serving, and the failed request's reservation was given back.
+    let d = engine.submit(request(vec![40], 3)).unwrap();
+    assert_eq!(drain(d.events).0, counting(40, 3));
+    // (A request's id is freed right after its final event.)
+    let t0 = Instant::now();
+    while engine.load() != (0, 0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            engine.load()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    engine.shutdown();
+}
+
+#[test]
+fn a_decode_error_ends_only_its_sequence() {
+    // The sequence starting with 7 fails once it holds 6 tokens (prompt 3 + 3 decoded).
+    let (engine, _log) = start(2048, usize::MAX, Some((7, 6)));
+    let a = engine.submit(request(vec![7, 8, 9], 20)).unwrap();
+    let b = engine.submit(request(vec![50, 51], 20)).unwrap();
+    let (a_tokens, a_fin) = drain(a.events);
+    assert_eq!(a_fin.reason, FinishReason::Error);
+    assert!(a_fin.error.unwrap().contains("device fault"));
+    assert_eq!(a_tokens, counting(9, a_tokens.len()));
+    let (b_tokens, b_fin) = drain(b.events);
+    assert_eq!(
+        (b_tokens, b_fin.reason),
+        (counting(51, 20), FinishReason::Length)
+    );
+    engine.shutdown();
+}
+
+#[test]
+fn a_backend_that_fails_to_build_is_an_error() {
+    let r = EngineHandle::start(
+        || -> Result<Scripted> { bail!("no GPU here (scripted)") },
+        None,
+        Vec::new(),
+        EngineConfig::default(),
+        None,
+    );
+    let Err(e) = r else {
+        panic!("started without a backend");
+    };
+    assert!(e.to_string().contains("no GPU here"), "{e}");
+    // And max_batched_tokens 0 is refused up front.
+    let r = EngineHandle::start(
+        || -> Result<Scripted> { bail!("not reached") },
+        None,
+        Vec::new(),
+        EngineConfig {
+            max_batched_tokens: 0,
+            ..EngineConfig::default()
+        },
+        None,
+    );
+    assert!(r.is_err());
+}

@@ -1,0 +1,326 @@
+//! `ultra serve --device cuda` over real loopback sockets (gRPC): the same output as `ultra
+//! generate --device cuda` for the same seed — greedy and sampled, several streams at once, a
+//! long prompt prefilled in chunks, a reused (pooled) sequence; cancellation (Abort and client
+//! disconnect) freeing the slot; and DFlash with the drafter on the GPU giving plain GPU
+//! decoding's output. Model: the tiny `qwen3-moe/native` fixture. Skips with a `SKIPPED` line
+//! where there is no GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else
+//! the repository's.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use model::sampling::SamplingParams;
+use serve::commands::generate::{generate, load, prompt_ids, Generation};
+use serve::engine::EngineConfig;
+use serve::proto::v1 as pb;
+use serve::proto::v1::engine_client::EngineClient;
+use serve::server::{load_gpu_engine, ServeOptions, Server};
+use tonic::transport::Channel;
+
+const MODEL: &str = "qwen3-moe/native";
+
+fn fixture(rel: &str) -> PathBuf {
+    std::env::var_os("ULTRA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
+        .join(rel)
+}
+
+fn engine_cfg(max_running: usize, max_batched_tokens: usize) -> EngineConfig {
+    EngineConfig {
+        model_id: MODEL.into(),
+        max_running,
+        max_waiting: 64,
+        max_batched_tokens,
+        ..EngineConfig::default()
+    }
+}
+
+async fn start(cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
+    let opts = ServeOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+    };
+    let server = Server::start(opts, cfg.model_id.clone(), move || {
+        load_gpu_engine(&fixture(MODEL), draft.as_deref(), None, cfg, 0)
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), server.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    server
+}
+
+async fn client(s: &Server) -> EngineClient<Channel> {
+    EngineClient::connect(format!("http://{}", s.grpc_addr))
+        .await
+        .unwrap()
+}
+
+/// `ultra generate --device cuda`'s output for `prompt`.
+fn reference(prompt: &str, params: &SamplingParams) -> (Vec<u32>, Generation) {
+    let mut loaded = load(&fixture(MODEL)).unwrap();
+    loaded.to_gpu(0).unwrap();
+    let ids = prompt_ids(&loaded, Some(prompt), None, false).unwrap();
+    let g = generate(&loaded, &ids, params, &mut Vec::new()).unwrap();
+    (ids, g)
+}
+
+fn request(prompt: &str, s: pb::SamplingParams) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Text(prompt.into())),
+        sampling: Some(s),
+        ..Default::default()
+    }
+}
+
+struct Streamed {
+    tokens: Vec<u32>,
+    text: String,
+    complete: pb::Complete,
+}
+
+async fn collect(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Streamed {
+    let (mut tokens, mut text, mut complete) = (Vec::new(), String::new(), None);
+    while let Some(m) = stream.message().await.unwrap() {
+        assert!(complete.is_none(), "a message after Complete");
+        match m.event.unwrap() {
+            pb::generate_response::Event::Chunk(c) => {
+                tokens.extend(c.token_ids);
+                text.push_str(&c.text);
+            }
+            pb::generate_response::Event::Complete(c) => complete = Some(c),
+        }
+    }
+    Streamed {
+        tokens,
+        text,
+        complete: complete.expect("the stream ended without Complete"),
+    }
+}
+
+async fn wait_idle(s: &Server) {
+    let engine = s.state().engine().unwrap().clone();
+    let t0 = Instant::now();
+    while engine.load().1 != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "requests still live: {:?}",
+            engine.load()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sampling settings of one case: (temperature, top_k, seed, max_tokens).
+type Case = (f32, Option<u32>, Option<u64>, u32);
+
+fn params(c: Case) -> (SamplingParams, pb::SamplingParams) {
+    let (temperature, top_k, seed, max_tokens) = c;
+    (
+        SamplingParams {
+            temperature,
+            top_k: top_k.map(|k| k as usize),
+            seed,
+            max_tokens: max_tokens as usize,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        },
+        pb::SamplingParams {
+            temperature: Some(temperature),
+            top_k,
+            seed,
+            max_tokens: Some(max_tokens),
+            ignore_eos: Some(true),
+            ..Default::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_server_matches_ultra_generate_cuda() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("gpu_server_matches_ultra_generate_cuda") else {
+        return;
+    };
+    // 16 tokens a step: the long prompt is prefilled over several steps, in 16-token chunks.
+    let server = start(engine_cfg(4, 16), None).await;
+    let info = server.state().engine().unwrap().info().clone();
+    assert!(info.device.contains("GPU 0"), "{}", info.device);
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(5);
+    let cases: Vec<(String, Case)> = vec![
+        ("The quick brown fox".into(), (0.0, None, None, 24)),
+        ("Once upon a time".into(), (0.9, Some(40), Some(1234), 24)),
+        (long.clone(), (0.7, None, Some(77), 20)),
+        (long, (0.0, None, None, 12)),
+    ];
+    let mut want = Vec::new();
+    for (prompt, c) in &cases {
+        let (ids, g) = reference(prompt, &params(*c).0);
+        want.push((ids, g));
+    }
+    assert!(want[2].0.len() > 32, "the long prompt spans 3+ chunks");
+    // All at once (continuous batching), then each again alone (on reused sequences).
+    let run = |prompt: String, c: Case, server_addr: std::net::SocketAddr| async move {
+        let mut cl = EngineClient::connect(format!("http://{server_addr}"))
+            .await
+            .unwrap();
+        collect(
+            cl.generate(request(&prompt, params(c).1))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await
+    };
+    let together: Vec<_> = cases
+        .iter()
+        .map(|(p, c)| tokio::spawn(run(p.clone(), *c, server.grpc_addr)))
+        .collect();
+    let mut got = Vec::new();
+    for t in together {
+        got.push(t.await.unwrap());
+    }
+    for (p, c) in &cases {
+        got.push(run(p.clone(), *c, server.grpc_addr).await);
+    }
+    for (i, got) in got.iter().enumerate() {
+        let ((prompt, _), (ids, g)) = (&cases[i % cases.len()], &want[i % cases.len()]);
+        assert_eq!(got.tokens, g.tokens, "run {i}: {prompt:?}");
+        assert_eq!(got.text, g.text, "run {i}: {prompt:?}");
+        assert_eq!(got.complete.finish_reason, "length");
+        let u = got.complete.usage.as_ref().unwrap();
+        assert_eq!(u.prompt_tokens as usize, ids.len());
+    }
+    server.shutdown().await.unwrap();
+}
+
+fn long_request(id: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: id.into(),
+        ..request(
+            "count",
+            pb::SamplingParams {
+                max_tokens: Some(3000),
+                ignore_eos: Some(true),
+                ..Default::default()
+            },
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_server_cancellation_frees_the_slot() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("gpu_server_cancellation_frees_the_slot") else {
+        return;
+    };
+    // One slot: the next request can only run once the cancelled one is gone.
+    let server = start(engine_cfg(1, 2048), None).await;
+    let mut c = client(&server).await;
+    let mut stream = c
+        .generate(long_request("long-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    let found = c
+        .abort(pb::AbortRequest {
+            request_id: "long-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .found;
+    assert!(found);
+    let rest = collect(stream).await;
+    assert_eq!(rest.complete.finish_reason, "abort");
+    assert!(rest.tokens.len() < 2999);
+    wait_idle(&server).await;
+    // Client disconnect.
+    let mut stream = c
+        .generate(long_request("long-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    drop(stream);
+    wait_idle(&server).await;
+    // The slot (and its reused sequence) serves the next request exactly.
+    let (p, s) = params((0.8, Some(20), Some(5), 16));
+    let (_, want) = reference("The quick brown fox", &p);
+    let got = collect(
+        c.generate(request("The quick brown fox", s))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(got.tokens, want.tokens);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_speculative_server_matches_plain_decoding() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("gpu_speculative_server_matches_plain_decoding")
+    else {
+        return;
+    };
+    let draft = fixture("drafters/qwen3-moe-dflash");
+    let server = start(engine_cfg(4, 2048), Some(draft)).await;
+    assert!(server
+        .state()
+        .engine()
+        .unwrap()
+        .info()
+        .spec_block_size
+        .is_some());
+    let mut c = client(&server).await;
+    let (p, s) = params((0.0, None, None, 20));
+    let (_, want) = reference("The quick brown fox", &p);
+    let mut c2 = c.clone();
+    let (a, b) = tokio::join!(
+        c2.generate(request("The quick brown fox", s.clone())),
+        c.generate(request("The quick brown fox", s))
+    );
+    for stream in [a.unwrap().into_inner(), b.unwrap().into_inner()] {
+        let got = collect(stream).await;
+        assert_eq!(got.tokens, want.tokens);
+        assert_eq!(got.text, want.text);
+        let spec = got.complete.spec.unwrap();
+        assert!(spec.drafts > 0 && spec.draft_tokens >= spec.drafts);
+    }
+    // A seeded sampled request gives the same tokens twice (reused device state), and an
+    // aborted one frees its state.
+    let (_, s) = params((0.9, Some(8), Some(11), 24));
+    let one = collect(
+        c.generate(request("Once upon a time", s.clone()))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let two = collect(
+        c.generate(request("Once upon a time", s))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(one.tokens.len(), 24);
+    assert_eq!(one.tokens, two.tokens);
+    let mut stream = c
+        .generate(long_request("spec-long"))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    c.abort(pb::AbortRequest {
+        request_id: "spec-long".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(collect(stream).await.complete.finish_reason, "abort");
+    wait_idle(&server).await;
+    server.shutdown().await.unwrap();
+}
