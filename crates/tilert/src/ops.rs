@@ -389,6 +389,42 @@ fn prefetch_limit() -> usize {
     })
 }
 
+/// The index of the smallest [`LINEAR_TOKENS`] bucket that holds `t` tokens.
+fn token_bucket(t: usize) -> usize {
+    LINEAR_TOKENS
+        .iter()
+        .position(|&b| b >= t)
+        .unwrap_or(LINEAR_TOKENS.len() - 1)
+}
+
+/// The checks shared by the two ops that rotate q / k and write the KV cache
+/// ([`Ops::rope_kv_write`], [`Ops::linear_qkv_rope`]) for `t` tokens.
+fn check_rope_write(
+    op: &str,
+    a: &AttnArgs,
+    t: usize,
+    step: DPtr<u32>,
+    q_out: DPtr<f32>,
+) -> Result<(), RuntimeError> {
+    check_tokens(op, t)?;
+    check_attn(op, a)?;
+    if a.rotary_dim > a.head_dim || !a.rotary_dim.is_multiple_of(2) {
+        return Err(invalid(format!(
+            "{op}: rotary_dim {} with head_dim {}",
+            a.rotary_dim, a.head_dim
+        )));
+    }
+    if t > a.capacity {
+        return Err(invalid(format!(
+            "{op}: {t} tokens into a KV ring of {} slots",
+            a.capacity
+        )));
+    }
+    check_len(&format!("{op}: inv_freq"), a.inv_freq, a.rotary_dim / 2)?;
+    check_len(&format!("{op}: step"), step, 1)?;
+    check_len(&format!("{op}: q_out"), q_out, t * a.n_heads * a.head_dim)
+}
+
 /// Whether a head of `d` dims with `rot` rotary dims can be laid out in [`rope_pair_order`].
 fn rope_pairs_fit(d: usize, rot: usize) -> bool {
     d.is_multiple_of(2) && rot.is_multiple_of(2) && rot <= d
@@ -686,10 +722,7 @@ impl Ops {
                 &args,
             );
         }
-        let bucket = LINEAR_TOKENS
-            .iter()
-            .position(|&b| b >= t)
-            .unwrap_or(LINEAR_TOKENS.len() - 1);
+        let bucket = token_bucket(t);
         // Rows per warp (index into LINEAR_ROWS). One or two tokens are bound by the weight
         // stream: as many rows as keep ≥ 32 warps per SM busy. From four tokens on, the
         // activation loads dominate (2·T loads per weight load and row group): four rows share
@@ -738,25 +771,9 @@ impl Ops {
         step: DPtr<u32>,
         q_out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        check_tokens("rope_kv_write", t)?;
-        check_attn("rope_kv_write", a)?;
+        check_rope_write("rope_kv_write", a, t, step, q_out)?;
         let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
-        if a.rotary_dim > d || !a.rotary_dim.is_multiple_of(2) {
-            return Err(invalid(format!(
-                "rope_kv_write: rotary_dim {} with head_dim {d}",
-                a.rotary_dim
-            )));
-        }
-        if t > a.capacity {
-            return Err(invalid(format!(
-                "rope_kv_write: {t} tokens into a KV ring of {} slots",
-                a.capacity
-            )));
-        }
-        check_len("rope_kv_write: inv_freq", a.inv_freq, a.rotary_dim / 2)?;
         check_len("rope_kv_write: qkv", qkv, t * (nh * d + nkv * d + nkv * dv))?;
-        check_len("rope_kv_write: step", step, 1)?;
-        check_len("rope_kv_write: q_out", q_out, t * nh * d)?;
         for (what, p) in [("q_norm", a.q_norm), ("k_norm", a.k_norm)] {
             if let Some(p) = p {
                 check_len(&format!("rope_kv_write: {what}"), p, d)?;
@@ -806,8 +823,7 @@ impl Ops {
         step: DPtr<u32>,
         q_out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
-        check_tokens("linear_qkv_rope", t)?;
-        check_attn("linear_qkv_rope", a)?;
+        check_rope_write("linear_qkv_rope", a, t, step, q_out)?;
         let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
         if a.q_norm.is_some() || a.k_norm.is_some() {
             return Err(invalid(
@@ -818,12 +834,6 @@ impl Ops {
             return Err(invalid(format!(
                 "linear_qkv_rope: rotary_dim {} with head_dim {d}",
                 a.rotary_dim
-            )));
-        }
-        if t > a.capacity {
-            return Err(invalid(format!(
-                "linear_qkv_rope: {t} tokens into a KV ring of {} slots",
-                a.capacity
             )));
         }
         let (addr, bf16) = matrix_data("qkv weight", w)?;
@@ -839,13 +849,7 @@ impl Ops {
         if let Some(b) = bias {
             check_len("linear_qkv_rope: bias", b, rows)?;
         }
-        check_len("linear_qkv_rope: inv_freq", a.inv_freq, a.rotary_dim / 2)?;
-        check_len("linear_qkv_rope: step", step, 1)?;
-        check_len("linear_qkv_rope: q_out", q_out, t * nh * d)?;
-        let bucket = LINEAR_TOKENS
-            .iter()
-            .position(|&b| b >= t)
-            .unwrap_or(LINEAR_TOKENS.len() - 1);
+        let bucket = token_bucket(t);
         let f = if bf16 {
             &self.qkv_rope_bf16[bucket]
         } else {
@@ -1037,10 +1041,7 @@ impl Ops {
         if let Some(b) = bias {
             check_len("router_route: bias", b, n_experts)?;
         }
-        let bucket = LINEAR_TOKENS
-            .iter()
-            .position(|&b| b >= t)
-            .unwrap_or(LINEAR_TOKENS.len() - 1);
+        let bucket = token_bucket(t);
         let f = if bf16 {
             &self.router_route_bf16[bucket]
         } else {
