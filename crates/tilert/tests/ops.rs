@@ -710,39 +710,47 @@ fn linear_qkv_rope_matches_linear_then_rope_kv_write() {
     let Some((mut g, mut rng)) = gpu("linear_qkv_rope_matches_linear_then_rope_kv_write") else {
         return;
     };
-    let mimo = Geo {
-        nh: 16,
-        nkv: 4,
-        d: 192,
-        dv: 128,
-        rot: 64,
-        capacity: 512,
-        window: None,
-        sinks: true,
-        qk_norm: false,
-        value_scale: 0.707,
-        attention_factor: 1.0,
-    };
     let tiny = Geo {
-        nh: 4,
-        nkv: 2,
-        d: 16,
-        dv: 8,
-        rot: 12,
-        capacity: 16,
-        window: Some(4),
-        sinks: false,
         qk_norm: false,
-        value_scale: 1.0,
-        attention_factor: 1.0,
+        ..TINY_ROPE
     };
     check_qkv_rope(&mut g, &mut rng, GPT_OSS_SLIDING, 2880, 1, 77);
     check_qkv_rope(&mut g, &mut rng, GPT_OSS_SLIDING, 2880, 16, 5000); // ring wrap
-    check_qkv_rope(&mut g, &mut rng, mimo, 256, 3, 100_000);
+    check_qkv_rope(&mut g, &mut rng, MIMO_ROPE, 256, 3, 100_000);
     check_qkv_rope(&mut g, &mut rng, tiny, 64, 5, 14); // ring wrap inside the pass
     check_qkv_rope(&mut g, &mut rng, Geo { rot: 0, ..tiny }, 64, 2, 9);
     check_qkv_rope(&mut g, &mut rng, Geo { dv: 7, ..tiny }, 64, 8, 3); // odd row count
 }
+
+/// MiMo-V2-Flash-like geometry (partial RoPE, v dim ≠ qk dim, value scale, sinks).
+const MIMO_ROPE: Geo = Geo {
+    nh: 16,
+    nkv: 4,
+    d: 192,
+    dv: 128,
+    rot: 64,
+    capacity: 512,
+    window: None,
+    sinks: true,
+    qk_norm: false,
+    value_scale: 0.707,
+    attention_factor: 1.0,
+};
+
+/// A tiny geometry with partial RoPE, q/k norm and a ring smaller than a pass.
+const TINY_ROPE: Geo = Geo {
+    nh: 4,
+    nkv: 2,
+    d: 16,
+    dv: 8,
+    rot: 12,
+    capacity: 16,
+    window: Some(4),
+    sinks: false,
+    qk_norm: true,
+    value_scale: 1.0,
+    attention_factor: 1.0,
+};
 
 const GPT_OSS_SLIDING: Geo = Geo {
     nh: 64,
@@ -776,40 +784,17 @@ fn rope_kv_write_matches_cpu() {
         value_scale: 1.0,
         attention_factor: 1.0,
     };
-    let mimo = Geo {
-        nh: 16,
-        nkv: 4,
-        d: 192,
-        dv: 128,
-        rot: 64,
-        capacity: 512,
-        window: None,
-        sinks: true,
-        qk_norm: false,
-        value_scale: 0.707,
-        attention_factor: 1.0,
+    let no_rope = Geo {
+        rot: 0,
+        ..TINY_ROPE
     };
-    let tiny = Geo {
-        nh: 4,
-        nkv: 2,
-        d: 16,
-        dv: 8,
-        rot: 12,
-        capacity: 16,
-        window: Some(4),
-        sinks: false,
-        qk_norm: true,
-        value_scale: 1.0,
-        attention_factor: 1.0,
-    };
-    let no_rope = Geo { rot: 0, ..tiny };
     check_rope_kv_write(&mut g, &mut rng, GPT_OSS_SLIDING, 1, 0);
     check_rope_kv_write(&mut g, &mut rng, GPT_OSS_SLIDING, 16, 5000); // ring wrap
     check_rope_kv_write(&mut g, &mut rng, qwen, 1, 4095);
     check_rope_kv_write(&mut g, &mut rng, qwen, 8, 77);
-    check_rope_kv_write(&mut g, &mut rng, mimo, 3, 100_000);
-    check_rope_kv_write(&mut g, &mut rng, tiny, 16, 3);
-    check_rope_kv_write(&mut g, &mut rng, tiny, 5, 14); // ring wrap inside the pass
+    check_rope_kv_write(&mut g, &mut rng, MIMO_ROPE, 3, 100_000);
+    check_rope_kv_write(&mut g, &mut rng, TINY_ROPE, 16, 3);
+    check_rope_kv_write(&mut g, &mut rng, TINY_ROPE, 5, 14); // ring wrap inside the pass
     check_rope_kv_write(&mut g, &mut rng, no_rope, 2, 9);
     // More tokens than ring slots: an error, not a race.
     check_rope_kv_write(
@@ -817,7 +802,7 @@ fn rope_kv_write_matches_cpu() {
         &mut rng,
         Geo {
             capacity: 8,
-            ..tiny
+            ..TINY_ROPE
         },
         9,
         0,
