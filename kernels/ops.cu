@@ -738,6 +738,7 @@ __device__ __forceinline__ void visible_keys(uint64_t step0, uint32_t t, uint32_
 
 // Keys per shared-memory tile of attention_gqa and most value dims one lane accumulates.
 #define ATT_TILE 32
+#define ATT_LOADS 4  // key / value vectors per thread loaded before they are stored
 #define ATT_MAX_VC (MAX_HEAD_DIM / 32)
 #define ATT_MAX_WARPS 8
 #define ATT_MAX_SPLITS 64
@@ -779,6 +780,15 @@ extern "C" __global__ void __launch_bounds__(256)
     float* ks = att_smem;               // [ATT_TILE][kst]
     float* vs = ks + ATT_TILE * kst;    // [ATT_TILE][dv]
     float* qs = vs + ATT_TILE * dv;     // [W][d]
+    // This warp's first query row goes into registers before the step is read: the two loads
+    // are independent, so their round trips overlap (the row is stored to shared memory after
+    // the first tile's loads are issued).
+    float q_first[ATT_MAX_VC];
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_VC; ++c) {
+        const uint32_t i = lane + 32 * c;
+        q_first[c] = w < G && i < d ? q[((size_t)t * nh + g * G + w) * d + i] : 0.f;
+    }
     uint64_t first, last;
     visible_keys(step[0], t, t_count, causal, window, &first, &last);
     const uint64_t n = last + 1 - first;
@@ -795,7 +805,7 @@ extern "C" __global__ void __launch_bounds__(256)
         const bool active = hl < G;
         const uint32_t h = g * G + hl;
         __syncthreads();  // the previous pass is done with qs / the tiles
-        if (active)
+        if (active && hb > 0)
             for (uint32_t i = lane; i < d; i += 32) qs[w * d + i] = q[((size_t)t * nh + h) * d + i];
         float m = -INFINITY, l = 0.f, acc[ATT_MAX_VC];
 #pragma unroll
@@ -804,18 +814,28 @@ extern "C" __global__ void __launch_bounds__(256)
             const uint32_t nk = (uint32_t)min((uint64_t)ATT_TILE, k1 - kb);
             __syncthreads();  // the previous tile is consumed (and qs written)
             if (vec) {
-                const uint32_t d4 = d / 4, v4 = dv / 4;
-                for (uint32_t idx = threadIdx.x; idx < nk * d4; idx += blockDim.x) {
-                    const uint32_t j = idx / d4, i = idx % d4;
-                    const float4 val = __ldg(reinterpret_cast<const float4*>(
-                                                 k_cache + ((kb + j) % capacity) * kv_row + (size_t)g * d) + i);
-                    *reinterpret_cast<float4*>(ks + j * kst + 4 * i) = val;
-                }
-                for (uint32_t idx = threadIdx.x; idx < nk * v4; idx += blockDim.x) {
-                    const uint32_t j = idx / v4, i = idx % v4;
-                    const float4 val = __ldg(reinterpret_cast<const float4*>(
-                                                 v_cache + ((kb + j) % capacity) * vv_row + (size_t)g * dv) + i);
-                    *reinterpret_cast<float4*>(vs + j * dv + 4 * i) = val;
+                // ATT_LOADS key and value vectors per thread in flight before the first store.
+                const uint32_t d4 = d / 4, v4 = dv / 4, nkd = nk * d4, nvd = nk * v4;
+                for (uint32_t base = threadIdx.x; base < max(nkd, nvd); base += ATT_LOADS * blockDim.x) {
+                    float4 kv[ATT_LOADS], vv[ATT_LOADS];
+#pragma unroll
+                    for (int u = 0; u < ATT_LOADS; ++u) {
+                        const uint32_t idx = base + u * blockDim.x;
+                        if (idx < nkd)
+                            kv[u] = __ldg(reinterpret_cast<const float4*>(
+                                              k_cache + ((kb + idx / d4) % capacity) * kv_row + (size_t)g * d) +
+                                          idx % d4);
+                        if (idx < nvd)
+                            vv[u] = __ldg(reinterpret_cast<const float4*>(
+                                              v_cache + ((kb + idx / v4) % capacity) * vv_row + (size_t)g * dv) +
+                                          idx % v4);
+                    }
+#pragma unroll
+                    for (int u = 0; u < ATT_LOADS; ++u) {
+                        const uint32_t idx = base + u * blockDim.x;
+                        if (idx < nkd) *reinterpret_cast<float4*>(ks + (idx / d4) * kst + 4 * (idx % d4)) = kv[u];
+                        if (idx < nvd) *reinterpret_cast<float4*>(vs + (idx / v4) * dv + 4 * (idx % v4)) = vv[u];
+                    }
                 }
             } else {
                 for (uint32_t idx = threadIdx.x; idx < nk * d; idx += blockDim.x) {
@@ -826,6 +846,11 @@ extern "C" __global__ void __launch_bounds__(256)
                     const uint32_t j = idx / dv, i = idx % dv;
                     vs[j * dv + i] = __ldg(v_cache + ((kb + j) % capacity) * vv_row + (size_t)g * dv + i);
                 }
+            }
+            if (hb == 0 && kb == k0 && active) {
+#pragma unroll
+                for (int c = 0; c < ATT_MAX_VC; ++c)
+                    if (lane + 32 * c < d) qs[w * d + lane + 32 * c] = q_first[c];
             }
             __syncthreads();
             if (!active) continue;
