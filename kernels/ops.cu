@@ -254,9 +254,35 @@ __device__ void combine_norm_regs(float* __restrict__ x, const float* __restrict
         wv[u] = i < h ? nw[i] : 0.f;
         acc[u] = 0.f;
     }
-    __syncthreads();
     const float* yt = y + (size_t)t * k * h;
-    for (uint32_t j0 = 0; j0 < k; j0 += JC) {
+    if (k <= JC) {
+        // All k rows at once, in slot order (not waiting for the sort), then summed in expert
+        // order by selecting among the registers.
+        float yv[JC][V];
+#pragma unroll
+        for (int jj = 0; jj < JC; ++jj)
+#pragma unroll
+            for (int u = 0; u < V; ++u) {
+                const uint32_t i = threadIdx.x + u * bd;
+                yv[jj][u] = jj < k && i < h ? yt[(size_t)jj * h + i] : 0.f;
+            }
+        __syncthreads();
+#pragma unroll
+        for (int jj = 0; jj < JC; ++jj) {
+            if (jj >= k) break;
+            const int src = order[jj];
+#pragma unroll
+            for (int u = 0; u < V; ++u) {
+                float v = yv[0][u];
+#pragma unroll
+                for (int q = 1; q < JC; ++q) v = src == q ? yv[q][u] : v;
+                acc[u] += v;
+            }
+        }
+    } else {
+        __syncthreads();
+    }
+    for (uint32_t j0 = 0; k > JC && j0 < k; j0 += JC) {
         float yv[JC][V];
 #pragma unroll
         for (int jj = 0; jj < JC; ++jj)
@@ -767,6 +793,36 @@ __device__ __forceinline__ float att_finish(float m, float l, float sink) {
 // merges the S partials and the sink (counters: the first MAX_TOKENS · nkv words of scratch,
 // zero before the first launch, reset by each merge).
 // grid (S, nkv, T), block 32 · W, dynamic shared memory att_smem_floats(d, dv, W) floats.
+// The value part of a head's merge (one warp): out[c] = Σ_i part_i[c] · factor[i] / den over the
+// A splits, lane l holding dims l, l + 32, ... (VC of them), L splits' loads issued per batch
+// (the same fma order per dim as one split at a time).
+template <int VC, int L>
+__device__ __forceinline__ void att_merge_values(const float* part, const float* factor, uint32_t A,
+                                                 uint32_t dv, float den, float* out) {
+    const uint32_t lane = threadIdx.x & 31;
+    float a[VC];
+#pragma unroll
+    for (int c = 0; c < VC; ++c) a[c] = 0.f;
+    for (uint32_t i0 = 0; i0 < A; i0 += L) {
+        float pv[L][VC];
+#pragma unroll
+        for (int u = 0; u < L; ++u)
+#pragma unroll
+            for (int c = 0; c < VC; ++c) {
+                const uint32_t i = i0 + u, dim = lane + 32 * c;
+                pv[u][c] = i < A && dim < dv ? __ldcg(part + i * (dv + 2) + 2 + dim) : 0.f;
+            }
+#pragma unroll
+        for (int u = 0; u < L; ++u)
+            if (i0 + u < A)
+#pragma unroll
+                for (int c = 0; c < VC; ++c) a[c] = fmaf(pv[u][c], factor[i0 + u], a[c]);
+    }
+#pragma unroll
+    for (int c = 0; c < VC; ++c)
+        if (lane + 32 * c < dv) out[lane + 32 * c] = den > 0.f ? a[c] / den : 0.f;
+}
+
 extern "C" __global__ void __launch_bounds__(256)
     attention_gqa(const float* q, const float* k_cache, const float* v_cache,
                   const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv, uint32_t d,
@@ -933,11 +989,12 @@ extern "C" __global__ void __launch_bounds__(256)
         }
         const float den = warp_sum(den_part) + (sink == -INFINITY ? 0.f : expf(sink - mx));
         __syncwarp();
-        for (uint32_t c = lane; c < dv; c += 32) {
-            float a = 0.f;
-#pragma unroll 8
-            for (uint32_t i = 0; i < A; ++i) a = fmaf(__ldcg(part + i * (dv + 2) + 2 + c), factor[w][i], a);
-            out[((size_t)t * nh + h) * dv + c] = den > 0.f ? a / den : 0.f;
+        if (dv <= 64) {
+            att_merge_values<2, 16>(part, factor[w], A, dv, den, out + ((size_t)t * nh + h) * dv);
+        } else if (dv <= 128) {
+            att_merge_values<4, 8>(part, factor[w], A, dv, den, out + ((size_t)t * nh + h) * dv);
+        } else {
+            att_merge_values<ATT_MAX_VC, 4>(part, factor[w], A, dv, den, out + ((size_t)t * nh + h) * dv);
         }
         __syncwarp();
     }
