@@ -8,6 +8,10 @@
 //! head_dim`, RoPE types other than default / YaRN, activations other than SiLU) are refused
 //! rather than ignored.
 //!
+//! The block size (`block_size`, DFlash lookup) must lie in `2..=16`; a config without one gets
+//! [`DEFAULT_BLOCK_SIZE`] (8). It is the speculative decoder's default block size; a caller may
+//! run any other size in `2..=16` (`ultra generate --block-size`).
+//!
 //! # Per-layer attention (research/dflash.md §2.4, vLLM's `_resolve_layer_attention`)
 //! * layer types: `layer_types`, else transformers' `Qwen3Config` rule (`use_sliding_window` +
 //!   `sliding_window`: sliding from `max_window_layers` on), else all full attention;
@@ -39,6 +43,9 @@ use serde_json::Value;
 pub const MIN_BLOCK_SIZE: usize = 2;
 /// Largest supported block size.
 pub const MAX_BLOCK_SIZE: usize = 16;
+/// The block size of a drafter whose config gives none (`block_size` absent both in
+/// `dflash_config` and at the top level): 8, MiMo's and vLLM's `num_speculative_tokens: 7`.
+pub const DEFAULT_BLOCK_SIZE: usize = 8;
 
 /// Sanity limit on dimensions (as the model crate's `MAX_DIM`).
 const MAX_DIM: usize = model::config::MAX_DIM;
@@ -82,7 +89,8 @@ pub struct DrafterConfig {
     pub target_layer_ids: Vec<usize>,
     /// The token id of the block's mask slots.
     pub mask_token_id: u32,
-    /// The block size the drafter was trained with (the default block size).
+    /// The block size the drafter was trained with (the default block size of a speculative
+    /// decoder); [`DEFAULT_BLOCK_SIZE`] when the config gives none.
     pub block_size: usize,
     /// `vocab_size`, if the config gives one (must equal the target's).
     pub vocab_size: Option<usize>,
@@ -301,8 +309,12 @@ fn parse(top: &Obj<'_>, dcfg: Option<&Obj<'_>>) -> Result<DrafterConfig, ConfigE
     let mask_token_id = o
         .token_id("mask_token_id")?
         .ok_or_else(|| o.missing("mask_token_id"))?;
-    let (o, _) = lookup("block_size");
-    let block_size = o.dim("block_size", MAX_DIM)?;
+    let (o, present) = lookup("block_size");
+    let block_size = if present {
+        o.dim("block_size", MAX_DIM)?
+    } else {
+        DEFAULT_BLOCK_SIZE
+    };
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(o.invalid(
             "block_size",

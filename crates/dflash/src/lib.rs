@@ -84,7 +84,7 @@ pub mod toy;
 pub use accept::{
     accept_greedy, accept_sampled, Acceptance, Dist, UniformSource, DEFAULT_PROB_TOLERANCE,
 };
-pub use config::{DraftAttn, DrafterConfig, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use config::{DraftAttn, DrafterConfig, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use decode::{
     run_speculative, speculative_generate, CpuBackend, Round, Rows, SpecBackend, SpecDecoder,
     SpecError, SpecOptions, SpecOutput, Want,

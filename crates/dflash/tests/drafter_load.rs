@@ -141,6 +141,12 @@ fn dflash_fields_and_rope() {
     assert_eq!(parse(&v).unwrap_err().field(), "mask_token_id");
     let v = with(v, &["mask_token_id"], json!(9));
     assert_eq!(parse(&v).unwrap().mask_token_id, 9);
+    // No block size anywhere: the default, 8.
+    let mut v = with(base(), &["block_size"], json!(4));
+    assert_eq!(parse(&v).unwrap().block_size, 4);
+    v.as_object_mut().unwrap().remove("block_size");
+    assert_eq!(parse(&v).unwrap().block_size, dflash::DEFAULT_BLOCK_SIZE);
+    assert_eq!(dflash::DEFAULT_BLOCK_SIZE, 8);
 
     // Fallback target layers (z-lab's build_target_layer_ids).
     assert_eq!(build_target_layer_ids(36, 5), [1, 9, 17, 25, 33]);
@@ -442,10 +448,6 @@ fn fixture_drafters_load_and_fit_their_targets() {
         ("mimo-dflash", "mimo-v2-flash/native"),
     ] {
         let dir = root.join(name);
-        if !dir.join("config.json").is_file() {
-            eprintln!("skipping {name}: fixtures/drafters/{name} is not there");
-            continue;
-        }
         let m = load_target(target);
         let d = Drafter::load(&dir, m.config()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(d.config().hidden_size, m.config().hidden_size);
@@ -546,5 +548,190 @@ fn mask_embedding_pt_is_read() {
         Drafter::load(&dir, m.config()).unwrap().weights(),
         want.weights()
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The `config.json` of `XiaomiMiMo/MiMo-V2.5-Pro-FP4-DFlash` (`dflash/config.json`), field for
+/// field as research/dflash.md §6.3 lists it.
+fn mimo_v25_pro_config() -> Value {
+    json!({
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+        "hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 5,
+        "num_attention_heads": 128, "num_key_value_heads": 8, "head_dim": 128, "v_head_dim": 128,
+        "partial_rotary_factor": 0.5, "rope_theta": 10000, "max_position_embeddings": 262144,
+        "block_size": 8, "sliding_window": 1024,
+        "dflash_config": {
+            "target_layer_ids": [0, 15, 31, 47, 69], "mask_token_id": 151669,
+            "num_anchors": 4096, "block_size": 8, "loss_decay_gamma": 7.0, "use_swa": true,
+            "swa_window_size": 1024, "backbone_rotary_base": 5000000,
+            "attention_value_scale": 0.612, "attention_sink_bias": true
+        },
+        "num_target_layers": 70, "vocab_size": 152064, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", "attention_bias": false, "tie_word_embeddings": false,
+        "bos_token_id": 151643, "eos_token_id": 151645
+    })
+}
+
+/// The `config.json` of z-lab's Qwen3-8B drafter (`z-lab/Qwen3-8B-DFlash-b16`, as SpecForge's
+/// `configs/qwen3-8b-dflash.json`), field for field as research/dflash.md §6.1 lists it.
+fn zlab_qwen3_8b_config() -> Value {
+    json!({
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+        "block_size": 16,
+        "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33]},
+        "num_target_layers": 36,
+        "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 5,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "rope_theta": 1000000, "rope_scaling": null, "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": false,
+        "attention_dropout": 0.0,
+        "layer_types": ["full_attention", "full_attention", "full_attention", "full_attention",
+                        "full_attention"],
+        "sliding_window": null, "use_sliding_window": false, "max_window_layers": 36,
+        "tie_word_embeddings": false, "vocab_size": 151936, "torch_dtype": "bfloat16"
+    })
+}
+
+/// The published configs normalize to what their models mean (MiMo: every layer sliding 1024
+/// and non-causal, sinks, value scale 0.612, 64 of 128 dims rotary with θ 10⁴, block 8; z-lab:
+/// full bidirectional layers, block 16), fit targets of the published dimensions, and each
+/// dimension the drafter borrows or reads from the target is refused with its field named when
+/// the target differs.
+#[test]
+fn published_configs_parse_and_check_against_their_targets() {
+    let c = parse(&mimo_v25_pro_config()).unwrap();
+    let swa = DraftAttn {
+        window: Some(1024),
+        causal: false,
+    };
+    assert_eq!(c.layers, [swa; 5]);
+    assert!(c.sinks);
+    assert_eq!(c.value_scale, 0.612);
+    assert_eq!((c.rope.theta, c.rope.rotary_dim), (1e4, 64));
+    assert!(c.rope.yarn.is_none());
+    assert_eq!(c.backbone_rotary_base, Some(5e6));
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim
+        ),
+        (6144, 16384, 128, 8, 128)
+    );
+    assert_eq!(c.rms_norm_eps, 1e-5);
+    assert_eq!(c.target_layer_ids, [0, 15, 31, 47, 69]);
+    assert_eq!((c.mask_token_id, c.block_size), (151669, 8));
+    assert_eq!(
+        (c.vocab_size, c.num_target_layers),
+        (Some(152064), Some(70))
+    );
+    // MiMo-V2.5-Pro: hidden 6144, 70 layers, vocabulary 152064; fc takes 5 × 6144 features.
+    let fc = 5 * 6144;
+    assert_eq!(c.check_target_dims(fc, 152064, 6144, 70), Ok(()));
+    let field = |r: Result<(), DrafterError>| match r {
+        Err(DrafterError::TargetMismatch { field, reason }) => {
+            assert!(!reason.is_empty());
+            field
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    };
+    // The non-Pro MiMo-V2.5 (hidden 4096, 48 layers, vocabulary 152576).
+    assert_eq!(
+        field(c.check_target_dims(fc, 152064, 4096, 70)),
+        "hidden_size"
+    );
+    assert_eq!(
+        field(c.check_target_dims(fc, 152576, 6144, 70)),
+        "vocab_size"
+    );
+    assert_eq!(
+        field(c.check_target_dims(fc, 152064, 6144, 48)),
+        "target_layer_ids[4]"
+    );
+    assert_eq!(
+        field(c.check_target_dims(fc, 152064, 6144, 72)),
+        "num_target_layers"
+    );
+    assert_eq!(
+        field(c.check_target_dims(4 * 6144, 152064, 6144, 70)),
+        "fc.weight"
+    );
+
+    let c = parse(&zlab_qwen3_8b_config()).unwrap();
+    let full = DraftAttn {
+        window: None,
+        causal: false,
+    };
+    assert_eq!(c.layers, [full; 5]);
+    assert!(!c.sinks);
+    assert_eq!(c.value_scale, 1.0);
+    assert_eq!((c.rope.theta, c.rope.rotary_dim), (1e6, 128));
+    assert_eq!(c.target_layer_ids, [1, 9, 17, 25, 33]);
+    assert_eq!(
+        c.target_layer_ids,
+        build_target_layer_ids(36, 5),
+        "z-lab's fallback formula gives the same layers"
+    );
+    assert_eq!((c.mask_token_id, c.block_size), (151669, 16));
+    // Qwen3-8B: hidden 4096, 36 layers, vocabulary 151936.
+    assert_eq!(c.check_target_dims(5 * 4096, 151936, 4096, 36), Ok(()));
+    assert_eq!(
+        field(c.check_target_dims(5 * 4096, 151936, 4096, 28)),
+        "target_layer_ids[4]"
+    );
+    // Another vocabulary.
+    assert_eq!(
+        field(c.check_target_dims(5 * 4096, 152064, 4096, 36)),
+        "vocab_size"
+    );
+}
+
+/// A drafter directory laid out as Xiaomi ships it (`dflash/`: `config.json`, `dflash.py`,
+/// `dflash_draft_model.safetensors`, `model.safetensors.index.json` pointing at it,
+/// `mask_embedding.pt`) loads as the same drafter as the fixture's safetensors copy.
+#[test]
+fn mimo_checkpoint_layout_loads() {
+    let m = load_target("mimo-v2-flash/native");
+    let src = fixtures_root().join("drafters/mimo-dflash");
+    let want = Drafter::load(&src, m.config()).unwrap();
+    let dir = scratch_dir("mimo-layout");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut w = want.weights().clone();
+    w.mask_embedding = None; // the mask embedding comes from the .pt file only
+    write_drafter(&dir, &cfg, &w, "", "dflash_draft_model.safetensors");
+    let names = safetensors::SafeTensors::deserialize(
+        &std::fs::read(dir.join("dflash_draft_model.safetensors")).unwrap(),
+    )
+    .unwrap()
+    .names()
+    .into_iter()
+    .map(|n| (n.to_string(), json!("dflash_draft_model.safetensors")))
+    .collect::<serde_json::Map<_, _>>();
+    assert!(names.contains_key("layers.1.self_attn.attention_sink_bias"));
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        json!({"metadata": {"total_size": 0}, "weight_map": names}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("dflash.py"), "# reference code, not read\n").unwrap();
+    std::fs::copy(
+        fixtures_root().join("drafters/torch-pt/mask_embedding.pt"),
+        dir.join("mask_embedding.pt"),
+    )
+    .unwrap();
+    let got = Drafter::load(&dir, m.config()).unwrap();
+    assert_eq!(got.config(), want.config());
+    assert_eq!(got.weights(), want.weights());
+    // Without the mask embedding the mask slots would use the vocabulary row: a different
+    // drafter.
+    std::fs::remove_file(dir.join("mask_embedding.pt")).unwrap();
+    let plain = Drafter::load(&dir, m.config()).unwrap();
+    assert!(plain.weights().mask_embedding.is_none());
+    assert_ne!(plain.weights(), want.weights());
     std::fs::remove_dir_all(&dir).unwrap();
 }

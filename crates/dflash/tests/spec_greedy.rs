@@ -1,12 +1,13 @@
 //! Speculative GREEDY decoding is token-for-token identical to plain greedy decoding.
 //!
-//! Every target fixture (gpt-oss bf16 and MXFP4, Qwen3-MoE, MiMo-V2-Flash), block sizes 2, 4, 8
-//! and 16, 24 generated tokens, with a random in-memory drafter (the shapes rotate over the
-//! targets: z-lab full attention, z-lab mixed sliding/full with YaRN, MiMo all-SWA with sinks
-//! and a mask embedding) and with the fixture drafters under `fixtures/drafters/` that fit. An untrained drafter
-//! is rejected almost every round; the tiny-vocabulary targets below accept often, so runs of
-//! several accepted drafts, full-block acceptance and the shrinking last block are exercised
-//! too. Exact equality is the requirement (the verify rows are bit-identical to decode steps).
+//! Every target fixture (gpt-oss bf16 and MXFP4, Qwen3-MoE, MiMo-V2-Flash, and their Hub-config /
+//! sharded variants), block sizes 2, 4, 8 and 16, 24 generated tokens, with a random in-memory
+//! drafter (the shapes rotate over the targets: z-lab full attention, z-lab mixed sliding/full
+//! with YaRN, MiMo all-SWA with sinks and a mask embedding) and with the fixture drafters under
+//! `fixtures/drafters/` that fit. An untrained drafter is rejected almost every round; the
+//! tiny-vocabulary targets below accept often, so runs of several accepted drafts, full-block
+//! acceptance and the shrinking last block are exercised too. Exact equality is the requirement
+//! (the verify rows are bit-identical to decode steps).
 
 mod common;
 
@@ -55,8 +56,8 @@ fn fixture_drafters(target: &model::cpu::CpuModel) -> Vec<(String, Drafter)> {
 }
 
 /// Plain greedy vs speculative greedy on one fixture target: a random drafter of `kind` and every
-/// fixture drafter that fits the target, block sizes 2, 4, 8, 16, 24 tokens.
-fn check_fixture(rel: &str, kind: ToyKind) {
+/// fixture drafter that fits the target, block sizes `blocks`, 24 tokens.
+fn check_fixture(rel: &str, kind: ToyKind, blocks: &[usize]) {
     let m = load_target(rel);
     let prompt = fixture_prompt(rel);
     let params = greedy(24, true);
@@ -68,7 +69,7 @@ fn check_fixture(rel: &str, kind: ToyKind) {
     )];
     drafters.extend(fixture_drafters(&m));
     for (name, d) in &drafters {
-        for b in BLOCKS {
+        for &b in blocks {
             let spec = SpecDecoder::new(&m, d.clone(), Some(b)).unwrap();
             let mut streamed = Vec::new();
             let out = spec
@@ -93,22 +94,42 @@ fn check_fixture(rel: &str, kind: ToyKind) {
 
 #[test]
 fn greedy_identity_gpt_oss_bf16() {
-    check_fixture("gpt-oss/bf16", ToyKind::ZLabMixed);
+    check_fixture("gpt-oss/bf16", ToyKind::ZLabMixed, &BLOCKS);
 }
 
 #[test]
 fn greedy_identity_gpt_oss_mxfp4() {
-    check_fixture("gpt-oss/mxfp4", ToyKind::MiMo);
+    check_fixture("gpt-oss/mxfp4", ToyKind::MiMo, &BLOCKS);
 }
 
 #[test]
 fn greedy_identity_qwen3_moe() {
-    check_fixture("qwen3-moe/native", ToyKind::ZLab);
+    check_fixture("qwen3-moe/native", ToyKind::ZLab, &BLOCKS);
 }
 
 #[test]
 fn greedy_identity_mimo_v2_flash() {
-    check_fixture("mimo-v2-flash/native", ToyKind::MiMo);
+    check_fixture("mimo-v2-flash/native", ToyKind::MiMo, &BLOCKS);
+}
+
+/// The other checkpoint layouts of the same models (Hub-spelling configs, sharded weights): the
+/// fixture drafters fit them too, and speculative greedy equals plain greedy (block sizes 3 and
+/// 16; the weights are those of the fixtures above).
+#[test]
+fn greedy_identity_checkpoint_variants() {
+    for (rel, kind) in [
+        ("gpt-oss/bf16-hub", ToyKind::ZLab),
+        ("qwen3-moe/hub", ToyKind::MiMo),
+        ("qwen3-moe/sharded", ToyKind::ZLabMixed),
+        ("mimo-v2-flash/hub", ToyKind::ZLab),
+    ] {
+        let m = load_target(rel);
+        assert!(
+            !fixture_drafters(&m).is_empty(),
+            "{rel}: no fixture drafter fits"
+        );
+        check_fixture(rel, kind, &[3, 16]);
+    }
 }
 
 #[test]

@@ -21,6 +21,60 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The statistics `ultra generate` prints after a speculative run, parsed from its stderr.
+#[derive(Debug)]
+struct SpecLine {
+    generated: u64,
+    block: usize,
+    rounds: u64,
+    tau: f64,
+    /// Per draft position: the conditional acceptance rate, `None` where never examined.
+    per_position: Vec<Option<f64>>,
+    /// Rounds by accepted drafts.
+    histogram: Vec<u64>,
+}
+
+fn between<'a>(s: &'a str, before: &str, after: &str) -> &'a str {
+    let i = s
+        .find(before)
+        .unwrap_or_else(|| panic!("{before:?} not in {s:?}"))
+        + before.len();
+    let n = s[i..]
+        .find(after)
+        .unwrap_or_else(|| panic!("{after:?} not in {s:?}"));
+    &s[i..i + n]
+}
+
+fn spec_line(err: &str) -> SpecLine {
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("speculative: "))
+        .unwrap_or_else(|| panic!("no statistics line in {err}"));
+    let list = |inner: &str| -> Vec<String> {
+        inner
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect()
+    };
+    SpecLine {
+        generated: between(err, "generated ", " tokens").parse().unwrap(),
+        block: between(line, "block ", ",").parse().unwrap(),
+        rounds: between(line, ", ", " rounds").parse().unwrap(),
+        tau: between(line, "tau ", " (counting the bonus)")
+            .parse()
+            .unwrap(),
+        per_position: list(between(line, "per-position acceptance [", "]"))
+            .iter()
+            .map(|x| (x != "-").then(|| x.parse().unwrap()))
+            .collect(),
+        histogram: list(between(line, "histogram [", "]"))
+            .iter()
+            .map(|x| x.parse().unwrap())
+            .collect(),
+    }
+}
+
 #[test]
 fn generate_uses_the_default_model_and_drafter() {
     let cache = scratch("generate");
@@ -30,6 +84,7 @@ fn generate_uses_the_default_model_and_drafter() {
             "generate",
             "--max-tokens",
             "24",
+            "--ignore-eos",
             "--threads",
             "2",
             "def fibonacci(n):",
@@ -38,10 +93,42 @@ fn generate_uses_the_default_model_and_drafter() {
     let err = text(&spec.stderr);
     assert!(spec.status.success(), "{err}");
     assert!(err.contains("ultra-tiny-code"), "{err}");
-    assert!(err.contains("speculative: block 8"), "{err}");
-    assert!(err.contains("acceptance length tau"), "{err}");
     assert!(err.contains("tok/s"), "{err}");
     assert!(!text(&spec.stdout).trim().is_empty());
+    // The statistics describe this run: every round is in the histogram, τ is the mean of
+    // (accepted + 1) over the rounds, and the tokens of all rounds plus the prefill's first one
+    // are the generated tokens (EOS ignored, so the last block shrinks to end at max_tokens).
+    let st = spec_line(&err);
+    assert_eq!(st.block, 8, "{err}");
+    assert_eq!(st.generated, 24, "{err}");
+    assert!(st.rounds > 0 && st.histogram.len() <= st.block, "{st:?}");
+    assert_eq!(st.histogram.iter().sum::<u64>(), st.rounds, "{st:?}");
+    let emitted: u64 = st
+        .histogram
+        .iter()
+        .enumerate()
+        .map(|(a, &n)| (a as u64 + 1) * n)
+        .sum();
+    assert_eq!(1 + emitted, st.generated, "{st:?}");
+    let tau = emitted as f64 / st.rounds as f64;
+    assert!((st.tau - tau).abs() <= 0.005, "{st:?}: tau {tau}");
+    assert!((1.0..=st.block as f64).contains(&st.tau), "{st:?}");
+    // Per position: B − 1 entries, rates in [0, 1]; position 0 accepted in the rounds with
+    // a ≥ 1 out of those that drafted at all (all rounds, or all but a last one-token round).
+    assert_eq!(st.per_position.len(), st.block - 1, "{st:?}");
+    assert!(st
+        .per_position
+        .iter()
+        .flatten()
+        .all(|r| (0.0..=1.0).contains(r)));
+    let first = st.per_position[0].expect("position 0 examined");
+    let with_accept = (st.rounds - st.histogram[0]) as f64;
+    assert!(
+        [st.rounds, st.rounds - 1]
+            .iter()
+            .any(|&n| n > 0 && (first - with_accept / n as f64).abs() <= 0.005),
+        "{st:?}"
+    );
 
     let plain = ultra(
         &cache,
@@ -49,6 +136,7 @@ fn generate_uses_the_default_model_and_drafter() {
             "generate",
             "--max-tokens",
             "24",
+            "--ignore-eos",
             "--no-draft",
             "--threads",
             "2",
@@ -106,5 +194,48 @@ fn bench_spec_and_bad_arguments() {
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("cannot be used with"));
     assert!(!text(&bad.stderr).contains("panicked"));
+    // Block sizes outside 2..=16.
+    for b in ["1", "17"] {
+        let bad = ultra(&cache, &["generate", "--block-size", b, "x"]);
+        let err = text(&bad.stderr);
+        assert!(!bad.status.success());
+        assert!(
+            err.contains(&format!("block size {b} is outside 2..=16")),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // A drafter for another target: refused at load, naming the drafter and the field.
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let other = fixtures.join("drafters/qwen3-moe-dflash");
+    let bad = ultra(
+        &cache,
+        &[
+            "generate",
+            "--model",
+            fixtures.join("gpt-oss/bf16").to_str().unwrap(),
+            "--draft",
+            other.to_str().unwrap(),
+            "--token-ids",
+            "5,6,7",
+        ],
+    );
+    let err = text(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(err.contains("loading drafter"), "{err}");
+    assert!(
+        err.contains("drafter `hidden_size` does not match the target"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // A drafter directory without a drafter.
+    let bad = ultra(
+        &cache,
+        &["generate", "--draft", cache.to_str().unwrap(), "x"],
+    );
+    let err = text(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(err.contains("config.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&cache);
 }
