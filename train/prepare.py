@@ -434,7 +434,8 @@ def cmd_tokenizer(args) -> None:
     log(f"tokenizer done in {time.time() - t0:.0f}s, vocab {tok.get_vocab_size()}")
 
 
-def encode_docs(tok, docs: list[str], eos: int):
+def encode_docs(tok, docs: list[str], eos: int, concat: bool = True):
+    """Each document as [eos] + its ids (uint16): one array, or the list of per-document arrays."""
     import numpy as np
 
     out = []
@@ -442,6 +443,8 @@ def encode_docs(tok, docs: list[str], eos: int):
     for i in range(0, len(docs), B):
         for e in tok.encode_batch(docs[i: i + B], add_special_tokens=False):
             out.append(np.asarray([eos] + e.ids, dtype=np.uint16))
+    if not concat:
+        return out
     return np.concatenate(out) if out else np.zeros(0, np.uint16)
 
 
@@ -462,10 +465,16 @@ def cmd_tokenize(args) -> None:
         stats[name] = {"docs": len(docs), "bytes": sum(len(t.encode()) for t in docs)}
         train_docs += [(name, t) for t in docs]
     rng.shuffle(train_docs)  # one stream, documents in a seeded random order
-    arr = encode_docs(tok, [t for _, t in train_docs], 0)
+    parts = encode_docs(tok, [t for _, t in train_docs], 0, concat=False)
+    arr = np.concatenate(parts)
     arr.tofile(out / "train.u16")
     stats["train_tokens"] = int(arr.size)
     stats["train_sha256"] = hashlib.sha256(arr.tobytes()).hexdigest()
+    # the same documents, one stream per domain (the drafter's self-distillation prompts by domain)
+    for name in ("code_train", "prose_train", "math_train"):
+        a = np.concatenate([x for (n, _), x in zip(train_docs, parts) if n == name])
+        a.tofile(out / f"{name}.u16")
+        stats[name]["tokens"] = int(a.size)
     for name in ("code_heldout", "prose_heldout"):
         docs = [d["text"] for d in read_jsonl(corpus / f"{name}.jsonl")]
         a = encode_docs(tok, docs, 0)
