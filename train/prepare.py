@@ -4,8 +4,10 @@
     python train/prepare.py corpus      # scan local Python sources + docs -> build/corpus/*.jsonl + manifest
     python train/prepare.py evalsets    # committed eval sets train/eval/{code,math,prose}.jsonl
     python train/prepare.py tokenizer   # byte-level BPE (HF `tokenizers`) -> train/tokenizer/tokenizer.json
-    python train/prepare.py tokenize    # build/tokens/{train,heldout}.u16 (+ .json stats)
-    python train/prepare.py bundle DIR  # what a GPU run needs: scripts, tokenizer, eval sets, tokens (xz)
+    python train/prepare.py tokenize    # build/tokens/{train,code_heldout,prose_heldout}.u16, the training
+                                        # stream by domain {code,prose,math}_train.u16 (+ stats.json)
+    python train/prepare.py bundle DIR  # what a GPU run needs: scripts, tokenizer, eval sets, tokens (xz);
+                                        # --tokens code_train,prose_train,math_train for the drafter's --mix
     python train/prepare.py all         # the first four in order
 
 Everything is deterministic: file lists are sorted, the train / held-out split is by a hash of the file's
@@ -502,7 +504,7 @@ def cmd_bundle(args) -> None:
     tok_out.mkdir(parents=True)
     src = BUILD / "tokens"
     shutil.copy2(src / "stats.json", tok_out / "stats.json")
-    for name in ("train", "code_heldout", "prose_heldout"):
+    for name in args.tokens.split(","):
         raw = (src / f"{name}.u16").read_bytes()
         (tok_out / f"{name}.u16.xz").write_bytes(lzma.compress(raw, preset=6))
     total = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
@@ -527,6 +529,8 @@ def main() -> int:
     sub.add_parser("tokenize")
     b = sub.add_parser("bundle")
     b.add_argument("dir")
+    b.add_argument("--tokens", default="train,code_heldout,prose_heldout",
+                   help="token files to pack (the drafter's --mix needs code_train,prose_train,math_train)")
     a = sub.add_parser("all")
     for p in (a,):
         p.add_argument("--code-root", action="append")
