@@ -202,7 +202,9 @@ impl Runner {
                     let next = plain.decode_greedy(*tokens.last().expect("one token"))?;
                     tokens.push(next);
                 }
-                Ok((tokens.clone(), tokens.len() - 1, t0.elapsed().as_secs_f64()))
+                let s = t0.elapsed().as_secs_f64();
+                let n = tokens.len() - 1;
+                Ok((tokens, n, s))
             }
         }
     }
