@@ -6,9 +6,10 @@
 
 Recipe (shared/research/dflash.md §4, SpecForge's DFlash trainer):
 1. self-distillation data: prompts = random windows of the training stream (lengths 16..256 tokens, each
-   after an <|endoftext|>), continued greedily by the target (the MXFP4 checkpoint, dequantized exactly) to
-   512 tokens; the generated part is what the drafter learns (it is the target's own greedy output, which is
-   what speculative decoding must predict);
+   after an <|endoftext|>), or with --mix of the per-domain training streams (`prepare.py tokenize` writes
+   code_train / prose_train / math_train.u16) in given shares, continued greedily by the target (the MXFP4
+   checkpoint, dequantized exactly) to --seq tokens; the generated part is what the drafter learns (it is
+   the target's own greedy output, which is what speculative decoding must predict);
 2. target context features: the residual stream after target layers `target_layer_ids` (pre-final-norm for
    the last layer), concatenated per position, computed once for the whole set;
 3. random anchors (64 per sequence) in the generated part; each anchor a gives a block
@@ -20,6 +21,11 @@ Recipe (shared/research/dflash.md §4, SpecForge's DFlash trainer):
 Drafter (z-lab DFlash-1, Qwen3 layers): fc [H, K*H] -> hidden_norm -> every layer's k_proj / v_proj (+k_norm,
 +RoPE at the context positions) prepended to the block's K/V; no embedding / LM head of its own (the target's).
 All layers sliding-window (`layer_types: sliding_attention`, causal), no attention bias.
+
+Evaluation (held-out self-distillation sequences, every k-th, by domain): the mean acceptance length of
+random blocks (`tau`) and the acceptance length of the greedy speculative loop (`loop_tau`: anchor at the
+first generated position, accept the leading matches + the bonus token, anchor again after them; what
+`ultra bench-spec` measures, which weights hard stretches more than random blocks do).
 
 Resume: OUT/selfdistill.pt (data + features are recomputed from it), OUT/state.pt (model, optimizer, step).
 """
@@ -242,14 +248,15 @@ def greedy_generate(t: GptOss, prompts: torch.Tensor, total: int, dev) -> torch.
 
 @torch.no_grad()
 def target_features(t: GptOss, seqs: torch.Tensor, layer_ids: list[int], dev, batch: int = 64) -> torch.Tensor:
-    """[N, S] -> [N, S, K*H] bf16 (the residual stream after each target layer, concatenated)."""
-    outs = []
-    for i in range(0, seqs.shape[0], batch):
+    """[N, S] -> [N, S, K*H] bf16 on `dev` (the residual stream after each target layer, concatenated)."""
+    N, S = seqs.shape
+    out = torch.empty(N, S, len(layer_ids) * t.c.hidden_size, dtype=torch.bfloat16, device=dev)
+    for i in range(0, N, batch):
         x = seqs[i: i + batch].to(dev)
         with common.autocast(dev):
             hs = t(x, capture=tuple(layer_ids))["hidden"]
-        outs.append(torch.cat([hs[j] for j in layer_ids], -1).to(torch.bfloat16))
-    return torch.cat(outs)
+        out[i: i + batch] = torch.cat([hs[j] for j in layer_ids], -1).to(torch.bfloat16)
+    return out
 
 
 def make_prompts(tokens, n: int, plen: int, seed: int):
@@ -305,6 +312,39 @@ def block_loss(d: Drafter, feats, ids, anchors, embed_w, gamma: float):
 
 
 @torch.no_grad()
+def loop_tau(d, feats, seqs, plen, embed_w, dev, batch: int = 16) -> tuple[list[int], list[int]]:
+    """The greedy speculative loop on each sequence's continuation (the target's greedy output): the first
+    block is anchored at the first generated position; a block accepts its leading draft matches plus the
+    bonus token and the next block is anchored after them, up to the last full block. Returns the tokens
+    and rounds of each sequence."""
+    d.eval()
+    Bk = d.c.block_size
+    S = seqs.shape[1]
+    toks, rounds = [], []
+    for i in range(0, seqs.shape[0], batch):
+        s, f, p = seqs[i: i + batch].to(dev), feats[i: i + batch].to(dev), plen[i: i + batch].tolist()
+        a0 = min(p)
+        anc = torch.arange(a0, S - Bk + 1, device=dev)[None].expand(s.shape[0], -1).contiguous()
+        with common.autocast(dev):
+            hs = d(f, s, anc, embed_w)[:, :, 1:]
+            pred = F.linear(hs, embed_w.to(hs.dtype)).argmax(-1)
+        lab_pos = anc[:, :, None] + torch.arange(1, Bk, device=dev)
+        labels = s.gather(1, lab_pos.view(s.shape[0], -1)).view(lab_pos.shape)
+        m = (pred == labels).long().cumprod(-1).sum(-1).cpu()
+        for r, a in enumerate(p):
+            n_tok = n_round = 0
+            while a <= S - Bk:
+                k = int(m[r, a - a0])
+                a += k + 1
+                n_tok += k + 1
+                n_round += 1
+            toks.append(n_tok)
+            rounds.append(n_round)
+    d.train()
+    return toks, rounds
+
+
+@torch.no_grad()
 def estimate_tau(d, feats, seqs, plen, embed_w, dev, A: int = 64, seed: int = 99, end=None) -> dict:
     """Mean acceptance length over random blocks of held-out greedy continuations (the sequences are the
     target's own greedy output, so a draft token is accepted iff it equals the next sequence token)."""
@@ -332,6 +372,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, help="exported target dir (config.json + model.safetensors)")
     ap.add_argument("--data", default=str(common.HERE / "build/tokens/train.u16"))
+    ap.add_argument("--mix", help="prompts by domain instead of --data: NAME:SHARE,... from DATA_DIR/NAME_train.u16 "
+                                  "(e.g. code:0.5,prose:0.25,math:0.25)")
+    ap.add_argument("--data-dir", default=str(common.HERE / "build/tokens"))
     ap.add_argument("--eval-dir", default=str(common.HERE / "eval"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--export", help="write the z-lab drafter dir here at the end")
@@ -343,6 +386,7 @@ def main() -> int:
     ap.add_argument("--gen-budget", type=float, default=90.0, help="seconds: start no new prompt group after this")
     ap.add_argument("--eval-new-tokens", type=int, default=96)
     ap.add_argument("--eval-prompts", type=int, default=16, help="eval prompts per set for the tau estimate")
+    ap.add_argument("--feature-batch", type=int, default=64, help="sequences per target pass for the features")
     ap.add_argument("--holdout", type=int, default=256, help="self-distillation sequences kept out of training")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1.5e-3)
@@ -377,22 +421,31 @@ def main() -> int:
         sd = torch.load(sd_path, map_location="cpu", weights_only=False)
         log(f"self-distillation data: {sd['seqs'].shape} (cached)")
     else:
-        tokens = common.load_tokens(Path(args.data))
         plens = [int(x) for x in args.prompt_lens.split(",")]
-        seqs, plen = [], []
-        per = args.sequences // len(plens)
+        if args.mix:
+            mix = [(n, float(w)) for n, w in (x.split(":") for x in args.mix.split(","))]
+            wsum = sum(w for _, w in mix)
+            sources = [(n, common.load_tokens(Path(args.data_dir) / f"{n}_train.u16"),
+                        int(round(args.sequences * w / wsum))) for n, w in mix]
+        else:
+            sources = [("train", common.load_tokens(Path(args.data)), args.sequences)]
+        seqs, plen, dom = [], [], []
         t0 = time.time()
+        # prompt-length-major order, so a generation budget drops the longest prompts of every domain alike
         for j, P in enumerate(plens):
             if seqs and time.time() - t0 > args.gen_budget:
-                log(f"generation budget reached: {len(seqs)} groups")
+                log(f"generation budget reached before prompt length {P}")
                 break
-            pr = make_prompts(tokens, per, P, args.seed + j)
-            for i in range(0, per, args.gen_batch):
-                seqs.append(greedy_generate(t, pr[i: i + args.gen_batch].to(dev), args.seq, dev).cpu())
-                plen.append(torch.full((seqs[-1].shape[0],), P))
-        seqs, plen = torch.cat(seqs), torch.cat(plen)
+            for di, (name, tokens, count) in enumerate(sources):
+                per = count // len(plens)
+                pr = make_prompts(tokens, per, P, args.seed + j + 1000 * di)
+                for i in range(0, per, args.gen_batch):
+                    seqs.append(greedy_generate(t, pr[i: i + args.gen_batch].to(dev), args.seq, dev).cpu())
+                    plen.append(torch.full((seqs[-1].shape[0],), P))
+                    dom.append(torch.full((seqs[-1].shape[0],), di))
+        seqs, plen, dom = torch.cat(seqs), torch.cat(plen), torch.cat(dom)
         log(f"generated {seqs.shape[0]} x {args.seq} ({(seqs.shape[0] * args.seq - int(plen.sum())):,} new tokens) "
-            f"in {time.time() - t0:.0f}s")
+            f"in {time.time() - t0:.0f}s: " + ", ".join(f"{n} {int((dom == i).sum())}" for i, (n, _, _) in enumerate(sources)))
         ev = {}
         sets = eval_prompt_sets(tgt_dir, Path(args.eval_dir)) if args.eval_prompts > 0 else {}
         for name, prompts in sets.items():
@@ -404,19 +457,21 @@ def main() -> int:
                 pl.append(len(p))
                 ln.append(s.numel())
             ev[name] = {"seqs": torch.stack(ss), "plen": torch.tensor(pl), "len": torch.tensor(ln)}
-        sd = {"seqs": seqs, "plen": plen, "eval": ev}
+        sd = {"seqs": seqs, "plen": plen, "dom": dom, "domains": [n for n, _, _ in sources], "eval": ev}
         common.save_atomic(sd, sd_path)
     seqs, plen = sd["seqs"], sd["plen"]
+    dom = sd.get("dom", torch.zeros_like(plen))
+    domains = sd.get("domains", ["train"])
     t0 = time.time()
-    feats = target_features(t, seqs, c.target_layer_ids, dev)
+    feats = target_features(t, seqs, c.target_layer_ids, dev, batch=args.feature_batch)
     ev_feats = {n: target_features(t, e["seqs"], c.target_layer_ids, dev) for n, e in sd["eval"].items()}
     log(f"target features {tuple(feats.shape)} in {time.time() - t0:.0f}s")
     seqs = seqs.to(dev)
     plen = plen.to(dev)
     H = max(1, min(args.holdout, seqs.shape[0] // 4))
     hold = (torch.arange(seqs.shape[0], device=dev) % (seqs.shape[0] // H)) == 0  # every k-th: all prompt lengths
-    hold_seqs, hold_feats, hold_plen = seqs[hold], feats[hold], plen[hold]
-    seqs, feats, plen = seqs[~hold], feats[~hold], plen[~hold]
+    hold_idx, train_idx = hold.nonzero().flatten(), (~hold).nonzero().flatten()  # (no copy of the features)
+    hold_seqs, hold_feats, hold_plen, hold_dom = seqs[hold_idx], feats[hold_idx], plen[hold_idx], dom.to(dev)[hold_idx]
 
     # ---- 2. training
     d = Drafter(c)
@@ -438,7 +493,7 @@ def main() -> int:
 
     last_save = time.time()
     t_mark = None
-    N = seqs.shape[0]
+    N = train_idx.numel()
     while total is None or step < total:
         if total is None and step == 5:
             torch.cuda.synchronize() if dev.type == "cuda" else None
@@ -454,7 +509,7 @@ def main() -> int:
         for gp in opt.param_groups:
             gp["lr"] = lr
         g = torch.Generator().manual_seed(args.seed * 7919 + step)
-        idx = torch.randint(0, N, (args.batch,), generator=g).to(dev)
+        idx = train_idx[torch.randint(0, N, (args.batch,), generator=g).to(dev)]
         anc = sample_anchors(plen[idx], args.seq, c.block_size, c.num_anchors, g, dev)
         with common.autocast(dev):
             loss, acc, tau = block_loss(d, feats[idx].to(dev), seqs[idx], anc, embed_w, c.loss_decay_gamma)
@@ -474,6 +529,18 @@ def main() -> int:
     metrics = {"steps": step, "train_time_s": train_time, "config": asdict(c)}
     metrics["tau_estimate_selfdistill_holdout"] = estimate_tau(d, hold_feats, hold_seqs, hold_plen, embed_w, dev)
     log("held-out self-distillation blocks", json.dumps(metrics["tau_estimate_selfdistill_holdout"]))
+    toks, rounds = loop_tau(d, hold_feats, hold_seqs, hold_plen, embed_w, dev)
+    hd = hold_dom.cpu()
+    for i, name in enumerate(domains):
+        sel = (hd == i).nonzero().flatten().tolist()
+        if not sel:
+            continue
+        r = {"sequences": len(sel),
+             "loop_tau": sum(toks[k] for k in sel) / max(1, sum(rounds[k] for k in sel))}
+        r.update(estimate_tau(d, hold_feats[hd.to(dev) == i], hold_seqs[hd.to(dev) == i],
+                              hold_plen[hd.to(dev) == i], embed_w, dev))
+        metrics[f"holdout_{name}"] = r
+        log(f"held-out {name}", json.dumps(r))
     for n, e in sd["eval"].items():
         # anchors inside each continuation only (sequences are zero-padded after `len`)
         metrics[f"tau_estimate_{n}"] = estimate_tau(d, ev_feats[n], e["seqs"], e["plen"], embed_w, dev,

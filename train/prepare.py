@@ -4,8 +4,10 @@
     python train/prepare.py corpus      # scan local Python sources + docs -> build/corpus/*.jsonl + manifest
     python train/prepare.py evalsets    # committed eval sets train/eval/{code,math,prose}.jsonl
     python train/prepare.py tokenizer   # byte-level BPE (HF `tokenizers`) -> train/tokenizer/tokenizer.json
-    python train/prepare.py tokenize    # build/tokens/{train,heldout}.u16 (+ .json stats)
-    python train/prepare.py bundle DIR  # what a GPU run needs: scripts, tokenizer, eval sets, tokens (xz)
+    python train/prepare.py tokenize    # build/tokens/{train,code_heldout,prose_heldout}.u16, the training
+                                        # stream by domain {code,prose,math}_train.u16 (+ stats.json)
+    python train/prepare.py bundle DIR  # what a GPU run needs: scripts, tokenizer, eval sets, tokens (xz);
+                                        # --tokens code_train,prose_train,math_train for the drafter's --mix
     python train/prepare.py all         # the first four in order
 
 Everything is deterministic: file lists are sorted, the train / held-out split is by a hash of the file's
@@ -434,7 +436,8 @@ def cmd_tokenizer(args) -> None:
     log(f"tokenizer done in {time.time() - t0:.0f}s, vocab {tok.get_vocab_size()}")
 
 
-def encode_docs(tok, docs: list[str], eos: int):
+def encode_docs(tok, docs: list[str], eos: int, concat: bool = True):
+    """Each document as [eos] + its ids (uint16): one array, or the list of per-document arrays."""
     import numpy as np
 
     out = []
@@ -442,6 +445,8 @@ def encode_docs(tok, docs: list[str], eos: int):
     for i in range(0, len(docs), B):
         for e in tok.encode_batch(docs[i: i + B], add_special_tokens=False):
             out.append(np.asarray([eos] + e.ids, dtype=np.uint16))
+    if not concat:
+        return out
     return np.concatenate(out) if out else np.zeros(0, np.uint16)
 
 
@@ -462,10 +467,16 @@ def cmd_tokenize(args) -> None:
         stats[name] = {"docs": len(docs), "bytes": sum(len(t.encode()) for t in docs)}
         train_docs += [(name, t) for t in docs]
     rng.shuffle(train_docs)  # one stream, documents in a seeded random order
-    arr = encode_docs(tok, [t for _, t in train_docs], 0)
+    parts = encode_docs(tok, [t for _, t in train_docs], 0, concat=False)
+    arr = np.concatenate(parts)
     arr.tofile(out / "train.u16")
     stats["train_tokens"] = int(arr.size)
     stats["train_sha256"] = hashlib.sha256(arr.tobytes()).hexdigest()
+    # the same documents, one stream per domain (the drafter's self-distillation prompts by domain)
+    for name in ("code_train", "prose_train", "math_train"):
+        a = np.concatenate([x for (n, _), x in zip(train_docs, parts) if n == name])
+        a.tofile(out / f"{name}.u16")
+        stats[name]["tokens"] = int(a.size)
     for name in ("code_heldout", "prose_heldout"):
         docs = [d["text"] for d in read_jsonl(corpus / f"{name}.jsonl")]
         a = encode_docs(tok, docs, 0)
@@ -493,7 +504,7 @@ def cmd_bundle(args) -> None:
     tok_out.mkdir(parents=True)
     src = BUILD / "tokens"
     shutil.copy2(src / "stats.json", tok_out / "stats.json")
-    for name in ("train", "code_heldout", "prose_heldout"):
+    for name in args.tokens.split(","):
         raw = (src / f"{name}.u16").read_bytes()
         (tok_out / f"{name}.u16.xz").write_bytes(lzma.compress(raw, preset=6))
     total = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
@@ -518,6 +529,8 @@ def main() -> int:
     sub.add_parser("tokenize")
     b = sub.add_parser("bundle")
     b.add_argument("dir")
+    b.add_argument("--tokens", default="train,code_heldout,prose_heldout",
+                   help="token files to pack (the drafter's --mix needs code_train,prose_train,math_train)")
     a = sub.add_parser("all")
     for p in (a,):
         p.add_argument("--code-root", action="append")

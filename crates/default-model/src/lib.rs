@@ -1,6 +1,6 @@
 //! The embedded default model of `ultra`: **ultra-tiny-code**, a tiny gpt-oss-architecture MoE code
 //! model (6 layers, 16 experts, top-4, alternating sliding / full attention with sinks, MXFP4
-//! experts trained with quantization-aware training) and its DFlash drafter (2 sliding-window
+//! experts trained with quantization-aware training) and its DFlash drafter (3 sliding-window
 //! layers, block 8), both trained by the recipes in `train/` (see the README section "The embedded
 //! default model").
 //!

@@ -175,6 +175,34 @@ fn bench_spec_and_bad_arguments() {
     assert!(out.status.success(), "{err}");
     let table = text(&out.stdout);
     assert!(table.contains("| tiny | 2 | 24 |"), "{table}");
+    assert!(
+        table.trim_end().ends_with("| 0 |"),
+        "speculative != plain: {table}"
+    );
+
+    // On the GPU executor: the same table where a GPU is present, else a clear error.
+    let gpu = ultra(
+        &cache,
+        &[
+            "bench-spec",
+            "--device",
+            "cuda",
+            "--eval",
+            set.to_str().unwrap(),
+            "--max-tokens",
+            "12",
+        ],
+    );
+    let (gout, gerr) = (text(&gpu.stdout), text(&gpu.stderr));
+    assert!(!gerr.contains("panicked"), "{gerr}");
+    if gpu.status.success() {
+        assert!(gout.contains("GPU executor"), "{gout}");
+        // (the last column may count a prompt whose greedy continuation differs: the GPU's T = 1
+        // decode and T = 8 verify sum in different orders, so a near-tie can flip)
+        assert!(gout.contains("| tiny | 2 | 24 |"), "{gout}");
+    } else {
+        assert!(!gerr.trim().is_empty());
+    }
 
     // Bad input: clear errors, no panics.
     let bad = ultra(&cache, &["bench-spec", "--eval", "/no/such/set.jsonl"]);

@@ -254,7 +254,7 @@ enum Cmd {
         seed: u64,
     },
     /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
-    /// one {"prompt": ...} per line), greedy, CPU executor.
+    /// one {"prompt": ...} per line), greedy, on the CPU or (--device cuda) GPU executor.
     BenchSpec {
         /// Eval sets (default: train/eval/{code,math,prose}.jsonl of the repository).
         #[arg(long = "eval")]
@@ -274,6 +274,10 @@ enum Cmd {
         /// Only the first N prompts of each set.
         #[arg(long)]
         limit: Option<usize>,
+        /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0, the drafter on
+        /// the GPU too).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -620,6 +624,7 @@ fn main() -> Result<()> {
             block_size,
             max_tokens,
             limit,
+            device,
             threads,
         } => {
             set_threads(threads)?;
@@ -647,15 +652,18 @@ fn main() -> Result<()> {
             } else {
                 sets
             };
-            let loaded = commands::generate::load(&dir)?;
-            println!(
-                "DFlash on the CPU executor, {} threads, greedy, {max_tokens} tokens per prompt (EOS ignored)",
-                rayon::current_num_threads()
-            );
+            let mut loaded = commands::generate::load(&dir)?;
+            let executor = if device == Device::Cuda {
+                loaded.to_gpu(0)?;
+                let gpu = loaded.gpu.as_ref().expect("uploaded");
+                format!("the GPU executor ({})", gpu.device().info)
+            } else {
+                format!("the CPU executor, {} threads", rayon::current_num_threads())
+            };
+            println!("DFlash on {executor}, greedy, {max_tokens} tokens per prompt (EOS ignored)");
             let reports =
                 commands::bench_spec::run(&loaded, &draft, block_size, &sets, max_tokens, limit)?;
-            let b = commands::generate::spec_decoder(&loaded, &draft, block_size)?.block_size();
-            commands::bench_spec::print(&reports, b);
+            commands::bench_spec::print(&reports);
         }
         Cmd::Devices => {
             let n = tilert::Device::count();
