@@ -255,17 +255,21 @@ __device__ void combine_norm_regs(float* __restrict__ x, const float* __restrict
         acc[u] = 0.f;
     }
     const float* yt = y + (size_t)t * k * h;
-    if (k <= JC) {
-        // All k rows at once, in slot order (not waiting for the sort), then summed in expert
-        // order by selecting among the registers.
-        float yv[JC][V];
+    // Rows j0 .. j0 + JC (those below k) of y: slot order, or expert order once sorted.
+    auto load_rows = [&](float (&yv)[JC][V], uint32_t j0, bool sorted) {
 #pragma unroll
         for (int jj = 0; jj < JC; ++jj)
 #pragma unroll
             for (int u = 0; u < V; ++u) {
-                const uint32_t i = threadIdx.x + u * bd;
-                yv[jj][u] = jj < k && i < h ? yt[(size_t)jj * h + i] : 0.f;
+                const uint32_t i = threadIdx.x + u * bd, j = j0 + jj;
+                yv[jj][u] = j < k && i < h ? yt[(size_t)(sorted ? order[j] : j) * h + i] : 0.f;
             }
+    };
+    if (k <= JC) {
+        // All k rows at once, in slot order (not waiting for the sort), then summed in expert
+        // order by selecting among the registers.
+        float yv[JC][V];
+        load_rows(yv, 0, false);
         __syncthreads();
 #pragma unroll
         for (int jj = 0; jj < JC; ++jj) {
@@ -284,13 +288,7 @@ __device__ void combine_norm_regs(float* __restrict__ x, const float* __restrict
     }
     for (uint32_t j0 = 0; k > JC && j0 < k; j0 += JC) {
         float yv[JC][V];
-#pragma unroll
-        for (int jj = 0; jj < JC; ++jj)
-#pragma unroll
-            for (int u = 0; u < V; ++u) {
-                const uint32_t i = threadIdx.x + u * bd;
-                yv[jj][u] = j0 + jj < k && i < h ? yt[(size_t)order[j0 + jj] * h + i] : 0.f;
-            }
+        load_rows(yv, j0, true);
 #pragma unroll
         for (int jj = 0; jj < JC; ++jj)
             if (j0 + jj < k)
