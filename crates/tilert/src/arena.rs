@@ -4,7 +4,7 @@
 //! Kernels receive plain device addresses, never cudarc slices: a captured CUDA graph bakes its
 //! arguments in, so every buffer a graph touches must live (at a fixed address) as long as the
 //! graph, which the arena guarantees — nothing is freed before the arena is dropped. Allocation
-//! is a bump pointer inside chunks of [`CHUNK_BYTES`] (larger requests get their own chunk); every
+//! is a bump pointer inside chunks (by default [`CHUNK_BYTES`]; larger requests get their own); every
 //! allocation is zeroed and 256-byte aligned. Running out of device memory is a
 //! [`RuntimeError::OutOfMemory`] naming what was being allocated.
 
@@ -15,7 +15,7 @@ use cudarc::driver::{result, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use crate::RuntimeError;
 
-/// Chunk size of the bump allocator.
+/// Default chunk size of the bump allocator (a model's weights).
 pub const CHUNK_BYTES: usize = 256 << 20;
 const ALIGN: usize = 256;
 
@@ -107,16 +107,24 @@ pub struct Arena {
     cur: Option<(u64, usize, usize)>,
     allocated: usize,
     used: usize,
+    chunk_bytes: usize,
 }
 
 impl Arena {
     pub fn new(stream: Arc<CudaStream>) -> Self {
+        Self::with_chunk_bytes(stream, CHUNK_BYTES)
+    }
+
+    /// An arena whose bump chunks are `chunk_bytes` (requests of a quarter of that or more get
+    /// their own chunk): small owners (a sequence's buffers) reserve little beyond what they use.
+    pub fn with_chunk_bytes(stream: Arc<CudaStream>, chunk_bytes: usize) -> Self {
         Self {
             stream,
             chunks: Vec::new(),
             cur: None,
             allocated: 0,
             used: 0,
+            chunk_bytes: chunk_bytes.max(ALIGN),
         }
     }
 
@@ -175,10 +183,10 @@ impl Arena {
                 self.cur = Some((base, used + bytes, cap));
                 base + used as u64
             }
-            _ if bytes >= CHUNK_BYTES / 4 => self.new_chunk(bytes, what)?,
+            _ if bytes >= self.chunk_bytes / 4 => self.new_chunk(bytes, what)?,
             _ => {
-                let base = self.new_chunk(CHUNK_BYTES, what)?;
-                self.cur = Some((base, bytes, CHUNK_BYTES));
+                let base = self.new_chunk(self.chunk_bytes, what)?;
+                self.cur = Some((base, bytes, self.chunk_bytes));
                 base
             }
         };

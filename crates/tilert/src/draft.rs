@@ -45,6 +45,7 @@ use model::weights::{Mat, Mlp};
 use crate::arena::{dtod, dtoh, htod, Arena, DPtr};
 use crate::exec::{
     capture_graph, upload_linear, upload_opt, upload_qkv, upload_ropes, GpuModel, GpuSession, Rope,
+    SESSION_CHUNK_BYTES,
 };
 use crate::ops::{AttnArgs, GluArgs, MAX_TOKENS};
 use crate::tensor::{patterned_vector, DenseData, DeviceMatrix};
@@ -410,7 +411,7 @@ impl GpuDraftSession {
         let m = &*drafter.inner;
         let c = &*m.config;
         let t = MAX_TOKENS;
-        let mut arena = Arena::new(m.target.stream().clone());
+        let mut arena = Arena::with_chunk_bytes(m.target.stream().clone(), SESSION_CHUNK_BYTES);
         let (h, nh, nkv, d, inter) = (
             c.hidden_size,
             c.n_heads,
@@ -479,9 +480,9 @@ impl GpuDraftSession {
         self.len == 0
     }
 
-    /// Device bytes of this state (caches + buffers).
+    /// Device bytes this state holds (caches + buffers, as reserved from the device).
     pub fn device_bytes(&self) -> usize {
-        self.arena.used_bytes()
+        self.arena.reserved_bytes()
     }
 
     /// Launch op by op instead of replaying captured graphs.

@@ -40,6 +40,9 @@ use crate::{Device, RuntimeError};
 
 /// Default truncation depth a [`GpuSession`] keeps exact (as the CPU executor's).
 pub const DEFAULT_MAX_ROLLBACK: usize = model::cpu::DEFAULT_MAX_ROLLBACK;
+/// Bump-chunk size of a session's arena: a session reserves at most this much beyond its use
+/// (its large buffers, such as full-attention KV caches, get chunks of their own).
+pub(crate) const SESSION_CHUNK_BYTES: usize = 16 << 20;
 
 /// One RoPE table on the device (`model::cpu::rope::RopeTable`).
 #[derive(Debug, Clone, Copy)]
@@ -678,7 +681,7 @@ impl GpuSession {
         if max_seq == 0 {
             return Err(RuntimeError::Invalid("max_seq must be positive".into()));
         }
-        let mut arena = Arena::new(m.stream.clone());
+        let mut arena = Arena::with_chunk_bytes(m.stream.clone(), SESSION_CHUNK_BYTES);
         let t = MAX_TOKENS;
         let h = cfg.hidden_size;
         let mut kv = Vec::with_capacity(cfg.layers.len());
@@ -783,9 +786,10 @@ impl GpuSession {
         self.max_seq
     }
 
-    /// Device bytes of this session (KV cache + buffers).
+    /// Device bytes this session holds (KV cache + buffers, as reserved from the device: what a
+    /// server must budget per sequence).
     pub fn device_bytes(&self) -> usize {
-        self.arena.used_bytes()
+        self.arena.reserved_bytes()
     }
 
     /// Run passes op by op instead of replaying captured graphs (for comparisons and profiling).
