@@ -93,6 +93,13 @@ fn check_model(name: &str, config: ModelConfig, weights: Weights, prompt: &[u32]
     let mut cs = cpu.session();
     let cpu_out = cs.verify(prompt, &all).unwrap();
     let mut gs = gpu.session(256).unwrap();
+    // What a server budgets per sequence: the session's reserved device memory, in 16 MiB arena
+    // chunks (a fixture's session needs a few MiB, not a 256 MiB weights-sized chunk).
+    let reserved = gs.device_bytes();
+    assert!(
+        reserved > 0 && reserved <= 48 << 20,
+        "{name}: session reserves {reserved} bytes"
+    );
     let gpu_out = gs.verify(prompt, &all).unwrap();
     let (err, mag) = max_err(&gpu_out.logits, &cpu_out.logits);
     eprintln!("{name}: prompt logits max |Δ| {err:.3e} (max |logit| {mag:.3})");
