@@ -20,6 +20,8 @@
 //! buffer written before each replay, so one captured graph per `(T, logits)` serves every step.
 //! Hidden states asked for by a speculative drafter are copied out inside the pass (the capture
 //! set is part of the session; changing it drops the captured graphs).
+//!
+//! [`GpuBatch`] runs the same pass with one row per session (batched decode; see its module).
 
 use std::collections::HashMap;
 use std::sync::Arc;
