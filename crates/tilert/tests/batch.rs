@@ -99,6 +99,14 @@ fn check_model(name: &str, config: ModelConfig, weights: Weights) {
         }
         AttnKind::Full => false,
     });
+    let sliding = config
+        .layers
+        .iter()
+        .any(|l| matches!(l.attn, AttnKind::Sliding { .. }));
+    assert_eq!(
+        wraps, sliding,
+        "{name}: the longest rows must wrap every sliding ring"
+    );
     let mut worst = 0f32;
     for n in [1usize, 2, 5, 16] {
         let mut together: Vec<GpuSession> = Vec::new();
