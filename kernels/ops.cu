@@ -185,6 +185,25 @@ extern "C" __global__ void glu_halves(const float* gate_up, uint32_t t_count, ui
     }
 }
 
+// order[0..k) = the slots of ids[0..k) by ascending expert id (insertion sort, stable: equal
+// ids keep slot order). One thread.
+__device__ void sort_entries(const int32_t* ids, uint32_t k, int* order) {
+    int id[MAX_TOKENS];
+    for (uint32_t j = 0; j < k; ++j) {
+        id[j] = ids[j];
+        order[j] = j;
+    }
+    for (uint32_t a = 1; a < k; ++a) {
+        int o = order[a], v = id[o];
+        int b = a;
+        while (b > 0 && id[order[b - 1]] > v) {
+            order[b] = order[b - 1];
+            --b;
+        }
+        order[b] = o;
+    }
+}
+
 // x[t] += Σ_j y[t][j] with the k terms summed from 0 in ascending expert id; then, when `nw` is
 // given, h[t] = rms_norm(x[t]) ⊙ nw (the next layer's input norm fused in: as `rms_norm`, but
 // grid (T, 1) is required). grid (T, ...).
@@ -194,23 +213,7 @@ extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* 
     const uint32_t t = blockIdx.x;
     __shared__ int order[MAX_TOKENS];
     __shared__ float red[32];
-    if (threadIdx.x == 0) {
-        int id[MAX_TOKENS];
-        for (uint32_t j = 0; j < k; ++j) {
-            id[j] = ids[t * k + j];
-            order[j] = j;
-        }
-        // Insertion sort by expert id (stable: equal ids keep slot order).
-        for (uint32_t a = 1; a < k; ++a) {
-            int o = order[a], v = id[o];
-            int b = a;
-            while (b > 0 && id[order[b - 1]] > v) {
-                order[b] = order[b - 1];
-                --b;
-            }
-            order[b] = o;
-        }
-    }
+    if (threadIdx.x == 0) sort_entries(ids + t * k, k, order);
     __syncthreads();
     float* xr = x + (size_t)t * h;
     float ss = 0.f;
@@ -227,6 +230,75 @@ extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* 
     float* orow = hout + (size_t)t * h;
     for (uint32_t i = threadIdx.x; i < h; i += blockDim.x) orow[i] = __fmul_rn(nw[i], __fmul_rn(xr[i], r));
 }
+
+// moe_combine with the next RMSNorm fused, for h <= V * blockDim.x: a block per token holds its
+// V values per thread in registers, and issues all loads of a group of JC expert rows (with x and
+// the norm weight) before the first add, so the token costs about two memory round trips plus
+// the block reduction instead of one round trip per strided element. Same sums in the same order
+// as moe_combine. grid (T), block 1024.
+template <int V, int JC>
+__device__ void combine_norm_regs(float* __restrict__ x, const float* __restrict__ y,
+                                  const int32_t* __restrict__ ids, uint32_t k, uint32_t h,
+                                  const float* __restrict__ nw, float eps,
+                                  float* __restrict__ hout) {
+    pdl_begin();
+    const uint32_t t = blockIdx.x, bd = blockDim.x;
+    __shared__ int order[MAX_TOKENS];
+    __shared__ float red[32];
+    if (threadIdx.x == 0) sort_entries(ids + t * k, k, order);
+    float xv[V], wv[V], acc[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+        const uint32_t i = threadIdx.x + u * bd;
+        xv[u] = i < h ? x[(size_t)t * h + i] : 0.f;
+        wv[u] = i < h ? nw[i] : 0.f;
+        acc[u] = 0.f;
+    }
+    __syncthreads();
+    const float* yt = y + (size_t)t * k * h;
+    for (uint32_t j0 = 0; j0 < k; j0 += JC) {
+        float yv[JC][V];
+#pragma unroll
+        for (int jj = 0; jj < JC; ++jj)
+#pragma unroll
+            for (int u = 0; u < V; ++u) {
+                const uint32_t i = threadIdx.x + u * bd;
+                yv[jj][u] = j0 + jj < k && i < h ? yt[(size_t)order[j0 + jj] * h + i] : 0.f;
+            }
+#pragma unroll
+        for (int jj = 0; jj < JC; ++jj)
+            if (j0 + jj < k)
+#pragma unroll
+                for (int u = 0; u < V; ++u) acc[u] += yv[jj][u];
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+        const uint32_t i = threadIdx.x + u * bd;
+        xv[u] += acc[u];
+        if (i < h) {
+            x[(size_t)t * h + i] = xv[u];
+            ss = fmaf(xv[u], xv[u], ss);
+        }
+    }
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)h + eps);
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+        const uint32_t i = threadIdx.x + u * bd;
+        if (i < h) hout[(size_t)t * h + i] = __fmul_rn(wv[u], __fmul_rn(xv[u], r));
+    }
+}
+
+#define COMBINE_NORM(V, JC)                                                                      \
+    extern "C" __global__ void __launch_bounds__(1024) moe_combine_norm_v##V(                    \
+        float* x, const float* y, const int32_t* ids, uint32_t k, uint32_t h, const float* nw,   \
+        float eps, float* hout) {                                                                \
+        combine_norm_regs<V, JC>(x, y, ids, k, h, nw, eps, hout);                                \
+    }
+COMBINE_NORM(1, 4)
+COMBINE_NORM(2, 4)
+COMBINE_NORM(4, 4)
 
 // NaN reads as -inf (as model::sampling does).
 __device__ __forceinline__ float sane_logit(float x) {
@@ -688,6 +760,7 @@ __device__ __forceinline__ void visible_keys(uint64_t step0, uint32_t t, uint32_
 
 // Keys per shared-memory tile of attention_gqa and most value dims one lane accumulates.
 #define ATT_TILE 32
+#define ATT_LOADS 4  // key / value vectors per thread loaded before they are stored
 #define ATT_MAX_VC (MAX_HEAD_DIM / 32)
 #define ATT_MAX_WARPS 8
 #define ATT_MAX_SPLITS 64
@@ -717,23 +790,45 @@ __device__ __forceinline__ float att_finish(float m, float l, float sink) {
 // zero before the first launch, reset by each merge).
 // grid (S, nkv, T), block 32 · W, dynamic shared memory att_smem_floats(d, dv, W) floats.
 //
-// attention_gqa_block is one such block for query row t = blockIdx.z over keys [first, last] of
-// `k_cache` / `v_cache`, the row's keys cut into S splits (S ≤ `stride` = gridDim.x: blocks
-// s ≥ S return at once; scratch partials are laid out with `stride` in place of S).
-__device__ __forceinline__ void attention_gqa_block(const float* q, const float* k_cache,
-                                                    const float* v_cache, uint64_t first,
-                                                    uint64_t last, uint32_t S, uint32_t stride,
-                                                    uint32_t nh, uint32_t nkv, uint32_t d,
-                                                    uint32_t dv, uint32_t capacity, float scale,
-                                                    const float* sinks, float* scratch, float* out) {
+// attention_gqa_block is one such block for query row t = blockIdx.z; `resolve()` (called once
+// the row's first query is in flight) gives the row's cache, its visible keys [first, last] and
+// its key splits S ≤ `stride` = gridDim.x (blocks s ≥ S return at once; scratch partials are
+// laid out with `stride` in place of S).
+struct AttKeys {
+    const float* k_cache;
+    const float* v_cache;
+    uint64_t first, last;
+    uint32_t capacity, splits;
+};
+
+template <typename Resolve>
+__device__ __forceinline__ void attention_gqa_block(const float* q, uint32_t stride, uint32_t nh,
+                                                    uint32_t nkv, uint32_t d, uint32_t dv,
+                                                    float scale, const float* sinks,
+                                                    float* scratch, float* out, Resolve resolve) {
     extern __shared__ float att_smem[];
     const uint32_t s = blockIdx.x, g = blockIdx.y, t = blockIdx.z;
-    if (s >= S) return;
     const uint32_t G = nh / nkv, W = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x & 31;
     const uint32_t kst = att_k_stride(d);
     float* ks = att_smem;               // [ATT_TILE][kst]
     float* vs = ks + ATT_TILE * kst;    // [ATT_TILE][dv]
     float* qs = vs + ATT_TILE * dv;     // [W][d]
+    // This warp's first query row goes into registers before the step is read: the two loads
+    // are independent, so their round trips overlap (the row is stored to shared memory after
+    // the first tile's loads are issued).
+    float q_first[ATT_MAX_VC];
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_VC; ++c) {
+        const uint32_t i = lane + 32 * c;
+        q_first[c] = w < G && i < d ? q[((size_t)t * nh + g * G + w) * d + i] : 0.f;
+    }
+    const AttKeys keys = resolve();
+    const uint32_t S = keys.splits;
+    if (s >= S) return;
+    const float* k_cache = keys.k_cache;
+    const float* v_cache = keys.v_cache;
+    const uint32_t capacity = keys.capacity;
+    const uint64_t first = keys.first, last = keys.last;
     const uint64_t n = last + 1 - first;
     uint64_t chunk = (n + S - 1) / S;
     if (chunk < ATT_TILE) chunk = ATT_TILE;
@@ -748,7 +843,7 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, const float*
         const bool active = hl < G;
         const uint32_t h = g * G + hl;
         __syncthreads();  // the previous pass is done with qs / the tiles
-        if (active)
+        if (active && hb > 0)
             for (uint32_t i = lane; i < d; i += 32) qs[w * d + i] = q[((size_t)t * nh + h) * d + i];
         float m = -INFINITY, l = 0.f, acc[ATT_MAX_VC];
 #pragma unroll
@@ -757,18 +852,28 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, const float*
             const uint32_t nk = (uint32_t)min((uint64_t)ATT_TILE, k1 - kb);
             __syncthreads();  // the previous tile is consumed (and qs written)
             if (vec) {
-                const uint32_t d4 = d / 4, v4 = dv / 4;
-                for (uint32_t idx = threadIdx.x; idx < nk * d4; idx += blockDim.x) {
-                    const uint32_t j = idx / d4, i = idx % d4;
-                    const float4 val = __ldg(reinterpret_cast<const float4*>(
-                                                 k_cache + ((kb + j) % capacity) * kv_row + (size_t)g * d) + i);
-                    *reinterpret_cast<float4*>(ks + j * kst + 4 * i) = val;
-                }
-                for (uint32_t idx = threadIdx.x; idx < nk * v4; idx += blockDim.x) {
-                    const uint32_t j = idx / v4, i = idx % v4;
-                    const float4 val = __ldg(reinterpret_cast<const float4*>(
-                                                 v_cache + ((kb + j) % capacity) * vv_row + (size_t)g * dv) + i);
-                    *reinterpret_cast<float4*>(vs + j * dv + 4 * i) = val;
+                // ATT_LOADS key and value vectors per thread in flight before the first store.
+                const uint32_t d4 = d / 4, v4 = dv / 4, nkd = nk * d4, nvd = nk * v4;
+                for (uint32_t base = threadIdx.x; base < max(nkd, nvd); base += ATT_LOADS * blockDim.x) {
+                    float4 kv[ATT_LOADS], vv[ATT_LOADS];
+#pragma unroll
+                    for (int u = 0; u < ATT_LOADS; ++u) {
+                        const uint32_t idx = base + u * blockDim.x;
+                        if (idx < nkd)
+                            kv[u] = __ldg(reinterpret_cast<const float4*>(
+                                              k_cache + ((kb + idx / d4) % capacity) * kv_row + (size_t)g * d) +
+                                          idx % d4);
+                        if (idx < nvd)
+                            vv[u] = __ldg(reinterpret_cast<const float4*>(
+                                              v_cache + ((kb + idx / v4) % capacity) * vv_row + (size_t)g * dv) +
+                                          idx % v4);
+                    }
+#pragma unroll
+                    for (int u = 0; u < ATT_LOADS; ++u) {
+                        const uint32_t idx = base + u * blockDim.x;
+                        if (idx < nkd) *reinterpret_cast<float4*>(ks + (idx / d4) * kst + 4 * (idx % d4)) = kv[u];
+                        if (idx < nvd) *reinterpret_cast<float4*>(vs + (idx / v4) * dv + 4 * (idx % v4)) = vv[u];
+                    }
                 }
             } else {
                 for (uint32_t idx = threadIdx.x; idx < nk * d; idx += blockDim.x) {
@@ -779,6 +884,11 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, const float*
                     const uint32_t j = idx / dv, i = idx % dv;
                     vs[j * dv + i] = __ldg(v_cache + ((kb + j) % capacity) * vv_row + (size_t)g * dv + i);
                 }
+            }
+            if (hb == 0 && kb == k0 && active) {
+#pragma unroll
+                for (int c = 0; c < ATT_MAX_VC; ++c)
+                    if (lane + 32 * c < d) qs[w * d + lane + 32 * c] = q_first[c];
             }
             __syncthreads();
             if (!active) continue;
@@ -877,10 +987,11 @@ extern "C" __global__ void __launch_bounds__(256)
                   uint32_t dv, uint32_t capacity, uint32_t window, uint32_t causal, float scale,
                   const float* sinks, float* scratch, float* out) {
     pdl_begin();
-    uint64_t first, last;
-    visible_keys(step[0], blockIdx.z, t_count, causal, window, &first, &last);
-    attention_gqa_block(q, k_cache, v_cache, first, last, gridDim.x, gridDim.x, nh, nkv, d, dv,
-                        capacity, scale, sinks, scratch, out);
+    attention_gqa_block(q, gridDim.x, nh, nkv, d, dv, scale, sinks, scratch, out, [&]() {
+        AttKeys k{k_cache, v_cache, 0, 0, capacity, gridDim.x};
+        visible_keys(step[0], blockIdx.z, t_count, causal, window, &k.first, &k.last);
+        return k;
+    });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1069,6 +1180,79 @@ extern "C" __global__ void route(const float* logits, RouteSpec rs, int32_t* ids
 // `counter` is zero before the first launch. grid ≤ n_exp, block ROUTER_THREADS.
 #define ROUTE_WARPS 4
 #define ROUTER_THREADS 256
+#define ROUTER_CACHED 2  // 16-byte vectors per thread the one-token path holds in registers
+
+// The one-token path of router_route_body for bf16 weights when a block has one row and the row
+// fits in ROUTER_CACHED vectors per thread: the block's loads (its weight row, x and the norm
+// weight) are all issued at once, before the norm's reduction, instead of one round trip after
+// another. The same products and sums, in the same order, as the general path.
+__device__ void router_row_cached(const void* __restrict__ wv, const float* __restrict__ bias,
+                                  const float* __restrict__ x, const float* __restrict__ nw,
+                                  float eps, uint32_t kdim, uint32_t row, float* hout,
+                                  float* logits) {
+    __shared__ float red[32];
+    __shared__ float wsum[ROUTER_THREADS / 32];
+    const uint32_t nvec = kdim / 8, bd = blockDim.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const uint4* wr = reinterpret_cast<const uint4*>(wv) + (size_t)row * nvec;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const float4* n4 = reinterpret_cast<const float4*>(nw);
+    uint4 wq[ROUTER_CACHED];
+    float4 xa[ROUTER_CACHED][2], na[ROUTER_CACHED][2];
+#pragma unroll
+    for (int m = 0; m < ROUTER_CACHED; ++m) {
+        const uint32_t v = threadIdx.x + m * bd;
+        const bool in = v < nvec;
+        wq[m] = in ? __ldg(wr + v) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            xa[m][q] = in ? __ldg(x4 + 2 * v + q) : make_float4(0.f, 0.f, 0.f, 0.f);
+            na[m][q] = in ? __ldg(n4 + 2 * v + q) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int m = 0; m < ROUTER_CACHED; ++m)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const float4 a = xa[m][q];
+            ss = fmaf(a.x, a.x, ss);
+            ss = fmaf(a.y, a.y, ss);
+            ss = fmaf(a.z, a.z, ss);
+            ss = fmaf(a.w, a.w, ss);
+        }
+    ss = block_sum(ss, red);
+    const float rinv = 1.0f / sqrtf(ss / (float)kdim + eps);
+    {  // this block's slice of h
+        const uint32_t per = (kdim + gridDim.x - 1) / gridDim.x, lo = blockIdx.x * per;
+        const uint32_t hi = min(kdim, lo + per);
+        for (uint32_t i = lo + threadIdx.x; i < hi; i += bd)
+            hout[i] = __fmul_rn(nw[i], __fmul_rn(x[i], rinv));
+    }
+    float acc = 0.f;
+#pragma unroll
+    for (int m = 0; m < ROUTER_CACHED; ++m) {
+        if (threadIdx.x + m * bd >= nvec) break;
+        const float wf[8] = {bf_lo(wq[m].x), bf_hi(wq[m].x), bf_lo(wq[m].y), bf_hi(wq[m].y),
+                             bf_lo(wq[m].z), bf_hi(wq[m].z), bf_lo(wq[m].w), bf_hi(wq[m].w)};
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const float xs[4] = {xa[m][q].x, xa[m][q].y, xa[m][q].z, xa[m][q].w};
+            const float ns[4] = {na[m][q].x, na[m][q].y, na[m][q].z, na[m][q].w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                acc = fmaf(wf[4 * q + e], __fmul_rn(ns[e], __fmul_rn(xs[e], rinv)), acc);
+        }
+    }
+    const float sum = warp_sum(acc);
+    if (lane == 0) wsum[w] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.f;
+        for (uint32_t q = 0; q < bd / 32; ++q) total += wsum[q];
+        logits[row] = total + (bias ? bias[row] : 0.f);
+    }
+}
+
 template <bool BF16, int TT>
 __device__ void router_route_body(const void* __restrict__ wv, const float* __restrict__ bias,
                                   const float* __restrict__ x, const float* __restrict__ nw,
@@ -1083,15 +1267,33 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
     constexpr int E = BF16 ? 8 : 4;
     pdl_begin();
     const uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const uint32_t rpb = (rs.n_exp + gridDim.x - 1) / gridDim.x;
+    const uint32_t r0 = blockIdx.x * rpb, r1 = min(rs.n_exp, r0 + rpb);
+    const uint32_t nvec = kdim / E;
+    if (BF16 && TT == 1 && r1 == r0 + 1 && nvec <= ROUTER_CACHED * blockDim.x) {  // block-uniform
+        router_row_cached(wv, bias, x, nw, eps, kdim, r0, hout, logits);
+        if (last_block_done(counter, gridDim.x) && w == 0) {
+            for (uint32_t i = lane; i < rs.n_exp; i += 32) zs[0][i] = __ldcg(logits + i);
+            __syncwarp();
+            route_token(rs, zs[0], 0, rsm[0], ids_out, w_out);
+        }
+        return;
+    }
     for (uint32_t t = 0; t < t_count; ++t) {
         const float4* xr = reinterpret_cast<const float4*>(x + (size_t)t * kdim);
+        // Thread i sums the weight vectors' spans v = i, i + blockDim.x, ... (E values each),
+        // as router_row_cached does: a token's norm, and so its row of h and its logits, are
+        // the same bits whichever path and pass size computes it (batched decode relies on it).
         float ss = 0.f;
-        for (uint32_t i = threadIdx.x; i < kdim / 4; i += blockDim.x) {
-            const float4 a = __ldg(xr + i);
-            ss = fmaf(a.x, a.x, ss);
-            ss = fmaf(a.y, a.y, ss);
-            ss = fmaf(a.z, a.z, ss);
-            ss = fmaf(a.w, a.w, ss);
+        for (uint32_t v = threadIdx.x; v < kdim / E; v += blockDim.x) {
+#pragma unroll
+            for (int q = 0; q < E / 4; ++q) {
+                const float4 a = __ldg(xr + v * (E / 4) + q);
+                ss = fmaf(a.x, a.x, ss);
+                ss = fmaf(a.y, a.y, ss);
+                ss = fmaf(a.z, a.z, ss);
+                ss = fmaf(a.w, a.w, ss);
+            }
         }
         ss = block_sum(ss, red);
         if (threadIdx.x == 0) rinv[t] = 1.0f / sqrtf(ss / (float)kdim + eps);
@@ -1104,9 +1306,6 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
             for (uint32_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
                 hout[(size_t)t * kdim + i] = __fmul_rn(nw[i], __fmul_rn(x[(size_t)t * kdim + i], rinv[t]));
     }
-    const uint32_t rpb = (rs.n_exp + gridDim.x - 1) / gridDim.x;
-    const uint32_t r0 = blockIdx.x * rpb, r1 = min(rs.n_exp, r0 + rpb);
-    const uint32_t nvec = kdim / E;
     for (uint32_t row = r0; row < r1; ++row) {
         const uint4* wr = reinterpret_cast<const uint4*>(wv) + (size_t)row * nvec;
         float acc[TT];
@@ -1593,9 +1792,10 @@ extern "C" __global__ void __launch_bounds__(256)
                        uint32_t dv, uint32_t window, float scale, const float* sinks,
                        float* scratch, float* out) {
     pdl_begin();
-    const KvRow r = rows[blockIdx.z];
-    uint64_t first, last;
-    visible_keys(r.pos, 0, 1, 1, window, &first, &last);
-    attention_gqa_block(q, r.k_cache, r.v_cache, first, last, r.splits, gridDim.x, nh, nkv, d, dv,
-                        r.capacity, scale, sinks, scratch, out);
+    attention_gqa_block(q, gridDim.x, nh, nkv, d, dv, scale, sinks, scratch, out, [&]() {
+        const KvRow r = rows[blockIdx.z];
+        AttKeys k{r.k_cache, r.v_cache, 0, 0, r.capacity, r.splits};
+        visible_keys(r.pos, 0, 1, 1, window, &k.first, &k.last);
+        return k;
+    });
 }

@@ -543,6 +543,9 @@ pub struct Ops {
     rms_norm: CudaFunction,
     glu: CudaFunction,
     combine: CudaFunction,
+    /// `moe_combine_norm_v{1,2,4}`: the fused-norm combine with V values per thread in
+    /// registers (hidden ≤ 1024·V).
+    combine_norm: [CudaFunction; 3],
     argmax: CudaFunction,
     linear_bf16: LinearTable,
     linear_f32: LinearTable,
@@ -600,6 +603,11 @@ impl Ops {
             rms_norm: f("rms_norm")?,
             glu: f("glu_halves")?,
             combine: f("moe_combine")?,
+            combine_norm: [
+                f("moe_combine_norm_v1")?,
+                f("moe_combine_norm_v2")?,
+                f("moe_combine_norm_v4")?,
+            ],
             argmax: f("argmax_rows")?,
             linear_bf16: table("bf16")?,
             linear_f32: table("f32")?,
@@ -1120,17 +1128,20 @@ impl Ops {
             None => (0, 0.0, 0),
         };
         let h32 = u32_arg("hidden size", h)?;
-        // The fused norm needs a token's whole row in one block.
-        let blocks_per_token = if norm.is_some() {
-            1
-        } else {
-            h32.div_ceil(256).min(64)
+        // The fused norm needs a token's whole row in one block: up to 4096 values of it held
+        // in registers (a few memory round trips), beyond that the strided loop.
+        let (f, blocks_per_token, threads) = match (norm, h) {
+            (Some(_), ..=1024) => (&self.combine_norm[0], 1, 1024),
+            (Some(_), ..=2048) => (&self.combine_norm[1], 1, 1024),
+            (Some(_), ..=4096) => (&self.combine_norm[2], 1, 1024),
+            (Some(_), _) => (&self.combine, 1, 1024),
+            (None, _) => (&self.combine, h32.div_ceil(256).min(64), 256),
         };
         launch(
             s,
-            &self.combine,
+            f,
             (t as u32, blocks_per_token, 1),
-            if norm.is_some() { 1024 } else { 256 },
+            threads,
             &[
                 x.addr().into(),
                 y.addr().into(),

@@ -423,7 +423,9 @@ fn glu_combine_argmax_match_cpu() {
     }
 
     // combine: bit-identical (the same f32 additions in the same order); with the next
-    // RMSNorm fused in, the normed rows as `rms_norm`'s tolerance.
+    // RMSNorm fused in, the normed rows as `rms_norm`'s tolerance (hidden sizes for each of the
+    // register-resident variants, ≤ 1024 / 2048 / 4096, and the strided one beyond; top-k that
+    // is and is not a multiple of their 4-row load groups).
     for (t, k, h, fused_norm) in [
         (1usize, 4usize, 2880usize, false),
         (16, 4, 2880, false),
@@ -432,6 +434,10 @@ fn glu_combine_argmax_match_cpu() {
         (1, 4, 2880, true),
         (16, 4, 2880, true),
         (3, 8, 7, true),
+        (2, 6, 2048, true),
+        (4, 16, 1024, true),
+        (1, 3, 4096, true),
+        (2, 4, 5000, true),
     ] {
         let x = uniform(&mut rng, t * h, 1.0);
         let y = uniform(&mut rng, t * k * h, 1.0);
@@ -1138,6 +1144,21 @@ fn router_route_matches_cpu() {
         ),
         (32, 4, 2880, 16, true, true, RouteArgs::GptOss),
         (32, 4, 64, 5, false, true, RouteArgs::GptOss),
+        // One token, bf16: the register-cached path at its limit (2 vectors per thread) and
+        // just past it (the general path), and more experts than blocks (rows per block > 1).
+        (64, 4, 4096, 1, true, true, RouteArgs::GptOss),
+        (64, 4, 4104, 1, true, false, RouteArgs::GptOss),
+        (
+            256,
+            8,
+            512,
+            1,
+            true,
+            false,
+            RouteArgs::Qwen3 {
+                norm_topk_prob: false,
+            },
+        ),
         (
             128,
             8,
