@@ -14,7 +14,9 @@
 //!   over `n` sequences is `ceil(n / 16)` graph replays in which every weight (and each distinct
 //!   expert) is read once for up to 16 sequences, each row attending over its own KV cache. A
 //!   row's logits are bit-identical to that sequence decoded alone, so outputs do not depend on
-//!   what else is running. A single running sequence takes its own one-token graph. If a batched
+//!   what else is running (on every fixture model; at gpt-oss-20b size a kernel's summation
+//!   order depends on the pass size, see `tilert::exec::GpuBatch`, so a near-tie token can
+//!   differ). A single running sequence takes its own one-token graph. If a batched
 //!   pass fails (it leaves its sequences untouched), its sequences are decoded one by one, so
 //!   an error fails only the sequence it belongs to. Logits come back to the host and are
 //!   sampled there by the same code as `ultra generate`.

@@ -11,10 +11,15 @@
 //! CUDA graph per `(N, per-layer split bound)` therefore serves every step, whatever sequences
 //! are in it (in a server every sequence has one size: one graph per N).
 //!
-//! Numerics: a row is computed exactly as that sequence's own one-token decode computes it — the
-//! key splits are the session's own, and the other kernels compute each row independently of
-//! the others — so logits are bit-identical to [`GpuSession::decode`] (the tests check this
-//! along with the CPU executor).
+//! Numerics: RoPE, the KV write and attention compute a row exactly as the sequence's own
+//! one-token decode does (the key splits are the session's own), and every other kernel computes
+//! each row independently of the others. Whether a row's bits are also independent of the pass
+//! size is up to those kernels: on every fixture checkpoint and toy model they are (the tests
+//! require logits bit-identical to [`GpuSession::decode`]); at gpt-oss-20b size some kernel's
+//! summation order depends on the pass size (not located yet: likely the experts', whose launch
+//! shape changes with it; a verify pass already differs from decode the same way), giving
+//! relative logit differences of ~1e-3 on the synthetic model (`gpu-decode`, BENCHMARKS.md), so
+//! near-tie greedy tokens can differ from decoding alone.
 //!
 //! A [`GpuBatch`] owns the pass's activation buffers (a `MAX_TOKENS`-row set, as one session
 //! holds) and its graphs; the sessions keep only their KV caches and lengths. All-or-nothing: on
@@ -140,8 +145,8 @@ impl GpuBatch {
     }
 
     /// Appends `tokens[i]` to `sessions[i]` for every `i` in one pass and returns each one's
-    /// logits (bit-identical to `sessions[i].decode(tokens[i])`). 1..=[`MAX_TOKENS`] sessions of
-    /// this batch's model; all-or-nothing.
+    /// logits (what `sessions[i].decode(tokens[i])` gives; see the module docs on numerics).
+    /// 1..=[`MAX_TOKENS`] sessions of this batch's model; all-or-nothing.
     pub fn decode(
         &mut self,
         sessions: &mut [&mut GpuSession],
