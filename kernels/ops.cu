@@ -469,18 +469,19 @@ struct RopeOut {
     float attn_factor, value_scale;
 };
 
-// Stores rows (row0, row0 + 1) of token t of a rope-pair-ordered QKV projection (row0 even).
-__device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uint32_t n,
-                                           uint32_t t, float v0, float v1) {
-    const uint64_t pos = (uint64_t)ro.step[0] + t;
-    const uint64_t slot = pos % ro.capacity;
+// Stores rows (row0, row0 + 1) of token t of a rope-pair-ordered QKV projection (row0 even),
+// the token at position `pos`, its k and v into `k_cache` / `v_cache` of `capacity` slots.
+__device__ __forceinline__ void rope_store_kv(const RopeOut& ro, uint64_t pos, float* k_cache,
+                                              float* v_cache, uint32_t capacity, uint32_t row0,
+                                              uint32_t n, uint32_t t, float v0, float v1) {
+    const uint64_t slot = pos % capacity;
     const uint32_t qrows = ro.nh * ro.d, krows = ro.nkv * ro.d;
     if (row0 < qrows + krows) {
         const bool is_q = row0 < qrows;
         const uint32_t base = is_q ? row0 : row0 - qrows;
         const uint32_t head = base / ro.d, l = base % ro.d;
         float* dst = is_q ? ro.q_out + ((size_t)t * ro.nh + head) * ro.d
-                          : ro.k_cache + (slot * ro.nkv + head) * ro.d;
+                          : k_cache + (slot * ro.nkv + head) * ro.d;
         if (l < ro.rot) {
             const uint32_t half = ro.rot / 2, f = l / 2;
             const double a = (double)__fmul_rn(ro.inv_freq[f], (float)pos);
@@ -500,20 +501,28 @@ __device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uin
         const uint32_t row = row0 + r;
         if (row >= n) break;
         const uint32_t idx = row - qrows - krows, g = idx / ro.dv, i = idx % ro.dv;
-        ro.v_cache[(slot * ro.nkv + g) * ro.dv + i] = __fmul_rn(vals[r], ro.value_scale);
+        v_cache[(slot * ro.nkv + g) * ro.dv + i] = __fmul_rn(vals[r], ro.value_scale);
     }
+}
+
+// rope_store_kv at position step[0] + t into the RopeOut's cache.
+__device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uint32_t n,
+                                           uint32_t t, float v0, float v1) {
+    rope_store_kv(ro, (uint64_t)ro.step[0] + t, ro.k_cache, ro.v_cache, ro.capacity, row0, n, t,
+                  v0, v1);
 }
 
 // One warp computes R consecutive rows for TT tokens (t ≤ TT of them are real; the others
 // re-read token t−1 and are not stored). Lane l handles the 16-byte vectors l, l+32, ... of
 // each row, U·R weight loads in flight. Requires K % (16 / sizeof(weight)) == 0 and 16-byte
 // aligned W and x.
-// With ROPE (R = 2), the rows go through rope_store instead of into y.
-template <bool BF16, int TT, int R, int U, bool ROPE = false>
+// With ROPE (R = 2), the rows go through rope_store(*ro, ...) instead of into y (RO: RopeOut, or
+// RopeOutRows of the batched decode at the end of this file).
+template <bool BF16, int TT, int R, int U, bool ROPE = false, typename RO = RopeOut>
 __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const float* __restrict__ bias,
                                            const float* __restrict__ x, float* __restrict__ y,
                                            uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate,
-                                           uint32_t prefetch, const RopeOut* ro = nullptr) {
+                                           uint32_t prefetch, const RO* ro = nullptr) {
     constexpr int E = BF16 ? 8 : 4;
     const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -689,17 +698,18 @@ extern "C" __global__ void linear_generic(const void* __restrict__ wv, uint32_t 
 
 // grid (n_heads + 2·n_kv, T), block 128. Block (h, t): q head h, k head h − n_heads, or v head
 // h − n_heads − n_kv of token t.
-extern "C" __global__ void rope_kv_write(const float* qkv, const uint32_t* step, uint32_t nh,
-                                         uint32_t nkv, uint32_t d, uint32_t dv, uint32_t rot,
-                                         const float* inv_freq, float attn_factor,
-                                         const float* q_norm, const float* k_norm, float eps,
-                                         float value_scale, float* q_out, float* k_cache,
-                                         float* v_cache, uint32_t capacity) {
-    pdl_begin();
+// Block (blockIdx.x, t) of rope_kv_write for the token of row t at position `pos`.
+__device__ __forceinline__ void rope_kv_write_row(const float* qkv, uint64_t pos, uint32_t t,
+                                                  uint32_t nh, uint32_t nkv, uint32_t d,
+                                                  uint32_t dv, uint32_t rot,
+                                                  const float* inv_freq, float attn_factor,
+                                                  const float* q_norm, const float* k_norm,
+                                                  float eps, float value_scale, float* q_out,
+                                                  float* k_cache, float* v_cache,
+                                                  uint32_t capacity) {
     __shared__ float xs[MAX_HEAD_DIM];
     __shared__ float red[32];
-    const uint32_t hh = blockIdx.x, t = blockIdx.y;
-    const uint64_t pos = (uint64_t)step[0] + t;
+    const uint32_t hh = blockIdx.x;
     const uint64_t slot = pos % capacity;
     const size_t row_w = (size_t)nh * d + (size_t)nkv * d + (size_t)nkv * dv;
     const float* row = qkv + t * row_w;
@@ -745,6 +755,18 @@ extern "C" __global__ void rope_kv_write(const float* qkv, const uint32_t* step,
     }
 }
 
+extern "C" __global__ void rope_kv_write(const float* qkv, const uint32_t* step, uint32_t nh,
+                                         uint32_t nkv, uint32_t d, uint32_t dv, uint32_t rot,
+                                         const float* inv_freq, float attn_factor,
+                                         const float* q_norm, const float* k_norm, float eps,
+                                         float value_scale, float* q_out, float* k_cache,
+                                         float* v_cache, uint32_t capacity) {
+    pdl_begin();
+    const uint32_t t = blockIdx.y;
+    rope_kv_write_row(qkv, (uint64_t)step[0] + t, t, nh, nkv, d, dv, rot, inv_freq, attn_factor,
+                      q_norm, k_norm, eps, value_scale, q_out, k_cache, v_cache, capacity);
+}
+
 // ------------------------------------------------------------------------------------------
 // Attention (flash-decoding: partials per key split, then a combine)
 // ------------------------------------------------------------------------------------------
@@ -781,16 +803,6 @@ __device__ __forceinline__ float att_finish(float m, float l, float sink) {
     return den > 0.f ? (m == -INFINITY ? 0.f : expf(m - mx)) / den : 0.f;
 }
 
-// Decode / verify attention, one block per (key split s, KV group g, query t): the group's keys
-// and values of split s stream once through shared memory in tiles of ATT_TILE and serve all
-// G = nh / nkv query heads of the group (warp w takes heads w, w + W, ...). Lane j scores key j
-// of a tile; lane i accumulates value dims i, i + 32, ....
-//
-// With S = 1 the block writes the output. Otherwise it writes each head's (m, l, acc[dv]) to
-// scratch[MAX_TOKENS · nkv + ((t·nh + h)·S + s)·(dv + 2)] and the last block of (t, g) to finish
-// merges the S partials and the sink (counters: the first MAX_TOKENS · nkv words of scratch,
-// zero before the first launch, reset by each merge).
-// grid (S, nkv, T), block 32 · W, dynamic shared memory att_smem_floats(d, dv, W) floats.
 // The value part of a head's merge (one warp): out[c] = Σ_i part_i[c] · factor[i] / den over the
 // A splits, lane l holding dims l, l + 32, ... (VC of them), L splits' loads issued per batch
 // (the same fma order per dim as one split at a time).
@@ -821,14 +833,35 @@ __device__ __forceinline__ void att_merge_values(const float* part, const float*
         if (lane + 32 * c < dv) out[lane + 32 * c] = den > 0.f ? a[c] / den : 0.f;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_gqa(const float* q, const float* k_cache, const float* v_cache,
-                  const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv, uint32_t d,
-                  uint32_t dv, uint32_t capacity, uint32_t window, uint32_t causal, float scale,
-                  const float* sinks, float* scratch, float* out) {
+// Decode / verify attention, one block per (key split s, KV group g, query t): the group's keys
+// and values of split s stream once through shared memory in tiles of ATT_TILE and serve all
+// G = nh / nkv query heads of the group (warp w takes heads w, w + W, ...). Lane j scores key j
+// of a tile; lane i accumulates value dims i, i + 32, ....
+//
+// With S = 1 the block writes the output. Otherwise it writes each head's (m, l, acc[dv]) to
+// scratch[MAX_TOKENS · nkv + ((t·nh + h)·S + s)·(dv + 2)] and the last block of (t, g) to finish
+// merges the S partials and the sink (counters: the first MAX_TOKENS · nkv words of scratch,
+// zero before the first launch, reset by each merge).
+// grid (S, nkv, T), block 32 · W, dynamic shared memory att_smem_floats(d, dv, W) floats.
+//
+// attention_gqa_block is one such block for query row t = blockIdx.z; `resolve()` (called once
+// the row's first query is in flight) gives the row's cache, its visible keys [first, last] and
+// its key splits S ≤ `stride` = gridDim.x (blocks s ≥ S return at once; scratch partials are
+// laid out with `stride` in place of S).
+struct AttKeys {
+    const float* k_cache;
+    const float* v_cache;
+    uint64_t first, last;
+    uint32_t capacity, splits;
+};
+
+template <typename Resolve>
+__device__ __forceinline__ void attention_gqa_block(const float* q, uint32_t stride, uint32_t nh,
+                                                    uint32_t nkv, uint32_t d, uint32_t dv,
+                                                    float scale, const float* sinks,
+                                                    float* scratch, float* out, Resolve resolve) {
     extern __shared__ float att_smem[];
-    pdl_begin();
-    const uint32_t s = blockIdx.x, g = blockIdx.y, t = blockIdx.z, S = gridDim.x;
+    const uint32_t s = blockIdx.x, g = blockIdx.y, t = blockIdx.z;
     const uint32_t G = nh / nkv, W = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x & 31;
     const uint32_t kst = att_k_stride(d);
     float* ks = att_smem;               // [ATT_TILE][kst]
@@ -843,8 +876,13 @@ extern "C" __global__ void __launch_bounds__(256)
         const uint32_t i = lane + 32 * c;
         q_first[c] = w < G && i < d ? q[((size_t)t * nh + g * G + w) * d + i] : 0.f;
     }
-    uint64_t first, last;
-    visible_keys(step[0], t, t_count, causal, window, &first, &last);
+    const AttKeys keys = resolve();
+    const uint32_t S = keys.splits;
+    if (s >= S) return;
+    const float* k_cache = keys.k_cache;
+    const float* v_cache = keys.v_cache;
+    const uint32_t capacity = keys.capacity;
+    const uint64_t first = keys.first, last = keys.last;
     const uint64_t n = last + 1 - first;
     uint64_t chunk = (n + S - 1) / S;
     if (chunk < ATT_TILE) chunk = ATT_TILE;
@@ -950,7 +988,7 @@ extern "C" __global__ void __launch_bounds__(256)
             for (int c = 0; c < ATT_MAX_VC; ++c)
                 if (lane + 32 * c < dv) o[lane + 32 * c] = acc[c] * f;
         } else {
-            float* part = parts + (((size_t)t * nh + h) * S + s) * (dv + 2);
+            float* part = parts + (((size_t)t * nh + h) * stride + s) * (dv + 2);
             if (lane == 0) {
                 part[0] = m;
                 part[1] = l;
@@ -968,7 +1006,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const uint32_t A = (uint32_t)min((uint64_t)S, (n + chunk - 1) / chunk);
     for (uint32_t hl = w; hl < G; hl += W) {
         const uint32_t h = g * G + hl;
-        const float* part = parts + ((size_t)t * nh + h) * S * (dv + 2);
+        const float* part = parts + ((size_t)t * nh + h) * stride * (dv + 2);
         const float sink = sinks ? sinks[h] : -INFINITY;
         float ms[2], ls[2];
 #pragma unroll
@@ -996,6 +1034,19 @@ extern "C" __global__ void __launch_bounds__(256)
         }
         __syncwarp();
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_gqa(const float* q, const float* k_cache, const float* v_cache,
+                  const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv, uint32_t d,
+                  uint32_t dv, uint32_t capacity, uint32_t window, uint32_t causal, float scale,
+                  const float* sinks, float* scratch, float* out) {
+    pdl_begin();
+    attention_gqa_block(q, gridDim.x, nh, nkv, d, dv, scale, sinks, scratch, out, [&]() {
+        AttKeys k{k_cache, v_cache, 0, 0, capacity, gridDim.x};
+        visible_keys(step[0], blockIdx.z, t_count, causal, window, &k.first, &k.last);
+        return k;
+    });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1189,7 +1240,7 @@ extern "C" __global__ void route(const float* logits, RouteSpec rs, int32_t* ids
 // The one-token path of router_route_body for bf16 weights when a block has one row and the row
 // fits in ROUTER_CACHED vectors per thread: the block's loads (its weight row, x and the norm
 // weight) are all issued at once, before the norm's reduction, instead of one round trip after
-// another. The same products and sums as the general path (the sum of squares in another order).
+// another. The same products and sums, in the same order, as the general path.
 __device__ void router_row_cached(const void* __restrict__ wv, const float* __restrict__ bias,
                                   const float* __restrict__ x, const float* __restrict__ nw,
                                   float eps, uint32_t kdim, uint32_t row, float* hout,
@@ -1285,13 +1336,19 @@ __device__ void router_route_body(const void* __restrict__ wv, const float* __re
     }
     for (uint32_t t = 0; t < t_count; ++t) {
         const float4* xr = reinterpret_cast<const float4*>(x + (size_t)t * kdim);
+        // Thread i sums the weight vectors' spans v = i, i + blockDim.x, ... (E values each),
+        // as router_row_cached does: a token's norm, and so its row of h and its logits, are
+        // the same bits whichever path and pass size computes it (batched decode relies on it).
         float ss = 0.f;
-        for (uint32_t i = threadIdx.x; i < kdim / 4; i += blockDim.x) {
-            const float4 a = __ldg(xr + i);
-            ss = fmaf(a.x, a.x, ss);
-            ss = fmaf(a.y, a.y, ss);
-            ss = fmaf(a.z, a.z, ss);
-            ss = fmaf(a.w, a.w, ss);
+        for (uint32_t v = threadIdx.x; v < kdim / E; v += blockDim.x) {
+#pragma unroll
+            for (int q = 0; q < E / 4; ++q) {
+                const float4 a = __ldg(xr + v * (E / 4) + q);
+                ss = fmaf(a.x, a.x, ss);
+                ss = fmaf(a.y, a.y, ss);
+                ss = fmaf(a.z, a.z, ss);
+                ss = fmaf(a.w, a.w, ss);
+            }
         }
         ss = block_sum(ss, red);
         if (threadIdx.x == 0) rinv[t] = 1.0f / sqrtf(ss / (float)kdim + eps);
@@ -1719,4 +1776,81 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
     __syncthreads();
     if (tid == 0 && !sh_found) out[0] = sh_last >= 0 ? (uint32_t)sh_last : 0u;
+}
+
+// ------------------------------------------------------------------------------------------
+// Batched decode (crates/tilert/src/ops/rows.rs): one pass over T rows, each row the next token
+// of its own sequence — its own KV cache, position and key splits, read from a per-row table in
+// device memory (written before each graph replay). Everything else in the pass is the same
+// kernels as a T-token pass; these variants only replace the ops that touch the KV cache.
+// ------------------------------------------------------------------------------------------
+
+// One row of one layer (`ops::rows::KvRow`): the row's sequence's cache of the layer, the
+// position of the row's token and its attention key splits. 32 bytes.
+struct KvRow {
+    float* k_cache;
+    float* v_cache;
+    uint32_t capacity;
+    uint32_t pos;
+    uint32_t splits;
+    uint32_t pad;
+};
+
+// The fused QKV projection's destinations for a batched pass: q rows to ro.q_out, k and v into
+// each row's own cache (ro's step / k_cache / v_cache / capacity are unused).
+struct RopeOutRows {
+    RopeOut ro;
+    const KvRow* rows;
+};
+
+__device__ __forceinline__ void rope_store(const RopeOutRows& rr, uint32_t row0, uint32_t n,
+                                           uint32_t t, float v0, float v1) {
+    const KvRow& r = rr.rows[t];
+    rope_store_kv(rr.ro, r.pos, r.k_cache, r.v_cache, r.capacity, row0, n, t, v0, v1);
+}
+
+#define LINEAR_QKV_ROPE_ROWS(NAME, BF, TT, U)                                                   \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+        const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
+        uint32_t n, uint32_t k, uint32_t t, RopeOutRows rr) {                                    \
+        linear_vec<BF, TT, 2, U, true, RopeOutRows>(w, bias, x, nullptr, n, k, t, 0, 0, &rr);    \
+    }
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_bf16_t1, true, 1, 4)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_bf16_t2, true, 2, 2)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_bf16_t4, true, 4, 2)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_bf16_t8, true, 8, 1)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_bf16_t16, true, 16, 1)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_f32_t1, false, 1, 4)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_f32_t2, false, 2, 2)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_f32_t4, false, 4, 2)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_f32_t8, false, 8, 1)
+LINEAR_QKV_ROPE_ROWS(linear_qkv_rope_rows_f32_t16, false, 16, 1)
+
+// rope_kv_write with row t's position and cache from rows[t]. grid (n_heads + 2·n_kv, T).
+extern "C" __global__ void rope_kv_write_rows(const float* qkv, const KvRow* rows, uint32_t nh,
+                                              uint32_t nkv, uint32_t d, uint32_t dv, uint32_t rot,
+                                              const float* inv_freq, float attn_factor,
+                                              const float* q_norm, const float* k_norm,
+                                              float eps, float value_scale, float* q_out) {
+    pdl_begin();
+    const uint32_t t = blockIdx.y;
+    const KvRow r = rows[t];
+    rope_kv_write_row(qkv, r.pos, t, nh, nkv, d, dv, rot, inv_freq, attn_factor, q_norm, k_norm,
+                      eps, value_scale, q_out, r.k_cache, r.v_cache, r.capacity);
+}
+
+// Causal decode attention of row t's one query (position rows[t].pos) over its own cache, cut
+// into rows[t].splits key splits (≤ gridDim.x): exactly the blocks attention_gqa runs for that
+// sequence's one-token pass. grid (max splits, nkv, T); scratch as attention_gqa's.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_gqa_rows(const float* q, const KvRow* rows, uint32_t nh, uint32_t nkv, uint32_t d,
+                       uint32_t dv, uint32_t window, float scale, const float* sinks,
+                       float* scratch, float* out) {
+    pdl_begin();
+    attention_gqa_block(q, gridDim.x, nh, nkv, d, dv, scale, sinks, scratch, out, [&]() {
+        const KvRow r = rows[blockIdx.z];
+        AttKeys k{r.k_cache, r.v_cache, 0, 0, r.capacity, r.splits};
+        visible_keys(r.pos, 0, 1, 1, window, &k.first, &k.last);
+        return k;
+    });
 }

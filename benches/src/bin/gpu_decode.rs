@@ -4,7 +4,9 @@
 //! Reports, in one run: the streaming-read ceiling; batch-1 decode tokens/s and its share of the
 //! roofline (weight bytes per token ÷ that ceiling); a per-op time breakdown from a profiled
 //! graph replay; verify-step time for B = 2, 4, 8, 16 against the decode step and against the
-//! distinct-expert byte ratio; per-token latency of the tiny fixture checkpoints. Writes a
+//! distinct-expert byte ratio; aggregate tokens/s of batched decode (`GpuBatch`: N sequences,
+//! one pass per step) for N = 1, 2, 4, 8, 16 against the same N sequences decoded one after
+//! another; per-token latency of the tiny fixture checkpoints. Writes a
 //! markdown table (stdout and `<json stem>.md`), JSON (`--json`) and an SVG bar chart of time per
 //! op (`<json stem>.svg`).
 
@@ -16,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
-use tilert::exec::{GpuModel, GpuSession};
+use tilert::exec::{GpuBatch, GpuModel, GpuSession};
 use ultra_benches::{median, time_us, BenchKernels};
 
 #[derive(Parser)]
@@ -39,6 +41,12 @@ struct Args {
     /// Folder with the tiny fixture checkpoints (skipped when absent).
     #[arg(long, default_value = "fixtures")]
     fixtures: PathBuf,
+    /// Only the batched-decode comparison (skips the ceiling, the profile, verify and fixtures).
+    #[arg(long)]
+    batch_only: bool,
+    /// Decode steps per timed window of the batched-decode comparison.
+    #[arg(long, default_value_t = 32)]
+    batch_steps: usize,
 }
 
 #[derive(Serialize)]
@@ -56,6 +64,22 @@ struct VerifyRow {
     vs_decode: f64,
     distinct_experts_last_layer: f64,
     byte_ratio: f64,
+}
+
+#[derive(Serialize)]
+struct BatchRow {
+    sequences: usize,
+    /// First step: max |batched − alone| / (1 + max|logit|) over the rows, and the rows whose
+    /// greedy token differs.
+    max_rel_logit_diff: f64,
+    argmax_mismatches: usize,
+    /// Batched: one `GpuBatch::decode_greedy` pass per step over all N sequences.
+    batched_ms_per_step: f64,
+    batched_tokens_per_s: f64,
+    /// Sequential: N `GpuSession::decode_greedy` calls per step.
+    sequential_ms_per_step: f64,
+    sequential_tokens_per_s: f64,
+    speedup: f64,
 }
 
 #[derive(Serialize)]
@@ -81,6 +105,7 @@ struct Report {
     ops: Vec<OpRow>,
     profiled_step_us: f64,
     verify: Vec<VerifyRow>,
+    batch: Vec<BatchRow>,
     fixtures: Vec<FixtureRow>,
 }
 
@@ -102,9 +127,146 @@ fn decode_ms(s: &mut GpuSession, first: u32, n: usize) -> Result<(f64, u32)> {
     Ok((t0.elapsed().as_secs_f64() * 1e3 / n as f64, tok))
 }
 
+/// Batched decode against sequential decode of the same N sequences (each prefilled with its
+/// own `prompt`-token prompt), median over `repeats` windows of `steps` greedy steps. Checks
+/// first that a batched step gives every sequence the token its own decode gives.
+fn batch_rows(
+    gpu: &GpuModel,
+    args: &Args,
+    rng: &mut u64,
+    counts: &[usize],
+) -> Result<Vec<BatchRow>> {
+    let v = gpu.config().vocab_size as u32;
+    let mut batch = GpuBatch::new(gpu).context("batch buffers")?;
+    let mut out = Vec::new();
+    for &n in counts {
+        let mut seqs = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        for _ in 0..n {
+            let prompt: Vec<u32> = (0..args.prompt).map(|_| lcg(rng) % v).collect();
+            let mut s = gpu.session(args.max_seq).context("session")?;
+            next.push(s.prefill_greedy(&prompt).context("prefill")?);
+            seqs.push(s);
+        }
+        // Before timing: one batched step against each sequence's own step, reported (at this
+        // size the expert kernels' summation order depends on the pass size, as verify's does,
+        // and a random model's near-tie routing can amplify that); only non-finite logits fail.
+        let mut solo = Vec::with_capacity(n);
+        for (s, &t) in seqs.iter_mut().zip(&next) {
+            solo.push(s.decode(t)?);
+            s.truncate(s.len() - 1)?;
+        }
+        let mut refs: Vec<&mut GpuSession> = seqs.iter_mut().collect();
+        let got = batch.decode(&mut refs, &next)?;
+        let (mut diff, mut mismatches) = (0f64, 0usize);
+        for (g, w) in got.iter().zip(&solo) {
+            let mag = w.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            let d = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) as f64;
+            anyhow::ensure!(
+                g.iter().all(|x| x.is_finite()),
+                "N={n}: non-finite batched logits"
+            );
+            diff = diff.max(d / (1.0 + mag));
+            mismatches += usize::from(argmax(g) != argmax(w));
+        }
+        next = got.iter().map(|l| argmax(l)).collect();
+        let mut batched = Vec::new();
+        let mut sequential = Vec::new();
+        for rep in 0..=args.repeats {
+            let mut refs: Vec<&mut GpuSession> = seqs.iter_mut().collect();
+            let t0 = Instant::now();
+            for _ in 0..args.batch_steps {
+                next = batch.decode_greedy(&mut refs, &next)?;
+            }
+            let b_ms = t0.elapsed().as_secs_f64() * 1e3 / args.batch_steps as f64;
+            let t0 = Instant::now();
+            for _ in 0..args.batch_steps {
+                for (s, t) in seqs.iter_mut().zip(next.iter_mut()) {
+                    *t = s.decode_greedy(*t)?;
+                }
+            }
+            let s_ms = t0.elapsed().as_secs_f64() * 1e3 / args.batch_steps as f64;
+            if rep > 0 {
+                // The first window captures the graphs.
+                batched.push(b_ms);
+                sequential.push(s_ms);
+            }
+        }
+        let (b, s) = (median(&batched), median(&sequential));
+        eprintln!(
+            "batched decode N={n}: {b:.3} ms/step vs sequential {s:.3} ms/step (first step: max \
+             |Δ|/(1+max|logit|) {diff:.2e} vs each alone, {mismatches} greedy tokens differ)"
+        );
+        out.push(BatchRow {
+            sequences: n,
+            max_rel_logit_diff: diff,
+            argmax_mismatches: mismatches,
+            batched_ms_per_step: b,
+            batched_tokens_per_s: n as f64 * 1e3 / b,
+            sequential_ms_per_step: s,
+            sequential_tokens_per_s: n as f64 * 1e3 / s,
+            speedup: s / b,
+        });
+    }
+    Ok(out)
+}
+
+fn batch_markdown(rows: &[BatchRow], args: &Args) -> String {
+    let mut s = format!(
+        "\nBatched decode (`GpuBatch`, one pass per step over N sequences of {} prompt tokens, \
+         sessions of {} positions) vs the same N sequences decoded one after another:\n\n\
+         | N | batched ms/step | batched tok/s | sequential ms/step | sequential tok/s | speedup | \
+         first step vs alone: max Δ/(1+max|logit|), greedy tokens differing |\n\
+         |---|---|---|---|---|---|---|\n",
+        args.prompt, args.max_seq
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {:.3} | {:.0} | {:.3} | {:.0} | {:.2}× | {:.1e}, {} of {} |\n",
+            r.sequences,
+            r.batched_ms_per_step,
+            r.batched_tokens_per_s,
+            r.sequential_ms_per_step,
+            r.sequential_tokens_per_s,
+            r.speedup,
+            r.max_rel_logit_diff,
+            r.argmax_mismatches,
+            r.sequences
+        );
+    }
+    s
+}
+
+const BATCH_COUNTS: [usize; 5] = [1, 2, 4, 8, 16];
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let gpu = ultra_benches::synthetic_gpt_oss_20b()?;
+    if args.batch_only {
+        let mut rng = 777u64;
+        let rows = batch_rows(&gpu, &args, &mut rng, &BATCH_COUNTS)?;
+        let md = format!(
+            "gpt-oss-20b dimensions, synthetic weights — {}\n{}",
+            gpu.device().info,
+            batch_markdown(&rows, &args)
+        );
+        println!("{md}");
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+            std::fs::write(path.with_extension("md"), &md)?;
+        }
+        return Ok(());
+    }
     let config = Arc::new(gpu.config().clone());
     let info = gpu.device().info.clone();
     let stream = gpu.stream().clone();
@@ -216,6 +378,7 @@ fn main() -> Result<()> {
         });
     }
     drop(s);
+    let batch = batch_rows(&gpu, &args, &mut rng, &BATCH_COUNTS)?;
     drop(gpu);
 
     // Tiny fixtures: per-token latency (graphs, greedy).
@@ -266,9 +429,11 @@ fn main() -> Result<()> {
         ops,
         profiled_step_us: profiled_step,
         verify,
+        batch,
         fixtures,
     };
-    let md = markdown(&report);
+    let mut md = markdown(&report);
+    md += &batch_markdown(&report.batch, &args);
     println!("{md}");
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

@@ -1,7 +1,8 @@
 //! `ultra serve --device cuda` over real loopback sockets (gRPC): the same output as `ultra
 //! generate --device cuda` for the same seed — greedy and sampled, several streams at once, a
 //! long prompt prefilled in chunks, a reused (pooled) sequence; cancellation (Abort and client
-//! disconnect) freeing the slot; and DFlash with the drafter on the GPU giving plain GPU
+//! disconnect) freeing the slot; 20 concurrent greedy requests (batched decode passes) giving
+//! each one's output alone; and DFlash with the drafter on the GPU giving plain GPU
 //! decoding's output. Model: the tiny `qwen3-moe/native` fixture. Skips with a `SKIPPED` line
 //! where there is no GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else
 //! the repository's.
@@ -193,6 +194,47 @@ async fn gpu_server_matches_ultra_generate_cuda() {
         let u = got.complete.usage.as_ref().unwrap();
         assert_eq!(u.prompt_tokens as usize, ids.len());
     }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_server_batched_decode_matches_alone() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("gpu_server_batched_decode_matches_alone") else {
+        return;
+    };
+    // 20 greedy requests of different prompt lengths: alone one after another, then all at once
+    // (decode steps batch up to 16 sequences per pass: two passes per step while all 20 run).
+    let server = start(engine_cfg(20, 4096), None).await;
+    let prompts: Vec<String> = (0..20)
+        .map(|i| format!("Request {i}: {}", "the quick brown fox ".repeat(1 + i % 7)))
+        .collect();
+    let (_, greedy) = params((0.0, None, None, 16));
+    let run = |prompt: String, addr: std::net::SocketAddr, s: pb::SamplingParams| async move {
+        let mut cl = EngineClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        collect(cl.generate(request(&prompt, s)).await.unwrap().into_inner()).await
+    };
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(
+            run(p.clone(), server.grpc_addr, greedy.clone())
+                .await
+                .tokens,
+        );
+    }
+    let together: Vec<_> = prompts
+        .iter()
+        .map(|p| tokio::spawn(run(p.clone(), server.grpc_addr, greedy.clone())))
+        .collect();
+    for (i, t) in together.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(got.tokens.len(), 16);
+        assert_eq!(got.tokens, alone[i], "request {i}: concurrent vs alone");
+    }
+    // And alone is `ultra generate --device cuda`.
+    let (_, want) = reference(&prompts[3], &params((0.0, None, None, 16)).0);
+    assert_eq!(alone[3], want.tokens);
     server.shutdown().await.unwrap();
 }
 

@@ -20,6 +20,8 @@
 //! buffer written before each replay, so one captured graph per `(T, logits)` serves every step.
 //! Hidden states asked for by a speculative drafter are copied out inside the pass (the capture
 //! set is part of the session; changing it drops the captured graphs).
+//!
+//! [`GpuBatch`] runs the same pass with one row per session (batched decode; see its module).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +39,9 @@ use crate::moe::{DeviceMoe, MoeKernels};
 use crate::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
 use crate::tensor::DeviceMatrix;
 use crate::{Device, RuntimeError};
+
+mod batch;
+pub use batch::GpuBatch;
 
 /// Default truncation depth a [`GpuSession`] keeps exact (as the CPU executor's).
 pub const DEFAULT_MAX_ROLLBACK: usize = model::cpu::DEFAULT_MAX_ROLLBACK;
@@ -870,7 +875,7 @@ impl GpuSession {
             }
             self.graphs[&key].launch()?;
         } else {
-            self.encode(t, logits, &mut |_| Ok(()))?;
+            self.encode(t, logits, None, &mut |_| Ok(()))?;
         }
         self.len += t;
         self.high_water = self.high_water.max(self.len);
@@ -879,25 +884,28 @@ impl GpuSession {
 
     fn capture_graph(&self, t: usize, logits: Logits) -> Result<CudaGraph, RuntimeError> {
         capture_graph(&self.model.inner.stream, || {
-            self.encode(t, logits, &mut |_| Ok(()))
+            self.encode(t, logits, None, &mut |_| Ok(()))
         })
     }
 
     /// Enqueues one pass of `t` tokens (io buffer already written); `mark(label)` is called after
     /// each op's launch (profiling records an event there). An error names the op and layer it
     /// came from. With `ULTRA_TRACE_OPS=1` in the environment (and graphs off) every op is
-    /// followed by a synchronization, so asynchronous faults are pinned to their op too.
+    /// followed by a synchronization, so asynchronous faults are pinned to their op too. With
+    /// `rows`, the pass is a batched decode ([`GpuBatch`]): row `t` is the next token of its own
+    /// sequence, whose cache `rows` names (this session only lends its activation buffers).
     fn encode(
         &self,
         t: usize,
         logits: Logits,
+        rows: Option<&batch::RowPass>,
         mark: &mut dyn FnMut(&'static str) -> Result<(), RuntimeError>,
     ) -> Result<(), RuntimeError> {
         let trace = !self.use_graphs && std::env::var("ULTRA_TRACE_OPS").is_ok_and(|v| v == "1");
         let stream = self.model.inner.stream.clone();
         let mut done = 0usize;
         let mut last = "start";
-        let r = self.encode_ops(t, logits, &mut |label| {
+        let r = self.encode_ops(t, logits, rows, &mut |label| {
             done += 1;
             last = label;
             if trace {
@@ -918,6 +926,7 @@ impl GpuSession {
         &self,
         t: usize,
         logits: Logits,
+        rows: Option<&batch::RowPass>,
         mark: &mut dyn FnMut(&'static str) -> Result<(), RuntimeError>,
     ) -> Result<(), RuntimeError> {
         let m = &*self.model.inner;
@@ -937,24 +946,33 @@ impl GpuSession {
         let k = cfg.top_k;
         for (l, (spec, layer)) in cfg.layers.iter().zip(&m.layers).enumerate() {
             let args = attn_args(m, spec, layer, &self.kv[l]);
-            if layer.qkv_rope_fused {
-                m.ops
-                    .linear_qkv_rope(s, &layer.qkv, layer.qkv_bias, b.h, t, &args, step, b.q)?;
-                mark("qkv_rope_kv")?;
+            if let Some(rows) = rows {
+                rows.attention(m, l, layer, &args, b, t, mark)?;
             } else {
+                if layer.qkv_rope_fused {
+                    m.ops.linear_qkv_rope(
+                        s,
+                        &layer.qkv,
+                        layer.qkv_bias,
+                        b.h,
+                        t,
+                        &args,
+                        step,
+                        b.q,
+                    )?;
+                    mark("qkv_rope_kv")?;
+                } else {
+                    m.ops
+                        .linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
+                    mark("qkv")?;
+                    m.ops.rope_kv_write(s, &args, b.qkv, t, step, b.q)?;
+                    mark("rope_kv")?;
+                }
+                let keys = self.attention_keys(l);
                 m.ops
-                    .linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
-                mark("qkv")?;
-                m.ops.rope_kv_write(s, &args, b.qkv, t, step, b.q)?;
-                mark("rope_kv")?;
+                    .attention(s, &args, b.q, t, step, true, keys, b.attn_scratch, b.attn)?;
+                mark("attention")?;
             }
-            let keys = match spec.attn {
-                AttnKind::Full => self.max_keys.min(self.kv[l].capacity),
-                AttnKind::Sliding { window } => (window + MAX_TOKENS).min(self.kv[l].capacity),
-            };
-            m.ops
-                .attention(s, &args, b.q, t, step, true, keys, b.attn_scratch, b.attn)?;
-            mark("attention")?;
             m.ops
                 .linear(s, &layer.o, layer.o_bias, b.attn, t, x, true)?;
             mark("o_proj")?;
@@ -1054,6 +1072,14 @@ impl GpuSession {
             mark("argmax")?;
         }
         Ok(())
+    }
+
+    /// The keys that size layer `l`'s attention splits (the session's size, or the window).
+    fn attention_keys(&self, l: usize) -> usize {
+        match self.model.inner.config.layers[l].attn {
+            AttnKind::Full => self.max_keys.min(self.kv[l].capacity),
+            AttnKind::Sliding { window } => (window + MAX_TOKENS).min(self.kv[l].capacity),
+        }
     }
 
     fn capture_hidden(&self, idx: usize, rows: DPtr<f32>, t: usize) -> Result<(), RuntimeError> {
@@ -1316,7 +1342,7 @@ impl GpuSession {
         }
         let first = timing_event(&stream);
         let r = first.and_then(|first| {
-            let r = self.encode(tokens.len(), Logits::All, &mut |label| {
+            let r = self.encode(tokens.len(), Logits::All, None, &mut |label| {
                 events.push((label, timing_event(&stream)?));
                 Ok(())
             });

@@ -11,7 +11,8 @@
 //! * [`ops`]: the dense ops of a step (`kernels/ops.cu`); [`moe`]: routed experts
 //!   (`kernels/mxfp4.cu`);
 //! * [`exec`]: the op-by-op executor (`GpuModel`, `GpuSession`) with decode / verify steps
-//!   captured as CUDA graphs;
+//!   captured as CUDA graphs, and batched decode of many sessions in one pass (`GpuBatch`;
+//!   its KV-cache ops: [`ops::rows`]);
 //! * [`draft`]: DFlash drafters on the GPU (`GpuDrafter`) and the speculative loop's GPU backend
 //!   (`GpuSpec`, running `dflash::run_speculative`).
 

@@ -25,6 +25,8 @@ use crate::arena::DPtr;
 use crate::tensor::{DenseData, DeviceMatrix};
 use crate::RuntimeError;
 
+pub mod rows;
+
 /// Most tokens one pass handles (verify blocks are 2..=16; prefill runs in chunks of this).
 pub const MAX_TOKENS: usize = 16;
 
@@ -146,6 +148,7 @@ enum Arg {
     F32(f32),
     Route(RouteSpec),
     Rope(RopeOut),
+    RopeRows(rows::RopeOutRows),
 }
 
 /// `struct RopeOut` of ops.cu (where the fused QKV projection's rows go), passed by value.
@@ -236,6 +239,7 @@ fn launch_with_smem(
             Arg::F32(v) => v as *mut f32 as *mut c_void,
             Arg::Route(v) => v as *mut RouteSpec as *mut c_void,
             Arg::Rope(v) => v as *mut RopeOut as *mut c_void,
+            Arg::RopeRows(v) => v as *mut rows::RopeOutRows as *mut c_void,
         })
         .collect();
     // SAFETY: every caller passes the arguments of the kernel's C signature in order, with
@@ -408,21 +412,26 @@ fn check_rope_write(
 ) -> Result<(), RuntimeError> {
     check_tokens(op, t)?;
     check_attn(op, a)?;
-    if a.rotary_dim > a.head_dim || !a.rotary_dim.is_multiple_of(2) {
-        return Err(invalid(format!(
-            "{op}: rotary_dim {} with head_dim {}",
-            a.rotary_dim, a.head_dim
-        )));
-    }
+    check_rope_geometry(op, a)?;
     if t > a.capacity {
         return Err(invalid(format!(
             "{op}: {t} tokens into a KV ring of {} slots",
             a.capacity
         )));
     }
-    check_len(&format!("{op}: inv_freq"), a.inv_freq, a.rotary_dim / 2)?;
     check_len(&format!("{op}: step"), step, 1)?;
     check_len(&format!("{op}: q_out"), q_out, t * a.n_heads * a.head_dim)
+}
+
+/// The RoPE checks of [`check_rope_write`] that involve neither a cache nor a step.
+fn check_rope_geometry(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
+    if a.rotary_dim > a.head_dim || !a.rotary_dim.is_multiple_of(2) {
+        return Err(invalid(format!(
+            "{op}: rotary_dim {} with head_dim {}",
+            a.rotary_dim, a.head_dim
+        )));
+    }
+    check_len(&format!("{op}: inv_freq"), a.inv_freq, a.rotary_dim / 2)
 }
 
 /// Whether a head of `d` dims with `rot` rotary dims can be laid out in [`rope_pair_order`].
@@ -477,6 +486,26 @@ fn att_smem_bytes(d: usize, dv: usize, warps: usize) -> usize {
 }
 
 fn check_attn(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
+    check_attn_geometry(op, a)?;
+    if a.capacity == 0 {
+        return Err(invalid(format!("{op}: KV cache capacity 0")));
+    }
+    check_len(
+        &format!("{op}: k_cache"),
+        a.k_cache,
+        a.capacity * a.n_kv_heads * a.head_dim,
+    )?;
+    check_len(
+        &format!("{op}: v_cache"),
+        a.v_cache,
+        a.capacity * a.n_kv_heads * a.v_head_dim,
+    )?;
+    u32_arg("KV cache capacity", a.capacity)?;
+    Ok(())
+}
+
+/// The checks of [`check_attn`] that do not involve the KV cache (heads, dims, window).
+fn check_attn_geometry(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
     let bad = |m: String| Err(invalid(format!("{op}: {m}")));
     if a.n_heads == 0 || a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
         return bad(format!(
@@ -496,23 +525,9 @@ fn check_attn(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
     if a.v_head_dim > MAX_HEAD_DIM {
         return bad(format!("v_head_dim {} (1..={MAX_HEAD_DIM})", a.v_head_dim));
     }
-    if a.capacity == 0 {
-        return bad("KV cache capacity 0".into());
-    }
     if a.window == Some(0) {
         return bad("sliding window of 0 keys".into());
     }
-    check_len(
-        &format!("{op}: k_cache"),
-        a.k_cache,
-        a.capacity * a.n_kv_heads * a.head_dim,
-    )?;
-    check_len(
-        &format!("{op}: v_cache"),
-        a.v_cache,
-        a.capacity * a.n_kv_heads * a.v_head_dim,
-    )?;
-    u32_arg("KV cache capacity", a.capacity)?;
     u32_arg("window", a.window.unwrap_or(0))?;
     Ok(())
 }

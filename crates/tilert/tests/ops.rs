@@ -2,7 +2,8 @@
 //! (`model::cpu::ops`, `model::cpu::rope`, `moe::route`, `model::sampling`) on fresh random
 //! inputs, at tiny sizes and at gpt-oss-20b / MiMo / Qwen3 sizes. Skipped without a GPU (fails
 //! with `ULTRA_REQUIRE_GPU=1`). The seed of each test is printed; set `ULTRA_TEST_SEED` to
-//! replay one.
+//! replay one. The batched-decode ops (`ops::rows`) are checked bit for bit against the
+//! single-sequence ops they share their code with.
 //!
 //! Tolerances: the kernels accumulate in f32 in another order than the CPU (warp trees, split
 //! keys), so a reduction of n terms may differ by a few ulp of Σ|terms|: we allow
@@ -1729,4 +1730,205 @@ fn op_timings_at_gpt_oss_sizes() {
              rms_norm + router + route (fused) {us_rr:.1} us"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched-decode ops (`ops::rows`): each row its own cache, position and key splits
+// ---------------------------------------------------------------------------------------------
+
+/// A copy of row `r`'s layer whose caches are fresh copies of its own (to run the single-sequence
+/// op on the same inputs).
+fn cache_copy(g: &mut Gpu, a: &AttnArgs) -> AttnArgs {
+    let (k, v) = (g.down(a.k_cache), g.down(a.v_cache));
+    AttnArgs {
+        k_cache: g.up(&k),
+        v_cache: g.up(&v),
+        ..*a
+    }
+}
+
+/// `rows[r] = (position, max_keys)`: the batched attention (one launch over all rows, each with
+/// `decode_splits(max_keys)` splits over its own ring) against each row as a one-token pass of
+/// `Ops::attention` with that `max_keys` — bit-identical; then RoPE + KV write (unfused, with the
+/// geometry's q/k norm) and, without q/k norm, the fused projection, each against the
+/// single-sequence op on copies of the row's cache — bit-identical q and caches.
+fn check_rows(g: &mut Gpu, rng: &mut ChaCha20Rng, geo: Geo, rows: &[(usize, usize)]) {
+    use tilert::ops::rows::{decode_splits, KvRow, RowOps, KV_ROW_WORDS};
+    let rops = RowOps::load(&g.ops).unwrap();
+    let t = rows.len();
+    let (nh, nkv, d, dv) = (geo.nh, geo.nkv, geo.d, geo.dv);
+    let a = layer(g, rng, geo).args;
+    // Every row: the shared weights / tables of `a`, its own random cache.
+    let own: Vec<AttnArgs> = (0..t)
+        .map(|_| {
+            let (k, v) = (
+                uniform(rng, geo.capacity * nkv * d, 1.0),
+                uniform(rng, geo.capacity * nkv * dv, 1.0),
+            );
+            AttnArgs {
+                k_cache: g.up(&k),
+                v_cache: g.up(&v),
+                ..a
+            }
+        })
+        .collect();
+    let table = |own: &[AttnArgs]| -> (Vec<u64>, usize) {
+        let mut words = Vec::new();
+        let mut max_s = 1;
+        for (r, &(pos, max_keys)) in rows.iter().enumerate() {
+            let s = decode_splits(&own[r], max_keys);
+            max_s = max_s.max(s);
+            let row = KvRow::new(
+                &own[r],
+                own[r].k_cache,
+                own[r].v_cache,
+                geo.capacity,
+                pos,
+                s,
+            );
+            words.extend(row.unwrap().words());
+        }
+        assert_eq!(words.len(), t * KV_ROW_WORDS);
+        (words, max_s)
+    };
+    let what = format!("rows {geo:?} {rows:?}");
+
+    // Attention.
+    let (words, max_s) = table(&own);
+    let dtable = g.up(&words);
+    let q = uniform(rng, t * nh * d, 2.0);
+    let dq = g.up(&q);
+    let scratch = g.zeros::<f32>(RowOps::attention_scratch_len(&a, t, max_s));
+    let out = g.zeros::<f32>(t * nh * dv);
+    for rep in 0..2 {
+        // Twice: the merge counters are left at zero for the next launch.
+        rops.attention(&g.stream, &a, dq, t, dtable, max_s, scratch, out)
+            .unwrap();
+        let got = g.down(out);
+        for (r, &(pos, max_keys)) in rows.iter().enumerate() {
+            let q1 = g.up(&q[r * nh * d..(r + 1) * nh * d]);
+            let step = g.up(&[pos as u32]);
+            let sc = g.zeros::<f32>(Ops::attention_scratch_len(&own[r], 1, max_keys));
+            let o1 = g.zeros::<f32>(nh * dv);
+            g.ops
+                .attention(&g.stream, &own[r], q1, 1, step, true, max_keys, sc, o1)
+                .unwrap();
+            assert_eq!(
+                got[r * nh * dv..(r + 1) * nh * dv],
+                g.down(o1)[..],
+                "{what}: attention row {r} (launch {rep})"
+            );
+        }
+    }
+
+    // RoPE + KV write, then the fused projection (weights in rope pair order).
+    let qkv_w = nh * d + nkv * d + nkv * dv;
+    let cols = 64;
+    let wv = bf16_exact(uniform(rng, qkv_w * cols, 0.5));
+    let w = DeviceMatrix::upload(&mut g.arena, &wv, qkv_w, cols, "qkv").unwrap();
+    let bias = g.up(&uniform(rng, qkv_w, 1.0));
+    let x = uniform(rng, t * cols, 1.0);
+    let qkv = uniform(rng, t * qkv_w, 1.0);
+    let (dx, dqkv) = (g.up(&x), g.up(&qkv));
+    let fused = !geo.qk_norm && tilert::ops::rope_pair_order(nh, nkv, d, dv, geo.rot).is_some();
+    for pass in 0..1 + usize::from(fused) {
+        let copies: Vec<AttnArgs> = own.iter().map(|o| cache_copy(g, o)).collect();
+        let qb = g.zeros::<f32>(t * nh * d);
+        if pass == 0 {
+            rops.rope_kv_write(&g.stream, &a, dqkv, t, dtable, qb)
+                .unwrap();
+        } else {
+            rops.linear_qkv_rope(&g.stream, &w, Some(bias), dx, t, &a, dtable, qb)
+                .unwrap();
+        }
+        let got_q = g.down(qb);
+        for (r, &(pos, _)) in rows.iter().enumerate() {
+            let step = g.up(&[pos as u32]);
+            let q1 = g.zeros::<f32>(nh * d);
+            if pass == 0 {
+                let row = g.up(&qkv[r * qkv_w..(r + 1) * qkv_w]);
+                g.ops
+                    .rope_kv_write(&g.stream, &copies[r], row, 1, step, q1)
+                    .unwrap();
+            } else {
+                let xr = g.up(&x[r * cols..(r + 1) * cols]);
+                g.ops
+                    .linear_qkv_rope(&g.stream, &w, Some(bias), xr, 1, &copies[r], step, q1)
+                    .unwrap();
+            }
+            let op = if pass == 0 {
+                "rope_kv_write"
+            } else {
+                "linear_qkv_rope"
+            };
+            assert_eq!(
+                got_q[r * nh * d..(r + 1) * nh * d],
+                g.down(q1)[..],
+                "{what}: {op} q row {r}"
+            );
+            assert_eq!(
+                g.down(own[r].k_cache),
+                g.down(copies[r].k_cache),
+                "{what}: {op} k cache row {r}"
+            );
+            assert_eq!(
+                g.down(own[r].v_cache),
+                g.down(copies[r].v_cache),
+                "{what}: {op} v cache row {r}"
+            );
+        }
+    }
+    println!("{what}: bit-identical to the single-sequence ops");
+}
+
+#[test]
+fn rows_ops_match_single_sequence_ops() {
+    let Some((mut g, mut rng)) = gpu("rows_ops_match_single_sequence_ops") else {
+        return;
+    };
+    let gpt_oss_full = Geo {
+        capacity: 8192,
+        window: None,
+        ..GPT_OSS_SLIDING
+    };
+    // gpt-oss full layers: rows at different contexts and session sizes (different splits, up
+    // to the most a one-token pass uses), the first position included.
+    check_rows(
+        &mut g,
+        &mut rng,
+        gpt_oss_full,
+        &[
+            (0, 8192),
+            (5000, 8192),
+            (700, 2048),
+            (31, 256),
+            (8000, 4096),
+        ],
+    );
+    // gpt-oss sliding layer: rings wrapped many times, 16 rows.
+    let sliding: Vec<(usize, usize)> = (0..16).map(|i| (i * 397 + 3, 144)).collect();
+    check_rows(&mut g, &mut rng, GPT_OSS_SLIDING, &sliding);
+    // MiMo geometry (d 192, dv 128, partial RoPE, value scale), ring wrap.
+    check_rows(&mut g, &mut rng, MIMO_ROPE, &[(1000, 512), (3, 512)]);
+    // q/k norm (unfused RoPE + KV write), tiny ring and window.
+    check_rows(&mut g, &mut rng, TINY_ROPE, &[(40, 16), (0, 16), (17, 16)]);
+    // Bad inputs are errors.
+    let rops = tilert::ops::rows::RowOps::load(&g.ops).unwrap();
+    let a = layer(&mut g, &mut rng, TINY_ROPE).args;
+    let short = g.zeros::<u64>(3);
+    let (q, out) = (g.zeros::<f32>(64 * 16), g.zeros::<f32>(64 * 16));
+    let scratch = g.zeros::<f32>(1 << 16);
+    let e = rops
+        .attention(&g.stream, &a, q, 1, short, 1, scratch, out)
+        .unwrap_err();
+    assert!(e.to_string().contains("row table"), "{e}");
+    let table = g.zeros::<u64>(64);
+    let e = rops
+        .attention(&g.stream, &a, q, 2, table, 65, scratch, out)
+        .unwrap_err();
+    assert!(e.to_string().contains("65 key splits"), "{e}");
+    let e = tilert::ops::rows::KvRow::new(&a, a.k_cache, a.v_cache, 17, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("k_cache"), "{e}");
+    let e = tilert::ops::rows::KvRow::new(&a, a.k_cache, a.v_cache, 16, 0, 0).unwrap_err();
+    assert!(e.to_string().contains("0 key splits"), "{e}");
 }

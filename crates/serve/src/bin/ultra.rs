@@ -58,9 +58,9 @@ struct ServeArgs {
     /// Speculation block size 2..=16 (default: the drafter's).
     #[arg(long)]
     block_size: Option<usize>,
-    /// `cpu` (the reference executor, batched decode) or `cuda` (the GPU executor on GPU 0:
-    /// the sequences decode one after another each step; with --draft the drafter runs on the
-    /// GPU too).
+    /// `cpu` (the reference executor, batched decode) or `cuda` (the GPU executor on GPU 0,
+    /// batched decode: one pass per 16 running sequences each step; with --draft the drafter
+    /// runs on the GPU too).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// Worker threads (default: all cores).

@@ -10,10 +10,16 @@
 //!   sessions are kept). When a new session cannot get device memory, the kept ones are freed
 //!   and the allocation retried once; if it still fails, that request fails with the
 //!   out-of-memory error and nothing else is touched.
-//! * Decode: **one sequence after another** — `tilert` has no multi-sequence decode pass yet, so
-//!   a step over `n` running sequences is `n` single-token graph replays (each reads every
-//!   weight once); continuous batching still admits, streams and frees requests between steps.
-//!   Logits come back to the host and are sampled there by the same code as `ultra generate`.
+//! * Decode: **one batched pass** for the running sequences ([`tilert::exec::GpuBatch`]): a step
+//!   over `n` sequences is `ceil(n / 16)` graph replays in which every weight (and each distinct
+//!   expert) is read once for up to 16 sequences, each row attending over its own KV cache. A
+//!   row's logits are bit-identical to that sequence decoded alone, so outputs do not depend on
+//!   what else is running (on every fixture model; at gpt-oss-20b size a kernel's summation
+//!   order depends on the pass size, see `tilert::exec::GpuBatch`, so a near-tie token can
+//!   differ). A single running sequence takes its own one-token graph. If a batched
+//!   pass fails (it leaves its sequences untouched), its sequences are decoded one by one, so
+//!   an error fails only the sequence it belongs to. Logits come back to the host and are
+//!   sampled there by the same code as `ultra generate`.
 //! * Prefill runs in passes of `tilert::ops::MAX_TOKENS` tokens, so chunked prefill cuts prompts
 //!   at multiples of that ([`Backend::prefill_granularity`]).
 
@@ -25,7 +31,7 @@ use dflash::SpecOptions;
 use model::config::ModelConfig;
 use model::cpu::VerifyOutput;
 use tilert::draft::{GpuDrafter, GpuSpecOn};
-use tilert::exec::{GpuModel, GpuSession};
+use tilert::exec::{GpuBatch, GpuModel, GpuSession};
 use tilert::RuntimeError;
 
 use super::backend::{Backend, KvBytes};
@@ -43,6 +49,8 @@ pub struct GpuBackend {
     pool_cap: usize,
     pool: RefCell<Vec<GpuSession>>,
     spec_pool: RefCell<Vec<GpuSpecState>>,
+    /// The batched decode pass's buffers and graphs.
+    batch: RefCell<GpuBatch>,
 }
 
 fn is_oom(e: &RuntimeError) -> bool {
@@ -71,7 +79,11 @@ impl GpuBackend {
             );
         }
         model.device().ctx.bind_to_thread()?;
+        let batch = model
+            .batch()
+            .context("allocating the batched decode buffers")?;
         let mut b = GpuBackend {
+            batch: RefCell::new(batch),
             model,
             drafter,
             max_seq,
@@ -176,10 +188,27 @@ impl Backend for GpuBackend {
             let msg = e.to_string();
             return seqs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect();
         }
-        seqs.iter_mut()
-            .zip(tokens)
-            .map(|(s, &t)| Ok(s.decode(t)?))
-            .collect()
+        if seqs.len() != tokens.len() {
+            let msg = format!("{} sequences but {} tokens", seqs.len(), tokens.len());
+            return seqs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect();
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut batch = self.batch.borrow_mut();
+        for (rows, toks) in seqs
+            .chunks_mut(tilert::ops::MAX_TOKENS)
+            .zip(tokens.chunks(tilert::ops::MAX_TOKENS))
+        {
+            if rows.len() > 1 {
+                if let Ok(logits) = batch.decode(rows, toks) {
+                    out.extend(logits.into_iter().map(Ok));
+                    continue;
+                }
+            }
+            // One sequence, or a failed pass (nothing advanced): each alone, so an error is
+            // reported for its own sequence only.
+            out.extend(rows.iter_mut().zip(toks).map(|(s, &t)| Ok(s.decode(t)?)));
+        }
+        out
     }
 
     fn forward(

@@ -1,0 +1,363 @@
+//! The KV-cache ops of a **batched decode** pass (`kernels/ops.cu`, "Batched decode"): a pass of
+//! `T ≤ MAX_TOKENS` rows where row `t` is the next token of its own sequence.
+//!
+//! Every other op of such a pass is the ordinary `T`-token op of [`super::Ops`] (embedding, norms,
+//! projections, router, experts, LM head treat rows independently). Only the three ops that touch
+//! a sequence's cache differ: [`RowOps::rope_kv_write`], [`RowOps::linear_qkv_rope`] and
+//! [`RowOps::attention`] read, per row, the row's KV cache, its position and its attention key
+//! splits from a **row table** in device memory — [`KvRow`]s, one per row, written before each
+//! pass (so one captured graph per `T` serves any set of sequences). They share their device code
+//! with the single-sequence kernels ([`super::Ops::rope_kv_write`], [`super::Ops::linear_qkv_rope`],
+//! [`super::Ops::attention`]) and compute a row exactly as those compute a one-token pass of that
+//! sequence with the same key splits: the results are bit-identical.
+//!
+//! In these ops the cache fields of [`AttnArgs`] (`k_cache`, `v_cache`, `capacity`) are unused:
+//! only its geometry, tables and weights are read.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream};
+
+use super::{
+    att_smem_bytes, attention_splits, attention_warps, check_attn_geometry, check_len,
+    check_rope_geometry, check_tokens, invalid, launch, launch_with_smem, matrix_data,
+    rope_pairs_fit, token_bucket, u32_arg, AttnArgs, Ops, RopeOut, ATT_COUNTERS, ATT_MAX_SPLITS,
+    ATT_MAX_WARPS, LINEAR_THREADS, LINEAR_TOKENS, MAX_HEAD_DIM,
+};
+use crate::arena::DPtr;
+use crate::tensor::DeviceMatrix;
+use crate::RuntimeError;
+
+/// `u64` words of one [`KvRow`] in a row table (`struct KvRow` of ops.cu, 32 bytes).
+pub const KV_ROW_WORDS: usize = 4;
+
+/// One row of a batched pass for one layer: that row's sequence's cache of the layer, the
+/// position of the row's token and the key splits its attention uses.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRow {
+    k_cache: DPtr<f32>,
+    v_cache: DPtr<f32>,
+    capacity: u32,
+    pos: u32,
+    splits: u32,
+}
+
+impl KvRow {
+    /// The row of the token at `pos` over a cache of `capacity` slots (position p in slot
+    /// `p % capacity`) laid out as `a`'s geometry, its attention cut into `splits` key splits
+    /// (1..=[`max_splits`]; [`decode_splits`] gives the ones a one-token pass of the sequence
+    /// uses). Checks the cache sizes, so a table of `KvRow`s never sends a kernel out of bounds.
+    pub fn new(
+        a: &AttnArgs,
+        k_cache: DPtr<f32>,
+        v_cache: DPtr<f32>,
+        capacity: usize,
+        pos: usize,
+        splits: usize,
+    ) -> Result<Self, RuntimeError> {
+        check_attn_geometry("KvRow", a)?;
+        if capacity == 0 {
+            return Err(invalid("KvRow: KV cache capacity 0".into()));
+        }
+        check_len(
+            "KvRow: k_cache",
+            k_cache,
+            capacity * a.n_kv_heads * a.head_dim,
+        )?;
+        check_len(
+            "KvRow: v_cache",
+            v_cache,
+            capacity * a.n_kv_heads * a.v_head_dim,
+        )?;
+        if splits == 0 || splits > ATT_MAX_SPLITS {
+            return Err(invalid(format!(
+                "KvRow: {splits} key splits (1..={ATT_MAX_SPLITS})"
+            )));
+        }
+        Ok(Self {
+            k_cache,
+            v_cache,
+            capacity: u32_arg("KV cache capacity", capacity)?,
+            pos: u32_arg("position", pos)?,
+            splits: splits as u32,
+        })
+    }
+
+    /// The row as the kernels read it.
+    pub fn words(&self) -> [u64; KV_ROW_WORDS] {
+        [
+            self.k_cache.addr(),
+            self.v_cache.addr(),
+            u64::from(self.capacity) | (u64::from(self.pos) << 32),
+            u64::from(self.splits),
+        ]
+    }
+
+    pub fn splits(&self) -> usize {
+        self.splits as usize
+    }
+}
+
+/// The most key splits a row may use.
+pub const fn max_splits() -> usize {
+    ATT_MAX_SPLITS
+}
+
+/// The key splits [`Ops::attention`] uses for a one-token pass (a decode step) whose keys are
+/// sized by `max_keys`: a row with these splits is computed exactly as that pass computes it.
+pub fn decode_splits(a: &AttnArgs, max_keys: usize) -> usize {
+    attention_splits(a, 1, max_keys)
+}
+
+/// `struct RopeOutRows` of ops.cu, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RopeOutRows {
+    ro: RopeOut,
+    rows: u64,
+}
+
+/// The loaded batched-decode kernels (from the same module image as [`Ops`]).
+pub struct RowOps {
+    _module: Arc<CudaModule>,
+    rope_kv_write: CudaFunction,
+    qkv_rope_bf16: [CudaFunction; LINEAR_TOKENS.len()],
+    qkv_rope_f32: [CudaFunction; LINEAR_TOKENS.len()],
+    attention: CudaFunction,
+}
+
+fn check_rows(op: &str, rows: DPtr<u64>, t: usize) -> Result<(), RuntimeError> {
+    check_tokens(op, t)?;
+    check_len(&format!("{op}: row table"), rows, t * KV_ROW_WORDS)
+}
+
+impl RowOps {
+    /// The batched-decode kernels of `ops`' module.
+    pub fn load(ops: &Ops) -> Result<Self, RuntimeError> {
+        let module = ops._module.clone();
+        let f = |name: &str| module.load_function(name);
+        let bucketed = |ty: &str| -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
+            let fs = LINEAR_TOKENS
+                .iter()
+                .map(|tt| f(&format!("linear_qkv_rope_rows_{ty}_t{tt}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(<[CudaFunction; LINEAR_TOKENS.len()]>::try_from(fs)
+                .unwrap_or_else(|_| unreachable!("one kernel per bucket")))
+        };
+        let attention = f("attention_gqa_rows")?;
+        attention.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            att_smem_bytes(MAX_HEAD_DIM, MAX_HEAD_DIM, ATT_MAX_WARPS) as i32,
+        )?;
+        Ok(Self {
+            rope_kv_write: f("rope_kv_write_rows")?,
+            qkv_rope_bf16: bucketed("bf16")?,
+            qkv_rope_f32: bucketed("f32")?,
+            attention,
+            _module: module,
+        })
+    }
+
+    /// [`Ops::rope_kv_write`] for `t` rows: row `t`'s q/k norm, RoPE at its position and k, v
+    /// into its cache, all from `rows` (`t` [`KvRow`]s, as [`KvRow::words`]).
+    pub fn rope_kv_write(
+        &self,
+        s: &CudaStream,
+        a: &AttnArgs,
+        qkv: DPtr<f32>,
+        t: usize,
+        rows: DPtr<u64>,
+        q_out: DPtr<f32>,
+    ) -> Result<(), RuntimeError> {
+        check_rows("rope_kv_write_rows", rows, t)?;
+        check_attn_geometry("rope_kv_write_rows", a)?;
+        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
+        check_rope_geometry("rope_kv_write_rows", a)?;
+        check_len("rope_kv_write_rows: q_out", q_out, t * nh * d)?;
+        check_len(
+            "rope_kv_write_rows: qkv",
+            qkv,
+            t * (nh * d + nkv * d + nkv * dv),
+        )?;
+        for (what, p) in [("q_norm", a.q_norm), ("k_norm", a.k_norm)] {
+            if let Some(p) = p {
+                check_len(&format!("rope_kv_write_rows: {what}"), p, d)?;
+            }
+        }
+        launch(
+            s,
+            &self.rope_kv_write,
+            (u32_arg("heads", nh + 2 * nkv)?, t as u32, 1),
+            128,
+            &[
+                qkv.addr().into(),
+                rows.addr().into(),
+                (nh as u32).into(),
+                (nkv as u32).into(),
+                (d as u32).into(),
+                (dv as u32).into(),
+                (a.rotary_dim as u32).into(),
+                a.inv_freq.addr().into(),
+                a.attention_factor.into(),
+                crate::arena::addr_or_null(a.q_norm).into(),
+                crate::arena::addr_or_null(a.k_norm).into(),
+                a.eps.into(),
+                a.value_scale.into(),
+                q_out.addr().into(),
+            ],
+        )
+    }
+
+    /// [`Ops::linear_qkv_rope`] for `t` rows: the fused projection, then row `t`'s RoPE at its
+    /// position and k, v into its cache, from `rows`. Same weight layout and requirements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_qkv_rope(
+        &self,
+        s: &CudaStream,
+        w: &DeviceMatrix,
+        bias: Option<DPtr<f32>>,
+        x: DPtr<f32>,
+        t: usize,
+        a: &AttnArgs,
+        rows: DPtr<u64>,
+        q_out: DPtr<f32>,
+    ) -> Result<(), RuntimeError> {
+        let op = "linear_qkv_rope_rows";
+        check_rows(op, rows, t)?;
+        check_attn_geometry(op, a)?;
+        check_rope_geometry(op, a)?;
+        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
+        check_len(&format!("{op}: q_out"), q_out, t * nh * d)?;
+        if a.q_norm.is_some() || a.k_norm.is_some() {
+            return Err(invalid(format!(
+                "{op}: layers with q/k norm take linear + rope_kv_write"
+            )));
+        }
+        if !rope_pairs_fit(d, a.rotary_dim) {
+            return Err(invalid(format!(
+                "{op}: rotary_dim {} with head_dim {d}",
+                a.rotary_dim
+            )));
+        }
+        let (addr, bf16) = matrix_data("qkv weight", w)?;
+        let n = nh * d + nkv * d + nkv * dv;
+        if w.rows != n || !w.cols.is_multiple_of(8) || !x.addr().is_multiple_of(16) {
+            return Err(invalid(format!(
+                "{op}: {}x{} weight for {n} q/k/v rows (cols a multiple of 8, x 16-byte aligned)",
+                w.rows, w.cols
+            )));
+        }
+        check_len(&format!("{op}: x"), x, t * w.cols)?;
+        if let Some(b) = bias {
+            check_len(&format!("{op}: bias"), b, n)?;
+        }
+        let bucket = token_bucket(t);
+        let f = if bf16 {
+            &self.qkv_rope_bf16[bucket]
+        } else {
+            &self.qkv_rope_f32[bucket]
+        };
+        let rr = RopeOutRows {
+            ro: RopeOut {
+                step: 0,
+                inv_freq: a.inv_freq.addr(),
+                q_out: q_out.addr(),
+                k_cache: 0,
+                v_cache: 0,
+                nh: nh as u32,
+                nkv: nkv as u32,
+                d: d as u32,
+                dv: dv as u32,
+                rot: a.rotary_dim as u32,
+                capacity: 0,
+                attn_factor: a.attention_factor,
+                value_scale: a.value_scale,
+            },
+            rows: rows.addr(),
+        };
+        let warps = n.div_ceil(2);
+        let blocks = u32_arg(
+            "linear blocks",
+            warps.div_ceil(LINEAR_THREADS as usize / 32),
+        )?;
+        launch(
+            s,
+            f,
+            (blocks, 1, 1),
+            LINEAR_THREADS,
+            &[
+                addr.into(),
+                crate::arena::addr_or_null(bias).into(),
+                x.addr().into(),
+                u32_arg("qkv rows", n)?.into(),
+                u32_arg("qkv cols", w.cols)?.into(),
+                (t as u32).into(),
+                super::Arg::RopeRows(rr),
+            ],
+        )
+    }
+
+    /// Scratch elements [`RowOps::attention`] needs for `t` rows of at most `max_splits` splits.
+    pub fn attention_scratch_len(a: &AttnArgs, t: usize, max_splits: usize) -> usize {
+        ATT_COUNTERS + t * a.n_heads * max_splits * (a.v_head_dim + 2)
+    }
+
+    /// Causal decode attention of row `t`'s query `q[t]` (at the row's position) over the row's
+    /// own cache, with the row's key splits (each ≤ `max_splits`, the launch's grid): exactly
+    /// [`Ops::attention`] of a one-token pass of that sequence with those splits. `out`
+    /// `[T, n_heads·dv]`; `scratch` as [`Ops::attention`]'s (counters zero between launches).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        s: &CudaStream,
+        a: &AttnArgs,
+        q: DPtr<f32>,
+        t: usize,
+        rows: DPtr<u64>,
+        max_splits: usize,
+        scratch: DPtr<f32>,
+        out: DPtr<f32>,
+    ) -> Result<(), RuntimeError> {
+        let op = "attention_rows";
+        check_rows(op, rows, t)?;
+        check_attn_geometry(op, a)?;
+        let (nh, d, dv) = (a.n_heads, a.head_dim, a.v_head_dim);
+        if max_splits == 0 || max_splits > ATT_MAX_SPLITS {
+            return Err(invalid(format!(
+                "{op}: {max_splits} key splits (1..={ATT_MAX_SPLITS})"
+            )));
+        }
+        check_len(&format!("{op}: q"), q, t * nh * d)?;
+        check_len(&format!("{op}: out"), out, t * nh * dv)?;
+        check_len(
+            &format!("{op}: scratch"),
+            scratch,
+            Self::attention_scratch_len(a, t, max_splits),
+        )?;
+        if let Some(sk) = a.sinks {
+            check_len(&format!("{op}: sinks"), sk, nh)?;
+        }
+        let warps = attention_warps(a);
+        launch_with_smem(
+            s,
+            &self.attention,
+            (max_splits as u32, a.n_kv_heads as u32, t as u32),
+            32 * warps as u32,
+            att_smem_bytes(d, dv, warps) as u32,
+            &[
+                q.addr().into(),
+                rows.addr().into(),
+                u32_arg("heads", nh)?.into(),
+                (a.n_kv_heads as u32).into(),
+                (d as u32).into(),
+                (dv as u32).into(),
+                (a.window.unwrap_or(0) as u32).into(),
+                a.scale.into(),
+                crate::arena::addr_or_null(a.sinks).into(),
+                scratch.addr().into(),
+                out.addr().into(),
+            ],
+        )
+    }
+}
