@@ -211,6 +211,70 @@ impl From<f32> for Arg {
 }
 
 /// Enqueues `f` with `args` (which must match the kernel's parameter list in ops.cu).
+/// One kernel per token bucket: `{name}_t{T}` for each `T` of [`LINEAR_TOKENS`].
+fn load_bucketed(
+    module: &Arc<CudaModule>,
+    name: &str,
+) -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
+    let fs = LINEAR_TOKENS
+        .iter()
+        .map(|tt| module.load_function(&format!("{name}_t{tt}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(<[CudaFunction; LINEAR_TOKENS.len()]>::try_from(fs)
+        .unwrap_or_else(|_| unreachable!("one kernel per bucket")))
+}
+
+/// An attention kernel, allowed the dynamic shared memory of the largest head and warp count.
+fn load_attention(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, RuntimeError> {
+    let attention = module.load_function(name)?;
+    attention.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        att_smem_bytes(MAX_HEAD_DIM, MAX_HEAD_DIM, ATT_MAX_WARPS) as i32,
+    )?;
+    Ok(attention)
+}
+
+/// `rope_kv_write` / `rope_kv_write_rows`: the fused projection `qkv` holds `t` rows and the
+/// q/k norm weights (if any) one head each.
+fn check_rope_kv_input(
+    name: &str,
+    a: &AttnArgs,
+    qkv: DPtr<f32>,
+    t: usize,
+) -> Result<(), RuntimeError> {
+    let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
+    check_len(
+        &format!("{name}: qkv"),
+        qkv,
+        t * (nh * d + nkv * d + nkv * dv),
+    )?;
+    for (what, p) in [("q_norm", a.q_norm), ("k_norm", a.k_norm)] {
+        if let Some(p) = p {
+            check_len(&format!("{name}: {what}"), p, d)?;
+        }
+    }
+    Ok(())
+}
+
+/// The arguments `rope_kv_write` and `rope_kv_write_rows` share after the position source:
+/// geometry, RoPE table and factor, q/k norms, eps, value scale and the query output.
+fn rope_kv_args(a: &AttnArgs, q_out: DPtr<f32>) -> [Arg; 12] {
+    [
+        (a.n_heads as u32).into(),
+        (a.n_kv_heads as u32).into(),
+        (a.head_dim as u32).into(),
+        (a.v_head_dim as u32).into(),
+        (a.rotary_dim as u32).into(),
+        a.inv_freq.addr().into(),
+        a.attention_factor.into(),
+        crate::arena::addr_or_null(a.q_norm).into(),
+        crate::arena::addr_or_null(a.k_norm).into(),
+        a.eps.into(),
+        a.value_scale.into(),
+        q_out.addr().into(),
+    ]
+}
+
 fn launch(
     s: &CudaStream,
     f: &CudaFunction,
@@ -581,19 +645,8 @@ impl Ops {
                 Ok(<LinearTable>::try_from(rows)
                     .unwrap_or_else(|_| unreachable!("one row per bucket")))
             };
-        let bucketed = |name: &str| -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
-            let fs = LINEAR_TOKENS
-                .iter()
-                .map(|tt| f(&format!("{name}_t{tt}")))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(<[CudaFunction; LINEAR_TOKENS.len()]>::try_from(fs)
-                .unwrap_or_else(|_| unreachable!("one kernel per bucket")))
-        };
-        let attention = f("attention_gqa")?;
-        attention.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            att_smem_bytes(MAX_HEAD_DIM, MAX_HEAD_DIM, ATT_MAX_WARPS) as i32,
-        )?;
+        let bucketed = |name: &str| load_bucketed(&module, name);
+        let attention = load_attention(&module, "attention_gqa")?;
         Ok(Self {
             fill_bf16: f("fill_uniform_bf16")?,
             fill_f32: f("fill_uniform_f32")?,
@@ -795,38 +848,16 @@ impl Ops {
         q_out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
         check_rope_write("rope_kv_write", a, t, step, q_out)?;
-        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
-        check_len("rope_kv_write: qkv", qkv, t * (nh * d + nkv * d + nkv * dv))?;
-        for (what, p) in [("q_norm", a.q_norm), ("k_norm", a.k_norm)] {
-            if let Some(p) = p {
-                check_len(&format!("rope_kv_write: {what}"), p, d)?;
-            }
-        }
-        launch(
-            s,
-            &self.rope_kv_write,
-            (u32_arg("heads", nh + 2 * nkv)?, t as u32, 1),
-            128,
-            &[
-                qkv.addr().into(),
-                step.addr().into(),
-                (nh as u32).into(),
-                (nkv as u32).into(),
-                (d as u32).into(),
-                (dv as u32).into(),
-                (a.rotary_dim as u32).into(),
-                a.inv_freq.addr().into(),
-                a.attention_factor.into(),
-                crate::arena::addr_or_null(a.q_norm).into(),
-                crate::arena::addr_or_null(a.k_norm).into(),
-                a.eps.into(),
-                a.value_scale.into(),
-                q_out.addr().into(),
-                a.k_cache.addr().into(),
-                a.v_cache.addr().into(),
-                (a.capacity as u32).into(),
-            ],
-        )
+        check_rope_kv_input("rope_kv_write", a, qkv, t)?;
+        let mut args = vec![qkv.addr().into(), step.addr().into()];
+        args.extend(rope_kv_args(a, q_out));
+        args.extend::<[Arg; 3]>([
+            a.k_cache.addr().into(),
+            a.v_cache.addr().into(),
+            (a.capacity as u32).into(),
+        ]);
+        let heads = u32_arg("heads", a.n_heads + 2 * a.n_kv_heads)?;
+        launch(s, &self.rope_kv_write, (heads, t as u32, 1), 128, &args)
     }
 
     /// The QKV projection with RoPE and the KV write fused in: `W · x[t] (+ bias)` of a weight

@@ -16,14 +16,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream};
 
 use super::{
     att_smem_bytes, attention_splits, attention_warps, check_attn_geometry, check_len,
-    check_rope_geometry, check_tokens, invalid, launch, launch_with_smem, matrix_data,
-    rope_pairs_fit, token_bucket, u32_arg, AttnArgs, Ops, RopeOut, ATT_COUNTERS, ATT_MAX_SPLITS,
-    ATT_MAX_WARPS, LINEAR_THREADS, LINEAR_TOKENS, MAX_HEAD_DIM,
+    check_rope_geometry, check_rope_kv_input, check_tokens, invalid, launch, launch_with_smem,
+    load_attention, load_bucketed, matrix_data, rope_kv_args, rope_pairs_fit, token_bucket,
+    u32_arg, AttnArgs, Ops, RopeOut, ATT_COUNTERS, ATT_MAX_SPLITS, LINEAR_THREADS, LINEAR_TOKENS,
 };
 use crate::arena::DPtr;
 use crate::tensor::DeviceMatrix;
@@ -137,24 +136,11 @@ impl RowOps {
     pub fn load(ops: &Ops) -> Result<Self, RuntimeError> {
         let module = ops._module.clone();
         let f = |name: &str| module.load_function(name);
-        let bucketed = |ty: &str| -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
-            let fs = LINEAR_TOKENS
-                .iter()
-                .map(|tt| f(&format!("linear_qkv_rope_rows_{ty}_t{tt}")))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(<[CudaFunction; LINEAR_TOKENS.len()]>::try_from(fs)
-                .unwrap_or_else(|_| unreachable!("one kernel per bucket")))
-        };
-        let attention = f("attention_gqa_rows")?;
-        attention.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            att_smem_bytes(MAX_HEAD_DIM, MAX_HEAD_DIM, ATT_MAX_WARPS) as i32,
-        )?;
         Ok(Self {
             rope_kv_write: f("rope_kv_write_rows")?,
-            qkv_rope_bf16: bucketed("bf16")?,
-            qkv_rope_f32: bucketed("f32")?,
-            attention,
+            qkv_rope_bf16: load_bucketed(&module, "linear_qkv_rope_rows_bf16")?,
+            qkv_rope_f32: load_bucketed(&module, "linear_qkv_rope_rows_f32")?,
+            attention: load_attention(&module, "attention_gqa_rows")?,
             _module: module,
         })
     }
@@ -172,41 +158,17 @@ impl RowOps {
     ) -> Result<(), RuntimeError> {
         check_rows("rope_kv_write_rows", rows, t)?;
         check_attn_geometry("rope_kv_write_rows", a)?;
-        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
         check_rope_geometry("rope_kv_write_rows", a)?;
-        check_len("rope_kv_write_rows: q_out", q_out, t * nh * d)?;
         check_len(
-            "rope_kv_write_rows: qkv",
-            qkv,
-            t * (nh * d + nkv * d + nkv * dv),
+            "rope_kv_write_rows: q_out",
+            q_out,
+            t * a.n_heads * a.head_dim,
         )?;
-        for (what, p) in [("q_norm", a.q_norm), ("k_norm", a.k_norm)] {
-            if let Some(p) = p {
-                check_len(&format!("rope_kv_write_rows: {what}"), p, d)?;
-            }
-        }
-        launch(
-            s,
-            &self.rope_kv_write,
-            (u32_arg("heads", nh + 2 * nkv)?, t as u32, 1),
-            128,
-            &[
-                qkv.addr().into(),
-                rows.addr().into(),
-                (nh as u32).into(),
-                (nkv as u32).into(),
-                (d as u32).into(),
-                (dv as u32).into(),
-                (a.rotary_dim as u32).into(),
-                a.inv_freq.addr().into(),
-                a.attention_factor.into(),
-                crate::arena::addr_or_null(a.q_norm).into(),
-                crate::arena::addr_or_null(a.k_norm).into(),
-                a.eps.into(),
-                a.value_scale.into(),
-                q_out.addr().into(),
-            ],
-        )
+        check_rope_kv_input("rope_kv_write_rows", a, qkv, t)?;
+        let mut args = vec![qkv.addr().into(), rows.addr().into()];
+        args.extend(rope_kv_args(a, q_out));
+        let heads = u32_arg("heads", a.n_heads + 2 * a.n_kv_heads)?;
+        launch(s, &self.rope_kv_write, (heads, t as u32, 1), 128, &args)
     }
 
     /// [`Ops::linear_qkv_rope`] for `t` rows: the fused projection, then row `t`'s RoPE at its
