@@ -11,7 +11,7 @@
 //! rounding). Greedy parameters give the one-hot vector of the Sampler's argmax (lowest id
 //! among ties).
 
-use model::sampling::{SamplingError, SamplingParams};
+use model::sampling::{read_penalized, SamplingError, SamplingParams, TokenSet};
 
 /// Relative tolerance of top-p (as the Sampler's).
 const TOP_P_REL_TOL: f64 = 1e-6;
@@ -22,7 +22,7 @@ pub struct SamplingDist {
     params: SamplingParams,
     work: Vec<f32>,
     weights: Vec<f64>,
-    seen: Vec<bool>,
+    seen: TokenSet,
     order: Vec<u32>,
 }
 
@@ -34,7 +34,7 @@ impl SamplingDist {
             params: params.clone(),
             work: Vec::new(),
             weights: Vec::new(),
-            seen: Vec::new(),
+            seen: TokenSet::default(),
             order: Vec::new(),
         })
     }
@@ -56,28 +56,13 @@ impl SamplingDist {
             return Err(SamplingError::EmptyLogits);
         }
         assert_eq!(out.len(), n, "probs: output length differs from the logits");
-        self.work.clear();
-        self.work.extend(logits.iter().map(|&x| {
-            if x.is_nan() {
-                f32::NEG_INFINITY
-            } else {
-                x.min(f32::MAX)
-            }
-        }));
-        if let Some(p) = self.params.repetition_penalty {
-            if p != 1.0 && !history.is_empty() {
-                self.seen.clear();
-                self.seen.resize(n, false);
-                for &t in history {
-                    let t = t as usize;
-                    if t < n && !self.seen[t] {
-                        self.seen[t] = true;
-                        let v = &mut self.work[t];
-                        *v = if *v < 0.0 { *v * p } else { *v / p };
-                    }
-                }
-            }
-        }
+        read_penalized(
+            logits,
+            history,
+            self.params.repetition_penalty,
+            &mut self.seen,
+            &mut self.work,
+        );
         let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             return Err(SamplingError::NoFiniteLogits);

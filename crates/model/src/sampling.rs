@@ -57,6 +57,74 @@ pub enum SamplingError {
     NoFiniteLogits,
 }
 
+/// A set of token ids reused across rows: [`TokenSet::begin`] empties it in O(1) (a stamp per
+/// id instead of clearing the marks).
+#[derive(Debug, Clone, Default)]
+pub struct TokenSet {
+    mark: Vec<u32>,
+    stamp: u32,
+}
+
+impl TokenSet {
+    /// Starts an empty set over ids `0..n`.
+    pub fn begin(&mut self, n: usize) {
+        if self.mark.len() != n {
+            self.mark.clear();
+            self.mark.resize(n, 0);
+            self.stamp = 0;
+        }
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            self.mark.fill(0);
+            self.stamp = 1;
+        }
+    }
+
+    /// Adds `t` (below the `n` of [`TokenSet::begin`]); whether it was not in the set yet.
+    pub fn insert(&mut self, t: usize) -> bool {
+        let new = self.mark[t] != self.stamp;
+        self.mark[t] = self.stamp;
+        new
+    }
+}
+
+/// The first processors of every sampler of these parameters ([`Sampler`], and the dense
+/// distribution of `dflash::probs`): `logits` read into `work` with NaN → −∞ and +∞ →
+/// `f32::MAX`, then the HF repetition penalty `p` on each distinct token of `history` once (the
+/// logit divided by `p` when positive, multiplied when negative); ids outside the row are
+/// ignored.
+pub fn read_penalized(
+    logits: &[f32],
+    history: &[u32],
+    repetition_penalty: Option<f32>,
+    seen: &mut TokenSet,
+    work: &mut Vec<f32>,
+) {
+    let n = logits.len();
+    work.clear();
+    work.extend(logits.iter().map(|&x| {
+        if x.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            x.min(f32::MAX)
+        }
+    }));
+    let Some(p) = repetition_penalty else {
+        return;
+    };
+    if p == 1.0 || history.is_empty() {
+        return;
+    }
+    seen.begin(n);
+    for &t in history {
+        let t = t as usize;
+        if t < n && seen.insert(t) {
+            let v = &mut work[t];
+            *v = if *v < 0.0 { *v * p } else { *v / p };
+        }
+    }
+}
+
 /// Per-request sampling parameters. [`Default`] is greedy decoding of up to
 /// [`DEFAULT_MAX_TOKENS`] tokens with no stops besides the model's EOS.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,8 +259,7 @@ pub struct Sampler {
     work: Vec<f32>,
     weights: Vec<f32>,
     cand: Vec<Cand>,
-    mark: Vec<u32>,
-    stamp: u32,
+    seen: TokenSet,
     bins: Vec<u16>,
     bin_mass: Vec<f64>,
 }
@@ -212,8 +279,7 @@ impl Sampler {
             work: Vec::new(),
             weights: Vec::new(),
             cand: Vec::new(),
-            mark: Vec::new(),
-            stamp: 0,
+            seen: TokenSet::default(),
             bins: Vec::new(),
             bin_mass: Vec::new(),
         })
@@ -240,39 +306,14 @@ impl Sampler {
             return Err(SamplingError::EmptyLogits);
         }
         let n = logits.len();
-        // Read the logits: NaN → -inf, +inf → f32::MAX.
-        self.work.clear();
-        self.work.extend(logits.iter().map(|&x| {
-            if x.is_nan() {
-                f32::NEG_INFINITY
-            } else {
-                x.min(f32::MAX)
-            }
-        }));
-
-        // 1. Repetition penalty (each distinct token once; `mark` stamps the tokens done).
-        if let Some(p) = self.params.repetition_penalty {
-            if p != 1.0 && !history.is_empty() {
-                if self.mark.len() != n {
-                    self.mark.clear();
-                    self.mark.resize(n, 0);
-                    self.stamp = 0;
-                }
-                self.stamp = self.stamp.wrapping_add(1);
-                if self.stamp == 0 {
-                    self.mark.fill(0);
-                    self.stamp = 1;
-                }
-                for &t in history {
-                    let t = t as usize;
-                    if t < n && self.mark[t] != self.stamp {
-                        self.mark[t] = self.stamp;
-                        let v = &mut self.work[t];
-                        *v = if *v < 0.0 { *v * p } else { *v / p };
-                    }
-                }
-            }
-        }
+        // 1. The logits read (NaN → -inf, +inf → f32::MAX) and the repetition penalty.
+        read_penalized(
+            logits,
+            history,
+            self.params.repetition_penalty,
+            &mut self.seen,
+            &mut self.work,
+        );
 
         let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
@@ -946,6 +987,23 @@ impl StopChecker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_penalized_reads_and_penalizes_each_distinct_token_once() {
+        let logits = [2.0, -2.0, f32::NAN, f32::INFINITY, 1.0];
+        let (mut seen, mut work) = (TokenSet::default(), Vec::new());
+        // Token 0 three times, token 1 once, token 9 outside the row (ignored).
+        read_penalized(&logits, &[0, 1, 0, 9, 0], Some(2.0), &mut seen, &mut work);
+        assert_eq!(work, [1.0, -4.0, f32::NEG_INFINITY, f32::MAX, 1.0]);
+        // The same set reused for the next row starts empty.
+        read_penalized(&logits, &[4], Some(2.0), &mut seen, &mut work);
+        assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 0.5]);
+        // No penalty, or a penalty of 1: the row as read.
+        for p in [None, Some(1.0)] {
+            read_penalized(&logits, &[0, 1], p, &mut seen, &mut work);
+            assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 1.0]);
+        }
+    }
 
     #[test]
     fn exp_f32_is_accurate() {
