@@ -234,6 +234,93 @@ fn load_attention(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, 
     Ok(attention)
 }
 
+/// What `linear_qkv_rope` and its per-row variant share after their position checks: the layer
+/// and weight checks (`op` names the op in errors), then the launch of the token bucket's kernel
+/// of `kernels` (bf16, f32) over the projection's rows, whose last argument `epilogue` makes
+/// from the layer's [`RopeOut`] (position source `step` 0: the caller sets it).
+#[allow(clippy::too_many_arguments)]
+fn launch_linear_qkv_rope(
+    s: &CudaStream,
+    op: &str,
+    kernels: (
+        &[CudaFunction; LINEAR_TOKENS.len()],
+        &[CudaFunction; LINEAR_TOKENS.len()],
+    ),
+    w: &DeviceMatrix,
+    bias: Option<DPtr<f32>>,
+    x: DPtr<f32>,
+    t: usize,
+    a: &AttnArgs,
+    q_out: DPtr<f32>,
+    epilogue: impl FnOnce(RopeOut) -> Arg,
+) -> Result<(), RuntimeError> {
+    let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
+    if a.q_norm.is_some() || a.k_norm.is_some() {
+        return Err(invalid(format!(
+            "{op}: layers with q/k norm take linear + rope_kv_write"
+        )));
+    }
+    if !rope_pairs_fit(d, a.rotary_dim) {
+        return Err(invalid(format!(
+            "{op}: rotary_dim {} with head_dim {d}",
+            a.rotary_dim
+        )));
+    }
+    let (addr, bf16) = matrix_data("qkv weight", w)?;
+    let rows = nh * d + nkv * d + nkv * dv;
+    if w.rows != rows || !w.cols.is_multiple_of(8) || !x.addr().is_multiple_of(16) {
+        return Err(invalid(format!(
+            "{op}: {}x{} weight for {rows} q/k/v rows (cols a multiple of 8, x 16-byte aligned)",
+            w.rows, w.cols
+        )));
+    }
+    check_len(&format!("{op}: x"), x, t * w.cols)?;
+    if let Some(b) = bias {
+        check_len(&format!("{op}: bias"), b, rows)?;
+    }
+    let bucket = token_bucket(t);
+    let f = if bf16 {
+        &kernels.0[bucket]
+    } else {
+        &kernels.1[bucket]
+    };
+    let ro = RopeOut {
+        step: 0,
+        inv_freq: a.inv_freq.addr(),
+        q_out: q_out.addr(),
+        k_cache: a.k_cache.addr(),
+        v_cache: a.v_cache.addr(),
+        nh: nh as u32,
+        nkv: nkv as u32,
+        d: d as u32,
+        dv: dv as u32,
+        rot: a.rotary_dim as u32,
+        capacity: a.capacity as u32,
+        attn_factor: a.attention_factor,
+        value_scale: a.value_scale,
+    };
+    let warps = rows.div_ceil(2);
+    let blocks = u32_arg(
+        "linear blocks",
+        warps.div_ceil(LINEAR_THREADS as usize / 32),
+    )?;
+    launch(
+        s,
+        f,
+        (blocks, 1, 1),
+        LINEAR_THREADS,
+        &[
+            addr.into(),
+            crate::arena::addr_or_null(bias).into(),
+            x.addr().into(),
+            u32_arg("qkv rows", rows)?.into(),
+            u32_arg("qkv cols", w.cols)?.into(),
+            (t as u32).into(),
+            epilogue(ro),
+        ],
+    )
+}
+
 /// `rope_kv_write` / `rope_kv_write_rows`: the fused projection `qkv` holds `t` rows and the
 /// q/k norm weights (if any) one head each.
 fn check_rope_kv_input(
@@ -878,71 +965,24 @@ impl Ops {
         q_out: DPtr<f32>,
     ) -> Result<(), RuntimeError> {
         check_rope_write("linear_qkv_rope", a, t, step, q_out)?;
-        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
-        if a.q_norm.is_some() || a.k_norm.is_some() {
-            return Err(invalid(
-                "linear_qkv_rope: layers with q/k norm take linear + rope_kv_write".into(),
-            ));
-        }
-        if !rope_pairs_fit(d, a.rotary_dim) {
-            return Err(invalid(format!(
-                "linear_qkv_rope: rotary_dim {} with head_dim {d}",
-                a.rotary_dim
-            )));
-        }
-        let (addr, bf16) = matrix_data("qkv weight", w)?;
-        let rows = nh * d + nkv * d + nkv * dv;
-        if w.rows != rows || !w.cols.is_multiple_of(8) || !x.addr().is_multiple_of(16) {
-            return Err(invalid(format!(
-                "linear_qkv_rope: {}x{} weight for {rows} q/k/v rows (cols a multiple of 8, x \
-                 16-byte aligned)",
-                w.rows, w.cols
-            )));
-        }
-        check_len("linear_qkv_rope: x", x, t * w.cols)?;
-        if let Some(b) = bias {
-            check_len("linear_qkv_rope: bias", b, rows)?;
-        }
-        let bucket = token_bucket(t);
-        let f = if bf16 {
-            &self.qkv_rope_bf16[bucket]
-        } else {
-            &self.qkv_rope_f32[bucket]
-        };
-        let ro = RopeOut {
-            step: step.addr(),
-            inv_freq: a.inv_freq.addr(),
-            q_out: q_out.addr(),
-            k_cache: a.k_cache.addr(),
-            v_cache: a.v_cache.addr(),
-            nh: nh as u32,
-            nkv: nkv as u32,
-            d: d as u32,
-            dv: dv as u32,
-            rot: a.rotary_dim as u32,
-            capacity: a.capacity as u32,
-            attn_factor: a.attention_factor,
-            value_scale: a.value_scale,
-        };
-        let warps = rows.div_ceil(2);
-        let blocks = u32_arg(
-            "linear blocks",
-            warps.div_ceil(LINEAR_THREADS as usize / 32),
-        )?;
-        launch(
+        let kernels = (&self.qkv_rope_bf16, &self.qkv_rope_f32);
+        launch_linear_qkv_rope(
             s,
-            f,
-            (blocks, 1, 1),
-            LINEAR_THREADS,
-            &[
-                addr.into(),
-                crate::arena::addr_or_null(bias).into(),
-                x.addr().into(),
-                u32_arg("qkv rows", rows)?.into(),
-                u32_arg("qkv cols", w.cols)?.into(),
-                (t as u32).into(),
-                ro.into(),
-            ],
+            "linear_qkv_rope",
+            kernels,
+            w,
+            bias,
+            x,
+            t,
+            a,
+            q_out,
+            |ro| {
+                RopeOut {
+                    step: step.addr(),
+                    ..ro
+                }
+                .into()
+            },
         )
     }
 

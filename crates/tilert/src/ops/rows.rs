@@ -20,9 +20,9 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream};
 
 use super::{
     att_smem_bytes, attention_splits, attention_warps, check_attn_geometry, check_len,
-    check_rope_geometry, check_rope_kv_input, check_tokens, invalid, launch, launch_with_smem,
-    load_attention, load_bucketed, matrix_data, rope_kv_args, rope_pairs_fit, token_bucket,
-    u32_arg, AttnArgs, Ops, RopeOut, ATT_COUNTERS, ATT_MAX_SPLITS, LINEAR_THREADS, LINEAR_TOKENS,
+    check_rope_geometry, check_rope_kv_input, check_tokens, invalid, launch,
+    launch_linear_qkv_rope, launch_with_smem, load_attention, load_bucketed, rope_kv_args, u32_arg,
+    AttnArgs, Ops, RopeOut, ATT_COUNTERS, ATT_MAX_SPLITS, LINEAR_TOKENS,
 };
 use crate::arena::DPtr;
 use crate::tensor::DeviceMatrix;
@@ -189,75 +189,21 @@ impl RowOps {
         check_rows(op, rows, t)?;
         check_attn_geometry(op, a)?;
         check_rope_geometry(op, a)?;
-        let (nh, nkv, d, dv) = (a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim);
-        check_len(&format!("{op}: q_out"), q_out, t * nh * d)?;
-        if a.q_norm.is_some() || a.k_norm.is_some() {
-            return Err(invalid(format!(
-                "{op}: layers with q/k norm take linear + rope_kv_write"
-            )));
-        }
-        if !rope_pairs_fit(d, a.rotary_dim) {
-            return Err(invalid(format!(
-                "{op}: rotary_dim {} with head_dim {d}",
-                a.rotary_dim
-            )));
-        }
-        let (addr, bf16) = matrix_data("qkv weight", w)?;
-        let n = nh * d + nkv * d + nkv * dv;
-        if w.rows != n || !w.cols.is_multiple_of(8) || !x.addr().is_multiple_of(16) {
-            return Err(invalid(format!(
-                "{op}: {}x{} weight for {n} q/k/v rows (cols a multiple of 8, x 16-byte aligned)",
-                w.rows, w.cols
-            )));
-        }
-        check_len(&format!("{op}: x"), x, t * w.cols)?;
-        if let Some(b) = bias {
-            check_len(&format!("{op}: bias"), b, n)?;
-        }
-        let bucket = token_bucket(t);
-        let f = if bf16 {
-            &self.qkv_rope_bf16[bucket]
-        } else {
-            &self.qkv_rope_f32[bucket]
-        };
-        let rr = RopeOutRows {
-            ro: RopeOut {
-                step: 0,
-                inv_freq: a.inv_freq.addr(),
-                q_out: q_out.addr(),
+        check_len(&format!("{op}: q_out"), q_out, t * a.n_heads * a.head_dim)?;
+        let kernels = (&self.qkv_rope_bf16, &self.qkv_rope_f32);
+        launch_linear_qkv_rope(s, op, kernels, w, bias, x, t, a, q_out, |ro| {
+            // Each row's cache comes from the row table.
+            let ro = RopeOut {
                 k_cache: 0,
                 v_cache: 0,
-                nh: nh as u32,
-                nkv: nkv as u32,
-                d: d as u32,
-                dv: dv as u32,
-                rot: a.rotary_dim as u32,
                 capacity: 0,
-                attn_factor: a.attention_factor,
-                value_scale: a.value_scale,
-            },
-            rows: rows.addr(),
-        };
-        let warps = n.div_ceil(2);
-        let blocks = u32_arg(
-            "linear blocks",
-            warps.div_ceil(LINEAR_THREADS as usize / 32),
-        )?;
-        launch(
-            s,
-            f,
-            (blocks, 1, 1),
-            LINEAR_THREADS,
-            &[
-                addr.into(),
-                crate::arena::addr_or_null(bias).into(),
-                x.addr().into(),
-                u32_arg("qkv rows", n)?.into(),
-                u32_arg("qkv cols", w.cols)?.into(),
-                (t as u32).into(),
-                super::Arg::RopeRows(rr),
-            ],
-        )
+                ..ro
+            };
+            super::Arg::RopeRows(RopeOutRows {
+                ro,
+                rows: rows.addr(),
+            })
+        })
     }
 
     /// Scratch elements [`RowOps::attention`] needs for `t` rows of at most `max_splits` splits.
