@@ -56,17 +56,13 @@ impl SamplingDist {
             return Err(SamplingError::EmptyLogits);
         }
         assert_eq!(out.len(), n, "probs: output length differs from the logits");
-        read_penalized(
+        let max = read_penalized(
             logits,
             history,
             self.params.repetition_penalty,
             &mut self.seen,
             &mut self.work,
-        );
-        let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            return Err(SamplingError::NoFiniteLogits);
-        }
+        )?;
         out.fill(0.0);
         if self.params.is_greedy() {
             let id = self.work.iter().position(|&v| v == max).unwrap_or(0);

@@ -92,14 +92,15 @@ impl TokenSet {
 /// distribution of `dflash::probs`): `logits` read into `work` with NaN → −∞ and +∞ →
 /// `f32::MAX`, then the HF repetition penalty `p` on each distinct token of `history` once (the
 /// logit divided by `p` when positive, multiplied when negative); ids outside the row are
-/// ignored.
+/// ignored. Returns the largest value of `work`, or [`SamplingError::NoFiniteLogits`] when it
+/// holds none (all −∞).
 pub fn read_penalized(
     logits: &[f32],
     history: &[u32],
     repetition_penalty: Option<f32>,
     seen: &mut TokenSet,
     work: &mut Vec<f32>,
-) {
+) -> Result<f32, SamplingError> {
     let n = logits.len();
     work.clear();
     work.extend(logits.iter().map(|&x| {
@@ -109,20 +110,21 @@ pub fn read_penalized(
             x.min(f32::MAX)
         }
     }));
-    let Some(p) = repetition_penalty else {
-        return;
-    };
-    if p == 1.0 || history.is_empty() {
-        return;
-    }
-    seen.begin(n);
-    for &t in history {
-        let t = t as usize;
-        if t < n && seen.insert(t) {
-            let v = &mut work[t];
-            *v = if *v < 0.0 { *v * p } else { *v / p };
+    if let Some(p) = repetition_penalty.filter(|&p| p != 1.0 && !history.is_empty()) {
+        seen.begin(n);
+        for &t in history {
+            let t = t as usize;
+            if t < n && seen.insert(t) {
+                let v = &mut work[t];
+                *v = if *v < 0.0 { *v * p } else { *v / p };
+            }
         }
     }
+    let max = work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return Err(SamplingError::NoFiniteLogits);
+    }
+    Ok(max)
 }
 
 /// Per-request sampling parameters. [`Default`] is greedy decoding of up to
@@ -307,18 +309,13 @@ impl Sampler {
         }
         let n = logits.len();
         // 1. The logits read (NaN → -inf, +inf → f32::MAX) and the repetition penalty.
-        read_penalized(
+        let max = read_penalized(
             logits,
             history,
             self.params.repetition_penalty,
             &mut self.seen,
             &mut self.work,
-        );
-
-        let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            return Err(SamplingError::NoFiniteLogits);
-        }
+        )?;
 
         // Greedy: argmax, ties → lowest id.
         if self.params.is_greedy() {
@@ -993,16 +990,23 @@ mod tests {
         let logits = [2.0, -2.0, f32::NAN, f32::INFINITY, 1.0];
         let (mut seen, mut work) = (TokenSet::default(), Vec::new());
         // Token 0 three times, token 1 once, token 9 outside the row (ignored).
-        read_penalized(&logits, &[0, 1, 0, 9, 0], Some(2.0), &mut seen, &mut work);
+        let max = read_penalized(&logits, &[0, 1, 0, 9, 0], Some(2.0), &mut seen, &mut work);
+        assert_eq!(max, Ok(f32::MAX));
         assert_eq!(work, [1.0, -4.0, f32::NEG_INFINITY, f32::MAX, 1.0]);
         // The same set reused for the next row starts empty.
-        read_penalized(&logits, &[4], Some(2.0), &mut seen, &mut work);
+        read_penalized(&logits, &[4], Some(2.0), &mut seen, &mut work).unwrap();
         assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 0.5]);
         // No penalty, or a penalty of 1: the row as read.
         for p in [None, Some(1.0)] {
-            read_penalized(&logits, &[0, 1], p, &mut seen, &mut work);
+            read_penalized(&logits, &[0, 1], p, &mut seen, &mut work).unwrap();
             assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 1.0]);
         }
+        // Nothing finite to sample from.
+        let none = [f32::NAN, f32::NEG_INFINITY];
+        assert_eq!(
+            read_penalized(&none, &[], None, &mut seen, &mut work),
+            Err(SamplingError::NoFiniteLogits)
+        );
     }
 
     #[test]
