@@ -10,57 +10,17 @@
 //! |Δ| ≤ 1e-3·(1 + max|logit|) for dense models, 3e-2·(1 + max|logit|) with MXFP4 experts.
 //! Greedy continuations must match decoding each session alone token for token.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
+use common::{argmax, fixture, tolerance, FIXTURES};
 use model::config::{AttnKind, ModelConfig};
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::{CpuModel, DEFAULT_MAX_ROLLBACK};
-use model::weights::{ExpertMat, Mlp, Weights};
+use model::weights::Weights;
 use tilert::exec::{GpuModel, GpuSession};
 use tilert::ops::MAX_TOKENS;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
-
-const FIXTURES: &[&str] = &[
-    "gpt-oss/bf16",
-    "gpt-oss/bf16-hub",
-    "gpt-oss/mxfp4",
-    "qwen3-moe/native",
-    "qwen3-moe/hub",
-    "qwen3-moe/sharded",
-    "mimo-v2-flash/native",
-    "mimo-v2-flash/hub",
-];
-
-fn tolerance(w: &Weights) -> f32 {
-    let mxfp4 = w.layers.iter().any(|l| match &l.mlp {
-        Mlp::Moe(m) => m
-            .experts
-            .iter()
-            .any(|e| matches!(e.gate_up, ExpertMat::Mxfp4(_))),
-        Mlp::Dense { .. } => false,
-    });
-    if mxfp4 {
-        3e-2
-    } else {
-        1e-3
-    }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// The prompt of row `i`: `3 + 9·i` tokens (rows have different lengths; from row 10 on they
 /// are longer than a sliding layer's ring of `window + 16 + max_rollback` slots).

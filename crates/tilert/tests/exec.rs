@@ -8,49 +8,16 @@
 //! f32 sum, so MXFP4 models get |Δ| ≤ 3e-2·(1 + max|logit|). Greedy outputs must match token for
 //! token in both cases (the fixtures' logit gaps are far larger than these errors).
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
+use common::{argmax, fixture, tolerance, FIXTURES};
 use model::config::ModelConfig;
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::{CpuModel, LAST_LAYER_PRE_NORM};
-use model::weights::{ExpertMat, Mlp, Weights};
+use model::weights::Weights;
 use tilert::exec::GpuModel;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
-
-const FIXTURES: &[&str] = &[
-    "gpt-oss/bf16",
-    "gpt-oss/bf16-hub",
-    "gpt-oss/mxfp4",
-    "qwen3-moe/native",
-    "qwen3-moe/hub",
-    "qwen3-moe/sharded",
-    "mimo-v2-flash/native",
-    "mimo-v2-flash/hub",
-];
-
-fn has_mxfp4(w: &Weights) -> bool {
-    w.layers.iter().any(|l| match &l.mlp {
-        Mlp::Moe(m) => m
-            .experts
-            .iter()
-            .any(|e| matches!(e.gate_up, ExpertMat::Mxfp4(_))),
-        Mlp::Dense { .. } => false,
-    })
-}
-
-fn tolerance(w: &Weights) -> f32 {
-    if has_mxfp4(w) {
-        3e-2
-    } else {
-        1e-3
-    }
-}
 
 /// max |a − b| and max |b| over rows.
 fn max_err(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
@@ -66,16 +33,6 @@ fn max_err(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
         }
     }
     (err, mag)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Checks one model: full-prompt logits + every hidden state, greedy continuation, verify
