@@ -7,29 +7,22 @@
 //! where there is no GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else
 //! the repository's.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{client, collect, fixture, long_request, loopback, text_request, wait_idle, MODEL_ID};
 use model::sampling::SamplingParams;
 use serve::commands::generate::{generate, load, prompt_ids, Generation};
 use serve::engine::EngineConfig;
 use serve::proto::v1 as pb;
 use serve::proto::v1::engine_client::EngineClient;
-use serve::server::{load_gpu_engine, ServeOptions, Server};
-use tonic::transport::Channel;
-
-const MODEL: &str = "qwen3-moe/native";
-
-fn fixture(rel: &str) -> PathBuf {
-    std::env::var_os("ULTRA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
-        .join(rel)
-}
+use serve::server::{load_gpu_engine, Server};
 
 fn engine_cfg(max_running: usize, max_batched_tokens: usize) -> EngineConfig {
     EngineConfig {
-        model_id: MODEL.into(),
+        model_id: MODEL_ID.into(),
         max_running,
         max_waiting: 64,
         max_batched_tokens,
@@ -38,12 +31,8 @@ fn engine_cfg(max_running: usize, max_batched_tokens: usize) -> EngineConfig {
 }
 
 async fn start(cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
-    let opts = ServeOptions {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-    };
-    let server = Server::start(opts, cfg.model_id.clone(), move || {
-        load_gpu_engine(&fixture(MODEL), draft.as_deref(), None, cfg, 0)
+    let server = Server::start(loopback(), cfg.model_id.clone(), move || {
+        load_gpu_engine(&fixture(MODEL_ID), draft.as_deref(), None, cfg, 0)
     })
     .await
     .unwrap();
@@ -54,65 +43,13 @@ async fn start(cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
     server
 }
 
-async fn client(s: &Server) -> EngineClient<Channel> {
-    EngineClient::connect(format!("http://{}", s.grpc_addr))
-        .await
-        .unwrap()
-}
-
 /// `ultra generate --device cuda`'s output for `prompt`.
 fn reference(prompt: &str, params: &SamplingParams) -> (Vec<u32>, Generation) {
-    let mut loaded = load(&fixture(MODEL)).unwrap();
+    let mut loaded = load(&fixture(MODEL_ID)).unwrap();
     loaded.to_gpu(0).unwrap();
     let ids = prompt_ids(&loaded, Some(prompt), None, false).unwrap();
     let g = generate(&loaded, &ids, params, &mut Vec::new()).unwrap();
     (ids, g)
-}
-
-fn request(prompt: &str, s: pb::SamplingParams) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::Text(prompt.into())),
-        sampling: Some(s),
-        ..Default::default()
-    }
-}
-
-struct Streamed {
-    tokens: Vec<u32>,
-    text: String,
-    complete: pb::Complete,
-}
-
-async fn collect(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Streamed {
-    let (mut tokens, mut text, mut complete) = (Vec::new(), String::new(), None);
-    while let Some(m) = stream.message().await.unwrap() {
-        assert!(complete.is_none(), "a message after Complete");
-        match m.event.unwrap() {
-            pb::generate_response::Event::Chunk(c) => {
-                tokens.extend(c.token_ids);
-                text.push_str(&c.text);
-            }
-            pb::generate_response::Event::Complete(c) => complete = Some(c),
-        }
-    }
-    Streamed {
-        tokens,
-        text,
-        complete: complete.expect("the stream ended without Complete"),
-    }
-}
-
-async fn wait_idle(s: &Server) {
-    let engine = s.state().engine().unwrap().clone();
-    let t0 = Instant::now();
-    while engine.load().1 != 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "requests still live: {:?}",
-            engine.load()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Sampling settings of one case: (temperature, top_k, seed, max_tokens).
@@ -168,7 +105,7 @@ async fn gpu_server_matches_ultra_generate_cuda() {
             .await
             .unwrap();
         collect(
-            cl.generate(request(&prompt, params(c).1))
+            cl.generate(text_request(&prompt, params(c).1))
                 .await
                 .unwrap()
                 .into_inner(),
@@ -213,7 +150,13 @@ async fn gpu_server_batched_decode_matches_alone() {
         let mut cl = EngineClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        collect(cl.generate(request(&prompt, s)).await.unwrap().into_inner()).await
+        collect(
+            cl.generate(text_request(&prompt, s))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await
     };
     let mut alone = Vec::new();
     for p in &prompts {
@@ -236,20 +179,6 @@ async fn gpu_server_batched_decode_matches_alone() {
     let (_, want) = reference(&prompts[3], &params((0.0, None, None, 16)).0);
     assert_eq!(alone[3], want.tokens);
     server.shutdown().await.unwrap();
-}
-
-fn long_request(id: &str) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        request_id: id.into(),
-        ..request(
-            "count",
-            pb::SamplingParams {
-                max_tokens: Some(3000),
-                ignore_eos: Some(true),
-                ..Default::default()
-            },
-        )
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +221,7 @@ async fn gpu_server_cancellation_frees_the_slot() {
     let (p, s) = params((0.8, Some(20), Some(5), 16));
     let (_, want) = reference("The quick brown fox", &p);
     let got = collect(
-        c.generate(request("The quick brown fox", s))
+        c.generate(text_request("The quick brown fox", s))
             .await
             .unwrap()
             .into_inner(),
@@ -322,8 +251,8 @@ async fn gpu_speculative_server_matches_plain_decoding() {
     let (_, want) = reference("The quick brown fox", &p);
     let mut c2 = c.clone();
     let (a, b) = tokio::join!(
-        c2.generate(request("The quick brown fox", s.clone())),
-        c.generate(request("The quick brown fox", s))
+        c2.generate(text_request("The quick brown fox", s.clone())),
+        c.generate(text_request("The quick brown fox", s))
     );
     for stream in [a.unwrap().into_inner(), b.unwrap().into_inner()] {
         let got = collect(stream).await;
@@ -336,14 +265,14 @@ async fn gpu_speculative_server_matches_plain_decoding() {
     // aborted one frees its state.
     let (_, s) = params((0.9, Some(8), Some(11), 24));
     let one = collect(
-        c.generate(request("Once upon a time", s.clone()))
+        c.generate(text_request("Once upon a time", s.clone()))
             .await
             .unwrap()
             .into_inner(),
     )
     .await;
     let two = collect(
-        c.generate(request("Once upon a time", s))
+        c.generate(text_request("Once upon a time", s))
             .await
             .unwrap()
             .into_inner(),

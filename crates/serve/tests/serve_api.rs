@@ -5,35 +5,23 @@
 //! back-pressure, loading / draining, speculative decoding, and a bounded load test.
 //! Model: the tiny `qwen3-moe/native` fixture (tokenizer and chat template included).
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::{client, collect, fixture, long_request, loopback, text_request, wait_idle, MODEL_ID};
 use model::sampling::SamplingParams;
 use serde_json::{json, Value};
 use serve::commands::generate::{generate, load, prompt_ids, Generation, Loaded};
 use serve::engine::EngineConfig;
 use serve::proto::v1 as pb;
 use serve::proto::v1::engine_client::EngineClient;
-use serve::server::{load_cpu_engine, ServeOptions, Server};
+use serve::server::{load_cpu_engine, Server};
 use tonic::transport::Channel;
-
-const MODEL_ID: &str = "qwen3-moe/native";
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
-
-fn loopback() -> ServeOptions {
-    ServeOptions {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-    }
-}
 
 fn engine_cfg(max_running: usize, max_waiting: usize) -> EngineConfig {
     EngineConfig {
@@ -46,7 +34,7 @@ fn engine_cfg(max_running: usize, max_waiting: usize) -> EngineConfig {
 
 async fn start_with(cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
     let server = Server::start(loopback(), cfg.model_id.clone(), move || {
-        load_cpu_engine(&fixture("qwen3-moe/native"), draft.as_deref(), None, cfg)
+        load_cpu_engine(&fixture(MODEL_ID), draft.as_deref(), None, cfg)
     })
     .await
     .unwrap();
@@ -61,12 +49,6 @@ async fn start(max_running: usize, max_waiting: usize) -> Server {
     start_with(engine_cfg(max_running, max_waiting), None).await
 }
 
-async fn client(s: &Server) -> EngineClient<Channel> {
-    EngineClient::connect(format!("http://{}", s.grpc_addr))
-        .await
-        .unwrap()
-}
-
 async fn health_client(s: &Server) -> tonic_health::pb::health_client::HealthClient<Channel> {
     let ch = Channel::from_shared(format!("http://{}", s.grpc_addr))
         .unwrap()
@@ -77,48 +59,10 @@ async fn health_client(s: &Server) -> tonic_health::pb::health_client::HealthCli
 }
 
 fn reference(prompt: &str, params: &SamplingParams) -> (Loaded, Vec<u32>, Generation) {
-    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    let loaded = load(&fixture(MODEL_ID)).unwrap();
     let ids = prompt_ids(&loaded, Some(prompt), None, false).unwrap();
     let g = generate(&loaded, &ids, params, &mut Vec::new()).unwrap();
     (loaded, ids, g)
-}
-
-fn text_request(prompt: &str, s: pb::SamplingParams) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::Text(prompt.into())),
-        sampling: Some(s),
-        ..Default::default()
-    }
-}
-
-/// Everything a Generate stream sent, checked for order: chunks, then exactly one Complete,
-/// then the end.
-struct Streamed {
-    tokens: Vec<u32>,
-    text: String,
-    chunks: usize,
-    complete: pb::Complete,
-}
-
-async fn collect(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Streamed {
-    let (mut tokens, mut text, mut chunks, mut complete) = (Vec::new(), String::new(), 0, None);
-    while let Some(m) = stream.message().await.unwrap() {
-        assert!(complete.is_none(), "a message after Complete");
-        match m.event.unwrap() {
-            pb::generate_response::Event::Chunk(c) => {
-                tokens.extend(c.token_ids);
-                text.push_str(&c.text);
-                chunks += 1;
-            }
-            pb::generate_response::Event::Complete(c) => complete = Some(c),
-        }
-    }
-    Streamed {
-        tokens,
-        text,
-        chunks,
-        complete: complete.expect("the stream ended without Complete"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,20 +161,6 @@ async fn get(addr: SocketAddr, path: &'static str) -> HttpResponse {
     tokio::task::spawn_blocking(move || http(addr, "GET", path, b""))
         .await
         .unwrap()
-}
-
-/// Waits until the engine holds no live request (the slot of a cancelled one is free).
-async fn wait_idle(s: &Server) {
-    let engine = s.state().engine().unwrap().clone();
-    let t0 = Instant::now();
-    while engine.load().1 != 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "requests still live: {:?}",
-            engine.load()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -421,7 +351,7 @@ async fn http_openai_api() {
         .all(|c| c["choices"][0]["finish_reason"].is_null()));
 
     // Chat: the template is applied, as `ultra generate --chat`.
-    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    let loaded = load(&fixture(MODEL_ID)).unwrap();
     let chat_ids = prompt_ids(&loaded, Some("Hi there"), None, true).unwrap();
     let greedy = SamplingParams {
         max_tokens: 10,
@@ -604,20 +534,6 @@ async fn malformed_requests_get_status_codes_and_the_server_keeps_serving() {
     server.shutdown().await.unwrap();
 }
 
-fn long_request(id: &str) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        request_id: id.into(),
-        ..text_request(
-            "count",
-            pb::SamplingParams {
-                max_tokens: Some(3000),
-                ignore_eos: Some(true),
-                ..Default::default()
-            },
-        )
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_and_disconnect_free_the_slot() {
     // One slot: the next request can only run once the cancelled one is gone.
@@ -780,7 +696,7 @@ async fn health_is_503_while_loading_and_shutdown_drains() {
     let cfg = engine_cfg(4, 8);
     let server = Server::start(loopback(), MODEL_ID.into(), move || {
         release_rx.recv()?;
-        load_cpu_engine(&fixture("qwen3-moe/native"), None, None, cfg)
+        load_cpu_engine(&fixture(MODEL_ID), None, None, cfg)
     })
     .await
     .unwrap();
@@ -900,7 +816,7 @@ async fn load_test_nothing_lost_or_corrupted() {
     const CONCURRENCY: usize = 64;
     const PROMPTS: usize = 8;
     let server = start(16, 256).await;
-    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    let loaded = load(&fixture(MODEL_ID)).unwrap();
     // Distinct prompts and seeds; references from `ultra generate`'s code path.
     let cases: Vec<(Vec<u32>, u64, Vec<u32>)> = (0..PROMPTS)
         .map(|i| {
@@ -1037,7 +953,7 @@ async fn chunked_prefill_matches_ultra_generate() {
 async fn http_tokenize_and_detokenize() {
     let server = start(2, 8).await;
     let addr = server.http_addr;
-    let loaded = load(&fixture("qwen3-moe/native")).unwrap();
+    let loaded = load(&fixture(MODEL_ID)).unwrap();
     let tok = loaded.tokenizer.as_ref().unwrap();
     let prompt = "The quick brown fox";
     let want = tok.encode(prompt, true).unwrap();
