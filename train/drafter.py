@@ -211,6 +211,35 @@ def zlab_tensors(d: Drafter) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(bf).cpu().contiguous() for k, v in sorted(t.items())}
 
 
+def load_zlab(d_dir: Path, target_c) -> Drafter:
+    """A z-lab drafter dir (as `export_zlab` writes it) -> Drafter (f32, CPU)."""
+    from safetensors.torch import load_file
+
+    zc = json.loads((d_dir / "config.json").read_text())
+    dc = zc.get("dflash_config", {})
+    c = DraftConfig(hidden_size=zc["hidden_size"], num_hidden_layers=zc["num_hidden_layers"],
+                    num_attention_heads=zc["num_attention_heads"], num_key_value_heads=zc["num_key_value_heads"],
+                    head_dim=zc["head_dim"], intermediate_size=zc["intermediate_size"],
+                    sliding_window=zc["sliding_window"], rope_theta=zc["rope_parameters"]["rope_theta"],
+                    rms_norm_eps=zc["rms_norm_eps"], block_size=zc["block_size"],
+                    mask_token_id=dc["mask_token_id"], target_layer_ids=dc["target_layer_ids"],
+                    num_target_layers=zc["num_target_layers"], vocab_size=zc["vocab_size"],
+                    max_position_embeddings=target_c.max_position_embeddings, eos_token_id=zc["eos_token_id"],
+                    num_anchors=dc.get("num_anchors", 64), loss_decay_gamma=dc.get("loss_decay_gamma", 4.0))
+    d = Drafter(c)
+    t = load_file(str(d_dir / "model.safetensors"))
+    params = dict(d.named_parameters())
+    names = {k: k.replace("self_attn.", "").replace("mlp.", "") for k in t}
+    names = {k: (v if v in params else v.removesuffix(".weight")) for k, v in names.items()}
+    missing = set(params) - set(names.values())
+    if missing or any(v not in params for v in names.values()):
+        raise ValueError(f"{d_dir}: tensors do not match the drafter (missing {sorted(missing)})")
+    with torch.no_grad():
+        for k, v in names.items():
+            params[v].copy_(t[k].float())
+    return d
+
+
 def export_zlab(d: Drafter, out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -292,7 +321,28 @@ def sample_anchors(plen: torch.Tensor, S: int, Bk: int, A: int, g: torch.Generat
     return r.topk(A, -1).indices.sort(-1).values
 
 
-def block_loss(d: Drafter, feats, ids, anchors, embed_w, gamma: float):
+def target_logits(head: "TargetHead", feats, pos):
+    """The target's own logits at positions `pos` [B, A, k] (predicting pos + 1), from the last layer's
+    features (pre-final-norm residual, the last slice of `feats`)."""
+    H = head.norm.shape[0]
+    B, A, k = pos.shape
+    h = feats[..., -H:].gather(1, pos.reshape(B, -1, 1).expand(-1, -1, H)).view(B, A, k, H)
+    return F.linear(rms(h, head.norm, head.eps).to(head.embed.dtype), head.embed)
+
+
+@dataclass
+class TargetHead:
+    """What `target_logits` needs: the target's final norm, its epsilon and (tied) LM head."""
+    norm: torch.Tensor
+    eps: float
+    embed: torch.Tensor
+
+
+def block_loss(d: Drafter, feats, ids, anchors, embed_w, gamma: float, kl: float = 0.0,
+               head: TargetHead | None = None):
+    """Decayed cross-entropy of block rows 1..B-1 against the sequence tokens; with `kl` > 0, plus `kl` times
+    the equally weighted KL(target || drafter) against the target's own distributions at those positions
+    (soft labels: the target features' last slice through the target's final norm and LM head)."""
     c = d.c
     Bk = c.block_size
     hs = d(feats, ids, anchors, embed_w)[:, :, 1:]  # rows 1..B-1
@@ -302,7 +352,14 @@ def block_loss(d: Drafter, feats, ids, anchors, embed_w, gamma: float):
     w = torch.exp(-(torch.arange(1, Bk, device=ids.device, dtype=torch.float32) - 1) / gamma)
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
     ce = ce.view(labels.shape)
-    loss = (ce * w).sum() / (w.sum() * labels.shape[0] * labels.shape[1])
+    norm = w.sum() * labels.shape[0] * labels.shape[1]
+    loss = (ce * w).sum() / norm
+    if kl > 0:
+        with torch.no_grad():
+            logp_t = F.log_softmax(target_logits(head, feats, lab_pos - 1).float(), -1)
+        logp_d = F.log_softmax(logits.float(), -1)
+        kl_rows = (logp_t.exp() * (logp_t - logp_d)).sum(-1)
+        loss = loss + kl * (kl_rows * w).sum() / norm
     with torch.no_grad():
         hit = (logits.argmax(-1) == labels)
         acc = hit.float().mean((0, 1))
@@ -390,6 +447,9 @@ def main() -> int:
     ap.add_argument("--holdout", type=int, default=256, help="self-distillation sequences kept out of training")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--init", help="start from this z-lab drafter dir (its config wins over --config)")
+    ap.add_argument("--kl", type=float, default=0.0,
+                    help="weight of KL(target || drafter) against the target's distributions (0: hard labels only)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--time-budget", type=float)
     ap.add_argument("--seed", type=int, default=4321)
@@ -412,8 +472,16 @@ def main() -> int:
                        "vocab_size": tc.vocab_size, "max_position_embeddings": tc.max_position_embeddings,
                        "target_layer_ids": [1, 3, 5] if tc.num_hidden_layers == 6 else
                        sorted({1, tc.num_hidden_layers // 2, tc.num_hidden_layers - 1}), **over})
+    init_d = None
+    if args.init:
+        init_d = load_zlab(Path(args.init), tc)
+        c = init_d.c
+        log(f"initialized from {args.init}")
     log("drafter config", json.dumps(asdict(c)))
     embed_w = t.embed.weight.detach()
+    head = TargetHead(t.norm.detach(), tc.rms_norm_eps, embed_w)
+    if args.kl > 0 and c.target_layer_ids[-1] != tc.num_hidden_layers - 1:
+        ap.error("--kl needs the target's last layer among target_layer_ids (its features give the soft labels)")
 
     # ---- 1. self-distillation data (+ held-out continuations of the eval prompts)
     sd_path = out / "selfdistill.pt"
@@ -474,8 +542,11 @@ def main() -> int:
     hold_seqs, hold_feats, hold_plen, hold_dom = seqs[hold_idx], feats[hold_idx], plen[hold_idx], dom.to(dev)[hold_idx]
 
     # ---- 2. training
-    d = Drafter(c)
-    d.init_weights(args.seed)
+    if init_d is not None:
+        d = init_d
+    else:
+        d = Drafter(c)
+        d.init_weights(args.seed)
     d = d.to(dev)
     opt = torch.optim.AdamW(d.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
     step, total, train_time = 0, args.steps, 0.0
@@ -512,7 +583,8 @@ def main() -> int:
         idx = train_idx[torch.randint(0, N, (args.batch,), generator=g).to(dev)]
         anc = sample_anchors(plen[idx], args.seq, c.block_size, c.num_anchors, g, dev)
         with common.autocast(dev):
-            loss, acc, tau = block_loss(d, feats[idx].to(dev), seqs[idx], anc, embed_w, c.loss_decay_gamma)
+            loss, acc, tau = block_loss(d, feats[idx].to(dev), seqs[idx], anc, embed_w, c.loss_decay_gamma,
+                                        args.kl, head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)

@@ -506,6 +506,11 @@ def cmd_bundle(args) -> None:
     shutil.copy2(src / "stats.json", tok_out / "stats.json")
     for name in args.tokens.split(","):
         raw = (src / f"{name}.u16").read_bytes()
+        if args.fraction < 1.0:  # evenly spread chunks of 256k tokens, so every part of the stream is sampled
+            chunk = 2 * 262144
+            n = -(-len(raw) // chunk)
+            raw = b"".join(raw[i * chunk:(i + 1) * chunk] for i in range(n)
+                           if int((i + 1) * args.fraction) > int(i * args.fraction))
         (tok_out / f"{name}.u16.xz").write_bytes(lzma.compress(raw, preset=6))
     total = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     log(f"bundle {dst}: {total / 1e6:.1f} MB")
@@ -531,6 +536,8 @@ def main() -> int:
     b.add_argument("dir")
     b.add_argument("--tokens", default="train,code_heldout,prose_heldout",
                    help="token files to pack (the drafter's --mix needs code_train,prose_train,math_train)")
+    b.add_argument("--fraction", type=float, default=1.0,
+                   help="keep this share of each token file (evenly spread 256k-token chunks; carry-size limits)")
     a = sub.add_parser("all")
     for p in (a,):
         p.add_argument("--code-root", action="append")
