@@ -7,7 +7,8 @@
 Recipe (shared/research/dflash.md §4, SpecForge's DFlash trainer):
 1. self-distillation data: prompts = random windows of the training stream (lengths 16..256 tokens, each
    after an <|endoftext|>), or with --mix of the per-domain training streams (`prepare.py tokenize` writes
-   code_train / prose_train / math_train.u16) in given shares, continued greedily by the target (the MXFP4
+   code_train / prose_train / math_train.u16) in given shares (with --sampled-prompts, a share of them
+   written by the target itself, temperature 1, after their first 16 tokens), continued greedily by the target (the MXFP4
    checkpoint, dequantized exactly) to --seq tokens; the generated part is what the drafter learns (it is
    the target's own greedy output, which is what speculative decoding must predict);
 2. target context features: the residual stream after target layers `target_layer_ids` (pre-final-norm for
@@ -252,8 +253,11 @@ def export_zlab(d: Drafter, out: Path) -> None:
 
 
 @torch.no_grad()
-def greedy_generate(t: GptOss, prompts: torch.Tensor, total: int, dev) -> torch.Tensor:
-    """prompts [N, P] -> [N, total] (prompt + greedy continuation), KV-cached, bf16 on the GPU."""
+def greedy_generate(t: GptOss, prompts: torch.Tensor, total: int, dev, sample_until: int = 0,
+                    gen: torch.Generator | None = None) -> torch.Tensor:
+    """prompts [N, P] -> [N, total] (prompt + greedy continuation), KV-cached, bf16 on the GPU. Positions
+    below `sample_until` are sampled at temperature 1 instead (with `gen`): the target writes part of its own
+    prompt, text it has not seen in training."""
     N, P = prompts.shape
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     caches = t.new_cache(N, total, dtype, dev, padded=True)
@@ -265,7 +269,10 @@ def greedy_generate(t: GptOss, prompts: torch.Tensor, total: int, dev) -> torch.
             logits = t(prompts, caches=caches, pos0=0, last_only=True)["logits"]
             t.dense_moe_max = 8192  # one token per sequence per step: dense experts, no host sync
             for pos in range(P, total):
-                nxt = logits[:, -1].float().argmax(-1)
+                if pos < sample_until:
+                    nxt = torch.multinomial(logits[:, -1].float().softmax(-1), 1, generator=gen)[:, 0]
+                else:
+                    nxt = logits[:, -1].float().argmax(-1)
                 out[:, pos] = nxt
                 if pos + 1 == total:
                     break
@@ -440,6 +447,10 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--prompt-lens", default="16,48,128,256")
     ap.add_argument("--gen-batch", type=int, default=2048)
+    ap.add_argument("--sampled-prompts", type=float, default=0.0,
+                    help="share of prompts of which the target samples (temperature 1) all but the first "
+                         "--sampled-keep tokens: continuations of text it has not memorized, as on held-out data")
+    ap.add_argument("--sampled-keep", type=int, default=16)
     ap.add_argument("--gen-budget", type=float, default=90.0, help="seconds: start no new prompt group after this")
     ap.add_argument("--eval-new-tokens", type=int, default=96)
     ap.add_argument("--eval-prompts", type=int, default=16, help="eval prompts per set for the tau estimate")
@@ -507,8 +518,14 @@ def main() -> int:
             for di, (name, tokens, count) in enumerate(sources):
                 per = count // len(plens)
                 pr = make_prompts(tokens, per, P, args.seed + j + 1000 * di)
+                n_sampled = int(round(per * args.sampled_prompts))  # the first ones: written by the target
                 for i in range(0, per, args.gen_batch):
-                    seqs.append(greedy_generate(t, pr[i: i + args.gen_batch].to(dev), args.seq, dev).cpu())
+                    b = pr[i: i + args.gen_batch].to(dev)
+                    k = max(0, min(b.shape[0], n_sampled - i))
+                    if k and P > args.sampled_keep:
+                        gen = torch.Generator(device=dev).manual_seed(args.seed * 31 + j * 1009 + di * 97 + i)
+                        b = torch.cat([greedy_generate(t, b[:k, :args.sampled_keep], P, dev, P, gen), b[k:]])
+                    seqs.append(greedy_generate(t, b, args.seq, dev).cpu())
                     plen.append(torch.full((seqs[-1].shape[0],), P))
                     dom.append(torch.full((seqs[-1].shape[0],), di))
         seqs, plen, dom = torch.cat(seqs), torch.cat(plen), torch.cat(dom)
