@@ -158,6 +158,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         },
         max_tokens: Some(max_tokens),
         logprobs: None,
+        prompt_logprobs: None,
     }
 }
 

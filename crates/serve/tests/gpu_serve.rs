@@ -2,9 +2,10 @@
 //! generate --device cuda` for the same seed — greedy and sampled, several streams at once, a
 //! long prompt prefilled in chunks, a reused (pooled) sequence; cancellation (Abort and client
 //! disconnect) freeing the slot; 20 concurrent greedy requests (batched decode passes) giving
-//! each one's output alone; and DFlash with the drafter on the GPU giving plain GPU
-//! decoding's output. Model: the tiny `qwen3-moe/native` fixture. Skips with a `SKIPPED` line
-//! where there is no GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else
+//! each one's output alone; DFlash with the drafter on the GPU giving plain GPU decoding's
+//! output; and prompt logprobs (chunked `forward` on the GPU) matching the CPU's log-softmax.
+//! Model: the tiny `qwen3-moe/native` fixture. Skips with a `SKIPPED` line where there is no
+//! GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else
 //! the repository's.
 
 mod common;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use common::{client, collect, fixture, long_request, loopback, text_request, wait_idle, MODEL_ID};
 use model::sampling::SamplingParams;
 use serve::commands::generate::{generate, load, prompt_ids, Generation};
-use serve::engine::EngineConfig;
+use serve::engine::{EngineConfig, Event, GenerateRequest};
 use serve::proto::v1 as pb;
 use serve::proto::v1::engine_client::EngineClient;
 use serve::server::{load_gpu_engine, Server};
@@ -293,5 +294,83 @@ async fn gpu_speculative_server_matches_plain_decoding() {
     .unwrap();
     assert_eq!(collect(stream).await.complete.finish_reason, "abort");
     wait_idle(&server).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_prompt_logprobs_match_the_cpu() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("gpu_prompt_logprobs_match_the_cpu") else {
+        return;
+    };
+    // 16 tokens a step: the prompt's logits come from several 16-token `forward` calls.
+    let server = start(engine_cfg(4, 16), None).await;
+    let engine = server.state().engine().unwrap().clone();
+    let loaded = load(&fixture(MODEL_ID)).unwrap();
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(4);
+    let ids = prompt_ids(&loaded, Some(&prompt), None, false).unwrap();
+    assert!(ids.len() > 32, "the prompt spans 3+ chunks");
+    let cpu_rows = loaded.model.session().prefill_all(&ids).unwrap();
+    let run = |prompt_logprobs: Option<usize>| {
+        let sub = engine
+            .submit(GenerateRequest {
+                id: String::new(),
+                prompt: ids.clone(),
+                params: params((0.0, None, None, 8)).0,
+                max_tokens: Some(8),
+                logprobs: None,
+                prompt_logprobs,
+            })
+            .unwrap();
+        async move {
+            let mut events = sub.events;
+            let (mut tokens, mut plps) = (Vec::new(), Vec::new());
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    Event::Tokens(t) => {
+                        tokens.extend(t.tokens);
+                        plps.extend(t.prompt_logprobs);
+                    }
+                    Event::Finished(f) => assert_eq!(f.error, None),
+                }
+            }
+            (tokens, plps)
+        }
+    };
+    let (plain, none) = run(None).await;
+    assert!(none.is_empty());
+    let (tokens, plps) = run(Some(5)).await;
+    assert_eq!(
+        tokens, plain,
+        "prompt logprobs change the greedy continuation"
+    );
+    assert_eq!(plps.len(), ids.len() - 1);
+    // MXFP4's GPU-vs-CPU logit tolerance (relative to 1 + max |logit|), twice for a log-softmax.
+    let mut worst = 0f64;
+    for (j, p) in plps.iter().enumerate() {
+        let row = &cpu_rows[j];
+        let lsm = model::sampling::log_softmax(row);
+        let scale = 1.0 + row.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+        let tol = 2.0 * 3e-2 * scale;
+        assert_eq!(p.logprob.token, ids[j + 1]);
+        assert_eq!(p.logprob.top.len(), 5);
+        let mut check = |t: u32, lp: f64| {
+            let err = (lp - lsm[t as usize]).abs();
+            worst = worst.max(err / scale);
+            assert!(
+                err <= tol,
+                "position {}: token {t}: {lp} vs CPU {}",
+                j + 1,
+                lsm[t as usize]
+            );
+        };
+        check(p.logprob.token, p.logprob.logprob);
+        for &(t, lp) in &p.logprob.top {
+            check(t, lp);
+        }
+    }
+    println!(
+        "gpu prompt_logprobs: {} positions, max |GPU - CPU| / (1 + max|logit|) = {worst:.2e}",
+        plps.len()
+    );
     server.shutdown().await.unwrap();
 }

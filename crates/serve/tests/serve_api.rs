@@ -449,7 +449,29 @@ async fn malformed_requests_get_status_codes_and_the_server_keeps_serving() {
         (br#"{"prompt": [1, 2, 999999]}"#, 400, "vocabulary"),
         (br#"{"prompt": []}"#, 400, "no tokens"),
         (br#"{"max_tokens": 3}"#, 400, "invalid JSON"),
-        (br#"{"prompt": "a", "n": 2}"#, 400, "n = 1"),
+        (br#"{"prompt": "a", "n": 0}"#, 400, "n must be at least 1"),
+        (br#"{"prompt": "a", "n": 9}"#, 400, "at most 8 per request"),
+        (
+            br#"{"prompt": ["a", "b", "c"], "n": 3}"#,
+            400,
+            "9 sequences",
+        ),
+        (
+            br#"{"prompt": "a", "prompt_logprobs": 21}"#,
+            400,
+            "between 0 and 20",
+        ),
+        (
+            br#"{"prompt": "a", "prompt_logprobs": -1}"#,
+            400,
+            "between 0 and 20",
+        ),
+        (
+            br#"{"prompt": "a", "prompt_logprobs": 1, "stream": true}"#,
+            400,
+            "not available when stream",
+        ),
+        (br#"{"prompt": [[1, 2], [3, 999999]]}"#, 400, "vocabulary"),
     ];
     for (body, status, needle) in cases {
         let r = tokio::task::spawn_blocking(move || http(addr, "POST", "/v1/completions", body))
@@ -757,6 +779,7 @@ async fn health_is_503_while_loading_and_shutdown_drains() {
             params: SamplingParams::greedy(),
             max_tokens: Some(2),
             logprobs: None,
+            prompt_logprobs: None,
         }),
         Err(serve::engine::SubmitError::ShuttingDown)
     ));
@@ -804,6 +827,29 @@ async fn speculative_server_matches_ultra_generate_and_counts_drafts() {
         assert!(spec.drafts > 0 && spec.draft_tokens >= spec.drafts);
         assert!(spec.mean_acceptance_length >= 1.0);
     }
+    // n = 2 over HTTP: two speculative sequences, both greedy, both `ultra generate`'s text.
+    let r = http_async(
+        server.http_addr,
+        "/v1/completions",
+        json!({"prompt": "The quick brown fox", "n": 2, "max_tokens": 20, "temperature": 0,
+            "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    for c in 0..2 {
+        assert_eq!(v["choices"][c]["index"], c);
+        assert_eq!(v["choices"][c]["text"], want.text.as_str());
+    }
+    // The drafter's path computes no prompt logprobs.
+    let r = http_async(
+        server.http_addr,
+        "/v1/completions",
+        json!({"prompt": "a", "max_tokens": 2, "prompt_logprobs": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "prompt_logprobs");
     let m = server.state().engine().unwrap().metrics().render();
     assert!(metric(&m, "vllm:spec_decode_num_drafts_total") > 0.0);
     assert!(metric(&m, "vllm:spec_decode_num_draft_tokens_total") > 0.0);
@@ -1036,5 +1082,457 @@ async fn http_tokenize_and_detokenize() {
         .await
         .unwrap();
     assert_eq!(r.status, 400);
+    server.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// n, prompt lists, echo, prompt_logprobs
+// ---------------------------------------------------------------------------------------------
+
+/// The `choices` of a response, checked to be indexed 0, 1, ….
+fn choices(v: &Value) -> Vec<Value> {
+    let c = v["choices"].as_array().unwrap().clone();
+    for (i, ch) in c.iter().enumerate() {
+        assert_eq!(ch["index"], i, "{v}");
+    }
+    c
+}
+
+fn texts(v: &Value) -> Vec<String> {
+    choices(v)
+        .iter()
+        .map(|c| {
+            c["text"]
+                .as_str()
+                .or(c["message"]["content"].as_str())
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+async fn completion(addr: SocketAddr, body: Value) -> Value {
+    let r = http_async(addr, "/v1/completions", body.clone()).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{body}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+/// A streamed response's chunks (before `[DONE]`, which must end it).
+fn stream_chunks(r: &HttpResponse) -> Vec<Value> {
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let frames = r.sse();
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    assert_eq!(frames.iter().filter(|f| *f == "[DONE]").count(), 1);
+    frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_n_samples_and_prompt_lists() {
+    let server = start(4, 16).await;
+    let addr = server.http_addr;
+    let base = json!({"max_tokens": 8, "temperature": 0.9, "ignore_eos": true});
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+
+    // n = 3 with a seed: three choices, reproducible, choice i = the single request with seed
+    // 7 + i; usage counts the prompt once and every choice's tokens.
+    let v = completion(
+        addr,
+        with(json!({"prompt": "Once upon a time", "n": 3, "seed": 7})),
+    )
+    .await;
+    let got = texts(&v);
+    assert_eq!(got.len(), 3);
+    assert!(
+        got[0] != got[1] || got[1] != got[2],
+        "the samples differ: {got:?}"
+    );
+    let again = completion(
+        addr,
+        with(json!({"prompt": "Once upon a time", "n": 3, "seed": 7})),
+    )
+    .await;
+    assert_eq!(texts(&again), got);
+    for (i, text) in got.iter().enumerate() {
+        let one = completion(
+            addr,
+            with(json!({"prompt": "Once upon a time", "seed": 7 + i})),
+        )
+        .await;
+        assert_eq!(&texts(&one)[0], text, "sample {i}");
+        if i == 0 {
+            assert_eq!(v["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+        }
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 24);
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+
+    // A list of two prompts (text, then the same as token ids) = two single requests.
+    let loaded = load(&fixture(MODEL_ID)).unwrap();
+    let prompts = ["The quick brown fox", "Hello"];
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| prompt_ids(&loaded, Some(p), None, false).unwrap())
+        .collect();
+    let singles: Vec<String> = {
+        let mut out = Vec::new();
+        for p in prompts {
+            out.push(
+                texts(&completion(addr, with(json!({"prompt": p, "seed": 5}))).await)[0].clone(),
+            );
+        }
+        out
+    };
+    let listed = completion(addr, with(json!({"prompt": prompts, "seed": 5}))).await;
+    assert_eq!(texts(&listed), singles);
+    assert_eq!(
+        listed["usage"]["prompt_tokens"],
+        ids[0].len() + ids[1].len()
+    );
+    let as_ids = completion(addr, with(json!({"prompt": ids, "seed": 5}))).await;
+    assert_eq!(texts(&as_ids), singles);
+    // Two prompts × n = 2: choice 2·p + i is prompt p with seed 5 + i.
+    let grid = completion(addr, with(json!({"prompt": prompts, "seed": 5, "n": 2}))).await;
+    let grid = texts(&grid);
+    assert_eq!(grid.len(), 4);
+    assert_eq!(
+        (grid[0].as_str(), grid[2].as_str()),
+        (singles[0].as_str(), singles[1].as_str())
+    );
+    let p1_seed6 = completion(addr, with(json!({"prompt": prompts[1], "seed": 6}))).await;
+    assert_eq!(grid[3], texts(&p1_seed6)[0]);
+
+    // Chat: n = 2 with a seed.
+    let chat = |seed: u64, n: u32| {
+        json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 6,
+            "temperature": 0.9, "seed": seed, "n": n, "ignore_eos": true})
+    };
+    let r = http_async(addr, "/v1/chat/completions", chat(11, 2)).await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    let got = texts(&v);
+    for (i, text) in got.iter().enumerate() {
+        let one = http_async(addr, "/v1/chat/completions", chat(11 + i as u64, 1)).await;
+        assert_eq!(&texts(&one.json())[0], text);
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_streaming_n_interleaves_choices() {
+    let server = start(4, 16).await;
+    let addr = server.http_addr;
+    let body = json!({"prompt": ["Once upon a time", "Hi"], "n": 2, "seed": 3, "max_tokens": 10,
+        "temperature": 0.8, "ignore_eos": true, "logprobs": 1});
+    let want = completion(addr, body.clone()).await;
+    let want_texts = texts(&want);
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let r = http_async(addr, "/v1/completions", sb).await;
+    let chunks = stream_chunks(&r);
+    let (usage_chunk, content) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], want["usage"]);
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 40);
+    assert!(content.iter().all(|c| c["usage"].is_null()));
+    assert!(content.iter().all(|c| c["id"] == content[0]["id"]));
+    let mut text = vec![String::new(); 4];
+    let mut lps = vec![0usize; 4];
+    let mut finished = vec![0usize; 4];
+    for c in content {
+        let ch = c["choices"].as_array().unwrap();
+        assert_eq!(ch.len(), 1);
+        let i = ch[0]["index"].as_u64().unwrap() as usize;
+        assert_eq!(finished[i], 0, "a chunk of choice {i} after its finish");
+        text[i].push_str(ch[0]["text"].as_str().unwrap());
+        if let Some(t) = ch[0]["logprobs"]["token_logprobs"].as_array() {
+            lps[i] += t.len();
+        }
+        if !ch[0]["finish_reason"].is_null() {
+            assert_eq!(ch[0]["finish_reason"], "length");
+            finished[i] += 1;
+        }
+    }
+    assert_eq!(text, want_texts);
+    assert_eq!(finished, vec![1; 4]);
+    assert_eq!(lps, vec![10; 4]);
+
+    // Chat streaming with n = 2: each choice's first chunk carries the role.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 5,
+        "temperature": 0, "n": 2, "stream": true});
+    let chunks = stream_chunks(&http_async(addr, "/v1/chat/completions", chat).await);
+    for i in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == i)
+            .collect();
+        assert_eq!(mine[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(mine[1..]
+            .iter()
+            .all(|c| c["choices"][0]["delta"]["role"].is_null()));
+        assert!(!mine.last().unwrap()["choices"][0]["finish_reason"].is_null());
+    }
+    server.shutdown().await.unwrap();
+}
+
+/// Log-softmax rows of the CPU executor's own logits over `ids` (every position), computed here
+/// independently of the server.
+fn reference_log_softmax(loaded: &Loaded, ids: &[u32]) -> Vec<Vec<f64>> {
+    let rows = loaded.model.session().prefill_all(ids).unwrap();
+    rows.iter()
+        .map(|r| model::sampling::log_softmax(r))
+        .collect()
+}
+
+/// Checks vLLM-format `prompt_logprobs` against the reference rows: `null` first, then each
+/// token's logprob, rank and the `top` most likely.
+fn check_prompt_logprobs(got: &Value, ids: &[u32], lsm: &[Vec<f64>], top: usize) {
+    let got = got.as_array().unwrap();
+    assert_eq!(got.len(), ids.len());
+    assert!(got[0].is_null());
+    for j in 1..ids.len() {
+        let row = &lsm[j - 1];
+        let m = got[j].as_object().unwrap();
+        let t = ids[j];
+        let e = &m[&t.to_string()];
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(
+            (lp - row[t as usize]).abs() < 1e-4,
+            "position {j}: {lp} vs {}",
+            row[t as usize]
+        );
+        let rank = row.iter().filter(|&&x| x >= row[t as usize]).count();
+        assert_eq!(e["rank"], rank, "position {j}");
+        assert!(e["decoded_token"].is_string());
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for (r, &id) in order.iter().take(top).enumerate() {
+            let e = &m[&id.to_string()];
+            assert!((e["logprob"].as_f64().unwrap() - row[id]).abs() < 1e-4);
+            if id as u32 != t {
+                assert_eq!(e["rank"], r + 1);
+            }
+        }
+        let want_len = top + usize::from(!order[..top].contains(&(t as usize)));
+        assert_eq!(m.len(), want_len, "position {j}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_prompt_logprobs_and_echo() {
+    // 5 tokens a step: a prompt's logprobs come from several chunked `forward` calls.
+    let cfg = EngineConfig {
+        max_batched_tokens: 5,
+        ..engine_cfg(4, 16)
+    };
+    let server = start_with(cfg, None).await;
+    let addr = server.http_addr;
+    let loaded = load(&fixture(MODEL_ID)).unwrap();
+    let prompt = "The quick brown fox jumps over the lazy dog";
+    let ids = prompt_ids(&loaded, Some(prompt), None, false).unwrap();
+    assert!(ids.len() > 5);
+    let lsm = reference_log_softmax(&loaded, &ids);
+    let plain = completion(
+        addr,
+        json!({"prompt": prompt, "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    let plain_text = texts(&plain)[0].clone();
+
+    // prompt_logprobs: on the choice, vLLM's format; generation unchanged.
+    let v = completion(
+        addr,
+        json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "prompt_logprobs": 3}),
+    )
+    .await;
+    assert_eq!(texts(&v)[0], plain_text);
+    check_prompt_logprobs(&v["choices"][0]["prompt_logprobs"], &ids, &lsm, 3);
+    assert!(v["choices"][0]["logprobs"].is_null());
+    // 0: each prompt token alone.
+    let v = completion(
+        addr,
+        json!({"prompt": [ids.clone(), ids.clone()], "max_tokens": 2, "prompt_logprobs": 0}),
+    )
+    .await;
+    for c in choices(&v) {
+        check_prompt_logprobs(&c["prompt_logprobs"], &ids, &lsm, 0);
+    }
+
+    // Chat: on the response, for the templated prompt.
+    let chat_ids = prompt_ids(&loaded, Some("Hi there"), None, true).unwrap();
+    let chat_lsm = reference_log_softmax(&loaded, &chat_ids);
+    let r = http_async(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 3,
+            "prompt_logprobs": 2, "n": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(choices(&v).len(), 2);
+    check_prompt_logprobs(&v["prompt_logprobs"], &chat_ids, &chat_lsm, 2);
+
+    // echo: the prompt text leads the choice's text; with logprobs, the prompt tokens' logprobs
+    // (the first `null`) lead the generated ones.
+    let v = completion(
+        addr,
+        json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": true, "logprobs": 2}),
+    )
+    .await;
+    let c = &v["choices"][0];
+    assert_eq!(c["text"].as_str().unwrap(), format!("{prompt}{plain_text}"));
+    let lp = &c["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), ids.len() + 6);
+    assert_eq!(
+        lp["token_logprobs"].as_array().unwrap().len(),
+        ids.len() + 6
+    );
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    for j in 1..ids.len() {
+        let got = lp["token_logprobs"][j].as_f64().unwrap();
+        assert!(
+            (got - lsm[j - 1][ids[j] as usize]).abs() < 1e-4,
+            "position {j}"
+        );
+        let n_top = lp["top_logprobs"][j].as_object().unwrap().len();
+        assert!((1..=2).contains(&n_top));
+    }
+    assert!(lp["token_logprobs"][ids.len()].is_f64());
+    assert!(c.get("prompt_logprobs").is_none());
+    // Token prompts echo their decoded text.
+    let v = completion(
+        addr,
+        json!({"prompt": ids, "max_tokens": 6, "temperature": 0, "echo": true}),
+    )
+    .await;
+    let decoded = loaded
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .decode(&ids, false)
+        .unwrap();
+    assert_eq!(texts(&v)[0], format!("{decoded}{plain_text}"));
+    assert!(v["choices"][0]["logprobs"].is_null());
+    // Streaming echo with n = 2: each choice starts with the prompt (and its logprobs).
+    let r = http_async(
+        addr,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": true, "n": 2,
+            "logprobs": 0, "stream": true}),
+    )
+    .await;
+    let chunks = stream_chunks(&r);
+    for i in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == i)
+            .collect();
+        assert_eq!(mine[0]["choices"][0]["text"], prompt);
+        let first_lps = &mine[0]["choices"][0]["logprobs"]["token_logprobs"];
+        assert_eq!(first_lps.as_array().unwrap().len(), ids.len());
+        assert!(first_lps[0].is_null() && first_lps[1].is_f64());
+        let text: String = mine
+            .iter()
+            .map(|c| c["choices"][0]["text"].as_str().unwrap())
+            .collect();
+        assert!(text.starts_with(prompt) && text.len() > prompt.len());
+    }
+    // Still serving plain requests.
+    let v = completion(
+        addr,
+        json!({"prompt": prompt, "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(texts(&v)[0], plain_text);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_sequences_are_queued_refused_and_cancelled_together() {
+    // One running slot, four queue slots.
+    let server = start(1, 4).await;
+    let engine = server.state().engine().unwrap().clone();
+    let mut c = client(&server).await;
+    let mut running = c.generate(long_request("a")).await.unwrap().into_inner();
+    running.message().await.unwrap().unwrap();
+    let waiting = c.generate(long_request("b")).await.unwrap().into_inner();
+    assert_eq!(engine.load(), (1, 2));
+    // Four more sequences do not fit the three free slots: refused, none queued.
+    let addr = server.http_addr;
+    let r = http_async(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "x", "n": 4, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(engine.load(), (1, 2));
+    // Three fit; the client goes away once the first token arrives: all three end.
+    let reader = tokio::task::spawn_blocking(move || {
+        let body = json!({"prompt": "count", "n": 3, "max_tokens": 3000, "ignore_eos": true,
+            "stream": true});
+        let s = send_request(
+            addr,
+            "POST",
+            "/v1/completions",
+            body.to_string().as_bytes(),
+            "",
+        );
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while !line.starts_with("data: ") {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+        }
+        line
+    });
+    let t0 = Instant::now();
+    while engine.load() != (4, 5) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            engine.load()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for id in ["a", "b"] {
+        let found = c
+            .abort(pb::AbortRequest {
+                request_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .found;
+        assert!(found);
+    }
+    assert_eq!(collect(running).await.complete.finish_reason, "abort");
+    assert_eq!(collect(waiting).await.complete.finish_reason, "abort");
+    let first: Value =
+        serde_json::from_str(reader.await.unwrap().trim().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(first["choices"][0]["index"], 0);
+    wait_idle(&server).await;
+    let m = engine.metrics().render();
+    assert_eq!(
+        metric(&m, "vllm:request_success_total{finished_reason=\"abort\""),
+        5.0
+    );
     server.shutdown().await.unwrap();
 }

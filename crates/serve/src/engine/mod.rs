@@ -25,7 +25,8 @@
 //! `forward` / `truncate` (CPU), or the whole speculative state on the device (GPU).
 //!
 //! Back-pressure: [`EngineHandle::submit`] refuses with [`SubmitError::QueueFull`] when
-//! `max_waiting` requests already wait. Shutdown ([`EngineHandle::shutdown`]) refuses new
+//! `max_waiting` requests already wait; [`EngineHandle::submit_all`] queues a group of requests
+//! (the sequences of one API request) all together or not at all. Shutdown ([`EngineHandle::shutdown`]) refuses new
 //! requests and lets the scheduler drain what was admitted or queued.
 
 pub mod backend;
@@ -94,6 +95,10 @@ pub struct GenerateRequest {
     pub max_tokens: Option<usize>,
     /// `Some(n)`: each token's log-probability and the `n` most likely (n ≤ 20).
     pub logprobs: Option<usize>,
+    /// `Some(n)`: each prompt token's (after the first) log-probability, rank and the `n` most
+    /// likely (n ≤ 20), computed from the logits of every prompt position and sent with the
+    /// first token event (vLLM's `prompt_logprobs`). Not with speculative decoding.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Most top log-probabilities per token.
@@ -107,6 +112,16 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f64)>,
 }
 
+/// Log-probabilities of one prompt token under the model's raw distribution after the tokens
+/// before it (vLLM's `prompt_logprobs` entry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    /// The prompt token, its log-probability and the most likely tokens at its position.
+    pub logprob: TokenLogprob,
+    /// The prompt token's rank in the vocabulary (1: the most likely; ties count as ahead).
+    pub rank: usize,
+}
+
 /// Tokens one step produced for a request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenEvent {
@@ -115,6 +130,9 @@ pub struct TokenEvent {
     pub text: String,
     /// One per token when log-probabilities were asked for.
     pub logprobs: Vec<TokenLogprob>,
+    /// With `prompt_logprobs`, in the first event only: one entry per prompt token from the
+    /// second on (the first token has none).
+    pub prompt_logprobs: Vec<PromptLogprob>,
     /// Speculative decoding: drafts verified and accepted in this step.
     pub draft_tokens: u32,
     pub accepted_draft_tokens: u32,
@@ -222,9 +240,20 @@ pub(crate) struct Pending {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub logprobs: Option<usize>,
+    pub prompt_logprobs: Option<usize>,
     pub events: mpsc::UnboundedSender<Event>,
     pub arrival: Instant,
     pub kv_reserve: u64,
+}
+
+/// A request that passed [`EngineHandle::submit_all`]'s checks (`params.max_tokens` resolved).
+struct Checked {
+    id: String,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
+    kv_reserve: u64,
 }
 
 /// State shared by the handle and the scheduler.
@@ -381,9 +410,103 @@ impl EngineHandle {
     /// Checks and queues a request. Its events arrive on the returned receiver; dropping the
     /// receiver cancels it.
     pub fn submit(&self, req: GenerateRequest) -> Result<Submitted, SubmitError> {
+        let mut subs = self.submit_all(vec![req])?;
+        subs.pop()
+            .ok_or_else(|| SubmitError::Invalid("no request was submitted".into()))
+    }
+
+    /// Checks and queues several requests together (the sequences of one API request: `n`
+    /// samples, a list of prompts): all are queued or none is — the first refusal is returned,
+    /// [`SubmitError::QueueFull`] when fewer queue slots than requests are free, and
+    /// [`SubmitError::Invalid`] when there are more requests than the queue holds at all
+    /// (`max_waiting`). Each request's events arrive on its own receiver, in the given order.
+    pub fn submit_all(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<Submitted>, SubmitError> {
         if self.is_draining() {
             return Err(SubmitError::ShuttingDown);
         }
+        let k = reqs.len();
+        if k == 0 {
+            return Err(SubmitError::Invalid("no request to submit".into()));
+        }
+        if k > self.cfg.max_waiting {
+            return Err(SubmitError::Invalid(format!(
+                "{k} sequences in one request; this server queues at most {} (--max-waiting)",
+                self.cfg.max_waiting
+            )));
+        }
+        let mut checked = reqs
+            .into_iter()
+            .map(|r| self.check(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        {
+            let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+            for i in 0..k {
+                if checked[i].id.is_empty() {
+                    checked[i].id = self.next_request_id();
+                }
+                let id = &checked[i].id;
+                if live.contains(id) || checked[..i].iter().any(|c| &c.id == id) {
+                    return Err(SubmitError::Invalid(format!(
+                        "request id {id:?} is already in use"
+                    )));
+                }
+            }
+            // Reserve the queue slots (the scheduler gives each back at admission or when its
+            // request ends).
+            let waiting = self.shared.waiting.fetch_add(k, Ordering::SeqCst);
+            if waiting + k > self.cfg.max_waiting {
+                self.shared.waiting.fetch_sub(k, Ordering::SeqCst);
+                return Err(SubmitError::QueueFull(waiting));
+            }
+            live.extend(checked.iter().map(|c| c.id.clone()));
+        }
+        self.shared.metrics.num_requests_waiting.add(k as i64);
+        let mut out = Vec::with_capacity(k);
+        let mut rest = checked.into_iter();
+        while let Some(c) = rest.next() {
+            let (etx, erx) = mpsc::unbounded_channel();
+            let sub = Submitted {
+                id: c.id.clone(),
+                events: erx,
+                prompt_tokens: c.prompt.len(),
+                max_tokens: c.params.max_tokens,
+            };
+            let id = c.id.clone();
+            let pending = Pending {
+                id: c.id,
+                prompt: c.prompt,
+                params: c.params,
+                logprobs: c.logprobs,
+                prompt_logprobs: c.prompt_logprobs,
+                events: etx,
+                arrival: Instant::now(),
+                kv_reserve: c.kv_reserve,
+            };
+            if self.tx.send(Command::Submit(Box::new(pending))).is_err() {
+                // The scheduler is gone: give back this request's slot and those of the rest
+                // (the ones already sent end with the scheduler).
+                for id in std::iter::once(id).chain(rest.map(|c| c.id)) {
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.shared.metrics.num_requests_waiting.dec();
+                    self.forget(&id);
+                }
+                return Err(SubmitError::ShuttingDown);
+            }
+            out.push(sub);
+        }
+        Ok(out)
+    }
+
+    /// A fresh server-assigned request id (`req-N`).
+    pub fn next_request_id(&self) -> String {
+        format!(
+            "req-{}",
+            self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Checks one request: prompt, logprobs, context, sampling parameters, KV budget.
+    fn check(&self, req: GenerateRequest) -> Result<Checked, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt has no tokens".into()));
         }
@@ -398,12 +521,20 @@ impl EngineHandle {
                 "prompt token {i} is {t}, outside the vocabulary (size {vocab})"
             )));
         }
-        if let Some(n) = req.logprobs {
-            if n > MAX_TOP_LOGPROBS {
+        for (name, n) in [
+            ("top logprobs", req.logprobs),
+            ("prompt logprobs", req.prompt_logprobs),
+        ] {
+            if let Some(n) = n.filter(|&n| n > MAX_TOP_LOGPROBS) {
                 return Err(SubmitError::Invalid(format!(
-                    "top logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+                    "{name} must be at most {MAX_TOP_LOGPROBS}, got {n}"
                 )));
             }
+        }
+        if req.prompt_logprobs.is_some() && self.info.spec_block_size.is_some() {
+            return Err(SubmitError::Invalid(
+                "prompt logprobs are not available with speculative decoding on this server".into(),
+            ));
         }
         let ctx = self.info.max_context;
         let plen = req.prompt.len();
@@ -442,51 +573,13 @@ impl EngineHandle {
                 self.cfg.kv_budget_bytes
             )));
         }
-        let id = if req.id.is_empty() {
-            format!(
-                "req-{}",
-                self.shared.next_id.fetch_add(1, Ordering::Relaxed)
-            )
-        } else {
-            req.id
-        };
-        {
-            let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
-            if live.contains(&id) {
-                return Err(SubmitError::Invalid(format!(
-                    "request id {id:?} is already in use"
-                )));
-            }
-            // Reserve a queue slot (the scheduler gives it back at admission or when it ends).
-            let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst);
-            if waiting >= self.cfg.max_waiting {
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Err(SubmitError::QueueFull(waiting));
-            }
-            live.insert(id.clone());
-        }
-        self.shared.metrics.num_requests_waiting.inc();
-        let (etx, erx) = mpsc::unbounded_channel();
-        let pending = Pending {
-            id: id.clone(),
+        Ok(Checked {
+            id: req.id,
             prompt: req.prompt,
             params,
             logprobs: req.logprobs,
-            events: etx,
-            arrival: Instant::now(),
+            prompt_logprobs: req.prompt_logprobs,
             kv_reserve,
-        };
-        if self.tx.send(Command::Submit(Box::new(pending))).is_err() {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.shared.metrics.num_requests_waiting.dec();
-            self.forget(&id);
-            return Err(SubmitError::ShuttingDown);
-        }
-        Ok(Submitted {
-            id,
-            events: erx,
-            prompt_tokens: plen,
-            max_tokens,
         })
     }
 

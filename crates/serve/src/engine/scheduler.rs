@@ -11,12 +11,37 @@ use model::tokenizer::Tokenizer;
 
 use super::spec::{SpecConfig, SpecRunning};
 use super::{
-    Backend, Command, EngineConfig, Event, Finished, Pending, Shared, TokenEvent, TokenLogprob,
+    Backend, Command, EngineConfig, Event, Finished, Pending, PromptLogprob, Shared, TokenEvent,
+    TokenLogprob,
 };
 use crate::stream::{Emitted, TokenOutput};
 
 /// How long an idle scheduler sleeps between checks for commands.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// Most prompt tokens one `forward` call of a `prompt_logprobs` request runs (rounded down to the
+/// backend's granularity): its logits rows (`tokens × vocab` floats) are held at once.
+const PROMPT_LOGPROBS_CHUNK: usize = 256;
+
+/// The entry of a prompt token under the logits row of the position before it.
+fn prompt_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
+    let logprob = logprob_of(logits, token);
+    // vLLM's rank: how many tokens are at least as likely (the token itself included).
+    let x = logits.get(token as usize).copied().unwrap_or(f32::NAN);
+    let rank = if x.is_nan() {
+        logits.len()
+    } else {
+        logits.iter().filter(|&&y| y >= x).count()
+    };
+    PromptLogprob {
+        logprob: TokenLogprob {
+            token,
+            logprob,
+            top: top_logprobs(logits, top),
+        },
+        rank,
+    }
+}
 
 /// A request being prefilled or in the running batch.
 struct Running<S> {
@@ -25,6 +50,9 @@ struct Running<S> {
     out: TokenOutput,
     /// Prompt tokens already in `seq` (chunked prefill).
     prefilled: usize,
+    /// With `prompt_logprobs`: the entries of the prompt positions prefilled so far (sent with
+    /// the first token).
+    prompt_lps: Vec<PromptLogprob>,
     /// The last sampled token (decoded by the next step).
     next: u32,
     admitted: Instant,
@@ -315,6 +343,7 @@ impl<B: Backend> Sched<B> {
                 seq,
                 out,
                 prefilled: 0,
+                prompt_lps: Vec::new(),
                 next: 0,
                 admitted,
                 first: None,
@@ -325,21 +354,48 @@ impl<B: Backend> Sched<B> {
 
     /// Prefills queued prompts with `max_batched_tokens − decoded` tokens (at least one chunk),
     /// in arrival order, each cut at the backend's granularity; a complete prompt samples its
-    /// first token and joins the running batch.
+    /// first token and joins the running batch. A request with `prompt_logprobs` runs its
+    /// chunks (at most [`PROMPT_LOGPROBS_CHUNK`] tokens) through `forward`, which returns the
+    /// logits of every position, and keeps each prompt token's entry.
     fn prefill_step(&mut self, decoded: usize) {
         let g = self.backend.prefill_granularity().max(1);
+        let lp_chunk = (PROMPT_LOGPROBS_CHUNK / g).max(1) * g;
         let mut budget = self.cfg.max_batched_tokens.saturating_sub(decoded).max(g);
         while budget > 0 {
             let Some(r) = self.prefilling.front_mut() else {
                 break;
             };
             let rest = r.p.prompt.len() - r.prefilled;
-            let n = if rest <= budget { rest } else { budget / g * g };
+            let mut n = if rest <= budget { rest } else { budget / g * g };
+            if r.p.prompt_logprobs.is_some() && n > lp_chunk {
+                n = lp_chunk;
+            }
             if n == 0 {
                 break;
             }
-            let chunk = &r.p.prompt[r.prefilled..r.prefilled + n];
-            let logits = self.backend.prefill(&mut r.seq, chunk);
+            let start = r.prefilled;
+            let chunk = &r.p.prompt[start..start + n];
+            let logits = match r.p.prompt_logprobs {
+                None => self.backend.prefill(&mut r.seq, chunk),
+                Some(top) => self.backend.forward(&mut r.seq, chunk, &[]).and_then(|o| {
+                    let mut rows = o.logits;
+                    if rows.len() != n {
+                        anyhow::bail!(
+                            "the executor returned {} logits rows for {n} tokens",
+                            rows.len()
+                        );
+                    }
+                    // Row j predicts prompt token start + j + 1 (the last row of the prompt
+                    // predicts the first generated token).
+                    for (j, row) in rows.iter().enumerate() {
+                        if let Some(&t) = r.p.prompt.get(start + j + 1) {
+                            r.prompt_lps.push(prompt_logprob(row, t, top));
+                        }
+                    }
+                    rows.pop()
+                        .ok_or_else(|| anyhow::anyhow!("the executor returned no logits"))
+                }),
+            };
             r.prefilled += n;
             budget -= n;
             let done = r.prefilled == r.p.prompt.len();
@@ -400,6 +456,7 @@ impl<B: Backend> Sched<B> {
             tokens: vec![e.token],
             text: e.text,
             logprobs,
+            prompt_logprobs: std::mem::take(&mut r.prompt_lps),
             draft_tokens: 0,
             accepted_draft_tokens: 0,
         }));

@@ -587,6 +587,7 @@ impl Worker {
                 tokens: std::mem::take(&mut b.tokens),
                 text: std::mem::take(&mut b.text),
                 logprobs: Vec::new(),
+                prompt_logprobs: Vec::new(),
                 draft_tokens: std::mem::take(&mut b.draft_tokens),
                 accepted_draft_tokens: std::mem::take(&mut b.accepted),
             };

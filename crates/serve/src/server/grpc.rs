@@ -85,6 +85,7 @@ fn engine_request(
         params,
         max_tokens: s.max_tokens.map(|m| m as usize),
         logprobs: r.logprobs.map(|n| n as usize),
+        prompt_logprobs: None,
     })
 }
 
@@ -182,6 +183,7 @@ impl Engine for GrpcService {
                             tokens: Vec::new(),
                             text: f.text.clone(),
                             logprobs: Vec::new(),
+                            prompt_logprobs: Vec::new(),
                             draft_tokens: 0,
                             accepted_draft_tokens: 0,
                         }),

@@ -1,5 +1,8 @@
 //! The OpenAI-compatible HTTP API (axum): `POST /v1/completions`, `POST /v1/chat/completions`
-//! (SSE streaming ending in `data: [DONE]`, `stream_options.include_usage`, logprobs),
+//! (SSE streaming ending in `data: [DONE]`, `stream_options.include_usage`, logprobs, `n`
+//! samples and lists of prompts — one engine sequence each, submitted together, choice `index`
+//! = prompt × n + sample, sample `i` seeded with `seed + i` —, completions' `echo`, and vLLM's
+//! `prompt_logprobs`),
 //! `GET /v1/models`, `GET /health` (503 while loading), `GET /metrics` (Prometheus text), and
 //! vLLM's `POST /tokenize` (`prompt` or chat `messages` → `{count, max_model_len, tokens,
 //! token_strs}`) and `POST /detokenize` (`tokens` → `{prompt}`).
@@ -29,7 +32,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{tokenize, AppState, Input};
 use crate::engine::{
-    EngineHandle, Event, Finished, GenerateRequest, SubmitError, TokenLogprob, MAX_TOP_LOGPROBS,
+    EngineHandle, Event, Finished, GenerateRequest, PromptLogprob, SubmitError, Submitted,
+    TokenLogprob, MAX_TOP_LOGPROBS,
 };
 
 /// An OpenAI-style error response.
@@ -160,6 +164,8 @@ struct CompletionRequest {
     /// Number of top log-probabilities per token (0..=20).
     logprobs: Option<u32>,
     echo: Option<bool>,
+    /// vLLM's: each prompt token's logprob, rank and this many most likely (0..=20).
+    prompt_logprobs: Option<i64>,
     #[serde(flatten)]
     common: Common,
 }
@@ -169,6 +175,8 @@ struct ChatRequest {
     messages: Vec<Message>,
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
+    /// vLLM's: each prompt token's logprob, rank and this many most likely (0..=20).
+    prompt_logprobs: Option<i64>,
     #[serde(flatten)]
     common: Common,
 }
@@ -276,7 +284,15 @@ enum Api {
     Chat,
 }
 
-/// What a handler needs to answer one request.
+/// One prompt of a request, tokenized.
+struct PromptIn {
+    ids: Vec<u32>,
+    /// The text `echo` puts before each of its choices' text (completions).
+    echo: Option<String>,
+}
+
+/// What a handler needs to answer one request: its prompts, each sampled `n` times — choice
+/// `c` is sample `c % n` of prompt `c / n` (OpenAI's and vLLM's order).
 struct Job {
     api: Api,
     state: AppState,
@@ -285,6 +301,28 @@ struct Job {
     stream: bool,
     include_usage: bool,
     logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs` (non-streaming only).
+    prompt_logprobs: Option<usize>,
+    prompts: Vec<PromptIn>,
+    n: usize,
+}
+
+/// The options of a request beyond the shared sampling fields.
+struct Extras {
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<i64>,
+    echo: bool,
+    n: Option<u32>,
+}
+
+/// What has arrived for one choice.
+#[derive(Default)]
+struct ChoiceState {
+    text: String,
+    lps: Vec<TokenLogprob>,
+    prompt_lps: Vec<PromptLogprob>,
+    /// Streaming: its first chunk (role, echoed prompt) went out.
+    started: bool,
 }
 
 fn token_text(tok: Option<&Tokenizer>, id: u32) -> String {
@@ -292,22 +330,47 @@ fn token_text(tok: Option<&Tokenizer>, id: u32) -> String {
         .unwrap_or_else(|| format!("<{id}>"))
 }
 
-/// The `logprobs` object of a choice (completions: parallel arrays; chat: `content` list).
-fn logprobs_json(api: Api, tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Value {
+/// OpenAI's completions `top_logprobs` entry: token text → log-probability.
+fn top_map(tok: Option<&Tokenizer>, top: &[(u32, f64)]) -> Value {
+    let mut m = serde_json::Map::new();
+    for &(t, lp) in top {
+        m.insert(token_text(tok, t), json!(lp));
+    }
+    Value::Object(m)
+}
+
+/// The `logprobs` object of a choice (completions: parallel arrays, led by the echoed prompt's
+/// tokens when `echo` gives them — the first prompt token with `null` entries, as OpenAI; chat:
+/// a `content` list).
+fn logprobs_json(
+    api: Api,
+    tok: Option<&Tokenizer>,
+    echo: Option<(&[u32], &[PromptLogprob])>,
+    lps: &[TokenLogprob],
+) -> Value {
     match api {
         Api::Completion => {
-            let tokens: Vec<String> = lps.iter().map(|l| token_text(tok, l.token)).collect();
-            let token_logprobs: Vec<f64> = lps.iter().map(|l| l.logprob).collect();
-            let top: Vec<Value> = lps
-                .iter()
-                .map(|l| {
-                    let mut m = serde_json::Map::new();
-                    for &(t, lp) in &l.top {
-                        m.insert(token_text(tok, t), json!(lp));
+            let (mut tokens, mut token_logprobs, mut top) = (Vec::new(), Vec::new(), Vec::new());
+            if let Some((ids, plps)) = echo {
+                for (i, &id) in ids.iter().enumerate() {
+                    tokens.push(token_text(tok, id));
+                    match i.checked_sub(1).and_then(|j| plps.get(j)) {
+                        Some(p) => {
+                            token_logprobs.push(json!(p.logprob.logprob));
+                            top.push(top_map(tok, &p.logprob.top));
+                        }
+                        None => {
+                            token_logprobs.push(Value::Null);
+                            top.push(Value::Null);
+                        }
                     }
-                    Value::Object(m)
-                })
-                .collect();
+                }
+            }
+            for l in lps {
+                tokens.push(token_text(tok, l.token));
+                token_logprobs.push(json!(l.logprob));
+                top.push(top_map(tok, &l.top));
+            }
             json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top})
         }
         Api::Chat => {
@@ -328,12 +391,50 @@ fn logprobs_json(api: Api, tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Val
     }
 }
 
-fn usage(f: &Finished) -> Value {
+/// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token a map token id →
+/// `{logprob, rank, decoded_token}` holding the prompt token and the `top` most likely.
+fn prompt_logprobs_json(tok: Option<&Tokenizer>, plps: &[PromptLogprob], top: usize) -> Value {
+    let entry = |t: u32, logprob: f64, rank: usize| json!({"logprob": logprob, "rank": rank, "decoded_token": token_text(tok, t)});
+    let mut out = vec![Value::Null];
+    for p in plps {
+        let mut m = serde_json::Map::new();
+        let l = &p.logprob;
+        m.insert(l.token.to_string(), entry(l.token, l.logprob, p.rank));
+        for (i, &(t, lp)) in l.top.iter().take(top).enumerate() {
+            m.entry(t.to_string())
+                .or_insert_with(|| entry(t, lp, i + 1));
+        }
+        out.push(Value::Object(m));
+    }
+    Value::Array(out)
+}
+
+/// Usage of the finished choices: each prompt counted once, every choice's completion tokens.
+fn usage(n: usize, finished: &[Option<Finished>]) -> Value {
+    let (mut prompt, mut completion) = (0, 0);
+    for (c, f) in finished.iter().enumerate() {
+        if let Some(f) = f {
+            if c % n == 0 {
+                prompt += f.prompt_tokens;
+            }
+            completion += f.completion_tokens;
+        }
+    }
     json!({
-        "prompt_tokens": f.prompt_tokens,
-        "completion_tokens": f.completion_tokens,
-        "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     })
+}
+
+/// The events of all of a request's sequences as one stream of `(choice index, event)`, in
+/// arrival order. Dropping it drops every receiver, which aborts them all.
+fn merged_events(subs: Vec<Submitted>) -> impl futures_util::Stream<Item = (usize, Event)> {
+    futures_util::stream::select_all(
+        subs.into_iter()
+            .enumerate()
+            .map(|(c, s)| UnboundedReceiverStream::new(s.events).map(move |e| (c, e))),
+    )
 }
 
 impl Job {
@@ -343,6 +444,24 @@ impl Job {
             (Api::Chat, false) => "chat.completion",
             (Api::Chat, true) => "chat.completion.chunk",
         }
+    }
+
+    fn choices(&self) -> usize {
+        self.prompts.len() * self.n
+    }
+
+    fn prompt_of(&self, choice: usize) -> &PromptIn {
+        &self.prompts[choice / self.n]
+    }
+
+    /// The echoed prompt's tokens and their logprobs, when `echo` and `logprobs` are both asked.
+    fn echo_logprobs<'a>(
+        &'a self,
+        choice: usize,
+        plps: &'a [PromptLogprob],
+    ) -> Option<(&'a [u32], &'a [PromptLogprob])> {
+        let p = self.prompt_of(choice);
+        p.echo.as_ref().map(|_| (&p.ids[..], plps))
     }
 
     fn wrap(&self, choices: Value, usage: Value) -> Value {
@@ -362,19 +481,20 @@ impl Job {
     /// One streamed choice: a text delta, its logprobs, the finish reason when it ends.
     fn chunk_choice(
         &self,
+        index: usize,
         text: &str,
         lps: Option<Value>,
         finish: Option<&Finished>,
         first: bool,
     ) -> Value {
         let mut c = match self.api {
-            Api::Completion => json!({"index": 0, "text": text}),
+            Api::Completion => json!({"index": index, "text": text}),
             Api::Chat => {
                 let mut delta = json!({"content": text});
                 if first {
                     delta["role"] = json!("assistant");
                 }
-                json!({"index": 0, "delta": delta})
+                json!({"index": index, "delta": delta})
             }
         };
         c["logprobs"] = lps.unwrap_or(Value::Null);
@@ -384,25 +504,62 @@ impl Job {
         }
         c
     }
+
+    /// The finished choice `c` of a non-streaming response.
+    fn full_choice(
+        &self,
+        tok: Option<&Tokenizer>,
+        c: usize,
+        st: &ChoiceState,
+        f: &Finished,
+    ) -> Value {
+        let p = self.prompt_of(c);
+        let text = format!("{}{}{}", p.echo.as_deref().unwrap_or(""), st.text, f.text);
+        let mut choice = match self.api {
+            Api::Completion => json!({"index": c, "text": text}),
+            Api::Chat => json!({
+                "index": c,
+                "message": {"role": "assistant", "content": text},
+            }),
+        };
+        choice["logprobs"] = self.logprobs.map_or(Value::Null, |_| {
+            logprobs_json(
+                self.api,
+                tok,
+                self.echo_logprobs(c, &st.prompt_lps),
+                &st.lps,
+            )
+        });
+        choice["finish_reason"] = json!(f.reason.as_str());
+        choice["stop_reason"] = json!(f.stop_reason);
+        if let (Api::Completion, Some(top)) = (self.api, self.prompt_logprobs) {
+            choice["prompt_logprobs"] = prompt_logprobs_json(tok, &st.prompt_lps, top);
+        }
+        choice
+    }
 }
 
-/// Submits and answers (streaming or not).
+/// Submits every sequence together and answers (streaming or not).
 async fn run(
-    job: Job,
-    req: GenerateRequest,
+    mut job: Job,
+    reqs: Vec<GenerateRequest>,
+    base_id: String,
     headers_id: Option<String>,
 ) -> Result<Response, ApiError> {
     let engine = engine(&job.state)?.clone();
-    let sub = engine.submit(req)?;
-    let mut job = job;
+    let subs = engine.submit_all(reqs)?;
+    let id = match subs.as_slice() {
+        [one] => one.id.clone(),
+        _ => base_id,
+    };
     job.id = match job.api {
-        Api::Completion => format!("cmpl-{}", sub.id),
-        Api::Chat => format!("chatcmpl-{}", sub.id),
+        Api::Completion => format!("cmpl-{id}"),
+        Api::Chat => format!("chatcmpl-{id}"),
     };
     let mut response = if job.stream {
-        stream_response(job, engine, sub.events)
+        stream_response(job, engine, subs)
     } else {
-        full_response(job, engine, sub.events).await?
+        full_response(job, engine, subs).await?
     };
     if let Some(id) = headers_id {
         if let Ok(v) = HeaderValue::from_str(&id) {
@@ -415,77 +572,109 @@ async fn run(
 async fn full_response(
     job: Job,
     engine: EngineHandle,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    subs: Vec<Submitted>,
 ) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    let mut lps = Vec::new();
-    while let Some(ev) = events.recv().await {
+    let k = job.choices();
+    let mut states: Vec<ChoiceState> = (0..k).map(|_| ChoiceState::default()).collect();
+    let mut finished: Vec<Option<Finished>> = vec![None; k];
+    let mut left = k;
+    let mut events = merged_events(subs);
+    while let Some((c, ev)) = events.next().await {
         match ev {
             Event::Tokens(t) => {
-                text.push_str(&t.text);
-                lps.extend(t.logprobs);
+                let st = &mut states[c];
+                st.text.push_str(&t.text);
+                st.lps.extend(t.logprobs);
+                st.prompt_lps.extend(t.prompt_logprobs);
             }
             Event::Finished(f) => {
                 if let Some(e) = &f.error {
                     return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.clone()));
                 }
-                text.push_str(&f.text);
-                let lp = job
-                    .logprobs
-                    .map(|_| logprobs_json(job.api, engine.tokenizer(), &lps));
-                let mut choice = match job.api {
-                    Api::Completion => json!({"index": 0, "text": text}),
-                    Api::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                    }),
-                };
-                choice["logprobs"] = lp.unwrap_or(Value::Null);
-                choice["finish_reason"] = json!(f.reason.as_str());
-                choice["stop_reason"] = json!(f.stop_reason);
-                let body = job.wrap(json!([choice]), usage(&f));
-                return Ok(Json(body).into_response());
+                finished[c] = Some(f);
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
             }
         }
     }
-    Err(ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the engine stopped before the request finished",
-    ))
+    if left > 0 {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the engine stopped before the request finished",
+        ));
+    }
+    let tok = engine.tokenizer();
+    let choices: Vec<Value> = states
+        .iter()
+        .zip(&finished)
+        .enumerate()
+        .filter_map(|(c, (st, f))| Some(job.full_choice(tok, c, st, f.as_ref()?)))
+        .collect();
+    let mut body = job.wrap(Value::Array(choices), usage(job.n, &finished));
+    if let (Api::Chat, Some(top)) = (job.api, job.prompt_logprobs) {
+        body["prompt_logprobs"] = prompt_logprobs_json(tok, &states[0].prompt_lps, top);
+    }
+    Ok(Json(body).into_response())
 }
 
-fn stream_response(
-    job: Job,
-    engine: EngineHandle,
-    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
-) -> Response {
-    let mut first = true;
-    let frames = UnboundedReceiverStream::new(events).flat_map(move |ev| {
+/// SSE: the chunks of all choices interleaved as they come, each with its choice `index` (an
+/// echoed prompt first, then text deltas, then one chunk with the finish reason), the usage
+/// chunk once all finished (`include_usage`), then `[DONE]`.
+fn stream_response(job: Job, engine: EngineHandle, subs: Vec<Submitted>) -> Response {
+    let k = job.choices();
+    let mut states: Vec<ChoiceState> = (0..k).map(|_| ChoiceState::default()).collect();
+    let mut finished: Vec<Option<Finished>> = vec![None; k];
+    let (mut left, mut failed) = (k, false);
+    let frames = merged_events(subs).flat_map(move |(c, ev)| {
         let tok = engine.tokenizer();
         let mut out: Vec<String> = Vec::new();
+        let st = &mut states[c];
+        // The first chunk of a choice carries the echoed prompt (and its logprobs).
+        let first = !st.started;
+        if first {
+            st.started = true;
+            if let Some(echo) = &job.prompt_of(c).echo {
+                let plps = match &ev {
+                    Event::Tokens(t) => &t.prompt_logprobs[..],
+                    Event::Finished(_) => &[],
+                };
+                let lp = job
+                    .logprobs
+                    .map(|_| logprobs_json(job.api, tok, job.echo_logprobs(c, plps), &[]));
+                let ch = job.chunk_choice(c, echo, lp, None, false);
+                out.push(job.wrap(json!([ch]), Value::Null).to_string());
+            }
+        }
         match ev {
             Event::Tokens(t) => {
                 let lp = job
                     .logprobs
-                    .map(|_| logprobs_json(job.api, tok, &t.logprobs));
-                let c = job.chunk_choice(&t.text, lp, None, first);
-                first = false;
-                out.push(job.wrap(json!([c]), Value::Null).to_string());
+                    .map(|_| logprobs_json(job.api, tok, None, &t.logprobs));
+                let ch = job.chunk_choice(c, &t.text, lp, None, first);
+                out.push(job.wrap(json!([ch]), Value::Null).to_string());
             }
             Event::Finished(f) => {
                 if let Some(e) = &f.error {
+                    failed = true;
                     out.push(
-                        json!({"error": {"message": e, "type": "InternalServerError", "code": 500}})
-                            .to_string(),
+                        json!({"error": {"message": e, "type": "InternalServerError",
+                            "code": 500, "index": c}})
+                        .to_string(),
                     );
                 } else {
-                    let c = job.chunk_choice(&f.text, None, Some(&f), first);
-                    out.push(job.wrap(json!([c]), Value::Null).to_string());
-                    if job.include_usage {
-                        out.push(job.wrap(json!([]), usage(&f)).to_string());
-                    }
+                    let ch = job.chunk_choice(c, &f.text, None, Some(&f), first);
+                    out.push(job.wrap(json!([ch]), Value::Null).to_string());
                 }
-                out.push("[DONE]".to_string());
+                finished[c] = Some(f);
+                left -= 1;
+                if left == 0 {
+                    if job.include_usage && !failed {
+                        out.push(job.wrap(json!([]), usage(job.n, &finished)).to_string());
+                    }
+                    out.push("[DONE]".to_string());
+                }
             }
         }
         futures_util::stream::iter(
@@ -503,28 +692,32 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let r: CompletionRequest = parse(&body)?;
+    let mut r: CompletionRequest = parse(&body)?;
     check_model(&state, &r.common)?;
     let engine = engine(&state)?;
-    if r.echo == Some(true) {
-        return Err(ApiError::bad("echo is not supported").param("echo"));
-    }
-    let input = match r.prompt {
-        Prompt::Text(t) => Input::Text(t),
-        Prompt::Tokens(t) => Input::Tokens(t),
-        Prompt::Texts(mut v) if v.len() == 1 => Input::Text(v.remove(0)),
-        Prompt::TokenLists(mut v) if v.len() == 1 => Input::Tokens(v.remove(0)),
-        _ => return Err(ApiError::bad("send one prompt per request").param("prompt")),
+    let inputs: Vec<Input> = match r.prompt {
+        Prompt::Text(t) => vec![Input::Text(t)],
+        Prompt::Tokens(t) => vec![Input::Tokens(t)],
+        Prompt::Texts(v) => v.into_iter().map(Input::Text).collect(),
+        Prompt::TokenLists(v) => v.into_iter().map(Input::Tokens).collect(),
     };
-    let logprobs = r.logprobs.map(|n| n as usize);
+    if inputs.is_empty() {
+        return Err(ApiError::bad("prompt is an empty list").param("prompt"));
+    }
+    let extras = Extras {
+        logprobs: r.logprobs.map(|n| n as usize),
+        prompt_logprobs: r.prompt_logprobs,
+        echo: r.echo.unwrap_or(false),
+        n: r.common.n.take(),
+    };
     submit(
         state.clone(),
         engine,
         Api::Completion,
         &headers,
-        input,
+        inputs,
         &r.common,
-        logprobs,
+        extras,
     )
     .await
 }
@@ -534,7 +727,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let r: ChatRequest = parse(&body)?;
+    let mut r: ChatRequest = parse(&body)?;
     check_model(&state, &r.common)?;
     let engine = engine(&state)?;
     let msgs = chat_messages(r.messages)?;
@@ -545,14 +738,20 @@ async fn chat_completions(
         }
         _ => None,
     };
+    let extras = Extras {
+        logprobs,
+        prompt_logprobs: r.prompt_logprobs,
+        echo: false,
+        n: r.common.n.take(),
+    };
     submit(
         state.clone(),
         engine,
         Api::Chat,
         &headers,
-        Input::Chat(msgs),
+        vec![Input::Chat(msgs)],
         &r.common,
-        logprobs,
+        extras,
     )
     .await
 }
@@ -687,36 +886,120 @@ async fn detokenize_route(
     Ok(Json(json!({ "prompt": text })))
 }
 
+/// Checks a request's options, tokenizes its prompts and runs `n` sequences per prompt.
 async fn submit(
     state: AppState,
     engine: &EngineHandle,
     api: Api,
     headers: &HeaderMap,
-    input: Input,
+    inputs: Vec<Input>,
     common: &Common,
-    logprobs: Option<usize>,
+    extras: Extras,
 ) -> Result<Response, ApiError> {
+    let logprobs = extras.logprobs;
     if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
         return Err(
             ApiError::bad(format!("at most {MAX_TOP_LOGPROBS} top logprobs per token"))
                 .param("logprobs"),
         );
     }
-    if logprobs.is_some() && engine.info().spec_block_size.is_some() {
+    let spec = engine.info().spec_block_size.is_some();
+    if logprobs.is_some() && spec {
         return Err(ApiError::bad(
             "logprobs are not available with speculative decoding on this server",
         )
         .param("logprobs"));
     }
-    let (params, max_tokens) = sampling(common)?;
-    let prompt = tokenize(engine, &input)?;
-    let header_id = request_id(headers)?;
     let stream = common.stream.unwrap_or(false);
+    let prompt_logprobs = match extras.prompt_logprobs {
+        None => None,
+        Some(p) if (0..=MAX_TOP_LOGPROBS as i64).contains(&p) => Some(p as usize),
+        Some(p) => {
+            return Err(ApiError::bad(format!(
+                "prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {p}"
+            ))
+            .param("prompt_logprobs"))
+        }
+    };
+    if prompt_logprobs.is_some() && stream {
+        return Err(
+            ApiError::bad("prompt_logprobs are not available when stream is true")
+                .param("prompt_logprobs"),
+        );
+    }
+    // With echo, the prompt tokens' logprobs lead the choice's logprobs.
+    let echo_logprobs = logprobs.filter(|_| extras.echo);
+    if (prompt_logprobs.is_some() || echo_logprobs.is_some()) && spec {
+        return Err(ApiError::bad(
+            "prompt logprobs are not available with speculative decoding on this server",
+        )
+        .param("prompt_logprobs"));
+    }
+    let n = match extras.n {
+        None => 1,
+        Some(0) => return Err(ApiError::bad("n must be at least 1").param("n")),
+        Some(n) => n as usize,
+    };
+    let k = inputs.len().saturating_mul(n);
+    let max = engine.config().max_waiting;
+    if k > max {
+        return Err(ApiError::bad(format!(
+            "n × prompts = {k} sequences; this server takes at most {max} per request \
+             (its queue bound, --max-waiting)"
+        ))
+        .param("n"));
+    }
+    let (params, max_tokens) = sampling(common)?;
+    let header_id = request_id(headers)?;
+    let mut prompts = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let ids = tokenize(engine, &input)?;
+        let echo = match (extras.echo, input) {
+            (false, _) => None,
+            (true, Input::Text(t)) => Some(t),
+            (true, _) => Some(
+                tokenizer_of(engine)
+                    .and_then(|t| {
+                        t.decode(&ids, false)
+                            .map_err(|e| ApiError::bad(format!("detokenizing the prompt: {e}")))
+                    })
+                    .map_err(|e| e.param("echo"))?,
+            ),
+        };
+        prompts.push(PromptIn { ids, echo });
+    }
     let include_usage = common
         .stream_options
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    // One sequence keeps the request id (or gets the engine's); several are `<id>-<choice>`.
+    let base_id = match (k, header_id.is_empty()) {
+        (1, _) | (_, false) => header_id.clone(),
+        _ => engine.next_request_id(),
+    };
+    let want_prompt = prompt_logprobs.max(echo_logprobs);
+    let mut reqs = Vec::with_capacity(k);
+    for p in &prompts {
+        for i in 0..n {
+            reqs.push(GenerateRequest {
+                id: if k == 1 {
+                    base_id.clone()
+                } else {
+                    format!("{base_id}-{}", reqs.len())
+                },
+                prompt: p.ids.clone(),
+                // Sample i of a prompt: seed + i (vLLM's rule), so sample 0 is the n = 1 answer.
+                params: SamplingParams {
+                    seed: params.seed.map(|s| s.wrapping_add(i as u64)),
+                    ..params.clone()
+                },
+                max_tokens,
+                logprobs,
+                prompt_logprobs: want_prompt,
+            });
+        }
+    }
     let job = Job {
         api,
         state,
@@ -725,15 +1008,17 @@ async fn submit(
         stream,
         include_usage: stream && include_usage,
         logprobs,
+        prompt_logprobs,
+        prompts,
+        n,
     };
-    let req = GenerateRequest {
-        id: header_id.clone(),
-        prompt,
-        params,
-        max_tokens,
-        logprobs,
-    };
-    run(job, req, (!header_id.is_empty()).then_some(header_id)).await
+    run(
+        job,
+        reqs,
+        base_id,
+        (!header_id.is_empty()).then_some(header_id),
+    )
+    .await
 }
 
 async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
