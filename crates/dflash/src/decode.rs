@@ -468,6 +468,10 @@ pub fn run_speculative<B: SpecBackend + ?Sized>(
     )
 }
 
+/// The token callback of [`run_speculative_rows`]: an emitted token and, when asked for, the
+/// target's raw logits row it was chosen from.
+pub type OnTokenRow<'a> = dyn FnMut(u32, Option<&[f32]>) -> ControlFlow<()> + 'a;
+
 /// [`run_speculative`] that can also hand `on_token` the **target's raw logits row** of each
 /// emitted token (`target_logits`): the row plain decoding would have chosen that token from
 /// (the prefill's last row for the first token; verify row `j` for the `j`-th token a round
@@ -480,7 +484,7 @@ pub fn run_speculative_rows<B: SpecBackend + ?Sized>(
     prompt: &[u32],
     params: &SamplingParams,
     target_logits: bool,
-    on_token: &mut dyn FnMut(u32, Option<&[f32]>) -> ControlFlow<()>,
+    on_token: &mut OnTokenRow<'_>,
     on_round: &mut dyn FnMut(&Round<'_>),
 ) -> Result<SpecOutput, SpecError> {
     check_request(opts, prompt)?;
@@ -635,7 +639,7 @@ impl Emitter {
         &mut self,
         t: u32,
         row: Option<&[f32]>,
-        on_token: &mut dyn FnMut(u32, Option<&[f32]>) -> ControlFlow<()>,
+        on_token: &mut OnTokenRow<'_>,
     ) -> Option<Option<StopCause>> {
         self.tokens.push(t);
         self.history.push(t);

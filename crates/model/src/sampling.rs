@@ -62,6 +62,25 @@ pub enum SamplingError {
     NoFiniteLogits,
 }
 
+impl SamplingError {
+    /// The request parameter at fault, in OpenAI / vLLM spelling (`stop` for the stop
+    /// strings); `None` for errors about the logits rather than the parameters.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            SamplingError::InvalidTemperature(_) => Some("temperature"),
+            SamplingError::InvalidTopK => Some("top_k"),
+            SamplingError::InvalidTopP(_) => Some("top_p"),
+            SamplingError::InvalidMinP(_) => Some("min_p"),
+            SamplingError::InvalidRepetitionPenalty(_) => Some("repetition_penalty"),
+            SamplingError::InvalidPresencePenalty(_) => Some("presence_penalty"),
+            SamplingError::InvalidFrequencyPenalty(_) => Some("frequency_penalty"),
+            SamplingError::InvalidMaxTokens => Some("max_tokens"),
+            SamplingError::EmptyStopString => Some("stop"),
+            SamplingError::EmptyLogits | SamplingError::NoFiniteLogits => None,
+        }
+    }
+}
+
 /// Per-id token counts reused across rows: [`TokenCounts::begin`] empties them in O(1) (a stamp
 /// per id instead of clearing the counts).
 #[derive(Debug, Clone, Default)]
@@ -1088,8 +1107,15 @@ mod tests {
         assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 0.5]);
         // No penalty, or a penalty of 1: the row as read.
         for p in [None, Some(1.0)] {
-            read_penalized(&logits, &[0], &[1], &pen(p, 0.0, 0.0), &mut counts, &mut work)
-                .unwrap();
+            read_penalized(
+                &logits,
+                &[0],
+                &[1],
+                &pen(p, 0.0, 0.0),
+                &mut counts,
+                &mut work,
+            )
+            .unwrap();
             assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 1.0]);
         }
         // Nothing finite to sample from.

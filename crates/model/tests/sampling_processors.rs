@@ -540,7 +540,10 @@ fn non_finite_logits_never_panic() {
         );
         // Nothing finite: error from try_sample, documented fallback 0 from sample.
         let bad = [f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY];
-        assert_eq!(s.try_sample(&bad, &[], &[]), Err(SamplingError::NoFiniteLogits));
+        assert_eq!(
+            s.try_sample(&bad, &[], &[]),
+            Err(SamplingError::NoFiniteLogits)
+        );
         assert_eq!(s.sample(&bad, &[], &[]), 0);
         assert_eq!(s.try_sample(&[], &[], &[]), Err(SamplingError::EmptyLogits));
         assert_eq!(s.sample(&[], &[], &[]), 0);
@@ -759,8 +762,14 @@ fn validation_errors() {
     let msg = SamplingError::InvalidTopP(2.0).to_string();
     assert!(msg.contains("top_p"), "{msg}");
     for (e, field) in [
-        (SamplingError::InvalidPresencePenalty(3.0), "presence_penalty"),
-        (SamplingError::InvalidFrequencyPenalty(3.0), "frequency_penalty"),
+        (
+            SamplingError::InvalidPresencePenalty(3.0),
+            "presence_penalty",
+        ),
+        (
+            SamplingError::InvalidFrequencyPenalty(3.0),
+            "frequency_penalty",
+        ),
     ] {
         let msg = e.to_string();
         assert!(msg.contains(field) && msg.contains("[-2, 2]"), "{msg}");

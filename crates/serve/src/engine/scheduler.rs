@@ -6,7 +6,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 
 use std::time::{Duration, Instant};
 
-use model::sampling::{logprob_of, top_logprobs, FinishReason, StopCause};
+use model::sampling::{FinishReason, StopCause};
 use model::tokenizer::Tokenizer;
 
 use super::spec::{SpecConfig, SpecRunning};
@@ -389,11 +389,7 @@ impl<B: Backend> Sched<B> {
         r.last = now;
         m.generation_tokens.inc();
         let logprobs = match r.p.logprobs {
-            Some(n) => vec![TokenLogprob {
-                token: e.token,
-                logprob: logprob_of(logits, e.token),
-                top: top_logprobs(logits, n),
-            }],
+            Some(n) => vec![TokenLogprob::of(logits, e.token, n)],
             None => Vec::new(),
         };
         let sent = r.p.events.send(Event::Tokens(TokenEvent {
