@@ -331,8 +331,7 @@ async fn gpu_speculative_penalties_and_logprobs_match_plain_decoding() {
     else {
         return;
     };
-    let scratch = std::env::temp_dir().join(format!("ultra-gpu-lp-{}", std::process::id()));
-    let paths = default_model::materialize_in(&scratch).unwrap();
+    let (target, drafter) = common::default_model_dirs();
     let request = |s: pb::SamplingParams| pb::GenerateRequest {
         logprobs: Some(4),
         ..text_request("def fibonacci(n):", s)
@@ -351,19 +350,14 @@ async fn gpu_speculative_penalties_and_logprobs_match_plain_decoding() {
             ..Default::default()
         },
     ];
-    let spec = start_model(
-        paths.target.clone(),
-        engine_cfg(4, 2048),
-        Some(paths.drafter.clone()),
-    )
-    .await;
+    let spec = start_model(target.clone(), engine_cfg(4, 2048), Some(drafter)).await;
     let mut c = client(&spec).await;
     let mut got = Vec::new();
     for s in &cases {
         got.push(stream_logprobs(&mut c, request(s.clone())).await);
     }
     spec.shutdown().await.unwrap();
-    let plain = start_model(paths.target.clone(), engine_cfg(4, 2048), None).await;
+    let plain = start_model(target, engine_cfg(4, 2048), None).await;
     let mut c = client(&plain).await;
     let mut worst = 0f64;
     let mut penalized = Vec::new();
@@ -388,5 +382,4 @@ async fn gpu_speculative_penalties_and_logprobs_match_plain_decoding() {
     eprintln!("largest |logprob difference| speculative vs plain on the GPU: {worst:.2e}");
     assert!(worst < 2e-3, "{worst}");
     plain.shutdown().await.unwrap();
-    let _ = std::fs::remove_dir_all(&scratch);
 }

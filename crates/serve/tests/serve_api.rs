@@ -1267,10 +1267,9 @@ async fn speculative_logprobs_equal_plain_logprobs() {
     // gRPC on the default model, whose drafter is trained (the fixture drafter above is
     // random and rarely accepted): rounds emit several tokens, each with the logprobs plain
     // decoding reports, with a frequency penalty.
-    let scratch = std::env::temp_dir().join(format!("ultra-serve-lp-{}", std::process::id()));
-    let paths = default_model::materialize_in(&scratch).unwrap();
-    let plain = start_model(paths.target.clone(), engine_cfg(2, 8), None).await;
-    let spec = start_model(paths.target.clone(), engine_cfg(2, 8), Some(paths.drafter)).await;
+    let (target, drafter) = common::default_model_dirs();
+    let plain = start_model(target.clone(), engine_cfg(2, 8), None).await;
+    let spec = start_model(target, engine_cfg(2, 8), Some(drafter)).await;
     let (mut cp, mut cs) = (client(&plain).await, client(&spec).await);
     let req = pb::GenerateRequest {
         logprobs: Some(4),
@@ -1310,5 +1309,4 @@ async fn speculative_logprobs_equal_plain_logprobs() {
     }
     plain.shutdown().await.unwrap();
     spec.shutdown().await.unwrap();
-    let _ = std::fs::remove_dir_all(&scratch);
 }
