@@ -129,19 +129,22 @@ fn draw(p: &[f32], u: f64) -> u32 {
     sample_index(p.len(), |j| p[j] as f64, u * total).unwrap_or(0) as u32
 }
 
-/// Token selection for one mode: greedy (the Sampler's argmax, repetition penalty included) or
-/// sampled (dense distributions + one RNG stream for drafts, acceptance and bonus tokens).
+/// Token selection for one mode: greedy (the Sampler's argmax, penalties included) or sampled
+/// (dense distributions + one RNG stream for drafts, acceptance and bonus tokens).
 struct Picker {
     greedy: bool,
-    /// Greedy without a repetition penalty: a pick is the plain argmax.
+    /// Greedy without any penalty: a pick is the plain argmax.
     plain_argmax: bool,
+    /// Tokens of the prompt at the start of every history (the rest was generated, which the
+    /// presence / frequency penalties count).
+    prompt_len: usize,
     sampler: Sampler,
     dist: SamplingDist,
     rng: ChaCha20Rng,
 }
 
 impl Picker {
-    fn new(params: &SamplingParams) -> Result<Picker, SamplingError> {
+    fn new(params: &SamplingParams, prompt_len: usize) -> Result<Picker, SamplingError> {
         let rng = match params.seed {
             Some(s) => ChaCha20Rng::seed_from_u64(s),
             None => ChaCha20Rng::from_os_rng(),
@@ -149,15 +152,28 @@ impl Picker {
         Ok(Picker {
             greedy: params.is_greedy(),
             plain_argmax: argmax_suffices(params),
+            prompt_len,
             sampler: Sampler::new(params)?,
             dist: SamplingDist::new(params)?,
             rng,
         })
     }
 
-    /// One token from row `i` of `rows` (`V = v` wide); `probs` receives the distribution in
-    /// sampled mode. Argmax rows are taken as they are (the loop asks for them only when a
-    /// greedy pick is a plain argmax).
+    /// The distribution of the next token after `history` (prompt + generated tokens) under
+    /// the request's sampling transform.
+    fn probs(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        out: &mut [f32],
+    ) -> Result<(), SamplingError> {
+        let (prompt, generated) = history.split_at(self.prompt_len);
+        self.dist.probs(logits, prompt, generated, out)
+    }
+
+    /// One token from row `i` of `rows` (`V = v` wide) after `history` (prompt + generated
+    /// tokens); `probs` receives the distribution in sampled mode. Argmax rows are taken as
+    /// they are (the loop asks for them only when a greedy pick is a plain argmax).
     fn pick_row(
         &mut self,
         rows: &Rows,
@@ -184,9 +200,10 @@ impl Picker {
         probs: &mut [f32],
     ) -> Result<u32, SamplingError> {
         if self.greedy {
-            self.sampler.try_sample(logits, history)
+            let (prompt, generated) = history.split_at(self.prompt_len);
+            self.sampler.try_sample(logits, prompt, generated)
         } else {
-            self.dist.probs(logits, history, probs)?;
+            self.probs(logits, history, probs)?;
             Ok(draw(probs, self.rng.random::<f64>()))
         }
     }
@@ -197,8 +214,8 @@ impl Picker {
 pub enum Rows {
     /// `rows · V` logits, row-major (usable by every sampling mode).
     Logits(Vec<f32>),
-    /// The argmax of each row (lowest id on ties): all greedy decoding without a repetition
-    /// penalty needs, and one id per row instead of `V` logits to bring back from a device.
+    /// The argmax of each row (lowest id on ties): all greedy decoding without penalties needs,
+    /// and one id per row instead of `V` logits to bring back from a device.
     Argmax(Vec<u32>),
 }
 
@@ -207,7 +224,7 @@ pub enum Rows {
 pub enum Want {
     /// Full logits ([`Rows::Logits`]).
     Logits,
-    /// Either kind: [`Rows::Argmax`] suffices (greedy, no repetition penalty).
+    /// Either kind: [`Rows::Argmax`] suffices (greedy, no penalties).
     Argmax,
 }
 
@@ -376,9 +393,21 @@ fn check_request(opts: &SpecOptions, prompt: &[u32]) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Whether greedy picks are plain argmaxes (no repetition penalty to apply to the logits).
+/// Whether greedy picks are plain argmaxes (no penalty to apply to the logits).
 fn argmax_suffices(params: &SamplingParams) -> bool {
-    params.is_greedy() && params.repetition_penalty.is_none_or(|p| p == 1.0)
+    params.is_greedy() && !params.penalizes()
+}
+
+/// Row `i` (of `V = v` logits) of target rows, for a `target_logits` caller of
+/// [`run_speculative_rows`]: `Ok(None)` when not asked for.
+fn target_row(rows: &Rows, i: usize, v: usize, asked: bool) -> Result<Option<&[f32]>, SpecError> {
+    match rows {
+        _ if !asked => Ok(None),
+        Rows::Logits(l) => Ok(Some(&l[i * v..(i + 1) * v])),
+        Rows::Argmax(_) => Err(SpecError::TargetOutput(
+            "the target's logits were asked for, the backend returned argmax ids".into(),
+        )),
+    }
 }
 
 /// Checks `rows` holds `n` rows of a vocabulary of `v` (ids in range).
@@ -402,7 +431,7 @@ fn check_rows(rows: &Rows, n: usize, v: usize, what: &str) -> Result<(), SpecErr
 /// Prefill: the prompt runs through the target once (logits + the drafter's target layers),
 /// its features become the drafter's context, and the first token is chosen from the last
 /// row. Then each round: one draft forward of `[x_last, MASK × (B−1)]`, drafts chosen from
-/// the draft rows (greedy: the same argmax as the target's, repetition penalty included;
+/// the draft rows (greedy: the same argmax as the target's, penalties included;
 /// sampled: `d_i ~ q_i`, `q_i` = the draft row under the request's sampling transform), one
 /// target forward of `[x_last, d…]`, acceptance ([`accept_greedy`] / [`accept_sampled`] with
 /// the target rows `p_i` under the same transform), the target truncated to `start + a + 1`
@@ -413,8 +442,13 @@ fn check_rows(rows: &Rows, n: usize, v: usize, what: &str) -> Result<(), SpecErr
 /// emitted run (the run is cut after the stop token); `on_token` sees every emitted token in
 /// order and may stop generation (e.g. on a stop string). `on_round` observes each round.
 ///
-/// Greedy decoding without a repetition penalty asks the backend for argmax rows only
-/// ([`Want::Argmax`]); everything else needs logits.
+/// The penalties (repetition over prompt + history; presence / frequency over the generated
+/// tokens) see, for every row of a block, the tokens before that row's position: a draft or
+/// target row `i` counts the block's drafts `d[..i]` as generated, exactly as plain decoding
+/// would have after emitting them.
+///
+/// Greedy decoding without penalties asks the backend for argmax rows only ([`Want::Argmax`]);
+/// everything else needs logits.
 pub fn run_speculative<B: SpecBackend + ?Sized>(
     backend: &mut B,
     opts: &SpecOptions,
@@ -423,18 +457,49 @@ pub fn run_speculative<B: SpecBackend + ?Sized>(
     on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
     on_round: &mut dyn FnMut(&Round<'_>),
 ) -> Result<SpecOutput, SpecError> {
+    run_speculative_rows(
+        backend,
+        opts,
+        prompt,
+        params,
+        false,
+        &mut |t, _| on_token(t),
+        on_round,
+    )
+}
+
+/// The token callback of [`run_speculative_rows`]: an emitted token and, when asked for, the
+/// target's raw logits row it was chosen from.
+pub type OnTokenRow<'a> = dyn FnMut(u32, Option<&[f32]>) -> ControlFlow<()> + 'a;
+
+/// [`run_speculative`] that can also hand `on_token` the **target's raw logits row** of each
+/// emitted token (`target_logits`): the row plain decoding would have chosen that token from
+/// (the prefill's last row for the first token; verify row `j` for the `j`-th token a round
+/// emits), e.g. for log-probabilities. The prefill and verify rows are then fetched as logits
+/// ([`Want::Logits`]) even where argmax ids would do; draft rows are not affected. Without
+/// `target_logits` the row is `None`.
+pub fn run_speculative_rows<B: SpecBackend + ?Sized>(
+    backend: &mut B,
+    opts: &SpecOptions,
+    prompt: &[u32],
+    params: &SamplingParams,
+    target_logits: bool,
+    on_token: &mut OnTokenRow<'_>,
+    on_round: &mut dyn FnMut(&Round<'_>),
+) -> Result<SpecOutput, SpecError> {
     check_request(opts, prompt)?;
     let block = opts.block_size;
     if !backend.is_empty() {
         return Err(SpecError::TargetNotEmpty(backend.len()));
     }
     let v = backend.vocab_size();
-    let mut picker = Picker::new(params)?;
+    let mut picker = Picker::new(params, prompt.len())?;
     let want = if argmax_suffices(params) {
         Want::Argmax
     } else {
         Want::Logits
     };
+    let want_target = if target_logits { Want::Logits } else { want };
 
     let mut stops = Emitter {
         eos: if params.ignore_eos {
@@ -451,10 +516,11 @@ pub fn run_speculative<B: SpecBackend + ?Sized>(
     let mut probs = vec![0f32; v];
 
     // Prefill.
-    let rows = backend.prefill(prompt, want)?;
+    let rows = backend.prefill(prompt, want_target)?;
     check_rows(&rows, 1, v, "prefill")?;
     let first = picker.pick_row(&rows, 0, v, &stops.history, &mut probs)?;
-    if let Some(cause) = stops.emit(first, on_token) {
+    let row = target_row(&rows, 0, v, target_logits)?;
+    if let Some(cause) = stops.emit(first, row, on_token) {
         return Ok(stops.finish(stats, cause));
     }
 
@@ -497,7 +563,7 @@ pub fn run_speculative<B: SpecBackend + ?Sized>(
         let mut verify = Vec::with_capacity(width);
         verify.push(x_last);
         verify.extend_from_slice(&drafts);
-        let rows = backend.verify(&verify, want)?;
+        let rows = backend.verify(&verify, want_target)?;
         check_rows(&rows, width, v, "verify")?;
         // Target rows under the same transform; row i's history includes the drafts before it.
         targets.clear();
@@ -511,7 +577,7 @@ pub fn run_speculative<B: SpecBackend + ?Sized>(
                         "sampled decoding needs logits, the backend returned argmax ids".into(),
                     ));
                 };
-                picker.dist.probs(
+                picker.probs(
                     &l[i * v..(i + 1) * v],
                     &stops.history,
                     &mut p[i * v..(i + 1) * v],
@@ -545,8 +611,9 @@ pub fn run_speculative<B: SpecBackend + ?Sized>(
 
         // Commit x_last and the accepted drafts; the bonus rides in the next block.
         backend.commit(a + 1)?;
-        for &t in drafts[..a].iter().chain([&acceptance.bonus]) {
-            if let Some(cause) = stops.emit(t, on_token) {
+        for (j, &t) in drafts[..a].iter().chain([&acceptance.bonus]).enumerate() {
+            let row = target_row(&rows, j, v, target_logits)?;
+            if let Some(cause) = stops.emit(t, row, on_token) {
                 return Ok(stops.finish(stats, cause));
             }
         }
@@ -559,7 +626,7 @@ struct Emitter {
     eos: Vec<u32>,
     stop_ids: Vec<u32>,
     max_tokens: usize,
-    /// Prompt + emitted tokens (what the repetition penalty sees).
+    /// Prompt + emitted tokens (what the penalties see).
     history: Vec<u32>,
     tokens: Vec<u32>,
 }
@@ -571,11 +638,12 @@ impl Emitter {
     fn emit(
         &mut self,
         t: u32,
-        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+        row: Option<&[f32]>,
+        on_token: &mut OnTokenRow<'_>,
     ) -> Option<Option<StopCause>> {
         self.tokens.push(t);
         self.history.push(t);
-        let flow = on_token(t);
+        let flow = on_token(t, row);
         if self.eos.contains(&t) {
             Some(Some(StopCause::Eos(t)))
         } else if self.stop_ids.contains(&t) {

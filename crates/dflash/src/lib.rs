@@ -28,7 +28,8 @@
 //!
 //! Greedy output is token-for-token identical to plain greedy decoding; sampled output has
 //! exactly the target's sampling distribution (temperature / top-k / top-p / min-p /
-//! repetition penalty as `model::sampling`).
+//! repetition, presence and frequency penalties as `model::sampling`, the penalties counting
+//! the drafts accepted before each position of a block).
 //!
 //! # Parts
 //!
@@ -45,7 +46,8 @@
 //! * [`run_speculative`] ([`decode`]) — the loop: prefill, draft, verify, accept, truncate,
 //!   append context, emit (stop tokens and `max_tokens` inside the emitted run), over a
 //!   [`SpecBackend`] (a target + drafter pair of one sequence; rows as logits or, for plain
-//!   greedy decoding, argmax ids). [`CpuBackend`] pairs any [`Target`] with the CPU
+//!   greedy decoding, argmax ids); [`run_speculative_rows`] also hands each emitted token's
+//!   target logits row to the caller (log-probabilities). [`CpuBackend`] pairs any [`Target`] with the CPU
 //!   [`Drafter`]; the GPU executor has its own backend (`tilert::draft`).
 //!   [`speculative_generate`] / [`SpecDecoder`] run it on the CPU.
 //! * [`SamplingDist`] ([`probs`]) — the sampling transform as a dense distribution (for `p`
@@ -86,8 +88,8 @@ pub use accept::{
 };
 pub use config::{DraftAttn, DrafterConfig, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use decode::{
-    run_speculative, speculative_generate, CpuBackend, Round, Rows, SpecBackend, SpecDecoder,
-    SpecError, SpecOptions, SpecOutput, Want,
+    run_speculative, run_speculative_rows, speculative_generate, CpuBackend, OnTokenRow, Round,
+    Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, SpecOutput, Want,
 };
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;

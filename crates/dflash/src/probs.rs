@@ -3,15 +3,16 @@
 //! [`model::sampling::Sampler`] draws a token; exact rejection sampling needs the distribution it
 //! draws from, for the target rows (`p`) and the draft rows (`q`). [`SamplingDist`] computes it
 //! with the Sampler's processors in the Sampler's order and conventions — NaN logits → −∞,
-//! +∞ → `f32::MAX`; repetition penalty (each distinct history token once) → temperature on
-//! `x − max` → top-k (ties with the k-th kept) → top-p (smallest most-likely prefix, ties by
+//! +∞ → `f32::MAX`; repetition penalty (each distinct history token once) → frequency and
+//! presence penalties (over the generated tokens only; both as
+//! `model::sampling::read_penalized`) → temperature on `x − max` → top-k (ties with the k-th kept) → top-p (smallest most-likely prefix, ties by
 //! lower id, relative tolerance 1e-6 on the mass) → min-p (relative to the top token) — with
 //! `f64` weights `exp(y)` (the Sampler uses an `f32` exp within 2 ulp of it, so the two agree
 //! to ~1e-7 relative; the supports agree except for tokens at a filter boundary within that
 //! rounding). Greedy parameters give the one-hot vector of the Sampler's argmax (lowest id
 //! among ties).
 
-use model::sampling::{read_penalized, SamplingError, SamplingParams, TokenSet};
+use model::sampling::{read_penalized, SamplingError, SamplingParams, TokenCounts};
 
 /// Relative tolerance of top-p (as the Sampler's).
 const TOP_P_REL_TOL: f64 = 1e-6;
@@ -22,7 +23,7 @@ pub struct SamplingDist {
     params: SamplingParams,
     work: Vec<f32>,
     weights: Vec<f64>,
-    seen: TokenSet,
+    counts: TokenCounts,
     order: Vec<u32>,
 }
 
@@ -34,7 +35,7 @@ impl SamplingDist {
             params: params.clone(),
             work: Vec::new(),
             weights: Vec::new(),
-            seen: TokenSet::default(),
+            counts: TokenCounts::default(),
             order: Vec::new(),
         })
     }
@@ -43,12 +44,14 @@ impl SamplingDist {
         &self.params
     }
 
-    /// Writes the distribution of the next token given `logits` (one row, `V` values) and the
-    /// `history` the repetition penalty looks at into `out` (`V` values summing to 1).
+    /// Writes the distribution of the next token given `logits` (one row, `V` values), the
+    /// `prompt` and the tokens `generated` so far (the history the penalties look at, as
+    /// `Sampler::sample`) into `out` (`V` values summing to 1).
     pub fn probs(
         &mut self,
         logits: &[f32],
-        history: &[u32],
+        prompt: &[u32],
+        generated: &[u32],
         out: &mut [f32],
     ) -> Result<(), SamplingError> {
         let n = logits.len();
@@ -58,9 +61,10 @@ impl SamplingDist {
         assert_eq!(out.len(), n, "probs: output length differs from the logits");
         let max = read_penalized(
             logits,
-            history,
-            self.params.repetition_penalty,
-            &mut self.seen,
+            prompt,
+            generated,
+            &self.params,
+            &mut self.counts,
             &mut self.work,
         )?;
         out.fill(0.0);

@@ -6,20 +6,23 @@
 //! with YaRN, MiMo all-SWA with sinks and a mask embedding) and with the fixture drafters under
 //! `fixtures/drafters/` that fit. An untrained drafter is rejected almost every round; the
 //! tiny-vocabulary targets below accept often, so runs of several accepted drafts, full-block
-//! acceptance and the shrinking last block are exercised too. Exact equality is the requirement
-//! (the verify rows are bit-identical to decode steps).
+//! acceptance and the shrinking last block are exercised too, with the repetition, presence and
+//! frequency penalties (which make row i's pick depend on the drafts before it). Exact equality
+//! is the requirement (the verify rows are bit-identical to decode steps); the target rows the
+//! loop hands out for log-probabilities are the plain decode rows, bit for bit.
 
 mod common;
 
 use std::ops::ControlFlow;
 
 use common::{
-    copycat, fixture_prompt, fixtures_root, load_target, most_frequent, plain_decode, tiny_targets,
-    tokens,
+    assert_bits, copycat, fixture_prompt, fixtures_root, load_target, most_frequent, plain_decode,
+    plain_decode_rows, tiny_targets, tokens,
 };
 use dflash::toy::{self, ToyKind};
 use dflash::{
-    run_speculative, Drafter, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, Want,
+    run_speculative, run_speculative_rows, Drafter, Rows, SpecBackend, SpecDecoder, SpecError,
+    SpecOptions, Want,
 };
 use model::sampling::{SamplingParams, StopCause};
 
@@ -32,6 +35,38 @@ fn greedy(max_tokens: usize, ignore_eos: bool) -> SamplingParams {
         ignore_eos,
         ..SamplingParams::greedy()
     }
+}
+
+/// Greedy parameters with penalties: none, repetition, presence + frequency, all three (a
+/// negative presence penalty, which favours repeats, with a frequency penalty against them).
+fn penalized(max_tokens: usize) -> [SamplingParams; 4] {
+    let g = greedy(max_tokens, true);
+    [
+        g.clone(),
+        SamplingParams {
+            repetition_penalty: Some(1.2),
+            ..g.clone()
+        },
+        SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            ..g.clone()
+        },
+        SamplingParams {
+            repetition_penalty: Some(1.1),
+            presence_penalty: -0.4,
+            frequency_penalty: 0.9,
+            ..g
+        },
+    ]
+}
+
+/// The penalties of `p`, for messages.
+fn pens(p: &SamplingParams) -> String {
+    format!(
+        "rep {:?} presence {} frequency {}",
+        p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+    )
 }
 
 /// The fixture drafters that fit `target` (by dims), with their names.
@@ -190,20 +225,21 @@ fn eos_and_stop_tokens_end_inside_an_emitted_run() {
 
 /// Frequent acceptance: a drafter that always proposes the target's most frequent token (see
 /// `common::copycat`) on small-vocabulary targets that repeat it, so runs of several accepted
-/// drafts, all-accepted blocks and the repetition penalty (which makes row i's argmax depend on
-/// the drafts before it) are exercised; a random drafter alongside for the rejection side.
+/// drafts, all-accepted blocks and the penalties (which make row i's argmax depend on the
+/// drafts before it: the presence / frequency counts grow inside the block) are exercised; a
+/// random drafter alongside for the rejection side.
 #[test]
 fn greedy_identity_with_frequent_acceptance() {
     let mut hist = vec![0u64; 17];
     let mut full_blocks = 0;
+    let mut penalized_accepts = 0;
     for ((name, m), kind) in tiny_targets(6).into_iter().zip(KINDS) {
         let prompt = tokens(9, 12, 0, 6);
-        // The penalty alternates over the block sizes.
-        for (b, penalty) in BLOCKS.into_iter().zip([None, Some(1.2), None, Some(1.2)]) {
-            let params = SamplingParams {
-                repetition_penalty: penalty,
-                ..greedy(24, true)
-            };
+        for (b, params) in BLOCKS
+            .into_iter()
+            .flat_map(|b| penalized(24).map(|p| (b, p)))
+        {
+            let penalty = pens(&params);
             let want = plain_decode(&m, &prompt, &params);
             let drafters = [
                 copycat(&m, kind, most_frequent(&want)),
@@ -214,12 +250,12 @@ fn greedy_identity_with_frequent_acceptance() {
                 let out = spec
                     .generate(&prompt, &params, |_| ControlFlow::Continue(()))
                     .unwrap();
-                assert_eq!(
-                    out.tokens, want,
-                    "{name} {kind:?} block {b} penalty {penalty:?}"
-                );
+                assert_eq!(out.tokens, want, "{name} {kind:?} block {b} {penalty}");
                 for (a, &c) in out.stats.histogram().iter().enumerate() {
                     hist[a] += c;
+                }
+                if params.presence_penalty != 0.0 {
+                    penalized_accepts += out.stats.histogram().iter().skip(2).sum::<u64>();
                 }
                 full_blocks += out.stats.histogram().get(b - 1).copied().unwrap_or(0);
             }
@@ -230,6 +266,9 @@ fn greedy_identity_with_frequent_acceptance() {
         hist[0] > 0 && hist[1] > 0 && hist[3..].iter().sum::<u64>() > 0 && full_blocks > 0,
         "{hist:?}, {full_blocks} full blocks"
     );
+    // With presence / frequency penalties, blocks with two or more accepted drafts (whose
+    // later rows count the earlier drafts) occurred.
+    assert!(penalized_accepts > 0, "{penalized_accepts}");
     eprintln!("acceptance histogram {hist:?}, {full_blocks} full blocks");
 }
 
@@ -276,16 +315,14 @@ impl<T: dflash::Target> SpecBackend for ArgmaxOnly<'_, T> {
 }
 
 /// The loop on argmax-only rows (plain greedy) produces the same tokens and rounds as on logits;
-/// with a repetition penalty it asks for logits and still matches plain decoding.
+/// with a penalty it asks for logits and still matches plain decoding.
 #[test]
 fn argmax_rows_match_logit_rows() {
     let ((name, m), kind) = (tiny_targets(6).swap_remove(0), ToyKind::ZLab);
     let prompt = tokens(11, 12, 0, 6);
-    for (b, penalty) in BLOCKS.into_iter().zip([None, None, Some(1.3), None]) {
-        let params = SamplingParams {
-            repetition_penalty: penalty,
-            ..greedy(20, true)
-        };
+    let [plain, rep, pres_freq, all] = penalized(20);
+    for (b, params) in BLOCKS.into_iter().zip([plain, rep, pres_freq, all]) {
+        let penalty = pens(&params);
         let want = plain_decode(&m, &prompt, &params);
         let d = copycat(&m, kind, most_frequent(&want));
         let opts = SpecOptions {
@@ -294,25 +331,115 @@ fn argmax_rows_match_logit_rows() {
         };
         let mut s = m.session();
         let mut backend = ArgmaxOnly(dflash::CpuBackend::new(&mut s, &d).unwrap());
-        let mut argmax_rounds = 0;
+        let (mut argmax_rounds, mut drafted_rounds) = (0, 0);
         let out = run_speculative(
             &mut backend,
             &opts,
             &prompt,
             &params,
             &mut |_| ControlFlow::Continue(()),
-            &mut |r| argmax_rounds += usize::from(r.draft_logits.is_empty()),
+            &mut |r| {
+                argmax_rounds += usize::from(r.draft_logits.is_empty());
+                drafted_rounds += usize::from(!r.drafts.is_empty());
+            },
         )
         .unwrap();
-        assert_eq!(out.tokens, want, "{name} block {b} penalty {penalty:?}");
+        assert_eq!(out.tokens, want, "{name} block {b} {penalty}");
         let reference = SpecDecoder::new(&m, d, Some(b))
             .unwrap()
             .generate(&prompt, &params, |_| ControlFlow::Continue(()))
             .unwrap();
         assert_eq!(out.stats, reference.stats, "{name} block {b}");
-        // Without a penalty every round saw argmax ids only; with one, logits.
+        // Without a penalty every round saw argmax ids only; with one, logits (a last round
+        // of no drafts has no draft rows either way).
         let rounds = out.stats.rounds() as usize;
         assert!(rounds > 0);
-        assert_eq!(argmax_rounds, if penalty.is_none() { rounds } else { 0 });
+        let want_ids = if params.penalizes() {
+            rounds - drafted_rounds
+        } else {
+            rounds
+        };
+        assert_eq!(argmax_rounds, want_ids, "{name} block {b} {penalty}");
     }
+}
+
+/// `run_speculative_rows` hands every emitted token the target's raw logits row it was chosen
+/// from: bit-identical to the rows plain decoding samples from (so log-probabilities equal
+/// plain decoding's), also on a backend that answers argmax ids where it may (the target rows
+/// are then still logits, the draft rows ids), and with penalties; the tokens do not change.
+#[test]
+fn target_rows_are_the_plain_decode_rows() {
+    let ((name, m), kind) = (tiny_targets(6).swap_remove(1), ToyKind::MiMo);
+    let prompt = tokens(13, 10, 0, 6);
+    let [plain, _, pres_freq, _] = penalized(18);
+    for params in [plain, pres_freq] {
+        let (want, want_rows) = plain_decode_rows(&m, &prompt, &params);
+        let d = copycat(&m, kind, most_frequent(&want));
+        for b in [2, 5] {
+            let opts = SpecOptions {
+                block_size: b,
+                eos_token_ids: Vec::new(),
+            };
+            let mut s = m.session();
+            let mut backend = ArgmaxOnly(dflash::CpuBackend::new(&mut s, &d).unwrap());
+            let (mut got, mut rows) = (Vec::new(), Vec::new());
+            let (mut draft_ids, mut drafted_rounds) = (0, 0);
+            let out = run_speculative_rows(
+                &mut backend,
+                &opts,
+                &prompt,
+                &params,
+                true,
+                &mut |t, row| {
+                    got.push(t);
+                    rows.push(row.expect("target rows were asked for").to_vec());
+                    ControlFlow::Continue(())
+                },
+                &mut |r| {
+                    draft_ids += usize::from(r.draft_logits.is_empty());
+                    drafted_rounds += usize::from(!r.drafts.is_empty());
+                },
+            )
+            .unwrap();
+            let what = format!("{name} block {b} {}", pens(&params));
+            assert_eq!(out.tokens, want, "{what}");
+            assert_eq!(got, want, "{what}");
+            assert!(out.stats.accepted_tokens() > 0, "{what}: no draft accepted");
+            for (i, (r, w)) in rows.iter().zip(&want_rows).enumerate() {
+                assert_bits(r, w, &format!("{what}, token {i}"));
+            }
+            // Draft rows stayed ids where the picks are plain argmaxes.
+            let rounds = out.stats.rounds() as usize;
+            let want_ids = if params.penalizes() {
+                rounds - drafted_rounds
+            } else {
+                rounds
+            };
+            assert_eq!(draft_ids, want_ids, "{what}");
+        }
+    }
+    // Not asked for: no rows.
+    let d = toy::drafter(m.config(), kind, 8, 3);
+    let mut s = m.session();
+    let mut backend = dflash::CpuBackend::new(&mut s, &d).unwrap();
+    let opts = SpecOptions {
+        block_size: 4,
+        eos_token_ids: Vec::new(),
+    };
+    let mut seen = 0;
+    run_speculative_rows(
+        &mut backend,
+        &opts,
+        &prompt,
+        &greedy(6, true),
+        false,
+        &mut |_, row| {
+            assert!(row.is_none());
+            seen += 1;
+            ControlFlow::Continue(())
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(seen, 6);
 }

@@ -2,13 +2,17 @@
 //!
 //! * [`SamplingDist`] (the dense `p` / `q` rows of rejection sampling) is the distribution
 //!   `model::sampling::Sampler` draws from: same support, χ² goodness of fit of the Sampler's
-//!   draws, for temperature / top-k / top-p / min-p / repetition penalty.
+//!   draws, for temperature / top-k / top-p / min-p / repetition, presence and frequency
+//!   penalties.
 //! * The loop: over many seeds, the joint distribution of the first two generated tokens equals
 //!   `p(t1) · p(t2 | t1)` computed from the target directly (χ² p-value > 1e-3; deterministic seeds,
 //!   so the outcome is fixed). The target is a tiny analytic model behind the [`Target`] trait
 //!   (logits depend on the token, the previous token and the position, so a misaligned row
 //!   would show); the drafter is a real random [`Drafter`] whose proposals differ from the
-//!   target's distribution (the negative control checks that the test has power).
+//!   target's distribution (the negative control checks that the test has power). With presence
+//!   / frequency penalties, the joint distribution of the first THREE tokens, so that the third
+//!   often comes from the second row of a block whose first draft was accepted (its penalties
+//!   count that draft); a penalty-blind expectation is rejected (the test sees the penalties).
 //! * On the real CPU executor, sampled generation is deterministic given the seed.
 
 mod common;
@@ -164,6 +168,19 @@ fn param_sets() -> Vec<SamplingParams> {
             top_p: Some(0.9),
             min_p: Some(0.05),
             repetition_penalty: Some(0.7),
+            ..base.clone()
+        },
+        SamplingParams {
+            presence_penalty: 0.9,
+            frequency_penalty: 0.7,
+            ..base.clone()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_p: Some(0.95),
+            repetition_penalty: Some(1.3),
+            presence_penalty: -0.5,
+            frequency_penalty: 1.2,
             ..base
         },
     ]
@@ -176,10 +193,10 @@ fn sampling_dist_is_the_samplers_distribution() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for (pi, params) in param_sets().into_iter().enumerate() {
         let logits: Vec<f32> = (0..V).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let history = [1u32, 4, 4, 6];
+        let (prompt, generated) = ([1u32, 4], [4u32, 6, 4]);
         let mut dist = SamplingDist::new(&params).unwrap();
         let mut p = vec![0f32; V];
-        dist.probs(&logits, &history, &mut p).unwrap();
+        dist.probs(&logits, &prompt, &generated, &mut p).unwrap();
         assert!((p.iter().map(|&x| x as f64).sum::<f64>() - 1.0).abs() < 1e-6);
         let mut sampler = Sampler::new(&SamplingParams {
             seed: Some(pi as u64),
@@ -188,7 +205,7 @@ fn sampling_dist_is_the_samplers_distribution() {
         .unwrap();
         let mut counts = [0u64; V];
         for _ in 0..DRAWS {
-            counts[sampler.sample(&logits, &history) as usize] += 1;
+            counts[sampler.sample(&logits, &prompt, &generated) as usize] += 1;
         }
         let expected: Vec<f64> = p.iter().map(|&x| x as f64).collect();
         let (stat, df) = chi2(&counts, &expected, DRAWS, &format!("params {pi}"));
@@ -200,7 +217,8 @@ fn sampling_dist_is_the_samplers_distribution() {
     // Greedy: the one-hot of the Sampler's argmax (ties → lowest id).
     let mut dist = SamplingDist::new(&SamplingParams::greedy()).unwrap();
     let mut p = vec![0f32; 4];
-    dist.probs(&[0.5, 2.0, 2.0, f32::NAN], &[], &mut p).unwrap();
+    dist.probs(&[0.5, 2.0, 2.0, f32::NAN], &[], &[], &mut p)
+        .unwrap();
     assert_eq!(p, [0.0, 1.0, 0.0, 0.0]);
 }
 
@@ -337,20 +355,7 @@ fn sampled_loop_reproduces_the_target_distribution() {
     let sets = param_sets();
     for (pi, params) in [&sets[0], &sets[3], &sets[4]].into_iter().enumerate() {
         // Expected joint p(t1) p(t2 | t1), straight from the target under the transform.
-        let mut dist = SamplingDist::new(params).unwrap();
-        let mut p1 = vec![0f32; V];
-        dist.probs(&target.next_logits(&prompt), &prompt, &mut p1)
-            .unwrap();
-        let mut expected = vec![0f64; V * V];
-        for a in 0..V {
-            let seq = [&prompt[..], &[a as u32]].concat();
-            let mut p2 = vec![0f32; V];
-            dist.probs(&target.next_logits(&seq), &seq, &mut p2)
-                .unwrap();
-            for b in 0..V {
-                expected[a * V + b] = p1[a] as f64 * p2[b] as f64;
-            }
-        }
+        let expected = expected_joint(&target, params, &prompt, 2);
         let mut joint = [0u64; V * V];
         let mut naive = [0u64; V * V]; // negative control: (t1, first draft)
         let mut accepted_first = 0u64;
@@ -418,6 +423,137 @@ fn sampled_loop_reproduces_the_target_distribution() {
         assert!(
             accepted_first > RUNS / 10,
             "set {pi}: {accepted_first} accepted"
+        );
+    }
+}
+
+/// The exact distribution of the first `k` generated tokens after `prompt` (a `V^k` table, the
+/// sequence `t1 … tk` at `Σ t_i · V^(k−i)`), from the target under the transform of `params`,
+/// the penalties counting `t1 …` as generated.
+fn expected_joint(
+    target: &Analytic,
+    params: &SamplingParams,
+    prompt: &[u32],
+    k: usize,
+) -> Vec<f64> {
+    let mut dist = SamplingDist::new(params).unwrap();
+    let mut out = vec![1.0f64];
+    let mut p = vec![0f32; V];
+    for step in 0..k {
+        let mut next = vec![0f64; out.len() * V];
+        for (idx, &mass) in out.iter().enumerate() {
+            // The `step` tokens of index `idx` (most significant first).
+            let mut generated: Vec<u32> = (0..step)
+                .scan(idx, |rest, _| {
+                    let t = (*rest % V) as u32;
+                    *rest /= V;
+                    Some(t)
+                })
+                .collect();
+            generated.reverse();
+            let seq = [prompt, &generated].concat();
+            dist.probs(&target.next_logits(&seq), prompt, &generated, &mut p)
+                .unwrap();
+            for (b, &pb) in p.iter().enumerate() {
+                next[idx * V + b] = mass * pb as f64;
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+/// Presence / frequency penalties: the first three tokens have exactly the target's joint
+/// distribution. The third token comes from the second row of round 0 whenever its first draft
+/// was accepted; that row's penalties count the draft (and the first token), so a loop that
+/// used stale counts inside the block would be off (the penalty-blind expectation is rejected,
+/// so the test has the power to see it).
+#[test]
+fn sampled_loop_with_penalties_reproduces_the_target_distribution() {
+    const RUNS: u64 = 12_000;
+    let target = Analytic::new(3);
+    let drafter = analytic_drafter(4);
+    let prompt = [1u32, 3, 2];
+    let opts = SpecOptions {
+        block_size: 4,
+        eos_token_ids: Vec::new(),
+    };
+    let sets = param_sets();
+    for (pi, params) in sets[5..].iter().enumerate() {
+        let expected = expected_joint(&target, params, &prompt, 3);
+        let blind = expected_joint(
+            &target,
+            &SamplingParams {
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                ..params.clone()
+            },
+            &prompt,
+            3,
+        );
+        let mut joint = vec![0u64; V * V * V];
+        let mut in_block = 0u64;
+        for seed in 0..RUNS {
+            let run = SamplingParams {
+                seed: Some(seed),
+                max_tokens: 16,
+                ignore_eos: true,
+                ..params.clone()
+            };
+            let mut n = 0;
+            let mut t = Analytic {
+                held: Vec::new(),
+                ..target.clone()
+            };
+            let mut first_accepted = 0;
+            let out = speculative_generate(
+                &mut t,
+                &drafter,
+                &opts,
+                &prompt,
+                &run,
+                &mut |_| {
+                    n += 1;
+                    if n == 3 {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+                &mut |r| {
+                    if r.index == 0 {
+                        first_accepted = r.acceptance.accepted;
+                    }
+                },
+            )
+            .unwrap();
+            let i = out.tokens[..3]
+                .iter()
+                .fold(0, |acc, &t| acc * V + t as usize);
+            joint[i] += 1;
+            in_block += u64::from(first_accepted >= 1);
+        }
+        let (stat, df) = chi2(&joint, &expected, RUNS, &format!("penalty set {pi}"));
+        let pv = chi2_sf(stat, df);
+        assert!(
+            pv > ALPHA,
+            "penalty set {pi}: χ² {stat}, df {df}, p-value {pv}"
+        );
+        let blind_stat: f64 = joint
+            .iter()
+            .zip(&blind)
+            .map(|(&o, &p)| {
+                let e = (p * RUNS as f64).max(1e-9);
+                (o as f64 - e).powi(2) / e
+            })
+            .sum();
+        assert!(
+            chi2_sf(blind_stat, V * V * V - 1) < 1e-9,
+            "penalty set {pi}: the penalty-blind expectation fits too (χ² {blind_stat})"
+        );
+        assert!(
+            in_block > RUNS / 10,
+            "penalty set {pi}: only {in_block} runs took token 3 from inside a block"
         );
     }
 }

@@ -1,12 +1,13 @@
 //! Token sampling and stop handling.
 //!
 //! * [`SamplingParams`]: the per-request knobs a vLLM / llama.cpp user expects (temperature,
-//!   top-k, top-p, min-p, repetition penalty, seed, max tokens, stop token ids, stop strings,
-//!   `ignore_eos`), with [`SamplingParams::validate`].
-//! * [`Sampler`]: turns one row of logits into a token id. Processors run in the HF / vLLM order
-//!   **repetition penalty → temperature → top-k → top-p → min-p → sample**. All arithmetic after
-//!   reading the `f32` logits is done in `f64`. A seeded sampler is deterministic: the same seed,
-//!   parameters, logits and history always give the same tokens.
+//!   top-k, top-p, min-p, repetition / presence / frequency penalties, seed, max tokens, stop
+//!   token ids, stop strings, `ignore_eos`), with [`SamplingParams::validate`].
+//! * [`Sampler`]: turns one row of logits into a token id. Processors run in the vLLM order
+//!   **repetition penalty → frequency penalty → presence penalty → temperature → top-k → top-p →
+//!   min-p → sample** ([`read_penalized`] applies the penalties). All arithmetic after the
+//!   penalties is done in `f64`. A seeded sampler is deterministic: the same seed, parameters,
+//!   logits and history always give the same tokens.
 //! * [`log_softmax`], [`logprob_of`], [`logsumexp`], [`top_logprobs`]: `f64`-accumulated helpers
 //!   used for scoring (`ultra score`) and for OpenAI-style `logprobs`.
 //! * [`StopChecker`]: fed one token and its decoded text delta at a time, decides whether
@@ -47,6 +48,10 @@ pub enum SamplingError {
     InvalidMinP(f32),
     #[error("repetition_penalty must be a finite number > 0, got {0}")]
     InvalidRepetitionPenalty(f32),
+    #[error("presence_penalty must be in [-2, 2], got {0}")]
+    InvalidPresencePenalty(f32),
+    #[error("frequency_penalty must be in [-2, 2], got {0}")]
+    InvalidFrequencyPenalty(f32),
     #[error("max_tokens must be >= 1")]
     InvalidMaxTokens,
     #[error("stop strings must not be empty")]
@@ -57,20 +62,42 @@ pub enum SamplingError {
     NoFiniteLogits,
 }
 
-/// A set of token ids reused across rows: [`TokenSet::begin`] empties it in O(1) (a stamp per
-/// id instead of clearing the marks).
+impl SamplingError {
+    /// The request parameter at fault, in OpenAI / vLLM spelling (`stop` for the stop
+    /// strings); `None` for errors about the logits rather than the parameters.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            SamplingError::InvalidTemperature(_) => Some("temperature"),
+            SamplingError::InvalidTopK => Some("top_k"),
+            SamplingError::InvalidTopP(_) => Some("top_p"),
+            SamplingError::InvalidMinP(_) => Some("min_p"),
+            SamplingError::InvalidRepetitionPenalty(_) => Some("repetition_penalty"),
+            SamplingError::InvalidPresencePenalty(_) => Some("presence_penalty"),
+            SamplingError::InvalidFrequencyPenalty(_) => Some("frequency_penalty"),
+            SamplingError::InvalidMaxTokens => Some("max_tokens"),
+            SamplingError::EmptyStopString => Some("stop"),
+            SamplingError::EmptyLogits | SamplingError::NoFiniteLogits => None,
+        }
+    }
+}
+
+/// Per-id token counts reused across rows: [`TokenCounts::begin`] empties them in O(1) (a stamp
+/// per id instead of clearing the counts).
 #[derive(Debug, Clone, Default)]
-pub struct TokenSet {
+pub struct TokenCounts {
     mark: Vec<u32>,
+    count: Vec<u32>,
     stamp: u32,
 }
 
-impl TokenSet {
-    /// Starts an empty set over ids `0..n`.
+impl TokenCounts {
+    /// Starts with every id of `0..n` at count 0.
     pub fn begin(&mut self, n: usize) {
         if self.mark.len() != n {
             self.mark.clear();
             self.mark.resize(n, 0);
+            self.count.clear();
+            self.count.resize(n, 0);
             self.stamp = 0;
         }
         self.stamp = self.stamp.wrapping_add(1);
@@ -80,25 +107,43 @@ impl TokenSet {
         }
     }
 
-    /// Adds `t` (below the `n` of [`TokenSet::begin`]); whether it was not in the set yet.
-    pub fn insert(&mut self, t: usize) -> bool {
-        let new = self.mark[t] != self.stamp;
-        self.mark[t] = self.stamp;
-        new
+    /// Counts one more `t` (below the `n` of [`TokenCounts::begin`]); returns its count now
+    /// (1 the first time).
+    pub fn add(&mut self, t: usize) -> u32 {
+        if self.mark[t] != self.stamp {
+            self.mark[t] = self.stamp;
+            self.count[t] = 0;
+        }
+        self.count[t] += 1;
+        self.count[t]
+    }
+
+    /// The count of `t`, which is then forgotten (0 from now on): a walk over a token list
+    /// that takes each id sees every distinct id's count exactly once.
+    pub fn take(&mut self, t: usize) -> u32 {
+        if self.mark[t] != self.stamp {
+            return 0;
+        }
+        self.mark[t] = self.stamp.wrapping_sub(1);
+        self.count[t]
     }
 }
 
-/// The first processors of every sampler of these parameters ([`Sampler`], and the dense
-/// distribution of `dflash::probs`): `logits` read into `work` with NaN → −∞ and +∞ →
-/// `f32::MAX`, then the HF repetition penalty `p` on each distinct token of `history` once (the
-/// logit divided by `p` when positive, multiplied when negative); ids outside the row are
-/// ignored. Returns the largest value of `work`, or [`SamplingError::NoFiniteLogits`] when it
-/// holds none (all −∞).
+/// The first processors of every sampler of `params` ([`Sampler`], and the dense distribution
+/// of `dflash::probs`), in vLLM's order: `logits` read into `work` with NaN → −∞ and +∞ →
+/// `f32::MAX`; then the HF repetition penalty `r` on each distinct token of `prompt` and
+/// `generated` once (the logit divided by `r` when positive, multiplied when negative); then,
+/// over the `generated` tokens only (OpenAI / vLLM semantics), the frequency and presence
+/// penalties: `x − frequency_penalty · count − presence_penalty` for every token generated
+/// `count ≥ 1` times (in `f32`, in that order, as vLLM). Ids outside the row are ignored.
+/// Returns the largest value of `work`, or [`SamplingError::NoFiniteLogits`] when it holds
+/// none (all −∞).
 pub fn read_penalized(
     logits: &[f32],
-    history: &[u32],
-    repetition_penalty: Option<f32>,
-    seen: &mut TokenSet,
+    prompt: &[u32],
+    generated: &[u32],
+    params: &SamplingParams,
+    counts: &mut TokenCounts,
     work: &mut Vec<f32>,
 ) -> Result<f32, SamplingError> {
     let n = logits.len();
@@ -110,13 +155,32 @@ pub fn read_penalized(
             x.min(f32::MAX)
         }
     }));
-    if let Some(p) = repetition_penalty.filter(|&p| p != 1.0 && !history.is_empty()) {
-        seen.begin(n);
-        for &t in history {
+    let rep = params.repetition_penalty.filter(|&r| r != 1.0);
+    if let Some(r) = rep.filter(|_| !prompt.is_empty() || !generated.is_empty()) {
+        counts.begin(n);
+        for &t in prompt.iter().chain(generated) {
             let t = t as usize;
-            if t < n && seen.insert(t) {
+            if t < n && counts.add(t) == 1 {
                 let v = &mut work[t];
-                *v = if *v < 0.0 { *v * p } else { *v / p };
+                *v = if *v < 0.0 { *v * r } else { *v / r };
+            }
+        }
+    }
+    let (freq, pres) = (params.frequency_penalty, params.presence_penalty);
+    if (freq != 0.0 || pres != 0.0) && !generated.is_empty() {
+        counts.begin(n);
+        for &t in generated {
+            if (t as usize) < n {
+                counts.add(t as usize);
+            }
+        }
+        for &t in generated {
+            let t = t as usize;
+            if t < n {
+                let c = counts.take(t);
+                if c > 0 {
+                    work[t] = (work[t] - freq * c as f32) - pres;
+                }
             }
         }
     }
@@ -141,9 +205,16 @@ pub struct SamplingParams {
     pub top_p: Option<f32>,
     /// Keep only tokens whose probability is at least `min_p` times the top probability.
     pub min_p: Option<f32>,
-    /// HF repetition penalty: the logit of every token in the history is divided by the penalty
-    /// when positive and multiplied by it when negative (each distinct token once).
+    /// HF repetition penalty: the logit of every token in the history (prompt and generated) is
+    /// divided by the penalty when positive and multiplied by it when negative (each distinct
+    /// token once).
     pub repetition_penalty: Option<f32>,
+    /// OpenAI presence penalty in `[-2, 2]`: subtracted once from the logit of every token
+    /// generated so far in this request (the prompt does not count). `0` disables it.
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty in `[-2, 2]`: subtracted from a token's logit once per time it
+    /// was generated so far in this request (the prompt does not count). `0` disables it.
+    pub frequency_penalty: f32,
     /// RNG seed; `None` seeds from the OS.
     pub seed: Option<u64>,
     /// Maximum number of generated tokens.
@@ -164,6 +235,8 @@ impl Default for SamplingParams {
             top_p: None,
             min_p: None,
             repetition_penalty: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             max_tokens: DEFAULT_MAX_TOKENS,
             stop_token_ids: Vec::new(),
@@ -182,6 +255,15 @@ impl SamplingParams {
     /// Whether these parameters select greedy (argmax) decoding.
     pub fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_TEMPERATURE_EPS
+    }
+
+    /// Whether any penalty changes the logits (repetition penalty other than 1, non-zero
+    /// presence or frequency penalty): then even greedy decoding is more than an argmax of the
+    /// raw logits.
+    pub fn penalizes(&self) -> bool {
+        self.repetition_penalty.is_some_and(|r| r != 1.0)
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 
     /// Checks every field; NaN is rejected everywhere.
@@ -207,6 +289,14 @@ impl SamplingParams {
             if !(p.is_finite() && p > 0.0) {
                 return Err(SamplingError::InvalidRepetitionPenalty(p));
             }
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(SamplingError::InvalidPresencePenalty(self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(SamplingError::InvalidFrequencyPenalty(
+                self.frequency_penalty,
+            ));
         }
         if self.max_tokens == 0 {
             return Err(SamplingError::InvalidMaxTokens);
@@ -261,7 +351,7 @@ pub struct Sampler {
     work: Vec<f32>,
     weights: Vec<f32>,
     cand: Vec<Cand>,
-    seen: TokenSet,
+    counts: TokenCounts,
     bins: Vec<u16>,
     bin_mass: Vec<f64>,
 }
@@ -281,7 +371,7 @@ impl Sampler {
             work: Vec::new(),
             weights: Vec::new(),
             cand: Vec::new(),
-            seen: TokenSet::default(),
+            counts: TokenCounts::default(),
             bins: Vec::new(),
             bin_mass: Vec::new(),
         })
@@ -292,28 +382,36 @@ impl Sampler {
         &self.params
     }
 
-    /// Samples one token id. `history` is every token the repetition penalty looks at (prompt and
-    /// generated so far, as in HF / vLLM); ids outside the vocabulary are ignored.
+    /// Samples one token id. `prompt` and `generated` (the tokens generated so far in this
+    /// request) are the history the penalties look at: the repetition penalty both (as HF /
+    /// vLLM), the presence and frequency penalties `generated` only ([`read_penalized`]); ids
+    /// outside the vocabulary are ignored.
     ///
     /// **Fallback:** when `logits` is empty or holds no finite value (all `-inf` / `NaN`) this
     /// returns token `0`; use [`Sampler::try_sample`] to get an error instead.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        self.try_sample(logits, history).unwrap_or(0)
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
+        self.try_sample(logits, prompt, generated).unwrap_or(0)
     }
 
     /// Like [`Sampler::sample`] but reports [`SamplingError::EmptyLogits`] /
     /// [`SamplingError::NoFiniteLogits`] instead of falling back.
-    pub fn try_sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32, SamplingError> {
+    pub fn try_sample(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        generated: &[u32],
+    ) -> Result<u32, SamplingError> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
         let n = logits.len();
-        // 1. The logits read (NaN → -inf, +inf → f32::MAX) and the repetition penalty.
+        // 1. The logits read (NaN → -inf, +inf → f32::MAX) and the penalties.
         let max = read_penalized(
             logits,
-            history,
-            self.params.repetition_penalty,
-            &mut self.seen,
+            prompt,
+            generated,
+            &self.params,
+            &mut self.counts,
             &mut self.work,
         )?;
 
@@ -985,28 +1083,85 @@ impl StopChecker {
 mod tests {
     use super::*;
 
+    fn pen(rep: Option<f32>, presence: f32, frequency: f32) -> SamplingParams {
+        SamplingParams {
+            repetition_penalty: rep,
+            presence_penalty: presence,
+            frequency_penalty: frequency,
+            ..SamplingParams::default()
+        }
+    }
+
     #[test]
     fn read_penalized_reads_and_penalizes_each_distinct_token_once() {
         let logits = [2.0, -2.0, f32::NAN, f32::INFINITY, 1.0];
-        let (mut seen, mut work) = (TokenSet::default(), Vec::new());
-        // Token 0 three times, token 1 once, token 9 outside the row (ignored).
-        let max = read_penalized(&logits, &[0, 1, 0, 9, 0], Some(2.0), &mut seen, &mut work);
+        let (mut counts, mut work) = (TokenCounts::default(), Vec::new());
+        let rep = pen(Some(2.0), 0.0, 0.0);
+        // Token 0 three times, token 1 once, token 9 outside the row (ignored); the prompt and
+        // the generated tokens alike.
+        let max = read_penalized(&logits, &[0, 1], &[0, 9, 0], &rep, &mut counts, &mut work);
         assert_eq!(max, Ok(f32::MAX));
         assert_eq!(work, [1.0, -4.0, f32::NEG_INFINITY, f32::MAX, 1.0]);
-        // The same set reused for the next row starts empty.
-        read_penalized(&logits, &[4], Some(2.0), &mut seen, &mut work).unwrap();
+        // The same counts reused for the next row start empty.
+        read_penalized(&logits, &[], &[4], &rep, &mut counts, &mut work).unwrap();
         assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 0.5]);
         // No penalty, or a penalty of 1: the row as read.
         for p in [None, Some(1.0)] {
-            read_penalized(&logits, &[0, 1], p, &mut seen, &mut work).unwrap();
+            read_penalized(
+                &logits,
+                &[0],
+                &[1],
+                &pen(p, 0.0, 0.0),
+                &mut counts,
+                &mut work,
+            )
+            .unwrap();
             assert_eq!(work, [2.0, -2.0, f32::NEG_INFINITY, f32::MAX, 1.0]);
         }
         // Nothing finite to sample from.
         let none = [f32::NAN, f32::NEG_INFINITY];
         assert_eq!(
-            read_penalized(&none, &[], None, &mut seen, &mut work),
+            read_penalized(&none, &[], &[], &rep, &mut counts, &mut work),
             Err(SamplingError::NoFiniteLogits)
         );
+    }
+
+    #[test]
+    fn read_penalized_presence_and_frequency_over_generated_tokens() {
+        let logits = [1.0, 0.5, -1.0, 3.0, f32::NEG_INFINITY];
+        let (mut counts, mut work) = (TokenCounts::default(), Vec::new());
+        // Prompt [3, 3] does not count; generated: token 0 three times, token 1 once, token 4
+        // (−∞ stays −∞) once, 7 outside the row.
+        let (prompt, generated) = ([3u32, 3], [0u32, 1, 0, 7, 4, 0]);
+        let p = pen(None, 0.25, 0.5);
+        let max = read_penalized(&logits, &prompt, &generated, &p, &mut counts, &mut work);
+        assert_eq!(max, Ok(3.0));
+        // x − 0.5 · count − 0.25.
+        assert_eq!(work, [-0.75, -0.25, -1.0, 3.0, f32::NEG_INFINITY]);
+        // After the repetition penalty (prompt and generated): 1/2 − 1.5 − 0.25, 0.5/2 − 0.5 −
+        // 0.25; token 3 divided (prompt), not otherwise penalized.
+        let p = pen(Some(2.0), 0.25, 0.5);
+        read_penalized(&logits, &prompt, &generated, &p, &mut counts, &mut work).unwrap();
+        assert_eq!(work, [-1.25, -0.5, -1.0, 1.5, f32::NEG_INFINITY]);
+        // Negative penalties favour generated tokens: 0.5 + 1 · 1 + 0.5.
+        let p = pen(None, -0.5, -1.0);
+        read_penalized(&logits, &[], &[1], &p, &mut counts, &mut work).unwrap();
+        assert_eq!(work, [1.0, 2.0, -1.0, 3.0, f32::NEG_INFINITY]);
+        // Nothing generated: nothing changes, whatever the prompt.
+        let p = pen(None, 2.0, 2.0);
+        read_penalized(&logits, &[0, 1, 2], &[], &p, &mut counts, &mut work).unwrap();
+        assert_eq!(work, [1.0, 0.5, -1.0, 3.0, f32::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn token_counts_add_take_and_reset() {
+        let mut c = TokenCounts::default();
+        c.begin(4);
+        assert_eq!((c.add(2), c.add(2), c.add(0)), (1, 2, 1));
+        assert_eq!((c.take(2), c.take(2), c.take(1)), (2, 0, 0));
+        assert_eq!(c.add(2), 1);
+        c.begin(4);
+        assert_eq!((c.take(0), c.add(0)), (0, 1));
     }
 
     #[test]

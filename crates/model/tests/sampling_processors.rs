@@ -1,5 +1,5 @@
 //! Sampler tests: greedy, temperature limits, top-k / top-p / min-p kept sets and frequencies
-//! (χ² against an independent reference), repetition penalty, seeds, non-finite logits,
+//! (χ² against an independent reference), repetition / presence / frequency penalties, seeds, non-finite logits,
 //! log-probability helpers and parameter validation.
 
 use model::sampling::{
@@ -18,8 +18,19 @@ fn ln_probs(p: &[f64]) -> Vec<f32> {
     p.iter().map(|&x| x.ln() as f32).collect()
 }
 
-/// Independent reference: the expected distribution after the processors (full sort, f64).
+/// Independent reference: the expected distribution after the processors (full sort, f64),
+/// with `history` as the prompt and nothing generated.
 fn reference(logits: &[f32], p: &SamplingParams, history: &[u32]) -> Vec<f64> {
+    reference_gen(logits, p, history, &[])
+}
+
+/// [`reference`] after `generated` tokens (which the presence / frequency penalties count).
+fn reference_gen(
+    logits: &[f32],
+    p: &SamplingParams,
+    prompt: &[u32],
+    generated: &[u32],
+) -> Vec<f64> {
     let n = logits.len();
     let mut x: Vec<f64> = logits
         .iter()
@@ -33,7 +44,7 @@ fn reference(logits: &[f32], p: &SamplingParams, history: &[u32]) -> Vec<f64> {
         .collect();
     if let Some(rp) = p.repetition_penalty {
         let mut seen = vec![false; n];
-        for &t in history {
+        for &t in prompt.iter().chain(generated) {
             if (t as usize) < n && !seen[t as usize] {
                 seen[t as usize] = true;
                 let v = &mut x[t as usize];
@@ -43,6 +54,17 @@ fn reference(logits: &[f32], p: &SamplingParams, history: &[u32]) -> Vec<f64> {
                     *v / rp as f64
                 };
             }
+        }
+    }
+    let mut count = vec![0usize; n];
+    for &t in generated {
+        if (t as usize) < n {
+            count[t as usize] += 1;
+        }
+    }
+    for (v, &c) in x.iter_mut().zip(&count) {
+        if c > 0 {
+            *v -= p.frequency_penalty as f64 * c as f64 + p.presence_penalty as f64;
         }
     }
     for v in &mut x {
@@ -95,9 +117,19 @@ fn reference(logits: &[f32], p: &SamplingParams, history: &[u32]) -> Vec<f64> {
 }
 
 fn counts(s: &mut Sampler, logits: &[f32], history: &[u32], draws: usize) -> Vec<usize> {
+    counts_gen(s, logits, history, &[], draws)
+}
+
+fn counts_gen(
+    s: &mut Sampler,
+    logits: &[f32],
+    prompt: &[u32],
+    generated: &[u32],
+    draws: usize,
+) -> Vec<usize> {
     let mut c = vec![0usize; logits.len()];
     for _ in 0..draws {
-        c[s.sample(logits, history) as usize] += 1;
+        c[s.sample(logits, prompt, generated) as usize] += 1;
     }
     c
 }
@@ -144,9 +176,9 @@ fn default_is_greedy_and_valid() {
 #[test]
 fn greedy_argmax_with_lowest_id_on_ties() {
     let mut s = Sampler::new(&SamplingParams::default()).unwrap();
-    assert_eq!(s.sample(&[1.0, 3.0, 0.5, 2.0], &[]), 1);
-    assert_eq!(s.sample(&[1.0, 3.0, 3.0, 2.0], &[]), 1);
-    assert_eq!(s.sample(&[-5.0, -5.0], &[]), 0);
+    assert_eq!(s.sample(&[1.0, 3.0, 0.5, 2.0], &[], &[]), 1);
+    assert_eq!(s.sample(&[1.0, 3.0, 3.0, 2.0], &[], &[]), 1);
+    assert_eq!(s.sample(&[-5.0, -5.0], &[], &[]), 0);
     // Greedy ignores top-k / top-p / min-p and the RNG.
     let p = SamplingParams {
         top_k: Some(1),
@@ -156,7 +188,7 @@ fn greedy_argmax_with_lowest_id_on_ties() {
     };
     let mut s = Sampler::new(&p).unwrap();
     for _ in 0..10 {
-        assert_eq!(s.sample(&[0.0, 0.1, 7.0, 6.9], &[]), 2);
+        assert_eq!(s.sample(&[0.0, 0.1, 7.0, 6.9], &[], &[]), 2);
     }
 }
 
@@ -164,7 +196,7 @@ fn greedy_argmax_with_lowest_id_on_ties() {
 fn temperature_to_zero_is_argmax() {
     // Below the greedy epsilon: greedy path.
     let mut s = Sampler::new(&params(1e-6)).unwrap();
-    assert_eq!(s.sample(&[1.0, 1.5, 1.2], &[]), 1);
+    assert_eq!(s.sample(&[1.0, 1.5, 1.2], &[], &[]), 1);
     // A tiny but sampled temperature concentrates all mass on the argmax.
     let mut s = Sampler::new(&params(1e-3)).unwrap();
     let c = counts(&mut s, &[1.0, 1.5, 1.2, 1.49], &[], 2000);
@@ -397,19 +429,19 @@ fn repetition_penalty_sign_handling() {
     };
     let mut s = Sampler::new(&greedy_rp(2.0)).unwrap();
     // Positive logit divided: 3.0 / 2 = 1.5 < 2.0.
-    assert_eq!(s.sample(&[3.0, 2.0, -1.0], &[0]), 1);
-    assert_eq!(s.sample(&[3.0, 2.0, -1.0], &[]), 0);
+    assert_eq!(s.sample(&[3.0, 2.0, -1.0], &[0], &[]), 1);
+    assert_eq!(s.sample(&[3.0, 2.0, -1.0], &[], &[]), 0);
     // Negative logit multiplied: -1.0 * 2 = -2.0 < -1.2 (dividing would give -0.5 > -1.2).
-    assert_eq!(s.sample(&[-1.0, -1.2], &[0]), 1);
+    assert_eq!(s.sample(&[-1.0, -1.2], &[0], &[]), 1);
     // Each distinct token once: 4.0 / 1.5 = 2.67 > 2.5 (twice would be 1.78).
     let mut s = Sampler::new(&greedy_rp(1.5)).unwrap();
-    assert_eq!(s.sample(&[4.0, 2.5], &[0, 0, 0]), 0);
+    assert_eq!(s.sample(&[4.0, 2.5], &[0, 0, 0], &[]), 0);
     // A penalty below 1 favours seen tokens: 1.0 / 0.5 = 2.0 > 1.5.
     let mut s = Sampler::new(&greedy_rp(0.5)).unwrap();
-    assert_eq!(s.sample(&[1.0, 1.5], &[0]), 0);
+    assert_eq!(s.sample(&[1.0, 1.5], &[0], &[]), 0);
     // Out-of-range history ids are ignored; a zero logit stays zero.
     let mut s = Sampler::new(&greedy_rp(3.0)).unwrap();
-    assert_eq!(s.sample(&[0.0, -0.1], &[0, 1000, u32::MAX]), 0);
+    assert_eq!(s.sample(&[0.0, -0.1], &[0, 1000, u32::MAX], &[]), 0);
     // Sampled distribution with a penalty matches the reference.
     let p = SamplingParams {
         repetition_penalty: Some(1.8),
@@ -419,6 +451,45 @@ fn repetition_penalty_sign_handling() {
     let mut s = Sampler::new(&p).unwrap();
     let c = counts(&mut s, &logits, &[0, 1], 20_000);
     assert_fits(&c, &reference(&logits, &p, &[0, 1]));
+}
+
+#[test]
+fn presence_and_frequency_penalties_count_generated_tokens_only() {
+    let pen = |presence: f32, frequency: f32| SamplingParams {
+        presence_penalty: presence,
+        frequency_penalty: frequency,
+        ..SamplingParams::default()
+    };
+    // Frequency: 1.0 − 0.2 · 1 = 0.8 < 0.9, so token 1 wins once token 0 was generated.
+    let mut s = Sampler::new(&pen(0.0, 0.2)).unwrap();
+    assert_eq!(s.sample(&[1.0, 0.9], &[], &[0]), 1);
+    assert_eq!(s.sample(&[1.0, 0.9], &[], &[]), 0);
+    // The prompt does not count, however often the token appears there.
+    assert_eq!(s.sample(&[1.0, 0.9], &[0, 0, 0], &[]), 0);
+    // Counts: 2.0 − 0.4 · 2 = 1.2 < 1.5 (token 0 twice), but 2.0 − 0.4 = 1.6 > 1.5 (once).
+    let mut s = Sampler::new(&pen(0.0, 0.4)).unwrap();
+    assert_eq!(s.sample(&[2.0, 1.5], &[], &[0, 0]), 1);
+    assert_eq!(s.sample(&[2.0, 1.5], &[], &[0]), 0);
+    // Presence: once however many times: 2.0 − 0.4 = 1.6 > 1.5 with token 0 generated 3 times.
+    let mut s = Sampler::new(&pen(0.4, 0.0)).unwrap();
+    assert_eq!(s.sample(&[2.0, 1.5], &[], &[0, 0, 0]), 0);
+    assert_eq!(s.sample(&[2.0, 1.55, 1.5], &[], &[0, 1]), 0);
+    // A negative penalty favours generated tokens: 1.0 + 0.5 = 1.5 > 1.2; ids outside the
+    // vocabulary are ignored.
+    let mut s = Sampler::new(&pen(-0.5, 0.0)).unwrap();
+    assert_eq!(s.sample(&[1.2, 1.0], &[], &[1, 7, u32::MAX]), 1);
+    // Sampled: the distribution after all three penalties matches the reference.
+    let p = SamplingParams {
+        repetition_penalty: Some(1.3),
+        presence_penalty: 0.3,
+        frequency_penalty: 0.45,
+        ..params(1.0)
+    };
+    let logits = [1.0f32, -0.5, 0.7, 0.2, 0.9];
+    let (prompt, generated) = ([4u32, 2], [0u32, 1, 0, 2, 0]);
+    let mut s = Sampler::new(&p).unwrap();
+    let c = counts_gen(&mut s, &logits, &prompt, &generated, 40_000);
+    assert_fits(&c, &reference_gen(&logits, &p, &prompt, &generated));
 }
 
 #[test]
@@ -433,7 +504,7 @@ fn seeds_are_deterministic() {
     let run = |p: &SamplingParams| {
         let mut s = Sampler::new(p).unwrap();
         (0..300)
-            .map(|_| s.sample(&logits, &[]))
+            .map(|_| s.sample(&logits, &[], &[]))
             .collect::<Vec<u32>>()
     };
     let a = run(&p);
@@ -445,9 +516,9 @@ fn seeds_are_deterministic() {
     assert_ne!(a, b);
     // Cloning a sampler clones its RNG position.
     let mut s = Sampler::new(&p).unwrap();
-    s.sample(&logits, &[]);
+    s.sample(&logits, &[], &[]);
     let mut t = s.clone();
-    assert_eq!(s.sample(&logits, &[]), t.sample(&logits, &[]));
+    assert_eq!(s.sample(&logits, &[], &[]), t.sample(&logits, &[], &[]));
     // Unseeded samplers work (and almost surely differ from each other).
     let u = SamplingParams { seed: None, ..p };
     let x = run(&u);
@@ -469,10 +540,13 @@ fn non_finite_logits_never_panic() {
         );
         // Nothing finite: error from try_sample, documented fallback 0 from sample.
         let bad = [f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY];
-        assert_eq!(s.try_sample(&bad, &[]), Err(SamplingError::NoFiniteLogits));
-        assert_eq!(s.sample(&bad, &[]), 0);
-        assert_eq!(s.try_sample(&[], &[]), Err(SamplingError::EmptyLogits));
-        assert_eq!(s.sample(&[], &[]), 0);
+        assert_eq!(
+            s.try_sample(&bad, &[], &[]),
+            Err(SamplingError::NoFiniteLogits)
+        );
+        assert_eq!(s.sample(&bad, &[], &[]), 0);
+        assert_eq!(s.try_sample(&[], &[], &[]), Err(SamplingError::EmptyLogits));
+        assert_eq!(s.sample(&[], &[], &[]), 0);
     }
     // Two +inf: both drawn, nothing else.
     let mut s = Sampler::new(&params(1.0)).unwrap();
@@ -600,6 +674,20 @@ fn validation_errors() {
         ),
         (
             SamplingParams {
+                presence_penalty: 2.01,
+                ..ok.clone()
+            },
+            SamplingError::InvalidPresencePenalty(2.01),
+        ),
+        (
+            SamplingParams {
+                frequency_penalty: -2.5,
+                ..ok.clone()
+            },
+            SamplingError::InvalidFrequencyPenalty(-2.5),
+        ),
+        (
+            SamplingParams {
                 max_tokens: 0,
                 ..ok.clone()
             },
@@ -644,6 +732,18 @@ fn validation_errors() {
             repetition_penalty: Some(f32::INFINITY),
             ..ok.clone()
         },
+        SamplingParams {
+            presence_penalty: nan,
+            ..ok.clone()
+        },
+        SamplingParams {
+            frequency_penalty: nan,
+            ..ok.clone()
+        },
+        SamplingParams {
+            frequency_penalty: f32::NEG_INFINITY,
+            ..ok.clone()
+        },
     ];
     let kinds: Vec<&str> = nans
         .iter()
@@ -652,13 +752,37 @@ fn validation_errors() {
             Err(SamplingError::InvalidTopP(_)) => "p",
             Err(SamplingError::InvalidMinP(_)) => "m",
             Err(SamplingError::InvalidRepetitionPenalty(_)) => "r",
+            Err(SamplingError::InvalidPresencePenalty(_)) => "pp",
+            Err(SamplingError::InvalidFrequencyPenalty(_)) => "fp",
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(kinds, vec!["t", "p", "m", "r", "t", "r"]);
+    assert_eq!(kinds, vec!["t", "p", "m", "r", "t", "r", "pp", "fp", "fp"]);
     // Error messages name the field.
     let msg = SamplingError::InvalidTopP(2.0).to_string();
     assert!(msg.contains("top_p"), "{msg}");
+    for (e, field) in [
+        (
+            SamplingError::InvalidPresencePenalty(3.0),
+            "presence_penalty",
+        ),
+        (
+            SamplingError::InvalidFrequencyPenalty(3.0),
+            "frequency_penalty",
+        ),
+    ] {
+        let msg = e.to_string();
+        assert!(msg.contains(field) && msg.contains("[-2, 2]"), "{msg}");
+    }
+    // The bounds themselves are valid.
+    for v in [-2.0, 2.0] {
+        let p = SamplingParams {
+            presence_penalty: v,
+            frequency_penalty: v,
+            ..ok.clone()
+        };
+        assert_eq!(p.validate(), Ok(()));
+    }
 }
 
 #[test]

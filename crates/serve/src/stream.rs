@@ -23,7 +23,8 @@ pub struct TokenOutput {
     sampler: Sampler,
     stop: StopChecker,
     decoder: Option<IncrementalDecoder>,
-    /// Prompt and generated tokens (what the repetition penalty sees).
+    /// Prompt and generated tokens (what the penalties see: the repetition penalty all of them,
+    /// the presence / frequency penalties those after `prompt_len`).
     history: Vec<u32>,
     prompt_len: usize,
     /// Text released by the detokenizer after a length stop (an unfinished UTF-8 character).
@@ -52,7 +53,8 @@ impl TokenOutput {
 
     /// Samples the next token from `logits` and pushes it ([`TokenOutput::push`]).
     pub fn sample(&mut self, logits: &[f32], tokenizer: Option<&Tokenizer>) -> Result<Emitted> {
-        let token = self.sampler.try_sample(logits, &self.history)?;
+        let (prompt, generated) = self.history.split_at(self.prompt_len);
+        let token = self.sampler.try_sample(logits, prompt, generated)?;
         self.push(token, tokenizer)
     }
 

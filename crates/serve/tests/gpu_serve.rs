@@ -3,9 +3,11 @@
 //! long prompt prefilled in chunks, a reused (pooled) sequence; cancellation (Abort and client
 //! disconnect) freeing the slot; 20 concurrent greedy requests (batched decode passes) giving
 //! each one's output alone; DFlash with the drafter on the GPU giving plain GPU decoding's
-//! output; and prompt logprobs (chunked `forward` on the GPU) matching the CPU's log-softmax.
-//! Model: the tiny `qwen3-moe/native` fixture. Skips with a `SKIPPED` line where there is no
-//! GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else
+//! output, also with presence / frequency penalties and with logprobs (the default model, whose
+//! trained drafter makes rounds of several tokens); and prompt logprobs (chunked `forward` on the
+//! GPU) matching the CPU's log-softmax. Model: the tiny `qwen3-moe/native` fixture. Skips with a
+//! `SKIPPED` line where there is no GPU. Fixtures: `$ULTRA_FIXTURES` if set (a GPU bundle run
+//! elsewhere), else
 //! the repository's.
 
 mod common;
@@ -32,8 +34,12 @@ fn engine_cfg(max_running: usize, max_batched_tokens: usize) -> EngineConfig {
 }
 
 async fn start(cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
+    start_model(fixture(MODEL_ID), cfg, draft).await
+}
+
+async fn start_model(dir: PathBuf, cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
     let server = Server::start(loopback(), cfg.model_id.clone(), move || {
-        load_gpu_engine(&fixture(MODEL_ID), draft.as_deref(), None, cfg, 0)
+        load_gpu_engine(&dir, draft.as_deref(), None, cfg, 0)
     })
     .await
     .unwrap();
@@ -373,4 +379,86 @@ async fn gpu_prompt_logprobs_match_the_cpu() {
         plps.len()
     );
     server.shutdown().await.unwrap();
+}
+
+/// Tokens and logprobs of a streamed request, checking one logprob entry per token and noting
+/// whether a chunk carried several tokens.
+async fn stream_logprobs(
+    c: &mut EngineClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> (Vec<u32>, Vec<pb::TokenLogprob>, bool) {
+    let (mut ids, mut lps, mut multi) = (Vec::new(), Vec::new(), false);
+    let mut stream = c.generate(req).await.unwrap().into_inner();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(pb::generate_response::Event::Chunk(c)) = m.event {
+            assert_eq!(c.logprobs.len(), c.token_ids.len());
+            multi |= c.token_ids.len() > 1;
+            ids.extend(c.token_ids);
+            lps.extend(c.logprobs);
+        }
+    }
+    (ids, lps, multi)
+}
+
+/// The drafter on the GPU with presence / frequency penalties and logprobs: the same tokens as
+/// plain GPU decoding and the same logprobs (the target's verify rows against its decode rows:
+/// different passes, so within 2e-3), rounds of several tokens included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_speculative_penalties_and_logprobs_match_plain_decoding() {
+    let Some(_ctx) =
+        ultra_kernels::gpu_for_test("gpu_speculative_penalties_and_logprobs_match_plain_decoding")
+    else {
+        return;
+    };
+    let (target, drafter) = common::default_model_dirs();
+    let request = |s: pb::SamplingParams| pb::GenerateRequest {
+        logprobs: Some(4),
+        ..text_request("def fibonacci(n):", s)
+    };
+    let cases = [
+        pb::SamplingParams {
+            max_tokens: Some(24),
+            ignore_eos: Some(true),
+            ..Default::default()
+        },
+        pb::SamplingParams {
+            max_tokens: Some(24),
+            ignore_eos: Some(true),
+            presence_penalty: Some(-0.3),
+            frequency_penalty: Some(1.5),
+            ..Default::default()
+        },
+    ];
+    let spec = start_model(target.clone(), engine_cfg(4, 2048), Some(drafter)).await;
+    let mut c = client(&spec).await;
+    let mut got = Vec::new();
+    for s in &cases {
+        got.push(stream_logprobs(&mut c, request(s.clone())).await);
+    }
+    spec.shutdown().await.unwrap();
+    let plain = start_model(target, engine_cfg(4, 2048), None).await;
+    let mut c = client(&plain).await;
+    let mut worst = 0f64;
+    let mut penalized = Vec::new();
+    for (s, (ids, lps, multi)) in cases.iter().zip(&got) {
+        let want = c.complete(request(s.clone())).await.unwrap().into_inner();
+        assert_eq!(ids, &want.token_ids, "{s:?}");
+        assert!(multi, "{s:?}: no round emitted more than one token");
+        assert_eq!(lps.len(), 24);
+        for (i, (x, y)) in want.logprobs.iter().zip(lps).enumerate() {
+            assert_eq!(x.token_id, y.token_id);
+            let top = |l: &pb::TokenLogprob| l.top.iter().map(|t| t.token_id).collect::<Vec<_>>();
+            assert_eq!(top(x), top(y), "{s:?} token {i}");
+            worst = worst.max((x.logprob - y.logprob).abs());
+            for (p, q) in x.top.iter().zip(&y.top) {
+                worst = worst.max((p.logprob - q.logprob).abs());
+            }
+        }
+        penalized.push(want.token_ids);
+    }
+    // The penalties changed the output.
+    assert_ne!(penalized[0], penalized[1]);
+    eprintln!("largest |logprob difference| speculative vs plain on the GPU: {worst:.2e}");
+    assert!(worst < 2e-3, "{worst}");
+    plain.shutdown().await.unwrap();
 }

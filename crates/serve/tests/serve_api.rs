@@ -33,8 +33,12 @@ fn engine_cfg(max_running: usize, max_waiting: usize) -> EngineConfig {
 }
 
 async fn start_with(cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
+    start_model(fixture(MODEL_ID), cfg, draft).await
+}
+
+async fn start_model(dir: PathBuf, cfg: EngineConfig, draft: Option<PathBuf>) -> Server {
     let server = Server::start(loopback(), cfg.model_id.clone(), move || {
-        load_cpu_engine(&fixture(MODEL_ID), draft.as_deref(), None, cfg)
+        load_cpu_engine(&dir, draft.as_deref(), None, cfg)
     })
     .await
     .unwrap();
@@ -1535,4 +1539,272 @@ async fn n_sequences_are_queued_refused_and_cancelled_together() {
         5.0
     );
     server.shutdown().await.unwrap();
+}
+
+/// `ultra generate` (the binary) with `flags` on the fixture: its stdout, which is the text.
+fn ultra_generate(prompt: &str, flags: &[&str]) -> std::process::Output {
+    let model = fixture(MODEL_ID);
+    std::process::Command::new(env!("CARGO_BIN_EXE_ultra"))
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--threads",
+            "2",
+        ])
+        .args(flags)
+        .arg(prompt)
+        .output()
+        .expect("running ultra")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_frequency_penalties_match_ultra_generate() {
+    let server = start(2, 8).await;
+    let addr = server.http_addr;
+    let prompt = "The quick brown fox";
+    let base = SamplingParams {
+        max_tokens: 24,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let penalized = SamplingParams {
+        presence_penalty: 0.5,
+        frequency_penalty: 2.0,
+        ..base.clone()
+    };
+    let (_, _, plain) = reference(prompt, &base);
+    let (loaded, _, want) = reference(prompt, &penalized);
+    // A strong frequency penalty changes greedy output (the fixture repeats itself otherwise).
+    assert_ne!(want.tokens, plain.tokens);
+    let distinct = |t: &[u32]| t.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(distinct(&want.tokens) > distinct(&plain.tokens));
+    // The binary with the same flags streams the same text.
+    let cli = tokio::task::spawn_blocking(move || {
+        let flags = [
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--presence-penalty",
+            "0.5",
+            "--frequency-penalty",
+            "2",
+        ];
+        ultra_generate(prompt, &flags)
+    })
+    .await
+    .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(cli.stdout).unwrap(),
+        format!("{}\n", want.text)
+    );
+
+    // HTTP, completions and chat.
+    let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true,
+        "presence_penalty": 0.5, "frequency_penalty": 2.0});
+    let r = http_async(addr, "/v1/completions", body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["choices"][0]["text"], want.text.as_str());
+    let chat_ids = prompt_ids(&loaded, Some("Hi there"), None, true).unwrap();
+    let want_chat = generate(&loaded, &chat_ids, &penalized, &mut Vec::new()).unwrap();
+    let chat = json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 24,
+        "temperature": 0, "ignore_eos": true, "presence_penalty": 0.5, "frequency_penalty": 2.0});
+    let r = http_async(addr, "/v1/chat/completions", chat).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        want_chat.text.as_str()
+    );
+
+    // gRPC.
+    let mut c = client(&server).await;
+    let s = pb::SamplingParams {
+        max_tokens: Some(24),
+        ignore_eos: Some(true),
+        presence_penalty: Some(0.5),
+        frequency_penalty: Some(2.0),
+        ..Default::default()
+    };
+    let got = collect(
+        c.generate(text_request(prompt, s))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(got.tokens, want.tokens);
+    assert_eq!(got.text, want.text);
+
+    // Out of range: 400 naming the parameter, INVALID_ARGUMENT, a failing CLI naming the flag.
+    for (field, v) in [
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -2.01),
+        ("presence_penalty", -3.0),
+    ] {
+        let mut body = json!({"prompt": "a", "max_tokens": 2});
+        body[field] = json!(v);
+        let r = http_async(addr, "/v1/completions", body).await;
+        assert_eq!(r.status, 400);
+        let e = &r.json()["error"];
+        assert_eq!(e["param"], field);
+        assert!(e["message"].as_str().unwrap().contains(field), "{e}");
+    }
+    for s in [
+        pb::SamplingParams {
+            frequency_penalty: Some(5.0),
+            ..Default::default()
+        },
+        pb::SamplingParams {
+            presence_penalty: Some(f32::NAN),
+            ..Default::default()
+        },
+    ] {
+        let e = c.generate(text_request("hello", s)).await.err().unwrap();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("_penalty must be in [-2, 2]"), "{e}");
+    }
+    let cli = tokio::task::spawn_blocking(|| ultra_generate("a", &["--frequency-penalty", "-3"]))
+        .await
+        .unwrap();
+    assert!(!cli.status.success());
+    let err = String::from_utf8_lossy(&cli.stderr);
+    assert!(
+        err.contains("--frequency-penalty") && err.contains("[-2, 2]"),
+        "{err}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// Per-token logprobs with the drafter: the same tokens and numbers as plain decoding (the
+/// target's raw distribution at each position, from the verify rows), over HTTP and gRPC, also
+/// with penalties (which the speculative loop applies inside each block as plain decoding does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_logprobs_equal_plain_logprobs() {
+    let plain = start(2, 8).await;
+    let spec = start_with(engine_cfg(2, 8), Some(fixture("drafters/qwen3-moe-dflash"))).await;
+    let prompt = "Once upon a time";
+    for extra in [
+        json!({}),
+        json!({"frequency_penalty": 1.5, "presence_penalty": -0.5}),
+    ] {
+        let mut body = json!({"prompt": prompt, "max_tokens": 20, "temperature": 0,
+            "ignore_eos": true, "logprobs": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let a = http_async(plain.http_addr, "/v1/completions", body.clone()).await;
+        let b = http_async(spec.http_addr, "/v1/completions", body.clone()).await;
+        assert_eq!(
+            (a.status, b.status),
+            (200, 200),
+            "{}",
+            String::from_utf8_lossy(&b.body)
+        );
+        let (a, b) = (a.json(), b.json());
+        assert_eq!(b["choices"][0]["text"], a["choices"][0]["text"], "{extra}");
+        let (la, lb) = (&a["choices"][0]["logprobs"], &b["choices"][0]["logprobs"]);
+        assert_eq!(lb["tokens"], la["tokens"]);
+        let nums = |v: &Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (na, nb) = (nums(&la["token_logprobs"]), nums(&lb["token_logprobs"]));
+        assert_eq!(na.len(), 20);
+        assert_eq!(nb.len(), 20);
+        for (i, (x, y)) in na.iter().zip(&nb).enumerate() {
+            assert!((x - y).abs() < 1e-4, "{extra} token {i}: {x} vs {y}");
+        }
+        let (ta, tb) = (
+            la["top_logprobs"].as_array().unwrap(),
+            lb["top_logprobs"].as_array().unwrap(),
+        );
+        assert_eq!(ta.len(), tb.len());
+        for (i, (x, y)) in ta.iter().zip(tb).enumerate() {
+            let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "token {i}"
+            );
+            for (k, v) in x {
+                assert!((v.as_f64().unwrap() - y[k].as_f64().unwrap()).abs() < 1e-4);
+            }
+        }
+        // Chat streaming: one logprob entry per token.
+        let mut chat = json!({"messages": [{"role": "user", "content": "Hi there"}],
+            "max_tokens": 12, "temperature": 0, "ignore_eos": true, "stream": true,
+            "logprobs": true, "top_logprobs": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            chat[k] = v.clone();
+        }
+        let r = http_async(spec.http_addr, "/v1/chat/completions", chat).await;
+        assert_eq!(r.status, 200);
+        let frames = r.sse();
+        let entries: Vec<Value> = frames[..frames.len() - 1]
+            .iter()
+            .map(|f| serde_json::from_str::<Value>(f).unwrap())
+            .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+            .flatten()
+            .collect();
+        assert_eq!(entries.len(), 12);
+        assert!(entries
+            .iter()
+            .all(|e| e["top_logprobs"].as_array().unwrap().len() == 2));
+    }
+    plain.shutdown().await.unwrap();
+    spec.shutdown().await.unwrap();
+
+    // gRPC on the default model, whose drafter is trained (the fixture drafter above is
+    // random and rarely accepted): rounds emit several tokens, each with the logprobs plain
+    // decoding reports, with a frequency penalty.
+    let (target, drafter) = common::default_model_dirs();
+    let plain = start_model(target.clone(), engine_cfg(2, 8), None).await;
+    let spec = start_model(target, engine_cfg(2, 8), Some(drafter)).await;
+    let (mut cp, mut cs) = (client(&plain).await, client(&spec).await);
+    let req = pb::GenerateRequest {
+        logprobs: Some(4),
+        ..text_request(
+            "def fibonacci(n):",
+            pb::SamplingParams {
+                max_tokens: Some(16),
+                ignore_eos: Some(true),
+                frequency_penalty: Some(0.7),
+                ..Default::default()
+            },
+        )
+    };
+    let want = cp.complete(req.clone()).await.unwrap().into_inner();
+    assert_eq!(want.logprobs.len(), 16);
+    let (mut ids, mut lps, mut multi) = (Vec::new(), Vec::new(), false);
+    let mut stream = cs.generate(req).await.unwrap().into_inner();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(pb::generate_response::Event::Chunk(c)) = m.event {
+            assert_eq!(c.logprobs.len(), c.token_ids.len());
+            multi |= c.token_ids.len() > 1;
+            ids.extend(c.token_ids);
+            lps.extend(c.logprobs);
+        }
+    }
+    assert_eq!(ids, want.token_ids);
+    assert!(multi, "no round emitted more than one token");
+    let top_ids = |l: &pb::TokenLogprob| l.top.iter().map(|t| t.token_id).collect::<Vec<_>>();
+    for (i, (x, y)) in want.logprobs.iter().zip(&lps).enumerate() {
+        assert_eq!(x.token_id, y.token_id);
+        assert!((x.logprob - y.logprob).abs() < 1e-4, "token {i}");
+        assert_eq!(top_ids(x), top_ids(y), "token {i}");
+        assert_eq!(y.top.len(), 4);
+        for (p, q) in x.top.iter().zip(&y.top) {
+            assert!((p.logprob - q.logprob).abs() < 1e-4, "token {i}");
+        }
+    }
+    plain.shutdown().await.unwrap();
+    spec.shutdown().await.unwrap();
 }

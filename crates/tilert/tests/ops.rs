@@ -1412,7 +1412,7 @@ fn sample_draws_the_sampler_distribution() {
                 let n_cpu = 20_000usize;
                 let mut counts = vec![0usize; v];
                 for _ in 0..n_cpu {
-                    counts[sampler.sample(&logits, &[]) as usize] += 1;
+                    counts[sampler.sample(&logits, &[], &[]) as usize] += 1;
                 }
                 for (i, &c) in counts.iter().enumerate() {
                     let e = n_cpu as f64 * want[i];

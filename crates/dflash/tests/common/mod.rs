@@ -48,20 +48,29 @@ pub fn fixture_prompt(rel: &str) -> Vec<u32> {
 /// Plain decoding through the executor (prefill, then one decode per token) with the Sampler and
 /// the StopChecker, as `ultra generate` does.
 pub fn plain_decode(m: &CpuModel, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+    plain_decode_rows(m, prompt, params).0
+}
+
+/// [`plain_decode`] and the raw logits row each token was chosen from.
+pub fn plain_decode_rows(
+    m: &CpuModel,
+    prompt: &[u32],
+    params: &SamplingParams,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut sampler = Sampler::new(params).unwrap();
     let mut stop = StopChecker::from_params(params, &m.config().eos_token_ids);
     let mut s = m.session();
-    let mut history = prompt.to_vec();
     let mut logits = s.prefill(prompt).unwrap().to_vec();
-    let mut out = Vec::new();
+    let (mut out, mut rows) = (Vec::new(), Vec::new());
     loop {
-        let t = sampler.try_sample(&logits, &history).unwrap();
+        let t = sampler.try_sample(&logits, prompt, &out).unwrap();
         out.push(t);
-        history.push(t);
         if let StopStatus::Stop { .. } = stop.push(t, "") {
-            return out;
+            rows.push(logits);
+            return (out, rows);
         }
-        logits = s.decode(t).unwrap().to_vec();
+        let next = s.decode(t).unwrap().to_vec();
+        rows.push(std::mem::replace(&mut logits, next));
     }
 }
 

@@ -164,8 +164,17 @@ enum Cmd {
         top_p: Option<f32>,
         #[arg(long)]
         min_p: Option<f32>,
+        /// HF repetition penalty (> 0; 1 = off) on every token of the prompt and the output.
         #[arg(long)]
         repetition_penalty: Option<f32>,
+        /// OpenAI presence penalty in [-2, 2]: subtracted once from the logit of every token
+        /// generated so far (the prompt does not count).
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+        presence_penalty: f32,
+        /// OpenAI frequency penalty in [-2, 2]: subtracted from a token's logit once per time it
+        /// was generated so far (the prompt does not count).
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+        frequency_penalty: f32,
         #[arg(long)]
         seed: Option<u64>,
         /// Stop string (repeatable).
@@ -387,6 +396,8 @@ fn main() -> Result<()> {
             top_p,
             min_p,
             repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
             seed,
             stop,
             ignore_eos,
@@ -394,6 +405,27 @@ fn main() -> Result<()> {
             no_draft,
             block_size,
         } => {
+            let params = model::sampling::SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                presence_penalty,
+                frequency_penalty,
+                seed,
+                max_tokens,
+                stop_token_ids: Vec::new(),
+                stop_strings: stop,
+                ignore_eos,
+            };
+            // Bad flags are refused before the model loads, naming the flag.
+            if let Err(e) = params.validate() {
+                match e.param() {
+                    Some(p) => bail!("--{}: {e}", p.replace('_', "-")),
+                    None => bail!("{e}"),
+                }
+            }
             set_threads(m.threads)?;
             let (dir, default) = model_dir(&m)?;
             let mut loaded = commands::generate::load(&dir)?;
@@ -415,18 +447,6 @@ fn main() -> Result<()> {
                 m.token_ids.as_deref(),
                 chat,
             )?;
-            let params = model::sampling::SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                repetition_penalty,
-                seed,
-                max_tokens,
-                stop_token_ids: Vec::new(),
-                stop_strings: stop,
-                ignore_eos,
-            };
             let mut stdout = std::io::stdout();
             let (g, spec) = match &draft {
                 Some(dir) => {

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use model::sampling::{FinishReason, SamplingParams};
+use model::sampling::{logprob_of, top_logprobs, FinishReason, SamplingParams};
 use model::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -120,6 +120,19 @@ pub struct PromptLogprob {
     pub logprob: TokenLogprob,
     /// The prompt token's rank in the vocabulary (1: the most likely; ties count as ahead).
     pub rank: usize,
+}
+
+impl TokenLogprob {
+    /// `token`'s log-probability and the `top` most likely tokens under the log-softmax of the
+    /// raw `logits` row it was chosen from (before penalties, temperature and filters, as
+    /// vLLM's default `logprobs_mode`). Plain and speculative decoding both report this.
+    pub fn of(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+        TokenLogprob {
+            token,
+            logprob: logprob_of(logits, token),
+            top: top_logprobs(logits, top),
+        }
+    }
 }
 
 /// Tokens one step produced for a request.

@@ -6,7 +6,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 
 use std::time::{Duration, Instant};
 
-use model::sampling::{logprob_of, top_logprobs, FinishReason, StopCause};
+use model::sampling::{FinishReason, StopCause};
 use model::tokenizer::Tokenizer;
 
 use super::spec::{SpecConfig, SpecRunning};
@@ -25,7 +25,6 @@ const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 /// The entry of a prompt token under the logits row of the position before it.
 fn prompt_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
-    let logprob = logprob_of(logits, token);
     // vLLM's rank: how many tokens are at least as likely (the token itself included).
     let x = logits.get(token as usize).copied().unwrap_or(f32::NAN);
     let rank = if x.is_nan() {
@@ -34,11 +33,7 @@ fn prompt_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
         logits.iter().filter(|&&y| y >= x).count()
     };
     PromptLogprob {
-        logprob: TokenLogprob {
-            token,
-            logprob,
-            top: top_logprobs(logits, top),
-        },
+        logprob: TokenLogprob::of(logits, token, top),
         rank,
     }
 }
@@ -445,11 +440,7 @@ impl<B: Backend> Sched<B> {
         r.last = now;
         m.generation_tokens.inc();
         let logprobs = match r.p.logprobs {
-            Some(n) => vec![TokenLogprob {
-                token: e.token,
-                logprob: logprob_of(logits, e.token),
-                top: top_logprobs(logits, n),
-            }],
+            Some(n) => vec![TokenLogprob::of(logits, e.token, n)],
             None => Vec::new(),
         };
         let sent = r.p.events.send(Event::Tokens(TokenEvent {

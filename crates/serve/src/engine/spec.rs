@@ -14,7 +14,10 @@
 //!
 //! Either way the scheduler owns the executor and every KV cache. Tokens are emitted through
 //! the same [`TokenOutput`] as plain decoding, one event per verify round (the round's tokens
-//! and its draft/accept counts). A speculative prompt is prefilled in one call (not chunked).
+//! and its draft/accept counts). With `logprobs`, the loop hands each emitted token the target's
+//! raw logits row it was chosen from (`dflash::run_speculative_rows`; the verify rows come back
+//! as logits then), and its log-probabilities are computed as plain decoding's
+//! ([`TokenLogprob::of`]). A speculative prompt is prefilled in one call (not chunked).
 //! Cancellation: the scheduler drops the state at once and refuses the worker's next call; the
 //! worker's token callback also stops on the cancel flag.
 
@@ -33,7 +36,9 @@ use model::weights::Mat;
 use tokio::sync::mpsc;
 
 use super::scheduler::{describe, Sched};
-use super::{Backend, Command, Event, Finished, Pending, Shared, SpecSummary, TokenEvent};
+use super::{
+    Backend, Command, Event, Finished, Pending, Shared, SpecSummary, TokenEvent, TokenLogprob,
+};
 use crate::stream::TokenOutput;
 
 /// Speculative decoding settings: the decoder (target model tables, drafter, block size).
@@ -530,6 +535,8 @@ impl SpecBackend for ProxySpec<'_> {
 struct Batch {
     tokens: Vec<u32>,
     text: String,
+    /// One per token when log-probabilities were asked for.
+    logprobs: Vec<TokenLogprob>,
     draft_tokens: u32,
     accepted: u32,
     first: Option<Instant>,
@@ -586,7 +593,7 @@ impl Worker {
             let ev = TokenEvent {
                 tokens: std::mem::take(&mut b.tokens),
                 text: std::mem::take(&mut b.text),
-                logprobs: Vec::new(),
+                logprobs: std::mem::take(&mut b.logprobs),
                 prompt_logprobs: Vec::new(),
                 draft_tokens: std::mem::take(&mut b.draft_tokens),
                 accepted_draft_tokens: std::mem::take(&mut b.accepted),
@@ -605,7 +612,7 @@ impl Worker {
         let mut finish = None;
         let mut failure = None;
         let mut summary = SpecSummary::default();
-        let mut on_token = |t: u32| {
+        let mut on_token = |t: u32, row: Option<&[f32]>| {
             if self.cancel.load(Ordering::SeqCst) || batch.borrow().client_gone {
                 return ControlFlow::Break(());
             }
@@ -614,6 +621,9 @@ impl Worker {
                     let mut b = batch.borrow_mut();
                     b.tokens.push(t);
                     b.text.push_str(&e.text);
+                    if let (Some(n), Some(row)) = (p.logprobs, row) {
+                        b.logprobs.push(TokenLogprob::of(row, t, n));
+                    }
                     if b.last.is_none() {
                         // The first token goes out at once (TTFT), not with the first round.
                         flush(&mut b);
@@ -657,6 +667,7 @@ impl Worker {
             b.draft_tokens += n as u32;
             b.accepted += a as u32;
         };
+        let rows = p.logprobs.is_some();
         let result = match &self.kind {
             LoopKind::Host(decoder) => {
                 let mut target = ProxyTarget {
@@ -664,15 +675,17 @@ impl Worker {
                     model: decoder.model(),
                     len: 0,
                 };
-                dflash::speculative_generate(
-                    &mut target,
-                    decoder.drafter(),
-                    decoder.options(),
-                    &p.prompt,
-                    &p.params,
-                    &mut on_token,
-                    &mut on_round,
-                )
+                dflash::CpuBackend::new(&mut target, decoder.drafter()).and_then(|mut backend| {
+                    dflash::run_speculative_rows(
+                        &mut backend,
+                        decoder.options(),
+                        &p.prompt,
+                        &p.params,
+                        rows,
+                        &mut on_token,
+                        &mut on_round,
+                    )
+                })
             }
             LoopKind::Device { opts, vocab } => {
                 let mut backend = ProxySpec {
@@ -681,11 +694,12 @@ impl Worker {
                     len: 0,
                     verified: None,
                 };
-                dflash::run_speculative(
+                dflash::run_speculative_rows(
                     &mut backend,
                     opts,
                     &p.prompt,
                     &p.params,
+                    rows,
                     &mut on_token,
                     &mut on_round,
                 )

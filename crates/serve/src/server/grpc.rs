@@ -73,6 +73,8 @@ fn engine_request(
         top_p: s.top_p,
         min_p: s.min_p,
         repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty.unwrap_or(defaults.presence_penalty),
+        frequency_penalty: s.frequency_penalty.unwrap_or(defaults.frequency_penalty),
         seed: s.seed,
         max_tokens: defaults.max_tokens,
         stop_token_ids: s.stop_token_ids,

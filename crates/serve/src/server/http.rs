@@ -196,25 +196,6 @@ fn engine(state: &AppState) -> Result<&EngineHandle, ApiError> {
 
 /// Sampling parameters and `max_tokens` from the shared fields.
 fn sampling(c: &Common) -> Result<(SamplingParams, Option<usize>), ApiError> {
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("only n = 1 is supported").param("n"));
-    }
-    for (name, v) in [
-        ("presence_penalty", c.presence_penalty),
-        ("frequency_penalty", c.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(
-                ApiError::bad(format!("{name} is not supported (use repetition_penalty)")).param(
-                    if name == "presence_penalty" {
-                        "presence_penalty"
-                    } else {
-                        "frequency_penalty"
-                    },
-                ),
-            );
-        }
-    }
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
         None => None,
         Some(m) if m < 1 => {
@@ -246,15 +227,21 @@ fn sampling(c: &Common) -> Result<(SamplingParams, Option<usize>), ApiError> {
         top_p: c.top_p,
         min_p: c.min_p,
         repetition_penalty: c.repetition_penalty,
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
         seed: c.seed,
         max_tokens: model::sampling::DEFAULT_MAX_TOKENS,
         stop_token_ids: c.stop_token_ids.clone().unwrap_or_default(),
         stop_strings,
         ignore_eos: c.ignore_eos.unwrap_or(false),
     };
-    params
-        .validate()
-        .map_err(|e| ApiError::bad(e.to_string()))?;
+    params.validate().map_err(|e| {
+        let bad = ApiError::bad(e.to_string());
+        match e.param() {
+            Some(p) => bad.param(p),
+            None => bad,
+        }
+    })?;
     Ok((params, max_tokens))
 }
 
@@ -904,12 +891,6 @@ async fn submit(
         );
     }
     let spec = engine.info().spec_block_size.is_some();
-    if logprobs.is_some() && spec {
-        return Err(ApiError::bad(
-            "logprobs are not available with speculative decoding on this server",
-        )
-        .param("logprobs"));
-    }
     let stream = common.stream.unwrap_or(false);
     let prompt_logprobs = match extras.prompt_logprobs {
         None => None,

@@ -25,6 +25,14 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// The embedded default model (`ultra-tiny-code`) as the repository holds it: its target
+/// checkpoint and its trained DFlash drafter (`crates/default-model/assets/`, found beside the
+/// fixtures, so a GPU bundle run elsewhere reads them from its checkout too).
+pub fn default_model_dirs() -> (PathBuf, PathBuf) {
+    let assets = fixture("../crates/default-model/assets");
+    (assets.join("target"), assets.join("drafter"))
+}
+
 /// Both servers on loopback, on ports the OS picks.
 pub fn loopback() -> ServeOptions {
     ServeOptions {
