@@ -356,6 +356,7 @@ fn main() -> Result<()> {
         let opts = SpecOptions {
             block_size: 8,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         for target_tau in [4.3, 5.6, 6.3] {
             let alpha = alpha_for_tau(target_tau, 8);

@@ -212,6 +212,7 @@ fn greedy_identity_with_plain_gpu_decoding() {
             let opts = SpecOptions {
                 block_size: b,
                 eos_token_ids: Vec::new(),
+                prefill_chunk: None,
             };
             let mut argmax_rounds = 0;
             let out = spec
@@ -264,6 +265,7 @@ fn rejection_sampling_on_gpu_logits() {
         let opts = SpecOptions {
             block_size: 4,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         let mut first: Option<(u32, Vec<f32>)> = None;
         let out = spec
@@ -431,6 +433,7 @@ fn input_embedding_scale_matches_cpu() {
         let opts = SpecOptions {
             block_size: 8,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         let got = GpuSpec::new(&mut s, &gd)
             .unwrap()
@@ -510,6 +513,7 @@ fn state_after_rejections_equals_a_fresh_prefill() {
                 let opts = SpecOptions {
                     block_size: b,
                     eos_token_ids: Vec::new(),
+                    prefill_chunk: None,
                 };
                 let out = spec
                     .generate(
