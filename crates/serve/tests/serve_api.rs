@@ -1039,7 +1039,10 @@ async fn speculative_chunked_prefill_matches_ultra_generate() {
     .await;
     assert_eq!(got.tokens, want.tokens);
     assert_eq!(got.text, want.text);
-    assert_eq!(got.complete.usage.unwrap().prompt_tokens as usize, ids.len());
+    assert_eq!(
+        got.complete.usage.unwrap().prompt_tokens as usize,
+        ids.len()
+    );
     let spec = got.complete.spec.unwrap();
     assert!(spec.drafts > 0 && spec.draft_tokens >= spec.drafts);
     let side = side.await.unwrap();
