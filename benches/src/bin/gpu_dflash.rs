@@ -178,8 +178,11 @@ impl SpecBackend for Controlled<'_, '_> {
     fn len(&self) -> usize {
         self.inner.len()
     }
-    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
-        self.inner.prefill(prompt, want)
+    fn prefill_granularity(&self) -> usize {
+        self.inner.prefill_granularity()
+    }
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
+        self.inner.prefill(chunk, want)
     }
     fn draft(&mut self, x_last: u32, block: usize, want: Want) -> Result<Rows, SpecError> {
         let start = self.inner.len();
