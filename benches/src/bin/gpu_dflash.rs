@@ -178,8 +178,11 @@ impl SpecBackend for Controlled<'_, '_> {
     fn len(&self) -> usize {
         self.inner.len()
     }
-    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
-        self.inner.prefill(prompt, want)
+    fn prefill_granularity(&self) -> usize {
+        self.inner.prefill_granularity()
+    }
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
+        self.inner.prefill(chunk, want)
     }
     fn draft(&mut self, x_last: u32, block: usize, want: Want) -> Result<Rows, SpecError> {
         let start = self.inner.len();
@@ -356,6 +359,7 @@ fn main() -> Result<()> {
         let opts = SpecOptions {
             block_size: 8,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         for target_tau in [4.3, 5.6, 6.3] {
             let alpha = alpha_for_tau(target_tau, 8);

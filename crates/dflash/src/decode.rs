@@ -88,6 +88,10 @@ pub struct SpecOptions {
     pub block_size: usize,
     /// The model's EOS ids (stop generation unless `SamplingParams::ignore_eos`).
     pub eos_token_ids: Vec<u32>,
+    /// Most prompt tokens one [`SpecBackend::prefill`] call takes (chunked prefill, rounded down
+    /// to [`SpecBackend::prefill_granularity`], at least one granule); `None`: the whole prompt
+    /// in one call. The chunks compute what one call does ([`prefill_prompt`]).
+    pub prefill_chunk: Option<usize>,
 }
 
 fn target_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> SpecError {
@@ -232,7 +236,8 @@ pub enum Want {
 /// ([`run_speculative`]). [`CpuBackend`] implements it over any [`Target`] and the CPU
 /// [`Drafter`]; the GPU executor implements it with its device drafter (`tilert::draft`).
 ///
-/// Call order: [`SpecBackend::prefill`] once, then rounds of [`SpecBackend::draft`] (skipped
+/// Call order: [`SpecBackend::prefill`] for each chunk of the prompt ([`prefill_prompt`]), then
+/// rounds of [`SpecBackend::draft`] (skipped
 /// when no draft can be verified), [`SpecBackend::verify`], [`SpecBackend::commit`]. With
 /// [`Want::Logits`] a backend must return [`Rows::Logits`]; with [`Want::Argmax`] it may return
 /// either kind.
@@ -246,9 +251,16 @@ pub trait SpecBackend {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Runs the prompt through the (empty) target, gives the drafter the prompt's context
-    /// features, and returns the row of the prompt's last token (one row).
-    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError>;
+    /// Prompt chunks are cut at multiples of this many tokens (the last chunk takes the rest),
+    /// so that a chunked prefill computes exactly what one call does.
+    fn prefill_granularity(&self) -> usize {
+        1
+    }
+    /// Appends the prompt tokens `chunk` (not empty) at positions `len() ..` — the first chunk
+    /// (nothing committed) starts a new sequence: runs them through the target and appends
+    /// their features to the drafter's context. With `want` (the prompt's last chunk) returns
+    /// the row of the chunk's last token (one row); `None` without.
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError>;
     /// One draft forward of `[x_last, MASK × (block_size − 1)]` at position `len()`: rows
     /// `0 .. block_size − 1`, row `i` for position `len() + 1 + i`. Changes no committed state.
     fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError>;
@@ -304,17 +316,23 @@ impl<T: Target> SpecBackend for CpuBackend<'_, T> {
         self.target.len()
     }
 
-    fn prefill(&mut self, prompt: &[u32], _want: Want) -> Result<Rows, SpecError> {
-        if !self.target.is_empty() {
-            return Err(SpecError::TargetNotEmpty(self.target.len()));
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
+        if chunk.is_empty() {
+            return Err(SpecError::EmptyPrompt);
         }
-        let mut out = self.forward(prompt)?;
+        if self.target.len() != self.cache.len() {
+            return Err(SpecError::TargetOutput(format!(
+                "the target holds {} positions, the drafter context {}",
+                self.target.len(),
+                self.cache.len()
+            )));
+        }
+        self.verified = None;
+        let mut out = self.forward(chunk)?;
         let h = self.target.hidden_size();
         self.drafter
-            .append_context(&mut self.cache, &features(&out, prompt.len(), h))?;
-        Ok(Rows::Logits(
-            out.logits.pop().expect("checked: one row per token"),
-        ))
+            .append_context(&mut self.cache, &features(&out, chunk.len(), h))?;
+        Ok(want.map(|_| Rows::Logits(out.logits.pop().expect("checked: one row per token"))))
     }
 
     fn draft(&mut self, x_last: u32, block_size: usize, _want: Want) -> Result<Rows, SpecError> {
@@ -425,12 +443,45 @@ fn check_rows(rows: &Rows, n: usize, v: usize, what: &str) -> Result<(), SpecErr
     }
 }
 
+/// Prefills `prompt` into an empty `backend` in chunks of at most `chunk` tokens (`None`: one
+/// call), cut at multiples of [`SpecBackend::prefill_granularity`] (at least one granule per
+/// chunk, the last chunk takes the rest), and returns the row of the prompt's last token (one
+/// row, asked for with `want` on the last chunk only). One call is the same as one chunk, and
+/// chunks cut at the granularity compute exactly what one call does.
+pub fn prefill_prompt<B: SpecBackend + ?Sized>(
+    backend: &mut B,
+    prompt: &[u32],
+    chunk: Option<usize>,
+    want: Want,
+) -> Result<Rows, SpecError> {
+    if prompt.is_empty() {
+        return Err(SpecError::EmptyPrompt);
+    }
+    if !backend.is_empty() {
+        return Err(SpecError::TargetNotEmpty(backend.len()));
+    }
+    let g = backend.prefill_granularity().max(1);
+    let size = chunk.map_or(prompt.len(), |c| (c / g).max(1) * g);
+    let mut rest = prompt;
+    loop {
+        let (now, next) = rest.split_at(size.min(rest.len()));
+        let last = next.is_empty();
+        let rows = backend.prefill(now, last.then_some(want))?;
+        if last {
+            return rows
+                .ok_or_else(|| SpecError::TargetOutput("the prefill returned no row".into()));
+        }
+        rest = next;
+    }
+}
+
 /// The speculative loop (research/dflash.md §3.1) on any [`SpecBackend`] (which must hold no
 /// positions).
 ///
-/// Prefill: the prompt runs through the target once (logits + the drafter's target layers),
-/// its features become the drafter's context, and the first token is chosen from the last
-/// row. Then each round: one draft forward of `[x_last, MASK × (B−1)]`, drafts chosen from
+/// Prefill: the prompt runs through the target (logits + the drafter's target layers) in
+/// chunks of [`SpecOptions::prefill_chunk`] ([`prefill_prompt`]), its features become the
+/// drafter's context, and the first token is chosen from the last row once the last chunk is
+/// in. Then each round: one draft forward of `[x_last, MASK × (B−1)]`, drafts chosen from
 /// the draft rows (greedy: the same argmax as the target's, penalties included;
 /// sampled: `d_i ~ q_i`, `q_i` = the draft row under the request's sampling transform), one
 /// target forward of `[x_last, d…]`, acceptance ([`accept_greedy`] / [`accept_sampled`] with
@@ -516,7 +567,7 @@ pub fn run_speculative_rows<B: SpecBackend + ?Sized>(
     let mut probs = vec![0f32; v];
 
     // Prefill.
-    let rows = backend.prefill(prompt, want_target)?;
+    let rows = prefill_prompt(backend, prompt, opts.prefill_chunk, want_target)?;
     check_rows(&rows, 1, v, "prefill")?;
     let first = picker.pick_row(&rows, 0, v, &stops.history, &mut probs)?;
     let row = target_row(&rows, 0, v, target_logits)?;
@@ -693,6 +744,7 @@ impl SpecDecoder {
             opts: SpecOptions {
                 block_size,
                 eos_token_ids: model.config().eos_token_ids.clone(),
+                prefill_chunk: None,
             },
             model: model.clone(),
             drafter,

@@ -88,8 +88,8 @@ pub use accept::{
 };
 pub use config::{DraftAttn, DrafterConfig, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use decode::{
-    run_speculative, run_speculative_rows, speculative_generate, CpuBackend, OnTokenRow, Round,
-    Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, SpecOutput, Want,
+    prefill_prompt, run_speculative, run_speculative_rows, speculative_generate, CpuBackend,
+    OnTokenRow, Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, SpecOutput, Want,
 };
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;

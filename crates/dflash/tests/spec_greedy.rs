@@ -297,9 +297,10 @@ impl<T: dflash::Target> SpecBackend for ArgmaxOnly<'_, T> {
     fn len(&self) -> usize {
         self.0.len()
     }
-    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
         let v = self.vocab_size();
-        Ok(reduce(self.0.prefill(prompt, want)?, want, v))
+        let rows = self.0.prefill(chunk, want)?;
+        Ok(rows.zip(want).map(|(r, w)| reduce(r, w, v)))
     }
     fn draft(&mut self, x_last: u32, block: usize, want: Want) -> Result<Rows, SpecError> {
         let v = self.vocab_size();
@@ -328,6 +329,7 @@ fn argmax_rows_match_logit_rows() {
         let opts = SpecOptions {
             block_size: b,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         let mut s = m.session();
         let mut backend = ArgmaxOnly(dflash::CpuBackend::new(&mut s, &d).unwrap());
@@ -379,6 +381,7 @@ fn target_rows_are_the_plain_decode_rows() {
             let opts = SpecOptions {
                 block_size: b,
                 eos_token_ids: Vec::new(),
+                prefill_chunk: None,
             };
             let mut s = m.session();
             let mut backend = ArgmaxOnly(dflash::CpuBackend::new(&mut s, &d).unwrap());
@@ -425,6 +428,7 @@ fn target_rows_are_the_plain_decode_rows() {
     let opts = SpecOptions {
         block_size: 4,
         eos_token_ids: Vec::new(),
+        prefill_chunk: None,
     };
     let mut seen = 0;
     run_speculative_rows(

@@ -351,6 +351,7 @@ fn sampled_loop_reproduces_the_target_distribution() {
     let opts = SpecOptions {
         block_size: 4,
         eos_token_ids: Vec::new(),
+        prefill_chunk: None,
     };
     let sets = param_sets();
     for (pi, params) in [&sets[0], &sets[3], &sets[4]].into_iter().enumerate() {
@@ -477,6 +478,7 @@ fn sampled_loop_with_penalties_reproduces_the_target_distribution() {
     let opts = SpecOptions {
         block_size: 4,
         eos_token_ids: Vec::new(),
+        prefill_chunk: None,
     };
     let sets = param_sets();
     for (pi, params) in sets[5..].iter().enumerate() {

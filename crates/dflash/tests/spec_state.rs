@@ -104,6 +104,7 @@ fn check(arch: usize, kind: ToyKind, block: usize) {
         let opts = SpecOptions {
             block_size: block,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         let out = speculative_generate(
             &mut t,
@@ -147,4 +148,148 @@ fn state_after_rounds_qwen3_moe() {
 #[test]
 fn state_after_rounds_mimo_v2_flash() {
     check(2, ToyKind::MiMo, 8);
+}
+
+/// Chunked prefill ([`SpecOptions::prefill_chunk`]) leaves the state one call leaves: the
+/// prompt's last row, the drafter's next block (its context cache) and the target session (its
+/// next-token logits for a probe) are bit-identical, on every architecture (chunks of 1, 4 and 7
+/// cross the sliding windows of 4 and the drafters' windows); and generations with chunked
+/// prefill emit the same tokens and rounds as the one-call prefill, the same tokens as plain
+/// decoding.
+#[test]
+fn chunked_prefill_equals_one_call() {
+    use dflash::{prefill_prompt, run_speculative, CpuBackend, Rows, SpecBackend, Want};
+    let prompt = tokens(3, 23, 0, 6);
+    let kinds = [ToyKind::ZLab, ToyKind::ZLabMixed, ToyKind::MiMo];
+    for ((name, m), kind) in tiny_targets(6).into_iter().zip(kinds) {
+        let d = toy::drafter(m.config(), kind, 8, 5);
+        let logits = |r: Rows| match r {
+            Rows::Logits(l) => l,
+            Rows::Argmax(_) => panic!("the CPU backend returns logits"),
+        };
+        // One call: the last row, the next block's draft rows, the session.
+        let mut one = m.session();
+        let (row, draft) = {
+            let mut b = CpuBackend::new(&mut one, &d).unwrap();
+            let row = logits(prefill_prompt(&mut b, &prompt, None, Want::Logits).unwrap());
+            (row, logits(b.draft(2, 8, Want::Logits).unwrap()))
+        };
+        let greedy = SamplingParams {
+            max_tokens: 16,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        let plain = plain_decode(&m, &prompt, &greedy);
+        let generate = |chunk: Option<usize>| {
+            let opts = SpecOptions {
+                block_size: 4,
+                eos_token_ids: Vec::new(),
+                prefill_chunk: chunk,
+            };
+            let mut s = m.session();
+            let mut b = CpuBackend::new(&mut s, &d).unwrap();
+            let mut chunks = 0;
+            let out = run_speculative(
+                &mut Counting(&mut b, &mut chunks),
+                &opts,
+                &prompt,
+                &greedy,
+                &mut |_| ControlFlow::Continue(()),
+                &mut |_| {},
+            )
+            .unwrap();
+            (out, chunks)
+        };
+        let (reference, calls) = generate(None);
+        assert_eq!(calls, 1, "{name}: one prefill call");
+        assert_eq!(
+            reference.tokens, plain,
+            "{name}: one call vs plain decoding"
+        );
+        for chunk in [1, 4, 7] {
+            let what = format!("{name}, chunks of {chunk}");
+            let mut s = m.session();
+            {
+                let mut b = CpuBackend::new(&mut s, &d).unwrap();
+                let r = logits(prefill_prompt(&mut b, &prompt, Some(chunk), Want::Logits).unwrap());
+                assert_bits(&r, &row, &format!("{what}: last row"));
+                let dr = logits(b.draft(2, 8, Want::Logits).unwrap());
+                assert_bits(&dr, &draft, &format!("{what}: draft rows"));
+            }
+            assert_eq!(s.len(), one.len(), "{what}");
+            for probe in [0, 1] {
+                let (mut a, mut b) = (s.clone(), one.clone());
+                let la = a.decode(probe).unwrap().to_vec();
+                let lb = b.decode(probe).unwrap().to_vec();
+                assert_bits(&la, &lb, &format!("{what}: target, probe {probe}"));
+            }
+            let (out, calls) = generate(Some(chunk));
+            assert_eq!(calls, prompt.len().div_ceil(chunk), "{what}: prefill calls");
+            assert_eq!(out, reference, "{what}: generation");
+        }
+    }
+}
+
+/// Counts the prefill calls of a backend.
+struct Counting<'a, B>(&'a mut B, &'a mut usize);
+
+impl<B: dflash::SpecBackend> dflash::SpecBackend for Counting<'_, B> {
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn prefill(
+        &mut self,
+        chunk: &[u32],
+        want: Option<dflash::Want>,
+    ) -> Result<Option<dflash::Rows>, dflash::SpecError> {
+        *self.1 += 1;
+        self.0.prefill(chunk, want)
+    }
+    fn draft(
+        &mut self,
+        x_last: u32,
+        block: usize,
+        want: dflash::Want,
+    ) -> Result<dflash::Rows, dflash::SpecError> {
+        self.0.draft(x_last, block, want)
+    }
+    fn verify(
+        &mut self,
+        tokens: &[u32],
+        want: dflash::Want,
+    ) -> Result<dflash::Rows, dflash::SpecError> {
+        self.0.verify(tokens, want)
+    }
+    fn commit(&mut self, keep: usize) -> Result<(), dflash::SpecError> {
+        self.0.commit(keep)
+    }
+}
+
+/// A chunk that does not continue the drafter's context, and a prompt prefilled into a backend
+/// that already holds positions, are errors.
+#[test]
+fn prefill_errors() {
+    use dflash::{prefill_prompt, CpuBackend, SpecBackend, SpecError, Want};
+    let (_, m) = tiny_targets(6).swap_remove(1);
+    let d = toy::drafter(m.config(), ToyKind::ZLab, 4, 1);
+    let mut s = m.session();
+    s.prefill(&[1, 2]).unwrap();
+    let mut b = CpuBackend::new(&mut s, &d).unwrap();
+    let e = b.prefill(&[3], Some(Want::Logits)).unwrap_err();
+    assert!(e.to_string().contains("drafter context 0"), "{e}");
+    let e = prefill_prompt(&mut b, &[3], None, Want::Logits).unwrap_err();
+    assert!(matches!(e, SpecError::TargetNotEmpty(2)), "{e}");
+    let mut s = m.session();
+    let mut b = CpuBackend::new(&mut s, &d).unwrap();
+    assert!(matches!(
+        prefill_prompt(&mut b, &[], Some(2), Want::Logits),
+        Err(SpecError::EmptyPrompt)
+    ));
+    assert!(matches!(b.prefill(&[], None), Err(SpecError::EmptyPrompt)));
+    // A middle chunk returns no row.
+    assert!(b.prefill(&[1, 2], None).unwrap().is_none());
+    assert_eq!(b.len(), 2);
 }

@@ -3,7 +3,9 @@
 //! sequences' decode tokens, between decode steps that keep the running stream flowing, and the
 //! output does not depend on the chunking), a sequence that cannot be allocated (an error for
 //! that request only; everything already accepted finishes), a decode error of one sequence
-//! (the others go on), and a backend that fails to build (an error from `EngineHandle::start`).
+//! (the others go on), a backend that fails to build (an error from `EngineHandle::start`), and
+//! speculative requests on a scripted device drafter: their prompts are prefilled in chunks
+//! too, interleaved with the other requests' verify rounds.
 //!
 //! The scripted model: the logits after token `t` are one-hot at `(t + 1) mod V`, so greedy
 //! decoding counts up from the prompt's last token; a sequence is the list of its tokens.
@@ -12,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use dflash::{Rows, SpecBackend, SpecError, SpecOptions, Want};
 use model::config::ModelConfig;
 use model::cpu::VerifyOutput;
 use model::sampling::{FinishReason, SamplingParams};
 use serve::engine::{
-    Backend, EngineConfig, EngineHandle, Event, Finished, GenerateRequest, KvBytes, NoDeviceSpec,
+    Backend, EngineConfig, EngineHandle, Event, Finished, GenerateRequest, KvBytes,
 };
 
 const VOCAB: usize = 512;
@@ -27,6 +30,10 @@ enum Call {
     Prefill { first: u32, n: usize },
     /// One decode step over the sequences with these first tokens.
     Decode(Vec<u32>),
+    /// A speculative prefill chunk of `n` tokens.
+    SpecPrefill { first: u32, n: usize },
+    /// A speculative verify block of `n` tokens.
+    Verify { first: u32, n: usize },
 }
 
 struct Scripted {
@@ -36,6 +43,67 @@ struct Scripted {
     max_positions: usize,
     /// Decoding the sequence starting with this token fails once it holds this many tokens.
     fail_decode: Option<(u32, usize)>,
+    /// A device drafter: every request is speculative.
+    spec: Option<SpecOptions>,
+    granularity: usize,
+}
+
+/// A speculative request's state on the scripted device: the target sequence and the drafter's
+/// committed context length. The drafter is perfect (it proposes the counting tokens), so every
+/// draft is accepted.
+struct ScriptedSpec {
+    seq: Vec<u32>,
+    ctx: usize,
+    verified: Option<usize>,
+    log: Arc<Mutex<Vec<Call>>>,
+}
+
+impl SpecBackend for ScriptedSpec {
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+    fn len(&self) -> usize {
+        self.seq.len()
+    }
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
+        if chunk.is_empty() || self.seq.len() != self.ctx {
+            return Err(SpecError::TargetOutput("bad prefill (scripted)".into()));
+        }
+        // A prefill chunk takes time, as on a real device.
+        std::thread::sleep(Duration::from_millis(2));
+        self.seq.extend_from_slice(chunk);
+        self.ctx = self.seq.len();
+        self.log.lock().unwrap().push(Call::SpecPrefill {
+            first: self.seq[0],
+            n: chunk.len(),
+        });
+        let next = (chunk[chunk.len() - 1] + 1) % VOCAB as u32;
+        Ok(want.map(|_| Rows::Argmax(vec![next])))
+    }
+    fn draft(&mut self, x_last: u32, block: usize, _: Want) -> Result<Rows, SpecError> {
+        Ok(Rows::Argmax(
+            (1..block as u32)
+                .map(|i| (x_last + i) % VOCAB as u32)
+                .collect(),
+        ))
+    }
+    fn verify(&mut self, tokens: &[u32], _: Want) -> Result<Rows, SpecError> {
+        self.verified = Some(self.seq.len());
+        self.seq.extend_from_slice(tokens);
+        self.log.lock().unwrap().push(Call::Verify {
+            first: self.seq[0],
+            n: tokens.len(),
+        });
+        Ok(Rows::Argmax(
+            tokens.iter().map(|t| (t + 1) % VOCAB as u32).collect(),
+        ))
+    }
+    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
+        let start = self.verified.take().expect("a verify before commit");
+        self.seq.truncate(start + keep);
+        self.ctx = self.seq.len();
+        Ok(())
+    }
 }
 
 fn one_hot(t: u32) -> Vec<f32> {
@@ -46,7 +114,7 @@ fn one_hot(t: u32) -> Vec<f32> {
 
 impl Backend for Scripted {
     type Sequence = Vec<u32>;
-    type Spec = NoDeviceSpec;
+    type Spec = ScriptedSpec;
 
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -110,6 +178,23 @@ impl Backend for Scripted {
     fn len(&self, seq: &Vec<u32>) -> usize {
         seq.len()
     }
+
+    fn prefill_granularity(&self) -> usize {
+        self.granularity
+    }
+
+    fn device_spec(&self) -> Option<&SpecOptions> {
+        self.spec.as_ref()
+    }
+
+    fn new_spec(&self, _positions: usize) -> Result<ScriptedSpec> {
+        Ok(ScriptedSpec {
+            seq: Vec::new(),
+            ctx: 0,
+            verified: None,
+            log: self.log.clone(),
+        })
+    }
 }
 
 fn config() -> ModelConfig {
@@ -124,6 +209,16 @@ fn start(
     max_positions: usize,
     fail_decode: Option<(u32, usize)>,
 ) -> (EngineHandle, Arc<Mutex<Vec<Call>>>) {
+    start_with(max_batched_tokens, max_positions, fail_decode, None, 1)
+}
+
+fn start_with(
+    max_batched_tokens: usize,
+    max_positions: usize,
+    fail_decode: Option<(u32, usize)>,
+    spec: Option<SpecOptions>,
+    granularity: usize,
+) -> (EngineHandle, Arc<Mutex<Vec<Call>>>) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = log.clone();
     let engine = EngineHandle::start(
@@ -133,6 +228,8 @@ fn start(
                 log: l,
                 max_positions,
                 fail_decode,
+                spec,
+                granularity,
             })
         },
         None,
@@ -309,4 +406,87 @@ fn a_backend_that_fails_to_build_is_an_error() {
         None,
     );
     assert!(r.is_err());
+}
+
+fn spec_chunks(log: &[Call], first: u32) -> Vec<(usize, usize)> {
+    log.iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            Call::SpecPrefill { first: f, n } if *f == first => Some((i, *n)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// With a device drafter, a long prompt is prefilled in chunks of `max_batched_tokens` cut at
+/// the backend's granularity (4 → 3 here), one chunk per scheduler step, and a short request
+/// that arrives meanwhile is prefilled and runs its verify rounds between the long prompt's
+/// chunks: it finishes before the long prompt is in. The tokens do not depend on the chunking.
+#[test]
+fn speculative_prompts_are_prefilled_in_chunks_between_rounds() {
+    let opts = SpecOptions {
+        block_size: 4,
+        eos_token_ids: Vec::new(),
+        prefill_chunk: None,
+    };
+    let (engine, log) = start_with(4, usize::MAX, None, Some(opts.clone()), 3);
+    // 100 chunks of 2 ms each.
+    let long: Vec<u32> = (0..300).map(|i| 100 + i % 300).collect();
+    let a = engine.submit(request(long.clone(), 9)).unwrap();
+    let t0 = Instant::now();
+    while spec_chunks(&log.lock().unwrap(), 100).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no chunk of A ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let b = engine.submit(request(vec![50, 51, 52], 7)).unwrap();
+    let (b_tokens, b_fin) = drain(b.events);
+    let (a_tokens, a_fin) = drain(a.events);
+    assert_eq!(
+        (b_tokens, b_fin.reason),
+        (counting(52, 7), FinishReason::Length)
+    );
+    assert_eq!(
+        (a_tokens, a_fin.reason),
+        (counting(399, 9), FinishReason::Length)
+    );
+    let spec = b_fin.spec.expect("a speculative summary");
+    // 1 token from the prefill, rounds of 3 drafts + bonus and of 1 draft + bonus.
+    assert_eq!((spec.drafts, spec.accepted_tokens), (2, 4));
+
+    let log = log.lock().unwrap().clone();
+    let a_chunks = spec_chunks(&log, 100);
+    assert_eq!(a_chunks.iter().map(|c| c.1).sum::<usize>(), 300);
+    assert!(a_chunks.iter().all(|c| c.1 == 3), "{a_chunks:?}");
+    // B's prompt and both its rounds ran before A's last chunk.
+    let a_last = a_chunks.last().unwrap().0;
+    let b_calls: Vec<usize> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            matches!(
+                c,
+                Call::SpecPrefill { first: 50, .. } | Call::Verify { first: 50, .. }
+            )
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(b_calls.len(), 3, "{log:?}");
+    assert!(
+        b_calls.iter().all(|&i| i < a_last),
+        "B waited for A's prefill: {log:?}"
+    );
+    // No verify of A before its prompt was in.
+    let a_first_verify = log
+        .iter()
+        .position(|c| matches!(c, Call::Verify { first: 100, .. }))
+        .unwrap();
+    assert!(a_first_verify > a_last);
+    engine.shutdown();
+
+    // One chunk when the budget holds the prompt: the same tokens.
+    let (engine, log) = start_with(4096, usize::MAX, None, Some(opts), 3);
+    let a = engine.submit(request(long, 9)).unwrap();
+    assert_eq!(drain(a.events).0, counting(399, 9));
+    assert_eq!(spec_chunks(&log.lock().unwrap(), 100), vec![(0, 300)]);
+    engine.shutdown();
 }

@@ -997,6 +997,59 @@ async fn chunked_prefill_matches_ultra_generate() {
     server.shutdown().await.unwrap();
 }
 
+/// With the drafter, chunked prefill too (`max_batched_tokens` 5: the long prompt is prefilled
+/// over many steps, a chunk per step, while another speculative stream runs its rounds) gives
+/// exactly `ultra generate`'s greedy output (plain decoding, which the one-call speculative
+/// prefill also matches), with drafts accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_chunked_prefill_matches_ultra_generate() {
+    let mut cfg = engine_cfg(4, 16);
+    cfg.max_batched_tokens = 5;
+    let server = start_with(cfg, Some(fixture("drafters/qwen3-moe-dflash"))).await;
+    let mut c = client(&server).await;
+    let mut c2 = client(&server).await;
+    let greedy = |n| SamplingParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let pb_greedy = |n| pb::SamplingParams {
+        max_tokens: Some(n),
+        ignore_eos: Some(true),
+        ..Default::default()
+    };
+    let side = tokio::spawn(async move {
+        collect(
+            c2.generate(text_request("Hello", pb_greedy(40)))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await
+    });
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(4);
+    let (_, ids, want) = reference(&prompt, &greedy(24));
+    assert!(ids.len() > 20, "the prompt is long: {} tokens", ids.len());
+    let got = collect(
+        c.generate(text_request(&prompt, pb_greedy(24)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(got.tokens, want.tokens);
+    assert_eq!(got.text, want.text);
+    assert_eq!(
+        got.complete.usage.unwrap().prompt_tokens as usize,
+        ids.len()
+    );
+    let spec = got.complete.spec.unwrap();
+    assert!(spec.drafts > 0 && spec.draft_tokens >= spec.drafts);
+    let side = side.await.unwrap();
+    assert_eq!(side.tokens, reference("Hello", &greedy(40)).2.tokens);
+    server.shutdown().await.unwrap();
+}
+
 /// vLLM's `/tokenize` (a prompt, or chat messages through the template; `return_token_strs`) and
 /// `/detokenize`, with their errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -876,23 +876,42 @@ impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
         self.target().len()
     }
 
-    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
-        if !self.target().is_empty() {
-            return Err(SpecError::TargetNotEmpty(self.target().len()));
+    /// Target passes take at most [`MAX_TOKENS`] tokens: chunks cut at multiples of that run
+    /// the same passes as one call.
+    fn prefill_granularity(&self) -> usize {
+        MAX_TOKENS
+    }
+
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
+        if chunk.is_empty() {
+            return Err(SpecError::EmptyPrompt);
         }
+        if self.target().is_empty() {
+            // A new sequence: the draft state may hold an earlier one's context.
+            self.draft.reset();
+        } else if self.target().len() != self.draft.len() {
+            return Err(SpecError::TargetOutput(format!(
+                "the target holds {} positions, the drafter context {}",
+                self.target().len(),
+                self.draft.len()
+            )));
+        }
+        self.verified = None;
         let target = self.target.borrow_mut();
         target
             .set_capture(self.draft.drafter.hidden_indices())
             .map_err(target_err)?;
-        self.draft.reset();
         let mut last = 0;
-        for chunk in prompt.chunks(MAX_TOKENS) {
-            target.forward_device(chunk).map_err(target_err)?;
+        for pass in chunk.chunks(MAX_TOKENS) {
+            target.forward_device(pass).map_err(target_err)?;
             self.draft
-                .append_context(target, chunk.len())
+                .append_context(target, pass.len())
                 .map_err(target_err)?;
-            last = chunk.len();
+            last = pass.len();
         }
+        let Some(want) = want else {
+            return Ok(None);
+        };
         let v = self.vocab_size();
         let logits = self.target().logits_device(last);
         let argmax = self.target().argmax_device(last);
@@ -901,6 +920,7 @@ impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
             argmax.slice(last - 1..last),
             want,
         )
+        .map(Some)
     }
 
     fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError> {

@@ -212,6 +212,7 @@ fn greedy_identity_with_plain_gpu_decoding() {
             let opts = SpecOptions {
                 block_size: b,
                 eos_token_ids: Vec::new(),
+                prefill_chunk: None,
             };
             let mut argmax_rounds = 0;
             let out = spec
@@ -231,6 +232,93 @@ fn greedy_identity_with_plain_gpu_decoding() {
                 out.stats.tau().unwrap()
             );
         }
+    }
+}
+
+/// Chunked speculative prefill on the device (`SpecOptions::prefill_chunk`, cut at the backend's
+/// granularity of `MAX_TOKENS` = 16): a 40-token prompt in chunks of 16, 16, 8 (asked as 16 and
+/// as 20) leaves exactly the state one call leaves — the prompt's last row, the next block's
+/// draft logits and the target's next-token logits are bit-identical — and generates plain GPU
+/// greedy decoding's tokens. Chunks of 5 at unaligned positions (called directly) agree within
+/// the tolerance above (the differences are printed; 0 on every fixture on an H100).
+#[test]
+fn chunked_prefill_equals_one_call() {
+    use dflash::{prefill_prompt, Rows, SpecBackend, Want};
+    let Some(_ctx) = ultra_kernels::gpu_for_test("chunked_prefill_equals_one_call") else {
+        return;
+    };
+    let mut r = rng("chunked_prefill_equals_one_call");
+    let logits = |rows: Rows| match rows {
+        Rows::Logits(l) => l,
+        Rows::Argmax(_) => panic!("logits were asked for"),
+    };
+    for (name, rel) in pairs() {
+        let m = load(&rel);
+        let v = m.cpu.config().vocab_size;
+        let stream = m.gpu.stream().clone();
+        let prompt: Vec<u32> = (0..40).map(|_| r.random_range(0..v as u32)).collect();
+        let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let x = prompt[3];
+        // The state after a prefill: (last row, draft rows of the next block, target row of x).
+        let state = |chunks: &[usize]| {
+            let mut s = m.gpu.session(256).unwrap();
+            let mut spec = GpuSpec::new(&mut s, &gd).unwrap();
+            let mut at = 0;
+            let mut row = None;
+            for (i, &n) in chunks.iter().enumerate() {
+                let last = i + 1 == chunks.len();
+                row = spec
+                    .prefill(&prompt[at..at + n], last.then_some(Want::Logits))
+                    .unwrap();
+                at += n;
+            }
+            assert_eq!((at, spec.len()), (prompt.len(), prompt.len()));
+            let draft = logits(spec.draft(x, 4, Want::Logits).unwrap());
+            drop(spec);
+            s.forward_device(&[x]).unwrap();
+            let target = dtoh(&stream, s.logits_device(1)).unwrap();
+            (logits(row.unwrap()), draft, target)
+        };
+        let one = state(&[40]);
+        for ask in [16, 20] {
+            let mut s = m.gpu.session(256).unwrap();
+            let mut spec = GpuSpec::new(&mut s, &gd).unwrap();
+            let row = logits(prefill_prompt(&mut spec, &prompt, Some(ask), Want::Logits).unwrap());
+            assert_eq!(row, one.0, "{name}: chunks of {ask}, last row");
+        }
+        let aligned = state(&[16, 16, 8]);
+        assert_eq!(aligned.0, one.0, "{name}: last row");
+        assert_eq!(aligned.1, one.1, "{name}: draft rows");
+        assert_eq!(aligned.2, one.2, "{name}: target row");
+        let unaligned = state(&[5; 8]);
+        for (what, got, want) in [
+            ("last row", &unaligned.0, &one.0),
+            ("draft rows", &unaligned.1, &one.1),
+            ("target row", &unaligned.2, &one.2),
+        ] {
+            let (e, mag) = max_err(got, want);
+            eprintln!("{name}: chunks of 5, {what}: max |Δ| {e:.2e} (max |x| {mag:.2})");
+            assert!(e <= 2e-3 * (1.0 + mag), "{name}: chunks of 5, {what}: {e}");
+        }
+        let want = plain_greedy(&m.gpu, &prompt, 30);
+        let mut s = m.gpu.session(256).unwrap();
+        let mut spec = GpuSpec::new(&mut s, &gd).unwrap();
+        let opts = SpecOptions {
+            block_size: 4,
+            eos_token_ids: Vec::new(),
+            prefill_chunk: Some(16),
+        };
+        let out = spec
+            .generate(
+                &opts,
+                &prompt,
+                &greedy(30),
+                &mut |_| ControlFlow::Continue(()),
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(out.tokens, want, "{name}: chunked prefill, greedy");
     }
 }
 
@@ -264,6 +352,7 @@ fn rejection_sampling_on_gpu_logits() {
         let opts = SpecOptions {
             block_size: 4,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         let mut first: Option<(u32, Vec<f32>)> = None;
         let out = spec
@@ -431,6 +520,7 @@ fn input_embedding_scale_matches_cpu() {
         let opts = SpecOptions {
             block_size: 8,
             eos_token_ids: Vec::new(),
+            prefill_chunk: None,
         };
         let got = GpuSpec::new(&mut s, &gd)
             .unwrap()
@@ -510,6 +600,7 @@ fn state_after_rejections_equals_a_fresh_prefill() {
                 let opts = SpecOptions {
                     block_size: b,
                     eos_token_ids: Vec::new(),
+                    prefill_chunk: None,
                 };
                 let out = spec
                     .generate(

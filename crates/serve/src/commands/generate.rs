@@ -239,6 +239,7 @@ pub fn gpu_spec_setup(
     let opts = dflash::SpecOptions {
         block_size,
         eos_token_ids: eos_ids(loaded),
+        prefill_chunk: None,
     };
     Ok((gd, opts))
 }

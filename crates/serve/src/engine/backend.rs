@@ -111,7 +111,7 @@ impl SpecBackend for NoDeviceSpec {
     fn len(&self) -> usize {
         match *self {}
     }
-    fn prefill(&mut self, _: &[u32], _: Want) -> Result<Rows, SpecError> {
+    fn prefill(&mut self, _: &[u32], _: Option<Want>) -> Result<Option<Rows>, SpecError> {
         match *self {}
     }
     fn draft(&mut self, _: u32, _: usize, _: Want) -> Result<Rows, SpecError> {

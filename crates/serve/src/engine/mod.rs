@@ -22,7 +22,9 @@
 //!
 //! With a drafter, each request runs DFlash's loop on a worker thread whose device calls the
 //! scheduler executes between steps (see `spec`): the drafter on the host with the target's
-//! `forward` / `truncate` (CPU), or the whole speculative state on the device (GPU).
+//! `forward` / `truncate` (CPU), or the whole speculative state on the device (GPU). Its prompt
+//! is chunk-prefilled too: the worker's chunks wait for step 5 and take its budget (minus the
+//! tokens the speculative requests verified since the last step).
 //!
 //! Back-pressure: [`EngineHandle::submit`] refuses with [`SubmitError::QueueFull`] when
 //! `max_waiting` requests already wait; [`EngineHandle::submit_all`] queues a group of requests

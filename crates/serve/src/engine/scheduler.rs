@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use model::sampling::{FinishReason, StopCause};
 use model::tokenizer::Tokenizer;
 
-use super::spec::{SpecConfig, SpecRunning};
+use super::spec::{SpecConfig, SpecOp, SpecRunning};
 use super::{
     Backend, Command, EngineConfig, Event, Finished, Pending, PromptLogprob, Shared, TokenEvent,
     TokenLogprob,
@@ -78,6 +78,10 @@ pub(super) struct Sched<B: Backend> {
     running: Vec<Running<B::Sequence>>,
     pub spec: Option<SpecConfig>,
     pub spec_running: Vec<SpecRunning<B::Sequence, B::Spec>>,
+    /// Speculative requests' prompt chunks, waiting for the prefill step (arrival order).
+    pub spec_prefills: VecDeque<SpecOp>,
+    /// Tokens the speculative requests verified since the last prefill step.
+    pub spec_decoded: usize,
     pub tx: std_mpsc::Sender<Command>,
 }
 
@@ -104,11 +108,16 @@ pub(super) fn run<B: Backend>(
         running: Vec::new(),
         spec,
         spec_running: Vec::new(),
+        spec_prefills: VecDeque::new(),
+        spec_decoded: 0,
         tx,
     };
     let mut shutdown = false;
     loop {
-        let idle = s.running.is_empty() && s.waiting.is_empty() && s.prefilling.is_empty();
+        let idle = s.running.is_empty()
+            && s.waiting.is_empty()
+            && s.prefilling.is_empty()
+            && s.spec_prefills.is_empty();
         if idle && shutdown && s.spec_running.is_empty() {
             break;
         }
@@ -124,7 +133,7 @@ pub(super) fn run<B: Backend>(
         }
         s.drop_disconnected();
         s.admit();
-        let decoded = s.decode_step();
+        let decoded = s.decode_step() + std::mem::take(&mut s.spec_decoded);
         s.prefill_step(decoded);
         s.update_gauges();
     }
@@ -349,7 +358,8 @@ impl<B: Backend> Sched<B> {
 
     /// Prefills queued prompts with `max_batched_tokens − decoded` tokens (at least one chunk),
     /// in arrival order, each cut at the backend's granularity; a complete prompt samples its
-    /// first token and joins the running batch. A request with `prompt_logprobs` runs its
+    /// first token and joins the running batch. Queued speculative prompt chunks take the budget
+    /// left ([`Sched::spec_prefill_step`]). A request with `prompt_logprobs` runs its
     /// chunks (at most [`PROMPT_LOGPROBS_CHUNK`] tokens) through `forward`, which returns the
     /// logits of every position, and keeps each prompt token's entry.
     fn prefill_step(&mut self, decoded: usize) {
@@ -411,6 +421,9 @@ impl<B: Backend> Sched<B> {
                 Ok(_) => {}
             }
         }
+        // Speculative requests' prompt chunks (a drafter makes every request speculative, so
+        // the two queues are not filled at once).
+        self.spec_prefill_step(budget);
     }
 
     /// Samples the next token of `r` from `logits` and sends it; `None` when the request ended.

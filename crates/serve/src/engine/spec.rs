@@ -17,7 +17,14 @@
 //! and its draft/accept counts). With `logprobs`, the loop hands each emitted token the target's
 //! raw logits row it was chosen from (`dflash::run_speculative_rows`; the verify rows come back
 //! as logits then), and its log-probabilities are computed as plain decoding's
-//! ([`TokenLogprob::of`]). A speculative prompt is prefilled in one call (not chunked).
+//! ([`TokenLogprob::of`]).
+//!
+//! A speculative prompt is prefilled in chunks like a plain one: the loop
+//! (`dflash::prefill_prompt`) sends chunks of `max_batched_tokens` (cut at the backend's
+//! granularity) one at a time, and the scheduler queues each chunk and runs it in its prefill
+//! step with the budget left by the tokens just decoded and verified (at least one chunk per
+//! step), so a long prompt does not stall the other requests' rounds. The first token is chosen
+//! once the last chunk is in.
 //! Cancellation: the scheduler drops the state at once and refuses the worker's next call; the
 //! worker's token callback also stops on the cancel flag.
 
@@ -53,6 +60,8 @@ pub(crate) enum SpecOp {
         id: String,
         tokens: Vec<u32>,
         layers: Vec<usize>,
+        /// A prompt chunk (queued for the prefill step), not a verify block.
+        prefill: bool,
         reply: std_mpsc::Sender<Result<VerifyOutput>>,
     },
     Truncate {
@@ -60,12 +69,13 @@ pub(crate) enum SpecOp {
         len: usize,
         reply: std_mpsc::Sender<Result<()>>,
     },
-    /// Device drafter: `SpecBackend::prefill` on the request's state.
+    /// Device drafter: `SpecBackend::prefill` of a prompt chunk on the request's state (queued
+    /// for the prefill step).
     Prefill {
         id: String,
-        prompt: Vec<u32>,
-        want: Want,
-        reply: std_mpsc::Sender<Result<Rows, SpecError>>,
+        chunk: Vec<u32>,
+        want: Option<Want>,
+        reply: std_mpsc::Sender<Result<Option<Rows>, SpecError>>,
     },
     /// Device drafter: `SpecBackend::draft`.
     Draft {
@@ -167,8 +177,12 @@ impl<B: Backend> Sched<B> {
             cancel: cancel.clone(),
             kv_reserve: p.kv_reserve,
         });
+        // Prompt chunks as plain requests': `max_batched_tokens` cut at the granularity.
+        let granularity = self.backend.prefill_granularity().max(1);
         let worker = Worker {
             kind,
+            granularity,
+            prefill_chunk: (self.cfg.max_batched_tokens / granularity).max(1) * granularity,
             tokenizer: self.tokenizer.clone(),
             eos: self.eos.clone(),
             shared: self.shared.clone(),
@@ -222,7 +236,36 @@ impl<B: Backend> Sched<B> {
         }
     }
 
+    /// Handles a worker's call: a prompt chunk waits for the prefill step
+    /// ([`Sched::spec_prefill_step`]); everything else runs now.
     pub(super) fn spec_op(&mut self, op: SpecOp) {
+        match op {
+            SpecOp::Forward { prefill: true, .. } | SpecOp::Prefill { .. } => {
+                self.spec_prefills.push_back(op)
+            }
+            op => self.run_spec_op(op),
+        }
+    }
+
+    /// Runs queued speculative prompt chunks in arrival order while `budget` tokens are left (at
+    /// least one chunk when any is queued); returns the budget left.
+    pub(super) fn spec_prefill_step(&mut self, mut budget: usize) -> usize {
+        while budget > 0 {
+            let Some(op) = self.spec_prefills.pop_front() else {
+                break;
+            };
+            let n = match &op {
+                SpecOp::Forward { tokens, .. } => tokens.len(),
+                SpecOp::Prefill { chunk, .. } => chunk.len(),
+                _ => 0,
+            };
+            self.run_spec_op(op);
+            budget = budget.saturating_sub(n.max(1));
+        }
+        budget
+    }
+
+    fn run_spec_op(&mut self, op: SpecOp) {
         let backend = &self.backend;
         let running = &mut self.spec_running;
         let not_host = |id: &str| anyhow!("request {id} has no host sequence");
@@ -231,8 +274,12 @@ impl<B: Backend> Sched<B> {
                 id,
                 tokens,
                 layers,
+                prefill,
                 reply,
             } => {
+                if !prefill {
+                    self.spec_decoded += tokens.len();
+                }
                 let r = match find_seq(running, &id) {
                     Some(SpecSeq::Host(seq)) => backend.forward(seq, &tokens, &layers),
                     Some(SpecSeq::Device(_)) => Err(not_host(&id)),
@@ -250,12 +297,12 @@ impl<B: Backend> Sched<B> {
             }
             SpecOp::Prefill {
                 id,
-                prompt,
+                chunk,
                 want,
                 reply,
             } => {
                 let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Device(d)) => d.prefill(&prompt, want),
+                    Some(SpecSeq::Device(d)) => d.prefill(&chunk, want),
                     Some(SpecSeq::Host(_)) => {
                         Err(SpecError::TargetOutput("not a device state".into()))
                     }
@@ -285,6 +332,7 @@ impl<B: Backend> Sched<B> {
                 want,
                 reply,
             } => {
+                self.spec_decoded += tokens.len();
                 let r = match find_seq(running, &id) {
                     Some(SpecSeq::Device(d)) => d.verify(&tokens, want),
                     Some(SpecSeq::Host(_)) => {
@@ -370,6 +418,8 @@ struct ProxyTarget<'a> {
     link: Link<'a>,
     model: &'a model::cpu::CpuModel,
     len: usize,
+    /// Forwards below this length are prompt chunks.
+    prompt_len: usize,
 }
 
 /// Errors of the proxy target.
@@ -430,6 +480,7 @@ impl Target for ProxyTarget<'_> {
             id: self.link.id.clone(),
             tokens: tokens.to_vec(),
             layers: layers.to_vec(),
+            prefill: self.len < self.prompt_len,
             reply,
         })?;
         self.len += tokens.len();
@@ -452,6 +503,7 @@ impl Target for ProxyTarget<'_> {
 struct ProxySpec<'a> {
     link: Link<'a>,
     vocab: usize,
+    granularity: usize,
     len: usize,
     /// Start of the latest verified block.
     verified: Option<usize>,
@@ -470,17 +522,22 @@ impl SpecBackend for ProxySpec<'_> {
         self.len
     }
 
-    fn prefill(&mut self, prompt: &[u32], want: Want) -> Result<Rows, SpecError> {
+    fn prefill_granularity(&self) -> usize {
+        self.granularity
+    }
+
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
         let rows = self.link.call(
             |reply| SpecOp::Prefill {
                 id: self.link.id.clone(),
-                prompt: prompt.to_vec(),
+                chunk: chunk.to_vec(),
                 want,
                 reply,
             },
             spec_proxy_err,
         )?;
-        self.len = prompt.len();
+        self.len += chunk.len();
+        self.verified = None;
         Ok(rows)
     }
 
@@ -547,6 +604,10 @@ struct Batch {
 /// One speculative request's loop.
 struct Worker {
     kind: LoopKind,
+    /// The backend's prefill granularity.
+    granularity: usize,
+    /// Most prompt tokens per prefill call (a multiple of `granularity`).
+    prefill_chunk: usize,
     tokenizer: Option<Arc<Tokenizer>>,
     eos: Vec<u32>,
     shared: Arc<Shared>,
@@ -674,11 +735,16 @@ impl Worker {
                     link,
                     model: decoder.model(),
                     len: 0,
+                    prompt_len: p.prompt.len(),
+                };
+                let opts = SpecOptions {
+                    prefill_chunk: Some(self.prefill_chunk),
+                    ..decoder.options().clone()
                 };
                 dflash::CpuBackend::new(&mut target, decoder.drafter()).and_then(|mut backend| {
                     dflash::run_speculative_rows(
                         &mut backend,
-                        decoder.options(),
+                        &opts,
                         &p.prompt,
                         &p.params,
                         rows,
@@ -691,12 +757,17 @@ impl Worker {
                 let mut backend = ProxySpec {
                     link,
                     vocab: *vocab,
+                    granularity: self.granularity,
                     len: 0,
                     verified: None,
                 };
+                let opts = SpecOptions {
+                    prefill_chunk: Some(self.prefill_chunk),
+                    ..opts.clone()
+                };
                 dflash::run_speculative_rows(
                     &mut backend,
-                    opts,
+                    &opts,
                     &p.prompt,
                     &p.params,
                     rows,
