@@ -15,7 +15,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{client, collect, fixture, long_request, loopback, text_request, wait_idle, MODEL_ID};
+use common::{
+    client, collect, fixture, long_request, loopback, stream_logprobs, text_request, wait_idle,
+    MODEL_ID,
+};
 use model::sampling::SamplingParams;
 use serve::commands::generate::{generate, load, prompt_ids, Generation};
 use serve::engine::{EngineConfig, Event, GenerateRequest};
@@ -379,25 +382,6 @@ async fn gpu_prompt_logprobs_match_the_cpu() {
         plps.len()
     );
     server.shutdown().await.unwrap();
-}
-
-/// Tokens and logprobs of a streamed request, checking one logprob entry per token and noting
-/// whether a chunk carried several tokens.
-async fn stream_logprobs(
-    c: &mut EngineClient<tonic::transport::Channel>,
-    req: pb::GenerateRequest,
-) -> (Vec<u32>, Vec<pb::TokenLogprob>, bool) {
-    let (mut ids, mut lps, mut multi) = (Vec::new(), Vec::new(), false);
-    let mut stream = c.generate(req).await.unwrap().into_inner();
-    while let Some(m) = stream.message().await.unwrap() {
-        if let Some(pb::generate_response::Event::Chunk(c)) = m.event {
-            assert_eq!(c.logprobs.len(), c.token_ids.len());
-            multi |= c.token_ids.len() > 1;
-            ids.extend(c.token_ids);
-            lps.extend(c.logprobs);
-        }
-    }
-    (ids, lps, multi)
 }
 
 /// The drafter on the GPU with presence / frequency penalties and logprobs: the same tokens as

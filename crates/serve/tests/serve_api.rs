@@ -13,7 +13,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{client, collect, fixture, long_request, loopback, text_request, wait_idle, MODEL_ID};
+use common::{
+    client, collect, fixture, long_request, loopback, stream_logprobs, text_request, wait_idle,
+    MODEL_ID,
+};
 use model::sampling::SamplingParams;
 use serde_json::{json, Value};
 use serve::commands::generate::{generate, load, prompt_ids, Generation, Loaded};
@@ -93,6 +96,25 @@ impl HttpResponse {
             .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
             .collect()
     }
+}
+
+/// Streams a completion request, reads up to its first `data:` line and returns it; the
+/// connection closes when this returns (a client that goes away mid-stream).
+fn first_sse_line_then_disconnect(addr: SocketAddr, body: Value) -> String {
+    let s = send_request(
+        addr,
+        "POST",
+        "/v1/completions",
+        body.to_string().as_bytes(),
+        "",
+    );
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    line
 }
 
 fn send_request(addr: SocketAddr, method: &str, path: &str, body: &[u8], extra: &str) -> TcpStream {
@@ -613,21 +635,10 @@ async fn abort_and_disconnect_free_the_slot() {
     // HTTP client disconnect mid-stream.
     let addr = server.http_addr;
     tokio::task::spawn_blocking(move || {
-        let body =
-            json!({"prompt": "count", "max_tokens": 3000, "ignore_eos": true, "stream": true});
-        let s = send_request(
+        first_sse_line_then_disconnect(
             addr,
-            "POST",
-            "/v1/completions",
-            body.to_string().as_bytes(),
-            "",
-        );
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while !line.starts_with("data: ") {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-        }
+            json!({"prompt": "count", "max_tokens": 3000, "ignore_eos": true, "stream": true}),
+        )
     })
     .await
     .unwrap();
@@ -1543,22 +1554,11 @@ async fn n_sequences_are_queued_refused_and_cancelled_together() {
     assert_eq!(engine.load(), (1, 2));
     // Three fit; the client goes away once the first token arrives: all three end.
     let reader = tokio::task::spawn_blocking(move || {
-        let body = json!({"prompt": "count", "n": 3, "max_tokens": 3000, "ignore_eos": true,
-            "stream": true});
-        let s = send_request(
+        first_sse_line_then_disconnect(
             addr,
-            "POST",
-            "/v1/completions",
-            body.to_string().as_bytes(),
-            "",
-        );
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while !line.starts_with("data: ") {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-        }
-        line
+            json!({"prompt": "count", "n": 3, "max_tokens": 3000, "ignore_eos": true,
+                "stream": true}),
+        )
     });
     let t0 = Instant::now();
     while engine.load() != (4, 5) {
@@ -1836,16 +1836,7 @@ async fn speculative_logprobs_equal_plain_logprobs() {
     };
     let want = cp.complete(req.clone()).await.unwrap().into_inner();
     assert_eq!(want.logprobs.len(), 16);
-    let (mut ids, mut lps, mut multi) = (Vec::new(), Vec::new(), false);
-    let mut stream = cs.generate(req).await.unwrap().into_inner();
-    while let Some(m) = stream.message().await.unwrap() {
-        if let Some(pb::generate_response::Event::Chunk(c)) = m.event {
-            assert_eq!(c.logprobs.len(), c.token_ids.len());
-            multi |= c.token_ids.len() > 1;
-            ids.extend(c.token_ids);
-            lps.extend(c.logprobs);
-        }
-    }
+    let (ids, lps, multi) = stream_logprobs(&mut cs, req).await;
     assert_eq!(ids, want.token_ids);
     assert!(multi, "no round emitted more than one token");
     let top_ids = |l: &pb::TokenLogprob| l.top.iter().map(|t| t.token_id).collect::<Vec<_>>();

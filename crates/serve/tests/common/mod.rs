@@ -113,3 +113,22 @@ pub async fn wait_idle(s: &Server) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Tokens and logprobs of a streamed request, checking one logprob entry per token and noting
+/// whether a chunk carried several tokens.
+pub async fn stream_logprobs(
+    c: &mut EngineClient<Channel>,
+    req: pb::GenerateRequest,
+) -> (Vec<u32>, Vec<pb::TokenLogprob>, bool) {
+    let (mut ids, mut lps, mut multi) = (Vec::new(), Vec::new(), false);
+    let mut stream = c.generate(req).await.unwrap().into_inner();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(pb::generate_response::Event::Chunk(c)) = m.event {
+            assert_eq!(c.logprobs.len(), c.token_ids.len());
+            multi |= c.token_ids.len() > 1;
+            ids.extend(c.token_ids);
+            lps.extend(c.logprobs);
+        }
+    }
+    (ids, lps, multi)
+}
