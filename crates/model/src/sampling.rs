@@ -3,11 +3,15 @@
 //! * [`SamplingParams`]: the per-request knobs a vLLM / llama.cpp user expects (temperature,
 //!   top-k, top-p, min-p, repetition / presence / frequency penalties, seed, max tokens, stop
 //!   token ids, stop strings, `ignore_eos`), with [`SamplingParams::validate`].
-//! * [`Sampler`]: turns one row of logits into a token id. Processors run in the vLLM order
-//!   **repetition penalty → frequency penalty → presence penalty → temperature → top-k → top-p →
-//!   min-p → sample** ([`read_penalized`] applies the penalties). All arithmetic after the
-//!   penalties is done in `f64`. A seeded sampler is deterministic: the same seed, parameters,
-//!   logits and history always give the same tokens.
+//! * [`SamplingDist`]: **the one definition** of the sampling distribution — which tokens a row
+//!   keeps and with which weight ([`SamplingDist::kept`]), or its dense form
+//!   ([`SamplingDist::probs`]). Processors run in the vLLM order **repetition penalty →
+//!   frequency penalty → presence penalty → temperature → top-k → top-p → min-p**
+//!   ([`read_penalized`] applies the penalties). [`Sampler`], DFlash's exact rejection sampling
+//!   (`dflash` re-exports it) and the GPU sampling kernel's test oracle all use it.
+//! * [`Sampler`]: turns one row of logits into a token id, drawing from the [`SamplingDist`]
+//!   with the sequence's RNG (sums in `f64`). A seeded sampler is deterministic: the same seed,
+//!   parameters, logits and history always give the same tokens.
 //! * [`log_softmax`], [`logprob_of`], [`logsumexp`], [`top_logprobs`]: `f64`-accumulated helpers
 //!   used for scoring (`ultra score`) and for OpenAI-style `logprobs`.
 //! * [`StopChecker`]: fed one token and its decoded text delta at a time, decides whether
@@ -129,9 +133,8 @@ impl TokenCounts {
     }
 }
 
-/// The first processors of every sampler of `params` ([`Sampler`], and the dense distribution
-/// of `dflash::probs`), in vLLM's order: `logits` read into `work` with NaN → −∞ and +∞ →
-/// `f32::MAX`; then the HF repetition penalty `r` on each distinct token of `prompt` and
+/// The first processors of [`SamplingDist`] (and so of [`Sampler`]), in vLLM's order:
+/// `logits` read into `work` with NaN → −∞ and +∞ → `f32::MAX`; then the HF repetition penalty `r` on each distinct token of `prompt` and
 /// `generated` once (the logit divided by `r` when positive, multiplied when negative); then,
 /// over the `generated` tokens only (OpenAI / vLLM semantics), the frequency and presence
 /// penalties: `x − frequency_penalty · count − presence_penalty` for every token generated
@@ -338,16 +341,27 @@ struct Cand {
 const TOP_P_BINS: usize = 1024;
 const TOP_P_RANGE: f32 = 32.0;
 
-/// Turns logits into token ids according to a [`SamplingParams`].
+/// The sampling distribution of a [`SamplingParams`]: **the one definition** of which tokens a
+/// row keeps and with which weight, shared by every consumer — [`Sampler`] draws from it,
+/// DFlash's exact rejection sampling takes its dense form ([`SamplingDist::probs`]) as the `p`
+/// and `q` rows, and the GPU sampling kernel's test oracle (tilert `tests/ops.rs`) compares the
+/// device draws with it.
 ///
-/// One sampler per sequence: it owns the sequence's RNG stream. Buffers are reused between
-/// calls, so steady-state sampling does not allocate. Cost is linear in the vocabulary (no full
-/// sort, also for top-p): one pass to read the logits, one `exp` per candidate (a vectorised
-/// `f32` exp with ≤ 2 ulp error, as precise as HF's `f32` softmax), sums in `f64`.
+/// The processors, in vLLM's order: [`read_penalized`] (NaN → −∞, +∞ → `f32::MAX`; repetition
+/// → frequency → presence penalties) → temperature on `y = (x − max) / T` → top-k (every token
+/// whose penalized logit is ≥ the k-th largest, ties kept as in HF) → top-p (the smallest set of
+/// most likely tokens — descending `y`, ties by lower id — whose mass reaches `p · total ·
+/// (1 − 1e-6)`; the token that crosses it is kept) → min-p (`w ≥ min_p`, the top token having
+/// `w = 1`). Weights are `w = exp_f32(y)`, a vectorised `f32` exp within 2 ulp of `exp` (the
+/// GPU kernel's `exp_f32` is bit-identical), sums in `f64`. Greedy parameters keep only the
+/// argmax (lowest id among ties) of the penalized row.
+///
+/// Cost is linear in the vocabulary (no full sort, also for top-p: a histogram of `y` finds the
+/// bin where the mass crosses `p` and only that bin is sorted). Buffers are reused between
+/// calls, so steady-state use does not allocate.
 #[derive(Debug, Clone)]
-pub struct Sampler {
+pub struct SamplingDist {
     params: SamplingParams,
-    rng: ChaCha20Rng,
     work: Vec<f32>,
     weights: Vec<f32>,
     cand: Vec<Cand>,
@@ -356,18 +370,32 @@ pub struct Sampler {
     bin_mass: Vec<f64>,
 }
 
-impl Sampler {
-    /// Validates `params` and builds a sampler whose ChaCha20 RNG is seeded from `params.seed`
-    /// (from the OS when `None`).
-    pub fn new(params: &SamplingParams) -> Result<Self, SamplingError> {
+/// The tokens one row keeps under a [`SamplingDist`] and their unnormalised weights
+/// ([`SamplingDist::kept`]). Iteration order ([`Kept::iter`]) is the order in which
+/// [`Sampler`] walks the cumulative mass.
+#[derive(Debug, Clone, Copy)]
+pub struct Kept<'a>(KeptRows<'a>);
+
+#[derive(Debug, Clone, Copy)]
+enum KeptRows<'a> {
+    /// Greedy: the argmax alone.
+    Greedy(u32),
+    /// Top-k: the few survivors as a list (id order, then top-p's crossing-bin survivors).
+    List(&'a [Cand]),
+    /// The full vocabulary: dense weights by id (0 = cut), then top-p's crossing-bin survivors
+    /// (whose dense weights are 0).
+    Dense {
+        weights: &'a [f32],
+        tail: &'a [Cand],
+    },
+}
+
+impl SamplingDist {
+    /// Validates `params`.
+    pub fn new(params: &SamplingParams) -> Result<SamplingDist, SamplingError> {
         params.validate()?;
-        let rng = match params.seed {
-            Some(s) => ChaCha20Rng::seed_from_u64(s),
-            None => ChaCha20Rng::from_os_rng(),
-        };
-        Ok(Sampler {
+        Ok(SamplingDist {
             params: params.clone(),
-            rng,
             work: Vec::new(),
             weights: Vec::new(),
             cand: Vec::new(),
@@ -377,30 +405,22 @@ impl Sampler {
         })
     }
 
-    /// The parameters this sampler was built with.
+    /// The parameters of this distribution.
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Samples one token id. `prompt` and `generated` (the tokens generated so far in this
-    /// request) are the history the penalties look at: the repetition penalty both (as HF /
-    /// vLLM), the presence and frequency penalties `generated` only ([`read_penalized`]); ids
-    /// outside the vocabulary are ignored.
-    ///
-    /// **Fallback:** when `logits` is empty or holds no finite value (all `-inf` / `NaN`) this
-    /// returns token `0`; use [`Sampler::try_sample`] to get an error instead.
-    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
-        self.try_sample(logits, prompt, generated).unwrap_or(0)
-    }
-
-    /// Like [`Sampler::sample`] but reports [`SamplingError::EmptyLogits`] /
-    /// [`SamplingError::NoFiniteLogits`] instead of falling back.
-    pub fn try_sample(
+    /// The kept set of the next token given `logits` (one row), the `prompt` and the tokens
+    /// `generated` so far in this request (the history the penalties look at: the repetition
+    /// penalty both, the presence and frequency penalties `generated` only; ids outside the
+    /// row are ignored). Errors: [`SamplingError::EmptyLogits`], and
+    /// [`SamplingError::NoFiniteLogits`] when no logit is finite.
+    pub fn kept(
         &mut self,
         logits: &[f32],
         prompt: &[u32],
         generated: &[u32],
-    ) -> Result<u32, SamplingError> {
+    ) -> Result<Kept<'_>, SamplingError> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
@@ -418,7 +438,7 @@ impl Sampler {
         // Greedy: argmax, ties → lowest id.
         if self.params.is_greedy() {
             let id = self.work.iter().position(|&v| v == max).unwrap_or(0);
-            return Ok(id as u32);
+            return Ok(Kept(KeptRows::Greedy(id as u32)));
         }
 
         // 2. Temperature (applied to x − max, so nothing overflows), weights w = exp(y).
@@ -449,18 +469,7 @@ impl Sampler {
                 if let Some(mp) = min_p {
                     self.cand.retain(|c| c.w >= mp);
                 }
-                // 6. Draw.
-                let total: f64 = self.cand.iter().map(|c| c.w as f64).sum();
-                let u = self.rng.random::<f64>() * total;
-                let mut acc = 0.0f64;
-                for c in &self.cand {
-                    acc += c.w as f64;
-                    if u < acc {
-                        return Ok(c.id);
-                    }
-                }
-                // Rounding left `u` at the very top of the mass: the last candidate.
-                Ok(self.cand.last().map_or(0, |c| c.id))
+                Ok(Kept(KeptRows::List(&self.cand)))
             }
             // Full vocabulary: work on dense arrays, no per-token list.
             _ => {
@@ -496,22 +505,109 @@ impl Sampler {
                     }
                 }
                 self.cand.retain(|c| c.w >= wmin);
-                // 6. Draw: dense part in id order, then the crossing-bin survivors.
-                let dense_total = sum_f64(&self.weights);
-                let total = dense_total + self.cand.iter().map(|c| c.w as f64).sum::<f64>();
-                let u = self.rng.random::<f64>() * total;
+                Ok(Kept(KeptRows::Dense {
+                    weights: &self.weights,
+                    tail: &self.cand,
+                }))
+            }
+        }
+    }
+
+    /// Writes the distribution of the next token (see [`SamplingDist::kept`]) into `out`
+    /// (`V` values summing to 1: each kept weight divided by [`Kept::total`], 0 elsewhere;
+    /// greedy parameters give the one-hot vector of the argmax).
+    pub fn probs(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        generated: &[u32],
+        out: &mut [f32],
+    ) -> Result<(), SamplingError> {
+        assert_eq!(
+            out.len(),
+            logits.len(),
+            "probs: output length differs from the logits"
+        );
+        let kept = self.kept(logits, prompt, generated)?;
+        out.fill(0.0);
+        let total = kept.total();
+        kept.for_each(|id, w| out[id as usize] = (w as f64 / total) as f32);
+        Ok(())
+    }
+}
+
+impl Kept<'_> {
+    /// The token greedy parameters keep (the penalized argmax); `None` when sampling.
+    pub fn greedy(&self) -> Option<u32> {
+        match self.0 {
+            KeptRows::Greedy(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Calls `f(id, w)` for every kept token with its unnormalised weight `w > 0` (greedy: the
+    /// argmax with `w = 1`), in the order [`Sampler`] walks the mass.
+    pub fn for_each(&self, mut f: impl FnMut(u32, f32)) {
+        match self.0 {
+            KeptRows::Greedy(id) => f(id, 1.0),
+            KeptRows::List(cand) => cand.iter().for_each(|c| f(c.id, c.w)),
+            KeptRows::Dense { weights, tail } => {
+                for (i, &w) in weights.iter().enumerate() {
+                    if w > 0.0 {
+                        f(i as u32, w);
+                    }
+                }
+                tail.iter().for_each(|c| f(c.id, c.w));
+            }
+        }
+    }
+
+    /// The kept mass `Σ w` in `f64` (summed as the draw sums it).
+    pub fn total(&self) -> f64 {
+        match self.0 {
+            KeptRows::Greedy(_) => 1.0,
+            KeptRows::List(cand) => cand.iter().map(|c| c.w as f64).sum(),
+            KeptRows::Dense { weights, tail } => {
+                sum_f64(weights) + tail.iter().map(|c| c.w as f64).sum::<f64>()
+            }
+        }
+    }
+
+    /// The token at uniform `u ∈ [0, 1)` of the inverse CDF of the kept weights in
+    /// [`Kept::for_each`] order. Rounding that leaves `u · total` at the very top of the mass
+    /// gives the last kept token.
+    fn draw(&self, u: f64) -> Result<u32, SamplingError> {
+        match self.0 {
+            KeptRows::Greedy(id) => Ok(id),
+            KeptRows::List(cand) => {
+                let total = self.total();
+                let u = u * total;
+                let mut acc = 0.0f64;
+                for c in cand {
+                    acc += c.w as f64;
+                    if u < acc {
+                        return Ok(c.id);
+                    }
+                }
+                Ok(cand.last().map_or(0, |c| c.id))
+            }
+            KeptRows::Dense { weights, tail } => {
+                // Dense part in id order, then the crossing-bin survivors.
+                let dense_total = sum_f64(weights);
+                let total = dense_total + tail.iter().map(|c| c.w as f64).sum::<f64>();
+                let u = u * total;
                 if u < dense_total {
                     // (`None` only when rounding puts `u` past the running sum: the last
                     // positive weight then.)
-                    let i = find_cumulative(&self.weights, u)
-                        .or_else(|| self.weights.iter().rposition(|&w| w > 0.0));
+                    let i = find_cumulative(weights, u)
+                        .or_else(|| weights.iter().rposition(|&w| w > 0.0));
                     if let Some(i) = i {
                         return Ok(i as u32);
                     }
                 }
                 let mut acc = dense_total;
                 let mut last = None;
-                for c in &self.cand {
+                for c in tail {
                     acc += c.w as f64;
                     last = Some(c.id);
                     if u < acc {
@@ -519,16 +615,68 @@ impl Sampler {
                     }
                 }
                 if last.is_none() {
-                    last = self
-                        .weights
-                        .iter()
-                        .rposition(|&w| w > 0.0)
-                        .map(|i| i as u32);
+                    last = weights.iter().rposition(|&w| w > 0.0).map(|i| i as u32);
                 }
-                // Rounding left `u` at the very top of the mass: the last kept token.
                 last.ok_or(SamplingError::NoFiniteLogits)
             }
         }
+    }
+}
+
+/// Turns logits into token ids according to a [`SamplingParams`]: draws from the
+/// [`SamplingDist`] of the row.
+///
+/// One sampler per sequence: it owns the sequence's RNG stream (one `f64` uniform per sampled
+/// token, none for greedy decoding). Buffers are reused between calls, so steady-state
+/// sampling does not allocate; cost is linear in the vocabulary (see [`SamplingDist`]).
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    dist: SamplingDist,
+    rng: ChaCha20Rng,
+}
+
+impl Sampler {
+    /// Validates `params` and builds a sampler whose ChaCha20 RNG is seeded from `params.seed`
+    /// (from the OS when `None`).
+    pub fn new(params: &SamplingParams) -> Result<Self, SamplingError> {
+        let dist = SamplingDist::new(params)?;
+        let rng = match params.seed {
+            Some(s) => ChaCha20Rng::seed_from_u64(s),
+            None => ChaCha20Rng::from_os_rng(),
+        };
+        Ok(Sampler { dist, rng })
+    }
+
+    /// The parameters this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        self.dist.params()
+    }
+
+    /// Samples one token id. `prompt` and `generated` (the tokens generated so far in this
+    /// request) are the history the penalties look at: the repetition penalty both (as HF /
+    /// vLLM), the presence and frequency penalties `generated` only ([`read_penalized`]); ids
+    /// outside the vocabulary are ignored.
+    ///
+    /// **Fallback:** when `logits` is empty or holds no finite value (all `-inf` / `NaN`) this
+    /// returns token `0`; use [`Sampler::try_sample`] to get an error instead.
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
+        self.try_sample(logits, prompt, generated).unwrap_or(0)
+    }
+
+    /// Like [`Sampler::sample`] but reports [`SamplingError::EmptyLogits`] /
+    /// [`SamplingError::NoFiniteLogits`] instead of falling back.
+    pub fn try_sample(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        generated: &[u32],
+    ) -> Result<u32, SamplingError> {
+        let kept = self.dist.kept(logits, prompt, generated)?;
+        if let Some(id) = kept.greedy() {
+            return Ok(id);
+        }
+        // 6. Draw.
+        kept.draw(self.rng.random::<f64>())
     }
 }
 
