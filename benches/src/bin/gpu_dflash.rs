@@ -13,7 +13,7 @@
 //!     8-token verify passes), each position accepted independently with probability α (the
 //!     first rejected one replaced by a random wrong token), α solved from
 //!     τ = (1 − α⁸)/(1 − α) for τ = 4.3, 5.6, 6.3. Effective tokens/s of the whole speculative
-//!     generation (`dflash::run_speculative` on `tilert::draft::GpuSpec`, wall clock) against
+//!     generation (`dflash::run_speculative` on `dflash::gpu::GpuSpec`, wall clock) against
 //!     plain greedy decoding of the same tokens.
 //!
 //! Writes markdown (stdout and `<json stem>.md`) and JSON (`--json`).
@@ -26,13 +26,14 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 use dflash::config::build_target_layer_ids;
+use dflash::gpu::GpuSpec;
 use dflash::{DrafterConfig, Rows, SpecBackend, SpecError, SpecOptions, Want};
 use model::sampling::SamplingParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use tilert::arena::dtoh;
-use tilert::draft::{GpuDraftSession, GpuDrafter, GpuSpec};
+use tilert::draft::{GpuDraftSession, GpuDrafter};
 use tilert::exec::GpuSession;
 use ultra_benches::median;
 

@@ -234,7 +234,8 @@ pub enum Want {
 
 /// The target and the drafter of one sequence, as the speculative loop drives them
 /// ([`run_speculative`]). [`CpuBackend`] implements it over any [`Target`] and the CPU
-/// [`Drafter`]; the GPU executor implements it with its device drafter (`tilert::draft`).
+/// [`Drafter`]; `gpu::GpuSpecOn` (feature `cuda`) pairs a `tilert` target session with the
+/// device drafter.
 ///
 /// Call order: [`SpecBackend::prefill`] for each chunk of the prompt ([`prefill_prompt`]), then
 /// rounds of [`SpecBackend::draft`] (skipped

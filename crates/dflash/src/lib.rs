@@ -1,8 +1,9 @@
 //! DFlash block speculative decoding (research/dflash.md).
 //!
-//! This crate owns the whole DFlash path on the CPU: drafter configuration and loading (z-lab
-//! DFlash-1 checkpoints and Xiaomi's MiMo variant), the block draft forward, the speculative
-//! loop over a [`Target`] abstraction, the acceptance rules and the acceptance statistics.
+//! This crate owns the DFlash algorithm: drafter loading (z-lab DFlash-1 checkpoints and
+//! Xiaomi's MiMo variant), the CPU block draft forward, the speculative loop over a [`Target`]
+//! abstraction and its backends (the CPU one; with feature `cuda`, the GPU one in `gpu`, over
+//! `tilert`'s executors), the acceptance rules and the acceptance statistics.
 //!
 //! # Entry point
 //!
@@ -33,10 +34,12 @@
 //!
 //! # Parts
 //!
-//! * [`DrafterConfig`] ([`config`]) — `config.json` → normalized config: dims, RoPE (incl. YaRN,
-//!   partial rotary, MiMo's `backbone_rotary_base`), per-layer attention (window, causal) by the
-//!   resolution rules of research/dflash.md §2.4, mask id, target layer ids, block size; refuses
-//!   keys that would change the math and are not implemented.
+//! * [`DrafterConfig`] ([`config`]) — `config.json` → normalized config: dims, RoPE (incl.
+//!   YaRN, partial rotary, MiMo's `backbone_rotary_base`), per-layer attention (window, causal)
+//!   by the resolution rules of research/dflash.md §2.4, mask id, target layer ids, block size;
+//!   refuses keys that would change the math and are not implemented. The config, the weights
+//!   ([`DrafterWeights`]) and their checks are model data (`model::drafter`, shared with the GPU
+//!   drafter), re-exported here at their old paths.
 //! * [`Drafter`] ([`drafter`]) — weights + loading + target checks + the draft forward:
 //!   [`Drafter::append_context`] (target features → `fc` → `hidden_norm` → each layer's K/V at
 //!   the true positions, into a [`DraftCache`] of committed context) and [`Drafter::draft`] (the
@@ -48,7 +51,8 @@
 //!   [`SpecBackend`] (a target + drafter pair of one sequence; rows as logits or, for plain
 //!   greedy decoding, argmax ids); [`run_speculative_rows`] also hands each emitted token's
 //!   target logits row to the caller (log-probabilities). [`CpuBackend`] pairs any [`Target`] with the CPU
-//!   [`Drafter`]; the GPU executor has its own backend (`tilert::draft`).
+//!   [`Drafter`]; `gpu::GpuSpec` (feature `cuda`) runs it on the device (a `tilert` target
+//!   session + `tilert::draft`'s GPU drafter).
 //!   [`speculative_generate`] / [`SpecDecoder`] run it on the CPU.
 //! * [`SamplingDist`] ([`probs`]) — the sampling transform as a dense distribution (for `p`
 //!   and `q` of rejection sampling).
@@ -74,9 +78,12 @@
 //! for the last layer.
 
 mod accept;
-pub mod config;
+/// The drafter configuration (`model::drafter::config`, re-exported at its old path).
+pub use model::drafter::config;
 pub mod decode;
 pub mod drafter;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod probs;
 mod stats;
 pub mod target;

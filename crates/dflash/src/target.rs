@@ -1,7 +1,7 @@
 //! The target abstraction the speculative loop runs on, and its implementation over the CPU
 //! executor's [`Session`].
 
-use model::cpu::{CpuError, Session, VerifyOutput, LAST_LAYER_PRE_NORM};
+use model::cpu::{CpuError, Session, VerifyOutput};
 use model::weights::Mat;
 
 /// A target model holding one sequence's KV cache.
@@ -39,16 +39,8 @@ pub trait Target {
     fn truncate(&mut self, len: usize) -> Result<(), Self::Error>;
 }
 
-/// The executors' hidden-state index (as `model::cpu::Session::verify`) of target layer
-/// `layer`'s output in a model of `num_layers` layers: `layer + 1`, and [`LAST_LAYER_PRE_NORM`]
-/// for the last layer (index `num_layers` is after the final norm). `None` beyond the model.
-pub fn hidden_index(layer: usize, num_layers: usize) -> Option<usize> {
-    match layer + 1 {
-        i if i < num_layers => Some(i),
-        i if i == num_layers => Some(LAST_LAYER_PRE_NORM),
-        _ => None,
-    }
-}
+/// The target hidden-state index of a drafter's target layer (model data, re-exported).
+pub use model::drafter::hidden_index;
 
 /// Tokens per [`Session::verify`] call when a long input (the prompt) is run: bounds the
 /// `t · V` logits buffer; results do not depend on it (the executor is bit-identical across
@@ -82,7 +74,7 @@ impl Target for Session {
         Session::len(self)
     }
 
-    /// Layer `L` is the executor's hidden index `L + 1`, and [`LAST_LAYER_PRE_NORM`] for the
+    /// Layer `L` is the executor's hidden index `L + 1`, and [`model::cpu::LAST_LAYER_PRE_NORM`] for the
     /// last layer (index `L` is after the final norm there). A layer beyond the model is
     /// [`CpuError::HiddenIndex`].
     fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {

@@ -13,6 +13,8 @@
 //! * [`weights`]: the typed in-memory weights the executors consume;
 //! * [`cpu`]: the CPU reference executor (prefill, decode, verify, truncate) — the embedded default
 //!   and the oracle for every GPU path;
+//! * [`drafter`]: DFlash drafters as data — config (`config.json` → [`drafter::DrafterConfig`]),
+//!   weights and their checks — shared by the CPU drafter (`dflash`) and the GPU one (`tilert`);
 //! * [`sampling`]: greedy / temperature / top-k / top-p / min-p / repetition penalty / seeds / stops;
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate and chat templates through
 //!   minijinja.
@@ -22,6 +24,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod drafter;
 pub mod footprint;
 pub mod load;
 pub mod quantize;
@@ -29,3 +32,10 @@ pub mod sampling;
 pub mod spec;
 pub mod tokenizer;
 pub mod weights;
+
+// Model-level items that every executor shares (issue 15: they leave `model::cpu`). Re-exported
+// at the crate root so that executors other than the CPU one (the GPU runtime `tilert`) do not
+// reach into `model::cpu`; the definitions move here when the step plan lands.
+pub use cpu::check::check as check_weights;
+pub use cpu::rope::RopeTable;
+pub use cpu::{VerifyOutput, DEFAULT_MAX_ROLLBACK, LAST_LAYER_PRE_NORM};

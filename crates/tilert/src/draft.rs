@@ -1,6 +1,8 @@
-//! DFlash drafting on the GPU: a drafter's weights on the device ([`GpuDrafter`]), its
-//! per-sequence context cache and forward ([`GpuDraftSession`]), and the speculative loop's
-//! backend over a [`GpuSession`] ([`GpuSpec`], running `dflash::run_speculative`).
+//! DFlash drafting on the GPU: a drafter's weights on the device ([`GpuDrafter`], from the
+//! model-level `model::drafter` types) and its per-sequence context cache and forward
+//! ([`GpuDraftSession`]). The speculative loop's GPU backend that pairs them with a
+//! [`GpuSession`] lives with the loop (`dflash::gpu`, feature `cuda`): this crate does not
+//! depend on `dflash`.
 //!
 //! The math is `dflash::drafter`'s (research/dflash.md §2–3), launched with the [`Ops`] kernels:
 //!
@@ -30,17 +32,15 @@
 //! `linear` op with the gathered row as a `[H, 1]` weight and the scale as the one-element input
 //! (`y[r] = row[r] · scale`, one rounded f32 product per element: the CPU's `v *= scale`).
 
-use std::borrow::BorrowMut;
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaGraph, CudaStream};
-use dflash::config::DraftAttn;
-use dflash::{DrafterConfig, Rows, SpecBackend, SpecError, SpecOptions, SpecOutput, Want};
-use model::cpu::rope::RopeTable;
-use model::sampling::SamplingParams;
+use model::drafter::{
+    hidden_index, DraftAttn, DrafterConfig, DrafterWeights, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
+};
 use model::weights::{Mat, Mlp};
+use model::RopeTable;
 
 use crate::arena::{dtod, dtoh, htod, Arena, DPtr};
 use crate::exec::{
@@ -135,12 +135,19 @@ fn cache_capacity(attn: DraftAttn, max_seq: usize) -> usize {
 }
 
 impl GpuDrafter {
-    /// Uploads `drafter` next to its `target` (checked against it: hidden size, vocabulary,
-    /// target layers, mask token).
-    pub fn new(target: &GpuModel, drafter: &dflash::Drafter) -> Result<Self, RuntimeError> {
-        drafter.check_target(target.config()).map_err(invalid)?;
-        let c = drafter.config();
-        let w = drafter.weights();
+    /// Uploads a drafter (`config` + `weights`, as `dflash::Drafter::config` / `weights`) next
+    /// to its `target` (checked against the config, and against the target: hidden size,
+    /// vocabulary, target layers, mask token).
+    pub fn new(
+        target: &GpuModel,
+        config: &DrafterConfig,
+        weights: &DrafterWeights,
+    ) -> Result<Self, RuntimeError> {
+        weights.check(config).map_err(invalid)?;
+        weights
+            .check_target(config, target.config())
+            .map_err(invalid)?;
+        let (c, w) = (config, weights);
         let mut arena = Arena::new(target.stream().clone());
         let k = c.num_features();
         let ht = w.fc.cols / k;
@@ -303,7 +310,7 @@ impl GpuDrafter {
             .target_layer_ids
             .iter()
             .map(|&l| {
-                dflash::target::hidden_index(l, nl)
+                hidden_index(l, nl)
                     .ok_or_else(|| invalid(format!("target layer {l} ≥ the target's {nl} layers")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -480,6 +487,30 @@ impl GpuDraftSession {
         self.len == 0
     }
 
+    /// The drafter this state belongs to.
+    pub fn drafter(&self) -> &GpuDrafter {
+        &self.drafter
+    }
+
+    /// Checks that `target` can feed this state: a session of the drafter's target model
+    /// holding at most as many positions as this state.
+    pub fn check_target(&self, target: &GpuSession) -> Result<(), RuntimeError> {
+        let (a, b) = (target.model(), self.drafter.target());
+        if device_addr(a.embed_matrix()) != device_addr(b.embed_matrix()) {
+            return Err(invalid(
+                "the session's model is not the drafter's target model",
+            ));
+        }
+        if self.max_seq < target.max_seq() {
+            return Err(invalid(format!(
+                "the draft state holds {} positions, the target session {}",
+                self.max_seq,
+                target.max_seq()
+            )));
+        }
+        Ok(())
+    }
+
     /// Device bytes this state holds (caches + buffers, as reserved from the device).
     pub fn device_bytes(&self) -> usize {
         self.arena.reserved_bytes()
@@ -555,11 +586,10 @@ impl GpuDraftSession {
     /// [`GpuDraftSession::argmax_device`]).
     pub fn draft(&mut self, x_last: u32, block: usize) -> Result<(), RuntimeError> {
         let v = self.drafter.inner.target.config().vocab_size;
-        if !(dflash::MIN_BLOCK_SIZE..=dflash::MAX_BLOCK_SIZE).contains(&block) {
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block) {
             return Err(invalid(format!(
                 "block size {block} is outside {}..={}",
-                dflash::MIN_BLOCK_SIZE,
-                dflash::MAX_BLOCK_SIZE
+                MIN_BLOCK_SIZE, MAX_BLOCK_SIZE
             )));
         }
         if x_last as usize >= v {
@@ -760,213 +790,6 @@ fn attn_args(m: &Inner, l: usize, kv: &LayerKv) -> AttnArgs {
         window: c.layers[l].window,
         sinks: layer.sinks,
         scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
-    }
-}
-
-fn target_err(e: RuntimeError) -> SpecError {
-    SpecError::Target(Box::new(e))
-}
-
-/// The speculative loop's backend on the GPU: a target [`GpuSession`] (borrowed, [`GpuSpec`], or
-/// owned, `GpuSpecOn<GpuSession>`: a whole speculative sequence to keep between calls, as the
-/// server does) and a drafter state. Greedy rounds bring back one id per row (draft and verify
-/// argmax on the device); sampled rounds bring back the logits.
-pub struct GpuSpecOn<T> {
-    target: T,
-    draft: GpuDraftSession,
-    /// Position and size of the latest verified block.
-    verified: Option<(usize, usize)>,
-}
-
-/// [`GpuSpecOn`] over a borrowed target session.
-pub type GpuSpec<'a> = GpuSpecOn<&'a mut GpuSession>;
-
-impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
-    /// Pairs `target` (its model must be the drafter's target) with a fresh draft state.
-    pub fn new(target: T, drafter: &GpuDrafter) -> Result<Self, RuntimeError> {
-        let draft = drafter.session(target.borrow().max_seq())?;
-        Self::with_draft_session(target, draft)
-    }
-
-    /// Pairs `target` with an existing draft state (reset by the prefill; its captured graphs
-    /// are kept, so repeated generations do not capture again).
-    pub fn with_draft_session(target: T, draft: GpuDraftSession) -> Result<Self, RuntimeError> {
-        let t = target.borrow();
-        let (a, b) = (t.model(), draft.drafter.target());
-        if device_addr(a.embed_matrix()) != device_addr(b.embed_matrix()) {
-            return Err(invalid(
-                "the session's model is not the drafter's target model",
-            ));
-        }
-        if draft.max_seq < t.max_seq() {
-            return Err(invalid(format!(
-                "the draft state holds {} positions, the target session {}",
-                draft.max_seq,
-                t.max_seq()
-            )));
-        }
-        Ok(Self {
-            target,
-            draft,
-            verified: None,
-        })
-    }
-
-    /// The draft state back (to pair with the next sequence).
-    pub fn into_draft_session(self) -> GpuDraftSession {
-        self.draft
-    }
-
-    /// The target session and the draft state back.
-    pub fn into_parts(self) -> (T, GpuDraftSession) {
-        (self.target, self.draft)
-    }
-
-    /// The target session.
-    pub fn target(&self) -> &GpuSession {
-        self.target.borrow()
-    }
-
-    /// Device bytes of the target session and the draft state.
-    pub fn device_bytes(&self) -> usize {
-        self.target().device_bytes() + self.draft.device_bytes()
-    }
-
-    /// Empties the target and the draft state, so the next [`GpuSpecOn::generate`] (or
-    /// `SpecBackend::prefill`) starts a new sequence on the same device memory and graphs.
-    pub fn reset(&mut self) {
-        self.target.borrow_mut().reset();
-        self.draft.reset();
-        self.verified = None;
-    }
-
-    /// The draft state (for inspection).
-    pub fn draft_session(&mut self) -> &mut GpuDraftSession {
-        &mut self.draft
-    }
-
-    fn rows(&self, logits: DPtr<f32>, argmax: DPtr<u32>, want: Want) -> Result<Rows, SpecError> {
-        let s = self.target().model().stream();
-        Ok(match want {
-            Want::Argmax => Rows::Argmax(dtoh(s, argmax).map_err(target_err)?),
-            Want::Logits => Rows::Logits(dtoh(s, logits).map_err(target_err)?),
-        })
-    }
-
-    /// Runs `dflash::run_speculative` on this backend: speculative generation from `prompt`
-    /// (the session must be empty).
-    pub fn generate(
-        &mut self,
-        opts: &SpecOptions,
-        prompt: &[u32],
-        params: &SamplingParams,
-        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
-        on_round: &mut dyn FnMut(&dflash::Round<'_>),
-    ) -> Result<SpecOutput, SpecError> {
-        dflash::run_speculative(self, opts, prompt, params, on_token, on_round)
-    }
-}
-
-impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
-    fn vocab_size(&self) -> usize {
-        self.target().model().config().vocab_size
-    }
-
-    fn len(&self) -> usize {
-        self.target().len()
-    }
-
-    /// Target passes take at most [`MAX_TOKENS`] tokens: chunks cut at multiples of that run
-    /// the same passes as one call.
-    fn prefill_granularity(&self) -> usize {
-        MAX_TOKENS
-    }
-
-    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
-        if chunk.is_empty() {
-            return Err(SpecError::EmptyPrompt);
-        }
-        if self.target().is_empty() {
-            // A new sequence: the draft state may hold an earlier one's context.
-            self.draft.reset();
-        } else if self.target().len() != self.draft.len() {
-            return Err(SpecError::TargetOutput(format!(
-                "the target holds {} positions, the drafter context {}",
-                self.target().len(),
-                self.draft.len()
-            )));
-        }
-        self.verified = None;
-        let target = self.target.borrow_mut();
-        target
-            .set_capture(self.draft.drafter.hidden_indices())
-            .map_err(target_err)?;
-        let mut last = 0;
-        for pass in chunk.chunks(MAX_TOKENS) {
-            target.forward_device(pass).map_err(target_err)?;
-            self.draft
-                .append_context(target, pass.len())
-                .map_err(target_err)?;
-            last = pass.len();
-        }
-        let Some(want) = want else {
-            return Ok(None);
-        };
-        let v = self.vocab_size();
-        let logits = self.target().logits_device(last);
-        let argmax = self.target().argmax_device(last);
-        self.rows(
-            logits.slice((last - 1) * v..last * v),
-            argmax.slice(last - 1..last),
-            want,
-        )
-        .map(Some)
-    }
-
-    fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError> {
-        if self.target().len() != self.draft.len() {
-            return Err(SpecError::TargetOutput(format!(
-                "the target holds {} positions, {} were committed",
-                self.target().len(),
-                self.draft.len()
-            )));
-        }
-        self.draft.draft(x_last, block_size).map_err(target_err)?;
-        let n = block_size - 1;
-        self.rows(
-            self.draft.logits_device(n),
-            self.draft.argmax_device(n),
-            want,
-        )
-    }
-
-    fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
-        let target = self.target.borrow_mut();
-        let start = target.len();
-        target
-            .set_capture(self.draft.drafter.hidden_indices())
-            .map_err(target_err)?;
-        target.forward_device(tokens).map_err(target_err)?;
-        self.verified = Some((start, tokens.len()));
-        self.rows(
-            self.target().logits_device(tokens.len()),
-            self.target().argmax_device(tokens.len()),
-            want,
-        )
-    }
-
-    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
-        let Some((start, n)) = self.verified.take() else {
-            return Err(SpecError::TargetOutput("commit without a verify".into()));
-        };
-        if keep == 0 || keep > n {
-            return Err(SpecError::TargetOutput(format!(
-                "cannot keep {keep} of {n} verified tokens"
-            )));
-        }
-        let target = self.target.borrow_mut();
-        target.truncate(start + keep).map_err(target_err)?;
-        self.draft.append_context(target, keep).map_err(target_err)
     }
 }
 

@@ -3,7 +3,7 @@
 //! and replayed.
 //!
 //! A pass over `T ≤ MAX_TOKENS` tokens (decode: T = 1; verify: 2..=16; prefill: chunks of 16)
-//! is this sequence of launches, the same math as `model::cpu::run_pass`:
+//! is this sequence of launches, the same math as the CPU's `cpu::run_pass`:
 //!
 //! ```text
 //! embed → rms_norm(input_norm₀)
@@ -30,9 +30,8 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
 
 use model::config::{Activation, AttnKind, ModelConfig, RouterSpec};
-use model::cpu::rope::RopeTable;
-use model::cpu::LAST_LAYER_PRE_NORM;
 use model::weights::{Linear, Mlp, Weights};
+use model::{RopeTable, LAST_LAYER_PRE_NORM};
 
 use crate::arena::{dtoh, htod, Arena, DPtr};
 use crate::moe::{DeviceMoe, MoeKernels};
@@ -44,12 +43,12 @@ mod batch;
 pub use batch::GpuBatch;
 
 /// Default truncation depth a [`GpuSession`] keeps exact (as the CPU executor's).
-pub const DEFAULT_MAX_ROLLBACK: usize = model::cpu::DEFAULT_MAX_ROLLBACK;
+pub const DEFAULT_MAX_ROLLBACK: usize = model::DEFAULT_MAX_ROLLBACK;
 /// Bump-chunk size of a session's arena: a session reserves at most this much beyond its use
 /// (its large buffers, such as full-attention KV caches, get chunks of their own).
 pub(crate) const SESSION_CHUNK_BYTES: usize = 16 << 20;
 
-/// One RoPE table on the device (`model::cpu::rope::RopeTable`).
+/// One RoPE table on the device ([`model::RopeTable`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Rope {
     pub(crate) inv_freq: DPtr<f32>,
@@ -269,8 +268,7 @@ impl GpuModel {
         config: Arc<ModelConfig>,
         weights: &Weights,
     ) -> Result<Self, RuntimeError> {
-        model::cpu::check::check(&config, weights)
-            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
         let (tables, per_layer) = rope_tables(&config);
@@ -613,7 +611,7 @@ pub(crate) fn upload_ropes(
 }
 
 /// The output of [`GpuSession::verify`] (same shape as the CPU executor's).
-pub type VerifyOutput = model::cpu::VerifyOutput;
+pub type VerifyOutput = model::VerifyOutput;
 
 /// What a pass leaves on the device for the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -673,7 +671,7 @@ pub struct GpuSession {
     high_water: usize,
     max_seq: usize,
     max_keys: usize,
-    /// Hidden indices (as `model::cpu::Session::verify`) copied out by every pass.
+    /// Hidden indices (as the CPU's `cpu::Session::verify`) copied out by every pass.
     capture: Vec<usize>,
     graphs: HashMap<(usize, Logits), CudaGraph>,
     use_graphs: bool,
@@ -802,7 +800,7 @@ impl GpuSession {
         self.use_graphs = on;
     }
 
-    /// Sets the hidden indices (as `model::cpu::Session::verify`: `0..=L` or
+    /// Sets the hidden indices (as the CPU's `cpu::Session::verify`: `0..=L` or
     /// `LAST_LAYER_PRE_NORM`) that every pass copies out; drops captured graphs when it changes.
     pub fn set_capture(&mut self, indices: &[usize]) -> Result<(), RuntimeError> {
         let nl = self.model.inner.config.layers.len();
@@ -1179,7 +1177,7 @@ impl GpuSession {
 
     /// Runs a block of tokens (causal inside the block; passes of ≤ MAX_TOKENS) and returns the
     /// logits of every token and the requested hidden states (indices as
-    /// `model::cpu::Session::verify`). Follow with [`GpuSession::truncate`] to drop rejected
+    /// the CPU's `cpu::Session::verify`). Follow with [`GpuSession::truncate`] to drop rejected
     /// tokens.
     pub fn verify(
         &mut self,
@@ -1392,7 +1390,7 @@ fn timing_event(stream: &CudaStream) -> Result<CudaEvent, RuntimeError> {
     Ok(event)
 }
 
-/// The hidden-state index of the residual after layer `l` of `nl` (as `model::cpu::Session`).
+/// The hidden-state index of the residual after layer `l` of `nl` (as the CPU's `cpu::Session`).
 fn next_capture(l: usize, nl: usize) -> usize {
     if l + 1 < nl {
         l + 1

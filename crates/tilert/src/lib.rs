@@ -13,8 +13,13 @@
 //! * [`exec`]: the op-by-op executor (`GpuModel`, `GpuSession`) with decode / verify steps
 //!   captured as CUDA graphs, and batched decode of many sessions in one pass (`GpuBatch`;
 //!   its KV-cache ops: [`ops::rows`]);
-//! * [`draft`]: DFlash drafters on the GPU (`GpuDrafter`) and the speculative loop's GPU backend
-//!   (`GpuSpec`, running `dflash::run_speculative`).
+//! * [`draft`]: DFlash drafters on the GPU (`GpuDrafter`, `GpuDraftSession`) from the
+//!   model-level drafter types (`model::drafter`).
+//!
+//! Dependencies point down: this crate builds on `model` (config, weights, spec, sampling, the
+//! drafter types) and never on the CPU executor (`model`'s `cpu` module, the oracle of its tests only) or
+//! on the speculative loop: the loop's GPU backend (`GpuSpec`) is `dflash::gpu` (feature
+//! `cuda`), which depends on this crate.
 
 pub mod arena;
 pub mod draft;

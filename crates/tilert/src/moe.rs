@@ -3,7 +3,7 @@
 //!
 //! A pass over `T ≤ MAX_TOKENS` tokens with top-k routing (`ids` / `weights` `[T, k]` from
 //! [`crate::ops::Ops::route`]) runs each **distinct** selected expert once: its weights are read
-//! once for all the tokens that chose it (`model::cpu::ffn::moe_block` does the same on the CPU).
+//! once for all the tokens that chose it (the CPU's `cpu::ffn::moe_block` does the same).
 //!
 //! Layouts: MXFP4 experts are repacked at upload into `fp4::tiled` (16-row × 4-block tiles, 1 KiB
 //! of codes each, coalesced 16-byte loads); dense experts (bf16 when lossless, else f32) are

@@ -1,6 +1,7 @@
 //! The dense ops of a decoder step on the GPU (`kernels/ops.cu`): one launch wrapper per op.
 //!
-//! Every op here has its one definition in `model::cpu::ops` (or `moe` for routing); the kernels
+//! Every op here has its one definition in the CPU reference executor (`model`'s `cpu::ops`,
+//! or `moe` for routing); the kernels
 //! compute the same math in f32 (accumulation order may differ — the tests state tolerances) and
 //! the tests in `tests/ops.rs` compare each with that CPU definition on random inputs.
 //!
@@ -38,9 +39,9 @@ pub struct AttnArgs {
     pub head_dim: usize,
     pub v_head_dim: usize,
     /// Rotary dims (≤ head_dim; `0` = no RoPE). NeoX half split over the first `rotary_dim` dims,
-    /// as `model::cpu::ops::apply_rope`.
+    /// as the CPU's `cpu::ops::apply_rope`.
     pub rotary_dim: usize,
-    /// `rotary_dim / 2` inverse frequencies (`model::cpu::rope::RopeTable::inv_freq`).
+    /// `rotary_dim / 2` inverse frequencies (the CPU's `cpu::rope::RopeTable::inv_freq`).
     pub inv_freq: DPtr<f32>,
     /// Multiplies cos and sin (YaRN attention factor; 1 otherwise).
     pub attention_factor: f32,
@@ -801,7 +802,7 @@ impl Ops {
         )
     }
 
-    /// `out[r] = rms_norm(x[r]) ⊙ w` for `rows` rows of width `n` (`model::cpu::ops::rms_norm`).
+    /// `out[r] = rms_norm(x[r]) ⊙ w` for `rows` rows of width `n` (CPU: `cpu::ops::rms_norm`).
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm(
         &self,
@@ -1167,7 +1168,7 @@ impl Ops {
 
     /// The MoE combine and residual add: `x[t] += Σ_j y[t][j]`, `y` `[T, k, H]` (already
     /// weighted), the k terms summed from 0 in ascending expert id (`ids` `[T, k]`), as
-    /// `model::cpu::ffn::moe_block`. With `norm = Some((w, eps, out))` the next RMSNorm is
+    /// the CPU's `cpu::ffn::moe_block`. With `norm = Some((w, eps, out))` the next RMSNorm is
     /// fused in: `out[t] = rms_norm(x[t]) ⊙ w` as [`Ops::rms_norm`].
     #[allow(clippy::too_many_arguments)]
     pub fn combine(
@@ -1227,7 +1228,7 @@ impl Ops {
     }
 
     /// `out[t] = glu(gate_up[t])` for a dense MLP: `gate_up` `[T, 2I]` in halves order (rows
-    /// 0..I gate, I..2I up), `out` `[T, I]` (`model::cpu::ops::glu`).
+    /// 0..I gate, I..2I up), `out` `[T, I]` (the CPU's `cpu::ops::glu`).
     #[allow(clippy::too_many_arguments)]
     pub fn glu(
         &self,

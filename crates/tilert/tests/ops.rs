@@ -1286,49 +1286,24 @@ fn router_route_matches_cpu() {
 // Sampling
 // ---------------------------------------------------------------------------------------------
 
-/// The exact distribution `model::sampling::Sampler` draws from, in f64: weights
-/// `w = exp(f32((x − max) · (1/T)))`, top-k keeps every logit ≥ the k-th largest, top-p keeps
-/// the smallest prefix of (descending w, ascending id) whose mass before each kept token is
-/// below `p · total · (1 − 1e-6)`, min-p keeps `w ≥ min_p`.
+/// The exact distribution `model::sampling::Sampler` draws from, in f64: the kept set and
+/// weights of `model::sampling::SamplingDist::kept` (the one definition of the sampling
+/// transform; `w = exp_f32((x − max) · (1/T))`, the kernel's `exp_f32` bit for bit), each weight
+/// divided by the kept mass.
 fn reference_distribution(logits: &[f32], p: &SampleArgs) -> Vec<f64> {
-    let n = logits.len();
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let inv_t = 1.0 / p.temperature;
-    let w: Vec<f64> = logits
-        .iter()
-        .map(|&x| (((x - max) * inv_t) as f64).exp())
-        .collect();
-    let mut keep: Vec<bool> = w.iter().map(|&w| w > 0.0).collect();
-    if p.top_k > 0 && p.top_k < n {
-        let mut sorted = logits.to_vec();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let thr = sorted[p.top_k - 1];
-        for (i, k) in keep.iter_mut().enumerate() {
-            *k &= logits[i] >= thr;
-        }
-    }
-    if p.top_p < 1.0 {
-        let mut order: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        let total: f64 = order.iter().map(|&i| w[i]).sum();
-        let target = p.top_p as f64 * total * (1.0 - 1e-6);
-        let mut acc = 0.0;
-        for (j, &i) in order.iter().enumerate() {
-            if j > 0 && acc >= target {
-                keep[i] = false;
-            }
-            acc += w[i];
-        }
-    }
-    if p.min_p > 0.0 {
-        for (i, k) in keep.iter_mut().enumerate() {
-            *k &= w[i] >= p.min_p as f64;
-        }
-    }
-    let total: f64 = (0..n).filter(|&i| keep[i]).map(|i| w[i]).sum();
-    (0..n)
-        .map(|i| if keep[i] { w[i] / total } else { 0.0 })
-        .collect()
+    let params = model::sampling::SamplingParams {
+        temperature: p.temperature,
+        top_k: (p.top_k > 0).then_some(p.top_k),
+        top_p: Some(p.top_p),
+        min_p: Some(p.min_p),
+        ..Default::default()
+    };
+    let mut dist = model::sampling::SamplingDist::new(&params).unwrap();
+    let kept = dist.kept(logits, &[], &[]).unwrap();
+    let total = kept.total();
+    let mut out = vec![0.0; logits.len()];
+    kept.for_each(|id, w| out[id as usize] = w as f64 / total);
+    out
 }
 
 #[test]

@@ -132,7 +132,7 @@ enum Runner {
     Cpu(dflash::SpecDecoder),
     Gpu {
         plain: Box<tilert::exec::GpuSession>,
-        spec: Box<tilert::draft::GpuSpecOn<tilert::exec::GpuSession>>,
+        spec: Box<dflash::gpu::GpuSpecOn<tilert::exec::GpuSession>>,
         opts: dflash::SpecOptions,
     },
 }
@@ -148,7 +148,7 @@ impl Runner {
         let max_seq = gpu_max_seq(gpu);
         let mut r = Runner::Gpu {
             plain: Box::new(gpu.session(max_seq)?),
-            spec: Box::new(tilert::draft::GpuSpecOn::new(
+            spec: Box::new(dflash::gpu::GpuSpecOn::new(
                 gpu.session(max_seq)?,
                 &drafter,
             )?),

@@ -234,7 +234,7 @@ pub fn gpu_spec_setup(
     if !(dflash::MIN_BLOCK_SIZE..=dflash::MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(dflash::SpecError::BlockSize(block_size).into());
     }
-    let gd = tilert::draft::GpuDrafter::new(gpu, &drafter)
+    let gd = tilert::draft::GpuDrafter::new(gpu, drafter.config(), drafter.weights())
         .with_context(|| format!("uploading drafter {}", draft.display()))?;
     let opts = dflash::SpecOptions {
         block_size,
@@ -253,7 +253,7 @@ pub fn gpu_max_seq(gpu: &tilert::exec::GpuModel) -> usize {
 
 /// Generates from `ids` with DFlash block speculation (`draft` = a drafter directory), streaming
 /// text to `out`; the output is the same as [`generate`]'s for greedy decoding. On the GPU
-/// (`loaded.gpu`) the drafter runs on the device ([`tilert::draft::GpuSpec`]); else on the CPU.
+/// (`loaded.gpu`) the drafter runs on the device ([`dflash::gpu::GpuSpec`]); else on the CPU.
 pub fn generate_speculative(
     loaded: &Loaded,
     draft: &Path,
@@ -318,7 +318,7 @@ pub fn generate_speculative(
             opts,
             session,
         } => (
-            tilert::draft::GpuSpec::new(session, drafter)?.generate(
+            dflash::gpu::GpuSpec::new(session, drafter)?.generate(
                 opts,
                 ids,
                 params,

@@ -1,5 +1,5 @@
 //! The GPU executor (`tilert::exec`) as a [`Backend`], with DFlash drafting on the device when
-//! a drafter is loaded (`tilert::draft`).
+//! a drafter is loaded (`tilert::draft`'s drafter, `dflash::gpu`'s backend).
 //!
 //! * Sequences are [`GpuSession`]s of one fixed size (`max_seq` positions: the server's
 //!   context): the attention kernels split keys by the session size, so every sequence of the
@@ -27,10 +27,11 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use dflash::gpu::GpuSpecOn;
 use dflash::SpecOptions;
 use model::config::ModelConfig;
 use model::cpu::VerifyOutput;
-use tilert::draft::{GpuDrafter, GpuSpecOn};
+use tilert::draft::GpuDrafter;
 use tilert::exec::{GpuBatch, GpuModel, GpuSession};
 use tilert::RuntimeError;
 

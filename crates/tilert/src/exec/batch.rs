@@ -1,6 +1,6 @@
 //! Batched decode: the next token of up to [`MAX_TOKENS`] sequences ([`GpuSession`]s of one
 //! model, each at its own length) in **one pass** — the GPU counterpart of
-//! `model::cpu::Model::decode_batch`.
+//! the CPU's `cpu::Model::decode_batch`.
 //!
 //! The pass is the executor's ordinary `T`-token pass with `T = N` rows (one per sequence):
 //! embedding, norms, QKV / O projections, router, experts (each distinct expert read once for

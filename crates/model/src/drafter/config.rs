@@ -34,9 +34,9 @@
 //! (research/dflash.md §2.5 lists its meaning as open; [`DrafterConfig::rope`] is public, so a
 //! caller can override the RoPE).
 
-use model::config::{as_usize, parse_yarn, ConfigError, Obj, Rope};
+use crate::config::{as_usize, parse_yarn, ConfigError, Obj, Rope};
 
-use crate::drafter::DrafterError;
+use super::DrafterError;
 use serde_json::Value;
 
 /// Smallest supported block size (one draft token).
@@ -48,7 +48,7 @@ pub const MAX_BLOCK_SIZE: usize = 16;
 pub const DEFAULT_BLOCK_SIZE: usize = 8;
 
 /// Sanity limit on dimensions (as the model crate's `MAX_DIM`).
-const MAX_DIM: usize = model::config::MAX_DIM;
+const MAX_DIM: usize = crate::config::MAX_DIM;
 
 /// Attention pattern of one draft layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +116,7 @@ impl DrafterConfig {
 
     /// Checks a drafter of this config whose `fc` takes `feature_width` inputs against a target
     /// of `vocab` tokens, hidden size `hidden` and `layers` decoder layers (see
-    /// [`crate::Drafter::check_dims`]).
+    /// [`DrafterWeights::check_target`](super::DrafterWeights::check_target)).
     pub fn check_target_dims(
         &self,
         feature_width: usize,
@@ -260,7 +260,7 @@ fn parse(top: &Obj<'_>, dcfg: Option<&Obj<'_>>) -> Result<DrafterConfig, ConfigE
 
     let hidden_size = top.dim("hidden_size", MAX_DIM)?;
     let n_layers = top.dim("num_hidden_layers", MAX_DIM)?;
-    if n_layers > model::config::MAX_LAYERS {
+    if n_layers > crate::config::MAX_LAYERS {
         return Err(top.invalid("num_hidden_layers", "exceeds the layer limit"));
     }
     let n_heads = top.dim("num_attention_heads", MAX_DIM)?;
@@ -337,7 +337,7 @@ fn parse(top: &Obj<'_>, dcfg: Option<&Obj<'_>>) -> Result<DrafterConfig, ConfigE
         }
         let mut ids = Vec::with_capacity(list.len());
         for (i, v) in list.iter().enumerate() {
-            let id = as_usize(v).filter(|&x| x <= model::config::MAX_LAYERS);
+            let id = as_usize(v).filter(|&x| x <= crate::config::MAX_LAYERS);
             let Some(id) = id else {
                 return Err(o.invalid(
                     &format!("target_layer_ids[{i}]"),

@@ -1,4 +1,5 @@
-//! DFlash on the GPU (`tilert::draft`) against the CPU drafter (`dflash::Drafter`) and plain GPU
+//! DFlash on the GPU (`tilert::draft`'s drafter, the loop's backend `dflash::gpu`) against the
+//! CPU drafter (`dflash::Drafter`) and plain GPU
 //! decoding, on the fixture drafters `fixtures/drafters/*` with their targets (z-lab full
 //! attention on Qwen3-MoE, z-lab causal sliding window 6 on gpt-oss, MiMo all-SWA window 3
 //! non-causal with sinks / value scale / partial RoPE / mask embedding on MiMo-V2-Flash) and
@@ -15,6 +16,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use dflash::gpu::GpuSpec;
 use dflash::toy::{self, ToyKind};
 use dflash::{Drafter, SpecOptions, Target};
 use model::cpu::CpuModel;
@@ -22,7 +24,7 @@ use model::sampling::SamplingParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tilert::arena::dtoh;
-use tilert::draft::{GpuDrafter, GpuSpec};
+use tilert::draft::GpuDrafter;
 use tilert::exec::{GpuModel, GpuSession};
 
 fn fixtures() -> PathBuf {
@@ -122,7 +124,7 @@ fn draft_logits_match_cpu() {
         let m = load(&rel);
         let v = m.cpu.config().vocab_size;
         let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
-        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
         let layers = d.config().target_layer_ids.clone();
         let prompt: Vec<u32> = (0..20).map(|_| r.random_range(0..v as u32)).collect();
 
@@ -206,7 +208,7 @@ fn greedy_identity_with_plain_gpu_decoding() {
             runs.push((format!("toy {kind:?}"), d, 8));
         }
         for (dname, d, b) in runs {
-            let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+            let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
             let mut s: GpuSession = m.gpu.session(256).unwrap();
             let mut spec = GpuSpec::new(&mut s, &gd).unwrap();
             let opts = SpecOptions {
@@ -258,7 +260,7 @@ fn chunked_prefill_equals_one_call() {
         let stream = m.gpu.stream().clone();
         let prompt: Vec<u32> = (0..40).map(|_| r.random_range(0..v as u32)).collect();
         let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
-        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
         let x = prompt[3];
         // The state after a prefill: (last row, draft rows of the next block, target row of x).
         let state = |chunks: &[usize]| {
@@ -337,7 +339,7 @@ fn rejection_sampling_on_gpu_logits() {
         let m = load(&rel);
         let v = m.cpu.config().vocab_size;
         let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
-        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
         let prompt: Vec<u32> = (0..12).map(|_| r.random_range(0..v as u32)).collect();
         let params = SamplingParams {
             temperature: 0.9,
@@ -429,10 +431,13 @@ fn errors_are_typed() {
     for (other, _) in &ps[1..] {
         let od = Drafter::load_unchecked(&fixtures().join("drafters").join(other)).unwrap();
         if od.check_target(m.cpu.config()).is_err() {
-            assert!(GpuDrafter::new(&m.gpu, &od).is_err(), "{other} on {rel}");
+            assert!(
+                GpuDrafter::new(&m.gpu, od.config(), od.weights()).is_err(),
+                "{other} on {rel}"
+            );
         }
     }
-    let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+    let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
     let mut ds = gd.session(64).unwrap();
     let mut gs = m.gpu.session(64).unwrap();
     // Features must come from a session that captures the drafter's layers.
@@ -479,7 +484,7 @@ fn input_embedding_scale_matches_cpu() {
         let mut plain_cfg = cfg;
         plain_cfg.input_embedding_scale = 1.0;
         let unscaled = Drafter::new(plain_cfg, weights).unwrap();
-        let gd = GpuDrafter::new(&m.gpu, &d).unwrap();
+        let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
         let layers = d.config().target_layer_ids.clone();
         let prompt: Vec<u32> = (0..20).map(|_| r.random_range(0..v as u32)).collect();
         let mut cs = m.cpu.session();
@@ -593,7 +598,7 @@ fn state_after_rejections_equals_a_fresh_prefill() {
             ),
         ];
         for (dname, d) in &drafters {
-            let gd = GpuDrafter::new(&m.gpu, d).unwrap();
+            let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
             for b in [4, 16] {
                 let mut s = m.gpu.session(256).unwrap();
                 let mut spec = GpuSpec::new(&mut s, &gd).unwrap();

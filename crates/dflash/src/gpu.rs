@@ -1,0 +1,215 @@
+//! The speculative loop's GPU backend (feature `cuda`): [`GpuSpecOn`] pairs a target
+//! [`GpuSession`] with a drafter state [`GpuDraftSession`] (both `tilert`) as a [`SpecBackend`],
+//! so [`run_speculative`] runs on the device.
+//!
+//! It lives here, with the loop it implements a backend of, rather than in the GPU runtime:
+//! `tilert` provides the executors (the target session and the GPU drafter, built from the
+//! model-level `model::drafter` types) and depends on neither this crate nor the CPU executor;
+//! this module is the only place that knows both the loop and the device.
+
+use std::borrow::BorrowMut;
+use std::ops::ControlFlow;
+
+use model::sampling::SamplingParams;
+use tilert::arena::{dtoh, DPtr};
+use tilert::draft::{GpuDraftSession, GpuDrafter};
+use tilert::exec::GpuSession;
+use tilert::ops::MAX_TOKENS;
+use tilert::RuntimeError;
+
+use crate::decode::run_speculative;
+use crate::{Round, Rows, SpecBackend, SpecError, SpecOptions, SpecOutput, Want};
+
+fn target_err(e: RuntimeError) -> SpecError {
+    SpecError::Target(Box::new(e))
+}
+
+/// The speculative loop's backend on the GPU: a target [`GpuSession`] (borrowed, [`GpuSpec`], or
+/// owned, `GpuSpecOn<GpuSession>`: a whole speculative sequence to keep between calls, as the
+/// server does) and a drafter state. Greedy rounds bring back one id per row (draft and verify
+/// argmax on the device); sampled rounds bring back the logits.
+pub struct GpuSpecOn<T> {
+    target: T,
+    draft: GpuDraftSession,
+    /// Position and size of the latest verified block.
+    verified: Option<(usize, usize)>,
+}
+
+/// [`GpuSpecOn`] over a borrowed target session.
+pub type GpuSpec<'a> = GpuSpecOn<&'a mut GpuSession>;
+
+impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
+    /// Pairs `target` (its model must be the drafter's target) with a fresh draft state.
+    pub fn new(target: T, drafter: &GpuDrafter) -> Result<Self, RuntimeError> {
+        let draft = drafter.session(target.borrow().max_seq())?;
+        Self::with_draft_session(target, draft)
+    }
+
+    /// Pairs `target` with an existing draft state (reset by the prefill; its captured graphs
+    /// are kept, so repeated generations do not capture again).
+    pub fn with_draft_session(target: T, draft: GpuDraftSession) -> Result<Self, RuntimeError> {
+        draft.check_target(target.borrow())?;
+        Ok(Self {
+            target,
+            draft,
+            verified: None,
+        })
+    }
+
+    /// The draft state back (to pair with the next sequence).
+    pub fn into_draft_session(self) -> GpuDraftSession {
+        self.draft
+    }
+
+    /// The target session and the draft state back.
+    pub fn into_parts(self) -> (T, GpuDraftSession) {
+        (self.target, self.draft)
+    }
+
+    /// The target session.
+    pub fn target(&self) -> &GpuSession {
+        self.target.borrow()
+    }
+
+    /// Device bytes of the target session and the draft state.
+    pub fn device_bytes(&self) -> usize {
+        self.target().device_bytes() + self.draft.device_bytes()
+    }
+
+    /// Empties the target and the draft state, so the next [`GpuSpecOn::generate`] (or
+    /// `SpecBackend::prefill`) starts a new sequence on the same device memory and graphs.
+    pub fn reset(&mut self) {
+        self.target.borrow_mut().reset();
+        self.draft.reset();
+        self.verified = None;
+    }
+
+    /// The draft state (for inspection).
+    pub fn draft_session(&mut self) -> &mut GpuDraftSession {
+        &mut self.draft
+    }
+
+    fn rows(&self, logits: DPtr<f32>, argmax: DPtr<u32>, want: Want) -> Result<Rows, SpecError> {
+        let s = self.target().model().stream();
+        Ok(match want {
+            Want::Argmax => Rows::Argmax(dtoh(s, argmax).map_err(target_err)?),
+            Want::Logits => Rows::Logits(dtoh(s, logits).map_err(target_err)?),
+        })
+    }
+
+    /// Runs [`run_speculative`] on this backend: speculative generation from `prompt` (the
+    /// session must be empty).
+    pub fn generate(
+        &mut self,
+        opts: &SpecOptions,
+        prompt: &[u32],
+        params: &SamplingParams,
+        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+        on_round: &mut dyn FnMut(&Round<'_>),
+    ) -> Result<SpecOutput, SpecError> {
+        run_speculative(self, opts, prompt, params, on_token, on_round)
+    }
+}
+
+impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
+    fn vocab_size(&self) -> usize {
+        self.target().model().config().vocab_size
+    }
+
+    fn len(&self) -> usize {
+        self.target().len()
+    }
+
+    /// Target passes take at most [`MAX_TOKENS`] tokens: chunks cut at multiples of that run
+    /// the same passes as one call.
+    fn prefill_granularity(&self) -> usize {
+        MAX_TOKENS
+    }
+
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
+        if chunk.is_empty() {
+            return Err(SpecError::EmptyPrompt);
+        }
+        if self.target().is_empty() {
+            // A new sequence: the draft state may hold an earlier one's context.
+            self.draft.reset();
+        } else if self.target().len() != self.draft.len() {
+            return Err(SpecError::TargetOutput(format!(
+                "the target holds {} positions, the drafter context {}",
+                self.target().len(),
+                self.draft.len()
+            )));
+        }
+        self.verified = None;
+        let target = self.target.borrow_mut();
+        target
+            .set_capture(self.draft.drafter().hidden_indices())
+            .map_err(target_err)?;
+        let mut last = 0;
+        for pass in chunk.chunks(MAX_TOKENS) {
+            target.forward_device(pass).map_err(target_err)?;
+            self.draft
+                .append_context(target, pass.len())
+                .map_err(target_err)?;
+            last = pass.len();
+        }
+        let Some(want) = want else {
+            return Ok(None);
+        };
+        let v = self.vocab_size();
+        let logits = self.target().logits_device(last);
+        let argmax = self.target().argmax_device(last);
+        self.rows(
+            logits.slice((last - 1) * v..last * v),
+            argmax.slice(last - 1..last),
+            want,
+        )
+        .map(Some)
+    }
+
+    fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError> {
+        if self.target().len() != self.draft.len() {
+            return Err(SpecError::TargetOutput(format!(
+                "the target holds {} positions, {} were committed",
+                self.target().len(),
+                self.draft.len()
+            )));
+        }
+        self.draft.draft(x_last, block_size).map_err(target_err)?;
+        let n = block_size - 1;
+        self.rows(
+            self.draft.logits_device(n),
+            self.draft.argmax_device(n),
+            want,
+        )
+    }
+
+    fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
+        let target = self.target.borrow_mut();
+        let start = target.len();
+        target
+            .set_capture(self.draft.drafter().hidden_indices())
+            .map_err(target_err)?;
+        target.forward_device(tokens).map_err(target_err)?;
+        self.verified = Some((start, tokens.len()));
+        self.rows(
+            self.target().logits_device(tokens.len()),
+            self.target().argmax_device(tokens.len()),
+            want,
+        )
+    }
+
+    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
+        let Some((start, n)) = self.verified.take() else {
+            return Err(SpecError::TargetOutput("commit without a verify".into()));
+        };
+        if keep == 0 || keep > n {
+            return Err(SpecError::TargetOutput(format!(
+                "cannot keep {keep} of {n} verified tokens"
+            )));
+        }
+        let target = self.target.borrow_mut();
+        target.truncate(start + keep).map_err(target_err)?;
+        self.draft.append_context(target, keep).map_err(target_err)
+    }
+}
