@@ -3,9 +3,10 @@
 //! Owns everything that is not plain `cargo build`:
 //! * `cuda-setup`: a pinned CUDA 13.0 compiler from PyPI into the ignored folder `.cuda/`
 //!   (or the existing `CUDA_HOME` / `nvcc` when it is release 13.0).
-//! * `kernels [--check]`: `kernels/*.cu` → `kernels/artifacts/NAME.sm_90a.cubin` +
-//!   `NAME.compute_90.ptx` (committed, embedded by `crates/kernels`); `--check` rebuilds into a
-//!   temporary folder and fails if any committed artifact differs (stale).
+//! * `kernels [--check]`: `kernels/*.cu` (one file per op family; shared headers in
+//!   `kernels/common/`) → `kernels/artifacts/NAME.sm_90a.cubin` + `NAME.compute_90.ptx`
+//!   (committed, embedded by `crates/kernels`); `--check` rebuilds into a temporary folder and
+//!   fails if any committed artifact differs (stale).
 //! * `gpu-bundle`: builds the GPU test and benchmark binaries (release) and stages them, with the
 //!   kernel artifacts and `run.sh`, in the ignored folder `gpu-bundle/`, to be carried to a GPU
 //!   machine and run there with `bash gpu-bundle/run.sh` (prints a pass/fail + numbers table).
@@ -184,32 +185,66 @@ fn kernel_sources(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Compiles every kernel into `out`; returns artifact file name → bytes.
+/// Every file the artifacts are built from: the `.cu` sources and the shared headers
+/// (`kernels/*.cuh`, `kernels/common/*.cuh`), sorted by path.
+fn kernel_inputs(kdir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    for dir in [kdir.to_path_buf(), kdir.join("common")] {
+        v.extend(
+            fs::read_dir(&dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh")),
+        );
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Compiles every kernel into `out`, the nvcc runs spread over the machine's cores; returns
+/// artifact file name → bytes.
 fn build_kernels(nvcc: &Path, out: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     let kdir = root().join("kernels");
     fs::create_dir_all(out)?;
-    let mut built = BTreeMap::new();
+    let mut jobs = Vec::new();
     for src in kernel_sources(&kdir)? {
         let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-        for (flags, name) in [
-            (CUBIN_FLAGS, format!("{stem}.sm_90a.cubin")),
-            (PTX_FLAGS, format!("{stem}.compute_90.ptx")),
-        ] {
-            let dst = out.join(&name);
-            let status = Command::new(nvcc)
-                .args(flags)
-                .arg("-I")
-                .arg(&kdir)
-                .arg("-o")
-                .arg(&dst)
-                .arg(&src)
-                .status()
-                .with_context(|| format!("running {}", nvcc.display()))?;
-            if !status.success() {
-                bail!("nvcc failed on {}", src.display());
-            }
-            built.insert(name, fs::read(&dst)?);
+        jobs.push((src.clone(), CUBIN_FLAGS, format!("{stem}.sm_90a.cubin")));
+        jobs.push((src, PTX_FLAGS, format!("{stem}.compute_90.ptx")));
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(jobs.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((src, flags, name)) = jobs.get(i) else {
+                    break;
+                };
+                let dst = out.join(name);
+                let r = Command::new(nvcc)
+                    .args(*flags)
+                    .arg("-I")
+                    .arg(&kdir)
+                    .arg("-o")
+                    .arg(&dst)
+                    .arg(src)
+                    .status()
+                    .with_context(|| format!("running {}", nvcc.display()))
+                    .and_then(|status| {
+                        if !status.success() {
+                            bail!("nvcc failed on {} ({name})", src.display());
+                        }
+                        Ok(fs::read(&dst)?)
+                    });
+                results.lock().unwrap().push((name.clone(), r));
+            });
         }
+    });
+    let mut built = BTreeMap::new();
+    for (name, r) in results.into_inner().unwrap() {
+        built.insert(name, r?);
     }
     Ok(built)
 }
@@ -235,15 +270,10 @@ fn manifest(version: &str, built: &BTreeMap<String, Vec<u8>>) -> Result<String> 
     m += &format!("compiler: nvcc {release}\n");
     m += &format!("cubin flags: {}\n", CUBIN_FLAGS.join(" "));
     m += &format!("ptx flags: {}\n", PTX_FLAGS.join(" "));
-    let mut inputs: Vec<PathBuf> = fs::read_dir(&kdir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
-        .collect();
-    inputs.sort();
-    for p in inputs {
+    for p in kernel_inputs(&kdir)? {
         m += &format!(
             "source {} sha256 {}\n",
-            p.file_name().unwrap().to_string_lossy(),
+            p.strip_prefix(&kdir)?.to_string_lossy(),
             sha256_hex(&fs::read(&p)?)
         );
     }
@@ -261,6 +291,15 @@ fn kernels(check: bool) -> Result<()> {
     let art = root().join("kernels/artifacts");
     if !check {
         let built = build_kernels(&nvcc, &art)?;
+        // Artifacts of sources that no longer exist (a renamed or split family).
+        for e in fs::read_dir(&art)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != "MANIFEST" && !built.contains_key(&name) {
+                println!("removing {name}: no kernels/*.cu produces it");
+                fs::remove_file(e.path())?;
+            }
+        }
         fs::write(art.join("MANIFEST"), manifest(&version, &built)?)?;
         for (name, bytes) in &built {
             println!("{name:40} {:>8} bytes", bytes.len());
