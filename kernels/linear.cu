@@ -42,11 +42,11 @@ LINEAR_VEC_R(f32, false, 8, 2, 1, 1)
 LINEAR_VEC_R(f32, false, 16, 2, 1, 1)
 
 // Any K and alignment: one warp per row, lanes strided over single elements.
-extern "C" __global__ void linear_generic(const void* __restrict__ wv, uint32_t is_bf16,
-                                          const float* __restrict__ bias,
-                                          const float* __restrict__ x, float* __restrict__ y,
-                                          uint32_t n, uint32_t k, uint32_t t,
-                                          uint32_t accumulate) {
+__device__ __forceinline__ void linear_generic_body(const void* __restrict__ wv, uint32_t is_bf16,
+                                                    const float* __restrict__ bias,
+                                                    const float* __restrict__ x,
+                                                    float* __restrict__ y, uint32_t n, uint32_t k,
+                                                    uint32_t t, uint32_t accumulate) {
     pdl_begin();
     const uint32_t row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -74,4 +74,11 @@ extern "C" __global__ void linear_generic(const void* __restrict__ wv, uint32_t 
             *yp = val;
         }
     }
+}
+
+extern "C" __global__ void linear_generic(const void* __restrict__ wv, uint32_t is_bf16,
+                                          const float* __restrict__ bias,
+                                          const float* __restrict__ x, float* __restrict__ y,
+                                          uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate) {
+    linear_generic_body(wv, is_bf16, bias, x, y, n, k, t, accumulate);
 }

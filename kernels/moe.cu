@@ -19,8 +19,9 @@
 
 // Halves layout: gate = gate_up[t][i], up = gate_up[t][I + i]. kind 0 = clamped SwiGLU
 // (gpt-oss), 1 = SwiGLU.
-extern "C" __global__ void glu_halves(const float* gate_up, uint32_t t_count, uint32_t inter,
-                                      uint32_t kind, float alpha, float limit, float* out) {
+__device__ __forceinline__ void glu_halves_body(const float* gate_up, uint32_t t_count,
+                                                uint32_t inter, uint32_t kind, float alpha,
+                                                float limit, float* out) {
     pdl_begin();
     const uint64_t n = (uint64_t)t_count * inter;
     for (uint64_t idx = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; idx < n;
@@ -38,6 +39,11 @@ extern "C" __global__ void glu_halves(const float* gate_up, uint32_t t_count, ui
         }
         out[idx] = r;
     }
+}
+
+extern "C" __global__ void glu_halves(const float* gate_up, uint32_t t_count, uint32_t inter,
+                                      uint32_t kind, float alpha, float limit, float* out) {
+    glu_halves_body(gate_up, t_count, inter, kind, alpha, limit, out);
 }
 
 // order[0..k) = the slots of ids[0..k) by ascending expert id (insertion sort, stable: equal
@@ -62,8 +68,9 @@ __device__ void sort_entries(const int32_t* ids, uint32_t k, int* order) {
 // x[t] += Σ_j y[t][j] with the k terms summed from 0 in ascending expert id; then, when `nw` is
 // given, h[t] = rms_norm(x[t]) ⊙ nw (the next layer's input norm fused in: as `rms_norm`, but
 // grid (T, 1) is required). grid (T, ...).
-extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* ids, uint32_t k,
-                                       uint32_t h, const float* nw, float eps, float* hout) {
+__device__ __forceinline__ void moe_combine_body(float* x, const float* y, const int32_t* ids,
+                                                 uint32_t k, uint32_t h, const float* nw, float eps,
+                                                 float* hout) {
     pdl_begin();
     const uint32_t t = blockIdx.x;
     __shared__ int order[MAX_TOKENS];
@@ -84,6 +91,11 @@ extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* 
     const float r = 1.0f / sqrtf(ss / (float)h + eps);
     float* orow = hout + (size_t)t * h;
     for (uint32_t i = threadIdx.x; i < h; i += blockDim.x) orow[i] = __fmul_rn(nw[i], __fmul_rn(xr[i], r));
+}
+
+extern "C" __global__ void moe_combine(float* x, const float* y, const int32_t* ids, uint32_t k,
+                                       uint32_t h, const float* nw, float eps, float* hout) {
+    moe_combine_body(x, y, ids, k, h, nw, eps, hout);
 }
 
 // moe_combine with the next RMSNorm fused, for h <= V * blockDim.x: a block per token holds its

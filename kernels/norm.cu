@@ -15,8 +15,8 @@
 #include "common/reduce.cuh"
 
 // out[r] = w ⊙ (x[r] · 1/sqrt(mean(x[r]²) + eps)); one block per row.
-extern "C" __global__ void rms_norm(const float* x, const float* w, uint32_t n, float eps,
-                                   float* out) {
+__device__ __forceinline__ void rms_norm_body(const float* x, const float* w, uint32_t n, float eps,
+                                              float* out) {
     pdl_begin();
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * n;
@@ -27,4 +27,9 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, uint32_t n, 
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x)
         orow[i] = __fmul_rn(w[i], __fmul_rn(xr[i], r));
+}
+
+extern "C" __global__ void rms_norm(const float* x, const float* w, uint32_t n, float eps,
+                                    float* out) {
+    rms_norm_body(x, w, n, eps, out);
 }

@@ -175,10 +175,15 @@ __device__ void route_token(const RouteSpec& rs, const float* z, uint32_t t, Rou
 }
 
 // grid T, block 32: route_token of each token's logits [T][n_exp].
-extern "C" __global__ void route(const float* logits, RouteSpec rs, int32_t* ids_out, float* w_out) {
+__device__ __forceinline__ void route_body(const float* logits, RouteSpec rs, int32_t* ids_out,
+                                           float* w_out) {
     pdl_begin();
     __shared__ RouteSmem sm;
     route_token(rs, logits + (size_t)blockIdx.x * rs.n_exp, blockIdx.x, sm, ids_out, w_out);
+}
+
+extern "C" __global__ void route(const float* logits, RouteSpec rs, int32_t* ids_out, float* w_out) {
+    route_body(logits, rs, ids_out, w_out);
 }
 
 // Router + routing with the post-attention norm fused in, for T ≤ TT tokens:

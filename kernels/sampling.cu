@@ -61,8 +61,8 @@ __device__ void block_argmax(float& best, uint32_t& besti) {
 // out[t] = argmax(logits[t]); lowest index on ties. grid (B, T): block b scans chunk b of the
 // row; with B > 1 each writes its (value, index) to scratch ([MAX_TOKENS] counters, then
 // [T][B] pairs; counters zero before the first launch) and the last block of each row merges.
-extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t* out,
-                                       uint32_t* scratch) {
+__device__ __forceinline__ void argmax_rows_body(const float* logits, uint32_t v, uint32_t* out,
+                                                 uint32_t* scratch) {
     pdl_begin();
     const uint32_t t = blockIdx.y, B = gridDim.x;
     const float* row = logits + (size_t)t * v;
@@ -105,6 +105,11 @@ extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t
         argmax_fold(best, besti, __uint_as_float(__ldcg(pairs + 2 * b)), __ldcg(pairs + 2 * b + 1));
     block_argmax(best, besti);
     if (threadIdx.x == 0) out[t] = besti == 0xffffffffu ? 0u : besti;
+}
+
+extern "C" __global__ void argmax_rows(const float* logits, uint32_t v, uint32_t* out,
+                                       uint32_t* scratch) {
+    argmax_rows_body(logits, v, out, scratch);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -296,9 +301,9 @@ __device__ void crossing_select(const float* logits, uint32_t v, const SampleSta
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample(const float* logits, uint32_t v, float temperature, uint32_t top_k, float top_p,
-           float min_p, const float* uniform, uint32_t* out) {
+__device__ __forceinline__ void sample_body(const float* logits, uint32_t v, float temperature,
+                                            uint32_t top_k, float top_p, float min_p,
+                                            const float* uniform, uint32_t* out) {
     pdl_begin();
     __shared__ float redf[32];
     __shared__ double scan[SAMPLE_THREADS];
@@ -444,4 +449,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
     __syncthreads();
     if (tid == 0 && !sh_found) out[0] = sh_last >= 0 ? (uint32_t)sh_last : 0u;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample(const float* logits, uint32_t v, float temperature, uint32_t top_k, float top_p,
+           float min_p, const float* uniform, uint32_t* out) {
+    sample_body(logits, v, temperature, top_k, top_p, min_p, uniform, out);
 }
