@@ -280,7 +280,7 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, uint32_t str
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(32 * ATT_MAX_WARPS)
     attention_gqa(const float* q, const float* k_cache, const float* v_cache,
                   const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv, uint32_t d,
                   uint32_t dv, uint32_t capacity, uint32_t window, uint32_t causal, float scale,
@@ -296,7 +296,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // Causal decode attention of row t's one query (position rows[t].pos) over its own cache, cut
 // into rows[t].splits key splits (≤ gridDim.x): exactly the blocks attention_gqa runs for that
 // sequence's one-token pass. grid (max splits, nkv, T); scratch as attention_gqa's.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(32 * ATT_MAX_WARPS)
     attention_gqa_rows(const float* q, const KvRow* rows, uint32_t nh, uint32_t nkv, uint32_t d,
                        uint32_t dv, uint32_t window, float scale, const float* sinks,
                        float* scratch, float* out) {

@@ -18,7 +18,7 @@
 #include "common/gemv.cuh"
 
 #define LINEAR_VEC(NAME, BF, TT, R, U)                                                          \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+    extern "C" __global__ void __launch_bounds__(LINEAR_THREADS) NAME(                           \
         const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
         float* __restrict__ y, uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate,          \
         uint32_t prefetch) {                                                                     \

@@ -62,6 +62,7 @@ __device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uin
                   v0, v1);
 }
 
+// rope_store_kv at row t's position into row t's own cache (batched decode: rr.rows[t]).
 __device__ __forceinline__ void rope_store(const RopeOutRows& rr, uint32_t row0, uint32_t n,
                                            uint32_t t, float v0, float v1) {
     const KvRow& r = rr.rows[t];
@@ -71,7 +72,7 @@ __device__ __forceinline__ void rope_store(const RopeOutRows& rr, uint32_t row0,
 // The QKV projection of rope-pair-ordered weights with RoPE and the KV write fused in
 // (replaces linear + rope_kv_write for layers without q/k norm). Two rows per warp.
 #define LINEAR_QKV_ROPE(NAME, BF, TT, U)                                                        \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+    extern "C" __global__ void __launch_bounds__(LINEAR_THREADS) NAME(                           \
         const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
         uint32_t n, uint32_t k, uint32_t t, RopeOut ro) {                                        \
         linear_vec<BF, TT, 2, U, true>(w, bias, x, nullptr, n, k, t, 0, 0, &ro);                 \
@@ -89,7 +90,7 @@ LINEAR_QKV_ROPE(linear_qkv_rope_f32_t16, false, 16, 1)
 
 // The batched-decode variant: k and v of row t into rows[t]'s cache at rows[t].pos.
 #define LINEAR_QKV_ROPE_ROWS(NAME, BF, TT, U)                                                   \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+    extern "C" __global__ void __launch_bounds__(LINEAR_THREADS) NAME(                           \
         const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x, \
         uint32_t n, uint32_t k, uint32_t t, RopeOutRows rr) {                                    \
         linear_vec<BF, TT, 2, U, true, RopeOutRows>(w, bias, x, nullptr, n, k, t, 0, 0, &rr);    \
