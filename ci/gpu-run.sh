@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs a GPU bundle built by `cargo xtask gpu-bundle` (or `cargo xtask bench`) on a machine with an
-# NVIDIA GPU: every GPU test binary (a missing GPU is a failure here: ULTRA_REQUIRE_GPU=1), then
-# every benchmark binary. A pass/fail + numbers table is printed last.
-#   bash run.sh                 every test binary, then every benchmark
-#   bash run.sh --tests-only    tests only
+# NVIDIA GPU: every GPU test binary (a missing GPU is a failure here: ULTRA_REQUIRE_GPU=1), a smoke
+# run of `ultra generate --device cuda` on the embedded default model, then every benchmark
+# program. A pass/fail + numbers table is printed last.
+#   bash run.sh                 tests, the ultra smoke run, then every benchmark
+#   bash run.sh --tests-only    tests and the smoke run only
 #   bash run.sh --bench-only    benchmarks only
 #   ONLY=regex bash run.sh ...  only the test/bench binaries whose name matches regex
+# The bundle is bundle.tar.xz beside this script, unpacked into a temporary folder. Fixtures come
+# from the bundle (--self-contained) or from the checkout it sits in (gpu-bundle/../fixtures), as
+# when the device tool carries it: `carry ["gpu-bundle"]`, command `bash gpu-bundle/run.sh`.
 # Results: with $OUT set (the device tool), logs and JSON are packed into $OUT/results.tgz and the
 # benchmarks' markdown / JSON / SVG are copied to $OUT; otherwise everything stays in ./gpu-results.
 set -u
@@ -13,15 +17,30 @@ here=$(cd "$(dirname "$0")" && pwd)
 tests=1; benches=1
 [ "${1:-}" = "--tests-only" ] && benches=0
 [ "${1:-}" = "--bench-only" ] && tests=0
-if [ -n "${OUT:-}" ]; then out=$(mktemp -d); else out=$here/../gpu-results; fi
+if [ -d "$here/fixtures" ]; then data=$here
+elif [ -d "$here/../fixtures" ]; then data=$(cd "$here/.." && pwd)
+else echo "no fixtures: neither $here/fixtures (a --self-contained bundle) nor $here/../fixtures (a checkout)" >&2; exit 2
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if command -v xz >/dev/null; then
+  tar -xJf "$here/bundle.tar.xz" -C "$work" || exit 2
+else
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+    "$here/bundle.tar.xz" "$work" || exit 2
+fi
+if [ -n "${OUT:-}" ]; then out=$(mktemp -d); else out=$data/gpu-results; fi
 mkdir -p "$out"
-export ULTRA_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0
+# Tests and benchmarks read fixtures/ (and ../crates/default-model/assets) from here.
+cd "$data"
+export ULTRA_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 ULTRA_FIXTURES=$data/fixtures
+export ULTRA_CACHE_DIR=${ULTRA_CACHE_DIR:-$work/cache}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$out/device.txt" 2>&1 || true
 summary=()
 fail=0
 selected() { [ -z "${ONLY:-}" ] || grep -Eq "$ONLY" <<<"$1"; }
 if [ $tests = 1 ]; then
-  for t in "$here"/tests/*; do
+  for t in "$work"/tests/*; do
     name=$(basename "$t")
     selected "$name" || continue
     log="$out/test-$name.log"
@@ -33,9 +52,16 @@ if [ $tests = 1 ]; then
     if [ $rc -eq 0 ]; then status=PASS; else status=FAIL; fail=1; grep -E '^(test .* FAILED|---- |thread .* panicked)' "$log" | head -20; grep -B2 -A12 -E "panicked at" "$log" | head -60; fi
     summary+=("$(printf '| test  | %-28s | %-4s | %s passed, %s failed |' "$name" "$status" "${passed:-?}" "${failed:-?}")")
   done
+  if [ -x "$work/ultra" ] && selected ultra; then
+    log="$out/ultra-generate.log"
+    "$work/ultra" generate --device cuda --max-tokens 64 "def fibonacci(n):" >"$log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then status=PASS; else status=FAIL; fail=1; tail -20 "$log"; fi
+    summary+=("$(printf '| run   | %-28s | %-4s | %s |' "ultra generate --device cuda" "$status" "$(grep -E 'tok/s' "$log" | tail -1 | cut -c1-60)")")
+  fi
 fi
 if [ $benches = 1 ]; then
-  for b in "$here"/bin/*; do
+  for b in "$work"/bin/*; do
     name=$(basename "$b")
     selected "$name" || continue
     log="$out/bench-$name.log"

@@ -2,6 +2,8 @@
 // on-device random fill (so multi-GB benchmark inputs need no host generation or upload).
 #include <stdint.h>
 
+#include "common/fill.cuh"  // splitmix64
+
 // Reads n16 16-byte words with streaming (evict-first) loads, grid-stride, 4 loads in flight per
 // thread. The XOR of everything read is written only if it equals an impossible value, so the
 // compiler must keep every load while the kernel writes (almost) nothing.
@@ -21,13 +23,6 @@ extern "C" __global__ void stream_read(const uint4* __restrict__ p, uint64_t n16
         acc ^= a.x ^ a.y ^ a.z ^ a.w;
     }
     if (acc == 0x9E3779B9u) sink[0] = acc;
-}
-
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
 }
 
 // p[i] = lo + (hash(seed, i) % span), bytes. span = 256, lo = 0 gives uniform random bytes.

@@ -15,14 +15,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-// Programmatic dependent launch (tilert launches the MoE kernels with it; see ops.cu and
-// crates/tilert/src/launch.rs): wait for the predecessor kernel, then let the successor start.
-// No-ops when launched without PDL.
-__device__ __forceinline__ void pdl_begin() {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
+#include "common/abi.cuh"    // MoeParams, GEMV_MAX_WARPS, MOE_MAX_*
+#include "common/fill.cuh"   // splitmix64
+#include "common/pdl.cuh"    // pdl_begin
 
 // ---------------------------------------------------------------------------------------------
 // Decode helpers
@@ -238,7 +233,6 @@ __device__ __forceinline__ void decode_word(uint32_t w, uint32_t (&p)[4]) {
     p[3] = ((w >> 3) & 0x0E000E00u) | (w & 0x80008000u);
 }
 
-constexpr int GEMV_MAX_WARPS = 16;
 
 // grid.x = n_slots * ceil(N / 16); blockDim.x = 32 * W (W <= 16).
 // expert_ids[s] selects the expert of slot s; the prepared activation of slot s is xh + s*x_stride
@@ -357,26 +351,7 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS)
 // Entries whose id is outside 0..n_experts get NaN outputs (written by the slot-0 CTAs).
 // ---------------------------------------------------------------------------------------------
 
-constexpr uint32_t MOE_MAX_IDS = 256;           // T * k
-constexpr uint32_t MOE_MAX_EXPERT_WORDS = 64;   // bitmap words: n_experts <= 2048
-constexpr uint32_t MOE_MAX_WARPS = 16;
-
-// Shared with crates/tilert/src/moe.rs (MoeParams, #[repr(C)]).
-struct MoeParams {
-    const uint8_t* w;        // MXFP4: tiled codes; dense: [E * rows, K] bf16 or f32
-    const uint8_t* scales;   // MXFP4: tiled scale bytes
-    const int32_t* ids;      // [n_ids]
-    const float* x;          // input of entry e: row e / x_div, K values
-    const float* bias;       // [E, rows] or null
-    const float* route_w;    // [n_ids] (down) or null
-    float* out;
-    uint32_t n_experts, rows, k, n_ids;
-    uint32_t x_div;          // gate_up: k (tokens' hidden states shared by their k entries); down: 1
-    uint32_t row_groups;     // MXFP4: 16-row groups per CTA
-    uint32_t glu;            // 0: clamped SwiGLU (alpha, limit); 1: SwiGLU
-    uint32_t pad_;
-    float alpha, limit;
-};
+// MoeParams and the limits MOE_MAX_IDS, MOE_MAX_EXPERT_WORDS, MOE_MAX_WARPS: common/abi.cuh.
 
 // model::cpu::ops::{clamped_swiglu, swiglu}, same operation order.
 __device__ __forceinline__ float moe_glu(const MoeParams& p, float gate, float up) {
@@ -782,19 +757,12 @@ MOE_DENSE_KERNEL(f32, float, 4)
 
 // ---- Synthetic weights ---------------------------------------------------------------------------
 
-__device__ __forceinline__ uint64_t moe_splitmix64(uint64_t z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 // p[i] = lo + hash(seed, i) % span (bytes), grid-stride, 8 bytes per hash.
 extern "C" __global__ void moe_fill_bytes(uint8_t* __restrict__ p, uint64_t n, uint64_t seed,
                                           uint32_t lo, uint32_t span) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i * 8 < n; i += stride) {
-        const uint64_t r = moe_splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
+        const uint64_t r = splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const uint64_t k = i * 8 + j;
@@ -808,7 +776,7 @@ extern "C" __global__ void moe_fill_f32(float* __restrict__ p, uint64_t n, uint6
                                         float scale) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
-        const uint64_t r = moe_splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
+        const uint64_t r = splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
         const float u = (float)(r >> 40) * 0x1p-24f;  // [0, 1)
         p[i] = (2.0f * u - 1.0f) * scale;
     }

@@ -3,12 +3,15 @@
 //! Owns everything that is not plain `cargo build`:
 //! * `cuda-setup`: a pinned CUDA 13.0 compiler from PyPI into the ignored folder `.cuda/`
 //!   (or the existing `CUDA_HOME` / `nvcc` when it is release 13.0).
-//! * `kernels [--check]`: `kernels/*.cu` → `kernels/artifacts/NAME.sm_90a.cubin` +
-//!   `NAME.compute_90.ptx` (committed, embedded by `crates/kernels`); `--check` rebuilds into a
-//!   temporary folder and fails if any committed artifact differs (stale).
-//! * `gpu-bundle`: builds the GPU test and benchmark binaries (release) and stages them, with the
-//!   kernel artifacts and `run.sh`, in the ignored folder `gpu-bundle/`, to be carried to a GPU
-//!   machine and run there with `bash gpu-bundle/run.sh` (prints a pass/fail + numbers table).
+//! * `kernels [--check]`: `kernels/*.cu` (one file per op family; shared headers in
+//!   `kernels/common/`) → `kernels/artifacts/NAME.sm_90a.cubin` + `NAME.compute_90.ptx`
+//!   (committed, embedded by `crates/kernels`); `--check` rebuilds into a temporary folder and
+//!   fails if any committed artifact differs (stale).
+//! * `gpu-bundle`: builds the GPU programs (release: the test binaries that hold GPU tests, the
+//!   benchmark programs and `ultra`), strips them and packs them into one xz-compressed tar in the
+//!   ignored folder `gpu-bundle/` with `run.sh` (`ci/gpu-run.sh`), small enough to travel with the
+//!   checkout to a GPU machine (the device tool: `carry ["gpu-bundle"]`), where
+//!   `bash gpu-bundle/run.sh` runs them and prints a pass/fail + numbers table.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -70,11 +73,16 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Build the GPU test + bench binaries and stage them in gpu-bundle/ (or --out DIR) with run.sh.
+    /// Build the GPU programs (GPU test binaries, benchmarks, `ultra`) and stage them in
+    /// gpu-bundle/ (or --out DIR): bundle.tar.xz + run.sh, to carry to a GPU machine.
     GpuBundle {
         /// Where to stage the bundle (default: gpu-bundle/ in the repository root).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Pack fixtures/ and the default model's assets too (for a GPU machine without a
+        /// checkout; by default run.sh reads them from the checkout the bundle sits in).
+        #[arg(long)]
+        self_contained: bool,
     },
 }
 
@@ -87,7 +95,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Kernels { check } => kernels(check),
-        Cmd::GpuBundle { out } => gpu_bundle(out).map(|_| ()),
+        Cmd::GpuBundle {
+            out,
+            self_contained,
+        } => gpu_bundle(out, self_contained).map(|_| ()),
         Cmd::Bench { out } => bench(out),
     }
 }
@@ -184,32 +195,66 @@ fn kernel_sources(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Compiles every kernel into `out`; returns artifact file name → bytes.
+/// Every file the artifacts are built from: the `.cu` sources and the shared headers
+/// (`kernels/*.cuh`, `kernels/common/*.cuh`), sorted by path.
+fn kernel_inputs(kdir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    for dir in [kdir.to_path_buf(), kdir.join("common")] {
+        v.extend(
+            fs::read_dir(&dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh")),
+        );
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Compiles every kernel into `out`, the nvcc runs spread over the machine's cores; returns
+/// artifact file name → bytes.
 fn build_kernels(nvcc: &Path, out: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     let kdir = root().join("kernels");
     fs::create_dir_all(out)?;
-    let mut built = BTreeMap::new();
+    let mut jobs = Vec::new();
     for src in kernel_sources(&kdir)? {
         let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-        for (flags, name) in [
-            (CUBIN_FLAGS, format!("{stem}.sm_90a.cubin")),
-            (PTX_FLAGS, format!("{stem}.compute_90.ptx")),
-        ] {
-            let dst = out.join(&name);
-            let status = Command::new(nvcc)
-                .args(flags)
-                .arg("-I")
-                .arg(&kdir)
-                .arg("-o")
-                .arg(&dst)
-                .arg(&src)
-                .status()
-                .with_context(|| format!("running {}", nvcc.display()))?;
-            if !status.success() {
-                bail!("nvcc failed on {}", src.display());
-            }
-            built.insert(name, fs::read(&dst)?);
+        jobs.push((src.clone(), CUBIN_FLAGS, format!("{stem}.sm_90a.cubin")));
+        jobs.push((src, PTX_FLAGS, format!("{stem}.compute_90.ptx")));
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(jobs.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((src, flags, name)) = jobs.get(i) else {
+                    break;
+                };
+                let dst = out.join(name);
+                let r = Command::new(nvcc)
+                    .args(*flags)
+                    .arg("-I")
+                    .arg(&kdir)
+                    .arg("-o")
+                    .arg(&dst)
+                    .arg(src)
+                    .status()
+                    .with_context(|| format!("running {}", nvcc.display()))
+                    .and_then(|status| {
+                        if !status.success() {
+                            bail!("nvcc failed on {} ({name})", src.display());
+                        }
+                        Ok(fs::read(&dst)?)
+                    });
+                results.lock().unwrap().push((name.clone(), r));
+            });
         }
+    });
+    let mut built = BTreeMap::new();
+    for (name, r) in results.into_inner().unwrap() {
+        built.insert(name, r?);
     }
     Ok(built)
 }
@@ -235,15 +280,10 @@ fn manifest(version: &str, built: &BTreeMap<String, Vec<u8>>) -> Result<String> 
     m += &format!("compiler: nvcc {release}\n");
     m += &format!("cubin flags: {}\n", CUBIN_FLAGS.join(" "));
     m += &format!("ptx flags: {}\n", PTX_FLAGS.join(" "));
-    let mut inputs: Vec<PathBuf> = fs::read_dir(&kdir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
-        .collect();
-    inputs.sort();
-    for p in inputs {
+    for p in kernel_inputs(&kdir)? {
         m += &format!(
             "source {} sha256 {}\n",
-            p.file_name().unwrap().to_string_lossy(),
+            p.strip_prefix(&kdir)?.to_string_lossy(),
             sha256_hex(&fs::read(&p)?)
         );
     }
@@ -261,6 +301,15 @@ fn kernels(check: bool) -> Result<()> {
     let art = root().join("kernels/artifacts");
     if !check {
         let built = build_kernels(&nvcc, &art)?;
+        // Artifacts of sources that no longer exist (a renamed or split family).
+        for e in fs::read_dir(&art)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != "MANIFEST" && !built.contains_key(&name) {
+                println!("removing {name}: no kernels/*.cu produces it");
+                fs::remove_file(e.path())?;
+            }
+        }
         fs::write(art.join("MANIFEST"), manifest(&version, &built)?)?;
         for (name, bytes) in &built {
             println!("{name:40} {:>8} bytes", bytes.len());
@@ -298,8 +347,24 @@ fn kernels(check: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs cargo with JSON messages and returns the executables it built.
-fn cargo_executables(args: &[&str]) -> Result<Vec<PathBuf>> {
+/// The test binaries that hold GPU tests (package, test target): what the bundle runs. A test
+/// file that calls `gpu_for_test` must be listed here (checked by this crate's tests).
+const GPU_TESTS: &[(&str, &str)] = &[
+    ("fp4", "gpu"),
+    ("tilert", "ops"),
+    ("tilert", "moe"),
+    ("tilert", "exec"),
+    ("tilert", "batch"),
+    ("tilert", "dflash"),
+    ("serve", "gpu_generate"),
+    ("serve", "gpu_serve"),
+];
+
+/// The device tool's limit on what one call carries: the checkout's files plus the bundle.
+const CARRY_LIMIT: u64 = 64 << 20;
+
+/// Runs cargo with JSON messages and returns (target name, executable) of what it built.
+fn cargo_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root())
@@ -316,8 +381,10 @@ fn cargo_executables(args: &[&str]) -> Result<Vec<PathBuf>> {
             continue;
         };
         if msg["reason"] == "compiler-artifact" {
-            if let Some(exe) = msg["executable"].as_str() {
-                exes.push(PathBuf::from(exe));
+            if let (Some(exe), Some(name)) =
+                (msg["executable"].as_str(), msg["target"]["name"].as_str())
+            {
+                exes.push((name.to_string(), PathBuf::from(exe)));
             }
         }
     }
@@ -325,7 +392,7 @@ fn cargo_executables(args: &[&str]) -> Result<Vec<PathBuf>> {
 }
 
 fn bench(out: Option<PathBuf>) -> Result<()> {
-    let bundle = gpu_bundle(out)?;
+    let bundle = gpu_bundle(out, false)?;
     let has_gpu = Command::new("nvidia-smi")
         .arg("-L")
         .stdout(Stdio::null())
@@ -334,10 +401,9 @@ fn bench(out: Option<PathBuf>) -> Result<()> {
         .is_ok_and(|s| s.success());
     if !has_gpu {
         println!(
-            "no GPU on this machine: carry {} to a GPU machine and run `bash {}/run.sh --bench-only` \
-             from the repository root (the table is printed last; results go to $OUT or gpu-results/)",
-            bundle.display(),
-            bundle.file_name().unwrap().to_string_lossy()
+            "no GPU on this machine: run the benchmarks where there is one with `bash {}/run.sh \
+             --bench-only` (see the command printed above)",
+            rel_to_root(&bundle)
         );
         return Ok(());
     }
@@ -352,27 +418,68 @@ fn bench(out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn gpu_bundle(out: Option<PathBuf>) -> Result<PathBuf> {
+/// `p` relative to the repository root when it is inside it (as the device tool's `carry` wants).
+fn rel_to_root(p: &Path) -> String {
+    p.strip_prefix(root())
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Bytes of the files the device tool carries besides the bundle: the checkout's tracked and
+/// untracked-but-not-ignored files. `None` when git cannot tell.
+fn checkout_bytes() -> Option<u64> {
+    let out = Command::new("git")
+        .current_dir(root())
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut total = 0;
+    for f in out.stdout.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let path = root().join(String::from_utf8_lossy(f).as_ref());
+        total += fs::symlink_metadata(path).map(|m| m.len()).unwrap_or(0);
+    }
+    Some(total)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// Builds the GPU programs (release) and stages them in `out` (default `gpu-bundle/`): one
+/// xz-compressed tar of the GPU test binaries (`tests/`), the benchmark programs (`bin/`) and the
+/// `ultra` binary, stripped, plus `run.sh`. The fixtures are read from the checkout the bundle
+/// sits in (the device tool always carries it), or from the bundle with `self_contained`.
+fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
     let bundle = out.unwrap_or_else(|| root().join("gpu-bundle"));
     let _ = fs::remove_dir_all(&bundle);
-    fs::create_dir_all(bundle.join("tests"))?;
-    fs::create_dir_all(bundle.join("bin"))?;
-    let tests = cargo_executables(&[
-        "test",
+    let stage = bundle.join("stage");
+    fs::create_dir_all(stage.join("tests"))?;
+    fs::create_dir_all(stage.join("bin"))?;
+    let mut args = vec!["test", "--release", "--no-run", "--features", "fp4/cuda"];
+    let mut packages: Vec<&str> = GPU_TESTS.iter().map(|(p, _)| *p).collect();
+    packages.dedup();
+    for p in &packages {
+        args.extend(["-p", p]);
+    }
+    for (_, t) in GPU_TESTS {
+        args.extend(["--test", t]);
+    }
+    let tests = cargo_executables(&args)?;
+    let bins = cargo_executables(&[
+        "build",
         "--release",
-        "--no-run",
         "-p",
-        "fp4",
-        "--features",
-        "cuda",
-        "--test",
-        "gpu",
-        "-p",
-        "ultra-kernels",
-        "--lib",
-        "-p",
-        "tilert",
-        "--tests",
+        "ultra-benches",
         "-p",
         "dflash",
         "--features",
@@ -381,43 +488,170 @@ fn gpu_bundle(out: Option<PathBuf>) -> Result<PathBuf> {
         "gpu_spec",
         "-p",
         "serve",
-        "--test",
-        "gpu_generate",
-        "--test",
-        "gpu_serve",
+        "--bins",
     ])?;
-    let bins = cargo_executables(&["build", "--release", "-p", "ultra-benches", "--bins"])?;
-    let mut total = 0u64;
-    for (exes, sub) in [(&tests, "tests"), (&bins, "bin")] {
-        for exe in exes {
-            let name = exe.file_name().unwrap().to_string_lossy();
-            // test executables are named NAME-HASH; keep NAME for the table.
-            let short = match (sub, name.rsplit_once('-')) {
-                ("tests", Some((n, _))) => n.to_string(),
-                _ => name.to_string(),
-            };
-            let dst = bundle.join(sub).join(&short);
-            fs::copy(exe, &dst)?;
-            total += fs::metadata(&dst)?.len();
+    let mut staged = Vec::new();
+    for (name, exe) in &tests {
+        staged.push((exe.clone(), stage.join("tests").join(name)));
+    }
+    for (name, exe) in &bins {
+        let dst = if name == "ultra" {
+            stage.join("ultra")
+        } else {
+            stage.join("bin").join(name)
+        };
+        staged.push((exe.clone(), dst));
+    }
+    let strip = Command::new("strip")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut raw = 0u64;
+    for (src, dst) in &staged {
+        fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
+        if strip {
+            let ok = Command::new("strip")
+                .arg("--strip-all")
+                .arg(dst)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                bail!("strip --strip-all {} failed", dst.display());
+            }
+        }
+        raw += fs::metadata(dst)?.len();
+    }
+    if self_contained {
+        for (from, to) in [
+            ("fixtures", "fixtures"),
+            ("crates/default-model/assets", "crates/default-model/assets"),
+        ] {
+            let status = Command::new("cp")
+                .arg("-a")
+                .arg(root().join(from))
+                .arg(stage.join(to))
+                .status()?;
+            if !status.success() {
+                bail!("copying {from} into the bundle failed");
+            }
         }
     }
-    let art = bundle.join("kernels");
-    fs::create_dir_all(&art)?;
-    for e in fs::read_dir(root().join("kernels/artifacts"))? {
-        let p = e?.path();
-        fs::copy(&p, art.join(p.file_name().unwrap()))?;
-        total += fs::metadata(&p)?.len();
+    // One solid archive: the binaries share their embedded kernel images (and the serve ones the
+    // default model), which xz's 64 MiB window stores once. Binaries linking the same crates sit
+    // next to each other.
+    let mut members: Vec<String> = staged
+        .iter()
+        .map(|(_, d)| rel_to(&stage, d))
+        .collect::<Result<_>>()?;
+    members.sort_by_key(|m| (!m.contains("gpu_") && m != "ultra", m.clone()));
+    if self_contained {
+        members.extend(["fixtures".into(), "crates".into()]);
     }
+    let archive = bundle.join("bundle.tar.xz");
+    let tar = Command::new("tar")
+        .arg("-cf")
+        .arg("-")
+        .arg("-C")
+        .arg(&stage)
+        .args(&members)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running tar")?;
+    let status = Command::new("xz")
+        .args(["-9", "-T1", "-c"])
+        .stdin(tar.stdout.context("tar's stdout")?)
+        .stdout(fs::File::create(&archive)?)
+        .status()
+        .context("running xz (install xz-utils)")?;
+    if !status.success() {
+        bail!("xz failed");
+    }
+    fs::remove_dir_all(&stage)?;
     fs::copy(root().join("ci/gpu-run.sh"), bundle.join("run.sh"))?;
+    let size = fs::metadata(&archive)?.len() + fs::metadata(bundle.join("run.sh"))?.len();
+    let rel = rel_to_root(&bundle);
     println!(
-        "{}: {} test binaries, {} bench binaries, {:.1} MiB; run there with `bash gpu-bundle/run.sh`",
+        "{}: {} test binaries, {} programs ({}), {:.1} MiB stripped -> {:.1} MiB xz{}",
         bundle.display(),
         tests.len(),
         bins.len(),
-        total as f64 / (1 << 20) as f64
+        bins.iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        mib(raw),
+        mib(size),
+        if self_contained {
+            ", with fixtures/ and the default model's assets"
+        } else {
+            "; fixtures are read from the checkout it is carried in"
+        }
     );
-    if total > 60 << 20 {
-        bail!("bundle is {total} bytes: over the 64 MiB carry limit");
+    match checkout_bytes() {
+        Some(tree) => {
+            println!(
+                "the device tool carries the checkout ({:.1} MiB) + the bundle = {:.1} MiB of its {} MiB",
+                mib(tree),
+                mib(tree + size),
+                CARRY_LIMIT >> 20
+            );
+            if tree + size > CARRY_LIMIT {
+                bail!(
+                    "checkout + bundle = {:.1} MiB: over the device tool's {} MiB carry limit",
+                    mib(tree + size),
+                    CARRY_LIMIT >> 20
+                );
+            }
+        }
+        None => println!("(not a git checkout: the carry size of the checkout is unknown)"),
     }
+    println!("run on the GPU machine, from the repository root (device tool: carry [\"{rel}\"]):");
+    println!("  bash {rel}/run.sh            # GPU tests, the ultra smoke run, benchmarks: pass/fail table");
+    println!("  bash {rel}/run.sh --tests-only | --bench-only    ONLY=regex bash {rel}/run.sh");
     Ok(bundle)
+}
+
+/// `p` relative to `base`, as a string (paths inside the staging folder).
+fn rel_to(base: &Path, p: &Path) -> Result<String> {
+    Ok(p.strip_prefix(base)?.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every test file that uses a GPU is in the bundle, and every bundled test exists.
+    #[test]
+    fn bundle_lists_every_gpu_test() {
+        for (pkg, test) in GPU_TESTS {
+            let dir = root().join("crates").join(pkg);
+            assert!(
+                dir.join("tests").join(format!("{test}.rs")).is_file(),
+                "{pkg}/tests/{test}.rs"
+            );
+        }
+        for krate in fs::read_dir(root().join("crates")).unwrap() {
+            let krate = krate.unwrap().path();
+            let Ok(files) = fs::read_dir(krate.join("tests")) else {
+                continue;
+            };
+            for f in files {
+                let f = f.unwrap().path();
+                if f.extension().is_none_or(|x| x != "rs") {
+                    continue;
+                }
+                let text = fs::read_to_string(&f).unwrap();
+                if text.contains("gpu_for_test(") {
+                    let pkg = krate.file_name().unwrap().to_string_lossy().into_owned();
+                    let test = f.file_stem().unwrap().to_string_lossy().into_owned();
+                    assert!(
+                        GPU_TESTS.contains(&(pkg.as_str(), test.as_str())),
+                        "{} runs GPU tests but is not in GPU_TESTS (the GPU bundle)",
+                        f.display()
+                    );
+                }
+            }
+        }
+    }
 }

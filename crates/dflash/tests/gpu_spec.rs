@@ -27,8 +27,11 @@ use tilert::arena::dtoh;
 use tilert::draft::GpuDrafter;
 use tilert::exec::{GpuModel, GpuSession};
 
+/// `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else the repository's `fixtures/`.
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    std::env::var_os("ULTRA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
 }
 
 /// The fixture drafters and their targets (`golden_draft.json`'s `target`).

@@ -423,3 +423,15 @@ pub fn gemv_error_bound(w: MxMatrixRef<'_>, x: &[f32], bf16_activations: bool) -
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    /// The launch bound of `mxfp4_gemv` is the kernel ABI's limit (`kernels/common/abi.cuh`).
+    #[test]
+    fn gemv_max_warps_is_the_kernel_limit() {
+        assert_eq!(
+            ultra_kernels::abi::limit("GEMV_MAX_WARPS"),
+            Some(super::GEMV_MAX_WARPS as u64)
+        );
+    }
+}

@@ -1,18 +1,28 @@
 //! # ultra-kernels — the committed CUDA kernel images and how to load them
 //!
-//! This crate owns the Rust face of the top-level `kernels/` folder: every `kernels/NAME.cu` is
-//! compiled by `cargo xtask kernels` into `kernels/artifacts/NAME.sm_90a.cubin` (Hopper machine
-//! code) and `kernels/artifacts/NAME.compute_90.ptx` (portable fallback that the driver JIT-compiles
-//! for any GPU of compute capability ≥ 9.0). Both are committed and embedded here with
-//! `include_bytes!`, so users of Ultra never need a CUDA compiler.
+//! This crate owns the Rust face of the top-level `kernels/` folder: every `kernels/NAME.cu` (one
+//! op family; shared device code in `kernels/common/*.cuh`) is compiled by `cargo xtask kernels`
+//! into `kernels/artifacts/NAME.sm_90a.cubin` (Hopper machine code) and
+//! `kernels/artifacts/NAME.compute_90.ptx` (portable fallback that the driver JIT-compiles for any
+//! GPU of compute capability ≥ 9.0). Both are committed and embedded here with `include_bytes!`,
+//! so users of Ultra never need a CUDA compiler. Each image loads as one CUDA module; a
+//! [`KernelSet`] is several images loaded together whose kernels are found by name (kernel names
+//! are unique across [`ALL`]).
+//!
+//! The kernel ABI (structs passed by value, limits) is `kernels/common/abi.cuh`, embedded as
+//! [`ABI_HEADER`]; [`abi`] reads its limits and layout asserts so the Rust mirror (tilert's
+//! `abi` module) can be tested against it.
 //!
 //! It also owns the driver probe: cudarc loads `libcuda` lazily and *panics* when it is missing,
 //! so every GPU entry point in Ultra calls [`open_device`] first, which turns "no driver" and "no
 //! GPU" into a [`GpuUnavailable`] error.
 
+pub mod abi;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaModule, DriverError};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, DriverError};
 use cudarc::nvrtc::Ptx;
 
 /// One kernel family compiled from `kernels/<name>.cu`.
@@ -46,17 +56,99 @@ macro_rules! image {
     };
 }
 
-/// MXFP4 dequantize, activation prep and GEMV (`kernels/mxfp4.cu`).
+/// MXFP4 dequantize, activation prep and GEMV, and the routed-expert kernels (`kernels/mxfp4.cu`).
 pub const MXFP4: KernelImage = image!("mxfp4");
-/// The dense ops of a decoder step: embedding, RMSNorm, linear, RoPE + KV write, attention,
-/// routing, combine, GLU, argmax / sampling, random fills (`kernels/ops.cu`).
-pub const OPS: KernelImage = image!("ops");
+/// Deterministic random fills of device buffers (`kernels/fill.cu`).
+pub const FILL: KernelImage = image!("fill");
+/// Token embedding (`kernels/embed.cu`).
+pub const EMBED: KernelImage = image!("embed");
+/// RMSNorm (`kernels/norm.cu`).
+pub const NORM: KernelImage = image!("norm");
+/// Dense linear layers, bf16 / f32 weights (`kernels/linear.cu`).
+pub const LINEAR: KernelImage = image!("linear");
+/// RoPE + KV-cache write, the fused QKV projection with RoPE, and their batched-decode variants
+/// (`kernels/rope.cu`).
+pub const ROPE: KernelImage = image!("rope");
+/// Attention (flash-decoding), single-sequence and batched decode (`kernels/attention.cu`).
+pub const ATTENTION: KernelImage = image!("attention");
+/// The dense side of a MoE block: GLU and the combine with the next norm fused (`kernels/moe.cu`).
+pub const MOE: KernelImage = image!("moe");
+/// Routing, and the router fused with the post-attention norm (`kernels/router.cu`).
+pub const ROUTER: KernelImage = image!("router");
+/// Argmax and sampling (`kernels/sampling.cu`).
+pub const SAMPLING: KernelImage = image!("sampling");
 /// Measurement kernels: streaming read (the bandwidth ceiling) and on-device random fill
 /// (`kernels/bench.cu`).
 pub const BENCH: KernelImage = image!("bench");
 
+/// The op families of a decoder step's dense ops (what tilert's `Ops` loads as one
+/// [`KernelSet`]).
+pub const OPS: &[KernelImage] = &[
+    FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING,
+];
+
 /// Every embedded image (what `cargo xtask kernels --check` and the loaders agree on).
-pub const ALL: &[KernelImage] = &[MXFP4, OPS, BENCH];
+pub const ALL: &[KernelImage] = &[
+    MXFP4, FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING, BENCH,
+];
+
+/// `kernels/common/abi.cuh`: the structs kernels take by value and the limits the host checks.
+pub const ABI_HEADER: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../kernels/common/abi.cuh"
+));
+
+impl KernelImage {
+    /// The names of the image's kernels (its PTX `.entry` points), in file order.
+    pub fn kernels(&self) -> Vec<&'static str> {
+        let ptx = self.ptx_compute90;
+        let mut names = Vec::new();
+        for line in ptx.lines() {
+            let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") else {
+                continue;
+            };
+            let end = rest.find(['(', ' ']).unwrap_or(rest.len());
+            // Borrow from the 'static PTX rather than the line iterator's lifetime.
+            let start = rest.as_ptr() as usize - ptx.as_ptr() as usize;
+            names.push(&ptx[start..start + end]);
+        }
+        names
+    }
+}
+
+/// Several kernel images loaded into one context, their kernels found by name (the op families
+/// of [`OPS`] are one set: callers need not know which family file defines a kernel).
+pub struct KernelSet {
+    modules: Vec<Arc<CudaModule>>,
+    /// Kernel name → index into `modules`.
+    index: HashMap<&'static str, usize>,
+}
+
+impl KernelSet {
+    /// The kernel `name`, from whichever image defines it; `CUDA_ERROR_NOT_FOUND` when none does.
+    pub fn load_function(&self, name: &str) -> Result<CudaFunction, DriverError> {
+        match self.index.get(name) {
+            Some(&m) => self.modules[m].load_function(name),
+            None => Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_FOUND)),
+        }
+    }
+}
+
+/// Loads every image of `images` into `ctx` (see [`load`]) as one [`KernelSet`].
+pub fn load_set(
+    ctx: &Arc<CudaContext>,
+    images: &[KernelImage],
+) -> Result<Arc<KernelSet>, DriverError> {
+    let mut modules = Vec::with_capacity(images.len());
+    let mut index = HashMap::new();
+    for (m, image) in images.iter().enumerate() {
+        modules.push(load(ctx, image)?);
+        for name in image.kernels() {
+            index.insert(name, m);
+        }
+    }
+    Ok(Arc::new(KernelSet { modules, index }))
+}
 
 /// Why no GPU can be used.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +251,34 @@ mod tests {
                 img.name
             );
         }
+    }
+
+    #[test]
+    fn kernel_names_are_unique_across_images() {
+        let mut seen = std::collections::HashMap::new();
+        for img in ALL {
+            let names = img.kernels();
+            assert!(
+                !names.is_empty(),
+                "{}: no kernels found in its PTX",
+                img.name
+            );
+            for n in names {
+                if let Some(other) = seen.insert(n, img.name) {
+                    panic!("kernel {n} is defined by both {other} and {}", img.name);
+                }
+            }
+        }
+        // A few of the names tilert loads, each from its family's image.
+        let family = |n: &str| seen.get(n).copied();
+        assert_eq!(family("rms_norm"), Some("norm"));
+        assert_eq!(family("linear_bf16_t16_r4"), Some("linear"));
+        assert_eq!(family("linear_qkv_rope_rows_f32_t1"), Some("rope"));
+        assert_eq!(family("attention_gqa_rows"), Some("attention"));
+        assert_eq!(family("router_route_bf16_t1"), Some("router"));
+        assert_eq!(family("sample"), Some("sampling"));
+        assert_eq!(family("moe_mx_gate_up_np1"), Some("mxfp4"));
+        assert_eq!(family("no_such_kernel"), None);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Kernel launches with programmatic dependent launch (PDL).
 //!
-//! Every kernel of `kernels/ops.cu` and the MoE kernels of `kernels/mxfp4.cu` begin with
-//! `pdl_begin()` (`griddepcontrol.wait` then `griddepcontrol.launch_dependents`), so they may be
-//! launched with the programmatic-stream-serialization attribute: the next kernel's blocks start
+//! Every kernel of the op families (`kernels/*.cu`, including the MoE kernels of
+//! `kernels/mxfp4.cu`) begins with `pdl_begin()` (`griddepcontrol.wait` then
+//! `griddepcontrol.launch_dependents`), so they may be launched with the
+//! programmatic-stream-serialization attribute: the next kernel's blocks start
 //! as soon as the current kernel's blocks are all running, do what needs no earlier result (the
 //! linear kernels prefetch their weights into L2), then wait for the predecessor to complete.
 //! Captured into a CUDA graph the attribute becomes a programmatic edge.

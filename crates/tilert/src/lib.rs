@@ -8,8 +8,9 @@
 //!   and reports what the kernels and the roofline need to know;
 //! * [`arena`]: device memory ownership and the raw typed pointers kernels take;
 //! * [`tensor`]: device weight matrices (bf16 when lossless, else f32);
-//! * [`ops`]: the dense ops of a step (`kernels/ops.cu`); [`moe`]: routed experts
-//!   (`kernels/mxfp4.cu`);
+//! * [`ops`]: the dense ops of a step (one `kernels/*.cu` per op family); [`moe`]: routed
+//!   experts (`kernels/mxfp4.cu`); [`abi`]: the structs and limits shared with the kernels
+//!   (`kernels/common/abi.cuh`), with their layout test;
 //! * [`exec`]: the op-by-op executor (`GpuModel`, `GpuSession`) with decode / verify steps
 //!   captured as CUDA graphs, and batched decode of many sessions in one pass (`GpuBatch`;
 //!   its KV-cache ops: [`ops::rows`]);
@@ -21,6 +22,7 @@
 //! on the speculative loop: the loop's GPU backend (`GpuSpec`) is `dflash::gpu` (feature
 //! `cuda`), which depends on this crate.
 
+pub mod abi;
 pub mod arena;
 pub mod draft;
 pub mod exec;

@@ -30,12 +30,11 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use fp4::tiled::{self, TiledShape};
 use model::weights::{ExpertMat, GateUpLayout, Moe};
 
+use crate::abi::{self, MoeParams};
 use crate::arena::{addr_or_null, Arena, DPtr};
 use crate::ops::{GluArgs, MAX_TOKENS};
 use crate::tensor::{DenseData, DeviceMatrix};
@@ -102,10 +101,10 @@ pub struct DeviceMoe {
 }
 
 /// Most experts a MoE block may have (the kernels' expert bitmap).
-pub const MAX_EXPERTS: usize = 2048;
+pub const MAX_EXPERTS: usize = abi::MOE_MAX_EXPERT_WORDS * 32;
 /// Most experts per token.
 pub const MAX_TOP_K: usize = 16;
-const MAX_WARPS: usize = 16;
+const MAX_WARPS: usize = abi::MOE_MAX_WARPS;
 
 /// The MXFP4 launch shape `(warps per CTA, row groups per CTA, token pairs)` for `t` tokens and
 /// `group_ctas` = slots × 16-row groups, as measured best at gpt-oss-20b shapes on an H100
@@ -441,32 +440,6 @@ pub struct MoeTuning {
     /// `2·token_pairs` take another pass, mostly from L2).
     pub token_pairs: Option<usize>,
 }
-
-/// The kernel-side parameter block (`MoeParams` in `kernels/mxfp4.cu`).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct MoeParams {
-    w: u64,
-    scales: u64,
-    ids: u64,
-    x: u64,
-    bias: u64,
-    route_w: u64,
-    out: u64,
-    n_experts: u32,
-    rows: u32,
-    k: u32,
-    n_ids: u32,
-    x_div: u32,
-    row_groups: u32,
-    glu: u32,
-    pad: u32,
-    alpha: f32,
-    limit: f32,
-}
-
-// SAFETY: plain old data laid out as the C struct the kernels take by value.
-unsafe impl DeviceRepr for MoeParams {}
 
 /// One projection's kernels: MXFP4 by token pairs (1, 2, 4), dense bf16 / f32 by entries per
 /// pass (1, 4).

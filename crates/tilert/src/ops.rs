@@ -1,4 +1,6 @@
-//! The dense ops of a decoder step on the GPU (`kernels/ops.cu`): one launch wrapper per op.
+//! The dense ops of a decoder step on the GPU (the op families `kernels/{fill,embed,norm,linear,
+//! rope,attention,moe,router,sampling}.cu`, loaded as one `ultra_kernels::KernelSet`): one launch
+//! wrapper per op. Structs passed by value and kernel limits: [`crate::abi`].
 //!
 //! Every op here has its one definition in the CPU reference executor (`model`'s `cpu::ops`,
 //! or `moe` for routing); the kernels
@@ -20,16 +22,20 @@ use std::sync::Arc;
 use std::ffi::c_void;
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use ultra_kernels::KernelSet;
 
+use crate::abi::{
+    RopeOut, RopeOutRows, RouteSpec, ATT_MAX_SPLITS, ATT_MAX_WARPS, ATT_TILE, LINEAR_THREADS,
+    MAX_EXPERTS, MAX_HEAD_DIM, MAX_TOPK, ROUTER_THREADS, SAMPLE_THREADS,
+};
 use crate::arena::DPtr;
 use crate::tensor::{DenseData, DeviceMatrix};
 use crate::RuntimeError;
 
 pub mod rows;
 
-/// Most tokens one pass handles (verify blocks are 2..=16; prefill runs in chunks of this).
-pub const MAX_TOKENS: usize = 16;
+pub use crate::abi::MAX_TOKENS;
 
 /// One attention layer's geometry, tables, weights and KV cache as the kernels need them.
 #[derive(Debug, Clone, Copy)]
@@ -110,25 +116,11 @@ type LinearTable = [[CudaFunction; LINEAR_ROWS.len()]; LINEAR_TOKENS.len()];
 const LINEAR_TOKENS: [usize; 5] = [1, 2, 4, 8, 16];
 /// Rows per warp of the vectorised linear kernels.
 const LINEAR_ROWS: [usize; 3] = [1, 2, 4];
-/// Threads per block of the linear kernels (4 warps).
-const LINEAR_THREADS: u32 = 128;
-/// Largest head dim (and v head dim) the attention kernels take (`MAX_HEAD_DIM` in ops.cu).
-const MAX_HEAD_DIM: usize = 256;
-/// Most experts / selected experts the routing kernel takes (`MAX_EXPERTS`, `MAX_TOPK`).
-const MAX_EXPERTS: usize = 384;
-const MAX_TOPK: usize = 16;
-/// Threads of the sampler (`SAMPLE_THREADS`).
-const SAMPLE_THREADS: u32 = 1024;
-/// Keys per shared-memory tile of the attention kernel (`ATT_TILE`) and most warps (query
-/// heads served at once) per attention block.
-const ATT_TILE: usize = 32;
-const ATT_MAX_WARPS: usize = 8;
 /// Attention split counters at the start of the scratch: `[MAX_TOKENS][n_kv_heads ≤ 64]`.
 const ATT_COUNTERS: usize = MAX_TOKENS * ATT_MAX_KV_HEADS;
 const ATT_MAX_KV_HEADS: usize = 64;
 /// Attention blocks aimed for per launch (two per SM of an H100's 132).
 const ATT_TARGET_BLOCKS: usize = 264;
-const ATT_MAX_SPLITS: usize = 64;
 /// Keys per split aimed for at `max_keys`.
 const ATT_SPLIT_KEYS: usize = 256;
 /// Most blocks of the fused router (each takes `ceil(E / blocks)` expert rows).
@@ -149,47 +141,15 @@ enum Arg {
     F32(f32),
     Route(RouteSpec),
     Rope(RopeOut),
-    RopeRows(rows::RopeOutRows),
+    RopeRows(RopeOutRows),
 }
 
-/// `struct RopeOut` of ops.cu (where the fused QKV projection's rows go), passed by value.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct RopeOut {
-    step: u64,
-    inv_freq: u64,
-    q_out: u64,
-    k_cache: u64,
-    v_cache: u64,
-    nh: u32,
-    nkv: u32,
-    d: u32,
-    dv: u32,
-    rot: u32,
-    capacity: u32,
-    attn_factor: f32,
-    value_scale: f32,
-}
 impl From<RopeOut> for Arg {
     fn from(v: RopeOut) -> Self {
         Arg::Rope(v)
     }
 }
 
-/// `struct RouteSpec` of ops.cu (the routing parameters of one MoE layer), passed by value.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct RouteSpec {
-    n_exp: u32,
-    k: u32,
-    kind: u32,
-    norm_topk: u32,
-    corr_bias: u64,
-    n_group: u32,
-    topk_group: u32,
-    scaling: f32,
-    _pad: u32,
-}
 impl From<RouteSpec> for Arg {
     fn from(v: RouteSpec) -> Self {
         Arg::Route(v)
@@ -211,10 +171,10 @@ impl From<f32> for Arg {
     }
 }
 
-/// Enqueues `f` with `args` (which must match the kernel's parameter list in ops.cu).
+/// Enqueues `f` with `args` (which must match the kernel's parameter list in kernels/*.cu).
 /// One kernel per token bucket: `{name}_t{T}` for each `T` of [`LINEAR_TOKENS`].
 fn load_bucketed(
-    module: &Arc<CudaModule>,
+    module: &KernelSet,
     name: &str,
 ) -> Result<[CudaFunction; LINEAR_TOKENS.len()], RuntimeError> {
     let fs = LINEAR_TOKENS
@@ -226,7 +186,7 @@ fn load_bucketed(
 }
 
 /// An attention kernel, allowed the dynamic shared memory of the largest head and warp count.
-fn load_attention(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, RuntimeError> {
+fn load_attention(module: &KernelSet, name: &str) -> Result<CudaFunction, RuntimeError> {
     let attention = module.load_function(name)?;
     attention.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -391,12 +351,12 @@ fn launch_with_smem(
             Arg::F32(v) => v as *mut f32 as *mut c_void,
             Arg::Route(v) => v as *mut RouteSpec as *mut c_void,
             Arg::Rope(v) => v as *mut RopeOut as *mut c_void,
-            Arg::RopeRows(v) => v as *mut rows::RopeOutRows as *mut c_void,
+            Arg::RopeRows(v) => v as *mut RopeOutRows as *mut c_void,
         })
         .collect();
     // SAFETY: every caller passes the arguments of the kernel's C signature in order, with
     // device addresses of live arena buffers whose sizes the caller validated; every kernel of
-    // ops.cu begins with pdl_begin().
+    // kernels/*.cu begins with pdl_begin().
     unsafe { crate::launch::launch_raw(s, f, grid, block, smem, &mut params) }
 }
 
@@ -686,7 +646,7 @@ fn check_attn_geometry(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
 
 /// The loaded `ops` kernels.
 pub struct Ops {
-    _module: Arc<CudaModule>,
+    _module: Arc<KernelSet>,
     fill_bf16: CudaFunction,
     fill_f32: CudaFunction,
     fill_u8: CudaFunction,
@@ -713,9 +673,9 @@ pub struct Ops {
 }
 
 impl Ops {
-    /// Loads `kernels/ops.cu`'s image into `ctx`.
+    /// Loads the op families' images (`ultra_kernels::OPS`) into `ctx`.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, RuntimeError> {
-        let module = ultra_kernels::load(ctx, &ultra_kernels::OPS)?;
+        let module = ultra_kernels::load_set(ctx, ultra_kernels::OPS)?;
         let f = |name: &str| module.load_function(name);
         let table =
             |ty: &str| -> Result<LinearTable, RuntimeError> {
@@ -1146,7 +1106,7 @@ impl Ops {
             s,
             f,
             (n_experts.min(ROUTER_MAX_BLOCKS) as u32, 1, 1),
-            256,
+            ROUTER_THREADS,
             &[
                 addr.into(),
                 crate::arena::addr_or_null(bias).into(),

@@ -1,4 +1,4 @@
-//! GPU tests of `tilert::ops` (kernels/ops.cu): every op against its CPU definition
+//! GPU tests of `tilert::ops` (kernels/*.cu): every op against its CPU definition
 //! (`model::cpu::ops`, `model::cpu::rope`, `moe::route`, `model::sampling`) on fresh random
 //! inputs, at tiny sizes and at gpt-oss-20b / MiMo / Qwen3 sizes. Skipped without a GPU (fails
 //! with `ULTRA_REQUIRE_GPU=1`). The seed of each test is printed; set `ULTRA_TEST_SEED` to

@@ -1,4 +1,4 @@
-//! The KV-cache ops of a **batched decode** pass (`kernels/ops.cu`, "Batched decode"): a pass of
+//! The KV-cache ops of a **batched decode** pass (`kernels/rope.cu`, `kernels/attention.cu`): a pass of
 //! `T ≤ MAX_TOKENS` rows where row `t` is the next token of its own sequence.
 //!
 //! Every other op of such a pass is the ordinary `T`-token op of [`super::Ops`] (embedding, norms,
@@ -16,20 +16,22 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaFunction, CudaStream};
+use ultra_kernels::KernelSet;
 
 use super::{
     att_smem_bytes, attention_splits, attention_warps, check_attn_geometry, check_len,
     check_rope_geometry, check_rope_kv_input, check_tokens, invalid, launch,
     launch_linear_qkv_rope, launch_with_smem, load_attention, load_bucketed, rope_kv_args, u32_arg,
-    AttnArgs, Ops, RopeOut, ATT_COUNTERS, ATT_MAX_SPLITS, LINEAR_TOKENS,
+    AttnArgs, Ops, ATT_COUNTERS, ATT_MAX_SPLITS, LINEAR_TOKENS,
 };
+use crate::abi::{self, RopeOut, RopeOutRows};
 use crate::arena::DPtr;
 use crate::tensor::DeviceMatrix;
 use crate::RuntimeError;
 
-/// `u64` words of one [`KvRow`] in a row table (`struct KvRow` of ops.cu, 32 bytes).
-pub const KV_ROW_WORDS: usize = 4;
+/// `u64` words of one [`KvRow`] in a row table (`struct KvRow` of `kernels/common/abi.cuh`).
+pub const KV_ROW_WORDS: usize = abi::KV_ROW_WORDS;
 
 /// One row of a batched pass for one layer: that row's sequence's cache of the layer, the
 /// position of the row's token and the key splits its attention uses.
@@ -85,12 +87,15 @@ impl KvRow {
 
     /// The row as the kernels read it.
     pub fn words(&self) -> [u64; KV_ROW_WORDS] {
-        [
-            self.k_cache.addr(),
-            self.v_cache.addr(),
-            u64::from(self.capacity) | (u64::from(self.pos) << 32),
-            u64::from(self.splits),
-        ]
+        abi::KvRow {
+            k_cache: self.k_cache.addr(),
+            v_cache: self.v_cache.addr(),
+            capacity: self.capacity,
+            pos: self.pos,
+            splits: self.splits,
+            _pad: 0,
+        }
+        .words()
     }
 
     pub fn splits(&self) -> usize {
@@ -109,17 +114,9 @@ pub fn decode_splits(a: &AttnArgs, max_keys: usize) -> usize {
     attention_splits(a, 1, max_keys)
 }
 
-/// `struct RopeOutRows` of ops.cu, passed by value.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(super) struct RopeOutRows {
-    ro: RopeOut,
-    rows: u64,
-}
-
 /// The loaded batched-decode kernels (from the same module image as [`Ops`]).
 pub struct RowOps {
-    _module: Arc<CudaModule>,
+    _module: Arc<KernelSet>,
     rope_kv_write: CudaFunction,
     qkv_rope_bf16: [CudaFunction; LINEAR_TOKENS.len()],
     qkv_rope_f32: [CudaFunction; LINEAR_TOKENS.len()],

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use model::weights::{ExpertMat, Mlp, Weights};
 
-/// A fixture checkpoint folder (`fixtures/<rel>` at the repository root).
+/// A fixture checkpoint folder: `$ULTRA_FIXTURES/<rel>` if set (a GPU bundle run elsewhere), else
+/// the repository's `fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
+    std::env::var_os("ULTRA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
         .join(rel)
 }
 

@@ -1,0 +1,292 @@
+//! The kernel ABI on the Rust side: every `#[repr(C)]` struct passed to a kernel by value (or read
+//! by kernels from a table in device memory) and every kernel limit the host checks arguments
+//! against. The one definition of each number is `kernels/common/abi.cuh`; this module mirrors it
+//! and its tests check the mirror against the header (sizes, field offsets and limits, read by
+//! `ultra_kernels::abi`), so a change on one side that the other lacks fails `cargo test`.
+
+use cudarc::driver::DeviceRepr;
+
+/// Most tokens (rows) one pass handles (verify blocks are 2..=16; prefill runs in chunks of
+/// this; batched decode takes this many sequences per pass).
+pub const MAX_TOKENS: usize = 16;
+/// Threads per block of the vectorised linear kernels (4 warps).
+pub(crate) const LINEAR_THREADS: u32 = 128;
+/// Largest head dim (and v head dim) the RoPE and attention kernels take.
+pub(crate) const MAX_HEAD_DIM: usize = 256;
+/// Keys per shared-memory tile of the attention kernel, most warps (query heads served at
+/// once) per attention block, most key splits.
+pub(crate) const ATT_TILE: usize = 32;
+pub(crate) const ATT_MAX_WARPS: usize = 8;
+pub(crate) const ATT_MAX_SPLITS: usize = 64;
+/// Most experts / selected experts the routing kernels take; threads of the fused router.
+pub(crate) const MAX_EXPERTS: usize = 384;
+pub(crate) const MAX_TOPK: usize = 16;
+pub(crate) const ROUTER_THREADS: u32 = 256;
+/// Threads of the sampler.
+pub(crate) const SAMPLE_THREADS: u32 = 1024;
+/// Routed experts (`kernels/mxfp4.cu`): most (token, expert) entries per launch, bitmap words of
+/// the expert table (32 experts each), most warps per CTA.
+pub(crate) const MOE_MAX_IDS: usize = 256;
+pub(crate) const MOE_MAX_EXPERT_WORDS: usize = 64;
+pub(crate) const MOE_MAX_WARPS: usize = 16;
+
+// A full pass of routed entries fits the expert kernels' entry table.
+const _: () = assert!(MOE_MAX_IDS >= MAX_TOKENS * crate::moe::MAX_TOP_K);
+
+/// `struct RopeOut`: where the fused QKV projection's rows go (q rows, k / v cache), passed by
+/// value to `linear_qkv_rope_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RopeOut {
+    pub step: u64,
+    pub inv_freq: u64,
+    pub q_out: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub nh: u32,
+    pub nkv: u32,
+    pub d: u32,
+    pub dv: u32,
+    pub rot: u32,
+    pub capacity: u32,
+    pub attn_factor: f32,
+    pub value_scale: f32,
+}
+
+/// `struct RouteSpec`: the routing parameters of one MoE layer, passed by value to `route` and
+/// `router_route_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RouteSpec {
+    pub n_exp: u32,
+    pub k: u32,
+    pub kind: u32,
+    pub norm_topk: u32,
+    pub corr_bias: u64,
+    pub n_group: u32,
+    pub topk_group: u32,
+    pub scaling: f32,
+    pub _pad: u32,
+}
+
+/// `struct KvRow`: one row of a batched decode pass's row table in device memory (that row's
+/// cache of the layer, the position of its token, its key splits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KvRow {
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub capacity: u32,
+    pub pos: u32,
+    pub splits: u32,
+    pub _pad: u32,
+}
+
+/// `u64` words of one [`KvRow`].
+pub(crate) const KV_ROW_WORDS: usize = std::mem::size_of::<KvRow>() / 8;
+
+impl KvRow {
+    /// The row's bytes as the kernels read them, as `u64` words (the device is little-endian, as
+    /// every host Ultra builds for).
+    pub fn words(&self) -> [u64; KV_ROW_WORDS] {
+        // SAFETY: KvRow is #[repr(C)] plain old data of exactly KV_ROW_WORDS · 8 bytes with no
+        // implicit padding (every byte belongs to a field), so every bit pattern is a valid
+        // [u64; 4]; transmute checks the sizes at compile time.
+        unsafe { std::mem::transmute::<KvRow, [u64; KV_ROW_WORDS]>(*self) }
+    }
+}
+
+/// `struct RopeOutRows`: [`RopeOut`] for a batched pass, each row's cache and position from a
+/// [`KvRow`] table, passed by value to `linear_qkv_rope_rows_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RopeOutRows {
+    pub ro: RopeOut,
+    pub rows: u64,
+}
+
+/// `struct MoeParams`: the routed-expert kernels' parameter block (`kernels/mxfp4.cu`), passed by
+/// value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MoeParams {
+    pub w: u64,
+    pub scales: u64,
+    pub ids: u64,
+    pub x: u64,
+    pub bias: u64,
+    pub route_w: u64,
+    pub out: u64,
+    pub n_experts: u32,
+    pub rows: u32,
+    pub k: u32,
+    pub n_ids: u32,
+    pub x_div: u32,
+    pub row_groups: u32,
+    pub glu: u32,
+    pub pad: u32,
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+// SAFETY: plain old data laid out as the C struct the kernels take by value.
+unsafe impl DeviceRepr for MoeParams {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+    use ultra_kernels::abi::{layout, layouts, limit, StructLayout};
+
+    /// The Rust layout of `$t` over its ABI fields (padding fields left out, as in the header).
+    macro_rules! rust_layout {
+        ($name:literal, $t:ty { $($f:ident),* $(,)? }) => {
+            StructLayout {
+                name: $name,
+                size: size_of::<$t>(),
+                fields: vec![$((stringify!($f), offset_of!($t, $f))),*],
+            }
+        };
+    }
+
+    #[test]
+    fn structs_match_the_header() {
+        let rust = [
+            rust_layout!(
+                "RopeOut",
+                RopeOut {
+                    step,
+                    inv_freq,
+                    q_out,
+                    k_cache,
+                    v_cache,
+                    nh,
+                    nkv,
+                    d,
+                    dv,
+                    rot,
+                    capacity,
+                    attn_factor,
+                    value_scale,
+                }
+            ),
+            rust_layout!(
+                "KvRow",
+                KvRow {
+                    k_cache,
+                    v_cache,
+                    capacity,
+                    pos,
+                    splits
+                }
+            ),
+            rust_layout!("RopeOutRows", RopeOutRows { ro, rows }),
+            rust_layout!(
+                "RouteSpec",
+                RouteSpec {
+                    n_exp,
+                    k,
+                    kind,
+                    norm_topk,
+                    corr_bias,
+                    n_group,
+                    topk_group,
+                    scaling,
+                }
+            ),
+            rust_layout!(
+                "MoeParams",
+                MoeParams {
+                    w,
+                    scales,
+                    ids,
+                    x,
+                    bias,
+                    route_w,
+                    out,
+                    n_experts,
+                    rows,
+                    k,
+                    n_ids,
+                    x_div,
+                    row_groups,
+                    glu,
+                    alpha,
+                    limit,
+                }
+            ),
+        ];
+        for r in &rust {
+            let c = layout(r.name)
+                .unwrap_or_else(|| panic!("kernels/common/abi.cuh declares no struct {}", r.name));
+            assert_eq!(&c, r, "layout of {} (left: abi.cuh, right: Rust)", r.name);
+        }
+        // Every struct of the header has its Rust mirror here.
+        let names: Vec<_> = rust.iter().map(|r| r.name).collect();
+        for c in layouts() {
+            assert!(
+                names.contains(&c.name),
+                "no Rust mirror of struct {}",
+                c.name
+            );
+        }
+    }
+
+    #[test]
+    fn limits_match_the_header() {
+        let rust: [(&str, u64); 13] = [
+            ("MAX_TOKENS", MAX_TOKENS as u64),
+            ("LINEAR_THREADS", LINEAR_THREADS.into()),
+            ("MAX_HEAD_DIM", MAX_HEAD_DIM as u64),
+            ("ATT_TILE", ATT_TILE as u64),
+            ("ATT_MAX_WARPS", ATT_MAX_WARPS as u64),
+            ("ATT_MAX_SPLITS", ATT_MAX_SPLITS as u64),
+            ("MAX_EXPERTS", MAX_EXPERTS as u64),
+            ("MAX_TOPK", MAX_TOPK as u64),
+            ("ROUTER_THREADS", ROUTER_THREADS.into()),
+            ("SAMPLE_THREADS", SAMPLE_THREADS.into()),
+            ("MOE_MAX_IDS", MOE_MAX_IDS as u64),
+            ("MOE_MAX_EXPERT_WORDS", MOE_MAX_EXPERT_WORDS as u64),
+            ("MOE_MAX_WARPS", MOE_MAX_WARPS as u64),
+        ];
+        for (name, value) in rust {
+            assert_eq!(limit(name), Some(value), "limit {name} (abi.cuh vs Rust)");
+        }
+        // GEMV_MAX_WARPS is mirrored (and tested) by fp4's GEMV launcher.
+        for (name, _) in ultra_kernels::abi::limits() {
+            assert!(
+                rust.iter().any(|(n, _)| *n == name) || name == "GEMV_MAX_WARPS",
+                "limit {name} of abi.cuh has no Rust mirror"
+            );
+        }
+        assert_eq!(crate::moe::MAX_EXPERTS, MOE_MAX_EXPERT_WORDS * 32);
+    }
+
+    #[test]
+    fn kv_row_words_are_its_c_layout() {
+        let r = KvRow {
+            k_cache: 0x1111_2222_3333_4444,
+            v_cache: 0x5555_6666_7777_8888,
+            capacity: 0x9999_aaaa,
+            pos: 0xbbbb_cccc,
+            splits: 0xdddd_eeee,
+            _pad: 0,
+        };
+        let w = r.words();
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let at = |off: usize, n: usize| {
+            u64::from_le_bytes({
+                let mut b = [0u8; 8];
+                b[..n].copy_from_slice(&bytes[off..off + n]);
+                b
+            })
+        };
+        let c = layout("KvRow").unwrap();
+        let off = |f: &str| c.fields.iter().find(|(n, _)| *n == f).unwrap().1;
+        assert_eq!(at(off("k_cache"), 8), r.k_cache);
+        assert_eq!(at(off("v_cache"), 8), r.v_cache);
+        assert_eq!(at(off("capacity"), 4), u64::from(r.capacity));
+        assert_eq!(at(off("pos"), 4), u64::from(r.pos));
+        assert_eq!(at(off("splits"), 4), u64::from(r.splits));
+    }
+}

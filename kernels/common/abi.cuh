@@ -1,0 +1,152 @@
+// The kernel ABI shared with Rust: every struct a kernel takes by value (or reads from a table in
+// device memory) and every limit the host checks arguments against. This file is THE definition
+// on the CUDA side; the Rust side is crates/tilert/src/abi.rs, and its layout test
+// (`abi::tests`) reads this file: the size and field offsets asserted below must equal the Rust
+// structs' `size_of` / `offset_of!`, and each limit must equal the Rust constant of the same
+// name. nvcc checks the asserts on every `cargo xtask kernels`; the test in crates/kernels checks
+// them with the host C++ compiler (the ABI Rust's #[repr(C)] follows).
+//
+// Plain C++ only (no CUDA types or qualifiers): it must compile with g++ as well as nvcc.
+// Padding fields are not part of the contract (the size and the neighbours' offsets cover them).
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#define ULTRA_ABI_SIZE(S, N) static_assert(sizeof(S) == N, "ABI: sizeof(" #S ") != " #N)
+#define ULTRA_ABI_FIELD(S, F, N) \
+    static_assert(offsetof(S, F) == N, "ABI: offsetof(" #S ", " #F ") != " #N)
+
+// ---- Limits ------------------------------------------------------------------------------
+
+// Most tokens (rows) one pass handles: verify blocks, prefill chunks, batched decode rows.
+#define MAX_TOKENS 16
+// Threads per block of the vectorised linear kernels (4 warps).
+#define LINEAR_THREADS 128
+// Largest head dim (and value head dim) of the RoPE / attention kernels.
+#define MAX_HEAD_DIM 256
+// Attention: keys per shared-memory tile, most warps per block, most key splits.
+#define ATT_TILE 32
+#define ATT_MAX_WARPS 8
+#define ATT_MAX_SPLITS 64
+// Routing: most experts / selected experts of the router kernels; threads of the fused router.
+#define MAX_EXPERTS 384
+#define MAX_TOPK 16
+#define ROUTER_THREADS 256
+// Threads of the sampler (one block).
+#define SAMPLE_THREADS 1024
+
+// MXFP4 GEMV (mxfp4.cu): most warps per block.
+constexpr int GEMV_MAX_WARPS = 16;
+// Routed experts (mxfp4.cu): most (token, expert) entries per launch (MAX_TOKENS · top-k), bitmap
+// words of the expert table (32 experts each), most warps per CTA.
+constexpr uint32_t MOE_MAX_IDS = 256;
+constexpr uint32_t MOE_MAX_EXPERT_WORDS = 64;
+constexpr uint32_t MOE_MAX_WARPS = 16;
+
+// ---- Structs -----------------------------------------------------------------------------
+
+// Where a fused QKV projection's rows go (linear_qkv_rope, rope.cu): q to q_out [T][nh][d], k and
+// v into the cache slots of positions step[0] + t, RoPE applied on the way as rope_kv_write does
+// (no q/k norm). The weight rows are uploaded in "rope pair order": within each q and k head, rows
+// (2i, 2i + 1) for 2i < rot are dims (i, i + rot/2), then dims rot.. d in order; v rows as is.
+struct RopeOut {
+    const uint32_t* step;
+    const float* inv_freq;
+    float* q_out;
+    float* k_cache;
+    float* v_cache;
+    uint32_t nh, nkv, d, dv, rot, capacity;
+    float attn_factor, value_scale;
+};
+ULTRA_ABI_SIZE(RopeOut, 72);
+ULTRA_ABI_FIELD(RopeOut, step, 0);
+ULTRA_ABI_FIELD(RopeOut, inv_freq, 8);
+ULTRA_ABI_FIELD(RopeOut, q_out, 16);
+ULTRA_ABI_FIELD(RopeOut, k_cache, 24);
+ULTRA_ABI_FIELD(RopeOut, v_cache, 32);
+ULTRA_ABI_FIELD(RopeOut, nh, 40);
+ULTRA_ABI_FIELD(RopeOut, nkv, 44);
+ULTRA_ABI_FIELD(RopeOut, d, 48);
+ULTRA_ABI_FIELD(RopeOut, dv, 52);
+ULTRA_ABI_FIELD(RopeOut, rot, 56);
+ULTRA_ABI_FIELD(RopeOut, capacity, 60);
+ULTRA_ABI_FIELD(RopeOut, attn_factor, 64);
+ULTRA_ABI_FIELD(RopeOut, value_scale, 68);
+
+// One row of one layer of a batched decode pass (`ops::rows::KvRow`): the row's sequence's cache
+// of the layer, the position of the row's token and its attention key splits.
+struct KvRow {
+    float* k_cache;
+    float* v_cache;
+    uint32_t capacity;
+    uint32_t pos;
+    uint32_t splits;
+    uint32_t pad;
+};
+ULTRA_ABI_SIZE(KvRow, 32);
+ULTRA_ABI_FIELD(KvRow, k_cache, 0);
+ULTRA_ABI_FIELD(KvRow, v_cache, 8);
+ULTRA_ABI_FIELD(KvRow, capacity, 16);
+ULTRA_ABI_FIELD(KvRow, pos, 20);
+ULTRA_ABI_FIELD(KvRow, splits, 24);
+
+// The fused QKV projection's destinations for a batched pass: q rows to ro.q_out, k and v into
+// each row's own cache (ro's step / k_cache / v_cache / capacity are unused).
+struct RopeOutRows {
+    RopeOut ro;
+    const KvRow* rows;
+};
+ULTRA_ABI_SIZE(RopeOutRows, 80);
+ULTRA_ABI_FIELD(RopeOutRows, ro, 0);
+ULTRA_ABI_FIELD(RopeOutRows, rows, 72);
+
+// The routing parameters of one MoE layer (`RouteArgs` on the host).
+struct RouteSpec {
+    uint32_t n_exp, k, kind, norm_topk;  // kind 0 = gpt-oss, 1 = Qwen3-MoE, 2 = sigmoid
+    const float* corr_bias;
+    uint32_t n_group, topk_group;
+    float scaling;
+};
+ULTRA_ABI_SIZE(RouteSpec, 40);
+ULTRA_ABI_FIELD(RouteSpec, n_exp, 0);
+ULTRA_ABI_FIELD(RouteSpec, k, 4);
+ULTRA_ABI_FIELD(RouteSpec, kind, 8);
+ULTRA_ABI_FIELD(RouteSpec, norm_topk, 12);
+ULTRA_ABI_FIELD(RouteSpec, corr_bias, 16);
+ULTRA_ABI_FIELD(RouteSpec, n_group, 24);
+ULTRA_ABI_FIELD(RouteSpec, topk_group, 28);
+ULTRA_ABI_FIELD(RouteSpec, scaling, 32);
+
+// The routed-expert kernels' parameters (mxfp4.cu: moe_mx_*, moe_dense_*; tilert's `moe.rs`).
+struct MoeParams {
+    const uint8_t* w;        // MXFP4: tiled codes; dense: [E * rows, K] bf16 or f32
+    const uint8_t* scales;   // MXFP4: tiled scale bytes
+    const int32_t* ids;      // [n_ids]
+    const float* x;          // input of entry e: row e / x_div, K values
+    const float* bias;       // [E, rows] or null
+    const float* route_w;    // [n_ids] (down) or null
+    float* out;
+    uint32_t n_experts, rows, k, n_ids;
+    uint32_t x_div;          // gate_up: k (tokens' hidden states shared by their k entries); down: 1
+    uint32_t row_groups;     // MXFP4: 16-row groups per CTA
+    uint32_t glu;            // 0: clamped SwiGLU (alpha, limit); 1: SwiGLU
+    uint32_t pad_;
+    float alpha, limit;
+};
+ULTRA_ABI_SIZE(MoeParams, 96);
+ULTRA_ABI_FIELD(MoeParams, w, 0);
+ULTRA_ABI_FIELD(MoeParams, scales, 8);
+ULTRA_ABI_FIELD(MoeParams, ids, 16);
+ULTRA_ABI_FIELD(MoeParams, x, 24);
+ULTRA_ABI_FIELD(MoeParams, bias, 32);
+ULTRA_ABI_FIELD(MoeParams, route_w, 40);
+ULTRA_ABI_FIELD(MoeParams, out, 48);
+ULTRA_ABI_FIELD(MoeParams, n_experts, 56);
+ULTRA_ABI_FIELD(MoeParams, rows, 60);
+ULTRA_ABI_FIELD(MoeParams, k, 64);
+ULTRA_ABI_FIELD(MoeParams, n_ids, 68);
+ULTRA_ABI_FIELD(MoeParams, x_div, 72);
+ULTRA_ABI_FIELD(MoeParams, row_groups, 76);
+ULTRA_ABI_FIELD(MoeParams, glu, 80);
+ULTRA_ABI_FIELD(MoeParams, alpha, 88);
+ULTRA_ABI_FIELD(MoeParams, limit, 92);
