@@ -355,7 +355,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "moe"),
     ("tilert", "exec"),
     ("tilert", "batch"),
-    ("tilert", "dflash"),
+    ("dflash", "gpu_spec"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
 ];
@@ -465,7 +465,13 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
     let stage = bundle.join("stage");
     fs::create_dir_all(stage.join("tests"))?;
     fs::create_dir_all(stage.join("bin"))?;
-    let mut args = vec!["test", "--release", "--no-run", "--features", "fp4/cuda"];
+    let mut args = vec![
+        "test",
+        "--release",
+        "--no-run",
+        "--features",
+        "fp4/cuda,dflash/cuda",
+    ];
     let mut packages: Vec<&str> = GPU_TESTS.iter().map(|(p, _)| *p).collect();
     packages.dedup();
     for p in &packages {
@@ -480,12 +486,6 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
         "--release",
         "-p",
         "ultra-benches",
-        "-p",
-        "dflash",
-        "--features",
-        "dflash/cuda",
-        "--test",
-        "gpu_spec",
         "-p",
         "serve",
         "--bins",
