@@ -154,7 +154,7 @@ pub(crate) fn upload_linear(
     what: &str,
 ) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
     Ok((
-        DeviceMatrix::upload(arena, &l.w.data, l.w.rows, l.w.cols, what)?,
+        DeviceMatrix::from_mat(arena, &l.w, what)?,
         upload_opt(arena, l.bias.as_ref(), what)?,
     ))
 }
@@ -170,10 +170,6 @@ pub(crate) fn upload_qkv(
 ) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
     let rows = a.q.w.rows + a.k.w.rows + a.v.w.rows;
     let cols = a.q.w.cols;
-    let mut w = Vec::with_capacity(rows * cols);
-    for m in [&a.q, &a.k, &a.v] {
-        w.extend_from_slice(&m.w.data);
-    }
     let mut b = [&a.q, &a.k, &a.v]
         .iter()
         .any(|m| m.bias.is_some())
@@ -194,14 +190,26 @@ pub(crate) fn upload_qkv(
                 order.len()
             )));
         }
-        w = order
-            .iter()
-            .flat_map(|&r| w[r * cols..(r + 1) * cols].iter().copied())
-            .collect();
+        if let Some(&r) = order.iter().find(|&&r| r >= rows) {
+            return Err(RuntimeError::Invalid(format!(
+                "{what}: row order names row {r} of {rows}"
+            )));
+        }
         b = b.map(|b| order.iter().map(|&r| b[r]).collect());
     }
-    let qkv = DeviceMatrix::upload(arena, &w, rows, cols, what)?;
-    drop(w);
+    // Row p of [q; k; v] (after the optional permutation) → (part, row in part).
+    let (nq, nk) = (a.q.w.rows, a.k.w.rows);
+    let pick = |p: usize| {
+        let r = order.map_or(p, |o| o[p]);
+        if r < nq {
+            (0, r)
+        } else if r < nq + nk {
+            (1, r - nq)
+        } else {
+            (2, r - nq - nk)
+        }
+    };
+    let qkv = DeviceMatrix::from_rows(arena, &[&a.q.w, &a.k.w, &a.v.w], rows, cols, pick, what)?;
     let bias = b
         .map(|b| arena.upload(&b, &format!("{what} bias")))
         .transpose()?;
@@ -331,23 +339,12 @@ impl GpuModel {
             });
             let _ = spec;
         }
-        let embed = DeviceMatrix::upload(
-            &mut arena,
-            &weights.embed.data,
-            weights.embed.rows,
-            weights.embed.cols,
-            "embedding",
-        )?;
-        let lm_head = if config.tie_word_embeddings && weights.lm_head == weights.embed {
+        let embed = DeviceMatrix::from_mat(&mut arena, &weights.embed, "embedding")?;
+        // Tied embeddings (known from the config): one device copy serves both.
+        let lm_head = if config.tie_word_embeddings {
             embed
         } else {
-            DeviceMatrix::upload(
-                &mut arena,
-                &weights.lm_head.data,
-                weights.lm_head.rows,
-                weights.lm_head.cols,
-                "lm_head",
-            )?
+            DeviceMatrix::from_mat(&mut arena, &weights.lm_head, "lm_head")?
         };
         let final_norm = arena.upload(&weights.final_norm, "final norm")?;
         Ok(Self::assemble(
