@@ -103,6 +103,20 @@ impl Bytes {
         Bytes::owned(Backing::U8(v))
     }
 
+    /// The bytes, mutable: an owned byte buffer is made unless the bytes already are one that
+    /// nobody else shares.
+    fn make_mut(&mut self) -> &mut [u8] {
+        let unique = matches!(*self.backing, Backing::U8(ref v) if self.start == 0 && self.len == v.len())
+            && Arc::strong_count(&self.backing) == 1;
+        if !unique {
+            *self = Bytes::from_vec(self.as_slice().to_vec());
+        }
+        match Arc::get_mut(&mut self.backing) {
+            Some(Backing::U8(v)) => v,
+            _ => unreachable!("a unique owned byte buffer"),
+        }
+    }
+
     /// The bytes.
     #[inline]
     pub fn as_slice(&self) -> &[u8] {
@@ -588,6 +602,17 @@ impl MxMat {
     /// The `[rows, K/32]` scale bytes.
     pub fn scales(&self) -> &[u8] {
         self.scales.as_slice()
+    }
+
+    /// The code bytes, mutable (tools and tests that edit weights): an owned copy is made
+    /// unless the bytes already are one that nobody else shares.
+    pub fn blocks_mut(&mut self) -> &mut [u8] {
+        self.blocks.make_mut()
+    }
+
+    /// The scale bytes, mutable (see [`MxMat::blocks_mut`]).
+    pub fn scales_mut(&mut self) -> &mut [u8] {
+        self.scales.make_mut()
     }
 
     /// An owned copy (for tools and tests that edit the bytes).
