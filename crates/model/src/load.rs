@@ -94,23 +94,22 @@ pub fn load_quantization(dir: &Path) -> Result<Quantization, LoadError> {
 
 /// Loads a checkpoint directory: config, then every tensor checked against the config, then
 /// converted to [`Weights`].
+///
+/// The weights are views of the mapped files: nothing is read until a kernel (or an upload)
+/// touches it.
 pub fn load(dir: &Path) -> Result<(ModelConfig, Weights), LoadError> {
-    load_with_progress(dir, &mut |_| {})
+    let (cfg, ck) = open(dir)?;
+    let weights = load_weights(&cfg, &ck).map_err(|e| LoadError::spec(dir, e))?;
+    Ok((cfg, weights))
 }
 
 /// [`load`], then every mapped page read once (in file order) so the weights are in memory
-/// before the first pass; `progress(done, total)` is called with the bytes read so far.
+/// before the first pass; `progress` is told the bytes read so far.
 pub fn load_with_progress(
     dir: &Path,
     progress: &mut dyn FnMut(crate::progress::Progress),
 ) -> Result<(ModelConfig, Weights), LoadError> {
-    let cfg = load_config(dir)?;
-    let quant = load_quantization(dir)?;
-    let mut ck = Checkpoint::open(dir).map_err(|source| LoadError::Checkpoint {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    ck.set_fp8_block(quant.fp8_block());
+    let (cfg, ck) = open(dir)?;
     let weights = load_weights(&cfg, &ck).map_err(|e| LoadError::spec(dir, e))?;
     let total = ck.total_bytes();
     let mut done = 0;
@@ -119,6 +118,18 @@ pub fn load_with_progress(
         progress(crate::progress::Progress { done, total });
     });
     Ok((cfg, weights))
+}
+
+/// The config and the opened checkpoint (FP8 block size from the quantization config).
+fn open(dir: &Path) -> Result<(ModelConfig, Checkpoint), LoadError> {
+    let cfg = load_config(dir)?;
+    let quant = load_quantization(dir)?;
+    let mut ck = Checkpoint::open(dir).map_err(|source| LoadError::Checkpoint {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    ck.set_fp8_block(quant.fp8_block());
+    Ok((cfg, ck))
 }
 
 /// Converts an opened checkpoint for a config (validating every tensor first).
@@ -280,7 +291,10 @@ fn gate_up_halves(ck: &Checkpoint, gate: &TensorSpec, up: &TensorSpec) -> Result
             return Err(ck_err(
                 ck,
                 u.name,
-                format!("FP8 block scales on only one of `{}` and `{}`", g.name, u.name),
+                format!(
+                    "FP8 block scales on only one of `{}` and `{}`",
+                    g.name, u.name
+                ),
             ))
         }
     };
@@ -399,7 +413,11 @@ fn stacked_experts(ck: &Checkpoint, t: &TensorSpec) -> Result<Vec<ExpertMat>, Sp
                 return Err(ck_err(
                     ck,
                     base,
-                    format!("MXFP4 stack of {} bytes for {} experts", blocks.len(), x.experts()),
+                    format!(
+                        "MXFP4 stack of {} bytes for {} experts",
+                        blocks.len(),
+                        x.experts()
+                    ),
                 ));
             }
             Ok((0..x.experts())

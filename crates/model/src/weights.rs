@@ -71,7 +71,10 @@ impl fmt::Debug for Bytes {
 impl Bytes {
     /// `len` bytes of a mapped file from `start` (checked by the caller).
     pub(crate) fn from_map(map: Arc<memmap2::Mmap>, start: usize, len: usize) -> Bytes {
-        assert!(start + len <= map.len(), "Bytes::from_map: range beyond the file");
+        assert!(
+            start + len <= map.len(),
+            "Bytes::from_map: range beyond the file"
+        );
         Bytes {
             backing: Arc::new(Backing::Map(map)),
             start,
@@ -81,7 +84,10 @@ impl Bytes {
 
     /// A sub-range of a mapped region sharing its owner.
     pub(crate) fn slice(&self, start: usize, len: usize) -> Bytes {
-        assert!(start + len <= self.len, "Bytes::slice: range beyond the region");
+        assert!(
+            start + len <= self.len,
+            "Bytes::slice: range beyond the region"
+        );
         Bytes {
             backing: self.backing.clone(),
             start: self.start + start,
@@ -133,6 +139,25 @@ impl Bytes {
         self.len == 0
     }
 
+    /// Drops the resident pages of a mapped region (whole pages inside it only) once a caller has
+    /// copied it elsewhere (e.g. to a GPU): the mapping is private and read-only, so a later
+    /// read faults them in again from the file. No-op for owned bytes.
+    pub fn release_pages(&self) {
+        if let Backing::Map(m) = &*self.backing {
+            const PAGE: usize = 4096;
+            let (lo, hi) = (
+                self.start.div_ceil(PAGE) * PAGE,
+                (self.start + self.len) / PAGE * PAGE,
+            );
+            if hi > lo {
+                // SAFETY: see above; dropping clean pages of a private read-only map loses nothing.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+                };
+            }
+        }
+    }
+
     /// Whether these bytes are a view of a memory-mapped file (not an owned copy).
     pub fn is_mapped(&self) -> bool {
         matches!(*self.backing, Backing::Map(_))
@@ -149,7 +174,9 @@ impl Bytes {
         debug_assert!(b.as_ptr().cast::<T>().is_aligned());
         debug_assert!(b.len().is_multiple_of(std::mem::size_of::<T>()));
         // SAFETY: per the function contract.
-        unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<T>(), b.len() / std::mem::size_of::<T>()) }
+        unsafe {
+            std::slice::from_raw_parts(b.as_ptr().cast::<T>(), b.len() / std::mem::size_of::<T>())
+        }
     }
 
     /// Whether the region can be viewed as `T`s.
@@ -515,7 +542,12 @@ impl Mat {
 /// Widens row `r` of `d` (`cols` wide) into `out` (exact).
 #[inline]
 pub fn widen_row(d: MatData<'_>, r: usize, cols: usize, out: &mut [f32]) {
-    assert_eq!(out.len(), cols, "widen_row: {} values for {cols} columns", out.len());
+    assert_eq!(
+        out.len(),
+        cols,
+        "widen_row: {} values for {cols} columns",
+        out.len()
+    );
     let span = r * cols..(r + 1) * cols;
     match d {
         MatData::F32(v) => out.copy_from_slice(&v[span]),
@@ -643,6 +675,23 @@ pub enum ExpertMat {
 }
 
 impl ExpertMat {
+    /// Bytes in the stored form.
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            ExpertMat::Dense(m) => m.stored_bytes(),
+            ExpertMat::Mxfp4(m) => m.blocks().len() + m.scales().len(),
+        }
+    }
+    /// See [`Bytes::release_pages`].
+    pub fn release_pages(&self) {
+        match self {
+            ExpertMat::Dense(m) => m.bytes().release_pages(),
+            ExpertMat::Mxfp4(m) => {
+                m.blocks.release_pages();
+                m.scales.release_pages();
+            }
+        }
+    }
     pub fn rows(&self) -> usize {
         match self {
             ExpertMat::Dense(m) => m.rows,
@@ -739,4 +788,92 @@ pub struct Weights {
     pub final_norm: Vec<f32>,
     /// `[V, H]`: with `tie_word_embeddings`, `embed` itself (shared storage, no copy).
     pub lm_head: Mat,
+}
+
+impl Linear {
+    fn stored_bytes(&self) -> usize {
+        self.w.stored_bytes() + 4 * self.bias.as_ref().map_or(0, Vec::len)
+    }
+}
+
+impl Layer {
+    /// The matrices of the layer (experts included, in their stored form).
+    fn matrices(&self) -> Vec<ExpertMat> {
+        let a = &self.attn;
+        let mut v: Vec<ExpertMat> = [&a.q, &a.k, &a.v, &a.o]
+            .iter()
+            .map(|l| ExpertMat::Dense(l.w.clone()))
+            .collect();
+        match &self.mlp {
+            Mlp::Dense { gate_up, down } => {
+                v.push(ExpertMat::Dense(gate_up.w.clone()));
+                v.push(ExpertMat::Dense(down.w.clone()));
+            }
+            Mlp::Moe(m) => {
+                v.push(ExpertMat::Dense(m.router.w.clone()));
+                for e in &m.experts {
+                    v.push(e.gate_up.clone());
+                    v.push(e.down.clone());
+                }
+            }
+        }
+        v
+    }
+
+    /// Bytes of the layer's weights in their stored form.
+    pub fn stored_bytes(&self) -> usize {
+        let a = &self.attn;
+        let vecs = [&a.q_norm, &a.k_norm, &a.sinks]
+            .iter()
+            .map(|v| v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+            + self.input_norm.len()
+            + self.post_attn_norm.len();
+        let lin = [&a.q, &a.k, &a.v, &a.o]
+            .iter()
+            .map(|l| l.stored_bytes())
+            .sum::<usize>();
+        let mlp = match &self.mlp {
+            Mlp::Dense { gate_up, down } => gate_up.stored_bytes() + down.stored_bytes(),
+            Mlp::Moe(m) => {
+                m.router.stored_bytes()
+                    + 4 * m.correction_bias.as_ref().map_or(0, Vec::len)
+                    + m.experts
+                        .iter()
+                        .map(|e| {
+                            e.gate_up.stored_bytes()
+                                + e.down.stored_bytes()
+                                + 4 * e.gate_up_bias.as_ref().map_or(0, Vec::len)
+                                + 4 * e.down_bias.as_ref().map_or(0, Vec::len)
+                        })
+                        .sum::<usize>()
+            }
+        };
+        4 * vecs + lin + mlp
+    }
+
+    /// Releases the resident mapped pages of every matrix of the layer (after a copy to a
+    /// device; see [`Bytes::release_pages`]).
+    pub fn release_pages(&self) {
+        for m in self.matrices() {
+            m.release_pages();
+        }
+    }
+}
+
+impl Weights {
+    /// Bytes of all weights in their stored form (a tied `lm_head` counted once).
+    pub fn stored_bytes(&self) -> usize {
+        let head = if Arc::ptr_eq(&self.lm_head.bytes().backing, &self.embed.bytes().backing)
+            && self.lm_head.bytes().start == self.embed.bytes().start
+        {
+            0
+        } else {
+            self.lm_head.stored_bytes()
+        };
+        self.embed.stored_bytes()
+            + head
+            + 4 * self.final_norm.len()
+            + self.layers.iter().map(Layer::stored_bytes).sum::<usize>()
+    }
 }

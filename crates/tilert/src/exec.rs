@@ -277,6 +277,21 @@ impl GpuModel {
         config: Arc<ModelConfig>,
         weights: &Weights,
     ) -> Result<Self, RuntimeError> {
+        Self::new_with_progress(ordinal, config, weights, &mut |_| {})
+    }
+
+    /// [`GpuModel::new`], telling `progress` the weight bytes uploaded after each layer. Each
+    /// tensor goes from the host weights (views of the mapped checkpoint) to the device on its
+    /// own (see [`DeviceMatrix::from_mat`]); once a layer is on the device its mapped pages are
+    /// released, so host memory stays near one layer's size however large the model.
+    pub fn new_with_progress(
+        ordinal: usize,
+        config: Arc<ModelConfig>,
+        weights: &Weights,
+        progress: &mut dyn FnMut(model::progress::Progress),
+    ) -> Result<Self, RuntimeError> {
+        let total = weights.stored_bytes() as u64;
+        let mut done = 0u64;
         model::cpu::check::check(&config, weights)
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let (device, stream, ops, moe) = open(ordinal)?;
@@ -338,6 +353,9 @@ impl GpuModel {
                 mlp,
             });
             let _ = spec;
+            lw.release_pages();
+            done += lw.stored_bytes() as u64;
+            progress(model::progress::Progress { done, total });
         }
         let embed = DeviceMatrix::from_mat(&mut arena, &weights.embed, "embedding")?;
         // Tied embeddings (known from the config): one device copy serves both.
@@ -347,6 +365,9 @@ impl GpuModel {
             DeviceMatrix::from_mat(&mut arena, &weights.lm_head, "lm_head")?
         };
         let final_norm = arena.upload(&weights.final_norm, "final norm")?;
+        weights.embed.bytes().release_pages();
+        weights.lm_head.bytes().release_pages();
+        progress(model::progress::Progress { done: total, total });
         Ok(Self::assemble(
             device, stream, ops, moe, config, embed, lm_head, final_norm, layers, ropes, arena,
         ))

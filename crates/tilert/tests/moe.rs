@@ -75,7 +75,11 @@ fn random_dense(rng: &mut ChaCha8Rng, rows: usize, k: usize, bf16: bool) -> Mat 
     let data: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-a..a)).collect();
     // bf16 experts are stored as bf16, as a bf16 checkpoint loads.
     if bf16 {
-        Mat::from_bf16(rows, k, data.into_iter().map(half::bf16::from_f32).collect())
+        Mat::from_bf16(
+            rows,
+            k,
+            data.into_iter().map(half::bf16::from_f32).collect(),
+        )
     } else {
         Mat::from_f32(rows, k, data)
     }

@@ -165,7 +165,11 @@ pub fn write_drafter(
     let mut push = |name: String, shape: Vec<usize>, data: &[f32]| {
         t.push((format!("{prefix}{name}"), shape, data.to_vec()))
     };
-    push("fc.weight".into(), vec![w.fc.rows, w.fc.cols], &w.fc.to_f32());
+    push(
+        "fc.weight".into(),
+        vec![w.fc.rows, w.fc.cols],
+        &w.fc.to_f32(),
+    );
     push(
         "hidden_norm.weight".into(),
         vec![w.hidden_norm.len()],
