@@ -106,3 +106,36 @@ impl Reporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_shows_bytes_rate_and_eta() {
+        let p = Progress {
+            done: 1_000_000_000,
+            total: 4_000_000_000,
+        };
+        let l = Reporter::line("reading m", p, Duration::from_secs(2));
+        assert_eq!(l, "reading m: 1.00/4.00 GB (25 %), 0.50 GB/s, ETA 6 s");
+        let done = Progress {
+            done: 4_000_000_000,
+            total: 4_000_000_000,
+        };
+        let l = Reporter::line("reading m", done, Duration::from_secs(8));
+        assert_eq!(l, "reading m: 4.00/4.00 GB (100 %), 0.50 GB/s, done in 8.0 s");
+    }
+
+    #[test]
+    fn small_checkpoints_report_nothing() {
+        let mut r = Reporter::new("x", MIN_BYTES - 1);
+        assert!(!r.enabled);
+        r.update(Progress {
+            done: MIN_BYTES - 1,
+            total: MIN_BYTES - 1,
+        });
+        assert!(!r.finished, "a disabled reporter does not draw");
+        assert!(Reporter::new("x", MIN_BYTES).enabled);
+    }
+}
