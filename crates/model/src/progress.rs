@@ -124,7 +124,10 @@ mod tests {
             total: 4_000_000_000,
         };
         let l = Reporter::line("reading m", done, Duration::from_secs(8));
-        assert_eq!(l, "reading m: 4.00/4.00 GB (100 %), 0.50 GB/s, done in 8.0 s");
+        assert_eq!(
+            l,
+            "reading m: 4.00/4.00 GB (100 %), 0.50 GB/s, done in 8.0 s"
+        );
     }
 
     #[test]

@@ -296,11 +296,24 @@ pub fn matvec(w: &Mat, x: &[f32], y: &mut [f32]) {
         w.rows,
         w.cols
     );
-    let d = w.data();
+    let k = w.cols;
+    // One loop per dtype (the dtype is matched once, not per row).
+    match w.data() {
+        MatData::F32(v) => each_row(w, y, |r, _| dot(&v[r * k..(r + 1) * k], x)),
+        MatData::Bf16(v) => each_row(w, y, |r, _| dot_bf16(&v[r * k..(r + 1) * k], x)),
+        MatData::F16(v) => each_row(w, y, |r, _| dot_f16(&v[r * k..(r + 1) * k], x)),
+        d @ MatData::F8E4M3 { .. } => each_row(w, y, |r, scratch| dot_row(d, r, x, scratch)),
+    }
+}
+
+/// `y[r] = f(r, scratch)` for every row of `w`, split over rayon tasks when the matrix has at
+/// least [`PAR_MIN_WORK`] entries (`scratch` is a per-task buffer).
+#[inline]
+fn each_row(w: &Mat, y: &mut [f32], f: impl Fn(usize, &mut Vec<f32>) -> f32 + Sync) {
     if w.rows * w.cols < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
         let mut scratch = Vec::new();
         for (r, o) in y.iter_mut().enumerate() {
-            *o = dot_row(d, r, x, &mut scratch);
+            *o = f(r, &mut scratch);
         }
     } else {
         let chunk = rows_per_task(w.rows, w.cols, w.dtype().size());
@@ -308,7 +321,7 @@ pub fn matvec(w: &Mat, x: &[f32], y: &mut [f32]) {
             .enumerate()
             .for_each_init(Vec::new, |scratch, (ci, ys)| {
                 for (i, o) in ys.iter_mut().enumerate() {
-                    *o = dot_row(d, ci * chunk + i, x, scratch);
+                    *o = f(ci * chunk + i, scratch);
                 }
             });
     }
