@@ -344,13 +344,12 @@ impl Drafter {
 
         // Block embeddings.
         s.x.resize(b * h, 0.0);
-        let mask_row = match &self.weights.mask_embedding {
-            Some(m) => &m[..],
-            None => embed.row(c.mask_token_id as usize),
-        };
-        s.x[..h].copy_from_slice(embed.row(x_last as usize));
+        embed.row_into(x_last as usize, &mut s.x[..h]);
         for row in s.x[h..].chunks_exact_mut(h) {
-            row.copy_from_slice(mask_row);
+            match &self.weights.mask_embedding {
+                Some(m) => row.copy_from_slice(m),
+                None => embed.row_into(c.mask_token_id as usize, row),
+            }
         }
         if c.input_embedding_scale != 1.0 {
             for v in s.x.iter_mut() {
@@ -689,7 +688,7 @@ impl Reader<'_> {
     fn mat(&self, name: &str, rows: usize, cols: usize) -> Result<Mat, DrafterError> {
         let mut data = vec![0f32; rows * cols];
         self.read(name, &[rows, cols], &mut data)?;
-        Ok(Mat { rows, cols, data })
+        Ok(Mat::from_f32(rows, cols, data))
     }
 
     fn linear(
@@ -782,11 +781,7 @@ fn load_weights(
                 post_attn_norm: r.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 mlp: Mlp::Dense {
                     gate_up: Linear {
-                        w: Mat {
-                            rows: 2 * inter,
-                            cols: h,
-                            data: gu,
-                        },
+                        w: Mat::from_f32(2 * inter, h, gu),
                         bias: None,
                     },
                     down: r.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,

@@ -550,9 +550,9 @@ fn input_embedding_scale_matches_cpu() {
 fn copycat(d: &Drafter, lm_head: &model::weights::Mat, token: u32) -> Drafter {
     let mut w = d.weights().clone();
     for l in &mut w.layers {
-        l.attn.o.w.data.fill(0.0);
+        l.attn.o.w.make_f32_mut().fill(0.0);
         if let model::weights::Mlp::Dense { down, .. } = &mut l.mlp {
-            down.w.data.fill(0.0);
+            down.w.make_f32_mut().fill(0.0);
         }
     }
     w.norm.fill(1.0);

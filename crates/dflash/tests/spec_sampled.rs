@@ -243,12 +243,14 @@ struct Analytic {
 impl Analytic {
     fn new(seed: u64) -> Analytic {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut mat = |rows, cols| Mat {
-            rows,
-            cols,
-            data: (0..rows * cols)
-                .map(|_| rng.random_range(-0.5..0.5))
-                .collect(),
+        let mut mat = |rows, cols| {
+            Mat::from_f32(
+                rows,
+                cols,
+                (0..rows * cols)
+                    .map(|_| rng.random_range(-0.5..0.5))
+                    .collect(),
+            )
         };
         let embed = mat(V, H);
         let lm_head = mat(V, H);

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -81,10 +82,11 @@ pub enum CheckpointError {
 
 type CkResult<T> = Result<T, CheckpointError>;
 
-/// One memory-mapped file.
+/// One memory-mapped file (shared with the [`crate::weights::Bytes`] views of its tensors,
+/// which keep it mapped after the [`Checkpoint`] is dropped).
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
 }
 
 /// Where a tensor lives.
@@ -186,7 +188,7 @@ pub const fn f8_e4m3_to_f32(b: u8) -> f32 {
     sign * f32::from_bits(bits)
 }
 
-const F8_TABLE: [f32; 256] = {
+pub(crate) static F8_TABLE: [f32; 256] = {
     let mut t = [0f32; 256];
     let mut i = 0;
     while i < 256 {
@@ -591,7 +593,10 @@ impl Checkpoint {
             e.shard = idx;
             self.tensors.insert(name, e);
         }
-        self.shards.push(Shard { path, map });
+        self.shards.push(Shard {
+            path,
+            map: Arc::new(map),
+        });
         Ok(())
     }
 
@@ -654,6 +659,88 @@ impl Checkpoint {
             dir: self.dir.clone(),
             tensor: name.to_string(),
         })
+    }
+
+    /// Total bytes of the mapped files.
+    pub fn total_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.map.len() as u64).sum()
+    }
+
+    /// The bytes of a tensor as a shared view of its mapped file (no copy; keeps the file
+    /// mapped as long as the view lives).
+    pub fn shared_bytes(&self, name: &str) -> CkResult<crate::weights::Bytes> {
+        let e = self.entry(name)?;
+        Ok(crate::weights::Bytes::from_map(
+            self.shards[e.shard].map.clone(),
+            e.start,
+            e.end - e.start,
+        ))
+    }
+
+    /// The bytes of tensors `a` then `b` as one shared view when `b` starts where `a` ends in
+    /// the same file (`None` otherwise).
+    pub fn shared_bytes_adjacent(
+        &self,
+        a: &str,
+        b: &str,
+    ) -> CkResult<Option<crate::weights::Bytes>> {
+        let (ea, eb) = (self.entry(a)?, self.entry(b)?);
+        if ea.shard != eb.shard || ea.end != eb.start {
+            return Ok(None);
+        }
+        Ok(Some(crate::weights::Bytes::from_map(
+            self.shards[ea.shard].map.clone(),
+            ea.start,
+            eb.end - ea.start,
+        )))
+    }
+
+    fn entry(&self, name: &str) -> CkResult<&Entry> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| CheckpointError::NotFound {
+                dir: self.dir.clone(),
+                tensor: name.to_string(),
+            })
+    }
+
+    /// Drops the resident pages of a tensor that was copied out (e.g. transposed) and will not
+    /// be read through the mapping again; they would be re-read from the file if it were.
+    pub fn release(&self, name: &str) {
+        let Ok(e) = self.entry(name) else { return };
+        let map = &self.shards[e.shard].map;
+        // Whole pages inside the tensor only (neighbouring tensors stay resident).
+        const PAGE: usize = 4096;
+        let (lo, hi) = (e.start.div_ceil(PAGE) * PAGE, e.end / PAGE * PAGE);
+        if hi > lo {
+            // SAFETY: the mapping is private and read-only, so dropping its pages loses nothing:
+            // a later read faults them in again from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+
+    /// Reads every mapped page once, in file order, so that the first forward pass does not
+    /// fault them in one by one; `progress` is told the bytes done after each step. The pages
+    /// belong to the page cache and the mapping, not to an extra copy.
+    pub fn prefetch(&self, progress: &mut dyn FnMut(u64)) {
+        const STEP: usize = 16 << 20;
+        const PAGE: usize = 4096;
+        for s in &self.shards {
+            let map: &[u8] = &s.map;
+            let _ = s.map.advise(memmap2::Advice::Sequential);
+            for chunk in map.chunks(STEP) {
+                let mut x = 0u8;
+                for i in (0..chunk.len()).step_by(PAGE) {
+                    // SAFETY: i < chunk.len(); a volatile read so the touch is not elided.
+                    x ^= unsafe { std::ptr::read_volatile(chunk.as_ptr().add(i)) };
+                }
+                std::hint::black_box(x);
+                progress(chunk.len() as u64);
+            }
+            let _ = s.map.advise(memmap2::Advice::Normal);
+        }
     }
 
     /// Decodes a dense tensor to f32. F8_E4M3 tensors are multiplied by their block scales

@@ -10,7 +10,9 @@
 //!   every tensor is checked against before use;
 //! * [`load`]: checkpoint directory → `(ModelConfig, Weights)` ([`load::load`],
 //!   [`load::load_config`]), converting to the [`weights`] conventions;
-//! * [`weights`]: the typed in-memory weights the executors consume;
+//! * [`weights`]: the typed weights the executors consume, in their checkpoint dtype (views of
+//!   the mapped files);
+//! * [`progress`]: the progress display of reading / uploading a large checkpoint;
 //! * [`cpu`]: the CPU reference executor (prefill, decode, verify, truncate) — the embedded default
 //!   and the oracle for every GPU path;
 //! * [`drafter`]: DFlash drafters as data — config (`config.json` → [`drafter::DrafterConfig`]),
@@ -27,6 +29,7 @@ pub mod cpu;
 pub mod drafter;
 pub mod footprint;
 pub mod load;
+pub mod progress;
 pub mod quantize;
 pub mod sampling;
 pub mod spec;

@@ -3,16 +3,23 @@
 //! [`load`] reads `config.json` (+ `generation_config.json`), opens the safetensors files
 //! (single or sharded, mmap), validates **every** expected tensor's name, shape and dtype
 //! ([`spec::check`]) before converting anything, and then converts to the conventions of
-//! [`crate::weights`] (in parallel with rayon):
-//! * every matrix `[out, in]`, widened to f32 (FP8 multiplied by its block scales);
-//! * gpt-oss bf16 experts are stored by transformers as `[E, in, out]` and are transposed;
-//!   their gate/up rows keep the checkpoint order ([`GateUpLayout::Interleaved`]: row 2j = gate
-//!   j, row 2j+1 = up j);
+//! [`crate::weights`]:
+//! * every matrix `[out, in]` in its stored dtype, as a view of the mapped file (no copy; FP8
+//!   keeps its codes and carries its block scales, widened to f32 — they are small);
+//! * gpt-oss bf16 experts are stored by transformers as `[E, in, out]` and are transposed into
+//!   owned buffers of the same dtype (the mapped source pages are released afterwards); their
+//!   gate/up rows keep the checkpoint order ([`GateUpLayout::Interleaved`]: row 2j = gate j,
+//!   row 2j+1 = up j);
 //! * gpt-oss MXFP4 experts (`*_blocks`/`*_scales`, already `[E, out, in/32, 16]`) stay
-//!   [`ExpertMat::Mxfp4`], one [`fp4::MxMatrix`] per expert;
+//!   [`ExpertMat::Mxfp4`], one [`MxMat`] view per expert;
 //! * Qwen3-MoE / MiMo experts and dense MLPs: `gate_proj` rows then `up_proj` rows
-//!   ([`GateUpLayout::Halves`]);
-//! * tied embeddings: `lm_head` is a copy of `embed`.
+//!   ([`GateUpLayout::Halves`]) — a view when the two tensors are adjacent in one file (as
+//!   transformers writes them), else an owned copy in the stored dtype;
+//! * norms, biases and sinks are small and decoded to f32;
+//! * tied embeddings (`tie_word_embeddings`): `lm_head` is `embed` (shared storage).
+//!
+//! [`load_with_progress`] also reads every mapped page once and reports the bytes read, so a
+//! multi-GB checkpoint shows its progress while it is read from disk.
 //!
 //! Extra tensors in the checkpoint (e.g. MiMo's `model.mtp.*`) are ignored.
 
@@ -24,7 +31,8 @@ use crate::checkpoint::{Checkpoint, CheckpointError, Dtype};
 use crate::config::{ConfigError, ModelConfig, Quantization};
 use crate::spec::{self, ExpertTensors, MlpTensors, Resolved, SpecError, TensorSpec};
 use crate::weights::{
-    Attention, Expert, ExpertMat, GateUpLayout, Layer, Linear, Mat, Mlp, Moe, Weights,
+    Attention, Bytes, DenseDtype, Expert, ExpertMat, GateUpLayout, Layer, Linear, Mat, Mlp, Moe,
+    MxMat, Weights,
 };
 
 /// A failure to load a checkpoint directory, with the directory's path.
@@ -86,7 +94,34 @@ pub fn load_quantization(dir: &Path) -> Result<Quantization, LoadError> {
 
 /// Loads a checkpoint directory: config, then every tensor checked against the config, then
 /// converted to [`Weights`].
+///
+/// The weights are views of the mapped files: nothing is read until a kernel (or an upload)
+/// touches it.
 pub fn load(dir: &Path) -> Result<(ModelConfig, Weights), LoadError> {
+    let (cfg, ck) = open(dir)?;
+    let weights = load_weights(&cfg, &ck).map_err(|e| LoadError::spec(dir, e))?;
+    Ok((cfg, weights))
+}
+
+/// [`load`], then every mapped page read once (in file order) so the weights are in memory
+/// before the first pass; `progress` is told the bytes read so far.
+pub fn load_with_progress(
+    dir: &Path,
+    progress: &mut dyn FnMut(crate::progress::Progress),
+) -> Result<(ModelConfig, Weights), LoadError> {
+    let (cfg, ck) = open(dir)?;
+    let weights = load_weights(&cfg, &ck).map_err(|e| LoadError::spec(dir, e))?;
+    let total = ck.total_bytes();
+    let mut done = 0;
+    ck.prefetch(&mut |n| {
+        done += n;
+        progress(crate::progress::Progress { done, total });
+    });
+    Ok((cfg, weights))
+}
+
+/// The config and the opened checkpoint (FP8 block size from the quantization config).
+fn open(dir: &Path) -> Result<(ModelConfig, Checkpoint), LoadError> {
     let cfg = load_config(dir)?;
     let quant = load_quantization(dir)?;
     let mut ck = Checkpoint::open(dir).map_err(|source| LoadError::Checkpoint {
@@ -94,8 +129,7 @@ pub fn load(dir: &Path) -> Result<(ModelConfig, Weights), LoadError> {
         source,
     })?;
     ck.set_fp8_block(quant.fp8_block());
-    let weights = load_weights(&cfg, &ck).map_err(|e| LoadError::spec(dir, e))?;
-    Ok((cfg, weights))
+    Ok((cfg, ck))
 }
 
 /// Converts an opened checkpoint for a config (validating every tensor first).
@@ -104,9 +138,9 @@ pub fn load_weights(cfg: &ModelConfig, ck: &Checkpoint) -> Result<Weights, SpecE
     let g = spec::global_tensors(cfg);
     let embed = mat(ck, &g.embed)?;
     let final_norm = vector(ck, &g.final_norm)?;
-    let lm_head = match &g.lm_head {
-        Some(t) => mat(ck, t)?,
-        None => embed.clone(),
+    let lm_head = match (&g.lm_head, cfg.tie_word_embeddings) {
+        (Some(t), false) => mat(ck, t)?,
+        _ => embed.clone(),
     };
     let layers = (0..cfg.layers.len())
         .into_par_iter()
@@ -140,6 +174,44 @@ fn vector(ck: &Checkpoint, t: &TensorSpec) -> Result<Vec<f32>, SpecError> {
     Ok(ck.read_f32(v.name)?)
 }
 
+fn ck_err(ck: &Checkpoint, tensor: &str, message: String) -> SpecError {
+    SpecError::Checkpoint(CheckpointError::Tensor {
+        file: ck.dir().to_path_buf(),
+        tensor: tensor.to_string(),
+        message,
+    })
+}
+
+/// The dense dtype of a checkpoint dtype.
+fn dense_dtype(ck: &Checkpoint, name: &str, d: Dtype) -> Result<DenseDtype, SpecError> {
+    Ok(match d {
+        Dtype::F32 => DenseDtype::F32,
+        Dtype::BF16 => DenseDtype::Bf16,
+        Dtype::F16 => DenseDtype::F16,
+        Dtype::F8_E4M3 => DenseDtype::F8E4M3,
+        other => {
+            return Err(ck_err(
+                ck,
+                name,
+                format!("dtype {other:?} is not a dense float dtype (BF16, F16, F32, F8_E4M3)"),
+            ))
+        }
+    })
+}
+
+/// The block scales of an FP8 weight, widened to f32: `(block, scale columns, values)`.
+type Fp8Scales = ([usize; 2], usize, Vec<f32>);
+
+fn fp8_scales(
+    ck: &Checkpoint,
+    v: &crate::checkpoint::TensorView<'_>,
+) -> Result<Option<Fp8Scales>, SpecError> {
+    Ok(match ck.fp8_scale(v)? {
+        Some(s) => Some((ck.fp8_block(), s.shape[1], s.to_f32()?)),
+        None => None,
+    })
+}
+
 fn mat(ck: &Checkpoint, t: &TensorSpec) -> Result<Mat, SpecError> {
     let v = dense(ck, t)?;
     let [rows, cols] = *v.shape else {
@@ -149,11 +221,10 @@ fn mat(ck: &Checkpoint, t: &TensorSpec) -> Result<Mat, SpecError> {
             found: format!("{:?}", v.shape),
         });
     };
-    Ok(Mat {
-        rows,
-        cols,
-        data: ck.read_f32(v.name)?,
-    })
+    let dtype = dense_dtype(ck, v.name, v.dtype)?;
+    let scales = fp8_scales(ck, &v)?;
+    Mat::from_bytes(dtype, rows, cols, ck.shared_bytes(v.name)?, scales)
+        .map_err(|m| ck_err(ck, v.name, m))
 }
 
 fn linear(ck: &Checkpoint, w: &TensorSpec, b: Option<&TensorSpec>) -> Result<Linear, SpecError> {
@@ -163,7 +234,8 @@ fn linear(ck: &Checkpoint, w: &TensorSpec, b: Option<&TensorSpec>) -> Result<Lin
     })
 }
 
-/// `[gate; up]` as one `[2I, H]` matrix (Halves layout), decoded straight into place.
+/// `[gate; up]` as one `[2I, H]` matrix (Halves layout) in the stored dtype: a view when the
+/// two tensors lie back to back in one file, else an owned concatenation.
 fn gate_up_halves(ck: &Checkpoint, gate: &TensorSpec, up: &TensorSpec) -> Result<Mat, SpecError> {
     let (g, u) = (dense(ck, gate)?, dense(ck, up)?);
     let ([gr, gc], [ur, uc]) = (g.shape, u.shape) else {
@@ -180,15 +252,53 @@ fn gate_up_halves(ck: &Checkpoint, gate: &TensorSpec, up: &TensorSpec) -> Result
             found: format!("{:?}", u.shape),
         });
     }
-    let mut data = vec![0f32; (gr + ur) * gc];
-    let (top, bottom) = data.split_at_mut(gr * gc);
-    ck.read_f32_into(g.name, top)?;
-    ck.read_f32_into(u.name, bottom)?;
-    Ok(Mat {
-        rows: gr + ur,
-        cols: *gc,
-        data,
-    })
+    if g.dtype != u.dtype {
+        return Err(SpecError::WrongDtype {
+            tensor: u.name.to_string(),
+            expected: format!("{:?} like `{}`", g.dtype, g.name),
+            found: format!("{:?}", u.dtype),
+        });
+    }
+    let dtype = dense_dtype(ck, g.name, g.dtype)?;
+    let bytes = match ck.shared_bytes_adjacent(g.name, u.name)? {
+        Some(b) => b,
+        None => {
+            let mut v = Vec::with_capacity(g.data.len() + u.data.len());
+            v.extend_from_slice(g.data);
+            v.extend_from_slice(u.data);
+            Bytes::from_vec(v)
+        }
+    };
+    let scales = match (fp8_scales(ck, &g)?, fp8_scales(ck, &u)?) {
+        (None, None) => None,
+        (Some((block, sc, mut a)), Some((_, _, b))) if gr % block[0] == 0 => {
+            // Whole scale rows: the up scales follow the gate scales.
+            a.extend_from_slice(&b);
+            Some((block, sc, a))
+        }
+        (Some((block, sc, a)), Some((_, _, b))) => {
+            // Scale blocks would straddle the seam: one scale row per weight row.
+            let mut rows = Vec::with_capacity((gr + ur) * sc);
+            for r in 0..*gr {
+                rows.extend_from_slice(&a[(r / block[0]) * sc..][..sc]);
+            }
+            for r in 0..*ur {
+                rows.extend_from_slice(&b[(r / block[0]) * sc..][..sc]);
+            }
+            Some(([1, block[1]], sc, rows))
+        }
+        _ => {
+            return Err(ck_err(
+                ck,
+                u.name,
+                format!(
+                    "FP8 block scales on only one of `{}` and `{}`",
+                    g.name, u.name
+                ),
+            ))
+        }
+    };
+    Mat::from_bytes(dtype, gr + ur, *gc, bytes, scales).map_err(|m| ck_err(ck, g.name, m))
 }
 
 fn load_layer(cfg: &ModelConfig, ck: &Checkpoint, l: usize) -> Result<Layer, SpecError> {
@@ -283,28 +393,44 @@ fn load_layer(cfg: &ModelConfig, ck: &Checkpoint, l: usize) -> Result<Layer, Spe
     })
 }
 
-/// gpt-oss stacked experts → one `[out, in]` matrix per expert: MXFP4 stays MXFP4; the bf16
-/// form `[E, in, out]` is decoded expert by expert and transposed.
+/// gpt-oss stacked experts → one `[out, in]` matrix per expert: MXFP4 stays MXFP4 (views of
+/// the packed bytes); the dense form `[E, in, out]` is transposed expert by expert into owned
+/// buffers of its own dtype, after which the mapped source pages are released.
 fn stacked_experts(ck: &Checkpoint, t: &TensorSpec) -> Result<Vec<ExpertMat>, SpecError> {
     match t.resolve(ck)? {
-        Resolved::Mxfp4Experts(x) => (0..x.experts())
-            .into_par_iter()
-            .map(|e| {
-                let m = x.expert(e).map_err(|err| {
-                    SpecError::Checkpoint(CheckpointError::Tensor {
-                        file: ck.dir().to_path_buf(),
-                        tensor: format!("{}_blocks", t.name()),
-                        message: err.to_string(),
-                    })
-                })?;
-                Ok(ExpertMat::Mxfp4(fp4::MxMatrix {
-                    rows: m.rows(),
-                    k: m.k(),
-                    blocks: m.blocks().to_vec(),
-                    scales: m.scales().to_vec(),
-                }))
-            })
-            .collect(),
+        Resolved::Mxfp4Experts(x) => {
+            let base = t
+                .names
+                .iter()
+                .find(|n| ck.contains(&format!("{n}_blocks")))
+                .map(String::as_str)
+                .unwrap_or(t.name());
+            let blocks = ck.shared_bytes(&format!("{base}_blocks"))?;
+            let scales = ck.shared_bytes(&format!("{base}_scales"))?;
+            let (rows, k) = (x.rows(), x.k());
+            let (wb, ws) = (rows * k / 2, rows * k / fp4::BLOCK);
+            if blocks.len() != x.experts() * wb || scales.len() != x.experts() * ws {
+                return Err(ck_err(
+                    ck,
+                    base,
+                    format!(
+                        "MXFP4 stack of {} bytes for {} experts",
+                        blocks.len(),
+                        x.experts()
+                    ),
+                ));
+            }
+            Ok((0..x.experts())
+                .map(|e| {
+                    ExpertMat::Mxfp4(MxMat::from_bytes(
+                        rows,
+                        k,
+                        blocks.slice(e * wb, wb),
+                        scales.slice(e * ws, ws),
+                    ))
+                })
+                .collect())
+        }
         Resolved::Dense(v) => {
             let [e, fan_in, fan_out] = *v.shape else {
                 return Err(SpecError::WrongShape {
@@ -313,38 +439,35 @@ fn stacked_experts(ck: &Checkpoint, t: &TensorSpec) -> Result<Vec<ExpertMat>, Sp
                     found: format!("{:?}", v.shape),
                 });
             };
-            let eb = match v.dtype {
-                Dtype::F32 => 4,
-                Dtype::F8_E4M3 => 1,
-                _ => 2,
-            };
+            let dtype = dense_dtype(ck, v.name, v.dtype)?;
+            if dtype == DenseDtype::F8E4M3 && ck.fp8_scale(&v)?.is_some() {
+                return Err(ck_err(
+                    ck,
+                    v.name,
+                    "block-scaled FP8 stacked experts are not supported".into(),
+                ));
+            }
+            let eb = dtype.size();
             let per = fan_in * fan_out;
-            (0..e)
+            let out = (0..e)
                 .into_par_iter()
                 .map(|x| {
-                    let bytes = &v.data[x * per * eb..(x + 1) * per * eb];
-                    let mut src = vec![0f32; per];
-                    crate::checkpoint::decode_into(v.dtype, bytes, &mut src).map_err(|m| {
-                        SpecError::Checkpoint(CheckpointError::Tensor {
-                            file: v.file.to_path_buf(),
-                            tensor: v.name.to_string(),
-                            message: m,
-                        })
-                    })?;
-                    // [in, out] → [out, in]
-                    let mut data = vec![0f32; per];
-                    for (o, row) in data.chunks_exact_mut(fan_in.max(1)).enumerate() {
-                        for (j, d) in row.iter_mut().enumerate() {
-                            *d = src[j * fan_out + o];
+                    let src = &v.data[x * per * eb..(x + 1) * per * eb];
+                    // [in, out] → [out, in], element by element in the stored dtype.
+                    let mut data = vec![0u8; per * eb];
+                    for (o, row) in data.chunks_exact_mut((fan_in * eb).max(1)).enumerate() {
+                        for (j, d) in row.chunks_exact_mut(eb).enumerate() {
+                            let at = (j * fan_out + o) * eb;
+                            d.copy_from_slice(&src[at..at + eb]);
                         }
                     }
-                    Ok(ExpertMat::Dense(Mat {
-                        rows: fan_out,
-                        cols: fan_in,
-                        data,
-                    }))
+                    Mat::from_bytes(dtype, fan_out, fan_in, Bytes::from_vec(data), None)
+                        .map(ExpertMat::Dense)
+                        .map_err(|m| ck_err(ck, v.name, m))
                 })
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            ck.release(v.name);
+            Ok(out)
         }
         Resolved::Mxfp4Matrix(_) => Err(SpecError::WrongShape {
             tensor: t.name().to_string(),

@@ -2,30 +2,659 @@
 //!
 //! Conventions (shared by the loader and the executors):
 //! * every matrix is an `nn.Linear` weight in `[out, in]` orientation, row-major, so `y = W·x`;
-//! * dense weights are widened to f32 at load (bf16/f16/FP8 sources are exact in f32);
-//! * expert matrices stay MXFP4 when the checkpoint stores them so (`fp4::MxMatrix`, K = `in`);
+//! * dense weights keep the dtype the checkpoint stores (BF16, F16, F32, or FP8 E4M3 with its
+//!   block scales): a [`Mat`] is a view of the memory-mapped checkpoint file, or an owned buffer
+//!   for synthetic / toy models and for matrices the loader has to rearrange. Kernels widen
+//!   each element to f32 as they read it (exact for every supported dtype; FP8 values are
+//!   multiplied by their block scale in f32, as a widening loader would have done);
+//! * expert matrices stay MXFP4 when the checkpoint stores them so ([`MxMat`], K = `in`),
+//!   again a view of the checkpoint's packed bytes;
 //! * `gate_up` of an expert (and of a dense MLP) holds `2·I` rows. gpt-oss interleaves them
 //!   (row 2j = gate j, row 2j+1 = up j) — [`GateUpLayout::Interleaved`]; Qwen3-MoE and MiMo store
 //!   `gate_proj` and `up_proj` separately and the loader concatenates them (rows 0..I = gate,
-//!   I..2I = up) — [`GateUpLayout::Halves`].
+//!   I..2I = up) — [`GateUpLayout::Halves`];
+//! * with `tie_word_embeddings` the `lm_head` is the embedding itself (the same storage, no
+//!   copy).
 
-/// A row-major f32 matrix `[rows, cols]`.
-#[derive(Debug, Clone, PartialEq)]
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+#[cfg(target_endian = "big")]
+compile_error!("Ultra reads little-endian checkpoint bytes in place and needs a little-endian CPU");
+
+/// What owns the bytes of a [`Bytes`].
+enum Backing {
+    /// A memory-mapped checkpoint file.
+    Map(Arc<memmap2::Mmap>),
+    F32(Vec<f32>),
+    U16(Vec<u16>),
+    U8(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        fn raw<T>(v: &[T]) -> &[u8] {
+            // SAFETY: any initialized memory may be viewed as bytes (u8 has alignment 1).
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+        }
+        match self {
+            Backing::Map(m) => m,
+            Backing::F32(v) => raw(v),
+            Backing::U16(v) => raw(v),
+            Backing::U8(v) => v,
+        }
+    }
+}
+
+/// Immutable shared bytes: a region of a memory-mapped checkpoint file or an owned buffer.
+/// Cloning is cheap (a reference count).
+#[derive(Clone)]
+pub struct Bytes {
+    backing: Arc<Backing>,
+    start: usize,
+    len: usize,
+}
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match *self.backing {
+            Backing::Map(_) => "mmap",
+            _ => "owned",
+        };
+        write!(f, "Bytes({kind}, {} bytes)", self.len)
+    }
+}
+
+impl Bytes {
+    /// `len` bytes of a mapped file from `start` (checked by the caller).
+    pub(crate) fn from_map(map: Arc<memmap2::Mmap>, start: usize, len: usize) -> Bytes {
+        assert!(
+            start + len <= map.len(),
+            "Bytes::from_map: range beyond the file"
+        );
+        Bytes {
+            backing: Arc::new(Backing::Map(map)),
+            start,
+            len,
+        }
+    }
+
+    /// A sub-range of a mapped region sharing its owner.
+    pub(crate) fn slice(&self, start: usize, len: usize) -> Bytes {
+        assert!(
+            start + len <= self.len,
+            "Bytes::slice: range beyond the region"
+        );
+        Bytes {
+            backing: self.backing.clone(),
+            start: self.start + start,
+            len,
+        }
+    }
+
+    fn owned(b: Backing) -> Bytes {
+        let len = b.bytes().len();
+        Bytes {
+            backing: Arc::new(b),
+            start: 0,
+            len,
+        }
+    }
+
+    /// Owned bytes.
+    pub fn from_vec(v: Vec<u8>) -> Bytes {
+        Bytes::owned(Backing::U8(v))
+    }
+
+    /// The bytes, mutable: an owned byte buffer is made unless the bytes already are one that
+    /// nobody else shares.
+    fn make_mut(&mut self) -> &mut [u8] {
+        let unique = matches!(*self.backing, Backing::U8(ref v) if self.start == 0 && self.len == v.len())
+            && Arc::strong_count(&self.backing) == 1;
+        if !unique {
+            *self = Bytes::from_vec(self.as_slice().to_vec());
+        }
+        match Arc::get_mut(&mut self.backing) {
+            Some(Backing::U8(v)) => v,
+            _ => unreachable!("a unique owned byte buffer"),
+        }
+    }
+
+    /// The bytes.
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        &self.backing.bytes()[self.start..self.start + self.len]
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops the resident pages of a mapped region (whole pages inside it only) once a caller has
+    /// copied it elsewhere (e.g. to a GPU): the mapping is private and read-only, so a later
+    /// read faults them in again from the file. No-op for owned bytes.
+    pub fn release_pages(&self) {
+        if let Backing::Map(m) = &*self.backing {
+            const PAGE: usize = 4096;
+            let (lo, hi) = (
+                self.start.div_ceil(PAGE) * PAGE,
+                (self.start + self.len) / PAGE * PAGE,
+            );
+            if hi > lo {
+                // SAFETY: see above; dropping clean pages of a private read-only map loses nothing.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+                };
+            }
+        }
+    }
+
+    /// Whether these bytes are a view of a memory-mapped file (not an owned copy).
+    pub fn is_mapped(&self) -> bool {
+        matches!(*self.backing, Backing::Map(_))
+    }
+
+    /// The bytes as elements of `T` (a plain little-endian number type).
+    ///
+    /// # Safety
+    /// `T` must be valid for every bit pattern, and the region must be aligned for `T` and a
+    /// whole number of `T`s (checked by the constructors that create typed storage).
+    #[inline]
+    unsafe fn typed<T>(&self) -> &[T] {
+        let b = self.as_slice();
+        debug_assert!(b.as_ptr().cast::<T>().is_aligned());
+        debug_assert!(b.len().is_multiple_of(std::mem::size_of::<T>()));
+        // SAFETY: per the function contract.
+        unsafe {
+            std::slice::from_raw_parts(b.as_ptr().cast::<T>(), b.len() / std::mem::size_of::<T>())
+        }
+    }
+
+    /// Whether the region can be viewed as `T`s.
+    fn fits<T>(&self) -> bool {
+        let b = self.as_slice();
+        b.as_ptr().cast::<T>().is_aligned() && b.len().is_multiple_of(std::mem::size_of::<T>())
+    }
+}
+
+/// The stored element type of a dense matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenseDtype {
+    F32,
+    Bf16,
+    F16,
+    /// FP8 E4M3FN (`torch.float8_e4m3fn`), optionally with block scales.
+    F8E4M3,
+}
+
+impl DenseDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DenseDtype::F32 => 4,
+            DenseDtype::Bf16 | DenseDtype::F16 => 2,
+            DenseDtype::F8E4M3 => 1,
+        }
+    }
+}
+
+/// The block scales of an FP8 matrix: value `(r, c)` is `f8(code) · values[(r / block[0]) ·
+/// cols + c / block[1]]` (f32 multiply).
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Scales<'a> {
+    /// `[rows per block, cols per block]`.
+    pub block: [usize; 2],
+    /// Scale columns (`ceil(cols / block[1])`).
+    pub cols: usize,
+    /// `[ceil(rows / block[0]), cols]` scales, widened to f32.
+    pub values: &'a [f32],
+}
+
+impl Fp8Scales<'_> {
+    /// The scale of each column block of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> &[f32] {
+        let b = r / self.block[0];
+        &self.values[b * self.cols..(b + 1) * self.cols]
+    }
+}
+
+/// The values of a dense matrix in their stored dtype (row-major `[rows, cols]`), as kernels
+/// read them.
+#[derive(Clone, Copy, Debug)]
+pub enum MatData<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    F8E4M3 {
+        codes: &'a [u8],
+        scales: Option<Fp8Scales<'a>>,
+    },
+}
+
+/// The f32 value of an FP8 E4M3FN byte (exact).
+#[inline]
+pub fn f8_e4m3(b: u8) -> f32 {
+    crate::checkpoint::F8_TABLE[b as usize]
+}
+
+#[derive(Clone)]
+struct OwnedScales {
+    block: [usize; 2],
+    cols: usize,
+    values: Arc<Vec<f32>>,
+}
+
+#[derive(Clone)]
+enum Store {
+    F32(Bytes),
+    Bf16(Bytes),
+    F16(Bytes),
+    F8 {
+        codes: Bytes,
+        scales: Option<OwnedScales>,
+    },
+}
+
+/// A row-major dense matrix `[rows, cols]` in its stored dtype (see the module docs). Cloning
+/// shares the storage.
+#[derive(Clone)]
 pub struct Mat {
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<f32>,
+    store: Store,
+}
+
+impl fmt::Debug for Mat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = match &self.store {
+            Store::F32(b) | Store::Bf16(b) | Store::F16(b) | Store::F8 { codes: b, .. } => b,
+        };
+        write!(
+            f,
+            "Mat({}x{} {:?}, {:?})",
+            self.rows,
+            self.cols,
+            self.dtype(),
+            b
+        )
+    }
+}
+
+/// Equal shapes and equal values (compared as f32, like the widened matrices of old).
+impl PartialEq for Mat {
+    fn eq(&self, other: &Mat) -> bool {
+        if self.rows != other.rows || self.cols != other.cols {
+            return false;
+        }
+        let (mut a, mut b) = (vec![0f32; self.cols], vec![0f32; self.cols]);
+        (0..self.rows).all(|r| {
+            self.row_into(r, &mut a);
+            other.row_into(r, &mut b);
+            a == b
+        })
+    }
+}
+
+fn check_len(what: &str, rows: usize, cols: usize, len: usize) {
+    assert_eq!(
+        Some(len),
+        rows.checked_mul(cols),
+        "Mat::{what}: {len} values for a {rows}x{cols} matrix"
+    );
 }
 
 impl Mat {
-    /// One row.
-    #[inline]
-    pub fn row(&self, r: usize) -> &[f32] {
-        &self.data[r * self.cols..(r + 1) * self.cols]
+    /// An owned f32 matrix. Panics if `data.len() != rows · cols`.
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Mat {
+        check_len("from_f32", rows, cols, data.len());
+        Mat {
+            rows,
+            cols,
+            store: Store::F32(Bytes::owned(Backing::F32(data))),
+        }
     }
+
+    /// An owned bf16 matrix. Panics if `data.len() != rows · cols`.
+    pub fn from_bf16(rows: usize, cols: usize, data: Vec<bf16>) -> Mat {
+        check_len("from_bf16", rows, cols, data.len());
+        let v = data.into_iter().map(bf16::to_bits).collect();
+        Mat {
+            rows,
+            cols,
+            store: Store::Bf16(Bytes::owned(Backing::U16(v))),
+        }
+    }
+
+    /// An owned f16 matrix. Panics if `data.len() != rows · cols`.
+    pub fn from_f16(rows: usize, cols: usize, data: Vec<f16>) -> Mat {
+        check_len("from_f16", rows, cols, data.len());
+        let v = data.into_iter().map(f16::to_bits).collect();
+        Mat {
+            rows,
+            cols,
+            store: Store::F16(Bytes::owned(Backing::U16(v))),
+        }
+    }
+
+    /// A matrix over little-endian bytes of `dtype` (a checkpoint tensor, usually mapped). A
+    /// region not aligned for its element type is copied (safetensors does not promise
+    /// alignment). `fp8_scales` = `(block, scale columns, scales)` for FP8 only. Errors name
+    /// what disagrees.
+    pub fn from_bytes(
+        dtype: DenseDtype,
+        rows: usize,
+        cols: usize,
+        bytes: Bytes,
+        fp8_scales: Option<([usize; 2], usize, Vec<f32>)>,
+    ) -> Result<Mat, String> {
+        let want = rows
+            .checked_mul(cols)
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| format!("a {rows}x{cols} matrix overflows"))?;
+        if bytes.len() != want {
+            return Err(format!(
+                "{} bytes for a {rows}x{cols} {dtype:?} matrix ({want} bytes)",
+                bytes.len()
+            ));
+        }
+        if fp8_scales.is_some() && dtype != DenseDtype::F8E4M3 {
+            return Err(format!("block scales given for a {dtype:?} matrix"));
+        }
+        let u16s = |b: Bytes| {
+            if b.fits::<u16>() {
+                b
+            } else {
+                let v = b
+                    .as_slice()
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                Bytes::owned(Backing::U16(v))
+            }
+        };
+        let store = match dtype {
+            DenseDtype::F32 => Store::F32(if bytes.fits::<f32>() {
+                bytes
+            } else {
+                let v = bytes
+                    .as_slice()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                Bytes::owned(Backing::F32(v))
+            }),
+            DenseDtype::Bf16 => Store::Bf16(u16s(bytes)),
+            DenseDtype::F16 => Store::F16(u16s(bytes)),
+            DenseDtype::F8E4M3 => {
+                let scales = match fp8_scales {
+                    None => None,
+                    Some((block, sc, values)) => {
+                        let [b0, b1] = block;
+                        if b0 == 0 || b1 == 0 {
+                            return Err(format!("FP8 block {block:?} has a zero side"));
+                        }
+                        let want = [rows.div_ceil(b0), cols.div_ceil(b1)];
+                        if sc != want[1] || values.len() != want[0] * want[1] {
+                            return Err(format!(
+                                "{} FP8 scales in {sc} columns for a {rows}x{cols} matrix in                                  {b0}x{b1} blocks (want {want:?})",
+                                values.len()
+                            ));
+                        }
+                        Some(OwnedScales {
+                            block,
+                            cols: sc,
+                            values: Arc::new(values),
+                        })
+                    }
+                };
+                Store::F8 {
+                    codes: bytes,
+                    scales,
+                }
+            }
+        };
+        Ok(Mat { rows, cols, store })
+    }
+
+    /// The stored dtype.
+    pub fn dtype(&self) -> DenseDtype {
+        match self.store {
+            Store::F32(_) => DenseDtype::F32,
+            Store::Bf16(_) => DenseDtype::Bf16,
+            Store::F16(_) => DenseDtype::F16,
+            Store::F8 { .. } => DenseDtype::F8E4M3,
+        }
+    }
+
+    /// The values in their stored dtype, for kernels.
+    #[inline]
+    pub fn data(&self) -> MatData<'_> {
+        // SAFETY: the constructors checked alignment and length for the element type; f32,
+        // bf16, f16 and u8 are valid for every bit pattern.
+        unsafe {
+            match &self.store {
+                Store::F32(b) => MatData::F32(b.typed()),
+                Store::Bf16(b) => MatData::Bf16(b.typed()),
+                Store::F16(b) => MatData::F16(b.typed()),
+                Store::F8 { codes, scales } => MatData::F8E4M3 {
+                    codes: codes.as_slice(),
+                    scales: scales.as_ref().map(|s| Fp8Scales {
+                        block: s.block,
+                        cols: s.cols,
+                        values: &s.values,
+                    }),
+                },
+            }
+        }
+    }
+
+    /// The raw stored bytes of the values (FP8: the codes; the scales are apart).
+    pub fn bytes(&self) -> &Bytes {
+        match &self.store {
+            Store::F32(b) | Store::Bf16(b) | Store::F16(b) | Store::F8 { codes: b, .. } => b,
+        }
+    }
+
     /// Parameter count.
     pub fn numel(&self) -> usize {
         self.rows * self.cols
+    }
+
+    /// Bytes the values occupy in their stored dtype (FP8 scales included).
+    pub fn stored_bytes(&self) -> usize {
+        let scales = match &self.store {
+            Store::F8 {
+                scales: Some(s), ..
+            } => 4 * s.values.len(),
+            _ => 0,
+        };
+        self.bytes().len() + scales
+    }
+
+    /// The f32 values when the matrix is stored as f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self.data() {
+            MatData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Row `r` widened to f32 into `out` (`cols` values; exact).
+    #[inline]
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        widen_row(self.data(), r, self.cols, out);
+    }
+
+    /// Row `r` as f32: borrowed for f32 storage, widened otherwise.
+    pub fn row(&self, r: usize) -> Cow<'_, [f32]> {
+        match self.data() {
+            MatData::F32(v) => Cow::Borrowed(&v[r * self.cols..(r + 1) * self.cols]),
+            _ => {
+                let mut out = vec![0f32; self.cols];
+                self.row_into(r, &mut out);
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// All values widened to f32 (row-major).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        if self.cols > 0 {
+            for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+                self.row_into(r, row);
+            }
+        }
+        out
+    }
+
+    /// The values as mutable f32, for tools and tests that edit weights: the storage becomes an
+    /// owned f32 copy (widened when it was stored narrower) unless it already is one that
+    /// nobody else shares.
+    pub fn make_f32_mut(&mut self) -> &mut [f32] {
+        let unique_f32 = matches!(&self.store, Store::F32(b)
+            if !b.is_mapped() && Arc::strong_count(&b.backing) == 1 && b.start == 0
+                && b.len == b.backing.bytes().len());
+        if !unique_f32 {
+            let v = self.to_f32();
+            self.store = Store::F32(Bytes::owned(Backing::F32(v)));
+        }
+        let Store::F32(b) = &mut self.store else {
+            unreachable!()
+        };
+        match Arc::get_mut(&mut b.backing) {
+            Some(Backing::F32(v)) => v,
+            _ => unreachable!("a unique owned f32 buffer"),
+        }
+    }
+}
+
+/// Widens row `r` of `d` (`cols` wide) into `out` (exact).
+#[inline]
+pub fn widen_row(d: MatData<'_>, r: usize, cols: usize, out: &mut [f32]) {
+    assert_eq!(
+        out.len(),
+        cols,
+        "widen_row: {} values for {cols} columns",
+        out.len()
+    );
+    let span = r * cols..(r + 1) * cols;
+    match d {
+        MatData::F32(v) => out.copy_from_slice(&v[span]),
+        MatData::Bf16(v) => {
+            for (o, x) in out.iter_mut().zip(&v[span]) {
+                *o = x.to_f32();
+            }
+        }
+        MatData::F16(v) => {
+            for (o, x) in out.iter_mut().zip(&v[span]) {
+                *o = x.to_f32();
+            }
+        }
+        MatData::F8E4M3 { codes, scales } => {
+            let codes = &codes[span];
+            match scales {
+                None => {
+                    for (o, &c) in out.iter_mut().zip(codes) {
+                        *o = f8_e4m3(c);
+                    }
+                }
+                Some(s) => {
+                    let (srow, b1) = (s.row(r), s.block[1]);
+                    for (c, (o, &code)) in out.iter_mut().zip(codes).enumerate() {
+                        *o = f8_e4m3(code) * srow[c / b1];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An MXFP4 matrix `[rows, k]` (gpt-oss layout: `[rows, K/32, 16]` code bytes and `[rows,
+/// K/32]` E8M0 scale bytes), a view of the checkpoint's packed bytes or an owned copy.
+#[derive(Clone, Debug)]
+pub struct MxMat {
+    pub rows: usize,
+    pub k: usize,
+    blocks: Bytes,
+    scales: Bytes,
+}
+
+impl PartialEq for MxMat {
+    fn eq(&self, o: &MxMat) -> bool {
+        self.rows == o.rows
+            && self.k == o.k
+            && self.blocks.as_slice() == o.blocks.as_slice()
+            && self.scales.as_slice() == o.scales.as_slice()
+    }
+}
+
+impl From<fp4::MxMatrix> for MxMat {
+    fn from(m: fp4::MxMatrix) -> MxMat {
+        MxMat {
+            rows: m.rows,
+            k: m.k,
+            blocks: Bytes::from_vec(m.blocks),
+            scales: Bytes::from_vec(m.scales),
+        }
+    }
+}
+
+impl MxMat {
+    /// A matrix over (usually mapped) code and scale bytes; validated by [`MxMat::view`].
+    pub fn from_bytes(rows: usize, k: usize, blocks: Bytes, scales: Bytes) -> MxMat {
+        MxMat {
+            rows,
+            k,
+            blocks,
+            scales,
+        }
+    }
+
+    /// Validated borrowed view.
+    pub fn view(&self) -> Result<fp4::MxMatrixRef<'_>, fp4::Fp4Error> {
+        fp4::MxMatrixRef::new(self.rows, self.k, self.blocks(), self.scales())
+    }
+
+    /// The `[rows, K/32, 16]` code bytes.
+    pub fn blocks(&self) -> &[u8] {
+        self.blocks.as_slice()
+    }
+
+    /// The `[rows, K/32]` scale bytes.
+    pub fn scales(&self) -> &[u8] {
+        self.scales.as_slice()
+    }
+
+    /// The code bytes, mutable (tools and tests that edit weights): an owned copy is made
+    /// unless the bytes already are one that nobody else shares.
+    pub fn blocks_mut(&mut self) -> &mut [u8] {
+        self.blocks.make_mut()
+    }
+
+    /// The scale bytes, mutable (see [`MxMat::blocks_mut`]).
+    pub fn scales_mut(&mut self) -> &mut [u8] {
+        self.scales.make_mut()
+    }
+
+    /// An owned copy (for tools and tests that edit the bytes).
+    pub fn to_owned_matrix(&self) -> fp4::MxMatrix {
+        fp4::MxMatrix {
+            rows: self.rows,
+            k: self.k,
+            blocks: self.blocks().to_vec(),
+            scales: self.scales().to_vec(),
+        }
     }
 }
 
@@ -42,10 +671,27 @@ pub struct Linear {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExpertMat {
     Dense(Mat),
-    Mxfp4(fp4::MxMatrix),
+    Mxfp4(MxMat),
 }
 
 impl ExpertMat {
+    /// Bytes in the stored form.
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            ExpertMat::Dense(m) => m.stored_bytes(),
+            ExpertMat::Mxfp4(m) => m.blocks().len() + m.scales().len(),
+        }
+    }
+    /// See [`Bytes::release_pages`].
+    pub fn release_pages(&self) {
+        match self {
+            ExpertMat::Dense(m) => m.bytes().release_pages(),
+            ExpertMat::Mxfp4(m) => {
+                m.blocks.release_pages();
+                m.scales.release_pages();
+            }
+        }
+    }
     pub fn rows(&self) -> usize {
         match self {
             ExpertMat::Dense(m) => m.rows,
@@ -140,6 +786,94 @@ pub struct Weights {
     pub layers: Vec<Layer>,
     /// `[H]`.
     pub final_norm: Vec<f32>,
-    /// `[V, H]` (a copy of `embed` when the embeddings are tied).
+    /// `[V, H]`: with `tie_word_embeddings`, `embed` itself (shared storage, no copy).
     pub lm_head: Mat,
+}
+
+impl Linear {
+    fn stored_bytes(&self) -> usize {
+        self.w.stored_bytes() + 4 * self.bias.as_ref().map_or(0, Vec::len)
+    }
+}
+
+impl Layer {
+    /// The matrices of the layer (experts included, in their stored form).
+    fn matrices(&self) -> Vec<ExpertMat> {
+        let a = &self.attn;
+        let mut v: Vec<ExpertMat> = [&a.q, &a.k, &a.v, &a.o]
+            .iter()
+            .map(|l| ExpertMat::Dense(l.w.clone()))
+            .collect();
+        match &self.mlp {
+            Mlp::Dense { gate_up, down } => {
+                v.push(ExpertMat::Dense(gate_up.w.clone()));
+                v.push(ExpertMat::Dense(down.w.clone()));
+            }
+            Mlp::Moe(m) => {
+                v.push(ExpertMat::Dense(m.router.w.clone()));
+                for e in &m.experts {
+                    v.push(e.gate_up.clone());
+                    v.push(e.down.clone());
+                }
+            }
+        }
+        v
+    }
+
+    /// Bytes of the layer's weights in their stored form.
+    pub fn stored_bytes(&self) -> usize {
+        let a = &self.attn;
+        let vecs = [&a.q_norm, &a.k_norm, &a.sinks]
+            .iter()
+            .map(|v| v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+            + self.input_norm.len()
+            + self.post_attn_norm.len();
+        let lin = [&a.q, &a.k, &a.v, &a.o]
+            .iter()
+            .map(|l| l.stored_bytes())
+            .sum::<usize>();
+        let mlp = match &self.mlp {
+            Mlp::Dense { gate_up, down } => gate_up.stored_bytes() + down.stored_bytes(),
+            Mlp::Moe(m) => {
+                m.router.stored_bytes()
+                    + 4 * m.correction_bias.as_ref().map_or(0, Vec::len)
+                    + m.experts
+                        .iter()
+                        .map(|e| {
+                            e.gate_up.stored_bytes()
+                                + e.down.stored_bytes()
+                                + 4 * e.gate_up_bias.as_ref().map_or(0, Vec::len)
+                                + 4 * e.down_bias.as_ref().map_or(0, Vec::len)
+                        })
+                        .sum::<usize>()
+            }
+        };
+        4 * vecs + lin + mlp
+    }
+
+    /// Releases the resident mapped pages of every matrix of the layer (after a copy to a
+    /// device; see [`Bytes::release_pages`]).
+    pub fn release_pages(&self) {
+        for m in self.matrices() {
+            m.release_pages();
+        }
+    }
+}
+
+impl Weights {
+    /// Bytes of all weights in their stored form (a tied `lm_head` counted once).
+    pub fn stored_bytes(&self) -> usize {
+        let head = if Arc::ptr_eq(&self.lm_head.bytes().backing, &self.embed.bytes().backing)
+            && self.lm_head.bytes().start == self.embed.bytes().start
+        {
+            0
+        } else {
+            self.lm_head.stored_bytes()
+        };
+        self.embed.stored_bytes()
+            + head
+            + 4 * self.final_norm.len()
+            + self.layers.iter().map(Layer::stored_bytes).sum::<usize>()
+    }
 }

@@ -56,11 +56,7 @@ fn matvec_and_matmul_match_f64_and_each_other() {
     // 600 x 300 = 180k entries: above PAR_MIN_WORK, so the rayon path runs; t = 40 crosses the
     // 32-token tile of matmul.
     for (rows, cols, t) in [(5, 7, 3), (64, 96, 1), (600, 300, 40), (300, 600, 2)] {
-        let w = Mat {
-            rows,
-            cols,
-            data: vals(rows as u64, rows * cols),
-        };
+        let w = Mat::from_f32(rows, cols, vals(rows as u64, rows * cols));
         let x = vals(7 + cols as u64, t * cols);
         let mut y = vec![0f32; t * rows];
         ops::matmul(&w, &x, t, &mut y);
@@ -71,7 +67,7 @@ fn matvec_and_matmul_match_f64_and_each_other() {
             // Batched rows are bit-identical to single-vector products.
             assert_eq!(&y[j * rows..(j + 1) * rows], &yv[..]);
             for (r, &got) in yv.iter().enumerate() {
-                let want = dot64(w.row(r), xj);
+                let want = dot64(&w.row(r), xj);
                 assert!(
                     (got as f64 - want).abs() <= 1e-5 * (cols as f64).sqrt(),
                     "{rows}x{cols} r={r}"

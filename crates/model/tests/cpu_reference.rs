@@ -36,14 +36,7 @@ fn expert(w: &ExpertMat, x: &[f64]) -> Vec<f64> {
         ExpertMat::Dense(m) => mat(m, x),
         ExpertMat::Mxfp4(q) => {
             let d = fp4::dequantize(q.view().unwrap());
-            mat(
-                &Mat {
-                    rows: q.rows,
-                    cols: q.k,
-                    data: d,
-                },
-                x,
-            )
+            mat(&Mat::from_f32(q.rows, q.k, d), x)
         }
     }
 }

@@ -97,7 +97,7 @@ fn hidden_state_indexing() {
     let nl = m.config().layers.len();
     for j in 0..6 {
         // hidden[0] = embeddings.
-        assert_eq!(hidden[0][j], w.embed.row(toks[j] as usize), "{name}");
+        assert_eq!(hidden[0][j], &*w.embed.row(toks[j] as usize), "{name}");
         // logits = lm_head · hidden[L] (the last hidden state is after the final norm).
         let mut l = vec![0f32; m.config().vocab_size];
         model::cpu::ops::matvec(&w.lm_head, &hidden[nl][j], &mut l);
@@ -397,7 +397,7 @@ fn failed_calls_leave_the_session_unchanged() {
     let (c, mut w) = toy::gpt_oss(4, ToyExperts::Mxfp4);
     let poison = 5u32;
     let h = c.hidden_size;
-    w.embed.data[poison as usize * h..(poison as usize + 1) * h].fill(f32::NAN);
+    w.embed.make_f32_mut()[poison as usize * h..(poison as usize + 1) * h].fill(f32::NAN);
     let m = CpuModel::new(Arc::new(c), Arc::new(w)).unwrap();
     let v = m.config().vocab_size;
     let mut good: Vec<u32> = tokens(30, model::cpu::PREFILL_CHUNK + 10, v);

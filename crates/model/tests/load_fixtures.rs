@@ -64,7 +64,7 @@ fn check_embeddings_against_golden(dir: &Path, w: &Weights) {
 /// Dequantized (or dense) expert matrices `[out, in]` of every MoE layer.
 fn expert_mats(w: &Weights) -> Vec<Vec<(Vec<f32>, Vec<f32>)>> {
     let deq = |m: &ExpertMat| match m {
-        ExpertMat::Dense(d) => d.data.clone(),
+        ExpertMat::Dense(d) => d.to_f32(),
         ExpertMat::Mxfp4(x) => fp4::dequantize(x.view().expect("valid MXFP4")),
     };
     w.layers

@@ -24,7 +24,7 @@ fn moe(w: &Weights, l: usize) -> &model::weights::Moe {
 
 fn dense(m: &ExpertMat) -> Vec<f32> {
     match m {
-        ExpertMat::Dense(d) => d.data.clone(),
+        ExpertMat::Dense(d) => d.to_f32(),
         ExpertMat::Mxfp4(x) => fp4::dequantize(x.view().unwrap()),
     }
 }
@@ -52,7 +52,7 @@ fn gpt_oss_bf16_and_mxfp4() {
     assert_eq!((a.q.w.rows, a.q.w.cols), (64, 64));
     assert_eq!((a.k.w.rows, a.k.w.cols), (32, 64));
     assert_eq!(
-        a.q.w.data,
+        a.q.w.to_f32(),
         vals(&tb, "model.layers.1.self_attn.q_proj.weight")
     );
     assert_eq!(
@@ -69,12 +69,12 @@ fn gpt_oss_bf16_and_mxfp4() {
         vals(&tb, "model.layers.0.input_layernorm.weight")
     );
     assert_eq!(wb.final_norm, vals(&tb, "model.norm.weight"));
-    assert_eq!(wb.lm_head.data, vals(&tb, "lm_head.weight"));
+    assert_eq!(wb.lm_head.to_f32(), vals(&tb, "lm_head.weight"));
     assert_ne!(wb.lm_head, wb.embed);
     // Router with bias.
     let mb = moe(&wb, 0);
     assert_eq!(
-        mb.router.w.data,
+        mb.router.w.to_f32(),
         vals(&tb, "model.layers.0.mlp.router.weight")
     );
     assert_eq!(
@@ -95,14 +95,14 @@ fn gpt_oss_bf16_and_mxfp4() {
         assert_eq!((g.rows, g.cols), (2 * i, h));
         for o in [0, 1, 2 * i - 1] {
             for j in [0, 5, h - 1] {
-                assert_eq!(g.data[o * h + j], gu[x * h * 2 * i + j * 2 * i + o]);
+                assert_eq!(g.to_f32()[o * h + j], gu[x * h * 2 * i + j * 2 * i + o]);
             }
         }
         let ExpertMat::Dense(d) = &ex.down else {
             panic!("bf16 experts are dense")
         };
         assert_eq!((d.rows, d.cols), (h, i));
-        assert_eq!(d.data[3 * i + 7], dn[x * i * h + 7 * h + 3]);
+        assert_eq!(d.to_f32()[3 * i + 7], dn[x * i * h + 7 * h + 3]);
         assert_eq!(
             ex.gate_up_bias.as_deref().unwrap(),
             &gub[x * 2 * i..(x + 1) * 2 * i]
@@ -118,7 +118,7 @@ fn gpt_oss_bf16_and_mxfp4() {
         };
         assert_eq!((q.rows, q.k), (2 * i, h));
         let per = 2 * i * h / 2;
-        assert_eq!(q.blocks, blocks[x * per..(x + 1) * per].to_vec());
+        assert_eq!(q.blocks(), &blocks[x * per..(x + 1) * per]);
         assert_eq!(mm.experts[x].down.rows(), h);
         assert_eq!(mm.experts[x].down.cols(), i);
     }
@@ -213,7 +213,7 @@ fn qwen3_halves_and_tied_embeddings() {
     };
     assert_eq!((gate_up.w.rows, gate_up.w.cols), (96, h));
     assert_eq!(
-        gate_up.w.data[..48 * h],
+        gate_up.w.to_f32()[..48 * h],
         vals(&t3, "model.layers.0.mlp.gate_proj.weight")[..]
     );
     assert_eq!((down.w.rows, down.w.cols), (h, 48));
@@ -304,7 +304,7 @@ fn fp8_weights_with_block_scales() {
         for c in [0, 15, 16, 31] {
             let want = model::checkpoint::f8_e4m3_to_f32(codes[r * 32 + c])
                 * scales[(r / 16) * 2 + c / 16];
-            assert_eq!(q.data[r * 32 + c], want);
+            assert_eq!(q.to_f32()[r * 32 + c], want);
         }
     }
     // Without quantization_config the default 128×128 block expects scales [1, 1].

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use model::sampling::SamplingParams;
-use serve::commands::generate::{generate, generate_speculative, load, score};
+use serve::commands::generate::{generate, generate_speculative, load, load_gpu, score};
 
 fn fixture(rel: &str) -> PathBuf {
     std::env::var_os("ULTRA_FIXTURES")
@@ -124,4 +124,47 @@ fn gpu_generate_speculative_matches_plain() {
         panic!("block size 17 was accepted");
     };
     assert!(e.to_string().contains("block size 17"), "{e}");
+}
+
+/// `ultra generate --device cuda` loads straight onto the GPU (`load_gpu`: the checkpoint's
+/// tensors uploaded from the mapped files, no CPU model kept): the same tokens and scores as the
+/// model uploaded from a loaded CPU model, on every fixture.
+#[test]
+fn gpu_load_without_cpu_model_matches_upload_from_cpu() {
+    let Some(_ctx) =
+        ultra_kernels::gpu_for_test("gpu_load_without_cpu_model_matches_upload_from_cpu")
+    else {
+        return;
+    };
+    for rel in [
+        "gpt-oss/bf16",
+        "gpt-oss/mxfp4",
+        "qwen3-moe/native",
+        "mimo-v2-flash/native",
+    ] {
+        let direct = load_gpu(&fixture(rel), 0).unwrap();
+        assert!(direct.cpu().is_err(), "{rel}: no CPU model on the GPU path");
+        let mut via_cpu = load(&fixture(rel)).unwrap();
+        via_cpu.to_gpu(0).unwrap();
+        assert_eq!(
+            direct.gpu.as_ref().unwrap().weight_bytes(),
+            via_cpu.gpu.as_ref().unwrap().weight_bytes(),
+            "{rel}: device bytes"
+        );
+        let ids: Vec<u32> = vec![5, 6, 7, 8, 9, 10];
+        let params = SamplingParams {
+            max_tokens: 16,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let a = generate(&direct, &ids, &params, &mut std::io::sink()).unwrap();
+        let b = generate(&via_cpu, &ids, &params, &mut std::io::sink()).unwrap();
+        assert_eq!(a.tokens, b.tokens, "{rel}: greedy tokens");
+        let long: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 200).collect();
+        assert_eq!(
+            score(&direct, &long).unwrap(),
+            score(&via_cpu, &long).unwrap(),
+            "{rel}: scores"
+        );
+    }
 }

@@ -318,7 +318,7 @@ async fn gpu_prompt_logprobs_match_the_cpu() {
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(4);
     let ids = prompt_ids(&loaded, Some(&prompt), None, false).unwrap();
     assert!(ids.len() > 32, "the prompt spans 3+ chunks");
-    let cpu_rows = loaded.model.session().prefill_all(&ids).unwrap();
+    let cpu_rows = loaded.cpu().unwrap().session().prefill_all(&ids).unwrap();
     let run = |prompt_logprobs: Option<usize>| {
         let sub = engine
             .submit(GenerateRequest {

@@ -1362,7 +1362,7 @@ async fn http_streaming_n_interleaves_choices() {
 /// Log-softmax rows of the CPU executor's own logits over `ids` (every position), computed here
 /// independently of the server.
 fn reference_log_softmax(loaded: &Loaded, ids: &[u32]) -> Vec<Vec<f64>> {
-    let rows = loaded.model.session().prefill_all(ids).unwrap();
+    let rows = loaded.cpu().unwrap().session().prefill_all(ids).unwrap();
     rows.iter()
         .map(|r| model::sampling::log_softmax(r))
         .collect()

@@ -108,9 +108,8 @@ fn device_addr(m: &DeviceMatrix) -> u64 {
 
 /// Columns `c0 .. c0 + n` of a row-major matrix.
 fn column_block(m: &Mat, c0: usize, n: usize) -> Vec<f32> {
-    m.data
-        .chunks_exact(m.cols)
-        .flat_map(|row| row[c0..c0 + n].iter().copied())
+    (0..m.rows)
+        .flat_map(|r| m.row(r)[c0..c0 + n].to_vec())
         .collect()
 }
 
@@ -827,11 +826,7 @@ mod tests {
 
     #[test]
     fn column_block_takes_the_columns_of_each_row() {
-        let m = Mat {
-            rows: 2,
-            cols: 4,
-            data: (0..8).map(|x| x as f32).collect(),
-        };
+        let m = Mat::from_f32(2, 4, (0..8).map(|x| x as f32).collect());
         assert_eq!(column_block(&m, 0, 2), [0.0, 1.0, 4.0, 5.0]);
         assert_eq!(column_block(&m, 2, 2), [2.0, 3.0, 6.0, 7.0]);
     }

@@ -153,7 +153,7 @@ pub(crate) fn upload_linear(
     what: &str,
 ) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
     Ok((
-        DeviceMatrix::upload(arena, &l.w.data, l.w.rows, l.w.cols, what)?,
+        DeviceMatrix::from_mat(arena, &l.w, what)?,
         upload_opt(arena, l.bias.as_ref(), what)?,
     ))
 }
@@ -169,10 +169,6 @@ pub(crate) fn upload_qkv(
 ) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
     let rows = a.q.w.rows + a.k.w.rows + a.v.w.rows;
     let cols = a.q.w.cols;
-    let mut w = Vec::with_capacity(rows * cols);
-    for m in [&a.q, &a.k, &a.v] {
-        w.extend_from_slice(&m.w.data);
-    }
     let mut b = [&a.q, &a.k, &a.v]
         .iter()
         .any(|m| m.bias.is_some())
@@ -193,14 +189,26 @@ pub(crate) fn upload_qkv(
                 order.len()
             )));
         }
-        w = order
-            .iter()
-            .flat_map(|&r| w[r * cols..(r + 1) * cols].iter().copied())
-            .collect();
+        if let Some(&r) = order.iter().find(|&&r| r >= rows) {
+            return Err(RuntimeError::Invalid(format!(
+                "{what}: row order names row {r} of {rows}"
+            )));
+        }
         b = b.map(|b| order.iter().map(|&r| b[r]).collect());
     }
-    let qkv = DeviceMatrix::upload(arena, &w, rows, cols, what)?;
-    drop(w);
+    // Row p of [q; k; v] (after the optional permutation) → (part, row in part).
+    let (nq, nk) = (a.q.w.rows, a.k.w.rows);
+    let pick = |p: usize| {
+        let r = order.map_or(p, |o| o[p]);
+        if r < nq {
+            (0, r)
+        } else if r < nq + nk {
+            (1, r - nq)
+        } else {
+            (2, r - nq - nk)
+        }
+    };
+    let qkv = DeviceMatrix::from_rows(arena, &[&a.q.w, &a.k.w, &a.v.w], rows, cols, pick, what)?;
     let bias = b
         .map(|b| arena.upload(&b, &format!("{what} bias")))
         .transpose()?;
@@ -268,6 +276,21 @@ impl GpuModel {
         config: Arc<ModelConfig>,
         weights: &Weights,
     ) -> Result<Self, RuntimeError> {
+        Self::new_with_progress(ordinal, config, weights, &mut |_| {})
+    }
+
+    /// [`GpuModel::new`], telling `progress` the weight bytes uploaded after each layer. Each
+    /// tensor goes from the host weights (views of the mapped checkpoint) to the device on its
+    /// own (see [`DeviceMatrix::from_mat`]); once a layer is on the device its mapped pages are
+    /// released, so host memory stays near one layer's size however large the model.
+    pub fn new_with_progress(
+        ordinal: usize,
+        config: Arc<ModelConfig>,
+        weights: &Weights,
+        progress: &mut dyn FnMut(model::progress::Progress),
+    ) -> Result<Self, RuntimeError> {
+        let total = weights.stored_bytes() as u64;
+        let mut done = 0u64;
         model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
@@ -328,26 +351,21 @@ impl GpuModel {
                 mlp,
             });
             let _ = spec;
+            lw.release_pages();
+            done += lw.stored_bytes() as u64;
+            progress(model::progress::Progress { done, total });
         }
-        let embed = DeviceMatrix::upload(
-            &mut arena,
-            &weights.embed.data,
-            weights.embed.rows,
-            weights.embed.cols,
-            "embedding",
-        )?;
-        let lm_head = if config.tie_word_embeddings && weights.lm_head == weights.embed {
+        let embed = DeviceMatrix::from_mat(&mut arena, &weights.embed, "embedding")?;
+        // Tied embeddings (known from the config): one device copy serves both.
+        let lm_head = if config.tie_word_embeddings {
             embed
         } else {
-            DeviceMatrix::upload(
-                &mut arena,
-                &weights.lm_head.data,
-                weights.lm_head.rows,
-                weights.lm_head.cols,
-                "lm_head",
-            )?
+            DeviceMatrix::from_mat(&mut arena, &weights.lm_head, "lm_head")?
         };
         let final_norm = arena.upload(&weights.final_norm, "final norm")?;
+        weights.embed.bytes().release_pages();
+        weights.lm_head.bytes().release_pages();
+        progress(model::progress::Progress { done: total, total });
         Ok(Self::assemble(
             device, stream, ops, moe, config, embed, lm_head, final_norm, layers, ropes, arena,
         ))

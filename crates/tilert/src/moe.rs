@@ -202,17 +202,16 @@ fn upload_stack(
                 "{what}: dense expert K = {k} is not a multiple of 8"
             )));
         }
-        let mut data = Vec::with_capacity(experts * rows * k);
-        for m in mats {
-            let ExpertMat::Dense(m) = m else {
-                unreachable!()
-            };
-            for r in 0..rows {
-                data.extend_from_slice(m.row(order(r)));
-            }
-        }
+        let dense: Vec<&model::weights::Mat> = mats
+            .iter()
+            .map(|m| match m {
+                ExpertMat::Dense(m) => m,
+                ExpertMat::Mxfp4(_) => unreachable!("all dense"),
+            })
+            .collect();
+        let pick = |p: usize| (p / rows, order(p % rows));
         Ok(DeviceExperts::Dense {
-            w: DeviceMatrix::upload(arena, &data, experts * rows, k, what)?,
+            w: DeviceMatrix::from_rows(arena, &dense, experts * rows, k, pick, what)?,
             experts,
         })
     } else {

@@ -1,6 +1,8 @@
-//! Device-resident weights as the kernels see them.
+//! Device-resident weights as the kernels see them, and their upload from the host weights
+//! ([`DeviceMatrix::from_mat`]: tensor by tensor from the mapped checkpoint, no whole-model copy).
 
 use half::bf16;
+use model::weights::{Mat, MatData};
 
 use crate::arena::{Arena, DPtr};
 use crate::ops::Ops;
@@ -16,8 +18,9 @@ pub enum DenseData {
 /// A dense row-major matrix `[rows, cols]` (an `nn.Linear` weight, `y = W·x`), or a stack of
 /// `rows / per_expert_rows` of them when used as dense experts.
 ///
-/// Weights are stored as bf16 when every value is exactly a bf16 (all Hugging Face bf16
-/// checkpoints), else as f32, so the GPU computes with the very weights the CPU executor uses.
+/// bf16 checkpoint weights stay bf16 ([`DeviceMatrix::from_mat`]); weights of other dtypes are
+/// stored as bf16 when every value is exactly a bf16, else as f32
+/// ([`DeviceMatrix::upload`]), so the GPU computes with the very weights the CPU executor uses.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceMatrix {
     pub data: DenseData,
@@ -52,6 +55,75 @@ impl DeviceMatrix {
             DenseData::F32(arena.upload(data, what)?)
         };
         Ok(Self { data, rows, cols })
+    }
+
+    /// Uploads a weight matrix: bf16 storage is copied to the device as it is (straight from the
+    /// mapped checkpoint, no host copy, no value scan); any other dtype (f32, f16, FP8 with its
+    /// block scales) is widened to f32 for this one tensor and stored by
+    /// [`DeviceMatrix::upload`]'s rule (bf16 when lossless, else f32) — the device bytes of the
+    /// widening loader before, so GPU outputs do not change. FP8 thus lands as bf16 or f32
+    /// until FP8 kernels exist.
+    pub fn from_mat(arena: &mut Arena, m: &Mat, what: &str) -> Result<Self, RuntimeError> {
+        if let MatData::Bf16(v) = m.data() {
+            return Ok(Self {
+                data: DenseData::Bf16(arena.upload(v, what)?),
+                rows: m.rows,
+                cols: m.cols,
+            });
+        }
+        let v = m.to_f32();
+        Self::upload(arena, &v, m.rows, m.cols, what)
+    }
+
+    /// One `[rows, cols]` matrix whose row `p` is row `pick(p) = (i, r)` of `mats[i]` (fused
+    /// projections, expert stacks, permuted rows), by the rules of [`DeviceMatrix::from_mat`]:
+    /// bf16 when every source is stored bf16, else widened to f32 and stored by
+    /// [`DeviceMatrix::upload`]'s rule. Needs one host buffer of the result's size.
+    pub fn from_rows(
+        arena: &mut Arena,
+        mats: &[&Mat],
+        rows: usize,
+        cols: usize,
+        pick: impl Fn(usize) -> (usize, usize),
+        what: &str,
+    ) -> Result<Self, RuntimeError> {
+        if let Some((i, m)) = mats.iter().enumerate().find(|(_, m)| m.cols != cols) {
+            return Err(RuntimeError::Invalid(format!(
+                "{what}: part {i} has {} columns, not {cols}",
+                m.cols
+            )));
+        }
+        let check = |i: usize, r: usize| -> Result<(), RuntimeError> {
+            match mats.get(i) {
+                Some(m) if r < m.rows => Ok(()),
+                _ => Err(RuntimeError::Invalid(format!(
+                    "{what}: row {r} of part {i} does not exist"
+                ))),
+            }
+        };
+        if mats.iter().all(|m| matches!(m.data(), MatData::Bf16(_))) {
+            let mut h: Vec<bf16> = Vec::with_capacity(rows * cols);
+            for p in 0..rows {
+                let (i, r) = pick(p);
+                check(i, r)?;
+                let MatData::Bf16(v) = mats[i].data() else {
+                    unreachable!("checked above")
+                };
+                h.extend_from_slice(&v[r * cols..(r + 1) * cols]);
+            }
+            return Ok(Self {
+                data: DenseData::Bf16(arena.upload(&h, what)?),
+                rows,
+                cols,
+            });
+        }
+        let mut v = vec![0f32; rows * cols];
+        for (p, row) in v.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+            let (i, r) = pick(p);
+            check(i, r)?;
+            mats[i].row_into(r, row);
+        }
+        Self::upload(arena, &v, rows, cols, what)
     }
 
     /// A `[rows, cols]` bf16 matrix of random values generated on the device (synthetic models):

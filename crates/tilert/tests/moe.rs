@@ -72,26 +72,22 @@ fn random_mx(rng: &mut ChaCha8Rng, rows: usize, k: usize) -> fp4::MxMatrix {
 
 fn random_dense(rng: &mut ChaCha8Rng, rows: usize, k: usize, bf16: bool) -> Mat {
     let a = (3.0 / k as f32).sqrt();
-    let data = (0..rows * k)
-        .map(|_| {
-            let v: f32 = rng.random_range(-a..a);
-            if bf16 {
-                half::bf16::from_f32(v).to_f32()
-            } else {
-                v
-            }
-        })
-        .collect();
-    Mat {
-        rows,
-        cols: k,
-        data,
+    let data: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-a..a)).collect();
+    // bf16 experts are stored as bf16, as a bf16 checkpoint loads.
+    if bf16 {
+        Mat::from_bf16(
+            rows,
+            k,
+            data.into_iter().map(half::bf16::from_f32).collect(),
+        )
+    } else {
+        Mat::from_f32(rows, k, data)
     }
 }
 
 fn random_mat(rng: &mut ChaCha8Rng, kind: Kind, rows: usize, k: usize) -> ExpertMat {
     match kind {
-        Kind::Mxfp4 => ExpertMat::Mxfp4(random_mx(rng, rows, k)),
+        Kind::Mxfp4 => ExpertMat::Mxfp4(random_mx(rng, rows, k).into()),
         Kind::Bf16 => ExpertMat::Dense(random_dense(rng, rows, k, true)),
         Kind::F32 => ExpertMat::Dense(random_dense(rng, rows, k, false)),
     }
@@ -548,7 +544,7 @@ fn bad_shapes_and_arguments_are_errors() {
     assert!(matches!(r, Err(RuntimeError::Invalid(_))));
     // A NaN scale byte is rejected at upload.
     if let ExpertMat::Mxfp4(w) = &mut m.experts[2].gate_up {
-        w.scales[5] = fp4::E8M0_NAN;
+        w.scales_mut()[5] = fp4::E8M0_NAN;
     }
     assert!(matches!(
         DeviceMoe::upload(&mut arena, &m),

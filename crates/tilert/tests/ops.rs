@@ -137,11 +137,7 @@ fn check_linear(
         .unwrap();
     let got = g.down(dy);
     let lin = Linear {
-        w: Mat {
-            rows,
-            cols,
-            data: wv.clone(),
-        },
+        w: Mat::from_f32(rows, cols, wv.clone()),
         bias: b.clone(),
     };
     let mut want = vec![0f32; t * rows];
@@ -1229,11 +1225,7 @@ fn router_route_matches_cpu() {
                 1e-5 * want_h[i].abs() as f64 + 1e-37
             });
             let lin = Linear {
-                w: Mat {
-                    rows: e,
-                    cols,
-                    data: wv.clone(),
-                },
+                w: Mat::from_f32(e, cols, wv.clone()),
                 bias: bias.clone(),
             };
             let mut want_logits = vec![0f32; t * e];

@@ -165,7 +165,11 @@ pub fn write_drafter(
     let mut push = |name: String, shape: Vec<usize>, data: &[f32]| {
         t.push((format!("{prefix}{name}"), shape, data.to_vec()))
     };
-    push("fc.weight".into(), vec![w.fc.rows, w.fc.cols], &w.fc.data);
+    push(
+        "fc.weight".into(),
+        vec![w.fc.rows, w.fc.cols],
+        &w.fc.to_f32(),
+    );
     push(
         "hidden_norm.weight".into(),
         vec![w.hidden_norm.len()],
@@ -194,7 +198,7 @@ pub fn write_drafter(
             push(
                 format!("{p}.self_attn.{n}.weight"),
                 vec![lin.w.rows, lin.w.cols],
-                &lin.w.data,
+                &lin.w.to_f32(),
             );
             if let Some(b) = &lin.bias {
                 push(format!("{p}.self_attn.{n}.bias"), vec![b.len()], b);
@@ -218,17 +222,17 @@ pub fn write_drafter(
         push(
             format!("{p}.mlp.gate_proj.weight"),
             vec![i, h],
-            &gate_up.w.data[..i * h],
+            &gate_up.w.to_f32()[..i * h],
         );
         push(
             format!("{p}.mlp.up_proj.weight"),
             vec![i, h],
-            &gate_up.w.data[i * h..],
+            &gate_up.w.to_f32()[i * h..],
         );
         push(
             format!("{p}.mlp.down_proj.weight"),
             vec![down.w.rows, down.w.cols],
-            &down.w.data,
+            &down.w.to_f32(),
         );
     }
     save(&dir.join(file), &t);
@@ -278,9 +282,9 @@ pub fn copycat(m: &CpuModel, kind: dflash::toy::ToyKind, token: u32) -> dflash::
     let d = dflash::toy::drafter(m.config(), kind, 8, 1);
     let mut w = d.weights().clone();
     for l in &mut w.layers {
-        l.attn.o.w.data.fill(0.0);
+        l.attn.o.w.make_f32_mut().fill(0.0);
         if let Mlp::Dense { down, .. } = &mut l.mlp {
-            down.w.data.fill(0.0);
+            down.w.make_f32_mut().fill(0.0);
         }
     }
     w.norm.fill(1.0);

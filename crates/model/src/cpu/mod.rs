@@ -587,7 +587,7 @@ fn run_pass(
 
     s.x.resize(t * hs, 0.0);
     for (row, &tok) in s.x.chunks_exact_mut(hs).zip(tokens) {
-        row.copy_from_slice(w.embed.row(tok as usize));
+        w.embed.row_into(tok as usize, row);
     }
     capture(hidden_layers, hidden, 0, &s.x, hs);
 

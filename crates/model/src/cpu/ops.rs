@@ -1,5 +1,10 @@
 //! The ops of one decoder step as small pure functions, f32 in, f32 out, f32 accumulation.
 //!
+//! Weights are read in their stored dtype ([`MatData`]: f32, bf16, f16, FP8 E4M3 with block
+//! scales) and widened to f32 element by element inside the kernels; the widening is exact and
+//! the f32 operations are the same whatever the dtype, so a bf16 matrix gives bit-for-bit the
+//! result of the same values held as f32.
+//!
 //! Each op has exactly one definition here; the CPU executor calls these and every GPU kernel is
 //! tested against them. None of them allocates except [`matmul`] for batches of more than one
 //! row (a transposed temporary) and [`attention_head`] growing its caller-owned score buffer.
@@ -11,7 +16,9 @@
 use rayon::prelude::*;
 
 use crate::config::{Activation, AttnKind, LayerSpec};
-use crate::weights::{GateUpLayout, Linear, Mat};
+use half::{bf16, f16};
+
+use crate::weights::{widen_row, GateUpLayout, Linear, Mat, MatData};
 
 /// Below this many multiply-adds a matrix op (or a layer's attention) runs on the calling thread:
 /// waking the rayon pool costs more than such a call takes.
@@ -47,13 +54,20 @@ const DOT_LANES: usize = 32;
 
 /// The portable definition of [`dot`] (same result on every CPU).
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    dot_widen(a, b, |x| x)
+}
+
+/// [`dot_portable`] of `a` widened to f32 by `widen` element by element (the same lanes, tree
+/// and tail, so the result equals `dot_portable` of the widened vector bit for bit).
+#[inline]
+fn dot_widen<T: Copy>(a: &[T], b: &[f32], widen: impl Fn(T) -> f32) -> f32 {
     assert_eq!(a.len(), b.len(), "dot: lengths differ");
     let (ca, ta) = a.as_chunks::<DOT_LANES>();
     let (cb, tb) = b.as_chunks::<DOT_LANES>();
     let mut acc = [0f32; DOT_LANES];
     for (x, y) in ca.iter().zip(cb) {
         for i in 0..DOT_LANES {
-            acc[i] += x[i] * y[i];
+            acc[i] += widen(x[i]) * y[i];
         }
     }
     let mut h16 = [0f32; 16];
@@ -66,10 +80,60 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     }
     let q = [h8[0] + h8[4], h8[1] + h8[5], h8[2] + h8[6], h8[3] + h8[7]];
     let mut s = (q[0] + q[2]) + (q[1] + q[3]);
-    for (x, y) in ta.iter().zip(tb) {
-        s += x * y;
+    for (&x, y) in ta.iter().zip(tb) {
+        s += widen(x) * y;
     }
     s
+}
+
+/// [`dot`] of a bf16 vector (widened per element) with an f32 vector: bit-identical to `dot`
+/// of the widened vector.
+#[inline]
+pub fn dot_bf16(a: &[bf16], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked just above); lengths are equal.
+            return unsafe { dot_bf16_avx2(a, b) };
+        }
+    }
+    dot_widen(a, b, bf16::to_f32)
+}
+
+/// [`dot`] of an f16 vector (widened per element) with an f32 vector: bit-identical to `dot`
+/// of the widened vector.
+#[inline]
+pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: AVX2 and F16C are available (checked just above); lengths are equal.
+            return unsafe { dot_f16_avx2(a, b) };
+        }
+    }
+    dot_widen(a, b, f16::to_f32)
+}
+
+/// `dot(row r of w, x)` with the row widened as it is read (`x.len()` = the matrix's columns).
+/// FP8 rows are widened (and scaled) into `scratch` first. Bit-identical to [`dot`] of the
+/// widened row for every dtype.
+#[inline]
+pub fn dot_row(w: MatData<'_>, r: usize, x: &[f32], scratch: &mut Vec<f32>) -> f32 {
+    let k = x.len();
+    match w {
+        MatData::F32(v) => dot(&v[r * k..(r + 1) * k], x),
+        MatData::Bf16(v) => dot_bf16(&v[r * k..(r + 1) * k], x),
+        MatData::F16(v) => dot_f16(&v[r * k..(r + 1) * k], x),
+        MatData::F8E4M3 { .. } => {
+            scratch.resize(k, 0.0);
+            widen_row(w, r, k, scratch);
+            dot(scratch, x)
+        }
+    }
 }
 
 /// [`dot_portable`] with AVX2: four 8-lane accumulators hold lanes 0–7, 8–15, 16–23, 24–31.
@@ -108,6 +172,82 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The AVX2 reduction of [`dot_avx2`] and its widening variants: lanes 0–31 in four registers →
+/// the fixed tree of [`dot_portable`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn reduce_lanes(acc: [std::arch::x86_64::__m256; 4]) -> f32 {
+    use std::arch::x86_64::*;
+    let h16 = [_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3])];
+    let h8 = _mm256_add_ps(h16[0], h16[1]);
+    let q = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    let r = _mm_add_ps(q, _mm_movehl_ps(q, q)); // [q0 + q2, q1 + q3, ..]
+    _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps(r, r, 1)))
+}
+
+/// [`dot_bf16`] with AVX2 (bf16 → f32 is a 16-bit shift).
+///
+/// # Safety
+/// The CPU must support AVX2 and `a.len() == b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_bf16_avx2(a: &[bf16], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let chunks = n / DOT_LANES;
+    let (pa, pb) = (a.as_ptr().cast::<u16>(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for c in 0..chunks {
+        let o = c * DOT_LANES;
+        for (j, r) in acc.iter_mut().enumerate() {
+            // SAFETY: o + 8j + 8 ≤ chunks · 32 ≤ n for both slices.
+            let (x, y) = unsafe {
+                let h = _mm_loadu_si128(pa.add(o + 8 * j).cast::<__m128i>());
+                (
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))),
+                    _mm256_loadu_ps(pb.add(o + 8 * j)),
+                )
+            };
+            *r = _mm256_add_ps(*r, _mm256_mul_ps(x, y));
+        }
+    }
+    let mut s = reduce_lanes(acc);
+    for i in chunks * DOT_LANES..n {
+        s += a[i].to_f32() * b[i];
+    }
+    s
+}
+
+/// [`dot_f16`] with AVX2 and F16C.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C, and `a.len() == b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dot_f16_avx2(a: &[f16], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let chunks = n / DOT_LANES;
+    let (pa, pb) = (a.as_ptr().cast::<u16>(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for c in 0..chunks {
+        let o = c * DOT_LANES;
+        for (j, r) in acc.iter_mut().enumerate() {
+            // SAFETY: o + 8j + 8 ≤ chunks · 32 ≤ n for both slices.
+            let (x, y) = unsafe {
+                let h = _mm_loadu_si128(pa.add(o + 8 * j).cast::<__m128i>());
+                (_mm256_cvtph_ps(h), _mm256_loadu_ps(pb.add(o + 8 * j)))
+            };
+            *r = _mm256_add_ps(*r, _mm256_mul_ps(x, y));
+        }
+    }
+    let mut s = reduce_lanes(acc);
+    for i in chunks * DOT_LANES..n {
+        s += a[i].to_f32() * b[i];
+    }
+    s
+}
+
 /// `y += a · x`.
 #[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -127,9 +267,9 @@ pub fn add_assign(y: &mut [f32], x: &[f32]) {
 }
 
 /// Rows per rayon task: about 64 KiB of weights per task, at least 4 tasks per thread.
-fn rows_per_task(rows: usize, cols: usize) -> usize {
+fn rows_per_task(rows: usize, cols: usize, elem_bytes: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let by_bytes = ((64 << 10) / (4 * cols.max(1))).max(1);
+    let by_bytes = ((64 << 10) / (elem_bytes * cols.max(1))).max(1);
     let by_threads = rows.div_ceil(4 * threads).max(1);
     by_bytes.min(by_threads)
 }
@@ -156,17 +296,34 @@ pub fn matvec(w: &Mat, x: &[f32], y: &mut [f32]) {
         w.rows,
         w.cols
     );
+    let k = w.cols;
+    // One loop per dtype (the dtype is matched once, not per row).
+    match w.data() {
+        MatData::F32(v) => each_row(w, y, |r, _| dot(&v[r * k..(r + 1) * k], x)),
+        MatData::Bf16(v) => each_row(w, y, |r, _| dot_bf16(&v[r * k..(r + 1) * k], x)),
+        MatData::F16(v) => each_row(w, y, |r, _| dot_f16(&v[r * k..(r + 1) * k], x)),
+        d @ MatData::F8E4M3 { .. } => each_row(w, y, |r, scratch| dot_row(d, r, x, scratch)),
+    }
+}
+
+/// `y[r] = f(r, scratch)` for every row of `w`, split over rayon tasks when the matrix has at
+/// least [`PAR_MIN_WORK`] entries (`scratch` is a per-task buffer).
+#[inline]
+fn each_row(w: &Mat, y: &mut [f32], f: impl Fn(usize, &mut Vec<f32>) -> f32 + Sync) {
     if w.rows * w.cols < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
+        let mut scratch = Vec::new();
         for (r, o) in y.iter_mut().enumerate() {
-            *o = dot(w.row(r), x);
+            *o = f(r, &mut scratch);
         }
     } else {
-        let chunk = rows_per_task(w.rows, w.cols);
-        y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
-            for (i, o) in ys.iter_mut().enumerate() {
-                *o = dot(w.row(ci * chunk + i), x);
-            }
-        });
+        let chunk = rows_per_task(w.rows, w.cols, w.dtype().size());
+        y.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (ci, ys)| {
+                for (i, o) in ys.iter_mut().enumerate() {
+                    *o = f(ci * chunk + i, scratch);
+                }
+            });
     }
 }
 
@@ -193,27 +350,39 @@ pub fn matmul(w: &Mat, x: &[f32], t: usize, y: &mut [f32]) {
     if t == 0 || n == 0 {
         return;
     }
+    let d = w.data();
     let mut tmp = vec![0f32; n * MATMUL_TOKEN_TILE.min(t)];
     for t0 in (0..t).step_by(MATMUL_TOKEN_TILE) {
         let tt = MATMUL_TOKEN_TILE.min(t - t0);
         let xs = &x[t0 * k..(t0 + tt) * k];
         let tmp = &mut tmp[..n * tt];
         // tmp is [n, tt]: one output row of W per chunk of tt values.
-        let fill = |r0: usize, chunk: &mut [f32]| {
+        // Rows stored narrower than f32 are widened once into `scratch` and used for all the
+        // tile's tokens (exact, so the same values as [`matvec`]'s in-register widening).
+        let fill = |r0: usize, chunk: &mut [f32], scratch: &mut Vec<f32>| {
             for (i, outs) in chunk.chunks_exact_mut(tt).enumerate() {
-                let wr = w.row(r0 + i);
+                let wr: &[f32] = match d {
+                    MatData::F32(v) => &v[(r0 + i) * k..(r0 + i + 1) * k],
+                    _ => {
+                        scratch.resize(k, 0.0);
+                        widen_row(d, r0 + i, k, scratch);
+                        scratch
+                    }
+                };
                 for (j, o) in outs.iter_mut().enumerate() {
                     *o = dot(wr, &xs[j * k..(j + 1) * k]);
                 }
             }
         };
         if n * k * tt < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
-            fill(0, tmp);
+            fill(0, tmp, &mut Vec::new());
         } else {
-            let rpt = rows_per_task(n, k);
+            let rpt = rows_per_task(n, k, w.dtype().size());
             tmp.par_chunks_mut(rpt * tt)
                 .enumerate()
-                .for_each(|(ci, chunk)| fill(ci * rpt, chunk));
+                .for_each_init(Vec::new, |scratch, (ci, chunk)| {
+                    fill(ci * rpt, chunk, scratch)
+                });
         }
         for (r, vals) in tmp.chunks_exact(tt).enumerate() {
             for (j, &v) in vals.iter().enumerate() {

@@ -40,11 +40,7 @@ impl ToyGen {
         self.vec(n, 0.1).into_iter().map(|v| 1.0 + v).collect()
     }
     pub fn mat(&mut self, rows: usize, cols: usize) -> Mat {
-        Mat {
-            rows,
-            cols,
-            data: self.vec(rows * cols, 0.1),
-        }
+        Mat::from_f32(rows, cols, self.vec(rows * cols, 0.1))
     }
     /// A linear layer with std-0.1 weights and, if `bias_std` is given, a bias of that std.
     pub fn linear(&mut self, rows: usize, cols: usize, bias_std: Option<f32>) -> Linear {
@@ -54,16 +50,16 @@ impl ToyGen {
         }
     }
     fn expert_mat(&mut self, rows: usize, cols: usize, kind: ToyExperts) -> ExpertMat {
-        let m = self.mat(rows, cols);
-        let q = fp4::quantize_matrix(&m.data, rows, cols, fp4::ScaleRounding::Up)
+        let m = self.vec(rows * cols, 0.1);
+        let q = fp4::quantize_matrix(&m, rows, cols, fp4::ScaleRounding::Up)
             .expect("toy expert K is a multiple of 32");
         match kind {
-            ToyExperts::Mxfp4 => ExpertMat::Mxfp4(q),
-            ToyExperts::Dense => ExpertMat::Dense(Mat {
+            ToyExperts::Mxfp4 => ExpertMat::Mxfp4(q.into()),
+            ToyExperts::Dense => ExpertMat::Dense(Mat::from_f32(
                 rows,
                 cols,
-                data: fp4::dequantize(q.view().expect("valid")),
-            }),
+                fp4::dequantize(q.view().expect("valid")),
+            )),
         }
     }
 }
@@ -130,11 +126,18 @@ fn build(cfg: &ModelConfig, seed: u64, experts: ToyExperts, layout: GateUpLayout
             }
         })
         .collect();
+    let final_norm = g.norm(h);
+    // Tied embeddings share the embedding's storage (the toys' own configs are untied).
+    let lm_head = if cfg.tie_word_embeddings {
+        embed.clone()
+    } else {
+        g.mat(v, h)
+    };
     Weights {
         embed,
         layers,
-        final_norm: g.norm(h),
-        lm_head: g.mat(v, h),
+        final_norm,
+        lm_head,
     }
 }
 

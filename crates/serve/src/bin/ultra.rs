@@ -1,6 +1,6 @@
 //! The `ultra` command-line tool.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -349,15 +349,19 @@ fn model_dir(m: &ModelArgs) -> Result<(PathBuf, Option<default_model::Paths>)> {
     }
 }
 
+/// Loads a checkpoint for `device`: the CPU executor, or straight onto GPU 0 (no CPU model).
+fn load_on(dir: &Path, device: Device) -> Result<commands::generate::Loaded> {
+    match device {
+        Device::Cuda => commands::generate::load_gpu(dir, 0),
+        Device::Cpu => commands::generate::load(dir),
+    }
+}
+
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
     set_threads(m.threads)?;
     let (dir, _) = model_dir(m)?;
-    let mut loaded = commands::generate::load(&dir)?;
-    if m.device == Device::Cuda {
-        loaded.to_gpu(0)?;
-    }
-    Ok(loaded)
+    load_on(&dir, m.device)
 }
 
 fn main() -> Result<()> {
@@ -428,10 +432,7 @@ fn main() -> Result<()> {
             }
             set_threads(m.threads)?;
             let (dir, default) = model_dir(&m)?;
-            let mut loaded = commands::generate::load(&dir)?;
-            if m.device == Device::Cuda {
-                loaded.to_gpu(0)?;
-            }
+            let loaded = load_on(&dir, m.device)?;
             // The default model speculates with its own drafter.
             let draft = match (draft, default) {
                 (Some(d), _) => Some(d),
@@ -672,9 +673,8 @@ fn main() -> Result<()> {
             } else {
                 sets
             };
-            let mut loaded = commands::generate::load(&dir)?;
+            let loaded = load_on(&dir, device)?;
             let executor = if device == Device::Cuda {
-                loaded.to_gpu(0)?;
                 let gpu = loaded.gpu.as_ref().expect("uploaded");
                 format!("the GPU executor ({})", gpu.device().info)
             } else {

@@ -57,13 +57,15 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 fn row(case: String, model: &CpuModel, plan: StoragePlan, rate: f64) -> DecodeRow {
-    // The CPU executor holds dense weights as f32.
+    // The CPU executor reads dense weights in their stored dtype (the embedding's stands for
+    // all of them: checkpoints are uniform, the synthetic model is f32).
+    let dense = model.weights().embed.dtype().size() as f64;
     let plan = StoragePlan {
-        dense_bytes_per_weight: 4.0,
+        dense_bytes_per_weight: dense,
         expert_bytes_per_weight: if plan.expert_bytes_per_weight < 1.0 {
             plan.expert_bytes_per_weight
         } else {
-            4.0
+            dense
         },
         ..plan
     };

@@ -1,5 +1,7 @@
 //! `ultra generate` and `ultra score` on the CPU executor or, with `--device cuda`, on the GPU
-//! executor (`tilert::exec`; the CPU model stays loaded beside it as the drafter's host tables).
+//! executor (`tilert::exec`: [`load_gpu`] uploads the checkpoint tensor by tensor from the
+//! mapped files and keeps no CPU model; the GPU drafter reads the target's device tables).
+//! Loading a checkpoint of [`model::progress::MIN_BYTES`] or more shows its progress on stderr.
 //!
 //! `generate`: prompt (plain, or through the checkpoint's chat template with `--chat`) → streamed
 //! text, then prompt/generated token counts, time to first token and decode tokens/s on stderr.
@@ -13,17 +15,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use model::config::ModelConfig;
 use model::cpu::CpuModel;
+use model::progress::{Progress, Reporter};
 use model::sampling::{logprob_of, SamplingParams};
 use model::tokenizer::{ChatMessage, Tokenizer};
 
 use crate::stream::TokenOutput;
 
-/// A loaded model ready to run on the CPU (and on a GPU when `gpu` is set).
+/// A loaded model ready to run on the CPU ([`load`]) or on a GPU ([`load_gpu`],
+/// [`Loaded::to_gpu`]).
 pub struct Loaded {
-    pub model: CpuModel,
+    /// The model's config.
+    pub config: Arc<ModelConfig>,
     pub tokenizer: Option<Tokenizer>,
-    /// The same weights resident on a GPU (`--device cuda`): `generate` and `score` run there.
+    /// The CPU executor (`None` once the model lives on a GPU).
+    cpu: Option<CpuModel>,
+    /// The weights resident on a GPU (`--device cuda`): `generate` and `score` run there.
     pub gpu: Option<tilert::exec::GpuModel>,
 }
 
@@ -38,17 +46,28 @@ enum Sequence {
 }
 
 impl Loaded {
-    /// Uploads the weights to GPU `ordinal`; later `generate` / `score` calls run there.
+    /// The CPU executor, or an error when the model was loaded for a GPU.
+    pub fn cpu(&self) -> Result<&CpuModel> {
+        match &self.cpu {
+            Some(m) => Ok(m),
+            None => bail!("the model is on the GPU: the CPU executor was not loaded"),
+        }
+    }
+
+    /// The CPU executor by value (see [`Loaded::cpu`]).
+    pub fn into_cpu(self) -> Result<CpuModel> {
+        match self.cpu {
+            Some(m) => Ok(m),
+            None => bail!("the model is on the GPU: the CPU executor was not loaded"),
+        }
+    }
+
+    /// Uploads the weights to GPU `ordinal`; later `generate` / `score` calls run there, and
+    /// the CPU model is dropped.
     pub fn to_gpu(&mut self, ordinal: usize) -> Result<()> {
-        let t0 = Instant::now();
-        let cfg = Arc::new(self.model.config().clone());
-        let gpu = tilert::exec::GpuModel::new(ordinal, cfg, self.model.weights())?;
-        eprintln!(
-            "{}; weights uploaded ({:.2} GB) in {:.2} s",
-            gpu.device().info,
-            gpu.weight_bytes() as f64 / 1e9,
-            t0.elapsed().as_secs_f64()
-        );
+        let cpu = self.cpu()?;
+        let gpu = upload(ordinal, self.config.clone(), cpu.weights())?;
+        self.cpu = None;
         self.gpu = Some(gpu);
         Ok(())
     }
@@ -56,9 +75,60 @@ impl Loaded {
     fn sequence(&self) -> Result<Sequence> {
         Ok(match &self.gpu {
             Some(g) => Sequence::Gpu(Box::new(g.session(gpu_max_seq(g))?)),
-            None => Sequence::Cpu(Box::new(self.model.session())),
+            None => Sequence::Cpu(Box::new(self.cpu()?.session())),
         })
     }
+}
+
+/// A progress callback for `label` (see [`model::progress`]).
+fn reporter(label: String) -> impl FnMut(Progress) {
+    let mut r: Option<Reporter> = None;
+    move |p| {
+        r.get_or_insert_with(|| Reporter::new(label.clone(), p.total))
+            .update(p)
+    }
+}
+
+/// Uploads `weights` to GPU `ordinal`, with progress for a large model.
+fn upload(
+    ordinal: usize,
+    config: Arc<ModelConfig>,
+    weights: &model::weights::Weights,
+) -> Result<tilert::exec::GpuModel> {
+    let t0 = Instant::now();
+    let mut progress = reporter("uploading weights".into());
+    let gpu = tilert::exec::GpuModel::new_with_progress(ordinal, config, weights, &mut progress)?;
+    eprintln!(
+        "{}; weights uploaded ({:.2} GB) in {:.2} s",
+        gpu.device().info,
+        gpu.weight_bytes() as f64 / 1e9,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(gpu)
+}
+
+fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+    Ok(if dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_dir(dir)?)
+    } else {
+        None
+    })
+}
+
+/// Loads a checkpoint straight onto GPU `ordinal` (`--device cuda`): the weights are views of
+/// the mapped files, uploaded tensor by tensor and released; no CPU model is built.
+pub fn load_gpu(dir: &Path, ordinal: usize) -> Result<Loaded> {
+    let (config, weights) =
+        model::load::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let config = Arc::new(config);
+    let gpu = upload(ordinal, config.clone(), &weights)?;
+    drop(weights);
+    Ok(Loaded {
+        config,
+        tokenizer: load_tokenizer(dir)?,
+        cpu: None,
+        gpu: Some(gpu),
+    })
 }
 
 impl Sequence {
@@ -85,14 +155,12 @@ impl Sequence {
 /// Loads weights (checked against the spec) and, when present, the tokenizer.
 pub fn load(dir: &Path) -> Result<Loaded> {
     let t0 = Instant::now();
-    let (config, weights) =
-        model::load::load(dir).with_context(|| format!("loading {}", dir.display()))?;
-    let model = CpuModel::new(Arc::new(config), Arc::new(weights))?;
-    let tokenizer = if dir.join("tokenizer.json").exists() {
-        Some(Tokenizer::from_dir(dir)?)
-    } else {
-        None
-    };
+    let mut progress = reporter(format!("reading {}", dir.display()));
+    let (config, weights) = model::load::load_with_progress(dir, &mut progress)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let config = Arc::new(config);
+    let model = CpuModel::new(config.clone(), Arc::new(weights))?;
+    let tokenizer = load_tokenizer(dir)?;
     eprintln!(
         "loaded {} ({} layers) in {:.2} s",
         dir.display(),
@@ -100,8 +168,9 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         t0.elapsed().as_secs_f64()
     );
     Ok(Loaded {
-        model,
+        config,
         tokenizer,
+        cpu: Some(model),
         gpu: None,
     })
 }
@@ -153,7 +222,7 @@ pub fn prompt_ids(
 pub fn eos_ids(loaded: &Loaded) -> Vec<u32> {
     match &loaded.tokenizer {
         Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
-        _ => loaded.model.config().eos_token_ids.clone(),
+        _ => loaded.config.eos_token_ids.clone(),
     }
 }
 
@@ -210,10 +279,10 @@ pub fn spec_decoder(
     draft: &Path,
     block_size: Option<usize>,
 ) -> Result<dflash::SpecDecoder> {
-    let drafter = dflash::Drafter::load(draft, loaded.model.config())
+    let drafter = dflash::Drafter::load(draft, &loaded.config)
         .with_context(|| format!("loading drafter {}", draft.display()))?;
     Ok(
-        dflash::SpecDecoder::new(&loaded.model, drafter, block_size)?
+        dflash::SpecDecoder::new(loaded.cpu()?, drafter, block_size)?
             .with_eos_token_ids(eos_ids(loaded)),
     )
 }
@@ -228,7 +297,7 @@ pub fn gpu_spec_setup(
     let Some(gpu) = &loaded.gpu else {
         bail!("the model is not on a GPU");
     };
-    let drafter = dflash::Drafter::load(draft, loaded.model.config())
+    let drafter = dflash::Drafter::load(draft, &loaded.config)
         .with_context(|| format!("loading drafter {}", draft.display()))?;
     let block_size = block_size.unwrap_or(drafter.config().block_size);
     if !(dflash::MIN_BLOCK_SIZE..=dflash::MAX_BLOCK_SIZE).contains(&block_size) {

@@ -109,7 +109,7 @@ pub fn load_cpu_engine(
     block_size: Option<usize>,
     cfg: EngineConfig,
 ) -> Result<EngineHandle> {
-    let loaded = generate::load(model_dir)?;
+    let mut loaded = generate::load(model_dir)?;
     let spec = match draft {
         Some(d) => Some(SpecConfig {
             decoder: Arc::new(generate::spec_decoder(&loaded, d, block_size)?),
@@ -117,14 +117,9 @@ pub fn load_cpu_engine(
         None => None,
     };
     let eos = generate::eos_ids(&loaded);
-    let model = loaded.model;
-    EngineHandle::start(
-        move || Ok(CpuBackend { model }),
-        loaded.tokenizer,
-        eos,
-        cfg,
-        spec,
-    )
+    let tokenizer = loaded.tokenizer.take();
+    let model = loaded.into_cpu()?;
+    EngineHandle::start(move || Ok(CpuBackend { model }), tokenizer, eos, cfg, spec)
 }
 
 /// Loads a checkpoint (and a drafter) and starts the engine on GPU `ordinal`: the weights and

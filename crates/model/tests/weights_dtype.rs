@@ -1,0 +1,191 @@
+//! Dtype-true weights: a matrix stored as bf16, f16 or FP8 (+ block scales) gives bit for bit
+//! the results of the same values held as f32 in every CPU kernel (the widening is exact and the
+//! f32 operations are the same), and the loader hands out views of the mapped checkpoint in the
+//! stored dtype (tied embeddings share the embedding's storage; adjacent gate/up tensors are one
+//! view).
+
+mod load_common;
+
+use half::{bf16, f16};
+use load_common::*;
+use model::cpu::ops;
+use model::load::load;
+use model::weights::{Bytes, DenseDtype, ExpertMat, Mat, Mlp};
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn rand_vals(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut r = Rng(seed | 1);
+    (0..n)
+        .map(|_| {
+            let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+            scale * (2.0 * u - 1.0)
+        })
+        .collect()
+}
+
+/// Every kernel path (serial and rayon matvec, token tiles of matmul, row tails) on a matrix in
+/// its narrow dtype equals the f32 matrix of the widened values exactly.
+fn assert_same_as_widened(m: &Mat, what: &str) {
+    let wide = Mat::from_f32(m.rows, m.cols, m.to_f32());
+    assert_eq!(wide.dtype(), DenseDtype::F32);
+    for t in [1, 3, 33] {
+        let x = rand_vals(7 + t as u64, t * m.cols, 1.0);
+        let (mut a, mut b) = (vec![0f32; t * m.rows], vec![0f32; t * m.rows]);
+        ops::matmul(m, &x, t, &mut a);
+        ops::matmul(&wide, &x, t, &mut b);
+        assert_eq!(bits(&a), bits(&b), "{what}: t = {t}");
+    }
+    for r in [0, m.rows / 2, m.rows - 1] {
+        let x = rand_vals(99, m.cols, 1.0);
+        assert_eq!(
+            ops::dot_row(m.data(), r, &x, &mut Vec::new()).to_bits(),
+            ops::dot_portable(&wide.row(r), &x).to_bits(),
+            "{what}: row {r} against the portable dot"
+        );
+    }
+}
+
+#[test]
+fn narrow_dtypes_compute_exactly_like_their_f32_widening() {
+    // 61 columns: a 32-lane chunk and a 29-value tail; 700 x 261 is over PAR_MIN_WORK.
+    for (rows, cols) in [(9, 61), (700, 261), (64, 32)] {
+        let v = rand_vals(rows as u64, rows * cols, 2.0);
+        let b = Mat::from_bf16(rows, cols, v.iter().map(|&x| bf16::from_f32(x)).collect());
+        assert_eq!(b.dtype(), DenseDtype::Bf16);
+        assert_same_as_widened(&b, "bf16");
+        let h = Mat::from_f16(rows, cols, v.iter().map(|&x| f16::from_f32(x)).collect());
+        assert_same_as_widened(&h, "f16");
+        let codes: Vec<u8> = (0..rows * cols).map(|k| (k * 37 % 0x7E) as u8).collect();
+        let plain = Mat::from_bytes(
+            DenseDtype::F8E4M3,
+            rows,
+            cols,
+            Bytes::from_vec(codes.clone()),
+            None,
+        )
+        .unwrap();
+        assert_same_as_widened(&plain, "fp8");
+        let block = [16, 16];
+        let sc = cols.div_ceil(16);
+        let scales = rand_vals(3, rows.div_ceil(16) * sc, 4.0);
+        let scaled = Mat::from_bytes(
+            DenseDtype::F8E4M3,
+            rows,
+            cols,
+            Bytes::from_vec(codes),
+            Some((block, sc, scales.clone())),
+        )
+        .unwrap();
+        // Element (r, c) is f8(code) · scale of its block, rounded once in f32.
+        let r = rows - 1;
+        let c = cols - 1;
+        let want = model::checkpoint::f8_e4m3_to_f32(((r * cols + c) * 37 % 0x7E) as u8)
+            * scales[(r / 16) * sc + c / 16];
+        assert_eq!(scaled.row(r)[c].to_bits(), want.to_bits());
+        assert_same_as_widened(&scaled, "fp8 with block scales");
+    }
+}
+
+#[test]
+fn bad_storage_is_an_error_and_edits_copy_on_write() {
+    let e =
+        Mat::from_bytes(DenseDtype::Bf16, 2, 3, Bytes::from_vec(vec![0; 10]), None).unwrap_err();
+    assert!(e.contains("10 bytes for a 2x3 Bf16 matrix"), "{e}");
+    let e = Mat::from_bytes(
+        DenseDtype::F8E4M3,
+        4,
+        4,
+        Bytes::from_vec(vec![0; 16]),
+        Some(([2, 2], 2, vec![1.0; 3])),
+    )
+    .unwrap_err();
+    assert!(e.contains("FP8 scales"), "{e}");
+    let a = Mat::from_bf16(1, 2, vec![bf16::from_f32(1.5), bf16::from_f32(-2.0)]);
+    let mut b = a.clone();
+    b.make_f32_mut()[0] = 7.0;
+    assert_eq!(&*a.row(0), &[1.5, -2.0]);
+    assert_eq!(&*b.row(0), &[7.0, -2.0]);
+    assert_eq!(b.dtype(), DenseDtype::F32);
+}
+
+#[test]
+fn loaded_weights_are_mapped_views_in_the_stored_dtype() {
+    let ts = qwen3_tensors(5);
+    let d = TempDir::new("dtype-views");
+    write_model(&d, QWEN3_CONFIG, &ts);
+    let (_, w) = load(d.path()).unwrap();
+    assert_eq!(w.embed.dtype(), DenseDtype::Bf16);
+    assert!(
+        w.embed.bytes().is_mapped(),
+        "the embedding is a view of the file"
+    );
+    let a = &w.layers[0].attn;
+    for m in [&a.q.w, &a.k.w, &a.v.w, &a.o.w] {
+        assert_eq!(m.dtype(), DenseDtype::Bf16);
+        assert!(m.bytes().is_mapped());
+    }
+    let Mlp::Moe(moe) = &w.layers[0].mlp else {
+        panic!("layer 0 is MoE")
+    };
+    let ExpertMat::Dense(gu) = &moe.experts[0].gate_up else {
+        panic!("bf16 experts are dense")
+    };
+    // gate_proj and up_proj lie back to back in the file: one view, no copy.
+    assert!(
+        gu.bytes().is_mapped(),
+        "gate/up of adjacent tensors is a view"
+    );
+    assert_eq!(gu.stored_bytes(), gu.numel() * 2);
+    // Stored bf16 bytes are the checkpoint's.
+    let want = &ts["model.embed_tokens.weight"].data;
+    assert_eq!(w.embed.bytes().as_slice(), &want[..]);
+
+    // Tied embeddings (from the config): the head is the embedding's storage.
+    let mut t2 = ts.clone();
+    t2.remove("lm_head.weight");
+    let d2 = TempDir::new("dtype-tied");
+    write_model(
+        &d2,
+        &patch_config(QWEN3_CONFIG, r#"{"tie_word_embeddings": true}"#),
+        &t2,
+    );
+    let (_, w2) = load(d2.path()).unwrap();
+    assert_eq!(
+        w2.lm_head.bytes().as_slice().as_ptr(),
+        w2.embed.bytes().as_slice().as_ptr(),
+        "tied lm_head shares the embedding's bytes"
+    );
+    assert!(w2.stored_bytes() < w.stored_bytes());
+}
+
+#[test]
+fn mxfp4_experts_are_views_of_the_packed_bytes() {
+    let ts = gpt_oss_tensors(3, true);
+    let d = TempDir::new("dtype-mx");
+    write_model(
+        &d,
+        &patch_config(
+            GPT_OSS_CONFIG,
+            r#"{"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}}"#,
+        ),
+        &ts,
+    );
+    let (_, w) = load(d.path()).unwrap();
+    let Mlp::Moe(m) = &w.layers[0].mlp else {
+        panic!("gpt-oss layers are MoE")
+    };
+    let ExpertMat::Mxfp4(q) = &m.experts[1].gate_up else {
+        panic!("MXFP4 experts stay MXFP4")
+    };
+    let blocks = &ts["model.layers.0.mlp.experts.gate_up_proj_blocks"].data;
+    let per = q.blocks().len();
+    assert_eq!(q.blocks(), &blocks[per..2 * per]);
+    // A view of the mapping: the bytes live inside the file's mapped region, not in a copy.
+    let mut owned = q.clone();
+    owned.scales_mut()[0] ^= 1;
+    assert_ne!(owned, *q, "editing a clone copies on write");
+    assert_eq!(q.view().unwrap().rows(), q.rows);
+}
