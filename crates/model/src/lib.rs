@@ -10,21 +10,31 @@
 //!   every tensor is checked against before use;
 //! * [`load`]: checkpoint directory → `(ModelConfig, Weights)` ([`load::load`],
 //!   [`load::load_config`]), converting to the [`weights`] conventions;
-//! * [`weights`]: the typed in-memory weights the executors consume;
-//! * [`cpu`]: the CPU reference executor (prefill, decode, verify, truncate) — the embedded default
-//!   and the oracle for every GPU path;
+//! * [`weights`]: the typed in-memory weights the executors consume; [`check`]: their validation
+//!   against the config;
+//! * [`plan`]: step plans — the ops of one pass (prefill / decode / verify / batched / drafter)
+//!   with one parameter struct per op, bytes and FLOPs, and the tensor-parallel transform;
+//! * [`executor`]: the executor trait every sequence implements, [`executor::VerifyOutput`], the
+//!   hidden-state indexing and rollback depth; [`rope`]: RoPE frequency tables;
+//! * [`cpu`]: the CPU reference executor, an interpreter of the plan (prefill, decode, verify,
+//!   truncate; tensor-parallel ranks simulated in one process) — the embedded default and the
+//!   oracle for every GPU path;
 //! * [`sampling`]: greedy / temperature / top-k / top-p / min-p / repetition penalty / seeds / stops;
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate and chat templates through
 //!   minijinja.
 //!
 //! Routing math is not here: it lives in `moe` as pure functions shared by every executor.
 
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod executor;
 pub mod footprint;
 pub mod load;
+pub mod plan;
 pub mod quantize;
+pub mod rope;
 pub mod sampling;
 pub mod spec;
 pub mod tokenizer;
