@@ -165,7 +165,7 @@ impl Plan {
                     b.push(qkv_op(l, qkv(true), 0, None, n, d));
                 }
                 PassShape {
-                    kind: PassKind::Prefill,
+                    kind: PassKind::DraftContext,
                     rows: n,
                     logits: Logits::None,
                     sample: false,
@@ -285,7 +285,7 @@ impl Plan {
                     ));
                 }
                 let shape = PassShape {
-                    kind: PassKind::Verify,
+                    kind: PassKind::DraftBlock,
                     rows,
                     logits: Logits::All,
                     sample: true,

@@ -66,6 +66,10 @@ pub enum PassKind {
     Verify,
     /// One token for each of N sequences (each row attends over its own KV cache).
     Batched,
+    /// A drafter appending n committed tokens' target features to its context caches.
+    DraftContext,
+    /// A drafter drafting one block of B rows.
+    DraftBlock,
 }
 
 /// Which rows get logits.
@@ -166,6 +170,8 @@ impl fmt::Display for PassShape {
             PassKind::Decode => "decode(1)".into(),
             PassKind::Verify => format!("verify({})", self.rows),
             PassKind::Batched => format!("batched({})", self.rows),
+            PassKind::DraftContext => format!("draft-context({})", self.rows),
+            PassKind::DraftBlock => format!("draft-block({})", self.rows),
         };
         let logits = match self.logits {
             Logits::None => "no logits",
