@@ -5,6 +5,9 @@
 //! [`cols_of`] for [`Mat`] and their MXFP4 twins — and [`mat`], the one place that builds a
 //! `Mat` from values, so a change of the weight storage touches only these.
 
+// Row selections are lists of ranges; a list of one range is the common case, not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::ops::Range;
 
 use crate::config::ModelConfig;
