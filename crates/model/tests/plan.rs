@@ -552,3 +552,21 @@ fn executor_trait_over_a_cpu_session() {
     ));
     assert_eq!(Executor::config(&s).vocab_size, v);
 }
+
+#[test]
+fn layer_tables_size_kv_caches() {
+    let m = load("gpt-oss/bf16");
+    let plan = m.plan(Logits::Last);
+    let (sliding, full) = (plan.layers[0], plan.layers[1]);
+    let w = sliding.window.expect("gpt-oss layer 0 slides");
+    assert_eq!(full.window, None);
+    assert_eq!(sliding.kv_capacity(8192, 16, 64), w + 16 + 64);
+    assert_eq!(sliding.kv_capacity(8, 16, 64), 8);
+    assert_eq!(full.kv_capacity(8192, 16, 64), 8192);
+    assert_eq!(sliding.max_keys(8192, 16), w + 16);
+    assert_eq!(sliding.kv_keep(64), w - 1 + 64);
+    assert_eq!(full.kv_keep(64), 0);
+    // The session's caches are built from the same tables.
+    let s = m.session();
+    assert_eq!(s.kv().layers.len(), plan.layers.len());
+}

@@ -700,6 +700,35 @@ pub struct LayerTables {
     pub v_width: usize,
 }
 
+impl LayerTables {
+    /// Positions a device ring cache of this layer holds for sequences of at most `max_seq`
+    /// positions, passes of at most `max_rows` rows and truncation up to `max_rollback` back:
+    /// `max_seq` for full attention, `min(window + max_rows + max_rollback, max_seq)` for a
+    /// sliding window (the keys a pass's queries see, plus the rows a rollback must restore).
+    pub fn kv_capacity(&self, max_seq: usize, max_rows: usize, max_rollback: usize) -> usize {
+        match self.window {
+            None => max_seq,
+            Some(w) => (w + max_rows + max_rollback).min(max_seq),
+        }
+    }
+
+    /// Most keys the queries of one pass of at most `max_rows` rows read (sizes attention
+    /// splits): `max_seq` for full attention, `min(window + max_rows, max_seq)` for a window.
+    pub fn max_keys(&self, max_seq: usize, max_rows: usize) -> usize {
+        match self.window {
+            None => max_seq,
+            Some(w) => (w + max_rows).min(max_seq),
+        }
+    }
+
+    /// Rows a sliding layer of a growable host cache keeps when it compacts: `window − 1 +
+    /// max_rollback` (`crate::cpu::kv`; 0 for full attention, which never compacts).
+    pub fn kv_keep(&self, max_rollback: usize) -> usize {
+        self.window
+            .map_or(0, |w| w.saturating_sub(1) + max_rollback)
+    }
+}
+
 /// The ordered ops of one pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
