@@ -570,3 +570,49 @@ fn layer_tables_size_kv_caches() {
     let s = m.session();
     assert_eq!(s.kv().layers.len(), plan.layers.len());
 }
+
+#[test]
+fn every_plan_is_a_valid_schedule() {
+    let st = WeightStorage::cpu(true);
+    for d in FIXTURES {
+        let m = load(d);
+        let cfg = m.config();
+        for shape in [
+            PassShape::decode(3),
+            PassShape::verify(8, 3),
+            PassShape::prefill(16, 0, false),
+            PassShape::batched(4, 3).with_sample(),
+        ] {
+            let p = Plan::new(cfg, st, shape).unwrap();
+            p.validate().unwrap();
+            for n in [2, 4] {
+                let layout = TpLayout::new(cfg, n, true).unwrap();
+                let s = model::plan::tp::shard_plan(&p, cfg, &layout).unwrap();
+                s.validate()
+                    .unwrap_or_else(|e| panic!("{d} {shape} TP={n}: {e}"));
+                // Sharding a sharded plan is refused.
+                assert!(model::plan::tp::shard_plan(&s, cfg, &layout).is_err());
+            }
+        }
+    }
+    let spec = draft_spec();
+    for pass in [DraftPass::Context { n: 4 }, DraftPass::Block { b: 16 }] {
+        Plan::draft(&spec, st, pass, 7).unwrap().validate().unwrap();
+    }
+    // A schedule that reads a buffer before it is written is rejected, naming the op.
+    let m = load("qwen3-moe/native");
+    let mut p = m.plan(Logits::Last).clone();
+    p.ops.swap(2, 3); // attention before the projection that writes q
+    let e = p.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("op 2 (attention") && e.contains("reads q"),
+        "{e}"
+    );
+    let mut p = m.plan(Logits::Last).clone();
+    p.taps.push(model::plan::Tap {
+        hidden: 0,
+        after: p.ops.len() + 3,
+        buf: Buf::X,
+    });
+    assert!(p.validate().is_err());
+}

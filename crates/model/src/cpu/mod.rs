@@ -190,7 +190,9 @@ impl CpuModel {
                 logits,
                 ..PassShape::decode(0)
             };
-            Ok(Plan::new(&config, storage, shape)?)
+            let p = Plan::new(&config, storage, shape)?;
+            p.validate()?;
+            Ok(p)
         };
         let plans = Plans {
             none: plan(Logits::None)?,
@@ -230,10 +232,15 @@ impl CpuModel {
         let layout = TpLayout::new(&self.config, ranks, storage.mxfp4_experts)?;
         let layers = shard::shard_layers(&self.config, &self.weights, &layout)?;
         let p = &base.plans;
+        let shard = |p: &Plan| -> Result<Plan, CpuError> {
+            let s = shard_plan(p, &self.config, &layout)?;
+            s.validate()?;
+            Ok(s)
+        };
         let plans = Plans {
-            none: shard_plan(&p.none, &self.config, &layout)?,
-            last: shard_plan(&p.last, &self.config, &layout)?,
-            all: shard_plan(&p.all, &self.config, &layout)?,
+            none: shard(&p.none)?,
+            last: shard(&p.last)?,
+            all: shard(&p.all)?,
         };
         Ok(CpuModel {
             plans: Arc::new(plans),

@@ -151,7 +151,7 @@ impl Plan {
                     }),
                     layer: None,
                     placement: Placement::Replicated,
-                    inputs: vec![Buf::X],
+                    inputs: vec![Buf::Features],
                     outputs: vec![Buf::H],
                     weights: vec![
                         WeightId::model(Tensor::Fc),

@@ -236,6 +236,8 @@ impl WeightStorage {
 pub enum Buf {
     /// Token ids `[t]`.
     Tokens,
+    /// A drafter's input features `[t, K·H_target]` (target hidden states of committed tokens).
+    Features,
     /// The residual stream `[t, H]`.
     X,
     /// Normed activations `[t, H]` (the input of the next matrix op).
@@ -262,6 +264,7 @@ impl fmt::Display for Buf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Buf::Tokens => write!(f, "tokens"),
+            Buf::Features => write!(f, "features"),
             Buf::X => write!(f, "x"),
             Buf::H => write!(f, "h"),
             Buf::Q(r) => write!(f, "q{}", rank_suffix(*r)),
@@ -1024,6 +1027,67 @@ impl Plan {
             kv_bytes: self.ops.iter().map(|o| o.kv_bytes).sum(),
             flops: self.ops.iter().map(|o| o.flops).sum(),
         }
+    }
+
+    /// Checks that the op list is a valid schedule: every input is a pass input (token ids,
+    /// drafter features), a KV cache (persistent across passes), or written by an earlier op;
+    /// every rank-placed op's rank-local buffers belong to its rank; taps follow existing ops
+    /// and read buffers written by then. Executors may rely on it (the CPU checks every plan it
+    /// builds).
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let mut written: Vec<Buf> = vec![Buf::Tokens, Buf::Features];
+        let bad = |i: usize, op: &Op, why: String| {
+            PlanError::Invalid(format!(
+                "op {i} ({}, layer {:?}): {why}",
+                op.kind.name(),
+                op.layer
+            ))
+        };
+        let mut taps = self.taps.iter().peekable();
+        for (i, op) in self.ops.iter().enumerate() {
+            for b in &op.inputs {
+                if !matches!(b, Buf::Kv { .. }) && !written.contains(b) {
+                    return Err(bad(i, op, format!("reads {b} before any op writes it")));
+                }
+            }
+            if let Placement::Rank(r) = op.placement {
+                if r >= self.ranks {
+                    return Err(bad(i, op, format!("placed on rank {r} of {}", self.ranks)));
+                }
+                for b in op.inputs.iter().chain(&op.outputs) {
+                    let owner = match *b {
+                        Buf::Q(x) | Buf::Attn(x) | Buf::Act(x) | Buf::Partial(x) => Some(x),
+                        Buf::Kv { rank, .. } => Some(rank),
+                        _ => None,
+                    };
+                    if owner.is_some_and(|x| x != r) {
+                        return Err(bad(i, op, format!("rank {r} touches {b}")));
+                    }
+                }
+            }
+            for b in &op.outputs {
+                if !written.contains(b) {
+                    written.push(*b);
+                }
+            }
+            while let Some(t) = taps.next_if(|t| t.after == i) {
+                if !written.contains(&t.buf) {
+                    return Err(PlanError::Invalid(format!(
+                        "hidden state {} reads {} after op {i}, before any op writes it",
+                        t.hidden, t.buf
+                    )));
+                }
+            }
+        }
+        if let Some(t) = taps.next() {
+            return Err(PlanError::Invalid(format!(
+                "hidden state {} follows op {}, which is out of order or beyond the {} ops",
+                t.hidden,
+                t.after,
+                self.ops.len()
+            )));
+        }
+        Ok(())
     }
 
     /// The taps of hidden index `hidden`.
