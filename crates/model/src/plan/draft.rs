@@ -136,7 +136,7 @@ impl Plan {
             eps: spec.eps,
         };
         let nl = spec.layers.len();
-        let mut b = Builder::new(storage);
+        let mut b = Builder::new();
         let shape = match pass {
             DraftPass::Context { n } => {
                 if n == 0 {
@@ -203,14 +203,13 @@ impl Plan {
                         sinks: spec.sinks,
                         scale: (1.0 / (spec.head_dim as f64).sqrt()) as f32,
                     };
-                    let (flops, keys) =
-                        attention_flops_rows(&geom, dl.window, context, rows, |i| {
-                            if dl.causal {
-                                context + i + 1
-                            } else {
-                                context + rows
-                            }
-                        });
+                    let (flops, keys) = attention_flops_rows(&geom, dl.window, rows, |i| {
+                        if dl.causal {
+                            context + i + 1
+                        } else {
+                            context + rows
+                        }
+                    });
                     let mut weights = Vec::new();
                     if spec.sinks {
                         weights.push(WeightId::layer(Tensor::Sinks, l));

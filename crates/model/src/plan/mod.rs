@@ -792,7 +792,7 @@ impl Plan {
         let (d, x) = (storage.dense_bytes, storage.expert_bytes);
         let t = shape.rows;
         let eps = cfg.rms_norm_eps;
-        let mut b = Builder::new(storage);
+        let mut b = Builder::new();
 
         let mut ropes: Vec<Rope> = Vec::new();
         let mut layers = Vec::with_capacity(nl);
@@ -1106,7 +1106,6 @@ impl Plan {
         let mut b = Builder {
             ops: std::mem::take(&mut p.ops),
             taps: Vec::new(),
-            storage: p.storage,
         };
         let (v, h) = (self.vocab(), self.hidden());
         push_head(&mut b, &p.shape, v, h, 0, d);
@@ -1138,16 +1137,13 @@ impl Plan {
 pub(crate) struct Builder {
     pub(crate) ops: Vec<Op>,
     pub(crate) taps: Vec<Tap>,
-    #[allow(dead_code)]
-    pub(crate) storage: WeightStorage,
 }
 
 impl Builder {
-    pub(crate) fn new(storage: WeightStorage) -> Builder {
+    pub(crate) fn new() -> Builder {
         Builder {
             ops: Vec::new(),
             taps: Vec::new(),
-            storage,
         }
     }
     pub(crate) fn push(&mut self, op: Op) {
@@ -1356,7 +1352,6 @@ pub(crate) fn router_op(l: usize, p: RouterParams, t: usize, d: f64) -> Op {
 pub(crate) fn attention_flops_rows(
     g: &AttnGeom,
     window: Option<usize>,
-    _context: usize,
     rows: usize,
     end: impl Fn(usize) -> usize,
 ) -> (f64, usize) {
