@@ -11,10 +11,15 @@
 //! * [`load`]: checkpoint directory → `(ModelConfig, Weights)` ([`load::load`],
 //!   [`load::load_config`]), converting to the [`weights`] conventions;
 //! * [`weights`]: the typed weights the executors consume, in their checkpoint dtype (views of
-//!   the mapped files);
+//!   the mapped files); [`check`]: their validation against the config;
 //! * [`progress`]: the progress display of reading / uploading a large checkpoint;
-//! * [`cpu`]: the CPU reference executor (prefill, decode, verify, truncate) — the embedded default
-//!   and the oracle for every GPU path;
+//! * [`plan`]: step plans — the ops of one pass (prefill / decode / verify / batched / drafter)
+//!   with one parameter struct per op, bytes and FLOPs, and the tensor-parallel transform;
+//! * [`executor`]: the executor trait every sequence implements, [`executor::VerifyOutput`], the
+//!   hidden-state indexing and rollback depth; [`rope`]: RoPE frequency tables;
+//! * [`cpu`]: the CPU reference executor, an interpreter of the plan (prefill, decode, verify,
+//!   truncate; tensor-parallel ranks simulated in one process) — the embedded default and the
+//!   oracle for every GPU path;
 //! * [`drafter`]: DFlash drafters as data — config (`config.json` → [`drafter::DrafterConfig`]),
 //!   weights and their checks — shared by the CPU drafter (`dflash`) and the GPU one (`tilert`);
 //! * [`sampling`]: greedy / temperature / top-k / top-p / min-p / repetition penalty / seeds / stops;
@@ -23,22 +28,25 @@
 //!
 //! Routing math is not here: it lives in `moe` as pure functions shared by every executor.
 
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod drafter;
+pub mod executor;
 pub mod footprint;
 pub mod load;
+pub mod plan;
 pub mod progress;
 pub mod quantize;
+pub mod rope;
 pub mod sampling;
 pub mod spec;
 pub mod tokenizer;
 pub mod weights;
 
-// Model-level items that every executor shares (issue 15: they leave `model::cpu`). Re-exported
-// at the crate root so that executors other than the CPU one (the GPU runtime `tilert`) do not
-// reach into `model::cpu`; the definitions move here when the step plan lands.
-pub use cpu::check::check as check_weights;
-pub use cpu::rope::RopeTable;
-pub use cpu::{VerifyOutput, DEFAULT_MAX_ROLLBACK, LAST_LAYER_PRE_NORM};
+// Model-level items that every executor shares, at the crate root so that executors other than
+// the CPU one (the GPU runtime `tilert`) do not reach into `model::cpu`.
+pub use check::check as check_weights;
+pub use executor::{VerifyOutput, DEFAULT_MAX_ROLLBACK, LAST_LAYER_PRE_NORM};
+pub use rope::RopeTable;

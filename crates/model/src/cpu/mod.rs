@@ -1,15 +1,20 @@
 //! The CPU reference executor: exact f32 math of gpt-oss, Qwen3-MoE and MiMo-V2-Flash as
-//! transformers computes them — the embedded default and the oracle for every GPU path.
+//! transformers computes them — the embedded default and the oracle for every GPU path. It is an
+//! interpreter of the step plan ([`crate::plan`]): [`run_pass`] walks the plan's ops and runs
+//! each with the op functions below; the plan's parameter structs are the ops' arguments.
 //!
 //! * [`ops`]: the ops as small pure functions (RMSNorm, RoPE application, attention with GQA /
 //!   sinks / sliding windows, gated activations, matvec / matmul);
-//! * [`rope`]: RoPE frequency tables (default and YaRN, partial rotary);
+//! * [`moe_ops`]: the mixture of experts split at the plan's boundaries (router + top-k, experts
+//!   gate_up + GLU, experts down + combine);
 //! * [`kv`]: the per-sequence f32 KV cache (sliding layers bounded, see its docs for exactness);
-//! * [`ffn`]: dense MLP and mixture of experts (routing through `moe`, each distinct expert run
-//!   once per block, MXFP4 experts through `fp4`);
+//! * [`ffn`]: dense MLP and mixture of experts as whole blocks (routing through `moe`, each
+//!   distinct expert run once per block, MXFP4 experts through `fp4`);
+//! * [`shard`]: the weights of tensor-parallel ranks ([`CpuModel::tensor_parallel`]);
 //! * [`toy`]: tiny random models of each architecture for tests (here and in GPU executors);
-//! * [`CpuModel`] (weights + tables, cheap to clone, shareable) and [`Session`] (one sequence:
-//!   KV cache + reusable buffers) with `prefill`, `decode`, `verify`, `truncate`.
+//! * [`CpuModel`] (weights + plans + tables, cheap to clone, shareable) and [`Session`] (one
+//!   sequence: KV cache + reusable buffers) with `prefill`, `decode`, `verify`, `truncate`; a
+//!   `Session` is a [`crate::executor::Executor`].
 //!
 //! # Numerics
 //! Weights and activations are f32 and every sum is accumulated in f32. Every op computes a
@@ -17,30 +22,45 @@
 //! token's logits and hidden states are **bit-identical** whether it is decoded alone, verified
 //! in a block, prefilled, or part of [`CpuModel::forward_full`] (the tests assert equality).
 //!
-//! # Hidden-state indexing (as transformers' `output_hidden_states`)
-//! For a model of L layers, hidden index `0` is the embedding output, index `i` in `1..L` is the
-//! output (residual stream) of layer `i − 1`, and index `L` is the output of the last layer
-//! **after the final RMSNorm** — exactly HF's `hidden_states[i]` (whose last entry is normed).
-//! The logits are `lm_head · hidden[L]`. One more index, [`LAST_LAYER_PRE_NORM`], is the output
-//! of the last layer **before** the final RMSNorm (no HF entry; the residual stream speculative
-//! drafters read as "the output of the last layer").
+//! # Tensor parallelism
+//! [`CpuModel::tensor_parallel`] runs the plan sharded over N simulated ranks
+//! ([`crate::plan::tp`]): each rank's ops run on its weight shard and its own KV cache, and the
+//! all-reduce nodes add the ranks' partial sums in rank order. The logits equal the unsharded
+//! model's up to f32 reassociation of those sums (the tests bound the difference).
+//!
+//! # Hidden-state indexing
+//! As [`crate::executor`] documents: index `0` is the embedding output, `i` in `1..L` the output
+//! of layer `i − 1`, `L` the last layer's output after the final norm, and
+//! [`LAST_LAYER_PRE_NORM`] before it. The logits are `lm_head · hidden[L]`.
 
-pub mod check;
 pub mod ffn;
 pub mod kv;
+pub mod moe_ops;
 pub mod ops;
-pub mod rope;
+pub mod shard;
 pub mod toy;
+
+/// The weights check (moved to [`crate::check`]; re-exported for existing paths).
+pub use crate::check;
+pub use crate::executor::{VerifyOutput, DEFAULT_MAX_ROLLBACK, LAST_LAYER_PRE_NORM};
+/// RoPE tables (moved to [`crate::rope`]; re-exported for existing paths).
+pub use crate::rope;
 
 use std::sync::Arc;
 
 use crate::config::{AttnKind, ModelConfig};
-use crate::weights::Weights;
+use crate::executor::{hidden_index, Executor, FORWARD_CHUNK};
+use crate::plan::tp::{shard_plan, TpLayout};
+use crate::plan::{
+    AttentionParams, Buf, Logits, OpKind, PassShape, Placement, Plan, PlanError, Tensor, WeightId,
+    WeightStorage,
+};
+use crate::rope::RopeTable;
+use crate::weights::{ExpertMat, GateUpLayout, Layer, Mlp, Weights};
 
-use ffn::FfnScratch;
 use kv::{KvCache, LayerKv};
+use moe_ops::{ExpertScratch, Routing};
 use ops::AttnShape;
-use rope::RopeTable;
 
 /// Everything that can go wrong in the CPU executor.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -75,72 +95,168 @@ pub enum CpuError {
         window: usize,
         oldest: usize,
     },
+    /// The step plan could not be built (or sharded).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error(transparent)]
     Routing(#[from] moe::RoutingError),
     #[error(transparent)]
     Fp4(#[from] fp4::Fp4Error),
 }
 
-/// Hidden index of the last layer's output before the final RMSNorm (see the module docs), accepted
-/// by [`Session::verify`] besides `0..=L`.
-pub const LAST_LAYER_PRE_NORM: usize = usize::MAX;
-
-/// Default truncation depth that a [`Session`] keeps exact (sliding layers keep
-/// `window − 1 + max_rollback` positions of history).
-pub const DEFAULT_MAX_ROLLBACK: usize = 64;
+impl From<check::Mismatch> for CpuError {
+    fn from(e: check::Mismatch) -> Self {
+        CpuError::Mismatch(e.0)
+    }
+}
 
 /// Prefill runs in passes of at most this many tokens (bounds the activation buffers; results
 /// do not depend on it).
 pub const PREFILL_CHUNK: usize = 256;
 
-/// A model ready to run on the CPU: config, weights (shared, immutable), RoPE tables and the
-/// per-layer attention geometry. Cheap to clone; `Send + Sync`.
+/// The plans a model's passes interpret: the layer ops are the same for every pass; they differ
+/// in which rows get logits.
+#[derive(Debug)]
+struct Plans {
+    none: Plan,
+    last: Plan,
+    all: Plan,
+}
+
+impl Plans {
+    fn get(&self, logits: Logits) -> &Plan {
+        match logits {
+            Logits::None => &self.none,
+            Logits::Last => &self.last,
+            Logits::All => &self.all,
+        }
+    }
+}
+
+/// Tensor-parallel ranks: what each holds and its layers' weights.
+#[derive(Debug)]
+struct Ranks {
+    layout: TpLayout,
+    /// `[rank][layer]`.
+    layers: Vec<Vec<Layer>>,
+}
+
+/// A model ready to run on the CPU: config, weights (shared, immutable), its step plans, RoPE
+/// tables and per-layer attention geometry. Cheap to clone; `Send + Sync`.
 #[derive(Debug, Clone)]
 pub struct CpuModel {
     config: Arc<ModelConfig>,
     weights: Arc<Weights>,
-    /// Distinct RoPE tables (one per distinct [`crate::config::Rope`]).
+    plans: Arc<Plans>,
+    /// One table per entry of the plan's `ropes`.
     ropes: Arc<[RopeTable]>,
-    /// Index into `ropes` per layer.
-    layer_rope: Arc<[usize]>,
     shapes: Arc<[AttnShape]>,
+    /// Tensor-parallel ranks (None: one).
+    tp: Option<Arc<Ranks>>,
 }
 
-/// The result of [`Session::verify`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct VerifyOutput {
-    /// `logits[j]`: the `vocab_size` logits after token `j` of the block (predicting token j+1).
-    pub logits: Vec<Vec<f32>>,
-    /// `hidden[i][j]`: the hidden state with index `hidden_layers[i]` (see the module docs) of
-    /// token `j`.
-    pub hidden: Vec<Vec<Vec<f32>>>,
+/// The attention geometry of a plan's attention op (the CPU ops' argument struct).
+pub fn attn_shape(p: &AttentionParams) -> AttnShape {
+    AttnShape {
+        n_heads: p.geom.n_heads,
+        n_kv_heads: p.geom.n_kv_heads,
+        head_dim: p.geom.head_dim,
+        v_head_dim: p.geom.v_head_dim,
+        window: p.window,
+        scale: p.scale,
+    }
+}
+
+/// The storage of in-memory weights (f32, experts MXFP4 when the checkpoint stores them so).
+pub fn weight_storage(w: &Weights) -> WeightStorage {
+    let mxfp4 = w.layers.iter().any(|l| match &l.mlp {
+        Mlp::Moe(m) => m
+            .experts
+            .iter()
+            .any(|e| matches!(e.gate_up, ExpertMat::Mxfp4(_))),
+        Mlp::Dense { .. } => false,
+    });
+    WeightStorage::cpu(mxfp4)
 }
 
 impl CpuModel {
     /// Validates `weights` against `config` (every shape, every optional tensor) and builds the
-    /// RoPE tables.
+    /// step plans and RoPE tables.
     pub fn new(config: Arc<ModelConfig>, weights: Arc<Weights>) -> Result<Self, CpuError> {
         check::check(&config, &weights)?;
-        let mut ropes: Vec<(crate::config::Rope, RopeTable)> = Vec::new();
-        let mut layer_rope = Vec::with_capacity(config.layers.len());
-        for spec in &config.layers {
-            let idx = match ropes.iter().position(|(r, _)| *r == spec.rope) {
-                Some(i) => i,
-                None => {
-                    ropes.push((spec.rope, RopeTable::new(&spec.rope)));
-                    ropes.len() - 1
-                }
+        let storage = weight_storage(&weights);
+        let plan = |logits| -> Result<Plan, CpuError> {
+            let shape = PassShape {
+                logits,
+                ..PassShape::decode(0)
             };
-            layer_rope.push(idx);
-        }
-        let shapes = config.layers.iter().map(AttnShape::from_spec).collect();
+            let p = Plan::new(&config, storage, shape)?;
+            p.validate()?;
+            Ok(p)
+        };
+        let plans = Plans {
+            none: plan(Logits::None)?,
+            last: plan(Logits::Last)?,
+            all: plan(Logits::All)?,
+        };
+        let ropes = plans.last.ropes.iter().map(RopeTable::new).collect();
+        let shapes = plans
+            .last
+            .ops
+            .iter()
+            .filter_map(|o| match o.kind {
+                OpKind::Attention(p) => Some(attn_shape(&p)),
+                _ => None,
+            })
+            .collect();
         Ok(CpuModel {
-            ropes: ropes.into_iter().map(|(_, t)| t).collect(),
-            layer_rope: layer_rope.into(),
+            ropes,
             shapes,
+            plans: Arc::new(plans),
+            tp: None,
             config,
             weights,
         })
+    }
+
+    /// The same model run over `ranks` simulated tensor-parallel ranks ([`crate::plan::tp`]):
+    /// attention sharded by KV-head group, the FFNs along the intermediate dimension, all-reduce
+    /// nodes between. `ranks == 1` is the unsharded model. An error names the head counts that
+    /// do not split.
+    pub fn tensor_parallel(&self, ranks: usize) -> Result<CpuModel, CpuError> {
+        let base = CpuModel::new(self.config.clone(), self.weights.clone())?;
+        if ranks == 1 {
+            return Ok(base);
+        }
+        let storage = weight_storage(&self.weights);
+        let layout = TpLayout::new(&self.config, ranks, storage.mxfp4_experts)?;
+        let layers = shard::shard_layers(&self.config, &self.weights, &layout)?;
+        let p = &base.plans;
+        let shard = |p: &Plan| -> Result<Plan, CpuError> {
+            let s = shard_plan(p, &self.config, &layout)?;
+            s.validate()?;
+            Ok(s)
+        };
+        let plans = Plans {
+            none: shard(&p.none)?,
+            last: shard(&p.last)?,
+            all: shard(&p.all)?,
+        };
+        Ok(CpuModel {
+            plans: Arc::new(plans),
+            tp: Some(Arc::new(Ranks { layout, layers })),
+            ..base
+        })
+    }
+
+    /// Tensor-parallel ranks the model runs over (1 = unsharded).
+    pub fn ranks(&self) -> usize {
+        self.tp.as_ref().map_or(1, |t| t.layout.ranks)
+    }
+
+    /// The tensor-parallel layout, when sharded.
+    pub fn tp_layout(&self) -> Option<&TpLayout> {
+        self.tp.as_ref().map(|t| &t.layout)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -151,9 +267,14 @@ impl CpuModel {
         &self.weights
     }
 
+    /// The plan a pass interprets for `logits` (its costs are those of a decode at position 0).
+    pub fn plan(&self, logits: Logits) -> &Plan {
+        self.plans.get(logits)
+    }
+
     /// The RoPE table used by `layer`.
     pub fn rope_table(&self, layer: usize) -> &RopeTable {
-        &self.ropes[self.layer_rope[layer]]
+        &self.ropes[self.plans.last.layers[layer].rope]
     }
 
     /// The attention geometry of `layer`.
@@ -164,6 +285,25 @@ impl CpuModel {
     /// A new empty sequence with [`DEFAULT_MAX_ROLLBACK`].
     pub fn session(&self) -> Session {
         Session::new(self, DEFAULT_MAX_ROLLBACK)
+    }
+
+    /// Layer `l`'s weights on `rank`.
+    fn layer(&self, rank: usize, l: usize) -> &Layer {
+        match &self.tp {
+            Some(t) => &t.layers[rank][l],
+            None => &self.weights.layers[l],
+        }
+    }
+
+    /// A norm weight vector.
+    fn norm_weight(&self, id: WeightId) -> &[f32] {
+        let w = &*self.weights;
+        match (id.tensor, id.layer) {
+            (Tensor::InputNorm, Some(l)) => &w.layers[l].input_norm,
+            (Tensor::PostAttnNorm, Some(l)) => &w.layers[l].post_attn_norm,
+            (Tensor::FinalNorm, None) => &w.final_norm,
+            _ => unreachable!("plans name only input, post-attention and final norms: {id}"),
+        }
     }
 
     /// Appends `tokens[i]` to `sessions[i]` for every `i` in ONE pass (each weight matrix is read
@@ -186,10 +326,9 @@ impl CpuModel {
         if sessions.is_empty() {
             return Err(CpuError::EmptyInput);
         }
-        if let Some(i) = sessions
-            .iter()
-            .position(|x| !Arc::ptr_eq(&x.model.weights, &self.weights))
-        {
+        if let Some(i) = sessions.iter().position(|x| {
+            !Arc::ptr_eq(&x.model.weights, &self.weights) || x.model.ranks() != self.ranks()
+        }) {
             return Err(CpuError::Mismatch(format!(
                 "decode_batch: session {i} belongs to another model"
             )));
@@ -215,7 +354,7 @@ impl CpuModel {
             &mut segs,
             &mut scratch,
             tokens,
-            Want::All,
+            Logits::All,
             &[],
             &mut [],
         );
@@ -259,36 +398,36 @@ impl CpuModel {
     }
 }
 
-/// Reusable activation buffers of a pass.
+/// Reusable activation buffers of a pass (rank-local ones per rank).
 #[derive(Debug, Default, Clone)]
 struct Scratch {
     x: Vec<f32>,
     h: Vec<f32>,
-    q: Vec<f32>,
+    q: Vec<Vec<f32>>,
     k: Vec<f32>,
     v: Vec<f32>,
-    attn: Vec<f32>,
+    attn: Vec<Vec<f32>>,
+    act: Vec<Vec<f32>>,
+    partial: Vec<Vec<f32>>,
+    gu: Vec<f32>,
     o: Vec<f32>,
     scores: Vec<f32>,
     cos: Vec<Vec<f32>>,
     sin: Vec<Vec<f32>>,
-    ffn: FfnScratch,
+    routing: Routing,
+    experts: ExpertScratch,
     logits: Vec<f32>,
+    sampled: Vec<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Skip,
-    Last,
-    All,
-}
-
-/// One sequence: its KV cache, its length, and the buffers its passes reuse (a decode step
-/// allocates nothing here once the buffers have grown, apart from KV growth).
+/// One sequence: its KV cache (one per tensor-parallel rank), its length, and the buffers its
+/// passes reuse (a decode step allocates nothing here once the buffers have grown, apart from
+/// KV growth).
 #[derive(Debug, Clone)]
 pub struct Session {
     model: CpuModel,
-    kv: KvCache,
+    /// `[rank]`.
+    kv: Vec<KvCache>,
     len: usize,
     /// Length before the most recent prefill / decode / verify call.
     call_start: usize,
@@ -301,25 +440,15 @@ impl Session {
     /// [`Session::truncate`] is guaranteed to reach (sliding layers keep
     /// `window − 1 + max_rollback` positions of history; see [`kv`]).
     pub fn new(model: &CpuModel, max_rollback: usize) -> Self {
-        let kv = KvCache {
-            layers: model
-                .config
-                .layers
-                .iter()
-                .map(|l| {
-                    let window = match l.attn {
-                        AttnKind::Full => None,
-                        AttnKind::Sliding { window } => Some(window),
-                    };
-                    LayerKv::new(
-                        l.n_kv_heads * l.head_dim,
-                        l.n_kv_heads * l.v_head_dim,
-                        window,
-                        max_rollback,
-                    )
-                })
-                .collect(),
-        };
+        let tables = &model.plans.last.layers;
+        let kv = (0..model.ranks())
+            .map(|_| KvCache {
+                layers: tables
+                    .iter()
+                    .map(|lt| LayerKv::new(lt.k_width, lt.v_width, lt.window, max_rollback))
+                    .collect(),
+            })
+            .collect();
         Session {
             model: model.clone(),
             kv,
@@ -353,9 +482,9 @@ impl Session {
         self.call_start.saturating_sub(self.max_rollback)
     }
 
-    /// The KV cache (for inspection).
+    /// The KV cache (for inspection; rank 0's when the model is tensor-parallel).
     pub fn kv(&self) -> &KvCache {
-        &self.kv
+        &self.kv[0]
     }
 
     /// Appends `tokens` (in passes of [`PREFILL_CHUNK`]) and returns the logits of the last one.
@@ -366,7 +495,11 @@ impl Session {
         self.begin_call();
         let n = tokens.chunks(PREFILL_CHUNK).len();
         for (i, c) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            let want = if i + 1 == n { Want::Last } else { Want::Skip };
+            let want = if i + 1 == n {
+                Logits::Last
+            } else {
+                Logits::None
+            };
             if let Err(e) = self.pass(c, want, &[], &mut []) {
                 self.undo_call();
                 return Err(e);
@@ -382,7 +515,7 @@ impl Session {
         let v = self.model.config.vocab_size;
         let mut out = Vec::with_capacity(tokens.len());
         for c in tokens.chunks(PREFILL_CHUNK) {
-            if let Err(e) = self.pass(c, Want::All, &[], &mut []) {
+            if let Err(e) = self.pass(c, Logits::All, &[], &mut []) {
                 self.undo_call();
                 return Err(e);
             }
@@ -395,7 +528,7 @@ impl Session {
     pub fn decode(&mut self, token: u32) -> Result<&[f32], CpuError> {
         self.check_tokens(&[token])?;
         self.begin_call();
-        self.pass(&[token], Want::Last, &[], &mut [])?;
+        self.pass(&[token], Logits::Last, &[], &mut [])?;
         Ok(&self.s.logits)
     }
 
@@ -418,7 +551,7 @@ impl Session {
         self.check_tokens(tokens)?;
         self.begin_call();
         let mut hidden = vec![Vec::with_capacity(tokens.len()); hidden_layers.len()];
-        self.pass(tokens, Want::All, hidden_layers, &mut hidden)?;
+        self.pass(tokens, Logits::All, hidden_layers, &mut hidden)?;
         let v = self.model.config.vocab_size;
         Ok(VerifyOutput {
             logits: self.s.logits.chunks_exact(v).map(<[f32]>::to_vec).collect(),
@@ -441,8 +574,7 @@ impl Session {
                 have: self.len,
             });
         }
-        for (layer, (l, spec)) in self
-            .kv
+        for (layer, (l, spec)) in self.kv[0]
             .layers
             .iter()
             .zip(&self.model.config.layers)
@@ -461,7 +593,7 @@ impl Session {
                 });
             }
         }
-        for l in &mut self.kv.layers {
+        for l in self.kv.iter_mut().flat_map(|c| c.layers.iter_mut()) {
             l.truncate(len);
         }
         self.len = len;
@@ -470,7 +602,7 @@ impl Session {
 
     /// Empties the sequence (keeps the buffers).
     pub fn reset(&mut self) {
-        for l in &mut self.kv.layers {
+        for l in self.kv.iter_mut().flat_map(|c| c.layers.iter_mut()) {
             l.truncate(0);
         }
         self.len = 0;
@@ -480,7 +612,7 @@ impl Session {
     /// Drops everything the current call appended (always exact: nothing before the call's
     /// start was compacted away since `begin_call`).
     fn undo_call(&mut self) {
-        for l in &mut self.kv.layers {
+        for l in self.kv.iter_mut().flat_map(|c| c.layers.iter_mut()) {
             l.truncate(self.call_start);
         }
         self.len = self.call_start;
@@ -490,7 +622,7 @@ impl Session {
     /// sliding layers compact (the only point where history is dropped).
     fn begin_call(&mut self) {
         self.call_start = self.len;
-        for l in &mut self.kv.layers {
+        for l in self.kv.iter_mut().flat_map(|c| c.layers.iter_mut()) {
             l.begin_pass();
         }
     }
@@ -518,7 +650,7 @@ impl Session {
     fn pass(
         &mut self,
         tokens: &[u32],
-        want: Want,
+        want: Logits,
         hidden_layers: &[usize],
         hidden: &mut [Vec<Vec<f32>>],
     ) -> Result<(), CpuError> {
@@ -544,12 +676,89 @@ impl Session {
                 Ok(())
             }
             Err(e) => {
-                for l in &mut self.kv.layers {
+                for l in self.kv.iter_mut().flat_map(|c| c.layers.iter_mut()) {
                     l.truncate(start);
                 }
                 Err(e)
             }
         }
+    }
+}
+
+impl Session {
+    /// Appends `tokens` (in verify passes of at most [`FORWARD_CHUNK`]) and returns every
+    /// token's logits plus the output of each decoder layer in `layers` (the residual stream
+    /// after it; before the final norm for the last layer too) — what a drafter reads. A layer
+    /// beyond the model is [`CpuError::HiddenIndex`].
+    pub fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
+        let nl = self.model.config.layers.len();
+        let mut idx = Vec::with_capacity(layers.len());
+        for &l in layers {
+            idx.push(hidden_index(l, nl).ok_or(CpuError::HiddenIndex {
+                index: l + 1,
+                layers: nl,
+            })?);
+        }
+        if tokens.len() <= FORWARD_CHUNK {
+            return self.verify(tokens, &idx);
+        }
+        let start = self.len;
+        let mut out = VerifyOutput {
+            logits: Vec::with_capacity(tokens.len()),
+            hidden: vec![Vec::with_capacity(tokens.len()); idx.len()],
+        };
+        for chunk in tokens.chunks(FORWARD_CHUNK) {
+            let o = match self.verify(chunk, &idx) {
+                Ok(o) => o,
+                Err(e) => {
+                    // Undo the earlier chunks where the cache still allows it (the failing one
+                    // was already undone); the original error is what matters.
+                    let _ = self.truncate(start);
+                    return Err(e);
+                }
+            };
+            out.logits.extend(o.logits);
+            for (all, part) in out.hidden.iter_mut().zip(o.hidden) {
+                all.extend(part);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Executor for Session {
+    type Error = CpuError;
+
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn max_rollback(&self) -> usize {
+        self.max_rollback
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], CpuError> {
+        Session::prefill(self, tokens)
+    }
+
+    fn decode(&mut self, token: u32) -> Result<&[f32], CpuError> {
+        Session::decode(self, token)
+    }
+
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, CpuError> {
+        Session::verify(self, tokens, hidden)
+    }
+
+    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
+        Session::forward(self, tokens, layers)
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), CpuError> {
+        Session::truncate(self, len)
     }
 }
 
@@ -559,38 +768,57 @@ fn capture(layers: &[usize], hidden: &mut [Vec<Vec<f32>>], idx: usize, rows: &[f
     }
 }
 
-/// One sequence's part of a pass: its cache, the position of its first token, its token count.
+/// One sequence's part of a pass: its caches (one per rank), the position of its first token,
+/// its token count.
 struct Segment<'a> {
-    kv: &'a mut KvCache,
+    kv: &'a mut [KvCache],
     start: usize,
     len: usize,
 }
 
-/// One pass over the concatenated `tokens` of `segs` (each segment a different sequence at its
-/// own positions): the matrix ops read each weight once for all rows, attention runs per segment
-/// over its own cache. `Want::Last` gives the logits of the last row of the pass.
+/// RMSNorm of every `hs`-wide row of `x` into `h`.
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, h: &mut [f32], hs: usize) {
+    for (x, h) in x.chunks_exact(hs).zip(h.chunks_exact_mut(hs)) {
+        ops::rms_norm(x, w, eps, h);
+    }
+}
+
+fn missing(what: &str, l: usize) -> CpuError {
+    CpuError::Mismatch(format!(
+        "layer {l}: the plan uses {what} but the weights have none"
+    ))
+}
+
+fn moe_of(layer: &Layer, l: usize) -> Result<&crate::weights::Moe, CpuError> {
+    match &layer.mlp {
+        Mlp::Moe(m) => Ok(m),
+        Mlp::Dense { .. } => Err(missing("routed experts", l)),
+    }
+}
+
+/// The plan interpreter: one pass over the concatenated `tokens` of `segs` (each segment a
+/// different sequence at its own positions), running the ops of the model's plan for `logits`
+/// in order. Matrix ops read each weight once for all rows; attention runs per segment over its
+/// own cache. Hidden states are copied out at the plan's taps.
 fn run_pass(
     m: &CpuModel,
     segs: &mut [Segment<'_>],
     s: &mut Scratch,
     tokens: &[u32],
-    want: Want,
+    logits: Logits,
     hidden_layers: &[usize],
     hidden: &mut [Vec<Vec<f32>>],
 ) -> Result<(), CpuError> {
-    let cfg = &*m.config;
+    let plan = m.plans.get(logits);
     let w = &*m.weights;
     let t = tokens.len();
-    let hs = cfg.hidden_size;
-    let nl = cfg.layers.len();
-    let eps = cfg.rms_norm_eps;
-
-    s.x.resize(t * hs, 0.0);
-    for (row, &tok) in s.x.chunks_exact_mut(hs).zip(tokens) {
-        w.embed.row_into(tok as usize, row);
+    let hs = m.config.hidden_size;
+    let ranks = plan.ranks;
+    for b in [&mut s.q, &mut s.attn, &mut s.act, &mut s.partial] {
+        b.resize_with(ranks, Vec::new);
     }
-    capture(hidden_layers, hidden, 0, &s.x, hs);
 
+    // cos / sin of every row's position, per RoPE table.
     s.cos.resize_with(m.ropes.len(), Vec::new);
     s.sin.resize_with(m.ropes.len(), Vec::new);
     for (r, table) in m.ropes.iter().enumerate() {
@@ -607,107 +835,244 @@ fn run_pass(
         }
     }
 
+    s.x.resize(t * hs, 0.0);
     s.h.resize(t * hs, 0.0);
     s.o.resize(t * hs, 0.0);
-    for (l, (spec, lw)) in cfg.layers.iter().zip(&w.layers).enumerate() {
-        let shape = &m.shapes[l];
-        let (nh, nkv, d, dv) = (
-            spec.n_heads,
-            spec.n_kv_heads,
-            spec.head_dim,
-            spec.v_head_dim,
-        );
-
-        // Attention.
-        for (x, h) in s.x.chunks_exact(hs).zip(s.h.chunks_exact_mut(hs)) {
-            ops::rms_norm(x, &lw.input_norm, eps, h);
-        }
-        s.q.resize(t * nh * d, 0.0);
-        s.k.resize(t * nkv * d, 0.0);
-        s.v.resize(t * nkv * dv, 0.0);
-        ops::linear(&lw.attn.q, &s.h, t, &mut s.q);
-        ops::linear(&lw.attn.k, &s.h, t, &mut s.k);
-        ops::linear(&lw.attn.v, &s.h, t, &mut s.v);
-        if let Some(qn) = &lw.attn.q_norm {
-            ops::rms_norm_rows(&mut s.q, qn, eps);
-        }
-        if let Some(kn) = &lw.attn.k_norm {
-            ops::rms_norm_rows(&mut s.k, kn, eps);
-        }
-        let r = m.layer_rope[l];
-        let half = m.ropes[r].half();
-        if half > 0 {
-            for ti in 0..t {
-                let (c, sn) = (
-                    &s.cos[r][ti * half..(ti + 1) * half],
-                    &s.sin[r][ti * half..(ti + 1) * half],
-                );
-                ops::apply_rope_heads(&mut s.q[ti * nh * d..(ti + 1) * nh * d], d, c, sn);
-                ops::apply_rope_heads(&mut s.k[ti * nkv * d..(ti + 1) * nkv * d], d, c, sn);
-            }
-        }
-        if cfg.value_scale != 1.0 {
-            for v in s.v.iter_mut() {
-                *v *= cfg.value_scale;
-            }
-        }
-        s.attn.resize(t * nh * dv, 0.0);
-        let mut r0 = 0;
-        for seg in segs.iter_mut() {
-            let r1 = r0 + seg.len;
-            let cache = &mut seg.kv.layers[l];
-            cache.append(
-                &s.k[r0 * nkv * d..r1 * nkv * d],
-                &s.v[r0 * nkv * dv..r1 * nkv * dv],
-            );
-            ops::attention_rows(
-                shape,
-                &s.q[r0 * nh * d..r1 * nh * d],
-                cache.keys(),
-                cache.values(),
-                cache.first_pos(),
-                seg.start,
-                seg.len,
-                lw.attn.sinks.as_deref(),
-                &mut s.scores,
-                &mut s.attn[r0 * nh * dv..r1 * nh * dv],
-            );
-            r0 = r1;
-        }
-        ops::linear(&lw.attn.o, &s.attn, t, &mut s.o);
-        ops::add_assign(&mut s.x, &s.o);
-
-        // Feed-forward.
-        for (x, h) in s.x.chunks_exact(hs).zip(s.h.chunks_exact_mut(hs)) {
-            ops::rms_norm(x, &lw.post_attn_norm, eps, h);
-        }
-        ffn::mlp_forward(cfg, &lw.mlp, &s.h, t, &mut s.o, &mut s.ffn)?;
-        ops::add_assign(&mut s.x, &s.o);
-
-        let idx = if l + 1 < nl {
-            l + 1
-        } else {
-            LAST_LAYER_PRE_NORM
+    let mut taps = plan.taps.iter().peekable();
+    for (i, op) in plan.ops.iter().enumerate() {
+        let rank = match op.placement {
+            Placement::Rank(r) => r,
+            Placement::Replicated => 0,
         };
-        capture(hidden_layers, hidden, idx, &s.x, hs);
-    }
-
-    if want != Want::Skip || hidden_layers.contains(&nl) {
-        for (x, h) in s.x.chunks_exact(hs).zip(s.h.chunks_exact_mut(hs)) {
-            ops::rms_norm(x, &w.final_norm, eps, h);
+        let l = op.layer.unwrap_or(0);
+        match op.kind {
+            OpKind::Embed(p) => {
+                for (row, &tok) in s.x.chunks_exact_mut(hs).zip(tokens) {
+                    w.embed.row_into(tok as usize, row);
+                    if p.scale != 1.0 {
+                        row.iter_mut().for_each(|v| *v *= p.scale);
+                    }
+                }
+            }
+            OpKind::RmsNorm(p) => norm_rows(&s.x, m.norm_weight(p.weight), p.eps, &mut s.h, hs),
+            OpKind::QkvRope(p) => {
+                let lw = &m.layer(rank, l).attn;
+                let g = p.geom;
+                let (d, nh, nkv) = (g.head_dim, g.n_heads, g.n_kv_heads);
+                let q = &mut s.q[rank];
+                if !p.kv_only {
+                    q.resize(t * g.q_width(), 0.0);
+                    ops::linear(&lw.q, &s.h, t, q);
+                }
+                s.k.resize(t * g.k_width(), 0.0);
+                s.v.resize(t * g.v_width(), 0.0);
+                ops::linear(&lw.k, &s.h, t, &mut s.k);
+                ops::linear(&lw.v, &s.h, t, &mut s.v);
+                if p.qk_norm {
+                    if !p.kv_only {
+                        let qn = lw.q_norm.as_deref().ok_or_else(|| missing("q_norm", l))?;
+                        ops::rms_norm_rows(q, qn, p.eps);
+                    }
+                    let kn = lw.k_norm.as_deref().ok_or_else(|| missing("k_norm", l))?;
+                    ops::rms_norm_rows(&mut s.k, kn, p.eps);
+                }
+                let half = m.ropes[p.rope].half();
+                if half > 0 {
+                    let (cos, sin) = (&s.cos[p.rope], &s.sin[p.rope]);
+                    for ti in 0..t {
+                        let (c, sn) = (
+                            &cos[ti * half..(ti + 1) * half],
+                            &sin[ti * half..(ti + 1) * half],
+                        );
+                        if !p.kv_only {
+                            ops::apply_rope_heads(&mut q[ti * nh * d..(ti + 1) * nh * d], d, c, sn);
+                        }
+                        ops::apply_rope_heads(&mut s.k[ti * nkv * d..(ti + 1) * nkv * d], d, c, sn);
+                    }
+                }
+                if p.value_scale != 1.0 {
+                    for v in s.v.iter_mut() {
+                        *v *= p.value_scale;
+                    }
+                }
+                let (kw, vw) = (g.k_width(), g.v_width());
+                let mut r0 = 0;
+                for seg in segs.iter_mut() {
+                    let r1 = r0 + seg.len;
+                    seg.kv[rank].layers[l].append(&s.k[r0 * kw..r1 * kw], &s.v[r0 * vw..r1 * vw]);
+                    r0 = r1;
+                }
+            }
+            OpKind::Attention(p) => {
+                let lw = &m.layer(rank, l).attn;
+                let shape = attn_shape(&p);
+                let sinks = if p.sinks {
+                    Some(lw.sinks.as_deref().ok_or_else(|| missing("sinks", l))?)
+                } else {
+                    None
+                };
+                let (qw, ow) = (p.geom.q_width(), p.geom.out_width());
+                let attn = &mut s.attn[rank];
+                attn.resize(t * ow, 0.0);
+                let mut r0 = 0;
+                for seg in segs.iter_mut() {
+                    let r1 = r0 + seg.len;
+                    let cache = &seg.kv[rank].layers[l];
+                    ops::attention_rows(
+                        &shape,
+                        &s.q[rank][r0 * qw..r1 * qw],
+                        cache.keys(),
+                        cache.values(),
+                        cache.first_pos(),
+                        seg.start,
+                        seg.len,
+                        sinks,
+                        &mut s.scores,
+                        &mut attn[r0 * ow..r1 * ow],
+                    );
+                    r0 = r1;
+                }
+            }
+            OpKind::OProj(p) => {
+                let o = &m.layer(rank, l).attn.o;
+                if p.residual {
+                    ops::linear(o, &s.attn[rank], t, &mut s.o);
+                    ops::add_assign(&mut s.x, &s.o);
+                } else {
+                    let out = &mut s.partial[rank];
+                    out.resize(t * hs, 0.0);
+                    ops::linear(o, &s.attn[rank], t, out);
+                }
+            }
+            OpKind::NormRouterTopK(p) => {
+                norm_rows(&s.x, m.norm_weight(p.norm.weight), p.norm.eps, &mut s.h, hs);
+                let moe = moe_of(&w.layers[l], l)?;
+                moe_ops::route(&p, moe, &s.h, t, &mut s.routing)?;
+            }
+            OpKind::ExpertsGateUp(p) => {
+                let moe = moe_of(m.layer(rank, l), l)?;
+                moe_ops::experts_gate_up(
+                    &p,
+                    moe,
+                    &s.h,
+                    &s.routing,
+                    &mut s.act[rank],
+                    &mut s.experts,
+                )?;
+            }
+            OpKind::ExpertsDown(p) => {
+                let moe = moe_of(m.layer(rank, l), l)?;
+                let out = if p.residual {
+                    &mut s.o
+                } else {
+                    s.partial[rank].resize(t * hs, 0.0);
+                    &mut s.partial[rank]
+                };
+                moe_ops::experts_down(&p, moe, &s.act[rank], &s.routing, out, &mut s.experts)?;
+                if p.residual {
+                    ops::add_assign(&mut s.x, &s.o);
+                    if let Some(nn) = p.next_norm {
+                        norm_rows(&s.x, m.norm_weight(nn.weight), nn.eps, &mut s.h, hs);
+                    }
+                }
+            }
+            OpKind::MlpGateUp(p) => {
+                let Mlp::Dense { gate_up, .. } = &m.layer(rank, l).mlp else {
+                    return Err(missing("a dense MLP", l));
+                };
+                let i = p.intermediate;
+                let act = &mut s.act[rank];
+                act.resize(t * i, 0.0);
+                if i > 0 {
+                    s.gu.resize(t * 2 * i, 0.0);
+                    ops::linear(gate_up, &s.h, t, &mut s.gu);
+                    ops::glu_rows(p.glu, GateUpLayout::Halves, &s.gu, act, i);
+                }
+            }
+            OpKind::MlpDown(p) => {
+                let Mlp::Dense { down, .. } = &m.layer(rank, l).mlp else {
+                    return Err(missing("a dense MLP", l));
+                };
+                let out = if p.residual {
+                    &mut s.o
+                } else {
+                    s.partial[rank].resize(t * hs, 0.0);
+                    &mut s.partial[rank]
+                };
+                if p.intermediate > 0 {
+                    ops::linear(down, &s.act[rank], t, out);
+                } else {
+                    out.fill(0.0);
+                    if let Some(b) = &down.bias {
+                        ops::add_bias(out, b);
+                    }
+                }
+                if p.residual {
+                    ops::add_assign(&mut s.x, &s.o);
+                    if let Some(nn) = p.next_norm {
+                        norm_rows(&s.x, m.norm_weight(nn.weight), nn.eps, &mut s.h, hs);
+                    }
+                }
+            }
+            OpKind::AllReduce(p) => {
+                let n = t * p.width;
+                s.o[..n].copy_from_slice(&s.partial[0][..n]);
+                for part in &s.partial[1..p.ranks] {
+                    ops::add_assign(&mut s.o[..n], &part[..n]);
+                }
+                ops::add_assign(&mut s.x, &s.o);
+                if let Some(nn) = p.next_norm {
+                    norm_rows(&s.x, m.norm_weight(nn.weight), nn.eps, &mut s.h, hs);
+                }
+            }
+            OpKind::LmHead(p) => match p.rows {
+                Logits::None => {}
+                Logits::Last => {
+                    s.logits.resize(p.vocab, 0.0);
+                    ops::matvec(&w.lm_head, &s.h[(t - 1) * hs..t * hs], &mut s.logits);
+                }
+                Logits::All => {
+                    let rows = t - p.skip_rows.min(t);
+                    s.logits.resize(rows * p.vocab, 0.0);
+                    ops::matmul(
+                        &w.lm_head,
+                        &s.h[(t - rows) * hs..t * hs],
+                        rows,
+                        &mut s.logits,
+                    );
+                }
+            },
+            OpKind::Sample(p) => {
+                s.sampled.clear();
+                s.sampled.extend(s.logits.chunks_exact(p.vocab).map(|row| {
+                    let mut best = 0;
+                    for (j, &v) in row.iter().enumerate() {
+                        if v > row[best] {
+                            best = j;
+                        }
+                    }
+                    best as u32
+                }));
+            }
+            OpKind::DraftContext(_) | OpKind::DraftAttention(_) => {
+                return Err(CpuError::Plan(PlanError::Invalid(format!(
+                    "{} is a drafter op; the target executor does not run it",
+                    op.kind.name()
+                ))));
+            }
         }
-        capture(hidden_layers, hidden, nl, &s.h, hs);
-    }
-    let v = cfg.vocab_size;
-    match want {
-        Want::Skip => {}
-        Want::Last => {
-            s.logits.resize(v, 0.0);
-            ops::matvec(&w.lm_head, &s.h[(t - 1) * hs..], &mut s.logits);
-        }
-        Want::All => {
-            s.logits.resize(t * v, 0.0);
-            ops::matmul(&w.lm_head, &s.h, t, &mut s.logits);
+        while let Some(tap) = taps.next_if(|tp| tp.after == i) {
+            let rows = match tap.buf {
+                Buf::X => &s.x,
+                Buf::H => &s.h,
+                other => {
+                    return Err(CpuError::Plan(PlanError::Invalid(format!(
+                        "hidden state {} is read from {other}, not the residual stream",
+                        tap.hidden
+                    ))))
+                }
+            };
+            capture(hidden_layers, hidden, tap.hidden, rows, hs);
         }
     }
     Ok(())

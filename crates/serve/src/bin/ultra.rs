@@ -36,6 +36,11 @@ struct ModelArgs {
     /// Comma-separated token ids instead of a text prompt.
     #[arg(long, value_delimiter = ',')]
     token_ids: Option<Vec<u32>>,
+    /// Run the step plan sharded over N simulated tensor-parallel ranks in this process (CPU
+    /// only): attention by KV-head group, FFNs along the intermediate dimension, all-reduce
+    /// between. Logits equal the unsharded model's up to f32 summation order.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: usize,
 }
 
 /// What `serve` and `bench-serve` load and how they schedule.
@@ -305,9 +310,25 @@ enum Cmd {
         /// Memory bandwidth for the roofline: 3e12, 3TB/s, 3350GB/s.
         #[arg(long, default_value = "3.0TB/s")]
         bandwidth: String,
-        /// Context length for the KV-cache line.
+        /// Context length for the KV-cache line (and the cached positions of --plan's pass).
         #[arg(long, default_value_t = 8192)]
         context: usize,
+        /// Print the step plan of one pass: every op with its buffers, weights, parameters,
+        /// weight bytes, KV bytes and FLOPs, and the totals.
+        #[arg(long)]
+        plan: bool,
+        /// The pass --plan prints: decode, prefill:N, verify:B or batched:N.
+        #[arg(long, default_value = "decode", requires = "plan")]
+        pass: String,
+        /// --plan sharded over N tensor-parallel ranks.
+        #[arg(long, default_value_t = 1, requires = "plan")]
+        tensor_parallel: usize,
+        /// With --plan: also a DFlash drafter's context-append and block-draft passes.
+        #[arg(long, requires = "plan")]
+        draft: Option<PathBuf>,
+        /// Draft block size for --draft (default: the drafter's).
+        #[arg(long, requires = "draft")]
+        block_size: Option<usize>,
     },
     /// Quantize a gpt-oss checkpoint's bf16 experts to MXFP4 in the released gpt-oss layout
     /// (loadable by transformers and by Ultra).
@@ -357,11 +378,37 @@ fn load_on(dir: &Path, device: Device) -> Result<commands::generate::Loaded> {
     }
 }
 
+/// Refuses `--tensor-parallel` where it cannot run, before anything loads.
+fn check_tensor_parallel(m: &ModelArgs) -> Result<()> {
+    if m.tensor_parallel == 0 {
+        bail!("--tensor-parallel must be at least 1");
+    }
+    if m.tensor_parallel > 1 && m.device == Device::Cuda {
+        bail!("--tensor-parallel runs simulated ranks on the CPU executor; use --device cpu");
+    }
+    Ok(())
+}
+
+/// Shards the CPU model of `loaded` over `--tensor-parallel` simulated ranks.
+fn shard(m: &ModelArgs, loaded: &mut commands::generate::Loaded) -> Result<()> {
+    if m.tensor_parallel > 1 {
+        loaded.tensor_parallel(m.tensor_parallel)?;
+        eprintln!(
+            "tensor parallel: {} simulated ranks on the CPU",
+            m.tensor_parallel
+        );
+    }
+    Ok(())
+}
+
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
+    check_tensor_parallel(m)?;
     set_threads(m.threads)?;
     let (dir, _) = model_dir(m)?;
-    load_on(&dir, m.device)
+    let mut loaded = load_on(&dir, m.device)?;
+    shard(m, &mut loaded)?;
+    Ok(loaded)
 }
 
 fn main() -> Result<()> {
@@ -430,9 +477,11 @@ fn main() -> Result<()> {
                     None => bail!("{e}"),
                 }
             }
+            check_tensor_parallel(&m)?;
             set_threads(m.threads)?;
             let (dir, default) = model_dir(&m)?;
-            let loaded = load_on(&dir, m.device)?;
+            let mut loaded = load_on(&dir, m.device)?;
+            shard(&m, &mut loaded)?;
             // The default model speculates with its own drafter.
             let draft = match (draft, default) {
                 (Some(d), _) => Some(d),
@@ -536,13 +585,37 @@ fn main() -> Result<()> {
             config,
             bandwidth,
             context,
+            plan,
+            pass,
+            tensor_parallel,
+            draft,
+            block_size,
         } => {
             let Some(path) = model.or(config) else {
                 bail!("give --model DIR or --config FILE");
             };
             let bw = commands::inspect::parse_bandwidth(&bandwidth)?;
+            let shape = if plan {
+                Some(commands::inspect::parse_pass(&pass, context)?)
+            } else {
+                None
+            };
             let report = commands::inspect::inspect(&path)?;
             commands::inspect::print(&report, bw, context);
+            if let Some(shape) = shape {
+                let p = commands::inspect::plan(&report, shape, tensor_parallel)?;
+                println!();
+                print!("{p}");
+                if let Some(dir) = draft {
+                    let (ctx, blk) = commands::inspect::draft_plans(
+                        &report, &dir, shape.rows, block_size, context,
+                    )?;
+                    println!();
+                    print!("drafter {}: context-append\n{ctx}", dir.display());
+                    println!();
+                    print!("drafter {}: block-draft\n{blk}", dir.display());
+                }
+            }
         }
         Cmd::Quantize {
             input,

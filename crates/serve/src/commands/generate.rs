@@ -46,6 +46,14 @@ enum Sequence {
 }
 
 impl Loaded {
+    /// Shards the CPU executor over `n` simulated tensor-parallel ranks
+    /// ([`CpuModel::tensor_parallel`]).
+    pub fn tensor_parallel(&mut self, n: usize) -> Result<()> {
+        let sharded = self.cpu()?.tensor_parallel(n)?;
+        self.cpu = Some(sharded);
+        Ok(())
+    }
+
     /// The CPU executor, or an error when the model was loaded for a GPU.
     pub fn cpu(&self) -> Result<&CpuModel> {
         match &self.cpu {

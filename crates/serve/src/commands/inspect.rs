@@ -1,12 +1,17 @@
 //! `ultra inspect`: what a checkpoint (or a bare `config.json`) holds and costs: architecture,
 //! layers, parameters total/active, weight bytes per decoded token, KV bytes, and the batch-1
-//! decode roofline at a given bandwidth.
+//! decode roofline at a given bandwidth. With `--plan`: the step plan of one pass (`model::plan`:
+//! every op with its buffers, weights, parameters, bytes read and FLOPs, and the totals),
+//! optionally sharded over `--tensor-parallel N` ranks, and a drafter's passes (`--draft DIR`).
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use model::config::{AttnKind, ModelConfig};
 use model::footprint::{Footprint, StoragePlan};
+use model::plan::draft::{DraftLayer, DraftPass, DraftSpec};
+use model::plan::tp::{shard_plan, TpLayout};
+use model::plan::{PassShape, Plan, WeightStorage};
 
 /// Parses a bandwidth: bytes/s as a plain number (`3e12`) or with a unit (`3TB/s`, `3350GB/s`).
 pub fn parse_bandwidth(s: &str) -> Result<f64> {
@@ -117,9 +122,113 @@ pub fn print(i: &Inspection, bandwidth: f64, context: usize) {
     );
 }
 
+/// Parses `--pass`: `decode`, `prefill:N`, `verify:B` or `batched:N`, at `context` cached
+/// positions.
+pub fn parse_pass(s: &str, context: usize) -> Result<PassShape> {
+    let (name, n) = match s.split_once(':') {
+        Some((a, b)) => {
+            let n: usize = b
+                .trim()
+                .parse()
+                .with_context(|| format!("--pass {s:?}: {b:?} is not a row count"))?;
+            if n == 0 {
+                bail!("--pass {s:?}: the row count must be at least 1");
+            }
+            (a.trim(), Some(n))
+        }
+        None => (s.trim(), None),
+    };
+    Ok(match (name, n) {
+        ("decode", None | Some(1)) => PassShape::decode(context),
+        ("prefill", Some(n)) => PassShape::prefill(n, context, true),
+        ("verify", Some(n)) => PassShape::verify(n, context),
+        ("batched", Some(n)) => PassShape::batched(n, context),
+        _ => bail!("--pass {s:?}: expected decode, prefill:N, verify:B or batched:N"),
+    })
+}
+
+/// The plan of `shape` for the inspected model, sharded over `ranks` tensor-parallel ranks
+/// when `ranks > 1` (an error names the head counts that do not split).
+pub fn plan(i: &Inspection, shape: PassShape, ranks: usize) -> Result<Plan> {
+    let storage = WeightStorage::from_plan(i.plan);
+    let p = Plan::new(&i.config, storage, shape)?;
+    if ranks <= 1 {
+        return Ok(p);
+    }
+    let layout = TpLayout::new(&i.config, ranks, storage.mxfp4_experts)?;
+    Ok(shard_plan(&p, &i.config, &layout)?)
+}
+
+/// The model-level view of a drafter's config (`dflash::DrafterConfig` → [`DraftSpec`]) for a
+/// target of `target` (whose embedding and LM head it borrows).
+pub fn draft_spec(d: &dflash::DrafterConfig, target: &ModelConfig) -> DraftSpec {
+    DraftSpec {
+        hidden: d.hidden_size,
+        intermediate: d.intermediate_size,
+        n_heads: d.n_heads,
+        n_kv_heads: d.n_kv_heads,
+        head_dim: d.head_dim,
+        eps: d.rms_norm_eps,
+        rope: d.rope,
+        bias: d.attention_bias,
+        qk_norm: true,
+        sinks: d.sinks,
+        value_scale: d.value_scale,
+        input_embedding_scale: d.input_embedding_scale,
+        activation: model::config::Activation::Swiglu,
+        layers: d
+            .layers
+            .iter()
+            .map(|l| DraftLayer {
+                window: l.window,
+                causal: l.causal,
+            })
+            .collect(),
+        features: d.num_features() * target.hidden_size,
+        vocab: target.vocab_size,
+    }
+}
+
+/// The drafter in `dir`'s context-append (`n` tokens) and block-draft (`block` rows, default
+/// the drafter's) plans, at `context` positions already in its caches.
+pub fn draft_plans(
+    i: &Inspection,
+    dir: &Path,
+    n: usize,
+    block: Option<usize>,
+    context: usize,
+) -> Result<(Plan, Plan)> {
+    let file = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let d = dflash::DrafterConfig::from_json_str(&text)
+        .with_context(|| format!("{}", file.display()))?;
+    let spec = draft_spec(&d, &i.config);
+    let storage = WeightStorage::from_plan(StoragePlan {
+        // The drafter is dense: its storage is the target's dense dtype.
+        expert_bytes_per_weight: i.plan.dense_bytes_per_weight,
+        ..i.plan
+    });
+    let b = block.unwrap_or(d.block_size);
+    let ctx = Plan::draft(&spec, storage, DraftPass::Context { n }, context)?;
+    let blk = Plan::draft(&spec, storage, DraftPass::Block { b }, context)?;
+    Ok((ctx, blk))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pass_names() {
+        assert_eq!(parse_pass("decode", 5).unwrap(), PassShape::decode(5));
+        assert_eq!(parse_pass("verify:8", 0).unwrap(), PassShape::verify(8, 0));
+        assert_eq!(parse_pass("batched:16", 0).unwrap().rows, 16);
+        assert_eq!(parse_pass("prefill:256", 0).unwrap().rows, 256);
+        for bad in ["verify", "verify:0", "verify:x", "sample:3", "decode:2"] {
+            assert!(parse_pass(bad, 0).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn bandwidth_units() {

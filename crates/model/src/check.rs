@@ -4,13 +4,16 @@
 use crate::config::{AttnKind, ModelConfig, RouterSpec};
 use crate::weights::{ExpertMat, Linear, Mat, Mlp, Weights};
 
-use super::CpuError;
+/// Weights that do not match their config (the message names the tensor and both shapes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Mismatch(pub String);
 
-fn fail(msg: String) -> Result<(), CpuError> {
-    Err(CpuError::Mismatch(msg))
+fn fail(msg: String) -> Result<(), Mismatch> {
+    Err(Mismatch(msg))
 }
 
-fn mat(what: &str, m: &Mat, rows: usize, cols: usize) -> Result<(), CpuError> {
+fn mat(what: &str, m: &Mat, rows: usize, cols: usize) -> Result<(), Mismatch> {
     if m.rows != rows || m.cols != cols {
         return fail(format!(
             "{what}: expected [{rows}, {cols}], got [{}, {}]",
@@ -20,14 +23,14 @@ fn mat(what: &str, m: &Mat, rows: usize, cols: usize) -> Result<(), CpuError> {
     Ok(())
 }
 
-fn vector(what: &str, v: &[f32], len: usize) -> Result<(), CpuError> {
+fn vector(what: &str, v: &[f32], len: usize) -> Result<(), Mismatch> {
     if v.len() != len {
         return fail(format!("{what}: expected {len} values, got {}", v.len()));
     }
     Ok(())
 }
 
-fn opt_vector(what: &str, v: Option<&[f32]>, len: Option<usize>) -> Result<(), CpuError> {
+fn opt_vector(what: &str, v: Option<&[f32]>, len: Option<usize>) -> Result<(), Mismatch> {
     match (v, len) {
         (None, None) => Ok(()),
         (Some(v), Some(len)) => vector(what, v, len),
@@ -36,7 +39,7 @@ fn opt_vector(what: &str, v: Option<&[f32]>, len: Option<usize>) -> Result<(), C
     }
 }
 
-fn linear(what: &str, l: &Linear, rows: usize, cols: usize, bias: bool) -> Result<(), CpuError> {
+fn linear(what: &str, l: &Linear, rows: usize, cols: usize, bias: bool) -> Result<(), Mismatch> {
     mat(&format!("{what}.weight"), &l.w, rows, cols)?;
     opt_vector(
         &format!("{what}.bias"),
@@ -45,7 +48,7 @@ fn linear(what: &str, l: &Linear, rows: usize, cols: usize, bias: bool) -> Resul
     )
 }
 
-fn expert_mat(what: &str, m: &ExpertMat, rows: usize, cols: usize) -> Result<(), CpuError> {
+fn expert_mat(what: &str, m: &ExpertMat, rows: usize, cols: usize) -> Result<(), Mismatch> {
     match m {
         ExpertMat::Dense(d) => mat(what, d, rows, cols),
         ExpertMat::Mxfp4(x) => {
@@ -57,13 +60,13 @@ fn expert_mat(what: &str, m: &ExpertMat, rows: usize, cols: usize) -> Result<(),
             }
             x.view()
                 .map(|_| ())
-                .map_err(|e| CpuError::Mismatch(format!("{what}: {e}")))
+                .map_err(|e| Mismatch(format!("{what}: {e}")))
         }
     }
 }
 
 /// Validates every shape, presence of optional tensors, and the config's own consistency.
-pub fn check(cfg: &ModelConfig, w: &Weights) -> Result<(), CpuError> {
+pub fn check(cfg: &ModelConfig, w: &Weights) -> Result<(), Mismatch> {
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     if v == 0 || h == 0 {
         return fail(format!(
@@ -115,9 +118,9 @@ pub fn check(cfg: &ModelConfig, w: &Weights) -> Result<(), CpuError> {
         opt_vector(&p("sinks"), a.sinks.as_deref(), spec.sinks.then_some(nh))?;
         match (&lw.mlp, spec.moe) {
             (Mlp::Dense { gate_up, down }, false) => {
-                let i = cfg.dense_intermediate_size.ok_or_else(|| {
-                    CpuError::Mismatch(p("dense MLP but no dense_intermediate_size"))
-                })?;
+                let i = cfg
+                    .dense_intermediate_size
+                    .ok_or_else(|| Mismatch(p("dense MLP but no dense_intermediate_size")))?;
                 let b = gate_up.bias.is_some();
                 linear(&p("mlp.gate_up"), gate_up, 2 * i, h, b)?;
                 linear(&p("mlp.down"), down, h, i, down.bias.is_some())?;
