@@ -90,24 +90,54 @@ async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
     .await
 }
 
-/// Serves until SIGINT / SIGTERM, then drains.
+/// Serves until SIGINT / SIGTERM, then drains (see [`server`]): exits 0 once drained, or
+/// once the model load a signal interrupted is abandoned; a second signal exits at once with
+/// 128 + its number. A model that fails to load is an error (one message, no backtrace).
 pub fn serve(setup: ServeSetup, opts: ServeOptions) -> Result<()> {
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let result = rt.block_on(async move {
+        let mut signals = server::Signals::install()?;
+        let nofile = server::conn::raise_open_file_limit();
+        let max_conn = opts.limits.connections();
         let server = start(setup, opts).await?;
         eprintln!(
-            "ultra serve: gRPC on {}, HTTP on {} (loading the model; /health answers 503 until ready)",
+            "ultra serve: gRPC on {}, HTTP on {} (loading the model; /health answers 503 until ready); \
+             at most {max_conn} connections (open-file limit {nofile})",
             server.grpc_addr, server.http_addr
         );
-        let signalled = tokio::select! {
-            r = server.ready() => { r?; eprintln!("ultra serve: ready"); false }
-            _ = server::shutdown_signal() => true,
-        };
-        if !signalled {
-            server::shutdown_signal().await;
+        tokio::select! {
+            r = server.ready() => {
+                if let Err(e) = r {
+                    // The load error, once: the caller prints it.
+                    return Err(e);
+                }
+                eprintln!("ultra serve: ready");
+            }
+            s = signals.first() => {
+                eprintln!("ultra serve: signal {s} while loading: exiting");
+                return Ok(());
+            }
         }
-        eprintln!("ultra serve: shutting down (draining running requests)");
-        server.shutdown().await
-    })
+        let s = signals.first().await;
+        let timeout = server.state().front().limits.shutdown_timeout;
+        eprintln!(
+            "ultra serve: signal {s}: draining (new requests get 503 / UNAVAILABLE; running \
+             ones get up to {} s; a second signal exits now)",
+            timeout.as_secs()
+        );
+        let drained = server.shutdown().await?;
+        if drained.aborted > 0 {
+            eprintln!(
+                "ultra serve: aborted {} requests still running at the shutdown timeout",
+                drained.aborted
+            );
+        }
+        eprintln!("ultra serve: stopped");
+        Ok(())
+    });
+    // Neither a model still loading nor a scheduler thread holds the exit.
+    rt.shutdown_background();
+    result
 }
 
 /// Load-generator settings.
@@ -240,10 +270,7 @@ pub async fn run_load(url: String, vocab: usize, load: &BenchLoad) -> Result<Ben
 /// load.
 pub fn bench(setup: ServeSetup, load: BenchLoad) -> Result<BenchReport> {
     runtime()?.block_on(async move {
-        let opts = ServeOptions {
-            grpc_addr: "127.0.0.1:0".parse()?,
-            http_addr: "127.0.0.1:0".parse()?,
-        };
+        let opts = ServeOptions::new("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
         let server = start(setup, opts).await?;
         tokio::time::timeout(Duration::from_secs(600), server.ready())
             .await
