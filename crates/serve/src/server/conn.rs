@@ -263,8 +263,12 @@ fn refusal(max: usize) -> Vec<u8> {
 
 /// Accepts connections on `listener` until the server closes, serving each with `svc` (the
 /// HTTP router or the gRPC routes) behind the front-door checks.
-pub async fn accept_loop(listener: TcpListener, api: Api, front: Arc<Front>, svc: Svc) -> Result<()>
-{
+pub async fn accept_loop(
+    listener: TcpListener,
+    api: Api,
+    front: Arc<Front>,
+    svc: Svc,
+) -> Result<()> {
     let mut close = front.close_tx.subscribe();
     let max = front.limits.connections();
     let refused_http = refusal(max);
@@ -312,7 +316,10 @@ pub async fn accept_loop(listener: TcpListener, api: Api, front: Arc<Front>, svc
         let svc = svc.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let gauge = front.metrics.open_connections.with_label_values(&[api.label()]);
+            let gauge = front
+                .metrics
+                .open_connections
+                .with_label_values(&[api.label()]);
             gauge.inc();
             serve_connection(stream, peer, api, front, svc).await;
             gauge.dec();
@@ -344,18 +351,19 @@ async fn serve_connection(
             let svc = svc.clone();
             let front = front.clone();
             let act = act.clone();
-            let fut: Pin<Box<dyn std::future::Future<Output = Result<Response<Tracked>, Infallible>> + Send>> =
-                Box::pin(async move {
-                    let guard = Inflight::new(&front, &act);
-                    let resp = match api {
-                        Api::Http => http_request(req, svc, front.clone(), info).await,
-                        Api::Grpc => grpc_request(req, svc, front.clone(), info).await,
-                    };
-                    Ok::<_, Infallible>(resp.map(|b| Tracked {
-                        inner: b,
-                        _guard: guard,
-                    }))
-                });
+            let fut: Pin<
+                Box<dyn std::future::Future<Output = Result<Response<Tracked>, Infallible>> + Send>,
+            > = Box::pin(async move {
+                let guard = Inflight::new(&front, &act);
+                let resp = match api {
+                    Api::Http => http_request(req, svc, front.clone(), info).await,
+                    Api::Grpc => grpc_request(req, svc, front.clone(), info).await,
+                };
+                Ok::<_, Infallible>(resp.map(|b| Tracked {
+                    inner: b,
+                    _guard: guard,
+                }))
+            });
             fut
         })
     };
@@ -478,7 +486,9 @@ async fn read_body(body: Incoming, max: usize, timeout: Duration) -> BodyRead {
         Err(_) => BodyRead::TimedOut,
         Ok(Ok(c)) => BodyRead::Ok(c.to_bytes()),
         Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 BodyRead::TooLarge
             } else {
                 BodyRead::Failed(e.to_string())
@@ -500,7 +510,9 @@ fn key_matches(key: &str, token: &[u8]) -> bool {
 fn bearer(v: Option<&HeaderValue>) -> Option<&[u8]> {
     let b = v?.as_bytes();
     let (scheme, rest) = (b.get(..7)?, b.get(7..)?);
-    scheme.eq_ignore_ascii_case(b"bearer ").then(|| rest.trim_ascii())
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| rest.trim_ascii())
 }
 
 /// Whether a `Host` value names loopback (`localhost`, `127.x.y.z`, `[::1]`, any port).
@@ -556,8 +568,7 @@ async fn http_request(
     svc: Svc,
     front: Arc<Front>,
     info: ConnInfo,
-) -> Response<BoxBody>
-{
+) -> Response<BoxBody> {
     let front = &front;
     let (mut parts, body) = req.into_parts();
     let mut resp = 'checked: {
@@ -620,7 +631,10 @@ async fn http_request(
                         "authorization, content-type, x-request-id",
                     ));
                 h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked);
-                h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+                h.insert(
+                    header::ACCESS_CONTROL_MAX_AGE,
+                    HeaderValue::from_static("600"),
+                );
                 if let Ok(v) = HeaderValue::from_str(o) {
                     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
                 }
@@ -636,10 +650,8 @@ async fn http_request(
                     StatusCode::UNAUTHORIZED,
                     "missing or wrong API key: send `Authorization: Bearer <key>`",
                 );
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer"),
-                );
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 break 'checked reject(front, "auth", r);
             }
         }
@@ -755,15 +767,14 @@ async fn grpc_request(
     svc: Svc,
     front: Arc<Front>,
     info: ConnInfo,
-) -> Response<BoxBody>
-{
+) -> Response<BoxBody> {
     let front = &front;
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let exempt = path.starts_with("/grpc.health.v1.Health/");
     if let (Some(key), false) = (&front.security.api_key, exempt) {
-        let ok = bearer(parts.headers.get(header::AUTHORIZATION))
-            .is_some_and(|t| key_matches(key, t));
+        let ok =
+            bearer(parts.headers.get(header::AUTHORIZATION)).is_some_and(|t| key_matches(key, t));
         if !ok {
             return reject(
                 front,

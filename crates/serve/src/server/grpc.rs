@@ -160,14 +160,17 @@ async fn engine_request(
     } else {
         r.request_id
     };
-    Ok((visible.clone(), EngineRequest {
-        id: engine_id(conn, &visible),
-        prompt,
-        params,
-        max_tokens: s.max_tokens.map(|m| m as usize),
-        logprobs: r.logprobs.map(|n| n as usize),
-        prompt_logprobs: None,
-    }))
+    Ok((
+        visible.clone(),
+        EngineRequest {
+            id: engine_id(conn, &visible),
+            prompt,
+            params,
+            max_tokens: s.max_tokens.map(|m| m as usize),
+            logprobs: r.logprobs.map(|n| n as usize),
+            prompt_logprobs: None,
+        },
+    ))
 }
 
 /// The engine's refusal, with the namespaced id put back as the client sent it.

@@ -838,7 +838,17 @@ async fn tokenize_route(
     let msgs = r.messages.map(chat_messages).transpose()?;
     let max_context = engine.info().max_context;
     state
-        .blocking(move || tokenize_body(&engine, r.prompt, msgs, r.add_special_tokens, r.add_generation_prompt, r.return_token_strs, max_context))
+        .blocking(move || {
+            tokenize_body(
+                &engine,
+                r.prompt,
+                msgs,
+                r.add_special_tokens,
+                r.add_generation_prompt,
+                r.return_token_strs,
+                max_context,
+            )
+        })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
 }
@@ -1051,7 +1061,13 @@ async fn submit(
     } else {
         header_id.clone()
     };
-    run(job, reqs, shown, (!header_id.is_empty()).then_some(header_id)).await
+    run(
+        job,
+        reqs,
+        shown,
+        (!header_id.is_empty()).then_some(header_id),
+    )
+    .await
 }
 
 async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

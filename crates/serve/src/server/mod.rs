@@ -541,19 +541,19 @@ impl Server {
         health
             .set_not_serving::<crate::proto::v1::engine_server::EngineServer<grpc::GrpcService>>()
             .await;
-        let grpc_svc = tower::util::BoxCloneService::new(
-            tower::ServiceExt::<axum::http::Request<conn::BoxBody>>::map_response(
-                grpc::routes(state.clone(), health_svc)?,
-                |r: axum::http::Response<tonic::body::Body>| {
-                    r.map(|b| {
-                        http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                            b,
-                            conn::BodyError::new,
-                        ))
-                    })
-                },
-            ),
-        );
+        let grpc_svc = tower::util::BoxCloneService::new(tower::ServiceExt::<
+            axum::http::Request<conn::BoxBody>,
+        >::map_response(
+            grpc::routes(state.clone(), health_svc)?,
+            |r: axum::http::Response<tonic::body::Body>| {
+                r.map(|b| {
+                    http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                        b,
+                        conn::BodyError::new,
+                    ))
+                })
+            },
+        ));
         let http_svc = tower::util::BoxCloneService::new(tower::ServiceExt::<
             axum::http::Request<conn::BoxBody>,
         >::map_response(
