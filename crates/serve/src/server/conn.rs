@@ -191,13 +191,89 @@ impl hyper::body::Body for Tracked {
     }
 }
 
-/// A socket that counts the bytes read from it.
-struct CountingIo {
+/// A socket that counts the bytes read from it and, on HTTP, turns hyper's own bodiless error
+/// answers (400 for an unparsable request, 431 for headers too large) into OpenAI error JSON.
+struct ConnIo {
     inner: TcpStream,
     act: Arc<Activity>,
+    rewrite: bool,
+    /// Bytes still to write (a rewritten answer) before anything else.
+    pending: Vec<u8>,
 }
 
-impl AsyncRead for CountingIo {
+/// hyper's answer to a request it could not parse: `HTTP/1.1 4xx|5xx …` with
+/// `content-length: 0` (the router's errors always carry a JSON body). Returns its status.
+fn bodiless_error(buf: &[u8]) -> Option<StatusCode> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = &buf[..head_end + 2];
+    if !head.starts_with(b"HTTP/1.1 ") || !matches!(head.get(9), Some(b'4' | b'5')) {
+        return None;
+    }
+    let lower = head.to_ascii_lowercase();
+    if !lower.windows(19).any(|w| w == b"\r\ncontent-length: 0") {
+        return None;
+    }
+    StatusCode::from_bytes(head.get(9..12)?).ok()
+}
+
+fn error_bytes(status: StatusCode) -> Vec<u8> {
+    let message = match status {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+            "the request headers are too large (at most 64 KiB)"
+        }
+        StatusCode::BAD_REQUEST => "the request is not valid HTTP/1.1",
+        s => s.canonical_reason().unwrap_or("request failed"),
+    };
+    let kind = if status.is_client_error() {
+        "BadRequestError"
+    } else {
+        "InternalServerError"
+    };
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null,
+        "code": status.as_u16()}})
+    .to_string();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl ConnIo {
+    /// Writes what is pending; `Ready(Ok)` once nothing is.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let n = match Pin::new(&mut self.inner).poll_write(cx, &self.pending) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether `buf` is one of hyper's bodiless errors, now queued as JSON instead.
+    fn rewrote(&mut self, buf: &[u8]) -> bool {
+        if !self.rewrite {
+            return false;
+        }
+        match bodiless_error(buf) {
+            Some(status) => {
+                self.pending = error_bytes(status);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl AsyncRead for ConnIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -213,21 +289,36 @@ impl AsyncRead for CountingIo {
     }
 }
 
-impl AsyncWrite for CountingIo {
+impl AsyncWrite for ConnIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        match self.poll_pending(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        if self.rewrote(buf) {
+            let _ = self.poll_pending(cx);
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match self.poll_pending(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut self.inner).poll_flush(cx),
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match self.poll_pending(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut self.inner).poll_shutdown(cx),
+            other => other,
+        }
     }
 
     fn poll_write_vectored(
@@ -235,7 +326,12 @@ impl AsyncWrite for CountingIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(first) if self.rewrite || !self.pending.is_empty() => {
+                self.poll_write(cx, &first[..])
+            }
+            _ => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -340,9 +436,11 @@ async fn serve_connection(
         peer,
     };
     let act = Activity::new();
-    let io = TokioIo::new(CountingIo {
+    let io = TokioIo::new(ConnIo {
         inner: stream,
         act: act.clone(),
+        rewrite: api == Api::Http,
+        pending: Vec::new(),
     });
     let service = {
         let front = front.clone();
@@ -406,7 +504,8 @@ async fn serve_connection(
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout.max(limits.idle_timeout))
-                .max_buf_size(64 << 10)
+                .max_buf_size(128 << 10)
+                .max_header_size(64 << 10)
                 .keep_alive(true);
             drive!(b.serve_connection(io, service));
         }

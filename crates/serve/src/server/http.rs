@@ -201,6 +201,21 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
+/// [`parse`], on a blocking thread for a large body (so that parsing megabytes of JSON never
+/// holds an async worker that `/health` needs).
+async fn parse_body<T: for<'de> Deserialize<'de> + Send + 'static>(
+    state: &AppState,
+    body: Bytes,
+) -> Result<T, ApiError> {
+    if body.len() <= 64 << 10 {
+        return parse(&body);
+    }
+    state
+        .blocking(move || parse(&body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
+}
+
 fn engine(state: &AppState) -> Result<&EngineHandle, ApiError> {
     state
         .engine()
@@ -698,7 +713,7 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut r: CompletionRequest = parse(&body)?;
+    let mut r: CompletionRequest = parse_body(&state, body).await?;
     check_model(&state, &r.common)?;
     let engine = admitting(&state)?;
     let inputs: Vec<Input> = match r.prompt {
@@ -733,7 +748,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut r: ChatRequest = parse(&body)?;
+    let mut r: ChatRequest = parse_body(&state, body).await?;
     check_model(&state, &r.common)?;
     let engine = admitting(&state)?;
     let msgs = chat_messages(r.messages)?;
@@ -831,7 +846,7 @@ async fn tokenize_route(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let r: TokenizeRequest = parse(&body)?;
+    let r: TokenizeRequest = parse_body(&state, body).await?;
     check_model_name(&state, r.model.as_deref())?;
     let engine = engine(&state)?.clone();
     tokenizer_of(&engine)?;
@@ -903,7 +918,7 @@ async fn detokenize_route(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let r: DetokenizeRequest = parse(&body)?;
+    let r: DetokenizeRequest = parse_body(&state, body).await?;
     check_model_name(&state, r.model.as_deref())?;
     let engine = engine(&state)?.clone();
     tokenizer_of(&engine)?;
