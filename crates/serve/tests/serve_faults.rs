@@ -1180,3 +1180,39 @@ fn default_connection_cap_follows_the_open_file_limit() {
     assert!(!serve::server::conn::is_loopback_host("example.com"));
     assert!(!serve::server::conn::is_loopback_host("127.0.0.1.nip.io"));
 }
+
+#[test]
+fn a_short_soak_leaves_no_errors_and_returns_to_idle() {
+    use serve::commands::serve::{soak, BenchLoad, ServeDevice, ServeSetup};
+    let setup = ServeSetup {
+        model: Some(fixture(MODEL_ID)),
+        draft: None,
+        block_size: None,
+        engine: EngineConfig {
+            model_id: MODEL_ID.into(),
+            max_running: 4,
+            max_waiting: 64,
+            ..EngineConfig::default()
+        },
+        device: ServeDevice::Cpu,
+    };
+    let load = BenchLoad {
+        requests: 0,
+        concurrency: 6,
+        prompt_tokens: 8,
+        max_tokens: 8,
+        seed: 3,
+    };
+    let samples = soak(setup, load, 0.05, Duration::from_secs(1)).unwrap();
+    let (first, last) = (&samples[0], samples.last().unwrap());
+    assert!(last.done > 10, "{last:?}");
+    assert_eq!(last.errors, 0, "{last:?}");
+    assert_eq!((last.running, last.waiting, last.inflight), (0, 0, 0));
+    assert_eq!(last.kv_usage, 0.0);
+    assert!(
+        last.fds <= first.fds + 2,
+        "fds {} → {}",
+        first.fds,
+        last.fds
+    );
+}

@@ -359,6 +359,14 @@ enum Cmd {
         max_tokens: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Instead of the throughput run: a soak of this many minutes under a mixed load
+        /// (--concurrency clients: full and dropped gRPC streams, aborts, HTTP completions,
+        /// HTTP streams whose clients leave, idle connections), printing RSS, open fds and the
+        /// gauges every --soak-every seconds.
+        #[arg(long, value_name = "MINUTES")]
+        soak: Option<f64>,
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        soak_every: u64,
     },
     /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
     /// one {"prompt": ...} per line), greedy, on the CPU or (--device cuda) GPU executor.
@@ -725,8 +733,38 @@ fn run(cli: Cli) -> Result<()> {
             prompt_tokens,
             max_tokens,
             seed,
+            soak,
+            soak_every,
         } => {
             let setup = s.setup()?;
+            if let Some(minutes) = soak {
+                if !(minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {
+                    bail!("--soak must be between 0 and 10080 minutes, got {minutes}");
+                }
+                println!(
+                    "soak of ultra serve on loopback, {minutes} min, {concurrency} clients, {prompt_tokens}-token prompts, {max_tokens} tokens each; RSS and fds of the whole process (server and clients)"
+                );
+                let samples = commands::serve::soak(
+                    setup,
+                    commands::serve::BenchLoad {
+                        requests,
+                        concurrency,
+                        prompt_tokens,
+                        max_tokens,
+                        seed,
+                    },
+                    minutes,
+                    std::time::Duration::from_secs(soak_every.max(1)),
+                )?;
+                let (first, last) = (&samples[0], &samples[samples.len() - 1]);
+                let peak = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+                println!(
+                    "RSS {:.1} → {:.1} MiB (peak {:.1}), fds {} → {}, {} requests, {} errors; idle gauges: running {}, waiting {}, KV {:.3}, in flight {}",
+                    first.rss_mib, last.rss_mib, peak, first.fds, last.fds, last.done, last.errors,
+                    last.running, last.waiting, last.kv_usage, last.inflight
+                );
+                return Ok(());
+            }
             let device = match setup.device {
                 commands::serve::ServeDevice::Cpu => {
                     format!("CPU {} threads", rayon::current_num_threads())
