@@ -24,7 +24,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use super::Front;
@@ -193,8 +193,8 @@ impl hyper::body::Body for Tracked {
 
 /// A socket that counts the bytes read from it and, on HTTP, turns hyper's own bodiless error
 /// answers (400 for an unparsable request, 431 for headers too large) into OpenAI error JSON.
-struct ConnIo {
-    inner: TcpStream,
+struct ConnIo<T> {
+    inner: T,
     act: Arc<Activity>,
     rewrite: bool,
     /// Bytes still to write (a rewritten answer) before anything else.
@@ -241,7 +241,7 @@ fn error_bytes(status: StatusCode) -> Vec<u8> {
     .into_bytes()
 }
 
-impl ConnIo {
+impl<T: AsyncRead + AsyncWrite + Unpin> ConnIo<T> {
     /// Writes what is pending; `Ready(Ok)` once nothing is.
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending.is_empty() {
@@ -273,7 +273,7 @@ impl ConnIo {
     }
 }
 
-impl AsyncRead for ConnIo {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -289,7 +289,7 @@ impl AsyncRead for ConnIo {
     }
 }
 
-impl AsyncWrite for ConnIo {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -424,8 +424,8 @@ pub async fn accept_loop(
 }
 
 /// Serves one connection until it ends, times out idle, or the server closes.
-async fn serve_connection(
-    stream: TcpStream,
+pub(crate) async fn serve_connection<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: T,
     peer: SocketAddr,
     api: Api,
     front: Arc<Front>,

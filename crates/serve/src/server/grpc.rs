@@ -116,21 +116,21 @@ pub fn submit_status(e: SubmitError) -> Status {
     }
 }
 
-/// Checks the request and turns it into the engine's (tokenized off the async runtime); the
-/// engine id is the visible id (the client's, or a random one) in the connection's namespace.
-async fn engine_request(
-    state: &AppState,
-    engine: &EngineHandle,
-    conn: Option<&ConnInfo>,
-    r: pb::GenerateRequest,
-) -> Result<(String, EngineRequest), Status> {
-    if !r.model.is_empty() && r.model != state.model_id() {
-        return Err(Status::not_found(format!(
-            "the model `{}` does not exist (this server serves `{}`)",
-            r.model,
-            state.model_id()
-        )));
-    }
+/// A `GenerateRequest` checked and converted, before tokenization.
+#[derive(Debug)]
+pub struct Converted {
+    /// The id the client sees (its own, or a random one).
+    pub visible_id: String,
+    pub model: String,
+    pub input: Input,
+    pub params: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub logprobs: Option<usize>,
+}
+
+/// Checks a request's fields that need no engine (input present, stop limits, sampling
+/// parameters) and converts it.
+pub fn convert(r: pb::GenerateRequest) -> Result<Converted, Status> {
     let input = match r.input {
         Some(pb::generate_request::Input::Text(t)) => Input::Text(t),
         Some(pb::generate_request::Input::TokenIds(t)) => Input::Tokens(t.ids),
@@ -139,7 +139,6 @@ async fn engine_request(
     };
     let s = r.sampling.unwrap_or_default();
     check_stops(&s.stop, &s.stop_token_ids).map_err(submit_status)?;
-    let prompt = state.tokenize(engine, input).await.map_err(submit_status)?;
     let defaults = SamplingParams::default();
     let params = SamplingParams {
         temperature: s.temperature.unwrap_or(defaults.temperature),
@@ -155,19 +154,51 @@ async fn engine_request(
         stop_strings: s.stop,
         ignore_eos: s.ignore_eos.unwrap_or(false),
     };
-    let visible = if r.request_id.is_empty() {
-        random_id()
-    } else {
-        r.request_id
-    };
+    params
+        .validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if s.max_tokens == Some(0) {
+        return Err(Status::invalid_argument("max_tokens must be at least 1"));
+    }
+    Ok(Converted {
+        visible_id: if r.request_id.is_empty() {
+            random_id()
+        } else {
+            r.request_id
+        },
+        model: r.model,
+        input,
+        params,
+        max_tokens: s.max_tokens.map(|m| m as usize),
+        logprobs: r.logprobs.map(|n| n as usize),
+    })
+}
+
+/// Checks the request and turns it into the engine's (tokenized off the async runtime); the
+/// engine id is the visible id (the client's, or a random one) in the connection's namespace.
+async fn engine_request(
+    state: &AppState,
+    engine: &EngineHandle,
+    conn: Option<&ConnInfo>,
+    r: pb::GenerateRequest,
+) -> Result<(String, EngineRequest), Status> {
+    let c = convert(r)?;
+    if !c.model.is_empty() && c.model != state.model_id() {
+        return Err(Status::not_found(format!(
+            "the model `{}` does not exist (this server serves `{}`)",
+            c.model,
+            state.model_id()
+        )));
+    }
+    let prompt = state.tokenize(engine, c.input).await.map_err(submit_status)?;
     Ok((
-        visible.clone(),
+        c.visible_id.clone(),
         EngineRequest {
-            id: engine_id(conn, &visible),
+            id: engine_id(conn, &c.visible_id),
             prompt,
-            params,
-            max_tokens: s.max_tokens.map(|m| m as usize),
-            logprobs: r.logprobs.map(|n| n as usize),
+            params: c.params,
+            max_tokens: c.max_tokens,
+            logprobs: c.logprobs,
             prompt_logprobs: None,
         },
     ))

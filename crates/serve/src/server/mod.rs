@@ -17,6 +17,7 @@
 //! request. Ids the server assigns are 128-bit random.
 
 pub mod conn;
+pub mod fuzz;
 pub mod grpc;
 pub mod http;
 
@@ -183,6 +184,26 @@ pub struct Front {
 }
 
 impl Front {
+    fn new(
+        limits: Limits,
+        security: Security,
+        loopback_http_port: Option<u16>,
+    ) -> Result<Arc<Front>> {
+        let max_connections = limits.connections();
+        Ok(Arc::new(Front {
+            loopback_http_port,
+            limits,
+            security,
+            draining: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            metrics: ServerMetrics::new()?,
+            conn_slots: Arc::new(Semaphore::new(max_connections)),
+            tokenize_budget: Semaphore::new(TOKENIZE_BUDGET_BYTES),
+            drain_tx: watch::channel(false).0,
+            close_tx: watch::channel(false).0,
+        }))
+    }
+
     /// Whether a drain has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
@@ -483,6 +504,38 @@ pub fn default_model_id(dir: &Path) -> String {
     id.to_string_lossy().into_owned()
 }
 
+/// The HTTP router as the connection layer serves it.
+fn http_service(state: AppState) -> conn::Svc {
+    tower::util::BoxCloneService::new(tower::ServiceExt::<
+        axum::http::Request<conn::BoxBody>,
+    >::map_response(
+        http::router(state),
+        |r: axum::http::Response<axum::body::Body>| r.map(conn::box_axum),
+    ))
+}
+
+/// The gRPC routes as the connection layer serves them.
+fn grpc_service(
+    state: AppState,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<conn::Svc> {
+    Ok(tower::util::BoxCloneService::new(
+        tower::ServiceExt::<axum::http::Request<conn::BoxBody>>::map_response(
+            grpc::routes(state, health)?,
+            |r: axum::http::Response<tonic::body::Body>| {
+                r.map(|b| {
+                    http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                        b,
+                        conn::BodyError::new,
+                    ))
+                })
+            },
+        ),
+    ))
+}
+
 /// A running server.
 pub struct Server {
     pub grpc_addr: SocketAddr,
@@ -517,19 +570,11 @@ impl Server {
             .with_context(|| format!("binding the HTTP address {}", opts.http_addr))?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
-        let max_connections = opts.limits.connections();
-        let front = Arc::new(Front {
-            loopback_http_port: http_addr.ip().is_loopback().then_some(http_addr.port()),
-            limits: opts.limits,
-            security: opts.security,
-            draining: AtomicBool::new(false),
-            inflight: AtomicUsize::new(0),
-            metrics: ServerMetrics::new()?,
-            conn_slots: Arc::new(Semaphore::new(max_connections)),
-            tokenize_budget: Semaphore::new(TOKENIZE_BUDGET_BYTES),
-            drain_tx: watch::channel(false).0,
-            close_tx: watch::channel(false).0,
-        });
+        let front = Front::new(
+            opts.limits,
+            opts.security,
+            http_addr.ip().is_loopback().then_some(http_addr.port()),
+        )?;
         let state = AppState {
             engine: Arc::new(OnceLock::new()),
             load_error: Arc::new(OnceLock::new()),
@@ -541,25 +586,8 @@ impl Server {
         health
             .set_not_serving::<crate::proto::v1::engine_server::EngineServer<grpc::GrpcService>>()
             .await;
-        let grpc_svc = tower::util::BoxCloneService::new(tower::ServiceExt::<
-            axum::http::Request<conn::BoxBody>,
-        >::map_response(
-            grpc::routes(state.clone(), health_svc)?,
-            |r: axum::http::Response<tonic::body::Body>| {
-                r.map(|b| {
-                    http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                        b,
-                        conn::BodyError::new,
-                    ))
-                })
-            },
-        ));
-        let http_svc = tower::util::BoxCloneService::new(tower::ServiceExt::<
-            axum::http::Request<conn::BoxBody>,
-        >::map_response(
-            http::router(state.clone()),
-            |r: axum::http::Response<axum::body::Body>| r.map(conn::box_axum),
-        ));
+        let http_svc = http_service(state.clone());
+        let grpc_svc = grpc_service(state.clone(), health_svc)?;
         let tasks = vec![
             tokio::spawn(conn::accept_loop(
                 grpc_listener,
