@@ -10,22 +10,19 @@
 //!   `GenerateRequest` that decodes is converted as the service does and may only be refused
 //!   with INVALID_ARGUMENT.
 
-use std::sync::OnceLock;
-
 use prost::Message;
 use serve::proto::v1 as pb;
 use serve::server::fuzz::HttpHarness;
 
-fn harness() -> &'static HttpHarness {
-    static H: OnceLock<HttpHarness> = OnceLock::new();
-    H.get_or_init(|| HttpHarness::new().expect("the HTTP harness starts"))
+thread_local! {
+    static HARNESS: HttpHarness = HttpHarness::new().expect("the HTTP harness starts");
 }
 
 pub fn http_request(data: &[u8]) -> Result<(), String> {
     if let Some((&route, body)) = data.split_first() {
         serve::server::fuzz::http_body(route, body)?;
     }
-    harness().run(data)
+    HARNESS.with(|h| h.run(data))
 }
 
 pub fn grpc_request(data: &[u8]) -> Result<(), String> {
