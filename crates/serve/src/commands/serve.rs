@@ -107,10 +107,8 @@ pub fn serve(setup: ServeSetup, opts: ServeOptions) -> Result<()> {
         );
         tokio::select! {
             r = server.ready() => {
-                if let Err(e) = r {
-                    // The load error, once: the caller prints it.
-                    return Err(e);
-                }
+                // A load error is returned once; the caller prints it.
+                r?;
                 eprintln!("ultra serve: ready");
             }
             s = signals.first() => {
@@ -418,7 +416,14 @@ async fn soak_one(
             .await?;
             let mut buf = vec![0u8; 4096];
             if kind == 4 {
-                s.read(&mut buf).await?;
+                // The client leaves after the first bytes (or none, if the answer is slow).
+                let n = s.read(&mut buf).await?;
+                if n >= 12 && !buf.starts_with(b"HTTP/1.1 200") {
+                    bail!(
+                        "HTTP answered {}",
+                        String::from_utf8_lossy(&buf[..n.min(200)])
+                    );
+                }
             } else {
                 let mut all = Vec::new();
                 s.read_to_end(&mut all).await?;

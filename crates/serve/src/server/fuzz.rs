@@ -54,7 +54,7 @@ impl HttpHarness {
     }
 
     /// Sends `input` as the whole client side of one connection, reads what the server
-    /// answers, and checks it: HTTP/1.1 responses, never a 500, every error OpenAI JSON.
+    /// answers, and checks it: HTTP/1.x responses, never a 500, every error OpenAI JSON.
     pub fn run(&self, input: &[u8]) -> Result<(), String> {
         let (front, svc) = (self.front.clone(), self.svc.clone());
         let out = self.rt.block_on(async move {
@@ -64,7 +64,8 @@ impl HttpHarness {
             let _ = client.write_all(input).await;
             let _ = client.shutdown().await;
             let mut out = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out)).await;
             task.abort();
             out
         });
@@ -80,8 +81,9 @@ fn check_responses(mut out: &[u8]) -> Result<(), String> {
             .position(|w| w == b"\r\n\r\n")
             .ok_or_else(|| format!("an unterminated response head: {:?}", lossy(out)))?;
         let head = std::str::from_utf8(&out[..head_end]).map_err(|e| e.to_string())?;
-        if !head.starts_with("HTTP/1.1 ") {
-            return Err(format!("not an HTTP/1.1 response: {head:?}"));
+        // An HTTP/1.0 request gets an HTTP/1.0 answer.
+        if !head.starts_with("HTTP/1.1 ") && !head.starts_with("HTTP/1.0 ") {
+            return Err(format!("not an HTTP/1.x response: {head:?}"));
         }
         let status: u16 = head
             .get(9..12)
@@ -134,7 +136,11 @@ pub fn grpc_request(bytes: &[u8]) -> Result<(), String> {
     if let Ok(r) = pb::GenerateRequest::decode(bytes) {
         if let Err(s) = super::grpc::convert(r) {
             if s.code() != tonic::Code::InvalidArgument {
-                return Err(format!("conversion answered {:?}: {}", s.code(), s.message()));
+                return Err(format!(
+                    "conversion answered {:?}: {}",
+                    s.code(),
+                    s.message()
+                ));
             }
         }
     }

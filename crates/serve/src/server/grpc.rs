@@ -190,7 +190,10 @@ async fn engine_request(
             state.model_id()
         )));
     }
-    let prompt = state.tokenize(engine, c.input).await.map_err(submit_status)?;
+    let prompt = state
+        .tokenize(engine, c.input)
+        .await
+        .map_err(submit_status)?;
     Ok((
         c.visible_id.clone(),
         EngineRequest {

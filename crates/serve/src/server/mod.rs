@@ -506,12 +506,12 @@ pub fn default_model_id(dir: &Path) -> String {
 
 /// The HTTP router as the connection layer serves it.
 fn http_service(state: AppState) -> conn::Svc {
-    tower::util::BoxCloneService::new(tower::ServiceExt::<
-        axum::http::Request<conn::BoxBody>,
-    >::map_response(
-        http::router(state),
-        |r: axum::http::Response<axum::body::Body>| r.map(conn::box_axum),
-    ))
+    tower::util::BoxCloneService::new(
+        tower::ServiceExt::<axum::http::Request<conn::BoxBody>>::map_response(
+            http::router(state),
+            |r: axum::http::Response<axum::body::Body>| r.map(conn::box_axum),
+        ),
+    )
 }
 
 /// The gRPC routes as the connection layer serves them.
@@ -521,19 +521,19 @@ fn grpc_service(
         impl tonic_health::pb::health_server::Health,
     >,
 ) -> Result<conn::Svc> {
-    Ok(tower::util::BoxCloneService::new(
-        tower::ServiceExt::<axum::http::Request<conn::BoxBody>>::map_response(
-            grpc::routes(state, health)?,
-            |r: axum::http::Response<tonic::body::Body>| {
-                r.map(|b| {
-                    http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                        b,
-                        conn::BodyError::new,
-                    ))
-                })
-            },
-        ),
-    ))
+    Ok(tower::util::BoxCloneService::new(tower::ServiceExt::<
+        axum::http::Request<conn::BoxBody>,
+    >::map_response(
+        grpc::routes(state, health)?,
+        |r: axum::http::Response<tonic::body::Body>| {
+            r.map(|b| {
+                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                    b,
+                    conn::BodyError::new,
+                ))
+            })
+        },
+    )))
 }
 
 /// A running server.
