@@ -211,7 +211,7 @@ async fn parse_body<T: for<'de> Deserialize<'de> + Send + 'static>(
         return parse(&body);
     }
     state
-        .blocking(move || parse(&body))
+        .heavy(body.len(), move || parse(&body))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
 }

@@ -401,6 +401,25 @@ impl AppState {
             .map_err(|e| SubmitError::Invalid(format!("tokenizing failed: {e}")))?
     }
 
+    /// Runs `f` — work on `bytes` bytes of a request (parsing a large JSON body) — on a
+    /// blocking thread within the shared byte budget ([`TOKENIZE_BUDGET_BYTES`]), so that
+    /// many large requests at once are handled one core at a time and the async workers
+    /// (`/health`) keep a core.
+    pub async fn heavy<T: Send + 'static>(
+        &self,
+        bytes: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let want = bytes.clamp(1, TOKENIZE_BUDGET_BYTES) as u32;
+        let _permit = self
+            .front
+            .tokenize_budget
+            .acquire_many(want)
+            .await
+            .map_err(|_| "the server is shutting down".to_string())?;
+        self.blocking(f).await
+    }
+
     /// Runs `f` (tokenizer work bounded by the request size) on a blocking thread.
     pub async fn blocking<T: Send + 'static>(
         &self,
