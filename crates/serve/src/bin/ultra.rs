@@ -128,6 +128,8 @@ impl FrontArgs {
         grpc_addr: std::net::SocketAddr,
         http_addr: std::net::SocketAddr,
     ) -> Result<serve::server::ServeOptions> {
+        // The open-file limit goes to its hard limit first: the connection cap is sized from it.
+        serve::server::conn::raise_open_file_limit();
         let secs = std::time::Duration::from_secs;
         let api_key = match self.api_key {
             Some(k) => Some(k),
