@@ -446,7 +446,8 @@ async fn soak_one(
 /// `ultra bench-serve --soak MINUTES`: an in-process server on loopback under a mixed load
 /// (`load.concurrency` clients: full and dropped gRPC streams, aborts, HTTP completions, HTTP
 /// streams whose clients leave, idle connections) for `minutes`, sampling RSS, open fds and the
-/// gauges every `every`; a last sample once the load stopped and the server is idle. RSS and fds
+/// gauges every `every`; a last sample once the load stopped and the server is idle (no request
+/// and no connection left). RSS and fds
 /// are the whole process's (clients included).
 pub fn soak(
     setup: ServeSetup,
@@ -536,7 +537,15 @@ pub fn soak(
         }
         // Idle: every gauge back to zero.
         let settle = Instant::now();
-        while (engine.load().1 > 0 || server.state().front().inflight() > 0)
+        let open = |f: &server::Front| -> i64 {
+            ["http", "grpc"]
+                .iter()
+                .map(|a| f.metrics.open_connections.with_label_values(&[a]).get())
+                .sum()
+        };
+        while (engine.load().1 > 0
+            || server.state().front().inflight() > 0
+            || open(server.state().front()) > 0)
             && settle.elapsed() < Duration::from_secs(30)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
