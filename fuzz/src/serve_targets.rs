@@ -53,8 +53,14 @@ pub fn http_seeds() -> Vec<Vec<u8>> {
     ];
     // Route-selector-led JSON bodies for the direct checks.
     for (route, body) in [
-        (0u8, r#"{"prompt": "a", "max_tokens": -1, "top_k": -5, "stop": "x"}"#),
-        (1, r#"{"messages": [], "logprobs": true, "top_logprobs": 30}"#),
+        (
+            0u8,
+            r#"{"prompt": "a", "max_tokens": -1, "top_k": -5, "stop": "x"}"#,
+        ),
+        (
+            1,
+            r#"{"messages": [], "logprobs": true, "top_logprobs": 30}"#,
+        ),
         (2, r#"{"prompt": "x", "return_token_strs": true}"#),
         (3, r#"{"tokens": [4294967295]}"#),
     ] {
