@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Undecodable requests are INVALID_ARGUMENT, as the proto says (not prost's INTERNAL).
+        .codec_path("crate::server::grpc::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

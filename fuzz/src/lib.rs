@@ -7,6 +7,8 @@
 //! bytes. Everything is written to a per-process temp dir and `model::load::load` is called; it
 //! must return (Ok or Err), never panic.
 
+pub mod serve_targets;
+
 use std::path::PathBuf;
 
 /// Flag: write a `generation_config.json`.

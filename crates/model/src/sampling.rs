@@ -1043,6 +1043,10 @@ pub struct StopChecker {
     eos_ids: Vec<u32>,
     stop_ids: Vec<u32>,
     stop_strings: Vec<String>,
+    /// All stop strings in one automaton (leftmost-first: the earliest match, at equal
+    /// positions the first listed), so a search costs time linear in the text, not in the
+    /// number of stop strings.
+    matcher: Option<aho_corasick::AhoCorasick>,
     max_stop_len: usize,
     max_tokens: Option<usize>,
     pending: String,
@@ -1059,10 +1063,19 @@ impl StopChecker {
         let stop_strings: Vec<String> =
             stop_strings.into_iter().filter(|s| !s.is_empty()).collect();
         let max_stop_len = stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
+        let matcher = if stop_strings.is_empty() {
+            None
+        } else {
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                .build(&stop_strings)
+                .ok()
+        };
         StopChecker {
             eos_ids: Vec::new(),
             stop_ids: stop_token_ids,
             stop_strings,
+            matcher,
             max_stop_len,
             max_tokens: None,
             pending: String::new(),
@@ -1192,15 +1205,23 @@ impl StopChecker {
 
     /// Earliest (position, stop-string index) in the pending text.
     fn find_stop_string(&self) -> Option<(usize, usize)> {
-        let mut best: Option<(usize, usize)> = None;
-        for (i, s) in self.stop_strings.iter().enumerate() {
-            if let Some(pos) = self.pending.find(s.as_str()) {
-                if best.is_none_or(|(bp, _)| pos < bp) {
-                    best = Some((pos, i));
+        match &self.matcher {
+            Some(m) => m
+                .find(self.pending.as_str())
+                .map(|hit| (hit.start(), hit.pattern().as_usize())),
+            // The automaton could not be built (beyond its size limits): search one by one.
+            None => {
+                let mut best: Option<(usize, usize)> = None;
+                for (i, s) in self.stop_strings.iter().enumerate() {
+                    if let Some(pos) = self.pending.find(s.as_str()) {
+                        if best.is_none_or(|(bp, _)| pos < bp) {
+                            best = Some((pos, i));
+                        }
+                    }
                 }
+                best
             }
         }
-        best
     }
 
     /// Length of the longest suffix of the pending text that is a proper prefix of a stop string.

@@ -2,11 +2,12 @@
 //! built for vLLM's `/metrics` work unchanged. Latencies are measured at engine token steps
 //! (not at SSE frames): TTFT from arrival to the first token, inter-token latency between token
 //! events (one event per step; several tokens per event under speculative decoding, so ITL per
-//! event and TPOT per request are both exported).
+//! event and TPOT per request are both exported). [`ServerMetrics`]: the front door's
+//! connection and request gauges (`ultra:` prefix).
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the server exports.
@@ -126,6 +127,74 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail on I/O; a registry error would be a naming bug.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            return format!("# error encoding metrics: {e}\n");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// The front door's metrics (`ultra:` prefix; they exist before the model loads): open,
+/// refused and timed-out connections per API, and requests in flight.
+#[derive(Clone)]
+pub struct ServerMetrics {
+    registry: Registry,
+    pub open_connections: IntGaugeVec,
+    pub accepted_connections: IntCounterVec,
+    pub refused_connections: IntCounterVec,
+    pub closed_idle_connections: IntCounterVec,
+    pub requests_in_flight: IntGauge,
+    pub rejected_requests: IntCounterVec,
+}
+
+impl ServerMetrics {
+    pub fn new() -> prometheus::Result<ServerMetrics> {
+        let registry = Registry::new();
+        let vec = |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let open_connections = IntGaugeVec::new(
+            Opts::new("ultra:open_connections", "Open connections by API."),
+            &["api"],
+        )?;
+        registry.register(Box::new(open_connections.clone()))?;
+        let requests_in_flight = IntGauge::with_opts(Opts::new(
+            "ultra:requests_in_flight",
+            "HTTP requests and gRPC calls whose responses are not finished.",
+        ))?;
+        registry.register(Box::new(requests_in_flight.clone()))?;
+        Ok(ServerMetrics {
+            open_connections,
+            accepted_connections: vec(
+                "ultra:accepted_connections_total",
+                "Connections accepted, by API.",
+                "api",
+            )?,
+            refused_connections: vec(
+                "ultra:refused_connections_total",
+                "Connections refused at the --max-connections cap, by API.",
+                "api",
+            )?,
+            closed_idle_connections: vec(
+                "ultra:closed_idle_connections_total",
+                "Connections closed by the header-read or idle timeout, by API.",
+                "api",
+            )?,
+            requests_in_flight,
+            rejected_requests: vec(
+                "ultra:rejected_requests_total",
+                "Requests refused by the front door (auth, origin, host, size, body timeout), by cause.",
+                "cause",
+            )?,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             return format!("# error encoding metrics: {e}\n");
         }

@@ -94,8 +94,106 @@ struct ServeArgs {
     max_num_batched_tokens: usize,
 }
 
+/// The front door of `ultra serve`: limits, timeouts and who may call.
+#[derive(clap::Args)]
+struct FrontArgs {
+    /// On SIGTERM / SIGINT, seconds running requests get to finish; then they end with
+    /// finish_reason "abort" and the process exits 0. A second signal exits at once.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    shutdown_timeout: u64,
+    /// Seconds a request's headers (HTTP) or a new connection's first call (gRPC) may take.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    header_read_timeout: u64,
+    /// Seconds a request body may take to arrive in full (both APIs).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    body_read_timeout: u64,
+    /// Seconds a connection with no request in flight stays open (HTTP keep-alive, gRPC).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    idle_timeout: u64,
+    /// Open connections over both ports (more are refused: HTTP 503, gRPC closed). Default:
+    /// the open-file limit (raised to its hard limit at start) less a reserve, at most 10000.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Largest request body in bytes (HTTP JSON body, gRPC message).
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    max_request_bytes: usize,
+    /// Require `Authorization: Bearer KEY` (HTTP) / `authorization: Bearer KEY` metadata
+    /// (gRPC); /health, /metrics and gRPC health are exempt. Also from ULTRA_API_KEY.
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Browser origins allowed cross-origin access (comma-separated, `*` for any). Default:
+    /// none (requests carrying another Origin get 403).
+    #[arg(long, value_delimiter = ',', value_name = "ORIGINS")]
+    allowed_origins: Vec<String>,
+}
+
+impl FrontArgs {
+    fn options(
+        self,
+        grpc_addr: std::net::SocketAddr,
+        http_addr: std::net::SocketAddr,
+    ) -> Result<serve::server::ServeOptions> {
+        // The open-file limit goes to its hard limit first: the connection cap is sized from it.
+        serve::server::conn::raise_open_file_limit();
+        let secs = std::time::Duration::from_secs;
+        let api_key = match self.api_key {
+            Some(k) => Some(k),
+            None => std::env::var("ULTRA_API_KEY").ok(),
+        };
+        if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            bail!("--api-key / ULTRA_API_KEY is empty");
+        }
+        let opts = serve::server::ServeOptions {
+            grpc_addr,
+            http_addr,
+            limits: serve::server::Limits {
+                shutdown_timeout: secs(self.shutdown_timeout),
+                header_read_timeout: secs(self.header_read_timeout),
+                body_read_timeout: secs(self.body_read_timeout),
+                idle_timeout: secs(self.idle_timeout),
+                max_connections: self.max_connections,
+                max_request_bytes: self.max_request_bytes,
+            },
+            security: serve::server::Security {
+                api_key,
+                allowed_origins: self
+                    .allowed_origins
+                    .into_iter()
+                    .map(|o| o.trim().trim_end_matches('/').to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+            },
+        };
+        opts.limits.validate()?;
+        Ok(opts)
+    }
+}
+
 impl ServeArgs {
+    /// Refuses limits that would make every request fail, naming the flag.
+    fn validate(&self) -> Result<()> {
+        let range = |name: &str, v: u64, max: u64| -> Result<()> {
+            if v == 0 || v > max {
+                bail!("{name} must be between 1 and {max}, got {v}");
+            }
+            Ok(())
+        };
+        range("--max-running", self.max_running as u64, 65_536)?;
+        range("--max-waiting", self.max_waiting as u64, 1_000_000)?;
+        range("--kv-cache-mib", self.kv_cache_mib, 1 << 24)?;
+        range(
+            "--max-num-batched-tokens",
+            self.max_num_batched_tokens as u64,
+            1 << 24,
+        )?;
+        if let Some(n) = self.max_model_len {
+            range("--max-model-len", n as u64, 1 << 24)?;
+        }
+        Ok(())
+    }
+
     fn setup(self) -> Result<commands::serve::ServeSetup> {
+        self.validate()?;
         set_threads(self.threads)?;
         // No --model (and not --synthetic): the embedded default model and its drafter.
         let (model, draft, name) = if self.synthetic || self.model.is_some() {
@@ -248,6 +346,8 @@ enum Cmd {
         /// HTTP listen address.
         #[arg(long, default_value = "127.0.0.1:8000")]
         http_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        front: FrontArgs,
     },
     /// Throughput and p50/p99 TTFT / inter-token latency of `ultra serve` on loopback: an
     /// in-process server driven by concurrent gRPC streams (random prompts, ignore_eos).
@@ -266,6 +366,14 @@ enum Cmd {
         max_tokens: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Instead of the throughput run: a soak of this many minutes under a mixed load
+        /// (--concurrency clients: full and dropped gRPC streams, aborts, HTTP completions,
+        /// HTTP streams whose clients leave, idle connections), printing RSS, open fds and the
+        /// gauges every --soak-every seconds.
+        #[arg(long, value_name = "MINUTES")]
+        soak: Option<f64>,
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        soak_every: u64,
     },
     /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
     /// one {"prompt": ...} per line), greedy, on the CPU or (--device cuda) GPU executor.
@@ -411,8 +519,24 @@ fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
     Ok(loaded)
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+/// Runs the command; an error is printed once, as one chain (`a: b: c`), with a backtrace only
+/// when RUST_BACKTRACE asks for one.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ultra: error: {e:#}");
+            let bt = e.backtrace();
+            if bt.status() == std::backtrace::BacktraceStatus::Captured {
+                eprintln!("{bt}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::BenchFp4 {
             iters,
             batch,
@@ -673,13 +797,11 @@ fn main() -> Result<()> {
             s,
             grpc_addr,
             http_addr,
-        } => commands::serve::serve(
-            s.setup()?,
-            serve::server::ServeOptions {
-                grpc_addr,
-                http_addr,
-            },
-        )?,
+            front,
+        } => {
+            let opts = front.options(grpc_addr, http_addr)?;
+            commands::serve::serve(s.setup()?, opts)?
+        }
         Cmd::BenchServe {
             s,
             requests,
@@ -687,8 +809,38 @@ fn main() -> Result<()> {
             prompt_tokens,
             max_tokens,
             seed,
+            soak,
+            soak_every,
         } => {
             let setup = s.setup()?;
+            if let Some(minutes) = soak {
+                if !(minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {
+                    bail!("--soak must be between 0 and 10080 minutes, got {minutes}");
+                }
+                println!(
+                    "soak of ultra serve on loopback, {minutes} min, {concurrency} clients, {prompt_tokens}-token prompts, {max_tokens} tokens each; RSS and fds of the whole process (server and clients)"
+                );
+                let samples = commands::serve::soak(
+                    setup,
+                    commands::serve::BenchLoad {
+                        requests,
+                        concurrency,
+                        prompt_tokens,
+                        max_tokens,
+                        seed,
+                    },
+                    minutes,
+                    std::time::Duration::from_secs(soak_every.max(1)),
+                )?;
+                let (first, last) = (&samples[0], &samples[samples.len() - 1]);
+                let peak = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+                println!(
+                    "RSS {:.1} → {:.1} MiB (peak {:.1}), fds {} → {}, {} requests, {} errors; idle gauges: running {}, waiting {}, KV {:.3}, in flight {}",
+                    first.rss_mib, last.rss_mib, peak, first.fds, last.fds, last.done, last.errors,
+                    last.running, last.waiting, last.kv_usage, last.inflight
+                );
+                return Ok(());
+            }
             let device = match setup.device {
                 commands::serve::ServeDevice::Cpu => {
                     format!("CPU {} threads", rayon::current_num_threads())

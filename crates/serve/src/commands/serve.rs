@@ -90,24 +90,52 @@ async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
     .await
 }
 
-/// Serves until SIGINT / SIGTERM, then drains.
+/// Serves until SIGINT / SIGTERM, then drains (see [`server`]): exits 0 once drained, or
+/// once the model load a signal interrupted is abandoned; a second signal exits at once with
+/// 128 + its number. A model that fails to load is an error (one message, no backtrace).
 pub fn serve(setup: ServeSetup, opts: ServeOptions) -> Result<()> {
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let result = rt.block_on(async move {
+        let mut signals = server::Signals::install()?;
+        let nofile = server::conn::raise_open_file_limit();
+        let max_conn = opts.limits.connections();
         let server = start(setup, opts).await?;
         eprintln!(
-            "ultra serve: gRPC on {}, HTTP on {} (loading the model; /health answers 503 until ready)",
+            "ultra serve: gRPC on {}, HTTP on {} (loading the model; /health answers 503 until ready); \
+             at most {max_conn} connections (open-file limit {nofile})",
             server.grpc_addr, server.http_addr
         );
-        let signalled = tokio::select! {
-            r = server.ready() => { r?; eprintln!("ultra serve: ready"); false }
-            _ = server::shutdown_signal() => true,
-        };
-        if !signalled {
-            server::shutdown_signal().await;
+        tokio::select! {
+            r = server.ready() => {
+                // A load error is returned once; the caller prints it.
+                r?;
+                eprintln!("ultra serve: ready");
+            }
+            s = signals.first() => {
+                eprintln!("ultra serve: signal {s} while loading: exiting");
+                return Ok(());
+            }
         }
-        eprintln!("ultra serve: shutting down (draining running requests)");
-        server.shutdown().await
-    })
+        let s = signals.first().await;
+        let timeout = server.state().front().limits.shutdown_timeout;
+        eprintln!(
+            "ultra serve: signal {s}: draining (new requests get 503 / UNAVAILABLE; running \
+             ones get up to {} s; a second signal exits now)",
+            timeout.as_secs()
+        );
+        let drained = server.shutdown().await?;
+        if drained.aborted > 0 {
+            eprintln!(
+                "ultra serve: aborted {} requests still running at the shutdown timeout",
+                drained.aborted
+            );
+        }
+        eprintln!("ultra serve: stopped");
+        Ok(())
+    });
+    // Neither a model still loading nor a scheduler thread holds the exit.
+    rt.shutdown_background();
+    result
 }
 
 /// Load-generator settings.
@@ -240,10 +268,7 @@ pub async fn run_load(url: String, vocab: usize, load: &BenchLoad) -> Result<Ben
 /// load.
 pub fn bench(setup: ServeSetup, load: BenchLoad) -> Result<BenchReport> {
     runtime()?.block_on(async move {
-        let opts = ServeOptions {
-            grpc_addr: "127.0.0.1:0".parse()?,
-            http_addr: "127.0.0.1:0".parse()?,
-        };
+        let opts = ServeOptions::new("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
         let server = start(setup, opts).await?;
         tokio::time::timeout(Duration::from_secs(600), server.ready())
             .await
@@ -271,4 +296,264 @@ pub fn bench(setup: ServeSetup, load: BenchLoad) -> Result<BenchReport> {
 /// `--served-model-name` is given.
 pub fn model_id(dir: Option<&Path>, name: Option<String>) -> String {
     name.unwrap_or_else(|| dir.map_or("synthetic-moe-100m".into(), server::default_model_id))
+}
+
+/// One soak sample: the server process's resources and gauges.
+#[derive(Debug, Clone)]
+pub struct SoakSample {
+    pub t_s: f64,
+    pub rss_mib: f64,
+    pub fds: usize,
+    pub running: i64,
+    pub waiting: i64,
+    pub kv_usage: f64,
+    pub inflight: usize,
+    pub open_connections: i64,
+    /// Requests finished (completed, disconnected or aborted on purpose) so far.
+    pub done: u64,
+    /// Requests that failed unexpectedly so far.
+    pub errors: u64,
+}
+
+impl SoakSample {
+    pub fn header() -> &'static str {
+        "| t s | RSS MiB | fds | running | waiting | KV use | in flight | connections | done | errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    }
+
+    pub fn row(&self) -> String {
+        format!(
+            "| {:.0} | {:.1} | {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+            self.t_s,
+            self.rss_mib,
+            self.fds,
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.inflight,
+            self.open_connections,
+            self.done,
+            self.errors
+        )
+    }
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// One request of the soak's mix (`kind` 0..6): a full gRPC stream, a gRPC stream dropped
+/// after its first message, a gRPC stream aborted by id, a full HTTP completion, an HTTP
+/// stream whose client leaves after the first bytes, an idle TCP connection left open a moment.
+async fn soak_one(
+    kind: u64,
+    n: u64,
+    grpc: &mut pb::engine_client::EngineClient<tonic::transport::Channel>,
+    http: std::net::SocketAddr,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = |id: String, max: usize| pb::GenerateRequest {
+        request_id: id,
+        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+            ids: prompt.clone(),
+        })),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(max as u32),
+            ignore_eos: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    match kind {
+        0 => {
+            let mut s = grpc
+                .generate(req(String::new(), max_tokens))
+                .await?
+                .into_inner();
+            while s.message().await?.is_some() {}
+        }
+        1 => {
+            let mut s = grpc
+                .generate(req(String::new(), max_tokens))
+                .await?
+                .into_inner();
+            s.message().await?;
+        }
+        2 => {
+            let id = format!("soak-{n}");
+            let mut s = grpc
+                .generate(req(id.clone(), 100_000.min(max_tokens * 8)))
+                .await?
+                .into_inner();
+            s.message().await?;
+            grpc.abort(pb::AbortRequest { request_id: id }).await?;
+            while s.message().await?.is_some() {}
+        }
+        3 | 4 => {
+            let body = serde_json::json!({"prompt": prompt, "max_tokens": max_tokens,
+                "ignore_eos": true, "stream": kind == 4})
+            .to_string();
+            let mut s = tokio::net::TcpStream::connect(http).await?;
+            s.write_all(
+                format!(
+                    "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await?;
+            let mut buf = vec![0u8; 4096];
+            if kind == 4 {
+                // The client leaves after the first bytes (or none, if the answer is slow).
+                let n = s.read(&mut buf).await?;
+                if n >= 12 && !buf.starts_with(b"HTTP/1.1 200") {
+                    bail!(
+                        "HTTP answered {}",
+                        String::from_utf8_lossy(&buf[..n.min(200)])
+                    );
+                }
+            } else {
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).await?;
+                if !all.starts_with(b"HTTP/1.1 200") {
+                    bail!(
+                        "HTTP answered {}",
+                        String::from_utf8_lossy(&all[..all.len().min(200)])
+                    );
+                }
+            }
+        }
+        _ => {
+            let _s = tokio::net::TcpStream::connect(http).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// `ultra bench-serve --soak MINUTES`: an in-process server on loopback under a mixed load
+/// (`load.concurrency` clients: full and dropped gRPC streams, aborts, HTTP completions, HTTP
+/// streams whose clients leave, idle connections) for `minutes`, sampling RSS, open fds and the
+/// gauges every `every`; a last sample once the load stopped and the server is idle (no request
+/// and no connection left). RSS and fds
+/// are the whole process's (clients included).
+pub fn soak(
+    setup: ServeSetup,
+    load: BenchLoad,
+    minutes: f64,
+    every: Duration,
+) -> Result<Vec<SoakSample>> {
+    runtime()?.block_on(async move {
+        let opts = ServeOptions::new("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
+        let server = start(setup, opts).await?;
+        tokio::time::timeout(Duration::from_secs(600), server.ready())
+            .await
+            .context("the model did not load in 10 minutes")??;
+        let engine = server
+            .state()
+            .engine()
+            .map_err(|u| anyhow::anyhow!("{u}"))?
+            .clone();
+        let vocab = engine.info().vocab_size;
+        let url = format!("http://{}", server.grpc_addr);
+        let http = server.http_addr;
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t0 = Instant::now();
+        let end = t0 + Duration::from_secs_f64(minutes * 60.0);
+        let mut workers = Vec::new();
+        for w in 0..load.concurrency.max(1) {
+            let url = url.clone();
+            let (done, errors) = (done.clone(), errors.clone());
+            let (ptoks, max_tokens) = (load.prompt_tokens.max(1), load.max_tokens.max(1));
+            let seed = load.seed.wrapping_add(w as u64);
+            workers.push(tokio::spawn(async move {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let mut grpc = match pb::engine_client::EngineClient::connect(url).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                };
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    let prompt: Vec<u32> = (0..ptoks)
+                        .map(|_| rng.random_range(0..vocab as u32))
+                        .collect();
+                    let kind = rng.random_range(0..6u64);
+                    n += 1;
+                    let id = (w as u64) << 32 | n;
+                    match soak_one(kind, id, &mut grpc, http, prompt, max_tokens).await {
+                        Ok(()) => done.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        let metrics = engine.metrics().clone();
+        let state = server.state().clone();
+        let sample = move || {
+            let front = state.front();
+            SoakSample {
+                t_s: t0.elapsed().as_secs_f64(),
+                rss_mib: rss_mib(),
+                fds: open_fds(),
+                running: metrics.num_requests_running.get(),
+                waiting: metrics.num_requests_waiting.get(),
+                kv_usage: metrics.kv_cache_usage_perc.get(),
+                inflight: front.inflight(),
+                open_connections: ["http", "grpc"]
+                    .iter()
+                    .map(|a| front.metrics.open_connections.with_label_values(&[a]).get())
+                    .sum(),
+                done: done.load(std::sync::atomic::Ordering::Relaxed),
+                errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+            }
+        };
+        let mut samples = vec![sample()];
+        println!("{}", SoakSample::header());
+        println!("{}", samples[0].row());
+        while Instant::now() < end {
+            tokio::time::sleep(every.min(end.saturating_duration_since(Instant::now()))).await;
+            let s = sample();
+            println!("{}", s.row());
+            samples.push(s);
+        }
+        for w in workers {
+            let _ = w.await;
+        }
+        // Idle: every gauge back to zero.
+        let settle = Instant::now();
+        let open = |f: &server::Front| -> i64 {
+            ["http", "grpc"]
+                .iter()
+                .map(|a| f.metrics.open_connections.with_label_values(&[a]).get())
+                .sum()
+        };
+        while (engine.load().1 > 0
+            || server.state().front().inflight() > 0
+            || open(server.state().front()) > 0)
+            && settle.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let s = sample();
+        println!("{} (idle)", s.row());
+        samples.push(s);
+        server.shutdown().await?;
+        Ok(samples)
+    })
 }

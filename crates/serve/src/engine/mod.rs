@@ -621,6 +621,23 @@ impl EngineHandle {
         found
     }
 
+    /// Cancels every live request (a drain's deadline); returns how many. Their streams end
+    /// with finish reason `abort` within one step.
+    pub fn abort_all(&self) -> usize {
+        let ids: Vec<String> = self
+            .shared
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for id in &ids {
+            let _ = self.tx.send(Command::Abort(id.clone()));
+        }
+        ids.len()
+    }
+
     /// Requests waiting for admission and live requests (waiting + running).
     pub fn load(&self) -> (usize, usize) {
         let live = self

@@ -1,4 +1,7 @@
 //! The gRPC service `ultra.v1.Engine` (tonic), with `grpc.health.v1` and server reflection.
+//! Codes as `proto/ultra/v1/engine.proto` says: a message that is not valid protobuf (or has
+//! invalid UTF-8 in a string) is `INVALID_ARGUMENT` ([`Codec`]); request ids live in the
+//! caller's connection's namespace, so `Abort` reaches only the caller's own requests.
 
 use std::pin::Pin;
 
@@ -7,9 +10,11 @@ use futures_util::{Stream, StreamExt};
 use model::sampling::SamplingParams;
 use model::tokenizer::ChatMessage;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codec::{BufferSettings, DecodeBuf};
 use tonic::{Request, Response, Status};
 
-use super::{tokenize, AppState, Input, Unavailable};
+use super::conn::ConnInfo;
+use super::{check_stops, random_id, AppState, Input, Unavailable};
 use crate::engine::{
     EngineHandle, Event, Finished, GenerateRequest as EngineRequest, SubmitError, TokenEvent,
 };
@@ -30,6 +35,72 @@ impl GrpcService {
     fn engine(&self) -> Result<&EngineHandle, Status> {
         self.state.engine().map_err(unavailable)
     }
+
+    /// The engine when it takes new requests.
+    fn admitting(&self) -> Result<&EngineHandle, Status> {
+        self.state.admitting().map_err(unavailable)
+    }
+}
+
+/// The prost codec, except that a message that does not decode is `INVALID_ARGUMENT` (the
+/// client's fault), not `INTERNAL`. The generated code uses it (`crates/serve/build.rs`).
+#[derive(Debug)]
+pub struct Codec<T, U>(tonic_prost::ProstCodec<T, U>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Codec(tonic_prost::ProstCodec::default())
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = Decoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Decoder(self.0.decoder())
+    }
+}
+
+/// [`Codec`]'s decoder.
+#[derive(Debug)]
+pub struct Decoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: prost::Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|s| {
+            if s.code() == tonic::Code::Internal {
+                Status::invalid_argument(format!(
+                    "the request is not a valid protobuf message: {}",
+                    s.message()
+                ))
+            } else {
+                s
+            }
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// The engine id of a request `id` from connection `conn`.
+fn engine_id(conn: Option<&ConnInfo>, id: &str) -> String {
+    format!("g{}:{id}", conn.map_or(0, |c| c.id))
 }
 
 fn unavailable(u: Unavailable) -> Status {
@@ -45,27 +116,29 @@ pub fn submit_status(e: SubmitError) -> Status {
     }
 }
 
-/// Checks the request and turns it into the engine's.
-fn engine_request(
-    state: &AppState,
-    engine: &EngineHandle,
-    r: pb::GenerateRequest,
-) -> Result<EngineRequest, Status> {
-    if !r.model.is_empty() && r.model != state.model_id() {
-        return Err(Status::not_found(format!(
-            "the model `{}` does not exist (this server serves `{}`)",
-            r.model,
-            state.model_id()
-        )));
-    }
+/// A `GenerateRequest` checked and converted, before tokenization.
+#[derive(Debug)]
+pub struct Converted {
+    /// The id the client sees (its own, or a random one).
+    pub visible_id: String,
+    pub model: String,
+    pub input: Input,
+    pub params: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub logprobs: Option<usize>,
+}
+
+/// Checks a request's fields that need no engine (input present, stop limits, sampling
+/// parameters) and converts it.
+pub fn convert(r: pb::GenerateRequest) -> Result<Converted, Status> {
     let input = match r.input {
         Some(pb::generate_request::Input::Text(t)) => Input::Text(t),
         Some(pb::generate_request::Input::TokenIds(t)) => Input::Tokens(t.ids),
         Some(pb::generate_request::Input::Chat(c)) => Input::Chat(chat(c)),
         None => return Err(Status::invalid_argument("give text, token_ids or chat")),
     };
-    let prompt = tokenize(engine, &input).map_err(submit_status)?;
     let s = r.sampling.unwrap_or_default();
+    check_stops(&s.stop, &s.stop_token_ids).map_err(submit_status)?;
     let defaults = SamplingParams::default();
     let params = SamplingParams {
         temperature: s.temperature.unwrap_or(defaults.temperature),
@@ -81,14 +154,66 @@ fn engine_request(
         stop_strings: s.stop,
         ignore_eos: s.ignore_eos.unwrap_or(false),
     };
-    Ok(EngineRequest {
-        id: r.request_id,
-        prompt,
+    params
+        .validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if s.max_tokens == Some(0) {
+        return Err(Status::invalid_argument("max_tokens must be at least 1"));
+    }
+    Ok(Converted {
+        visible_id: if r.request_id.is_empty() {
+            random_id()
+        } else {
+            r.request_id
+        },
+        model: r.model,
+        input,
         params,
         max_tokens: s.max_tokens.map(|m| m as usize),
         logprobs: r.logprobs.map(|n| n as usize),
-        prompt_logprobs: None,
     })
+}
+
+/// Checks the request and turns it into the engine's (tokenized off the async runtime); the
+/// engine id is the visible id (the client's, or a random one) in the connection's namespace.
+async fn engine_request(
+    state: &AppState,
+    engine: &EngineHandle,
+    conn: Option<&ConnInfo>,
+    r: pb::GenerateRequest,
+) -> Result<(String, EngineRequest), Status> {
+    let c = convert(r)?;
+    if !c.model.is_empty() && c.model != state.model_id() {
+        return Err(Status::not_found(format!(
+            "the model `{}` does not exist (this server serves `{}`)",
+            c.model,
+            state.model_id()
+        )));
+    }
+    let prompt = state
+        .tokenize(engine, c.input)
+        .await
+        .map_err(submit_status)?;
+    Ok((
+        c.visible_id.clone(),
+        EngineRequest {
+            id: engine_id(conn, &c.visible_id),
+            prompt,
+            params: c.params,
+            max_tokens: c.max_tokens,
+            logprobs: c.logprobs,
+            prompt_logprobs: None,
+        },
+    ))
+}
+
+/// The engine's refusal, with the namespaced id put back as the client sent it.
+fn refused(e: SubmitError, engine_id: &str, visible: &str) -> Status {
+    let e = match e {
+        SubmitError::Invalid(m) => SubmitError::Invalid(m.replace(engine_id, visible)),
+        e => e,
+    };
+    submit_status(e)
 }
 
 fn chat(c: pb::Chat) -> Vec<ChatMessage> {
@@ -170,10 +295,11 @@ impl Engine for GrpcService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let engine = self.engine()?;
-        let r = engine_request(&self.state, engine, req.into_inner())?;
-        let sub = engine.submit(r).map_err(submit_status)?;
-        let id = sub.id;
+        let engine = self.admitting()?;
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let (id, r) = engine_request(&self.state, engine, conn.as_ref(), req.into_inner()).await?;
+        let eid = r.id.clone();
+        let sub = engine.submit(r).map_err(|e| refused(e, &eid, &id))?;
         // Dropping this stream (client gone) drops the receiver: the engine aborts the request.
         let stream = UnboundedReceiverStream::new(sub.events).flat_map(move |ev| {
             let mut out = Vec::with_capacity(2);
@@ -202,11 +328,13 @@ impl Engine for GrpcService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let engine = self.engine()?;
-        let r = engine_request(&self.state, engine, req.into_inner())?;
-        let mut sub = engine.submit(r).map_err(submit_status)?;
+        let engine = self.admitting()?;
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let (id, r) = engine_request(&self.state, engine, conn.as_ref(), req.into_inner()).await?;
+        let eid = r.id.clone();
+        let mut sub = engine.submit(r).map_err(|e| refused(e, &eid, &id))?;
         let mut out = pb::CompleteResponse {
-            request_id: sub.id.clone(),
+            request_id: id,
             ..Default::default()
         };
         while let Some(ev) = sub.events.recv().await {
@@ -232,7 +360,10 @@ impl Engine for GrpcService {
         &self,
         req: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
-        let found = self.engine()?.abort(&req.into_inner().request_id);
+        // Only the caller's own requests: the id is looked up in its connection's namespace.
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let id = engine_id(conn.as_ref(), &req.into_inner().request_id);
+        let found = self.engine()?.abort(&id);
         Ok(Response::new(pb::AbortResponse { found }))
     }
 
@@ -242,16 +373,28 @@ impl Engine for GrpcService {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let engine = self.engine()?;
         let r = req.into_inner();
-        let Some(tok) = engine.tokenizer() else {
+        if engine.tokenizer().is_none() {
             return Err(Status::failed_precondition("the model has no tokenizer"));
-        };
+        }
         let token_ids = match r.input {
-            Some(pb::tokenize_request::Input::Text(t)) => tok
-                .encode(&t, r.add_special_tokens.unwrap_or(true))
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            Some(pb::tokenize_request::Input::Chat(c)) => {
-                tokenize(engine, &Input::Chat(chat(c))).map_err(submit_status)?
+            Some(pb::tokenize_request::Input::Text(t)) => {
+                let special = r.add_special_tokens.unwrap_or(true);
+                let e = engine.clone();
+                self.state
+                    .blocking(move || {
+                        e.tokenizer()
+                            .map(|tok| tok.encode(&t, special).map_err(|e| e.to_string()))
+                    })
+                    .await
+                    .map_err(Status::internal)?
+                    .unwrap_or_else(|| Err("the model has no tokenizer".into()))
+                    .map_err(Status::invalid_argument)?
             }
+            Some(pb::tokenize_request::Input::Chat(c)) => self
+                .state
+                .tokenize(engine, Input::Chat(chat(c)))
+                .await
+                .map_err(submit_status)?,
             None => return Err(Status::invalid_argument("give text or chat")),
         };
         Ok(Response::new(pb::TokenizeResponse { token_ids }))
@@ -272,9 +415,19 @@ impl Engine for GrpcService {
                 "token {t} is outside the vocabulary (size {vocab})"
             )));
         }
-        let text = tok
-            .decode(&r.token_ids, r.skip_special_tokens.unwrap_or(true))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let _ = tok;
+        let e = engine.clone();
+        let skip = r.skip_special_tokens.unwrap_or(true);
+        let text = self
+            .state
+            .blocking(move || {
+                e.tokenizer()
+                    .map(|tok| tok.decode(&r.token_ids, skip).map_err(|e| e.to_string()))
+            })
+            .await
+            .map_err(Status::internal)?
+            .unwrap_or_else(|| Err("the model has no tokenizer".into()))
+            .map_err(Status::invalid_argument)?;
         Ok(Response::new(pb::DetokenizeResponse { text }))
     }
 
@@ -302,28 +455,22 @@ impl Engine for GrpcService {
     }
 }
 
-/// Serves `ultra.v1.Engine`, health and reflection on `listener` until `shutdown` completes,
-/// then waits for in-flight calls.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// `ultra.v1.Engine` (requests up to `--max-request-bytes`), health and reflection as one
+/// routing service (the connection layer serves it).
+pub fn routes(
     state: AppState,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+) -> Result<tonic::service::Routes> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
-        .add_service(health)
+    let max = state.front().limits.max_request_bytes;
+    let engine = EngineServer::new(GrpcService::new(state)).max_decoding_message_size(max);
+    Ok(tonic::service::Routes::new(health)
         .add_service(reflection)
-        .add_service(EngineServer::new(GrpcService::new(state)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await?;
-    Ok(())
+        .add_service(engine)
+        .prepare())
 }

@@ -7,10 +7,13 @@
 //! vLLM's `POST /tokenize` (`prompt` or chat `messages` → `{count, max_model_len, tokens,
 //! token_strs}`) and `POST /detokenize` (`tokens` → `{prompt}`).
 //!
-//! Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for
-//! malformed JSON or parameters (negative or too large `max_tokens`, prompt too long, invalid
-//! UTF-8), 404 for an unknown model, 429 when the queue is full, 503 while loading or shutting
-//! down. `x-request-id` is honoured (as the request id) and echoed.
+//! Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}` for every status
+//! the server sends: 400 for malformed JSON or parameters (negative or too large `max_tokens`,
+//! prompt too long, invalid UTF-8, too many stop strings), 401 without the API key, 403 for a
+//! foreign origin or `Host`, 404 for an unknown model or route, 405, 408 / 413 for a body too
+//! slow or too large, 429 when the queue is full, 503 while loading or shutting down.
+//! `x-request-id` is echoed and names the response (`cmpl-ID`); the engine's id of every
+//! request is random, so clients' ids never collide.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,7 +33,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{tokenize, AppState, Input};
+use super::{check_stops, random_id, AppState, Input};
 use crate::engine::{
     EngineHandle, Event, Finished, GenerateRequest, PromptLogprob, SubmitError, Submitted,
     TokenLogprob, MAX_TOP_LOGPROBS,
@@ -75,21 +78,31 @@ impl From<SubmitError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = match self.status {
-            StatusCode::BAD_REQUEST => "BadRequestError",
-            StatusCode::NOT_FOUND => "NotFoundError",
-            StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
-            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
-            _ => "InternalServerError",
-        };
-        let body = json!({"error": {
-            "message": self.message,
-            "type": kind,
-            "param": self.param,
-            "code": self.status.as_u16(),
-        }});
-        (self.status, Json(body)).into_response()
+        error_response(self.status, self.message, self.param)
     }
+}
+
+/// OpenAI's error JSON for `status` (the `type` as the OpenAI client libraries name it).
+pub fn error_response(status: StatusCode, message: String, param: Option<&str>) -> Response {
+    let kind = match status {
+        StatusCode::BAD_REQUEST => "BadRequestError",
+        StatusCode::UNAUTHORIZED => "AuthenticationError",
+        StatusCode::FORBIDDEN => "PermissionDeniedError",
+        StatusCode::NOT_FOUND => "NotFoundError",
+        StatusCode::CONFLICT => "ConflictError",
+        StatusCode::UNPROCESSABLE_ENTITY => "UnprocessableEntityError",
+        StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
+        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+        s if s.is_client_error() => "BadRequestError",
+        _ => "InternalServerError",
+    };
+    let body = json!({"error": {
+        "message": message,
+        "type": kind,
+        "param": param,
+        "code": status.as_u16(),
+    }});
+    (status, Json(body)).into_response()
 }
 
 /// `"text"` or `["a", "b"]`.
@@ -188,9 +201,31 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
+/// [`parse`], on a blocking thread for a large body (so that parsing megabytes of JSON never
+/// holds an async worker that `/health` needs).
+async fn parse_body<T: for<'de> Deserialize<'de> + Send + 'static>(
+    state: &AppState,
+    body: Bytes,
+) -> Result<T, ApiError> {
+    if body.len() <= 64 << 10 {
+        return parse(&body);
+    }
+    state
+        .heavy(body.len(), move || parse(&body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
+}
+
 fn engine(state: &AppState) -> Result<&EngineHandle, ApiError> {
     state
         .engine()
+        .map_err(|u| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, u.to_string()))
+}
+
+/// The engine when it takes new requests (503 while loading or draining).
+fn admitting(state: &AppState) -> Result<&EngineHandle, ApiError> {
+    state
+        .admitting()
         .map_err(|u| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, u.to_string()))
 }
 
@@ -221,6 +256,8 @@ fn sampling(c: &Common) -> Result<(SamplingParams, Option<usize>), ApiError> {
         Some(OneOrMany::One(s)) => vec![s.clone()],
         Some(OneOrMany::Many(v)) => v.clone(),
     };
+    let stop_ids = c.stop_token_ids.as_deref().unwrap_or_default();
+    check_stops(&stop_strings, stop_ids).map_err(|e| ApiError::bad(e.to_string()).param("stop"))?;
     let params = SamplingParams {
         temperature: c.temperature.unwrap_or(1.0),
         top_k,
@@ -243,6 +280,45 @@ fn sampling(c: &Common) -> Result<(SamplingParams, Option<usize>), ApiError> {
         }
     })?;
     Ok((params, max_tokens))
+}
+
+/// The checks of a JSON body that need no model, for the fuzz targets: `route` 0
+/// completions, 1 chat, 2 tokenize, 3 detokenize. `Ok` when accepted or refused with a 4xx;
+/// `Err` for anything else.
+pub fn check_body(route: u8, body: &[u8]) -> Result<(), String> {
+    let r: Result<(), ApiError> = (|| {
+        match route % 4 {
+            0 => {
+                let r: CompletionRequest = parse(body)?;
+                sampling(&r.common)?;
+                if let Prompt::Texts(v) = &r.prompt {
+                    if v.is_empty() {
+                        return Err(ApiError::bad("prompt is an empty list"));
+                    }
+                }
+            }
+            1 => {
+                let r: ChatRequest = parse(body)?;
+                chat_messages(r.messages)?;
+                sampling(&r.common)?;
+            }
+            2 => {
+                let r: TokenizeRequest = parse(body)?;
+                if let Some(m) = r.messages {
+                    chat_messages(m)?;
+                }
+            }
+            _ => {
+                let _: DetokenizeRequest = parse(body)?;
+            }
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.status.is_client_error() => Ok(()),
+        Err(e) => Err(format!("{}: {}", e.status, e.message)),
+    }
 }
 
 fn check_model(state: &AppState, c: &Common) -> Result<(), ApiError> {
@@ -535,10 +611,7 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let engine = engine(&job.state)?.clone();
     let subs = engine.submit_all(reqs)?;
-    let id = match subs.as_slice() {
-        [one] => one.id.clone(),
-        _ => base_id,
-    };
+    let id = base_id;
     job.id = match job.api {
         Api::Completion => format!("cmpl-{id}"),
         Api::Chat => format!("chatcmpl-{id}"),
@@ -679,9 +752,9 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut r: CompletionRequest = parse(&body)?;
+    let mut r: CompletionRequest = parse_body(&state, body).await?;
     check_model(&state, &r.common)?;
-    let engine = engine(&state)?;
+    let engine = admitting(&state)?;
     let inputs: Vec<Input> = match r.prompt {
         Prompt::Text(t) => vec![Input::Text(t)],
         Prompt::Tokens(t) => vec![Input::Tokens(t)],
@@ -714,9 +787,9 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut r: ChatRequest = parse(&body)?;
+    let mut r: ChatRequest = parse_body(&state, body).await?;
     check_model(&state, &r.common)?;
-    let engine = engine(&state)?;
+    let engine = admitting(&state)?;
     let msgs = chat_messages(r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (Some(true), n) => Some(n.unwrap_or(0) as usize),
@@ -812,30 +885,58 @@ async fn tokenize_route(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let r: TokenizeRequest = parse(&body)?;
+    let r: TokenizeRequest = parse_body(&state, body).await?;
     check_model_name(&state, r.model.as_deref())?;
-    let engine = engine(&state)?;
+    let engine = engine(&state)?.clone();
+    tokenizer_of(&engine)?;
+    let msgs = r.messages.map(chat_messages).transpose()?;
+    let max_context = engine.info().max_context;
+    state
+        .blocking(move || {
+            tokenize_body(
+                &engine,
+                r.prompt,
+                msgs,
+                r.add_special_tokens,
+                r.add_generation_prompt,
+                r.return_token_strs,
+                max_context,
+            )
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
+}
+
+/// `/tokenize`'s work (on a blocking thread).
+fn tokenize_body(
+    engine: &EngineHandle,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+    return_token_strs: Option<bool>,
+    max_context: usize,
+) -> Result<Json<Value>, ApiError> {
     let tok = tokenizer_of(engine)?;
-    let tokens = match (r.prompt, r.messages) {
+    let tokens = match (prompt, messages) {
         (Some(p), None) => tok
-            .encode(&p, r.add_special_tokens.unwrap_or(true))
+            .encode(&p, add_special_tokens.unwrap_or(true))
             .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")).param("prompt"))?,
-        (None, Some(m)) => {
-            let msgs = chat_messages(m)?;
+        (None, Some(msgs)) => {
             if msgs.is_empty() {
                 return Err(ApiError::bad("messages is empty").param("messages"));
             }
             let text = tok
-                .apply_chat_template(&msgs, r.add_generation_prompt.unwrap_or(true))
+                .apply_chat_template(&msgs, add_generation_prompt.unwrap_or(true))
                 .map_err(|e| {
                     ApiError::bad(format!("applying the chat template: {e}")).param("messages")
                 })?;
-            tok.encode(&text, r.add_special_tokens.unwrap_or(false))
+            tok.encode(&text, add_special_tokens.unwrap_or(false))
                 .map_err(|e| ApiError::bad(format!("tokenizing the chat: {e}")).param("messages"))?
         }
         _ => return Err(ApiError::bad("give either `prompt` or `messages`")),
     };
-    let token_strs = match r.return_token_strs {
+    let token_strs = match return_token_strs {
         Some(true) => Value::from(
             tokens
                 .iter()
@@ -846,7 +947,7 @@ async fn tokenize_route(
     };
     Ok(Json(json!({
         "count": tokens.len(),
-        "max_model_len": engine.info().max_context,
+        "max_model_len": max_context,
         "tokens": tokens,
         "token_strs": token_strs,
     })))
@@ -856,10 +957,10 @@ async fn detokenize_route(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let r: DetokenizeRequest = parse(&body)?;
+    let r: DetokenizeRequest = parse_body(&state, body).await?;
     check_model_name(&state, r.model.as_deref())?;
-    let engine = engine(&state)?;
-    let tok = tokenizer_of(engine)?;
+    let engine = engine(&state)?.clone();
+    tokenizer_of(&engine)?;
     let vocab = engine.info().vocab_size;
     if let Some(t) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::bad(format!(
@@ -867,9 +968,14 @@ async fn detokenize_route(
         ))
         .param("tokens"));
     }
-    let text = tok
-        .decode(&r.tokens, false)
-        .map_err(|e| ApiError::bad(format!("detokenizing: {e}")).param("tokens"))?;
+    let text = state
+        .blocking(move || {
+            tokenizer_of(&engine)?
+                .decode(&r.tokens, false)
+                .map_err(|e| ApiError::bad(format!("detokenizing: {e}")).param("tokens"))
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))??;
     Ok(Json(json!({ "prompt": text })))
 }
 
@@ -934,18 +1040,31 @@ async fn submit(
     let header_id = request_id(headers)?;
     let mut prompts = Vec::with_capacity(inputs.len());
     for input in inputs {
-        let ids = tokenize(engine, &input)?;
-        let echo = match (extras.echo, input) {
+        let echo_text = match (extras.echo, &input) {
+            (true, Input::Text(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let ids = state.tokenize(engine, input).await?;
+        let echo = match (extras.echo, echo_text) {
             (false, _) => None,
-            (true, Input::Text(t)) => Some(t),
-            (true, _) => Some(
-                tokenizer_of(engine)
-                    .and_then(|t| {
-                        t.decode(&ids, false)
-                            .map_err(|e| ApiError::bad(format!("detokenizing the prompt: {e}")))
-                    })
-                    .map_err(|e| e.param("echo"))?,
-            ),
+            (true, Some(t)) => Some(t),
+            (true, None) => {
+                let e = engine.clone();
+                let ids = ids.clone();
+                Some(
+                    state
+                        .blocking(move || {
+                            tokenizer_of(&e).and_then(|t| {
+                                t.decode(&ids, false).map_err(|e| {
+                                    ApiError::bad(format!("detokenizing the prompt: {e}"))
+                                })
+                            })
+                        })
+                        .await
+                        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
+                        .map_err(|e| e.param("echo"))?,
+                )
+            }
         };
         prompts.push(PromptIn { ids, echo });
     }
@@ -954,11 +1073,9 @@ async fn submit(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    // One sequence keeps the request id (or gets the engine's); several are `<id>-<choice>`.
-    let base_id = match (k, header_id.is_empty()) {
-        (1, _) | (_, false) => header_id.clone(),
-        _ => engine.next_request_id(),
-    };
+    // The engine ids are random (a client's x-request-id only names the response), so no
+    // client can collide with another's; several sequences are `<id>-<choice>`.
+    let base_id = random_id();
     let want_prompt = prompt_logprobs.max(echo_logprobs);
     let mut reqs = Vec::with_capacity(k);
     for p in &prompts {
@@ -993,10 +1110,15 @@ async fn submit(
         prompts,
         n,
     };
+    let shown = if header_id.is_empty() {
+        base_id.clone()
+    } else {
+        header_id.clone()
+    };
     run(
         job,
         reqs,
-        base_id,
+        shown,
         (!header_id.is_empty()).then_some(header_id),
     )
     .await
@@ -1019,6 +1141,9 @@ async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
 }
 
 async fn health(State(state): State<AppState>) -> Response {
+    if state.front().is_draining() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Shutting down").into_response();
+    }
     match state.engine() {
         Ok(e) if !e.is_draining() => {
             (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
@@ -1029,10 +1154,10 @@ async fn health(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = match state.engine() {
-        Ok(e) => e.metrics().render(),
-        Err(_) => String::new(),
-    };
+    let mut text = state.front().metrics.render();
+    if let Ok(e) = state.engine() {
+        text.push_str(&e.metrics().render());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -1059,17 +1184,4 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
-}
-
-/// Serves the HTTP API on `listener` until `shutdown` completes, then waits for in-flight
-/// responses.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
 }

@@ -35,10 +35,10 @@ pub fn default_model_dirs() -> (PathBuf, PathBuf) {
 
 /// Both servers on loopback, on ports the OS picks.
 pub fn loopback() -> ServeOptions {
-    ServeOptions {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-    }
+    ServeOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
 }
 
 pub async fn client(s: &Server) -> EngineClient<Channel> {

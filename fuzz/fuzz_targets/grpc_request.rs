@@ -1,0 +1,9 @@
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Err(e) = ultra_fuzz::serve_targets::grpc_request(data) {
+        panic!("{e}");
+    }
+});
