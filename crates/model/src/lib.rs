@@ -13,6 +13,8 @@
 //! * [`weights`]: the typed in-memory weights the executors consume;
 //! * [`cpu`]: the CPU reference executor (prefill, decode, verify, truncate) — the embedded default
 //!   and the oracle for every GPU path;
+//! * [`gguf`]: GGUF (llama.cpp's format) writer and header reader, and the gpt-oss export used by
+//!   the side-by-side benchmark against llama.cpp;
 //! * [`sampling`]: greedy / temperature / top-k / top-p / min-p / repetition penalty / seeds / stops;
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate and chat templates through
 //!   minijinja.
@@ -23,6 +25,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod footprint;
+pub mod gguf;
 pub mod load;
 pub mod quantize;
 pub mod sampling;
