@@ -9,6 +9,10 @@
 //! * `gpu-bundle`: builds the GPU test and benchmark binaries (release) and stages them, with the
 //!   kernel artifacts and `run.sh`, in the ignored folder `gpu-bundle/`, to be carried to a GPU
 //!   machine and run there with `bash gpu-bundle/run.sh` (prints a pass/fail + numbers table).
+//! * `bench-cpu`: Ultra's CPU executor side by side with llama.cpp (built from source) on
+//!   random-weight gpt-oss models of the same shapes ([`bench_cpu`]).
+
+mod bench_cpu;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -70,6 +74,33 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// CPU decode (tgN) and prompt (ppN) tokens/s of Ultra and of llama.cpp's llama-bench (built
+    /// from the pinned llama-cpp-python sdist into target/llama.cpp/), alternating, on the same
+    /// random gpt-oss models; prints a table with Ultra / llama.cpp.
+    BenchCpu {
+        /// Cases: synthetic-moe, default-shape, gpt-oss-layers.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "synthetic-moe,default-shape,gpt-oss-layers"
+        )]
+        cases: Vec<String>,
+        /// Thread counts for decode; prompt processing runs at the largest.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Decode steps (tgN; 0 skips decode).
+        #[arg(long, default_value_t = 128)]
+        tg: usize,
+        /// Prompt tokens (ppN; 0 skips prompt processing).
+        #[arg(long, default_value_t = 512)]
+        pp: usize,
+        /// Runs inside each tool per measurement.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Alternating llama.cpp / Ultra rounds per measurement.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// Build the GPU test + bench binaries and stage them in gpu-bundle/ (or --out DIR) with run.sh.
     GpuBundle {
         /// Where to stage the bundle (default: gpu-bundle/ in the repository root).
@@ -89,6 +120,24 @@ fn main() -> Result<()> {
         Cmd::Kernels { check } => kernels(check),
         Cmd::GpuBundle { out } => gpu_bundle(out).map(|_| ()),
         Cmd::Bench { out } => bench(out),
+        Cmd::BenchCpu {
+            cases,
+            threads,
+            tg,
+            pp,
+            repeats,
+            rounds,
+        } => bench_cpu::run(
+            &root(),
+            &bench_cpu::Options {
+                cases,
+                threads,
+                tg,
+                pp,
+                repeats,
+                rounds,
+            },
+        ),
     }
 }
 
