@@ -11,6 +11,10 @@
 //!    wrote it.
 //! 3. For each case, alternating llama.cpp then Ultra: decode `tg128` at each thread count, then
 //!    prompt processing `pp512` at the largest; a table of tokens/s and Ultra / llama.cpp.
+//!    `--llama default,omp-passive` adds a llama.cpp column whose OpenMP threads sleep at
+//!    barriers instead of spinning (`OMP_WAIT_POLICY=passive`): on cores shared with other work
+//!    the spinning default can lose most of its speed at 2 threads, and the ratio is taken
+//!    against the faster column.
 //!
 //! This is a separate task, never part of CI's test command.
 
@@ -26,6 +30,32 @@ pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
 /// The benchmark's cases (`ultra bench-shapes --case`).
 pub const CASES: &[&str] = &["synthetic-moe", "default-shape", "gpt-oss-layers"];
 
+/// How llama-bench's worker threads wait at barriers (its OpenMP build's `OMP_WAIT_POLICY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlamaWait {
+    /// As built: spin-waiting (fastest on an idle machine).
+    Default,
+    /// `OMP_WAIT_POLICY=passive`: threads sleep at barriers (much faster when the cores are
+    /// shared with other work).
+    Passive,
+}
+
+impl LlamaWait {
+    pub fn parse(s: &str) -> Result<LlamaWait> {
+        match s {
+            "default" => Ok(LlamaWait::Default),
+            "omp-passive" => Ok(LlamaWait::Passive),
+            _ => bail!("unknown llama.cpp variant {s:?}: default or omp-passive"),
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            LlamaWait::Default => "llama.cpp",
+            LlamaWait::Passive => "llama.cpp OMP passive",
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -37,20 +67,37 @@ pub struct Options {
     pub repeats: usize,
     /// Alternating llama.cpp / Ultra rounds per measurement.
     pub rounds: usize,
+    /// llama.cpp runs per round, one column each.
+    pub llama: Vec<LlamaWait>,
 }
 
-/// One measurement pair.
+/// One measurement: per round, each llama.cpp variant's and Ultra's tokens/s.
 struct Row {
     case: String,
     test: String,
     threads: usize,
-    llama: Vec<f64>,
+    llama: Vec<Vec<f64>>,
     ultra: Vec<f64>,
+    load: Vec<f64>,
 }
 
+/// The median (mean of the middle two for an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The 1-minute load average (NaN where /proc/loadavg is missing).
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// Runs the whole benchmark and prints the table.
@@ -62,6 +109,9 @@ pub fn run(root: &Path, opt: &Options) -> Result<()> {
     }
     if opt.threads.is_empty() || opt.threads.contains(&0) {
         bail!("--threads needs one or more thread counts ≥ 1");
+    }
+    if opt.llama.is_empty() {
+        bail!("--llama needs at least one variant");
     }
     let cache = root.join("target").join("llama.cpp");
     std::fs::create_dir_all(&cache).with_context(|| cache.display().to_string())?;
@@ -88,18 +138,22 @@ pub fn run(root: &Path, opt: &Options) -> Result<()> {
                 case: case.clone(),
                 test: test.clone(),
                 threads: t,
-                llama: Vec::new(),
+                llama: vec![Vec::new(); opt.llama.len()],
                 ultra: Vec::new(),
+                load: Vec::new(),
             };
             for round in 0..opt.rounds.max(1) {
-                let l = llama_rate(&llama, &gguf, tg, pp, t, opt.repeats)?;
+                row.load.push(loadavg());
+                let mut line = format!("{case} {test} {t} threads, round {}:", round + 1);
+                for (i, &v) in opt.llama.iter().enumerate() {
+                    let l = llama_rate(&llama, v, &gguf, tg, pp, t, opt.repeats)?;
+                    line += &format!(" {} {l:.1} tok/s,", v.label());
+                    row.llama[i].push(l);
+                }
                 let u = ultra_rate(&ultra, case, tg, pp, t, opt.repeats)?;
-                eprintln!(
-                    "{case} {test} {t} threads, round {}: llama.cpp {l:.1} tok/s, Ultra {u:.1} tok/s",
-                    round + 1
-                );
-                row.llama.push(l);
                 row.ultra.push(u);
+                row.load.push(loadavg());
+                eprintln!("{line} Ultra {u:.1} tok/s");
             }
             rows.push(row);
         }
@@ -112,17 +166,29 @@ fn print_table(rows: &[Row], opt: &Options) {
     println!();
     println!(
         "CPU, {} round(s) of llama.cpp then Ultra per row; each tool's figure per round: \
-         llama-bench's mean / Ultra's median of {} runs; the table: medians over rounds (ratio \
-         range over rounds); llama.cpp = the llama.cpp vendored by llama-cpp-python \
-         {LLAMA_CPP_PYTHON} (F16 dense, F32 router/1-D, MXFP4 experts)",
+         llama-bench's mean / Ultra's median of {} runs; the table: medians over rounds; the \
+         ratio: Ultra over the fastest llama.cpp column, median (range) over rounds; load: the \
+         1-minute load average seen during the row; llama.cpp = the llama.cpp vendored by \
+         llama-cpp-python {LLAMA_CPP_PYTHON} (F16 dense, F32 router/1-D, MXFP4 experts)",
         opt.rounds.max(1),
         opt.repeats.max(1)
     );
     println!();
-    println!("| case | test | threads | llama.cpp tok/s | Ultra tok/s | Ultra / llama.cpp |");
-    println!("|---|---|---:|---:|---:|---:|");
+    let mut head = String::from("| case | test | threads |");
+    let mut rule = String::from("|---|---|---:|");
+    for v in &opt.llama {
+        head += &format!(" {} tok/s |", v.label());
+        rule += "---:|";
+    }
+    println!("{head} Ultra tok/s | Ultra / llama.cpp | load |");
+    println!("{rule}---:|---:|---:|");
     for r in rows {
-        let ratios: Vec<f64> = r.ultra.iter().zip(&r.llama).map(|(u, l)| u / l).collect();
+        let ratios: Vec<f64> = (0..r.ultra.len())
+            .map(|k| {
+                let best = r.llama.iter().map(|l| l[k]).fold(0f64, f64::max);
+                r.ultra[k] / best
+            })
+            .collect();
         let (lo, hi) = ratios
             .iter()
             .fold((f64::INFINITY, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
@@ -131,12 +197,16 @@ fn print_table(rows: &[Row], opt: &Options) {
         } else {
             format!("{:.2}×", ratios[0])
         };
+        let (llo, lhi) = r
+            .load
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        let mut line = format!("| {} | {} | {} |", r.case, r.test, r.threads);
+        for l in &r.llama {
+            line += &format!(" {:.1} |", median(l.clone()));
+        }
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {ratio} |",
-            r.case,
-            r.test,
-            r.threads,
-            median(r.llama.clone()),
+            "{line} {:.1} | {ratio} | {llo:.1}–{lhi:.1} |",
             median(r.ultra.clone())
         );
     }
@@ -285,8 +355,20 @@ fn gguf_for(cache: &Path, ultra: &Path, case: &str) -> Result<PathBuf> {
 }
 
 /// llama-bench's mean tokens/s of one test.
-fn llama_rate(bin: &Path, gguf: &Path, tg: usize, pp: usize, t: usize, r: usize) -> Result<f64> {
-    let out = Command::new(bin)
+fn llama_rate(
+    bin: &Path,
+    wait: LlamaWait,
+    gguf: &Path,
+    tg: usize,
+    pp: usize,
+    t: usize,
+    r: usize,
+) -> Result<f64> {
+    let mut cmd = Command::new(bin);
+    if wait == LlamaWait::Passive {
+        cmd.env("OMP_WAIT_POLICY", "passive");
+    }
+    let out = cmd
         .arg("-m")
         .arg(gguf)
         .args(["-p", &pp.to_string(), "-n", &tg.to_string()])

@@ -100,6 +100,10 @@ enum Cmd {
         /// Alternating llama.cpp / Ultra rounds per measurement.
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// llama.cpp variants, one column each: default (spin-waiting threads), omp-passive
+        /// (OMP_WAIT_POLICY=passive; for cores shared with other work).
+        #[arg(long, value_delimiter = ',', default_value = "default")]
+        llama: Vec<String>,
     },
     /// Build the GPU test + bench binaries and stage them in gpu-bundle/ (or --out DIR) with run.sh.
     GpuBundle {
@@ -127,6 +131,7 @@ fn main() -> Result<()> {
             pp,
             repeats,
             rounds,
+            llama,
         } => bench_cpu::run(
             &root(),
             &bench_cpu::Options {
@@ -136,6 +141,10 @@ fn main() -> Result<()> {
                 pp,
                 repeats,
                 rounds,
+                llama: llama
+                    .iter()
+                    .map(|s| bench_cpu::LlamaWait::parse(s))
+                    .collect::<Result<_>>()?,
             },
         ),
     }
