@@ -435,3 +435,17 @@ fn ultra_rate(bin: &Path, case: &str, tg: usize, pp: usize, t: usize, r: usize) 
         .as_f64()
         .with_context(|| format!("no tok_s in {line}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_variants() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(LlamaWait::parse("omp-passive").unwrap(), LlamaWait::Passive);
+        let e = LlamaWait::parse("spin").unwrap_err().to_string();
+        assert!(e.contains("default or omp-passive"), "{e}");
+    }
+}
