@@ -4,10 +4,12 @@
 //! synthetic model), MXFP4 experts:
 //!
 //! * `synthetic-moe`: `bench-decode`'s synthetic MoE (122.8 M parameters, 41.4 M active);
-//! * `default-shape`: the embedded default model's config (29 M parameters; tied embeddings, so
-//!   the lm_head is a copy of the random embedding);
-//! * `gpt-oss-layers`: gpt-oss-20b's dimensions with 2 layers (hidden 2880, 64 query / 8 KV heads
-//!   of 64, 32 experts top-4 of I = 2880, vocabulary 201088, sliding window 128, YaRN).
+//! * `default-shape`: the embedded default model's config (27.0 M parameters, 29.1 M as llama.cpp
+//!   counts them; tied embeddings, so the lm_head is a copy of the random embedding);
+//! * `gpt-oss-layers`: gpt-oss-20b's layer dimensions with 2 layers (hidden 2880, 64 query / 8 KV
+//!   heads of 64, 32 experts top-4 of I = 2880, sliding window 128, YaRN) and, as in
+//!   `model`'s `cpu_bench` example, a 32000-token vocabulary (gpt-oss-20b's 201088 would make
+//!   the LM head 1.16 GB of F16 per token, most of a 2-layer model's decode time).
 //!
 //! With `--gguf PATH` it writes that model as a GGUF file for llama.cpp ([`model::gguf`]) and
 //! times nothing. Otherwise it times, like llama-bench, decode `tgN` (N single-token steps from
@@ -67,8 +69,11 @@ impl Case {
     }
 }
 
+/// The `gpt-oss-layers` vocabulary (see the module docs).
+pub const GPT_OSS_LAYERS_VOCAB: usize = 32000;
+
 /// gpt-oss-20b's config (transformers' `GptOssConfig` for openai/gpt-oss-20b) cut to `layers`
-/// layers.
+/// layers, with a [`GPT_OSS_LAYERS_VOCAB`]-token vocabulary.
 pub fn gpt_oss_20b_layers(layers: usize) -> ModelConfig {
     let rope = Rope {
         theta: 150000.0,
@@ -77,7 +82,7 @@ pub fn gpt_oss_20b_layers(layers: usize) -> ModelConfig {
     };
     ModelConfig {
         arch: Arch::GptOss,
-        vocab_size: 201088,
+        vocab_size: GPT_OSS_LAYERS_VOCAB,
         hidden_size: 2880,
         layers: (0..layers)
             .map(|l| LayerSpec {
@@ -224,17 +229,25 @@ mod tests {
             &Case::SyntheticMoe.config().unwrap(),
             StoragePlan::MXFP4_EXPERTS,
         );
+        // 122.8 M and 41.4 M, to 0.1 M.
+        let tenths = |n: u64| (n as f64 / 1e5).round() as u64;
         assert_eq!(
-            (f.total_params / 100_000, f.active_params / 100_000),
+            (tenths(f.total_params), tenths(f.active_params)),
             (1228, 414)
         );
         let f = Footprint::new(
             &Case::DefaultShape.config().unwrap(),
             StoragePlan::MXFP4_EXPERTS,
         );
-        assert_eq!(f.total_params / 1_000_000, 29);
+        // 27.0 M with the tied embedding once; llama.cpp counts its separate output matrix
+        // (8192 × 256) too: 29.1 M, the "29 M".
+        assert_eq!(tenths(f.total_params + 8192 * 256), 291);
         let cfg = Case::GptOssLayers.config().unwrap();
         assert_eq!((cfg.layers.len(), cfg.hidden_size), (2, 2880));
+        assert_eq!(
+            (cfg.n_experts, cfg.top_k, cfg.moe_intermediate_size),
+            (32, 4, 2880)
+        );
     }
 
     #[test]
