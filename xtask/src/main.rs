@@ -12,6 +12,10 @@
 //!   ignored folder `gpu-bundle/` with `run.sh` (`ci/gpu-run.sh`), small enough to travel with the
 //!   checkout to a GPU machine (the device tool: `carry ["gpu-bundle"]`), where
 //!   `bash gpu-bundle/run.sh` runs them and prints a pass/fail + numbers table.
+//! * `bench-cpu`: Ultra's CPU executor side by side with llama.cpp (built from source) on
+//!   random-weight gpt-oss models of the same shapes ([`bench_cpu`]).
+
+mod bench_cpu;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -73,6 +77,37 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// CPU decode (tgN) and prompt (ppN) tokens/s of Ultra and of llama.cpp's llama-bench (built
+    /// from the pinned llama-cpp-python sdist into target/llama.cpp/), alternating, on the same
+    /// random gpt-oss models; prints a table with Ultra / llama.cpp.
+    BenchCpu {
+        /// Cases: synthetic-moe, default-shape, gpt-oss-layers.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "synthetic-moe,default-shape,gpt-oss-layers"
+        )]
+        cases: Vec<String>,
+        /// Thread counts for decode; prompt processing runs at the largest.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Decode steps (tgN; 0 skips decode).
+        #[arg(long, default_value_t = 128)]
+        tg: usize,
+        /// Prompt tokens (ppN; 0 skips prompt processing).
+        #[arg(long, default_value_t = 512)]
+        pp: usize,
+        /// Runs inside each tool per measurement.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Alternating llama.cpp / Ultra rounds per measurement.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// llama.cpp variants, one column each: default (spin-waiting threads), omp-passive
+        /// (OMP_WAIT_POLICY=passive; for cores shared with other work).
+        #[arg(long, value_delimiter = ',', default_value = "default")]
+        llama: Vec<String>,
+    },
     /// Build the GPU programs (GPU test binaries, benchmarks, `ultra`) and stage them in
     /// gpu-bundle/ (or --out DIR): bundle.tar.xz + run.sh, to carry to a GPU machine.
     GpuBundle {
@@ -100,6 +135,29 @@ fn main() -> Result<()> {
             self_contained,
         } => gpu_bundle(out, self_contained).map(|_| ()),
         Cmd::Bench { out } => bench(out),
+        Cmd::BenchCpu {
+            cases,
+            threads,
+            tg,
+            pp,
+            repeats,
+            rounds,
+            llama,
+        } => bench_cpu::run(
+            &root(),
+            &bench_cpu::Options {
+                cases,
+                threads,
+                tg,
+                pp,
+                repeats,
+                rounds,
+                llama: llama
+                    .iter()
+                    .map(|s| bench_cpu::LlamaWait::parse(s))
+                    .collect::<Result<_>>()?,
+            },
+        ),
     }
 }
 

@@ -22,6 +22,8 @@
 //!   oracle for every GPU path;
 //! * [`drafter`]: DFlash drafters as data — config (`config.json` → [`drafter::DrafterConfig`]),
 //!   weights and their checks — shared by the CPU drafter (`dflash`) and the GPU one (`tilert`);
+//! * [`gguf`]: GGUF (llama.cpp's format) writer and header reader, and the gpt-oss export used by
+//!   the side-by-side benchmark against llama.cpp;
 //! * [`sampling`]: greedy / temperature / top-k / top-p / min-p / repetition penalty / seeds / stops;
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate and chat templates through
 //!   minijinja.
@@ -35,6 +37,7 @@ pub mod cpu;
 pub mod drafter;
 pub mod executor;
 pub mod footprint;
+pub mod gguf;
 pub mod load;
 pub mod plan;
 pub mod progress;

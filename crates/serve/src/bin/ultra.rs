@@ -335,6 +335,26 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Ultra's half of `cargo xtask bench-cpu`: CPU decode / prompt tokens/s of a random-weight
+    /// gpt-oss model of one shape (JSON lines), or (`--gguf`) that model as GGUF for llama.cpp.
+    BenchShapes {
+        #[arg(long, value_enum)]
+        case: commands::bench_shapes::Case,
+        /// Decode steps per run (llama-bench's tgN; 0: none).
+        #[arg(long, default_value_t = 128)]
+        tg: usize,
+        /// Prompt tokens per run (llama-bench's ppN; 0: none).
+        #[arg(long, default_value_t = 512)]
+        pp: usize,
+        /// Runs per test (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Write the model as GGUF to this path instead of timing it.
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+    },
     /// Serve a model over gRPC (ultra.v1.Engine, health, reflection) and an OpenAI-compatible
     /// HTTP API, with continuous batching; SIGINT / SIGTERM drain and stop.
     Serve {
@@ -791,6 +811,23 @@ fn run(cli: Cli) -> Result<()> {
                     r.bytes_per_token / 1e6,
                     r.tokens_per_s * r.bytes_per_token / 1e9
                 );
+            }
+        }
+        Cmd::BenchShapes {
+            case,
+            tg,
+            pp,
+            repeats,
+            threads,
+            gguf,
+        } => {
+            set_threads(threads)?;
+            match gguf {
+                Some(path) => {
+                    let n = commands::bench_shapes::write_gguf(case, &path)?;
+                    println!("wrote {} ({:.1} MB)", path.display(), n as f64 / 1e6);
+                }
+                None => commands::bench_shapes::run(case, tg, pp, repeats)?,
             }
         }
         Cmd::Serve {
