@@ -363,8 +363,9 @@ const GPU_TESTS: &[(&str, &str)] = &[
 /// The device tool's limit on what one call carries: the checkout's files plus the bundle.
 const CARRY_LIMIT: u64 = 64 << 20;
 
-/// Runs cargo with JSON messages and returns (target name, executable) of what it built.
-fn cargo_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+/// Runs cargo with JSON messages and returns (target name, executable) of the executables it
+/// built for targets of `kind` ("test", "bin"): `cargo test` also builds the packages' binaries.
+fn cargo_executables(args: &[&str], kind: &str) -> Result<Vec<(String, PathBuf)>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root())
@@ -381,9 +382,14 @@ fn cargo_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
             continue;
         };
         if msg["reason"] == "compiler-artifact" {
-            if let (Some(exe), Some(name)) =
-                (msg["executable"].as_str(), msg["target"]["name"].as_str())
-            {
+            let of_kind = msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == kind));
+            if let (true, Some(exe), Some(name)) = (
+                of_kind,
+                msg["executable"].as_str(),
+                msg["target"]["name"].as_str(),
+            ) {
                 exes.push((name.to_string(), PathBuf::from(exe)));
             }
         }
@@ -474,16 +480,19 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
     for (_, t) in GPU_TESTS {
         args.extend(["--test", t]);
     }
-    let tests = cargo_executables(&args)?;
-    let bins = cargo_executables(&[
-        "build",
-        "--release",
-        "-p",
-        "ultra-benches",
-        "-p",
-        "serve",
-        "--bins",
-    ])?;
+    let tests = cargo_executables(&args, "test")?;
+    let bins = cargo_executables(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "ultra-benches",
+            "-p",
+            "serve",
+            "--bins",
+        ],
+        "bin",
+    )?;
     let mut staged = Vec::new();
     for (name, exe) in &tests {
         staged.push((exe.clone(), stage.join("tests").join(name)));
