@@ -7,7 +7,8 @@
 #   bash run.sh --tests-only    tests and the smoke run only
 #   bash run.sh --bench-only    benchmarks only
 #   ONLY=regex bash run.sh ...  only the test/bench binaries whose name matches regex
-# The bundle is bundle.tar.xz beside this script, unpacked into a temporary folder. Fixtures come
+# The bundle is bundle.tar.xz beside this script, unpacked into a temporary folder; `ultra` comes
+# without the default model's weights it embeds, copied back from the checkout. Fixtures come
 # from the bundle (--self-contained) or from the checkout it sits in (gpu-bundle/../fixtures), as
 # when the device tool carries it: `carry ["gpu-bundle"]`, command `bash gpu-bundle/run.sh`.
 # Results: with $OUT set (the device tool), logs and JSON are packed into $OUT/results.tgz and the
@@ -28,6 +29,20 @@ if command -v xz >/dev/null; then
 else
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
     "$here/bundle.tar.xz" "$work" || exit 2
+fi
+# Binaries that embed the default model's assets ship with those bytes zeroed (holes.txt): copy them
+# back from $data and check the result against the original's SHA-256.
+restored=""
+while read -r kind a b c d; do
+  case $kind in
+    sha256) want=$a; bin=$b ;;
+    hole) dd if="$data/$d" of="$work/$a" bs=1M seek="$b" oflag=seek_bytes conv=notrunc status=none || continue
+          [ "$(sha256sum "$work/$a" | cut -d' ' -f1)" = "$want" ] && restored="$restored $a" ;;
+  esac
+done < <(cat "$work/holes.txt" 2>/dev/null)
+if [ -n "${bin:-}" ] && ! grep -qw "$bin" <<<"$restored"; then
+  echo "$bin: the default model's assets in $data differ from the ones it was built with; not run" >&2
+  rm -f "$work/$bin"
 fi
 if [ -n "${OUT:-}" ]; then out=$(mktemp -d); else out=$data/gpu-results; fi
 mkdir -p "$out"
@@ -52,6 +67,9 @@ if [ $tests = 1 ]; then
     if [ $rc -eq 0 ]; then status=PASS; else status=FAIL; fail=1; grep -E '^(test .* FAILED|---- |thread .* panicked)' "$log" | head -20; grep -B2 -A12 -E "panicked at" "$log" | head -60; fi
     summary+=("$(printf '| test  | %-28s | %-4s | %s passed, %s failed |' "$name" "$status" "${passed:-?}" "${failed:-?}")")
   done
+  if selected ultra; then
+    [ -x "$work/ultra" ] || { summary+=("$(printf '| run   | %-28s | FAIL | not restored (see above) |' "ultra generate --device cuda")"); fail=1; }
+  fi
   if [ -x "$work/ultra" ] && selected ultra; then
     log="$out/ultra-generate.log"
     "$work/ultra" generate --device cuda --max-tokens 64 "def fibonacci(n):" >"$log" 2>&1

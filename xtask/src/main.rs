@@ -421,8 +421,9 @@ const GPU_TESTS: &[(&str, &str)] = &[
 /// The device tool's limit on what one call carries: the checkout's files plus the bundle.
 const CARRY_LIMIT: u64 = 64 << 20;
 
-/// Runs cargo with JSON messages and returns (target name, executable) of what it built.
-fn cargo_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+/// Runs cargo with JSON messages and returns (target name, executable) of the executables it
+/// built for targets of `kind` ("test", "bin"): `cargo test` also builds the packages' binaries.
+fn cargo_executables(args: &[&str], kind: &str) -> Result<Vec<(String, PathBuf)>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root())
@@ -439,9 +440,14 @@ fn cargo_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
             continue;
         };
         if msg["reason"] == "compiler-artifact" {
-            if let (Some(exe), Some(name)) =
-                (msg["executable"].as_str(), msg["target"]["name"].as_str())
-            {
+            let of_kind = msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == kind));
+            if let (true, Some(exe), Some(name)) = (
+                of_kind,
+                msg["executable"].as_str(),
+                msg["target"]["name"].as_str(),
+            ) {
                 exes.push((name.to_string(), PathBuf::from(exe)));
             }
         }
@@ -538,16 +544,19 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
     for (_, t) in GPU_TESTS {
         args.extend(["--test", t]);
     }
-    let tests = cargo_executables(&args)?;
-    let bins = cargo_executables(&[
-        "build",
-        "--release",
-        "-p",
-        "ultra-benches",
-        "-p",
-        "serve",
-        "--bins",
-    ])?;
+    let tests = cargo_executables(&args, "test")?;
+    let bins = cargo_executables(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "ultra-benches",
+            "-p",
+            "serve",
+            "--bins",
+        ],
+        "bin",
+    )?;
     let mut staged = Vec::new();
     for (name, exe) in &tests {
         staged.push((exe.clone(), stage.join("tests").join(name)));
@@ -580,6 +589,11 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
         }
         raw += fs::metadata(dst)?.len();
     }
+    // `ultra` embeds the default model's assets (~24 MB of weights that xz cannot shrink); the
+    // checkout the bundle travels with holds the same files, so the bundle ships `ultra` with
+    // those bytes zeroed and run.sh copies them back from the checkout (checked by SHA-256).
+    let holes = punch_asset_holes(&stage, "ultra")?;
+    fs::write(stage.join("holes.txt"), &holes)?;
     if self_contained {
         for (from, to) in [
             ("fixtures", "fixtures"),
@@ -603,6 +617,7 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
         .map(|(_, d)| rel_to(&stage, d))
         .collect::<Result<_>>()?;
     members.sort_by_key(|m| (!m.contains("gpu_") && m != "ultra", m.clone()));
+    members.push("holes.txt".into());
     if self_contained {
         members.extend(["fixtures".into(), "crates".into()]);
     }
@@ -617,7 +632,9 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
         .spawn()
         .context("running tar")?;
     let status = Command::new("xz")
-        .args(["-9", "-T1", "-c"])
+        // A window over the whole input, so every binary's copy of the kernel images and of the
+        // shared crates is matched against the first one (≈ 6 MB instead of ≈ 40 MB).
+        .args(["-9", "-T1", "--lzma2=preset=9,dict=192MiB", "-c"])
         .stdin(tar.stdout.context("tar's stdout")?)
         .stdout(fs::File::create(&archive)?)
         .status()
@@ -668,6 +685,57 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
     println!("  bash {rel}/run.sh            # GPU tests, the ultra smoke run, benchmarks: pass/fail table");
     println!("  bash {rel}/run.sh --tests-only | --bench-only    ONLY=regex bash {rel}/run.sh");
     Ok(bundle)
+}
+
+/// Zeroes, in the staged binary `stage/name`, every default-model asset file it embeds
+/// (`crates/default-model/assets/**`, found byte for byte) and returns the lines of `holes.txt`:
+/// `sha256 <hex of the original binary> <name>`, then `hole <name> <offset> <length> <asset path
+/// relative to the checkout>` per asset. Files under 64 KiB are left in place.
+fn punch_asset_holes(stage: &Path, name: &str) -> Result<String> {
+    let bin_path = stage.join(name);
+    let mut bin = fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
+    let mut out = format!("sha256 {} {name}\n", sha256_hex(&bin));
+    let assets = root().join("crates/default-model/assets");
+    let mut files = Vec::new();
+    let mut dirs = vec![assets.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for f in files {
+        let bytes = fs::read(&f)?;
+        if bytes.len() < 64 << 10 {
+            continue;
+        }
+        let Some(off) = find(&bin, &bytes) else {
+            continue;
+        };
+        bin[off..off + bytes.len()].fill(0);
+        out += &format!(
+            "hole {name} {off} {} {}\n",
+            bytes.len(),
+            f.strip_prefix(root())?.to_string_lossy()
+        );
+    }
+    fs::write(&bin_path, &bin)?;
+    Ok(out)
+}
+
+/// The first offset of `needle` in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let head = &needle[..needle.len().min(64)];
+    hay.windows(head.len())
+        .enumerate()
+        .filter(|(_, w)| w == &head)
+        .map(|(i, _)| i)
+        .find(|&i| hay.get(i..i + needle.len()) == Some(needle))
 }
 
 /// `p` relative to `base`, as a string (paths inside the staging folder).
