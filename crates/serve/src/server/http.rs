@@ -12,8 +12,8 @@
 //! prompt too long, invalid UTF-8, too many stop strings), 401 without the API key, 403 for a
 //! foreign origin or `Host`, 404 for an unknown model or route, 405, 408 / 413 for a body too
 //! slow or too large, 429 when the queue is full, 503 while loading or shutting down.
-//! `x-request-id` is echoed and names the response (`cmpl-ID`); the engine's id of every
-//! request is random, so clients' ids never collide.
+//! `x-request-id` is echoed, names the response (`cmpl-ID`) and is logged (stderr, with the
+//! engine's id); the engine's id of every request is random, so clients' ids never collide.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -1076,6 +1076,10 @@ async fn submit(
     // The engine ids are random (a client's x-request-id only names the response), so no
     // client can collide with another's; several sequences are `<id>-<choice>`.
     let base_id = random_id();
+    if !header_id.is_empty() {
+        // The client's id is visible ASCII (checked above): one line, no control characters.
+        eprintln!("ultra serve: request {base_id}: x-request-id {header_id}");
+    }
     let want_prompt = prompt_logprobs.max(echo_logprobs);
     let mut reqs = Vec::with_capacity(k);
     for p in &prompts {
