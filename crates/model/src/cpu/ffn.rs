@@ -12,7 +12,7 @@
 //!    the order of transformers' `index_add_` loop over the hit experts — so the result is the
 //!    same whether the token runs alone or in a block.
 
-use crate::config::{ModelConfig, RouterSpec};
+use crate::config::ModelConfig;
 use crate::weights::{ExpertMat, GateUpLayout, Linear, Mlp, Moe};
 
 use super::ops;
@@ -34,25 +34,10 @@ pub struct FfnScratch {
     order: Vec<usize>,
 }
 
-/// The `moe` routing variant of `cfg` for the MoE block `m`. The gpt-oss router bias is part of
-/// `m.router` (added by [`ops::linear`] before routing), so it is not passed again here.
+/// The `moe` routing variant of `cfg` for the MoE block `m` (see
+/// [`super::moe_ops::spec_router_kind`]).
 pub fn router_kind<'a>(cfg: &ModelConfig, m: &'a Moe) -> moe::RouterKind<'a> {
-    match cfg.router {
-        RouterSpec::GptOss => moe::RouterKind::GptOss { bias: None },
-        RouterSpec::Qwen3 { norm_topk_prob } => moe::RouterKind::Qwen3Moe { norm_topk_prob },
-        RouterSpec::Sigmoid {
-            n_group,
-            topk_group,
-            norm_topk_prob,
-            routed_scaling_factor,
-        } => moe::RouterKind::Sigmoid(moe::SigmoidRouter {
-            correction_bias: m.correction_bias.as_deref(),
-            n_group,
-            topk_group,
-            norm_topk_prob,
-            routed_scaling_factor,
-        }),
-    }
+    super::moe_ops::spec_router_kind(cfg.router, m)
 }
 
 /// `y = X · Wᵀ` for `t` rows of an expert matrix (`x` `[t, in]`, `y` `[t, out]`); MXFP4 runs

@@ -32,10 +32,15 @@ pub struct ExpertScratch {
     order: Vec<usize>,
 }
 
-/// The `moe` routing variant of `p` for the MoE block `m` (the gpt-oss router bias is part of
-/// `m.router`, added by [`ops::linear`] before routing).
+/// The `moe` routing variant of `p` for the MoE block `m`.
 pub fn router_kind<'a>(p: &RouterParams, m: &'a Moe) -> moe::RouterKind<'a> {
-    match p.kind {
+    spec_router_kind(p.kind, m)
+}
+
+/// The `moe` routing variant of a router `spec` for the MoE block `m` (the gpt-oss router bias
+/// is part of `m.router`, added by [`ops::linear`] before routing, so it is not passed again).
+pub fn spec_router_kind(spec: crate::config::RouterSpec, m: &Moe) -> moe::RouterKind<'_> {
+    match spec {
         crate::config::RouterSpec::GptOss => moe::RouterKind::GptOss { bias: None },
         crate::config::RouterSpec::Qwen3 { norm_topk_prob } => {
             moe::RouterKind::Qwen3Moe { norm_topk_prob }
