@@ -906,6 +906,22 @@ async fn api_key_cors_and_host() {
 // Error shapes and codes.
 // ---------------------------------------------------------------------------------------------
 
+/// A body under `--max-request-bytes` but over axum's own 2 MiB default reaches the handler: the
+/// only size limit is the documented one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_up_to_max_request_bytes_reach_the_api() {
+    let limits = Limits {
+        max_request_bytes: 3 << 20,
+        ..quick_limits()
+    };
+    let server = start(options(limits, Security::default()), 2).await;
+    let addr = server.http_addr;
+    let prompt = "x ".repeat(5 << 18); // 2.5 MiB
+    let r = complete(addr, json!({"prompt": prompt, "max_tokens": 1})).await;
+    assert_eq!(r.status, 400, "a 2.5 MiB body under a 3 MiB limit");
+    assert!(r.openai_error().contains("prompt"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_has_the_documented_shape() {
     let server = start(options(quick_limits(), Security::default()), 2).await;

@@ -1187,5 +1187,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        // The connection layer (`conn`) already enforced `--max-request-bytes` before the body got
+        // here; axum's own default (2 MiB, an undocumented fixed limit) must not apply again.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
