@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
-use model::config::{Activation, Arch, AttnKind, LayerSpec, ModelConfig, Rope, RouterSpec, Yarn};
+use model::config::{LayerSpec, ModelConfig};
 use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
 use model::cpu::CpuModel;
 use model::footprint::{Footprint, StoragePlan};
@@ -73,51 +73,25 @@ impl Case {
 pub const GPT_OSS_LAYERS_VOCAB: usize = 32000;
 
 /// gpt-oss-20b's config (transformers' `GptOssConfig` for openai/gpt-oss-20b) cut to `layers`
-/// layers, with a [`GPT_OSS_LAYERS_VOCAB`]-token vocabulary.
+/// layers, with a [`GPT_OSS_LAYERS_VOCAB`]-token vocabulary: the gpt-oss layout of
+/// [`synthetic_gpt_oss_100m`] (sliding 128 / full layers, sinks, YaRN RoPE, clamped SwiGLU) at
+/// gpt-oss-20b's dimensions.
 pub fn gpt_oss_20b_layers(layers: usize) -> ModelConfig {
-    let rope = Rope {
-        theta: 150000.0,
-        rotary_dim: 64,
-        yarn: Some(Yarn::gpt_oss()),
-    };
+    let base = synthetic_gpt_oss_100m();
     ModelConfig {
-        arch: Arch::GptOss,
         vocab_size: GPT_OSS_LAYERS_VOCAB,
         hidden_size: 2880,
         layers: (0..layers)
             .map(|l| LayerSpec {
-                attn: if l % 2 == 0 {
-                    AttnKind::Sliding { window: 128 }
-                } else {
-                    AttnKind::Full
-                },
                 n_heads: 64,
                 n_kv_heads: 8,
-                head_dim: 64,
-                v_head_dim: 64,
-                rope,
-                sinks: true,
-                qk_norm: false,
-                attn_bias: true,
-                moe: true,
+                ..base.layers[l % 2]
             })
             .collect(),
-        rms_norm_eps: 1e-5,
         n_experts: 32,
-        top_k: 4,
         moe_intermediate_size: 2880,
-        dense_intermediate_size: None,
-        router: RouterSpec::GptOss,
-        activation: Activation::ClampedSwiglu {
-            alpha: 1.702,
-            limit: 7.0,
-        },
-        value_scale: 1.0,
-        tie_word_embeddings: false,
-        max_position_embeddings: 131072,
-        bos_token_id: None,
         eos_token_ids: vec![200002],
-        pad_token_id: None,
+        ..base
     }
 }
 
