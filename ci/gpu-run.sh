@@ -6,6 +6,7 @@
 #   bash run.sh                 tests, the ultra smoke run, then every benchmark
 #   bash run.sh --tests-only    tests and the smoke run only
 #   bash run.sh --bench-only    benchmarks only
+#   bash run.sh --extract DIR   only unpack the programs into DIR (assets restored) and exit
 #   ONLY=regex bash run.sh ...  only the test/bench binaries whose name matches regex
 # The bundle is bundle.tar.xz beside this script, unpacked into a temporary folder; `ultra` comes
 # without the default model's weights it embeds, copied back from the checkout. Fixtures come
@@ -18,12 +19,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 tests=1; benches=1
 [ "${1:-}" = "--tests-only" ] && benches=0
 [ "${1:-}" = "--bench-only" ] && tests=0
+keep=""
+[ "${1:-}" = "--extract" ] && { keep=${2:?--extract needs a folder}; mkdir -p "$keep" || exit 2; }
 if [ -d "$here/fixtures" ]; then data=$here
 elif [ -d "$here/../fixtures" ]; then data=$(cd "$here/.." && pwd)
 else echo "no fixtures: neither $here/fixtures (a --self-contained bundle) nor $here/../fixtures (a checkout)" >&2; exit 2
 fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+if [ -n "$keep" ]; then work=$(cd "$keep" && pwd); else work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
 if command -v xz >/dev/null; then
   tar -xJf "$here/bundle.tar.xz" -C "$work" || exit 2
 else
@@ -44,6 +46,7 @@ if [ -n "${bin:-}" ] && ! grep -qw "$bin" <<<"$restored"; then
   echo "$bin: the default model's assets in $data differ from the ones it was built with; not run" >&2
   rm -f "$work/$bin"
 fi
+[ -n "$keep" ] && { echo "unpacked into $work${restored:+ (assets restored:$restored)}"; exit 0; }
 if [ -n "${OUT:-}" ]; then out=$(mktemp -d); else out=$data/gpu-results; fi
 mkdir -p "$out"
 # Tests and benchmarks read fixtures/ (and ../crates/default-model/assets) from here.
