@@ -327,7 +327,9 @@ pub(crate) struct Scratch {
     pub(crate) ctx: DPtr<f32>,
 }
 
-/// The device buffers of a pass's [`Buf`]s.
+/// The device buffers of a pass's [`Buf`]s: the `Buf → device buffer` map of one pass (one
+/// field per buffer kind; [`check_plan`] checks that a plan names no other). `Buf::Kv` maps to
+/// one sequence's layer caches or to a batched row table ([`KvBinding`]).
 pub(crate) struct Bindings<'a> {
     pub(crate) tokens: TokenBinding,
     /// A drafter's input features: `K` column blocks `[t, H_t]` (`Buf::Features`).
@@ -346,6 +348,23 @@ pub(crate) struct Bindings<'a> {
     pub(crate) sampled: DPtr<u32>,
     pub(crate) kv: KvBinding<'a>,
     pub(crate) scratch: Scratch,
+}
+
+impl Bindings<'_> {
+    /// The f32 activation buffer bound to `b` (`x`, `h`, `q`, `attn`, `act`, `logits`).
+    pub(crate) fn f32(&self, b: Buf) -> Result<DPtr<f32>, RuntimeError> {
+        match b {
+            Buf::X => Ok(self.x),
+            Buf::H => Ok(self.h),
+            Buf::Q(0) => Ok(self.q),
+            Buf::Attn(0) => Ok(self.attn),
+            Buf::Act(0) => Ok(self.act),
+            Buf::Logits => Ok(self.logits),
+            b => Err(RuntimeError::Unsupported(format!(
+                "buffer {b} is not an f32 activation of this pass"
+            ))),
+        }
+    }
 }
 
 /// The hidden states a caller asked for: slot `s` (index `indices[s]`, as
@@ -431,6 +450,12 @@ pub(crate) fn check_plan(plan: &Plan) -> Result<(), RuntimeError> {
                 ));
             }
         }
+    }
+    if let Some(t) = plan.taps.iter().find(|t| !matches!(t.buf, Buf::X | Buf::H)) {
+        return Err(RuntimeError::Unsupported(format!(
+            "hidden state {} taps {} (captures copy x or h)",
+            t.hidden, t.buf
+        )));
     }
     if head_skip(plan) > 0 && plan.taps.iter().any(|t| t.buf == Buf::H) {
         return Err(RuntimeError::Unsupported(
@@ -626,15 +651,7 @@ impl Lowering<'_> {
             }
             *next += 1;
             let width = plan_hidden(plan);
-            let src = match tap.buf {
-                Buf::X => bind.x,
-                Buf::H => bind.h,
-                b => {
-                    return Err(RuntimeError::Unsupported(format!(
-                        "a hidden-state tap of {b}"
-                    )))
-                }
-            };
+            let src = bind.f32(tap.buf)?;
             for (slot, _) in captures
                 .indices
                 .iter()
