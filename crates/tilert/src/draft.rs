@@ -4,16 +4,19 @@
 //! [`GpuSession`] lives with the loop (`dflash::gpu`, feature `cuda`): this crate does not
 //! depend on `dflash`.
 //!
-//! The math is `dflash::drafter`'s (research/dflash.md §2–3), launched with the [`Ops`] kernels:
+//! The math is `dflash::drafter`'s (research/dflash.md §2–3). Both passes are the drafter's
+//! step plans (`model::plan::Plan::draft`, from [`DrafterConfig::draft_spec`]) lowered by the
+//! target's lowering ([`crate::exec::lower`]) onto the same fused kernels:
 //!
 //! ```text
 //! context (n ≤ 16 committed tokens, features = the target's captured hidden states):
-//!   fc (K column blocks, accumulated) → rms_norm(hidden_norm)
-//!   per layer: qkv linear → rope_kv_write at the tokens' positions (k, v into the draft cache)
+//!   draft_context: fc (K column blocks, accumulated) → rms_norm(hidden_norm)
+//!   per layer: qkv_rope_kv (k/v only) at the tokens' positions (k, v into the draft cache)
 //! draft (block [x_last, MASK × (B−1)] at positions start .. start+B):
-//!   embed(x_last) ‖ mask rows → per layer: rms_norm → qkv → rope_kv_write → attention
-//!   (bidirectional / causal / sliding as the config says) → o (+= residual) → rms_norm → gate_up
-//!   → SwiGLU → down (+= residual) → rms_norm(norm) on rows 1..B → the TARGET's LM head → argmax
+//!   embed(x_last) ‖ mask rows → rms_norm → per layer: qkv_rope_kv → draft_attention
+//!   (bidirectional / causal / sliding as the config says) → o_proj (+= residual) → rms_norm
+//!   → mlp_gate_up (SwiGLU) → mlp_down (+= residual, next norm; the final `norm` on rows 1..B)
+//!   → the TARGET's LM head → sample (argmax)
 //! ```
 //!
 //! Both passes are captured as CUDA graphs (one per context length n and one per block size B)
@@ -33,57 +36,47 @@
 //! (`y[r] = row[r] · scale`, one rounded f32 product per element: the CPU's `v *= scale`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaGraph, CudaStream};
-use model::drafter::{
-    hidden_index, DraftAttn, DrafterConfig, DrafterWeights, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
-};
+use model::drafter::{hidden_index, DrafterConfig, DrafterWeights, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use model::plan::draft::{DraftPass, DraftSpec};
+use model::plan::{LayerTables, Plan};
 use model::weights::{Mat, Mlp};
-use model::RopeTable;
 
-use crate::arena::{dtod, dtoh, htod, Arena, DPtr};
-use crate::exec::{
-    capture_graph, upload_linear, upload_opt, upload_qkv, upload_ropes, GpuModel, GpuSession, Rope,
-    SESSION_CHUNK_BYTES,
+use crate::arena::{dtoh, htod, Arena, DPtr};
+use crate::exec::lower::{
+    layer_attention_args, Bindings, Captures, DeviceLayer, DeviceMlp, DeviceWeights, KvBinding,
+    LayerKv, Lowering, Scratch, TokenBinding,
 };
-use crate::ops::{AttnArgs, GluArgs, MAX_TOKENS};
+use crate::exec::{
+    capture_graph, plan_error, upload_linear, upload_opt, upload_qkv, upload_ropes, GpuModel,
+    GpuSession, Rope, DEVICE_STORAGE, SESSION_CHUNK_BYTES,
+};
+use crate::ops::MAX_TOKENS;
 use crate::tensor::{patterned_vector, DenseData, DeviceMatrix};
 use crate::RuntimeError;
-
-struct DraftLayer {
-    input_norm: DPtr<f32>,
-    post_attn_norm: DPtr<f32>,
-    /// `[q; k; v]` rows fused.
-    qkv: DeviceMatrix,
-    qkv_bias: Option<DPtr<f32>>,
-    o: DeviceMatrix,
-    o_bias: Option<DPtr<f32>>,
-    q_norm: Option<DPtr<f32>>,
-    k_norm: Option<DPtr<f32>>,
-    sinks: Option<DPtr<f32>>,
-    /// `[2I, H]`, gate rows then up rows.
-    gate_up: DeviceMatrix,
-    down: DeviceMatrix,
-}
 
 struct Inner {
     config: Arc<DrafterConfig>,
     target: GpuModel,
-    /// `fc` split by target layer: `K` matrices `[H, H_t]`, summed (`fc · [h₀ ‖ … ‖ h_K−1]`).
-    fc: Vec<DeviceMatrix>,
-    hidden_norm: DPtr<f32>,
-    norm: DPtr<f32>,
-    layers: Vec<DraftLayer>,
-    rope: Rope,
+    /// The drafter's layers, `fc` (split by target layer: `K` matrices `[H, H_t]`, summed:
+    /// `fc · [h₀ ‖ … ‖ h_K−1]`), `hidden_norm`, `norm` (as the final norm), the scale of
+    /// `x_last`'s embedding row, and the target's embedding and LM head.
+    weights: DeviceWeights,
+    /// The device tables of the plans' `ropes`.
+    ropes: Vec<Rope>,
+    spec: DraftSpec,
+    /// The plan of a block of `MAX_TOKENS` rows: the per-layer tables and attention geometry
+    /// sessions size their caches by.
+    layout: Plan,
+    /// The plan of every pass run so far, built once each (at graph capture).
+    plans: Mutex<HashMap<DraftPass, Arc<Plan>>>,
     /// `[MAX_TOKENS − 1, H]`: the block's mask row (the mask embedding, or the target's
     /// embedding of the mask token) repeated.
     mask_rows: DPtr<f32>,
     /// The target's hidden-state indices of `target_layer_ids` (as `GpuSession::set_capture`).
     hidden_indices: Vec<usize>,
-    /// `[1]`: `input_embedding_scale` when it is not 1 (the draft pass then scales `x_last`'s
-    /// embedding row on the device; the mask rows are uploaded scaled).
-    embed_scale: Option<DPtr<f32>>,
     weight_bytes: usize,
     _arena: Arena,
 }
@@ -113,24 +106,17 @@ fn column_block(m: &Mat, c0: usize, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The rows of the draft block whose attention must be recomputed alone: with a non-causal
-/// window `W < block`, query `i` may see keys only up to position `start + i + W − 1`, short of
-/// the block's end, for `i < block − W` (the attention kernel's non-causal range ends at the
-/// block's end).
-fn short_window_rows(attn: DraftAttn, block: usize) -> std::ops::Range<usize> {
-    match (attn.causal, attn.window) {
-        (false, Some(w)) if w < block => 0..block - w,
-        _ => 0..0,
-    }
+/// Key-cache capacity of one draft layer for sequences of at most `max_seq` committed positions
+/// (`LayerTables::kv_capacity` with the block on top): full attention keeps every position up
+/// to the block's end; a window `W` keeps a ring of `W + MAX_TOKENS` (the oldest key a block
+/// query sees is `W − 1` before the block start, the newest `MAX_TOKENS − 1` after it).
+fn cache_capacity(tables: &LayerTables, max_seq: usize) -> usize {
+    tables.kv_capacity(max_seq + MAX_TOKENS, MAX_TOKENS, 0)
 }
 
-/// Key-cache capacity of one draft layer for sequences of at most `max_seq` committed positions:
-/// full attention keeps every position up to the block's end; a window `W` keeps a ring of
-/// `W + MAX_TOKENS` (the oldest key a block query sees is `W − 1` before the block start, the
-/// newest `MAX_TOKENS − 1` after it).
-fn cache_capacity(attn: DraftAttn, max_seq: usize) -> usize {
-    let full = max_seq + MAX_TOKENS;
-    attn.window.map_or(full, |w| (w + MAX_TOKENS).min(full))
+/// Keys that size one draft layer's attention splits (`LayerTables::max_keys`, block on top).
+fn max_keys(tables: &LayerTables, max_seq: usize) -> usize {
+    tables.max_keys(max_seq + MAX_TOKENS, MAX_TOKENS)
 }
 
 impl GpuDrafter {
@@ -165,18 +151,23 @@ impl GpuDrafter {
             let Mlp::Dense { gate_up, down } = &lw.mlp else {
                 return Err(invalid(format!("draft layer {l}: not a dense MLP")));
             };
-            layers.push(DraftLayer {
+            layers.push(DeviceLayer {
                 input_norm: arena.upload(&lw.input_norm, &at("input norm"))?,
                 post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
                 qkv,
                 qkv_bias,
+                qkv_rope_fused: false,
                 o,
                 o_bias,
                 q_norm: upload_opt(&mut arena, a.q_norm.as_ref(), &at("q norm"))?,
                 k_norm: upload_opt(&mut arena, a.k_norm.as_ref(), &at("k norm"))?,
                 sinks: upload_opt(&mut arena, a.sinks.as_ref(), &at("sinks"))?,
-                gate_up: upload_linear(&mut arena, gate_up, &at("gate_up"))?.0,
-                down: upload_linear(&mut arena, down, &at("down"))?.0,
+                mlp: DeviceMlp::Dense {
+                    gate_up: upload_linear(&mut arena, gate_up, &at("gate_up"))?.0,
+                    gate_up_bias: None,
+                    down: upload_linear(&mut arena, down, &at("down"))?.0,
+                    down_bias: None,
+                },
             });
         }
         let hidden_norm = arena.upload(&w.hidden_norm, "hidden norm")?;
@@ -238,11 +229,12 @@ impl GpuDrafter {
             let v = |arena: &mut Arena, n: usize, c: f32, s: f32, what: &str| {
                 patterned_vector(arena, n, c, s, &at(what))
             };
-            layers.push(DraftLayer {
+            layers.push(DeviceLayer {
                 input_norm: v(&mut arena, h, 1.0, 0.1, "input norm")?,
                 post_attn_norm: v(&mut arena, h, 1.0, 0.1, "post-attention norm")?,
                 qkv: dense(&mut arena, nh * d + 2 * nkv * d, h, &at("qkv"))?,
                 qkv_bias: None,
+                qkv_rope_fused: false,
                 o: dense(&mut arena, h, nh * d, &at("o_proj"))?,
                 o_bias: None,
                 q_norm: Some(v(&mut arena, d, 1.0, 0.1, "q norm")?),
@@ -252,8 +244,12 @@ impl GpuDrafter {
                 } else {
                     None
                 },
-                gate_up: dense(&mut arena, 2 * inter, h, &at("gate_up"))?,
-                down: dense(&mut arena, h, inter, &at("down"))?,
+                mlp: DeviceMlp::Dense {
+                    gate_up: dense(&mut arena, 2 * inter, h, &at("gate_up"))?,
+                    gate_up_bias: None,
+                    down: dense(&mut arena, h, inter, &at("down"))?,
+                    down_bias: None,
+                },
             });
         }
         let hidden_norm = patterned_vector(&mut arena, h, 1.0, 0.1, "hidden norm")?;
@@ -269,10 +265,13 @@ impl GpuDrafter {
         fc: Vec<DeviceMatrix>,
         hidden_norm: DPtr<f32>,
         norm: DPtr<f32>,
-        layers: Vec<DraftLayer>,
+        layers: Vec<DeviceLayer>,
         mask_embedding: Option<Vec<f32>>,
     ) -> Result<Self, RuntimeError> {
         let h = config.hidden_size;
+        let spec = config.draft_spec(target.config());
+        let layout = Plan::draft(&spec, DEVICE_STORAGE, DraftPass::Block { b: MAX_TOKENS }, 0)
+            .map_err(plan_error)?;
         let mask_row = match mask_embedding {
             Some(m) => m,
             None => {
@@ -303,7 +302,7 @@ impl GpuDrafter {
         } else {
             Some(arena.upload(&[scale], "input embedding scale")?)
         };
-        let rope = upload_ropes(&mut arena, &[RopeTable::new(&config.rope)])?[0];
+        let ropes = upload_ropes(&mut arena, &layout.ropes)?;
         let nl = target.config().layers.len();
         let hidden_indices = config
             .target_layer_ids
@@ -318,14 +317,21 @@ impl GpuDrafter {
             inner: Arc::new(Inner {
                 config: Arc::new(config),
                 target: target.clone(),
-                fc,
-                hidden_norm,
-                norm,
-                layers,
-                rope,
+                weights: DeviceWeights {
+                    embed: *target.embed_matrix(),
+                    lm_head: *target.lm_head_matrix(),
+                    final_norm: norm,
+                    layers,
+                    fc,
+                    hidden_norm: Some(hidden_norm),
+                    embed_scale,
+                },
+                ropes,
+                spec,
+                layout,
+                plans: Mutex::new(HashMap::new()),
                 mask_rows,
                 hidden_indices,
-                embed_scale,
                 weight_bytes: arena.used_bytes(),
                 _arena: arena,
             }),
@@ -355,12 +361,36 @@ impl GpuDrafter {
     pub fn session(&self, max_seq: usize) -> Result<GpuDraftSession, RuntimeError> {
         GpuDraftSession::new(self.clone(), max_seq)
     }
-}
 
-struct LayerKv {
-    k: DPtr<f32>,
-    v: DPtr<f32>,
-    capacity: usize,
+    /// The plan of `pass`, built on first use and cached.
+    fn plan(&self, pass: DraftPass) -> Result<Arc<Plan>, RuntimeError> {
+        let mut plans = self
+            .inner
+            .plans
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(p) = plans.get(&pass) {
+            return Ok(p.clone());
+        }
+        let plan = Plan::draft(&self.inner.spec, DEVICE_STORAGE, pass, 0).map_err(plan_error)?;
+        crate::exec::lower::check_plan(&plan)?;
+        crate::exec::lower::check_weights(&plan, &self.inner.weights)?;
+        let plan = Arc::new(plan);
+        plans.insert(pass, plan.clone());
+        Ok(plan)
+    }
+
+    /// The kernels (the target's), weights and RoPE tables the drafter's plans lower onto.
+    fn lowering(&self) -> Lowering<'_> {
+        let m = &*self.inner;
+        Lowering {
+            ops: m.target.ops(),
+            moe: m.target.moe_kernels(),
+            stream: m.target.stream(),
+            weights: &m.weights,
+            ropes: &m.ropes,
+        }
+    }
 }
 
 struct Buffers {
@@ -402,6 +432,8 @@ pub struct GpuDraftSession {
     drafter: GpuDrafter,
     arena: Arena,
     kv: Vec<LayerKv>,
+    /// Per layer, the keys that size its attention splits.
+    keys: Vec<usize>,
     b: Buffers,
     len: usize,
     max_seq: usize,
@@ -426,18 +458,27 @@ impl GpuDraftSession {
             c.intermediate_size,
         );
         let v = m.target.config().vocab_size;
-        let mut kv = Vec::with_capacity(c.num_layers());
-        for (l, attn) in c.layers.iter().enumerate() {
-            let capacity = cache_capacity(*attn, max_seq);
+        let layout = &m.layout;
+        let mut kv = Vec::with_capacity(layout.layers.len());
+        let mut keys = Vec::with_capacity(layout.layers.len());
+        for (l, tables) in layout.layers.iter().enumerate() {
+            let capacity = cache_capacity(tables, max_seq);
             kv.push(LayerKv {
-                k: arena.alloc(capacity * nkv * d, &format!("draft layer {l} key cache"))?,
-                v: arena.alloc(capacity * nkv * d, &format!("draft layer {l} value cache"))?,
+                k: arena.alloc(
+                    capacity * tables.k_width,
+                    &format!("draft layer {l} key cache"),
+                )?,
+                v: arena.alloc(
+                    capacity * tables.v_width,
+                    &format!("draft layer {l} value cache"),
+                )?,
                 capacity,
             });
+            keys.push(max_keys(tables, max_seq));
         }
         let mut scratch = 1;
         for (l, kv) in kv.iter().enumerate() {
-            let a = attn_args(m, l, kv);
+            let a = layer_attention_args(layout, l, kv)?;
             // Fewer queries get more key splits: the largest need is not always at T = 16.
             for rows in 1..=t {
                 scratch = scratch.max(crate::ops::Ops::attention_scratch_len(
@@ -469,6 +510,7 @@ impl GpuDraftSession {
             drafter,
             arena,
             kv,
+            keys,
             b,
             len: 0,
             max_seq,
@@ -564,7 +606,7 @@ impl GpuDraftSession {
                 self.drafter.hidden_indices()
             )));
         }
-        let k = self.drafter.inner.fc.len();
+        let k = self.drafter.inner.weights.fc.len();
         let hidden: Vec<DPtr<f32>> = (0..k).map(|s| target.captured_hidden(s, n)).collect();
         htod(
             &self.stream(),
@@ -575,7 +617,9 @@ impl GpuDraftSession {
             n,
             hidden: hidden[0].addr(),
         };
-        self.run(key, &|me: &Self| me.encode_context(n, &hidden))?;
+        self.run(key, &|me: &Self| {
+            me.encode(DraftPass::Context { n }, &hidden)
+        })?;
         self.len += n;
         Ok(())
     }
@@ -609,7 +653,9 @@ impl GpuDraftSession {
             &io,
             self.b.io.slice(IO_X_LAST..IO_BLOCK_STEP + MAX_TOKENS),
         )?;
-        self.run(Pass::Draft { block }, &|me: &Self| me.encode_draft(block))
+        self.run(Pass::Draft { block }, &|me: &Self| {
+            me.encode(DraftPass::Block { b: block }, &[])
+        })
     }
 
     /// The `[rows, V]` draft logits of the latest [`GpuDraftSession::draft`], on the device.
@@ -644,168 +690,79 @@ impl GpuDraftSession {
         Ok(())
     }
 
-    fn encode_context(&self, n: usize, hidden: &[DPtr<f32>]) -> Result<(), RuntimeError> {
+    /// Enqueues `pass` (io buffer already written): its plan lowered onto this state's
+    /// buffers; `hidden` are the context features (the target's captured hidden states).
+    fn encode(&self, pass: DraftPass, hidden: &[DPtr<f32>]) -> Result<(), RuntimeError> {
         let m = &*self.drafter.inner;
-        let c = &*m.config;
-        let ops = m.target.ops();
-        let s = &*self.stream();
+        let plan = self.drafter.plan(pass)?;
         let b = &self.b;
-        let h = c.hidden_size;
-        let ctx = b.ctx.slice(0..n * h);
-        for (k, (fc, rows)) in m.fc.iter().zip(hidden).enumerate() {
-            ops.linear(s, fc, None, *rows, n, ctx, k > 0)?;
-        }
-        ops.rms_norm(s, ctx, m.hidden_norm, n, h, c.rms_norm_eps, b.ctx_normed)?;
-        let step = b.io.slice(IO_CTX_STEP..IO_CTX_STEP + 1);
-        for (l, (layer, kv)) in m.layers.iter().zip(&self.kv).enumerate() {
-            let args = attn_args(m, l, kv);
-            let qkv = b.qkv.slice(0..n * layer.qkv.rows);
-            ops.linear(s, &layer.qkv, layer.qkv_bias, b.ctx_normed, n, qkv, false)?;
-            ops.rope_kv_write(s, &args, qkv, n, step, b.q)?;
-        }
-        Ok(())
-    }
-
-    fn encode_draft(&self, block: usize) -> Result<(), RuntimeError> {
-        let m = &*self.drafter.inner;
-        let c = &*m.config;
-        let ops = m.target.ops();
-        let s = &*self.stream();
-        let b = &self.b;
-        let (h, nh, d, eps) = (c.hidden_size, c.n_heads, c.head_dim, c.rms_norm_eps);
-        let x = b.x.slice(0..block * h);
-        let x_last = b.io.slice(IO_X_LAST..IO_X_LAST + 1);
-        match m.embed_scale {
-            None => ops.embed(s, m.target.embed_matrix(), x_last, 1, x)?,
-            Some(scale) => {
-                // Gather into scratch, then x[0] = row · scale: `linear` with the row as a
-                // `[H, 1]` weight and the scale as the single input value.
-                let row = b.h.slice(0..h);
-                ops.embed(s, m.target.embed_matrix(), x_last, 1, row)?;
-                let w = DeviceMatrix {
-                    data: DenseData::F32(row),
-                    rows: h,
-                    cols: 1,
-                };
-                ops.linear(s, &w, None, scale, 1, x.slice(0..h), false)?;
-            }
-        }
-        dtod(
-            s,
-            m.mask_rows.slice(0..(block - 1) * h),
-            x.slice(h..block * h),
-        )?;
-        let step = |i: usize| b.io.slice(IO_BLOCK_STEP + i..IO_BLOCK_STEP + i + 1);
-        let row = nh * d;
-        for (l, ((layer, kv), attn)) in m.layers.iter().zip(&self.kv).zip(&c.layers).enumerate() {
-            let args = attn_args(m, l, kv);
-            ops.rms_norm(s, x, layer.input_norm, block, h, eps, b.h)?;
-            let qkv = b.qkv.slice(0..block * layer.qkv.rows);
-            ops.linear(s, &layer.qkv, layer.qkv_bias, b.h, block, qkv, false)?;
-            ops.rope_kv_write(s, &args, qkv, block, step(0), b.q)?;
-            let keys = max_keys(*attn, kv);
-            ops.attention(
-                s,
-                &args,
-                b.q,
-                block,
-                step(0),
-                attn.causal,
-                keys,
-                b.attn_scratch,
-                b.attn,
-            )?;
-            if let Some(w) = attn.window {
-                for i in short_window_rows(*attn, block) {
-                    // Query i alone with its window's keys: a call of W queries from position
-                    // start + i whose non-causal range ends at start + i + W − 1; its row 0.
-                    ops.attention(
-                        s,
-                        &args,
-                        b.q.slice(i * row..(i + w) * row),
-                        w,
-                        step(i),
-                        false,
-                        keys,
-                        b.attn_scratch,
-                        b.attn_row,
-                    )?;
-                    dtod(
-                        s,
-                        b.attn_row.slice(0..row),
-                        b.attn.slice(i * row..(i + 1) * row),
-                    )?;
-                }
-            }
-            ops.linear(s, &layer.o, layer.o_bias, b.attn, block, x, true)?;
-            ops.rms_norm(s, x, layer.post_attn_norm, block, h, eps, b.h)?;
-            let inter = layer.down.cols;
-            let gu = b.gu.slice(0..block * 2 * inter);
-            ops.linear(s, &layer.gate_up, None, b.h, block, gu, false)?;
-            ops.glu(s, GluArgs::Swiglu, gu, block, inter, b.act)?;
-            ops.linear(s, &layer.down, None, b.act, block, x, true)?;
-        }
-        let rows = block - 1;
-        ops.rms_norm(s, x.slice(h..block * h), m.norm, rows, h, eps, b.h)?;
-        let lm_head = m.target.lm_head_matrix();
-        let v = lm_head.rows;
-        ops.linear(
-            s,
-            lm_head,
-            None,
-            b.h,
-            rows,
-            b.logits.slice(0..rows * v),
-            false,
-        )?;
-        ops.argmax(s, b.logits, rows, v, b.argmax_scratch, b.argmax)?;
-        Ok(())
-    }
-}
-
-fn max_keys(attn: DraftAttn, kv: &LayerKv) -> usize {
-    attn.window
-        .map_or(kv.capacity, |w| (w + MAX_TOKENS).min(kv.capacity))
-}
-
-fn attn_args(m: &Inner, l: usize, kv: &LayerKv) -> AttnArgs {
-    let c = &*m.config;
-    let layer = &m.layers[l];
-    AttnArgs {
-        n_heads: c.n_heads,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: c.head_dim,
-        v_head_dim: c.head_dim,
-        rotary_dim: m.rope.rotary_dim,
-        inv_freq: m.rope.inv_freq,
-        attention_factor: m.rope.attention_factor,
-        q_norm: layer.q_norm,
-        k_norm: layer.k_norm,
-        eps: c.rms_norm_eps,
-        value_scale: c.value_scale,
-        k_cache: kv.k,
-        v_cache: kv.v,
-        capacity: kv.capacity,
-        window: c.layers[l].window,
-        sinks: layer.sinks,
-        scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
+        let t = plan.shape.rows;
+        let h = m.config.hidden_size;
+        let (tokens, normed, positions) = match pass {
+            DraftPass::Context { .. } => (
+                TokenBinding::None,
+                b.ctx_normed,
+                b.io.slice(IO_CTX_STEP..IO_CTX_STEP + 1),
+            ),
+            DraftPass::Block { .. } => (
+                TokenBinding::DraftBlock {
+                    x_last: b.io.slice(IO_X_LAST..IO_X_LAST + 1),
+                    mask_rows: m.mask_rows,
+                },
+                b.h,
+                b.io.slice(IO_BLOCK_STEP..IO_BLOCK_STEP + MAX_TOKENS),
+            ),
+        };
+        let bind = Bindings {
+            tokens,
+            features: hidden,
+            x: b.x.slice(0..t * h),
+            h: normed,
+            q: b.q,
+            attn: b.attn,
+            act: b.act,
+            ids: DPtr::null(),
+            weights: DPtr::null(),
+            logits: b.logits,
+            sampled: b.argmax,
+            kv: KvBinding::Sequence {
+                caches: &self.kv,
+                positions,
+                keys: &self.keys,
+            },
+            scratch: Scratch {
+                qkv: b.qkv,
+                attn: b.attn_scratch,
+                attn_row: b.attn_row,
+                router_logits: DPtr::null(),
+                route_counter: DPtr::null(),
+                moe: DPtr::null(),
+                y: DPtr::null(),
+                gu: b.gu,
+                dense_act: Some(b.act),
+                argmax: b.argmax_scratch,
+                ctx: b.ctx,
+            },
+        };
+        self.drafter
+            .lowering()
+            .encode(&plan, &bind, &Captures::NONE, &mut |_| Ok(()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use model::drafter::DraftAttn;
 
-    #[test]
-    fn short_window_rows_only_for_non_causal_windows_shorter_than_the_block() {
-        let a = |window, causal| DraftAttn { window, causal };
-        assert_eq!(short_window_rows(a(None, false), 16), 0..0);
-        assert_eq!(short_window_rows(a(Some(3), true), 16), 0..0);
-        assert_eq!(short_window_rows(a(Some(1024), false), 16), 0..0);
-        assert_eq!(short_window_rows(a(Some(16), false), 16), 0..0);
-        // W = 3, B = 4: query 0 sees keys up to start + 2, short of the block end start + 3.
-        assert_eq!(short_window_rows(a(Some(3), false), 4), 0..1);
-        assert_eq!(short_window_rows(a(Some(1), false), 8), 0..7);
+    /// The plan's tables of a draft layer of this attention pattern.
+    fn tables(attn: DraftAttn) -> LayerTables {
+        LayerTables {
+            rope: 0,
+            window: attn.window,
+            k_width: 1,
+            v_width: 1,
+        }
     }
 
     #[test]
@@ -814,14 +771,14 @@ mod tests {
             window: None,
             causal: false,
         };
-        assert_eq!(cache_capacity(full, 100), 100 + MAX_TOKENS);
+        assert_eq!(cache_capacity(&tables(full), 100), 100 + MAX_TOKENS);
         let sliding = DraftAttn {
             window: Some(6),
             causal: true,
         };
         // A block query at `start` sees keys from start − 5; the block ends at start + 15.
-        assert_eq!(cache_capacity(sliding, 1000), 6 + MAX_TOKENS);
-        assert_eq!(cache_capacity(sliding, 2), 2 + MAX_TOKENS);
+        assert_eq!(cache_capacity(&tables(sliding), 1000), 6 + MAX_TOKENS);
+        assert_eq!(cache_capacity(&tables(sliding), 2), 2 + MAX_TOKENS);
     }
 
     #[test]

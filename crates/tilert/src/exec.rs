@@ -3,44 +3,54 @@
 //! and replayed.
 //!
 //! A pass over `T ≤ MAX_TOKENS` tokens (decode: T = 1; verify: 2..=16; prefill: chunks of 16)
-//! is this sequence of launches, the same math as the CPU's `cpu::run_pass`:
+//! is the model's step plan ([`model::plan::Plan`], built once per pass shape and cached in the
+//! [`GpuModel`]) lowered to launches by [`lower`] — the same plan the CPU executor interprets:
 //!
 //! ```text
 //! embed → rms_norm(input_norm₀)
-//! per layer: qkv linear (+bias) → rope_kv_write → attention → o linear (+bias, += residual)
-//!            → rms_norm(post_attn_norm)
-//!            → MoE: router linear (+bias) → route → experts gate_up+GLU → experts down·weight
-//!                   → combine (+= residual)
-//!              dense: gate_up linear → glu → down linear (+= residual)
-//!            → rms_norm(next input_norm, or the final norm)
-//! lm_head linear → argmax
+//! per layer: qkv_rope_kv (qkv linear (+bias) + RoPE + KV write, fused when the weight allows)
+//!            → attention → o_proj (+bias, += residual)
+//!            → MoE: norm_router_topk (post_attn_norm + router (+bias) + route, fused when
+//!                   aligned) → experts_gate_up (+GLU) → experts_down (·weight, combine += residual,
+//!                   next norm)
+//!              dense: rms_norm(post_attn_norm) → mlp_gate_up (+GLU) → mlp_down (+= residual,
+//!                     next norm)
+//! lm_head → sample (argmax)
 //! ```
 //!
 //! Everything that changes between steps (token ids, the start position) lives in a small device
 //! buffer written before each replay, so one captured graph per `(T, logits)` serves every step.
-//! Hidden states asked for by a speculative drafter are copied out inside the pass (the capture
-//! set is part of the session; changing it drops the captured graphs).
+//! Hidden states asked for by a speculative drafter are copied out inside the pass at the plan's
+//! taps (the capture set is part of the session; changing it drops the captured graphs).
 //!
-//! [`GpuBatch`] runs the same pass with one row per session (batched decode; see its module).
+//! [`GpuBatch`] runs the batched plan of the same model with one row per session (batched
+//! decode; see its module).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
 
-use model::config::{Activation, AttnKind, ModelConfig, RouterSpec};
+use model::config::{ModelConfig, RouterSpec};
+use model::plan::{OpKind, PassShape, Plan, QkvRopeParams, WeightStorage};
 use model::weights::{Linear, Mlp, Weights};
 use model::{RopeTable, LAST_LAYER_PRE_NORM};
 
 use crate::arena::{dtoh, htod, Arena, DPtr};
 use crate::moe::{DeviceMoe, MoeKernels};
-use crate::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
+use crate::ops::{Ops, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
 use crate::tensor::DeviceMatrix;
 use crate::{Device, RuntimeError};
 
 mod batch;
+pub(crate) mod lower;
 pub use batch::GpuBatch;
+
+use lower::{
+    Bindings, Captures, DeviceLayer, DeviceMlp, DeviceWeights, KvBinding, LayerKv, Lowering,
+    RowPass, Scratch, TokenBinding,
+};
 
 /// Default truncation depth a [`GpuSession`] keeps exact (as the CPU executor's).
 pub const DEFAULT_MAX_ROLLBACK: usize = model::DEFAULT_MAX_ROLLBACK;
@@ -48,7 +58,7 @@ pub const DEFAULT_MAX_ROLLBACK: usize = model::DEFAULT_MAX_ROLLBACK;
 /// (its large buffers, such as full-attention KV caches, get chunks of their own).
 pub(crate) const SESSION_CHUNK_BYTES: usize = 16 << 20;
 
-/// One RoPE table on the device ([`model::RopeTable`]).
+/// One RoPE table on the device ([`model::RopeTable`] of one of [`Plan::ropes`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Rope {
     pub(crate) inv_freq: DPtr<f32>,
@@ -56,38 +66,8 @@ pub(crate) struct Rope {
     pub(crate) rotary_dim: usize,
 }
 
-enum GpuMlp {
-    Dense {
-        gate_up: DeviceMatrix,
-        gate_up_bias: Option<DPtr<f32>>,
-        down: DeviceMatrix,
-        down_bias: Option<DPtr<f32>>,
-    },
-    Moe {
-        router: DeviceMatrix,
-        router_bias: Option<DPtr<f32>>,
-        route: RouteArgs,
-        experts: DeviceMoe,
-    },
-}
-
-struct GpuLayer {
-    input_norm: DPtr<f32>,
-    post_attn_norm: DPtr<f32>,
-    /// `[q; k; v]` rows fused into one matrix.
-    qkv: DeviceMatrix,
-    qkv_bias: Option<DPtr<f32>>,
-    /// `qkv` is in `ops::rope_pair_order` and the step runs `Ops::linear_qkv_rope` (RoPE and
-    /// the KV write fused into the projection) instead of `linear` + `rope_kv_write`.
-    qkv_rope_fused: bool,
-    o: DeviceMatrix,
-    o_bias: Option<DPtr<f32>>,
-    q_norm: Option<DPtr<f32>>,
-    k_norm: Option<DPtr<f32>>,
-    sinks: Option<DPtr<f32>>,
-    rope: usize,
-    mlp: GpuMlp,
-}
+/// The key of a cached plan: rows, logits, batched.
+type PassKey = (usize, Logits, bool);
 
 struct Inner {
     device: Device,
@@ -95,12 +75,14 @@ struct Inner {
     ops: Ops,
     moe: MoeKernels,
     config: Arc<ModelConfig>,
-    embed: DeviceMatrix,
-    lm_head: DeviceMatrix,
-    final_norm: DPtr<f32>,
-    layers: Vec<GpuLayer>,
+    weights: DeviceWeights,
+    /// The device tables of the plans' `ropes` (the same for every pass shape of the model).
     ropes: Vec<Rope>,
-    glu: GluArgs,
+    /// The decode plan: the layout the weights were uploaded for (RoPE tables, fused QKV) and
+    /// the per-layer tables (`LayerTables`) sessions size their caches by.
+    layout: Plan,
+    /// The plan of every pass shape run so far, built once each (at graph capture).
+    plans: Mutex<HashMap<PassKey, Arc<Plan>>>,
     weight_bytes: usize,
     /// Owns every weight allocation (dropped last).
     _arena: Arena,
@@ -113,30 +95,40 @@ pub struct GpuModel {
     inner: Arc<Inner>,
 }
 
-fn glu_args(a: Activation) -> GluArgs {
-    match a {
-        Activation::ClampedSwiglu { alpha, limit } => GluArgs::ClampedSwiglu { alpha, limit },
-        Activation::Swiglu => GluArgs::Swiglu,
+/// How the device holds a model's weights (sets only the plans' byte counts): bf16 dense
+/// weights, MXFP4 experts, an f32 KV cache.
+pub(crate) const DEVICE_STORAGE: WeightStorage = WeightStorage {
+    expert_bytes: 17.0 / 32.0,
+    dense_bytes: 2.0,
+    kv_bytes: 4.0,
+    mxfp4_experts: true,
+    label: "bf16 dense, MXFP4 experts, f32 KV (device)",
+};
+
+/// The plan shape of a session pass of `t` rows (`batched`: one row per sequence). A pass with
+/// logits computes them for every row and their argmax on the device.
+pub(crate) fn pass_shape(t: usize, logits: Logits, batched: bool) -> PassShape {
+    match (batched, logits) {
+        (true, _) => PassShape::batched(t, 0).with_sample(),
+        (false, Logits::None) => PassShape::prefill(t, 0, false),
+        (false, Logits::All) if t == 1 => PassShape::decode(0).with_sample(),
+        (false, Logits::All) => PassShape::verify(t, 0).with_sample(),
     }
 }
 
-fn route_args(spec: RouterSpec, correction_bias: Option<DPtr<f32>>) -> RouteArgs {
-    match spec {
-        RouterSpec::GptOss => RouteArgs::GptOss,
-        RouterSpec::Qwen3 { norm_topk_prob } => RouteArgs::Qwen3 { norm_topk_prob },
-        RouterSpec::Sigmoid {
-            n_group,
-            topk_group,
-            norm_topk_prob,
-            routed_scaling_factor,
-        } => RouteArgs::Sigmoid {
-            correction_bias,
-            n_group,
-            topk_group,
-            norm_topk_prob,
-            routed_scaling_factor,
-        },
-    }
+pub(crate) fn plan_error(e: model::plan::PlanError) -> RuntimeError {
+    RuntimeError::Invalid(format!("step plan: {e}"))
+}
+
+/// The `qkv_rope_kv` parameters of layer `l` of `plan`.
+pub(crate) fn qkv_params(plan: &Plan, l: usize) -> Result<QkvRopeParams, RuntimeError> {
+    plan.ops
+        .iter()
+        .find_map(|o| match o.kind {
+            OpKind::QkvRope(p) if o.layer == Some(l) => Some(p),
+            _ => None,
+        })
+        .ok_or_else(|| RuntimeError::Invalid(format!("the plan has no qkv_rope_kv of layer {l}")))
 }
 
 pub(crate) fn upload_opt(
@@ -215,10 +207,11 @@ pub(crate) fn upload_qkv(
     Ok((qkv, bias))
 }
 
-/// The rope pair order of a layer's QKV rows when the fused projection can serve it (no q/k
-/// norm, even head and rotary dims, 16-byte weight rows), else `None`.
+/// The rope pair order of a layer's QKV rows (geometry of its `qkv_rope_kv` op) when the fused
+/// projection can serve it (no q/k norm, even head and rotary dims, 16-byte weight rows), else
+/// `None`.
 fn fused_qkv_order(
-    spec: &model::config::LayerSpec,
+    p: &QkvRopeParams,
     rotary_dim: usize,
     qk_norm: bool,
     cols: usize,
@@ -226,11 +219,12 @@ fn fused_qkv_order(
     if qk_norm || !cols.is_multiple_of(8) {
         return None;
     }
+    let g = p.geom;
     crate::ops::rope_pair_order(
-        spec.n_heads,
-        spec.n_kv_heads,
-        spec.head_dim,
-        spec.v_head_dim,
+        g.n_heads,
+        g.n_kv_heads,
+        g.head_dim,
+        g.v_head_dim,
         rotary_dim,
     )
 }
@@ -250,23 +244,22 @@ pub(crate) fn capture_graph(
     Ok(g)
 }
 
-/// Distinct RoPE tables and the table index of each layer.
-fn rope_tables(config: &ModelConfig) -> (Vec<RopeTable>, Vec<usize>) {
-    let mut specs: Vec<model::config::Rope> = Vec::new();
-    let mut tables = Vec::new();
-    let mut per_layer = Vec::new();
-    for l in &config.layers {
-        let i = match specs.iter().position(|r| *r == l.rope) {
-            Some(i) => i,
-            None => {
-                specs.push(l.rope);
-                tables.push(RopeTable::new(&l.rope));
-                specs.len() - 1
-            }
-        };
-        per_layer.push(i);
+/// A target model's weights (no drafter parts).
+fn target_weights(
+    embed: DeviceMatrix,
+    lm_head: DeviceMatrix,
+    final_norm: DPtr<f32>,
+    layers: Vec<DeviceLayer>,
+) -> DeviceWeights {
+    DeviceWeights {
+        embed,
+        lm_head,
+        final_norm,
+        layers,
+        fc: Vec::new(),
+        hidden_norm: None,
+        embed_scale: None,
     }
-    (tables, per_layer)
 }
 
 impl GpuModel {
@@ -292,17 +285,19 @@ impl GpuModel {
         let total = weights.stored_bytes() as u64;
         let mut done = 0u64;
         model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let layout =
+            Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
-        let (tables, per_layer) = rope_tables(&config);
-        let ropes = upload_ropes(&mut arena, &tables)?;
+        let ropes = upload_ropes(&mut arena, &layout.ropes)?;
         let mut layers = Vec::with_capacity(config.layers.len());
-        for (l, (spec, lw)) in config.layers.iter().zip(&weights.layers).enumerate() {
+        for (l, lw) in weights.layers.iter().enumerate() {
             let at = |what: &str| format!("layer {l} {what}");
             let a = &lw.attn;
+            let p = qkv_params(&layout, l)?;
             let order = fused_qkv_order(
-                spec,
-                ropes[per_layer[l]].rotary_dim,
+                &p,
+                ropes[p.rope].rotary_dim,
                 a.q_norm.is_some() || a.k_norm.is_some(),
                 a.q.w.cols,
             );
@@ -313,7 +308,7 @@ impl GpuModel {
                     let (gate_up, gate_up_bias) =
                         upload_linear(&mut arena, gate_up, &at("mlp gate_up"))?;
                     let (down, down_bias) = upload_linear(&mut arena, down, &at("mlp down"))?;
-                    GpuMlp::Dense {
+                    DeviceMlp::Dense {
                         gate_up,
                         gate_up_bias,
                         down,
@@ -323,20 +318,20 @@ impl GpuModel {
                 Mlp::Moe(m) => {
                     let (router, router_bias) =
                         upload_linear(&mut arena, &m.router, &at("router"))?;
-                    let correction = upload_opt(
+                    let correction_bias = upload_opt(
                         &mut arena,
                         m.correction_bias.as_ref(),
                         &at("correction bias"),
                     )?;
-                    GpuMlp::Moe {
+                    DeviceMlp::Moe {
                         router,
                         router_bias,
-                        route: route_args(config.router, correction),
+                        correction_bias,
                         experts: DeviceMoe::upload(&mut arena, m)?,
                     }
                 }
             };
-            layers.push(GpuLayer {
+            layers.push(DeviceLayer {
                 input_norm: arena.upload(&lw.input_norm, &at("input norm"))?,
                 post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
                 qkv,
@@ -347,10 +342,8 @@ impl GpuModel {
                 q_norm: upload_opt(&mut arena, a.q_norm.as_ref(), &at("q norm"))?,
                 k_norm: upload_opt(&mut arena, a.k_norm.as_ref(), &at("k norm"))?,
                 sinks: upload_opt(&mut arena, a.sinks.as_ref(), &at("sinks"))?,
-                rope: per_layer[l],
                 mlp,
             });
-            let _ = spec;
             lw.release_pages();
             done += lw.stored_bytes() as u64;
             progress(model::progress::Progress { done, total });
@@ -366,8 +359,9 @@ impl GpuModel {
         weights.embed.bytes().release_pages();
         weights.lm_head.bytes().release_pages();
         progress(model::progress::Progress { done: total, total });
+        let weights = target_weights(embed, lm_head, final_norm, layers);
         Ok(Self::assemble(
-            device, stream, ops, moe, config, embed, lm_head, final_norm, layers, ropes, arena,
+            device, stream, ops, moe, config, weights, ropes, layout, arena,
         ))
     }
 
@@ -380,10 +374,11 @@ impl GpuModel {
         config: Arc<ModelConfig>,
         seed: u64,
     ) -> Result<Self, RuntimeError> {
+        let layout =
+            Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
-        let (tables, per_layer) = rope_tables(&config);
-        let ropes = upload_ropes(&mut arena, &tables)?;
+        let ropes = upload_ropes(&mut arena, &layout.ropes)?;
         let h = config.hidden_size;
         let seed_state = std::cell::Cell::new(seed);
         let next_seed = || {
@@ -448,9 +443,10 @@ impl GpuModel {
                 next_seed(),
             )?;
             // Random rows: any order is as good as the rope pair order.
+            let p = qkv_params(&layout, l)?;
             let qkv_rope_fused =
-                fused_qkv_order(spec, ropes[per_layer[l]].rotary_dim, spec.qk_norm, h).is_some();
-            layers.push(GpuLayer {
+                fused_qkv_order(&p, ropes[p.rope].rotary_dim, spec.qk_norm, h).is_some();
+            layers.push(DeviceLayer {
                 input_norm: small(&mut arena, h, 1.0, 0.1, &at("input norm"))?,
                 post_attn_norm: small(&mut arena, h, 1.0, 0.1, &at("post-attention norm"))?,
                 qkv,
@@ -473,11 +469,10 @@ impl GpuModel {
                 } else {
                     None
                 },
-                rope: per_layer[l],
-                mlp: GpuMlp::Moe {
+                mlp: DeviceMlp::Moe {
                     router,
                     router_bias,
-                    route: route_args(config.router, None),
+                    correction_bias: None,
                     experts,
                 },
             });
@@ -487,8 +482,9 @@ impl GpuModel {
         let lm_head = dense(&mut arena, config.vocab_size, h, "lm_head")?;
         let final_norm = small(&mut arena, h, 1.0, 0.1, "final norm")?;
         stream.synchronize()?;
+        let weights = target_weights(embed, lm_head, final_norm, layers);
         Ok(Self::assemble(
-            device, stream, ops, moe, config, embed, lm_head, final_norm, layers, ropes, arena,
+            device, stream, ops, moe, config, weights, ropes, layout, arena,
         ))
     }
 
@@ -499,11 +495,9 @@ impl GpuModel {
         ops: Ops,
         moe: MoeKernels,
         config: Arc<ModelConfig>,
-        embed: DeviceMatrix,
-        lm_head: DeviceMatrix,
-        final_norm: DPtr<f32>,
-        layers: Vec<GpuLayer>,
+        weights: DeviceWeights,
         ropes: Vec<Rope>,
+        layout: Plan,
         arena: Arena,
     ) -> Self {
         let weight_bytes = arena.used_bytes();
@@ -513,16 +507,50 @@ impl GpuModel {
                 stream,
                 ops,
                 moe,
-                glu: glu_args(config.activation),
                 config,
-                embed,
-                lm_head,
-                final_norm,
-                layers,
+                weights,
                 ropes,
+                layout,
+                plans: Mutex::new(HashMap::new()),
                 weight_bytes,
                 _arena: arena,
             }),
+        }
+    }
+
+    /// The plan of a pass of `t` rows (see [`pass_shape`]), built on first use and cached.
+    fn plan(&self, t: usize, logits: Logits, batched: bool) -> Result<Arc<Plan>, RuntimeError> {
+        let key = (t, logits, batched);
+        let mut plans = self
+            .inner
+            .plans
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(p) = plans.get(&key) {
+            return Ok(p.clone());
+        }
+        let plan = Plan::new(
+            &self.inner.config,
+            DEVICE_STORAGE,
+            pass_shape(t, logits, batched),
+        )
+        .map_err(plan_error)?;
+        lower::check_plan(&plan)?;
+        lower::check_weights(&plan, &self.inner.weights)?;
+        let plan = Arc::new(plan);
+        plans.insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// The kernels, weights and RoPE tables this model's plans lower onto.
+    fn lowering(&self) -> Lowering<'_> {
+        let m = &*self.inner;
+        Lowering {
+            ops: &m.ops,
+            moe: &m.moe,
+            stream: &m.stream,
+            weights: &m.weights,
+            ropes: &m.ropes,
         }
     }
 
@@ -550,12 +578,12 @@ impl GpuModel {
 
     /// The token embedding `[V, H]` on the device (drafters borrow it).
     pub fn embed_matrix(&self) -> &DeviceMatrix {
-        &self.inner.embed
+        &self.inner.weights.embed
     }
 
     /// The LM head `[V, H]` on the device (drafters borrow it).
     pub fn lm_head_matrix(&self) -> &DeviceMatrix {
-        &self.inner.lm_head
+        &self.inner.weights.lm_head
     }
 
     /// Bytes of weights resident on the device.
@@ -571,12 +599,12 @@ impl GpuModel {
 
     /// Weight bytes a pass reads when `distinct` experts per MoE layer are selected.
     pub fn step_weight_bytes(&self, distinct: usize) -> usize {
-        let mut b = self.inner.lm_head.bytes();
-        for l in &self.inner.layers {
+        let mut b = self.inner.weights.lm_head.bytes();
+        for l in &self.inner.weights.layers {
             b += l.qkv.bytes() + l.o.bytes();
             match &l.mlp {
-                GpuMlp::Dense { gate_up, down, .. } => b += gate_up.bytes() + down.bytes(),
-                GpuMlp::Moe {
+                DeviceMlp::Dense { gate_up, down, .. } => b += gate_up.bytes() + down.bytes(),
+                DeviceMlp::Moe {
                     router, experts, ..
                 } => {
                     b += router.bytes()
@@ -608,13 +636,15 @@ fn open(ordinal: usize) -> Result<(Device, Arc<CudaStream>, Ops, MoeKernels), Ru
     Ok((device, stream, ops, moe))
 }
 
+/// The device tables of a plan's RoPE configurations ([`Plan::ropes`]).
 pub(crate) fn upload_ropes(
     arena: &mut Arena,
-    tables: &[RopeTable],
+    ropes: &[model::config::Rope],
 ) -> Result<Vec<Rope>, RuntimeError> {
-    tables
+    ropes
         .iter()
-        .map(|t| {
+        .map(|r| {
+            let t = RopeTable::new(r);
             Ok(Rope {
                 inv_freq: if t.inv_freq.is_empty() {
                     DPtr::null()
@@ -633,7 +663,7 @@ pub type VerifyOutput = model::VerifyOutput;
 
 /// What a pass leaves on the device for the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Logits {
+pub(crate) enum Logits {
     /// No LM head (inner prefill chunks).
     None,
     /// LM head over every token of the pass + argmax.
@@ -669,12 +699,6 @@ struct Buffers {
     sample_out: DPtr<u32>,
 }
 
-struct LayerKv {
-    k: DPtr<f32>,
-    v: DPtr<f32>,
-    capacity: usize,
-}
-
 /// Per-op labels of a profiled pass (see [`GpuSession::profile_pass`]).
 pub type OpTimes = Vec<(&'static str, f32)>;
 
@@ -688,7 +712,8 @@ pub struct GpuSession {
     /// One past the highest position ever written (bounds exact truncation of sliding layers).
     high_water: usize,
     max_seq: usize,
-    max_keys: usize,
+    /// Per layer, the keys that size its attention splits (`LayerTables::max_keys`).
+    keys: Vec<usize>,
     /// Hidden indices (as the CPU's `cpu::Session::verify`) copied out by every pass.
     capture: Vec<usize>,
     graphs: HashMap<(usize, Logits), CudaGraph>,
@@ -705,46 +730,41 @@ impl GpuSession {
         let mut arena = Arena::with_chunk_bytes(m.stream.clone(), SESSION_CHUNK_BYTES);
         let t = MAX_TOKENS;
         let h = cfg.hidden_size;
-        let mut kv = Vec::with_capacity(cfg.layers.len());
-        let mut max_keys = 0;
+        let layout = &m.layout;
+        let mut kv = Vec::with_capacity(layout.layers.len());
+        let mut keys = Vec::with_capacity(layout.layers.len());
         let mut attn_scratch = 0;
         let (mut qkv_w, mut q_w, mut attn_w) = (0, 0, 0);
-        for (l, (spec, layer)) in cfg.layers.iter().zip(&m.layers).enumerate() {
-            let capacity = match spec.attn {
-                AttnKind::Full => max_seq,
-                AttnKind::Sliding { window } => (window + MAX_TOKENS + max_rollback).min(max_seq),
-            };
-            let keys = match spec.attn {
-                AttnKind::Full => max_seq,
-                AttnKind::Sliding { window } => (window + MAX_TOKENS).min(max_seq),
-            };
-            max_keys = max_keys.max(keys);
-            let (nkv, d, dv) = (spec.n_kv_heads, spec.head_dim, spec.v_head_dim);
+        for (l, (tables, layer)) in layout.layers.iter().zip(&m.weights.layers).enumerate() {
+            let capacity = tables.kv_capacity(max_seq, MAX_TOKENS, max_rollback);
+            let layer_keys = tables.max_keys(max_seq, MAX_TOKENS);
             let lk = LayerKv {
-                k: arena.alloc(capacity * nkv * d, &format!("layer {l} key cache"))?,
-                v: arena.alloc(capacity * nkv * dv, &format!("layer {l} value cache"))?,
+                k: arena.alloc(capacity * tables.k_width, &format!("layer {l} key cache"))?,
+                v: arena.alloc(capacity * tables.v_width, &format!("layer {l} value cache"))?,
                 capacity,
             };
-            let args = attn_args(m, spec, layer, &lk);
+            let args = lower::layer_attention_args(layout, l, &lk)?;
             // Fewer queries get more key splits: the largest need is not always at T = 16.
             for rows in 1..=t {
-                attn_scratch = attn_scratch.max(Ops::attention_scratch_len(&args, rows, keys));
+                attn_scratch =
+                    attn_scratch.max(Ops::attention_scratch_len(&args, rows, layer_keys));
             }
             kv.push(lk);
+            keys.push(layer_keys);
             qkv_w = qkv_w.max(layer.qkv.rows);
-            q_w = q_w.max(spec.n_heads * d);
-            attn_w = attn_w.max(spec.n_heads * dv);
+            q_w = q_w.max(args.n_heads * args.head_dim);
+            attn_w = attn_w.max(args.n_heads * args.v_head_dim);
         }
         let (ne, k) = (cfg.n_experts.max(1), cfg.top_k.max(1));
         let mut moe_scratch = 0;
         let mut inter = 0;
-        for layer in &m.layers {
+        for layer in &m.weights.layers {
             match &layer.mlp {
-                GpuMlp::Moe { experts, .. } => {
+                DeviceMlp::Moe { experts, .. } => {
                     moe_scratch = moe_scratch.max(MoeKernels::scratch_len(experts, t, k));
                     inter = inter.max(experts.inter);
                 }
-                GpuMlp::Dense { down, .. } => inter = inter.max(down.cols),
+                DeviceMlp::Dense { down, .. } => inter = inter.max(down.cols),
             }
         }
         let v = cfg.vocab_size;
@@ -780,7 +800,7 @@ impl GpuSession {
             len: 0,
             high_water: 0,
             max_seq,
-            max_keys,
+            keys,
             capture: Vec::new(),
             graphs: HashMap::new(),
             // ULTRA_NO_GRAPHS=1: launch op by op (debugging; with ULTRA_TRACE_OPS=1 each op is
@@ -904,210 +924,74 @@ impl GpuSession {
         })
     }
 
-    /// Enqueues one pass of `t` tokens (io buffer already written); `mark(label)` is called after
-    /// each op's launch (profiling records an event there). An error names the op and layer it
-    /// came from. With `ULTRA_TRACE_OPS=1` in the environment (and graphs off) every op is
-    /// followed by a synchronization, so asynchronous faults are pinned to their op too. With
-    /// `rows`, the pass is a batched decode ([`GpuBatch`]): row `t` is the next token of its own
-    /// sequence, whose cache `rows` names (this session only lends its activation buffers).
+    /// Enqueues one pass of `t` tokens (io buffer already written): the pass's plan lowered
+    /// onto this session's buffers ([`lower`]); `mark(label)` is called after each launch
+    /// (profiling records an event there). An error names the op and layer it came from. With
+    /// `ULTRA_TRACE_OPS=1` in the environment (and graphs off) every launch is followed by a
+    /// synchronization, so asynchronous faults are pinned to their op too. With `rows`, the pass
+    /// is a batched decode ([`GpuBatch`]): row `t` is the next token of its own sequence, whose
+    /// cache `rows` names (this session only lends its activation buffers).
     fn encode(
         &self,
         t: usize,
         logits: Logits,
-        rows: Option<&batch::RowPass>,
+        rows: Option<&RowPass>,
         mark: &mut dyn FnMut(&'static str) -> Result<(), RuntimeError>,
     ) -> Result<(), RuntimeError> {
         let trace = !self.use_graphs && std::env::var("ULTRA_TRACE_OPS").is_ok_and(|v| v == "1");
-        let stream = self.model.inner.stream.clone();
-        let mut done = 0usize;
-        let mut last = "start";
-        let r = self.encode_ops(t, logits, rows, &mut |label| {
-            done += 1;
-            last = label;
-            if trace {
-                stream.synchronize()?;
-            }
-            mark(label)
-        });
-        r.map_err(|e| {
-            let nl = self.model.inner.config.layers.len().max(1);
-            RuntimeError::Op {
-                pass: format!("pass of {t} tokens, op #{done} after `{last}` (~{nl} layers)"),
-                source: Box::new(e),
-            }
-        })
-    }
-
-    fn encode_ops(
-        &self,
-        t: usize,
-        logits: Logits,
-        rows: Option<&batch::RowPass>,
-        mark: &mut dyn FnMut(&'static str) -> Result<(), RuntimeError>,
-    ) -> Result<(), RuntimeError> {
+        let plan = self.model.plan(t, logits, rows.is_some())?;
         let m = &*self.model.inner;
-        let cfg = &*m.config;
-        let s = &*m.stream;
         let b = &self.b;
-        let (h, eps, nl) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.layers.len());
-        let step = b.io.slice(0..1);
-        let tokens = b.io.slice(1..1 + t);
-        let x = b.x.slice(0..t * h);
-        m.ops.embed(s, &m.embed, tokens, t, x)?;
-        mark("embed")?;
-        self.capture_hidden(0, x, t)?;
-        m.ops
-            .rms_norm(s, x, m.layers[0].input_norm, t, h, eps, b.h)?;
-        mark("norm")?;
-        let k = cfg.top_k;
-        for (l, (spec, layer)) in cfg.layers.iter().zip(&m.layers).enumerate() {
-            let args = attn_args(m, spec, layer, &self.kv[l]);
-            if let Some(rows) = rows {
-                rows.attention(m, l, layer, &args, b, t, mark)?;
-            } else {
-                if layer.qkv_rope_fused {
-                    m.ops.linear_qkv_rope(
-                        s,
-                        &layer.qkv,
-                        layer.qkv_bias,
-                        b.h,
-                        t,
-                        &args,
-                        step,
-                        b.q,
-                    )?;
-                    mark("qkv_rope_kv")?;
-                } else {
-                    m.ops
-                        .linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
-                    mark("qkv")?;
-                    m.ops.rope_kv_write(s, &args, b.qkv, t, step, b.q)?;
-                    mark("rope_kv")?;
+        let h = m.config.hidden_size;
+        let kv = match rows {
+            Some(r) => KvBinding::Rows(r),
+            None => KvBinding::Sequence {
+                caches: &self.kv,
+                positions: b.io.slice(0..1),
+                keys: &self.keys,
+            },
+        };
+        let bind = Bindings {
+            tokens: TokenBinding::Ids(b.io.slice(1..1 + t)),
+            features: &[],
+            x: b.x.slice(0..t * h),
+            h: b.h,
+            q: b.q,
+            attn: b.attn,
+            act: b.act,
+            ids: b.ids,
+            weights: b.weights,
+            logits: b.logits,
+            sampled: b.argmax,
+            kv,
+            scratch: Scratch {
+                qkv: b.qkv,
+                attn: b.attn_scratch,
+                attn_row: DPtr::null(),
+                router_logits: b.router_logits,
+                route_counter: b.route_counter,
+                moe: b.moe_scratch,
+                y: b.y,
+                gu: b.gu,
+                dense_act: None,
+                argmax: b.argmax_scratch,
+                ctx: DPtr::null(),
+            },
+        };
+        let captures = Captures {
+            indices: &self.capture,
+            dst: b.hidden,
+            stride: MAX_TOKENS * h,
+        };
+        let stream = &m.stream;
+        self.model
+            .lowering()
+            .encode(&plan, &bind, &captures, &mut |label| {
+                if trace {
+                    stream.synchronize()?;
                 }
-                let keys = self.attention_keys(l);
-                m.ops
-                    .attention(s, &args, b.q, t, step, true, keys, b.attn_scratch, b.attn)?;
-                mark("attention")?;
-            }
-            m.ops
-                .linear(s, &layer.o, layer.o_bias, b.attn, t, x, true)?;
-            mark("o_proj")?;
-            // The layer's last op applies the next RMSNorm (fused into the MoE combine).
-            let next_norm = if l + 1 < nl {
-                m.layers[l + 1].input_norm
-            } else {
-                m.final_norm
-            };
-            match &layer.mlp {
-                GpuMlp::Moe {
-                    router,
-                    router_bias,
-                    route,
-                    experts,
-                } => {
-                    let ne = experts.n_experts;
-                    let fused = m.ops.router_route(
-                        s,
-                        router,
-                        *router_bias,
-                        x,
-                        layer.post_attn_norm,
-                        eps,
-                        t,
-                        route,
-                        k,
-                        b.h,
-                        b.router_logits,
-                        b.route_counter,
-                        b.ids,
-                        b.weights,
-                    )?;
-                    if fused {
-                        mark("norm_router_route")?;
-                    } else {
-                        m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
-                        mark("norm")?;
-                        m.ops
-                            .linear(s, router, *router_bias, b.h, t, b.router_logits, false)?;
-                        mark("router")?;
-                        m.ops
-                            .route(s, route, b.router_logits, t, ne, k, b.ids, b.weights)?;
-                        mark("route")?;
-                    }
-                    m.moe
-                        .gate_up(s, experts, m.glu, b.h, t, k, b.ids, b.moe_scratch, b.act)?;
-                    mark("experts_gate_up")?;
-                    m.moe.down(
-                        s,
-                        experts,
-                        b.act,
-                        t,
-                        k,
-                        b.ids,
-                        b.weights,
-                        b.moe_scratch,
-                        b.y,
-                    )?;
-                    mark("experts_down")?;
-                    m.ops
-                        .combine(s, x, b.y, b.ids, t, k, h, Some((next_norm, eps, b.h)))?;
-                    mark("combine_norm")?;
-                    self.capture_hidden(next_capture(l, nl), x, t)?;
-                }
-                GpuMlp::Dense {
-                    gate_up,
-                    gate_up_bias,
-                    down,
-                    down_bias,
-                } => {
-                    let i = down.cols;
-                    let gu = b.gu.slice(0..t * 2 * i);
-                    let act = b.gu.slice(t * 2 * i..t * 3 * i);
-                    m.ops.rms_norm(s, x, layer.post_attn_norm, t, h, eps, b.h)?;
-                    mark("norm")?;
-                    m.ops.linear(s, gate_up, *gate_up_bias, b.h, t, gu, false)?;
-                    mark("mlp_gate_up")?;
-                    m.ops.glu(s, m.glu, gu, t, i, act)?;
-                    mark("glu")?;
-                    m.ops.linear(s, down, *down_bias, act, t, x, true)?;
-                    mark("mlp_down")?;
-                    self.capture_hidden(next_capture(l, nl), x, t)?;
-                    m.ops.rms_norm(s, x, next_norm, t, h, eps, b.h)?;
-                    mark("norm")?;
-                }
-            }
-        }
-        self.capture_hidden(nl, b.h.slice(0..t * h), t)?;
-        if logits == Logits::All {
-            let v = cfg.vocab_size;
-            m.ops
-                .linear(s, &m.lm_head, None, b.h, t, b.logits.slice(0..t * v), false)?;
-            mark("lm_head")?;
-            m.ops
-                .argmax(s, b.logits, t, v, b.argmax_scratch, b.argmax)?;
-            mark("argmax")?;
-        }
-        Ok(())
-    }
-
-    /// The keys that size layer `l`'s attention splits (the session's size, or the window).
-    fn attention_keys(&self, l: usize) -> usize {
-        match self.model.inner.config.layers[l].attn {
-            AttnKind::Full => self.max_keys.min(self.kv[l].capacity),
-            AttnKind::Sliding { window } => (window + MAX_TOKENS).min(self.kv[l].capacity),
-        }
-    }
-
-    fn capture_hidden(&self, idx: usize, rows: DPtr<f32>, t: usize) -> Result<(), RuntimeError> {
-        let h = self.model.inner.config.hidden_size;
-        for (slot, _) in self.capture.iter().enumerate().filter(|(_, &i)| i == idx) {
-            let dst = self
-                .b
-                .hidden
-                .slice(slot * MAX_TOKENS * h..slot * MAX_TOKENS * h + t * h);
-            crate::arena::dtod(&self.model.inner.stream, rows.slice(0..t * h), dst)?;
-        }
-        Ok(())
+                mark(label)
+            })
     }
 
     fn logits_rows(&self, t: usize) -> Result<Vec<Vec<f32>>, RuntimeError> {
@@ -1310,9 +1194,9 @@ impl GpuSession {
             self.reset();
             return Ok(());
         }
-        let cfg = &*self.model.inner.config;
-        for (l, (spec, kv)) in cfg.layers.iter().zip(&self.kv).enumerate() {
-            if let AttnKind::Sliding { window } = spec.attn {
+        let layout = &self.model.inner.layout;
+        for (l, (tables, kv)) in layout.layers.iter().zip(&self.kv).enumerate() {
+            if let Some(window) = tables.window {
                 // Positions ≥ len − window + 1 must still be in the ring: none of them may have
                 // been overwritten by a position up to high_water − 1.
                 if self.high_water > len + kv.capacity - window {
@@ -1406,44 +1290,4 @@ fn timing_event(stream: &CudaStream) -> Result<CudaEvent, RuntimeError> {
     }
     .result()?;
     Ok(event)
-}
-
-/// The hidden-state index of the residual after layer `l` of `nl` (as the CPU's `cpu::Session`).
-fn next_capture(l: usize, nl: usize) -> usize {
-    if l + 1 < nl {
-        l + 1
-    } else {
-        LAST_LAYER_PRE_NORM
-    }
-}
-
-fn attn_args(
-    m: &Inner,
-    spec: &model::config::LayerSpec,
-    layer: &GpuLayer,
-    kv: &LayerKv,
-) -> AttnArgs {
-    let rope = &m.ropes[layer.rope];
-    AttnArgs {
-        n_heads: spec.n_heads,
-        n_kv_heads: spec.n_kv_heads,
-        head_dim: spec.head_dim,
-        v_head_dim: spec.v_head_dim,
-        rotary_dim: rope.rotary_dim,
-        inv_freq: rope.inv_freq,
-        attention_factor: rope.attention_factor,
-        q_norm: layer.q_norm,
-        k_norm: layer.k_norm,
-        eps: m.config.rms_norm_eps,
-        value_scale: m.config.value_scale,
-        k_cache: kv.k,
-        v_cache: kv.v,
-        capacity: kv.capacity,
-        window: match spec.attn {
-            AttnKind::Full => None,
-            AttnKind::Sliding { window } => Some(window),
-        },
-        sinks: layer.sinks,
-        scale: (1.0 / (spec.head_dim as f64).sqrt()) as f32,
-    }
 }

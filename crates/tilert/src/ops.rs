@@ -88,11 +88,47 @@ pub enum RouteArgs {
     },
 }
 
+impl RouteArgs {
+    /// The routing of a plan's `norm_router_topk` op (`model::plan::RouterParams::kind`), with
+    /// the layer's selection-only correction bias on the device (sigmoid routers).
+    pub fn of(kind: model::config::RouterSpec, correction_bias: Option<DPtr<f32>>) -> Self {
+        use model::config::RouterSpec;
+        match kind {
+            RouterSpec::GptOss => RouteArgs::GptOss,
+            RouterSpec::Qwen3 { norm_topk_prob } => RouteArgs::Qwen3 { norm_topk_prob },
+            RouterSpec::Sigmoid {
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            } => RouteArgs::Sigmoid {
+                correction_bias,
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            },
+        }
+    }
+}
+
 /// The gated activation (mirrors `model::config::Activation`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum GluArgs {
     ClampedSwiglu { alpha: f32, limit: f32 },
     Swiglu,
+}
+
+impl From<model::config::Activation> for GluArgs {
+    /// The GLU of a plan's `experts_gate_up` / `mlp_gate_up` op.
+    fn from(a: model::config::Activation) -> Self {
+        match a {
+            model::config::Activation::ClampedSwiglu { alpha, limit } => {
+                GluArgs::ClampedSwiglu { alpha, limit }
+            }
+            model::config::Activation::Swiglu => GluArgs::Swiglu,
+        }
+    }
 }
 
 /// Sampling parameters applied on the device (same meaning as `model::sampling`).

@@ -104,6 +104,38 @@ pub struct DrafterConfig {
 }
 
 impl DrafterConfig {
+    /// The plan-level view of this drafter ([`crate::plan::draft::DraftSpec`]) for a target of
+    /// `target` (whose embedding and LM head it borrows; its hidden states are the features).
+    /// Draft layers are Qwen3 blocks: q/k norms, SwiGLU.
+    pub fn draft_spec(&self, target: &crate::config::ModelConfig) -> crate::plan::draft::DraftSpec {
+        use crate::plan::draft::{DraftLayer, DraftSpec};
+        DraftSpec {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            eps: self.rms_norm_eps,
+            rope: self.rope,
+            bias: self.attention_bias,
+            qk_norm: true,
+            sinks: self.sinks,
+            value_scale: self.value_scale,
+            input_embedding_scale: self.input_embedding_scale,
+            activation: crate::config::Activation::Swiglu,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| DraftLayer {
+                    window: l.window,
+                    causal: l.causal,
+                })
+                .collect(),
+            features: self.num_features() * target.hidden_size,
+            vocab: target.vocab_size,
+        }
+    }
+
     /// Number of draft layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

@@ -54,7 +54,7 @@ pub struct DraftSpec {
 }
 
 /// Which drafter pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DraftPass {
     /// Append `n` committed tokens' features to the context caches.
     Context { n: usize },

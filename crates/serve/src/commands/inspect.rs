@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use model::config::{AttnKind, ModelConfig};
 use model::footprint::{Footprint, StoragePlan};
-use model::plan::draft::{DraftLayer, DraftPass, DraftSpec};
+use model::plan::draft::DraftPass;
 use model::plan::tp::{shard_plan, TpLayout};
 use model::plan::{PassShape, Plan, WeightStorage};
 
@@ -159,36 +159,6 @@ pub fn plan(i: &Inspection, shape: PassShape, ranks: usize) -> Result<Plan> {
     Ok(shard_plan(&p, &i.config, &layout)?)
 }
 
-/// The model-level view of a drafter's config (`dflash::DrafterConfig` → [`DraftSpec`]) for a
-/// target of `target` (whose embedding and LM head it borrows).
-pub fn draft_spec(d: &dflash::DrafterConfig, target: &ModelConfig) -> DraftSpec {
-    DraftSpec {
-        hidden: d.hidden_size,
-        intermediate: d.intermediate_size,
-        n_heads: d.n_heads,
-        n_kv_heads: d.n_kv_heads,
-        head_dim: d.head_dim,
-        eps: d.rms_norm_eps,
-        rope: d.rope,
-        bias: d.attention_bias,
-        qk_norm: true,
-        sinks: d.sinks,
-        value_scale: d.value_scale,
-        input_embedding_scale: d.input_embedding_scale,
-        activation: model::config::Activation::Swiglu,
-        layers: d
-            .layers
-            .iter()
-            .map(|l| DraftLayer {
-                window: l.window,
-                causal: l.causal,
-            })
-            .collect(),
-        features: d.num_features() * target.hidden_size,
-        vocab: target.vocab_size,
-    }
-}
-
 /// The drafter in `dir`'s context-append (`n` tokens) and block-draft (`block` rows, default
 /// the drafter's) plans, at `context` positions already in its caches.
 pub fn draft_plans(
@@ -203,7 +173,7 @@ pub fn draft_plans(
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let d = dflash::DrafterConfig::from_json_str(&text)
         .with_context(|| format!("{}", file.display()))?;
-    let spec = draft_spec(&d, &i.config);
+    let spec = d.draft_spec(&i.config);
     let storage = WeightStorage::from_plan(StoragePlan {
         // The drafter is dense: its storage is the target's dense dtype.
         expert_bytes_per_weight: i.plan.dense_bytes_per_weight,

@@ -2,12 +2,14 @@
 //! model, each at its own length) in **one pass** — the GPU counterpart of
 //! the CPU's `cpu::Model::decode_batch`.
 //!
-//! The pass is the executor's ordinary `T`-token pass with `T = N` rows (one per sequence):
-//! embedding, norms, QKV / O projections, router, experts (each distinct expert read once for
-//! all rows), LM head and argmax are the same launches, so every weight is read once per step
-//! instead of once per sequence. Only RoPE + the KV write and attention differ
-//! ([`crate::ops::rows`]): each row uses its own sequence's cache, position and attention key
-//! splits, read from a row table in device memory that is written before each replay. One
+//! The pass is the model's batched step plan (`PassShape::batched(N)`) lowered by the same
+//! [`super::lower`] as every session pass, with `T = N` rows (one per sequence): embedding,
+//! norms, QKV / O projections, router, experts (each distinct expert read once for all rows),
+//! LM head and argmax are the same launches, so every weight is read once per step instead of
+//! once per sequence. Only RoPE + the KV write and attention differ: the plan's `Buf::Kv` is
+//! bound to a row table ([`super::lower::RowPass`], kernels [`crate::ops::rows`]), so each row
+//! uses its own sequence's cache, position and attention key splits, read from device memory
+//! written before each replay. One
 //! CUDA graph per `(N, per-layer split bound)` therefore serves every step, whatever sequences
 //! are in it (in a server every sequence has one size: one graph per N).
 //!
@@ -29,58 +31,12 @@ use std::collections::HashMap;
 
 use cudarc::driver::CudaGraph;
 
-use super::{
-    attn_args, capture_graph, Buffers, GpuLayer, GpuModel, GpuSession, Inner, Logits,
-    DEFAULT_MAX_ROLLBACK,
-};
+use super::lower::{layer_attention_args, LayerKv, RowPass};
+use super::{capture_graph, GpuModel, GpuSession, Logits, DEFAULT_MAX_ROLLBACK};
 use crate::arena::{dtoh, htod, DPtr};
 use crate::ops::rows::{decode_splits, max_splits, KvRow, RowOps, KV_ROW_WORDS};
 use crate::ops::{AttnArgs, MAX_TOKENS};
 use crate::RuntimeError;
-
-/// What a batched pass hands [`GpuSession::encode`]: the row table and the attention bounds.
-pub(super) struct RowPass<'a> {
-    ops: &'a RowOps,
-    /// `[layer][MAX_TOKENS]` rows of [`KV_ROW_WORDS`] words.
-    table: DPtr<u64>,
-    /// Per layer, the largest key splits of any row (the attention grid).
-    splits: &'a [usize],
-    scratch: DPtr<f32>,
-}
-
-impl RowPass<'_> {
-    /// Layer `l`'s QKV projection, RoPE + KV write into each row's cache and attention of each
-    /// row over its own cache: `b.h` → `b.attn`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention(
-        &self,
-        m: &Inner,
-        l: usize,
-        layer: &GpuLayer,
-        args: &AttnArgs,
-        b: &Buffers,
-        t: usize,
-        mark: &mut dyn FnMut(&'static str) -> Result<(), RuntimeError>,
-    ) -> Result<(), RuntimeError> {
-        let s = &*m.stream;
-        let at = l * MAX_TOKENS * KV_ROW_WORDS;
-        let rows = self.table.slice(at..at + t * KV_ROW_WORDS);
-        if layer.qkv_rope_fused {
-            self.ops
-                .linear_qkv_rope(s, &layer.qkv, layer.qkv_bias, b.h, t, args, rows, b.q)?;
-            mark("qkv_rope_kv")?;
-        } else {
-            m.ops
-                .linear(s, &layer.qkv, layer.qkv_bias, b.h, t, b.qkv, false)?;
-            mark("qkv")?;
-            self.ops.rope_kv_write(s, args, b.qkv, t, rows, b.q)?;
-            mark("rope_kv")?;
-        }
-        self.ops
-            .attention(s, args, b.q, t, rows, self.splits[l], self.scratch, b.attn)?;
-        mark("attention")
-    }
-}
 
 /// Batched decode over sessions of one model (see the module docs). Create with
 /// [`GpuModel::batch`]; reuse it for every step (its graphs are captured once per batch size).
@@ -93,6 +49,9 @@ pub struct GpuBatch {
     /// The attention scratch of `MAX_TOKENS` rows at the most splits.
     scratch: DPtr<f32>,
     host: Vec<u64>,
+    /// Per layer, the attention geometry and window of the plan (the row table's checks and
+    /// key splits; each row brings its own cache).
+    attn: Vec<AttnArgs>,
     graphs: HashMap<(usize, Vec<usize>), CudaGraph>,
 }
 
@@ -111,9 +70,11 @@ impl GpuBatch {
         let ops = RowOps::load(&m.ops)?;
         let nl = m.config.layers.len();
         let mut scratch = 0;
-        for (l, (spec, layer)) in m.config.layers.iter().zip(&m.layers).enumerate() {
-            let a = attn_args(m, spec, layer, &lender.kv[l]);
+        let mut attn = Vec::with_capacity(nl);
+        for l in 0..nl {
+            let a = layer_attention_args(&m.layout, l, &LayerKv::NONE)?;
             scratch = scratch.max(RowOps::attention_scratch_len(&a, MAX_TOKENS, max_splits()));
+            attn.push(a);
         }
         let table = lender
             .arena
@@ -126,6 +87,7 @@ impl GpuBatch {
             table,
             scratch,
             host: vec![0; nl.max(1) * MAX_TOKENS * KV_ROW_WORDS],
+            attn,
             graphs: HashMap::new(),
         })
     }
@@ -231,18 +193,17 @@ impl GpuBatch {
             })?;
         }
         let m = &*model.inner;
-        let mut splits = vec![1usize; m.config.layers.len()];
-        for (l, (spec, layer)) in m.config.layers.iter().zip(&m.layers).enumerate() {
+        let mut splits = vec![1usize; self.attn.len()];
+        for (l, a) in self.attn.iter().enumerate() {
             for (r, s) in sessions.iter().enumerate() {
                 let kv = &s.kv[l];
-                let a = attn_args(m, spec, layer, kv);
                 let row = KvRow::new(
-                    &a,
+                    a,
                     kv.k,
                     kv.v,
                     kv.capacity,
                     s.len,
-                    decode_splits(&a, s.attention_keys(l)),
+                    decode_splits(a, s.keys[l]),
                 )?;
                 splits[l] = splits[l].max(row.splits());
                 let at = (l * MAX_TOKENS + r) * KV_ROW_WORDS;
