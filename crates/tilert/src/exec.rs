@@ -40,6 +40,7 @@ use crate::tensor::DeviceMatrix;
 use crate::{Device, RuntimeError};
 
 mod batch;
+mod executor;
 pub use batch::GpuBatch;
 
 /// Default truncation depth a [`GpuSession`] keeps exact (as the CPU executor's).
