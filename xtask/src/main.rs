@@ -413,6 +413,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "moe"),
     ("tilert", "exec"),
     ("tilert", "batch"),
+    ("tilert", "executor"),
     ("dflash", "gpu_spec"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),

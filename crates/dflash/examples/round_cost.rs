@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use dflash::target::Executor;
 use dflash::toy::{drafter, ToyKind};
-use dflash::Target;
 use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
 use model::cpu::CpuModel;
 
@@ -42,7 +42,7 @@ fn main() {
 
     // Context features of the prompt, then rounds at each block size.
     let mut s = model.session();
-    let out = Target::forward(&mut s, &prompt, &layers).expect("forward");
+    let out = Executor::forward(&mut s, &prompt, &layers).expect("forward");
     let h = cfg.hidden_size;
     let mut features = Vec::with_capacity(prompt.len() * layers.len() * h);
     for row in 0..prompt.len() {
@@ -77,9 +77,9 @@ fn main() {
                 }))
                 .collect();
             let t1 = Instant::now();
-            Target::forward(&mut s, &block, &layers).expect("verify");
+            Executor::forward(&mut s, &block, &layers).expect("verify");
             tv.push(t1.elapsed().as_secs_f64() * 1e3);
-            Target::truncate(&mut s, base).expect("truncate");
+            Executor::truncate(&mut s, base).expect("truncate");
         }
         let (dm, vm) = (median(td), median(tv));
         println!(

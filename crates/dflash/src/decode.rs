@@ -1,4 +1,5 @@
-//! The speculative decoding loop (research/dflash.md §3.1) over a [`Target`], and
+//! The speculative decoding loop (research/dflash.md §3.1) over a [`SpecBackend`] (on the host:
+//! a [`DraftTarget`] executor and the CPU [`Drafter`]), and
 //! [`SpecDecoder`], its entry point over the CPU executor.
 
 use std::ops::ControlFlow;
@@ -12,7 +13,7 @@ use crate::accept::sample_index;
 use crate::config::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::drafter::{DraftCache, Drafter, DrafterError};
 use crate::probs::SamplingDist;
-use crate::target::Target;
+use crate::target::DraftTarget;
 use crate::{
     accept_greedy, accept_sampled, AcceptError, Acceptance, AcceptanceStats, DEFAULT_PROB_TOLERANCE,
 };
@@ -233,7 +234,7 @@ pub enum Want {
 }
 
 /// The target and the drafter of one sequence, as the speculative loop drives them
-/// ([`run_speculative`]). [`CpuBackend`] implements it over any [`Target`] and the CPU
+/// ([`run_speculative`]). [`CpuBackend`] implements it over any [`DraftTarget`] and the CPU
 /// [`Drafter`]; `gpu::GpuSpecOn` (feature `cuda`) pairs a `tilert` target session with the
 /// device drafter.
 ///
@@ -271,10 +272,18 @@ pub trait SpecBackend {
     /// Keeps the first `keep` tokens of the latest [`SpecBackend::verify`]: the target is
     /// truncated to `len() + keep` and their features become drafter context.
     fn commit(&mut self, keep: usize) -> Result<(), SpecError>;
+    /// Empties the sequence (target and drafter context) and keeps its memory, so that the next
+    /// [`SpecBackend::prefill`] starts a new one (a benchmark reuses one state for every prompt).
+    /// A backend that cannot be emptied in place (one request's proxy) refuses: the default.
+    fn reset(&mut self) -> Result<(), SpecError> {
+        Err(SpecError::TargetOutput(
+            "this speculative backend cannot be emptied in place".into(),
+        ))
+    }
 }
 
-/// [`SpecBackend`] over a [`Target`] and the CPU [`Drafter`] (always returns logits).
-pub struct CpuBackend<'a, T: Target> {
+/// [`SpecBackend`] over a [`DraftTarget`] and the CPU [`Drafter`] (always returns logits).
+pub struct CpuBackend<'a, T: DraftTarget> {
     target: &'a mut T,
     drafter: &'a Drafter,
     cache: DraftCache,
@@ -282,14 +291,10 @@ pub struct CpuBackend<'a, T: Target> {
     verified: Option<(usize, VerifyOutput)>,
 }
 
-impl<'a, T: Target> CpuBackend<'a, T> {
-    /// Checks `drafter` against the target's dimensions ([`Drafter::check_dims`]).
+impl<'a, T: DraftTarget> CpuBackend<'a, T> {
+    /// Checks `drafter` against the target's dimensions ([`Drafter::check_target`]).
     pub fn new(target: &'a mut T, drafter: &'a Drafter) -> Result<Self, SpecError> {
-        drafter.check_dims(
-            target.vocab_size(),
-            target.hidden_size(),
-            target.num_layers(),
-        )?;
+        drafter.check_target(target.config())?;
         Ok(CpuBackend {
             target,
             drafter,
@@ -302,15 +307,19 @@ impl<'a, T: Target> CpuBackend<'a, T> {
     fn forward(&mut self, tokens: &[u32]) -> Result<VerifyOutput, SpecError> {
         let layers = &self.drafter.config().target_layer_ids;
         let out = self.target.forward(tokens, layers).map_err(target_err)?;
-        let (v, h) = (self.target.vocab_size(), self.target.hidden_size());
+        let (v, h) = (self.vocab_size(), self.hidden_size());
         check_output(&out, tokens.len(), v, layers.len(), h)?;
         Ok(out)
     }
+
+    fn hidden_size(&self) -> usize {
+        self.target.config().hidden_size
+    }
 }
 
-impl<T: Target> SpecBackend for CpuBackend<'_, T> {
+impl<T: DraftTarget> SpecBackend for CpuBackend<'_, T> {
     fn vocab_size(&self) -> usize {
-        self.target.vocab_size()
+        self.target.config().vocab_size
     }
 
     fn len(&self) -> usize {
@@ -330,7 +339,7 @@ impl<T: Target> SpecBackend for CpuBackend<'_, T> {
         }
         self.verified = None;
         let mut out = self.forward(chunk)?;
-        let h = self.target.hidden_size();
+        let h = self.hidden_size();
         self.drafter
             .append_context(&mut self.cache, &features(&out, chunk.len(), h))?;
         Ok(want.map(|_| Rows::Logits(out.logits.pop().expect("checked: one row per token"))))
@@ -371,21 +380,28 @@ impl<T: Target> SpecBackend for CpuBackend<'_, T> {
             )));
         }
         self.target.truncate(start + keep).map_err(target_err)?;
-        let h = self.target.hidden_size();
+        let h = self.hidden_size();
         self.drafter
             .append_context(&mut self.cache, &features(&out, keep, h))?;
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), SpecError> {
+        self.target.truncate(0).map_err(target_err)?;
+        self.cache = self.drafter.new_cache();
+        self.verified = None;
         Ok(())
     }
 }
 
 /// Runs speculative generation on `target` (which must be empty) with `drafter`: checks the
-/// drafter against the target ([`Drafter::check_dims`]) and runs [`run_speculative`] on a
+/// drafter against the target ([`Drafter::check_target`]) and runs [`run_speculative`] on a
 /// [`CpuBackend`].
 ///
 /// Greedy output is token-for-token identical to plain greedy decoding with the same
 /// `SamplingParams` (the CPU executor's verify rows are bit-identical to decode steps);
 /// sampled output has exactly the target's sampling distribution.
-pub fn speculative_generate<T: Target>(
+pub fn speculative_generate<T: DraftTarget>(
     target: &mut T,
     drafter: &Drafter,
     opts: &SpecOptions,

@@ -212,4 +212,9 @@ impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
         target.truncate(start + keep).map_err(target_err)?;
         self.draft.append_context(target, keep).map_err(target_err)
     }
+
+    fn reset(&mut self) -> Result<(), SpecError> {
+        GpuSpecOn::reset(self);
+        Ok(())
+    }
 }

@@ -1,8 +1,8 @@
 //! DFlash block speculative decoding (research/dflash.md).
 //!
 //! This crate owns the DFlash algorithm: drafter loading (z-lab DFlash-1 checkpoints and
-//! Xiaomi's MiMo variant), the CPU block draft forward, the speculative loop over a [`Target`]
-//! abstraction and its backends (the CPU one; with feature `cuda`, the GPU one in `gpu`, over
+//! Xiaomi's MiMo variant), the CPU block draft forward, the speculative loop over a
+//! [`SpecBackend`] and its backends (the CPU one; with feature `cuda`, the GPU one in `gpu`, over
 //! `tilert`'s executors), the acceptance rules and the acceptance statistics.
 //!
 //! # Entry point
@@ -44,13 +44,15 @@
 //!   [`Drafter::append_context`] (target features → `fc` → `hidden_norm` → each layer's K/V at
 //!   the true positions, into a [`DraftCache`] of committed context) and [`Drafter::draft`] (the
 //!   block `[x_last, MASK×(B−1)]` → logits of rows `1..B` through the target's LM head).
-//! * [`Target`] ([`target`]) — run tokens at the current position (logits + the outputs of
-//!   selected layers), truncate, length; implemented for `model::cpu::Session`.
+//! * [`DraftTarget`] ([`target`]) — the target sequence of the host backend: a
+//!   [`model::Executor`] (run tokens at the current position: logits + the outputs of selected
+//!   layers; truncate; length) that also lends the drafter the target's embedding and LM head;
+//!   implemented for `model::cpu::Session`.
 //! * [`run_speculative`] ([`decode`]) — the loop: prefill, draft, verify, accept, truncate,
 //!   append context, emit (stop tokens and `max_tokens` inside the emitted run), over a
 //!   [`SpecBackend`] (a target + drafter pair of one sequence; rows as logits or, for plain
 //!   greedy decoding, argmax ids); [`run_speculative_rows`] also hands each emitted token's
-//!   target logits row to the caller (log-probabilities). [`CpuBackend`] pairs any [`Target`] with the CPU
+//!   target logits row to the caller (log-probabilities). [`CpuBackend`] pairs any [`DraftTarget`] with the CPU
 //!   [`Drafter`]; `gpu::GpuSpec` (feature `cuda`) runs it on the device (a `tilert` target
 //!   session + `tilert::draft`'s GPU drafter).
 //!   [`speculative_generate`] / [`SpecDecoder`] run it on the CPU.
@@ -101,7 +103,7 @@ pub use decode::{
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;
 pub use stats::AcceptanceStats;
-pub use target::Target;
+pub use target::DraftTarget;
 
 /// Errors of the acceptance rules and statistics. Nothing in this crate panics on bad input.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -17,8 +17,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dflash::gpu::GpuSpec;
+use dflash::target::Executor;
 use dflash::toy::{self, ToyKind};
-use dflash::{Drafter, SpecOptions, Target};
+use dflash::{Drafter, SpecOptions};
 use model::cpu::CpuModel;
 use model::sampling::SamplingParams;
 use rand::{Rng, SeedableRng};
@@ -132,7 +133,7 @@ fn draft_logits_match_cpu() {
         let prompt: Vec<u32> = (0..20).map(|_| r.random_range(0..v as u32)).collect();
 
         let mut cs = m.cpu.session();
-        let out = Target::forward(&mut cs, &prompt, &layers).unwrap();
+        let out = Executor::forward(&mut cs, &prompt, &layers).unwrap();
         let mut cache = d.new_cache();
         d.append_context(&mut cache, &features(&out, prompt.len()))
             .unwrap();
@@ -166,8 +167,8 @@ fn draft_logits_match_cpu() {
         }
         // A verified block of 5, 3 committed.
         let block: Vec<u32> = (0..5).map(|_| r.random_range(0..v as u32)).collect();
-        let out = Target::forward(&mut cs, &block, &layers).unwrap();
-        Target::truncate(&mut cs, prompt.len() + 3).unwrap();
+        let out = Executor::forward(&mut cs, &block, &layers).unwrap();
+        Executor::truncate(&mut cs, prompt.len() + 3).unwrap();
         d.append_context(&mut cache, &features(&out, 3)).unwrap();
         gs.forward_device(&block).unwrap();
         gs.truncate(prompt.len() + 3).unwrap();
@@ -384,7 +385,7 @@ fn rejection_sampling_on_gpu_logits() {
         let (x_last, got) = first.unwrap();
         let layers = d.config().target_layer_ids.clone();
         let mut cs = m.cpu.session();
-        let o = Target::forward(&mut cs, &prompt, &layers).unwrap();
+        let o = Executor::forward(&mut cs, &prompt, &layers).unwrap();
         let mut cache = d.new_cache();
         d.append_context(&mut cache, &features(&o, prompt.len()))
             .unwrap();
@@ -401,7 +402,7 @@ fn rejection_sampling_on_gpu_logits() {
         let mut all = prompt.clone();
         all.extend_from_slice(&out.tokens);
         let mut cs = m.cpu.session();
-        let o = Target::forward(&mut cs, &all[..all.len() - 1], &[]).unwrap();
+        let o = Executor::forward(&mut cs, &all[..all.len() - 1], &[]).unwrap();
         for (i, &t) in out.tokens.iter().enumerate() {
             let row = &o.logits[prompt.len() - 1 + i];
             let mut sorted = row.clone();
@@ -491,7 +492,7 @@ fn input_embedding_scale_matches_cpu() {
         let layers = d.config().target_layer_ids.clone();
         let prompt: Vec<u32> = (0..20).map(|_| r.random_range(0..v as u32)).collect();
         let mut cs = m.cpu.session();
-        let out = Target::forward(&mut cs, &prompt, &layers).unwrap();
+        let out = Executor::forward(&mut cs, &prompt, &layers).unwrap();
         let feats = features(&out, prompt.len());
         let mut gs = m.gpu.session(256).unwrap();
         gs.set_capture(gd.hidden_indices()).unwrap();

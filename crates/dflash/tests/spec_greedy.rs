@@ -274,7 +274,7 @@ fn greedy_identity_with_frequent_acceptance() {
 
 /// A backend that answers [`Want::Argmax`] with argmax ids only (as a GPU backend does): the
 /// CPU backend's rows reduced to their argmax (lowest id on ties) when the loop allows it.
-struct ArgmaxOnly<'a, T: dflash::Target>(dflash::CpuBackend<'a, T>);
+struct ArgmaxOnly<'a, T: dflash::DraftTarget>(dflash::CpuBackend<'a, T>);
 
 fn reduce(rows: Rows, want: Want, v: usize) -> Rows {
     match (rows, want) {
@@ -290,7 +290,7 @@ fn reduce(rows: Rows, want: Want, v: usize) -> Rows {
     }
 }
 
-impl<T: dflash::Target> SpecBackend for ArgmaxOnly<'_, T> {
+impl<T: dflash::DraftTarget> SpecBackend for ArgmaxOnly<'_, T> {
     fn vocab_size(&self) -> usize {
         self.0.vocab_size()
     }

@@ -6,7 +6,7 @@
 //!   penalties.
 //! * The loop: over many seeds, the joint distribution of the first two generated tokens equals
 //!   `p(t1) · p(t2 | t1)` computed from the target directly (χ² p-value > 1e-3; deterministic seeds,
-//!   so the outcome is fixed). The target is a tiny analytic model behind the [`Target`] trait
+//!   so the outcome is fixed). The target is a tiny analytic model behind the `DraftTarget` trait
 //!   (logits depend on the token, the previous token and the position, so a misaligned row
 //!   would show); the drafter is a real random [`Drafter`] whose proposals differ from the
 //!   target's distribution (the negative control checks that the test has power). With presence
@@ -17,15 +17,19 @@
 
 mod common;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::ops::ControlFlow;
 
 use common::{tiny_targets, tokens};
+use dflash::target::{DraftTarget, Executor};
 use dflash::toy::{self, ToyKind};
-use dflash::{speculative_generate, Drafter, SamplingDist, SpecDecoder, SpecOptions, Target};
+use dflash::{speculative_generate, Drafter, SamplingDist, SpecDecoder, SpecOptions};
+use model::config::ModelConfig;
 use model::cpu::VerifyOutput;
 use model::sampling::{Sampler, SamplingParams};
 use model::weights::Mat;
+use model::LAST_LAYER_PRE_NORM;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -229,11 +233,17 @@ fn sampling_dist_is_the_samplers_distribution() {
 const V: usize = 5;
 const H: usize = 16;
 
+/// Decoder layers of the analytic target.
+const LAYERS: usize = 2;
+
 /// A deterministic toy target: logits of the token at position `p` after token `x` preceded by
 /// `y` are `table[x][y] + 0.4·((p + i) mod 3)`; the "output of layer L" of that token is a fixed
-/// function of `(x, p, L)`.
+/// function of `(x, p, L)` (hidden index `L + 1`; the last layer's pre-norm index as `LAYERS`).
 #[derive(Clone)]
 struct Analytic {
+    /// A toy config with the analytic dimensions (vocab V, hidden H, `LAYERS` layers): all of it
+    /// the loop reads.
+    config: ModelConfig,
     table: Vec<f32>,
     embed: Mat,
     lm_head: Mat,
@@ -257,7 +267,17 @@ impl Analytic {
         let table = (0..V * V * V)
             .map(|_| rng.random_range(-1.5..1.5))
             .collect();
+        let (mut config, _) = model::cpu::toy::qwen3_moe(seed, model::cpu::toy::ToyExperts::Dense);
+        config.layers.truncate(LAYERS);
+        assert_eq!(
+            config.layers.len(),
+            LAYERS,
+            "the toy config has too few layers"
+        );
+        config.vocab_size = V;
+        config.hidden_size = H;
         Analytic {
+            config,
             table,
             embed,
             lm_head,
@@ -280,50 +300,62 @@ impl Analytic {
     }
 }
 
-impl Target for Analytic {
+impl Executor for Analytic {
     type Error = Infallible;
-    fn vocab_size(&self) -> usize {
-        V
-    }
-    fn hidden_size(&self) -> usize {
-        H
-    }
-    fn num_layers(&self) -> usize {
-        2
-    }
-    fn embedding(&self) -> &Mat {
-        &self.embed
-    }
-    fn lm_head(&self) -> &Mat {
-        &self.lm_head
+    fn config(&self) -> &ModelConfig {
+        &self.config
     }
     fn len(&self) -> usize {
         self.held.len()
     }
-    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, Infallible> {
+    fn max_rollback(&self) -> usize {
+        usize::MAX
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, Infallible> {
+        let mut out = self.verify(tokens, &[])?;
+        Ok(Cow::Owned(out.logits.pop().unwrap_or_default()))
+    }
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, Infallible> {
+        self.prefill(&[token])
+    }
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, Infallible> {
         let start = self.held.len();
         self.held.extend_from_slice(tokens);
         let mut logits = Vec::new();
-        let mut hidden = vec![Vec::new(); layers.len()];
+        let mut states = vec![Vec::new(); hidden.len()];
         for (j, &x) in tokens.iter().enumerate() {
             let pos = start + j;
             logits.push(self.next_logits(&self.held[..=pos]));
-            for (slot, &l) in layers.iter().enumerate() {
+            for (slot, &i) in hidden.iter().enumerate() {
+                // Hidden index i = the output of layer i − 1 (LAST_LAYER_PRE_NORM: the last).
+                let f = if i == LAST_LAYER_PRE_NORM { LAYERS } else { i };
                 let row = self
                     .embed
                     .row(x as usize)
                     .iter()
                     .enumerate()
-                    .map(|(i, &e)| e * (l + 1) as f32 + 0.01 * ((pos * 7 + i) % 5) as f32)
+                    .map(|(i, &e)| e * f as f32 + 0.01 * ((pos * 7 + i) % 5) as f32)
                     .collect();
-                hidden[slot].push(row);
+                states[slot].push(row);
             }
         }
-        Ok(VerifyOutput { logits, hidden })
+        Ok(VerifyOutput {
+            logits,
+            hidden: states,
+        })
     }
     fn truncate(&mut self, len: usize) -> Result<(), Infallible> {
         self.held.truncate(len);
         Ok(())
+    }
+}
+
+impl DraftTarget for Analytic {
+    fn embedding(&self) -> &Mat {
+        &self.embed
+    }
+    fn lm_head(&self) -> &Mat {
+        &self.lm_head
     }
 }
 

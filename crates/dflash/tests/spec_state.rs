@@ -2,7 +2,7 @@
 //! the session a fresh prefill of the committed tokens gives: the next-token logits of both, for
 //! a probe token, are bit-identical (tolerance 0: the executor computes a token's logits with
 //! the same f32 operations whatever the call pattern, so any difference is a stale or missing
-//! cache row). Checked inside the loop through a [`Target`] wrapper on every round, greedy and
+//! cache row). Checked inside the loop through a `DraftTarget` wrapper on every round, greedy and
 //! sampled, on the tiny models of every architecture (sliding windows of 4 are crossed).
 
 mod common;

@@ -1,4 +1,4 @@
-//! The [`Target`] implementation over `model::cpu::Session`: layer `L`'s output is the executor's
+//! The executor contract's `forward` (what the drafter reads) over `model::cpu::Session`: layer `L`'s output is the executor's
 //! hidden index `L + 1`, and for the last layer the residual stream before the final norm
 //! (`LAST_LAYER_PRE_NORM`; normalizing it gives hidden index `L` bit for bit); long inputs run in
 //! chunks with results identical to one pass; bad layers are errors. Tolerance: bit-identical.
@@ -6,8 +6,8 @@
 mod common;
 
 use common::{assert_bits, load_target, tokens};
+use dflash::target::Executor;
 use dflash::target::FORWARD_CHUNK;
-use dflash::Target;
 use model::cpu::{ops, CpuError};
 
 #[test]
@@ -19,7 +19,7 @@ fn layer_outputs_and_the_pre_norm_last_layer() {
         let (_, hidden) = m.forward_full(&toks).unwrap();
         let layers: Vec<usize> = (0..nl).collect();
         let mut s = m.session();
-        let out = Target::forward(&mut s, &toks, &layers).unwrap();
+        let out = Executor::forward(&mut s, &toks, &layers).unwrap();
         assert_eq!(out.hidden.len(), nl);
         for l in 0..nl - 1 {
             for (ours, want) in out.hidden[l].iter().zip(&hidden[l + 1]) {
@@ -34,7 +34,7 @@ fn layer_outputs_and_the_pre_norm_last_layer() {
             assert_bits(&normed, post, &format!("{rel}: normed last layer"));
             assert_ne!(pre, post);
         }
-        let e = Target::forward(&mut m.session(), &toks, &[nl]).unwrap_err();
+        let e = Executor::forward(&mut m.session(), &toks, &[nl]).unwrap_err();
         assert_eq!(
             e,
             CpuError::HiddenIndex {
@@ -52,12 +52,12 @@ fn long_inputs_run_in_chunks_with_identical_results() {
     let toks = tokens(5, n, 3, m.config().vocab_size);
     let layers = [0, 3];
     let mut a = m.session();
-    let chunked = Target::forward(&mut a, &toks, &layers).unwrap();
+    let chunked = Executor::forward(&mut a, &toks, &layers).unwrap();
     let one = m
         .session()
         .verify(&toks, &[1, model::cpu::LAST_LAYER_PRE_NORM])
         .unwrap();
-    assert_eq!(Target::len(&a), n);
+    assert_eq!(Executor::len(&a), n);
     assert_eq!(chunked.logits.len(), n);
     for j in 0..n {
         assert_bits(&chunked.logits[j], &one.logits[j], &format!("logits {j}"));

@@ -11,7 +11,10 @@
 //! RMSNorm (no HF entry; the residual stream speculative drafters read as "the output of the
 //! last layer"). Plans record where each index is read ([`crate::plan::Plan::taps`]).
 
+use std::borrow::Cow;
+
 use crate::config::ModelConfig;
+use crate::sampling::{SamplingDist, SamplingParams};
 
 /// Hidden index of the last layer's output before the final RMSNorm (see the module docs).
 pub const LAST_LAYER_PRE_NORM: usize = usize::MAX;
@@ -45,7 +48,33 @@ pub fn hidden_index(layer: usize, num_layers: usize) -> Option<usize> {
     }
 }
 
-/// One sequence on some executor: its KV cache and the passes that extend or shorten it.
+/// The token greedy sampling picks from one row of `logits`: the [`SamplingDist`] of greedy
+/// parameters (NaN never wins, the lowest id among ties), and `0` when no logit is finite (as
+/// `Sampler::sample`).
+pub fn greedy_token(logits: &[f32]) -> u32 {
+    SamplingDist::new(&SamplingParams::greedy())
+        .ok()
+        .and_then(|mut d| d.kept(logits, &[], &[]).ok().and_then(|k| k.greedy()))
+        .unwrap_or(0)
+}
+
+/// The hidden index [`Executor::forward`] reads for decoder layer `layer` of `num_layers`:
+/// [`hidden_index`], and for a layer beyond the model `layer + 1` (above `num_layers`, so the
+/// executor's `verify` refuses it and names it as such), or `num_layers + 1` should that collide
+/// with [`LAST_LAYER_PRE_NORM`].
+fn forward_index(layer: usize, num_layers: usize) -> usize {
+    hidden_index(layer, num_layers).unwrap_or_else(|| {
+        layer
+            .checked_add(1)
+            .filter(|&i| i != LAST_LAYER_PRE_NORM)
+            .unwrap_or(num_layers + 1)
+    })
+}
+
+/// One sequence on some executor: its KV cache and the passes that extend or shorten it. The
+/// CPU `cpu::Session` and the GPU `tilert::exec::GpuSession` implement it; the speculative loop's
+/// host backend (`dflash::CpuBackend`), the server's scheduler (`serve::engine::Backend::Sequence`)
+/// and `ultra generate` / `score` / `bench-spec` are written against it.
 ///
 /// Every call is all-or-nothing (on error the sequence is as it was). Results are exact:
 /// after [`Executor::truncate`] later calls behave as if only the kept prefix had ever run.
@@ -65,20 +94,62 @@ pub trait Executor {
     /// How far below the start of the latest call [`Executor::truncate`] is guaranteed to reach.
     fn max_rollback(&self) -> usize;
 
-    /// Appends `tokens`; returns the logits after the last one.
-    fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], Self::Error>;
+    /// Appends `tokens`; returns the logits after the last one — borrowed where the executor
+    /// keeps them on the host (the CPU), owned where they were copied back from a device.
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, Self::Error>;
 
-    /// Appends one token; returns its logits.
-    fn decode(&mut self, token: u32) -> Result<&[f32], Self::Error>;
+    /// Appends one token; returns its logits (as [`Executor::prefill`]).
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, Self::Error>;
+
+    /// [`Executor::prefill`] returning the greedy next token ([`greedy_token`] of the last
+    /// logits). A device executor takes the argmax where the logits are and brings back only the
+    /// id.
+    fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, Self::Error> {
+        Ok(greedy_token(&self.prefill(tokens)?))
+    }
+
+    /// [`Executor::decode`] returning the greedy next token (as [`Executor::prefill_greedy`]).
+    fn decode_greedy(&mut self, token: u32) -> Result<u32, Self::Error> {
+        Ok(greedy_token(&self.decode(token)?))
+    }
 
     /// Appends a block in one pass (causal inside it); returns every token's logits and the
     /// hidden states of the requested indices (module docs).
     fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, Self::Error>;
 
-    /// Appends `tokens` (in passes of at most [`FORWARD_CHUNK`]) and returns every token's
-    /// logits plus, for each decoder layer in `layers`, its output — the residual stream right
-    /// after it, before the final norm also for the last layer (what a drafter reads).
-    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, Self::Error>;
+    /// Appends `tokens` (in [`Executor::verify`] calls of at most [`FORWARD_CHUNK`]) and returns
+    /// every token's logits plus, for each decoder layer in `layers`, its output — the residual
+    /// stream right after it, before the final norm also for the last layer (what a drafter
+    /// reads: hidden index [`hidden_index`]). A layer beyond the model is refused by `verify`
+    /// as an out-of-range hidden index. Results do not depend on the chunking.
+    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, Self::Error> {
+        let nl = self.config().layers.len();
+        let idx: Vec<usize> = layers.iter().map(|&l| forward_index(l, nl)).collect();
+        if tokens.len() <= FORWARD_CHUNK {
+            return self.verify(tokens, &idx);
+        }
+        let start = self.len();
+        let mut out = VerifyOutput {
+            logits: Vec::with_capacity(tokens.len()),
+            hidden: vec![Vec::with_capacity(tokens.len()); idx.len()],
+        };
+        for chunk in tokens.chunks(FORWARD_CHUNK) {
+            let o = match self.verify(chunk, &idx) {
+                Ok(o) => o,
+                Err(e) => {
+                    // Undo the earlier chunks where the cache still allows it (the failing one
+                    // was already undone); the original error is what matters.
+                    let _ = self.truncate(start);
+                    return Err(e);
+                }
+            };
+            out.logits.extend(o.logits);
+            for (all, part) in out.hidden.iter_mut().zip(o.hidden) {
+                all.extend(part);
+            }
+        }
+        Ok(out)
+    }
 
     /// Drops every position ≥ `len`.
     fn truncate(&mut self, len: usize) -> Result<(), Self::Error>;

@@ -51,5 +51,5 @@ pub mod weights;
 // Model-level items that every executor shares, at the crate root so that executors other than
 // the CPU one (the GPU runtime `tilert`) do not reach into `model::cpu`.
 pub use check::check as check_weights;
-pub use executor::{VerifyOutput, DEFAULT_MAX_ROLLBACK, LAST_LAYER_PRE_NORM};
+pub use executor::{Executor, VerifyOutput, DEFAULT_MAX_ROLLBACK, LAST_LAYER_PRE_NORM};
 pub use rope::RopeTable;

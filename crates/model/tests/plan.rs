@@ -509,10 +509,10 @@ fn split_moe_ops_equal_moe_block() {
 
 /// A caller written against the executor trait only.
 fn greedy<E: Executor>(e: &mut E, prompt: &[u32], n: usize) -> Result<Vec<u32>, E::Error> {
-    let mut out = vec![cpu_util::argmax(e.prefill(prompt)?)];
+    let mut out = vec![cpu_util::argmax(&e.prefill(prompt)?)];
     while out.len() < n {
         let last = *out.last().unwrap();
-        out.push(cpu_util::argmax(e.decode(last)?));
+        out.push(cpu_util::argmax(&e.decode(last)?));
     }
     Ok(out)
 }

@@ -10,6 +10,7 @@
 //! The scripted model: the logits after token `t` are one-hot at `(t + 1) mod V`, so greedy
 //! decoding counts up from the prompt's last token; a sequence is the list of its tokens.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use anyhow::{bail, Result};
 use dflash::{Rows, SpecBackend, SpecError, SpecOptions, Want};
 use model::config::ModelConfig;
 use model::cpu::VerifyOutput;
+use model::executor::Executor;
 use model::sampling::{FinishReason, SamplingParams};
 use serve::engine::{
     Backend, EngineConfig, EngineHandle, Event, Finished, GenerateRequest, KvBytes,
@@ -37,7 +39,7 @@ enum Call {
 }
 
 struct Scripted {
-    config: ModelConfig,
+    config: Arc<ModelConfig>,
     log: Arc<Mutex<Vec<Call>>>,
     /// `new_sequence` fails for more positions than this.
     max_positions: usize,
@@ -46,6 +48,67 @@ struct Scripted {
     /// A device drafter: every request is speculative.
     spec: Option<SpecOptions>,
     granularity: usize,
+}
+
+/// A scripted sequence: its tokens (prefills are logged).
+struct ScriptedSeq {
+    tokens: Vec<u32>,
+    config: Arc<ModelConfig>,
+    log: Arc<Mutex<Vec<Call>>>,
+}
+
+/// What the scripted model refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} (scripted)")]
+struct ScriptedError(&'static str);
+
+impl Executor for ScriptedSeq {
+    type Error = ScriptedError;
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn max_rollback(&self) -> usize {
+        usize::MAX
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, ScriptedError> {
+        let Some(&last) = tokens.last() else {
+            return Err(ScriptedError("empty prefill"));
+        };
+        self.tokens.extend_from_slice(tokens);
+        self.log.lock().unwrap().push(Call::Prefill {
+            first: self.tokens[0],
+            n: tokens.len(),
+        });
+        Ok(Cow::Owned(one_hot(last)))
+    }
+
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, ScriptedError> {
+        self.tokens.push(token);
+        Ok(Cow::Owned(one_hot(token)))
+    }
+
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, ScriptedError> {
+        if !hidden.is_empty() {
+            return Err(ScriptedError("no hidden states"));
+        }
+        self.tokens.extend_from_slice(tokens);
+        Ok(VerifyOutput {
+            logits: tokens.iter().map(|&t| one_hot(t)).collect(),
+            hidden: Vec::new(),
+        })
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), ScriptedError> {
+        self.tokens.truncate(len);
+        Ok(())
+    }
 }
 
 /// A speculative request's state on the scripted device: the target sequence and the drafter's
@@ -113,7 +176,7 @@ fn one_hot(t: u32) -> Vec<f32> {
 }
 
 impl Backend for Scripted {
-    type Sequence = Vec<u32>;
+    type Sequence = ScriptedSeq;
     type Spec = ScriptedSpec;
 
     fn config(&self) -> &ModelConfig {
@@ -128,55 +191,37 @@ impl Backend for Scripted {
         Arc::new(|n| n as u64)
     }
 
-    fn new_sequence(&self, positions: usize) -> Result<Vec<u32>> {
+    fn new_sequence(&self, positions: usize) -> Result<ScriptedSeq> {
         if positions > self.max_positions {
             bail!("out of device memory (scripted: {positions} positions)");
         }
-        Ok(Vec::new())
+        Ok(ScriptedSeq {
+            tokens: Vec::new(),
+            config: self.config.clone(),
+            log: self.log.clone(),
+        })
     }
 
-    fn prefill(&self, seq: &mut Vec<u32>, tokens: &[u32]) -> Result<Vec<f32>> {
-        seq.extend_from_slice(tokens);
-        self.log.lock().unwrap().push(Call::Prefill {
-            first: seq[0],
-            n: tokens.len(),
-        });
-        Ok(one_hot(*seq.last().unwrap()))
-    }
-
-    fn decode_batch(&self, seqs: &mut [&mut Vec<u32>], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
+    fn decode_batch(&self, seqs: &mut [&mut ScriptedSeq], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
         // A decode step takes time, as on a real device (the running streams overlap arrivals).
         std::thread::sleep(Duration::from_millis(2));
         self.log
             .lock()
             .unwrap()
-            .push(Call::Decode(seqs.iter().map(|s| s[0]).collect()));
+            .push(Call::Decode(seqs.iter().map(|s| s.tokens[0]).collect()));
         seqs.iter_mut()
             .zip(tokens)
             .map(|(s, &t)| {
                 if self
                     .fail_decode
-                    .is_some_and(|(first, len)| s[0] == first && s.len() >= len)
+                    .is_some_and(|(first, len)| s.tokens[0] == first && s.len() >= len)
                 {
                     bail!("device fault (scripted)");
                 }
-                s.push(t);
+                s.tokens.push(t);
                 Ok(one_hot(t))
             })
             .collect()
-    }
-
-    fn forward(&self, _: &mut Vec<u32>, _: &[u32], _: &[usize]) -> Result<VerifyOutput> {
-        bail!("not used")
-    }
-
-    fn truncate(&self, seq: &mut Vec<u32>, len: usize) -> Result<()> {
-        seq.truncate(len);
-        Ok(())
-    }
-
-    fn len(&self, seq: &Vec<u32>) -> usize {
-        seq.len()
     }
 
     fn prefill_granularity(&self) -> usize {
@@ -224,7 +269,7 @@ fn start_with(
     let engine = EngineHandle::start(
         move || {
             Ok(Scripted {
-                config: config(),
+                config: Arc::new(config()),
                 log: l,
                 max_positions,
                 fail_decode,

@@ -44,6 +44,7 @@ use crate::tensor::DeviceMatrix;
 use crate::{Device, RuntimeError};
 
 mod batch;
+mod executor;
 pub(crate) mod lower;
 pub use batch::GpuBatch;
 

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dflash::Target;
+use std::borrow::Cow;
+
+use dflash::target::{DraftTarget, Executor};
 use model::config::ModelConfig;
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::{CpuError, CpuModel, Session, VerifyOutput};
@@ -314,31 +316,31 @@ pub trait Watch {
     }
 }
 
-/// A CPU session as a [`Target`] that reports every forward and truncation to `watch`.
+/// A CPU session as a [`DraftTarget`] that reports every forward and truncation to `watch`.
 pub struct Watched<W> {
     pub s: Session,
     pub watch: W,
 }
 
-impl<W: Watch> Target for Watched<W> {
+impl<W: Watch> Executor for Watched<W> {
     type Error = CpuError;
-    fn vocab_size(&self) -> usize {
-        self.s.vocab_size()
-    }
-    fn hidden_size(&self) -> usize {
-        Target::hidden_size(&self.s)
-    }
-    fn num_layers(&self) -> usize {
-        Target::num_layers(&self.s)
-    }
-    fn embedding(&self) -> &Mat {
-        self.s.embedding()
-    }
-    fn lm_head(&self) -> &Mat {
-        self.s.lm_head()
+    fn config(&self) -> &ModelConfig {
+        Executor::config(&self.s)
     }
     fn len(&self) -> usize {
         self.s.len()
+    }
+    fn max_rollback(&self) -> usize {
+        Executor::max_rollback(&self.s)
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, CpuError> {
+        Executor::prefill(&mut self.s, tokens)
+    }
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, CpuError> {
+        Executor::decode(&mut self.s, token)
+    }
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, CpuError> {
+        self.s.verify(tokens, hidden)
     }
     fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
         let out = self.s.forward(tokens, layers)?;
@@ -347,7 +349,16 @@ impl<W: Watch> Target for Watched<W> {
     }
     fn truncate(&mut self, len: usize) -> Result<(), CpuError> {
         let from = self.s.len();
-        Target::truncate(&mut self.s, len)?;
+        self.s.truncate(len)?;
         self.watch.truncated(&self.s, from, len)
+    }
+}
+
+impl<W: Watch> DraftTarget for Watched<W> {
+    fn embedding(&self) -> &Mat {
+        self.s.embedding()
+    }
+    fn lm_head(&self) -> &Mat {
+        self.s.lm_head()
     }
 }

@@ -46,10 +46,11 @@ pub use crate::executor::{VerifyOutput, DEFAULT_MAX_ROLLBACK, LAST_LAYER_PRE_NOR
 /// RoPE tables (moved to [`crate::rope`]; re-exported for existing paths).
 pub use crate::rope;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::config::{AttnKind, ModelConfig};
-use crate::executor::{hidden_index, Executor, FORWARD_CHUNK};
+use crate::executor::Executor;
 use crate::plan::tp::{shard_plan, TpLayout};
 use crate::plan::{
     AttentionParams, Buf, Logits, OpKind, PassShape, Placement, Plan, PlanError, Tensor, WeightId,
@@ -686,43 +687,13 @@ impl Session {
 }
 
 impl Session {
-    /// Appends `tokens` (in verify passes of at most [`FORWARD_CHUNK`]) and returns every
-    /// token's logits plus the output of each decoder layer in `layers` (the residual stream
+    /// Appends `tokens` (in verify passes of at most [`crate::executor::FORWARD_CHUNK`]) and
+    /// returns every token's logits plus the output of each decoder layer in `layers` (the residual stream
     /// after it; before the final norm for the last layer too) — what a drafter reads. A layer
-    /// beyond the model is [`CpuError::HiddenIndex`].
+    /// beyond the model is [`CpuError::HiddenIndex`]. ([`Executor::forward`], callable without
+    /// the trait in scope.)
     pub fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
-        let nl = self.model.config.layers.len();
-        let mut idx = Vec::with_capacity(layers.len());
-        for &l in layers {
-            idx.push(hidden_index(l, nl).ok_or(CpuError::HiddenIndex {
-                index: l + 1,
-                layers: nl,
-            })?);
-        }
-        if tokens.len() <= FORWARD_CHUNK {
-            return self.verify(tokens, &idx);
-        }
-        let start = self.len;
-        let mut out = VerifyOutput {
-            logits: Vec::with_capacity(tokens.len()),
-            hidden: vec![Vec::with_capacity(tokens.len()); idx.len()],
-        };
-        for chunk in tokens.chunks(FORWARD_CHUNK) {
-            let o = match self.verify(chunk, &idx) {
-                Ok(o) => o,
-                Err(e) => {
-                    // Undo the earlier chunks where the cache still allows it (the failing one
-                    // was already undone); the original error is what matters.
-                    let _ = self.truncate(start);
-                    return Err(e);
-                }
-            };
-            out.logits.extend(o.logits);
-            for (all, part) in out.hidden.iter_mut().zip(o.hidden) {
-                all.extend(part);
-            }
-        }
-        Ok(out)
+        Executor::forward(self, tokens, layers)
     }
 }
 
@@ -741,20 +712,16 @@ impl Executor for Session {
         self.max_rollback
     }
 
-    fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], CpuError> {
-        Session::prefill(self, tokens)
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, CpuError> {
+        Session::prefill(self, tokens).map(Cow::Borrowed)
     }
 
-    fn decode(&mut self, token: u32) -> Result<&[f32], CpuError> {
-        Session::decode(self, token)
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, CpuError> {
+        Session::decode(self, token).map(Cow::Borrowed)
     }
 
     fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, CpuError> {
         Session::verify(self, tokens, hidden)
-    }
-
-    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, CpuError> {
-        Session::forward(self, tokens, layers)
     }
 
     fn truncate(&mut self, len: usize) -> Result<(), CpuError> {

@@ -8,11 +8,12 @@
 //! time after the first token, summed over the set. Greedy speculative output must equal plain
 //! output; the number of prompts where it does not is reported (it should be 0).
 //!
-//! On the GPU one target session serves every plain decode and one speculative sequence (target
-//! session + draft state) every speculative one, each emptied between prompts, and one untimed
-//! warm-up prompt runs first, so CUDA-graph captures stay out of the timings. Plain greedy decoding
-//! there is `decode_greedy` (argmax on the device, 4 bytes back per token), as the greedy
-//! speculative loop brings back ids only.
+//! One target sequence serves every plain decode and one speculative sequence (target + drafter
+//! state) every speculative one, each emptied between prompts: [`run_sets`], generic over the
+//! executor contract (`model::Executor`) and `dflash::SpecBackend`. Plain greedy decoding is
+//! `Executor::decode_greedy` — on the GPU the argmax is taken on the device (4 bytes back per
+//! token), as the greedy speculative loop brings back ids only. On the GPU one untimed warm-up
+//! prompt runs first, so CUDA-graph captures stay out of the timings.
 
 use std::io::BufRead;
 use std::ops::ControlFlow;
@@ -20,9 +21,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use dflash::{SpecBackend, SpecOptions};
+use model::executor::Executor;
 use model::sampling::SamplingParams;
 
-use super::generate::{generate, gpu_max_seq, gpu_spec_setup, prompt_ids, spec_decoder, Loaded};
+use super::generate::{gpu_max_seq, gpu_spec_setup, prompt_ids, spec_decoder, Loaded};
 
 /// What one eval set measured.
 #[derive(Debug, Clone)]
@@ -64,7 +67,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Runs every set of `sets` (JSONL paths) against the drafter in `draft`.
+/// Runs every set of `sets` (JSONL paths) against the drafter in `draft`, on the executor
+/// `loaded` runs on ([`run_sets`]).
 pub fn run(
     loaded: &Loaded,
     draft: &Path,
@@ -81,7 +85,65 @@ pub fn run(
         ignore_eos: true,
         ..SamplingParams::greedy()
     };
-    let mut runner = Runner::new(loaded, draft, block_size)?;
+    match &loaded.gpu {
+        None => {
+            let decoder = spec_decoder(loaded, draft, block_size)?;
+            let mut plain = decoder.model().session();
+            let mut target = decoder.model().session();
+            let mut spec = dflash::CpuBackend::new(&mut target, decoder.drafter())?;
+            let opts = decoder.options();
+            let seqs = Sequences {
+                plain: &mut plain,
+                spec: &mut spec,
+                opts,
+                capacity: None,
+            };
+            run_sets(loaded, seqs, sets, &params, limit)
+        }
+        Some(gpu) => {
+            let (drafter, opts) = gpu_spec_setup(loaded, draft, block_size)?;
+            let max_seq = gpu_max_seq(gpu);
+            let mut plain = gpu.session(max_seq)?;
+            let mut spec = dflash::gpu::GpuSpecOn::new(gpu.session(max_seq)?, &drafter)?;
+            let mut seqs = Sequences {
+                plain: &mut plain,
+                spec: &mut spec,
+                opts: &opts,
+                capacity: Some(max_seq),
+            };
+            // One untimed prompt, so the timed decodes replay captured graphs.
+            let warm = SamplingParams {
+                max_tokens: 64,
+                ignore_eos: true,
+                ..SamplingParams::greedy()
+            };
+            let ids = [0u32, 100, 200, 300];
+            seqs.plain(&ids, &warm)?;
+            seqs.speculative(&ids, &warm)?;
+            run_sets(loaded, seqs, sets, &params, limit)
+        }
+    }
+}
+
+/// Where the plain and speculative decodes run: a target sequence, a speculative sequence and
+/// the loop's options.
+pub struct Sequences<'a, E, S> {
+    pub plain: &'a mut E,
+    pub spec: &'a mut S,
+    pub opts: &'a SpecOptions,
+    /// The most positions a sequence holds (`None`: no fixed size), checked per prompt.
+    pub capacity: Option<usize>,
+}
+
+/// Runs every set of `sets` on `seqs` with the greedy `params` (every prompt decodes
+/// `params.max_tokens` tokens).
+pub fn run_sets<E: Executor, S: SpecBackend>(
+    loaded: &Loaded,
+    mut seqs: Sequences<'_, E, S>,
+    sets: &[PathBuf],
+    params: &SamplingParams,
+    limit: Option<usize>,
+) -> Result<Vec<SetReport>> {
     let mut reports = Vec::new();
     for path in sets {
         let mut prompts = read_prompts(path)?;
@@ -94,10 +156,17 @@ pub fn run(
         let mut generated = 0;
         for p in &prompts {
             let ids = prompt_ids(loaded, Some(p), None, false)?;
-            let (plain, n, s) = runner.plain(loaded, &ids, &params)?;
+            if let Some(cap) = seqs.capacity.filter(|&c| ids.len() + params.max_tokens > c) {
+                bail!(
+                    "prompt ({} tokens) + --max-tokens {} exceed the GPU sequence size {cap}",
+                    ids.len(),
+                    params.max_tokens,
+                );
+            }
+            let (plain, n, s) = seqs.plain(&ids, params)?;
             plain_tok += n;
             plain_s += s;
-            let (out, n, s) = runner.speculative(&ids, &params)?;
+            let (out, n, s) = seqs.speculative(&ids, params)?;
             spec_tok += n;
             spec_s += s;
             if out.tokens != plain {
@@ -106,7 +175,7 @@ pub fn run(
             generated += out.tokens.len();
             stats.merge(&out.stats);
         }
-        let b = runner.block_size();
+        let b = seqs.opts.block_size;
         reports.push(SetReport {
             name: path
                 .file_stem()
@@ -127,108 +196,45 @@ pub fn run(
     Ok(reports)
 }
 
-/// Where the plain and speculative decodes run.
-enum Runner {
-    Cpu(dflash::SpecDecoder),
-    Gpu {
-        plain: Box<tilert::exec::GpuSession>,
-        spec: Box<dflash::gpu::GpuSpecOn<tilert::exec::GpuSession>>,
-        opts: dflash::SpecOptions,
-    },
-}
-
-impl Runner {
-    /// The CPU decoder, or (when `loaded` is on a GPU) the device sessions, warmed up by one
-    /// untimed greedy prompt so the timed decodes replay captured graphs.
-    fn new(loaded: &Loaded, draft: &Path, block_size: Option<usize>) -> Result<Self> {
-        let Some(gpu) = &loaded.gpu else {
-            return Ok(Runner::Cpu(spec_decoder(loaded, draft, block_size)?));
-        };
-        let (drafter, opts) = gpu_spec_setup(loaded, draft, block_size)?;
-        let max_seq = gpu_max_seq(gpu);
-        let mut r = Runner::Gpu {
-            plain: Box::new(gpu.session(max_seq)?),
-            spec: Box::new(dflash::gpu::GpuSpecOn::new(
-                gpu.session(max_seq)?,
-                &drafter,
-            )?),
-            opts,
-        };
-        let warm = SamplingParams {
-            max_tokens: 64,
-            ignore_eos: true,
-            ..SamplingParams::greedy()
-        };
-        let ids = [0u32, 100, 200, 300];
-        r.plain(loaded, &ids, &warm)?;
-        r.speculative(&ids, &warm)?;
-        Ok(r)
-    }
-
-    fn block_size(&self) -> usize {
-        match self {
-            Runner::Cpu(d) => d.block_size(),
-            Runner::Gpu { opts, .. } => opts.block_size,
+impl<E: Executor, S: SpecBackend> Sequences<'_, E, S> {
+    /// Plain greedy decoding of `params.max_tokens` tokens from `ids` in the emptied target
+    /// sequence: the tokens, the tokens after the first one and the seconds they took.
+    fn plain(&mut self, ids: &[u32], params: &SamplingParams) -> Result<(Vec<u32>, usize, f64)> {
+        let e = &mut *self.plain;
+        e.truncate(0)?;
+        let mut tokens = vec![e.prefill_greedy(ids)?];
+        let t0 = Instant::now();
+        while tokens.len() < params.max_tokens {
+            let next = e.decode_greedy(*tokens.last().expect("one token"))?;
+            tokens.push(next);
         }
+        let s = t0.elapsed().as_secs_f64();
+        let n = tokens.len() - 1;
+        Ok((tokens, n, s))
     }
 
-    /// Plain greedy decoding of `ids`: the tokens, the tokens after the first one and the
-    /// seconds they took.
-    fn plain(
-        &mut self,
-        loaded: &Loaded,
-        ids: &[u32],
-        params: &SamplingParams,
-    ) -> Result<(Vec<u32>, usize, f64)> {
-        match self {
-            Runner::Cpu(_) => {
-                let g = generate(loaded, ids, params, &mut std::io::sink())?;
-                let n = g.tokens.len().saturating_sub(1);
-                Ok((g.tokens, n, n as f64 / g.decode_tokens_per_s.max(1e-12)))
-            }
-            Runner::Gpu { plain, .. } => {
-                if ids.len() + params.max_tokens > plain.max_seq() {
-                    bail!(
-                        "prompt ({} tokens) + --max-tokens {} exceed the GPU sequence size {}",
-                        ids.len(),
-                        params.max_tokens,
-                        plain.max_seq()
-                    );
-                }
-                plain.reset();
-                let mut tokens = vec![plain.prefill_greedy(ids)?];
-                let t0 = Instant::now();
-                while tokens.len() < params.max_tokens {
-                    let next = plain.decode_greedy(*tokens.last().expect("one token"))?;
-                    tokens.push(next);
-                }
-                let s = t0.elapsed().as_secs_f64();
-                let n = tokens.len() - 1;
-                Ok((tokens, n, s))
-            }
-        }
-    }
-
-    /// Greedy DFlash decoding of `ids`: the output, the tokens after the first one and the
-    /// seconds they took.
+    /// Greedy DFlash decoding of `ids` in the emptied speculative sequence: the output, the
+    /// tokens after the first one and the seconds they took.
     fn speculative(
         &mut self,
         ids: &[u32],
         params: &SamplingParams,
     ) -> Result<(dflash::SpecOutput, usize, f64)> {
+        self.spec.reset()?;
         let t0 = Instant::now();
         let mut first = None;
         let mut on_token = |_| {
             first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
             ControlFlow::Continue(())
         };
-        let out = match self {
-            Runner::Cpu(decoder) => decoder.generate(ids, params, &mut on_token)?,
-            Runner::Gpu { spec, opts, .. } => {
-                spec.reset();
-                spec.generate(opts, ids, params, &mut on_token, &mut |_| {})?
-            }
-        };
+        let out = dflash::run_speculative(
+            &mut *self.spec,
+            self.opts,
+            ids,
+            params,
+            &mut on_token,
+            &mut |_| {},
+        )?;
         let total = t0.elapsed().as_secs_f64();
         let n = out.tokens.len().saturating_sub(1);
         Ok((out, n, total - first.unwrap_or(total)))

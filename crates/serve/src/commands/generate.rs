@@ -1,6 +1,8 @@
 //! `ultra generate` and `ultra score` on the CPU executor or, with `--device cuda`, on the GPU
 //! executor (`tilert::exec`: [`load_gpu`] uploads the checkpoint tensor by tensor from the
 //! mapped files and keeps no CPU model; the GPU drafter reads the target's device tables).
+//! Each command is one function generic over the executor contract ([`model::Executor`]; the
+//! speculative one over `dflash::SpecBackend`), run on a CPU session or a GPU session.
 //! Loading a checkpoint of [`model::progress::MIN_BYTES`] or more shows its progress on stderr.
 //!
 //! `generate`: prompt (plain, or through the checkpoint's chat template with `--chat`) → streamed
@@ -17,6 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use model::config::ModelConfig;
 use model::cpu::CpuModel;
+use model::executor::Executor;
 use model::progress::{Progress, Reporter};
 use model::sampling::{logprob_of, SamplingParams};
 use model::tokenizer::{ChatMessage, Tokenizer};
@@ -38,12 +41,6 @@ pub struct Loaded {
 /// Positions a GPU sequence of `ultra generate` / `ultra score` can hold (its KV cache size):
 /// the model's context, at most this many.
 pub const GPU_MAX_SEQ: usize = 8192;
-
-/// One sequence on whichever executor `Loaded` runs.
-enum Sequence {
-    Cpu(Box<model::cpu::Session>),
-    Gpu(Box<tilert::exec::GpuSession>),
-}
 
 impl Loaded {
     /// Shards the CPU executor over `n` simulated tensor-parallel ranks
@@ -79,13 +76,6 @@ impl Loaded {
         self.gpu = Some(gpu);
         Ok(())
     }
-
-    fn sequence(&self) -> Result<Sequence> {
-        Ok(match &self.gpu {
-            Some(g) => Sequence::Gpu(Box::new(g.session(gpu_max_seq(g))?)),
-            None => Sequence::Cpu(Box::new(self.cpu()?.session())),
-        })
-    }
 }
 
 /// A progress callback for `label` (see [`model::progress`]).
@@ -115,7 +105,8 @@ fn upload(
     Ok(gpu)
 }
 
-fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+/// The checkpoint's tokenizer (`tokenizer.json`), if it has one.
+pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
     Ok(if dir.join("tokenizer.json").exists() {
         Some(Tokenizer::from_dir(dir)?)
     } else {
@@ -126,6 +117,13 @@ fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
 /// Loads a checkpoint straight onto GPU `ordinal` (`--device cuda`): the weights are views of
 /// the mapped files, uploaded tensor by tensor and released; no CPU model is built.
 pub fn load_gpu(dir: &Path, ordinal: usize) -> Result<Loaded> {
+    let mut loaded = load_gpu_weights(dir, ordinal)?;
+    loaded.tokenizer = load_tokenizer(dir)?;
+    Ok(loaded)
+}
+
+/// [`load_gpu`] without the tokenizer (for a caller that holds it already: the server).
+pub fn load_gpu_weights(dir: &Path, ordinal: usize) -> Result<Loaded> {
     let (config, weights) =
         model::load::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     let config = Arc::new(config);
@@ -133,31 +131,10 @@ pub fn load_gpu(dir: &Path, ordinal: usize) -> Result<Loaded> {
     drop(weights);
     Ok(Loaded {
         config,
-        tokenizer: load_tokenizer(dir)?,
+        tokenizer: None,
         cpu: None,
         gpu: Some(gpu),
     })
-}
-
-impl Sequence {
-    fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        Ok(match self {
-            Sequence::Cpu(s) => s.prefill(ids)?.to_vec(),
-            Sequence::Gpu(s) => s.prefill(ids)?,
-        })
-    }
-    fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
-        Ok(match self {
-            Sequence::Cpu(s) => s.decode(token)?.to_vec(),
-            Sequence::Gpu(s) => s.decode(token)?,
-        })
-    }
-    fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-        Ok(match self {
-            Sequence::Cpu(s) => s.prefill_all(ids)?,
-            Sequence::Gpu(s) => s.verify(ids, &[])?.logits,
-        })
-    }
 }
 
 /// Loads weights (checked against the spec) and, when present, the tokenizer.
@@ -228,14 +205,34 @@ pub fn prompt_ids(
 
 /// The ids that end generation: the tokenizer's EOS ids when it names any, else the config's.
 pub fn eos_ids(loaded: &Loaded) -> Vec<u32> {
-    match &loaded.tokenizer {
+    eos_ids_of(loaded.tokenizer.as_ref(), &loaded.config)
+}
+
+/// [`eos_ids`] of a tokenizer and a config.
+pub fn eos_ids_of(tokenizer: Option<&Tokenizer>, config: &ModelConfig) -> Vec<u32> {
+    match tokenizer {
         Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
-        _ => loaded.config.eos_token_ids.clone(),
+        _ => config.eos_token_ids.clone(),
     }
 }
 
-/// Generates from `ids`, streaming text to `out` as it becomes final.
+/// Generates from `ids`, streaming text to `out` as it becomes final (in a new sequence on the
+/// model's executor: [`generate_on`]).
 pub fn generate(
+    loaded: &Loaded,
+    ids: &[u32],
+    params: &SamplingParams,
+    out: &mut dyn Write,
+) -> Result<Generation> {
+    match &loaded.gpu {
+        Some(g) => generate_on(&mut g.session(gpu_max_seq(g))?, loaded, ids, params, out),
+        None => generate_on(&mut loaded.cpu()?.session(), loaded, ids, params, out),
+    }
+}
+
+/// [`generate`] on `session` (empty) of any executor.
+pub fn generate_on<E: Executor>(
+    session: &mut E,
     loaded: &Loaded,
     ids: &[u32],
     params: &SamplingParams,
@@ -243,22 +240,17 @@ pub fn generate(
 ) -> Result<Generation> {
     let tok = loaded.tokenizer.as_ref();
     let mut output = TokenOutput::new(params, &eos_ids(loaded), ids, tok.is_some())?;
-    let mut session = loaded.sequence()?;
     let t0 = Instant::now();
-    let mut logits = session.prefill(ids)?;
-    let mut ttft = 0.0;
+    let mut e = output.sample(&session.prefill(ids)?, tok)?;
+    let ttft = t0.elapsed().as_secs_f64();
     let t_decode = Instant::now();
     let finish_reason = loop {
-        let e = output.sample(&logits, tok)?;
-        if ttft == 0.0 {
-            ttft = t0.elapsed().as_secs_f64();
-        }
         out.write_all(e.text.as_bytes())?;
         out.flush()?;
         if let Some((reason, _)) = e.finish {
             break reason.as_str().to_string();
         }
-        logits = session.decode(e.token)?;
+        e = output.sample(&session.decode(e.token)?, tok)?;
     };
     let decode_s = t_decode.elapsed().as_secs_f64();
     let tokens = output.tokens().to_vec();
@@ -330,7 +322,8 @@ pub fn gpu_max_seq(gpu: &tilert::exec::GpuModel) -> usize {
 
 /// Generates from `ids` with DFlash block speculation (`draft` = a drafter directory), streaming
 /// text to `out`; the output is the same as [`generate`]'s for greedy decoding. On the GPU
-/// (`loaded.gpu`) the drafter runs on the device ([`dflash::gpu::GpuSpec`]); else on the CPU.
+/// (`loaded.gpu`) the drafter runs on the device ([`dflash::gpu::GpuSpec`]); else on the CPU
+/// ([`dflash::CpuBackend`]); either way [`generate_speculative_on`] runs the loop.
 pub fn generate_speculative(
     loaded: &Loaded,
     draft: &Path,
@@ -339,25 +332,31 @@ pub fn generate_speculative(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<SpecReport> {
-    enum Runner {
-        Cpu(dflash::SpecDecoder),
-        Gpu {
-            drafter: tilert::draft::GpuDrafter,
-            opts: dflash::SpecOptions,
-            session: Box<tilert::exec::GpuSession>,
-        },
-    }
-    let mut runner = match &loaded.gpu {
-        None => Runner::Cpu(spec_decoder(loaded, draft, block_size)?),
+    match &loaded.gpu {
+        None => {
+            let decoder = spec_decoder(loaded, draft, block_size)?;
+            let mut session = decoder.model().session();
+            let mut backend = dflash::CpuBackend::new(&mut session, decoder.drafter())?;
+            generate_speculative_on(&mut backend, decoder.options(), loaded, ids, params, out)
+        }
         Some(gpu) => {
             let (drafter, opts) = gpu_spec_setup(loaded, draft, block_size)?;
-            Runner::Gpu {
-                drafter,
-                opts,
-                session: Box::new(gpu.session(gpu_max_seq(gpu))?),
-            }
+            let mut session = gpu.session(gpu_max_seq(gpu))?;
+            let mut backend = dflash::gpu::GpuSpec::new(&mut session, &drafter)?;
+            generate_speculative_on(&mut backend, &opts, loaded, ids, params, out)
         }
-    };
+    }
+}
+
+/// [`generate_speculative`] on `backend` (empty) of any device, with the loop options `opts`.
+pub fn generate_speculative_on<B: dflash::SpecBackend>(
+    backend: &mut B,
+    opts: &dflash::SpecOptions,
+    loaded: &Loaded,
+    ids: &[u32],
+    params: &SamplingParams,
+    out: &mut dyn Write,
+) -> Result<SpecReport> {
     // Stops (EOS, stop strings, length) are applied to the streamed text by the same
     // TokenOutput as plain generation; the speculative loop also knows EOS and max tokens.
     let tok = loaded.tokenizer.as_ref();
@@ -385,26 +384,7 @@ pub fn generate_speculative(
             }
         }
     };
-    let (out_spec, block_size) = match &mut runner {
-        Runner::Cpu(decoder) => (
-            decoder.generate(ids, params, &mut on_token)?,
-            decoder.block_size(),
-        ),
-        Runner::Gpu {
-            drafter,
-            opts,
-            session,
-        } => (
-            dflash::gpu::GpuSpec::new(session, drafter)?.generate(
-                opts,
-                ids,
-                params,
-                &mut on_token,
-                &mut |_| {},
-            )?,
-            opts.block_size,
-        ),
-    };
+    let out_spec = dflash::run_speculative(backend, opts, ids, params, &mut on_token, &mut |_| {})?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -424,14 +404,22 @@ pub fn generate_speculative(
             decode_tokens_per_s: n.saturating_sub(1).max(1) as f64 / (elapsed - ttft).max(1e-9),
         },
         stats: out_spec.stats,
-        block_size,
+        block_size: opts.block_size,
     })
 }
 
-/// log p(token i | tokens before it) for every i ≥ 1, from one full pass.
+/// log p(token i | tokens before it) for every i ≥ 1, from one full pass (in a new sequence on
+/// the model's executor: [`score_on`]).
 pub fn score(loaded: &Loaded, ids: &[u32]) -> Result<Vec<Option<f64>>> {
-    let mut session = loaded.sequence()?;
-    let logits = session.logits_all(ids)?;
+    match &loaded.gpu {
+        Some(g) => score_on(&mut g.session(gpu_max_seq(g))?, ids),
+        None => score_on(&mut loaded.cpu()?.session(), ids),
+    }
+}
+
+/// [`score`] on `session` (empty) of any executor: one [`Executor::forward`] of `ids`.
+pub fn score_on<E: Executor>(session: &mut E, ids: &[u32]) -> Result<Vec<Option<f64>>> {
+    let logits = session.forward(ids, &[])?.logits;
     let mut out = vec![None];
     for i in 1..ids.len() {
         out.push(Some(logprob_of(&logits[i - 1], ids[i])));

@@ -1,7 +1,9 @@
-//! What the scheduler needs from an executor: sequences with a KV cache, prefill, one decode
-//! step over the running batch, truncation, release, KV-memory estimates and, optionally,
-//! speculative decoding on the executor's own device. [`CpuBackend`] implements it over the CPU
-//! reference executor; `GpuBackend` (`engine::gpu`) over the GPU executor.
+//! What the scheduler needs from an executor beyond its sequences: new sequences, one decode
+//! step over the running batch, release, KV-memory estimates, the prefill granularity and,
+//! optionally, speculative decoding on the executor's own device. A sequence itself is a
+//! [`model::Executor`] (prefill, forward, truncate, length go through that contract).
+//! [`CpuBackend`] implements it over the CPU reference executor; `GpuBackend` (`engine::gpu`)
+//! over the GPU executor.
 //!
 //! A backend is built by a factory run on the scheduler thread ([`super::EngineHandle::start`])
 //! and never leaves it, so neither it nor its sequences need be `Send` (the GPU executor's
@@ -12,7 +14,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use dflash::{Rows, SpecBackend, SpecError, SpecOptions, Want};
 use model::config::{AttnKind, ModelConfig};
-use model::cpu::{CpuModel, Session, VerifyOutput, DEFAULT_MAX_ROLLBACK};
+use model::cpu::{CpuModel, Session, DEFAULT_MAX_ROLLBACK};
+use model::executor::Executor;
 
 /// KV-cache bytes a sequence of `n` positions reserves (callable from any thread: requests are
 /// checked against the budget when they are submitted).
@@ -21,8 +24,9 @@ pub type KvBytes = Arc<dyn Fn(usize) -> u64 + Send + Sync>;
 /// An executor the scheduler drives. One scheduler thread owns it; sequences never leave that
 /// thread.
 pub trait Backend: 'static {
-    /// One sequence's state (its KV cache).
-    type Sequence;
+    /// One sequence (its KV cache): the scheduler prefills, forwards (prompt log-probabilities,
+    /// a host drafter's target passes) and truncates it through the executor contract.
+    type Sequence: Executor;
     /// One request's speculative state when the executor drafts on its own device (target
     /// sequence + drafter state; see [`Backend::device_spec`]).
     type Spec: SpecBackend;
@@ -51,9 +55,6 @@ pub trait Backend: 'static {
     /// device memory left) fails only the request that asked for it.
     fn new_sequence(&self, positions: usize) -> Result<Self::Sequence>;
 
-    /// Appends `tokens` to `seq`; returns the logits after the last one.
-    fn prefill(&self, seq: &mut Self::Sequence, tokens: &[u32]) -> Result<Vec<f32>>;
-
     /// Appends `tokens[i]` to `seqs[i]` for all `i` in one step; returns each one's logits, or
     /// the error of that sequence.
     fn decode_batch(
@@ -61,22 +62,6 @@ pub trait Backend: 'static {
         seqs: &mut [&mut Self::Sequence],
         tokens: &[u32],
     ) -> Vec<Result<Vec<f32>>>;
-
-    /// Appends a block (causal inside it) and returns every token's logits plus the outputs of
-    /// decoder layers `layers` (as `dflash::Target::forward`) — what a speculative drafter on
-    /// the host reads.
-    fn forward(
-        &self,
-        seq: &mut Self::Sequence,
-        tokens: &[u32],
-        layers: &[usize],
-    ) -> Result<VerifyOutput>;
-
-    /// Drops every position ≥ `len`.
-    fn truncate(&self, seq: &mut Self::Sequence, len: usize) -> Result<()>;
-
-    /// Positions held by `seq`.
-    fn len(&self, seq: &Self::Sequence) -> usize;
 
     /// Gives a finished sequence's memory back.
     fn release(&self, seq: Self::Sequence) {
@@ -169,10 +154,6 @@ impl Backend for CpuBackend {
         Ok(self.model.session())
     }
 
-    fn prefill(&self, seq: &mut Session, tokens: &[u32]) -> Result<Vec<f32>> {
-        Ok(seq.prefill(tokens)?.to_vec())
-    }
-
     fn decode_batch(&self, seqs: &mut [&mut Session], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
         match self.model.decode_batch(seqs, tokens) {
             Ok(logits) => logits.into_iter().map(Ok).collect(),
@@ -181,17 +162,5 @@ impl Backend for CpuBackend {
                 seqs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
             }
         }
-    }
-
-    fn forward(&self, seq: &mut Session, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput> {
-        Ok(dflash::Target::forward(seq, tokens, layers)?)
-    }
-
-    fn truncate(&self, seq: &mut Session, len: usize) -> Result<()> {
-        Ok(seq.truncate(len)?)
-    }
-
-    fn len(&self, seq: &Session) -> usize {
-        seq.len()
     }
 }

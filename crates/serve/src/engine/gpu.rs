@@ -30,7 +30,6 @@ use anyhow::{bail, Context, Result};
 use dflash::gpu::GpuSpecOn;
 use dflash::SpecOptions;
 use model::config::ModelConfig;
-use model::cpu::VerifyOutput;
 use tilert::draft::GpuDrafter;
 use tilert::exec::{GpuBatch, GpuModel, GpuSession};
 use tilert::RuntimeError;
@@ -179,11 +178,6 @@ impl Backend for GpuBackend {
         self.alloc(|| self.model.session(self.max_seq))
     }
 
-    fn prefill(&self, seq: &mut GpuSession, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.model.device().ctx.bind_to_thread()?;
-        Ok(seq.prefill(tokens)?)
-    }
-
     fn decode_batch(&self, seqs: &mut [&mut GpuSession], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {
         if let Err(e) = self.model.device().ctx.bind_to_thread() {
             let msg = e.to_string();
@@ -210,24 +204,6 @@ impl Backend for GpuBackend {
             out.extend(rows.iter_mut().zip(toks).map(|(s, &t)| Ok(s.decode(t)?)));
         }
         out
-    }
-
-    fn forward(
-        &self,
-        seq: &mut GpuSession,
-        tokens: &[u32],
-        layers: &[usize],
-    ) -> Result<VerifyOutput> {
-        self.model.device().ctx.bind_to_thread()?;
-        Ok(seq.verify(tokens, layers)?)
-    }
-
-    fn truncate(&self, seq: &mut GpuSession, len: usize) -> Result<()> {
-        Ok(seq.truncate(len)?)
-    }
-
-    fn len(&self, seq: &GpuSession) -> usize {
-        seq.len()
     }
 
     fn release(&self, mut seq: GpuSession) {

@@ -6,6 +6,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 
 use std::time::{Duration, Instant};
 
+use model::executor::Executor;
 use model::sampling::{FinishReason, StopCause};
 use model::tokenizer::Tokenizer;
 
@@ -381,25 +382,33 @@ impl<B: Backend> Sched<B> {
             let start = r.prefilled;
             let chunk = &r.p.prompt[start..start + n];
             let logits = match r.p.prompt_logprobs {
-                None => self.backend.prefill(&mut r.seq, chunk),
-                Some(top) => self.backend.forward(&mut r.seq, chunk, &[]).and_then(|o| {
-                    let mut rows = o.logits;
-                    if rows.len() != n {
-                        anyhow::bail!(
-                            "the executor returned {} logits rows for {n} tokens",
-                            rows.len()
-                        );
-                    }
-                    // Row j predicts prompt token start + j + 1 (the last row of the prompt
-                    // predicts the first generated token).
-                    for (j, row) in rows.iter().enumerate() {
-                        if let Some(&t) = r.p.prompt.get(start + j + 1) {
-                            r.prompt_lps.push(prompt_logprob(row, t, top));
+                None => r
+                    .seq
+                    .prefill(chunk)
+                    .map(|l| l.into_owned())
+                    .map_err(anyhow::Error::new),
+                Some(top) => r
+                    .seq
+                    .forward(chunk, &[])
+                    .map_err(anyhow::Error::new)
+                    .and_then(|o| {
+                        let mut rows = o.logits;
+                        if rows.len() != n {
+                            anyhow::bail!(
+                                "the executor returned {} logits rows for {n} tokens",
+                                rows.len()
+                            );
                         }
-                    }
-                    rows.pop()
-                        .ok_or_else(|| anyhow::anyhow!("the executor returned no logits"))
-                }),
+                        // Row j predicts prompt token start + j + 1 (the last row of the prompt
+                        // predicts the first generated token).
+                        for (j, row) in rows.iter().enumerate() {
+                            if let Some(&t) = r.p.prompt.get(start + j + 1) {
+                                r.prompt_lps.push(prompt_logprob(row, t, top));
+                            }
+                        }
+                        rows.pop()
+                            .ok_or_else(|| anyhow::anyhow!("the executor returned no logits"))
+                    }),
             };
             r.prefilled += n;
             budget -= n;

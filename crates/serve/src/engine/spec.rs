@@ -5,8 +5,8 @@
 //! to the scheduler thread, which executes it on the state it owns between steps:
 //!
 //! * **host drafter** (the CPU executor, [`SpecConfig`]): the worker runs the drafter's forward
-//!   and the acceptance itself, against a proxy [`dflash::Target`] whose `forward` /
-//!   `truncate` the scheduler runs on the request's sequence;
+//!   and the acceptance itself, against a proxy target ([`dflash::DraftTarget`]: an executor
+//!   whose passes and `truncate` the scheduler runs on the request's sequence);
 //! * **device drafter** (the GPU executor, [`Backend::device_spec`]): the worker runs the
 //!   acceptance against a proxy [`dflash::SpecBackend`] whose `prefill` / `draft` / `verify` /
 //!   `commit` the scheduler runs on the request's device state (target session + drafter
@@ -28,6 +28,7 @@
 //! Cancellation: the scheduler drops the state at once and refuses the worker's next call; the
 //! worker's token callback also stops on the cancel flag.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,8 +36,10 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use dflash::{Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, Target, Want};
+use dflash::{DraftTarget, Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, Want};
+use model::config::ModelConfig;
 use model::cpu::{CpuError, VerifyOutput};
+use model::executor::Executor;
 use model::sampling::FinishReason;
 use model::tokenizer::Tokenizer;
 use model::weights::Mat;
@@ -54,16 +57,26 @@ pub struct SpecConfig {
     pub decoder: Arc<SpecDecoder>,
 }
 
+/// Which executor pass a host drafter's target call is.
+pub(crate) enum HostPass {
+    /// [`Executor::forward`]: the outputs of these decoder layers.
+    Forward(Vec<usize>),
+    /// [`Executor::verify`]: these hidden indices.
+    Verify(Vec<usize>),
+}
+
 /// A worker's call into the scheduler.
 pub(crate) enum SpecOp {
+    /// Host drafter: a pass over the request's target sequence.
     Forward {
         id: String,
         tokens: Vec<u32>,
-        layers: Vec<usize>,
+        pass: HostPass,
         /// A prompt chunk (queued for the prefill step), not a verify block.
         prefill: bool,
         reply: std_mpsc::Sender<Result<VerifyOutput>>,
     },
+    /// Host drafter: `Executor::truncate` of the request's target sequence.
     Truncate {
         id: String,
         len: usize,
@@ -122,8 +135,12 @@ pub(super) struct SpecRunning<S, D> {
 /// How a worker runs the loop.
 #[derive(Clone)]
 enum LoopKind {
-    Host(Arc<SpecDecoder>),
-    Device { opts: SpecOptions, vocab: usize },
+    /// The decoder and the target sequence's rollback depth.
+    Host(Arc<SpecDecoder>, usize),
+    Device {
+        opts: SpecOptions,
+        vocab: usize,
+    },
 }
 
 fn find_seq<'a, S, D>(
@@ -145,10 +162,10 @@ impl<B: Backend> Sched<B> {
     pub(super) fn start_spec(&mut self, p: Pending) {
         let positions = p.prompt.len() + p.params.max_tokens;
         let made = match (&self.spec, self.backend.device_spec()) {
-            (Some(spec), _) => self
-                .backend
-                .new_sequence(positions)
-                .map(|s| (SpecSeq::Host(s), LoopKind::Host(spec.decoder.clone()))),
+            (Some(spec), _) => self.backend.new_sequence(positions).map(|s| {
+                let kind = LoopKind::Host(spec.decoder.clone(), s.max_rollback());
+                (SpecSeq::Host(s), kind)
+            }),
             (None, Some(opts)) => {
                 let kind = LoopKind::Device {
                     opts: opts.clone(),
@@ -266,14 +283,13 @@ impl<B: Backend> Sched<B> {
     }
 
     fn run_spec_op(&mut self, op: SpecOp) {
-        let backend = &self.backend;
         let running = &mut self.spec_running;
         let not_host = |id: &str| anyhow!("request {id} has no host sequence");
         match op {
             SpecOp::Forward {
                 id,
                 tokens,
-                layers,
+                pass,
                 prefill,
                 reply,
             } => {
@@ -281,7 +297,11 @@ impl<B: Backend> Sched<B> {
                     self.spec_decoded += tokens.len();
                 }
                 let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Host(seq)) => backend.forward(seq, &tokens, &layers),
+                    Some(SpecSeq::Host(seq)) => match &pass {
+                        HostPass::Forward(layers) => seq.forward(&tokens, layers),
+                        HostPass::Verify(hidden) => seq.verify(&tokens, hidden),
+                    }
+                    .map_err(anyhow::Error::new),
                     Some(SpecSeq::Device(_)) => Err(not_host(&id)),
                     None => Err(anyhow!("request {id} was cancelled")),
                 };
@@ -289,7 +309,7 @@ impl<B: Backend> Sched<B> {
             }
             SpecOp::Truncate { id, len, reply } => {
                 let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Host(seq)) => backend.truncate(seq, len),
+                    Some(SpecSeq::Host(seq)) => seq.truncate(len).map_err(anyhow::Error::new),
                     Some(SpecSeq::Device(_)) => Err(not_host(&id)),
                     None => Err(anyhow!("request {id} was cancelled")),
                 };
@@ -418,6 +438,8 @@ struct ProxyTarget<'a> {
     link: Link<'a>,
     model: &'a model::cpu::CpuModel,
     len: usize,
+    /// The sequence's [`Executor::max_rollback`].
+    max_rollback: usize,
     /// Forwards below this length are prompt chunks.
     prompt_len: usize,
 }
@@ -447,44 +469,58 @@ impl ProxyTarget<'_> {
     }
 }
 
-impl Target for ProxyTarget<'_> {
+impl ProxyTarget<'_> {
+    /// Runs `pass` over `tokens` on the scheduler thread (after sending the previous round's
+    /// tokens).
+    fn pass(&mut self, tokens: &[u32], pass: HostPass) -> Result<VerifyOutput, ProxyError> {
+        self.link.flush();
+        let out = self.call(|reply| SpecOp::Forward {
+            id: self.link.id.clone(),
+            tokens: tokens.to_vec(),
+            pass,
+            prefill: self.len < self.prompt_len,
+            reply,
+        })?;
+        self.len += tokens.len();
+        Ok(out)
+    }
+}
+
+impl Executor for ProxyTarget<'_> {
     type Error = ProxyError;
 
-    fn vocab_size(&self) -> usize {
-        self.model.config().vocab_size
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.model.config().hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.model.config().layers.len()
-    }
-
-    fn embedding(&self) -> &Mat {
-        &self.model.weights().embed
-    }
-
-    fn lm_head(&self) -> &Mat {
-        &self.model.weights().lm_head
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
     }
 
     fn len(&self) -> usize {
         self.len
     }
 
+    fn max_rollback(&self) -> usize {
+        self.max_rollback
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, ProxyError> {
+        let mut out = self.pass(tokens, HostPass::Forward(Vec::new()))?;
+        let last = out
+            .logits
+            .pop()
+            .ok_or_else(|| ProxyError::Engine("the executor returned no logits".into()))?;
+        Ok(Cow::Owned(last))
+    }
+
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, ProxyError> {
+        self.prefill(&[token])
+    }
+
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, ProxyError> {
+        self.pass(tokens, HostPass::Verify(hidden.to_vec()))
+    }
+
+    /// One call for the whole input: the scheduler's sequence chunks it.
     fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, ProxyError> {
-        self.link.flush();
-        let out = self.call(|reply| SpecOp::Forward {
-            id: self.link.id.clone(),
-            tokens: tokens.to_vec(),
-            layers: layers.to_vec(),
-            prefill: self.len < self.prompt_len,
-            reply,
-        })?;
-        self.len += tokens.len();
-        Ok(out)
+        self.pass(tokens, HostPass::Forward(layers.to_vec()))
     }
 
     fn truncate(&mut self, len: usize) -> Result<(), ProxyError> {
@@ -495,6 +531,16 @@ impl Target for ProxyTarget<'_> {
         })?;
         self.len = len;
         Ok(())
+    }
+}
+
+impl DraftTarget for ProxyTarget<'_> {
+    fn embedding(&self) -> &Mat {
+        &self.model.weights().embed
+    }
+
+    fn lm_head(&self) -> &Mat {
+        &self.model.weights().lm_head
     }
 }
 
@@ -730,11 +776,12 @@ impl Worker {
         };
         let rows = p.logprobs.is_some();
         let result = match &self.kind {
-            LoopKind::Host(decoder) => {
+            LoopKind::Host(decoder, max_rollback) => {
                 let mut target = ProxyTarget {
                     link,
                     model: decoder.model(),
                     len: 0,
+                    max_rollback: *max_rollback,
                     prompt_len: p.prompt.len(),
                 };
                 let opts = SpecOptions {

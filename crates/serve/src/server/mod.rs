@@ -464,8 +464,10 @@ pub fn load_cpu_engine(
     EngineHandle::start(move || Ok(CpuBackend { model }), tokenizer, eos, cfg, spec)
 }
 
-/// Loads a checkpoint (and a drafter) and starts the engine on GPU `ordinal`: the weights and
-/// the drafter are uploaded by the scheduler thread, which owns the GPU objects. Sequences hold
+/// Loads a checkpoint (and a drafter) and starts the engine on GPU `ordinal`: the config and
+/// the tokenizer are read here; the weights go straight from the mapped files to the device
+/// (`generate::load_gpu_weights`, as `ultra generate --device cuda`: no CPU model) and the
+/// drafter is uploaded, both by the scheduler thread, which owns the GPU objects. Sequences hold
 /// `cfg.max_context` positions (default: the model's context, at most
 /// [`generate::GPU_MAX_SEQ`], as `ultra generate --device cuda`); `max_running` finished
 /// sequences are kept for reuse.
@@ -476,23 +478,25 @@ pub fn load_gpu_engine(
     cfg: EngineConfig,
     ordinal: usize,
 ) -> Result<EngineHandle> {
-    let mut loaded = generate::load(model_dir)?;
-    let eos = generate::eos_ids(&loaded);
-    let tokenizer = loaded.tokenizer.take();
+    let config = model::load::load_config(model_dir)
+        .with_context(|| format!("loading {}", model_dir.display()))?;
+    let tokenizer = generate::load_tokenizer(model_dir)?;
+    let eos = generate::eos_ids_of(tokenizer.as_ref(), &config);
+    let dir = model_dir.to_path_buf();
     let draft = draft.map(Path::to_path_buf);
     let (max_context, pool) = (cfg.max_context, cfg.max_running);
     EngineHandle::start(
         move || {
-            loaded.to_gpu(ordinal)?;
+            // Without the tokenizer (it is the engine's): the drafter's loop options take the
+            // config's EOS ids, as they always did here.
+            let loaded = generate::load_gpu_weights(&dir, ordinal)?;
             let drafter = match &draft {
                 Some(d) => Some(generate::gpu_spec_setup(&loaded, d, block_size)?),
                 None => None,
             };
-            let Some(gpu) = loaded.gpu.take() else {
+            let Some(gpu) = loaded.gpu else {
                 bail!("the model is not on the GPU");
             };
-            // The host copy of the weights is not needed any more.
-            drop(loaded);
             let default = generate::gpu_max_seq(&gpu);
             let max_seq = max_context
                 .unwrap_or(default)
