@@ -413,6 +413,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "moe"),
     ("tilert", "exec"),
     ("tilert", "batch"),
+    ("tilert", "fp8"),
     ("dflash", "gpu_spec"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
