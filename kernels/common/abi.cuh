@@ -35,6 +35,12 @@
 // Threads of the sampler (one block).
 #define SAMPLE_THREADS 1024
 
+// Dense projections from tiled FP8 / BF16 weights (proj.cu): most threads per CTA, rows per tile
+// (row group), FP8 scale block edge (rows and columns).
+#define PROJ_MAX_THREADS 512
+#define PROJ_TILE_ROWS 16
+#define FP8_BLOCK 128
+
 // MXFP4 GEMV (mxfp4.cu): most warps per block.
 constexpr int GEMV_MAX_WARPS = 16;
 // Routed experts (mxfp4.cu): most (token, expert) entries per launch (MAX_TOKENS · top-k), bitmap

@@ -414,6 +414,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "exec"),
     ("tilert", "batch"),
     ("tilert", "executor"),
+    ("tilert", "fp8"),
     ("dflash", "gpu_spec"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),

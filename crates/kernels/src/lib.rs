@@ -77,6 +77,9 @@ pub const MOE: KernelImage = image!("moe");
 pub const ROUTER: KernelImage = image!("router");
 /// Argmax and sampling (`kernels/sampling.cu`).
 pub const SAMPLING: KernelImage = image!("sampling");
+/// Dense projections from tiled FP8 (e4m3, 128×128 block scales) or BF16 weights, batch 1..16
+/// (`kernels/proj.cu`).
+pub const PROJ: KernelImage = image!("proj");
 /// Measurement kernels: streaming read (the bandwidth ceiling) and on-device random fill
 /// (`kernels/bench.cu`).
 pub const BENCH: KernelImage = image!("bench");
@@ -89,7 +92,7 @@ pub const OPS: &[KernelImage] = &[
 
 /// Every embedded image (what `cargo xtask kernels --check` and the loaders agree on).
 pub const ALL: &[KernelImage] = &[
-    MXFP4, FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING, BENCH,
+    MXFP4, FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING, PROJ, BENCH,
 ];
 
 /// `kernels/common/abi.cuh`: the structs kernels take by value and the limits the host checks.

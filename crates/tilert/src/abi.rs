@@ -29,6 +29,11 @@ pub(crate) const SAMPLE_THREADS: u32 = 1024;
 pub(crate) const MOE_MAX_IDS: usize = 256;
 pub(crate) const MOE_MAX_EXPERT_WORDS: usize = 64;
 pub(crate) const MOE_MAX_WARPS: usize = 16;
+/// Dense projections from tiled weights (`kernels/proj.cu`): most threads per CTA, rows per
+/// tile (row group), and the FP8 scale block edge (rows and columns).
+pub(crate) const PROJ_MAX_THREADS: u32 = 512;
+pub const PROJ_TILE_ROWS: usize = 16;
+pub const FP8_BLOCK: usize = 128;
 
 // A full pass of routed entries fits the expert kernels' entry table.
 const _: () = assert!(MOE_MAX_IDS >= MAX_TOKENS * crate::moe::MAX_TOP_K);
@@ -234,7 +239,7 @@ mod tests {
 
     #[test]
     fn limits_match_the_header() {
-        let rust: [(&str, u64); 13] = [
+        let rust: [(&str, u64); 16] = [
             ("MAX_TOKENS", MAX_TOKENS as u64),
             ("LINEAR_THREADS", LINEAR_THREADS.into()),
             ("MAX_HEAD_DIM", MAX_HEAD_DIM as u64),
@@ -248,6 +253,9 @@ mod tests {
             ("MOE_MAX_IDS", MOE_MAX_IDS as u64),
             ("MOE_MAX_EXPERT_WORDS", MOE_MAX_EXPERT_WORDS as u64),
             ("MOE_MAX_WARPS", MOE_MAX_WARPS as u64),
+            ("PROJ_MAX_THREADS", PROJ_MAX_THREADS.into()),
+            ("PROJ_TILE_ROWS", PROJ_TILE_ROWS as u64),
+            ("FP8_BLOCK", FP8_BLOCK as u64),
         ];
         for (name, value) in rust {
             assert_eq!(limit(name), Some(value), "limit {name} (abi.cuh vs Rust)");

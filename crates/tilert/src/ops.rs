@@ -33,6 +33,7 @@ use crate::arena::DPtr;
 use crate::tensor::{DenseData, DeviceMatrix};
 use crate::RuntimeError;
 
+pub mod proj;
 pub mod rows;
 
 pub use crate::abi::MAX_TOKENS;

@@ -1,0 +1,281 @@
+//! GPU tests of the dense projection kernels (`kernels/proj.cu`, `tilert::ops::proj`): FP8 e4m3
+//! with 128×128 block scales and BF16 weights, 1..=16 tokens, against an f64 CPU reference on
+//! fresh random inputs, at small odd shapes (columns not a multiple of the tile or of 4, rows not
+//! a multiple of 16 or of the 128-row scale block), at gpt-oss-20b shapes (2880 / 4096 / 5120) and
+//! at MiMo-V2.5-Pro per-rank shapes (qkv 3392×6144, dense 2048×6144, o_proj 6144×2048). Skipped
+//! without a GPU (fails with `ULTRA_REQUIRE_GPU=1`). The seed is printed; set `ULTRA_TEST_SEED`
+//! to replay it.
+//!
+//! Tolerance: weights decode exactly, products and sums are f32 in some order, so each output may
+//! differ from the exact value by at most γ·(Σ|w·s·x| + |bias| + |y₀|) with γ = (K + 8)·2⁻²⁴
+//! (the worst-case bound of any f32 summation order of K + 2 terms plus the scale product); in
+//! addition ‖y − ref‖ / ‖ref‖ must be below 1e-5 (f32 arithmetic; a real bug is O(1)). Every
+//! output is poisoned with NaN before the launch and must come back finite.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+use half::bf16;
+use model::weights::f8_e4m3;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use tilert::arena::{dtoh, htod, Arena, DPtr};
+use tilert::ops::proj::{ProjLaunch, ProjMatrix, ProjOps};
+
+struct Gpu {
+    stream: Arc<CudaStream>,
+    arena: Arena,
+    ops: ProjOps,
+    _ctx: Arc<CudaContext>,
+}
+
+fn gpu(test: &str) -> Option<(Gpu, ChaCha20Rng)> {
+    let ctx = ultra_kernels::gpu_for_test(test)?;
+    let stream = ctx.default_stream();
+    let ops = ProjOps::load(&ctx).expect("load proj kernels");
+    let seed = std::env::var("ULTRA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("{test}: seed {seed}");
+    Some((
+        Gpu {
+            arena: Arena::new(stream.clone()),
+            stream,
+            ops,
+            _ctx: ctx,
+        },
+        ChaCha20Rng::seed_from_u64(seed),
+    ))
+}
+
+/// A random weight: the uploaded matrix and its exact values (f64, row-major).
+struct Weight {
+    m: ProjMatrix,
+    exact: Vec<f64>,
+}
+
+/// Random FP8 codes (every finite e4m3 value, both signs; no NaN codes) and scales
+/// 2^-12 .. 2^-3 (the range of real `weight_scale_inv`).
+fn random_fp8(g: &mut Gpu, rng: &mut ChaCha20Rng, rows: usize, cols: usize) -> Weight {
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| loop {
+            let c: u8 = rng.random();
+            if c & 0x7f != 0x7f {
+                break c;
+            }
+        })
+        .collect();
+    let (sr, sc) = (rows.div_ceil(128), cols.div_ceil(128));
+    let scales: Vec<f32> = (0..sr * sc)
+        .map(|_| 2f32.powf(rng.random_range(-12.0..-3.0)))
+        .collect();
+    let exact = (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            f8_e4m3(codes[i]) as f64 * scales[(r / 128) * sc + c / 128] as f64
+        })
+        .collect();
+    let m = ProjMatrix::upload_fp8(&mut g.arena, &codes, &scales, rows, cols, "fp8 weight")
+        .expect("upload fp8");
+    Weight { m, exact }
+}
+
+fn random_bf16(g: &mut Gpu, rng: &mut ChaCha20Rng, rows: usize, cols: usize) -> Weight {
+    let v: Vec<bf16> = (0..rows * cols)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (cols as f32).sqrt()))
+        .collect();
+    let exact = v.iter().map(|x| x.to_f64()).collect();
+    let m =
+        ProjMatrix::upload_bf16(&mut g.arena, &v, rows, cols, "bf16 weight").expect("upload bf16");
+    Weight { m, exact }
+}
+
+fn up<T: cudarc::driver::DeviceRepr>(g: &mut Gpu, v: &[T]) -> DPtr<T> {
+    g.arena.upload(v, "test input").unwrap()
+}
+
+/// Runs one projection of `t` tokens (random x, optional random bias, optional accumulate onto
+/// random y₀) and checks it against the f64 reference; returns the relative norm error.
+fn check(
+    g: &mut Gpu,
+    rng: &mut ChaCha20Rng,
+    w: &Weight,
+    t: usize,
+    bias: bool,
+    accumulate: bool,
+    how: Option<ProjLaunch>,
+) -> f64 {
+    let (n, k) = (w.m.rows, w.m.cols);
+    let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let y0: Vec<f32> = if accumulate {
+        (0..t * n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    } else {
+        vec![f32::NAN; t * n]
+    };
+    let dx = up(g, &x);
+    let db = up(g, &b);
+    let dy = g.arena.alloc::<f32>(t * n, "y").unwrap();
+    htod(&g.stream, &y0, dy).unwrap();
+    let bias_p = bias.then_some(db);
+    match how {
+        Some(h) => g
+            .ops
+            .linear_with(&g.stream, &w.m, bias_p, dx, t, dy, accumulate, h)
+            .unwrap(),
+        None => g
+            .ops
+            .linear(&g.stream, &w.m, bias_p, dx, t, dy, accumulate)
+            .unwrap(),
+    }
+    let y = dtoh(&g.stream, dy).unwrap();
+    let gamma = (k as f64 + 8.0) * 2f64.powi(-24);
+    let (mut err2, mut ref2) = (0f64, 0f64);
+    for j in 0..t {
+        for r in 0..n {
+            let (mut s, mut mag) = (0f64, 0f64);
+            for c in 0..k {
+                let p = w.exact[r * k + c] * x[j * k + c] as f64;
+                s += p;
+                mag += p.abs();
+            }
+            if bias {
+                s += b[r] as f64;
+                mag += (b[r] as f64).abs();
+            }
+            if accumulate {
+                s += y0[j * n + r] as f64;
+                mag += (y0[j * n + r] as f64).abs();
+            }
+            let got = y[j * n + r] as f64;
+            assert!(
+                got.is_finite(),
+                "{n}x{k} t={t} {how:?}: y[{j}][{r}] = {got} (not written or not finite)"
+            );
+            let e = (got - s).abs();
+            assert!(
+                e <= gamma * mag + 1e-30,
+                "{n}x{k} t={t} bias={bias} acc={accumulate} {how:?}: y[{j}][{r}] = {got}, \
+                 reference {s}, error {e:.3e} > bound {:.3e}",
+                gamma * mag
+            );
+            err2 += e * e;
+            ref2 += s * s;
+        }
+    }
+    let rel = (err2 / ref2.max(1e-300)).sqrt();
+    assert!(
+        rel < 1e-5,
+        "{n}x{k} t={t} {how:?}: relative error {rel:.3e}"
+    );
+    rel
+}
+
+#[test]
+fn fp8_and_bf16_match_the_f64_reference() {
+    let Some((mut g, mut rng)) = gpu("fp8_and_bf16_match_the_f64_reference") else {
+        return;
+    };
+    // (rows, cols, token counts): odd shapes first, then gpt-oss-20b and MiMo per-rank shapes.
+    let cases: &[(usize, usize, &[usize])] = &[
+        (37, 200, &[1, 2, 3, 4, 5, 8, 9, 16]),
+        (19, 45, &[1, 3, 16]),
+        (130, 2880, &[1, 2, 4, 7, 8, 16]),
+        (333, 1000, &[1, 6, 12]),
+        (5120, 2880, &[1, 8]),
+        (2880, 4096, &[1, 4, 16]),
+        (3392, 6144, &[1, 9]),
+        (2048, 6144, &[1, 16]),
+        (6144, 2048, &[1, 2, 8]),
+    ];
+    for fp8 in [true, false] {
+        for &(rows, cols, ts) in cases {
+            let w = if fp8 {
+                random_fp8(&mut g, &mut rng, rows, cols)
+            } else {
+                random_bf16(&mut g, &mut rng, rows, cols)
+            };
+            let mut worst = 0f64;
+            for (i, &t) in ts.iter().enumerate() {
+                let bias = i % 2 == 0;
+                let acc = i % 3 == 1;
+                worst = worst.max(check(&mut g, &mut rng, &w, t, bias, acc, None));
+            }
+            println!(
+                "{} {rows}x{cols} tokens {ts:?}: worst relative error {worst:.2e} (launch t=1: {:?})",
+                if fp8 { "fp8" } else { "bf16" },
+                g.ops.choose(&w.m, 1)
+            );
+        }
+    }
+}
+
+#[test]
+fn every_launch_shape_computes_the_same_function() {
+    let Some((mut g, mut rng)) = gpu("every_launch_shape_computes_the_same_function") else {
+        return;
+    };
+    for fp8 in [true, false] {
+        // 300 rows: an odd number of 16-row groups (19) and a partial 128-row scale block.
+        let w = if fp8 {
+            random_fp8(&mut g, &mut rng, 300, 1000)
+        } else {
+            random_bf16(&mut g, &mut rng, 300, 1000)
+        };
+        for groups in [1, 2] {
+            for warps in [1, 3, 4, 8, 16] {
+                for t in [1, 5, 16] {
+                    let how = ProjLaunch { groups, warps };
+                    check(&mut g, &mut rng, &w, t, true, t == 5, Some(how));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    let Some((mut g, mut rng)) = gpu("bad_arguments_are_errors") else {
+        return;
+    };
+    let w = random_fp8(&mut g, &mut rng, 64, 256);
+    let x = g.arena.alloc::<f32>(16 * 256, "x").unwrap();
+    let y = g.arena.alloc::<f32>(16 * 64, "y").unwrap();
+    for t in [0, 17] {
+        let e = g.ops.linear(&g.stream, &w.m, None, x, t, y, false);
+        assert!(e.is_err(), "{t} tokens accepted");
+    }
+    let short = x.slice(0..255);
+    assert!(g
+        .ops
+        .linear(&g.stream, &w.m, None, short, 1, y, false)
+        .is_err());
+    for how in [
+        ProjLaunch {
+            groups: 3,
+            warps: 4,
+        },
+        ProjLaunch {
+            groups: 1,
+            warps: 0,
+        },
+        ProjLaunch {
+            groups: 1,
+            warps: 17,
+        },
+    ] {
+        let e = g
+            .ops
+            .linear_with(&g.stream, &w.m, None, x, 1, y, false, how);
+        assert!(e.is_err(), "{how:?} accepted");
+    }
+    let codes = vec![0u8; 64 * 256];
+    let e = ProjMatrix::upload_fp8(&mut g.arena, &codes, &[1.0; 3], 64, 256, "w");
+    assert!(e.unwrap_err().to_string().contains("block scales"));
+}
