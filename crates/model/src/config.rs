@@ -676,27 +676,55 @@ impl<'a> Obj<'a> {
     }
 }
 
+/// The architecture an `architectures` entry names, if supported.
+fn arch_of_class(name: &str) -> Option<Arch> {
+    match name {
+        "GptOssForCausalLM" => Some(Arch::GptOss),
+        "Qwen3MoeForCausalLM" => Some(Arch::Qwen3Moe),
+        "MiMoV2FlashForCausalLM" => Some(Arch::MiMoV2Flash),
+        "MiMoV2ForCausalLM" => Some(Arch::MiMoV2),
+        _ => None,
+    }
+}
+
 fn detect_arch(o: &Obj<'_>) -> CResult<Arch> {
     if let Some(mt) = o.str("model_type")? {
-        return match mt {
-            "gpt_oss" => Ok(Arch::GptOss),
-            "qwen3_moe" => Ok(Arch::Qwen3Moe),
-            "mimo_v2_flash" => Ok(Arch::MiMoV2Flash),
-            "mimo_v2" => Ok(Arch::MiMoV2),
-            other => Err(ConfigError::UnknownModelType {
-                model_type: other.to_string(),
-            }),
+        let arch = match mt {
+            "gpt_oss" => Arch::GptOss,
+            "qwen3_moe" => Arch::Qwen3Moe,
+            "mimo_v2_flash" => Arch::MiMoV2Flash,
+            "mimo_v2" => Arch::MiMoV2,
+            other => {
+                return Err(ConfigError::UnknownModelType {
+                    model_type: other.to_string(),
+                })
+            }
         };
+        // A supported class in `architectures` that names another architecture (e.g. a
+        // `mimo_v2` config with `MiMoV2FlashForCausalLM`: the two differ in their q/k/v
+        // tensors and KV-head defaults) leaves the layout ambiguous.
+        if let Some(archs) = o.arr("architectures")? {
+            if let Some(other) = archs
+                .iter()
+                .filter_map(|a| a.as_str().and_then(arch_of_class))
+                .find(|&a| a != arch)
+            {
+                return Err(o.invalid(
+                    "model_type",
+                    format!("{mt:?} disagrees with `architectures` naming {other:?}"),
+                ));
+            }
+        }
+        return Ok(arch);
     }
     if let Some(archs) = o.arr("architectures")? {
         let mut names = Vec::new();
         for a in archs {
             match a.as_str() {
-                Some("GptOssForCausalLM") => return Ok(Arch::GptOss),
-                Some("Qwen3MoeForCausalLM") => return Ok(Arch::Qwen3Moe),
-                Some("MiMoV2FlashForCausalLM") => return Ok(Arch::MiMoV2Flash),
-                Some("MiMoV2ForCausalLM") => return Ok(Arch::MiMoV2),
-                Some(s) => names.push(s.to_string()),
+                Some(s) => match arch_of_class(s) {
+                    Some(arch) => return Ok(arch),
+                    None => names.push(s.to_string()),
+                },
                 None => names.push(short(a)),
             }
         }

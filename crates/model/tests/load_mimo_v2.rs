@@ -199,6 +199,14 @@ fn mimo_v2_config_refusals_name_the_field() {
         v["quantization_config"]["ignored_layers"] = serde_json::json!([3]);
     }));
     assert_eq!(e.field(), "quantization_config.ignored_layers[0]", "{e}");
+    // model_type and architectures naming different architectures.
+    let e = err_of(&patch(&text, |v| {
+        v["architectures"] = serde_json::json!(["MiMoV2FlashForCausalLM"]);
+    }));
+    assert!(
+        matches!(e, ConfigError::Invalid { .. }) && e.field() == "model_type",
+        "{e}"
+    );
     // MXFP4 experts in an fp8 checkpoint only for mimo_v2.
     let flash = std::fs::read_to_string(root().join("mimo-v2-flash/hub/config.json")).unwrap();
     let e = err_of(&patch(&flash, |v| {
