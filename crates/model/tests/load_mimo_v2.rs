@@ -453,3 +453,60 @@ fn bad_tensors_are_refused_by_name() {
     assert!(matches!(e, LoadError::Checkpoint { .. }), "{e}");
     assert!(e.to_string().contains("model-00002-of-00002"), "{e}");
 }
+
+/// The DFlash drafter of MiMo-V2.5-Pro-FP4-DFlash (`dflash/config.json`). Its file is not
+/// captured verbatim: this is the MiMo-V2.5-DFlash config quoted in research/mimo-v2.md §1.5
+/// with the Pro values of the model card (§1.1: hidden 6144, 128 / 8 heads, head dim 128, 5
+/// layers, window 1024, block 8, taps [0, 15, 31, 47, 69], backbone RoPE base 5e6).
+/// `intermediate_size` is not published for the Pro drafter; 16384 is an assumption.
+const PRO_DRAFTER: &str = r#"{
+  "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+  "hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 5,
+  "num_attention_heads": 128, "num_key_value_heads": 8, "head_dim": 128,
+  "hidden_act": "silu", "rms_norm_eps": 1e-05, "attention_bias": false,
+  "partial_rotary_factor": 0.5, "rope_theta": 10000, "sliding_window": 1024,
+  "is_causal": false, "vocab_size": 152576, "tie_word_embeddings": false,
+  "dflash_config": {"target_layer_ids": [0, 15, 31, 47, 69], "mask_token_id": 151675,
+    "block_size": 8, "use_swa": true, "swa_window_size": 1024,
+    "backbone_rotary_base": 5000000, "attention_value_scale": 0.612,
+    "attention_sink_bias": true}
+}"#;
+
+#[test]
+fn mimo_v25_pro_dflash_drafter_config() {
+    use model::drafter::DrafterConfig;
+    let d = DrafterConfig::from_json_str(PRO_DRAFTER).unwrap();
+    assert_eq!(d.num_layers(), 5);
+    assert_eq!(
+        (d.hidden_size, d.n_heads, d.n_kv_heads, d.head_dim),
+        (6144, 128, 8, 128)
+    );
+    for l in &d.layers {
+        // use_swa without layer types: every layer a 1024-key window, bidirectional in the block.
+        assert_eq!(l.window, Some(1024));
+        assert!(!l.causal);
+    }
+    assert!(d.sinks);
+    assert_eq!(d.value_scale, 0.612);
+    assert_eq!((d.rope.rotary_dim, d.rope.theta), (64, 1e4));
+    assert_eq!(d.target_layer_ids, vec![0, 15, 31, 47, 69]);
+    assert_eq!((d.mask_token_id, d.block_size), (151675, 8));
+    assert_eq!(d.backbone_rotary_base, Some(5e6));
+    // It fits the V2.5-Pro target: fc takes 5 taps × 6144.
+    let t = ModelConfig::from_json_str(&pro_config()).unwrap();
+    d.check_target_dims(5 * 6144, t.vocab_size, t.hidden_size, t.layers.len())
+        .unwrap();
+}
+
+#[test]
+fn fp4_checkpoint_counts_mxfp4_experts() {
+    use model::footprint::StoragePlan;
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fp4_dir().join("config.json")).unwrap())
+            .unwrap();
+    let p = StoragePlan::from_config_json(&raw);
+    assert_eq!(
+        p.expert_bytes_per_weight,
+        StoragePlan::MXFP4_EXPERTS.expert_bytes_per_weight
+    );
+}
