@@ -1,5 +1,6 @@
-//! The normalized model configuration: one description of gpt-oss, Qwen3-MoE and MiMo-V2-Flash
-//! whatever spelling their `config.json` uses (transformers-5 or the released Hub files).
+//! The normalized model configuration: one description of gpt-oss, Qwen3-MoE, MiMo-V2-Flash and
+//! MiMo-V2.5 / V2.5-Pro (`mimo_v2`) whatever spelling their `config.json` uses (transformers-5 or
+//! the released Hub files).
 //!
 //! The types here are the contract between the loader and every executor. The parsing
 //! (`ModelConfig::from_json_str`, `ModelConfig::from_dir` and friends) lives below them.
@@ -10,6 +11,17 @@ pub enum Arch {
     GptOss,
     Qwen3Moe,
     MiMoV2Flash,
+    /// `model_type: mimo_v2` (MiMo-V2.5, V2.5-Pro, V2.6, the FP4-DFlash checkpoint): the
+    /// MiMo-V2-Flash math with equal KV heads on full and sliding layers by default, a fused
+    /// KV-head-grouped `qkv_proj` and per-expert MXFP4 experts (see [`crate::mimo`]).
+    MiMoV2,
+}
+
+impl Arch {
+    /// MiMo-V2-Flash or `mimo_v2`: the same block math.
+    pub fn is_mimo(self) -> bool {
+        matches!(self, Arch::MiMoV2Flash | Arch::MiMoV2)
+    }
 }
 
 /// The attention pattern of one layer.
@@ -173,8 +185,9 @@ pub enum ConfigError {
     Invalid { field: String, reason: String },
     /// `model_type` (or `architectures`) names no supported architecture.
     #[error(
-        "unknown model_type {model_type:?} (supported: gpt_oss, qwen3_moe, mimo_v2_flash and \
-         their architectures GptOssForCausalLM, Qwen3MoeForCausalLM, MiMoV2FlashForCausalLM)"
+        "unknown model_type {model_type:?} (supported: gpt_oss, qwen3_moe, mimo_v2_flash, mimo_v2 \
+         and their architectures GptOssForCausalLM, Qwen3MoeForCausalLM, MiMoV2FlashForCausalLM, \
+         MiMoV2ForCausalLM)"
     )]
     UnknownModelType { model_type: String },
     /// A well-formed value this engine does not implement (e.g. `rope_type: llama3`).
@@ -211,10 +224,18 @@ pub enum Quantization {
         /// checkpoint holds).
         modules_to_not_convert: Vec<String>,
     },
-    /// `quant_method: fp8` (block-scaled e4m3 with `weight_scale_inv`).
+    /// `quant_method: fp8` (block-scaled e4m3 with `weight_scale_inv`; `fmt` must be `e4m3` and
+    /// `activation_scheme` `dynamic` when given — Ultra keeps activations in f32, i.e. runs the
+    /// dequantized weights exactly, as the BF16 conversions of these checkpoints do).
     Fp8 {
         /// `weight_block_size` `[rows, cols]` of one scale block (default `[128, 128]`).
         weight_block_size: [usize; 2],
+        /// `store_dtype: mxfp4` (+ `mxfp4_block_size: 32`): the routed experts are MXFP4
+        /// (MiMo's FP4 checkpoints: per-expert U8 `weight` + E8M0 `weight_scale`).
+        mxfp4_experts: bool,
+        /// `ignored_layers`: modules kept in higher precision (informational: the loader
+        /// decides per tensor by the dtype the checkpoint holds).
+        ignored_layers: Vec<String>,
     },
 }
 
@@ -229,7 +250,9 @@ impl Quantization {
     /// The FP8 block size (`[128, 128]` unless `quantization_config` says otherwise).
     pub fn fp8_block(&self) -> [usize; 2] {
         match self {
-            Quantization::Fp8 { weight_block_size } => *weight_block_size,
+            Quantization::Fp8 {
+                weight_block_size, ..
+            } => *weight_block_size,
             _ => [128, 128],
         }
     }
@@ -260,6 +283,50 @@ impl Quantization {
                 })
             }
             "fp8" => {
+                if let Some(fmt) = q.str("fmt")? {
+                    if fmt != "e4m3" {
+                        return Err(
+                            q.unsupported("fmt", format!("FP8 format {fmt:?} (supported: e4m3)"))
+                        );
+                    }
+                }
+                if let Some(a) = q.str("activation_scheme")? {
+                    if a != "dynamic" {
+                        return Err(q.unsupported(
+                            "activation_scheme",
+                            format!("{a:?} (supported: dynamic)"),
+                        ));
+                    }
+                }
+                let mxfp4_experts = match q.str("store_dtype")? {
+                    None => false,
+                    Some("mxfp4") => true,
+                    Some(other) => {
+                        return Err(
+                            q.unsupported("store_dtype", format!("{other:?} (supported: mxfp4)"))
+                        )
+                    }
+                };
+                if let Some(b) = q.usize("mxfp4_block_size")? {
+                    if b != fp4::BLOCK {
+                        return Err(q.unsupported(
+                            "mxfp4_block_size",
+                            format!("{b} (MXFP4 blocks are {} values)", fp4::BLOCK),
+                        ));
+                    }
+                }
+                let mut ignored_layers = Vec::new();
+                if let Some(list) = q.arr("ignored_layers")? {
+                    for (i, m) in list.iter().enumerate() {
+                        let s = m.as_str().ok_or_else(|| {
+                            q.invalid(
+                                &format!("ignored_layers[{i}]"),
+                                format!("expected a string, got {}", short(m)),
+                            )
+                        })?;
+                        ignored_layers.push(s.to_string());
+                    }
+                }
                 let mut block = [128usize, 128];
                 if let Some(list) = q.arr("weight_block_size")? {
                     let f = q.name("weight_block_size");
@@ -281,6 +348,8 @@ impl Quantization {
                 }
                 Ok(Quantization::Fp8 {
                     weight_block_size: block,
+                    mxfp4_experts,
+                    ignored_layers,
                 })
             }
             other => Err(ConfigError::Unsupported {
@@ -297,8 +366,9 @@ impl ModelConfig {
     /// field.
     ///
     /// Spellings accepted (first = transformers-5, then the Hub/legacy aliases):
-    /// * arch: `model_type` ∈ {`gpt_oss`, `qwen3_moe`, `mimo_v2_flash`}, else `architectures`
-    ///   ∈ {`GptOssForCausalLM`, `Qwen3MoeForCausalLM`, `MiMoV2FlashForCausalLM`};
+    /// * arch: `model_type` ∈ {`gpt_oss`, `qwen3_moe`, `mimo_v2_flash`, `mimo_v2`}, else
+    ///   `architectures` ∈ {`GptOssForCausalLM`, `Qwen3MoeForCausalLM`, `MiMoV2FlashForCausalLM`,
+    ///   `MiMoV2ForCausalLM`};
     /// * experts: `num_local_experts` | `num_experts` | `n_routed_experts`; top-k:
     ///   `num_experts_per_tok` | `experts_per_token` (aliases present together must agree);
     /// * `rms_norm_eps` | `layernorm_epsilon`;
@@ -606,30 +676,55 @@ impl<'a> Obj<'a> {
     }
 }
 
+/// The architecture an `architectures` entry names, if supported.
+fn arch_of_class(name: &str) -> Option<Arch> {
+    match name {
+        "GptOssForCausalLM" => Some(Arch::GptOss),
+        "Qwen3MoeForCausalLM" => Some(Arch::Qwen3Moe),
+        "MiMoV2FlashForCausalLM" => Some(Arch::MiMoV2Flash),
+        "MiMoV2ForCausalLM" => Some(Arch::MiMoV2),
+        _ => None,
+    }
+}
+
 fn detect_arch(o: &Obj<'_>) -> CResult<Arch> {
     if let Some(mt) = o.str("model_type")? {
-        return match mt {
-            "gpt_oss" => Ok(Arch::GptOss),
-            "qwen3_moe" => Ok(Arch::Qwen3Moe),
-            "mimo_v2_flash" => Ok(Arch::MiMoV2Flash),
-            "mimo_v2" => Err(o.unsupported(
-                "model_type",
-                "mimo_v2 (MiMo-V2.5 / V2.5-Pro / V2.6: fused, KV-head-pre-sharded qkv_proj) is \
-                 not supported yet",
-            )),
-            other => Err(ConfigError::UnknownModelType {
-                model_type: other.to_string(),
-            }),
+        let arch = match mt {
+            "gpt_oss" => Arch::GptOss,
+            "qwen3_moe" => Arch::Qwen3Moe,
+            "mimo_v2_flash" => Arch::MiMoV2Flash,
+            "mimo_v2" => Arch::MiMoV2,
+            other => {
+                return Err(ConfigError::UnknownModelType {
+                    model_type: other.to_string(),
+                })
+            }
         };
+        // A supported class in `architectures` that names another architecture (e.g. a
+        // `mimo_v2` config with `MiMoV2FlashForCausalLM`: the two differ in their q/k/v
+        // tensors and KV-head defaults) leaves the layout ambiguous.
+        if let Some(archs) = o.arr("architectures")? {
+            if let Some(other) = archs
+                .iter()
+                .filter_map(|a| a.as_str().and_then(arch_of_class))
+                .find(|&a| a != arch)
+            {
+                return Err(o.invalid(
+                    "model_type",
+                    format!("{mt:?} disagrees with `architectures` naming {other:?}"),
+                ));
+            }
+        }
+        return Ok(arch);
     }
     if let Some(archs) = o.arr("architectures")? {
         let mut names = Vec::new();
         for a in archs {
             match a.as_str() {
-                Some("GptOssForCausalLM") => return Ok(Arch::GptOss),
-                Some("Qwen3MoeForCausalLM") => return Ok(Arch::Qwen3Moe),
-                Some("MiMoV2FlashForCausalLM") => return Ok(Arch::MiMoV2Flash),
-                Some(s) => names.push(s.to_string()),
+                Some(s) => match arch_of_class(s) {
+                    Some(arch) => return Ok(arch),
+                    None => names.push(s.to_string()),
+                },
                 None => names.push(short(a)),
             }
         }
@@ -714,6 +809,8 @@ fn attention_pattern(o: &Obj<'_>, arch: Arch, n: usize) -> CResult<Vec<bool>> {
                 }
                 vec![false; n]
             }
+            // mimo_v2 releases always list their pattern (V2.5-Pro's is irregular).
+            Arch::MiMoV2 => return Err(o.missing("hybrid_layer_pattern")),
             // Full at layer 0 and every 6th layer.
             Arch::MiMoV2Flash => (0..n)
                 .map(|i| !(i == 0 || (i + 1).is_multiple_of(6)))
@@ -816,6 +913,9 @@ fn mlp_pattern(o: &Obj<'_>, arch: Arch, n: usize) -> CResult<Vec<bool>> {
     Ok(match arch {
         Arch::GptOss | Arch::Qwen3Moe => vec![true; n],
         Arch::MiMoV2Flash => (0..n).map(|i| i != 0).collect(),
+        // vLLM's mimo_v2 reads an absent moe_layer_freq as all dense, the Flash class as
+        // "layer 0 dense": the sources disagree, so the config must say.
+        Arch::MiMoV2 => return Err(o.missing("moe_layer_freq")),
     })
 }
 
@@ -883,11 +983,11 @@ impl RopeCtx<'_, '_> {
         let default_theta = match (self.arch, sliding) {
             (Arch::GptOss, _) => 150_000.0,
             (Arch::Qwen3Moe, _) => 10_000.0,
-            (Arch::MiMoV2Flash, false) => 5_000_000.0,
-            (Arch::MiMoV2Flash, true) => 10_000.0,
+            (Arch::MiMoV2Flash | Arch::MiMoV2, false) => 5_000_000.0,
+            (Arch::MiMoV2Flash | Arch::MiMoV2, true) => 10_000.0,
         };
         let default_prf = match self.arch {
-            Arch::MiMoV2Flash => 0.334,
+            Arch::MiMoV2Flash | Arch::MiMoV2 => 0.334,
             _ => 1.0,
         };
         let top_prf = root.f64("partial_rotary_factor")?;
@@ -908,7 +1008,7 @@ impl RopeCtx<'_, '_> {
                 let theta = match p.f64("rope_theta")? {
                     Some(t) => t,
                     None => match (sliding, self.arch) {
-                        (true, Arch::MiMoV2Flash) => root.f64("swa_rope_theta")?,
+                        (true, Arch::MiMoV2Flash | Arch::MiMoV2) => root.f64("swa_rope_theta")?,
                         _ => root.f64("rope_theta")?,
                     }
                     .unwrap_or(default_theta),
@@ -919,13 +1019,13 @@ impl RopeCtx<'_, '_> {
                     .unwrap_or(default_prf);
                 (Some(p), theta, prf)
             } else {
-                let theta = if sliding && self.arch == Arch::MiMoV2Flash {
+                let theta = if sliding && self.arch.is_mimo() {
                     root.f64("swa_rope_theta")?.unwrap_or(default_theta)
                 } else {
                     root.f64("rope_theta")?.unwrap_or(default_theta)
                 };
                 // MiMo's Hub rope_scaling applies to full-attention layers only.
-                let scaling = if sliding && self.arch == Arch::MiMoV2Flash {
+                let scaling = if sliding && self.arch.is_mimo() {
                     None
                 } else {
                     root.obj("rope_scaling")?
@@ -987,7 +1087,10 @@ impl RopeCtx<'_, '_> {
 
 fn parse_model(o: &Obj<'_>) -> CResult<ModelConfig> {
     let arch = detect_arch(o)?;
-    let mimo = arch == Arch::MiMoV2Flash;
+    let mimo = arch.is_mimo();
+    if arch == Arch::MiMoV2 {
+        crate::mimo::check_config(o)?;
+    }
 
     let vocab_size = o.dim("vocab_size", MAX_DIM)?;
     let hidden_size = o.dim("hidden_size", MAX_DIM)?;
@@ -1000,7 +1103,7 @@ fn parse_model(o: &Obj<'_>) -> CResult<ModelConfig> {
         Some(d) => d,
         None => match arch {
             Arch::GptOss => 64,
-            Arch::MiMoV2Flash => 192,
+            Arch::MiMoV2Flash | Arch::MiMoV2 => 192,
             Arch::Qwen3Moe => {
                 if !hidden_size.is_multiple_of(n_heads) {
                     return Err(o.invalid(
@@ -1109,7 +1212,7 @@ fn parse_model(o: &Obj<'_>) -> CResult<ModelConfig> {
         Arch::Qwen3Moe => RouterSpec::Qwen3 {
             norm_topk_prob: o.bool("norm_topk_prob")?.unwrap_or(false),
         },
-        Arch::MiMoV2Flash => {
+        Arch::MiMoV2Flash | Arch::MiMoV2 => {
             let n_group = o.dim_opt("n_group", MAX_EXPERTS)?.unwrap_or(1);
             let topk_group = o.dim_opt("topk_group", MAX_EXPERTS)?.unwrap_or(1);
             if !n_experts.is_multiple_of(n_group) {
@@ -1174,7 +1277,7 @@ fn parse_model(o: &Obj<'_>) -> CResult<ModelConfig> {
     let attn_bias = match arch {
         Arch::GptOss => o.bool("attention_bias")?.unwrap_or(true),
         Arch::Qwen3Moe => o.bool("attention_bias")?.unwrap_or(false),
-        Arch::MiMoV2Flash => {
+        Arch::MiMoV2Flash | Arch::MiMoV2 => {
             if o.bool("attention_bias")? == Some(true) {
                 return Err(
                     o.unsupported("attention_bias", "MiMo with q/k/v biases (o_proj has none)")
@@ -1192,6 +1295,8 @@ fn parse_model(o: &Obj<'_>) -> CResult<ModelConfig> {
             .unwrap_or(n_heads);
         let kv = match o.dim_opt("swa_num_key_value_heads", MAX_DIM)? {
             Some(kv) => kv,
+            // transformers' Flash class hard-codes 2 × full; mimo_v2 has equal counts.
+            None if arch == Arch::MiMoV2 => n_kv,
             None => 2 * n_kv,
         };
         let hd = o
@@ -1226,7 +1331,7 @@ fn parse_model(o: &Obj<'_>) -> CResult<ModelConfig> {
     let (sinks_full, sinks_swa) = match arch {
         Arch::GptOss => (true, true),
         Arch::Qwen3Moe => (false, false),
-        Arch::MiMoV2Flash => (
+        Arch::MiMoV2Flash | Arch::MiMoV2 => (
             o.bool("add_full_attention_sink_bias")?.unwrap_or(false),
             o.bool("add_swa_attention_sink_bias")?.unwrap_or(true),
         ),
@@ -1268,6 +1373,29 @@ fn parse_model(o: &Obj<'_>) -> CResult<ModelConfig> {
                     "intermediate_size",
                     format!("{moe_intermediate_size} is not a multiple of 32 (MXFP4 block size)"),
                 ));
+            }
+        }
+        Quantization::Fp8 {
+            mxfp4_experts: true,
+            ..
+        } => {
+            if arch != Arch::MiMoV2 {
+                return Err(ConfigError::Unsupported {
+                    field: "quantization_config.store_dtype".into(),
+                    reason: "MXFP4 experts in an fp8 checkpoint are only supported for mimo_v2"
+                        .into(),
+                });
+            }
+            for (field, v) in [
+                ("hidden_size", hidden_size),
+                ("moe_intermediate_size", moe_intermediate_size),
+            ] {
+                if !v.is_multiple_of(fp4::BLOCK) {
+                    return Err(o.invalid(
+                        field,
+                        format!("{v} is not a multiple of 32 (MXFP4 block size)"),
+                    ));
+                }
             }
         }
         Quantization::Fp8 { .. } | Quantization::None => {}

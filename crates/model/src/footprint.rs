@@ -39,8 +39,8 @@ impl StoragePlan {
         label: "MXFP4 experts, bf16 rest",
     };
 
-    /// Reads the plan from a raw `config.json`: `quantization_config.quant_method` `mxfp4` →
-    /// MXFP4 experts; `fp8` → FP8 e4m3 experts with one f32 scale per
+    /// Reads the plan from a raw `config.json`: `quantization_config.quant_method` `mxfp4` (or
+    /// `fp8` with `store_dtype: mxfp4`) → MXFP4 experts; `fp8` → FP8 e4m3 experts with one f32 scale per
     /// `weight_block_size` block (128×128 by default); else the `torch_dtype` / `dtype` field
     /// (bf16 when absent).
     pub fn from_config_json(raw: &Value) -> StoragePlan {
@@ -61,6 +61,18 @@ impl StoragePlan {
                 dense_bytes_per_weight: dense,
                 ..StoragePlan::MXFP4_EXPERTS
             },
+            // MiMo's FP4 checkpoints: fp8 with MXFP4 experts (the FP8 attention / dense MLP
+            // and BF16 o_proj are counted at the dense dtype).
+            Some("fp8")
+                if q.and_then(|q| q.get("store_dtype")).and_then(Value::as_str)
+                    == Some("mxfp4") =>
+            {
+                StoragePlan {
+                    dense_bytes_per_weight: dense,
+                    label: "MXFP4 experts (fp8 checkpoint, store_dtype mxfp4), dense rest",
+                    ..StoragePlan::MXFP4_EXPERTS
+                }
+            }
             Some("fp8") => {
                 let block: Vec<f64> = q
                     .and_then(|q| q.get("weight_block_size"))

@@ -2,7 +2,9 @@
 //!
 //! Owns everything between a checkpoint directory and logits on the CPU:
 //! * [`config`]: the config normalizer — transformers-5 and released (Hub) spellings of gpt-oss,
-//!   Qwen3-MoE and MiMo-V2-Flash configs → one [`config::ModelConfig`];
+//!   Qwen3-MoE, MiMo-V2-Flash and `mimo_v2` configs → one [`config::ModelConfig`];
+//! * [`mimo`]: the `mimo_v2` specifics (config rules, fused KV-head-grouped `qkv_proj`, packed
+//!   MXFP4 experts, MTP tensors);
 //! * [`checkpoint`]: safetensors through mmap (single file or sharded index), dtype decoding
 //!   (bf16 / f16 / f32 / MXFP4 blocks+scales / FP8 e4m3 with block scales), with errors that name
 //!   the file and tensor;
@@ -39,6 +41,7 @@ pub mod executor;
 pub mod footprint;
 pub mod gguf;
 pub mod load;
+pub mod mimo;
 pub mod plan;
 pub mod progress;
 pub mod quantize;

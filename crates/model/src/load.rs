@@ -21,6 +21,9 @@
 //! [`load_with_progress`] also reads every mapped page once and reports the bytes read, so a
 //! multi-GB checkpoint shows its progress while it is read from disk.
 //!
+//! * `mimo_v2` ([`crate::mimo`]): a fused `qkv_proj` is split into q / k / v (exact FP8 codes
+//!   and scales); packed MXFP4 experts stay [`ExpertMat::Mxfp4`] views of the mapped bytes.
+//!
 //! Extra tensors in the checkpoint (e.g. MiMo's `model.mtp.*`) are ignored.
 
 use std::path::{Path, PathBuf};
@@ -309,10 +312,22 @@ fn load_layer(cfg: &ModelConfig, ck: &Checkpoint, l: usize) -> Result<Layer, Spe
         });
     };
     let b = t.biases.as_ref();
+    let (q, k, v) = match t.fused_qkv(ck) {
+        Some(f) => {
+            let [q, k, v] = crate::mimo::split_fused_qkv(ck, f)?;
+            let l = |w| Linear { w, bias: None };
+            (l(q), l(k), l(v))
+        }
+        None => (
+            linear(ck, &t.q, b.map(|b| &b[0]))?,
+            linear(ck, &t.k, b.map(|b| &b[1]))?,
+            linear(ck, &t.v, b.map(|b| &b[2]))?,
+        ),
+    };
     let attn = Attention {
-        q: linear(ck, &t.q, b.map(|b| &b[0]))?,
-        k: linear(ck, &t.k, b.map(|b| &b[1]))?,
-        v: linear(ck, &t.v, b.map(|b| &b[2]))?,
+        q,
+        k,
+        v,
         o: linear(ck, &t.o, b.map(|b| &b[3]))?,
         q_norm: t.q_norm.as_ref().map(|x| vector(ck, x)).transpose()?,
         k_norm: t.k_norm.as_ref().map(|x| vector(ck, x)).transpose()?,
@@ -366,6 +381,28 @@ fn load_layer(cfg: &ModelConfig, ck: &Checkpoint, l: usize) -> Result<Layer, Spe
             let experts = experts
                 .par_iter()
                 .map(|x: &ExpertTensors| {
+                    if let Some(g) = crate::mimo::packed_name(ck, &x.gate)? {
+                        let (u, d) = match (
+                            crate::mimo::packed_name(ck, &x.up)?,
+                            crate::mimo::packed_name(ck, &x.down)?,
+                        ) {
+                            (Some(u), Some(d)) => (u, d),
+                            _ => {
+                                return Err(ck_err(
+                                    ck,
+                                    &g,
+                                    "an MXFP4 gate_proj needs MXFP4 up_proj and down_proj".into(),
+                                ))
+                            }
+                        };
+                        let (gate_up, down) = crate::mimo::mx_expert(ck, &g, &u, &d)?;
+                        return Ok(Expert {
+                            gate_up,
+                            gate_up_bias: None,
+                            down,
+                            down_bias: None,
+                        });
+                    }
                     Ok(Expert {
                         gate_up: ExpertMat::Dense(gate_up_halves(ck, &x.gate, &x.up)?),
                         gate_up_bias: None,

@@ -27,7 +27,11 @@
 //!   [H, Id]`;
 //! * MiMo-V2-Flash: as Qwen3 without q/k norms, plus `mlp.gate.e_score_correction_bias [E]`
 //!   and, on layers with sinks, `self_attn.sinks` or (Hub / `save_pretrained` spelling)
-//!   `self_attn.attention_sink_bias` `[heads]`.
+//!   `self_attn.attention_sink_bias` `[heads]`;
+//! * `mimo_v2`: as MiMo-V2-Flash, with q/k/v either split or one fused KV-head-grouped
+//!   `self_attn.qkv_proj.weight` ([`LayerTensors::qkv`], checked by [`crate::mimo`]), and
+//!   experts dense or packed MXFP4 (`weight` U8 `[out, in/2]` + `weight_scale` U8
+//!   `[out, in/32]`, [`Form::Mxfp4Packed`]).
 
 use std::fmt;
 
@@ -55,6 +59,8 @@ pub enum Form {
         rows: usize,
         k: usize,
     },
+    /// MiMo's packed MXFP4: `<name>` U8 `[rows, k/2]` + `<name>_scale` U8 `[rows, k/32]`.
+    Mxfp4Packed { rows: usize, k: usize },
 }
 
 impl fmt::Display for Form {
@@ -70,6 +76,12 @@ impl fmt::Display for Form {
                     k / 32
                 )
             }
+            Form::Mxfp4Packed { rows, k } => write!(
+                f,
+                "MXFP4 U8 [{rows}, {}] + _scale U8 [{rows}, {}]",
+                k / 2,
+                k / 32
+            ),
         }
     }
 }
@@ -124,12 +136,20 @@ impl TensorSpec {
         ck: &'a Checkpoint,
         t: TensorView<'a>,
     ) -> Result<Resolved<'a>, SpecError> {
+        if t.dtype == Dtype::U8 {
+            if let Some((rows, k)) = self.forms.iter().find_map(|f| match f {
+                Form::Mxfp4Packed { rows, k } => Some((*rows, *k)),
+                _ => None,
+            }) {
+                return crate::mimo::check_packed(ck, t, rows, k);
+            }
+        }
         let dense: Vec<(&Vec<usize>, &'static [Dtype])> = self
             .forms
             .iter()
             .filter_map(|f| match f {
                 Form::Dense { shape, dtypes } => Some((shape, *dtypes)),
-                Form::Mxfp4 { .. } => None,
+                Form::Mxfp4 { .. } | Form::Mxfp4Packed { .. } => None,
             })
             .collect();
         if dense.is_empty() {
@@ -173,7 +193,7 @@ impl TensorSpec {
     ) -> Result<Resolved<'a>, SpecError> {
         let Some((experts, rows, k)) = self.forms.iter().find_map(|f| match f {
             Form::Mxfp4 { experts, rows, k } => Some((*experts, *rows, *k)),
-            Form::Dense { .. } => None,
+            Form::Dense { .. } | Form::Mxfp4Packed { .. } => None,
         }) else {
             return Err(SpecError::WrongDtype {
                 tensor: base.to_string(),
@@ -230,7 +250,7 @@ pub enum Resolved<'a> {
     Dense(TensorView<'a>),
     /// A stacked MXFP4 expert tensor `[E, N, K]`.
     Mxfp4Experts(fp4::MxExpertsRef<'a>),
-    /// One MXFP4 matrix `[N, K]`.
+    /// One MXFP4 matrix `[N, K]` (a `_blocks`/`_scales` pair or MiMo's packed form).
     Mxfp4Matrix(fp4::MxMatrixRef<'a>),
 }
 
@@ -313,6 +333,15 @@ pub enum MlpTensors {
     },
 }
 
+/// A fused `qkv_proj` (`mimo_v2`): the tensor and its row groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FusedQkvSpec {
+    pub tensor: TensorSpec,
+    pub layout: crate::mimo::FusedQkv,
+    /// Columns (the hidden size).
+    pub hidden: usize,
+}
+
 /// The tensors of one decoder layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerTensors {
@@ -321,6 +350,9 @@ pub struct LayerTensors {
     pub q: TensorSpec,
     pub k: TensorSpec,
     pub v: TensorSpec,
+    /// `mimo_v2`: the fused alternative to q/k/v, `self_attn.qkv_proj.weight` (used when the
+    /// checkpoint holds it; its shape and scales are checked by [`crate::mimo`]).
+    pub qkv: Option<FusedQkvSpec>,
     pub o: TensorSpec,
     /// q, k, v, o biases.
     pub biases: Option<[TensorSpec; 4]>,
@@ -372,9 +404,25 @@ impl LayerTensors {
         v
     }
 
+    /// Whether the checkpoint holds the fused `qkv_proj` of this layer (then q/k/v are not
+    /// expected).
+    pub fn fused_qkv<'s>(&'s self, ck: &Checkpoint) -> Option<&'s FusedQkvSpec> {
+        self.qkv.as_ref().filter(|t| ck.contains(t.tensor.name()))
+    }
+
     /// Validates every tensor of the layer against a checkpoint.
     pub fn check(&self, ck: &Checkpoint) -> Result<(), SpecError> {
+        let qkv = self.fused_qkv(ck);
+        if let Some(f) = qkv {
+            crate::mimo::check_fused_qkv(ck, f)?;
+        }
         for t in self.all() {
+            let split = [&self.q, &self.k, &self.v]
+                .iter()
+                .any(|x| std::ptr::eq(*x, t));
+            if qkv.is_some() && split {
+                continue;
+            }
             t.resolve(ck)?;
         }
         Ok(())
@@ -411,7 +459,7 @@ pub fn layer_tensors(cfg: &ModelConfig, l: usize) -> Option<LayerTensors> {
     });
     let sinks = ls.sinks.then(|| {
         let mut t = w("self_attn.sinks", &[nh], FLOAT);
-        if cfg.arch == Arch::MiMoV2Flash {
+        if cfg.arch.is_mimo() {
             t.names.push(format!("{p}self_attn.attention_sink_bias"));
         }
         t
@@ -448,23 +496,28 @@ pub fn layer_tensors(cfg: &ModelConfig, l: usize) -> Option<LayerTensors> {
             down_bias: w("mlp.experts.down_proj_bias", &[e, h], FLOAT),
         }
     } else {
+        // mimo_v2 experts may be packed MXFP4 (`store_dtype: mxfp4`).
+        let ew = |n: &str, shape: [usize; 2]| {
+            let mut t = w(n, &shape, WEIGHT);
+            if cfg.arch == Arch::MiMoV2 {
+                t.forms.push(Form::Mxfp4Packed {
+                    rows: shape[0],
+                    k: shape[1],
+                });
+            }
+            t
+        };
         MlpTensors::PerExpert {
             router: w("mlp.gate.weight", &[e, h], FLOAT),
-            correction_bias: (cfg.arch == Arch::MiMoV2Flash)
+            correction_bias: cfg
+                .arch
+                .is_mimo()
                 .then(|| w("mlp.gate.e_score_correction_bias", &[e], FLOAT)),
             experts: (0..e)
                 .map(|x| ExpertTensors {
-                    gate: w(
-                        &format!("mlp.experts.{x}.gate_proj.weight"),
-                        &[i, h],
-                        WEIGHT,
-                    ),
-                    up: w(&format!("mlp.experts.{x}.up_proj.weight"), &[i, h], WEIGHT),
-                    down: w(
-                        &format!("mlp.experts.{x}.down_proj.weight"),
-                        &[h, i],
-                        WEIGHT,
-                    ),
+                    gate: ew(&format!("mlp.experts.{x}.gate_proj.weight"), [i, h]),
+                    up: ew(&format!("mlp.experts.{x}.up_proj.weight"), [i, h]),
+                    down: ew(&format!("mlp.experts.{x}.down_proj.weight"), [h, i]),
                 })
                 .collect(),
         }
@@ -475,6 +528,14 @@ pub fn layer_tensors(cfg: &ModelConfig, l: usize) -> Option<LayerTensors> {
         q: w("self_attn.q_proj.weight", &[nh * hd, h], WEIGHT),
         k: w("self_attn.k_proj.weight", &[nkv * hd, h], WEIGHT),
         v: w("self_attn.v_proj.weight", &[nkv * vd, h], WEIGHT),
+        qkv: (cfg.arch == Arch::MiMoV2).then(|| {
+            let layout = crate::mimo::FusedQkv::of(ls);
+            FusedQkvSpec {
+                tensor: w("self_attn.qkv_proj.weight", &[layout.rows(), h], WEIGHT),
+                layout,
+                hidden: h,
+            }
+        }),
         o: w("self_attn.o_proj.weight", &[h, nh * vd], WEIGHT),
         biases,
         q_norm: ls

@@ -626,6 +626,11 @@ impl MxMat {
         fp4::MxMatrixRef::new(self.rows, self.k, self.blocks(), self.scales())
     }
 
+    /// Whether the code and scale bytes are views of a memory-mapped file (not owned copies).
+    pub fn is_mapped(&self) -> bool {
+        self.blocks.is_mapped() && self.scales.is_mapped()
+    }
+
     /// The `[rows, K/32, 16]` code bytes.
     pub fn blocks(&self) -> &[u8] {
         self.blocks.as_slice()

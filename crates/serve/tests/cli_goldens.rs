@@ -11,7 +11,7 @@ use serve::commands::generate::{generate, load, score};
 fn fixture_dirs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
     let mut dirs = Vec::new();
-    for arch in ["gpt-oss", "qwen3-moe", "mimo-v2-flash"] {
+    for arch in ["gpt-oss", "qwen3-moe", "mimo-v2-flash", "mimo-v2"] {
         for e in std::fs::read_dir(root.join(arch)).unwrap() {
             let p = e.unwrap().path();
             if p.join("golden_f32.json").exists() {

@@ -26,12 +26,16 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn plan_totals_equal_the_footprint() {
-    let mut paths = vec![root().join("configs/gpt-oss-20b.json")];
+    let mut paths = vec![
+        root().join("configs/gpt-oss-20b.json"),
+        root().join("configs/mimo-v2.5-pro.json"),
+    ];
     for d in [
         "gpt-oss/bf16",
         "gpt-oss/mxfp4",
         "qwen3-moe/sharded",
         "mimo-v2-flash/hub",
+        "mimo-v2/fp4",
     ] {
         paths.push(root().join(d));
     }

@@ -23,6 +23,7 @@ pub const FIXTURES: &[&str] = &[
     "qwen3-moe/sharded",
     "mimo-v2-flash/native",
     "mimo-v2-flash/hub",
+    "mimo-v2/fp4",
 ];
 
 /// Whether any expert is MXFP4.
