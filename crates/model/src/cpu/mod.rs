@@ -34,6 +34,7 @@
 //! [`LAST_LAYER_PRE_NORM`] before it. The logits are `lm_head · hidden[L]`.
 
 pub mod ffn;
+pub mod kernels;
 pub mod kv;
 pub mod moe_ops;
 pub mod ops;
