@@ -186,3 +186,37 @@ fn results_are_within_the_stated_bound_of_the_f64_dot() {
         }
     }
 }
+
+/// The logits of a 6-token prefill and 3 decodes of a gpt-oss-layout model whose expert jobs and
+/// dense products are large enough for the rayon paths (experts in parallel, rows split),
+/// computed in a pool of `threads`.
+fn logits_with_threads(threads: usize) -> Vec<Vec<u32>> {
+    use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
+    use std::sync::Arc;
+    let mut cfg = synthetic_gpt_oss_100m();
+    cfg.vocab_size = 600;
+    cfg.layers.truncate(2);
+    cfg.hidden_size = 256;
+    cfg.n_experts = 8;
+    cfg.moe_intermediate_size = 512;
+    let w = random_weights(&cfg, 3, ToyExperts::Mxfp4);
+    let m = model::cpu::CpuModel::new(Arc::new(cfg), Arc::new(w)).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut s = m.session();
+        let bits = |l: &[f32]| l.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let mut out = vec![bits(s.prefill(&[1, 5, 9, 200, 3, 77]).unwrap())];
+        for t in [4, 500, 42] {
+            out.push(bits(s.decode(t).unwrap()));
+        }
+        out
+    })
+}
+
+#[test]
+fn the_thread_count_does_not_change_a_bit() {
+    assert_eq!(logits_with_threads(1), logits_with_threads(3));
+}
