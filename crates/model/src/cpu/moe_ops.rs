@@ -3,6 +3,11 @@
 //! [`super::ffn::moe_block`] computes (same f32 operations in the same order; a test asserts
 //! bit-identity), split at the boundaries where a tensor-parallel plan shards the experts.
 //!
+//! Threads: a pass's expert jobs (each hit expert's rows, in chunks of [`fp4::MAX_BATCH`]) run
+//! in parallel on the rayon pool when it has more than one thread and the jobs stream enough
+//! weight bytes; each job computes the same f32 operations either way and the per-row combine is
+//! serial, so results do not depend on the thread count.
+//!
 //! The router runs once per pass (replicated); each rank's `experts_gate_up` / `experts_down`
 //! run over its slice of every expert's intermediate dimension, sharing the routing.
 

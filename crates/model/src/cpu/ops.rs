@@ -5,6 +5,10 @@
 //! the f32 operations are the same whatever the dtype, so a bf16 matrix gives bit-for-bit the
 //! result of the same values held as f32.
 //!
+//! [`matvec`] / [`matmul`] run the per-dtype kernels of [`super::kernels`] (one weight row
+//! streamed per output row for decode; for `t > 1` rows each weight chunk is loaded once per
+//! register tile of activation rows).
+//!
 //! Each op has exactly one definition here; the CPU executor calls these and every GPU kernel is
 //! tested against them. None of them allocates except [`matmul`] for batches of more than one
 //! row (a transposed temporary) and [`attention_head`] growing its caller-owned score buffer.
