@@ -145,7 +145,7 @@ fn fp8_parts(m: &Mat) -> Fp8<'_> {
 
 #[test]
 fn results_are_within_the_stated_bound_of_the_f64_dot() {
-    // |ŷ − y| ≤ γ_{K/32 + 6} · Σ|w·x| (module docs of `kernels`).
+    // |ŷ − y| ≤ γ_{⌊K/32⌋ + (K mod 32) + 6} · Σ|w·x| (module docs of `kernels`).
     let gamma = |n: usize| {
         let u = 2f64.powi(-24) * n as f64;
         u / (1.0 - u)

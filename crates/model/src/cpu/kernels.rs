@@ -16,7 +16,7 @@
 //! decoded alone and the same token inside a prefill chunk or a verify block get the same bits
 //! (the executor's bit-identity tests and speculative decoding's losslessness rely on it).
 //! Against the exact (f64) dot product the error is within the usual recursive-summation bound
-//! `|ŷ − y| ≤ γ_{K/32 + 6} · Σ|w·x|`, `γ_n = n·2⁻²⁴ / (1 − n·2⁻²⁴)` (tested).
+//! `|ŷ − y| ≤ γ_{⌊K/32⌋ + (K mod 32) + 6} · Σ|w·x|`, `γ_n = n·2⁻²⁴ / (1 − n·2⁻²⁴)` (tested).
 //!
 //! AVX-512-BF16 (`vdpbf16ps`) is not used: it needs bf16 activations and rounds differently, so
 //! it would break the bit-identity with the f32 reference order.
