@@ -554,7 +554,7 @@ fn portable_rows<const B: usize>(
 #[cfg(target_arch = "x86_64")]
 const LUT2_I8: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
-/// AVX2+FMA kernel driver: rows in groups of `R` (2 for batch ≤ 2, else 1) so that small
+/// AVX2+FMA kernel driver: rows in groups of `R` (2 for batch 2, else 1) so that small
 /// batches have independent accumulation chains to overlap; the arithmetic of each output is the
 /// same for every grouping and batch size.
 ///
@@ -573,7 +573,9 @@ unsafe fn avx2_rows<const B: usize>(
     assert!(codes.len() == nrows * nb * BLOCK_BYTES && scales.len() == nrows * nb);
     assert!(xs.len() == B * nb * BLOCK);
     let mut r = 0;
-    if B <= 2 {
+    // Batch 1 streams one row at a time: measured ~2x faster from DRAM than 2-row groups
+    // (one prefetch stream per row; same arithmetic per output).
+    if B == 2 {
         while r + 2 <= nrows {
             avx2_group::<B, 2>(codes, scales, nb, xs, &mut out[r * B..(r + 2) * B], r);
             r += 2;
@@ -654,7 +656,7 @@ unsafe fn avx2_group<const B: usize, const R: usize>(
     }
 }
 
-/// AVX-512 kernel driver: rows in groups of `R` (4 for batch ≤ 4, 2 for batch ≤ 8, else 1), as
+/// AVX-512 kernel driver: rows in groups of `R` (4 for batch 2–4, 2 for batch 5–8, else 1), as
 /// in [`avx2_rows`].
 ///
 /// # Safety
@@ -672,13 +674,15 @@ unsafe fn avx512_rows<const B: usize>(
     assert!(codes.len() == nrows * nb * BLOCK_BYTES && scales.len() == nrows * nb);
     assert!(xs.len() == B * nb * BLOCK);
     let mut r = 0;
-    if B <= 4 {
+    // Batch 1 streams one row at a time: measured 1.6x faster from DRAM than 4-row groups (one
+    // prefetch stream per row; same arithmetic per output).
+    if B > 1 && B <= 4 {
         while r + 4 <= nrows {
             avx512_group::<B, 4>(codes, scales, nb, xs, &mut out[r * B..(r + 4) * B], r);
             r += 4;
         }
     }
-    if B <= 8 {
+    if B > 1 && B <= 8 {
         while r + 2 <= nrows {
             avx512_group::<B, 2>(codes, scales, nb, xs, &mut out[r * B..(r + 2) * B], r);
             r += 2;

@@ -5,6 +5,9 @@
 //!
 //! * [`ops`]: the ops as small pure functions (RMSNorm, RoPE application, attention with GQA /
 //!   sinks / sliding windows, gated activations, matvec / matmul);
+//! * [`kernels`]: the dense matrix kernels per weight dtype (f32 / bf16 / f16 / FP8 E4M3 with
+//!   block scales; AVX-512F, AVX2 and portable paths chosen at run time): the decode GEMV and the
+//!   register-blocked small GEMM of verify / prefill chunks, bit-identical to each other;
 //! * [`moe_ops`]: the mixture of experts split at the plan's boundaries (router + top-k, experts
 //!   gate_up + GLU, experts down + combine);
 //! * [`kv`]: the per-sequence f32 KV cache (sliding layers bounded, see its docs for exactness);
@@ -34,6 +37,7 @@
 //! [`LAST_LAYER_PRE_NORM`] before it. The logits are `lm_head · hidden[L]`.
 
 pub mod ffn;
+pub mod kernels;
 pub mod kv;
 pub mod moe_ops;
 pub mod ops;

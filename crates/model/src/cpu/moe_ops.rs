@@ -3,6 +3,11 @@
 //! [`super::ffn::moe_block`] computes (same f32 operations in the same order; a test asserts
 //! bit-identity), split at the boundaries where a tensor-parallel plan shards the experts.
 //!
+//! Threads: a pass's expert jobs (each hit expert's rows, in chunks of [`fp4::MAX_BATCH`]) run
+//! in parallel on the rayon pool when it has more than one thread and the jobs stream enough
+//! weight bytes; each job computes the same f32 operations either way and the per-row combine is
+//! serial, so results do not depend on the thread count.
+//!
 //! The router runs once per pass (replicated); each rank's `experts_gate_up` / `experts_down`
 //! run over its slice of every expert's intermediate dimension, sharing the routing.
 
@@ -30,6 +35,7 @@ pub struct ExpertScratch {
     down: Vec<f32>,
     slots: Vec<f32>,
     order: Vec<usize>,
+    jobs: Vec<Job>,
 }
 
 /// The `moe` routing variant of `p` for the MoE block `m`.
@@ -86,8 +92,90 @@ pub fn route(
     Ok(())
 }
 
+/// Below this many weight bytes streamed by a pass's expert jobs they run on the calling thread.
+const PAR_EXPERT_BYTES: usize = 96 << 10;
+
+/// One job: expert `e` over entries `a..b` of its dispatch list (at most [`fp4::MAX_BATCH`]).
+type Job = (usize, usize, usize);
+
+/// The jobs of a pass (every hit expert's entries in chunks of [`fp4::MAX_BATCH`], ascending
+/// expert id) and whether to run them on the rayon pool: with more than one thread, more than
+/// one job and enough weight bytes that the fork/join costs less than the jobs. A job's
+/// arithmetic is the same either way (results are deterministic and bit-identical).
+fn jobs(r: &Routing, m: &Moe, down: bool, jobs: &mut Vec<Job>) -> bool {
+    jobs.clear();
+    let mut bytes = 0;
+    for &e in r.dispatch.active_experts() {
+        let n = r.dispatch.expert_entries(e).len();
+        for a in (0..n).step_by(fp4::MAX_BATCH) {
+            jobs.push((e, a, (a + fp4::MAX_BATCH).min(n)));
+        }
+        let ex = &m.experts[e];
+        bytes += if down { &ex.down } else { &ex.gate_up }.stored_bytes();
+    }
+    rayon::current_num_threads() > 1 && jobs.len() > 1 && bytes >= PAR_EXPERT_BYTES
+}
+
+/// Runs `f(job, scratch, out)` for every job, `out` being the job's `per_row` values per entry,
+/// then `scatter(job, out)` in job order; on the pool when `par`.
+fn run_jobs<F, G>(
+    jobs: &[Job],
+    r: &Routing,
+    per_row: usize,
+    par: bool,
+    s: &mut ExpertScratch,
+    f: F,
+    mut scatter: G,
+) -> Result<(), CpuError>
+where
+    F: Fn(
+            &[moe::DispatchEntry],
+            usize,
+            &mut (Vec<f32>, Vec<f32>),
+            &mut [f32],
+        ) -> Result<(), CpuError>
+        + Sync,
+    G: FnMut(&[moe::DispatchEntry], &[f32]),
+{
+    use rayon::prelude::*;
+    let entries = |&(e, a, b): &Job| &r.dispatch.expert_entries(e)[a..b];
+    if par {
+        let outs = jobs
+            .par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |sc, job| {
+                    let en = entries(job);
+                    let mut out = vec![0f32; en.len() * per_row];
+                    f(en, job.0, sc, &mut out).map(|()| out)
+                },
+            )
+            .collect::<Vec<_>>();
+        for (job, out) in jobs.iter().zip(outs) {
+            scatter(entries(job), &out?);
+        }
+    } else {
+        let mut sc = (std::mem::take(&mut s.xe), std::mem::take(&mut s.gu));
+        let mut out = std::mem::take(&mut s.down);
+        let mut res = Ok(());
+        for job in jobs {
+            let en = entries(job);
+            out.resize(en.len() * per_row, 0.0);
+            res = f(en, job.0, &mut sc, &mut out);
+            if res.is_err() {
+                break;
+            }
+            scatter(en, &out);
+        }
+        (s.xe, s.gu, s.down) = (sc.0, sc.1, out);
+        res?;
+    }
+    Ok(())
+}
+
 /// Every hit expert once over its rows (chunks of [`fp4::MAX_BATCH`]): `gate_up (+ b)` → GLU
-/// into `act[(row·k + slot)·I ..]`, `I` = `p.intermediate` (this rank's slice).
+/// into `act[(row·k + slot)·I ..]`, `I` = `p.intermediate` (this rank's slice). The experts run
+/// in parallel on the rayon pool when that pays (see [`jobs`]).
 pub fn experts_gate_up(
     p: &ExpertsGateUpParams,
     m: &Moe,
@@ -101,31 +189,45 @@ pub fn experts_gate_up(
     if i == 0 {
         return Ok(());
     }
-    for &e in r.dispatch.active_experts() {
-        let ex = &m.experts[e];
-        let i2 = ex.gate_up.rows();
-        for chunk in r.dispatch.expert_entries(e).chunks(fp4::MAX_BATCH) {
-            let n = chunk.len();
-            s.xe.resize(n * hs, 0.0);
-            for (dst, en) in s.xe.chunks_exact_mut(hs).zip(chunk) {
+    let mut js = std::mem::take(&mut s.jobs);
+    let par = jobs(r, m, false, &mut js);
+    let res = run_jobs(
+        &js,
+        r,
+        i,
+        par,
+        s,
+        |chunk, e, (xe, gu), out| {
+            let ex = &m.experts[e];
+            let (n, i2) = (chunk.len(), ex.gate_up.rows());
+            xe.resize(n * hs, 0.0);
+            for (dst, en) in xe.chunks_exact_mut(hs).zip(chunk) {
                 dst.copy_from_slice(&h[en.token * hs..(en.token + 1) * hs]);
             }
-            s.gu.resize(n * i2, 0.0);
-            expert_matmul(&ex.gate_up, &s.xe, n, &mut s.gu)?;
+            gu.resize(n * i2, 0.0);
+            expert_matmul(&ex.gate_up, xe, n, gu)?;
             if let Some(b) = &ex.gate_up_bias {
-                ops::add_bias(&mut s.gu, b);
+                ops::add_bias(gu, b);
             }
-            for (gu, en) in s.gu.chunks_exact(i2).zip(chunk) {
+            for (g, o) in gu.chunks_exact(i2).zip(out.chunks_exact_mut(i)) {
+                ops::glu(p.glu, p.layout, g, o);
+            }
+            Ok(())
+        },
+        |chunk, out| {
+            for (o, en) in out.chunks_exact(i).zip(chunk) {
                 let at = (en.token * k + en.slot) * i;
-                ops::glu(p.glu, p.layout, gu, &mut act[at..at + i]);
+                act[at..at + i].copy_from_slice(o);
             }
-        }
-    }
-    Ok(())
+        },
+    );
+    s.jobs = js;
+    res
 }
 
 /// Every hit expert's `down (+ b)` over its rows' activations, times the gate weight, then each
-/// row's sum of its k expert outputs in ascending expert id → `out` (`[t, H]`).
+/// row's sum of its k expert outputs in ascending expert id → `out` (`[t, H]`). The experts run
+/// in parallel on the rayon pool when that pays (see [`jobs`]); the sums are serial.
 pub fn experts_down(
     p: &ExpertsDownParams,
     m: &Moe,
@@ -136,33 +238,48 @@ pub fn experts_down(
 ) -> Result<(), CpuError> {
     let (hs, k, i) = (p.hidden, p.top_k, p.intermediate);
     let t = r.rows;
-    s.slots.resize(t * k * hs, 0.0);
-    for &e in r.dispatch.active_experts() {
-        let ex = &m.experts[e];
-        for chunk in r.dispatch.expert_entries(e).chunks(fp4::MAX_BATCH) {
+    let mut slots = std::mem::take(&mut s.slots);
+    slots.resize(t * k * hs, 0.0);
+    let mut js = std::mem::take(&mut s.jobs);
+    let par = jobs(r, m, true, &mut js);
+    let res = run_jobs(
+        &js,
+        r,
+        hs,
+        par,
+        s,
+        |chunk, e, (xe, _), down| {
+            let ex = &m.experts[e];
             let n = chunk.len();
-            s.down.resize(n * hs, 0.0);
             if i == 0 {
-                s.down.fill(0.0);
+                down.fill(0.0);
             } else {
-                s.xe.resize(n * i, 0.0);
-                for (dst, en) in s.xe.chunks_exact_mut(i).zip(chunk) {
+                xe.resize(n * i, 0.0);
+                for (dst, en) in xe.chunks_exact_mut(i).zip(chunk) {
                     let at = (en.token * k + en.slot) * i;
                     dst.copy_from_slice(&act[at..at + i]);
                 }
-                down_matmul(&ex.down, &s.xe, n, &mut s.down)?;
+                down_matmul(&ex.down, xe, n, down)?;
             }
             if let Some(b) = &ex.down_bias {
-                ops::add_bias(&mut s.down, b);
+                ops::add_bias(down, b);
             }
-            for (row, en) in s.down.chunks_exact(hs).zip(chunk) {
-                let at = (en.token * k + en.slot) * hs;
-                for (o, &v) in s.slots[at..at + hs].iter_mut().zip(row) {
-                    *o = v * en.weight;
+            for (row, en) in down.chunks_exact_mut(hs).zip(chunk) {
+                for v in row.iter_mut() {
+                    *v *= en.weight;
                 }
             }
-        }
-    }
+            Ok(())
+        },
+        |chunk, down| {
+            for (row, en) in down.chunks_exact(hs).zip(chunk) {
+                let at = (en.token * k + en.slot) * hs;
+                slots[at..at + hs].copy_from_slice(row);
+            }
+        },
+    );
+    s.jobs = js;
+    res?;
     for (ti, (o, ro)) in out
         .chunks_exact_mut(hs)
         .zip(r.routings[..t].iter())
@@ -174,9 +291,10 @@ pub fn experts_down(
         o.fill(0.0);
         for &slot in s.order.iter() {
             let at = (ti * k + slot) * hs;
-            ops::add_assign(o, &s.slots[at..at + hs]);
+            ops::add_assign(o, &slots[at..at + hs]);
         }
     }
+    s.slots = slots;
     Ok(())
 }
 

@@ -5,6 +5,10 @@
 //! the f32 operations are the same whatever the dtype, so a bf16 matrix gives bit-for-bit the
 //! result of the same values held as f32.
 //!
+//! [`matvec`] / [`matmul`] run the per-dtype kernels of [`super::kernels`] (one weight row
+//! streamed per output row for decode; for `t > 1` rows each weight chunk is loaded once per
+//! register tile of activation rows).
+//!
 //! Each op has exactly one definition here; the CPU executor calls these and every GPU kernel is
 //! tested against them. None of them allocates except [`matmul`] for batches of more than one
 //! row (a transposed temporary) and [`attention_head`] growing its caller-owned score buffer.
@@ -18,7 +22,8 @@ use rayon::prelude::*;
 use crate::config::{Activation, AttnKind, LayerSpec};
 use half::{bf16, f16};
 
-use crate::weights::{widen_row, GateUpLayout, Linear, Mat, MatData};
+use super::kernels;
+use crate::weights::{GateUpLayout, Linear, Mat, MatData};
 
 /// Below this many multiply-adds a matrix op (or a layer's attention) runs on the calling thread:
 /// waking the rayon pool costs more than such a call takes.
@@ -128,11 +133,12 @@ pub fn dot_row(w: MatData<'_>, r: usize, x: &[f32], scratch: &mut Vec<f32>) -> f
         MatData::F32(v) => dot(&v[r * k..(r + 1) * k], x),
         MatData::Bf16(v) => dot_bf16(&v[r * k..(r + 1) * k], x),
         MatData::F16(v) => dot_f16(&v[r * k..(r + 1) * k], x),
-        MatData::F8E4M3 { .. } => {
-            scratch.resize(k, 0.0);
-            widen_row(w, r, k, scratch);
-            dot(scratch, x)
-        }
+        MatData::F8E4M3 { codes, scales } => kernels::dot_f8(
+            &codes[r * k..(r + 1) * k],
+            scales.as_ref().map(|s| (s.row(r), s.block[1])),
+            x,
+            scratch,
+        ),
     }
 }
 
@@ -275,7 +281,8 @@ fn rows_per_task(rows: usize, cols: usize, elem_bytes: usize) -> usize {
 }
 
 /// `y = W · x` for one activation vector (`W` is `[out, in]`, `x` has `in` values, `y` has
-/// `out`). Rows are split over rayon tasks when the matrix has at least [`PAR_MIN_WORK`] entries.
+/// `out`), by the dtype's [`kernels::rows_dot`] kernel. Rows are split over rayon tasks when the
+/// matrix has at least [`PAR_MIN_WORK`] entries.
 ///
 /// Panics if the lengths disagree with the matrix (shapes are validated once when the model is
 /// built, so a mismatch here is a bug).
@@ -296,40 +303,32 @@ pub fn matvec(w: &Mat, x: &[f32], y: &mut [f32]) {
         w.rows,
         w.cols
     );
-    let k = w.cols;
-    // One loop per dtype (the dtype is matched once, not per row).
-    match w.data() {
-        MatData::F32(v) => each_row(w, y, |r, _| dot(&v[r * k..(r + 1) * k], x)),
-        MatData::Bf16(v) => each_row(w, y, |r, _| dot_bf16(&v[r * k..(r + 1) * k], x)),
-        MatData::F16(v) => each_row(w, y, |r, _| dot_f16(&v[r * k..(r + 1) * k], x)),
-        d @ MatData::F8E4M3 { .. } => each_row(w, y, |r, scratch| dot_row(d, r, x, scratch)),
-    }
+    rows_par(w, x, 1, y);
 }
 
-/// `y[r] = f(r, scratch)` for every row of `w`, split over rayon tasks when the matrix has at
-/// least [`PAR_MIN_WORK`] entries (`scratch` is a per-task buffer).
-#[inline]
-fn each_row(w: &Mat, y: &mut [f32], f: impl Fn(usize, &mut Vec<f32>) -> f32 + Sync) {
-    if w.rows * w.cols < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
-        let mut scratch = Vec::new();
-        for (r, o) in y.iter_mut().enumerate() {
-            *o = f(r, &mut scratch);
-        }
+/// `out` (`[rows, t]`) = every row of `w` dotted with every row of `x` (`[t, cols]`), split over
+/// rayon tasks by rows when the product has at least [`PAR_MIN_WORK`] multiply-adds.
+fn rows_par(w: &Mat, x: &[f32], t: usize, out: &mut [f32]) {
+    let (d, k) = (w.data(), w.cols);
+    if w.rows * k * t < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
+        kernels::rows_dot(d, k, 0..w.rows, x, t, out, &mut Vec::new());
     } else {
-        let chunk = rows_per_task(w.rows, w.cols, w.dtype().size());
-        y.par_chunks_mut(chunk)
+        // Whole 2-row groups per task (the GEMM kernel's blocking).
+        let rpt = rows_per_task(w.rows, k, w.dtype().size()).next_multiple_of(2);
+        out.par_chunks_mut(rpt * t)
             .enumerate()
-            .for_each_init(Vec::new, |scratch, (ci, ys)| {
-                for (i, o) in ys.iter_mut().enumerate() {
-                    *o = f(ci * chunk + i, scratch);
-                }
+            .for_each_init(Vec::new, |scratch, (ci, chunk)| {
+                let r0 = ci * rpt;
+                kernels::rows_dot(d, k, r0..r0 + chunk.len() / t, x, t, chunk, scratch)
             });
     }
 }
 
 /// `Y = X · Wᵀ` for `t` activation rows: `x` is `[t, in]`, `y` is `[t, out]`, both row-major.
-/// Row `j` of `y` is bit-identical to [`matvec`] of row `j` of `x`. Each weight row is read once
-/// per tile of 32 tokens; rows are split over rayon tasks for large products.
+/// Row `j` of `y` is bit-identical to [`matvec`] of row `j` of `x` (the kernels' arithmetic does
+/// not depend on the number of rows). Each weight chunk is loaded once per register tile of
+/// activation rows, within tiles of 32 tokens that stay in cache; rows are split over rayon
+/// tasks for large products.
 pub fn matmul(w: &Mat, x: &[f32], t: usize, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(
@@ -350,40 +349,13 @@ pub fn matmul(w: &Mat, x: &[f32], t: usize, y: &mut [f32]) {
     if t == 0 || n == 0 {
         return;
     }
-    let d = w.data();
     let mut tmp = vec![0f32; n * MATMUL_TOKEN_TILE.min(t)];
     for t0 in (0..t).step_by(MATMUL_TOKEN_TILE) {
         let tt = MATMUL_TOKEN_TILE.min(t - t0);
         let xs = &x[t0 * k..(t0 + tt) * k];
+        // tmp is [n, tt].
         let tmp = &mut tmp[..n * tt];
-        // tmp is [n, tt]: one output row of W per chunk of tt values.
-        // Rows stored narrower than f32 are widened once into `scratch` and used for all the
-        // tile's tokens (exact, so the same values as [`matvec`]'s in-register widening).
-        let fill = |r0: usize, chunk: &mut [f32], scratch: &mut Vec<f32>| {
-            for (i, outs) in chunk.chunks_exact_mut(tt).enumerate() {
-                let wr: &[f32] = match d {
-                    MatData::F32(v) => &v[(r0 + i) * k..(r0 + i + 1) * k],
-                    _ => {
-                        scratch.resize(k, 0.0);
-                        widen_row(d, r0 + i, k, scratch);
-                        scratch
-                    }
-                };
-                for (j, o) in outs.iter_mut().enumerate() {
-                    *o = dot(wr, &xs[j * k..(j + 1) * k]);
-                }
-            }
-        };
-        if n * k * tt < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
-            fill(0, tmp, &mut Vec::new());
-        } else {
-            let rpt = rows_per_task(n, k, w.dtype().size());
-            tmp.par_chunks_mut(rpt * tt)
-                .enumerate()
-                .for_each_init(Vec::new, |scratch, (ci, chunk)| {
-                    fill(ci * rpt, chunk, scratch)
-                });
-        }
+        rows_par(w, xs, tt, tmp);
         for (r, vals) in tmp.chunks_exact(tt).enumerate() {
             for (j, &v) in vals.iter().enumerate() {
                 y[(t0 + j) * n + r] = v;

@@ -24,11 +24,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
+use half::f16;
 use model::config::{LayerSpec, ModelConfig};
 use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
 use model::cpu::CpuModel;
 use model::footprint::{Footprint, StoragePlan};
-use model::weights::Weights;
+use model::weights::{Mat, Weights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -95,11 +96,30 @@ pub fn gpt_oss_20b_layers(layers: usize) -> ModelConfig {
     }
 }
 
-/// The case's random weights (tied embeddings: the lm_head is the embedding).
+/// The case's random weights (tied embeddings: the lm_head is the embedding), with the dtypes
+/// of the GGUF written for llama.cpp ([`model::gguf::export_gpt_oss`]): the 2-D dense matrices
+/// (embedding, LM head, attention projections) held as F16 (rounded to nearest even, the
+/// GGUF's rounding), the router F32, experts MXFP4 — so both engines read the same bytes per
+/// token.
 pub fn weights(cfg: &ModelConfig) -> Weights {
     let mut w = random_weights(cfg, SEED, ToyExperts::Mxfp4);
-    if cfg.tie_word_embeddings {
-        w.lm_head = w.embed.clone();
+    let f16 = |m: &Mat| {
+        Mat::from_f16(
+            m.rows,
+            m.cols,
+            m.to_f32().into_iter().map(f16::from_f32).collect(),
+        )
+    };
+    w.embed = f16(&w.embed);
+    w.lm_head = if cfg.tie_word_embeddings {
+        w.embed.clone()
+    } else {
+        f16(&w.lm_head)
+    };
+    for l in &mut w.layers {
+        for lin in [&mut l.attn.q, &mut l.attn.k, &mut l.attn.v, &mut l.attn.o] {
+            lin.w = f16(&lin.w);
+        }
     }
     w
 }
