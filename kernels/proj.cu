@@ -60,27 +60,36 @@ __device__ __forceinline__ void load_x(const float* __restrict__ xr, uint32_t k0
     }
 }
 
-// Dot of one 16-byte weight vector (16 e4m3 or 8 bf16) with its E activations.
+// One lane's 16-byte weight vector (16 e4m3 or 8 bf16) decoded to f32, once per tile (the token
+// loop reuses it).
 template <bool FP8>
-__device__ __forceinline__ float dot_vec(const uint4& w, const float* xv) {
+__device__ __forceinline__ void decode_vec(const uint4& w, float (&wf)[FP8 ? 16 : 8]) {
     const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-    float a0 = 0.f, a1 = 0.f;
-    if constexpr (FP8) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < 4; ++q) {
+        if constexpr (FP8) {
             const float2 lo = e4m3x2_to_float2(words[q] & 0xffffu);
             const float2 hi = e4m3x2_to_float2(words[q] >> 16);
-            a0 = fmaf(lo.x, xv[4 * q], a0);
-            a1 = fmaf(lo.y, xv[4 * q + 1], a1);
-            a0 = fmaf(hi.x, xv[4 * q + 2], a0);
-            a1 = fmaf(hi.y, xv[4 * q + 3], a1);
+            wf[4 * q] = lo.x;
+            wf[4 * q + 1] = lo.y;
+            wf[4 * q + 2] = hi.x;
+            wf[4 * q + 3] = hi.y;
+        } else {
+            wf[2 * q] = bf_lo(words[q]);
+            wf[2 * q + 1] = bf_hi(words[q]);
         }
-    } else {
+    }
+}
+
+// Dot of E decoded weights with their E activations: two interleaved f32 FMA chains (even and
+// odd values), then their sum.
+template <int E>
+__device__ __forceinline__ float dot_vec(const float (&wf)[E], const float (&xv)[E]) {
+    float a0 = 0.f, a1 = 0.f;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            a0 = fmaf(bf_lo(words[q]), xv[2 * q], a0);
-            a1 = fmaf(bf_hi(words[q]), xv[2 * q + 1], a1);
-        }
+    for (int e = 0; e < E; e += 2) {
+        a0 = fmaf(wf[e], xv[e], a0);
+        a1 = fmaf(wf[e + 1], xv[e + 1], a1);
     }
     return a0 + a1;
 }
@@ -130,6 +139,9 @@ __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
             const uint32_t c = c0 + u * nw;
             if (c >= ct) break;
             const uint32_t k0 = c * KT + half * E;
+            float wf[R][E];
+#pragma unroll
+            for (int r = 0; r < R; ++r) decode_vec<FP8>(wv[u][r], wf[r]);
 #pragma unroll
             for (int j = 0; j < TT; ++j) {
                 if ((uint32_t)j >= t) break;
@@ -137,7 +149,7 @@ __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
                 load_x<E>(x + (size_t)j * k, k0, k, xvec, xv);
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
-                    const float d = dot_vec<FP8>(wv[u][r], xv);
+                    const float d = dot_vec<E>(wf[r], xv);
                     acc[r][j] = FP8 ? fmaf(d, s[u], acc[r][j]) : acc[r][j] + d;
                 }
             }

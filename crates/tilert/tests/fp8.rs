@@ -279,3 +279,54 @@ fn bad_arguments_are_errors() {
     let e = ProjMatrix::upload_fp8(&mut g.arena, &codes, &[1.0; 3], 64, 256, "w");
     assert!(e.unwrap_err().to_string().contains("block scales"));
 }
+
+#[test]
+fn checkpoint_matrices_upload_in_their_dtype() {
+    let Some((mut g, mut rng)) = gpu("checkpoint_matrices_upload_in_their_dtype") else {
+        return;
+    };
+    use model::weights::{Bytes, DenseDtype, Mat};
+    let (rows, cols) = (200, 300);
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| rng.random::<u8>() & 0x7e)
+        .collect();
+    let scales: Vec<f32> = (0..2 * 3).map(|i| 0.01 * (i + 1) as f32).collect();
+    let m = Mat::from_bytes(
+        DenseDtype::F8E4M3,
+        rows,
+        cols,
+        Bytes::from_vec(codes.clone()),
+        Some(([128, 128], 3, scales.clone())),
+    )
+    .unwrap();
+    let a = ProjMatrix::from_mat(&mut g.arena, &m, "qkv_proj").unwrap();
+    let b = ProjMatrix::upload_fp8(&mut g.arena, &codes, &scales, rows, cols, "direct").unwrap();
+    assert!(a.is_fp8());
+    assert_eq!(
+        a.logical_bytes(),
+        rows * cols + 6 * 4,
+        "stored as FP8, not widened"
+    );
+    let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let dx = up(&mut g, &x);
+    let ya = g.arena.alloc::<f32>(rows, "ya").unwrap();
+    let yb = g.arena.alloc::<f32>(rows, "yb").unwrap();
+    g.ops.linear(&g.stream, &a, None, dx, 1, ya, false).unwrap();
+    g.ops.linear(&g.stream, &b, None, dx, 1, yb, false).unwrap();
+    let (ya, yb) = (dtoh(&g.stream, ya).unwrap(), dtoh(&g.stream, yb).unwrap());
+    assert!(ya.iter().zip(&yb).all(|(p, q)| p.to_bits() == q.to_bits()));
+    // Other FP8 blocks and f32 weights are refused with the tensor's name.
+    let other = Mat::from_bytes(
+        DenseDtype::F8E4M3,
+        rows,
+        cols,
+        Bytes::from_vec(codes),
+        Some(([1, 32], 10, vec![1.0; rows * 10])),
+    )
+    .unwrap();
+    let e = ProjMatrix::from_mat(&mut g.arena, &other, "gate_proj").unwrap_err();
+    assert!(e.to_string().contains("gate_proj"), "{e}");
+    let f = Mat::from_f32(2, 2, vec![1.0; 4]);
+    let e = ProjMatrix::from_mat(&mut g.arena, &f, "o_proj").unwrap_err();
+    assert!(e.to_string().contains("o_proj"), "{e}");
+}
