@@ -326,34 +326,15 @@ impl SymmetricGroup {
 
     /// The launch shape of `op` (the same on every rank).
     pub fn shape(&self, op: &AllReduce) -> Result<Shape, CommError> {
-        let vec = op.dtype.vec();
-        let n = op.rows * op.width;
-        if let Epilogue::ResidualNorm { .. } = op.epilogue {
-            let threads = (op.width.div_ceil(vec).div_ceil(32) * 32)
-                .clamp(32, abi::COMM_MAX_THREADS as usize) as u32;
-            let cap = self.max_blocks(op.dtype, threads)?;
-            if op.rows > cap as usize {
-                return Err(CommError::Invalid(format!(
-                    "fused all-reduce + RMSNorm of {} rows: at most {cap} rows fit co-resident \
-                     with {} rank(s) per GPU",
-                    op.rows, self.share
-                )));
-            }
-            return Ok(Shape {
-                grid: op.rows as u32,
-                threads,
-                chunk: op.width as u32,
-            });
-        }
-        let threads = abi::COMM_FLAT_THREADS;
-        let cap = self.max_blocks(op.dtype, threads)?.max(1) as usize;
-        let per_block = threads as usize * vec * 2;
-        let grid = n.div_ceil(per_block).clamp(1, cap);
-        let chunk = n.div_ceil(grid).div_ceil(8) * 8;
-        Ok(Shape {
-            grid: n.div_ceil(chunk).max(1) as u32,
-            threads,
-            chunk: chunk as u32,
+        let norm = matches!(op.epilogue, Epilogue::ResidualNorm { .. });
+        let threads = threads_for(op.dtype, op.width, norm);
+        let cap = self.max_blocks(op.dtype, threads)?;
+        plan_shape(op.dtype, op.rows, op.width, norm, cap).ok_or_else(|| {
+            CommError::Invalid(format!(
+                "fused all-reduce + RMSNorm of {} rows: at most {cap} rows fit co-resident with \
+                 {} rank(s) per GPU",
+                op.rows, self.share
+            ))
         })
     }
 
@@ -517,6 +498,41 @@ impl SymmetricGroup {
     }
 }
 
+/// Threads per block: the flat all-reduce uses `COMM_FLAT_THREADS`; the fused norm one block per
+/// row with one thread per 16-byte vector of the row (whole warps, at most `COMM_MAX_THREADS`).
+fn threads_for(dtype: DType, width: usize, norm: bool) -> u32 {
+    if norm {
+        (width.div_ceil(dtype.vec()).div_ceil(32) * 32).clamp(32, abi::COMM_MAX_THREADS as usize)
+            as u32
+    } else {
+        abi::COMM_FLAT_THREADS
+    }
+}
+
+/// The launch shape of a `rows × width` all-reduce whose grid may have at most `cap` blocks
+/// (co-residency): the fused norm takes one block per row (None when the rows exceed `cap`);
+/// the flat modes split the elements into chunks of a multiple of 8 elements, about two 16-byte
+/// vectors per thread, at most `cap` blocks.
+fn plan_shape(dtype: DType, rows: usize, width: usize, norm: bool, cap: u32) -> Option<Shape> {
+    let threads = threads_for(dtype, width, norm);
+    if norm {
+        return (rows <= cap as usize).then_some(Shape {
+            grid: rows as u32,
+            threads,
+            chunk: width as u32,
+        });
+    }
+    let n = rows * width;
+    let per_block = threads as usize * dtype.vec() * 2;
+    let grid = n.div_ceil(per_block).clamp(1, cap.max(1) as usize);
+    let chunk = n.div_ceil(grid).div_ceil(8) * 8;
+    Some(Shape {
+        grid: n.div_ceil(chunk).max(1) as u32,
+        threads,
+        chunk: chunk as u32,
+    })
+}
+
 impl Drop for SymmetricGroup {
     fn drop(&mut self) {
         for r in &self.ranks {
@@ -531,5 +547,47 @@ impl Drop for SymmetricGroup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_shapes_cover_every_element_within_the_cap() {
+        for dtype in [DType::Bf16, DType::F32] {
+            for cap in [1u32, 16, 33, 128] {
+                for n in [1usize, 7, 8, 9, 4096, 4097, 33_333, 262_144, 524_288] {
+                    let s = plan_shape(dtype, 1, n, false, cap).unwrap();
+                    let (g, c) = (s.grid as usize, s.chunk as usize);
+                    assert!(
+                        s.grid >= 1 && s.grid <= cap,
+                        "{dtype:?} n={n} cap={cap}: {s:?}"
+                    );
+                    assert_eq!(c % 8, 0, "{s:?}");
+                    assert!(g * c >= n && (g - 1) * c < n, "{dtype:?} n={n}: {s:?}");
+                    assert_eq!(s.threads, abi::COMM_FLAT_THREADS);
+                }
+            }
+        }
+        // 8 KB of bf16 is one block; 1 MB spreads over the cap.
+        assert_eq!(plan_shape(DType::Bf16, 1, 4096, false, 33).unwrap().grid, 1);
+        assert_eq!(
+            plan_shape(DType::Bf16, 1, 524_288, false, 33).unwrap().grid,
+            33
+        );
+    }
+
+    #[test]
+    fn norm_shapes_are_one_block_per_row() {
+        let s = plan_shape(DType::Bf16, 16, 2880, true, 16).unwrap();
+        assert_eq!((s.grid, s.threads, s.chunk), (16, 384, 2880));
+        assert_eq!(
+            plan_shape(DType::F32, 1, 7168, true, 16).unwrap().threads,
+            512
+        );
+        assert_eq!(plan_shape(DType::F32, 1, 37, true, 16).unwrap().threads, 32);
+        assert!(plan_shape(DType::F32, 17, 2880, true, 16).is_none());
     }
 }
