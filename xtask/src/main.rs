@@ -418,6 +418,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("dflash", "gpu_spec"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
+    ("comm", "gpu_allreduce"),
 ];
 
 /// The device tool's limit on what one call carries: the checkout's files plus the bundle.

@@ -83,6 +83,9 @@ pub const PROJ: KernelImage = image!("proj");
 /// Measurement kernels: streaming read (the bandwidth ceiling) and on-device random fill
 /// (`kernels/bench.cu`).
 pub const BENCH: KernelImage = image!("bench");
+/// Communication: the one-shot all-reduce over peer memory, bf16 / f32 partials, with the
+/// residual add and the next RMSNorm fusable (`kernels/comm.cu`; loaded by the `comm` crate).
+pub const COMM: KernelImage = image!("comm");
 
 /// The op families of a decoder step's dense ops (what tilert's `Ops` loads as one
 /// [`KernelSet`]).
@@ -92,7 +95,7 @@ pub const OPS: &[KernelImage] = &[
 
 /// Every embedded image (what `cargo xtask kernels --check` and the loaders agree on).
 pub const ALL: &[KernelImage] = &[
-    MXFP4, FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING, PROJ, BENCH,
+    MXFP4, FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING, PROJ, BENCH, COMM,
 ];
 
 /// `kernels/common/abi.cuh`: the structs kernels take by value and the limits the host checks.

@@ -424,7 +424,8 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// List the GPUs Ultra can use and the NCCL library found.
+    /// List the GPUs Ultra can use, peer access and the link (NVLink / PCIe) between each pair,
+    /// and the NCCL library found.
     Devices,
     /// What a checkpoint (or a bare config.json) holds and costs: parameters total/active, weight
     /// bytes per decoded token, KV cache, batch-1 roofline tokens/s at a bandwidth.
@@ -947,22 +948,7 @@ fn run(cli: Cli) -> Result<()> {
                 commands::bench_spec::run(&loaded, &draft, block_size, &sets, max_tokens, limit)?;
             commands::bench_spec::print(&reports);
         }
-        Cmd::Devices => {
-            let n = tilert::Device::count();
-            if n == 0 {
-                println!("no CUDA device (driver absent or no GPU): Ultra runs on the CPU");
-            }
-            for i in 0..n {
-                match tilert::Device::open(i) {
-                    Ok(d) => println!("{}", d.info),
-                    Err(e) => println!("GPU {i}: {e}"),
-                }
-            }
-            match comm::nccl_version() {
-                Ok(v) => println!("NCCL {v}"),
-                Err(e) => println!("NCCL: {e}"),
-            }
-        }
+        Cmd::Devices => println!("{}", commands::devices::report().trim_end()),
     }
     Ok(())
 }

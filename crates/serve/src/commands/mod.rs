@@ -3,6 +3,7 @@
 pub mod bench_decode;
 pub mod bench_shapes;
 pub mod bench_spec;
+pub mod devices;
 pub mod generate;
 pub mod inspect;
 pub mod quantize;
