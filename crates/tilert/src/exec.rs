@@ -700,8 +700,9 @@ struct Buffers {
 }
 
 /// Per-launch labels and times of a profiled pass (see [`GpuSession::profile_pass`]): a label
-/// is the plan op's `OpKind::name` (`qkv_rope_kv`, `experts_down`, ...) for its main launch and
-/// `name:part` for its further launches (`experts_down:combine_norm`, `mlp_gate_up:glu`, ...).
+/// is the plan op's `OpKind::name` (`qkv_rope_kv`, `experts_down`, ...) for its first launch
+/// and `name:part` for its further launches (`experts_down:combine_norm`, `mlp_gate_up:glu`,
+/// ...).
 pub type OpTimes = Vec<(&'static str, f32)>;
 
 /// One sequence on the GPU: KV cache, activation buffers, captured graphs.
