@@ -6,7 +6,7 @@
 //!
 //! The math is `dflash::drafter`'s (research/dflash.md §2–3). Both passes are the drafter's
 //! step plans (`model::plan::Plan::draft`, from [`DrafterConfig::draft_spec`]) lowered by the
-//! target's lowering ([`crate::exec::lower`]) onto the same fused kernels:
+//! target's lowering (`exec::lower`) onto the same fused kernels:
 //!
 //! ```text
 //! context (n ≤ 16 committed tokens, features = the target's captured hidden states):
@@ -156,6 +156,8 @@ impl GpuDrafter {
                 post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
                 qkv,
                 qkv_bias,
+                // Uploaded in checkpoint row order: draft layers carry q/k norms, which the fused
+                // projection cannot apply.
                 qkv_rope_fused: false,
                 o,
                 o_bias,

@@ -4,7 +4,7 @@
 //!
 //! A pass over `T ≤ MAX_TOKENS` tokens (decode: T = 1; verify: 2..=16; prefill: chunks of 16)
 //! is the model's step plan ([`model::plan::Plan`], built once per pass shape and cached in the
-//! [`GpuModel`]) lowered to launches by [`lower`] — the same plan the CPU executor interprets:
+//! [`GpuModel`]) lowered to launches by `lower` — the same plan the CPU executor interprets:
 //!
 //! ```text
 //! embed → rms_norm(input_norm₀)
@@ -700,7 +700,10 @@ struct Buffers {
     sample_out: DPtr<u32>,
 }
 
-/// Per-op labels of a profiled pass (see [`GpuSession::profile_pass`]).
+/// Per-launch labels and times of a profiled pass (see [`GpuSession::profile_pass`]): a label
+/// is the plan op's `OpKind::name` (`qkv_rope_kv`, `experts_down`, ...) for its first launch
+/// and `name:part` for its further launches (`experts_down:combine_norm`, `mlp_gate_up:glu`,
+/// ...).
 pub type OpTimes = Vec<(&'static str, f32)>;
 
 /// One sequence on the GPU: KV cache, activation buffers, captured graphs.
@@ -1221,8 +1224,8 @@ impl GpuSession {
         self.high_water = 0;
     }
 
-    /// Runs one pass of `tokens` with a timing event after each op and returns the time of each
-    /// op (milliseconds, in launch order). With graphs on (the default) the pass and its events
+    /// Runs one pass of `tokens` with a timing event after each launch and returns the time of
+    /// each (milliseconds, in launch order, labelled as [`OpTimes`] says). With graphs on (the default) the pass and its events
     /// are captured into a one-off graph and replayed — the timing of a graph replay; otherwise
     /// ops are launched one by one. The session advances as by a normal pass.
     pub fn profile_pass(&mut self, tokens: &[u32]) -> Result<OpTimes, RuntimeError> {

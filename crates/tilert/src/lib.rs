@@ -13,9 +13,10 @@
 //!   (`kernels/common/abi.cuh`), with their layout test;
 //! * [`exec`]: the op-by-op executor (`GpuModel`, `GpuSession`) with decode / verify steps
 //!   captured as CUDA graphs, and batched decode of many sessions in one pass (`GpuBatch`;
-//!   its KV-cache ops: [`ops::rows`]);
+//!   its KV-cache ops: [`ops::rows`]); every pass is a `model::plan::Plan` lowered to launches
+//!   by `exec::lower`;
 //! * [`draft`]: DFlash drafters on the GPU (`GpuDrafter`, `GpuDraftSession`) from the
-//!   model-level drafter types (`model::drafter`).
+//!   model-level drafter types (`model::drafter`), their passes lowered the same way.
 //!
 //! Dependencies point down: this crate builds on `model` (config, weights, spec, sampling, the
 //! drafter types) and never on the CPU executor (`model`'s `cpu` module, the oracle of its tests only) or

@@ -193,3 +193,52 @@ fn errors_are_typed() {
     assert_eq!(s.len(), 1);
     assert!(s.set_capture(&[99]).is_err());
 }
+
+/// A profiled decode step is the decode plan's ops, lowered: every launch is labelled with its
+/// op's name (`name` for the op's first launch, `name:part` for its further launches), and each
+/// op of the plan has exactly one launch labelled `name` — on the toy models of all three architectures (a
+/// dense first layer, q/k norms, sliding layers, fused and unfused QKV projections).
+#[test]
+fn profiled_launches_are_the_plans_ops() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("profiled_launches_are_the_plans_ops") else {
+        return;
+    };
+    use model::plan::{PassShape, Plan, WeightStorage};
+    for (name, (c, w)) in [
+        ("toy gpt-oss", toy::gpt_oss(3, ToyExperts::Mxfp4)),
+        ("toy qwen3-moe", toy::qwen3_moe(4, ToyExperts::Dense)),
+        ("toy mimo", toy::mimo_v2_flash(5, ToyExperts::Dense)),
+    ] {
+        let plan = Plan::new(
+            &c,
+            WeightStorage::cpu(false),
+            PassShape::decode(0).with_sample(),
+        )
+        .unwrap();
+        let gpu = GpuModel::new(0, Arc::new(c), &w).unwrap();
+        let mut s = gpu.session(64).unwrap();
+        let tok = s.prefill_greedy(&[1, 2, 3]).unwrap();
+        for graphs in [true, false] {
+            s.set_use_graphs(graphs);
+            let times = s.profile_pass(&[tok]).unwrap();
+            for (label, ms) in &times {
+                let op = label.split(':').next().unwrap();
+                assert!(
+                    plan.ops.iter().any(|o| o.kind.name() == op),
+                    "{name}: launch `{label}` is no op of the plan"
+                );
+                assert!(
+                    ms.is_finite() && *ms >= 0.0,
+                    "{name}: `{label}` took {ms} ms"
+                );
+            }
+            for op in &plan.ops {
+                let n = op.kind.name();
+                let main = times.iter().filter(|(l, _)| *l == n).count();
+                let ops = plan.ops.iter().filter(|o| o.kind.name() == n).count();
+                assert_eq!(main, ops, "{name}: `{n}` main launches (graphs {graphs})");
+            }
+        }
+        assert_eq!(s.len(), 5, "{name}: profiled passes advance the session");
+    }
+}

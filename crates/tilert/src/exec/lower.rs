@@ -22,8 +22,9 @@
 //! the final norm of a drafter block skips the rows the LM head does not read.
 //!
 //! Profiling marks ([`super::GpuSession::profile_pass`]) are the op's [`OpKind::name`] for its
-//! main launch and `name:part` for the further launches of one op (e.g.
-//! `experts_down:combine_norm`). An error names the op, its index and its layer.
+//! first launch and `name:part` for the further launches of one op (e.g.
+//! `experts_down:combine_norm`), so every op has exactly one launch labelled with its name. An
+//! error names the op, its index and its layer.
 
 use cudarc::driver::CudaStream;
 use model::drafter::DraftAttn;
@@ -769,7 +770,7 @@ impl Lowering<'_> {
                             mark("qkv_rope_kv")?;
                         } else {
                             ops.linear(s, qkv, qkv_bias, h, t, staged, false)?;
-                            mark("qkv_rope_kv:qkv")?;
+                            mark("qkv_rope_kv")?;
                             ops.rope_kv_write(s, &args, staged, t, step, bind.q)?;
                             mark("qkv_rope_kv:rope_kv")?;
                         }
@@ -783,7 +784,7 @@ impl Lowering<'_> {
                             mark("qkv_rope_kv")?;
                         } else {
                             ops.linear(s, qkv, qkv_bias, h, t, staged, false)?;
-                            mark("qkv_rope_kv:qkv")?;
+                            mark("qkv_rope_kv")?;
                             r.ops.rope_kv_write(s, &args, staged, t, rows, bind.q)?;
                             mark("qkv_rope_kv:rope_kv")?;
                         }
@@ -926,7 +927,7 @@ impl Lowering<'_> {
                     mark("norm_router_topk")?;
                 } else {
                     ops.rms_norm(s, x, norm_w, t, p.norm.dim, p.norm.eps, h)?;
-                    mark("norm_router_topk:norm")?;
+                    mark("norm_router_topk")?;
                     ops.linear(s, router, router_bias, h, t, sc.router_logits, false)?;
                     mark("norm_router_topk:router")?;
                     ops.route(
@@ -1042,7 +1043,11 @@ impl Lowering<'_> {
                 let ctx = sc.ctx.slice(0..t * p.hidden);
                 for (k, (m, rows)) in fc.iter().zip(bind.features).enumerate() {
                     ops.linear(s, m, None, *rows, t, ctx, k > 0)?;
-                    mark("draft_context")?;
+                    mark(if k == 0 {
+                        "draft_context"
+                    } else {
+                        "draft_context:fc"
+                    })?;
                 }
                 let norm_w = w.vector(WeightId::model(Tensor::HiddenNorm))?;
                 ops.rms_norm(s, ctx, norm_w, t, p.hidden, p.eps, h)?;
