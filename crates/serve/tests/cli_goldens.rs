@@ -95,6 +95,31 @@ fn scores_match_transformers_log_softmax() {
     }
 }
 
+/// `score` runs one `Executor::forward` (verify passes of `FORWARD_CHUNK`): bit for bit the
+/// log-probabilities of the CPU session's `prefill_all` rows (what it ran before), for inputs
+/// shorter and longer than a chunk.
+#[test]
+fn scores_are_the_prefill_rows_bit_for_bit() {
+    for dir in fixture_dirs() {
+        let loaded = load(&dir).unwrap();
+        let v = loaded.config.vocab_size as u32;
+        for n in [9u32, model::executor::FORWARD_CHUNK as u32 + 7] {
+            let input: Vec<u32> = (0..n).map(|i| (i * 29 + 3) % v).collect();
+            let rows = loaded.cpu().unwrap().session().prefill_all(&input).unwrap();
+            let got = score(&loaded, &input).unwrap();
+            for i in 1..input.len() {
+                let want = model::sampling::logprob_of(&rows[i - 1], input[i]);
+                assert_eq!(
+                    got[i].map(f64::to_bits),
+                    Some(want.to_bits()),
+                    "{} ({n} tokens) position {i}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
 /// `ultra generate --draft`: greedy speculative output (and streamed text) equals plain greedy
 /// generation, for each fixture drafter and several block sizes.
 #[test]
