@@ -387,7 +387,8 @@ impl ModelConfig {
     /// (e.g. gpt-oss `head_dim` 64, `swiglu_alpha` 1.702, `swiglu_limit` 7, YaRN
     /// factor 32 / β 32, 1 / truncate false when no RoPE fields at all; Qwen3 `norm_topk_prob`
     /// false, θ 10000; MiMo θ 5e6 full / 1e4 sliding, partial rotary 0.334, value scale 0.707,
-    /// SWA KV heads = 2 × full, sinks on sliding layers only).
+    /// SWA KV heads = 2 × full, sinks on sliding layers only). `mimo_v2` has no defaults for the
+    /// fields its sources dispute and equal KV heads by default ([`crate::mimo`]).
     pub fn from_json_str(s: &str) -> Result<ModelConfig, ConfigError> {
         let v = parse_json(s, "config.json")?;
         let o = root_obj(&v, "config.json")?;
