@@ -35,16 +35,7 @@ fn gpu(test: &str) -> Option<Setup> {
     let ctx = ultra_kernels::gpu_for_test(test)?;
     // SAFETY: this test synchronises explicitly; cudarc's per-buffer events are not needed.
     unsafe { ctx.disable_event_tracking() };
-    let seed = std::env::var("ULTRA_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("{test}: seed {seed}");
+    let seed = ultra_kernels::test_seed(test);
     Some((ctx, ChaCha20Rng::seed_from_u64(seed), guard))
 }
 

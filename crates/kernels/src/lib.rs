@@ -237,6 +237,22 @@ pub fn gpu_for_test(test: &str) -> Option<Arc<CudaContext>> {
     }
 }
 
+/// The seed of a randomized GPU test: `ULTRA_TEST_SEED` when set (to replay a run), else the
+/// clock. Printed with the test's name so a failing run can be replayed.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = std::env::var("ULTRA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("{test}: seed {seed}");
+    seed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,16 +37,7 @@ fn gpu(test: &str) -> Option<(Gpu, ChaCha20Rng)> {
     let ctx = ultra_kernels::gpu_for_test(test)?;
     let stream = ctx.default_stream();
     let ops = Ops::load(&ctx).expect("load ops kernels");
-    let seed = std::env::var("ULTRA_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("{test}: seed {seed}");
+    let seed = ultra_kernels::test_seed(test);
     Some((
         Gpu {
             arena: Arena::new(stream.clone()),
