@@ -2,7 +2,10 @@
 //! a [`DraftTarget`] executor and the CPU [`Drafter`]), and
 //! [`SpecDecoder`], its entry point over the CPU executor.
 
+use std::borrow::Borrow;
 use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
 
 use model::cpu::{CpuModel, VerifyOutput};
 use model::sampling::{FinishReason, Sampler, SamplingError, SamplingParams, StopCause};
@@ -10,12 +13,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::accept::sample_index;
+use crate::adapt::{AdaptSummary, BlockPolicy};
+use crate::stream::SpecStream;
 use crate::config::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::drafter::{DraftCache, Drafter, DrafterError};
 use crate::probs::SamplingDist;
 use crate::target::DraftTarget;
 use crate::{
-    accept_greedy, accept_sampled, AcceptError, Acceptance, AcceptanceStats, DEFAULT_PROB_TOLERANCE,
+    AcceptError, Acceptance, AcceptanceStats,
 };
 
 /// Everything that can stop a speculative generation with an error.
@@ -53,6 +58,10 @@ pub struct SpecOutput {
     pub stats: AcceptanceStats,
     /// What ended generation; `None` when the `on_token` callback asked to stop.
     pub stop_cause: Option<StopCause>,
+    /// With the adaptive block policy: what it chose ([`crate::BlockPolicy::Adaptive`]).
+    pub adaptive: Option<AdaptSummary>,
+    /// Plain steps (no drafts) the adaptive policy chose; not counted in `stats`.
+    pub plain_steps: u64,
 }
 
 impl SpecOutput {
@@ -136,8 +145,8 @@ fn draw(p: &[f32], u: f64) -> u32 {
 
 /// Token selection for one mode: greedy (the Sampler's argmax, penalties included) or sampled
 /// (dense distributions + one RNG stream for drafts, acceptance and bonus tokens).
-struct Picker {
-    greedy: bool,
+pub(crate) struct Picker {
+    pub(crate) greedy: bool,
     /// Greedy without any penalty: a pick is the plain argmax.
     plain_argmax: bool,
     /// Tokens of the prompt at the start of every history (the rest was generated, which the
@@ -145,11 +154,11 @@ struct Picker {
     prompt_len: usize,
     sampler: Sampler,
     dist: SamplingDist,
-    rng: ChaCha20Rng,
+    pub(crate) rng: ChaCha20Rng,
 }
 
 impl Picker {
-    fn new(params: &SamplingParams, prompt_len: usize) -> Result<Picker, SamplingError> {
+    pub(crate) fn new(params: &SamplingParams, prompt_len: usize) -> Result<Picker, SamplingError> {
         let rng = match params.seed {
             Some(s) => ChaCha20Rng::seed_from_u64(s),
             None => ChaCha20Rng::from_os_rng(),
@@ -166,7 +175,7 @@ impl Picker {
 
     /// The distribution of the next token after `history` (prompt + generated tokens) under
     /// the request's sampling transform.
-    fn probs(
+    pub(crate) fn probs(
         &mut self,
         logits: &[f32],
         history: &[u32],
@@ -179,7 +188,7 @@ impl Picker {
     /// One token from row `i` of `rows` (`V = v` wide) after `history` (prompt + generated
     /// tokens); `probs` receives the distribution in sampled mode. Argmax rows are taken as
     /// they are (the loop asks for them only when a greedy pick is a plain argmax).
-    fn pick_row(
+    pub(crate) fn pick_row(
         &mut self,
         rows: &Rows,
         i: usize,
@@ -280,32 +289,83 @@ pub trait SpecBackend {
             "this speculative backend cannot be emptied in place".into(),
         ))
     }
+    /// [`SpecBackend::draft`] of `x_last[i]` with block size `block_size[i]` on `states[i]` for
+    /// every `i` (the draft forwards of a server's running requests); each result is that
+    /// call's, each pair succeeds or fails on its own. A backend that can runs them as one
+    /// batched drafter pass; the default runs one call after another.
+    fn draft_batch(
+        states: &mut [&mut Self],
+        x_last: &[u32],
+        block_size: &[usize],
+        want: &[Want],
+    ) -> Vec<Result<Rows, SpecError>>
+    where
+        Self: Sized,
+    {
+        states
+            .iter_mut()
+            .zip(x_last.iter().zip(block_size).zip(want))
+            .map(|(s, ((&x, &b), &w))| s.draft(x, b, w))
+            .collect()
+    }
+    /// [`SpecBackend::verify`] of `tokens[i]` on `states[i]` for every `i`: every block through
+    /// ONE batched target pass where the backend can (each row at its own sequence's position
+    /// and cache); the default runs one call after another. Each result is that call's.
+    fn verify_batch(
+        states: &mut [&mut Self],
+        tokens: &[&[u32]],
+        want: &[Want],
+    ) -> Vec<Result<Rows, SpecError>>
+    where
+        Self: Sized,
+    {
+        states
+            .iter_mut()
+            .zip(tokens.iter().zip(want))
+            .map(|(s, (t, &w))| s.verify(t, w))
+            .collect()
+    }
 }
 
-/// [`SpecBackend`] over a [`DraftTarget`] and the CPU [`Drafter`] (always returns logits).
-pub struct CpuBackend<'a, T: DraftTarget> {
-    target: &'a mut T,
-    drafter: &'a Drafter,
+/// [`SpecBackend`] over a [`DraftTarget`] and the CPU [`Drafter`] (always returns logits):
+/// borrowed (`CpuBackend::new(&mut session, &drafter)`, one generation) or owned (a server's
+/// request: `CpuBackend::new(session, Arc<Drafter>)`). Its
+/// [`SpecBackend::verify_batch`] runs every block through the target's
+/// [`model::Executor::forward_batch`] (one pass on the CPU executor).
+pub struct CpuBackend<T: DraftTarget, D: Borrow<Drafter> = Arc<Drafter>> {
+    target: T,
+    drafter: D,
     cache: DraftCache,
     /// Position and output of the latest verify (its hidden states feed [`SpecBackend::commit`]).
     verified: Option<(usize, VerifyOutput)>,
 }
 
-impl<'a, T: DraftTarget> CpuBackend<'a, T> {
+impl<T: DraftTarget, D: Borrow<Drafter>> CpuBackend<T, D> {
     /// Checks `drafter` against the target's dimensions ([`Drafter::check_target`]).
-    pub fn new(target: &'a mut T, drafter: &'a Drafter) -> Result<Self, SpecError> {
-        drafter.check_target(target.config())?;
+    pub fn new(target: T, drafter: D) -> Result<Self, SpecError> {
+        drafter.borrow().check_target(target.config())?;
+        let cache = drafter.borrow().new_cache();
         Ok(CpuBackend {
             target,
             drafter,
-            cache: drafter.new_cache(),
+            cache,
             verified: None,
         })
     }
 
+    /// The target sequence.
+    pub fn target(&self) -> &T {
+        &self.target
+    }
+
+    /// The target sequence and the drafter back.
+    pub fn into_parts(self) -> (T, D) {
+        (self.target, self.drafter)
+    }
+
     /// Runs `tokens` and checks the output's shape.
     fn forward(&mut self, tokens: &[u32]) -> Result<VerifyOutput, SpecError> {
-        let layers = &self.drafter.config().target_layer_ids;
+        let layers = &self.drafter.borrow().config().target_layer_ids;
         let out = self.target.forward(tokens, layers).map_err(target_err)?;
         let (v, h) = (self.vocab_size(), self.hidden_size());
         check_output(&out, tokens.len(), v, layers.len(), h)?;
@@ -317,7 +377,7 @@ impl<'a, T: DraftTarget> CpuBackend<'a, T> {
     }
 }
 
-impl<T: DraftTarget> SpecBackend for CpuBackend<'_, T> {
+impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
     fn vocab_size(&self) -> usize {
         self.target.config().vocab_size
     }
@@ -341,6 +401,7 @@ impl<T: DraftTarget> SpecBackend for CpuBackend<'_, T> {
         let mut out = self.forward(chunk)?;
         let h = self.hidden_size();
         self.drafter
+            .borrow()
             .append_context(&mut self.cache, &features(&out, chunk.len(), h))?;
         Ok(want.map(|_| Rows::Logits(out.logits.pop().expect("checked: one row per token"))))
     }
@@ -353,7 +414,7 @@ impl<T: DraftTarget> SpecBackend for CpuBackend<'_, T> {
                 self.cache.len()
             )));
         }
-        Ok(Rows::Logits(self.drafter.draft(
+        Ok(Rows::Logits(self.drafter.borrow().draft(
             &mut self.cache,
             self.target.embedding(),
             self.target.lm_head(),
@@ -382,15 +443,63 @@ impl<T: DraftTarget> SpecBackend for CpuBackend<'_, T> {
         self.target.truncate(start + keep).map_err(target_err)?;
         let h = self.hidden_size();
         self.drafter
+            .borrow()
             .append_context(&mut self.cache, &features(&out, keep, h))?;
         Ok(())
     }
 
     fn reset(&mut self) -> Result<(), SpecError> {
         self.target.truncate(0).map_err(target_err)?;
-        self.cache = self.drafter.new_cache();
+        self.cache = self.drafter.borrow().new_cache();
         self.verified = None;
         Ok(())
+    }
+
+    /// Every block through the target's [`model::Executor::forward_batch`] (ONE pass on the CPU
+    /// executor, rows bit-identical to separate verifies).
+    fn verify_batch(
+        states: &mut [&mut Self],
+        tokens: &[&[u32]],
+        want: &[Want],
+    ) -> Vec<Result<Rows, SpecError>> {
+        let n = states.len().min(tokens.len()).min(want.len());
+        if n == 0 {
+            return Vec::new();
+        }
+        let layers = states[0].drafter.borrow().config().target_layer_ids.clone();
+        if states[..n]
+            .iter()
+            .any(|s| s.drafter.borrow().config().target_layer_ids != layers)
+        {
+            // Drafters reading other layers cannot share a pass.
+            return states[..n]
+                .iter_mut()
+                .zip(tokens)
+                .zip(want)
+                .map(|((s, t), &w)| s.verify(t, w))
+                .collect();
+        }
+        let starts: Vec<usize> = states[..n].iter().map(|s| s.target.len()).collect();
+        let outs = {
+            let mut targets: Vec<&mut T> = states[..n].iter_mut().map(|s| &mut s.target).collect();
+            T::forward_batch(&mut targets, &tokens[..n], &layers)
+        };
+        states[..n]
+            .iter_mut()
+            .zip(outs)
+            .zip(tokens.iter().zip(starts))
+            .map(|((s, out), (t, start))| {
+                let mut out = out.map_err(target_err)?;
+                let (v, h) = (s.vocab_size(), s.hidden_size());
+                if let Err(e) = check_output(&out, t.len(), v, layers.len(), h) {
+                    let _ = s.target.truncate(start);
+                    return Err(e);
+                }
+                let logits = std::mem::take(&mut out.logits).concat();
+                s.verified = Some((start, out));
+                Ok(Rows::Logits(logits))
+            })
+            .collect()
     }
 }
 
@@ -418,7 +527,7 @@ pub fn speculative_generate<T: DraftTarget>(
     run_speculative(&mut backend, opts, prompt, params, on_token, on_round)
 }
 
-fn check_request(opts: &SpecOptions, prompt: &[u32]) -> Result<(), SpecError> {
+pub(crate) fn check_request(opts: &SpecOptions, prompt: &[u32]) -> Result<(), SpecError> {
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&opts.block_size) {
         return Err(SpecError::BlockSize(opts.block_size));
     }
@@ -429,13 +538,13 @@ fn check_request(opts: &SpecOptions, prompt: &[u32]) -> Result<(), SpecError> {
 }
 
 /// Whether greedy picks are plain argmaxes (no penalty to apply to the logits).
-fn argmax_suffices(params: &SamplingParams) -> bool {
+pub(crate) fn argmax_suffices(params: &SamplingParams) -> bool {
     params.is_greedy() && !params.penalizes()
 }
 
 /// Row `i` (of `V = v` logits) of target rows, for a `target_logits` caller of
 /// [`run_speculative_rows`]: `Ok(None)` when not asked for.
-fn target_row(rows: &Rows, i: usize, v: usize, asked: bool) -> Result<Option<&[f32]>, SpecError> {
+pub(crate) fn target_row(rows: &Rows, i: usize, v: usize, asked: bool) -> Result<Option<&[f32]>, SpecError> {
     match rows {
         _ if !asked => Ok(None),
         Rows::Logits(l) => Ok(Some(&l[i * v..(i + 1) * v])),
@@ -446,7 +555,7 @@ fn target_row(rows: &Rows, i: usize, v: usize, asked: bool) -> Result<Option<&[f
 }
 
 /// Checks `rows` holds `n` rows of a vocabulary of `v` (ids in range).
-fn check_rows(rows: &Rows, n: usize, v: usize, what: &str) -> Result<(), SpecError> {
+pub(crate) fn check_rows(rows: &Rows, n: usize, v: usize, what: &str) -> Result<(), SpecError> {
     let ok = match rows {
         Rows::Logits(l) => l.len() == n * v,
         Rows::Argmax(ids) => ids.len() == n && ids.iter().all(|&t| (t as usize) < v),
@@ -555,155 +664,80 @@ pub fn run_speculative_rows<B: SpecBackend + ?Sized>(
     on_token: &mut OnTokenRow<'_>,
     on_round: &mut dyn FnMut(&Round<'_>),
 ) -> Result<SpecOutput, SpecError> {
+    run_speculative_with(
+        backend,
+        opts,
+        BlockPolicy::Fixed,
+        prompt,
+        params,
+        target_logits,
+        on_token,
+        on_round,
+    )
+}
+
+/// [`run_speculative_rows`] with a block policy: [`BlockPolicy::Adaptive`] lets each round's
+/// width follow the measured acceptance and cost ([`crate::adapt`]; the output is the same,
+/// [`SpecOutput::adaptive`] says what was chosen). The loop is a [`SpecStream`] driven over one
+/// backend.
+#[allow(clippy::too_many_arguments)]
+pub fn run_speculative_with<B: SpecBackend + ?Sized>(
+    backend: &mut B,
+    opts: &SpecOptions,
+    policy: BlockPolicy,
+    prompt: &[u32],
+    params: &SamplingParams,
+    target_logits: bool,
+    on_token: &mut OnTokenRow<'_>,
+    on_round: &mut dyn FnMut(&Round<'_>),
+) -> Result<SpecOutput, SpecError> {
     check_request(opts, prompt)?;
-    let block = opts.block_size;
     if !backend.is_empty() {
         return Err(SpecError::TargetNotEmpty(backend.len()));
     }
-    let v = backend.vocab_size();
-    let mut picker = Picker::new(params, prompt.len())?;
-    let want = if argmax_suffices(params) {
-        Want::Argmax
-    } else {
-        Want::Logits
-    };
-    let want_target = if target_logits { Want::Logits } else { want };
-
-    let mut stops = Emitter {
-        eos: if params.ignore_eos {
-            Vec::new()
-        } else {
-            opts.eos_token_ids.clone()
-        },
-        stop_ids: params.stop_token_ids.clone(),
-        max_tokens: params.max_tokens,
-        history: prompt.to_vec(),
-        tokens: Vec::new(),
-    };
-    let mut stats = AcceptanceStats::new();
-    let mut probs = vec![0f32; v];
-
-    // Prefill.
-    let rows = prefill_prompt(backend, prompt, opts.prefill_chunk, want_target)?;
-    check_rows(&rows, 1, v, "prefill")?;
-    let first = picker.pick_row(&rows, 0, v, &stops.history, &mut probs)?;
-    let row = target_row(&rows, 0, v, target_logits)?;
-    if let Some(cause) = stops.emit(first, row, on_token) {
-        return Ok(stops.finish(stats, cause));
-    }
-
-    let mut q = Vec::new();
-    let mut p = Vec::new();
-    let mut drafts = Vec::with_capacity(block);
-    let mut targets = Vec::with_capacity(block);
-    let mut index = 0;
-    loop {
-        let x_last = *stops.tokens.last().expect("a token was emitted");
+    let mut stream = SpecStream::new(
+        opts,
+        policy,
+        prompt,
+        params,
+        backend.vocab_size(),
+        target_logits,
+    )?;
+    let rows = prefill_prompt(backend, prompt, opts.prefill_chunk, stream.prefill_want())?;
+    stream.start(&rows, on_token)?;
+    while let Some(plan) = stream.plan()? {
+        let t0 = Instant::now();
         let start = backend.len();
-        let width = block.min(params.max_tokens - stops.tokens.len());
-        let n = width - 1;
-
-        // Draft.
-        let draft_rows = if n > 0 {
-            let r = backend.draft(x_last, block, want)?;
-            check_rows(&r, block - 1, v, "draft")?;
-            r
-        } else {
-            Rows::Logits(Vec::new())
+        let drafts = match plan.draft_block {
+            Some(b) => Some(backend.draft(plan.x_last, b, plan.want_draft)?),
+            None => None,
         };
-        let committed = stops.history.len();
-        drafts.clear();
-        q.resize(n * v, 0.0);
-        for i in 0..n {
-            let d = picker.pick_row(
-                &draft_rows,
-                i,
-                v,
-                &stops.history,
-                &mut q[i * v..(i + 1) * v],
-            )?;
-            drafts.push(d);
-            stops.history.push(d);
-        }
-        stops.history.truncate(committed);
-
-        // Verify.
-        let mut verify = Vec::with_capacity(width);
-        verify.push(x_last);
-        verify.extend_from_slice(&drafts);
-        let rows = backend.verify(&verify, want_target)?;
-        check_rows(&rows, width, v, "verify")?;
-        // Target rows under the same transform; row i's history includes the drafts before it.
-        targets.clear();
-        p.resize(width * v, 0.0);
-        for i in 0..width {
-            if picker.greedy {
-                targets.push(picker.pick_row(&rows, i, v, &stops.history, &mut [])?);
-            } else {
-                let Rows::Logits(l) = &rows else {
-                    return Err(SpecError::TargetOutput(
-                        "sampled decoding needs logits, the backend returned argmax ids".into(),
-                    ));
-                };
-                picker.probs(
-                    &l[i * v..(i + 1) * v],
-                    &stops.history,
-                    &mut p[i * v..(i + 1) * v],
-                )?;
-            }
-            if i < n {
-                stops.history.push(drafts[i]);
-            }
-        }
-        stops.history.truncate(committed);
-        let acceptance = if picker.greedy {
-            accept_greedy(&drafts, &targets)?
-        } else {
-            let rng = &mut picker.rng;
-            let mut uniform = || rng.random::<f64>();
-            accept_sampled(&p, &q, &drafts, v, DEFAULT_PROB_TOLERANCE, &mut uniform)?
-        };
-        let a = acceptance.accepted;
-        stats.record(a, n)?;
-        on_round(&Round {
-            index,
-            start,
-            x_last,
-            draft_logits: match &draft_rows {
-                Rows::Logits(l) => l,
-                Rows::Argmax(_) => &[],
-            },
-            drafts: &drafts,
-            acceptance,
-        });
-
+        let block = stream.drafted(drafts)?.to_vec();
+        let rows = backend.verify(&block, plan.want_verify)?;
+        let keep = stream.verified(start, rows, on_round)?;
         // Commit x_last and the accepted drafts; the bonus rides in the next block.
-        backend.commit(a + 1)?;
-        for (j, &t) in drafts[..a].iter().chain([&acceptance.bonus]).enumerate() {
-            let row = target_row(&rows, j, v, target_logits)?;
-            if let Some(cause) = stops.emit(t, row, on_token) {
-                return Ok(stops.finish(stats, cause));
-            }
-        }
-        index += 1;
+        backend.commit(keep)?;
+        stream.observe_cost(t0.elapsed().as_secs_f64());
+        stream.emit(on_token)?;
     }
+    Ok(stream.finish())
 }
 
 /// Emitted tokens, history and the stop rules.
-struct Emitter {
-    eos: Vec<u32>,
-    stop_ids: Vec<u32>,
-    max_tokens: usize,
+pub(crate) struct Emitter {
+    pub(crate) eos: Vec<u32>,
+    pub(crate) stop_ids: Vec<u32>,
+    pub(crate) max_tokens: usize,
     /// Prompt + emitted tokens (what the penalties see).
-    history: Vec<u32>,
-    tokens: Vec<u32>,
+    pub(crate) history: Vec<u32>,
+    pub(crate) tokens: Vec<u32>,
 }
 
 impl Emitter {
     /// Emits one token; `Some(cause)` when generation ends with it (`Some(None)`: the callback
     /// asked to stop). Order of the checks as `StopChecker`: EOS, stop token, callback (stop
     /// strings), `max_tokens`.
-    fn emit(
+    pub(crate) fn emit(
         &mut self,
         t: u32,
         row: Option<&[f32]>,
@@ -725,11 +759,13 @@ impl Emitter {
         }
     }
 
-    fn finish(self, stats: AcceptanceStats, stop_cause: Option<StopCause>) -> SpecOutput {
+    pub(crate) fn finish(self, stats: AcceptanceStats, stop_cause: Option<StopCause>) -> SpecOutput {
         SpecOutput {
             tokens: self.tokens,
             stats,
             stop_cause,
+            adaptive: None,
+            plain_steps: 0,
         }
     }
 }
@@ -739,8 +775,9 @@ impl Emitter {
 #[derive(Debug, Clone)]
 pub struct SpecDecoder {
     model: CpuModel,
-    drafter: Drafter,
+    drafter: Arc<Drafter>,
     opts: SpecOptions,
+    policy: BlockPolicy,
 }
 
 impl SpecDecoder {
@@ -764,8 +801,24 @@ impl SpecDecoder {
                 prefill_chunk: None,
             },
             model: model.clone(),
-            drafter,
+            drafter: Arc::new(drafter),
+            policy: BlockPolicy::Fixed,
         })
+    }
+
+    /// Sets how each round's width is chosen (default [`BlockPolicy::Fixed`]).
+    pub fn with_policy(mut self, policy: BlockPolicy) -> SpecDecoder {
+        self.policy = policy;
+        self
+    }
+
+    pub fn policy(&self) -> BlockPolicy {
+        self.policy
+    }
+
+    /// The drafter, shared (an owned [`CpuBackend`] per server request holds one).
+    pub fn drafter_arc(&self) -> &Arc<Drafter> {
+        &self.drafter
     }
 
     /// Replaces the EOS ids (e.g. with the tokenizer's).
@@ -810,13 +863,15 @@ impl SpecDecoder {
         on_round: &mut dyn FnMut(&Round<'_>),
     ) -> Result<SpecOutput, SpecError> {
         let mut session = self.model.session();
-        speculative_generate(
-            &mut session,
-            &self.drafter,
+        let mut backend = CpuBackend::new(&mut session, &*self.drafter)?;
+        run_speculative_with(
+            &mut backend,
             &self.opts,
+            self.policy,
             prompt,
             params,
-            on_token,
+            false,
+            &mut |t, _| on_token(t),
             on_round,
         )
     }

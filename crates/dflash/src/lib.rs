@@ -80,6 +80,7 @@
 //! for the last layer.
 
 mod accept;
+pub mod adapt;
 /// The drafter configuration (`model::drafter::config`, re-exported at its old path).
 pub use model::drafter::config;
 pub mod decode;
@@ -88,6 +89,7 @@ pub mod drafter;
 pub mod gpu;
 pub mod probs;
 mod stats;
+pub mod stream;
 pub mod target;
 pub mod torch_pt;
 pub mod toy;
@@ -96,13 +98,16 @@ pub use accept::{
     accept_greedy, accept_sampled, Acceptance, Dist, UniformSource, DEFAULT_PROB_TOLERANCE,
 };
 pub use config::{DraftAttn, DrafterConfig, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use adapt::{AdaptSummary, Adaptive, BlockPolicy};
 pub use decode::{
-    prefill_prompt, run_speculative, run_speculative_rows, speculative_generate, CpuBackend,
+    prefill_prompt, run_speculative, run_speculative_rows, run_speculative_with,
+    speculative_generate, CpuBackend,
     OnTokenRow, Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, SpecOutput, Want,
 };
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;
 pub use stats::AcceptanceStats;
+pub use stream::{Plan, SpecStream};
 pub use target::DraftTarget;
 
 /// Errors of the acceptance rules and statistics. Nothing in this crate panics on bad input.

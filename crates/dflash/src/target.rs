@@ -34,3 +34,14 @@ impl DraftTarget for Session {
         &self.model().weights().lm_head
     }
 }
+
+/// A borrowed target is a target (a caller lends its sequence to a [`crate::CpuBackend`]).
+impl<T: DraftTarget> DraftTarget for &mut T {
+    fn embedding(&self) -> &Mat {
+        (**self).embedding()
+    }
+
+    fn lm_head(&self) -> &Mat {
+        (**self).lm_head()
+    }
+}

@@ -274,7 +274,7 @@ fn greedy_identity_with_frequent_acceptance() {
 
 /// A backend that answers [`Want::Argmax`] with argmax ids only (as a GPU backend does): the
 /// CPU backend's rows reduced to their argmax (lowest id on ties) when the loop allows it.
-struct ArgmaxOnly<'a, T: dflash::DraftTarget>(dflash::CpuBackend<'a, T>);
+struct ArgmaxOnly<'a, T: dflash::DraftTarget>(dflash::CpuBackend<&'a mut T, &'a dflash::Drafter>);
 
 fn reduce(rows: Rows, want: Want, v: usize) -> Rows {
     match (rows, want) {

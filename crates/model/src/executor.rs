@@ -62,7 +62,7 @@ pub fn greedy_token(logits: &[f32]) -> u32 {
 /// [`hidden_index`], and for a layer beyond the model `layer + 1` (above `num_layers`, so the
 /// executor's `verify` refuses it and names it as such), or `num_layers + 1` should that collide
 /// with [`LAST_LAYER_PRE_NORM`].
-fn forward_index(layer: usize, num_layers: usize) -> usize {
+pub(crate) fn forward_index(layer: usize, num_layers: usize) -> usize {
     hidden_index(layer, num_layers).unwrap_or_else(|| {
         layer
             .checked_add(1)
@@ -153,4 +153,68 @@ pub trait Executor {
 
     /// Drops every position ≥ `len`.
     fn truncate(&mut self, len: usize) -> Result<(), Self::Error>;
+
+    /// [`Executor::forward`] of `blocks[i]` on `seqs[i]` for every `i` (pairs beyond the shorter
+    /// slice are not run): each result is what `seqs[i].forward(blocks[i], layers)` gives, and
+    /// each pair succeeds or fails on its own. An executor that can runs them in ONE batched pass
+    /// (every weight read once for all rows, each sequence's rows attending to its own cache at
+    /// its own length — the speculative verify blocks of a server's running requests); the
+    /// default runs one call after another.
+    fn forward_batch(
+        seqs: &mut [&mut Self],
+        blocks: &[&[u32]],
+        layers: &[usize],
+    ) -> Vec<Result<VerifyOutput, Self::Error>>
+    where
+        Self: Sized,
+    {
+        seqs.iter_mut()
+            .zip(blocks)
+            .map(|(s, b)| s.forward(b, layers))
+            .collect()
+    }
+}
+
+/// A borrowed sequence is a sequence (callers lend theirs to a backend that owns its target).
+impl<E: Executor> Executor for &mut E {
+    type Error = E::Error;
+
+    fn config(&self) -> &ModelConfig {
+        (**self).config()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn max_rollback(&self) -> usize {
+        (**self).max_rollback()
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, Self::Error> {
+        (**self).prefill(tokens)
+    }
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, Self::Error> {
+        (**self).decode(token)
+    }
+    fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, Self::Error> {
+        (**self).prefill_greedy(tokens)
+    }
+    fn decode_greedy(&mut self, token: u32) -> Result<u32, Self::Error> {
+        (**self).decode_greedy(token)
+    }
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, Self::Error> {
+        (**self).verify(tokens, hidden)
+    }
+    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, Self::Error> {
+        (**self).forward(tokens, layers)
+    }
+    fn truncate(&mut self, len: usize) -> Result<(), Self::Error> {
+        (**self).truncate(len)
+    }
+    fn forward_batch(
+        seqs: &mut [&mut Self],
+        blocks: &[&[u32]],
+        layers: &[usize],
+    ) -> Vec<Result<VerifyOutput, Self::Error>> {
+        let mut inner: Vec<&mut E> = seqs.iter_mut().map(|s| &mut ***s).collect();
+        E::forward_batch(&mut inner, blocks, layers)
+    }
 }

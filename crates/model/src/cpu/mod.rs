@@ -389,6 +389,103 @@ impl CpuModel {
         }
     }
 
+    /// Runs `blocks[i]` on `sessions[i]` for every `i` in ONE pass (as [`Session::verify`] of
+    /// each, causal inside each block, every sequence's rows attending to its own cache at its
+    /// own length; each weight matrix read once for all rows) and returns each one's logits and
+    /// requested hidden states. Every row is bit-identical to `sessions[i].verify(blocks[i], …)`
+    /// (the ops compute a row the same way whatever else is in the pass). All-or-nothing: on
+    /// error every session is left as it was. The sessions must belong to this model.
+    pub fn verify_batch(
+        &self,
+        sessions: &mut [&mut Session],
+        blocks: &[&[u32]],
+        hidden_layers: &[usize],
+    ) -> Result<Vec<VerifyOutput>, CpuError> {
+        if sessions.len() != blocks.len() {
+            return Err(CpuError::Mismatch(format!(
+                "verify_batch: {} sessions but {} blocks",
+                sessions.len(),
+                blocks.len()
+            )));
+        }
+        if sessions.is_empty() {
+            return Err(CpuError::EmptyInput);
+        }
+        let nl = self.config.layers.len();
+        if let Some(&index) = hidden_layers
+            .iter()
+            .find(|&&i| i > nl && i != LAST_LAYER_PRE_NORM)
+        {
+            return Err(CpuError::HiddenIndex { index, layers: nl });
+        }
+        if let Some(i) = sessions.iter().position(|x| {
+            !Arc::ptr_eq(&x.model.weights, &self.weights) || x.model.ranks() != self.ranks()
+        }) {
+            return Err(CpuError::Mismatch(format!(
+                "verify_batch: session {i} belongs to another model"
+            )));
+        }
+        for (x, b) in sessions.iter().zip(blocks) {
+            x.check_tokens(b)?;
+        }
+        for x in sessions.iter_mut() {
+            x.begin_call();
+        }
+        let tokens: Vec<u32> = blocks.concat();
+        let mut hidden = vec![Vec::with_capacity(tokens.len()); hidden_layers.len()];
+        // The first session lends its buffers to the pass.
+        let mut scratch = std::mem::take(&mut sessions[0].s);
+        let mut segs: Vec<Segment<'_>> = sessions
+            .iter_mut()
+            .zip(blocks)
+            .map(|(x, b)| Segment {
+                start: x.len,
+                len: b.len(),
+                kv: &mut x.kv,
+            })
+            .collect();
+        let r = run_pass(
+            self,
+            &mut segs,
+            &mut scratch,
+            &tokens,
+            Logits::All,
+            hidden_layers,
+            &mut hidden,
+        );
+        drop(segs);
+        let v = self.config.vocab_size;
+        let out = r.map(|()| {
+            let mut logits = scratch.logits.chunks_exact(v).map(<[f32]>::to_vec);
+            let mut hidden: Vec<_> = hidden.into_iter().map(Vec::into_iter).collect();
+            blocks
+                .iter()
+                .map(|b| VerifyOutput {
+                    logits: logits.by_ref().take(b.len()).collect(),
+                    hidden: hidden
+                        .iter_mut()
+                        .map(|h| h.by_ref().take(b.len()).collect())
+                        .collect(),
+                })
+                .collect()
+        });
+        sessions[0].s = scratch;
+        match out {
+            Ok(out) => {
+                for (x, b) in sessions.iter_mut().zip(blocks) {
+                    x.len += b.len();
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                for x in sessions.iter_mut() {
+                    x.undo_call();
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// One pass over all of `tokens` from position 0 (no cache reuse): the logits of every
     /// position and every hidden state (`hidden[i][j]`, `i` in `0..=L`, see the module docs).
     #[allow(clippy::type_complexity)]
@@ -730,6 +827,35 @@ impl Executor for Session {
 
     fn truncate(&mut self, len: usize) -> Result<(), CpuError> {
         Session::truncate(self, len)
+    }
+
+    /// One pass ([`CpuModel::verify_batch`]) when every block fits one verify call
+    /// ([`crate::executor::FORWARD_CHUNK`]); otherwise, or when the batched pass fails (say, one
+    /// sequence's token is out of range), one call after another, so each pair fails on its own.
+    fn forward_batch(
+        seqs: &mut [&mut Session],
+        blocks: &[&[u32]],
+        layers: &[usize],
+    ) -> Vec<Result<VerifyOutput, CpuError>> {
+        let n = seqs.len().min(blocks.len());
+        let fits = blocks[..n]
+            .iter()
+            .all(|b| !b.is_empty() && b.len() <= crate::executor::FORWARD_CHUNK);
+        if n > 1 && fits {
+            let model = seqs[0].model.clone();
+            let nl = model.config.layers.len();
+            let idx: Vec<usize> = layers
+                .iter()
+                .map(|&l| crate::executor::forward_index(l, nl))
+                .collect();
+            if let Ok(out) = model.verify_batch(&mut seqs[..n], &blocks[..n], &idx) {
+                return out.into_iter().map(Ok).collect();
+            }
+        }
+        seqs.iter_mut()
+            .zip(blocks)
+            .map(|(s, b)| Executor::forward(&mut **s, b, layers))
+            .collect()
     }
 }
 

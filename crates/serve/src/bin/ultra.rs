@@ -60,9 +60,15 @@ struct ServeArgs {
     /// With the default model: no speculative decoding (its drafter is used otherwise).
     #[arg(long, conflicts_with_all = ["draft", "synthetic"])]
     no_draft: bool,
-    /// Speculation block size 2..=16 (default: the drafter's).
+    /// Speculation block size 2..=16 (default: the drafter's); with adaptive speculation the
+    /// largest block a request may choose.
     #[arg(long)]
     block_size: Option<usize>,
+    /// Every round drafts the full block. Default: adaptive speculation — each request picks
+    /// its block size, or plain steps without drafts, by its measured acceptance and the
+    /// measured cost of a round vs a plain step (same output either way).
+    #[arg(long)]
+    fixed_block: bool,
     /// `cpu` (the reference executor, batched decode) or `cuda` (the GPU executor on GPU 0,
     /// batched decode: one pass per 16 running sequences each step; with --draft the drafter
     /// runs on the GPU too).
@@ -221,6 +227,7 @@ impl ServeArgs {
                 kv_budget_bytes: self.kv_cache_mib << 20,
                 max_context: self.max_model_len,
                 max_batched_tokens: self.max_num_batched_tokens,
+                spec_policy: policy(self.fixed_block),
             },
             device: match self.device {
                 Device::Cpu => commands::serve::ServeDevice::Cpu,
@@ -230,6 +237,15 @@ impl ServeArgs {
             draft,
             block_size: self.block_size,
         })
+    }
+}
+
+/// The block policy of `--fixed-block` (default: adaptive).
+fn policy(fixed_block: bool) -> dflash::BlockPolicy {
+    if fixed_block {
+        dflash::BlockPolicy::Fixed
+    } else {
+        dflash::BlockPolicy::Adaptive
     }
 }
 
@@ -293,9 +309,14 @@ enum Cmd {
         /// With the default model: plain decoding, no drafter.
         #[arg(long, conflicts_with = "draft")]
         no_draft: bool,
-        /// Speculation block size 2..=16 (default: the drafter's).
+        /// Speculation block size 2..=16 (default: the drafter's); with adaptive speculation
+        /// the largest block it may choose.
         #[arg(long)]
         block_size: Option<usize>,
+        /// Every round drafts the full block. Default: adaptive speculation — the block size,
+        /// or plain steps without drafts, chosen by measured acceptance and cost (same output).
+        #[arg(long)]
+        fixed_block: bool,
     },
     /// Per-token log-probabilities of a text or of --token-ids (entry i: log p(token i | before)).
     Score {
@@ -600,6 +621,7 @@ fn run(cli: Cli) -> Result<()> {
             draft,
             no_draft,
             block_size,
+            fixed_block,
         } => {
             let params = model::sampling::SamplingParams {
                 temperature,
@@ -645,15 +667,16 @@ fn run(cli: Cli) -> Result<()> {
             let mut stdout = std::io::stdout();
             let (g, spec) = match &draft {
                 Some(dir) => {
-                    let r = commands::generate::generate_speculative(
+                    let r = commands::generate::generate_speculative_with(
                         &loaded,
                         dir,
                         block_size,
+                        policy(fixed_block),
                         &ids,
                         &params,
                         &mut stdout,
                     )?;
-                    (r.generation, Some((r.stats, r.block_size)))
+                    (r.generation, Some((r.stats, r.block_size, r.adaptive)))
                 }
                 None => (
                     commands::generate::generate(&loaded, &ids, &params, &mut stdout)?,
@@ -672,7 +695,7 @@ fn run(cli: Cli) -> Result<()> {
                 g.time_to_first_token_s * 1e3,
                 g.decode_tokens_per_s
             );
-            if let Some((stats, b)) = spec {
+            if let Some((stats, b, adaptive)) = spec {
                 let pos: Vec<String> = (0..b - 1)
                     .map(|i| {
                         stats
@@ -686,6 +709,10 @@ fn run(cli: Cli) -> Result<()> {
                     stats.tau().unwrap_or(0.0),
                     pos.join(", "),
                     stats.histogram()
+                );
+                eprintln!(
+                    "speculation: {}",
+                    adaptive.map_or(format!("fixed block {b}"), |a| a.describe())
                 );
             }
         }

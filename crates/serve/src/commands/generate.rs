@@ -270,6 +270,10 @@ pub struct SpecReport {
     pub generation: Generation,
     pub stats: dflash::AcceptanceStats,
     pub block_size: usize,
+    /// With adaptive speculation: what it chose.
+    pub adaptive: Option<dflash::AdaptSummary>,
+    /// Plain steps adaptive speculation chose (not counted in `stats`).
+    pub plain_steps: u64,
 }
 
 /// Loads a DFlash drafter for `loaded` and builds the speculative decoder (EOS ids as
@@ -332,18 +336,42 @@ pub fn generate_speculative(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<SpecReport> {
+    generate_speculative_with(
+        loaded,
+        draft,
+        block_size,
+        dflash::BlockPolicy::Fixed,
+        ids,
+        params,
+        out,
+    )
+}
+
+/// [`generate_speculative`] with a block policy: [`dflash::BlockPolicy::Adaptive`] chooses each
+/// round's block size (at most `block_size`) or no drafts by measured acceptance and cost
+/// ([`SpecReport::adaptive`] says what it chose; the output is the same).
+pub fn generate_speculative_with(
+    loaded: &Loaded,
+    draft: &Path,
+    block_size: Option<usize>,
+    policy: dflash::BlockPolicy,
+    ids: &[u32],
+    params: &SamplingParams,
+    out: &mut dyn Write,
+) -> Result<SpecReport> {
     match &loaded.gpu {
         None => {
             let decoder = spec_decoder(loaded, draft, block_size)?;
             let mut session = decoder.model().session();
             let mut backend = dflash::CpuBackend::new(&mut session, decoder.drafter())?;
-            generate_speculative_on(&mut backend, decoder.options(), loaded, ids, params, out)
+            let opts = decoder.options();
+            generate_speculative_on(&mut backend, opts, policy, loaded, ids, params, out)
         }
         Some(gpu) => {
             let (drafter, opts) = gpu_spec_setup(loaded, draft, block_size)?;
             let mut session = gpu.session(gpu_max_seq(gpu))?;
             let mut backend = dflash::gpu::GpuSpec::new(&mut session, &drafter)?;
-            generate_speculative_on(&mut backend, &opts, loaded, ids, params, out)
+            generate_speculative_on(&mut backend, &opts, policy, loaded, ids, params, out)
         }
     }
 }
@@ -352,6 +380,7 @@ pub fn generate_speculative(
 pub fn generate_speculative_on<B: dflash::SpecBackend>(
     backend: &mut B,
     opts: &dflash::SpecOptions,
+    policy: dflash::BlockPolicy,
     loaded: &Loaded,
     ids: &[u32],
     params: &SamplingParams,
@@ -365,7 +394,7 @@ pub fn generate_speculative_on<B: dflash::SpecBackend>(
     let mut failure = None;
     let t0 = Instant::now();
     let mut first = None;
-    let mut on_token = |token| {
+    let mut on_token = |token, _: Option<&[f32]>| {
         first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         let step = output.push(token, tok).and_then(|e| {
             out.write_all(e.text.as_bytes())?;
@@ -384,7 +413,16 @@ pub fn generate_speculative_on<B: dflash::SpecBackend>(
             }
         }
     };
-    let out_spec = dflash::run_speculative(backend, opts, ids, params, &mut on_token, &mut |_| {})?;
+    let out_spec = dflash::run_speculative_with(
+        backend,
+        opts,
+        policy,
+        ids,
+        params,
+        false,
+        &mut on_token,
+        &mut |_| {},
+    )?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -405,6 +443,8 @@ pub fn generate_speculative_on<B: dflash::SpecBackend>(
         },
         stats: out_spec.stats,
         block_size: opts.block_size,
+        adaptive: out_spec.adaptive,
+        plain_steps: out_spec.plain_steps,
     })
 }
 

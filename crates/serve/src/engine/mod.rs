@@ -20,11 +20,13 @@
 //!    prompt is prefilled over several steps while the running streams keep decoding; when a
 //!    prompt is complete its first token is sampled and the sequence joins the running batch.
 //!
-//! With a drafter, each request runs DFlash's loop on a worker thread whose device calls the
-//! scheduler executes between steps (see `spec`): the drafter on the host with the target's
-//! `forward` / `truncate` (CPU), or the whole speculative state on the device (GPU). Its prompt
-//! is chunk-prefilled too: the worker's chunks wait for step 5 and take its budget (minus the
-//! tokens the speculative requests verified since the last step).
+//! With a drafter, every request is speculative: a resumable state (`spec`) the scheduler
+//! advances in step 4 — one batched drafter pass for the requests that draft this round, one
+//! batched target pass for all verify blocks, then acceptance, commit and emission per request
+//! (no thread per request). Its prompt is chunk-prefilled in step 5 like a plain one, with the
+//! budget the verified tokens left. `EngineConfig::spec_policy` chooses fixed blocks or
+//! adaptive speculation (each request picks its block size, or no drafts, by measured
+//! acceptance and cost).
 //!
 //! Back-pressure: [`EngineHandle::submit`] refuses with [`SubmitError::QueueFull`] when
 //! `max_waiting` requests already wait; [`EngineHandle::submit_all`] queues a group of requests
@@ -68,6 +70,8 @@ pub struct EngineConfig {
     /// Tokens one step may run (decode tokens first, the rest prefills queued prompts in
     /// chunks; vLLM's `max_num_batched_tokens`).
     pub max_batched_tokens: usize,
+    /// With a drafter: the configured block size for every round, or adaptive speculation.
+    pub spec_policy: dflash::BlockPolicy,
 }
 
 /// Default of [`EngineConfig::max_batched_tokens`] (vLLM's for chunked prefill).
@@ -82,6 +86,7 @@ impl Default for EngineConfig {
             kv_budget_bytes: 4 << 30,
             max_context: None,
             max_batched_tokens: DEFAULT_MAX_BATCHED_TOKENS,
+            spec_policy: dflash::BlockPolicy::Fixed,
         }
     }
 }
@@ -160,6 +165,10 @@ pub struct SpecSummary {
     pub draft_tokens: u64,
     pub accepted_tokens: u64,
     pub accepted_per_position: Vec<u64>,
+    /// Plain steps (no drafts) adaptive speculation chose; not counted in `drafts`.
+    pub plain_steps: u64,
+    /// With adaptive speculation: what it chose.
+    pub adaptive: Option<dflash::AdaptSummary>,
 }
 
 impl SpecSummary {
@@ -245,7 +254,6 @@ pub struct ModelInfo {
 pub(crate) enum Command {
     Submit(Box<Pending>),
     Abort(String),
-    Spec(spec::SpecOp),
     Shutdown,
 }
 
@@ -329,7 +337,6 @@ impl EngineHandle {
             let shared = shared.clone();
             let tokenizer = tokenizer.clone();
             let cfg = cfg.clone();
-            let tx = tx.clone();
             let eos = eos.clone();
             std::thread::Builder::new()
                 .name("ultra-scheduler".into())
@@ -369,7 +376,7 @@ impl EngineHandle {
                     if ready_tx.send(Ok((info, backend.kv_bytes_fn()))).is_err() {
                         return;
                     }
-                    scheduler::run(backend, tokenizer, eos, cfg, spec, shared, rx, tx);
+                    scheduler::run(backend, tokenizer, eos, cfg, spec, shared, rx);
                 })?
         };
         let (info, kv_bytes) = match ready_rx.recv() {

@@ -10,7 +10,7 @@ use model::executor::Executor;
 use model::sampling::{FinishReason, StopCause};
 use model::tokenizer::Tokenizer;
 
-use super::spec::{SpecConfig, SpecOp, SpecRunning};
+use super::spec::{SpecConfig, SpecRunning};
 use super::{
     Backend, Command, EngineConfig, Event, Finished, Pending, PromptLogprob, Shared, TokenEvent,
     TokenLogprob,
@@ -78,12 +78,8 @@ pub(super) struct Sched<B: Backend> {
     prefilling: VecDeque<Running<B::Sequence>>,
     running: Vec<Running<B::Sequence>>,
     pub spec: Option<SpecConfig>,
+    /// Speculative requests (prefilling or running), in arrival order.
     pub spec_running: Vec<SpecRunning<B::Sequence, B::Spec>>,
-    /// Speculative requests' prompt chunks, waiting for the prefill step (arrival order).
-    pub spec_prefills: VecDeque<SpecOp>,
-    /// Tokens the speculative requests verified since the last prefill step.
-    pub spec_decoded: usize,
-    pub tx: std_mpsc::Sender<Command>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -95,7 +91,6 @@ pub(super) fn run<B: Backend>(
     spec: Option<SpecConfig>,
     shared: Arc<Shared>,
     rx: std_mpsc::Receiver<Command>,
-    tx: std_mpsc::Sender<Command>,
 ) {
     let mut s = Sched {
         backend,
@@ -109,17 +104,14 @@ pub(super) fn run<B: Backend>(
         running: Vec::new(),
         spec,
         spec_running: Vec::new(),
-        spec_prefills: VecDeque::new(),
-        spec_decoded: 0,
-        tx,
     };
     let mut shutdown = false;
     loop {
         let idle = s.running.is_empty()
             && s.waiting.is_empty()
             && s.prefilling.is_empty()
-            && s.spec_prefills.is_empty();
-        if idle && shutdown && s.spec_running.is_empty() {
+            && s.spec_running.is_empty();
+        if idle && shutdown {
             break;
         }
         if idle {
@@ -134,7 +126,7 @@ pub(super) fn run<B: Backend>(
         }
         s.drop_disconnected();
         s.admit();
-        let decoded = s.decode_step() + std::mem::take(&mut s.spec_decoded);
+        let decoded = s.decode_step() + s.spec_step();
         s.prefill_step(decoded);
         s.update_gauges();
     }
@@ -146,7 +138,6 @@ impl<B: Backend> Sched<B> {
         match c {
             Command::Submit(p) => self.waiting.push_back(*p),
             Command::Abort(id) => self.abort(&id),
-            Command::Spec(op) => self.spec_op(op),
             Command::Shutdown => return true,
         }
         false

@@ -1,54 +1,57 @@
-//! DFlash speculative decoding in the engine.
+//! DFlash speculative decoding in the engine, driven by the scheduler.
 //!
-//! Each speculative request runs DFlash's loop (`dflash::run_speculative`, what `ultra generate
-//! --draft` runs) on a worker thread of its own; every call that touches the executor is sent
-//! to the scheduler thread, which executes it on the state it owns between steps:
+//! Each speculative request is a resumable state the scheduler advances — its sequence (host
+//! drafter: the target sequence + the CPU drafter's context, a [`dflash::CpuBackend`]; device
+//! drafter: the backend's [`Backend::Spec`], target session + drafter state on the device) and
+//! its loop, a [`dflash::SpecStream`] (prefill → draft → verify → accept → commit → emit; the
+//! same loop `ultra generate --draft` runs). No thread per request: every scheduler step
+//! ([`Sched::spec_step`]) runs
+//! 1. one batched drafter pass for every running speculative request that drafts this round
+//!    ([`dflash::SpecBackend::draft_batch`]);
+//! 2. one batched target pass for all of their verify blocks — each request's block at its own
+//!    length, its own width ([`dflash::SpecBackend::verify_batch`]: one
+//!    [`model::Executor::forward_batch`] pass on the CPU executor);
+//! 3. per request: acceptance, commit (the target truncated to the kept tokens, their features
+//!    appended to the drafter context) and emission through the same [`TokenOutput`] as plain
+//!    decoding, one event per round (the round's tokens and its draft/accept counts).
 //!
-//! * **host drafter** (the CPU executor, [`SpecConfig`]): the worker runs the drafter's forward
-//!   and the acceptance itself, against a proxy target ([`dflash::DraftTarget`]: an executor
-//!   whose passes and `truncate` the scheduler runs on the request's sequence);
-//! * **device drafter** (the GPU executor, [`Backend::device_spec`]): the worker runs the
-//!   acceptance against a proxy [`dflash::SpecBackend`] whose `prefill` / `draft` / `verify` /
-//!   `commit` the scheduler runs on the request's device state (target session + drafter
-//!   state), so only ids or logits rows cross threads.
+//! Prompts are prefilled in chunks like plain ones ([`Sched::spec_prefill_step`]: the step's
+//! remaining token budget, cut at the backend's granularity, in arrival order); the first token
+//! goes out when the last chunk is in.
 //!
-//! Either way the scheduler owns the executor and every KV cache. Tokens are emitted through
-//! the same [`TokenOutput`] as plain decoding, one event per verify round (the round's tokens
-//! and its draft/accept counts). With `logprobs`, the loop hands each emitted token the target's
-//! raw logits row it was chosen from (`dflash::run_speculative_rows`; the verify rows come back
-//! as logits then), and its log-probabilities are computed as plain decoding's
-//! ([`TokenLogprob::of`]).
+//! With [`dflash::BlockPolicy::Adaptive`] (`EngineConfig::spec_policy`) each request's rounds
+//! choose their width from its measured acceptance and the measured cost of its steps
+//! (`dflash::adapt`): the cost of a round is the time of the step's drafter pass (when it drafted),
+//! its verify pass and its own commit — the latency the request sees per step on this device
+//! under this load. Plain steps of such a request are verify blocks of one token in the same
+//! batched pass.
 //!
-//! A speculative prompt is prefilled in chunks like a plain one: the loop
-//! (`dflash::prefill_prompt`) sends chunks of `max_batched_tokens` (cut at the backend's
-//! granularity) one at a time, and the scheduler queues each chunk and runs it in its prefill
-//! step with the budget left by the tokens just decoded and verified (at least one chunk per
-//! step), so a long prompt does not stall the other requests' rounds. The first token is chosen
-//! once the last chunk is in.
-//! Cancellation: the scheduler drops the state at once and refuses the worker's next call; the
-//! worker's token callback also stops on the cancel flag.
+//! With `logprobs`, each emitted token gets the target's raw logits row it was chosen from (the
+//! verify rows come back as logits then) and its log-probabilities are computed as plain
+//! decoding's ([`TokenLogprob::of`]).
+//!
+//! Cancellation and disconnects end the request within one step: its state is dropped and its
+//! stream ends with `abort`.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use dflash::{DraftTarget, Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, Want};
+use dflash::{
+    DraftTarget, Drafter, Plan, Round, Rows, SpecBackend, SpecDecoder, SpecError,
+    SpecOptions, SpecStream, Want,
+};
 use model::config::ModelConfig;
-use model::cpu::{CpuError, VerifyOutput};
+use model::cpu::{CpuModel, VerifyOutput};
 use model::executor::Executor;
 use model::sampling::FinishReason;
-use model::tokenizer::Tokenizer;
 use model::weights::Mat;
-use tokio::sync::mpsc;
 
 use super::scheduler::{describe, Sched};
-use super::{
-    Backend, Command, Event, Finished, Pending, Shared, SpecSummary, TokenEvent, TokenLogprob,
-};
+use super::{Backend, Event, Finished, Pending, SpecSummary, TokenEvent, TokenLogprob};
+use crate::metrics::Metrics;
 use crate::stream::TokenOutput;
 
 /// Speculative decoding settings: the decoder (target model tables, drafter, block size).
@@ -57,583 +60,78 @@ pub struct SpecConfig {
     pub decoder: Arc<SpecDecoder>,
 }
 
-/// Which executor pass a host drafter's target call is.
-pub(crate) enum HostPass {
-    /// [`Executor::forward`]: the outputs of these decoder layers.
-    Forward(Vec<usize>),
-    /// [`Executor::verify`]: these hidden indices.
-    Verify(Vec<usize>),
+/// The scheduler's target sequence with the CPU model's tables: what the host drafter drafts for.
+pub(crate) struct HostTarget<S> {
+    seq: S,
+    model: CpuModel,
 }
 
-/// A worker's call into the scheduler.
-pub(crate) enum SpecOp {
-    /// Host drafter: a pass over the request's target sequence.
-    Forward {
-        id: String,
-        tokens: Vec<u32>,
-        pass: HostPass,
-        /// A prompt chunk (queued for the prefill step), not a verify block.
-        prefill: bool,
-        reply: std_mpsc::Sender<Result<VerifyOutput>>,
-    },
-    /// Host drafter: `Executor::truncate` of the request's target sequence.
-    Truncate {
-        id: String,
-        len: usize,
-        reply: std_mpsc::Sender<Result<()>>,
-    },
-    /// Device drafter: `SpecBackend::prefill` of a prompt chunk on the request's state (queued
-    /// for the prefill step).
-    Prefill {
-        id: String,
-        chunk: Vec<u32>,
-        want: Option<Want>,
-        reply: std_mpsc::Sender<Result<Option<Rows>, SpecError>>,
-    },
-    /// Device drafter: `SpecBackend::draft`.
-    Draft {
-        id: String,
-        x_last: u32,
-        block_size: usize,
-        want: Want,
-        reply: std_mpsc::Sender<Result<Rows, SpecError>>,
-    },
-    /// Device drafter: `SpecBackend::verify`.
-    Verify {
-        id: String,
-        tokens: Vec<u32>,
-        want: Want,
-        reply: std_mpsc::Sender<Result<Rows, SpecError>>,
-    },
-    /// Device drafter: `SpecBackend::commit`.
-    Commit {
-        id: String,
-        keep: usize,
-        reply: std_mpsc::Sender<Result<(), SpecError>>,
-    },
-    /// The worker finished (its final event is sent).
-    Done { id: String, reason: FinishReason },
-}
-
-/// What the scheduler holds for a speculative request.
-enum SpecSeq<S, D> {
-    /// The target sequence (the drafter runs on the worker).
-    Host(S),
-    /// The target sequence and the drafter state on the device.
-    Device(D),
-}
-
-/// A speculative request the scheduler holds the state of.
-pub(super) struct SpecRunning<S, D> {
-    id: String,
-    seq: SpecSeq<S, D>,
-    events: mpsc::UnboundedSender<Event>,
-    cancel: Arc<AtomicBool>,
-    kv_reserve: u64,
-}
-
-/// How a worker runs the loop.
-#[derive(Clone)]
-enum LoopKind {
-    /// The decoder and the target sequence's rollback depth.
-    Host(Arc<SpecDecoder>, usize),
-    Device {
-        opts: SpecOptions,
-        vocab: usize,
-    },
-}
-
-fn find_seq<'a, S, D>(
-    running: &'a mut [SpecRunning<S, D>],
-    id: &str,
-) -> Option<&'a mut SpecSeq<S, D>> {
-    running.iter_mut().find(|s| s.id == id).map(|s| &mut s.seq)
-}
-
-fn cancelled(id: &str) -> SpecError {
-    SpecError::Target(Box::new(ProxyError::Engine(format!(
-        "request {id} was cancelled"
-    ))))
-}
-
-impl<B: Backend> Sched<B> {
-    /// Admits `p` as a speculative request: a fresh sequence (or device state) here, a worker
-    /// thread for the loop. A state that cannot be allocated fails this request only.
-    pub(super) fn start_spec(&mut self, p: Pending) {
-        let positions = p.prompt.len() + p.params.max_tokens;
-        let made = match (&self.spec, self.backend.device_spec()) {
-            (Some(spec), _) => self.backend.new_sequence(positions).map(|s| {
-                let kind = LoopKind::Host(spec.decoder.clone(), s.max_rollback());
-                (SpecSeq::Host(s), kind)
-            }),
-            (None, Some(opts)) => {
-                let kind = LoopKind::Device {
-                    opts: opts.clone(),
-                    vocab: self.backend.config().vocab_size,
-                };
-                self.backend
-                    .new_spec(positions)
-                    .map(|d| (SpecSeq::Device(d), kind))
-            }
-            (None, None) => Err(anyhow!("no drafter is loaded")),
-        };
-        let (seq, kind) = match made {
-            Ok(m) => m,
-            Err(e) => {
-                self.kv_used -= p.kv_reserve;
-                let msg = format!("cannot allocate the sequence: {e:#}");
-                self.end_waiting(p, FinishReason::Error, Some(msg));
-                return;
-            }
-        };
-        let cancel = Arc::new(AtomicBool::new(false));
-        self.spec_running.push(SpecRunning {
-            id: p.id.clone(),
-            seq,
-            events: p.events.clone(),
-            cancel: cancel.clone(),
-            kv_reserve: p.kv_reserve,
-        });
-        // Prompt chunks as plain requests': `max_batched_tokens` cut at the granularity.
-        let granularity = self.backend.prefill_granularity().max(1);
-        let worker = Worker {
-            kind,
-            granularity,
-            prefill_chunk: (self.cfg.max_batched_tokens / granularity).max(1) * granularity,
-            tokenizer: self.tokenizer.clone(),
-            eos: self.eos.clone(),
-            shared: self.shared.clone(),
-            tx: self.tx.clone(),
-            cancel,
-            admitted: Instant::now(),
-        };
-        let id = p.id.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("ultra-spec-{id}"))
-            .spawn(move || worker.run(p));
-        if let Err(e) = spawned {
-            if let Some(i) = self.spec_running.iter().position(|s| s.id == id) {
-                let s = self.spec_running.swap_remove(i);
-                let _ = s
-                    .events
-                    .send(error_event(format!("cannot start a worker: {e}")));
-                self.release_spec(s, FinishReason::Error);
-            }
-        }
-    }
-
-    fn release_spec(&mut self, s: SpecRunning<B::Sequence, B::Spec>, reason: FinishReason) {
-        self.kv_used -= s.kv_reserve;
-        self.forget(&s.id, reason);
-        match s.seq {
-            SpecSeq::Host(seq) => self.backend.release(seq),
-            SpecSeq::Device(d) => self.backend.release_spec(d),
-        }
-    }
-
-    /// Cancels a speculative request: its sequence is freed now; the worker sends the final
-    /// event when it notices.
-    pub(super) fn abort_spec(&mut self, id: &str) {
-        if let Some(i) = self.spec_running.iter().position(|s| s.id == id) {
-            let s = self.spec_running.swap_remove(i);
-            s.cancel.store(true, Ordering::SeqCst);
-            self.release_spec(s, FinishReason::Abort);
-        }
-    }
-
-    pub(super) fn drop_disconnected_spec(&mut self) {
-        let gone: Vec<String> = self
-            .spec_running
-            .iter()
-            .filter(|s| s.events.is_closed())
-            .map(|s| s.id.clone())
-            .collect();
-        for id in gone {
-            self.abort_spec(&id);
-        }
-    }
-
-    /// Handles a worker's call: a prompt chunk waits for the prefill step
-    /// ([`Sched::spec_prefill_step`]); everything else runs now.
-    pub(super) fn spec_op(&mut self, op: SpecOp) {
-        match op {
-            SpecOp::Forward { prefill: true, .. } | SpecOp::Prefill { .. } => {
-                self.spec_prefills.push_back(op)
-            }
-            op => self.run_spec_op(op),
-        }
-    }
-
-    /// Runs queued speculative prompt chunks in arrival order while `budget` tokens are left (at
-    /// least one chunk when any is queued); returns the budget left.
-    pub(super) fn spec_prefill_step(&mut self, mut budget: usize) -> usize {
-        while budget > 0 {
-            let Some(op) = self.spec_prefills.pop_front() else {
-                break;
-            };
-            let n = match &op {
-                SpecOp::Forward { tokens, .. } => tokens.len(),
-                SpecOp::Prefill { chunk, .. } => chunk.len(),
-                _ => 0,
-            };
-            self.run_spec_op(op);
-            budget = budget.saturating_sub(n.max(1));
-        }
-        budget
-    }
-
-    fn run_spec_op(&mut self, op: SpecOp) {
-        let running = &mut self.spec_running;
-        let not_host = |id: &str| anyhow!("request {id} has no host sequence");
-        match op {
-            SpecOp::Forward {
-                id,
-                tokens,
-                pass,
-                prefill,
-                reply,
-            } => {
-                if !prefill {
-                    self.spec_decoded += tokens.len();
-                }
-                let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Host(seq)) => match &pass {
-                        HostPass::Forward(layers) => seq.forward(&tokens, layers),
-                        HostPass::Verify(hidden) => seq.verify(&tokens, hidden),
-                    }
-                    .map_err(anyhow::Error::new),
-                    Some(SpecSeq::Device(_)) => Err(not_host(&id)),
-                    None => Err(anyhow!("request {id} was cancelled")),
-                };
-                let _ = reply.send(r);
-            }
-            SpecOp::Truncate { id, len, reply } => {
-                let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Host(seq)) => seq.truncate(len).map_err(anyhow::Error::new),
-                    Some(SpecSeq::Device(_)) => Err(not_host(&id)),
-                    None => Err(anyhow!("request {id} was cancelled")),
-                };
-                let _ = reply.send(r);
-            }
-            SpecOp::Prefill {
-                id,
-                chunk,
-                want,
-                reply,
-            } => {
-                let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Device(d)) => d.prefill(&chunk, want),
-                    Some(SpecSeq::Host(_)) => {
-                        Err(SpecError::TargetOutput("not a device state".into()))
-                    }
-                    None => Err(cancelled(&id)),
-                };
-                let _ = reply.send(r);
-            }
-            SpecOp::Draft {
-                id,
-                x_last,
-                block_size,
-                want,
-                reply,
-            } => {
-                let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Device(d)) => d.draft(x_last, block_size, want),
-                    Some(SpecSeq::Host(_)) => {
-                        Err(SpecError::TargetOutput("not a device state".into()))
-                    }
-                    None => Err(cancelled(&id)),
-                };
-                let _ = reply.send(r);
-            }
-            SpecOp::Verify {
-                id,
-                tokens,
-                want,
-                reply,
-            } => {
-                self.spec_decoded += tokens.len();
-                let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Device(d)) => d.verify(&tokens, want),
-                    Some(SpecSeq::Host(_)) => {
-                        Err(SpecError::TargetOutput("not a device state".into()))
-                    }
-                    None => Err(cancelled(&id)),
-                };
-                let _ = reply.send(r);
-            }
-            SpecOp::Commit { id, keep, reply } => {
-                let r = match find_seq(running, &id) {
-                    Some(SpecSeq::Device(d)) => d.commit(keep),
-                    Some(SpecSeq::Host(_)) => {
-                        Err(SpecError::TargetOutput("not a device state".into()))
-                    }
-                    None => Err(cancelled(&id)),
-                };
-                let _ = reply.send(r);
-            }
-            SpecOp::Done { id, reason } => {
-                if let Some(i) = self.spec_running.iter().position(|s| s.id == id) {
-                    let s = self.spec_running.swap_remove(i);
-                    self.release_spec(s, reason);
-                }
-            }
-        }
-    }
-}
-
-fn error_event(msg: String) -> Event {
-    Event::Finished(Finished {
-        reason: FinishReason::Error,
-        cause: "error".into(),
-        stop_reason: None,
-        text: String::new(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        queue: Default::default(),
-        time_to_first_token: None,
-        e2e: Default::default(),
-        spec: None,
-        error: Some(msg),
-    })
-}
-
-/// How a proxy reaches the scheduler.
-struct Link<'a> {
-    id: String,
-    tx: std_mpsc::Sender<Command>,
-    cancel: Arc<AtomicBool>,
-    /// Tokens of the previous round, sent when the next round starts.
-    pending: &'a RefCell<Batch>,
-    flush: &'a dyn Fn(&mut Batch),
-}
-
-impl Link<'_> {
-    /// Sends the previous round's tokens (one event per round).
-    fn flush(&self) {
-        (self.flush)(&mut self.pending.borrow_mut());
-    }
-
-    fn call<T, E>(
-        &self,
-        make: impl FnOnce(std_mpsc::Sender<Result<T, E>>) -> SpecOp,
-        err: impl Fn(ProxyError) -> E,
-    ) -> Result<T, E> {
-        if self.cancel.load(Ordering::SeqCst) {
-            return Err(err(ProxyError::Cancelled));
-        }
-        let (tx, rx) = std_mpsc::channel();
-        self.tx
-            .send(Command::Spec(make(tx)))
-            .map_err(|_| err(ProxyError::Engine("the scheduler stopped".into())))?;
-        match rx.recv() {
-            Ok(r) => r,
-            Err(_) => Err(err(ProxyError::Engine("the scheduler stopped".into()))),
-        }
-    }
-}
-
-/// The target as a host-drafter worker sees it: every call runs on the scheduler thread.
-struct ProxyTarget<'a> {
-    link: Link<'a>,
-    model: &'a model::cpu::CpuModel,
-    len: usize,
-    /// The sequence's [`Executor::max_rollback`].
-    max_rollback: usize,
-    /// Forwards below this length are prompt chunks.
-    prompt_len: usize,
-}
-
-/// Errors of the proxy target.
-#[derive(Debug, thiserror::Error)]
-enum ProxyError {
-    #[error("cancelled")]
-    Cancelled,
-    #[error("{0}")]
-    Engine(String),
-    #[error(transparent)]
-    Cpu(#[from] CpuError),
-}
-
-impl ProxyTarget<'_> {
-    fn call<T>(
-        &self,
-        make: impl FnOnce(std_mpsc::Sender<Result<T>>) -> SpecOp,
-    ) -> Result<T, ProxyError> {
-        self.link
-            .call(make, anyhow::Error::new)
-            .map_err(|e| match e.downcast::<ProxyError>() {
-                Ok(p) => p,
-                Err(e) => ProxyError::Engine(e.to_string()),
-            })
-    }
-}
-
-impl ProxyTarget<'_> {
-    /// Runs `pass` over `tokens` on the scheduler thread (after sending the previous round's
-    /// tokens).
-    fn pass(&mut self, tokens: &[u32], pass: HostPass) -> Result<VerifyOutput, ProxyError> {
-        self.link.flush();
-        let out = self.call(|reply| SpecOp::Forward {
-            id: self.link.id.clone(),
-            tokens: tokens.to_vec(),
-            pass,
-            prefill: self.len < self.prompt_len,
-            reply,
-        })?;
-        self.len += tokens.len();
-        Ok(out)
-    }
-}
-
-impl Executor for ProxyTarget<'_> {
-    type Error = ProxyError;
+impl<S: Executor> Executor for HostTarget<S> {
+    type Error = S::Error;
 
     fn config(&self) -> &ModelConfig {
-        self.model.config()
+        self.seq.config()
     }
-
     fn len(&self) -> usize {
-        self.len
+        self.seq.len()
     }
-
     fn max_rollback(&self) -> usize {
-        self.max_rollback
+        self.seq.max_rollback()
     }
-
-    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, ProxyError> {
-        let mut out = self.pass(tokens, HostPass::Forward(Vec::new()))?;
-        let last = out
-            .logits
-            .pop()
-            .ok_or_else(|| ProxyError::Engine("the executor returned no logits".into()))?;
-        Ok(Cow::Owned(last))
+    fn prefill(&mut self, tokens: &[u32]) -> Result<Cow<'_, [f32]>, S::Error> {
+        self.seq.prefill(tokens)
     }
-
-    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, ProxyError> {
-        self.prefill(&[token])
+    fn decode(&mut self, token: u32) -> Result<Cow<'_, [f32]>, S::Error> {
+        self.seq.decode(token)
     }
-
-    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, ProxyError> {
-        self.pass(tokens, HostPass::Verify(hidden.to_vec()))
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, S::Error> {
+        self.seq.verify(tokens, hidden)
     }
-
-    /// One call for the whole input: the scheduler's sequence chunks it.
-    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, ProxyError> {
-        self.pass(tokens, HostPass::Forward(layers.to_vec()))
+    fn forward(&mut self, tokens: &[u32], layers: &[usize]) -> Result<VerifyOutput, S::Error> {
+        self.seq.forward(tokens, layers)
     }
-
-    fn truncate(&mut self, len: usize) -> Result<(), ProxyError> {
-        self.call(|reply| SpecOp::Truncate {
-            id: self.link.id.clone(),
-            len,
-            reply,
-        })?;
-        self.len = len;
-        Ok(())
+    fn truncate(&mut self, len: usize) -> Result<(), S::Error> {
+        self.seq.truncate(len)
+    }
+    fn forward_batch(
+        seqs: &mut [&mut Self],
+        blocks: &[&[u32]],
+        layers: &[usize],
+    ) -> Vec<Result<VerifyOutput, S::Error>> {
+        let mut inner: Vec<&mut S> = seqs.iter_mut().map(|s| &mut s.seq).collect();
+        S::forward_batch(&mut inner, blocks, layers)
     }
 }
 
-impl DraftTarget for ProxyTarget<'_> {
+impl<S: Executor> DraftTarget for HostTarget<S> {
     fn embedding(&self) -> &Mat {
         &self.model.weights().embed
     }
-
     fn lm_head(&self) -> &Mat {
         &self.model.weights().lm_head
     }
 }
 
-/// The device state as a device-drafter worker sees it: every call runs on the scheduler
-/// thread; the committed length is tracked here (`SpecBackend::len` is synchronous).
-struct ProxySpec<'a> {
-    link: Link<'a>,
-    vocab: usize,
-    granularity: usize,
-    len: usize,
-    /// Start of the latest verified block.
-    verified: Option<usize>,
+type HostSpec<S> = dflash::CpuBackend<HostTarget<S>, Arc<Drafter>>;
+
+/// What the scheduler holds for a speculative request.
+enum SpecSeq<S: Executor, D> {
+    /// The target sequence and the CPU drafter's context.
+    Host(HostSpec<S>),
+    /// The target sequence and the drafter state on the device.
+    Device(D),
 }
 
-fn spec_proxy_err(e: ProxyError) -> SpecError {
-    SpecError::Target(Box::new(e))
-}
-
-impl SpecBackend for ProxySpec<'_> {
-    fn vocab_size(&self) -> usize {
-        self.vocab
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn prefill_granularity(&self) -> usize {
-        self.granularity
-    }
-
-    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
-        let rows = self.link.call(
-            |reply| SpecOp::Prefill {
-                id: self.link.id.clone(),
-                chunk: chunk.to_vec(),
-                want,
-                reply,
-            },
-            spec_proxy_err,
-        )?;
-        self.len += chunk.len();
-        self.verified = None;
-        Ok(rows)
-    }
-
-    fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError> {
-        self.link.flush();
-        self.link.call(
-            |reply| SpecOp::Draft {
-                id: self.link.id.clone(),
-                x_last,
-                block_size,
-                want,
-                reply,
-            },
-            spec_proxy_err,
-        )
-    }
-
-    fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
-        self.link.flush();
-        let rows = self.link.call(
-            |reply| SpecOp::Verify {
-                id: self.link.id.clone(),
-                tokens: tokens.to_vec(),
-                want,
-                reply,
-            },
-            spec_proxy_err,
-        )?;
-        self.verified = Some(self.len);
-        self.len += tokens.len();
-        Ok(rows)
-    }
-
-    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
-        self.link.call(
-            |reply| SpecOp::Commit {
-                id: self.link.id.clone(),
-                keep,
-                reply,
-            },
-            spec_proxy_err,
-        )?;
-        if let Some(start) = self.verified.take() {
-            self.len = start + keep;
+impl<S: Executor, D: SpecBackend> SpecSeq<S, D> {
+    fn as_backend(&mut self) -> &mut dyn SpecBackend {
+        match self {
+            SpecSeq::Host(h) => h,
+            SpecSeq::Device(d) => d,
         }
-        Ok(())
     }
 }
 
-/// Tokens and draft counts not yet sent.
+/// Tokens and draft counts of the current round, not yet sent.
 #[derive(Default)]
 struct Batch {
     tokens: Vec<u32>,
@@ -642,233 +140,595 @@ struct Batch {
     logprobs: Vec<TokenLogprob>,
     draft_tokens: u32,
     accepted: u32,
+}
+
+/// A speculative request the scheduler advances.
+pub(super) struct SpecRunning<S: Executor, D> {
+    p: Pending,
+    seq: SpecSeq<S, D>,
+    stream: SpecStream,
+    out: TokenOutput,
+    /// Prompt tokens already in the sequence (chunked prefill).
+    prefilled: usize,
+    batch: Batch,
+    summary: SpecSummary,
+    /// How generation ended (a stop the output found: EOS, stop token or string, length).
+    finish: Option<(FinishReason, model::sampling::StopCause)>,
+    /// An error of the output (detokenization) that ends the request.
+    failure: Option<String>,
+    /// The client went away (its event receiver was dropped).
+    gone: bool,
+    admitted: Instant,
     first: Option<Instant>,
     last: Option<Instant>,
-    client_gone: bool,
 }
 
-/// One speculative request's loop.
-struct Worker {
-    kind: LoopKind,
-    /// The backend's prefill granularity.
-    granularity: usize,
-    /// Most prompt tokens per prefill call (a multiple of `granularity`).
-    prefill_chunk: usize,
-    tokenizer: Option<Arc<Tokenizer>>,
-    eos: Vec<u32>,
-    shared: Arc<Shared>,
-    tx: std_mpsc::Sender<Command>,
-    cancel: Arc<AtomicBool>,
-    admitted: Instant,
-}
-
-impl Worker {
-    fn run(self, p: Pending) {
-        let reason = self.generate(&p);
-        let _ = self.tx.send(Command::Spec(SpecOp::Done {
-            id: p.id.clone(),
-            reason,
-        }));
+impl<S: Executor, D> SpecRunning<S, D> {
+    fn prefilling(&self) -> bool {
+        self.prefilled < self.p.prompt.len()
     }
+}
 
-    fn generate(&self, p: &Pending) -> FinishReason {
-        let m = &self.shared.metrics;
-        let tok = self.tokenizer.as_deref();
-        let mut out = match TokenOutput::new(&p.params, &self.eos, &p.prompt, tok.is_some()) {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = p.events.send(error_event(e.to_string()));
-                return FinishReason::Error;
+/// Pushes an emitted token into the request's output and round batch (a closure body of
+/// `SpecStream::start` / `emit`).
+fn push_token(
+    out: &mut TokenOutput,
+    batch: &mut Batch,
+    finish: &mut Option<(FinishReason, model::sampling::StopCause)>,
+    failure: &mut Option<String>,
+    tok: Option<&model::tokenizer::Tokenizer>,
+    logprobs: Option<usize>,
+    t: u32,
+    row: Option<&[f32]>,
+) -> ControlFlow<()> {
+    match out.push(t, tok) {
+        Ok(e) => {
+            batch.tokens.push(t);
+            batch.text.push_str(&e.text);
+            if let (Some(n), Some(row)) = (logprobs, row) {
+                batch.logprobs.push(TokenLogprob::of(row, t, n));
             }
-        };
-        let batch = RefCell::new(Batch::default());
-        let flush = |b: &mut Batch| {
-            if b.tokens.is_empty() {
-                return;
-            }
-            let now = Instant::now();
-            match b.last {
-                None => {
-                    b.first = Some(now);
-                    m.time_to_first_token
-                        .observe((now - p.arrival).as_secs_f64());
-                }
-                Some(last) => m.inter_token_latency.observe((now - last).as_secs_f64()),
-            }
-            b.last = Some(now);
-            m.generation_tokens.inc_by(b.tokens.len() as u64);
-            let ev = TokenEvent {
-                tokens: std::mem::take(&mut b.tokens),
-                text: std::mem::take(&mut b.text),
-                logprobs: std::mem::take(&mut b.logprobs),
-                prompt_logprobs: Vec::new(),
-                draft_tokens: std::mem::take(&mut b.draft_tokens),
-                accepted_draft_tokens: std::mem::take(&mut b.accepted),
-            };
-            if p.events.send(Event::Tokens(ev)).is_err() {
-                b.client_gone = true;
-            }
-        };
-        let link = Link {
-            id: p.id.clone(),
-            tx: self.tx.clone(),
-            cancel: self.cancel.clone(),
-            pending: &batch,
-            flush: &flush,
-        };
-        let mut finish = None;
-        let mut failure = None;
-        let mut summary = SpecSummary::default();
-        let mut on_token = |t: u32, row: Option<&[f32]>| {
-            if self.cancel.load(Ordering::SeqCst) || batch.borrow().client_gone {
-                return ControlFlow::Break(());
-            }
-            match out.push(t, tok) {
-                Ok(e) => {
-                    let mut b = batch.borrow_mut();
-                    b.tokens.push(t);
-                    b.text.push_str(&e.text);
-                    if let (Some(n), Some(row)) = (p.logprobs, row) {
-                        b.logprobs.push(TokenLogprob::of(row, t, n));
-                    }
-                    if b.last.is_none() {
-                        // The first token goes out at once (TTFT), not with the first round.
-                        flush(&mut b);
-                    }
-                    match e.finish {
-                        Some(f) => {
-                            finish = Some(f);
-                            ControlFlow::Break(())
-                        }
-                        None => ControlFlow::Continue(()),
-                    }
-                }
-                Err(e) => {
-                    failure = Some(e.to_string());
+            match e.finish {
+                Some(f) => {
+                    *finish = Some(f);
                     ControlFlow::Break(())
                 }
+                None => ControlFlow::Continue(()),
             }
+        }
+        Err(e) => {
+            *failure = Some(e.to_string());
+            ControlFlow::Break(())
+        }
+    }
+}
+
+/// The rows of one batched call, per request; errors become that request's.
+fn spread<T>(r: Vec<Result<T, SpecError>>, n: usize) -> Vec<Result<T, SpecError>> {
+    if r.len() == n {
+        return r;
+    }
+    let got = r.len();
+    (0..n)
+        .map(|_| {
+            Err(SpecError::TargetOutput(format!(
+                "the batched pass returned {got} results for {n} sequences"
+            )))
+        })
+        .collect()
+}
+
+impl<B: Backend> Sched<B> {
+    /// The speculative loop's settings and the block policy.
+    fn spec_options(&self) -> Option<SpecOptions> {
+        let mut opts = match (&self.spec, self.backend.device_spec()) {
+            (Some(spec), _) => spec.decoder.options().clone(),
+            (None, Some(opts)) => opts.clone(),
+            (None, None) => return None,
         };
-        let mut on_round = |r: &Round<'_>| {
-            let n = r.drafts.len();
-            if n == 0 {
+        opts.prefill_chunk = None;
+        Some(opts)
+    }
+
+    /// Admits `p` as a speculative request: a fresh sequence (or device state) and its loop
+    /// state. A state that cannot be allocated fails this request only.
+    pub(super) fn start_spec(&mut self, p: Pending) {
+        let positions = p.prompt.len() + p.params.max_tokens;
+        let vocab = self.backend.config().vocab_size;
+        let made = match (&self.spec, self.backend.device_spec()) {
+            (Some(spec), _) => self.backend.new_sequence(positions).and_then(|seq| {
+                let target = HostTarget {
+                    seq,
+                    model: spec.decoder.model().clone(),
+                };
+                dflash::CpuBackend::new(target, spec.decoder.drafter_arc().clone())
+                    .map(SpecSeq::Host)
+                    .map_err(anyhow::Error::new)
+            }),
+            (None, Some(_)) => self.backend.new_spec(positions).map(SpecSeq::Device),
+            (None, None) => Err(anyhow!("no drafter is loaded")),
+        };
+        let policy = self.cfg.spec_policy;
+        let opts = self.spec_options();
+        let started = made.and_then(|seq| {
+            let opts = opts.ok_or_else(|| anyhow!("no drafter is loaded"))?;
+            let stream = SpecStream::new(
+                &opts,
+                policy,
+                &p.prompt,
+                &p.params,
+                vocab,
+                p.logprobs.is_some(),
+            );
+            match stream {
+                Ok(s) => Ok((seq, s)),
+                Err(e) => {
+                    self.release_seq(seq);
+                    Err(anyhow::Error::new(e))
+                }
+            }
+        });
+        let out = TokenOutput::new(
+            &p.params,
+            &self.eos,
+            &p.prompt,
+            self.tokenizer.is_some(),
+        );
+        let (seq, stream, out) = match (started, out) {
+            (Ok((seq, stream)), Ok(out)) => (seq, stream, out),
+            (Ok((seq, _)), Err(e)) => {
+                self.release_seq(seq);
+                self.kv_used -= p.kv_reserve;
+                self.end_waiting(p, FinishReason::Error, Some(e.to_string()));
                 return;
             }
-            let a = r.acceptance.accepted;
-            summary.drafts += 1;
-            summary.draft_tokens += n as u64;
-            summary.accepted_tokens += a as u64;
-            if summary.accepted_per_position.len() < n {
-                summary.accepted_per_position.resize(n, 0);
-            }
-            for (i, c) in summary.accepted_per_position[..a].iter_mut().enumerate() {
-                *c += 1;
-                m.spec_decode_num_accepted_tokens_per_pos
-                    .with_label_values(&[&i.to_string()])
-                    .inc();
-            }
-            m.spec_decode_num_drafts.inc();
-            m.spec_decode_num_draft_tokens.inc_by(n as u64);
-            m.spec_decode_num_accepted_tokens.inc_by(a as u64);
-            let mut b = batch.borrow_mut();
-            b.draft_tokens += n as u32;
-            b.accepted += a as u32;
-        };
-        let rows = p.logprobs.is_some();
-        let result = match &self.kind {
-            LoopKind::Host(decoder, max_rollback) => {
-                let mut target = ProxyTarget {
-                    link,
-                    model: decoder.model(),
-                    len: 0,
-                    max_rollback: *max_rollback,
-                    prompt_len: p.prompt.len(),
-                };
-                let opts = SpecOptions {
-                    prefill_chunk: Some(self.prefill_chunk),
-                    ..decoder.options().clone()
-                };
-                dflash::CpuBackend::new(&mut target, decoder.drafter()).and_then(|mut backend| {
-                    dflash::run_speculative_rows(
-                        &mut backend,
-                        &opts,
-                        &p.prompt,
-                        &p.params,
-                        rows,
-                        &mut on_token,
-                        &mut on_round,
-                    )
-                })
-            }
-            LoopKind::Device { opts, vocab } => {
-                let mut backend = ProxySpec {
-                    link,
-                    vocab: *vocab,
-                    granularity: self.granularity,
-                    len: 0,
-                    verified: None,
-                };
-                let opts = SpecOptions {
-                    prefill_chunk: Some(self.prefill_chunk),
-                    ..opts.clone()
-                };
-                dflash::run_speculative_rows(
-                    &mut backend,
-                    &opts,
-                    &p.prompt,
-                    &p.params,
-                    rows,
-                    &mut on_token,
-                    &mut on_round,
-                )
+            (Err(e), _) => {
+                self.kv_used -= p.kv_reserve;
+                let msg = format!("cannot allocate the sequence: {e:#}");
+                self.end_waiting(p, FinishReason::Error, Some(msg));
+                return;
             }
         };
-        flush(&mut batch.borrow_mut());
-        let cancelled = self.cancel.load(Ordering::SeqCst) || batch.borrow().client_gone;
-        let (reason, cause, stop_reason, error) = match (&result, finish, failure) {
-            _ if cancelled => (FinishReason::Abort, "abort", None, None),
-            (Err(e), _, _) => (FinishReason::Error, "error", None, Some(e.to_string())),
-            (_, _, Some(f)) => (FinishReason::Error, "error", None, Some(f)),
-            (Ok(_), Some((r, c)), None) => {
-                let (cause, stop_reason) = describe(&c);
-                (r, cause, stop_reason, None)
+        self.spec_running.push(SpecRunning {
+            p,
+            seq,
+            stream,
+            out,
+            prefilled: 0,
+            batch: Batch::default(),
+            summary: SpecSummary::default(),
+            finish: None,
+            failure: None,
+            gone: false,
+            admitted: Instant::now(),
+            first: None,
+            last: None,
+        });
+    }
+
+    fn release_seq(&self, seq: SpecSeq<B::Sequence, B::Spec>) {
+        match seq {
+            SpecSeq::Host(h) => {
+                let (target, _) = h.into_parts();
+                self.backend.release(target.seq);
             }
-            (Ok(o), None, None) => match &o.stop_cause {
-                Some(c) => {
-                    let (cause, stop_reason) = describe(c);
-                    (c.finish_reason(), cause, stop_reason, None)
-                }
-                None => (FinishReason::Stop, "stop", None, None),
-            },
-        };
+            SpecSeq::Device(d) => self.backend.release_spec(d),
+        }
+    }
+
+    /// Ends a speculative request: its last tokens and final event, metrics, its state and KV
+    /// reservation released.
+    fn end_spec(
+        &mut self,
+        mut r: SpecRunning<B::Sequence, B::Spec>,
+        reason: FinishReason,
+        cause: &str,
+        stop_reason: Option<String>,
+        error: Option<String>,
+    ) {
+        if !matches!(reason, FinishReason::Abort) {
+            flush_spec(&self.shared.metrics, &mut r);
+        }
         let text = match reason {
-            FinishReason::Abort | FinishReason::Error => out.finish(),
+            FinishReason::Abort | FinishReason::Error => r.out.finish(),
             _ => String::new(),
         };
         let now = Instant::now();
-        let e2e = now - p.arrival;
-        let n = out.tokens().len();
+        let e2e = now - r.p.arrival;
+        let n = r.out.tokens().len();
+        let m = &self.shared.metrics;
         m.e2e_request_latency.observe(e2e.as_secs_f64());
-        let b = batch.borrow();
-        if let (Some(first), Some(last)) = (b.first, b.last) {
+        if let (Some(first), Some(last)) = (r.first, r.last) {
             if n > 1 {
                 m.request_time_per_output_token
                     .observe((last - first).as_secs_f64() / (n - 1) as f64);
             }
         }
-        let _ = p.events.send(Event::Finished(Finished {
+        r.summary.plain_steps = r.stream.plain_steps();
+        r.summary.adaptive = r.stream.adapt_summary();
+        let _ = r.p.events.send(Event::Finished(Finished {
             reason,
             cause: cause.to_string(),
             stop_reason,
             text,
-            prompt_tokens: p.prompt.len(),
+            prompt_tokens: r.p.prompt.len(),
             completion_tokens: n,
-            queue: self.admitted - p.arrival,
-            time_to_first_token: b.first.map(|f| f - p.arrival),
+            queue: r.admitted - r.p.arrival,
+            time_to_first_token: r.first.map(|f| f - r.p.arrival),
             e2e,
-            spec: Some(summary),
+            spec: Some(std::mem::take(&mut r.summary)),
             error,
         }));
-        reason
+        self.kv_used -= r.p.kv_reserve;
+        self.forget(&r.p.id, reason);
+        self.release_seq(r.seq);
     }
+
+    /// Ends a request after its stream stopped or failed: the cause the output or the loop
+    /// reported.
+    fn end_spec_outcome(
+        &mut self,
+        r: SpecRunning<B::Sequence, B::Spec>,
+        err: Option<SpecError>,
+    ) {
+        if let Some(e) = err {
+            let msg = e.to_string();
+            return self.end_spec(r, FinishReason::Error, "error", None, Some(msg));
+        }
+        if let Some(f) = r.failure.clone() {
+            return self.end_spec(r, FinishReason::Error, "error", None, Some(f));
+        }
+        if let Some((reason, cause)) = r.finish.clone() {
+            let (cause, stop_reason) = describe(&cause);
+            return self.end_spec(r, reason, cause, stop_reason, None);
+        }
+        match r.stream.stop_cause().cloned().flatten() {
+            Some(c) => {
+                let (cause, stop_reason) = describe(&c);
+                self.end_spec(r, c.finish_reason(), cause, stop_reason, None)
+            }
+            None => self.end_spec(r, FinishReason::Stop, "stop", None, None),
+        }
+    }
+
+    /// Cancels a speculative request: its state is freed and its stream ends with `abort` now.
+    pub(super) fn abort_spec(&mut self, id: &str) {
+        if let Some(i) = self.spec_running.iter().position(|s| s.p.id == id) {
+            let r = self.spec_running.remove(i);
+            self.end_spec(r, FinishReason::Abort, "abort", None, None);
+        }
+    }
+
+    pub(super) fn drop_disconnected_spec(&mut self) {
+        let mut i = 0;
+        while i < self.spec_running.len() {
+            if self.spec_running[i].p.events.is_closed() {
+                let r = self.spec_running.remove(i);
+                self.end_spec(r, FinishReason::Abort, "abort", None, None);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Prefills speculative prompts in arrival order with `budget` tokens (cut at the backend's
+    /// granularity; at least one chunk when any prompt waits); a complete prompt emits its first
+    /// token. Returns the budget left.
+    pub(super) fn spec_prefill_step(&mut self, mut budget: usize) -> usize {
+        let g = self.backend.prefill_granularity().max(1);
+        let tok = self.tokenizer.clone();
+        let mut i = 0;
+        while budget > 0 && i < self.spec_running.len() {
+            let r = &mut self.spec_running[i];
+            if !r.prefilling() {
+                i += 1;
+                continue;
+            }
+            let rest = r.p.prompt.len() - r.prefilled;
+            let n = if rest <= budget { rest } else { budget / g * g };
+            if n == 0 {
+                break;
+            }
+            let start = r.prefilled;
+            let last = start + n == r.p.prompt.len();
+            let want = last.then(|| r.stream.prefill_want());
+            let chunk = &r.p.prompt[start..start + n];
+            let rows = r.seq.as_backend().prefill(chunk, want);
+            budget -= n;
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(e) => {
+                    let r = self.spec_running.remove(i);
+                    let msg = format!("prefill failed: {e}");
+                    self.end_spec(r, FinishReason::Error, "error", None, Some(msg));
+                    continue;
+                }
+            };
+            r.prefilled += n;
+            if !last {
+                continue;
+            }
+            let started = match rows {
+                Some(rows) => {
+                    let SpecRunning {
+                        stream,
+                        out,
+                        batch,
+                        finish,
+                        failure,
+                        p,
+                        ..
+                    } = r;
+                    let lp = p.logprobs;
+                    stream.start(&rows, &mut |t, row| {
+                        push_token(out, batch, finish, failure, tok.as_deref(), lp, t, row)
+                    })
+                }
+                None => Err(SpecError::TargetOutput("the prefill returned no row".into())),
+            };
+            // The first token goes out at once (TTFT).
+            let sent = flush_spec(&self.shared.metrics, &mut self.spec_running[i]);
+            let done = self.spec_running[i].stream.is_done() || !sent;
+            match started {
+                Err(e) => {
+                    let r = self.spec_running.remove(i);
+                    self.end_spec_outcome(r, Some(e));
+                }
+                Ok(()) if !sent => {
+                    let r = self.spec_running.remove(i);
+                    self.end_spec(r, FinishReason::Abort, "abort", None, None);
+                }
+                Ok(()) if done => {
+                    let r = self.spec_running.remove(i);
+                    self.end_spec_outcome(r, None);
+                }
+                Ok(()) => i += 1,
+            }
+        }
+        budget
+    }
+
+    /// One round for every running (prefilled) speculative request: one batched drafter pass,
+    /// one batched verify pass, then acceptance, commit and emission per request. Returns the
+    /// tokens verified.
+    pub(super) fn spec_step(&mut self) -> usize {
+        let ready: Vec<usize> = (0..self.spec_running.len())
+            .filter(|&i| !self.spec_running[i].prefilling())
+            .collect();
+        if ready.is_empty() {
+            return 0;
+        }
+        // Plans.
+        let mut failed: Vec<(usize, SpecError)> = Vec::new();
+        let mut plans: Vec<(usize, Plan)> = Vec::with_capacity(ready.len());
+        for &i in &ready {
+            match self.spec_running[i].stream.plan() {
+                Ok(Some(p)) => plans.push((i, p)),
+                Ok(None) => {}
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        // Drafts: one batched pass.
+        let t0 = Instant::now();
+        let drafting: Vec<(usize, Plan)> = plans
+            .iter()
+            .filter(|(_, p)| p.draft_block.is_some())
+            .copied()
+            .collect();
+        let mut draft_rows: Vec<Option<Result<Rows, SpecError>>> =
+            (0..self.spec_running.len()).map(|_| None).collect();
+        if !drafting.is_empty() {
+            let x: Vec<u32> = drafting.iter().map(|(_, p)| p.x_last).collect();
+            let b: Vec<usize> = drafting
+                .iter()
+                .map(|(_, p)| p.draft_block.unwrap_or(2))
+                .collect();
+            let w: Vec<Want> = drafting.iter().map(|(_, p)| p.want_draft).collect();
+            let idx: Vec<usize> = drafting.iter().map(|(i, _)| *i).collect();
+            let rows = self.batched(&idx, |h, d| {
+                (
+                    <HostSpec<B::Sequence> as SpecBackend>::draft_batch(h, &x, &b, &w),
+                    <B::Spec as SpecBackend>::draft_batch(d, &x, &b, &w),
+                )
+            });
+            for (i, r) in idx.into_iter().zip(rows) {
+                draft_rows[i] = Some(r);
+            }
+        }
+        let draft_secs = t0.elapsed().as_secs_f64();
+        // Verify blocks.
+        let mut blocks: Vec<(usize, Plan, Vec<u32>, usize)> = Vec::with_capacity(plans.len());
+        for (i, plan) in plans {
+            let r = &mut self.spec_running[i];
+            let rows = match draft_rows[i].take() {
+                Some(Ok(rows)) => Some(rows),
+                Some(Err(e)) => {
+                    failed.push((i, e));
+                    continue;
+                }
+                None => None,
+            };
+            match r.stream.drafted(rows) {
+                Ok(block) => {
+                    let block = block.to_vec();
+                    let start = r.seq.as_backend().len();
+                    blocks.push((i, plan, block, start));
+                }
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        let t1 = Instant::now();
+        let verified = if blocks.is_empty() {
+            Vec::new()
+        } else {
+            let idx: Vec<usize> = blocks.iter().map(|b| b.0).collect();
+            let toks: Vec<&[u32]> = blocks.iter().map(|b| b.2.as_slice()).collect();
+            let w: Vec<Want> = blocks.iter().map(|b| b.1.want_verify).collect();
+            self.batched(&idx, |h, d| {
+                (
+                    <HostSpec<B::Sequence> as SpecBackend>::verify_batch(h, &toks, &w),
+                    <B::Spec as SpecBackend>::verify_batch(d, &toks, &w),
+                )
+            })
+        };
+        let verify_secs = t1.elapsed().as_secs_f64();
+        let mut n_verified = 0;
+        let mut ended: Vec<(usize, Option<SpecError>)> = Vec::new();
+        let tok = self.tokenizer.clone();
+        let m = &self.shared.metrics;
+        for ((i, plan, block, start), rows) in blocks.into_iter().zip(verified) {
+            n_verified += block.len();
+            let t2 = Instant::now();
+            let r = &mut self.spec_running[i];
+            let SpecRunning {
+                stream,
+                out,
+                batch,
+                finish,
+                failure,
+                p,
+                seq,
+                summary,
+                ..
+            } = r;
+            let _ = &plan;
+            let mut round = None;
+            let lp = p.logprobs;
+            let result = (|| -> Result<bool, SpecError> {
+                let keep = stream.verified(start, rows?, &mut |rd: &Round<'_>| {
+                    round = Some((rd.drafts.len(), rd.acceptance.accepted));
+                })?;
+                seq.as_backend().commit(keep)?;
+                let own = t2.elapsed().as_secs_f64();
+                let drafted = if plan.draft_block.is_some() {
+                    draft_secs
+                } else {
+                    0.0
+                };
+                stream.observe_cost(drafted + verify_secs + own);
+                if let Some((n, a)) = round {
+                    record_round(m, summary, batch, n, a);
+                }
+                stream.emit(&mut |t, row| {
+                    push_token(out, batch, finish, failure, tok.as_deref(), lp, t, row)
+                })
+            })();
+            match result {
+                Ok(done) => {
+                    if !flush_spec(m, &mut self.spec_running[i]) {
+                        self.spec_running[i].gone = true;
+                        ended.push((i, None));
+                    } else if done {
+                        ended.push((i, None));
+                    }
+                }
+                Err(e) => ended.push((i, Some(e))),
+            }
+        }
+        ended.extend(failed.into_iter().map(|(i, e)| (i, Some(e))));
+        // Remove from the back so the indices stay valid.
+        ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+        ended.dedup_by_key(|e| e.0);
+        for (i, err) in ended {
+            let r = self.spec_running.remove(i);
+            if r.gone {
+                self.end_spec(r, FinishReason::Abort, "abort", None, None);
+            } else {
+                self.end_spec_outcome(r, err);
+            }
+        }
+        n_verified
+    }
+
+    /// Runs one batched call over the requests `idx` (host states through the first closure's
+    /// call, device states through the second's) and returns their results in `idx` order.
+    fn batched<T>(
+        &mut self,
+        idx: &[usize],
+        call: impl FnOnce(
+            &mut [&mut HostSpec<B::Sequence>],
+            &mut [&mut B::Spec],
+        ) -> (Vec<Result<T, SpecError>>, Vec<Result<T, SpecError>>),
+    ) -> Vec<Result<T, SpecError>> {
+        // Each index's position within its kind.
+        let mut host: Vec<&mut HostSpec<B::Sequence>> = Vec::new();
+        let mut device: Vec<&mut B::Spec> = Vec::new();
+        let mut kind = Vec::with_capacity(idx.len());
+        let mut want = idx.iter().copied().peekable();
+        for (i, r) in self.spec_running.iter_mut().enumerate() {
+            if want.peek() != Some(&i) {
+                continue;
+            }
+            want.next();
+            match &mut r.seq {
+                SpecSeq::Host(h) => {
+                    kind.push(true);
+                    host.push(h);
+                }
+                SpecSeq::Device(d) => {
+                    kind.push(false);
+                    device.push(d);
+                }
+            }
+        }
+        let (nh, nd) = (host.len(), device.len());
+        let (h, d) = call(&mut host, &mut device);
+        let mut h = spread(h, nh).into_iter();
+        let mut d = spread(d, nd).into_iter();
+        kind.into_iter()
+            .map(|is_host| {
+                let next = if is_host { h.next() } else { d.next() };
+                next.unwrap_or_else(|| Err(SpecError::TargetOutput("missing result".into())))
+            })
+            .collect()
+    }
+}
+
+/// Sends the round's tokens (one event); `false` when the client is gone.
+fn flush_spec<S: Executor, D>(m: &Metrics, r: &mut SpecRunning<S, D>) -> bool {
+    let b = &mut r.batch;
+    if b.tokens.is_empty() {
+        return true;
+    }
+    let now = Instant::now();
+    match r.last {
+        None => {
+            r.first = Some(now);
+            m.time_to_first_token
+                .observe((now - r.p.arrival).as_secs_f64());
+        }
+        Some(last) => m.inter_token_latency.observe((now - last).as_secs_f64()),
+    }
+    r.last = Some(now);
+    m.generation_tokens.inc_by(b.tokens.len() as u64);
+    let ev = TokenEvent {
+        tokens: std::mem::take(&mut b.tokens),
+        text: std::mem::take(&mut b.text),
+        logprobs: std::mem::take(&mut b.logprobs),
+        prompt_logprobs: Vec::new(),
+        draft_tokens: std::mem::take(&mut b.draft_tokens),
+        accepted_draft_tokens: std::mem::take(&mut b.accepted),
+    };
+    r.p.events.send(Event::Tokens(ev)).is_ok()
+}
+
+/// Counts a round's drafts and accepted drafts (request summary, metrics, the round's event).
+fn record_round(m: &Metrics, summary: &mut SpecSummary, batch: &mut Batch, n: usize, a: usize) {
+    summary.drafts += 1;
+    summary.draft_tokens += n as u64;
+    summary.accepted_tokens += a as u64;
+    if summary.accepted_per_position.len() < n {
+        summary.accepted_per_position.resize(n, 0);
+    }
+    for (k, c) in summary.accepted_per_position[..a].iter_mut().enumerate() {
+        *c += 1;
+        m.spec_decode_num_accepted_tokens_per_pos
+            .with_label_values(&[&k.to_string()])
+            .inc();
+    }
+    m.spec_decode_num_drafts.inc();
+    m.spec_decode_num_draft_tokens.inc_by(n as u64);
+    m.spec_decode_num_accepted_tokens.inc_by(a as u64);
+    batch.draft_tokens += n as u32;
+    batch.accepted += a as u32;
 }

@@ -1,0 +1,277 @@
+//! Adaptive speculation: per sequence, choose the verify width (the block size `2..=B`, or 1 —
+//! a plain step without drafts) from the measured acceptance and the measured cost of a step of
+//! each width on this device and load.
+//!
+//! The expected tokens of a round of width `w` are `τ(w) = 1 + Σ_{i<w−1} Π_{j≤i} r_j`, `r_j` the
+//! conditional acceptance rate of draft position `j` observed so far
+//! ([`AcceptanceStats::position_acceptance_rate`]; an unobserved position repeats the last
+//! observed one). A step of width `w` costs `c(w)` seconds: an exponential moving average of the
+//! observed steps of that width, interpolated linearly between the nearest observed widths for
+//! the others. The controller picks the width of the most tokens per second, `τ(w) / c(w)`;
+//! drafting (any `w ≥ 2`) must beat a plain step by [`MARGIN`] to be chosen, so noise does not
+//! make a sequence slower than decoding without a drafter.
+//!
+//! Schedule: [`WARMUP`] rounds at the full block size (acceptance and the round's cost), then
+//! [`WARMUP`] plain steps (the plain cost), then the best width. Every `interval` steps the
+//! other mode is probed once (a full-block round while drafting is off, a plain step while it is
+//! on) to follow changes in acceptance or load; the interval doubles (up to [`MAX_INTERVAL`])
+//! while probes confirm the choice and falls back to [`MIN_INTERVAL`] when one changes it.
+//!
+//! The choice changes which forwards run, never what is emitted: greedy output is the same at
+//! every width, sampled output has the target's distribution at every width.
+
+use crate::AcceptanceStats;
+
+/// Rounds at the full block size, then plain steps, before the first choice.
+pub const WARMUP: u64 = 3;
+/// Steps between probes of the mode not chosen, at first and after a change.
+pub const MIN_INTERVAL: u64 = 16;
+/// Most steps between probes.
+pub const MAX_INTERVAL: u64 = 256;
+/// Drafting is chosen only when its tokens per second beat a plain step's by this factor.
+pub const MARGIN: f64 = 1.03;
+/// Weight of a new observation in a width's cost average.
+const EMA: f64 = 0.2;
+
+/// How a sequence's verify width is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlockPolicy {
+    /// Always the configured block size (cut to the tokens still allowed).
+    #[default]
+    Fixed,
+    /// [`Adaptive`]: the block size `2..=B` or no drafts, whichever pays (module docs).
+    Adaptive,
+}
+
+/// What an adaptive sequence chose, for reports.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AdaptSummary {
+    /// Steps run at each width (index `w`; `steps[1]`: plain steps without drafts).
+    pub steps: Vec<u64>,
+    /// The width chosen last (1: drafting off).
+    pub chosen: usize,
+    /// Mean seconds of a step of each width (`None`: never run).
+    pub cost: Vec<Option<f64>>,
+}
+
+impl AdaptSummary {
+    /// `"off (plain steps)"` or `"block N"`, then the steps per width run.
+    pub fn describe(&self) -> String {
+        let choice = if self.chosen <= 1 {
+            "drafting off (plain steps)".to_string()
+        } else {
+            format!("block {}", self.chosen)
+        };
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(w, n)| {
+                let what = if w == 1 {
+                    "plain".to_string()
+                } else {
+                    format!("B={w}")
+                };
+                match self.cost.get(w).copied().flatten() {
+                    Some(c) => format!("{what}: {n} × {:.2} ms", c * 1e3),
+                    None => format!("{what}: {n}"),
+                }
+            })
+            .collect();
+        format!("adaptive: {choice}; steps {}", steps.join(", "))
+    }
+}
+
+/// The adaptive width controller of one sequence (module docs).
+#[derive(Debug, Clone)]
+pub struct Adaptive {
+    max_block: usize,
+    /// Index `w`: EMA seconds of a step of width `w`.
+    cost: Vec<Option<f64>>,
+    steps: Vec<u64>,
+    chosen: usize,
+    /// Steps since the last probe.
+    since_probe: u64,
+    interval: u64,
+    /// The width of the step in flight is a probe.
+    probing: bool,
+}
+
+impl Adaptive {
+    /// A controller for blocks of at most `max_block` (≥ 2).
+    pub fn new(max_block: usize) -> Adaptive {
+        let max_block = max_block.max(2);
+        Adaptive {
+            max_block,
+            cost: vec![None; max_block + 1],
+            steps: vec![0; max_block + 1],
+            chosen: max_block,
+            since_probe: 0,
+            interval: MIN_INTERVAL,
+            probing: false,
+        }
+    }
+
+    /// The width of the next step (before the cut to the tokens still allowed).
+    pub fn next_width(&mut self, stats: &AcceptanceStats) -> usize {
+        let b = self.max_block;
+        if self.steps[b] < WARMUP {
+            return b;
+        }
+        if self.steps[1] < WARMUP {
+            return 1;
+        }
+        let before = self.chosen;
+        self.chosen = self.best(stats);
+        if self.probing {
+            // The probe ran: a probe that confirms the mode lengthens the interval.
+            self.probing = false;
+            self.interval = if (before > 1) == (self.chosen > 1) {
+                (self.interval * 2).min(MAX_INTERVAL)
+            } else {
+                MIN_INTERVAL
+            };
+            self.since_probe = 0;
+        }
+        self.since_probe += 1;
+        if self.since_probe >= self.interval {
+            self.probing = true;
+            self.since_probe = 0;
+            return if self.chosen > 1 { 1 } else { b };
+        }
+        self.chosen
+    }
+
+    /// Records that a step of width `width` took `secs` seconds.
+    pub fn observe(&mut self, width: usize, secs: f64) {
+        if width == 0 || width > self.max_block || !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        self.steps[width] += 1;
+        self.cost[width] = Some(match self.cost[width] {
+            None => secs,
+            Some(c) => c + EMA * (secs - c),
+        });
+    }
+
+    /// The width chosen last (1: drafting off).
+    pub fn chosen(&self) -> usize {
+        self.chosen
+    }
+
+    pub fn summary(&self) -> AdaptSummary {
+        AdaptSummary {
+            steps: self.steps.clone(),
+            chosen: self.chosen,
+            cost: self.cost.clone(),
+        }
+    }
+
+    /// The cost of width `w`: observed, else interpolated between the nearest observed widths.
+    fn cost_of(&self, w: usize) -> Option<f64> {
+        if let Some(c) = self.cost[w] {
+            return Some(c);
+        }
+        let lo = (1..w).rev().find_map(|x| self.cost[x].map(|c| (x, c)));
+        let hi = (w + 1..=self.max_block).find_map(|x| self.cost[x].map(|c| (x, c)));
+        match (lo, hi) {
+            (Some((a, ca)), Some((b, cb))) => {
+                Some(ca + (cb - ca) * (w - a) as f64 / (b - a) as f64)
+            }
+            _ => None,
+        }
+    }
+
+    /// The width of the most expected tokens per second.
+    fn best(&self, stats: &AcceptanceStats) -> usize {
+        let Some(plain) = self.cost_of(1).filter(|&c| c > 0.0) else {
+            return self.max_block;
+        };
+        let mut best = (1, 1.0 / plain * MARGIN);
+        let mut tau = 1.0;
+        let mut run = 1.0;
+        let mut last_rate = 0.0;
+        for w in 2..=self.max_block {
+            let rate = stats.position_acceptance_rate(w - 2).unwrap_or(last_rate);
+            last_rate = rate;
+            run *= rate;
+            tau += run;
+            if let Some(c) = self.cost_of(w).filter(|&c| c > 0.0) {
+                if tau / c > best.1 {
+                    best = (w, tau / c);
+                }
+            }
+        }
+        best.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(accepted: &[(usize, usize)]) -> AcceptanceStats {
+        let mut s = AcceptanceStats::new();
+        for &(a, n) in accepted {
+            s.record(a, n).unwrap();
+        }
+        s
+    }
+
+    /// Runs the controller for `steps` steps with a cost per width and fixed acceptance.
+    fn drive(steps: usize, cost: impl Fn(usize) -> f64, s: &AcceptanceStats) -> Adaptive {
+        let mut a = Adaptive::new(8);
+        for _ in 0..steps {
+            let w = a.next_width(s);
+            a.observe(w, cost(w));
+        }
+        a
+    }
+
+    #[test]
+    fn turns_drafting_off_when_a_round_costs_more_than_it_gains() {
+        // τ ≈ 2 per round, a round costs 3 plain steps: plain wins.
+        let s = stats(&[(1, 7), (1, 7), (1, 7)]);
+        let a = drive(100, |w| if w == 1 { 1.0 } else { 3.0 }, &s);
+        assert_eq!(a.chosen(), 1);
+        let sum = a.summary();
+        // Probes still run the full block now and then; most steps are plain.
+        assert!(sum.steps[1] > 80, "{sum:?}");
+        assert!(sum.describe().contains("drafting off"), "{}", sum.describe());
+    }
+
+    #[test]
+    fn keeps_drafting_when_it_pays_and_picks_the_best_block() {
+        // Every draft accepted, a round costs 1.5 plain steps: the full block.
+        let s = stats(&[(7, 7), (7, 7), (7, 7)]);
+        let a = drive(100, |w| if w == 1 { 1.0 } else { 1.5 }, &s);
+        assert_eq!(a.chosen(), 8);
+        // Only the first two positions accepted, cost growing with the width: block 3.
+        let s = stats(&[(2, 7), (2, 7), (2, 7)]);
+        let a = drive(100, |w| 1.0 + 0.25 * (w - 1) as f64, &s);
+        assert_eq!(a.chosen(), 3, "{:?}", a.summary());
+    }
+
+    #[test]
+    fn a_margin_keeps_plain_decoding_when_drafting_barely_pays() {
+        // τ = 2 for twice the cost: equal speed, plain is kept.
+        let s = stats(&[(1, 1), (1, 1), (1, 1)]);
+        let mut a = Adaptive::new(2);
+        for _ in 0..50 {
+            let w = a.next_width(&s);
+            a.observe(w, if w == 1 { 1.0 } else { 2.0 });
+        }
+        assert_eq!(a.chosen(), 1);
+    }
+
+    #[test]
+    fn bad_observations_are_ignored() {
+        let mut a = Adaptive::new(4);
+        a.observe(0, 1.0);
+        a.observe(9, 1.0);
+        a.observe(2, f64::NAN);
+        a.observe(2, -1.0);
+        assert_eq!(a.summary().steps, vec![0; 5]);
+    }
+}
