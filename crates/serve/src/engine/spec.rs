@@ -411,11 +411,14 @@ impl<B: Backend> Sched<B> {
         }
     }
 
-    /// Prefills speculative prompts in arrival order with `budget` tokens (cut at the backend's
-    /// granularity; at least one chunk when any prompt waits); a complete prompt emits its first
-    /// token. Returns the budget left.
+    /// Prefills speculative prompts in arrival order while `budget` tokens are left: one chunk
+    /// per prompt and step, of `max_batched_tokens` cut at the backend's granularity (the last
+    /// chunk takes the rest), so a short prompt arriving behind a long one is prefilled in the
+    /// same step as the long one's next chunk. A complete prompt emits its first token at once.
+    /// Returns the budget left.
     pub(super) fn spec_prefill_step(&mut self, mut budget: usize) -> usize {
         let g = self.backend.prefill_granularity().max(1);
+        let chunk = (self.cfg.max_batched_tokens / g).max(1) * g;
         let tok = self.tokenizer.clone();
         let mut i = 0;
         while budget > 0 && i < self.spec_running.len() {
@@ -425,16 +428,13 @@ impl<B: Backend> Sched<B> {
                 continue;
             }
             let rest = r.p.prompt.len() - r.prefilled;
-            let n = if rest <= budget { rest } else { budget / g * g };
-            if n == 0 {
-                break;
-            }
+            let n = rest.min(chunk);
             let start = r.prefilled;
             let last = start + n == r.p.prompt.len();
             let want = last.then(|| r.stream.prefill_want());
-            let chunk = &r.p.prompt[start..start + n];
-            let rows = r.seq.as_backend().prefill(chunk, want);
-            budget -= n;
+            let tokens = &r.p.prompt[start..start + n];
+            let rows = r.seq.as_backend().prefill(tokens, want);
+            budget = budget.saturating_sub(n);
             let rows = match rows {
                 Ok(rows) => rows,
                 Err(e) => {
@@ -446,6 +446,7 @@ impl<B: Backend> Sched<B> {
             };
             r.prefilled += n;
             if !last {
+                i += 1;
                 continue;
             }
             let started = match rows {
