@@ -238,7 +238,11 @@ mod tests {
         let sum = a.summary();
         // Probes still run the full block now and then; most steps are plain.
         assert!(sum.steps[1] > 80, "{sum:?}");
-        assert!(sum.describe().contains("drafting off"), "{}", sum.describe());
+        assert!(
+            sum.describe().contains("drafting off"),
+            "{}",
+            sum.describe()
+        );
     }
 
     #[test]

@@ -14,14 +14,12 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::accept::sample_index;
 use crate::adapt::{AdaptSummary, BlockPolicy};
-use crate::stream::SpecStream;
 use crate::config::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::drafter::{DraftCache, Drafter, DrafterError};
 use crate::probs::SamplingDist;
+use crate::stream::SpecStream;
 use crate::target::DraftTarget;
-use crate::{
-    AcceptError, Acceptance, AcceptanceStats,
-};
+use crate::{AcceptError, Acceptance, AcceptanceStats};
 
 /// Everything that can stop a speculative generation with an error.
 #[derive(Debug, thiserror::Error)]
@@ -544,7 +542,12 @@ pub(crate) fn argmax_suffices(params: &SamplingParams) -> bool {
 
 /// Row `i` (of `V = v` logits) of target rows, for a `target_logits` caller of
 /// [`run_speculative_rows`]: `Ok(None)` when not asked for.
-pub(crate) fn target_row(rows: &Rows, i: usize, v: usize, asked: bool) -> Result<Option<&[f32]>, SpecError> {
+pub(crate) fn target_row(
+    rows: &Rows,
+    i: usize,
+    v: usize,
+    asked: bool,
+) -> Result<Option<&[f32]>, SpecError> {
     match rows {
         _ if !asked => Ok(None),
         Rows::Logits(l) => Ok(Some(&l[i * v..(i + 1) * v])),
@@ -759,7 +762,11 @@ impl Emitter {
         }
     }
 
-    pub(crate) fn finish(self, stats: AcceptanceStats, stop_cause: Option<StopCause>) -> SpecOutput {
+    pub(crate) fn finish(
+        self,
+        stats: AcceptanceStats,
+        stop_cause: Option<StopCause>,
+    ) -> SpecOutput {
         SpecOutput {
             tokens: self.tokens,
             stats,

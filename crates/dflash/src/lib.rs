@@ -97,12 +97,12 @@ pub mod toy;
 pub use accept::{
     accept_greedy, accept_sampled, Acceptance, Dist, UniformSource, DEFAULT_PROB_TOLERANCE,
 };
-pub use config::{DraftAttn, DrafterConfig, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use adapt::{AdaptSummary, Adaptive, BlockPolicy};
+pub use config::{DraftAttn, DrafterConfig, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use decode::{
     prefill_prompt, run_speculative, run_speculative_rows, run_speculative_with,
-    speculative_generate, CpuBackend,
-    OnTokenRow, Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions, SpecOutput, Want,
+    speculative_generate, CpuBackend, OnTokenRow, Round, Rows, SpecBackend, SpecDecoder, SpecError,
+    SpecOptions, SpecOutput, Want,
 };
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;

@@ -235,9 +235,7 @@ impl SpecStream {
             } else {
                 &mut []
             };
-            let d = self
-                .picker
-                .pick_row(&rows, i, v, &self.stops.history, q)?;
+            let d = self.picker.pick_row(&rows, i, v, &self.stops.history, q)?;
             self.drafts.push(d);
             self.stops.history.push(d);
         }

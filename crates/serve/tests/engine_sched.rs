@@ -36,6 +36,11 @@ enum Call {
     SpecPrefill { first: u32, n: usize },
     /// A speculative verify block of `n` tokens.
     Verify { first: u32, n: usize },
+    /// One batched verify pass over the requests with these first tokens (their `Verify`
+    /// entries follow).
+    VerifyBatch(Vec<u32>),
+    /// One batched draft pass over the requests with these first tokens.
+    DraftBatch(Vec<u32>),
 }
 
 struct Scripted {
@@ -166,6 +171,39 @@ impl SpecBackend for ScriptedSpec {
         self.seq.truncate(start + keep);
         self.ctx = self.seq.len();
         Ok(())
+    }
+    fn draft_batch(
+        states: &mut [&mut Self],
+        x_last: &[u32],
+        block: &[usize],
+        want: &[Want],
+    ) -> Vec<Result<Rows, SpecError>> {
+        if let Some(s) = states.first() {
+            let firsts = states.iter().map(|s| s.seq[0]).collect();
+            s.log.lock().unwrap().push(Call::DraftBatch(firsts));
+        }
+        states
+            .iter_mut()
+            .zip(x_last.iter().zip(block).zip(want))
+            .map(|(s, ((&x, &b), &w))| s.draft(x, b, w))
+            .collect()
+    }
+    fn verify_batch(
+        states: &mut [&mut Self],
+        tokens: &[&[u32]],
+        want: &[Want],
+    ) -> Vec<Result<Rows, SpecError>> {
+        if let Some(s) = states.first() {
+            // One pass takes the time of one, whatever it holds.
+            std::thread::sleep(Duration::from_millis(2));
+            let firsts = states.iter().map(|s| s.seq[0]).collect();
+            s.log.lock().unwrap().push(Call::VerifyBatch(firsts));
+        }
+        states
+            .iter_mut()
+            .zip(tokens.iter().zip(want))
+            .map(|(s, (t, &w))| s.verify(t, w))
+            .collect()
     }
 }
 
@@ -533,5 +571,67 @@ fn speculative_prompts_are_prefilled_in_chunks_between_rounds() {
     let a = engine.submit(request(long, 9)).unwrap();
     assert_eq!(drain(a.events).0, counting(399, 9));
     assert_eq!(spec_chunks(&log.lock().unwrap(), 100), vec![(0, 300)]);
+    engine.shutdown();
+}
+
+/// Concurrent speculative requests share the scheduler's passes: every step runs ONE batched
+/// draft pass and ONE batched verify pass holding every running request (no request verifies
+/// twice in a pass), each request keeps its own length and block width, and each gets exactly
+/// its own tokens.
+#[test]
+fn concurrent_speculative_requests_share_one_draft_and_one_verify_pass_per_step() {
+    let opts = SpecOptions {
+        block_size: 4,
+        eos_token_ids: Vec::new(),
+        prefill_chunk: None,
+    };
+    let (engine, log) = start_with(64, usize::MAX, None, Some(opts), 1);
+    // Prompts of different lengths and budgets (blocks shrink to each one's tokens left).
+    let subs: Vec<_> = [(10u32, 3usize, 13usize), (20, 6, 9), (30, 1, 17)]
+        .iter()
+        .map(|&(first, plen, max)| {
+            let prompt: Vec<u32> = (0..plen as u32).map(|i| first + i).collect();
+            let last = *prompt.last().unwrap();
+            (engine.submit(request(prompt, max)).unwrap(), last, max)
+        })
+        .collect();
+    for (sub, last, max) in subs {
+        let (tokens, fin) = drain(sub.events);
+        assert_eq!(tokens, counting(last, max));
+        assert_eq!(fin.reason, FinishReason::Length);
+    }
+    let log = log.lock().unwrap().clone();
+    let batches: Vec<&Vec<u32>> = log
+        .iter()
+        .filter_map(|c| match c {
+            Call::VerifyBatch(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert!(!batches.is_empty(), "{log:?}");
+    for b in &batches {
+        let mut u = (*b).clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(
+            u.len(),
+            b.len(),
+            "a request verified twice in one pass: {log:?}"
+        );
+    }
+    // Once all three run, one pass carries all three.
+    assert!(
+        batches.iter().any(|b| b.len() == 3),
+        "the three requests never shared a verify pass: {log:?}"
+    );
+    // Every Verify belongs to the batch announced before it, and every draft pass is batched.
+    let verifies = log
+        .iter()
+        .filter(|c| matches!(c, Call::Verify { .. }))
+        .count();
+    assert_eq!(verifies, batches.iter().map(|b| b.len()).sum::<usize>());
+    assert!(log
+        .iter()
+        .any(|c| matches!(c, Call::DraftBatch(f) if f.len() == 3)));
     engine.shutdown();
 }

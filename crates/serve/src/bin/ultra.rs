@@ -415,6 +415,25 @@ enum Cmd {
         soak: Option<f64>,
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         soak_every: u64,
+        /// Instead of the throughput run: concurrent-stream sweep, e.g. 1,4,16,64 — N streams
+        /// each sending --requests-per-stream requests one after another: aggregate and
+        /// per-stream tok/s, TTFT and inter-token p50/p99 per N (max_running is raised to the
+        /// largest N).
+        #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
+        streams: Vec<usize>,
+        /// With --streams: requests each stream sends.
+        #[arg(long, default_value_t = 2)]
+        requests_per_stream: usize,
+        /// With --streams: run the sweep with the drafter (dflash) and without it (plain).
+        #[arg(long)]
+        compare_draft: bool,
+        /// With --streams: a running server's gRPC address (http://HOST:PORT) instead of an
+        /// in-process one.
+        #[arg(long)]
+        url: Option<String>,
+        /// With --streams: what the streams send (uniform: random prompts of --prompt-tokens).
+        #[arg(long, default_value = "uniform")]
+        workload: String,
     },
     /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
     /// one {"prompt": ...} per line), greedy, on the CPU or (--device cuda) GPU executor.
@@ -676,7 +695,10 @@ fn run(cli: Cli) -> Result<()> {
                         &params,
                         &mut stdout,
                     )?;
-                    (r.generation, Some((r.stats, r.block_size, r.adaptive)))
+                    (
+                        r.generation,
+                        Some((r.stats, r.block_size, r.adaptive, r.plain_steps)),
+                    )
                 }
                 None => (
                     commands::generate::generate(&loaded, &ids, &params, &mut stdout)?,
@@ -695,7 +717,7 @@ fn run(cli: Cli) -> Result<()> {
                 g.time_to_first_token_s * 1e3,
                 g.decode_tokens_per_s
             );
-            if let Some((stats, b, adaptive)) = spec {
+            if let Some((stats, b, adaptive, plain_steps)) = spec {
                 let pos: Vec<String> = (0..b - 1)
                     .map(|i| {
                         stats
@@ -710,10 +732,12 @@ fn run(cli: Cli) -> Result<()> {
                     pos.join(", "),
                     stats.histogram()
                 );
-                eprintln!(
-                    "speculation: {}",
-                    adaptive.map_or(format!("fixed block {b}"), |a| a.describe())
-                );
+                match adaptive {
+                    Some(a) => {
+                        eprintln!("speculation: {plain_steps} plain steps; {}", a.describe())
+                    }
+                    None => eprintln!("speculation: fixed block {b}"),
+                }
             }
         }
         Cmd::Score { text, m, json } => {
@@ -876,7 +900,47 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             soak,
             soak_every,
+            streams,
+            requests_per_stream,
+            compare_draft,
+            url,
+            workload,
         } => {
+            if !streams.is_empty() {
+                let sweep = commands::bench_serve::Sweep {
+                    streams,
+                    requests_per_stream,
+                    prompt_tokens,
+                    max_tokens,
+                    seed,
+                    workload,
+                };
+                println!(
+                    "bench-serve sweep: {} workload, {prompt_tokens}-token prompts, {max_tokens} tokens each, {requests_per_stream} requests per stream",
+                    sweep.workload
+                );
+                match url {
+                    Some(url) => {
+                        commands::bench_serve::run_url(&url, &sweep)?;
+                    }
+                    None => {
+                        let setup = s.setup()?;
+                        println!(
+                            "in-process server, {}, {} threads",
+                            match setup.device {
+                                commands::serve::ServeDevice::Cpu => "CPU".to_string(),
+                                commands::serve::ServeDevice::Cuda(i) => format!("GPU {i}"),
+                            },
+                            rayon::current_num_threads()
+                        );
+                        commands::bench_serve::run_local(setup, &sweep, compare_draft)?;
+                    }
+                }
+                return Ok(());
+            }
+            if url.is_some() || compare_draft {
+                bail!("--url and --compare-draft go with --streams");
+            }
             let setup = s.setup()?;
             if let Some(minutes) = soak {
                 if !(minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {

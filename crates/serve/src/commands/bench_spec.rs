@@ -41,7 +41,11 @@ pub struct SetReport {
     pub position_acceptance: Vec<Option<f64>>,
     pub plain_tokens_per_s: f64,
     pub spec_tokens_per_s: f64,
-    /// Prompts whose speculative output differs from the plain output.
+    /// Adaptive speculation (`dflash::BlockPolicy::Adaptive`): decode tok/s and what it chose
+    /// at the end of each prompt (`off` or the block size → prompts).
+    pub adaptive_tokens_per_s: f64,
+    pub adaptive_choices: std::collections::BTreeMap<String, usize>,
+    /// Prompts whose speculative output (fixed or adaptive) differs from the plain output.
     pub mismatches: usize,
 }
 
@@ -119,7 +123,7 @@ pub fn run(
             };
             let ids = [0u32, 100, 200, 300];
             seqs.plain(&ids, &warm)?;
-            seqs.speculative(&ids, &warm)?;
+            seqs.speculative(&ids, &warm, dflash::BlockPolicy::Fixed)?;
             run_sets(loaded, seqs, sets, &params, limit)
         }
     }
@@ -154,6 +158,8 @@ pub fn run_sets<E: Executor, S: SpecBackend>(
         let (mut plain_tok, mut plain_s, mut spec_tok, mut spec_s) = (0usize, 0f64, 0usize, 0f64);
         let mut mismatches = 0;
         let mut generated = 0;
+        let (mut ad_tok, mut ad_s) = (0usize, 0f64);
+        let mut choices = std::collections::BTreeMap::new();
         for p in &prompts {
             let ids = prompt_ids(loaded, Some(p), None, false)?;
             if let Some(cap) = seqs.capacity.filter(|&c| ids.len() + params.max_tokens > c) {
@@ -166,10 +172,21 @@ pub fn run_sets<E: Executor, S: SpecBackend>(
             let (plain, n, s) = seqs.plain(&ids, params)?;
             plain_tok += n;
             plain_s += s;
-            let (out, n, s) = seqs.speculative(&ids, params)?;
+            let (out, n, s) = seqs.speculative(&ids, params, dflash::BlockPolicy::Fixed)?;
             spec_tok += n;
             spec_s += s;
-            if out.tokens != plain {
+            let (ad, n, s) = seqs.speculative(&ids, params, dflash::BlockPolicy::Adaptive)?;
+            ad_tok += n;
+            ad_s += s;
+            let choice = ad.adaptive.as_ref().map_or("-".to_string(), |a| {
+                if a.chosen <= 1 {
+                    "off".to_string()
+                } else {
+                    format!("B={}", a.chosen)
+                }
+            });
+            *choices.entry(choice).or_insert(0) += 1;
+            if out.tokens != plain || ad.tokens != plain {
                 mismatches += 1;
             }
             generated += out.tokens.len();
@@ -190,6 +207,8 @@ pub fn run_sets<E: Executor, S: SpecBackend>(
                 .collect(),
             plain_tokens_per_s: plain_tok as f64 / plain_s.max(1e-12),
             spec_tokens_per_s: spec_tok as f64 / spec_s.max(1e-12),
+            adaptive_tokens_per_s: ad_tok as f64 / ad_s.max(1e-12),
+            adaptive_choices: choices,
             mismatches,
         });
     }
@@ -219,19 +238,22 @@ impl<E: Executor, S: SpecBackend> Sequences<'_, E, S> {
         &mut self,
         ids: &[u32],
         params: &SamplingParams,
+        policy: dflash::BlockPolicy,
     ) -> Result<(dflash::SpecOutput, usize, f64)> {
         self.spec.reset()?;
         let t0 = Instant::now();
         let mut first = None;
-        let mut on_token = |_| {
+        let mut on_token = |_, _: Option<&[f32]>| {
             first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
             ControlFlow::Continue(())
         };
-        let out = dflash::run_speculative(
+        let out = dflash::run_speculative_with(
             &mut *self.spec,
             self.opts,
+            policy,
             ids,
             params,
+            false,
             &mut on_token,
             &mut |_| {},
         )?;
@@ -245,9 +267,9 @@ impl<E: Executor, S: SpecBackend> Sequences<'_, E, S> {
 pub fn print(reports: &[SetReport]) {
     let block_size = reports.first().map_or(0, |r| r.block_size);
     println!(
-        "| set | prompts | tokens | τ (block {block_size}) | rounds | acceptance by draft position | plain tok/s | DFlash tok/s | speedup | spec ≠ plain |"
+        "| set | prompts | tokens | τ (block {block_size}) | rounds | acceptance by draft position | plain tok/s | DFlash tok/s | speedup | adaptive tok/s | adaptive chose | spec ≠ plain |"
     );
-    println!("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|");
     for r in reports {
         let pos: Vec<String> = r
             .position_acceptance
@@ -255,7 +277,7 @@ pub fn print(reports: &[SetReport]) {
             .map(|x| x.map_or("-".into(), |v| format!("{v:.2}")))
             .collect();
         println!(
-            "| {} | {} | {} | {:.2} | {} | {} | {:.1} | {:.1} | {:.2}x | {} |",
+            "| {} | {} | {} | {:.2} | {} | {} | {:.1} | {:.1} | {:.2}x | {:.1} | {} | {} |",
             r.name,
             r.prompts,
             r.generated_tokens,
@@ -265,6 +287,12 @@ pub fn print(reports: &[SetReport]) {
             r.plain_tokens_per_s,
             r.spec_tokens_per_s,
             r.spec_tokens_per_s / r.plain_tokens_per_s.max(1e-12),
+            r.adaptive_tokens_per_s,
+            r.adaptive_choices
+                .iter()
+                .map(|(c, n)| format!("{c} ×{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             r.mismatches
         );
     }

@@ -37,14 +37,14 @@ pub struct ServeSetup {
     pub device: ServeDevice,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?)
 }
 
-async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
+pub(crate) async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
     let model_id = setup.engine.model_id.clone();
     Server::start(opts, model_id, move || match (&setup.model, setup.device) {
         (Some(dir), ServeDevice::Cpu) => {

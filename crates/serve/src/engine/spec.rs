@@ -40,8 +40,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use dflash::{
-    DraftTarget, Drafter, Plan, Round, Rows, SpecBackend, SpecDecoder, SpecError,
-    SpecOptions, SpecStream, Want,
+    DraftTarget, Drafter, Plan, Round, Rows, SpecBackend, SpecDecoder, SpecError, SpecOptions,
+    SpecStream, Want,
 };
 use model::config::ModelConfig;
 use model::cpu::{CpuModel, VerifyOutput};
@@ -268,12 +268,7 @@ impl<B: Backend> Sched<B> {
                 }
             }
         });
-        let out = TokenOutput::new(
-            &p.params,
-            &self.eos,
-            &p.prompt,
-            self.tokenizer.is_some(),
-        );
+        let out = TokenOutput::new(&p.params, &self.eos, &p.prompt, self.tokenizer.is_some());
         let (seq, stream, out) = match (started, out) {
             (Ok((seq, stream)), Ok(out)) => (seq, stream, out),
             (Ok((seq, _)), Err(e)) => {
@@ -366,11 +361,7 @@ impl<B: Backend> Sched<B> {
 
     /// Ends a request after its stream stopped or failed: the cause the output or the loop
     /// reported.
-    fn end_spec_outcome(
-        &mut self,
-        r: SpecRunning<B::Sequence, B::Spec>,
-        err: Option<SpecError>,
-    ) {
+    fn end_spec_outcome(&mut self, r: SpecRunning<B::Sequence, B::Spec>, err: Option<SpecError>) {
         if let Some(e) = err {
             let msg = e.to_string();
             return self.end_spec(r, FinishReason::Error, "error", None, Some(msg));
@@ -465,7 +456,9 @@ impl<B: Backend> Sched<B> {
                         push_token(out, batch, finish, failure, tok.as_deref(), lp, t, row)
                     })
                 }
-                None => Err(SpecError::TargetOutput("the prefill returned no row".into())),
+                None => Err(SpecError::TargetOutput(
+                    "the prefill returned no row".into(),
+                )),
             };
             // The first token goes out at once (TTFT).
             let sent = flush_spec(&self.shared.metrics, &mut self.spec_running[i]);
