@@ -330,12 +330,21 @@ pub trait SpecBackend {
 /// request: `CpuBackend::new(session, Arc<Drafter>)`). Its
 /// [`SpecBackend::verify_batch`] runs every block through the target's
 /// [`model::Executor::forward_batch`] (one pass on the CPU executor).
+///
+/// Committed tokens' features become drafter context lazily: [`SpecBackend::commit`] keeps them
+/// and the next draft (or prefill) appends all kept rows in one call. A round that drafts sees
+/// exactly the context it always did (the drafter's context rows do not depend on how many are
+/// appended at once); a run of plain steps (adaptive speculation with drafting off) costs no
+/// drafter work until it drafts again.
 pub struct CpuBackend<T: DraftTarget, D: Borrow<Drafter> = Arc<Drafter>> {
     target: T,
     drafter: D,
     cache: DraftCache,
     /// Position and output of the latest verify (its hidden states feed [`SpecBackend::commit`]).
     verified: Option<(usize, VerifyOutput)>,
+    /// Features of committed tokens not yet in `cache` (`pending_rows` rows).
+    pending: Vec<f32>,
+    pending_rows: usize,
 }
 
 impl<T: DraftTarget, D: Borrow<Drafter>> CpuBackend<T, D> {
@@ -348,7 +357,26 @@ impl<T: DraftTarget, D: Borrow<Drafter>> CpuBackend<T, D> {
             drafter,
             cache,
             verified: None,
+            pending: Vec::new(),
+            pending_rows: 0,
         })
+    }
+
+    /// Committed positions of the drafter context (appended or kept for the next draft).
+    fn context_len(&self) -> usize {
+        self.cache.len() + self.pending_rows
+    }
+
+    /// Appends the kept features to the drafter context.
+    fn flush_context(&mut self) -> Result<(), SpecError> {
+        if self.pending_rows > 0 {
+            self.drafter
+                .borrow()
+                .append_context(&mut self.cache, &self.pending)?;
+            self.pending.clear();
+            self.pending_rows = 0;
+        }
+        Ok(())
     }
 
     /// The target sequence.
@@ -388,14 +416,15 @@ impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
         if chunk.is_empty() {
             return Err(SpecError::EmptyPrompt);
         }
-        if self.target.len() != self.cache.len() {
+        if self.target.len() != self.context_len() {
             return Err(SpecError::TargetOutput(format!(
                 "the target holds {} positions, the drafter context {}",
                 self.target.len(),
-                self.cache.len()
+                self.context_len()
             )));
         }
         self.verified = None;
+        self.flush_context()?;
         let mut out = self.forward(chunk)?;
         let h = self.hidden_size();
         self.drafter
@@ -405,13 +434,14 @@ impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
     }
 
     fn draft(&mut self, x_last: u32, block_size: usize, _want: Want) -> Result<Rows, SpecError> {
-        if self.target.len() != self.cache.len() {
+        if self.target.len() != self.context_len() {
             return Err(SpecError::TargetOutput(format!(
                 "the target holds {} positions, {} were committed",
                 self.target.len(),
-                self.cache.len()
+                self.context_len()
             )));
         }
+        self.flush_context()?;
         Ok(Rows::Logits(self.drafter.borrow().draft(
             &mut self.cache,
             self.target.embedding(),
@@ -440,9 +470,8 @@ impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
         }
         self.target.truncate(start + keep).map_err(target_err)?;
         let h = self.hidden_size();
-        self.drafter
-            .borrow()
-            .append_context(&mut self.cache, &features(&out, keep, h))?;
+        self.pending.extend(features(&out, keep, h));
+        self.pending_rows += keep;
         Ok(())
     }
 
@@ -450,6 +479,8 @@ impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
         self.target.truncate(0).map_err(target_err)?;
         self.cache = self.drafter.borrow().new_cache();
         self.verified = None;
+        self.pending.clear();
+        self.pending_rows = 0;
         Ok(())
     }
 

@@ -32,6 +32,10 @@ struct SpecLine {
     per_position: Vec<Option<f64>>,
     /// Rounds by accepted drafts.
     histogram: Vec<u64>,
+    /// Plain steps adaptive speculation chose (0 with --fixed-block).
+    plain_steps: u64,
+    /// The `speculation:` line: what the block policy chose.
+    choice: String,
 }
 
 fn between<'a>(s: &'a str, before: &str, after: &str) -> &'a str {
@@ -72,6 +76,17 @@ fn spec_line(err: &str) -> SpecLine {
             .iter()
             .map(|x| x.parse().unwrap())
             .collect(),
+        plain_steps: err
+            .lines()
+            .find_map(|l| l.strip_prefix("speculation: "))
+            .and_then(|l| l.split(" plain steps").next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        choice: err
+            .lines()
+            .find_map(|l| l.strip_prefix("speculation: "))
+            .unwrap_or_else(|| panic!("no speculation line in {err}"))
+            .to_string(),
     }
 }
 
@@ -96,11 +111,17 @@ fn generate_uses_the_default_model_and_drafter() {
     assert!(err.contains("tok/s"), "{err}");
     assert!(!text(&spec.stdout).trim().is_empty());
     // The statistics describe this run: every round is in the histogram, τ is the mean of
-    // (accepted + 1) over the rounds, and the tokens of all rounds plus the prefill's first one
-    // are the generated tokens (EOS ignored, so the last block shrinks to end at max_tokens).
+    // (accepted + 1) over the rounds, and the tokens of all rounds, of the plain steps adaptive
+    // speculation chose and the prefill's first one are the generated tokens (EOS ignored, so
+    // the last block shrinks to end at max_tokens).
     let st = spec_line(&err);
     assert_eq!(st.block, 8, "{err}");
     assert_eq!(st.generated, 24, "{err}");
+    // The default model uses its drafter, adaptively: it drafts its warm-up rounds at the full
+    // block, then keeps drafting only where a round is measured to pay on this machine (on the
+    // CPU the default model usually decodes plain steps after the warm-up: never slower than
+    // --no-draft), and says what it chose.
+    assert!(st.choice.contains("adaptive: "), "{err}");
     assert!(st.rounds > 0 && st.histogram.len() <= st.block, "{st:?}");
     assert_eq!(st.histogram.iter().sum::<u64>(), st.rounds, "{st:?}");
     let emitted: u64 = st
@@ -109,7 +130,7 @@ fn generate_uses_the_default_model_and_drafter() {
         .enumerate()
         .map(|(a, &n)| (a as u64 + 1) * n)
         .sum();
-    assert_eq!(1 + emitted, st.generated, "{st:?}");
+    assert_eq!(1 + emitted + st.plain_steps, st.generated, "{st:?}");
     let tau = emitted as f64 / st.rounds as f64;
     assert!((st.tau - tau).abs() <= 0.005, "{st:?}: tau {tau}");
     assert!((1.0..=st.block as f64).contains(&st.tau), "{st:?}");
@@ -148,6 +169,34 @@ fn generate_uses_the_default_model_and_drafter() {
     assert!(!perr.contains("speculative"), "{perr}");
     // Greedy speculative decoding is lossless.
     assert_eq!(text(&plain.stdout), text(&spec.stdout));
+
+    // --fixed-block: every round drafts the full block, no plain steps; the same text.
+    let fixed = ultra(
+        &cache,
+        &[
+            "generate",
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--fixed-block",
+            "--threads",
+            "2",
+            "def fibonacci(n):",
+        ],
+    );
+    let ferr = text(&fixed.stderr);
+    assert!(fixed.status.success(), "{ferr}");
+    let fst = spec_line(&ferr);
+    assert_eq!(fst.choice, "fixed block 8", "{ferr}");
+    assert_eq!(fst.plain_steps, 0, "{ferr}");
+    let emitted: u64 = fst
+        .histogram
+        .iter()
+        .enumerate()
+        .map(|(a, &n)| (a as u64 + 1) * n)
+        .sum();
+    assert_eq!(1 + emitted, fst.generated, "{fst:?}");
+    assert_eq!(text(&fixed.stdout), text(&spec.stdout));
     let _ = std::fs::remove_dir_all(&cache);
 }
 
@@ -175,6 +224,12 @@ fn bench_spec_and_bad_arguments() {
     assert!(out.status.success(), "{err}");
     let table = text(&out.stdout);
     assert!(table.contains("| tiny | 2 | 24 |"), "{table}");
+    // What adaptive speculation chose for each prompt (drafting off or a block size).
+    assert!(table.contains("adaptive chose"), "{table}");
+    assert!(
+        table.lines().any(|l| l.contains("off ×") || l.contains("B=")),
+        "{table}"
+    );
     assert!(
         table.trim_end().ends_with("| 0 |"),
         "speculative != plain: {table}"
