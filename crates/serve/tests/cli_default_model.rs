@@ -227,7 +227,9 @@ fn bench_spec_and_bad_arguments() {
     // What adaptive speculation chose for each prompt (drafting off or a block size).
     assert!(table.contains("adaptive chose"), "{table}");
     assert!(
-        table.lines().any(|l| l.contains("off ×") || l.contains("B=")),
+        table
+            .lines()
+            .any(|l| l.contains("off ×") || l.contains("B=")),
         "{table}"
     );
     assert!(

@@ -117,7 +117,7 @@ type HostSpec<S> = dflash::CpuBackend<HostTarget<S>, Arc<Drafter>>;
 /// What the scheduler holds for a speculative request.
 enum SpecSeq<S: Executor, D> {
     /// The target sequence and the CPU drafter's context.
-    Host(HostSpec<S>),
+    Host(Box<HostSpec<S>>),
     /// The target sequence and the drafter state on the device.
     Device(D),
 }
@@ -125,7 +125,7 @@ enum SpecSeq<S: Executor, D> {
 impl<S: Executor, D: SpecBackend> SpecSeq<S, D> {
     fn as_backend(&mut self) -> &mut dyn SpecBackend {
         match self {
-            SpecSeq::Host(h) => h,
+            SpecSeq::Host(h) => &mut **h,
             SpecSeq::Device(d) => d,
         }
     }
@@ -171,6 +171,7 @@ impl<S: Executor, D> SpecRunning<S, D> {
 
 /// Pushes an emitted token into the request's output and round batch (a closure body of
 /// `SpecStream::start` / `emit`).
+#[allow(clippy::too_many_arguments)]
 fn push_token(
     out: &mut TokenOutput,
     batch: &mut Batch,
@@ -242,7 +243,7 @@ impl<B: Backend> Sched<B> {
                     model: spec.decoder.model().clone(),
                 };
                 dflash::CpuBackend::new(target, spec.decoder.drafter_arc().clone())
-                    .map(SpecSeq::Host)
+                    .map(|h| SpecSeq::Host(Box::new(h)))
                     .map_err(anyhow::Error::new)
             }),
             (None, Some(_)) => self.backend.new_spec(positions).map(SpecSeq::Device),
@@ -304,7 +305,7 @@ impl<B: Backend> Sched<B> {
     fn release_seq(&self, seq: SpecSeq<B::Sequence, B::Spec>) {
         match seq {
             SpecSeq::Host(h) => {
-                let (target, _) = h.into_parts();
+                let (target, _) = (*h).into_parts();
                 self.backend.release(target.seq);
             }
             SpecSeq::Device(d) => self.backend.release_spec(d),
@@ -657,7 +658,7 @@ impl<B: Backend> Sched<B> {
             match &mut r.seq {
                 SpecSeq::Host(h) => {
                     kind.push(true);
-                    host.push(h);
+                    host.push(&mut **h);
                 }
                 SpecSeq::Device(d) => {
                     kind.push(false);
