@@ -23,9 +23,9 @@
 use crate::AcceptanceStats;
 
 /// Rounds at the full block size, then plain steps, before the first choice.
-pub const WARMUP: u64 = 3;
+pub const WARMUP: u64 = 2;
 /// Steps between probes of the mode not chosen, at first and after a change.
-pub const MIN_INTERVAL: u64 = 16;
+pub const MIN_INTERVAL: u64 = 32;
 /// Most steps between probes.
 pub const MAX_INTERVAL: u64 = 256;
 /// Drafting is chosen only when its tokens per second beat a plain step's by this factor.
