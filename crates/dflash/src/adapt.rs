@@ -83,12 +83,53 @@ impl AdaptSummary {
     }
 }
 
+/// What earlier sequences measured (a server's finished requests): a new sequence starts from it
+/// instead of warming up ([`Adaptive::set_prior`]), so a short request on a device where drafting
+/// does not pay starts with plain steps.
+#[derive(Debug, Clone, Default)]
+pub struct AdaptPrior {
+    /// Index `w`: the latest measured seconds of a step of width `w`.
+    pub cost: Vec<Option<f64>>,
+    /// Acceptance of recent rounds (at most about [`PRIOR_ROUNDS`]).
+    pub stats: AcceptanceStats,
+}
+
+/// Rounds an [`AdaptPrior`] keeps before it starts over from the latest sequence's.
+pub const PRIOR_ROUNDS: u64 = 512;
+
+impl AdaptPrior {
+    /// Takes in what a finished sequence measured.
+    pub fn absorb(&mut self, s: &AdaptSummary, stats: &AcceptanceStats) {
+        if self.cost.len() < s.cost.len() {
+            self.cost.resize(s.cost.len(), None);
+        }
+        for (c, n) in self.cost.iter_mut().zip(&s.cost) {
+            if n.is_some() {
+                *c = *n;
+            }
+        }
+        if self.stats.rounds() + stats.rounds() > PRIOR_ROUNDS {
+            self.stats = AcceptanceStats::new();
+        }
+        self.stats.merge(stats);
+    }
+
+    /// Whether it holds a measured plain step and full-block round for blocks of `block`.
+    pub fn knows(&self, block: usize) -> bool {
+        let has = |w: usize| self.cost.get(w).copied().flatten().is_some();
+        has(1) && has(block) && self.stats.rounds() > 0
+    }
+}
+
 /// The adaptive width controller of one sequence (module docs).
 #[derive(Debug, Clone)]
 pub struct Adaptive {
     max_block: usize,
     /// Index `w`: EMA seconds of a step of width `w`.
     cost: Vec<Option<f64>>,
+    /// Costs measured by earlier sequences (used where this one has none; no warm-up when the
+    /// plain and full-block costs are known).
+    prior_cost: Vec<Option<f64>>,
     steps: Vec<u64>,
     chosen: usize,
     /// Steps since the last probe.
@@ -105,6 +146,7 @@ impl Adaptive {
         Adaptive {
             max_block,
             cost: vec![None; max_block + 1],
+            prior_cost: vec![None; max_block + 1],
             steps: vec![0; max_block + 1],
             chosen: max_block,
             since_probe: 0,
@@ -113,13 +155,22 @@ impl Adaptive {
         }
     }
 
+    /// Starts from what earlier sequences measured: their costs stand in for this one's until
+    /// it measures its own, and the warm-up is skipped when they cover the plain step and the
+    /// full block (the acceptance prior is the caller's to merge into `stats`).
+    pub fn set_prior(&mut self, prior: &AdaptPrior) {
+        for (c, p) in self.prior_cost.iter_mut().zip(&prior.cost) {
+            *c = *p;
+        }
+    }
+
     /// The width of the next step (before the cut to the tokens still allowed).
     pub fn next_width(&mut self, stats: &AcceptanceStats) -> usize {
         let b = self.max_block;
-        if self.steps[b] < WARMUP {
+        if self.steps[b] < WARMUP && self.prior_cost[b].is_none() {
             return b;
         }
-        if self.steps[1] < WARMUP {
+        if self.steps[1] < WARMUP && self.prior_cost[1].is_none() {
             return 1;
         }
         let before = self.chosen;
@@ -170,11 +221,12 @@ impl Adaptive {
 
     /// The cost of width `w`: observed, else interpolated between the nearest observed widths.
     fn cost_of(&self, w: usize) -> Option<f64> {
-        if let Some(c) = self.cost[w] {
+        let known = |x: usize| self.cost[x].or(self.prior_cost[x]);
+        if let Some(c) = known(w) {
             return Some(c);
         }
-        let lo = (1..w).rev().find_map(|x| self.cost[x].map(|c| (x, c)));
-        let hi = (w + 1..=self.max_block).find_map(|x| self.cost[x].map(|c| (x, c)));
+        let lo = (1..w).rev().find_map(|x| known(x).map(|c| (x, c)));
+        let hi = (w + 1..=self.max_block).find_map(|x| known(x).map(|c| (x, c)));
         match (lo, hi) {
             (Some((a, ca)), Some((b, cb))) => {
                 Some(ca + (cb - ca) * (w - a) as f64 / (b - a) as f64)
@@ -267,6 +319,29 @@ mod tests {
             a.observe(w, if w == 1 { 1.0 } else { 2.0 });
         }
         assert_eq!(a.chosen(), 1);
+    }
+
+    #[test]
+    fn a_prior_skips_the_warm_up() {
+        // Earlier sequences found drafting 3× the cost of a plain step for τ ≈ 2.
+        let s = stats(&[(1, 7), (1, 7), (1, 7)]);
+        let mut prior = AdaptPrior::default();
+        let mut cost = vec![None; 9];
+        cost[1] = Some(1.0);
+        cost[8] = Some(3.0);
+        let summary = AdaptSummary {
+            steps: vec![0; 9],
+            chosen: 1,
+            cost,
+        };
+        prior.absorb(&summary, &s);
+        assert!(prior.knows(8));
+        let mut a = Adaptive::new(8);
+        a.set_prior(&prior);
+        // The first step is already plain (no full-block warm-up rounds).
+        assert_eq!(a.next_width(&prior.stats), 1);
+        // Without a prior the first step drafts the full block.
+        assert_eq!(Adaptive::new(8).next_width(&s), 8);
     }
 
     #[test]

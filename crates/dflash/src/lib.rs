@@ -97,7 +97,7 @@ pub mod toy;
 pub use accept::{
     accept_greedy, accept_sampled, Acceptance, Dist, UniformSource, DEFAULT_PROB_TOLERANCE,
 };
-pub use adapt::{AdaptSummary, Adaptive, BlockPolicy};
+pub use adapt::{AdaptPrior, AdaptSummary, Adaptive, BlockPolicy};
 pub use config::{DraftAttn, DrafterConfig, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use decode::{
     prefill_prompt, run_speculative, run_speculative_rows, run_speculative_with,

@@ -21,7 +21,7 @@
 use model::sampling::{SamplingParams, StopCause};
 use rand::Rng;
 
-use crate::adapt::{AdaptSummary, Adaptive, BlockPolicy};
+use crate::adapt::{AdaptPrior, AdaptSummary, Adaptive, BlockPolicy};
 use crate::decode::{
     argmax_suffices, check_request, check_rows, target_row, Emitter, OnTokenRow, Picker,
 };
@@ -74,6 +74,8 @@ pub struct SpecStream {
     want_target: Want,
     target_logits: bool,
     adapt: Option<Adaptive>,
+    /// Acceptance measured by earlier sequences ([`SpecStream::set_prior`]).
+    prior_stats: Option<AcceptanceStats>,
     phase: Phase,
     index: usize,
     plain_steps: u64,
@@ -132,6 +134,7 @@ impl SpecStream {
             want_target: if target_logits { Want::Logits } else { want },
             target_logits,
             adapt,
+            prior_stats: None,
             phase: Phase::Prefill,
             index: 0,
             plain_steps: 0,
@@ -144,6 +147,17 @@ impl SpecStream {
             rows: None,
             acceptance: None,
         })
+    }
+
+    /// Starts the adaptive policy from what earlier sequences measured (their costs and
+    /// acceptance; no warm-up when they cover it). No effect with a fixed block.
+    pub fn set_prior(&mut self, prior: &AdaptPrior) {
+        if let Some(a) = &mut self.adapt {
+            if prior.knows(self.block) {
+                a.set_prior(prior);
+                self.prior_stats = Some(prior.stats.clone());
+            }
+        }
     }
 
     /// What the prompt's last prefill row must hold.
@@ -188,9 +202,14 @@ impl SpecStream {
             _ => return Err(self.order("plan")),
         }
         let x_last = *self.stops.tokens.last().expect("a token was emitted");
-        let chosen = match &mut self.adapt {
-            Some(a) => a.next_width(&self.stats),
-            None => self.block,
+        let chosen = match (&mut self.adapt, &self.prior_stats) {
+            (Some(a), Some(prior)) => {
+                let mut st = prior.clone();
+                st.merge(&self.stats);
+                a.next_width(&st)
+            }
+            (Some(a), None) => a.next_width(&self.stats),
+            (None, _) => self.block,
         };
         let left = self.stops.max_tokens - self.stops.tokens.len();
         let width = chosen.min(left).max(1);

@@ -80,6 +80,8 @@ pub(super) struct Sched<B: Backend> {
     pub spec: Option<SpecConfig>,
     /// Speculative requests (prefilling or running), in arrival order.
     pub spec_running: Vec<SpecRunning<B::Sequence, B::Spec>>,
+    /// What finished speculative requests measured (adaptive speculation starts from it).
+    pub spec_prior: dflash::AdaptPrior,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -104,6 +106,7 @@ pub(super) fn run<B: Backend>(
         running: Vec::new(),
         spec,
         spec_running: Vec::new(),
+        spec_prior: dflash::AdaptPrior::default(),
     };
     let mut shutdown = false;
     loop {

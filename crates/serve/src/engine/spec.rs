@@ -24,7 +24,9 @@
 //! (`dflash::adapt`): the cost of a round is the time of the step's drafter pass (when it drafted),
 //! its verify pass and its own commit — the latency the request sees per step on this device
 //! under this load. Plain steps of such a request are verify blocks of one token in the same
-//! batched pass.
+//! batched pass. A new request starts from what finished requests measured (`dflash::AdaptPrior`:
+//! their latest step costs and recent acceptance), so it skips the warm-up once the engine knows
+//! whether drafting pays.
 //!
 //! With `logprobs`, each emitted token gets the target's raw logits row it was chosen from (the
 //! verify rows come back as logits then) and its log-probabilities are computed as plain
@@ -262,7 +264,10 @@ impl<B: Backend> Sched<B> {
                 p.logprobs.is_some(),
             );
             match stream {
-                Ok(s) => Ok((seq, s)),
+                Ok(mut s) => {
+                    s.set_prior(&self.spec_prior);
+                    Ok((seq, s))
+                }
                 Err(e) => {
                     self.release_seq(seq);
                     Err(anyhow::Error::new(e))
@@ -342,6 +347,9 @@ impl<B: Backend> Sched<B> {
         }
         r.summary.plain_steps = r.stream.plain_steps();
         r.summary.adaptive = r.stream.adapt_summary();
+        if let Some(a) = &r.summary.adaptive {
+            self.spec_prior.absorb(a, r.stream.stats());
+        }
         let _ = r.p.events.send(Event::Finished(Finished {
             reason,
             cause: cause.to_string(),
