@@ -338,7 +338,12 @@ mod tests {
         assert!(prior.knows(8));
         let mut a = Adaptive::new(8);
         a.set_prior(&prior);
-        // The first step is already plain (no full-block warm-up rounds).
+        // No full-block warm-up round: the first step explores the block the prior's costs
+        // suggest (width 2 interpolates cheaply between plain and the full block) and, measured
+        // as expensive as the full block, drafting turns off.
+        let w = a.next_width(&prior.stats);
+        assert!(w < 8, "{w}");
+        a.observe(w, 3.0);
         assert_eq!(a.next_width(&prior.stats), 1);
         // Without a prior the first step drafts the full block.
         assert_eq!(Adaptive::new(8).next_width(&s), 8);
