@@ -69,7 +69,9 @@ pub trait Backend: 'static {
     }
 
     /// The speculative loop's options when this executor has a drafter on its own device: every
-    /// request then runs `dflash::run_speculative` over a [`Backend::Spec`].
+    /// request is then a `dflash::SpecStream` over a [`Backend::Spec`] that the scheduler advances
+    /// (its drafts and verify blocks through [`dflash::SpecBackend::draft_batch`] /
+    /// [`dflash::SpecBackend::verify_batch`] with the other running requests').
     fn device_spec(&self) -> Option<&SpecOptions> {
         None
     }
