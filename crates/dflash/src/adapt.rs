@@ -30,6 +30,10 @@ pub const MIN_INTERVAL: u64 = 32;
 pub const MAX_INTERVAL: u64 = 256;
 /// Drafting is chosen only when its tokens per second beat a plain step's by this factor.
 pub const MARGIN: f64 = 1.03;
+/// When the chosen mode beats the other by this factor (or more), probes wait [`MAX_INTERVAL`]
+/// steps at once: a probe (a full-block round after a run of plain steps also catches the drafter
+/// context up) costs more than it can find out.
+pub const CLEAR: f64 = 1.4;
 /// Weight of a new observation in a width's cost average.
 const EMA: f64 = 0.2;
 
@@ -174,7 +178,8 @@ impl Adaptive {
             return 1;
         }
         let before = self.chosen;
-        self.chosen = self.best(stats);
+        let (best, ratio) = self.best_ratio(stats);
+        self.chosen = best;
         if self.probing {
             // The probe ran: a probe that confirms the mode lengthens the interval.
             self.probing = false;
@@ -184,6 +189,10 @@ impl Adaptive {
                 MIN_INTERVAL
             };
             self.since_probe = 0;
+        }
+        // A clear choice is probed rarely.
+        if ratio >= CLEAR || (ratio > 0.0 && ratio <= 1.0 / CLEAR) {
+            self.interval = MAX_INTERVAL;
         }
         self.since_probe += 1;
         if self.since_probe >= self.interval {
@@ -235,12 +244,14 @@ impl Adaptive {
         }
     }
 
-    /// The width of the most expected tokens per second.
-    fn best(&self, stats: &AcceptanceStats) -> usize {
+    /// The width of the most expected tokens per second, and the best drafting width's rate over
+    /// a plain step's (0 when unknown).
+    fn best_ratio(&self, stats: &AcceptanceStats) -> (usize, f64) {
         let Some(plain) = self.cost_of(1).filter(|&c| c > 0.0) else {
-            return self.max_block;
+            return (self.max_block, 0.0);
         };
         let mut best = (1, 1.0 / plain * MARGIN);
+        let mut best_draft = 0.0f64;
         let mut tau = 1.0;
         let mut run = 1.0;
         let mut last_rate = 0.0;
@@ -250,12 +261,13 @@ impl Adaptive {
             run *= rate;
             tau += run;
             if let Some(c) = self.cost_of(w).filter(|&c| c > 0.0) {
+                best_draft = best_draft.max(tau / c);
                 if tau / c > best.1 {
                     best = (w, tau / c);
                 }
             }
         }
-        best.0
+        (best.0, best_draft * plain)
     }
 }
 
