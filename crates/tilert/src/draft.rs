@@ -391,6 +391,7 @@ impl GpuDrafter {
             stream: m.target.stream(),
             weights: &m.weights,
             ropes: &m.ropes,
+            rank: None,
         }
     }
 }
@@ -744,6 +745,7 @@ impl GpuDraftSession {
                 dense_act: Some(b.act),
                 argmax: b.argmax_scratch,
                 ctx: b.ctx,
+                partial: DPtr::null(),
             },
         };
         self.drafter

@@ -46,6 +46,7 @@ use crate::{Device, RuntimeError};
 mod batch;
 mod executor;
 pub(crate) mod lower;
+pub mod tp;
 pub use batch::GpuBatch;
 
 use lower::{
@@ -85,6 +86,9 @@ struct Inner {
     /// The plan of every pass shape run so far, built once each (at graph capture).
     plans: Mutex<HashMap<PassKey, Arc<Plan>>>,
     weight_bytes: usize,
+    /// A tensor-parallel rank's part (`tp`): its plans are rank views of the sharded plan and its
+    /// all-reduces go through the rank's collective. None for a whole model on one device.
+    rank: Option<tp::RankPart>,
     /// Owns every weight allocation (dropped last).
     _arena: Arena,
 }
@@ -283,86 +287,15 @@ impl GpuModel {
         weights: &Weights,
         progress: &mut dyn FnMut(model::progress::Progress),
     ) -> Result<Self, RuntimeError> {
-        let total = weights.stored_bytes() as u64;
-        let mut done = 0u64;
         model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let layout =
             Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
         let ropes = upload_ropes(&mut arena, &layout.ropes)?;
-        let mut layers = Vec::with_capacity(config.layers.len());
-        for (l, lw) in weights.layers.iter().enumerate() {
-            let at = |what: &str| format!("layer {l} {what}");
-            let a = &lw.attn;
-            let p = qkv_params(&layout, l)?;
-            let order = fused_qkv_order(
-                &p,
-                ropes[p.rope].rotary_dim,
-                a.q_norm.is_some() || a.k_norm.is_some(),
-                a.q.w.cols,
-            );
-            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, order.as_deref(), &at("qkv"))?;
-            let (o, o_bias) = upload_linear(&mut arena, &a.o, &at("o_proj"))?;
-            let mlp = match &lw.mlp {
-                Mlp::Dense { gate_up, down } => {
-                    let (gate_up, gate_up_bias) =
-                        upload_linear(&mut arena, gate_up, &at("mlp gate_up"))?;
-                    let (down, down_bias) = upload_linear(&mut arena, down, &at("mlp down"))?;
-                    DeviceMlp::Dense {
-                        gate_up,
-                        gate_up_bias,
-                        down,
-                        down_bias,
-                    }
-                }
-                Mlp::Moe(m) => {
-                    let (router, router_bias) =
-                        upload_linear(&mut arena, &m.router, &at("router"))?;
-                    let correction_bias = upload_opt(
-                        &mut arena,
-                        m.correction_bias.as_ref(),
-                        &at("correction bias"),
-                    )?;
-                    DeviceMlp::Moe {
-                        router,
-                        router_bias,
-                        correction_bias,
-                        experts: DeviceMoe::upload(&mut arena, m)?,
-                    }
-                }
-            };
-            layers.push(DeviceLayer {
-                input_norm: arena.upload(&lw.input_norm, &at("input norm"))?,
-                post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
-                qkv,
-                qkv_bias,
-                qkv_rope_fused: order.is_some(),
-                o,
-                o_bias,
-                q_norm: upload_opt(&mut arena, a.q_norm.as_ref(), &at("q norm"))?,
-                k_norm: upload_opt(&mut arena, a.k_norm.as_ref(), &at("k norm"))?,
-                sinks: upload_opt(&mut arena, a.sinks.as_ref(), &at("sinks"))?,
-                mlp,
-            });
-            lw.release_pages();
-            done += lw.stored_bytes() as u64;
-            progress(model::progress::Progress { done, total });
-        }
-        let embed = DeviceMatrix::from_mat(&mut arena, &weights.embed, "embedding")?;
-        // Tied embeddings (known from the config): one device copy serves both.
-        let lm_head = if config.tie_word_embeddings {
-            embed
-        } else {
-            DeviceMatrix::from_mat(&mut arena, &weights.lm_head, "lm_head")?
-        };
-        let final_norm = arena.upload(&weights.final_norm, "final norm")?;
-        weights.embed.bytes().release_pages();
-        weights.lm_head.bytes().release_pages();
-        progress(model::progress::Progress { done: total, total });
-        let weights = target_weights(embed, lm_head, final_norm, layers);
+        let weights = upload_target(&mut arena, &config, &layout, &ropes, weights, progress)?;
         Ok(Self::assemble(
-            device, stream, ops, moe, config, weights, ropes, layout, arena,
+            device, stream, ops, moe, config, weights, ropes, layout, arena, None,
         ))
     }
 
@@ -485,7 +418,7 @@ impl GpuModel {
         stream.synchronize()?;
         let weights = target_weights(embed, lm_head, final_norm, layers);
         Ok(Self::assemble(
-            device, stream, ops, moe, config, weights, ropes, layout, arena,
+            device, stream, ops, moe, config, weights, ropes, layout, arena, None,
         ))
     }
 
@@ -500,6 +433,7 @@ impl GpuModel {
         ropes: Vec<Rope>,
         layout: Plan,
         arena: Arena,
+        rank: Option<tp::RankPart>,
     ) -> Self {
         let weight_bytes = arena.used_bytes();
         Self {
@@ -514,6 +448,7 @@ impl GpuModel {
                 layout,
                 plans: Mutex::new(HashMap::new()),
                 weight_bytes,
+                rank,
                 _arena: arena,
             }),
         }
@@ -536,7 +471,11 @@ impl GpuModel {
             pass_shape(t, logits, batched),
         )
         .map_err(plan_error)?;
-        lower::check_plan(&plan)?;
+        let plan = match &self.inner.rank {
+            Some(r) => r.view(&plan, &self.inner.config)?,
+            None => plan,
+        };
+        lower::check_plan_for(&plan, self.inner.rank.is_some())?;
         lower::check_weights(&plan, &self.inner.weights)?;
         let plan = Arc::new(plan);
         plans.insert(key, plan.clone());
@@ -552,6 +491,7 @@ impl GpuModel {
             stream: &m.stream,
             weights: &m.weights,
             ropes: &m.ropes,
+            rank: m.rank.as_ref().map(|r| &r.comm),
         }
     }
 
@@ -622,6 +562,86 @@ impl GpuModel {
     pub fn session(&self, max_seq: usize) -> Result<GpuSession, RuntimeError> {
         GpuSession::new(self.clone(), max_seq, DEFAULT_MAX_ROLLBACK)
     }
+}
+
+/// Uploads a target's `weights` (already checked against `config`, or one tensor-parallel rank's
+/// shards) into `arena` in the layout of the decode plan `layout` (the rope pair order of its
+/// `qkv_rope_kv` geometry), telling `progress` the bytes uploaded after each layer.
+fn upload_target(
+    arena: &mut Arena,
+    config: &ModelConfig,
+    layout: &Plan,
+    ropes: &[Rope],
+    weights: &Weights,
+    progress: &mut dyn FnMut(model::progress::Progress),
+) -> Result<DeviceWeights, RuntimeError> {
+    let total = weights.stored_bytes() as u64;
+    let mut done = 0u64;
+    let mut layers = Vec::with_capacity(config.layers.len());
+    for (l, lw) in weights.layers.iter().enumerate() {
+        let at = |what: &str| format!("layer {l} {what}");
+        let a = &lw.attn;
+        let p = qkv_params(layout, l)?;
+        let order = fused_qkv_order(
+            &p,
+            ropes[p.rope].rotary_dim,
+            a.q_norm.is_some() || a.k_norm.is_some(),
+            a.q.w.cols,
+        );
+        let (qkv, qkv_bias) = upload_qkv(arena, a, order.as_deref(), &at("qkv"))?;
+        let (o, o_bias) = upload_linear(arena, &a.o, &at("o_proj"))?;
+        let mlp = match &lw.mlp {
+            Mlp::Dense { gate_up, down } => {
+                let (gate_up, gate_up_bias) = upload_linear(arena, gate_up, &at("mlp gate_up"))?;
+                let (down, down_bias) = upload_linear(arena, down, &at("mlp down"))?;
+                DeviceMlp::Dense {
+                    gate_up,
+                    gate_up_bias,
+                    down,
+                    down_bias,
+                }
+            }
+            Mlp::Moe(m) => {
+                let (router, router_bias) = upload_linear(arena, &m.router, &at("router"))?;
+                let correction_bias =
+                    upload_opt(arena, m.correction_bias.as_ref(), &at("correction bias"))?;
+                DeviceMlp::Moe {
+                    router,
+                    router_bias,
+                    correction_bias,
+                    experts: DeviceMoe::upload(arena, m)?,
+                }
+            }
+        };
+        layers.push(DeviceLayer {
+            input_norm: arena.upload(&lw.input_norm, &at("input norm"))?,
+            post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
+            qkv,
+            qkv_bias,
+            qkv_rope_fused: order.is_some(),
+            o,
+            o_bias,
+            q_norm: upload_opt(arena, a.q_norm.as_ref(), &at("q norm"))?,
+            k_norm: upload_opt(arena, a.k_norm.as_ref(), &at("k norm"))?,
+            sinks: upload_opt(arena, a.sinks.as_ref(), &at("sinks"))?,
+            mlp,
+        });
+        lw.release_pages();
+        done += lw.stored_bytes() as u64;
+        progress(model::progress::Progress { done, total });
+    }
+    let embed = DeviceMatrix::from_mat(arena, &weights.embed, "embedding")?;
+    // Tied embeddings (known from the config): one device copy serves both.
+    let lm_head = if config.tie_word_embeddings {
+        embed
+    } else {
+        DeviceMatrix::from_mat(arena, &weights.lm_head, "lm_head")?
+    };
+    let final_norm = arena.upload(&weights.final_norm, "final norm")?;
+    weights.embed.bytes().release_pages();
+    weights.lm_head.bytes().release_pages();
+    progress(model::progress::Progress { done: total, total });
+    Ok(target_weights(embed, lm_head, final_norm, layers))
 }
 
 fn open(ordinal: usize) -> Result<(Device, Arc<CudaStream>, Ops, MoeKernels), RuntimeError> {
@@ -698,6 +718,8 @@ struct Buffers {
     hidden: DPtr<f32>,
     sample_uniform: DPtr<f32>,
     sample_out: DPtr<u32>,
+    /// A tensor-parallel rank's partial sums `[T, H]` (null on one device).
+    partial: DPtr<f32>,
 }
 
 /// Per-launch labels and times of a profiled pass (see [`GpuSession::profile_pass`]): a label
@@ -794,6 +816,11 @@ impl GpuSession {
             hidden: DPtr::null(),
             sample_uniform: arena.alloc(1, "sampling uniform")?,
             sample_out: arena.alloc(1, "sampled token")?,
+            partial: if m.rank.is_some() {
+                arena.alloc(t * h, "partial sums")?
+            } else {
+                DPtr::null()
+            },
         };
         m.stream.synchronize()?;
         Ok(Self {
@@ -980,6 +1007,7 @@ impl GpuSession {
                 dense_act: None,
                 argmax: b.argmax_scratch,
                 ctx: DPtr::null(),
+                partial: b.partial,
             },
         };
         let captures = Captures {

@@ -55,6 +55,9 @@ pub enum RuntimeError {
     Unsupported(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A collective (the tensor-parallel all-reduce) failed: no peer access, a timeout, ...
+    #[error("communication: {0}")]
+    Comm(#[from] comm::CommError),
     #[error("{pass}: {source}")]
     Op {
         pass: String,

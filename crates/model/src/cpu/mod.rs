@@ -41,7 +41,8 @@ pub mod kernels;
 pub mod kv;
 pub mod moe_ops;
 pub mod ops;
-pub mod shard;
+/// The weight sharding (moved to [`crate::shard`]; re-exported where it was).
+pub use crate::shard;
 pub mod toy;
 
 /// The weights check (moved to [`crate::check`]; re-exported for existing paths).
