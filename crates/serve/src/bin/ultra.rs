@@ -36,11 +36,49 @@ struct ModelArgs {
     /// Comma-separated token ids instead of a text prompt.
     #[arg(long, value_delimiter = ',')]
     token_ids: Option<Vec<u32>>,
-    /// Run the step plan sharded over N simulated tensor-parallel ranks in this process (CPU
-    /// only): attention by KV-head group, FFNs along the intermediate dimension, all-reduce
-    /// between. Logits equal the unsharded model's up to f32 summation order.
+    #[command(flatten)]
+    par: ParallelArgs,
+}
+
+/// Tensor parallelism: how many ranks and where they run.
+#[derive(clap::Args)]
+struct ParallelArgs {
+    /// Run the step plan sharded over N tensor-parallel ranks: attention by KV-head group, FFNs
+    /// along the intermediate dimension, an all-reduce after each block. On the CPU the ranks
+    /// are simulated in this process; with --device cuda each rank is a GPU (--devices) or all
+    /// of them share one (--virtual-ranks), joined by the one-shot NVLink/peer all-reduce.
+    /// Logits equal the unsharded model's up to f32 summation order.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
+    /// GPUs of the ranks, one per rank (default 0,1,..,N-1); with --virtual-ranks the one GPU
+    /// every rank runs on; without --tensor-parallel the GPU to run on.
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<usize>>,
+    /// Put every tensor-parallel rank on one GPU (separate weights shards, buffers, streams and
+    /// flags): the multi-GPU protocol on a single GPU, for testing and single-GPU benchmarks.
+    #[arg(long)]
+    virtual_ranks: bool,
+}
+
+impl ParallelArgs {
+    /// The rank placement (`None`: unsharded, or the CPU's simulated ranks), checked before
+    /// anything loads.
+    fn placement(&self, device: Device) -> Result<Option<tilert::exec::tp::RankPlacement>> {
+        commands::generate::tp_placement(
+            self.tensor_parallel,
+            device == Device::Cuda,
+            self.devices.as_deref(),
+            self.virtual_ranks,
+        )
+    }
+
+    /// The GPU of an unsharded `--device cuda` run.
+    fn ordinal(&self) -> usize {
+        self.devices
+            .as_ref()
+            .and_then(|d| d.first().copied())
+            .unwrap_or(0)
+    }
 }
 
 /// What `serve` and `bench-serve` load and how they schedule.
@@ -417,12 +455,14 @@ enum Cmd {
         #[arg(long)]
         limit: Option<usize>,
         /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0, the drafter on
-        /// the GPU too).
+        /// the GPU too; under --tensor-parallel the drafter runs on the host).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        par: ParallelArgs,
     },
     /// List the GPUs Ultra can use, peer access and the link (NVLink / PCIe) between each pair,
     /// and the NCCL library found.
@@ -499,45 +539,38 @@ fn model_dir(m: &ModelArgs) -> Result<(PathBuf, Option<default_model::Paths>)> {
     }
 }
 
-/// Loads a checkpoint for `device`: the CPU executor, or straight onto GPU 0 (no CPU model).
-fn load_on(dir: &Path, device: Device) -> Result<commands::generate::Loaded> {
-    match device {
-        Device::Cuda => commands::generate::load_gpu(dir, 0),
-        Device::Cpu => commands::generate::load(dir),
+/// Loads a checkpoint for `device` with the tensor parallelism of `par` (placement checked by
+/// the caller): the CPU executor (its ranks simulated), straight onto one GPU (no CPU model), or
+/// sharded over GPU ranks.
+fn load_on(
+    dir: &Path,
+    device: Device,
+    par: &ParallelArgs,
+    placement: Option<tilert::exec::tp::RankPlacement>,
+) -> Result<commands::generate::Loaded> {
+    match (device, placement) {
+        (Device::Cuda, Some(p)) => commands::generate::load_gpu_tp(dir, par.tensor_parallel, &p),
+        (Device::Cuda, None) => commands::generate::load_gpu(dir, par.ordinal()),
+        (Device::Cpu, _) => {
+            let mut loaded = commands::generate::load(dir)?;
+            if par.tensor_parallel > 1 {
+                loaded.tensor_parallel(par.tensor_parallel)?;
+                eprintln!(
+                    "tensor parallel: {} simulated ranks on the CPU",
+                    par.tensor_parallel
+                );
+            }
+            Ok(loaded)
+        }
     }
-}
-
-/// Refuses `--tensor-parallel` where it cannot run, before anything loads.
-fn check_tensor_parallel(m: &ModelArgs) -> Result<()> {
-    if m.tensor_parallel == 0 {
-        bail!("--tensor-parallel must be at least 1");
-    }
-    if m.tensor_parallel > 1 && m.device == Device::Cuda {
-        bail!("--tensor-parallel runs simulated ranks on the CPU executor; use --device cpu");
-    }
-    Ok(())
-}
-
-/// Shards the CPU model of `loaded` over `--tensor-parallel` simulated ranks.
-fn shard(m: &ModelArgs, loaded: &mut commands::generate::Loaded) -> Result<()> {
-    if m.tensor_parallel > 1 {
-        loaded.tensor_parallel(m.tensor_parallel)?;
-        eprintln!(
-            "tensor parallel: {} simulated ranks on the CPU",
-            m.tensor_parallel
-        );
-    }
-    Ok(())
 }
 
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
-    check_tensor_parallel(m)?;
+    let placement = m.par.placement(m.device)?;
     set_threads(m.threads)?;
     let (dir, _) = model_dir(m)?;
-    let mut loaded = load_on(&dir, m.device)?;
-    shard(m, &mut loaded)?;
-    Ok(loaded)
+    load_on(&dir, m.device, &m.par, placement)
 }
 
 /// Runs the command; an error is printed once, as one chain (`a: b: c`), with a backtrace only
@@ -622,11 +655,10 @@ fn run(cli: Cli) -> Result<()> {
                     None => bail!("{e}"),
                 }
             }
-            check_tensor_parallel(&m)?;
+            let placement = m.par.placement(m.device)?;
             set_threads(m.threads)?;
             let (dir, default) = model_dir(&m)?;
-            let mut loaded = load_on(&dir, m.device)?;
-            shard(&m, &mut loaded)?;
+            let loaded = load_on(&dir, m.device, &m.par, placement)?;
             // The default model speculates with its own drafter.
             let draft = match (draft, default) {
                 (Some(d), _) => Some(d),
@@ -910,7 +942,9 @@ fn run(cli: Cli) -> Result<()> {
             limit,
             device,
             threads,
+            par,
         } => {
+            let placement = par.placement(device)?;
             set_threads(threads)?;
             let (dir, draft) = match (model, draft) {
                 (Some(m), Some(d)) => (m, d),
@@ -936,12 +970,22 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 sets
             };
-            let loaded = load_on(&dir, device)?;
-            let executor = if device == Device::Cuda {
-                let gpu = loaded.gpu.as_ref().expect("uploaded");
-                format!("the GPU executor ({})", gpu.device().info)
-            } else {
-                format!("the CPU executor, {} threads", rayon::current_num_threads())
+            let loaded = load_on(&dir, device, &par, placement)?;
+            let executor = match (&loaded.tp, &loaded.gpu) {
+                (Some(tp), _) => format!(
+                    "the GPU executor over {} tensor-parallel ranks ({}; drafter on the host)",
+                    tp.model.ranks(),
+                    tp.model.rank(0).device().info
+                ),
+                (None, Some(gpu)) => format!("the GPU executor ({})", gpu.device().info),
+                (None, None) if par.tensor_parallel > 1 => format!(
+                    "the CPU executor over {} simulated ranks, {} threads",
+                    par.tensor_parallel,
+                    rayon::current_num_threads()
+                ),
+                (None, None) => {
+                    format!("the CPU executor, {} threads", rayon::current_num_threads())
+                }
             };
             println!("DFlash on {executor}, greedy, {max_tokens} tokens per prompt (EOS ignored)");
             let reports =
