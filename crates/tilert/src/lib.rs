@@ -56,7 +56,7 @@ pub enum RuntimeError {
     #[error("invalid argument: {0}")]
     Invalid(String),
     /// A collective (the tensor-parallel all-reduce) failed: no peer access, a timeout, ...
-    #[error("communication: {0}")]
+    #[error(transparent)]
     Comm(#[from] comm::CommError),
     #[error("{pass}: {source}")]
     Op {

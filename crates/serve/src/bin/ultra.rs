@@ -130,6 +130,8 @@ struct ServeArgs {
     /// prefills waiting prompts in chunks (chunked prefill; at least one chunk per step).
     #[arg(long, default_value_t = serve::engine::DEFAULT_MAX_BATCHED_TOKENS)]
     max_num_batched_tokens: usize,
+    #[command(flatten)]
+    par: ParallelArgs,
 }
 
 /// The front door of `ultra serve`: limits, timeouts and who may call.
@@ -232,6 +234,10 @@ impl ServeArgs {
 
     fn setup(self) -> Result<commands::serve::ServeSetup> {
         self.validate()?;
+        let placement = self.par.placement(self.device)?;
+        if self.par.tensor_parallel > 1 && self.device == Device::Cpu {
+            bail!("ultra serve runs tensor-parallel ranks on GPUs only: add --device cuda");
+        }
         set_threads(self.threads)?;
         // No --model (and not --synthetic): the embedded default model and its drafter.
         let (model, draft, name) = if self.synthetic || self.model.is_some() {
@@ -260,9 +266,13 @@ impl ServeArgs {
                 max_context: self.max_model_len,
                 max_batched_tokens: self.max_num_batched_tokens,
             },
-            device: match self.device {
-                Device::Cpu => commands::serve::ServeDevice::Cpu,
-                Device::Cuda => commands::serve::ServeDevice::Cuda(0),
+            device: match (self.device, placement) {
+                (Device::Cpu, _) => commands::serve::ServeDevice::Cpu,
+                (Device::Cuda, None) => commands::serve::ServeDevice::Cuda(self.par.ordinal()),
+                (Device::Cuda, Some(placement)) => commands::serve::ServeDevice::CudaTp {
+                    ranks: self.par.tensor_parallel,
+                    placement,
+                },
             },
             model,
             draft,
@@ -911,11 +921,14 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            let device = match setup.device {
+            let device = match &setup.device {
                 commands::serve::ServeDevice::Cpu => {
                     format!("CPU {} threads", rayon::current_num_threads())
                 }
                 commands::serve::ServeDevice::Cuda(i) => format!("GPU {i}"),
+                commands::serve::ServeDevice::CudaTp { ranks, placement } => {
+                    format!("{ranks} tensor-parallel ranks ({placement:?})")
+                }
             };
             println!(
                 "ultra serve on loopback, {device}, max_running {}: {requests} requests, {concurrency} concurrent gRPC streams, {prompt_tokens}-token prompts, {max_tokens} tokens each",

@@ -35,6 +35,7 @@ pub mod backend;
 pub mod gpu;
 mod scheduler;
 mod spec;
+pub mod tp;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
