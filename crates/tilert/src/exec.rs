@@ -313,110 +313,8 @@ impl GpuModel {
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
         let ropes = upload_ropes(&mut arena, &layout.ropes)?;
-        let h = config.hidden_size;
-        let seed_state = std::cell::Cell::new(seed);
-        let next_seed = || {
-            let s = seed_state
-                .get()
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            seed_state.set(s);
-            s
-        };
-        let dense = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
-            DeviceMatrix::synthetic(arena, &ops, rows, cols, next_seed(), what)
-        };
-        let small = crate::tensor::patterned_vector;
-        let mut layers = Vec::with_capacity(config.layers.len());
-        for (l, spec) in config.layers.iter().enumerate() {
-            if !spec.moe {
-                return Err(RuntimeError::Unsupported(format!(
-                    "synthetic models need MoE layers everywhere (layer {l} is dense)"
-                )));
-            }
-            let at = |what: &str| format!("layer {l} {what}");
-            let (nh, nkv, d, dv) = (
-                spec.n_heads,
-                spec.n_kv_heads,
-                spec.head_dim,
-                spec.v_head_dim,
-            );
-            let rows = nh * d + nkv * d + nkv * dv;
-            let qkv = dense(&mut arena, rows, h, &at("qkv"))?;
-            let qkv_bias = if spec.attn_bias {
-                Some(small(&mut arena, rows, 0.0, 0.1, &at("qkv bias"))?)
-            } else {
-                None
-            };
-            let o = dense(&mut arena, h, nh * dv, &at("o_proj"))?;
-            let o_bias = if spec.attn_bias {
-                Some(small(&mut arena, h, 0.0, 0.1, &at("o bias"))?)
-            } else {
-                None
-            };
-            let router = dense(&mut arena, config.n_experts, h, &at("router"))?;
-            let gpt_oss = matches!(config.router, RouterSpec::GptOss);
-            let router_bias = if gpt_oss {
-                Some(small(
-                    &mut arena,
-                    config.n_experts,
-                    0.0,
-                    0.1,
-                    &at("router bias"),
-                )?)
-            } else {
-                None
-            };
-            let experts = DeviceMoe::synthetic(
-                &mut arena,
-                &ops,
-                config.n_experts,
-                h,
-                config.moe_intermediate_size,
-                gpt_oss,
-                next_seed(),
-            )?;
-            // Random rows: any order is as good as the rope pair order.
-            let p = qkv_params(&layout, l)?;
-            let qkv_rope_fused =
-                fused_qkv_order(&p, ropes[p.rope].rotary_dim, spec.qk_norm, h).is_some();
-            layers.push(DeviceLayer {
-                input_norm: small(&mut arena, h, 1.0, 0.1, &at("input norm"))?,
-                post_attn_norm: small(&mut arena, h, 1.0, 0.1, &at("post-attention norm"))?,
-                qkv,
-                qkv_bias,
-                qkv_rope_fused,
-                o,
-                o_bias,
-                q_norm: if spec.qk_norm {
-                    Some(small(&mut arena, d, 1.0, 0.1, &at("q norm"))?)
-                } else {
-                    None
-                },
-                k_norm: if spec.qk_norm {
-                    Some(small(&mut arena, d, 1.0, 0.1, &at("k norm"))?)
-                } else {
-                    None
-                },
-                sinks: if spec.sinks {
-                    Some(small(&mut arena, nh, 0.0, 0.5, &at("sinks"))?)
-                } else {
-                    None
-                },
-                mlp: DeviceMlp::Moe {
-                    router,
-                    router_bias,
-                    correction_bias: None,
-                    experts,
-                },
-            });
-        }
-        // The embedding is only gathered; the LM head is read whole every step.
-        let embed = dense(&mut arena, config.vocab_size, h, "embedding")?;
-        let lm_head = dense(&mut arena, config.vocab_size, h, "lm_head")?;
-        let final_norm = small(&mut arena, h, 1.0, 0.1, "final norm")?;
+        let weights = synthetic_target(&mut arena, &ops, &config, &layout, &ropes, seed)?;
         stream.synchronize()?;
-        let weights = target_weights(embed, lm_head, final_norm, layers);
         Ok(Self::assemble(
             device, stream, ops, moe, config, weights, ropes, layout, arena, None,
         ))
@@ -562,6 +460,122 @@ impl GpuModel {
     pub fn session(&self, max_seq: usize) -> Result<GpuSession, RuntimeError> {
         GpuSession::new(self.clone(), max_seq, DEFAULT_MAX_ROLLBACK)
     }
+}
+
+/// Random weights of `config`'s shape generated on the device (see [`GpuModel::synthetic`]) in
+/// the layout of the decode plan `layout`; `config` gives the dimensions (a tensor-parallel
+/// rank's: its heads and intermediate slice).
+fn synthetic_target(
+    arena: &mut Arena,
+    ops: &Ops,
+    config: &ModelConfig,
+    layout: &Plan,
+    ropes: &[Rope],
+    seed: u64,
+) -> Result<DeviceWeights, RuntimeError> {
+    let h = config.hidden_size;
+    let seed_state = std::cell::Cell::new(seed);
+    let next_seed = || {
+        let s = seed_state
+            .get()
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed_state.set(s);
+        s
+    };
+    let dense = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
+        DeviceMatrix::synthetic(arena, &ops, rows, cols, next_seed(), what)
+    };
+    let small = crate::tensor::patterned_vector;
+    let mut layers = Vec::with_capacity(config.layers.len());
+    for (l, spec) in config.layers.iter().enumerate() {
+        if !spec.moe {
+            return Err(RuntimeError::Unsupported(format!(
+                "synthetic models need MoE layers everywhere (layer {l} is dense)"
+            )));
+        }
+        let at = |what: &str| format!("layer {l} {what}");
+        let (nh, nkv, d, dv) = (
+            spec.n_heads,
+            spec.n_kv_heads,
+            spec.head_dim,
+            spec.v_head_dim,
+        );
+        let rows = nh * d + nkv * d + nkv * dv;
+        let qkv = dense(arena, rows, h, &at("qkv"))?;
+        let qkv_bias = if spec.attn_bias {
+            Some(small(arena, rows, 0.0, 0.1, &at("qkv bias"))?)
+        } else {
+            None
+        };
+        let o = dense(arena, h, nh * dv, &at("o_proj"))?;
+        let o_bias = if spec.attn_bias {
+            Some(small(arena, h, 0.0, 0.1, &at("o bias"))?)
+        } else {
+            None
+        };
+        let router = dense(arena, config.n_experts, h, &at("router"))?;
+        let gpt_oss = matches!(config.router, RouterSpec::GptOss);
+        let router_bias = if gpt_oss {
+            Some(small(
+                arena,
+                config.n_experts,
+                0.0,
+                0.1,
+                &at("router bias"),
+            )?)
+        } else {
+            None
+        };
+        let experts = DeviceMoe::synthetic(
+            arena,
+            &ops,
+            config.n_experts,
+            h,
+            config.moe_intermediate_size,
+            gpt_oss,
+            next_seed(),
+        )?;
+        // Random rows: any order is as good as the rope pair order.
+        let p = qkv_params(layout, l)?;
+        let qkv_rope_fused =
+            fused_qkv_order(&p, ropes[p.rope].rotary_dim, spec.qk_norm, h).is_some();
+        layers.push(DeviceLayer {
+            input_norm: small(arena, h, 1.0, 0.1, &at("input norm"))?,
+            post_attn_norm: small(arena, h, 1.0, 0.1, &at("post-attention norm"))?,
+            qkv,
+            qkv_bias,
+            qkv_rope_fused,
+            o,
+            o_bias,
+            q_norm: if spec.qk_norm {
+                Some(small(arena, d, 1.0, 0.1, &at("q norm"))?)
+            } else {
+                None
+            },
+            k_norm: if spec.qk_norm {
+                Some(small(arena, d, 1.0, 0.1, &at("k norm"))?)
+            } else {
+                None
+            },
+            sinks: if spec.sinks {
+                Some(small(arena, nh, 0.0, 0.5, &at("sinks"))?)
+            } else {
+                None
+            },
+            mlp: DeviceMlp::Moe {
+                router,
+                router_bias,
+                correction_bias: None,
+                experts,
+            },
+        });
+    }
+    // The embedding is only gathered; the LM head is read whole every step.
+    let embed = dense(arena, config.vocab_size, h, "embedding")?;
+    let lm_head = dense(arena, config.vocab_size, h, "lm_head")?;
+    let final_norm = small(arena, h, 1.0, 0.1, "final norm")?;
+    Ok(target_weights(embed, lm_head, final_norm, layers))
 }
 
 /// Uploads a target's `weights` (already checked against `config`, or one tensor-parallel rank's

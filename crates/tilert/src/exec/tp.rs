@@ -42,7 +42,7 @@ use model::weights::{Bytes, Expert, ExpertMat, Mlp, MxMat, Weights};
 use model::VerifyOutput;
 
 use super::{
-    open, plan_error, upload_ropes, upload_target, GpuModel, GpuSession, Logits,
+    open, plan_error, synthetic_target, upload_ropes, upload_target, GpuModel, GpuSession, Logits,
     DEFAULT_MAX_ROLLBACK, DEVICE_STORAGE,
 };
 use crate::arena::{dtoh, Arena, DPtr};
@@ -303,14 +303,77 @@ impl RankComm {
 pub(crate) struct RankPart {
     pub(crate) comm: RankComm,
     layout: Arc<TpLayout>,
+    /// The rank of `layout` whose part of the plan this model runs (its index in the group,
+    /// except for a lone rank measured on its own: [`TpModel::synthetic_rank`]).
+    plan_rank: usize,
 }
 
 impl RankPart {
     /// The rank's view of the unsharded plan `plan` of `config`.
     pub(crate) fn view(&self, plan: &Plan, config: &ModelConfig) -> Result<Plan, RuntimeError> {
         let sharded = shard_plan(plan, config, &self.layout).map_err(plan_error)?;
-        rank_plan(&sharded, self.comm.rank)
+        rank_plan(&sharded, self.plan_rank)
     }
+}
+
+/// The dimensions rank `r` of `layout` holds of `config` (its heads, its intermediate slice; an
+/// empty MXFP4 slice is one zero block), for weights generated on the device.
+fn rank_config(config: &ModelConfig, layout: &TpLayout, r: usize) -> ModelConfig {
+    let mut c = config.clone();
+    for (spec, ls) in c.layers.iter_mut().zip(&layout.layers) {
+        spec.n_heads = ls.heads[r].len();
+        spec.n_kv_heads = ls.kv_heads[r].len();
+    }
+    for (spec, ls) in config.layers.iter().zip(&layout.layers) {
+        let i = ls.intermediate[r].len();
+        if spec.moe {
+            c.moe_intermediate_size = i.max(fp4::BLOCK);
+        } else {
+            c.dense_intermediate_size = Some(i);
+        }
+    }
+    c
+}
+
+type Opened = (
+    crate::Device,
+    Arc<CudaStream>,
+    crate::ops::Ops,
+    crate::moe::MoeKernels,
+);
+
+/// Opens every rank's device and stream (in rank order) and their symmetric group (slots of a
+/// pass's `[MAX_TOKENS, H]` f32 partials), with the all-reduce launch shapes computed once here
+/// (occupancy queries), not during a graph capture.
+fn open_ranks(
+    ordinals: &[usize],
+    hidden: usize,
+) -> Result<(Vec<Opened>, Arc<SymmetricGroup>), RuntimeError> {
+    comm::check_devices(ordinals, comm::device_count()?)?;
+    let mut opened = Vec::with_capacity(ordinals.len());
+    for &o in ordinals {
+        opened.push(open(o)?);
+    }
+    let streams = opened.iter().map(|o| o.1.clone()).collect();
+    let group = Arc::new(SymmetricGroup::new(streams, MAX_TOKENS * hidden * 4)?);
+    for epilogue in [
+        Epilogue::Residual { x: 0 },
+        Epilogue::ResidualNorm {
+            x: 0,
+            h: 0,
+            w: 0,
+            eps: 0.0,
+        },
+    ] {
+        group.shape(&AllReduce {
+            dtype: DType::F32,
+            rows: MAX_TOKENS,
+            width: hidden,
+            input: 0,
+            epilogue,
+        })?;
+    }
+    Ok((opened, group))
 }
 
 /// A model sharded over N tensor-parallel ranks (see the module docs). Cheap to clone.
@@ -337,35 +400,9 @@ impl TpModel {
         let ordinals = placement.ordinals(ranks)?;
         model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let layout = Arc::new(gpu_layout(&config, ranks, mxfp4_experts(weights))?);
-        let available = comm::device_count()?;
-        comm::check_devices(&ordinals, available)?;
         let decode =
             Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
-        let mut opened = Vec::with_capacity(ranks);
-        for &o in &ordinals {
-            opened.push(open(o)?);
-        }
-        let streams = opened.iter().map(|o| o.1.clone()).collect();
-        let h = config.hidden_size;
-        let group = Arc::new(SymmetricGroup::new(streams, MAX_TOKENS * h * 4)?);
-        // The launch shapes (occupancy queries) are computed once here, not during a capture.
-        for epilogue in [
-            Epilogue::Residual { x: 0 },
-            Epilogue::ResidualNorm {
-                x: 0,
-                h: 0,
-                w: 0,
-                eps: 0.0,
-            },
-        ] {
-            group.shape(&AllReduce {
-                dtype: DType::F32,
-                rows: MAX_TOKENS,
-                width: h,
-                input: 0,
-                epilogue,
-            })?;
-        }
+        let (opened, group) = open_ranks(&ordinals, config.hidden_size)?;
         let shards = model::shard::shard_layers(&config, weights, &layout).map_err(plan_error)?;
         let total: u64 = shards
             .iter()
@@ -384,6 +421,7 @@ impl TpModel {
                     group: group.clone(),
                 },
                 layout: layout.clone(),
+                plan_rank: rank,
             };
             let rank_layout = part.view(&decode, &config)?;
             let rw = rank_weights(weights, layers);
@@ -412,6 +450,94 @@ impl TpModel {
             ));
         }
         progress(model::progress::Progress { done: total, total });
+        Ok(TpModel {
+            ranks: models,
+            group,
+            layout,
+            config,
+        })
+    }
+
+    /// A model of `config`'s shape sharded over `ranks` ranks with random weights generated on
+    /// each rank's device (no checkpoint; the benchmarks' models: bf16 dense weights, MXFP4
+    /// experts, MoE layers only, as [`GpuModel::synthetic`]). The replicated tensors (embedding,
+    /// router, norms, LM head) are the same on every rank (same seeds, same shapes).
+    pub fn synthetic(
+        config: Arc<ModelConfig>,
+        ranks: usize,
+        placement: &RankPlacement,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        let ordinals = placement.ordinals(ranks)?;
+        let layout = Arc::new(gpu_layout(&config, ranks, true)?);
+        let (opened, group) = open_ranks(&ordinals, config.hidden_size)?;
+        Self::synthetic_ranks(config, layout, opened, group, (0..ranks).collect(), seed)
+    }
+
+    /// Rank `rank` of a `ranks`-rank synthetic model alone on GPU `device`: the rank's share of
+    /// every step (its shards, the replicated ops) with all-reduces over a group of one (no peer
+    /// to wait for) — what one GPU of an N-GPU tensor-parallel node computes per step, without
+    /// the link. For benchmarks; its logits are not the model's.
+    pub fn synthetic_rank(
+        config: Arc<ModelConfig>,
+        ranks: usize,
+        rank: usize,
+        device: usize,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        if rank >= ranks {
+            return Err(RuntimeError::Invalid(format!(
+                "rank {rank} of {ranks} ranks"
+            )));
+        }
+        let layout = Arc::new(gpu_layout(&config, ranks, true)?);
+        let (opened, group) = open_ranks(&[device], config.hidden_size)?;
+        Self::synthetic_ranks(config, layout, opened, group, vec![rank], seed)
+    }
+
+    /// The synthetic rank models of `plan_ranks` (rank `plan_ranks[i]` of `layout` as member `i`
+    /// of `group`, on `opened[i]`).
+    fn synthetic_ranks(
+        config: Arc<ModelConfig>,
+        layout: Arc<TpLayout>,
+        opened: Vec<Opened>,
+        group: Arc<SymmetricGroup>,
+        plan_ranks: Vec<usize>,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        let decode =
+            Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
+        let mut models = Vec::with_capacity(opened.len());
+        for (i, ((device, stream, ops, moe), &r)) in opened.into_iter().zip(&plan_ranks).enumerate()
+        {
+            let part = RankPart {
+                comm: RankComm {
+                    rank: i,
+                    group: group.clone(),
+                },
+                layout: layout.clone(),
+                plan_rank: r,
+            };
+            let rank_layout = part.view(&decode, &config)?;
+            let dims = rank_config(&config, &layout, r);
+            device.ctx.bind_to_thread()?;
+            let mut arena = Arena::new(stream.clone());
+            let ropes = upload_ropes(&mut arena, &rank_layout.ropes)?;
+            let dw = synthetic_target(&mut arena, &ops, &dims, &rank_layout, &ropes, seed)?;
+            stream.synchronize()?;
+            models.push(GpuModel::assemble(
+                device,
+                stream,
+                ops,
+                moe,
+                config.clone(),
+                dw,
+                ropes,
+                rank_layout,
+                arena,
+                Some(part),
+            ));
+        }
         Ok(TpModel {
             ranks: models,
             group,
