@@ -484,7 +484,7 @@ fn synthetic_target(
         s
     };
     let dense = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
-        DeviceMatrix::synthetic(arena, &ops, rows, cols, next_seed(), what)
+        DeviceMatrix::synthetic(arena, ops, rows, cols, next_seed(), what)
     };
     let small = crate::tensor::patterned_vector;
     let mut layers = Vec::with_capacity(config.layers.len());
@@ -529,7 +529,7 @@ fn synthetic_target(
         };
         let experts = DeviceMoe::synthetic(
             arena,
-            &ops,
+            ops,
             config.n_experts,
             h,
             config.moe_intermediate_size,

@@ -98,7 +98,7 @@ fn check_tp(name: &str, config: ModelConfig, weights: Weights, prompt: &[u32], r
     let mut cs = cpu_tp.session();
     let mut a = ts.prefill_greedy(prompt).unwrap();
     let mut b = gs.prefill_greedy(prompt).unwrap();
-    let mut c = argmax(&cs.prefill(prompt).unwrap());
+    let mut c = argmax(cs.prefill(prompt).unwrap());
     let (mut tp_out, mut one_out, mut cpu_out) = (vec![a], vec![b], vec![c]);
     for _ in 0..12 {
         a = ts.decode_greedy(a).unwrap();
