@@ -197,20 +197,46 @@ fn score_and_generate_with_tensor_parallel_ranks() {
         text(&out.stderr)
     );
     for (args, want) in [
-        (&["--tensor-parallel", "2", "--virtual-ranks"][..], "add --device cuda"),
         (
-            &["--device", "cuda", "--tensor-parallel", "4", "--devices", "0,1"][..],
+            &["--tensor-parallel", "2", "--virtual-ranks"][..],
+            "add --device cuda",
+        ),
+        (
+            &[
+                "--device",
+                "cuda",
+                "--tensor-parallel",
+                "4",
+                "--devices",
+                "0,1",
+            ][..],
             "--devices lists 2 GPU(s) for --tensor-parallel 4",
         ),
         (
-            &["--device", "cuda", "--tensor-parallel", "3", "--virtual-ranks"][..],
+            &[
+                "--device",
+                "cuda",
+                "--tensor-parallel",
+                "3",
+                "--virtual-ranks",
+            ][..],
             "possible here: 1, 2, 4",
         ),
     ] {
-        let base = ["score", "--model", m.to_str().unwrap(), "--token-ids", "5,17"];
+        let base = [
+            "score",
+            "--model",
+            m.to_str().unwrap(),
+            "--token-ids",
+            "5,17",
+        ];
         let out = ultra(&[&base[..], args].concat());
         assert!(!out.status.success(), "{args:?}");
-        assert!(text(&out.stderr).contains(want), "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(want),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
     }
     // Two GPU ranks on GPUs 0 and 1: runs where the machine has them, else names the cause.
     let out = ultra(&[
