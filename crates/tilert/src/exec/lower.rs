@@ -1154,7 +1154,7 @@ fn head_rows(plan: &Plan, logits: Logits, skip: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::{Path, PathBuf};
 
     use model::config::{ModelConfig, RouterSpec};
@@ -1222,7 +1222,7 @@ mod tests {
 
     /// Device weights of `cfg`'s shape as the upload lays them out (null pointers: the host
     /// side of the lowering never dereferences them).
-    fn fake_target(cfg: &ModelConfig) -> DeviceWeights {
+    pub(crate) fn fake_target(cfg: &ModelConfig) -> DeviceWeights {
         let h = cfg.hidden_size;
         let layers = cfg
             .layers

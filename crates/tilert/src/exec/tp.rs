@@ -906,6 +906,12 @@ mod tests {
                 for r in 0..n {
                     let v = rank_plan(&sharded, r).unwrap();
                     check_plan_for(&v, true).unwrap_or_else(|e| panic!("{name} {n}/{r}: {e}"));
+                    // Every weight the rank's ops name is one the rank's upload holds (its
+                    // heads and slices; the o_proj and down biases on rank 0 only).
+                    let fake =
+                        crate::exec::lower::tests::fake_target(&rank_config(&cfg, &layout, r));
+                    crate::exec::lower::check_weights(&v, &fake)
+                        .unwrap_or_else(|e| panic!("{name} {n}/{r}: {e}"));
                     // Not lowerable as a single device's plan.
                     assert!(check_plan_for(&v, false).is_err(), "{name}");
                     assert_eq!(v.ranks, 1);
