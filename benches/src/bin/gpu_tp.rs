@@ -136,10 +136,12 @@ fn tp_ms(s: &mut TpSession, args: &Args, prompt: &[u32]) -> Result<f64> {
     time_steps(args.repeats, args.steps, first, |t| Ok(s.decode_greedy(t)?))
 }
 
-/// Weight bytes every rank of `m` streams per decode step, summed.
+/// Weight bytes every rank of `m` streams per decode step, summed (the LM head once: only rank 0
+/// runs it).
 fn tp_bytes(m: &TpModel) -> usize {
+    let head = m.rank(0).lm_head_matrix().bytes();
     (0..m.ranks())
-        .map(|r| m.rank(r).decode_bytes_per_token())
+        .map(|r| m.rank(r).decode_bytes_per_token() - if r == 0 { 0 } else { head })
         .sum()
 }
 

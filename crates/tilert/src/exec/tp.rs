@@ -176,8 +176,8 @@ fn rank_weights(weights: &Weights, layers: Vec<model::weights::Layer>) -> Weight
     }
 }
 
-/// Rank `rank`'s part of the sharded `plan`: its own ops and the replicated ones, in order, its
-/// buffers renamed to rank 0's (`q@r` → `q`, `partial@r` → `partial@0`, ...), weight shards
+/// Rank `rank`'s part of the sharded `plan`: its own ops and the replicated ones (the LM head and
+/// sampling on rank 0 only: only its logits are read), in order, its buffers renamed to rank 0's (`q@r` → `q`, `partial@r` → `partial@0`, ...), weight shards
 /// resolved to the rank's own tensors, each `all_reduce` reading the rank's partial sum, and the
 /// taps following the ops they followed. An unsharded plan is returned as it is.
 pub fn rank_plan(plan: &Plan, rank: usize) -> Result<Plan, RuntimeError> {
@@ -202,7 +202,11 @@ pub fn rank_plan(plan: &Plan, rank: usize) -> Result<Plan, RuntimeError> {
     let mut index = Vec::with_capacity(plan.ops.len());
     let mut ops = Vec::new();
     for op in &plan.ops {
-        if matches!(op.placement, Placement::Rank(r) if r != rank) {
+        // Another rank's op; and the LM head and sampling on ranks other than 0 (only rank 0's
+        // logits are read: the other ranks would stream the whole replicated head for nothing).
+        let skip = matches!(op.placement, Placement::Rank(r) if r != rank)
+            || (rank != 0 && matches!(op.kind, OpKind::LmHead(_) | OpKind::Sample(_)));
+        if skip {
             index.push(None);
             continue;
         }
@@ -915,6 +919,12 @@ mod tests {
                     // Not lowerable as a single device's plan.
                     assert!(check_plan_for(&v, false).is_err(), "{name}");
                     assert_eq!(v.ranks, 1);
+                    let heads = v
+                        .ops
+                        .iter()
+                        .filter(|o| matches!(o.kind, OpKind::LmHead(_) | OpKind::Sample(_)))
+                        .count();
+                    assert_eq!(heads, if r == 0 { 2 } else { 0 }, "{name} rank {r}");
                     assert_eq!(
                         v.ops
                             .iter()
