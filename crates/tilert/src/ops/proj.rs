@@ -676,6 +676,91 @@ mod tests {
         }
     }
 
+    /// A host model of `proj_sk_body`'s work split (kernels/proj.cu: `sk_start`, `sk_owner`,
+    /// the flush rule and the partial slots), run over many shapes and grids: every tile is
+    /// summed exactly once into its group, every group's rows are written exactly once (directly
+    /// by the warp that covers it, else by the last of its `qb − qa + 1` contributors, which
+    /// reads back exactly the slots they wrote), and no warp writes one slot twice.
+    #[test]
+    fn stream_k_split_covers_every_tile_once() {
+        fn start(q: u64, tiles: u64, warps: u64) -> u64 {
+            q * tiles / warps
+        }
+        fn owner(i: u64, tiles: u64, warps: u64) -> u64 {
+            ((i + 1) * warps - 1) / tiles
+        }
+        for (groups, ct) in [
+            (1u64, 1u64),
+            (3, 1),
+            (1, 7),
+            (216, 192),
+            (19, 32),
+            (1000, 3),
+            (5, 1024),
+        ] {
+            let tiles = groups * ct;
+            for max_ctas in [1usize, 2, 7, 132, 1056] {
+                let (ctas, w) = sk_grid(tiles as usize, max_ctas);
+                let warps = (ctas * w) as u64;
+                let mut summed = vec![0u64; groups as usize];
+                let mut written = vec![0u32; groups as usize];
+                let mut contributors = vec![0u64; groups as usize];
+                // (warp, slot) -> group
+                let mut slots = std::collections::HashMap::new();
+                for q in 0..warps {
+                    let (a, b) = (start(q, tiles, warps), start(q + 1, tiles, warps));
+                    assert!(a < b, "empty range");
+                    let (mut g, mut c) = (a / ct, a % ct);
+                    let g_first = g;
+                    let mut acc = 0u64;
+                    for i in a..b {
+                        acc += 1;
+                        let end_group = c + 1 == ct;
+                        if end_group || i + 1 == b {
+                            let gs = g * ct;
+                            if a <= gs && gs + ct <= b {
+                                written[g as usize] += 1;
+                                summed[g as usize] += acc;
+                            } else {
+                                let slot = u64::from(g != g_first);
+                                assert!(slots.insert((q, slot), (g, acc)).is_none(), "slot reused");
+                                contributors[g as usize] += 1;
+                                let (qa, qb) =
+                                    (owner(gs, tiles, warps), owner(gs + ct - 1, tiles, warps));
+                                assert!(qa <= q && q <= qb);
+                                if contributors[g as usize] == qb - qa + 1 {
+                                    // The reducer's reads.
+                                    for r in qa..=qb {
+                                        let slot = u64::from(start(r, tiles, warps) / ct != g);
+                                        let (gg, part) = slots[&(r, slot)];
+                                        assert_eq!(gg, g, "slot of warp {r} holds group {gg}");
+                                        summed[g as usize] += part;
+                                    }
+                                    written[g as usize] += 1;
+                                }
+                            }
+                            acc = 0;
+                        }
+                        if end_group {
+                            c = 0;
+                            g += 1;
+                        } else {
+                            c += 1;
+                        }
+                    }
+                }
+                assert!(
+                    written.iter().all(|&n| n == 1),
+                    "{groups}x{ct} on {warps} warps"
+                );
+                assert!(
+                    summed.iter().all(|&n| n == ct),
+                    "{groups}x{ct} on {warps} warps"
+                );
+            }
+        }
+    }
+
     #[test]
     fn group_scales_need_one_scale_per_sixteen_rows() {
         let a = [1.0f32, 2.0];
