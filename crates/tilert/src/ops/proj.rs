@@ -429,7 +429,8 @@ fn smem_bytes(warps: usize, groups: usize, tt: usize) -> usize {
 const SK_WARPS: usize = PROJ_SK_THREADS as usize / 32;
 
 impl ProjOps {
-    /// Loads the kernels into `ctx` and allocates the stream-K scratch (~16 KB per SM).
+    /// Loads the kernels into `ctx` and allocates the stream-K scratch (64 KB of partials per
+    /// SM, 128 KB of counters).
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, RuntimeError> {
         let set = ultra_kernels::load_set(ctx, &[ultra_kernels::PROJ])?;
         let sms = ctx.attribute(
