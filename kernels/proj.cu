@@ -233,7 +233,11 @@ __device__ __forceinline__ void proj_store(float* __restrict__ y, const float* _
 }
 
 // The last warp into row group g: sums the partials of warps qa..qb in warp order (slot 0 where
-// g is that warp's first group, else 1), writes the rows and re-arms the counter.
+// g is that warp's first group, else 1), writes the rows and re-arms the counter. The (token,
+// warp) pairs are walked token-major in batches of SK_BATCH independent L2 loads (a group can
+// have tens of contributors: one dependent load each would be a tail of microseconds); the adds
+// stay in warp order.
+#define SK_BATCH 16
 template <int TT>
 __device__ __noinline__ void sk_reduce(const float* part, uint32_t* counters,
                                        const float* __restrict__ bias, float* __restrict__ y,
@@ -243,14 +247,31 @@ __device__ __noinline__ void sk_reduce(const float* part, uint32_t* counters,
     __threadfence();
     const int lane = threadIdx.x & 31;
     const uint32_t row = g * 16 + (lane & 15);
+    const uint32_t nq = qb - qa + 1, items = nq * t;
     if (lane < 16 && row < n) {
-        for (uint32_t j = 0; j < t; ++j) {
-            float v = 0.f;
-            for (uint32_t q = qa; q <= qb; ++q) {
-                const uint32_t slot = sk_start(q, tiles, warps) / ct == g ? 0 : 1;
-                v += __ldcg(part + ((size_t)(2 * q + slot) * TT + j) * 16 + lane);
+        float v = 0.f;
+        for (uint32_t m0 = 0; m0 < items; m0 += SK_BATCH) {
+            float p[SK_BATCH];
+#pragma unroll
+            for (int e = 0; e < SK_BATCH; ++e) {
+                const uint32_t m = m0 + e;
+                p[e] = 0.f;
+                if (m < items) {
+                    const uint32_t j = m / nq, q = qa + m % nq;
+                    const uint32_t slot = sk_start(q, tiles, warps) / ct == g ? 0 : 1;
+                    p[e] = __ldcg(part + ((size_t)(2 * q + slot) * TT + j) * 16 + lane);
+                }
             }
-            proj_store(y, bias, n, row, j, v, accumulate);
+#pragma unroll
+            for (int e = 0; e < SK_BATCH; ++e) {
+                const uint32_t m = m0 + e;
+                if (m >= items) break;
+                v += p[e];
+                if (m % nq == nq - 1) {  // token m / nq complete
+                    proj_store(y, bias, n, row, m / nq, v, accumulate);
+                    v = 0.f;
+                }
+            }
         }
     }
     if (lane == 0) counters[g] = 0;

@@ -184,33 +184,10 @@ impl ProjMatrix {
         pick: impl Fn(usize) -> (usize, usize),
         what: &str,
     ) -> Result<Option<Self>, RuntimeError> {
-        let mut parts = Vec::with_capacity(mats.len());
-        for m in mats {
-            match m.data() {
-                MatData::F8E4M3 {
-                    codes,
-                    scales: Some(s),
-                } if s.block[1] == FP8_BLOCK && m.cols == cols => parts.push((codes, s)),
-                _ => return Ok(None),
+        match fp8_rows(mats, rows, cols, pick, what)? {
+            Some((codes, g)) => {
+                Self::upload_fp8_groups(arena, &codes, &g, rows, cols, what).map(Some)
             }
-        }
-        let mut codes = Vec::with_capacity(rows * cols);
-        let mut scale_rows: Vec<&[f32]> = Vec::with_capacity(rows);
-        for p in 0..rows {
-            let (i, r) = pick(p);
-            let Some((c, s)) = parts.get(i) else {
-                return Err(invalid(format!("{what}: part {i} does not exist")));
-            };
-            if r >= mats[i].rows {
-                return Err(invalid(format!(
-                    "{what}: row {r} of part {i} does not exist"
-                )));
-            }
-            codes.extend_from_slice(&c[r * cols..(r + 1) * cols]);
-            scale_rows.push(s.row(r));
-        }
-        match group_scales(&scale_rows, cols.div_ceil(FP8_BLOCK)) {
-            Some(g) => Self::upload_fp8_groups(arena, &codes, &g, rows, cols, what).map(Some),
             None => Ok(None),
         }
     }
@@ -350,6 +327,45 @@ impl ProjMatrix {
             ProjData::Bf16 { .. } => 2 * self.rows * self.cols,
         }
     }
+}
+
+/// The host side of [`ProjMatrix::fp8_from_rows`]: the gathered row-major codes and the device
+/// group scales, or `None` when a part is not FP8 with 128-column blocks or some 16-row group
+/// has more than one scale per column block.
+#[allow(clippy::type_complexity)]
+pub fn fp8_rows(
+    mats: &[&Mat],
+    rows: usize,
+    cols: usize,
+    pick: impl Fn(usize) -> (usize, usize),
+    what: &str,
+) -> Result<Option<(Vec<u8>, Vec<f32>)>, RuntimeError> {
+    let mut parts = Vec::with_capacity(mats.len());
+    for m in mats {
+        match m.data() {
+            MatData::F8E4M3 {
+                codes,
+                scales: Some(s),
+            } if s.block[1] == FP8_BLOCK && m.cols == cols => parts.push((codes, s)),
+            _ => return Ok(None),
+        }
+    }
+    let mut codes = Vec::with_capacity(rows * cols);
+    let mut scale_rows: Vec<&[f32]> = Vec::with_capacity(rows);
+    for p in 0..rows {
+        let (i, r) = pick(p);
+        let Some((c, s)) = parts.get(i) else {
+            return Err(invalid(format!("{what}: part {i} does not exist")));
+        };
+        if r >= mats[i].rows {
+            return Err(invalid(format!(
+                "{what}: row {r} of part {i} does not exist"
+            )));
+        }
+        codes.extend_from_slice(&c[r * cols..(r + 1) * cols]);
+        scale_rows.push(s.row(r));
+    }
+    Ok(group_scales(&scale_rows, cols.div_ceil(FP8_BLOCK)).map(|g| (codes, g)))
 }
 
 /// The device scales `[ceil(rows/16), kb]` of a matrix whose row `r` has the scale row
@@ -758,6 +774,47 @@ mod tests {
                     summed.iter().all(|&n| n == ct),
                     "{groups}x{ct} on {warps} warps"
                 );
+            }
+        }
+    }
+
+    /// The released-layout MiMo fixture: every layer's fused qkv (split per KV group at load,
+    /// K and V carrying per-row scales) regathers as FP8 with one scale per 16-row group and
+    /// 128 columns — the GPU upload keeps it FP8 — and the gathered values are the split
+    /// matrices' values exactly.
+    #[test]
+    fn mimo_fixture_qkv_stays_fp8() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/mimo-v2/fp4");
+        let (_, w) = model::load::load(&dir).unwrap();
+        for (l, lw) in w.layers.iter().enumerate() {
+            let a = &lw.attn;
+            let parts = [&a.q.w, &a.k.w, &a.v.w];
+            let (nq, nk) = (a.q.w.rows, a.k.w.rows);
+            let rows = nq + nk + a.v.w.rows;
+            let cols = a.q.w.cols;
+            let pick = |p: usize| {
+                if p < nq {
+                    (0, p)
+                } else if p < nq + nk {
+                    (1, p - nq)
+                } else {
+                    (2, p - nq - nk)
+                }
+            };
+            let (codes, g) = fp8_rows(&parts, rows, cols, pick, "qkv")
+                .unwrap()
+                .unwrap_or_else(|| panic!("layer {l}: qkv not taken as FP8"));
+            let kb = cols.div_ceil(FP8_BLOCK);
+            let mut want = vec![0f32; cols];
+            for p in 0..rows {
+                let (i, r) = pick(p);
+                parts[i].row_into(r, &mut want);
+                for (c, &w) in want.iter().enumerate() {
+                    let got =
+                        model::weights::f8_e4m3(codes[p * cols + c]) * g[(p / 16) * kb + c / 128];
+                    assert_eq!(got.to_bits(), w.to_bits(), "layer {l} row {p} col {c}");
+                }
             }
         }
     }
