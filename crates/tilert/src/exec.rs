@@ -110,6 +110,17 @@ pub(crate) const DEVICE_STORAGE: WeightStorage = WeightStorage {
     label: "bf16 dense, MXFP4 experts, f32 KV (device)",
 };
 
+/// The dense weights of a synthetic model ([`GpuModel::synthetic_with`]); experts are MXFP4
+/// either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyntheticDtypes {
+    /// bf16 dense weights (row-major, the `linear` kernels).
+    Bf16,
+    /// The dtypes of MiMo-V2.5-Pro's FP4 release: FP8 (e4m3, block scales) qkv and dense MLP
+    /// (tiled, the projection kernels), bf16 o_proj, router and LM head.
+    Released,
+}
+
 /// The plan shape of a session pass of `t` rows (`batched`: one row per sequence). A pass with
 /// logits computes them for every row and their argmax on the device.
 pub(crate) fn pass_shape(t: usize, logits: Logits, batched: bool) -> PassShape {
@@ -151,6 +162,19 @@ pub(crate) fn upload_linear(
 ) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
     Ok((
         DeviceMatrix::from_mat(arena, &l.w, what)?,
+        upload_opt(arena, l.bias.as_ref(), what)?,
+    ))
+}
+
+/// A projection weight (O, dense MLP, LM head) and its bias: FP8 stays FP8 where the projection
+/// kernels take its scales ([`DeviceMatrix::projection`]), else the dense rules.
+pub(crate) fn upload_projection(
+    arena: &mut Arena,
+    l: &Linear,
+    what: &str,
+) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
+    Ok((
+        DeviceMatrix::projection(arena, &l.w, what)?,
         upload_opt(arena, l.bias.as_ref(), what)?,
     ))
 }
@@ -205,7 +229,12 @@ pub(crate) fn upload_qkv(
             (2, r - nq - nk)
         }
     };
-    let qkv = DeviceMatrix::from_rows(arena, &[&a.q.w, &a.k.w, &a.v.w], rows, cols, pick, what)?;
+    let parts = [&a.q.w, &a.k.w, &a.v.w];
+    let qkv = if order.is_some() {
+        DeviceMatrix::from_rows(arena, &parts, rows, cols, pick, what)?
+    } else {
+        DeviceMatrix::projection_rows(arena, &parts, rows, cols, pick, what)?
+    };
     let bias = b
         .map(|b| arena.upload(&b, &format!("{what} bias")))
         .transpose()?;
@@ -301,19 +330,30 @@ impl GpuModel {
 
     /// A model of `config`'s shape with random weights generated on the device (no checkpoint,
     /// nothing large on the host): bf16 dense weights of standard deviation ~1/sqrt(K), MXFP4
-    /// experts from [`DeviceMoe::synthetic`]. Every MoE layer must be gpt-oss style (the
-    /// benchmark's model); dense-MLP layers are rejected.
+    /// experts from [`DeviceMoe::synthetic`] ([`SyntheticDtypes::Bf16`]).
     pub fn synthetic(
         ordinal: usize,
         config: Arc<ModelConfig>,
         seed: u64,
+    ) -> Result<Self, RuntimeError> {
+        Self::synthetic_with(ordinal, config, seed, SyntheticDtypes::Bf16)
+    }
+
+    /// [`GpuModel::synthetic`] with the dense weights in `dtypes`. Dense-MLP layers need the
+    /// config's `dense_intermediate_size`; sigmoid routers get a correction bias, gpt-oss
+    /// routers and experts their biases.
+    pub fn synthetic_with(
+        ordinal: usize,
+        config: Arc<ModelConfig>,
+        seed: u64,
+        dtypes: SyntheticDtypes,
     ) -> Result<Self, RuntimeError> {
         let layout =
             Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
         let ropes = upload_ropes(&mut arena, &layout.ropes)?;
-        let weights = synthetic_target(&mut arena, &ops, &config, &layout, &ropes, seed)?;
+        let weights = synthetic_target(&mut arena, &ops, &config, &layout, &ropes, seed, dtypes)?;
         stream.synchronize()?;
         Ok(Self::assemble(
             device, stream, ops, moe, config, weights, ropes, layout, arena, None,
@@ -430,6 +470,21 @@ impl GpuModel {
         self.inner.weight_bytes
     }
 
+    /// How many projection matrices (QKV, O, dense MLP, LM head) are stored as FP8 on the device
+    /// (tiled for `tilert::ops::proj`, not widened).
+    pub fn fp8_projections(&self) -> usize {
+        let w = &self.inner.weights;
+        let fp8 = |m: &DeviceMatrix| usize::from(m.tiled().is_some_and(|p| p.is_fp8()));
+        let mut n = fp8(&w.lm_head);
+        for l in &w.layers {
+            n += fp8(&l.qkv) + fp8(&l.o);
+            if let DeviceMlp::Dense { gate_up, down, .. } = &l.mlp {
+                n += fp8(gate_up) + fp8(down);
+            }
+        }
+        n
+    }
+
     /// Weight bytes one decode step reads: every dense matrix of the layers, the LM head, and
     /// `top_k` experts per MoE layer (the embedding is gathered, one row per token).
     pub fn decode_bytes_per_token(&self) -> usize {
@@ -472,7 +527,9 @@ fn synthetic_target(
     layout: &Plan,
     ropes: &[Rope],
     seed: u64,
+    dtypes: SyntheticDtypes,
 ) -> Result<DeviceWeights, RuntimeError> {
+    let fp8 = dtypes == SyntheticDtypes::Released;
     let h = config.hidden_size;
     let seed_state = std::cell::Cell::new(seed);
     let next_seed = || {
@@ -488,12 +545,12 @@ fn synthetic_target(
     };
     let small = crate::tensor::patterned_vector;
     let mut layers = Vec::with_capacity(config.layers.len());
+    // FP8 projections in the projection kernels' tiled layout (as an FP8 checkpoint loads).
+    let fp8_proj = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
+        crate::ops::proj::ProjMatrix::synthetic(arena, ops, true, rows, cols, next_seed(), what)
+            .map(DeviceMatrix::from)
+    };
     for (l, spec) in config.layers.iter().enumerate() {
-        if !spec.moe {
-            return Err(RuntimeError::Unsupported(format!(
-                "synthetic models need MoE layers everywhere (layer {l} is dense)"
-            )));
-        }
         let at = |what: &str| format!("layer {l} {what}");
         let (nh, nkv, d, dv) = (
             spec.n_heads,
@@ -502,7 +559,11 @@ fn synthetic_target(
             spec.v_head_dim,
         );
         let rows = nh * d + nkv * d + nkv * dv;
-        let qkv = dense(arena, rows, h, &at("qkv"))?;
+        let qkv = if fp8 {
+            fp8_proj(arena, rows, h, &at("qkv"))?
+        } else {
+            dense(arena, rows, h, &at("qkv"))?
+        };
         let qkv_bias = if spec.attn_bias {
             Some(small(arena, rows, 0.0, 0.1, &at("qkv bias"))?)
         } else {
@@ -514,32 +575,70 @@ fn synthetic_target(
         } else {
             None
         };
-        let router = dense(arena, config.n_experts, h, &at("router"))?;
-        let gpt_oss = matches!(config.router, RouterSpec::GptOss);
-        let router_bias = if gpt_oss {
-            Some(small(
+        let mlp = if spec.moe {
+            let router = dense(arena, config.n_experts, h, &at("router"))?;
+            let gpt_oss = matches!(config.router, RouterSpec::GptOss);
+            let router_bias = if gpt_oss {
+                Some(small(
+                    arena,
+                    config.n_experts,
+                    0.0,
+                    0.1,
+                    &at("router bias"),
+                )?)
+            } else {
+                None
+            };
+            let experts = DeviceMoe::synthetic(
                 arena,
+                ops,
                 config.n_experts,
-                0.0,
-                0.1,
-                &at("router bias"),
-            )?)
+                h,
+                config.moe_intermediate_size,
+                gpt_oss,
+                next_seed(),
+            )?;
+            let correction_bias = if matches!(config.router, RouterSpec::Sigmoid { .. }) {
+                Some(small(
+                    arena,
+                    config.n_experts,
+                    0.0,
+                    0.01,
+                    &at("correction bias"),
+                )?)
+            } else {
+                None
+            };
+            DeviceMlp::Moe {
+                router,
+                router_bias,
+                correction_bias,
+                experts,
+            }
         } else {
-            None
+            let inter = config.dense_intermediate_size.ok_or_else(|| {
+                RuntimeError::Invalid(format!(
+                    "layer {l} is dense but the config has no dense intermediate size"
+                ))
+            })?;
+            let mut proj = |rows: usize, cols: usize, what: &str| {
+                if fp8 {
+                    fp8_proj(arena, rows, cols, &at(what))
+                } else {
+                    dense(arena, rows, cols, &at(what))
+                }
+            };
+            DeviceMlp::Dense {
+                gate_up: proj(2 * inter, h, "mlp gate_up")?,
+                gate_up_bias: None,
+                down: proj(h, inter, "mlp down")?,
+                down_bias: None,
+            }
         };
-        let experts = DeviceMoe::synthetic(
-            arena,
-            ops,
-            config.n_experts,
-            h,
-            config.moe_intermediate_size,
-            gpt_oss,
-            next_seed(),
-        )?;
-        // Random rows: any order is as good as the rope pair order.
+        // Random rows: any order is as good as the rope pair order (row-major qkv only).
         let p = qkv_params(layout, l)?;
         let qkv_rope_fused =
-            fused_qkv_order(&p, ropes[p.rope].rotary_dim, spec.qk_norm, h).is_some();
+            !fp8 && fused_qkv_order(&p, ropes[p.rope].rotary_dim, spec.qk_norm, h).is_some();
         layers.push(DeviceLayer {
             input_norm: small(arena, h, 1.0, 0.1, &at("input norm"))?,
             post_attn_norm: small(arena, h, 1.0, 0.1, &at("post-attention norm"))?,
@@ -563,12 +662,7 @@ fn synthetic_target(
             } else {
                 None
             },
-            mlp: DeviceMlp::Moe {
-                router,
-                router_bias,
-                correction_bias: None,
-                experts,
-            },
+            mlp,
         });
     }
     // The embedding is only gathered; the LM head is read whole every step.
@@ -596,18 +690,22 @@ fn upload_target(
         let at = |what: &str| format!("layer {l} {what}");
         let a = &lw.attn;
         let p = qkv_params(layout, l)?;
+        // FP8 q/k/v go to the tiled projection kernels (no RoPE-fused FP8 kernel).
+        let fp8 = a.q.w.dtype() == model::weights::DenseDtype::F8E4M3;
         let order = fused_qkv_order(
             &p,
             ropes[p.rope].rotary_dim,
             a.q_norm.is_some() || a.k_norm.is_some(),
             a.q.w.cols,
-        );
+        )
+        .filter(|_| !fp8);
         let (qkv, qkv_bias) = upload_qkv(arena, a, order.as_deref(), &at("qkv"))?;
-        let (o, o_bias) = upload_linear(arena, &a.o, &at("o_proj"))?;
+        let (o, o_bias) = upload_projection(arena, &a.o, &at("o_proj"))?;
         let mlp = match &lw.mlp {
             Mlp::Dense { gate_up, down } => {
-                let (gate_up, gate_up_bias) = upload_linear(arena, gate_up, &at("mlp gate_up"))?;
-                let (down, down_bias) = upload_linear(arena, down, &at("mlp down"))?;
+                let (gate_up, gate_up_bias) =
+                    upload_projection(arena, gate_up, &at("mlp gate_up"))?;
+                let (down, down_bias) = upload_projection(arena, down, &at("mlp down"))?;
                 DeviceMlp::Dense {
                     gate_up,
                     gate_up_bias,
@@ -649,7 +747,7 @@ fn upload_target(
     let lm_head = if config.tie_word_embeddings {
         embed
     } else {
-        DeviceMatrix::from_mat(arena, &weights.lm_head, "lm_head")?
+        DeviceMatrix::projection(arena, &weights.lm_head, "lm_head")?
     };
     let final_norm = arena.upload(&weights.final_norm, "final norm")?;
     weights.embed.bytes().release_pages();

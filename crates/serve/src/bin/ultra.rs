@@ -796,6 +796,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = commands::inspect::inspect(&path)?;
             commands::inspect::print(&report, bw, context);
+            commands::inspect::print_classes(&report, bw, context)?;
             if let Some(shape) = shape {
                 let p = commands::inspect::plan(&report, shape, tensor_parallel)?;
                 println!();

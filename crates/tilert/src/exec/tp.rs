@@ -527,7 +527,15 @@ impl TpModel {
             device.ctx.bind_to_thread()?;
             let mut arena = Arena::new(stream.clone());
             let ropes = upload_ropes(&mut arena, &rank_layout.ropes)?;
-            let dw = synthetic_target(&mut arena, &ops, &dims, &rank_layout, &ropes, seed)?;
+            let dw = synthetic_target(
+                &mut arena,
+                &ops,
+                &dims,
+                &rank_layout,
+                &ropes,
+                seed,
+                super::SyntheticDtypes::Bf16,
+            )?;
             stream.synchronize()?;
             models.push(GpuModel::assemble(
                 device,
