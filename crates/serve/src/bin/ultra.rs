@@ -27,7 +27,8 @@ struct ModelArgs {
     /// ultra-tiny-code model (and, for `generate`, its DFlash drafter).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0).
+    /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0, or the GPU of
+    /// --devices; with --tensor-parallel N, N GPU ranks).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// Worker threads (default: all cores).
