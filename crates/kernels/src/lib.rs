@@ -104,6 +104,13 @@ pub const ABI_HEADER: &str = include_str!(concat!(
     "/../../kernels/common/abi.cuh"
 ));
 
+/// `kernels/common/persistent_abi.cuh`: the persistent engine's instruction and argument records
+/// and opcodes (tilert's `persistent::abi` mirrors it).
+pub const PERSISTENT_ABI_HEADER: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../kernels/common/persistent_abi.cuh"
+));
+
 impl KernelImage {
     /// The names of the image's kernels (its PTX `.entry` points), in file order.
     pub fn kernels(&self) -> Vec<&'static str> {
