@@ -126,3 +126,33 @@ PK_ABI_FIELD(PkOpArgs, dim, 96);
 PK_ABI_FIELD(PkOpArgs, f, 160);
 PK_ABI_FIELD(PkOpArgs, opcode, 176);
 PK_ABI_FIELD(PkOpArgs, tiles, 180);
+
+// One timeline record per executed instruction (written when the launch is given a trace
+// buffer; index = the instruction's position in the flattened streams): %globaltimer (ns) and
+// clock64 (SM cycles) at its start, when its waits were satisfied, and at its end; the SM it ran
+// on (%smid) and the block (stream).
+struct PkTrace {
+    uint64_t t_start, t_ready, t_end;
+    uint64_t c_start, c_ready, c_end;
+    uint32_t smid;
+    uint32_t block;
+};
+PK_ABI_SIZE(PkTrace, 56);
+PK_ABI_FIELD(PkTrace, t_start, 0);
+PK_ABI_FIELD(PkTrace, t_ready, 8);
+PK_ABI_FIELD(PkTrace, t_end, 16);
+PK_ABI_FIELD(PkTrace, c_start, 24);
+PK_ABI_FIELD(PkTrace, c_ready, 32);
+PK_ABI_FIELD(PkTrace, c_end, 40);
+PK_ABI_FIELD(PkTrace, smid, 48);
+PK_ABI_FIELD(PkTrace, block, 52);
+
+// The launch state in device memory: the step the next launch runs and the blocks of the running
+// launch that have finished (the last one advances `step`). Zeroed with the counters at upload.
+struct PkState {
+    uint32_t step;
+    uint32_t done;
+};
+PK_ABI_SIZE(PkState, 8);
+PK_ABI_FIELD(PkState, step, 0);
+PK_ABI_FIELD(PkState, done, 4);

@@ -132,9 +132,36 @@ pub struct PkOpArgs {
     pub tiles: u32,
 }
 
+/// `struct PkTrace`: the timeline record of one executed instruction (device memory).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PkTrace {
+    /// `%globaltimer` (ns) at the start, when the waits were satisfied, at the end.
+    pub t_start: u64,
+    pub t_ready: u64,
+    pub t_end: u64,
+    /// `clock64` (SM cycles) at the same three points.
+    pub c_start: u64,
+    pub c_ready: u64,
+    pub c_end: u64,
+    /// `%smid` of the SM that ran it, and the block (stream) it belongs to.
+    pub smid: u32,
+    pub block: u32,
+}
+
+/// `struct PkState`: the step the next launch runs and the finished blocks of the running one.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PkState {
+    pub step: u32,
+    pub done: u32,
+}
+
 // SAFETY: plain old data laid out as the C structs the resident kernel reads from device memory.
 unsafe impl DeviceRepr for PkInstr {}
 unsafe impl DeviceRepr for PkOpArgs {}
+unsafe impl DeviceRepr for PkTrace {}
+unsafe impl DeviceRepr for PkState {}
 
 #[cfg(test)]
 mod tests {
@@ -174,6 +201,28 @@ mod tests {
                     ("f", offset_of!(PkOpArgs, f)),
                     ("opcode", offset_of!(PkOpArgs, opcode)),
                     ("tiles", offset_of!(PkOpArgs, tiles)),
+                ],
+            },
+            StructLayout {
+                name: "PkTrace",
+                size: size_of::<PkTrace>(),
+                fields: vec![
+                    ("t_start", offset_of!(PkTrace, t_start)),
+                    ("t_ready", offset_of!(PkTrace, t_ready)),
+                    ("t_end", offset_of!(PkTrace, t_end)),
+                    ("c_start", offset_of!(PkTrace, c_start)),
+                    ("c_ready", offset_of!(PkTrace, c_ready)),
+                    ("c_end", offset_of!(PkTrace, c_end)),
+                    ("smid", offset_of!(PkTrace, smid)),
+                    ("block", offset_of!(PkTrace, block)),
+                ],
+            },
+            StructLayout {
+                name: "PkState",
+                size: size_of::<PkState>(),
+                fields: vec![
+                    ("step", offset_of!(PkState, step)),
+                    ("done", offset_of!(PkState, done)),
                 ],
             },
         ];

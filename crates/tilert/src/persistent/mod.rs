@@ -7,16 +7,26 @@
 //! * [`compile`]: plan → phases → tiles with their declared accesses → dependencies → counters
 //!   → a static list schedule ([`compile::compile`], [`compile::Program`]);
 //! * [`validate`]: the schedule validator (structure, per-step counter totals, a two-step
-//!   simulation across the `u32` wrap of the epoch targets, and a happens-before race check).
+//!   simulation across the `u32` wrap of the epoch targets, and a happens-before race check);
+//! * [`device`]: a program on the GPU run by the resident runtime (`kernels/common/persistent.cuh`,
+//!   `kernels/persistent.cu`) with schedule-replay tile bodies ([`Replay`]);
+//! * [`timeline`]: the per-SM timeline of a step (Chrome-trace JSON, SVG, per-layer overhead).
+//!
+//! Status: the math bodies of the opcodes (and the session integration, `--engine persistent`)
+//! are not written yet; the runtime, its synchronisation and the schedules run on the GPU in the
+//! replay kernel.
 //!
 //! Cross-SM dependencies are monotonic counters with epoch targets: nothing is reset between
 //! steps, the step number is passed in, and an instruction waits for `(step + 1) · target`.
 
 pub mod abi;
 pub mod compile;
+pub mod device;
+pub mod timeline;
 pub mod validate;
 
 pub use compile::{compile, CompileOptions, Program};
+pub use device::Replay;
 pub use validate::{validate, Report, ScheduleError};
 
 #[cfg(test)]
