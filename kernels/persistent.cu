@@ -11,16 +11,18 @@
 
 #include "common/persistent.cuh"
 
-// Streams `bytes` bytes (16-byte words, evict-first, 4 loads in flight per thread) from `p`.
+// Streams n16 16-byte words (evict-first, 8 loads in flight per thread, as the GEMV bodies keep
+// U·R weight vectors in flight) from `p`.
 __device__ __forceinline__ uint32_t pk_stream(const uint4* __restrict__ p, uint64_t n16) {
     uint32_t acc = 0;
     const uint32_t stride = blockDim.x;
     uint64_t i = threadIdx.x;
-    for (; i + 3 * stride < n16; i += 4 * stride) {
-        const uint4 a = __ldcs(p + i), b = __ldcs(p + i + stride), c = __ldcs(p + i + 2 * stride),
-                    d = __ldcs(p + i + 3 * stride);
-        acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^
-               d.z ^ d.w;
+    for (; i + 7 * stride < n16; i += 8 * stride) {
+        uint4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[u] = __ldcs(p + i + u * stride);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
     }
     for (; i < n16; i += stride) {
         const uint4 a = __ldcs(p + i);

@@ -415,6 +415,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "batch"),
     ("tilert", "executor"),
     ("tilert", "fp8"),
+    ("tilert", "persistent"),
     ("dflash", "gpu_spec"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),

@@ -23,14 +23,12 @@ const STORAGE: WeightStorage = WeightStorage {
 };
 
 fn configs() -> Vec<(&'static str, ModelConfig)> {
-    let fixture = |rel: &str| {
-        ModelConfig::from_dir(
-            &Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../fixtures")
-                .join(rel),
-        )
-        .unwrap()
-    };
+    // `$ULTRA_FIXTURES` if set (a GPU bundle run elsewhere), else the repository's fixtures/.
+    let root = std::env::var_os("ULTRA_FIXTURES").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"),
+        std::path::PathBuf::from,
+    );
+    let fixture = |rel: &str| ModelConfig::from_dir(&root.join(rel)).unwrap();
     vec![
         ("toy gpt-oss", toy::gpt_oss(1, ToyExperts::Mxfp4).0),
         ("toy qwen3-moe", toy::qwen3_moe(2, ToyExperts::Dense).0),
