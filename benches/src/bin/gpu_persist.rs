@@ -34,6 +34,9 @@ struct Args {
     /// Decode steps per graph-executor window.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 const DEVICE_STORAGE: WeightStorage = WeightStorage {
@@ -169,5 +172,24 @@ fn main() -> Result<()> {
         "\nreplay fixed overhead per layer: {:.2} µs ((replay − roofline) / layers)",
         (replay_us - roofline_us) / layers
     );
+    if let Some(path) = &args.json {
+        let fixed: Vec<f64> = tl.layers.iter().map(|l| l.fixed_ns / 1e3).collect();
+        let v = serde_json::json!({
+            "device": info.to_string(),
+            "layers": config.layers.len(),
+            "context": args.context,
+            "weight_bytes": weight_bytes,
+            "stream_read_gbps": read_gbps,
+            "roofline_us": roofline_us,
+            "predicted_us": prog.predicted_s * 1e6,
+            "replay_us": replay_us,
+            "replay_traced_us": traced_us,
+            "graph_decode_us": graph_us,
+            "timeline_fixed_overhead_us_per_layer": fixed,
+            "instructions": report.instructions,
+            "counters": report.counters,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    }
     Ok(())
 }
