@@ -358,7 +358,6 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
     let x_bytes = plan.storage.expert_bytes;
     let mut out: Vec<Phase> = Vec::new();
     let samples = plan.ops.iter().any(|o| matches!(o.kind, OpKind::Sample(_)));
-    let mut hidden = 0usize;
     for (i, op) in plan.ops.iter().enumerate() {
         if op.placement != Placement::Replicated {
             return Err(unsupported(i, op, "placed on a tensor-parallel rank"));
@@ -404,7 +403,6 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
         };
         match op.kind {
             OpKind::Embed(p) => {
-                hidden = p.hidden;
                 let tiles = (0..t)
                     .map(|r| {
                         vec![
@@ -487,7 +485,6 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                     }
                     tiles.push(v);
                 }
-                let _ = dv;
                 let bytes = (rows * p.hidden) as f64 * d / spans.len() as f64;
                 phase(
                     Opcode::Qkv,
@@ -993,7 +990,6 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
             }
         }
     }
-    let _ = hidden;
     Ok(out)
 }
 
@@ -1028,7 +1024,7 @@ fn dependencies(phases: &[Phase], first: &[u32]) -> Vec<Vec<u32>> {
     let mut deps: Vec<Vec<u32>> = Vec::with_capacity(total);
     let mut hist: HashMap<Space, Vec<Entry>> = HashMap::new();
     for (p, ph) in phases.iter().enumerate() {
-        for (ti, accesses) in ph.tiles.iter().enumerate() {
+        for accesses in &ph.tiles {
             let mut mine: Vec<u32> = Vec::new();
             for a in accesses {
                 let Some(h) = hist.get(&a.region.space) else {
@@ -1054,7 +1050,6 @@ fn dependencies(phases: &[Phase], first: &[u32]) -> Vec<Vec<u32>> {
             mine.sort_unstable();
             mine.dedup();
             deps.push(mine);
-            let _ = ti;
         }
         // Record this phase's accesses; drop older entries its writes cover completely (any
         // later conflict with them also conflicts with these writes, which followed them).
