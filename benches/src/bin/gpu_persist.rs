@@ -25,7 +25,8 @@ struct Args {
     /// Cached positions before the decoded token.
     #[arg(long, default_value_t = 512)]
     context: usize,
-    /// Write the timeline of one step to FILE.json and FILE.svg.
+    /// Write the timeline of one step to FILE.json and FILE.svg (default with --json: beside it,
+    /// `<json stem>-timeline.{json,svg}`).
     #[arg(long)]
     timeline: Option<PathBuf>,
     /// Skip the graph executor's decode (no synthetic model build).
@@ -106,7 +107,16 @@ fn main() -> Result<()> {
     let tl = timeline::build(&prog, &trace, read_gbps * 1e9).map_err(anyhow::Error::msg)?;
     drop(traced);
     print!("{}", tl.summary());
-    if let Some(path) = &args.timeline {
+    // With --json alone (the bundle's runner), the timeline goes beside it.
+    let timeline_path = args.timeline.clone().or_else(|| {
+        args.json.as_ref().map(|j| {
+            let stem = j
+                .file_stem()
+                .map_or("gpu-persist".into(), |s| s.to_string_lossy().into_owned());
+            j.with_file_name(format!("{stem}-timeline"))
+        })
+    });
+    if let Some(path) = &timeline_path {
         std::fs::write(path.with_extension("json"), tl.chrome_json())?;
         std::fs::write(path.with_extension("svg"), tl.svg())?;
         eprintln!(
