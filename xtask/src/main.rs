@@ -416,6 +416,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "executor"),
     ("tilert", "fp8"),
     ("tilert", "tp"),
+    ("tilert", "persistent"),
     ("dflash", "gpu_spec"),
     ("dflash", "gpu_tp"),
     ("serve", "gpu_generate"),

@@ -30,6 +30,7 @@ pub mod exec;
 pub mod launch;
 pub mod moe;
 pub mod ops;
+pub mod persistent;
 pub mod tensor;
 
 use std::sync::Arc;
