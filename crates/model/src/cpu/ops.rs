@@ -439,6 +439,36 @@ pub fn apply_rope_heads(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]
 // Attention
 // ---------------------------------------------------------------------------------------------
 
+/// Rows of keys or values by absolute position: a contiguous buffer ([`ContiguousRows`]) or
+/// the blocks of a paged cache (`kv::PagedRows`). Attention reads every key and value through
+/// this, so the arithmetic (and its order) does not depend on where the rows live.
+pub trait KvRows: Sync {
+    /// The row of absolute position `pos` (`width` values; the caller stays within
+    /// [`KvRows::span`]).
+    fn row(&self, pos: usize) -> &[f32];
+    /// The positions held (`first .. end`).
+    fn span(&self) -> std::ops::Range<usize>;
+}
+
+/// Rows of `width` values stored back to back from absolute position `first_pos` on.
+#[derive(Debug, Clone, Copy)]
+pub struct ContiguousRows<'a> {
+    pub rows: &'a [f32],
+    pub width: usize,
+    pub first_pos: usize,
+}
+
+impl KvRows for ContiguousRows<'_> {
+    #[inline]
+    fn row(&self, pos: usize) -> &[f32] {
+        let r = pos - self.first_pos;
+        &self.rows[r * self.width..(r + 1) * self.width]
+    }
+    fn span(&self) -> std::ops::Range<usize> {
+        self.first_pos..self.first_pos + self.rows.len() / self.width.max(1)
+    }
+}
+
 /// Attention of one query head over `n` consecutive keys/values.
 ///
 /// Key `j` is `k[j·k_stride ..][..q.len()]`, value `j` is `v[j·v_stride ..][..out.len()]`.
@@ -459,12 +489,37 @@ pub fn attention_head(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let d = q.len();
-    let dv = out.len();
+    let (d, dv) = (q.len(), out.len());
+    attention_head_rows(
+        q,
+        |j| &k[j * k_stride..j * k_stride + d],
+        |j| &v[j * v_stride..j * v_stride + dv],
+        0..n,
+        scale,
+        sink,
+        scores,
+        out,
+    );
+}
+
+/// [`attention_head`] over the keys `key(j)` and values `value(j)` of `j` in `keys`: the one
+/// definition of the per-head softmax attention (contiguous and paged caches alike).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn attention_head_rows<'a>(
+    q: &[f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    sink: Option<f32>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     scores.clear();
     let mut m = sink.unwrap_or(f32::NEG_INFINITY);
-    for j in 0..n {
-        let s = dot(q, &k[j * k_stride..j * k_stride + d]) * scale;
+    for j in keys.clone() {
+        let s = dot(q, key(j)) * scale;
         m = m.max(s);
         scores.push(s);
     }
@@ -477,8 +532,8 @@ pub fn attention_head(
         denom += (sk - m).exp();
     }
     out.fill(0.0);
-    for (j, &e) in scores.iter().enumerate() {
-        axpy(out, e / denom, &v[j * v_stride..j * v_stride + dv]);
+    for (j, &e) in keys.zip(scores.iter()) {
+        axpy(out, e / denom, value(j));
     }
 }
 
@@ -552,6 +607,23 @@ pub fn attention_query_head(
     );
 }
 
+/// [`attention_query_head`] over keys and values read through [`KvRows`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_query_head_in(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    pos: usize,
+    head: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let keys = shape.first_visible(pos)..pos + 1;
+    attention_span_in(shape, q, k, v, keys, head, sinks, scores, out);
+}
+
 /// Attention of query head `head` over the keys at the absolute positions `keys` (an explicit
 /// range: `shape.window` is not consulted). This is the one definition behind
 /// [`attention_query_head`] (causal: `first_visible(pos) ..= pos`) and the non-causal block
@@ -573,28 +645,69 @@ pub fn attention_span(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (d, dv) = (shape.head_dim, shape.v_head_dim);
-    let (kr, vr) = (shape.n_kv_heads * d, shape.n_kv_heads * dv);
-    let (lo, hi) = (keys.start, keys.end);
-    assert!(
-        lo >= first_pos,
-        "attention: position {lo} is no longer cached (first {first_pos})"
+    let (kr, vr) = (
+        shape.n_kv_heads * shape.head_dim,
+        shape.n_kv_heads * shape.v_head_dim,
     );
-    let n = hi.saturating_sub(lo);
-    let row = lo - first_pos;
+    let (k, v) = contiguous(k_rows, v_rows, kr, vr, first_pos);
+    attention_span_in(shape, q, &k, &v, keys, head, sinks, scores, out);
+}
+
+/// The [`ContiguousRows`] of one layer's `k_rows` / `v_rows` from `first_pos` on.
+fn contiguous<'a>(
+    k_rows: &'a [f32],
+    v_rows: &'a [f32],
+    kr: usize,
+    vr: usize,
+    first_pos: usize,
+) -> (ContiguousRows<'a>, ContiguousRows<'a>) {
+    (
+        ContiguousRows {
+            rows: k_rows,
+            width: kr,
+            first_pos,
+        },
+        ContiguousRows {
+            rows: v_rows,
+            width: vr,
+            first_pos,
+        },
+    )
+}
+
+/// [`attention_span`] over keys and values read through [`KvRows`] (a contiguous or paged
+/// cache): the one definition both use.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_span_in(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    keys: std::ops::Range<usize>,
+    head: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (d, dv) = (shape.head_dim, shape.v_head_dim);
+    let (lo, hi) = (keys.start, keys.end.max(keys.start));
+    let (ks, vs) = (k.span(), v.span());
     assert!(
-        (row + n) * kr <= k_rows.len() && (row + n) * vr <= v_rows.len(),
+        lo >= ks.start && lo >= vs.start,
+        "attention: position {lo} is no longer cached (first {})",
+        ks.start.max(vs.start)
+    );
+    assert!(
+        hi <= ks.end && hi <= vs.end,
         "attention: position {} not cached",
         hi.saturating_sub(1)
     );
     let g = shape.kv_head(head);
-    attention_head(
+    attention_head_rows(
         &q[head * d..(head + 1) * d],
-        &k_rows[row * kr + g * d..],
-        kr,
-        &v_rows[row * vr + g * dv..],
-        vr,
-        n,
+        |p| &k.row(p)[g * d..(g + 1) * d],
+        |p| &v.row(p)[g * dv..(g + 1) * dv],
+        lo..hi,
         shape.scale,
         sinks.map(|s| s[head]),
         scores,
@@ -712,6 +825,28 @@ pub fn attention_rows(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let (kr, vr) = (
+        shape.n_kv_heads * shape.head_dim,
+        shape.n_kv_heads * shape.v_head_dim,
+    );
+    let (k, v) = contiguous(k_rows, v_rows, kr, vr, first_pos);
+    attention_rows_in(shape, q, &k, &v, start, t, sinks, scores, out);
+}
+
+/// [`attention_rows`] over keys and values read through [`KvRows`] (a contiguous or paged
+/// cache): the one definition both use.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows_in(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    start: usize,
+    t: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let (nh, d, dv) = (shape.n_heads, shape.head_dim, shape.v_head_dim);
     let (qr, or) = (nh * d, nh * dv);
     assert_eq!(
@@ -729,29 +864,21 @@ pub fn attention_rows(
     let visible = shape.window.map_or(start + t, |w| w.min(start + t));
     if t * nh * visible * (d + dv) < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
         for ti in 0..t {
-            attention_query(
-                shape,
-                &q[ti * qr..(ti + 1) * qr],
-                k_rows,
-                v_rows,
-                first_pos,
-                start + ti,
-                sinks,
-                scores,
-                &mut out[ti * or..(ti + 1) * or],
-            );
+            let qi = &q[ti * qr..(ti + 1) * qr];
+            for (h, o) in out[ti * or..(ti + 1) * or].chunks_exact_mut(dv).enumerate() {
+                attention_query_head_in(shape, qi, k, v, start + ti, h, sinks, scores, o);
+            }
         }
     } else {
         out.par_chunks_mut(dv)
             .enumerate()
             .for_each_init(Vec::new, |sc, (idx, o)| {
                 let (ti, h) = (idx / nh, idx % nh);
-                attention_query_head(
+                attention_query_head_in(
                     shape,
                     &q[ti * qr..(ti + 1) * qr],
-                    k_rows,
-                    v_rows,
-                    first_pos,
+                    k,
+                    v,
                     start + ti,
                     h,
                     sinks,
