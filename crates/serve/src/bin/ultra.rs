@@ -92,6 +92,16 @@ struct ServeArgs {
     /// prefills waiting prompts in chunks (chunked prefill; at least one chunk per step).
     #[arg(long, default_value_t = serve::engine::DEFAULT_MAX_BATCHED_TOKENS)]
     max_num_batched_tokens: usize,
+    /// Positions per KV-cache block (the CPU executor's paged KV; vLLM's --block-size).
+    /// --kv-cache-mib is divided into blocks of this size; admission and kv_cache_usage_perc
+    /// count blocks.
+    #[arg(long, default_value_t = serve::engine::DEFAULT_KV_BLOCK_SIZE as u64,
+          value_parser = clap::value_parser!(u64).range(1..=serve::engine::MAX_KV_BLOCK_SIZE as u64))]
+    kv_block_size: u64,
+    /// No automatic prefix caching (by default a request reuses the cached KV blocks of the
+    /// longest prefix of its prompt that an earlier request computed; CPU executor).
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 /// The front door of `ultra serve`: limits, timeouts and who may call.
@@ -221,6 +231,8 @@ impl ServeArgs {
                 kv_budget_bytes: self.kv_cache_mib << 20,
                 max_context: self.max_model_len,
                 max_batched_tokens: self.max_num_batched_tokens,
+                kv_block_size: self.kv_block_size as usize,
+                prefix_caching: !self.no_prefix_caching,
             },
             device: match self.device {
                 Device::Cpu => commands::serve::ServeDevice::Cpu,
