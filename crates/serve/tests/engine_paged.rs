@@ -164,7 +164,10 @@ fn prefix_caching_changes_no_output_and_serves_shared_prefixes() {
             outs.push(o);
             engine.shutdown();
         }
-        assert_eq!(outs[0], outs[1], "model {which}: outputs differ with prefix caching");
+        assert_eq!(
+            outs[0], outs[1],
+            "model {which}: outputs differ with prefix caching"
+        );
         assert_eq!(hits[0].0, 0, "no hits without caching");
         // Wave 2: 6 × 64 cached positions (4 blocks of the 70-token context); wave 3: the 3
         // later samples × 32 and the chat turn's 64 (the context) at least.
@@ -229,7 +232,10 @@ fn a_request_larger_than_the_pool_is_refused_at_submission() {
         .submit(request(tokens(9, 21), 20, None))
         .err()
         .expect("refused");
-    assert!(matches!(err, serve::engine::SubmitError::TooLong(_)), "{err}");
+    assert!(
+        matches!(err, serve::engine::SubmitError::TooLong(_)),
+        "{err}"
+    );
     // 40 positions fit exactly and complete.
     let out = run_all(&engine, vec![request(tokens(9, 20), 20, None)]);
     assert_eq!(out[0].len(), 20);

@@ -43,6 +43,12 @@ struct ModelArgs {
     tensor_parallel: usize,
 }
 
+/// `ultra bench-serve --workload`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchWorkload {
+    SharedPrefix,
+}
+
 /// What `serve` and `bench-serve` load and how they schedule.
 #[derive(clap::Args)]
 struct ServeArgs {
@@ -406,6 +412,12 @@ enum Cmd {
         soak: Option<f64>,
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         soak_every: u64,
+        /// `shared-prefix`: instead of the throughput run, what prefix caching saves — a
+        /// 2,000-token context continued by 32 requests at once, and n = 8 samples of one
+        /// 2,000-token prompt, each with prefix caching off and on (TTFT, prompt tokens
+        /// prefilled / served from cache). Needs a plain model (--no-draft with the default).
+        #[arg(long, value_enum)]
+        workload: Option<BenchWorkload>,
     },
     /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
     /// one {"prompt": ...} per line), greedy, on the CPU or (--device cuda) GPU executor.
@@ -861,8 +873,29 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             soak,
             soak_every,
+            workload,
         } => {
             let setup = s.setup()?;
+            if workload == Some(BenchWorkload::SharedPrefix) {
+                let load = commands::bench_prefix::PrefixLoad {
+                    seed,
+                    ..Default::default()
+                };
+                println!(
+                    "shared-prefix workload, in-process engine, {} threads, KV block {}: {} requests on a {}-token context (+{} each), {} samples of one {}-token prompt, {} tokens each",
+                    rayon::current_num_threads(),
+                    setup.engine.kv_block_size,
+                    load.requests,
+                    load.context,
+                    load.suffix,
+                    load.samples,
+                    load.context,
+                    load.max_tokens
+                );
+                let runs = commands::bench_prefix::run(&setup, &load)?;
+                commands::bench_prefix::print(&runs);
+                return Ok(());
+            }
             if let Some(minutes) = soak {
                 if !(minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {
                     bail!("--soak must be between 0 and 10080 minutes, got {minutes}");
