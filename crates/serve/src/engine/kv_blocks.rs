@@ -301,20 +301,17 @@ impl<P: Clone> BlockPool<P> {
             let toks = &seq.tokens[b * bs..(b + 1) * bs];
             let h = block_hash(parent.as_ref(), toks);
             let id = seq.ids[b];
-            if !self.cached.contains_key(&h) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.cached.entry(h) {
                 let Some(p) = payload(b) else {
                     seq.stopped = true;
                     return;
                 };
-                self.cached.insert(
-                    h,
-                    Entry {
-                        parent,
-                        tokens: toks.to_vec(),
-                        block: id,
-                        payload: p,
-                    },
-                );
+                slot.insert(Entry {
+                    parent,
+                    tokens: toks.to_vec(),
+                    block: id,
+                    payload: p,
+                });
                 self.hash_of[id as usize] = Some(h);
             }
             seq.hashes.push(h);
