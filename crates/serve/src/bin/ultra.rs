@@ -86,8 +86,10 @@ struct ServeArgs {
     /// Most requests waiting for admission (more get RESOURCE_EXHAUSTED / HTTP 429).
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// KV-cache budget in MiB (a request is admitted when prompt + max_tokens fit; on the GPU
-    /// each request reserves one whole sequence's device memory).
+    /// KV-cache budget in MiB. CPU: a pool of --kv-block-size blocks; a request is admitted
+    /// when the blocks of its uncached prompt are free and takes more as it decodes (preempted
+    /// and recomputed when they run out); speculative requests reserve prompt + max_tokens at
+    /// admission. GPU: each request reserves one whole sequence's device memory.
     #[arg(long, default_value_t = 4096)]
     kv_cache_mib: u64,
     /// Context limit per request (default: the model's; on the GPU at most 8192 unless given:
