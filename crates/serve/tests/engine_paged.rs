@@ -288,3 +288,40 @@ fn blocks_are_freed_after_a_load_with_aborts_and_disconnects() {
     assert!(mt.prefix_cache_hits.get() > 0);
     engine.shutdown();
 }
+
+/// `n` samples of one prompt: the first prefills it (here in chunks of 8 tokens, so the others
+/// are queued by then), the others fork its sequence — all 37 positions, the partial last block
+/// included — and prefill nothing; their first writes copy the shared block. Outputs equal those
+/// without prefix caching.
+#[test]
+fn samples_of_one_prompt_fork_the_first_ones_sequence() {
+    let m = model(0);
+    let prompt = tokens(21, 37);
+    let reqs = || {
+        (0..4)
+            .map(|i| request(prompt.clone(), 12, Some(60 + i)))
+            .collect::<Vec<_>>()
+    };
+    let mut outs = Vec::new();
+    for caching in [false, true] {
+        let mut c = cfg(caching, 16, 4096 * block_bytes(&m, 16), 8);
+        c.max_batched_tokens = 8;
+        let engine = start(&m, c);
+        let subs = engine.submit_all(reqs()).unwrap();
+        outs.push(
+            subs.into_iter()
+                .map(|s| drain(s.events).0)
+                .collect::<Vec<_>>(),
+        );
+        settle(&engine);
+        let mt = engine.metrics();
+        if caching {
+            assert_eq!(mt.prefix_cache_hits.get(), 3 * 37);
+            assert_eq!(mt.prefix_cache_queries.get(), 4 * 37);
+        }
+        assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
+        engine.shutdown();
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_ne!(outs[1][0], outs[1][1], "seeded samples differ");
+}

@@ -85,6 +85,13 @@ pub trait Backend: 'static {
         None
     }
 
+    /// A new sequence holding what `seq` holds, sharing its KV blocks (copied on write), when
+    /// this executor's KV is paged.
+    fn fork_sequence(&self, seq: &Self::Sequence) -> Option<Self::Sequence> {
+        let _ = seq;
+        None
+    }
+
     /// Makes the empty `seq` hold `blocks` (from [`Backend::share_block`]) as its first
     /// positions, as if it had prefilled them. All or nothing.
     fn adopt_blocks(&self, seq: &mut Self::Sequence, blocks: &[Self::Block]) -> Result<()> {
@@ -202,6 +209,10 @@ impl Backend for CpuBackend {
     fn use_paged_kv(&mut self, block_size: usize) -> bool {
         self.block_size = block_size.max(1);
         true
+    }
+
+    fn fork_sequence(&self, seq: &Session) -> Option<Session> {
+        Some(seq.clone())
     }
 
     fn share_block(&self, seq: &Session, b: usize) -> Option<SharedBlock> {

@@ -318,6 +318,43 @@ impl<P: Clone> BlockPool<P> {
         }
     }
 
+    /// A second block table sharing every block of `seq`, the partial last one included (for a
+    /// sequence forked from `seq`'s: the `n` samples of one prompt).
+    pub fn fork(&mut self, seq: &SeqBlocks) -> SeqBlocks {
+        for &id in &seq.ids {
+            self.take_ref(id);
+        }
+        SeqBlocks {
+            ids: seq.ids.clone(),
+            hashes: seq.hashes.clone(),
+            tokens: seq.tokens.clone(),
+            stopped: seq.stopped,
+        }
+    }
+
+    /// Copy-on-write before `seq` appends its next token: when the block that token goes to is
+    /// shared with another sequence, `seq` gets a block of its own in its place (the executor
+    /// copies the shared block's rows when it writes). `false` (nothing changed) when no block
+    /// is available beyond `reserved`.
+    pub fn own_tail(&mut self, seq: &mut SeqBlocks, reserved: usize) -> bool {
+        let b = seq.tokens.len() / self.block_size;
+        let Some(&old) = seq.ids.get(b) else {
+            return true;
+        };
+        if self.refs[old as usize] <= 1 {
+            return true;
+        }
+        if self.available() < 1 + reserved {
+            return false;
+        }
+        let Some(new) = self.allocate() else {
+            return false;
+        };
+        self.refs[old as usize] -= 1;
+        seq.ids[b] = new;
+        true
+    }
+
     /// Gives back every block of `seq` (its last blocks first, so a cached prefix outlives its
     /// tails under LRU eviction) and empties it.
     pub fn release_seq(&mut self, seq: &mut SeqBlocks) {
@@ -458,6 +495,29 @@ mod tests {
         assert!(c.is_empty());
         assert!(pool.grow(&mut c, 6, 3));
         pool.release_seq(&mut a);
+        pool.release_seq(&mut c);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn forks_share_blocks_and_copy_the_tail_on_write() {
+        let mut pool = BlockPool::new(8, 4, true);
+        let t = toks(6, 7);
+        let mut a = fill(&mut pool, &t);
+        let mut b = pool.fork(&a);
+        assert_eq!((pool.in_use(), b.tokens()), (2, &t[..]));
+        // b's next token goes to the shared partial block: b gets its own.
+        assert!(pool.own_tail(&mut b, 0));
+        assert_eq!(pool.in_use(), 3);
+        assert!(pool.own_tail(&mut b, 0));
+        assert_eq!(pool.in_use(), 3);
+        // a's tail is now its own: nothing to copy.
+        assert!(pool.own_tail(&mut a, 0));
+        assert_eq!(pool.in_use(), 3);
+        let mut c = pool.fork(&a);
+        assert!(!pool.own_tail(&mut c, 5), "no block beyond the reservation");
+        pool.release_seq(&mut a);
+        pool.release_seq(&mut b);
         pool.release_seq(&mut c);
         assert_eq!(pool.in_use(), 0);
     }

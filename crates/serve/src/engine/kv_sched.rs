@@ -7,6 +7,11 @@
 //! * **Prefix reuse**: when a request's prefill starts, the longest cached run of its prompt's
 //!   full blocks is adopted by its sequence (shared, no copy) and only the rest is prefilled;
 //!   every block a sequence fills (prompt or generated tokens) is registered in the cache.
+//!   Requests waiting with the same prompt as one that just finished its prefill (the `n`
+//!   samples of one request) fork its sequence: they share all its blocks, the partial last
+//!   one included, and sample their first token from the same logits; the first write to a
+//!   shared block gives the writer a block of its own (copy-on-write, in the pool and in the
+//!   executor).
 //! * **Growth and preemption**: before each decode step every running sequence gets the block
 //!   its next token needs; when none is free the newest request holding blocks is preempted —
 //!   a decoding one loses its blocks and sequence and is re-admitted first once blocks free up,
@@ -133,6 +138,51 @@ impl<B: Backend> Sched<B> {
         }
     }
 
+    /// When `r` has just prefilled its prompt: the requests waiting to prefill the same prompt
+    /// (the other samples of an `n > 1` request) fork its sequence instead — sharing all its
+    /// blocks, the partial last one included (copied when one of them writes to it) — and are
+    /// returned, prefilled, to sample their first token from the same logits.
+    pub(super) fn fork_same_prompt(
+        &mut self,
+        r: &Running<B::Sequence>,
+    ) -> Vec<Running<B::Sequence>> {
+        let mut out = Vec::new();
+        let Some(pool) = &mut self.kv else {
+            return out;
+        };
+        if !pool.caching() || r.resumed {
+            return out;
+        }
+        let mut j = 0;
+        while j < self.prefilling.len() {
+            let s = &self.prefilling[j];
+            let same = !s.resumed
+                && s.prefilled == 0
+                && s.blocks.is_empty()
+                && s.p.prompt_logprobs.is_none()
+                && s.fill == r.fill;
+            if !same {
+                j += 1;
+                continue;
+            }
+            let Some(seq) = self.backend.fork_sequence(&r.seq) else {
+                return out;
+            };
+            let Some(mut s) = self.prefilling.remove(j) else {
+                break;
+            };
+            let empty = std::mem::replace(&mut s.seq, seq);
+            self.backend.release(empty);
+            s.blocks = pool.fork(&r.blocks);
+            s.prefilled = s.fill.len();
+            let m = &self.shared.metrics;
+            m.prefix_cache_queries.inc_by(s.fill.len() as u64);
+            m.prefix_cache_hits.inc_by(s.fill.len() as u64);
+            out.push(s);
+        }
+        out
+    }
+
     /// Records that `r`'s sequence now holds `fill[start .. start + n]` and caches the blocks
     /// that became full.
     pub(super) fn commit_tokens(&mut self, r: &mut Running<B::Sequence>, start: usize, n: usize) {
@@ -163,7 +213,10 @@ impl<B: Backend> Sched<B> {
             let need = self.running[i].blocks.tokens().len() + 1;
             let reserved = self.reserved_blocks();
             let ok = match &mut self.kv {
-                Some(pool) => pool.grow(&mut self.running[i].blocks, need, reserved),
+                Some(pool) => {
+                    let blocks = &mut self.running[i].blocks;
+                    pool.own_tail(blocks, reserved) && pool.grow(blocks, need, reserved)
+                }
                 None => true,
             };
             if ok {

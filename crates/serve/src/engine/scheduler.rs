@@ -517,7 +517,14 @@ impl<B: Backend> Sched<B> {
                     if r.resumed {
                         // Recomputed after a preemption: its next token was sampled before.
                         self.running.push(r);
-                    } else if let Some(r) = self.sample_and_emit(r, &l) {
+                        continue;
+                    }
+                    for s in self.fork_same_prompt(&r) {
+                        if let Some(s) = self.sample_and_emit(s, &l) {
+                            self.running.push(s);
+                        }
+                    }
+                    if let Some(r) = self.sample_and_emit(r, &l) {
                         self.running.push(r);
                     }
                 }
