@@ -161,6 +161,14 @@ fn prefix_caching_changes_no_output_and_serves_shared_prefixes() {
             let mt = engine.metrics();
             assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
             hits.push((mt.prefix_cache_hits.get(), mt.prefix_cache_queries.get()));
+            let text = mt.render();
+            for name in [
+                "vllm:prefix_cache_queries_total",
+                "vllm:prefix_cache_hits_total",
+                "vllm:num_preemptions_total",
+            ] {
+                assert!(text.contains(name), "/metrics lacks {name}");
+            }
             outs.push(o);
             engine.shutdown();
         }

@@ -72,12 +72,20 @@ pub struct PagedRows<'a> {
 }
 
 impl KvRows for PagedRows<'_> {
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The rest of `pos`'s block (up to the layer's end).
     #[inline]
-    fn row(&self, pos: usize) -> &[f32] {
+    fn run(&self, pos: usize) -> (&[f32], usize) {
         let b = &self.blocks[pos / self.block_size - self.first_block];
         let r = pos % self.block_size;
         let data = if self.values { &b.v } else { &b.k };
-        &data[r * self.width..(r + 1) * self.width]
+        let n = (self.block_size - r)
+            .min(self.end.saturating_sub(pos))
+            .max(1);
+        (&data[r * self.width..], n)
     }
 
     fn span(&self) -> std::ops::Range<usize> {

@@ -443,9 +443,12 @@ pub fn apply_rope_heads(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]
 /// the blocks of a paged cache (`kv::PagedRows`). Attention reads every key and value through
 /// this, so the arithmetic (and its order) does not depend on where the rows live.
 pub trait KvRows: Sync {
-    /// The row of absolute position `pos` (`width` values; the caller stays within
-    /// [`KvRows::span`]).
-    fn row(&self, pos: usize) -> &[f32];
+    /// Values per row (the distance between consecutive rows of a run).
+    fn width(&self) -> usize;
+    /// The rows stored back to back from absolute position `pos` on (within
+    /// [`KvRows::span`]): their values, starting with row `pos` (the last row may end after
+    /// the columns callers read), and how many rows (at least 1) they hold.
+    fn run(&self, pos: usize) -> (&[f32], usize);
     /// The positions held (`first .. end`).
     fn span(&self) -> std::ops::Range<usize>;
 }
@@ -459,13 +462,19 @@ pub struct ContiguousRows<'a> {
 }
 
 impl KvRows for ContiguousRows<'_> {
-    #[inline]
-    fn row(&self, pos: usize) -> &[f32] {
-        let r = pos - self.first_pos;
-        &self.rows[r * self.width..(r + 1) * self.width]
+    fn width(&self) -> usize {
+        self.width
     }
+
+    #[inline]
+    fn run(&self, pos: usize) -> (&[f32], usize) {
+        let r = pos - self.first_pos;
+        (&self.rows[r * self.width..], self.span().end - pos)
+    }
+
+    /// A last row cut short after the columns a caller reads counts (strided heads).
     fn span(&self) -> std::ops::Range<usize> {
-        self.first_pos..self.first_pos + self.rows.len() / self.width.max(1)
+        self.first_pos..self.first_pos + self.rows.len().div_ceil(self.width.max(1))
     }
 }
 
@@ -489,11 +498,15 @@ pub fn attention_head(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (d, dv) = (q.len(), out.len());
+    let rows = |rows, width| ContiguousRows {
+        rows,
+        width,
+        first_pos: 0,
+    };
     attention_head_rows(
         q,
-        |j| &k[j * k_stride..j * k_stride + d],
-        |j| &v[j * v_stride..j * v_stride + dv],
+        (&rows(k, k_stride), 0),
+        (&rows(v, v_stride), 0),
         0..n,
         scale,
         sink,
@@ -502,26 +515,36 @@ pub fn attention_head(
     );
 }
 
-/// [`attention_head`] over the keys `key(j)` and values `value(j)` of `j` in `keys`: the one
-/// definition of the per-head softmax attention (contiguous and paged caches alike).
+/// [`attention_head`] over the keys `keys` of `k` and their values in `v`, each read from
+/// column `.1` of its rows on: the one definition of the per-head softmax attention (contiguous
+/// and paged caches alike; rows are visited run by run, in ascending position).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn attention_head_rows<'a>(
+fn attention_head_rows(
     q: &[f32],
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
+    k: (&impl KvRows, usize),
+    v: (&impl KvRows, usize),
     keys: std::ops::Range<usize>,
     scale: f32,
     sink: Option<f32>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let (d, dv) = (q.len(), out.len());
+    let ((k, koff), (v, voff)) = (k, v);
     scores.clear();
     let mut m = sink.unwrap_or(f32::NEG_INFINITY);
-    for j in keys.clone() {
-        let s = dot(q, key(j)) * scale;
-        m = m.max(s);
-        scores.push(s);
+    let (kw, vw) = (k.width(), v.width());
+    let mut p = keys.start;
+    while p < keys.end {
+        let (slab, avail) = k.run(p);
+        let n = avail.min(keys.end - p).max(1);
+        for j in 0..n {
+            let s = dot(q, &slab[j * kw + koff..j * kw + koff + d]) * scale;
+            m = m.max(s);
+            scores.push(s);
+        }
+        p += n;
     }
     let mut denom = 0f32;
     for s in scores.iter_mut() {
@@ -532,8 +555,19 @@ fn attention_head_rows<'a>(
         denom += (sk - m).exp();
     }
     out.fill(0.0);
-    for (j, &e) in keys.zip(scores.iter()) {
-        axpy(out, e / denom, value(j));
+    let (mut p, mut i) = (keys.start, 0);
+    while p < keys.end {
+        let (slab, avail) = v.run(p);
+        let n = avail.min(keys.end - p).max(1);
+        for j in 0..n {
+            axpy(
+                out,
+                scores[i + j] / denom,
+                &slab[j * vw + voff..j * vw + voff + dv],
+            );
+        }
+        p += n;
+        i += n;
     }
 }
 
@@ -705,8 +739,8 @@ pub fn attention_span_in(
     let g = shape.kv_head(head);
     attention_head_rows(
         &q[head * d..(head + 1) * d],
-        |p| &k.row(p)[g * d..(g + 1) * d],
-        |p| &v.row(p)[g * dv..(g + 1) * dv],
+        (k, g * d),
+        (v, g * dv),
         lo..hi,
         shape.scale,
         sinks.map(|s| s[head]),
