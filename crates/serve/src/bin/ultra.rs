@@ -82,6 +82,12 @@ impl ParallelArgs {
     }
 }
 
+/// `ultra bench-serve --workload`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchWorkload {
+    SharedPrefix,
+}
+
 /// What `serve` and `bench-serve` load and how they schedule.
 #[derive(clap::Args)]
 struct ServeArgs {
@@ -119,8 +125,10 @@ struct ServeArgs {
     /// Most requests waiting for admission (more get RESOURCE_EXHAUSTED / HTTP 429).
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// KV-cache budget in MiB (a request is admitted when prompt + max_tokens fit; on the GPU
-    /// each request reserves one whole sequence's device memory).
+    /// KV-cache budget in MiB. CPU: a pool of --kv-block-size blocks; a request is admitted
+    /// when the blocks of its uncached prompt are free and takes more as it decodes (preempted
+    /// and recomputed when they run out); speculative requests reserve prompt + max_tokens at
+    /// admission. GPU: each request reserves one whole sequence's device memory.
     #[arg(long, default_value_t = 4096)]
     kv_cache_mib: u64,
     /// Context limit per request (default: the model's; on the GPU at most 8192 unless given:
@@ -133,6 +141,16 @@ struct ServeArgs {
     max_num_batched_tokens: usize,
     #[command(flatten)]
     par: ParallelArgs,
+    /// Positions per KV-cache block (the CPU executor's paged KV; vLLM's --block-size).
+    /// --kv-cache-mib is divided into blocks of this size; admission and kv_cache_usage_perc
+    /// count blocks.
+    #[arg(long, default_value_t = serve::engine::DEFAULT_KV_BLOCK_SIZE as u64,
+          value_parser = clap::value_parser!(u64).range(1..=serve::engine::MAX_KV_BLOCK_SIZE as u64))]
+    kv_block_size: u64,
+    /// No automatic prefix caching (by default a request reuses the cached KV blocks of the
+    /// longest prefix of its prompt that an earlier request computed; CPU executor).
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 /// The front door of `ultra serve`: limits, timeouts and who may call.
@@ -273,6 +291,8 @@ impl ServeArgs {
                 kv_budget_bytes: self.kv_cache_mib << 20,
                 max_context: self.max_model_len,
                 max_batched_tokens: self.max_num_batched_tokens,
+                kv_block_size: self.kv_block_size as usize,
+                prefix_caching: !self.no_prefix_caching,
             },
             device: match (self.device, placement) {
                 (Device::Cpu, _) => commands::serve::ServeDevice::Cpu,
@@ -450,6 +470,12 @@ enum Cmd {
         soak: Option<f64>,
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         soak_every: u64,
+        /// `shared-prefix`: instead of the throughput run, what prefix caching saves — a
+        /// 2,000-token context continued by 32 requests at once, and n = 8 samples of one
+        /// 2,000-token prompt, each with prefix caching off and on (TTFT, prompt tokens
+        /// prefilled / served from cache). Needs a plain model (--no-draft with the default).
+        #[arg(long, value_enum)]
+        workload: Option<BenchWorkload>,
     },
     /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
     /// one {"prompt": ...} per line), greedy, on the CPU or (--device cuda) GPU executor.
@@ -900,8 +926,29 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             soak,
             soak_every,
+            workload,
         } => {
             let setup = s.setup()?;
+            if workload == Some(BenchWorkload::SharedPrefix) {
+                let load = commands::bench_prefix::PrefixLoad {
+                    seed,
+                    ..Default::default()
+                };
+                println!(
+                    "shared-prefix workload, in-process engine, {} threads, KV block {}: {} requests on a {}-token context (+{} each), {} samples of one {}-token prompt, {} tokens each",
+                    rayon::current_num_threads(),
+                    setup.engine.kv_block_size,
+                    load.requests,
+                    load.context,
+                    load.suffix,
+                    load.samples,
+                    load.context,
+                    load.max_tokens
+                );
+                let runs = commands::bench_prefix::run(&setup, &load)?;
+                commands::bench_prefix::print(&runs);
+                return Ok(());
+            }
             if let Some(minutes) = soak {
                 if !(minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {
                     bail!("--soak must be between 0 and 10080 minutes, got {minutes}");

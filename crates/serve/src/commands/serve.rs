@@ -74,7 +74,7 @@ async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
                 ServeDevice::Cpu => {
                     let model = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
                     EngineHandle::start(
-                        move || Ok(CpuBackend { model }),
+                        move || Ok(CpuBackend::new(model)),
                         None,
                         eos,
                         setup.engine,

@@ -47,6 +47,7 @@ impl TpBackend {
 impl Backend for TpBackend {
     type Sequence = TpSession;
     type Spec = NoDeviceSpec;
+    type Block = super::NoBlock;
 
     fn config(&self) -> &ModelConfig {
         self.model.config()

@@ -461,7 +461,13 @@ pub fn load_cpu_engine(
     let eos = generate::eos_ids(&loaded);
     let tokenizer = loaded.tokenizer.take();
     let model = loaded.into_cpu()?;
-    EngineHandle::start(move || Ok(CpuBackend { model }), tokenizer, eos, cfg, spec)
+    EngineHandle::start(
+        move || Ok(CpuBackend::new(model)),
+        tokenizer,
+        eos,
+        cfg,
+        spec,
+    )
 }
 
 /// Loads a checkpoint (and a drafter) and starts the engine on GPU `ordinal`: the config and
