@@ -161,6 +161,7 @@ impl CpuDrafter {
                 hidden_norm: &w.hidden_norm,
                 mask_embedding: w.mask_embedding.as_deref(),
             }),
+            acts: super::Activations::F32,
         }
     }
 

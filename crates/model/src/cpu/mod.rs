@@ -162,6 +162,8 @@ pub struct CpuModel {
     shapes: Arc<[AttnShape]>,
     /// Tensor-parallel ranks (None: one).
     tp: Option<Arc<Ranks>>,
+    /// How MXFP4 experts take their activations.
+    acts: Activations,
 }
 
 /// The attention geometry of a plan's attention op (the CPU ops' argument struct).
@@ -225,6 +227,7 @@ impl CpuModel {
             tp: None,
             config,
             weights,
+            acts: Activations::F32,
         })
     }
 
@@ -233,7 +236,8 @@ impl CpuModel {
     /// nodes between. `ranks == 1` is the unsharded model. An error names the head counts that
     /// do not split.
     pub fn tensor_parallel(&self, ranks: usize) -> Result<CpuModel, CpuError> {
-        let base = CpuModel::new(self.config.clone(), self.weights.clone())?;
+        let base =
+            CpuModel::new(self.config.clone(), self.weights.clone())?.with_activations(self.acts);
         if ranks == 1 {
             return Ok(base);
         }
@@ -256,6 +260,17 @@ impl CpuModel {
             tp: Some(Arc::new(Ranks { layout, layers })),
             ..base
         })
+    }
+
+    /// The same model with MXFP4 experts fed `acts` ([`Activations`]).
+    pub fn with_activations(mut self, acts: Activations) -> CpuModel {
+        self.acts = acts;
+        self
+    }
+
+    /// How MXFP4 experts take their activations.
+    pub fn activations(&self) -> Activations {
+        self.acts
     }
 
     /// Tensor-parallel ranks the model runs over (1 = unsharded).
@@ -309,6 +324,7 @@ impl CpuModel {
             rank_layers: self.tp.as_ref().map(|t| t.layers.as_slice()),
             final_norm: &w.final_norm,
             drafter: None,
+            acts: self.acts,
         }
     }
 
@@ -764,6 +780,37 @@ pub(crate) struct Bound<'a> {
     pub(crate) final_norm: &'a [f32],
     /// A drafter's own tensors (its plans' `draft_context` and block embedding).
     pub(crate) drafter: Option<DraftTensors<'a>>,
+    /// How MXFP4 experts take their activations.
+    pub(crate) acts: Activations,
+}
+
+/// How the CPU executor feeds activations to the MXFP4 expert products.
+///
+/// * [`Activations::F32`] (the library default): f32 activations, the exact reference — the
+///   mode every golden, the GPU executors' tests and the f64 error bounds of `fp4::cpu` refer to.
+/// * [`Activations::Q8`]: each activation row quantized once per op to int8 per block of 32
+///   (`fp4::q8`, llama.cpp's `q8_0` scheme) and multiplied with integer dot products
+///   (AVX-512-VNNI / AVX2). Deterministic per row, so decode, verify and chunked prefill stay
+///   bit-identical to each other and speculative greedy equals plain greedy; the error against
+///   the exact product is bounded by `fp4::q8_error_bound` (≈ `Σ_b amax_b/254 · Σ|W|`, about
+///   0.4 % of a block's largest activation per weight). The CLI's default on the CPU (`ultra
+///   generate / serve / bench-*`, `--activations f32` for the exact mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    #[default]
+    F32,
+    Q8,
+}
+
+impl std::str::FromStr for Activations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Activations::F32),
+            "q8" => Ok(Activations::Q8),
+            other => Err(format!("unknown activation mode {other:?}: f32 or q8")),
+        }
+    }
 }
 
 /// The tensors only a drafter's plans read.
@@ -1026,6 +1073,7 @@ pub(crate) fn run_pass(
                 let moe = moe_of(m.layer(rank, l), l)?;
                 moe_ops::experts_gate_up(
                     &p,
+                    m.acts,
                     moe,
                     &s.h,
                     &s.routing,
@@ -1041,7 +1089,15 @@ pub(crate) fn run_pass(
                     s.partial[rank].resize(t * hs, 0.0);
                     &mut s.partial[rank]
                 };
-                moe_ops::experts_down(&p, moe, &s.act[rank], &s.routing, out, &mut s.experts)?;
+                moe_ops::experts_down(
+                    &p,
+                    m.acts,
+                    moe,
+                    &s.act[rank],
+                    &s.routing,
+                    out,
+                    &mut s.experts,
+                )?;
                 if p.residual {
                     ops::add_assign(&mut s.x, &s.o);
                     if let Some(nn) = p.next_norm {
