@@ -298,18 +298,33 @@ pub fn gemm_q8_with(
         return Ok(());
     }
     let rpt = crate::cpu::rows_per_task(n, (k / 2 + k / BLOCK) * (t.min(TILE) + 1) / 2, 64 << 10);
+    if t == 1 {
+        // [N, 1] is y itself.
+        let run = |ci: usize, chunk: &mut [f32]| {
+            let r0 = ci * rpt;
+            tile_kernel(kernel, w, r0..r0 + chunk.len(), x, 0, 1, chunk);
+        };
+        if rpt >= n {
+            run(0, y);
+        } else {
+            y.par_chunks_mut(rpt)
+                .enumerate()
+                .for_each(|(ci, c)| run(ci, c));
+        }
+        return Ok(());
+    }
     // Rows are computed as [N, t]; transpose into y [t, N].
     let mut tmp = vec![0f32; n * t];
     let run = |ci: usize, chunk: &mut [f32]| {
         let r0 = ci * rpt;
         let nrows = chunk.len() / t;
+        let mut part = vec![0f32; nrows * TILE];
         for t0 in (0..t).step_by(TILE) {
             let tt = TILE.min(t - t0);
-            let mut part = [0f32; TILE];
-            for i in 0..nrows {
-                let r = r0 + i;
-                rows_kernel(kernel, w, r, x, t0, &mut part[..tt]);
-                chunk[i * t + t0..i * t + t0 + tt].copy_from_slice(&part[..tt]);
+            let part = &mut part[..nrows * tt];
+            tile_kernel(kernel, w, r0..r0 + nrows, x, t0, tt, part);
+            for (i, p) in part.chunks_exact(tt).enumerate() {
+                chunk[i * t + t0..i * t + t0 + tt].copy_from_slice(p);
             }
         }
     };
@@ -328,34 +343,48 @@ pub fn gemm_q8_with(
     Ok(())
 }
 
-/// One weight row `r` against activation rows `t0 .. t0 + out.len()`.
-fn rows_kernel(
+/// Weight rows `rows` against activation rows `t0 .. t0 + tt` (`tt ≤ TILE`) into `out`
+/// (`[rows, tt]`).
+fn tile_kernel(
     kernel: Q8Kernel,
     w: MxMatrixRef<'_>,
-    r: usize,
+    rows: std::ops::Range<usize>,
     x: &Q8Rows,
     t0: usize,
+    tt: usize,
     out: &mut [f32],
 ) {
-    let codes = w.row_blocks(r);
-    let scales = w.row_scales(r);
-    let mut xs = [x.row(t0); TILE];
-    for (i, xr) in xs.iter_mut().enumerate().take(out.len()) {
-        *xr = x.row(t0 + i);
+    let nb = w.blocks_per_row();
+    let codes = &w.blocks()[rows.start * nb * BLOCK_BYTES..rows.end * nb * BLOCK_BYTES];
+    let scales = &w.scales()[rows.start * nb..rows.end * nb];
+    macro_rules! go {
+        ($b:literal) => {{
+            let xs: [RowRef<'_>; $b] = std::array::from_fn(|i| x.row(t0 + i));
+            match kernel {
+                Q8Kernel::Portable => portable(codes, scales, nb, &xs, out),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: availability checked by gemm_q8_with; `codes` / `scales` hold whole
+                // rows (nb·16 bytes and nb scales each) and every row of `xs` has the Q8Rows
+                // layout for ceil(nb/4) groups (checked by the kernel's debug asserts).
+                Q8Kernel::Avx2 => unsafe { avx2::<$b>(codes, scales, nb, &xs, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Q8Kernel::Avx512Vnni => unsafe { vnni::<$b>(codes, scales, nb, &xs, out) },
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("unavailable kernels are rejected by gemm_q8_with"),
+            }
+        }};
     }
-    let xs = &xs[..out.len()];
-    match kernel {
-        Q8Kernel::Portable => portable(codes, scales, xs, out),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: availability checked by gemm_q8_with; slice lengths follow from the matrix
-        // view (a row has nb·16 code bytes and nb scales) and the Q8Rows layout (groups·128
-        // codes, groups·16 d / corr), checked by the kernel's debug asserts.
-        Q8Kernel::Avx2 => unsafe { avx2(codes, scales, xs, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Q8Kernel::Avx512Vnni => unsafe { vnni(codes, scales, xs, out) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("unavailable kernels are rejected by gemm_q8_with"),
+    match tt {
+        1 => go!(1),
+        2 => go!(2),
+        3 => go!(3),
+        4 => go!(4),
+        5 => go!(5),
+        6 => go!(6),
+        7 => go!(7),
+        8 => go!(8),
+        _ => unreachable!("tiles have 1..=TILE rows"),
     }
 }
 
@@ -375,35 +404,42 @@ fn reduce16(a: &[f32; 16]) -> f32 {
     ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]))
 }
 
-fn portable(codes: &[u8], scales: &[u8], xs: &[RowRef<'_>], out: &mut [f32]) {
-    let nb = scales.len();
+fn portable<const B: usize>(
+    codes: &[u8],
+    scales: &[u8],
+    nb: usize,
+    xs: &[RowRef<'_>; B],
+    out: &mut [f32],
+) {
     let groups = nb.div_ceil(GROUP);
-    for (xr, o) in xs.iter().zip(out.iter_mut()) {
-        let mut acc = [0f32; LANES];
-        for g in 0..groups {
-            let qg = &xr.q[g * GROUP_Q..(g + 1) * GROUP_Q];
-            for (l, a) in acc.iter_mut().enumerate() {
-                let (lb, j) = (l / 4, l % 4);
-                let b = g * GROUP + lb;
-                let (mut sum, hs) = (
-                    xr.corr[g * LANES + l],
-                    if b < nb { half_scale(scales[b]) } else { 0.0 },
-                );
-                for m in 0..4 {
-                    let byte = if b < nb {
-                        codes[b * BLOCK_BYTES + 4 * j + m]
-                    } else {
-                        0
-                    };
-                    let at = lb * (BLOCK / 2) + 4 * j + m;
-                    sum += i32::from(LUT_U8[(byte & 15) as usize]) * i32::from(qg[at]);
-                    sum +=
-                        i32::from(LUT_U8[(byte >> 4) as usize]) * i32::from(qg[GROUP_Q / 2 + at]);
+    for (r, o) in out.chunks_exact_mut(B).enumerate() {
+        let codes = &codes[r * nb * BLOCK_BYTES..(r + 1) * nb * BLOCK_BYTES];
+        let scales = &scales[r * nb..(r + 1) * nb];
+        for (xr, o) in xs.iter().zip(o.iter_mut()) {
+            let mut acc = [0f32; LANES];
+            for g in 0..groups {
+                let qg = &xr.q[g * GROUP_Q..(g + 1) * GROUP_Q];
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let (lb, j) = (l / 4, l % 4);
+                    let b = g * GROUP + lb;
+                    let hs = if b < nb { half_scale(scales[b]) } else { 0.0 };
+                    let mut sum = xr.corr[g * LANES + l];
+                    for m in 0..4 {
+                        let byte = if b < nb {
+                            codes[b * BLOCK_BYTES + 4 * j + m]
+                        } else {
+                            0
+                        };
+                        let at = lb * (BLOCK / 2) + 4 * j + m;
+                        sum += i32::from(LUT_U8[(byte & 15) as usize]) * i32::from(qg[at]);
+                        sum += i32::from(LUT_U8[(byte >> 4) as usize])
+                            * i32::from(qg[GROUP_Q / 2 + at]);
+                    }
+                    *a = (sum as f32).mul_add(hs * xr.d[g * LANES + l], *a);
                 }
-                *a = (sum as f32).mul_add(hs * xr.d[g * LANES + l], *a);
             }
+            *o = reduce16(&acc);
         }
-        *o = reduce16(&acc);
     }
 }
 
@@ -412,11 +448,17 @@ fn portable(codes: &[u8], scales: &[u8], xs: &[RowRef<'_>], out: &mut [f32]) {
 /// [`Q8Rows`] layout for `ceil(nb/4)` groups.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni(codes: &[u8], scales: &[u8], xs: &[RowRef<'_>], out: &mut [f32]) {
+unsafe fn vnni<const B: usize>(
+    codes: &[u8],
+    scales: &[u8],
+    nb: usize,
+    xs: &[RowRef<'_>; B],
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let nb = scales.len();
     let groups = nb.div_ceil(GROUP);
-    debug_assert!(codes.len() == nb * BLOCK_BYTES);
+    let nrows = out.len() / B;
+    debug_assert!(codes.len() == nrows * nb * BLOCK_BYTES && scales.len() == nrows * nb);
     debug_assert!(xs.iter().all(|x| x.q.len() == groups * GROUP_Q
         && x.d.len() == groups * LANES
         && x.corr.len() == groups * LANES));
@@ -425,43 +467,62 @@ unsafe fn vnni(codes: &[u8], scales: &[u8], xs: &[RowRef<'_>], out: &mut [f32]) 
     let rep = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     let one = _mm512_set1_epi32(1);
     let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); TILE];
-    for g in 0..groups {
-        let nblk = GROUP.min(nb - g * GROUP);
-        let cp = codes.as_ptr().add(g * GROUP * BLOCK_BYTES);
-        let sp = scales.as_ptr().add(g * GROUP);
-        let (c, sb) = if nblk == GROUP {
-            (
-                _mm512_loadu_si512(cp.cast()),
-                _mm_cvtsi32_si128(sp.cast::<i32>().read_unaligned()),
-            )
-        } else {
-            (
-                _mm512_maskz_loadu_epi8((1u64 << (16 * nblk)) - 1, cp.cast()),
-                _mm_maskz_loadu_epi8((1u16 << nblk) - 1, sp.cast()),
-            )
-        };
-        let wlo = _mm512_shuffle_epi8(lut, _mm512_and_si512(c, m0f));
-        let whi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16::<4>(c), m0f));
-        let e = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sb, rep));
-        let hs = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_max_epi32(
-            _mm512_sub_epi32(e, one),
-            zero,
-        )));
-        for (t, xr) in xs.iter().enumerate() {
-            let q = xr.q.as_ptr().add(g * GROUP_Q);
-            let mut ai = _mm512_loadu_si512(xr.corr.as_ptr().add(g * LANES).cast());
-            ai = _mm512_dpbusd_epi32(ai, wlo, _mm512_loadu_si512(q.cast()));
-            ai = _mm512_dpbusd_epi32(ai, whi, _mm512_loadu_si512(q.add(GROUP_Q / 2).cast()));
-            let sc = _mm512_mul_ps(hs, _mm512_loadu_ps(xr.d.as_ptr().add(g * LANES)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), sc, acc[t]);
+    for r in 0..nrows {
+        let mut acc = [_mm512_setzero_ps(); B];
+        for g in 0..groups {
+            let nblk = GROUP.min(nb - g * GROUP);
+            let cp = codes.as_ptr().add((r * nb + g * GROUP) * BLOCK_BYTES);
+            let sp = scales.as_ptr().add(r * nb + g * GROUP);
+            let (c, sb) = if nblk == GROUP {
+                (
+                    _mm512_loadu_si512(cp.cast()),
+                    _mm_cvtsi32_si128(sp.cast::<i32>().read_unaligned()),
+                )
+            } else {
+                (
+                    _mm512_maskz_loadu_epi8((1u64 << (16 * nblk)) - 1, cp.cast()),
+                    _mm_maskz_loadu_epi8((1u16 << nblk) - 1, sp.cast()),
+                )
+            };
+            let wlo = _mm512_shuffle_epi8(lut, _mm512_and_si512(c, m0f));
+            let whi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16::<4>(c), m0f));
+            let e = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sb, rep));
+            let hs = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_max_epi32(
+                _mm512_sub_epi32(e, one),
+                zero,
+            )));
+            for (t, xr) in xs.iter().enumerate() {
+                let q = xr.q.as_ptr().add(g * GROUP_Q);
+                let mut ai = _mm512_loadu_si512(xr.corr.as_ptr().add(g * LANES).cast());
+                ai = _mm512_dpbusd_epi32(ai, wlo, _mm512_loadu_si512(q.cast()));
+                ai = _mm512_dpbusd_epi32(ai, whi, _mm512_loadu_si512(q.add(GROUP_Q / 2).cast()));
+                let sc = _mm512_mul_ps(hs, _mm512_loadu_ps(xr.d.as_ptr().add(g * LANES)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), sc, acc[t]);
+            }
+        }
+        for t in 0..B {
+            // reduce16 in registers: (i + i+8), then (i + i+4), then (0 + 2, 1 + 3), then the pair.
+            let h = _mm256_add_ps(
+                _mm512_castps512_ps256(acc[t]),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[t]))),
+            );
+            *out.get_unchecked_mut(r * B + t) = reduce8_reg(h);
         }
     }
-    for (t, o) in out.iter_mut().enumerate() {
-        let mut lanes = [0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
-        *o = reduce16(&lanes);
-    }
+}
+
+/// [`reduce16`]'s last steps on 8 lanes in a register.
+///
+/// # Safety
+/// AVX present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn reduce8_reg(h: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let r = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps::<1>(r, r)))
 }
 
 /// # Safety
@@ -469,54 +530,64 @@ unsafe fn vnni(codes: &[u8], scales: &[u8], xs: &[RowRef<'_>], out: &mut [f32]) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // h indexes the codes, the scales and every row's acc
-unsafe fn avx2(codes: &[u8], scales: &[u8], xs: &[RowRef<'_>], out: &mut [f32]) {
+unsafe fn avx2<const B: usize>(
+    codes: &[u8],
+    scales: &[u8],
+    nb: usize,
+    xs: &[RowRef<'_>; B],
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let nb = scales.len();
     let groups = nb.div_ceil(GROUP);
-    debug_assert!(codes.len() == nb * BLOCK_BYTES);
+    let nrows = out.len() / B;
+    debug_assert!(codes.len() == nrows * nb * BLOCK_BYTES && scales.len() == nrows * nb);
     let lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(LUT_U8.as_ptr().cast()));
     let m0f = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
     let mut cbuf;
     let mut hsb = [0f32; LANES];
-    for g in 0..groups {
-        let nblk = GROUP.min(nb - g * GROUP);
-        let cp = if nblk == GROUP {
-            codes.as_ptr().add(g * GROUP * BLOCK_BYTES)
-        } else {
-            cbuf = [0u8; GROUP * BLOCK_BYTES];
-            cbuf[..nblk * BLOCK_BYTES]
-                .copy_from_slice(&codes[g * GROUP * BLOCK_BYTES..nb * BLOCK_BYTES]);
-            cbuf.as_ptr()
-        };
-        for lb in 0..GROUP {
-            let b = g * GROUP + lb;
-            let hs = if b < nb { half_scale(scales[b]) } else { 0.0 };
-            hsb[lb * 4..lb * 4 + 4].fill(hs);
-        }
-        for h in 0..2 {
-            let c = _mm256_loadu_si256(cp.add(h * 32).cast());
-            let wlo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, m0f));
-            let whi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16::<4>(c), m0f));
-            let hs = _mm256_loadu_ps(hsb.as_ptr().add(h * 8));
-            for (t, xr) in xs.iter().enumerate() {
-                let q = xr.q.as_ptr().add(g * GROUP_Q + h * 32);
-                let pe = _mm256_maddubs_epi16(wlo, _mm256_loadu_si256(q.cast()));
-                let po = _mm256_maddubs_epi16(whi, _mm256_loadu_si256(q.add(GROUP_Q / 2).cast()));
-                let mut ai = _mm256_loadu_si256(xr.corr.as_ptr().add(g * LANES + h * 8).cast());
-                ai = _mm256_add_epi32(ai, _mm256_madd_epi16(pe, ones));
-                ai = _mm256_add_epi32(ai, _mm256_madd_epi16(po, ones));
-                let sc = _mm256_mul_ps(hs, _mm256_loadu_ps(xr.d.as_ptr().add(g * LANES + h * 8)));
-                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), sc, acc[t][h]);
+    for r in 0..nrows {
+        let codes = &codes[r * nb * BLOCK_BYTES..(r + 1) * nb * BLOCK_BYTES];
+        let scales = &scales[r * nb..(r + 1) * nb];
+        let mut acc = [[_mm256_setzero_ps(); 2]; B];
+        for g in 0..groups {
+            let nblk = GROUP.min(nb - g * GROUP);
+            let cp = if nblk == GROUP {
+                codes.as_ptr().add(g * GROUP * BLOCK_BYTES)
+            } else {
+                cbuf = [0u8; GROUP * BLOCK_BYTES];
+                cbuf[..nblk * BLOCK_BYTES].copy_from_slice(&codes[g * GROUP * BLOCK_BYTES..]);
+                cbuf.as_ptr()
+            };
+            for lb in 0..GROUP {
+                let b = g * GROUP + lb;
+                let hs = if b < nb { half_scale(scales[b]) } else { 0.0 };
+                hsb[lb * 4..lb * 4 + 4].fill(hs);
+            }
+            for h in 0..2 {
+                let c = _mm256_loadu_si256(cp.add(h * 32).cast());
+                let wlo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, m0f));
+                let whi =
+                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16::<4>(c), m0f));
+                let hs = _mm256_loadu_ps(hsb.as_ptr().add(h * 8));
+                for t in 0..B {
+                    let xr = &xs[t];
+                    let q = xr.q.as_ptr().add(g * GROUP_Q + h * 32);
+                    let pe = _mm256_maddubs_epi16(wlo, _mm256_loadu_si256(q.cast()));
+                    let po =
+                        _mm256_maddubs_epi16(whi, _mm256_loadu_si256(q.add(GROUP_Q / 2).cast()));
+                    let mut ai = _mm256_loadu_si256(xr.corr.as_ptr().add(g * LANES + h * 8).cast());
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(pe, ones));
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(po, ones));
+                    let sc =
+                        _mm256_mul_ps(hs, _mm256_loadu_ps(xr.d.as_ptr().add(g * LANES + h * 8)));
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), sc, acc[t][h]);
+                }
             }
         }
-    }
-    for (t, o) in out.iter_mut().enumerate() {
-        let mut lanes = [0f32; 16];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t][0]);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[t][1]);
-        *o = reduce16(&lanes);
+        for t in 0..B {
+            out[r * B + t] = reduce8_reg(_mm256_add_ps(acc[t][0], acc[t][1]));
+        }
     }
 }
 
