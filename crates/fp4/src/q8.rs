@@ -448,6 +448,7 @@ fn portable<const B: usize>(
 /// [`Q8Rows`] layout for `ceil(nb/4)` groups.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // t indexes acc and out
 unsafe fn vnni<const B: usize>(
     codes: &[u8],
     scales: &[u8],
