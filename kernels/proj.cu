@@ -1,6 +1,9 @@
 // Dense projections from tiled weights: y[t] = W · x[t] (+ bias) (+ y[t] when accumulate) for up
-// to MAX_TOKENS tokens, W either FP8 e4m3 with 128×128 block scales (`weight_scale_inv`, one f32
-// per block, value = e4m3(code) · scale) or BF16. f32 activations, f32 accumulation.
+// to MAX_TOKENS tokens, W either FP8 e4m3 with block scales or BF16. f32 activations, f32
+// accumulation. FP8 scales on the device are one f32 per (16-row group, 128-column block),
+// `[ceil(n/16)][ceil(k/128)]`: the checkpoint's 128×128 `weight_scale_inv` expanded at upload (and
+// any row blocking whose scale is constant over each 16-row group: MiMo's per-KV-group qkv blocks);
+// value = e4m3(code) · scale.
 //
 // Launched by crates/tilert/src/ops/proj.rs (`ProjOps`); the weights are uploaded by
 // crates/tilert/src/tensor.rs (`ProjMatrix`) in the "proj tile" layout (kernels/NOTES.md):
@@ -12,12 +15,19 @@
 //   * tiles are stored group-major: tile (g, c) at byte (g · CT + c) · 512, CT = padded cols / KT.
 // One warp load of a tile is 512 contiguous bytes (full DRAM atoms), and all 16 lanes of a half
 // need the same activations (broadcast L1 reads). FP8 tiles never straddle a 128-column scale
-// block (128 % 32 == 0) and a CTA's row groups never straddle a 128-row block (16·R divides 128),
-// so each tile has one warp-uniform scale.
+// block (128 % 32 == 0), so each tile has one warp-uniform scale.
 //
-// A CTA owns R row groups (16·R rows) over the whole K: its W warps take tiles c = w, w + W, ...
-// (U tiles of each of the R groups in flight per lane), then sum their partials through shared
-// memory in warp order (deterministic; no split-K across CTAs, no atomics, no scratch).
+// Two kernel families over the same layout:
+//   * proj_{fp8,bf16}_t{TT}_r{R} ("row groups"): a CTA owns R row groups (16·R rows) over the
+//     whole K: its W warps take tiles c = w, w + W, ... (U tiles of each of the R groups in flight
+//     per lane), then sum their partials through shared memory in warp order (no scratch).
+//   * proj_sk_{fp8,bf16}_t{TT} ("stream-K"): a grid sized to the resident capacity; the tiles in
+//     storage order (group-major) are cut into one contiguous range per warp (equal to within
+//     one tile), so every SM streams the same bytes in one wave whatever the shape. A warp
+//     writes the rows of a group its range covers whole; for a group it shares with other warps
+//     it stores its partial (scratch slot 0 for its first group, 1 for its last) and counts in;
+//     the last warp in sums the partials in warp order and writes the rows (deterministic).
+// Both are deterministic (no float atomics).
 //
 // No fast math: fp8 and bf16 decode exactly to f32, products and sums are IEEE f32 (fmaf).
 #include <cuda_bf16.h>
@@ -94,7 +104,7 @@ __device__ __forceinline__ float dot_vec(const float (&wf)[E], const float (&xv)
     return a0 + a1;
 }
 
-// FP8: scales [ceil(n/128)][kb] f32. BF16: scales unused (null).
+// FP8: scales [ceil(n/16)][kb] f32 (one per 16-row group and 128 columns). BF16: scales unused.
 // n, k: the logical shape; ct: tiles per row group (padded k / KT); t ≤ TT real tokens.
 template <bool FP8, int TT, int R, int U>
 __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
@@ -114,7 +124,7 @@ __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
 #pragma unroll
     for (int r = 0; r < R; ++r) wg[r] = w + (size_t)(g0 + r) * ct * 32 + lane;
     const uint32_t kb = (k + 127) / 128;
-    const float* srow = FP8 ? scales + (size_t)((g0 * 16) / 128) * kb : nullptr;
+    const float* srow = FP8 ? scales + (size_t)g0 * kb : nullptr;  // group g0 + r: + r·kb
     pdl_begin();
 
     float acc[R][TT];
@@ -125,14 +135,16 @@ __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
 
     for (uint32_t c0 = warp; c0 < ct; c0 += nw * U) {
         uint4 wv[U][R];
-        float s[U];
+        float s[U][R];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const uint32_t c = c0 + u * nw;
 #pragma unroll
             for (int r = 0; r < R; ++r)
                 wv[u][r] = c < ct ? ld_stream(wg[r] + (size_t)c * 32) : make_uint4(0, 0, 0, 0);
-            s[u] = FP8 && c < ct ? __ldg(srow + (c * KT) / 128) : 0.f;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                s[u][r] = FP8 && c < ct ? __ldg(srow + (size_t)r * kb + (c * KT) / 128) : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -150,7 +162,7 @@ __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     const float d = dot_vec<E>(wf[r], xv);
-                    acc[r][j] = FP8 ? fmaf(d, s[u], acc[r][j]) : acc[r][j] + d;
+                    acc[r][j] = FP8 ? fmaf(d, s[u][r], acc[r][j]) : acc[r][j] + d;
                 }
             }
         }
@@ -197,3 +209,200 @@ PROJ_T(2)
 PROJ_T(4)
 PROJ_T(8)
 PROJ_T(16)
+
+// ---- stream-K ------------------------------------------------------------------------------
+
+// The first tile of warp q's range when `tiles` tiles are cut into `warps` ranges.
+__device__ __forceinline__ uint64_t sk_start(uint64_t q, uint64_t tiles, uint64_t warps) {
+    return q * tiles / warps;
+}
+
+// The warp whose range holds tile i (requires warps ≤ tiles: every range is non-empty).
+__device__ __forceinline__ uint32_t sk_owner(uint64_t i, uint64_t tiles, uint64_t warps) {
+    return (uint32_t)(((i + 1) * warps - 1) / tiles);
+}
+
+// Row `row` of token j: v (+ bias) (+ y when accumulate), the row-group kernels' order.
+__device__ __forceinline__ void proj_store(float* __restrict__ y, const float* __restrict__ bias,
+                                           uint32_t n, uint32_t row, uint32_t j, float v,
+                                           uint32_t accumulate) {
+    if (bias) v += bias[row];
+    float* yp = y + (size_t)j * n + row;
+    if (accumulate) v = *yp + v;
+    *yp = v;
+}
+
+// The last warp into row group g: sums the partials of warps qa..qb in warp order (slot 0 where
+// g is that warp's first group, else 1), writes the rows and re-arms the counter. The (token,
+// warp) pairs are walked token-major in batches of SK_BATCH independent L2 loads (a group can
+// have tens of contributors: one dependent load each would be a tail of microseconds); the adds
+// stay in warp order.
+#define SK_BATCH 16
+template <int TT>
+__device__ __noinline__ void sk_reduce(const float* part, uint32_t* counters,
+                                       const float* __restrict__ bias, float* __restrict__ y,
+                                       uint32_t n, uint32_t t, uint32_t accumulate, uint32_t g,
+                                       uint32_t ct, uint64_t tiles, uint64_t warps, uint32_t qa,
+                                       uint32_t qb) {
+    __threadfence();
+    const int lane = threadIdx.x & 31;
+    const uint32_t row = g * 16 + (lane & 15);
+    const uint32_t nq = qb - qa + 1, items = nq * t;
+    if (lane < 16 && row < n) {
+        float v = 0.f;
+        for (uint32_t m0 = 0; m0 < items; m0 += SK_BATCH) {
+            float p[SK_BATCH];
+#pragma unroll
+            for (int e = 0; e < SK_BATCH; ++e) {
+                const uint32_t m = m0 + e;
+                p[e] = 0.f;
+                if (m < items) {
+                    const uint32_t j = m / nq, q = qa + m % nq;
+                    const uint32_t slot = sk_start(q, tiles, warps) / ct == g ? 0 : 1;
+                    p[e] = __ldcg(part + ((size_t)(2 * q + slot) * TT + j) * 16 + lane);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < SK_BATCH; ++e) {
+                const uint32_t m = m0 + e;
+                if (m >= items) break;
+                v += p[e];
+                if (m % nq == nq - 1) {  // token m / nq complete
+                    proj_store(y, bias, n, row, m / nq, v, accumulate);
+                    v = 0.f;
+                }
+            }
+        }
+    }
+    if (lane == 0) counters[g] = 0;
+}
+
+// part: [warps][2][TT][16] f32 scratch; counters: [row groups] u32, zero between launches.
+template <bool FP8, int TT, int U>
+__device__ __forceinline__ void proj_sk_body(const uint4* __restrict__ w,
+                                             const float* __restrict__ scales,
+                                             const float* __restrict__ bias,
+                                             const float* __restrict__ x, float* __restrict__ y,
+                                             float* part, uint32_t* counters, uint32_t n,
+                                             uint32_t k, uint32_t ct, uint32_t t,
+                                             uint32_t accumulate, uint32_t xvec) {
+    constexpr int E = FP8 ? 16 : 8;
+    constexpr uint32_t KT = 2 * E;
+    const int lane = threadIdx.x & 31;
+    const uint32_t nw = blockDim.x >> 5;
+    const uint32_t q = blockIdx.x * nw + (threadIdx.x >> 5);
+    const uint64_t warps = (uint64_t)gridDim.x * nw;
+    const uint64_t tiles = (uint64_t)((n + 15) / 16) * ct;
+    const uint64_t a = sk_start(q, tiles, warps), b = sk_start(q + 1, tiles, warps);
+    const uint32_t half = lane >> 4;
+    const uint32_t kb = (k + 127) / 128;
+    uint32_t g = (uint32_t)(a / ct), c = (uint32_t)(a - (uint64_t)g * ct);
+    const uint32_t g_first = g;
+    const uint4* wl = w + lane;
+
+    float acc[TT];
+#pragma unroll
+    for (int j = 0; j < TT; ++j) acc[j] = 0.f;
+
+    for (uint64_t i0 = a; i0 < b; i0 += U) {
+        // U consecutive tiles (U·512 contiguous bytes per warp) and their scales in flight.
+        uint4 wv[U];
+        float s[U];
+        {
+            uint32_t gg = g, cc = c;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const bool in = i0 + u < b;
+                wv[u] = in ? ld_stream(wl + (size_t)(i0 + u) * 32) : make_uint4(0, 0, 0, 0);
+                if (FP8) s[u] = in ? __ldg(scales + (size_t)gg * kb + (cc * KT) / 128) : 0.f;
+                if (++cc == ct) {
+                    cc = 0;
+                    ++gg;
+                }
+            }
+        }
+        // Weights only before this point (PDL: the predecessor may still run).
+        pdl_begin();
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (i0 + u >= b) break;
+            const uint32_t k0 = c * KT + half * E;
+            float wf[E];
+            decode_vec<FP8>(wv[u], wf);
+#pragma unroll
+            for (int j = 0; j < TT; ++j) {
+                if ((uint32_t)j >= t) break;
+                float xv[E];
+                load_x<E>(x + (size_t)j * k, k0, k, xvec, xv);
+                const float d = dot_vec<E>(wf, xv);
+                acc[j] = FP8 ? fmaf(d, s[u], acc[j]) : acc[j] + d;
+            }
+            const bool end_group = c + 1 == ct;
+            if (end_group || i0 + u + 1 == b) {
+                // Row sums of group g: the two halves → lanes 0..15.
+                float v[TT];
+#pragma unroll
+                for (int j = 0; j < TT; ++j) {
+                    v[j] = acc[j] + __shfl_xor_sync(0xffffffffu, acc[j], 16);
+                    acc[j] = 0.f;
+                }
+                const uint64_t gs = (uint64_t)g * ct;
+                const uint32_t row = g * 16 + (lane & 15);
+                if (a <= gs && gs + ct <= b) {
+                    // The whole group is this warp's.
+                    if (lane < 16 && row < n) {
+#pragma unroll
+                        for (int j = 0; j < TT; ++j)
+                            if ((uint32_t)j < t) proj_store(y, bias, n, row, j, v[j], accumulate);
+                    }
+                } else {
+                    const uint32_t slot = g == g_first ? 0 : 1;
+                    float* p = part + (size_t)(2 * q + slot) * TT * 16;
+                    if (lane < 16) {
+#pragma unroll
+                        for (int j = 0; j < TT; ++j)
+                            if ((uint32_t)j < t) p[j * 16 + lane] = v[j];
+                    }
+                    __threadfence();
+                    __syncwarp();
+                    uint32_t old = 0;
+                    if (lane == 0) old = atomicAdd(counters + g, 1u);
+                    old = __shfl_sync(0xffffffffu, old, 0);
+                    const uint32_t qa = sk_owner(gs, tiles, warps);
+                    const uint32_t qb = sk_owner(gs + ct - 1, tiles, warps);
+                    if (old == qb - qa)
+                        sk_reduce<TT>(part, counters, bias, y, n, t, accumulate, g, ct, tiles,
+                                      warps, qa, qb);
+                }
+            }
+            if (end_group) {
+                c = 0;
+                ++g;
+            } else {
+                ++c;
+            }
+        }
+    }
+}
+
+#define PROJ_SK(NAME, FP8, TT, U)                                                               \
+    extern "C" __global__ void __launch_bounds__(PROJ_SK_THREADS) NAME(                          \
+        const uint4* __restrict__ w, const float* __restrict__ scales,                           \
+        const float* __restrict__ bias, const float* __restrict__ x, float* __restrict__ y,      \
+        float* part, uint32_t* counters, uint32_t n, uint32_t k, uint32_t ct, uint32_t t,        \
+        uint32_t accumulate, uint32_t xvec) {                                                    \
+        proj_sk_body<FP8, TT, U>(w, scales, bias, x, y, part, counters, n, k, ct, t,            \
+                                 accumulate, xvec);                                              \
+    }
+
+// proj_sk_{fp8,bf16}_t{TT}: U tiles in flight per lane (8 up to two tokens, then 4).
+PROJ_SK(proj_sk_fp8_t1, true, 1, 8)
+PROJ_SK(proj_sk_fp8_t2, true, 2, 8)
+PROJ_SK(proj_sk_fp8_t4, true, 4, 4)
+PROJ_SK(proj_sk_fp8_t8, true, 8, 4)
+PROJ_SK(proj_sk_fp8_t16, true, 16, 4)
+PROJ_SK(proj_sk_bf16_t1, false, 1, 8)
+PROJ_SK(proj_sk_bf16_t2, false, 2, 8)
+PROJ_SK(proj_sk_bf16_t4, false, 4, 4)
+PROJ_SK(proj_sk_bf16_t8, false, 8, 4)
+PROJ_SK(proj_sk_bf16_t16, false, 16, 4)

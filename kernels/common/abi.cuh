@@ -36,8 +36,9 @@
 #define SAMPLE_THREADS 1024
 
 // Dense projections from tiled FP8 / BF16 weights (proj.cu): most threads per CTA, rows per tile
-// (row group), FP8 scale block edge (rows and columns).
+// (row group), FP8 scale block edge (rows and columns), threads per CTA of the stream-K kernels.
 #define PROJ_MAX_THREADS 512
+#define PROJ_SK_THREADS 128
 #define PROJ_TILE_ROWS 16
 #define FP8_BLOCK 128
 

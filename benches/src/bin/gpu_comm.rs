@@ -40,6 +40,10 @@ struct Args {
     /// All-reduces per sample (and per captured graph).
     #[arg(long, default_value_t = 100)]
     iters: usize,
+    /// Real ranks too (a multi-GPU machine, issue #19 run 1): the one-shot all-reduce and NCCL
+    /// over the first 2, 4 and 8 of these GPUs (one rank per GPU, NVLS off), in the same run.
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<usize>>,
 }
 
 #[derive(Serialize)]
@@ -338,6 +342,10 @@ fn main() -> Result<()> {
         }
     };
 
+    if let Some(devices) = &args.devices {
+        real_ranks(devices, &args, &mut rng, &mut rows)?;
+    }
+
     println!(
         "\n{NOTE}\n{nccl}; median (min) µs per all-reduce over {} samples of {} calls",
         args.samples, args.iters
@@ -362,4 +370,158 @@ fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// The one-shot all-reduce and NCCL over real ranks: the first N of `devices` for N = 2, 4, 8
+/// (as many as listed), bf16 8 KB / 64 KB / 1 MB, each checked bit-equal to the host's rank-order
+/// f32 sum (one-shot) or to the exact sum (NCCL, small integers), then timed eager and
+/// graph-captured (NCCL's graph row is NaN where its capture over several GPUs fails).
+fn real_ranks(
+    devices: &[usize],
+    args: &Args,
+    rng: &mut ChaCha8Rng,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    comm::disable_nvls();
+    println!("{}", comm::Topology::probe()?);
+    for n in [2usize, 4, 8].into_iter().filter(|&n| n <= devices.len()) {
+        let gpus = &devices[..n];
+        let g = SymmetricGroup::on_devices(gpus, 1 << 20)
+            .with_context(|| format!("one-shot group on GPUs {gpus:?}"))?;
+        let main = g.stream(0).context().new_stream()?;
+        for bytes in [8usize << 10, 64 << 10, 1 << 20] {
+            let m = bytes / 2;
+            let parts: Vec<Vec<bf16>> = (0..n)
+                .map(|_| {
+                    (0..m)
+                        .map(|_| bf16::from_f32(rng.random_range(-2.0..2.0)))
+                        .collect()
+                })
+                .collect();
+            let mut ins = Vec::new();
+            let mut outs = Vec::new();
+            for (r, p) in parts.iter().enumerate() {
+                let st = g.stream(r);
+                ins.push(st.clone_htod(p)?);
+                outs.push(st.clone_htod(&vec![bf16::NAN; m])?);
+                st.synchronize()?;
+            }
+            let ops: Vec<AllReduce> = (0..n)
+                .map(|r| AllReduce {
+                    dtype: DType::Bf16,
+                    rows: 1,
+                    width: m,
+                    input: ptr(g.stream(r), &ins[r]),
+                    epilogue: Epilogue::Out {
+                        out: ptr(g.stream(r), &outs[r]),
+                    },
+                })
+                .collect();
+            let (eager, graph) = one_shot_case(&g, &main, &ops, args)?;
+            for (r, o) in outs.iter().enumerate() {
+                let got = g.stream(r).clone_dtoh(o)?;
+                for i in 0..m {
+                    let mut acc = parts[0][i].to_f32();
+                    for p in &parts[1..] {
+                        acc += p[i].to_f32();
+                    }
+                    if got[i].to_bits() != bf16::from_f32(acc).to_bits() {
+                        bail!(
+                            "GPUs {gpus:?}, {bytes} B: rank {r} element {i}: {} vs {acc}",
+                            got[i]
+                        );
+                    }
+                }
+            }
+            rows.push(summarize(
+                format!("one-shot bf16 {} KB, GPUs {gpus:?}", bytes >> 10),
+                n,
+                bytes,
+                &eager,
+                &graph,
+            ));
+        }
+        drop(g);
+        let streams = gpus
+            .iter()
+            .map(|&d| Ok(ultra_kernels::open_device(d)?.new_stream()?))
+            .collect::<Result<Vec<_>>>()?;
+        let c = NcclComms::new(streams.clone()).context("NCCL over the GPUs")?;
+        for bytes in [8usize << 10, 64 << 10, 1 << 20] {
+            let m = bytes / 2;
+            let send = streams
+                .iter()
+                .enumerate()
+                .map(|(r, st)| Ok(st.clone_htod(&vec![bf16::from_f32(r as f32 + 1.0); m])?))
+                .collect::<Result<Vec<_>>>()?;
+            let mut recv = streams
+                .iter()
+                .map(|st| Ok(st.alloc_zeros::<bf16>(m)?))
+                .collect::<Result<Vec<_>>>()?;
+            let eager = time_forked(&main, &streams, args.samples, args.iters, || {
+                for _ in 0..args.iters {
+                    c.all_reduce(&send, &mut recv)?;
+                }
+                Ok(())
+            })?;
+            let want = bf16::from_f32((n * (n + 1) / 2) as f32);
+            for (r, st) in streams.iter().enumerate() {
+                if st.clone_dtoh(&recv[r])?.iter().any(|&x| x != want) {
+                    bail!("NCCL all-reduce over GPUs {gpus:?}: rank {r} is not the sum");
+                }
+            }
+            let graph =
+                nccl_graph(&c, &main, &streams, &send, &mut recv, args).unwrap_or_else(|e| {
+                    println!("NCCL graph capture over GPUs {gpus:?}: {e:#}");
+                    vec![f64::NAN]
+                });
+            rows.push(summarize(
+                format!("NCCL all_reduce bf16 {} KB, GPUs {gpus:?}", bytes >> 10),
+                n,
+                bytes,
+                &eager,
+                &graph,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `args.iters` NCCL all-reduces captured on every rank's stream, timed as graph launches.
+fn nccl_graph(
+    c: &NcclComms,
+    main: &Arc<CudaStream>,
+    streams: &[Arc<CudaStream>],
+    send: &[CudaSlice<bf16>],
+    recv: &mut [CudaSlice<bf16>],
+    args: &Args,
+) -> Result<Vec<f64>> {
+    for st in streams {
+        st.synchronize()?;
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    }
+    let mut res = Ok(());
+    for _ in 0..args.iters {
+        res = c.all_reduce(send, recv);
+        if res.is_err() {
+            break;
+        }
+    }
+    let mut graphs = Vec::new();
+    for st in streams {
+        graphs.push(st.end_capture(CUgraphInstantiate_flags(0)));
+    }
+    res?;
+    let mut ready = Vec::new();
+    for g in graphs {
+        let g = g?.context("NCCL capture produced no graph")?;
+        g.upload()?;
+        ready.push(g);
+    }
+    time_forked(main, streams, args.samples, args.iters, || {
+        for g in &ready {
+            g.launch()?;
+        }
+        Ok(())
+    })
 }

@@ -17,8 +17,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use model::config::ModelConfig;
 use serde::Serialize;
-use tilert::exec::{GpuBatch, GpuModel, GpuSession};
+use tilert::exec::{GpuBatch, GpuModel, GpuSession, SyntheticDtypes};
 use ultra_benches::{median, time_us, BenchKernels};
 
 #[derive(Parser)]
@@ -47,6 +48,26 @@ struct Args {
     /// Decode steps per timed window of the batched-decode comparison.
     #[arg(long, default_value_t = 32)]
     batch_steps: usize,
+    /// Instead of gpt-oss-20b: one tensor-parallel rank's slice of this model config (e.g.
+    /// fixtures/configs/mimo-v2.5-pro.json) at true dimensions, random weights in the released
+    /// dtypes (FP8 qkv / dense MLP, bf16 o_proj, MXFP4 experts), and an N-GPU projection.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Ranks of the slice (`--config`): attention heads, dense MLP and LM-head rows split N
+    /// ways (TP), routed experts N ways (EP: n_experts / N local experts, top_k / N per token).
+    #[arg(long, default_value_t = 8)]
+    tensor_parallel: usize,
+    /// Assumed all-reduce latency at batch 1, µs (`--config`; default: the published one-shot
+    /// custom all-reduce on 8×H100 for 4–32 KB, research/mimo-v2.md §4).
+    #[arg(long, default_value_t = 6.0)]
+    allreduce_us: f64,
+    /// Assumed all-reduce latency for a verify block of 8 tokens, µs (98 KB bf16 at hidden
+    /// 6144: between the published 32 KB 7.8 µs and 256 KB 16.7 µs points).
+    #[arg(long, default_value_t = 10.0)]
+    allreduce_b8_us: f64,
+    /// Mean accepted tokens per DFlash round for the projection (`--config`).
+    #[arg(long, default_value_t = 6.3)]
+    tau: f64,
 }
 
 #[derive(Serialize)]
@@ -249,8 +270,240 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// One rank's slice of `cfg` under `tp`-way tensor parallelism (attention heads, dense MLP and
+/// LM-head rows split; experts split EP-style: `n_experts / tp` local experts, `top_k / tp` of
+/// them per token on average).
+fn rank_slice(cfg: &ModelConfig, tp: usize) -> Result<ModelConfig> {
+    anyhow::ensure!(tp >= 1, "--tensor-parallel must be at least 1");
+    let mut c = cfg.clone();
+    for (l, spec) in c.layers.iter_mut().enumerate() {
+        anyhow::ensure!(
+            spec.n_heads.is_multiple_of(tp),
+            "layer {l}: {} attention heads do not split {tp} ways",
+            spec.n_heads
+        );
+        spec.n_heads /= tp;
+        anyhow::ensure!(
+            spec.n_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(spec.n_kv_heads),
+            "layer {l}: {} KV heads do not split {tp} ways",
+            spec.n_kv_heads
+        );
+        spec.n_kv_heads = (spec.n_kv_heads / tp).max(1);
+    }
+    anyhow::ensure!(
+        c.n_experts.is_multiple_of(tp),
+        "{} experts do not split {tp} ways",
+        c.n_experts
+    );
+    c.n_experts /= tp;
+    c.top_k = (c.top_k / tp).max(1);
+    if let Some(i) = c.dense_intermediate_size.as_mut() {
+        anyhow::ensure!(
+            i.is_multiple_of(tp),
+            "dense intermediate {i} does not split {tp} ways"
+        );
+        *i /= tp;
+    }
+    c.vocab_size = c.vocab_size.div_ceil(tp);
+    c.tie_word_embeddings = false;
+    c.eos_token_ids.clear();
+    Ok(c)
+}
+
+#[derive(Serialize)]
+struct RankReport {
+    device: String,
+    config: String,
+    tensor_parallel: usize,
+    layers: usize,
+    stream_read_gbps: f64,
+    rank_weight_bytes_per_token: usize,
+    /// The replicated router's bytes the slice does not hold (the full f32 router of every MoE
+    /// layer minus the slice's local-expert bf16 router), added to the roofline and projection.
+    replicated_router_extra_bytes: usize,
+    decode_ms_per_token: f64,
+    roofline_ms_per_token: f64,
+    roofline_share: f64,
+    per_layer_us: f64,
+    ops: Vec<OpRow>,
+    verify8_ms: f64,
+    allreduce_us: f64,
+    allreduce_b8_us: f64,
+    allreduces_per_step: usize,
+    projected_plain_tokens_per_s: f64,
+    tau: f64,
+    projected_dflash_tokens_per_s: f64,
+}
+
+fn rank_run(args: &Args, path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let full = ModelConfig::from_json_str(&text).with_context(|| format!("{}", path.display()))?;
+    let tp = args.tensor_parallel;
+    let cfg = rank_slice(&full, tp)?;
+    let nl = cfg.layers.len();
+    let t_build = Instant::now();
+    let gpu = GpuModel::synthetic_with(
+        0,
+        Arc::new(cfg.clone()),
+        20261207,
+        SyntheticDtypes::Released,
+    )?;
+    let info = gpu.device().info.clone();
+    eprintln!(
+        "{info}\n{}: rank slice of {tp}, {:.2} GB on the device in {:.1} s ({} FP8 projections)",
+        path.display(),
+        gpu.weight_bytes() as f64 / 1e9,
+        t_build.elapsed().as_secs_f64(),
+        gpu.fp8_projections()
+    );
+    let stream = gpu.stream().clone();
+    let read_gbps = {
+        let bytes = 2usize << 30;
+        let mut kern = BenchKernels::new(stream.clone(), info.multiprocessors)?;
+        let mut pool = stream.alloc_zeros::<u8>(bytes)?;
+        kern.fill(&mut pool, 7, 0, 256)?;
+        let us = median(&time_us(&stream, 11, 5, |_| {
+            kern.stream_read(&pool, 0, bytes)
+        })?);
+        bytes as f64 / (us * 1e-6) / 1e9
+    };
+    let v = cfg.vocab_size as u32;
+    let mut rng = 4242u64;
+    let prompt: Vec<u32> = (0..args.prompt).map(|_| lcg(&mut rng) % v).collect();
+    let mut s = gpu.session(args.max_seq).context("session")?;
+    let mut tok = s.prefill_greedy(&prompt).context("prefill")?;
+    (_, tok) = decode_ms(&mut s, tok, 16).context("decode warm-up")?;
+    let mut windows = Vec::new();
+    for _ in 0..args.repeats {
+        let (ms, t) = decode_ms(&mut s, tok, args.tokens)?;
+        tok = t;
+        windows.push(ms);
+    }
+    let decode_ms_med = median(&windows);
+    let mut per_op: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let mut launches: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut steps = Vec::new();
+    for rep in 0..5 {
+        let times = s.profile_pass(&[tok])?;
+        let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
+        for (label, ms) in &times {
+            *sums.entry(label).or_default() += *ms as f64 * 1e3;
+            if rep == 0 {
+                *launches.entry(label).or_default() += 1;
+            }
+        }
+        steps.push(sums.values().sum::<f64>());
+        for (k, us) in sums {
+            per_op.entry(k).or_default().push(us);
+        }
+    }
+    let profiled = median(&steps);
+    let ops: Vec<OpRow> = per_op
+        .iter()
+        .map(|(k, v)| OpRow {
+            op: k.to_string(),
+            launches_per_step: launches[k],
+            us_per_step: median(v),
+            share: median(v) / profiled,
+        })
+        .collect();
+    let base = s.len();
+    let mut vt = Vec::new();
+    for rep in 0..9 {
+        let toks: Vec<u32> = (0..8).map(|_| lcg(&mut rng) % v).collect();
+        let t0 = Instant::now();
+        let _ = s.verify_greedy(&toks)?;
+        if rep > 0 {
+            vt.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        s.truncate(base)?;
+    }
+    let verify8_ms = median(&vt);
+    let bytes = gpu.decode_bytes_per_token();
+    let moe_layers = cfg.layers.iter().filter(|l| l.moe).count();
+    let router_extra = moe_layers * (full.n_experts * 4 - cfg.n_experts * 2) * cfg.hidden_size;
+    let bw = read_gbps * 1e9;
+    let roofline_ms = (bytes + router_extra) as f64 / bw * 1e3;
+    let router_ms = router_extra as f64 / bw * 1e3;
+    // Two all-reduces per layer (after o_proj, after the MLP) and one for the LM head.
+    let ars = 2 * nl + 1;
+    let plain_ms = decode_ms_med + router_ms + ars as f64 * args.allreduce_us * 1e-3;
+    let round_ms = verify8_ms + router_ms + ars as f64 * args.allreduce_b8_us * 1e-3;
+    let r = RankReport {
+        device: info.to_string(),
+        config: path.display().to_string(),
+        tensor_parallel: tp,
+        layers: nl,
+        stream_read_gbps: read_gbps,
+        rank_weight_bytes_per_token: bytes,
+        replicated_router_extra_bytes: router_extra,
+        decode_ms_per_token: decode_ms_med,
+        roofline_ms_per_token: roofline_ms,
+        roofline_share: roofline_ms / (decode_ms_med + router_ms),
+        per_layer_us: decode_ms_med * 1e3 / nl as f64,
+        ops,
+        verify8_ms,
+        allreduce_us: args.allreduce_us,
+        allreduce_b8_us: args.allreduce_b8_us,
+        allreduces_per_step: ars,
+        projected_plain_tokens_per_s: 1e3 / plain_ms,
+        tau: args.tau,
+        projected_dflash_tokens_per_s: args.tau * 1e3 / round_ms,
+    };
+    let mut md = format!(
+        "{} — {} as rank 1 of {tp} (TP{tp} attention / dense / LM head, EP{tp} experts), {} \
+         layers, synthetic weights in the released dtypes\n\n\
+         | stream GB/s | rank bytes/token | decode ms/token | per layer µs | roofline ms (incl. \
+         replicated router) | % of roofline | verify(8) ms |\n|---|---|---|---|---|---|---|\n\
+         | {:.0} | {:.1} MB (+{:.1} MB router) | {:.3} | {:.1} | {:.3} | {:.0} % | {:.3} |\n\n",
+        r.device,
+        r.config,
+        nl,
+        read_gbps,
+        bytes as f64 / 1e6,
+        router_extra as f64 / 1e6,
+        decode_ms_med,
+        r.per_layer_us,
+        roofline_ms,
+        100.0 * r.roofline_share,
+        verify8_ms
+    );
+    md += &format!(
+        "Projection to {tp} GPUs: {ars} all-reduces per step (2 per layer + LM head) at {:.1} µs \
+         (batch 1) / {:.1} µs (8 tokens), replicated f32 router streamed at the measured rate \
+         (+{:.3} ms), drafter cost not included: plain **{:.0} tok/s**, DFlash at τ = {:.1}, B = 8: \
+         **{:.0} tok/s**.\n\nPer-op time of one decode step (profiled graph replay, {:.1} µs):\n\n\
+         | op | launches | µs/step | share |\n|---|---|---|---|\n",
+        args.allreduce_us,
+        args.allreduce_b8_us,
+        router_ms,
+        r.projected_plain_tokens_per_s,
+        args.tau,
+        r.projected_dflash_tokens_per_s,
+        profiled
+    );
+    for o in &r.ops {
+        md += &format!(
+            "| {} | {} | {:.1} | {:.1} % |\n",
+            o.op,
+            o.launches_per_step,
+            o.us_per_step,
+            100.0 * o.share
+        );
+    }
+    println!("{md}");
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)?;
+        std::fs::write(p.with_extension("md"), &md)?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(path) = args.config.clone() {
+        return rank_run(&args, &path);
+    }
     let gpu = ultra_benches::synthetic_gpt_oss_20b()?;
     if args.batch_only {
         let mut rng = 777u64;

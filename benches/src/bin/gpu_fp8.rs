@@ -154,14 +154,17 @@ const CASES: &[Case] = &[
     },
 ];
 
-const TOKENS: [usize; 4] = [1, 4, 8, 16];
+const TOKENS: [usize; 5] = [1, 2, 4, 8, 16];
 const POOL_BYTES: usize = 256 << 20;
 
 /// Host weights of one case: exact values of sampled rows for the check, and the upload.
 struct HostWeight {
     m: ProjMatrix,
-    /// Row-major bf16 copy on the device for today's `linear` (BF16 cases only).
+    /// Row-major bf16 copy on the device for today's `linear` (for FP8 cases the values
+    /// rounded to bf16: the bytes the widening upload streamed; timing only).
     dense: Option<DeviceMatrix>,
+    /// Whether `dense` holds this weight's exact values (checked) or a rounded copy.
+    dense_exact: bool,
     /// Exact values of rows `0, step, 2·step, ...` (f64).
     sample_rows: Vec<(usize, Vec<f64>)>,
 }
@@ -199,9 +202,22 @@ fn make_weight(
             })
             .collect();
         let m = ProjMatrix::upload_fp8(arena, &codes, &scales, rows, cols, case.name)?;
+        let widened: Vec<bf16> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                bf16::from_f32(f8_e4m3(c) * scales[(i / cols / 128) * sc + (i % cols) / 128])
+            })
+            .collect();
+        let dense = DeviceMatrix {
+            data: DenseData::Bf16(arena.upload(&widened, case.name)?),
+            rows,
+            cols,
+        };
         Ok(HostWeight {
             m,
-            dense: None,
+            dense: Some(dense),
+            dense_exact: false,
             sample_rows,
         })
     } else {
@@ -230,6 +246,7 @@ fn make_weight(
         Ok(HostWeight {
             m,
             dense: Some(dense),
+            dense_exact: true,
             sample_rows,
         })
     }
@@ -293,6 +310,13 @@ fn check_rows(hw: &HostWeight, x: &[f32], y: &[f32], t: usize) -> Result<f64> {
     Ok(worst)
 }
 
+fn launch_name(what: &str, how: ProjLaunch) -> String {
+    match how {
+        ProjLaunch::StreamK { ctas_per_sm } => format!("{what} sk c{ctas_per_sm}"),
+        ProjLaunch::RowGroups { groups, warps } => format!("{what} g{groups} w{warps}"),
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let dev = tilert::Device::open(0).context("opening GPU 0")?;
@@ -342,7 +366,7 @@ fn main() -> Result<()> {
                 bail!("projection outside the error bound: {line}");
             }
             checks.push(line);
-            if let Some(d) = &hw.dense {
+            if let Some(d) = hw.dense.as_ref().filter(|_| hw.dense_exact) {
                 htod(&stream, &vec![f32::NAN; 16 * case.rows], y)?;
                 ops.linear(&stream, d, None, x, t, y, false)?;
                 let yh = dtoh(&stream, y)?;
@@ -398,18 +422,16 @@ fn main() -> Result<()> {
         };
         push("stream read".into(), 0, bytes, &ceiling, ceil_us);
         for t in TOKENS {
-            let how = proj.choose(&mats[0], t);
-            let ts = time_us(&stream, args.samples, args.iters, |i| {
-                proj.linear(&stream, &mats[i % mats.len()], None, x, t, y, false)
-                    .map_err(Into::into)
-            })?;
-            push(
-                format!("proj g{} w{}", how.groups, how.warps),
-                t,
-                bytes,
-                &ts,
-                ceil_us,
-            );
+            for how in [
+                proj.choose(&mats[0], t),
+                proj.choose_row_groups(&mats[0], t),
+            ] {
+                let ts = time_us(&stream, args.samples, args.iters, |i| {
+                    proj.linear_with(&stream, &mats[i % mats.len()], None, x, t, y, false, how)
+                        .map_err(Into::into)
+                })?;
+                push(launch_name("proj", how), t, bytes, &ts, ceil_us);
+            }
             if !dense.is_empty() {
                 let dbytes = 2 * case.rows * case.cols;
                 let ts = time_us(&stream, args.samples, args.iters, |i| {
@@ -421,14 +443,26 @@ fn main() -> Result<()> {
                     let off = (i * dbytes) % (pool_bytes - dbytes) / 16 * 16;
                     kern.stream_read(&pool, off, dbytes)
                 })?;
-                push("linear (today)".into(), t, dbytes, &ts, median(&c));
+                let name = if hw.dense_exact {
+                    "linear (today)"
+                } else {
+                    "linear bf16-widened (today)"
+                };
+                push(name.into(), t, dbytes, &ts, median(&c));
             }
         }
         if args.sweep {
             for t in [1, 8] {
+                let mut shapes: Vec<ProjLaunch> = (1..=8)
+                    .map(|ctas_per_sm| ProjLaunch::StreamK { ctas_per_sm })
+                    .collect();
                 for groups in [1, 2] {
                     for warps in [4, 8, 16] {
-                        let how = ProjLaunch { groups, warps };
+                        shapes.push(ProjLaunch::RowGroups { groups, warps });
+                    }
+                }
+                {
+                    for how in shapes {
                         let ts = time_us(&stream, args.samples, args.iters, |i| {
                             proj.linear_with(
                                 &stream,
@@ -442,7 +476,7 @@ fn main() -> Result<()> {
                             )
                             .map_err(Into::into)
                         })?;
-                        push(format!("sweep g{groups} w{warps}"), t, bytes, &ts, ceil_us);
+                        push(launch_name("sweep", how), t, bytes, &ts, ceil_us);
                     }
                 }
             }

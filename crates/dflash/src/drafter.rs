@@ -130,9 +130,15 @@ impl Drafter {
         self.cpu.fuse(features)
     }
 
-    /// An empty per-sequence context cache.
+    /// An empty per-sequence context cache (paged like the target's KV cache).
     pub fn new_cache(&self) -> DraftCache {
         self.cpu.new_cache()
+    }
+
+    /// [`Drafter::new_cache`] paged in blocks of `block_size` positions (the block size never
+    /// changes a draft). See [`CpuDrafter::new_cache_with_block_size`].
+    pub fn new_cache_with_block_size(&self, block_size: usize) -> DraftCache {
+        self.cpu.new_cache_with_block_size(block_size)
     }
 
     /// Appends committed context tokens at positions `cache.len() ..`: `features` is

@@ -105,7 +105,7 @@ pub use decode::{
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;
 pub use stats::AcceptanceStats;
-pub use target::DraftTarget;
+pub use target::{DraftTarget, WithTables};
 
 /// Errors of the acceptance rules and statistics. Nothing in this crate panics on bad input.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -17,8 +17,14 @@ pub struct StructLayout {
 /// Every limit of the header, in order: `#define NAME <integer>` and
 /// `constexpr <type> NAME = <integer>;`.
 pub fn limits() -> Vec<(&'static str, u64)> {
+    limits_in(ABI_HEADER)
+}
+
+/// The limits of another ABI header written in the same style (e.g.
+/// [`crate::PERSISTENT_ABI_HEADER`]).
+pub fn limits_in(header: &'static str) -> Vec<(&'static str, u64)> {
     let mut v = Vec::new();
-    for line in ABI_HEADER.lines() {
+    for line in header.lines() {
         let line = line.trim();
         let (name, value) = if let Some(rest) = line.strip_prefix("#define ") {
             let mut it = rest.split_whitespace();
@@ -61,9 +67,16 @@ fn macro_args<'a>(line: &'a str, mac: &str) -> Option<Vec<&'a str>> {
 
 /// Every struct layout the header asserts, in order.
 pub fn layouts() -> Vec<StructLayout> {
+    layouts_in(ABI_HEADER, "ULTRA_ABI")
+}
+
+/// The struct layouts of another ABI header whose asserts are `{prefix}_SIZE(S, N);` and
+/// `{prefix}_FIELD(S, F, N);` (e.g. [`crate::PERSISTENT_ABI_HEADER`] with `PK_ABI`).
+pub fn layouts_in(header: &'static str, prefix: &str) -> Vec<StructLayout> {
+    let (size_macro, field_macro) = (format!("{prefix}_SIZE"), format!("{prefix}_FIELD"));
     let mut v: Vec<StructLayout> = Vec::new();
-    for line in ABI_HEADER.lines() {
-        if let Some(a) = macro_args(line, "ULTRA_ABI_SIZE") {
+    for line in header.lines() {
+        if let Some(a) = macro_args(line, &size_macro) {
             if let [name, size] = a[..] {
                 if let Ok(size) = size.parse() {
                     v.push(StructLayout {
@@ -73,7 +86,7 @@ pub fn layouts() -> Vec<StructLayout> {
                     });
                 }
             }
-        } else if let Some(a) = macro_args(line, "ULTRA_ABI_FIELD") {
+        } else if let Some(a) = macro_args(line, &field_macro) {
             if let [name, field, off] = a[..] {
                 if let (Some(s), Ok(off)) = (v.iter_mut().find(|s| s.name == name), off.parse()) {
                     s.fields.push((field, off));

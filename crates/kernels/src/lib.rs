@@ -83,6 +83,10 @@ pub const PROJ: KernelImage = image!("proj");
 /// Measurement kernels: streaming read (the bandwidth ceiling) and on-device random fill
 /// (`kernels/bench.cu`).
 pub const BENCH: KernelImage = image!("bench");
+/// The persistent engine's resident kernels: one block per SM runs its compiled instruction
+/// stream, cross-SM dependencies through epoch counters (`kernels/persistent.cu`; loaded by
+/// tilert's `persistent::device`).
+pub const PERSISTENT: KernelImage = image!("persistent");
 /// Communication: the one-shot all-reduce over peer memory, bf16 / f32 partials, with the
 /// residual add and the next RMSNorm fusable (`kernels/comm.cu`; loaded by the `comm` crate).
 pub const COMM: KernelImage = image!("comm");
@@ -96,12 +100,20 @@ pub const OPS: &[KernelImage] = &[
 /// Every embedded image (what `cargo xtask kernels --check` and the loaders agree on).
 pub const ALL: &[KernelImage] = &[
     MXFP4, FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING, PROJ, BENCH, COMM,
+    PERSISTENT,
 ];
 
 /// `kernels/common/abi.cuh`: the structs kernels take by value and the limits the host checks.
 pub const ABI_HEADER: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../kernels/common/abi.cuh"
+));
+
+/// `kernels/common/persistent_abi.cuh`: the persistent engine's instruction and argument records
+/// and opcodes (tilert's `persistent::abi` mirrors it).
+pub const PERSISTENT_ABI_HEADER: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../kernels/common/persistent_abi.cuh"
 ));
 
 impl KernelImage {

@@ -27,6 +27,7 @@
 //! * [`gguf`]: GGUF (llama.cpp's format) writer and header reader, and the gpt-oss export used by
 //!   the side-by-side benchmark against llama.cpp;
 //! * [`sampling`]: greedy / temperature / top-k / top-p / min-p / repetition penalty / seeds / stops;
+//! * [`shard`]: the weights of tensor-parallel ranks, sliced by `plan::tp::TpLayout` (CPU and GPU);
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate and chat templates through
 //!   minijinja.
 //!
@@ -47,6 +48,7 @@ pub mod progress;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;
+pub mod shard;
 pub mod spec;
 pub mod tokenizer;
 pub mod weights;

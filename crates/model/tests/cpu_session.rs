@@ -495,3 +495,107 @@ fn decode_batch_equals_per_session_decode() {
         }
     }
 }
+
+/// The paged KV cache: logits do not depend on the block size (1, 3, 16, 64 positions per
+/// block), through prefill, decode, verify and truncation into the middle of a block, with
+/// sliding layers compacting whole blocks (40 positions past the toys' window of 4).
+#[test]
+fn results_do_not_depend_on_the_kv_block_size() {
+    for (name, m) in toys() {
+        let vocab = m.config().vocab_size;
+        let toks = tokens(31, 40, vocab);
+        let (full, _) = m.forward_full(&toks).unwrap();
+        for bs in [1, 3, 16, 64] {
+            let mut s = Session::with_block_size(&m, 8, bs);
+            assert_eq!(s.block_size(), bs);
+            let last = s.prefill(&toks[..17]).unwrap().to_vec();
+            assert_bits(&last, &full[16], &format!("{name}: bs {bs} prefill"));
+            for i in 17..25 {
+                let l = s.decode(toks[i]).unwrap();
+                assert_bits(l, &full[i], &format!("{name}: bs {bs} decode {i}"));
+            }
+            let v = s.verify(&toks[25..33], &[]).unwrap();
+            for (j, row) in v.logits.iter().enumerate() {
+                assert_bits(row, &full[25 + j], &format!("{name}: bs {bs} verify {j}"));
+            }
+            s.truncate(27).unwrap();
+            let v = s.verify(&toks[27..40], &[]).unwrap();
+            for (j, row) in v.logits.iter().enumerate() {
+                assert_bits(
+                    row,
+                    &full[27 + j],
+                    &format!("{name}: bs {bs} re-verify {j}"),
+                );
+            }
+        }
+    }
+}
+
+/// Prefix sharing: a sequence that adopts another's full blocks and prefills only the rest
+/// computes bit-identical logits to one that prefilled everything; writes to shared blocks are
+/// copied first (copy-on-write), so neither sequence ever sees the other's later tokens —
+/// also after truncating into a shared block or cloning a session.
+#[test]
+fn adopted_prefix_blocks_are_exact_and_copied_on_write() {
+    for (name, m) in toys() {
+        let vocab = m.config().vocab_size;
+        let toks = tokens(41, 30, vocab);
+        let other = tokens(42, 30, vocab);
+        let (full, _) = m.forward_full(&toks).unwrap();
+        let mut fork_toks = toks[..12].to_vec();
+        fork_toks.extend_from_slice(&other[12..30]);
+        let (fork_full, _) = m.forward_full(&fork_toks).unwrap();
+
+        let bs = 4;
+        let mut a = Session::with_block_size(&m, 64, bs);
+        a.prefill(&toks[..22]).unwrap();
+        // Blocks 0..5 are full (20 positions); block 5 is partial.
+        assert!(a.full_block(5).is_none());
+        let blocks: Vec<_> = (0..5).map(|b| a.full_block(b).unwrap()).collect();
+
+        // b: adopts 3 blocks (12 positions) and diverges.
+        let mut b = Session::with_block_size(&m, 64, bs);
+        b.adopt_prefix(&blocks[..3]).unwrap();
+        assert_eq!(b.len(), 12);
+        let got = b.prefill(&fork_toks[12..20]).unwrap().to_vec();
+        assert_bits(&got, &fork_full[19], &format!("{name}: forked prefill"));
+        // c: adopts all 5 blocks, truncates into block 4 (shared) and rewrites it.
+        let mut c = Session::with_block_size(&m, 64, bs);
+        c.adopt_prefix(&blocks).unwrap();
+        c.truncate(18).unwrap();
+        let got = c.verify(&fork_toks[18..22], &[]).unwrap();
+        let mut mixed = toks[..18].to_vec();
+        mixed.extend_from_slice(&fork_toks[18..22]);
+        let (mixed_full, _) = m.forward_full(&mixed).unwrap();
+        for (j, row) in got.logits.iter().enumerate() {
+            assert_bits(
+                row,
+                &mixed_full[18 + j],
+                &format!("{name}: rewritten block {j}"),
+            );
+        }
+        // a was not disturbed by either, nor by a clone that goes its own way.
+        let mut d = a.clone();
+        d.truncate(13).unwrap();
+        d.prefill(&other[13..16]).unwrap();
+        for i in 22..30 {
+            let l = a.decode(toks[i]).unwrap();
+            assert_bits(l, &full[i], &format!("{name}: original decode {i}"));
+        }
+        for i in 20..30 {
+            let l = b.decode(fork_toks[i]).unwrap();
+            assert_bits(l, &fork_full[i], &format!("{name}: forked decode {i}"));
+        }
+        // Refusals: a non-empty sequence, another block size.
+        assert!(matches!(
+            b.adopt_prefix(&blocks[..1]),
+            Err(CpuError::Mismatch(_))
+        ));
+        let mut e = Session::with_block_size(&m, 64, 8);
+        assert!(matches!(
+            e.adopt_prefix(&blocks[..1]),
+            Err(CpuError::Mismatch(_))
+        ));
+        assert_eq!(e.len(), 0);
+    }
+}

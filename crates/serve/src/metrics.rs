@@ -29,6 +29,9 @@ pub struct Metrics {
     pub spec_decode_num_draft_tokens: IntCounter,
     pub spec_decode_num_accepted_tokens: IntCounter,
     pub spec_decode_num_accepted_tokens_per_pos: IntCounterVec,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
+    pub num_preemptions: IntCounter,
 }
 
 /// Latency buckets in seconds (vLLM's TTFT buckets, which also cover ITL and e2e on a CPU).
@@ -68,7 +71,8 @@ impl Metrics {
         };
         let kv_cache_usage_perc = Gauge::with_opts(opts(
             "kv_cache_usage_perc",
-            "Fraction of the KV-cache budget reserved by admitted requests (1 = full).",
+            "Fraction of the KV-cache blocks in use by admitted requests (1 = full; cached \
+             blocks no request uses count as free).",
         ))?;
         registry.register(Box::new(kv_cache_usage_perc.clone()))?;
         Ok(Metrics {
@@ -118,6 +122,18 @@ impl Metrics {
                 "spec_decode_num_accepted_tokens_per_pos_total",
                 "Draft tokens accepted, by position in the block.",
                 "position",
+            )?,
+            prefix_cache_queries: counter(
+                "prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+            )?,
+            prefix_cache_hits: counter(
+                "prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (not prefilled).",
+            )?,
+            num_preemptions: counter(
+                "num_preemptions_total",
+                "Requests preempted (their KV blocks freed, recomputed later) for lack of blocks.",
             )?,
             registry,
         })

@@ -186,7 +186,76 @@ fn score_and_generate_with_tensor_parallel_ranks() {
         "cuda",
         "--tensor-parallel",
         "2",
+        "--devices",
+        "0,0",
     ]);
+    // GPU ranks: contradictory placements are refused before anything loads (no GPU needed).
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("use --device cpu"));
+    assert!(
+        text(&out.stderr).contains("GPU 0 is listed twice"),
+        "{}",
+        text(&out.stderr)
+    );
+    for (args, want) in [
+        (
+            &["--tensor-parallel", "2", "--virtual-ranks"][..],
+            "add --device cuda",
+        ),
+        (
+            &[
+                "--device",
+                "cuda",
+                "--tensor-parallel",
+                "4",
+                "--devices",
+                "0,1",
+            ][..],
+            "--devices lists 2 GPU(s) for --tensor-parallel 4",
+        ),
+        (
+            &[
+                "--device",
+                "cuda",
+                "--tensor-parallel",
+                "3",
+                "--virtual-ranks",
+            ][..],
+            "possible here: 1, 2, 4",
+        ),
+    ] {
+        let base = [
+            "score",
+            "--model",
+            m.to_str().unwrap(),
+            "--token-ids",
+            "5,17",
+        ];
+        let out = ultra(&[&base[..], args].concat());
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(want),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Two GPU ranks on GPUs 0 and 1: runs where the machine has them, else names the cause.
+    let out = ultra(&[
+        "score",
+        "--model",
+        m.to_str().unwrap(),
+        "--token-ids",
+        "5,17",
+        "--device",
+        "cuda",
+        "--tensor-parallel",
+        "2",
+    ]);
+    let err = text(&out.stderr);
+    assert!(
+        out.status.success()
+            || err.contains("no CUDA driver")
+            || err.contains("asked for GPU 1 but this machine has 1 GPU(s)")
+            || err.contains("cannot access GPU"),
+        "{err}"
+    );
 }

@@ -178,6 +178,7 @@ fn one_hot(t: u32) -> Vec<f32> {
 impl Backend for Scripted {
     type Sequence = ScriptedSeq;
     type Spec = ScriptedSpec;
+    type Block = serve::engine::NoBlock;
 
     fn config(&self) -> &ModelConfig {
         &self.config

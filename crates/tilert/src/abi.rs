@@ -30,8 +30,10 @@ pub(crate) const MOE_MAX_IDS: usize = 256;
 pub(crate) const MOE_MAX_EXPERT_WORDS: usize = 64;
 pub(crate) const MOE_MAX_WARPS: usize = 16;
 /// Dense projections from tiled weights (`kernels/proj.cu`): most threads per CTA, rows per
-/// tile (row group), and the FP8 scale block edge (rows and columns).
+/// tile (row group), the FP8 scale block edge (rows and columns), and the threads per CTA of the
+/// stream-K kernels.
 pub(crate) const PROJ_MAX_THREADS: u32 = 512;
+pub(crate) const PROJ_SK_THREADS: u32 = 128;
 pub const PROJ_TILE_ROWS: usize = 16;
 pub const FP8_BLOCK: usize = 128;
 
@@ -239,7 +241,7 @@ mod tests {
 
     #[test]
     fn limits_match_the_header() {
-        let rust: [(&str, u64); 16] = [
+        let rust: [(&str, u64); 17] = [
             ("MAX_TOKENS", MAX_TOKENS as u64),
             ("LINEAR_THREADS", LINEAR_THREADS.into()),
             ("MAX_HEAD_DIM", MAX_HEAD_DIM as u64),
@@ -254,6 +256,7 @@ mod tests {
             ("MOE_MAX_EXPERT_WORDS", MOE_MAX_EXPERT_WORDS as u64),
             ("MOE_MAX_WARPS", MOE_MAX_WARPS as u64),
             ("PROJ_MAX_THREADS", PROJ_MAX_THREADS.into()),
+            ("PROJ_SK_THREADS", PROJ_SK_THREADS.into()),
             ("PROJ_TILE_ROWS", PROJ_TILE_ROWS as u64),
             ("FP8_BLOCK", FP8_BLOCK as u64),
         ];

@@ -50,9 +50,10 @@ use crate::exec::lower::{
     LayerKv, Lowering, Scratch, TokenBinding,
 };
 use crate::exec::{
-    capture_graph, plan_error, upload_linear, upload_opt, upload_qkv, upload_ropes, GpuModel,
+    capture_graph, plan_error, upload_opt, upload_projection, upload_qkv, upload_ropes, GpuModel,
     GpuSession, Rope, DEVICE_STORAGE, SESSION_CHUNK_BYTES,
 };
+use crate::ops::proj::ProjData;
 use crate::ops::MAX_TOKENS;
 use crate::tensor::{patterned_vector, DenseData, DeviceMatrix};
 use crate::RuntimeError;
@@ -96,6 +97,8 @@ fn device_addr(m: &DeviceMatrix) -> u64 {
     match m.data {
         DenseData::Bf16(p) => p.addr(),
         DenseData::F32(p) => p.addr(),
+        DenseData::Tiled(ProjData::Fp8 { tiles, .. }) => tiles.addr(),
+        DenseData::Tiled(ProjData::Bf16 { tiles }) => tiles.addr(),
     }
 }
 
@@ -147,7 +150,7 @@ impl GpuDrafter {
             let at = |what: &str| format!("draft layer {l} {what}");
             let a = &lw.attn;
             let (qkv, qkv_bias) = upload_qkv(&mut arena, a, None, &at("qkv"))?;
-            let (o, o_bias) = upload_linear(&mut arena, &a.o, &at("o_proj"))?;
+            let (o, o_bias) = upload_projection(&mut arena, &a.o, &at("o_proj"))?;
             let Mlp::Dense { gate_up, down } = &lw.mlp else {
                 return Err(invalid(format!("draft layer {l}: not a dense MLP")));
             };
@@ -165,9 +168,9 @@ impl GpuDrafter {
                 k_norm: upload_opt(&mut arena, a.k_norm.as_ref(), &at("k norm"))?,
                 sinks: upload_opt(&mut arena, a.sinks.as_ref(), &at("sinks"))?,
                 mlp: DeviceMlp::Dense {
-                    gate_up: upload_linear(&mut arena, gate_up, &at("gate_up"))?.0,
+                    gate_up: upload_projection(&mut arena, gate_up, &at("gate_up"))?.0,
                     gate_up_bias: None,
-                    down: upload_linear(&mut arena, down, &at("down"))?.0,
+                    down: upload_projection(&mut arena, down, &at("down"))?.0,
                     down_bias: None,
                 },
             });
@@ -391,6 +394,7 @@ impl GpuDrafter {
             stream: m.target.stream(),
             weights: &m.weights,
             ropes: &m.ropes,
+            rank: None,
         }
     }
 }
@@ -744,6 +748,7 @@ impl GpuDraftSession {
                 dense_act: Some(b.act),
                 argmax: b.argmax_scratch,
                 ctx: b.ctx,
+                partial: DPtr::null(),
             },
         };
         self.drafter

@@ -46,6 +46,7 @@ use crate::{Device, RuntimeError};
 mod batch;
 mod executor;
 pub(crate) mod lower;
+pub mod tp;
 pub use batch::GpuBatch;
 
 use lower::{
@@ -85,6 +86,9 @@ struct Inner {
     /// The plan of every pass shape run so far, built once each (at graph capture).
     plans: Mutex<HashMap<PassKey, Arc<Plan>>>,
     weight_bytes: usize,
+    /// A tensor-parallel rank's part (`tp`): its plans are rank views of the sharded plan and its
+    /// all-reduces go through the rank's collective. None for a whole model on one device.
+    rank: Option<tp::RankPart>,
     /// Owns every weight allocation (dropped last).
     _arena: Arena,
 }
@@ -105,6 +109,17 @@ pub(crate) const DEVICE_STORAGE: WeightStorage = WeightStorage {
     mxfp4_experts: true,
     label: "bf16 dense, MXFP4 experts, f32 KV (device)",
 };
+
+/// The dense weights of a synthetic model ([`GpuModel::synthetic_with`]); experts are MXFP4
+/// either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyntheticDtypes {
+    /// bf16 dense weights (row-major, the `linear` kernels).
+    Bf16,
+    /// The dtypes of MiMo-V2.5-Pro's FP4 release: FP8 (e4m3, block scales) qkv and dense MLP
+    /// (tiled, the projection kernels), bf16 o_proj, router and LM head.
+    Released,
+}
 
 /// The plan shape of a session pass of `t` rows (`batched`: one row per sequence). A pass with
 /// logits computes them for every row and their argmax on the device.
@@ -147,6 +162,19 @@ pub(crate) fn upload_linear(
 ) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
     Ok((
         DeviceMatrix::from_mat(arena, &l.w, what)?,
+        upload_opt(arena, l.bias.as_ref(), what)?,
+    ))
+}
+
+/// A projection weight (O, dense MLP, LM head) and its bias: FP8 stays FP8 where the projection
+/// kernels take its scales ([`DeviceMatrix::projection`]), else the dense rules.
+pub(crate) fn upload_projection(
+    arena: &mut Arena,
+    l: &Linear,
+    what: &str,
+) -> Result<(DeviceMatrix, Option<DPtr<f32>>), RuntimeError> {
+    Ok((
+        DeviceMatrix::projection(arena, &l.w, what)?,
         upload_opt(arena, l.bias.as_ref(), what)?,
     ))
 }
@@ -201,7 +229,12 @@ pub(crate) fn upload_qkv(
             (2, r - nq - nk)
         }
     };
-    let qkv = DeviceMatrix::from_rows(arena, &[&a.q.w, &a.k.w, &a.v.w], rows, cols, pick, what)?;
+    let parts = [&a.q.w, &a.k.w, &a.v.w];
+    let qkv = if order.is_some() {
+        DeviceMatrix::from_rows(arena, &parts, rows, cols, pick, what)?
+    } else {
+        DeviceMatrix::projection_rows(arena, &parts, rows, cols, pick, what)?
+    };
     let bias = b
         .map(|b| arena.upload(&b, &format!("{what} bias")))
         .transpose()?;
@@ -283,209 +316,47 @@ impl GpuModel {
         weights: &Weights,
         progress: &mut dyn FnMut(model::progress::Progress),
     ) -> Result<Self, RuntimeError> {
-        let total = weights.stored_bytes() as u64;
-        let mut done = 0u64;
         model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let layout =
             Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
         let ropes = upload_ropes(&mut arena, &layout.ropes)?;
-        let mut layers = Vec::with_capacity(config.layers.len());
-        for (l, lw) in weights.layers.iter().enumerate() {
-            let at = |what: &str| format!("layer {l} {what}");
-            let a = &lw.attn;
-            let p = qkv_params(&layout, l)?;
-            let order = fused_qkv_order(
-                &p,
-                ropes[p.rope].rotary_dim,
-                a.q_norm.is_some() || a.k_norm.is_some(),
-                a.q.w.cols,
-            );
-            let (qkv, qkv_bias) = upload_qkv(&mut arena, a, order.as_deref(), &at("qkv"))?;
-            let (o, o_bias) = upload_linear(&mut arena, &a.o, &at("o_proj"))?;
-            let mlp = match &lw.mlp {
-                Mlp::Dense { gate_up, down } => {
-                    let (gate_up, gate_up_bias) =
-                        upload_linear(&mut arena, gate_up, &at("mlp gate_up"))?;
-                    let (down, down_bias) = upload_linear(&mut arena, down, &at("mlp down"))?;
-                    DeviceMlp::Dense {
-                        gate_up,
-                        gate_up_bias,
-                        down,
-                        down_bias,
-                    }
-                }
-                Mlp::Moe(m) => {
-                    let (router, router_bias) =
-                        upload_linear(&mut arena, &m.router, &at("router"))?;
-                    let correction_bias = upload_opt(
-                        &mut arena,
-                        m.correction_bias.as_ref(),
-                        &at("correction bias"),
-                    )?;
-                    DeviceMlp::Moe {
-                        router,
-                        router_bias,
-                        correction_bias,
-                        experts: DeviceMoe::upload(&mut arena, m)?,
-                    }
-                }
-            };
-            layers.push(DeviceLayer {
-                input_norm: arena.upload(&lw.input_norm, &at("input norm"))?,
-                post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
-                qkv,
-                qkv_bias,
-                qkv_rope_fused: order.is_some(),
-                o,
-                o_bias,
-                q_norm: upload_opt(&mut arena, a.q_norm.as_ref(), &at("q norm"))?,
-                k_norm: upload_opt(&mut arena, a.k_norm.as_ref(), &at("k norm"))?,
-                sinks: upload_opt(&mut arena, a.sinks.as_ref(), &at("sinks"))?,
-                mlp,
-            });
-            lw.release_pages();
-            done += lw.stored_bytes() as u64;
-            progress(model::progress::Progress { done, total });
-        }
-        let embed = DeviceMatrix::from_mat(&mut arena, &weights.embed, "embedding")?;
-        // Tied embeddings (known from the config): one device copy serves both.
-        let lm_head = if config.tie_word_embeddings {
-            embed
-        } else {
-            DeviceMatrix::from_mat(&mut arena, &weights.lm_head, "lm_head")?
-        };
-        let final_norm = arena.upload(&weights.final_norm, "final norm")?;
-        weights.embed.bytes().release_pages();
-        weights.lm_head.bytes().release_pages();
-        progress(model::progress::Progress { done: total, total });
-        let weights = target_weights(embed, lm_head, final_norm, layers);
+        let weights = upload_target(&mut arena, &config, &layout, &ropes, weights, progress)?;
         Ok(Self::assemble(
-            device, stream, ops, moe, config, weights, ropes, layout, arena,
+            device, stream, ops, moe, config, weights, ropes, layout, arena, None,
         ))
     }
 
     /// A model of `config`'s shape with random weights generated on the device (no checkpoint,
     /// nothing large on the host): bf16 dense weights of standard deviation ~1/sqrt(K), MXFP4
-    /// experts from [`DeviceMoe::synthetic`]. Every MoE layer must be gpt-oss style (the
-    /// benchmark's model); dense-MLP layers are rejected.
+    /// experts from [`DeviceMoe::synthetic`] ([`SyntheticDtypes::Bf16`]).
     pub fn synthetic(
         ordinal: usize,
         config: Arc<ModelConfig>,
         seed: u64,
+    ) -> Result<Self, RuntimeError> {
+        Self::synthetic_with(ordinal, config, seed, SyntheticDtypes::Bf16)
+    }
+
+    /// [`GpuModel::synthetic`] with the dense weights in `dtypes`. Dense-MLP layers need the
+    /// config's `dense_intermediate_size`; sigmoid routers get a correction bias, gpt-oss
+    /// routers and experts their biases.
+    pub fn synthetic_with(
+        ordinal: usize,
+        config: Arc<ModelConfig>,
+        seed: u64,
+        dtypes: SyntheticDtypes,
     ) -> Result<Self, RuntimeError> {
         let layout =
             Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
         let (device, stream, ops, moe) = open(ordinal)?;
         let mut arena = Arena::new(stream.clone());
         let ropes = upload_ropes(&mut arena, &layout.ropes)?;
-        let h = config.hidden_size;
-        let seed_state = std::cell::Cell::new(seed);
-        let next_seed = || {
-            let s = seed_state
-                .get()
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            seed_state.set(s);
-            s
-        };
-        let dense = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
-            DeviceMatrix::synthetic(arena, &ops, rows, cols, next_seed(), what)
-        };
-        let small = crate::tensor::patterned_vector;
-        let mut layers = Vec::with_capacity(config.layers.len());
-        for (l, spec) in config.layers.iter().enumerate() {
-            if !spec.moe {
-                return Err(RuntimeError::Unsupported(format!(
-                    "synthetic models need MoE layers everywhere (layer {l} is dense)"
-                )));
-            }
-            let at = |what: &str| format!("layer {l} {what}");
-            let (nh, nkv, d, dv) = (
-                spec.n_heads,
-                spec.n_kv_heads,
-                spec.head_dim,
-                spec.v_head_dim,
-            );
-            let rows = nh * d + nkv * d + nkv * dv;
-            let qkv = dense(&mut arena, rows, h, &at("qkv"))?;
-            let qkv_bias = if spec.attn_bias {
-                Some(small(&mut arena, rows, 0.0, 0.1, &at("qkv bias"))?)
-            } else {
-                None
-            };
-            let o = dense(&mut arena, h, nh * dv, &at("o_proj"))?;
-            let o_bias = if spec.attn_bias {
-                Some(small(&mut arena, h, 0.0, 0.1, &at("o bias"))?)
-            } else {
-                None
-            };
-            let router = dense(&mut arena, config.n_experts, h, &at("router"))?;
-            let gpt_oss = matches!(config.router, RouterSpec::GptOss);
-            let router_bias = if gpt_oss {
-                Some(small(
-                    &mut arena,
-                    config.n_experts,
-                    0.0,
-                    0.1,
-                    &at("router bias"),
-                )?)
-            } else {
-                None
-            };
-            let experts = DeviceMoe::synthetic(
-                &mut arena,
-                &ops,
-                config.n_experts,
-                h,
-                config.moe_intermediate_size,
-                gpt_oss,
-                next_seed(),
-            )?;
-            // Random rows: any order is as good as the rope pair order.
-            let p = qkv_params(&layout, l)?;
-            let qkv_rope_fused =
-                fused_qkv_order(&p, ropes[p.rope].rotary_dim, spec.qk_norm, h).is_some();
-            layers.push(DeviceLayer {
-                input_norm: small(&mut arena, h, 1.0, 0.1, &at("input norm"))?,
-                post_attn_norm: small(&mut arena, h, 1.0, 0.1, &at("post-attention norm"))?,
-                qkv,
-                qkv_bias,
-                qkv_rope_fused,
-                o,
-                o_bias,
-                q_norm: if spec.qk_norm {
-                    Some(small(&mut arena, d, 1.0, 0.1, &at("q norm"))?)
-                } else {
-                    None
-                },
-                k_norm: if spec.qk_norm {
-                    Some(small(&mut arena, d, 1.0, 0.1, &at("k norm"))?)
-                } else {
-                    None
-                },
-                sinks: if spec.sinks {
-                    Some(small(&mut arena, nh, 0.0, 0.5, &at("sinks"))?)
-                } else {
-                    None
-                },
-                mlp: DeviceMlp::Moe {
-                    router,
-                    router_bias,
-                    correction_bias: None,
-                    experts,
-                },
-            });
-        }
-        // The embedding is only gathered; the LM head is read whole every step.
-        let embed = dense(&mut arena, config.vocab_size, h, "embedding")?;
-        let lm_head = dense(&mut arena, config.vocab_size, h, "lm_head")?;
-        let final_norm = small(&mut arena, h, 1.0, 0.1, "final norm")?;
+        let weights = synthetic_target(&mut arena, &ops, &config, &layout, &ropes, seed, dtypes)?;
         stream.synchronize()?;
-        let weights = target_weights(embed, lm_head, final_norm, layers);
         Ok(Self::assemble(
-            device, stream, ops, moe, config, weights, ropes, layout, arena,
+            device, stream, ops, moe, config, weights, ropes, layout, arena, None,
         ))
     }
 
@@ -500,6 +371,7 @@ impl GpuModel {
         ropes: Vec<Rope>,
         layout: Plan,
         arena: Arena,
+        rank: Option<tp::RankPart>,
     ) -> Self {
         let weight_bytes = arena.used_bytes();
         Self {
@@ -514,6 +386,7 @@ impl GpuModel {
                 layout,
                 plans: Mutex::new(HashMap::new()),
                 weight_bytes,
+                rank,
                 _arena: arena,
             }),
         }
@@ -536,7 +409,11 @@ impl GpuModel {
             pass_shape(t, logits, batched),
         )
         .map_err(plan_error)?;
-        lower::check_plan(&plan)?;
+        let plan = match &self.inner.rank {
+            Some(r) => r.view(&plan, &self.inner.config)?,
+            None => plan,
+        };
+        lower::check_plan_for(&plan, self.inner.rank.is_some())?;
         lower::check_weights(&plan, &self.inner.weights)?;
         let plan = Arc::new(plan);
         plans.insert(key, plan.clone());
@@ -552,6 +429,7 @@ impl GpuModel {
             stream: &m.stream,
             weights: &m.weights,
             ropes: &m.ropes,
+            rank: m.rank.as_ref().map(|r| &r.comm),
         }
     }
 
@@ -592,6 +470,21 @@ impl GpuModel {
         self.inner.weight_bytes
     }
 
+    /// How many projection matrices (QKV, O, dense MLP, LM head) are stored as FP8 on the device
+    /// (tiled for `tilert::ops::proj`, not widened).
+    pub fn fp8_projections(&self) -> usize {
+        let w = &self.inner.weights;
+        let fp8 = |m: &DeviceMatrix| usize::from(m.tiled().is_some_and(|p| p.is_fp8()));
+        let mut n = fp8(&w.lm_head);
+        for l in &w.layers {
+            n += fp8(&l.qkv) + fp8(&l.o);
+            if let DeviceMlp::Dense { gate_up, down, .. } = &l.mlp {
+                n += fp8(gate_up) + fp8(down);
+            }
+        }
+        n
+    }
+
     /// Weight bytes one decode step reads: every dense matrix of the layers, the LM head, and
     /// `top_k` experts per MoE layer (the embedding is gathered, one row per token).
     pub fn decode_bytes_per_token(&self) -> usize {
@@ -622,6 +515,245 @@ impl GpuModel {
     pub fn session(&self, max_seq: usize) -> Result<GpuSession, RuntimeError> {
         GpuSession::new(self.clone(), max_seq, DEFAULT_MAX_ROLLBACK)
     }
+}
+
+/// Random weights of `config`'s shape generated on the device (see [`GpuModel::synthetic`]) in
+/// the layout of the decode plan `layout`; `config` gives the dimensions (a tensor-parallel
+/// rank's: its heads and intermediate slice).
+fn synthetic_target(
+    arena: &mut Arena,
+    ops: &Ops,
+    config: &ModelConfig,
+    layout: &Plan,
+    ropes: &[Rope],
+    seed: u64,
+    dtypes: SyntheticDtypes,
+) -> Result<DeviceWeights, RuntimeError> {
+    let fp8 = dtypes == SyntheticDtypes::Released;
+    let h = config.hidden_size;
+    let seed_state = std::cell::Cell::new(seed);
+    let next_seed = || {
+        let s = seed_state
+            .get()
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed_state.set(s);
+        s
+    };
+    let dense = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
+        DeviceMatrix::synthetic(arena, ops, rows, cols, next_seed(), what)
+    };
+    let small = crate::tensor::patterned_vector;
+    let mut layers = Vec::with_capacity(config.layers.len());
+    // FP8 projections in the projection kernels' tiled layout (as an FP8 checkpoint loads).
+    let fp8_proj = |arena: &mut Arena, rows: usize, cols: usize, what: &str| {
+        crate::ops::proj::ProjMatrix::synthetic(arena, ops, true, rows, cols, next_seed(), what)
+            .map(DeviceMatrix::from)
+    };
+    for (l, spec) in config.layers.iter().enumerate() {
+        let at = |what: &str| format!("layer {l} {what}");
+        let (nh, nkv, d, dv) = (
+            spec.n_heads,
+            spec.n_kv_heads,
+            spec.head_dim,
+            spec.v_head_dim,
+        );
+        let rows = nh * d + nkv * d + nkv * dv;
+        let qkv = if fp8 {
+            fp8_proj(arena, rows, h, &at("qkv"))?
+        } else {
+            dense(arena, rows, h, &at("qkv"))?
+        };
+        let qkv_bias = if spec.attn_bias {
+            Some(small(arena, rows, 0.0, 0.1, &at("qkv bias"))?)
+        } else {
+            None
+        };
+        let o = dense(arena, h, nh * dv, &at("o_proj"))?;
+        let o_bias = if spec.attn_bias {
+            Some(small(arena, h, 0.0, 0.1, &at("o bias"))?)
+        } else {
+            None
+        };
+        let mlp = if spec.moe {
+            let router = dense(arena, config.n_experts, h, &at("router"))?;
+            let gpt_oss = matches!(config.router, RouterSpec::GptOss);
+            let router_bias = if gpt_oss {
+                Some(small(
+                    arena,
+                    config.n_experts,
+                    0.0,
+                    0.1,
+                    &at("router bias"),
+                )?)
+            } else {
+                None
+            };
+            let experts = DeviceMoe::synthetic(
+                arena,
+                ops,
+                config.n_experts,
+                h,
+                config.moe_intermediate_size,
+                gpt_oss,
+                next_seed(),
+            )?;
+            let correction_bias = if matches!(config.router, RouterSpec::Sigmoid { .. }) {
+                Some(small(
+                    arena,
+                    config.n_experts,
+                    0.0,
+                    0.01,
+                    &at("correction bias"),
+                )?)
+            } else {
+                None
+            };
+            DeviceMlp::Moe {
+                router,
+                router_bias,
+                correction_bias,
+                experts,
+            }
+        } else {
+            let inter = config.dense_intermediate_size.ok_or_else(|| {
+                RuntimeError::Invalid(format!(
+                    "layer {l} is dense but the config has no dense intermediate size"
+                ))
+            })?;
+            let mut proj = |rows: usize, cols: usize, what: &str| {
+                if fp8 {
+                    fp8_proj(arena, rows, cols, &at(what))
+                } else {
+                    dense(arena, rows, cols, &at(what))
+                }
+            };
+            DeviceMlp::Dense {
+                gate_up: proj(2 * inter, h, "mlp gate_up")?,
+                gate_up_bias: None,
+                down: proj(h, inter, "mlp down")?,
+                down_bias: None,
+            }
+        };
+        // Random rows: any order is as good as the rope pair order (row-major qkv only).
+        let p = qkv_params(layout, l)?;
+        let qkv_rope_fused =
+            !fp8 && fused_qkv_order(&p, ropes[p.rope].rotary_dim, spec.qk_norm, h).is_some();
+        layers.push(DeviceLayer {
+            input_norm: small(arena, h, 1.0, 0.1, &at("input norm"))?,
+            post_attn_norm: small(arena, h, 1.0, 0.1, &at("post-attention norm"))?,
+            qkv,
+            qkv_bias,
+            qkv_rope_fused,
+            o,
+            o_bias,
+            q_norm: if spec.qk_norm {
+                Some(small(arena, d, 1.0, 0.1, &at("q norm"))?)
+            } else {
+                None
+            },
+            k_norm: if spec.qk_norm {
+                Some(small(arena, d, 1.0, 0.1, &at("k norm"))?)
+            } else {
+                None
+            },
+            sinks: if spec.sinks {
+                Some(small(arena, nh, 0.0, 0.5, &at("sinks"))?)
+            } else {
+                None
+            },
+            mlp,
+        });
+    }
+    // The embedding is only gathered; the LM head is read whole every step.
+    let embed = dense(arena, config.vocab_size, h, "embedding")?;
+    let lm_head = dense(arena, config.vocab_size, h, "lm_head")?;
+    let final_norm = small(arena, h, 1.0, 0.1, "final norm")?;
+    Ok(target_weights(embed, lm_head, final_norm, layers))
+}
+
+/// Uploads a target's `weights` (already checked against `config`, or one tensor-parallel rank's
+/// shards) into `arena` in the layout of the decode plan `layout` (the rope pair order of its
+/// `qkv_rope_kv` geometry), telling `progress` the bytes uploaded after each layer.
+fn upload_target(
+    arena: &mut Arena,
+    config: &ModelConfig,
+    layout: &Plan,
+    ropes: &[Rope],
+    weights: &Weights,
+    progress: &mut dyn FnMut(model::progress::Progress),
+) -> Result<DeviceWeights, RuntimeError> {
+    let total = weights.stored_bytes() as u64;
+    let mut done = 0u64;
+    let mut layers = Vec::with_capacity(config.layers.len());
+    for (l, lw) in weights.layers.iter().enumerate() {
+        let at = |what: &str| format!("layer {l} {what}");
+        let a = &lw.attn;
+        let p = qkv_params(layout, l)?;
+        // FP8 q/k/v go to the tiled projection kernels (no RoPE-fused FP8 kernel).
+        let fp8 = a.q.w.dtype() == model::weights::DenseDtype::F8E4M3;
+        let order = fused_qkv_order(
+            &p,
+            ropes[p.rope].rotary_dim,
+            a.q_norm.is_some() || a.k_norm.is_some(),
+            a.q.w.cols,
+        )
+        .filter(|_| !fp8);
+        let (qkv, qkv_bias) = upload_qkv(arena, a, order.as_deref(), &at("qkv"))?;
+        let (o, o_bias) = upload_projection(arena, &a.o, &at("o_proj"))?;
+        let mlp = match &lw.mlp {
+            Mlp::Dense { gate_up, down } => {
+                let (gate_up, gate_up_bias) =
+                    upload_projection(arena, gate_up, &at("mlp gate_up"))?;
+                let (down, down_bias) = upload_projection(arena, down, &at("mlp down"))?;
+                DeviceMlp::Dense {
+                    gate_up,
+                    gate_up_bias,
+                    down,
+                    down_bias,
+                }
+            }
+            Mlp::Moe(m) => {
+                let (router, router_bias) = upload_linear(arena, &m.router, &at("router"))?;
+                let correction_bias =
+                    upload_opt(arena, m.correction_bias.as_ref(), &at("correction bias"))?;
+                DeviceMlp::Moe {
+                    router,
+                    router_bias,
+                    correction_bias,
+                    experts: DeviceMoe::upload(arena, m)?,
+                }
+            }
+        };
+        layers.push(DeviceLayer {
+            input_norm: arena.upload(&lw.input_norm, &at("input norm"))?,
+            post_attn_norm: arena.upload(&lw.post_attn_norm, &at("post-attention norm"))?,
+            qkv,
+            qkv_bias,
+            qkv_rope_fused: order.is_some(),
+            o,
+            o_bias,
+            q_norm: upload_opt(arena, a.q_norm.as_ref(), &at("q norm"))?,
+            k_norm: upload_opt(arena, a.k_norm.as_ref(), &at("k norm"))?,
+            sinks: upload_opt(arena, a.sinks.as_ref(), &at("sinks"))?,
+            mlp,
+        });
+        lw.release_pages();
+        done += lw.stored_bytes() as u64;
+        progress(model::progress::Progress { done, total });
+    }
+    let embed = DeviceMatrix::from_mat(arena, &weights.embed, "embedding")?;
+    // Tied embeddings (known from the config): one device copy serves both.
+    let lm_head = if config.tie_word_embeddings {
+        embed
+    } else {
+        DeviceMatrix::projection(arena, &weights.lm_head, "lm_head")?
+    };
+    let final_norm = arena.upload(&weights.final_norm, "final norm")?;
+    weights.embed.bytes().release_pages();
+    weights.lm_head.bytes().release_pages();
+    progress(model::progress::Progress { done: total, total });
+    Ok(target_weights(embed, lm_head, final_norm, layers))
 }
 
 fn open(ordinal: usize) -> Result<(Device, Arc<CudaStream>, Ops, MoeKernels), RuntimeError> {
@@ -698,6 +830,8 @@ struct Buffers {
     hidden: DPtr<f32>,
     sample_uniform: DPtr<f32>,
     sample_out: DPtr<u32>,
+    /// A tensor-parallel rank's partial sums `[T, H]` (null on one device).
+    partial: DPtr<f32>,
 }
 
 /// Per-launch labels and times of a profiled pass (see [`GpuSession::profile_pass`]): a label
@@ -794,6 +928,11 @@ impl GpuSession {
             hidden: DPtr::null(),
             sample_uniform: arena.alloc(1, "sampling uniform")?,
             sample_out: arena.alloc(1, "sampled token")?,
+            partial: if m.rank.is_some() {
+                arena.alloc(t * h, "partial sums")?
+            } else {
+                DPtr::null()
+            },
         };
         m.stream.synchronize()?;
         Ok(Self {
@@ -980,6 +1119,7 @@ impl GpuSession {
                 dense_act: None,
                 argmax: b.argmax_scratch,
                 ctx: DPtr::null(),
+                partial: b.partial,
             },
         };
         let captures = Captures {

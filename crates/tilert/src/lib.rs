@@ -30,6 +30,7 @@ pub mod exec;
 pub mod launch;
 pub mod moe;
 pub mod ops;
+pub mod persistent;
 pub mod tensor;
 
 use std::sync::Arc;
@@ -55,6 +56,9 @@ pub enum RuntimeError {
     Unsupported(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A collective (the tensor-parallel all-reduce) failed: no peer access, a timeout, ...
+    #[error(transparent)]
+    Comm(#[from] comm::CommError),
     #[error("{pass}: {source}")]
     Op {
         pass: String,

@@ -613,6 +613,11 @@ impl MoeKernels {
                         p.w = d.addr();
                         &kernels.f32[c]
                     }
+                    DenseData::Tiled(_) => {
+                        return Err(RuntimeError::Unsupported(
+                            "dense experts are row-major, not tiled".into(),
+                        ))
+                    }
                 };
                 p.row_groups = 1;
                 let cfg = LaunchConfig {

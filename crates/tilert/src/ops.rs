@@ -431,6 +431,11 @@ fn matrix_data(what: &str, w: &DeviceMatrix) -> Result<(u64, bool), RuntimeError
     let (addr, len, bf16) = match w.data {
         DenseData::Bf16(p) => (p.addr(), p.len(), true),
         DenseData::F32(p) => (p.addr(), p.len(), false),
+        DenseData::Tiled(_) => {
+            return Err(RuntimeError::Unsupported(format!(
+                "{what}: a tiled FP8 / BF16 projection weight (only linear takes it)"
+            )))
+        }
     };
     if len != w.rows * w.cols {
         return Err(invalid(format!(
@@ -684,6 +689,9 @@ fn check_attn_geometry(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
 /// The loaded `ops` kernels.
 pub struct Ops {
     _module: Arc<KernelSet>,
+    /// The tiled FP8 / BF16 projection kernels: [`Ops::linear`] runs them for
+    /// `DenseData::Tiled` weights.
+    pub proj: proj::ProjOps,
     fill_bf16: CudaFunction,
     fill_f32: CudaFunction,
     fill_u8: CudaFunction,
@@ -758,6 +766,7 @@ impl Ops {
             qkv_rope_bf16: bucketed("linear_qkv_rope_bf16")?,
             qkv_rope_f32: bucketed("linear_qkv_rope_f32")?,
             sample: f("sample")?,
+            proj: proj::ProjOps::load(ctx)?,
             _module: module,
         })
     }
@@ -846,6 +855,9 @@ impl Ops {
         accumulate: bool,
     ) -> Result<(), RuntimeError> {
         check_tokens("linear", t)?;
+        if let Some(p) = w.tiled() {
+            return self.proj.linear(s, &p, bias, x, t, y, accumulate);
+        }
         let (addr, bf16) = matrix_data("linear weight", w)?;
         if w.rows == 0 || w.cols == 0 {
             return Err(invalid(format!("linear: {}x{} weight", w.rows, w.cols)));

@@ -5,6 +5,7 @@ use half::bf16;
 use model::weights::{Mat, MatData};
 
 use crate::arena::{Arena, DPtr};
+use crate::ops::proj::{ProjData, ProjMatrix};
 use crate::ops::Ops;
 use crate::RuntimeError;
 
@@ -13,6 +14,9 @@ use crate::RuntimeError;
 pub enum DenseData {
     Bf16(DPtr<bf16>),
     F32(DPtr<f32>),
+    /// FP8 (block-scaled) or bf16 in the projection kernels' tiled layout
+    /// (`tilert::ops::proj`): only `Ops::linear` reads it (through `ProjOps`).
+    Tiled(ProjData),
 }
 
 /// A dense row-major matrix `[rows, cols]` (an `nn.Linear` weight, `y = W·x`), or a stack of
@@ -126,6 +130,55 @@ impl DeviceMatrix {
         Self::upload(arena, &v, rows, cols, what)
     }
 
+    /// Uploads a projection weight (QKV, O, dense MLP, LM head) for `Ops::linear`: FP8 with
+    /// 128-column block scales constant over each 16-row group stays FP8 in the tiled layout
+    /// (`DenseData::Tiled`); anything else goes through [`DeviceMatrix::from_mat`] (bf16 as it
+    /// is — the row-major `linear` kernels are as fast as the tiled ones for bf16, see
+    /// kernels/NOTES.md).
+    pub fn projection(arena: &mut Arena, m: &Mat, what: &str) -> Result<Self, RuntimeError> {
+        if matches!(
+            m.data(),
+            MatData::F8E4M3 {
+                scales: Some(_),
+                ..
+            }
+        ) {
+            let all = |p: usize| (0, p);
+            if let Some(p) = ProjMatrix::fp8_from_rows(arena, &[m], m.rows, m.cols, all, what)? {
+                return Ok(p.into());
+            }
+        }
+        Self::from_mat(arena, m, what)
+    }
+
+    /// [`DeviceMatrix::from_rows`] for a fused projection: FP8 parts that
+    /// [`ProjMatrix::fp8_from_rows`] takes stay FP8 (tiled), else the dense rules.
+    pub fn projection_rows(
+        arena: &mut Arena,
+        mats: &[&Mat],
+        rows: usize,
+        cols: usize,
+        pick: impl Fn(usize) -> (usize, usize),
+        what: &str,
+    ) -> Result<Self, RuntimeError> {
+        if let Some(p) = ProjMatrix::fp8_from_rows(arena, mats, rows, cols, &pick, what)? {
+            return Ok(p.into());
+        }
+        Self::from_rows(arena, mats, rows, cols, pick, what)
+    }
+
+    /// The tiled form, when the matrix is one (`DenseData::Tiled`).
+    pub fn tiled(&self) -> Option<ProjMatrix> {
+        match self.data {
+            DenseData::Tiled(data) => Some(ProjMatrix {
+                data,
+                rows: self.rows,
+                cols: self.cols,
+            }),
+            _ => None,
+        }
+    }
+
     /// A `[rows, cols]` bf16 matrix of random values generated on the device (synthetic models):
     /// uniform with standard deviation 1/√cols, which keeps outputs O(1) for O(1) inputs.
     pub fn synthetic(
@@ -152,19 +205,33 @@ impl DeviceMatrix {
         match self.data {
             DenseData::Bf16(p) => p.bytes(),
             DenseData::F32(p) => p.bytes(),
+            DenseData::Tiled(_) => self.tiled().map_or(0, |p| p.bytes()),
         }
     }
 
-    /// Rows `r0..r1` (for stacks of dense experts).
-    pub fn rows_slice(&self, r0: usize, r1: usize) -> Self {
+    /// Rows `r0..r1` (for stacks of dense experts, which are row-major); `None` for a tiled
+    /// matrix.
+    pub fn rows_slice(&self, r0: usize, r1: usize) -> Option<Self> {
         let (a, b) = (r0 * self.cols, r1 * self.cols);
-        Self {
-            data: match self.data {
-                DenseData::Bf16(p) => DenseData::Bf16(p.slice(a..b)),
-                DenseData::F32(p) => DenseData::F32(p.slice(a..b)),
-            },
+        let data = match self.data {
+            DenseData::Bf16(p) => DenseData::Bf16(p.slice(a..b)),
+            DenseData::F32(p) => DenseData::F32(p.slice(a..b)),
+            DenseData::Tiled(_) => return None,
+        };
+        Some(Self {
+            data,
             rows: r1 - r0,
             cols: self.cols,
+        })
+    }
+}
+
+impl From<ProjMatrix> for DeviceMatrix {
+    fn from(p: ProjMatrix) -> Self {
+        Self {
+            data: DenseData::Tiled(p.data),
+            rows: p.rows,
+            cols: p.cols,
         }
     }
 }

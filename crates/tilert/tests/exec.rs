@@ -44,6 +44,22 @@ fn check_model(name: &str, config: ModelConfig, weights: Weights, prompt: &[u32]
     let cpu = CpuModel::new(config.clone(), weights.clone()).unwrap();
     let gpu = GpuModel::new(0, config.clone(), &weights).unwrap();
     let nl = config.layers.len();
+    // FP8 projections stay FP8 on the device (MiMo-V2.5: every layer's qkv_proj and the dense
+    // MLP of layer 0).
+    let fp8_mats = weights
+        .layers
+        .iter()
+        .filter(|l| l.attn.q.w.dtype() == model::weights::DenseDtype::F8E4M3)
+        .count();
+    eprintln!(
+        "{name}: {} FP8 projections on the device",
+        gpu.fp8_projections()
+    );
+    assert!(
+        gpu.fp8_projections() >= fp8_mats,
+        "{name}: {fp8_mats} FP8 qkv projections in the checkpoint, {} FP8 on the device",
+        gpu.fp8_projections()
+    );
 
     // 1. Full prompt through verify (chunks of 16), all hidden indices.
     let all: Vec<usize> = (0..=nl).chain([LAST_LAYER_PRE_NORM]).collect();

@@ -219,13 +219,63 @@ fn every_launch_shape_computes_the_same_function() {
         } else {
             random_bf16(&mut g, &mut rng, 300, 1000)
         };
+        let mut shapes: Vec<ProjLaunch> = Vec::new();
         for groups in [1, 2] {
             for warps in [1, 3, 4, 8, 16] {
-                for t in [1, 5, 16] {
-                    let how = ProjLaunch { groups, warps };
-                    check(&mut g, &mut rng, &w, t, true, t == 5, Some(how));
+                shapes.push(ProjLaunch::RowGroups { groups, warps });
+            }
+        }
+        for ctas_per_sm in [1, 2, 8] {
+            shapes.push(ProjLaunch::StreamK { ctas_per_sm });
+        }
+        for how in shapes {
+            for t in [1, 5, 16] {
+                check(&mut g, &mut rng, &w, t, true, t == 5, Some(how));
+            }
+        }
+    }
+}
+
+#[test]
+fn stream_k_is_deterministic_and_rearms_its_counters() {
+    let Some((mut g, mut rng)) = gpu("stream_k_is_deterministic_and_rearms_its_counters") else {
+        return;
+    };
+    // Shapes where groups are shared by 2+ warps (few tiles per group) and where one warp
+    // spans many groups (many row groups, short K).
+    for (rows, cols) in [(64, 4096), (4000, 64), (1000, 1000)] {
+        for fp8 in [true, false] {
+            let w = if fp8 {
+                random_fp8(&mut g, &mut rng, rows, cols)
+            } else {
+                random_bf16(&mut g, &mut rng, rows, cols)
+            };
+            let x: Vec<f32> = (0..16 * cols)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let dx = up(&mut g, &x);
+            let dy = g.arena.alloc::<f32>(16 * rows, "y").unwrap();
+            let mut first: Option<Vec<f32>> = None;
+            for rep in 0..4 {
+                for ctas_per_sm in [1, 3] {
+                    let how = ProjLaunch::StreamK { ctas_per_sm };
+                    g.ops
+                        .linear_with(&g.stream, &w.m, None, dx, 16, dy, false, how)
+                        .unwrap();
+                    let y = dtoh(&g.stream, dy).unwrap();
+                    if ctas_per_sm == 1 {
+                        match &first {
+                            None => first = Some(y),
+                            Some(f) => assert!(
+                                f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{rows}x{cols} fp8={fp8}: repeat {rep} differs"
+                            ),
+                        }
+                    }
                 }
             }
+            // And still right after the repeats (counters back at zero).
+            check(&mut g, &mut rng, &w, 7, true, true, None);
         }
     }
 }
@@ -248,18 +298,20 @@ fn bad_arguments_are_errors() {
         .linear(&g.stream, &w.m, None, short, 1, y, false)
         .is_err());
     for how in [
-        ProjLaunch {
+        ProjLaunch::RowGroups {
             groups: 3,
             warps: 4,
         },
-        ProjLaunch {
+        ProjLaunch::RowGroups {
             groups: 1,
             warps: 0,
         },
-        ProjLaunch {
+        ProjLaunch::RowGroups {
             groups: 1,
             warps: 17,
         },
+        ProjLaunch::StreamK { ctas_per_sm: 0 },
+        ProjLaunch::StreamK { ctas_per_sm: 9 },
     ] {
         let e = g
             .ops
@@ -282,6 +334,7 @@ fn checkpoint_matrices_upload_in_their_dtype() {
         .map(|_| rng.random::<u8>() & 0x7e)
         .collect();
     let scales: Vec<f32> = (0..2 * 3).map(|i| 0.01 * (i + 1) as f32).collect();
+    let codes_copy = codes.clone();
     let m = Mat::from_bytes(
         DenseDtype::F8E4M3,
         rows,
@@ -316,6 +369,24 @@ fn checkpoint_matrices_upload_in_their_dtype() {
     )
     .unwrap();
     let e = ProjMatrix::from_mat(&mut g.arena, &other, "gate_proj").unwrap_err();
+    // One scale row per weight row (MiMo's K / V parts of a fused qkv) is taken when each
+    // 16-row group shares its scales, and computes like the 128x128 form.
+    let per_row: Vec<f32> = (0..rows)
+        .flat_map(|r| scales[(r / 128) * 3..(r / 128) * 3 + 3].to_vec())
+        .collect();
+    let rowwise = Mat::from_bytes(
+        DenseDtype::F8E4M3,
+        rows,
+        cols,
+        Bytes::from_vec(codes_copy.clone()),
+        Some(([1, 128], 3, per_row)),
+    )
+    .unwrap();
+    let c = ProjMatrix::from_mat(&mut g.arena, &rowwise, "k_proj").unwrap();
+    let yc = g.arena.alloc::<f32>(rows, "yc").unwrap();
+    g.ops.linear(&g.stream, &c, None, dx, 1, yc, false).unwrap();
+    let yc = dtoh(&g.stream, yc).unwrap();
+    assert!(ya.iter().zip(&yc).all(|(p, q)| p.to_bits() == q.to_bits()));
     assert!(e.to_string().contains("gate_proj"), "{e}");
     let f = Mat::from_f32(2, 2, vec![1.0; 4]);
     let e = ProjMatrix::from_mat(&mut g.arena, &f, "o_proj").unwrap_err();

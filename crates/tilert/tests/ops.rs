@@ -302,6 +302,7 @@ fn linear_lm_head_and_bandwidth() {
                     let a = match wm(i).data {
                         DenseData::Bf16(p) => p.addr(),
                         DenseData::F32(p) => p.addr(),
+                        DenseData::Tiled(_) => unreachable!("the timed weights are row-major bf16"),
                     };
                     let s = sink.addr();
                     let mut b = g.stream.launch_builder(&stream_read);

@@ -16,14 +16,19 @@
 //!   appended to each layer's cache for the pass (queries see `[context | block]` as
 //!   `draft_attention`'s window / causal rule says) and dropped after it.
 //!
-//! The caches are the executor's [`LayerKv`] (sliding draft layers keep the `W − 1` context rows
-//! the next block can still see; the drafter never rolls back, so `max_rollback` is 0).
+//! The caches are the executor's paged [`LayerKv`] (blocks of [`DEFAULT_BLOCK_SIZE`] positions
+//! unless [`CpuDrafter::new_cache_with_block_size`] says otherwise; attention reads them through
+//! their block tables, so the block size never changes a result). Sliding draft layers keep the
+//! `W − 1` context rows the next block can still see; the drafter never rolls back, so
+//! `max_rollback` is 0. A block pass appends its rows into the cache and truncates them away
+//! afterwards (blocks past the committed context are released; a cloned cache shares its blocks
+//! copy-on-write, so neither copy sees the other's passes).
 //! Numerics: f32 with the executor's ops, a row's result independent of the thread split.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::kv::{KvCache, LayerKv};
+use super::kv::{KvCache, LayerKv, DEFAULT_BLOCK_SIZE};
 use super::{run_pass, Bound, CpuError, DraftTensors, PassInput, Scratch, Segment};
 use crate::drafter::{DrafterConfig, DrafterError, DrafterWeights, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::plan::draft::{DraftPass, DraftSpec};
@@ -123,13 +128,20 @@ impl CpuDrafter {
         Ok(p)
     }
 
-    /// An empty per-sequence context cache.
+    /// An empty per-sequence context cache (paged in blocks of [`DEFAULT_BLOCK_SIZE`]
+    /// positions).
     pub fn new_cache(&self) -> DraftCache {
+        self.new_cache_with_block_size(DEFAULT_BLOCK_SIZE)
+    }
+
+    /// [`CpuDrafter::new_cache`] paged in blocks of `block_size` positions (at least 1). The
+    /// block size changes where rows are stored, never a draft's result.
+    pub fn new_cache_with_block_size(&self, block_size: usize) -> DraftCache {
         let layers = self
             .context
             .layers
             .iter()
-            .map(|t| LayerKv::new(t.k_width, t.v_width, t.window, 0))
+            .map(|t| LayerKv::new(t.k_width, t.v_width, t.window, 0, block_size))
             .collect();
         DraftCache {
             kv: vec![KvCache { layers }],

@@ -45,7 +45,8 @@ pub mod kernels;
 pub mod kv;
 pub mod moe_ops;
 pub mod ops;
-pub mod shard;
+/// The weight sharding (moved to [`crate::shard`]; re-exported where it was).
+pub use crate::shard;
 pub mod toy;
 
 /// The weights check (moved to [`crate::check`]; re-exported for existing paths).
@@ -441,6 +442,13 @@ pub(crate) struct Scratch {
     sampled: Vec<u32>,
 }
 
+/// One block of positions of a sequence across all its layers (and tensor-parallel ranks),
+/// shared by reference: what a prefix cache keeps and [`Session::adopt_prefix`] takes.
+#[derive(Debug, Clone)]
+pub struct SharedBlock {
+    layers: Arc<[Arc<kv::KvBlockData>]>,
+}
+
 /// One sequence: its KV cache (one per tensor-parallel rank), its length, and the buffers its
 /// passes reuse (a decode step allocates nothing here once the buffers have grown, apart from
 /// KV growth).
@@ -461,12 +469,20 @@ impl Session {
     /// [`Session::truncate`] is guaranteed to reach (sliding layers keep
     /// `window − 1 + max_rollback` positions of history; see [`kv`]).
     pub fn new(model: &CpuModel, max_rollback: usize) -> Self {
+        Session::with_block_size(model, max_rollback, kv::DEFAULT_BLOCK_SIZE)
+    }
+
+    /// [`Session::new`] whose KV cache is paged in blocks of `block_size` positions (at least 1;
+    /// results do not depend on it, see [`kv`]).
+    pub fn with_block_size(model: &CpuModel, max_rollback: usize, block_size: usize) -> Self {
         let tables = &model.plans.last.layers;
         let kv = (0..model.ranks())
             .map(|_| KvCache {
                 layers: tables
                     .iter()
-                    .map(|lt| LayerKv::new(lt.k_width, lt.v_width, lt.window, max_rollback))
+                    .map(|lt| {
+                        LayerKv::new(lt.k_width, lt.v_width, lt.window, max_rollback, block_size)
+                    })
                     .collect(),
             })
             .collect();
@@ -506,6 +522,72 @@ impl Session {
     /// The KV cache (for inspection; rank 0's when the model is tensor-parallel).
     pub fn kv(&self) -> &KvCache {
         &self.kv[0]
+    }
+
+    /// Positions per KV block.
+    pub fn block_size(&self) -> usize {
+        self.kv[0]
+            .layers
+            .first()
+            .map_or(kv::DEFAULT_BLOCK_SIZE, LayerKv::block_size)
+    }
+
+    /// Full block `b` of every layer of every rank (shared, not copied: the prefix cache's
+    /// payload), when the sequence holds it whole in every layer — a sliding layer may already
+    /// have dropped it.
+    pub fn full_block(&self, b: usize) -> Option<SharedBlock> {
+        let mut layers = Vec::new();
+        for l in self.kv.iter().flat_map(|c| c.layers.iter()) {
+            layers.push(l.full_block(b)?.clone());
+        }
+        Some(SharedBlock {
+            layers: layers.into(),
+        })
+    }
+
+    /// Makes an empty sequence hold `blocks` (from [`Session::full_block`] of sequences of the
+    /// same model and block size) as its first `blocks.len() · block_size()` positions, shared
+    /// with whoever else holds them; later calls behave exactly as if those positions had been
+    /// prefilled here. Refused (nothing changes) for a non-empty sequence or a block of another
+    /// shape.
+    pub fn adopt_prefix(&mut self, blocks: &[SharedBlock]) -> Result<(), CpuError> {
+        if self.len != 0 {
+            return Err(CpuError::Mismatch(format!(
+                "adopt_prefix: the sequence already holds {} positions",
+                self.len
+            )));
+        }
+        let n_layers = self.kv.iter().map(|c| c.layers.len()).sum::<usize>();
+        if let Some(i) = blocks.iter().position(|b| b.layers.len() != n_layers) {
+            return Err(CpuError::Mismatch(format!(
+                "adopt_prefix: block {i} has {} layers, the model {n_layers}",
+                blocks[i].layers.len()
+            )));
+        }
+        let mut per_layer: Vec<Vec<Arc<kv::KvBlockData>>> = vec![Vec::new(); n_layers];
+        for b in blocks {
+            for (dst, src) in per_layer.iter_mut().zip(b.layers.iter()) {
+                dst.push(src.clone());
+            }
+        }
+        for (i, (l, bl)) in self
+            .kv
+            .iter_mut()
+            .flat_map(|c| c.layers.iter_mut())
+            .zip(&per_layer)
+            .enumerate()
+        {
+            if l.adopt(bl).is_none() {
+                self.reset();
+                return Err(CpuError::Mismatch(format!(
+                    "adopt_prefix: layer {i}: the blocks do not match this sequence's block \
+                     size or row widths"
+                )));
+            }
+        }
+        self.len = blocks.len() * self.block_size();
+        self.call_start = self.len;
+        Ok(())
     }
 
     /// Appends `tokens` (in passes of [`PREFILL_CHUNK`]) and returns the logits of the last one.
@@ -1032,12 +1114,11 @@ pub(crate) fn run_pass(
                 for seg in segs.iter_mut() {
                     let r1 = r0 + seg.len;
                     let cache = &seg.kv[rank].layers[l];
-                    ops::attention_rows(
+                    ops::attention_rows_in(
                         &shape,
                         &s.q[rank][r0 * qw..r1 * qw],
-                        cache.keys(),
-                        cache.values(),
-                        cache.first_pos(),
+                        &cache.keys(),
+                        &cache.values(),
                         seg.start,
                         seg.len,
                         sinks,
@@ -1233,9 +1314,8 @@ pub(crate) fn run_pass(
                         p.window,
                         p.causal,
                         &s.q[rank][r0 * qw..r1 * qw],
-                        cache.keys(),
-                        cache.values(),
-                        cache.first_pos(),
+                        &cache.keys(),
+                        &cache.values(),
                         seg.start,
                         seg.len,
                         sinks,

@@ -439,6 +439,45 @@ pub fn apply_rope_heads(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]
 // Attention
 // ---------------------------------------------------------------------------------------------
 
+/// Rows of keys or values by absolute position: a contiguous buffer ([`ContiguousRows`]) or
+/// the blocks of a paged cache (`kv::PagedRows`). Attention reads every key and value through
+/// this, so the arithmetic (and its order) does not depend on where the rows live.
+pub trait KvRows: Sync {
+    /// Values per row (the distance between consecutive rows of a run).
+    fn width(&self) -> usize;
+    /// The rows stored back to back from absolute position `pos` on (within
+    /// [`KvRows::span`]): their values, starting with row `pos` (the last row may end after
+    /// the columns callers read), and how many rows (at least 1) they hold.
+    fn run(&self, pos: usize) -> (&[f32], usize);
+    /// The positions held (`first .. end`).
+    fn span(&self) -> std::ops::Range<usize>;
+}
+
+/// Rows of `width` values stored back to back from absolute position `first_pos` on.
+#[derive(Debug, Clone, Copy)]
+pub struct ContiguousRows<'a> {
+    pub rows: &'a [f32],
+    pub width: usize,
+    pub first_pos: usize,
+}
+
+impl KvRows for ContiguousRows<'_> {
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    #[inline]
+    fn run(&self, pos: usize) -> (&[f32], usize) {
+        let r = pos - self.first_pos;
+        (&self.rows[r * self.width..], self.span().end - pos)
+    }
+
+    /// A last row cut short after the columns a caller reads counts (strided heads).
+    fn span(&self) -> std::ops::Range<usize> {
+        self.first_pos..self.first_pos + self.rows.len().div_ceil(self.width.max(1))
+    }
+}
+
 /// Attention of one query head over `n` consecutive keys/values.
 ///
 /// Key `j` is `k[j·k_stride ..][..q.len()]`, value `j` is `v[j·v_stride ..][..out.len()]`.
@@ -459,14 +498,53 @@ pub fn attention_head(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let d = q.len();
-    let dv = out.len();
+    let rows = |rows, width| ContiguousRows {
+        rows,
+        width,
+        first_pos: 0,
+    };
+    attention_head_rows(
+        q,
+        (&rows(k, k_stride), 0),
+        (&rows(v, v_stride), 0),
+        0..n,
+        scale,
+        sink,
+        scores,
+        out,
+    );
+}
+
+/// [`attention_head`] over the keys `keys` of `k` and their values in `v`, each read from
+/// column `.1` of its rows on: the one definition of the per-head softmax attention (contiguous
+/// and paged caches alike; rows are visited run by run, in ascending position).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn attention_head_rows(
+    q: &[f32],
+    k: (&impl KvRows, usize),
+    v: (&impl KvRows, usize),
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    sink: Option<f32>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (d, dv) = (q.len(), out.len());
+    let ((k, koff), (v, voff)) = (k, v);
     scores.clear();
     let mut m = sink.unwrap_or(f32::NEG_INFINITY);
-    for j in 0..n {
-        let s = dot(q, &k[j * k_stride..j * k_stride + d]) * scale;
-        m = m.max(s);
-        scores.push(s);
+    let (kw, vw) = (k.width(), v.width());
+    let mut p = keys.start;
+    while p < keys.end {
+        let (slab, avail) = k.run(p);
+        let n = avail.min(keys.end - p).max(1);
+        for j in 0..n {
+            let s = dot(q, &slab[j * kw + koff..j * kw + koff + d]) * scale;
+            m = m.max(s);
+            scores.push(s);
+        }
+        p += n;
     }
     let mut denom = 0f32;
     for s in scores.iter_mut() {
@@ -477,8 +555,19 @@ pub fn attention_head(
         denom += (sk - m).exp();
     }
     out.fill(0.0);
-    for (j, &e) in scores.iter().enumerate() {
-        axpy(out, e / denom, &v[j * v_stride..j * v_stride + dv]);
+    let (mut p, mut i) = (keys.start, 0);
+    while p < keys.end {
+        let (slab, avail) = v.run(p);
+        let n = avail.min(keys.end - p).max(1);
+        for j in 0..n {
+            axpy(
+                out,
+                scores[i + j] / denom,
+                &slab[j * vw + voff..j * vw + voff + dv],
+            );
+        }
+        p += n;
+        i += n;
     }
 }
 
@@ -552,6 +641,23 @@ pub fn attention_query_head(
     );
 }
 
+/// [`attention_query_head`] over keys and values read through [`KvRows`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_query_head_in(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    pos: usize,
+    head: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let keys = shape.first_visible(pos)..pos + 1;
+    attention_span_in(shape, q, k, v, keys, head, sinks, scores, out);
+}
+
 /// Attention of query head `head` over the keys at the absolute positions `keys` (an explicit
 /// range: `shape.window` is not consulted). This is the one definition behind
 /// [`attention_query_head`] (causal: `first_visible(pos) ..= pos`) and the non-causal block
@@ -573,28 +679,69 @@ pub fn attention_span(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (d, dv) = (shape.head_dim, shape.v_head_dim);
-    let (kr, vr) = (shape.n_kv_heads * d, shape.n_kv_heads * dv);
-    let (lo, hi) = (keys.start, keys.end);
-    assert!(
-        lo >= first_pos,
-        "attention: position {lo} is no longer cached (first {first_pos})"
+    let (kr, vr) = (
+        shape.n_kv_heads * shape.head_dim,
+        shape.n_kv_heads * shape.v_head_dim,
     );
-    let n = hi.saturating_sub(lo);
-    let row = lo - first_pos;
+    let (k, v) = contiguous(k_rows, v_rows, kr, vr, first_pos);
+    attention_span_in(shape, q, &k, &v, keys, head, sinks, scores, out);
+}
+
+/// The [`ContiguousRows`] of one layer's `k_rows` / `v_rows` from `first_pos` on.
+fn contiguous<'a>(
+    k_rows: &'a [f32],
+    v_rows: &'a [f32],
+    kr: usize,
+    vr: usize,
+    first_pos: usize,
+) -> (ContiguousRows<'a>, ContiguousRows<'a>) {
+    (
+        ContiguousRows {
+            rows: k_rows,
+            width: kr,
+            first_pos,
+        },
+        ContiguousRows {
+            rows: v_rows,
+            width: vr,
+            first_pos,
+        },
+    )
+}
+
+/// [`attention_span`] over keys and values read through [`KvRows`] (a contiguous or paged
+/// cache): the one definition both use.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_span_in(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    keys: std::ops::Range<usize>,
+    head: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (d, dv) = (shape.head_dim, shape.v_head_dim);
+    let (lo, hi) = (keys.start, keys.end.max(keys.start));
+    let (ks, vs) = (k.span(), v.span());
     assert!(
-        (row + n) * kr <= k_rows.len() && (row + n) * vr <= v_rows.len(),
+        lo >= ks.start && lo >= vs.start,
+        "attention: position {lo} is no longer cached (first {})",
+        ks.start.max(vs.start)
+    );
+    assert!(
+        hi <= ks.end && hi <= vs.end,
         "attention: position {} not cached",
         hi.saturating_sub(1)
     );
     let g = shape.kv_head(head);
-    attention_head(
+    attention_head_rows(
         &q[head * d..(head + 1) * d],
-        &k_rows[row * kr + g * d..],
-        kr,
-        &v_rows[row * vr + g * dv..],
-        vr,
-        n,
+        (k, g * d),
+        (v, g * dv),
+        lo..hi,
         shape.scale,
         sinks.map(|s| s[head]),
         scores,
@@ -712,6 +859,28 @@ pub fn attention_rows(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let (kr, vr) = (
+        shape.n_kv_heads * shape.head_dim,
+        shape.n_kv_heads * shape.v_head_dim,
+    );
+    let (k, v) = contiguous(k_rows, v_rows, kr, vr, first_pos);
+    attention_rows_in(shape, q, &k, &v, start, t, sinks, scores, out);
+}
+
+/// [`attention_rows`] over keys and values read through [`KvRows`] (a contiguous or paged
+/// cache): the one definition both use.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows_in(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    start: usize,
+    t: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let (nh, d, dv) = (shape.n_heads, shape.head_dim, shape.v_head_dim);
     let (qr, or) = (nh * d, nh * dv);
     assert_eq!(
@@ -729,29 +898,21 @@ pub fn attention_rows(
     let visible = shape.window.map_or(start + t, |w| w.min(start + t));
     if t * nh * visible * (d + dv) < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
         for ti in 0..t {
-            attention_query(
-                shape,
-                &q[ti * qr..(ti + 1) * qr],
-                k_rows,
-                v_rows,
-                first_pos,
-                start + ti,
-                sinks,
-                scores,
-                &mut out[ti * or..(ti + 1) * or],
-            );
+            let qi = &q[ti * qr..(ti + 1) * qr];
+            for (h, o) in out[ti * or..(ti + 1) * or].chunks_exact_mut(dv).enumerate() {
+                attention_query_head_in(shape, qi, k, v, start + ti, h, sinks, scores, o);
+            }
         }
     } else {
         out.par_chunks_mut(dv)
             .enumerate()
             .for_each_init(Vec::new, |sc, (idx, o)| {
                 let (ti, h) = (idx / nh, idx % nh);
-                attention_query_head(
+                attention_query_head_in(
                     shape,
                     &q[ti * qr..(ti + 1) * qr],
-                    k_rows,
-                    v_rows,
-                    first_pos,
+                    k,
+                    v,
                     start + ti,
                     h,
                     sinks,
@@ -763,7 +924,8 @@ pub fn attention_rows(
 }
 
 /// Block attention of one drafter layer (the CPU body of `draft_attention`): `b` queries at
-/// positions `start ..` over the keys `first_pos ..` of `k_rows`/`v_rows` (context then block).
+/// positions `start ..` over the keys and values of `k` / `v` (context then block, read through
+/// [`KvRows`]: the drafter's paged context cache).
 /// Query `i` (position `p`) sees the keys `lo .. hi` with `lo = p + 1 − W` (0 without a window)
 /// and `hi = p + 1` when `causal`, else `min(start + b, p + W)` (all block keys without a
 /// window). Parallel over (query, head) when the work is large; each output is computed the same
@@ -774,16 +936,15 @@ pub fn block_attention(
     window: Option<usize>,
     causal: bool,
     q: &[f32],
-    k_rows: &[f32],
-    v_rows: &[f32],
-    first_pos: usize,
+    k: &impl KvRows,
+    v: &impl KvRows,
     start: usize,
     b: usize,
     sinks: Option<&[f32]>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (nh, d) = (shape.n_heads, shape.head_dim);
+    let (nh, d, dv) = (shape.n_heads, shape.head_dim, shape.v_head_dim);
     let end = start + b;
     let range = |i: usize| {
         let p = start + i;
@@ -797,12 +958,11 @@ pub fn block_attention(
     };
     let one = |idx: usize, sc: &mut Vec<f32>, o: &mut [f32]| {
         let (i, head) = (idx / nh, idx % nh);
-        attention_span(
+        attention_span_in(
             shape,
             &q[i * nh * d..(i + 1) * nh * d],
-            k_rows,
-            v_rows,
-            first_pos,
+            k,
+            v,
             range(i),
             head,
             sinks,
@@ -810,13 +970,13 @@ pub fn block_attention(
             o,
         );
     };
-    let visible = end - first_pos;
+    let visible = end - k.span().start.min(end);
     if b * nh * visible * 2 * d < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
-        for (idx, o) in out.chunks_exact_mut(d).enumerate() {
+        for (idx, o) in out.chunks_exact_mut(dv).enumerate() {
             one(idx, scores, o);
         }
     } else {
-        out.par_chunks_mut(d)
+        out.par_chunks_mut(dv)
             .enumerate()
             .for_each_init(Vec::new, |sc, (idx, o)| one(idx, sc, o));
     }

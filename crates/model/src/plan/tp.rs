@@ -2,7 +2,7 @@
 //! and expert FFNs along the intermediate dimension, and explicit all-reduce nodes.
 //!
 //! [`TpLayout`] is the one definition of what each rank holds; [`shard`] rewrites a plan with
-//! it and the weight sharding (`crate::cpu::shard`) slices tensors by it.
+//! it and the weight sharding (`crate::shard`) slices tensors by it.
 //!
 //! * **Attention**: rank r holds query heads `r·nh/N .. (r+1)·nh/N` and the KV heads serving
 //!   them. With `N ≤ n_kv` (`N | n_kv`) every rank owns `n_kv/N` whole KV-head groups; with

@@ -32,7 +32,8 @@ struct ModelArgs {
     /// ultra-tiny-code model (and, for `generate`, its DFlash drafter).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0).
+    /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0, or the GPU of
+    /// --devices; with --tensor-parallel N, N GPU ranks).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// Worker threads (default: all cores).
@@ -41,11 +42,55 @@ struct ModelArgs {
     /// Comma-separated token ids instead of a text prompt.
     #[arg(long, value_delimiter = ',')]
     token_ids: Option<Vec<u32>>,
-    /// Run the step plan sharded over N simulated tensor-parallel ranks in this process (CPU
-    /// only): attention by KV-head group, FFNs along the intermediate dimension, all-reduce
-    /// between. Logits equal the unsharded model's up to f32 summation order.
+    #[command(flatten)]
+    par: ParallelArgs,
+}
+
+/// Tensor parallelism: how many ranks and where they run.
+#[derive(clap::Args)]
+struct ParallelArgs {
+    /// Run the step plan sharded over N tensor-parallel ranks: attention by KV-head group, FFNs
+    /// along the intermediate dimension, an all-reduce after each block. On the CPU the ranks
+    /// are simulated in this process; with --device cuda each rank is a GPU (--devices) or all
+    /// of them share one (--virtual-ranks), joined by the one-shot NVLink/peer all-reduce.
+    /// Logits equal the unsharded model's up to f32 summation order.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
+    /// GPUs of the ranks, one per rank (default 0,1,..,N-1); with --virtual-ranks the one GPU
+    /// every rank runs on; without --tensor-parallel the GPU to run on.
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<usize>>,
+    /// Put every tensor-parallel rank on one GPU (separate weights shards, buffers, streams and
+    /// flags): the multi-GPU protocol on a single GPU, for testing and single-GPU benchmarks.
+    #[arg(long)]
+    virtual_ranks: bool,
+}
+
+impl ParallelArgs {
+    /// The rank placement (`None`: unsharded, or the CPU's simulated ranks), checked before
+    /// anything loads.
+    fn placement(&self, device: Device) -> Result<Option<tilert::exec::tp::RankPlacement>> {
+        commands::generate::tp_placement(
+            self.tensor_parallel,
+            device == Device::Cuda,
+            self.devices.as_deref(),
+            self.virtual_ranks,
+        )
+    }
+
+    /// The GPU of an unsharded `--device cuda` run.
+    fn ordinal(&self) -> usize {
+        self.devices
+            .as_ref()
+            .and_then(|d| d.first().copied())
+            .unwrap_or(0)
+    }
+}
+
+/// `ultra bench-serve --workload`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchWorkload {
+    SharedPrefix,
 }
 
 /// What `serve` and `bench-serve` load and how they schedule.
@@ -85,8 +130,10 @@ struct ServeArgs {
     /// Most requests waiting for admission (more get RESOURCE_EXHAUSTED / HTTP 429).
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// KV-cache budget in MiB (a request is admitted when prompt + max_tokens fit; on the GPU
-    /// each request reserves one whole sequence's device memory).
+    /// KV-cache budget in MiB. CPU: a pool of --kv-block-size blocks; a request is admitted
+    /// when the blocks of its uncached prompt are free and takes more as it decodes (preempted
+    /// and recomputed when they run out); speculative requests reserve prompt + max_tokens at
+    /// admission. GPU: each request reserves one whole sequence's device memory.
     #[arg(long, default_value_t = 4096)]
     kv_cache_mib: u64,
     /// Context limit per request (default: the model's; on the GPU at most 8192 unless given:
@@ -97,6 +144,18 @@ struct ServeArgs {
     /// prefills waiting prompts in chunks (chunked prefill; at least one chunk per step).
     #[arg(long, default_value_t = serve::engine::DEFAULT_MAX_BATCHED_TOKENS)]
     max_num_batched_tokens: usize,
+    #[command(flatten)]
+    par: ParallelArgs,
+    /// Positions per KV-cache block (the CPU executor's paged KV; vLLM's --block-size).
+    /// --kv-cache-mib is divided into blocks of this size; admission and kv_cache_usage_perc
+    /// count blocks.
+    #[arg(long, default_value_t = serve::engine::DEFAULT_KV_BLOCK_SIZE as u64,
+          value_parser = clap::value_parser!(u64).range(1..=serve::engine::MAX_KV_BLOCK_SIZE as u64))]
+    kv_block_size: u64,
+    /// No automatic prefix caching (by default a request reuses the cached KV blocks of the
+    /// longest prefix of its prompt that an earlier request computed; CPU executor).
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 /// The front door of `ultra serve`: limits, timeouts and who may call.
@@ -199,6 +258,10 @@ impl ServeArgs {
 
     fn setup(self) -> Result<commands::serve::ServeSetup> {
         self.validate()?;
+        let placement = self.par.placement(self.device)?;
+        if self.par.tensor_parallel > 1 && self.device == Device::Cpu {
+            bail!("ultra serve runs tensor-parallel ranks on GPUs only: add --device cuda");
+        }
         set_threads(self.threads)?;
         // No --model (and not --synthetic): the embedded default model and its drafter.
         let (model, draft, name) = if self.synthetic || self.model.is_some() {
@@ -218,6 +281,13 @@ impl ServeArgs {
         if self.block_size.is_some() && draft.is_none() {
             bail!("--block-size needs a drafter (--draft DIR, or the default model without --no-draft)");
         }
+        if placement.is_some() && draft.is_some() {
+            bail!(
+                "speculative serving over tensor-parallel GPU ranks is not supported yet: serve \
+                 without a drafter (--no-draft with the default model); `ultra generate --draft` \
+                 and `ultra bench-spec` run DFlash under tensor parallelism"
+            );
+        }
         Ok(commands::serve::ServeSetup {
             engine: serve::engine::EngineConfig {
                 model_id: commands::serve::model_id(model.as_deref(), name),
@@ -226,10 +296,16 @@ impl ServeArgs {
                 kv_budget_bytes: self.kv_cache_mib << 20,
                 max_context: self.max_model_len,
                 max_batched_tokens: self.max_num_batched_tokens,
+                kv_block_size: self.kv_block_size as usize,
+                prefix_caching: !self.no_prefix_caching,
             },
-            device: match self.device {
-                Device::Cpu => commands::serve::ServeDevice::Cpu,
-                Device::Cuda => commands::serve::ServeDevice::Cuda(0),
+            device: match (self.device, placement) {
+                (Device::Cpu, _) => commands::serve::ServeDevice::Cpu,
+                (Device::Cuda, None) => commands::serve::ServeDevice::Cuda(self.par.ordinal()),
+                (Device::Cuda, Some(placement)) => commands::serve::ServeDevice::CudaTp {
+                    ranks: self.par.tensor_parallel,
+                    placement,
+                },
             },
             model,
             draft,
@@ -399,6 +475,12 @@ enum Cmd {
         soak: Option<f64>,
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         soak_every: u64,
+        /// `shared-prefix`: instead of the throughput run, what prefix caching saves — a
+        /// 2,000-token context continued by 32 requests at once, and n = 8 samples of one
+        /// 2,000-token prompt, each with prefix caching off and on (TTFT, prompt tokens
+        /// prefilled / served from cache). Needs a plain model (--no-draft with the default).
+        #[arg(long, value_enum)]
+        workload: Option<BenchWorkload>,
     },
     /// DFlash acceptance length τ and plain vs speculative decode tok/s over eval sets (JSONL,
     /// one {"prompt": ...} per line), greedy, on the CPU or (--device cuda) GPU executor.
@@ -422,12 +504,14 @@ enum Cmd {
         #[arg(long)]
         limit: Option<usize>,
         /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0, the drafter on
-        /// the GPU too).
+        /// the GPU too; under --tensor-parallel the drafter runs on the host).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        par: ParallelArgs,
     },
     /// List the GPUs Ultra can use, peer access and the link (NVLink / PCIe) between each pair,
     /// and the NCCL library found.
@@ -504,45 +588,38 @@ fn model_dir(m: &ModelArgs) -> Result<(PathBuf, Option<default_model::Paths>)> {
     }
 }
 
-/// Loads a checkpoint for `device`: the CPU executor, or straight onto GPU 0 (no CPU model).
-fn load_on(dir: &Path, device: Device) -> Result<commands::generate::Loaded> {
-    match device {
-        Device::Cuda => commands::generate::load_gpu(dir, 0),
-        Device::Cpu => commands::generate::load(dir),
+/// Loads a checkpoint for `device` with the tensor parallelism of `par` (placement checked by
+/// the caller): the CPU executor (its ranks simulated), straight onto one GPU (no CPU model), or
+/// sharded over GPU ranks.
+fn load_on(
+    dir: &Path,
+    device: Device,
+    par: &ParallelArgs,
+    placement: Option<tilert::exec::tp::RankPlacement>,
+) -> Result<commands::generate::Loaded> {
+    match (device, placement) {
+        (Device::Cuda, Some(p)) => commands::generate::load_gpu_tp(dir, par.tensor_parallel, &p),
+        (Device::Cuda, None) => commands::generate::load_gpu(dir, par.ordinal()),
+        (Device::Cpu, _) => {
+            let mut loaded = commands::generate::load(dir)?;
+            if par.tensor_parallel > 1 {
+                loaded.tensor_parallel(par.tensor_parallel)?;
+                eprintln!(
+                    "tensor parallel: {} simulated ranks on the CPU",
+                    par.tensor_parallel
+                );
+            }
+            Ok(loaded)
+        }
     }
-}
-
-/// Refuses `--tensor-parallel` where it cannot run, before anything loads.
-fn check_tensor_parallel(m: &ModelArgs) -> Result<()> {
-    if m.tensor_parallel == 0 {
-        bail!("--tensor-parallel must be at least 1");
-    }
-    if m.tensor_parallel > 1 && m.device == Device::Cuda {
-        bail!("--tensor-parallel runs simulated ranks on the CPU executor; use --device cpu");
-    }
-    Ok(())
-}
-
-/// Shards the CPU model of `loaded` over `--tensor-parallel` simulated ranks.
-fn shard(m: &ModelArgs, loaded: &mut commands::generate::Loaded) -> Result<()> {
-    if m.tensor_parallel > 1 {
-        loaded.tensor_parallel(m.tensor_parallel)?;
-        eprintln!(
-            "tensor parallel: {} simulated ranks on the CPU",
-            m.tensor_parallel
-        );
-    }
-    Ok(())
 }
 
 /// Loads the model of `m` on its device.
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
-    check_tensor_parallel(m)?;
+    let placement = m.par.placement(m.device)?;
     set_threads(m.threads)?;
     let (dir, _) = model_dir(m)?;
-    let mut loaded = load_on(&dir, m.device)?;
-    shard(m, &mut loaded)?;
-    Ok(loaded)
+    load_on(&dir, m.device, &m.par, placement)
 }
 
 /// Runs the command; an error is printed once, as one chain (`a: b: c`), with a backtrace only
@@ -628,11 +705,10 @@ fn run(cli: Cli) -> Result<()> {
                     None => bail!("{e}"),
                 }
             }
-            check_tensor_parallel(&m)?;
+            let placement = m.par.placement(m.device)?;
             set_threads(m.threads)?;
             let (dir, default) = model_dir(&m)?;
-            let mut loaded = load_on(&dir, m.device)?;
-            shard(&m, &mut loaded)?;
+            let loaded = load_on(&dir, m.device, &m.par, placement)?;
             // The default model speculates with its own drafter.
             let draft = match (draft, default) {
                 (Some(d), _) => Some(d),
@@ -753,6 +829,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = commands::inspect::inspect(&path)?;
             commands::inspect::print(&report, bw, context);
+            commands::inspect::print_classes(&report, bw, context)?;
             if let Some(shape) = shape {
                 let p = commands::inspect::plan(&report, shape, tensor_parallel)?;
                 println!();
@@ -855,8 +932,29 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             soak,
             soak_every,
+            workload,
         } => {
             let setup = s.setup()?;
+            if workload == Some(BenchWorkload::SharedPrefix) {
+                let load = commands::bench_prefix::PrefixLoad {
+                    seed,
+                    ..Default::default()
+                };
+                println!(
+                    "shared-prefix workload, in-process engine, {} threads, KV block {}: {} requests on a {}-token context (+{} each), {} samples of one {}-token prompt, {} tokens each",
+                    rayon::current_num_threads(),
+                    setup.engine.kv_block_size,
+                    load.requests,
+                    load.context,
+                    load.suffix,
+                    load.samples,
+                    load.context,
+                    load.max_tokens
+                );
+                let runs = commands::bench_prefix::run(&setup, &load)?;
+                commands::bench_prefix::print(&runs);
+                return Ok(());
+            }
             if let Some(minutes) = soak {
                 if !(minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {
                     bail!("--soak must be between 0 and 10080 minutes, got {minutes}");
@@ -885,11 +983,14 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            let device = match setup.device {
+            let device = match &setup.device {
                 commands::serve::ServeDevice::Cpu => {
                     format!("CPU {} threads", rayon::current_num_threads())
                 }
                 commands::serve::ServeDevice::Cuda(i) => format!("GPU {i}"),
+                commands::serve::ServeDevice::CudaTp { ranks, placement } => {
+                    format!("{ranks} tensor-parallel ranks ({placement:?})")
+                }
             };
             println!(
                 "ultra serve on loopback, {device}, max_running {}: {requests} requests, {concurrency} concurrent gRPC streams, {prompt_tokens}-token prompts, {max_tokens} tokens each",
@@ -916,7 +1017,9 @@ fn run(cli: Cli) -> Result<()> {
             limit,
             device,
             threads,
+            par,
         } => {
+            let placement = par.placement(device)?;
             set_threads(threads)?;
             let (dir, draft) = match (model, draft) {
                 (Some(m), Some(d)) => (m, d),
@@ -942,12 +1045,22 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 sets
             };
-            let loaded = load_on(&dir, device)?;
-            let executor = if device == Device::Cuda {
-                let gpu = loaded.gpu.as_ref().expect("uploaded");
-                format!("the GPU executor ({})", gpu.device().info)
-            } else {
-                format!("the CPU executor, {} threads", rayon::current_num_threads())
+            let loaded = load_on(&dir, device, &par, placement)?;
+            let executor = match (&loaded.tp, &loaded.gpu) {
+                (Some(tp), _) => format!(
+                    "the GPU executor over {} tensor-parallel ranks ({}; drafter on the host)",
+                    tp.model.ranks(),
+                    tp.model.rank(0).device().info
+                ),
+                (None, Some(gpu)) => format!("the GPU executor ({})", gpu.device().info),
+                (None, None) if par.tensor_parallel > 1 => format!(
+                    "the CPU executor over {} simulated ranks, {} threads",
+                    par.tensor_parallel,
+                    rayon::current_num_threads()
+                ),
+                (None, None) => {
+                    format!("the CPU executor, {} threads", rayon::current_num_threads())
+                }
             };
             println!("DFlash on {executor}, greedy, {max_tokens} tokens per prompt (EOS ignored)");
             let reports =

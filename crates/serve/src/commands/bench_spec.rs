@@ -25,7 +25,9 @@ use dflash::{SpecBackend, SpecOptions};
 use model::executor::Executor;
 use model::sampling::SamplingParams;
 
-use super::generate::{gpu_max_seq, gpu_spec_setup, prompt_ids, spec_decoder, Loaded};
+use super::generate::{
+    gpu_max_seq, gpu_spec_setup, prompt_ids, spec_decoder, tp_max_seq, tp_spec_setup, Loaded,
+};
 
 /// What one eval set measured.
 #[derive(Debug, Clone)]
@@ -85,6 +87,22 @@ pub fn run(
         ignore_eos: true,
         ..SamplingParams::greedy()
     };
+    if let Some(tp) = &loaded.tp {
+        // Target on the tensor-parallel ranks, drafter on the host (see `tp_spec_setup`).
+        let (drafter, opts) = tp_spec_setup(loaded, draft, block_size)?;
+        let mut plain = tp.session()?;
+        let mut target_seq = tp.session()?;
+        let mut target = dflash::WithTables::new(&mut target_seq, &tp.embed, &tp.lm_head);
+        let mut spec = dflash::CpuBackend::new(&mut target, &drafter)?;
+        let mut seqs = Sequences {
+            plain: &mut plain,
+            spec: &mut spec,
+            opts: &opts,
+            capacity: Some(tp_max_seq(&tp.model)),
+        };
+        seqs.warm_up()?;
+        return run_sets(loaded, seqs, sets, &params, limit);
+    }
     match &loaded.gpu {
         None => {
             let decoder = spec_decoder(loaded, draft, block_size)?;
@@ -111,15 +129,7 @@ pub fn run(
                 opts: &opts,
                 capacity: Some(max_seq),
             };
-            // One untimed prompt, so the timed decodes replay captured graphs.
-            let warm = SamplingParams {
-                max_tokens: 64,
-                ignore_eos: true,
-                ..SamplingParams::greedy()
-            };
-            let ids = [0u32, 100, 200, 300];
-            seqs.plain(&ids, &warm)?;
-            seqs.speculative(&ids, &warm)?;
+            seqs.warm_up()?;
             run_sets(loaded, seqs, sets, &params, limit)
         }
     }
@@ -197,6 +207,19 @@ pub fn run_sets<E: Executor, S: SpecBackend>(
 }
 
 impl<E: Executor, S: SpecBackend> Sequences<'_, E, S> {
+    /// One untimed prompt, so the timed decodes replay captured graphs.
+    fn warm_up(&mut self) -> Result<()> {
+        let warm = SamplingParams {
+            max_tokens: 64,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        let ids = [0u32, 100, 200, 300];
+        self.plain(&ids, &warm)?;
+        self.speculative(&ids, &warm)?;
+        Ok(())
+    }
+
     /// Plain greedy decoding of `params.max_tokens` tokens from `ids` in the emptied target
     /// sequence: the tokens, the tokens after the first one and the seconds they took.
     fn plain(&mut self, ids: &[u32], params: &SamplingParams) -> Result<(Vec<u32>, usize, f64)> {

@@ -36,6 +36,140 @@ pub struct Loaded {
     cpu: Option<CpuModel>,
     /// The weights resident on a GPU (`--device cuda`): `generate` and `score` run there.
     pub gpu: Option<tilert::exec::GpuModel>,
+    /// The weights sharded over tensor-parallel GPU ranks (`--device cuda --tensor-parallel N`).
+    pub tp: Option<TpLoaded>,
+}
+
+/// A model sharded over tensor-parallel GPU ranks ([`tilert::exec::tp`]) and the host views of
+/// its embedding and LM head (a DFlash drafter runs on the host against a TP target and reads
+/// them: `dflash::WithTables`).
+pub struct TpLoaded {
+    pub model: tilert::exec::tp::TpModel,
+    pub embed: model::weights::Mat,
+    pub lm_head: model::weights::Mat,
+}
+
+impl TpLoaded {
+    /// A new sequence of [`tp_max_seq`] positions.
+    pub fn session(&self) -> Result<tilert::exec::tp::TpSession> {
+        Ok(self.model.session(tp_max_seq(&self.model))?)
+    }
+}
+
+/// Where `--tensor-parallel N [--devices A,B,..] [--virtual-ranks]` puts the ranks, checked before
+/// anything loads: `None` for an unsharded model (or the CPU's simulated ranks, `cuda` false),
+/// else the GPU of each rank — one GPU per rank (`--devices`, default `0..N`) or every rank on one
+/// GPU (`--virtual-ranks`: the first `--devices` entry, default 0). Contradictory flags are an
+/// error naming them.
+pub fn tp_placement(
+    ranks: usize,
+    cuda: bool,
+    devices: Option<&[usize]>,
+    virtual_ranks: bool,
+) -> Result<Option<tilert::exec::tp::RankPlacement>> {
+    use tilert::exec::tp::RankPlacement;
+    if ranks == 0 {
+        bail!("--tensor-parallel must be at least 1");
+    }
+    if !cuda {
+        if devices.is_some() || virtual_ranks {
+            bail!("--devices and --virtual-ranks place GPU ranks: add --device cuda");
+        }
+        return Ok(None);
+    }
+    if let Some(d) = devices {
+        if d.is_empty() {
+            bail!("--devices is empty");
+        }
+    }
+    if virtual_ranks {
+        if ranks == 1 {
+            bail!("--virtual-ranks needs --tensor-parallel N with N > 1");
+        }
+        if devices.is_some_and(|d| d.len() > 1) {
+            bail!("--virtual-ranks runs every rank on one GPU: give at most one --devices entry");
+        }
+        let device = devices.and_then(|d| d.first().copied()).unwrap_or(0);
+        return Ok(Some(RankPlacement::Virtual { device }));
+    }
+    match devices {
+        Some(d) if d.len() != ranks && ranks > 1 => bail!(
+            "--devices lists {} GPU(s) for --tensor-parallel {ranks}: one GPU per rank (or \
+             --virtual-ranks to run every rank on one GPU)",
+            d.len()
+        ),
+        Some(d) if d.len() > 1 && ranks == 1 => bail!(
+            "--devices lists {} GPUs for one rank: add --tensor-parallel {}",
+            d.len(),
+            d.len()
+        ),
+        _ => {}
+    }
+    if ranks == 1 {
+        return Ok(None);
+    }
+    let d = devices.map_or_else(|| (0..ranks).collect(), <[usize]>::to_vec);
+    // Duplicates are refused here too, before anything loads.
+    RankPlacement::Devices(d.clone()).ordinals(ranks)?;
+    Ok(Some(RankPlacement::Devices(d)))
+}
+
+/// Positions of a tensor-parallel GPU sequence (as [`gpu_max_seq`]).
+pub fn tp_max_seq(m: &tilert::exec::tp::TpModel) -> usize {
+    m.config().max_position_embeddings.clamp(1, GPU_MAX_SEQ)
+}
+
+/// Loads a checkpoint sharded over `ranks` tensor-parallel ranks on the GPUs of `placement`
+/// (`--device cuda --tensor-parallel N [--devices ..] [--virtual-ranks]`). The weights are
+/// views of the mapped files, sliced per rank and uploaded; every setup error (heads or FFNs
+/// that do not split, fewer GPUs than asked, no peer access) is reported before or instead of a
+/// half-built model.
+pub fn load_gpu_tp(
+    dir: &Path,
+    ranks: usize,
+    placement: &tilert::exec::tp::RankPlacement,
+) -> Result<Loaded> {
+    // Virtual ranks spin on one GPU waiting for each other: their streams need hardware queues
+    // of their own, set before the first CUDA call.
+    comm::symmetric::prepare_virtual_ranks();
+    let (config, weights) =
+        model::load::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let config = Arc::new(config);
+    let t0 = Instant::now();
+    let mut progress = reporter("uploading weight shards".into());
+    let tp =
+        tilert::exec::tp::TpModel::new(config.clone(), &weights, ranks, placement, &mut progress)
+            .with_context(|| format!("tensor parallelism over {ranks} ranks"))?;
+    let (gpus, what) = match placement {
+        tilert::exec::tp::RankPlacement::Virtual { device } => {
+            (format!("GPU {device}"), "virtual ranks on one GPU")
+        }
+        tilert::exec::tp::RankPlacement::Devices(d) => (
+            format!(
+                "GPUs {}",
+                d.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+            ),
+            "one rank per GPU",
+        ),
+    };
+    eprintln!(
+        "tensor parallel: {ranks} ranks on {gpus} ({what}); {} ({:.2} GB of weights over all \
+         ranks) uploaded in {:.2} s",
+        tp.rank(0).device().info,
+        tp.weight_bytes() as f64 / 1e9,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(Loaded {
+        config,
+        tokenizer: load_tokenizer(dir)?,
+        cpu: None,
+        gpu: None,
+        tp: Some(TpLoaded {
+            model: tp,
+            embed: weights.embed.clone(),
+            lm_head: weights.lm_head.clone(),
+        }),
+    })
 }
 
 /// Positions a GPU sequence of `ultra generate` / `ultra score` can hold (its KV cache size):
@@ -134,6 +268,7 @@ pub fn load_gpu_weights(dir: &Path, ordinal: usize) -> Result<Loaded> {
         tokenizer: None,
         cpu: None,
         gpu: Some(gpu),
+        tp: None,
     })
 }
 
@@ -157,6 +292,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         tokenizer,
         cpu: Some(model),
         gpu: None,
+        tp: None,
     })
 }
 
@@ -224,6 +360,9 @@ pub fn generate(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<Generation> {
+    if let Some(tp) = &loaded.tp {
+        return generate_on(&mut tp.session()?, loaded, ids, params, out);
+    }
     match &loaded.gpu {
         Some(g) => generate_on(&mut g.session(gpu_max_seq(g))?, loaded, ids, params, out),
         None => generate_on(&mut loaded.cpu()?.session(), loaded, ids, params, out),
@@ -313,6 +452,28 @@ pub fn gpu_spec_setup(
     Ok((gd, opts))
 }
 
+/// Loads a DFlash drafter for a tensor-parallel target (`loaded.tp`): the host drafter (it reads
+/// the target's hidden states from rank 0 and the checkpoint's embedding and LM head) and the
+/// loop options (block size: `block_size` or the drafter's; EOS ids as [`eos_ids`]).
+pub fn tp_spec_setup(
+    loaded: &Loaded,
+    draft: &Path,
+    block_size: Option<usize>,
+) -> Result<(dflash::Drafter, dflash::SpecOptions)> {
+    let drafter = dflash::Drafter::load(draft, &loaded.config)
+        .with_context(|| format!("loading drafter {}", draft.display()))?;
+    let block_size = block_size.unwrap_or(drafter.config().block_size);
+    if !(dflash::MIN_BLOCK_SIZE..=dflash::MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(dflash::SpecError::BlockSize(block_size).into());
+    }
+    let opts = dflash::SpecOptions {
+        block_size,
+        eos_token_ids: eos_ids(loaded),
+        prefill_chunk: None,
+    };
+    Ok((drafter, opts))
+}
+
 /// The KV-cache size (positions) of a GPU sequence of `ultra generate` / `ultra score` and of the
 /// server's GPU sequences: the model's context, at most [`GPU_MAX_SEQ`]. (The attention kernels
 /// split keys by this size, so sequences of the same size compute bit-identical logits.)
@@ -332,6 +493,13 @@ pub fn generate_speculative(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<SpecReport> {
+    if let Some(tp) = &loaded.tp {
+        let (drafter, opts) = tp_spec_setup(loaded, draft, block_size)?;
+        let mut session = tp.session()?;
+        let mut target = dflash::WithTables::new(&mut session, &tp.embed, &tp.lm_head);
+        let mut backend = dflash::CpuBackend::new(&mut target, &drafter)?;
+        return generate_speculative_on(&mut backend, &opts, loaded, ids, params, out);
+    }
     match &loaded.gpu {
         None => {
             let decoder = spec_decoder(loaded, draft, block_size)?;
@@ -411,6 +579,9 @@ pub fn generate_speculative_on<B: dflash::SpecBackend>(
 /// log p(token i | tokens before it) for every i ≥ 1, from one full pass (in a new sequence on
 /// the model's executor: [`score_on`]).
 pub fn score(loaded: &Loaded, ids: &[u32]) -> Result<Vec<Option<f64>>> {
+    if let Some(tp) = &loaded.tp {
+        return score_on(&mut tp.session()?, ids);
+    }
     match &loaded.gpu {
         Some(g) => score_on(&mut g.session(gpu_max_seq(g))?, ids),
         None => score_on(&mut loaded.cpu()?.session(), ids),
@@ -425,4 +596,51 @@ pub fn score_on<E: Executor>(session: &mut E, ids: &[u32]) -> Result<Vec<Option<
         out.push(Some(logprob_of(&logits[i - 1], ids[i])));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use tilert::exec::tp::RankPlacement;
+
+    use super::tp_placement;
+
+    fn err(r: anyhow::Result<Option<RankPlacement>>) -> String {
+        format!("{:#}", r.unwrap_err())
+    }
+
+    #[test]
+    fn tp_flags_place_ranks_or_name_the_conflict() {
+        assert_eq!(tp_placement(1, false, None, false).unwrap(), None);
+        assert_eq!(tp_placement(4, false, None, false).unwrap(), None);
+        assert_eq!(tp_placement(1, true, Some(&[0]), false).unwrap(), None);
+        assert_eq!(
+            tp_placement(2, true, None, false).unwrap(),
+            Some(RankPlacement::Devices(vec![0, 1]))
+        );
+        assert_eq!(
+            tp_placement(2, true, Some(&[3, 1]), false).unwrap(),
+            Some(RankPlacement::Devices(vec![3, 1]))
+        );
+        assert_eq!(
+            tp_placement(4, true, None, true).unwrap(),
+            Some(RankPlacement::Virtual { device: 0 })
+        );
+        assert_eq!(
+            tp_placement(4, true, Some(&[2]), true).unwrap(),
+            Some(RankPlacement::Virtual { device: 2 })
+        );
+        assert!(err(tp_placement(0, true, None, false)).contains("at least 1"));
+        assert!(err(tp_placement(2, false, Some(&[0, 1]), false)).contains("add --device cuda"));
+        assert!(err(tp_placement(2, false, None, true)).contains("add --device cuda"));
+        assert!(err(tp_placement(1, true, None, true)).contains("N > 1"));
+        assert!(err(tp_placement(2, true, Some(&[0, 1]), true)).contains("at most one"));
+        let e = err(tp_placement(4, true, Some(&[0, 1]), false));
+        assert!(
+            e.contains("--devices lists 2 GPU(s) for --tensor-parallel 4"),
+            "{e}"
+        );
+        assert!(err(tp_placement(1, true, Some(&[0, 1]), false)).contains("--tensor-parallel 2"));
+        assert!(err(tp_placement(2, true, Some(&[1, 1]), false)).contains("GPU 1 is listed twice"));
+        assert!(err(tp_placement(2, true, Some(&[]), false)).contains("empty"));
+    }
 }

@@ -122,6 +122,76 @@ pub fn print(i: &Inspection, bandwidth: f64, context: usize) {
     );
 }
 
+/// Weight bytes of one decode step by op (tensor class: `qkv_rope_kv`, `o_proj`,
+/// `norm_router_topk`, `experts_*`, `mlp_*`, `lm_head`, ...), from the step plan, in plan order
+/// of first appearance.
+pub fn bytes_by_class(plan: &Plan) -> Vec<(&'static str, f64)> {
+    let mut out: Vec<(&'static str, f64)> = Vec::new();
+    for op in &plan.ops {
+        if op.weight_bytes == 0.0 {
+            continue;
+        }
+        let name = op.kind.name();
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, b)) => *b += op.weight_bytes,
+            None => out.push((name, op.weight_bytes)),
+        }
+    }
+    out
+}
+
+/// The weight bytes the busiest rank reads in one step of a sharded plan (its own ops plus the
+/// replicated ones).
+pub fn max_rank_bytes(plan: &Plan) -> f64 {
+    let mut per_rank = vec![0f64; plan.ranks.max(1)];
+    for op in &plan.ops {
+        match op.placement {
+            model::plan::Placement::Replicated => {
+                per_rank.iter_mut().for_each(|b| *b += op.weight_bytes)
+            }
+            model::plan::Placement::Rank(r) => {
+                if let Some(b) = per_rank.get_mut(r) {
+                    *b += op.weight_bytes
+                }
+            }
+        }
+    }
+    per_rank.into_iter().fold(0.0, f64::max)
+}
+
+/// Prints the decode step's weight bytes by tensor class and the weights-only roofline on 1, 4
+/// and 8 GPUs (tensor parallel as `--tensor-parallel` shards it: each GPU streams its busiest
+/// rank's bytes at `bandwidth`; all-reduce latency not included), or why a split does not apply.
+pub fn print_classes(i: &Inspection, bandwidth: f64, context: usize) -> Result<()> {
+    let p = plan(i, PassShape::decode(context), 1)?;
+    let total: f64 = p.ops.iter().map(|o| o.weight_bytes).sum();
+    println!("bytes per token by tensor class (decode plan):");
+    for (name, b) in bytes_by_class(&p) {
+        println!(
+            "  {name:<20} {:>10}  {:>5.1} %",
+            gb(b),
+            100.0 * b / total.max(1.0)
+        );
+    }
+    for n in [1usize, 4, 8] {
+        match plan(i, PassShape::decode(context), n) {
+            Ok(sp) => {
+                let b = if n == 1 { total } else { max_rank_bytes(&sp) };
+                println!(
+                    "roofline on {n} GPU{} at {:.2} TB/s each: {:.0} tok/s ({} per GPU per token; \
+                     weights only, no all-reduce time)",
+                    if n == 1 { "" } else { "s" },
+                    bandwidth / 1e12,
+                    bandwidth / b.max(1.0),
+                    gb(b)
+                );
+            }
+            Err(e) => println!("roofline on {n} GPUs: no tensor-parallel split ({e})"),
+        }
+    }
+    Ok(())
+}
+
 /// Parses `--pass`: `decode`, `prefill:N`, `verify:B` or `batched:N`, at `context` cached
 /// positions.
 pub fn parse_pass(s: &str, context: usize) -> Result<PassShape> {

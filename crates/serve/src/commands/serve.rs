@@ -17,12 +17,17 @@ use crate::proto::v1 as pb;
 use crate::server::{self, ServeOptions, Server};
 
 /// Where the server's executor runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServeDevice {
     /// The CPU reference executor.
     Cpu,
     /// The GPU executor on this GPU.
     Cuda(usize),
+    /// The GPU executor sharded over tensor-parallel ranks.
+    CudaTp {
+        ranks: usize,
+        placement: tilert::exec::tp::RankPlacement,
+    },
 }
 
 /// What `ultra serve` and `ultra bench-serve` load and how they schedule.
@@ -56,6 +61,9 @@ async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
             setup.engine,
             ordinal,
         ),
+        (Some(dir), ServeDevice::CudaTp { ranks, placement }) => {
+            server::load_tp_engine(dir, setup.draft.as_deref(), setup.engine, ranks, placement)
+        }
         (None, device) => {
             let cfg = synthetic_gpt_oss_100m();
             let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
@@ -65,13 +73,31 @@ async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
                 ServeDevice::Cpu => {
                     let model = super::cpu_model(Arc::new(cfg), Arc::new(weights))?;
                     EngineHandle::start(
-                        move || Ok(CpuBackend { model }),
+                        move || Ok(CpuBackend::new(model)),
                         None,
                         eos,
                         setup.engine,
                         None,
                     )
                 }
+                ServeDevice::CudaTp { ranks, placement } => EngineHandle::start(
+                    move || {
+                        comm::symmetric::prepare_virtual_ranks();
+                        let tp = tilert::exec::tp::TpModel::new(
+                            Arc::new(cfg),
+                            &weights,
+                            ranks,
+                            &placement,
+                            &mut |_| {},
+                        )?;
+                        let max_seq = max_context.unwrap_or(super::generate::tp_max_seq(&tp));
+                        crate::engine::tp::TpBackend::new(tp, max_seq)
+                    },
+                    None,
+                    eos,
+                    setup.engine,
+                    None,
+                ),
                 ServeDevice::Cuda(ordinal) => EngineHandle::start(
                     move || {
                         let gpu = tilert::exec::GpuModel::new(ordinal, Arc::new(cfg), &weights)?;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use dflash::{Rows, SpecBackend, SpecError, SpecOptions, Want};
 use model::config::{AttnKind, ModelConfig};
-use model::cpu::{CpuModel, Session, DEFAULT_MAX_ROLLBACK};
+use model::cpu::{CpuModel, Session, SharedBlock, DEFAULT_MAX_ROLLBACK};
 use model::executor::Executor;
 
 /// KV-cache bytes a sequence of `n` positions reserves (callable from any thread: requests are
@@ -30,6 +30,9 @@ pub trait Backend: 'static {
     /// One request's speculative state when the executor drafts on its own device (target
     /// sequence + drafter state; see [`Backend::device_spec`]).
     type Spec: SpecBackend;
+    /// One full KV block of a sequence, shared by reference (the prefix cache's payload);
+    /// [`NoBlock`] for executors whose KV is not paged.
+    type Block: Clone + 'static;
 
     fn config(&self) -> &ModelConfig;
 
@@ -68,6 +71,34 @@ pub trait Backend: 'static {
         drop(seq);
     }
 
+    /// Pages the KV cache of the sequences made from now on in blocks of `block_size`
+    /// positions; `false` when this executor's KV is not paged (each sequence then reserves
+    /// its whole KV at admission, and there is no prefix caching).
+    fn use_paged_kv(&mut self, block_size: usize) -> bool {
+        let _ = block_size;
+        false
+    }
+
+    /// Full KV block `b` of `seq`, shared (not copied), when the sequence holds it whole.
+    fn share_block(&self, seq: &Self::Sequence, b: usize) -> Option<Self::Block> {
+        let _ = (seq, b);
+        None
+    }
+
+    /// A new sequence holding what `seq` holds, sharing its KV blocks (copied on write), when
+    /// this executor's KV is paged.
+    fn fork_sequence(&self, seq: &Self::Sequence) -> Option<Self::Sequence> {
+        let _ = seq;
+        None
+    }
+
+    /// Makes the empty `seq` hold `blocks` (from [`Backend::share_block`]) as its first
+    /// positions, as if it had prefilled them. All or nothing.
+    fn adopt_blocks(&self, seq: &mut Self::Sequence, blocks: &[Self::Block]) -> Result<()> {
+        let _ = (seq, blocks);
+        bail!("this executor's KV cache is not paged")
+    }
+
     /// The speculative loop's options when this executor has a drafter on its own device: every
     /// request then runs `dflash::run_speculative` over a [`Backend::Spec`].
     fn device_spec(&self) -> Option<&SpecOptions> {
@@ -85,6 +116,10 @@ pub trait Backend: 'static {
         drop(spec);
     }
 }
+
+/// [`Backend::Block`] of a backend whose KV is not paged: no value exists.
+#[derive(Debug, Clone, Copy)]
+pub enum NoBlock {}
 
 /// [`Backend::Spec`] of a backend without a device drafter: no value exists.
 pub enum NoDeviceSpec {}
@@ -110,10 +145,22 @@ impl SpecBackend for NoDeviceSpec {
     }
 }
 
-/// The CPU reference executor as a [`Backend`].
+/// The CPU reference executor as a [`Backend`]; its sequences' KV is paged in blocks of
+/// `block_size` positions (see `model::cpu::kv`).
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     pub model: CpuModel,
+    pub block_size: usize,
+}
+
+impl CpuBackend {
+    /// The executor with the default KV block size.
+    pub fn new(model: CpuModel) -> Self {
+        CpuBackend {
+            model,
+            block_size: model::cpu::kv::DEFAULT_BLOCK_SIZE,
+        }
+    }
 }
 
 /// f32 keys and values; a sliding layer holds at most `2·max(W − 1 + R, 32)` rows plus the rows
@@ -136,6 +183,7 @@ fn cpu_kv_bytes(config: &ModelConfig, positions: usize) -> u64 {
 impl Backend for CpuBackend {
     type Sequence = Session;
     type Spec = NoDeviceSpec;
+    type Block = SharedBlock;
 
     fn config(&self) -> &ModelConfig {
         self.model.config()
@@ -151,7 +199,28 @@ impl Backend for CpuBackend {
     }
 
     fn new_sequence(&self, _positions: usize) -> Result<Session> {
-        Ok(self.model.session())
+        Ok(Session::with_block_size(
+            &self.model,
+            DEFAULT_MAX_ROLLBACK,
+            self.block_size,
+        ))
+    }
+
+    fn use_paged_kv(&mut self, block_size: usize) -> bool {
+        self.block_size = block_size.max(1);
+        true
+    }
+
+    fn fork_sequence(&self, seq: &Session) -> Option<Session> {
+        Some(seq.clone())
+    }
+
+    fn share_block(&self, seq: &Session, b: usize) -> Option<SharedBlock> {
+        seq.full_block(b)
+    }
+
+    fn adopt_blocks(&self, seq: &mut Session, blocks: &[SharedBlock]) -> Result<()> {
+        Ok(seq.adopt_prefix(blocks)?)
     }
 
     fn decode_batch(&self, seqs: &mut [&mut Session], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {

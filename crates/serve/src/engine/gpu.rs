@@ -147,6 +147,7 @@ impl GpuBackend {
 impl Backend for GpuBackend {
     type Sequence = GpuSession;
     type Spec = GpuSpecState;
+    type Block = super::NoBlock;
 
     fn config(&self) -> &ModelConfig {
         self.model.config()

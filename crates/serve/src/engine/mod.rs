@@ -33,8 +33,11 @@
 
 pub mod backend;
 pub mod gpu;
+mod kv_blocks;
+mod kv_sched;
 mod scheduler;
 mod spec;
+pub mod tp;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +48,7 @@ use model::sampling::{logprob_of, top_logprobs, FinishReason, SamplingParams};
 use model::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 
-pub use backend::{Backend, CpuBackend, KvBytes, NoDeviceSpec};
+pub use backend::{Backend, CpuBackend, KvBytes, NoBlock, NoDeviceSpec};
 pub use gpu::GpuBackend;
 pub use spec::SpecConfig;
 
@@ -68,7 +71,18 @@ pub struct EngineConfig {
     /// Tokens one step may run (decode tokens first, the rest prefills queued prompts in
     /// chunks; vLLM's `max_num_batched_tokens`).
     pub max_batched_tokens: usize,
+    /// Positions per KV block of a paged executor (the CPU's; vLLM's `--block-size`).
+    pub kv_block_size: usize,
+    /// Automatic prefix caching (paged executors): requests reuse the cached KV blocks of
+    /// their longest cached prompt prefix.
+    pub prefix_caching: bool,
 }
+
+/// Default of [`EngineConfig::kv_block_size`] (vLLM's).
+pub const DEFAULT_KV_BLOCK_SIZE: usize = model::cpu::kv::DEFAULT_BLOCK_SIZE;
+
+/// Largest [`EngineConfig::kv_block_size`].
+pub const MAX_KV_BLOCK_SIZE: usize = 1024;
 
 /// Default of [`EngineConfig::max_batched_tokens`] (vLLM's for chunked prefill).
 pub const DEFAULT_MAX_BATCHED_TOKENS: usize = 2048;
@@ -82,6 +96,8 @@ impl Default for EngineConfig {
             kv_budget_bytes: 4 << 30,
             max_context: None,
             max_batched_tokens: DEFAULT_MAX_BATCHED_TOKENS,
+            kv_block_size: DEFAULT_KV_BLOCK_SIZE,
+            prefix_caching: true,
         }
     }
 }
@@ -315,6 +331,12 @@ impl EngineHandle {
         if cfg.max_batched_tokens == 0 {
             anyhow::bail!("max_batched_tokens must be at least 1");
         }
+        if !(1..=MAX_KV_BLOCK_SIZE).contains(&cfg.kv_block_size) {
+            anyhow::bail!(
+                "the KV block size must be 1..={MAX_KV_BLOCK_SIZE} positions, got {}",
+                cfg.kv_block_size
+            );
+        }
         let shared = Arc::new(Shared {
             waiting: Default::default(),
             draining: AtomicBool::new(false),
@@ -334,7 +356,7 @@ impl EngineHandle {
             std::thread::Builder::new()
                 .name("ultra-scheduler".into())
                 .spawn(move || {
-                    let backend = match make() {
+                    let mut backend = match make() {
                         Ok(b) => b,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -366,10 +388,24 @@ impl EngineHandle {
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_secs()),
                     };
-                    if ready_tx.send(Ok((info, backend.kv_bytes_fn()))).is_err() {
+                    // A paged executor: one pool of blocks; a request's KV is counted in whole
+                    // blocks (its reservation too, for speculative requests).
+                    let mut kv_bytes = backend.kv_bytes_fn();
+                    let mut pool = None;
+                    if backend.use_paged_kv(cfg.kv_block_size) {
+                        let bs = cfg.kv_block_size;
+                        let block_bytes = kv_bytes(bs).max(1);
+                        let blocks = (cfg.kv_budget_bytes / block_bytes) as usize;
+                        pool = Some((
+                            kv_blocks::BlockPool::new(blocks, bs, cfg.prefix_caching),
+                            block_bytes,
+                        ));
+                        kv_bytes = Arc::new(move |n| n.div_ceil(bs) as u64 * block_bytes);
+                    }
+                    if ready_tx.send(Ok((info, kv_bytes))).is_err() {
                         return;
                     }
-                    scheduler::run(backend, tokenizer, eos, cfg, spec, shared, rx, tx);
+                    scheduler::run(backend, tokenizer, eos, cfg, spec, shared, rx, tx, pool);
                 })?
         };
         let (info, kv_bytes) = match ready_rx.recv() {

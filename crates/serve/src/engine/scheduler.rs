@@ -10,6 +10,8 @@ use model::executor::Executor;
 use model::sampling::{FinishReason, StopCause};
 use model::tokenizer::Tokenizer;
 
+use super::kv_blocks::{BlockPool, SeqBlocks};
+use super::kv_sched::Parked;
 use super::spec::{SpecConfig, SpecOp, SpecRunning};
 use super::{
     Backend, Command, EngineConfig, Event, Finished, Pending, PromptLogprob, Shared, TokenEvent,
@@ -40,20 +42,29 @@ fn prompt_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
 }
 
 /// A request being prefilled or in the running batch.
-struct Running<S> {
-    p: Pending,
-    seq: S,
-    out: TokenOutput,
-    /// Prompt tokens already in `seq` (chunked prefill).
-    prefilled: usize,
+pub(super) struct Running<S> {
+    pub p: Pending,
+    pub seq: S,
+    pub out: TokenOutput,
+    /// Tokens of `fill` already in `seq` (chunked prefill).
+    pub prefilled: usize,
     /// With `prompt_logprobs`: the entries of the prompt positions prefilled so far (sent with
     /// the first token).
-    prompt_lps: Vec<PromptLogprob>,
+    pub prompt_lps: Vec<PromptLogprob>,
     /// The last sampled token (decoded by the next step).
-    next: u32,
-    admitted: Instant,
-    first: Option<Instant>,
-    last: Instant,
+    pub next: u32,
+    pub admitted: Instant,
+    pub first: Option<Instant>,
+    pub last: Instant,
+    /// What `seq` must hold before the request decodes: the prompt, or after a preemption the
+    /// prompt and the tokens generated before it (recomputed; see `kv_sched`).
+    pub fill: Vec<u32>,
+    /// Re-admitted after a preemption: its next token is already sampled and sent.
+    pub resumed: bool,
+    /// Its KV blocks (paged executors; see `kv_blocks`).
+    pub blocks: SeqBlocks,
+    /// KV bytes reserved at admission (executors whose KV is not paged), given back at the end.
+    pub kv_reserved: u64,
 }
 
 /// `(cause, stop_reason)` in vLLM's words.
@@ -75,8 +86,8 @@ pub(super) struct Sched<B: Backend> {
     pub kv_used: u64,
     pub waiting: VecDeque<Pending>,
     /// Admitted requests whose prompt is not fully prefilled yet, in arrival order.
-    prefilling: VecDeque<Running<B::Sequence>>,
-    running: Vec<Running<B::Sequence>>,
+    pub prefilling: VecDeque<Running<B::Sequence>>,
+    pub running: Vec<Running<B::Sequence>>,
     pub spec: Option<SpecConfig>,
     pub spec_running: Vec<SpecRunning<B::Sequence, B::Spec>>,
     /// Speculative requests' prompt chunks, waiting for the prefill step (arrival order).
@@ -84,6 +95,12 @@ pub(super) struct Sched<B: Backend> {
     /// Tokens the speculative requests verified since the last prefill step.
     pub spec_decoded: usize,
     pub tx: std_mpsc::Sender<Command>,
+    /// The KV block pool (`None`: the executor's KV is not paged; requests reserve bytes).
+    pub kv: Option<BlockPool<B::Block>>,
+    /// Bytes of one KV block (for the byte reservations of speculative requests).
+    pub block_bytes: u64,
+    /// Requests preempted for lack of KV blocks, re-admitted first (oldest first).
+    pub parked: VecDeque<Parked>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -96,7 +113,12 @@ pub(super) fn run<B: Backend>(
     shared: Arc<Shared>,
     rx: std_mpsc::Receiver<Command>,
     tx: std_mpsc::Sender<Command>,
+    kv: Option<(BlockPool<B::Block>, u64)>,
 ) {
+    let (kv, block_bytes) = match kv {
+        Some((pool, bytes)) => (Some(pool), bytes),
+        None => (None, 1),
+    };
     let mut s = Sched {
         backend,
         tokenizer,
@@ -112,12 +134,16 @@ pub(super) fn run<B: Backend>(
         spec_prefills: VecDeque::new(),
         spec_decoded: 0,
         tx,
+        kv,
+        block_bytes,
+        parked: VecDeque::new(),
     };
     let mut shutdown = false;
     loop {
         let idle = s.running.is_empty()
             && s.waiting.is_empty()
             && s.prefilling.is_empty()
+            && s.parked.is_empty()
             && s.spec_prefills.is_empty();
         if idle && shutdown && s.spec_running.is_empty() {
             break;
@@ -190,6 +216,10 @@ impl<B: Backend> Sched<B> {
             if let Some(r) = self.prefilling.remove(i) {
                 self.end_running(r, FinishReason::Abort, "abort", None, None);
             }
+        } else if let Some(i) = self.parked.iter().position(|r| r.p.id == id) {
+            if let Some(r) = self.parked.remove(i) {
+                self.end_parked(r, FinishReason::Abort, None);
+            }
         } else {
             self.abort_spec(id);
         }
@@ -218,8 +248,9 @@ impl<B: Backend> Sched<B> {
         self.forget(&p.id, reason);
     }
 
-    /// Ends a running request: final event, metrics, sequence and KV reservation released.
-    fn end_running(
+    /// Ends a running request: final event, metrics, sequence and KV blocks (or reservation)
+    /// released.
+    pub(super) fn end_running(
         &mut self,
         mut r: Running<B::Sequence>,
         reason: FinishReason,
@@ -227,37 +258,58 @@ impl<B: Backend> Sched<B> {
         stop_reason: Option<String>,
         error: Option<String>,
     ) {
+        let times = (r.admitted, r.first, r.last);
+        self.finish_request(&r.p, &mut r.out, times, reason, cause, stop_reason, error);
+        self.kv_used -= r.kv_reserved;
+        if let Some(pool) = &mut self.kv {
+            pool.release_seq(&mut r.blocks);
+        }
+        self.forget(&r.p.id, reason);
+        self.backend.release(r.seq);
+    }
+
+    /// The final event and metrics of an admitted request; `times`: admitted, first token,
+    /// last token.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_request(
+        &self,
+        p: &Pending,
+        out: &mut TokenOutput,
+        times: (Instant, Option<Instant>, Instant),
+        reason: FinishReason,
+        cause: &str,
+        stop_reason: Option<String>,
+        error: Option<String>,
+    ) {
+        let (admitted, first, last) = times;
         let text = match reason {
-            FinishReason::Abort | FinishReason::Error => r.out.finish(),
+            FinishReason::Abort | FinishReason::Error => out.finish(),
             _ => String::new(),
         };
         let now = Instant::now();
-        let e2e = now - r.p.arrival;
-        let n = r.out.tokens().len();
+        let e2e = now - p.arrival;
+        let n = out.tokens().len();
         let m = &self.shared.metrics;
         m.e2e_request_latency.observe(e2e.as_secs_f64());
-        if let Some(first) = r.first {
+        if let Some(first) = first {
             if n > 1 {
                 m.request_time_per_output_token
-                    .observe((r.last - first).as_secs_f64() / (n - 1) as f64);
+                    .observe((last - first).as_secs_f64() / (n - 1) as f64);
             }
         }
-        let _ = r.p.events.send(Event::Finished(Finished {
+        let _ = p.events.send(Event::Finished(Finished {
             reason,
             cause: cause.to_string(),
             stop_reason,
             text,
-            prompt_tokens: r.p.prompt.len(),
+            prompt_tokens: p.prompt.len(),
             completion_tokens: n,
-            queue: r.admitted - r.p.arrival,
-            time_to_first_token: r.first.map(|f| f - r.p.arrival),
+            queue: admitted - p.arrival,
+            time_to_first_token: first.map(|f| f - p.arrival),
             e2e,
             spec: None,
             error,
         }));
-        self.kv_used -= r.p.kv_reserve;
-        self.forget(&r.p.id, reason);
-        self.backend.release(r.seq);
     }
 
     /// Ends requests whose client went away (their event receiver was dropped).
@@ -292,27 +344,48 @@ impl<B: Backend> Sched<B> {
                 i += 1;
             }
         }
+        let mut i = 0;
+        while i < self.parked.len() {
+            if self.parked[i].p.events.is_closed() {
+                if let Some(r) = self.parked.remove(i) {
+                    self.end_parked(r, FinishReason::Abort, None);
+                }
+            } else {
+                i += 1;
+            }
+        }
         self.drop_disconnected_spec();
     }
 
-    fn active(&self) -> usize {
+    pub(super) fn active(&self) -> usize {
         self.running.len() + self.prefilling.len() + self.spec_running.len()
     }
 
-    /// Admits waiting requests in order while the batch and the KV budget have room.
+    /// Admits preempted requests, then waiting ones, in order while the batch has room and
+    /// the KV pool has the blocks of the request's uncached prompt (paged executors) or the
+    /// budget its whole reservation (speculative requests, executors whose KV is not paged).
     fn admit(&mut self) {
-        while self.active() < self.cfg.max_running {
+        self.readmit_parked();
+        while self.active() < self.cfg.max_running && self.parked.is_empty() {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            if self.kv_used + front.kv_reserve > self.cfg.kv_budget_bytes {
+            let reserve =
+                self.kv.is_none() || self.spec.is_some() || self.backend.device_spec().is_some();
+            let fits = if reserve {
+                self.reservation_fits(front.kv_reserve)
+            } else {
+                self.prompt_fits(&front.prompt)
+            };
+            if !fits {
                 break;
             }
             let Some(p) = self.waiting.pop_front() else {
                 break;
             };
             self.unqueue();
-            self.kv_used += p.kv_reserve;
+            let kv_reserved = if reserve { p.kv_reserve } else { 0 };
+            self.kv_used += kv_reserved;
             let m = &self.shared.metrics;
             m.request_queue_time
                 .observe(p.arrival.elapsed().as_secs_f64());
@@ -326,7 +399,7 @@ impl<B: Backend> Sched<B> {
             {
                 Ok(o) => o,
                 Err(e) => {
-                    self.kv_used -= p.kv_reserve;
+                    self.kv_used -= kv_reserved;
                     self.end_waiting(p, FinishReason::Error, Some(e.to_string()));
                     continue;
                 }
@@ -337,12 +410,13 @@ impl<B: Backend> Sched<B> {
             {
                 Ok(s) => s,
                 Err(e) => {
-                    self.kv_used -= p.kv_reserve;
+                    self.kv_used -= kv_reserved;
                     let msg = format!("cannot allocate the sequence: {e:#}");
                     self.end_waiting(p, FinishReason::Error, Some(msg));
                     continue;
                 }
             };
+            let fill = p.prompt.clone();
             self.prefilling.push_back(Running {
                 p,
                 seq,
@@ -353,6 +427,10 @@ impl<B: Backend> Sched<B> {
                 admitted,
                 first: None,
                 last: admitted,
+                fill,
+                resumed: false,
+                blocks: SeqBlocks::default(),
+                kv_reserved,
             });
         }
     }
@@ -368,20 +446,33 @@ impl<B: Backend> Sched<B> {
         let lp_chunk = (PROMPT_LOGPROBS_CHUNK / g).max(1) * g;
         let mut budget = self.cfg.max_batched_tokens.saturating_sub(decoded).max(g);
         while budget > 0 {
-            let Some(r) = self.prefilling.front_mut() else {
+            let Some(mut r) = self.prefilling.pop_front() else {
                 break;
             };
-            let rest = r.p.prompt.len() - r.prefilled;
+            // Paged: reuse the longest cached prefix first (not with prompt logprobs, whose
+            // every position's logits are wanted).
+            if r.prefilled == 0 && (r.resumed || r.p.prompt_logprobs.is_none()) {
+                self.adopt_cached_prefix(&mut r);
+            }
+            let rest = r.fill.len() - r.prefilled;
             let mut n = if rest <= budget { rest } else { budget / g * g };
-            if r.p.prompt_logprobs.is_some() && n > lp_chunk {
+            if r.p.prompt_logprobs.is_some() && !r.resumed && n > lp_chunk {
                 n = lp_chunk;
             }
-            if n == 0 {
+            // Paged: as many positions as the free blocks hold (a prefill waits, it never
+            // preempts a running request).
+            let room = self.block_room(&r);
+            if n > room {
+                n = if room >= rest { rest } else { room / g * g };
+            }
+            let upto = r.prefilled + n;
+            if n == 0 || !self.grow_blocks(&mut r, upto) {
+                self.prefilling.push_front(r);
                 break;
             }
             let start = r.prefilled;
-            let chunk = &r.p.prompt[start..start + n];
-            let logits = match r.p.prompt_logprobs {
+            let chunk = &r.fill[start..start + n];
+            let logits = match r.p.prompt_logprobs.filter(|_| !r.resumed) {
                 None => r
                     .seq
                     .prefill(chunk)
@@ -410,24 +501,33 @@ impl<B: Backend> Sched<B> {
                             .ok_or_else(|| anyhow::anyhow!("the executor returned no logits"))
                     }),
             };
-            r.prefilled += n;
             budget -= n;
-            let done = r.prefilled == r.p.prompt.len();
             match logits {
                 Err(e) => {
-                    if let Some(r) = self.prefilling.pop_front() {
-                        let msg = format!("prefill failed: {e:#}");
-                        self.end_running(r, FinishReason::Error, "error", None, Some(msg));
-                    }
+                    let msg = format!("prefill failed: {e:#}");
+                    self.end_running(r, FinishReason::Error, "error", None, Some(msg));
                 }
-                Ok(l) if done => {
-                    if let Some(r) = self.prefilling.pop_front() {
-                        if let Some(r) = self.sample_and_emit(r, &l) {
-                            self.running.push(r);
+                Ok(l) => {
+                    r.prefilled += n;
+                    self.commit_tokens(&mut r, start, n);
+                    if r.prefilled < r.fill.len() {
+                        self.prefilling.push_front(r);
+                        break;
+                    }
+                    if r.resumed {
+                        // Recomputed after a preemption: its next token was sampled before.
+                        self.running.push(r);
+                        continue;
+                    }
+                    for s in self.fork_same_prompt(&r) {
+                        if let Some(s) = self.sample_and_emit(s, &l) {
+                            self.running.push(s);
                         }
                     }
+                    if let Some(r) = self.sample_and_emit(r, &l) {
+                        self.running.push(r);
+                    }
                 }
-                Ok(_) => {}
             }
         }
         // Speculative requests' prompt chunks (a drafter makes every request speculative, so
@@ -488,6 +588,7 @@ impl<B: Backend> Sched<B> {
 
     /// One decode step over the running batch; returns the number of tokens decoded.
     fn decode_step(&mut self) -> usize {
+        self.make_room_for_decode();
         if self.running.is_empty() {
             return 0;
         }
@@ -509,9 +610,10 @@ impl<B: Backend> Sched<B> {
                 .map(|_| Err(anyhow::anyhow!("{msg}")))
                 .collect();
         }
-        for (r, l) in batch.into_iter().zip(results) {
+        for (mut r, l) in batch.into_iter().zip(results) {
             match l {
                 Ok(l) => {
+                    self.commit_decoded(&mut r);
                     if let Some(r) = self.sample_and_emit(r, &l) {
                         self.running.push(r);
                     }
@@ -528,8 +630,6 @@ impl<B: Backend> Sched<B> {
     fn update_gauges(&self) {
         let m = &self.shared.metrics;
         m.num_requests_running.set(self.active() as i64);
-        let budget = self.cfg.kv_budget_bytes.max(1);
-        m.kv_cache_usage_perc
-            .set(self.kv_used as f64 / budget as f64);
+        m.kv_cache_usage_perc.set(self.kv_usage());
     }
 }

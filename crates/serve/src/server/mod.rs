@@ -461,7 +461,13 @@ pub fn load_cpu_engine(
     let eos = generate::eos_ids(&loaded);
     let tokenizer = loaded.tokenizer.take();
     let model = loaded.into_cpu()?;
-    EngineHandle::start(move || Ok(CpuBackend { model }), tokenizer, eos, cfg, spec)
+    EngineHandle::start(
+        move || Ok(CpuBackend::new(model)),
+        tokenizer,
+        eos,
+        cfg,
+        spec,
+    )
 }
 
 /// Loads a checkpoint (and a drafter) and starts the engine on GPU `ordinal`: the config and
@@ -502,6 +508,49 @@ pub fn load_gpu_engine(
                 .unwrap_or(default)
                 .min(gpu.config().max_position_embeddings);
             GpuBackend::new(gpu, max_seq, drafter, pool)
+        },
+        tokenizer,
+        eos,
+        cfg,
+        None,
+    )
+}
+
+/// Loads a checkpoint sharded over `ranks` tensor-parallel GPU ranks placed by `placement` and
+/// starts the engine (plain decoding: speculative serving under TP is refused by name). As
+/// [`load_gpu_engine`], the config and tokenizer are read here and the weights are sliced and
+/// uploaded by the scheduler thread, which owns the GPU objects.
+pub fn load_tp_engine(
+    model_dir: &Path,
+    draft: Option<&Path>,
+    cfg: EngineConfig,
+    ranks: usize,
+    placement: tilert::exec::tp::RankPlacement,
+) -> Result<EngineHandle> {
+    if draft.is_some() {
+        bail!(
+            "speculative serving over tensor-parallel GPU ranks is not supported yet: serve \
+             without a drafter (--no-draft with the default model), or use `ultra generate \
+             --draft` / `ultra bench-spec`, which run DFlash under tensor parallelism"
+        );
+    }
+    let config = model::load::load_config(model_dir)
+        .with_context(|| format!("loading {}", model_dir.display()))?;
+    let tokenizer = generate::load_tokenizer(model_dir)?;
+    let eos = generate::eos_ids_of(tokenizer.as_ref(), &config);
+    let dir = model_dir.to_path_buf();
+    let max_context = cfg.max_context;
+    EngineHandle::start(
+        move || {
+            let loaded = generate::load_gpu_tp(&dir, ranks, &placement)?;
+            let Some(tp) = loaded.tp else {
+                bail!("the model is not on the tensor-parallel ranks");
+            };
+            let default = generate::tp_max_seq(&tp.model);
+            let max_seq = max_context
+                .unwrap_or(default)
+                .min(tp.model.config().max_position_embeddings);
+            crate::engine::tp::TpBackend::new(tp.model, max_seq)
         },
         tokenizer,
         eos,

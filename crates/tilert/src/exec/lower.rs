@@ -326,6 +326,10 @@ pub(crate) struct Scratch {
     pub(crate) argmax: DPtr<u32>,
     /// A drafter's projected features before their norm `[t, H]`.
     pub(crate) ctx: DPtr<f32>,
+    /// A tensor-parallel rank's partial sum `[t, H]` (`Buf::Partial`: what `o_proj`,
+    /// `experts_down` and `mlp_down` write when their `residual` is off and the following
+    /// `all_reduce` reads); null on one device.
+    pub(crate) partial: DPtr<f32>,
 }
 
 /// The device buffers of a pass's [`Buf`]s: the `Buf → device buffer` map of one pass (one
@@ -391,6 +395,13 @@ pub(crate) type Mark<'m> = dyn FnMut(&'static str) -> Result<(), RuntimeError> +
 /// no all-reduce), residual outputs, at most [`MAX_TOKENS`] rows, and only buffers that
 /// [`Bindings`] binds. [`Lowering::encode`] runs it first.
 pub(crate) fn check_plan(plan: &Plan) -> Result<(), RuntimeError> {
+    check_plan_for(plan, false)
+}
+
+/// [`check_plan`]; with `rank`, `plan` is one tensor-parallel rank's part of a sharded plan
+/// (`exec::tp::rank_plan`): it may also write partial sums (`Buf::Partial(0)`) and all-reduce
+/// them.
+pub(crate) fn check_plan_for(plan: &Plan, rank: bool) -> Result<(), RuntimeError> {
     let unsupported = |i: usize, op: &Op, why: &str| {
         RuntimeError::Unsupported(format!(
             "op #{i} `{}`{}: {why}",
@@ -415,12 +426,12 @@ pub(crate) fn check_plan(plan: &Plan) -> Result<(), RuntimeError> {
             return Err(unsupported(i, op, "placed on a tensor-parallel rank"));
         }
         let residual = match op.kind {
-            OpKind::AllReduce(_) => {
+            OpKind::AllReduce(_) if !rank => {
                 return Err(unsupported(i, op, "all-reduce needs several GPUs"));
             }
-            OpKind::OProj(p) => p.residual,
-            OpKind::ExpertsDown(p) => p.residual,
-            OpKind::MlpDown(p) => p.residual,
+            OpKind::OProj(p) => p.residual || rank,
+            OpKind::ExpertsDown(p) => p.residual || rank,
+            OpKind::MlpDown(p) => p.residual || rank,
             _ => true,
         };
         if !residual {
@@ -441,7 +452,7 @@ pub(crate) fn check_plan(plan: &Plan) -> Result<(), RuntimeError> {
                 | Buf::Sampled => true,
                 Buf::Q(r) | Buf::Attn(r) | Buf::Act(r) => r == 0,
                 Buf::Kv { layer, rank } => rank == 0 && layer < plan.layers.len(),
-                Buf::Partial(_) => false,
+                Buf::Partial(r) => rank && r == 0,
             };
             if !bound {
                 return Err(unsupported(
@@ -602,6 +613,9 @@ pub(crate) struct Lowering<'a> {
     pub(crate) weights: &'a DeviceWeights,
     /// The device tables of the plan's [`Plan::ropes`].
     pub(crate) ropes: &'a [Rope],
+    /// A tensor-parallel rank's collective (its plans are `exec::tp::rank_plan` views); None on
+    /// one device.
+    pub(crate) rank: Option<&'a super::tp::RankComm>,
 }
 
 impl Lowering<'_> {
@@ -614,7 +628,7 @@ impl Lowering<'_> {
         captures: &Captures,
         mark: &mut Mark,
     ) -> Result<(), RuntimeError> {
-        check_plan(plan)?;
+        check_plan_for(plan, self.rank.is_some())?;
         let skip = head_skip(plan);
         let mut taps = 0;
         for (i, op) in plan.ops.iter().enumerate() {
@@ -891,9 +905,14 @@ impl Lowering<'_> {
                     }
                 }
             }
-            OpKind::OProj(_) => {
+            OpKind::OProj(p) => {
                 let (o, o_bias) = w.linear(weight(0)?)?;
-                ops.linear(s, o, o_bias, bind.attn, t, x, true)?;
+                if p.residual {
+                    ops.linear(s, o, o_bias, bind.attn, t, x, true)?;
+                } else {
+                    let part = partial(sc, t, p.out_dim)?;
+                    ops.linear(s, o, o_bias, bind.attn, t, part, false)?;
+                }
                 mark("o_proj")?;
             }
             OpKind::NormRouterTopK(p) => {
@@ -973,11 +992,19 @@ impl Lowering<'_> {
                     sc.y,
                 )?;
                 mark("experts_down")?;
-                let norm = match p.next_norm {
-                    Some(n) => Some((w.vector(n.weight)?, n.eps, h)),
-                    None => None,
-                };
-                ops.combine(s, x, sc.y, bind.ids, t, k, p.hidden, norm)?;
+                if p.residual {
+                    let norm = match p.next_norm {
+                        Some(n) => Some((w.vector(n.weight)?, n.eps, h)),
+                        None => None,
+                    };
+                    ops.combine(s, x, sc.y, bind.ids, t, k, p.hidden, norm)?;
+                } else {
+                    // A rank's partial sum: the combine into zeros (the all-reduce adds the
+                    // residual and applies the next norm).
+                    let part = partial(sc, t, p.hidden)?;
+                    crate::arena::zero(s, part)?;
+                    ops.combine(s, part, sc.y, bind.ids, t, k, p.hidden, None)?;
+                }
                 mark("experts_down:combine_norm")?;
             }
             OpKind::MlpGateUp(p) => {
@@ -992,7 +1019,12 @@ impl Lowering<'_> {
             OpKind::MlpDown(p) => {
                 let (down, bias) = w.linear(weight(0)?)?;
                 let (_, act) = dense_bufs(sc, t, p.intermediate);
-                ops.linear(s, down, bias, act, t, x, true)?;
+                if p.residual {
+                    ops.linear(s, down, bias, act, t, x, true)?;
+                } else {
+                    let part = partial(sc, t, p.hidden)?;
+                    ops.linear(s, down, bias, act, t, part, false)?;
+                }
                 mark("mlp_down")?;
                 // The residual stream's taps come before the next norm (which leaves x as it is).
                 self.taps(plan, i, bind, captures, taps, |b| b == Buf::X)?;
@@ -1053,10 +1085,19 @@ impl Lowering<'_> {
                 ops.rms_norm(s, ctx, norm_w, t, p.hidden, p.eps, h)?;
                 mark("draft_context:norm")?;
             }
-            OpKind::AllReduce(_) => {
-                return Err(RuntimeError::Unsupported(
-                    "all-reduce needs several GPUs".into(),
-                ))
+            OpKind::AllReduce(p) => {
+                let Some(rank) = self.rank else {
+                    return Err(RuntimeError::Unsupported(
+                        "all-reduce needs several GPUs".into(),
+                    ));
+                };
+                let n = t * p.width;
+                let norm = match p.next_norm {
+                    Some(nn) => Some((w.vector(nn.weight)?, nn.eps, h.slice(0..n))),
+                    None => None,
+                };
+                rank.all_reduce(s, partial(sc, t, p.width)?, x.slice(0..n), t, norm)?;
+                mark("all_reduce")?;
             }
         }
         self.taps(plan, i, bind, captures, taps, |_| true)
@@ -1073,6 +1114,18 @@ fn plan_hidden(plan: &Plan) -> usize {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+/// The rank's partial-sum buffer `[t, width]`.
+fn partial(sc: &Scratch, t: usize, width: usize) -> Result<DPtr<f32>, RuntimeError> {
+    if sc.partial.len() < t * width {
+        return Err(RuntimeError::Invalid(format!(
+            "a partial sum of {t}x{width} needs a tensor-parallel rank's partial buffer \
+             ({} floats bound)",
+            sc.partial.len()
+        )));
+    }
+    Ok(sc.partial.slice(0..t * width))
 }
 
 fn no_cache(l: usize) -> RuntimeError {
@@ -1101,7 +1154,7 @@ fn head_rows(plan: &Plan, logits: Logits, skip: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::{Path, PathBuf};
 
     use model::config::{ModelConfig, RouterSpec};
@@ -1169,7 +1222,7 @@ mod tests {
 
     /// Device weights of `cfg`'s shape as the upload lays them out (null pointers: the host
     /// side of the lowering never dereferences them).
-    fn fake_target(cfg: &ModelConfig) -> DeviceWeights {
+    pub(crate) fn fake_target(cfg: &ModelConfig) -> DeviceWeights {
         let h = cfg.hidden_size;
         let layers = cfg
             .layers

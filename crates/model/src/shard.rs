@@ -1,5 +1,6 @@
-//! Tensor-parallel weight shards for the CPU's simulated ranks: each rank's decoder layers,
-//! sliced by a [`TpLayout`] (the one definition of what a rank holds; see `crate::plan::tp`).
+//! Tensor-parallel weight shards: each rank's decoder layers, sliced by a [`TpLayout`] (the one
+//! definition of what a rank holds; see `crate::plan::tp`). The CPU's simulated ranks
+//! (`crate::cpu`) and the GPU's rank sessions (`tilert::exec::tp`) hold these shards.
 //!
 //! The slicing goes through four small functions over the weight types — [`rows_of`],
 //! [`cols_of`] for [`Mat`] (in its stored dtype) and their MXFP4 twins.
@@ -11,12 +12,11 @@ use std::ops::Range;
 
 use crate::config::ModelConfig;
 use crate::plan::tp::TpLayout;
+use crate::plan::PlanError;
 use crate::weights::{
     Attention, Bytes, DenseDtype, Expert, ExpertMat, GateUpLayout, Layer, Linear, Mat, Mlp, Moe,
     MxMat, Weights,
 };
-
-use super::CpuError;
 
 /// The element bytes of the rows `ranges` and columns `cols` of `m`, in its stored dtype
 /// (bf16 / f16 / f32 stay as they are; FP8, whose block scales do not slice with the codes,
@@ -71,10 +71,10 @@ pub fn mx_rows_of(m: &MxMat, ranges: &[Range<usize>]) -> MxMat {
 }
 
 /// The reduction columns `cols` (whole 32-element blocks) of an MXFP4 matrix.
-pub fn mx_cols_of(m: &MxMat, cols: Range<usize>) -> Result<MxMat, CpuError> {
+pub fn mx_cols_of(m: &MxMat, cols: Range<usize>) -> Result<MxMat, PlanError> {
     let b = fp4::BLOCK;
     if !cols.start.is_multiple_of(b) || !cols.end.is_multiple_of(b) {
-        return Err(CpuError::Mismatch(format!(
+        return Err(PlanError::Invalid(format!(
             "MXFP4 columns {cols:?} do not fall on {b}-element blocks"
         )));
     }
@@ -99,7 +99,7 @@ fn expert_rows(m: &ExpertMat, ranges: &[Range<usize>]) -> ExpertMat {
     }
 }
 
-fn expert_cols(m: &ExpertMat, cols: Range<usize>) -> Result<ExpertMat, CpuError> {
+fn expert_cols(m: &ExpertMat, cols: Range<usize>) -> Result<ExpertMat, PlanError> {
     Ok(match m {
         ExpertMat::Dense(d) => ExpertMat::Dense(cols_of(d, cols)),
         ExpertMat::Mxfp4(x) => ExpertMat::Mxfp4(mx_cols_of(x, cols)?),
@@ -142,7 +142,7 @@ pub fn shard_layers(
     cfg: &ModelConfig,
     weights: &Weights,
     layout: &TpLayout,
-) -> Result<Vec<Vec<Layer>>, CpuError> {
+) -> Result<Vec<Vec<Layer>>, PlanError> {
     let n = layout.ranks;
     let mut ranks = vec![Vec::with_capacity(cfg.layers.len()); n];
     for (l, ((spec, lw), ls)) in cfg
@@ -182,7 +182,7 @@ pub fn shard_layers(
                             gate_up: expert_rows(&ex.gate_up, &rows),
                             gate_up_bias: ex.gate_up_bias.as_ref().map(|b| pick(b, &rows)),
                             down: expert_cols(&ex.down, i.clone()).map_err(|e| {
-                                CpuError::Mismatch(format!("layer {l} experts: {e}"))
+                                PlanError::Invalid(format!("layer {l} experts: {e}"))
                             })?,
                             down_bias: if r == 0 { ex.down_bias.clone() } else { None },
                         });

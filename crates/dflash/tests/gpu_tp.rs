@@ -1,0 +1,107 @@
+//! DFlash under tensor parallelism on the GPU: the target as a `tilert::exec::tp::TpSession`
+//! over 2 and 4 virtual ranks on one GPU (the drafter on the host, reading the target's hidden
+//! states from rank 0 and the checkpoint's embedding and LM head: `dflash::WithTables`).
+//! Speculative greedy must equal plain greedy under the same TP session token for token, and
+//! plain greedy under TP must equal unsharded GPU greedy decoding (every fixture drafter with its
+//! target, blocks 4 and 16).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dflash::{CpuBackend, Drafter, SpecOptions, WithTables};
+use model::sampling::SamplingParams;
+use tilert::exec::tp::{RankPlacement, TpModel};
+use tilert::exec::GpuModel;
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("ULTRA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
+}
+
+/// The fixture drafters and their targets (`golden_draft.json`'s `target`).
+fn pairs() -> Vec<(String, String)> {
+    ["qwen3-moe-dflash", "gpt-oss-dflash", "mimo-dflash"]
+        .iter()
+        .map(|name| {
+            let golden = fixtures()
+                .join("drafters")
+                .join(name)
+                .join("golden_draft.json");
+            let g: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&golden).unwrap()).unwrap();
+            (name.to_string(), g["target"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn speculative_greedy_equals_plain_greedy_under_tp() {
+    comm::symmetric::prepare_virtual_ranks();
+    let Some(_ctx) = ultra_kernels::gpu_for_test("speculative_greedy_equals_plain_greedy_under_tp")
+    else {
+        return;
+    };
+    let params = SamplingParams {
+        max_tokens: 32,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    for (name, rel) in pairs() {
+        let (c, w) = model::load::load(&fixtures().join(&rel)).unwrap();
+        let c = Arc::new(c);
+        let v = c.vocab_size as u32;
+        let prompt: Vec<u32> = (0..21).map(|i| (i * 29 + 3) % v).collect();
+        let one = GpuModel::new(0, c.clone(), &w).unwrap();
+        let mut s = one.session(256).unwrap();
+        let mut unsharded = vec![s.prefill_greedy(&prompt).unwrap()];
+        while unsharded.len() < 32 {
+            unsharded.push(s.decode_greedy(*unsharded.last().unwrap()).unwrap());
+        }
+        let d = Drafter::load(&fixtures().join("drafters").join(&name), &c).unwrap();
+        for ranks in [2, 4] {
+            let tp = TpModel::new(
+                c.clone(),
+                &w,
+                ranks,
+                &RankPlacement::Virtual { device: 0 },
+                &mut |_| {},
+            )
+            .unwrap();
+            let mut s = tp.session(256).unwrap();
+            let mut plain = vec![s.prefill_greedy(&prompt).unwrap()];
+            while plain.len() < 32 {
+                plain.push(s.decode_greedy(*plain.last().unwrap()).unwrap());
+            }
+            assert_eq!(
+                plain, unsharded,
+                "{rel} TP{ranks}: plain greedy vs unsharded"
+            );
+            for b in [4, 16] {
+                let mut s = tp.session(256).unwrap();
+                let mut target = WithTables::new(&mut s, &w.embed, &w.lm_head);
+                let mut backend = CpuBackend::new(&mut target, &d).unwrap();
+                let opts = SpecOptions {
+                    block_size: b,
+                    eos_token_ids: Vec::new(),
+                    prefill_chunk: None,
+                };
+                let out = dflash::run_speculative(
+                    &mut backend,
+                    &opts,
+                    &prompt,
+                    &params,
+                    &mut |_| ControlFlow::Continue(()),
+                    &mut |_| {},
+                )
+                .unwrap();
+                assert_eq!(out.tokens, plain, "{rel} TP{ranks} {name} B={b}");
+                eprintln!(
+                    "{rel} TP{ranks} {name} B={b}: tau {:.2}",
+                    out.stats.tau().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,1030 @@
+//! Tensor-parallel execution of the step plan: N rank sessions, one per GPU or N "virtual
+//! ranks" on one GPU, driven as one [`model::Executor`] ([`TpSession`]).
+//!
+//! The plan is the one the CPU's simulated ranks interpret: [`model::plan::tp::shard_plan`]
+//! (attention by KV-head group, dense and expert FFNs along the intermediate dimension, an
+//! `all_reduce` after each `o_proj` and FFN down projection), over the weights
+//! [`model::shard::shard_layers`] slices by the same [`TpLayout`]. Each rank is an ordinary
+//! [`GpuModel`] holding its shards (embedding, norms, router and LM head replicated) whose plans
+//! are [`rank_plan`] views of the sharded plan: the rank's own ops, its buffers renamed to rank
+//! 0's, partial sums in a `[T, H]` buffer of its session. The lowering runs them with the same
+//! kernels as one device; `o_proj` / `experts_down` / `mlp_down` write the partial sum and the
+//! `all_reduce` op is `comm`'s one-shot all-reduce ([`comm::SymmetricGroup`], fp32 partials
+//! summed in rank order, the residual add and the next RMSNorm fused: `x += Σ; h = norm(x)`),
+//! enqueued on the rank's stream without host synchronisation, so each rank's pass is captured
+//! as a CUDA graph and replayed like a single device's.
+//!
+//! A pass enqueues every rank's pass in rank order (graph launches are asynchronous; each rank's
+//! all-reduce kernels spin on device flags until the peers arrive), then waits for every rank
+//! and checks the group's status words: a timed-out all-reduce (a rank that never arrived)
+//! becomes [`RuntimeError::Comm`], the flags are reset and the session keeps its length as
+//! before the call. Logits, greedy ids and hidden states are read from rank 0 (every rank holds
+//! the same replicated residual stream).
+//!
+//! Virtual ranks (`RankPlacement::Virtual`) put every rank on one GPU with its own weights,
+//! buffers, stream and flag table: the protocol real peers run, which is how it is tested on one
+//! GPU. The process must raise `CUDA_DEVICE_MAX_CONNECTIONS` before its first CUDA call
+//! ([`comm::symmetric::prepare_virtual_ranks`]) so the ranks' streams do not share a hardware
+//! queue.
+//!
+//! Dependency direction: `tilert` (this module) depends on `comm` (device collectives, no model
+//! knowledge) and `model` (the plan and the weight sharding); `comm` depends on neither.
+
+use std::sync::Arc;
+
+use comm::symmetric::SymmetricGroup;
+use comm::{AllReduce, DType, Epilogue};
+use cudarc::driver::CudaStream;
+use model::config::ModelConfig;
+use model::plan::tp::{shard_plan, TpLayout};
+use model::plan::{Buf, OpKind, PassShape, Placement, Plan};
+use model::weights::{Bytes, Expert, ExpertMat, Mlp, MxMat, Weights};
+use model::VerifyOutput;
+
+use super::{
+    open, plan_error, synthetic_target, upload_ropes, upload_target, GpuModel, GpuSession, Logits,
+    DEFAULT_MAX_ROLLBACK, DEVICE_STORAGE,
+};
+use crate::arena::{dtoh, Arena, DPtr};
+use crate::ops::MAX_TOKENS;
+use crate::RuntimeError;
+
+/// Where the ranks of a tensor-parallel model run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RankPlacement {
+    /// Rank `r` on GPU `devices[r]` (one GPU per rank; peer access between every pair).
+    Devices(Vec<usize>),
+    /// Every rank on GPU `device` (virtual ranks: separate weights, buffers, streams and flags).
+    Virtual { device: usize },
+}
+
+impl RankPlacement {
+    /// The GPU of each of `ranks` ranks; checks the list without touching a device.
+    pub fn ordinals(&self, ranks: usize) -> Result<Vec<usize>, RuntimeError> {
+        match self {
+            RankPlacement::Virtual { device } => Ok(vec![*device; ranks]),
+            RankPlacement::Devices(d) => {
+                if d.len() != ranks {
+                    return Err(RuntimeError::Invalid(format!(
+                        "{} GPU(s) listed for {ranks} tensor-parallel ranks: list one GPU per \
+                         rank, or run every rank on one GPU as virtual ranks",
+                        d.len()
+                    )));
+                }
+                for (i, a) in d.iter().enumerate() {
+                    if d[..i].contains(a) {
+                        return Err(RuntimeError::Invalid(format!(
+                            "GPU {a} is listed twice (one rank per GPU; virtual ranks put every \
+                             rank on one GPU)"
+                        )));
+                    }
+                }
+                Ok(d.clone())
+            }
+        }
+    }
+}
+
+/// Whether the routed experts are MXFP4 (their intermediate dimension splits at 32-element
+/// blocks).
+fn mxfp4_experts(w: &Weights) -> bool {
+    w.layers.iter().any(|l| match &l.mlp {
+        Mlp::Moe(m) => m
+            .experts
+            .iter()
+            .any(|e| matches!(e.gate_up, ExpertMat::Mxfp4(_))),
+        Mlp::Dense { .. } => false,
+    })
+}
+
+/// The layout of `config` over `ranks` ranks on the GPU, checked without a device: the head
+/// counts must split (the plan's rule), and every rank must hold part of each dense FFN (an
+/// MXFP4 expert slice may be empty: the rank then holds one zero block, see [`rank_weights`]).
+pub fn gpu_layout(
+    config: &ModelConfig,
+    ranks: usize,
+    mxfp4: bool,
+) -> Result<TpLayout, RuntimeError> {
+    if ranks == 0 || ranks > comm::abi::COMM_MAX_RANKS as usize {
+        return Err(RuntimeError::Invalid(format!(
+            "tensor parallelism over {ranks} ranks (1..={})",
+            comm::abi::COMM_MAX_RANKS
+        )));
+    }
+    let layout = TpLayout::new(config, ranks, mxfp4).map_err(plan_error)?;
+    for (l, (ls, spec)) in layout.layers.iter().zip(&config.layers).enumerate() {
+        let empty_ok = spec.moe && mxfp4;
+        if let Some(r) = ls.intermediate.iter().position(|i| i.is_empty()) {
+            if !empty_ok {
+                let i: usize = ls.intermediate.iter().map(|i| i.len()).sum();
+                return Err(RuntimeError::Invalid(format!(
+                    "tensor parallelism over {ranks} ranks: layer {l}'s {} intermediate size \
+                     {i} leaves rank {r} no part of it",
+                    if spec.moe { "expert" } else { "dense MLP" }
+                )));
+            }
+        }
+    }
+    Ok(layout)
+}
+
+/// One zero MXFP4 block per row (scale 1): the intermediate slice of a rank that holds none of
+/// an MXFP4 expert's (its gate/up output is zero, so its down projection adds only the bias —
+/// exactly what the CPU's empty slice computes).
+fn zero_mx(rows: usize, k: usize) -> MxMat {
+    let g = k / fp4::BLOCK;
+    MxMat::from_bytes(
+        rows,
+        k,
+        Bytes::from_vec(vec![0u8; rows * g * 16]),
+        Bytes::from_vec(vec![127u8; rows * g]),
+    )
+}
+
+/// Rank `r`'s weights: its sharded layers (empty MXFP4 expert slices padded with one zero
+/// block) and the replicated embedding, final norm and LM head.
+fn rank_weights(weights: &Weights, layers: Vec<model::weights::Layer>) -> Weights {
+    let layers = layers
+        .into_iter()
+        .map(|mut l| {
+            if let Mlp::Moe(m) = &mut l.mlp {
+                if m.experts.first().is_some_and(|e| e.gate_up.rows() == 0) {
+                    let b = fp4::BLOCK;
+                    m.experts = m
+                        .experts
+                        .iter()
+                        .map(|e| {
+                            let h = e.gate_up.cols();
+                            Expert {
+                                gate_up: ExpertMat::Mxfp4(zero_mx(2 * b, h)),
+                                gate_up_bias: e.gate_up_bias.as_ref().map(|_| vec![0.0; 2 * b]),
+                                down: ExpertMat::Mxfp4(zero_mx(e.down.rows(), b)),
+                                down_bias: e.down_bias.clone(),
+                            }
+                        })
+                        .collect();
+                }
+            }
+            l
+        })
+        .collect();
+    Weights {
+        embed: weights.embed.clone(),
+        layers,
+        final_norm: weights.final_norm.clone(),
+        lm_head: weights.lm_head.clone(),
+    }
+}
+
+/// Rank `rank`'s part of the sharded `plan`: its own ops and the replicated ones (the LM head and
+/// sampling on rank 0 only: only its logits are read), in order, its buffers renamed to rank 0's (`q@r` → `q`, `partial@r` → `partial@0`, ...), weight shards
+/// resolved to the rank's own tensors, each `all_reduce` reading the rank's partial sum, and the
+/// taps following the ops they followed. An unsharded plan is returned as it is.
+pub fn rank_plan(plan: &Plan, rank: usize) -> Result<Plan, RuntimeError> {
+    if plan.ranks == 1 {
+        return Ok(plan.clone());
+    }
+    if rank >= plan.ranks {
+        return Err(RuntimeError::Invalid(format!(
+            "rank {rank} of a plan over {} ranks",
+            plan.ranks
+        )));
+    }
+    let local = |b: Buf| match b {
+        Buf::Q(r) if r == rank => Buf::Q(0),
+        Buf::Attn(r) if r == rank => Buf::Attn(0),
+        Buf::Act(r) if r == rank => Buf::Act(0),
+        Buf::Partial(r) if r == rank => Buf::Partial(0),
+        Buf::Kv { layer, rank: r } if r == rank => Buf::Kv { layer, rank: 0 },
+        b => b,
+    };
+    // New index of each old op (None: another rank's).
+    let mut index = Vec::with_capacity(plan.ops.len());
+    let mut ops = Vec::new();
+    for op in &plan.ops {
+        // Another rank's op; and the LM head and sampling on ranks other than 0 (only rank 0's
+        // logits are read: the other ranks would stream the whole replicated head for nothing).
+        let skip = matches!(op.placement, Placement::Rank(r) if r != rank)
+            || (rank != 0 && matches!(op.kind, OpKind::LmHead(_) | OpKind::Sample(_)));
+        if skip {
+            index.push(None);
+            continue;
+        }
+        let mut op = op.clone();
+        op.placement = Placement::Replicated;
+        if let OpKind::AllReduce(_) = op.kind {
+            op.inputs = vec![Buf::Partial(0), Buf::X];
+        } else {
+            op.inputs = op.inputs.iter().map(|&b| local(b)).collect();
+        }
+        op.outputs = op.outputs.iter().map(|&b| local(b)).collect();
+        for w in &mut op.weights {
+            w.shard = None;
+        }
+        index.push(Some(ops.len()));
+        ops.push(op);
+    }
+    let taps = plan
+        .taps
+        .iter()
+        .map(|t| {
+            // The tapped op, or the last of this rank's ops before it.
+            let after = index[..=t.after]
+                .iter()
+                .rev()
+                .find_map(|i| *i)
+                .ok_or_else(|| {
+                    RuntimeError::Invalid(format!("tap of hidden {} precedes every op", t.hidden))
+                })?;
+            Ok(model::plan::Tap { after, ..*t })
+        })
+        .collect::<Result<Vec<_>, RuntimeError>>()?;
+    Ok(Plan {
+        ranks: 1,
+        ops,
+        taps,
+        ..plan.clone()
+    })
+}
+
+/// A rank's side of the all-reduces: its index in the group.
+pub(crate) struct RankComm {
+    rank: usize,
+    group: Arc<SymmetricGroup>,
+}
+
+impl RankComm {
+    /// Enqueues the rank's side of `x += Σ_ranks partial` (`[rows, width]` f32), with the next
+    /// RMSNorm `h = rmsnorm(x)·w` fused when `norm = Some((w, eps, h))`, on the rank's stream
+    /// (which `stream` must be).
+    pub(crate) fn all_reduce(
+        &self,
+        stream: &CudaStream,
+        partial: DPtr<f32>,
+        x: DPtr<f32>,
+        rows: usize,
+        norm: Option<(DPtr<f32>, f32, DPtr<f32>)>,
+    ) -> Result<(), RuntimeError> {
+        let own = self.group.stream(self.rank);
+        if own.cu_stream() != stream.cu_stream() {
+            return Err(RuntimeError::Invalid(format!(
+                "rank {}'s all-reduce enqueued on another stream than the rank's",
+                self.rank
+            )));
+        }
+        if rows == 0 || partial.len() != x.len() || !x.len().is_multiple_of(rows) {
+            return Err(RuntimeError::Invalid(format!(
+                "all-reduce of {} partials into {} values over {rows} rows",
+                partial.len(),
+                x.len()
+            )));
+        }
+        let epilogue = match norm {
+            Some((w, eps, h)) => Epilogue::ResidualNorm {
+                x: x.addr(),
+                h: h.addr(),
+                w: w.addr(),
+                eps,
+            },
+            None => Epilogue::Residual { x: x.addr() },
+        };
+        let op = AllReduce {
+            dtype: DType::F32,
+            rows,
+            width: x.len() / rows,
+            input: partial.addr(),
+            epilogue,
+        };
+        // SAFETY: the addresses are live buffers of the rank's session and model on the rank's
+        // GPU (sized as checked above), alive until the session's stream has run the pass; every
+        // rank's pass enqueues the same all-reduces in the same order (the same sharded plan).
+        unsafe { self.group.all_reduce(self.rank, &op) }?;
+        Ok(())
+    }
+}
+
+/// What makes a [`GpuModel`] one rank of a tensor-parallel model.
+pub(crate) struct RankPart {
+    pub(crate) comm: RankComm,
+    layout: Arc<TpLayout>,
+    /// The rank of `layout` whose part of the plan this model runs (its index in the group,
+    /// except for a lone rank measured on its own: [`TpModel::synthetic_rank`]).
+    plan_rank: usize,
+}
+
+impl RankPart {
+    /// The rank's view of the unsharded plan `plan` of `config`.
+    pub(crate) fn view(&self, plan: &Plan, config: &ModelConfig) -> Result<Plan, RuntimeError> {
+        let sharded = shard_plan(plan, config, &self.layout).map_err(plan_error)?;
+        rank_plan(&sharded, self.plan_rank)
+    }
+}
+
+/// The dimensions rank `r` of `layout` holds of `config` (its heads, its intermediate slice; an
+/// empty MXFP4 slice is one zero block), for weights generated on the device.
+fn rank_config(config: &ModelConfig, layout: &TpLayout, r: usize) -> ModelConfig {
+    let mut c = config.clone();
+    for (spec, ls) in c.layers.iter_mut().zip(&layout.layers) {
+        spec.n_heads = ls.heads[r].len();
+        spec.n_kv_heads = ls.kv_heads[r].len();
+    }
+    for (spec, ls) in config.layers.iter().zip(&layout.layers) {
+        let i = ls.intermediate[r].len();
+        if spec.moe {
+            c.moe_intermediate_size = i.max(fp4::BLOCK);
+        } else {
+            c.dense_intermediate_size = Some(i);
+        }
+    }
+    c
+}
+
+type Opened = (
+    crate::Device,
+    Arc<CudaStream>,
+    crate::ops::Ops,
+    crate::moe::MoeKernels,
+);
+
+/// Opens every rank's device and stream (in rank order) and their symmetric group (slots of a
+/// pass's `[MAX_TOKENS, H]` f32 partials), with the all-reduce launch shapes computed once here
+/// (occupancy queries), not during a graph capture.
+fn open_ranks(
+    ordinals: &[usize],
+    hidden: usize,
+) -> Result<(Vec<Opened>, Arc<SymmetricGroup>), RuntimeError> {
+    comm::check_devices(ordinals, comm::device_count()?)?;
+    let mut opened = Vec::with_capacity(ordinals.len());
+    for &o in ordinals {
+        opened.push(open(o)?);
+    }
+    let streams = opened.iter().map(|o| o.1.clone()).collect();
+    let group = Arc::new(SymmetricGroup::new(streams, MAX_TOKENS * hidden * 4)?);
+    for epilogue in [
+        Epilogue::Residual { x: 0 },
+        Epilogue::ResidualNorm {
+            x: 0,
+            h: 0,
+            w: 0,
+            eps: 0.0,
+        },
+    ] {
+        group.shape(&AllReduce {
+            dtype: DType::F32,
+            rows: MAX_TOKENS,
+            width: hidden,
+            input: 0,
+            epilogue,
+        })?;
+    }
+    Ok((opened, group))
+}
+
+/// A model sharded over N tensor-parallel ranks (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct TpModel {
+    ranks: Vec<GpuModel>,
+    group: Arc<SymmetricGroup>,
+    layout: Arc<TpLayout>,
+    config: Arc<ModelConfig>,
+}
+
+impl TpModel {
+    /// Shards `weights` (checked against `config`) over `ranks` ranks placed by `placement` and
+    /// uploads each rank's part; `progress` hears of the bytes uploaded. Every error (a model
+    /// that does not split, fewer GPUs than asked, no peer access, out of memory) is returned
+    /// before or instead of a half-built model: whatever was allocated is freed.
+    pub fn new(
+        config: Arc<ModelConfig>,
+        weights: &Weights,
+        ranks: usize,
+        placement: &RankPlacement,
+        progress: &mut dyn FnMut(model::progress::Progress),
+    ) -> Result<TpModel, RuntimeError> {
+        let ordinals = placement.ordinals(ranks)?;
+        model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let layout = Arc::new(gpu_layout(&config, ranks, mxfp4_experts(weights))?);
+        let decode =
+            Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
+        let (opened, group) = open_ranks(&ordinals, config.hidden_size)?;
+        let shards = model::shard::shard_layers(&config, weights, &layout).map_err(plan_error)?;
+        let total: u64 = shards
+            .iter()
+            .flatten()
+            .map(|l| l.stored_bytes() as u64)
+            .sum::<u64>()
+            + ranks as u64 * (weights.embed.stored_bytes() + weights.lm_head.stored_bytes()) as u64;
+        let mut done = 0u64;
+        let mut models = Vec::with_capacity(ranks);
+        for (rank, ((device, stream, ops, moe), layers)) in
+            opened.into_iter().zip(shards).enumerate()
+        {
+            let part = RankPart {
+                comm: RankComm {
+                    rank,
+                    group: group.clone(),
+                },
+                layout: layout.clone(),
+                plan_rank: rank,
+            };
+            let rank_layout = part.view(&decode, &config)?;
+            let rw = rank_weights(weights, layers);
+            device.ctx.bind_to_thread()?;
+            let mut arena = Arena::new(stream.clone());
+            let ropes = upload_ropes(&mut arena, &rank_layout.ropes)?;
+            let dw = upload_target(&mut arena, &config, &rank_layout, &ropes, &rw, &mut |p| {
+                progress(model::progress::Progress {
+                    done: done + p.done,
+                    total,
+                })
+            })?;
+            done += rw.stored_bytes() as u64;
+            stream.synchronize()?;
+            models.push(GpuModel::assemble(
+                device,
+                stream,
+                ops,
+                moe,
+                config.clone(),
+                dw,
+                ropes,
+                rank_layout,
+                arena,
+                Some(part),
+            ));
+        }
+        progress(model::progress::Progress { done: total, total });
+        Ok(TpModel {
+            ranks: models,
+            group,
+            layout,
+            config,
+        })
+    }
+
+    /// A model of `config`'s shape sharded over `ranks` ranks with random weights generated on
+    /// each rank's device (no checkpoint; the benchmarks' models: bf16 dense weights, MXFP4
+    /// experts, MoE layers only, as [`GpuModel::synthetic`]). The replicated tensors (embedding,
+    /// router, norms, LM head) are the same on every rank (same seeds, same shapes).
+    pub fn synthetic(
+        config: Arc<ModelConfig>,
+        ranks: usize,
+        placement: &RankPlacement,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        let ordinals = placement.ordinals(ranks)?;
+        let layout = Arc::new(gpu_layout(&config, ranks, true)?);
+        let (opened, group) = open_ranks(&ordinals, config.hidden_size)?;
+        Self::synthetic_ranks(config, layout, opened, group, (0..ranks).collect(), seed)
+    }
+
+    /// Rank `rank` of a `ranks`-rank synthetic model alone on GPU `device`: the rank's share of
+    /// every step (its shards, the replicated ops) with all-reduces over a group of one (no peer
+    /// to wait for) — what one GPU of an N-GPU tensor-parallel node computes per step, without
+    /// the link. For benchmarks; its logits are not the model's.
+    pub fn synthetic_rank(
+        config: Arc<ModelConfig>,
+        ranks: usize,
+        rank: usize,
+        device: usize,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        if rank >= ranks {
+            return Err(RuntimeError::Invalid(format!(
+                "rank {rank} of {ranks} ranks"
+            )));
+        }
+        let layout = Arc::new(gpu_layout(&config, ranks, true)?);
+        let (opened, group) = open_ranks(&[device], config.hidden_size)?;
+        Self::synthetic_ranks(config, layout, opened, group, vec![rank], seed)
+    }
+
+    /// The synthetic rank models of `plan_ranks` (rank `plan_ranks[i]` of `layout` as member `i`
+    /// of `group`, on `opened[i]`).
+    fn synthetic_ranks(
+        config: Arc<ModelConfig>,
+        layout: Arc<TpLayout>,
+        opened: Vec<Opened>,
+        group: Arc<SymmetricGroup>,
+        plan_ranks: Vec<usize>,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        let decode =
+            Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
+        let mut models = Vec::with_capacity(opened.len());
+        for (i, ((device, stream, ops, moe), &r)) in opened.into_iter().zip(&plan_ranks).enumerate()
+        {
+            let part = RankPart {
+                comm: RankComm {
+                    rank: i,
+                    group: group.clone(),
+                },
+                layout: layout.clone(),
+                plan_rank: r,
+            };
+            let rank_layout = part.view(&decode, &config)?;
+            let dims = rank_config(&config, &layout, r);
+            device.ctx.bind_to_thread()?;
+            let mut arena = Arena::new(stream.clone());
+            let ropes = upload_ropes(&mut arena, &rank_layout.ropes)?;
+            let dw = synthetic_target(
+                &mut arena,
+                &ops,
+                &dims,
+                &rank_layout,
+                &ropes,
+                seed,
+                super::SyntheticDtypes::Bf16,
+            )?;
+            stream.synchronize()?;
+            models.push(GpuModel::assemble(
+                device,
+                stream,
+                ops,
+                moe,
+                config.clone(),
+                dw,
+                ropes,
+                rank_layout,
+                arena,
+                Some(part),
+            ));
+        }
+        Ok(TpModel {
+            ranks: models,
+            group,
+            layout,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Tensor-parallel ranks.
+    pub fn ranks(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// What each rank holds.
+    pub fn layout(&self) -> &TpLayout {
+        &self.layout
+    }
+
+    /// Rank `r`'s model (its shards; rank 0's holds the replicated embedding and LM head every
+    /// rank holds).
+    pub fn rank(&self, r: usize) -> &GpuModel {
+        &self.ranks[r]
+    }
+
+    /// Weight bytes resident on the devices, all ranks together.
+    pub fn weight_bytes(&self) -> usize {
+        self.ranks.iter().map(GpuModel::weight_bytes).sum()
+    }
+
+    /// A new empty sequence of at most `max_seq` positions (one session per rank).
+    pub fn session(&self, max_seq: usize) -> Result<TpSession, RuntimeError> {
+        let mut ranks = Vec::with_capacity(self.ranks.len());
+        for m in &self.ranks {
+            m.device().ctx.bind_to_thread()?;
+            ranks.push(GpuSession::new(m.clone(), max_seq, DEFAULT_MAX_ROLLBACK)?);
+        }
+        Ok(TpSession {
+            model: self.clone(),
+            ranks,
+        })
+    }
+}
+
+/// One sequence of a [`TpModel`]: a [`GpuSession`] per rank, advanced in lockstep.
+pub struct TpSession {
+    model: TpModel,
+    ranks: Vec<GpuSession>,
+}
+
+impl TpSession {
+    pub fn model(&self) -> &TpModel {
+        &self.model
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.ranks[0].len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn max_seq(&self) -> usize {
+        self.ranks[0].max_seq
+    }
+
+    /// Device bytes the sessions hold, all ranks together.
+    pub fn device_bytes(&self) -> usize {
+        self.ranks.iter().map(GpuSession::device_bytes).sum()
+    }
+
+    /// Run passes op by op instead of replaying captured graphs (every rank).
+    pub fn set_use_graphs(&mut self, on: bool) {
+        for r in &mut self.ranks {
+            r.set_use_graphs(on);
+        }
+    }
+
+    /// Undoes a failed pass: waits for every rank, zeroes the group's flags (a rank may have
+    /// given up waiting for a peer), and puts every rank back at `len`.
+    fn recover(&mut self, len: usize) {
+        let _ = self.model.group.reset();
+        for r in &mut self.ranks {
+            r.len = len;
+        }
+    }
+
+    /// One pass of `tokens` (≤ MAX_TOKENS) on every rank: enqueued in rank order, then every
+    /// rank waited for and its all-reduce status checked. On error the session is as before.
+    fn pass(&mut self, tokens: &[u32], logits: Logits) -> Result<(), RuntimeError> {
+        let start = self.len();
+        for r in 0..self.ranks.len() {
+            let s = &mut self.ranks[r];
+            let res = s
+                .model
+                .device()
+                .ctx
+                .bind_to_thread()
+                .map_err(RuntimeError::from)
+                .and_then(|()| s.pass(tokens, logits));
+            if let Err(e) = res {
+                self.recover(start);
+                return Err(RuntimeError::Op {
+                    pass: format!("tensor-parallel rank {r}"),
+                    source: Box::new(e),
+                });
+            }
+        }
+        if let Err(e) = self.model.group.check() {
+            self.recover(start);
+            return Err(e.into());
+        }
+        self.ranks[0].model.device().ctx.bind_to_thread()?;
+        Ok(())
+    }
+
+    /// Runs `tokens` in passes of at most MAX_TOKENS (the last one with logits); returns the
+    /// rows of the last pass. On error the session is as before the call.
+    fn run(&mut self, tokens: &[u32]) -> Result<usize, RuntimeError> {
+        self.ranks[0].check_tokens(tokens)?;
+        let start = self.len();
+        let n = tokens.chunks(MAX_TOKENS).len();
+        for (i, c) in tokens.chunks(MAX_TOKENS).enumerate() {
+            let logits = if i + 1 == n {
+                Logits::All
+            } else {
+                Logits::None
+            };
+            if let Err(e) = self.pass(c, logits) {
+                self.recover(start);
+                return Err(e);
+            }
+        }
+        Ok(tokens.len() - (n - 1) * MAX_TOKENS)
+    }
+
+    /// Appends `tokens` and returns the logits of the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        let last = self.run(tokens)?;
+        Ok(self.ranks[0].logits_rows(last)?.pop().expect("one row"))
+    }
+
+    /// Appends `tokens` and returns the greedy next token (argmax on rank 0's device).
+    pub fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
+        let last = self.run(tokens)?;
+        let r0 = &self.ranks[0];
+        let ids = dtoh(&r0.model.inner.stream, r0.b.argmax.slice(0..last))?;
+        Ok(ids[last - 1])
+    }
+
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, RuntimeError> {
+        self.prefill(&[token])
+    }
+
+    pub fn decode_greedy(&mut self, token: u32) -> Result<u32, RuntimeError> {
+        self.prefill_greedy(&[token])
+    }
+
+    /// Runs a block (passes of ≤ MAX_TOKENS) and returns every token's logits and the requested
+    /// hidden states (captured on rank 0), as [`GpuSession::verify`].
+    pub fn verify(
+        &mut self,
+        tokens: &[u32],
+        hidden_layers: &[usize],
+    ) -> Result<VerifyOutput, RuntimeError> {
+        self.ranks[0].check_tokens(tokens)?;
+        self.ranks[0].set_capture(hidden_layers)?;
+        let h = self.model.config.hidden_size;
+        let start = self.len();
+        let mut out = VerifyOutput {
+            logits: Vec::with_capacity(tokens.len()),
+            hidden: vec![Vec::with_capacity(tokens.len()); hidden_layers.len()],
+        };
+        for c in tokens.chunks(MAX_TOKENS) {
+            let read = self.pass(c, Logits::All).and_then(|()| {
+                let r0 = &self.ranks[0];
+                out.logits.extend(r0.logits_rows(c.len())?);
+                if !hidden_layers.is_empty() {
+                    let all = dtoh(
+                        &r0.model.inner.stream,
+                        r0.b.hidden.slice(0..hidden_layers.len() * MAX_TOKENS * h),
+                    )?;
+                    for (slot, dst) in out.hidden.iter_mut().enumerate() {
+                        let at = slot * MAX_TOKENS * h;
+                        dst.extend(
+                            all[at..at + c.len() * h]
+                                .chunks_exact(h)
+                                .map(<[f32]>::to_vec),
+                        );
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = read {
+                self.recover(start);
+                return Err(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs a block and returns the greedy choice after each token.
+    pub fn verify_greedy(&mut self, tokens: &[u32]) -> Result<Vec<u32>, RuntimeError> {
+        self.ranks[0].check_tokens(tokens)?;
+        let start = self.len();
+        let mut out = Vec::with_capacity(tokens.len());
+        for c in tokens.chunks(MAX_TOKENS) {
+            let read = self.pass(c, Logits::All).and_then(|()| {
+                let r0 = &self.ranks[0];
+                dtoh(&r0.model.inner.stream, r0.b.argmax.slice(0..c.len()))
+            });
+            match read {
+                Ok(ids) => out.extend(ids),
+                Err(e) => {
+                    self.recover(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every position ≥ `len` on every rank (as [`GpuSession::truncate`]).
+    pub fn truncate(&mut self, len: usize) -> Result<(), RuntimeError> {
+        // Every rank holds the same positions and windows: rank 0 decides.
+        self.ranks[0].truncate(len)?;
+        for r in &mut self.ranks[1..] {
+            r.truncate(len)?;
+        }
+        Ok(())
+    }
+
+    /// Empties the sequence.
+    pub fn reset(&mut self) {
+        for r in &mut self.ranks {
+            r.reset();
+        }
+    }
+
+    /// Runs one pass of `tokens` (≤ MAX_TOKENS) with logits and returns the wall time of the
+    /// whole step in milliseconds (every rank enqueued, every rank finished): the per-rank step
+    /// time of the benchmarks.
+    pub fn timed_pass(&mut self, tokens: &[u32]) -> Result<f64, RuntimeError> {
+        self.ranks[0].check_tokens(tokens)?;
+        if tokens.len() > MAX_TOKENS {
+            return Err(RuntimeError::Invalid(format!(
+                "a timed pass takes at most {MAX_TOKENS} tokens"
+            )));
+        }
+        let t0 = std::time::Instant::now();
+        self.pass(tokens, Logits::All)?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+impl model::executor::Executor for TpSession {
+    type Error = RuntimeError;
+
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    fn len(&self) -> usize {
+        TpSession::len(self)
+    }
+
+    /// As a [`GpuSession`]'s (every rank is one).
+    fn max_rollback(&self) -> usize {
+        DEFAULT_MAX_ROLLBACK
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<std::borrow::Cow<'_, [f32]>, RuntimeError> {
+        TpSession::prefill(self, tokens).map(std::borrow::Cow::Owned)
+    }
+
+    fn decode(&mut self, token: u32) -> Result<std::borrow::Cow<'_, [f32]>, RuntimeError> {
+        TpSession::decode(self, token).map(std::borrow::Cow::Owned)
+    }
+
+    fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
+        TpSession::prefill_greedy(self, tokens)
+    }
+
+    fn decode_greedy(&mut self, token: u32) -> Result<u32, RuntimeError> {
+        TpSession::decode_greedy(self, token)
+    }
+
+    fn verify(&mut self, tokens: &[u32], hidden: &[usize]) -> Result<VerifyOutput, RuntimeError> {
+        TpSession::verify(self, tokens, hidden)
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), RuntimeError> {
+        TpSession::truncate(self, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use model::cpu::toy::{self, ToyExperts};
+    use model::plan::tp::shard_plan;
+
+    use super::*;
+    use crate::exec::lower::check_plan_for;
+    use crate::exec::pass_shape;
+
+    fn fixture(rel: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(rel)
+    }
+
+    fn configs() -> Vec<(String, ModelConfig, bool)> {
+        let mut v = vec![
+            (
+                "toy gpt-oss".to_string(),
+                toy::gpt_oss(1, ToyExperts::Mxfp4).0,
+                true,
+            ),
+            (
+                "toy qwen3-moe".into(),
+                toy::qwen3_moe(2, ToyExperts::Dense).0,
+                false,
+            ),
+            (
+                "toy mimo".into(),
+                toy::mimo_v2_flash(3, ToyExperts::Dense).0,
+                false,
+            ),
+        ];
+        for (rel, mx) in [
+            ("gpt-oss/bf16", false),
+            ("gpt-oss/mxfp4", true),
+            ("qwen3-moe/native", false),
+            ("mimo-v2-flash/native", false),
+        ] {
+            v.push((
+                rel.into(),
+                ModelConfig::from_dir(&fixture(rel)).unwrap(),
+                mx,
+            ));
+        }
+        v
+    }
+
+    /// Every rank's view of every pass of every fixture and toy model at 2 and 4 ranks is a plan
+    /// the rank lowering accepts: one device's buffers, partial sums, one all-reduce per
+    /// sharded block, taps on the rank's ops.
+    #[test]
+    fn every_rank_view_lowers() {
+        for (name, cfg, mx) in configs() {
+            let full = Plan::new(&cfg, DEVICE_STORAGE, pass_shape(3, Logits::All, false)).unwrap();
+            for n in [2, 4] {
+                let layout = gpu_layout(&cfg, n, mx).unwrap_or_else(|e| panic!("{name} {n}: {e}"));
+                let sharded = shard_plan(&full, &cfg, &layout).unwrap();
+                let reduces = sharded
+                    .ops
+                    .iter()
+                    .filter(|o| matches!(o.kind, OpKind::AllReduce(_)))
+                    .count();
+                assert_eq!(reduces, 2 * cfg.layers.len(), "{name}");
+                for r in 0..n {
+                    let v = rank_plan(&sharded, r).unwrap();
+                    check_plan_for(&v, true).unwrap_or_else(|e| panic!("{name} {n}/{r}: {e}"));
+                    // Every weight the rank's ops name is one the rank's upload holds (its
+                    // heads and slices; the o_proj and down biases on rank 0 only).
+                    let fake =
+                        crate::exec::lower::tests::fake_target(&rank_config(&cfg, &layout, r));
+                    crate::exec::lower::check_weights(&v, &fake)
+                        .unwrap_or_else(|e| panic!("{name} {n}/{r}: {e}"));
+                    // Not lowerable as a single device's plan.
+                    assert!(check_plan_for(&v, false).is_err(), "{name}");
+                    assert_eq!(v.ranks, 1);
+                    let heads = v
+                        .ops
+                        .iter()
+                        .filter(|o| matches!(o.kind, OpKind::LmHead(_) | OpKind::Sample(_)))
+                        .count();
+                    assert_eq!(heads, if r == 0 { 2 } else { 0 }, "{name} rank {r}");
+                    assert_eq!(
+                        v.ops
+                            .iter()
+                            .filter(|o| matches!(o.kind, OpKind::AllReduce(_)))
+                            .count(),
+                        reduces
+                    );
+                    assert!(v
+                        .ops
+                        .iter()
+                        .all(|o| o.weights.iter().all(|w| w.shard.is_none())));
+                    assert_eq!(v.taps.len(), full.taps.len(), "{name}");
+                    for (t, u) in v.taps.iter().zip(&full.taps) {
+                        assert_eq!((t.hidden, t.buf), (u.hidden, u.buf));
+                        assert!(t.after < v.ops.len());
+                    }
+                }
+                assert!(rank_plan(&sharded, n).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn setups_that_cannot_run_are_named_errors() {
+        let cfg = ModelConfig::from_dir(&fixture("gpt-oss/mxfp4")).unwrap();
+        // 4 query heads do not split over 3 ranks.
+        let e = gpu_layout(&cfg, 3, true).unwrap_err().to_string();
+        assert!(
+            e.contains("query heads") && e.contains("possible here: 1, 2, 4"),
+            "{e}"
+        );
+        assert!(gpu_layout(&cfg, 0, true).is_err());
+        assert!(gpu_layout(&cfg, 9, true).is_err());
+        // An MXFP4 expert slice may be empty (padded); a dense MLP's may not.
+        let l = gpu_layout(&cfg, 4, true).unwrap();
+        assert!(l.layers[0].intermediate.iter().any(|i| i.is_empty()));
+        let mut small = toy::qwen3_moe(2, ToyExperts::Dense).0;
+        small.moe_intermediate_size = 3;
+        let e = gpu_layout(&small, 4, false).unwrap_err().to_string();
+        assert!(
+            e.contains("leaves rank") && e.contains("intermediate size 3"),
+            "{e}"
+        );
+        // Device lists.
+        let p = RankPlacement::Devices(vec![0, 1]);
+        assert_eq!(p.ordinals(2).unwrap(), vec![0, 1]);
+        let e = p.ordinals(4).unwrap_err().to_string();
+        assert!(
+            e.contains("2 GPU(s) listed for 4 tensor-parallel ranks"),
+            "{e}"
+        );
+        let e = RankPlacement::Devices(vec![1, 1])
+            .ordinals(2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GPU 1 is listed twice"), "{e}");
+        assert_eq!(
+            RankPlacement::Virtual { device: 2 }.ordinals(3).unwrap(),
+            vec![2, 2, 2]
+        );
+    }
+
+    /// A padded empty MXFP4 slice has one zero block per row and keeps the bias shapes.
+    #[test]
+    fn empty_mxfp4_slices_are_one_zero_block() {
+        let (cfg, w) = toy::gpt_oss(1, ToyExperts::Mxfp4);
+        let layout = gpu_layout(&cfg, 4, true).unwrap();
+        let shards = model::shard::shard_layers(&cfg, &w, &layout).unwrap();
+        for (r, layers) in shards.into_iter().enumerate() {
+            let empty = layout.layers[0].intermediate[r].is_empty();
+            let rw = rank_weights(&w, layers);
+            let Mlp::Moe(m) = &rw.layers[0].mlp else {
+                panic!("moe")
+            };
+            let e = &m.experts[0];
+            let inter = if empty {
+                fp4::BLOCK
+            } else {
+                layout.layers[0].intermediate[r].len()
+            };
+            assert_eq!(e.gate_up.rows(), 2 * inter, "rank {r}");
+            assert_eq!(e.down.cols(), inter, "rank {r}");
+            if empty {
+                let ExpertMat::Mxfp4(g) = &e.gate_up else {
+                    panic!("mxfp4")
+                };
+                assert!(g.blocks().iter().all(|&b| b == 0));
+                if let Some(b) = &e.gate_up_bias {
+                    assert_eq!(b.len(), 2 * fp4::BLOCK);
+                    assert!(b.iter().all(|&v| v == 0.0));
+                }
+            }
+        }
+    }
+}
