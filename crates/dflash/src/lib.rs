@@ -1,7 +1,8 @@
 //! DFlash block speculative decoding (research/dflash.md).
 //!
 //! This crate owns the DFlash algorithm: drafter loading (z-lab DFlash-1 checkpoints and
-//! Xiaomi's MiMo variant), the CPU block draft forward, the speculative loop over a
+//! Xiaomi's MiMo variant; the CPU forward is the drafter's step plan run by
+//! `model::cpu::draft`), the speculative loop over a
 //! [`SpecBackend`] and its backends (the CPU one; with feature `cuda`, the GPU one in `gpu`, over
 //! `tilert`'s executors), the acceptance rules and the acceptance statistics.
 //!
@@ -40,7 +41,8 @@
 //!   refuses keys that would change the math and are not implemented. The config, the weights
 //!   ([`DrafterWeights`]) and their checks are model data (`model::drafter`, shared with the GPU
 //!   drafter), re-exported here at their old paths.
-//! * [`Drafter`] ([`drafter`]) — weights + loading + target checks + the draft forward:
+//! * [`Drafter`] ([`drafter`]) — loading + target checks over the CPU executor's drafter
+//!   (`model::cpu::draft::CpuDrafter`, the plan interpreter):
 //!   [`Drafter::append_context`] (target features → `fc` → `hidden_norm` → each layer's K/V at
 //!   the true positions, into a [`DraftCache`] of committed context) and [`Drafter::draft`] (the
 //!   block `[x_last, MASK×(B−1)]` → logits of rows `1..B` through the target's LM head).

@@ -502,6 +502,47 @@ fn draft_does_not_depend_on_how_context_arrived() {
     }
 }
 
+#[test]
+fn draft_does_not_depend_on_the_cache_block_size() {
+    // The drafter's context caches are paged like the target's: the block size (1, a size that
+    // does not divide the sliding window, the default, larger than the context) and sharing a
+    // cloned cache's blocks change where rows are stored, never a draft.
+    for rel in ["gpt-oss/bf16", "mimo-v2-flash/native"] {
+        let m = load_target(rel);
+        for kind in [ToyKind::ZLab, ToyKind::MiMo] {
+            let d = toy::drafter(m.config(), kind, 8, 13);
+            let w = d.feature_width();
+            let n = 100;
+            let feats: Vec<f32> = (0..n * w)
+                .map(|i| ((i * 6007) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            let (emb, head) = (&m.weights().embed, &m.weights().lm_head);
+            let mut base = d.new_cache();
+            d.append_context(&mut base, &feats).unwrap();
+            let want = d.draft(&mut base, emb, head, 3, 8).unwrap();
+            for bs in [1, 3, 16, 256] {
+                let mut c = d.new_cache_with_block_size(bs);
+                d.append_context(&mut c, &feats[..(n - 7) * w]).unwrap();
+                // A clone shares the blocks; appending to one copy leaves the other unchanged.
+                let mut fork = c.clone();
+                d.append_context(&mut fork, &feats[..w]).unwrap();
+                d.append_context(&mut c, &feats[(n - 7) * w..]).unwrap();
+                let got = d.draft(&mut c, emb, head, 3, 8).unwrap();
+                assert_bits(&want, &got, &format!("{rel} {kind:?} block size {bs}"));
+                let mut fork_feats = feats[..(n - 7) * w].to_vec();
+                fork_feats.extend_from_slice(&feats[..w]);
+                let mut fork_ref = d.new_cache();
+                d.append_context(&mut fork_ref, &fork_feats).unwrap();
+                assert_bits(
+                    &d.draft(&mut fork_ref, emb, head, 3, 8).unwrap(),
+                    &d.draft(&mut fork, emb, head, 3, 8).unwrap(),
+                    &format!("{rel} {kind:?} block size {bs}: forked cache"),
+                );
+            }
+        }
+    }
+}
+
 /// MiMo drafters ship the mask embedding as `mask_embedding.pt` (`torch.save` of
 /// `{mask_token_id, embedding: bf16[H]}`): read without Python, it gives the very drafter the
 /// safetensors copy gives (fixtures written by torch: `scripts/fixtures/make_mask_embedding_pt.py`);

@@ -147,7 +147,7 @@ const INLINE_WORK: usize = 256 << 10;
 /// Rows per rayon task: tasks of about `target` bytes of work and at least 4 per thread; all
 /// rows (i.e. run inline) when the total work is under [`INLINE_WORK`] or the pool has one
 /// thread.
-fn rows_per_task(rows: usize, row_work: usize, target: usize) -> usize {
+pub(crate) fn rows_per_task(rows: usize, row_work: usize, target: usize) -> usize {
     let threads = rayon::current_num_threads();
     if threads == 1 || rows.saturating_mul(row_work) < INLINE_WORK {
         return rows.max(1);

@@ -14,6 +14,8 @@
 //!   order (scale byte first, element j low / j+16 high).
 //! * **CPU kernels** ([`cpu`]): dequantize, GEMV and small-batch GEMM (1–16 rows) of f32/bf16
 //!   activations against MXFP4 weights; multithreaded with rayon.
+//! * **Integer CPU path** ([`q8`]): activations quantized to int8 per block of 32 and integer dot
+//!   products (AVX-512-VNNI / AVX2 / portable, bit-identical), with a stated error bound.
 //! * **GPU kernels** (`cuda` feature, module `cuda`): dequantize and GEMV on NVIDIA GPUs
 //!   (sm_90a cubin, compute_90 PTX fallback) through cudarc, with no CUDA install needed to build.
 //!
@@ -22,6 +24,7 @@
 pub mod cpu;
 pub mod format;
 pub mod layout;
+pub mod q8;
 pub mod quant;
 pub mod tiled;
 
@@ -38,4 +41,5 @@ pub use format::{
     BLOCK_BYTES, E2M1_VALUES, E8M0_NAN,
 };
 pub use layout::{from_gguf, pack_codes, to_gguf, unpack_codes, GGUF_BLOCK_BYTES};
+pub use q8::{gemm_q8, gemm_q8_with, q8_error_bound, Q8Kernel, Q8Rows};
 pub use quant::{quantize_block, quantize_matrix, quantize_matrix_bf16, ScaleRounding};

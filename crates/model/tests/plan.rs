@@ -461,6 +461,7 @@ fn tensor_parallel_one_rank_is_the_unsharded_model() {
 fn split_moe_ops_equal_moe_block() {
     use model::cpu::ffn::{moe_block, FfnScratch};
     use model::cpu::moe_ops::{experts_down, experts_gate_up, route, ExpertScratch, Routing};
+    use model::cpu::Activations;
     use model::weights::Mlp;
     for (name, m) in toys() {
         let cfg = m.config();
@@ -501,8 +502,8 @@ fn split_moe_ops_equal_moe_block() {
         let (mut r, mut s, mut act) = (Routing::default(), ExpertScratch::default(), Vec::new());
         let mut got = vec![0.0; t * cfg.hidden_size];
         route(&rp, moe, &h, t, &mut r).unwrap();
-        experts_gate_up(&gp, moe, &h, &r, &mut act, &mut s).unwrap();
-        experts_down(&dp, moe, &act, &r, &mut got, &mut s).unwrap();
+        experts_gate_up(&gp, Activations::F32, moe, &h, &r, &mut act, &mut s).unwrap();
+        experts_down(&dp, Activations::F32, moe, &act, &r, &mut got, &mut s).unwrap();
         assert_bits(&got, &want, name);
     }
 }

@@ -131,6 +131,11 @@ impl LayerKv {
         self.end
     }
 
+    /// Key and value row widths.
+    pub fn row_widths(&self) -> (usize, usize) {
+        (self.k_row, self.v_row)
+    }
+
     /// Stored rows.
     pub fn rows(&self) -> usize {
         self.end - self.first_pos()

@@ -1,7 +1,8 @@
 //! The CPU reference executor: exact f32 math of gpt-oss, Qwen3-MoE and MiMo-V2-Flash as
 //! transformers computes them — the embedded default and the oracle for every GPU path. It is an
-//! interpreter of the step plan ([`crate::plan`]): [`run_pass`] walks the plan's ops and runs
-//! each with the op functions below; the plan's parameter structs are the ops' arguments.
+//! interpreter of the step plan ([`crate::plan`]): `run_pass` walks the plan's ops and runs
+//! each with the op functions below; the plan's parameter structs are the ops' arguments. The
+//! target's passes and a drafter's ([`draft`]) are interpreted by the same `run_pass`.
 //!
 //! * [`ops`]: the ops as small pure functions (RMSNorm, RoPE application, attention with GQA /
 //!   sinks / sliding windows, gated activations, matvec / matmul);
@@ -11,6 +12,8 @@
 //! * [`moe_ops`]: the mixture of experts split at the plan's boundaries (router + top-k, experts
 //!   gate_up + GLU, experts down + combine);
 //! * [`kv`]: the per-sequence f32 KV cache (sliding layers bounded, see its docs for exactness);
+//! * [`draft`]: DFlash drafters ([`draft::CpuDrafter`]): their context-append and block-draft
+//!   plans (`Plan::draft`) run by the same interpreter, with per-sequence context caches;
 //! * [`ffn`]: dense MLP and mixture of experts as whole blocks (routing through `moe`, each
 //!   distinct expert run once per block, MXFP4 experts through `fp4`);
 //! * [`shard`]: the weights of tensor-parallel ranks ([`CpuModel::tensor_parallel`]);
@@ -36,6 +39,7 @@
 //! of layer `i − 1`, `L` the last layer's output after the final norm, and
 //! [`LAST_LAYER_PRE_NORM`] before it. The logits are `lm_head · hidden[L]`.
 
+pub mod draft;
 pub mod ffn;
 pub mod kernels;
 pub mod kv;
@@ -58,11 +62,11 @@ use crate::config::{AttnKind, ModelConfig};
 use crate::executor::Executor;
 use crate::plan::tp::{shard_plan, TpLayout};
 use crate::plan::{
-    AttentionParams, Buf, Logits, OpKind, PassShape, Placement, Plan, PlanError, Tensor, WeightId,
-    WeightStorage,
+    AttentionParams, Buf, Logits, OpKind, PassKind, PassShape, Placement, Plan, PlanError, Tensor,
+    WeightId, WeightStorage,
 };
 use crate::rope::RopeTable;
-use crate::weights::{ExpertMat, GateUpLayout, Layer, Mlp, Weights};
+use crate::weights::{ExpertMat, GateUpLayout, Layer, Mat, Mlp, Weights};
 
 use kv::{KvCache, LayerKv};
 use moe_ops::{ExpertScratch, Routing};
@@ -159,6 +163,8 @@ pub struct CpuModel {
     shapes: Arc<[AttnShape]>,
     /// Tensor-parallel ranks (None: one).
     tp: Option<Arc<Ranks>>,
+    /// How MXFP4 experts take their activations.
+    acts: Activations,
 }
 
 /// The attention geometry of a plan's attention op (the CPU ops' argument struct).
@@ -222,6 +228,7 @@ impl CpuModel {
             tp: None,
             config,
             weights,
+            acts: Activations::F32,
         })
     }
 
@@ -230,7 +237,8 @@ impl CpuModel {
     /// nodes between. `ranks == 1` is the unsharded model. An error names the head counts that
     /// do not split.
     pub fn tensor_parallel(&self, ranks: usize) -> Result<CpuModel, CpuError> {
-        let base = CpuModel::new(self.config.clone(), self.weights.clone())?;
+        let base =
+            CpuModel::new(self.config.clone(), self.weights.clone())?.with_activations(self.acts);
         if ranks == 1 {
             return Ok(base);
         }
@@ -253,6 +261,17 @@ impl CpuModel {
             tp: Some(Arc::new(Ranks { layout, layers })),
             ..base
         })
+    }
+
+    /// The same model with MXFP4 experts fed `acts` ([`Activations`]).
+    pub fn with_activations(mut self, acts: Activations) -> CpuModel {
+        self.acts = acts;
+        self
+    }
+
+    /// How MXFP4 experts take their activations.
+    pub fn activations(&self) -> Activations {
+        self.acts
     }
 
     /// Tensor-parallel ranks the model runs over (1 = unsharded).
@@ -293,22 +312,20 @@ impl CpuModel {
         Session::new(self, DEFAULT_MAX_ROLLBACK)
     }
 
-    /// Layer `l`'s weights on `rank`.
-    fn layer(&self, rank: usize, l: usize) -> &Layer {
-        match &self.tp {
-            Some(t) => &t.layers[rank][l],
-            None => &self.weights.layers[l],
-        }
-    }
-
-    /// A norm weight vector.
-    fn norm_weight(&self, id: WeightId) -> &[f32] {
+    /// What a pass of `logits` reads: its plan, the weights it names, the RoPE tables.
+    fn bound(&self, logits: Logits) -> Bound<'_> {
         let w = &*self.weights;
-        match (id.tensor, id.layer) {
-            (Tensor::InputNorm, Some(l)) => &w.layers[l].input_norm,
-            (Tensor::PostAttnNorm, Some(l)) => &w.layers[l].post_attn_norm,
-            (Tensor::FinalNorm, None) => &w.final_norm,
-            _ => unreachable!("plans name only input, post-attention and final norms: {id}"),
+        Bound {
+            plan: self.plans.get(logits),
+            hidden: self.config.hidden_size,
+            ropes: &self.ropes,
+            embed: Some(&w.embed),
+            lm_head: Some(&w.lm_head),
+            layers: &w.layers,
+            rank_layers: self.tp.as_ref().map(|t| t.layers.as_slice()),
+            final_norm: &w.final_norm,
+            drafter: None,
+            acts: self.acts,
         }
     }
 
@@ -356,11 +373,10 @@ impl CpuModel {
             })
             .collect();
         let r = run_pass(
-            self,
+            &self.bound(Logits::All),
             &mut segs,
             &mut scratch,
-            tokens,
-            Logits::All,
+            PassInput::Tokens(tokens),
             &[],
             &mut [],
         );
@@ -503,7 +519,7 @@ impl CpuModel {
 
 /// Reusable activation buffers of a pass (rank-local ones per rank).
 #[derive(Debug, Default, Clone)]
-struct Scratch {
+pub(crate) struct Scratch {
     x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<Vec<f32>>,
@@ -846,11 +862,10 @@ impl Session {
             len: tokens.len(),
         }];
         let r = run_pass(
-            &self.model,
+            &self.model.bound(want),
             &mut segs,
             &mut self.s,
-            tokens,
-            want,
+            PassInput::Tokens(tokens),
             hidden_layers,
             hidden,
         );
@@ -949,10 +964,119 @@ fn capture(layers: &[usize], hidden: &mut [Vec<Vec<f32>>], idx: usize, rows: &[f
 
 /// One sequence's part of a pass: its caches (one per rank), the position of its first token,
 /// its token count.
-struct Segment<'a> {
-    kv: &'a mut [KvCache],
-    start: usize,
-    len: usize,
+pub(crate) struct Segment<'a> {
+    pub(crate) kv: &'a mut [KvCache],
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+/// What a pass reads besides its activations: the plan, the weights its ops name and the RoPE
+/// tables of the plan's `ropes`. A target model (each rank's shard when tensor-parallel) or a
+/// drafter (its own layers and norms, the target's embedding and LM head).
+pub(crate) struct Bound<'a> {
+    pub(crate) plan: &'a Plan,
+    pub(crate) hidden: usize,
+    pub(crate) ropes: &'a [RopeTable],
+    /// `[V, H]` (None: the pass embeds no tokens, e.g. a drafter's context append).
+    pub(crate) embed: Option<&'a Mat>,
+    /// `[V, H]` (None: the pass has no LM head).
+    pub(crate) lm_head: Option<&'a Mat>,
+    /// The unsharded layers (norms and routers are replicated).
+    pub(crate) layers: &'a [Layer],
+    /// `[rank][layer]` shards when tensor-parallel.
+    pub(crate) rank_layers: Option<&'a [Vec<Layer>]>,
+    pub(crate) final_norm: &'a [f32],
+    /// A drafter's own tensors (its plans' `draft_context` and block embedding).
+    pub(crate) drafter: Option<DraftTensors<'a>>,
+    /// How MXFP4 experts take their activations.
+    pub(crate) acts: Activations,
+}
+
+/// How the CPU executor feeds activations to the MXFP4 expert products.
+///
+/// * [`Activations::F32`] (the library default): f32 activations, the exact reference — the
+///   mode every golden, the GPU executors' tests and the f64 error bounds of `fp4::cpu` refer to.
+/// * [`Activations::Q8`]: each activation row quantized once per op to int8 per block of 32
+///   (`fp4::q8`, llama.cpp's `q8_0` scheme) and multiplied with integer dot products
+///   (AVX-512-VNNI / AVX2). Deterministic per row, so decode, verify and chunked prefill stay
+///   bit-identical to each other and speculative greedy equals plain greedy; the error against
+///   the exact product is bounded by `fp4::q8_error_bound` (≈ `Σ_b amax_b/254 · Σ|W|`, about
+///   0.4 % of a block's largest activation per weight). The CLI's default on the CPU (`ultra
+///   generate / serve / bench-*`, `--activations f32` for the exact mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    #[default]
+    F32,
+    Q8,
+}
+
+impl std::str::FromStr for Activations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Activations::F32),
+            "q8" => Ok(Activations::Q8),
+            other => Err(format!("unknown activation mode {other:?}: f32 or q8")),
+        }
+    }
+}
+
+/// The tensors only a drafter's plans read.
+pub(crate) struct DraftTensors<'a> {
+    /// `[H, K·H_t]`.
+    pub(crate) fc: &'a Mat,
+    /// `[H]`.
+    pub(crate) hidden_norm: &'a [f32],
+    /// Replaces the embedding of rows `1..` of a block (MiMo), if present.
+    pub(crate) mask_embedding: Option<&'a [f32]>,
+}
+
+impl<'a> Bound<'a> {
+    /// Layer `l`'s weights on `rank`.
+    fn layer(&self, rank: usize, l: usize) -> &Layer {
+        match self.rank_layers {
+            Some(r) => &r[rank][l],
+            None => &self.layers[l],
+        }
+    }
+
+    /// A norm weight vector.
+    fn norm_weight(&self, id: WeightId) -> Result<&[f32], CpuError> {
+        Ok(match (id.tensor, id.layer) {
+            (Tensor::InputNorm, Some(l)) => &self.layers[l].input_norm,
+            (Tensor::PostAttnNorm, Some(l)) => &self.layers[l].post_attn_norm,
+            (Tensor::FinalNorm, None) => self.final_norm,
+            _ => {
+                return Err(CpuError::Plan(PlanError::Invalid(format!(
+                    "{id} is not a norm the CPU executor knows"
+                ))))
+            }
+        })
+    }
+
+    fn matrix(m: Option<&'a Mat>, what: &str) -> Result<&'a Mat, CpuError> {
+        m.ok_or_else(|| {
+            CpuError::Plan(PlanError::Invalid(format!(
+                "the plan reads the {what}, which this pass has none of"
+            )))
+        })
+    }
+
+    fn drafter(&self, op: &str) -> Result<&DraftTensors<'_>, CpuError> {
+        self.drafter.as_ref().ok_or_else(|| {
+            CpuError::Plan(PlanError::Invalid(format!(
+                "{op} is a drafter op; a target model does not run it"
+            )))
+        })
+    }
+}
+
+/// The rows a pass starts from: token ids (embedded by the plan's `embed` op) or a drafter's
+/// context features (`[rows, K·H_t]`, read by `draft_context`).
+#[derive(Clone, Copy)]
+pub(crate) enum PassInput<'a> {
+    Tokens(&'a [u32]),
+    Features(&'a [f32]),
 }
 
 /// RMSNorm of every `hs`-wide row of `x` into `h`.
@@ -979,19 +1103,17 @@ fn moe_of(layer: &Layer, l: usize) -> Result<&crate::weights::Moe, CpuError> {
 /// different sequence at its own positions), running the ops of the model's plan for `logits`
 /// in order. Matrix ops read each weight once for all rows; attention runs per segment over its
 /// own cache. Hidden states are copied out at the plan's taps.
-fn run_pass(
-    m: &CpuModel,
+pub(crate) fn run_pass(
+    m: &Bound<'_>,
     segs: &mut [Segment<'_>],
     s: &mut Scratch,
-    tokens: &[u32],
-    logits: Logits,
+    input: PassInput<'_>,
     hidden_layers: &[usize],
     hidden: &mut [Vec<Vec<f32>>],
 ) -> Result<(), CpuError> {
-    let plan = m.plans.get(logits);
-    let w = &*m.weights;
-    let t = tokens.len();
-    let hs = m.config.hidden_size;
+    let plan = m.plan;
+    let t: usize = segs.iter().map(|g| g.len).sum();
+    let hs = m.hidden;
     let ranks = plan.ranks;
     for b in [&mut s.q, &mut s.attn, &mut s.act, &mut s.partial] {
         b.resize_with(ranks, Vec::new);
@@ -1026,14 +1148,35 @@ fn run_pass(
         let l = op.layer.unwrap_or(0);
         match op.kind {
             OpKind::Embed(p) => {
-                for (row, &tok) in s.x.chunks_exact_mut(hs).zip(tokens) {
-                    w.embed.row_into(tok as usize, row);
+                let PassInput::Tokens(tokens) = input else {
+                    return Err(CpuError::Plan(PlanError::Invalid(
+                        "the plan embeds tokens but the pass has features".into(),
+                    )));
+                };
+                // A drafter block's rows 1.. are mask rows: the mask embedding replaces the
+                // mask token's row when the drafter has one.
+                if tokens.len() != t {
+                    return Err(CpuError::Mismatch(format!(
+                        "{} tokens for a pass of {t} rows",
+                        tokens.len()
+                    )));
+                }
+                let embed = Bound::matrix(m.embed, "embedding")?;
+                let mask = match (&m.drafter, plan.shape.kind) {
+                    (Some(d), PassKind::DraftBlock) => d.mask_embedding,
+                    _ => None,
+                };
+                for (i, (row, &tok)) in s.x.chunks_exact_mut(hs).zip(tokens).enumerate() {
+                    match mask {
+                        Some(me) if i > 0 => row.copy_from_slice(me),
+                        _ => embed.row_into(tok as usize, row),
+                    }
                     if p.scale != 1.0 {
                         row.iter_mut().for_each(|v| *v *= p.scale);
                     }
                 }
             }
-            OpKind::RmsNorm(p) => norm_rows(&s.x, m.norm_weight(p.weight), p.eps, &mut s.h, hs),
+            OpKind::RmsNorm(p) => norm_rows(&s.x, m.norm_weight(p.weight)?, p.eps, &mut s.h, hs),
             OpKind::QkvRope(p) => {
                 let lw = &m.layer(rank, l).attn;
                 let g = p.geom;
@@ -1123,14 +1266,21 @@ fn run_pass(
                 }
             }
             OpKind::NormRouterTopK(p) => {
-                norm_rows(&s.x, m.norm_weight(p.norm.weight), p.norm.eps, &mut s.h, hs);
-                let moe = moe_of(&w.layers[l], l)?;
+                norm_rows(
+                    &s.x,
+                    m.norm_weight(p.norm.weight)?,
+                    p.norm.eps,
+                    &mut s.h,
+                    hs,
+                );
+                let moe = moe_of(&m.layers[l], l)?;
                 moe_ops::route(&p, moe, &s.h, t, &mut s.routing)?;
             }
             OpKind::ExpertsGateUp(p) => {
                 let moe = moe_of(m.layer(rank, l), l)?;
                 moe_ops::experts_gate_up(
                     &p,
+                    m.acts,
                     moe,
                     &s.h,
                     &s.routing,
@@ -1146,11 +1296,19 @@ fn run_pass(
                     s.partial[rank].resize(t * hs, 0.0);
                     &mut s.partial[rank]
                 };
-                moe_ops::experts_down(&p, moe, &s.act[rank], &s.routing, out, &mut s.experts)?;
+                moe_ops::experts_down(
+                    &p,
+                    m.acts,
+                    moe,
+                    &s.act[rank],
+                    &s.routing,
+                    out,
+                    &mut s.experts,
+                )?;
                 if p.residual {
                     ops::add_assign(&mut s.x, &s.o);
                     if let Some(nn) = p.next_norm {
-                        norm_rows(&s.x, m.norm_weight(nn.weight), nn.eps, &mut s.h, hs);
+                        norm_rows(&s.x, m.norm_weight(nn.weight)?, nn.eps, &mut s.h, hs);
                     }
                 }
             }
@@ -1188,7 +1346,7 @@ fn run_pass(
                 if p.residual {
                     ops::add_assign(&mut s.x, &s.o);
                     if let Some(nn) = p.next_norm {
-                        norm_rows(&s.x, m.norm_weight(nn.weight), nn.eps, &mut s.h, hs);
+                        norm_rows(&s.x, m.norm_weight(nn.weight)?, nn.eps, &mut s.h, hs);
                     }
                 }
             }
@@ -1200,20 +1358,24 @@ fn run_pass(
                 }
                 ops::add_assign(&mut s.x, &s.o);
                 if let Some(nn) = p.next_norm {
-                    norm_rows(&s.x, m.norm_weight(nn.weight), nn.eps, &mut s.h, hs);
+                    norm_rows(&s.x, m.norm_weight(nn.weight)?, nn.eps, &mut s.h, hs);
                 }
             }
             OpKind::LmHead(p) => match p.rows {
                 Logits::None => {}
                 Logits::Last => {
                     s.logits.resize(p.vocab, 0.0);
-                    ops::matvec(&w.lm_head, &s.h[(t - 1) * hs..t * hs], &mut s.logits);
+                    ops::matvec(
+                        Bound::matrix(m.lm_head, "LM head")?,
+                        &s.h[(t - 1) * hs..t * hs],
+                        &mut s.logits,
+                    );
                 }
                 Logits::All => {
                     let rows = t - p.skip_rows.min(t);
                     s.logits.resize(rows * p.vocab, 0.0);
                     ops::matmul(
-                        &w.lm_head,
+                        Bound::matrix(m.lm_head, "LM head")?,
                         &s.h[(t - rows) * hs..t * hs],
                         rows,
                         &mut s.logits,
@@ -1232,11 +1394,62 @@ fn run_pass(
                     best as u32
                 }));
             }
-            OpKind::DraftContext(_) | OpKind::DraftAttention(_) => {
-                return Err(CpuError::Plan(PlanError::Invalid(format!(
-                    "{} is a drafter op; the target executor does not run it",
-                    op.kind.name()
-                ))));
+            OpKind::DraftContext(p) => {
+                let d = m.drafter(op.kind.name())?;
+                let PassInput::Features(features) = input else {
+                    return Err(CpuError::Plan(PlanError::Invalid(
+                        "draft_context reads features but the pass has tokens".into(),
+                    )));
+                };
+                if features.len() != t * p.features || d.fc.cols != p.features {
+                    return Err(CpuError::Mismatch(format!(
+                        "draft_context: {} feature values for {t} rows of {} (fc takes {})",
+                        features.len(),
+                        p.features,
+                        d.fc.cols
+                    )));
+                }
+                ops::matmul(d.fc, features, t, &mut s.h);
+                ops::rms_norm_rows(&mut s.h, d.hidden_norm, p.eps);
+            }
+            OpKind::DraftAttention(p) => {
+                m.drafter(op.kind.name())?;
+                let lw = &m.layer(rank, l).attn;
+                let shape = AttnShape {
+                    n_heads: p.geom.n_heads,
+                    n_kv_heads: p.geom.n_kv_heads,
+                    head_dim: p.geom.head_dim,
+                    v_head_dim: p.geom.v_head_dim,
+                    window: None,
+                    scale: p.scale,
+                };
+                let sinks = if p.sinks {
+                    Some(lw.sinks.as_deref().ok_or_else(|| missing("sinks", l))?)
+                } else {
+                    None
+                };
+                let (qw, ow) = (p.geom.q_width(), p.geom.out_width());
+                let attn = &mut s.attn[rank];
+                attn.resize(t * ow, 0.0);
+                let mut r0 = 0;
+                for seg in segs.iter_mut() {
+                    let r1 = r0 + seg.len;
+                    let cache = &seg.kv[rank].layers[l];
+                    ops::block_attention(
+                        &shape,
+                        p.window,
+                        p.causal,
+                        &s.q[rank][r0 * qw..r1 * qw],
+                        &cache.keys(),
+                        &cache.values(),
+                        seg.start,
+                        seg.len,
+                        sinks,
+                        &mut s.scores,
+                        &mut attn[r0 * ow..r1 * ow],
+                    );
+                    r0 = r1;
+                }
             }
         }
         while let Some(tap) = taps.next_if(|tp| tp.after == i) {

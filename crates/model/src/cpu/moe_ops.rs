@@ -15,7 +15,7 @@ use crate::plan::{ExpertsDownParams, ExpertsGateUpParams, RouterParams};
 use crate::weights::{ExpertMat, Moe};
 
 use super::ffn::expert_matmul;
-use super::{ops, CpuError};
+use super::{ops, Activations, CpuError};
 
 /// The routing of a pass and the per-expert bookkeeping (shared by every rank).
 #[derive(Debug, Default, Clone)]
@@ -30,12 +30,26 @@ pub struct Routing {
 /// Reusable buffers of the expert ops.
 #[derive(Debug, Default, Clone)]
 pub struct ExpertScratch {
-    xe: Vec<f32>,
-    gu: Vec<f32>,
+    job: JobScratch,
     down: Vec<f32>,
     slots: Vec<f32>,
     order: Vec<usize>,
     jobs: Vec<Job>,
+    /// The pass's normed rows quantized once ([`Activations::Q8`]).
+    hq: fp4::Q8Rows,
+}
+
+/// One job's buffers: its rows' activations (f32, or quantized) and the gate_up output.
+#[derive(Debug, Default, Clone)]
+struct JobScratch {
+    xe: Vec<f32>,
+    xq: fp4::Q8Rows,
+    gu: Vec<f32>,
+}
+
+/// Whether an expert matrix takes quantized activations in `acts` mode.
+fn quantized(acts: Activations, w: &ExpertMat) -> bool {
+    acts == Activations::Q8 && matches!(w, ExpertMat::Mxfp4(_))
 }
 
 /// The `moe` routing variant of `p` for the MoE block `m`.
@@ -128,13 +142,7 @@ fn run_jobs<F, G>(
     mut scatter: G,
 ) -> Result<(), CpuError>
 where
-    F: Fn(
-            &[moe::DispatchEntry],
-            usize,
-            &mut (Vec<f32>, Vec<f32>),
-            &mut [f32],
-        ) -> Result<(), CpuError>
-        + Sync,
+    F: Fn(&[moe::DispatchEntry], usize, &mut JobScratch, &mut [f32]) -> Result<(), CpuError> + Sync,
     G: FnMut(&[moe::DispatchEntry], &[f32]),
 {
     use rayon::prelude::*;
@@ -142,20 +150,17 @@ where
     if par {
         let outs = jobs
             .par_iter()
-            .map_init(
-                || (Vec::new(), Vec::new()),
-                |sc, job| {
-                    let en = entries(job);
-                    let mut out = vec![0f32; en.len() * per_row];
-                    f(en, job.0, sc, &mut out).map(|()| out)
-                },
-            )
+            .map_init(JobScratch::default, |sc, job| {
+                let en = entries(job);
+                let mut out = vec![0f32; en.len() * per_row];
+                f(en, job.0, sc, &mut out).map(|()| out)
+            })
             .collect::<Vec<_>>();
         for (job, out) in jobs.iter().zip(outs) {
             scatter(entries(job), &out?);
         }
     } else {
-        let mut sc = (std::mem::take(&mut s.xe), std::mem::take(&mut s.gu));
+        let mut sc = std::mem::take(&mut s.job);
         let mut out = std::mem::take(&mut s.down);
         let mut res = Ok(());
         for job in jobs {
@@ -167,7 +172,7 @@ where
             }
             scatter(en, &out);
         }
-        (s.xe, s.gu, s.down) = (sc.0, sc.1, out);
+        (s.job, s.down) = (sc, out);
         res?;
     }
     Ok(())
@@ -178,6 +183,7 @@ where
 /// in parallel on the rayon pool when that pays (see [`jobs`]).
 pub fn experts_gate_up(
     p: &ExpertsGateUpParams,
+    acts: Activations,
     m: &Moe,
     h: &[f32],
     r: &Routing,
@@ -189,6 +195,12 @@ pub fn experts_gate_up(
     if i == 0 {
         return Ok(());
     }
+    // Quantized once per row for every expert that reads it.
+    let mut hq = std::mem::take(&mut s.hq);
+    if m.experts.iter().any(|e| quantized(acts, &e.gate_up)) {
+        hq.reset(hs)?;
+        hq.push_rows(&h[..r.rows * hs])?;
+    }
     let mut js = std::mem::take(&mut s.jobs);
     let par = jobs(r, m, false, &mut js);
     let res = run_jobs(
@@ -197,15 +209,26 @@ pub fn experts_gate_up(
         i,
         par,
         s,
-        |chunk, e, (xe, gu), out| {
+        |chunk, e, JobScratch { xe, xq, gu }, out| {
             let ex = &m.experts[e];
             let (n, i2) = (chunk.len(), ex.gate_up.rows());
-            xe.resize(n * hs, 0.0);
-            for (dst, en) in xe.chunks_exact_mut(hs).zip(chunk) {
-                dst.copy_from_slice(&h[en.token * hs..(en.token + 1) * hs]);
-            }
             gu.resize(n * i2, 0.0);
-            expert_matmul(&ex.gate_up, xe, n, gu)?;
+            match &ex.gate_up {
+                ExpertMat::Mxfp4(w) if quantized(acts, &ex.gate_up) => {
+                    xq.reset(hs)?;
+                    for en in chunk {
+                        xq.push_from(&hq, en.token)?;
+                    }
+                    fp4::gemm_q8(w.view()?, xq, gu)?;
+                }
+                _ => {
+                    xe.resize(n * hs, 0.0);
+                    for (dst, en) in xe.chunks_exact_mut(hs).zip(chunk) {
+                        dst.copy_from_slice(&h[en.token * hs..(en.token + 1) * hs]);
+                    }
+                    expert_matmul(&ex.gate_up, xe, n, gu)?;
+                }
+            }
             if let Some(b) = &ex.gate_up_bias {
                 ops::add_bias(gu, b);
             }
@@ -222,6 +245,7 @@ pub fn experts_gate_up(
         },
     );
     s.jobs = js;
+    s.hq = hq;
     res
 }
 
@@ -230,6 +254,7 @@ pub fn experts_gate_up(
 /// in parallel on the rayon pool when that pays (see [`jobs`]); the sums are serial.
 pub fn experts_down(
     p: &ExpertsDownParams,
+    acts: Activations,
     m: &Moe,
     act: &[f32],
     r: &Routing,
@@ -248,7 +273,7 @@ pub fn experts_down(
         hs,
         par,
         s,
-        |chunk, e, (xe, _), down| {
+        |chunk, e, JobScratch { xe, xq, .. }, down| {
             let ex = &m.experts[e];
             let n = chunk.len();
             if i == 0 {
@@ -259,7 +284,15 @@ pub fn experts_down(
                     let at = (en.token * k + en.slot) * i;
                     dst.copy_from_slice(&act[at..at + i]);
                 }
-                down_matmul(&ex.down, xe, n, down)?;
+                match &ex.down {
+                    // Each (token, slot) row feeds one expert: quantized here, once.
+                    ExpertMat::Mxfp4(w) if quantized(acts, &ex.down) => {
+                        xq.reset(i)?;
+                        xq.push_rows(xe)?;
+                        fp4::gemm_q8(w.view()?, xq, down)?;
+                    }
+                    _ => down_matmul(&ex.down, xe, n, down)?,
+                }
             }
             if let Some(b) = &ex.down_bias {
                 ops::add_bias(down, b);

@@ -922,3 +922,62 @@ pub fn attention_rows_in(
             });
     }
 }
+
+/// Block attention of one drafter layer (the CPU body of `draft_attention`): `b` queries at
+/// positions `start ..` over the keys and values of `k` / `v` (context then block, read through
+/// [`KvRows`]: the drafter's paged context cache).
+/// Query `i` (position `p`) sees the keys `lo .. hi` with `lo = p + 1 − W` (0 without a window)
+/// and `hi = p + 1` when `causal`, else `min(start + b, p + W)` (all block keys without a
+/// window). Parallel over (query, head) when the work is large; each output is computed the same
+/// way either way.
+#[allow(clippy::too_many_arguments)]
+pub fn block_attention(
+    shape: &AttnShape,
+    window: Option<usize>,
+    causal: bool,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    start: usize,
+    b: usize,
+    sinks: Option<&[f32]>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (nh, d, dv) = (shape.n_heads, shape.head_dim, shape.v_head_dim);
+    let end = start + b;
+    let range = |i: usize| {
+        let p = start + i;
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let hi = match (causal, window) {
+            (true, _) => p + 1,
+            (false, None) => end,
+            (false, Some(w)) => (p + w).min(end),
+        };
+        lo..hi
+    };
+    let one = |idx: usize, sc: &mut Vec<f32>, o: &mut [f32]| {
+        let (i, head) = (idx / nh, idx % nh);
+        attention_span_in(
+            shape,
+            &q[i * nh * d..(i + 1) * nh * d],
+            k,
+            v,
+            range(i),
+            head,
+            sinks,
+            sc,
+            o,
+        );
+    };
+    let visible = end - k.span().start.min(end);
+    if b * nh * visible * 2 * d < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
+        for (idx, o) in out.chunks_exact_mut(dv).enumerate() {
+            one(idx, scores, o);
+        }
+    } else {
+        out.par_chunks_mut(dv)
+            .enumerate()
+            .for_each_init(Vec::new, |sc, (idx, o)| one(idx, sc, o));
+    }
+}

@@ -108,6 +108,12 @@ impl DrafterConfig {
     /// `target` (whose embedding and LM head it borrows; its hidden states are the features).
     /// Draft layers are Qwen3 blocks: q/k norms, SwiGLU.
     pub fn draft_spec(&self, target: &crate::config::ModelConfig) -> crate::plan::draft::DraftSpec {
+        self.draft_spec_dims(self.num_features() * target.hidden_size, target.vocab_size)
+    }
+
+    /// [`DrafterConfig::draft_spec`] from the target's dimensions alone: the feature width
+    /// (`K · H_target`) and the vocabulary of the embedding and LM head the drafter borrows.
+    pub fn draft_spec_dims(&self, features: usize, vocab: usize) -> crate::plan::draft::DraftSpec {
         use crate::plan::draft::{DraftLayer, DraftSpec};
         DraftSpec {
             hidden: self.hidden_size,
@@ -131,8 +137,8 @@ impl DrafterConfig {
                     causal: l.causal,
                 })
                 .collect(),
-            features: self.num_features() * target.hidden_size,
-            vocab: target.vocab_size,
+            features,
+            vocab,
         }
     }
 

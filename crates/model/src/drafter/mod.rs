@@ -5,7 +5,7 @@
 //! ([`hidden_index`]).
 //!
 //! These live with the model, not with the speculative loop (`dflash`), so that every
-//! executor of a drafter — the CPU draft forward in `dflash`, the GPU one in `tilert` — builds
+//! executor of a drafter — the CPU one (`crate::cpu::draft`), the GPU one in `tilert` — builds
 //! on the same types without depending on the loop. `dflash` re-exports them at their old paths
 //! (`dflash::config`, `dflash::DrafterWeights`, `dflash::DrafterError`,
 //! `dflash::target::hidden_index`).
@@ -71,6 +71,9 @@ pub enum DrafterError {
     /// A draft call with bad arguments (block size, token, state).
     #[error("draft: {0}")]
     Input(String),
+    /// The executor could not build or run a drafter pass (an inconsistent plan).
+    #[error("draft: {0}")]
+    Executor(#[from] crate::cpu::CpuError),
 }
 
 /// The drafter's own weights (it borrows the target's embedding and LM head). Matrices are

@@ -11,6 +11,11 @@ use serve::commands;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// CPU executor: how MXFP4 experts take activations. `q8` (default): int8 per block of 32
+    /// and integer dot products (AVX-512-VNNI / AVX2; deterministic, bounded error, see README);
+    /// `f32`: exact f32 activations (the reference the goldens and GPU tests use).
+    #[arg(long, global = true, default_value = "q8")]
+    activations: model::cpu::Activations,
 }
 
 /// Where to run.
@@ -671,6 +676,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    commands::set_cpu_activations(cli.activations);
     match cli.cmd {
         Cmd::BenchFp4 {
             iters,

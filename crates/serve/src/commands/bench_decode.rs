@@ -88,13 +88,13 @@ pub fn run(fixtures: &[&Path], tokens: usize, repeats: usize) -> Result<Vec<Deco
         let raw: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
         let plan = StoragePlan::from_config_json(&raw);
-        let m = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
+        let m = super::cpu_model(Arc::new(cfg), Arc::new(weights))?;
         let rate = time_decode(&m, &prompt, tokens, repeats)?;
         rows.push(row(dir.display().to_string(), &m, plan, rate));
     }
     let cfg = synthetic_gpt_oss_100m();
     let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
-    let m = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
+    let m = super::cpu_model(Arc::new(cfg), Arc::new(weights))?;
     let rate = time_decode(&m, &prompt, tokens, repeats)?;
     rows.push(row(
         "synthetic gpt-oss-style MoE (MXFP4 experts)".into(),

@@ -167,7 +167,7 @@ pub fn run(case: Case, tg_tokens: usize, pp_tokens: usize, repeats: usize) -> Re
     let t0 = Instant::now();
     let w = weights(&cfg);
     let f = Footprint::new(&cfg, StoragePlan::MXFP4_EXPERTS);
-    let m = CpuModel::new(Arc::new(cfg.clone()), Arc::new(w))?;
+    let m = super::cpu_model(Arc::new(cfg.clone()), Arc::new(w))?;
     eprintln!(
         "{}: {:.1} M params ({:.1} M active), weights built in {:.1} s",
         case.name(),

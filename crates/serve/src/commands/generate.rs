@@ -279,7 +279,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let (config, weights) = model::load::load_with_progress(dir, &mut progress)
         .with_context(|| format!("loading {}", dir.display()))?;
     let config = Arc::new(config);
-    let model = CpuModel::new(config.clone(), Arc::new(weights))?;
+    let model = super::cpu_model(config.clone(), Arc::new(weights))?;
     let tokenizer = load_tokenizer(dir)?;
     eprintln!(
         "loaded {} ({} layers) in {:.2} s",

@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
 use model::cpu::toy::{random_weights, synthetic_gpt_oss_100m, ToyExperts};
-use model::cpu::CpuModel;
 
 use crate::commands::generate::gpu_max_seq;
 use crate::engine::{CpuBackend, EngineConfig, EngineHandle, GpuBackend};
@@ -72,7 +71,7 @@ pub(crate) async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Serve
             let (max_context, pool) = (setup.engine.max_context, setup.engine.max_running);
             match device {
                 ServeDevice::Cpu => {
-                    let model = CpuModel::new(Arc::new(cfg), Arc::new(weights))?;
+                    let model = super::cpu_model(Arc::new(cfg), Arc::new(weights))?;
                     EngineHandle::start(
                         move || Ok(CpuBackend::new(model)),
                         None,
