@@ -462,11 +462,10 @@ impl CpuModel {
             })
             .collect();
         let r = run_pass(
-            self,
+            &self.bound(Logits::All),
             &mut segs,
             &mut scratch,
-            &tokens,
-            Logits::All,
+            PassInput::Tokens(&tokens),
             hidden_layers,
             &mut hidden,
         );
