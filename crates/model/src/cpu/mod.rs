@@ -346,64 +346,12 @@ impl CpuModel {
                 tokens.len()
             )));
         }
-        if sessions.is_empty() {
-            return Err(CpuError::EmptyInput);
-        }
-        if let Some(i) = sessions.iter().position(|x| {
-            !Arc::ptr_eq(&x.model.weights, &self.weights) || x.model.ranks() != self.ranks()
-        }) {
-            return Err(CpuError::Mismatch(format!(
-                "decode_batch: session {i} belongs to another model"
-            )));
-        }
-        for (x, &t) in sessions.iter().zip(tokens) {
-            x.check_tokens(&[t])?;
-        }
-        for x in sessions.iter_mut() {
-            x.begin_call();
-        }
-        // The first session lends its buffers to the pass.
-        let mut scratch = std::mem::take(&mut sessions[0].s);
-        let mut segs: Vec<Segment<'_>> = sessions
-            .iter_mut()
-            .map(|x| Segment {
-                start: x.len,
-                len: 1,
-                kv: &mut x.kv,
-            })
-            .collect();
-        let r = run_pass(
-            &self.bound(Logits::All),
-            &mut segs,
-            &mut scratch,
-            PassInput::Tokens(tokens),
-            &[],
-            &mut [],
-        );
-        drop(segs);
-        let v = self.config.vocab_size;
-        let out = r.map(|()| {
-            scratch
-                .logits
-                .chunks_exact(v)
-                .map(<[f32]>::to_vec)
-                .collect()
-        });
-        sessions[0].s = scratch;
-        match out {
-            Ok(logits) => {
-                for x in sessions.iter_mut() {
-                    x.len += 1;
-                }
-                Ok(logits)
-            }
-            Err(e) => {
-                for x in sessions.iter_mut() {
-                    x.undo_call();
-                }
-                Err(e)
-            }
-        }
+        let blocks: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        let out = self.batch_pass("decode_batch", sessions, &blocks, &[])?;
+        Ok(out
+            .into_iter()
+            .map(|o| o.logits.into_iter().next().unwrap_or_default())
+            .collect())
     }
 
     /// Runs `blocks[i]` on `sessions[i]` for every `i` in ONE pass (as [`Session::verify`] of
@@ -425,6 +373,18 @@ impl CpuModel {
                 blocks.len()
             )));
         }
+        self.batch_pass("verify_batch", sessions, blocks, hidden_layers)
+    }
+
+    /// The one batched pass behind [`CpuModel::decode_batch`] and [`CpuModel::verify_batch`]
+    /// (`what` names the caller in errors): `blocks[i]` on `sessions[i]`, all-or-nothing.
+    fn batch_pass(
+        &self,
+        what: &str,
+        sessions: &mut [&mut Session],
+        blocks: &[&[u32]],
+        hidden_layers: &[usize],
+    ) -> Result<Vec<VerifyOutput>, CpuError> {
         if sessions.is_empty() {
             return Err(CpuError::EmptyInput);
         }
@@ -439,7 +399,7 @@ impl CpuModel {
             !Arc::ptr_eq(&x.model.weights, &self.weights) || x.model.ranks() != self.ranks()
         }) {
             return Err(CpuError::Mismatch(format!(
-                "verify_batch: session {i} belongs to another model"
+                "{what}: session {i} belongs to another model"
             )));
         }
         for (x, b) in sessions.iter().zip(blocks) {
