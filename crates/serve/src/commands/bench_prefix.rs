@@ -18,9 +18,8 @@ use anyhow::{bail, Result};
 use model::sampling::SamplingParams;
 use rand::{Rng, SeedableRng};
 
-use super::serve::{ServeDevice, ServeSetup};
+use super::serve::{load_engine, ServeSetup};
 use crate::engine::{EngineHandle, Event, GenerateRequest};
-use crate::server;
 
 /// The workload's sizes.
 #[derive(Debug, Clone)]
@@ -92,13 +91,7 @@ fn start(setup: &ServeSetup, caching: bool) -> Result<EngineHandle> {
     }
     let mut cfg = setup.engine.clone();
     cfg.prefix_caching = caching;
-    match &setup.device {
-        ServeDevice::Cpu => server::load_cpu_engine(dir, None, None, cfg),
-        ServeDevice::Cuda(ordinal) => server::load_gpu_engine(dir, None, None, cfg, *ordinal),
-        ServeDevice::CudaTp { ranks, placement } => {
-            server::load_tp_engine(dir, None, cfg, *ranks, placement.clone())
-        }
-    }
+    load_engine(dir, None, None, cfg, setup.device.clone())
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize, seed: u64) -> GenerateRequest {

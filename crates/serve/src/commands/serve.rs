@@ -48,22 +48,33 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The engine of the checkpoint in `dir` (with `draft`, speculative) on `device`.
+pub(crate) fn load_engine(
+    dir: &Path,
+    draft: Option<&Path>,
+    block_size: Option<usize>,
+    cfg: EngineConfig,
+    device: ServeDevice,
+) -> Result<EngineHandle> {
+    match device {
+        ServeDevice::Cpu => server::load_cpu_engine(dir, draft, block_size, cfg),
+        ServeDevice::Cuda(ordinal) => server::load_gpu_engine(dir, draft, block_size, cfg, ordinal),
+        ServeDevice::CudaTp { ranks, placement } => {
+            server::load_tp_engine(dir, draft, cfg, ranks, placement)
+        }
+    }
+}
+
 pub(crate) async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
     let model_id = setup.engine.model_id.clone();
     Server::start(opts, model_id, move || match (&setup.model, setup.device) {
-        (Some(dir), ServeDevice::Cpu) => {
-            server::load_cpu_engine(dir, setup.draft.as_deref(), setup.block_size, setup.engine)
-        }
-        (Some(dir), ServeDevice::Cuda(ordinal)) => server::load_gpu_engine(
+        (Some(dir), device) => load_engine(
             dir,
             setup.draft.as_deref(),
             setup.block_size,
             setup.engine,
-            ordinal,
+            device,
         ),
-        (Some(dir), ServeDevice::CudaTp { ranks, placement }) => {
-            server::load_tp_engine(dir, setup.draft.as_deref(), setup.engine, ranks, placement)
-        }
         (None, device) => {
             let cfg = synthetic_gpt_oss_100m();
             let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
