@@ -12,6 +12,7 @@ use model::checkpoint::{Checkpoint, CheckpointError};
 use model::config::{ConfigError, ModelConfig};
 use model::cpu::draft::CpuDrafter;
 use model::drafter::tensor_err;
+use model::spec::SpecError;
 use model::weights::{Attention, Layer, Linear, Mat, Mlp};
 use rayon::prelude::*;
 
@@ -309,10 +310,40 @@ impl Reader<'_> {
         Ok(v)
     }
 
+    /// A `[rows, cols]` weight in its stored dtype: a view of the mapped file (as the target's
+    /// weights, `model::weights`).
     fn mat(&self, name: &str, rows: usize, cols: usize) -> Result<Mat, DrafterError> {
-        let mut data = vec![0f32; rows * cols];
-        self.read(name, &[rows, cols], &mut data)?;
-        Ok(Mat::from_f32(rows, cols, data))
+        let full = format!("{}{name}", self.prefix);
+        model::load::weight_mat(self.ck, &full, rows, cols).map_err(|e| self.spec_err(e))
+    }
+
+    /// `gate_proj` then `up_proj` (`[inter, hidden]` each) as one `[2·inter, hidden]` matrix in
+    /// the stored dtype: a view when they lie back to back in the file (as `save_file` writes
+    /// them), else one copy in the stored dtype.
+    fn gate_up(&self, mlp: &str, inter: usize, hidden: usize) -> Result<Mat, DrafterError> {
+        let (g, u) = (
+            format!("{}{mlp}.gate_proj.weight", self.prefix),
+            format!("{}{mlp}.up_proj.weight", self.prefix),
+        );
+        model::load::gate_up_mat(self.ck, &g, &u, inter, hidden).map_err(|e| self.spec_err(e))
+    }
+
+    /// A tensor-level loader error as a [`DrafterError`] naming the tensor.
+    fn spec_err(&self, e: SpecError) -> DrafterError {
+        match e {
+            SpecError::Missing { tensor, expected } => tensor_err(&tensor, expected, "nothing"),
+            SpecError::WrongShape {
+                tensor,
+                expected,
+                found,
+            }
+            | SpecError::WrongDtype {
+                tensor,
+                expected,
+                found,
+            } => tensor_err(&tensor, expected, found),
+            SpecError::Checkpoint(e) => self.err(e),
+        }
     }
 
     fn linear(
@@ -395,17 +426,13 @@ fn load_weights(
                     None
                 },
             };
-            let mut gu = vec![0f32; 2 * inter * h];
-            let (g, u) = gu.split_at_mut(inter * h);
-            r.read(&format!("{p}.mlp.gate_proj.weight"), &[inter, h], g)?;
-            r.read(&format!("{p}.mlp.up_proj.weight"), &[inter, h], u)?;
             Ok(Layer {
                 input_norm: r.vector(&format!("{p}.input_layernorm.weight"), h)?,
                 attn,
                 post_attn_norm: r.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 mlp: Mlp::Dense {
                     gate_up: Linear {
-                        w: Mat::from_f32(2 * inter, h, gu),
+                        w: r.gate_up(&format!("{p}.mlp"), inter, h)?,
                         bias: None,
                     },
                     down: r.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,

@@ -237,6 +237,45 @@ fn linear(ck: &Checkpoint, w: &TensorSpec, b: Option<&TensorSpec>) -> Result<Lin
     })
 }
 
+/// The spec of a `[rows, cols]` weight stored in one of the dense dtypes ([`spec::WEIGHT`]).
+fn weight_spec(name: &str, rows: usize, cols: usize) -> TensorSpec {
+    TensorSpec {
+        names: vec![name.to_string()],
+        forms: vec![spec::Form::Dense {
+            shape: vec![rows, cols],
+            dtypes: spec::WEIGHT,
+        }],
+    }
+}
+
+/// The 2-D weight `name`, checked to be `[rows, cols]` in a dense dtype (BF16, F16, F32, or
+/// F8_E4M3 with optional `_scale_inv` block scales), as a [`Mat`] in its stored dtype: a view of
+/// the mapped file. For loaders of other checkpoint kinds (DFlash drafters) that keep the
+/// conventions of [`crate::weights`].
+pub fn weight_mat(ck: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Mat, SpecError> {
+    mat(ck, &weight_spec(name, rows, cols))
+}
+
+/// `gate` (`[inter, hidden]`) then `up` (`[inter, hidden]`) as one `[2·inter, hidden]` matrix in
+/// [`GateUpLayout::Halves`] order and the stored dtype, each checked as [`weight_mat`]: a view
+/// when the two tensors lie back to back in one file (as `save_file` writes `gate_proj` and
+/// `up_proj` of one MLP), else one owned copy in the stored dtype.
+pub fn gate_up_mat(
+    ck: &Checkpoint,
+    gate: &str,
+    up: &str,
+    inter: usize,
+    hidden: usize,
+) -> Result<Mat, SpecError> {
+    let (g, u) = (
+        weight_spec(gate, inter, hidden),
+        weight_spec(up, inter, hidden),
+    );
+    dense(ck, &g)?;
+    dense(ck, &u)?;
+    gate_up_halves(ck, &g, &u)
+}
+
 /// `[gate; up]` as one `[2I, H]` matrix (Halves layout) in the stored dtype: a view when the
 /// two tensors lie back to back in one file, else an owned concatenation.
 fn gate_up_halves(ck: &Checkpoint, gate: &TensorSpec, up: &TensorSpec) -> Result<Mat, SpecError> {

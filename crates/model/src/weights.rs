@@ -518,6 +518,65 @@ impl Mat {
         out
     }
 
+    /// Columns `c0 .. c0 + n` as an owned matrix in the same stored dtype (one copy of those
+    /// values; e.g. a DFlash drafter's `fc`, split per target layer for the device). FP8 keeps
+    /// its codes and the matching scale columns when `c0` starts a scale block, and is widened
+    /// to f32 otherwise. Panics if the columns are outside the matrix.
+    pub fn columns(&self, c0: usize, n: usize) -> Mat {
+        assert!(
+            c0.checked_add(n).is_some_and(|e| e <= self.cols),
+            "Mat::columns: {c0}..+{n} outside {} columns",
+            self.cols
+        );
+        fn gather<T: Copy>(v: &[T], rows: usize, cols: usize, c0: usize, n: usize) -> Vec<T> {
+            (0..rows)
+                .flat_map(|r| v[r * cols + c0..r * cols + c0 + n].iter().copied())
+                .collect()
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let store = match self.data() {
+            MatData::F32(v) => Store::F32(Bytes::owned(Backing::F32(gather(v, rows, cols, c0, n)))),
+            MatData::Bf16(v) => Store::Bf16(Bytes::owned(Backing::U16(
+                gather(v, rows, cols, c0, n).into_iter().map(bf16::to_bits).collect(),
+            ))),
+            MatData::F16(v) => Store::F16(Bytes::owned(Backing::U16(
+                gather(v, rows, cols, c0, n).into_iter().map(f16::to_bits).collect(),
+            ))),
+            MatData::F8E4M3 { codes, scales } => match scales {
+                None => Store::F8 {
+                    codes: Bytes::from_vec(gather(codes, rows, cols, c0, n)),
+                    scales: None,
+                },
+                Some(s) if c0.is_multiple_of(s.block[1]) => {
+                    let (s0, sn) = (c0 / s.block[1], n.div_ceil(s.block[1]));
+                    let srows = s.values.len() / s.cols;
+                    Store::F8 {
+                        codes: Bytes::from_vec(gather(codes, rows, cols, c0, n)),
+                        scales: Some(OwnedScales {
+                            block: s.block,
+                            cols: sn,
+                            values: Arc::new(gather(s.values, srows, s.cols, s0, sn)),
+                        }),
+                    }
+                }
+                Some(_) => {
+                    let mut v = vec![0f32; rows * n];
+                    let mut row = vec![0f32; cols];
+                    for (r, out) in v.chunks_exact_mut(n.max(1)).enumerate().take(rows) {
+                        self.row_into(r, &mut row);
+                        out.copy_from_slice(&row[c0..c0 + n]);
+                    }
+                    Store::F32(Bytes::owned(Backing::F32(v)))
+                }
+            },
+        };
+        Mat {
+            rows,
+            cols: n,
+            store,
+        }
+    }
+
     /// The values as mutable f32, for tools and tests that edit weights: the storage becomes an
     /// owned f32 copy (widened when it was stored narrower) unless it already is one that
     /// nobody else shares.

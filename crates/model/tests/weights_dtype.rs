@@ -189,3 +189,44 @@ fn mxfp4_experts_are_views_of_the_packed_bytes() {
     assert_ne!(owned, *q, "editing a clone copies on write");
     assert_eq!(q.view().unwrap().rows(), q.rows);
 }
+
+/// `Mat::columns` keeps the stored dtype (FP8 with its scale columns when the range starts a
+/// scale block) and takes exactly the widened values of those columns.
+#[test]
+fn column_blocks_keep_the_stored_dtype() {
+    let (rows, cols) = (20, 48);
+    let v = rand_vals(11, rows * cols, 2.0);
+    let wide = |m: &Mat, c0: usize, n: usize| -> Vec<u32> {
+        let all = m.to_f32();
+        (0..m.rows)
+            .flat_map(|r| all[r * m.cols + c0..r * m.cols + c0 + n].to_vec())
+            .map(f32::to_bits)
+            .collect()
+    };
+    let codes: Vec<u8> = (0..rows * cols).map(|k| (k * 37 % 0x7E) as u8).collect();
+    let sc = cols.div_ceil(16);
+    let mats = [
+        Mat::from_f32(rows, cols, v.clone()),
+        Mat::from_bf16(rows, cols, v.iter().map(|&x| bf16::from_f32(x)).collect()),
+        Mat::from_f16(rows, cols, v.iter().map(|&x| f16::from_f32(x)).collect()),
+        Mat::from_bytes(
+            DenseDtype::F8E4M3,
+            rows,
+            cols,
+            Bytes::from_vec(codes),
+            Some(([16, 16], sc, rand_vals(5, rows.div_ceil(16) * sc, 4.0))),
+        )
+        .unwrap(),
+    ];
+    for m in &mats {
+        for (c0, n) in [(0, 16), (16, 32), (32, 16), (8, 20), (0, 48), (47, 1)] {
+            let b = m.columns(c0, n);
+            assert_eq!((b.rows, b.cols), (rows, n));
+            let kept = m.dtype() != DenseDtype::F8E4M3 || c0 % 16 == 0;
+            let want = if kept { m.dtype() } else { DenseDtype::F32 };
+            assert_eq!(b.dtype(), want, "{:?} {c0}+{n}", m.dtype());
+            let got: Vec<u32> = b.to_f32().into_iter().map(f32::to_bits).collect();
+            assert_eq!(got, wide(m, c0, n), "{:?} {c0}+{n}", m.dtype());
+        }
+    }
+}

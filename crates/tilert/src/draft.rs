@@ -42,7 +42,7 @@ use cudarc::driver::{CudaGraph, CudaStream};
 use model::drafter::{hidden_index, DrafterConfig, DrafterWeights, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use model::plan::draft::{DraftPass, DraftSpec};
 use model::plan::{LayerTables, Plan};
-use model::weights::{Mat, Mlp};
+use model::weights::Mlp;
 
 use crate::arena::{dtoh, htod, Arena, DPtr};
 use crate::exec::lower::{
@@ -102,13 +102,6 @@ fn device_addr(m: &DeviceMatrix) -> u64 {
     }
 }
 
-/// Columns `c0 .. c0 + n` of a row-major matrix.
-fn column_block(m: &Mat, c0: usize, n: usize) -> Vec<f32> {
-    (0..m.rows)
-        .flat_map(|r| m.row(r)[c0..c0 + n].to_vec())
-        .collect()
-}
-
 /// Key-cache capacity of one draft layer for sequences of at most `max_seq` committed positions
 /// (`LayerTables::kv_capacity` with the block on top): full attention keeps every position up
 /// to the block's end; a window `W` keeps a ring of `W + MAX_TOKENS` (the oldest key a block
@@ -141,8 +134,9 @@ impl GpuDrafter {
         let ht = w.fc.cols / k;
         let fc = (0..k)
             .map(|i| {
-                let block = column_block(&w.fc, i * ht, ht);
-                DeviceMatrix::upload(&mut arena, &block, w.fc.rows, ht, &format!("fc block {i}"))
+                // One target layer's columns in the stored dtype (bf16 goes up as it is).
+                let block = w.fc.columns(i * ht, ht);
+                DeviceMatrix::from_mat(&mut arena, &block, &format!("fc block {i}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut layers = Vec::with_capacity(w.layers.len());
@@ -788,10 +782,4 @@ mod tests {
         assert_eq!(cache_capacity(&tables(sliding), 2), 2 + MAX_TOKENS);
     }
 
-    #[test]
-    fn column_block_takes_the_columns_of_each_row() {
-        let m = Mat::from_f32(2, 4, (0..8).map(|x| x as f32).collect());
-        assert_eq!(column_block(&m, 0, 2), [0.0, 1.0, 4.0, 5.0]);
-        assert_eq!(column_block(&m, 2, 2), [2.0, 3.0, 6.0, 7.0]);
-    }
 }

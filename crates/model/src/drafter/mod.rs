@@ -77,7 +77,8 @@ pub enum DrafterError {
 }
 
 /// The drafter's own weights (it borrows the target's embedding and LM head). Matrices are
-/// `[out, in]` f32 as in [`model::weights`].
+/// `[out, in]` in the checkpoint's dtype (a loaded drafter's are views of the mapped file; the
+/// released drafters are BF16), norms and sinks f32, as in [`crate::weights`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrafterWeights {
     /// `[H, K·H_t]`.
