@@ -112,7 +112,7 @@ impl Drafter {
     /// Checks the drafter against a target of `vocab` tokens, hidden size `hidden` and
     /// `layers` decoder layers: drafter hidden size = target hidden (the drafter uses the
     /// target's embedding and LM head), `fc` input = K · target hidden, `vocab_size` (if given)
-    /// = target vocab, `mask_token_id` < target vocab, every target layer id < `layers`,
+    /// ≤ target vocab, `mask_token_id` < target vocab, every target layer id < `layers`,
     /// `num_target_layers` / `target_hidden_size` (if given) equal to the target's. Errors
     /// name the drafter field.
     pub fn check_dims(

@@ -670,8 +670,11 @@ fn published_configs_parse_and_check_against_their_targets() {
         (c.vocab_size, c.num_target_layers),
         (Some(152064), Some(70))
     );
-    // MiMo-V2.5-Pro: hidden 6144, 70 layers, vocabulary 152064; fc takes 5 × 6144 features.
+    // MiMo-V2.5-Pro: hidden 6144, 70 layers, vocabulary 152576 (fixtures/configs/
+    // mimo-v2.5-pro.json; the drafter's config says 152064, fewer than the target's, which it
+    // borrows); fc takes 5 × 6144 features.
     let fc = 5 * 6144;
+    assert_eq!(c.check_target_dims(fc, 152576, 6144, 70), Ok(()));
     assert_eq!(c.check_target_dims(fc, 152064, 6144, 70), Ok(()));
     let field = |r: Result<(), DrafterError>| match r {
         Err(DrafterError::TargetMismatch { field, reason }) => {
@@ -685,8 +688,9 @@ fn published_configs_parse_and_check_against_their_targets() {
         field(c.check_target_dims(fc, 152064, 4096, 70)),
         "hidden_size"
     );
+    // A target vocabulary smaller than the drafter's.
     assert_eq!(
-        field(c.check_target_dims(fc, 152576, 6144, 70)),
+        field(c.check_target_dims(fc, 152000, 6144, 70)),
         "vocab_size"
     );
     assert_eq!(
@@ -724,9 +728,9 @@ fn published_configs_parse_and_check_against_their_targets() {
         field(c.check_target_dims(5 * 4096, 151936, 4096, 28)),
         "target_layer_ids[4]"
     );
-    // Another vocabulary.
+    // A smaller vocabulary than the drafter's.
     assert_eq!(
-        field(c.check_target_dims(5 * 4096, 152064, 4096, 36)),
+        field(c.check_target_dims(5 * 4096, 151000, 4096, 36)),
         "vocab_size"
     );
 }

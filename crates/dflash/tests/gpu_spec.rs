@@ -2,7 +2,9 @@
 //! CPU drafter (`dflash::Drafter`) and plain GPU
 //! decoding, on the fixture drafters `fixtures/drafters/*` with their targets (z-lab full
 //! attention on Qwen3-MoE, z-lab causal sliding window 6 on gpt-oss, MiMo all-SWA window 3
-//! non-causal with sinks / value scale / partial RoPE / mask embedding on MiMo-V2-Flash) and
+//! non-causal with sinks / value scale / partial RoPE / mask embedding on MiMo-V2-Flash; the
+//! MiMo-V2.5 drafter in its released layout — `dflash_draft_model.safetensors` + index,
+//! `mask_embedding.pt` — on the FP8 / MXFP4 `mimo_v2` target `fixtures/mimo-v2/fp4`) and
 //! `dflash::toy` drafters of every shape.
 //!
 //! Tolerances: the target's hidden states already differ from the CPU's by the executor's
@@ -35,14 +37,18 @@ fn fixtures() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
 }
 
-/// The fixture drafters and their targets (`golden_draft.json`'s `target`).
+/// The fixture drafters (directories relative to `fixtures/`) and their targets
+/// (`golden_draft.json`'s `target`): the z-lab-shaped ones of `drafters/`, and the MiMo-V2.5
+/// drafter in its released layout next to the tiny `mimo_v2` target (`mimo-v2/dflash`).
 fn pairs() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for name in ["qwen3-moe-dflash", "gpt-oss-dflash", "mimo-dflash"] {
-        let golden = fixtures()
-            .join("drafters")
-            .join(name)
-            .join("golden_draft.json");
+    for name in [
+        "drafters/qwen3-moe-dflash",
+        "drafters/gpt-oss-dflash",
+        "drafters/mimo-dflash",
+        "mimo-v2/dflash",
+    ] {
+        let golden = fixtures().join(name).join("golden_draft.json");
         let g: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&golden).unwrap()).unwrap();
         out.push((name.to_string(), g["target"].as_str().unwrap().to_string()));
@@ -127,7 +133,7 @@ fn draft_logits_match_cpu() {
     for (name, rel) in pairs() {
         let m = load(&rel);
         let v = m.cpu.config().vocab_size;
-        let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let d = Drafter::load(&fixtures().join(&name), m.cpu.config()).unwrap();
         let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
         let layers = d.config().target_layer_ids.clone();
         let prompt: Vec<u32> = (0..20).map(|_| r.random_range(0..v as u32)).collect();
@@ -201,8 +207,7 @@ fn greedy_identity_with_plain_gpu_decoding() {
         let v = m.cpu.config().vocab_size;
         let prompt: Vec<u32> = (0..21).map(|_| r.random_range(0..v as u32)).collect();
         let want = plain_greedy(&m.gpu, &prompt, 40);
-        let fixture =
-            Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let fixture = Drafter::load(&fixtures().join(&name), m.cpu.config()).unwrap();
         let mut runs: Vec<(String, Drafter, usize)> = [2, 4, 8, 16]
             .into_iter()
             .map(|b| (name.clone(), fixture.clone(), b))
@@ -263,7 +268,7 @@ fn chunked_prefill_equals_one_call() {
         let v = m.cpu.config().vocab_size;
         let stream = m.gpu.stream().clone();
         let prompt: Vec<u32> = (0..40).map(|_| r.random_range(0..v as u32)).collect();
-        let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let d = Drafter::load(&fixtures().join(&name), m.cpu.config()).unwrap();
         let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
         let x = prompt[3];
         // The state after a prefill: (last row, draft rows of the next block, target row of x).
@@ -342,7 +347,7 @@ fn rejection_sampling_on_gpu_logits() {
     for (name, rel) in pairs() {
         let m = load(&rel);
         let v = m.cpu.config().vocab_size;
-        let d = Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let d = Drafter::load(&fixtures().join(&name), m.cpu.config()).unwrap();
         let gd = GpuDrafter::new(&m.gpu, d.config(), d.weights()).unwrap();
         let prompt: Vec<u32> = (0..12).map(|_| r.random_range(0..v as u32)).collect();
         let params = SamplingParams {
@@ -430,10 +435,10 @@ fn errors_are_typed() {
     let ps = pairs();
     let (name, rel) = &ps[0];
     let m = load(rel);
-    let d = Drafter::load(&fixtures().join("drafters").join(name), m.cpu.config()).unwrap();
+    let d = Drafter::load(&fixtures().join(name), m.cpu.config()).unwrap();
     // The other fixture drafters do not fit this target.
     for (other, _) in &ps[1..] {
-        let od = Drafter::load_unchecked(&fixtures().join("drafters").join(other)).unwrap();
+        let od = Drafter::load_unchecked(&fixtures().join(other)).unwrap();
         if od.check_target(m.cpu.config()).is_err() {
             assert!(
                 GpuDrafter::new(&m.gpu, od.config(), od.weights()).is_err(),
@@ -580,8 +585,7 @@ fn state_after_rejections_equals_a_fresh_prefill() {
     for (name, rel) in pairs() {
         let m = load(&rel);
         let v = m.cpu.config().vocab_size;
-        let fixture =
-            Drafter::load(&fixtures().join("drafters").join(&name), m.cpu.config()).unwrap();
+        let fixture = Drafter::load(&fixtures().join(&name), m.cpu.config()).unwrap();
         let stream = m.gpu.stream().clone();
         let prompt: Vec<u32> = (0..13).map(|_| r.random_range(0..v as u32)).collect();
         let plain = plain_greedy(&m.gpu, &prompt, 60);

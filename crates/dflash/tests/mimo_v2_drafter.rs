@@ -1,6 +1,6 @@
 //! The MiMo-V2.5(-Pro) DFlash drafter as the FP4-DFlash checkpoint ships it (`dflash/`:
 //! `config.json` with `dflash_config`, `dflash_draft_model.safetensors` + its index,
-//! `mask_embedding.pt`), on the tiny `mimo_v2` target `fixtures/mimo-v2/fp4` (fixture written by
+//! `mask_embedding.pt`; `fixtures/mimo-v2/dflash`), on the tiny `mimo_v2` target `fixtures/mimo-v2/fp4` (written by
 //! `scripts/fixtures/make_mimo_v2_dflash.py`):
 //!
 //! * the config resolves to MiMo's semantics (every layer sliding and non-causal, sinks, value
@@ -32,7 +32,7 @@ const TARGET: &str = "mimo-v2/fp4";
 const TOL: f32 = 1e-4;
 
 fn drafter_dir() -> PathBuf {
-    fixtures_root().join(TARGET).join("dflash")
+    fixtures_root().join("mimo-v2/dflash")
 }
 
 fn flat(v: &Value) -> Vec<f32> {
@@ -48,12 +48,19 @@ fn released_layout_loads_with_mimo_semantics_in_the_stored_dtype() {
     let m = load_target(TARGET);
     let d = Drafter::load(&drafter_dir(), m.config()).unwrap();
     let c = d.config();
-    assert_eq!(c.target_layer_ids, [0, 1, 2], "the last target layer is a tap");
+    assert_eq!(
+        c.target_layer_ids,
+        [0, 1, 2],
+        "the last target layer is a tap"
+    );
     assert_eq!(c.block_size, 8);
     assert_eq!(c.mask_token_id, 255);
     assert!(c.sinks);
     assert_eq!(c.value_scale, 0.612);
-    assert_eq!(c.rope.rotary_dim, 16, "partial_rotary_factor 0.5 of head_dim 32");
+    assert_eq!(
+        c.rope.rotary_dim, 16,
+        "partial_rotary_factor 0.5 of head_dim 32"
+    );
     assert_eq!(c.rope.theta, 10_000.0);
     assert_eq!(c.backbone_rotary_base, Some(5e6));
     assert_eq!(c.layers.len(), 2);
@@ -131,7 +138,9 @@ fn block_draft_matches_the_numpy_reference() {
     let mut cache = d.new_cache();
     d.append_context(&mut cache, &ours).unwrap();
     let w = m.weights();
-    let logits = d.draft(&mut cache, &w.embed, &w.lm_head, x_last, b).unwrap();
+    let logits = d
+        .draft(&mut cache, &w.embed, &w.lm_head, x_last, b)
+        .unwrap();
     assert_eq!(logits.len(), (b - 1) * v);
     let d_logit = max_abs_diff(&logits, &flat(&g["draft_logits"]));
     let tokens: Vec<u64> = logits.chunks_exact(v).map(|r| argmax(r) as u64).collect();
@@ -141,7 +150,9 @@ fn block_draft_matches_the_numpy_reference() {
         .iter()
         .map(|x| x.as_u64().unwrap())
         .collect();
-    eprintln!("max |Δ| features {d_feat:.2e}, fused context {d_fused:.2e}, draft logits {d_logit:.2e}");
+    eprintln!(
+        "max |Δ| features {d_feat:.2e}, fused context {d_fused:.2e}, draft logits {d_logit:.2e}"
+    );
     assert!(d_feat <= TOL, "target features differ by {d_feat}");
     assert!(d_fused <= TOL, "fused context differs by {d_fused}");
     assert!(d_logit <= TOL, "draft logits differ by {d_logit}");
@@ -170,7 +181,11 @@ fn speculative_greedy_equals_plain_greedy() {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(want[..cont.len()], cont[..], "plain greedy = the golden continuation");
+    assert_eq!(
+        want[..cont.len()],
+        cont[..],
+        "plain greedy = the golden continuation"
+    );
     for b in [2, 3, 4, 8, 16] {
         let spec = SpecDecoder::new(&m, d.clone(), Some(b)).unwrap();
         let out = spec
@@ -192,7 +207,8 @@ fn bad_drafter_files_are_named() {
     }
     // A config whose intermediate size disagrees with the tensors: the tensor is named.
     let cfg_path = dir.join("config.json");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["intermediate_size"] = 80.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = Drafter::load(&dir, m.config()).unwrap_err();

@@ -58,7 +58,7 @@ fn expert_mat(what: &str, m: &ExpertMat, rows: usize, cols: usize) -> Result<(),
                     x.rows, x.k
                 ));
             }
-            x.view()
+            x.parts()
                 .map(|_| ())
                 .map_err(|e| Mismatch(format!("{what}: {e}")))
         }

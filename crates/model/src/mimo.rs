@@ -19,8 +19,9 @@
 //! * **MXFP4 experts** (`quantization_config.store_dtype: mxfp4`):
 //!   `mlp.experts.E.{gate,up,down}_proj.weight` U8 `[out, in/2]` (element 2j in the low nibble
 //!   of byte j — the `fp4` crate's order) + `.weight_scale` U8 `[out, in/32]` (E8M0). The views
-//!   point into the mapped file; `gate_up` (`[2I, H]`, halves order) is a view when gate and up
-//!   lie back to back in the file, else one owned copy of the packed bytes (still MXFP4).
+//!   point into the mapped file; `gate_up` (`[2I, H]`, halves order) is one view when gate and
+//!   up lie back to back in the file, else two row segments ([`MxMat::from_parts`]: the gate
+//!   view, then the up view) — the packed bytes are never copied.
 //! * **MTP layers** (`model.mtp.*`, usually in `model_mtp.safetensors`): not used by the
 //!   engine and skipped (see [`mtp_tensors`]); they never cause an error.
 //! * Router `mlp.gate.weight` F32 (BF16 in V2.6) + F32 `e_score_correction_bias`; BF16 `o_proj`
@@ -386,20 +387,6 @@ pub(crate) fn check_packed<'a>(
     Ok(Resolved::Mxfp4Matrix(m))
 }
 
-/// Two tensors as one byte range: a view when `b` follows `a` in the same file, else a copy.
-fn joined(ck: &Checkpoint, a: &str, b: &str) -> Result<Bytes, SpecError> {
-    Ok(match ck.shared_bytes_adjacent(a, b)? {
-        Some(x) => x,
-        None => {
-            let (x, y) = (ck.shared_bytes(a)?, ck.shared_bytes(b)?);
-            let mut v = Vec::with_capacity(x.len() + y.len());
-            v.extend_from_slice(x.as_slice());
-            v.extend_from_slice(y.as_slice());
-            Bytes::from_vec(v)
-        }
-    })
-}
-
 /// The packed MXFP4 tensor behind a spec (its checkpoint name), if the checkpoint holds it so.
 pub(crate) fn packed_name(ck: &Checkpoint, t: &TensorSpec) -> Result<Option<String>, SpecError> {
     Ok(match t.resolve(ck)? {
@@ -439,10 +426,24 @@ pub(crate) fn mx_expert(
         packed_scale_name(up),
         packed_scale_name(down),
     );
-    let gu = MxMat::from_bytes(gr + ur, gk, joined(ck, gate, up)?, joined(ck, &gs, &us)?);
+    // One view when gate and up (codes and scales) lie back to back, else a view of each: the
+    // packed bytes are never copied.
+    let gu = match (
+        ck.shared_bytes_adjacent(gate, up)?,
+        ck.shared_bytes_adjacent(&gs, &us)?,
+    ) {
+        (Some(b), Some(s)) => MxMat::from_bytes(gr + ur, gk, b, s),
+        _ => MxMat::from_parts(
+            gk,
+            vec![
+                (gr, ck.shared_bytes(gate)?, ck.shared_bytes(&gs)?),
+                (ur, ck.shared_bytes(up)?, ck.shared_bytes(&us)?),
+            ],
+        ),
+    };
     let dn = MxMat::from_bytes(dr, dk, ck.shared_bytes(down)?, ck.shared_bytes(&ds)?);
     for (m, n) in [(&gu, gate), (&dn, down)] {
-        m.view()
+        m.parts()
             .map_err(|e| ck_err(ck, n, format!("MXFP4 expert: {e}")))?;
     }
     Ok((ExpertMat::Mxfp4(gu), ExpertMat::Mxfp4(dn)))

@@ -63,9 +63,9 @@ pub fn mx_rows_of(m: &MxMat, ranges: &[Range<usize>]) -> MxMat {
     let g = m.k / fp4::BLOCK;
     let n: usize = ranges.iter().map(|r| r.len()).sum();
     let (mut blocks, mut scales) = (Vec::with_capacity(n * g * 16), Vec::with_capacity(n * g));
-    for r in ranges {
-        blocks.extend_from_slice(&m.blocks()[r.start * g * 16..r.end * g * 16]);
-        scales.extend_from_slice(&m.scales()[r.start * g..r.end * g]);
+    for r in ranges.iter().flat_map(|r| r.clone()) {
+        blocks.extend_from_slice(m.row_blocks(r));
+        scales.extend_from_slice(m.row_scales(r));
     }
     MxMat::from_bytes(n, m.k, Bytes::from_vec(blocks), Bytes::from_vec(scales))
 }
@@ -78,11 +78,11 @@ pub fn mx_cols_of(m: &MxMat, cols: Range<usize>) -> Result<MxMat, PlanError> {
             "MXFP4 columns {cols:?} do not fall on {b}-element blocks"
         )));
     }
-    let (g, g0, g1) = (m.k / b, cols.start / b, cols.end / b);
+    let (g0, g1) = (cols.start / b, cols.end / b);
     let (mut blocks, mut scales) = (Vec::new(), Vec::new());
     for r in 0..m.rows {
-        blocks.extend_from_slice(&m.blocks()[(r * g + g0) * 16..(r * g + g1) * 16]);
-        scales.extend_from_slice(&m.scales()[r * g + g0..r * g + g1]);
+        blocks.extend_from_slice(&m.row_blocks(r)[g0 * 16..g1 * 16]);
+        scales.extend_from_slice(&m.row_scales(r)[g0..g1]);
     }
     Ok(MxMat::from_bytes(
         m.rows,

@@ -537,10 +537,16 @@ impl Mat {
         let store = match self.data() {
             MatData::F32(v) => Store::F32(Bytes::owned(Backing::F32(gather(v, rows, cols, c0, n)))),
             MatData::Bf16(v) => Store::Bf16(Bytes::owned(Backing::U16(
-                gather(v, rows, cols, c0, n).into_iter().map(bf16::to_bits).collect(),
+                gather(v, rows, cols, c0, n)
+                    .into_iter()
+                    .map(bf16::to_bits)
+                    .collect(),
             ))),
             MatData::F16(v) => Store::F16(Bytes::owned(Backing::U16(
-                gather(v, rows, cols, c0, n).into_iter().map(f16::to_bits).collect(),
+                gather(v, rows, cols, c0, n)
+                    .into_iter()
+                    .map(f16::to_bits)
+                    .collect(),
             ))),
             MatData::F8E4M3 { codes, scales } => match scales {
                 None => Store::F8 {
@@ -641,31 +647,39 @@ pub fn widen_row(d: MatData<'_>, r: usize, cols: usize, out: &mut [f32]) {
 
 /// An MXFP4 matrix `[rows, k]` (gpt-oss layout: `[rows, K/32, 16]` code bytes and `[rows,
 /// K/32]` E8M0 scale bytes), a view of the checkpoint's packed bytes or an owned copy.
+///
+/// The rows may lie in several segments of memory: MiMo's `[gate; up]` halves are two
+/// tensors of the checkpoint, and `save_file`'s name order puts `gate_proj.weight_scale`
+/// between `gate_proj.weight` and `up_proj.weight`, so the loader keeps one view per tensor
+/// ([`MxMat::from_parts`]) instead of copying the packed bytes together. [`MxMat::parts`] gives
+/// each segment as an `fp4` view with its first row; [`MxMat::view`] is the one-segment case.
 #[derive(Clone, Debug)]
 pub struct MxMat {
     pub rows: usize,
     pub k: usize,
-    blocks: Bytes,
-    scales: Bytes,
+    /// `(rows, blocks, scales)` per segment, in row order (at least one).
+    parts: Vec<(usize, Bytes, Bytes)>,
 }
 
 impl PartialEq for MxMat {
+    /// Equal shapes and equal bytes row by row (however the rows are segmented).
     fn eq(&self, o: &MxMat) -> bool {
         self.rows == o.rows
             && self.k == o.k
-            && self.blocks.as_slice() == o.blocks.as_slice()
-            && self.scales.as_slice() == o.scales.as_slice()
+            && (0..self.rows).all(|r| {
+                self.row_blocks(r) == o.row_blocks(r) && self.row_scales(r) == o.row_scales(r)
+            })
     }
 }
 
 impl From<fp4::MxMatrix> for MxMat {
     fn from(m: fp4::MxMatrix) -> MxMat {
-        MxMat {
-            rows: m.rows,
-            k: m.k,
-            blocks: Bytes::from_vec(m.blocks),
-            scales: Bytes::from_vec(m.scales),
-        }
+        MxMat::from_bytes(
+            m.rows,
+            m.k,
+            Bytes::from_vec(m.blocks),
+            Bytes::from_vec(m.scales),
+        )
     }
 }
 
@@ -675,49 +689,148 @@ impl MxMat {
         MxMat {
             rows,
             k,
-            blocks,
-            scales,
+            parts: vec![(rows, blocks, scales)],
         }
     }
 
-    /// Validated borrowed view.
+    /// A matrix whose rows are the segments' rows in order, each `(rows, blocks, scales)` over
+    /// (usually mapped) bytes; validated by [`MxMat::parts`]. No bytes are copied.
+    pub fn from_parts(k: usize, parts: Vec<(usize, Bytes, Bytes)>) -> MxMat {
+        MxMat {
+            rows: parts.iter().map(|p| p.0).sum(),
+            k,
+            parts,
+        }
+    }
+
+    /// Validated borrowed view of a matrix stored in one segment; a segmented one is an error
+    /// (use [`MxMat::parts`]).
     pub fn view(&self) -> Result<fp4::MxMatrixRef<'_>, fp4::Fp4Error> {
-        fp4::MxMatrixRef::new(self.rows, self.k, self.blocks(), self.scales())
+        match self.parts.as_slice() {
+            [(rows, b, s)] => fp4::MxMatrixRef::new(*rows, self.k, b.as_slice(), s.as_slice()),
+            parts => Err(fp4::Fp4Error::ShapeMismatch(format!(
+                "an MXFP4 matrix in {} row segments has no single view (MxMat::parts)",
+                parts.len()
+            ))),
+        }
+    }
+
+    /// Validated views of the row segments, each with the index of its first row.
+    pub fn parts(&self) -> Result<Vec<(usize, fp4::MxMatrixRef<'_>)>, fp4::Fp4Error> {
+        let mut r0 = 0;
+        self.parts
+            .iter()
+            .map(|(rows, b, s)| {
+                let v = fp4::MxMatrixRef::new(*rows, self.k, b.as_slice(), s.as_slice())?;
+                r0 += rows;
+                Ok((r0 - rows, v))
+            })
+            .collect()
+    }
+
+    /// Number of row segments (1 unless built by [`MxMat::from_parts`]).
+    pub fn num_parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The segment holding row `r` and the row's index in it. Panics if `r ≥ rows`.
+    fn locate(&self, mut r: usize) -> (&(usize, Bytes, Bytes), usize) {
+        for p in &self.parts {
+            if r < p.0 {
+                return (p, r);
+            }
+            r -= p.0;
+        }
+        panic!("MxMat: row out of range");
+    }
+
+    /// The `K/2` code bytes of row `r`. Panics if `r ≥ rows`.
+    pub fn row_blocks(&self, r: usize) -> &[u8] {
+        let ((_, b, _), i) = self.locate(r);
+        let w = self.k / 2;
+        &b.as_slice()[i * w..(i + 1) * w]
+    }
+
+    /// The `K/32` scale bytes of row `r`. Panics if `r ≥ rows`.
+    pub fn row_scales(&self, r: usize) -> &[u8] {
+        let ((_, _, s), i) = self.locate(r);
+        let w = self.k / fp4::BLOCK;
+        &s.as_slice()[i * w..(i + 1) * w]
     }
 
     /// Whether the code and scale bytes are views of a memory-mapped file (not owned copies).
     pub fn is_mapped(&self) -> bool {
-        self.blocks.is_mapped() && self.scales.is_mapped()
+        self.parts
+            .iter()
+            .all(|(_, b, s)| b.is_mapped() && s.is_mapped())
     }
 
-    /// The `[rows, K/32, 16]` code bytes.
-    pub fn blocks(&self) -> &[u8] {
-        self.blocks.as_slice()
+    /// Bytes of codes and scales.
+    pub fn stored_bytes(&self) -> usize {
+        self.parts.iter().map(|(_, b, s)| b.len() + s.len()).sum()
     }
 
-    /// The `[rows, K/32]` scale bytes.
-    pub fn scales(&self) -> &[u8] {
-        self.scales.as_slice()
+    /// See [`Bytes::release_pages`].
+    pub fn release_pages(&self) {
+        for (_, b, s) in &self.parts {
+            b.release_pages();
+            s.release_pages();
+        }
     }
 
-    /// The code bytes, mutable (tools and tests that edit weights): an owned copy is made
-    /// unless the bytes already are one that nobody else shares.
+    /// Makes the matrix one owned segment (tools and tests that edit bytes; a copy).
+    fn make_contiguous(&mut self) {
+        if self.parts.len() != 1 {
+            *self = MxMat::from(self.to_owned_matrix());
+        }
+    }
+
+    /// The `[rows, K/32, 16]` code bytes of a matrix stored in one segment; a segmented one
+    /// has no contiguous bytes (`None`; see [`MxMat::row_blocks`]).
+    pub fn blocks(&self) -> Option<&[u8]> {
+        match self.parts.as_slice() {
+            [(_, b, _)] => Some(b.as_slice()),
+            _ => None,
+        }
+    }
+
+    /// The `[rows, K/32]` scale bytes of a matrix stored in one segment (see
+    /// [`MxMat::blocks`]).
+    pub fn scales(&self) -> Option<&[u8]> {
+        match self.parts.as_slice() {
+            [(_, _, s)] => Some(s.as_slice()),
+            _ => None,
+        }
+    }
+
+    /// The code bytes, mutable (tools and tests that edit weights): an owned contiguous copy
+    /// is made unless the bytes already are one that nobody else shares.
     pub fn blocks_mut(&mut self) -> &mut [u8] {
-        self.blocks.make_mut()
+        self.make_contiguous();
+        self.parts[0].1.make_mut()
     }
 
     /// The scale bytes, mutable (see [`MxMat::blocks_mut`]).
     pub fn scales_mut(&mut self) -> &mut [u8] {
-        self.scales.make_mut()
+        self.make_contiguous();
+        self.parts[0].2.make_mut()
     }
 
-    /// An owned copy (for tools and tests that edit the bytes).
+    /// An owned contiguous copy (for tools and tests that edit the bytes).
     pub fn to_owned_matrix(&self) -> fp4::MxMatrix {
+        let (mut blocks, mut scales) = (
+            Vec::with_capacity(self.rows * self.k / 2),
+            Vec::with_capacity(self.rows * self.k / fp4::BLOCK),
+        );
+        for (_, b, s) in &self.parts {
+            blocks.extend_from_slice(b.as_slice());
+            scales.extend_from_slice(s.as_slice());
+        }
         fp4::MxMatrix {
             rows: self.rows,
             k: self.k,
-            blocks: self.blocks().to_vec(),
-            scales: self.scales().to_vec(),
+            blocks,
+            scales,
         }
     }
 }
@@ -743,17 +856,14 @@ impl ExpertMat {
     pub fn stored_bytes(&self) -> usize {
         match self {
             ExpertMat::Dense(m) => m.stored_bytes(),
-            ExpertMat::Mxfp4(m) => m.blocks().len() + m.scales().len(),
+            ExpertMat::Mxfp4(m) => m.stored_bytes(),
         }
     }
     /// See [`Bytes::release_pages`].
     pub fn release_pages(&self) {
         match self {
             ExpertMat::Dense(m) => m.bytes().release_pages(),
-            ExpertMat::Mxfp4(m) => {
-                m.blocks.release_pages();
-                m.scales.release_pages();
-            }
+            ExpertMat::Mxfp4(m) => m.release_pages(),
         }
     }
     pub fn rows(&self) -> usize {

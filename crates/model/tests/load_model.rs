@@ -118,7 +118,7 @@ fn gpt_oss_bf16_and_mxfp4() {
         };
         assert_eq!((q.rows, q.k), (2 * i, h));
         let per = 2 * i * h / 2;
-        assert_eq!(q.blocks(), &blocks[x * per..(x + 1) * per]);
+        assert_eq!(q.blocks().unwrap(), &blocks[x * per..(x + 1) * per]);
         assert_eq!(mm.experts[x].down.rows(), h);
         assert_eq!(mm.experts[x].down.cols(), i);
     }

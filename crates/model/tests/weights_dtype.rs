@@ -181,8 +181,8 @@ fn mxfp4_experts_are_views_of_the_packed_bytes() {
         panic!("MXFP4 experts stay MXFP4")
     };
     let blocks = &ts["model.layers.0.mlp.experts.gate_up_proj_blocks"].data;
-    let per = q.blocks().len();
-    assert_eq!(q.blocks(), &blocks[per..2 * per]);
+    let per = q.blocks().unwrap().len();
+    assert_eq!(q.blocks().unwrap(), &blocks[per..2 * per]);
     // A view of the mapping: the bytes live inside the file's mapped region, not in a copy.
     let mut owned = q.clone();
     owned.scales_mut()[0] ^= 1;
@@ -228,5 +228,61 @@ fn column_blocks_keep_the_stored_dtype() {
             let got: Vec<u32> = b.to_f32().into_iter().map(f32::to_bits).collect();
             assert_eq!(got, wide(m, c0, n), "{:?} {c0}+{n}", m.dtype());
         }
+    }
+}
+
+/// An MXFP4 matrix held as row segments (MiMo's `[gate; up]` as two views) computes bit for bit
+/// what the contiguous matrix does, in the exact and the int8-activation kernels, and reads the
+/// same rows.
+#[test]
+fn segmented_mxfp4_rows_equal_the_contiguous_matrix() {
+    let (rows, k) = (40, 96);
+    let mut r = Rng(99);
+    let blocks: Vec<u8> = (0..rows * k / 2).map(|_| r.next_u64() as u8).collect();
+    let scales: Vec<u8> = (0..rows * k / 32)
+        .map(|_| 118 + (r.next_u64() % 8) as u8)
+        .collect();
+    let whole = model::weights::MxMat::from_bytes(
+        rows,
+        k,
+        Bytes::from_vec(blocks.clone()),
+        Bytes::from_vec(scales.clone()),
+    );
+    let cut = 24;
+    let parts = model::weights::MxMat::from_parts(
+        k,
+        vec![
+            (
+                cut,
+                Bytes::from_vec(blocks[..cut * k / 2].to_vec()),
+                Bytes::from_vec(scales[..cut * k / 32].to_vec()),
+            ),
+            (
+                rows - cut,
+                Bytes::from_vec(blocks[cut * k / 2..].to_vec()),
+                Bytes::from_vec(scales[cut * k / 32..].to_vec()),
+            ),
+        ],
+    );
+    assert_eq!(parts.num_parts(), 2);
+    assert_eq!(parts, whole);
+    assert!(parts.view().is_err(), "no single view of two segments");
+    assert!(parts.blocks().is_none());
+    assert_eq!(parts.to_owned_matrix(), whole.to_owned_matrix());
+    let (pw, ww) = (ExpertMat::Mxfp4(parts), ExpertMat::Mxfp4(whole));
+    for t in [1, 5, 17] {
+        let x = rand_vals(t as u64, t * k, 1.0);
+        let (mut a, mut b) = (vec![0f32; t * rows], vec![0f32; t * rows]);
+        model::cpu::ffn::expert_matmul(&pw, &x, t, &mut a).unwrap();
+        model::cpu::ffn::expert_matmul(&ww, &x, t, &mut b).unwrap();
+        assert_eq!(bits(&a), bits(&b), "exact, t = {t}");
+        let mut q = fp4::Q8Rows::new(k).unwrap();
+        q.push_rows(&x).unwrap();
+        let (ExpertMat::Mxfp4(p), ExpertMat::Mxfp4(w)) = (&pw, &ww) else {
+            unreachable!()
+        };
+        model::cpu::ffn::mx_segments(p, t, &mut a, |v, o| fp4::gemm_q8(v, &q, o)).unwrap();
+        fp4::gemm_q8(w.view().unwrap(), &q, &mut b).unwrap();
+        assert_eq!(bits(&a), bits(&b), "q8, t = {t}");
     }
 }

@@ -781,5 +781,4 @@ mod tests {
         assert_eq!(cache_capacity(&tables(sliding), 1000), 6 + MAX_TOKENS);
         assert_eq!(cache_capacity(&tables(sliding), 2), 2 + MAX_TOKENS);
     }
-
 }

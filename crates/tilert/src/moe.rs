@@ -178,11 +178,12 @@ fn upload_stack(
             let ExpertMat::Mxfp4(m) = m else {
                 unreachable!()
             };
-            let v = m.view().map_err(|e| invalid(format!("{what}: {e}")))?;
+            // Validated segment by segment (MiMo's `[gate; up]` may be two views).
+            m.parts().map_err(|e| invalid(format!("{what}: {e}")))?;
             for r in 0..rows {
                 let src = order(r);
-                blocks.extend_from_slice(v.row_blocks(src));
-                scales.extend_from_slice(v.row_scales(src));
+                blocks.extend_from_slice(m.row_blocks(src));
+                scales.extend_from_slice(m.row_scales(src));
             }
         }
         let stack = fp4::MxExpertsRef::new(experts, rows, k, &blocks, &scales)

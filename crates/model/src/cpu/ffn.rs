@@ -13,7 +13,7 @@
 //!    same whether the token runs alone or in a block.
 
 use crate::config::ModelConfig;
-use crate::weights::{ExpertMat, GateUpLayout, Linear, Mlp, Moe};
+use crate::weights::{ExpertMat, GateUpLayout, Linear, Mlp, Moe, MxMat};
 
 use super::ops;
 use super::CpuError;
@@ -54,17 +54,47 @@ pub fn expert_matmul(
             Ok(())
         }
         ExpertMat::Mxfp4(m) => {
-            let view = m.view()?;
-            let (k, n) = (m.k, m.rows);
-            for (xc, yc) in x
-                .chunks(fp4::MAX_BATCH * k)
-                .zip(y.chunks_mut(fp4::MAX_BATCH * n))
-            {
-                fp4::gemm(view, xc, xc.len() / k.max(1), yc)?;
-            }
-            Ok(())
+            let k = m.k;
+            mx_segments(m, t, y, |view, out| {
+                let n = view.rows();
+                for (xc, yc) in x
+                    .chunks(fp4::MAX_BATCH * k)
+                    .zip(out.chunks_mut(fp4::MAX_BATCH * n))
+                {
+                    fp4::gemm(view, xc, xc.len() / k.max(1), yc)?;
+                }
+                Ok(())
+            })
         }
     }
+}
+
+/// Runs `f(view, out)` — `out` `[t, view rows]` — on each row segment of an MXFP4 matrix
+/// ([`MxMat::parts`]: MiMo's `[gate; up]` views) and gathers the rows into `y` `[t, rows]`: one
+/// call straight into `y` when the matrix is one segment. A row's result depends on its own
+/// weights only, so segments give the bits of one contiguous matrix.
+pub fn mx_segments(
+    m: &MxMat,
+    t: usize,
+    y: &mut [f32],
+    mut f: impl FnMut(fp4::MxMatrixRef<'_>, &mut [f32]) -> Result<(), fp4::Fp4Error>,
+) -> Result<(), fp4::Fp4Error> {
+    let parts = m.parts()?;
+    if let [(_, view)] = parts.as_slice() {
+        return f(*view, y);
+    }
+    let n = m.rows;
+    let mut out = Vec::new();
+    for (r0, view) in parts {
+        let pr = view.rows();
+        out.clear();
+        out.resize(t * pr, 0.0);
+        f(view, &mut out)?;
+        for (row, part) in y.chunks_exact_mut(n).zip(out.chunks_exact(pr.max(1))) {
+            row[r0..r0 + pr].copy_from_slice(part);
+        }
+    }
+    Ok(())
 }
 
 /// The dense gated MLP: `down(act(gate_up(h)))`, `gate_up` in [`GateUpLayout::Halves`] order.

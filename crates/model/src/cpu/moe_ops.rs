@@ -219,7 +219,8 @@ pub fn experts_gate_up(
                     for en in chunk {
                         xq.push_from(&hq, en.token)?;
                     }
-                    fp4::gemm_q8(w.view()?, xq, gu)?;
+                    let xq = &*xq;
+                    super::ffn::mx_segments(w, n, gu, |v, out| fp4::gemm_q8(v, xq, out))?;
                 }
                 _ => {
                     xe.resize(n * hs, 0.0);
@@ -289,7 +290,8 @@ pub fn experts_down(
                     ExpertMat::Mxfp4(w) if quantized(acts, &ex.down) => {
                         xq.reset(i)?;
                         xq.push_rows(xe)?;
-                        fp4::gemm_q8(w.view()?, xq, down)?;
+                        let xq = &*xq;
+                        super::ffn::mx_segments(w, n, down, |v, out| fp4::gemm_q8(v, xq, out))?;
                     }
                     _ => down_matmul(&ex.down, xe, n, down)?,
                 }

@@ -92,7 +92,7 @@ pub struct DrafterConfig {
     /// The block size the drafter was trained with (the default block size of a speculative
     /// decoder); [`DEFAULT_BLOCK_SIZE`] when the config gives none.
     pub block_size: usize,
-    /// `vocab_size`, if the config gives one (must equal the target's).
+    /// `vocab_size`, if the config gives one (at most the target's: see `check_target_dims`).
     pub vocab_size: Option<usize>,
     /// `num_target_layers`, if given (must equal the target's layer count).
     pub num_target_layers: Option<usize>,
@@ -197,9 +197,16 @@ impl DrafterConfig {
                 ),
             );
         }
+        // The drafter has no vocabulary-sized tensor (it borrows the target's embedding and LM
+        // head), so its `vocab_size` only bounds the ids it was trained on: at most the target's.
+        // A smaller one is the released pair MiMo-V2.5-Pro (152576 tokens) + its DFlash drafter
+        // (`vocab_size` 152064): research/mimo-v2.md §1.2, research/dflash.md §6.3.
         if let Some(v) = c.vocab_size {
-            if v != vocab {
-                return mismatch("vocab_size", format!("{v} ≠ target vocabulary {vocab}"));
+            if v > vocab {
+                return mismatch(
+                    "vocab_size",
+                    format!("{v} > target vocabulary {vocab} (the drafter borrows the target's)"),
+                );
             }
         }
         if c.mask_token_id as usize >= vocab {

@@ -1019,7 +1019,7 @@ mod tests {
                 let ExpertMat::Mxfp4(g) = &e.gate_up else {
                     panic!("mxfp4")
                 };
-                assert!(g.blocks().iter().all(|&b| b == 0));
+                assert!(g.blocks().expect("one segment").iter().all(|&b| b == 0));
                 if let Some(b) = &e.gate_up_bias {
                     assert_eq!(b.len(), 2 * fp4::BLOCK);
                     assert!(b.iter().all(|&v| v == 0.0));
