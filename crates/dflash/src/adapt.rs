@@ -5,14 +5,18 @@
 //! The expected tokens of a round of width `w` are `τ(w) = 1 + Σ_{i<w−1} Π_{j≤i} r_j`, `r_j` the
 //! conditional acceptance rate of draft position `j` observed so far
 //! ([`AcceptanceStats::position_acceptance_rate`]; an unobserved position repeats the last
-//! observed one). A step of width `w` costs `c(w)` seconds: an exponential moving average of the
+//! observed one). A step of width `w` costs `c(w)` seconds: the fastest of the latest [`WINDOW`]
 //! observed steps of that width, interpolated linearly between the nearest observed widths for
-//! the others. The controller picks the width of the most tokens per second, `τ(w) / c(w)`;
+//! the others. On a loaded machine other processes only ever add to a step's time, and by how
+//! much changes from one moment to the next (measured on a shared 2-core VM: plain steps of
+//! the same sequence at 0.9 ms and at 16–76 ms); the fastest recent step is the step's own
+//! cost, and comparing those compares what each width does, whatever the load did while each
+//! was measured. A lasting change (a slower step of one width) shows within [`WINDOW`] steps. The controller picks the width of the most tokens per second, `τ(w) / c(w)`;
 //! drafting (any `w ≥ 2`) must beat a plain step by [`MARGIN`] to be chosen, so noise does not
 //! make a sequence slower than decoding without a drafter.
 //!
 //! Schedule: [`WARMUP`] rounds at the full block size (acceptance and the round's cost), then
-//! [`WARMUP`] plain steps (the plain cost), then the best width. Every `interval` steps the
+//! [`PLAIN_WARMUP`] plain steps (the plain cost), then the best width. Every `interval` steps the
 //! other mode is probed once (a full-block round while drafting is off, a plain step while it is
 //! on) to follow changes in acceptance or load; the interval doubles (up to [`MAX_INTERVAL`])
 //! while probes confirm the choice and falls back to [`MIN_INTERVAL`] when one changes it.
@@ -20,10 +24,17 @@
 //! The choice changes which forwards run, never what is emitted: greedy output is the same at
 //! every width, sampled output has the target's distribution at every width.
 
+use std::collections::VecDeque;
+
 use crate::AcceptanceStats;
 
-/// Rounds at the full block size, then plain steps, before the first choice.
+/// Rounds at the full block size before the first choice.
 pub const WARMUP: u64 = 2;
+/// Plain steps after them before the first choice (cheap: a plain step is what decoding
+/// without a drafter does; more of them keep one slow first step from deciding).
+pub const PLAIN_WARMUP: u64 = 4;
+/// Observed steps per width whose fastest is its cost.
+pub const WINDOW: usize = 9;
 /// Steps between probes of the mode not chosen, at first and after a change.
 pub const MIN_INTERVAL: u64 = 32;
 /// Most steps between probes.
@@ -34,8 +45,6 @@ pub const MARGIN: f64 = 1.03;
 /// steps at once: a probe (a full-block round after a run of plain steps also catches the drafter
 /// context up) costs more than it can find out.
 pub const CLEAR: f64 = 1.4;
-/// Weight of a new observation in a width's cost average.
-const EMA: f64 = 0.2;
 
 /// How a sequence's verify width is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,8 +63,11 @@ pub struct AdaptSummary {
     pub steps: Vec<u64>,
     /// The width chosen last (1: drafting off).
     pub chosen: usize,
-    /// Mean seconds of a step of each width (`None`: never run).
+    /// Seconds of a step of each width: the fastest of the latest (`None`: never run).
     pub cost: Vec<Option<f64>>,
+    /// At the last choice: the best drafting width's expected tokens per second over a plain
+    /// step's (below 1: drafting does not pay here; `None` before both were measured).
+    pub draft_speedup: Option<f64>,
 }
 
 impl AdaptSummary {
@@ -83,7 +95,11 @@ impl AdaptSummary {
                 }
             })
             .collect();
-        format!("adaptive: {choice}; steps {}", steps.join(", "))
+        let speedup = match self.draft_speedup {
+            Some(r) => format!("; best block at {r:.2}× plain speed"),
+            None => String::new(),
+        };
+        format!("adaptive: {choice}{speedup}; steps {}", steps.join(", "))
     }
 }
 
@@ -129,7 +145,9 @@ impl AdaptPrior {
 #[derive(Debug, Clone)]
 pub struct Adaptive {
     max_block: usize,
-    /// Index `w`: EMA seconds of a step of width `w`.
+    /// Index `w`: the latest (at most [`WINDOW`]) seconds of steps of width `w`, oldest first.
+    recent: Vec<VecDeque<f64>>,
+    /// Index `w`: the fastest of `recent[w]`.
     cost: Vec<Option<f64>>,
     /// Costs measured by earlier sequences (used where this one has none; no warm-up when the
     /// plain and full-block costs are known).
@@ -141,6 +159,8 @@ pub struct Adaptive {
     interval: u64,
     /// The width of the step in flight is a probe.
     probing: bool,
+    /// The drafting speed-up of the last choice (see [`AdaptSummary::draft_speedup`]).
+    speedup: Option<f64>,
 }
 
 impl Adaptive {
@@ -149,6 +169,7 @@ impl Adaptive {
         let max_block = max_block.max(2);
         Adaptive {
             max_block,
+            recent: vec![VecDeque::with_capacity(WINDOW); max_block + 1],
             cost: vec![None; max_block + 1],
             prior_cost: vec![None; max_block + 1],
             steps: vec![0; max_block + 1],
@@ -156,6 +177,7 @@ impl Adaptive {
             since_probe: 0,
             interval: MIN_INTERVAL,
             probing: false,
+            speedup: None,
         }
     }
 
@@ -174,12 +196,13 @@ impl Adaptive {
         if self.steps[b] < WARMUP && self.prior_cost[b].is_none() {
             return b;
         }
-        if self.steps[1] < WARMUP && self.prior_cost[1].is_none() {
+        if self.steps[1] < PLAIN_WARMUP && self.prior_cost[1].is_none() {
             return 1;
         }
         let before = self.chosen;
         let (best, ratio) = self.best_ratio(stats);
         self.chosen = best;
+        self.speedup = (ratio > 0.0).then_some(ratio);
         if self.probing {
             // The probe ran: a probe that confirms the mode lengthens the interval.
             self.probing = false;
@@ -209,10 +232,12 @@ impl Adaptive {
             return;
         }
         self.steps[width] += 1;
-        self.cost[width] = Some(match self.cost[width] {
-            None => secs,
-            Some(c) => c + EMA * (secs - c),
-        });
+        let r = &mut self.recent[width];
+        if r.len() == WINDOW {
+            r.pop_front();
+        }
+        r.push_back(secs);
+        self.cost[width] = r.iter().copied().min_by(f64::total_cmp);
     }
 
     /// The width chosen last (1: drafting off).
@@ -225,6 +250,7 @@ impl Adaptive {
             steps: self.steps.clone(),
             chosen: self.chosen,
             cost: self.cost.clone(),
+            draft_speedup: self.speedup,
         }
     }
 
@@ -345,6 +371,7 @@ mod tests {
             steps: vec![0; 9],
             chosen: 1,
             cost,
+            draft_speedup: None,
         };
         prior.absorb(&summary, &s);
         assert!(prior.knows(8));
@@ -359,6 +386,47 @@ mod tests {
         assert_eq!(a.next_width(&prior.stats), 1);
         // Without a prior the first step drafts the full block.
         assert_eq!(Adaptive::new(8).next_width(&s), 8);
+    }
+
+    #[test]
+    fn load_spikes_do_not_flip_the_choice() {
+        // τ ≈ 2, a round costs 3 plain steps; every 4th step (either kind) is delayed 8× by
+        // another process. The fastest of the latest steps keeps plain decoding chosen; an
+        // average of the latest would follow the spikes.
+        let s = stats(&[(1, 7), (1, 7), (1, 7)]);
+        let mut a = Adaptive::new(8);
+        let mut plain = 0;
+        for step in 0..400u64 {
+            let w = a.next_width(&s);
+            let base = if w == 1 { 1.0 } else { 3.0 };
+            a.observe(w, if step % 4 == 3 { 8.0 * base } else { base });
+            if step >= 20 && w == 1 {
+                plain += 1;
+            }
+        }
+        assert_eq!(a.chosen(), 1, "{:?}", a.summary());
+        assert!(plain > 370, "{plain} plain steps: {:?}", a.summary());
+        let sum = a.summary();
+        assert_eq!(sum.cost[1], Some(1.0));
+        assert!(sum.draft_speedup.unwrap() < 1.0, "{sum:?}");
+        assert!(sum.describe().contains("plain speed"), "{}", sum.describe());
+    }
+
+    #[test]
+    fn a_lasting_change_of_cost_is_followed() {
+        // Drafting pays (every draft accepted, a round costs 2 plain steps) until the rounds
+        // become 10× dearer: the probes see it and drafting turns off.
+        let s = stats(&[(7, 7), (7, 7), (7, 7)]);
+        let mut a = Adaptive::new(8);
+        for step in 0..2000 {
+            let w = a.next_width(&s);
+            let round = if step < 200 { 2.0 } else { 20.0 };
+            a.observe(w, if w == 1 { 1.0 } else { round });
+            if step == 199 {
+                assert_eq!(a.chosen(), 8, "{:?}", a.summary());
+            }
+        }
+        assert_eq!(a.chosen(), 1, "{:?}", a.summary());
     }
 
     #[test]

@@ -197,6 +197,35 @@ fn generate_uses_the_default_model_and_drafter() {
         .sum();
     assert_eq!(1 + emitted, fst.generated, "{fst:?}");
     assert_eq!(text(&fixed.stdout), text(&spec.stdout));
+
+    // The next default run uses what the first measured (kept in the cache directory): where
+    // drafting did not pay it decodes plainly without loading the drafter, else it measures
+    // again. The text is the same either way.
+    let again = ultra(
+        &cache,
+        &[
+            "generate",
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--threads",
+            "2",
+            "def fibonacci(n):",
+        ],
+    );
+    let aerr = text(&again.stderr);
+    assert!(again.status.success(), "{aerr}");
+    assert_eq!(text(&again.stdout), text(&spec.stdout));
+    let remembered = std::fs::read_dir(cache.join("adaptive"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(remembered, 1, "{err}");
+    if st.choice.contains("drafting off") {
+        assert!(aerr.contains("the drafter not loaded"), "{aerr}");
+        assert!(!aerr.contains("speculative:"), "{aerr}");
+    } else {
+        assert!(spec_line(&aerr).choice.contains("adaptive: "), "{aerr}");
+    }
     let _ = std::fs::remove_dir_all(&cache);
 }
 

@@ -763,8 +763,49 @@ fn run(cli: Cli) -> Result<()> {
                 chat,
             )?;
             let mut stdout = std::io::stdout();
-            let (g, spec) = match &draft {
-                Some(dir) => {
+            // Adaptive speculation on the CPU remembers between runs whether drafting paid
+            // here (`commands::adapt_memory`); a seeded sampled request keeps its fixed block.
+            let memory = match &draft {
+                Some(draft_dir)
+                    if !fixed_block
+                        && loaded.gpu.is_none()
+                        && loaded.tp.is_none()
+                        && (params.is_greedy() || params.seed.is_none()) =>
+                {
+                    let acts = format!("{:?}", commands::cpu_activations());
+                    commands::adapt_memory::Memory::for_key(&commands::adapt_memory::Key {
+                        model: &dir,
+                        drafter: draft_dir,
+                        block_size,
+                        device: "cpu",
+                        threads: rayon::current_num_threads(),
+                        activations: &acts,
+                    })
+                }
+                _ => None,
+            };
+            let remembered = memory.as_ref().and_then(|m| m.load().map(|r| (m, r)));
+            let skip = remembered
+                .as_ref()
+                .filter(|(_, r)| r.drafting_off() && r.fresh(commands::adapt_memory::now_unix()));
+            let (g, spec) = match (&draft, skip) {
+                (Some(_), Some((m, r))) => {
+                    let g = commands::generate::generate(&loaded, &ids, &params, &mut stdout)?;
+                    let reused = commands::adapt_memory::Record {
+                        reused: r.reused + 1,
+                        ..r.clone()
+                    };
+                    let _ = m.store(&reused);
+                    eprintln!(
+                        "speculation: drafting off, the drafter not loaded: on this machine its best block ran at {:.2}× plain speed (measured {} s ago; measured again after {} more runs; {})",
+                        r.draft_speedup,
+                        commands::adapt_memory::now_unix().saturating_sub(r.measured_unix),
+                        commands::adapt_memory::REMEASURE_RUNS.saturating_sub(reused.reused),
+                        m.path().display()
+                    );
+                    (g, None)
+                }
+                (Some(dir), None) => {
                     let r = commands::generate::generate_speculative_with(
                         &loaded,
                         dir,
@@ -774,12 +815,25 @@ fn run(cli: Cli) -> Result<()> {
                         &params,
                         &mut stdout,
                     )?;
+                    if let (Some(m), Some(rec)) = (
+                        &memory,
+                        r.adaptive
+                            .as_ref()
+                            .and_then(commands::adapt_memory::Memory::record_of),
+                    ) {
+                        if let Err(e) = m.store(&rec) {
+                            eprintln!(
+                                "ultra: note: could not remember the adaptive choice in {}: {e}",
+                                m.path().display()
+                            );
+                        }
+                    }
                     (
                         r.generation,
                         Some((r.stats, r.block_size, r.adaptive, r.plain_steps)),
                     )
                 }
-                None => (
+                (None, _) => (
                     commands::generate::generate(&loaded, &ids, &params, &mut stdout)?,
                     None,
                 ),

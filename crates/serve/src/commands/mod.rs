@@ -1,5 +1,6 @@
 //! The `ultra` subcommands, one module each; `src/bin/ultra.rs` only parses arguments.
 
+pub mod adapt_memory;
 pub mod bench_decode;
 pub mod bench_prefix;
 pub mod bench_serve;
