@@ -827,7 +827,14 @@ impl MoeKernels {
         // the buffers hold what the grid (t, blocks) reads and writes (checked); the kernel
         // begins with pdl_begin().
         unsafe {
-            crate::launch::launch_raw(s, &self.ep_combine, (t as u32, blocks, 1), 256, 0, &mut params)
+            crate::launch::launch_raw(
+                s,
+                &self.ep_combine,
+                (t as u32, blocks, 1),
+                256,
+                0,
+                &mut params,
+            )
         }
     }
 }

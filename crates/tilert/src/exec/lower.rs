@@ -973,13 +973,8 @@ impl Lowering<'_> {
                             p.experts.lo, p.experts.hi, experts.n_experts
                         )));
                     }
-                    self.moe.localize(
-                        s,
-                        bind.ids,
-                        t * p.top_k,
-                        p.experts.lo,
-                        p.experts.hi,
-                    )?;
+                    self.moe
+                        .localize(s, bind.ids, t * p.top_k, p.experts.lo, p.experts.hi)?;
                     mark("experts_gate_up")?;
                 }
                 self.moe.gate_up(

@@ -461,7 +461,10 @@ impl Group {
                 Collective::Nccl(Mutex::new(v.remove(0)))
             }
         };
-        Ok(RankComm { rank: r, collective })
+        Ok(RankComm {
+            rank: r,
+            collective,
+        })
     }
 
     fn one_shot(&self) -> Option<Arc<SymmetricGroup>> {
@@ -580,7 +583,13 @@ impl TpModel {
         placement: &RankPlacement,
         progress: &mut dyn FnMut(model::progress::Progress),
     ) -> Result<TpModel, RuntimeError> {
-        Self::build(config, weights, TpOptions::tensor(ranks), placement, progress)
+        Self::build(
+            config,
+            weights,
+            TpOptions::tensor(ranks),
+            placement,
+            progress,
+        )
     }
 
     /// [`TpModel::new`] split and reduced as `opts` says (tensor and/or expert parallelism; the
