@@ -168,14 +168,9 @@ pub fn load_gpu_tp(
     let config = Arc::new(config);
     let t0 = Instant::now();
     let mut progress = reporter("uploading weight shards".into());
-    let tp = tilert::exec::tp::TpModel::build(
-        config.clone(),
-        &weights,
-        opts,
-        placement,
-        &mut progress,
-    )
-    .with_context(|| par.to_string())?;
+    let tp =
+        tilert::exec::tp::TpModel::build(config.clone(), &weights, opts, placement, &mut progress)
+            .with_context(|| par.to_string())?;
     if let Some(note) = tp.all_reduce_note() {
         eprintln!("note: {note}");
     }
@@ -502,26 +497,34 @@ pub fn gpu_spec_setup(
     Ok((gd, opts))
 }
 
-/// Loads a DFlash drafter for a tensor-parallel target (`loaded.tp`): the host drafter (it reads
-/// the target's hidden states from rank 0 and the checkpoint's embedding and LM head) and the
-/// loop options (block size: `block_size` or the drafter's; EOS ids as [`eos_ids`]).
+/// Loads a DFlash drafter for a tensor- or expert-parallel target (`loaded.tp`) onto rank 0's
+/// GPU (it reads rank 0's captured hidden states and uses rank 0's embedding and LM head, which
+/// every rank replicates) and the loop options (block size: `block_size` or the drafter's; EOS
+/// ids as [`eos_ids`]).
 pub fn tp_spec_setup(
     loaded: &Loaded,
     draft: &Path,
     block_size: Option<usize>,
-) -> Result<(dflash::Drafter, dflash::SpecOptions)> {
+) -> Result<(tilert::draft::GpuDrafter, dflash::SpecOptions)> {
+    let Some(tp) = &loaded.tp else {
+        bail!("the model is not on tensor-parallel GPU ranks");
+    };
     let drafter = dflash::Drafter::load(draft, &loaded.config)
         .with_context(|| format!("loading drafter {}", draft.display()))?;
     let block_size = block_size.unwrap_or(drafter.config().block_size);
     if !(dflash::MIN_BLOCK_SIZE..=dflash::MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(dflash::SpecError::BlockSize(block_size).into());
     }
+    let rank0 = tp.model.rank(0);
+    rank0.device().ctx.bind_to_thread()?;
+    let gd = tilert::draft::GpuDrafter::new(rank0, drafter.config(), drafter.weights())
+        .with_context(|| format!("uploading drafter {} to rank 0's GPU", draft.display()))?;
     let opts = dflash::SpecOptions {
         block_size,
         eos_token_ids: eos_ids(loaded),
         prefill_chunk: None,
     };
-    Ok((drafter, opts))
+    Ok((gd, opts))
 }
 
 /// The KV-cache size (positions) of a GPU sequence of `ultra generate` / `ultra score` and of the
@@ -533,7 +536,8 @@ pub fn gpu_max_seq(gpu: &tilert::exec::GpuModel) -> usize {
 
 /// Generates from `ids` with DFlash block speculation (`draft` = a drafter directory), streaming
 /// text to `out`; the output is the same as [`generate`]'s for greedy decoding. On the GPU
-/// (`loaded.gpu`) the drafter runs on the device ([`dflash::gpu::GpuSpec`]); else on the CPU
+/// (`loaded.gpu`, or rank 0 of `loaded.tp`) the drafter runs on the device
+/// ([`dflash::gpu::GpuSpec`], [`dflash::gpu::GpuTpSpec`]); else on the CPU
 /// ([`dflash::CpuBackend`]); either way [`generate_speculative_on`] runs the loop.
 pub fn generate_speculative(
     loaded: &Loaded,
@@ -569,8 +573,7 @@ pub fn generate_speculative_with(
     if let Some(tp) = &loaded.tp {
         let (drafter, opts) = tp_spec_setup(loaded, draft, block_size)?;
         let mut session = tp.session()?;
-        let mut target = dflash::WithTables::new(&mut session, &tp.embed, &tp.lm_head);
-        let mut backend = dflash::CpuBackend::new(&mut target, &drafter)?;
+        let mut backend = dflash::gpu::GpuTpSpec::new(&mut session, &drafter)?;
         return generate_speculative_on(&mut backend, &opts, policy, loaded, ids, params, out);
     }
     match &loaded.gpu {
@@ -695,8 +698,14 @@ mod tests {
     fn parallelism_flags() {
         assert_eq!(parallelism(1, None).unwrap(), Parallelism::tensor(1));
         assert_eq!(parallelism(4, None).unwrap(), Parallelism::tensor(4));
-        assert_eq!(parallelism(4, Some(0)).unwrap(), Parallelism::tensor_expert(4));
-        assert_eq!(parallelism(4, Some(4)).unwrap(), Parallelism::tensor_expert(4));
+        assert_eq!(
+            parallelism(4, Some(0)).unwrap(),
+            Parallelism::tensor_expert(4)
+        );
+        assert_eq!(
+            parallelism(4, Some(4)).unwrap(),
+            Parallelism::tensor_expert(4)
+        );
         assert_eq!(parallelism(1, Some(2)).unwrap(), Parallelism::expert(2));
         let err = |r: anyhow::Result<Parallelism>| r.unwrap_err().to_string();
         assert!(err(parallelism(1, Some(0))).contains("needs a rank count"));

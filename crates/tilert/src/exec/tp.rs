@@ -1128,6 +1128,32 @@ impl TpSession {
         Ok(out)
     }
 
+    /// Rank 0's session: after every pass it holds the logits, greedy ids and captured hidden
+    /// states (every rank holds the same replicated residual stream) — what a drafter on rank
+    /// 0's GPU reads (`tilert::draft::GpuDrafter` built on `TpModel::rank(0)`).
+    pub fn lead(&self) -> &GpuSession {
+        &self.ranks[0]
+    }
+
+    /// The hidden indices every pass captures, on rank 0 (as [`GpuSession::set_capture`]).
+    pub fn set_capture(&mut self, indices: &[usize]) -> Result<(), RuntimeError> {
+        self.ranks[0].model.device().ctx.bind_to_thread()?;
+        self.ranks[0].set_capture(indices)
+    }
+
+    /// One pass of `tokens` (≤ MAX_TOKENS) on every rank, the logits, greedy ids and captures
+    /// left on rank 0's device (as [`GpuSession::forward_device`]). On error the session is as
+    /// before.
+    pub fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        self.ranks[0].check_tokens(tokens)?;
+        if tokens.len() > MAX_TOKENS {
+            return Err(RuntimeError::Invalid(format!(
+                "forward_device takes at most {MAX_TOKENS} tokens"
+            )));
+        }
+        self.pass(tokens, Logits::All)
+    }
+
     /// Drops every position ≥ `len` on every rank (as [`GpuSession::truncate`]).
     pub fn truncate(&mut self, len: usize) -> Result<(), RuntimeError> {
         // Every rank holds the same positions and windows: rank 0 decides.
