@@ -693,7 +693,14 @@ fn load_on(
             let split = par.split()?;
             if split.ranks > 1 {
                 loaded.parallel(split)?;
-                eprintln!("{split}: simulated ranks on the CPU");
+                if split.expert_parallel {
+                    eprintln!("{split}: simulated ranks on the CPU");
+                } else {
+                    eprintln!(
+                        "tensor parallel: {} simulated ranks on the CPU",
+                        split.ranks
+                    );
+                }
             }
             Ok(loaded)
         }

@@ -1332,6 +1332,59 @@ mod tests {
         }
     }
 
+    /// Every rank's view of expert-parallel plans (alone: attention replicated; with TP
+    /// attention) lowers: the rank's expert ops hold a contiguous range of whole experts (the
+    /// ranges partition the experts), one all-reduce per MoE layer after the experts.
+    #[test]
+    fn expert_parallel_rank_views_lower() {
+        use model::plan::OpKind as K;
+        for (name, cfg, mx) in configs() {
+            let full = Plan::new(&cfg, DEVICE_STORAGE, pass_shape(3, Logits::All, false)).unwrap();
+            for par in [Parallelism::expert(2), Parallelism::tensor_expert(2)] {
+                let layout =
+                    gpu_layout_with(&cfg, par, mx).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let sharded = shard_plan(&full, &cfg, &layout).unwrap();
+                sharded.validate().unwrap();
+                let moe_layers = cfg.layers.iter().filter(|l| l.moe).count();
+                let reduces = sharded
+                    .ops
+                    .iter()
+                    .filter(|o| matches!(o.kind, K::AllReduce(_)))
+                    .count();
+                let per_layer = if par.shard_attention {
+                    2 * cfg.layers.len()
+                } else {
+                    moe_layers
+                };
+                assert_eq!(reduces, per_layer, "{name} {par}");
+                let mut held = Vec::new();
+                for r in 0..2 {
+                    let v = rank_plan(&sharded, r).unwrap();
+                    check_plan_for(&v, true).unwrap_or_else(|e| panic!("{name} {par} {r}: {e}"));
+                    let fake =
+                        crate::exec::lower::tests::fake_target(&rank_config(&cfg, &layout, r));
+                    crate::exec::lower::check_weights(&v, &fake)
+                        .unwrap_or_else(|e| panic!("{name} {par} {r}: {e}"));
+                    if let Some(p) = v.ops.iter().find_map(|o| match o.kind {
+                        K::ExpertsDown(p) => Some(p),
+                        _ => None,
+                    }) {
+                        assert!(!p.residual);
+                        held.push((p.experts.lo, p.experts.hi));
+                    }
+                }
+                let e = cfg.n_experts;
+                assert_eq!(held, vec![(0, e / 2), (e / 2, e)], "{name} {par}");
+            }
+        }
+        // 8 experts do not divide over 3 ranks.
+        let cfg = ModelConfig::from_dir(&fixture("gpt-oss/mxfp4")).unwrap();
+        let e = gpu_layout_with(&cfg, Parallelism::expert(3), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routed experts on 3 ranks"), "{e}");
+    }
+
     #[test]
     fn setups_that_cannot_run_are_named_errors() {
         let cfg = ModelConfig::from_dir(&fixture("gpt-oss/mxfp4")).unwrap();
