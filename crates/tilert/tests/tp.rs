@@ -13,6 +13,13 @@
 //! back-to-back calls, graph replay, odd sizes, NaN passthrough, timeouts) is tested in
 //! `comm`'s tests/gpu_allreduce.rs; here a long decode (200 steps × 2 all-reduces per layer,
 //! graphs) runs it through the executor.
+//!
+//! Expert parallelism (each rank holding whole experts, alone or with tensor-parallel attention)
+//! runs the same checks against the CPU's expert-parallel ranks (`CpuModel::parallel`) with the
+//! same tolerances: the GPU and CPU EP runs sum the same per-rank expert outputs in the same order.
+//! The NCCL all-reduce is compared with the one-shot kernel on two GPUs (NCCL refuses two ranks on
+//! one GPU; the test skips with a message on one): logits within the tolerance (NCCL's own
+//! summation order), greedy tokens identical.
 
 mod common;
 
