@@ -15,6 +15,9 @@
 //! * **devices** (`--devices A,B,..`, a multi-GPU machine; issue #19): the N ranks on the first N
 //!   listed GPUs — the real TP step.
 //!
+//! `--expert-parallel`: the same with each rank holding E/N whole experts (TP attention), and
+//! `--all-reduce nccl` runs the `--devices` rows through NCCL (the reference).
+//!
 //! The unsharded slice (`GpuModel::synthetic`) is the N = 1 baseline. Every step is a greedy
 //! decode step with CUDA graphs, timed by wall clock from the host (it waits for its token);
 //! the median over `--repeats` windows of `--steps` steps after a `--prompt`-token prompt.
@@ -26,8 +29,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use model::config::ModelConfig;
+use model::plan::tp::Parallelism;
 use serde::Serialize;
-use tilert::exec::tp::{RankPlacement, TpModel, TpSession};
+use tilert::exec::tp::{AllReduceKind, RankPlacement, TpModel, TpOptions, TpSession};
 use tilert::exec::GpuModel;
 use ultra_benches::{median, time_us, BenchKernels};
 
@@ -53,6 +57,14 @@ struct Args {
     /// Skip the virtual-rank runs (all N ranks on GPU 0).
     #[arg(long)]
     no_virtual: bool,
+    /// Expert parallelism: each rank holds E/N whole experts (attention stays tensor-parallel)
+    /// instead of a 1/N slice of every expert. The per-rank step reads the experts its rank's
+    /// share of the routing hits.
+    #[arg(long)]
+    expert_parallel: bool,
+    /// The all-reduce of the `--devices` runs: oneshot (default) or nccl.
+    #[arg(long, default_value = "oneshot")]
+    all_reduce: String,
     /// Decode steps per timed window.
     #[arg(long, default_value_t = 64)]
     steps: usize,
@@ -233,25 +245,47 @@ fn run_config(args: &Args, name: &str, text: &str) -> Result<Report> {
     }
     drop(base);
 
+    let all_reduce = match args.all_reduce.as_str() {
+        "oneshot" => AllReduceKind::OneShot,
+        "nccl" => AllReduceKind::Nccl,
+        other => bail!("--all-reduce {other:?}: oneshot or nccl"),
+    };
+    let split = |n: usize| {
+        if args.expert_parallel {
+            Parallelism::tensor_expert(n)
+        } else {
+            Parallelism::tensor(n)
+        }
+    };
+    let tag = if args.expert_parallel { "TP+EP" } else { "TP" };
     for &n in &args.ranks {
-        let alone = TpModel::synthetic_rank(cfg.clone(), n, 0, 0, seed)
-            .with_context(|| format!("rank 0 of TP{n}"))?;
+        let opts = TpOptions {
+            parallelism: split(n),
+            all_reduce: AllReduceKind::OneShot,
+        };
+        let alone = TpModel::synthetic_rank_with(cfg.clone(), split(n), 0, 0, seed)
+            .with_context(|| format!("rank 0 of {tag}{n}"))?;
         let mut s = alone.session(args.max_seq)?;
         let ms = tp_ms(&mut s, args, &prompt)?;
         push(
-            format!("TP{n} per-rank step (rank 0 alone)"),
+            format!("{tag}{n} per-rank step (rank 0 alone)"),
             n,
             ms,
             tp_bytes(&alone),
         );
         drop((s, alone));
         if !args.no_virtual && n > 1 {
-            let m = TpModel::synthetic(cfg.clone(), n, &RankPlacement::Virtual { device: 0 }, seed)
-                .with_context(|| format!("TP{n} on virtual ranks"))?;
+            let m = TpModel::synthetic_with(
+                cfg.clone(),
+                opts,
+                &RankPlacement::Virtual { device: 0 },
+                seed,
+            )
+            .with_context(|| format!("{tag}{n} on virtual ranks"))?;
             let mut s = m.session(args.max_seq)?;
             let ms = tp_ms(&mut s, args, &prompt)?;
             push(
-                format!("TP{n} virtual ranks on one GPU"),
+                format!("{tag}{n} virtual ranks on one GPU"),
                 n,
                 ms,
                 tp_bytes(&m),
@@ -260,13 +294,17 @@ fn run_config(args: &Args, name: &str, text: &str) -> Result<Report> {
         if let Some(d) = &args.devices {
             if d.len() >= n && n > 1 {
                 let gpus = d[..n].to_vec();
-                let m =
-                    TpModel::synthetic(cfg.clone(), n, &RankPlacement::Devices(gpus.clone()), seed)
-                        .with_context(|| format!("TP{n} on GPUs {gpus:?}"))?;
+                let m = TpModel::synthetic_with(
+                    cfg.clone(),
+                    TpOptions { all_reduce, ..opts },
+                    &RankPlacement::Devices(gpus.clone()),
+                    seed,
+                )
+                .with_context(|| format!("{tag}{n} on GPUs {gpus:?}"))?;
                 let mut s = m.session(args.max_seq)?;
                 let ms = tp_ms(&mut s, args, &prompt)?;
                 push(
-                    format!("TP{n} on GPUs {gpus:?}"),
+                    format!("{tag}{n} on GPUs {gpus:?} ({} all-reduce)", m.all_reduce()),
                     n,
                     ms,
                     m.rank(0).decode_bytes_per_token(),

@@ -26,7 +26,7 @@ pub mod topology;
 use cudarc::driver::DriverError;
 use thiserror::Error;
 
-pub use nccl::{nccl_version, NcclComms, NcclVersion};
+pub use nccl::{nccl_version, NcclComms, NcclRank, NcclVersion};
 pub use symmetric::{AllReduce, DType, Epilogue, SymmetricGroup};
 pub use topology::{DeviceInfo, Link, PeerLink, Topology};
 

@@ -404,6 +404,94 @@ impl NcclComms {
     }
 }
 
+impl NcclComms {
+    /// Splits the group into one handle per rank, for a process that drives each rank from its
+    /// own thread: each thread issues its rank's collectives on its rank's stream, no group call
+    /// needed (NCCL's one-thread-per-GPU model).
+    pub fn into_ranks(mut self) -> Vec<NcclRank> {
+        let comms = std::mem::take(&mut self.comms);
+        let streams = std::mem::take(&mut self.streams);
+        let ranks = comms.len();
+        comms
+            .into_iter()
+            .zip(streams)
+            .enumerate()
+            .map(|(rank, (comm, stream))| NcclRank {
+                comm,
+                stream,
+                rank,
+                ranks,
+            })
+            .collect()
+    }
+}
+
+/// One rank of an NCCL group ([`NcclComms::into_ranks`]): its communicator and stream. Used by
+/// one thread at a time (the rank's); every rank must issue the same collectives in the same
+/// order.
+pub struct NcclRank {
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    ranks: usize,
+}
+
+// SAFETY: a communicator may be used from any thread as long as calls on it are not concurrent;
+// NcclRank is not Sync (a caller sharing it wraps it in a lock).
+unsafe impl Send for NcclRank {}
+
+impl NcclRank {
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    /// The stream this rank's collectives are ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// In-place sum over the ranks of `count` f32 at `buf`, enqueued on the rank's stream
+    /// (`ncclAllReduce`, `ncclSum`; NCCL picks its algorithm, so the summation order is NCCL's).
+    ///
+    /// # Safety
+    /// `buf` must be a live device allocation of at least `count` f32 on this rank's GPU, not
+    /// freed before the stream has run the collective; every other rank must issue the same
+    /// all-reduce (same count) as its next collective, or the ranks wait forever.
+    pub unsafe fn all_reduce_f32_in_place(&self, buf: u64, count: usize) -> Result<(), CommError> {
+        if buf == 0 || count == 0 {
+            return Err(CommError::Invalid(
+                "NCCL all-reduce of an empty or null buffer".into(),
+            ));
+        }
+        // SAFETY: the caller's contract.
+        unsafe {
+            nr::all_reduce(
+                buf as *const c_void,
+                buf as *mut c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map(|_| ())
+        .map_err(CommError::Nccl)
+    }
+}
+
+impl Drop for NcclRank {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        // SAFETY: the handle came from comm_init_all (via into_ranks) and is destroyed once.
+        let _ = unsafe { nr::comm_destroy(self.comm) };
+    }
+}
+
 impl Drop for NcclComms {
     fn drop(&mut self) {
         for s in &self.streams {

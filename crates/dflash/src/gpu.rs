@@ -7,12 +7,12 @@
 //! model-level `model::drafter` types) and depends on neither this crate nor the CPU executor;
 //! this module is the only place that knows both the loop and the device.
 
-use std::borrow::BorrowMut;
 use std::ops::ControlFlow;
 
 use model::sampling::SamplingParams;
 use tilert::arena::{dtoh, DPtr};
 use tilert::draft::{GpuDraftSession, GpuDrafter};
+use tilert::exec::tp::TpSession;
 use tilert::exec::GpuSession;
 use tilert::ops::MAX_TOKENS;
 use tilert::RuntimeError;
@@ -24,10 +24,79 @@ fn target_err(e: RuntimeError) -> SpecError {
     SpecError::Target(Box::new(e))
 }
 
-/// The speculative loop's backend on the GPU: a target [`GpuSession`] (borrowed, [`GpuSpec`], or
-/// owned, `GpuSpecOn<GpuSession>`: a whole speculative sequence to keep between calls, as the
-/// server does) and a drafter state. Greedy rounds bring back one id per row (draft and verify
-/// argmax on the device); sampled rounds bring back the logits.
+/// A target whose passes leave their logits, greedy ids and captured hidden states on one GPU,
+/// where the drafter runs: a [`GpuSession`], or a tensor-/expert-parallel [`TpSession`] whose
+/// rank 0 holds them (the drafter on rank 0's GPU, reading rank 0's captured hidden states).
+pub trait DeviceTarget {
+    /// The session whose device buffers hold the latest pass's logits, argmax and captures.
+    fn lead(&self) -> &GpuSession;
+    /// The hidden indices every pass captures (on the lead session).
+    fn set_capture(&mut self, indices: &[usize]) -> Result<(), RuntimeError>;
+    /// One pass of at most `MAX_TOKENS` tokens, results left on the device.
+    fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError>;
+    fn truncate(&mut self, len: usize) -> Result<(), RuntimeError>;
+    fn reset(&mut self);
+}
+
+impl DeviceTarget for GpuSession {
+    fn lead(&self) -> &GpuSession {
+        self
+    }
+    fn set_capture(&mut self, indices: &[usize]) -> Result<(), RuntimeError> {
+        GpuSession::set_capture(self, indices)
+    }
+    fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        GpuSession::forward_device(self, tokens)
+    }
+    fn truncate(&mut self, len: usize) -> Result<(), RuntimeError> {
+        GpuSession::truncate(self, len)
+    }
+    fn reset(&mut self) {
+        GpuSession::reset(self)
+    }
+}
+
+impl DeviceTarget for TpSession {
+    fn lead(&self) -> &GpuSession {
+        TpSession::lead(self)
+    }
+    fn set_capture(&mut self, indices: &[usize]) -> Result<(), RuntimeError> {
+        TpSession::set_capture(self, indices)
+    }
+    fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        TpSession::forward_device(self, tokens)
+    }
+    fn truncate(&mut self, len: usize) -> Result<(), RuntimeError> {
+        TpSession::truncate(self, len)
+    }
+    fn reset(&mut self) {
+        TpSession::reset(self)
+    }
+}
+
+impl<T: DeviceTarget + ?Sized> DeviceTarget for &mut T {
+    fn lead(&self) -> &GpuSession {
+        (**self).lead()
+    }
+    fn set_capture(&mut self, indices: &[usize]) -> Result<(), RuntimeError> {
+        (**self).set_capture(indices)
+    }
+    fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        (**self).forward_device(tokens)
+    }
+    fn truncate(&mut self, len: usize) -> Result<(), RuntimeError> {
+        (**self).truncate(len)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+}
+
+/// The speculative loop's backend on the GPU: a target [`DeviceTarget`] — a [`GpuSession`]
+/// (borrowed, [`GpuSpec`], or owned, `GpuSpecOn<GpuSession>`: a whole speculative sequence to
+/// keep between calls, as the server does) or a tensor-parallel [`TpSession`] ([`GpuTpSpec`];
+/// the drafter on rank 0's GPU) — and a drafter state. Greedy rounds bring back one id per row
+/// (draft and verify argmax on the device); sampled rounds bring back the logits.
 pub struct GpuSpecOn<T> {
     target: T,
     draft: GpuDraftSession,
@@ -38,17 +107,22 @@ pub struct GpuSpecOn<T> {
 /// [`GpuSpecOn`] over a borrowed target session.
 pub type GpuSpec<'a> = GpuSpecOn<&'a mut GpuSession>;
 
-impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
-    /// Pairs `target` (its model must be the drafter's target) with a fresh draft state.
+/// [`GpuSpecOn`] over a borrowed tensor-/expert-parallel session (the drafter built on
+/// `TpModel::rank(0)`).
+pub type GpuTpSpec<'a> = GpuSpecOn<&'a mut TpSession>;
+
+impl<T: DeviceTarget> GpuSpecOn<T> {
+    /// Pairs `target` (its model — rank 0's under tensor parallelism — must be the drafter's
+    /// target) with a fresh draft state.
     pub fn new(target: T, drafter: &GpuDrafter) -> Result<Self, RuntimeError> {
-        let draft = drafter.session(target.borrow().max_seq())?;
+        let draft = drafter.session(target.lead().max_seq())?;
         Self::with_draft_session(target, draft)
     }
 
     /// Pairs `target` with an existing draft state (reset by the prefill; its captured graphs
     /// are kept, so repeated generations do not capture again).
     pub fn with_draft_session(target: T, draft: GpuDraftSession) -> Result<Self, RuntimeError> {
-        draft.check_target(target.borrow())?;
+        draft.check_target(target.lead())?;
         Ok(Self {
             target,
             draft,
@@ -66,9 +140,9 @@ impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
         (self.target, self.draft)
     }
 
-    /// The target session.
+    /// The target session (rank 0's under tensor parallelism).
     pub fn target(&self) -> &GpuSession {
-        self.target.borrow()
+        self.target.lead()
     }
 
     /// Device bytes of the target session and the draft state.
@@ -79,7 +153,7 @@ impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
     /// Empties the target and the draft state, so the next [`GpuSpecOn::generate`] (or
     /// `SpecBackend::prefill`) starts a new sequence on the same device memory and graphs.
     pub fn reset(&mut self) {
-        self.target.borrow_mut().reset();
+        self.target.reset();
         self.draft.reset();
         self.verified = None;
     }
@@ -111,7 +185,7 @@ impl<T: BorrowMut<GpuSession>> GpuSpecOn<T> {
     }
 }
 
-impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
+impl<T: DeviceTarget> SpecBackend for GpuSpecOn<T> {
     fn vocab_size(&self) -> usize {
         self.target().model().config().vocab_size
     }
@@ -141,7 +215,7 @@ impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
             )));
         }
         self.verified = None;
-        let target = self.target.borrow_mut();
+        let target = &mut self.target;
         target
             .set_capture(self.draft.drafter().hidden_indices())
             .map_err(target_err)?;
@@ -149,7 +223,7 @@ impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
         for pass in chunk.chunks(MAX_TOKENS) {
             target.forward_device(pass).map_err(target_err)?;
             self.draft
-                .append_context(target, pass.len())
+                .append_context(target.lead(), pass.len())
                 .map_err(target_err)?;
             last = pass.len();
         }
@@ -185,8 +259,8 @@ impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
     }
 
     fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
-        let target = self.target.borrow_mut();
-        let start = target.len();
+        let target = &mut self.target;
+        let start = target.lead().len();
         target
             .set_capture(self.draft.drafter().hidden_indices())
             .map_err(target_err)?;
@@ -208,9 +282,11 @@ impl<T: BorrowMut<GpuSession>> SpecBackend for GpuSpecOn<T> {
                 "cannot keep {keep} of {n} verified tokens"
             )));
         }
-        let target = self.target.borrow_mut();
+        let target = &mut self.target;
         target.truncate(start + keep).map_err(target_err)?;
-        self.draft.append_context(target, keep).map_err(target_err)
+        self.draft
+            .append_context(target.lead(), keep)
+            .map_err(target_err)
     }
 
     fn reset(&mut self) -> Result<(), SpecError> {

@@ -3,7 +3,8 @@
 //! states from rank 0 and the checkpoint's embedding and LM head: `dflash::WithTables`).
 //! Speculative greedy must equal plain greedy under the same TP session token for token, and
 //! plain greedy under TP must equal unsharded GPU greedy decoding (every fixture drafter with its
-//! target, blocks 4 and 16).
+//! target, blocks 4 and 16). The drafter also runs on the device: on rank 0's GPU, reading rank
+//! 0's captured hidden states, under tensor and expert parallelism.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -99,6 +100,79 @@ fn speculative_greedy_equals_plain_greedy_under_tp() {
                 assert_eq!(out.tokens, plain, "{rel} TP{ranks} {name} B={b}");
                 eprintln!(
                     "{rel} TP{ranks} {name} B={b}: tau {:.2}",
+                    out.stats.tau().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+}
+
+/// The drafter on the device under tensor and expert parallelism: a `GpuDrafter` on rank 0's GPU
+/// reading rank 0's captured hidden states (`dflash::gpu::GpuTpSpec`), 2 virtual ranks. Speculative
+/// greedy must equal plain greedy under the same split token for token (every fixture drafter
+/// with its target, blocks 4 and 16).
+#[test]
+fn device_drafter_speculative_greedy_equals_plain_greedy_under_tp() {
+    use model::plan::tp::Parallelism;
+    use tilert::exec::tp::{AllReduceKind, TpOptions};
+    comm::symmetric::prepare_virtual_ranks();
+    let Some(_ctx) = ultra_kernels::gpu_for_test(
+        "device_drafter_speculative_greedy_equals_plain_greedy_under_tp",
+    ) else {
+        return;
+    };
+    let params = SamplingParams {
+        max_tokens: 32,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    for (name, rel) in pairs() {
+        let (c, w) = model::load::load(&fixtures().join(&rel)).unwrap();
+        let c = Arc::new(c);
+        let v = c.vocab_size as u32;
+        let prompt: Vec<u32> = (0..21).map(|i| (i * 29 + 3) % v).collect();
+        let d = Drafter::load(&fixtures().join("drafters").join(&name), &c).unwrap();
+        for par in [Parallelism::tensor(2), Parallelism::expert(2)] {
+            let tp = TpModel::build(
+                c.clone(),
+                &w,
+                TpOptions {
+                    parallelism: par,
+                    all_reduce: AllReduceKind::Auto,
+                },
+                &RankPlacement::Virtual { device: 0 },
+                &mut |_| {},
+            )
+            .unwrap();
+            let mut s = tp.session(256).unwrap();
+            let mut plain = vec![s.prefill_greedy(&prompt).unwrap()];
+            while plain.len() < 32 {
+                plain.push(s.decode_greedy(*plain.last().unwrap()).unwrap());
+            }
+            let gd = tilert::draft::GpuDrafter::new(tp.rank(0), d.config(), d.weights()).unwrap();
+            for b in [4, 16] {
+                let mut s = tp.session(256).unwrap();
+                let mut backend = dflash::gpu::GpuTpSpec::new(&mut s, &gd).unwrap();
+                let opts = SpecOptions {
+                    block_size: b,
+                    eos_token_ids: Vec::new(),
+                    prefill_chunk: None,
+                };
+                let out = backend
+                    .generate(
+                        &opts,
+                        &prompt,
+                        &params,
+                        &mut |_| ControlFlow::Continue(()),
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                assert_eq!(
+                    out.tokens, plain,
+                    "{rel} {par} {name} B={b} (device drafter)"
+                );
+                eprintln!(
+                    "{rel} {par} {name} B={b} (device drafter): tau {:.2}",
                     out.stats.tau().unwrap_or(0.0)
                 );
             }

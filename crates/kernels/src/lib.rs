@@ -73,6 +73,9 @@ pub const ROPE: KernelImage = image!("rope");
 pub const ATTENTION: KernelImage = image!("attention");
 /// The dense side of a MoE block: GLU and the combine with the next norm fused (`kernels/moe.cu`).
 pub const MOE: KernelImage = image!("moe");
+/// Expert parallelism: a rank's routing localized to its experts and its partial combine
+/// (`kernels/ep.cu`).
+pub const EP: KernelImage = image!("ep");
 /// Routing, and the router fused with the post-attention norm (`kernels/router.cu`).
 pub const ROUTER: KernelImage = image!("router");
 /// Argmax and sampling (`kernels/sampling.cu`).
@@ -100,7 +103,7 @@ pub const OPS: &[KernelImage] = &[
 /// Every embedded image (what `cargo xtask kernels --check` and the loaders agree on).
 pub const ALL: &[KernelImage] = &[
     MXFP4, FILL, EMBED, NORM, LINEAR, ROPE, ATTENTION, MOE, ROUTER, SAMPLING, PROJ, BENCH, COMM,
-    PERSISTENT,
+    PERSISTENT, EP,
 ];
 
 /// `kernels/common/abi.cuh`: the structs kernels take by value and the limits the host checks.
@@ -312,6 +315,7 @@ mod tests {
         assert_eq!(family("router_route_bf16_t1"), Some("router"));
         assert_eq!(family("sample"), Some("sampling"));
         assert_eq!(family("moe_mx_gate_up_np1"), Some("mxfp4"));
+        assert_eq!(family("ep_combine"), Some("ep"));
         assert_eq!(family("no_such_kernel"), None);
     }
 

@@ -1,5 +1,6 @@
-//! Tensor-parallel weight shards: each rank's decoder layers, sliced by a [`TpLayout`] (the one
-//! definition of what a rank holds; see `crate::plan::tp`). The CPU's simulated ranks
+//! Tensor- and expert-parallel weight shards: each rank's decoder layers, sliced by a
+//! [`TpLayout`] (the one definition of what a rank holds; see `crate::plan::tp`): heads and
+//! intermediate slices, whole replicated blocks, or an expert-parallel rank's whole experts. The CPU's simulated ranks
 //! (`crate::cpu`) and the GPU's rank sessions (`tilert::exec::tp`) hold these shards.
 //!
 //! The slicing goes through four small functions over the weight types — [`rows_of`],
@@ -153,19 +154,42 @@ pub fn shard_layers(
         .enumerate()
     {
         let (d, dv) = (spec.head_dim, spec.v_head_dim);
+        let par = layout.parallelism;
         for (r, layers) in ranks.iter_mut().enumerate() {
             let (hq, hk) = (&ls.heads[r], &ls.kv_heads[r]);
-            let attn = Attention {
-                q: linear_rows(&lw.attn.q, &[hq.start * d..hq.end * d]),
-                k: linear_rows(&lw.attn.k, &[hk.start * d..hk.end * d]),
-                v: linear_rows(&lw.attn.v, &[hk.start * dv..hk.end * dv]),
-                o: linear_cols(&lw.attn.o, hq.start * dv..hq.end * dv, r == 0),
-                q_norm: lw.attn.q_norm.clone(),
-                k_norm: lw.attn.k_norm.clone(),
-                sinks: lw.attn.sinks.as_ref().map(|s| s[hq.clone()].to_vec()),
+            let attn = if !par.shard_attention {
+                // Replicated: every rank holds the whole attention.
+                lw.attn.clone()
+            } else {
+                Attention {
+                    q: linear_rows(&lw.attn.q, &[hq.start * d..hq.end * d]),
+                    k: linear_rows(&lw.attn.k, &[hk.start * d..hk.end * d]),
+                    v: linear_rows(&lw.attn.v, &[hk.start * dv..hk.end * dv]),
+                    o: linear_cols(&lw.attn.o, hq.start * dv..hq.end * dv, r == 0),
+                    q_norm: lw.attn.q_norm.clone(),
+                    k_norm: lw.attn.k_norm.clone(),
+                    sinks: lw.attn.sinks.as_ref().map(|s| s[hq.clone()].to_vec()),
+                }
             };
             let i = &ls.intermediate[r];
             let mlp = match &lw.mlp {
+                Mlp::Dense { .. } if !par.shard_attention => lw.mlp.clone(),
+                Mlp::Moe(m) if par.expert_parallel => {
+                    // Placed whole: the rank's contiguous range of experts, biases included.
+                    let held = &ls.experts[r];
+                    let experts = m.experts.get(held.clone()).ok_or_else(|| {
+                        PlanError::Invalid(format!(
+                            "layer {l}: experts {held:?} of a block of {}",
+                            m.experts.len()
+                        ))
+                    })?;
+                    Mlp::Moe(Moe {
+                        router: m.router.clone(),
+                        correction_bias: m.correction_bias.clone(),
+                        experts: experts.to_vec(),
+                        gate_up_layout: m.gate_up_layout,
+                    })
+                }
                 Mlp::Dense { gate_up, down } => {
                     let full = down.w.cols;
                     Mlp::Dense {

@@ -22,7 +22,7 @@ use model::cpu::{CpuError, CpuModel};
 use model::executor::{Executor, LAST_LAYER_PRE_NORM};
 use model::footprint::{Footprint, StoragePlan};
 use model::plan::draft::{DraftLayer, DraftPass, DraftSpec};
-use model::plan::tp::{split_range, TpLayout};
+use model::plan::tp::{split_range, Parallelism, TpLayout};
 use model::plan::{
     Buf, Logits, OpKind, PassKind, PassShape, Placement, Plan, PlanError, WeightStorage,
 };
@@ -616,4 +616,176 @@ fn every_plan_is_a_valid_schedule() {
         buf: Buf::X,
     });
     assert!(p.validate().is_err());
+}
+
+// ---- expert parallelism -------------------------------------------------------------------------
+//
+// Tolerance: an expert-parallel rank sums its own experts' weighted outputs (ascending id) and the
+// all-reduce adds the ranks' sums in rank order — the same k terms per row as the unsharded
+// ascending-id sum, re-associated at rank boundaries (plus, with tensor-parallel attention, the
+// o-projection reassociation above). The same bound as tensor parallelism applies: TP_TOL.
+
+/// Logits of prefill + decode + verify through `par`'s sharded sessions against the unsharded
+/// model, and greedy continuations equal.
+fn check_par(name: &str, m: &CpuModel, par: Parallelism) -> f32 {
+    let sharded = m.parallel(par).unwrap();
+    assert_eq!(sharded.ranks(), par.ranks);
+    let v = m.config().vocab_size;
+    let toks = tokens(11, 24, v);
+    let want = m.session().prefill_all(&toks).unwrap();
+    let mut s = sharded.session();
+    let mut got = s.prefill_all(&toks[..12]).unwrap();
+    for &t in &toks[12..16] {
+        got.push(s.decode(t).unwrap().to_vec());
+    }
+    got.extend(s.verify(&toks[16..], &[1]).unwrap().logits);
+    let d = rel_diff(&want, &got);
+    assert!(d <= TP_TOL, "{name} {par}: logits differ by {d} (relative)");
+    let a = greedy(&mut m.session(), &toks[..7], 12).unwrap();
+    let b = greedy(&mut sharded.session(), &toks[..7], 12).unwrap();
+    assert_eq!(a, b, "{name} {par}: greedy continuation");
+    println!("{name} {par}: max relative logit difference {d:e}");
+    d
+}
+
+#[test]
+fn expert_parallel_logits_match_unsharded_on_every_fixture() {
+    for d in FIXTURES {
+        let m = load(d);
+        for n in [2, 4] {
+            check_par(d, &m, Parallelism::expert(n));
+            check_par(d, &m, Parallelism::tensor_expert(n));
+        }
+        // One expert per rank.
+        check_par(d, &m, Parallelism::expert(8));
+    }
+}
+
+#[test]
+fn expert_parallel_logits_match_unsharded_on_toys() {
+    for (name, m) in toys() {
+        let e = m.config().n_experts;
+        for n in [2, 4] {
+            if e.is_multiple_of(n) {
+                check_par(name, &m, Parallelism::expert(n));
+                check_par(name, &m, Parallelism::tensor_expert(n));
+            }
+        }
+    }
+}
+
+/// With every expert of every row on one rank (top-k within one rank's range), the rank sums
+/// exactly the unsharded terms: expert parallelism over one rank's worth is bit-identical.
+#[test]
+fn expert_parallel_one_rank_is_the_unsharded_model() {
+    let m = load("qwen3-moe/native");
+    let one = m.parallel(Parallelism::expert(1)).unwrap();
+    let toks = tokens(5, 9, m.config().vocab_size);
+    let a = m.session().prefill_all(&toks).unwrap();
+    let b = one.session().prefill_all(&toks).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert_bits(x, y, "EP=1");
+    }
+}
+
+#[test]
+fn expert_parallel_plan_structure() {
+    let m = load("gpt-oss/mxfp4");
+    let nl = m.config().layers.len();
+    // Alone: attention replicated, one all-reduce per MoE layer, experts 0..4 and 4..8.
+    let ep = m.parallel(Parallelism::expert(2)).unwrap();
+    let plan = ep.plan(Logits::Last);
+    plan.validate().unwrap();
+    let ar = plan
+        .ops
+        .iter()
+        .filter(|o| matches!(o.kind, OpKind::AllReduce(_)))
+        .count();
+    assert_eq!(ar, nl);
+    let mut held = Vec::new();
+    for o in &plan.ops {
+        match o.kind {
+            OpKind::QkvRope(_) | OpKind::Attention(_) | OpKind::OProj(_) => {
+                assert_eq!(o.placement, Placement::Replicated)
+            }
+            OpKind::ExpertsGateUp(p) => {
+                assert_eq!(p.intermediate, m.config().moe_intermediate_size);
+                held.push((o.placement, p.experts.lo, p.experts.hi));
+            }
+            OpKind::ExpertsDown(p) => {
+                assert!(!p.residual && p.next_norm.is_none() && p.bias);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        &held[..2],
+        &[(Placement::Rank(0), 0, 4), (Placement::Rank(1), 4, 8)]
+    );
+    let text = plan.to_string();
+    assert!(text.contains("(experts 4..8)"), "{text}");
+    assert!(text.contains("experts.down[experts 0..4]"), "{text}");
+    // With tensor-parallel attention: two all-reduces per layer, attention on ranks.
+    let tep = m.parallel(Parallelism::tensor_expert(2)).unwrap();
+    let plan = tep.plan(Logits::Last);
+    plan.validate().unwrap();
+    assert_eq!(
+        plan.ops
+            .iter()
+            .filter(|o| matches!(o.kind, OpKind::AllReduce(_)))
+            .count(),
+        2 * nl
+    );
+    assert!(plan
+        .ops
+        .iter()
+        .filter(|o| matches!(o.kind, OpKind::Attention(_)))
+        .all(|o| matches!(o.placement, Placement::Rank(_))));
+    // The expected expert bytes of a decode split evenly: the ranks' sum is the unsharded total
+    // (the next norm's weight moves from experts_down to the all-reduce).
+    let bytes = |p: &Plan| -> f64 {
+        p.ops
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o.kind,
+                    OpKind::ExpertsGateUp(_) | OpKind::ExpertsDown(_) | OpKind::AllReduce(_)
+                ) && !matches!(o.kind, OpKind::AllReduce(a) if a.next_norm.is_none())
+            })
+            .map(|o| o.weight_bytes)
+            .sum()
+    };
+    let one = bytes(m.plan(Logits::Last));
+    assert!(
+        (bytes(plan) - one).abs() <= 1e-6 * one,
+        "{} vs {one}",
+        bytes(plan)
+    );
+}
+
+#[test]
+fn expert_parallel_refuses_experts_that_do_not_divide() {
+    let m = load("gpt-oss/bf16");
+    for n in [3, 16] {
+        let e = m.parallel(Parallelism::expert(n)).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, CpuError::Plan(PlanError::TensorParallel { ranks, .. }) if ranks == n),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("places 8 routed experts on") && msg.contains("possible here: 1, 2, 4, 8"),
+            "{msg}"
+        );
+    }
+    // The attention split is checked too with tensor-parallel attention (3 does not divide 4
+    // heads), and a model without MoE layers has nothing to place.
+    assert!(m.parallel(Parallelism::tensor_expert(3)).is_err());
+    let mut dense = m.config().clone();
+    for l in &mut dense.layers {
+        l.moe = false;
+    }
+    dense.dense_intermediate_size = Some(64);
+    let e = TpLayout::with(&dense, Parallelism::expert(2), false).unwrap_err();
+    assert!(e.to_string().contains("no MoE layer"), "{e}");
 }

@@ -259,3 +259,58 @@ fn score_and_generate_with_tensor_parallel_ranks() {
         "{err}"
     );
 }
+
+/// `--expert-parallel` on the CPU (simulated ranks): scores equal the unsharded ones within the
+/// tensor-parallel tolerance, alone (`=N`) and with `--tensor-parallel N`; the plan prints each
+/// rank's expert range; experts that do not divide and a missing rank count are named errors.
+#[test]
+fn expert_parallel_on_the_cpu() {
+    let m = root().join("gpt-oss/mxfp4");
+    let base = [
+        "score",
+        "--model",
+        m.to_str().unwrap(),
+        "--token-ids",
+        "5,17,33,2,9,41,7,7,100,3",
+        "--json",
+    ];
+    let one = score_json(&base);
+    for extra in [
+        &["--expert-parallel=2"][..],
+        &["--expert-parallel=4"][..],
+        &["--tensor-parallel", "2", "--expert-parallel"][..],
+    ] {
+        let ep = score_json(&[&base[..], extra].concat());
+        for (a, b) in one.iter().zip(&ep) {
+            assert!((a - b).abs() < 1e-4, "{extra:?}: {a} vs {b}");
+        }
+    }
+    let out = ultra(&[
+        "inspect",
+        "--model",
+        m.to_str().unwrap(),
+        "--plan",
+        "--tensor-parallel",
+        "2",
+        "--expert-parallel",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan = text(&out.stdout);
+    assert!(
+        plan.contains("(experts 0..4)") && plan.contains("(experts 4..8)"),
+        "{plan}"
+    );
+    for (args, want) in [
+        (&["--expert-parallel=3"][..], "routed experts on 3 ranks"),
+        (&["--expert-parallel"][..], "needs a rank count"),
+        (
+            &["--tensor-parallel", "2", "--expert-parallel=4"][..],
+            "give one count",
+        ),
+    ] {
+        let out = ultra(&[&base[..], args].concat());
+        assert!(!out.status.success(), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -589,10 +589,21 @@ fn synthetic_target(
             } else {
                 None
             };
+            // The experts the layer's ops compute (an expert-parallel rank holds a range).
+            let held = layout
+                .ops
+                .iter()
+                .find_map(|o| match o.kind {
+                    model::plan::OpKind::ExpertsGateUp(p) if o.layer == Some(l) => {
+                        Some(p.experts.len())
+                    }
+                    _ => None,
+                })
+                .unwrap_or(config.n_experts);
             let experts = DeviceMoe::synthetic(
                 arena,
                 ops,
-                config.n_experts,
+                held,
                 h,
                 config.moe_intermediate_size,
                 gpt_oss,

@@ -474,6 +474,9 @@ impl ProjKernels {
 pub struct MoeKernels {
     gate_up: ProjKernels,
     down: ProjKernels,
+    /// Expert parallelism (`kernels/ep.cu`): `ep_localize`, `ep_combine`.
+    ep_localize: CudaFunction,
+    ep_combine: CudaFunction,
     sm_count: usize,
     max_smem: usize,
     tuning: MoeTuning,
@@ -492,6 +495,9 @@ impl MoeKernels {
         let module = ultra_kernels::load(ctx, &ultra_kernels::MXFP4)?;
         let gate_up = ProjKernels::load(&module, "gate_up")?;
         let down = ProjKernels::load(&module, "down")?;
+        let ep = ultra_kernels::load(ctx, &ultra_kernels::EP)?;
+        let ep_localize = ep.load_function("ep_localize")?;
+        let ep_combine = ep.load_function("ep_combine")?;
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let max_smem = ctx
@@ -509,6 +515,8 @@ impl MoeKernels {
         Ok(Self {
             gate_up,
             down,
+            ep_localize,
+            ep_combine,
             sm_count,
             max_smem: max_dynamic,
             tuning: MoeTuning::default(),
@@ -542,7 +550,9 @@ impl MoeKernels {
         if t == 0 || t > MAX_TOKENS {
             return Err(invalid(format!("{t} tokens (supported: 1..={MAX_TOKENS})")));
         }
-        if k == 0 || k > MAX_TOP_K || k > m.n_experts {
+        // k may exceed the stack's experts: an expert-parallel rank holds a few of the
+        // router's experts (entries routed elsewhere carry id -1, see `MoeKernels::localize`).
+        if k == 0 || k > MAX_TOP_K {
             return Err(invalid(format!(
                 "top-{k} of {} experts (supported: 1..={MAX_TOP_K})",
                 m.n_experts
@@ -742,5 +752,92 @@ impl MoeKernels {
             limit: 0.0,
         };
         self.launch(s, &self.down, &m.down, t, k, p)
+    }
+
+    /// Expert parallelism: rewrites the routing ids `[n]` in place to the local ids of a rank
+    /// holding experts `lo..hi` (`id − lo`; `-1` for every entry routed to another rank), so
+    /// [`MoeKernels::gate_up`] / [`MoeKernels::down`] over the rank's stack of `hi − lo` experts
+    /// run only its own (they write NaN rows for the `-1` entries, which
+    /// [`MoeKernels::combine_local`] skips).
+    pub fn localize(
+        &self,
+        s: &CudaStream,
+        ids: DPtr<i32>,
+        n: usize,
+        lo: usize,
+        hi: usize,
+    ) -> Result<(), RuntimeError> {
+        if n == 0 || n > abi::MOE_MAX_IDS || ids.len() < n {
+            return Err(invalid(format!(
+                "localize: {n} routing entries (1..={}, buffer of {})",
+                abi::MOE_MAX_IDS,
+                ids.len()
+            )));
+        }
+        if lo >= hi || hi > MAX_EXPERTS {
+            return Err(invalid(format!("localize: experts {lo}..{hi}")));
+        }
+        let (mut a, mut n32, mut lo32, mut hi32) = (ids.addr(), n as u32, lo as i32, hi as i32);
+        let mut params = [
+            &mut a as *mut u64 as *mut std::ffi::c_void,
+            &mut n32 as *mut u32 as *mut std::ffi::c_void,
+            &mut lo32 as *mut i32 as *mut std::ffi::c_void,
+            &mut hi32 as *mut i32 as *mut std::ffi::c_void,
+        ];
+        // SAFETY: matches `ep_localize(int32_t*, uint32_t, int32_t, int32_t)`; `ids` holds `n`
+        // entries (checked); the kernel begins with pdl_begin().
+        unsafe { crate::launch::launch_raw(s, &self.ep_localize, (1, 1, 1), 256, 0, &mut params) }
+    }
+
+    /// Expert parallelism: a rank's partial sum `out[t] = Σ_j y[t][j]` over the entries with a
+    /// local id (≥ 0, see [`MoeKernels::localize`]) in ascending id, from 0 (`y` `[T, k, H]`,
+    /// `out` `[T, H]`): the CPU's `experts_down` over the rank's experts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine_local(
+        &self,
+        s: &CudaStream,
+        out: DPtr<f32>,
+        y: DPtr<f32>,
+        ids: DPtr<i32>,
+        t: usize,
+        k: usize,
+        h: usize,
+    ) -> Result<(), RuntimeError> {
+        if t == 0 || t > MAX_TOKENS || k == 0 || k > MAX_TOP_K || h == 0 {
+            return Err(invalid(format!(
+                "combine_local: {t} tokens, top-{k}, hidden {h}"
+            )));
+        }
+        if out.len() < t * h || y.len() < t * k * h || ids.len() < t * k {
+            return Err(invalid(format!(
+                "combine_local: out holds {} (need {t}×{h}), y {} (need {t}×{k}×{h}), ids {} (need {t}×{k})",
+                out.len(),
+                y.len(),
+                ids.len()
+            )));
+        }
+        let (mut o, mut ya, mut ia, mut k32, mut h32) =
+            (out.addr(), y.addr(), ids.addr(), k as u32, h as u32);
+        let mut params = [
+            &mut o as *mut u64 as *mut std::ffi::c_void,
+            &mut ya as *mut u64 as *mut std::ffi::c_void,
+            &mut ia as *mut u64 as *mut std::ffi::c_void,
+            &mut k32 as *mut u32 as *mut std::ffi::c_void,
+            &mut h32 as *mut u32 as *mut std::ffi::c_void,
+        ];
+        let blocks = (h as u32).div_ceil(256).min(64);
+        // SAFETY: matches `ep_combine(float*, const float*, const int32_t*, uint32_t, uint32_t)`;
+        // the buffers hold what the grid (t, blocks) reads and writes (checked); the kernel
+        // begins with pdl_begin().
+        unsafe {
+            crate::launch::launch_raw(
+                s,
+                &self.ep_combine,
+                (t as u32, blocks, 1),
+                256,
+                0,
+                &mut params,
+            )
+        }
     }
 }

@@ -13,6 +13,13 @@
 //! back-to-back calls, graph replay, odd sizes, NaN passthrough, timeouts) is tested in
 //! `comm`'s tests/gpu_allreduce.rs; here a long decode (200 steps × 2 all-reduces per layer,
 //! graphs) runs it through the executor.
+//!
+//! Expert parallelism (each rank holding whole experts, alone or with tensor-parallel attention)
+//! runs the same checks against the CPU's expert-parallel ranks (`CpuModel::parallel`) with the
+//! same tolerances: the GPU and CPU EP runs sum the same per-rank expert outputs in the same order.
+//! The NCCL all-reduce is compared with the one-shot kernel on two GPUs (NCCL refuses two ranks on
+//! one GPU; the test skips with a message on one): logits within the tolerance (NCCL's own
+//! summation order), greedy tokens identical.
 
 mod common;
 
@@ -22,8 +29,9 @@ use common::{argmax, fixture, tolerance, FIXTURES};
 use model::config::ModelConfig;
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::{CpuModel, LAST_LAYER_PRE_NORM};
+use model::plan::tp::Parallelism;
 use model::weights::Weights;
-use tilert::exec::tp::{RankPlacement, TpModel};
+use tilert::exec::tp::{AllReduceKind, RankPlacement, TpModel, TpOptions};
 use tilert::exec::GpuModel;
 
 /// The GPU for a virtual-rank test (the streams' hardware queues are raised first), or a skip.
@@ -63,15 +71,45 @@ fn max_err(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
 /// reference, greedy continuation equal to unsharded GPU and CPU decoding, verify blocks +
 /// truncate, graphs vs op-by-op.
 fn check_tp(name: &str, config: ModelConfig, weights: Weights, prompt: &[u32], ranks: usize) {
-    let name = format!("{name} TP{ranks}");
+    check_split(
+        &format!("{name} TP{ranks}"),
+        config,
+        weights,
+        prompt,
+        Parallelism::tensor(ranks),
+    )
+}
+
+/// [`check_tp`] for any split (tensor and/or expert parallelism) on virtual ranks, against the
+/// CPU's ranks of the same split (`CpuModel::parallel`).
+fn check_split(
+    name: &str,
+    config: ModelConfig,
+    weights: Weights,
+    prompt: &[u32],
+    par: Parallelism,
+) {
+    let name = name.to_string();
+    let ranks = par.ranks;
     let tol = tolerance(&weights);
     let config = Arc::new(config);
     let weights = Arc::new(weights);
     let cpu = CpuModel::new(config.clone(), weights.clone()).unwrap();
-    let cpu_tp = cpu.tensor_parallel(ranks).unwrap();
+    let cpu_tp = cpu.parallel(par).unwrap();
     let gpu = GpuModel::new(0, config.clone(), &weights).unwrap();
-    let tp = tp_model(&config, &weights, ranks);
+    let tp = TpModel::build(
+        config.clone(),
+        &weights,
+        TpOptions {
+            parallelism: par,
+            all_reduce: AllReduceKind::Auto,
+        },
+        &RankPlacement::Virtual { device: 0 },
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(tp.ranks(), ranks);
+    assert_eq!(tp.all_reduce(), AllReduceKind::OneShot);
     let nl = config.layers.len();
 
     // 1. The prompt through verify (chunks of 16), every hidden index, against the CPU's ranks.
@@ -293,4 +331,168 @@ fn errors_name_the_cause() {
     assert_eq!(s.len(), 1);
     // The session still works after the refusals.
     s.decode(2).unwrap();
+}
+
+// ---- expert parallelism and the NCCL all-reduce ---------------------------------------------------
+
+/// Expert parallelism on virtual ranks: each rank's whole experts (localized routing, local
+/// combine) and the one-shot all-reduce as the combine, against the CPU's expert-parallel ranks
+/// (same tolerances as tensor parallelism), alone (attention replicated) and with
+/// tensor-parallel attention, on every fixture (8 experts: 2 and 4 ranks).
+#[test]
+fn fixtures_match_cpu_expert_parallel() {
+    let Some(_ctx) = gpu("fixtures_match_cpu_expert_parallel") else {
+        return;
+    };
+    for rel in FIXTURES {
+        let dir = fixture(rel);
+        for par in [
+            Parallelism::expert(2),
+            Parallelism::tensor_expert(2),
+            Parallelism::expert(4),
+            Parallelism::tensor_expert(4),
+        ] {
+            let (config, weights) = model::load::load(&dir).unwrap();
+            check_split(
+                &format!("{rel} {par}"),
+                config,
+                weights,
+                &golden_prompt(&dir),
+                par,
+            );
+        }
+    }
+}
+
+#[test]
+fn toy_models_match_cpu_expert_parallel() {
+    let Some(_ctx) = gpu("toy_models_match_cpu_expert_parallel") else {
+        return;
+    };
+    for experts in [ToyExperts::Dense, ToyExperts::Mxfp4] {
+        for (name, (c, w)) in [
+            ("toy gpt-oss", toy::gpt_oss(7, experts)),
+            ("toy qwen3-moe", toy::qwen3_moe(8, experts)),
+            ("toy mimo", toy::mimo_v2_flash(9, experts)),
+        ] {
+            let v = c.vocab_size as u32;
+            let prompt: Vec<u32> = (0..21).map(|i| (i * 13 + 5) % v).collect();
+            for par in [Parallelism::expert(2), Parallelism::tensor_expert(4)] {
+                check_split(
+                    &format!("{name} {experts:?} {par}"),
+                    c.clone(),
+                    w.clone(),
+                    &prompt,
+                    par,
+                );
+            }
+        }
+    }
+}
+
+/// The NCCL all-reduce (each all-reduce node: `ncclAllReduce` in place, then the residual add and
+/// next norm) against the one-shot kernel on two GPUs: logits within the tolerance of two
+/// summation orders, greedy continuations identical; tensor and expert parallelism. NCCL needs
+/// one GPU per rank, so this test needs two GPUs (skipped with a message otherwise) and libnccl.
+#[test]
+fn nccl_all_reduce_matches_one_shot() {
+    let Some(_ctx) = gpu("nccl_all_reduce_matches_one_shot") else {
+        return;
+    };
+    let n = tilert::Device::count();
+    if n < 2 {
+        eprintln!("SKIPPED nccl_all_reduce_matches_one_shot: NCCL needs one GPU per rank, this machine has {n}");
+        return;
+    }
+    if let Err(e) = comm::nccl_version() {
+        eprintln!("SKIPPED nccl_all_reduce_matches_one_shot: {e}");
+        return;
+    }
+    for (name, (c, w)) in [
+        ("toy gpt-oss", toy::gpt_oss(3, ToyExperts::Mxfp4)),
+        ("toy mimo", toy::mimo_v2_flash(4, ToyExperts::Dense)),
+    ] {
+        let c = Arc::new(c);
+        let tol = tolerance(&w);
+        let v = c.vocab_size as u32;
+        let prompt: Vec<u32> = (0..19).map(|i| (i * 17 + 2) % v).collect();
+        for par in [
+            Parallelism::tensor(2),
+            Parallelism::tensor_expert(2),
+            Parallelism::expert(2),
+        ] {
+            let build = |kind| {
+                TpModel::build(
+                    c.clone(),
+                    &w,
+                    TpOptions {
+                        parallelism: par,
+                        all_reduce: kind,
+                    },
+                    &RankPlacement::Devices(vec![0, 1]),
+                    &mut |_| {},
+                )
+                .unwrap_or_else(|e| panic!("{name} {par} {kind}: {e}"))
+            };
+            let one = build(AllReduceKind::OneShot);
+            let nccl = build(AllReduceKind::Nccl);
+            assert_eq!(nccl.all_reduce(), AllReduceKind::Nccl);
+            let mut a = one.session(128).unwrap();
+            let mut b = nccl.session(128).unwrap();
+            let la = a.verify(&prompt, &[]).unwrap().logits;
+            let lb = b.verify(&prompt, &[]).unwrap().logits;
+            let (err, mag) = max_err(&lb, &la);
+            eprintln!("{name} {par}: NCCL vs one-shot logits max |Δ| {err:.3e} (max {mag:.3})");
+            assert!(
+                err <= tol * (1.0 + mag),
+                "{name} {par}: NCCL logits differ by {err}"
+            );
+            let mut a = one.session(128).unwrap();
+            let mut b = nccl.session(128).unwrap();
+            let (mut x, mut y) = (
+                a.prefill_greedy(&prompt).unwrap(),
+                b.prefill_greedy(&prompt).unwrap(),
+            );
+            for step in 0..16 {
+                assert_eq!(x, y, "{name} {par}: greedy step {step}");
+                x = a.decode_greedy(x).unwrap();
+                y = b.decode_greedy(y).unwrap();
+            }
+        }
+    }
+}
+
+/// Setups of expert parallelism and the all-reduce that cannot run fail naming the cause.
+#[test]
+fn expert_parallel_and_all_reduce_errors_name_the_cause() {
+    let Some(_ctx) = gpu("expert_parallel_and_all_reduce_errors_name_the_cause") else {
+        return;
+    };
+    let (c, w) = toy::gpt_oss(1, ToyExperts::Mxfp4);
+    let c = Arc::new(c);
+    let build = |par: Parallelism, kind: AllReduceKind| {
+        TpModel::build(
+            c.clone(),
+            &w,
+            TpOptions {
+                parallelism: par,
+                all_reduce: kind,
+            },
+            &RankPlacement::Virtual { device: 0 },
+            &mut |_| {},
+        )
+        .err()
+        .map(|e| e.to_string())
+    };
+    // 8 experts over 3 ranks.
+    let e = build(Parallelism::expert(3), AllReduceKind::Auto).expect("3 ranks");
+    assert!(
+        e.contains("routed experts on 3 ranks") && e.contains("possible here"),
+        "{e}"
+    );
+    // NCCL cannot run two ranks on one GPU.
+    let e = build(Parallelism::tensor(2), AllReduceKind::Nccl).expect("NCCL on virtual ranks");
+    assert!(e.contains("NCCL all-reduce needs one GPU per rank"), "{e}");
+    // The one-shot kernel runs virtual ranks whatever was asked.
+    assert!(build(Parallelism::expert(2), AllReduceKind::OneShot).is_none());
 }

@@ -33,6 +33,8 @@
 //! ([`crate::plan::tp`]): each rank's ops run on its weight shard and its own KV cache, and the
 //! all-reduce nodes add the ranks' partial sums in rank order. The logits equal the unsharded
 //! model's up to f32 reassociation of those sums (the tests bound the difference).
+//! [`CpuModel::parallel`] also places the routed experts whole on the ranks (expert
+//! parallelism): each rank's expert ops run its own experts and the all-reduce combines them.
 //!
 //! # Hidden-state indexing
 //! As [`crate::executor`] documents: index `0` is the embedding output, `i` in `1..L` the output
@@ -60,7 +62,7 @@ use std::sync::Arc;
 
 use crate::config::{AttnKind, ModelConfig};
 use crate::executor::Executor;
-use crate::plan::tp::{shard_plan, TpLayout};
+use crate::plan::tp::{shard_plan, Parallelism, TpLayout};
 use crate::plan::{
     AttentionParams, Buf, Logits, OpKind, PassKind, PassShape, Placement, Plan, PlanError, Tensor,
     WeightId, WeightStorage,
@@ -237,13 +239,21 @@ impl CpuModel {
     /// nodes between. `ranks == 1` is the unsharded model. An error names the head counts that
     /// do not split.
     pub fn tensor_parallel(&self, ranks: usize) -> Result<CpuModel, CpuError> {
+        self.parallel(Parallelism::tensor(ranks))
+    }
+
+    /// The same model split over simulated ranks as `par` says: tensor parallelism
+    /// ([`CpuModel::tensor_parallel`]), and/or expert parallelism (each rank holding whole
+    /// experts, see [`crate::plan::tp`]). One rank is the unsharded model. An error names what
+    /// does not split (heads, experts).
+    pub fn parallel(&self, par: Parallelism) -> Result<CpuModel, CpuError> {
         let base =
             CpuModel::new(self.config.clone(), self.weights.clone())?.with_activations(self.acts);
-        if ranks == 1 {
+        if par.ranks == 1 {
             return Ok(base);
         }
         let storage = weight_storage(&self.weights);
-        let layout = TpLayout::new(&self.config, ranks, storage.mxfp4_experts)?;
+        let layout = TpLayout::with(&self.config, par, storage.mxfp4_experts)?;
         let layers = shard::shard_layers(&self.config, &self.weights, &layout)?;
         let p = &base.plans;
         let shard = |p: &Plan| -> Result<Plan, CpuError> {

@@ -9,9 +9,11 @@
 //! serial, so results do not depend on the thread count.
 //!
 //! The router runs once per pass (replicated); each rank's `experts_gate_up` / `experts_down`
-//! run over its slice of every expert's intermediate dimension, sharing the routing.
+//! run over its slice of every expert's intermediate dimension, sharing the routing — or, under
+//! expert parallelism, over its own whole experts (`ExpertRange`: the rank's `Moe` holds experts
+//! `lo..hi` at local indices `0..hi − lo`), the down projection summing only those.
 
-use crate::plan::{ExpertsDownParams, ExpertsGateUpParams, RouterParams};
+use crate::plan::{ExpertRange, ExpertsDownParams, ExpertsGateUpParams, RouterParams};
 use crate::weights::{ExpertMat, Moe};
 
 use super::ffn::expert_matmul;
@@ -109,22 +111,41 @@ pub fn route(
 /// Below this many weight bytes streamed by a pass's expert jobs they run on the calling thread.
 const PAR_EXPERT_BYTES: usize = 96 << 10;
 
-/// One job: expert `e` over entries `a..b` of its dispatch list (at most [`fp4::MAX_BATCH`]).
+/// One job: expert `e` (its global id) over entries `a..b` of its dispatch list (at most
+/// [`fp4::MAX_BATCH`]).
 type Job = (usize, usize, usize);
 
-/// The jobs of a pass (every hit expert's entries in chunks of [`fp4::MAX_BATCH`], ascending
-/// expert id) and whether to run them on the rayon pool: with more than one thread, more than
-/// one job and enough weight bytes that the fork/join costs less than the jobs. A job's
-/// arithmetic is the same either way (results are deterministic and bit-identical).
-fn jobs(r: &Routing, m: &Moe, down: bool, jobs: &mut Vec<Job>) -> bool {
+/// Checks that `m` holds exactly the experts of `held` (all of them, or an expert-parallel
+/// rank's range).
+fn check_held(m: &Moe, held: ExpertRange) -> Result<(), CpuError> {
+    if m.experts.len() != held.len() {
+        return Err(CpuError::Mismatch(format!(
+            "the op computes experts {}..{} but the weights hold {} experts",
+            held.lo,
+            held.hi,
+            m.experts.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The jobs of a pass (every hit expert of `held` with its entries in chunks of
+/// [`fp4::MAX_BATCH`], ascending expert id) and whether to run them on the rayon pool: with more
+/// than one thread, more than one job and enough weight bytes that the fork/join costs less than
+/// the jobs. A job's arithmetic is the same either way (results are deterministic and
+/// bit-identical). `m` holds the experts of `held` (local index `e − held.lo`).
+fn jobs(r: &Routing, m: &Moe, held: ExpertRange, down: bool, jobs: &mut Vec<Job>) -> bool {
     jobs.clear();
     let mut bytes = 0;
     for &e in r.dispatch.active_experts() {
+        if !held.contains(e) {
+            continue;
+        }
         let n = r.dispatch.expert_entries(e).len();
         for a in (0..n).step_by(fp4::MAX_BATCH) {
             jobs.push((e, a, (a + fp4::MAX_BATCH).min(n)));
         }
-        let ex = &m.experts[e];
+        let ex = &m.experts[e - held.lo];
         bytes += if down { &ex.down } else { &ex.gate_up }.stored_bytes();
     }
     rayon::current_num_threads() > 1 && jobs.len() > 1 && bytes >= PAR_EXPERT_BYTES
@@ -191,6 +212,8 @@ pub fn experts_gate_up(
     s: &mut ExpertScratch,
 ) -> Result<(), CpuError> {
     let (hs, k, i) = (p.hidden, p.top_k, p.intermediate);
+    check_held(m, p.experts)?;
+    let lo = p.experts.lo;
     act.resize(r.rows * k * i, 0.0);
     if i == 0 {
         return Ok(());
@@ -202,7 +225,7 @@ pub fn experts_gate_up(
         hq.push_rows(&h[..r.rows * hs])?;
     }
     let mut js = std::mem::take(&mut s.jobs);
-    let par = jobs(r, m, false, &mut js);
+    let par = jobs(r, m, p.experts, false, &mut js);
     let res = run_jobs(
         &js,
         r,
@@ -210,7 +233,7 @@ pub fn experts_gate_up(
         par,
         s,
         |chunk, e, JobScratch { xe, xq, gu }, out| {
-            let ex = &m.experts[e];
+            let ex = &m.experts[e - lo];
             let (n, i2) = (chunk.len(), ex.gate_up.rows());
             gu.resize(n * i2, 0.0);
             match &ex.gate_up {
@@ -251,7 +274,8 @@ pub fn experts_gate_up(
 }
 
 /// Every hit expert's `down (+ b)` over its rows' activations, times the gate weight, then each
-/// row's sum of its k expert outputs in ascending expert id → `out` (`[t, H]`). The experts run
+/// row's sum of its k expert outputs in ascending expert id (those of `p.experts` only) → `out`
+/// (`[t, H]`). The experts run
 /// in parallel on the rayon pool when that pays (see [`jobs`]); the sums are serial.
 pub fn experts_down(
     p: &ExpertsDownParams,
@@ -263,11 +287,13 @@ pub fn experts_down(
     s: &mut ExpertScratch,
 ) -> Result<(), CpuError> {
     let (hs, k, i) = (p.hidden, p.top_k, p.intermediate);
+    check_held(m, p.experts)?;
+    let (held, lo) = (p.experts, p.experts.lo);
     let t = r.rows;
     let mut slots = std::mem::take(&mut s.slots);
     slots.resize(t * k * hs, 0.0);
     let mut js = std::mem::take(&mut s.jobs);
-    let par = jobs(r, m, true, &mut js);
+    let par = jobs(r, m, held, true, &mut js);
     let res = run_jobs(
         &js,
         r,
@@ -275,7 +301,7 @@ pub fn experts_down(
         par,
         s,
         |chunk, e, JobScratch { xe, xq, .. }, down| {
-            let ex = &m.experts[e];
+            let ex = &m.experts[e - lo];
             let n = chunk.len();
             if i == 0 {
                 down.fill(0.0);
@@ -325,6 +351,9 @@ pub fn experts_down(
         s.order.sort_unstable_by_key(|&slot| ro.experts[slot]);
         o.fill(0.0);
         for &slot in s.order.iter() {
+            if !held.contains(ro.experts[slot]) {
+                continue; // another rank's expert (expert parallelism)
+            }
             let at = (ti * k + slot) * hs;
             ops::add_assign(o, &slots[at..at + hs]);
         }

@@ -373,6 +373,8 @@ pub enum ShardUnit {
     Heads,
     KvHeads,
     Intermediate,
+    /// Routed experts placed whole on ranks (expert parallelism): the rank's expert ids.
+    Experts,
     /// The whole tensor, held by this rank only (a bias added once before the all-reduce).
     Whole,
 }
@@ -413,6 +415,7 @@ impl fmt::Display for WeightId {
                 ShardUnit::Heads => "heads",
                 ShardUnit::KvHeads => "kv heads",
                 ShardUnit::Intermediate => "I",
+                ShardUnit::Experts => "experts",
                 ShardUnit::Whole => return write!(f, "[rank {} only]", s.rank),
             };
             write!(f, "[{unit} {}..{}]", s.lo, s.hi)?;
@@ -535,11 +538,45 @@ pub struct RouterParams {
     pub correction_bias: bool,
 }
 
+/// The routed experts an expert op computes: ids `lo..hi` of the router's `n_experts` — all of
+/// them, except on a rank of an expert-parallel plan, which holds a contiguous range of whole
+/// experts (its weights are those experts, local index `id − lo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExpertRange {
+    pub lo: usize,
+    pub hi: usize,
+}
+
+impl ExpertRange {
+    /// Every expert of `n`.
+    pub fn all(n: usize) -> ExpertRange {
+        ExpertRange { lo: 0, hi: n }
+    }
+    /// Experts held.
+    pub fn len(&self) -> usize {
+        self.hi - self.lo
+    }
+    pub fn is_empty(&self) -> bool {
+        self.hi == self.lo
+    }
+    /// Whether expert id `e` is held.
+    pub fn contains(&self, e: usize) -> bool {
+        (self.lo..self.hi).contains(&e)
+    }
+    /// Whether this is a part of `n` experts (expert parallelism), not all of them.
+    pub fn is_part_of(&self, n: usize) -> bool {
+        self.lo != 0 || self.hi != n
+    }
+}
+
 /// `experts_gate_up`: every hit expert runs once over its rows: `gu = h·Wguᵀ (+b)`, then the
-/// gated activation `glu` over the `layout`-ordered gate/up halves → `act[row·k + slot]`.
+/// gated activation `glu` over the `layout`-ordered gate/up halves → `act[row·k + slot]`. Only the
+/// experts of `experts` run (entries routed elsewhere are left alone).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExpertsGateUpParams {
     pub n_experts: usize,
+    /// The experts this op computes (all of them unless expert-parallel).
+    pub experts: ExpertRange,
     pub top_k: usize,
     pub hidden: usize,
     /// The intermediate size this op computes (a rank's slice when sharded).
@@ -551,11 +588,14 @@ pub struct ExpertsGateUpParams {
 }
 
 /// `experts_down`: `y = act·Wdᵀ (+b)` per hit expert, times the row's gate weight; each row sums
-/// its k expert outputs in ascending expert id. `y` is added into `x` and `next_norm` applied
-/// (`residual`), or written to a partial sum for an all-reduce.
+/// its k expert outputs in ascending expert id (only those of `experts`: an expert-parallel
+/// rank's share). `y` is added into `x` and `next_norm` applied (`residual`), or written to a
+/// partial sum for an all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExpertsDownParams {
     pub n_experts: usize,
+    /// The experts this op computes (all of them unless expert-parallel).
+    pub experts: ExpertRange,
     pub top_k: usize,
     pub hidden: usize,
     pub intermediate: usize,
@@ -933,6 +973,7 @@ impl Plan {
                     l,
                     ExpertsGateUpParams {
                         n_experts: e,
+                        experts: ExpertRange::all(e),
                         top_k: k,
                         hidden: h,
                         intermediate: i,
@@ -950,6 +991,7 @@ impl Plan {
                     l,
                     ExpertsDownParams {
                         n_experts: e,
+                        experts: ExpertRange::all(e),
                         top_k: k,
                         hidden: h,
                         intermediate: i,
@@ -1368,9 +1410,15 @@ pub(crate) fn attention_flops_rows(
     )
 }
 
-/// Distinct experts a pass of `t` rows reads, at most: `min(E, t·k)` (`k` for a decode).
-fn experts_read(t: usize, k: usize, e: usize) -> usize {
-    (t * k).min(e)
+/// Distinct experts a pass of `t` rows reads, at most: `min(E, t·k)` (`k` for a decode); of an
+/// expert-parallel rank's `held` experts, that many times its share `held / E` (the expected
+/// count under uniform routing).
+fn experts_read(t: usize, k: usize, e: usize, held: ExpertRange) -> f64 {
+    let all = (t * k).min(e) as f64;
+    if e == 0 {
+        return 0.0;
+    }
+    all * held.len() as f64 / e as f64
 }
 
 pub(crate) fn experts_gate_up_op(
@@ -1381,7 +1429,7 @@ pub(crate) fn experts_gate_up_op(
     t: usize,
     (d, x): (f64, f64),
 ) -> Op {
-    let n = experts_read(t, p.top_k, p.n_experts) as f64;
+    let n = experts_read(t, p.top_k, p.n_experts, p.experts);
     let (i2, h) = (2 * p.intermediate, p.hidden);
     let mut weights = vec![w(Tensor::ExpertsGateUp, l, shard)];
     let mut bytes = n * (i2 * h) as f64 * x;
@@ -1410,17 +1458,21 @@ pub(crate) fn experts_down_op(
     t: usize,
     (d, x): (f64, f64),
 ) -> Op {
-    let n = experts_read(t, p.top_k, p.n_experts) as f64;
+    let n = experts_read(t, p.top_k, p.n_experts, p.experts);
     let (i, h) = (p.intermediate, p.hidden);
     let mut weights = vec![w(Tensor::ExpertsDown, l, shard)];
     let mut bytes = n * (i * h) as f64 * x;
     if p.bias {
+        // Split along I, the bias is added once (rank 0); placed whole, each expert's with it.
         weights.push(w(
             Tensor::ExpertsDownBias,
             l,
-            shard.map(|s| Shard {
-                unit: ShardUnit::Whole,
-                ..s
+            shard.map(|s| match s.unit {
+                ShardUnit::Experts => s,
+                _ => Shard {
+                    unit: ShardUnit::Whole,
+                    ..s
+                },
             }),
         ));
         bytes += n * h as f64 * d;
@@ -1576,6 +1628,15 @@ pub fn human_flops(f: f64) -> String {
     }
 }
 
+/// ` (experts lo..hi)` for an expert-parallel rank's share of `n` experts, else nothing.
+fn held(r: &ExpertRange, n: usize) -> String {
+    if r.is_part_of(n) {
+        format!(" (experts {}..{})", r.lo, r.hi)
+    } else {
+        String::new()
+    }
+}
+
 impl fmt::Display for OpKind {
     /// The parameter struct in one line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1621,8 +1682,9 @@ impl fmt::Display for OpKind {
             ),
             OpKind::ExpertsGateUp(p) => write!(
                 f,
-                "E={} k={} {}→2×{} {:?} {:?} bias={}{}",
+                "E={}{} k={} {}→2×{} {:?} {:?} bias={}{}",
                 p.n_experts,
+                held(&p.experts, p.n_experts),
                 p.top_k,
                 p.hidden,
                 p.intermediate,
@@ -1633,8 +1695,9 @@ impl fmt::Display for OpKind {
             ),
             OpKind::ExpertsDown(p) => write!(
                 f,
-                "E={} k={} {}→{} bias={}{} {}",
+                "E={}{} k={} {}→{} bias={}{} {}",
                 p.n_experts,
+                held(&p.experts, p.n_experts),
                 p.top_k,
                 p.intermediate,
                 p.hidden,

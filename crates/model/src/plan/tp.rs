@@ -20,6 +20,30 @@
 //!
 //! The sums are the only change of arithmetic: an all-reduce adds per-rank partial dot
 //! products, so logits differ from the unsharded plan by f32 reassociation only.
+//!
+//! # Expert parallelism
+//! [`Parallelism`] selects, besides the tensor-parallel split above, **expert parallelism**
+//! (`--expert-parallel`): the routed experts of every MoE layer are placed whole on the ranks,
+//! rank r holding the contiguous ids `r·E/N .. (r+1)·E/N` (E must divide by N). Attention and
+//! dense MLPs stay tensor-parallel (`--tensor-parallel N --expert-parallel`, vLLM's
+//! `--enable-expert-parallel`) or are replicated on every rank (`--expert-parallel` alone: each
+//! rank runs them whole, no all-reduce after attention).
+//!
+//! Dispatch and combine at the batch sizes of decode and verify (≤ 16 rows): the residual
+//! stream is replicated on every rank after each all-reduce, and so are the normed rows and the
+//! routing (the router is replicated), so **dispatch moves nothing**: every rank already holds
+//! every token's activation and choice of experts. Each rank runs its own experts over the rows
+//! routed to them (`experts_gate_up` / `experts_down` with the rank's [`ExpertRange`]) and writes
+//! the sum of its experts' weighted outputs (ascending expert id) as its partial; the combine is
+//! the `all_reduce` that follows, the same node (and on the GPU the same one-shot kernel with
+//! the residual add and the next RMSNorm fused) as tensor parallelism's. An all-to-all
+//! dispatch/combine (DeepEP, pplx) moves less data, but at one to sixteen tokens its two
+//! collectives cost tens of µs each against one fused ~6 µs all-reduce
+//! (`../shared/research/mxfp4-moe.md` §5.5), so it is not used.
+//!
+//! Each row's expert outputs are summed per rank and the per-rank sums in rank order: the same
+//! terms as the unsharded plan's ascending-id sum, re-associated at rank boundaries (bit-identical
+//! when a row's experts all live on one rank).
 
 use std::ops::Range;
 
@@ -27,9 +51,68 @@ use crate::config::ModelConfig;
 
 use super::{
     attention_op, experts_down_op, experts_gate_up_op, mlp_down_op, mlp_gate_up_op, o_proj_op,
-    qkv_op, AllReduceParams, AttnGeom, Buf, LayerTables, NextNorm, Op, OpKind, Placement, Plan,
-    PlanError, Shard, ShardUnit, Tap,
+    qkv_op, AllReduceParams, AttnGeom, Buf, ExpertRange, LayerTables, NextNorm, Op, OpKind,
+    Placement, Plan, PlanError, Shard, ShardUnit, Tap,
 };
+
+/// How a model is split over its ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parallelism {
+    pub ranks: usize,
+    /// Attention by KV-head group and dense MLPs along the intermediate dimension (tensor
+    /// parallelism); false: both replicated on every rank.
+    pub shard_attention: bool,
+    /// Routed experts placed whole on the ranks (contiguous id ranges); false: every expert split
+    /// along its intermediate dimension.
+    pub expert_parallel: bool,
+}
+
+impl Parallelism {
+    /// Tensor parallelism over `ranks` (`--tensor-parallel N`).
+    pub fn tensor(ranks: usize) -> Parallelism {
+        Parallelism {
+            ranks,
+            shard_attention: true,
+            expert_parallel: false,
+        }
+    }
+    /// Tensor-parallel attention and dense MLPs, expert-parallel MoE layers
+    /// (`--tensor-parallel N --expert-parallel`).
+    pub fn tensor_expert(ranks: usize) -> Parallelism {
+        Parallelism {
+            ranks,
+            shard_attention: true,
+            expert_parallel: true,
+        }
+    }
+    /// Expert-parallel MoE layers, everything else replicated (`--expert-parallel` alone).
+    pub fn expert(ranks: usize) -> Parallelism {
+        Parallelism {
+            ranks,
+            shard_attention: false,
+            expert_parallel: true,
+        }
+    }
+}
+
+impl std::fmt::Display for Parallelism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.shard_attention, self.expert_parallel) {
+            (true, false) => write!(f, "tensor parallelism over {} ranks", self.ranks),
+            (true, true) => write!(
+                f,
+                "tensor parallelism over {} ranks with expert-parallel MoE layers",
+                self.ranks
+            ),
+            (false, true) => write!(
+                f,
+                "expert parallelism over {} ranks (attention replicated)",
+                self.ranks
+            ),
+            (false, false) => write!(f, "{} replicated ranks", self.ranks),
+        }
+    }
+}
 
 /// What one layer's ranks hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,12 +123,17 @@ pub struct LayerShards {
     pub kv_heads: Vec<Range<usize>>,
     /// FFN intermediate range per rank (experts or dense MLP).
     pub intermediate: Vec<Range<usize>>,
+    /// Routed expert ids per rank: all of them on every rank unless expert-parallel (empty for
+    /// a dense layer).
+    pub experts: Vec<Range<usize>>,
 }
 
 /// What every rank holds, per layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TpLayout {
     pub ranks: usize,
+    /// How the model is split (attention sharded or replicated; experts split or placed).
+    pub parallelism: Parallelism,
     pub layers: Vec<LayerShards>,
 }
 
@@ -67,16 +155,45 @@ pub fn split_range(units: usize, n: usize, granularity: usize) -> Vec<Range<usiz
 }
 
 impl TpLayout {
-    /// The layout of `cfg` over `ranks` ranks (`mxfp4_experts`: the routed experts are MXFP4,
-    /// so their intermediate dimension splits at 32-element blocks).
+    /// The tensor-parallel layout of `cfg` over `ranks` ranks (`mxfp4_experts`: the routed
+    /// experts are MXFP4, so their intermediate dimension splits at 32-element blocks).
     pub fn new(
         cfg: &ModelConfig,
         ranks: usize,
         mxfp4_experts: bool,
     ) -> Result<TpLayout, PlanError> {
+        TpLayout::with(cfg, Parallelism::tensor(ranks), mxfp4_experts)
+    }
+
+    /// The layout of `cfg` split as `par` says (see the module docs).
+    pub fn with(
+        cfg: &ModelConfig,
+        par: Parallelism,
+        mxfp4_experts: bool,
+    ) -> Result<TpLayout, PlanError> {
+        let ranks = par.ranks;
         let err = |reason: String| PlanError::TensorParallel { ranks, reason };
         if ranks == 0 {
             return Err(err("at least one rank is needed".into()));
+        }
+        let e = cfg.n_experts;
+        if par.expert_parallel {
+            if !cfg.layers.iter().any(|l| l.moe) {
+                return Err(err(
+                    "expert parallelism needs routed experts; this model has no MoE layer".into(),
+                ));
+            }
+            if e < ranks || !e.is_multiple_of(ranks) {
+                let ok: Vec<String> = (1..=16.min(e))
+                    .filter(|&n| e.is_multiple_of(n))
+                    .map(|n| n.to_string())
+                    .collect();
+                return Err(err(format!(
+                    "expert parallelism places {e} routed experts on {ranks} ranks: the rank \
+                     count must divide the experts (possible here: {})",
+                    ok.join(", ")
+                )));
+            }
         }
         let mut layers = Vec::with_capacity(cfg.layers.len());
         for (l, s) in cfg.layers.iter().enumerate() {
@@ -86,40 +203,63 @@ impl TpLayout {
                     "layer {l}: {nh} query heads over {nkv} KV heads"
                 )));
             }
-            if !nh.is_multiple_of(ranks)
-                || !(nkv.is_multiple_of(ranks) || ranks.is_multiple_of(nkv))
-            {
-                return Err(err(format!(
-                    "layer {l} has {nh} query heads and {nkv} KV heads: the rank count must divide \
-                     the query heads and either divide the KV heads or be a multiple of them \
-                     (possible here: {})",
-                    possible_ranks(nh, nkv)
-                )));
-            }
-            let hq = nh / ranks;
-            let heads: Vec<Range<usize>> = (0..ranks).map(|r| r * hq..(r + 1) * hq).collect();
-            let kv_heads = if nkv >= ranks {
-                let g = nkv / ranks;
-                (0..ranks).map(|r| r * g..(r + 1) * g).collect()
+            let (heads, kv_heads) = if par.shard_attention {
+                if !nh.is_multiple_of(ranks)
+                    || !(nkv.is_multiple_of(ranks) || ranks.is_multiple_of(nkv))
+                {
+                    return Err(err(format!(
+                        "layer {l} has {nh} query heads and {nkv} KV heads: the rank count must \
+                         divide the query heads and either divide the KV heads or be a multiple \
+                         of them (possible here: {})",
+                        possible_ranks(nh, nkv)
+                    )));
+                }
+                let hq = nh / ranks;
+                let heads: Vec<Range<usize>> = (0..ranks).map(|r| r * hq..(r + 1) * hq).collect();
+                let kv_heads = if nkv >= ranks {
+                    let g = nkv / ranks;
+                    (0..ranks).map(|r| r * g..(r + 1) * g).collect()
+                } else {
+                    let rep = ranks / nkv;
+                    (0..ranks).map(|r| r / rep..r / rep + 1).collect()
+                };
+                (heads, kv_heads)
             } else {
-                let rep = ranks / nkv;
-                (0..ranks).map(|r| r / rep..r / rep + 1).collect()
+                (vec![0..nh; ranks], vec![0..nkv; ranks])
             };
-            let (i, gran) = if s.moe {
-                (
-                    cfg.moe_intermediate_size,
-                    if mxfp4_experts { fp4::BLOCK } else { 1 },
-                )
+            let (intermediate, experts) = if s.moe {
+                let i = cfg.moe_intermediate_size;
+                if par.expert_parallel {
+                    let per = e / ranks;
+                    (
+                        vec![0..i; ranks],
+                        (0..ranks).map(|r| r * per..(r + 1) * per).collect(),
+                    )
+                } else {
+                    let gran = if mxfp4_experts { fp4::BLOCK } else { 1 };
+                    (split_range(i, ranks, gran), vec![0..e; ranks])
+                }
             } else {
-                (cfg.dense_intermediate_size.unwrap_or(0), 1)
+                let i = cfg.dense_intermediate_size.unwrap_or(0);
+                let inter = if par.shard_attention {
+                    split_range(i, ranks, 1)
+                } else {
+                    vec![0..i; ranks]
+                };
+                (inter, vec![0..0; ranks])
             };
             layers.push(LayerShards {
                 heads,
                 kv_heads,
-                intermediate: split_range(i, ranks, gran),
+                intermediate,
+                experts,
             });
         }
-        Ok(TpLayout { ranks, layers })
+        Ok(TpLayout {
+            ranks,
+            parallelism: par,
+            layers,
+        })
     }
 }
 
@@ -194,12 +334,71 @@ pub fn shard_plan(plan: &Plan, cfg: &ModelConfig, layout: &TpLayout) -> Result<P
     let t = plan.shape.rows;
     let st = plan.storage;
     let (d, x) = (st.dense_bytes, st.expert_bytes);
+    let par = layout.parallelism;
     let mut ops: Vec<Op> = Vec::with_capacity(plan.ops.len() * n);
     // new index of the last op emitted for each old op (taps follow it)
     let mut last = Vec::with_capacity(plan.ops.len());
     for op in &plan.ops {
         let lay = op.layer.map(|l| &layout.layers[l]);
+        let replicated = !par.shard_attention
+            && matches!(
+                op.kind,
+                OpKind::QkvRope(_)
+                    | OpKind::Attention(_)
+                    | OpKind::OProj(_)
+                    | OpKind::MlpGateUp(_)
+                    | OpKind::MlpDown(_)
+            );
+        if replicated {
+            // Expert parallelism alone: every rank runs attention and dense MLPs whole.
+            ops.push(op.clone());
+            last.push(ops.len() - 1);
+            continue;
+        }
         match (op.kind, lay) {
+            (OpKind::ExpertsGateUp(p), Some(ls)) if par.expert_parallel => {
+                let l = op.layer.unwrap_or(0);
+                for r in 0..n {
+                    let held = &ls.experts[r];
+                    ops.push(experts_gate_up_op(
+                        l,
+                        super::ExpertsGateUpParams {
+                            experts: ExpertRange {
+                                lo: held.start,
+                                hi: held.end,
+                            },
+                            ..p
+                        },
+                        r,
+                        Some(shard(r, n, ShardUnit::Experts, held)),
+                        t,
+                        (d, x),
+                    ));
+                }
+            }
+            (OpKind::ExpertsDown(p), Some(ls)) if par.expert_parallel => {
+                let l = op.layer.unwrap_or(0);
+                for r in 0..n {
+                    let held = &ls.experts[r];
+                    ops.push(experts_down_op(
+                        l,
+                        super::ExpertsDownParams {
+                            experts: ExpertRange {
+                                lo: held.start,
+                                hi: held.end,
+                            },
+                            residual: false,
+                            next_norm: None,
+                            ..p
+                        },
+                        r,
+                        Some(shard(r, n, ShardUnit::Experts, held)),
+                        t,
+                        (d, x),
+                    ));
+                }
+                ops.push(all_reduce(l, n, p.hidden, t, p.next_norm, d));
+            }
             (OpKind::QkvRope(p), Some(ls)) => {
                 let l = op.layer.unwrap_or(0);
                 for r in 0..n {

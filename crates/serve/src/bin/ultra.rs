@@ -56,6 +56,20 @@ struct ParallelArgs {
     /// Logits equal the unsharded model's up to f32 summation order.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
+    /// Expert parallelism: the routed experts of every MoE layer placed whole on the ranks
+    /// (contiguous id ranges; the expert count must divide by the ranks). With --tensor-parallel
+    /// N: over those N ranks, attention staying tensor-parallel (vLLM's
+    /// --enable-expert-parallel). `--expert-parallel=N` alone: N ranks with attention and dense
+    /// MLPs replicated on each. Tokens need no dispatch (every rank holds the replicated residual
+    /// stream and routing); the combine is the all-reduce after the experts.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "0", value_name = "N")]
+    expert_parallel: Option<usize>,
+    /// The all-reduce between GPU ranks: `auto` (the one-shot peer-memory kernel with the
+    /// residual add and next RMSNorm fused; NCCL, with a printed note, where two GPUs have no
+    /// peer access), `oneshot`, or `nccl` (NCCL's all-reduce then the residual add and norm:
+    /// the reference and fallback; one GPU per rank).
+    #[arg(long, value_enum, default_value_t = AllReduceArg::Auto)]
+    all_reduce: AllReduceArg,
     /// GPUs of the ranks, one per rank (default 0,1,..,N-1); with --virtual-ranks the one GPU
     /// every rank runs on; without --tensor-parallel the GPU to run on.
     #[arg(long, value_delimiter = ',')]
@@ -66,12 +80,46 @@ struct ParallelArgs {
     virtual_ranks: bool,
 }
 
+/// `--all-reduce`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AllReduceArg {
+    Auto,
+    Oneshot,
+    Nccl,
+}
+
 impl ParallelArgs {
+    /// How the model is split (one rank: unsharded).
+    fn split(&self) -> Result<model::plan::tp::Parallelism> {
+        commands::generate::parallelism(self.tensor_parallel, self.expert_parallel)
+    }
+
+    /// Ranks of the split (1: unsharded).
+    fn ranks(&self) -> Result<usize> {
+        Ok(self.split()?.ranks)
+    }
+
+    /// The split and the all-reduce for GPU ranks.
+    fn tp_options(&self) -> Result<tilert::exec::tp::TpOptions> {
+        use tilert::exec::tp::AllReduceKind;
+        Ok(tilert::exec::tp::TpOptions {
+            parallelism: self.split()?,
+            all_reduce: match self.all_reduce {
+                AllReduceArg::Auto => AllReduceKind::Auto,
+                AllReduceArg::Oneshot => AllReduceKind::OneShot,
+                AllReduceArg::Nccl => AllReduceKind::Nccl,
+            },
+        })
+    }
+
     /// The rank placement (`None`: unsharded, or the CPU's simulated ranks), checked before
     /// anything loads.
     fn placement(&self, device: Device) -> Result<Option<tilert::exec::tp::RankPlacement>> {
+        if self.all_reduce != AllReduceArg::Auto && device != Device::Cuda {
+            bail!("--all-reduce chooses the collective between GPU ranks: add --device cuda");
+        }
         commands::generate::tp_placement(
-            self.tensor_parallel,
+            self.ranks()?,
             device == Device::Cuda,
             self.devices.as_deref(),
             self.virtual_ranks,
@@ -263,8 +311,8 @@ impl ServeArgs {
     fn setup(self) -> Result<commands::serve::ServeSetup> {
         self.validate()?;
         let placement = self.par.placement(self.device)?;
-        if self.par.tensor_parallel > 1 && self.device == Device::Cpu {
-            bail!("ultra serve runs tensor-parallel ranks on GPUs only: add --device cuda");
+        if self.par.ranks()? > 1 && self.device == Device::Cpu {
+            bail!("ultra serve runs tensor- and expert-parallel ranks on GPUs only: add --device cuda");
         }
         set_threads(self.threads)?;
         // No --model (and not --synthetic): the embedded default model and its drafter.
@@ -308,7 +356,7 @@ impl ServeArgs {
                 (Device::Cpu, _) => commands::serve::ServeDevice::Cpu,
                 (Device::Cuda, None) => commands::serve::ServeDevice::Cuda(self.par.ordinal()),
                 (Device::Cuda, Some(placement)) => commands::serve::ServeDevice::CudaTp {
-                    ranks: self.par.tensor_parallel,
+                    opts: self.par.tp_options()?,
                     placement,
                 },
             },
@@ -541,7 +589,7 @@ enum Cmd {
         #[arg(long)]
         limit: Option<usize>,
         /// `cpu` (the reference executor) or `cuda` (the GPU executor on GPU 0, the drafter on
-        /// the GPU too; under --tensor-parallel the drafter runs on the host).
+        /// the GPU too; under --tensor-parallel the drafter runs on rank 0's GPU).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
         /// Worker threads (default: all cores).
@@ -578,6 +626,9 @@ enum Cmd {
         /// --plan sharded over N tensor-parallel ranks.
         #[arg(long, default_value_t = 1, requires = "plan")]
         tensor_parallel: usize,
+        /// --plan with the experts placed on the ranks (as `generate --expert-parallel[=N]`).
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "0", value_name = "N", requires = "plan")]
+        expert_parallel: Option<usize>,
         /// With --plan: also a DFlash drafter's context-append and block-draft passes.
         #[arg(long, requires = "plan")]
         draft: Option<PathBuf>,
@@ -635,16 +686,21 @@ fn load_on(
     placement: Option<tilert::exec::tp::RankPlacement>,
 ) -> Result<commands::generate::Loaded> {
     match (device, placement) {
-        (Device::Cuda, Some(p)) => commands::generate::load_gpu_tp(dir, par.tensor_parallel, &p),
+        (Device::Cuda, Some(p)) => commands::generate::load_gpu_tp(dir, par.tp_options()?, &p),
         (Device::Cuda, None) => commands::generate::load_gpu(dir, par.ordinal()),
         (Device::Cpu, _) => {
             let mut loaded = commands::generate::load(dir)?;
-            if par.tensor_parallel > 1 {
-                loaded.tensor_parallel(par.tensor_parallel)?;
-                eprintln!(
-                    "tensor parallel: {} simulated ranks on the CPU",
-                    par.tensor_parallel
-                );
+            let split = par.split()?;
+            if split.ranks > 1 {
+                loaded.parallel(split)?;
+                if split.expert_parallel {
+                    eprintln!("{split}: simulated ranks on the CPU");
+                } else {
+                    eprintln!(
+                        "tensor parallel: {} simulated ranks on the CPU",
+                        split.ranks
+                    );
+                }
             }
             Ok(loaded)
         }
@@ -917,9 +973,11 @@ fn run(cli: Cli) -> Result<()> {
             plan,
             pass,
             tensor_parallel,
+            expert_parallel,
             draft,
             block_size,
         } => {
+            let split = commands::generate::parallelism(tensor_parallel, expert_parallel)?;
             let Some(path) = model.or(config) else {
                 bail!("give --model DIR or --config FILE");
             };
@@ -933,7 +991,7 @@ fn run(cli: Cli) -> Result<()> {
             commands::inspect::print(&report, bw, context);
             commands::inspect::print_classes(&report, bw, context)?;
             if let Some(shape) = shape {
-                let p = commands::inspect::plan(&report, shape, tensor_parallel)?;
+                let p = commands::inspect::plan_split(&report, shape, split)?;
                 println!();
                 print!("{p}");
                 if let Some(dir) = draft {
@@ -1070,8 +1128,8 @@ fn run(cli: Cli) -> Result<()> {
                             match &setup.device {
                                 commands::serve::ServeDevice::Cpu => "CPU".to_string(),
                                 commands::serve::ServeDevice::Cuda(i) => format!("GPU {i}"),
-                                commands::serve::ServeDevice::CudaTp { ranks, .. } => {
-                                    format!("{ranks} tensor-parallel GPU ranks")
+                                commands::serve::ServeDevice::CudaTp { opts, .. } => {
+                                    format!("{} on GPUs", opts.parallelism)
                                 }
                             },
                             rayon::current_num_threads()
@@ -1143,8 +1201,8 @@ fn run(cli: Cli) -> Result<()> {
                     format!("CPU {} threads", rayon::current_num_threads())
                 }
                 commands::serve::ServeDevice::Cuda(i) => format!("GPU {i}"),
-                commands::serve::ServeDevice::CudaTp { ranks, placement } => {
-                    format!("{ranks} tensor-parallel ranks ({placement:?})")
+                commands::serve::ServeDevice::CudaTp { opts, placement } => {
+                    format!("{} ({placement:?})", opts.parallelism)
                 }
             };
             println!(
@@ -1203,14 +1261,14 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = load_on(&dir, device, &par, placement)?;
             let executor = match (&loaded.tp, &loaded.gpu) {
                 (Some(tp), _) => format!(
-                    "the GPU executor over {} tensor-parallel ranks ({}; drafter on the host)",
-                    tp.model.ranks(),
+                    "the GPU executor, {} ({}; drafter on rank 0's GPU)",
+                    tp.model.parallelism(),
                     tp.model.rank(0).device().info
                 ),
                 (None, Some(gpu)) => format!("the GPU executor ({})", gpu.device().info),
-                (None, None) if par.tensor_parallel > 1 => format!(
-                    "the CPU executor over {} simulated ranks, {} threads",
-                    par.tensor_parallel,
+                (None, None) if par.ranks()? > 1 => format!(
+                    "the CPU executor, {} (simulated), {} threads",
+                    par.split()?,
                     rayon::current_num_threads()
                 ),
                 (None, None) => {

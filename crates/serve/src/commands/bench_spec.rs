@@ -92,12 +92,10 @@ pub fn run(
         ..SamplingParams::greedy()
     };
     if let Some(tp) = &loaded.tp {
-        // Target on the tensor-parallel ranks, drafter on the host (see `tp_spec_setup`).
+        // Target on the tensor-parallel ranks, drafter on rank 0's GPU (see `tp_spec_setup`).
         let (drafter, opts) = tp_spec_setup(loaded, draft, block_size)?;
         let mut plain = tp.session()?;
-        let mut target_seq = tp.session()?;
-        let mut target = dflash::WithTables::new(&mut target_seq, &tp.embed, &tp.lm_head);
-        let mut spec = dflash::CpuBackend::new(&mut target, &drafter)?;
+        let mut spec = dflash::gpu::GpuSpecOn::new(tp.session()?, &drafter)?;
         let mut seqs = Sequences {
             plain: &mut plain,
             spec: &mut spec,

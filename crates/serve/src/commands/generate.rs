@@ -114,6 +114,36 @@ pub fn tp_placement(
     Ok(Some(RankPlacement::Devices(d)))
 }
 
+/// How `--tensor-parallel N` and `--expert-parallel[=N]` split the model (one rank: unsharded):
+/// tensor parallelism over N; with `--expert-parallel` (no value) the MoE layers' experts placed
+/// whole on those N ranks, attention tensor-parallel; `--expert-parallel=N` alone: experts over N
+/// ranks, attention and dense MLPs replicated on each. `expert_parallel` is `Some(0)` for the
+/// flag without a value.
+pub fn parallelism(
+    tensor_parallel: usize,
+    expert_parallel: Option<usize>,
+) -> Result<model::plan::tp::Parallelism> {
+    use model::plan::tp::Parallelism;
+    if tensor_parallel == 0 {
+        bail!("--tensor-parallel must be at least 1");
+    }
+    Ok(match expert_parallel {
+        None => Parallelism::tensor(tensor_parallel),
+        Some(0) if tensor_parallel > 1 => Parallelism::tensor_expert(tensor_parallel),
+        Some(0) => bail!(
+            "--expert-parallel needs a rank count: --tensor-parallel N --expert-parallel (experts \
+             over the N ranks, attention tensor-parallel), or --expert-parallel=N (attention \
+             replicated on every rank)"
+        ),
+        Some(n) if tensor_parallel > 1 && n != tensor_parallel => bail!(
+            "--expert-parallel={n} with --tensor-parallel {tensor_parallel}: experts and \
+             attention share the ranks, give one count (or --expert-parallel without a value)"
+        ),
+        Some(n) if tensor_parallel > 1 => Parallelism::tensor_expert(n),
+        Some(n) => Parallelism::expert(n),
+    })
+}
+
 /// Positions of a tensor-parallel GPU sequence (as [`gpu_max_seq`]).
 pub fn tp_max_seq(m: &tilert::exec::tp::TpModel) -> usize {
     m.config().max_position_embeddings.clamp(1, GPU_MAX_SEQ)
@@ -126,9 +156,10 @@ pub fn tp_max_seq(m: &tilert::exec::tp::TpModel) -> usize {
 /// half-built model.
 pub fn load_gpu_tp(
     dir: &Path,
-    ranks: usize,
+    opts: tilert::exec::tp::TpOptions,
     placement: &tilert::exec::tp::RankPlacement,
 ) -> Result<Loaded> {
+    let (ranks, par) = (opts.parallelism.ranks, opts.parallelism);
     // Virtual ranks spin on one GPU waiting for each other: their streams need hardware queues
     // of their own, set before the first CUDA call.
     comm::symmetric::prepare_virtual_ranks();
@@ -138,8 +169,11 @@ pub fn load_gpu_tp(
     let t0 = Instant::now();
     let mut progress = reporter("uploading weight shards".into());
     let tp =
-        tilert::exec::tp::TpModel::new(config.clone(), &weights, ranks, placement, &mut progress)
-            .with_context(|| format!("tensor parallelism over {ranks} ranks"))?;
+        tilert::exec::tp::TpModel::build(config.clone(), &weights, opts, placement, &mut progress)
+            .with_context(|| par.to_string())?;
+    if let Some(note) = tp.all_reduce_note() {
+        eprintln!("note: {note}");
+    }
     let (gpus, what) = match placement {
         tilert::exec::tp::RankPlacement::Virtual { device } => {
             (format!("GPU {device}"), "virtual ranks on one GPU")
@@ -153,8 +187,9 @@ pub fn load_gpu_tp(
         ),
     };
     eprintln!(
-        "tensor parallel: {ranks} ranks on {gpus} ({what}); {} ({:.2} GB of weights over all \
-         ranks) uploaded in {:.2} s",
+        "{par}: {ranks} ranks on {gpus} ({what}, {} all-reduce); {} ({:.2} GB of weights over \
+         all ranks) uploaded in {:.2} s",
+        tp.all_reduce(),
         tp.rank(0).device().info,
         tp.weight_bytes() as f64 / 1e9,
         t0.elapsed().as_secs_f64()
@@ -180,7 +215,13 @@ impl Loaded {
     /// Shards the CPU executor over `n` simulated tensor-parallel ranks
     /// ([`CpuModel::tensor_parallel`]).
     pub fn tensor_parallel(&mut self, n: usize) -> Result<()> {
-        let sharded = self.cpu()?.tensor_parallel(n)?;
+        self.parallel(model::plan::tp::Parallelism::tensor(n))
+    }
+
+    /// Splits the CPU executor over simulated ranks as `par` says ([`CpuModel::parallel`]:
+    /// tensor and/or expert parallelism).
+    pub fn parallel(&mut self, par: model::plan::tp::Parallelism) -> Result<()> {
+        let sharded = self.cpu()?.parallel(par)?;
         self.cpu = Some(sharded);
         Ok(())
     }
@@ -456,26 +497,34 @@ pub fn gpu_spec_setup(
     Ok((gd, opts))
 }
 
-/// Loads a DFlash drafter for a tensor-parallel target (`loaded.tp`): the host drafter (it reads
-/// the target's hidden states from rank 0 and the checkpoint's embedding and LM head) and the
-/// loop options (block size: `block_size` or the drafter's; EOS ids as [`eos_ids`]).
+/// Loads a DFlash drafter for a tensor- or expert-parallel target (`loaded.tp`) onto rank 0's
+/// GPU (it reads rank 0's captured hidden states and uses rank 0's embedding and LM head, which
+/// every rank replicates) and the loop options (block size: `block_size` or the drafter's; EOS
+/// ids as [`eos_ids`]).
 pub fn tp_spec_setup(
     loaded: &Loaded,
     draft: &Path,
     block_size: Option<usize>,
-) -> Result<(dflash::Drafter, dflash::SpecOptions)> {
+) -> Result<(tilert::draft::GpuDrafter, dflash::SpecOptions)> {
+    let Some(tp) = &loaded.tp else {
+        bail!("the model is not on tensor-parallel GPU ranks");
+    };
     let drafter = dflash::Drafter::load(draft, &loaded.config)
         .with_context(|| format!("loading drafter {}", draft.display()))?;
     let block_size = block_size.unwrap_or(drafter.config().block_size);
     if !(dflash::MIN_BLOCK_SIZE..=dflash::MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(dflash::SpecError::BlockSize(block_size).into());
     }
+    let rank0 = tp.model.rank(0);
+    rank0.device().ctx.bind_to_thread()?;
+    let gd = tilert::draft::GpuDrafter::new(rank0, drafter.config(), drafter.weights())
+        .with_context(|| format!("uploading drafter {} to rank 0's GPU", draft.display()))?;
     let opts = dflash::SpecOptions {
         block_size,
         eos_token_ids: eos_ids(loaded),
         prefill_chunk: None,
     };
-    Ok((drafter, opts))
+    Ok((gd, opts))
 }
 
 /// The KV-cache size (positions) of a GPU sequence of `ultra generate` / `ultra score` and of the
@@ -487,7 +536,8 @@ pub fn gpu_max_seq(gpu: &tilert::exec::GpuModel) -> usize {
 
 /// Generates from `ids` with DFlash block speculation (`draft` = a drafter directory), streaming
 /// text to `out`; the output is the same as [`generate`]'s for greedy decoding. On the GPU
-/// (`loaded.gpu`) the drafter runs on the device ([`dflash::gpu::GpuSpec`]); else on the CPU
+/// (`loaded.gpu`, or rank 0 of `loaded.tp`) the drafter runs on the device
+/// ([`dflash::gpu::GpuSpec`], [`dflash::gpu::GpuTpSpec`]); else on the CPU
 /// ([`dflash::CpuBackend`]); either way [`generate_speculative_on`] runs the loop.
 pub fn generate_speculative(
     loaded: &Loaded,
@@ -523,8 +573,7 @@ pub fn generate_speculative_with(
     if let Some(tp) = &loaded.tp {
         let (drafter, opts) = tp_spec_setup(loaded, draft, block_size)?;
         let mut session = tp.session()?;
-        let mut target = dflash::WithTables::new(&mut session, &tp.embed, &tp.lm_head);
-        let mut backend = dflash::CpuBackend::new(&mut target, &drafter)?;
+        let mut backend = dflash::gpu::GpuTpSpec::new(&mut session, &drafter)?;
         return generate_speculative_on(&mut backend, &opts, policy, loaded, ids, params, out);
     }
     match &loaded.gpu {
@@ -642,7 +691,27 @@ pub fn score_on<E: Executor>(session: &mut E, ids: &[u32]) -> Result<Vec<Option<
 mod tests {
     use tilert::exec::tp::RankPlacement;
 
-    use super::tp_placement;
+    use super::{parallelism, tp_placement};
+    use model::plan::tp::Parallelism;
+
+    #[test]
+    fn parallelism_flags() {
+        assert_eq!(parallelism(1, None).unwrap(), Parallelism::tensor(1));
+        assert_eq!(parallelism(4, None).unwrap(), Parallelism::tensor(4));
+        assert_eq!(
+            parallelism(4, Some(0)).unwrap(),
+            Parallelism::tensor_expert(4)
+        );
+        assert_eq!(
+            parallelism(4, Some(4)).unwrap(),
+            Parallelism::tensor_expert(4)
+        );
+        assert_eq!(parallelism(1, Some(2)).unwrap(), Parallelism::expert(2));
+        let err = |r: anyhow::Result<Parallelism>| r.unwrap_err().to_string();
+        assert!(err(parallelism(1, Some(0))).contains("needs a rank count"));
+        assert!(err(parallelism(2, Some(4))).contains("give one count"));
+        assert!(err(parallelism(0, None)).contains("at least 1"));
+    }
 
     fn err(r: anyhow::Result<Option<RankPlacement>>) -> String {
         format!("{:#}", r.unwrap_err())

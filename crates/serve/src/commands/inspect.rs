@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use model::config::{AttnKind, ModelConfig};
 use model::footprint::{Footprint, StoragePlan};
 use model::plan::draft::DraftPass;
-use model::plan::tp::{shard_plan, TpLayout};
+use model::plan::tp::{shard_plan, Parallelism, TpLayout};
 use model::plan::{PassShape, Plan, WeightStorage};
 
 /// Parses a bandwidth: bytes/s as a plain number (`3e12`) or with a unit (`3TB/s`, `3350GB/s`).
@@ -220,12 +220,18 @@ pub fn parse_pass(s: &str, context: usize) -> Result<PassShape> {
 /// The plan of `shape` for the inspected model, sharded over `ranks` tensor-parallel ranks
 /// when `ranks > 1` (an error names the head counts that do not split).
 pub fn plan(i: &Inspection, shape: PassShape, ranks: usize) -> Result<Plan> {
+    plan_split(i, shape, Parallelism::tensor(ranks))
+}
+
+/// The plan of `shape` split as `par` says (tensor and/or expert parallelism; an error names
+/// the heads or experts that do not split).
+pub fn plan_split(i: &Inspection, shape: PassShape, par: Parallelism) -> Result<Plan> {
     let storage = WeightStorage::from_plan(i.plan);
     let p = Plan::new(&i.config, storage, shape)?;
-    if ranks <= 1 {
+    if par.ranks <= 1 {
         return Ok(p);
     }
-    let layout = TpLayout::new(&i.config, ranks, storage.mxfp4_experts)?;
+    let layout = TpLayout::with(&i.config, par, storage.mxfp4_experts)?;
     Ok(shard_plan(&p, &i.config, &layout)?)
 }
 

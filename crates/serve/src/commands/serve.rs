@@ -23,9 +23,9 @@ pub enum ServeDevice {
     Cpu,
     /// The GPU executor on this GPU.
     Cuda(usize),
-    /// The GPU executor sharded over tensor-parallel ranks.
+    /// The GPU executor sharded over tensor- and/or expert-parallel ranks.
     CudaTp {
-        ranks: usize,
+        opts: tilert::exec::tp::TpOptions,
         placement: tilert::exec::tp::RankPlacement,
     },
 }
@@ -59,8 +59,8 @@ pub(crate) fn load_engine(
     match device {
         ServeDevice::Cpu => server::load_cpu_engine(dir, draft, block_size, cfg),
         ServeDevice::Cuda(ordinal) => server::load_gpu_engine(dir, draft, block_size, cfg, ordinal),
-        ServeDevice::CudaTp { ranks, placement } => {
-            server::load_tp_engine(dir, draft, cfg, ranks, placement)
+        ServeDevice::CudaTp { opts, placement } => {
+            server::load_tp_engine(dir, draft, cfg, opts, placement)
         }
     }
 }
@@ -91,13 +91,13 @@ pub(crate) async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Serve
                         None,
                     )
                 }
-                ServeDevice::CudaTp { ranks, placement } => EngineHandle::start(
+                ServeDevice::CudaTp { opts, placement } => EngineHandle::start(
                     move || {
                         comm::symmetric::prepare_virtual_ranks();
-                        let tp = tilert::exec::tp::TpModel::new(
+                        let tp = tilert::exec::tp::TpModel::build(
                             Arc::new(cfg),
                             &weights,
-                            ranks,
+                            opts,
                             &placement,
                             &mut |_| {},
                         )?;

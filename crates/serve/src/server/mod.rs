@@ -524,7 +524,7 @@ pub fn load_tp_engine(
     model_dir: &Path,
     draft: Option<&Path>,
     cfg: EngineConfig,
-    ranks: usize,
+    opts: tilert::exec::tp::TpOptions,
     placement: tilert::exec::tp::RankPlacement,
 ) -> Result<EngineHandle> {
     if draft.is_some() {
@@ -542,7 +542,7 @@ pub fn load_tp_engine(
     let max_context = cfg.max_context;
     EngineHandle::start(
         move || {
-            let loaded = generate::load_gpu_tp(&dir, ranks, &placement)?;
+            let loaded = generate::load_gpu_tp(&dir, opts, &placement)?;
             let Some(tp) = loaded.tp else {
                 bail!("the model is not on the tensor-parallel ranks");
             };

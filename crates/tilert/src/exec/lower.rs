@@ -964,6 +964,19 @@ impl Lowering<'_> {
             }
             OpKind::ExpertsGateUp(p) => {
                 let experts = w.experts(weight(0)?)?;
+                if p.experts.is_part_of(p.n_experts) {
+                    // An expert-parallel rank: the routing becomes its local ids, which its
+                    // experts_down reads too (see `exec::tp`).
+                    if experts.n_experts != p.experts.len() {
+                        return Err(RuntimeError::Invalid(format!(
+                            "experts {}..{} of the plan, {} on the device",
+                            p.experts.lo, p.experts.hi, experts.n_experts
+                        )));
+                    }
+                    self.moe
+                        .localize(s, bind.ids, t * p.top_k, p.experts.lo, p.experts.hi)?;
+                    mark("experts_gate_up")?;
+                }
                 self.moe.gate_up(
                     s,
                     experts,
@@ -975,7 +988,11 @@ impl Lowering<'_> {
                     sc.moe,
                     bind.act,
                 )?;
-                mark("experts_gate_up")?;
+                mark(if p.experts.is_part_of(p.n_experts) {
+                    "experts_gate_up:experts"
+                } else {
+                    "experts_gate_up"
+                })?;
             }
             OpKind::ExpertsDown(p) => {
                 let experts = w.experts(weight(0)?)?;
@@ -992,7 +1009,20 @@ impl Lowering<'_> {
                     sc.y,
                 )?;
                 mark("experts_down")?;
-                if p.residual {
+                if p.experts.is_part_of(p.n_experts) {
+                    // An expert-parallel rank's partial: its own experts (local ids ≥ 0, set by
+                    // its experts_gate_up) summed in ascending id; the all-reduce combines.
+                    if p.residual {
+                        return Err(RuntimeError::Unsupported(
+                            "an expert-parallel rank's experts_down adds into the residual \
+                             (its share goes to an all-reduce)"
+                                .into(),
+                        ));
+                    }
+                    let part = partial(sc, t, p.hidden)?;
+                    self.moe
+                        .combine_local(s, part, sc.y, bind.ids, t, k, p.hidden)?;
+                } else if p.residual {
                     let norm = match p.next_norm {
                         Some(n) => Some((w.vector(n.weight)?, n.eps, h)),
                         None => None,
@@ -1096,8 +1126,15 @@ impl Lowering<'_> {
                     Some(nn) => Some((w.vector(nn.weight)?, nn.eps, h.slice(0..n))),
                     None => None,
                 };
-                rank.all_reduce(s, partial(sc, t, p.width)?, x.slice(0..n), t, norm)?;
+                let part = partial(sc, t, p.width)?;
+                let fused = rank.all_reduce(s, part, x.slice(0..n), t, norm)?;
                 mark("all_reduce")?;
+                if !fused {
+                    // NCCL summed the partials in place: x += Σ and the next norm, as the
+                    // one-term combine (the routing ids it reads are not used with one term).
+                    ops.combine(s, x.slice(0..n), part, bind.ids, t, 1, p.width, norm)?;
+                    mark("all_reduce:residual_norm")?;
+                }
             }
         }
         self.taps(plan, i, bind, captures, taps, |_| true)

@@ -27,16 +27,31 @@
 //! ([`comm::symmetric::prepare_virtual_ranks`]) so the ranks' streams do not share a hardware
 //! queue.
 //!
+//! **Expert parallelism** ([`Parallelism`], `--expert-parallel`): the plan's expert-parallel
+//! ranks hold whole experts (a contiguous id range, uploaded as the rank's expert stack); their
+//! `experts_gate_up` first rewrites the (replicated) routing to local ids (`MoeKernels::localize`,
+//! other ranks' entries −1), the grouped expert kernels run the rank's experts only, and
+//! `experts_down` sums them into the rank's partial (`MoeKernels::combine_local`); the
+//! `all_reduce` after it is the combine (see `model::plan::tp`).
+//!
+//! **NCCL** ([`AllReduceKind::Nccl`], `--all-reduce nccl`): the reference and the fallback where
+//! GPUs have no peer access. Each `all_reduce` node is then `ncclAllReduce` in place on the
+//! rank's partial followed by the residual add and next norm as a separate launch
+//! (`Ops::combine` with one term: `x += partial; h = rmsnorm(x)`). NCCL collectives of one
+//! process are issued from one thread per rank, so a pass enqueues every rank's ops from its own
+//! thread, and launches eagerly (no CUDA graphs with NCCL in them). NCCL needs one GPU per rank:
+//! virtual ranks always use the one-shot kernel.
+//!
 //! Dependency direction: `tilert` (this module) depends on `comm` (device collectives, no model
 //! knowledge) and `model` (the plan and the weight sharding); `comm` depends on neither.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use comm::symmetric::SymmetricGroup;
-use comm::{AllReduce, DType, Epilogue};
+use comm::{AllReduce, DType, Epilogue, NcclRank};
 use cudarc::driver::CudaStream;
 use model::config::ModelConfig;
-use model::plan::tp::{shard_plan, TpLayout};
+use model::plan::tp::{shard_plan, Parallelism, TpLayout};
 use model::plan::{Buf, OpKind, PassShape, Placement, Plan};
 use model::weights::{Bytes, Expert, ExpertMat, Mlp, MxMat, Weights};
 use model::VerifyOutput;
@@ -85,6 +100,47 @@ impl RankPlacement {
     }
 }
 
+/// Which all-reduce the `all_reduce` nodes run (`--all-reduce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AllReduceKind {
+    /// The one-shot kernel where it can run (virtual ranks, or GPUs with peer access between
+    /// every pair), else NCCL (with a note in [`TpModel::all_reduce_note`]).
+    #[default]
+    Auto,
+    /// `comm`'s one-shot all-reduce over peer memory, residual add and next norm fused (needs
+    /// peer access between the GPUs).
+    OneShot,
+    /// NCCL's all-reduce, then the residual add and next norm (one GPU per rank).
+    Nccl,
+}
+
+impl std::fmt::Display for AllReduceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AllReduceKind::Auto => "auto",
+            AllReduceKind::OneShot => "one-shot",
+            AllReduceKind::Nccl => "NCCL",
+        })
+    }
+}
+
+/// How a [`TpModel`] splits the model and reduces between its ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpOptions {
+    pub parallelism: Parallelism,
+    pub all_reduce: AllReduceKind,
+}
+
+impl TpOptions {
+    /// Tensor parallelism over `ranks`, the default all-reduce.
+    pub fn tensor(ranks: usize) -> TpOptions {
+        TpOptions {
+            parallelism: Parallelism::tensor(ranks),
+            all_reduce: AllReduceKind::Auto,
+        }
+    }
+}
+
 /// Whether the routed experts are MXFP4 (their intermediate dimension splits at 32-element
 /// blocks).
 fn mxfp4_experts(w: &Weights) -> bool {
@@ -105,13 +161,25 @@ pub fn gpu_layout(
     ranks: usize,
     mxfp4: bool,
 ) -> Result<TpLayout, RuntimeError> {
+    gpu_layout_with(config, Parallelism::tensor(ranks), mxfp4)
+}
+
+/// [`gpu_layout`] split as `par` says (tensor and/or expert parallelism): experts that do not
+/// divide over the ranks, and heads that do not split with tensor-parallel attention, are
+/// errors naming the counts.
+pub fn gpu_layout_with(
+    config: &ModelConfig,
+    par: Parallelism,
+    mxfp4: bool,
+) -> Result<TpLayout, RuntimeError> {
+    let ranks = par.ranks;
     if ranks == 0 || ranks > comm::abi::COMM_MAX_RANKS as usize {
         return Err(RuntimeError::Invalid(format!(
-            "tensor parallelism over {ranks} ranks (1..={})",
+            "{par}: 1..={} ranks are supported",
             comm::abi::COMM_MAX_RANKS
         )));
     }
-    let layout = TpLayout::new(config, ranks, mxfp4).map_err(plan_error)?;
+    let layout = TpLayout::with(config, par, mxfp4).map_err(plan_error)?;
     for (l, (ls, spec)) in layout.layers.iter().zip(&config.layers).enumerate() {
         let empty_ok = spec.moe && mxfp4;
         if let Some(r) = ls.intermediate.iter().position(|i| i.is_empty()) {
@@ -247,16 +315,26 @@ pub fn rank_plan(plan: &Plan, rank: usize) -> Result<Plan, RuntimeError> {
     })
 }
 
-/// A rank's side of the all-reduces: its index in the group.
+/// The collective a rank's all-reduces run through.
+pub(crate) enum Collective {
+    /// The one-shot kernel of the ranks' symmetric group (residual add and next norm fused).
+    OneShot(Arc<SymmetricGroup>),
+    /// The rank's NCCL communicator (its thread's; the epilogue is a separate launch).
+    Nccl(Mutex<NcclRank>),
+}
+
+/// A rank's side of the all-reduces: its index in the group and the collective.
 pub(crate) struct RankComm {
     rank: usize,
-    group: Arc<SymmetricGroup>,
+    collective: Collective,
 }
 
 impl RankComm {
     /// Enqueues the rank's side of `x += Σ_ranks partial` (`[rows, width]` f32), with the next
-    /// RMSNorm `h = rmsnorm(x)·w` fused when `norm = Some((w, eps, h))`, on the rank's stream
-    /// (which `stream` must be).
+    /// RMSNorm `h = rmsnorm(x)·w` when `norm = Some((w, eps, h))`, on the rank's stream (which
+    /// `stream` must be). Returns whether the residual add and the norm were done too (the
+    /// one-shot kernel fuses them); `false` (NCCL): only `partial` holds the sum, and the caller
+    /// adds it into `x` and applies the norm.
     pub(crate) fn all_reduce(
         &self,
         stream: &CudaStream,
@@ -264,19 +342,36 @@ impl RankComm {
         x: DPtr<f32>,
         rows: usize,
         norm: Option<(DPtr<f32>, f32, DPtr<f32>)>,
-    ) -> Result<(), RuntimeError> {
-        let own = self.group.stream(self.rank);
-        if own.cu_stream() != stream.cu_stream() {
-            return Err(RuntimeError::Invalid(format!(
-                "rank {}'s all-reduce enqueued on another stream than the rank's",
-                self.rank
-            )));
-        }
+    ) -> Result<bool, RuntimeError> {
         if rows == 0 || partial.len() != x.len() || !x.len().is_multiple_of(rows) {
             return Err(RuntimeError::Invalid(format!(
                 "all-reduce of {} partials into {} values over {rows} rows",
                 partial.len(),
                 x.len()
+            )));
+        }
+        let group = match &self.collective {
+            Collective::OneShot(g) => g,
+            Collective::Nccl(n) => {
+                let n = n.lock().unwrap_or_else(|p| p.into_inner());
+                if n.stream().cu_stream() != stream.cu_stream() {
+                    return Err(RuntimeError::Invalid(format!(
+                        "rank {}'s NCCL all-reduce enqueued on another stream than the rank's",
+                        self.rank
+                    )));
+                }
+                // SAFETY: `partial` is a live buffer of the rank's session on the rank's GPU,
+                // alive until the stream has run the pass; every rank's pass issues the same
+                // all-reduces in the same order (the same sharded plan).
+                unsafe { n.all_reduce_f32_in_place(partial.addr(), partial.len()) }?;
+                return Ok(false);
+            }
+        };
+        let own = group.stream(self.rank);
+        if own.cu_stream() != stream.cu_stream() {
+            return Err(RuntimeError::Invalid(format!(
+                "rank {}'s all-reduce enqueued on another stream than the rank's",
+                self.rank
             )));
         }
         let epilogue = match norm {
@@ -298,8 +393,8 @@ impl RankComm {
         // SAFETY: the addresses are live buffers of the rank's session and model on the rank's
         // GPU (sized as checked above), alive until the session's stream has run the pass; every
         // rank's pass enqueues the same all-reduces in the same order (the same sharded plan).
-        unsafe { self.group.all_reduce(self.rank, &op) }?;
-        Ok(())
+        unsafe { group.all_reduce(self.rank, &op) }?;
+        Ok(true)
     }
 }
 
@@ -346,19 +441,103 @@ type Opened = (
     crate::moe::MoeKernels,
 );
 
-/// Opens every rank's device and stream (in rank order) and their symmetric group (slots of a
-/// pass's `[MAX_TOKENS, H]` f32 partials), with the all-reduce launch shapes computed once here
-/// (occupancy queries), not during a graph capture.
+/// The ranks' collective, before it is split among the rank models.
+enum Group {
+    OneShot(Arc<SymmetricGroup>),
+    Nccl(Vec<NcclRank>),
+}
+
+impl Group {
+    /// Rank `r`'s side (consumes the NCCL handles in rank order).
+    fn rank_comm(&mut self, r: usize) -> Result<RankComm, RuntimeError> {
+        let collective = match self {
+            Group::OneShot(g) => Collective::OneShot(g.clone()),
+            Group::Nccl(v) => {
+                if v.is_empty() {
+                    return Err(RuntimeError::Invalid(format!(
+                        "no NCCL communicator left for rank {r}"
+                    )));
+                }
+                Collective::Nccl(Mutex::new(v.remove(0)))
+            }
+        };
+        Ok(RankComm {
+            rank: r,
+            collective,
+        })
+    }
+
+    fn one_shot(&self) -> Option<Arc<SymmetricGroup>> {
+        match self {
+            Group::OneShot(g) => Some(g.clone()),
+            Group::Nccl(_) => None,
+        }
+    }
+}
+
+/// The all-reduce `kind` resolves to for ranks on `ordinals`, and a note when `Auto` fell back
+/// to NCCL: NCCL needs one GPU per rank (virtual ranks share one), the one-shot kernel peer
+/// access between every pair.
+fn resolve_all_reduce(
+    kind: AllReduceKind,
+    ordinals: &[usize],
+) -> Result<(AllReduceKind, Option<String>), RuntimeError> {
+    let shared = ordinals
+        .iter()
+        .enumerate()
+        .any(|(i, d)| ordinals[..i].contains(d));
+    if shared {
+        return match kind {
+            AllReduceKind::Nccl => Err(RuntimeError::Invalid(
+                "the NCCL all-reduce needs one GPU per rank (NCCL refuses two ranks on one GPU): \
+                 virtual ranks use the one-shot all-reduce (--all-reduce oneshot)"
+                    .into(),
+            )),
+            _ => Ok((AllReduceKind::OneShot, None)),
+        };
+    }
+    let distinct = ordinals.len() > 1;
+    let peers = if distinct {
+        comm::Topology::probe()?.check_peer_access(ordinals)
+    } else {
+        Ok(())
+    };
+    match (kind, peers) {
+        (AllReduceKind::Nccl, _) => Ok((AllReduceKind::Nccl, None)),
+        (_, Ok(())) => Ok((AllReduceKind::OneShot, None)),
+        (AllReduceKind::OneShot, Err(e)) => Err(RuntimeError::Invalid(format!(
+            "the one-shot all-reduce reads peer GPUs' memory: {e} (--all-reduce nccl runs \
+             without peer access)"
+        ))),
+        (AllReduceKind::Auto, Err(e)) => Ok((
+            AllReduceKind::Nccl,
+            Some(format!(
+                "{e}: the all-reduces run through NCCL instead of the one-shot kernel"
+            )),
+        )),
+    }
+}
+
+/// Opens every rank's device and stream (in rank order) and their collective: the symmetric
+/// group of the one-shot kernel (slots of a pass's `[MAX_TOKENS, H]` f32 partials, the launch
+/// shapes computed once here — occupancy queries — not during a graph capture) or NCCL
+/// communicators on the ranks' streams.
 fn open_ranks(
     ordinals: &[usize],
     hidden: usize,
-) -> Result<(Vec<Opened>, Arc<SymmetricGroup>), RuntimeError> {
+    kind: AllReduceKind,
+) -> Result<(Vec<Opened>, Group), RuntimeError> {
     comm::check_devices(ordinals, comm::device_count()?)?;
+    debug_assert!(kind != AllReduceKind::Auto, "resolved by the caller");
     let mut opened = Vec::with_capacity(ordinals.len());
     for &o in ordinals {
         opened.push(open(o)?);
     }
-    let streams = opened.iter().map(|o| o.1.clone()).collect();
+    let streams: Vec<Arc<CudaStream>> = opened.iter().map(|o| o.1.clone()).collect();
+    if kind == AllReduceKind::Nccl {
+        let comms = comm::NcclComms::new(streams)?;
+        return Ok((opened, Group::Nccl(comms.into_ranks())));
+    }
     let group = Arc::new(SymmetricGroup::new(streams, MAX_TOKENS * hidden * 4)?);
     for epilogue in [
         Epilogue::Residual { x: 0 },
@@ -377,16 +556,19 @@ fn open_ranks(
             epilogue,
         })?;
     }
-    Ok((opened, group))
+    Ok((opened, Group::OneShot(group)))
 }
 
 /// A model sharded over N tensor-parallel ranks (see the module docs). Cheap to clone.
 #[derive(Clone)]
 pub struct TpModel {
     ranks: Vec<GpuModel>,
-    group: Arc<SymmetricGroup>,
+    /// The one-shot kernel's group (None: NCCL, whose communicators the rank models hold).
+    group: Option<Arc<SymmetricGroup>>,
     layout: Arc<TpLayout>,
     config: Arc<ModelConfig>,
+    /// The all-reduce in use (one-shot or NCCL) and why, when `Auto` fell back to NCCL.
+    all_reduce: (AllReduceKind, Option<String>),
 }
 
 impl TpModel {
@@ -401,12 +583,38 @@ impl TpModel {
         placement: &RankPlacement,
         progress: &mut dyn FnMut(model::progress::Progress),
     ) -> Result<TpModel, RuntimeError> {
+        Self::build(
+            config,
+            weights,
+            TpOptions::tensor(ranks),
+            placement,
+            progress,
+        )
+    }
+
+    /// [`TpModel::new`] split and reduced as `opts` says (tensor and/or expert parallelism; the
+    /// one-shot or the NCCL all-reduce).
+    pub fn build(
+        config: Arc<ModelConfig>,
+        weights: &Weights,
+        opts: TpOptions,
+        placement: &RankPlacement,
+        progress: &mut dyn FnMut(model::progress::Progress),
+    ) -> Result<TpModel, RuntimeError> {
+        let ranks = opts.parallelism.ranks;
         let ordinals = placement.ordinals(ranks)?;
         model::check_weights(&config, weights).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-        let layout = Arc::new(gpu_layout(&config, ranks, mxfp4_experts(weights))?);
+        let layout = Arc::new(gpu_layout_with(
+            &config,
+            opts.parallelism,
+            mxfp4_experts(weights),
+        )?);
         let decode =
             Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
-        let (opened, group) = open_ranks(&ordinals, config.hidden_size)?;
+        comm::check_devices(&ordinals, comm::device_count()?)?;
+        let all_reduce = resolve_all_reduce(opts.all_reduce, &ordinals)?;
+        let (opened, mut group) = open_ranks(&ordinals, config.hidden_size, all_reduce.0)?;
+        let one_shot = group.one_shot();
         let shards = model::shard::shard_layers(&config, weights, &layout).map_err(plan_error)?;
         let total: u64 = shards
             .iter()
@@ -420,10 +628,7 @@ impl TpModel {
             opened.into_iter().zip(shards).enumerate()
         {
             let part = RankPart {
-                comm: RankComm {
-                    rank,
-                    group: group.clone(),
-                },
+                comm: group.rank_comm(rank)?,
                 layout: layout.clone(),
                 plan_rank: rank,
             };
@@ -456,9 +661,10 @@ impl TpModel {
         progress(model::progress::Progress { done: total, total });
         Ok(TpModel {
             ranks: models,
-            group,
+            group: one_shot,
             layout,
             config,
+            all_reduce,
         })
     }
 
@@ -472,10 +678,31 @@ impl TpModel {
         placement: &RankPlacement,
         seed: u64,
     ) -> Result<TpModel, RuntimeError> {
+        Self::synthetic_with(config, TpOptions::tensor(ranks), placement, seed)
+    }
+
+    /// [`TpModel::synthetic`] split and reduced as `opts` says.
+    pub fn synthetic_with(
+        config: Arc<ModelConfig>,
+        opts: TpOptions,
+        placement: &RankPlacement,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        let ranks = opts.parallelism.ranks;
         let ordinals = placement.ordinals(ranks)?;
-        let layout = Arc::new(gpu_layout(&config, ranks, true)?);
-        let (opened, group) = open_ranks(&ordinals, config.hidden_size)?;
-        Self::synthetic_ranks(config, layout, opened, group, (0..ranks).collect(), seed)
+        let layout = Arc::new(gpu_layout_with(&config, opts.parallelism, true)?);
+        comm::check_devices(&ordinals, comm::device_count()?)?;
+        let all_reduce = resolve_all_reduce(opts.all_reduce, &ordinals)?;
+        let (opened, group) = open_ranks(&ordinals, config.hidden_size, all_reduce.0)?;
+        Self::synthetic_ranks(
+            config,
+            layout,
+            opened,
+            group,
+            (0..ranks).collect(),
+            seed,
+            all_reduce,
+        )
     }
 
     /// Rank `rank` of a `ranks`-rank synthetic model alone on GPU `device`: the rank's share of
@@ -489,14 +716,35 @@ impl TpModel {
         device: usize,
         seed: u64,
     ) -> Result<TpModel, RuntimeError> {
-        if rank >= ranks {
+        Self::synthetic_rank_with(config, Parallelism::tensor(ranks), rank, device, seed)
+    }
+
+    /// [`TpModel::synthetic_rank`] of a model split as `par` says (e.g. one expert-parallel
+    /// rank: its attention share and its whole experts).
+    pub fn synthetic_rank_with(
+        config: Arc<ModelConfig>,
+        par: Parallelism,
+        rank: usize,
+        device: usize,
+        seed: u64,
+    ) -> Result<TpModel, RuntimeError> {
+        if rank >= par.ranks {
             return Err(RuntimeError::Invalid(format!(
-                "rank {rank} of {ranks} ranks"
+                "rank {rank} of {} ranks",
+                par.ranks
             )));
         }
-        let layout = Arc::new(gpu_layout(&config, ranks, true)?);
-        let (opened, group) = open_ranks(&[device], config.hidden_size)?;
-        Self::synthetic_ranks(config, layout, opened, group, vec![rank], seed)
+        let layout = Arc::new(gpu_layout_with(&config, par, true)?);
+        let (opened, group) = open_ranks(&[device], config.hidden_size, AllReduceKind::OneShot)?;
+        Self::synthetic_ranks(
+            config,
+            layout,
+            opened,
+            group,
+            vec![rank],
+            seed,
+            (AllReduceKind::OneShot, None),
+        )
     }
 
     /// The synthetic rank models of `plan_ranks` (rank `plan_ranks[i]` of `layout` as member `i`
@@ -505,20 +753,19 @@ impl TpModel {
         config: Arc<ModelConfig>,
         layout: Arc<TpLayout>,
         opened: Vec<Opened>,
-        group: Arc<SymmetricGroup>,
+        mut group: Group,
         plan_ranks: Vec<usize>,
         seed: u64,
+        all_reduce: (AllReduceKind, Option<String>),
     ) -> Result<TpModel, RuntimeError> {
         let decode =
             Plan::new(&config, DEVICE_STORAGE, PassShape::decode(0)).map_err(plan_error)?;
+        let one_shot = group.one_shot();
         let mut models = Vec::with_capacity(opened.len());
         for (i, ((device, stream, ops, moe), &r)) in opened.into_iter().zip(&plan_ranks).enumerate()
         {
             let part = RankPart {
-                comm: RankComm {
-                    rank: i,
-                    group: group.clone(),
-                },
+                comm: group.rank_comm(i)?,
                 layout: layout.clone(),
                 plan_rank: r,
             };
@@ -552,10 +799,27 @@ impl TpModel {
         }
         Ok(TpModel {
             ranks: models,
-            group,
+            group: one_shot,
             layout,
             config,
+            all_reduce,
         })
+    }
+
+    /// The all-reduce the ranks use (one-shot or NCCL; never `Auto`).
+    pub fn all_reduce(&self) -> AllReduceKind {
+        self.all_reduce.0
+    }
+
+    /// Why the all-reduce is NCCL although the one-shot kernel was the default (no peer access
+    /// between two of the GPUs), for the user to see.
+    pub fn all_reduce_note(&self) -> Option<&str> {
+        self.all_reduce.1.as_deref()
+    }
+
+    /// How the model is split.
+    pub fn parallelism(&self) -> Parallelism {
+        self.layout.parallelism
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -588,7 +852,12 @@ impl TpModel {
         let mut ranks = Vec::with_capacity(self.ranks.len());
         for m in &self.ranks {
             m.device().ctx.bind_to_thread()?;
-            ranks.push(GpuSession::new(m.clone(), max_seq, DEFAULT_MAX_ROLLBACK)?);
+            let mut s = GpuSession::new(m.clone(), max_seq, DEFAULT_MAX_ROLLBACK)?;
+            if self.group.is_none() {
+                // NCCL: eager launches (see the module docs).
+                s.set_use_graphs(false);
+            }
+            ranks.push(s);
         }
         Ok(TpSession {
             model: self.clone(),
@@ -626,8 +895,10 @@ impl TpSession {
         self.ranks.iter().map(GpuSession::device_bytes).sum()
     }
 
-    /// Run passes op by op instead of replaying captured graphs (every rank).
+    /// Run passes op by op instead of replaying captured graphs (every rank). With NCCL the
+    /// passes always launch op by op (`on` is ignored).
     pub fn set_use_graphs(&mut self, on: bool) {
+        let on = on && self.model.group.is_some();
         for r in &mut self.ranks {
             r.set_use_graphs(on);
         }
@@ -636,38 +907,118 @@ impl TpSession {
     /// Undoes a failed pass: waits for every rank, zeroes the group's flags (a rank may have
     /// given up waiting for a peer), and puts every rank back at `len`.
     fn recover(&mut self, len: usize) {
-        let _ = self.model.group.reset();
+        match &self.model.group {
+            Some(g) => {
+                let _ = g.reset();
+            }
+            None => {
+                for r in &self.ranks {
+                    let _ = r.model.stream().synchronize();
+                }
+            }
+        }
         for r in &mut self.ranks {
             r.len = len;
         }
     }
 
-    /// One pass of `tokens` (≤ MAX_TOKENS) on every rank: enqueued in rank order, then every
-    /// rank waited for and its all-reduce status checked. On error the session is as before.
+    /// One pass of `tokens` (≤ MAX_TOKENS) on every rank: enqueued in rank order (one-shot:
+    /// graph launches are asynchronous, each rank's all-reduce kernels wait on device flags), or
+    /// from one thread per rank (NCCL), then every rank waited for and its all-reduce status
+    /// checked. On error the session is as before.
     fn pass(&mut self, tokens: &[u32], logits: Logits) -> Result<(), RuntimeError> {
         let start = self.len();
-        for r in 0..self.ranks.len() {
-            let s = &mut self.ranks[r];
-            let res = s
-                .model
+        let enqueued = if self.model.group.is_some() {
+            self.enqueue_in_order(tokens, logits)
+        } else {
+            self.enqueue_threaded(tokens, logits)
+        };
+        if let Err((r, e)) = enqueued {
+            self.recover(start);
+            return Err(RuntimeError::Op {
+                pass: format!("tensor-parallel rank {r}"),
+                source: Box::new(e),
+            });
+        }
+        let waited = match &self.model.group {
+            Some(g) => g.check().map_err(RuntimeError::from),
+            None => self
+                .ranks
+                .iter()
+                .try_for_each(|r| r.model.stream().synchronize().map_err(RuntimeError::from)),
+        };
+        if let Err(e) = waited {
+            self.recover(start);
+            return Err(e);
+        }
+        self.ranks[0].model.device().ctx.bind_to_thread()?;
+        Ok(())
+    }
+
+    /// Enqueues every rank's pass from this thread, in rank order.
+    fn enqueue_in_order(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<(), (usize, RuntimeError)> {
+        for (r, s) in self.ranks.iter_mut().enumerate() {
+            s.model
                 .device()
                 .ctx
                 .bind_to_thread()
                 .map_err(RuntimeError::from)
-                .and_then(|()| s.pass(tokens, logits));
-            if let Err(e) = res {
-                self.recover(start);
-                return Err(RuntimeError::Op {
-                    pass: format!("tensor-parallel rank {r}"),
-                    source: Box::new(e),
-                });
+                .and_then(|()| s.pass(tokens, logits))
+                .map_err(|e| (r, e))?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues every rank's pass from a thread of its own (NCCL's one thread per GPU: a rank's
+    /// `ncclAllReduce` may wait on the host for its peers' calls).
+    fn enqueue_threaded(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<(), (usize, RuntimeError)> {
+        /// A rank's session lent to the thread that enqueues its pass.
+        struct Lent<'a>(&'a mut GpuSession);
+        // SAFETY: the session's CUDA handles (context, stream, module functions, device
+        // buffers; no captured graphs with NCCL) are usable from any thread once its context is
+        // bound, which the thread does first; the session is used by that thread alone until
+        // the scope joins it.
+        unsafe impl Send for Lent<'_> {}
+        impl<'a> Lent<'a> {
+            fn get(self) -> &'a mut GpuSession {
+                self.0
             }
         }
-        if let Err(e) = self.model.group.check() {
-            self.recover(start);
-            return Err(e.into());
+        let results: Vec<Result<(), RuntimeError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .map(|s| {
+                    let lent = Lent(s);
+                    scope.spawn(move || {
+                        let s = lent.get();
+                        s.model.device().ctx.bind_to_thread()?;
+                        s.pass(tokens, logits)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RuntimeError::Invalid(
+                            "a rank's enqueueing thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        for (r, res) in results.into_iter().enumerate() {
+            res.map_err(|e| (r, e))?;
         }
-        self.ranks[0].model.device().ctx.bind_to_thread()?;
         Ok(())
     }
 
@@ -775,6 +1126,32 @@ impl TpSession {
             }
         }
         Ok(out)
+    }
+
+    /// Rank 0's session: after every pass it holds the logits, greedy ids and captured hidden
+    /// states (every rank holds the same replicated residual stream) — what a drafter on rank
+    /// 0's GPU reads (`tilert::draft::GpuDrafter` built on `TpModel::rank(0)`).
+    pub fn lead(&self) -> &GpuSession {
+        &self.ranks[0]
+    }
+
+    /// The hidden indices every pass captures, on rank 0 (as [`GpuSession::set_capture`]).
+    pub fn set_capture(&mut self, indices: &[usize]) -> Result<(), RuntimeError> {
+        self.ranks[0].model.device().ctx.bind_to_thread()?;
+        self.ranks[0].set_capture(indices)
+    }
+
+    /// One pass of `tokens` (≤ MAX_TOKENS) on every rank, the logits, greedy ids and captures
+    /// left on rank 0's device (as [`GpuSession::forward_device`]). On error the session is as
+    /// before.
+    pub fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        self.ranks[0].check_tokens(tokens)?;
+        if tokens.len() > MAX_TOKENS {
+            return Err(RuntimeError::Invalid(format!(
+                "forward_device takes at most {MAX_TOKENS} tokens"
+            )));
+        }
+        self.pass(tokens, Logits::All)
     }
 
     /// Drops every position ≥ `len` on every rank (as [`GpuSession::truncate`]).
@@ -953,6 +1330,59 @@ mod tests {
                 assert!(rank_plan(&sharded, n).is_err());
             }
         }
+    }
+
+    /// Every rank's view of expert-parallel plans (alone: attention replicated; with TP
+    /// attention) lowers: the rank's expert ops hold a contiguous range of whole experts (the
+    /// ranges partition the experts), one all-reduce per MoE layer after the experts.
+    #[test]
+    fn expert_parallel_rank_views_lower() {
+        use model::plan::OpKind as K;
+        for (name, cfg, mx) in configs() {
+            let full = Plan::new(&cfg, DEVICE_STORAGE, pass_shape(3, Logits::All, false)).unwrap();
+            for par in [Parallelism::expert(2), Parallelism::tensor_expert(2)] {
+                let layout =
+                    gpu_layout_with(&cfg, par, mx).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let sharded = shard_plan(&full, &cfg, &layout).unwrap();
+                sharded.validate().unwrap();
+                let moe_layers = cfg.layers.iter().filter(|l| l.moe).count();
+                let reduces = sharded
+                    .ops
+                    .iter()
+                    .filter(|o| matches!(o.kind, K::AllReduce(_)))
+                    .count();
+                let per_layer = if par.shard_attention {
+                    2 * cfg.layers.len()
+                } else {
+                    moe_layers
+                };
+                assert_eq!(reduces, per_layer, "{name} {par}");
+                let mut held = Vec::new();
+                for r in 0..2 {
+                    let v = rank_plan(&sharded, r).unwrap();
+                    check_plan_for(&v, true).unwrap_or_else(|e| panic!("{name} {par} {r}: {e}"));
+                    let fake =
+                        crate::exec::lower::tests::fake_target(&rank_config(&cfg, &layout, r));
+                    crate::exec::lower::check_weights(&v, &fake)
+                        .unwrap_or_else(|e| panic!("{name} {par} {r}: {e}"));
+                    if let Some(p) = v.ops.iter().find_map(|o| match o.kind {
+                        K::ExpertsDown(p) => Some(p),
+                        _ => None,
+                    }) {
+                        assert!(!p.residual);
+                        held.push((p.experts.lo, p.experts.hi));
+                    }
+                }
+                let e = cfg.n_experts;
+                assert_eq!(held, vec![(0, e / 2), (e / 2, e)], "{name} {par}");
+            }
+        }
+        // 8 experts do not divide over 3 ranks.
+        let cfg = ModelConfig::from_dir(&fixture("gpt-oss/mxfp4")).unwrap();
+        let e = gpu_layout_with(&cfg, Parallelism::expert(3), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routed experts on 3 ranks"), "{e}");
     }
 
     #[test]
