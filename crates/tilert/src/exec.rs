@@ -880,6 +880,7 @@ impl GpuSession {
                 k: arena.alloc(capacity * tables.k_width, &format!("layer {l} key cache"))?,
                 v: arena.alloc(capacity * tables.v_width, &format!("layer {l} value cache"))?,
                 capacity,
+                paging: None,
             };
             let args = lower::layer_attention_args(layout, l, &lk)?;
             // Fewer queries get more key splits: the largest need is not always at T = 16.
