@@ -418,6 +418,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "tp"),
     ("tilert", "persistent"),
     ("tilert", "paged_kv"),
+    ("tilert", "paged_session"),
     ("dflash", "gpu_spec"),
     ("dflash", "gpu_tp"),
     ("serve", "gpu_generate"),
