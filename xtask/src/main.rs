@@ -423,6 +423,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("dflash", "gpu_tp"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
+    ("serve", "gpu_paged"),
     ("comm", "gpu_allreduce"),
 ];
 

@@ -80,6 +80,17 @@ impl std::fmt::Debug for KvBlock {
 }
 
 impl GpuModel {
+    /// Device bytes of one position of every layer's keys and values (a pool's block holds
+    /// `block_size` of them).
+    pub fn kv_position_bytes(&self) -> usize {
+        self.inner
+            .layout
+            .layers
+            .iter()
+            .map(|t| (t.k_width + t.v_width) * std::mem::size_of::<f32>())
+            .sum()
+    }
+
     /// A pool of `blocks` KV blocks of `block_size` positions for this model's sessions
     /// ([`GpuModel::session_paged`]). Device memory: `blocks · block_size` positions of every
     /// layer's keys and values.
