@@ -259,6 +259,12 @@ impl SessionBlocks {
     pub(crate) fn prepare(&mut self, len: usize, end: usize) -> Result<(), RuntimeError> {
         let bs = self.pool.inner.block_size;
         let need = end.div_ceil(bs);
+        if need > self.ids.len() {
+            return Err(RuntimeError::Invalid(format!(
+                "{end} positions exceed the session's {} KV blocks of {bs}",
+                self.ids.len()
+            )));
+        }
         let first = len / bs;
         let shared = (first..need.min(self.blocks.len()))
             .filter(|&j| Rc::strong_count(&self.blocks[j]) > 1)
