@@ -1433,7 +1433,9 @@ impl GpuSession {
         self.paged.as_ref().map_or(0, |p| p.held())
     }
 
-    /// Block `b` (positions `b·block_size ..`) of a paged session, shared, when it is full.
+    /// Block `b` (positions `b·block_size ..`) of a paged session, shared, when it is full and
+    /// holds what a prefill of the same tokens would hold (computed by full passes of
+    /// `MAX_TOKENS` tokens at multiples of `MAX_TOKENS`; see [`paged`]).
     pub fn full_block(&self, b: usize) -> Option<SharedKvBlock> {
         self.paged.as_ref()?.full_block(b, self.len)
     }

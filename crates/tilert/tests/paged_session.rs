@@ -1,7 +1,8 @@
 //! Paged GPU sessions (`tilert::exec::paged`: a `GpuKvPool` of blocks, sessions reading and
 //! writing their KV through a block table) against contiguous sessions fed the same calls, on
 //! every fixture checkpoint and the toy models of the three architectures: prefill, decode,
-//! verify + truncation, a prefix adopted from another session's blocks, a fork whose shared
+//! verify + truncation, a prefix adopted from another session's blocks (only blocks computed by
+//! full aligned prefill passes are offered), a fork whose shared
 //! blocks are copied on write, and batched decode mixing paged and contiguous sessions. Logits
 //! must be **bit-identical** (the kernels read the same keys in the same order). The pool's
 //! blocks must all be free again once the sessions are gone, and an exhausted pool is an error
@@ -109,6 +110,14 @@ fn check_model(name: &str, config: ModelConfig, weights: Weights) {
             // the rest's chunks are the contiguous prefill's).
             if bs == 16 {
                 let k = p.len() / bs;
+                // Block k holds the prompt's last partial pass and decoded positions: not
+                // offered (a prefill would compute those positions in other passes).
+                assert!(a.s.len() >= (k + 1) * bs);
+                assert!(
+                    a.s.full_block(k).is_none(),
+                    "{}",
+                    what("unaligned block offered")
+                );
                 let blocks: Vec<_> = (0..k).map(|b| a.s.full_block(b).unwrap()).collect();
                 let mut b = gpu.session_paged(&pool, MAX_SEQ).unwrap();
                 b.adopt_prefix(&blocks).unwrap();

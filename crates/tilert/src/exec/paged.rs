@@ -15,6 +15,15 @@
 //! list, and a shared block about to be written is copied first (copy-on-write, all layers), so
 //! sharing never changes what any session reads. A block goes back to the free list when its
 //! last holder drops it.
+//!
+//! What may be shared: the attention kernels cut keys into splits by the pass's size, so the keys
+//! and values of a position depend (in their last bits) on the size of the pass that computed it.
+//! A prefill of a token sequence from position 0 runs passes of [`MAX_TOKENS`] tokens starting at
+//! multiples of [`MAX_TOKENS`] (the last one shorter). [`GpuSession::full_block`] therefore offers a
+//! block only when every position in it was computed by such a full aligned pass: a session that
+//! adopts it (at a multiple of [`MAX_TOKENS`], and prefills the rest from there) computes exactly
+//! what it would have computed alone. Blocks holding decoded positions or a prompt's last partial
+//! pass are not offered. Forks share everything: both sides then hold the same history.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -24,7 +33,7 @@ use cudarc::driver::CudaStream;
 
 use super::{GpuModel, GpuSession, DEFAULT_MAX_ROLLBACK};
 use crate::arena::{dtod, htod, Arena, DPtr};
-use crate::ops::{check_block_ids, KvPaging};
+use crate::ops::{check_block_ids, KvPaging, MAX_TOKENS};
 use crate::RuntimeError;
 
 /// A pool of KV blocks on one model's device (see the module docs). Cheap to clone (shared).
@@ -203,6 +212,9 @@ impl GpuKvPool {
 pub(crate) struct SessionBlocks {
     pool: GpuKvPool,
     blocks: Vec<SharedKvBlock>,
+    /// Per block: every position in it was computed by a full pass of `MAX_TOKENS` tokens
+    /// starting at a multiple of `MAX_TOKENS` (see the module docs).
+    aligned: Vec<bool>,
     ids: Vec<u32>,
     table: DPtr<u32>,
     dirty: bool,
@@ -240,6 +252,7 @@ impl SessionBlocks {
             SessionBlocks {
                 pool: pool.clone(),
                 blocks: Vec::new(),
+                aligned: Vec::new(),
                 ids,
                 table,
                 dirty: false,
@@ -290,7 +303,13 @@ impl SessionBlocks {
             let b = self.pool.take().expect("counted free block");
             self.ids[self.blocks.len()] = b.id;
             self.blocks.push(Rc::new(b));
+            self.aligned.push(true);
             self.dirty = true;
+        }
+        if !(len.is_multiple_of(MAX_TOKENS) && end - len == MAX_TOKENS) {
+            for a in &mut self.aligned[first..need] {
+                *a = false;
+            }
         }
         self.upload()
     }
@@ -308,11 +327,13 @@ impl SessionBlocks {
     pub(crate) fn truncate(&mut self, len: usize) {
         let keep = len.div_ceil(self.pool.inner.block_size);
         self.blocks.truncate(keep);
+        self.aligned.truncate(keep);
     }
 
-    /// Block `b`, shared, when it is held and full for a sequence of `len` positions.
+    /// Block `b`, shared, when it is held, full for a sequence of `len` positions and computed
+    /// by full aligned passes only (see the module docs).
     pub(crate) fn full_block(&self, b: usize, len: usize) -> Option<SharedKvBlock> {
-        if (b + 1) * self.pool.inner.block_size > len {
+        if (b + 1) * self.pool.inner.block_size > len || !self.aligned.get(b).copied()? {
             return None;
         }
         self.blocks.get(b).cloned()
@@ -341,6 +362,7 @@ impl SessionBlocks {
             self.ids[j] = b.id;
         }
         self.blocks = blocks.to_vec();
+        self.aligned = vec![true; blocks.len()];
         self.dirty = true;
         self.upload()?;
         Ok(blocks.len() * self.pool.inner.block_size)
@@ -349,7 +371,9 @@ impl SessionBlocks {
     /// Shares every block of `self` with `other` (an empty session of the same pool).
     pub(crate) fn share_into(&self, other: &mut SessionBlocks) -> Result<(), RuntimeError> {
         other.blocks.clear();
+        other.aligned.clear();
         other.adopt(&self.blocks)?;
+        other.aligned = self.aligned.clone();
         Ok(())
     }
 
