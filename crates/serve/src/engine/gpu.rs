@@ -26,8 +26,10 @@
 //!   ([`tilert::exec::GpuKvPool`], sized by the scheduler from the KV budget), each sequence
 //!   reading and writing it through its block table; the scheduler's prefix cache shares full
 //!   blocks between sequences (adopted prefixes, forked `n > 1` samples; copied on write). A
-//!   paged sequence computes exactly what a contiguous one does, so outputs do not depend on
-//!   prefix caching. With a drafter, sequences stay contiguous (whole-session reservations).
+//!   paged sequence computes exactly what a contiguous one does, and a sequence offers only
+//!   blocks computed by full aligned prefill passes (`tilert::exec::paged`), so outputs do not
+//!   depend on prefix caching. With a drafter, sequences stay contiguous (whole-session
+//!   reservations).
 
 use std::cell::RefCell;
 use std::sync::Arc;
