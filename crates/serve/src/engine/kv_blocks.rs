@@ -38,6 +38,15 @@ pub fn block_hash(parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
     h.finalize().into()
 }
 
+/// A cached block's payload: the executor's shared KV block and, when a speculative request
+/// filled it, the drafter's context features of its positions (`block_size` rows of the
+/// drafter's feature width, as its target computed them).
+#[derive(Debug, Clone)]
+pub struct Cached<K> {
+    pub kv: K,
+    pub ctx: Option<std::sync::Arc<[f32]>>,
+}
+
 /// One sequence's block table.
 #[derive(Debug, Default)]
 pub struct SeqBlocks {
@@ -182,6 +191,11 @@ impl<P: Clone> BlockPool<P> {
 
     /// Positions of `tokens` a lookup would find cached now (no side effects).
     pub fn peek(&self, tokens: &[u32]) -> usize {
+        self.peek_where(tokens, |_| true)
+    }
+
+    /// [`BlockPool::peek`] counting only a run of blocks whose payload is `usable`.
+    pub fn peek_where(&self, tokens: &[u32], usable: impl Fn(&P) -> bool) -> usize {
         if !self.caching {
             return 0;
         }
@@ -189,7 +203,10 @@ impl<P: Clone> BlockPool<P> {
         self.lookup_hashes(tokens)
             .iter()
             .enumerate()
-            .take_while(|(b, (p, h))| self.is_hit(p, h, &tokens[b * bs..(b + 1) * bs]))
+            .take_while(|(b, (p, h))| {
+                self.is_hit(p, h, &tokens[b * bs..(b + 1) * bs])
+                    && self.cached.get(h).is_some_and(|e| usable(&e.payload))
+            })
             .count()
             * bs
     }
@@ -202,6 +219,42 @@ impl<P: Clone> BlockPool<P> {
         seq: &mut SeqBlocks,
         tokens: &[u32],
         max_blocks: usize,
+    ) -> PrefixHit<P> {
+        self.adopt_prefix_where(seq, tokens, max_blocks, |_| true)
+    }
+
+    /// Fresh blocks a sequence of `positions` positions needs beyond the cached run of
+    /// `tokens`' usable blocks it would adopt, counting the adopted blocks that are unreferenced
+    /// now (adopting them takes them out of [`BlockPool::available`]).
+    pub fn need_where(
+        &self,
+        tokens: &[u32],
+        positions: usize,
+        usable: impl Fn(&P) -> bool,
+    ) -> usize {
+        let bs = self.block_size;
+        let hits = self.peek_where(tokens, usable) / bs;
+        let idle = self
+            .lookup_hashes(tokens)
+            .iter()
+            .take(hits)
+            .filter(|(_, h)| {
+                self.cached
+                    .get(h)
+                    .is_some_and(|e| self.refs[e.block as usize] == 0)
+            })
+            .count();
+        self.blocks_for(positions).saturating_sub(hits) + idle
+    }
+
+    /// [`BlockPool::adopt_prefix`] of a run of blocks whose payload is `usable` (a speculative
+    /// request needs the drafter features with the KV).
+    pub fn adopt_prefix_where(
+        &mut self,
+        seq: &mut SeqBlocks,
+        tokens: &[u32],
+        max_blocks: usize,
+        usable: impl Fn(&P) -> bool,
     ) -> PrefixHit<P> {
         let mut hit = PrefixHit {
             payloads: Vec::new(),
@@ -222,6 +275,9 @@ impl<P: Clone> BlockPool<P> {
                 break;
             }
             let Some(e) = self.cached.get(&h) else { break };
+            if !usable(&e.payload) {
+                break;
+            }
             let (id, payload) = (e.block, e.payload.clone());
             self.take_ref(id);
             seq.ids.push(id);
