@@ -124,8 +124,8 @@ fn settle(engine: &EngineHandle) {
 
 /// A shared context: one request alone (it fills the cache), then four continuing it at once
 /// (greedy and seeded), then a chat turn extending the first prompt and its output. Returns
-/// every output and the (hits, queries) counters.
-fn workload(engine: &EngineHandle, ctx: &[u32]) -> (Vec<Vec<u32>>, u64, u64) {
+/// every output, the (hits, queries) counters and the (draft, accepted) token counters.
+fn workload(engine: &EngineHandle, ctx: &[u32]) -> (Vec<Vec<u32>>, u64, u64, (u64, u64)) {
     let mut first = ctx.to_vec();
     first.extend(tokens(100, 3));
     let mut outs = run_all(engine, vec![request(first.clone(), 20, None)]);
@@ -146,7 +146,11 @@ fn workload(engine: &EngineHandle, ctx: &[u32]) -> (Vec<Vec<u32>>, u64, u64) {
     assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
     assert_eq!(mt.num_requests_running.get(), 0);
     let (h, q) = (mt.prefix_cache_hits.get(), mt.prefix_cache_queries.get());
-    (outs, h, q)
+    let spec = (
+        mt.spec_decode_num_draft_tokens.get(),
+        mt.spec_decode_num_accepted_tokens.get(),
+    );
+    (outs, h, q, spec)
 }
 
 #[test]
@@ -154,19 +158,22 @@ fn speculative_requests_reuse_cached_prefixes_without_changing_outputs() {
     let ctx = tokens(5, 37);
     for (m, kind) in models() {
         let on = start(&m, Some(kind), true, 256);
-        let (got, hits, queries) = workload(&on, &ctx);
+        let (got, hits, queries, drafts) = workload(&on, &ctx);
         on.shutdown();
         let off = start(&m, Some(kind), false, 256);
-        let (want, off_hits, _) = workload(&off, &ctx);
+        let (want, off_hits, _, off_drafts) = workload(&off, &ctx);
         off.shutdown();
         assert_eq!(got, want, "{kind:?}: outputs differ with prefix caching");
         assert_eq!(off_hits, 0);
+        // The drafter drafted from the same context: same drafts, same acceptance.
+        assert_eq!(drafts, off_drafts, "{kind:?}: (draft, accepted) tokens differ");
+        assert!(drafts.0 > 0);
         // Each of the four continuations finds the context's 9 full blocks (36 tokens) cached
         // with its drafter features; the chat turn at least the first prompt's.
         assert!(hits >= 4 * 36 + 36, "{kind:?}: {hits} hits of {queries}");
         // Greedy speculative output is plain greedy decoding's.
         let plain = start(&m, None, false, 256);
-        let (p, _, _) = workload(&plain, &ctx);
+        let (p, _, _, _) = workload(&plain, &ctx);
         plain.shutdown();
         for i in [0, 1, 3] {
             assert_eq!(
