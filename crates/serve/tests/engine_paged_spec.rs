@@ -166,7 +166,10 @@ fn speculative_requests_reuse_cached_prefixes_without_changing_outputs() {
         assert_eq!(got, want, "{kind:?}: outputs differ with prefix caching");
         assert_eq!(off_hits, 0);
         // The drafter drafted from the same context: same drafts, same acceptance.
-        assert_eq!(drafts, off_drafts, "{kind:?}: (draft, accepted) tokens differ");
+        assert_eq!(
+            drafts, off_drafts,
+            "{kind:?}: (draft, accepted) tokens differ"
+        );
         assert!(drafts.0 > 0);
         // Each of the four continuations finds the context's 9 full blocks (36 tokens) cached
         // with its drafter features; the chat turn at least the first prompt's.

@@ -155,6 +155,8 @@ pub(super) struct SpecRunning<S: Executor, D> {
     prefilled: usize,
     /// Its blocks in the KV pool (host drafter on a paged executor; empty otherwise).
     blocks: SeqBlocks,
+    /// It holds its blocks (taken when its prefill starts), or takes none.
+    pooled: bool,
     /// Drafter context features of the positions after its last full block, waiting for that
     /// block to fill and be cached with them.
     feats: Vec<f32>,
@@ -308,6 +310,7 @@ impl<B: Backend> Sched<B> {
             out,
             prefilled: 0,
             blocks: SeqBlocks::default(),
+            pooled: false,
             feats: Vec::new(),
             batch: Batch::default(),
             summary: SpecSummary::default(),
@@ -318,8 +321,10 @@ impl<B: Backend> Sched<B> {
             first: None,
             last: None,
         };
-        if let Err(e) = self.spec_take_blocks(&mut r) {
-            return self.end_spec(r, FinishReason::Error, "error", None, Some(e));
+        if let SpecSeq::Host(h) = &mut r.seq {
+            if self.kv.is_some() {
+                h.record_features();
+            }
         }
         self.spec_running.push(r);
     }
@@ -343,20 +348,28 @@ impl<B: Backend> Sched<B> {
         pool.available() >= need + self.reserved_blocks()
     }
 
-    /// A host-drafter request on a paged executor: adopts the longest cached prefix of its
-    /// prompt whose blocks carry drafter features (target KV and drafter context, no prefill),
-    /// then takes the blocks of all its positions from the pool.
-    fn spec_take_blocks(
-        &mut self,
-        r: &mut SpecRunning<B::Sequence, B::Spec>,
-    ) -> Result<(), String> {
+    /// When the prefill of `spec_running[i]` (a host-drafter request on a paged executor)
+    /// starts: adopts the longest cached prefix of its prompt whose blocks carry drafter
+    /// features (target KV and drafter context, no prefill), then takes the blocks of all its
+    /// positions from the pool. `false`: they are not available now (other requests admitted
+    /// meanwhile hold them); it holds nothing and waits.
+    fn spec_take_blocks(&mut self, i: usize) -> bool {
         let g = self.backend.prefill_granularity().max(1);
         let reserved = self.reserved_blocks();
+        let r = &mut self.spec_running[i];
+        if r.pooled {
+            return true;
+        }
         let (Some(pool), SpecSeq::Host(host)) = (&mut self.kv, &mut r.seq) else {
-            return Ok(());
+            r.pooled = true;
+            return true;
         };
-        host.record_features();
         let bs = pool.block_size();
+        let positions = r.p.prompt.len() + r.p.params.max_tokens;
+        let need = pool.need_where(&r.p.prompt, positions, has_ctx);
+        if pool.available() < need + reserved {
+            return false;
+        }
         if pool.caching() {
             let mut k = pool.peek_where(&r.p.prompt, has_ctx) / bs;
             while k > 0 && (k * bs) % g != 0 {
@@ -394,15 +407,15 @@ impl<B: Backend> Sched<B> {
                 }
             }
         }
-        if !pool.grow(
-            &mut r.blocks,
-            r.p.prompt.len() + r.p.params.max_tokens,
-            reserved,
-        ) {
+        if !pool.grow(&mut r.blocks, positions, reserved) {
+            // Not reached (checked above); the request waits with nothing held.
             pool.release_seq(&mut r.blocks);
-            return Err("no KV blocks are available for the request".into());
+            let _ = host.reset();
+            r.prefilled = 0;
+            return false;
         }
-        Ok(())
+        r.pooled = true;
+        true
     }
 
     /// After `spec_running[i]`'s sequence grew (a prefill chunk, a committed round): records the
@@ -561,11 +574,11 @@ impl<B: Backend> Sched<B> {
         let tok = self.tokenizer.clone();
         let mut i = 0;
         while budget > 0 && i < self.spec_running.len() {
-            let r = &mut self.spec_running[i];
-            if !r.prefilling() {
+            if !self.spec_running[i].prefilling() || !self.spec_take_blocks(i) {
                 i += 1;
                 continue;
             }
+            let r = &mut self.spec_running[i];
             let rest = r.p.prompt.len() - r.prefilled;
             let n = rest.min(chunk);
             let start = r.prefilled;
