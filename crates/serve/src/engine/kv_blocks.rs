@@ -450,6 +450,36 @@ mod tests {
         s
     }
 
+    /// A speculative request adopts only the run of blocks whose payload it can use (those
+    /// carrying drafter features: here odd payloads), and its need counts the unreferenced
+    /// blocks it would adopt.
+    #[test]
+    fn adoption_stops_at_the_first_unusable_payload() {
+        let mut pool = BlockPool::new(16, 4, true);
+        let t = toks(17, 3);
+        let mut s = SeqBlocks::default();
+        assert!(pool.grow(&mut s, t.len(), 0));
+        s.push_tokens(&t);
+        // Blocks 0, 1 usable (payloads 1, 3), block 2 not (4), block 3 usable (7).
+        pool.register_full(&mut s, |b| Some([1usize, 3, 4, 7][b]));
+        let odd = |p: &usize| p % 2 == 1;
+        assert_eq!(pool.peek(&t), 16);
+        assert_eq!(pool.peek_where(&t, odd), 8);
+        // Referenced by `s`: 25 positions need 7 blocks, 2 of them found.
+        assert_eq!(pool.need_where(&t, 25, odd), 5);
+        pool.release_seq(&mut s);
+        // Unreferenced now: adopting them takes them out of `available` too.
+        assert_eq!(pool.need_where(&t, 25, odd), 7);
+        let mut b = SeqBlocks::default();
+        let hit = pool.adopt_prefix_where(&mut b, &t, usize::MAX, odd);
+        assert_eq!((hit.tokens, hit.payloads), (8, vec![1, 3]));
+        let avail = pool.available();
+        assert!(pool.grow(&mut b, 25, 0));
+        assert_eq!(avail - pool.available(), 5);
+        pool.release_seq(&mut b);
+        assert_eq!(pool.in_use(), 0);
+    }
+
     #[test]
     fn hashes_chain_the_prefix() {
         let a = block_hash(None, &[1, 2]);
