@@ -32,6 +32,13 @@
 //! verify rows come back as logits then) and its log-probabilities are computed as plain
 //! decoding's ([`TokenLogprob::of`]).
 //!
+//! On a paged executor with the host drafter ([`Sched::spec_take_blocks`]), a request takes its
+//! KV from the block pool when its prefill starts — the longest cached run of its prompt's
+//! blocks that carry drafter context features, adopted with those features (no target prefill,
+//! no target passes for the drafter's context), then blocks for all its positions — and
+//! [`Sched::spec_cache_sync`] caches every block it fills with the features of its positions,
+//! recorded by its [`dflash::CpuBackend`]. A device drafter's requests reserve bytes instead.
+//!
 //! Cancellation and disconnects end the request within one step: its state is dropped and its
 //! stream ends with `abort`.
 
