@@ -54,7 +54,7 @@ use dflash::{
 };
 use model::config::ModelConfig;
 use model::cpu::{CpuModel, VerifyOutput};
-use model::executor::Executor;
+use model::executor::{Executor, FORWARD_CHUNK};
 use model::sampling::FinishReason;
 use model::weights::Mat;
 
@@ -585,15 +585,35 @@ impl<B: Backend> Sched<B> {
                 i += 1;
                 continue;
             }
-            let r = &mut self.spec_running[i];
-            let rest = r.p.prompt.len() - r.prefilled;
-            let n = rest.min(chunk);
-            let start = r.prefilled;
-            let last = start + n == r.p.prompt.len();
-            let want = last.then(|| r.stream.prefill_want());
-            let tokens = &r.p.prompt[start..start + n];
-            let rows = r.seq.as_backend().prefill(tokens, want);
+            let (n, last, want, piece) = {
+                let r = &self.spec_running[i];
+                let n = (r.p.prompt.len() - r.prefilled).min(chunk);
+                let last = r.prefilled + n == r.p.prompt.len();
+                // Paged host sequences: passes the executor runs as one call each, each
+                // followed by caching the blocks it filled (a sliding layer keeps only the
+                // rows of its latest call beyond its window).
+                let piece = match (&r.seq, &self.kv) {
+                    (SpecSeq::Host(_), Some(_)) => (FORWARD_CHUNK / g).max(1) * g,
+                    _ => n,
+                };
+                (n, last, last.then(|| r.stream.prefill_want()), piece)
+            };
             budget = budget.saturating_sub(n);
+            let mut done = 0;
+            let mut rows = Ok(None);
+            while done < n {
+                let m = (n - done).min(piece);
+                let r = &mut self.spec_running[i];
+                let start = r.prefilled;
+                let w = if done + m == n { want } else { None };
+                rows = r.seq.as_backend().prefill(&r.p.prompt[start..start + m], w);
+                if rows.is_err() {
+                    break;
+                }
+                r.prefilled += m;
+                done += m;
+                self.spec_cache_sync(i);
+            }
             let rows = match rows {
                 Ok(rows) => rows,
                 Err(e) => {
@@ -603,8 +623,6 @@ impl<B: Backend> Sched<B> {
                     continue;
                 }
             };
-            r.prefilled += n;
-            self.spec_cache_sync(i);
             let r = &mut self.spec_running[i];
             if !last {
                 i += 1;
