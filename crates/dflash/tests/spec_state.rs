@@ -352,7 +352,11 @@ fn adopting_a_cached_prefix_with_its_features_equals_prefilling_it() {
         })
         .unwrap();
         assert_eq!(b.len(), cached, "{name}");
-        let got = logits(b.prefill(&prompt[cached..], Some(Want::Logits)).unwrap().unwrap());
+        let got = logits(
+            b.prefill(&prompt[cached..], Some(Want::Logits))
+                .unwrap()
+                .unwrap(),
+        );
         assert_bits(&got, &row, &format!("{name}: last logits"));
         let got = logits(b.draft(2, 8, Want::Logits).unwrap());
         assert_bits(&got, &draft, &format!("{name}: draft rows"));

@@ -35,6 +35,16 @@ fn block_bytes(m: &CpuModel, block_size: usize) -> u64 {
 
 /// An engine over `m`; speculative with a toy drafter of `kind` when `kind` is given.
 fn start(m: &CpuModel, kind: Option<ToyKind>, caching: bool, blocks: u64) -> EngineHandle {
+    start_with(m, kind, caching, blocks, 16)
+}
+
+fn start_with(
+    m: &CpuModel,
+    kind: Option<ToyKind>,
+    caching: bool,
+    blocks: u64,
+    max_batched_tokens: usize,
+) -> EngineHandle {
     let bs = 4;
     let spec = kind.map(|k| SpecConfig {
         decoder: Arc::new(
@@ -43,7 +53,7 @@ fn start(m: &CpuModel, kind: Option<ToyKind>, caching: bool, blocks: u64) -> Eng
     });
     let cfg = EngineConfig {
         max_running: 6,
-        max_batched_tokens: 16,
+        max_batched_tokens,
         kv_budget_bytes: blocks * block_bytes(m, bs),
         kv_block_size: bs,
         prefix_caching: caching,
@@ -227,4 +237,24 @@ fn speculative_blocks_are_freed_after_a_load_with_aborts_and_disconnects() {
     assert_eq!(mt.num_requests_running.get(), 0);
     assert!(mt.prefix_cache_hits.get() > 0);
     engine.shutdown();
+}
+
+/// A prompt far longer than one executor call, prefilled in one step: its blocks are cached
+/// call by call, so the requests after it find the whole context. (The default model's sliding
+/// layers dropped a 2,000-token prompt's early blocks within one call; these toys do not
+/// reproduce that, `ultra bench-serve --workload shared-prefix` does.)
+#[test]
+fn long_prompts_prefilled_in_one_step_are_cached() {
+    let ctx = tokens(9, 150);
+    for (m, kind) in models() {
+        let on = start_with(&m, Some(kind), true, 1024, 2048);
+        let (got, hits, queries, _) = workload(&on, &ctx);
+        on.shutdown();
+        let off = start_with(&m, Some(kind), false, 1024, 2048);
+        let (want, _, _, _) = workload(&off, &ctx);
+        off.shutdown();
+        assert_eq!(got, want, "{kind:?}: outputs differ with prefix caching");
+        // 37 full context blocks (148 tokens) for each of the four continuations and the turn.
+        assert!(hits >= 5 * 148, "{kind:?}: {hits} hits of {queries}");
+    }
 }
