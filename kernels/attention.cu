@@ -14,6 +14,7 @@
 #include <float.h>
 
 #include "common/abi.cuh"
+#include "common/kv.cuh"
 #include "common/pdl.cuh"
 #include "common/reduce.cuh"
 
@@ -88,6 +89,9 @@ __device__ __forceinline__ void att_merge_values(const float* part, const float*
 // zero before the first launch, reset by each merge).
 // grid (S, nkv, T), block 32 · W, dynamic shared memory att_smem_floats(d, dv, W) floats.
 //
+// Key position p is read from k_cache / v_cache row kv_slot(p, capacity, blocks, block_size)
+// (common/kv.cuh: contiguous without a block table, else through it).
+//
 // attention_gqa_block is one such block for query row t = blockIdx.z; `resolve()` (called once
 // the row's first query is in flight) gives the row's cache, its visible keys [first, last] and
 // its key splits S ≤ `stride` = gridDim.x (blocks s ≥ S return at once; scratch partials are
@@ -95,8 +99,9 @@ __device__ __forceinline__ void att_merge_values(const float* part, const float*
 struct AttKeys {
     const float* k_cache;
     const float* v_cache;
+    const uint32_t* blocks;  // block table (common/kv.cuh), null: contiguous
     uint64_t first, last;
-    uint32_t capacity, splits;
+    uint32_t capacity, splits, block_size;
 };
 
 template <typename Resolve>
@@ -125,7 +130,8 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, uint32_t str
     if (s >= S) return;
     const float* k_cache = keys.k_cache;
     const float* v_cache = keys.v_cache;
-    const uint32_t capacity = keys.capacity;
+    const uint32_t capacity = keys.capacity, block_size = keys.block_size;
+    const uint32_t* blocks = keys.blocks;
     const uint64_t first = keys.first, last = keys.last;
     const uint64_t n = last + 1 - first;
     uint64_t chunk = (n + S - 1) / S;
@@ -159,11 +165,11 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, uint32_t str
                         const uint32_t idx = base + u * blockDim.x;
                         if (idx < nkd)
                             kv[u] = __ldg(reinterpret_cast<const float4*>(
-                                              k_cache + ((kb + idx / d4) % capacity) * kv_row + (size_t)g * d) +
+                                              k_cache + kv_slot(kb + idx / d4, capacity, blocks, block_size) * kv_row + (size_t)g * d) +
                                           idx % d4);
                         if (idx < nvd)
                             vv[u] = __ldg(reinterpret_cast<const float4*>(
-                                              v_cache + ((kb + idx / v4) % capacity) * vv_row + (size_t)g * dv) +
+                                              v_cache + kv_slot(kb + idx / v4, capacity, blocks, block_size) * vv_row + (size_t)g * dv) +
                                           idx % v4);
                     }
 #pragma unroll
@@ -176,11 +182,11 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, uint32_t str
             } else {
                 for (uint32_t idx = threadIdx.x; idx < nk * d; idx += blockDim.x) {
                     const uint32_t j = idx / d, i = idx % d;
-                    ks[j * kst + i] = __ldg(k_cache + ((kb + j) % capacity) * kv_row + (size_t)g * d + i);
+                    ks[j * kst + i] = __ldg(k_cache + kv_slot(kb + j, capacity, blocks, block_size) * kv_row + (size_t)g * d + i);
                 }
                 for (uint32_t idx = threadIdx.x; idx < nk * dv; idx += blockDim.x) {
                     const uint32_t j = idx / dv, i = idx % dv;
-                    vs[j * dv + i] = __ldg(v_cache + ((kb + j) % capacity) * vv_row + (size_t)g * dv + i);
+                    vs[j * dv + i] = __ldg(v_cache + kv_slot(kb + j, capacity, blocks, block_size) * vv_row + (size_t)g * dv + i);
                 }
             }
             if (hb == 0 && kb == k0 && active) {
@@ -282,18 +288,20 @@ __device__ __forceinline__ void attention_gqa_block(const float* q, uint32_t str
 
 extern "C" __global__ void __launch_bounds__(32 * ATT_MAX_WARPS)
     attention_gqa(const float* q, const float* k_cache, const float* v_cache,
-                  const uint32_t* step, uint32_t t_count, uint32_t nh, uint32_t nkv, uint32_t d,
-                  uint32_t dv, uint32_t capacity, uint32_t window, uint32_t causal, float scale,
+                  const uint32_t* blocks, uint32_t block_size, const uint32_t* step,
+                  uint32_t t_count, uint32_t nh, uint32_t nkv, uint32_t d, uint32_t dv,
+                  uint32_t capacity, uint32_t window, uint32_t causal, float scale,
                   const float* sinks, float* scratch, float* out) {
     pdl_begin();
     attention_gqa_block(q, gridDim.x, nh, nkv, d, dv, scale, sinks, scratch, out, [&]() {
-        AttKeys k{k_cache, v_cache, 0, 0, capacity, gridDim.x};
+        AttKeys k{k_cache, v_cache, blocks, 0, 0, capacity, gridDim.x, block_size};
         visible_keys(step[0], blockIdx.z, t_count, causal, window, &k.first, &k.last);
         return k;
     });
 }
 
-// Causal decode attention of row t's one query (position rows[t].pos) over its own cache, cut
+// Causal decode attention of row t's one query (position rows[t].pos) over its own cache (through
+// its block table when it has one), cut
 // into rows[t].splits key splits (≤ gridDim.x): exactly the blocks attention_gqa runs for that
 // sequence's one-token pass. grid (max splits, nkv, T); scratch as attention_gqa's.
 extern "C" __global__ void __launch_bounds__(32 * ATT_MAX_WARPS)
@@ -303,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_MAX_WARPS)
     pdl_begin();
     attention_gqa_block(q, gridDim.x, nh, nkv, d, dv, scale, sinks, scratch, out, [&]() {
         const KvRow r = rows[blockIdx.z];
-        AttKeys k{r.k_cache, r.v_cache, 0, 0, r.capacity, r.splits};
+        AttKeys k{r.k_cache, r.v_cache, r.blocks, 0, 0, r.capacity, r.splits, r.block_size};
         visible_keys(r.pos, 0, 1, 1, window, &k.first, &k.last);
         return k;
     });

@@ -15,16 +15,20 @@
 #include <float.h>
 
 #include "common/abi.cuh"
+#include "common/kv.cuh"
 #include "common/pdl.cuh"
 #include "common/reduce.cuh"
 #include "common/gemv.cuh"
 
 // Stores rows (row0, row0 + 1) of token t of a rope-pair-ordered QKV projection (row0 even),
-// the token at position `pos`, its k and v into `k_cache` / `v_cache` of `capacity` slots.
+// the token at position `pos`, its k and v into `k_cache` / `v_cache` of `capacity` slots
+// (through the block table `blocks` when not null: common/kv.cuh).
 __device__ __forceinline__ void rope_store_kv(const RopeOut& ro, uint64_t pos, float* k_cache,
-                                              float* v_cache, uint32_t capacity, uint32_t row0,
-                                              uint32_t n, uint32_t t, float v0, float v1) {
-    const uint64_t slot = pos % capacity;
+                                              float* v_cache, uint32_t capacity,
+                                              const uint32_t* blocks, uint32_t block_size,
+                                              uint32_t row0, uint32_t n, uint32_t t, float v0,
+                                              float v1) {
+    const uint64_t slot = kv_slot(pos, capacity, blocks, block_size);
     const uint32_t qrows = ro.nh * ro.d, krows = ro.nkv * ro.d;
     if (row0 < qrows + krows) {
         const bool is_q = row0 < qrows;
@@ -58,15 +62,16 @@ __device__ __forceinline__ void rope_store_kv(const RopeOut& ro, uint64_t pos, f
 // rope_store_kv at position step[0] + t into the RopeOut's cache.
 __device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uint32_t n,
                                            uint32_t t, float v0, float v1) {
-    rope_store_kv(ro, (uint64_t)ro.step[0] + t, ro.k_cache, ro.v_cache, ro.capacity, row0, n, t,
-                  v0, v1);
+    rope_store_kv(ro, (uint64_t)ro.step[0] + t, ro.k_cache, ro.v_cache, ro.capacity, ro.blocks,
+                  ro.block_size, row0, n, t, v0, v1);
 }
 
 // rope_store_kv at row t's position into row t's own cache (batched decode: rr.rows[t]).
 __device__ __forceinline__ void rope_store(const RopeOutRows& rr, uint32_t row0, uint32_t n,
                                            uint32_t t, float v0, float v1) {
     const KvRow& r = rr.rows[t];
-    rope_store_kv(rr.ro, r.pos, r.k_cache, r.v_cache, r.capacity, row0, n, t, v0, v1);
+    rope_store_kv(rr.ro, r.pos, r.k_cache, r.v_cache, r.capacity, r.blocks, r.block_size, row0, n,
+                  t, v0, v1);
 }
 
 // The QKV projection of rope-pair-ordered weights with RoPE and the KV write fused in
@@ -116,11 +121,12 @@ __device__ __forceinline__ void rope_kv_write_row(const float* qkv, uint64_t pos
                                                   const float* q_norm, const float* k_norm,
                                                   float eps, float value_scale, float* q_out,
                                                   float* k_cache, float* v_cache,
-                                                  uint32_t capacity) {
+                                                  uint32_t capacity, const uint32_t* blocks,
+                                                  uint32_t block_size) {
     __shared__ float xs[MAX_HEAD_DIM];
     __shared__ float red[32];
     const uint32_t hh = blockIdx.x;
-    const uint64_t slot = pos % capacity;
+    const uint64_t slot = kv_slot(pos, capacity, blocks, block_size);
     const size_t row_w = (size_t)nh * d + (size_t)nkv * d + (size_t)nkv * dv;
     const float* row = qkv + t * row_w;
     if (hh >= nh + nkv) {  // value head
@@ -170,11 +176,13 @@ extern "C" __global__ void rope_kv_write(const float* qkv, const uint32_t* step,
                                          const float* inv_freq, float attn_factor,
                                          const float* q_norm, const float* k_norm, float eps,
                                          float value_scale, float* q_out, float* k_cache,
-                                         float* v_cache, uint32_t capacity) {
+                                         float* v_cache, uint32_t capacity,
+                                         const uint32_t* blocks, uint32_t block_size) {
     pdl_begin();
     const uint32_t t = blockIdx.y;
     rope_kv_write_row(qkv, (uint64_t)step[0] + t, t, nh, nkv, d, dv, rot, inv_freq, attn_factor,
-                      q_norm, k_norm, eps, value_scale, q_out, k_cache, v_cache, capacity);
+                      q_norm, k_norm, eps, value_scale, q_out, k_cache, v_cache, capacity, blocks,
+                      block_size);
 }
 
 // rope_kv_write with row t's position and cache from rows[t]. grid (n_heads + 2·n_kv, T).
@@ -187,5 +195,6 @@ extern "C" __global__ void rope_kv_write_rows(const float* qkv, const KvRow* row
     const uint32_t t = blockIdx.y;
     const KvRow r = rows[t];
     rope_kv_write_row(qkv, r.pos, t, nh, nkv, d, dv, rot, inv_freq, attn_factor, q_norm, k_norm,
-                      eps, value_scale, q_out, r.k_cache, r.v_cache, r.capacity);
+                      eps, value_scale, q_out, r.k_cache, r.v_cache, r.capacity, r.blocks,
+                      r.block_size);
 }

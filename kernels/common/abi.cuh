@@ -64,8 +64,11 @@ struct RopeOut {
     float* v_cache;
     uint32_t nh, nkv, d, dv, rot, capacity;
     float attn_factor, value_scale;
+    const uint32_t* blocks;
+    uint32_t block_size;
+    uint32_t pad;
 };
-ULTRA_ABI_SIZE(RopeOut, 72);
+ULTRA_ABI_SIZE(RopeOut, 88);
 ULTRA_ABI_FIELD(RopeOut, step, 0);
 ULTRA_ABI_FIELD(RopeOut, inv_freq, 8);
 ULTRA_ABI_FIELD(RopeOut, q_out, 16);
@@ -79,23 +82,30 @@ ULTRA_ABI_FIELD(RopeOut, rot, 56);
 ULTRA_ABI_FIELD(RopeOut, capacity, 60);
 ULTRA_ABI_FIELD(RopeOut, attn_factor, 64);
 ULTRA_ABI_FIELD(RopeOut, value_scale, 68);
+ULTRA_ABI_FIELD(RopeOut, blocks, 72);
+ULTRA_ABI_FIELD(RopeOut, block_size, 80);
 
 // One row of one layer of a batched decode pass (`ops::rows::KvRow`): the row's sequence's cache
-// of the layer, the position of the row's token and its attention key splits.
+// of the layer (contiguous, or a block pool read through the block table `blocks` of
+// `block_size` slots: common/kv.cuh), the position of the row's token and its attention key
+// splits.
 struct KvRow {
     float* k_cache;
     float* v_cache;
     uint32_t capacity;
     uint32_t pos;
     uint32_t splits;
-    uint32_t pad;
+    uint32_t block_size;
+    const uint32_t* blocks;
 };
-ULTRA_ABI_SIZE(KvRow, 32);
+ULTRA_ABI_SIZE(KvRow, 40);
 ULTRA_ABI_FIELD(KvRow, k_cache, 0);
 ULTRA_ABI_FIELD(KvRow, v_cache, 8);
 ULTRA_ABI_FIELD(KvRow, capacity, 16);
 ULTRA_ABI_FIELD(KvRow, pos, 20);
 ULTRA_ABI_FIELD(KvRow, splits, 24);
+ULTRA_ABI_FIELD(KvRow, block_size, 28);
+ULTRA_ABI_FIELD(KvRow, blocks, 32);
 
 // The fused QKV projection's destinations for a batched pass: q rows to ro.q_out, k and v into
 // each row's own cache (ro's step / k_cache / v_cache / capacity are unused).
@@ -103,9 +113,9 @@ struct RopeOutRows {
     RopeOut ro;
     const KvRow* rows;
 };
-ULTRA_ABI_SIZE(RopeOutRows, 80);
+ULTRA_ABI_SIZE(RopeOutRows, 96);
 ULTRA_ABI_FIELD(RopeOutRows, ro, 0);
-ULTRA_ABI_FIELD(RopeOutRows, rows, 72);
+ULTRA_ABI_FIELD(RopeOutRows, rows, 88);
 
 // The routing parameters of one MoE layer (`RouteArgs` on the host).
 struct RouteSpec {

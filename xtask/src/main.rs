@@ -417,10 +417,13 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "fp8"),
     ("tilert", "tp"),
     ("tilert", "persistent"),
+    ("tilert", "paged_kv"),
+    ("tilert", "paged_session"),
     ("dflash", "gpu_spec"),
     ("dflash", "gpu_tp"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
+    ("serve", "gpu_paged"),
     ("comm", "gpu_allreduce"),
 ];
 

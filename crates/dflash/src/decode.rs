@@ -345,6 +345,9 @@ pub struct CpuBackend<T: DraftTarget, D: Borrow<Drafter> = Arc<Drafter>> {
     /// Features of committed tokens not yet in `cache` (`pending_rows` rows).
     pending: Vec<f32>,
     pending_rows: usize,
+    /// Features of every position committed since the last [`CpuBackend::take_features`], when
+    /// recording is on (a prefix cache keeps them with the target's KV blocks).
+    recorded: Option<Vec<f32>>,
 }
 
 impl<T: DraftTarget, D: Borrow<Drafter>> CpuBackend<T, D> {
@@ -359,7 +362,62 @@ impl<T: DraftTarget, D: Borrow<Drafter>> CpuBackend<T, D> {
             verified: None,
             pending: Vec::new(),
             pending_rows: 0,
+            recorded: None,
         })
+    }
+
+    /// Context features per position: `target_layer_ids.len() · hidden_size` floats.
+    pub fn feature_dim(&self) -> usize {
+        self.drafter.borrow().config().target_layer_ids.len() * self.hidden_size()
+    }
+
+    /// Records the features of every position committed from now on (prefill chunks, kept
+    /// verify rows) for [`CpuBackend::take_features`].
+    pub fn record_features(&mut self) {
+        self.recorded.get_or_insert_with(Vec::new);
+    }
+
+    /// The features recorded since the last call, in position order (empty when recording is
+    /// off).
+    pub fn take_features(&mut self) -> Vec<f32> {
+        self.recorded
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Starts the empty state from a cached prefix: `adopt` makes the target hold the prefix's
+    /// KV (as if it had prefilled it) and `features` are that prefix's context features, one
+    /// row of [`CpuBackend::feature_dim`] per position, as a prefill computed them. The drafter
+    /// context takes them without running the target. On any error the state is empty again.
+    pub fn adopt_prefix(
+        &mut self,
+        features: &[f32],
+        adopt: impl FnOnce(&mut T) -> Result<(), SpecError>,
+    ) -> Result<(), SpecError> {
+        if !self.target.is_empty() || self.context_len() != 0 {
+            return Err(SpecError::TargetNotEmpty(self.target.len()));
+        }
+        let dim = self.feature_dim();
+        let done = adopt(&mut self.target).and_then(|()| {
+            let n = self.target.len();
+            if features.len() != n * dim {
+                return Err(SpecError::TargetOutput(format!(
+                    "{} context features for {n} adopted positions of {dim}",
+                    features.len()
+                )));
+            }
+            if n > 0 {
+                self.drafter
+                    .borrow()
+                    .append_context(&mut self.cache, features)?;
+            }
+            Ok(())
+        });
+        if done.is_err() {
+            let _ = self.reset();
+        }
+        done
     }
 
     /// Committed positions of the drafter context (appended or kept for the next draft).
@@ -427,9 +485,11 @@ impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
         self.flush_context()?;
         let mut out = self.forward(chunk)?;
         let h = self.hidden_size();
-        self.drafter
-            .borrow()
-            .append_context(&mut self.cache, &features(&out, chunk.len(), h))?;
+        let f = features(&out, chunk.len(), h);
+        self.drafter.borrow().append_context(&mut self.cache, &f)?;
+        if let Some(r) = &mut self.recorded {
+            r.extend_from_slice(&f);
+        }
         Ok(want.map(|_| Rows::Logits(out.logits.pop().expect("checked: one row per token"))))
     }
 
@@ -470,7 +530,11 @@ impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
         }
         self.target.truncate(start + keep).map_err(target_err)?;
         let h = self.hidden_size();
-        self.pending.extend(features(&out, keep, h));
+        let f = features(&out, keep, h);
+        if let Some(r) = &mut self.recorded {
+            r.extend_from_slice(&f);
+        }
+        self.pending.extend(f);
         self.pending_rows += keep;
         Ok(())
     }
@@ -481,6 +545,9 @@ impl<T: DraftTarget, D: Borrow<Drafter>> SpecBackend for CpuBackend<T, D> {
         self.verified = None;
         self.pending.clear();
         self.pending_rows = 0;
+        if let Some(r) = &mut self.recorded {
+            r.clear();
+        }
         Ok(())
     }
 

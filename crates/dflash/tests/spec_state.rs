@@ -293,3 +293,81 @@ fn prefill_errors() {
     assert!(b.prefill(&[1, 2], None).unwrap().is_none());
     assert_eq!(b.len(), 2);
 }
+
+/// A state started from a cached prefix — the target adopting another session's full KV blocks,
+/// the drafter context taking that session's recorded features — then prefilling the rest of
+/// the prompt gives bit-identical last logits and draft rows to a state that prefilled it all.
+/// Features recorded across verify rounds are the rows a prefill of those tokens computes.
+#[test]
+fn adopting_a_cached_prefix_with_its_features_equals_prefilling_it() {
+    use dflash::{CpuBackend, Rows, SpecBackend, SpecError, Want};
+    use model::cpu::DEFAULT_MAX_ROLLBACK;
+    let prompt = tokens(4, 26, 0, 6);
+    let bs = 4;
+    let kinds = [ToyKind::ZLab, ToyKind::ZLabMixed, ToyKind::MiMo];
+    let logits = |r: Rows| match r {
+        Rows::Logits(l) => l,
+        Rows::Argmax(_) => panic!("the CPU backend returns logits"),
+    };
+    for ((name, m), kind) in tiny_targets(6).into_iter().zip(kinds) {
+        let d = toy::drafter(m.config(), kind, 8, 5);
+        // The source: 17 prompt tokens prefilled, then verify rounds commit the rest (kept
+        // rows of a verify, as a speculative request's generated tokens are).
+        let mut src = Session::with_block_size(&m, DEFAULT_MAX_ROLLBACK, bs);
+        let mut a = CpuBackend::new(&mut src, &d).unwrap();
+        a.record_features();
+        a.prefill(&prompt[..17], None).unwrap();
+        let mut at = 17;
+        while at < prompt.len() {
+            let n = (prompt.len() - at).min(3);
+            a.verify(&prompt[at..at + n], Want::Logits).unwrap();
+            a.commit(n.min(2)).unwrap();
+            at += n.min(2);
+        }
+        let feats = a.take_features();
+        let dim = a.feature_dim();
+        assert_eq!(feats.len(), prompt.len() * dim, "{name}");
+        // Whole blocks that every layer still holds.
+        let mut blocks = Vec::new();
+        while let Some(b) = a.target().full_block(blocks.len()) {
+            blocks.push(b);
+        }
+        drop(a);
+        assert!(blocks.len() >= 4, "{name}: {} full blocks", blocks.len());
+        let k = blocks.len().min((prompt.len() - 1) / bs);
+        let cached = k * bs;
+        // Reference: the whole prompt prefilled.
+        let mut one = m.session();
+        let (row, draft) = {
+            let mut b = CpuBackend::new(&mut one, &d).unwrap();
+            let row = logits(b.prefill(&prompt, Some(Want::Logits)).unwrap().unwrap());
+            (row, logits(b.draft(2, 8, Want::Logits).unwrap()))
+        };
+        // Adopted prefix, the rest prefilled.
+        let mut s = Session::with_block_size(&m, DEFAULT_MAX_ROLLBACK, bs);
+        let mut b = CpuBackend::new(&mut s, &d).unwrap();
+        b.adopt_prefix(&feats[..cached * dim], |t| {
+            t.adopt_prefix(&blocks[..k])
+                .map_err(|e| SpecError::TargetOutput(e.to_string()))
+        })
+        .unwrap();
+        assert_eq!(b.len(), cached, "{name}");
+        let got = logits(
+            b.prefill(&prompt[cached..], Some(Want::Logits))
+                .unwrap()
+                .unwrap(),
+        );
+        assert_bits(&got, &row, &format!("{name}: last logits"));
+        let got = logits(b.draft(2, 8, Want::Logits).unwrap());
+        assert_bits(&got, &draft, &format!("{name}: draft rows"));
+        // Features of the wrong length are refused and leave the state empty.
+        let mut s = Session::with_block_size(&m, DEFAULT_MAX_ROLLBACK, bs);
+        let mut b = CpuBackend::new(&mut s, &d).unwrap();
+        let err = b.adopt_prefix(&feats[..dim], |t| {
+            t.adopt_prefix(&blocks[..k])
+                .map_err(|e| SpecError::TargetOutput(e.to_string()))
+        });
+        assert!(err.is_err(), "{name}");
+        assert_eq!(b.len(), 0, "{name}");
+    }
+}

@@ -117,9 +117,9 @@ mod tests {
             ["RopeOut", "KvRow", "RopeOutRows", "RouteSpec", "MoeParams"]
         );
         let rope = layout("RopeOut").unwrap();
-        assert_eq!(rope.size, 72);
+        assert_eq!(rope.size, 88);
         assert_eq!(rope.fields.first(), Some(&("step", 0)));
-        assert_eq!(rope.fields.len(), 13);
+        assert_eq!(rope.fields.len(), 15);
         // Every struct lists at least one field, and offsets ascend inside the size.
         for s in layouts() {
             assert!(!s.fields.is_empty(), "{}", s.name);

@@ -40,8 +40,8 @@ pub const FP8_BLOCK: usize = 128;
 // A full pass of routed entries fits the expert kernels' entry table.
 const _: () = assert!(MOE_MAX_IDS >= MAX_TOKENS * crate::moe::MAX_TOP_K);
 
-/// `struct RopeOut`: where the fused QKV projection's rows go (q rows, k / v cache), passed by
-/// value to `linear_qkv_rope_*`.
+/// `struct RopeOut`: where the fused QKV projection's rows go (q rows, k / v cache, through the
+/// cache's block table when `blocks` is not null), passed by value to `linear_qkv_rope_*`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RopeOut {
@@ -58,6 +58,9 @@ pub(crate) struct RopeOut {
     pub capacity: u32,
     pub attn_factor: f32,
     pub value_scale: f32,
+    pub blocks: u64,
+    pub block_size: u32,
+    pub _pad: u32,
 }
 
 /// `struct RouteSpec`: the routing parameters of one MoE layer, passed by value to `route` and
@@ -77,7 +80,8 @@ pub(crate) struct RouteSpec {
 }
 
 /// `struct KvRow`: one row of a batched decode pass's row table in device memory (that row's
-/// cache of the layer, the position of its token, its key splits).
+/// cache of the layer — contiguous, or a block pool read through the block table `blocks` —, the
+/// position of its token, its key splits).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct KvRow {
@@ -86,7 +90,8 @@ pub(crate) struct KvRow {
     pub capacity: u32,
     pub pos: u32,
     pub splits: u32,
-    pub _pad: u32,
+    pub block_size: u32,
+    pub blocks: u64,
 }
 
 /// `u64` words of one [`KvRow`].
@@ -98,7 +103,7 @@ impl KvRow {
     pub fn words(&self) -> [u64; KV_ROW_WORDS] {
         // SAFETY: KvRow is #[repr(C)] plain old data of exactly KV_ROW_WORDS · 8 bytes with no
         // implicit padding (every byte belongs to a field), so every bit pattern is a valid
-        // [u64; 4]; transmute checks the sizes at compile time.
+        // [u64; KV_ROW_WORDS]; transmute checks the sizes at compile time.
         unsafe { std::mem::transmute::<KvRow, [u64; KV_ROW_WORDS]>(*self) }
     }
 }
@@ -175,6 +180,8 @@ mod tests {
                     capacity,
                     attn_factor,
                     value_scale,
+                    blocks,
+                    block_size,
                 }
             ),
             rust_layout!(
@@ -184,7 +191,9 @@ mod tests {
                     v_cache,
                     capacity,
                     pos,
-                    splits
+                    splits,
+                    block_size,
+                    blocks
                 }
             ),
             rust_layout!("RopeOutRows", RopeOutRows { ro, rows }),
@@ -281,7 +290,8 @@ mod tests {
             capacity: 0x9999_aaaa,
             pos: 0xbbbb_cccc,
             splits: 0xdddd_eeee,
-            _pad: 0,
+            block_size: 0x0f0f_1e1e,
+            blocks: 0x2233_4455_6677_8899,
         };
         let w = r.words();
         let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -299,5 +309,7 @@ mod tests {
         assert_eq!(at(off("capacity"), 4), u64::from(r.capacity));
         assert_eq!(at(off("pos"), 4), u64::from(r.pos));
         assert_eq!(at(off("splits"), 4), u64::from(r.splits));
+        assert_eq!(at(off("block_size"), 4), u64::from(r.block_size));
+        assert_eq!(at(off("blocks"), 8), r.blocks);
     }
 }

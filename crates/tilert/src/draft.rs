@@ -473,6 +473,7 @@ impl GpuDraftSession {
                     &format!("draft layer {l} value cache"),
                 )?,
                 capacity,
+                paging: None,
             });
             keys.push(max_keys(tables, max_seq));
         }

@@ -46,8 +46,10 @@ use crate::{Device, RuntimeError};
 mod batch;
 mod executor;
 pub(crate) mod lower;
+pub mod paged;
 pub mod tp;
 pub use batch::GpuBatch;
+pub use paged::{GpuKvPool, KvBlock, SharedKvBlock};
 
 use lower::{
     Bindings, Captures, DeviceLayer, DeviceMlp, DeviceWeights, KvBinding, LayerKv, Lowering,
@@ -867,10 +869,22 @@ pub struct GpuSession {
     capture: Vec<usize>,
     graphs: HashMap<(usize, Logits), CudaGraph>,
     use_graphs: bool,
+    /// The blocks and block table of a paged session (`None`: contiguous caches).
+    paged: Option<paged::SessionBlocks>,
 }
 
 impl GpuSession {
     fn new(model: GpuModel, max_seq: usize, max_rollback: usize) -> Result<Self, RuntimeError> {
+        Self::with_pool(model, max_seq, max_rollback, None)
+    }
+
+    /// A session whose caches are contiguous, or with `pool` paged in its blocks.
+    fn with_pool(
+        model: GpuModel,
+        max_seq: usize,
+        max_rollback: usize,
+        pool: Option<&GpuKvPool>,
+    ) -> Result<Self, RuntimeError> {
         let m = &*model.inner;
         let cfg = &*m.config;
         if max_seq == 0 {
@@ -884,13 +898,29 @@ impl GpuSession {
         let mut keys = Vec::with_capacity(layout.layers.len());
         let mut attn_scratch = 0;
         let (mut qkv_w, mut q_w, mut attn_w) = (0, 0, 0);
+        let (mut paged, paged_kv) = match pool {
+            Some(pool) => {
+                let capacity = paged::SessionBlocks::capacity(pool, max_seq);
+                let (blocks, kv) = paged::SessionBlocks::new(pool, &mut arena, capacity)?;
+                (Some(blocks), kv)
+            }
+            None => (None, Vec::new()),
+        };
         for (l, (tables, layer)) in layout.layers.iter().zip(&m.weights.layers).enumerate() {
-            let capacity = tables.kv_capacity(max_seq, MAX_TOKENS, max_rollback);
             let layer_keys = tables.max_keys(max_seq, MAX_TOKENS);
-            let lk = LayerKv {
-                k: arena.alloc(capacity * tables.k_width, &format!("layer {l} key cache"))?,
-                v: arena.alloc(capacity * tables.v_width, &format!("layer {l} value cache"))?,
-                capacity,
+            let lk = match paged_kv.get(l) {
+                Some(&lk) => lk,
+                None => {
+                    let capacity = tables.kv_capacity(max_seq, MAX_TOKENS, max_rollback);
+                    LayerKv {
+                        k: arena
+                            .alloc(capacity * tables.k_width, &format!("layer {l} key cache"))?,
+                        v: arena
+                            .alloc(capacity * tables.v_width, &format!("layer {l} value cache"))?,
+                        capacity,
+                        paging: None,
+                    }
+                }
             };
             let args = lower::layer_attention_args(layout, l, &lk)?;
             // Fewer queries get more key splits: the largest need is not always at T = 16.
@@ -960,6 +990,7 @@ impl GpuSession {
             // ULTRA_NO_GRAPHS=1: launch op by op (debugging; with ULTRA_TRACE_OPS=1 each op is
             // synchronized so a fault names its op).
             use_graphs: std::env::var("ULTRA_NO_GRAPHS").map_or(true, |v| v != "1"),
+            paged: paged.take(),
         })
     }
 
@@ -1052,6 +1083,7 @@ impl GpuSession {
     fn pass(&mut self, tokens: &[u32], logits: Logits) -> Result<(), RuntimeError> {
         debug_assert!(!tokens.is_empty() && tokens.len() <= MAX_TOKENS);
         let t = tokens.len();
+        self.prepare_blocks(t)?;
         let mut io = Vec::with_capacity(1 + t);
         io.push(self.len as u32);
         io.extend_from_slice(tokens);
@@ -1168,7 +1200,7 @@ impl GpuSession {
                 Logits::None
             };
             if let Err(e) = self.pass(c, logits) {
-                self.len = start;
+                self.restore_len(start);
                 return Err(e);
             }
         }
@@ -1251,7 +1283,7 @@ impl GpuSession {
         };
         for c in tokens.chunks(MAX_TOKENS) {
             if let Err(e) = self.pass(c, Logits::All) {
-                self.len = start;
+                self.restore_len(start);
                 return Err(e);
             }
             out.logits.extend(self.logits_rows(c.len())?);
@@ -1276,7 +1308,7 @@ impl GpuSession {
         let start = self.len;
         for c in tokens.chunks(MAX_TOKENS) {
             if let Err(e) = self.pass(c, Logits::All) {
-                self.len = start;
+                self.restore_len(start);
                 return Err(e);
             }
             out.extend(dtoh(
@@ -1349,6 +1381,12 @@ impl GpuSession {
             self.reset();
             return Ok(());
         }
+        if let Some(p) = &mut self.paged {
+            // No ring: every position stays until truncated away.
+            p.truncate(len);
+            self.len = len;
+            return Ok(());
+        }
         let layout = &self.model.inner.layout;
         for (l, (tables, kv)) in layout.layers.iter().zip(&self.kv).enumerate() {
             if let Some(window) = tables.window {
@@ -1369,10 +1407,87 @@ impl GpuSession {
         Ok(())
     }
 
-    /// Empties the sequence.
+    /// Empties the sequence (a paged session gives its blocks back).
     pub fn reset(&mut self) {
         self.len = 0;
         self.high_water = 0;
+        if let Some(p) = &mut self.paged {
+            p.truncate(0);
+        }
+    }
+
+    /// Back to `len` positions after a failed call (a paged session gives back the blocks the
+    /// call took past it).
+    fn restore_len(&mut self, len: usize) {
+        self.len = len;
+        if let Some(p) = &mut self.paged {
+            p.truncate(len);
+        }
+    }
+
+    /// Makes a paged session own the blocks the next `t` positions are written to (see
+    /// [`paged`]); nothing for a contiguous session.
+    fn prepare_blocks(&mut self, t: usize) -> Result<(), RuntimeError> {
+        match &mut self.paged {
+            Some(p) => p.prepare(self.len, self.len + t),
+            None => Ok(()),
+        }
+    }
+
+    /// The block pool of a paged session.
+    pub fn kv_pool(&self) -> Option<&GpuKvPool> {
+        self.paged.as_ref().map(|p| p.pool())
+    }
+
+    /// KV blocks a paged session holds (0 for a contiguous one).
+    pub fn kv_blocks_held(&self) -> usize {
+        self.paged.as_ref().map_or(0, |p| p.held())
+    }
+
+    /// Block `b` (positions `b·block_size ..`) of a paged session, shared, when it is full and
+    /// holds what a prefill of the same tokens would hold (computed by full passes of
+    /// `MAX_TOKENS` tokens at multiples of `MAX_TOKENS`; see [`paged`]).
+    pub fn full_block(&self, b: usize) -> Option<SharedKvBlock> {
+        self.paged.as_ref()?.full_block(b, self.len)
+    }
+
+    /// Makes an empty paged session hold `blocks` (full blocks of sessions of the same pool,
+    /// from [`GpuSession::full_block`]) as its first positions, shared, as if it had prefilled
+    /// them: the next pass continues at `blocks.len() · block_size`. All or nothing.
+    pub fn adopt_prefix(&mut self, blocks: &[SharedKvBlock]) -> Result<(), RuntimeError> {
+        let Some(p) = &mut self.paged else {
+            return Err(RuntimeError::Invalid(
+                "adopt_prefix: this session's KV cache is not paged".into(),
+            ));
+        };
+        if self.len != 0 {
+            return Err(RuntimeError::Invalid(
+                "adopt_prefix: the session is not empty".into(),
+            ));
+        }
+        let len = p.adopt(blocks)?;
+        self.len = len;
+        self.high_water = len;
+        Ok(())
+    }
+
+    /// A new paged session holding what this one holds, sharing its blocks (each copied when
+    /// either session writes to it). Needs a paged session.
+    pub fn fork(&self) -> Result<GpuSession, RuntimeError> {
+        let Some(p) = &self.paged else {
+            return Err(RuntimeError::Invalid(
+                "fork: this session's KV cache is not paged".into(),
+            ));
+        };
+        let mut s = self.model.session_paged(p.pool(), self.max_seq)?;
+        if let Some(q) = &mut s.paged {
+            p.share_into(q)?;
+        }
+        s.len = self.len;
+        s.high_water = self.len;
+        s.set_capture(&self.capture)?;
+        s.use_graphs = self.use_graphs;
+        Ok(s)
     }
 
     /// Runs one pass of `tokens` with a timing event after each launch and returns the time of
@@ -1386,6 +1501,7 @@ impl GpuSession {
                 "a profiled pass takes at most {MAX_TOKENS} tokens"
             )));
         }
+        self.prepare_blocks(tokens.len())?;
         let stream = self.model.inner.stream.clone();
         let mut io = vec![self.len as u32];
         io.extend_from_slice(tokens);

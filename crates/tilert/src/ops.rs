@@ -60,16 +60,48 @@ pub struct AttnArgs {
     pub value_scale: f32,
     /// Keys `[capacity, n_kv_heads, head_dim]` and values `[capacity, n_kv_heads, v_head_dim]`;
     /// position p lives in slot `p % capacity` (a ring for sliding layers; full layers have
-    /// capacity ≥ the longest sequence).
+    /// capacity ≥ the longest sequence). With `paging`, the caches are a pool of blocks and slot
+    /// i is read and written through the block table (see [`KvPaging`]).
     pub k_cache: DPtr<f32>,
     pub v_cache: DPtr<f32>,
     pub capacity: usize,
+    /// The block table of a paged cache; `None`: contiguous.
+    pub paging: Option<KvPaging>,
     /// Keys visible from the query at position p: `(p − window, p]`; `None` = all of `[0, p]`.
     pub window: Option<usize>,
     /// `[n_heads]` sink logits (gpt-oss, MiMo sliding layers).
     pub sinks: Option<DPtr<f32>>,
     /// Score scale, `1/sqrt(head_dim)`.
     pub scale: f32,
+}
+
+/// A paged KV cache (`kernels/common/kv.cuh`): `k_cache` / `v_cache` of [`AttnArgs`] are a pool
+/// of `pool_blocks` blocks of `block_size` slots each, and the cache's `capacity` logical slots
+/// (a multiple of `block_size`) are cut into `capacity / block_size` logical blocks, logical
+/// block j in pool block `blocks[j]`: slot i is pool row `blocks[i / block_size] · block_size +
+/// i % block_size`. The identity table is the contiguous layout. Only addresses change (never
+/// which keys a query reads, nor the order), so results equal the contiguous cache's bit for bit.
+///
+/// The table lives in device memory and the kernels do not range-check its entries: whoever
+/// writes it checks them first ([`check_block_ids`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KvPaging {
+    /// `capacity / block_size` pool block ids (`u32`).
+    pub blocks: DPtr<u32>,
+    pub block_size: usize,
+    pub pool_blocks: usize,
+}
+
+/// Checks a block table's entries against a pool of `pool_blocks` blocks before it is written to
+/// the device (a [`KvPaging`] table).
+pub fn check_block_ids(op: &str, ids: &[u32], pool_blocks: usize) -> Result<(), RuntimeError> {
+    match ids.iter().position(|&b| b as usize >= pool_blocks) {
+        Some(i) => Err(invalid(format!(
+            "{op}: block table entry {i} is block {} of a pool of {pool_blocks}",
+            ids[i]
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The routing variant of a MoE layer (mirrors `moe::RouterKind`; the gpt-oss router bias is
@@ -296,6 +328,9 @@ fn launch_linear_qkv_rope(
         capacity: a.capacity as u32,
         attn_factor: a.attention_factor,
         value_scale: a.value_scale,
+        blocks: paging_blocks(a),
+        block_size: paging_block_size(a),
+        _pad: 0,
     };
     let warps = rows.div_ceil(2);
     let blocks = u32_arg(
@@ -343,6 +378,16 @@ fn check_rope_kv_input(
 
 /// The arguments `rope_kv_write` and `rope_kv_write_rows` share after the position source:
 /// geometry, RoPE table and factor, q/k norms, eps, value scale and the query output.
+/// The block table address of `a`'s cache (0: contiguous).
+fn paging_blocks(a: &AttnArgs) -> u64 {
+    a.paging.map_or(0, |p| p.blocks.addr())
+}
+
+/// The block size of `a`'s cache (its capacity when contiguous: one block, the identity).
+fn paging_block_size(a: &AttnArgs) -> u32 {
+    a.paging.map_or(a.capacity, |p| p.block_size) as u32
+}
+
 fn rope_kv_args(a: &AttnArgs, q_out: DPtr<f32>) -> [Arg; 12] {
     [
         (a.n_heads as u32).into(),
@@ -644,18 +689,62 @@ fn check_attn(op: &str, a: &AttnArgs) -> Result<(), RuntimeError> {
     if a.capacity == 0 {
         return Err(invalid(format!("{op}: KV cache capacity 0")));
     }
+    u32_arg("KV cache capacity", a.capacity)?;
+    let rows = match a.paging {
+        None => a.capacity,
+        Some(p) => check_paging(op, &p, a.capacity)?,
+    };
+    check_cache_rows(op, a, a.k_cache, a.v_cache, rows)
+}
+
+/// Checks that `k_cache` / `v_cache` hold `rows` rows of `a`'s geometry.
+fn check_cache_rows(
+    op: &str,
+    a: &AttnArgs,
+    k_cache: DPtr<f32>,
+    v_cache: DPtr<f32>,
+    rows: usize,
+) -> Result<(), RuntimeError> {
     check_len(
         &format!("{op}: k_cache"),
-        a.k_cache,
-        a.capacity * a.n_kv_heads * a.head_dim,
+        k_cache,
+        rows * a.n_kv_heads * a.head_dim,
     )?;
     check_len(
         &format!("{op}: v_cache"),
-        a.v_cache,
-        a.capacity * a.n_kv_heads * a.v_head_dim,
+        v_cache,
+        rows * a.n_kv_heads * a.v_head_dim,
+    )
+}
+
+/// Checks a paged cache of `capacity` logical slots; returns the pool's rows (what `k_cache` /
+/// `v_cache` must hold).
+fn check_paging(op: &str, p: &KvPaging, capacity: usize) -> Result<usize, RuntimeError> {
+    if p.block_size == 0 || !capacity.is_multiple_of(p.block_size) {
+        return Err(invalid(format!(
+            "{op}: KV capacity {capacity} is not a whole number of blocks of {}",
+            p.block_size
+        )));
+    }
+    if p.pool_blocks == 0 {
+        return Err(invalid(format!("{op}: a KV block pool of 0 blocks")));
+    }
+    check_len(
+        &format!("{op}: block table"),
+        p.blocks,
+        capacity / p.block_size,
     )?;
-    u32_arg("KV cache capacity", a.capacity)?;
-    Ok(())
+    let rows = p
+        .pool_blocks
+        .checked_mul(p.block_size)
+        .filter(|&r| u32::try_from(r).is_ok())
+        .ok_or_else(|| {
+            invalid(format!(
+                "{op}: a pool of {} blocks of {} slots is too large",
+                p.pool_blocks, p.block_size
+            ))
+        })?;
+    Ok(rows)
 }
 
 /// The checks of [`check_attn`] that do not involve the KV cache (heads, dims, window).
@@ -948,10 +1037,12 @@ impl Ops {
         check_rope_kv_input("rope_kv_write", a, qkv, t)?;
         let mut args = vec![qkv.addr().into(), step.addr().into()];
         args.extend(rope_kv_args(a, q_out));
-        args.extend::<[Arg; 3]>([
+        args.extend::<[Arg; 5]>([
             a.k_cache.addr().into(),
             a.v_cache.addr().into(),
             (a.capacity as u32).into(),
+            paging_blocks(a).into(),
+            paging_block_size(a).into(),
         ]);
         let heads = u32_arg("heads", a.n_heads + 2 * a.n_kv_heads)?;
         launch(s, &self.rope_kv_write, (heads, t as u32, 1), 128, &args)
@@ -1048,6 +1139,8 @@ impl Ops {
                 q.addr().into(),
                 a.k_cache.addr().into(),
                 a.v_cache.addr().into(),
+                paging_blocks(a).into(),
+                paging_block_size(a).into(),
                 step.addr().into(),
                 (t as u32).into(),
                 u32_arg("heads", nh)?.into(),

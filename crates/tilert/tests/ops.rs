@@ -558,6 +558,7 @@ fn layer(g: &mut Gpu, rng: &mut ChaCha20Rng, geo: Geo) -> Layer {
         k_cache,
         v_cache,
         capacity: geo.capacity,
+        paging: None,
         window: geo.window,
         sinks: geo.sinks.then(|| g.up(&sinks)),
         scale: (1.0 / (geo.d as f64).sqrt()) as f32,

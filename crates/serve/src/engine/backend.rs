@@ -79,6 +79,15 @@ pub trait Backend: 'static {
         false
     }
 
+    /// Sizes a paged executor's block pool (called once, after [`Backend::use_paged_kv`] said
+    /// yes): `blocks` blocks, the number the scheduler's pool manages (from the KV budget and
+    /// [`Backend::kv_bytes_fn`], asked again after paging was turned on). An error fails the
+    /// server's start.
+    fn set_kv_blocks(&mut self, blocks: usize) -> Result<()> {
+        let _ = blocks;
+        Ok(())
+    }
+
     /// Full KV block `b` of `seq`, shared (not copied), when the sequence holds it whole.
     fn share_block(&self, seq: &Self::Sequence, b: usize) -> Option<Self::Block> {
         let _ = (seq, b);

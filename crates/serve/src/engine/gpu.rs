@@ -22,6 +22,14 @@
 //!   sampled there by the same code as `ultra generate`.
 //! * Prefill runs in passes of `tilert::ops::MAX_TOKENS` tokens, so chunked prefill cuts prompts
 //!   at multiples of that ([`Backend::prefill_granularity`]).
+//! * Paged KV (without a drafter): the sequences' KV lives in one device pool of blocks
+//!   ([`tilert::exec::GpuKvPool`], sized by the scheduler from the KV budget), each sequence
+//!   reading and writing it through its block table; the scheduler's prefix cache shares full
+//!   blocks between sequences (adopted prefixes, forked `n > 1` samples; copied on write). A
+//!   paged sequence computes exactly what a contiguous one does, and a sequence offers only
+//!   blocks computed by full aligned prefill passes (`tilert::exec::paged`), so outputs do not
+//!   depend on prefix caching. With a drafter, sequences stay contiguous (whole-session
+//!   reservations).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -31,7 +39,7 @@ use dflash::gpu::GpuSpecOn;
 use dflash::SpecOptions;
 use model::config::ModelConfig;
 use tilert::draft::GpuDrafter;
-use tilert::exec::{GpuBatch, GpuModel, GpuSession};
+use tilert::exec::{GpuBatch, GpuKvPool, GpuModel, GpuSession, SharedKvBlock};
 use tilert::RuntimeError;
 
 use super::backend::{Backend, KvBytes};
@@ -51,7 +59,13 @@ pub struct GpuBackend {
     spec_pool: RefCell<Vec<GpuSpecState>>,
     /// The batched decode pass's buffers and graphs.
     batch: RefCell<GpuBatch>,
+    /// Paged KV: the block size, then (once sized) the device pool of blocks.
+    paged: Option<(usize, Option<GpuKvPool>)>,
 }
+
+/// Device blocks a paged pool holds beyond the scheduler's count (a margin for the copies the
+/// executor makes on write before the scheduler's accounting sees them).
+const KV_POOL_SLACK_BLOCKS: usize = 16;
 
 fn is_oom(e: &RuntimeError) -> bool {
     match e {
@@ -91,6 +105,7 @@ impl GpuBackend {
             pool_cap: pool.max(1),
             pool: RefCell::new(Vec::new()),
             spec_pool: RefCell::new(Vec::new()),
+            paged: None,
         };
         // One sequence up front: its size is the reservation of every request, and it is the
         // first one reused.
@@ -130,6 +145,11 @@ impl GpuBackend {
         Ok(())
     }
 
+    /// The device block pool, when the KV cache is paged and sized.
+    fn kv_pool(&self) -> Option<&GpuKvPool> {
+        self.paged.as_ref().and_then(|(_, p)| p.as_ref())
+    }
+
     /// Runs `make`; on out-of-memory frees the kept sequences and tries once more.
     fn alloc<T>(&self, make: impl Fn() -> Result<T, RuntimeError>) -> Result<T> {
         self.model.device().ctx.bind_to_thread()?;
@@ -147,7 +167,7 @@ impl GpuBackend {
 impl Backend for GpuBackend {
     type Sequence = GpuSession;
     type Spec = GpuSpecState;
-    type Block = super::NoBlock;
+    type Block = SharedKvBlock;
 
     fn config(&self) -> &ModelConfig {
         self.model.config()
@@ -161,8 +181,13 @@ impl Backend for GpuBackend {
         self.max_seq
     }
 
-    /// Every sequence has the same size: a request reserves one sequence's device bytes.
+    /// Every sequence has the same size: a request reserves one sequence's device bytes. Paged:
+    /// the pool's bytes of `n` positions.
     fn kv_bytes_fn(&self) -> KvBytes {
+        if self.paged.is_some() {
+            let per = self.model.kv_position_bytes() as u64;
+            return Arc::new(move |n| n as u64 * per);
+        }
         let bytes = self.seq_bytes;
         Arc::new(move |_| bytes)
     }
@@ -176,7 +201,45 @@ impl Backend for GpuBackend {
         if let Some(s) = self.pool.borrow_mut().pop() {
             return Ok(s);
         }
-        self.alloc(|| self.model.session(self.max_seq))
+        match self.kv_pool() {
+            Some(kv) => self.alloc(|| self.model.session_paged(kv, self.max_seq)),
+            None => self.alloc(|| self.model.session(self.max_seq)),
+        }
+    }
+
+    fn use_paged_kv(&mut self, block_size: usize) -> bool {
+        // Speculative requests keep contiguous sessions (their drafter state is not paged).
+        if self.drafter.is_some() {
+            return false;
+        }
+        self.paged = Some((block_size.max(1), None));
+        true
+    }
+
+    fn set_kv_blocks(&mut self, blocks: usize) -> Result<()> {
+        let Some((bs, _)) = self.paged else {
+            return Ok(());
+        };
+        self.model.device().ctx.bind_to_thread()?;
+        // The contiguous sequence kept from start-up goes: sequences now come from the pool.
+        self.pool.borrow_mut().clear();
+        let kv = self
+            .model
+            .kv_pool(bs, blocks.max(1) + KV_POOL_SLACK_BLOCKS)?;
+        self.paged = Some((bs, Some(kv)));
+        Ok(())
+    }
+
+    fn share_block(&self, seq: &GpuSession, b: usize) -> Option<SharedKvBlock> {
+        seq.full_block(b)
+    }
+
+    fn fork_sequence(&self, seq: &GpuSession) -> Option<GpuSession> {
+        seq.fork().ok()
+    }
+
+    fn adopt_blocks(&self, seq: &mut GpuSession, blocks: &[SharedKvBlock]) -> Result<()> {
+        Ok(seq.adopt_prefix(blocks)?)
     }
 
     fn decode_batch(&self, seqs: &mut [&mut GpuSession], tokens: &[u32]) -> Vec<Result<Vec<f32>>> {

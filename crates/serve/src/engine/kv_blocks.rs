@@ -38,6 +38,15 @@ pub fn block_hash(parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
     h.finalize().into()
 }
 
+/// A cached block's payload: the executor's shared KV block and, when a speculative request
+/// filled it, the drafter's context features of its positions (`block_size` rows of the
+/// drafter's feature width, as its target computed them).
+#[derive(Debug, Clone)]
+pub struct Cached<K> {
+    pub kv: K,
+    pub ctx: Option<std::sync::Arc<[f32]>>,
+}
+
 /// One sequence's block table.
 #[derive(Debug, Default)]
 pub struct SeqBlocks {
@@ -182,6 +191,11 @@ impl<P: Clone> BlockPool<P> {
 
     /// Positions of `tokens` a lookup would find cached now (no side effects).
     pub fn peek(&self, tokens: &[u32]) -> usize {
+        self.peek_where(tokens, |_| true)
+    }
+
+    /// [`BlockPool::peek`] counting only a run of blocks whose payload is `usable`.
+    pub fn peek_where(&self, tokens: &[u32], usable: impl Fn(&P) -> bool) -> usize {
         if !self.caching {
             return 0;
         }
@@ -189,7 +203,10 @@ impl<P: Clone> BlockPool<P> {
         self.lookup_hashes(tokens)
             .iter()
             .enumerate()
-            .take_while(|(b, (p, h))| self.is_hit(p, h, &tokens[b * bs..(b + 1) * bs]))
+            .take_while(|(b, (p, h))| {
+                self.is_hit(p, h, &tokens[b * bs..(b + 1) * bs])
+                    && self.cached.get(h).is_some_and(|e| usable(&e.payload))
+            })
             .count()
             * bs
     }
@@ -202,6 +219,42 @@ impl<P: Clone> BlockPool<P> {
         seq: &mut SeqBlocks,
         tokens: &[u32],
         max_blocks: usize,
+    ) -> PrefixHit<P> {
+        self.adopt_prefix_where(seq, tokens, max_blocks, |_| true)
+    }
+
+    /// Fresh blocks a sequence of `positions` positions needs beyond the cached run of
+    /// `tokens`' usable blocks it would adopt, counting the adopted blocks that are unreferenced
+    /// now (adopting them takes them out of [`BlockPool::available`]).
+    pub fn need_where(
+        &self,
+        tokens: &[u32],
+        positions: usize,
+        usable: impl Fn(&P) -> bool,
+    ) -> usize {
+        let bs = self.block_size;
+        let hits = self.peek_where(tokens, usable) / bs;
+        let idle = self
+            .lookup_hashes(tokens)
+            .iter()
+            .take(hits)
+            .filter(|(_, h)| {
+                self.cached
+                    .get(h)
+                    .is_some_and(|e| self.refs[e.block as usize] == 0)
+            })
+            .count();
+        self.blocks_for(positions).saturating_sub(hits) + idle
+    }
+
+    /// [`BlockPool::adopt_prefix`] of a run of blocks whose payload is `usable` (a speculative
+    /// request needs the drafter features with the KV).
+    pub fn adopt_prefix_where(
+        &mut self,
+        seq: &mut SeqBlocks,
+        tokens: &[u32],
+        max_blocks: usize,
+        usable: impl Fn(&P) -> bool,
     ) -> PrefixHit<P> {
         let mut hit = PrefixHit {
             payloads: Vec::new(),
@@ -222,6 +275,9 @@ impl<P: Clone> BlockPool<P> {
                 break;
             }
             let Some(e) = self.cached.get(&h) else { break };
+            if !usable(&e.payload) {
+                break;
+            }
             let (id, payload) = (e.block, e.payload.clone());
             self.take_ref(id);
             seq.ids.push(id);
@@ -392,6 +448,36 @@ mod tests {
         s.push_tokens(tokens);
         pool.register_full(&mut s, Some);
         s
+    }
+
+    /// A speculative request adopts only the run of blocks whose payload it can use (those
+    /// carrying drafter features: here odd payloads), and its need counts the unreferenced
+    /// blocks it would adopt.
+    #[test]
+    fn adoption_stops_at_the_first_unusable_payload() {
+        let mut pool = BlockPool::new(16, 4, true);
+        let t = toks(17, 3);
+        let mut s = SeqBlocks::default();
+        assert!(pool.grow(&mut s, t.len(), 0));
+        s.push_tokens(&t);
+        // Blocks 0, 1 usable (payloads 1, 3), block 2 not (4), block 3 usable (7).
+        pool.register_full(&mut s, |b| Some([1usize, 3, 4, 7][b]));
+        let odd = |p: &usize| p % 2 == 1;
+        assert_eq!(pool.peek(&t), 16);
+        assert_eq!(pool.peek_where(&t, odd), 8);
+        // Referenced by `s`: 25 positions need 7 blocks, 2 of them found.
+        assert_eq!(pool.need_where(&t, 25, odd), 5);
+        pool.release_seq(&mut s);
+        // Unreferenced now: adopting them takes them out of `available` too.
+        assert_eq!(pool.need_where(&t, 25, odd), 7);
+        let mut b = SeqBlocks::default();
+        let hit = pool.adopt_prefix_where(&mut b, &t, usize::MAX, odd);
+        assert_eq!((hit.tokens, hit.payloads), (8, vec![1, 3]));
+        let avail = pool.available();
+        assert!(pool.grow(&mut b, 25, 0));
+        assert_eq!(avail - pool.available(), 5);
+        pool.release_seq(&mut b);
+        assert_eq!(pool.in_use(), 0);
     }
 
     #[test]

@@ -21,14 +21,18 @@
 //!   blocks, and its output is unchanged by preemption (same KV, same sampler state).
 //! * **Release** on every kind of end (finish, abort, disconnect, error, preemption).
 //!
-//! Speculative requests (and executors whose KV is not paged) reserve their whole KV in bytes
-//! at admission (`kv_used`); the pool holds those bytes' blocks back.
+//! Speculative requests with the host drafter take their blocks from the same pool (see
+//! `engine::spec`: all of them at admission, their cached prefix adopted with its drafter
+//! features); those with a drafter on the device (and every request of an executor whose KV is
+//! not paged) reserve their whole KV in bytes at admission (`kv_used`); the pool holds those
+//! bytes' blocks back.
 
 use std::time::Instant;
 
 use model::executor::Executor;
 use model::sampling::FinishReason;
 
+use super::kv_blocks::Cached;
 use super::scheduler::{Running, Sched};
 use super::{Backend, Pending, PromptLogprob};
 use crate::stream::TokenOutput;
@@ -48,7 +52,7 @@ pub(crate) struct Parked {
 
 impl<B: Backend> Sched<B> {
     /// Blocks held back for byte reservations (speculative requests).
-    fn reserved_blocks(&self) -> usize {
+    pub(super) fn reserved_blocks(&self) -> usize {
         self.kv_used.div_ceil(self.block_bytes.max(1)) as usize
     }
 
@@ -59,6 +63,11 @@ impl<B: Backend> Sched<B> {
             .as_ref()
             .map_or(0, |p| p.in_use() as u64 * self.block_bytes);
         self.kv_used + in_use + reserve <= self.cfg.kv_budget_bytes
+    }
+
+    /// Whether a waiting request reserves its whole KV in bytes at admission (not by blocks).
+    pub(super) fn reserves_bytes(&self) -> bool {
+        self.kv.is_none() || (self.spec.is_none() && self.backend.device_spec().is_some())
     }
 
     /// Whether the pool has the blocks of `tokens` not cached, plus one for the next token.
@@ -122,7 +131,8 @@ impl<B: Backend> Sched<B> {
         if hit.tokens == 0 {
             return;
         }
-        match self.backend.adopt_blocks(&mut r.seq, &hit.payloads) {
+        let kv: Vec<B::Block> = hit.payloads.into_iter().map(|c| c.kv).collect();
+        match self.backend.adopt_blocks(&mut r.seq, &kv) {
             Ok(()) => {
                 r.prefilled = hit.tokens;
                 m.prefix_cache_hits.inc_by(hit.tokens as u64);
@@ -189,7 +199,11 @@ impl<B: Backend> Sched<B> {
         if let Some(pool) = &mut self.kv {
             r.blocks.push_tokens(&r.fill[start..start + n]);
             let (backend, seq) = (&self.backend, &r.seq);
-            pool.register_full(&mut r.blocks, |b| backend.share_block(seq, b));
+            pool.register_full(&mut r.blocks, |b| {
+                backend
+                    .share_block(seq, b)
+                    .map(|kv| Cached { kv, ctx: None })
+            });
         }
     }
 
@@ -198,7 +212,11 @@ impl<B: Backend> Sched<B> {
         if let Some(pool) = &mut self.kv {
             r.blocks.push_tokens(&[r.next]);
             let (backend, seq) = (&self.backend, &r.seq);
-            pool.register_full(&mut r.blocks, |b| backend.share_block(seq, b));
+            pool.register_full(&mut r.blocks, |b| {
+                backend
+                    .share_block(seq, b)
+                    .map(|kv| Cached { kv, ctx: None })
+            });
         }
     }
 

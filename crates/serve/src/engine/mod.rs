@@ -401,8 +401,18 @@ impl EngineHandle {
                     let mut pool = None;
                     if backend.use_paged_kv(cfg.kv_block_size) {
                         let bs = cfg.kv_block_size;
-                        let block_bytes = kv_bytes(bs).max(1);
+                        // The bytes of a paged sequence (an executor may count them differently
+                        // once paged: the GPU's are its pool's, not a whole session's).
+                        let block_bytes = backend.kv_bytes_fn()(bs).max(1);
                         let blocks = (cfg.kv_budget_bytes / block_bytes) as usize;
+                        if let Err(e) = backend.set_kv_blocks(blocks) {
+                            let _ = ready_tx.send(Err(e.context(format!(
+                                "allocating the KV cache: {blocks} blocks of {bs} positions \
+                                 ({} MiB; --kv-cache-mib sets it)",
+                                (blocks as u64 * block_bytes) >> 20
+                            ))));
+                            return;
+                        }
                         pool = Some((
                             kv_blocks::BlockPool::new(blocks, bs, cfg.prefix_caching),
                             block_bytes,

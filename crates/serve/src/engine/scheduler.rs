@@ -10,7 +10,7 @@ use model::executor::Executor;
 use model::sampling::{FinishReason, StopCause};
 use model::tokenizer::Tokenizer;
 
-use super::kv_blocks::{BlockPool, SeqBlocks};
+use super::kv_blocks::{BlockPool, Cached, SeqBlocks};
 use super::kv_sched::Parked;
 use super::spec::{SpecConfig, SpecRunning};
 use super::{
@@ -94,7 +94,7 @@ pub(super) struct Sched<B: Backend> {
     /// What finished speculative requests measured (adaptive speculation starts from it).
     pub spec_prior: dflash::AdaptPrior,
     /// The KV block pool (`None`: the executor's KV is not paged; requests reserve bytes).
-    pub kv: Option<BlockPool<B::Block>>,
+    pub kv: Option<BlockPool<Cached<B::Block>>>,
     /// Bytes of one KV block (for the byte reservations of speculative requests).
     pub block_bytes: u64,
     /// Requests preempted for lack of KV blocks, re-admitted first (oldest first).
@@ -110,7 +110,7 @@ pub(super) fn run<B: Backend>(
     spec: Option<SpecConfig>,
     shared: Arc<Shared>,
     rx: std_mpsc::Receiver<Command>,
-    kv: Option<(BlockPool<B::Block>, u64)>,
+    kv: Option<(BlockPool<Cached<B::Block>>, u64)>,
 ) {
     let (kv, block_bytes) = match kv {
         Some((pool, bytes)) => (Some(pool), bytes),
@@ -364,10 +364,11 @@ impl<B: Backend> Sched<B> {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let reserve =
-                self.kv.is_none() || self.spec.is_some() || self.backend.device_spec().is_some();
+            let reserve = self.reserves_bytes();
             let fits = if reserve {
                 self.reservation_fits(front.kv_reserve)
+            } else if self.spec.is_some() {
+                self.spec_fits(front)
             } else {
                 self.prompt_fits(&front.prompt)
             };

@@ -32,6 +32,13 @@
 //! verify rows come back as logits then) and its log-probabilities are computed as plain
 //! decoding's ([`TokenLogprob::of`]).
 //!
+//! On a paged executor with the host drafter ([`Sched::spec_take_blocks`]), a request takes its
+//! KV from the block pool when its prefill starts — the longest cached run of its prompt's
+//! blocks that carry drafter context features, adopted with those features (no target prefill,
+//! no target passes for the drafter's context), then blocks for all its positions — and
+//! [`Sched::spec_cache_sync`] caches every block it fills with the features of its positions,
+//! recorded by its [`dflash::CpuBackend`]. A device drafter's requests reserve bytes instead.
+//!
 //! Cancellation and disconnects end the request within one step: its state is dropped and its
 //! stream ends with `abort`.
 
@@ -47,10 +54,11 @@ use dflash::{
 };
 use model::config::ModelConfig;
 use model::cpu::{CpuModel, VerifyOutput};
-use model::executor::Executor;
+use model::executor::{Executor, FORWARD_CHUNK};
 use model::sampling::FinishReason;
 use model::weights::Mat;
 
+use super::kv_blocks::{Cached, SeqBlocks};
 use super::scheduler::{describe, Sched};
 use super::{Backend, Event, Finished, Pending, SpecSummary, TokenEvent, TokenLogprob};
 use crate::metrics::Metrics;
@@ -152,6 +160,13 @@ pub(super) struct SpecRunning<S: Executor, D> {
     out: TokenOutput,
     /// Prompt tokens already in the sequence (chunked prefill).
     prefilled: usize,
+    /// Its blocks in the KV pool (host drafter on a paged executor; empty otherwise).
+    blocks: SeqBlocks,
+    /// It holds its blocks (taken when its prefill starts), or takes none.
+    pooled: bool,
+    /// Drafter context features of the positions after its last full block, waiting for that
+    /// block to fill and be cached with them.
+    feats: Vec<f32>,
     batch: Batch,
     summary: SpecSummary,
     /// How generation ended (a stop the output found: EOS, stop token or string, length).
@@ -204,6 +219,11 @@ fn push_token(
             ControlFlow::Break(())
         }
     }
+}
+
+/// Whether a cached block carries drafter features (a speculative request can adopt it).
+fn has_ctx<K>(c: &Cached<K>) -> bool {
+    c.ctx.is_some()
 }
 
 /// The rows of one batched call, per request; errors become that request's.
@@ -279,23 +299,26 @@ impl<B: Backend> Sched<B> {
             (Ok((seq, stream)), Ok(out)) => (seq, stream, out),
             (Ok((seq, _)), Err(e)) => {
                 self.release_seq(seq);
-                self.kv_used -= p.kv_reserve;
+                self.kv_used -= self.spec_reserved(&p);
                 self.end_waiting(p, FinishReason::Error, Some(e.to_string()));
                 return;
             }
             (Err(e), _) => {
-                self.kv_used -= p.kv_reserve;
+                self.kv_used -= self.spec_reserved(&p);
                 let msg = format!("cannot allocate the sequence: {e:#}");
                 self.end_waiting(p, FinishReason::Error, Some(msg));
                 return;
             }
         };
-        self.spec_running.push(SpecRunning {
+        let mut r = SpecRunning {
             p,
             seq,
             stream,
             out,
             prefilled: 0,
+            blocks: SeqBlocks::default(),
+            pooled: false,
+            feats: Vec::new(),
             batch: Batch::default(),
             summary: SpecSummary::default(),
             finish: None,
@@ -304,7 +327,140 @@ impl<B: Backend> Sched<B> {
             admitted: Instant::now(),
             first: None,
             last: None,
+        };
+        if let SpecSeq::Host(h) = &mut r.seq {
+            if self.kv.is_some() {
+                h.record_features();
+            }
+        }
+        self.spec_running.push(r);
+    }
+
+    /// The bytes a speculative request reserved at admission (none when it takes blocks).
+    fn spec_reserved(&self, p: &Pending) -> u64 {
+        if self.reserves_bytes() {
+            p.kv_reserve
+        } else {
+            0
+        }
+    }
+
+    /// Whether the pool has the blocks of a speculative request (all its positions, less the
+    /// cached prefix with drafter features it would adopt).
+    pub(super) fn spec_fits(&self, p: &Pending) -> bool {
+        let Some(pool) = &self.kv else {
+            return true;
+        };
+        let need = pool.need_where(&p.prompt, p.prompt.len() + p.params.max_tokens, has_ctx);
+        pool.available() >= need + self.reserved_blocks()
+    }
+
+    /// When the prefill of `spec_running[i]` (a host-drafter request on a paged executor)
+    /// starts: adopts the longest cached prefix of its prompt whose blocks carry drafter
+    /// features (target KV and drafter context, no prefill), then takes the blocks of all its
+    /// positions from the pool. `false`: they are not available now (other requests admitted
+    /// meanwhile hold them); it holds nothing and waits.
+    fn spec_take_blocks(&mut self, i: usize) -> bool {
+        let g = self.backend.prefill_granularity().max(1);
+        let reserved = self.reserved_blocks();
+        let r = &mut self.spec_running[i];
+        if r.pooled {
+            return true;
+        }
+        let (Some(pool), SpecSeq::Host(host)) = (&mut self.kv, &mut r.seq) else {
+            r.pooled = true;
+            return true;
+        };
+        let bs = pool.block_size();
+        let positions = r.p.prompt.len() + r.p.params.max_tokens;
+        let need = pool.need_where(&r.p.prompt, positions, has_ctx);
+        if pool.available() < need + reserved {
+            return false;
+        }
+        if pool.caching() {
+            let mut k = pool.peek_where(&r.p.prompt, has_ctx) / bs;
+            while k > 0 && (k * bs) % g != 0 {
+                k -= 1;
+            }
+            let hit = pool.adopt_prefix_where(&mut r.blocks, &r.p.prompt, k, has_ctx);
+            let m = &self.shared.metrics;
+            m.prefix_cache_queries.inc_by(r.p.prompt.len() as u64);
+            if hit.tokens > 0 {
+                let mut feats = Vec::new();
+                let mut kv = Vec::with_capacity(hit.payloads.len());
+                for c in hit.payloads {
+                    feats.extend_from_slice(c.ctx.as_deref().unwrap_or_default());
+                    kv.push(c.kv);
+                }
+                let backend = &self.backend;
+                let adopted = host.adopt_prefix(&feats, |t| {
+                    backend
+                        .adopt_blocks(&mut t.seq, &kv)
+                        .map_err(|e| SpecError::TargetOutput(format!("{e:#}")))
+                });
+                match adopted {
+                    Ok(()) => {
+                        r.prefilled = hit.tokens;
+                        m.prefix_cache_hits.inc_by(hit.tokens as u64);
+                    }
+                    Err(e) => {
+                        // The state is empty again: prefill everything.
+                        eprintln!(
+                            "ultra serve: request {}: cached prefix not adopted: {e}",
+                            r.p.id
+                        );
+                        pool.forget_prefix(&mut r.blocks);
+                    }
+                }
+            }
+        }
+        if !pool.grow(&mut r.blocks, positions, reserved) {
+            // Not reached (checked above); the request waits with nothing held.
+            pool.release_seq(&mut r.blocks);
+            let _ = host.reset();
+            r.prefilled = 0;
+            return false;
+        }
+        r.pooled = true;
+        true
+    }
+
+    /// After `spec_running[i]`'s sequence grew (a prefill chunk, a committed round): records the
+    /// tokens its KV now holds and caches its blocks that became full, each with the drafter
+    /// features of its positions.
+    fn spec_cache_sync(&mut self, i: usize) {
+        let Some(pool) = &mut self.kv else {
+            return;
+        };
+        let r = &mut self.spec_running[i];
+        let SpecSeq::Host(host) = &mut r.seq else {
+            return;
+        };
+        r.feats.extend(host.take_features());
+        let dim = host.feature_dim();
+        let held = host.target().len();
+        let known = r.blocks.tokens().len();
+        if held > known {
+            let all = r.p.prompt.iter().chain(r.out.tokens()).copied();
+            let new: Vec<u32> = all.skip(known).take(held - known).collect();
+            r.blocks.push_tokens(&new);
+        }
+        let bs = pool.block_size();
+        // `feats` holds the rows of positions `base ..`: those after the last full block done
+        // with before this call.
+        let base = (known / bs) * bs;
+        let (backend, seq, feats) = (&self.backend, &host.target().seq, &r.feats);
+        pool.register_full(&mut r.blocks, |b| {
+            let lo = (b * bs).checked_sub(base)? * dim;
+            let ctx = feats.get(lo..lo + bs * dim)?;
+            backend.share_block(seq, b).map(|kv| Cached {
+                kv,
+                ctx: Some(ctx.into()),
+            })
         });
+        let done = (held / bs) * bs;
+        let drop = (done.saturating_sub(base) * dim).min(r.feats.len());
+        r.feats.drain(..drop);
     }
 
     fn release_seq(&self, seq: SpecSeq<B::Sequence, B::Spec>) {
@@ -363,7 +519,10 @@ impl<B: Backend> Sched<B> {
             spec: Some(std::mem::take(&mut r.summary)),
             error,
         }));
-        self.kv_used -= r.p.kv_reserve;
+        self.kv_used -= self.spec_reserved(&r.p);
+        if let Some(pool) = &mut self.kv {
+            pool.release_seq(&mut r.blocks);
+        }
         self.forget(&r.p.id, reason);
         self.release_seq(r.seq);
     }
@@ -422,19 +581,39 @@ impl<B: Backend> Sched<B> {
         let tok = self.tokenizer.clone();
         let mut i = 0;
         while budget > 0 && i < self.spec_running.len() {
-            let r = &mut self.spec_running[i];
-            if !r.prefilling() {
+            if !self.spec_running[i].prefilling() || !self.spec_take_blocks(i) {
                 i += 1;
                 continue;
             }
-            let rest = r.p.prompt.len() - r.prefilled;
-            let n = rest.min(chunk);
-            let start = r.prefilled;
-            let last = start + n == r.p.prompt.len();
-            let want = last.then(|| r.stream.prefill_want());
-            let tokens = &r.p.prompt[start..start + n];
-            let rows = r.seq.as_backend().prefill(tokens, want);
+            let (n, last, want, piece) = {
+                let r = &self.spec_running[i];
+                let n = (r.p.prompt.len() - r.prefilled).min(chunk);
+                let last = r.prefilled + n == r.p.prompt.len();
+                // Paged host sequences: passes the executor runs as one call each, each
+                // followed by caching the blocks it filled (a sliding layer keeps only the
+                // rows of its latest call beyond its window).
+                let piece = match (&r.seq, &self.kv) {
+                    (SpecSeq::Host(_), Some(_)) => (FORWARD_CHUNK / g).max(1) * g,
+                    _ => n,
+                };
+                (n, last, last.then(|| r.stream.prefill_want()), piece)
+            };
             budget = budget.saturating_sub(n);
+            let mut done = 0;
+            let mut rows = Ok(None);
+            while done < n {
+                let m = (n - done).min(piece);
+                let r = &mut self.spec_running[i];
+                let start = r.prefilled;
+                let w = if done + m == n { want } else { None };
+                rows = r.seq.as_backend().prefill(&r.p.prompt[start..start + m], w);
+                if rows.is_err() {
+                    break;
+                }
+                r.prefilled += m;
+                done += m;
+                self.spec_cache_sync(i);
+            }
             let rows = match rows {
                 Ok(rows) => rows,
                 Err(e) => {
@@ -444,7 +623,7 @@ impl<B: Backend> Sched<B> {
                     continue;
                 }
             };
-            r.prefilled += n;
+            let r = &mut self.spec_running[i];
             if !last {
                 i += 1;
                 continue;
@@ -578,7 +757,8 @@ impl<B: Backend> Sched<B> {
         let mut n_verified = 0;
         let mut ended: Vec<(usize, Option<SpecError>)> = Vec::new();
         let tok = self.tokenizer.clone();
-        let m = &self.shared.metrics;
+        let shared = self.shared.clone();
+        let m = &shared.metrics;
         for ((i, plan, block, start), rows) in blocks.into_iter().zip(verified) {
             n_verified += block.len();
             let t2 = Instant::now();
@@ -616,6 +796,9 @@ impl<B: Backend> Sched<B> {
                     push_token(out, batch, finish, failure, tok.as_deref(), lp, t, row)
                 })
             })();
+            if result.is_ok() {
+                self.spec_cache_sync(i);
+            }
             match result {
                 Ok(done) => {
                     if !flush_spec(m, &mut self.spec_running[i]) {

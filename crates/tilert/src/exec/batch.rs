@@ -193,15 +193,21 @@ impl GpuBatch {
             })?;
         }
         let m = &*model.inner;
+        // Paged sessions own the block their row writes to (a failure leaves every session's
+        // positions as they were; blocks taken stay with their session for its next pass).
+        for s in sessions.iter_mut() {
+            s.prepare_blocks(1)?;
+        }
         let mut splits = vec![1usize; self.attn.len()];
         for (l, a) in self.attn.iter().enumerate() {
             for (r, s) in sessions.iter().enumerate() {
                 let kv = &s.kv[l];
-                let row = KvRow::new(
+                let row = KvRow::paged(
                     a,
                     kv.k,
                     kv.v,
                     kv.capacity,
+                    kv.paging,
                     s.len,
                     decode_splits(a, s.keys[l]),
                 )?;

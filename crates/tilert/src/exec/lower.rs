@@ -239,12 +239,14 @@ impl DeviceWeights {
     }
 }
 
-/// One layer's KV cache of one sequence: position p in slot `p % capacity`.
+/// One layer's KV cache of one sequence: position p in slot `p % capacity` — contiguous, or with
+/// `paging` a block pool read through a block table ([`crate::ops::KvPaging`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LayerKv {
     pub(crate) k: DPtr<f32>,
     pub(crate) v: DPtr<f32>,
     pub(crate) capacity: usize,
+    pub(crate) paging: Option<crate::ops::KvPaging>,
 }
 
 impl LayerKv {
@@ -253,6 +255,7 @@ impl LayerKv {
         k: DPtr::null(),
         v: DPtr::null(),
         capacity: 0,
+        paging: None,
     };
 }
 
@@ -537,6 +540,7 @@ fn rope_args(
         k_cache: kv.k,
         v_cache: kv.v,
         capacity: kv.capacity,
+        paging: kv.paging,
         window,
         sinks: None,
         scale: 0.0,
@@ -567,6 +571,7 @@ pub(crate) fn attention_args(
         k_cache: kv.k,
         v_cache: kv.v,
         capacity: kv.capacity,
+        paging: kv.paging,
         window,
         sinks,
         scale,

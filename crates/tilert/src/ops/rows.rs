@@ -11,7 +11,10 @@
 //! [`super::Ops::attention`]) and compute a row exactly as those compute a one-token pass of that
 //! sequence with the same key splits: the results are bit-identical.
 //!
-//! In these ops the cache fields of [`AttnArgs`] (`k_cache`, `v_cache`, `capacity`) are unused:
+//! A row's cache is contiguous or paged ([`KvRow::paged`]: a block pool read and written through
+//! the row's block table), so one pass can mix sequences of both kinds.
+//!
+//! In these ops the cache fields of [`AttnArgs`] (`k_cache`, `v_cache`, `capacity`, `paging`) are unused:
 //! only its geometry, tables and weights are read.
 
 use std::sync::Arc;
@@ -20,10 +23,11 @@ use cudarc::driver::{CudaFunction, CudaStream};
 use ultra_kernels::KernelSet;
 
 use super::{
-    att_smem_bytes, attention_splits, attention_warps, check_attn_geometry, check_len,
+    att_smem_bytes, attention_splits, attention_warps, check_attn, check_attn_geometry, check_len,
     check_rope_geometry, check_rope_kv_input, check_tokens, invalid, launch,
-    launch_linear_qkv_rope, launch_with_smem, load_attention, load_bucketed, rope_kv_args, u32_arg,
-    AttnArgs, Ops, ATT_COUNTERS, ATT_MAX_SPLITS, LINEAR_TOKENS,
+    launch_linear_qkv_rope, launch_with_smem, load_attention, load_bucketed, paging_block_size,
+    paging_blocks, rope_kv_args, u32_arg, AttnArgs, Ops, ATT_COUNTERS, ATT_MAX_SPLITS,
+    LINEAR_TOKENS,
 };
 use crate::abi::{self, RopeOut, RopeOutRows};
 use crate::arena::DPtr;
@@ -42,6 +46,9 @@ pub struct KvRow {
     capacity: u32,
     pos: u32,
     splits: u32,
+    /// The block table (0: contiguous) and its block size (the capacity when contiguous).
+    blocks: u64,
+    block_size: u32,
 }
 
 impl KvRow {
@@ -57,20 +64,30 @@ impl KvRow {
         pos: usize,
         splits: usize,
     ) -> Result<Self, RuntimeError> {
-        check_attn_geometry("KvRow", a)?;
-        if capacity == 0 {
-            return Err(invalid("KvRow: KV cache capacity 0".into()));
-        }
-        check_len(
-            "KvRow: k_cache",
+        Self::paged(a, k_cache, v_cache, capacity, None, pos, splits)
+    }
+
+    /// [`KvRow::new`] for a cache of `capacity` logical slots that is, with `paging`, a pool of
+    /// blocks read and written through the block table ([`super::KvPaging`]; `k_cache` /
+    /// `v_cache` then hold the pool), or else contiguous. The row computes exactly what the
+    /// contiguous row of the same keys computes.
+    pub fn paged(
+        a: &AttnArgs,
+        k_cache: DPtr<f32>,
+        v_cache: DPtr<f32>,
+        capacity: usize,
+        paging: Option<super::KvPaging>,
+        pos: usize,
+        splits: usize,
+    ) -> Result<Self, RuntimeError> {
+        let kv = AttnArgs {
             k_cache,
-            capacity * a.n_kv_heads * a.head_dim,
-        )?;
-        check_len(
-            "KvRow: v_cache",
             v_cache,
-            capacity * a.n_kv_heads * a.v_head_dim,
-        )?;
+            capacity,
+            paging,
+            ..*a
+        };
+        check_attn("KvRow", &kv)?;
         if splits == 0 || splits > ATT_MAX_SPLITS {
             return Err(invalid(format!(
                 "KvRow: {splits} key splits (1..={ATT_MAX_SPLITS})"
@@ -82,6 +99,8 @@ impl KvRow {
             capacity: u32_arg("KV cache capacity", capacity)?,
             pos: u32_arg("position", pos)?,
             splits: splits as u32,
+            blocks: paging_blocks(&kv),
+            block_size: paging_block_size(&kv),
         })
     }
 
@@ -93,7 +112,8 @@ impl KvRow {
             capacity: self.capacity,
             pos: self.pos,
             splits: self.splits,
-            _pad: 0,
+            block_size: self.block_size,
+            blocks: self.blocks,
         }
         .words()
     }
@@ -194,6 +214,8 @@ impl RowOps {
                 k_cache: 0,
                 v_cache: 0,
                 capacity: 0,
+                blocks: 0,
+                block_size: 0,
                 ..ro
             };
             super::Arg::RopeRows(RopeOutRows {
