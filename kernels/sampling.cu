@@ -1,7 +1,9 @@
-// Token selection: argmax_rows (greedy decoding) and sample (model::sampling: temperature,
-// top-k, top-p, min-p, inverse CDF).
+// Token selection: argmax_rows (greedy decoding), sample (one row: model::sampling's
+// temperature, top-k, top-p, min-p, inverse CDF) and sample_rows (every row of a batched pass,
+// each with its own parameters, penalties over its history and seeded uniform stream; the same
+// row body).
 //
-// Launched by crates/tilert/src/ops.rs (`Ops::argmax`, `Ops::sample`).
+// Launched by crates/tilert/src/ops.rs (`Ops::argmax`, `Ops::sample`, `Ops::sample_rows`).
 //
 // Everything is f32 except dense weights (bf16 or f32). No fast math: the kernels use IEEE
 // division / sqrt and expf; where the CPU definition is a short chain of roundings the kernels use
@@ -12,6 +14,7 @@
 #include <float.h>
 
 #include "common/abi.cuh"
+#include "common/chacha.cuh"
 #include "common/pdl.cuh"
 #include "common/reduce.cuh"
 
@@ -301,15 +304,59 @@ __device__ void crossing_select(const float* logits, uint32_t v, const SampleSta
     }
 }
 
-__device__ __forceinline__ void sample_body(const float* logits, uint32_t v, float temperature,
-                                            uint32_t top_k, float top_p, float min_p,
-                                            const float* uniform, uint32_t* out) {
-    pdl_begin();
+// The uniform and the parameters of one row's draw (after the penalties).
+struct DrawArgs {
+    float temperature, top_p, min_p;
+    uint32_t top_k;
+    double u;
+};
+
+// model::sampling's top-p bin of a candidate, which decides the walk order of the draw: the
+// top-k list path (`top_p_filter`) truncates −32·y, the dense path (`top_p_dense`) rounds it
+// (half to even, the 2^23 trick); both clamp to 1024. −y·32 is exact (a power of two).
+__device__ __forceinline__ uint32_t cpu_bin(float y, bool list) {
+    const float a = fminf(-y * 32.0f, 1024.0f);
+    return list ? (uint32_t)a : (uint32_t)rintf(a);
+}
+
+// Ascending sort of keys[0..n) by one block (bitonic, in global memory; keys[n..pow2) padded).
+// `keys` has room for the next power of two of n.
+__device__ void block_sort_u64(uint64_t* keys, uint32_t n) {
+    uint32_t m = 1;
+    while (m < n) m <<= 1;
+    for (uint32_t i = n + threadIdx.x; i < m; i += SAMPLE_THREADS) keys[i] = ~0ull;
+    __syncthreads();
+    for (uint32_t size = 2; size <= m; size <<= 1) {
+        for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {
+            for (uint32_t i = threadIdx.x; i < m / 2; i += SAMPLE_THREADS) {
+                const uint32_t lo = 2 * stride * (i / stride) + (i % stride), hi = lo + stride;
+                const bool asc = (lo & size) == 0;
+                const uint64_t a = keys[lo], b = keys[hi];
+                if ((a > b) == asc) {
+                    keys[lo] = b;
+                    keys[hi] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// One row's draw from logits [v] (read through sane_logit) under model::sampling's SamplingDist
+// with temperature > 0 (greedy rows never get here): the kept set (top-k with ties, top-p by
+// exact fixed-point mass with ties by lower id and the 1e-6 tolerance, min-p), walked in the
+// CPU's order — kept tokens outside top-p's crossing bin in id order, then the crossing bin's
+// kept tokens by descending y then id (`Kept::draw`) — to the first whose running f64 mass
+// exceeds u · total. `keys` (next power of two of v u64) holds the crossing bin's tokens.
+__device__ void sample_draw(const float* logits, uint32_t v, const DrawArgs& a, uint64_t* keys,
+                            uint32_t* out) {
     __shared__ float redf[32];
     __shared__ double scan[SAMPLE_THREADS];
     __shared__ SampleState st;
     __shared__ Shared sh;
-    __shared__ uint32_t sh_found;
+    __shared__ uint32_t sh_found, sh_ntail;
+    __shared__ double sh_total_a, sh_total;
+    __shared__ int sh_last;
     const uint32_t tid = threadIdx.x;
 
     // 1. Max.
@@ -322,9 +369,9 @@ __device__ __forceinline__ void sample_body(const float* logits, uint32_t v, flo
     }
     if (tid == 0) {
         st.mx = mx;
-        st.inv_t = 1.0f / temperature;
+        st.inv_t = 1.0f / a.temperature;
         st.thr = -INFINITY;
-        st.minp = min_p > 0.f ? min_p : 0.f;
+        st.minp = a.min_p > 0.f ? a.min_p : 0.f;
         st.tau = 0;
         st.tie_keep = 0;
         st.tie_all = 1;
@@ -332,17 +379,19 @@ __device__ __forceinline__ void sample_body(const float* logits, uint32_t v, flo
     __syncthreads();
     // Fixed-point scale of the masses: v terms of at most 1 stay below 2^62.
     const double fx_scale = ldexp(1.0, 62 - (32 - __clz(v)));
+    const bool list = a.top_k > 0 && a.top_k < v;
 
     // 2. Top-k threshold: the k-th largest logit; every logit ≥ it is kept (ties kept).
-    if (top_k > 0 && top_k < v) {
-        crossing_select(logits, v, st, false, false, 0.0, top_k, fx_scale, sh);
+    if (list) {
+        crossing_select(logits, v, st, false, false, 0.0, a.top_k, fx_scale, sh);
         if (tid == 0) st.thr = key_value(sh.prefix);
         __syncthreads();
     }
 
     // 3. Top-p: the crossing value tau in descending order by mass, then how many of the
     // tau-valued tokens (lowest ids first) are kept.
-    if (top_p < 1.0f) {
+    const bool topp_on = a.top_p < 1.0f;
+    if (topp_on) {
         uint64_t tot = 0;  // (per thread, then reduced exactly through the scan)
         for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
             const float x = sane_logit(logits[i]);
@@ -352,7 +401,7 @@ __device__ __forceinline__ void sample_body(const float* logits, uint32_t v, flo
         const uint64_t ex = block_exclusive_scan_u64(tot, sh.scanbuf);
         if (tid == SAMPLE_THREADS - 1) sh.before = ex + tot;
         __syncthreads();
-        const double target = (double)top_p * (double)sh.before * (1.0 - 1e-6);
+        const double target = (double)a.top_p * (double)sh.before * (1.0 - 1e-6);
         __syncthreads();
         crossing_select(logits, v, st, true, true, target, 0, fx_scale, sh);
         if (tid == 0 && sh.found) {
@@ -378,10 +427,13 @@ __device__ __forceinline__ void sample_body(const float* logits, uint32_t v, flo
         __syncthreads();
     }
 
-    // 4. Draw: contiguous chunks per thread, block scan of the kept mass, inverse CDF.
+    // 4. Walk order. With top-p on, the kept tokens of the crossing bin (the bin of tau; the
+    // last bin when rounding left the whole mass below the target) come last, sorted.
+    const bool topp = topp_on && st.tau != 0;
+    const uint32_t cbin =
+        topp ? cpu_bin(__fmul_rn(__fsub_rn(key_value(st.tau), st.mx), st.inv_t), list) : 1024u;
     const uint32_t chunk = (v + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
     const uint32_t i0 = min(v, tid * chunk), i1 = min(v, i0 + chunk);
-    const bool topp = top_p < 1.0f && st.tau != 0;
     // Ranks of the tau-valued tokens (needed only when some of them are cut).
     uint32_t tie_before = 0;
     if (topp && !st.tie_all) {
@@ -392,67 +444,190 @@ __device__ __forceinline__ void sample_body(const float* logits, uint32_t v, flo
         }
         tie_before = (uint32_t)block_exclusive_scan((double)c, scan);
     }
+    if (tid == 0) {
+        sh_ntail = 0;
+        sh_found = 0;
+        sh_last = -1;
+    }
+    __syncthreads();
+    // 0: cut, 1: kept in id order, 2: kept in the crossing bin.
+    auto kept_class = [&](uint32_t i, uint32_t& tie, float& w, float& y) -> int {
+        const float x = sane_logit(logits[i]);
+        y = __fmul_rn(__fsub_rn(x, st.mx), st.inv_t);
+        w = exp_f32(y);
+        bool kept = in_topk(st, x, w) && w >= st.minp;
+        if (kept && topp) {
+            const uint32_t key = order_key(x);
+            if (key < st.tau) kept = false;
+            else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
+        }
+        if (!kept) return 0;
+        return topp_on && cpu_bin(y, list) == cbin ? 2 : 1;
+    };
     double mass = 0.0;
     int last_kept = -1;
     {
         uint32_t tie = tie_before;
         for (uint32_t i = i0; i < i1; ++i) {
-            const float x = sane_logit(logits[i]);
-            const float w = sample_weight(st, x);
-            bool kept = in_topk(st, x, w) && w >= st.minp;
-            if (kept && topp) {
-                const uint32_t key = order_key(x);
-                if (key < st.tau) kept = false;
-                else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
-            }
-            if (kept) {
+            float w, y;
+            const int c = kept_class(i, tie, w, y);
+            if (c == 1) {
                 mass += (double)w;
                 last_kept = (int)i;
+            } else if (c == 2) {
+                const uint32_t at = atomicAdd(&sh_ntail, 1u);
+                keys[at] = ((uint64_t)~order_key(y) << 32) | i;
             }
         }
     }
     const double before = block_exclusive_scan(mass, scan);
-    __shared__ double sh_total;
-    __shared__ int sh_last;
-    if (tid == SAMPLE_THREADS - 1) sh_total = before + mass;
-    if (tid == 0) {
-        sh_found = 0;
-        sh_last = -1;
-    }
+    if (tid == SAMPLE_THREADS - 1) sh_total_a = before + mass;
     __syncthreads();
     if (last_kept >= 0) atomicMax(&sh_last, last_kept);
-    const double u = (double)uniform[0] * sh_total;
-    if (mass > 0.0 && u >= before && u < before + mass) {
-        double acc = before;
-        uint32_t tie = tie_before;
-        for (uint32_t i = i0; i < i1; ++i) {
-            const float x = sane_logit(logits[i]);
-            const float w = sample_weight(st, x);
-            bool kept = in_topk(st, x, w) && w >= st.minp;
-            if (kept && topp) {
-                const uint32_t key = order_key(x);
-                if (key < st.tau) kept = false;
-                else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
+    const uint32_t ntail = sh_ntail;
+    if (ntail > 1) block_sort_u64(keys, ntail);
+    // The total as the CPU sums it: the list path continues the id-order sum through the
+    // crossing bin, the dense path adds the crossing bin's own sum.
+    if (tid == 0) {
+        double t = list ? sh_total_a : 0.0;
+        for (uint32_t j = 0; j < ntail; ++j)
+            t += (double)sample_weight(st, sane_logit(logits[(uint32_t)keys[j]]));
+        sh_total = list ? t : sh_total_a + t;
+    }
+    __syncthreads();
+    const double u = a.u * sh_total;
+    if (u < sh_total_a) {
+        if (mass > 0.0 && u >= before && u < before + mass) {
+            double acc = before;
+            uint32_t tie = tie_before;
+            for (uint32_t i = i0; i < i1; ++i) {
+                float w, y;
+                if (kept_class(i, tie, w, y) != 1) continue;
+                acc += (double)w;
+                if (u < acc) {
+                    out[0] = i;
+                    sh_found = 1;
+                    break;
+                }
             }
-            if (!kept) continue;
-            acc += (double)w;
-            if (u < acc) {
-                out[0] = i;
+            if (!sh_found) {  // rounding inside the chunk: its last kept token
+                out[0] = (uint32_t)last_kept;
                 sh_found = 1;
+            }
+        }
+        __syncthreads();
+        if (tid == 0 && !sh_found) out[0] = sh_last >= 0 ? (uint32_t)sh_last : 0u;
+        return;
+    }
+    if (tid == 0) {
+        // The crossing bin in its sorted order; rounding past its end: its last token (or the
+        // last kept token in id order when it is empty).
+        double acc = sh_total_a;
+        int pick = ntail > 0 ? (int)(uint32_t)keys[ntail - 1] : sh_last;
+        for (uint32_t j = 0; j < ntail; ++j) {
+            const uint32_t id = (uint32_t)keys[j];
+            acc += (double)sample_weight(st, sane_logit(logits[id]));
+            if (u < acc) {
+                pick = (int)id;
                 break;
             }
         }
-        if (!sh_found) {  // rounding inside the chunk: its last kept token
-            out[0] = (uint32_t)last_kept;
-            sh_found = 1;
-        }
+        out[0] = pick >= 0 ? (uint32_t)pick : 0u;
+    }
+}
+
+// The penalties of model::sampling's read_penalized on one row, into work [v]: the repetition
+// penalty on every distinct id of the history (÷ r when positive, × r otherwise), then over the
+// generated ids x − frequency · count − presence (f32, in that order). marks [v]: bit 31 = in
+// the history, low bits = generated count. Ids ≥ v are ignored.
+__device__ void penalize(const SampleRow& r, uint32_t v, bool rep, bool fp, float* work,
+                         uint32_t* marks) {
+    const uint32_t tid = threadIdx.x;
+    for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
+        work[i] = sane_logit(r.logits[i]);
+        marks[i] = 0;
     }
     __syncthreads();
-    if (tid == 0 && !sh_found) out[0] = sh_last >= 0 ? (uint32_t)sh_last : 0u;
+    const uint32_t n = r.prompt_len + r.generated_len;
+    for (uint32_t j = tid; j < n; j += SAMPLE_THREADS) {
+        const uint32_t t = r.history[j];
+        if (t >= v) continue;
+        if (rep) atomicOr(&marks[t], 0x80000000u);
+        if (fp && j >= r.prompt_len) atomicAdd(&marks[t], 1u);
+    }
+    __syncthreads();
+    for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
+        const uint32_t m = marks[i];
+        if (!m) continue;
+        float x = work[i];
+        if (m & 0x80000000u)
+            x = x < 0.f ? __fmul_rn(x, r.repetition_penalty) : __fdiv_rn(x, r.repetition_penalty);
+        const uint32_t c = m & 0x7fffffffu;
+        if (c)
+            x = __fsub_rn(__fsub_rn(x, __fmul_rn(r.frequency_penalty, (float)c)),
+                          r.presence_penalty);
+        work[i] = x;
+    }
+    __syncthreads();
+}
+
+// Scratch words of one row: work [v] f32, marks [v] u32, then the crossing-bin keys (next power
+// of two of v u64). Keep in step with `ops::sample_scratch_len`.
+__device__ __forceinline__ uint64_t sample_scratch_words(uint32_t v) {
+    uint64_t m = 1;
+    while (m < v) m <<= 1;
+    return 2ull * v + 2ull * m;
+}
+
+// One row of sample_rows: penalties, then the greedy argmax or the draw at the row's uniform.
+__device__ void sample_row(const SampleRow& r, uint32_t v, uint32_t* scratch, uint32_t* out) {
+    float* work = (float*)scratch;
+    uint32_t* marks = scratch + v;
+    uint64_t* keys = (uint64_t*)(scratch + 2 * (size_t)v);
+    const bool rep = r.repetition_penalty != 1.0f && r.prompt_len + r.generated_len > 0;
+    const bool fp = (r.frequency_penalty != 0.0f || r.presence_penalty != 0.0f) && r.generated_len > 0;
+    const float* src = r.logits;
+    if (rep || fp) {
+        penalize(r, v, rep, fp, work, marks);
+        src = work;
+    }
+    if (r.greedy) {
+        // The penalized argmax, lowest id on ties (0 when nothing is finite: Sampler::sample).
+        float best = -INFINITY;
+        uint32_t besti = 0xffffffffu;
+        for (uint32_t i = threadIdx.x; i < v; i += SAMPLE_THREADS)
+            argmax_fold(best, besti, sane_logit(src[i]), i);
+        block_argmax(best, besti);
+        if (threadIdx.x == 0) out[0] = (besti == 0xffffffffu || best == -INFINITY) ? 0u : besti;
+        return;
+    }
+    DrawArgs a;
+    a.temperature = r.temperature;
+    a.top_k = r.top_k;
+    a.top_p = r.top_p;
+    a.min_p = r.min_p;
+    a.u = stream_uniform(r.key, r.word_pos);
+    sample_draw(src, v, a, keys, out);
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample(const float* logits, uint32_t v, float temperature, uint32_t top_k, float top_p,
-           float min_p, const float* uniform, uint32_t* out) {
-    sample_body(logits, v, temperature, top_k, top_p, min_p, uniform, out);
+           float min_p, const float* uniform, uint64_t* keys, uint32_t* out) {
+    pdl_begin();
+    DrawArgs a;
+    a.temperature = temperature;
+    a.top_k = top_k;
+    a.top_p = top_p;
+    a.min_p = min_p;
+    a.u = (double)uniform[0];
+    sample_draw(logits, v, a, keys, out);
+}
+
+// out[r] = the token of row r of the table (n rows, one block each); scratch holds
+// sample_scratch_words(v) words per row.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_rows(const SampleRow* rows, uint32_t v, uint32_t* scratch, uint32_t* out) {
+    pdl_begin();
+    const SampleRow r = rows[blockIdx.x];
+    sample_row(r, v, scratch + blockIdx.x * sample_scratch_words(v), out + blockIdx.x);
 }

@@ -417,6 +417,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "fp8"),
     ("tilert", "tp"),
     ("tilert", "persistent"),
+    ("tilert", "sample"),
     ("dflash", "gpu_spec"),
     ("dflash", "gpu_tp"),
     ("serve", "gpu_generate"),

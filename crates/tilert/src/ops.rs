@@ -27,7 +27,7 @@ use ultra_kernels::KernelSet;
 
 use crate::abi::{
     RopeOut, RopeOutRows, RouteSpec, ATT_MAX_SPLITS, ATT_MAX_WARPS, ATT_TILE, LINEAR_THREADS,
-    MAX_EXPERTS, MAX_HEAD_DIM, MAX_TOPK, ROUTER_THREADS, SAMPLE_THREADS,
+    MAX_EXPERTS, MAX_HEAD_DIM, MAX_TOPK, ROUTER_THREADS, SAMPLE_MAX_ROWS, SAMPLE_THREADS,
 };
 use crate::arena::DPtr;
 use crate::tensor::{DenseData, DeviceMatrix};
@@ -715,6 +715,15 @@ pub struct Ops {
     qkv_rope_f32: [CudaFunction; LINEAR_TOKENS.len()],
     router_route_f32: [CudaFunction; LINEAR_TOKENS.len()],
     sample: CudaFunction,
+    sample_rows: CudaFunction,
+}
+
+/// `u32` words of scratch one sampled row needs over a vocabulary of `v`: the penalized logits
+/// and the history marks (`v` each), then the sort keys of top-p's crossing bin (the next
+/// power of two of `v` `u64`s). [`Ops::sample`] takes one row's, [`Ops::sample_rows`] one per
+/// row.
+pub fn sample_scratch_len(v: usize) -> usize {
+    2 * v + 2 * v.next_power_of_two()
 }
 
 impl Ops {
@@ -766,6 +775,7 @@ impl Ops {
             qkv_rope_bf16: bucketed("linear_qkv_rope_bf16")?,
             qkv_rope_f32: bucketed("linear_qkv_rope_f32")?,
             sample: f("sample")?,
+            sample_rows: f("sample_rows")?,
             proj: proj::ProjOps::load(ctx)?,
             _module: module,
         })
@@ -1315,9 +1325,9 @@ impl Ops {
     /// the uniform number `uniform[0]` in [0, 1) (device memory, so a graph can replay it);
     /// writes the token to `out[0]`.
     ///
-    /// The token is drawn exactly from the distribution `model::sampling::Sampler` defines (the
-    /// kept set, then inverse CDF over it in id order); when every logit is `-inf`/NaN it writes
-    /// 0, as `Sampler::sample` does.
+    /// The token is the one `model::sampling::Sampler` draws at that uniform (its kept set,
+    /// walked in its order: see [`Ops::sample_rows`]); when every logit is `-inf`/NaN it writes
+    /// 0, as `Sampler::sample` does. `scratch` holds [`sample_scratch_len`]`(v)` words.
     #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
@@ -1326,6 +1336,7 @@ impl Ops {
         v: usize,
         p: &SampleArgs,
         uniform: DPtr<f32>,
+        scratch: DPtr<u32>,
         out: DPtr<u32>,
     ) -> Result<(), RuntimeError> {
         if v == 0 {
@@ -1346,6 +1357,7 @@ impl Ops {
         check_len("sample: logits", logits, v)?;
         check_len("sample: uniform", uniform, 1)?;
         check_len("sample: out", out, 1)?;
+        check_len("sample: scratch", scratch, sample_scratch_len(v))?;
         launch(
             s,
             &self.sample,
@@ -1359,6 +1371,60 @@ impl Ops {
                 p.top_p.into(),
                 p.min_p.into(),
                 uniform.addr().into(),
+                // The crossing-bin keys sit after the row's work and marks (2·v words).
+                (scratch.addr() + 8 * v as u64).into(),
+                out.addr().into(),
+            ],
+        )
+    }
+
+    /// Samples every row of a table in one launch: `out[r]` = the token of row `r` of `rows`
+    /// (`n` [`crate::sample::SampleRow`]s in device memory, written by
+    /// [`crate::sample::DeviceSampler`]), each with its own logits (`v` values), parameters,
+    /// token history and uniform.
+    ///
+    /// Each row computes exactly `model::sampling::Sampler`'s choice: the penalties of
+    /// `read_penalized` (repetition over prompt + generated, then frequency and presence over
+    /// the generated ids, every rounding as the CPU's), then the greedy argmax (lowest id on
+    /// ties), or the kept set of `SamplingDist` (top-k with ties, top-p, min-p) walked in
+    /// `Kept::draw`'s order to the first token whose running mass exceeds `u · total`, where `u`
+    /// is the row's `UniformStream::uniform` (the same ChaCha20 words the CPU sampler reads).
+    /// The masses are summed in f64 in another association than the CPU's, so a uniform
+    /// within f64 rounding (~1e-16 relative) of a boundary between two tokens may pick the
+    /// neighbour. `scratch` holds [`sample_scratch_len`]`(v)` words per row.
+    pub fn sample_rows(
+        &self,
+        s: &CudaStream,
+        rows: DPtr<u32>,
+        n: usize,
+        v: usize,
+        scratch: DPtr<u32>,
+        out: DPtr<u32>,
+    ) -> Result<(), RuntimeError> {
+        if v == 0 {
+            return Err(invalid("sample_rows: empty vocabulary".into()));
+        }
+        if n == 0 || n > SAMPLE_MAX_ROWS {
+            return Err(invalid(format!(
+                "sample_rows: {n} rows (1..={SAMPLE_MAX_ROWS} per launch)"
+            )));
+        }
+        check_len(
+            "sample_rows: row table",
+            rows,
+            n * crate::abi::SAMPLE_ROW_WORDS,
+        )?;
+        check_len("sample_rows: scratch", scratch, n * sample_scratch_len(v))?;
+        check_len("sample_rows: out", out, n)?;
+        launch(
+            s,
+            &self.sample_rows,
+            (n as u32, 1, 1),
+            SAMPLE_THREADS,
+            &[
+                rows.addr().into(),
+                u32_arg("vocabulary", v)?.into(),
+                scratch.addr().into(),
                 out.addr().into(),
             ],
         )

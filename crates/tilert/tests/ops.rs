@@ -23,7 +23,9 @@ use model::weights::{GateUpLayout, Linear, Mat};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tilert::arena::{dtoh, htod, Arena, DPtr};
-use tilert::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
+use tilert::ops::{
+    sample_scratch_len, AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS,
+};
 use tilert::tensor::{DenseData, DeviceMatrix};
 
 struct Gpu {
@@ -1339,6 +1341,7 @@ fn sample_draws_the_sampler_distribution() {
         .collect();
     let du = g.up(&uniforms);
     let dout = g.zeros::<u32>(draws);
+    let scratch = g.zeros::<u32>(sample_scratch_len(3000));
     for v in [50usize, 3000] {
         for ties in [false, true] {
             let mut logits = uniform(&mut rng, v, 4.0);
@@ -1393,6 +1396,7 @@ fn sample_draws_the_sampler_distribution() {
                             v,
                             p,
                             du.slice(i..i + 1),
+                            scratch,
                             dout.slice(i..i + 1),
                         )
                         .unwrap();
@@ -1429,6 +1433,7 @@ fn sample_draws_the_sampler_distribution() {
             3,
             &params[0],
             du.slice(0..1),
+            scratch,
             dout.slice(0..1),
         )
         .unwrap();
@@ -1532,7 +1537,20 @@ fn invalid_arguments_are_errors() {
         top_p: 1.0,
         min_p: 0.0,
     };
-    assert!(g.ops.sample(&g.stream, logits, 400, &bad, u, o).is_err());
+    let scratch: DPtr<u32> = g.zeros(sample_scratch_len(400));
+    assert!(g
+        .ops
+        .sample(&g.stream, logits, 400, &bad, u, scratch, o)
+        .is_err());
+    // Too little scratch: an error, not a fault.
+    let good = SampleArgs {
+        temperature: 1.0,
+        ..bad
+    };
+    assert!(g
+        .ops
+        .sample(&g.stream, logits, 400, &good, u, scratch.slice(0..100), o)
+        .is_err());
 }
 
 /// Timings of the other ops at gpt-oss-20b sizes (printed, not asserted).
@@ -1599,6 +1617,7 @@ fn op_timings_at_gpt_oss_sizes() {
     let out = g.zeros::<u32>(16);
     let argmax_scratch = g.zeros::<u32>(ARGMAX_SCRATCH);
     let u = g.up(&[0.37f32]);
+    let scratch = g.zeros::<u32>(sample_scratch_len(v));
     for t in [1usize, 16] {
         let us = time_us(&g, &mut || {
             g.ops
@@ -1628,7 +1647,9 @@ fn op_timings_at_gpt_oss_sizes() {
         },
     ] {
         let us = time_us(&g, &mut || {
-            g.ops.sample(&g.stream, logits, v, &p, u, out).unwrap()
+            g.ops
+                .sample(&g.stream, logits, v, &p, u, scratch, out)
+                .unwrap()
         });
         println!("TIMING sample v={v} {p:?}: {us:.1} us");
     }
