@@ -3,7 +3,11 @@
 // each with its own parameters, penalties over its history and seeded uniform stream; the same
 // row body).
 //
-// Launched by crates/tilert/src/ops.rs (`Ops::argmax`, `Ops::sample`, `Ops::sample_rows`).
+// and accept_rows (dflash's exact rejection sampling of every verify block of a batched pass,
+// returning only the accepted count and the bonus token).
+//
+// Launched by crates/tilert/src/ops.rs (`Ops::argmax`, `Ops::sample`, `Ops::sample_rows`,
+// `Ops::accept_rows`).
 //
 // Everything is f32 except dense weights (bf16 or f32). No fast math: the kernels use IEEE
 // division / sqrt and expf; where the CPU definition is a short chain of roundings the kernels use
@@ -342,31 +346,35 @@ __device__ void block_sort_u64(uint64_t* keys, uint32_t n) {
     }
 }
 
-// One row's draw from logits [v] (read through sane_logit) under model::sampling's SamplingDist
-// with temperature > 0 (greedy rows never get here): the kept set (top-k with ties, top-p by
-// exact fixed-point mass with ties by lower id and the 1e-6 tolerance, min-p), walked in the
-// CPU's order — kept tokens outside top-p's crossing bin in id order, then the crossing bin's
-// kept tokens by descending y then id (`Kept::draw`) — to the first whose running f64 mass
-// exceeds u · total. `keys` (next power of two of v u64) holds the crossing bin's tokens.
-__device__ void sample_draw(const float* logits, uint32_t v, const DrawArgs& a, uint64_t* keys,
-                            uint32_t* out) {
-    __shared__ float redf[32];
-    __shared__ double scan[SAMPLE_THREADS];
-    __shared__ SampleState st;
-    __shared__ Shared sh;
-    __shared__ uint32_t sh_found, sh_ntail;
-    __shared__ double sh_total_a, sh_total;
-    __shared__ int sh_last;
-    const uint32_t tid = threadIdx.x;
+// Block-shared state of one row's kept set and draw (one allocation per kernel, whichever
+// functions use it).
+struct DrawShared {
+    float redf[32];
+    double scan[SAMPLE_THREADS];
+    SampleState st;
+    Shared sh;
+    uint32_t found, ntail;
+    double total_a, total;
+    int last;
+};
+__device__ __forceinline__ DrawShared& draw_shared() {
+    __shared__ DrawShared s;
+    return s;
+}
 
-    // 1. Max.
+// Steps 1–3 of a row's SamplingDist (temperature > 0) into draw_shared().st: the max, the top-k
+// threshold (every logit ≥ the k-th largest, ties kept) and top-p's crossing value tau with how
+// many tau-valued tokens (lowest ids first) it keeps (by exact fixed-point mass, the 1e-6
+// relative tolerance). False when no logit is finite.
+__device__ bool kept_setup(const float* logits, uint32_t v, const DrawArgs& a) {
+    DrawShared& S = draw_shared();
+    SampleState& st = S.st;
+    Shared& sh = S.sh;
+    const uint32_t tid = threadIdx.x;
     float mx = -INFINITY;
     for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) mx = fmaxf(mx, sane_logit(logits[i]));
-    mx = block_max(mx, redf);
-    if (mx == -INFINITY) {
-        if (tid == 0) out[0] = 0;
-        return;
-    }
+    mx = block_max(mx, S.redf);
+    if (mx == -INFINITY) return false;
     if (tid == 0) {
         st.mx = mx;
         st.inv_t = 1.0f / a.temperature;
@@ -379,19 +387,12 @@ __device__ void sample_draw(const float* logits, uint32_t v, const DrawArgs& a, 
     __syncthreads();
     // Fixed-point scale of the masses: v terms of at most 1 stay below 2^62.
     const double fx_scale = ldexp(1.0, 62 - (32 - __clz(v)));
-    const bool list = a.top_k > 0 && a.top_k < v;
-
-    // 2. Top-k threshold: the k-th largest logit; every logit ≥ it is kept (ties kept).
-    if (list) {
+    if (a.top_k > 0 && a.top_k < v) {
         crossing_select(logits, v, st, false, false, 0.0, a.top_k, fx_scale, sh);
         if (tid == 0) st.thr = key_value(sh.prefix);
         __syncthreads();
     }
-
-    // 3. Top-p: the crossing value tau in descending order by mass, then how many of the
-    // tau-valued tokens (lowest ids first) are kept.
-    const bool topp_on = a.top_p < 1.0f;
-    if (topp_on) {
+    if (a.top_p < 1.0f) {
         uint64_t tot = 0;  // (per thread, then reduced exactly through the scan)
         for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) {
             const float x = sane_logit(logits[i]);
@@ -426,104 +427,141 @@ __device__ void sample_draw(const float* logits, uint32_t v, const DrawArgs& a, 
         }
         __syncthreads();
     }
+    return true;
+}
 
-    // 4. Walk order. With top-p on, the kept tokens of the crossing bin (the bin of tau; the
-    // last bin when rounding left the whole mass below the target) come last, sorted.
+// This thread's contiguous chunk [i0, i1) of the vocabulary (the walk's unit) and the rank of
+// its first tau-valued token among all of them (only needed when top-p cuts some of them).
+struct Chunk {
+    uint32_t i0, i1, tie_before;
+};
+__device__ Chunk walk_chunk(const float* logits, uint32_t v, bool topp) {
+    DrawShared& S = draw_shared();
+    const SampleState& st = S.st;
+    const uint32_t chunk = (v + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    Chunk c;
+    c.i0 = min(v, threadIdx.x * chunk);
+    c.i1 = min(v, c.i0 + chunk);
+    c.tie_before = 0;
+    if (topp && !st.tie_all) {
+        uint32_t n = 0;
+        for (uint32_t i = c.i0; i < c.i1; ++i) {
+            const float x = sane_logit(logits[i]);
+            if (in_topk_y(st, x) && order_key(x) == st.tau) ++n;
+        }
+        c.tie_before = (uint32_t)block_exclusive_scan((double)n, S.scan);
+    }
+    return c;
+}
+
+// Token i in the walk (ids in increasing order within the chunk, `tie` counting the tau-valued
+// tokens seen): its scaled logit y and weight w; 0 when cut, 1 when kept in id order, 2 when
+// kept in top-p's crossing bin `cbin` (walked last, sorted).
+__device__ __forceinline__ int kept_class(const float* logits, uint32_t i, bool topp, bool topp_on,
+                                          bool list, uint32_t cbin, uint32_t& tie, float& w,
+                                          float& y) {
+    const SampleState& st = draw_shared().st;
+    const float x = sane_logit(logits[i]);
+    y = __fmul_rn(__fsub_rn(x, st.mx), st.inv_t);
+    w = exp_f32(y);
+    bool kept = in_topk(st, x, w) && w >= st.minp;
+    if (kept && topp) {
+        const uint32_t key = order_key(x);
+        if (key < st.tau) kept = false;
+        else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
+    }
+    if (!kept) return 0;
+    return topp_on && cpu_bin(y, list) == cbin ? 2 : 1;
+}
+
+// One row's draw from logits [v] (read through sane_logit) under model::sampling's SamplingDist
+// with temperature > 0 (greedy rows never get here): the kept set (kept_setup), walked in the
+// CPU's order — kept tokens outside top-p's crossing bin in id order, then the crossing bin's
+// kept tokens by descending y then id (`Kept::draw`) — to the first whose running f64 mass
+// exceeds u · total. `keys` (next power of two of v u64) holds the crossing bin's tokens.
+__device__ void sample_draw(const float* logits, uint32_t v, const DrawArgs& a, uint64_t* keys,
+                            uint32_t* out) {
+    DrawShared& S = draw_shared();
+    const SampleState& st = S.st;
+    const uint32_t tid = threadIdx.x;
+    if (!kept_setup(logits, v, a)) {
+        if (tid == 0) out[0] = 0;
+        return;
+    }
+    const bool list = a.top_k > 0 && a.top_k < v;
+    const bool topp_on = a.top_p < 1.0f;
     const bool topp = topp_on && st.tau != 0;
+    // With top-p on, the kept tokens of the crossing bin (the bin of tau; the last bin when
+    // rounding left the whole mass below the target) come last, sorted.
     const uint32_t cbin =
         topp ? cpu_bin(__fmul_rn(__fsub_rn(key_value(st.tau), st.mx), st.inv_t), list) : 1024u;
-    const uint32_t chunk = (v + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
-    const uint32_t i0 = min(v, tid * chunk), i1 = min(v, i0 + chunk);
-    // Ranks of the tau-valued tokens (needed only when some of them are cut).
-    uint32_t tie_before = 0;
-    if (topp && !st.tie_all) {
-        uint32_t c = 0;
-        for (uint32_t i = i0; i < i1; ++i) {
-            const float x = sane_logit(logits[i]);
-            if (in_topk_y(st, x) && order_key(x) == st.tau) ++c;
-        }
-        tie_before = (uint32_t)block_exclusive_scan((double)c, scan);
-    }
+    const Chunk ck = walk_chunk(logits, v, topp);
     if (tid == 0) {
-        sh_ntail = 0;
-        sh_found = 0;
-        sh_last = -1;
+        S.ntail = 0;
+        S.found = 0;
+        S.last = -1;
     }
     __syncthreads();
-    // 0: cut, 1: kept in id order, 2: kept in the crossing bin.
-    auto kept_class = [&](uint32_t i, uint32_t& tie, float& w, float& y) -> int {
-        const float x = sane_logit(logits[i]);
-        y = __fmul_rn(__fsub_rn(x, st.mx), st.inv_t);
-        w = exp_f32(y);
-        bool kept = in_topk(st, x, w) && w >= st.minp;
-        if (kept && topp) {
-            const uint32_t key = order_key(x);
-            if (key < st.tau) kept = false;
-            else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
-        }
-        if (!kept) return 0;
-        return topp_on && cpu_bin(y, list) == cbin ? 2 : 1;
-    };
     double mass = 0.0;
     int last_kept = -1;
     {
-        uint32_t tie = tie_before;
-        for (uint32_t i = i0; i < i1; ++i) {
+        uint32_t tie = ck.tie_before;
+        for (uint32_t i = ck.i0; i < ck.i1; ++i) {
             float w, y;
-            const int c = kept_class(i, tie, w, y);
+            const int c = kept_class(logits, i, topp, topp_on, list, cbin, tie, w, y);
             if (c == 1) {
                 mass += (double)w;
                 last_kept = (int)i;
             } else if (c == 2) {
-                const uint32_t at = atomicAdd(&sh_ntail, 1u);
+                const uint32_t at = atomicAdd(&S.ntail, 1u);
                 keys[at] = ((uint64_t)~order_key(y) << 32) | i;
             }
         }
     }
-    const double before = block_exclusive_scan(mass, scan);
-    if (tid == SAMPLE_THREADS - 1) sh_total_a = before + mass;
+    const double before = block_exclusive_scan(mass, S.scan);
+    if (tid == SAMPLE_THREADS - 1) S.total_a = before + mass;
     __syncthreads();
-    if (last_kept >= 0) atomicMax(&sh_last, last_kept);
-    const uint32_t ntail = sh_ntail;
+    if (last_kept >= 0) atomicMax(&S.last, last_kept);
+    const uint32_t ntail = S.ntail;
     if (ntail > 1) block_sort_u64(keys, ntail);
     // The total as the CPU sums it: the list path continues the id-order sum through the
     // crossing bin, the dense path adds the crossing bin's own sum.
     if (tid == 0) {
-        double t = list ? sh_total_a : 0.0;
+        double t = list ? S.total_a : 0.0;
         for (uint32_t j = 0; j < ntail; ++j)
             t += (double)sample_weight(st, sane_logit(logits[(uint32_t)keys[j]]));
-        sh_total = list ? t : sh_total_a + t;
+        S.total = list ? t : S.total_a + t;
     }
     __syncthreads();
-    const double u = a.u * sh_total;
-    if (u < sh_total_a) {
+    const double u = a.u * S.total;
+    if (u < S.total_a) {
         if (mass > 0.0 && u >= before && u < before + mass) {
             double acc = before;
-            uint32_t tie = tie_before;
-            for (uint32_t i = i0; i < i1; ++i) {
+            uint32_t tie = ck.tie_before;
+            for (uint32_t i = ck.i0; i < ck.i1; ++i) {
                 float w, y;
-                if (kept_class(i, tie, w, y) != 1) continue;
+                if (kept_class(logits, i, topp, topp_on, list, cbin, tie, w, y) != 1) continue;
                 acc += (double)w;
                 if (u < acc) {
                     out[0] = i;
-                    sh_found = 1;
+                    S.found = 1;
                     break;
                 }
             }
-            if (!sh_found) {  // rounding inside the chunk: its last kept token
+            if (!S.found) {  // rounding inside the chunk: its last kept token
                 out[0] = (uint32_t)last_kept;
-                sh_found = 1;
+                S.found = 1;
             }
         }
         __syncthreads();
-        if (tid == 0 && !sh_found) out[0] = sh_last >= 0 ? (uint32_t)sh_last : 0u;
+        if (tid == 0 && !S.found) out[0] = S.last >= 0 ? (uint32_t)S.last : 0u;
         return;
     }
     if (tid == 0) {
         // The crossing bin in its sorted order; rounding past its end: its last token (or the
         // last kept token in id order when it is empty).
-        double acc = sh_total_a;
-        int pick = ntail > 0 ? (int)(uint32_t)keys[ntail - 1] : sh_last;
+        double acc = S.total_a;
+        int pick = ntail > 0 ? (int)(uint32_t)keys[ntail - 1] : S.last;
         for (uint32_t j = 0; j < ntail; ++j) {
             const uint32_t id = (uint32_t)keys[j];
             acc += (double)sample_weight(st, sane_logit(logits[id]));
@@ -534,6 +572,42 @@ __device__ void sample_draw(const float* logits, uint32_t v, const DrawArgs& a, 
         }
         out[0] = pick >= 0 ? (uint32_t)pick : 0u;
     }
+}
+
+// SamplingDist::probs of one row (temperature > 0) into probs [v]: each kept weight divided by
+// the kept mass (f64, then rounded to f32), 0 elsewhere. No finite logit: the one-hot vector of
+// token 0 (the CPU reports an error there; the host checks for it). Ends with a barrier.
+__device__ void row_probs(const float* logits, uint32_t v, const DrawArgs& a, float* probs) {
+    DrawShared& S = draw_shared();
+    const uint32_t tid = threadIdx.x;
+    if (!kept_setup(logits, v, a)) {
+        for (uint32_t i = tid; i < v; i += SAMPLE_THREADS) probs[i] = i == 0 ? 1.f : 0.f;
+        __syncthreads();
+        return;
+    }
+    const bool list = a.top_k > 0 && a.top_k < v;
+    const bool topp = a.top_p < 1.0f && S.st.tau != 0;
+    const Chunk ck = walk_chunk(logits, v, topp);
+    double mass = 0.0;
+    {
+        uint32_t tie = ck.tie_before;
+        for (uint32_t i = ck.i0; i < ck.i1; ++i) {
+            float w, y;
+            if (kept_class(logits, i, topp, false, list, 0, tie, w, y)) mass += (double)w;
+        }
+    }
+    const double before = block_exclusive_scan(mass, S.scan);
+    if (tid == SAMPLE_THREADS - 1) S.total = before + mass;
+    __syncthreads();
+    const double total = S.total;
+    uint32_t tie = ck.tie_before;
+    for (uint32_t i = ck.i0; i < ck.i1; ++i) {
+        float w, y;
+        probs[i] = kept_class(logits, i, topp, false, list, 0, tie, w, y)
+                       ? (float)((double)w / total)
+                       : 0.f;
+    }
+    __syncthreads();
 }
 
 // The penalties of model::sampling's read_penalized on one row, into work [v]: the repetition
@@ -630,4 +704,179 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     pdl_begin();
     const SampleRow r = rows[blockIdx.x];
     sample_row(r, v, scratch + blockIdx.x * sample_scratch_words(v), out + blockIdx.x);
+}
+
+// ------------------------------------------------------------------------------------------
+// Exact rejection sampling of a verify block (dflash::accept_sampled / accept_greedy).
+// ------------------------------------------------------------------------------------------
+
+// Σ x over the block (f64), broadcast to every thread.
+__device__ double block_sum_f64(double x) {
+    DrawShared& S = draw_shared();
+    const double ex = block_exclusive_scan(x, S.scan);
+    if (threadIdx.x == SAMPLE_THREADS - 1) S.total_a = ex + x;
+    __syncthreads();
+    const double t = S.total_a;
+    __syncthreads();
+    return t;
+}
+
+// dflash's sample_index over the weights w(j) ≥ 0, j < v, in id order: the first positive j
+// whose running sum exceeds target; past the end by rounding, the last positive one; 0 when
+// every weight is 0. Contiguous chunks per thread, a block scan, then the chunk holding it.
+template <class W>
+__device__ uint32_t block_inverse_cdf(uint32_t v, W w, double target) {
+    DrawShared& S = draw_shared();
+    const uint32_t tid = threadIdx.x;
+    const uint32_t chunk = (v + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const uint32_t i0 = min(v, tid * chunk), i1 = min(v, i0 + chunk);
+    double mass = 0.0;
+    int last = -1;
+    for (uint32_t i = i0; i < i1; ++i) {
+        const double x = w(i);
+        if (x > 0.0) {
+            mass += x;
+            last = (int)i;
+        }
+    }
+    const double before = block_exclusive_scan(mass, S.scan);
+    if (tid == 0) {
+        S.found = 0;
+        S.last = -1;
+    }
+    __syncthreads();
+    if (last >= 0) atomicMax(&S.last, last);
+    if (mass > 0.0 && target >= before && target < before + mass) {
+        double acc = before;
+        int pick = last;
+        for (uint32_t i = i0; i < i1; ++i) {
+            const double x = w(i);
+            if (x <= 0.0) continue;
+            acc += x;
+            if (target < acc) {
+                pick = (int)i;
+                break;
+            }
+        }
+        S.ntail = (uint32_t)pick;
+        S.found = 1;
+    }
+    __syncthreads();
+    const uint32_t r = S.found ? S.ntail : (S.last >= 0 ? (uint32_t)S.last : 0u);
+    __syncthreads();
+    return r;
+}
+
+// The penalized row i of a block (target or draft logits `row`), into work when a penalty is
+// on: the history is the prompt, the generated ids and the first i drafts.
+__device__ const float* block_row(const AcceptRow& r, const float* row, uint32_t i, uint32_t v,
+                                  float* work, uint32_t* marks) {
+    const SampleRow& s = r.s;
+    const bool fp_on = s.frequency_penalty != 0.0f || s.presence_penalty != 0.0f;
+    const uint32_t gen = s.generated_len + i;
+    const bool rep = s.repetition_penalty != 1.0f && s.prompt_len + gen > 0;
+    const bool fp = fp_on && gen > 0;
+    if (!rep && !fp) return row;
+    SampleRow ri = s;
+    ri.logits = row;
+    ri.generated_len = gen;
+    penalize(ri, v, rep, fp, work, marks);
+    return work;
+}
+
+// The penalized argmax of a row (lowest id on ties; 0 when nothing is finite).
+__device__ uint32_t block_argmax_row(const float* src, uint32_t v) {
+    __shared__ uint32_t res;
+    float best = -INFINITY;
+    uint32_t besti = 0xffffffffu;
+    for (uint32_t i = threadIdx.x; i < v; i += SAMPLE_THREADS)
+        argmax_fold(best, besti, sane_logit(src[i]), i);
+    block_argmax(best, besti);
+    if (threadIdx.x == 0) res = (besti == 0xffffffffu || best == -INFINITY) ? 0u : besti;
+    __syncthreads();
+    const uint32_t t = res;
+    __syncthreads();
+    return t;
+}
+
+// Scratch words of one block: work [v], marks [v], p [v], q [v]. Keep in step with
+// `ops::accept_scratch_len`.
+__device__ __forceinline__ uint64_t accept_scratch_words(uint32_t v) { return 4ull * v; }
+
+// out[2b], out[2b + 1] = (accepted drafts, bonus token) of block b (one CUDA block each):
+// greedy parameters accept the longest prefix equal to the penalized argmaxes (accept_greedy);
+// sampled ones run accept_sampled on p_i = SamplingDist::probs(target row i), q_i = the same of
+// draft row i, drawing the block's uniforms from its stream in the CPU's order (one per examined
+// draft, then one for the residual or the bonus).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    accept_rows(const AcceptRow* rows, uint32_t v, uint32_t* scratch, uint32_t* out) {
+    pdl_begin();
+    const AcceptRow r = rows[blockIdx.x];
+    uint32_t* sc = scratch + blockIdx.x * accept_scratch_words(v);
+    float* work = (float*)sc;
+    uint32_t* marks = sc + v;
+    float* p = (float*)(sc + 2 * (size_t)v);
+    float* q = (float*)(sc + 3 * (size_t)v);
+    out += 2 * blockIdx.x;
+    const uint32_t n = r.n;
+    DrawArgs a;
+    a.temperature = r.s.temperature;
+    a.top_k = r.s.top_k;
+    a.top_p = r.s.top_p;
+    a.min_p = r.s.min_p;
+    a.u = 0.0;
+    uint64_t pos = r.s.word_pos;
+    for (uint32_t i = 0; i <= n; ++i) {
+        const float* tgt = block_row(r, r.s.logits + (size_t)i * v, i, v, work, marks);
+        if (r.s.greedy) {
+            const uint32_t t = block_argmax_row(tgt, v);
+            if (i == n || t != r.drafts[i]) {
+                if (threadIdx.x == 0) {
+                    out[0] = i;
+                    out[1] = t;
+                }
+                return;
+            }
+            continue;
+        }
+        row_probs(tgt, v, a, p);
+        double ps = 0.0;
+        for (uint32_t j = threadIdx.x; j < v; j += SAMPLE_THREADS) ps += (double)p[j];
+        ps = block_sum_f64(ps);
+        if (i == n) {
+            const double u = stream_uniform(r.s.key, pos);
+            const uint32_t bonus =
+                block_inverse_cdf(v, [&](uint32_t j) { return (double)p[j]; }, u * ps);
+            if (threadIdx.x == 0) {
+                out[0] = n;
+                out[1] = bonus;
+            }
+            return;
+        }
+        const float* dr = block_row(r, r.draft_logits + (size_t)i * v, i, v, work, marks);
+        row_probs(dr, v, a, q);
+        double qs = 0.0;
+        for (uint32_t j = threadIdx.x; j < v; j += SAMPLE_THREADS) qs += (double)q[j];
+        qs = block_sum_f64(qs);
+        const double u = stream_uniform(r.s.key, pos);
+        pos += 2;
+        const uint32_t d = r.drafts[i];
+        const double p_d = d < v ? (double)p[d] / ps : 0.0;
+        const double q_d = d < v ? (double)q[d] / qs : 0.0;
+        if (u * q_d < p_d) continue;
+        // Rejected: the residual max(0, p̂ − q̂), or p̂ when it has no mass.
+        const double u2 = stream_uniform(r.s.key, pos);
+        auto res = [&](uint32_t j) { return fmax((double)p[j] / ps - (double)q[j] / qs, 0.0); };
+        double m = 0.0;
+        for (uint32_t j = threadIdx.x; j < v; j += SAMPLE_THREADS) m += res(j);
+        m = block_sum_f64(m);
+        const uint32_t bonus =
+            m > 0.0 ? block_inverse_cdf(v, res, u2 * m)
+                    : block_inverse_cdf(v, [&](uint32_t j) { return (double)p[j]; }, u2 * ps);
+        if (threadIdx.x == 0) {
+            out[0] = i;
+            out[1] = bonus;
+        }
+        return;
+    }
 }

@@ -420,6 +420,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "sample"),
     ("dflash", "gpu_spec"),
     ("dflash", "gpu_tp"),
+    ("dflash", "gpu_accept"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
     ("comm", "gpu_allreduce"),

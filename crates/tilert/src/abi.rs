@@ -149,6 +149,33 @@ impl SampleRow {
     }
 }
 
+/// `struct AcceptRow`: one verify block of a batched exact-acceptance launch (`accept_rows`):
+/// the block's [`SampleRow`] (its `logits` the `n + 1` target rows, its history the prompt, the
+/// generated ids and then the drafts), the drafter's `n` rows and the `n` drafts. Built by
+/// `crate::sample::DeviceSampler::accept`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct AcceptRow {
+    pub s: SampleRow,
+    pub draft_logits: u64,
+    pub drafts: u64,
+    pub n: u32,
+    pub _pad: u32,
+}
+
+/// `u32` words of one [`AcceptRow`].
+pub(crate) const ACCEPT_ROW_WORDS: usize = std::mem::size_of::<AcceptRow>() / 4;
+
+impl AcceptRow {
+    /// The block's bytes as the kernel reads them, as `u32` words.
+    pub fn words(&self) -> [u32; ACCEPT_ROW_WORDS] {
+        // SAFETY: AcceptRow is #[repr(C)] plain old data of exactly ACCEPT_ROW_WORDS · 4 bytes
+        // with no implicit padding (SampleRow is 96 bytes, then two u64 and two u32), so every
+        // bit pattern is a valid [u32; 30]; transmute checks the sizes at compile time.
+        unsafe { std::mem::transmute::<AcceptRow, [u32; ACCEPT_ROW_WORDS]>(*self) }
+    }
+}
+
 /// `struct MoeParams`: the routed-expert kernels' parameter block (`kernels/mxfp4.cu`), passed by
 /// value.
 #[repr(C)]
@@ -242,6 +269,15 @@ mod tests {
                     frequency_penalty,
                     key,
                     word_pos,
+                }
+            ),
+            rust_layout!(
+                "AcceptRow",
+                AcceptRow {
+                    s,
+                    draft_logits,
+                    drafts,
+                    n,
                 }
             ),
             rust_layout!(

@@ -716,6 +716,7 @@ pub struct Ops {
     router_route_f32: [CudaFunction; LINEAR_TOKENS.len()],
     sample: CudaFunction,
     sample_rows: CudaFunction,
+    accept_rows: CudaFunction,
 }
 
 /// `u32` words of scratch one sampled row needs over a vocabulary of `v`: the penalized logits
@@ -724,6 +725,12 @@ pub struct Ops {
 /// row.
 pub fn sample_scratch_len(v: usize) -> usize {
     2 * v + 2 * v.next_power_of_two()
+}
+
+/// `u32` words of scratch one verify block of [`Ops::accept_rows`] needs over a vocabulary of
+/// `v`: the penalized row and the history marks, then the block's `p` and `q` rows.
+pub fn accept_scratch_len(v: usize) -> usize {
+    4 * v
 }
 
 impl Ops {
@@ -776,6 +783,7 @@ impl Ops {
             qkv_rope_f32: bucketed("linear_qkv_rope_f32")?,
             sample: f("sample")?,
             sample_rows: f("sample_rows")?,
+            accept_rows: f("accept_rows")?,
             proj: proj::ProjOps::load(ctx)?,
             _module: module,
         })
@@ -1419,6 +1427,54 @@ impl Ops {
         launch(
             s,
             &self.sample_rows,
+            (n as u32, 1, 1),
+            SAMPLE_THREADS,
+            &[
+                rows.addr().into(),
+                u32_arg("vocabulary", v)?.into(),
+                scratch.addr().into(),
+                out.addr().into(),
+            ],
+        )
+    }
+
+    /// dflash's exact acceptance of `n` verify blocks in one launch (`rows`: `n`
+    /// [`crate::sample::AcceptRow`]s in device memory, written by
+    /// [`crate::sample::DeviceSampler::accept`]): `out[2b]` = the drafts block `b` accepts,
+    /// `out[2b + 1]` its bonus token. Greedy parameters: the longest prefix of drafts equal to
+    /// the penalized argmax of their target rows (`accept_greedy`). Sampled: `accept_sampled` on
+    /// `p_i` = `SamplingDist::probs` of target row `i`, `q_i` = the same of draft row `i` (the
+    /// history of row `i` ends with the first `i` drafts), uniforms from the block's stream in
+    /// the CPU's order (one per examined draft, then one for the residual or the bonus); the
+    /// masses are f64 sums in another association than the CPU's (see [`Ops::sample_rows`]).
+    /// `scratch` holds [`accept_scratch_len`]`(v)` words per block.
+    pub fn accept_rows(
+        &self,
+        s: &CudaStream,
+        rows: DPtr<u32>,
+        n: usize,
+        v: usize,
+        scratch: DPtr<u32>,
+        out: DPtr<u32>,
+    ) -> Result<(), RuntimeError> {
+        if v == 0 {
+            return Err(invalid("accept_rows: empty vocabulary".into()));
+        }
+        if n == 0 || n > SAMPLE_MAX_ROWS {
+            return Err(invalid(format!(
+                "accept_rows: {n} blocks (1..={SAMPLE_MAX_ROWS} per launch)"
+            )));
+        }
+        check_len(
+            "accept_rows: block table",
+            rows,
+            n * crate::abi::ACCEPT_ROW_WORDS,
+        )?;
+        check_len("accept_rows: scratch", scratch, n * accept_scratch_len(v))?;
+        check_len("accept_rows: out", out, 2 * n)?;
+        launch(
+            s,
+            &self.accept_rows,
             (n as u32, 1, 1),
             SAMPLE_THREADS,
             &[

@@ -4,6 +4,10 @@
 //! uniform stream ([`UniformStream`], the numbers the CPU [`model::sampling::Sampler`] draws),
 //! and only the token ids come back to the host — 4 bytes a row instead of the `V` logits.
 //!
+//! [`DeviceSampler::accept`] runs dflash's exact rejection sampling of every verify block of a
+//! pass in one `accept_rows` launch (the target's and the drafter's rows stay on the device) and
+//! brings back two words a block: the accepted count and the bonus token.
+//!
 //! The rule is `model::sampling`'s, computed by the kernel (see [`crate::ops::Ops::sample_rows`]
 //! for what it guarantees); a [`RowSample`] is the host's description of one row, turned into
 //! the ABI's [`SampleRow`] by [`DeviceSampler::sample`].
@@ -13,9 +17,9 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use model::sampling::{SamplingParams, UniformStream};
 
-use crate::abi::{SampleRow, SAMPLE_MAX_ROWS, SAMPLE_ROW_WORDS};
+use crate::abi::{AcceptRow, SampleRow, ACCEPT_ROW_WORDS, SAMPLE_MAX_ROWS, SAMPLE_ROW_WORDS};
 use crate::arena::{dtoh, htod, Arena, DPtr};
-use crate::ops::{sample_scratch_len, Ops};
+use crate::ops::{accept_scratch_len, sample_scratch_len, Ops};
 use crate::RuntimeError;
 
 /// One row to sample: its logits on the device and the request's state.
@@ -42,6 +46,12 @@ impl RowSample<'_> {
         } else {
             (&[], &[])
         }
+    }
+
+    /// Tokens of [`RowSample::history`].
+    fn history_tokens(&self) -> usize {
+        let (p, g) = self.history();
+        p.len() + g.len()
     }
 
     /// The ABI row, its history (see [`RowSample::history`]) at `history` on the device.
@@ -91,18 +101,91 @@ impl RowSample<'_> {
     }
 }
 
+/// One verify block to accept on the device ([`DeviceSampler::accept`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockAccept<'a> {
+    /// The `n + 1` target rows of the block (`[n + 1, V]`: row `i` predicts the token after
+    /// block token `i`).
+    pub target_logits: DPtr<f32>,
+    /// The drafter's `n` rows the drafts were drawn from (`[n, V]`; unused when greedy).
+    pub draft_logits: DPtr<f32>,
+    /// The `n` drafts.
+    pub drafts: &'a [u32],
+    /// The request's parameters, prompt, generated tokens and uniform stream (as
+    /// [`RowSample`]).
+    pub params: &'a SamplingParams,
+    pub prompt: &'a [u32],
+    pub generated: &'a [u32],
+    pub stream: Option<UniformStream>,
+}
+
+/// What the device's acceptance of one block returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceAcceptance {
+    /// Drafts accepted (`0..=n`).
+    pub accepted: usize,
+    /// The token taken from target row `accepted`.
+    pub bonus: u32,
+    /// Uniforms the block consumed from its stream (advance the request's sampler by as many:
+    /// one per examined draft, then one for the residual or the bonus; 0 when greedy).
+    pub uniforms: usize,
+}
+
+/// Buffers of one launch kind: the row table, the per-row scratch and the output words.
+struct Bufs {
+    arena: Arena,
+    table: DPtr<u32>,
+    scratch: DPtr<u32>,
+    out: DPtr<u32>,
+    history: DPtr<u32>,
+    cap: usize,
+}
+
+impl Bufs {
+    fn new(stream: &Arc<CudaStream>) -> Self {
+        Bufs {
+            arena: Arena::new(stream.clone()),
+            table: DPtr::null(),
+            scratch: DPtr::null(),
+            out: DPtr::null(),
+            history: DPtr::null(),
+            cap: 0,
+        }
+    }
+
+    /// Room for `n` rows of `words` table words, `scratch` scratch words and `out` output words
+    /// each, and `hist` history tokens (a new arena when growing, freeing the old one's memory).
+    fn reserve(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        n: usize,
+        (words, scratch, out): (usize, usize, usize),
+        hist: usize,
+    ) -> Result<(), RuntimeError> {
+        if n <= self.cap && hist <= self.history.len() {
+            return Ok(());
+        }
+        let cap = n.max(self.cap).next_power_of_two().min(SAMPLE_MAX_ROWS);
+        let hist = hist.max(self.history.len()).next_power_of_two();
+        // The stream may still use the old buffers: wait before dropping them.
+        stream.synchronize()?;
+        self.arena = Arena::new(stream.clone());
+        self.table = self.arena.alloc(cap * words, "sampling row table")?;
+        self.scratch = self.arena.alloc(cap * scratch, "sampling scratch")?;
+        self.out = self.arena.alloc(cap * out, "sampled tokens")?;
+        self.history = self.arena.alloc(hist, "sampling histories")?;
+        self.cap = cap;
+        Ok(())
+    }
+}
+
 /// Samples rows on the device ([`DeviceSampler::sample`]); owns the row table, the histories,
 /// the per-row scratch and the output ids (grown on demand, reused between calls).
 pub struct DeviceSampler {
     stream: Arc<CudaStream>,
     v: usize,
-    arena: Arena,
-    rows: DPtr<u32>,
-    scratch: DPtr<u32>,
-    out: DPtr<u32>,
-    history: DPtr<u32>,
-    /// Rows the buffers hold.
-    cap: usize,
+    rows: Bufs,
+    blocks: Bufs,
 }
 
 impl DeviceSampler {
@@ -112,20 +195,16 @@ impl DeviceSampler {
             return Err(RuntimeError::Invalid("sampler: empty vocabulary".into()));
         }
         Ok(Self {
-            arena: Arena::new(stream.clone()),
+            rows: Bufs::new(&stream),
+            blocks: Bufs::new(&stream),
             stream,
             v,
-            rows: DPtr::null(),
-            scratch: DPtr::null(),
-            out: DPtr::null(),
-            history: DPtr::null(),
-            cap: 0,
         })
     }
 
     /// Device bytes the sampler holds.
     pub fn device_bytes(&self) -> usize {
-        self.arena.reserved_bytes()
+        self.rows.arena.reserved_bytes() + self.blocks.arena.reserved_bytes()
     }
 
     /// The token of each row, drawn on the device in one launch (1..=[`SAMPLE_MAX_ROWS`]
@@ -141,11 +220,13 @@ impl DeviceSampler {
             )));
         }
         let hist_len = history_len(rows);
-        self.reserve(n, hist_len.max(1))?;
+        let shape = (SAMPLE_ROW_WORDS, sample_scratch_len(self.v), 1);
+        self.rows.reserve(&self.stream, n, shape, hist_len.max(1))?;
+        let b = &self.rows;
         let mut host = Vec::with_capacity(n * SAMPLE_ROW_WORDS);
         let mut hist = Vec::with_capacity(hist_len.max(1));
         for (i, r) in rows.iter().enumerate() {
-            let at = self.history.slice(hist.len()..self.history.len());
+            let at = b.history.slice(hist.len()..b.history.len());
             let row = r
                 .abi(self.v, at)
                 .map_err(|e| RuntimeError::Invalid(format!("sample: row {i}: {e}")))?;
@@ -157,33 +238,111 @@ impl DeviceSampler {
         if hist.is_empty() {
             hist.push(0);
         }
-        htod(&self.stream, &host, self.rows.slice(0..host.len()))?;
-        htod(&self.stream, &hist, self.history.slice(0..hist.len()))?;
-        ops.sample_rows(&self.stream, self.rows, n, self.v, self.scratch, self.out)?;
-        dtoh(&self.stream, self.out.slice(0..n))
+        htod(&self.stream, &host, b.table.slice(0..host.len()))?;
+        htod(&self.stream, &hist, b.history.slice(0..hist.len()))?;
+        ops.sample_rows(&self.stream, b.table, n, self.v, b.scratch, b.out)?;
+        dtoh(&self.stream, b.out.slice(0..n))
     }
 
-    /// Makes room for `n` rows and `hist` history tokens (a new arena when growing, which
-    /// frees the old one's memory).
-    fn reserve(&mut self, n: usize, hist: usize) -> Result<(), RuntimeError> {
-        if n <= self.cap && hist <= self.history.len() {
-            return Ok(());
+    /// dflash's acceptance of each verify block on the device, all blocks in one launch
+    /// (1..=[`SAMPLE_MAX_ROWS`]); only the accepted counts and bonus tokens come back. Sampled
+    /// blocks read their stream from [`BlockAccept::stream`] on; advance the request's sampler
+    /// by [`DeviceAcceptance::uniforms`] afterwards. Errors name the block at fault.
+    pub fn accept(
+        &mut self,
+        ops: &Ops,
+        blocks: &[BlockAccept],
+    ) -> Result<Vec<DeviceAcceptance>, RuntimeError> {
+        let n = blocks.len();
+        if n == 0 || n > SAMPLE_MAX_ROWS {
+            return Err(RuntimeError::Invalid(format!(
+                "accept: {n} blocks (1..={SAMPLE_MAX_ROWS} per launch)"
+            )));
         }
-        let cap = n.max(self.cap).next_power_of_two().min(SAMPLE_MAX_ROWS);
-        let hist = hist.max(self.history.len()).next_power_of_two();
-        // Drop the old buffers before allocating (the stream may still use them: wait).
-        self.stream.synchronize()?;
-        self.arena = Arena::new(self.stream.clone());
-        self.rows = self
-            .arena
-            .alloc(cap * SAMPLE_ROW_WORDS, "sampling row table")?;
-        self.scratch = self
-            .arena
-            .alloc(cap * sample_scratch_len(self.v), "sampling scratch")?;
-        self.out = self.arena.alloc(cap, "sampled tokens")?;
-        self.history = self.arena.alloc(hist, "sampling histories")?;
-        self.cap = cap;
-        Ok(())
+        let v = self.v;
+        let hist_len: usize = blocks
+            .iter()
+            .map(|b| b.row().history_tokens() + b.drafts.len())
+            .sum();
+        let shape = (ACCEPT_ROW_WORDS, accept_scratch_len(v), 2);
+        self.blocks
+            .reserve(&self.stream, n, shape, hist_len.max(1))?;
+        let bufs = &self.blocks;
+        let mut host = Vec::with_capacity(n * ACCEPT_ROW_WORDS);
+        let mut hist = Vec::with_capacity(hist_len.max(1));
+        for (i, b) in blocks.iter().enumerate() {
+            let bad = |m: String| RuntimeError::Invalid(format!("accept: block {i}: {m}"));
+            let d = b.drafts.len();
+            if d + 1 > crate::ops::MAX_TOKENS {
+                return Err(bad(format!(
+                    "{d} drafts (a verify block is at most {} tokens)",
+                    crate::ops::MAX_TOKENS
+                )));
+            }
+            if let Some(t) = b.drafts.iter().find(|&&t| t as usize >= v) {
+                return Err(bad(format!("draft {t} outside the vocabulary of {v}")));
+            }
+            if b.target_logits.len() < (d + 1) * v {
+                return Err(bad(format!(
+                    "{} target logits, {} rows of {v} needed",
+                    b.target_logits.len(),
+                    d + 1
+                )));
+            }
+            if !b.params.is_greedy() && b.draft_logits.len() < d * v {
+                return Err(bad(format!(
+                    "{} draft logits, {d} rows of {v} needed",
+                    b.draft_logits.len()
+                )));
+            }
+            let row = b.row();
+            let at = bufs.history.slice(hist.len()..bufs.history.len());
+            let s = row.abi(v, at).map_err(|e| bad(e.to_string()))?;
+            let (prompt, generated) = row.history();
+            hist.extend_from_slice(prompt);
+            hist.extend_from_slice(generated);
+            let drafts_at = bufs.history.slice(hist.len()..bufs.history.len());
+            hist.extend_from_slice(b.drafts);
+            let a = AcceptRow {
+                s,
+                draft_logits: if b.params.is_greedy() {
+                    0
+                } else {
+                    b.draft_logits.addr()
+                },
+                drafts: drafts_at.addr(),
+                n: d as u32,
+                _pad: 0,
+            };
+            host.extend_from_slice(&a.words());
+        }
+        if hist.is_empty() {
+            hist.push(0);
+        }
+        htod(&self.stream, &host, bufs.table.slice(0..host.len()))?;
+        htod(&self.stream, &hist, bufs.history.slice(0..hist.len()))?;
+        ops.accept_rows(&self.stream, bufs.table, n, v, bufs.scratch, bufs.out)?;
+        let out = dtoh(&self.stream, bufs.out.slice(0..2 * n))?;
+        Ok(blocks
+            .iter()
+            .zip(out.chunks_exact(2))
+            .map(|(b, w)| {
+                let accepted = w[0] as usize;
+                let d = b.drafts.len();
+                let uniforms = if b.params.is_greedy() {
+                    0
+                } else if accepted < d {
+                    accepted + 2
+                } else {
+                    d + 1
+                };
+                DeviceAcceptance {
+                    accepted,
+                    bonus: w[1],
+                    uniforms,
+                }
+            })
+            .collect())
     }
 }
 
@@ -199,10 +358,18 @@ pub fn bytes_per_call(rows: &[RowSample]) -> (usize, usize) {
 
 /// History tokens a call uploads (only rows with a penalty send theirs).
 fn history_len(rows: &[RowSample]) -> usize {
-    rows.iter()
-        .map(|r| {
-            let (p, g) = r.history();
-            p.len() + g.len()
-        })
-        .sum()
+    rows.iter().map(RowSample::history_tokens).sum()
+}
+
+impl<'a> BlockAccept<'a> {
+    /// The block as a [`RowSample`] (its logits field: the target rows).
+    fn row(&self) -> RowSample<'a> {
+        RowSample {
+            logits: self.target_logits,
+            params: self.params,
+            prompt: self.prompt,
+            generated: self.generated,
+            stream: self.stream,
+        }
+    }
 }
