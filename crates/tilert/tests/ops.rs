@@ -1653,6 +1653,52 @@ fn op_timings_at_gpt_oss_sizes() {
         });
         println!("TIMING sample v={v} {p:?}: {us:.1} us");
     }
+    // Every row of a 16-row pass sampled in one launch (row table and history upload, ids
+    // back included), without and with penalties over a 512-token history.
+    let mut sampler = tilert::sample::DeviceSampler::new(g.stream.clone(), v).unwrap();
+    let hist: Vec<u32> = (0..512u32).map(|i| i * 7919 % v as u32).collect();
+    for p in [
+        model::sampling::SamplingParams::greedy(),
+        model::sampling::SamplingParams {
+            temperature: 0.8,
+            top_k: Some(50),
+            top_p: Some(0.95),
+            ..Default::default()
+        },
+        model::sampling::SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.9),
+            min_p: Some(0.05),
+            repetition_penalty: Some(1.1),
+            frequency_penalty: 0.3,
+            ..Default::default()
+        },
+    ] {
+        let rows: Vec<tilert::sample::RowSample> = (0..16)
+            .map(|i| tilert::sample::RowSample {
+                logits: logits.slice(i * v..(i + 1) * v),
+                params: &p,
+                prompt: &hist,
+                generated: &hist[..64],
+                stream: Some(model::sampling::UniformStream {
+                    key: [i as u32; 8],
+                    word_pos: 0,
+                }),
+            })
+            .collect();
+        let us = time_us(&g, &mut || {
+            sampler.sample(&g.ops, &rows).unwrap();
+        });
+        println!(
+            "TIMING sample_rows 16 rows v={v} temperature {} top_k {:?} top_p {:?} min_p {:?} \
+             penalties {}: {us:.1} us",
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            p.min_p,
+            p.penalizes()
+        );
+    }
     let rl = g.up(&uniform(&mut rng, 16 * 32, 3.0));
     let (ids, w) = (g.zeros::<i32>(16 * 4), g.zeros::<f32>(16 * 4));
     for t in [1usize, 16] {
