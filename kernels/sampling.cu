@@ -229,10 +229,11 @@ struct Shared {
     uint64_t before;
 };
 
-// Among the candidates (top-k set when `in_k`, else every token), in descending logit order,
-// finds the crossing value: by count (`by_mass` false) the need-th largest logit; by mass the
-// first value at which the fixed-point mass of everything larger plus its own reaches `target`.
-// Leaves in sh: prefix = key of that value, before = count / mass strictly above it, and
+// Among the candidates (top-k set when `in_k`, else every token), in descending order, finds
+// the crossing value: by count (`by_mass` false) the need-th largest logit x; by mass the first
+// scaled logit y = (x − max)/T (top-p orders by y, then id, as model::sampling: two logits can
+// round to one y) at which the fixed-point mass of everything larger plus its own reaches
+// `target`. Leaves in sh: prefix = key of that value, before = count / mass strictly above it, and
 // hist[prefix & 0xff] = how many tokens have that value. found = 0 when the whole mass is below
 // target (rounding): then every candidate is kept.
 __device__ void crossing_select(const float* logits, uint32_t v, const SampleState& st,
@@ -277,7 +278,8 @@ __device__ void crossing_select(const float* logits, uint32_t v, const SampleSta
             const float x = sane_logit(logits[i]);
             if (sample_bin(st, x) != bin) continue;
             if (in_k && !in_topk_y(st, x)) continue;
-            const uint32_t key = order_key(x);
+            const uint32_t key = by_mass ? order_key(__fmul_rn(__fsub_rn(x, st.mx), st.inv_t))
+                                         : order_key(x);
             if ((key & hi_mask) != prefix) continue;
             const uint32_t dg = (key >> shift) & 0xff;
             atomicAdd(&sh.hist[dg], 1u);
@@ -363,9 +365,9 @@ __device__ __forceinline__ DrawShared& draw_shared() {
 }
 
 // Steps 1–3 of a row's SamplingDist (temperature > 0) into draw_shared().st: the max, the top-k
-// threshold (every logit ≥ the k-th largest, ties kept) and top-p's crossing value tau with how
-// many tau-valued tokens (lowest ids first) it keeps (by exact fixed-point mass, the 1e-6
-// relative tolerance). False when no logit is finite.
+// threshold (every logit ≥ the k-th largest, ties kept) and top-p's crossing scaled logit tau
+// (the key of y) with how many tau-valued tokens (lowest ids first) it keeps (by exact
+// fixed-point mass, the 1e-6 relative tolerance). False when no logit is finite.
 __device__ bool kept_setup(const float* logits, uint32_t v, const DrawArgs& a) {
     DrawShared& S = draw_shared();
     SampleState& st = S.st;
@@ -410,7 +412,7 @@ __device__ bool kept_setup(const float* logits, uint32_t v, const DrawArgs& a) {
             // j-th (j ≥ 1) while before + j·w_tau < target.
             const uint32_t cnt = sh.hist[sh.prefix & 0xff];
             const double before = (double)sh.before;
-            const double w = (double)(uint64_t)((double)sample_weight(st, key_value(sh.prefix)) * fx_scale);
+            const double w = (double)(uint64_t)((double)exp_f32(key_value(sh.prefix)) * fx_scale);
             uint32_t keep = cnt;
             if (w > 0.0) {
                 double j = ceil((target - before) / w);
@@ -447,7 +449,9 @@ __device__ Chunk walk_chunk(const float* logits, uint32_t v, bool topp) {
         uint32_t n = 0;
         for (uint32_t i = c.i0; i < c.i1; ++i) {
             const float x = sane_logit(logits[i]);
-            if (in_topk_y(st, x) && order_key(x) == st.tau) ++n;
+            if (in_topk_y(st, x) &&
+                order_key(__fmul_rn(__fsub_rn(x, st.mx), st.inv_t)) == st.tau)
+                ++n;
         }
         c.tie_before = (uint32_t)block_exclusive_scan((double)n, S.scan);
     }
@@ -466,7 +470,7 @@ __device__ __forceinline__ int kept_class(const float* logits, uint32_t i, bool 
     w = exp_f32(y);
     bool kept = in_topk(st, x, w) && w >= st.minp;
     if (kept && topp) {
-        const uint32_t key = order_key(x);
+        const uint32_t key = order_key(y);
         if (key < st.tau) kept = false;
         else if (key == st.tau && !st.tie_all) kept = tie++ < st.tie_keep;
     }
@@ -494,7 +498,7 @@ __device__ void sample_draw(const float* logits, uint32_t v, const DrawArgs& a, 
     // With top-p on, the kept tokens of the crossing bin (the bin of tau; the last bin when
     // rounding left the whole mass below the target) come last, sorted.
     const uint32_t cbin =
-        topp ? cpu_bin(__fmul_rn(__fsub_rn(key_value(st.tau), st.mx), st.inv_t), list) : 1024u;
+        topp ? cpu_bin(key_value(st.tau), list) : 1024u;
     const Chunk ck = walk_chunk(logits, v, topp);
     if (tid == 0) {
         S.ntail = 0;
