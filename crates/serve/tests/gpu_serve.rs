@@ -449,7 +449,16 @@ async fn gpu_speculative_penalties_and_logprobs_match_plain_decoding() {
 
 /// Full sampling settings: (temperature, top_k, top_p, min_p, repetition, presence, frequency,
 /// seed).
-type FullCase = (f32, Option<u32>, Option<f32>, Option<f32>, Option<f32>, f32, f32, u64);
+type FullCase = (
+    f32,
+    Option<u32>,
+    Option<f32>,
+    Option<f32>,
+    Option<f32>,
+    f32,
+    f32,
+    u64,
+);
 
 fn full_params(c: FullCase, max_tokens: u32) -> (SamplingParams, pb::SamplingParams) {
     let (temperature, top_k, top_p, min_p, rep, pres, freq, seed) = c;
@@ -497,12 +506,30 @@ async fn gpu_server_samples_on_the_device_as_ultra_generate() {
     };
     let server = start(engine_cfg(8, 2048), None).await;
     let cases: Vec<(&str, FullCase)> = vec![
-        ("The quick brown fox", (0.8, Some(20), Some(0.9), None, None, 0.0, 0.0, 1)),
-        ("Once upon a time", (1.1, None, Some(0.8), Some(0.05), None, 0.0, 0.0, 2)),
-        ("In the beginning", (0.7, None, None, None, Some(1.3), 0.5, 0.3, 3)),
-        ("def fibonacci(n):", (0.0, None, None, None, Some(1.5), 0.0, 0.8, 4)),
-        ("The weather today", (1.0, Some(5), None, None, None, -0.4, 0.0, 5)),
-        ("A long time ago", (0.9, None, None, Some(0.1), Some(0.9), 0.2, 0.2, 6)),
+        (
+            "The quick brown fox",
+            (0.8, Some(20), Some(0.9), None, None, 0.0, 0.0, 1),
+        ),
+        (
+            "Once upon a time",
+            (1.1, None, Some(0.8), Some(0.05), None, 0.0, 0.0, 2),
+        ),
+        (
+            "In the beginning",
+            (0.7, None, None, None, Some(1.3), 0.5, 0.3, 3),
+        ),
+        (
+            "def fibonacci(n):",
+            (0.0, None, None, None, Some(1.5), 0.0, 0.8, 4),
+        ),
+        (
+            "The weather today",
+            (1.0, Some(5), None, None, None, -0.4, 0.0, 5),
+        ),
+        (
+            "A long time ago",
+            (0.9, None, None, Some(0.1), Some(0.9), 0.2, 0.2, 6),
+        ),
     ];
     let max_tokens = 24;
     let want: Vec<Generation> = cases
