@@ -32,8 +32,9 @@
 #define MAX_EXPERTS 384
 #define MAX_TOPK 16
 #define ROUTER_THREADS 256
-// Threads of the sampler (one block).
+// Threads of the sampler (one block per row); most rows of one `sample_rows` launch.
 #define SAMPLE_THREADS 1024
+#define SAMPLE_MAX_ROWS 64
 
 // Dense projections from tiled FP8 / BF16 weights (proj.cu): most threads per CTA, rows per tile
 // (row group), FP8 scale block edge (rows and columns), threads per CTA of the stream-K kernels.
@@ -167,3 +168,53 @@ ULTRA_ABI_FIELD(MoeParams, row_groups, 76);
 ULTRA_ABI_FIELD(MoeParams, glu, 80);
 ULTRA_ABI_FIELD(MoeParams, alpha, 88);
 ULTRA_ABI_FIELD(MoeParams, limit, 92);
+
+// One row of a batched sampling launch (`sample_rows`, sampling.cu; tilert's `SampleRow`): where
+// the row's logits are, the request's token history for the penalties, its sampling parameters
+// (model::sampling's SamplingParams, with "off" spelled as the neutral value) and the position of
+// its next uniform in its seeded ChaCha20 stream (model::sampling::UniformStream).
+struct SampleRow {
+    const float* logits;        // V values
+    const uint32_t* history;    // prompt_len prompt ids, then generated_len generated ids
+    uint32_t prompt_len, generated_len;
+    uint32_t greedy;            // 1: the penalized argmax (SamplingParams::is_greedy)
+    uint32_t top_k;             // 0: off
+    float temperature;
+    float top_p;                // 1: off
+    float min_p;                // 0: off
+    float repetition_penalty;   // 1: off
+    float presence_penalty, frequency_penalty;
+    uint32_t key[8];            // ChaCha20 key of the request's seed
+    uint64_t word_pos;          // word offset of the row's uniform in that stream
+};
+ULTRA_ABI_SIZE(SampleRow, 96);
+ULTRA_ABI_FIELD(SampleRow, logits, 0);
+ULTRA_ABI_FIELD(SampleRow, history, 8);
+ULTRA_ABI_FIELD(SampleRow, prompt_len, 16);
+ULTRA_ABI_FIELD(SampleRow, generated_len, 20);
+ULTRA_ABI_FIELD(SampleRow, greedy, 24);
+ULTRA_ABI_FIELD(SampleRow, top_k, 28);
+ULTRA_ABI_FIELD(SampleRow, temperature, 32);
+ULTRA_ABI_FIELD(SampleRow, top_p, 36);
+ULTRA_ABI_FIELD(SampleRow, min_p, 40);
+ULTRA_ABI_FIELD(SampleRow, repetition_penalty, 44);
+ULTRA_ABI_FIELD(SampleRow, presence_penalty, 48);
+ULTRA_ABI_FIELD(SampleRow, frequency_penalty, 52);
+ULTRA_ABI_FIELD(SampleRow, key, 56);
+ULTRA_ABI_FIELD(SampleRow, word_pos, 88);
+
+// One verify block of a batched exact-acceptance launch (`accept_rows`, sampling.cu; tilert's
+// `AcceptRow`): dflash's rule over the block's n drafts. s.logits holds the n + 1 target rows
+// [n + 1][V]; s.history the prompt, then the generated ids, then (at drafts) the n drafts, the
+// penalties of row i reading generated_len + i generated ids; s.word_pos the first uniform.
+struct AcceptRow {
+    SampleRow s;
+    const float* draft_logits;  // [n][V]: the drafter's rows, q = the request's distribution of them
+    const uint32_t* drafts;     // [n]
+    uint32_t n, pad;
+};
+ULTRA_ABI_SIZE(AcceptRow, 120);
+ULTRA_ABI_FIELD(AcceptRow, s, 0);
+ULTRA_ABI_FIELD(AcceptRow, draft_logits, 96);
+ULTRA_ABI_FIELD(AcceptRow, drafts, 104);
+ULTRA_ABI_FIELD(AcceptRow, n, 112);

@@ -114,7 +114,15 @@ mod tests {
         let names: Vec<_> = layouts().into_iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["RopeOut", "KvRow", "RopeOutRows", "RouteSpec", "MoeParams"]
+            [
+                "RopeOut",
+                "KvRow",
+                "RopeOutRows",
+                "RouteSpec",
+                "MoeParams",
+                "SampleRow",
+                "AcceptRow"
+            ]
         );
         let rope = layout("RopeOut").unwrap();
         assert_eq!(rope.size, 88);

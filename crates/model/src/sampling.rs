@@ -678,6 +678,117 @@ impl Sampler {
         // 6. Draw.
         kept.draw(self.rng.random::<f64>())
     }
+
+    /// The token [`Sampler::try_sample`] picks when its draw is the uniform `u ∈ [0, 1)`,
+    /// without touching this sampler's RNG (the oracle of a device sampler given the same
+    /// uniform; greedy parameters ignore `u`).
+    pub fn try_sample_at(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        generated: &[u32],
+        u: f64,
+    ) -> Result<u32, SamplingError> {
+        let kept = self.dist.kept(logits, prompt, generated)?;
+        match kept.greedy() {
+            Some(id) => Ok(id),
+            None => kept.draw(u),
+        }
+    }
+
+    /// Where this sampler's uniform stream stands: the next sampled (non-greedy) token draws
+    /// [`UniformStream::uniform`] of it. A device sampler handed this position draws the same
+    /// number; [`Sampler::skip_uniform`] then moves this sampler past it.
+    pub fn stream(&self) -> UniformStream {
+        let seed = self.rng.get_seed();
+        let mut key = [0u32; 8];
+        for (k, b) in key.iter_mut().zip(seed.chunks_exact(4)) {
+            *k = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        UniformStream {
+            key,
+            // The stream is 2^68 words long; a sampler never gets past 2^64.
+            word_pos: self.rng.get_word_pos() as u64,
+        }
+    }
+
+    /// Consumes the uniform that [`Sampler::stream`] points at (what one sampled token drawn
+    /// elsewhere, e.g. on the device, took from this stream).
+    pub fn skip_uniform(&mut self) {
+        let pos = self.rng.get_word_pos();
+        self.rng
+            .set_word_pos(pos + UniformStream::WORDS_PER_DRAW as u128);
+    }
+}
+
+/// A position in a [`Sampler`]'s uniform stream: the ChaCha20 key its seed expands to and the
+/// offset in 32-bit words of the next draw. ChaCha20 is counter-based, so the uniform at any
+/// position is a pure function of these two ([`UniformStream::uniform`]) — the definition a
+/// device sampler implements (tilert's `sample_rows` kernel) to draw exactly the numbers the
+/// CPU sampler draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UniformStream {
+    /// The ChaCha20 key (the 32-byte seed of `ChaCha20Rng`, as little-endian words).
+    pub key: [u32; 8],
+    /// Offset in 32-bit words of the next draw (block `word_pos / 16`, word `word_pos % 16`).
+    pub word_pos: u64,
+}
+
+impl UniformStream {
+    /// Words one `f64` draw consumes (one `u64`, low word first).
+    pub const WORDS_PER_DRAW: u64 = 2;
+
+    /// The uniform `f64 ∈ [0, 1)` drawn at this position: the `u64` of words `word_pos` (low)
+    /// and `word_pos + 1` (high) of the keystream, its top 53 bits times `2^-53` (rand's
+    /// `StandardUniform` for `f64`).
+    pub fn uniform(&self) -> f64 {
+        let word = |p: u64| chacha20_block(&self.key, p / 16)[(p % 16) as usize];
+        let bits = u64::from(word(self.word_pos)) | (u64::from(word(self.word_pos + 1)) << 32);
+        (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// The position after this draw.
+    pub fn next(&self) -> UniformStream {
+        UniformStream {
+            word_pos: self.word_pos + Self::WORDS_PER_DRAW,
+            ..*self
+        }
+    }
+}
+
+/// Block `counter` of the ChaCha20 keystream of `key` (stream / nonce 0, 64-bit block counter:
+/// the state `rand_chacha`'s `ChaCha20Rng` runs), 16 words.
+pub fn chacha20_block(key: &[u32; 8], counter: u64) -> [u32; 16] {
+    let mut init = [0u32; 16];
+    init[..4].copy_from_slice(&[0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574]);
+    init[4..12].copy_from_slice(key);
+    init[12] = counter as u32;
+    init[13] = (counter >> 32) as u32;
+    let mut x = init;
+    fn qr(x: &mut [u32; 16], a: usize, b: usize, c: usize, d: usize) {
+        x[a] = x[a].wrapping_add(x[b]);
+        x[d] = (x[d] ^ x[a]).rotate_left(16);
+        x[c] = x[c].wrapping_add(x[d]);
+        x[b] = (x[b] ^ x[c]).rotate_left(12);
+        x[a] = x[a].wrapping_add(x[b]);
+        x[d] = (x[d] ^ x[a]).rotate_left(8);
+        x[c] = x[c].wrapping_add(x[d]);
+        x[b] = (x[b] ^ x[c]).rotate_left(7);
+    }
+    for _ in 0..10 {
+        qr(&mut x, 0, 4, 8, 12);
+        qr(&mut x, 1, 5, 9, 13);
+        qr(&mut x, 2, 6, 10, 14);
+        qr(&mut x, 3, 7, 11, 15);
+        qr(&mut x, 0, 5, 10, 15);
+        qr(&mut x, 1, 6, 11, 12);
+        qr(&mut x, 2, 7, 8, 13);
+        qr(&mut x, 3, 4, 9, 14);
+    }
+    for (o, i) in x.iter_mut().zip(init) {
+        *o = o.wrapping_add(i);
+    }
+    x
 }
 
 /// Lane / block width of [`sum_f64`] and [`find_cumulative`].
@@ -1250,6 +1361,72 @@ impl StopChecker {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn uniform_stream_is_the_samplers_rng() {
+        for seed in [0u64, 1, 42, u64::MAX, 0x1234_5678_9abc_def0] {
+            let p = SamplingParams {
+                temperature: 1.0,
+                seed: Some(seed),
+                ..Default::default()
+            };
+            let mut s = Sampler::new(&p).unwrap();
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            // 37 draws cross several 16-word blocks and the 64-word buffer of the RNG.
+            for d in 0..37u64 {
+                let at = s.stream();
+                assert_eq!(at.word_pos, 2 * d, "seed {seed} draw {d}");
+                let want = rng.random::<f64>();
+                assert_eq!(
+                    at.uniform().to_bits(),
+                    want.to_bits(),
+                    "seed {seed} draw {d}"
+                );
+                assert_eq!(at.next().word_pos, at.word_pos + 2);
+                s.skip_uniform();
+            }
+        }
+        // An odd word position (a u64 spanning two blocks) reads as ChaCha20Rng does.
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        rng.set_word_pos(15);
+        let key = {
+            let seed = rng.get_seed();
+            std::array::from_fn(|i| u32::from_le_bytes(seed[4 * i..4 * i + 4].try_into().unwrap()))
+        };
+        let at = UniformStream { key, word_pos: 15 };
+        assert_eq!(at.uniform().to_bits(), rng.random::<f64>().to_bits());
+    }
+
+    #[test]
+    fn sample_at_is_the_draw_of_that_uniform() {
+        let logits: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32) / 13.0).collect();
+        for (k, tp, mp) in [
+            (None, None, None),
+            (Some(20), Some(0.9), None),
+            (None, Some(0.7), Some(0.05)),
+        ] {
+            let p = SamplingParams {
+                temperature: 0.8,
+                top_k: k,
+                top_p: tp,
+                min_p: mp,
+                repetition_penalty: Some(1.3),
+                frequency_penalty: 0.4,
+                seed: Some(9),
+                ..Default::default()
+            };
+            let mut s = Sampler::new(&p).unwrap();
+            let mut oracle = Sampler::new(&p).unwrap();
+            let (prompt, generated) = ([3u32, 5, 5, 290], [7u32, 7, 100]);
+            for _ in 0..50 {
+                let u = s.stream().uniform();
+                let want = oracle
+                    .try_sample_at(&logits, &prompt, &generated, u)
+                    .unwrap();
+                assert_eq!(s.try_sample(&logits, &prompt, &generated).unwrap(), want);
+            }
+        }
+    }
     use super::*;
 
     fn pen(rep: Option<f32>, presence: f32, frequency: f32) -> SamplingParams {

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub num_preemptions: IntCounter,
+    /// Bytes of decode-step results (logits, or token ids when sampled on the device) handed
+    /// from the executor to the scheduler: on a GPU backend, what crosses to the host.
+    pub decode_result_bytes: IntCounter,
+    /// Plain decode steps (one batched executor call each).
+    pub decode_steps: IntCounter,
 }
 
 /// Latency buckets in seconds (vLLM's TTFT buckets, which also cover ITL and e2e on a CPU).
@@ -101,6 +106,12 @@ impl Metrics {
             kv_cache_usage_perc,
             prompt_tokens: counter("prompt_tokens_total", "Prefilled prompt tokens.")?,
             generation_tokens: counter("generation_tokens_total", "Generated tokens.")?,
+            decode_result_bytes: counter(
+                "decode_result_bytes_total",
+                "Bytes of decode-step results (logits, or token ids sampled on the device) the \
+                 executor handed to the scheduler: on a GPU, what crossed to the host.",
+            )?,
+            decode_steps: counter("decode_steps_total", "Plain decode steps.")?,
             request_success: counter_vec(
                 "request_success_total",
                 "Finished requests by finish reason.",

@@ -4,7 +4,9 @@
 //! ([`StopChecker`]).
 
 use anyhow::Result;
-use model::sampling::{FinishReason, Sampler, SamplingParams, StopCause, StopChecker, StopStatus};
+use model::sampling::{
+    FinishReason, Sampler, SamplingParams, StopCause, StopChecker, StopStatus, UniformStream,
+};
 use model::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// What one token added to the output.
@@ -55,6 +57,33 @@ impl TokenOutput {
     pub fn sample(&mut self, logits: &[f32], tokenizer: Option<&Tokenizer>) -> Result<Emitted> {
         let (prompt, generated) = self.history.split_at(self.prompt_len);
         let token = self.sampler.try_sample(logits, prompt, generated)?;
+        self.push(token, tokenizer)
+    }
+
+    /// What a device sampler needs to pick this sequence's next token exactly as
+    /// [`TokenOutput::sample`] would: the parameters, the prompt, the generated tokens and where
+    /// the sampler's uniform stream stands.
+    pub fn device_row(&self) -> (&SamplingParams, &[u32], &[u32], UniformStream) {
+        let (prompt, generated) = self.history.split_at(self.prompt_len);
+        (
+            self.sampler.params(),
+            prompt,
+            generated,
+            self.sampler.stream(),
+        )
+    }
+
+    /// Pushes a token a device sampler drew for [`TokenOutput::device_row`]: consumes the
+    /// uniform it read (sampled parameters; greedy ones read none), then
+    /// [`TokenOutput::push`].
+    pub fn push_device_sampled(
+        &mut self,
+        token: u32,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Emitted> {
+        if !self.sampler.params().is_greedy() {
+            self.sampler.skip_uniform();
+        }
         self.push(token, tokenizer)
     }
 

@@ -446,3 +446,134 @@ async fn gpu_speculative_penalties_and_logprobs_match_plain_decoding() {
     assert!(worst < 2e-3, "{worst}");
     plain.shutdown().await.unwrap();
 }
+
+/// Full sampling settings: (temperature, top_k, top_p, min_p, repetition, presence, frequency,
+/// seed).
+type FullCase = (
+    f32,
+    Option<u32>,
+    Option<f32>,
+    Option<f32>,
+    Option<f32>,
+    f32,
+    f32,
+    u64,
+);
+
+fn full_params(c: FullCase, max_tokens: u32) -> (SamplingParams, pb::SamplingParams) {
+    let (temperature, top_k, top_p, min_p, rep, pres, freq, seed) = c;
+    (
+        SamplingParams {
+            temperature,
+            top_k: top_k.map(|k| k as usize),
+            top_p,
+            min_p,
+            repetition_penalty: rep,
+            presence_penalty: pres,
+            frequency_penalty: freq,
+            seed: Some(seed),
+            max_tokens: max_tokens as usize,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        },
+        pb::SamplingParams {
+            temperature: Some(temperature),
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty: rep,
+            presence_penalty: Some(pres),
+            frequency_penalty: Some(freq),
+            seed: Some(seed),
+            max_tokens: Some(max_tokens),
+            ignore_eos: Some(true),
+            ..Default::default()
+        },
+    )
+}
+
+/// Plain decode steps on the GPU sample on the device (`tilert::sample`): six concurrent
+/// requests with every processor (temperature, top-k / top-p / min-p, repetition / presence /
+/// frequency penalties, seeds) give exactly `ultra generate --device cuda`'s output (which
+/// samples on the host), and the decode steps bring back only token ids (4 bytes a row), never
+/// logits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_server_samples_on_the_device_as_ultra_generate() {
+    let Some(_ctx) =
+        ultra_kernels::gpu_for_test("gpu_server_samples_on_the_device_as_ultra_generate")
+    else {
+        return;
+    };
+    let server = start(engine_cfg(8, 2048), None).await;
+    let cases: Vec<(&str, FullCase)> = vec![
+        (
+            "The quick brown fox",
+            (0.8, Some(20), Some(0.9), None, None, 0.0, 0.0, 1),
+        ),
+        (
+            "Once upon a time",
+            (1.1, None, Some(0.8), Some(0.05), None, 0.0, 0.0, 2),
+        ),
+        (
+            "In the beginning",
+            (0.7, None, None, None, Some(1.3), 0.5, 0.3, 3),
+        ),
+        (
+            "def fibonacci(n):",
+            (0.0, None, None, None, Some(1.5), 0.0, 0.8, 4),
+        ),
+        (
+            "The weather today",
+            (1.0, Some(5), None, None, None, -0.4, 0.0, 5),
+        ),
+        (
+            "A long time ago",
+            (0.9, None, None, Some(0.1), Some(0.9), 0.2, 0.2, 6),
+        ),
+    ];
+    let max_tokens = 24;
+    let want: Vec<Generation> = cases
+        .iter()
+        .map(|(p, c)| reference(p, &full_params(*c, max_tokens).0).1)
+        .collect();
+    let metrics = server.state().engine().unwrap().metrics().clone();
+    let (bytes0, steps0) = (
+        metrics.decode_result_bytes.get(),
+        metrics.decode_steps.get(),
+    );
+    let tasks: Vec<_> = cases
+        .iter()
+        .map(|(p, c)| {
+            let (prompt, s) = (p.to_string(), full_params(*c, max_tokens).1);
+            let addr = server.grpc_addr;
+            tokio::spawn(async move {
+                let mut cl = EngineClient::connect(format!("http://{addr}"))
+                    .await
+                    .unwrap();
+                collect(
+                    cl.generate(text_request(&prompt, s))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                )
+                .await
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(got.tokens, want[i].tokens, "case {i}: {:?}", cases[i]);
+        assert_eq!(got.text, want[i].text, "case {i}");
+    }
+    let (bytes, steps) = (
+        metrics.decode_result_bytes.get() - bytes0,
+        metrics.decode_steps.get() - steps0,
+    );
+    assert!(steps > 0, "no decode steps counted");
+    assert!(
+        bytes <= 4 * 8 * steps,
+        "{bytes} bytes over {steps} decode steps: logits came back to the host"
+    );
+    wait_idle(&server).await;
+    server.shutdown().await.unwrap();
+}

@@ -22,8 +22,9 @@ pub(crate) const ATT_MAX_SPLITS: usize = 64;
 pub(crate) const MAX_EXPERTS: usize = 384;
 pub(crate) const MAX_TOPK: usize = 16;
 pub(crate) const ROUTER_THREADS: u32 = 256;
-/// Threads of the sampler.
+/// Threads of the sampler (one block per row); most rows of one `sample_rows` launch.
 pub(crate) const SAMPLE_THREADS: u32 = 1024;
+pub const SAMPLE_MAX_ROWS: usize = 64;
 /// Routed experts (`kernels/mxfp4.cu`): most (token, expert) entries per launch, bitmap words of
 /// the expert table (32 experts each), most warps per CTA.
 pub(crate) const MOE_MAX_IDS: usize = 256;
@@ -117,6 +118,69 @@ pub(crate) struct RopeOutRows {
     pub rows: u64,
 }
 
+/// `struct SampleRow`: one row of a batched sampling launch (`sample_rows`), read from a table
+/// in device memory: the row's logits, the request's token history (for the penalties), its
+/// sampling parameters with "off" as the neutral value, and the position of its uniform in its
+/// seeded stream (`model::sampling::UniformStream`). Built by `crate::sample::RowSample`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct SampleRow {
+    pub logits: u64,
+    pub history: u64,
+    pub prompt_len: u32,
+    pub generated_len: u32,
+    pub greedy: u32,
+    pub top_k: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub key: [u32; 8],
+    pub word_pos: u64,
+}
+
+/// `u32` words of one [`SampleRow`].
+pub(crate) const SAMPLE_ROW_WORDS: usize = std::mem::size_of::<SampleRow>() / 4;
+
+impl SampleRow {
+    /// The row's bytes as the kernel reads them, as `u32` words (little-endian device and host).
+    pub fn words(&self) -> [u32; SAMPLE_ROW_WORDS] {
+        // SAFETY: SampleRow is #[repr(C)] plain old data of exactly SAMPLE_ROW_WORDS · 4 bytes
+        // with no implicit padding (the u64 at offset 88 is 8-aligned after 22 words), so every
+        // bit pattern is a valid [u32; 24]; transmute checks the sizes at compile time.
+        unsafe { std::mem::transmute::<SampleRow, [u32; SAMPLE_ROW_WORDS]>(*self) }
+    }
+}
+
+/// `struct AcceptRow`: one verify block of a batched exact-acceptance launch (`accept_rows`):
+/// the block's [`SampleRow`] (its `logits` the `n + 1` target rows, its history the prompt, the
+/// generated ids and then the drafts), the drafter's `n` rows and the `n` drafts. Built by
+/// `crate::sample::DeviceSampler::accept`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct AcceptRow {
+    pub s: SampleRow,
+    pub draft_logits: u64,
+    pub drafts: u64,
+    pub n: u32,
+    pub _pad: u32,
+}
+
+/// `u32` words of one [`AcceptRow`].
+pub(crate) const ACCEPT_ROW_WORDS: usize = std::mem::size_of::<AcceptRow>() / 4;
+
+impl AcceptRow {
+    /// The block's bytes as the kernel reads them, as `u32` words.
+    pub fn words(&self) -> [u32; ACCEPT_ROW_WORDS] {
+        // SAFETY: AcceptRow is #[repr(C)] plain old data of exactly ACCEPT_ROW_WORDS · 4 bytes
+        // with no implicit padding (SampleRow is 96 bytes, then two u64 and two u32), so every
+        // bit pattern is a valid [u32; 30]; transmute checks the sizes at compile time.
+        unsafe { std::mem::transmute::<AcceptRow, [u32; ACCEPT_ROW_WORDS]>(*self) }
+    }
+}
+
 /// `struct MoeParams`: the routed-expert kernels' parameter block (`kernels/mxfp4.cu`), passed by
 /// value.
 #[repr(C)]
@@ -198,6 +262,34 @@ mod tests {
             ),
             rust_layout!("RopeOutRows", RopeOutRows { ro, rows }),
             rust_layout!(
+                "SampleRow",
+                SampleRow {
+                    logits,
+                    history,
+                    prompt_len,
+                    generated_len,
+                    greedy,
+                    top_k,
+                    temperature,
+                    top_p,
+                    min_p,
+                    repetition_penalty,
+                    presence_penalty,
+                    frequency_penalty,
+                    key,
+                    word_pos,
+                }
+            ),
+            rust_layout!(
+                "AcceptRow",
+                AcceptRow {
+                    s,
+                    draft_logits,
+                    drafts,
+                    n,
+                }
+            ),
+            rust_layout!(
                 "RouteSpec",
                 RouteSpec {
                     n_exp,
@@ -250,7 +342,7 @@ mod tests {
 
     #[test]
     fn limits_match_the_header() {
-        let rust: [(&str, u64); 17] = [
+        let rust: [(&str, u64); 18] = [
             ("MAX_TOKENS", MAX_TOKENS as u64),
             ("LINEAR_THREADS", LINEAR_THREADS.into()),
             ("MAX_HEAD_DIM", MAX_HEAD_DIM as u64),
@@ -261,6 +353,7 @@ mod tests {
             ("MAX_TOPK", MAX_TOPK as u64),
             ("ROUTER_THREADS", ROUTER_THREADS.into()),
             ("SAMPLE_THREADS", SAMPLE_THREADS.into()),
+            ("SAMPLE_MAX_ROWS", SAMPLE_MAX_ROWS as u64),
             ("MOE_MAX_IDS", MOE_MAX_IDS as u64),
             ("MOE_MAX_EXPERT_WORDS", MOE_MAX_EXPERT_WORDS as u64),
             ("MOE_MAX_WARPS", MOE_MAX_WARPS as u64),
@@ -280,6 +373,44 @@ mod tests {
             );
         }
         assert_eq!(crate::moe::MAX_EXPERTS, MOE_MAX_EXPERT_WORDS * 32);
+    }
+
+    #[test]
+    fn sample_row_words_are_its_c_layout() {
+        let r = SampleRow {
+            logits: 0x1111_2222_3333_4444,
+            history: 0x5555_6666_7777_8888,
+            prompt_len: 3,
+            generated_len: 4,
+            greedy: 1,
+            top_k: 50,
+            temperature: 0.7,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.2,
+            presence_penalty: -0.5,
+            frequency_penalty: 0.25,
+            key: [10, 11, 12, 13, 14, 15, 16, 17],
+            word_pos: 0x0123_4567_89ab_cdef,
+        };
+        let w = r.words();
+        let c = layout("SampleRow").unwrap();
+        let off = |f: &str| c.fields.iter().find(|(n, _)| *n == f).unwrap().1 / 4;
+        let u64_at = |i: usize| u64::from(w[i]) | (u64::from(w[i + 1]) << 32);
+        assert_eq!(u64_at(off("logits")), r.logits);
+        assert_eq!(u64_at(off("history")), r.history);
+        assert_eq!(w[off("prompt_len")], 3);
+        assert_eq!(w[off("generated_len")], 4);
+        assert_eq!(w[off("greedy")], 1);
+        assert_eq!(w[off("top_k")], 50);
+        assert_eq!(f32::from_bits(w[off("temperature")]), 0.7);
+        assert_eq!(f32::from_bits(w[off("top_p")]), 0.9);
+        assert_eq!(f32::from_bits(w[off("min_p")]), 0.05);
+        assert_eq!(f32::from_bits(w[off("repetition_penalty")]), 1.2);
+        assert_eq!(f32::from_bits(w[off("presence_penalty")]), -0.5);
+        assert_eq!(f32::from_bits(w[off("frequency_penalty")]), 0.25);
+        assert_eq!(&w[off("key")..off("key") + 8], &r.key);
+        assert_eq!(u64_at(off("word_pos")), r.word_pos);
     }
 
     #[test]

@@ -871,6 +871,9 @@ pub struct GpuSession {
     use_graphs: bool,
     /// The blocks and block table of a paged session (`None`: contiguous caches).
     paged: Option<paged::SessionBlocks>,
+    /// [`GpuSession::sample_last`]'s scratch (`ops::sample_scratch_len(V)` words), allocated on
+    /// first use.
+    sample_scratch: DPtr<u32>,
 }
 
 impl GpuSession {
@@ -991,6 +994,7 @@ impl GpuSession {
             // synchronized so a fault names its op).
             use_graphs: std::env::var("ULTRA_NO_GRAPHS").map_or(true, |v| v != "1"),
             paged: paged.take(),
+            sample_scratch: DPtr::null(),
         })
     }
 
@@ -1252,6 +1256,16 @@ impl GpuSession {
     ) -> Result<u32, RuntimeError> {
         let m = &*self.model.inner;
         let v = m.config.vocab_size;
+        if row >= MAX_TOKENS {
+            return Err(RuntimeError::Invalid(format!(
+                "sample_last: row {row} (a pass has at most {MAX_TOKENS})"
+            )));
+        }
+        if self.sample_scratch.is_null() {
+            self.sample_scratch = self
+                .arena
+                .alloc(crate::ops::sample_scratch_len(v), "sampling scratch")?;
+        }
         htod(&m.stream, &[uniform], self.b.sample_uniform)?;
         m.ops.sample(
             &m.stream,
@@ -1259,6 +1273,7 @@ impl GpuSession {
             v,
             p,
             self.b.sample_uniform,
+            self.sample_scratch,
             self.b.sample_out,
         )?;
         Ok(dtoh(&m.stream, self.b.sample_out)?[0])

@@ -31,6 +31,7 @@ pub mod launch;
 pub mod moe;
 pub mod ops;
 pub mod persistent;
+pub mod sample;
 pub mod tensor;
 
 use std::sync::Arc;

@@ -27,7 +27,7 @@ use ultra_kernels::KernelSet;
 
 use crate::abi::{
     RopeOut, RopeOutRows, RouteSpec, ATT_MAX_SPLITS, ATT_MAX_WARPS, ATT_TILE, LINEAR_THREADS,
-    MAX_EXPERTS, MAX_HEAD_DIM, MAX_TOPK, ROUTER_THREADS, SAMPLE_THREADS,
+    MAX_EXPERTS, MAX_HEAD_DIM, MAX_TOPK, ROUTER_THREADS, SAMPLE_MAX_ROWS, SAMPLE_THREADS,
 };
 use crate::arena::DPtr;
 use crate::tensor::{DenseData, DeviceMatrix};
@@ -804,6 +804,22 @@ pub struct Ops {
     qkv_rope_f32: [CudaFunction; LINEAR_TOKENS.len()],
     router_route_f32: [CudaFunction; LINEAR_TOKENS.len()],
     sample: CudaFunction,
+    sample_rows: CudaFunction,
+    accept_rows: CudaFunction,
+}
+
+/// `u32` words of scratch one sampled row needs over a vocabulary of `v`: the penalized logits
+/// and the history marks (`v` each), then the sort keys of top-p's crossing bin (the next
+/// power of two of `v` `u64`s). [`Ops::sample`] takes one row's, [`Ops::sample_rows`] one per
+/// row.
+pub fn sample_scratch_len(v: usize) -> usize {
+    2 * v + 2 * v.next_power_of_two()
+}
+
+/// `u32` words of scratch one verify block of [`Ops::accept_rows`] needs over a vocabulary of
+/// `v`: the penalized row and the history marks, then the block's `p` and `q` rows.
+pub fn accept_scratch_len(v: usize) -> usize {
+    4 * v
 }
 
 impl Ops {
@@ -855,6 +871,8 @@ impl Ops {
             qkv_rope_bf16: bucketed("linear_qkv_rope_bf16")?,
             qkv_rope_f32: bucketed("linear_qkv_rope_f32")?,
             sample: f("sample")?,
+            sample_rows: f("sample_rows")?,
+            accept_rows: f("accept_rows")?,
             proj: proj::ProjOps::load(ctx)?,
             _module: module,
         })
@@ -1408,9 +1426,9 @@ impl Ops {
     /// the uniform number `uniform[0]` in [0, 1) (device memory, so a graph can replay it);
     /// writes the token to `out[0]`.
     ///
-    /// The token is drawn exactly from the distribution `model::sampling::Sampler` defines (the
-    /// kept set, then inverse CDF over it in id order); when every logit is `-inf`/NaN it writes
-    /// 0, as `Sampler::sample` does.
+    /// The token is the one `model::sampling::Sampler` draws at that uniform (its kept set,
+    /// walked in its order: see [`Ops::sample_rows`]); when every logit is `-inf`/NaN it writes
+    /// 0, as `Sampler::sample` does. `scratch` holds [`sample_scratch_len`]`(v)` words.
     #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
@@ -1419,6 +1437,7 @@ impl Ops {
         v: usize,
         p: &SampleArgs,
         uniform: DPtr<f32>,
+        scratch: DPtr<u32>,
         out: DPtr<u32>,
     ) -> Result<(), RuntimeError> {
         if v == 0 {
@@ -1439,6 +1458,7 @@ impl Ops {
         check_len("sample: logits", logits, v)?;
         check_len("sample: uniform", uniform, 1)?;
         check_len("sample: out", out, 1)?;
+        check_len("sample: scratch", scratch, sample_scratch_len(v))?;
         launch(
             s,
             &self.sample,
@@ -1452,6 +1472,108 @@ impl Ops {
                 p.top_p.into(),
                 p.min_p.into(),
                 uniform.addr().into(),
+                // The crossing-bin keys sit after the row's work and marks (2·v words).
+                (scratch.addr() + 8 * v as u64).into(),
+                out.addr().into(),
+            ],
+        )
+    }
+
+    /// Samples every row of a table in one launch: `out[r]` = the token of row `r` of `rows`
+    /// (`n` [`crate::sample::SampleRow`]s in device memory, written by
+    /// [`crate::sample::DeviceSampler`]), each with its own logits (`v` values), parameters,
+    /// token history and uniform.
+    ///
+    /// Each row computes exactly `model::sampling::Sampler`'s choice: the penalties of
+    /// `read_penalized` (repetition over prompt + generated, then frequency and presence over
+    /// the generated ids, every rounding as the CPU's), then the greedy argmax (lowest id on
+    /// ties), or the kept set of `SamplingDist` (top-k with ties, top-p, min-p) walked in
+    /// `Kept::draw`'s order to the first token whose running mass exceeds `u · total`, where `u`
+    /// is the row's `UniformStream::uniform` (the same ChaCha20 words the CPU sampler reads).
+    /// The masses are summed in f64 in another association than the CPU's, so a uniform
+    /// within f64 rounding (~1e-16 relative) of a boundary between two tokens may pick the
+    /// neighbour. `scratch` holds [`sample_scratch_len`]`(v)` words per row.
+    pub fn sample_rows(
+        &self,
+        s: &CudaStream,
+        rows: DPtr<u32>,
+        n: usize,
+        v: usize,
+        scratch: DPtr<u32>,
+        out: DPtr<u32>,
+    ) -> Result<(), RuntimeError> {
+        if v == 0 {
+            return Err(invalid("sample_rows: empty vocabulary".into()));
+        }
+        if n == 0 || n > SAMPLE_MAX_ROWS {
+            return Err(invalid(format!(
+                "sample_rows: {n} rows (1..={SAMPLE_MAX_ROWS} per launch)"
+            )));
+        }
+        check_len(
+            "sample_rows: row table",
+            rows,
+            n * crate::abi::SAMPLE_ROW_WORDS,
+        )?;
+        check_len("sample_rows: scratch", scratch, n * sample_scratch_len(v))?;
+        check_len("sample_rows: out", out, n)?;
+        launch(
+            s,
+            &self.sample_rows,
+            (n as u32, 1, 1),
+            SAMPLE_THREADS,
+            &[
+                rows.addr().into(),
+                u32_arg("vocabulary", v)?.into(),
+                scratch.addr().into(),
+                out.addr().into(),
+            ],
+        )
+    }
+
+    /// dflash's exact acceptance of `n` verify blocks in one launch (`rows`: `n`
+    /// [`crate::sample::AcceptRow`]s in device memory, written by
+    /// [`crate::sample::DeviceSampler::accept`]): `out[2b]` = the drafts block `b` accepts,
+    /// `out[2b + 1]` its bonus token. Greedy parameters: the longest prefix of drafts equal to
+    /// the penalized argmax of their target rows (`accept_greedy`). Sampled: `accept_sampled` on
+    /// `p_i` = `SamplingDist::probs` of target row `i`, `q_i` = the same of draft row `i` (the
+    /// history of row `i` ends with the first `i` drafts), uniforms from the block's stream in
+    /// the CPU's order (one per examined draft, then one for the residual or the bonus); the
+    /// masses are f64 sums in another association than the CPU's (see [`Ops::sample_rows`]).
+    /// `scratch` holds [`accept_scratch_len`]`(v)` words per block.
+    pub fn accept_rows(
+        &self,
+        s: &CudaStream,
+        rows: DPtr<u32>,
+        n: usize,
+        v: usize,
+        scratch: DPtr<u32>,
+        out: DPtr<u32>,
+    ) -> Result<(), RuntimeError> {
+        if v == 0 {
+            return Err(invalid("accept_rows: empty vocabulary".into()));
+        }
+        if n == 0 || n > SAMPLE_MAX_ROWS {
+            return Err(invalid(format!(
+                "accept_rows: {n} blocks (1..={SAMPLE_MAX_ROWS} per launch)"
+            )));
+        }
+        check_len(
+            "accept_rows: block table",
+            rows,
+            n * crate::abi::ACCEPT_ROW_WORDS,
+        )?;
+        check_len("accept_rows: scratch", scratch, n * accept_scratch_len(v))?;
+        check_len("accept_rows: out", out, 2 * n)?;
+        launch(
+            s,
+            &self.accept_rows,
+            (n as u32, 1, 1),
+            SAMPLE_THREADS,
+            &[
+                rows.addr().into(),
+                u32_arg("vocabulary", v)?.into(),
+                scratch.addr().into(),
                 out.addr().into(),
             ],
         )

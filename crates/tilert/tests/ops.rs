@@ -23,7 +23,9 @@ use model::weights::{GateUpLayout, Linear, Mat};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tilert::arena::{dtoh, htod, Arena, DPtr};
-use tilert::ops::{AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS};
+use tilert::ops::{
+    sample_scratch_len, AttnArgs, GluArgs, Ops, RouteArgs, SampleArgs, ARGMAX_SCRATCH, MAX_TOKENS,
+};
 use tilert::tensor::{DenseData, DeviceMatrix};
 
 struct Gpu {
@@ -1340,6 +1342,7 @@ fn sample_draws_the_sampler_distribution() {
         .collect();
     let du = g.up(&uniforms);
     let dout = g.zeros::<u32>(draws);
+    let scratch = g.zeros::<u32>(sample_scratch_len(3000));
     for v in [50usize, 3000] {
         for ties in [false, true] {
             let mut logits = uniform(&mut rng, v, 4.0);
@@ -1394,6 +1397,7 @@ fn sample_draws_the_sampler_distribution() {
                             v,
                             p,
                             du.slice(i..i + 1),
+                            scratch,
                             dout.slice(i..i + 1),
                         )
                         .unwrap();
@@ -1430,6 +1434,7 @@ fn sample_draws_the_sampler_distribution() {
             3,
             &params[0],
             du.slice(0..1),
+            scratch,
             dout.slice(0..1),
         )
         .unwrap();
@@ -1533,7 +1538,20 @@ fn invalid_arguments_are_errors() {
         top_p: 1.0,
         min_p: 0.0,
     };
-    assert!(g.ops.sample(&g.stream, logits, 400, &bad, u, o).is_err());
+    let scratch: DPtr<u32> = g.zeros(sample_scratch_len(400));
+    assert!(g
+        .ops
+        .sample(&g.stream, logits, 400, &bad, u, scratch, o)
+        .is_err());
+    // Too little scratch: an error, not a fault.
+    let good = SampleArgs {
+        temperature: 1.0,
+        ..bad
+    };
+    assert!(g
+        .ops
+        .sample(&g.stream, logits, 400, &good, u, scratch.slice(0..100), o)
+        .is_err());
 }
 
 /// Timings of the other ops at gpt-oss-20b sizes (printed, not asserted).
@@ -1600,6 +1618,7 @@ fn op_timings_at_gpt_oss_sizes() {
     let out = g.zeros::<u32>(16);
     let argmax_scratch = g.zeros::<u32>(ARGMAX_SCRATCH);
     let u = g.up(&[0.37f32]);
+    let scratch = g.zeros::<u32>(sample_scratch_len(v));
     for t in [1usize, 16] {
         let us = time_us(&g, &mut || {
             g.ops
@@ -1629,9 +1648,57 @@ fn op_timings_at_gpt_oss_sizes() {
         },
     ] {
         let us = time_us(&g, &mut || {
-            g.ops.sample(&g.stream, logits, v, &p, u, out).unwrap()
+            g.ops
+                .sample(&g.stream, logits, v, &p, u, scratch, out)
+                .unwrap()
         });
         println!("TIMING sample v={v} {p:?}: {us:.1} us");
+    }
+    // Every row of a 16-row pass sampled in one launch (row table and history upload, ids
+    // back included), without and with penalties over a 512-token history.
+    let mut sampler = tilert::sample::DeviceSampler::new(g.stream.clone(), v).unwrap();
+    let hist: Vec<u32> = (0..512u32).map(|i| i * 7919 % v as u32).collect();
+    for p in [
+        model::sampling::SamplingParams::greedy(),
+        model::sampling::SamplingParams {
+            temperature: 0.8,
+            top_k: Some(50),
+            top_p: Some(0.95),
+            ..Default::default()
+        },
+        model::sampling::SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.9),
+            min_p: Some(0.05),
+            repetition_penalty: Some(1.1),
+            frequency_penalty: 0.3,
+            ..Default::default()
+        },
+    ] {
+        let rows: Vec<tilert::sample::RowSample> = (0..16)
+            .map(|i| tilert::sample::RowSample {
+                logits: logits.slice(i * v..(i + 1) * v),
+                params: &p,
+                prompt: &hist,
+                generated: &hist[..64],
+                stream: Some(model::sampling::UniformStream {
+                    key: [i as u32; 8],
+                    word_pos: 0,
+                }),
+            })
+            .collect();
+        let us = time_us(&g, &mut || {
+            sampler.sample(&g.ops, &rows).unwrap();
+        });
+        println!(
+            "TIMING sample_rows 16 rows v={v} temperature {} top_k {:?} top_p {:?} min_p {:?} \
+             penalties {}: {us:.1} us",
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            p.min_p,
+            p.penalizes()
+        );
     }
     let rl = g.up(&uniform(&mut rng, 16 * 32, 3.0));
     let (ids, w) = (g.zeros::<i32>(16 * 4), g.zeros::<f32>(16 * 4));

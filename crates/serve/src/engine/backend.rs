@@ -23,6 +23,16 @@ pub type KvBytes = Arc<dyn Fn(usize) -> u64 + Send + Sync>;
 
 /// An executor the scheduler drives. One scheduler thread owns it; sequences never leave that
 /// thread.
+/// One request's next-token choice for [`Backend::decode_sample_batch`]: exactly what its host
+/// sampler would draw (`crate::stream::TokenOutput::device_row`).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRow<'a> {
+    pub params: &'a model::sampling::SamplingParams,
+    pub prompt: &'a [u32],
+    pub generated: &'a [u32],
+    pub stream: model::sampling::UniformStream,
+}
+
 pub trait Backend: 'static {
     /// One sequence (its KV cache): the scheduler prefills, forwards (prompt log-probabilities,
     /// a host drafter's target passes) and truncates it through the executor contract.
@@ -65,6 +75,19 @@ pub trait Backend: 'static {
         seqs: &mut [&mut Self::Sequence],
         tokens: &[u32],
     ) -> Vec<Result<Vec<f32>>>;
+
+    /// [`Backend::decode_batch`] with each next token sampled where the logits are (on the
+    /// device): `rows[i]` is sequence `i`'s request ([`DeviceRow`]); only token ids come back.
+    /// `None` (the default): this backend samples on the host, call `decode_batch` instead.
+    fn decode_sample_batch(
+        &self,
+        seqs: &mut [&mut Self::Sequence],
+        tokens: &[u32],
+        rows: &[DeviceRow],
+    ) -> Option<Vec<Result<u32>>> {
+        let _ = (seqs, tokens, rows);
+        None
+    }
 
     /// Gives a finished sequence's memory back.
     fn release(&self, seq: Self::Sequence) {

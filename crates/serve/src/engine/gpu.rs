@@ -18,8 +18,11 @@
 //!   order depends on the pass size, see `tilert::exec::GpuBatch`, so a near-tie token can
 //!   differ). A single running sequence takes its own one-token graph. If a batched
 //!   pass fails (it leaves its sequences untouched), its sequences are decoded one by one, so
-//!   an error fails only the sequence it belongs to. Logits come back to the host and are
-//!   sampled there by the same code as `ultra generate`.
+//!   an error fails only the sequence it belongs to. Each next token is sampled **on the
+//!   device** ([`Backend::decode_sample_batch`], `tilert::sample`: one launch for all rows, each
+//!   with its own parameters, penalties and seeded uniform stream — the same token as the host
+//!   sampler of `ultra generate`), so only token ids (4 bytes a row) come back; a step where a
+//!   request asks for logprobs brings the logits back and samples on the host instead.
 //! * Prefill runs in passes of `tilert::ops::MAX_TOKENS` tokens, so chunked prefill cuts prompts
 //!   at multiples of that ([`Backend::prefill_granularity`]).
 //! * Paged KV (without a drafter): the sequences' KV lives in one device pool of blocks
@@ -40,9 +43,10 @@ use dflash::SpecOptions;
 use model::config::ModelConfig;
 use tilert::draft::GpuDrafter;
 use tilert::exec::{GpuBatch, GpuKvPool, GpuModel, GpuSession, SharedKvBlock};
+use tilert::sample::{DeviceSampler, RowSample};
 use tilert::RuntimeError;
 
-use super::backend::{Backend, KvBytes};
+use super::backend::{Backend, DeviceRow, KvBytes};
 
 /// A speculative request's state on the device: its target session and drafter state.
 pub type GpuSpecState = GpuSpecOn<GpuSession>;
@@ -61,6 +65,8 @@ pub struct GpuBackend {
     batch: RefCell<GpuBatch>,
     /// Paged KV: the block size, then (once sized) the device pool of blocks.
     paged: Option<(usize, Option<GpuKvPool>)>,
+    /// Sampling on the device: row tables, histories, scratch.
+    sampler: RefCell<DeviceSampler>,
 }
 
 /// Device blocks a paged pool holds beyond the scheduler's count (a margin for the copies the
@@ -96,8 +102,10 @@ impl GpuBackend {
         let batch = model
             .batch()
             .context("allocating the batched decode buffers")?;
+        let sampler = DeviceSampler::new(model.stream().clone(), model.config().vocab_size)?;
         let mut b = GpuBackend {
             batch: RefCell::new(batch),
+            sampler: RefCell::new(sampler),
             model,
             drafter,
             max_seq,
@@ -268,6 +276,68 @@ impl Backend for GpuBackend {
             out.extend(rows.iter_mut().zip(toks).map(|(s, &t)| Ok(s.decode(t)?)));
         }
         out
+    }
+
+    fn decode_sample_batch(
+        &self,
+        seqs: &mut [&mut GpuSession],
+        tokens: &[u32],
+        rows: &[DeviceRow],
+    ) -> Option<Vec<Result<u32>>> {
+        let fail = |msg: String| -> Vec<Result<u32>> {
+            seqs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
+        };
+        if let Err(e) = self.model.device().ctx.bind_to_thread() {
+            return Some(fail(e.to_string()));
+        }
+        if seqs.len() != tokens.len() || seqs.len() != rows.len() {
+            return Some(fail(format!(
+                "{} sequences, {} tokens, {} sampled rows",
+                seqs.len(),
+                tokens.len(),
+                rows.len()
+            )));
+        }
+        let v = self.model.config().vocab_size;
+        fn row<'a>(r: &DeviceRow<'a>, logits: tilert::arena::DPtr<f32>) -> RowSample<'a> {
+            RowSample {
+                logits,
+                params: r.params,
+                prompt: r.prompt,
+                generated: r.generated,
+                stream: Some(r.stream),
+            }
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut batch = self.batch.borrow_mut();
+        let mut sampler = self.sampler.borrow_mut();
+        let ops = self.model.ops();
+        for ((chunk, toks), rs) in seqs
+            .chunks_mut(tilert::ops::MAX_TOKENS)
+            .zip(tokens.chunks(tilert::ops::MAX_TOKENS))
+            .zip(rows.chunks(tilert::ops::MAX_TOKENS))
+        {
+            if chunk.len() > 1 {
+                let rows: Vec<RowSample> = rs
+                    .iter()
+                    .map(|r| row(r, tilert::arena::DPtr::null()))
+                    .collect();
+                // A failed pass or sampling launch advanced nothing (all-or-nothing): each
+                // alone then, so an error is reported for its own sequence only.
+                if let Ok(ids) = batch.decode_sampled(chunk, toks, &mut sampler, &rows) {
+                    out.extend(ids.into_iter().map(Ok));
+                    continue;
+                }
+            }
+            for ((s, &t), r) in chunk.iter_mut().zip(toks).zip(rs) {
+                let id = s.forward_device(&[t]).and_then(|()| {
+                    let logits = s.logits_device(1).slice(0..v);
+                    sampler.sample(ops, &[row(r, logits)])
+                });
+                out.push(id.map(|ids| ids[0]).map_err(anyhow::Error::from));
+            }
+        }
+        Some(out)
     }
 
     fn release(&self, mut seq: GpuSession) {

@@ -14,8 +14,8 @@ use super::kv_blocks::{BlockPool, Cached, SeqBlocks};
 use super::kv_sched::Parked;
 use super::spec::{SpecConfig, SpecRunning};
 use super::{
-    Backend, Command, EngineConfig, Event, Finished, Pending, PromptLogprob, Shared, TokenEvent,
-    TokenLogprob,
+    Backend, Command, DeviceRow, EngineConfig, Event, Finished, Pending, PromptLogprob, Shared,
+    TokenEvent, TokenLogprob,
 };
 use crate::stream::{Emitted, TokenOutput};
 
@@ -544,6 +544,36 @@ impl<B: Backend> Sched<B> {
                 return None;
             }
         };
+        let logprobs = match r.p.logprobs {
+            Some(n) => vec![TokenLogprob::of(logits, e.token, n)],
+            None => Vec::new(),
+        };
+        self.emit(r, e, logprobs)
+    }
+
+    /// Pushes `token`, sampled on the device from `r`'s own stream, and sends it.
+    fn emit_device_sampled(
+        &mut self,
+        mut r: Running<B::Sequence>,
+        token: u32,
+    ) -> Option<Running<B::Sequence>> {
+        let tok = self.tokenizer.clone();
+        match r.out.push_device_sampled(token, tok.as_deref()) {
+            Ok(e) => self.emit(r, e, Vec::new()),
+            Err(err) => {
+                self.end_running(r, FinishReason::Error, "error", None, Some(err.to_string()));
+                None
+            }
+        }
+    }
+
+    /// Sends the token `e` (with its `logprobs`) of `r`; `None` when the request ended.
+    fn emit(
+        &mut self,
+        mut r: Running<B::Sequence>,
+        e: Emitted,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Option<Running<B::Sequence>> {
         let now = Instant::now();
         let m = &self.shared.metrics;
         match r.first {
@@ -556,10 +586,6 @@ impl<B: Backend> Sched<B> {
         }
         r.last = now;
         m.generation_tokens.inc();
-        let logprobs = match r.p.logprobs {
-            Some(n) => vec![TokenLogprob::of(logits, e.token, n)],
-            None => Vec::new(),
-        };
         let sent = r.p.events.send(Event::Tokens(TokenEvent {
             tokens: vec![e.token],
             text: e.text,
@@ -588,6 +614,56 @@ impl<B: Backend> Sched<B> {
             return 0;
         }
         let tokens: Vec<u32> = self.running.iter().map(|r| r.next).collect();
+        self.shared.metrics.decode_steps.inc();
+        // Sampling where the logits are (the GPU): only token ids come back. Not when a
+        // request asks for logprobs (they need its logits on the host).
+        if self.running.iter().all(|r| r.p.logprobs.is_none()) {
+            let ids = {
+                let n = self.running.len();
+                let (mut rows, mut seqs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                // (`rows` borrows each request's output, `seqs` its sequence: disjoint fields.)
+                for r in self.running.iter_mut() {
+                    let (params, prompt, generated, stream) = r.out.device_row();
+                    rows.push(DeviceRow {
+                        params,
+                        prompt,
+                        generated,
+                        stream,
+                    });
+                    seqs.push(&mut r.seq);
+                }
+                self.backend.decode_sample_batch(&mut seqs, &tokens, &rows)
+            };
+            if let Some(ids) = ids {
+                let batch = std::mem::take(&mut self.running);
+                let n = batch.len();
+                let mut ids = ids.into_iter();
+                for mut r in batch {
+                    match ids.next() {
+                        Some(Ok(t)) => {
+                            self.commit_decoded(&mut r);
+                            if let Some(r) = self.emit_device_sampled(r, t) {
+                                self.running.push(r);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let msg = format!("decode step failed: {e:#}");
+                            self.end_running(r, FinishReason::Error, "error", None, Some(msg));
+                        }
+                        None => {
+                            let msg =
+                                format!("the executor returned too few results for {n} sequences");
+                            self.end_running(r, FinishReason::Error, "error", None, Some(msg));
+                        }
+                    }
+                }
+                self.shared
+                    .metrics
+                    .decode_result_bytes
+                    .inc_by((4 * tokens.len()) as u64);
+                return tokens.len();
+            }
+        }
         let mut results = {
             let mut seqs: Vec<&mut B::Sequence> =
                 self.running.iter_mut().map(|r| &mut r.seq).collect();
@@ -608,6 +684,10 @@ impl<B: Backend> Sched<B> {
         for (mut r, l) in batch.into_iter().zip(results) {
             match l {
                 Ok(l) => {
+                    self.shared
+                        .metrics
+                        .decode_result_bytes
+                        .inc_by((4 * l.len()) as u64);
                     self.commit_decoded(&mut r);
                     if let Some(r) = self.sample_and_emit(r, &l) {
                         self.running.push(r);

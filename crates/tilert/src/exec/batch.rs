@@ -36,6 +36,7 @@ use super::{capture_graph, GpuModel, GpuSession, Logits, DEFAULT_MAX_ROLLBACK};
 use crate::arena::{dtoh, htod, DPtr};
 use crate::ops::rows::{decode_splits, max_splits, KvRow, RowOps, KV_ROW_WORDS};
 use crate::ops::{AttnArgs, MAX_TOKENS};
+use crate::sample::{DeviceSampler, RowSample};
 use crate::RuntimeError;
 
 /// Batched decode over sessions of one model (see the module docs). Create with
@@ -138,6 +139,40 @@ impl GpuBatch {
             &self.lender.model.inner.stream,
             self.lender.b.argmax.slice(0..n),
         );
+        self.finish(sessions, ids)
+    }
+
+    /// [`GpuBatch::decode`] with each session's next token sampled on the device in one launch
+    /// (`rows[i]` describes session `i`'s request: its parameters, history and uniform stream;
+    /// its `logits` field is ignored: the pass's row `i` is used); only the ids come back.
+    /// Sampled rows consumed one uniform of their stream (advance the request's
+    /// `model::sampling::Sampler` with `skip_uniform`).
+    pub fn decode_sampled(
+        &mut self,
+        sessions: &mut [&mut GpuSession],
+        tokens: &[u32],
+        sampler: &mut DeviceSampler,
+        rows: &[RowSample],
+    ) -> Result<Vec<u32>, RuntimeError> {
+        if rows.len() != sessions.len() {
+            return Err(RuntimeError::Invalid(format!(
+                "decode_sampled: {} sessions but {} sampled rows",
+                sessions.len(),
+                rows.len()
+            )));
+        }
+        let n = self.pass(sessions, tokens)?;
+        let v = self.lender.model.inner.config.vocab_size;
+        let logits = self.lender.b.logits;
+        let rows: Vec<RowSample> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RowSample {
+                logits: logits.slice(i * v..(i + 1) * v),
+                ..*r
+            })
+            .collect();
+        let ids = sampler.sample(&self.lender.model.inner.ops, &rows[..n]);
         self.finish(sessions, ids)
     }
 

@@ -12,6 +12,11 @@
 //! * **inter-token latency**: the gap between two token messages spread over the tokens of the
 //!   later message (a speculative round sends several tokens at once: each gets `gap / k`, so
 //!   plain and speculative numbers compare per token).
+//!
+//! In-process runs also print, after each row, the bytes of decode results that crossed from
+//! the executor to the host per plain decode step (`vllm:decode_result_bytes_total` /
+//! `vllm:decode_steps_total` over the row): `4 · rows` with sampling on the GPU, `4 · V · rows`
+//! where the logits come back (the CPU executor, or a step where a request asks for logprobs).
 
 pub mod workload;
 
@@ -49,9 +54,29 @@ pub struct SweepRow {
     pub per_stream_tok_s: Vec<f64>,
     pub ttft_ms: Vec<f64>,
     pub itl_ms: Vec<f64>,
+    /// In-process runs: decode-result bytes handed to the host and plain decode steps over the
+    /// row (the server's counters).
+    pub host_bytes: Option<(u64, u64)>,
 }
 
 impl SweepRow {
+    /// The line after the row: bytes to the host per plain decode step (in-process runs).
+    pub fn host_bytes_line(&self) -> Option<String> {
+        let (bytes, steps) = self.host_bytes?;
+        Some(if steps == 0 {
+            format!(
+                "{} streams: no plain decode steps ({bytes} bytes of decode results)",
+                self.streams
+            )
+        } else {
+            format!(
+                "{} streams: {:.0} bytes to the host per decode step ({bytes} bytes over {steps} steps)",
+                self.streams,
+                bytes as f64 / steps as f64
+            )
+        })
+    }
+
     pub fn aggregate_tok_s(&self) -> f64 {
         self.tokens as f64 / self.wall_s.max(1e-9)
     }
@@ -189,6 +214,7 @@ async fn run_streams(url: &str, mode: &str, streams: Vec<Vec<BenchRequest>>) -> 
         per_stream_tok_s: Vec::new(),
         ttft_ms: Vec::new(),
         itl_ms: Vec::new(),
+        host_bytes: None,
     };
     for t in tasks {
         for m in t.await?? {
@@ -215,8 +241,16 @@ async fn served_model(url: &str) -> Result<(usize, bool)> {
     Ok((info.vocab_size as usize, info.speculative))
 }
 
-/// Runs the sweep against `url` (one warm-up request first), printing each row as it ends.
-async fn sweep_at(url: &str, mode: &str, sweep: &Sweep, w: &dyn Workload) -> Result<Vec<SweepRow>> {
+/// Runs the sweep against `url` (one warm-up request first), printing each row as it ends;
+/// `metrics`: the in-process server's counters (the host-bytes line).
+async fn sweep_at(
+    url: &str,
+    mode: &str,
+    sweep: &Sweep,
+    w: &dyn Workload,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> Result<Vec<SweepRow>> {
+    let counters = || metrics.map(|m| (m.decode_result_bytes.get(), m.decode_steps.get()));
     let (vocab, speculative) = served_model(url).await?;
     let mode = match mode {
         "server" if speculative => "server (dflash)",
@@ -234,13 +268,20 @@ async fn sweep_at(url: &str, mode: &str, sweep: &Sweep, w: &dyn Workload) -> Res
     run_streams(url, mode, w.streams(&settings(1, 1))?).await?;
     let mut rows = Vec::new();
     for &n in &sweep.streams {
-        let row = run_streams(
+        let before = counters();
+        let mut row = run_streams(
             url,
             mode,
             w.streams(&settings(n, sweep.requests_per_stream))?,
         )
         .await?;
+        row.host_bytes = before
+            .zip(counters())
+            .map(|((b0, s0), (b1, s1))| (b1 - b0, s1 - s0));
         println!("{}", row.row());
+        if let Some(line) = row.host_bytes_line() {
+            println!("{line}");
+        }
         rows.push(row);
     }
     Ok(rows)
@@ -264,7 +305,7 @@ pub fn run_url(url: &str, sweep: &Sweep) -> Result<Vec<SweepRow>> {
     let w = workload::by_name(&sweep.workload)?;
     crate::commands::serve::runtime()?.block_on(async {
         println!("{}", SweepRow::header());
-        sweep_at(url, "server", sweep, &*w).await
+        sweep_at(url, "server", sweep, &*w, None).await
     })
 }
 
@@ -298,7 +339,8 @@ pub fn run_local(setup: ServeSetup, sweep: &Sweep, compare: bool) -> Result<Vec<
                 .await
                 .context("the model did not load in 10 minutes")??;
             let url = format!("http://{}", server.grpc_addr);
-            let r = sweep_at(&url, mode, sweep, &*w).await;
+            let metrics = server.state().engine().ok().map(|e| e.metrics().clone());
+            let r = sweep_at(&url, mode, sweep, &*w, metrics.as_ref()).await;
             server.shutdown().await?;
             rows.extend(r?);
         }
