@@ -215,6 +215,44 @@ mod tests {
         assert_eq!(combines, (0..layers).filter(|l| l % 5 != 0).count());
     }
 
+    /// The argument layout `pk_step`'s bodies read (kernels/persistent.cu): per opcode, the
+    /// operand, dim and float slots the compiler lays out (the session fills the *session*
+    /// dims), within one argument block.
+    #[test]
+    fn argument_blocks_have_the_slots_pk_step_reads() {
+        use super::abi::{PK_ARG_DIMS, PK_ARG_FLOATS, PK_ARG_PTRS};
+        let want = |op: Opcode| -> Option<(usize, usize, usize)> {
+            Some(match op {
+                Opcode::Embed => (3, 4, 1),
+                Opcode::RmsNorm => (3, 4, 1),
+                Opcode::Qkv => (10, 10, 3),
+                Opcode::Attention => (6, 8, 1),
+                Opcode::AttnCombine => (4, 6, 0),
+                Opcode::LinearResidual => (4, 5, 0),
+                Opcode::RouterLogits => (4, 5, 0),
+                Opcode::RouterTopK => (5, 7, 1),
+                Opcode::ExpertGateUp => (7, 11, 2),
+                Opcode::ExpertDown => (8, 9, 0),
+                Opcode::CombineNorm => (5, 3, 1),
+                Opcode::LmHead => (4, 6, 0),
+                Opcode::Argmax => (3, 3, 0),
+                Opcode::MlpGateUp | Opcode::MlpDown => return None,
+            })
+        };
+        for (name, cfg) in targets() {
+            let plan = Plan::new(&cfg, DEVICE_STORAGE, PassShape::decode(9).with_sample()).unwrap();
+            for ph in phases_of(&plan, &CompileOptions::h100()).unwrap() {
+                assert!(ph.operands.len() <= PK_ARG_PTRS, "{name}: {:?}", ph.opcode);
+                assert!(ph.dims.len() <= PK_ARG_DIMS, "{name}: {:?}", ph.opcode);
+                assert!(ph.floats.len() <= PK_ARG_FLOATS, "{name}: {:?}", ph.opcode);
+                if let Some(w) = want(ph.opcode) {
+                    let got = (ph.operands.len(), ph.dims.len(), ph.floats.len());
+                    assert_eq!(got, w, "{name}: {:?}", ph.opcode);
+                }
+            }
+        }
+    }
+
     /// Dependencies are as fine as the data: attention of KV group g waits only for the QKV
     /// tiles of its own heads, an expert's down projection only for its own slot's gate/up
     /// tiles; no wait targets a whole earlier layer.
