@@ -12,18 +12,17 @@
 
 #include "common/abi.cuh"
 #include "common/pdl.cuh"
+#include "common/embed.cuh"
 
 // ------------------------------------------------------------------------------------------
 
-// x[t] = table[tokens[t]]; grid (T, ceil(H / blockDim)). An id outside the table yields NaNs
-// (the host validates ids before they reach the device; NaN makes a miss visible).
+// x[t] = table[tokens[t]]; grid (T, ceil(H / blockDim)) (common/embed.cuh).
 __device__ __forceinline__ void embed_bf16_body(const __nv_bfloat16* table, const uint32_t* tokens,
                                                 uint32_t vocab, uint32_t h, float* x) {
     pdl_begin();
     const uint32_t t = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= h) return;
-    const uint32_t id = tokens[t];
-    x[(size_t)t * h + i] = id < vocab ? __bfloat162float(table[(size_t)id * h + i]) : NAN;
+    embed_elem(table, tokens, vocab, h, x, t, i);
 }
 
 extern "C" __global__ void embed_bf16(const __nv_bfloat16* table, const uint32_t* tokens,
@@ -36,8 +35,7 @@ __device__ __forceinline__ void embed_f32_body(const float* table, const uint32_
     pdl_begin();
     const uint32_t t = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= h) return;
-    const uint32_t id = tokens[t];
-    x[(size_t)t * h + i] = id < vocab ? table[(size_t)id * h + i] : NAN;
+    embed_elem(table, tokens, vocab, h, x, t, i);
 }
 
 extern "C" __global__ void embed_f32(const float* table, const uint32_t* tokens, uint32_t vocab,

@@ -13,20 +13,13 @@
 #include "common/abi.cuh"
 #include "common/pdl.cuh"
 #include "common/reduce.cuh"
+#include "common/norm.cuh"
 
-// out[r] = w ⊙ (x[r] · 1/sqrt(mean(x[r]²) + eps)); one block per row.
+// out[r] = w ⊙ (x[r] · 1/sqrt(mean(x[r]²) + eps)); one block per row (common/norm.cuh).
 __device__ __forceinline__ void rms_norm_body(const float* x, const float* w, uint32_t n, float eps,
                                               float* out) {
     pdl_begin();
-    __shared__ float red[32];
-    const float* xr = x + (size_t)blockIdx.x * n;
-    float* orow = out + (size_t)blockIdx.x * n;
-    float ss = 0.f;
-    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
-    ss = block_sum(ss, red);
-    const float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x)
-        orow[i] = __fmul_rn(w[i], __fmul_rn(xr[i], r));
+    rms_norm_row(x, w, n, eps, out, blockIdx.x);
 }
 
 extern "C" __global__ void rms_norm(const float* x, const float* w, uint32_t n, float eps,

@@ -14,13 +14,18 @@
 // aligned W and x.
 // With ROPE (R = 2), the rows go through rope_store(*ro, ...) instead of into y (RO: RopeOut, or
 // RopeOutRows of the batched decode; rope.cu defines rope_store for both).
+// `linear_vec_warp` is the body of warp `warp` (rows warp·R .. warp·R + R − 1): a row's sums do
+// not depend on which warp or launch computes it (each lane's FMA chain and the butterfly are
+// the same), so the persistent engine (persistent.cu) runs any range of rows with it and gets the
+// standalone kernels' bits.
 template <bool BF16, int TT, int R, int U, bool ROPE = false, typename RO = RopeOut>
-__device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const float* __restrict__ bias,
-                                           const float* __restrict__ x, float* __restrict__ y,
-                                           uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate,
-                                           uint32_t prefetch, const RO* ro = nullptr) {
+__device__ __forceinline__ void linear_vec_warp(uint32_t warp, const void* __restrict__ wv,
+                                                const float* __restrict__ bias,
+                                                const float* __restrict__ x, float* __restrict__ y,
+                                                uint32_t n, uint32_t k, uint32_t t,
+                                                uint32_t accumulate, uint32_t prefetch,
+                                                const RO* ro = nullptr) {
     constexpr int E = BF16 ? 8 : 4;
-    const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const uint32_t row0 = warp * R;
     if (row0 >= n) return;
@@ -106,4 +111,14 @@ __device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const fl
                 }
             }
         }
+}
+
+// linear_vec_warp for this thread's warp of the grid (the standalone kernels).
+template <bool BF16, int TT, int R, int U, bool ROPE = false, typename RO = RopeOut>
+__device__ __forceinline__ void linear_vec(const void* __restrict__ wv, const float* __restrict__ bias,
+                                           const float* __restrict__ x, float* __restrict__ y,
+                                           uint32_t n, uint32_t k, uint32_t t, uint32_t accumulate,
+                                           uint32_t prefetch, const RO* ro = nullptr) {
+    linear_vec_warp<BF16, TT, R, U, ROPE, RO>((blockIdx.x * blockDim.x + threadIdx.x) >> 5, wv,
+                                              bias, x, y, n, k, t, accumulate, prefetch, ro);
 }

@@ -56,7 +56,8 @@ constexpr uint32_t PK_OP_ATTN_COMBINE = 5;
 constexpr uint32_t PK_OP_LINEAR_RESIDUAL = 6;
 // Router logits of a chunk of experts: tile = chunk.
 constexpr uint32_t PK_OP_ROUTER_LOGITS = 7;
-// Top-k of every row and the pass's distinct expert list (slot → expert): one tile.
+// Top-k of every row (ids and weights) and the pass's distinct expert count: one tile. Expert
+// tiles find their slot's expert from the ids themselves (moe_find_slot: the slot-th distinct id).
 constexpr uint32_t PK_OP_ROUTER_TOPK = 8;
 // Gate/up + GLU of the expert in one slot of the distinct list, a chunk of act columns, for every
 // entry routed to it: tile = (slot, chunk). A slot past the list's length is empty.

@@ -25,6 +25,28 @@ __device__ float block_sum(float v, float* red) {
     return warp_sum(r);
 }
 
+// block_sum of a virtual block of VT · blockDim.x threads: v[q] is virtual thread
+// threadIdx.x + q · blockDim.x's value (virtual warp q · W + warp). VT = 1 is block_sum.
+// VT · W <= 32.
+template <int VT>
+__device__ __forceinline__ float block_sum_v(const float (&v)[VT], float* red) {
+    if constexpr (VT == 1) {
+        return block_sum(v[0], red);
+    } else {
+        const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+        float s[VT];
+#pragma unroll
+        for (int q = 0; q < VT; ++q) s[q] = warp_sum(v[q]);
+        __syncthreads();
+        if (lane == 0)
+#pragma unroll
+            for (int q = 0; q < VT; ++q) red[q * nw + wid] = s[q];
+        __syncthreads();
+        float r = lane < nw * VT ? red[lane] : 0.f;
+        return warp_sum(r);
+    }
+}
+
 __device__ float block_max(float v, float* red) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = warp_max(v);

@@ -1,8 +1,9 @@
-//! The persistent engine's schedule on the GPU: the compiled per-SM streams of a model's decode
-//! step (`tilert::persistent`) run by the resident runtime with schedule-replay tile bodies (each
-//! tile streams the bytes the compiler assigns it, no math), against the same run's streaming
-//! read ceiling and — A/B on the same GPU — the graph executor's decode step of the same model
-//! (synthetic weights). Prints the per-SM timeline summary (per-layer fixed overhead, idle share
+//! The persistent engine on the GPU: the compiled per-SM streams of a model's decode step
+//! (`tilert::persistent`) run by the resident runtime with schedule-replay tile bodies (each
+//! tile streams the bytes the compiler assigns it, no math), and the real engine
+//! (`PersistentSession`: `pk_step`, the ops' math), against the same run's streaming read
+//! ceiling and — A/B on the same GPU, same synthetic weights, same tokens — the graph
+//! executor's decode step (with the largest logit difference between the two engines). Prints the per-SM timeline summary (per-layer fixed overhead, idle share
 //! per SM, GB/s per op) and with `--timeline FILE` writes FILE.json (Chrome trace / Perfetto)
 //! and FILE.svg (bubble chart).
 
@@ -29,7 +30,7 @@ struct Args {
     /// `<json stem>-timeline.{json,svg}`).
     #[arg(long)]
     timeline: Option<PathBuf>,
-    /// Skip the graph executor's decode (no synthetic model build).
+    /// Skip the real decode steps of both engines (no synthetic model build).
     #[arg(long)]
     no_graph: bool,
     /// Decode steps per graph-executor window.
@@ -125,28 +126,56 @@ fn main() -> Result<()> {
         );
     }
 
-    let graph_us = if args.no_graph {
-        None
+    // The real steps of both engines on one synthetic model, same prompt, same tokens.
+    let (graph_us, persist_us, max_diff) = if args.no_graph {
+        (None, None, None)
     } else {
         let gpu = tilert::exec::GpuModel::synthetic(0, Arc::new(config.clone()), 20261121)?;
-        let mut s = gpu.session(args.context + 256)?;
         let v = config.vocab_size as u32;
         let prompt: Vec<u32> = (0..args.context as u32)
             .map(|i| (i * 7919 + 13) % v)
             .collect();
-        let mut tok = s.prefill_greedy(&prompt)?;
-        for _ in 0..16 {
-            tok = s.decode_greedy(tok)?;
-        }
-        let mut w = Vec::new();
-        for _ in 0..3 {
-            let t0 = Instant::now();
-            for _ in 0..args.tokens {
-                tok = s.decode_greedy(tok)?;
+        let time_steps = |step: &mut dyn FnMut(u32) -> Result<u32>, mut tok: u32| -> Result<f64> {
+            for _ in 0..16 {
+                tok = step(tok)?;
             }
-            w.push(t0.elapsed().as_secs_f64() * 1e6 / args.tokens as f64);
-        }
-        Some(median(&w))
+            let mut w = Vec::new();
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                for _ in 0..args.tokens {
+                    tok = step(tok)?;
+                }
+                w.push(t0.elapsed().as_secs_f64() * 1e6 / args.tokens as f64);
+            }
+            Ok(median(&w))
+        };
+        let mut s = gpu.session(args.context + 256)?;
+        let tok = s.prefill_greedy(&prompt)?;
+        let graph = time_steps(&mut |t| Ok(s.decode_greedy(t)?), tok)?;
+        drop(s);
+        let persist = match tilert::persistent::PersistentSession::new(&gpu, args.context + 256) {
+            Ok(mut p) => {
+                // One step of each engine from the same state: the largest logit difference.
+                let mut g = gpu.session(args.context + 256)?;
+                g.prefill(&prompt)?;
+                p.prefill(&prompt)?;
+                let lg = g.decode(tok)?;
+                let lp = p.decode(tok)?;
+                let diff = lg
+                    .iter()
+                    .zip(&lp)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                drop(g);
+                let t = time_steps(&mut |t| Ok(p.decode_greedy(t)?), tok)?;
+                Some((t, diff))
+            }
+            Err(e) => {
+                eprintln!("persistent engine: {e}");
+                None
+            }
+        };
+        (Some(graph), persist.map(|p| p.0), persist.map(|p| p.1))
     };
 
     let roofline_us = weight_bytes / (read_gbps * 1e9) * 1e6;
@@ -178,6 +207,12 @@ fn main() -> Result<()> {
     if let Some(g) = graph_us {
         row("graph executor decode (real math)", g);
     }
+    if let Some(p) = persist_us {
+        row("persistent engine decode (real math, pk_step)", p);
+    }
+    if let Some(d) = max_diff {
+        println!("\npersistent vs graph executor: max |Δ logit| = {d:e} (one step, same state)");
+    }
     println!(
         "\nreplay fixed overhead per layer: {:.2} µs ((replay − roofline) / layers)",
         (replay_us - roofline_us) / layers
@@ -195,6 +230,8 @@ fn main() -> Result<()> {
             "replay_us": replay_us,
             "replay_traced_us": traced_us,
             "graph_decode_us": graph_us,
+            "persistent_decode_us": persist_us,
+            "persistent_vs_graph_max_abs_logit_diff": max_diff,
             "timeline_fixed_overhead_us_per_layer": fixed,
             "instructions": report.instructions,
             "counters": report.counters,

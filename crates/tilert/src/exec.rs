@@ -70,6 +70,9 @@ pub(crate) struct Rope {
     pub(crate) rotary_dim: usize,
 }
 
+/// Most LM-head chunks the persistent engine's per-chunk argmax has room for.
+pub(crate) const ARGMAX_CHUNKS: usize = 1024;
+
 /// The key of a cached plan: rows, logits, batched.
 type PassKey = (usize, Logits, bool);
 
@@ -395,7 +398,12 @@ impl GpuModel {
     }
 
     /// The plan of a pass of `t` rows (see [`pass_shape`]), built on first use and cached.
-    fn plan(&self, t: usize, logits: Logits, batched: bool) -> Result<Arc<Plan>, RuntimeError> {
+    pub(crate) fn plan_for(
+        &self,
+        t: usize,
+        logits: Logits,
+        batched: bool,
+    ) -> Result<Arc<Plan>, RuntimeError> {
         let key = (t, logits, batched);
         let mut plans = self
             .inner
@@ -420,6 +428,16 @@ impl GpuModel {
         let plan = Arc::new(plan);
         plans.insert(key, plan.clone());
         Ok(plan)
+    }
+
+    /// The uploaded weights (the persistent engine binds its argument blocks to them).
+    pub(crate) fn weights(&self) -> &DeviceWeights {
+        &self.inner.weights
+    }
+
+    /// The device RoPE tables of the plans' `ropes`.
+    pub(crate) fn ropes(&self) -> &[Rope] {
+        &self.inner.ropes
     }
 
     /// The kernels, weights and RoPE tables this model's plans lower onto.
@@ -816,35 +834,39 @@ pub(crate) enum Logits {
     All,
 }
 
-struct Buffers {
+pub(crate) struct Buffers {
     /// `[start, tok_0 .. tok_{MAX_TOKENS-1}]`, written before every pass.
-    io: DPtr<u32>,
-    x: DPtr<f32>,
-    h: DPtr<f32>,
-    qkv: DPtr<f32>,
-    q: DPtr<f32>,
-    attn: DPtr<f32>,
-    attn_scratch: DPtr<f32>,
-    router_logits: DPtr<f32>,
-    ids: DPtr<i32>,
-    weights: DPtr<f32>,
-    act: DPtr<f32>,
-    y: DPtr<f32>,
-    moe_scratch: DPtr<f32>,
+    pub(crate) io: DPtr<u32>,
+    pub(crate) x: DPtr<f32>,
+    pub(crate) h: DPtr<f32>,
+    pub(crate) qkv: DPtr<f32>,
+    pub(crate) q: DPtr<f32>,
+    pub(crate) attn: DPtr<f32>,
+    pub(crate) attn_scratch: DPtr<f32>,
+    pub(crate) router_logits: DPtr<f32>,
+    pub(crate) ids: DPtr<i32>,
+    pub(crate) weights: DPtr<f32>,
+    pub(crate) act: DPtr<f32>,
+    pub(crate) y: DPtr<f32>,
+    pub(crate) moe_scratch: DPtr<f32>,
     /// Dense MLPs: `[T, 2I]` and `[T, I]`.
-    gu: DPtr<f32>,
-    logits: DPtr<f32>,
-    argmax: DPtr<u32>,
+    pub(crate) gu: DPtr<f32>,
+    pub(crate) logits: DPtr<f32>,
+    pub(crate) argmax: DPtr<u32>,
     /// [`ARGMAX_SCRATCH`] words for the multi-block argmax (its counters start at zero).
-    argmax_scratch: DPtr<u32>,
+    pub(crate) argmax_scratch: DPtr<u32>,
     /// The fused router's last-block counter (zero between launches).
-    route_counter: DPtr<u32>,
+    pub(crate) route_counter: DPtr<u32>,
     /// Captured hidden states, one `[MAX_TOKENS, H]` slot per requested index.
-    hidden: DPtr<f32>,
-    sample_uniform: DPtr<f32>,
-    sample_out: DPtr<u32>,
+    pub(crate) hidden: DPtr<f32>,
+    pub(crate) sample_uniform: DPtr<f32>,
+    pub(crate) sample_out: DPtr<u32>,
     /// A tensor-parallel rank's partial sums `[T, H]` (null on one device).
-    partial: DPtr<f32>,
+    pub(crate) partial: DPtr<f32>,
+    /// The persistent engine's distinct-expert count (`tilert::persistent`).
+    pub(crate) expert_list: DPtr<u32>,
+    /// The persistent engine's per-chunk argmax of the LM head: `[MAX_TOKENS, ARGMAX_CHUNKS, 2]`.
+    pub(crate) argmax_partials: DPtr<u32>,
 }
 
 /// Per-launch labels and times of a profiled pass (see [`GpuSession::profile_pass`]): a label
@@ -977,6 +999,8 @@ impl GpuSession {
             } else {
                 DPtr::null()
             },
+            expert_list: arena.alloc(1, "persistent expert list")?,
+            argmax_partials: arena.alloc(t * ARGMAX_CHUNKS * 2, "persistent argmax partials")?,
         };
         m.stream.synchronize()?;
         Ok(Self {
@@ -1058,7 +1082,43 @@ impl GpuSession {
         &self.capture
     }
 
-    fn check_tokens(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
+    /// The model's stream.
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.model.inner.stream
+    }
+
+    /// `[start, tokens..]`: the pass's first position and its token ids.
+    pub(crate) fn io(&self) -> DPtr<u32> {
+        self.b.io
+    }
+
+    /// The activation buffers.
+    pub(crate) fn buffers(&self) -> &Buffers {
+        &self.b
+    }
+
+    /// The KV cache of every layer.
+    pub(crate) fn caches(&self) -> &[LayerKv] {
+        &self.kv
+    }
+
+    /// Per layer, the keys that size its attention splits.
+    pub(crate) fn layer_keys(&self) -> &[usize] {
+        &self.keys
+    }
+
+    /// Counts `t` positions appended by a pass another engine ran on these buffers.
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+        self.high_water = self.high_water.max(self.len);
+    }
+
+    /// Makes the model's CUDA context current on this thread.
+    pub(crate) fn bind_context(&self) -> Result<(), RuntimeError> {
+        Ok(self.model.device().ctx.bind_to_thread()?)
+    }
+
+    pub(crate) fn check_tokens(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Invalid("empty token list".into()));
         }
@@ -1129,7 +1189,7 @@ impl GpuSession {
         mark: &mut dyn FnMut(&'static str) -> Result<(), RuntimeError>,
     ) -> Result<(), RuntimeError> {
         let trace = !self.use_graphs && std::env::var("ULTRA_TRACE_OPS").is_ok_and(|v| v == "1");
-        let plan = self.model.plan(t, logits, rows.is_some())?;
+        let plan = self.model.plan_for(t, logits, rows.is_some())?;
         let m = &*self.model.inner;
         let b = &self.b;
         let h = m.config.hidden_size;
@@ -1185,7 +1245,7 @@ impl GpuSession {
             })
     }
 
-    fn logits_rows(&self, t: usize) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    pub(crate) fn logits_rows(&self, t: usize) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let v = self.model.inner.config.vocab_size;
         let all = dtoh(&self.model.inner.stream, self.b.logits.slice(0..t * v))?;
         Ok(all.chunks_exact(v).map(<[f32]>::to_vec).collect())

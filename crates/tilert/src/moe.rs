@@ -482,6 +482,19 @@ pub struct MoeKernels {
     tuning: MoeTuning,
 }
 
+/// The launch shape of one MXFP4 expert projection ([`MoeKernels::mx_shape`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MxShape {
+    /// Warps per CTA.
+    pub(crate) warps: usize,
+    /// 16-row groups per CTA.
+    pub(crate) row_groups: usize,
+    /// Token pairs per pass of the tile loop.
+    pub(crate) pairs: usize,
+    /// Dynamic shared memory bytes of one CTA.
+    pub(crate) smem: usize,
+}
+
 /// Dynamic shared memory of the MXFP4 kernels: prepared activations of `2·pairs` entries
 /// (`K_pad + 8` halves each), their block factors and the warps' partial sums of each row group.
 fn mx_smem_bytes(k: usize, pairs: usize, warps: usize, row_groups: usize) -> usize {
@@ -535,6 +548,44 @@ impl MoeKernels {
         Ok(())
     }
 
+    /// The launch shape of the MXFP4 kernels for one projection of `t` tokens with top-`k`
+    /// routing over `w` (the measured defaults of [`mx_launch_shape`], the tuning overrides, and
+    /// fewer row groups per CTA where their partial sums would not fit shared memory). The
+    /// persistent engine runs its expert tiles as CTAs of this shape (`tilert::persistent`).
+    pub(crate) fn mx_shape(
+        &self,
+        w: &DeviceExperts,
+        t: usize,
+        k: usize,
+    ) -> Result<MxShape, RuntimeError> {
+        let groups = w.rows().div_ceil(16);
+        let slots = (t * k).min(w.experts());
+        let (warps, rg, pairs) = mx_launch_shape(t, slots * groups, self.sm_count);
+        let pairs = self.tuning.token_pairs.unwrap_or(pairs);
+        let warps = self.tuning.warps.unwrap_or(warps);
+        let mut rg = self.tuning.row_groups.unwrap_or(rg).min(groups);
+        while self.tuning.row_groups.is_none()
+            && rg > 1
+            && mx_smem_bytes(w.k(), pairs, warps, rg) > self.max_smem
+        {
+            rg /= 2; // fewer groups' partial sums when K is very large
+        }
+        let smem = mx_smem_bytes(w.k(), pairs, warps, rg);
+        if smem > self.max_smem {
+            return Err(RuntimeError::Unsupported(format!(
+                "MXFP4 experts with K = {}: {smem} bytes of shared memory needed, {} available",
+                w.k(),
+                self.max_smem
+            )));
+        }
+        Ok(MxShape {
+            warps,
+            row_groups: rg,
+            pairs,
+            smem,
+        })
+    }
+
     /// Scratch elements (f32) the two launches need for `t` tokens with top-`k` routing (none:
     /// the activation prep is fused into the kernels).
     pub fn scratch_len(_m: &DeviceMoe, _t: usize, _k: usize) -> usize {
@@ -586,24 +637,12 @@ impl MoeKernels {
                 p.w = codes.addr();
                 p.scales = scales.addr();
                 let groups = rows.div_ceil(16);
-                let (warps, rg, pairs) = mx_launch_shape(t, slots * groups, self.sm_count);
-                let pairs = self.tuning.token_pairs.unwrap_or(pairs);
-                let warps = self.tuning.warps.unwrap_or(warps);
-                let mut rg = self.tuning.row_groups.unwrap_or(rg).min(groups);
-                while self.tuning.row_groups.is_none()
-                    && rg > 1
-                    && mx_smem_bytes(w.k(), pairs, warps, rg) > self.max_smem
-                {
-                    rg /= 2; // fewer groups' partial sums when K is very large
-                }
-                let smem = mx_smem_bytes(w.k(), pairs, warps, rg);
-                if smem > self.max_smem {
-                    return Err(RuntimeError::Unsupported(format!(
-                        "MXFP4 experts with K = {}: {smem} bytes of shared memory needed, {} available",
-                        w.k(),
-                        self.max_smem
-                    )));
-                }
+                let MxShape {
+                    warps,
+                    row_groups: rg,
+                    pairs,
+                    smem,
+                } = self.mx_shape(w, t, k)?;
                 p.row_groups = rg as u32;
                 let f = &kernels.mx[pairs.trailing_zeros() as usize];
                 let cfg = LaunchConfig {

@@ -495,7 +495,7 @@ fn matrix_data(what: &str, w: &DeviceMatrix) -> Result<(u64, bool), RuntimeError
 /// about [`ATT_SPLIT_KEYS`] keys per split at `max_keys`, at least enough splits for
 /// [`ATT_TARGET_BLOCKS`] blocks, at most [`ATT_MAX_SPLITS`], never below
 /// [`ATT_MIN_SPLIT_KEYS`] keys per split.
-fn attention_splits(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
+pub(crate) fn attention_splits(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
     let blocks = (a.n_kv_heads * t).max(1);
     let by_keys = max_keys.div_ceil(ATT_SPLIT_KEYS);
     let want = ATT_TARGET_BLOCKS
@@ -506,7 +506,11 @@ fn attention_splits(a: &AttnArgs, t: usize, max_keys: usize) -> usize {
 }
 
 /// The kernels' `RouteSpec` of `kind` for `n_experts` experts, top-`k`, validated.
-fn route_spec(kind: &RouteArgs, n_experts: usize, k: usize) -> Result<RouteSpec, RuntimeError> {
+pub(crate) fn route_spec(
+    kind: &RouteArgs,
+    n_experts: usize,
+    k: usize,
+) -> Result<RouteSpec, RuntimeError> {
     if n_experts == 0 || n_experts > MAX_EXPERTS {
         return Err(invalid(format!(
             "route: {n_experts} experts (1..={MAX_EXPERTS})"
@@ -679,7 +683,7 @@ fn attention_warps(a: &AttnArgs) -> usize {
 
 /// Dynamic shared memory of one attention block (`attention_gqa`'s key and value tiles and its
 /// warps' queries).
-fn att_smem_bytes(d: usize, dv: usize, warps: usize) -> usize {
+pub(crate) fn att_smem_bytes(d: usize, dv: usize, warps: usize) -> usize {
     let k_stride = if d.is_multiple_of(4) { d + 4 } else { d + 1 };
     4 * (ATT_TILE * k_stride + ATT_TILE * dv + warps * d)
 }

@@ -142,3 +142,139 @@ fn a_program_for_more_sms_than_the_device_is_refused() {
         .expect("more blocks than SMs");
     assert!(e.to_string().contains("resident"), "{e}");
 }
+
+// ---- The engine: pk_step against the graph executor ------------------------------------------
+
+fn fixture_dir(rel: &str) -> std::path::PathBuf {
+    std::env::var_os("ULTRA_FIXTURES")
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"),
+            std::path::PathBuf::from,
+        )
+        .join(rel)
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A persistent session and a graph-executor session of one model, fed the same tokens: the
+/// persistent decode step's logits are the graph executor's bits (every tile is one of the graph
+/// executor's launches, through the same device functions: same products, same summation
+/// order), over `steps` greedy steps after `prompt`; then truncation and rollback, and a
+/// graph replay against launch-by-launch steps.
+fn check_engine(name: &str, gpu: &tilert::exec::GpuModel, prompt: &[u32], steps: usize) {
+    use tilert::persistent::PersistentSession;
+    let mut g = gpu.session(512).unwrap();
+    let mut p = PersistentSession::new(gpu, 512).unwrap();
+    let lg = g.prefill(prompt).unwrap();
+    let lp = p.prefill(prompt).unwrap();
+    assert_eq!(
+        bits(&lg),
+        bits(&lp),
+        "{name}: prefill (both on the graph executor)"
+    );
+    let mut tok = argmax(&lg);
+    let mut seq = Vec::new();
+    for i in 0..steps {
+        let lg = g.decode(tok).unwrap();
+        let lp = p.decode(tok).unwrap();
+        assert!(
+            lp.iter().all(|x| x.is_finite()),
+            "{name}: step {i}: non-finite logits"
+        );
+        assert_eq!(
+            bits(&lg),
+            bits(&lp),
+            "{name}: decode step {i} (token {tok})"
+        );
+        seq.push(tok);
+        tok = argmax(&lg);
+    }
+    // The device argmax of the persistent step is the graph executor's greedy choice.
+    let a = g.decode_greedy(tok).unwrap();
+    let b = p.decode_greedy(tok).unwrap();
+    assert_eq!(a, b, "{name}: greedy step");
+    // Truncate (rollback of the last 5 positions) and re-run: the same bits as before.
+    let keep = g.len() - 5;
+    g.truncate(keep).unwrap();
+    p.truncate(keep).unwrap();
+    let replay = seq[seq.len() - 4];
+    let lg = g.decode(replay).unwrap();
+    let lp = p.decode(replay).unwrap();
+    assert_eq!(bits(&lg), bits(&lp), "{name}: decode after truncate");
+    // Launch by launch = the captured graph.
+    p.set_use_graph(false);
+    let lg = g.decode(3).unwrap();
+    let lp = p.decode(3).unwrap();
+    assert_eq!(bits(&lg), bits(&lp), "{name}: launch by launch");
+    eprintln!(
+        "{name}: {steps} persistent decode steps bit-identical to the graph executor \
+         ({} instructions on {} SMs)",
+        p.program().instructions(),
+        p.program().options.sms
+    );
+}
+
+#[test]
+fn persistent_decode_equals_the_graph_executor() {
+    let Some(_ctx) = ultra_kernels::gpu_for_test("persistent decode vs graph executor") else {
+        return;
+    };
+    for seed in [1u64, 7, 11] {
+        let (c, w) = toy::gpt_oss(seed, ToyExperts::Mxfp4);
+        let gpu = tilert::exec::GpuModel::new(0, std::sync::Arc::new(c), &w).unwrap();
+        check_engine(
+            &format!("toy gpt-oss seed {seed}"),
+            &gpu,
+            &[1, 5, 9, 2, 7, 3, 8],
+            32,
+        );
+    }
+    let dir = fixture_dir("gpt-oss/mxfp4");
+    let (c, w) = model::load::load(&dir).unwrap();
+    let gpu = tilert::exec::GpuModel::new(0, std::sync::Arc::new(c), &w).unwrap();
+    check_engine("gpt-oss/mxfp4 fixture", &gpu, &[1, 2, 3, 4, 5, 6], 32);
+}
+
+/// Models and passes the engine does not run are errors that name the engine and the reason;
+/// verify blocks too (speculative decoding runs on the graph executor).
+#[test]
+fn persistent_unsupported_models_and_passes_are_clear_errors() {
+    use model::executor::Executor;
+    use tilert::persistent::PersistentSession;
+    let Some(_ctx) = ultra_kernels::gpu_for_test("persistent unsupported") else {
+        return;
+    };
+    for (name, (c, w)) in [
+        ("toy qwen3-moe", toy::qwen3_moe(2, ToyExperts::Mxfp4)),
+        (
+            "toy gpt-oss, bf16 experts",
+            toy::gpt_oss(2, ToyExperts::Dense),
+        ),
+    ] {
+        let gpu = tilert::exec::GpuModel::new(0, std::sync::Arc::new(c), &w).unwrap();
+        let e = PersistentSession::new(&gpu, 64)
+            .err()
+            .expect(name)
+            .to_string();
+        assert!(e.contains("persistent engine"), "{name}: {e}");
+    }
+    let (c, w) = toy::gpt_oss(3, ToyExperts::Mxfp4);
+    let gpu = tilert::exec::GpuModel::new(0, std::sync::Arc::new(c), &w).unwrap();
+    let mut p = PersistentSession::new(&gpu, 64).unwrap();
+    p.prefill(&[1, 2, 3]).unwrap();
+    let e = p.verify(&[4, 5], &[]).unwrap_err().to_string();
+    assert!(e.contains("verify"), "{e}");
+    assert_eq!(p.len(), 3);
+}

@@ -25,6 +25,19 @@ enum Device {
     Cuda,
 }
 
+/// The GPU engine of the decode steps (`--engine`).
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum EngineArg {
+    /// A kernel per op, replayed as CUDA graphs.
+    Graph,
+    /// One resident kernel per decode step (gpt-oss-style models, plain decoding of one
+    /// sequence; prefill runs on the graph executor).
+    Persistent,
+}
+
+/// The default engine: `graph` until the persistent engine is measured faster (BENCHMARKS.md).
+const ENGINE_DEFAULT: EngineArg = EngineArg::Graph;
+
 /// Model and prompt arguments shared by `generate` and `score`.
 #[derive(clap::Args)]
 struct ModelArgs {
@@ -36,6 +49,11 @@ struct ModelArgs {
     /// --devices; with --tensor-parallel N, N GPU ranks).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// With --device cuda, the engine of the decode steps: `graph` (a kernel per op, CUDA
+    /// graphs) or `persistent` (one resident kernel per step: gpt-oss-style models, plain
+    /// decoding; prefill runs on the graph executor). Unsupported models or modes are an error.
+    #[arg(long, value_enum, default_value_t = ENGINE_DEFAULT)]
+    engine: EngineArg,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -170,6 +188,10 @@ struct ServeArgs {
     /// runs on the GPU too).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// The GPU engine: `graph`, or `persistent` (not for serving yet: the server batches
+    /// sequences, which the persistent engine does not run; an error).
+    #[arg(long, value_enum, default_value_t = ENGINE_DEFAULT)]
+    engine: EngineArg,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -310,6 +332,11 @@ impl ServeArgs {
 
     fn setup(self) -> Result<commands::serve::ServeSetup> {
         self.validate()?;
+        if self.engine == EngineArg::Persistent {
+            return Err(commands::generate::persistent_unsupported(
+                "serving (batched decode of many sequences)",
+            ));
+        }
         let placement = self.par.placement(self.device)?;
         if self.par.ranks()? > 1 && self.device == Device::Cpu {
             bail!("ultra serve runs tensor- and expert-parallel ranks on GPUs only: add --device cuda");
@@ -592,6 +619,10 @@ enum Cmd {
         /// the GPU too; under --tensor-parallel the drafter runs on rank 0's GPU).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
+        /// The GPU engine: `graph`, or `persistent` (not for speculative decoding yet: an
+        /// error).
+        #[arg(long, value_enum, default_value_t = ENGINE_DEFAULT)]
+        engine: EngineArg,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -707,12 +738,24 @@ fn load_on(
     }
 }
 
-/// Loads the model of `m` on its device.
+/// The engine of `m`'s `--engine` (checked against its device and ranks).
+fn engine_of(m: &ModelArgs) -> Result<commands::generate::Engine> {
+    commands::generate::Engine::select(
+        m.engine == EngineArg::Persistent,
+        m.device == Device::Cuda,
+        m.par.tensor_parallel,
+    )
+}
+
+/// Loads the model of `m` on its device (with its `--engine`).
 fn open(m: &ModelArgs) -> Result<commands::generate::Loaded> {
     let placement = m.par.placement(m.device)?;
+    let engine = engine_of(m)?;
     set_threads(m.threads)?;
     let (dir, _) = model_dir(m)?;
-    load_on(&dir, m.device, &m.par, placement)
+    let mut loaded = load_on(&dir, m.device, &m.par, placement)?;
+    loaded.engine = engine;
+    Ok(loaded)
 }
 
 /// Runs the command; an error is printed once, as one chain (`a: b: c`), with a backtrace only
@@ -800,15 +843,22 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             let placement = m.par.placement(m.device)?;
+            let engine = engine_of(&m)?;
             set_threads(m.threads)?;
             let (dir, default) = model_dir(&m)?;
-            let loaded = load_on(&dir, m.device, &m.par, placement)?;
             // The default model speculates with its own drafter.
             let draft = match (draft, default) {
                 (Some(d), _) => Some(d),
                 (None, Some(p)) if !no_draft => Some(p.drafter),
                 _ => None,
             };
+            if engine == commands::generate::Engine::Persistent && draft.is_some() {
+                return Err(commands::generate::persistent_unsupported(
+                    "speculative decoding (--draft, or the default model without --no-draft)",
+                ));
+            }
+            let mut loaded = load_on(&dir, m.device, &m.par, placement)?;
+            loaded.engine = engine;
             if block_size.is_some() && draft.is_none() {
                 bail!("--block-size needs a drafter (--draft DIR, or the default model without --no-draft)");
             }
@@ -1229,9 +1279,15 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             limit,
             device,
+            engine,
             threads,
             par,
         } => {
+            if engine == EngineArg::Persistent {
+                return Err(commands::generate::persistent_unsupported(
+                    "speculative decoding (bench-spec times DFlash)",
+                ));
+            }
             let placement = par.placement(device)?;
             set_threads(threads)?;
             let (dir, draft) = match (model, draft) {

@@ -38,6 +38,53 @@ pub struct Loaded {
     pub gpu: Option<tilert::exec::GpuModel>,
     /// The weights sharded over tensor-parallel GPU ranks (`--device cuda --tensor-parallel N`).
     pub tp: Option<TpLoaded>,
+    /// The GPU engine of `generate` / `score` sequences (`--engine`).
+    pub engine: Engine,
+}
+
+/// Which GPU engine runs a sequence's decode steps (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// A kernel per op, replayed as CUDA graphs (`tilert::exec`).
+    #[default]
+    Graph,
+    /// One resident kernel per decode step (`tilert::persistent`); prefill on the graph executor.
+    Persistent,
+}
+
+impl Engine {
+    /// The engine of `--engine NAME` for a run on `cuda` (or not) with `ranks` tensor-parallel
+    /// ranks: the persistent engine runs one unsharded model on one GPU.
+    pub fn select(persistent: bool, cuda: bool, ranks: usize) -> Result<Engine> {
+        if !persistent {
+            return Ok(Engine::Graph);
+        }
+        if !cuda {
+            bail!("--engine persistent runs on a GPU: add --device cuda");
+        }
+        if ranks > 1 {
+            bail!("--engine persistent runs one GPU (no --tensor-parallel)");
+        }
+        Ok(Engine::Persistent)
+    }
+}
+
+/// The error of a run the persistent engine does not support (`what` names it).
+pub fn persistent_unsupported(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--engine persistent: {what} is not supported by the persistent engine yet (it runs \
+         plain decoding of one sequence); use --engine graph"
+    )
+}
+
+/// A new sequence of `g` on the persistent engine (says on stderr what runs where).
+pub fn persistent_session(
+    g: &tilert::exec::GpuModel,
+) -> Result<tilert::persistent::PersistentSession> {
+    let s = tilert::persistent::PersistentSession::new(g, gpu_max_seq(g))
+        .context("--engine persistent")?;
+    eprintln!("engine: {}", s.engine());
+    Ok(s)
 }
 
 /// A model sharded over tensor-parallel GPU ranks ([`tilert::exec::tp`]) and the host views of
@@ -204,6 +251,7 @@ pub fn load_gpu_tp(
             embed: weights.embed.clone(),
             lm_head: weights.lm_head.clone(),
         }),
+        engine: Engine::Graph,
     })
 }
 
@@ -310,6 +358,7 @@ pub fn load_gpu_weights(dir: &Path, ordinal: usize) -> Result<Loaded> {
         cpu: None,
         gpu: Some(gpu),
         tp: None,
+        engine: Engine::Graph,
     })
 }
 
@@ -334,6 +383,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         cpu: Some(model),
         gpu: None,
         tp: None,
+        engine: Engine::Graph,
     })
 }
 
@@ -405,6 +455,9 @@ pub fn generate(
         return generate_on(&mut tp.session()?, loaded, ids, params, out);
     }
     match &loaded.gpu {
+        Some(g) if loaded.engine == Engine::Persistent => {
+            generate_on(&mut persistent_session(g)?, loaded, ids, params, out)
+        }
         Some(g) => generate_on(&mut g.session(gpu_max_seq(g))?, loaded, ids, params, out),
         None => generate_on(&mut loaded.cpu()?.session(), loaded, ids, params, out),
     }
@@ -570,6 +623,11 @@ pub fn generate_speculative_with(
     params: &SamplingParams,
     out: &mut dyn Write,
 ) -> Result<SpecReport> {
+    if loaded.engine == Engine::Persistent {
+        return Err(persistent_unsupported(
+            "speculative decoding (--draft; the default model drafts unless --no-draft)",
+        ));
+    }
     if let Some(tp) = &loaded.tp {
         let (drafter, opts) = tp_spec_setup(loaded, draft, block_size)?;
         let mut session = tp.session()?;
@@ -672,6 +730,9 @@ pub fn score(loaded: &Loaded, ids: &[u32]) -> Result<Vec<Option<f64>>> {
         return score_on(&mut tp.session()?, ids);
     }
     match &loaded.gpu {
+        Some(g) if loaded.engine == Engine::Persistent => {
+            score_by_steps(&mut persistent_session(g)?, ids)
+        }
         Some(g) => score_on(&mut g.session(gpu_max_seq(g))?, ids),
         None => score_on(&mut loaded.cpu()?.session(), ids),
     }
@@ -683,6 +744,24 @@ pub fn score_on<E: Executor>(session: &mut E, ids: &[u32]) -> Result<Vec<Option<
     let mut out = vec![None];
     for i in 1..ids.len() {
         out.push(Some(logprob_of(&logits[i - 1], ids[i])));
+    }
+    Ok(out)
+}
+
+/// [`score_on`] one token at a time: the first token as a prefill, every later one as a decode
+/// step (the persistent engine runs decode steps only), the logits of position i − 1 scoring
+/// token i.
+pub fn score_by_steps<E: Executor>(session: &mut E, ids: &[u32]) -> Result<Vec<Option<f64>>> {
+    let mut out = vec![None];
+    let Some((&first, rest)) = ids.split_first() else {
+        return Ok(Vec::new());
+    };
+    let mut logits = session.prefill(&[first])?.into_owned();
+    for (i, &t) in rest.iter().enumerate() {
+        out.push(Some(logprob_of(&logits, t)));
+        if i + 1 < rest.len() {
+            logits = session.decode(t)?.into_owned();
+        }
     }
     Ok(out)
 }

@@ -155,6 +155,10 @@ pub enum Operand {
     Positions,
     /// The inverse frequencies of RoPE table `id` ([`Plan::ropes`]).
     Rope(usize),
+    /// The routing weights `[rows, k]` (`Buf::Routing` binds the expert ids).
+    RoutingWeights,
+    /// The scale bytes of MXFP4 experts (the weight binds their codes).
+    Scales(WeightId),
 }
 
 /// One phase of the program: an op (or part of one), its tiles and its argument block.
@@ -211,6 +215,28 @@ impl CompileOptions {
             bandwidth: self.bandwidth / self.sms as f64 * sms as f64,
             ..self
         }
+    }
+}
+
+/// What makes a program's tiles the graph executor's launches, so that the persistent step
+/// computes the graph executor's bits (the session derives it from the uploaded model,
+/// `super::session`): per layer, the attention's key splits; the MXFP4 experts' CTA shapes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tuning {
+    /// Key splits per layer (empty: [`CompileOptions::attn_splits`] for every layer).
+    pub attn_splits: Vec<usize>,
+    /// (16-row groups per CTA, warps per CTA) of the gate/up experts' launch (0: (1, 8)).
+    pub gate_up: (usize, usize),
+    /// The same for the down projection.
+    pub down: (usize, usize),
+}
+
+impl Tuning {
+    fn splits(&self, layer: Option<usize>) -> Option<usize> {
+        layer.and_then(|l| self.attn_splits.get(l).copied())
+    }
+    fn shape(s: (usize, usize)) -> (usize, usize) {
+        (s.0.max(1), if s.1 == 0 { 8 } else { s.1 })
     }
 }
 
@@ -295,30 +321,51 @@ fn opt(present: bool, id: WeightId) -> Operand {
 
 /// The phases of one plan (no schedule yet). Argument slots per opcode:
 ///
-/// * `embed`: [table, tokens, x]; dims [vocab, hidden, rows]; floats [scale]
-/// * `rms_norm`: [weight, x, h]; dims [dim, rows]; floats [eps]
+/// Dims marked *session* are left 0 here and set when the session binds the program (they
+/// depend on the uploaded weights and the KV cache: `super::session`).
+///
+/// * `embed`: [table, tokens, x]; dims [vocab, hidden, rows, *session*: f32 table];
+///   floats [scale]
+/// * `rms_norm`: [weight, x, h]; dims [dim, rows, style (1: the norm of `norm_router_topk`, as
+///   the fused router computes it), *session*: 256-thread multiple (style 0) or values per
+///   router weight vector (style 1)]; floats [eps]
 /// * `qkv`: [qkv, qkv bias, q norm, k norm, rope, h, q, k cache, v cache, positions];
 ///   dims [hidden, heads, kv heads, head dim, v head dim, rotary dim, rows, chunk rows (0: one
-///   head a tile, q heads then k heads then v heads)];
-///   floats [eps, value scale]
+///   head a tile, q heads then k heads then v heads), *session*: capacity, f32 weights];
+///   floats [eps, value scale, *session*: attention factor]
 /// * `attention`: [q, k cache, v cache, sinks, out (attn or partials), positions];
-///   dims [heads, kv heads, head dim, v head dim, window (0: none), rows, splits];
-///   floats [scale]
-/// * `attn_combine`: [partials, attn]; dims [heads, kv heads, v head dim, rows, splits]
-/// * `linear_residual` (o_proj): [w, bias, in, x]; dims [out, in, rows, chunk rows]
-/// * `router_logits`: [router, router bias, h, logits]; dims [E, hidden, rows, chunk]
-/// * `router_topk`: [logits, correction bias, routing, expert list]; dims [E, k, rows, kind]
-/// * `expert_gate_up`: [experts, bias, h, routing, expert list, act];
-///   dims [E, k, hidden, I, rows, slots, chunk, layout]; floats [alpha, limit] (`glu` dim 8)
-/// * `expert_down`: [experts, bias, act, routing, expert list, y]; dims [E, k, I, hidden, rows,
-///   slots, chunk]
+///   dims [heads, kv heads, head dim, v head dim, window (0: none), rows, splits,
+///   *session*: capacity]; floats [scale]
+/// * `attn_combine`: [partials, attn, sinks, positions]; dims [heads, kv heads, v head dim,
+///   rows, splits, window]
+/// * `linear_residual` (o_proj): [w, bias, in, x]; dims [out, in, rows, chunk rows,
+///   *session*: f32 weights]
+/// * `router_logits`: [router, router bias, h, logits]; dims [E, hidden, rows, chunk,
+///   *session*: f32 weights]
+/// * `router_topk`: [logits, correction bias, routing, expert list, routing weights];
+///   dims [E, k, rows, kind, *session*: norm top-k, groups, top groups]; floats [*session*:
+///   scaling]
+/// * `expert_gate_up`: [experts, bias, h, routing, expert list, act, scales];
+///   dims [E, k, hidden, I, rows, slots, chunk, layout, glu, row groups per CTA, warps per
+///   CTA]; floats [alpha, limit]
+/// * `expert_down`: [experts, bias, act, routing, expert list, y, scales, routing weights];
+///   dims [E, k, I, hidden, rows, slots, chunk, row groups per CTA, warps per CTA]
 /// * `combine_norm`: [y, routing, x, next norm, h]; dims [hidden, k, rows]; floats [eps]
 /// * `mlp_gate_up`: [w, h, act]; dims [hidden, I, rows, chunk, glu]; floats [alpha, limit]
 /// * `mlp_down`: [w, act, x]; dims [I, hidden, rows, chunk]
 /// * `lm_head`: [w, h, logits, argmax partials]; dims [vocab, hidden, logit rows, first row,
-///   chunk]
+///   chunk, *session*: f32 weights]
 /// * `argmax`: [partials, logits, sampled]; dims [vocab, logit rows, chunks]
 pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, RuntimeError> {
+    phases_tuned(plan, opts, &Tuning::default())
+}
+
+/// [`phases_of`] with the session's [`Tuning`].
+pub fn phases_tuned(
+    plan: &Plan,
+    opts: &CompileOptions,
+    tuning: &Tuning,
+) -> Result<Vec<Phase>, RuntimeError> {
     if plan.ranks != 1 {
         return Err(RuntimeError::Unsupported(format!(
             "persistent engine: a plan sharded over {} ranks (one GPU runs unsharded plans)",
@@ -418,7 +465,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         Operand::Buffer(pb(Buf::Tokens)),
                         Operand::Buffer(pb(Buf::X)),
                     ],
-                    vec![p.vocab, p.hidden, t],
+                    vec![p.vocab, p.hidden, t, 0],
                     vec![p.scale],
                     tiles,
                     p.hidden as f64 * (d + 4.0),
@@ -432,7 +479,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         Operand::Buffer(pb(Buf::X)),
                         Operand::Buffer(pb(Buf::H)),
                     ],
-                    vec![p.dim, t],
+                    vec![p.dim, t, 0, 0],
                     vec![p.eps],
                     row_norm(p.dim),
                     p.dim as f64 * (d + 8.0),
@@ -509,8 +556,10 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         p.rotary_dim,
                         t,
                         per,
+                        0,
+                        0,
                     ],
-                    vec![p.eps, p.value_scale],
+                    vec![p.eps, p.value_scale, 0.0],
                     tiles,
                     bytes + p.hidden as f64 * 4.0 * t as f64,
                 );
@@ -519,7 +568,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                 let l = layer.ok_or_else(|| unsupported(i, op, "no layer"))?;
                 let g = p.geom;
                 let grp = g.n_heads / g.n_kv_heads;
-                let s = match opts.attn_splits {
+                let s = match tuning.splits(layer).unwrap_or(opts.attn_splits) {
                     0 => {
                         let keys = plan.shape.context + t;
                         let keys = p.window.map_or(keys, |w| keys.min(w + t));
@@ -582,6 +631,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         p.window.unwrap_or(0),
                         t,
                         s,
+                        0,
                     ],
                     vec![p.scale],
                     tiles,
@@ -605,8 +655,17 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         vec![
                             Operand::Buffer(Space::AttnPartials),
                             Operand::Buffer(pb(Buf::Attn(0))),
+                            opt(p.sinks, lw(Tensor::Sinks)),
+                            Operand::Positions,
                         ],
-                        vec![g.n_heads, g.n_kv_heads, g.v_head_dim, t, s],
+                        vec![
+                            g.n_heads,
+                            g.n_kv_heads,
+                            g.v_head_dim,
+                            t,
+                            s,
+                            p.window.unwrap_or(0),
+                        ],
                         Vec::new(),
                         tiles,
                         (s * grp * g.v_head_dim * t) as f64 * 4.0,
@@ -636,7 +695,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         Operand::Buffer(pb(Buf::Attn(0))),
                         Operand::Buffer(pb(Buf::X)),
                     ],
-                    vec![p.out_dim, p.in_dim, t, per],
+                    vec![p.out_dim, p.in_dim, t, per, 0],
                     Vec::new(),
                     tiles,
                     (per * p.in_dim) as f64 * d + (p.in_dim * t * 4) as f64,
@@ -651,7 +710,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         Operand::Buffer(pb(Buf::X)),
                         Operand::Buffer(pb(Buf::H)),
                     ],
-                    vec![h, t],
+                    vec![h, t, 1, 0],
                     vec![p.norm.eps],
                     row_norm(h),
                     h as f64 * (d + 8.0),
@@ -678,7 +737,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         Operand::Buffer(pb(Buf::H)),
                         Operand::Buffer(Space::RouterLogits),
                     ],
-                    vec![e, h, t, per],
+                    vec![e, h, t, per, 0],
                     Vec::new(),
                     tiles,
                     (per * h) as f64 * d + (h * t * 4) as f64,
@@ -695,9 +754,10 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         opt(p.correction_bias, lw(Tensor::CorrectionBias)),
                         Operand::Buffer(pb(Buf::Routing)),
                         Operand::Buffer(Space::ExpertList),
+                        Operand::RoutingWeights,
                     ],
-                    vec![e, p.top_k, t, kind],
-                    Vec::new(),
+                    vec![e, p.top_k, t, kind, 0, 0, 0],
+                    vec![0.0],
                     vec![vec![
                         rd(reg(Space::RouterLogits, all.clone(), 0..e)),
                         wr(reg(pb(Buf::Routing), all.clone(), 0..p.top_k)),
@@ -709,7 +769,10 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
             OpKind::ExpertsGateUp(p) => {
                 let slots = (t * p.top_k).min(p.n_experts);
                 let entries = t * p.top_k;
-                let (per, n) = chunking(p.intermediate, 16, sms.div_ceil(slots));
+                // Whole CTAs of the graph executor's launch: `groups` 16-row groups of gate/up
+                // rows are 8·groups act columns.
+                let (groups, warps) = Tuning::shape(tuning.gate_up);
+                let (per, n) = chunking(p.intermediate, 8 * groups, sms.div_ceil(slots));
                 let mut tiles = Vec::with_capacity(slots * n);
                 for s in 0..slots {
                     for c in 0..n {
@@ -741,6 +804,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         Operand::Buffer(pb(Buf::Routing)),
                         Operand::Buffer(Space::ExpertList),
                         Operand::Buffer(pb(Buf::Act(0))),
+                        Operand::Scales(op.weights[0]),
                     ],
                     vec![
                         p.n_experts,
@@ -752,6 +816,8 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         per,
                         layout,
                         glu,
+                        groups,
+                        warps,
                     ],
                     vec![alpha, limit],
                     tiles,
@@ -764,7 +830,8 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                 }
                 let slots = (t * p.top_k).min(p.n_experts);
                 let entries = t * p.top_k;
-                let (per, n) = chunking(p.hidden, 16, sms.div_ceil(slots));
+                let (groups, warps) = Tuning::shape(tuning.down);
+                let (per, n) = chunking(p.hidden, 16 * groups, sms.div_ceil(slots));
                 let mut tiles = Vec::with_capacity(slots * n);
                 for s in 0..slots {
                     for c in 0..n {
@@ -793,6 +860,8 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         Operand::Buffer(pb(Buf::Routing)),
                         Operand::Buffer(Space::ExpertList),
                         Operand::Buffer(Space::ExpertOut),
+                        Operand::Scales(op.weights[0]),
+                        Operand::RoutingWeights,
                     ],
                     vec![
                         p.n_experts,
@@ -802,6 +871,8 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                         t,
                         slots,
                         per,
+                        groups,
+                        warps,
                     ],
                     Vec::new(),
                     tiles,
@@ -909,7 +980,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                             Operand::Buffer(pb(Buf::X)),
                             Operand::Buffer(pb(Buf::H)),
                         ],
-                        vec![nn.dim, t],
+                        vec![nn.dim, t, 0, 0],
                         vec![nn.eps],
                         row_norm(nn.dim),
                         nn.dim as f64 * (d + 8.0),
@@ -951,7 +1022,7 @@ pub fn phases_of(plan: &Plan, opts: &CompileOptions) -> Result<Vec<Phase>, Runti
                             Operand::None
                         },
                     ],
-                    vec![p.vocab, p.hidden, rows, first, per],
+                    vec![p.vocab, p.hidden, rows, first, per, 0],
                     Vec::new(),
                     tiles,
                     (per * p.hidden) as f64 * d + (p.hidden * rows * 4) as f64,
@@ -1278,7 +1349,16 @@ fn sets_cover_phase(sizes: &[u32], tiles: usize) -> bool {
 
 /// Compiles `plan` into per-SM instruction streams for `opts`.
 pub fn compile(plan: &Plan, opts: &CompileOptions) -> Result<Program, RuntimeError> {
-    let phases = phases_of(plan, opts)?;
+    compile_tuned(plan, opts, &Tuning::default())
+}
+
+/// [`compile`] with the session's [`Tuning`] (tiles that are the graph executor's launches).
+pub fn compile_tuned(
+    plan: &Plan,
+    opts: &CompileOptions,
+    tuning: &Tuning,
+) -> Result<Program, RuntimeError> {
+    let phases = phases_tuned(plan, opts, tuning)?;
     let mut first = Vec::with_capacity(phases.len());
     let mut n = 0u32;
     for ph in &phases {

@@ -10,11 +10,14 @@
 //!   simulation across the `u32` wrap of the epoch targets, and a happens-before race check);
 //! * [`device`]: a program on the GPU run by the resident runtime (`kernels/common/persistent.cuh`,
 //!   `kernels/persistent.cu`) with schedule-replay tile bodies ([`Replay`]);
+//! * [`session`]: the engine itself, [`PersistentSession`] — the decode program bound to a
+//!   session's caches and buffers, run by `pk_step` (the ops' math through the standalone
+//!   kernels' device functions), a [`model::Executor`];
 //! * [`timeline`]: the per-SM timeline of a step (Chrome-trace JSON, SVG, per-layer overhead).
 //!
-//! Status: the math bodies of the opcodes (and the session integration, `--engine persistent`)
-//! are not written yet; the runtime, its synchronisation and the schedules run on the GPU in the
-//! replay kernel.
+//! Status: the decode step of gpt-oss-style models (fused QKV + RoPE, the fused router, MXFP4
+//! experts) runs on the engine (`--engine persistent`); verify blocks, batched rows, dense MLPs
+//! and q/k-norm attention are clear errors (prefill runs on the graph executor).
 //!
 //! Cross-SM dependencies are monotonic counters with epoch targets: nothing is reset between
 //! steps, the step number is passed in, and an instruction waits for `(step + 1) · target`.
@@ -22,11 +25,13 @@
 pub mod abi;
 pub mod compile;
 pub mod device;
+pub mod session;
 pub mod timeline;
 pub mod validate;
 
-pub use compile::{compile, CompileOptions, Program};
+pub use compile::{compile, compile_tuned, CompileOptions, Program, Tuning};
 pub use device::Replay;
+pub use session::PersistentSession;
 pub use validate::{validate, Report, ScheduleError};
 
 #[cfg(test)]
@@ -165,6 +170,87 @@ mod tests {
             "predicted {} s vs roofline {roofline} s ({r:?})",
             prog.predicted_s
         );
+    }
+
+    /// With the session's tuning (the graph executor's launch shapes), expert tiles are whole
+    /// CTAs of that shape and every layer's attention has its given key splits; the schedule
+    /// still validates and keeps every SM busy.
+    #[test]
+    fn tuned_programs_cut_tiles_at_the_graph_executors_launches() {
+        let text = std::fs::read_to_string(fixture("configs/gpt-oss-20b.json")).unwrap();
+        let cfg = ModelConfig::from_json_str(&text).unwrap();
+        let plan = Plan::new(&cfg, DEVICE_STORAGE, PassShape::decode(0).with_sample()).unwrap();
+        let layers = cfg.layers.len();
+        let tuning = Tuning {
+            attn_splits: (0..layers).map(|l| 1 + l % 5).collect(),
+            gate_up: (11, 16),
+            down: (2, 8),
+        };
+        let prog = compile_tuned(&plan, &CompileOptions::h100(), &tuning).unwrap();
+        validate(&prog).unwrap();
+        for ph in &prog.phases {
+            match ph.opcode {
+                Opcode::Attention => {
+                    let l = ph.layer.unwrap();
+                    assert_eq!(ph.dims[6] as usize, 1 + l % 5, "layer {l}");
+                }
+                Opcode::ExpertGateUp => {
+                    // Act columns per tile: whole CTAs of 11 row groups (88 columns).
+                    assert_eq!(ph.dims[6] % 88, 0, "{:?}", ph.dims);
+                    assert_eq!(&ph.dims[9..11], &[11, 16]);
+                }
+                Opcode::ExpertDown => {
+                    assert_eq!(ph.dims[6] % 32, 0, "{:?}", ph.dims);
+                    assert_eq!(&ph.dims[7..9], &[2, 8]);
+                }
+                _ => {}
+            }
+        }
+        // The attention of a 1-split layer has no combine phase; the others have one.
+        let combines = prog
+            .phases
+            .iter()
+            .filter(|p| p.opcode == Opcode::AttnCombine)
+            .count();
+        assert_eq!(combines, (0..layers).filter(|l| l % 5 != 0).count());
+    }
+
+    /// The argument layout `pk_step`'s bodies read (kernels/persistent.cu): per opcode, the
+    /// operand, dim and float slots the compiler lays out (the session fills the *session*
+    /// dims), within one argument block.
+    #[test]
+    fn argument_blocks_have_the_slots_pk_step_reads() {
+        use super::abi::{PK_ARG_DIMS, PK_ARG_FLOATS, PK_ARG_PTRS};
+        let want = |op: Opcode| -> Option<(usize, usize, usize)> {
+            Some(match op {
+                Opcode::Embed => (3, 4, 1),
+                Opcode::RmsNorm => (3, 4, 1),
+                Opcode::Qkv => (10, 10, 3),
+                Opcode::Attention => (6, 8, 1),
+                Opcode::AttnCombine => (4, 6, 0),
+                Opcode::LinearResidual => (4, 5, 0),
+                Opcode::RouterLogits => (4, 5, 0),
+                Opcode::RouterTopK => (5, 7, 1),
+                Opcode::ExpertGateUp => (7, 11, 2),
+                Opcode::ExpertDown => (8, 9, 0),
+                Opcode::CombineNorm => (5, 3, 1),
+                Opcode::LmHead => (4, 6, 0),
+                Opcode::Argmax => (3, 3, 0),
+                Opcode::MlpGateUp | Opcode::MlpDown => return None,
+            })
+        };
+        for (name, cfg) in targets() {
+            let plan = Plan::new(&cfg, DEVICE_STORAGE, PassShape::decode(9).with_sample()).unwrap();
+            for ph in phases_of(&plan, &CompileOptions::h100()).unwrap() {
+                assert!(ph.operands.len() <= PK_ARG_PTRS, "{name}: {:?}", ph.opcode);
+                assert!(ph.dims.len() <= PK_ARG_DIMS, "{name}: {:?}", ph.opcode);
+                assert!(ph.floats.len() <= PK_ARG_FLOATS, "{name}: {:?}", ph.opcode);
+                if let Some(w) = want(ph.opcode) {
+                    let got = (ph.operands.len(), ph.dims.len(), ph.floats.len());
+                    assert_eq!(got, w, "{name}: {:?}", ph.opcode);
+                }
+            }
+        }
     }
 
     /// Dependencies are as fine as the data: attention of KV group g waits only for the QKV
