@@ -531,7 +531,9 @@ fn bad_shapes_and_arguments_are_errors() {
     let d_act = arena.alloc::<f32>(17 * 4 * 32, "act").unwrap();
     let s = &gpu.stream;
     let glu = GluArgs::Swiglu;
-    for (t, k) in [(0, 2), (17, 2), (2, 0), (2, 5)] {
+    // k above the stack's 4 experts is allowed (an expert-parallel rank holds a few of the
+    // router's experts); k above MAX_TOP_K is not.
+    for (t, k) in [(0, 2), (17, 2), (2, 0), (2, tilert::moe::MAX_TOP_K + 1)] {
         let r = gpu
             .kernels
             .gate_up(s, &dm, glu, d_x, t, k, d_ids, DPtr::null(), d_act);

@@ -249,7 +249,9 @@ fn rank_weights(weights: &Weights, layers: Vec<model::weights::Layer>) -> Weight
 /// resolved to the rank's own tensors, each `all_reduce` reading the rank's partial sum, and the
 /// taps following the ops they followed. An unsharded plan is returned as it is.
 pub fn rank_plan(plan: &Plan, rank: usize) -> Result<Plan, RuntimeError> {
-    if plan.ranks == 1 {
+    // An unsharded plan is its own rank 0; a plan sharded over one rank (TP1: its ops placed on
+    // rank 0, its all-reduces of one) goes through the general path like any other.
+    if plan.ops.iter().all(|o| o.placement == Placement::Replicated) {
         return Ok(plan.clone());
     }
     if rank >= plan.ranks {
@@ -1283,7 +1285,7 @@ mod tests {
     fn every_rank_view_lowers() {
         for (name, cfg, mx) in configs() {
             let full = Plan::new(&cfg, DEVICE_STORAGE, pass_shape(3, Logits::All, false)).unwrap();
-            for n in [2, 4] {
+            for n in [1, 2, 4] {
                 let layout = gpu_layout(&cfg, n, mx).unwrap_or_else(|e| panic!("{name} {n}: {e}"));
                 let sharded = shard_plan(&full, &cfg, &layout).unwrap();
                 let reduces = sharded
