@@ -251,7 +251,11 @@ fn rank_weights(weights: &Weights, layers: Vec<model::weights::Layer>) -> Weight
 pub fn rank_plan(plan: &Plan, rank: usize) -> Result<Plan, RuntimeError> {
     // An unsharded plan is its own rank 0; a plan sharded over one rank (TP1: its ops placed on
     // rank 0, its all-reduces of one) goes through the general path like any other.
-    if plan.ops.iter().all(|o| o.placement == Placement::Replicated) {
+    if plan
+        .ops
+        .iter()
+        .all(|o| o.placement == Placement::Replicated)
+    {
         return Ok(plan.clone());
     }
     if rank >= plan.ranks {
