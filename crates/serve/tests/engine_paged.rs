@@ -15,10 +15,13 @@ use std::time::{Duration, Instant};
 
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::CpuModel;
-use model::sampling::{FinishReason, SamplingParams};
-use serve::engine::{
-    Backend, CpuBackend, EngineConfig, EngineHandle, Event, Finished, GenerateRequest,
-};
+use model::sampling::FinishReason;
+use serve::engine::{Backend, CpuBackend, EngineConfig, EngineHandle, GenerateRequest};
+
+#[path = "common/engine.rs"]
+#[allow(dead_code)]
+mod engine_common;
+use engine_common::{cfg, drain, request, run_all, tokens};
 
 fn model(which: usize) -> CpuModel {
     let (c, w) = match which {
@@ -36,77 +39,6 @@ fn block_bytes(m: &CpuModel, block_size: usize) -> u64 {
 fn start(m: &CpuModel, cfg: EngineConfig) -> EngineHandle {
     let m = m.clone();
     EngineHandle::start(move || Ok(CpuBackend::new(m)), None, vec![1], cfg, None).unwrap()
-}
-
-fn cfg(caching: bool, block_size: usize, budget: u64, max_running: usize) -> EngineConfig {
-    EngineConfig {
-        max_running,
-        kv_budget_bytes: budget,
-        kv_block_size: block_size,
-        prefix_caching: caching,
-        ..EngineConfig::default()
-    }
-}
-
-fn tokens(seed: u64, n: usize) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (2 + s % 90) as u32
-        })
-        .collect()
-}
-
-fn request(prompt: Vec<u32>, max_tokens: usize, seed: Option<u64>) -> GenerateRequest {
-    let params = match seed {
-        None => SamplingParams::greedy(),
-        Some(s) => SamplingParams {
-            temperature: 0.9,
-            top_p: Some(0.95),
-            seed: Some(s),
-            ..SamplingParams::default()
-        },
-    };
-    GenerateRequest {
-        id: String::new(),
-        prompt,
-        params: SamplingParams {
-            ignore_eos: true,
-            ..params
-        },
-        max_tokens: Some(max_tokens),
-        logprobs: None,
-        prompt_logprobs: None,
-    }
-}
-
-fn drain(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Finished) {
-    let mut out = Vec::new();
-    while let Some(e) = events.blocking_recv() {
-        match e {
-            Event::Tokens(t) => out.extend(t.tokens),
-            Event::Finished(f) => return (out, f),
-        }
-    }
-    panic!("the stream ended without Finished");
-}
-
-/// Submits all requests at once and returns each one's tokens.
-fn run_all(engine: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
-    let subs: Vec<_> = reqs
-        .into_iter()
-        .map(|r| engine.submit(r).unwrap())
-        .collect();
-    subs.into_iter()
-        .map(|s| {
-            let (toks, f) = drain(s.events);
-            assert_eq!(f.reason, FinishReason::Length, "{f:?}");
-            toks
-        })
-        .collect()
 }
 
 /// Waits until the scheduler has updated the gauges after the last request ended.

@@ -16,10 +16,13 @@ use dflash::toy::{self as dtoy, ToyKind};
 use dflash::SpecDecoder;
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::CpuModel;
-use model::sampling::{FinishReason, SamplingParams};
-use serve::engine::{
-    Backend, CpuBackend, EngineConfig, EngineHandle, Event, Finished, GenerateRequest, SpecConfig,
-};
+use model::sampling::FinishReason;
+use serve::engine::{Backend, CpuBackend, EngineConfig, EngineHandle, SpecConfig};
+
+#[path = "common/engine.rs"]
+#[allow(dead_code)]
+mod engine_common;
+use engine_common::{drain, request, run_all, tokens};
 
 fn models() -> Vec<(CpuModel, ToyKind)> {
     let (c, w) = toy::gpt_oss(11, ToyExperts::Mxfp4);
@@ -61,66 +64,6 @@ fn start_with(
     };
     let m = m.clone();
     EngineHandle::start(move || Ok(CpuBackend::new(m)), None, vec![1], cfg, spec).unwrap()
-}
-
-fn tokens(seed: u64, n: usize) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (2 + s % 90) as u32
-        })
-        .collect()
-}
-
-fn request(prompt: Vec<u32>, max_tokens: usize, seed: Option<u64>) -> GenerateRequest {
-    let params = match seed {
-        None => SamplingParams::greedy(),
-        Some(s) => SamplingParams {
-            temperature: 0.9,
-            top_p: Some(0.95),
-            seed: Some(s),
-            ..SamplingParams::default()
-        },
-    };
-    GenerateRequest {
-        id: String::new(),
-        prompt,
-        params: SamplingParams {
-            ignore_eos: true,
-            ..params
-        },
-        max_tokens: Some(max_tokens),
-        logprobs: None,
-        prompt_logprobs: None,
-    }
-}
-
-fn drain(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Finished) {
-    let mut out = Vec::new();
-    while let Some(e) = events.blocking_recv() {
-        match e {
-            Event::Tokens(t) => out.extend(t.tokens),
-            Event::Finished(f) => return (out, f),
-        }
-    }
-    panic!("the stream ended without Finished");
-}
-
-fn run_all(engine: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
-    let subs: Vec<_> = reqs
-        .into_iter()
-        .map(|r| engine.submit(r).unwrap())
-        .collect();
-    subs.into_iter()
-        .map(|s| {
-            let (toks, f) = drain(s.events);
-            assert_eq!(f.reason, FinishReason::Length, "{f:?}");
-            toks
-        })
-        .collect()
 }
 
 fn settle(engine: &EngineHandle) {
