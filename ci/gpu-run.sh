@@ -32,21 +32,24 @@ else
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
     "$here/bundle.tar.xz" "$work" || exit 2
 fi
-# Binaries that embed the default model's assets ship with those bytes zeroed (holes.txt): copy them
-# back from $data and check the result against the original's SHA-256.
-restored=""
+# Binaries ship with the files they embed (the default model's assets, the kernel images) zeroed
+# (holes.txt): copy them back from $data and check each binary against its original's SHA-256.
+declare -A want=()
 while read -r kind a b c d; do
   case $kind in
-    sha256) want=$a; bin=$b ;;
-    hole) dd if="$data/$d" of="$work/$a" bs=1M seek="$b" oflag=seek_bytes conv=notrunc status=none || continue
-          [ "$(sha256sum "$work/$a" | cut -d' ' -f1)" = "$want" ] && restored="$restored $a" ;;
+    sha256) want[$b]=$a ;;
+    hole) dd if="$data/$d" of="$work/$a" bs=1M seek="$b" oflag=seek_bytes conv=notrunc status=none || true ;;
   esac
 done < <(cat "$work/holes.txt" 2>/dev/null)
-if [ -n "${bin:-}" ] && ! grep -qw "$bin" <<<"$restored"; then
-  echo "$bin: the default model's assets in $data differ from the ones it was built with; not run" >&2
-  rm -f "$work/$bin"
-fi
-[ -n "$keep" ] && { echo "unpacked into $work${restored:+ (assets restored:$restored)}"; exit 0; }
+restored=0
+for bin in "${!want[@]}"; do
+  if [ "$(sha256sum "$work/$bin" | cut -d' ' -f1)" = "${want[$bin]}" ]; then restored=$((restored + 1))
+  else
+    echo "$bin: the files it embeds (default-model assets, kernels/artifacts) in $data differ from the ones it was built with; not run" >&2
+    rm -f "$work/$bin"
+  fi
+done
+[ -n "$keep" ] && { echo "unpacked into $work ($restored binaries restored from $data)"; exit 0; }
 if [ -n "${OUT:-}" ]; then out=$(mktemp -d); else out=$data/gpu-results; fi
 mkdir -p "$out"
 # Tests and benchmarks read fixtures/ (and ../crates/default-model/assets) from here.

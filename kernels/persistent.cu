@@ -306,7 +306,7 @@ __device__ __forceinline__ void pk_expert(const PkOpArgs& a, uint32_t tile) {
     const uint32_t w1 = min(p.rows, GLU ? 2 * (c + 1) * per : (c + 1) * per);
     moe_find_slot(p, slot, s);
     for (uint32_t g0 = w0 / 16; g0 * 16 < w1; g0 += p.row_groups) {
-        moe_mx_tile<1, GLU>(p, slot, g0, s, vw);
+        moe_mx_tile<1, GLU, true>(p, slot, g0, s, vw);
         __syncthreads();
     }
 }

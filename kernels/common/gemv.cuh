@@ -6,14 +6,16 @@
 #include "common/abi.cuh"
 #include "common/pdl.cuh"
 #include "common/reduce.cuh"
+#include "common/rope.cuh"
 #include "common/tile.cuh"
 
 // One warp computes R consecutive rows for TT tokens (t ≤ TT of them are real; the others
 // re-read token t−1 and are not stored). Lane l handles the 16-byte vectors l, l+32, ... of
 // each row, U·R weight loads in flight. Requires K % (16 / sizeof(weight)) == 0 and 16-byte
 // aligned W and x.
-// With ROPE (R = 2), the rows go through rope_store(*ro, ...) instead of into y (RO: RopeOut, or
-// RopeOutRows of the batched decode; rope.cu defines rope_store for both).
+// With ROPE (R = 2), the rows go through rope_store instead of into y (RO: RopeOut, or
+// RopeOutRows of the batched decode; common/rope.cuh defines rope_at for both), lane j holding
+// token j's cache destination (rope_at), resolved before the weight stream when TT ≤ 2.
 // `linear_vec_warp` is the body of warp `warp` (rows warp·R .. warp·R + R − 1): a row's sums do
 // not depend on which warp or launch computes it (each lane's FMA chain and the butterfly are
 // the same), so the persistent engine (persistent.cu) runs any range of rows with it and gets the
@@ -47,6 +49,12 @@ __device__ __forceinline__ void linear_vec_warp(uint32_t warp, const void* __res
     const float* xt[TT];
 #pragma unroll
     for (int j = 0; j < TT; ++j) xt[j] = x + (size_t)min((uint32_t)j, t - 1) * k;
+    // Up to 2 tokens the destinations ride in registers through the weight stream; more would
+    // spill (t8 / t16 variants), and their longer streams hide the epilogue's loads anyway.
+    constexpr bool EARLY = ROPE && TT <= 2;
+    [[maybe_unused]] RopeAt at{};
+    if constexpr (EARLY)
+        if ((uint32_t)lane < min((uint32_t)TT, t)) at = rope_at(*ro, lane);
     float acc[R][TT];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -92,7 +100,8 @@ __device__ __forceinline__ void linear_vec_warp(uint32_t warp, const void* __res
             if (lane == j && (uint32_t)j < t) {
                 const float b0 = bias ? bias[row0] : 0.f;
                 const float b1 = bias && row0 + 1 < n ? bias[row0 + 1] : 0.f;
-                rope_store(*ro, row0, n, j, acc[0][j] + b0, acc[1][j] + b1);
+                if constexpr (!EARLY) at = rope_at(*ro, j);
+                rope_store(rope_out(*ro), at, row0, n, j, acc[0][j] + b0, acc[1][j] + b1);
             }
         return;
     }

@@ -204,9 +204,11 @@ __host__ __device__ constexpr uint32_t moe_xs_stride(uint32_t k_pad) { return k_
 // w, w + real, ... one after another with the same items, partial sums and warp-order epilogue,
 // so its results are the bits of a vw-warp CTA (the persistent engine's 8-warp blocks stand in
 // for the 16-warp CTAs of the decode gate/up). Shared memory: partial sums for vw warps.
-template <int NP, bool GLU>
+// VIRT false (the standalone kernels) compiles the one-pass form, vw = the real warps: the
+// virtual-warp loop costs the standalone kernels registers and 3-4 % of a verify(8) pass.
+template <int NP, bool GLU, bool VIRT>
 __device__ void moe_mx_tile(const MoeParams& p, uint32_t slot, uint32_t g0, const MoeSlot& s,
-                            uint32_t vw) {
+                            uint32_t vw_arg) {
     extern __shared__ __align__(16) uint8_t moe_smem[];
     constexpr uint32_t CH = 2 * NP;
     const uint32_t groups = (p.rows + 15) / 16;
@@ -217,6 +219,7 @@ __device__ void moe_mx_tile(const MoeParams& p, uint32_t slot, uint32_t g0, cons
     if (expert < 0) return;
 
     const uint32_t warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    const uint32_t vw = VIRT ? vw_arg : n_warps;
     const uint32_t lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, tb = t & 1;
     const uint32_t nb = p.k / 32, n_tiles = (nb + 3) / 4, k_pad = n_tiles * 128;
     const uint32_t n_items = n_groups * n_tiles;
@@ -285,8 +288,10 @@ __device__ void moe_mx_tile(const MoeParams& p, uint32_t slot, uint32_t g0, cons
         for (uint32_t i = threadIdx.x; i < n_groups * vw * CH * 16; i += bd) partial[i] = 0.f;
         __syncthreads();
 
-        for (uint32_t vwarp = warp; vwarp < vw; vwarp += n_warps) {
-        if (vwarp != warp && vwarp < n_items) load(vwarp, cur);
+        const uint32_t passes = !VIRT ? 1 : warp < vw ? (vw - warp + n_warps - 1) / n_warps : 0;
+        for (uint32_t pass = 0; pass < passes; ++pass) {
+        const uint32_t vwarp = warp + pass * n_warps;
+        if (pass > 0 && vwarp < n_items) load(vwarp, cur);
         float acc[NP][2];
 #pragma unroll
         for (int pp = 0; pp < NP; ++pp) acc[pp][0] = acc[pp][1] = 0.f;
@@ -388,6 +393,6 @@ __device__ void moe_mx_body(const MoeParams& p) {
     const uint32_t ctas_per_slot = (groups + p.row_groups - 1) / p.row_groups;
     const uint32_t slot = blockIdx.x / ctas_per_slot;
     moe_find_slot(p, slot, s);
-    moe_mx_tile<NP, GLU>(p, slot, (blockIdx.x % ctas_per_slot) * p.row_groups, s, blockDim.x / 32);
+    moe_mx_tile<NP, GLU, false>(p, slot, (blockIdx.x % ctas_per_slot) * p.row_groups, s, 0);
 }
 

@@ -1,5 +1,5 @@
 // RoPE + KV-cache write tile bodies, shared by the standalone kernels (rope.cu) and the
-// persistent engine (persistent.cu): the epilogue of the fused QKV projection (rope_store*, used
+// persistent engine (persistent.cu): the epilogue of the fused QKV projection (rope_at + rope_store, used
 // by common/gemv.cuh's linear_vec with ROPE) and one head of one token (rope_kv_write_row).
 #pragma once
 #include <stdint.h>
@@ -8,22 +8,49 @@
 #include "common/kv.cuh"
 #include "common/reduce.cuh"
 
-// Stores rows (row0, row0 + 1) of token t of a rope-pair-ordered QKV projection (row0 even),
-// the token at position `pos`, its k and v into `k_cache` / `v_cache` of `capacity` slots
-// (through the block table `blocks` when not null: common/kv.cuh).
-__device__ __forceinline__ void rope_store_kv(const RopeOut& ro, uint64_t pos, float* k_cache,
-                                              float* v_cache, uint32_t capacity,
-                                              const uint32_t* blocks, uint32_t block_size,
-                                              uint32_t row0, uint32_t n, uint32_t t, float v0,
-                                              float v1) {
+// Where token t of a fused QKV projection goes: its position and its K / V rows in the cache
+// (slot through the block table when there is one: common/kv.cuh). linear_vec_warp resolves it
+// before the weight stream, so the step counter's and the block table's loads are off the tail
+// of every warp (they cost the decode's qkv_rope_kv 0.5 µs a launch when made in the epilogue).
+struct RopeAt {
+    uint64_t pos;
+    float* k;  // row of the position's slot: k_cache + slot · nkv · d
+    float* v;  // v_cache + slot · nkv · dv
+};
+
+__device__ __forceinline__ RopeAt rope_at_kv(const RopeOut& ro, uint64_t pos, float* k_cache,
+                                             float* v_cache, uint32_t capacity,
+                                             const uint32_t* blocks, uint32_t block_size) {
     const uint64_t slot = kv_slot(pos, capacity, blocks, block_size);
+    return RopeAt{pos, k_cache + slot * ro.nkv * ro.d, v_cache + slot * ro.nkv * ro.dv};
+}
+
+// Token t at position step[0] + t of the RopeOut's cache.
+__device__ __forceinline__ RopeAt rope_at(const RopeOut& ro, uint32_t t) {
+    return rope_at_kv(ro, (uint64_t)ro.step[0] + t, ro.k_cache, ro.v_cache, ro.capacity, ro.blocks,
+                      ro.block_size);
+}
+
+// Row t at its own position in its own cache (batched decode: rr.rows[t]).
+__device__ __forceinline__ RopeAt rope_at(const RopeOutRows& rr, uint32_t t) {
+    const KvRow& r = rr.rows[t];
+    return rope_at_kv(rr.ro, r.pos, r.k_cache, r.v_cache, r.capacity, r.blocks, r.block_size);
+}
+
+__device__ __forceinline__ const RopeOut& rope_out(const RopeOut& ro) { return ro; }
+__device__ __forceinline__ const RopeOut& rope_out(const RopeOutRows& rr) { return rr.ro; }
+
+// Stores rows (row0, row0 + 1) of token t of a rope-pair-ordered QKV projection (row0 even):
+// q into q_out, k and v into the cache rows of `at` (rope_at).
+__device__ __forceinline__ void rope_store(const RopeOut& ro, const RopeAt& at, uint32_t row0,
+                                           uint32_t n, uint32_t t, float v0, float v1) {
+    const uint64_t pos = at.pos;
     const uint32_t qrows = ro.nh * ro.d, krows = ro.nkv * ro.d;
     if (row0 < qrows + krows) {
         const bool is_q = row0 < qrows;
         const uint32_t base = is_q ? row0 : row0 - qrows;
         const uint32_t head = base / ro.d, l = base % ro.d;
-        float* dst = is_q ? ro.q_out + ((size_t)t * ro.nh + head) * ro.d
-                          : k_cache + (slot * ro.nkv + head) * ro.d;
+        float* dst = is_q ? ro.q_out + ((size_t)t * ro.nh + head) * ro.d : at.k + (size_t)head * ro.d;
         if (l < ro.rot) {
             const uint32_t half = ro.rot / 2, f = l / 2;
             const double a = (double)__fmul_rn(ro.inv_freq[f], (float)pos);
@@ -43,24 +70,8 @@ __device__ __forceinline__ void rope_store_kv(const RopeOut& ro, uint64_t pos, f
         const uint32_t row = row0 + r;
         if (row >= n) break;
         const uint32_t idx = row - qrows - krows, g = idx / ro.dv, i = idx % ro.dv;
-        v_cache[(slot * ro.nkv + g) * ro.dv + i] = __fmul_rn(vals[r], ro.value_scale);
+        at.v[(size_t)g * ro.dv + i] = __fmul_rn(vals[r], ro.value_scale);
     }
-}
-
-// rope_store_kv at position step[0] + t into the RopeOut's cache.
-__device__ __forceinline__ void rope_store(const RopeOut& ro, uint32_t row0, uint32_t n,
-                                           uint32_t t, float v0, float v1) {
-    rope_store_kv(ro, (uint64_t)ro.step[0] + t, ro.k_cache, ro.v_cache, ro.capacity, ro.blocks,
-                  ro.block_size, row0, n, t,
-                  v0, v1);
-}
-
-// rope_store_kv at row t's position into row t's own cache (batched decode: rr.rows[t]).
-__device__ __forceinline__ void rope_store(const RopeOutRows& rr, uint32_t row0, uint32_t n,
-                                           uint32_t t, float v0, float v1) {
-    const KvRow& r = rr.rows[t];
-    rope_store_kv(rr.ro, r.pos, r.k_cache, r.v_cache, r.capacity, r.blocks, r.block_size, row0, n,
-                  t, v0, v1);
 }
 
 // grid (n_heads + 2·n_kv, T), block 128. Block (h, t): q head h, k head h − n_heads, or v head

@@ -600,15 +600,21 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
         }
         raw += fs::metadata(dst)?.len();
     }
-    // `ultra` embeds the default model's assets (~24 MB of weights that xz cannot shrink); the
-    // checkout the bundle travels with holds the same files, so the bundle ships `ultra` with
-    // those bytes zeroed and run.sh copies them back from the checkout (checked by SHA-256).
-    let holes = punch_asset_holes(&stage, "ultra")?;
+    // `ultra` embeds the default model's assets (~24 MB of weights that xz cannot shrink) and every
+    // binary embeds the kernel images (~18 MB); the checkout the bundle travels with holds the same
+    // files, so the bundle ships the binaries with those bytes zeroed and run.sh copies them back
+    // from the checkout (each binary checked by SHA-256).
+    let embedded = embedded_files()?;
+    let mut holes = String::new();
+    for (_, dst) in &staged {
+        holes += &punch_holes(&stage, &rel_to(&stage, dst)?, &embedded)?;
+    }
     fs::write(stage.join("holes.txt"), &holes)?;
     if self_contained {
         for (from, to) in [
             ("fixtures", "fixtures"),
             ("crates/default-model/assets", "crates/default-model/assets"),
+            ("kernels/artifacts", "kernels/artifacts"),
         ] {
             let status = Command::new("cp")
                 .arg("-a")
@@ -698,55 +704,52 @@ fn gpu_bundle(out: Option<PathBuf>, self_contained: bool) -> Result<PathBuf> {
     Ok(bundle)
 }
 
-/// Zeroes, in the staged binary `stage/name`, every default-model asset file it embeds
-/// (`crates/default-model/assets/**`, found byte for byte) and returns the lines of `holes.txt`:
-/// `sha256 <hex of the original binary> <name>`, then `hole <name> <offset> <length> <asset path
-/// relative to the checkout>` per asset. Files under 64 KiB are left in place.
-fn punch_asset_holes(stage: &Path, name: &str) -> Result<String> {
-    let bin_path = stage.join(name);
-    let mut bin = fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
-    let mut out = format!("sha256 {} {name}\n", sha256_hex(&bin));
-    let assets = root().join("crates/default-model/assets");
+/// The files a bundled binary may embed byte for byte and the checkout also holds: the default
+/// model's assets (`crates/default-model/assets/**`) and the kernel images (`kernels/artifacts/*`),
+/// as (path relative to the checkout, bytes). Files under 64 KiB are left out (not worth a hole).
+fn embedded_files() -> Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
-    let mut dirs = vec![assets.clone()];
+    let mut dirs = vec![
+        root().join("crates/default-model/assets"),
+        root().join("kernels/artifacts"),
+    ];
     while let Some(d) = dirs.pop() {
         for e in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let p = e?.path();
             if p.is_dir() {
                 dirs.push(p);
-            } else {
-                files.push(p);
+            } else if fs::metadata(&p)?.len() >= 64 << 10 {
+                let rel = p.strip_prefix(root())?.to_string_lossy().into_owned();
+                files.push((rel, fs::read(&p)?));
             }
         }
     }
     files.sort();
-    for f in files {
-        let bytes = fs::read(&f)?;
-        if bytes.len() < 64 << 10 {
-            continue;
-        }
-        let Some(off) = find(&bin, &bytes) else {
+    Ok(files)
+}
+
+/// Zeroes, in the staged binary `stage/name`, every file of `embedded` it holds byte for byte and
+/// returns its lines of `holes.txt`: `sha256 <hex of the original binary> <name>`, then
+/// `hole <name> <offset> <length> <path relative to the checkout>` per file (nothing when the
+/// binary embeds none of them).
+fn punch_holes(stage: &Path, name: &str, embedded: &[(String, Vec<u8>)]) -> Result<String> {
+    let bin_path = stage.join(name);
+    let mut bin = fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
+    let mut out = format!("sha256 {} {name}\n", sha256_hex(&bin));
+    let mut punched = false;
+    for (rel, bytes) in embedded {
+        let Some(off) = memchr::memmem::find(&bin, bytes) else {
             continue;
         };
         bin[off..off + bytes.len()].fill(0);
-        out += &format!(
-            "hole {name} {off} {} {}\n",
-            bytes.len(),
-            f.strip_prefix(root())?.to_string_lossy()
-        );
+        out += &format!("hole {name} {off} {} {rel}\n", bytes.len());
+        punched = true;
+    }
+    if !punched {
+        return Ok(String::new());
     }
     fs::write(&bin_path, &bin)?;
     Ok(out)
-}
-
-/// The first offset of `needle` in `hay`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    let head = &needle[..needle.len().min(64)];
-    hay.windows(head.len())
-        .enumerate()
-        .filter(|(_, w)| w == &head)
-        .map(|(i, _)| i)
-        .find(|&i| hay.get(i..i + needle.len()) == Some(needle))
 }
 
 /// `p` relative to `base`, as a string (paths inside the staging folder).
