@@ -17,7 +17,7 @@
 // need the same activations (broadcast L1 reads). FP8 tiles never straddle a 128-column scale
 // block (128 % 32 == 0), so each tile has one warp-uniform scale.
 //
-// Two kernel families over the same layout:
+// Three kernel families over the same layout:
 //   * proj_{fp8,bf16}_t{TT}_r{R} ("row groups"): a CTA owns R row groups (16·R rows) over the
 //     whole K: its W warps take tiles c = w, w + W, ... (U tiles of each of the R groups in flight
 //     per lane), then sum their partials through shared memory in warp order (no scratch).
@@ -27,7 +27,12 @@
 //     writes the rows of a group its range covers whole; for a group it shares with other warps
 //     it stores its partial (scratch slot 0 for its first group, 1 for its last) and counts in;
 //     the last warp in sums the partials in warp order and writes the rows (deterministic).
-// Both are deterministic (no float atomics).
+//   * proj_bulk_{fp8,bf16}_t{TT}_r{R} ("bulk", below): a CTA owns blocks of R row groups over
+//     the whole K; the weights stream into shared memory by cp.async.bulk.
+// All are deterministic (no float atomics). The token loops run all TT tokens without a branch
+// (tokens past t re-read token t − 1 and are never stored), and tiles past the last compute on
+// in-bounds data and add nothing, so every load of an unrolled loop can issue before the first
+// use (a load behind a data-dependent branch waits for it).
 //
 // No fast math: fp8 and bf16 decode exactly to f32, products and sums are IEEE f32 (fmaf).
 #include <cuda_bf16.h>
@@ -50,15 +55,19 @@ __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t v16) {
 }
 
 // The activations of one lane's 16-byte weight vector (E values starting at column k0 of one
-// token row xr): vector loads when the row is 16-byte aligned and the vector is inside K, else
-// guarded scalar loads (columns ≥ K read as 0; their weights are padding zeros anyway).
+// token row xr), branch-free so that the loads of several tiles and tokens issue together (a
+// load behind a data-dependent branch waits for it): vector loads when rows are 16-byte aligned,
+// else scalar loads. A 4-column granule at or past K (vector path) reads granule 0 instead, a
+// column past K (scalar path) reads column K − 1: their weights are the zero padding, so they add
+// exactly 0 (activations are finite).
 template <int E>
 __device__ __forceinline__ void load_x(const float* __restrict__ xr, uint32_t k0, uint32_t k,
                                        bool xvec, float (&xv)[E]) {
-    if (xvec && k0 + E <= k) {
+    if (xvec) {
 #pragma unroll
         for (int q = 0; q < E / 4; ++q) {
-            const float4 a = __ldg(reinterpret_cast<const float4*>(xr + k0) + q);
+            const uint32_t c = k0 + 4 * q;
+            const float4 a = __ldg(reinterpret_cast<const float4*>(xr + (c < k ? c : 0)));
             xv[4 * q] = a.x;
             xv[4 * q + 1] = a.y;
             xv[4 * q + 2] = a.z;
@@ -66,7 +75,7 @@ __device__ __forceinline__ void load_x(const float* __restrict__ xr, uint32_t k0
         }
     } else {
 #pragma unroll
-        for (int e = 0; e < E; ++e) xv[e] = k0 + e < k ? __ldg(xr + k0 + e) : 0.f;
+        for (int e = 0; e < E; ++e) xv[e] = __ldg(xr + min(k0 + e, k - 1));
     }
 }
 
@@ -148,17 +157,19 @@ __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const uint32_t c = c0 + u * nw;
-            if (c >= ct) break;
+            // Past the last tile: zero weights and scales (loaded so above), activations of the
+            // last tile (in bounds) — adds exactly 0, with no branch before the loads.
+            const uint32_t c = min(c0 + u * nw, ct - 1);
             const uint32_t k0 = c * KT + half * E;
             float wf[R][E];
 #pragma unroll
             for (int r = 0; r < R; ++r) decode_vec<FP8>(wv[u][r], wf[r]);
 #pragma unroll
             for (int j = 0; j < TT; ++j) {
-                if ((uint32_t)j >= t) break;
+                // Tokens past t re-read token t − 1 (computed, never stored): no branch.
+                const uint32_t jj = min((uint32_t)j, t - 1);
                 float xv[E];
-                load_x<E>(x + (size_t)j * k, k0, k, xvec, xv);
+                load_x<E>(x + (size_t)jj * k, k0, k, xvec, xv);
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     const float d = dot_vec<E>(wf[r], xv);
@@ -331,9 +342,9 @@ __device__ __forceinline__ void proj_sk_body(const uint4* __restrict__ w,
             decode_vec<FP8>(wv[u], wf);
 #pragma unroll
             for (int j = 0; j < TT; ++j) {
-                if ((uint32_t)j >= t) break;
+                const uint32_t jj = min((uint32_t)j, t - 1);  // past t: computed, never stored
                 float xv[E];
-                load_x<E>(x + (size_t)j * k, k0, k, xvec, xv);
+                load_x<E>(x + (size_t)jj * k, k0, k, xvec, xv);
                 const float d = dot_vec<E>(wf, xv);
                 acc[j] = FP8 ? fmaf(d, s[u], acc[j]) : acc[j] + d;
             }
@@ -553,25 +564,43 @@ __device__ __forceinline__ void proj_bulk_body(const uint8_t* __restrict__ w,
                                ? __ldg(scales + ((size_t)bi * R + r) * kb + ((c0 + tl) * KT) / 128)
                                : 0.f;
             }
+        // A warp's tiles past the item's last (tl ≥ nt) compute on the last one's weights and
+        // activations (in bounds, finite) and add nothing: no branch before the loads.
+        // One token: its activations are loaded before the barrier wait (they do not depend on
+        // the stage), so the wait and the activations' L2 round trip overlap.
+        float xpre[TT == 1 ? TPW : 1][E];
+        if constexpr (TT == 1) {
+#pragma unroll
+            for (int u = 0; u < TPW; ++u) {
+                const uint32_t tl = min(warp + u * W, nt - 1);
+                load_x<E>(x, (c0 + tl) * KT + half * E, k, xvec, xpre[u]);
+            }
+        }
         mbar_wait(full + s, (it / stages) & 1);
         const uint4* st = reinterpret_cast<const uint4*>(stage0 + s * STAGE);
 #pragma unroll
         for (int u = 0; u < TPW; ++u) {
-            const uint32_t tl = warp + u * W;
-            if (tl >= nt) break;
+            const bool valid = warp + u * W < nt;
+            const uint32_t tl = min(warp + u * W, nt - 1);
             const uint32_t k0 = (c0 + tl) * KT + half * E;
             float wf[R][E];
 #pragma unroll
             for (int r = 0; r < R; ++r) decode_vec<FP8>(st[(r * CH + tl) * 32 + lane], wf[r]);
 #pragma unroll
             for (int j = 0; j < TT; ++j) {
-                if ((uint32_t)j >= t) break;
+                const uint32_t jj = min((uint32_t)j, t - 1);  // past t: computed, never stored
                 float xv[E];
-                load_x<E>(x + (size_t)j * k, k0, k, xvec, xv);
+                if constexpr (TT == 1) {
+#pragma unroll
+                    for (int e = 0; e < E; ++e) xv[e] = xpre[u][e];
+                } else {
+                    load_x<E>(x + (size_t)jj * k, k0, k, xvec, xv);
+                }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     const float d = dot_vec<E>(wf[r], xv);
-                    acc[r][j] = FP8 ? fmaf(d, sc[u][r], acc[r][j]) : acc[r][j] + d;
+                    // FP8: sc is 0 for invalid tiles; BF16: select.
+                    acc[r][j] = FP8 ? fmaf(d, sc[u][r], acc[r][j]) : acc[r][j] + (valid ? d : 0.f);
                 }
             }
         }

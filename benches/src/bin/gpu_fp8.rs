@@ -1,7 +1,11 @@
 //! Dense projections from FP8 (e4m3, 128×128 block scales) and BF16 weights on the GPU
 //! (`kernels/proj.cu`, `tilert::ops::proj`) at MiMo-V2.5-Pro and gpt-oss-20b projection shapes,
-//! batch 1 / 4 / 8 / 16, against a same-size streaming read measured in the same run; today's
-//! row-major bf16 `linear` (`kernels/linear.cu`) at the BF16 shapes for comparison.
+//! T = 1 / 2 / 4 / 8 / 16, against a same-size streaming read measured in the same run: per (shape,
+//! T) the launch `ProjOps::choose` takes, every bulk-copy shape that fits, the row-group launch,
+//! stream-K, and the row-major bf16 `linear` (`kernels/linear.cu`; FP8 cases: the bf16-widened
+//! copy, twice the bytes, timed against its own same-size read). The last table gives per (shape,
+//! T) the chosen launch, the fastest bulk shape and the other families, each as µs and % of the
+//! same-size read.
 //!
 //! Each case uploads random weights once (host-generated, FP8 without NaN codes), checks one
 //! launch at T = 1 and T = 16 against an f64 CPU reference on sampled rows, then copies the

@@ -10,10 +10,13 @@
 //! are padded with zero weights to whole tiles. [`tile_layout`] is the host repacking. FP8 scales
 //! live on the device as one f32 per (16-row group, 128-column block) ([`group_scales`]).
 //!
-//! Two kernel families: "row groups" (a CTA per 1-2 row groups over the whole K) and "stream-K"
+//! Three kernel families: "row groups" (a CTA per 1-2 row groups over the whole K), "stream-K"
 //! (a grid of the resident capacity, the tiles in storage order cut into one contiguous range per
 //! warp; groups shared between warps are summed by the last warp in, in warp order, through
-//! [`ProjOps`]' scratch). [`ProjOps::choose`] picks per shape and token count.
+//! [`ProjOps`]' scratch) and "bulk" (a CTA per SM or two owning blocks of 1, 2 or 4 row groups
+//! over the whole K, weights streamed into shared memory by `cp.async.bulk`).
+//! [`ProjOps::choose`] picks per weight type, row length and token count from measurements
+//! ([`BULK_CHOICE`]; kernels/NOTES.md).
 //!
 //! Numerics: weights decode exactly to f32, activations are f32, products and sums are f32
 //! (per lane, then across the two lane halves, then across warps in order); FP8 partial sums of
@@ -48,12 +51,21 @@ const BULK_GROUPS: [usize; 3] = [1, 2, 4];
 const BULK_MAX_CTAS_PER_SM: usize = 2;
 /// Bytes of one bulk-copy stage (`PROJ_BULK_STAGE_TILES` tiles of 512 bytes).
 const BULK_STAGE_BYTES: usize = PROJ_BULK_STAGE_TILES * 512;
-/// The bulk launch [`ProjOps::choose`] takes, `[fp8?][token bucket]` → (row groups per block,
-/// CTAs per SM); provisional until measured.
-const BULK_CHOICE: [[(usize, usize); TOKENS.len()]; 2] = [
-    [(1, 1), (1, 1), (2, 1), (2, 1), (2, 1)],
-    [(1, 1), (1, 1), (2, 1), (2, 1), (2, 1)],
+/// Measured choice of [`ProjOps::choose`] (H100, `gpu-fp8`, BENCHMARKS.md 2026-12-08): the
+/// row-group kernels ([`ProjOps::choose_row_groups`]) were the fastest tiled launch at every
+/// measured shape and token count except FP8 weights with short rows at 8 and 16 tokens, where
+/// the bulk kernel with 2 row groups per block and 2 CTAs per SM was (MiMo dense down/rank
+/// 6144×2048: 25.8 vs 38.8 µs at T = 8, 43.3 vs 72.5 at T = 16; gpt-oss qkv 5120×2880: 35.5 vs
+/// 52.9, 61.6 vs 100.2); at K = 4096 and 6144 row groups won at every T. `[fp8?][token bucket]`
+/// → the bulk launch (row groups per block, CTAs per SM) for FP8 rows of at most
+/// [`BULK_MAX_COLS`] columns, or `None` for row groups.
+const BULK_CHOICE: [[Option<(usize, usize)>; TOKENS.len()]; 2] = [
+    [None, None, None, Some((2, 2)), Some((2, 2))],
+    [None; TOKENS.len()],
 ];
+/// Longest rows (columns) for which [`BULK_CHOICE`] applies (measured: 2048 and 2880 won, 4096
+/// and 6144 lost).
+const BULK_MAX_COLS: usize = 3072;
 /// Shared memory the driver reserves per CTA.
 const SMEM_RESERVED_PER_CTA: usize = 1024;
 
@@ -591,21 +603,23 @@ impl ProjOps {
         })
     }
 
-    /// The launch [`ProjOps::linear`] uses for `w` and `t` tokens: the bulk-copy kernels with
-    /// the (row groups per block, CTAs per SM) of [`BULK_CHOICE`] for the weight type and token
-    /// bucket (measured, kernels/NOTES.md), or the row-group kernels where that shape does not
-    /// fit the device.
+    /// The launch [`ProjOps::linear`] uses for `w` and `t` tokens, by measurement
+    /// ([`BULK_CHOICE`]): the bulk-copy kernel where it measured fastest and fits the device,
+    /// else the row-group kernels ([`ProjOps::choose_row_groups`]). Stream-K is never chosen
+    /// (slowest at every measured shape).
     pub fn choose(&self, w: &ProjMatrix, t: usize) -> ProjLaunch {
         let bucket = token_bucket(t);
         let ti = usize::from(!w.is_fp8());
-        let (groups, ctas_per_sm) = BULK_CHOICE[ti][bucket];
-        match BULK_GROUPS.iter().position(|&g| g == groups) {
-            Some(gi) if self.bulk_fits[ti][bucket][gi][ctas_per_sm - 1] => ProjLaunch::Bulk {
-                groups,
-                ctas_per_sm,
-            },
-            _ => self.choose_row_groups(w, t),
-        }
+        let bulk = BULK_CHOICE[ti][bucket]
+            .filter(|_| w.cols <= BULK_MAX_COLS)
+            .and_then(|(groups, ctas_per_sm)| {
+                let gi = BULK_GROUPS.iter().position(|&g| g == groups)?;
+                self.bulk_fits[ti][bucket][gi][ctas_per_sm - 1].then_some(ProjLaunch::Bulk {
+                    groups,
+                    ctas_per_sm,
+                })
+            });
+        bulk.unwrap_or_else(|| self.choose_row_groups(w, t))
     }
 
     /// The stream-K launch with every resident CTA for `fp8` weights and `t` tokens (kept for
