@@ -17,7 +17,7 @@
 // need the same activations (broadcast L1 reads). FP8 tiles never straddle a 128-column scale
 // block (128 % 32 == 0), so each tile has one warp-uniform scale.
 //
-// Two kernel families over the same layout:
+// Three kernel families over the same layout:
 //   * proj_{fp8,bf16}_t{TT}_r{R} ("row groups"): a CTA owns R row groups (16·R rows) over the
 //     whole K: its W warps take tiles c = w, w + W, ... (U tiles of each of the R groups in flight
 //     per lane), then sum their partials through shared memory in warp order (no scratch).
@@ -27,7 +27,12 @@
 //     writes the rows of a group its range covers whole; for a group it shares with other warps
 //     it stores its partial (scratch slot 0 for its first group, 1 for its last) and counts in;
 //     the last warp in sums the partials in warp order and writes the rows (deterministic).
-// Both are deterministic (no float atomics).
+//   * proj_bulk_{fp8,bf16}_t{TT}_r{R} ("bulk", below): a CTA owns blocks of R row groups over
+//     the whole K; the weights stream into shared memory by cp.async.bulk.
+// All are deterministic (no float atomics). The token loops run all TT tokens without a branch
+// (tokens past t re-read token t − 1 and are never stored), and tiles past the last compute on
+// in-bounds data and add nothing, so every load of an unrolled loop can issue before the first
+// use (a load behind a data-dependent branch waits for it).
 //
 // No fast math: fp8 and bf16 decode exactly to f32, products and sums are IEEE f32 (fmaf).
 #include <cuda_bf16.h>
@@ -50,15 +55,19 @@ __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t v16) {
 }
 
 // The activations of one lane's 16-byte weight vector (E values starting at column k0 of one
-// token row xr): vector loads when the row is 16-byte aligned and the vector is inside K, else
-// guarded scalar loads (columns ≥ K read as 0; their weights are padding zeros anyway).
+// token row xr), branch-free so that the loads of several tiles and tokens issue together (a
+// load behind a data-dependent branch waits for it): vector loads when rows are 16-byte aligned,
+// else scalar loads. A 4-column granule at or past K (vector path) reads granule 0 instead, a
+// column past K (scalar path) reads column K − 1: their weights are the zero padding, so they add
+// exactly 0 (activations are finite).
 template <int E>
 __device__ __forceinline__ void load_x(const float* __restrict__ xr, uint32_t k0, uint32_t k,
                                        bool xvec, float (&xv)[E]) {
-    if (xvec && k0 + E <= k) {
+    if (xvec) {
 #pragma unroll
         for (int q = 0; q < E / 4; ++q) {
-            const float4 a = __ldg(reinterpret_cast<const float4*>(xr + k0) + q);
+            const uint32_t c = k0 + 4 * q;
+            const float4 a = __ldg(reinterpret_cast<const float4*>(xr + (c < k ? c : 0)));
             xv[4 * q] = a.x;
             xv[4 * q + 1] = a.y;
             xv[4 * q + 2] = a.z;
@@ -66,7 +75,7 @@ __device__ __forceinline__ void load_x(const float* __restrict__ xr, uint32_t k0
         }
     } else {
 #pragma unroll
-        for (int e = 0; e < E; ++e) xv[e] = k0 + e < k ? __ldg(xr + k0 + e) : 0.f;
+        for (int e = 0; e < E; ++e) xv[e] = __ldg(xr + min(k0 + e, k - 1));
     }
 }
 
@@ -148,17 +157,19 @@ __device__ __forceinline__ void proj_body(const uint4* __restrict__ w,
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const uint32_t c = c0 + u * nw;
-            if (c >= ct) break;
+            // Past the last tile: zero weights and scales (loaded so above), activations of the
+            // last tile (in bounds) — adds exactly 0, with no branch before the loads.
+            const uint32_t c = min(c0 + u * nw, ct - 1);
             const uint32_t k0 = c * KT + half * E;
             float wf[R][E];
 #pragma unroll
             for (int r = 0; r < R; ++r) decode_vec<FP8>(wv[u][r], wf[r]);
 #pragma unroll
             for (int j = 0; j < TT; ++j) {
-                if ((uint32_t)j >= t) break;
+                // Tokens past t re-read token t − 1 (computed, never stored): no branch.
+                const uint32_t jj = min((uint32_t)j, t - 1);
                 float xv[E];
-                load_x<E>(x + (size_t)j * k, k0, k, xvec, xv);
+                load_x<E>(x + (size_t)jj * k, k0, k, xvec, xv);
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     const float d = dot_vec<E>(wf[r], xv);
@@ -331,9 +342,9 @@ __device__ __forceinline__ void proj_sk_body(const uint4* __restrict__ w,
             decode_vec<FP8>(wv[u], wf);
 #pragma unroll
             for (int j = 0; j < TT; ++j) {
-                if ((uint32_t)j >= t) break;
+                const uint32_t jj = min((uint32_t)j, t - 1);  // past t: computed, never stored
                 float xv[E];
-                load_x<E>(x + (size_t)j * k, k0, k, xvec, xv);
+                load_x<E>(x + (size_t)jj * k, k0, k, xvec, xv);
                 const float d = dot_vec<E>(wf, xv);
                 acc[j] = FP8 ? fmaf(d, s[u], acc[j]) : acc[j] + d;
             }
@@ -406,3 +417,239 @@ PROJ_SK(proj_sk_bf16_t2, false, 2, 8)
 PROJ_SK(proj_sk_bf16_t4, false, 4, 4)
 PROJ_SK(proj_sk_bf16_t8, false, 8, 4)
 PROJ_SK(proj_sk_bf16_t16, false, 16, 4)
+
+// ---- bulk copy (TMA) pipeline ----------------------------------------------------------------
+//
+// proj_bulk_{fp8,bf16}_t{TT}_r{R}: a CTA owns row blocks of R row groups (16·R rows) over the
+// whole K — blocks blockIdx.x, blockIdx.x + gridDim.x, ... — so each output row is summed inside
+// one CTA (deterministic, no scratch, no atomics). The weights reach shared memory by
+// `cp.async.bulk` (the copy engine; no registers held by loads in flight): one item = the next
+// CH = PROJ_BULK_STAGE_TILES / R column tiles of each of the block's R groups (R contiguous runs
+// of CH·512 bytes, one 16 KB stage), `stages` items in flight per CTA, completing on one mbarrier
+// per stage. Thread 0 issues; all 8 warps consume: warp w takes the stage's column tiles w, w + 8,
+// ... (one 16-byte vector per lane and group, conflict-free `ld.shared.v4`), decodes each weight
+// vector once and applies it to all t ≤ TT tokens (the activations of a tile are loaded once for
+// the R groups). After each item a CTA barrier frees the stage and thread 0 refills it with the
+// item `stages` later (the next block's first chunks follow the current block's last, so the
+// stream never drains between blocks). At a block's end the warps' row partials are summed
+// through shared memory in warp order. FP8 scales: thread 0 prefetches a block's scale rows into
+// L2 when it issues the block's first item; each warp loads its tiles' scales before waiting on
+// the item's barrier.
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* b, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)),
+                 "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
+    asm volatile(
+        "{\n\t.reg .pred P1;\n\t"
+        "WAIT:\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n\t"
+        "@P1 bra DONE;\n\t"
+        "bra WAIT;\n\t"
+        "DONE:\n\t}" ::"r"(smem_u32(b)),
+        "r"(parity)
+        : "memory");
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to this CTA's shared
+// memory, completing on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+            "r"(smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(bar))
+        : "memory");
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Shared memory of a bulk CTA: the barriers, then the reduction buffer [8 warps][R][TT][16] f32,
+// then `stages` stages of 16 KB (128-byte aligned).
+__host__ __device__ constexpr uint32_t bulk_red_offset() { return 8 * PROJ_BULK_MAX_STAGES; }
+__host__ __device__ constexpr uint32_t bulk_stage_offset(int r, int tt) {
+    return (bulk_red_offset() + (PROJ_BULK_THREADS / 32) * r * tt * 16 * 4 + 127) / 128 * 128;
+}
+
+template <bool FP8, int TT, int R>
+__device__ __forceinline__ void proj_bulk_body(const uint8_t* __restrict__ w,
+                                               const float* __restrict__ scales,
+                                               const float* __restrict__ bias,
+                                               const float* __restrict__ x, float* __restrict__ y,
+                                               uint32_t n, uint32_t k, uint32_t ct, uint32_t t,
+                                               uint32_t accumulate, uint32_t xvec,
+                                               uint32_t stages) {
+    constexpr int E = FP8 ? 16 : 8;            // values per lane per tile
+    constexpr uint32_t KT = 2 * E;             // columns per tile
+    constexpr int W = PROJ_BULK_THREADS / 32;  // warps
+    constexpr uint32_t CH = PROJ_BULK_STAGE_TILES / R;  // column tiles per group per item
+    constexpr int TPW = (CH + W - 1) / W;      // tiles per warp per item
+    constexpr uint32_t STAGE = PROJ_BULK_STAGE_TILES * 512;
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+    float* red = reinterpret_cast<float*>(smem + bulk_red_offset());
+    uint8_t* stage0 = smem + bulk_stage_offset(R, TT);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t half = lane >> 4;
+    const uint32_t groups = (n + 15) / 16, nblocks = (groups + R - 1) / R;
+    const uint32_t nch = (ct + CH - 1) / CH;
+    const uint32_t kb = (k + 127) / 128;
+    const uint32_t myblocks =
+        blockIdx.x < nblocks ? (nblocks - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const uint32_t items = myblocks * nch;
+
+    // Item j: block blockIdx.x + (j / nch)·gridDim.x, column tiles [(j % nch)·CH, +CH) ∩ [0, ct).
+    auto issue = [&](uint32_t j) {
+        const uint32_t s = j % stages;
+        const uint32_t bi = blockIdx.x + (j / nch) * gridDim.x, q = j % nch;
+        const uint32_t c0 = q * CH, nt = min(CH, ct - c0);
+        const uint32_t ng = min((uint32_t)R, groups - bi * R);
+        mbar_expect_tx(full + s, ng * nt * 512);
+        for (uint32_t r = 0; r < ng; ++r) {
+            const size_t g = (size_t)bi * R + r;
+            bulk_copy(stage0 + s * STAGE + r * CH * 512, w + (g * ct + c0) * 512, nt * 512,
+                      full + s);
+        }
+        if (FP8 && q == 0) {
+            const char* a = reinterpret_cast<const char*>(scales + (size_t)bi * R * kb);
+            const uint32_t bytes = ng * kb * 4;
+            for (uint32_t o = 0; o < bytes + 127; o += 128) prefetch_l2(a + min(o, bytes - 1));
+        }
+    };
+
+    if (threadIdx.x == 0) {
+        for (uint32_t s = 0; s < stages; ++s) mbar_init(full + s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+    // Weights only before pdl_begin (they do not depend on the predecessor).
+    if (threadIdx.x == 0)
+        for (uint32_t j = 0; j < min(stages, items); ++j) issue(j);
+    pdl_begin();
+
+    float acc[R][TT];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < TT; ++j) acc[r][j] = 0.f;
+
+    for (uint32_t it = 0; it < items; ++it) {
+        const uint32_t s = it % stages;
+        const uint32_t bi = blockIdx.x + (it / nch) * gridDim.x, q = it % nch;
+        const uint32_t c0 = q * CH, nt = min(CH, ct - c0);
+        const uint32_t ng = min((uint32_t)R, groups - bi * R);
+        float sc[TPW][R];
+#pragma unroll
+        for (int u = 0; u < TPW; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const uint32_t tl = warp + u * W;
+                sc[u][r] = FP8 && tl < nt && (uint32_t)r < ng
+                               ? __ldg(scales + ((size_t)bi * R + r) * kb + ((c0 + tl) * KT) / 128)
+                               : 0.f;
+            }
+        // A warp's tiles past the item's last (tl ≥ nt) compute on the last one's weights and
+        // activations (in bounds, finite) and add nothing: no branch before the loads.
+        // One token: its activations are loaded before the barrier wait (they do not depend on
+        // the stage), so the wait and the activations' L2 round trip overlap.
+        float xpre[TT == 1 ? TPW : 1][E];
+        if constexpr (TT == 1) {
+#pragma unroll
+            for (int u = 0; u < TPW; ++u) {
+                const uint32_t tl = min(warp + u * W, nt - 1);
+                load_x<E>(x, (c0 + tl) * KT + half * E, k, xvec, xpre[u]);
+            }
+        }
+        mbar_wait(full + s, (it / stages) & 1);
+        const uint4* st = reinterpret_cast<const uint4*>(stage0 + s * STAGE);
+#pragma unroll
+        for (int u = 0; u < TPW; ++u) {
+            const bool valid = warp + u * W < nt;
+            const uint32_t tl = min(warp + u * W, nt - 1);
+            const uint32_t k0 = (c0 + tl) * KT + half * E;
+            float wf[R][E];
+#pragma unroll
+            for (int r = 0; r < R; ++r) decode_vec<FP8>(st[(r * CH + tl) * 32 + lane], wf[r]);
+#pragma unroll
+            for (int j = 0; j < TT; ++j) {
+                const uint32_t jj = min((uint32_t)j, t - 1);  // past t: computed, never stored
+                float xv[E];
+                if constexpr (TT == 1) {
+#pragma unroll
+                    for (int e = 0; e < E; ++e) xv[e] = xpre[u][e];
+                } else {
+                    load_x<E>(x + (size_t)jj * k, k0, k, xvec, xv);
+                }
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float d = dot_vec<E>(wf[r], xv);
+                    // FP8: sc is 0 for invalid tiles; BF16: select.
+                    acc[r][j] = FP8 ? fmaf(d, sc[u][r], acc[r][j]) : acc[r][j] + (valid ? d : 0.f);
+                }
+            }
+        }
+        __syncthreads();  // stage s consumed by every warp
+        if (threadIdx.x == 0 && it + stages < items) issue(it + stages);
+        if (q == nch - 1) {
+            // Block bi done: the two halves of a row → lanes 0..15, then the warps in order.
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int j = 0; j < TT; ++j) {
+                    const float v = acc[r][j] + __shfl_xor_sync(0xffffffffu, acc[r][j], 16);
+                    if (lane < 16) red[((warp * R + r) * TT + j) * 16 + lane] = v;
+                    acc[r][j] = 0.f;
+                }
+            __syncthreads();
+            for (uint32_t i = threadIdx.x; i < (uint32_t)(R * TT * 16); i += PROJ_BULK_THREADS) {
+                const uint32_t rl = i & 15, j = (i >> 4) % TT, r = (i >> 4) / TT;
+                const uint32_t row = (bi * R + r) * 16 + rl;
+                if (row >= n || j >= t) continue;
+                float v = 0.f;
+#pragma unroll
+                for (int qw = 0; qw < W; ++qw) v += red[((qw * R + r) * TT + j) * 16 + rl];
+                proj_store(y, bias, n, row, j, v, accumulate);
+            }
+            // red is rewritten only after the next item's barrier.
+        }
+    }
+}
+
+#define PROJ_BULK(NAME, FP8, TT, R)                                                             \
+    extern "C" __global__ void __launch_bounds__(PROJ_BULK_THREADS, 1) NAME(                     \
+        const uint8_t* __restrict__ w, const float* __restrict__ scales,                         \
+        const float* __restrict__ bias, const float* __restrict__ x, float* __restrict__ y,      \
+        uint32_t n, uint32_t k, uint32_t ct, uint32_t t, uint32_t accumulate, uint32_t xvec,     \
+        uint32_t stages) {                                                                       \
+        proj_bulk_body<FP8, TT, R>(w, scales, bias, x, y, n, k, ct, t, accumulate, xvec, stages); \
+    }
+
+#define PROJ_BULK_T(TT)                                    \
+    PROJ_BULK(proj_bulk_fp8_t##TT##_r1, true, TT, 1)       \
+    PROJ_BULK(proj_bulk_fp8_t##TT##_r2, true, TT, 2)       \
+    PROJ_BULK(proj_bulk_fp8_t##TT##_r4, true, TT, 4)       \
+    PROJ_BULK(proj_bulk_bf16_t##TT##_r1, false, TT, 1)     \
+    PROJ_BULK(proj_bulk_bf16_t##TT##_r2, false, TT, 2)     \
+    PROJ_BULK(proj_bulk_bf16_t##TT##_r4, false, TT, 4)
+
+PROJ_BULK_T(1)
+PROJ_BULK_T(2)
+PROJ_BULK_T(4)
+PROJ_BULK_T(8)
+PROJ_BULK_T(16)

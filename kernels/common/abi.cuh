@@ -42,6 +42,11 @@
 #define PROJ_SK_THREADS 128
 #define PROJ_TILE_ROWS 16
 #define FP8_BLOCK 128
+// The bulk-copy (TMA) projection kernels: threads per CTA, tiles per shared-memory stage (16 KB),
+// most stages per CTA.
+#define PROJ_BULK_THREADS 256
+#define PROJ_BULK_STAGE_TILES 32
+#define PROJ_BULK_MAX_STAGES 16
 
 // MXFP4 GEMV (mxfp4.cu): most warps per block.
 constexpr int GEMV_MAX_WARPS = 16;

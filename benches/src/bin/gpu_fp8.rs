@@ -1,7 +1,11 @@
 //! Dense projections from FP8 (e4m3, 128×128 block scales) and BF16 weights on the GPU
 //! (`kernels/proj.cu`, `tilert::ops::proj`) at MiMo-V2.5-Pro and gpt-oss-20b projection shapes,
-//! batch 1 / 4 / 8 / 16, against a same-size streaming read measured in the same run; today's
-//! row-major bf16 `linear` (`kernels/linear.cu`) at the BF16 shapes for comparison.
+//! T = 1 / 2 / 4 / 8 / 16, against a same-size streaming read measured in the same run: per (shape,
+//! T) the launch `ProjOps::choose` takes, every bulk-copy shape that fits, the row-group launch,
+//! stream-K, and the row-major bf16 `linear` (`kernels/linear.cu`; FP8 cases: the bf16-widened
+//! copy, twice the bytes, timed against its own same-size read). The last table gives per (shape,
+//! T) the chosen launch, the fastest bulk shape and the other families, each as µs and % of the
+//! same-size read.
 //!
 //! Each case uploads random weights once (host-generated, FP8 without NaN codes), checks one
 //! launch at T = 1 and T = 16 against an f64 CPU reference on sampled rows, then copies the
@@ -40,9 +44,6 @@ struct Args {
     /// Only cases whose name contains this.
     #[arg(long)]
     only: Option<String>,
-    /// Also time every launch shape (row groups × warps) at batch 1.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    sweep: bool,
 }
 
 #[derive(Serialize)]
@@ -314,6 +315,10 @@ fn launch_name(what: &str, how: ProjLaunch) -> String {
     match how {
         ProjLaunch::StreamK { ctas_per_sm } => format!("{what} sk c{ctas_per_sm}"),
         ProjLaunch::RowGroups { groups, warps } => format!("{what} g{groups} w{warps}"),
+        ProjLaunch::Bulk {
+            groups,
+            ctas_per_sm,
+        } => format!("{what} bulk r{groups} c{ctas_per_sm}"),
     }
 }
 
@@ -422,15 +427,26 @@ fn main() -> Result<()> {
         };
         push("stream read".into(), 0, bytes, &ceiling, ceil_us);
         for t in TOKENS {
-            for how in [
-                proj.choose(&mats[0], t),
+            let chosen = proj.choose(&mats[0], t);
+            let mut shapes = vec![chosen];
+            for how in proj.bulk_launches(case.fp8, t).into_iter().chain([
                 proj.choose_row_groups(&mats[0], t),
-            ] {
+                proj.stream_k(case.fp8, t),
+            ]) {
+                if !shapes.contains(&how) {
+                    shapes.push(how);
+                }
+            }
+            for how in shapes {
                 let ts = time_us(&stream, args.samples, args.iters, |i| {
                     proj.linear_with(&stream, &mats[i % mats.len()], None, x, t, y, false, how)
                         .map_err(Into::into)
                 })?;
-                push(launch_name("proj", how), t, bytes, &ts, ceil_us);
+                let mut name = launch_name("proj", how);
+                if how == chosen {
+                    name.push_str(" (chosen)");
+                }
+                push(name, t, bytes, &ts, ceil_us);
             }
             if !dense.is_empty() {
                 let dbytes = 2 * case.rows * case.cols;
@@ -451,36 +467,6 @@ fn main() -> Result<()> {
                 push(name.into(), t, dbytes, &ts, median(&c));
             }
         }
-        if args.sweep {
-            for t in [1, 8] {
-                let mut shapes: Vec<ProjLaunch> = (1..=8)
-                    .map(|ctas_per_sm| ProjLaunch::StreamK { ctas_per_sm })
-                    .collect();
-                for groups in [1, 2] {
-                    for warps in [4, 8, 16] {
-                        shapes.push(ProjLaunch::RowGroups { groups, warps });
-                    }
-                }
-                {
-                    for how in shapes {
-                        let ts = time_us(&stream, args.samples, args.iters, |i| {
-                            proj.linear_with(
-                                &stream,
-                                &mats[i % mats.len()],
-                                None,
-                                x,
-                                t,
-                                y,
-                                false,
-                                how,
-                            )
-                            .map_err(Into::into)
-                        })?;
-                        push(launch_name("sweep", how), t, bytes, &ts, ceil_us);
-                    }
-                }
-            }
-        }
         drop(mats);
         drop(dense);
         drop(arena);
@@ -488,22 +474,52 @@ fn main() -> Result<()> {
 
     println!();
     println!("stream read 2.1 GB: {big_gbs:.0} GB/s");
-    println!("| case | dtype | shape | T | kernel | MB | median µs | GB/s | same-size stream µs | ratio |");
-    println!("|---|---|---|---:|---|---:|---:|---:|---:|---:|");
-    for r in rows.iter().filter(|r| !r.kernel.starts_with("sweep")) {
+    // Per (case, T): the chosen launch, the fastest bulk shape, the row-group and stream-K
+    // launches and today's row-major linear, each as µs and % of the same-size stream read.
+    println!(
+        "| case | dtype | shape | MB | stream µs | T | chosen | µs | % | best bulk | µs | % | row groups µs | % | stream-K µs | % | linear µs | % of its read |"
+    );
+    println!(
+        "|---|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut keys: Vec<(String, String, usize, usize, usize)> = Vec::new();
+    for r in &rows {
+        let key = (r.case.clone(), r.dtype.clone(), r.rows, r.cols, r.tokens);
+        if r.tokens > 0 && !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    for (case, dtype, n, k, t) in keys {
+        let of = |f: &dyn Fn(&Row) -> bool| {
+            rows.iter()
+                .filter(|r| {
+                    r.case == case
+                        && r.dtype == dtype
+                        && r.rows == n
+                        && r.cols == k
+                        && r.tokens == t
+                })
+                .filter(|r| f(r))
+                .min_by(|a, b| a.median_us.total_cmp(&b.median_us))
+        };
+        let cell = |r: Option<&Row>| {
+            r.map_or("- | -".to_string(), |r| {
+                format!("{:.2} | {:.0}%", r.median_us, 100.0 * r.ratio_to_ceiling)
+            })
+        };
+        let chosen = of(&|r: &Row| r.kernel.ends_with("(chosen)"));
+        let bulk = of(&|r: &Row| r.kernel.contains(" bulk "));
         println!(
-            "| {} | {} | {}x{} | {} | {} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0}% |",
-            r.case,
-            r.dtype,
-            r.rows,
-            r.cols,
-            r.tokens,
-            r.kernel,
-            r.bytes as f64 / 1e6,
-            r.median_us,
-            r.gb_per_s,
-            r.ceiling_us,
-            100.0 * r.ratio_to_ceiling
+            "| {case} | {dtype} | {n}x{k} | {:.1} | {:.2} | {t} | {} | {} | {} | {} | {} | {} | {} |",
+            chosen.map_or(0.0, |r| r.bytes as f64 / 1e6),
+            chosen.map_or(0.0, |r| r.ceiling_us),
+            chosen.map_or("-".into(), |r| r.kernel.replace(" (chosen)", "")),
+            cell(chosen),
+            bulk.map_or("-".into(), |r| r.kernel.replace(" (chosen)", "")),
+            cell(bulk),
+            cell(of(&|r: &Row| r.kernel.contains(" g") && r.kernel.contains(" w"))),
+            cell(of(&|r: &Row| r.kernel.contains(" sk "))),
+            cell(of(&|r: &Row| r.kernel.starts_with("linear"))),
         );
     }
     if let Some(path) = args.json {

@@ -37,6 +37,11 @@ pub(crate) const PROJ_MAX_THREADS: u32 = 512;
 pub(crate) const PROJ_SK_THREADS: u32 = 128;
 pub const PROJ_TILE_ROWS: usize = 16;
 pub const FP8_BLOCK: usize = 128;
+/// The bulk-copy (TMA) projection kernels (`proj_bulk_*`): threads per CTA, 512-byte tiles per
+/// shared-memory stage, most stages per CTA.
+pub(crate) const PROJ_BULK_THREADS: u32 = 256;
+pub(crate) const PROJ_BULK_STAGE_TILES: usize = 32;
+pub(crate) const PROJ_BULK_MAX_STAGES: usize = 16;
 
 // A full pass of routed entries fits the expert kernels' entry table.
 const _: () = assert!(MOE_MAX_IDS >= MAX_TOKENS * crate::moe::MAX_TOP_K);
@@ -342,7 +347,7 @@ mod tests {
 
     #[test]
     fn limits_match_the_header() {
-        let rust: [(&str, u64); 18] = [
+        let rust: [(&str, u64); 21] = [
             ("MAX_TOKENS", MAX_TOKENS as u64),
             ("LINEAR_THREADS", LINEAR_THREADS.into()),
             ("MAX_HEAD_DIM", MAX_HEAD_DIM as u64),
@@ -361,6 +366,9 @@ mod tests {
             ("PROJ_SK_THREADS", PROJ_SK_THREADS.into()),
             ("PROJ_TILE_ROWS", PROJ_TILE_ROWS as u64),
             ("FP8_BLOCK", FP8_BLOCK as u64),
+            ("PROJ_BULK_THREADS", PROJ_BULK_THREADS.into()),
+            ("PROJ_BULK_STAGE_TILES", PROJ_BULK_STAGE_TILES as u64),
+            ("PROJ_BULK_MAX_STAGES", PROJ_BULK_MAX_STAGES as u64),
         ];
         for (name, value) in rust {
             assert_eq!(limit(name), Some(value), "limit {name} (abi.cuh vs Rust)");

@@ -236,6 +236,83 @@ fn every_launch_shape_computes_the_same_function() {
     }
 }
 
+/// The bulk-copy kernels (`proj_bulk_*`), every launch shape that fits the device, at every
+/// token count 1..=16, on fresh random weights: tiny and odd shapes (one row, one column, a
+/// partial 128-column scale block, rows not a multiple of 16 or of the block's row groups), a
+/// matrix with more row blocks than resident CTAs (a CTA streams several blocks back to back)
+/// and one with more column chunks per block than stages (the ring wraps inside a block), plus
+/// larger gpt-oss / MiMo shapes at a few token counts. Repeats are bit-identical.
+#[test]
+fn bulk_kernels_match_the_f64_reference_at_every_shape() {
+    let Some((mut g, mut rng)) = gpu("bulk_kernels_match_the_f64_reference_at_every_shape") else {
+        return;
+    };
+    let all: Vec<usize> = (1..=16).collect();
+    let cases: &[(usize, usize, &[usize])] = &[
+        (1, 1, &all),
+        (5, 9, &all),
+        (37, 200, &all),
+        (300, 1000, &all),
+        (130, 2880, &all),
+        (8000, 100, &[1, 2, 5, 8, 16]),
+        (40, 40_000, &[1, 3, 4, 11, 16]),
+        (2880, 4096, &[1, 8]),
+        (3392, 6144, &[1, 16]),
+        (6144, 2048, &[1, 4]),
+    ];
+    for fp8 in [true, false] {
+        for &(rows, cols, ts) in cases {
+            let w = if fp8 {
+                random_fp8(&mut g, &mut rng, rows, cols)
+            } else {
+                random_bf16(&mut g, &mut rng, rows, cols)
+            };
+            let mut worst = 0f64;
+            let mut launches = 0;
+            for (i, &t) in ts.iter().enumerate() {
+                let shapes = g.ops.bulk_launches(fp8, t);
+                assert!(!shapes.is_empty(), "no bulk launch fits at {t} tokens");
+                for how in shapes {
+                    let (bias, acc) = (i % 2 == 0, i % 3 == 1);
+                    worst = worst.max(check(&mut g, &mut rng, &w, t, bias, acc, Some(how)));
+                    launches += 1;
+                }
+            }
+            println!(
+                "{} {rows}x{cols}: {launches} bulk launches, worst relative error {worst:.2e}",
+                if fp8 { "fp8" } else { "bf16" }
+            );
+        }
+        // Determinism: the same launch twice gives the same bits.
+        let w = if fp8 {
+            random_fp8(&mut g, &mut rng, 1000, 3000)
+        } else {
+            random_bf16(&mut g, &mut rng, 1000, 3000)
+        };
+        let x: Vec<f32> = (0..16 * 3000)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let dx = up(&mut g, &x);
+        let dy = g.arena.alloc::<f32>(16 * 1000, "y").unwrap();
+        for how in g.ops.bulk_launches(fp8, 16) {
+            let mut first: Option<Vec<f32>> = None;
+            for _ in 0..3 {
+                g.ops
+                    .linear_with(&g.stream, &w.m, None, dx, 16, dy, false, how)
+                    .unwrap();
+                let y = dtoh(&g.stream, dy).unwrap();
+                match &first {
+                    None => first = Some(y),
+                    Some(f) => assert!(
+                        f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "fp8={fp8} {how:?}: a repeat differs"
+                    ),
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn stream_k_is_deterministic_and_rearms_its_counters() {
     let Some((mut g, mut rng)) = gpu("stream_k_is_deterministic_and_rearms_its_counters") else {
@@ -312,6 +389,18 @@ fn bad_arguments_are_errors() {
         },
         ProjLaunch::StreamK { ctas_per_sm: 0 },
         ProjLaunch::StreamK { ctas_per_sm: 9 },
+        ProjLaunch::Bulk {
+            groups: 3,
+            ctas_per_sm: 1,
+        },
+        ProjLaunch::Bulk {
+            groups: 1,
+            ctas_per_sm: 0,
+        },
+        ProjLaunch::Bulk {
+            groups: 1,
+            ctas_per_sm: 3,
+        },
     ] {
         let e = g
             .ops

@@ -10,10 +10,13 @@
 //! are padded with zero weights to whole tiles. [`tile_layout`] is the host repacking. FP8 scales
 //! live on the device as one f32 per (16-row group, 128-column block) ([`group_scales`]).
 //!
-//! Two kernel families: "row groups" (a CTA per 1-2 row groups over the whole K) and "stream-K"
+//! Three kernel families: "row groups" (a CTA per 1-2 row groups over the whole K), "stream-K"
 //! (a grid of the resident capacity, the tiles in storage order cut into one contiguous range per
 //! warp; groups shared between warps are summed by the last warp in, in warp order, through
-//! [`ProjOps`]' scratch). [`ProjOps::choose`] picks per shape and token count.
+//! [`ProjOps`]' scratch) and "bulk" (a CTA per SM or two owning blocks of 1, 2 or 4 row groups
+//! over the whole K, weights streamed into shared memory by `cp.async.bulk`).
+//! [`ProjOps::choose`] picks per weight type, row length and token count from measurements
+//! ([`BULK_CHOICE`]; kernels/NOTES.md).
 //!
 //! Numerics: weights decode exactly to f32, activations are f32, products and sums are f32
 //! (per lane, then across the two lane halves, then across warps in order); FP8 partial sums of
@@ -26,7 +29,10 @@ use half::bf16;
 use model::weights::{Mat, MatData};
 
 use super::{check_len, check_tokens, invalid, launch_with_smem, token_bucket, u32_arg, Arg};
-use crate::abi::{FP8_BLOCK, MAX_TOKENS, PROJ_MAX_THREADS, PROJ_SK_THREADS, PROJ_TILE_ROWS};
+use crate::abi::{
+    FP8_BLOCK, MAX_TOKENS, PROJ_BULK_MAX_STAGES, PROJ_BULK_STAGE_TILES, PROJ_BULK_THREADS,
+    PROJ_MAX_THREADS, PROJ_SK_THREADS, PROJ_TILE_ROWS,
+};
 use crate::arena::{Arena, DPtr};
 use crate::RuntimeError;
 
@@ -38,6 +44,30 @@ const GROUPS: [usize; 2] = [1, 2];
 const TILES_IN_FLIGHT: usize = 4;
 /// Warp counts the launcher considers (most first).
 const WARPS: [usize; 3] = [16, 8, 4];
+/// Row groups per CTA block of the bulk-copy kernels (`proj_bulk_*_r{R}`).
+const BULK_GROUPS: [usize; 3] = [1, 2, 4];
+/// Most resident bulk-copy CTAs per SM a launch asks for (each takes its share of the SM's
+/// shared memory for stages).
+const BULK_MAX_CTAS_PER_SM: usize = 2;
+/// Bytes of one bulk-copy stage (`PROJ_BULK_STAGE_TILES` tiles of 512 bytes).
+const BULK_STAGE_BYTES: usize = PROJ_BULK_STAGE_TILES * 512;
+/// Measured choice of [`ProjOps::choose`] (H100, `gpu-fp8`, BENCHMARKS.md 2026-12-08): the
+/// row-group kernels ([`ProjOps::choose_row_groups`]) were the fastest tiled launch at every
+/// measured shape and token count except FP8 weights with short rows at 8 and 16 tokens, where
+/// the bulk kernel with 2 row groups per block and 2 CTAs per SM was (MiMo dense down/rank
+/// 6144×2048: 25.8 vs 38.8 µs at T = 8, 43.3 vs 72.5 at T = 16; gpt-oss qkv 5120×2880: 35.5 vs
+/// 52.9, 61.6 vs 100.2); at K = 4096 and 6144 row groups won at every T. `[fp8?][token bucket]`
+/// → the bulk launch (row groups per block, CTAs per SM) for FP8 rows of at most
+/// [`BULK_MAX_COLS`] columns, or `None` for row groups.
+const BULK_CHOICE: [[Option<(usize, usize)>; TOKENS.len()]; 2] = [
+    [None, None, None, Some((2, 2)), Some((2, 2))],
+    [None; TOKENS.len()],
+];
+/// Longest rows (columns) for which [`BULK_CHOICE`] applies (measured: 2048 and 2880 won, 4096
+/// and 6144 lost).
+const BULK_MAX_COLS: usize = 3072;
+/// Shared memory the driver reserves per CTA.
+const SMEM_RESERVED_PER_CTA: usize = 1024;
 
 /// Bytes of one row of one tile.
 const TILE_ROW_BYTES: usize = 32;
@@ -411,6 +441,11 @@ pub enum ProjLaunch {
     /// `proj_sk_*`: `ctas_per_sm` (1..=8) CTAs of 4 warps per SM, the tiles cut into one
     /// contiguous range per warp.
     StreamK { ctas_per_sm: usize },
+    /// `proj_bulk_*_r{groups}`: CTAs of 8 warps, `ctas_per_sm` (1 or 2) per SM, each owning
+    /// blocks of `groups` (1, 2 or 4) row groups over the whole K; weights stream into shared
+    /// memory by bulk copies, as many 16 KB stages in flight as the CTA's share of the SM's
+    /// shared memory holds.
+    Bulk { groups: usize, ctas_per_sm: usize },
 }
 
 /// The projection kernels of `kernels/proj.cu`, and the stream-K scratch (partials and
@@ -423,6 +458,14 @@ pub struct ProjOps {
     /// `[token bucket]` stream-K kernels for FP8 and BF16.
     sk_fp8: Vec<CudaFunction>,
     sk_bf16: Vec<CudaFunction>,
+    /// `[fp8?][token bucket][BULK_GROUPS index]` bulk-copy kernels.
+    bulk: [Vec<Vec<CudaFunction>>; 2],
+    /// Whether `ctas_per_sm` (index + 1) bulk CTAs fit on an SM with at least two stages each
+    /// (`[fp8?][bucket][groups][ctas_per_sm − 1]`), from the occupancy calculator at load.
+    bulk_fits: [[[[bool; BULK_MAX_CTAS_PER_SM]; BULK_GROUPS.len()]; TOKENS.len()]; 2],
+    /// Shared memory of one SM and the most one CTA may take (bytes).
+    smem_per_sm: usize,
+    smem_per_cta: usize,
     /// Resident CTAs per SM of each kernel at each warp count of [`WARPS`]
     /// (`[fp8?][bucket][groups][warps index]`), from the occupancy calculator at load.
     occupancy: [[[[u32; WARPS.len()]; GROUPS.len()]; TOKENS.len()]; 2],
@@ -443,6 +486,31 @@ fn smem_bytes(warps: usize, groups: usize, tt: usize) -> usize {
 
 /// Warps per stream-K CTA.
 const SK_WARPS: usize = PROJ_SK_THREADS as usize / 32;
+
+/// Byte offset of the first stage in a bulk CTA's shared memory (`bulk_stage_offset` of
+/// kernels/proj.cu): the barriers, then the reduction buffer `[8 warps][groups][T][16]` f32.
+fn bulk_stage_offset(groups: usize, tt: usize) -> usize {
+    (8 * PROJ_BULK_MAX_STAGES + (PROJ_BULK_THREADS as usize / 32) * groups * tt * 16 * 4)
+        .next_multiple_of(128)
+}
+
+/// (stages, dynamic shared memory bytes) of a bulk CTA with `groups` row groups and a `tt`
+/// token bucket when `ctas_per_sm` CTAs share an SM of `smem_per_sm` bytes (at most
+/// `smem_per_cta` per CTA).
+fn bulk_smem(
+    groups: usize,
+    tt: usize,
+    ctas_per_sm: usize,
+    smem_per_sm: usize,
+    smem_per_cta: usize,
+) -> (usize, usize) {
+    let budget = (smem_per_sm / ctas_per_sm.max(1))
+        .saturating_sub(SMEM_RESERVED_PER_CTA)
+        .min(smem_per_cta);
+    let off = bulk_stage_offset(groups, tt);
+    let stages = (budget.saturating_sub(off) / BULK_STAGE_BYTES).min(PROJ_BULK_MAX_STAGES);
+    (stages, off + stages * BULK_STAGE_BYTES)
+}
 
 impl ProjOps {
     /// Loads the kernels into `ctx` and allocates the stream-K scratch (64 KB of partials per
@@ -482,6 +550,36 @@ impl ProjOps {
         }
         let [fp8, bf16] = tables;
         let [sk_fp8, sk_bf16] = sk;
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let smem_per_sm =
+            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as usize;
+        let smem_per_cta =
+            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        let mut bulk = [Vec::new(), Vec::new()];
+        let mut bulk_fits = [[[[false; BULK_MAX_CTAS_PER_SM]; BULK_GROUPS.len()]; TOKENS.len()]; 2];
+        for (ti, ty) in ["fp8", "bf16"].iter().enumerate() {
+            for (bi, tt) in TOKENS.iter().enumerate() {
+                let mut row = Vec::new();
+                for (gi, g) in BULK_GROUPS.iter().enumerate() {
+                    let f = set.load_function(&format!("proj_bulk_{ty}_t{tt}_r{g}"))?;
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem_per_cta as i32,
+                    )?;
+                    for c in 1..=BULK_MAX_CTAS_PER_SM {
+                        let (stages, smem) = bulk_smem(*g, *tt, c, smem_per_sm, smem_per_cta);
+                        let occ = f.occupancy_max_active_blocks_per_multiprocessor(
+                            PROJ_BULK_THREADS,
+                            smem,
+                            None,
+                        )? as usize;
+                        bulk_fits[ti][bi][gi][c - 1] = stages >= 2 && occ >= c;
+                    }
+                    row.push(f);
+                }
+                bulk[ti].push(row);
+            }
+        }
         let mut scratch = Arena::new(ctx.default_stream());
         let warps = sms * SK_MAX_CTAS_PER_SM * SK_WARPS;
         let sk_part = scratch.alloc(warps * 2 * MAX_TOKENS * PROJ_TILE_ROWS, "proj partials")?;
@@ -492,6 +590,10 @@ impl ProjOps {
             bf16,
             sk_fp8,
             sk_bf16,
+            bulk,
+            bulk_fits,
+            smem_per_sm,
+            smem_per_cta,
             occupancy,
             sk_occupancy,
             sms,
@@ -501,18 +603,50 @@ impl ProjOps {
         })
     }
 
-    /// The launch [`ProjOps::linear`] uses for `w` and `t` tokens: stream-K with every resident
-    /// CTA (one wave of equal contiguous ranges) unless the matrix has more row groups than the
-    /// counters scratch, then [`ProjOps::choose_row_groups`].
+    /// The launch [`ProjOps::linear`] uses for `w` and `t` tokens, by measurement
+    /// ([`BULK_CHOICE`]): the bulk-copy kernel where it measured fastest and fits the device,
+    /// else the row-group kernels ([`ProjOps::choose_row_groups`]). Stream-K is never chosen
+    /// (slowest at every measured shape).
     pub fn choose(&self, w: &ProjMatrix, t: usize) -> ProjLaunch {
-        if w.rows.div_ceil(PROJ_TILE_ROWS) <= SK_MAX_GROUPS {
-            let bucket = token_bucket(t);
-            ProjLaunch::StreamK {
-                ctas_per_sm: self.sk_occupancy[usize::from(!w.is_fp8())][bucket],
-            }
-        } else {
-            self.choose_row_groups(w, t)
+        let bucket = token_bucket(t);
+        let ti = usize::from(!w.is_fp8());
+        let bulk = BULK_CHOICE[ti][bucket]
+            .filter(|_| w.cols <= BULK_MAX_COLS)
+            .and_then(|(groups, ctas_per_sm)| {
+                let gi = BULK_GROUPS.iter().position(|&g| g == groups)?;
+                self.bulk_fits[ti][bucket][gi][ctas_per_sm - 1].then_some(ProjLaunch::Bulk {
+                    groups,
+                    ctas_per_sm,
+                })
+            });
+        bulk.unwrap_or_else(|| self.choose_row_groups(w, t))
+    }
+
+    /// The stream-K launch with every resident CTA for `fp8` weights and `t` tokens (kept for
+    /// comparison: measured far slower than the bulk kernels, kernels/NOTES.md).
+    pub fn stream_k(&self, fp8: bool, t: usize) -> ProjLaunch {
+        ProjLaunch::StreamK {
+            ctas_per_sm: self.sk_occupancy[usize::from(!fp8)][token_bucket(t)],
         }
+    }
+
+    /// Every bulk-copy launch shape that fits the device for `fp8` weights and `t` tokens
+    /// (benchmarks and tests sweep them).
+    pub fn bulk_launches(&self, fp8: bool, t: usize) -> Vec<ProjLaunch> {
+        let bucket = token_bucket(t);
+        let ti = usize::from(!fp8);
+        let mut v = Vec::new();
+        for (gi, &groups) in BULK_GROUPS.iter().enumerate() {
+            for c in 1..=BULK_MAX_CTAS_PER_SM {
+                if self.bulk_fits[ti][bucket][gi][c - 1] {
+                    v.push(ProjLaunch::Bulk {
+                        groups,
+                        ctas_per_sm: c,
+                    });
+                }
+            }
+        }
+        v
     }
 
     /// The best row-group launch for `w` and `t` tokens. Two row groups per CTA from four
@@ -642,6 +776,44 @@ impl ProjOps {
                 let smem = smem_bytes(warps, groups, TOKENS[bucket]);
                 let args: Vec<Arg> = head.iter().chain(&tail).copied().collect();
                 launch_with_smem(s, f, (ctas, 1, 1), threads as u32, smem as u32, &args)
+            }
+            ProjLaunch::Bulk {
+                groups,
+                ctas_per_sm,
+            } => {
+                let Some(gi) = BULK_GROUPS.iter().position(|&g| g == groups) else {
+                    return Err(invalid(format!(
+                        "proj linear: {groups} row groups per bulk block (1, 2 or 4)"
+                    )));
+                };
+                if !(1..=BULK_MAX_CTAS_PER_SM).contains(&ctas_per_sm) {
+                    return Err(invalid(format!(
+                        "proj linear: {ctas_per_sm} bulk CTAs per SM (1..={BULK_MAX_CTAS_PER_SM})"
+                    )));
+                }
+                let ti = usize::from(!fp8);
+                if !self.bulk_fits[ti][bucket][gi][ctas_per_sm - 1] {
+                    return Err(invalid(format!(
+                        "proj linear: {ctas_per_sm} bulk CTAs of {groups} row groups at {} \
+                         tokens do not fit on one SM",
+                        TOKENS[bucket]
+                    )));
+                }
+                let (stages, smem) = bulk_smem(
+                    groups,
+                    TOKENS[bucket],
+                    ctas_per_sm,
+                    self.smem_per_sm,
+                    self.smem_per_cta,
+                );
+                let ctas = u32_arg(
+                    "proj linear CTAs",
+                    row_groups.div_ceil(groups).min(ctas_per_sm * self.sms),
+                )?;
+                let f = &self.bulk[ti][bucket][gi];
+                let mut args: Vec<Arg> = head.iter().chain(&tail).copied().collect();
+                args.push((stages as u32).into());
+                launch_with_smem(s, f, (ctas, 1, 1), PROJ_BULK_THREADS, smem as u32, &args)
             }
             ProjLaunch::StreamK { ctas_per_sm } => {
                 if !(1..=SK_MAX_CTAS_PER_SM).contains(&ctas_per_sm) {
