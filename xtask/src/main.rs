@@ -413,6 +413,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "moe"),
     ("tilert", "exec"),
     ("tilert", "batch"),
+    ("tilert", "batch_verify"),
     ("tilert", "executor"),
     ("tilert", "fp8"),
     ("tilert", "tp"),

@@ -48,7 +48,7 @@ mod executor;
 pub(crate) mod lower;
 pub mod paged;
 pub mod tp;
-pub use batch::GpuBatch;
+pub use batch::{row_passes, GpuBatch, RowSlot, SharedBatch};
 pub use paged::{GpuKvPool, KvBlock, SharedKvBlock};
 
 use lower::{
@@ -896,6 +896,8 @@ pub struct GpuSession {
     /// [`GpuSession::sample_last`]'s scratch (`ops::sample_scratch_len(V)` words), allocated on
     /// first use.
     sample_scratch: DPtr<u32>,
+    /// The batched pass this session's batched calls run through ([`GpuSession::share_batch`]).
+    batch: Option<SharedBatch>,
 }
 
 impl GpuSession {
@@ -1019,6 +1021,7 @@ impl GpuSession {
             use_graphs: std::env::var("ULTRA_NO_GRAPHS").map_or(true, |v| v != "1"),
             paged: paged.take(),
             sample_scratch: DPtr::null(),
+            batch: None,
         })
     }
 
@@ -1075,6 +1078,24 @@ impl GpuSession {
         self.capture = indices.to_vec();
         self.graphs.clear();
         Ok(())
+    }
+
+    /// Attaches the batched pass that `Executor::forward_batch` (and the speculative loop's
+    /// batched verify) runs this session's rows through, together with the other sessions
+    /// attached to it ([`GpuBatch::verify`]); without one they run one session after another.
+    pub fn share_batch(&mut self, batch: SharedBatch) -> Result<(), RuntimeError> {
+        if !Arc::ptr_eq(&batch.borrow().model().inner, &self.model.inner) {
+            return Err(RuntimeError::Invalid(
+                "share_batch: the batch belongs to another model".into(),
+            ));
+        }
+        self.batch = Some(batch);
+        Ok(())
+    }
+
+    /// The batched pass attached by [`GpuSession::share_batch`].
+    pub fn shared_batch(&self) -> Option<&SharedBatch> {
+        self.batch.as_ref()
     }
 
     /// The hidden indices every pass copies out (see [`GpuSession::set_capture`]).
@@ -1562,6 +1583,7 @@ impl GpuSession {
         s.high_water = self.len;
         s.set_capture(&self.capture)?;
         s.use_graphs = self.use_graphs;
+        s.batch = self.batch.clone();
         Ok(s)
     }
 
