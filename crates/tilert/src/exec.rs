@@ -1428,6 +1428,37 @@ impl GpuSession {
             .slice(slot * MAX_TOKENS * h..slot * MAX_TOKENS * h + t * h)
     }
 
+    /// Writes `rows` rows of context features into the capture slots, as if the latest pass had
+    /// captured them: `features` is `[rows, K·H]`, row `j` the `K` captured states of token `j`
+    /// one after another (slot 0's, slot 1's, … — the layout a drafter's context takes). A
+    /// drafter context rebuilt from cached features reads them ([`GpuSession::captured_hidden`]).
+    pub fn write_captured(&mut self, features: &[f32], rows: usize) -> Result<(), RuntimeError> {
+        let h = self.model.inner.config.hidden_size;
+        let k = self.capture.len();
+        if rows == 0 || rows > MAX_TOKENS {
+            return Err(RuntimeError::Invalid(format!(
+                "write_captured: {rows} rows (1..={MAX_TOKENS})"
+            )));
+        }
+        if k == 0 || features.len() != rows * k * h {
+            return Err(RuntimeError::Invalid(format!(
+                "write_captured: {} values for {rows} rows of {k} captured states of {h}",
+                features.len()
+            )));
+        }
+        let stream = self.model.inner.stream.clone();
+        for slot in 0..k {
+            let part: Vec<f32> = features
+                .chunks_exact(k * h)
+                .flat_map(|row| &row[slot * h..(slot + 1) * h])
+                .copied()
+                .collect();
+            let at = slot * MAX_TOKENS * h;
+            htod(&stream, &part, self.b.hidden.slice(at..at + rows * h))?;
+        }
+        Ok(())
+    }
+
     /// Runs a block like [`GpuSession::verify_greedy`] but leaves the logits and the captured
     /// hidden states on the device (no copy back): [`GpuSession::logits_device`] and
     /// [`GpuSession::captured_hidden`] read them. `tokens.len() ≤ MAX_TOKENS`.

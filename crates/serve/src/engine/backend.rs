@@ -149,6 +149,48 @@ pub trait Backend: 'static {
     fn release_spec(&self, spec: Self::Spec) {
         drop(spec);
     }
+
+    /// A device speculative state on a paged executor records the drafter context features of
+    /// every position it commits from now on, so that its full blocks can be cached with them
+    /// (as the host drafter's `dflash::CpuBackend::record_features`). `false`: this executor's
+    /// states cannot (they then take their blocks from the pool but cache none).
+    fn spec_record_features(&self, spec: &mut Self::Spec) -> bool {
+        let _ = spec;
+        false
+    }
+
+    /// The features a device speculative state recorded since the last call, in position
+    /// order, [`Backend::spec_feature_dim`] values a position.
+    fn spec_take_features(&self, spec: &mut Self::Spec) -> Vec<f32> {
+        let _ = spec;
+        Vec::new()
+    }
+
+    /// Context features per position of a device speculative state.
+    fn spec_feature_dim(&self, spec: &Self::Spec) -> usize {
+        let _ = spec;
+        0
+    }
+
+    /// Full KV block `b` of a device speculative state's target, shared (as
+    /// [`Backend::share_block`]).
+    fn spec_share_block(&self, spec: &Self::Spec, b: usize) -> Option<Self::Block> {
+        let _ = (spec, b);
+        None
+    }
+
+    /// Makes the empty device speculative state hold `blocks` as its target's first positions
+    /// and `features` (their drafter context features, as recorded) as its drafter context, as
+    /// if it had prefilled them. On error the state is empty.
+    fn spec_adopt_prefix(
+        &self,
+        spec: &mut Self::Spec,
+        blocks: &[Self::Block],
+        features: &[f32],
+    ) -> Result<()> {
+        let _ = (spec, blocks, features);
+        bail!("this executor's speculative states cannot adopt a cached prefix")
+    }
 }
 
 /// [`Backend::Block`] of a backend whose KV is not paged: no value exists.

@@ -31,8 +31,19 @@
 //!   blocks between sequences (adopted prefixes, forked `n > 1` samples; copied on write). A
 //!   paged sequence computes exactly what a contiguous one does, and a sequence offers only
 //!   blocks computed by full aligned prefill passes (`tilert::exec::paged`), so outputs do not
-//!   depend on prefix caching. With a drafter, sequences stay contiguous (whole-session
-//!   reservations).
+//!   depend on prefix caching.
+//! * Speculative requests (a drafter on the device): each is a `dflash::SpecStream` the
+//!   scheduler advances over a [`GpuSpecState`] (target session + drafter state). Their verify
+//!   blocks go through **one batched target pass** per step (`dflash::gpu`'s `verify_batch` over
+//!   [`tilert::exec::GpuBatch::forward_device`]: every running request's block at its own length,
+//!   passes of `MAX_TOKENS` rows), each row bit-identical to that request's own verify, so the
+//!   output is `ultra generate --draft --device cuda`'s for a seed. Their targets live in the
+//!   paged pool like plain sequences, and their full prompt blocks are cached with the drafter
+//!   context features of their positions (recorded from the device), so a request whose prompt
+//!   extends a cached one adopts the blocks and rebuilds its drafter context from the features
+//!   without running the target. Drafts run one request after another (the device drafter has
+//!   no batched pass), and the drafter states (their own context caches) are outside the KV
+//!   budget, as the host drafter's.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -42,7 +53,7 @@ use dflash::gpu::GpuSpecOn;
 use dflash::SpecOptions;
 use model::config::ModelConfig;
 use tilert::draft::GpuDrafter;
-use tilert::exec::{GpuBatch, GpuKvPool, GpuModel, GpuSession, SharedKvBlock};
+use tilert::exec::{GpuKvPool, GpuModel, GpuSession, SharedBatch, SharedKvBlock};
 use tilert::sample::{DeviceSampler, RowSample};
 use tilert::RuntimeError;
 
@@ -61,8 +72,9 @@ pub struct GpuBackend {
     pool_cap: usize,
     pool: RefCell<Vec<GpuSession>>,
     spec_pool: RefCell<Vec<GpuSpecState>>,
-    /// The batched decode pass's buffers and graphs.
-    batch: RefCell<GpuBatch>,
+    /// The batched pass's buffers and graphs, shared with every sequence (their batched verify
+    /// runs through it).
+    batch: SharedBatch,
     /// Paged KV: the block size, then (once sized) the device pool of blocks.
     paged: Option<(usize, Option<GpuKvPool>)>,
     /// Sampling on the device: row tables, histories, scratch.
@@ -100,11 +112,11 @@ impl GpuBackend {
         }
         model.device().ctx.bind_to_thread()?;
         let batch = model
-            .batch()
+            .shared_batch()
             .context("allocating the batched decode buffers")?;
         let sampler = DeviceSampler::new(model.stream().clone(), model.config().vocab_size)?;
         let mut b = GpuBackend {
-            batch: RefCell::new(batch),
+            batch,
             sampler: RefCell::new(sampler),
             model,
             drafter,
@@ -158,6 +170,17 @@ impl GpuBackend {
         self.paged.as_ref().and_then(|(_, p)| p.as_ref())
     }
 
+    /// A new empty sequence of `max_seq` positions (paged in the pool when there is one) that
+    /// runs its batched calls through the backend's batched pass.
+    fn fresh_session(&self) -> Result<GpuSession, RuntimeError> {
+        let mut s = match self.kv_pool() {
+            Some(kv) => self.model.session_paged(kv, self.max_seq)?,
+            None => self.model.session(self.max_seq)?,
+        };
+        s.share_batch(self.batch.clone())?;
+        Ok(s)
+    }
+
     /// Runs `make`; on out-of-memory frees the kept sequences and tries once more.
     fn alloc<T>(&self, make: impl Fn() -> Result<T, RuntimeError>) -> Result<T> {
         self.model.device().ctx.bind_to_thread()?;
@@ -209,17 +232,10 @@ impl Backend for GpuBackend {
         if let Some(s) = self.pool.borrow_mut().pop() {
             return Ok(s);
         }
-        match self.kv_pool() {
-            Some(kv) => self.alloc(|| self.model.session_paged(kv, self.max_seq)),
-            None => self.alloc(|| self.model.session(self.max_seq)),
-        }
+        self.alloc(|| self.fresh_session())
     }
 
     fn use_paged_kv(&mut self, block_size: usize) -> bool {
-        // Speculative requests keep contiguous sessions (their drafter state is not paged).
-        if self.drafter.is_some() {
-            return false;
-        }
         self.paged = Some((block_size.max(1), None));
         true
     }
@@ -231,6 +247,7 @@ impl Backend for GpuBackend {
         self.model.device().ctx.bind_to_thread()?;
         // The contiguous sequence kept from start-up goes: sequences now come from the pool.
         self.pool.borrow_mut().clear();
+        self.spec_pool.borrow_mut().clear();
         let kv = self
             .model
             .kv_pool(bs, blocks.max(1) + KV_POOL_SLACK_BLOCKS)?;
@@ -360,7 +377,37 @@ impl Backend for GpuBackend {
         if let Some(s) = self.spec_pool.borrow_mut().pop() {
             return Ok(s);
         }
-        self.alloc(|| GpuSpecOn::new(self.model.session(self.max_seq)?, drafter))
+        self.alloc(|| GpuSpecOn::new(self.fresh_session()?, drafter))
+    }
+
+    fn spec_record_features(&self, spec: &mut GpuSpecState) -> bool {
+        spec.record_features();
+        true
+    }
+
+    fn spec_take_features(&self, spec: &mut GpuSpecState) -> Vec<f32> {
+        spec.take_features()
+    }
+
+    fn spec_feature_dim(&self, spec: &GpuSpecState) -> usize {
+        spec.feature_dim()
+    }
+
+    fn spec_share_block(&self, spec: &GpuSpecState, b: usize) -> Option<SharedKvBlock> {
+        spec.target().full_block(b)
+    }
+
+    fn spec_adopt_prefix(
+        &self,
+        spec: &mut GpuSpecState,
+        blocks: &[SharedKvBlock],
+        features: &[f32],
+    ) -> Result<()> {
+        self.model.device().ctx.bind_to_thread()?;
+        Ok(spec.adopt_prefix(features, |t| {
+            t.adopt_prefix(blocks)
+                .map_err(|e| dflash::SpecError::Target(Box::new(e)))
+        })?)
     }
 
     fn release_spec(&self, mut spec: GpuSpecState) {

@@ -37,7 +37,10 @@
 //! blocks that carry drafter context features, adopted with those features (no target prefill,
 //! no target passes for the drafter's context), then blocks for all its positions — and
 //! [`Sched::spec_cache_sync`] caches every block it fills with the features of its positions,
-//! recorded by its [`dflash::CpuBackend`]. A device drafter's requests reserve bytes instead.
+//! recorded by its [`dflash::CpuBackend`]. A device drafter's requests do the same through the
+//! backend ([`Backend::spec_adopt_prefix`], [`Backend::spec_share_block`]; the features recorded
+//! on the device and brought back, `Backend::spec_take_features`): their target sequences live
+//! in the pool, their drafter states outside it.
 //!
 //! Cancellation and disconnects end the request within one step: its state is dropped and its
 //! stream ends with `abort`.
@@ -328,9 +331,12 @@ impl<B: Backend> Sched<B> {
             first: None,
             last: None,
         };
-        if let SpecSeq::Host(h) = &mut r.seq {
-            if self.kv.is_some() {
-                h.record_features();
+        if self.kv.is_some() {
+            match &mut r.seq {
+                SpecSeq::Host(h) => h.record_features(),
+                SpecSeq::Device(d) => {
+                    self.backend.spec_record_features(d);
+                }
             }
         }
         self.spec_running.push(r);
@@ -367,7 +373,7 @@ impl<B: Backend> Sched<B> {
         if r.pooled {
             return true;
         }
-        let (Some(pool), SpecSeq::Host(host)) = (&mut self.kv, &mut r.seq) else {
+        let Some(pool) = &mut self.kv else {
             r.pooled = true;
             return true;
         };
@@ -393,11 +399,16 @@ impl<B: Backend> Sched<B> {
                     kv.push(c.kv);
                 }
                 let backend = &self.backend;
-                let adopted = host.adopt_prefix(&feats, |t| {
-                    backend
-                        .adopt_blocks(&mut t.seq, &kv)
-                        .map_err(|e| SpecError::TargetOutput(format!("{e:#}")))
-                });
+                let adopted = match &mut r.seq {
+                    SpecSeq::Host(host) => host.adopt_prefix(&feats, |t| {
+                        backend
+                            .adopt_blocks(&mut t.seq, &kv)
+                            .map_err(|e| SpecError::TargetOutput(format!("{e:#}")))
+                    }),
+                    SpecSeq::Device(d) => backend
+                        .spec_adopt_prefix(d, &kv, &feats)
+                        .map_err(|e| SpecError::TargetOutput(format!("{e:#}"))),
+                };
                 match adopted {
                     Ok(()) => {
                         r.prefilled = hit.tokens;
@@ -417,7 +428,7 @@ impl<B: Backend> Sched<B> {
         if !pool.grow(&mut r.blocks, positions, reserved) {
             // Not reached (checked above); the request waits with nothing held.
             pool.release_seq(&mut r.blocks);
-            let _ = host.reset();
+            let _ = r.seq.as_backend().reset();
             r.prefilled = 0;
             return false;
         }
@@ -433,12 +444,20 @@ impl<B: Backend> Sched<B> {
             return;
         };
         let r = &mut self.spec_running[i];
-        let SpecSeq::Host(host) = &mut r.seq else {
-            return;
+        let backend = &self.backend;
+        let (new_feats, dim, held) = match &mut r.seq {
+            SpecSeq::Host(host) => (
+                host.take_features(),
+                host.feature_dim(),
+                host.target().len(),
+            ),
+            SpecSeq::Device(d) => (
+                backend.spec_take_features(d),
+                backend.spec_feature_dim(d),
+                d.len(),
+            ),
         };
-        r.feats.extend(host.take_features());
-        let dim = host.feature_dim();
-        let held = host.target().len();
+        r.feats.extend(new_feats);
         let known = r.blocks.tokens().len();
         if held > known {
             let all = r.p.prompt.iter().chain(r.out.tokens()).copied();
@@ -449,11 +468,15 @@ impl<B: Backend> Sched<B> {
         // `feats` holds the rows of positions `base ..`: those after the last full block done
         // with before this call.
         let base = (known / bs) * bs;
-        let (backend, seq, feats) = (&self.backend, &host.target().seq, &r.feats);
+        let (seq, feats) = (&r.seq, &r.feats);
         pool.register_full(&mut r.blocks, |b| {
             let lo = (b * bs).checked_sub(base)? * dim;
-            let ctx = feats.get(lo..lo + bs * dim)?;
-            backend.share_block(seq, b).map(|kv| Cached {
+            let ctx = feats.get(lo..lo + bs * dim).filter(|c| !c.is_empty())?;
+            let kv = match seq {
+                SpecSeq::Host(host) => backend.share_block(&host.target().seq, b),
+                SpecSeq::Device(d) => backend.spec_share_block(d, b),
+            };
+            kv.map(|kv| Cached {
                 kv,
                 ctx: Some(ctx.into()),
             })
