@@ -448,7 +448,9 @@ fn batched_verify<T: DeviceTarget>(
         return None;
     }
     let batch = states[0].target.session_mut()?.shared_batch()?.clone();
-    let logits = want.contains(&Want::Logits);
+    // Every session keeps its rows' logits on the device, as its own verify does (an acceptance
+    // run on the device reads them there).
+    let logits = true;
     let starts: Vec<usize> = states.iter().map(|s| s.target().len()).collect();
     {
         let mut sessions = Vec::with_capacity(states.len());

@@ -109,7 +109,7 @@ pub use decode::{
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;
 pub use stats::AcceptanceStats;
-pub use stream::{Plan, SpecStream};
+pub use stream::{AcceptanceInput, Plan, SpecStream};
 pub use target::{DraftTarget, WithTables};
 
 /// Errors of the acceptance rules and statistics. Nothing in this crate panics on bad input.

@@ -6,33 +6,141 @@
 //! the same executor: its outputs, drafts and acceptances must be the host path's, with and
 //! without prefix caching; cached prefixes are adopted with their drafter features; the targets
 //! take their blocks from the pool (no byte reservations) and give them back on every kind of
-//! end.
+//! end. With `spec_accept_batch` (the GPU's `accept_rows`, emulated here by the acceptance rule
+//! run over the rows the states kept), sampled rounds are accepted "on the device" from the
+//! streams' `acceptance_input` — the outputs are still the host path's.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use dflash::toy::{self as dtoy, ToyKind};
-use dflash::{Drafter, SpecDecoder, SpecError, SpecOptions};
+use dflash::{
+    accept_greedy, accept_sampled, Acceptance, Drafter, Rows, SamplingDist, SpecBackend,
+    SpecDecoder, SpecError, SpecOptions, Want, DEFAULT_PROB_TOLERANCE,
+};
 use model::config::ModelConfig;
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::{CpuModel, Session, SharedBlock};
-use model::sampling::FinishReason;
-use serve::engine::{Backend, CpuBackend, EngineConfig, EngineHandle, KvBytes, SpecConfig};
+use model::sampling::{FinishReason, Sampler, SamplingParams};
+use serve::engine::{
+    Backend, CpuBackend, EngineConfig, EngineHandle, KvBytes, SpecAccept, SpecConfig,
+};
 
 #[path = "common/engine.rs"]
 #[allow(dead_code)]
 mod engine_common;
 use engine_common::{drain, request, run_all, tokens};
 
-/// The CPU executor with its speculative states offered as a device drafter's.
+/// The CPU executor with its speculative states offered as a device drafter's; with
+/// `accept`, it also runs acceptances "on the device" (`spec_accept_batch`).
 struct DeviceLike {
     cpu: CpuBackend,
     drafter: Arc<Drafter>,
     opts: SpecOptions,
+    accept: bool,
 }
 
-type State = dflash::CpuBackend<Session, Arc<Drafter>>;
+/// A CPU speculative state that keeps the rows of its latest draft and verify where a device
+/// would keep them (the emulated device acceptance reads them there).
+struct State {
+    inner: dflash::CpuBackend<Session, Arc<Drafter>>,
+    draft_rows: Vec<f32>,
+    verify_rows: Vec<f32>,
+}
+
+fn logits(rows: &Rows) -> Vec<f32> {
+    match rows {
+        Rows::Logits(l) => l.clone(),
+        Rows::Argmax(_) => Vec::new(),
+    }
+}
+
+impl SpecBackend for State {
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn prefill(&mut self, chunk: &[u32], want: Option<Want>) -> Result<Option<Rows>, SpecError> {
+        self.inner.prefill(chunk, want)
+    }
+    fn draft(&mut self, x_last: u32, block_size: usize, want: Want) -> Result<Rows, SpecError> {
+        let r = self.inner.draft(x_last, block_size, want)?;
+        self.draft_rows = logits(&r);
+        Ok(r)
+    }
+    fn verify(&mut self, tokens: &[u32], want: Want) -> Result<Rows, SpecError> {
+        let r = self.inner.verify(tokens, want)?;
+        self.verify_rows = logits(&r);
+        Ok(r)
+    }
+    fn commit(&mut self, keep: usize) -> Result<(), SpecError> {
+        self.inner.commit(keep)
+    }
+    fn reset(&mut self) -> Result<(), SpecError> {
+        self.inner.reset()
+    }
+}
+
+/// Blocks accepted through `spec_accept_batch` (any engine of this binary).
+static DEVICE_ACCEPTED: AtomicUsize = AtomicUsize::new(0);
+
+/// The acceptance rule over a state's kept rows and the stream's input (what `accept_rows`
+/// computes on the GPU), and the uniforms it read.
+fn emulated_accept(s: &State, r: &SpecAccept, v: usize) -> (Acceptance, usize) {
+    let (input, params): (&dflash::AcceptanceInput, &SamplingParams) = (&r.input, r.params);
+    let n = input.drafts.len();
+    let (target, draft) = (&s.verify_rows, &s.draft_rows);
+    let mut generated = input.generated.to_vec();
+    if params.is_greedy() {
+        let mut sm = Sampler::new(params).unwrap();
+        let mut targets = Vec::new();
+        for i in 0..=n {
+            targets.push(
+                sm.try_sample(&target[i * v..(i + 1) * v], input.prompt, &generated)
+                    .unwrap(),
+            );
+            if i < n {
+                generated.push(input.drafts[i]);
+            }
+        }
+        return (accept_greedy(input.drafts, &targets).unwrap(), 0);
+    }
+    let mut dist = SamplingDist::new(params).unwrap();
+    let (mut p, mut q) = (vec![0f32; (n + 1) * v], vec![0f32; n * v]);
+    for i in 0..=n {
+        let row = &target[i * v..(i + 1) * v];
+        dist.probs(row, input.prompt, &generated, &mut p[i * v..(i + 1) * v])
+            .unwrap();
+        if i < n {
+            let row = &draft[i * v..(i + 1) * v];
+            dist.probs(row, input.prompt, &generated, &mut q[i * v..(i + 1) * v])
+                .unwrap();
+            generated.push(input.drafts[i]);
+        }
+    }
+    let mut at = input.stream;
+    let mut used = 0;
+    let mut uniform = || {
+        let u = at.uniform();
+        at = at.next();
+        used += 1;
+        u
+    };
+    let a = accept_sampled(
+        &p,
+        &q,
+        input.drafts,
+        v,
+        DEFAULT_PROB_TOLERANCE,
+        &mut uniform,
+    )
+    .unwrap();
+    (a, used)
+}
 
 impl Backend for DeviceLike {
     type Sequence = Session;
@@ -70,23 +178,45 @@ impl Backend for DeviceLike {
         Some(&self.opts)
     }
     fn new_spec(&self, positions: usize) -> Result<State> {
-        Ok(dflash::CpuBackend::new(
-            self.cpu.new_sequence(positions)?,
-            self.drafter.clone(),
-        )?)
+        Ok(State {
+            inner: dflash::CpuBackend::new(
+                self.cpu.new_sequence(positions)?,
+                self.drafter.clone(),
+            )?,
+            draft_rows: Vec::new(),
+            verify_rows: Vec::new(),
+        })
+    }
+    fn spec_accepts_on_device(&self) -> bool {
+        self.accept
+    }
+    fn spec_accept_batch(
+        &self,
+        specs: &mut [&mut State],
+        rounds: &[SpecAccept],
+    ) -> Option<Vec<Result<(Acceptance, usize)>>> {
+        let v = self.config().vocab_size;
+        DEVICE_ACCEPTED.fetch_add(specs.len(), Ordering::Relaxed);
+        self.accept.then(|| {
+            specs
+                .iter()
+                .zip(rounds)
+                .map(|(s, r)| Ok(emulated_accept(s, r, v)))
+                .collect()
+        })
     }
     fn spec_record_features(&self, spec: &mut State) -> bool {
-        spec.record_features();
+        spec.inner.record_features();
         true
     }
     fn spec_take_features(&self, spec: &mut State) -> Vec<f32> {
-        spec.take_features()
+        spec.inner.take_features()
     }
     fn spec_feature_dim(&self, spec: &State) -> usize {
-        spec.feature_dim()
+        spec.inner.feature_dim()
     }
     fn spec_share_block(&self, spec: &State, b: usize) -> Option<SharedBlock> {
-        spec.target().full_block(b)
+        spec.inner.target().full_block(b)
     }
     fn spec_adopt_prefix(
         &self,
@@ -94,7 +224,7 @@ impl Backend for DeviceLike {
         blocks: &[SharedBlock],
         features: &[f32],
     ) -> Result<()> {
-        Ok(spec.adopt_prefix(features, |t| {
+        Ok(spec.inner.adopt_prefix(features, |t| {
             t.adopt_prefix(blocks)
                 .map_err(|e| SpecError::Target(Box::new(e)))
         })?)
@@ -109,9 +239,17 @@ fn models() -> Vec<(CpuModel, ToyKind)> {
     vec![(a, ToyKind::ZLab), (b, ToyKind::MiMo)]
 }
 
-/// An engine over `m` with a toy drafter of `kind`, through the device hooks (`device`) or the
-/// host-drafter path.
-fn start(m: &CpuModel, kind: ToyKind, device: bool, caching: bool, blocks: u64) -> EngineHandle {
+/// How an engine runs its speculative requests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    Host,
+    Device,
+    /// The device hooks, acceptances on the "device" too.
+    DeviceAccept,
+}
+
+/// An engine over `m` with a toy drafter of `kind`, its requests on `path`.
+fn start(m: &CpuModel, kind: ToyKind, path: Path, caching: bool, blocks: u64) -> EngineHandle {
     let bs = 4;
     let decoder =
         Arc::new(SpecDecoder::new(m, dtoy::drafter(m.config(), kind, 8, 21), Some(4)).unwrap());
@@ -125,7 +263,7 @@ fn start(m: &CpuModel, kind: ToyKind, device: bool, caching: bool, blocks: u64) 
         ..EngineConfig::default()
     };
     let m = m.clone();
-    if device {
+    if path != Path::Host {
         let (drafter, opts) = (decoder.drafter_arc().clone(), decoder.options().clone());
         EngineHandle::start(
             move || {
@@ -133,6 +271,7 @@ fn start(m: &CpuModel, kind: ToyKind, device: bool, caching: bool, blocks: u64) 
                     cpu: CpuBackend::new(m),
                     drafter,
                     opts,
+                    accept: path == Path::DeviceAccept,
                 })
             },
             None,
@@ -143,8 +282,14 @@ fn start(m: &CpuModel, kind: ToyKind, device: bool, caching: bool, blocks: u64) 
         .unwrap()
     } else {
         let spec = SpecConfig { decoder };
-        EngineHandle::start(move || Ok(CpuBackend::new(m)), None, vec![1], cfg, Some(spec))
-            .unwrap()
+        EngineHandle::start(
+            move || Ok(CpuBackend::new(m)),
+            None,
+            vec![1],
+            cfg,
+            Some(spec),
+        )
+        .unwrap()
     }
 }
 
@@ -191,15 +336,27 @@ fn workload(engine: &EngineHandle, ctx: &[u32]) -> (Vec<Vec<u32>>, u64, (u64, u6
 fn device_speculative_path_equals_the_host_path_with_and_without_caching() {
     let ctx = tokens(5, 37);
     for (m, kind) in models() {
-        let host = start(&m, kind, false, true, 256);
+        let host = start(&m, kind, Path::Host, true, 256);
         let (want, want_hits, want_spec) = workload(&host, &ctx);
         host.shutdown();
-        for caching in [true, false] {
-            let dev = start(&m, kind, true, caching, 256);
+        for (path, caching) in [
+            (Path::Device, true),
+            (Path::Device, false),
+            (Path::DeviceAccept, true),
+        ] {
+            let dev = start(&m, kind, path, caching, 256);
+            let before = DEVICE_ACCEPTED.load(Ordering::Relaxed);
             let (got, hits, spec) = workload(&dev, &ctx);
             dev.shutdown();
-            assert_eq!(got, want, "{kind:?} caching {caching}: outputs");
-            assert_eq!(spec, want_spec, "{kind:?} caching {caching}: drafts");
+            if path == Path::DeviceAccept {
+                // The sampled requests' rounds were accepted through the device hook.
+                assert!(DEVICE_ACCEPTED.load(Ordering::Relaxed) > before);
+            }
+            assert_eq!(got, want, "{kind:?} {path:?} caching {caching}: outputs");
+            assert_eq!(
+                spec, want_spec,
+                "{kind:?} {path:?} caching {caching}: drafts"
+            );
             if caching {
                 // The same cached blocks adopted, each with its drafter features.
                 assert_eq!(hits, want_hits, "{kind:?}: prefix hits");
@@ -215,7 +372,7 @@ fn device_speculative_path_equals_the_host_path_with_and_without_caching() {
 fn device_speculative_requests_wait_for_blocks_and_free_them_on_every_end() {
     let (m, kind) = models().swap_remove(0);
     // 40 blocks of 4: at most a few requests of 31..37 + 24 positions at once.
-    let engine = start(&m, kind, true, true, 40);
+    let engine = start(&m, kind, Path::DeviceAccept, true, 40);
     let ctx = tokens(5, 30);
     let mut keep = Vec::new();
     for i in 0..24u64 {

@@ -33,6 +33,14 @@ pub struct DeviceRow<'a> {
     pub stream: model::sampling::UniformStream,
 }
 
+/// One speculative request's round for [`Backend::spec_accept_batch`]: what its stream hands a
+/// device acceptance (`dflash::SpecStream::acceptance_input`) and its sampling parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecAccept<'a> {
+    pub input: dflash::AcceptanceInput<'a>,
+    pub params: &'a model::sampling::SamplingParams,
+}
+
 pub trait Backend: 'static {
     /// One sequence (its KV cache): the scheduler prefills, forwards (prompt log-probabilities,
     /// a host drafter's target passes) and truncates it through the executor contract.
@@ -148,6 +156,29 @@ pub trait Backend: 'static {
     /// Gives a finished speculative state's memory back.
     fn release_spec(&self, spec: Self::Spec) {
         drop(spec);
+    }
+
+    /// Whether [`Backend::spec_accept_batch`] runs acceptances where the verify rows are (then
+    /// a round whose acceptance needs the target's logits — sampled, or greedy with a penalty
+    /// — brings back only its argmax ids from the verify pass).
+    fn spec_accepts_on_device(&self) -> bool {
+        false
+    }
+
+    /// The acceptance of each device speculative state's latest verify block (`specs[i]`, its
+    /// drafts and history in `rounds[i]`), run where the target's and the drafter's rows are —
+    /// the rule `dflash::SpecStream::verified` runs on the host — all in one launch; returns each
+    /// one's acceptance and the uniforms it consumed (for `dflash::SpecStream::verified_with`).
+    /// Only the accepted counts and bonus tokens cross to the host. `None` (the default): not
+    /// supported here.
+    #[allow(clippy::type_complexity)]
+    fn spec_accept_batch(
+        &self,
+        specs: &mut [&mut Self::Spec],
+        rounds: &[SpecAccept],
+    ) -> Option<Vec<Result<(dflash::Acceptance, usize)>>> {
+        let _ = (specs, rounds);
+        None
     }
 
     /// A device speculative state on a paged executor records the drafter context features of

@@ -52,12 +52,13 @@ use anyhow::{bail, Context, Result};
 use dflash::gpu::GpuSpecOn;
 use dflash::SpecOptions;
 use model::config::ModelConfig;
+use tilert::abi::SAMPLE_MAX_ROWS;
 use tilert::draft::GpuDrafter;
 use tilert::exec::{GpuKvPool, GpuModel, GpuSession, SharedBatch, SharedKvBlock};
-use tilert::sample::{DeviceSampler, RowSample};
+use tilert::sample::{BlockAccept, DeviceSampler, RowSample};
 use tilert::RuntimeError;
 
-use super::backend::{Backend, DeviceRow, KvBytes};
+use super::backend::{Backend, DeviceRow, KvBytes, SpecAccept};
 
 /// A speculative request's state on the device: its target session and drafter state.
 pub type GpuSpecState = GpuSpecOn<GpuSession>;
@@ -378,6 +379,63 @@ impl Backend for GpuBackend {
             return Ok(s);
         }
         self.alloc(|| GpuSpecOn::new(self.fresh_session()?, drafter))
+    }
+
+    fn spec_accepts_on_device(&self) -> bool {
+        true
+    }
+
+    /// `tilert::sample::DeviceSampler::accept`: one `accept_rows` launch per
+    /// `SAMPLE_MAX_ROWS` blocks over the target rows each session's verify left on the device
+    /// and the drafter rows of its draft; two words a block come back.
+    fn spec_accept_batch(
+        &self,
+        specs: &mut [&mut GpuSpecState],
+        rounds: &[SpecAccept],
+    ) -> Option<Vec<Result<(dflash::Acceptance, usize)>>> {
+        let fail = |n: usize, msg: &str| -> Vec<Result<(dflash::Acceptance, usize)>> {
+            (0..n).map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
+        };
+        if let Err(e) = self.model.device().ctx.bind_to_thread() {
+            return Some(fail(specs.len(), &e.to_string()));
+        }
+        if specs.len() != rounds.len() {
+            let msg = format!("{} states but {} rounds", specs.len(), rounds.len());
+            return Some(fail(specs.len(), &msg));
+        }
+        let blocks: Vec<BlockAccept> = specs
+            .iter_mut()
+            .zip(rounds)
+            .map(|(s, r)| {
+                let n = r.input.drafts.len();
+                BlockAccept {
+                    target_logits: s.target().logits_device(n + 1),
+                    draft_logits: s.draft_session().logits_device(n),
+                    drafts: r.input.drafts,
+                    params: r.params,
+                    prompt: r.input.prompt,
+                    generated: r.input.generated,
+                    stream: Some(r.input.stream),
+                }
+            })
+            .collect();
+        let mut sampler = self.sampler.borrow_mut();
+        let mut out = Vec::with_capacity(blocks.len());
+        for chunk in blocks.chunks(SAMPLE_MAX_ROWS) {
+            match sampler.accept(self.model.ops(), chunk) {
+                Ok(acc) => out.extend(acc.into_iter().map(|a| {
+                    Ok((
+                        dflash::Acceptance {
+                            accepted: a.accepted,
+                            bonus: a.bonus,
+                        },
+                        a.uniforms,
+                    ))
+                })),
+                Err(e) => out.extend(fail(chunk.len(), &format!("device acceptance: {e}"))),
+            }
+        }
+        Some(out)
     }
 
     fn spec_record_features(&self, spec: &mut GpuSpecState) -> bool {
