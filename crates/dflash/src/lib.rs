@@ -63,7 +63,8 @@
 //! * [`accept_greedy`], [`accept_sampled`] — the acceptance rules (greedy prefix match; exact
 //!   rejection sampling, Leviathan et al. 2023, as z-lab's `_rejection_sample`);
 //!   [`AcceptanceStats`] — τ (counting the bonus), per-position acceptance, histogram.
-//! * [`toy`] — tiny random drafters for tests.
+//! * [`toy`] — tiny random drafters for tests; [`controlled`] — controlled acceptance (a chosen
+//!   τ) for benchmarks on random weights.
 //!
 //! # Indexing convention
 //!
@@ -83,6 +84,7 @@
 
 mod accept;
 pub mod adapt;
+pub mod controlled;
 /// The drafter configuration (`model::drafter::config`, re-exported at its old path).
 pub use model::drafter::config;
 pub mod decode;
