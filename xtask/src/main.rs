@@ -424,6 +424,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("dflash", "gpu_spec"),
     ("dflash", "gpu_tp"),
     ("dflash", "gpu_accept"),
+    ("dflash", "gpu_spec_batch"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
     ("serve", "gpu_paged"),
