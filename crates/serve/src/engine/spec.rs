@@ -331,7 +331,8 @@ impl<B: Backend> Sched<B> {
             first: None,
             last: None,
         };
-        if self.kv.is_some() {
+        // Features are kept only for the prefix cache (on the GPU they cross to the host).
+        if self.kv.as_ref().is_some_and(|p| p.caching()) {
             match &mut r.seq {
                 SpecSeq::Host(h) => h.record_features(),
                 SpecSeq::Device(d) => {
