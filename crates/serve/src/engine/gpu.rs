@@ -25,7 +25,7 @@
 //!   request asks for logprobs brings the logits back and samples on the host instead.
 //! * Prefill runs in passes of `tilert::ops::MAX_TOKENS` tokens, so chunked prefill cuts prompts
 //!   at multiples of that ([`Backend::prefill_granularity`]).
-//! * Paged KV (without a drafter): the sequences' KV lives in one device pool of blocks
+//! * Paged KV: the sequences' KV lives in one device pool of blocks
 //!   ([`tilert::exec::GpuKvPool`], sized by the scheduler from the KV budget), each sequence
 //!   reading and writing it through its block table; the scheduler's prefix cache shares full
 //!   blocks between sequences (adopted prefixes, forked `n > 1` samples; copied on write). A
@@ -43,7 +43,11 @@
 //!   extends a cached one adopts the blocks and rebuilds its drafter context from the features
 //!   without running the target. Drafts run one request after another (the device drafter has
 //!   no batched pass), and the drafter states (their own context caches) are outside the KV
-//!   budget, as the host drafter's.
+//!   budget, as the host drafter's. A round whose acceptance needs the target's logits
+//!   (sampled, or greedy with a penalty) is accepted on the device
+//!   ([`Backend::spec_accept_batch`]: `accept_rows` over the verify rows the batched pass left in
+//!   each session and the drafter's rows), so only the accepted count and the bonus token come
+//!   back.
 
 use std::cell::RefCell;
 use std::sync::Arc;
