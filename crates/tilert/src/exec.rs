@@ -23,8 +23,9 @@
 //! Hidden states asked for by a speculative drafter are copied out inside the pass at the plan's
 //! taps (the capture set is part of the session; changing it drops the captured graphs).
 //!
-//! [`GpuBatch`] runs the batched plan of the same model with one row per session (batched
-//! decode; see its module).
+//! [`GpuBatch`] runs the batched plan of the same model over rows of several sessions: one token
+//! per session (batched decode), or each session's block of tokens — a speculative request's
+//! verify block — at its own length, causal inside the block (see its module).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
