@@ -413,6 +413,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("tilert", "moe"),
     ("tilert", "exec"),
     ("tilert", "batch"),
+    ("tilert", "batch_verify"),
     ("tilert", "executor"),
     ("tilert", "fp8"),
     ("tilert", "tp"),
@@ -423,9 +424,11 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("dflash", "gpu_spec"),
     ("dflash", "gpu_tp"),
     ("dflash", "gpu_accept"),
+    ("dflash", "gpu_spec_batch"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
     ("serve", "gpu_paged"),
+    ("serve", "gpu_spec_sched"),
     ("comm", "gpu_allreduce"),
 ];
 

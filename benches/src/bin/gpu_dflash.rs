@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use dflash::config::build_target_layer_ids;
+use dflash::controlled::{accepted_for, alpha_for_tau, synthetic_drafter_config, van_der_corput};
 use dflash::gpu::GpuSpec;
 use dflash::{DrafterConfig, Rows, SpecBackend, SpecError, SpecOptions, Want};
 use model::sampling::SamplingParams;
@@ -95,46 +95,14 @@ struct Report {
     controlled: Vec<ControlledRow>,
 }
 
-/// τ = (1 − α^B)/(1 − α) (drafts accepted with probability α each, independently; the bonus
-/// counted) solved for α by bisection.
-fn alpha_for_tau(tau: f64, block: usize) -> f64 {
-    let f = |a: f64| (0..block).map(|j| a.powi(j as i32)).sum::<f64>();
-    let (mut lo, mut hi) = (0.0, 1.0);
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if f(mid) < tau {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    0.5 * (lo + hi)
-}
-
 fn drafter_config(layers: usize, vocab: usize, target_layers: usize) -> Result<DrafterConfig> {
-    let json = serde_json::json!({
-        "architectures": ["DFlashDraftModel"],
-        "hidden_size": 2880,
-        "intermediate_size": 3 * 2880,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6,
-        "max_position_embeddings": 131072,
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "vocab_size": vocab,
-        "num_target_layers": target_layers,
-        "layer_types": vec!["full_attention"; layers],
-        "dflash_config": {
-            "mask_token_id": 200017,
-            "target_layer_ids": build_target_layer_ids(target_layers, layers),
-            "block_size": 8,
-        },
-    });
-    Ok(DrafterConfig::from_json_str(&json.to_string())?)
+    Ok(synthetic_drafter_config(
+        2880,
+        vocab,
+        target_layers,
+        layers,
+        8,
+    )?)
 }
 
 /// The controlled-acceptance drafter: the real draft forward runs (its cost), then the
@@ -152,24 +120,6 @@ struct Controlled<'a, 'r> {
     rotation: f64,
     round: u32,
     vocab: u32,
-}
-
-/// The `i`-th element of the base-2 van der Corput sequence in [0, 1).
-fn van_der_corput(i: u32) -> f64 {
-    i.reverse_bits() as f64 / 2f64.powi(32)
-}
-
-/// The accepted count for uniform `u`: inverse CDF of the truncated geometric distribution of
-/// `drafts` drafts accepted with probability `alpha` each.
-fn accepted_for(u: f64, alpha: f64, drafts: usize) -> usize {
-    let mut cdf = 0.0;
-    for k in 0..drafts {
-        cdf += alpha.powi(k as i32) * (1.0 - alpha);
-        if u < cdf {
-            return k;
-        }
-    }
-    drafts
 }
 
 impl SpecBackend for Controlled<'_, '_> {
@@ -506,32 +456,4 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::alpha_for_tau;
-
-    #[test]
-    fn alpha_solves_the_acceptance_length() {
-        for tau in [4.3, 5.6, 6.3] {
-            let a = alpha_for_tau(tau, 8);
-            let back = (1.0 - a.powi(8)) / (1.0 - a);
-            assert!((back - tau).abs() < 1e-9, "{tau}: α {a} gives {back}");
-        }
-        assert!((alpha_for_tau(1.0, 8)).abs() < 1e-9);
-    }
-
-    #[test]
-    fn stratified_acceptance_has_the_geometric_mean() {
-        let alpha = alpha_for_tau(5.6, 8);
-        let n = 1 << 12;
-        let tau: f64 = (0..n)
-            .map(|i| (super::accepted_for(super::van_der_corput(i), alpha, 7) + 1) as f64)
-            .sum::<f64>()
-            / n as f64;
-        assert!((tau - 5.6).abs() < 0.01, "{tau}");
-        assert_eq!(super::accepted_for(0.0, 0.5, 7), 0);
-        assert_eq!(super::accepted_for(0.999_999, 0.5, 7), 7);
-    }
 }

@@ -171,6 +171,11 @@ impl Picker {
         })
     }
 
+    /// Tokens of the prompt at the start of every history.
+    pub(crate) fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
     /// The distribution of the next token after `history` (prompt + generated tokens) under
     /// the request's sampling transform.
     pub(crate) fn probs(

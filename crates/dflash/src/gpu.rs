@@ -36,6 +36,11 @@ pub trait DeviceTarget {
     fn forward_device(&mut self, tokens: &[u32]) -> Result<(), RuntimeError>;
     fn truncate(&mut self, len: usize) -> Result<(), RuntimeError>;
     fn reset(&mut self);
+    /// The target as one [`GpuSession`], when it is one (what a batched verify pass and a
+    /// prefix cache's adoption work on); `None` for a tensor-parallel target.
+    fn session_mut(&mut self) -> Option<&mut GpuSession> {
+        None
+    }
 }
 
 impl DeviceTarget for GpuSession {
@@ -53,6 +58,9 @@ impl DeviceTarget for GpuSession {
     }
     fn reset(&mut self) {
         GpuSession::reset(self)
+    }
+    fn session_mut(&mut self) -> Option<&mut GpuSession> {
+        Some(self)
     }
 }
 
@@ -90,6 +98,9 @@ impl<T: DeviceTarget + ?Sized> DeviceTarget for &mut T {
     fn reset(&mut self) {
         (**self).reset()
     }
+    fn session_mut(&mut self) -> Option<&mut GpuSession> {
+        (**self).session_mut()
+    }
 }
 
 /// The speculative loop's backend on the GPU: a target [`DeviceTarget`] — a [`GpuSession`]
@@ -102,6 +113,10 @@ pub struct GpuSpecOn<T> {
     draft: GpuDraftSession,
     /// Position and size of the latest verified block.
     verified: Option<(usize, usize)>,
+    /// Context features of every position committed since the last
+    /// [`GpuSpecOn::take_features`], when recording is on (a prefix cache keeps them with the
+    /// target's KV blocks).
+    recorded: Option<Vec<f32>>,
 }
 
 /// [`GpuSpecOn`] over a borrowed target session.
@@ -127,6 +142,7 @@ impl<T: DeviceTarget> GpuSpecOn<T> {
             target,
             draft,
             verified: None,
+            recorded: None,
         })
     }
 
@@ -156,6 +172,103 @@ impl<T: DeviceTarget> GpuSpecOn<T> {
         self.target.reset();
         self.draft.reset();
         self.verified = None;
+        if let Some(r) = &mut self.recorded {
+            r.clear();
+        }
+    }
+
+    /// Context features per position: the drafter's captured states (`K`) times the hidden
+    /// size.
+    pub fn feature_dim(&self) -> usize {
+        self.draft.drafter().hidden_indices().len() * self.target().model().config().hidden_size
+    }
+
+    /// Records the context features of every position committed from now on (prefill chunks,
+    /// kept verify rows) for [`GpuSpecOn::take_features`]: they come back to the host (a prefix
+    /// cache keeps them with the target's KV blocks), `feature_dim` values a position.
+    pub fn record_features(&mut self) {
+        self.recorded.get_or_insert_with(Vec::new);
+    }
+
+    /// The features recorded since the last call, in position order (empty when recording is
+    /// off), laid out as `dflash::CpuBackend`'s: row `j` = the `K` captured states of position
+    /// `j` one after another.
+    pub fn take_features(&mut self) -> Vec<f32> {
+        self.recorded
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Appends rows `0..rows` of the latest pass's captured states to the recording (if on).
+    fn record(&mut self, rows: usize) -> Result<(), RuntimeError> {
+        if self.recorded.is_none() {
+            return Ok(());
+        }
+        let lead = self.target.lead();
+        let h = lead.model().config().hidden_size;
+        let k = self.draft.drafter().hidden_indices().len();
+        let slots = (0..k)
+            .map(|slot| dtoh(lead.model().stream(), lead.captured_hidden(slot, rows)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = self.recorded.as_mut().expect("checked: recording");
+        for j in 0..rows {
+            for slot in &slots {
+                r.extend_from_slice(&slot[j * h..(j + 1) * h]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the empty state from a cached prefix: `adopt` makes the target hold the prefix's
+    /// KV (as if it had prefilled it; a [`GpuSession`] target: `GpuSession::adopt_prefix`) and
+    /// `features` are that prefix's context features ([`GpuSpecOn::feature_dim`] a position, as
+    /// [`GpuSpecOn::take_features`] recorded them). The drafter context is rebuilt from them in
+    /// appends of at most `MAX_TOKENS` positions from position 0 — the appends of a prefill
+    /// whose passes were cut at multiples of `MAX_TOKENS` — without running the target. On any
+    /// error the state is empty again.
+    pub fn adopt_prefix(
+        &mut self,
+        features: &[f32],
+        adopt: impl FnOnce(&mut T) -> Result<(), SpecError>,
+    ) -> Result<(), SpecError> {
+        if !self.target().is_empty() || !self.draft.is_empty() {
+            return Err(SpecError::TargetNotEmpty(self.target().len()));
+        }
+        let dim = self.feature_dim();
+        let done = adopt(&mut self.target).and_then(|()| {
+            let n = self.target().len();
+            if features.len() != n * dim {
+                return Err(SpecError::TargetOutput(format!(
+                    "{} context features for {n} adopted positions of {dim}",
+                    features.len()
+                )));
+            }
+            self.verified = None;
+            self.draft.reset();
+            let indices = self.draft.drafter().hidden_indices().to_vec();
+            let target = &mut self.target;
+            target.set_capture(&indices).map_err(target_err)?;
+            for (c, chunk) in features.chunks(MAX_TOKENS * dim.max(1)).enumerate() {
+                let rows = chunk.len() / dim.max(1);
+                let session = target.session_mut().ok_or_else(|| {
+                    SpecError::TargetOutput("a cached prefix needs a one-GPU target session".into())
+                })?;
+                session.write_captured(chunk, rows).map_err(target_err)?;
+                self.draft
+                    .append_context(target.lead(), rows)
+                    .map_err(target_err)?;
+                debug_assert_eq!(self.draft.len(), c * MAX_TOKENS + rows);
+            }
+            if let Some(r) = &mut self.recorded {
+                r.clear();
+            }
+            Ok(())
+        });
+        if done.is_err() {
+            GpuSpecOn::reset(self);
+        }
+        done
     }
 
     /// The draft state (for inspection).
@@ -215,16 +328,16 @@ impl<T: DeviceTarget> SpecBackend for GpuSpecOn<T> {
             )));
         }
         self.verified = None;
-        let target = &mut self.target;
-        target
+        self.target
             .set_capture(self.draft.drafter().hidden_indices())
             .map_err(target_err)?;
         let mut last = 0;
         for pass in chunk.chunks(MAX_TOKENS) {
-            target.forward_device(pass).map_err(target_err)?;
+            self.target.forward_device(pass).map_err(target_err)?;
             self.draft
-                .append_context(target.lead(), pass.len())
+                .append_context(self.target.lead(), pass.len())
                 .map_err(target_err)?;
+            self.record(pass.len()).map_err(target_err)?;
             last = pass.len();
         }
         let Some(want) = want else {
@@ -286,11 +399,87 @@ impl<T: DeviceTarget> SpecBackend for GpuSpecOn<T> {
         target.truncate(start + keep).map_err(target_err)?;
         self.draft
             .append_context(target.lead(), keep)
-            .map_err(target_err)
+            .map_err(target_err)?;
+        self.record(keep).map_err(target_err)
     }
 
     fn reset(&mut self) -> Result<(), SpecError> {
         GpuSpecOn::reset(self);
         Ok(())
     }
+
+    /// Every block through ONE batched target pass (passes of at most `MAX_TOKENS` rows:
+    /// `tilert::exec::GpuBatch::forward_device`) when the targets are [`GpuSession`]s sharing a
+    /// batch (`GpuSession::share_batch`) and their drafters read the same hidden states; each
+    /// state is then left as its own [`SpecBackend::verify`] leaves it (rows, captured states
+    /// for the commit), so the rest of the round is unchanged. Otherwise, or should the batched
+    /// pass fail (it changes nothing), one verify after another.
+    fn verify_batch(
+        states: &mut [&mut Self],
+        tokens: &[&[u32]],
+        want: &[Want],
+    ) -> Vec<Result<Rows, SpecError>> {
+        let n = states.len().min(tokens.len()).min(want.len());
+        if n > 1 {
+            if let Some(rows) = batched_verify(&mut states[..n], &tokens[..n], &want[..n]) {
+                return rows;
+            }
+        }
+        states[..n]
+            .iter_mut()
+            .zip(tokens.iter().zip(want))
+            .map(|(s, (t, &w))| s.verify(t, w))
+            .collect()
+    }
+}
+
+/// [`SpecBackend::verify_batch`]'s batched pass; `None` when the states cannot share one or the
+/// pass failed (nothing changed then).
+fn batched_verify<T: DeviceTarget>(
+    states: &mut [&mut GpuSpecOn<T>],
+    tokens: &[&[u32]],
+    want: &[Want],
+) -> Option<Vec<Result<Rows, SpecError>>> {
+    let indices = states[0].draft.drafter().hidden_indices().to_vec();
+    if states
+        .iter()
+        .any(|s| s.draft.drafter().hidden_indices() != indices.as_slice())
+    {
+        return None;
+    }
+    let batch = states[0].target.session_mut()?.shared_batch()?.clone();
+    // Every session keeps its rows' logits on the device, as its own verify does (an acceptance
+    // run on the device reads them there).
+    let logits = true;
+    let starts: Vec<usize> = states.iter().map(|s| s.target().len()).collect();
+    {
+        let mut sessions = Vec::with_capacity(states.len());
+        for s in states.iter_mut() {
+            let session = s.target.session_mut()?;
+            session.set_capture(&indices).ok()?;
+            sessions.push(session);
+        }
+        session_bind(sessions[0]).ok()?;
+        let mut b = batch.try_borrow_mut().ok()?;
+        b.forward_device(&mut sessions, tokens, logits).ok()?;
+    }
+    Some(
+        states
+            .iter_mut()
+            .zip(tokens.iter().zip(want).zip(starts))
+            .map(|(s, ((t, &w), start))| {
+                s.verified = Some((start, t.len()));
+                s.rows(
+                    s.target().logits_device(t.len()),
+                    s.target().argmax_device(t.len()),
+                    w,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Makes `s`'s CUDA context current on this thread.
+fn session_bind(s: &GpuSession) -> Result<(), RuntimeError> {
+    Ok(s.model().device().ctx.bind_to_thread()?)
 }

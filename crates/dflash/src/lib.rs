@@ -63,7 +63,8 @@
 //! * [`accept_greedy`], [`accept_sampled`] — the acceptance rules (greedy prefix match; exact
 //!   rejection sampling, Leviathan et al. 2023, as z-lab's `_rejection_sample`);
 //!   [`AcceptanceStats`] — τ (counting the bonus), per-position acceptance, histogram.
-//! * [`toy`] — tiny random drafters for tests.
+//! * [`toy`] — tiny random drafters for tests; [`controlled`] — controlled acceptance (a chosen
+//!   τ) for benchmarks on random weights.
 //!
 //! # Indexing convention
 //!
@@ -83,6 +84,7 @@
 
 mod accept;
 pub mod adapt;
+pub mod controlled;
 /// The drafter configuration (`model::drafter::config`, re-exported at its old path).
 pub use model::drafter::config;
 pub mod decode;
@@ -109,7 +111,7 @@ pub use decode::{
 pub use drafter::{DraftCache, Drafter, DrafterError, DrafterWeights};
 pub use probs::SamplingDist;
 pub use stats::AcceptanceStats;
-pub use stream::{Plan, SpecStream};
+pub use stream::{AcceptanceInput, Plan, SpecStream};
 pub use target::{DraftTarget, WithTables};
 
 /// Errors of the acceptance rules and statistics. Nothing in this crate panics on bad input.

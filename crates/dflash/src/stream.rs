@@ -18,7 +18,7 @@
 //!    ([`SpecStream::observe_cost`], used by the adaptive policy) and calls
 //!    [`SpecStream::emit`], which emits the accepted drafts and the bonus token.
 
-use model::sampling::{SamplingParams, StopCause};
+use model::sampling::{SamplingParams, StopCause, UniformStream};
 use rand::Rng;
 
 use crate::adapt::{AdaptPrior, AdaptSummary, Adaptive, BlockPolicy};
@@ -44,6 +44,17 @@ pub struct Plan {
     pub want_draft: Want,
     /// What the verify rows must hold.
     pub want_verify: Want,
+}
+
+/// A round's acceptance as a device runs it ([`SpecStream::acceptance_input`]): the drafts,
+/// the request's history before them (prompt, then generated tokens), and the position of the
+/// request's uniform stream (`model::sampling::UniformStream`) the acceptance draws from.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptanceInput<'a> {
+    pub drafts: &'a [u32],
+    pub prompt: &'a [u32],
+    pub generated: &'a [u32],
+    pub stream: UniformStream,
 }
 
 /// Where a stream is.
@@ -323,6 +334,74 @@ impl SpecStream {
                 &mut uniform,
             )?
         };
+        self.record(plan, start, rows, acceptance, on_round)
+    }
+
+    /// What a device needs to run this round's acceptance where the verify rows are (the rule
+    /// of [`SpecStream::verified`], e.g. `tilert::sample::DeviceSampler::accept`): the drafts,
+    /// the history before them and where the uniform stream stands. `None` outside the phase
+    /// between [`SpecStream::drafted`] and the verify, or when emitted tokens take the target's
+    /// rows (logprobs: the rows must come back anyway).
+    pub fn acceptance_input(&self) -> Option<AcceptanceInput<'_>> {
+        if !matches!(self.phase, Phase::Drafted(_)) || self.target_logits {
+            return None;
+        }
+        let (prompt, generated) = self.stops.history.split_at(self.picker.prompt_len());
+        Some(AcceptanceInput {
+            drafts: &self.drafts,
+            prompt,
+            generated,
+            stream: UniformStream::of(&self.picker.rng),
+        })
+    }
+
+    /// [`SpecStream::verified`] with the acceptance computed elsewhere by the same rule over the
+    /// same rows (on the device, from [`SpecStream::acceptance_input`]): `acceptance` and the
+    /// `uniforms` it consumed from the stream (0 when greedy). The round then goes on exactly as
+    /// after [`SpecStream::verified`]; only the verify rows never came to the host.
+    pub fn verified_with(
+        &mut self,
+        start: usize,
+        acceptance: Acceptance,
+        uniforms: usize,
+        on_round: &mut dyn FnMut(&Round<'_>),
+    ) -> Result<usize, SpecError> {
+        let Phase::Drafted(plan) = self.phase else {
+            return Err(self.order("verified_with"));
+        };
+        if self.target_logits {
+            return Err(SpecError::TargetOutput(
+                "emitted tokens take the target's rows: the verify rows must come back".into(),
+            ));
+        }
+        let n = plan.width - 1;
+        if acceptance.accepted > n || acceptance.bonus as usize >= self.v {
+            return Err(SpecError::TargetOutput(format!(
+                "acceptance of {} drafts of {n} with bonus token {} (vocabulary {})",
+                acceptance.accepted, acceptance.bonus, self.v
+            )));
+        }
+        let most = if self.picker.greedy { 0 } else { n + 1 };
+        if uniforms > most {
+            return Err(SpecError::TargetOutput(format!(
+                "{uniforms} uniforms for a block of {n} drafts"
+            )));
+        }
+        UniformStream::skip(&mut self.picker.rng, uniforms);
+        self.record(plan, start, Rows::Argmax(Vec::new()), acceptance, on_round)
+    }
+
+    /// The round's bookkeeping once its acceptance is known: statistics, `on_round`, what
+    /// [`SpecStream::emit`] emits; returns the tokens to keep.
+    fn record(
+        &mut self,
+        plan: Plan,
+        start: usize,
+        rows: Rows,
+        acceptance: Acceptance,
+        on_round: &mut dyn FnMut(&Round<'_>),
+    ) -> Result<usize, SpecError> {
+        let n = plan.width - 1;
         // A plain step the policy chose is no speculative round (τ counts drafting rounds); a
         // round cut to one token by `max_tokens` is one, as it always was.
         if plan.draft_block.is_none() && self.adapt.is_some() && self.block.min(self.left()) > 1 {

@@ -62,7 +62,7 @@ pub fn greedy_token(logits: &[f32]) -> u32 {
 /// [`hidden_index`], and for a layer beyond the model `layer + 1` (above `num_layers`, so the
 /// executor's `verify` refuses it and names it as such), or `num_layers + 1` should that collide
 /// with [`LAST_LAYER_PRE_NORM`].
-pub(crate) fn forward_index(layer: usize, num_layers: usize) -> usize {
+pub fn forward_index(layer: usize, num_layers: usize) -> usize {
     hidden_index(layer, num_layers).unwrap_or_else(|| {
         layer
             .checked_add(1)

@@ -700,24 +700,13 @@ impl Sampler {
     /// [`UniformStream::uniform`] of it. A device sampler handed this position draws the same
     /// number; [`Sampler::skip_uniform`] then moves this sampler past it.
     pub fn stream(&self) -> UniformStream {
-        let seed = self.rng.get_seed();
-        let mut key = [0u32; 8];
-        for (k, b) in key.iter_mut().zip(seed.chunks_exact(4)) {
-            *k = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        UniformStream {
-            key,
-            // The stream is 2^68 words long; a sampler never gets past 2^64.
-            word_pos: self.rng.get_word_pos() as u64,
-        }
+        UniformStream::of(&self.rng)
     }
 
     /// Consumes the uniform that [`Sampler::stream`] points at (what one sampled token drawn
     /// elsewhere, e.g. on the device, took from this stream).
     pub fn skip_uniform(&mut self) {
-        let pos = self.rng.get_word_pos();
-        self.rng
-            .set_word_pos(pos + UniformStream::WORDS_PER_DRAW as u128);
+        UniformStream::skip(&mut self.rng, 1);
     }
 }
 
@@ -737,6 +726,27 @@ pub struct UniformStream {
 impl UniformStream {
     /// Words one `f64` draw consumes (one `u64`, low word first).
     pub const WORDS_PER_DRAW: u64 = 2;
+
+    /// Where `rng` stands: its next `rng.random::<f64>()` is this position's
+    /// [`UniformStream::uniform`].
+    pub fn of(rng: &ChaCha20Rng) -> UniformStream {
+        let seed = rng.get_seed();
+        let mut key = [0u32; 8];
+        for (k, b) in key.iter_mut().zip(seed.chunks_exact(4)) {
+            *k = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        UniformStream {
+            key,
+            // The stream is 2^68 words long; a sampler never gets past 2^64.
+            word_pos: rng.get_word_pos() as u64,
+        }
+    }
+
+    /// Moves `rng` past `draws` draws from where it stands.
+    pub fn skip(rng: &mut ChaCha20Rng, draws: usize) {
+        let pos = rng.get_word_pos();
+        rng.set_word_pos(pos + draws as u128 * Self::WORDS_PER_DRAW as u128);
+    }
 
     /// The uniform `f64 ∈ [0, 1)` drawn at this position: the `u64` of words `word_pos` (low)
     /// and `word_pos + 1` (high) of the keystream, its top 53 bits times `2^-53` (rand's

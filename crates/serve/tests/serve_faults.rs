@@ -1213,6 +1213,7 @@ fn a_short_soak_leaves_no_errors_and_returns_to_idle() {
             ..EngineConfig::default()
         },
         device: ServeDevice::Cpu,
+        synthetic: None,
     };
     let load = BenchLoad {
         requests: 0,

@@ -23,8 +23,9 @@
 //! Hidden states asked for by a speculative drafter are copied out inside the pass at the plan's
 //! taps (the capture set is part of the session; changing it drops the captured graphs).
 //!
-//! [`GpuBatch`] runs the batched plan of the same model with one row per session (batched
-//! decode; see its module).
+//! [`GpuBatch`] runs the batched plan of the same model over rows of several sessions: one token
+//! per session (batched decode), or each session's block of tokens — a speculative request's
+//! verify block — at its own length, causal inside the block (see its module).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,7 +49,7 @@ mod executor;
 pub(crate) mod lower;
 pub mod paged;
 pub mod tp;
-pub use batch::GpuBatch;
+pub use batch::{row_passes, GpuBatch, RowSlot, SharedBatch};
 pub use paged::{GpuKvPool, KvBlock, SharedKvBlock};
 
 use lower::{
@@ -896,6 +897,8 @@ pub struct GpuSession {
     /// [`GpuSession::sample_last`]'s scratch (`ops::sample_scratch_len(V)` words), allocated on
     /// first use.
     sample_scratch: DPtr<u32>,
+    /// The batched pass this session's batched calls run through ([`GpuSession::share_batch`]).
+    batch: Option<SharedBatch>,
 }
 
 impl GpuSession {
@@ -1019,6 +1022,7 @@ impl GpuSession {
             use_graphs: std::env::var("ULTRA_NO_GRAPHS").map_or(true, |v| v != "1"),
             paged: paged.take(),
             sample_scratch: DPtr::null(),
+            batch: None,
         })
     }
 
@@ -1075,6 +1079,24 @@ impl GpuSession {
         self.capture = indices.to_vec();
         self.graphs.clear();
         Ok(())
+    }
+
+    /// Attaches the batched pass that `Executor::forward_batch` (and the speculative loop's
+    /// batched verify) runs this session's rows through, together with the other sessions
+    /// attached to it ([`GpuBatch::verify`]); without one they run one session after another.
+    pub fn share_batch(&mut self, batch: SharedBatch) -> Result<(), RuntimeError> {
+        if !Arc::ptr_eq(&batch.borrow().model().inner, &self.model.inner) {
+            return Err(RuntimeError::Invalid(
+                "share_batch: the batch belongs to another model".into(),
+            ));
+        }
+        self.batch = Some(batch);
+        Ok(())
+    }
+
+    /// The batched pass attached by [`GpuSession::share_batch`].
+    pub fn shared_batch(&self) -> Option<&SharedBatch> {
+        self.batch.as_ref()
     }
 
     /// The hidden indices every pass copies out (see [`GpuSession::set_capture`]).
@@ -1407,6 +1429,37 @@ impl GpuSession {
             .slice(slot * MAX_TOKENS * h..slot * MAX_TOKENS * h + t * h)
     }
 
+    /// Writes `rows` rows of context features into the capture slots, as if the latest pass had
+    /// captured them: `features` is `[rows, K·H]`, row `j` the `K` captured states of token `j`
+    /// one after another (slot 0's, slot 1's, … — the layout a drafter's context takes). A
+    /// drafter context rebuilt from cached features reads them ([`GpuSession::captured_hidden`]).
+    pub fn write_captured(&mut self, features: &[f32], rows: usize) -> Result<(), RuntimeError> {
+        let h = self.model.inner.config.hidden_size;
+        let k = self.capture.len();
+        if rows == 0 || rows > MAX_TOKENS {
+            return Err(RuntimeError::Invalid(format!(
+                "write_captured: {rows} rows (1..={MAX_TOKENS})"
+            )));
+        }
+        if k == 0 || features.len() != rows * k * h {
+            return Err(RuntimeError::Invalid(format!(
+                "write_captured: {} values for {rows} rows of {k} captured states of {h}",
+                features.len()
+            )));
+        }
+        let stream = self.model.inner.stream.clone();
+        for slot in 0..k {
+            let part: Vec<f32> = features
+                .chunks_exact(k * h)
+                .flat_map(|row| &row[slot * h..(slot + 1) * h])
+                .copied()
+                .collect();
+            let at = slot * MAX_TOKENS * h;
+            htod(&stream, &part, self.b.hidden.slice(at..at + rows * h))?;
+        }
+        Ok(())
+    }
+
     /// Runs a block like [`GpuSession::verify_greedy`] but leaves the logits and the captured
     /// hidden states on the device (no copy back): [`GpuSession::logits_device`] and
     /// [`GpuSession::captured_hidden`] read them. `tokens.len() ≤ MAX_TOKENS`.
@@ -1562,6 +1615,7 @@ impl GpuSession {
         s.high_water = self.len;
         s.set_capture(&self.capture)?;
         s.use_graphs = self.use_graphs;
+        s.batch = self.batch.clone();
         Ok(s)
     }
 

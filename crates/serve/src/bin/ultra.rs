@@ -168,6 +168,20 @@ struct ServeArgs {
     /// (random MXFP4 experts, no tokenizer: token ids only).
     #[arg(long, conflicts_with_all = ["model", "draft"])]
     synthetic: bool,
+    /// Instead of --model: a model of this config.json's dimensions with random weights
+    /// generated on the GPU (--device cuda; e.g. fixtures/configs/gpt-oss-20b.json; token ids
+    /// only, no EOS).
+    #[arg(long, value_name = "CONFIG", conflicts_with_all = ["model", "draft", "synthetic"])]
+    synthetic_config: Option<PathBuf>,
+    /// With --synthetic-config: every request decodes speculatively with a synthetic drafter
+    /// whose rounds accept this acceptance length τ on average (controlled acceptance: the real
+    /// draft forward and batched verify run, the verdict is drawn; the tokens are not the
+    /// target's). For `bench-serve --streams N --compare-draft` against plain decoding.
+    #[arg(long, value_name = "TAU", requires = "synthetic_config")]
+    controlled_tau: Option<f64>,
+    /// Layers of the --controlled-tau drafter (z-lab shape).
+    #[arg(long, default_value_t = 5, requires = "controlled_tau")]
+    controlled_draft_layers: usize,
     /// A DFlash drafter directory: every request decodes speculatively.
     #[arg(long)]
     draft: Option<PathBuf>,
@@ -343,21 +357,42 @@ impl ServeArgs {
         }
         set_threads(self.threads)?;
         // No --model (and not --synthetic): the embedded default model and its drafter.
-        let (model, draft, name) = if self.synthetic || self.model.is_some() {
-            (self.model, self.draft, self.served_model_name)
-        } else {
-            let d = default_model_paths()?;
-            let draft = match (self.draft, self.no_draft) {
-                (Some(x), _) => Some(x),
-                (None, false) => Some(d.drafter),
-                (None, true) => None,
+        if self.synthetic_config.is_some() && (self.device != Device::Cuda || placement.is_some()) {
+            bail!("--synthetic-config runs on one GPU: add --device cuda (no parallelism)");
+        }
+        let controlled =
+            self.controlled_tau
+                .map(|tau| commands::bench_serve::controlled::ControlledDraft {
+                    tau,
+                    layers: self.controlled_draft_layers,
+                });
+        if let Some(c) = &controlled {
+            c.check(self.block_size.unwrap_or(dflash::DEFAULT_BLOCK_SIZE))?;
+        }
+        let synthetic = self
+            .synthetic_config
+            .clone()
+            .map(|config| commands::bench_serve::controlled::SyntheticGpu { config, controlled });
+        let (model, draft, name) =
+            if self.synthetic || self.model.is_some() || self.synthetic_config.is_some() {
+                let name = self.served_model_name.or_else(|| {
+                    let stem = self.synthetic_config.as_ref()?.file_stem()?;
+                    Some(format!("synthetic-{}", stem.to_string_lossy()))
+                });
+                (self.model, self.draft, name)
+            } else {
+                let d = default_model_paths()?;
+                let draft = match (self.draft, self.no_draft) {
+                    (Some(x), _) => Some(x),
+                    (None, false) => Some(d.drafter),
+                    (None, true) => None,
+                };
+                let name = self
+                    .served_model_name
+                    .or_else(|| Some(default_model::MODEL_NAME.to_string()));
+                (Some(d.target), draft, name)
             };
-            let name = self
-                .served_model_name
-                .or_else(|| Some(default_model::MODEL_NAME.to_string()));
-            (Some(d.target), draft, name)
-        };
-        if self.block_size.is_some() && draft.is_none() {
+        if self.block_size.is_some() && draft.is_none() && controlled.is_none() {
             bail!("--block-size needs a drafter (--draft DIR, or the default model without --no-draft)");
         }
         if placement.is_some() && draft.is_some() {
@@ -390,6 +425,7 @@ impl ServeArgs {
             model,
             draft,
             block_size: self.block_size,
+            synthetic,
         })
     }
 }

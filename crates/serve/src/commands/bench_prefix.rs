@@ -20,7 +20,7 @@ use anyhow::{bail, Result};
 use model::sampling::SamplingParams;
 use rand::{Rng, SeedableRng};
 
-use super::serve::{load_engine, ServeDevice, ServeSetup};
+use super::serve::{load_engine, ServeSetup};
 use crate::engine::{EngineHandle, Event, GenerateRequest};
 
 /// The workload's sizes.
@@ -82,15 +82,12 @@ impl PrefixRun {
 }
 
 fn start(setup: &ServeSetup, caching: bool) -> Result<EngineHandle> {
+    if setup.synthetic.is_some() {
+        bail!("the shared-prefix workload needs a checkpoint, not --synthetic-config");
+    }
     let Some(dir) = &setup.model else {
         bail!("the shared-prefix workload needs a checkpoint (--model DIR or the default model)");
     };
-    if setup.draft.is_some() && !matches!(setup.device, ServeDevice::Cpu) {
-        bail!(
-            "on the GPU, speculative requests keep contiguous sequences and do not use the prefix \
-             cache yet: add --no-draft (default model) or leave out --draft"
-        );
-    }
     let mut cfg = setup.engine.clone();
     cfg.prefix_caching = caching;
     load_engine(

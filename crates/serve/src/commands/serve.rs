@@ -39,6 +39,9 @@ pub struct ServeSetup {
     pub block_size: Option<usize>,
     pub engine: EngineConfig,
     pub device: ServeDevice,
+    /// `--synthetic-config`: instead of `model`, a model of a config's dimensions with random
+    /// weights on the GPU (and optionally the controlled-acceptance drafter).
+    pub synthetic: Option<super::bench_serve::controlled::SyntheticGpu>,
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -68,6 +71,18 @@ pub(crate) fn load_engine(
 pub(crate) async fn start(setup: ServeSetup, opts: ServeOptions) -> Result<Server> {
     let model_id = setup.engine.model_id.clone();
     Server::start(opts, model_id, move || match (&setup.model, setup.device) {
+        (_, ServeDevice::Cuda(ordinal)) if setup.synthetic.is_some() => {
+            let syn = setup.synthetic.as_ref().expect("checked");
+            super::bench_serve::controlled::start_engine(
+                syn,
+                ordinal,
+                setup.block_size,
+                setup.engine,
+            )
+        }
+        (_, _) if setup.synthetic.is_some() => {
+            anyhow::bail!("--synthetic-config runs on one GPU (--device cuda, no parallelism)")
+        }
         (Some(dir), device) => load_engine(
             dir,
             setup.draft.as_deref(),

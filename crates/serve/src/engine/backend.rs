@@ -33,6 +33,14 @@ pub struct DeviceRow<'a> {
     pub stream: model::sampling::UniformStream,
 }
 
+/// One speculative request's round for [`Backend::spec_accept_batch`]: what its stream hands a
+/// device acceptance (`dflash::SpecStream::acceptance_input`) and its sampling parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecAccept<'a> {
+    pub input: dflash::AcceptanceInput<'a>,
+    pub params: &'a model::sampling::SamplingParams,
+}
+
 pub trait Backend: 'static {
     /// One sequence (its KV cache): the scheduler prefills, forwards (prompt log-probabilities,
     /// a host drafter's target passes) and truncates it through the executor contract.
@@ -148,6 +156,71 @@ pub trait Backend: 'static {
     /// Gives a finished speculative state's memory back.
     fn release_spec(&self, spec: Self::Spec) {
         drop(spec);
+    }
+
+    /// Whether [`Backend::spec_accept_batch`] runs acceptances where the verify rows are (then
+    /// a round whose acceptance needs the target's logits — sampled, or greedy with a penalty
+    /// — brings back only its argmax ids from the verify pass).
+    fn spec_accepts_on_device(&self) -> bool {
+        false
+    }
+
+    /// The acceptance of each device speculative state's latest verify block (`specs[i]`, its
+    /// drafts and history in `rounds[i]`), run where the target's and the drafter's rows are —
+    /// the rule `dflash::SpecStream::verified` runs on the host — all in one launch; returns each
+    /// one's acceptance and the uniforms it consumed (for `dflash::SpecStream::verified_with`).
+    /// Only the accepted counts and bonus tokens cross to the host. `None` (the default): not
+    /// supported here.
+    #[allow(clippy::type_complexity)]
+    fn spec_accept_batch(
+        &self,
+        specs: &mut [&mut Self::Spec],
+        rounds: &[SpecAccept],
+    ) -> Option<Vec<Result<(dflash::Acceptance, usize)>>> {
+        let _ = (specs, rounds);
+        None
+    }
+
+    /// A device speculative state on a paged executor records the drafter context features of
+    /// every position it commits from now on, so that its full blocks can be cached with them
+    /// (as the host drafter's `dflash::CpuBackend::record_features`). `false`: this executor's
+    /// states cannot (they then take their blocks from the pool but cache none).
+    fn spec_record_features(&self, spec: &mut Self::Spec) -> bool {
+        let _ = spec;
+        false
+    }
+
+    /// The features a device speculative state recorded since the last call, in position
+    /// order, [`Backend::spec_feature_dim`] values a position.
+    fn spec_take_features(&self, spec: &mut Self::Spec) -> Vec<f32> {
+        let _ = spec;
+        Vec::new()
+    }
+
+    /// Context features per position of a device speculative state.
+    fn spec_feature_dim(&self, spec: &Self::Spec) -> usize {
+        let _ = spec;
+        0
+    }
+
+    /// Full KV block `b` of a device speculative state's target, shared (as
+    /// [`Backend::share_block`]).
+    fn spec_share_block(&self, spec: &Self::Spec, b: usize) -> Option<Self::Block> {
+        let _ = (spec, b);
+        None
+    }
+
+    /// Makes the empty device speculative state hold `blocks` as its target's first positions
+    /// and `features` (their drafter context features, as recorded) as its drafter context, as
+    /// if it had prefilled them. On error the state is empty.
+    fn spec_adopt_prefix(
+        &self,
+        spec: &mut Self::Spec,
+        blocks: &[Self::Block],
+        features: &[f32],
+    ) -> Result<()> {
+        let _ = (spec, blocks, features);
+        bail!("this executor's speculative states cannot adopt a cached prefix")
     }
 }
 

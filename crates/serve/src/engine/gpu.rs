@@ -25,14 +25,29 @@
 //!   request asks for logprobs brings the logits back and samples on the host instead.
 //! * Prefill runs in passes of `tilert::ops::MAX_TOKENS` tokens, so chunked prefill cuts prompts
 //!   at multiples of that ([`Backend::prefill_granularity`]).
-//! * Paged KV (without a drafter): the sequences' KV lives in one device pool of blocks
+//! * Paged KV: the sequences' KV lives in one device pool of blocks
 //!   ([`tilert::exec::GpuKvPool`], sized by the scheduler from the KV budget), each sequence
 //!   reading and writing it through its block table; the scheduler's prefix cache shares full
 //!   blocks between sequences (adopted prefixes, forked `n > 1` samples; copied on write). A
 //!   paged sequence computes exactly what a contiguous one does, and a sequence offers only
 //!   blocks computed by full aligned prefill passes (`tilert::exec::paged`), so outputs do not
-//!   depend on prefix caching. With a drafter, sequences stay contiguous (whole-session
-//!   reservations).
+//!   depend on prefix caching.
+//! * Speculative requests (a drafter on the device): each is a `dflash::SpecStream` the
+//!   scheduler advances over a [`GpuSpecState`] (target session + drafter state). Their verify
+//!   blocks go through **one batched target pass** per step (`dflash::gpu`'s `verify_batch` over
+//!   [`tilert::exec::GpuBatch::forward_device`]: every running request's block at its own length,
+//!   passes of `MAX_TOKENS` rows), each row bit-identical to that request's own verify, so the
+//!   output is `ultra generate --draft --device cuda`'s for a seed. Their targets live in the
+//!   paged pool like plain sequences, and their full prompt blocks are cached with the drafter
+//!   context features of their positions (recorded from the device), so a request whose prompt
+//!   extends a cached one adopts the blocks and rebuilds its drafter context from the features
+//!   without running the target. Drafts run one request after another (the device drafter has
+//!   no batched pass), and the drafter states (their own context caches) are outside the KV
+//!   budget, as the host drafter's. A round whose acceptance needs the target's logits
+//!   (sampled, or greedy with a penalty) is accepted on the device
+//!   ([`Backend::spec_accept_batch`]: `accept_rows` over the verify rows the batched pass left in
+//!   each session and the drafter's rows), so only the accepted count and the bonus token come
+//!   back.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -41,12 +56,13 @@ use anyhow::{bail, Context, Result};
 use dflash::gpu::GpuSpecOn;
 use dflash::SpecOptions;
 use model::config::ModelConfig;
+use tilert::abi::SAMPLE_MAX_ROWS;
 use tilert::draft::GpuDrafter;
-use tilert::exec::{GpuBatch, GpuKvPool, GpuModel, GpuSession, SharedKvBlock};
-use tilert::sample::{DeviceSampler, RowSample};
+use tilert::exec::{GpuKvPool, GpuModel, GpuSession, SharedBatch, SharedKvBlock};
+use tilert::sample::{BlockAccept, DeviceSampler, RowSample};
 use tilert::RuntimeError;
 
-use super::backend::{Backend, DeviceRow, KvBytes};
+use super::backend::{Backend, DeviceRow, KvBytes, SpecAccept};
 
 /// A speculative request's state on the device: its target session and drafter state.
 pub type GpuSpecState = GpuSpecOn<GpuSession>;
@@ -61,8 +77,9 @@ pub struct GpuBackend {
     pool_cap: usize,
     pool: RefCell<Vec<GpuSession>>,
     spec_pool: RefCell<Vec<GpuSpecState>>,
-    /// The batched decode pass's buffers and graphs.
-    batch: RefCell<GpuBatch>,
+    /// The batched pass's buffers and graphs, shared with every sequence (their batched verify
+    /// runs through it).
+    batch: SharedBatch,
     /// Paged KV: the block size, then (once sized) the device pool of blocks.
     paged: Option<(usize, Option<GpuKvPool>)>,
     /// Sampling on the device: row tables, histories, scratch.
@@ -100,11 +117,11 @@ impl GpuBackend {
         }
         model.device().ctx.bind_to_thread()?;
         let batch = model
-            .batch()
+            .shared_batch()
             .context("allocating the batched decode buffers")?;
         let sampler = DeviceSampler::new(model.stream().clone(), model.config().vocab_size)?;
         let mut b = GpuBackend {
-            batch: RefCell::new(batch),
+            batch,
             sampler: RefCell::new(sampler),
             model,
             drafter,
@@ -158,6 +175,17 @@ impl GpuBackend {
         self.paged.as_ref().and_then(|(_, p)| p.as_ref())
     }
 
+    /// A new empty sequence of `max_seq` positions (paged in the pool when there is one) that
+    /// runs its batched calls through the backend's batched pass.
+    fn fresh_session(&self) -> Result<GpuSession, RuntimeError> {
+        let mut s = match self.kv_pool() {
+            Some(kv) => self.model.session_paged(kv, self.max_seq)?,
+            None => self.model.session(self.max_seq)?,
+        };
+        s.share_batch(self.batch.clone())?;
+        Ok(s)
+    }
+
     /// Runs `make`; on out-of-memory frees the kept sequences and tries once more.
     fn alloc<T>(&self, make: impl Fn() -> Result<T, RuntimeError>) -> Result<T> {
         self.model.device().ctx.bind_to_thread()?;
@@ -209,17 +237,10 @@ impl Backend for GpuBackend {
         if let Some(s) = self.pool.borrow_mut().pop() {
             return Ok(s);
         }
-        match self.kv_pool() {
-            Some(kv) => self.alloc(|| self.model.session_paged(kv, self.max_seq)),
-            None => self.alloc(|| self.model.session(self.max_seq)),
-        }
+        self.alloc(|| self.fresh_session())
     }
 
     fn use_paged_kv(&mut self, block_size: usize) -> bool {
-        // Speculative requests keep contiguous sessions (their drafter state is not paged).
-        if self.drafter.is_some() {
-            return false;
-        }
         self.paged = Some((block_size.max(1), None));
         true
     }
@@ -231,6 +252,7 @@ impl Backend for GpuBackend {
         self.model.device().ctx.bind_to_thread()?;
         // The contiguous sequence kept from start-up goes: sequences now come from the pool.
         self.pool.borrow_mut().clear();
+        self.spec_pool.borrow_mut().clear();
         let kv = self
             .model
             .kv_pool(bs, blocks.max(1) + KV_POOL_SLACK_BLOCKS)?;
@@ -360,7 +382,94 @@ impl Backend for GpuBackend {
         if let Some(s) = self.spec_pool.borrow_mut().pop() {
             return Ok(s);
         }
-        self.alloc(|| GpuSpecOn::new(self.model.session(self.max_seq)?, drafter))
+        self.alloc(|| GpuSpecOn::new(self.fresh_session()?, drafter))
+    }
+
+    fn spec_accepts_on_device(&self) -> bool {
+        true
+    }
+
+    /// `tilert::sample::DeviceSampler::accept`: one `accept_rows` launch per
+    /// `SAMPLE_MAX_ROWS` blocks over the target rows each session's verify left on the device
+    /// and the drafter rows of its draft; two words a block come back.
+    fn spec_accept_batch(
+        &self,
+        specs: &mut [&mut GpuSpecState],
+        rounds: &[SpecAccept],
+    ) -> Option<Vec<Result<(dflash::Acceptance, usize)>>> {
+        let fail = |n: usize, msg: &str| -> Vec<Result<(dflash::Acceptance, usize)>> {
+            (0..n).map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
+        };
+        if let Err(e) = self.model.device().ctx.bind_to_thread() {
+            return Some(fail(specs.len(), &e.to_string()));
+        }
+        if specs.len() != rounds.len() {
+            let msg = format!("{} states but {} rounds", specs.len(), rounds.len());
+            return Some(fail(specs.len(), &msg));
+        }
+        let blocks: Vec<BlockAccept> = specs
+            .iter_mut()
+            .zip(rounds)
+            .map(|(s, r)| {
+                let n = r.input.drafts.len();
+                BlockAccept {
+                    target_logits: s.target().logits_device(n + 1),
+                    draft_logits: s.draft_session().logits_device(n),
+                    drafts: r.input.drafts,
+                    params: r.params,
+                    prompt: r.input.prompt,
+                    generated: r.input.generated,
+                    stream: Some(r.input.stream),
+                }
+            })
+            .collect();
+        let mut sampler = self.sampler.borrow_mut();
+        let mut out = Vec::with_capacity(blocks.len());
+        for chunk in blocks.chunks(SAMPLE_MAX_ROWS) {
+            match sampler.accept(self.model.ops(), chunk) {
+                Ok(acc) => out.extend(acc.into_iter().map(|a| {
+                    Ok((
+                        dflash::Acceptance {
+                            accepted: a.accepted,
+                            bonus: a.bonus,
+                        },
+                        a.uniforms,
+                    ))
+                })),
+                Err(e) => out.extend(fail(chunk.len(), &format!("device acceptance: {e}"))),
+            }
+        }
+        Some(out)
+    }
+
+    fn spec_record_features(&self, spec: &mut GpuSpecState) -> bool {
+        spec.record_features();
+        true
+    }
+
+    fn spec_take_features(&self, spec: &mut GpuSpecState) -> Vec<f32> {
+        spec.take_features()
+    }
+
+    fn spec_feature_dim(&self, spec: &GpuSpecState) -> usize {
+        spec.feature_dim()
+    }
+
+    fn spec_share_block(&self, spec: &GpuSpecState, b: usize) -> Option<SharedKvBlock> {
+        spec.target().full_block(b)
+    }
+
+    fn spec_adopt_prefix(
+        &self,
+        spec: &mut GpuSpecState,
+        blocks: &[SharedKvBlock],
+        features: &[f32],
+    ) -> Result<()> {
+        self.model.device().ctx.bind_to_thread()?;
+        Ok(spec.adopt_prefix(features, |t| {
+            t.adopt_prefix(blocks)
+                .map_err(|e| dflash::SpecError::Target(Box::new(e)))
+        })?)
     }
 
     fn release_spec(&self, mut spec: GpuSpecState) {

@@ -21,11 +21,10 @@
 //!   blocks, and its output is unchanged by preemption (same KV, same sampler state).
 //! * **Release** on every kind of end (finish, abort, disconnect, error, preemption).
 //!
-//! Speculative requests with the host drafter take their blocks from the same pool (see
+//! Speculative requests (host or device drafter) take their blocks from the same pool (see
 //! `engine::spec`: all of them at admission, their cached prefix adopted with its drafter
-//! features); those with a drafter on the device (and every request of an executor whose KV is
-//! not paged) reserve their whole KV in bytes at admission (`kv_used`); the pool holds those
-//! bytes' blocks back.
+//! features); every request of an executor whose KV is not paged reserves its whole KV in bytes
+//! at admission (`kv_used`).
 
 use std::time::Instant;
 
@@ -67,7 +66,7 @@ impl<B: Backend> Sched<B> {
 
     /// Whether a waiting request reserves its whole KV in bytes at admission (not by blocks).
     pub(super) fn reserves_bytes(&self) -> bool {
-        self.kv.is_none() || (self.spec.is_none() && self.backend.device_spec().is_some())
+        self.kv.is_none()
     }
 
     /// Whether the pool has the blocks of `tokens` not cached, plus one for the next token.

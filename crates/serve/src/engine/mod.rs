@@ -50,7 +50,7 @@ use model::sampling::{logprob_of, top_logprobs, FinishReason, SamplingParams};
 use model::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 
-pub use backend::{Backend, CpuBackend, DeviceRow, KvBytes, NoBlock, NoDeviceSpec};
+pub use backend::{Backend, CpuBackend, DeviceRow, KvBytes, NoBlock, NoDeviceSpec, SpecAccept};
 pub use gpu::GpuBackend;
 pub use spec::SpecConfig;
 

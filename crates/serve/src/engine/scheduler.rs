@@ -367,7 +367,7 @@ impl<B: Backend> Sched<B> {
             let reserve = self.reserves_bytes();
             let fits = if reserve {
                 self.reservation_fits(front.kv_reserve)
-            } else if self.spec.is_some() {
+            } else if self.spec.is_some() || self.backend.device_spec().is_some() {
                 self.spec_fits(front)
             } else {
                 self.prompt_fits(&front.prompt)

@@ -37,7 +37,10 @@
 //! blocks that carry drafter context features, adopted with those features (no target prefill,
 //! no target passes for the drafter's context), then blocks for all its positions — and
 //! [`Sched::spec_cache_sync`] caches every block it fills with the features of its positions,
-//! recorded by its [`dflash::CpuBackend`]. A device drafter's requests reserve bytes instead.
+//! recorded by its [`dflash::CpuBackend`]. A device drafter's requests do the same through the
+//! backend ([`Backend::spec_adopt_prefix`], [`Backend::spec_share_block`]; the features recorded
+//! on the device and brought back, `Backend::spec_take_features`): their target sequences live
+//! in the pool, their drafter states outside it.
 //!
 //! Cancellation and disconnects end the request within one step: its state is dropped and its
 //! stream ends with `abort`.
@@ -328,9 +331,13 @@ impl<B: Backend> Sched<B> {
             first: None,
             last: None,
         };
-        if let SpecSeq::Host(h) = &mut r.seq {
-            if self.kv.is_some() {
-                h.record_features();
+        // Features are kept only for the prefix cache (on the GPU they cross to the host).
+        if self.kv.as_ref().is_some_and(|p| p.caching()) {
+            match &mut r.seq {
+                SpecSeq::Host(h) => h.record_features(),
+                SpecSeq::Device(d) => {
+                    self.backend.spec_record_features(d);
+                }
             }
         }
         self.spec_running.push(r);
@@ -367,7 +374,7 @@ impl<B: Backend> Sched<B> {
         if r.pooled {
             return true;
         }
-        let (Some(pool), SpecSeq::Host(host)) = (&mut self.kv, &mut r.seq) else {
+        let Some(pool) = &mut self.kv else {
             r.pooled = true;
             return true;
         };
@@ -393,11 +400,16 @@ impl<B: Backend> Sched<B> {
                     kv.push(c.kv);
                 }
                 let backend = &self.backend;
-                let adopted = host.adopt_prefix(&feats, |t| {
-                    backend
-                        .adopt_blocks(&mut t.seq, &kv)
-                        .map_err(|e| SpecError::TargetOutput(format!("{e:#}")))
-                });
+                let adopted = match &mut r.seq {
+                    SpecSeq::Host(host) => host.adopt_prefix(&feats, |t| {
+                        backend
+                            .adopt_blocks(&mut t.seq, &kv)
+                            .map_err(|e| SpecError::TargetOutput(format!("{e:#}")))
+                    }),
+                    SpecSeq::Device(d) => backend
+                        .spec_adopt_prefix(d, &kv, &feats)
+                        .map_err(|e| SpecError::TargetOutput(format!("{e:#}"))),
+                };
                 match adopted {
                     Ok(()) => {
                         r.prefilled = hit.tokens;
@@ -417,7 +429,7 @@ impl<B: Backend> Sched<B> {
         if !pool.grow(&mut r.blocks, positions, reserved) {
             // Not reached (checked above); the request waits with nothing held.
             pool.release_seq(&mut r.blocks);
-            let _ = host.reset();
+            let _ = r.seq.as_backend().reset();
             r.prefilled = 0;
             return false;
         }
@@ -433,12 +445,20 @@ impl<B: Backend> Sched<B> {
             return;
         };
         let r = &mut self.spec_running[i];
-        let SpecSeq::Host(host) = &mut r.seq else {
-            return;
+        let backend = &self.backend;
+        let (new_feats, dim, held) = match &mut r.seq {
+            SpecSeq::Host(host) => (
+                host.take_features(),
+                host.feature_dim(),
+                host.target().len(),
+            ),
+            SpecSeq::Device(d) => (
+                backend.spec_take_features(d),
+                backend.spec_feature_dim(d),
+                d.len(),
+            ),
         };
-        r.feats.extend(host.take_features());
-        let dim = host.feature_dim();
-        let held = host.target().len();
+        r.feats.extend(new_feats);
         let known = r.blocks.tokens().len();
         if held > known {
             let all = r.p.prompt.iter().chain(r.out.tokens()).copied();
@@ -449,11 +469,15 @@ impl<B: Backend> Sched<B> {
         // `feats` holds the rows of positions `base ..`: those after the last full block done
         // with before this call.
         let base = (known / bs) * bs;
-        let (backend, seq, feats) = (&self.backend, &host.target().seq, &r.feats);
+        let (seq, feats) = (&r.seq, &r.feats);
         pool.register_full(&mut r.blocks, |b| {
             let lo = (b * bs).checked_sub(base)? * dim;
-            let ctx = feats.get(lo..lo + bs * dim)?;
-            backend.share_block(seq, b).map(|kv| Cached {
+            let ctx = feats.get(lo..lo + bs * dim).filter(|c| !c.is_empty())?;
+            let kv = match seq {
+                SpecSeq::Host(host) => backend.share_block(&host.target().seq, b),
+                SpecSeq::Device(d) => backend.spec_share_block(d, b),
+            };
+            kv.map(|kv| Cached {
                 kv,
                 ctx: Some(ctx.into()),
             })
@@ -718,8 +742,11 @@ impl<B: Backend> Sched<B> {
             }
         }
         let draft_secs = t0.elapsed().as_secs_f64();
-        // Verify blocks.
-        let mut blocks: Vec<(usize, Plan, Vec<u32>, usize)> = Vec::with_capacity(plans.len());
+        // Verify blocks. A device state whose round needs the target's logits (sampled, or
+        // greedy with a penalty) has its acceptance run on the device when the backend can:
+        // its verify brings back only argmax ids, and only the verdict comes back after.
+        let device_accepts = self.backend.spec_accepts_on_device();
+        let mut blocks: Vec<(usize, Plan, Vec<u32>, usize, bool)> = Vec::with_capacity(plans.len());
         for (i, plan) in plans {
             let r = &mut self.spec_running[i];
             let rows = match draft_rows[i].take() {
@@ -734,7 +761,12 @@ impl<B: Backend> Sched<B> {
                 Ok(block) => {
                     let block = block.to_vec();
                     let start = r.seq.as_backend().len();
-                    blocks.push((i, plan, block, start));
+                    let on_device = device_accepts
+                        && matches!(r.seq, SpecSeq::Device(_))
+                        && plan.want_verify == Want::Logits
+                        && block.len() > 1
+                        && r.stream.acceptance_input().is_some();
+                    blocks.push((i, plan, block, start, on_device));
                 }
                 Err(e) => failed.push((i, e)),
             }
@@ -745,7 +777,10 @@ impl<B: Backend> Sched<B> {
         } else {
             let idx: Vec<usize> = blocks.iter().map(|b| b.0).collect();
             let toks: Vec<&[u32]> = blocks.iter().map(|b| b.2.as_slice()).collect();
-            let w: Vec<Want> = blocks.iter().map(|b| b.1.want_verify).collect();
+            let w: Vec<Want> = blocks
+                .iter()
+                .map(|b| if b.4 { Want::Argmax } else { b.1.want_verify })
+                .collect();
             self.batched(&idx, |h, d| {
                 (
                     <HostSpec<B::Sequence> as SpecBackend>::verify_batch(h, &toks, &w),
@@ -753,13 +788,15 @@ impl<B: Backend> Sched<B> {
                 )
             })
         };
+        let mut device_acc = self.accept_on_device(&blocks, &verified);
         let verify_secs = t1.elapsed().as_secs_f64();
         let mut n_verified = 0;
         let mut ended: Vec<(usize, Option<SpecError>)> = Vec::new();
         let tok = self.tokenizer.clone();
         let shared = self.shared.clone();
         let m = &shared.metrics;
-        for ((i, plan, block, start), rows) in blocks.into_iter().zip(verified) {
+        for (k, ((i, plan, block, start, _), rows)) in blocks.into_iter().zip(verified).enumerate()
+        {
             n_verified += block.len();
             let t2 = Instant::now();
             let r = &mut self.spec_running[i];
@@ -778,9 +815,17 @@ impl<B: Backend> Sched<B> {
             let mut round = None;
             let lp = p.logprobs;
             let result = (|| -> Result<bool, SpecError> {
-                let keep = stream.verified(start, rows?, &mut |rd: &Round<'_>| {
+                let mut on_round = |rd: &Round<'_>| {
                     round = Some((rd.drafts.len(), rd.acceptance.accepted));
-                })?;
+                };
+                let rows = rows?;
+                let keep = match device_acc[k].take() {
+                    Some(acc) => {
+                        let (acc, uniforms) = acc.map_err(|e| SpecError::Target(e.into()))?;
+                        stream.verified_with(start, acc, uniforms, &mut on_round)?
+                    }
+                    None => stream.verified(start, rows, &mut on_round)?,
+                };
                 seq.as_backend().commit(keep)?;
                 let own = t2.elapsed().as_secs_f64();
                 let drafted = if plan.draft_block.is_some() {
@@ -824,6 +869,71 @@ impl<B: Backend> Sched<B> {
             }
         }
         n_verified
+    }
+
+    /// The device acceptance of the verified blocks marked for it (`blocks[k].4` and a verify
+    /// that worked), in one backend call; `result[k]` is block `k`'s (`None`: accepted on the
+    /// host from its rows).
+    #[allow(clippy::type_complexity)]
+    fn accept_on_device(
+        &mut self,
+        blocks: &[(usize, Plan, Vec<u32>, usize, bool)],
+        verified: &[Result<Rows, SpecError>],
+    ) -> Vec<Option<Result<(dflash::Acceptance, usize)>>> {
+        let mut out: Vec<Option<Result<(dflash::Acceptance, usize)>>> =
+            (0..blocks.len()).map(|_| None).collect();
+        let wanted: Vec<(usize, usize)> = blocks
+            .iter()
+            .zip(verified)
+            .enumerate()
+            .filter(|(_, (b, v))| b.4 && v.is_ok())
+            .map(|(k, (b, _))| (b.0, k))
+            .collect();
+        if wanted.is_empty() {
+            return out;
+        }
+        let backend = &self.backend;
+        let mut specs = Vec::with_capacity(wanted.len());
+        let mut rounds = Vec::with_capacity(wanted.len());
+        let mut who = Vec::with_capacity(wanted.len());
+        let mut next = wanted.iter().peekable();
+        for (i, r) in self.spec_running.iter_mut().enumerate() {
+            let Some(&&(want_i, k)) = next.peek() else {
+                break;
+            };
+            if want_i != i {
+                continue;
+            }
+            next.next();
+            let SpecRunning { seq, stream, p, .. } = r;
+            match (seq, stream.acceptance_input()) {
+                (SpecSeq::Device(d), Some(input)) => {
+                    specs.push(d);
+                    rounds.push(super::SpecAccept {
+                        input,
+                        params: &p.params,
+                    });
+                    who.push(k);
+                }
+                _ => out[k] = Some(Err(anyhow!("no device acceptance for this request"))),
+            }
+        }
+        let got = backend
+            .spec_accept_batch(&mut specs, &rounds)
+            .filter(|g| g.len() == who.len());
+        match got {
+            Some(got) => {
+                for (k, a) in who.into_iter().zip(got) {
+                    out[k] = Some(a);
+                }
+            }
+            None => {
+                for k in who {
+                    out[k] = Some(Err(anyhow!("the device acceptance returned no result")));
+                }
+            }
+        }
+        out
     }
 
     /// Runs one batched call over the requests `idx` (host states through the first closure's

@@ -5,11 +5,17 @@
 //! Each pass first makes the model's CUDA context current on the calling thread, so a caller
 //! generic over executors need not know about contexts. Logits come back to the host (owned);
 //! the greedy calls take the argmax on the device and bring back only the id.
+//!
+//! [`Executor::forward_batch`] runs every block through ONE batched pass (passes of at most
+//! `MAX_TOKENS` rows: [`super::GpuBatch::verify`]) when the sessions share a batch
+//! ([`GpuSession::share_batch`]); should that pass fail (it leaves every session as it was), or
+//! without a shared batch, each session runs its own block, so an error is reported for the
+//! session it belongs to.
 
 use std::borrow::Cow;
 
 use model::config::ModelConfig;
-use model::executor::Executor;
+use model::executor::{forward_index, Executor};
 
 use super::{GpuSession, VerifyOutput, DEFAULT_MAX_ROLLBACK};
 use crate::RuntimeError;
@@ -67,5 +73,30 @@ impl Executor for GpuSession {
 
     fn truncate(&mut self, len: usize) -> Result<(), RuntimeError> {
         GpuSession::truncate(self, len)
+    }
+
+    fn forward_batch(
+        seqs: &mut [&mut Self],
+        blocks: &[&[u32]],
+        layers: &[usize],
+    ) -> Vec<Result<VerifyOutput, RuntimeError>> {
+        let n = seqs.len().min(blocks.len());
+        let batch = seqs.first().and_then(|s| s.shared_batch().cloned());
+        if let (true, Some(batch)) = (n > 1, batch) {
+            let nl = seqs[0].model().config().layers.len();
+            let idx: Vec<usize> = layers.iter().map(|&l| forward_index(l, nl)).collect();
+            let done = bind(seqs[0]).and_then(|()| match batch.try_borrow_mut() {
+                Ok(mut b) => b.verify(&mut seqs[..n], &blocks[..n], &idx),
+                Err(_) => Err(RuntimeError::Invalid("the batch is in use".into())),
+            });
+            if let Ok(outs) = done {
+                return outs.into_iter().map(Ok).collect();
+            }
+        }
+        seqs[..n]
+            .iter_mut()
+            .zip(blocks)
+            .map(|(s, b)| Executor::forward(&mut **s, b, layers))
+            .collect()
     }
 }

@@ -11,6 +11,14 @@
 //! [`super::Ops::attention`]) and compute a row exactly as those compute a one-token pass of that
 //! sequence with the same key splits: the results are bit-identical.
 //!
+//! Several rows may belong to one sequence: a **verify block** of `B` tokens of a sequence of
+//! length `len` is `B` rows at positions `len .. len + B`, all naming the sequence's cache. The
+//! KV write of the pass stores every row's key and value before attention runs, and a row's
+//! attention sees the keys up to its own position, so the block is causal inside itself exactly
+//! as a `B`-token pass of that sequence; with that pass's key splits ([`block_splits`]) each row
+//! is bit-identical to it. One pass thus carries single-token rows of plain sequences and the
+//! verify blocks of speculative ones (`exec::GpuBatch::forward_device`).
+//!
 //! A row's cache is contiguous or paged ([`KvRow::paged`]: a block pool read and written through
 //! the row's block table), so one pass can mix sequences of both kinds.
 //!
@@ -131,7 +139,16 @@ pub const fn max_splits() -> usize {
 /// The key splits [`Ops::attention`] uses for a one-token pass (a decode step) whose keys are
 /// sized by `max_keys`: a row with these splits is computed exactly as that pass computes it.
 pub fn decode_splits(a: &AttnArgs, max_keys: usize) -> usize {
-    attention_splits(a, 1, max_keys)
+    block_splits(a, 1, max_keys)
+}
+
+/// The key splits [`Ops::attention`] uses for a pass of `width` tokens of one sequence (a verify
+/// block; 1: a decode step) whose keys are sized by `max_keys`: the rows of such a block, given
+/// these splits and positions `len ..= len + width − 1`, are computed exactly as that pass
+/// computes them (causal inside the block: row `j` sees the block's keys up to its own
+/// position, written by the same batched pass before its attention).
+pub fn block_splits(a: &AttnArgs, width: usize, max_keys: usize) -> usize {
+    attention_splits(a, width.max(1), max_keys)
 }
 
 /// The loaded batched-decode kernels (from the same module image as [`Ops`]).

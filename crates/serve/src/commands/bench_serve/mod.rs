@@ -18,6 +18,7 @@
 //! `vllm:decode_steps_total` over the row): `4 · rows` with sampling on the GPU, `4 · V · rows`
 //! where the logits come back (the CPU executor, or a step where a request asks for logprobs).
 
+pub mod controlled;
 pub mod workload;
 
 use std::sync::Arc;
@@ -320,13 +321,21 @@ pub fn run_local(setup: ServeSetup, sweep: &Sweep, compare: bool) -> Result<Vec<
     setup.engine.max_running = setup.engine.max_running.max(most);
     setup.engine.max_waiting = setup.engine.max_waiting.max(most);
     let mut modes = Vec::new();
-    if setup.draft.is_some() {
+    let controlled = setup
+        .synthetic
+        .as_ref()
+        .is_some_and(|s| s.controlled.is_some());
+    let drafts = setup.draft.is_some() || controlled;
+    if drafts {
         modes.push(("dflash", setup.clone()));
     }
-    if compare || setup.draft.is_none() {
+    if compare || !drafts {
         let mut plain = setup.clone();
         plain.draft = None;
         plain.block_size = None;
+        if let Some(s) = &mut plain.synthetic {
+            s.controlled = None;
+        }
         modes.insert(0, ("plain", plain));
     }
     crate::commands::serve::runtime()?.block_on(async {
