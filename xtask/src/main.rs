@@ -425,6 +425,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("dflash", "gpu_accept"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
+    ("serve", "gpu_serve_tp"),
     ("serve", "gpu_paged"),
     ("comm", "gpu_allreduce"),
 ];
