@@ -74,6 +74,7 @@ impl TpBackend {
         b.seq_bytes = s.device_bytes() as u64;
         if let Some((drafter, _)) = &b.drafter {
             // The drafter state on rank 0's GPU counts too.
+            b.model.rank(0).device().ctx.bind_to_thread()?;
             let spec = GpuSpecOn::new(s, drafter)
                 .context("allocating the first drafter state on rank 0's GPU")?;
             b.seq_bytes += (spec.device_bytes() - spec.target().device_bytes()) as u64;
@@ -152,6 +153,8 @@ impl Backend for TpBackend {
             return Ok(s);
         }
         let session = self.model.session(self.max_seq)?;
+        // The drafter state lives on rank 0's GPU (the sessions bound every rank's in turn).
+        self.model.rank(0).device().ctx.bind_to_thread()?;
         Ok(GpuSpecOn::new(session, drafter)?)
     }
 
