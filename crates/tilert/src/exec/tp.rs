@@ -1358,7 +1358,12 @@ mod tests {
         use model::plan::OpKind as K;
         for (name, cfg, mx) in configs() {
             let full = Plan::new(&cfg, DEVICE_STORAGE, pass_shape(3, Logits::All, false)).unwrap();
-            for par in [Parallelism::expert(2), Parallelism::tensor_expert(2)] {
+            for par in [
+                Parallelism::expert(2),
+                Parallelism::tensor_expert(2),
+                Parallelism::expert(4),
+                Parallelism::tensor_expert(4),
+            ] {
                 let layout =
                     gpu_layout_with(&cfg, par, mx).unwrap_or_else(|e| panic!("{name}: {e}"));
                 let sharded = shard_plan(&full, &cfg, &layout).unwrap();
@@ -1376,9 +1381,26 @@ mod tests {
                 };
                 assert_eq!(reduces, per_layer, "{name} {par}");
                 let mut held = Vec::new();
-                for r in 0..2 {
+                let mut first = None;
+                for r in 0..par.ranks {
                     let v = rank_plan(&sharded, r).unwrap();
                     check_plan_for(&v, true).unwrap_or_else(|e| panic!("{name} {par} {r}: {e}"));
+                    // Every rank issues every all-reduce of the pass (a rank that skipped one
+                    // would leave its peers waiting), in the same order with the same width and
+                    // fused norm.
+                    let mine: Vec<_> = v
+                        .ops
+                        .iter()
+                        .filter_map(|o| match o.kind {
+                            K::AllReduce(p) => Some((p.width, p.next_norm.map(|n| n.weight))),
+                            _ => None,
+                        })
+                        .collect();
+                    assert_eq!(mine.len(), reduces, "{name} {par} rank {r}: all-reduces");
+                    match &first {
+                        None => first = Some(mine),
+                        Some(f) => assert_eq!(&mine, f, "{name} {par} rank {r} vs rank 0"),
+                    }
                     let fake =
                         crate::exec::lower::tests::fake_target(&rank_config(&cfg, &layout, r));
                     crate::exec::lower::check_weights(&v, &fake)
@@ -1392,7 +1414,9 @@ mod tests {
                     }
                 }
                 let e = cfg.n_experts;
-                assert_eq!(held, vec![(0, e / 2), (e / 2, e)], "{name} {par}");
+                let n = par.ranks;
+                let want: Vec<_> = (0..n).map(|r| (r * e / n, (r + 1) * e / n)).collect();
+                assert_eq!(held, want, "{name} {par}");
             }
         }
         // 8 experts do not divide over 3 ranks.
