@@ -7,6 +7,7 @@
 # --ranks 1,2 on a quiet GPU first. Meant for the device tool: carry ["gpu-bundle"], command
 # `bash ci/gpu-tp-diag.sh`; logs go to $OUT/tp-diag.tgz (or ./gpu-results).
 #   TT=seconds     per-test timeout (default 150)
+#   PAR=0          one test after another (clean per-test times; a hang then holds for TT)
 #   BASE_COMM=f    a gpu-comm binary to compare the one-shot all-reduce latency with
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,6 +50,7 @@ run() { # name binary args...
   ( s=$(date +%s); timeout ${TT:-150} "$@" --test-threads=1 --nocapture > $L/t-$n.log 2>&1
     echo "rc=$? $(( $(date +%s)-s ))s" > $L/t-$n.rc ) &
   P[$n]=$!
+  [ "${PAR:-1}" = 0 ] && wait ${P[$n]}
 }
 for t in $($x/tests/tp --list 2>/dev/null | sed -n 's/: test$//p'); do run tp-$t $x/tests/tp --exact $t; done
 for t in $($x/tests/gpu_tp --list 2>/dev/null | sed -n 's/: test$//p'); do run gtp-$t $x/tests/gpu_tp --exact $t; done
