@@ -937,10 +937,10 @@ impl TpSession {
     /// Why op-by-op passes take one thread per rank with the one-shot kernel too: rank 0's
     /// first all-reduce spins until every peer's arrives, so nothing may block this thread
     /// between rank 0's launches and the peers' — yet an op-by-op pass of a deep model queues
-    /// hundreds of launches behind that spinning kernel (the driver blocks a launch once a
-    /// stream's queue is full), and `ULTRA_TRACE_OPS=1` synchronises after every launch. From
-    /// one thread that waits until the all-reduce timeout; with a thread per rank every rank
-    /// keeps enqueueing.
+    /// hundreds of launches behind that spinning kernel (the driver may block a launch once a
+    /// stream's pending work is deep enough), and `ULTRA_TRACE_OPS=1` synchronises after every
+    /// launch. From one thread either waits until the all-reduce timeout; with a thread per rank
+    /// every rank keeps enqueueing.
     fn pass(&mut self, tokens: &[u32], logits: Logits) -> Result<(), RuntimeError> {
         let start = self.len();
         let graphs = self.ranks.iter().all(|r| r.use_graphs);
