@@ -27,8 +27,10 @@
 // Deadlock freedom needs every block of every rank resident at once (each block waits for the
 // same block of every peer): the host caps the grid by the occupancy of the device divided by
 // the ranks that share it (virtual ranks). A wait longer than timeout_ns records
-// COMM_STATUS_TIMEOUT in the status word and gives up (the results are then garbage and the
-// group must be reset), so a broken setup fails instead of hanging.
+// COMM_STATUS_TIMEOUT (which block waited for which peer) in the status word and the call's
+// epoch in COMM_STATUS_CALL_WORD, and gives up (the results are then garbage and the group must
+// be reset), so a broken setup fails instead of hanging; once a rank's status holds an error,
+// its later calls do not wait at all (one timeout per stuck pass, not one per call).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -146,14 +148,27 @@ __device__ void comm_allreduce_block(const AllReduceArgs& a, uint32_t b, uint32_
         comm_st_release_sys(peer_flags + COMM_FLAG_WORD + b * COMM_MAX_RANKS + a.rank, e);
         const uint32_t* mine = own_flags + COMM_FLAG_WORD + b * COMM_MAX_RANKS + q;
         if ((int32_t)(comm_ld_acquire_sys(mine) - e) < 0) {
-            const uint64_t t0 = comm_globaltimer();
-            uint32_t polls = 0;
-            while ((int32_t)(comm_ld_acquire_sys(mine) - e) < 0) {
-                if (a.timeout_ns != 0 && (++polls & 1023) == 0 &&
-                    comm_globaltimer() - t0 > a.timeout_ns) {
-                    atomicCAS(own_flags + COMM_STATUS_WORD, 0u,
-                              COMM_STATUS_TIMEOUT | (b << 8) | q);
-                    break;
+            // Slow path only (the peer is not there yet): a rank whose status already holds an
+            // error (an earlier call of this group timed out, results are garbage until the
+            // reset) does not wait again, so a stuck pass costs one timeout, not one per call.
+            if (a.timeout_ns == 0) {
+                while ((int32_t)(comm_ld_acquire_sys(mine) - e) < 0) {
+                }
+            } else {
+                volatile const uint32_t* status = own_flags + COMM_STATUS_WORD;
+                const uint64_t t0 = comm_globaltimer();
+                uint32_t polls = 0;
+                bool give_up = *status != 0;
+                while (!give_up && (int32_t)(comm_ld_acquire_sys(mine) - e) < 0) {
+                    if ((++polls & 1023) == 0) {
+                        if (*status != 0) break;
+                        if (comm_globaltimer() - t0 > a.timeout_ns) {
+                            if (atomicCAS(own_flags + COMM_STATUS_WORD, 0u,
+                                          COMM_STATUS_TIMEOUT | (b << 8) | q) == 0u)
+                                own_flags[COMM_STATUS_CALL_WORD] = e;
+                            give_up = true;
+                        }
+                    }
                 }
             }
         }

@@ -30,16 +30,19 @@ constexpr uint32_t COMM_FLAT_THREADS = 256;
 //   [COMM_ARRIVE_WORD]                    blocks of the running all-reduce that have finished
 //   [COMM_FLAG_WORD + b·MAX_RANKS + q]    epoch that rank q's block b has published (written by q)
 //   [COMM_STATUS_WORD]                    0, or the first error of this rank's kernels
+//   [COMM_STATUS_CALL_WORD]               the epoch (call number) of that error's all-reduce
 // Words COMM_ARRIVE_WORD + 1 .. COMM_FLAG_WORD are reserved.
 constexpr uint32_t COMM_EPOCH_WORD = 0;
 constexpr uint32_t COMM_ARRIVE_WORD = 1;
 constexpr uint32_t COMM_FLAG_WORD = 128;
 constexpr uint32_t COMM_STATUS_WORD = 1152;
+constexpr uint32_t COMM_STATUS_CALL_WORD = 1153;
 constexpr uint32_t COMM_FLAG_WORDS = 1160;
 static_assert(COMM_FLAG_WORD >= COMM_ARRIVE_WORD + 1, "flag table layout");
 static_assert(COMM_STATUS_WORD == COMM_FLAG_WORD + COMM_MAX_BLOCKS * COMM_MAX_RANKS,
               "flag table layout");
-static_assert(COMM_FLAG_WORDS >= COMM_STATUS_WORD + 1, "flag table layout");
+static_assert(COMM_STATUS_CALL_WORD == COMM_STATUS_WORD + 1, "flag table layout");
+static_assert(COMM_FLAG_WORDS >= COMM_STATUS_CALL_WORD + 1, "flag table layout");
 
 // Status codes (the status word): COMM_STATUS_TIMEOUT | block << 8 | peer rank.
 constexpr uint32_t COMM_STATUS_TIMEOUT = 2147483648;

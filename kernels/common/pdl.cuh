@@ -10,3 +10,11 @@ __device__ __forceinline__ void pdl_begin() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
+
+// For kernels that wait on other grids (the one-shot all-reduce spins until its peers arrive):
+// waits for the predecessor like pdl_begin() but lets the successor start only when this grid
+// completes — a successor launched early would hold SM slots in its own wait that the peers'
+// all-reduce blocks (virtual ranks share the GPU) need to become resident.
+__device__ __forceinline__ void pdl_wait_only() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}

@@ -427,6 +427,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("dflash", "gpu_spec_batch"),
     ("serve", "gpu_generate"),
     ("serve", "gpu_serve"),
+    ("serve", "gpu_serve_tp"),
     ("serve", "gpu_paged"),
     ("serve", "gpu_spec_sched"),
     ("comm", "gpu_allreduce"),

@@ -25,6 +25,9 @@ pub const COMM_ARRIVE_WORD: u32 = 1;
 pub const COMM_FLAG_WORD: u32 = 128;
 /// Flag table word of the rank's status (0 or the first error).
 pub const COMM_STATUS_WORD: u32 = 1152;
+/// Flag table word of the epoch (call number since creation or reset) of the status's
+/// all-reduce.
+pub const COMM_STATUS_CALL_WORD: u32 = 1153;
 /// u32 words of one rank's flag table.
 pub const COMM_FLAG_WORDS: u32 = 1160;
 /// Status bit: a wait for a peer timed out (`| block << 8 | peer`).
@@ -112,6 +115,7 @@ mod tests {
             ("COMM_ARRIVE_WORD", COMM_ARRIVE_WORD),
             ("COMM_FLAG_WORD", COMM_FLAG_WORD),
             ("COMM_STATUS_WORD", COMM_STATUS_WORD),
+            ("COMM_STATUS_CALL_WORD", COMM_STATUS_CALL_WORD),
             ("COMM_FLAG_WORDS", COMM_FLAG_WORDS),
             ("COMM_STATUS_TIMEOUT", COMM_STATUS_TIMEOUT),
             ("COMM_MODE_OUT", COMM_MODE_OUT),

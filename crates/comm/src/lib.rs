@@ -54,11 +54,13 @@ pub enum CommError {
     DuplicateDevice(usize),
     #[error("GPU {from} cannot access GPU {to}'s memory (no P2P between them: cuDeviceCanAccessPeer = 0)")]
     NoPeerAccess { from: usize, to: usize },
-    #[error("rank {rank}: waited more than {timeout_ms} ms for rank {peer} (block {block}); the group's flags are now inconsistent: reset it")]
+    #[error("rank {rank}: all-reduce call {call} of the group waited more than {timeout_ms} ms for rank {peer} (block {block}): rank {peer} never issued its side of that call; the group's flags are now inconsistent: reset it")]
     Timeout {
         rank: usize,
         peer: usize,
         block: usize,
+        /// The call's number since the group was created or reset (1 = the first all-reduce).
+        call: u64,
         timeout_ms: u64,
     },
     #[error("{0}")]

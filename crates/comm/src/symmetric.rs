@@ -73,14 +73,24 @@ pub struct AllReduce {
     pub epilogue: Epilogue,
 }
 
-/// Raises `CUDA_DEVICE_MAX_CONNECTIONS` to 32 (unless set) so that up to 32 streams of one GPU
-/// get their own hardware queues: virtual ranks on one GPU each spin in a kernel waiting for the
-/// others, and two ranks whose streams shared a queue would serialise and deadlock (until the
-/// timeout). Takes effect only before the process's first CUDA context is created.
+/// Prepares the process for virtual ranks (unless the variables are set already):
+/// `CUDA_DEVICE_MAX_CONNECTIONS=32`, so that up to 32 streams of one GPU get their own hardware
+/// queues (virtual ranks on one GPU each spin in a kernel waiting for the others, and two ranks
+/// whose streams shared a queue would serialise and deadlock until the timeout), and
+/// `CUDA_MODULE_LOADING=EAGER`, so that no kernel is loaded on first use (CUDA's lazy loading
+/// may synchronise the context to load a kernel, which waits for a rank spinning until the
+/// rank whose launch triggered the load arrives — the deadlock the CUDA programming guide's
+/// lazy-loading hazards describe). Takes effect only before the process's first CUDA context is
+/// created.
 pub fn prepare_virtual_ranks() {
-    if std::env::var_os("CUDA_DEVICE_MAX_CONNECTIONS").is_none() {
-        // Edition 2021: set_var is safe; called before CUDA starts any thread.
-        std::env::set_var("CUDA_DEVICE_MAX_CONNECTIONS", "32");
+    for (var, value) in [
+        ("CUDA_DEVICE_MAX_CONNECTIONS", "32"),
+        ("CUDA_MODULE_LOADING", "EAGER"),
+    ] {
+        if std::env::var_os(var).is_none() {
+            // Edition 2021: set_var is safe; called before CUDA starts any thread.
+            std::env::set_var(var, value);
+        }
     }
 }
 
@@ -238,7 +248,7 @@ impl SymmetricGroup {
             slot_bytes,
             share,
             sms,
-            timeout_ns: 10_000_000_000,
+            timeout_ns: default_timeout_ns()?,
             occupancy: Mutex::new(HashMap::new()),
         })
     }
@@ -282,8 +292,10 @@ impl SymmetricGroup {
         self.slot_bytes
     }
 
-    /// How long a rank waits for a peer before giving up (default 10 s; `None` waits forever).
-    /// Applies to calls enqueued (or captured) afterwards.
+    /// How long a rank waits for a peer before giving up (default 10 s, or
+    /// `ULTRA_COMM_TIMEOUT_MS`; `None` waits forever). Applies to calls enqueued (or captured)
+    /// afterwards. After a timeout the rank's later calls do not wait (its status holds the
+    /// error until [`SymmetricGroup::reset`]), so a stuck pass costs one timeout.
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
         self.timeout_ns = timeout.map_or(0, |t| t.as_nanos().clamp(1, u64::MAX as u128) as u64);
     }
@@ -455,9 +467,9 @@ impl SymmetricGroup {
     pub fn check(&self) -> Result<(), CommError> {
         for (rank, r) in self.ranks.iter().enumerate() {
             drv("synchronising a rank's stream", r.stream.synchronize())?;
-            let mut status = [0u32; 1];
+            let mut status = [0u32; 2];
             drv("binding a context", r.ctx.bind_to_thread())?;
-            // SAFETY: reads one word inside the rank's flag table.
+            // SAFETY: reads two words inside the rank's flag table (status, its call).
             drv("reading a status word", unsafe {
                 cudarc::driver::result::memcpy_dtoh_sync(
                     &mut status,
@@ -470,6 +482,7 @@ impl SymmetricGroup {
                     rank,
                     peer: (s & 0xff) as usize,
                     block: ((s >> 8) & 0xff) as usize,
+                    call: u64::from(status[1]),
                     timeout_ms: self.timeout_ns / 1_000_000,
                 });
             }
@@ -495,6 +508,20 @@ impl SymmetricGroup {
             })?;
         }
         Ok(())
+    }
+}
+
+/// The wait for a peer before a rank gives up: `ULTRA_COMM_TIMEOUT_MS` (milliseconds, ≥ 1) when
+/// set, else 10 s.
+fn default_timeout_ns() -> Result<u64, CommError> {
+    match std::env::var("ULTRA_COMM_TIMEOUT_MS") {
+        Err(_) => Ok(10_000_000_000),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms >= 1 => Ok(ms.saturating_mul(1_000_000)),
+            _ => Err(CommError::Invalid(format!(
+                "ULTRA_COMM_TIMEOUT_MS={v:?}: expected a whole number of milliseconds ≥ 1"
+            ))),
+        },
     }
 }
 

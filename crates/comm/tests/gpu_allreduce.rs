@@ -524,16 +524,38 @@ fn residual_only_and_errors() {
         unsafe { g.all_reduce(2, &op(0)) },
         Err(CommError::Invalid(_))
     ));
-    // A rank whose peer never comes: a timeout error, not a hang; reset, then it works again.
-    g.set_timeout(Some(Duration::from_millis(50)));
+    // A rank whose peer never comes: a timeout error naming the rank, the peer and the call, not
+    // a hang; the rank's later calls give up at once (one timeout per stuck pass, not one per
+    // call); reset, then it works again.
+    g.reset().unwrap();
+    run_sum(&g, &s, &mut rng, 999, DType::Bf16);
+    g.set_timeout(Some(Duration::from_millis(200)));
+    let t0 = std::time::Instant::now();
     // SAFETY: as above.
-    unsafe { g.all_reduce(0, &op(0)) }.unwrap();
-    match g.check() {
-        Err(CommError::Timeout {
-            rank: 0, peer: 1, ..
-        }) => {}
-        other => panic!("expected a timeout of rank 0 waiting for rank 1, got {other:?}"),
+    for _ in 0..20 {
+        unsafe { g.all_reduce(0, &op(0)) }.unwrap();
     }
+    let res = g.check();
+    let took = t0.elapsed();
+    match res {
+        Err(CommError::Timeout {
+            rank: 0,
+            peer: 1,
+            call: 2,
+            timeout_ms: 200,
+            ..
+        }) => {}
+        other => panic!("expected a timeout of rank 0's call 2 waiting for rank 1, got {other:?}"),
+    }
+    let msg = res.unwrap_err().to_string();
+    assert!(
+        msg.contains("rank 0: all-reduce call 2") && msg.contains("rank 1 never issued"),
+        "{msg}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "20 calls of a stuck rank took {took:?}: the calls after the first timeout must not wait"
+    );
     g.reset().unwrap();
     g.set_timeout(Some(Duration::from_secs(10)));
     run_sum(&g, &s, &mut rng, 999, DType::Bf16);

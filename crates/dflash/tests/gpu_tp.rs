@@ -21,6 +21,16 @@ fn fixtures() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
 }
 
+/// Virtual ranks (hardware queues, eager kernel loading) and a 5 s all-reduce timeout (unless
+/// `ULTRA_COMM_TIMEOUT_MS` is set): a stuck rank fails the pass with an error naming it and the
+/// call instead of hanging the test.
+fn prepare() {
+    comm::symmetric::prepare_virtual_ranks();
+    if std::env::var_os("ULTRA_COMM_TIMEOUT_MS").is_none() {
+        std::env::set_var("ULTRA_COMM_TIMEOUT_MS", "5000");
+    }
+}
+
 /// The fixture drafters and their targets (`golden_draft.json`'s `target`).
 fn pairs() -> Vec<(String, String)> {
     ["qwen3-moe-dflash", "gpt-oss-dflash", "mimo-dflash"]
@@ -39,11 +49,12 @@ fn pairs() -> Vec<(String, String)> {
 
 #[test]
 fn speculative_greedy_equals_plain_greedy_under_tp() {
-    comm::symmetric::prepare_virtual_ranks();
+    prepare();
     let Some(_ctx) = ultra_kernels::gpu_for_test("speculative_greedy_equals_plain_greedy_under_tp")
     else {
         return;
     };
+    let t0 = std::time::Instant::now();
     let params = SamplingParams {
         max_tokens: 32,
         ignore_eos: true,
@@ -99,8 +110,9 @@ fn speculative_greedy_equals_plain_greedy_under_tp() {
                 .unwrap();
                 assert_eq!(out.tokens, plain, "{rel} TP{ranks} {name} B={b}");
                 eprintln!(
-                    "{rel} TP{ranks} {name} B={b}: tau {:.2}",
-                    out.stats.tau().unwrap_or(0.0)
+                    "{rel} TP{ranks} {name} B={b}: tau {:.2} ({:.2?} since the test began)",
+                    out.stats.tau().unwrap_or(0.0),
+                    t0.elapsed()
                 );
             }
         }
@@ -115,12 +127,13 @@ fn speculative_greedy_equals_plain_greedy_under_tp() {
 fn device_drafter_speculative_greedy_equals_plain_greedy_under_tp() {
     use model::plan::tp::Parallelism;
     use tilert::exec::tp::{AllReduceKind, TpOptions};
-    comm::symmetric::prepare_virtual_ranks();
+    prepare();
     let Some(_ctx) = ultra_kernels::gpu_for_test(
         "device_drafter_speculative_greedy_equals_plain_greedy_under_tp",
     ) else {
         return;
     };
+    let t0 = std::time::Instant::now();
     let params = SamplingParams {
         max_tokens: 32,
         ignore_eos: true,
@@ -149,6 +162,7 @@ fn device_drafter_speculative_greedy_equals_plain_greedy_under_tp() {
             while plain.len() < 32 {
                 plain.push(s.decode_greedy(*plain.last().unwrap()).unwrap());
             }
+            eprintln!("{rel} {par}: plain greedy ({:.2?})", t0.elapsed());
             let gd = tilert::draft::GpuDrafter::new(tp.rank(0), d.config(), d.weights()).unwrap();
             for b in [4, 16] {
                 let mut s = tp.session(256).unwrap();
@@ -172,8 +186,10 @@ fn device_drafter_speculative_greedy_equals_plain_greedy_under_tp() {
                     "{rel} {par} {name} B={b} (device drafter)"
                 );
                 eprintln!(
-                    "{rel} {par} {name} B={b} (device drafter): tau {:.2}",
-                    out.stats.tau().unwrap_or(0.0)
+                    "{rel} {par} {name} B={b} (device drafter): tau {:.2} ({:.2?} since the \
+                     test began)",
+                    out.stats.tau().unwrap_or(0.0),
+                    t0.elapsed()
                 );
             }
         }

@@ -1640,10 +1640,11 @@ impl GpuSession {
         if self.use_graphs {
             stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         }
-        let first = timing_event(&stream);
+        let capturing = self.use_graphs;
+        let first = timing_event(&stream, capturing);
         let r = first.and_then(|first| {
             let r = self.encode(tokens.len(), Logits::All, None, &mut |label| {
-                events.push((label, timing_event(&stream)?));
+                events.push((label, timing_event(&stream, capturing)?));
                 Ok(())
             });
             r.map(|()| first)
@@ -1673,19 +1674,26 @@ impl GpuSession {
     }
 }
 
-/// A timing event recorded on `stream`; inside a graph capture it becomes an event-record node
-/// (`CU_EVENT_RECORD_EXTERNAL`: a plain record during capture only orders work and is never
-/// timestamped).
-fn timing_event(stream: &CudaStream) -> Result<CudaEvent, RuntimeError> {
+/// A timing event recorded on `stream`. Inside a graph capture (`capturing`) it becomes an
+/// event-record node (`CU_EVENT_RECORD_EXTERNAL`: a plain record during capture only orders work
+/// and is never timestamped); outside a capture it is a plain record (the external flag is
+/// valid only during a capture: op-by-op profiles failed with it).
+fn timing_event(stream: &CudaStream, capturing: bool) -> Result<CudaEvent, RuntimeError> {
+    use cudarc::driver::sys::CUevent_record_flags as F;
     let event = stream
         .context()
         .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let flags = if capturing {
+        F::CU_EVENT_RECORD_EXTERNAL
+    } else {
+        F::CU_EVENT_RECORD_DEFAULT
+    };
     // SAFETY: both handles are live; the flag is a valid CUevent_record_flags value.
     unsafe {
         cudarc::driver::sys::cuEventRecordWithFlags(
             event.cu_event(),
             stream.cu_stream(),
-            cudarc::driver::sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
+            flags as u32,
         )
     }
     .result()?;

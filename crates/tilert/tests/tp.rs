@@ -34,9 +34,15 @@ use model::weights::Weights;
 use tilert::exec::tp::{AllReduceKind, RankPlacement, TpModel, TpOptions};
 use tilert::exec::GpuModel;
 
-/// The GPU for a virtual-rank test (the streams' hardware queues are raised first), or a skip.
+/// The GPU for a virtual-rank test (the streams' hardware queues are raised and eager kernel
+/// loading set first), or a skip. A rank that waits more than 5 s for a peer fails the pass
+/// with an error naming it and the call (`ULTRA_COMM_TIMEOUT_MS`, unless set): the toy passes
+/// take milliseconds, so a stuck protocol shows as a failure, never as a hang.
 fn gpu(test: &str) -> Option<Arc<cudarc::driver::CudaContext>> {
     comm::symmetric::prepare_virtual_ranks();
+    if std::env::var_os("ULTRA_COMM_TIMEOUT_MS").is_none() {
+        std::env::set_var("ULTRA_COMM_TIMEOUT_MS", "5000");
+    }
     ultra_kernels::gpu_for_test(test)
 }
 
@@ -90,6 +96,7 @@ fn check_split(
     par: Parallelism,
 ) {
     let name = name.to_string();
+    let t0 = std::time::Instant::now();
     let ranks = par.ranks;
     let tol = tolerance(&weights);
     let config = Arc::new(config);
@@ -197,6 +204,7 @@ fn check_split(
         b.decode(3).unwrap(),
         "{name}: graph vs op-by-op (decode)"
     );
+    eprintln!("{name}: checked in {:.2?}", t0.elapsed());
 }
 
 fn golden_prompt(dir: &std::path::Path) -> Vec<u32> {

@@ -395,13 +395,6 @@ impl ServeArgs {
         if self.block_size.is_some() && draft.is_none() && controlled.is_none() {
             bail!("--block-size needs a drafter (--draft DIR, or the default model without --no-draft)");
         }
-        if placement.is_some() && draft.is_some() {
-            bail!(
-                "speculative serving over tensor-parallel GPU ranks is not supported yet: serve \
-                 without a drafter (--no-draft with the default model); `ultra generate --draft` \
-                 and `ultra bench-spec` run DFlash under tensor parallelism"
-            );
-        }
         Ok(commands::serve::ServeSetup {
             engine: serve::engine::EngineConfig {
                 model_id: commands::serve::model_id(model.as_deref(), name),

@@ -63,7 +63,7 @@ pub(crate) fn load_engine(
         ServeDevice::Cpu => server::load_cpu_engine(dir, draft, block_size, cfg),
         ServeDevice::Cuda(ordinal) => server::load_gpu_engine(dir, draft, block_size, cfg, ordinal),
         ServeDevice::CudaTp { opts, placement } => {
-            server::load_tp_engine(dir, draft, cfg, opts, placement)
+            server::load_tp_engine(dir, draft, block_size, cfg, opts, placement)
         }
     }
 }

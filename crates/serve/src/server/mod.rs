@@ -516,33 +516,34 @@ pub fn load_gpu_engine(
     )
 }
 
-/// Loads a checkpoint sharded over `ranks` tensor-parallel GPU ranks placed by `placement` and
-/// starts the engine (plain decoding: speculative serving under TP is refused by name). As
-/// [`load_gpu_engine`], the config and tokenizer are read here and the weights are sliced and
-/// uploaded by the scheduler thread, which owns the GPU objects.
+/// Loads a checkpoint sharded over tensor-parallel GPU ranks placed by `placement` and starts
+/// the engine: plain decoding, or with `draft` DFlash speculative decoding with the drafter on
+/// rank 0's GPU (block size `block_size` or the drafter's). As [`load_gpu_engine`], the config
+/// and tokenizer are read here and the weights are sliced and uploaded (and the drafter loaded)
+/// by the scheduler thread, which owns the GPU objects.
 pub fn load_tp_engine(
     model_dir: &Path,
     draft: Option<&Path>,
+    block_size: Option<usize>,
     cfg: EngineConfig,
     opts: tilert::exec::tp::TpOptions,
     placement: tilert::exec::tp::RankPlacement,
 ) -> Result<EngineHandle> {
-    if draft.is_some() {
-        bail!(
-            "speculative serving over tensor-parallel GPU ranks is not supported yet: serve \
-             without a drafter (--no-draft with the default model), or use `ultra generate \
-             --draft` / `ultra bench-spec`, which run DFlash under tensor parallelism"
-        );
-    }
     let config = model::load::load_config(model_dir)
         .with_context(|| format!("loading {}", model_dir.display()))?;
     let tokenizer = generate::load_tokenizer(model_dir)?;
     let eos = generate::eos_ids_of(tokenizer.as_ref(), &config);
     let dir = model_dir.to_path_buf();
+    let draft = draft.map(Path::to_path_buf);
     let max_context = cfg.max_context;
+    let pool = cfg.max_running;
     EngineHandle::start(
         move || {
             let loaded = generate::load_gpu_tp(&dir, opts, &placement)?;
+            let drafter = match &draft {
+                Some(d) => Some(generate::tp_spec_setup(&loaded, d, block_size)?),
+                None => None,
+            };
             let Some(tp) = loaded.tp else {
                 bail!("the model is not on the tensor-parallel ranks");
             };
@@ -550,7 +551,7 @@ pub fn load_tp_engine(
             let max_seq = max_context
                 .unwrap_or(default)
                 .min(tp.model.config().max_position_embeddings);
-            crate::engine::tp::TpBackend::new(tp.model, max_seq)
+            crate::engine::tp::TpBackend::with_drafter(tp.model, max_seq, drafter, pool)
         },
         tokenizer,
         eos,

@@ -928,13 +928,23 @@ impl TpSession {
         }
     }
 
-    /// One pass of `tokens` (≤ MAX_TOKENS) on every rank: enqueued in rank order (one-shot:
-    /// graph launches are asynchronous, each rank's all-reduce kernels wait on device flags), or
-    /// from one thread per rank (NCCL), then every rank waited for and its all-reduce status
-    /// checked. On error the session is as before.
+    /// One pass of `tokens` (≤ MAX_TOKENS) on every rank: enqueued in rank order from this
+    /// thread when every rank replays a CUDA graph (one-shot: a graph launch is one
+    /// asynchronous call, and each rank's all-reduce kernels wait on device flags), else from one
+    /// thread per rank (NCCL, and op-by-op launches), then every rank waited for and its
+    /// all-reduce status checked. On error the session is as before.
+    ///
+    /// Why op-by-op passes take one thread per rank with the one-shot kernel too: rank 0's
+    /// first all-reduce spins until every peer's arrives, so nothing may block this thread
+    /// between rank 0's launches and the peers' — yet an op-by-op pass of a deep model queues
+    /// hundreds of launches behind that spinning kernel (the driver may block a launch once a
+    /// stream's pending work is deep enough), and `ULTRA_TRACE_OPS=1` synchronises after every
+    /// launch. From one thread either waits until the all-reduce timeout; with a thread per rank
+    /// every rank keeps enqueueing.
     fn pass(&mut self, tokens: &[u32], logits: Logits) -> Result<(), RuntimeError> {
         let start = self.len();
-        let enqueued = if self.model.group.is_some() {
+        let graphs = self.ranks.iter().all(|r| r.use_graphs);
+        let enqueued = if self.model.group.is_some() && graphs {
             self.enqueue_in_order(tokens, logits)
         } else {
             self.enqueue_threaded(tokens, logits)
@@ -980,7 +990,8 @@ impl TpSession {
     }
 
     /// Enqueues every rank's pass from a thread of its own (NCCL's one thread per GPU: a rank's
-    /// `ncclAllReduce` may wait on the host for its peers' calls).
+    /// `ncclAllReduce` may wait on the host for its peers' calls; op-by-op passes: see
+    /// [`TpSession::pass`]). Only passes that launch op by op come here.
     fn enqueue_threaded(
         &mut self,
         tokens: &[u32],
@@ -989,9 +1000,10 @@ impl TpSession {
         /// A rank's session lent to the thread that enqueues its pass.
         struct Lent<'a>(&'a mut GpuSession);
         // SAFETY: the session's CUDA handles (context, stream, module functions, device
-        // buffers; no captured graphs with NCCL) are usable from any thread once its context is
-        // bound, which the thread does first; the session is used by that thread alone until
-        // the scope joins it.
+        // buffers) are usable from any thread once its context is bound, which the thread does
+        // first; its captured graphs (the only handles that are not) are neither launched nor
+        // captured by an op-by-op pass, the only kind enqueued here; the session is used by
+        // that thread alone until the scope joins it.
         unsafe impl Send for Lent<'_> {}
         impl<'a> Lent<'a> {
             fn get(self) -> &'a mut GpuSession {
@@ -1346,7 +1358,12 @@ mod tests {
         use model::plan::OpKind as K;
         for (name, cfg, mx) in configs() {
             let full = Plan::new(&cfg, DEVICE_STORAGE, pass_shape(3, Logits::All, false)).unwrap();
-            for par in [Parallelism::expert(2), Parallelism::tensor_expert(2)] {
+            for par in [
+                Parallelism::expert(2),
+                Parallelism::tensor_expert(2),
+                Parallelism::expert(4),
+                Parallelism::tensor_expert(4),
+            ] {
                 let layout =
                     gpu_layout_with(&cfg, par, mx).unwrap_or_else(|e| panic!("{name}: {e}"));
                 let sharded = shard_plan(&full, &cfg, &layout).unwrap();
@@ -1364,9 +1381,26 @@ mod tests {
                 };
                 assert_eq!(reduces, per_layer, "{name} {par}");
                 let mut held = Vec::new();
-                for r in 0..2 {
+                let mut first = None;
+                for r in 0..par.ranks {
                     let v = rank_plan(&sharded, r).unwrap();
                     check_plan_for(&v, true).unwrap_or_else(|e| panic!("{name} {par} {r}: {e}"));
+                    // Every rank issues every all-reduce of the pass (a rank that skipped one
+                    // would leave its peers waiting), in the same order with the same width and
+                    // fused norm.
+                    let mine: Vec<_> = v
+                        .ops
+                        .iter()
+                        .filter_map(|o| match o.kind {
+                            K::AllReduce(p) => Some((p.width, p.next_norm.map(|n| n.weight))),
+                            _ => None,
+                        })
+                        .collect();
+                    assert_eq!(mine.len(), reduces, "{name} {par} rank {r}: all-reduces");
+                    match &first {
+                        None => first = Some(mine),
+                        Some(f) => assert_eq!(&mine, f, "{name} {par} rank {r} vs rank 0"),
+                    }
                     let fake =
                         crate::exec::lower::tests::fake_target(&rank_config(&cfg, &layout, r));
                     crate::exec::lower::check_weights(&v, &fake)
@@ -1380,7 +1414,9 @@ mod tests {
                     }
                 }
                 let e = cfg.n_experts;
-                assert_eq!(held, vec![(0, e / 2), (e / 2, e)], "{name} {par}");
+                let n = par.ranks;
+                let want: Vec<_> = (0..n).map(|r| (r * e / n, (r + 1) * e / n)).collect();
+                assert_eq!(held, want, "{name} {par}");
             }
         }
         // 8 experts do not divide over 3 ranks.
