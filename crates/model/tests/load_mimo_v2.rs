@@ -19,7 +19,7 @@ mod load_common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use load_common::{mimo_v2_fixture_tensors, serialize, TempDir, Tensors, T};
+use load_common::{mimo_v2_fixture_tensors, serialize, TempDir, Tensors};
 use model::checkpoint::{f8_e4m3_to_f32, Checkpoint};
 use model::config::{Arch, AttnKind, ConfigError, ModelConfig, Quantization, RouterSpec};
 use model::load::{load, LoadError};
