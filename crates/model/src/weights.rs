@@ -517,8 +517,10 @@ impl Mat {
                 ));
             }
         }
-        let scaled = |m: &Mat| {
-            m.parts.iter().any(|(_, s)| {
+        let scaled: Vec<bool> = segments
+            .iter()
+            .flat_map(|m| &m.parts)
+            .map(|(_, s)| {
                 matches!(
                     s,
                     Store::F8 {
@@ -527,20 +529,8 @@ impl Mat {
                     }
                 )
             })
-        };
-        if segments.iter().any(scaled)
-            && !segments.iter().all(|m| {
-                m.parts.iter().all(|(_, s)| {
-                    matches!(
-                        s,
-                        Store::F8 {
-                            scales: Some(_),
-                            ..
-                        }
-                    )
-                })
-            })
-        {
+            .collect();
+        if scaled.contains(&true) && scaled.contains(&false) {
             return Err("FP8 block scales on only some row segments".into());
         }
         let parts: Vec<(usize, Store)> = segments.into_iter().flat_map(|m| m.parts).collect();

@@ -423,4 +423,16 @@ fn segmented_dense_rows_equal_the_contiguous_matrix() {
     let e = Mat::from_segments(vec![a, Mat::from_bf16(1, 3, vec![bf16::ZERO; 3])]).unwrap_err();
     assert!(e.contains("Bf16"), "{e}");
     assert!(Mat::from_segments(vec![]).is_err());
+    let f8 = |scales| {
+        Mat::from_bytes(
+            DenseDtype::F8E4M3,
+            2,
+            4,
+            Bytes::from_vec(vec![0x38; 8]),
+            scales,
+        )
+        .unwrap()
+    };
+    let e = Mat::from_segments(vec![f8(Some(([128, 128], 1, vec![1.0]))), f8(None)]).unwrap_err();
+    assert!(e.contains("block scales"), "{e}");
 }
