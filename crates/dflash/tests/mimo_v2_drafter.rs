@@ -83,7 +83,7 @@ fn released_layout_loads_with_mimo_semantics_in_the_stored_dtype() {
         assert_eq!((gate_up.w.rows, gate_up.w.cols), (2 * 96, 64));
         assert_eq!(gate_up.w.dtype(), DenseDtype::Bf16);
         assert!(
-            gate_up.w.bytes().is_mapped() && down.w.bytes().is_mapped(),
+            gate_up.w.is_mapped() && down.w.is_mapped(),
             "gate_proj and up_proj lie back to back: one view, no copy"
         );
     }

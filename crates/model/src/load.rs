@@ -14,7 +14,8 @@
 //!   [`ExpertMat::Mxfp4`], one [`MxMat`] view per expert;
 //! * Qwen3-MoE / MiMo experts and dense MLPs: `gate_proj` rows then `up_proj` rows
 //!   ([`GateUpLayout::Halves`]) — a view when the two tensors are adjacent in one file (as
-//!   transformers writes them), else an owned copy in the stored dtype;
+//!   transformers writes bf16 ones), else two row segments, a view of each tensor with its own
+//!   FP8 block scales ([`Mat::from_segments`]) — never a copy of the values;
 //! * norms, biases and sinks are small and decoded to f32;
 //! * tied embeddings (`tie_word_embeddings`): `lm_head` is `embed` (shared storage).
 //!
@@ -259,7 +260,8 @@ pub fn weight_mat(ck: &Checkpoint, name: &str, rows: usize, cols: usize) -> Resu
 /// `gate` (`[inter, hidden]`) then `up` (`[inter, hidden]`) as one `[2·inter, hidden]` matrix in
 /// [`GateUpLayout::Halves`] order and the stored dtype, each checked as [`weight_mat`]: a view
 /// when the two tensors lie back to back in one file (as `save_file` writes `gate_proj` and
-/// `up_proj` of one MLP), else one owned copy in the stored dtype.
+/// `up_proj` of one bf16 MLP), else two row segments, a view of each ([`Mat::from_segments`]):
+/// the values are never copied.
 pub fn gate_up_mat(
     ck: &Checkpoint,
     gate: &str,
@@ -276,8 +278,11 @@ pub fn gate_up_mat(
     gate_up_halves(ck, &g, &u)
 }
 
-/// `[gate; up]` as one `[2I, H]` matrix (Halves layout) in the stored dtype: a view when the
-/// two tensors lie back to back in one file, else an owned concatenation.
+/// `[gate; up]` as one `[2I, H]` matrix (Halves layout) in the stored dtype, never a copy of
+/// the checkpoint's values: one view when the two tensors lie back to back in one file (and FP8
+/// scale blocks do not straddle the seam), else two row segments — the gate view, then the up
+/// view, each with its own FP8 block scales ([`Mat::from_segments`]; MiMo's FP8 dense MLP, whose
+/// `gate_proj.weight_scale_inv` lies between the two).
 fn gate_up_halves(ck: &Checkpoint, gate: &TensorSpec, up: &TensorSpec) -> Result<Mat, SpecError> {
     let (g, u) = (dense(ck, gate)?, dense(ck, up)?);
     let ([gr, gc], [ur, uc]) = (g.shape, u.shape) else {
@@ -302,45 +307,36 @@ fn gate_up_halves(ck: &Checkpoint, gate: &TensorSpec, up: &TensorSpec) -> Result
         });
     }
     let dtype = dense_dtype(ck, g.name, g.dtype)?;
-    let bytes = match ck.shared_bytes_adjacent(g.name, u.name)? {
-        Some(b) => b,
-        None => {
-            let mut v = Vec::with_capacity(g.data.len() + u.data.len());
-            v.extend_from_slice(g.data);
-            v.extend_from_slice(u.data);
-            Bytes::from_vec(v)
-        }
-    };
-    let scales = match (fp8_scales(ck, &g)?, fp8_scales(ck, &u)?) {
-        (None, None) => None,
-        (Some((block, sc, mut a)), Some((_, _, b))) if gr % block[0] == 0 => {
+    let (gs, us) = (fp8_scales(ck, &g)?, fp8_scales(ck, &u)?);
+    if gs.is_some() != us.is_some() {
+        return Err(ck_err(
+            ck,
+            u.name,
+            format!(
+                "FP8 block scales on only one of `{}` and `{}`",
+                g.name, u.name
+            ),
+        ));
+    }
+    let whole_blocks = gs.as_ref().is_none_or(|(block, _, _)| gr % block[0] == 0);
+    match ck.shared_bytes_adjacent(g.name, u.name)? {
+        Some(bytes) if whole_blocks => {
             // Whole scale rows: the up scales follow the gate scales.
-            a.extend_from_slice(&b);
-            Some((block, sc, a))
-        }
-        (Some((block, sc, a)), Some((_, _, b))) => {
-            // Scale blocks would straddle the seam: one scale row per weight row.
-            let mut rows = Vec::with_capacity((gr + ur) * sc);
-            for r in 0..*gr {
-                rows.extend_from_slice(&a[(r / block[0]) * sc..][..sc]);
-            }
-            for r in 0..*ur {
-                rows.extend_from_slice(&b[(r / block[0]) * sc..][..sc]);
-            }
-            Some(([1, block[1]], sc, rows))
+            let scales = gs.zip(us).map(|((block, sc, mut a), (_, _, b))| {
+                a.extend_from_slice(&b);
+                (block, sc, a)
+            });
+            Mat::from_bytes(dtype, gr + ur, *gc, bytes, scales).map_err(|m| ck_err(ck, g.name, m))
         }
         _ => {
-            return Err(ck_err(
-                ck,
-                u.name,
-                format!(
-                    "FP8 block scales on only one of `{}` and `{}`",
-                    g.name, u.name
-                ),
-            ))
+            let seg = |name: &str, rows: usize, s: Option<Fp8Scales>| {
+                Mat::from_bytes(dtype, rows, *gc, ck.shared_bytes(name)?, s)
+                    .map_err(|m| ck_err(ck, name, m))
+            };
+            let parts = vec![seg(g.name, *gr, gs)?, seg(u.name, *ur, us)?];
+            Mat::from_segments(parts).map_err(|m| ck_err(ck, g.name, m))
         }
-    };
-    Mat::from_bytes(dtype, gr + ur, *gc, bytes, scales).map_err(|m| ck_err(ck, g.name, m))
+    }
 }
 
 fn load_layer(cfg: &ModelConfig, ck: &Checkpoint, l: usize) -> Result<Layer, SpecError> {

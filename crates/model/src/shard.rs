@@ -37,12 +37,10 @@ fn slice(m: &Mat, ranges: &[Range<usize>], cols: Range<usize>) -> Mat {
         return Mat::from_f32(n, cols.len(), data);
     }
     let e = dtype.size();
-    let src = m.bytes().as_slice();
     let mut out = Vec::with_capacity(n * cols.len() * e);
     for r in ranges {
         for i in r.clone() {
-            let row = &src[i * m.cols * e..(i + 1) * m.cols * e];
-            out.extend_from_slice(&row[cols.start * e..cols.end * e]);
+            out.extend_from_slice(&m.row_bytes(i)[cols.start * e..cols.end * e]);
         }
     }
     Mat::from_bytes(dtype, n, cols.len(), Bytes::from_vec(out), None)

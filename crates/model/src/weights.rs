@@ -11,8 +11,10 @@
 //!   again a view of the checkpoint's packed bytes;
 //! * `gate_up` of an expert (and of a dense MLP) holds `2·I` rows. gpt-oss interleaves them
 //!   (row 2j = gate j, row 2j+1 = up j) — [`GateUpLayout::Interleaved`]; Qwen3-MoE and MiMo store
-//!   `gate_proj` and `up_proj` separately and the loader concatenates them (rows 0..I = gate,
-//!   I..2I = up) — [`GateUpLayout::Halves`];
+//!   `gate_proj` and `up_proj` separately and the loader joins them (rows 0..I = gate,
+//!   I..2I = up) — [`GateUpLayout::Halves`] — as one view when they lie back to back in the
+//!   file, else as two row segments ([`Mat::from_segments`], [`MxMat::from_parts`]): never a
+//!   copy of the checkpoint's values;
 //! * with `tie_word_embeddings` the `lm_head` is the embedding itself (the same storage, no
 //!   copy).
 
@@ -219,10 +221,10 @@ pub struct Fp8Scales<'a> {
     pub values: &'a [f32],
 }
 
-impl Fp8Scales<'_> {
+impl<'a> Fp8Scales<'a> {
     /// The scale of each column block of row `r`.
     #[inline]
-    pub fn row(&self, r: usize) -> &[f32] {
+    pub fn row(&self, r: usize) -> &'a [f32] {
         let b = r / self.block[0];
         &self.values[b * self.cols..(b + 1) * self.cols]
     }
@@ -265,28 +267,94 @@ enum Store {
     },
 }
 
+impl Store {
+    /// The values in their stored dtype.
+    #[inline]
+    fn data(&self) -> MatData<'_> {
+        // SAFETY: the constructors checked alignment and length for the element type; f32,
+        // bf16, f16 and u8 are valid for every bit pattern.
+        unsafe {
+            match self {
+                Store::F32(b) => MatData::F32(b.typed()),
+                Store::Bf16(b) => MatData::Bf16(b.typed()),
+                Store::F16(b) => MatData::F16(b.typed()),
+                Store::F8 { codes, scales } => MatData::F8E4M3 {
+                    codes: codes.as_slice(),
+                    scales: scales.as_ref().map(|s| Fp8Scales {
+                        block: s.block,
+                        cols: s.cols,
+                        values: &s.values,
+                    }),
+                },
+            }
+        }
+    }
+
+    /// The raw value bytes (FP8: the codes).
+    fn bytes(&self) -> &Bytes {
+        match self {
+            Store::F32(b) | Store::Bf16(b) | Store::F16(b) | Store::F8 { codes: b, .. } => b,
+        }
+    }
+
+    fn dtype(&self) -> DenseDtype {
+        match self {
+            Store::F32(_) => DenseDtype::F32,
+            Store::Bf16(_) => DenseDtype::Bf16,
+            Store::F16(_) => DenseDtype::F16,
+            Store::F8 { .. } => DenseDtype::F8E4M3,
+        }
+    }
+
+    /// Bytes of values and FP8 scales.
+    fn stored_bytes(&self) -> usize {
+        let scales = match self {
+            Store::F8 {
+                scales: Some(s), ..
+            } => 4 * s.values.len(),
+            _ => 0,
+        };
+        self.bytes().len() + scales
+    }
+}
+
+/// Where row `r` of a matrix stored in row segments of `lens` rows each (in row order) lies:
+/// `(segment, row in the segment)`, or `None` past the last row. The one definition of row
+/// segments, shared by [`Mat`] and [`MxMat`].
+fn locate_row(lens: impl IntoIterator<Item = usize>, mut r: usize) -> Option<(usize, usize)> {
+    for (i, n) in lens.into_iter().enumerate() {
+        if r < n {
+            return Some((i, r));
+        }
+        r -= n;
+    }
+    None
+}
+
 /// A row-major dense matrix `[rows, cols]` in its stored dtype (see the module docs). Cloning
 /// shares the storage.
+///
+/// The rows may lie in several segments of memory, like [`MxMat`]'s: MiMo's FP8 dense MLP
+/// stores `gate_proj.weight`, `gate_proj.weight_scale_inv`, `up_proj.weight` in that order, so
+/// the loader keeps a view of each half ([`Mat::from_segments`]) instead of copying the codes
+/// together. [`Mat::segments`] gives each segment's values with its first row,
+/// [`Mat::row_data`] / [`Mat::row_bytes`] one row; [`Mat::data`] and [`Mat::bytes`] are the
+/// one-segment case.
 #[derive(Clone)]
 pub struct Mat {
     pub rows: usize,
     pub cols: usize,
-    store: Store,
+    /// `(rows, values)` per segment, in row order (at least one; one dtype).
+    parts: Vec<(usize, Store)>,
 }
 
 impl fmt::Debug for Mat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = match &self.store {
-            Store::F32(b) | Store::Bf16(b) | Store::F16(b) | Store::F8 { codes: b, .. } => b,
-        };
-        write!(
-            f,
-            "Mat({}x{} {:?}, {:?})",
-            self.rows,
-            self.cols,
-            self.dtype(),
-            b
-        )
+        write!(f, "Mat({}x{} {:?}", self.rows, self.cols, self.dtype())?;
+        for (_, s) in &self.parts {
+            write!(f, ", {:?}", s.bytes())?;
+        }
+        write!(f, ")")
     }
 }
 
@@ -320,7 +388,7 @@ impl Mat {
         Mat {
             rows,
             cols,
-            store: Store::F32(Bytes::owned(Backing::F32(data))),
+            parts: vec![(rows, Store::F32(Bytes::owned(Backing::F32(data))))],
         }
     }
 
@@ -331,7 +399,7 @@ impl Mat {
         Mat {
             rows,
             cols,
-            store: Store::Bf16(Bytes::owned(Backing::U16(v))),
+            parts: vec![(rows, Store::Bf16(Bytes::owned(Backing::U16(v))))],
         }
     }
 
@@ -342,7 +410,7 @@ impl Mat {
         Mat {
             rows,
             cols,
-            store: Store::F16(Bytes::owned(Backing::U16(v))),
+            parts: vec![(rows, Store::F16(Bytes::owned(Backing::U16(v))))],
         }
     }
 
@@ -423,45 +491,146 @@ impl Mat {
                 }
             }
         };
-        Ok(Mat { rows, cols, store })
+        Ok(Mat {
+            rows,
+            cols,
+            parts: vec![(rows, store)],
+        })
+    }
+
+    /// A matrix whose rows are the rows of `segments` in order (same dtype and columns; FP8
+    /// segments each keep their own block scales), sharing their storage: no values are copied.
+    /// Segmented segments are flattened; one segment is returned as it is. Errors name what
+    /// disagrees.
+    pub fn from_segments(segments: Vec<Mat>) -> Result<Mat, String> {
+        let Some(first) = segments.first() else {
+            return Err("a matrix needs at least one row segment".into());
+        };
+        let (cols, dtype) = (first.cols, first.dtype());
+        for (i, m) in segments.iter().enumerate() {
+            if m.cols != cols || m.dtype() != dtype {
+                return Err(format!(
+                    "row segment {i} is {}x{} {:?}, segment 0 has {cols} columns of {dtype:?}",
+                    m.rows,
+                    m.cols,
+                    m.dtype()
+                ));
+            }
+        }
+        let scaled: Vec<bool> = segments
+            .iter()
+            .flat_map(|m| &m.parts)
+            .map(|(_, s)| {
+                matches!(
+                    s,
+                    Store::F8 {
+                        scales: Some(_),
+                        ..
+                    }
+                )
+            })
+            .collect();
+        if scaled.contains(&true) && scaled.contains(&false) {
+            return Err("FP8 block scales on only some row segments".into());
+        }
+        let parts: Vec<(usize, Store)> = segments.into_iter().flat_map(|m| m.parts).collect();
+        Ok(Mat {
+            rows: parts.iter().map(|p| p.0).sum(),
+            cols,
+            parts,
+        })
     }
 
     /// The stored dtype.
     pub fn dtype(&self) -> DenseDtype {
-        match self.store {
-            Store::F32(_) => DenseDtype::F32,
-            Store::Bf16(_) => DenseDtype::Bf16,
-            Store::F16(_) => DenseDtype::F16,
-            Store::F8 { .. } => DenseDtype::F8E4M3,
+        self.parts[0].1.dtype()
+    }
+
+    /// The one store of a matrix in one segment.
+    fn single(&self, what: &str) -> &Store {
+        match self.parts.as_slice() {
+            [(_, s)] => s,
+            p => panic!(
+                "Mat::{what}: a matrix in {} row segments has no single view (Mat::segments, \
+                 Mat::row_data)",
+                p.len()
+            ),
         }
     }
 
-    /// The values in their stored dtype, for kernels.
+    /// The values in their stored dtype, for kernels, of a matrix stored in one segment (every
+    /// matrix but a loader's [`Mat::from_segments`]). Panics on a segmented matrix (see
+    /// [`Mat::segments`]).
     #[inline]
     pub fn data(&self) -> MatData<'_> {
-        // SAFETY: the constructors checked alignment and length for the element type; f32,
-        // bf16, f16 and u8 are valid for every bit pattern.
-        unsafe {
-            match &self.store {
-                Store::F32(b) => MatData::F32(b.typed()),
-                Store::Bf16(b) => MatData::Bf16(b.typed()),
-                Store::F16(b) => MatData::F16(b.typed()),
-                Store::F8 { codes, scales } => MatData::F8E4M3 {
-                    codes: codes.as_slice(),
-                    scales: scales.as_ref().map(|s| Fp8Scales {
-                        block: s.block,
-                        cols: s.cols,
-                        values: &s.values,
-                    }),
-                },
-            }
-        }
+        self.single("data").data()
     }
 
-    /// The raw stored bytes of the values (FP8: the codes; the scales are apart).
+    /// Number of row segments (1 unless built by [`Mat::from_segments`]).
+    pub fn num_segments(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Each row segment's values in their stored dtype with its first row and row count, in
+    /// row order (one entry for a contiguous matrix; row `i` of a segment's values is row
+    /// `first + i` of the matrix).
+    pub fn segments(&self) -> Vec<(usize, usize, MatData<'_>)> {
+        let mut r0 = 0;
+        self.parts
+            .iter()
+            .map(|(n, s)| {
+                r0 += n;
+                (r0 - n, *n, s.data())
+            })
+            .collect()
+    }
+
+    /// The values of the segment holding row `r`, and the row's index in them. Panics if
+    /// `r ≥ rows`.
+    #[inline]
+    pub fn row_data(&self, r: usize) -> (MatData<'_>, usize) {
+        if let [(_, s)] = self.parts.as_slice() {
+            return (s.data(), r);
+        }
+        let (i, r) = locate_row(self.parts.iter().map(|p| p.0), r)
+            .unwrap_or_else(|| panic!("Mat: row {r} of {}", self.rows));
+        (self.parts[i].1.data(), r)
+    }
+
+    /// The stored bytes of row `r`'s values (FP8: its codes). Panics if `r ≥ rows`.
+    pub fn row_bytes(&self, r: usize) -> &[u8] {
+        let (i, r) = locate_row(self.parts.iter().map(|p| p.0), r)
+            .unwrap_or_else(|| panic!("Mat: row {r} of {}", self.rows));
+        let w = self.cols * self.dtype().size();
+        &self.parts[i].1.bytes().as_slice()[r * w..(r + 1) * w]
+    }
+
+    /// The raw stored bytes of the values (FP8: the codes; the scales are apart) of a matrix
+    /// stored in one segment. Panics on a segmented matrix (see [`Mat::row_bytes`],
+    /// [`Mat::is_mapped`], [`Mat::release_pages`]).
     pub fn bytes(&self) -> &Bytes {
-        match &self.store {
-            Store::F32(b) | Store::Bf16(b) | Store::F16(b) | Store::F8 { codes: b, .. } => b,
+        self.single("bytes").bytes()
+    }
+
+    /// Whether every segment's values are a view of a memory-mapped file (not an owned copy).
+    pub fn is_mapped(&self) -> bool {
+        self.parts.iter().all(|(_, s)| s.bytes().is_mapped())
+    }
+
+    /// Whether the storage (every segment) is the storage of `o` (the same bytes, not equal
+    /// ones).
+    pub fn shares_storage(&self, o: &Mat) -> bool {
+        self.parts.len() == o.parts.len()
+            && self.parts.iter().zip(&o.parts).all(|((_, a), (_, b))| {
+                let (a, b) = (a.bytes(), b.bytes());
+                Arc::ptr_eq(&a.backing, &b.backing) && a.start == b.start && a.len == b.len
+            })
+    }
+
+    /// See [`Bytes::release_pages`] (every segment).
+    pub fn release_pages(&self) {
+        for (_, s) in &self.parts {
+            s.bytes().release_pages();
         }
     }
 
@@ -472,19 +641,16 @@ impl Mat {
 
     /// Bytes the values occupy in their stored dtype (FP8 scales included).
     pub fn stored_bytes(&self) -> usize {
-        let scales = match &self.store {
-            Store::F8 {
-                scales: Some(s), ..
-            } => 4 * s.values.len(),
-            _ => 0,
-        };
-        self.bytes().len() + scales
+        self.parts.iter().map(|(_, s)| s.stored_bytes()).sum()
     }
 
-    /// The f32 values when the matrix is stored as f32.
+    /// The f32 values when the matrix is stored as f32 in one segment.
     pub fn as_f32(&self) -> Option<&[f32]> {
-        match self.data() {
-            MatData::F32(v) => Some(v),
+        match self.parts.as_slice() {
+            [(_, s)] => match s.data() {
+                MatData::F32(v) => Some(v),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -492,13 +658,14 @@ impl Mat {
     /// Row `r` widened to f32 into `out` (`cols` values; exact).
     #[inline]
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        widen_row(self.data(), r, self.cols, out);
+        let (d, r) = self.row_data(r);
+        widen_row(d, r, self.cols, out);
     }
 
     /// Row `r` as f32: borrowed for f32 storage, widened otherwise.
     pub fn row(&self, r: usize) -> Cow<'_, [f32]> {
-        match self.data() {
-            MatData::F32(v) => Cow::Borrowed(&v[r * self.cols..(r + 1) * self.cols]),
+        match self.row_data(r) {
+            (MatData::F32(v), r) => Cow::Borrowed(&v[r * self.cols..(r + 1) * self.cols]),
             _ => {
                 let mut out = vec![0f32; self.cols];
                 self.row_into(r, &mut out);
@@ -528,6 +695,22 @@ impl Mat {
             "Mat::columns: {c0}..+{n} outside {} columns",
             self.cols
         );
+        if self.parts.len() > 1 {
+            // Segment by segment (each keeps its own FP8 scales), as segments again.
+            let segs = self
+                .parts
+                .iter()
+                .map(|(rows, s)| {
+                    Mat {
+                        rows: *rows,
+                        cols: self.cols,
+                        parts: vec![(*rows, s.clone())],
+                    }
+                    .columns(c0, n)
+                })
+                .collect();
+            return Mat::from_segments(segs).expect("column blocks of one matrix agree");
+        }
         fn gather<T: Copy>(v: &[T], rows: usize, cols: usize, c0: usize, n: usize) -> Vec<T> {
             (0..rows)
                 .flat_map(|r| v[r * cols + c0..r * cols + c0 + n].iter().copied())
@@ -579,7 +762,7 @@ impl Mat {
         Mat {
             rows,
             cols: n,
-            store,
+            parts: vec![(rows, store)],
         }
     }
 
@@ -587,14 +770,14 @@ impl Mat {
     /// owned f32 copy (widened when it was stored narrower) unless it already is one that
     /// nobody else shares.
     pub fn make_f32_mut(&mut self) -> &mut [f32] {
-        let unique_f32 = matches!(&self.store, Store::F32(b)
+        let unique_f32 = matches!(self.parts.as_slice(), [(_, Store::F32(b))]
             if !b.is_mapped() && Arc::strong_count(&b.backing) == 1 && b.start == 0
                 && b.len == b.backing.bytes().len());
         if !unique_f32 {
             let v = self.to_f32();
-            self.store = Store::F32(Bytes::owned(Backing::F32(v)));
+            self.parts = vec![(self.rows, Store::F32(Bytes::owned(Backing::F32(v))))];
         }
-        let Store::F32(b) = &mut self.store else {
+        let [(_, Store::F32(b))] = self.parts.as_mut_slice() else {
             unreachable!()
         };
         match Arc::get_mut(&mut b.backing) {
@@ -734,14 +917,10 @@ impl MxMat {
     }
 
     /// The segment holding row `r` and the row's index in it. Panics if `r ≥ rows`.
-    fn locate(&self, mut r: usize) -> (&(usize, Bytes, Bytes), usize) {
-        for p in &self.parts {
-            if r < p.0 {
-                return (p, r);
-            }
-            r -= p.0;
-        }
-        panic!("MxMat: row out of range");
+    fn locate(&self, r: usize) -> (&(usize, Bytes, Bytes), usize) {
+        let (i, r) =
+            locate_row(self.parts.iter().map(|p| p.0), r).expect("MxMat: row out of range");
+        (&self.parts[i], r)
     }
 
     /// The `K/2` code bytes of row `r`. Panics if `r ≥ rows`.
@@ -862,7 +1041,7 @@ impl ExpertMat {
     /// See [`Bytes::release_pages`].
     pub fn release_pages(&self) {
         match self {
-            ExpertMat::Dense(m) => m.bytes().release_pages(),
+            ExpertMat::Dense(m) => m.release_pages(),
             ExpertMat::Mxfp4(m) => m.release_pages(),
         }
     }
@@ -1038,9 +1217,7 @@ impl Layer {
 impl Weights {
     /// Bytes of all weights in their stored form (a tied `lm_head` counted once).
     pub fn stored_bytes(&self) -> usize {
-        let head = if Arc::ptr_eq(&self.lm_head.bytes().backing, &self.embed.bytes().backing)
-            && self.lm_head.bytes().start == self.embed.bytes().start
-        {
+        let head = if self.lm_head.shares_storage(&self.embed) {
             0
         } else {
             self.lm_head.stored_bytes()

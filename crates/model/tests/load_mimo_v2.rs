@@ -6,8 +6,9 @@
 //! * `fixtures/mimo-v2/fp4` (released layout, `scripts/fixtures/make_mimo_v2.py`) loads: the
 //!   fused, per-group padded FP8 `qkv_proj` splits into q / k / v whose every value equals the
 //!   checkpoint's code × its group-local block scale (bit for bit), packed MXFP4 experts are
-//!   views of the mapped file (or one copy when gate and up are not adjacent — both give
-//!   bit-identical logits), the MTP file is skipped;
+//!   views of the mapped file (two row segments when gate and up are not adjacent — both give
+//!   bit-identical logits), the FP8 dense MLP's `[gate; up]` is two mapped row segments (never a
+//!   copy of the codes), the MTP file is skipped;
 //! * mis-shaped, missing, NaN-scaled and truncated tensors give errors naming the tensor / file.
 //!
 //! (The logits / hidden states / greedy tokens against the float64 reference are checked by
@@ -18,7 +19,7 @@ mod load_common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use load_common::{serialize, TempDir, Tensors, T};
+use load_common::{mimo_v2_fixture_tensors, serialize, TempDir, Tensors};
 use model::checkpoint::{f8_e4m3_to_f32, Checkpoint};
 use model::config::{Arch, AttnKind, ConfigError, ModelConfig, Quantization, RouterSpec};
 use model::load::{load, LoadError};
@@ -218,26 +219,7 @@ fn mimo_v2_config_refusals_name_the_field() {
 
 /// The fixture's tensors, all shards merged.
 fn fixture_tensors() -> Tensors {
-    let mut out = Tensors::new();
-    for f in [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-        "model_mtp.safetensors",
-    ] {
-        let bytes = std::fs::read(fp4_dir().join(f)).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (name, v) in st.tensors() {
-            out.insert(
-                name,
-                T {
-                    dtype: v.dtype(),
-                    shape: v.shape().to_vec(),
-                    data: v.data().to_vec(),
-                },
-            );
-        }
-    }
-    out
+    mimo_v2_fixture_tensors(&fp4_dir())
 }
 
 /// The fixture's config and the given tensors as one `model.safetensors` in a temp dir.
@@ -307,8 +289,35 @@ fn fixture_loads_in_the_released_layout() {
         assert_eq!(a.sinks.is_some(), ls.sinks);
         match &layer.mlp {
             Mlp::Dense { gate_up, down } => {
-                assert_eq!(gate_up.w.dtype(), model::weights::DenseDtype::F8E4M3);
+                let gu = &gate_up.w;
+                assert_eq!(gu.dtype(), model::weights::DenseDtype::F8E4M3);
+                assert_eq!((gu.rows, gu.cols), (2 * 160, h));
                 assert_eq!((down.w.rows, down.w.cols), (h, 160));
+                // FP8 `gate_proj.weight`, its `weight_scale_inv`, then `up_proj.weight` (name
+                // order): a view of each half in the mapped file with its own block scales (160
+                // rows: a scale block straddles the seam), never a copy of the codes.
+                assert!(gu.is_mapped(), "layer {l}: dense gate_up is a view");
+                assert_eq!(gu.num_segments(), 2, "layer {l}");
+                let p = format!("model.layers.{l}.mlp.");
+                let raw = |n: &str| ck.get(&format!("{p}{n}")).unwrap().data.to_vec();
+                let want = [raw("gate_proj.weight"), raw("up_proj.weight")].concat();
+                let got: Vec<u8> = (0..gu.rows)
+                    .flat_map(|r| gu.row_bytes(r).to_vec())
+                    .collect();
+                assert_eq!(got, want, "layer {l}: gate_up codes");
+                let mut row = vec![0f32; h];
+                for (half, name) in ["gate_proj", "up_proj"].iter().enumerate() {
+                    let sc = ck.read_f32(&format!("{p}{name}.weight_scale_inv")).unwrap();
+                    let codes = raw(&format!("{name}.weight"));
+                    for r in 0..160 {
+                        gu.row_into(half * 160 + r, &mut row);
+                        for (c, &x) in row.iter().enumerate() {
+                            let s = sc[(r / 128) * h.div_ceil(128) + c / 128];
+                            let want = f8_e4m3_to_f32(codes[r * h + c]) * s;
+                            assert_eq!(x.to_bits(), want.to_bits(), "layer {l} {name} row {r}");
+                        }
+                    }
+                }
             }
             Mlp::Moe(m) => {
                 assert!(m.correction_bias.is_some());

@@ -286,3 +286,153 @@ fn segmented_mxfp4_rows_equal_the_contiguous_matrix() {
         assert_eq!(bits(&a), bits(&b), "q8, t = {t}");
     }
 }
+
+/// A dense matrix held as row segments (MiMo's FP8 `[gate; up]` as two views, each with its own
+/// block scales) reads the same rows and computes bit for bit what the contiguous matrix does —
+/// matvec / matmul (serial and rayon, token tiles), row reads, TP row and column shards, column
+/// blocks — in every stored dtype, FP8 with scale blocks straddling the seam included.
+#[test]
+fn segmented_dense_rows_equal_the_contiguous_matrix() {
+    // 700 x 261 is over PAR_MIN_WORK (rayon tasks); the 300-row cut is not a multiple of the
+    // FP8 scale block (128), nor of 2 (the kernels' row pairs) once offset by 1.
+    for (rows, cols, cut) in [(9, 61, 4), (700, 261, 300), (700, 261, 301), (64, 256, 32)] {
+        let v = rand_vals(rows as u64 + cut as u64, rows * cols, 2.0);
+        let halves = |m: &dyn Fn(usize, usize) -> Mat| -> (Mat, Mat) {
+            let whole = m(0, rows);
+            let seg = Mat::from_segments(vec![m(0, cut), m(cut, rows)]).unwrap();
+            (whole, seg)
+        };
+        let rows_of = |r0: usize, r1: usize| v[r0 * cols..r1 * cols].to_vec();
+        let bf = |r0, r1| {
+            let x = rows_of(r0, r1).iter().map(|&x| bf16::from_f32(x)).collect();
+            Mat::from_bf16(r1 - r0, cols, x)
+        };
+        let hf = |r0, r1| {
+            let x = rows_of(r0, r1).iter().map(|&x| f16::from_f32(x)).collect();
+            Mat::from_f16(r1 - r0, cols, x)
+        };
+        let f32m = |r0, r1| Mat::from_f32(r1 - r0, cols, rows_of(r0, r1));
+        // FP8 codes with 128 x 128 block scales, block rows counted from each tensor's first
+        // row (as the checkpoint stores gate and up); the whole matrix repeats each scale row
+        // per weight row ([1, 128] blocks), the form a concatenation needed at a straddling seam.
+        let block = 128;
+        let sc = cols.div_ceil(block);
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|i| ((i * 37 + cut) % 255) as u8 & 0x7e)
+            .collect();
+        let scale_of = |r: usize, c: usize| -> f32 {
+            let local = if r < cut { r } else { r - cut };
+            let tensor = usize::from(r >= cut);
+            0.5 + ((tensor * 7 + local / block) * sc + c) as f32 / 64.0
+        };
+        let f8 = |r0: usize, r1: usize| {
+            let n = r1 - r0;
+            let scales = (0..n.div_ceil(block))
+                .flat_map(|b| (0..sc).map(move |c| scale_of(r0 + b * block, c)))
+                .collect();
+            Mat::from_bytes(
+                DenseDtype::F8E4M3,
+                n,
+                cols,
+                Bytes::from_vec(codes[r0 * cols..r1 * cols].to_vec()),
+                Some(([block, block], sc, scales)),
+            )
+            .unwrap()
+        };
+        let f8_whole = |_, _| {
+            let scales = (0..rows)
+                .flat_map(|r| (0..sc).map(move |c| scale_of(r, c)))
+                .collect();
+            Mat::from_bytes(
+                DenseDtype::F8E4M3,
+                rows,
+                cols,
+                Bytes::from_vec(codes.clone()),
+                Some(([1, block], sc, scales)),
+            )
+            .unwrap()
+        };
+        let cases: Vec<(&str, Mat, Mat)> = vec![
+            ("bf16", halves(&bf).0, halves(&bf).1),
+            ("f16", halves(&hf).0, halves(&hf).1),
+            ("f32", halves(&f32m).0, halves(&f32m).1),
+            (
+                "fp8",
+                f8_whole(0, rows),
+                Mat::from_segments(vec![f8(0, cut), f8(cut, rows)]).unwrap(),
+            ),
+        ];
+        for (what, whole, seg) in cases {
+            let what = format!("{what} {rows}x{cols} cut {cut}");
+            assert_eq!(seg.num_segments(), 2, "{what}");
+            assert_eq!(
+                (seg.rows, seg.cols, seg.dtype()),
+                (rows, cols, whole.dtype())
+            );
+            assert_eq!(seg, whole, "{what}: rows");
+            assert_eq!(bits(&seg.to_f32()), bits(&whole.to_f32()), "{what}");
+            let segs = seg.segments();
+            assert_eq!(
+                segs.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+                [(0, cut), (cut, rows - cut)]
+            );
+            for r in [0, cut - 1, cut, rows - 1] {
+                let (d, i) = seg.row_data(r);
+                assert_eq!(i, if r < cut { r } else { r - cut }, "{what}: row {r}");
+                let x = rand_vals(5, cols, 1.0);
+                assert_eq!(
+                    ops::dot_row(d, i, &x, &mut Vec::new()).to_bits(),
+                    ops::dot_row(whole.data(), r, &x, &mut Vec::new()).to_bits(),
+                    "{what}: dot of row {r}"
+                );
+                assert_eq!(
+                    seg.row_bytes(r),
+                    whole.row_bytes(r),
+                    "{what}: bytes of row {r}"
+                );
+            }
+            for t in [1, 3, 33] {
+                let x = rand_vals(3 + t as u64, t * cols, 1.0);
+                let (mut a, mut b) = (vec![0f32; t * rows], vec![0f32; t * rows]);
+                ops::matmul(&seg, &x, t, &mut a);
+                ops::matmul(&whole, &x, t, &mut b);
+                assert_eq!(bits(&a), bits(&b), "{what}: t = {t}");
+            }
+            // Tensor-parallel shards: rows across the seam, a column range.
+            let rs = [1..cut + 2, rows - 3..rows];
+            let (a, b) = (
+                model::shard::rows_of(&seg, &rs),
+                model::shard::rows_of(&whole, &rs),
+            );
+            assert_eq!(bits(&a.to_f32()), bits(&b.to_f32()), "{what}: row shard");
+            let (a, b) = (
+                model::shard::cols_of(&seg, 1..cols - 2),
+                model::shard::cols_of(&whole, 1..cols - 2),
+            );
+            assert_eq!(bits(&a.to_f32()), bits(&b.to_f32()), "{what}: column shard");
+            let (a, b) = (seg.columns(0, cols / 2), whole.columns(0, cols / 2));
+            assert_eq!(a.dtype(), b.dtype(), "{what}: column block dtype");
+            assert_eq!(bits(&a.to_f32()), bits(&b.to_f32()), "{what}: column block");
+            assert!(seg.stored_bytes() >= rows * cols * seg.dtype().size());
+        }
+    }
+    // Segments must agree.
+    let a = Mat::from_f32(2, 3, vec![0.0; 6]);
+    let e = Mat::from_segments(vec![a.clone(), Mat::from_f32(1, 4, vec![0.0; 4])]).unwrap_err();
+    assert!(e.contains("segment 1"), "{e}");
+    let e = Mat::from_segments(vec![a, Mat::from_bf16(1, 3, vec![bf16::ZERO; 3])]).unwrap_err();
+    assert!(e.contains("Bf16"), "{e}");
+    assert!(Mat::from_segments(vec![]).is_err());
+    let f8 = |scales| {
+        Mat::from_bytes(
+            DenseDtype::F8E4M3,
+            2,
+            4,
+            Bytes::from_vec(vec![0x38; 8]),
+            scales,
+        )
+        .unwrap()
+    };
+    let e = Mat::from_segments(vec![f8(Some(([128, 128], 1, vec![1.0]))), f8(None)]).unwrap_err();
+    assert!(e.contains("block scales"), "{e}");
+}

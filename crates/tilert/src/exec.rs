@@ -782,8 +782,8 @@ fn upload_target(
         DeviceMatrix::projection(arena, &weights.lm_head, "lm_head")?
     };
     let final_norm = arena.upload(&weights.final_norm, "final norm")?;
-    weights.embed.bytes().release_pages();
-    weights.lm_head.bytes().release_pages();
+    weights.embed.release_pages();
+    weights.lm_head.release_pages();
     progress(model::progress::Progress { done: total, total });
     Ok(target_weights(embed, lm_head, final_norm, layers))
 }

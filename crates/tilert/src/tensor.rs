@@ -2,9 +2,9 @@
 //! ([`DeviceMatrix::from_mat`]: tensor by tensor from the mapped checkpoint, no whole-model copy).
 
 use half::bf16;
-use model::weights::{Mat, MatData};
+use model::weights::{DenseDtype, Mat, MatData};
 
-use crate::arena::{Arena, DPtr};
+use crate::arena::{htod, Arena, DPtr};
 use crate::ops::proj::{ProjData, ProjMatrix};
 use crate::ops::Ops;
 use crate::RuntimeError;
@@ -67,10 +67,21 @@ impl DeviceMatrix {
     /// [`DeviceMatrix::upload`]'s rule (bf16 when lossless, else f32) — the device bytes of the
     /// widening loader before, so GPU outputs do not change. FP8 thus lands as bf16 or f32
     /// until FP8 kernels exist.
+    ///
+    /// A matrix in row segments ([`Mat::segments`]: MiMo's `[gate; up]` views) is copied
+    /// segment by segment into its rows of the device buffer — still no host copy.
     pub fn from_mat(arena: &mut Arena, m: &Mat, what: &str) -> Result<Self, RuntimeError> {
-        if let MatData::Bf16(v) = m.data() {
+        if m.dtype() == DenseDtype::Bf16 {
+            let p = arena.alloc::<bf16>(m.rows * m.cols, what)?;
+            for (r0, n, d) in m.segments() {
+                let MatData::Bf16(v) = d else {
+                    unreachable!("a matrix has one dtype")
+                };
+                htod(arena.stream(), v, p.slice(r0 * m.cols..(r0 + n) * m.cols))?;
+            }
+            arena.stream().synchronize()?;
             return Ok(Self {
-                data: DenseData::Bf16(arena.upload(v, what)?),
+                data: DenseData::Bf16(p),
                 rows: m.rows,
                 cols: m.cols,
             });
@@ -105,12 +116,12 @@ impl DeviceMatrix {
                 ))),
             }
         };
-        if mats.iter().all(|m| matches!(m.data(), MatData::Bf16(_))) {
+        if mats.iter().all(|m| m.dtype() == DenseDtype::Bf16) {
             let mut h: Vec<bf16> = Vec::with_capacity(rows * cols);
             for p in 0..rows {
                 let (i, r) = pick(p);
                 check(i, r)?;
-                let MatData::Bf16(v) = mats[i].data() else {
+                let (MatData::Bf16(v), r) = mats[i].row_data(r) else {
                     unreachable!("checked above")
                 };
                 h.extend_from_slice(&v[r * cols..(r + 1) * cols]);
@@ -136,13 +147,7 @@ impl DeviceMatrix {
     /// is — the row-major `linear` kernels are as fast as the tiled ones for bf16, see
     /// kernels/NOTES.md).
     pub fn projection(arena: &mut Arena, m: &Mat, what: &str) -> Result<Self, RuntimeError> {
-        if matches!(
-            m.data(),
-            MatData::F8E4M3 {
-                scales: Some(_),
-                ..
-            }
-        ) {
+        if m.dtype() == DenseDtype::F8E4M3 {
             let all = |p: usize| (0, p);
             if let Some(p) = ProjMatrix::fp8_from_rows(arena, &[m], m.rows, m.cols, all, what)? {
                 return Ok(p.into());

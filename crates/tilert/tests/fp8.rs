@@ -481,3 +481,136 @@ fn checkpoint_matrices_upload_in_their_dtype() {
     let e = ProjMatrix::from_mat(&mut g.arena, &f, "o_proj").unwrap_err();
     assert!(e.to_string().contains("o_proj"), "{e}");
 }
+
+/// The device bytes of a `ProjMatrix` (tiles, and FP8 scales).
+fn proj_bytes(g: &Gpu, m: &ProjMatrix) -> (Vec<u8>, Vec<u32>) {
+    use tilert::ops::proj::ProjData;
+    match m.data {
+        ProjData::Fp8 { tiles, scales } => (
+            dtoh(&g.stream, tiles).unwrap(),
+            dtoh(&g.stream, scales)
+                .unwrap()
+                .iter()
+                .map(|s| s.to_bits())
+                .collect(),
+        ),
+        ProjData::Bf16 { tiles } => (
+            dtoh(&g.stream, tiles)
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+            Vec::new(),
+        ),
+    }
+}
+
+/// A checkpoint matrix held as row segments (MiMo's FP8 dense `[gate; up]`: a view of each half
+/// with its own 128x128 block scales; bf16 halves that are not adjacent) uploads to exactly the
+/// device bytes of the contiguous matrix — the tiled FP8 / bf16 projection form
+/// (`ProjMatrix::from_mat`, `DeviceMatrix::projection`) and the row-major bf16 form
+/// (`DeviceMatrix::from_mat`) — and the projection computes the same bits.
+#[test]
+fn segmented_checkpoint_matrices_upload_like_contiguous_ones() {
+    let Some((mut g, mut rng)) = gpu("segmented_checkpoint_matrices_upload_like_contiguous_ones")
+    else {
+        return;
+    };
+    use model::weights::{Bytes, DenseDtype, Mat};
+    use tilert::tensor::{DenseData, DeviceMatrix};
+    // 160 rows a half: the seam is not on a 128-row scale block (it is on a 16-row group).
+    let (half, cols): (usize, usize) = (160, 300);
+    let (rows, sc) = (2 * half, cols.div_ceil(128));
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| rng.random::<u8>() & 0x7e)
+        .collect();
+    let scale = |t: usize, b: usize, c: usize| 2f32.powi(-3 - ((t * 5 + b * 3 + c) % 9) as i32);
+    let fp8_half = |t: usize| {
+        let s = (0..half.div_ceil(128))
+            .flat_map(|b| (0..sc).map(move |c| scale(t, b, c)))
+            .collect();
+        let c = codes[t * half * cols..(t + 1) * half * cols].to_vec();
+        Mat::from_bytes(
+            DenseDtype::F8E4M3,
+            half,
+            cols,
+            Bytes::from_vec(c),
+            Some(([128, 128], sc, s)),
+        )
+        .unwrap()
+    };
+    let seg = Mat::from_segments(vec![fp8_half(0), fp8_half(1)]).unwrap();
+    // The contiguous form: one scale row per weight row.
+    let per_row = (0..rows)
+        .flat_map(|r| (0..sc).map(move |c| scale(r / half, (r % half) / 128, c)))
+        .collect();
+    let whole = Mat::from_bytes(
+        DenseDtype::F8E4M3,
+        rows,
+        cols,
+        Bytes::from_vec(codes.clone()),
+        Some(([1, 128], sc, per_row)),
+    )
+    .unwrap();
+    assert_eq!(seg.num_segments(), 2);
+    let (a, b) = (
+        ProjMatrix::from_mat(&mut g.arena, &seg, "gate_up").unwrap(),
+        ProjMatrix::from_mat(&mut g.arena, &whole, "gate_up").unwrap(),
+    );
+    assert!(a.is_fp8());
+    assert_eq!(
+        proj_bytes(&g, &a),
+        proj_bytes(&g, &b),
+        "FP8 tiles and scales"
+    );
+    let p = DeviceMatrix::projection(&mut g.arena, &seg, "gate_up").unwrap();
+    let p = p.tiled().expect("FP8 stays tiled FP8");
+    assert_eq!(
+        proj_bytes(&g, &p),
+        proj_bytes(&g, &b),
+        "DeviceMatrix::projection"
+    );
+    let x: Vec<f32> = (0..3 * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let dx = up(&mut g, &x);
+    let ya = g.arena.alloc::<f32>(3 * rows, "ya").unwrap();
+    let yb = g.arena.alloc::<f32>(3 * rows, "yb").unwrap();
+    g.ops.linear(&g.stream, &a, None, dx, 3, ya, false).unwrap();
+    g.ops.linear(&g.stream, &b, None, dx, 3, yb, false).unwrap();
+    let (ya, yb) = (dtoh(&g.stream, ya).unwrap(), dtoh(&g.stream, yb).unwrap());
+    assert!(ya.iter().zip(&yb).all(|(p, q)| p.to_bits() == q.to_bits()));
+
+    // bf16 halves.
+    let v: Vec<bf16> = (0..rows * cols)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+        .collect();
+    let bf_half = |t: usize| {
+        Mat::from_bf16(
+            half,
+            cols,
+            v[t * half * cols..(t + 1) * half * cols].to_vec(),
+        )
+    };
+    let seg = Mat::from_segments(vec![bf_half(0), bf_half(1)]).unwrap();
+    let whole = Mat::from_bf16(rows, cols, v.clone());
+    let (a, b) = (
+        ProjMatrix::from_mat(&mut g.arena, &seg, "gate_up").unwrap(),
+        ProjMatrix::from_mat(&mut g.arena, &whole, "gate_up").unwrap(),
+    );
+    assert_eq!(proj_bytes(&g, &a), proj_bytes(&g, &b), "bf16 tiles");
+    let (a, b) = (
+        DeviceMatrix::from_mat(&mut g.arena, &seg, "gate_up").unwrap(),
+        DeviceMatrix::from_mat(&mut g.arena, &whole, "gate_up").unwrap(),
+    );
+    let (DenseData::Bf16(pa), DenseData::Bf16(pb)) = (a.data, b.data) else {
+        panic!("bf16 stays bf16 row-major")
+    };
+    let bits = |p| -> Vec<u16> {
+        dtoh(&g.stream, p)
+            .unwrap()
+            .iter()
+            .map(|x: &bf16| x.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(pa), bits(pb), "row-major bf16 upload");
+    assert_eq!(bits(pa), v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+}

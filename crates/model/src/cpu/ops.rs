@@ -308,13 +308,37 @@ pub fn matvec(w: &Mat, x: &[f32], y: &mut [f32]) {
 
 /// `out` (`[rows, t]`) = every row of `w` dotted with every row of `x` (`[t, cols]`), split over
 /// rayon tasks by rows when the product has at least [`PAR_MIN_WORK`] multiply-adds.
+/// A matrix in row segments ([`Mat::segments`]) runs segment by segment into its rows of `out`
+/// (a row's result depends on its own weights only: the bits of the contiguous matrix).
 fn rows_par(w: &Mat, x: &[f32], t: usize, out: &mut [f32]) {
-    let (d, k) = (w.data(), w.cols);
-    if w.rows * k * t < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
-        kernels::rows_dot(d, k, 0..w.rows, x, t, out, &mut Vec::new());
+    for (r0, n, d) in w.segments() {
+        rows_par_data(
+            d,
+            n,
+            w.cols,
+            w.dtype().size(),
+            x,
+            t,
+            &mut out[r0 * t..(r0 + n) * t],
+        );
+    }
+}
+
+/// [`rows_par`] over the `rows` rows of one segment's values `d` (`size` bytes an element).
+fn rows_par_data(
+    d: MatData<'_>,
+    rows: usize,
+    k: usize,
+    size: usize,
+    x: &[f32],
+    t: usize,
+    out: &mut [f32],
+) {
+    if rows * k * t < PAR_MIN_WORK || rayon::current_num_threads() == 1 {
+        kernels::rows_dot(d, k, 0..rows, x, t, out, &mut Vec::new());
     } else {
         // Whole 2-row groups per task (the GEMM kernel's blocking).
-        let rpt = rows_per_task(w.rows, k, w.dtype().size()).next_multiple_of(2);
+        let rpt = rows_per_task(rows, k, size).next_multiple_of(2);
         out.par_chunks_mut(rpt * t)
             .enumerate()
             .for_each_init(Vec::new, |scratch, (ci, chunk)| {

@@ -395,3 +395,28 @@ pub fn remove_keys(config: &str, keys: &[&str]) -> String {
     }
     v.to_string()
 }
+
+/// Every tensor of the tiny released-layout `mimo_v2` fixture in `dir` (`fixtures/mimo-v2/fp4`:
+/// both shards and the MTP file), by name.
+pub fn mimo_v2_fixture_tensors(dir: &Path) -> Tensors {
+    let mut out = Tensors::new();
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model_mtp.safetensors",
+    ] {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, v) in st.tensors() {
+            out.insert(
+                name,
+                T {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            );
+        }
+    }
+    out
+}

@@ -250,20 +250,43 @@ impl ProjMatrix {
     /// Uploads a checkpoint weight stored as FP8 e4m3 with block scales of 128 columns that are
     /// constant over each 16-row group (128×128 `weight_scale_inv`, MiMo's per-group qkv parts)
     /// or as bf16, in its stored dtype. Other dtypes and other FP8 scale blocks are refused (the
-    /// dense `DeviceMatrix` takes them).
+    /// dense `DeviceMatrix` takes them). A matrix in row segments ([`Mat::segments`]: MiMo's
+    /// `[gate; up]` views) is read segment by segment, bit-identical to the contiguous one.
     pub fn from_mat(arena: &mut Arena, m: &Mat, what: &str) -> Result<Self, RuntimeError> {
-        match m.data() {
-            MatData::Bf16(v) => Self::upload_bf16(arena, v, m.rows, m.cols, what),
+        let segs = m.segments();
+        match segs[0].2 {
+            MatData::Bf16(v) if segs.len() == 1 => {
+                Self::upload_bf16(arena, v, m.rows, m.cols, what)
+            }
+            MatData::Bf16(_) => {
+                // The tiling takes one row-major buffer: gather the segments into it.
+                let mut v = Vec::with_capacity(m.rows * m.cols);
+                for (_, _, d) in &segs {
+                    let MatData::Bf16(s) = d else {
+                        unreachable!("a matrix has one dtype")
+                    };
+                    v.extend_from_slice(s);
+                }
+                Self::upload_bf16(arena, &v, m.rows, m.cols, what)
+            }
             MatData::F8E4M3 {
                 codes,
                 scales: Some(s),
             } => {
-                let rows: Vec<&[f32]> = (0..m.rows).map(|r| s.row(r)).collect();
-                let groups = (s.block[1] == FP8_BLOCK)
-                    .then(|| group_scales(&rows, m.cols.div_ceil(FP8_BLOCK)))
-                    .flatten();
-                match groups {
-                    Some(g) => Self::upload_fp8_groups(arena, codes, &g, m.rows, m.cols, what),
+                let uploaded = if segs.len() == 1 {
+                    let rows: Vec<&[f32]> = (0..m.rows).map(|r| s.row(r)).collect();
+                    let groups = (s.block[1] == FP8_BLOCK)
+                        .then(|| group_scales(&rows, m.cols.div_ceil(FP8_BLOCK)))
+                        .flatten();
+                    groups
+                        .map(|g| Self::upload_fp8_groups(arena, codes, &g, m.rows, m.cols, what))
+                        .transpose()?
+                } else {
+                    let all = |p: usize| (0, p);
+                    Self::fp8_from_rows(arena, &[m], m.rows, m.cols, all, what)?
+                };
+                match uploaded {
+                    Some(p) => Ok(p),
                     None => Err(RuntimeError::Unsupported(format!(
                         "{what}: FP8 block scales of {:?} (the projection kernels take blocks \
                          of {FP8_BLOCK} columns constant over each {PROJ_TILE_ROWS}-row group)",
@@ -370,28 +393,39 @@ pub fn fp8_rows(
     pick: impl Fn(usize) -> (usize, usize),
     what: &str,
 ) -> Result<Option<(Vec<u8>, Vec<f32>)>, RuntimeError> {
-    let mut parts = Vec::with_capacity(mats.len());
+    // Every row segment of every part (MiMo's `[gate; up]` is two views) must qualify.
     for m in mats {
-        match m.data() {
-            MatData::F8E4M3 {
-                codes,
-                scales: Some(s),
-            } if s.block[1] == FP8_BLOCK && m.cols == cols => parts.push((codes, s)),
-            _ => return Ok(None),
+        for (_, _, d) in m.segments() {
+            match d {
+                MatData::F8E4M3 {
+                    scales: Some(s), ..
+                } if s.block[1] == FP8_BLOCK && m.cols == cols => {}
+                _ => return Ok(None),
+            }
         }
     }
     let mut codes = Vec::with_capacity(rows * cols);
     let mut scale_rows: Vec<&[f32]> = Vec::with_capacity(rows);
     for p in 0..rows {
         let (i, r) = pick(p);
-        let Some((c, s)) = parts.get(i) else {
+        let Some(m) = mats.get(i) else {
             return Err(invalid(format!("{what}: part {i} does not exist")));
         };
-        if r >= mats[i].rows {
+        if r >= m.rows {
             return Err(invalid(format!(
                 "{what}: row {r} of part {i} does not exist"
             )));
         }
+        let (
+            MatData::F8E4M3 {
+                codes: c,
+                scales: Some(s),
+            },
+            r,
+        ) = m.row_data(r)
+        else {
+            unreachable!("checked above")
+        };
         codes.extend_from_slice(&c[r * cols..(r + 1) * cols]);
         scale_rows.push(s.row(r));
     }
