@@ -906,7 +906,7 @@ fn run(cli: Cli) -> Result<()> {
                         "speculation: drafting off, the drafter not loaded: on this machine its best block ran at {:.2}× plain speed (measured {} s ago; measured again after {} more runs; {})",
                         r.draft_speedup,
                         commands::adapt_memory::now_unix().saturating_sub(r.measured_unix),
-                        commands::adapt_memory::REMEASURE_RUNS.saturating_sub(reused.reused),
+                        reused.runs_allowed().saturating_sub(reused.reused),
                         m.path().display()
                     );
                     (g, None)
@@ -927,6 +927,11 @@ fn run(cli: Cli) -> Result<()> {
                             .as_ref()
                             .and_then(commands::adapt_memory::Memory::record_of),
                     ) {
+                        // A verdict the previous record already held backs off further.
+                        let rec = match &remembered {
+                            Some((_, old)) => old.after(rec),
+                            None => rec,
+                        };
                         if let Err(e) = m.store(&rec) {
                             eprintln!(
                                 "ultra: note: could not remember the adaptive choice in {}: {e}",
