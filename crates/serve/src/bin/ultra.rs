@@ -912,11 +912,17 @@ fn run(cli: Cli) -> Result<()> {
                     (g, None)
                 }
                 (Some(dir), None) => {
+                    // Re-measuring a "drafting off" on record: one warm-up round, not two.
+                    let rechecking = remembered.as_ref().is_some_and(|(_, r)| r.drafting_off());
+                    let policy = match policy(fixed_block) {
+                        dflash::BlockPolicy::Adaptive if rechecking => dflash::BlockPolicy::Recheck,
+                        p => p,
+                    };
                     let r = commands::generate::generate_speculative_with(
                         &loaded,
                         dir,
                         block_size,
-                        policy(fixed_block),
+                        policy,
                         &ids,
                         &params,
                         &mut stdout,

@@ -15,7 +15,9 @@
 //! (drafting off again) doubles both, up to [`MAX_BACKOFF`] doublings: a measuring run costs
 //! its full-block rounds (on the default model on this project's CPU 8–16 % of a 128-token
 //! run), so a verdict confirmed again and again is re-checked ever more rarely (8, 16, 32, 64,
-//! 128 runs) and the average cost falls below 1 %; a changed verdict starts over at 8. Output
+//! 128 runs) and the average cost falls below 1 %; a changed verdict starts over at 8. A run
+//! that re-measures such a record warms up with one full-block round instead of two
+//! (`dflash::BlockPolicy::Recheck`). Output
 //! is the same either way (greedy: identical; sampled: the target's distribution).
 
 use std::path::{Path, PathBuf};
