@@ -7,6 +7,13 @@
 //! ```
 //! The break-even acceptance length is round / decode: a drafter must average τ above it for
 //! speculation to pay on this machine.
+//!
+//! ```text
+//! cargo run --release -p dflash --example round_cost -- --model DIR --drafter DIR [--threads N] [--q8]
+//! ```
+//! measures a real checkpoint and its drafter instead (e.g. the embedded default model's cache
+//! directories, `ultra generate` prints where it unpacked them), `--q8` with int8 expert
+//! activations (the CLI's default).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,10 +29,39 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let cfg = synthetic_gpt_oss_100m();
-    let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
-    let model = CpuModel::new(Arc::new(cfg.clone()), Arc::new(weights)).expect("model");
-    let d = drafter(&cfg, ToyKind::ZLab, 16, 3);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    if let Some(t) = arg("--threads") {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.parse().expect("--threads N"))
+            .build_global()
+            .expect("thread pool");
+    }
+    let acts = if args.iter().any(|a| a == "--q8") {
+        model::cpu::Activations::Q8
+    } else {
+        model::cpu::Activations::F32
+    };
+    let (cfg, model, d, what) = match (arg("--model"), arg("--drafter")) {
+        (Some(m), Some(dd)) => {
+            let (cfg, weights) = model::load::load(std::path::Path::new(&m)).expect("model");
+            let model = CpuModel::new(Arc::new(cfg.clone()), Arc::new(weights)).expect("model");
+            let d = dflash::Drafter::load(std::path::Path::new(&dd), &cfg).expect("drafter");
+            (cfg, model, d, m)
+        }
+        _ => {
+            let cfg = synthetic_gpt_oss_100m();
+            let weights = random_weights(&cfg, 7, ToyExperts::Mxfp4);
+            let model = CpuModel::new(Arc::new(cfg.clone()), Arc::new(weights)).expect("model");
+            let d = drafter(&cfg, ToyKind::ZLab, 16, 3);
+            (cfg, model, d, "synthetic gpt-oss-style MoE".to_string())
+        }
+    };
+    let model = model.with_activations(acts);
     let layers = d.config().target_layer_ids.clone();
     let prompt: Vec<u32> = (2..66).collect();
 
@@ -33,7 +69,7 @@ fn main() {
     let mut s = model.session();
     s.prefill(&prompt).expect("prefill");
     let mut t = Vec::new();
-    for i in 0..32 {
+    for i in 0..64 {
         let t0 = Instant::now();
         s.decode(100 + i).expect("decode");
         t.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -55,14 +91,19 @@ fn main() {
     let w = model.weights();
     let base = s.len();
     println!(
-        "CPU, {} threads; synthetic gpt-oss-style MoE; decode step {decode_ms:.2} ms",
+        "CPU, {} threads, {acts:?} expert activations; {what}; decode step {decode_ms:.3} ms",
         rayon::current_num_threads()
     );
     println!("| B | draft ms | verify(B) ms | round ms | round / decode (break-even tau) |");
     println!("|---:|---:|---:|---:|---:|");
-    for b in [2usize, 4, 8, 16] {
+    let blocks: Vec<usize> = match arg("--block") {
+        Some(b) => vec![b.parse().expect("--block N")],
+        None => vec![2, 4, 8, 16],
+    };
+    let reps: usize = arg("--reps").map_or(15, |r| r.parse().expect("--reps N"));
+    for b in blocks {
         let (mut td, mut tv) = (Vec::new(), Vec::new());
-        for _ in 0..7 {
+        for _ in 0..reps {
             let t0 = Instant::now();
             let logits = d
                 .draft(&mut cache, &w.embed, &w.lm_head, 100, b)
@@ -83,7 +124,7 @@ fn main() {
         }
         let (dm, vm) = (median(td), median(tv));
         println!(
-            "| {b} | {dm:.2} | {vm:.2} | {:.2} | {:.2} |",
+            "| {b} | {dm:.3} | {vm:.3} | {:.3} | {:.2} |",
             dm + vm,
             (dm + vm) / decode_ms
         );

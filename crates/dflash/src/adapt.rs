@@ -15,7 +15,8 @@
 //! drafting (any `w ≥ 2`) must beat a plain step by [`MARGIN`] to be chosen, so noise does not
 //! make a sequence slower than decoding without a drafter.
 //!
-//! Schedule: [`WARMUP`] rounds at the full block size (acceptance and the round's cost), then
+//! Schedule: [`WARMUP`] rounds at the full block size (acceptance and the round's cost; one with
+//! [`BlockPolicy::Recheck`]), then
 //! [`PLAIN_WARMUP`] plain steps (the plain cost), then the best width. Every `interval` steps the
 //! other mode is probed once (a full-block round while drafting is off, a plain step while it is
 //! on) to follow changes in acceptance or load; the interval doubles (up to [`MAX_INTERVAL`])
@@ -54,6 +55,18 @@ pub enum BlockPolicy {
     Fixed,
     /// [`Adaptive`]: the block size `2..=B` or no drafts, whichever pays (module docs).
     Adaptive,
+    /// [`BlockPolicy::Adaptive`] re-checking a verdict on record (`ultra generate`'s memory of
+    /// an earlier measuring run): one full-block warm-up round instead of [`WARMUP`], since a
+    /// warm-up round where drafting does not pay costs several plain steps.
+    Recheck,
+}
+
+impl BlockPolicy {
+    /// Whether the rounds' width is chosen adaptively ([`BlockPolicy::Adaptive`] or
+    /// [`BlockPolicy::Recheck`]).
+    pub fn is_adaptive(self) -> bool {
+        matches!(self, BlockPolicy::Adaptive | BlockPolicy::Recheck)
+    }
 }
 
 /// What an adaptive sequence chose, for reports.
@@ -161,6 +174,8 @@ pub struct Adaptive {
     probing: bool,
     /// The drafting speed-up of the last choice (see [`AdaptSummary::draft_speedup`]).
     speedup: Option<f64>,
+    /// Full-block rounds before the first choice ([`WARMUP`], 1 for [`BlockPolicy::Recheck`]).
+    warmup: u64,
 }
 
 impl Adaptive {
@@ -178,6 +193,20 @@ impl Adaptive {
             interval: MIN_INTERVAL,
             probing: false,
             speedup: None,
+            warmup: WARMUP,
+        }
+    }
+
+    /// The controller `policy` asks for ([`BlockPolicy::Recheck`]: one warm-up round; `None` for
+    /// [`BlockPolicy::Fixed`]).
+    pub fn for_policy(policy: BlockPolicy, max_block: usize) -> Option<Adaptive> {
+        match policy {
+            BlockPolicy::Fixed => None,
+            BlockPolicy::Adaptive => Some(Adaptive::new(max_block)),
+            BlockPolicy::Recheck => Some(Adaptive {
+                warmup: 1,
+                ..Adaptive::new(max_block)
+            }),
         }
     }
 
@@ -193,7 +222,7 @@ impl Adaptive {
     /// The width of the next step (before the cut to the tokens still allowed).
     pub fn next_width(&mut self, stats: &AcceptanceStats) -> usize {
         let b = self.max_block;
-        if self.steps[b] < WARMUP && self.prior_cost[b].is_none() {
+        if self.steps[b] < self.warmup && self.prior_cost[b].is_none() {
             return b;
         }
         if self.steps[1] < PLAIN_WARMUP && self.prior_cost[1].is_none() {
@@ -427,6 +456,30 @@ mod tests {
             }
         }
         assert_eq!(a.chosen(), 1, "{:?}", a.summary());
+    }
+
+    #[test]
+    fn a_recheck_warms_up_with_one_round() {
+        // No draft accepted: drafting cannot pay at any width.
+        let s = stats(&[(0, 7)]);
+        let mut a = Adaptive::for_policy(BlockPolicy::Recheck, 8).unwrap();
+        assert_eq!(a.next_width(&s), 8);
+        a.observe(8, 3.0);
+        // Straight to the plain warm-up, then plain.
+        for _ in 0..PLAIN_WARMUP {
+            assert_eq!(a.next_width(&s), 1);
+            a.observe(1, 1.0);
+        }
+        assert_eq!(a.next_width(&s), 1);
+        assert_eq!(a.summary().steps[8], 1);
+        // The full policy warms up with WARMUP rounds; a fixed block has no controller.
+        let mut full = Adaptive::for_policy(BlockPolicy::Adaptive, 8).unwrap();
+        for _ in 0..WARMUP {
+            assert_eq!(full.next_width(&s), 8);
+            full.observe(8, 3.0);
+        }
+        assert!(Adaptive::for_policy(BlockPolicy::Fixed, 8).is_none());
+        assert!(BlockPolicy::Recheck.is_adaptive() && !BlockPolicy::Fixed.is_adaptive());
     }
 
     #[test]

@@ -123,8 +123,11 @@ impl SpecStream {
             Want::Logits
         };
         let seeded_sampling = !params.is_greedy() && params.seed.is_some();
-        let adapt = (policy == BlockPolicy::Adaptive && !seeded_sampling)
-            .then(|| Adaptive::new(opts.block_size));
+        let adapt = if seeded_sampling {
+            None
+        } else {
+            Adaptive::for_policy(policy, opts.block_size)
+        };
         Ok(SpecStream {
             block: opts.block_size,
             v: vocab,

@@ -161,6 +161,25 @@ impl<'a> MxMatrixRef<'a> {
         })
     }
 
+    /// [`MxMatrixRef::new`] without the scan for NaN scale bytes, for bytes the caller already
+    /// validated with [`MxMatrixRef::new`] and has not changed since (a model checks its
+    /// mapped expert matrices once, not on every product). Shapes are still checked. A NaN
+    /// scale that slipped through only makes that block's outputs NaN.
+    pub fn new_scales_checked(
+        rows: usize,
+        k: usize,
+        blocks: &'a [u8],
+        scales: &'a [u8],
+    ) -> Result<Self, Fp4Error> {
+        check_shape(rows, k, blocks.len(), scales.len())?;
+        Ok(Self {
+            rows,
+            k,
+            blocks,
+            scales,
+        })
+    }
+
     /// Output rows (N).
     pub fn rows(&self) -> usize {
         self.rows

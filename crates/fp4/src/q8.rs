@@ -116,24 +116,20 @@ impl Q8Rows {
         self.q.resize(q0 + g * GROUP_Q, 0);
         self.d.resize(d0 + g * LANES, 0.0);
         self.corr.resize(c0 + g * LANES, 0);
+        #[cfg(target_arch = "x86_64")]
+        let simd = std::arch::is_x86_feature_detected!("avx512f");
         for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
             let (gi, lb) = (b / GROUP, b % GROUP);
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let amax = if xb.iter().any(|v| !v.is_finite()) {
-                f32::NAN
-            } else {
-                amax
-            };
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let qg = &mut self.q[q0 + gi * GROUP_Q..q0 + (gi + 1) * GROUP_Q];
-            let mut sum = 0i32;
-            for (i, &v) in xb.iter().enumerate() {
-                let q = (v * id).round().clamp(-127.0, 127.0) as i8;
-                sum += i32::from(q);
-                let at = (i % 2) * (GROUP * BLOCK / 2) + lb * (BLOCK / 2) + i / 2;
-                qg[at] = q;
-            }
+            let xb: &[f32; BLOCK] = xb.try_into().expect("chunks of BLOCK");
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F is available (checked above).
+            let done = simd
+                .then(|| unsafe { quantize_block_avx512(xb, lb, qg) })
+                .flatten();
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = None;
+            let (d, sum) = done.unwrap_or_else(|| quantize_block(xb, lb, qg));
             let dl = d0 + gi * LANES + lb * 4;
             self.d[dl..dl + 4].fill(d);
             self.corr[c0 + gi * LANES + lb * 4] = -W_OFFSET * sum;
@@ -193,6 +189,99 @@ impl Q8Rows {
             corr: &self.corr[r * g * LANES..(r + 1) * g * LANES],
         }
     }
+}
+
+/// Quantizes one block of 32 activations (the module docs' rule) into its group's codes
+/// `qg` (block `lb` of the group: even elements at `lb·16 ..`, odd ones 64 bytes on) and
+/// returns `(d, Σ q)`. The definition; [`quantize_block_avx512`] gives the same bits.
+fn quantize_block(xb: &[f32; BLOCK], lb: usize, qg: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = if xb.iter().any(|v| !v.is_finite()) {
+        f32::NAN
+    } else {
+        amax
+    };
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (i, &v) in xb.iter().enumerate() {
+        let q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        sum += i32::from(q);
+        qg[(i % 2) * (GROUP * BLOCK / 2) + lb * (BLOCK / 2) + i / 2] = q;
+    }
+    (d, sum)
+}
+
+/// [`quantize_block`] with AVX-512F, bit for bit: the same `amax` (max is exact in any order),
+/// `d`, `1/d` and products, rounded half away from zero as `trunc(p) ± 1` when `|p − trunc(p)| ≥
+/// 0.5` (exact: `p − trunc(p)` is exact for `|p| < 2²³`). Returns `None` — the caller then runs
+/// [`quantize_block`] — for the rare blocks where the products are not all finite (a non-finite
+/// activation, or `1/d` overflowing for a subnormal `amax`), whose NaN/∞ handling is the scalar
+/// conversion's.
+///
+/// # Safety
+/// AVX-512F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_block_avx512(xb: &[f32; BLOCK], lb: usize, qg: &mut [i8]) -> Option<(f32, i32)> {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(qg.len(), GROUP_Q);
+    // SAFETY: 32 floats in `xb`.
+    let (x0, x1) = unsafe {
+        (
+            _mm512_loadu_ps(xb.as_ptr()),
+            _mm512_loadu_ps(xb.as_ptr().add(16)),
+        )
+    };
+    let abs = |v| {
+        _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_castps_si512(v),
+            _mm512_set1_epi32(0x7fff_ffff),
+        ))
+    };
+    let (a0, a1) = (abs(x0), abs(x1));
+    let big = _mm512_set1_ps(f32::MAX);
+    // Non-finite (NaN fails `<=`, ∞ exceeds MAX): the scalar path.
+    if _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a0, big) != 0xffff
+        || _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a1, big) != 0xffff
+    {
+        return None;
+    }
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    if !id.is_finite() {
+        return None;
+    }
+    let idv = _mm512_set1_ps(id);
+    // Even elements 0, 2, …, 30 and odd ones 1, 3, …, 31 of the block.
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let half = _mm512_set1_ps(0.5);
+    let one = _mm512_set1_ps(1.0);
+    let lim = _mm512_set1_ps(127.0);
+    let quant = |idx| {
+        let p = _mm512_mul_ps(_mm512_permutex2var_ps(x0, idx, x1), idv);
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+        let f = _mm512_sub_ps(p, t);
+        let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, half);
+        let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(f, _mm512_sub_ps(_mm512_setzero_ps(), half));
+        let r = _mm512_mask_sub_ps(_mm512_mask_add_ps(t, up, t, one), down, t, one);
+        let r = _mm512_min_ps(
+            _mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), lim)),
+            lim,
+        );
+        _mm512_cvtps_epi32(r)
+    };
+    let (qe, qo) = (quant(even), quant(odd));
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo));
+    // SAFETY: 16 bytes at `lb·16` and at `64 + lb·16` inside the group's 128.
+    unsafe {
+        let p = qg.as_mut_ptr().add(lb * (BLOCK / 2));
+        _mm_storeu_si128(p.cast(), _mm512_cvtepi32_epi8(qe));
+        _mm_storeu_si128(p.add(GROUP * BLOCK / 2).cast(), _mm512_cvtepi32_epi8(qo));
+    }
+    Some((d, sum))
 }
 
 #[derive(Clone, Copy)]
@@ -632,4 +721,74 @@ pub fn q8_error_bound(w: MxMatrixRef<'_>, r: usize, x: &Q8Rows, t: usize) -> f64
     let u = f64::from(f32::EPSILON) / 2.0;
     let gamma = n as f64 * u / (1.0 - n as f64 * u);
     quant + gamma * mag * 1.01 + f64::from(f32::MIN_POSITIVE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 block quantizer gives the scalar definition's bits on random blocks, on
+    /// exact halves (the rounding rule), zeros, subnormals and non-finite values.
+    #[test]
+    fn simd_block_quantization_is_the_scalar_one() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                eprintln!("SKIPPED simd_block_quantization_is_the_scalar_one: no AVX-512F");
+                return;
+            }
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let mut blocks: Vec<[f32; BLOCK]> = Vec::new();
+            for _ in 0..2000 {
+                let scale = f32::powi(2.0, (next() % 40) as i32 - 20);
+                blocks.push(std::array::from_fn(|_| {
+                    ((next() % 2_000_001) as f32 / 1_000_000.0 - 1.0) * scale
+                }));
+            }
+            // amax 127: every value k + 0.5 is an exact half after the scaling.
+            blocks.push(std::array::from_fn(|i| {
+                if i == 0 {
+                    127.0
+                } else {
+                    (i as f32 - 16.0) + 0.5
+                }
+            }));
+            blocks.push([0.0; BLOCK]);
+            blocks.push(std::array::from_fn(|i| (i as f32) * 1e-41));
+            blocks.push(std::array::from_fn(|i| if i == 3 { f32::NAN } else { 1.0 }));
+            blocks.push(std::array::from_fn(|i| {
+                if i == 9 {
+                    f32::INFINITY
+                } else {
+                    -2.0
+                }
+            }));
+            blocks.push(std::array::from_fn(|i| if i % 2 == 0 { -0.0 } else { 3.0 }));
+            for (n, xb) in blocks.iter().enumerate() {
+                for lb in 0..GROUP {
+                    let (mut a, mut b) = ([0i8; GROUP_Q], [0i8; GROUP_Q]);
+                    let want = quantize_block(xb, lb, &mut a);
+                    // SAFETY: AVX-512F checked above.
+                    let got = unsafe { quantize_block_avx512(xb, lb, &mut b) };
+                    match got {
+                        Some((d, sum)) => {
+                            assert_eq!(d.to_bits(), want.0.to_bits(), "block {n}: d");
+                            assert_eq!(sum, want.1, "block {n}: sum");
+                            assert_eq!(a, b, "block {n}: codes");
+                        }
+                        None => assert!(
+                            xb.iter().any(|v| !v.is_finite()) || !(1.0 / want.0).is_finite(),
+                            "block {n}: the SIMD path declined a finite block"
+                        ),
+                    }
+                }
+            }
+        }
+    }
 }

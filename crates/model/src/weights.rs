@@ -842,6 +842,9 @@ pub struct MxMat {
     pub k: usize,
     /// `(rows, blocks, scales)` per segment, in row order (at least one).
     parts: Vec<(usize, Bytes, Bytes)>,
+    /// Set once every segment's scale bytes passed the NaN check ([`MxMat::parts`] then skips
+    /// the scan; the bytes never change behind it — [`MxMat::scales_mut`] clears it).
+    scales_checked: std::sync::OnceLock<()>,
 }
 
 impl PartialEq for MxMat {
@@ -873,6 +876,7 @@ impl MxMat {
             rows,
             k,
             parts: vec![(rows, blocks, scales)],
+            scales_checked: std::sync::OnceLock::new(),
         }
     }
 
@@ -883,6 +887,7 @@ impl MxMat {
             rows: parts.iter().map(|p| p.0).sum(),
             k,
             parts,
+            scales_checked: std::sync::OnceLock::new(),
         }
     }
 
@@ -890,7 +895,9 @@ impl MxMat {
     /// (use [`MxMat::parts`]).
     pub fn view(&self) -> Result<fp4::MxMatrixRef<'_>, fp4::Fp4Error> {
         match self.parts.as_slice() {
-            [(rows, b, s)] => fp4::MxMatrixRef::new(*rows, self.k, b.as_slice(), s.as_slice()),
+            [(rows, b, s)] => self.segment_view(*rows, b, s).inspect(|_| {
+                let _ = self.scales_checked.set(());
+            }),
             parts => Err(fp4::Fp4Error::ShapeMismatch(format!(
                 "an MXFP4 matrix in {} row segments has no single view (MxMat::parts)",
                 parts.len()
@@ -901,14 +908,31 @@ impl MxMat {
     /// Validated views of the row segments, each with the index of its first row.
     pub fn parts(&self) -> Result<Vec<(usize, fp4::MxMatrixRef<'_>)>, fp4::Fp4Error> {
         let mut r0 = 0;
-        self.parts
+        let views = self
+            .parts
             .iter()
             .map(|(rows, b, s)| {
-                let v = fp4::MxMatrixRef::new(*rows, self.k, b.as_slice(), s.as_slice())?;
+                let v = self.segment_view(*rows, b, s)?;
                 r0 += rows;
                 Ok((r0 - rows, v))
             })
-            .collect()
+            .collect::<Result<Vec<_>, fp4::Fp4Error>>()?;
+        let _ = self.scales_checked.set(());
+        Ok(views)
+    }
+
+    /// One segment's view: the NaN-scale scan only until the matrix has passed it once.
+    fn segment_view<'m>(
+        &self,
+        rows: usize,
+        b: &'m Bytes,
+        s: &'m Bytes,
+    ) -> Result<fp4::MxMatrixRef<'m>, fp4::Fp4Error> {
+        if self.scales_checked.get().is_some() {
+            fp4::MxMatrixRef::new_scales_checked(rows, self.k, b.as_slice(), s.as_slice())
+        } else {
+            fp4::MxMatrixRef::new(rows, self.k, b.as_slice(), s.as_slice())
+        }
     }
 
     /// Number of row segments (1 unless built by [`MxMat::from_parts`]).
@@ -992,6 +1016,7 @@ impl MxMat {
     /// The scale bytes, mutable (see [`MxMat::blocks_mut`]).
     pub fn scales_mut(&mut self) -> &mut [u8] {
         self.make_contiguous();
+        self.scales_checked = std::sync::OnceLock::new();
         self.parts[0].2.make_mut()
     }
 

@@ -226,6 +226,42 @@ fn generate_uses_the_default_model_and_drafter() {
     } else {
         assert!(spec_line(&aerr).choice.contains("adaptive: "), "{aerr}");
     }
+
+    // A "drafting off" record that has been reused up is measured again (same text); when the
+    // new measurement confirms it, the record backs off (`confirmed` counts it), else it starts
+    // over.
+    let record = std::fs::read_dir(cache.join("adaptive"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(
+        &record,
+        r#"{"chosen":1,"draft_speedup":0.5,"measured_unix":1,"reused":0,"confirmed":0}"#,
+    )
+    .unwrap();
+    let re = ultra(
+        &cache,
+        &[
+            "generate",
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--threads",
+            "2",
+            "def fibonacci(n):",
+        ],
+    );
+    let rerr = text(&re.stderr);
+    assert!(re.status.success(), "{rerr}");
+    assert_eq!(text(&re.stdout), text(&spec.stdout));
+    let rst = spec_line(&rerr);
+    assert!(rst.choice.contains("adaptive: "), "{rerr}");
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let want = u64::from(rst.choice.contains("drafting off"));
+    assert_eq!(stored["confirmed"], want, "{stored} after {rerr}");
     let _ = std::fs::remove_dir_all(&cache);
 }
 

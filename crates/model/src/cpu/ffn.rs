@@ -79,10 +79,10 @@ pub fn mx_segments(
     y: &mut [f32],
     mut f: impl FnMut(fp4::MxMatrixRef<'_>, &mut [f32]) -> Result<(), fp4::Fp4Error>,
 ) -> Result<(), fp4::Fp4Error> {
-    let parts = m.parts()?;
-    if let [(_, view)] = parts.as_slice() {
-        return f(*view, y);
+    if m.num_parts() == 1 {
+        return f(m.view()?, y);
     }
+    let parts = m.parts()?;
     let n = m.rows;
     let mut out = Vec::new();
     for (r0, view) in parts {

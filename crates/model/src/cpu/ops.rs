@@ -57,6 +57,106 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 const DOT_LANES: usize = 32;
 
+/// AVX-512F versions of [`dot`] and [`axpy`] for attention's inner loops (one query head
+/// against every key): the same operations in the same order, so the same bits, without a
+/// feature check and a call per key.
+#[cfg(target_arch = "x86_64")]
+mod attn_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{KvRows, DOT_LANES};
+
+    /// [`super::dot`]: lanes `i mod 32` in two registers (0–15, 16–31), multiply then add
+    /// (no FMA), the fixed tree, then the tail in order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let chunks = n / DOT_LANES;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for c in 0..chunks {
+            let o = c * DOT_LANES;
+            for (j, r) in acc.iter_mut().enumerate() {
+                // SAFETY: o + 16j + 16 ≤ chunks · 32 ≤ n for both slices.
+                let (x, y) = unsafe {
+                    (
+                        _mm512_loadu_ps(pa.add(o + 16 * j)),
+                        _mm512_loadu_ps(pb.add(o + 16 * j)),
+                    )
+                };
+                *r = _mm512_add_ps(*r, _mm512_mul_ps(x, y));
+            }
+        }
+        let h16 = _mm512_add_ps(acc[0], acc[1]);
+        let h8 = _mm256_add_ps(
+            _mm512_castps512_ps256(h16),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(h16))),
+        );
+        let q = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
+        let r = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps::<1>(r, r)));
+        for i in chunks * DOT_LANES..n {
+            s += a[i] * b[i];
+        }
+        s
+    }
+
+    /// [`super::axpy`]: `y_i ← y_i + a · x_i`, each element rounded as the scalar loop does.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 ≤ n for both slices.
+            unsafe {
+                let p = y.as_mut_ptr().add(i);
+                let v = _mm512_add_ps(
+                    _mm512_loadu_ps(p),
+                    _mm512_mul_ps(av, _mm512_loadu_ps(x.as_ptr().add(i))),
+                );
+                _mm512_storeu_ps(p, v);
+            }
+            i += 16;
+        }
+        for j in i..n {
+            y[j] += a * x[j];
+        }
+    }
+
+    /// [`super::attention_head_rows`] with these kernels.
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn head_rows(
+        q: &[f32],
+        k: (&impl KvRows, usize),
+        v: (&impl KvRows, usize),
+        keys: std::ops::Range<usize>,
+        scale: f32,
+        sink: Option<f32>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        super::attention_head_rows_with(
+            q,
+            k,
+            v,
+            keys,
+            scale,
+            sink,
+            scores,
+            out,
+            |a, b| dot(a, b),
+            |y, a, x| axpy(y, a, x),
+        )
+    }
+}
+
 /// The portable definition of [`dot`] (same result on every CPU).
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     dot_widen(a, b, |x| x)
@@ -554,6 +654,30 @@ fn attention_head_rows(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is available.
+        return unsafe { attn_avx512::head_rows(q, k, v, keys, scale, sink, scores, out) };
+    }
+    attention_head_rows_with(q, k, v, keys, scale, sink, scores, out, dot, axpy)
+}
+
+/// The body of [`attention_head_rows`] over a `dot` and an `axpy` (the portable / AVX2 ones, or
+/// [`attn_avx512`]'s, which compute the same bits).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attention_head_rows_with(
+    q: &[f32],
+    k: (&impl KvRows, usize),
+    v: (&impl KvRows, usize),
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    sink: Option<f32>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    axpy: impl Fn(&mut [f32], f32, &[f32]),
+) {
     let (d, dv) = (q.len(), out.len());
     let ((k, koff), (v, voff)) = (k, v);
     scores.clear();
@@ -1003,5 +1127,86 @@ pub fn block_attention(
         out.par_chunks_mut(dv)
             .enumerate()
             .for_each_init(Vec::new, |sc, (idx, o)| one(idx, sc, o));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 attention kernels give the bits of the portable `dot` / `axpy` order, for
+    /// head sizes with and without a tail, with and without a sink.
+    #[test]
+    fn avx512_attention_is_bit_identical_to_the_portable_order() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                eprintln!("SKIPPED avx512_attention_is_bit_identical_to_the_portable_order");
+                return;
+            }
+            let mut seed = 12345u64;
+            let mut rnd = move || {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            };
+            for (d, n_keys, sink) in [
+                (64, 1, None),
+                (64, 300, Some(0.3)),
+                (45, 17, None),
+                (128, 129, Some(-1.0)),
+            ] {
+                let width = 2 * d;
+                let kr: Vec<f32> = (0..n_keys * width).map(|_| rnd()).collect();
+                let vr: Vec<f32> = (0..n_keys * width).map(|_| rnd()).collect();
+                let q: Vec<f32> = (0..d).map(|_| rnd()).collect();
+                let k = ContiguousRows {
+                    rows: &kr,
+                    width,
+                    first_pos: 3,
+                };
+                let v = ContiguousRows {
+                    rows: &vr,
+                    width,
+                    first_pos: 3,
+                };
+                let (mut s1, mut s2) = (Vec::new(), Vec::new());
+                let (mut o1, mut o2) = (vec![0f32; d], vec![0f32; d]);
+                let keys = 3..3 + n_keys;
+                attention_head_rows_with(
+                    &q,
+                    (&k, d),
+                    (&v, d),
+                    keys.clone(),
+                    0.125,
+                    sink,
+                    &mut s1,
+                    &mut o1,
+                    dot_portable,
+                    |y, a, x| {
+                        for (o, &v) in y.iter_mut().zip(x) {
+                            *o += a * v;
+                        }
+                    },
+                );
+                // SAFETY: AVX-512F checked above.
+                unsafe {
+                    attn_avx512::head_rows(
+                        &q,
+                        (&k, d),
+                        (&v, d),
+                        keys,
+                        0.125,
+                        sink,
+                        &mut s2,
+                        &mut o2,
+                    )
+                };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&s1), bits(&s2), "scores, d {d}");
+                assert_eq!(bits(&o1), bits(&o2), "output, d {d}");
+            }
+        }
     }
 }

@@ -935,17 +935,23 @@ fn run(cli: Cli) -> Result<()> {
                         "speculation: drafting off, the drafter not loaded: on this machine its best block ran at {:.2}× plain speed (measured {} s ago; measured again after {} more runs; {})",
                         r.draft_speedup,
                         commands::adapt_memory::now_unix().saturating_sub(r.measured_unix),
-                        commands::adapt_memory::REMEASURE_RUNS.saturating_sub(reused.reused),
+                        reused.runs_allowed().saturating_sub(reused.reused),
                         m.path().display()
                     );
                     (g, None)
                 }
                 (Some(dir), None) => {
+                    // Re-measuring a "drafting off" on record: one warm-up round, not two.
+                    let rechecking = remembered.as_ref().is_some_and(|(_, r)| r.drafting_off());
+                    let policy = match policy(fixed_block) {
+                        dflash::BlockPolicy::Adaptive if rechecking => dflash::BlockPolicy::Recheck,
+                        p => p,
+                    };
                     let r = commands::generate::generate_speculative_with(
                         &loaded,
                         dir,
                         block_size,
-                        policy(fixed_block),
+                        policy,
                         &ids,
                         &params,
                         &mut stdout,
@@ -956,6 +962,11 @@ fn run(cli: Cli) -> Result<()> {
                             .as_ref()
                             .and_then(commands::adapt_memory::Memory::record_of),
                     ) {
+                        // A verdict the previous record already held backs off further.
+                        let rec = match &remembered {
+                            Some((_, old)) => old.after(rec),
+                            None => rec,
+                        };
                         if let Err(e) = m.store(&rec) {
                             eprintln!(
                                 "ultra: note: could not remember the adaptive choice in {}: {e}",
