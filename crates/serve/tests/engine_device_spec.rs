@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use dflash::toy::{self as dtoy, ToyKind};
@@ -31,7 +31,9 @@ use serve::engine::{
 #[path = "common/engine.rs"]
 #[allow(dead_code)]
 mod engine_common;
-use engine_common::{drain, request, run_all, tokens};
+use engine_common::{
+    assert_blocks_freed, load_with_aborts_and_disconnects, request, run_all, settle, tokens,
+};
 
 /// The CPU executor with its speculative states offered as a device drafter's; with
 /// `accept`, it also runs acceptances "on the device" (`spec_accept_batch`).
@@ -293,15 +295,6 @@ fn start(m: &CpuModel, kind: ToyKind, path: Path, caching: bool, blocks: u64) ->
     }
 }
 
-fn settle(engine: &EngineHandle) {
-    let t = Instant::now();
-    while engine.load().1 > 0 || engine.metrics().num_requests_running.get() != 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "requests still live");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(120));
-}
-
 /// One request alone (it fills the cache), then four continuing its context at once (greedy
 /// and seeded), then a chat turn extending the first. Returns the outputs, the prefix-cache
 /// hits and the (draft, accepted) token counters.
@@ -321,7 +314,7 @@ fn workload(engine: &EngineHandle, ctx: &[u32]) -> (Vec<Vec<u32>>, u64, (u64, u6
     turn.extend(&outs[0]);
     turn.extend(tokens(300, 5));
     outs.extend(run_all(engine, vec![request(turn, 12, Some(7))]));
-    settle(engine);
+    settle(engine, Duration::from_secs(30));
     let mt = engine.metrics();
     assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
     assert_eq!(mt.num_requests_running.get(), 0);
@@ -374,42 +367,13 @@ fn device_speculative_requests_wait_for_blocks_and_free_them_on_every_end() {
     // 40 blocks of 4: at most a few requests of 31..37 + 24 positions at once.
     let engine = start(&m, kind, Path::DeviceAccept, true, 40);
     let ctx = tokens(5, 30);
-    let mut keep = Vec::new();
-    for i in 0..24u64 {
-        let mut p = ctx.clone();
-        p.extend(tokens(200 + i, 1 + (i % 7) as usize));
-        let sub = engine.submit(request(p, 24, Some(i))).unwrap();
-        match i % 4 {
-            0 => keep.push(sub),
-            1 => drop(sub.events),
-            2 => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                engine.abort(&sub.id);
-                keep.push(serve::engine::Submitted { events: ev, ..sub });
-            }
-            _ => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                let _ = ev.blocking_recv();
-                drop(ev);
-            }
-        }
-    }
-    for s in keep {
-        let (toks, f) = drain(s.events);
-        assert!(
-            matches!(f.reason, FinishReason::Length | FinishReason::Abort),
-            "{f:?}"
-        );
+    let kept = load_with_aborts_and_disconnects(&engine, &ctx, 24, 24);
+    for (toks, f) in kept {
         if f.reason == FinishReason::Length {
             assert_eq!(toks.len(), 24);
         }
     }
-    settle(&engine);
-    let mt = engine.metrics();
-    assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
-    assert_eq!(mt.num_requests_running.get(), 0);
-    assert!(mt.prefix_cache_hits.get() > 0);
+    settle(&engine, Duration::from_secs(30));
+    assert_blocks_freed(&engine);
     engine.shutdown();
 }

@@ -11,17 +11,19 @@
 //!   disconnected requests the KV gauge returns to zero.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::CpuModel;
-use model::sampling::FinishReason;
 use serve::engine::{Backend, CpuBackend, EngineConfig, EngineHandle, GenerateRequest};
 
 #[path = "common/engine.rs"]
 #[allow(dead_code)]
 mod engine_common;
-use engine_common::{cfg, drain, request, run_all, tokens};
+use engine_common::{
+    assert_blocks_freed, cfg, drain, load_with_aborts_and_disconnects, request, run_all, settle,
+    tokens,
+};
 
 fn model(which: usize) -> CpuModel {
     let (c, w) = match which {
@@ -39,16 +41,6 @@ fn block_bytes(m: &CpuModel, block_size: usize) -> u64 {
 fn start(m: &CpuModel, cfg: EngineConfig) -> EngineHandle {
     let m = m.clone();
     EngineHandle::start(move || Ok(CpuBackend::new(m)), None, vec![1], cfg, None).unwrap()
-}
-
-/// Waits until the scheduler has updated the gauges after the last request ended.
-fn settle(engine: &EngineHandle) {
-    let t = Instant::now();
-    while engine.load().1 > 0 || engine.metrics().num_requests_running.get() != 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "requests still live");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(120));
 }
 
 /// The workloads of the module docs, run in waves (each wave after the last finished, so the
@@ -89,7 +81,7 @@ fn prefix_caching_changes_no_output_and_serves_shared_prefixes() {
             for wave in workloads() {
                 o.push(run_all(&engine, wave));
             }
-            settle(&engine);
+            settle(&engine, Duration::from_secs(30));
             let mt = engine.metrics();
             assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
             hits.push((mt.prefix_cache_hits.get(), mt.prefix_cache_queries.get()));
@@ -155,7 +147,7 @@ fn a_small_pool_preempts_and_recomputes_without_changing_outputs() {
         let small = start(&m, cfg(caching, bs, 24 * block_bytes(&m, bs), 12));
         let got = run_all(&small, reqs());
         assert_eq!(got, want, "caching {caching}");
-        settle(&small);
+        settle(&small, Duration::from_secs(30));
         let mt = small.metrics();
         assert!(mt.num_preemptions.get() > 0, "nothing was preempted");
         assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
@@ -188,44 +180,9 @@ fn blocks_are_freed_after_a_load_with_aborts_and_disconnects() {
     let bs = 4;
     let engine = start(&m, cfg(true, bs, 64 * block_bytes(&m, bs), 6));
     let ctx = tokens(5, 30);
-    let mut keep = Vec::new();
-    for i in 0..40u64 {
-        let mut p = ctx.clone();
-        p.extend(tokens(200 + i, 1 + (i % 7) as usize));
-        let sub = engine.submit(request(p, 30, Some(i))).unwrap();
-        match i % 4 {
-            // Finishes normally.
-            0 => keep.push(sub),
-            // The client leaves at once (maybe before admission).
-            1 => drop(sub.events),
-            // Aborted once it produced a token.
-            2 => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                engine.abort(&sub.id);
-                keep.push(serve::engine::Submitted { events: ev, ..sub });
-            }
-            // Leaves after two token events.
-            _ => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                let _ = ev.blocking_recv();
-                drop(ev);
-            }
-        }
-    }
-    for s in keep {
-        let (_, f) = drain(s.events);
-        assert!(
-            matches!(f.reason, FinishReason::Length | FinishReason::Abort),
-            "{f:?}"
-        );
-    }
-    settle(&engine);
-    let mt = engine.metrics();
-    assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
-    assert_eq!(mt.num_requests_running.get(), 0);
-    assert!(mt.prefix_cache_hits.get() > 0);
+    load_with_aborts_and_disconnects(&engine, &ctx, 40, 30);
+    settle(&engine, Duration::from_secs(30));
+    assert_blocks_freed(&engine);
     engine.shutdown();
 }
 
@@ -253,7 +210,7 @@ fn samples_of_one_prompt_fork_the_first_ones_sequence() {
                 .map(|s| drain(s.events).0)
                 .collect::<Vec<_>>(),
         );
-        settle(&engine);
+        settle(&engine, Duration::from_secs(30));
         let mt = engine.metrics();
         if caching {
             assert_eq!(mt.prefix_cache_hits.get(), 3 * 37);

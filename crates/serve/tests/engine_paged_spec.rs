@@ -10,19 +10,20 @@
 //!   aborts and disconnects).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dflash::toy::{self as dtoy, ToyKind};
 use dflash::SpecDecoder;
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::CpuModel;
-use model::sampling::FinishReason;
 use serve::engine::{Backend, CpuBackend, EngineConfig, EngineHandle, SpecConfig};
 
 #[path = "common/engine.rs"]
 #[allow(dead_code)]
 mod engine_common;
-use engine_common::{drain, request, run_all, tokens};
+use engine_common::{
+    assert_blocks_freed, load_with_aborts_and_disconnects, request, run_all, settle, tokens,
+};
 
 fn models() -> Vec<(CpuModel, ToyKind)> {
     let (c, w) = toy::gpt_oss(11, ToyExperts::Mxfp4);
@@ -66,15 +67,6 @@ fn start_with(
     EngineHandle::start(move || Ok(CpuBackend::new(m)), None, vec![1], cfg, spec).unwrap()
 }
 
-fn settle(engine: &EngineHandle) {
-    let t = Instant::now();
-    while engine.load().1 > 0 || engine.metrics().num_requests_running.get() != 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "requests still live");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(120));
-}
-
 /// A shared context: one request alone (it fills the cache), then four continuing it at once
 /// (greedy and seeded), then a chat turn extending the first prompt and its output. Returns
 /// every output, the (hits, queries) counters and the (draft, accepted) token counters.
@@ -94,7 +86,7 @@ fn workload(engine: &EngineHandle, ctx: &[u32]) -> (Vec<Vec<u32>>, u64, u64, (u6
     turn.extend(&outs[0]);
     turn.extend(tokens(300, 5));
     outs.extend(run_all(engine, vec![request(turn, 12, Some(7))]));
-    settle(engine);
+    settle(engine, Duration::from_secs(30));
     let mt = engine.metrics();
     assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
     assert_eq!(mt.num_requests_running.get(), 0);
@@ -145,40 +137,9 @@ fn speculative_blocks_are_freed_after_a_load_with_aborts_and_disconnects() {
     let (m, kind) = models().swap_remove(0);
     let engine = start(&m, Some(kind), true, 96);
     let ctx = tokens(5, 30);
-    let mut keep = Vec::new();
-    for i in 0..24u64 {
-        let mut p = ctx.clone();
-        p.extend(tokens(200 + i, 1 + (i % 7) as usize));
-        let sub = engine.submit(request(p, 24, Some(i))).unwrap();
-        match i % 4 {
-            0 => keep.push(sub),
-            1 => drop(sub.events),
-            2 => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                engine.abort(&sub.id);
-                keep.push(serve::engine::Submitted { events: ev, ..sub });
-            }
-            _ => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                let _ = ev.blocking_recv();
-                drop(ev);
-            }
-        }
-    }
-    for s in keep {
-        let (_, f) = drain(s.events);
-        assert!(
-            matches!(f.reason, FinishReason::Length | FinishReason::Abort),
-            "{f:?}"
-        );
-    }
-    settle(&engine);
-    let mt = engine.metrics();
-    assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
-    assert_eq!(mt.num_requests_running.get(), 0);
-    assert!(mt.prefix_cache_hits.get() > 0);
+    load_with_aborts_and_disconnects(&engine, &ctx, 24, 24);
+    settle(&engine, Duration::from_secs(30));
+    assert_blocks_freed(&engine);
     engine.shutdown();
 }
 

@@ -12,11 +12,10 @@
 //! Skipped without a GPU (fails with `ULTRA_REQUIRE_GPU=1`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use model::config::ModelConfig;
 use model::cpu::toy::{self, ToyExperts};
-use model::sampling::FinishReason;
 use model::weights::Weights;
 use serve::engine::{EngineConfig, EngineHandle, GenerateRequest, GpuBackend};
 use tilert::exec::GpuModel;
@@ -24,7 +23,9 @@ use tilert::exec::GpuModel;
 #[path = "common/engine.rs"]
 #[allow(dead_code)]
 mod engine_common;
-use engine_common::{cfg, drain, request, run_all, tokens};
+use engine_common::{
+    assert_blocks_freed, cfg, load_with_aborts_and_disconnects, request, run_all, settle, tokens,
+};
 
 type Toy = (Arc<ModelConfig>, Arc<Weights>);
 
@@ -56,15 +57,6 @@ fn start(m: &Toy, cfg: EngineConfig) -> EngineHandle {
         None,
     )
     .unwrap()
-}
-
-fn settle(engine: &EngineHandle) {
-    let t = Instant::now();
-    while engine.load().1 > 0 || engine.metrics().num_requests_running.get() != 0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "requests still live");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(120));
 }
 
 /// Waves of requests (each after the last finished, so the cache holds the earlier blocks).
@@ -107,7 +99,7 @@ fn gpu_prefix_caching_changes_no_output_and_serves_shared_prefixes() {
             for wave in workloads() {
                 o.push(run_all(&engine, wave));
             }
-            settle(&engine);
+            settle(&engine, Duration::from_secs(60));
             let mt = engine.metrics();
             assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
             hits.push((mt.prefix_cache_hits.get(), mt.prefix_cache_queries.get()));
@@ -153,7 +145,7 @@ fn gpu_small_pool_preempts_and_completes_every_request() {
         let small = start(&m, cfg(caching, bs, 8 * block_bytes(&m, bs), 8));
         let got = run_all(&small, reqs());
         assert!(got.iter().all(|t| t.len() == 40), "caching {caching}");
-        settle(&small);
+        settle(&small, Duration::from_secs(60));
         let mt = small.metrics();
         assert!(mt.num_preemptions.get() > 0, "nothing was preempted");
         assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
@@ -172,39 +164,8 @@ fn gpu_blocks_are_freed_after_a_load_with_aborts_and_disconnects() {
     let bs = 16;
     let engine = start(&m, cfg(true, bs, 48 * block_bytes(&m, bs), 6));
     let ctx = tokens(5, 40);
-    let mut keep = Vec::new();
-    for i in 0..40u64 {
-        let mut p = ctx.clone();
-        p.extend(tokens(200 + i, 1 + (i % 7) as usize));
-        let sub = engine.submit(request(p, 30, Some(i))).unwrap();
-        match i % 4 {
-            0 => keep.push(sub),
-            1 => drop(sub.events),
-            2 => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                engine.abort(&sub.id);
-                keep.push(serve::engine::Submitted { events: ev, ..sub });
-            }
-            _ => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                let _ = ev.blocking_recv();
-                drop(ev);
-            }
-        }
-    }
-    for s in keep {
-        let (_, f) = drain(s.events);
-        assert!(
-            matches!(f.reason, FinishReason::Length | FinishReason::Abort),
-            "{f:?}"
-        );
-    }
-    settle(&engine);
-    let mt = engine.metrics();
-    assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
-    assert_eq!(mt.num_requests_running.get(), 0);
-    assert!(mt.prefix_cache_hits.get() > 0);
+    load_with_aborts_and_disconnects(&engine, &ctx, 40, 30);
+    settle(&engine, Duration::from_secs(60));
+    assert_blocks_freed(&engine);
     engine.shutdown();
 }

@@ -18,9 +18,8 @@ mod common;
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use model::sampling::FinishReason;
 use serve::commands::generate::{gpu_max_seq, gpu_spec_setup, load};
 use serve::engine::{EngineConfig, EngineHandle, GenerateRequest};
 use serve::server::load_gpu_engine;
@@ -28,7 +27,9 @@ use serve::server::load_gpu_engine;
 #[path = "common/engine.rs"]
 #[allow(dead_code)]
 mod engine_common;
-use engine_common::{cfg, drain, request, run_all, tokens};
+use engine_common::{
+    assert_blocks_freed, cfg, load_with_aborts_and_disconnects, request, run_all, settle, tokens,
+};
 
 const BUDGET: u64 = 512 << 20;
 
@@ -45,15 +46,6 @@ fn start(caching: bool, max_running: usize) -> EngineHandle {
         0,
     )
     .unwrap()
-}
-
-fn settle(engine: &EngineHandle) {
-    let t = Instant::now();
-    while engine.load().1 > 0 || engine.metrics().num_requests_running.get() != 0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "requests still live");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(120));
 }
 
 /// `ultra generate --draft --device cuda`: the speculative loop over one session of the
@@ -116,7 +108,7 @@ fn gpu_concurrent_speculative_requests_equal_their_lone_runs() {
     let mt = engine.metrics();
     let drafts = mt.spec_decode_num_drafts.get();
     let accepted = mt.spec_decode_num_accepted_tokens.get();
-    settle(&engine);
+    settle(&engine, Duration::from_secs(60));
     assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
     engine.shutdown();
     assert!(drafts > 0, "no speculative rounds");
@@ -157,7 +149,7 @@ fn gpu_speculative_prefix_caching_changes_no_output() {
     for caching in [false, true] {
         let engine = start(caching, 8);
         let o: Vec<Vec<Vec<u32>>> = waves().into_iter().map(|w| run_all(&engine, w)).collect();
-        settle(&engine);
+        settle(&engine, Duration::from_secs(60));
         let mt = engine.metrics();
         assert_eq!(mt.kv_cache_usage_perc.get(), 0.0, "caching {caching}");
         hits.push(mt.prefix_cache_hits.get());
@@ -179,42 +171,8 @@ fn gpu_speculative_blocks_are_freed_after_finish_abort_and_disconnect() {
     };
     let engine = start(true, 6);
     let ctx = tokens(5, 40);
-    let mut keep = Vec::new();
-    for i in 0..24u64 {
-        let mut p = ctx.clone();
-        p.extend(tokens(200 + i, 1 + (i % 7) as usize));
-        let sub = engine.submit(request(p, 30, Some(i))).unwrap();
-        match i % 4 {
-            0 => keep.push(sub),
-            1 => drop(sub.events),
-            2 => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                engine.abort(&sub.id);
-                keep.push(serve::engine::Submitted { events: ev, ..sub });
-            }
-            _ => {
-                let mut ev = sub.events;
-                let _ = ev.blocking_recv();
-                let _ = ev.blocking_recv();
-                drop(ev);
-            }
-        }
-    }
-    for s in keep {
-        let (_, f) = drain(s.events);
-        assert!(
-            matches!(f.reason, FinishReason::Length | FinishReason::Abort),
-            "{f:?}"
-        );
-    }
-    settle(&engine);
-    let mt = engine.metrics();
-    assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
-    assert_eq!(mt.num_requests_running.get(), 0);
-    assert!(
-        mt.prefix_cache_hits.get() > 0,
-        "no cached prefix was adopted"
-    );
+    load_with_aborts_and_disconnects(&engine, &ctx, 24, 30);
+    settle(&engine, Duration::from_secs(60));
+    assert_blocks_freed(&engine);
     engine.shutdown();
 }

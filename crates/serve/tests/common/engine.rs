@@ -1,4 +1,4 @@
-//! Helpers shared by the engine-level paged-KV test binaries (`engine_paged.rs`,
+//! Helpers shared by the engine-level paged-KV test binaries (`engine_paged.rs`, `engine_device_spec.rs`, `gpu_spec_sched.rs`,
 //! `engine_paged_spec.rs` on the CPU, `gpu_paged.rs` on the GPU): the engine configuration, a
 //! deterministic token stream, request builders, and collecting a request's tokens.
 
@@ -74,4 +74,70 @@ pub fn run_all(engine: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Vec<u32
             toks
         })
         .collect()
+}
+
+/// Waits (up to `limit`) until the engine holds no live request, then a little longer for the
+/// blocks of the last ones to be released.
+pub fn settle(engine: &EngineHandle, limit: std::time::Duration) {
+    let t = std::time::Instant::now();
+    while engine.load().1 > 0 || engine.metrics().num_requests_running.get() != 0 {
+        assert!(t.elapsed() < limit, "requests still live");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(120));
+}
+
+/// A load of `n` seeded requests continuing `ctx` (plus 1..7 tokens of their own, `max_tokens`
+/// each) whose clients end in four ways in turn: finish; leave at once (maybe before
+/// admission); abort after the first event; leave after two events. Returns what the kept ones
+/// (finished or aborted) produced, each checked to have ended by length or abort.
+pub fn load_with_aborts_and_disconnects(
+    engine: &EngineHandle,
+    ctx: &[u32],
+    n: u64,
+    max_tokens: usize,
+) -> Vec<(Vec<u32>, Finished)> {
+    let mut keep = Vec::new();
+    for i in 0..n {
+        let mut p = ctx.to_vec();
+        p.extend(tokens(200 + i, 1 + (i % 7) as usize));
+        let sub = engine.submit(request(p, max_tokens, Some(i))).unwrap();
+        match i % 4 {
+            0 => keep.push(sub),
+            1 => drop(sub.events),
+            2 => {
+                let mut ev = sub.events;
+                let _ = ev.blocking_recv();
+                engine.abort(&sub.id);
+                keep.push(serve::engine::Submitted { events: ev, ..sub });
+            }
+            _ => {
+                let mut ev = sub.events;
+                let _ = ev.blocking_recv();
+                let _ = ev.blocking_recv();
+                drop(ev);
+            }
+        }
+    }
+    keep.into_iter()
+        .map(|s| {
+            let (toks, f) = drain(s.events);
+            assert!(
+                matches!(f.reason, FinishReason::Length | FinishReason::Abort),
+                "{f:?}"
+            );
+            (toks, f)
+        })
+        .collect()
+}
+
+/// After a load has settled: no block in use, nothing running, and cached prefixes were adopted.
+pub fn assert_blocks_freed(engine: &EngineHandle) {
+    let mt = engine.metrics();
+    assert_eq!(mt.kv_cache_usage_perc.get(), 0.0);
+    assert_eq!(mt.num_requests_running.get(), 0);
+    assert!(
+        mt.prefix_cache_hits.get() > 0,
+        "no cached prefix was adopted"
+    );
 }
