@@ -1,6 +1,7 @@
-//! Helpers shared by the engine-level paged-KV test binaries (`engine_paged.rs`, `engine_device_spec.rs`, `gpu_spec_sched.rs`,
-//! `engine_paged_spec.rs` on the CPU, `gpu_paged.rs` on the GPU): the engine configuration, a
-//! deterministic token stream, request builders, and collecting a request's tokens.
+//! Helpers shared by the engine-level paged-KV test binaries (`engine_paged.rs`,
+//! `engine_paged_spec.rs`, `engine_device_spec.rs` on the CPU, `gpu_paged.rs`, `gpu_spec_sched.rs`
+//! on the GPU): the engine configuration, a deterministic token stream, request builders,
+//! collecting a request's tokens, a load with aborts and disconnects, and the freed-blocks check.
 
 use model::sampling::{FinishReason, SamplingParams};
 use serve::engine::{EngineConfig, EngineHandle, Event, Finished, GenerateRequest};
