@@ -26,6 +26,10 @@ elif [ -d "$here/../fixtures" ]; then data=$(cd "$here/.." && pwd)
 else echo "no fixtures: neither $here/fixtures (a --self-contained bundle) nor $here/../fixtures (a checkout)" >&2; exit 2
 fi
 if [ -n "$keep" ]; then work=$(cd "$keep" && pwd); else work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
+# The checkout may travel without its PTX (the device tool's carry limit): ptx.tar.xz has them.
+if [ -f "$here/ptx.tar.xz" ] && ! ls "$data"/kernels/artifacts/*.ptx >/dev/null 2>&1; then
+  tar -xJf "$here/ptx.tar.xz" -C "$data" || exit 2
+fi
 if command -v xz >/dev/null; then
   tar -xJf "$here/bundle.tar.xz" -C "$work" || exit 2
 else
