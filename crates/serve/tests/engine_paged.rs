@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use model::cpu::toy::{self, ToyExperts};
 use model::cpu::CpuModel;
-use serve::engine::{Backend, CpuBackend, EngineConfig, EngineHandle, GenerateRequest};
+use serve::engine::{Backend, CpuBackend, EngineConfig, EngineHandle};
 
 #[path = "common/engine.rs"]
 #[allow(dead_code)]
 mod engine_common;
 use engine_common::{
     assert_blocks_freed, cfg, drain, load_with_aborts_and_disconnects, request, run_all, settle,
-    tokens,
+    tokens, workloads,
 };
 
 fn model(which: usize) -> CpuModel {
@@ -41,31 +41,6 @@ fn block_bytes(m: &CpuModel, block_size: usize) -> u64 {
 fn start(m: &CpuModel, cfg: EngineConfig) -> EngineHandle {
     let m = m.clone();
     EngineHandle::start(move || Ok(CpuBackend::new(m)), None, vec![1], cfg, None).unwrap()
-}
-
-/// The workloads of the module docs, run in waves (each wave after the last finished, so the
-/// cache holds the earlier waves' blocks).
-fn workloads() -> Vec<Vec<GenerateRequest>> {
-    let ctx = tokens(1, 70);
-    let cont = |i: u64, seed| {
-        let mut p = ctx.clone();
-        p.extend(tokens(100 + i, 1 + i as usize % 5));
-        request(p, 6, seed)
-    };
-    // Wave 1: the context alone; wave 2: 6 continuations of it, greedy and seeded; wave 3: n = 4
-    // samples of one prompt (all at once) and a chat turn extending wave 1's exchange.
-    let mut turn = ctx.clone();
-    turn.extend(tokens(7, 9));
-    vec![
-        vec![request(ctx.clone(), 8, None)],
-        (0..6)
-            .map(|i| cont(i, (i % 2 == 1).then_some(40 + i)))
-            .collect(),
-        (0..4)
-            .map(|i| request(tokens(3, 37), 5, Some(7 + i)))
-            .chain([request(turn, 6, Some(99))])
-            .collect(),
-    ]
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 use model::config::ModelConfig;
 use model::cpu::toy::{self, ToyExperts};
 use model::weights::Weights;
-use serve::engine::{EngineConfig, EngineHandle, GenerateRequest, GpuBackend};
+use serve::engine::{EngineConfig, EngineHandle, GpuBackend};
 use tilert::exec::GpuModel;
 
 #[path = "common/engine.rs"]
@@ -25,6 +25,7 @@ use tilert::exec::GpuModel;
 mod engine_common;
 use engine_common::{
     assert_blocks_freed, cfg, load_with_aborts_and_disconnects, request, run_all, settle, tokens,
+    workloads,
 };
 
 type Toy = (Arc<ModelConfig>, Arc<Weights>);
@@ -57,28 +58,6 @@ fn start(m: &Toy, cfg: EngineConfig) -> EngineHandle {
         None,
     )
     .unwrap()
-}
-
-/// Waves of requests (each after the last finished, so the cache holds the earlier blocks).
-fn workloads() -> Vec<Vec<GenerateRequest>> {
-    let ctx = tokens(1, 70);
-    let cont = |i: u64, seed| {
-        let mut p = ctx.clone();
-        p.extend(tokens(100 + i, 1 + i as usize % 5));
-        request(p, 6, seed)
-    };
-    let mut turn = ctx.clone();
-    turn.extend(tokens(7, 9));
-    vec![
-        vec![request(ctx.clone(), 8, None)],
-        (0..6)
-            .map(|i| cont(i, (i % 2 == 1).then_some(40 + i)))
-            .collect(),
-        (0..4)
-            .map(|i| request(tokens(3, 37), 5, Some(7 + i)))
-            .chain([request(turn, 6, Some(99))])
-            .collect(),
-    ]
 }
 
 #[test]

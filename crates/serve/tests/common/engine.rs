@@ -142,3 +142,28 @@ pub fn assert_blocks_freed(engine: &EngineHandle) {
         "no cached prefix was adopted"
     );
 }
+
+/// The prefix-caching workload of `engine_paged.rs` and `gpu_paged.rs`, run in waves (each wave
+/// after the last finished, so the cache holds the earlier waves' blocks).
+pub fn workloads() -> Vec<Vec<GenerateRequest>> {
+    let ctx = tokens(1, 70);
+    let cont = |i: u64, seed| {
+        let mut p = ctx.clone();
+        p.extend(tokens(100 + i, 1 + i as usize % 5));
+        request(p, 6, seed)
+    };
+    // Wave 1: the context alone; wave 2: 6 continuations of it, greedy and seeded; wave 3: n = 4
+    // samples of one prompt (all at once) and a chat turn extending wave 1's exchange.
+    let mut turn = ctx.clone();
+    turn.extend(tokens(7, 9));
+    vec![
+        vec![request(ctx.clone(), 8, None)],
+        (0..6)
+            .map(|i| cont(i, (i % 2 == 1).then_some(40 + i)))
+            .collect(),
+        (0..4)
+            .map(|i| request(tokens(3, 37), 5, Some(7 + i)))
+            .chain([request(turn, 6, Some(99))])
+            .collect(),
+    ]
+}
